@@ -1,0 +1,185 @@
+"""The `tunelab` command. Flags are generated from config/schema.py; AutoTrain's spellings come from
+config/autotrain.py. Every user-input problem ends as one line on stderr and exit code 2.
+
+    tunelab llm --train --model M --data-path D --trainer sft --peft ...
+    tunelab --config config.yaml            (AutoTrain's config schema, or tunelab's flat one)
+    tunelab generate --model RUN_FOLDER "prompt"
+    tunelab env
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+
+from tunelab.config.autotrain import ALIASES
+from tunelab.config.schema import LLMParams
+from tunelab.errors import TunelabError
+
+log = logging.getLogger("tunelab")
+
+
+def _flag_names(name: str) -> list[str]:
+    names = [f"--{name}"]
+    if "_" in name:
+        names.append(f"--{name.replace('_', '-')}")
+    return names
+
+
+def add_param_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per LLMParams field (snake_case and kebab-case), plus AutoTrain's older spellings.
+
+    Defaults are suppressed so that only the flags a user typed override a config file.
+    """
+    fields = {f.name: f for f in dataclasses.fields(LLMParams)}
+    for f in fields.values():
+        kind = str(f.type)
+        help_text = f"{f.metadata['help']} (default: {f.default})"
+        if kind.startswith("bool"):
+            parser.add_argument(
+                *_flag_names(f.name),
+                dest=f.name,
+                nargs="?",
+                const="true",
+                metavar="BOOL",
+                help=help_text,
+                default=argparse.SUPPRESS,
+            )
+        else:
+            choices = f.metadata.get("choices")
+            shown = dict.fromkeys("none" if c is None else c for c in choices or ())
+            metavar = "{" + ",".join(shown) + "}" if choices else None
+            parser.add_argument(
+                *_flag_names(f.name), dest=f.name, metavar=metavar, help=help_text, default=argparse.SUPPRESS
+            )
+    for alias, (target, fixed) in ALIASES.items():
+        names = [n for n in _flag_names(alias) if n not in parser._option_string_actions]
+        if not names:
+            continue
+        if fixed is None:
+            parser.add_argument(*names, dest=target, help=argparse.SUPPRESS, default=argparse.SUPPRESS)
+        else:
+            parser.add_argument(
+                *names,
+                dest=target,
+                action="store_const",
+                const=fixed,
+                help=argparse.SUPPRESS,
+                default=argparse.SUPPRESS,
+            )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tunelab.methods import METHODS
+
+    parser = argparse.ArgumentParser(
+        prog="tunelab",
+        description="Fine-tune LLMs on your own data. AutoTrain Advanced's flags and config files work as they are.",
+    )
+    parser.add_argument("--config", help="Run the job described by a YAML config (AutoTrain's schema or tunelab's).")
+    sub = parser.add_subparsers(dest="command")
+
+    llm = sub.add_parser(
+        "llm",
+        help="fine-tune a causal language model",
+        description="Fine-tune a causal LM. Trainers: "
+        + "; ".join(f"{name}: {m.summary}" for name, m in METHODS.items()),
+    )
+    llm.add_argument("--train", action="store_true", help="Train (accepted for AutoTrain compatibility; implied).")
+    llm.add_argument("--config", dest="config", help="YAML config; flags given here override it.")
+    llm.add_argument("--backend", help=argparse.SUPPRESS)  # AutoTrain's; tunelab always trains here
+    add_param_flags(llm)
+
+    gen = sub.add_parser("generate", help="generate text with a trained run folder (or any model)")
+    gen.add_argument("prompt", nargs="+", help="Prompt text (a chat model gets it as a user turn).")
+    gen.add_argument("--model", required=True, help="Run folder, model folder, .gguf file or hub id.")
+    gen.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=128)
+    gen.add_argument("--do-sample", "--do_sample", action="store_true", help="Sample instead of greedy decoding.")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-k", "--top_k", type=int, default=50)
+    gen.add_argument("--top-p", "--top_p", type=float, default=1.0)
+    gen.add_argument("--num-return-sequences", "--num_return_sequences", type=int, default=1)
+
+    sub.add_parser("env", help="print versions and the device tunelab would train on")
+    return parser
+
+
+def run_llm(args: argparse.Namespace) -> int:
+    from tunelab.config import load_config, read_config_file
+    from tunelab.config.overrides import build_params
+    from tunelab.train import train
+
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "train", "config", "backend")}
+    if args.config:
+        params = build_params(read_config_file(args.config), flags)
+    else:
+        params = load_config(flags)
+    folder = train(params)
+    print(f"tunelab: finished; outputs in {folder}")
+    return 0
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from tunelab.inference.generate import GenerationParams, generate, load_run
+
+    model, tokenizer = load_run(args.model)
+    options = GenerationParams(
+        args.max_new_tokens, args.do_sample, args.temperature, args.top_k, args.top_p, args.num_return_sequences
+    )
+    for text in generate(model, tokenizer, " ".join(args.prompt), options):
+        print(text)
+    return 0
+
+
+def run_env() -> int:
+    from tunelab.env import versions
+
+    for name, value in versions().items():
+        print(f"{name}: {value}")
+    return 0
+
+
+def setup_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("tunelab: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()  # weight loading/saving bars drown the training log
+    except ImportError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        if args.command == "llm":
+            return run_llm(args)
+        if args.command == "generate":
+            return run_generate(args)
+        if args.command == "env":
+            return run_env()
+        if args.config:
+            args.train, args.backend = True, None
+            return run_llm(args)
+        parser.print_help()
+        return 2
+    except TunelabError as err:
+        print(f"tunelab: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tunelab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

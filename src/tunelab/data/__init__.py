@@ -1,0 +1,85 @@
+"""The data step of a run: files -> rows -> formatted text -> token ids and labels, all checked up front.
+
+`load_data` is called by `train.py` before any model weights are loaded or any file is written, so every data
+problem surfaces in seconds as one DataError naming the file, row and column.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from tunelab.data.formats import RowFormat, detect_format, to_examples
+from tunelab.data.sources import Split, read_splits
+from tunelab.data.templates import Rendered, render_messages, render_text, template_source
+from tunelab.data.tokenize import Encoded, encode
+from tunelab.errors import ConfigError, DataError
+
+__all__ = ["EncodedData", "load_data", "pick_template"]
+
+log = logging.getLogger("tunelab")
+
+
+@dataclass
+class EncodedData:
+    """Tokenized splits plus what was decided on the way (format, template) for the log and the run folder."""
+
+    train: list[Encoded]
+    valid: list[Encoded] | None
+    row_format: RowFormat
+    template: str | None  # template name used for messages, None for plain text
+    template_source: str | None
+    origins: dict[str, str] = field(default_factory=dict)
+    preview: str = ""
+
+
+def pick_template(requested: str | None, row_format: RowFormat, tokenizer: Any) -> str | None:
+    """The chat template a run uses: the one asked for, else alpaca for Alpaca rows, else the model's own."""
+    if row_format.kind == "text":
+        return None  # plain text is used as it is, whatever template is set
+    if requested is not None:
+        return requested
+    if row_format.kind == "alpaca":
+        return "alpaca"
+    return "tokenizer" if getattr(tokenizer, "chat_template", None) else "chatml"
+
+
+def load_data(params: Any, tokenizer: Any) -> EncodedData:
+    """Read, check, format and tokenize the train (and valid) splits named by params."""
+    splits: dict[str, Split] = read_splits(params.data_path, params.train_split, params.valid_split)
+    train_split = splits["train"]
+    row_format = detect_format(train_split, params.text_column, params.prompt_text_column)
+    template = pick_template(params.chat_template, row_format, tokenizer)
+    source = template_source(template, tokenizer) if template else None
+    eos = tokenizer.eos_token if params.add_eos_token else None
+
+    encoded: dict[str, list[Encoded]] = {}
+    preview = ""
+    for name, split in splits.items():
+        fmt = row_format if name == "train" else detect_format(split, params.text_column, params.prompt_text_column)
+        if fmt.kind != row_format.kind:
+            raise DataError(f"{split.origin}: rows are {fmt.kind}, but the train split's are {row_format.kind}")
+        examples = to_examples(split, fmt)
+        rendered = [_render(example, source, tokenizer, eos) for example in examples]
+        if not preview:
+            preview = rendered[0].text
+        # Chat templates write their own special tokens; plain text gets the tokenizer's (e.g. BOS).
+        encoded[name] = encode(rendered, tokenizer, add_special_tokens=source is None)
+    return EncodedData(
+        train=encoded["train"],
+        valid=encoded.get("valid"),
+        row_format=row_format,
+        template=template,
+        template_source=source,
+        origins={name: split.origin for name, split in splits.items()},
+        preview=preview,
+    )
+
+
+def _render(example: dict, source: str | None, tokenizer: Any, eos: str | None) -> Rendered:
+    if "text" in example:
+        return render_text(example["text"], eos)
+    if source is None:  # a messages row with no template cannot happen: pick_template always chooses one
+        raise ConfigError("internal: messages without a template")
+    return render_messages(example["messages"], source, tokenizer)

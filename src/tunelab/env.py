@@ -1,0 +1,55 @@
+"""The machine: what it can run (checked before any loading), and `tunelab env`'s version report."""
+
+from __future__ import annotations
+
+import platform
+from typing import Any
+
+from tunelab.errors import TunelabError
+
+# Optimizers that exist only as bitsandbytes CUDA kernels.
+CUDA_OPTIMIZERS = ("8bit", "paged", "bnb")
+
+
+def check_machine(params: Any) -> None:
+    """Raise TunelabError for options this machine cannot run (CUDA-only precision, optimizers, quantization)."""
+    import torch
+
+    from tunelab.models.quantize import check_quantization
+
+    cuda = torch.cuda.is_available()
+    if params.mixed_precision == "fp16" and not cuda:
+        raise TunelabError(
+            "mixed_precision=fp16 needs a CUDA GPU, and this machine has none: use bf16 or drop mixed_precision"
+        )
+    if params.mixed_precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise TunelabError("mixed_precision=bf16 is not supported by this GPU: use fp16")
+    if any(marker in params.optimizer for marker in CUDA_OPTIMIZERS) and not cuda:
+        raise TunelabError(
+            f"optimizer={params.optimizer} is a bitsandbytes CUDA optimizer, and this machine has no CUDA GPU: "
+            "use adamw_torch"
+        )
+    if params.use_flash_attention_2 and not cuda:
+        raise TunelabError("use_flash_attention_2 needs a CUDA GPU and the flash-attn package")
+    check_quantization(params.quantization)
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages a run depends on (for `tunelab env` and bug reports)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "device": device_name()}
+    for name in ("tunelab", "torch", "transformers", "peft", "accelerate", "datasets", "trl", "gguf"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out

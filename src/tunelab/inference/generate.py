@@ -1,0 +1,91 @@
+"""Loading a run folder (adapter or full model) and generating from it.
+
+Called by `tunelab generate` and by the Python API. A run folder is self-describing: tunelab_run.json names the
+base model, and the saved tokenizer carries the chat template used in training, so a prompt is formatted the
+same way the training data was.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tunelab.errors import TunelabError
+
+log = logging.getLogger("tunelab")
+
+
+@dataclass
+class GenerationParams:
+    """Decoding options (greedy unless do_sample)."""
+
+    max_new_tokens: int = 128
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    num_return_sequences: int = 1
+
+
+def load_run(path: str | Path) -> tuple[Any, Any]:
+    """(model, tokenizer) from a run folder holding an adapter or a full model, or from any model folder/GGUF."""
+    from tunelab.models import load_tokenizer, resolve_model
+    from tunelab.models.load import ModelSource, load_causal_lm
+
+    folder = Path(path)
+    if folder.is_dir() and (folder / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base_name = _base_model_of(folder)
+        base = load_causal_lm(resolve_model(base_name))
+        model = PeftModel.from_pretrained(base, str(folder))
+        tokenizer = load_tokenizer(ModelSource(str(folder), str(folder)))
+    else:
+        if folder.is_dir() and not (folder / "config.json").is_file() and not list(folder.glob("*.gguf")):
+            raise TunelabError(f"{folder} holds no model: expected a tunelab run folder or a model folder")
+        source = resolve_model(str(path))
+        model = load_causal_lm(source)
+        tokenizer = load_tokenizer(source, getattr(model.config, "max_position_embeddings", None))
+    model.eval()
+    return model, tokenizer
+
+
+def _base_model_of(folder: Path) -> str:
+    run_file = folder / "tunelab_run.json"
+    if run_file.is_file():
+        return json.loads(run_file.read_text())["base_model"]
+    return json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
+def format_prompt(prompt: str, tokenizer: Any) -> str:
+    """A chat model gets the prompt as a user turn through its template; a plain model gets it as it is."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    return prompt
+
+
+def generate(model: Any, tokenizer: Any, prompt: str, options: GenerationParams | None = None) -> list[str]:
+    """Completions of one prompt (only the new text)."""
+    import torch
+
+    options = options or GenerationParams()
+    text = format_prompt(prompt, tokenizer)
+    templated = text != prompt
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not templated).to(model.device)
+    sampling = {"temperature": options.temperature, "top_k": options.top_k, "top_p": options.top_p}
+    with torch.no_grad():
+        output = model.generate(
+            **inputs,
+            max_new_tokens=options.max_new_tokens,
+            do_sample=options.do_sample,
+            num_return_sequences=options.num_return_sequences,
+            pad_token_id=tokenizer.pad_token_id,
+            **(sampling if options.do_sample else {}),
+        )
+    new = output[:, inputs["input_ids"].shape[1] :]
+    return [tokenizer.decode(seq, skip_special_tokens=True).strip() for seq in new]

@@ -1,0 +1,86 @@
+"""Cross-entropy computed from hidden states in chunks, so that full-vocabulary logits never exist.
+
+For a 49k-token vocabulary, the logits of one 1024-token row are 200 MB in fp32, and a plain training step keeps
+them (and their softmax) alive for the backward pass. Here only the positions that carry a loss are projected,
+a chunk at a time; each chunk's gradient with respect to the hidden states and the output weight is computed
+right away (as Liger-Kernel's fused linear cross-entropy does), and the chunk's logits are freed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Rows of logits per chunk are chosen so that one fp32 chunk holds about this many bytes.
+CHUNK_BYTES = 256 * 2**20
+
+
+def chunk_rows(vocab_size: int) -> int:
+    return max(16, CHUNK_BYTES // (4 * vocab_size))
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """sum over rows of CE(hidden @ weight.T + bias, target), gradients computed in the forward pass."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, chunk):  # noqa: D102
+        # Autograd turns grad mode off inside forward; needs_input_grad says what the caller needs.
+        wants_h, wants_w, wants_b = ctx.needs_input_grad[:3]
+        need_grad = wants_h or wants_w or wants_b
+        grad_hidden = torch.empty_like(hidden) if wants_h else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wants_w else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if wants_b else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start : start + chunk]
+            y = target[start : start + chunk]
+            logits = F.linear(h, weight, bias).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            if not need_grad:
+                continue
+            probs = torch.exp(logits.sub_(lse[:, None]))  # softmax, in place over the logits
+            probs[torch.arange(len(y), device=y.device), y] -= 1.0  # d(CE)/d(logits)
+            probs = probs.to(h.dtype)
+            if grad_hidden is not None:
+                grad_hidden[start : start + chunk] = probs @ weight
+            if grad_weight is not None:
+                grad_weight += (probs.T @ h).float()
+            if grad_bias is not None:
+                grad_bias += probs.float().sum(0)
+        ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (grad_hidden, grad_weight, grad_bias)))
+        ctx.has = (grad_hidden is not None, grad_weight is not None, grad_bias is not None)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):  # noqa: D102
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        has_h, has_w, has_b = ctx.has
+        scale = grad_output
+        return (
+            grad_hidden * scale.to(grad_hidden.dtype) if has_h else None,
+            (grad_weight * scale).to(ctx.dtypes[0]) if has_w else None,
+            (grad_bias * scale).to(ctx.dtypes[1]) if has_b else None,
+            None,
+            None,
+        )
+
+
+def linear_cross_entropy_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor
+) -> torch.Tensor:
+    """Summed next-token cross-entropy of `hidden` (N, H) projected by `weight` (V, H) against `target` (N,)."""
+    if hidden.shape[0] == 0:
+        return hidden.sum() * 0.0  # an all-masked batch: zero loss, graph still connected
+    return ChunkedLinearCrossEntropy.apply(hidden, weight, bias, target, chunk_rows(weight.shape[0]))
+
+
+def causal_lm_loss_sum(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sum of the loss over every position whose next-token label is not -100, and how many there are."""
+    shift_hidden = hidden[:, :-1, :]
+    shift_labels = labels[:, 1:]
+    mask = shift_labels != -100
+    selected = shift_hidden[mask]
+    targets = shift_labels[mask]
+    return linear_cross_entropy_sum(selected, head.weight, getattr(head, "bias", None), targets), int(mask.sum())

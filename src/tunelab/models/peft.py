@@ -1,0 +1,32 @@
+"""Wrapping a model with a LoRA adapter (PEFT), including k-bit preparation for QLoRA."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def target_modules(spec: str | None) -> str | list[str]:
+    """'all-linear' (PEFT's shortcut: every linear layer but the output head) or a comma-separated list."""
+    if spec is None or spec.strip() in ("", "all-linear", "all_linear"):
+        return "all-linear"
+    return [name.strip() for name in spec.split(",") if name.strip()]
+
+
+def add_lora(model: Any, params: Any, task_type: str = "CAUSAL_LM") -> Any:
+    """Freeze the model and add a LoRA adapter as the params describe."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if params.quantization is not None:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=not params.disable_gradient_checkpointing
+        )
+    config = LoraConfig(
+        r=params.lora_r,
+        lora_alpha=params.lora_alpha,
+        lora_dropout=params.lora_dropout,
+        target_modules=target_modules(params.target_modules),
+        bias="none",
+        task_type=task_type,
+    )
+    config.base_model_name_or_path = params.model  # a GGUF-built model has no name of its own
+    return get_peft_model(model, config)

@@ -1,0 +1,106 @@
+"""What lands on disk, and when: the run folder.
+
+A run works in `<project_name>.partial/` next to the final folder (checkpoints, metrics) and renames it to
+`<project_name>/` only when everything is written, so a folder under the final name is always complete.
+It holds the adapter or model weights, the tokenizer with the chat template used in training, the parameters
+(token redacted), the metrics, and a model card - everything `tunelab generate` needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+from tunelab.errors import TunelabError
+
+RUN_FILE = "tunelab_run.json"  # written last: its presence marks a complete run folder
+
+
+class RunFolder:
+    """The final folder of a run and its staging twin."""
+
+    def __init__(self, project_name: str) -> None:
+        self.final = Path(os.path.expanduser(project_name)).absolute()
+        self.staging = self.final.with_name(f".{self.final.name}.partial")
+
+    def check_free(self) -> None:
+        """Refuse to start when the final folder exists (nothing is written by this check)."""
+        if self.final.exists():
+            raise TunelabError(
+                f"project folder {self.final} already exists: choose another --project-name or remove it"
+            )
+
+    def start(self) -> Path:
+        self.staging.mkdir(parents=True, exist_ok=True)
+        return self.staging
+
+    def finish(self) -> Path:
+        """Drop checkpoints and move the staging folder to its final name in one rename."""
+        for checkpoint in self.staging.glob("checkpoint-*"):
+            shutil.rmtree(checkpoint, ignore_errors=True)
+        os.replace(self.staging, self.final)
+        return self.final
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_model(model: Any, tokenizer: Any, folder: Path, template_source: str | None) -> None:
+    """Weights (adapter or full model) in safetensors and the tokenizer carrying the training chat template."""
+    with warnings.catch_warnings():
+        # PEFT looks for the base model's config.json to see if the vocabulary changed; a GGUF base has none.
+        warnings.filterwarnings("ignore", message="Could not find a config file")
+        model.save_pretrained(folder, safe_serialization=True)
+    if template_source:
+        tokenizer.chat_template = template_source
+    tokenizer.save_pretrained(folder)
+
+
+def save_merged(model: Any, tokenizer: Any, folder: Path) -> None:
+    """Merge a LoRA adapter into its base and save the full model (in the base's dtype)."""
+    merged = model.merge_and_unload()
+    merged.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
+def model_card(params: Any, run: dict[str, Any], metrics: dict[str, Any]) -> str:
+    """A README.md for the run folder: what was trained on what, how, and how it went."""
+    kind = "LoRA adapter" if params.peft else "fully fine-tuned model"
+    rows = "\n".join(f"| {k} | {_short(v)} |" for k, v in sorted(params.to_dict(redact=True).items()))
+    shown = "\n".join(f"| {k} | {_short(v)} |" for k, v in sorted(metrics.items()))
+    return f"""---
+base_model: {params.model}
+library_name: {"peft" if params.peft else "transformers"}
+tags: [tunelab, {params.trainer}]
+---
+# {Path(params.project_name).name}
+
+A {kind} of `{params.model}`, trained with [tunelab](https://pypi.org/project/tunelab/) (`{params.trainer}`
+method) on `{params.data_path}`.
+
+- Rows: {run.get("row_format")}; chat template: {run.get("template") or "none (text as is)"}
+- Use it: `tunelab generate --model {Path(params.project_name).name} "your prompt"`
+
+## Results
+| metric | value |
+| --- | --- |
+{shown}
+
+## Parameters
+| parameter | value |
+| --- | --- |
+{rows}
+"""
+
+
+def _short(value: Any) -> str:
+    text = f"{value:.6g}" if isinstance(value, float) else str(value)
+    return text.replace("|", "\\|")

@@ -1,0 +1,132 @@
+"""The spine of a run: params -> checks -> data -> model -> method rows -> Trainer -> run folder.
+
+Everything that can fail because of the user's input fails before the first weight is loaded and before
+anything is written: the parameters validate themselves, the machine is checked, the data is read, formatted
+and tokenized in full.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from tunelab import outputs
+from tunelab.config.schema import LLMParams
+from tunelab.data import load_data
+from tunelab.env import check_machine, device_name
+from tunelab.errors import DataError
+from tunelab.methods import METHODS
+from tunelab.models import load_model, load_tokenizer, resolve_model
+
+log = logging.getLogger("tunelab")
+
+
+def train(params: LLMParams) -> Path:
+    """Run one fine-tuning job end to end and return the finished run folder."""
+    method = METHODS[params.trainer]
+    run = outputs.RunFolder(params.project_name)
+    run.check_free()
+    check_machine(params)
+
+    source = resolve_model(params.model)
+    tokenizer = load_tokenizer(source, params.model_max_length)
+    data = load_data(params, tokenizer)
+    train_rows, stats = method.build_rows(data.train, params)
+    valid_rows = method.build_rows(data.valid, params)[0] if data.valid else None
+    if not train_rows:
+        raise DataError(f"{data.origins['train']}: no training rows left after truncation (see the counts above)")
+    _report_data(params, data, stats, len(train_rows))
+
+    model = load_model(source, params)
+    _report_model(model, params)
+
+    staging = run.start()
+    from transformers.trainer_callback import PrinterCallback
+
+    from tunelab.callbacks import ProgressAndMetrics
+    from tunelab.data.packing import PaddingFreeCollator
+    from tunelab.trainer import ListDataset, TunelabTrainer, training_arguments
+
+    steps_per_epoch = max(1, math.ceil(len(train_rows) / (params.batch_size * params.gradient_accumulation)))
+    args = training_arguments(params, str(staging), steps_per_epoch, has_valid=bool(valid_rows))
+    trainer = TunelabTrainer(
+        model=model,
+        args=args,
+        train_dataset=ListDataset(train_rows),
+        eval_dataset=ListDataset(valid_rows) if valid_rows else None,
+        data_collator=PaddingFreeCollator(),
+        processing_class=tokenizer,
+        callbacks=[ProgressAndMetrics(staging / "metrics.jsonl")],
+    )
+    trainer.remove_callback(PrinterCallback)  # ProgressAndMetrics prints instead
+    started = time.time()
+    result = trainer.train()
+    elapsed = time.time() - started
+
+    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    metrics["trained_tokens"] = trainer.trained_tokens
+    metrics["trained_tokens_per_second"] = round(trainer.trained_tokens / max(elapsed, 1e-9), 2)
+    if valid_rows:
+        metrics.update(trainer.evaluate())
+        metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50))
+
+    outputs.save_model(trainer.model, tokenizer, staging, data.template_source)
+    if params.merge_adapter and params.peft:
+        outputs.save_merged(trainer.model, tokenizer, staging / "merged")
+    run_info = {
+        "base_model": params.model,
+        "trainer": params.trainer,
+        "adapter": params.peft,
+        "merged": "merged" if params.merge_adapter and params.peft else None,
+        "row_format": data.row_format.describe(),
+        "template": data.template,
+        "data": data.origins,
+        "device": device_name(),
+    }
+    outputs.write_json(staging / "training_params.json", params.to_dict(redact=True))
+    outputs.write_json(staging / "metrics.json", metrics)
+    outputs.write_json(staging / "log_history.json", trainer.state.log_history)
+    (staging / "README.md").write_text(outputs.model_card(params, run_info, metrics), encoding="utf-8")
+    outputs.write_json(staging / outputs.RUN_FILE, run_info)
+    final = run.finish()
+    log.info("done: %s (train loss %.4f)", final, metrics.get("train_loss", float("nan")))
+    if params.push_to_hub:
+        from tunelab.hub import push_folder
+
+        repo_id = params.repo_id or f"{params.username}/{final.name}"
+        log.info("pushed to %s", push_folder(str(final), repo_id, params.token))
+    return final
+
+
+def _report_data(params: LLMParams, data: Any, stats: Any, rows: int) -> None:
+    log.info("data: %s", ", ".join(f"{k}={v}" for k, v in data.origins.items()))
+    log.info("rows: %s; chat template: %s", data.row_format.describe(), data.template or "none (text as is)")
+    log.info(
+        "%d training examples -> %d rows (method %s); %d truncated to block_size=%d, %d dropped with nothing to learn",
+        stats.examples,
+        rows,
+        params.trainer,
+        stats.truncated,
+        params.block_size,
+        stats.dropped,
+    )
+    for note in stats.notes:
+        log.info(note)
+    log.info("first example as trained:\n%s", data.preview[:600])
+
+
+def _report_model(model: Any, params: LLMParams) -> None:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info(
+        "model: %s on %s; %s trainable of %s parameters (%.2f%%); effective batch %d rows",
+        params.model,
+        device_name(),
+        f"{trainable:,}",
+        f"{total:,}",
+        100 * trainable / max(total, 1),
+        params.batch_size * params.gradient_accumulation,
+    )

@@ -1,0 +1,144 @@
+"""The training loop: transformers' Trainer with tunelab's own batches and loss.
+
+transformers' Trainer brings the optimizer, scheduler, gradient accumulation, evaluation, checkpoints, resume,
+mixed precision and accelerate (DDP/FSDP/DeepSpeed). tunelab replaces the two parts that decide speed and
+memory: the batches (padding-free, data/packing.py) and the loss (from hidden states in chunks, loss.py),
+so full-vocabulary logits are never materialised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from tunelab.loss import causal_lm_loss_sum
+
+log = logging.getLogger("tunelab")
+
+
+class ListDataset(torch.utils.data.Dataset):
+    """Rows held in memory (examples or packed lists of examples)."""
+
+    def __init__(self, rows: list[Any]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.rows[index]
+
+
+def fast_loss_supported(model: Any) -> bool:
+    """The hidden-state loss needs logits == lm_head(hidden); models that rescale or cap logits use the plain path."""
+    config = getattr(model, "config", None)
+    for name in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling"):
+        if getattr(config, name, None) not in (None, 1, 1.0):
+            return False
+    return model.get_output_embeddings() is not None
+
+
+@contextlib.contextmanager
+def output_head_returns_hidden(model: Any) -> Iterator[torch.nn.Module]:
+    """Make the output head an identity for one forward pass, yielding the real head.
+
+    The model's own forward (through DDP, FSDP or PEFT wrappers) then returns its final hidden states as
+    `logits`, at no cost, and the loss projects them chunk by chunk.
+    """
+    head = model.get_output_embeddings()
+    head.forward = _identity
+    try:
+        yield head
+    finally:
+        del head.forward
+
+
+def _identity(hidden: torch.Tensor) -> torch.Tensor:
+    return hidden
+
+
+class TunelabTrainer(Trainer):
+    """Trainer whose loss is the summed next-token cross-entropy over trained tokens, normalised by the number of
+    trained tokens in the whole (accumulated, all-device) batch."""
+
+    def __init__(self, *args: Any, fast_loss: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Tell Trainer that compute_loss already divides by the tokens of the whole accumulated batch, so it
+        # neither divides again by the accumulation steps nor counts differently.
+        self.model_accepts_loss_kwargs = True
+        self.loss_is_scaled_for_ga = True
+        self.fast_loss = fast_loss and fast_loss_supported(self.accelerator.unwrap_model(self.model))
+        self.trained_tokens = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D102
+        labels = inputs.pop("labels")
+        unwrapped = self.accelerator.unwrap_model(model)
+        if self.fast_loss:
+            with output_head_returns_hidden(unwrapped) as head:
+                hidden = model(**inputs, use_cache=False).logits
+            loss_sum, count = causal_lm_loss_sum(hidden, head, labels)
+        else:
+            logits = model(**inputs, use_cache=False).logits.float()
+            shift_labels = labels[:, 1:]
+            count = int((shift_labels != -100).sum())
+            loss_sum = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), shift_labels.reshape(-1), reduction="sum"
+            )
+        if model.training:
+            self.trained_tokens += count
+        denominator = num_items_in_batch if num_items_in_batch is not None else max(count, 1)
+        if torch.is_tensor(denominator):
+            denominator = denominator.to(loss_sum.device)
+        loss = loss_sum / denominator
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
+        return (loss, {}) if return_outputs else loss
+
+
+def training_arguments(params: Any, output_dir: str, steps_per_epoch: int, has_valid: bool) -> TrainingArguments:
+    """Map LLMParams onto transformers' TrainingArguments (AutoTrain's names on the left)."""
+    total_steps = params.max_steps if params.max_steps > 0 else steps_per_epoch * params.epochs
+    logging_steps = params.logging_steps if params.logging_steps > 0 else max(1, min(25, math.ceil(total_steps / 25)))
+    eval_strategy = params.eval_strategy if has_valid else "no"
+    report_to = [] if params.log == "none" else [params.log]
+    return TrainingArguments(
+        output_dir=output_dir,
+        learning_rate=params.lr,
+        num_train_epochs=params.epochs,
+        max_steps=params.max_steps,
+        per_device_train_batch_size=params.batch_size,
+        per_device_eval_batch_size=params.batch_size,
+        gradient_accumulation_steps=params.gradient_accumulation,
+        auto_find_batch_size=params.auto_find_batch_size,
+        warmup_steps=params.warmup_ratio,  # transformers 5: a value below 1 is a ratio of the total steps
+        optim=params.optimizer,
+        lr_scheduler_type=params.scheduler,
+        weight_decay=params.weight_decay,
+        max_grad_norm=params.max_grad_norm,
+        seed=params.seed,
+        data_seed=params.seed,
+        bf16=params.mixed_precision == "bf16",
+        fp16=params.mixed_precision == "fp16",
+        gradient_checkpointing=not params.disable_gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        logging_steps=logging_steps,
+        logging_first_step=True,
+        eval_strategy=eval_strategy,
+        eval_steps=logging_steps if eval_strategy == "steps" else None,
+        save_strategy="steps",
+        save_steps=max(1, min(500, total_steps // 2 or 1)),
+        save_total_limit=params.save_total_limit,
+        report_to=report_to,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        prediction_loss_only=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,  # tunelab's own progress bar (callbacks.py) shows loss and ETA
+        save_only_model=False,
+    )

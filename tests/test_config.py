@@ -1,0 +1,217 @@
+"""Parameters: one object, three front doors (CLI flags, config YAML, Python), AutoTrain's dialect mapped."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pytest
+import yaml
+
+from tests.conftest import SHARED
+from tunelab import LLMParams, load_config
+from tunelab.cli import build_parser
+from tunelab.config import read_config_file
+from tunelab.config.overrides import build_params
+from tunelab.errors import ConfigError
+
+AUTOTRAIN_LLM_CONFIGS = sorted((SHARED / "autotrain-configs").glob("llm_finetuning__*.yml"))
+
+
+def cli_params(argv: list[str]) -> LLMParams:
+    args = build_parser().parse_args(["llm", "--train", *argv])
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "train", "config", "backend")}
+    return load_config(flags)
+
+
+def test_defaults_are_sensible():
+    params = LLMParams()
+    assert params.model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert params.trainer == "default" and params.block_size == 1024 and params.model_max_length == 2048
+    assert params.lr == 3e-5 and params.batch_size == 2 and params.peft is False and params.quantization is None
+
+
+@pytest.mark.skipif(not AUTOTRAIN_LLM_CONFIGS, reason="../shared/autotrain-configs not present")
+@pytest.mark.parametrize("path", AUTOTRAIN_LLM_CONFIGS, ids=lambda p: p.stem)
+def test_autotrain_configs_map_every_key(path, monkeypatch):
+    monkeypatch.setenv("HF_USERNAME", "someone")
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_value")
+    raw = yaml.safe_load(path.read_text())
+    values = read_config_file(path)
+    expected_trainer = {"llm-sft": "sft", "llm-orpo": "orpo", "llm-dpo": "dpo", "llm-reward": "reward"}[raw["task"]]
+    assert values["trainer"] == expected_trainer
+    assert values["model"] == raw["base_model"]
+    assert values["data_path"] == raw["data"]["path"]
+    assert values["token"] == "hf_secret_value" and values["username"] == "someone"
+    for key, value in raw["data"]["column_mapping"].items():
+        assert values[key] == value
+    for key, value in raw["params"].items():
+        assert values[key] == value, key
+    if expected_trainer == "sft":  # the trainers of later issues map too, but cannot be built yet
+        params = build_params(values)
+        assert params.block_size == raw["params"]["block_size"]
+        assert "hf_secret_value" not in repr(params) and "hf_secret_value" not in params.to_json()
+
+
+def test_unset_env_var_becomes_none(monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    params = load_config({"task": "llm-sft", "base_model": "m", "hub": {"token": "${HF_TOKEN}", "push_to_hub": False}})
+    assert params.token is None
+
+
+def test_same_run_from_cli_config_and_python(tmp_path):
+    config = {
+        "task": "llm-sft",
+        "base_model": "some/model",
+        "project_name": "my-run",
+        "log": "tensorboard",
+        "backend": "local",
+        "data": {
+            "path": "data/",
+            "train_split": "train",
+            "valid_split": None,
+            "chat_template": "chatml",
+            "column_mapping": {"text_column": "messages"},
+        },
+        "params": {
+            "block_size": 512,
+            "model_max_length": 1024,
+            "epochs": 2,
+            "batch_size": 4,
+            "lr": 2e-4,
+            "peft": True,
+            "lora_r": 8,
+            "gradient_accumulation": 2,
+            "max_steps": 30,
+        },
+        "hub": {"username": None, "token": None, "push_to_hub": False},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    from_yaml = load_config(path)
+    from_cli = cli_params(
+        [
+            "--model",
+            "some/model",
+            "--project-name",
+            "my-run",
+            "--log",
+            "tensorboard",
+            "--data-path",
+            "data/",
+            "--chat_template",
+            "chatml",
+            "--text-column",
+            "messages",
+            "--trainer",
+            "sft",
+            "--block_size",
+            "512",
+            "--model-max-length",
+            "1024",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "4",
+            "--lr",
+            "2e-4",
+            "--use-peft",
+            "--lora-r",
+            "8",
+            "--gradient-accumulation",
+            "2",
+            "--max-steps",
+            "30",
+        ]
+    )
+    from_python = LLMParams(
+        model="some/model",
+        project_name="my-run",
+        log="tensorboard",
+        data_path="data/",
+        chat_template="chatml",
+        text_column="messages",
+        trainer="sft",
+        block_size=512,
+        model_max_length=1024,
+        epochs=2,
+        batch_size=4,
+        lr=2e-4,
+        peft=True,
+        lora_r=8,
+        gradient_accumulation=2,
+        max_steps=30,
+    )
+    assert from_yaml == from_cli == from_python
+
+
+def test_old_autotrain_flag_spellings():
+    params = cli_params(
+        [
+            "--model",
+            "m",
+            "--data-path",
+            "d",
+            "--trainer",
+            "sft",
+            "--use-peft",
+            "--use-int4",
+            "--fp16",
+            "--learning-rate",
+            "1e-4",
+            "--train-batch-size",
+            "3",
+            "--num-train-epochs",
+            "2",
+            "--push-to-hub",
+            "--token",
+            "hf_x",
+            "--repo-id",
+            "me/run",
+            "--merge_adapter",
+        ]
+    )
+    assert params.peft and params.quantization == "int4" and params.mixed_precision == "fp16"
+    assert (params.lr, params.batch_size, params.epochs) == (1e-4, 3, 2)
+    assert params.push_to_hub and params.repo_id == "me/run" and params.token == "hf_x" and params.merge_adapter
+
+
+def test_every_field_has_a_flag_and_help():
+    parser = build_parser()
+    llm = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith("llm"))
+    dests = {a.dest for a in llm._actions if a.help != argparse.SUPPRESS}
+    for f in dataclasses.fields(LLMParams):
+        assert f.name in dests, f.name
+        assert f.metadata["help"]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"block_size": 4096, "model_max_length": 2048}, "block_size \\(4096\\) is larger than model_max_length"),
+        ({"chat_template": "llama9"}, "chat_template: 'llama9' is not one of"),
+        ({"trainer": "sfft"}, "trainer: 'sfft' is not one of default, sft"),
+        ({"lr": -1}, "lr must be positive"),
+        ({"learnin_rate": 1e-4}, "unknown parameter 'learnin_rate'; did you mean 'learning_rate'"),
+        ({"lora_r": "abc"}, "lora_r: expected a number"),
+        ({"quantization": "int4"}, "add --peft"),
+        ({"mixed_precision": "fp8"}, "mixed_precision: 'fp8' is not one of"),
+    ],
+)
+def test_bad_parameters_name_the_problem(values, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(values)
+
+
+def test_unknown_top_level_key_in_autotrain_config():
+    with pytest.raises(ConfigError, match="unknown parameter 'paramz'"):
+        load_config({"task": "llm-sft", "base_model": "m", "paramz": {}})
+    with pytest.raises(ConfigError, match="unknown key data.pth"):
+        load_config({"task": "llm-sft", "base_model": "m", "data": {"pth": "x"}})
+
+
+def test_token_is_redacted_everywhere_it_is_shown():
+    params = LLMParams(token="hf_verysecret", push_to_hub=True, username="me")
+    assert "hf_verysecret" not in repr(params)
+    assert "hf_verysecret" not in params.to_json()
+    assert params.to_dict(redact=False)["token"] == "hf_verysecret"

@@ -1,0 +1,153 @@
+"""The hot path on a tiny model: labels and masks, packing isolation, and the fast loss against the plain one."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tunelab import LLMParams
+from tunelab.data import load_data
+from tunelab.data.packing import PaddingFreeCollator, pack
+from tunelab.data.tokenize import IGNORE, Encoded
+from tunelab.loss import causal_lm_loss_sum
+from tunelab.methods import METHODS
+from tunelab.models import load_tokenizer, resolve_model
+from tunelab.trainer import output_head_returns_hidden
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+CHATS = [
+    {"messages": [{"role": "user", "content": "What is two plus two?"}, {"role": "assistant", "content": "Four."}]},
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Name a colour."},
+            {"role": "assistant", "content": "Blue."},
+            {"role": "user", "content": "Another?"},
+            {"role": "assistant", "content": "Green."},
+        ]
+    },
+]
+
+
+def encoded_chats(tmp_path, tiny_llama, **kw):
+    data = write_jsonl(tmp_path / "chat.jsonl", CHATS)
+    params = LLMParams(
+        model=str(tiny_llama),
+        data_path=str(data),
+        text_column="messages",
+        trainer="sft",
+        chat_template="chatml",
+        block_size=128,
+        model_max_length=256,
+        **kw,
+    )
+    tokenizer = load_tokenizer(resolve_model(params.model))
+    return load_data(params, tokenizer), tokenizer, params
+
+
+def test_chat_sft_labels_cover_assistant_tokens_only(tmp_path, tiny_llama):
+    data, tokenizer, _ = encoded_chats(tmp_path, tiny_llama)
+    second = data.train[1]
+    trained = tokenizer.decode([t for t, label in zip(second.input_ids, second.labels) if label != IGNORE])
+    untrained = tokenizer.decode([t for t, label in zip(second.input_ids, second.labels) if label == IGNORE])
+    assert trained == "Blue.<|im_end|>\nGreen.<|im_end|>\n"
+    for prompt_part in ("Be brief.", "Name a colour.", "Another?", "<|im_start|>assistant\n", "<|im_start|>user"):
+        assert prompt_part in untrained
+    assert "Blue." not in untrained and "Green." not in untrained
+
+
+def test_completion_only_loss_off_trains_the_prompt_too(tmp_path, tiny_llama):
+    data, _, params = encoded_chats(tmp_path, tiny_llama, completion_only_loss=False)
+    rows, _ = METHODS["sft"].build_rows(data.train, params)
+    assert all(label != IGNORE for row in rows for label in row.labels[1:])
+
+
+def test_default_trainer_trains_every_token_in_full_blocks(tmp_path, tiny_llama):
+    rows = [{"text": f"Document number {i} says hello to the world."} for i in range(40)]
+    data_path = write_jsonl(tmp_path / "docs.jsonl", rows)
+    params = LLMParams(model=str(tiny_llama), data_path=str(data_path), block_size=32, model_max_length=64)
+    data = load_data(params, load_tokenizer(resolve_model(params.model)))
+    blocks, stats = METHODS["default"].build_rows(data.train, params)
+    assert len(blocks) > 3 and all(len(b) == 32 for b in blocks)
+    assert all(label != IGNORE for b in blocks for label in b.labels[1:])
+    stream = [t for e in data.train for t in e.input_ids]
+    assert blocks[1].input_ids == stream[32:64]
+
+
+def _inputs(batch):
+    # As in training: no KV cache (transformers only reads packed position ids when there is none).
+    return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+
+
+def test_packing_keeps_examples_apart(tiny_llama):
+    """Each example's logits inside a packed, padding-free batch equal its logits when run alone."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    lengths = [7, 12, 5, 9]
+    examples = [Encoded(torch.randint(5, 500, (n,)).tolist(), [IGNORE] * n) for n in lengths]
+    rows = pack(examples, block_size=20)
+    assert len(rows) < len(examples)  # something was actually packed
+    batch = PaddingFreeCollator()(rows)
+    assert batch["input_ids"].shape == (1, sum(lengths))
+    with torch.no_grad():
+        packed = model(**_inputs(batch)).logits[0]
+        order = [e for row in rows for e in row]
+        start = 0
+        for example in order:
+            alone = model(input_ids=torch.tensor([example.input_ids])).logits[0]
+            torch.testing.assert_close(packed[start : start + len(example)], alone, atol=1e-5, rtol=1e-4)
+            start += len(example)
+
+
+def _plain_loss(model, batch):
+    logits = model(**_inputs(batch)).logits.float()
+    labels = batch["labels"][:, 1:]
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE
+    )
+
+
+def _fast_loss(model, batch):
+    with output_head_returns_hidden(model) as head:
+        hidden = model(**_inputs(batch)).logits
+    total, count = causal_lm_loss_sum(hidden, head, batch["labels"])
+    return total / count
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("peft", [False, True])
+def test_fast_loss_and_gradients_equal_the_plain_path(tiny_llama, packed, peft):
+    torch.manual_seed(0)
+    examples = []
+    for n in (9, 14, 6, 11):
+        ids = torch.randint(5, 500, (n,)).tolist()
+        labels = [IGNORE] * (n // 2) + ids[n // 2 :]  # a masked prompt, a trained answer
+        examples.append(Encoded(ids, labels))
+    rows = pack(examples, 24) if packed else examples
+    batch = PaddingFreeCollator()(rows)
+
+    def grads(loss_fn):
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+        if peft:
+            from peft import LoraConfig, get_peft_model
+
+            torch.manual_seed(1)
+            model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+        loss = loss_fn(model, batch)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain_loss, plain_grads = grads(_plain_loss)
+    fast_loss, fast_grads = grads(_fast_loss)
+    torch.testing.assert_close(fast_loss, plain_loss, atol=1e-5, rtol=1e-5)
+    assert plain_grads.keys() == fast_grads.keys() and plain_grads
+    for name in plain_grads:
+        torch.testing.assert_close(fast_grads[name], plain_grads[name], atol=1e-5, rtol=1e-4, msg=name)
