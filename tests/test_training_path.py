@@ -56,8 +56,12 @@ def encoded_chats(tmp_path, tiny_llama, **kw):
 def test_chat_sft_labels_cover_assistant_tokens_only(tmp_path, tiny_llama):
     data, tokenizer, _ = encoded_chats(tmp_path, tiny_llama)
     second = data.train[1]
-    trained = tokenizer.decode([t for t, label in zip(second.input_ids, second.labels) if label != IGNORE])
-    untrained = tokenizer.decode([t for t, label in zip(second.input_ids, second.labels) if label == IGNORE])
+    trained = tokenizer.decode(
+        [t for t, label in zip(second.input_ids, second.labels, strict=True) if label != IGNORE]
+    )
+    untrained = tokenizer.decode(
+        [t for t, label in zip(second.input_ids, second.labels, strict=True) if label == IGNORE]
+    )
     assert trained == "Blue.<|im_end|>\nGreen.<|im_end|>\n"
     for prompt_part in ("Be brief.", "Name a colour.", "Another?", "<|im_start|>assistant\n", "<|im_start|>user"):
         assert prompt_part in untrained

@@ -24,7 +24,7 @@ def train(params: LLMParams | dict[str, Any] | str | Path | None = None, **overr
 
     Returns the finished run folder. Raises TunelabError (with a message naming the problem) on bad input.
     """
-    from tunelab.train import train as run
+    from tunelab.run import run
 
     resolved = load_config(params if params is not None else {}, **overrides)
     return run(resolved)

@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import logging
 import sys
+import warnings
 
 from tunelab.config.autotrain import ALIASES
 from tunelab.config.schema import LLMParams
@@ -109,14 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
 def run_llm(args: argparse.Namespace) -> int:
     from tunelab.config import load_config, read_config_file
     from tunelab.config.overrides import build_params
-    from tunelab.train import train
+    from tunelab.run import run
 
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "train", "config", "backend")}
     if args.config:
         params = build_params(read_config_file(args.config), flags)
     else:
         params = load_config(flags)
-    folder = train(params)
+    folder = run(params)
     print(f"tunelab: finished; outputs in {folder}")
     return 0
 
@@ -141,12 +142,29 @@ def run_env() -> int:
     return 0
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is now (pytest, notebooks and the web app swap it), not the one at setup."""
+
+    @property
+    def stream(self):  # noqa: D102
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # the base class assigns it; the property ignores that
+        pass
+
+
 def setup_logging() -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("tunelab: %(message)s"))
-    log.addHandler(handler)
+    """tunelab's own log lines on stderr, installed once however often main() runs in one process."""
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("tunelab: %(message)s"))
+        log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
+    # Upstream deprecation notices (transformers/peft internals) mean nothing to a user of the command.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         import transformers
 

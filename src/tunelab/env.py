@@ -12,26 +12,29 @@ CUDA_OPTIMIZERS = ("8bit", "paged", "bnb")
 
 
 def check_machine(params: Any) -> None:
-    """Raise TunelabError for options this machine cannot run (CUDA-only precision, optimizers, quantization)."""
+    """Raise one TunelabError listing every option this machine cannot run (CUDA-only precision, optimizers,
+    quantization), so a user fixes them all at once."""
     import torch
 
     from tunelab.models.quantize import check_quantization
 
     cuda = torch.cuda.is_available()
+    problems = []
     if params.mixed_precision == "fp16" and not cuda:
-        raise TunelabError(
-            "mixed_precision=fp16 needs a CUDA GPU, and this machine has none: use bf16 or drop mixed_precision"
-        )
+        problems.append("mixed_precision=fp16 needs a CUDA GPU (use bf16 or drop mixed_precision)")
     if params.mixed_precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
-        raise TunelabError("mixed_precision=bf16 is not supported by this GPU: use fp16")
+        problems.append("mixed_precision=bf16 is not supported by this GPU (use fp16)")
     if any(marker in params.optimizer for marker in CUDA_OPTIMIZERS) and not cuda:
-        raise TunelabError(
-            f"optimizer={params.optimizer} is a bitsandbytes CUDA optimizer, and this machine has no CUDA GPU: "
-            "use adamw_torch"
-        )
+        problems.append(f"optimizer={params.optimizer} is a bitsandbytes CUDA optimizer (use adamw_torch)")
     if params.use_flash_attention_2 and not cuda:
-        raise TunelabError("use_flash_attention_2 needs a CUDA GPU and the flash-attn package")
-    check_quantization(params.quantization)
+        problems.append("use_flash_attention_2 needs a CUDA GPU and the flash-attn package")
+    try:
+        check_quantization(params.quantization)
+    except TunelabError as err:
+        problems.append(str(err))
+    if problems:
+        where = "this machine has no CUDA GPU" if not cuda else "this machine"
+        raise TunelabError(f"{where}: " + "; ".join(problems))
 
 
 def device_name() -> str:

@@ -9,6 +9,7 @@ so full-vocabulary logits are never materialised.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 from collections.abc import Iterator
@@ -101,6 +102,13 @@ class TunelabTrainer(Trainer):
         return (loss, {}) if return_outputs else loss
 
 
+def _checkpointing(enabled: bool) -> dict[str, Any]:
+    """Gradient checkpointing switches under their current name (transformers 5.23 renamed them)."""
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    prefix = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {prefix: enabled, f"{prefix}_kwargs": {"use_reentrant": False}}
+
+
 def training_arguments(params: Any, output_dir: str, steps_per_epoch: int, has_valid: bool) -> TrainingArguments:
     """Map LLMParams onto transformers' TrainingArguments (AutoTrain's names on the left)."""
     total_steps = params.max_steps if params.max_steps > 0 else steps_per_epoch * params.epochs
@@ -125,8 +133,7 @@ def training_arguments(params: Any, output_dir: str, steps_per_epoch: int, has_v
         data_seed=params.seed,
         bf16=params.mixed_precision == "bf16",
         fp16=params.mixed_precision == "fp16",
-        gradient_checkpointing=not params.disable_gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        **_checkpointing(not params.disable_gradient_checkpointing),
         logging_steps=logging_steps,
         logging_first_step=True,
         eval_strategy=eval_strategy,
@@ -139,6 +146,7 @@ def training_arguments(params: Any, output_dir: str, steps_per_epoch: int, has_v
         label_names=["labels"],
         prediction_loss_only=True,
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=True,  # tunelab's own progress bar (callbacks.py) shows loss and ETA
         save_only_model=False,
     )

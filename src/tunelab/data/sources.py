@@ -172,7 +172,7 @@ def _read_csv(text: str, path: Path, name: str, delimiter: str) -> Split:
                     f"{path} line {start}: {len(values)} fields where the header has {len(header)} "
                     "(an unquoted comma or quote?)"
                 )
-            rows.append(dict(zip(header, values)))
+            rows.append(dict(zip(header, values, strict=True)))
             lines.append(start)
             start = reader.line_num + 1
     except csv.Error as err:

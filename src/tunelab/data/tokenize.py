@@ -41,8 +41,8 @@ def encode(rendered: list[Rendered], tokenizer: Any, add_special_tokens: bool, b
             return_offsets_mapping=True,
             return_attention_mask=False,
         )
-        for r, ids, offsets in zip(chunk, enc["input_ids"], enc["offset_mapping"]):
-            labels = [tok if _inside(span, r.spans) else IGNORE for tok, span in zip(ids, offsets)]
+        for r, ids, offsets in zip(chunk, enc["input_ids"], enc["offset_mapping"], strict=True):
+            labels = [tok if _inside(span, r.spans) else IGNORE for tok, span in zip(ids, offsets, strict=True)]
             if labels:
                 labels[0] = IGNORE
             out.append(Encoded(list(ids), labels))

@@ -128,7 +128,9 @@ def load_causal_lm(source: ModelSource, dtype: Any = None, quantization_config: 
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32, **kwargs)
-        model.load_state_dict(gguf_model.state_dict(), strict=False)
+        missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+        if unexpected or any(not key.startswith("lm_head") for key in missing):  # a tied head may be absent
+            raise TunelabError(f"{source.gguf_file}: GGUF weights do not match the model they describe")
         model.tie_weights()
         del gguf_model
         return model

@@ -15,8 +15,8 @@ def check_quantization(quantization: str | None) -> None:
 
     if not torch.cuda.is_available():
         raise TunelabError(
-            f"quantization={quantization} needs a CUDA GPU (bitsandbytes), and this machine has none: "
-            "drop --quantization (or set quantization: null) to train a LoRA adapter in full precision"
+            f"quantization={quantization} needs a CUDA GPU (bitsandbytes; drop quantization to train "
+            "the LoRA adapter on the unquantized model)"
         )
     try:
         import bitsandbytes  # noqa: F401

@@ -1,4 +1,4 @@
-"""The spine of a run: params -> checks -> data -> model -> method rows -> Trainer -> run folder.
+"""The spine of a run (`tunelab.train` and `tunelab llm` call `run`): params -> checks -> data -> model -> method rows -> Trainer -> run folder.
 
 Everything that can fail because of the user's input fails before the first weight is loaded and before
 anything is written: the parameters validate themselves, the machine is checked, the data is read, formatted
@@ -24,7 +24,7 @@ from tunelab.models import load_model, load_tokenizer, resolve_model
 log = logging.getLogger("tunelab")
 
 
-def train(params: LLMParams) -> Path:
+def run(params: LLMParams) -> Path:
     """Run one fine-tuning job end to end and return the finished run folder."""
     method = METHODS[params.trainer]
     run = outputs.RunFolder(params.project_name)
@@ -37,7 +37,11 @@ def train(params: LLMParams) -> Path:
     train_rows, stats = method.build_rows(data.train, params)
     valid_rows = method.build_rows(data.valid, params)[0] if data.valid else None
     if not train_rows:
-        raise DataError(f"{data.origins['train']}: no training rows left after truncation (see the counts above)")
+        raise DataError(
+            f"{data.origins['train']}: no training rows left: of {stats.examples} examples, {stats.truncated} were "
+            f"truncated to block_size={params.block_size} and {stats.dropped} dropped with no answer tokens left; "
+            "raise block_size (and model_max_length) or shorten the prompts"
+        )
     _report_data(params, data, stats, len(train_rows))
 
     model = load_model(source, params)

@@ -1,0 +1,579 @@
+"""Reading data files (CSV, JSONL, JSON, Parquet, folders) and detecting row formats; bad data names file and line."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from tests.conftest import SHARED_DATA, needs_shared
+from tunelab.data.formats import detect_format, to_examples
+from tunelab.data.sources import read_file, read_splits
+from tunelab.errors import DataError
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def write_csv(path, header, rows):
+    import csv
+
+    with path.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def examples_of(split, text_column="text", prompt_text_column=None):
+    fmt = detect_format(split, text_column, prompt_text_column)
+    return fmt, to_examples(split, fmt)
+
+
+# ---------------------------------------------------------------------------------------------- reading files
+
+
+def test_csv_rows_and_lines(tmp_path):
+    path = tmp_path / "train.csv"
+    # the second row's quoted text spans two lines: the third row starts on line 5
+    path.write_text('text,label\nhello,1\n"two\nlines",0\nlast,1\n', encoding="utf-8")
+    split = read_file(path, "train")
+    assert split.name == "train"
+    assert split.origin == str(path)
+    assert split.rows == [
+        {"text": "hello", "label": "1"},
+        {"text": "two\nlines", "label": "0"},
+        {"text": "last", "label": "1"},
+    ]
+    assert split.lines == [2, 3, 5]
+    assert split.columns == ["text", "label"]
+    assert split.where(2) == f"{path} line 5"
+
+
+def test_csv_with_utf8_bom(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_bytes("text\nhéllo\n".encode("utf-8-sig"))
+    split = read_file(path, "train")
+    assert split.columns == ["text"]  # the BOM is not part of the first column's name
+    assert split.rows == [{"text": "héllo"}]
+
+
+def test_jsonl_skips_blank_lines_and_keeps_line_numbers(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"text": "a"}\n\n{"text": "b"}\n   \n{"text": "c"}\n', encoding="utf-8")
+    split = read_file(path, "train")
+    assert [row["text"] for row in split.rows] == ["a", "b", "c"]
+    assert split.lines == [1, 3, 5]
+    assert split.where(1) == f"{path} line 3"
+
+
+def test_json_list(tmp_path):
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps([{"text": "a"}, {"text": "b"}], indent=2), encoding="utf-8")
+    split = read_file(path, "train")
+    assert split.rows == [{"text": "a"}, {"text": "b"}]
+    assert split.where(1) == f"{path} row 2"
+
+
+def test_json_object_holding_one_list(tmp_path):
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps({"version": 1, "data": [{"text": "a"}, {"text": "b"}]}), encoding="utf-8")
+    split = read_file(path, "train")
+    assert split.rows == [{"text": "a"}, {"text": "b"}]
+
+
+def test_json_object_with_two_lists_is_refused(tmp_path):
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps({"train": [{"text": "a"}], "test": [{"text": "b"}]}), encoding="utf-8")
+    with pytest.raises(DataError, match=re.escape(f"{path}: expected a JSON list of objects")):
+        read_file(path, "train")
+
+
+def test_json_item_that_is_not_an_object(tmp_path):
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps([{"text": "a"}, "b"]), encoding="utf-8")
+    with pytest.raises(DataError, match=re.escape(f"{path} item 2: expected a JSON object, got str")):
+        read_file(path, "train")
+
+
+def test_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"text": ["a", "b", "c"], "label": [1, 2, 3]}), path)
+    split = read_file(path, "train")
+    assert split.rows == [{"text": "a", "label": 1}, {"text": "b", "label": 2}, {"text": "c", "label": 3}]
+    assert split.columns == ["text", "label"]
+    fmt, examples = examples_of(split)
+    assert fmt.kind == "text"
+    assert examples == [{"text": "a"}, {"text": "b"}, {"text": "c"}]
+
+
+def test_parquet_with_messages(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "train.parquet"
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    pq.write_table(pa.table({"messages": [conversation, conversation]}), path)
+    fmt, examples = examples_of(read_file(path, "train"))
+    assert fmt.kind == "messages"
+    assert examples[0] == {"messages": conversation}
+
+
+def test_damaged_parquet(tmp_path):
+    path = tmp_path / "train.parquet"
+    path.write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match=re.escape(f"{path}: not a readable Parquet file")):
+        read_file(path, "train")
+
+
+def test_unsupported_extension(tmp_path):
+    path = tmp_path / "train.txt"
+    path.write_text("hello\n", encoding="utf-8")
+    with pytest.raises(DataError, match=re.escape(f"{path}: unsupported file type '.txt'")):
+        read_file(path, "train")
+
+
+def test_folder_with_train_jsonl_and_valid_csv(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [{"text": "one"}, {"text": "two"}])
+    write_csv(tmp_path / "valid.csv", ["text"], [["three"]])
+    splits = read_splits(str(tmp_path), "train", "valid")
+    assert set(splits) == {"train", "valid"}
+    assert splits["train"].origin == str(tmp_path / "train.jsonl")
+    assert splits["valid"].origin == str(tmp_path / "valid.csv")
+    assert [row["text"] for row in splits["train"].rows] == ["one", "two"]
+    assert splits["valid"].rows == [{"text": "three"}]
+    assert splits["valid"].lines == [2]
+
+
+def test_folder_without_valid_split(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [{"text": "one"}])
+    splits = read_splits(str(tmp_path), "train", None)
+    assert list(splits) == ["train"]
+
+
+def test_folder_missing_split_lists_what_is_there(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [{"text": "one"}])
+    with pytest.raises(DataError, match=r"no file for split 'valid' in .*found: train\.jsonl"):
+        read_splits(str(tmp_path), "train", "valid")
+
+
+def test_file_with_valid_split_beside_it(tmp_path):
+    train = write_jsonl(tmp_path / "mine.jsonl", [{"text": "one"}])
+    write_jsonl(tmp_path / "held_out.jsonl", [{"text": "two"}])
+    splits = read_splits(str(train), "train", "held_out")
+    assert splits["valid"].rows == [{"text": "two"}]
+
+
+def test_data_path_that_does_not_exist(tmp_path):
+    missing = tmp_path / "nowhere" / "train.jsonl"
+    with pytest.raises(DataError, match=re.escape(f"data_path {str(missing)!r} does not exist")):
+        read_splits(str(missing), "train", None)
+
+
+# ---------------------------------------------------------------------------------------------- shared data
+
+
+@needs_shared()
+def test_shared_alpaca_jsonl():
+    splits = read_splits(str(SHARED_DATA / "alpaca"), "train", "test")
+    assert set(splits) == {"train", "valid"}
+    train, test = splits["train"], splits["valid"]
+    assert train.origin.endswith("train.jsonl")  # .jsonl is preferred over the train.csv beside it
+    assert len(train.rows) == 1500
+    assert len(test.rows) == 200
+    assert train.columns == ["instruction", "input", "output"]
+    fmt, examples = examples_of(train)
+    assert fmt.kind == "alpaca"
+    assert fmt.columns == {"instruction": "instruction", "output": "output", "input": "input"}
+    assert len(examples) == 1500
+    first = examples[0]["messages"]
+    assert [m["role"] for m in first] == ["user", "assistant"]
+    assert first[0]["content"] == train.rows[0]["instruction"]
+    assert first[1]["content"] == train.rows[0]["output"]
+    # rows with an empty input carry no "input" key
+    empty = next(i for i, row in enumerate(train.rows) if not row["input"].strip())
+    assert "input" not in examples[empty]["messages"][0]
+
+
+@needs_shared()
+def test_shared_alpaca_csv_matches_jsonl():
+    jsonl = read_file(SHARED_DATA / "alpaca" / "train.jsonl", "train")
+    csv_split = read_file(SHARED_DATA / "alpaca" / "train.csv", "train")
+    assert csv_split.rows == jsonl.rows  # multi-line quoted fields and "" escapes read back exactly
+    assert csv_split.lines[0] == 2
+    assert csv_split.lines == sorted(csv_split.lines)
+    assert detect_format(csv_split, "text").kind == "alpaca"
+
+
+@needs_shared()
+def test_shared_chat():
+    splits = read_splits(str(SHARED_DATA / "chat"), "train", None)
+    train = splits["train"]
+    assert len(train.rows) == 1200
+    fmt, examples = examples_of(train)
+    assert fmt.kind == "messages"
+    assert fmt.columns == {"messages": "messages"}
+    assert len(examples) == 1200
+    for example in examples:
+        roles = {m["role"] for m in example["messages"]}
+        assert roles <= {"user", "assistant"}
+        assert "assistant" in roles
+
+
+# ---------------------------------------------------------------------------------------------- format detection
+
+
+def test_detect_text(tmp_path):
+    split = read_file(write_jsonl(tmp_path / "t.jsonl", [{"text": "<s>[INST] hi [/INST] ho</s>"}]), "train")
+    fmt, examples = examples_of(split)
+    assert fmt.kind == "text"
+    assert fmt.columns == {"text": "text"}
+    assert examples == [{"text": "<s>[INST] hi [/INST] ho</s>"}]
+
+
+def test_detect_text_in_custom_column(tmp_path):
+    split = read_file(write_csv(tmp_path / "t.csv", ["id", "body"], [["1", "hello"]]), "train")
+    fmt, examples = examples_of(split, text_column="body")
+    assert fmt.kind == "text"
+    assert examples == [{"text": "hello"}]
+
+
+def test_text_that_looks_like_a_list_but_is_not_json_stays_text(tmp_path):
+    split = read_file(write_jsonl(tmp_path / "t.jsonl", [{"text": "[see the notes]"}]), "train")
+    assert detect_format(split, "text").kind == "text"
+
+
+def test_detect_messages_list(tmp_path):
+    conversation = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+    ]
+    split = read_file(write_jsonl(tmp_path / "t.jsonl", [{"messages": conversation}]), "train")
+    fmt, examples = examples_of(split, text_column="messages")
+    assert fmt.kind == "messages"
+    assert fmt.columns == {"messages": "messages"}
+    assert examples == [{"messages": conversation}]
+
+
+def test_detect_messages_column_by_default_name(tmp_path):
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    split = read_file(write_jsonl(tmp_path / "t.jsonl", [{"messages": conversation}]), "train")
+    fmt, examples = examples_of(split)  # text_column left at "text"
+    assert fmt.kind == "messages"
+    assert examples == [{"messages": conversation}]
+
+
+def test_detect_messages_stored_as_json_string_in_csv(tmp_path):
+    conversation = [{"role": "user", "content": "Hi, there"}, {"role": "assistant", "content": 'Say "hello"'}]
+    path = write_csv(tmp_path / "t.csv", ["text", "id"], [[json.dumps(conversation), "7"]])
+    split = read_file(path, "train")
+    assert isinstance(split.rows[0]["text"], str)
+    fmt, examples = examples_of(split)
+    assert fmt.kind == "messages"
+    assert fmt.columns == {"messages": "text"}
+    assert examples == [{"messages": conversation}]
+
+
+def test_detect_sharegpt(tmp_path):
+    conversation = [
+        {"from": "system", "value": "Be brief."},
+        {"from": "human", "value": "Hi"},
+        {"from": "gpt", "value": "Hello"},
+    ]
+    split = read_file(write_jsonl(tmp_path / "t.jsonl", [{"conversations": conversation}]), "train")
+    fmt, examples = examples_of(split)
+    assert fmt.kind == "messages"
+    assert fmt.columns == {"messages": "conversations"}
+    assert examples == [
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello"},
+            ]
+        }
+    ]
+
+
+def test_detect_alpaca(tmp_path):
+    rows = [
+        {"instruction": "Add.", "input": "2 and 3", "output": "5"},
+        {"instruction": "Say hi.", "input": "", "output": "Hi!"},
+    ]
+    split = read_file(write_jsonl(tmp_path / "t.jsonl", rows), "train")
+    fmt, examples = examples_of(split)
+    assert fmt.kind == "alpaca"
+    assert fmt.columns == {"instruction": "instruction", "output": "output", "input": "input"}
+    assert examples == [
+        {"messages": [{"role": "user", "content": "Add.", "input": "2 and 3"}, {"role": "assistant", "content": "5"}]},
+        {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"}]},
+    ]
+
+
+def test_detect_alpaca_without_input_column(tmp_path):
+    split = read_file(write_jsonl(tmp_path / "t.jsonl", [{"instruction": "Say hi.", "output": "Hi!"}]), "train")
+    fmt, examples = examples_of(split)
+    assert fmt.kind == "alpaca"
+    assert "input" not in fmt.columns
+    assert examples == [
+        {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"}]}
+    ]
+
+
+def test_detect_prompt_completion_via_prompt_text_column(tmp_path):
+    path = write_csv(tmp_path / "t.csv", ["question", "answer"], [["What is 2+2?", "4"]])
+    split = read_file(path, "train")
+    fmt, examples = examples_of(split, text_column="answer", prompt_text_column="question")
+    assert fmt.kind == "prompt_completion"
+    assert fmt.columns == {"prompt": "question", "completion": "answer"}
+    assert examples == [
+        {"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]}
+    ]
+
+
+def test_detect_prompt_completion_columns_by_default_name(tmp_path):
+    split = read_file(write_jsonl(tmp_path / "t.jsonl", [{"prompt": "Q", "completion": "A"}]), "train")
+    fmt, examples = examples_of(split)
+    assert fmt.kind == "prompt_completion"
+    assert examples == [{"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}]
+
+
+def test_numbers_become_text(tmp_path):
+    split = read_file(write_jsonl(tmp_path / "t.jsonl", [{"prompt": "2+2?", "completion": 4}]), "train")
+    _, examples = examples_of(split)
+    assert examples[0]["messages"][1]["content"] == "4"
+
+
+def test_describe(tmp_path):
+    split = read_file(write_jsonl(tmp_path / "t.jsonl", [{"q": "Q", "a": "A"}]), "train")
+    assert detect_format(split, "a", "q").describe() == "prompt_completion (prompt='q', completion='a')"
+
+
+# ---------------------------------------------------------------------------------------------- errors: files
+
+
+def test_malformed_jsonl_line_names_its_line(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"text": "a"}\n{"text": "b"}\n{"text": "c",\n{"text": "d"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=re.escape(f"{path} line 3: not valid JSON")):
+        read_file(path, "train")
+
+
+def test_jsonl_line_that_is_not_an_object(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"text": "a"}\n["b"]\n', encoding="utf-8")
+    with pytest.raises(DataError, match=re.escape(f"{path} line 2: expected a JSON object, got list")):
+        read_file(path, "train")
+
+
+def test_malformed_json_names_its_line(tmp_path):
+    path = tmp_path / "train.json"
+    path.write_text('[\n  {"text": "a"},\n  {"text": "b"\n]\n', encoding="utf-8")
+    with pytest.raises(DataError, match=re.escape(f"{path} line 4: not valid JSON")):
+        read_file(path, "train")
+
+
+@pytest.mark.parametrize("name", ["train.jsonl", "train.csv", "train.json"])
+def test_invalid_utf8_names_its_line(tmp_path, name):
+    path = tmp_path / name
+    lines = {
+        "train.jsonl": [b'{"text": "a"}', b'{"text": "b"}', b'{"text": "caf\xe9"}'],
+        "train.csv": [b"text", b"a", b"caf\xe9"],
+        "train.json": [b"[", b'{"text": "a"},', b'{"text": "caf\xe9"}]'],
+    }[name]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(DataError, match=re.escape(f"{path} line 3: not valid UTF-8 (byte 0xe9)")):
+        read_file(path, "train")
+
+
+def test_csv_row_with_wrong_field_count_names_its_line(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text("text,label\nfine,1\nalso fine,0\nHello, world,1\n", encoding="utf-8")
+    with pytest.raises(DataError, match=re.escape(f"{path} line 4: 3 fields where the header has 2")):
+        read_file(path, "train")
+
+
+def test_csv_wrong_field_count_after_multiline_row(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text('text,label\n"two\nlines",1\ntoo,many,fields\n', encoding="utf-8")
+    with pytest.raises(DataError, match=re.escape(f"{path} line 4: 3 fields where the header has 2")):
+        read_file(path, "train")
+
+
+def test_csv_duplicate_header(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text("text,text\na,b\n", encoding="utf-8")
+    with pytest.raises(DataError, match=re.escape(f"{path} line 1: duplicate column names")):
+        read_file(path, "train")
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("train.jsonl", "", "the file has no rows"),
+        ("train.jsonl", "\n  \n\n", "the file has no rows"),
+        ("train.csv", "", "the file is empty"),
+        ("train.csv", "text,label\n", "the file has no rows"),
+        ("train.json", "[]", "the file has no rows"),
+    ],
+)
+def test_empty_file(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError, match=re.escape(f"{path}: {message}")):
+        read_file(path, "train")
+
+
+def test_empty_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"text": pa.array([], type=pa.string())}), path)
+    with pytest.raises(DataError, match=re.escape(f"{path}: the file has no rows")):
+        read_file(path, "train")
+
+
+# ---------------------------------------------------------------------------------------------- errors: columns, rows
+
+
+def test_missing_text_column_lists_the_columns(tmp_path):
+    path = write_csv(tmp_path / "train.csv", ["question", "answer"], [["Q", "A"]])
+    split = read_file(path, "train")
+    with pytest.raises(
+        DataError,
+        match=re.escape(f"{path}: text column 'body' not found (columns: question, answer); set --text-column"),
+    ):
+        detect_format(split, "body")
+
+
+def test_missing_default_text_column_lists_the_columns(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [{"sentence": "hi", "label": 1}])
+    with pytest.raises(DataError, match=re.escape("text column 'text' not found (columns: sentence, label)")):
+        detect_format(read_file(path, "train"), "text")
+
+
+def test_missing_prompt_column_lists_the_columns(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [{"question": "Q", "answer": "A"}])
+    split = read_file(path, "train")
+    with pytest.raises(DataError, match=re.escape(f"{path}: column 'prompt' not found (columns: question, answer)")):
+        detect_format(split, "answer", "prompt")
+    with pytest.raises(
+        DataError, match=re.escape(f"{path}: column 'completion' not found (columns: question, answer)")
+    ):
+        detect_format(split, "completion", "question")
+
+
+def test_empty_text_value_names_file_line_and_column(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text('text\nfine\n""\nfine too\n', encoding="utf-8")
+    split = read_file(path, "train")
+    fmt = detect_format(split, "text")
+    with pytest.raises(
+        DataError, match=re.escape(f"1 bad row(s) in {path}: {path} line 3, column 'text': empty text")
+    ):
+        to_examples(split, fmt)
+
+
+def test_whitespace_only_and_missing_text_values(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [{"text": "ok"}, {"text": "   "}, {"text": None}, {"other": 1}])
+    split = read_file(path, "train")
+    with pytest.raises(DataError) as info:
+        to_examples(split, detect_format(split, "text"))
+    message = str(info.value)
+    assert message.startswith(f"3 bad row(s) in {path}: ")
+    assert f"{path} line 2, column 'text': empty text" in message
+    assert f"{path} line 3, column 'text': missing value" in message
+    assert f"{path} line 4, column 'text': missing value" in message
+
+
+def test_many_bad_rows_are_summarised(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [{"text": "ok"}] + [{"text": ""}] * 8)
+    split = read_file(path, "train")
+    with pytest.raises(DataError, match=r"^8 bad row\(s\) in .*line 6, column 'text': empty text \(and 3 more\)$"):
+        to_examples(split, detect_format(split, "text"))
+
+
+def test_message_with_unknown_role(tmp_path):
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "bot", "content": "Hello"}]
+    path = write_jsonl(tmp_path / "train.jsonl", [{"messages": conversation}])
+    split = read_file(path, "train")
+    with pytest.raises(
+        DataError,
+        match=re.escape(f"{path} line 1, column 'messages': message 2 has unknown role 'bot' (use system, user"),
+    ):
+        to_examples(split, detect_format(split, "messages"))
+
+
+def test_sharegpt_message_with_unknown_speaker(tmp_path):
+    conversation = [{"from": "human", "value": "Hi"}, {"from": "robot", "value": "Hello"}]
+    path = write_jsonl(tmp_path / "train.jsonl", [{"conversations": conversation}])
+    split = read_file(path, "train")
+    with pytest.raises(
+        DataError, match=re.escape("line 1, column 'conversations': message 2 has unknown role 'robot'")
+    ):
+        to_examples(split, detect_format(split, "text"))
+
+
+def test_conversation_without_assistant_message(tmp_path):
+    good = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    bad = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    path = write_jsonl(tmp_path / "train.jsonl", [{"messages": good}, {"messages": bad}])
+    split = read_file(path, "train")
+    with pytest.raises(
+        DataError, match=re.escape(f"{path} line 2, column 'messages': no assistant message to learn from")
+    ):
+        to_examples(split, detect_format(split, "messages"))
+
+
+def test_conversation_with_only_an_empty_assistant_message(tmp_path):
+    bad = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "  "}]
+    path = write_jsonl(tmp_path / "train.jsonl", [{"messages": bad}])
+    split = read_file(path, "train")
+    with pytest.raises(DataError, match=re.escape("line 1, column 'messages': no assistant message to learn from")):
+        to_examples(split, detect_format(split, "messages"))
+
+
+def test_messages_json_string_that_is_broken(tmp_path):
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    path = tmp_path / "train.csv"
+    write_csv(path, ["text"], [[json.dumps(conversation)], ['[{"role": "user", "content": "Hi"']])
+    split = read_file(path, "train")
+    fmt = detect_format(split, "text")
+    assert fmt.kind == "messages"  # decided from the first good row
+    with pytest.raises(DataError, match=re.escape(f"{path} line 3, column 'text': not a JSON list of messages")):
+        to_examples(split, fmt)
+
+
+def test_message_content_that_is_not_text(tmp_path):
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ["Hello"]}]
+    path = write_jsonl(tmp_path / "train.jsonl", [{"messages": conversation}])
+    split = read_file(path, "train")
+    with pytest.raises(DataError, match=re.escape("line 1, column 'messages': message 2 content is not text")):
+        to_examples(split, detect_format(split, "messages"))
+
+
+def test_empty_alpaca_output(tmp_path):
+    rows = [
+        {"instruction": "Say hi.", "input": "", "output": "Hi"},
+        {"instruction": "Say bye.", "input": "", "output": ""},
+    ]
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    split = read_file(path, "train")
+    with pytest.raises(DataError, match=re.escape(f"{path} line 2, column 'output': empty text")):
+        to_examples(split, detect_format(split, "text"))
+
+
+def test_bad_row_in_json_list_is_named_by_row(tmp_path):
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps([{"text": "a"}, {"text": "b"}, {"text": ""}]), encoding="utf-8")
+    split = read_file(path, "train")
+    with pytest.raises(DataError, match=re.escape(f"{path} row 3, column 'text': empty text")):
+        to_examples(split, detect_format(split, "text"))
