@@ -177,13 +177,13 @@ def test_autotrain_gpt2_config_trains_with_local_model_and_data(tiny_gpt2, tmp_p
 @pytest.mark.parametrize("packing", [False, True])
 def test_gpt2_padding_free_batches_match_padded(tiny_gpt2, packing):
     """GPT-2 (learned positions, no chat template) sees packed rows as separate examples too."""
-    from tunelab.data.packing import PaddingFreeCollator, pack
+    from tunelab.data.packing import PackedRowsCollator, pack
     from tunelab.data.tokenize import Encoded
 
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
     examples = [Encoded(list(range(10, 10 + n)), [-100] * n) for n in (6, 9, 4)]
     rows = pack(examples, 32) if packing else examples
-    batch = PaddingFreeCollator()(rows)
+    batch = PackedRowsCollator(0, flat=True)(rows)
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
         alone = model(input_ids=torch.tensor([examples[1].input_ids]), use_cache=False).logits[0]

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from tunelab import LLMParams
 from tunelab.data import load_data
-from tunelab.data.packing import PaddingFreeCollator, pack
+from tunelab.data.packing import PackedRowsCollator, pack
 from tunelab.data.tokenize import IGNORE, Encoded
 from tunelab.loss import causal_lm_loss_sum
 from tunelab.methods import METHODS
@@ -91,24 +91,30 @@ def _inputs(batch):
     return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
 
 
-def test_packing_keeps_examples_apart(tiny_llama):
-    """Each example's logits inside a packed, padding-free batch equal its logits when run alone."""
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "padded-rows"])
+def test_packing_keeps_examples_apart(tiny_llama, flat):
+    """Each example's logits inside a packed batch equal its logits when run alone, in both batch layouts
+    (one flat sequence for flash attention; padded rows, the padding a pseudo-example, for SDPA/eager)."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
-    lengths = [7, 12, 5, 9]
+    lengths = [7, 12, 5, 9, 3]
     examples = [Encoded(torch.randint(5, 500, (n,)).tolist(), [IGNORE] * n) for n in lengths]
     rows = pack(examples, block_size=20)
     assert len(rows) < len(examples)  # something was actually packed
-    batch = PaddingFreeCollator()(rows)
-    assert batch["input_ids"].shape == (1, sum(lengths))
+    batch = PackedRowsCollator(0, flat=flat)(rows)
+    if flat:
+        assert batch["input_ids"].shape == (1, sum(lengths))
+    else:
+        assert batch["input_ids"].shape == (len(rows), 24)  # longest row (20) rounded up to a multiple of 8
     with torch.no_grad():
-        packed = model(**_inputs(batch)).logits[0]
-        order = [e for row in rows for e in row]
-        start = 0
-        for example in order:
-            alone = model(input_ids=torch.tensor([example.input_ids])).logits[0]
-            torch.testing.assert_close(packed[start : start + len(example)], alone, atol=1e-5, rtol=1e-4)
-            start += len(example)
+        logits = model(**_inputs(batch)).logits
+        for r, row in enumerate(rows):
+            start = sum(len(e) for e in [e for row_ in rows[:r] for e in row_]) if flat else 0
+            for example in row:
+                alone = model(input_ids=torch.tensor([example.input_ids])).logits[0]
+                got = logits[0 if flat else r, start : start + len(example)]
+                torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-4)
+                start += len(example)
 
 
 def _plain_loss(model, batch):
@@ -126,9 +132,10 @@ def _fast_loss(model, batch):
     return total / count
 
 
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "padded-rows"])
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("peft", [False, True])
-def test_fast_loss_and_gradients_equal_the_plain_path(tiny_llama, packed, peft):
+def test_fast_loss_and_gradients_equal_the_plain_path(tiny_llama, packed, peft, flat):
     torch.manual_seed(0)
     examples = []
     for n in (9, 14, 6, 11):
@@ -136,7 +143,7 @@ def test_fast_loss_and_gradients_equal_the_plain_path(tiny_llama, packed, peft):
         labels = [IGNORE] * (n // 2) + ids[n // 2 :]  # a masked prompt, a trained answer
         examples.append(Encoded(ids, labels))
     rows = pack(examples, 24) if packed else examples
-    batch = PaddingFreeCollator()(rows)
+    batch = PackedRowsCollator(0, flat=flat)(rows)
 
     def grads(loss_fn):
         model = AutoModelForCausalLM.from_pretrained(tiny_llama)
@@ -155,3 +162,18 @@ def test_fast_loss_and_gradients_equal_the_plain_path(tiny_llama, packed, peft):
     assert plain_grads.keys() == fast_grads.keys() and plain_grads
     for name in plain_grads:
         torch.testing.assert_close(fast_grads[name], plain_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_preformatted_text_is_used_as_is(tmp_path, tiny_llama):
+    """Mistral-style `<s>[INST] ... [/INST] ... </s>` rows: no template, no second BOS, no second EOS."""
+    text = "<s>[INST] Say hi [/INST] Hi!</s>"
+    data_path = write_jsonl(tmp_path / "mistral.jsonl", [{"text": text}] * 3)
+    params = LLMParams(
+        model=str(tiny_llama), data_path=str(data_path), trainer="sft", block_size=64, model_max_length=128
+    )
+    tokenizer = load_tokenizer(resolve_model(params.model))
+    data = load_data(params, tokenizer)
+    assert data.template is None and data.row_format.kind == "text"
+    ids = data.train[0].input_ids
+    assert tokenizer.decode(ids) == text
+    assert ids.count(tokenizer.bos_token_id) == 1 and ids.count(tokenizer.eos_token_id) == 1

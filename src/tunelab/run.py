@@ -1,4 +1,6 @@
-"""The spine of a run (`tunelab.train` and `tunelab llm` call `run`): params -> checks -> data -> model -> method rows -> Trainer -> run folder.
+"""The spine of a run: params -> checks -> data -> model -> method rows -> Trainer -> run folder.
+
+`tunelab.train()` and `tunelab llm` both call `run`.
 
 Everything that can fail because of the user's input fails before the first weight is loaded and before
 anything is written: the parameters validate themselves, the machine is checked, the data is read, formatted
@@ -48,24 +50,12 @@ def run(params: LLMParams) -> Path:
     _report_model(model, params)
 
     staging = run.start()
-    from transformers.trainer_callback import PrinterCallback
-
     from tunelab.callbacks import ProgressAndMetrics
-    from tunelab.data.packing import PaddingFreeCollator
-    from tunelab.trainer import ListDataset, TunelabTrainer, training_arguments
+    from tunelab.trainer import build_trainer
 
-    steps_per_epoch = max(1, math.ceil(len(train_rows) / (params.batch_size * params.gradient_accumulation)))
-    args = training_arguments(params, str(staging), steps_per_epoch, has_valid=bool(valid_rows))
-    trainer = TunelabTrainer(
-        model=model,
-        args=args,
-        train_dataset=ListDataset(train_rows),
-        eval_dataset=ListDataset(valid_rows) if valid_rows else None,
-        data_collator=PaddingFreeCollator(),
-        processing_class=tokenizer,
-        callbacks=[ProgressAndMetrics(staging / "metrics.jsonl")],
+    trainer = build_trainer(
+        model, tokenizer, params, train_rows, valid_rows, str(staging), [ProgressAndMetrics(staging / "metrics.jsonl")]
     )
-    trainer.remove_callback(PrinterCallback)  # ProgressAndMetrics prints instead
     started = time.time()
     result = trainer.train()
     elapsed = time.time() - started

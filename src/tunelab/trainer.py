@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from tunelab.loss import causal_lm_loss_sum
 
@@ -68,14 +69,26 @@ class TunelabTrainer(Trainer):
     """Trainer whose loss is the summed next-token cross-entropy over trained tokens, normalised by the number of
     trained tokens in the whole (accumulated, all-device) batch."""
 
-    def __init__(self, *args: Any, fast_loss: bool = True, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, fast_loss: bool = True, group_by_length: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.group_by_length = group_by_length
         # Tell Trainer that compute_loss already divides by the tokens of the whole accumulated batch, so it
         # neither divides again by the accumulation steps nor counts differently.
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
         self.fast_loss = fast_loss and fast_loss_supported(self.accelerator.unwrap_model(self.model))
         self.trained_tokens = 0
+
+    def _get_train_sampler(self, train_dataset=None):  # noqa: D102
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not self.group_by_length:
+            return super()._get_train_sampler(train_dataset)
+        # Batches of similar lengths: little padding without packing, and still a random order of batches.
+        lengths = [sum(len(e) for e in row) if isinstance(row, list) else len(row) for row in dataset.rows]
+        generator = torch.Generator().manual_seed(self.args.seed)
+        return LengthGroupedSampler(
+            self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=lengths, generator=generator
+        )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D102
         labels = inputs.pop("labels")
@@ -150,3 +163,36 @@ def training_arguments(params: Any, output_dir: str, steps_per_epoch: int, has_v
         disable_tqdm=True,  # tunelab's own progress bar (callbacks.py) shows loss and ETA
         save_only_model=False,
     )
+
+
+def build_trainer(
+    model: Any,
+    tokenizer: Any,
+    params: Any,
+    train_rows: list[Any],
+    valid_rows: list[Any] | None,
+    output_dir: str,
+    callbacks: list[Any] | None = None,
+) -> TunelabTrainer:
+    """The Trainer for one run: tunelab's collator, sampler and loss around transformers' loop."""
+    from transformers.trainer_callback import PrinterCallback
+
+    from tunelab.data.packing import PackedRowsCollator
+
+    steps_per_epoch = max(1, math.ceil(len(train_rows) / (params.batch_size * params.gradient_accumulation)))
+    args = training_arguments(params, output_dir, steps_per_epoch, has_valid=bool(valid_rows))
+    # Flash-attention kernels take one flat sequence with per-example positions (no padding at all); SDPA and
+    # eager attention get one row per packed row, so attention stays quadratic in the row, not the batch.
+    flat = str(getattr(model.config, "_attn_implementation", "")).startswith("flash_attention")
+    trainer = TunelabTrainer(
+        model=model,
+        args=args,
+        train_dataset=ListDataset(train_rows),
+        eval_dataset=ListDataset(valid_rows) if valid_rows else None,
+        data_collator=PackedRowsCollator(tokenizer.pad_token_id, flat=flat),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        group_by_length=params.group_by_length and not params.packing,
+    )
+    trainer.remove_callback(PrinterCallback)  # tunelab's own callback prints progress
+    return trainer

@@ -64,8 +64,9 @@ def load_data(params: Any, tokenizer: Any) -> EncodedData:
         rendered = [_render(example, source, tokenizer, eos) for example in examples]
         if not preview:
             preview = rendered[0].text
-        # Chat templates write their own special tokens; plain text gets the tokenizer's (e.g. BOS).
-        encoded[name] = encode(rendered, tokenizer, add_special_tokens=source is None)
+        encoded[name] = encode(
+            rendered, tokenizer, add_special_tokens=_wants_special_tokens(rendered, source, tokenizer)
+        )
     return EncodedData(
         train=encoded["train"],
         valid=encoded.get("valid"),
@@ -75,6 +76,15 @@ def load_data(params: Any, tokenizer: Any) -> EncodedData:
         origins={name: split.origin for name, split in splits.items()},
         preview=preview,
     )
+
+
+def _wants_special_tokens(rendered: list[Rendered], source: str | None, tokenizer: Any) -> bool:
+    """Chat templates write their own special tokens; plain text gets the tokenizer's (e.g. BOS) unless it is
+    pre-formatted and already starts with them (`<s>[INST] ...`), which would double the BOS."""
+    if source is not None:
+        return False
+    bos = getattr(tokenizer, "bos_token", None)
+    return not (bos and any(r.text.startswith(bos) for r in rendered[:100]))
 
 
 def _render(example: dict, source: str | None, tokenizer: Any, eos: str | None) -> Rendered:

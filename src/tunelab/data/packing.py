@@ -1,9 +1,8 @@
-"""Packing examples into rows and collating batches without padding.
+"""Packing examples into rows, and collating rows into batches where no token attends to another example.
 
-Batches are padding-free: the rows of a batch are laid end to end in one sequence of shape (1, total_tokens) with
-position ids that restart at 0 for every example. transformers turns such position ids into a block-diagonal
-causal mask (SDPA/eager, `masking_utils.find_packed_sequence_indices`) or varlen kernels (flash attention), so no
-token attends to another example and no compute is spent on pad tokens.
+Position ids restart at 0 for every example. With no attention mask passed, transformers turns such position ids
+into a block-diagonal causal mask (SDPA/eager, `masking_utils.find_packed_sequence_indices`) or into varlen
+kernel calls (flash attention), so packed examples stay independent without a hand-made mask.
 """
 
 from __future__ import annotations
@@ -33,23 +32,51 @@ def pack(examples: list[Encoded], block_size: int) -> list[list[Encoded]]:
     return rows
 
 
-class PaddingFreeCollator:
-    """Collate rows (each a list of examples, or one example) into one padding-free sequence."""
+class PackedRowsCollator:
+    """Collate rows (each one example, or a list of examples packed together) with per-example position ids.
+
+    Two layouts, both without attention across examples:
+    - `flat=True` (flash-attention varlen kernels): every example end to end in one (1, total_tokens) sequence,
+      no padding at all;
+    - `flat=False` (SDPA / eager): a (batch, longest_row) tensor; the padding of a row is one more pseudo-example
+      (positions restarting at 0, labels -100), so the block-diagonal mask that transformers builds from the
+      position ids keeps it apart too. Attention then costs batch x longest_row^2, not (batch x longest_row)^2.
+    """
+
+    def __init__(self, pad_token_id: int, flat: bool = False, pad_to_multiple_of: int = 8) -> None:
+        self.pad_token_id = pad_token_id
+        self.flat = flat
+        self.multiple = pad_to_multiple_of
 
     def __call__(self, rows: list[Any]) -> dict[str, torch.Tensor]:
-        input_ids: list[int] = []
-        labels: list[int] = []
-        positions: list[int] = []
-        for row in rows:
-            for example in row if isinstance(row, list) else [row]:
-                input_ids += example.input_ids
-                labels += example.labels
-                positions += range(len(example.input_ids))
+        built = [_row(row) for row in rows]
+        if self.flat:
+            built = [tuple(sum((part[i] for part in built), []) for i in range(3))]
+        width = max(len(ids) for ids, _, _ in built)
+        if not self.flat:
+            width = -(-width // self.multiple) * self.multiple
+        input_ids, labels, positions = [], [], []
+        for ids, labs, pos in built:
+            pad = width - len(ids)
+            input_ids.append(ids + [self.pad_token_id] * pad)
+            labels.append(labs + [IGNORE] * pad)
+            positions.append(pos + list(range(pad)))
         return {
-            "input_ids": torch.tensor([input_ids], dtype=torch.long),
-            "labels": torch.tensor([labels], dtype=torch.long),
-            "position_ids": torch.tensor([positions], dtype=torch.long),
+            "input_ids": torch.tensor(input_ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "position_ids": torch.tensor(positions, dtype=torch.long),
         }
+
+
+def _row(row: Any) -> tuple[list[int], list[int], list[int]]:
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    for example in row if isinstance(row, list) else [row]:
+        ids += example.input_ids
+        labels += example.labels
+        positions += range(len(example.input_ids))
+    return ids, labels, positions
 
 
 def count_trained(rows: list[Any]) -> int:

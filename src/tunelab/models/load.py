@@ -115,6 +115,20 @@ def load_config(source: ModelSource) -> Any:
     return AutoConfig.from_pretrained(source.path, **source.kwargs())
 
 
+def _take_buffers(model: Any, source: Any) -> None:
+    """Non-persistent buffers (rotary frequencies) are not in a state dict: take them from the loaded source."""
+
+    buffers = dict(source.named_buffers())
+    for name, buffer in list(model.named_buffers()):
+        if buffer.is_meta:
+            module_name, _, attr = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            module._buffers[attr] = buffers[name]
+    leftovers = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftovers:
+        raise TunelabError(f"GGUF model: no weights for {', '.join(leftovers[:5])}")
+
+
 def load_causal_lm(source: ModelSource, dtype: Any = None, quantization_config: Any = None, **kwargs: Any) -> Any:
     """A causal LM from a folder, hub id or GGUF file, ready to train (GGUF: dequantized plain model)."""
     import torch
@@ -127,12 +141,16 @@ def load_causal_lm(source: ModelSource, dtype: Any = None, quantization_config: 
         config = gguf_model.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32, **kwargs)
-        missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+        # Built on the meta device and given the GGUF tensors themselves (assign=True): no second copy in memory.
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32, **kwargs)
+        state = {k: v.to(dtype) if dtype is not None else v for k, v in gguf_model.state_dict().items()}
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
         if unexpected or any(not key.startswith("lm_head") for key in missing):  # a tied head may be absent
             raise TunelabError(f"{source.gguf_file}: GGUF weights do not match the model they describe")
         model.tie_weights()
-        del gguf_model
+        _take_buffers(model, gguf_model)
+        del gguf_model, state
         return model
     return AutoModelForCausalLM.from_pretrained(
         source.path, dtype=dtype or "auto", quantization_config=quantization_config, **kwargs

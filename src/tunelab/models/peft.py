@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 
@@ -28,5 +29,9 @@ def add_lora(model: Any, params: Any, task_type: str = "CAUSAL_LM") -> Any:
         bias="none",
         task_type=task_type,
     )
-    config.base_model_name_or_path = params.model  # a GGUF-built model has no name of its own
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*base_model_name_or_path.*")
+        model = get_peft_model(model, config)
+    # The model's own name: a GGUF-built model would record the folder of the .gguf file instead.
+    model.peft_config["default"].base_model_name_or_path = params.model
+    return model
