@@ -260,3 +260,14 @@ def test_console_script_malformed_jsonl(tmp_path, tiny_llama):
     assert errors[0].startswith(f"tunelab: error: {data} line 3: not valid JSON"), result.stderr
     assert result.stderr.splitlines()[-1] == errors[0], result.stderr
     assert_nothing_written(project)
+
+
+def test_hub_dataset_and_model_out_of_reach(capsys, tmp_path, tiny_llama, good_data):
+    """Hub ids are real code paths; with the hub out of reach (HF_HUB_OFFLINE=1 here) they fail at once, clearly."""
+    line = run_bad(capsys, tiny_llama, "someone/some-dataset", tmp_path / "run")
+    assert "hub dataset 'someone/some-dataset'" in line and "out of reach" in line
+    args = cli_args(tiny_llama, good_data, tmp_path / "run2")
+    args[args.index("--model") + 1] = "someone/some-model"
+    line = error_line(capsys, main(args))
+    assert "cannot download model 'someone/some-model'" in line and "out of reach" in line
+    assert_nothing_written(tmp_path / "run2")

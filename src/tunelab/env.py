@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import platform
 from typing import Any
 
@@ -28,6 +29,8 @@ def check_machine(params: Any) -> None:
         problems.append(f"optimizer={params.optimizer} is a bitsandbytes CUDA optimizer (use adamw_torch)")
     if params.use_flash_attention_2 and not cuda:
         problems.append("use_flash_attention_2 needs a CUDA GPU and the flash-attn package")
+    if params.log in ("tensorboard", "wandb") and importlib.util.find_spec(params.log) is None:
+        problems.append(f"log={params.log} needs the {params.log} package (pip install {params.log})")
     try:
         check_quantization(params.quantization)
     except TunelabError as err:

@@ -71,6 +71,26 @@ def save_merged(model: Any, tokenizer: Any, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
+def write_run(
+    staging: Path,
+    trainer: Any,
+    tokenizer: Any,
+    params: Any,
+    template_source: str | None,
+    metrics: dict[str, Any],
+    run_info: dict[str, Any],
+) -> None:
+    """Everything a finished run leaves in its folder; tunelab_run.json last, as the mark of completeness."""
+    save_model(trainer.model, tokenizer, staging, template_source)
+    if run_info.get("merged"):
+        save_merged(trainer.model, tokenizer, staging / run_info["merged"])
+    write_json(staging / "training_params.json", params.to_dict(redact=True))
+    write_json(staging / "metrics.json", metrics)
+    write_json(staging / "log_history.json", trainer.state.log_history)
+    (staging / "README.md").write_text(model_card(params, run_info, metrics), encoding="utf-8")
+    write_json(staging / RUN_FILE, run_info)
+
+
 def model_card(params: Any, run: dict[str, Any], metrics: dict[str, Any]) -> str:
     """A README.md for the run folder: what was trained on what, how, and how it went."""
     kind = "LoRA adapter" if params.peft else "fully fine-tuned model"

@@ -29,8 +29,8 @@ log = logging.getLogger("tunelab")
 def run(params: LLMParams) -> Path:
     """Run one fine-tuning job end to end and return the finished run folder."""
     method = METHODS[params.trainer]
-    run = outputs.RunFolder(params.project_name)
-    run.check_free()
+    folder = outputs.RunFolder(params.project_name)
+    folder.check_free()
     check_machine(params)
 
     source = resolve_model(params.model)
@@ -49,13 +49,12 @@ def run(params: LLMParams) -> Path:
     model = load_model(source, params)
     _report_model(model, params)
 
-    staging = run.start()
+    staging = folder.start()
     from tunelab.callbacks import ProgressAndMetrics
     from tunelab.trainer import build_trainer
 
-    trainer = build_trainer(
-        model, tokenizer, params, train_rows, valid_rows, str(staging), [ProgressAndMetrics(staging / "metrics.jsonl")]
-    )
+    progress = ProgressAndMetrics(staging / "metrics.jsonl")
+    trainer = build_trainer(model, tokenizer, params, train_rows, valid_rows, str(staging), [progress])
     started = time.time()
     result = trainer.train()
     elapsed = time.time() - started
@@ -67,9 +66,6 @@ def run(params: LLMParams) -> Path:
         metrics.update(trainer.evaluate())
         metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50))
 
-    outputs.save_model(trainer.model, tokenizer, staging, data.template_source)
-    if params.merge_adapter and params.peft:
-        outputs.save_merged(trainer.model, tokenizer, staging / "merged")
     run_info = {
         "base_model": params.model,
         "trainer": params.trainer,
@@ -80,12 +76,8 @@ def run(params: LLMParams) -> Path:
         "data": data.origins,
         "device": device_name(),
     }
-    outputs.write_json(staging / "training_params.json", params.to_dict(redact=True))
-    outputs.write_json(staging / "metrics.json", metrics)
-    outputs.write_json(staging / "log_history.json", trainer.state.log_history)
-    (staging / "README.md").write_text(outputs.model_card(params, run_info, metrics), encoding="utf-8")
-    outputs.write_json(staging / outputs.RUN_FILE, run_info)
-    final = run.finish()
+    outputs.write_run(staging, trainer, tokenizer, params, data.template_source, metrics, run_info)
+    final = folder.finish()
     log.info("done: %s (train loss %.4f)", final, metrics.get("train_loss", float("nan")))
     if params.push_to_hub:
         from tunelab.hub import push_folder
