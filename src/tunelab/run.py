@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from transformers import set_seed
+
 from tunelab import outputs
 from tunelab.config.schema import LLMParams
 from tunelab.data import load_data
@@ -46,6 +48,7 @@ def run(params: LLMParams) -> Path:
         )
     _report_data(params, data, stats, len(train_rows))
 
+    set_seed(params.seed)  # LoRA's initial weights, dropout: the same run twice is the same run
     model = load_model(source, params)
     _report_model(model, params)
 
