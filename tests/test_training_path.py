@@ -177,3 +177,16 @@ def test_preformatted_text_is_used_as_is(tmp_path, tiny_llama):
     ids = data.train[0].input_ids
     assert tokenizer.decode(ids) == text
     assert ids.count(tokenizer.bos_token_id) == 1 and ids.count(tokenizer.eos_token_id) == 1
+
+
+def test_best_fit_packing_keeps_every_example_once_and_fills_rows():
+    import random
+
+    rng = random.Random(0)
+    examples = [Encoded([1] * n, [1] * n) for n in (rng.randint(1, 100) for _ in range(500))]
+    rows = pack(examples, block_size=128)
+    packed = [e for row in rows for e in row]
+    assert sorted(map(id, packed)) == sorted(map(id, examples))
+    assert all(sum(len(e) for e in row) <= 128 for row in rows)
+    lower_bound = -(-sum(map(len, examples)) // 128)
+    assert len(rows) <= lower_bound * 1.03  # nearly full rows

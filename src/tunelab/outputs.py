@@ -58,6 +58,7 @@ def save_model(model: Any, tokenizer: Any, folder: Path, template_source: str | 
     with warnings.catch_warnings():
         # PEFT looks for the base model's config.json to see if the vocabulary changed; a GGUF base has none.
         warnings.filterwarnings("ignore", message="Could not find a config file")
+        warnings.filterwarnings("ignore", message="Unable to fetch remote file")
         model.save_pretrained(folder, safe_serialization=True)
     if template_source:
         tokenizer.chat_template = template_source

@@ -7,6 +7,7 @@ kernel calls (flash attention), so packed examples stay independent without a ha
 
 from __future__ import annotations
 
+import bisect
 from typing import Any
 
 import torch
@@ -15,20 +16,24 @@ from tunelab.data.tokenize import IGNORE, Encoded
 
 
 def pack(examples: list[Encoded], block_size: int) -> list[list[Encoded]]:
-    """Greedy first-fit packing, in order, of examples (each <= block_size) into rows of <= block_size tokens."""
+    """Best-fit-decreasing packing of examples (each <= block_size tokens) into rows of <= block_size tokens.
+
+    Longest examples first, each into the fullest row it still fits in: rows come out nearly full (TRL's `bfd`
+    strategy does the same). Row order does not matter, the sampler shuffles rows.
+    """
     rows: list[list[Encoded]] = []
-    room: list[int] = []
-    for example in examples:
+    open_rows: list[tuple[int, int]] = []  # (room left, row index), sorted by room
+    for example in sorted(examples, key=len, reverse=True):
         size = len(example)
-        # Look at the last few open rows only: keeps packing linear on large data and order roughly kept.
-        for i in range(max(0, len(rows) - 8), len(rows)):
-            if room[i] >= size:
-                rows[i].append(example)
-                room[i] -= size
-                break
+        slot = bisect.bisect_left(open_rows, (size, -1))
+        if slot < len(open_rows):
+            room, index = open_rows.pop(slot)
+            rows[index].append(example)
         else:
+            room, index = block_size, len(rows)
             rows.append([example])
-            room.append(block_size - size)
+        if room - size > 0:
+            bisect.insort(open_rows, (room - size, index))
     return rows
 
 

@@ -8,9 +8,12 @@ save or train a model it tagged as GGUF-quantized.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,6 +118,20 @@ def load_config(source: ModelSource) -> Any:
     return AutoConfig.from_pretrained(source.path, **source.kwargs())
 
 
+@contextlib.contextmanager
+def _quiet_gguf_progress() -> Iterator[None]:
+    """transformers draws its own tqdm bar while dequantizing GGUF tensors; tunelab's log says what happens."""
+    from tqdm.auto import tqdm
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(tqdm, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def _take_buffers(model: Any, source: Any) -> None:
     """Non-persistent buffers (rotary frequencies) are not in a state dict: take them from the loaded source."""
 
@@ -137,7 +154,8 @@ def load_causal_lm(source: ModelSource, dtype: Any = None, quantization_config: 
     if source.gguf_file:
         if quantization_config is not None:
             raise TunelabError("int4/int8 quantization of a GGUF model is not supported; use a model folder")
-        gguf_model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, **kwargs)
+        with _quiet_gguf_progress():
+            gguf_model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, **kwargs)
         config = gguf_model.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
