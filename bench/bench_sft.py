@@ -112,6 +112,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="unpacked: batch examples of similar length (tunelab's default; TRL gets the same batch order)",
     )
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument(
+        "--defaults",
+        action="store_true",
+        help="each side as its users run it: TRL's own batch order (random, padded to the longest) and "
+        "tunelab's length grouping; gradient checkpointing on for both (both tools' default)",
+    )
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (LoRA: bf16 base weights)")
     parser.add_argument("--sides", default="tunelab,trl", help="comma-separated: tunelab, trl, or both")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="GPU peak bf16 TFLOP/s for MFU (H100)")
@@ -138,6 +144,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(raw)
+    if args.defaults:
+        args.gradient_checkpointing = True  # TRL's SFTConfig default, and tunelab's (AutoTrain's) default
     if args._side:
         result = run_side(args)
         Path(args._result).write_text(json.dumps(result, indent=2), encoding="utf-8")
@@ -181,6 +189,8 @@ def render_report(args: argparse.Namespace, results: dict[str, dict[str, Any]]) 
     first = next((results[s] for s in sides if "failed" not in results[s]), {})
     what = f"shape {args.shape} (random init)" if args.shape else args.model
     layout = "packed" if args.packing else "unpacked, grouped by length" if args.group_by_length else "unpacked"
+    if args.defaults and not args.packing:
+        layout = "unpacked: tunelab groups by length, TRL in its own random order (--defaults)"
     lines = [
         f"SFT benchmark: {what}; data {args.data}; device {first.get('device', '?')}",
         f"batch {args.batch_size} x accum {args.grad_accum}, block {args.block_size}, {args.steps} steps "
@@ -482,7 +492,7 @@ def build_trl(args: argparse.Namespace, params: Any, tokenizer: Any, source: Any
     trainer = SFTTrainer(
         model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
     )
-    if group_by_length(params):
+    if group_by_length(params) and not args.defaults:
         # tunelab batches examples of similar length (LengthGroupedSampler, seeded): give TRL the very same batch
         # order, so both sides train identical batches (TRL's own is train_sampling_strategy="group_by_length").
         import torch

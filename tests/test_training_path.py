@@ -88,7 +88,7 @@ def test_default_trainer_trains_every_token_in_full_blocks(tmp_path, tiny_llama)
 
 def _inputs(batch):
     # As in training: no KV cache (transformers only reads packed position ids when there is none).
-    return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    return {"input_ids": batch["input_ids"], "position_ids": batch.get("position_ids"), "use_cache": False}
 
 
 @pytest.mark.parametrize("flat", [True, False], ids=["flat", "padded-rows"])
@@ -190,3 +190,17 @@ def test_best_fit_packing_keeps_every_example_once_and_fills_rows():
     assert all(sum(len(e) for e in row) <= 128 for row in rows)
     lower_bound = -(-sum(map(len, examples)) // 128)
     assert len(rows) <= lower_bound * 1.03  # nearly full rows
+
+
+def test_unpacked_padded_rows_use_plain_causal_attention(tiny_llama):
+    """Unpacked rows carry no position ids (fused causal kernel); right padding changes no real token's logits."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    examples = [Encoded(torch.randint(5, 500, (n,)).tolist(), [IGNORE] * n) for n in (5, 13, 9)]
+    batch = PackedRowsCollator(0)(examples)
+    assert "position_ids" not in batch and batch["input_ids"].shape == (3, 16)
+    with torch.no_grad():
+        logits = model(**_inputs(batch)).logits
+        for r, example in enumerate(examples):
+            alone = model(input_ids=torch.tensor([example.input_ids])).logits[0]
+            torch.testing.assert_close(logits[r, : len(example)], alone, atol=1e-5, rtol=1e-4)

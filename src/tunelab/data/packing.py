@@ -46,6 +46,9 @@ class PackedRowsCollator:
     - `flat=False` (SDPA / eager): a (batch, longest_row) tensor; the padding of a row is one more pseudo-example
       (positions restarting at 0, labels -100), so the block-diagonal mask that transformers builds from the
       position ids keeps it apart too. Attention then costs batch x longest_row^2, not (batch x longest_row)^2.
+      When no row is packed, position ids are left out: with padding only at the end of a row, plain causal
+      attention is already exact (no real token can see a later pad), and SDPA then runs its fused causal
+      kernel instead of materialising a mask and the attention weights.
     """
 
     def __init__(self, pad_token_id: int, flat: bool = False, pad_to_multiple_of: int = 8) -> None:
@@ -66,11 +69,13 @@ class PackedRowsCollator:
             input_ids.append(ids + [self.pad_token_id] * pad)
             labels.append(labs + [IGNORE] * pad)
             positions.append(pos + list(range(pad)))
-        return {
+        batch = {
             "input_ids": torch.tensor(input_ids, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),
-            "position_ids": torch.tensor(positions, dtype=torch.long),
         }
+        if self.flat or any(isinstance(row, list) and len(row) > 1 for row in rows):
+            batch["position_ids"] = torch.tensor(positions, dtype=torch.long)
+        return batch
 
 
 def _row(row: Any) -> tuple[list[int], list[int], list[int]]:
