@@ -119,6 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "tunelab's length grouping; gradient checkpointing on for both (both tools' default)",
     )
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (LoRA: bf16 base weights)")
+    parser.add_argument("--torch-compile", action="store_true", help="tunelab side: torch.compile each layer")
     parser.add_argument("--sides", default="tunelab,trl", help="comma-separated: tunelab, trl, or both")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="GPU peak bf16 TFLOP/s for MFU (H100)")
     parser.add_argument("--out", help="also write the results to this JSON file")
@@ -330,6 +331,7 @@ def make_params(args: argparse.Namespace) -> Any:
         seed=args.seed,
         mixed_precision="bf16" if args.bf16 else None,
         disable_gradient_checkpointing=not args.gradient_checkpointing,
+        torch_compile=args.torch_compile,
         peft=args.peft,
         lora_r=16,
         lora_alpha=32,

@@ -20,6 +20,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from tunelab.loss import causal_lm_loss_sum
+from tunelab.speed import compile_layers, optimizer_name
 
 log = logging.getLogger("tunelab")
 
@@ -138,7 +139,7 @@ def training_arguments(params: Any, output_dir: str, steps_per_epoch: int, has_v
         gradient_accumulation_steps=params.gradient_accumulation,
         auto_find_batch_size=params.auto_find_batch_size,
         warmup_steps=params.warmup_ratio,  # transformers 5: a value below 1 is a ratio of the total steps
-        optim=params.optimizer,
+        optim=optimizer_name(params),
         lr_scheduler_type=params.scheduler,
         weight_decay=params.weight_decay,
         max_grad_norm=params.max_grad_norm,
@@ -184,7 +185,10 @@ def build_trainer(
     # Flash-attention kernels take one flat sequence with per-example positions (no padding at all); SDPA and
     # eager attention get one row per packed row, so attention stays quadratic in the row, not the batch.
     flat = str(getattr(model.config, "_attn_implementation", "")).startswith("flash_attention")
+    if params.torch_compile:
+        log.info("torch_compile: compiled %d decoder layers", compile_layers(model))
     trainer = TunelabTrainer(
+        fast_loss=params.fast_loss,
         model=model,
         args=args,
         train_dataset=ListDataset(train_rows),

@@ -87,6 +87,10 @@ class LLMParams:
         None, "fp16 (CUDA only) or bf16; none trains in the model's float32.", (None, "no", "fp16", "bf16")
     )
     disable_gradient_checkpointing: bool = _f(False, "Turn gradient checkpointing off (faster, more memory).")
+    fast_loss: bool = _f(
+        True, "Compute the loss from hidden states at the answer positions, in chunks (no full logits)."
+    )
+    torch_compile: bool = _f(False, "Compile each decoder layer with torch.compile (pays off on GPUs).")
 
     # --- PEFT / quantization
     peft: bool = _f(False, "Train a LoRA adapter instead of all weights.")

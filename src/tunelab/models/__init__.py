@@ -8,6 +8,7 @@ from typing import Any
 from tunelab.models.load import ModelSource, load_causal_lm, load_config, load_tokenizer, resolve_model
 from tunelab.models.peft import add_lora
 from tunelab.models.quantize import check_quantization, quantization_config
+from tunelab.speed import attention_implementation
 
 __all__ = ["ModelSource", "load_model", "load_tokenizer", "resolve_model", "load_config", "check_quantization"]
 
@@ -22,8 +23,9 @@ def load_model(source: ModelSource, params: Any) -> Any:
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(params.mixed_precision or "")
     dtype = half if (params.peft and half is not None) else torch.float32
     kwargs: dict[str, Any] = {}
-    if params.use_flash_attention_2:
-        kwargs["attn_implementation"] = "flash_attention_2"
+    attention = attention_implementation(params)
+    if attention:
+        kwargs["attn_implementation"] = attention
     model = load_causal_lm(
         source, dtype=dtype, quantization_config=quantization_config(params.quantization, half), **kwargs
     )

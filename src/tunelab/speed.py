@@ -1,0 +1,56 @@
+"""Every performance switch in one place: what tunelab changes about a run to make it fast, and when.
+
+| switch | default | what |
+| --- | --- | --- |
+| fast_loss | on | loss from hidden states, answer positions only, in chunks (loss.py): no full-vocabulary logits |
+| batches | always | length-grouped rows or packed rows, each example with its own positions (data/packing.py) |
+| fused optimizer | on CUDA | adamw_torch -> adamw_torch_fused (same maths, one kernel per step) |
+| torch_compile | off | each decoder layer compiled with torch.compile (one graph, reused by every layer) |
+| attention | sdpa | flash_attention_2 with use_flash_attention_2 (CUDA, flash-attn installed) |
+
+Called by models/ (attention choice) and trainer.py (optimizer, compile); nothing else decides about speed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger("tunelab")
+
+
+def attention_implementation(params: Any) -> str | None:
+    """The attention kernels to load the model with (None: transformers' default, SDPA)."""
+    return "flash_attention_2" if params.use_flash_attention_2 else None
+
+
+def optimizer_name(params: Any) -> str:
+    """AdamW in its fused CUDA form when on a GPU: identical updates, far fewer kernel launches."""
+    import torch
+
+    if params.optimizer == "adamw_torch" and torch.cuda.is_available():
+        return "adamw_torch_fused"
+    return params.optimizer
+
+
+def decoder_layers(model: Any) -> Any:
+    """The repeated transformer blocks of a (possibly PEFT-wrapped) causal LM, or None if not found."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    for owner in (decoder, getattr(base, "model", None), getattr(base, "transformer", None)):
+        for name in ("layers", "h", "blocks"):
+            layers = getattr(owner, name, None)
+            if isinstance(layers, __import__("torch").nn.ModuleList):
+                return layers
+    return None
+
+
+def compile_layers(model: Any) -> int:
+    """torch.compile every decoder layer in place (dynamic shapes: batches vary in length). Returns how many."""
+    layers = decoder_layers(model)
+    if layers is None:
+        log.warning("torch_compile: no decoder layers found in %s; running uncompiled", type(model).__name__)
+        return 0
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
