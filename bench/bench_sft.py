@@ -430,12 +430,11 @@ def build_tunelab(args: argparse.Namespace, params: Any, tokenizer: Any, source:
 def build_trl(args: argparse.Namespace, params: Any, tokenizer: Any, source: Any, examples: list[Any]) -> Any:
     """Plain TRL SFTTrainer on the same examples, with tunelab's training arguments copied over."""
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
     from tunelab.models.load import load_causal_lm
-    from tunelab.models.peft import target_modules
+    from tunelab.models.peft import lora_config
     from tunelab.trainer import training_arguments
 
     if args.shape:
@@ -481,16 +480,7 @@ def build_trl(args: argparse.Namespace, params: Any, tokenizer: Any, source: Any
         dataset_num_proc=None,
     )
     dataset = Dataset.from_dict({"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]})
-    peft_config = None
-    if params.peft:
-        peft_config = LoraConfig(
-            r=params.lora_r,
-            lora_alpha=params.lora_alpha,
-            lora_dropout=params.lora_dropout,
-            target_modules=target_modules(params.target_modules),
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
+    peft_config = lora_config(params) if params.peft else None
     trainer = SFTTrainer(
         model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
     )

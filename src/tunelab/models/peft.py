@@ -13,15 +13,11 @@ def target_modules(spec: str | None) -> str | list[str]:
     return [name.strip() for name in spec.split(",") if name.strip()]
 
 
-def add_lora(model: Any, params: Any, task_type: str = "CAUSAL_LM") -> Any:
-    """Freeze the model and add a LoRA adapter as the params describe."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+def lora_config(params: Any, task_type: str = "CAUSAL_LM") -> Any:
+    """The PEFT LoraConfig the params describe (also handed to TRL by the benchmark, so both sides match)."""
+    from peft import LoraConfig
 
-    if params.quantization is not None:
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=not params.disable_gradient_checkpointing
-        )
-    config = LoraConfig(
+    return LoraConfig(
         r=params.lora_r,
         lora_alpha=params.lora_alpha,
         lora_dropout=params.lora_dropout,
@@ -29,6 +25,17 @@ def add_lora(model: Any, params: Any, task_type: str = "CAUSAL_LM") -> Any:
         bias="none",
         task_type=task_type,
     )
+
+
+def add_lora(model: Any, params: Any, task_type: str = "CAUSAL_LM") -> Any:
+    """Freeze the model and add a LoRA adapter as the params describe."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if params.quantization is not None:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=not params.disable_gradient_checkpointing
+        )
+    config = lora_config(params, task_type)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*base_model_name_or_path.*")
         model = get_peft_model(model, config)
