@@ -177,7 +177,7 @@ def test_autotrain_gpt2_config_trains_with_local_model_and_data(tiny_gpt2, tmp_p
 @pytest.mark.parametrize("packing", [False, True])
 def test_gpt2_padding_free_batches_match_padded(tiny_gpt2, packing):
     """GPT-2 (learned positions, no chat template) sees packed rows as separate examples too."""
-    from tunelab.data.packing import PackedRowsCollator, pack
+    from tunelab.data.packing import PackedRowsCollator, examples_in, pack
     from tunelab.data.tokenize import Encoded
 
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
@@ -187,6 +187,6 @@ def test_gpt2_padding_free_batches_match_padded(tiny_gpt2, packing):
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
         alone = model(input_ids=torch.tensor([examples[1].input_ids]), use_cache=False).logits[0]
-    order = [e for row in rows for e in (row if isinstance(row, list) else [row])]
+    order = [e for row in rows for e in examples_in(row)]
     start = sum(len(e) for e in order[: order.index(examples[1])])
     torch.testing.assert_close(logits[start : start + 9], alone, atol=1e-5, rtol=1e-4)

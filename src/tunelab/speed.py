@@ -35,12 +35,14 @@ def optimizer_name(params: Any) -> str:
 
 def decoder_layers(model: Any) -> Any:
     """The repeated transformer blocks of a (possibly PEFT-wrapped) causal LM, or None if not found."""
+    import torch
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
     for owner in (decoder, getattr(base, "model", None), getattr(base, "transformer", None)):
         for name in ("layers", "h", "blocks"):
             layers = getattr(owner, name, None)
-            if isinstance(layers, __import__("torch").nn.ModuleList):
+            if isinstance(layers, torch.nn.ModuleList):
                 return layers
     return None
 

@@ -19,6 +19,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from tunelab.data.packing import PackedRowsCollator, row_length
 from tunelab.loss import causal_lm_loss_sum
 from tunelab.speed import compile_layers, optimizer_name
 
@@ -85,7 +86,7 @@ class TunelabTrainer(Trainer):
         if not self.group_by_length:
             return super()._get_train_sampler(train_dataset)
         # Batches of similar lengths: little padding without packing, and still a random order of batches.
-        lengths = [sum(len(e) for e in row) if isinstance(row, list) else len(row) for row in dataset.rows]
+        lengths = [row_length(row) for row in dataset.rows]
         generator = torch.Generator().manual_seed(self.args.seed)
         return LengthGroupedSampler(
             self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=lengths, generator=generator
@@ -177,8 +178,6 @@ def build_trainer(
 ) -> TunelabTrainer:
     """The Trainer for one run: tunelab's collator, sampler and loss around transformers' loop."""
     from transformers.trainer_callback import PrinterCallback
-
-    from tunelab.data.packing import PackedRowsCollator
 
     steps_per_epoch = max(1, math.ceil(len(train_rows) / (params.batch_size * params.gradient_accumulation)))
     args = training_arguments(params, output_dir, steps_per_epoch, has_valid=bool(valid_rows))

@@ -73,26 +73,26 @@ class PackedRowsCollator:
             "input_ids": torch.tensor(input_ids, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),
         }
-        if self.flat or any(isinstance(row, list) and len(row) > 1 for row in rows):
+        if self.flat or any(len(examples_in(row)) > 1 for row in rows):
             batch["position_ids"] = torch.tensor(positions, dtype=torch.long)
         return batch
+
+
+def examples_in(row: Any) -> list[Encoded]:
+    """The examples of a row: a packed row is a list of them, an unpacked row is one."""
+    return row if isinstance(row, list) else [row]
+
+
+def row_length(row: Any) -> int:
+    return sum(len(example) for example in examples_in(row))
 
 
 def _row(row: Any) -> tuple[list[int], list[int], list[int]]:
     ids: list[int] = []
     labels: list[int] = []
     positions: list[int] = []
-    for example in row if isinstance(row, list) else [row]:
+    for example in examples_in(row):
         ids += example.input_ids
         labels += example.labels
         positions += range(len(example.input_ids))
     return ids, labels, positions
-
-
-def count_trained(rows: list[Any]) -> int:
-    """Tokens that carry a loss in a list of rows."""
-    return sum(
-        sum(label != IGNORE for label in example.labels)
-        for row in rows
-        for example in (row if isinstance(row, list) else [row])
-    )

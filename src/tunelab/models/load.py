@@ -134,7 +134,6 @@ def _quiet_gguf_progress() -> Iterator[None]:
 
 def _take_buffers(model: Any, source: Any) -> None:
     """Non-persistent buffers (rotary frequencies) are not in a state dict: take them from the loaded source."""
-
     buffers = dict(source.named_buffers())
     for name, buffer in list(model.named_buffers()):
         if buffer.is_meta:
