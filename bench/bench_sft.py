@@ -120,6 +120,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (LoRA: bf16 base weights)")
     parser.add_argument("--torch-compile", action="store_true", help="tunelab side: torch.compile each layer")
+    parser.add_argument(
+        "--fused-ops",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="tunelab side: memory-lean RMSNorm, SwiGLU and LoRA dropout",
+    )
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=1, help="tunelab side: checkpoint every Nth layer (with checkpointing)"
+    )
     parser.add_argument("--sides", default="tunelab,trl", help="comma-separated: tunelab, trl, or both")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="GPU peak bf16 TFLOP/s for MFU (H100)")
     parser.add_argument("--out", help="also write the results to this JSON file")
@@ -185,6 +194,15 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     return out
 
 
+def checkpointing(args: argparse.Namespace) -> str:
+    if not args.gradient_checkpointing:
+        return "off"
+    if args.checkpoint_every == 1:
+        return "on"
+    trl = "TRL every layer (its default)" if args.defaults else "TRL the same"
+    return f"on, tunelab every {args.checkpoint_every} layers, {trl}"
+
+
 def render_report(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> str:
     sides = [s for s in args.sides if s in results]
     first = next((results[s] for s in sides if "failed" not in results[s]), {})
@@ -197,7 +215,7 @@ def render_report(args: argparse.Namespace, results: dict[str, dict[str, Any]]) 
         f"batch {args.batch_size} x accum {args.grad_accum}, block {args.block_size}, {args.steps} steps "
         f"({args.warmup_steps} warmup, untimed), lr {args.lr}, {'LoRA r16 all-linear' if args.peft else 'full'}, "
         f"{layout}, "
-        f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, {'bf16' if args.bf16 else 'fp32'}",
+        f"gradient checkpointing {checkpointing(args)}, {'bf16' if args.bf16 else 'fp32'}",
         "",
     ]
     ratio = ratios(results)
@@ -332,6 +350,8 @@ def make_params(args: argparse.Namespace) -> Any:
         mixed_precision="bf16" if args.bf16 else None,
         disable_gradient_checkpointing=not args.gradient_checkpointing,
         torch_compile=args.torch_compile,
+        fused_ops=args.fused_ops,
+        checkpoint_every=args.checkpoint_every,
         peft=args.peft,
         lora_r=16,
         lora_alpha=32,
@@ -461,7 +481,10 @@ def build_trl(args: argparse.Namespace, params: Any, tokenizer: Any, source: Any
         bf16=bool(ref.bf16),  # set explicitly: SFTConfig defaults to bf16=True
         fp16=bool(ref.fp16),
         activation_checkpointing=bool(ref.activation_checkpointing),  # SFTConfig defaults to checkpointing on
-        activation_checkpointing_kwargs=ref.activation_checkpointing_kwargs,
+        # --defaults: TRL checkpoints every layer, as its users get it; otherwise the same layers as tunelab.
+        activation_checkpointing_kwargs={"use_reentrant": False}
+        if args.defaults
+        else ref.activation_checkpointing_kwargs,
         logging_steps=1,
         logging_first_step=True,
         save_strategy="no",

@@ -5,10 +5,11 @@
 | fast_loss | on | loss from hidden states, answer positions only, in chunks (loss.py): no full-vocabulary logits |
 | batches | always | length-grouped rows or packed rows, each example with its own positions (data/packing.py) |
 | fused optimizer | on CUDA | adamw_torch -> adamw_torch_fused (same maths, one kernel per step) |
+| fused_ops | on | RMSNorm, SwiGLU (fused_layers.py) and LoRA dropout (lora_dropout.py) keep only their inputs |
 | torch_compile | off | each decoder layer compiled with torch.compile (one graph, reused by every layer) |
 | attention | sdpa | flash_attention_2 with use_flash_attention_2 (CUDA, flash-attn installed) |
 
-Called by models/ (attention choice) and trainer.py (optimizer, compile); nothing else decides about speed.
+Called by models/ (attention choice, fused ops) and trainer.py (optimizer, compile); nothing else decides about speed.
 """
 
 from __future__ import annotations
@@ -56,3 +57,15 @@ def compile_layers(model: Any) -> int:
     for layer in layers:
         layer.compile(dynamic=True)
     return len(layers)
+
+
+def fuse_ops(model: Any, params: Any) -> None:
+    """Swap in the memory-lean RMSNorm, SwiGLU and LoRA dropout when `fused_ops` is on."""
+    from tunelab.fused_layers import fuse_layers
+    from tunelab.lora_dropout import fuse_lora_dropout
+
+    if not params.fused_ops:
+        return
+    norms, mlps = fuse_layers(model)
+    loras = fuse_lora_dropout(model) if params.peft else 0
+    log.debug("fused_ops: %d RMSNorm, %d SwiGLU MLP, %d LoRA dropout modules", norms, mlps, loras)
