@@ -8,7 +8,7 @@ from tests.conftest import SHARED
 from tunelab.cli import main
 
 CONFIGS = sorted((SHARED / "autotrain-configs").glob("llm_finetuning__*.yml"))
-LACKS = ("CUDA", "hub is out of reach", "not available in this version")
+LACKS = ("CUDA", "hub is out of reach")
 
 
 @pytest.mark.skipif(not CONFIGS, reason="../shared/autotrain-configs not present")

@@ -15,20 +15,20 @@ def _run(tiny_llama, tmp_path, name, **switches):
     data = tmp_path / "data.jsonl"
     if not data.exists():
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    folder = tunelab.train(
-        model=str(tiny_llama),
-        data_path=str(data),
-        trainer="sft",
-        max_steps=6,
-        lr=1e-3,
-        batch_size=4,
-        gradient_accumulation=1,
-        block_size=64,
-        model_max_length=128,
-        disable_gradient_checkpointing=True,
-        project_name=str(tmp_path / name),
-        **switches,
-    )
+    settings = {
+        "model": str(tiny_llama),
+        "data_path": str(data),
+        "trainer": "sft",
+        "max_steps": 6,
+        "lr": 1e-3,
+        "batch_size": 4,
+        "gradient_accumulation": 1,
+        "block_size": 64,
+        "model_max_length": 128,
+        "disable_gradient_checkpointing": True,
+        "project_name": str(tmp_path / name),
+    }
+    folder = tunelab.train(**{**settings, **switches})
     return train_losses(folder)
 
 
@@ -43,3 +43,85 @@ def test_torch_compile_switch_gives_the_same_training(tiny_llama, tmp_path):
     eager = _run(tiny_llama, tmp_path, "eager")
     compiled = _run(tiny_llama, tmp_path, "compiled", torch_compile=True)
     assert compiled == pytest.approx(eager, rel=1e-3)
+
+
+def test_fused_rmsnorm_and_swiglu_equal_transformers_modules(tiny_llama):
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.fused_layers import fuse_layers
+
+    plain = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    fused = copy.deepcopy(plain)
+    assert fuse_layers(fused) == (5, 2)  # 2 layers x 2 norms + the final norm; 2 MLPs
+    ids = torch.randint(0, plain.config.vocab_size, (2, 24))
+    losses = []
+    for model in (plain, fused):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    for (name, a), b in zip(plain.named_parameters(), fused.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_fused_lora_dropout_is_peft_dropout_with_a_boolean_mask():
+    import torch
+
+    from tunelab.lora_dropout import _DroppedProjection, keep_mask
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 50, 32, requires_grad=True)
+    weight = torch.randn(8, 32, requires_grad=True)
+    keep = keep_mask(x, 0.1)
+    assert keep.dtype == torch.bool and 0.85 < keep.float().mean().item() < 0.95
+    upstream = torch.randn(3, 50, 8)
+    fused = _DroppedProjection.apply(x, keep, weight, 1 / 0.9)
+    (fused * upstream).sum().backward()
+    grads = x.grad.clone(), weight.grad.clone()
+    x.grad = weight.grad = None
+    reference = torch.nn.functional.linear(x * keep / 0.9, weight)  # what PEFT computes with this mask
+    (reference * upstream).sum().backward()
+    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[0], x.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[1], weight.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_ops_keep_the_adapter_files_and_training(tiny_llama, tmp_path):
+    """With LoRA dropout off the fused path is the same computation: same losses, same saved adapter keys."""
+    from safetensors import safe_open
+
+    fused = _run(tiny_llama, tmp_path, "fused", peft=True, lora_dropout=0.0, fused_ops=True)
+    plain = _run(tiny_llama, tmp_path, "plain", peft=True, lora_dropout=0.0, fused_ops=False)
+    assert fused == pytest.approx(plain, rel=1e-4)
+    keys = []
+    for name in ("fused", "plain"):
+        with safe_open(str(tmp_path / name / "adapter_model.safetensors"), "pt") as f:
+            keys.append(sorted(f.keys()))
+    assert keys[0] == keys[1] and any("lora_A" in k for k in keys[0])
+    # With dropout the fused path trains too (its masks differ from PEFT's, so the losses do).
+    dropped = _run(tiny_llama, tmp_path, "dropped", peft=True, lora_dropout=0.1, fused_ops=True)
+    assert dropped[-1] < dropped[0]
+
+
+def test_checkpointing_every_other_layer_trains_the_same(tiny_llama, tmp_path):
+    every = _run(tiny_llama, tmp_path, "all", disable_gradient_checkpointing=False)
+    half = _run(tiny_llama, tmp_path, "half", disable_gradient_checkpointing=False, checkpoint_every=2)
+    assert half == pytest.approx(every, rel=1e-4)
+
+
+def test_checkpoint_every_selects_layers(tiny_llama):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.trainer import _checkpointing
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    kwargs = _checkpointing(True, 2)
+    (prefix,) = [k for k in kwargs if not k.endswith("kwargs")]
+    options = dict(kwargs[f"{prefix}_kwargs"])
+    every = options.pop("every_n_layers")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options, every_n_layers=every)
+    assert [layer.gradient_checkpointing for layer in model.model.layers] == [True, False]

@@ -16,8 +16,9 @@ from transformers import TrainerCallback
 class ProgressAndMetrics(TrainerCallback):
     """One progress bar (loss, learning rate, ETA) and one JSON line per log event in `metrics_path`."""
 
-    def __init__(self, metrics_path: Path, show_bar: bool | None = None) -> None:
+    def __init__(self, metrics_path: Path, show_bar: bool | None = None, perplexity: bool = True) -> None:
         self.metrics_path = metrics_path
+        self.perplexity = perplexity  # eval loss is a next-token loss (not a pair loss): log exp(loss) too
         self.show_bar = sys.stderr.isatty() if show_bar is None else show_bar
         self.bar: tqdm | None = None
         self.started = 0.0
@@ -40,7 +41,7 @@ class ProgressAndMetrics(TrainerCallback):
             "time": round(time.time() - self.started, 2),
         }
         record.update({k: v for k, v in logs.items() if isinstance(v, (int, float)) and math.isfinite(v)})
-        if "eval_loss" in record:
+        if "eval_loss" in record and self.perplexity:
             record["eval_perplexity"] = math.exp(min(record["eval_loss"], 50))
         with self.metrics_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
@@ -50,7 +51,7 @@ class ProgressAndMetrics(TrainerCallback):
             shown = ", ".join(f"{k}={_fmt(v)}" for k, v in record.items() if k not in ("time",))
             elapsed = time.time() - self.started
             eta = elapsed / max(state.global_step, 1) * (state.max_steps - state.global_step)
-            print(f"[tunelab] {shown}, eta={eta:.0f}s", flush=True)
+            print(f"[tunelab] {shown}, eta={eta:.0f}s", file=sys.stderr, flush=True)
 
     def on_train_end(self, args, state, control, **kwargs):  # noqa: D102
         if self.bar is not None:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 import warnings
+from pathlib import Path
 
 from tunelab.config.autotrain import ALIASES
 from tunelab.config.schema import LLMParams
@@ -103,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", "--top_p", type=float, default=1.0)
     gen.add_argument("--num-return-sequences", "--num_return_sequences", type=int, default=1)
 
+    score = sub.add_parser("score", help="score texts with a trained reward model (higher: preferred)")
+    score.add_argument("texts", nargs="*", help="Texts to score (each a whole prompt + answer).")
+    score.add_argument("--model", required=True, help="Run folder of a reward run (--trainer reward).")
+    score.add_argument("--data-path", "--data_path", help="Also score every row of this CSV/JSONL/Parquet file.")
+    score.add_argument("--text-column", "--text_column", default="text", help="Column to score in --data-path.")
+
     sub.add_parser("env", help="print versions and the device tunelab would train on")
     return parser
 
@@ -131,6 +139,24 @@ def run_generate(args: argparse.Namespace) -> int:
     )
     for text in generate(model, tokenizer, " ".join(args.prompt), options):
         print(text)
+    return 0
+
+
+def run_score(args: argparse.Namespace) -> int:
+    from tunelab.data.sources import read_file
+    from tunelab.inference.score import load_reward_model, score
+
+    texts = list(args.texts)
+    if args.data_path:
+        split = read_file(Path(args.data_path), "score")
+        if args.text_column not in split.columns:
+            raise TunelabError(f"{args.data_path}: column {args.text_column!r} not found (columns: {split.columns})")
+        texts += [str(row.get(args.text_column) or "") for row in split.rows]
+    if not texts:
+        raise TunelabError("score: give texts on the command line or --data-path")
+    model, tokenizer, append_eos = load_reward_model(args.model)
+    for text, value in zip(texts, score(model, tokenizer, texts, append_eos), strict=True):
+        print(f"{value:.4f}\t{json.dumps(text[:80])}")
     return 0
 
 
@@ -184,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_llm(args)
         if args.command == "generate":
             return run_generate(args)
+        if args.command == "score":
+            return run_score(args)
         if args.command == "env":
             return run_env()
         if args.config:

@@ -86,3 +86,69 @@ def causal_lm_loss_sum(hidden: torch.Tensor, head: torch.nn.Module, labels: torc
     selected = shift_hidden[mask]
     targets = shift_labels[mask]
     return linear_cross_entropy_sum(selected, head.weight, getattr(head, "bias", None), targets), int(mask.sum())
+
+
+class ChunkedTokenLogprobs(torch.autograd.Function):
+    """log softmax(hidden @ weight.T + bias)[target] per row, chunk by chunk.
+
+    For losses that weigh each token's log-probability differently (DPO, ORPO), the gradient cannot be computed
+    ahead as above; the backward pass recomputes each chunk's logits instead (one more projection of the scored
+    positions), so full logits still never exist.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, chunk):  # noqa: D102
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        lses = torch.empty_like(out)
+        for start in range(0, hidden.shape[0], chunk):
+            logits = F.linear(hidden[start : start + chunk], weight, bias).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            lses[start : start + chunk] = lse
+            out[start : start + chunk] = logits.gather(1, target[start : start + chunk, None]).squeeze(1) - lse
+        ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), target, lses)
+        ctx.chunk, ctx.has_bias = chunk, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        hidden, weight, bias, target, lses = ctx.saved_tensors
+        bias = bias if ctx.has_bias else None
+        wants_h, wants_w, wants_b = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if wants_h else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wants_w else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if wants_b else None
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            stop = start + ctx.chunk
+            h = hidden[start:stop]
+            logits = F.linear(h, weight, bias).float()
+            # d logp[target] / d logits = onehot(target) - softmax; scaled by each row's upstream gradient.
+            grad_logits = logits.sub_(lses[start:stop, None]).exp_().neg_()
+            grad_logits[torch.arange(len(h), device=h.device), target[start:stop]] += 1.0
+            grad_logits.mul_(grad_out[start:stop, None])
+            grad_logits = grad_logits.to(h.dtype)
+            if grad_hidden is not None:
+                grad_hidden[start:stop] = grad_logits @ weight
+            if grad_weight is not None:
+                grad_weight += (grad_logits.T @ h).float()
+            if grad_bias is not None:
+                grad_bias += grad_logits.float().sum(0)
+        return (
+            grad_hidden,
+            grad_weight.to(weight.dtype) if grad_weight is not None else None,
+            grad_bias.to(bias.dtype) if grad_bias is not None else None,
+            None,
+            None,
+        )
+
+
+def token_logprobs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """Per-position log-probability of the next token for a (batch, length, hidden) tensor: shape
+    (batch, length - 1), zero where the next label is -100. Only the scored positions are projected."""
+    shift_labels = labels[:, 1:]
+    mask = shift_labels != -100
+    out = torch.zeros(shift_labels.shape, dtype=torch.float32, device=hidden.device)
+    if mask.any():
+        weight, bias = head.weight, getattr(head, "bias", None)
+        selected = hidden[:, :-1, :][mask]
+        out[mask] = ChunkedTokenLogprobs.apply(selected, weight, bias, shift_labels[mask], chunk_rows(weight.shape[0]))
+    return out

@@ -20,6 +20,7 @@ from transformers import set_seed
 from tunelab import outputs
 from tunelab.config.schema import LLMParams
 from tunelab.data import load_data
+from tunelab.data.preference import load_preference_data
 from tunelab.env import check_machine, device_name
 from tunelab.errors import DataError
 from tunelab.methods import METHODS
@@ -37,27 +38,33 @@ def run(params: LLMParams) -> Path:
 
     source = resolve_model(params.model)
     tokenizer = load_tokenizer(source, params.model_max_length)
-    data = load_data(params, tokenizer)
+    data = load_preference_data(params, tokenizer) if method.data == "pairs" else load_data(params, tokenizer)
     train_rows, stats = method.build_rows(data.train, params)
     valid_rows = method.build_rows(data.valid, params)[0] if data.valid else None
+    if method.data == "pairs":
+        stats.truncated = data.stats.prompts_truncated + data.stats.completions_truncated
+        stats.dropped = data.stats.dropped_no_room
     if not train_rows:
         raise DataError(
-            f"{data.origins['train']}: no training rows left: of {stats.examples} examples, {stats.truncated} were "
-            f"truncated to block_size={params.block_size} and {stats.dropped} dropped with no answer tokens left; "
-            "raise block_size (and model_max_length) or shorten the prompts"
+            f"{data.origins['train']}: no training rows left: of {stats.examples + stats.dropped} examples, "
+            f"{stats.truncated} were truncated to block_size={params.block_size} and {stats.dropped} dropped with "
+            "nothing left to learn (no answer tokens, or a prompt with no room for an answer); "
+            "raise block_size (and model_max_length) or lower max_prompt_length"
         )
     _report_data(params, data, stats, len(train_rows))
 
     set_seed(params.seed)  # LoRA's initial weights, dropout: the same run twice is the same run
-    model = load_model(source, params)
+    model = load_model(source, params, kind=method.model_kind, tokenizer=tokenizer)
     _report_model(model, params)
 
     staging = folder.start()
     from tunelab.callbacks import ProgressAndMetrics
     from tunelab.trainer import build_trainer
 
-    progress = ProgressAndMetrics(staging / "metrics.jsonl")
-    trainer = build_trainer(model, tokenizer, params, train_rows, valid_rows, str(staging), [progress])
+    progress = ProgressAndMetrics(staging / "metrics.jsonl", perplexity=method.data == "examples")
+    trainer = build_trainer(
+        model, tokenizer, params, train_rows, valid_rows, str(staging), [progress], method.trainer_class
+    )
     started = time.time()
     result = trainer.train()
     elapsed = time.time() - started
@@ -67,14 +74,15 @@ def run(params: LLMParams) -> Path:
     metrics["trained_tokens_per_second"] = round(trainer.trained_tokens / max(elapsed, 1e-9), 2)
     if valid_rows:
         metrics.update(trainer.evaluate())
-        metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50))
+        if method.data == "examples":
+            metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50))
 
     run_info = {
         "base_model": params.model,
         "trainer": params.trainer,
         "adapter": params.peft,
         "merged": "merged" if params.merge_adapter and params.peft else None,
-        "row_format": data.row_format.describe(),
+        "row_format": data.describe(),
         "template": data.template,
         "data": data.origins,
         "device": device_name(),
@@ -92,7 +100,7 @@ def run(params: LLMParams) -> Path:
 
 def _report_data(params: LLMParams, data: Any, stats: Any, rows: int) -> None:
     log.info("data: %s", ", ".join(f"{k}={v}" for k, v in data.origins.items()))
-    log.info("rows: %s; chat template: %s", data.row_format.describe(), data.template or "none (text as is)")
+    log.info("rows: %s; chat template: %s", data.describe(), data.template or "none (text as is)")
     log.info(
         "%d training examples -> %d rows (method %s); %d truncated to block_size=%d, %d dropped with nothing to learn",
         stats.examples,
@@ -104,6 +112,16 @@ def _report_data(params: LLMParams, data: Any, stats: Any, rows: int) -> None:
     )
     for note in stats.notes:
         log.info(note)
+    pair_stats = getattr(data, "stats", None)
+    if pair_stats is not None:
+        log.info(
+            "pairs: %d prompts cut to max_prompt_length=%d (their beginning dropped), %d answers cut to fit "
+            "block_size/max_completion_length, %d pairs dropped with no room for an answer",
+            pair_stats.prompts_truncated,
+            params.max_prompt_length,
+            pair_stats.completions_truncated,
+            pair_stats.dropped_no_room,
+        )
     log.info("first example as trained:\n%s", data.preview[:600])
 
 

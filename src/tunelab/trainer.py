@@ -117,11 +117,15 @@ class TunelabTrainer(Trainer):
         return (loss, {}) if return_outputs else loss
 
 
-def _checkpointing(enabled: bool) -> dict[str, Any]:
-    """Gradient checkpointing switches under their current name (transformers 5.23 renamed them)."""
+def _checkpointing(enabled: bool, every: int = 1) -> dict[str, Any]:
+    """Gradient checkpointing switches under their current name (transformers 5.23 renamed them and added
+    `every_n_layers`, which checkpoints only some layers)."""
     names = {f.name for f in dataclasses.fields(TrainingArguments)}
     prefix = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
-    return {prefix: enabled, f"{prefix}_kwargs": {"use_reentrant": False}}
+    kwargs: dict[str, Any] = {"use_reentrant": False}
+    if every > 1:
+        kwargs["every_n_layers"] = every
+    return {prefix: enabled, f"{prefix}_kwargs": kwargs}
 
 
 def training_arguments(params: Any, output_dir: str, steps_per_epoch: int, has_valid: bool) -> TrainingArguments:
@@ -148,7 +152,7 @@ def training_arguments(params: Any, output_dir: str, steps_per_epoch: int, has_v
         data_seed=params.seed,
         bf16=params.mixed_precision == "bf16",
         fp16=params.mixed_precision == "fp16",
-        **_checkpointing(not params.disable_gradient_checkpointing),
+        **_checkpointing(not params.disable_gradient_checkpointing, params.checkpoint_every),
         logging_steps=logging_steps,
         logging_first_step=True,
         eval_strategy=eval_strategy,
@@ -175,27 +179,38 @@ def build_trainer(
     valid_rows: list[Any] | None,
     output_dir: str,
     callbacks: list[Any] | None = None,
-) -> TunelabTrainer:
-    """The Trainer for one run: tunelab's collator, sampler and loss around transformers' loop."""
+    trainer_class: type | None = None,
+) -> Trainer:
+    """The Trainer for one run: tunelab's collator, sampler and loss around transformers' loop.
+
+    `trainer_class` is the method's own Trainer (preference methods: pairs in, their loss out); None means the
+    next-token loss of TunelabTrainer.
+    """
     from transformers.trainer_callback import PrinterCallback
 
     steps_per_epoch = max(1, math.ceil(len(train_rows) / (params.batch_size * params.gradient_accumulation)))
     args = training_arguments(params, output_dir, steps_per_epoch, has_valid=bool(valid_rows))
-    # Flash-attention kernels take one flat sequence with per-example positions (no padding at all); SDPA and
-    # eager attention get one row per packed row, so attention stays quadratic in the row, not the batch.
-    flat = str(getattr(model.config, "_attn_implementation", "")).startswith("flash_attention")
     if params.torch_compile:
         log.info("torch_compile: compiled %d decoder layers", compile_layers(model))
-    trainer = TunelabTrainer(
-        fast_loss=params.fast_loss,
-        model=model,
-        args=args,
-        train_dataset=ListDataset(train_rows),
-        eval_dataset=ListDataset(valid_rows) if valid_rows else None,
-        data_collator=PackedRowsCollator(tokenizer.pad_token_id, flat=flat),
-        processing_class=tokenizer,
-        callbacks=callbacks,
-        group_by_length=params.group_by_length and not params.packing,
-    )
+    common = {
+        "model": model,
+        "args": args,
+        "train_dataset": ListDataset(train_rows),
+        "eval_dataset": ListDataset(valid_rows) if valid_rows else None,
+        "processing_class": tokenizer,
+        "callbacks": callbacks,
+    }
+    if trainer_class is not None:
+        trainer = trainer_class(params=params, **common)  # brings its own collator
+    else:
+        # Flash-attention kernels take one flat sequence with per-example positions (no padding at all); SDPA and
+        # eager attention get one row per packed row, so attention stays quadratic in the row, not the batch.
+        flat = str(getattr(model.config, "_attn_implementation", "")).startswith("flash_attention")
+        trainer = TunelabTrainer(
+            fast_loss=params.fast_loss,
+            data_collator=PackedRowsCollator(tokenizer.pad_token_id, flat=flat),
+            group_by_length=params.group_by_length and not params.packing,
+            **common,
+        )
     trainer.remove_callback(PrinterCallback)  # tunelab's own callback prints progress
     return trainer

@@ -40,8 +40,8 @@ class LLMParams:
     valid_split: str | None = _f(None, "Name of the validation split; none means no evaluation.")
     trainer: str = _f(
         "default",
-        "Training method: `default` (causal LM over text cut into blocks) or `sft` (per example, loss on the "
-        "answer). The list is tunelab.methods.METHODS.",
+        "Training method: `default` (causal LM over text cut into blocks), `sft` (per example, loss on the "
+        "answer), `reward` (reward model), `dpo` or `orpo` (preference pairs). The list is tunelab.methods.METHODS.",
     )
 
     # --- data shape
@@ -87,10 +87,19 @@ class LLMParams:
         None, "fp16 (CUDA only) or bf16; none trains in the model's float32.", (None, "no", "fp16", "bf16")
     )
     disable_gradient_checkpointing: bool = _f(False, "Turn gradient checkpointing off (faster, more memory).")
+    checkpoint_every: int = _f(
+        1,
+        "With gradient checkpointing on, checkpoint only every Nth decoder layer: 1 checkpoints all (least memory);"
+        " 2, 3, ... keep the other layers' activations (less recomputation, more memory).",
+    )
     fast_loss: bool = _f(
         True, "Compute the loss from hidden states at the answer positions, in chunks (no full logits)."
     )
     torch_compile: bool = _f(False, "Compile each decoder layer with torch.compile (pays off on GPUs).")
+    fused_ops: bool = _f(
+        True,
+        "Memory-lean RMSNorm, SwiGLU and LoRA dropout (Llama-family models): same maths, fewer saved activations.",
+    )
 
     # --- PEFT / quantization
     peft: bool = _f(False, "Train a LoRA adapter instead of all weights.")
@@ -109,9 +118,13 @@ class LLMParams:
         "Without peft the full model is saved anyway.",
     )
 
-    # --- preference trainers (issue: reward / dpo / orpo)
-    model_ref: str | None = _f(None, "dpo: reference model (default: the base model with the adapter off).")
-    dpo_beta: float = _f(0.1, "dpo / orpo: beta.")
+    # --- preference trainers
+    model_ref: str | None = _f(
+        None, "dpo: reference model (default: the base model with the adapter off, or a frozen copy without peft)."
+    )
+    dpo_beta: float = _f(
+        0.1, "dpo: beta (strength of the pull towards the reference); orpo: weight of the odds ratio."
+    )
 
     # --- logging and saving
     log: str = _f("none", "Experiment tracker: none, tensorboard or wandb.", ("none", "tensorboard", "wandb"))
@@ -147,7 +160,7 @@ class LLMParams:
                 shown = ", ".join("none" if c is None else str(c) for c in choices)
                 raise ConfigError(f"{f.name}: {value!r} is not one of {shown}")
         _positive(self, "lr", "epochs", "batch_size", "gradient_accumulation", "lora_r", "lora_alpha")
-        _positive(self, "model_max_length", "save_total_limit", "max_prompt_length")
+        _positive(self, "model_max_length", "save_total_limit", "max_prompt_length", "checkpoint_every")
         if self.block_size == -1:
             self.block_size = min(1024, self.model_max_length)
         _positive(self, "block_size")
@@ -157,15 +170,19 @@ class LLMParams:
                 "lower block_size or raise model_max_length"
             )
         if self.trainer in PREFERENCE_TRAINERS:
-            if self.max_prompt_length > self.block_size:
-                raise ConfigError(
-                    f"max_prompt_length ({self.max_prompt_length}) is larger than block_size ({self.block_size})"
-                )
-            if self.max_completion_length is not None and self.max_completion_length > self.block_size:
-                raise ConfigError(
-                    f"max_completion_length ({self.max_completion_length}) is larger than block_size "
-                    f"({self.block_size})"
-                )
+            # AutoTrain's length rules for preference data, checked before anything is loaded.
+            for name in ("max_prompt_length", "max_completion_length"):
+                value = getattr(self, name)
+                for limit in ("block_size", "model_max_length"):
+                    if value is not None and value > getattr(self, limit):
+                        raise ConfigError(
+                            f"{name} ({value}) is larger than {limit} ({getattr(self, limit)}): prompt and answer "
+                            f"together must fit in block_size"
+                        )
+        if self.max_completion_length is not None:
+            _positive(self, "max_completion_length")
+        if self.dpo_beta <= 0:
+            raise ConfigError(f"dpo_beta must be positive, got {self.dpo_beta}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0 <= self.lora_dropout < 1:
@@ -181,10 +198,7 @@ class LLMParams:
         from tunelab.methods import METHODS  # late: the registry imports the training stack
 
         if self.trainer not in METHODS:
-            hint = ""
-            if self.trainer in PREFERENCE_TRAINERS:
-                hint = f" ({self.trainer} is not available in this version of tunelab yet)"
-            raise ConfigError(f"trainer: {self.trainer!r} is not one of {', '.join(METHODS)}{hint}")
+            raise ConfigError(f"trainer: {self.trainer!r} is not one of {', '.join(METHODS)}")
 
     # ------------------------------------------------------------------ views
     def to_dict(self, redact: bool = True) -> dict[str, Any]:

@@ -33,6 +33,9 @@ class EncodedData:
     origins: dict[str, str] = field(default_factory=dict)
     preview: str = ""
 
+    def describe(self) -> str:
+        return self.row_format.describe()
+
 
 def pick_template(requested: str | None, row_format: RowFormat, tokenizer: Any) -> str | None:
     """The chat template a run uses: the one asked for, else alpaca for Alpaca rows, else the model's own."""

@@ -47,7 +47,7 @@ def detect_format(split: Split, text_column: str, prompt_text_column: str | None
         return RowFormat("prompt_completion", {"prompt": prompt_text_column, "completion": text_column})
     if text_column in columns:
         sample = next((row[text_column] for row in split.rows if row.get(text_column) not in (None, "")), "")
-        kind = "messages" if _is_messages(sample) else "text"
+        kind = "messages" if is_messages(sample) else "text"
         return RowFormat(kind, {kind: text_column})
     if text_column == "text":  # the default name: look for the other common shapes
         if "instruction" in columns and "output" in columns:
@@ -66,7 +66,7 @@ def detect_format(split: Split, text_column: str, prompt_text_column: str | None
     )
 
 
-def _is_messages(value: Any) -> bool:
+def is_messages(value: Any) -> bool:
     if isinstance(value, str):
         value = value.strip()
         if not (value.startswith("[") and value.endswith("]")):
@@ -84,7 +84,7 @@ def to_examples(split: Split, fmt: RowFormat) -> list[dict[str, Any]]:
     for index, row in enumerate(split.rows):
         try:
             examples.append(_convert(row, fmt))
-        except _RowProblem as problem:
+        except RowProblem as problem:
             problems.append(f"{split.where(index)}, column {problem.column!r}: {problem.reason}")
     if problems:
         shown = "; ".join(problems[:MAX_LISTED])
@@ -93,66 +93,68 @@ def to_examples(split: Split, fmt: RowFormat) -> list[dict[str, Any]]:
     return examples
 
 
-class _RowProblem(Exception):
+class RowProblem(Exception):
+    """One bad cell: the column and what is wrong with it (collected, then reported together)."""
+
     def __init__(self, column: str, reason: str) -> None:
         super().__init__(reason)
         self.column, self.reason = column, reason
 
 
-def _text(row: dict, column: str, allow_empty: bool = False) -> str:
+def cell_text(row: dict, column: str, allow_empty: bool = False) -> str:
     value = row.get(column)
     if value is None:
-        raise _RowProblem(column, "missing value")
+        raise RowProblem(column, "missing value")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, str):
-        raise _RowProblem(column, f"expected text, got {type(value).__name__}")
+        raise RowProblem(column, f"expected text, got {type(value).__name__}")
     if not allow_empty and not value.strip():
-        raise _RowProblem(column, "empty text")
+        raise RowProblem(column, "empty text")
     return value
 
 
 def _convert(row: dict, fmt: RowFormat) -> dict[str, Any]:
     cols = fmt.columns
     if fmt.kind == "text":
-        return {"text": _text(row, cols["text"])}
+        return {"text": cell_text(row, cols["text"])}
     if fmt.kind == "prompt_completion":
-        prompt, completion = _text(row, cols["prompt"]), _text(row, cols["completion"])
+        prompt, completion = cell_text(row, cols["prompt"]), cell_text(row, cols["completion"])
         return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]}
     if fmt.kind == "alpaca":
-        user = {"role": "user", "content": _text(row, cols["instruction"])}
+        user = {"role": "user", "content": cell_text(row, cols["instruction"])}
         if "input" in cols:
-            context = _text(row, cols["input"], allow_empty=True)
+            context = cell_text(row, cols["input"], allow_empty=True)
             if context.strip():
                 user["input"] = context
-        return {"messages": [user, {"role": "assistant", "content": _text(row, cols["output"])}]}
-    return {"messages": _messages(row, cols["messages"])}
+        return {"messages": [user, {"role": "assistant", "content": cell_text(row, cols["output"])}]}
+    return {"messages": cell_messages(row, cols["messages"])}
 
 
-def _messages(row: dict, column: str) -> list[dict[str, str]]:
+def cell_messages(row: dict, column: str, need_assistant: bool = True) -> list[dict[str, str]]:
     value = row.get(column)
     if value is None:
-        raise _RowProblem(column, "missing value")
+        raise RowProblem(column, "missing value")
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except json.JSONDecodeError as err:
-            raise _RowProblem(column, f"not a JSON list of messages ({err.msg})") from None
+            raise RowProblem(column, f"not a JSON list of messages ({err.msg})") from None
     if not isinstance(value, list) or not value:
-        raise _RowProblem(column, "expected a non-empty list of {role, content} messages")
+        raise RowProblem(column, "expected a non-empty list of {role, content} messages")
     messages = []
     for number, item in enumerate(value, start=1):
         if not isinstance(item, dict):
-            raise _RowProblem(column, f"message {number} is not an object")
+            raise RowProblem(column, f"message {number} is not an object")
         if "from" in item and "value" in item:  # ShareGPT
             role, content = SHAREGPT_ROLES.get(str(item["from"]).lower(), item["from"]), item["value"]
         else:
             role, content = item.get("role"), item.get("content")
         if role not in ROLES:
-            raise _RowProblem(column, f"message {number} has unknown role {role!r} (use {', '.join(ROLES)})")
+            raise RowProblem(column, f"message {number} has unknown role {role!r} (use {', '.join(ROLES)})")
         if not isinstance(content, str):
-            raise _RowProblem(column, f"message {number} content is not text")
+            raise RowProblem(column, f"message {number} content is not text")
         messages.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
-        raise _RowProblem(column, "no assistant message to learn from")
+    if need_assistant and not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        raise RowProblem(column, "no assistant message to learn from")
     return messages

@@ -36,6 +36,9 @@ def load_run(path: str | Path) -> tuple[Any, Any]:
     from tunelab.models.load import ModelSource, load_causal_lm
 
     folder = Path(path)
+    run_file = folder / "tunelab_run.json"
+    if run_file.is_file() and json.loads(run_file.read_text(encoding="utf-8")).get("trainer") == "reward":
+        raise TunelabError(f"{folder} is a reward model: it scores texts (tunelab score), it does not generate")
     if folder.is_dir() and (folder / "adapter_config.json").is_file():
         from peft import PeftModel
 

@@ -10,8 +10,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tunelab.data.tokenize import Encoded
-
 
 @dataclass
 class RowStats:
@@ -26,10 +24,18 @@ class RowStats:
 
 @dataclass(frozen=True)
 class Method:
-    """A training method. `build_rows` turns tokenized examples into training rows (an Encoded, or a list of
-    Encoded packed into one row) and reports what it did."""
+    """A training method.
+
+    `data` says what it trains on: "examples" (text, chat, instructions: data/__init__.load_data) or "pairs"
+    (prompt/chosen/rejected: data/preference.py). `build_rows` turns them into training rows (an Encoded, a list
+    of Encoded packed into one row, or a Pair) and reports what it did. `model_kind` is "causal_lm" or "reward"
+    (a sequence classifier with one output). `trainer_class` is the Trainer that computes its loss (None: the
+    next-token loss of trainer.TunelabTrainer).
+    """
 
     name: str
     summary: str
     model_kind: str
-    build_rows: Callable[[list[Encoded], Any], tuple[list[Any], RowStats]]
+    build_rows: Callable[[list[Any], Any], tuple[list[Any], RowStats]]
+    data: str = "examples"
+    trainer_class: type | None = None

@@ -172,3 +172,49 @@ def load_causal_lm(source: ModelSource, dtype: Any = None, quantization_config: 
     return AutoModelForCausalLM.from_pretrained(
         source.path, dtype=dtype or "auto", quantization_config=quantization_config, **kwargs
     )
+
+
+def load_sequence_classifier(
+    source: ModelSource, num_labels: int, dtype: Any = None, quantization_config: Any = None, **kwargs: Any
+) -> Any:
+    """A model with a sequence-classification head (a reward model: num_labels=1) on the base model's body.
+
+    The head is new (randomly initialised); the body comes from the folder, hub id or GGUF file. A GGUF file
+    holds a causal LM, so its body is taken from the dequantized causal LM.
+    """
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    if source.gguf_file:
+        causal = load_causal_lm(source, dtype=dtype, quantization_config=quantization_config, **kwargs)
+        config = causal.config
+        config.num_labels = num_labels
+        model = AutoModelForSequenceClassification.from_config(config, dtype=dtype or torch.float32, **kwargs)
+        head = {name for name, _ in causal.get_output_embeddings().named_parameters(prefix="lm_head")}
+        body = {k: v for k, v in causal.state_dict().items() if k not in head}
+        missing, _ = model.load_state_dict(body, strict=False)
+        new = {name for name, _ in model.named_parameters() if name.startswith("score")}
+        if set(missing) - new:
+            raise TunelabError(f"{source.gguf_file}: weights do not fit a sequence classifier: {sorted(missing)[:5]}")
+        return model
+    with _quiet_new_head():
+        return AutoModelForSequenceClassification.from_pretrained(
+            source.path,
+            num_labels=num_labels,
+            dtype=dtype or "auto",
+            quantization_config=quantization_config,
+            **kwargs,
+        )
+
+
+@contextlib.contextmanager
+def _quiet_new_head() -> Iterator[None]:
+    """transformers reports the new, untrained head as 'newly initialized' weights: expected here."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)

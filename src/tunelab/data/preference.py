@@ -1,0 +1,294 @@
+"""Preference data (prompt / chosen / rejected) -> token ids of a shared prompt and two completions.
+
+Columns come from the column mapping, AutoTrain's way: `prompt_text_column` (optional), `text_column` (chosen)
+and `rejected_text_column`; left at their defaults, columns named `prompt`, `chosen` and `rejected` are used.
+Chosen and rejected are plain text or role/content message lists (or JSON strings of them).
+
+Without a prompt column (Anthropic-HH rows hold whole dialogues in chosen and rejected), the shared beginning
+of the two is the prompt: the common leading messages, or for text the common prefix cut back to the last
+whitespace, so that no word is split between prompt and answer.
+
+Message rows are rendered with the chat template (the prompt with the generation prompt, each completion as
+the rest of the rendered conversation); text rows are used as they are, each completion ending with EOS.
+Prompts longer than max_prompt_length lose their beginning; completions are cut to max_completion_length and
+to what block_size leaves after the prompt. Every count goes to the log; every bad row to one DataError.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from tunelab.data.formats import MAX_LISTED, RowProblem, cell_messages, cell_text, is_messages
+from tunelab.data.sources import Split, read_splits
+from tunelab.data.templates import render_template, template_source
+from tunelab.errors import DataError
+
+log = logging.getLogger("tunelab")
+
+
+@dataclass
+class Pair:
+    """One tokenized preference pair: the prompt's ids and each completion's ids (the model sees prompt +
+    completion; only completion tokens are scored)."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+
+
+@dataclass
+class PairStats:
+    pairs: int = 0
+    prompts_truncated: int = 0
+    completions_truncated: int = 0
+    dropped_no_room: int = 0
+    dropped_identical: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PreferenceData:
+    """Tokenized pairs per split, with what was decided on the way (for the log and the run folder)."""
+
+    train: list[Pair]
+    valid: list[Pair] | None
+    columns: dict[str, str]
+    template: str | None
+    template_source: str | None
+    origins: dict[str, str]
+    stats: PairStats
+    preview: str = ""
+    kind: str = "preference"
+
+    def describe(self) -> str:
+        return "preference (" + ", ".join(f"{k}={v!r}" for k, v in self.columns.items()) + ")"
+
+
+def preference_columns(split: Split, params: Any) -> dict[str, str]:
+    """Which columns hold the prompt (optional), the chosen and the rejected answer."""
+    columns = split.columns
+    chosen = "chosen" if params.text_column == "text" and "chosen" in columns else params.text_column
+    prompt = params.prompt_text_column or ("prompt" if "prompt" in columns else None)
+    wanted = {"prompt": prompt} if prompt else {}
+    wanted.update(chosen=chosen, rejected=params.rejected_text_column or "rejected")
+    for role, column in wanted.items():
+        if column not in columns:
+            flag = {"prompt": "prompt_text_column", "chosen": "text_column", "rejected": "rejected_text_column"}[role]
+            raise DataError(
+                f"{split.origin}: {role} column {column!r} not found (columns: {', '.join(columns[:20])}); "
+                f"set {flag} (data.column_mapping.{flag}) to the column that holds the {role} "
+                + ("answer" if role != "prompt" else "prompt")
+            )
+    return wanted
+
+
+def load_preference_data(params: Any, tokenizer: Any) -> PreferenceData:
+    """Read, check, split, render and tokenize the preference splits named by params."""
+    splits: dict[str, Split] = read_splits(params.data_path, params.train_split, params.valid_split)
+    columns = preference_columns(splits["train"], params)
+    sample = splits["train"].rows[0] if splits["train"].rows else {}
+    conversational = is_messages(sample.get(columns["chosen"]))
+    template = _pick_template(params.chat_template, conversational, "prompt" in columns, tokenizer)
+    source = template_source(template, tokenizer) if template else None
+    add_special = source is None and not _starts_with_bos(tokenizer, splits["train"], columns)
+
+    stats = PairStats()
+    out: dict[str, list[Pair]] = {}
+    preview = ""
+    for name, split in splits.items():
+        texts = _texts(split, preference_columns(split, params), source, tokenizer, stats if name == "train" else None)
+        if not preview and texts:
+            prompt, chosen, rejected = texts[0]
+            preview = f"{prompt}[chosen>]{chosen}\n---\n{prompt}[rejected>]{rejected}"
+        pairs = [tokenize_pair(*t, tokenizer, add_special) for t in texts]
+        out[name] = _fit(pairs, params, stats if name == "train" else PairStats())
+    stats.pairs = len(out["train"])
+    return PreferenceData(
+        train=out["train"],
+        valid=out.get("valid"),
+        columns=columns,
+        template=template,
+        template_source=source,
+        origins={name: split.origin for name, split in splits.items()},
+        stats=stats,
+        preview=preview,
+    )
+
+
+def _pick_template(requested: str | None, conversational: bool, has_prompt: bool, tokenizer: Any) -> str | None:
+    """Messages need a template; text with a separate prompt may use one; whole dialogues in text are as is."""
+    if conversational:
+        if requested and requested != "none":
+            return requested
+        return "tokenizer" if getattr(tokenizer, "chat_template", None) else "chatml"
+    if has_prompt and requested and requested != "none":
+        return requested
+    return None
+
+
+def _starts_with_bos(tokenizer: Any, split: Split, columns: dict[str, str]) -> bool:
+    bos = getattr(tokenizer, "bos_token", None)
+    first = columns.get("prompt", columns["chosen"])
+    return bool(bos) and any(str(row.get(first, "")).startswith(bos) for row in split.rows[:100])
+
+
+def _texts(
+    split: Split, columns: dict[str, str], source: str | None, tokenizer: Any, stats: PairStats | None
+) -> list[tuple[str, str, str]]:
+    """(prompt, chosen completion, rejected completion) as text for every usable row; bad rows raise together."""
+    texts, problems, identical = [], [], []
+    eos = tokenizer.eos_token or ""
+    for index, row in enumerate(split.rows):
+        try:
+            prompt, chosen, rejected = _row_parts(row, columns, source is not None)
+        except RowProblem as problem:
+            problems.append(f"{split.where(index)}, column {problem.column!r}: {problem.reason}")
+            continue
+        if chosen == rejected:
+            identical.append(split.where(index))
+            continue
+        if source is None:
+            texts.append((prompt, _with_eos(chosen, eos), _with_eos(rejected, eos)))
+        else:
+            texts.append(_render(prompt, chosen, rejected, source, tokenizer, split.where(index)))
+    if problems:
+        shown = "; ".join(problems[:MAX_LISTED])
+        more = f" (and {len(problems) - MAX_LISTED} more)" if len(problems) > MAX_LISTED else ""
+        raise DataError(f"{len(problems)} bad row(s) in {split.origin}: {shown}{more}")
+    if identical and not texts:
+        raise DataError(
+            f"{split.origin}: chosen and rejected are identical in every row ({len(identical)} rows): "
+            "there is no preference to learn; check the column mapping"
+        )
+    if identical:
+        log.warning(
+            "%s: %d row(s) with chosen identical to rejected skipped (first: %s)",
+            split.origin,
+            len(identical),
+            identical[0],
+        )
+        if stats is not None:
+            stats.dropped_identical = identical
+    return texts
+
+
+def _row_parts(row: dict, columns: dict[str, str], templated: bool) -> tuple[Any, Any, Any]:
+    """The row's prompt and answers: strings, or message lists when the rows are conversations."""
+    chosen_col, rejected_col = columns["chosen"], columns["rejected"]
+    if is_messages(row.get(chosen_col)):
+        chosen = cell_messages(row, chosen_col, need_assistant=False)
+        rejected = cell_messages(row, rejected_col, need_assistant=False)
+        shared = _common_messages(chosen, rejected)
+        if shared:
+            prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+        elif "prompt" in columns:
+            prompt = _prompt_messages(row, columns["prompt"])
+        else:
+            raise RowProblem(chosen_col, "no prompt: chosen and rejected share no leading messages")
+        for column, answer in ((chosen_col, chosen), (rejected_col, rejected)):
+            if not any(m["role"] == "assistant" and m["content"].strip() for m in answer):
+                raise RowProblem(column, "no assistant answer after the prompt")
+        return prompt, chosen, rejected
+    chosen, rejected = cell_text(row, chosen_col), cell_text(row, rejected_col)
+    if "prompt" in columns:
+        prompt = cell_text(row, columns["prompt"])
+        if templated:
+            return (
+                [{"role": "user", "content": prompt}],
+                [{"role": "assistant", "content": chosen}],
+                [{"role": "assistant", "content": rejected}],
+            )
+        return prompt, chosen, rejected
+    cut = split_common_prefix(chosen, rejected)
+    if cut == 0:
+        raise RowProblem(chosen_col, "no prompt: chosen and rejected share no beginning (set prompt_text_column)")
+    prompt, chosen, rejected = chosen[:cut], chosen[cut:], rejected[cut:]
+    for column, answer in ((chosen_col, chosen), (rejected_col, rejected)):
+        if not answer.strip():
+            raise RowProblem(column, "empty answer after the shared prompt")
+    return prompt, chosen, rejected
+
+
+def _prompt_messages(row: dict, column: str) -> list[dict[str, str]]:
+    if is_messages(row.get(column)):
+        return cell_messages(row, column, need_assistant=False)
+    return [{"role": "user", "content": cell_text(row, column)}]
+
+
+def _common_messages(a: list[dict], b: list[dict]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def split_common_prefix(chosen: str, rejected: str) -> int:
+    """Where the shared prompt of two texts ends: their common prefix, cut back to just after the last
+    whitespace in it so that a word both answers begin with stays with the answers."""
+    n = 0
+    limit = min(len(chosen), len(rejected))
+    while n < limit and chosen[n] == rejected[n]:
+        n += 1
+    if n == limit:  # one is a prefix of the other: keep at least the last word in the answers
+        n = max(0, n - 1)
+    while n > 0 and not chosen[n - 1].isspace():
+        n -= 1
+    if n > 0 and chosen[n - 1] == " ":
+        n -= 1  # " Can you ..." keeps its leading space, as a tokenizer expects words to begin
+    return n
+
+
+def _with_eos(text: str, eos: str) -> str:
+    return text if not eos or text.endswith(eos) else text + eos
+
+
+def _render(prompt: Any, chosen: Any, rejected: Any, source: str, tokenizer: Any, where: str) -> tuple[str, str, str]:
+    """Prompt rendered with the generation prompt; each completion is the rest of its rendered conversation."""
+    prompt_text = render_template(source, prompt, tokenizer, add_generation_prompt=True)
+    parts = []
+    for answer in (chosen, rejected):
+        full = render_template(source, prompt + answer, tokenizer)
+        if not full.startswith(prompt_text):
+            raise DataError(f"{where}: the chat template renders the prompt differently inside the conversation")
+        parts.append(full[len(prompt_text) :])
+    return prompt_text, parts[0], parts[1]
+
+
+def tokenize_pair(prompt: str, chosen: str, rejected: str, tokenizer: Any, add_special_tokens: bool) -> Pair:
+    """Token ids of prompt + each completion, tokenized whole (as the model will see them); the prompt is the
+    longest run of leading tokens that both share and that lies inside the prompt's characters."""
+    enc = tokenizer(
+        [prompt + chosen, prompt + rejected],
+        add_special_tokens=add_special_tokens,
+        return_offsets_mapping=True,
+        return_attention_mask=False,
+    )
+    (ids_c, ids_r), (off_c, _) = enc["input_ids"], enc["offset_mapping"]
+    n = 0
+    while n < min(len(ids_c), len(ids_r)) and ids_c[n] == ids_r[n] and off_c[n][1] <= len(prompt):
+        n += 1
+    return Pair(list(ids_c[:n]), list(ids_c[n:]), list(ids_r[n:]))
+
+
+def _fit(pairs: list[Pair], params: Any, stats: PairStats) -> list[Pair]:
+    """Apply the length rules: prompt to max_prompt_length (keeping its end), completions to
+    max_completion_length and to the room block_size leaves. Pairs with no room for an answer are dropped."""
+    kept = []
+    completion_cap = params.max_completion_length or params.block_size
+    for pair in pairs:
+        prompt = pair.prompt_ids
+        if len(prompt) > params.max_prompt_length:
+            prompt = prompt[-params.max_prompt_length :]
+            stats.prompts_truncated += 1
+        room = min(completion_cap, params.block_size - len(prompt))
+        if room <= 0:
+            stats.dropped_no_room += 1
+            continue
+        if len(pair.chosen_ids) > room or len(pair.rejected_ids) > room:
+            stats.completions_truncated += 1
+        kept.append(Pair(prompt, pair.chosen_ids[:room], pair.rejected_ids[:room]))
+    return kept

@@ -1,0 +1,68 @@
+"""Scoring texts with a trained reward model (`tunelab score`).
+
+A reward run folder holds a sequence classifier with one output (full weights, or a LoRA adapter whose saved
+modules include the score head). Texts are scored as the training rows were built: text rows ended with EOS,
+so an EOS is appended here too when the run used no chat template.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tunelab.errors import TunelabError
+
+
+def load_reward_model(path: str | Path) -> tuple[Any, Any, bool]:
+    """(model, tokenizer, append_eos) from a reward run folder (adapter or full) or a classifier folder.
+
+    The tokenizer truncates from the left to the run's block_size: the score is read at the last token, and the
+    training rows kept the end of long prompts too."""
+    from tunelab.models import load_tokenizer, resolve_model
+    from tunelab.models.load import ModelSource, load_sequence_classifier
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise TunelabError(f"{folder}: not a folder; expected a reward run folder (tunelab llm --trainer reward)")
+    run_file = folder / "tunelab_run.json"
+    run = json.loads(run_file.read_text(encoding="utf-8")) if run_file.is_file() else {}
+    if run and run.get("trainer") != "reward":
+        raise TunelabError(f"{folder} was trained with --trainer {run.get('trainer')}, not reward: nothing to score")
+    tokenizer = load_tokenizer(ModelSource(str(folder), str(folder)))
+    if (folder / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base_name = (
+            run.get("base_model")
+            or json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+        )
+        base = load_sequence_classifier(resolve_model(base_name), 1)
+        base.config.pad_token_id = tokenizer.pad_token_id
+        model = PeftModel.from_pretrained(base, str(folder))
+    elif (folder / "config.json").is_file():
+        model = load_sequence_classifier(ModelSource(str(folder), str(folder)), 1)
+    else:
+        raise TunelabError(f"{folder} holds no model: expected a tunelab reward run folder")
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.eval()
+    params_file = folder / "training_params.json"
+    if params_file.is_file():
+        tokenizer.model_max_length = json.loads(params_file.read_text(encoding="utf-8"))["block_size"]
+    tokenizer.truncation_side = "left"
+    return model, tokenizer, run.get("template") is None
+
+
+def score(model: Any, tokenizer: Any, texts: list[str], append_eos: bool = True, batch_size: int = 8) -> list[float]:
+    """One reward per text (higher: preferred)."""
+    import torch
+
+    eos = tokenizer.eos_token if append_eos else None
+    texts = [t + eos if eos and not t.endswith(eos) else t for t in texts]
+    scores: list[float] = []
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True)
+        batch = batch.to(model.device)
+        with torch.no_grad():
+            scores += model(**batch).logits.squeeze(-1).float().tolist()
+    return scores

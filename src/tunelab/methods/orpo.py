@@ -1,0 +1,75 @@
+"""`orpo`: Odds Ratio Preference Optimization (Hong et al., 2024): no reference model.
+
+loss = NLL(chosen) - beta * mean(log sigmoid(log odds(chosen) - log odds(rejected))),
+odds(y) = p / (1 - p) with log p the mean log-prob per answer token (as in the paper and TRL).
+
+The NLL term is the mean over the chosen answer tokens; with completion_only_loss off it also covers the prompt
+tokens, which is what TRL's ORPOTrainer does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tunelab.data.tokenize import IGNORE
+from tunelab.methods.base import Method
+from tunelab.methods.preference import PreferenceTrainer, build_pair_rows, sequence_sums
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, computed stably on both sides of -log 2."""
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_loss(
+    chosen_mean: torch.Tensor, rejected_mean: torch.Tensor, nll: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """ORPO loss from the mean answer log-probs of each side and the chosen NLL, and TRL's logged metrics."""
+    chosen_mean, rejected_mean = chosen_mean.float(), rejected_mean.float()
+    log_odds = (chosen_mean - rejected_mean) - (log1mexp(chosen_mean) - log1mexp(rejected_mean))
+    ratio = F.logsigmoid(log_odds)
+    loss = nll - beta * ratio.mean()
+    chosen_rewards, rejected_rewards = beta * chosen_mean.detach(), beta * rejected_mean.detach()
+    metrics = {
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "logps/chosen": chosen_mean.detach().mean(),
+        "logps/rejected": rejected_mean.detach().mean(),
+        "nll_loss": nll.detach(),
+        "log_odds_ratio": ratio.detach().mean(),
+        "log_odds_chosen": log_odds.detach().mean(),
+    }
+    return loss, metrics
+
+
+class ORPOTrainer(PreferenceTrainer):
+    def pair_loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        labels = batch["labels"]
+        half = labels.shape[0] // 2
+        scored = labels
+        if not self.params.completion_only_loss:  # the chosen rows' prompt tokens count in the NLL too
+            scored = labels.clone()
+            chosen_ids = batch["input_ids"][:half]
+            scored[:half] = chosen_ids.masked_fill(batch["attention_mask"][:half] == 0, IGNORE)
+        per_token = self.token_logprobs(model, batch, scored)
+        sums, counts = sequence_sums(per_token, labels)
+        means = sums / counts.clamp(min=1)
+        nll_sums, nll_counts = sequence_sums(per_token[:half], scored[:half])
+        nll = -nll_sums.sum() / nll_counts.sum().clamp(min=1)
+        chosen, rejected = means[:half], means[half:]
+        return orpo_loss(chosen, rejected, nll, self.beta)
+
+
+METHOD = Method(
+    name="orpo",
+    summary="odds ratio preference optimization on prompt/chosen/rejected pairs (no reference model)",
+    model_kind="causal_lm",
+    build_rows=build_pair_rows,
+    data="pairs",
+    trainer_class=ORPOTrainer,
+)

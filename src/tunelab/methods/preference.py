@@ -1,0 +1,120 @@
+"""What the preference methods (dpo, orpo, reward) share: batches of pairs, completion log-probs, metrics.
+
+A batch holds every pair's prompt + chosen answer, then every pair's prompt + rejected answer (2B rows, padded
+on the right), so one forward pass scores both sides. Log-probabilities come from the hidden states, projected
+only at answer positions and in chunks (loss.token_logprobs), so full-vocabulary logits never exist.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from tunelab.data.preference import Pair
+from tunelab.data.tokenize import IGNORE
+from tunelab.loss import token_logprobs
+from tunelab.methods.base import RowStats
+from tunelab.trainer import fast_loss_supported, output_head_returns_hidden
+
+
+def build_pair_rows(pairs: list[Pair], params: Any) -> tuple[list[Any], RowStats]:
+    """Pairs are already cut to the length rules when loaded (data/preference.py); each pair is a row."""
+    return list(pairs), RowStats(examples=len(pairs), rows=len(pairs))
+
+
+class PairCollator:
+    """Pairs -> input_ids / attention_mask / labels of shape (2B, L): chosen rows first, then rejected.
+
+    `labels` mark the answer tokens (prompt and padding are -100).
+    """
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, pairs: list[Pair]) -> dict[str, torch.Tensor]:
+        prompts = [p.prompt_ids for p in pairs] * 2
+        answers = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
+        width = max(len(p) + len(a) for p, a in zip(prompts, answers, strict=True))
+        ids = torch.full((len(answers), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(answers), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(answers), width), dtype=torch.long)
+        for row, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
+            n = len(prompt) + len(answer)
+            ids[row, :n] = torch.tensor(prompt + answer)
+            labels[row, len(prompt) : n] = torch.tensor(answer)
+            mask[row, :n] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Preference losses compare log-probs of two answers (and of two models): dropout would make them noisy."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) or hasattr(module, "p") and type(module).__name__ == "DropoutLoraA":
+            module.p = 0.0
+
+
+class PreferenceTrainer(Trainer):
+    """Trainer for pair losses: subclasses define `pair_loss(model, batch) -> (loss, metrics)`; metrics are
+    averaged over the steps between two logs and logged with the loss (eval ones with the `eval_` prefix)."""
+
+    def __init__(self, *args: Any, params: Any, **kwargs: Any) -> None:
+        if kwargs.get("data_collator") is None:
+            kwargs["data_collator"] = PairCollator(kwargs["processing_class"].pad_token_id)
+        super().__init__(*args, **kwargs)
+        # Pair losses are means over the micro-batch's pairs: Trainer divides them by the accumulation steps.
+        self.model_accepts_loss_kwargs = False
+        self.params = params
+        self.beta = params.dpo_beta
+        self.fast_loss = params.fast_loss and fast_loss_supported(self.accelerator.unwrap_model(self.model))
+        self.trained_tokens = 0
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        disable_dropout(self.model)
+
+    def pair_loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D102
+        loss, metrics = self.pair_loss(model, inputs)
+        mode = "train" if model.training else "eval"
+        if model.training:
+            self.trained_tokens += int((inputs["labels"] != IGNORE).sum())
+        for name, value in metrics.items():
+            self._metrics[mode][name].append(float(value))
+        return (loss, {}) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):  # noqa: D102
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:  # noqa: D102
+        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
+        prefix = "eval_" if mode == "eval" else ""
+        for name, values in self._metrics[mode].items():
+            if values:
+                logs[prefix + name] = round(sum(values) / len(values), 6)
+        self._metrics[mode].clear()
+        super().log(logs, start_time)
+
+    def token_logprobs(self, model: Any, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        """log p(next token) at every position whose label is set, (2B, L - 1), zero elsewhere."""
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+        if self.fast_loss:
+            with output_head_returns_hidden(self.accelerator.unwrap_model(model)) as head:
+                hidden = model(**inputs).logits
+            return token_logprobs(hidden, head, labels)
+        logits = model(**inputs).logits[:, :-1].float()
+        targets = labels[:, 1:]
+        scored = targets != IGNORE
+        picked = torch.log_softmax(logits, -1).gather(2, targets.clamp(min=0)[..., None]).squeeze(2)
+        return picked * scored
+
+
+def sequence_sums(per_token: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the summed log-prob of the answer tokens and how many there are."""
+    scored = labels[:, 1:] != IGNORE
+    return (per_token * scored).sum(-1), scored.sum(-1)

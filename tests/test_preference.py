@@ -1,0 +1,462 @@
+"""Preference methods: pair data, the DPO / ORPO / reward losses against TRL, training end to end, bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tunelab
+from tests.conftest import SHARED_DATA, needs_shared, read_metrics, train_losses
+from tunelab.data.preference import load_preference_data, split_common_prefix
+from tunelab.errors import ConfigError
+
+HH = SHARED_DATA / "preference"
+
+
+@pytest.fixture
+def tokenizer(tiny_tokenizer):
+    """The test tokenizer with the pad token tunelab's loader gives it (EOS)."""
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.pad_token = tok.eos_token
+    return tok
+
+
+def _params(**overrides):
+    values = {"model": "unused", "data_path": str(HH), "trainer": "dpo", "block_size": 256, "model_max_length": 512}
+    values.update(overrides)
+    return tunelab.LLMParams(**values)
+
+
+def _hh_rows(n: int, start: int = 0) -> list[dict]:
+    lines = (HH / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines[start : start + n]]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+# ------------------------------------------------------------------ data
+
+
+def test_shared_prompt_is_cut_at_a_word_boundary():
+    chosen = "\n\nHuman: hello\n\nAssistant: hi there"
+    rejected = "\n\nHuman: hello\n\nAssistant: how are you"
+    cut = split_common_prefix(chosen, rejected)
+    assert chosen[:cut] == "\n\nHuman: hello\n\nAssistant:"
+    assert (chosen[cut:], rejected[cut:]) == (" hi there", " how are you")
+    # One answer continuing the other: the last word still belongs to the answers.
+    cut = split_common_prefix("Q: say it A: yes", "Q: say it A: yes please")
+    assert "Q: say it A: yes please"[cut:] == " yes please"
+
+
+@needs_shared()
+def test_hh_rows_become_a_shared_prompt_and_two_answers(tiny_tokenizer):
+    data = load_preference_data(_params(max_prompt_length=256), tiny_tokenizer)
+    assert len(data.train) == 1500 - data.stats.dropped_no_room
+    assert data.template is None  # whole dialogues in text: used as they are
+    pair = data.train[0]
+    prompt = tiny_tokenizer.decode(pair.prompt_ids)
+    assert prompt.startswith("\n\nHuman: What do I do if I'm walking down the street")
+    assert prompt.endswith("Assistant:")
+    assert tiny_tokenizer.decode(pair.chosen_ids).startswith(" Can you say a little more")
+    assert pair.chosen_ids[-1] == pair.rejected_ids[-1] == tiny_tokenizer.eos_token_id
+    assert all(p.chosen_ids and p.rejected_ids for p in data.train)
+
+
+def test_message_rows_share_their_leading_turns_as_the_prompt(tmp_path, tiny_tokenizer):
+    user = {"role": "user", "content": "Name a colour."}
+    rows = [
+        {
+            "chosen": [user, {"role": "assistant", "content": "Blue."}],
+            "rejected": [user, {"role": "assistant", "content": "No."}],
+        }
+    ] * 3
+    data = load_preference_data(_params(data_path=str(_write_jsonl(tmp_path / "p.jsonl", rows))), tiny_tokenizer)
+    pair = data.train[0]
+    assert data.template == "tokenizer"  # the tiny tokenizer carries ChatML
+    assert (
+        tiny_tokenizer.decode(pair.prompt_ids) == "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert tiny_tokenizer.decode(pair.chosen_ids).startswith("Blue.<|im_end|>")
+    assert tiny_tokenizer.decode(pair.rejected_ids).startswith("No.<|im_end|>")
+
+
+def test_long_prompts_lose_their_beginning_and_answers_fit_block_size(tmp_path, tiny_tokenizer):
+    rows = [{"prompt": "word " * 100, "chosen": " good answer " * 20, "rejected": " bad"}] * 2
+    params = _params(data_path=str(_write_jsonl(tmp_path / "p.jsonl", rows)), block_size=64, max_prompt_length=32)
+    data = load_preference_data(params, tiny_tokenizer)
+    pair = data.train[0]
+    assert len(pair.prompt_ids) == 32 and len(pair.prompt_ids) + len(pair.chosen_ids) == 64
+    assert data.stats.prompts_truncated == 2 and data.stats.completions_truncated == 2
+
+
+def test_length_rules_are_checked_before_anything_loads():
+    with pytest.raises(ConfigError, match="max_prompt_length .*block_size"):
+        _params(block_size=64, max_prompt_length=128)
+    with pytest.raises(ConfigError, match="max_completion_length"):
+        _params(block_size=64, max_prompt_length=32, max_completion_length=100)
+
+
+# ------------------------------------------------------------------ losses against TRL
+
+
+def _pairs_and_models(tiny_llama, tiny_tokenizer, n=4):
+    from transformers import AutoModelForCausalLM
+
+    rows = _hh_rows(n)
+    data = load_preference_data(_params(max_prompt_length=128, block_size=192), tiny_tokenizer)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    policy = copy.deepcopy(reference)
+    torch.manual_seed(1)
+    with torch.no_grad():  # a policy that differs from the reference, so rewards are not all zero
+        for p in policy.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return rows, data.train[:n], policy, reference
+
+
+def _tunelab_trainer(trainer_class, model, tokenizer, tmp_path, extra=None, **overrides):
+    from tunelab.trainer import training_arguments
+
+    params = _params(model=str(tmp_path), block_size=192, max_prompt_length=128, **overrides)
+    args = training_arguments(params, str(tmp_path / "out"), 1, False)
+    return trainer_class(
+        params=params, model=model, args=args, processing_class=tokenizer, train_dataset=[1], **(extra or {})
+    )
+
+
+@needs_shared()
+def test_dpo_loss_and_rewards_equal_trl(tiny_llama, tokenizer, tmp_path):
+    from datasets import Dataset
+    from trl import DPOConfig
+    from trl import DPOTrainer as TRLDPOTrainer
+
+    from tunelab.methods.dpo import DPOTrainer
+
+    rows, pairs, policy, reference = _pairs_and_models(tiny_llama, tokenizer)
+    ours = _tunelab_trainer(
+        DPOTrainer, copy.deepcopy(policy), tokenizer, tmp_path, extra={"ref_model": copy.deepcopy(reference)}
+    )
+    ours.model.train()  # dropout is off in both trainers; train mode files the metrics under "train"
+    batch = ours.data_collator(pairs)
+    loss = ours.compute_loss(ours.model, batch)
+    metrics = {k: v[0] for k, v in ours._metrics["train"].items()}
+
+    config = DPOConfig(
+        output_dir=str(tmp_path / "trl"),
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to=[],
+        save_strategy="no",
+        per_device_train_batch_size=len(pairs),
+        max_length=1024,
+        beta=0.1,
+    )
+    trl = TRLDPOTrainer(
+        model=copy.deepcopy(policy),
+        ref_model=copy.deepcopy(reference),
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )
+    features = [
+        {"prompt_ids": p.prompt_ids, "chosen_ids": p.chosen_ids, "rejected_ids": p.rejected_ids} for p in pairs
+    ]
+    trl.model.train()
+    trl_loss = trl.compute_loss(trl.model, trl.data_collator(features))
+    trl_metrics = {k: v[0] for k, v in trl._metrics["train"].items()}
+
+    assert abs(loss.item() - 0.693) > 1e-3  # the rewards are not trivially zero
+    assert loss.item() == pytest.approx(trl_loss.item(), abs=1e-4)
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        assert metrics[name] == pytest.approx(trl_metrics[name], abs=1e-4), name
+    # Gradients flow to the policy only.
+    loss.backward()
+    assert any(p.grad is not None for p in ours.model.parameters())
+    assert all(p.grad is None for p in ours.ref_model.parameters())
+
+
+@needs_shared()
+def test_orpo_loss_equals_trl(tiny_llama, tokenizer, tmp_path):
+    from datasets import Dataset
+    from trl.experimental.orpo import ORPOConfig
+    from trl.experimental.orpo import ORPOTrainer as TRLORPOTrainer
+
+    from tunelab.methods.orpo import ORPOTrainer
+
+    rows, pairs, policy, _ = _pairs_and_models(tiny_llama, tokenizer)
+    # TRL's NLL term covers the prompt too: tunelab does the same with completion_only_loss off.
+    ours = _tunelab_trainer(ORPOTrainer, copy.deepcopy(policy), tokenizer, tmp_path, completion_only_loss=False)
+    ours.model.train()
+    loss = ours.compute_loss(ours.model, ours.data_collator(pairs))
+    metrics = {k: v[0] for k, v in ours._metrics["train"].items()}
+
+    config = ORPOConfig(
+        output_dir=str(tmp_path / "trl"),
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to=[],
+        save_strategy="no",
+        max_length=1024,
+        beta=0.1,
+    )
+    trl = TRLORPOTrainer(
+        model=copy.deepcopy(policy), args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+    )
+    features = []
+    for p in pairs:
+        row = {"prompt_input_ids": p.prompt_ids, "prompt_attention_mask": [1] * len(p.prompt_ids)}
+        for side, answer in (("chosen", p.chosen_ids), ("rejected", p.rejected_ids)):
+            ids = p.prompt_ids + answer
+            row[f"{side}_input_ids"] = ids
+            row[f"{side}_attention_mask"] = [1] * len(ids)
+            row[f"{side}_labels"] = [-100] * len(p.prompt_ids) + answer
+        features.append(row)
+    trl.model.eval()
+    with torch.no_grad():
+        trl_loss, trl_metrics = trl.get_batch_loss_metrics(trl.model, trl.data_collator(features), train_eval="train")
+
+    assert loss.item() == pytest.approx(trl_loss.item(), abs=1e-4)
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "nll_loss", "log_odds_ratio"):
+        assert metrics[name] == pytest.approx(float(trl_metrics[name]), abs=1e-4), name
+
+
+def test_orpo_answer_only_nll_by_hand(tiny_llama, tokenizer, tmp_path):
+    """With completion_only_loss (the default), the NLL is the mean over the chosen answer tokens only."""
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.data.preference import Pair
+    from tunelab.methods.orpo import ORPOTrainer, log1mexp
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    pairs = [Pair([5, 6, 7], [8, 9, 2], [10, 2]), Pair([11, 12], [13, 2], [14, 15, 16, 2])]
+    trainer = _tunelab_trainer(ORPOTrainer, model, tokenizer, tmp_path)
+    loss = trainer.compute_loss(model, trainer.data_collator(pairs))
+
+    def answer_logps(prompt, answer):
+        ids = torch.tensor([prompt + answer])
+        logps = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+        return torch.stack([logps[len(prompt) - 1 + i, t] for i, t in enumerate(answer)])
+
+    with torch.no_grad():
+        chosen = [answer_logps(p.prompt_ids, p.chosen_ids) for p in pairs]
+        rejected = [answer_logps(p.prompt_ids, p.rejected_ids) for p in pairs]
+        nll = -torch.cat(chosen).mean()
+        lc = torch.stack([c.mean() for c in chosen])
+        lr = torch.stack([r.mean() for r in rejected])
+        log_odds = (lc - lr) - (log1mexp(lc) - log1mexp(lr))
+        expected = nll - 0.1 * torch.nn.functional.logsigmoid(log_odds).mean()
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+# ------------------------------------------------------------------ training end to end
+
+
+def _preference_folder(tmp_path: Path, n_train: int, n_valid: int, valid_from_train: bool) -> Path:
+    folder = tmp_path / "hh"
+    _write_jsonl(folder / "train.jsonl", _hh_rows(n_train))
+    valid = _hh_rows(n_train) if valid_from_train else _hh_rows(n_valid, start=n_train)
+    _write_jsonl(folder / "valid.jsonl", valid[:n_valid])
+    return folder
+
+
+def _falls(losses: list[float]) -> bool:
+    head, tail = losses[: max(1, len(losses) // 3)], losses[-max(1, len(losses) // 3) :]
+    return sum(tail) / len(tail) < sum(head) / len(head)
+
+
+def _autotrain_config(tmp_path: Path, model: Path, data: Path, trainer: str) -> Path:
+    """An AutoTrain-style config.yaml for a short preference run, as AutoTrain's own examples are written."""
+    import yaml
+
+    config = {
+        "task": f"llm-{trainer}",
+        "base_model": str(model),
+        "project_name": str(tmp_path / trainer),
+        "data": {
+            "path": str(data),
+            "train_split": "train",
+            "valid_split": "valid",
+            "chat_template": None,
+            "column_mapping": {"text_column": "chosen", "rejected_text_column": "rejected"},
+        },
+        "params": {
+            "block_size": 192,
+            "model_max_length": 512,
+            "max_prompt_length": 96,
+            "max_steps": 16,
+            "batch_size": 4,
+            "lr": 3e-3 if trainer == "reward" else 1e-3,
+            "gradient_accumulation": 1,
+            "disable_gradient_checkpointing": True,
+            "logging_steps": 4,
+            "eval_strategy": "no",
+            "mixed_precision": "none",
+        },
+    }
+    path = tmp_path / f"{trainer}.yml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+@needs_shared()
+@pytest.mark.parametrize("trainer", ["dpo", "orpo"])
+def test_dpo_and_orpo_train_a_tiny_model_from_an_autotrain_config(trainer, tiny_llama, tmp_path):
+    data = _preference_folder(tmp_path, 16, 16, valid_from_train=True)
+    folder = tunelab.train(_autotrain_config(tmp_path, tiny_llama, data, trainer))
+    losses = train_losses(folder)
+    assert _falls(losses), losses
+    metrics = json.loads((folder / "metrics.json").read_text())
+    # On the rows it trained on, the chosen answer now gets the higher reward more often than not.
+    assert metrics["eval_rewards/accuracies"] > 0.5
+    logged = [r for r in read_metrics(folder) if "rewards/margins" in r]
+    assert logged and "rewards/chosen" in logged[-1]
+    # The run folder holds a causal LM that generates.
+    from tunelab.inference.generate import generate, load_run
+
+    model, tokenizer = load_run(folder)
+    assert isinstance(generate(model, tokenizer, "Hello")[0], str)
+
+
+@needs_shared()
+def test_reward_model_learns_and_reloads_in_plain_transformers(tiny_llama, tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tunelab.inference.score import load_reward_model, score
+
+    data = _preference_folder(tmp_path, 16, 16, valid_from_train=True)
+    folder = tunelab.train(_autotrain_config(tmp_path, tiny_llama, data, "reward"))
+    assert _falls(train_losses(folder))
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["eval_accuracy"] > 0.5
+
+    model = AutoModelForSequenceClassification.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert model.config.num_labels == 1 and model.config.pad_token_id == tokenizer.pad_token_id
+    rows = _hh_rows(16)
+    ours, _, eos = load_reward_model(folder)
+    chosen = score(ours, tokenizer, [r["chosen"] for r in rows], eos)
+    rejected = score(ours, tokenizer, [r["rejected"] for r in rows], eos)
+    assert sum(c > r for c, r in zip(chosen, rejected, strict=True)) > len(rows) / 2
+    # `tunelab score` prints the same scores.
+    from tunelab.cli import main
+
+    capsys.readouterr()
+    assert main(["score", "--model", str(folder), rows[0]["chosen"], rows[0]["rejected"]]) == 0
+    printed = [float(line.split("\t")[0]) for line in capsys.readouterr().out.splitlines()]
+    assert printed == pytest.approx([chosen[0], rejected[0]], abs=1e-3)
+    # Plain transformers scores the same texts the same way (the same last 192 tokens: the run's block_size).
+    tokenizer.truncation_side = "left"
+    batch = tokenizer([rows[0]["chosen"] + tokenizer.eos_token], return_tensors="pt", truncation=True, max_length=192)
+    with torch.no_grad():
+        plain = model(**batch).logits[0, 0].item()
+    assert plain == pytest.approx(chosen[0], abs=1e-4)
+
+
+@pytest.mark.slow
+@needs_shared()
+@pytest.mark.parametrize("trainer", ["dpo", "orpo"])
+def test_default_model_with_lora_from_the_cli(trainer, tmp_path):
+    """The real SmolLM2-135M-Instruct, LoRA, AutoTrain's flags: the loss falls."""
+    data = _preference_folder(tmp_path, 24, 8, valid_from_train=False)
+    project = tmp_path / f"smol-{trainer}"
+    result = _cli(
+        "--trainer", trainer, "--peft", "--data-path", str(data), "--valid-split", "valid",
+        "--project-name", str(project), "--block-size", "192", "--max-prompt-length", "96",
+        "--lr", "2e-4", "--batch-size", "4", "--gradient-accumulation", "1", "--max-steps", "12",
+        "--logging-steps", "2", "--disable-gradient-checkpointing", "--eval-strategy", "no",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = train_losses(project)
+    assert _falls(losses), losses
+
+
+@pytest.mark.slow
+@needs_shared()
+def test_default_model_reward_generalises_to_held_back_rows(tmp_path):
+    """SmolLM2 + LoRA, one epoch over 200 HH pairs: on 120 held-back training rows the reward model prefers the
+    chosen answer more often than chance (0.667 on this machine, 2026-11-23), and its merged copy, loaded by
+    plain transformers, does too."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    data = tmp_path / "hh"
+    _write_jsonl(data / "train.jsonl", _hh_rows(200))
+    held_back = _hh_rows(120, start=1300)
+    _write_jsonl(data / "valid.jsonl", held_back)
+    project = tmp_path / "smol-reward"
+    result = _cli(
+        "--trainer", "reward", "--peft", "--merge-adapter", "--data-path", str(data), "--valid-split", "valid",
+        "--project-name", str(project), "--block-size", "128", "--max-prompt-length", "64", "--lr", "1e-3",
+        "--batch-size", "8", "--gradient-accumulation", "1", "--epochs", "1", "--logging-steps", "5",
+        "--disable-gradient-checkpointing", "--eval-strategy", "no",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((project / "metrics.json").read_text())
+    assert metrics["eval_accuracy"] > 0.55, metrics
+
+    model = AutoModelForSequenceClassification.from_pretrained(project / "merged").eval()
+    tokenizer = AutoTokenizer.from_pretrained(project / "merged")
+    wins = 0
+    for row in held_back[:40]:
+        texts = [row["chosen"][-400:] + tokenizer.eos_token, row["rejected"][-400:] + tokenizer.eos_token]
+        batch = tokenizer(texts, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            chosen, rejected = model(**batch).logits[:, 0].tolist()
+        wins += chosen > rejected
+    assert wins > 20, wins
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tunelab", "llm", "--train", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
+
+
+BAD = {
+    "missing rejected column": ([{"chosen": "a b", "answer": "c"}] * 3, "rejected column 'rejected' not found"),
+    "empty chosen": (
+        [{"prompt": "Q?", "chosen": "yes", "rejected": "no"}, {"prompt": "Q?", "chosen": "  ", "rejected": "no"}],
+        "line 2, column 'chosen': empty text",
+    ),
+    "identical everywhere": ([{"prompt": "Q?", "chosen": "same", "rejected": "same"}] * 3, "identical in every row"),
+    "prompt too long everywhere": (
+        [{"prompt": "word " * 200, "chosen": "yes", "rejected": "no"}] * 3,
+        "no training rows left",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_preference_data_fails_before_training(case, tiny_llama, tmp_path):
+    rows, message = BAD[case]
+    data = _write_jsonl(tmp_path / "bad.jsonl", rows)
+    project = tmp_path / "project"
+    result = _cli(
+        "--model", str(tiny_llama), "--trainer", "dpo", "--data-path", str(data), "--project-name", str(project),
+        "--block-size", "64", "--max-prompt-length", "64", "--model-max-length", "128", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("tunelab: error:")]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not project.exists() and not list(tmp_path.glob(".project*"))
