@@ -7,7 +7,7 @@ import pytest
 from tests.conftest import SHARED
 from tunelab.cli import main
 
-CONFIGS = sorted((SHARED / "autotrain-configs").glob("llm_finetuning__*.yml"))
+CONFIGS = sorted((SHARED / "autotrain-configs").glob("*.yml"))
 LACKS = ("CUDA", "hub is out of reach")
 
 

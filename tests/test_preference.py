@@ -373,7 +373,7 @@ def test_default_model_with_lora_from_the_cli(trainer, tmp_path):
     result = _cli(
         "--trainer", trainer, "--peft", "--data-path", str(data), "--valid-split", "valid",
         "--project-name", str(project), "--block-size", "192", "--max-prompt-length", "96",
-        "--lr", "2e-4", "--batch-size", "4", "--gradient-accumulation", "1", "--max-steps", "12",
+        "--lr", "2e-4", "--batch-size", "4", "--gradient-accumulation", "1", "--max-steps", "8",
         "--logging-steps", "2", "--disable-gradient-checkpointing", "--eval-strategy", "no",
         cwd=tmp_path,
     )  # fmt: skip

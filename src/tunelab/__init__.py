@@ -4,6 +4,9 @@ import tunelab
 params = tunelab.LLMParams(model="HuggingFaceTB/SmolLM2-135M-Instruct", data_path="samples/alpaca.jsonl",
                            trainer="sft", peft=True, project_name="my-run")
 folder = tunelab.train(params)
+
+Text classification: `tunelab.train(tunelab.TextClassificationParams(...))`, or a config with
+`task: text_classification`.
 """
 
 from __future__ import annotations
@@ -13,18 +16,34 @@ from typing import Any
 
 from tunelab.config import load_config
 from tunelab.config.schema import DEFAULT_MODEL, LLMParams
+from tunelab.config.text_classification import TextClassificationParams
 from tunelab.errors import ConfigError, DataError, TunelabError
 
-__all__ = ["DEFAULT_MODEL", "ConfigError", "DataError", "LLMParams", "TunelabError", "load_config", "train"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "ConfigError",
+    "DataError",
+    "LLMParams",
+    "TextClassificationParams",
+    "TunelabError",
+    "load_config",
+    "train",
+]
 __version__ = "0.1.0"
 
 
-def train(params: LLMParams | dict[str, Any] | str | Path | None = None, **overrides: Any) -> Path:
-    """Fine-tune as `params` says (an LLMParams, a dict or a config path, plus keyword overrides).
+def train(
+    params: LLMParams | TextClassificationParams | dict[str, Any] | str | Path | None = None, **overrides: Any
+) -> Path:
+    """Fine-tune as `params` says (a parameter object, a dict or a config path, plus keyword overrides).
 
     Returns the finished run folder. Raises TunelabError (with a message naming the problem) on bad input.
     """
+    resolved = load_config(params if params is not None else {}, **overrides)
+    if isinstance(resolved, TextClassificationParams):
+        from tunelab.classify import run_text_classification
+
+        return run_text_classification(resolved)
     from tunelab.run import run
 
-    resolved = load_config(params if params is not None else {}, **overrides)
     return run(resolved)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tunelab.config.autotrain import ALIASES
 from tunelab.config.schema import LLMParams
+from tunelab.config.text_classification import TextClassificationParams
 from tunelab.errors import TunelabError
 
 log = logging.getLogger("tunelab")
@@ -31,12 +32,12 @@ def _flag_names(name: str) -> list[str]:
     return names
 
 
-def add_param_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per LLMParams field (snake_case and kebab-case), plus AutoTrain's older spellings.
+def add_param_flags(parser: argparse.ArgumentParser, schema: type = LLMParams) -> None:
+    """One flag per field of the parameter class (snake_case and kebab-case), plus AutoTrain's older spellings.
 
     Defaults are suppressed so that only the flags a user typed override a config file.
     """
-    fields = {f.name: f for f in dataclasses.fields(LLMParams)}
+    fields = {f.name: f for f in dataclasses.fields(schema)}
     for f in fields.values():
         kind = str(f.type)
         help_text = f"{f.metadata['help']} (default: {f.default})"
@@ -59,7 +60,7 @@ def add_param_flags(parser: argparse.ArgumentParser) -> None:
             )
     for alias, (target, fixed) in ALIASES.items():
         names = [n for n in _flag_names(alias) if n not in parser._option_string_actions]
-        if not names:
+        if not names or target not in fields:
             continue
         if fixed is None:
             parser.add_argument(*names, dest=target, help=argparse.SUPPRESS, default=argparse.SUPPRESS)
@@ -105,6 +106,23 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", "--top_p", type=float, default=1.0)
     gen.add_argument("--num-return-sequences", "--num_return_sequences", type=int, default=1)
 
+    classify = sub.add_parser(
+        "text-classification",
+        help="fine-tune a model to label texts",
+        description="Fine-tune a sequence classifier (encoder or decoder model) on labelled texts.",
+    )
+    classify.add_argument("--train", action="store_true", help="Train (accepted for AutoTrain compatibility).")
+    classify.add_argument("--config", dest="config", help="YAML config; flags given here override it.")
+    classify.add_argument("--backend", help=argparse.SUPPRESS)
+    add_param_flags(classify, TextClassificationParams)
+
+    predict = sub.add_parser("predict", help="label texts with a trained text-classification run")
+    predict.add_argument("texts", nargs="*", help="Texts to label.")
+    predict.add_argument("--model", required=True, help="Run folder of a text-classification run.")
+    predict.add_argument("--data-path", "--data_path", help="Label every row of this CSV/JSONL/Parquet file.")
+    predict.add_argument("--text-column", "--text_column", default="text", help="Column with the texts.")
+    predict.add_argument("--output", help="Write predictions here (CSV; default: <data-path stem>.predictions.csv).")
+
     score = sub.add_parser("score", help="score texts with a trained reward model (higher: preferred)")
     score.add_argument("texts", nargs="*", help="Texts to score (each a whole prompt + answer).")
     score.add_argument("--model", required=True, help="Run folder of a reward run (--trainer reward).")
@@ -115,17 +133,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_llm(args: argparse.Namespace) -> int:
-    from tunelab.config import load_config, read_config_file
+def run_llm(args: argparse.Namespace, schema: type = LLMParams) -> int:
+    """Train: `tunelab llm`, `tunelab text-classification` or `tunelab --config` (the config's task decides)."""
+    from tunelab.config import read_config_file, split_task
     from tunelab.config.overrides import build_params
-    from tunelab.run import run
 
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "train", "config", "backend")}
+    base: dict = {}
     if args.config:
-        params = build_params(read_config_file(args.config), flags)
+        config_schema, base = split_task(read_config_file(args.config))
+        if args.command and config_schema is not schema:
+            raise TunelabError(f"{args.config} is a config for another task than `tunelab {args.command}`")
+        schema = config_schema
+    params = build_params(base, flags, schema=schema)
+    if schema is TextClassificationParams:
+        from tunelab.classify import run_text_classification
+
+        folder = run_text_classification(params)
     else:
-        params = load_config(flags)
-    folder = run(params)
+        from tunelab.run import run
+
+        folder = run(params)
     print(f"tunelab: finished; outputs in {folder}")
     return 0
 
@@ -139,6 +167,21 @@ def run_generate(args: argparse.Namespace) -> int:
     )
     for text in generate(model, tokenizer, " ".join(args.prompt), options):
         print(text)
+    return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from tunelab.inference.classify import load_classifier, predict, write_predictions
+
+    model, tokenizer = load_classifier(args.model)
+    if args.data_path:
+        out = write_predictions(model, tokenizer, Path(args.data_path), args.text_column, args.output)
+        print(f"tunelab: predictions written to {out}")
+    if args.texts:
+        for text, (label, score) in zip(args.texts, predict(model, tokenizer, args.texts), strict=True):
+            print(f"{label}\t{score:.4f}\t{json.dumps(text[:80])}")
+    if not args.texts and not args.data_path:
+        raise TunelabError("predict: give texts on the command line or --data-path")
     return 0
 
 
@@ -208,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "llm":
             return run_llm(args)
+        if args.command == "text-classification":
+            return run_llm(args, TextClassificationParams)
+        if args.command == "predict":
+            return run_predict(args)
         if args.command == "generate":
             return run_generate(args)
         if args.command == "score":

@@ -27,7 +27,7 @@ def check_machine(params: Any) -> None:
         problems.append("mixed_precision=bf16 is not supported by this GPU (use fp16)")
     if any(marker in params.optimizer for marker in CUDA_OPTIMIZERS) and not cuda:
         problems.append(f"optimizer={params.optimizer} is a bitsandbytes CUDA optimizer (use adamw_torch)")
-    if params.use_flash_attention_2 and not cuda:
+    if getattr(params, "use_flash_attention_2", False) and not cuda:
         problems.append("use_flash_attention_2 needs a CUDA GPU and the flash-attn package")
     if params.log in ("tensorboard", "wandb") and importlib.util.find_spec(params.log) is None:
         problems.append(f"log={params.log} needs the {params.log} package (pip install {params.log})")

@@ -92,23 +92,31 @@ def write_run(
     write_json(staging / RUN_FILE, run_info)
 
 
+def _data_line(run: dict[str, Any]) -> str:
+    if run.get("labels"):
+        return "Labels: " + ", ".join(f"`{label}`" for label in run["labels"])
+    return f"Rows: {run.get('row_format')}; chat template: {run.get('template') or 'none (text as is)'}"
+
+
 def model_card(params: Any, run: dict[str, Any], metrics: dict[str, Any]) -> str:
     """A README.md for the run folder: what was trained on what, how, and how it went."""
     kind = "LoRA adapter" if params.peft else "fully fine-tuned model"
+    method = run.get("trainer") or getattr(params, "trainer", "")
+    usage = run.get("usage") or f'tunelab generate --model {Path(params.project_name).name} "your prompt"'
     rows = "\n".join(f"| {k} | {_short(v)} |" for k, v in sorted(params.to_dict(redact=True).items()))
     shown = "\n".join(f"| {k} | {_short(v)} |" for k, v in sorted(metrics.items()))
     return f"""---
 base_model: {params.model}
 library_name: {"peft" if params.peft else "transformers"}
-tags: [tunelab, {params.trainer}]
+tags: [tunelab, {method}]
 ---
 # {Path(params.project_name).name}
 
-A {kind} of `{params.model}`, trained with [tunelab](https://pypi.org/project/tunelab/) (`{params.trainer}`
+A {kind} of `{params.model}`, trained with [tunelab](https://pypi.org/project/tunelab/) (`{method}`
 method) on `{params.data_path}`.
 
-- Rows: {run.get("row_format")}; chat template: {run.get("template") or "none (text as is)"}
-- Use it: `tunelab generate --model {Path(params.project_name).name} "your prompt"`
+- {_data_line(run)}
+- Use it: `{usage}`
 
 ## Results
 | metric | value |

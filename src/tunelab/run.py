@@ -44,9 +44,10 @@ def run(params: LLMParams) -> Path:
     if method.data == "pairs":
         stats.truncated = data.stats.prompts_truncated + data.stats.completions_truncated
         stats.dropped = data.stats.dropped_no_room
+        stats.examples += stats.dropped
     if not train_rows:
         raise DataError(
-            f"{data.origins['train']}: no training rows left: of {stats.examples + stats.dropped} examples, "
+            f"{data.origins['train']}: no training rows left: of {stats.examples} examples, "
             f"{stats.truncated} were truncated to block_size={params.block_size} and {stats.dropped} dropped with "
             "nothing left to learn (no answer tokens, or a prompt with no room for an answer); "
             "raise block_size (and model_max_length) or lower max_prompt_length"

@@ -12,6 +12,7 @@ import os
 import re
 from typing import Any
 
+from tunelab.config.schema import field_names
 from tunelab.errors import ConfigError
 
 # AutoTrain task -> tunelab trainer (AutoTrain: `llm` and `llm-generic` train the plain causal-LM objective).
@@ -24,6 +25,20 @@ TASKS = {
     "llm-dpo": "dpo",
     "llm-orpo": "orpo",
 }
+# Tasks that are not LLM training methods: the parameter class each one is read into.
+CLASSIFICATION_TASKS = ("text_classification", "text-classification")
+
+
+def schema_of(config: dict[str, Any]) -> type:
+    """The parameter class an AutoTrain config (or a flat dict with `task`) describes."""
+    if config.get("task") in CLASSIFICATION_TASKS:
+        from tunelab.config.text_classification import TextClassificationParams
+
+        return TextClassificationParams
+    from tunelab.config.schema import LLMParams
+
+    return LLMParams
+
 
 # AutoTrain `backend` values that mean "somewhere else": tunelab always trains on this machine and says so.
 LOCAL_BACKENDS = ("local", "local-cli", "local-ui", None)
@@ -73,11 +88,14 @@ def from_autotrain_config(config: dict[str, Any], source: str = "config") -> dic
     from tunelab.config.overrides import check_known
 
     config = dict(config)
+    schema = schema_of(config)
     out: dict[str, Any] = {}
     task = config.pop("task", "llm")
-    if task not in TASKS:
-        raise ConfigError(f"{source}: task {task!r} is not an LLM task tunelab knows ({', '.join(TASKS)})")
-    out["trainer"] = TASKS[task]
+    if task in TASKS:
+        out["trainer"] = TASKS[task]
+    elif task not in CLASSIFICATION_TASKS:
+        known = ", ".join([*TASKS, *CLASSIFICATION_TASKS])
+        raise ConfigError(f"{source}: task {task!r} is not a task tunelab knows ({known})")
     if "base_model" in config:
         out["model"] = config.pop("base_model")
     for key in ("project_name", "log"):
@@ -97,9 +115,12 @@ def from_autotrain_config(config: dict[str, Any], source: str = "config") -> dic
         if key in data:
             out[key] = data.pop(key)
     mapping = data.pop("column_mapping", None) or {}
+    columns = [name for name in field_names(schema) if name.endswith("_column")]
     for key, value in mapping.items():
-        if key not in ("text_column", "rejected_text_column", "prompt_text_column"):
-            raise ConfigError(f"{source}: data.column_mapping.{key} is not a column tunelab maps for LLM tasks")
+        if key not in columns:
+            raise ConfigError(
+                f"{source}: data.column_mapping.{key} is not a column of task {task!r} (use {', '.join(columns)})"
+            )
         out[key] = value
     if data:
         raise ConfigError(f"{source}: unknown key data.{next(iter(data))}")
@@ -111,28 +132,30 @@ def from_autotrain_config(config: dict[str, Any], source: str = "config") -> dic
         out[key] = value
 
     params = config.pop("params", None) or {}
-    out.update(normalize_keys(params, f"{source}: params"))
+    out.update(normalize_keys(params, f"{source}: params", schema))
     if config:
-        check_known(config, source)  # names the stray top-level key, with a suggestion
-        out.update(normalize_keys(config, source))
+        check_known(config, source, schema)  # names the stray top-level key, with a suggestion
+        out.update(normalize_keys(config, source, schema))
     return {key: expand_env(value) for key, value in out.items()}
 
 
-def normalize_keys(values: dict[str, Any], where: str) -> dict[str, Any]:
+def normalize_keys(values: dict[str, Any], where: str, schema: type | None = None) -> dict[str, Any]:
     """Apply ALIASES and dash->underscore to a dict of parameters; unknown names raise with a suggestion."""
     from tunelab.config.overrides import check_known
 
+    schema = schema or schema_of({})
+    own = set(field_names(schema))
     out: dict[str, Any] = {}
     for raw_key, value in values.items():
         key = raw_key.replace("-", "_")
-        if key in ALIASES:
+        if key in ALIASES and key not in own:  # text classification's max_seq_length is its own parameter
             target, fixed = ALIASES[key]
             if fixed is not None:
                 if value in (False, None, "false", "False"):
                     continue  # e.g. `use_int4: false` asks for nothing
                 value = fixed
             key = target
-        check_known({key: value}, where)
+        check_known({key: value}, where, schema)
         out[key] = value
     return out
 

@@ -9,6 +9,7 @@ import dataclasses
 
 from tunelab.config.autotrain import ALIASES, TASKS
 from tunelab.config.schema import LLMParams
+from tunelab.config.text_classification import TextClassificationParams
 
 
 def render_markdown() -> str:
@@ -26,13 +27,7 @@ def render_markdown() -> str:
         "| parameter | default | meaning |",
         "| --- | --- | --- |",
     ]
-    for f in dataclasses.fields(LLMParams):
-        default = "unset" if f.default is None else f"`{f.default}`"
-        text = f.metadata["help"].replace("|", "\\|")
-        choices = f.metadata.get("choices")
-        if choices:
-            text += " Allowed: " + ", ".join("unset" if c is None else f"`{c}`" for c in choices) + "."
-        lines.append(f"| `{f.name}` | {default} | {text} |")
+    lines += _table(LLMParams)
     lines += ["", "## Trainers", "", "| trainer | what it does |", "| --- | --- |"]
     lines += [f"| `{name}` | {method.summary} |" for name, method in METHODS.items()]
     lines += ["", "## AutoTrain spellings", "", "| AutoTrain | tunelab |", "| --- | --- |"]
@@ -40,7 +35,31 @@ def render_markdown() -> str:
     for alias, (target, fixed) in ALIASES.items():
         meaning = f"`{target}: {fixed}`" if fixed is not None else f"`{target}`"
         lines.append(f"| `{alias}` / `--{alias.replace('_', '-')}` | {meaning} |")
+    lines += [
+        "",
+        "## Text classification",
+        "",
+        "`tunelab text-classification` and configs with `task: text_classification` take the fields of",
+        "`tunelab.TextClassificationParams` (AutoTrain's names; `data.column_mapping` maps `text_column` and",
+        "`target_column`):",
+        "",
+        "| parameter | default | meaning |",
+        "| --- | --- | --- |",
+        *_table(TextClassificationParams),
+    ]
     return "\n".join(lines) + "\n"
+
+
+def _table(schema: type) -> list[str]:
+    rows = []
+    for f in dataclasses.fields(schema):
+        default = "unset" if f.default is None else f"`{f.default}`"
+        text = f.metadata["help"].replace("|", "\\|")
+        choices = f.metadata.get("choices")
+        if choices:
+            text += " Allowed: " + ", ".join("unset" if c is None else f"`{c}`" for c in choices) + "."
+        rows.append(f"| `{f.name}` | {default} | {text} |")
+    return rows
 
 
 if __name__ == "__main__":

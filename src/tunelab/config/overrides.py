@@ -10,11 +10,11 @@ from tunelab.config.schema import LLMParams, field_names
 from tunelab.errors import ConfigError
 
 
-def check_known(values: dict[str, Any], where: str = "") -> None:
-    """Raise ConfigError for the first key that is not an LLMParams field, suggesting the nearest name."""
+def check_known(values: dict[str, Any], where: str = "", schema: type = LLMParams) -> None:
+    """Raise ConfigError for the first key that is not a field of `schema`, suggesting the nearest name."""
     from tunelab.config.autotrain import ALIASES  # autotrain imports this module
 
-    names = field_names()
+    names = field_names(schema)
     for key in values:
         if key not in names:
             near = difflib.get_close_matches(key, [*names, *ALIASES], n=1, cutoff=0.6)
@@ -23,9 +23,9 @@ def check_known(values: dict[str, Any], where: str = "") -> None:
             raise ConfigError(f"{prefix}unknown parameter {key!r}{hint}")
 
 
-def coerce(values: dict[str, Any]) -> dict[str, Any]:
+def coerce(values: dict[str, Any], schema: type = LLMParams) -> dict[str, Any]:
     """Convert YAML/CLI strings to each field's type ("3e-5" -> 3e-5, "true" -> True, "null" -> None)."""
-    fields = {f.name: f for f in dataclasses.fields(LLMParams)}
+    fields = {f.name: f for f in dataclasses.fields(schema)}
     out = {}
     for key, value in values.items():
         kind = str(fields[key].type)
@@ -67,13 +67,13 @@ def _number(key: str, text: str, kind: type) -> int | float:
     return number
 
 
-def build_params(*sources: dict[str, Any]) -> LLMParams:
-    """LLMParams from parameter dicts, later ones overriding earlier ones."""
+def build_params(*sources: dict[str, Any], schema: type = LLMParams) -> Any:
+    """A parameter object (LLMParams unless `schema` says otherwise) from dicts, later ones overriding."""
     merged: dict[str, Any] = {}
     for source in sources:
-        check_known(source)
+        check_known(source, schema=schema)
         merged.update(source)
     try:
-        return LLMParams(**coerce(merged))
+        return schema(**coerce(merged, schema))
     except TypeError as err:  # a value of the wrong type that slipped past coerce
         raise ConfigError(str(err)) from None

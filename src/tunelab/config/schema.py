@@ -26,8 +26,25 @@ def _f(default: Any, help: str, choices: tuple | None = None, secret: bool = Fal
     return field(default=default, metadata=meta, repr=not secret)
 
 
+class Params:
+    """What every parameter object shares: a redacted dict/JSON view (the token never leaves as itself)."""
+
+    def to_dict(self, redact: bool = True) -> dict[str, Any]:
+        """All parameters as plain values; secrets replaced by '***' unless redact is False."""
+        values = dataclasses.asdict(self)
+        if redact:
+            for f in dataclasses.fields(self):
+                if f.metadata.get("secret") and values.get(f.name):
+                    values[f.name] = "***"
+        return values
+
+    def to_json(self) -> str:
+        """The redacted parameters as JSON (what lands in training_params.json)."""
+        return json.dumps(self.to_dict(redact=True), indent=2, sort_keys=True)
+
+
 @dataclass
-class LLMParams:
+class LLMParams(Params):
     """Everything that defines an LLM fine-tuning run. Names follow AutoTrain Advanced's `LLMTrainingParams`."""
 
     # --- what to train, on what, where to put it
@@ -200,28 +217,14 @@ class LLMParams:
         if self.trainer not in METHODS:
             raise ConfigError(f"trainer: {self.trainer!r} is not one of {', '.join(METHODS)}")
 
-    # ------------------------------------------------------------------ views
-    def to_dict(self, redact: bool = True) -> dict[str, Any]:
-        """All parameters as plain values; secrets replaced by '***' unless redact is False."""
-        values = dataclasses.asdict(self)
-        if redact:
-            for f in dataclasses.fields(self):
-                if f.metadata.get("secret") and values.get(f.name):
-                    values[f.name] = "***"
-        return values
 
-    def to_json(self) -> str:
-        """The redacted parameters as JSON (what lands in training_params.json)."""
-        return json.dumps(self.to_dict(redact=True), indent=2, sort_keys=True)
-
-
-def _positive(params: LLMParams, *names: str) -> None:
+def _positive(params: Any, *names: str) -> None:
     for name in names:
         value = getattr(params, name)
         if value is None or value <= 0:
             raise ConfigError(f"{name} must be positive, got {value}")
 
 
-def field_names() -> list[str]:
-    """The names of every parameter, in declaration order."""
-    return [f.name for f in dataclasses.fields(LLMParams)]
+def field_names(schema: type = LLMParams) -> list[str]:
+    """The names of every parameter of a parameter class, in declaration order."""
+    return [f.name for f in dataclasses.fields(schema)]

@@ -1,0 +1,186 @@
+"""The spine of a text-classification run: params -> checks -> labelled data -> classifier -> Trainer -> folder.
+
+`tunelab text-classification`, a `task: text_classification` config and `tunelab.train(...)` with such a
+config all call `run_text_classification`. As for LLM runs, every input problem is found before the model
+loads, and the run folder appears only when complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from transformers import set_seed
+
+from tunelab import outputs
+from tunelab.data.classification import LabelledData, load_labelled_data
+from tunelab.env import check_machine, device_name
+from tunelab.metrics import classification_report, draw_confusion_matrix
+
+log = logging.getLogger("tunelab")
+
+
+def run_text_classification(params: Any) -> Path:
+    """Train a sequence classifier end to end and return the finished run folder."""
+    from tunelab.models import load_tokenizer, resolve_model
+
+    folder = outputs.RunFolder(params.project_name)
+    folder.check_free()
+    check_machine(params)
+    source = resolve_model(params.model)
+    tokenizer = load_tokenizer(source, params.max_seq_length)
+    data = load_labelled_data(params, tokenizer)
+    _report_data(params, data)
+
+    set_seed(params.seed)
+    model = _load_classifier(source, params, data.labels, tokenizer)
+    staging = folder.start()
+    trainer, history = _build_trainer(model, tokenizer, params, data, staging)
+    result = trainer.train()
+
+    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    if data.valid:
+        history.clear()
+        metrics.update(trainer.evaluate())
+        report = history[-1]
+        outputs.write_json(staging / "eval_report.json", {"final": report, "per_evaluation": trainer.reports})
+        draw_confusion_matrix(report["confusion_matrix"], data.labels, staging / "confusion_matrix.png")
+    run_info = {
+        "task": "text_classification",
+        "trainer": "text_classification",
+        "base_model": params.model,
+        "adapter": params.peft,
+        "merged": "merged" if params.peft else None,  # pipeline("text-classification") needs full weights
+        "labels": data.labels,
+        "label_counts": {split: dict(counts) for split, counts in data.counts.items()},
+        "data": data.origins,
+        "device": device_name(),
+        "usage": f'tunelab predict --model {Path(params.project_name).name} "a text to label"',
+    }
+    outputs.write_run(staging, trainer, tokenizer, params, None, metrics, run_info)
+    final = folder.finish()
+    log.info("done: %s (eval accuracy %s)", final, metrics.get("eval_accuracy", "n/a"))
+    if params.push_to_hub:
+        from tunelab.hub import push_folder
+
+        repo_id = params.repo_id or f"{params.username}/{final.name}"
+        log.info("pushed to %s", push_folder(str(final), repo_id, params.token))
+    return final
+
+
+def _report_data(params: Any, data: LabelledData) -> None:
+    log.info("data: %s", ", ".join(f"{k}={v}" for k, v in data.origins.items()))
+    log.info("labels (%d): %s", len(data.labels), ", ".join(data.labels))
+    for split, counts in data.counts.items():
+        total = sum(counts.values())
+        shares = ", ".join(
+            f"{label} {counts.get(label, 0)} ({100 * counts.get(label, 0) / total:.0f}%)" for label in data.labels
+        )
+        log.info(
+            "%s: %d texts: %s; %d truncated to max_seq_length=%d",
+            split,
+            total,
+            shares,
+            data.truncated[split],
+            params.max_seq_length,
+        )
+
+
+def _load_classifier(source: Any, params: Any, labels: list[str], tokenizer: Any) -> Any:
+    import torch
+
+    from tunelab.models.load import load_sequence_classifier
+    from tunelab.models.peft import add_lora
+    from tunelab.models.quantize import quantization_config
+
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(params.mixed_precision or "")
+    dtype = half if (params.peft and half is not None) else torch.float32
+    quantization = quantization_config(params.quantization, half)
+    model = load_sequence_classifier(source, len(labels), dtype=dtype, quantization_config=quantization)
+    model.config.id2label = dict(enumerate(labels))
+    model.config.label2id = {label: i for i, label in enumerate(labels)}
+    # Decoder models (GPT-2, Llama) have no pad token: the tokenizer got EOS as pad; the head must know it to
+    # find each text's last token.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if params.peft:
+        model = add_lora(model, params, task_type="SEQ_CLS")
+    return model
+
+
+def _build_trainer(model: Any, tokenizer: Any, params: Any, data: LabelledData, staging: Path) -> tuple[Any, list]:
+    import torch
+    from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
+
+    from tunelab.callbacks import ProgressAndMetrics
+    from tunelab.speed import optimizer_name
+    from tunelab.trainer import ListDataset, _checkpointing
+
+    has_valid = bool(data.valid)
+    steps = math.ceil(len(data.train) / (params.batch_size * params.gradient_accumulation)) * params.epochs
+    total = params.max_steps if params.max_steps > 0 else steps
+    logging_steps = params.logging_steps if params.logging_steps > 0 else max(1, min(25, math.ceil(total / 25)))
+    eval_strategy = params.eval_strategy if has_valid else "no"
+    early = has_valid and eval_strategy != "no"
+    args = TrainingArguments(
+        output_dir=str(staging),
+        learning_rate=params.lr,
+        num_train_epochs=params.epochs,
+        max_steps=params.max_steps,
+        per_device_train_batch_size=params.batch_size,
+        per_device_eval_batch_size=params.batch_size,
+        gradient_accumulation_steps=params.gradient_accumulation,
+        auto_find_batch_size=params.auto_find_batch_size,
+        warmup_steps=params.warmup_ratio,
+        optim=optimizer_name(params),
+        lr_scheduler_type=params.scheduler,
+        weight_decay=params.weight_decay,
+        max_grad_norm=params.max_grad_norm,
+        seed=params.seed,
+        data_seed=params.seed,
+        bf16=params.mixed_precision == "bf16",
+        fp16=params.mixed_precision == "fp16",
+        **_checkpointing(not params.disable_gradient_checkpointing),
+        logging_steps=logging_steps,
+        logging_first_step=True,
+        eval_strategy=eval_strategy,
+        eval_steps=logging_steps if eval_strategy == "steps" else None,
+        save_strategy=eval_strategy if early else "no",
+        save_steps=logging_steps if eval_strategy == "steps" else None,
+        save_total_limit=params.save_total_limit,
+        load_best_model_at_end=early,
+        metric_for_best_model="eval_loss" if early else None,
+        greater_is_better=False if early else None,
+        report_to=[] if params.log == "none" else [params.log],
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+    history: list[dict] = []
+    reports: list[dict] = []
+
+    def compute_metrics(prediction: Any) -> dict[str, float]:
+        report = classification_report(prediction.predictions, prediction.label_ids, data.labels)
+        history.append(report)
+        reports.append(report)
+        return {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"]}
+
+    callbacks: list[Any] = [ProgressAndMetrics(staging / "metrics.jsonl", perplexity=False)]
+    if early:
+        callbacks.append(EarlyStoppingCallback(params.early_stopping_patience, params.early_stopping_threshold))
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=ListDataset(data.train),
+        eval_dataset=ListDataset(data.valid) if has_valid else None,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        processing_class=tokenizer,
+        compute_metrics=compute_metrics if has_valid else None,
+        callbacks=callbacks,
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.reports = reports
+    return trainer, history

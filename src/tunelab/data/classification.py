@@ -1,0 +1,113 @@
+"""Labelled texts -> token ids and label ids, every problem found before training.
+
+Labels may be names ("positive") or integers (0, 1, 2); the label set is taken from the train split, in sorted
+order (numbers numerically), and saved with the model (id2label / label2id) so predictions come out as names.
+Empty or missing texts and missing labels are errors naming their rows (a classifier cannot learn from them,
+and silently dropping them would hide a broken export); so are a single label, and labels in the valid split
+that the train split never shows.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from tunelab.data.formats import MAX_LISTED
+from tunelab.data.sources import Split, read_splits
+from tunelab.errors import DataError
+
+log = logging.getLogger("tunelab")
+
+
+@dataclass
+class LabelledData:
+    train: list[dict[str, Any]]  # {"input_ids": [...], "labels": int}
+    valid: list[dict[str, Any]] | None
+    labels: list[str]
+    counts: dict[str, Counter] = field(default_factory=dict)
+    truncated: dict[str, int] = field(default_factory=dict)
+    origins: dict[str, str] = field(default_factory=dict)
+
+
+def _label_name(value: Any) -> str | None:
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value).strip()
+    return text or None
+
+
+def _sort_key(name: str) -> tuple[int, Any]:
+    try:
+        return (0, float(name))
+    except ValueError:
+        return (1, name)
+
+
+def read_labelled(split: Split, text_column: str, target_column: str) -> tuple[list[str], list[str]]:
+    """(texts, label names) of a split; every bad row is collected into one DataError."""
+    for column in (text_column, target_column):
+        if column not in split.columns:
+            flag = "text_column" if column == text_column else "target_column"
+            raise DataError(
+                f"{split.origin}: column {column!r} not found (columns: {', '.join(split.columns[:20])}); "
+                f"set {flag} (data.column_mapping.{flag})"
+            )
+    texts, labels, problems = [], [], []
+    for index, row in enumerate(split.rows):
+        text, label = row.get(text_column), _label_name(row.get(target_column))
+        if not isinstance(text, str) or not text.strip():
+            problems.append(f"{split.where(index)}, column {text_column!r}: empty text")
+        elif label is None:
+            problems.append(f"{split.where(index)}, column {target_column!r}: missing label")
+        else:
+            texts.append(text)
+            labels.append(label)
+    if problems:
+        shown = "; ".join(problems[:MAX_LISTED])
+        more = f" (and {len(problems) - MAX_LISTED} more)" if len(problems) > MAX_LISTED else ""
+        raise DataError(f"{len(problems)} bad row(s) in {split.origin}: {shown}{more}")
+    return texts, labels
+
+
+def load_labelled_data(params: Any, tokenizer: Any) -> LabelledData:
+    """Read, check and tokenize the train (and valid) splits of a text-classification run."""
+    splits = read_splits(params.data_path, params.train_split, params.valid_split)
+    read = {name: read_labelled(split, params.text_column, params.target_column) for name, split in splits.items()}
+    names = sorted(set(read["train"][1]), key=_sort_key)
+    if len(names) < 2:
+        raise DataError(
+            f"{splits['train'].origin}: only one label ({names[0]!r}) in column {params.target_column!r}: "
+            "a classifier needs at least two"
+        )
+    index = {name: i for i, name in enumerate(names)}
+    data = LabelledData(train=[], valid=None, labels=names, origins={n: s.origin for n, s in splits.items()})
+    for name, (texts, labels) in read.items():
+        unseen = sorted(set(labels) - set(index), key=_sort_key)
+        if unseen:
+            raise DataError(
+                f"{splits[name].origin}: label(s) {', '.join(map(repr, unseen[:MAX_LISTED]))} never appear in the "
+                f"train split ({', '.join(map(repr, names))}): the model could not learn them"
+            )
+        enc = tokenizer(texts, truncation=False, add_special_tokens=True)["input_ids"]
+        data.truncated[name] = sum(len(ids) > params.max_seq_length for ids in enc)
+        rows = [
+            {"input_ids": list(ids[: params.max_seq_length]), "labels": index[label]}
+            for ids, label in zip(enc, labels, strict=True)
+        ]
+        data.counts[name] = Counter(labels)
+        if name == "train":
+            data.train = rows
+        else:
+            data.valid = rows
+            missing = [label for label in names if label not in data.counts[name]]
+            if missing:
+                log.warning(
+                    "%s has no example of label(s) %s: their precision/recall cannot be measured",
+                    splits[name].origin,
+                    ", ".join(map(repr, missing)),
+                )
+    return data

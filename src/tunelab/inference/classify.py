@@ -1,0 +1,76 @@
+"""Labelling texts with a trained text-classification run (`tunelab predict`).
+
+The run folder holds a full sequence classifier (or, after LoRA training, an adapter plus `merged/`, the full
+model); its config carries the label names, so predictions come out as names.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from tunelab.errors import TunelabError
+
+
+def load_classifier(path: str | Path) -> tuple[Any, Any]:
+    """(model, tokenizer) from a text-classification run folder (its merged/ copy after LoRA training)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = Path(path)
+    if (folder / "merged" / "config.json").is_file():
+        folder = folder / "merged"
+    if not (folder / "config.json").is_file():
+        raise TunelabError(f"{path} holds no classifier: expected a tunelab text-classification run folder")
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    if not any(name.endswith("ForSequenceClassification") for name in config.get("architectures") or []):
+        raise TunelabError(f"{path} is not a text classifier (architectures: {config.get('architectures')})")
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def predict(model: Any, tokenizer: Any, texts: list[str], batch_size: int = 16) -> list[tuple[str, float]]:
+    """(label name, probability) of the most likely label for each text."""
+    return [(max(p, key=p.get), max(p.values())) for p in probabilities(model, tokenizer, texts, batch_size)]
+
+
+def probabilities(model: Any, tokenizer: Any, texts: list[str], batch_size: int = 16) -> list[dict[str, float]]:
+    """Every label's probability for each text."""
+    import torch
+
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    out = []
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(
+            texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=512
+        ).to(model.device)
+        with torch.no_grad():
+            probs = model(**batch).logits.float().softmax(-1).tolist()
+        out += [dict(zip(names, row, strict=True)) for row in probs]
+    return out
+
+
+def write_predictions(model: Any, tokenizer: Any, data: Path, text_column: str, output: str | None) -> Path:
+    """Label every row of a data file; write a CSV with the text, the label, its score and every probability."""
+    from tunelab.data.sources import read_file
+
+    split = read_file(data, "predict")
+    if text_column not in split.columns:
+        raise TunelabError(f"{data}: column {text_column!r} not found (columns: {', '.join(split.columns[:20])})")
+    texts = [str(row.get(text_column) or "") for row in split.rows]
+    probs = probabilities(model, tokenizer, texts)
+    target = Path(output) if output else data.with_name(f"{data.stem}.predictions.csv")
+    names = list(probs[0]) if probs else []
+    tmp = target.with_name(target.name + ".tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow([text_column, "label", "score", *[f"p_{name}" for name in names]])
+        for text, p in zip(texts, probs, strict=True):
+            label = max(p, key=p.get)
+            writer.writerow([text, label, f"{p[label]:.4f}", *[f"{p[name]:.4f}" for name in names]])
+    tmp.replace(target)
+    return target
