@@ -188,3 +188,39 @@ def test_default_model_beats_the_majority_baseline(tmp_path, capsys, monkeypatch
     baseline = majority_baseline([labels.index(t["label"]) for t in test])
     # 0.570 against 0.514 on this machine (2026-11-23).
     assert accuracy > baseline + 0.03, (accuracy, baseline)
+
+
+@needs_shared()
+def test_encoder_model_from_python_and_a_valid_split_missing_a_label(tmp_path, caplog):
+    """An encoder (BERT-style) classifier through the Python API; a valid split without one label is allowed
+    with a warning."""
+    import logging
+
+    import torch
+    from transformers import BertConfig, BertModel
+
+    import tunelab
+    from tests.conftest import build_tokenizer
+
+    model_dir = tmp_path / "tiny-bert"
+    tokenizer = build_tokenizer(model_dir, chat_template=None)
+    config = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128
+    )
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(model_dir)
+    data = tmp_path / "tweets"
+    _write_csv(data / "train.csv", _sentiment_rows("train", 120))
+    _write_csv(data / "valid.csv", [r for r in _sentiment_rows("valid", 60) if r["label"] != "positive"])
+    with caplog.at_level(logging.WARNING, logger="tunelab"):
+        params = tunelab.TextClassificationParams(
+            model=str(model_dir), data_path=str(data), valid_split="valid", target_column="label",
+            project_name=str(tmp_path / "bert-run"), epochs=1, batch_size=16, lr=1e-3,
+        )  # fmt: skip
+        folder = tunelab.train(params)
+    assert "no example of label(s) 'positive'" in caplog.text
+    report = json.loads((folder / "eval_report.json").read_text())
+    assert report["final"]["per_class"]["positive"]["support"] == 0
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved["architectures"] == ["BertForSequenceClassification"]
+    assert saved["label2id"] == {"negative": 0, "neutral": 1, "positive": 2}

@@ -110,54 +110,28 @@ def _load_classifier(source: Any, params: Any, labels: list[str], tokenizer: Any
 
 
 def _build_trainer(model: Any, tokenizer: Any, params: Any, data: LabelledData, staging: Path) -> tuple[Any, list]:
-    import torch
-    from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer, TrainingArguments
+    from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer
     from transformers.trainer_callback import PrinterCallback
 
     from tunelab.callbacks import ProgressAndMetrics
-    from tunelab.speed import optimizer_name
-    from tunelab.trainer import ListDataset, _checkpointing
+    from tunelab.trainer import ListDataset, training_arguments
 
     has_valid = bool(data.valid)
-    steps = math.ceil(len(data.train) / (params.batch_size * params.gradient_accumulation)) * params.epochs
-    total = params.max_steps if params.max_steps > 0 else steps
-    logging_steps = params.logging_steps if params.logging_steps > 0 else max(1, min(25, math.ceil(total / 25)))
-    eval_strategy = params.eval_strategy if has_valid else "no"
-    early = has_valid and eval_strategy != "no"
-    args = TrainingArguments(
-        output_dir=str(staging),
-        learning_rate=params.lr,
-        num_train_epochs=params.epochs,
-        max_steps=params.max_steps,
-        per_device_train_batch_size=params.batch_size,
-        per_device_eval_batch_size=params.batch_size,
-        gradient_accumulation_steps=params.gradient_accumulation,
-        auto_find_batch_size=params.auto_find_batch_size,
-        warmup_steps=params.warmup_ratio,
-        optim=optimizer_name(params),
-        lr_scheduler_type=params.scheduler,
-        weight_decay=params.weight_decay,
-        max_grad_norm=params.max_grad_norm,
-        seed=params.seed,
-        data_seed=params.seed,
-        bf16=params.mixed_precision == "bf16",
-        fp16=params.mixed_precision == "fp16",
-        **_checkpointing(not params.disable_gradient_checkpointing),
-        logging_steps=logging_steps,
-        logging_first_step=True,
-        eval_strategy=eval_strategy,
-        eval_steps=logging_steps if eval_strategy == "steps" else None,
-        save_strategy=eval_strategy if early else "no",
-        save_steps=logging_steps if eval_strategy == "steps" else None,
-        save_total_limit=params.save_total_limit,
+    steps_per_epoch = math.ceil(len(data.train) / (params.batch_size * params.gradient_accumulation))
+    early = has_valid and params.eval_strategy != "no"
+    base = training_arguments(params, str(staging), steps_per_epoch, has_valid)
+    # Early stopping keeps the best checkpoint: one is saved at every evaluation.
+    args = training_arguments(
+        params,
+        str(staging),
+        steps_per_epoch,
+        has_valid,
+        save_strategy=params.eval_strategy if early else "no",
+        save_steps=base.eval_steps,
         load_best_model_at_end=early,
         metric_for_best_model="eval_loss" if early else None,
         greater_is_better=False if early else None,
-        report_to=[] if params.log == "none" else [params.log],
-        remove_unused_columns=False,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
+        prediction_loss_only=False,  # the metrics need the logits
     )
     history: list[dict] = []
     reports: list[dict] = []

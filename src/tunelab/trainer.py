@@ -128,13 +128,16 @@ def _checkpointing(enabled: bool, every: int = 1) -> dict[str, Any]:
     return {prefix: enabled, f"{prefix}_kwargs": kwargs}
 
 
-def training_arguments(params: Any, output_dir: str, steps_per_epoch: int, has_valid: bool) -> TrainingArguments:
-    """Map LLMParams onto transformers' TrainingArguments (AutoTrain's names on the left)."""
+def training_arguments(
+    params: Any, output_dir: str, steps_per_epoch: int, has_valid: bool, **overrides: Any
+) -> TrainingArguments:
+    """Map a parameter object onto transformers' TrainingArguments (AutoTrain's names on the left); `overrides`
+    are TrainingArguments fields a task sets its own way."""
     total_steps = params.max_steps if params.max_steps > 0 else steps_per_epoch * params.epochs
     logging_steps = params.logging_steps if params.logging_steps > 0 else max(1, min(25, math.ceil(total_steps / 25)))
     eval_strategy = params.eval_strategy if has_valid else "no"
     report_to = [] if params.log == "none" else [params.log]
-    return TrainingArguments(
+    settings: dict[str, Any] = dict(
         output_dir=output_dir,
         learning_rate=params.lr,
         num_train_epochs=params.epochs,
@@ -152,7 +155,7 @@ def training_arguments(params: Any, output_dir: str, steps_per_epoch: int, has_v
         data_seed=params.seed,
         bf16=params.mixed_precision == "bf16",
         fp16=params.mixed_precision == "fp16",
-        **_checkpointing(not params.disable_gradient_checkpointing, params.checkpoint_every),
+        **_checkpointing(not params.disable_gradient_checkpointing, getattr(params, "checkpoint_every", 1)),
         logging_steps=logging_steps,
         logging_first_step=True,
         eval_strategy=eval_strategy,
@@ -169,6 +172,7 @@ def training_arguments(params: Any, output_dir: str, steps_per_epoch: int, has_v
         disable_tqdm=True,  # tunelab's own progress bar (callbacks.py) shows loss and ETA
         save_only_model=False,
     )
+    return TrainingArguments(**{**settings, **overrides})
 
 
 def build_trainer(
