@@ -166,16 +166,9 @@ class LLMParams(Params):
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
         """Raise ConfigError naming the parameter for any value that cannot work, before anything is loaded."""
-        if self.mixed_precision == "no":
-            self.mixed_precision = None
         if self.chat_template in ("", "null"):
             self.chat_template = None
-        for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            value = getattr(self, f.name)
-            if choices is not None and value not in choices:
-                shown = ", ".join("none" if c is None else str(c) for c in choices)
-                raise ConfigError(f"{f.name}: {value!r} is not one of {shown}")
+        check_choices(self)
         _positive(self, "lr", "epochs", "batch_size", "gradient_accumulation", "lora_r", "lora_alpha")
         _positive(self, "model_max_length", "save_total_limit", "max_prompt_length", "checkpoint_every")
         if self.block_size == -1:
@@ -200,22 +193,37 @@ class LLMParams(Params):
             _positive(self, "max_completion_length")
         if self.dpo_beta <= 0:
             raise ConfigError(f"dpo_beta must be positive, got {self.dpo_beta}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if not 0 <= self.lora_dropout < 1:
-            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.max_steps == 0 or self.max_steps < -1:
-            raise ConfigError(f"max_steps must be a positive number of steps or -1, got {self.max_steps}")
-        if self.quantization is not None and not self.peft:
-            raise ConfigError(
-                f"quantization={self.quantization} trains a LoRA adapter on a quantized model: add --peft"
-            )
-        if self.push_to_hub and not (self.repo_id or self.username):
-            raise ConfigError("push_to_hub needs username (or repo_id) to know where to push")
+        check_training(self)
         from tunelab.methods import METHODS  # late: the registry imports the training stack
 
         if self.trainer not in METHODS:
             raise ConfigError(f"trainer: {self.trainer!r} is not one of {', '.join(METHODS)}")
+
+
+def check_choices(params: Any) -> None:
+    """Every field with a list of allowed values holds one of them ("no" mixed precision means none)."""
+    if params.mixed_precision == "no":
+        params.mixed_precision = None
+    for f in dataclasses.fields(params):
+        choices = f.metadata.get("choices")
+        value = getattr(params, f.name)
+        if choices is not None and value not in choices:
+            shown = ", ".join("none" if c is None else str(c) for c in choices)
+            raise ConfigError(f"{f.name}: {value!r} is not one of {shown}")
+
+
+def check_training(params: Any) -> None:
+    """The checks every task's parameters share: schedule, steps, LoRA, quantization, hub."""
+    if not 0 <= params.warmup_ratio < 1:
+        raise ConfigError(f"warmup_ratio must be in [0, 1), got {params.warmup_ratio}")
+    if not 0 <= params.lora_dropout < 1:
+        raise ConfigError(f"lora_dropout must be in [0, 1), got {params.lora_dropout}")
+    if params.max_steps == 0 or params.max_steps < -1:
+        raise ConfigError(f"max_steps must be a positive number of steps or -1, got {params.max_steps}")
+    if params.quantization is not None and not params.peft:
+        raise ConfigError(f"quantization={params.quantization} trains a LoRA adapter on a quantized model: add --peft")
+    if params.push_to_hub and not (params.repo_id or params.username):
+        raise ConfigError("push_to_hub needs username (or repo_id) to know where to push")
 
 
 def _positive(params: Any, *names: str) -> None:

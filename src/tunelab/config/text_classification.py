@@ -3,10 +3,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
-from tunelab.config.schema import DEFAULT_MODEL, Params, _f, _positive
+from tunelab.config.schema import DEFAULT_MODEL, Params, _f, _positive, check_choices, check_training
 from tunelab.errors import ConfigError
 
 
@@ -65,22 +64,9 @@ class TextClassificationParams(Params):
 
     def validate(self) -> None:
         """Raise ConfigError naming the parameter for any value that cannot work, before anything is loaded."""
-        if self.mixed_precision == "no":
-            self.mixed_precision = None
-        for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            if choices is not None and getattr(self, f.name) not in choices:
-                shown = ", ".join("none" if c is None else str(c) for c in choices)
-                raise ConfigError(f"{f.name}: {getattr(self, f.name)!r} is not one of {shown}")
+        check_choices(self)
         _positive(self, "lr", "epochs", "batch_size", "gradient_accumulation", "max_seq_length", "lora_r")
         _positive(self, "early_stopping_patience", "save_total_limit")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.max_steps == 0 or self.max_steps < -1:
-            raise ConfigError(f"max_steps must be a positive number of steps or -1, got {self.max_steps}")
-        if self.quantization is not None and not self.peft:
-            raise ConfigError(f"quantization={self.quantization} trains a LoRA adapter: add --peft")
         if self.text_column == self.target_column:
             raise ConfigError(f"text_column and target_column are both {self.text_column!r}")
-        if self.push_to_hub and not (self.repo_id or self.username):
-            raise ConfigError("push_to_hub needs username (or repo_id) to know where to push")
+        check_training(self)
