@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from tunelab.data.formats import MAX_LISTED
+from tunelab.data.formats import MAX_LISTED, raise_bad_rows
 from tunelab.data.sources import Split, read_splits
 from tunelab.errors import DataError
 
@@ -66,10 +66,7 @@ def read_labelled(split: Split, text_column: str, target_column: str) -> tuple[l
         else:
             texts.append(text)
             labels.append(label)
-    if problems:
-        shown = "; ".join(problems[:MAX_LISTED])
-        more = f" (and {len(problems) - MAX_LISTED} more)" if len(problems) > MAX_LISTED else ""
-        raise DataError(f"{len(problems)} bad row(s) in {split.origin}: {shown}{more}")
+    raise_bad_rows(problems, split.origin)
     return texts, labels
 
 

@@ -86,11 +86,16 @@ def to_examples(split: Split, fmt: RowFormat) -> list[dict[str, Any]]:
             examples.append(_convert(row, fmt))
         except RowProblem as problem:
             problems.append(f"{split.where(index)}, column {problem.column!r}: {problem.reason}")
+    raise_bad_rows(problems, split.origin)
+    return examples
+
+
+def raise_bad_rows(problems: list[str], origin: str) -> None:
+    """One DataError listing the first bad rows of a file and how many more there are (nothing if none)."""
     if problems:
         shown = "; ".join(problems[:MAX_LISTED])
         more = f" (and {len(problems) - MAX_LISTED} more)" if len(problems) > MAX_LISTED else ""
-        raise DataError(f"{len(problems)} bad row(s) in {split.origin}: {shown}{more}")
-    return examples
+        raise DataError(f"{len(problems)} bad row(s) in {origin}: {shown}{more}")
 
 
 class RowProblem(Exception):

@@ -20,7 +20,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from tunelab.data.formats import MAX_LISTED, RowProblem, cell_messages, cell_text, is_messages
+from tunelab.data.formats import RowProblem, cell_messages, cell_text, is_messages, raise_bad_rows
 from tunelab.data.sources import Split, read_splits
 from tunelab.data.templates import render_template, template_source
 from tunelab.errors import DataError
@@ -155,10 +155,7 @@ def _texts(
             texts.append((prompt, _with_eos(chosen, eos), _with_eos(rejected, eos)))
         else:
             texts.append(_render(prompt, chosen, rejected, source, tokenizer, split.where(index)))
-    if problems:
-        shown = "; ".join(problems[:MAX_LISTED])
-        more = f" (and {len(problems) - MAX_LISTED} more)" if len(problems) > MAX_LISTED else ""
-        raise DataError(f"{len(problems)} bad row(s) in {split.origin}: {shown}{more}")
+    raise_bad_rows(problems, split.origin)
     if identical and not texts:
         raise DataError(
             f"{split.origin}: chosen and rejected are identical in every row ({len(identical)} rows): "
