@@ -24,7 +24,7 @@ log = logging.getLogger("tunelab")
 
 def run_text_classification(params: Any) -> Path:
     """Train a sequence classifier end to end and return the finished run folder."""
-    from tunelab.models import load_tokenizer, resolve_model
+    from tunelab.models import load_model, load_tokenizer, resolve_model
 
     folder = outputs.RunFolder(params.project_name)
     folder.check_free()
@@ -35,7 +35,7 @@ def run_text_classification(params: Any) -> Path:
     _report_data(params, data)
 
     set_seed(params.seed)
-    model = _load_classifier(source, params, data.labels, tokenizer)
+    model = load_model(source, params, kind="classifier", tokenizer=tokenizer, labels=data.labels)
     staging = folder.start()
     trainer, history = _build_trainer(model, tokenizer, params, data, staging)
     result = trainer.train()
@@ -86,27 +86,6 @@ def _report_data(params: Any, data: LabelledData) -> None:
             data.truncated[split],
             params.max_seq_length,
         )
-
-
-def _load_classifier(source: Any, params: Any, labels: list[str], tokenizer: Any) -> Any:
-    import torch
-
-    from tunelab.models.load import load_sequence_classifier
-    from tunelab.models.peft import add_lora
-    from tunelab.models.quantize import quantization_config
-
-    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(params.mixed_precision or "")
-    dtype = half if (params.peft and half is not None) else torch.float32
-    quantization = quantization_config(params.quantization, half)
-    model = load_sequence_classifier(source, len(labels), dtype=dtype, quantization_config=quantization)
-    model.config.id2label = dict(enumerate(labels))
-    model.config.label2id = {label: i for i, label in enumerate(labels)}
-    # Decoder models (GPT-2, Llama) have no pad token: the tokenizer got EOS as pad; the head must know it to
-    # find each text's last token.
-    model.config.pad_token_id = tokenizer.pad_token_id
-    if params.peft:
-        model = add_lora(model, params, task_type="SEQ_CLS")
-    return model
 
 
 def _build_trainer(model: Any, tokenizer: Any, params: Any, data: LabelledData, staging: Path) -> tuple[Any, list]:

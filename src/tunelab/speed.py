@@ -22,7 +22,7 @@ log = logging.getLogger("tunelab")
 
 def attention_implementation(params: Any) -> str | None:
     """The attention kernels to load the model with (None: transformers' default, SDPA)."""
-    return "flash_attention_2" if params.use_flash_attention_2 else None
+    return "flash_attention_2" if getattr(params, "use_flash_attention_2", False) else None
 
 
 def optimizer_name(params: Any) -> str:
@@ -64,7 +64,7 @@ def fuse_ops(model: Any, params: Any) -> None:
     from tunelab.fused_layers import fuse_layers
     from tunelab.lora_dropout import fuse_lora_dropout
 
-    if not params.fused_ops:
+    if not getattr(params, "fused_ops", False):  # text-classification params have no such switch: off
         return
     norms, mlps = fuse_layers(model)
     loras = fuse_lora_dropout(model) if params.peft else 0

@@ -75,11 +75,10 @@ class DPOTrainer(PreferenceTrainer):
 
 def load_reference(params: Any) -> Any:
     """The model named by `model_ref`, loaded like the base model (same dtype rules), frozen."""
-    import torch
-
+    from tunelab.models import half_precision
     from tunelab.models.load import load_causal_lm, resolve_model
 
-    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(params.mixed_precision or "")
+    half = half_precision(params)
     log.info("dpo: reference model = %s", params.model_ref)
     return load_causal_lm(resolve_model(params.model_ref), dtype=half or torch.float32)
 

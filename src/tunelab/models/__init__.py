@@ -17,34 +17,56 @@ from tunelab.models.peft import add_lora
 from tunelab.models.quantize import check_quantization, quantization_config
 from tunelab.speed import attention_implementation, fuse_ops
 
-__all__ = ["ModelSource", "load_model", "load_tokenizer", "resolve_model", "load_config", "check_quantization"]
+__all__ = [
+    "ModelSource",
+    "half_precision",
+    "load_model",
+    "load_tokenizer",
+    "resolve_model",
+    "load_config",
+    "check_quantization",
+]
 
 log = logging.getLogger("tunelab")
 
 
-def load_model(source: ModelSource, params: Any, kind: str = "causal_lm", tokenizer: Any = None) -> Any:
+def half_precision(params: Any) -> Any:
+    """The torch half dtype the params' mixed precision asks for (bf16/fp16), or None."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(params.mixed_precision or "")
+
+
+def load_model(
+    source: ModelSource, params: Any, kind: str = "causal_lm", tokenizer: Any = None, labels: list[str] | None = None
+) -> Any:
     """Base model for training: fp32 weights for full fine-tuning (mixed precision autocasts), the half type for
     LoRA under mixed precision (the frozen base never needs fp32), int4/int8 for QLoRA.
 
-    kind "reward": a sequence classifier with one output (its pad token set from the tokenizer, which it needs
-    to find each row's last token)."""
+    kind "reward": a sequence classifier with one output; kind "classifier": one output per label, named in the
+    config. Both get the tokenizer's pad token, which they need to find each row's last token (decoder models
+    such as GPT-2 and Llama have none of their own: the tokenizer's is EOS)."""
     import torch
 
-    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(params.mixed_precision or "")
+    half = half_precision(params)
     dtype = half if (params.peft and half is not None) else torch.float32
     kwargs: dict[str, Any] = {}
     attention = attention_implementation(params)
     if attention:
         kwargs["attn_implementation"] = attention
     quantization = quantization_config(params.quantization, half)
-    if kind == "reward":
-        model = load_sequence_classifier(source, 1, dtype=dtype, quantization_config=quantization, **kwargs)
+    if kind == "causal_lm":
+        model = load_causal_lm(source, dtype=dtype, quantization_config=quantization, **kwargs)
+    else:
+        num_labels = len(labels) if labels else 1
+        model = load_sequence_classifier(source, num_labels, dtype=dtype, quantization_config=quantization, **kwargs)
+        if labels:
+            model.config.id2label = dict(enumerate(labels))
+            model.config.label2id = {label: i for i, label in enumerate(labels)}
         if tokenizer is not None:
             model.config.pad_token_id = tokenizer.pad_token_id
-    else:
-        model = load_causal_lm(source, dtype=dtype, quantization_config=quantization, **kwargs)
     model.config.use_cache = False  # the KV cache is useless while training and conflicts with checkpointing
     if params.peft:
-        model = add_lora(model, params, task_type="SEQ_CLS" if kind == "reward" else "CAUSAL_LM")
+        model = add_lora(model, params, task_type="CAUSAL_LM" if kind == "causal_lm" else "SEQ_CLS")
     fuse_ops(model, params)
     return model
