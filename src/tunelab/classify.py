@@ -37,15 +37,14 @@ def run_text_classification(params: Any) -> Path:
     set_seed(params.seed)
     model = load_model(source, params, kind="classifier", tokenizer=tokenizer, labels=data.labels)
     staging = folder.start()
-    trainer, history = _build_trainer(model, tokenizer, params, data, staging)
+    trainer, reports = _build_trainer(model, tokenizer, params, data, staging)
     result = trainer.train()
 
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     if data.valid:
-        history.clear()
         metrics.update(trainer.evaluate())
-        report = history[-1]
-        outputs.write_json(staging / "eval_report.json", {"final": report, "per_evaluation": trainer.reports})
+        report = reports[-1]
+        outputs.write_json(staging / "eval_report.json", {"final": report, "per_evaluation": reports})
         draw_confusion_matrix(report["confusion_matrix"], data.labels, staging / "confusion_matrix.png")
     run_info = {
         "task": "text_classification",
@@ -93,12 +92,11 @@ def _build_trainer(model: Any, tokenizer: Any, params: Any, data: LabelledData, 
     from transformers.trainer_callback import PrinterCallback
 
     from tunelab.callbacks import ProgressAndMetrics
-    from tunelab.trainer import ListDataset, training_arguments
+    from tunelab.trainer import ListDataset, log_every, training_arguments
 
     has_valid = bool(data.valid)
     steps_per_epoch = math.ceil(len(data.train) / (params.batch_size * params.gradient_accumulation))
     early = has_valid and params.eval_strategy != "no"
-    base = training_arguments(params, str(staging), steps_per_epoch, has_valid)
     # Early stopping keeps the best checkpoint: one is saved at every evaluation.
     args = training_arguments(
         params,
@@ -106,18 +104,16 @@ def _build_trainer(model: Any, tokenizer: Any, params: Any, data: LabelledData, 
         steps_per_epoch,
         has_valid,
         save_strategy=params.eval_strategy if early else "no",
-        save_steps=base.eval_steps,
+        save_steps=log_every(params, steps_per_epoch) if params.eval_strategy == "steps" else None,
         load_best_model_at_end=early,
         metric_for_best_model="eval_loss" if early else None,
         greater_is_better=False if early else None,
         prediction_loss_only=False,  # the metrics need the logits
     )
-    history: list[dict] = []
-    reports: list[dict] = []
+    reports: list[dict] = []  # one per evaluation, the final one last
 
     def compute_metrics(prediction: Any) -> dict[str, float]:
         report = classification_report(prediction.predictions, prediction.label_ids, data.labels)
-        history.append(report)
         reports.append(report)
         return {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"]}
 
@@ -135,5 +131,4 @@ def _build_trainer(model: Any, tokenizer: Any, params: Any, data: LabelledData, 
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)
-    trainer.reports = reports
-    return trainer, history
+    return trainer, reports

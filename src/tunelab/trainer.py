@@ -128,13 +128,21 @@ def _checkpointing(enabled: bool, every: int = 1) -> dict[str, Any]:
     return {prefix: enabled, f"{prefix}_kwargs": kwargs}
 
 
+def log_every(params: Any, steps_per_epoch: int) -> int:
+    """Steps between two logs (and evaluations with eval_strategy steps): as asked, else about 25 per run."""
+    if params.logging_steps > 0:
+        return params.logging_steps
+    total_steps = params.max_steps if params.max_steps > 0 else steps_per_epoch * params.epochs
+    return max(1, min(25, math.ceil(total_steps / 25)))
+
+
 def training_arguments(
     params: Any, output_dir: str, steps_per_epoch: int, has_valid: bool, **overrides: Any
 ) -> TrainingArguments:
     """Map a parameter object onto transformers' TrainingArguments (AutoTrain's names on the left); `overrides`
     are TrainingArguments fields a task sets its own way."""
     total_steps = params.max_steps if params.max_steps > 0 else steps_per_epoch * params.epochs
-    logging_steps = params.logging_steps if params.logging_steps > 0 else max(1, min(25, math.ceil(total_steps / 25)))
+    logging_steps = log_every(params, steps_per_epoch)
     eval_strategy = params.eval_strategy if has_valid else "no"
     report_to = [] if params.log == "none" else [params.log]
     settings: dict[str, Any] = dict(
