@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.methods.base import Method
-from tunelab.methods.preference import PreferenceTrainer, build_pair_rows, sequence_sums
+from tunelab.methods.preference import PreferenceTrainer, build_pair_rows, reward_metrics, sequence_sums
 
 log = logging.getLogger("tunelab")
 
@@ -30,15 +30,7 @@ def dpo_loss(
     rejected_rewards = beta * (rejected - ref_rejected).detach()
     logits = (chosen - ref_chosen) - (rejected - ref_rejected)
     loss = -F.logsigmoid(beta * logits).mean()
-    metrics = {
-        "rewards/chosen": chosen_rewards.mean(),
-        "rewards/rejected": rejected_rewards.mean(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-        "logps/chosen": chosen.detach().mean(),
-        "logps/rejected": rejected.detach().mean(),
-    }
-    return loss, metrics
+    return loss, reward_metrics(chosen_rewards, rejected_rewards, chosen, rejected)
 
 
 class DPOTrainer(PreferenceTrainer):

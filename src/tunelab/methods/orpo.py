@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from tunelab.data.tokenize import IGNORE
 from tunelab.methods.base import Method
-from tunelab.methods.preference import PreferenceTrainer, build_pair_rows, sequence_sums
+from tunelab.methods.preference import PreferenceTrainer, build_pair_rows, reward_metrics, sequence_sums
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -34,12 +34,7 @@ def orpo_loss(
     loss = nll - beta * ratio.mean()
     chosen_rewards, rejected_rewards = beta * chosen_mean.detach(), beta * rejected_mean.detach()
     metrics = {
-        "rewards/chosen": chosen_rewards.mean(),
-        "rewards/rejected": rejected_rewards.mean(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-        "logps/chosen": chosen_mean.detach().mean(),
-        "logps/rejected": rejected_mean.detach().mean(),
+        **reward_metrics(chosen_rewards, rejected_rewards, chosen_mean, rejected_mean),
         "nll_loss": nll.detach(),
         "log_odds_ratio": ratio.detach().mean(),
         "log_odds_chosen": log_odds.detach().mean(),

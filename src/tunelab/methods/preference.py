@@ -15,6 +15,7 @@ from transformers import Trainer
 
 from tunelab.data.preference import Pair
 from tunelab.data.tokenize import IGNORE
+from tunelab.lora_dropout import DropoutLoraA
 from tunelab.loss import token_logprobs
 from tunelab.methods.base import RowStats
 from tunelab.trainer import fast_loss_supported, output_head_returns_hidden
@@ -52,7 +53,7 @@ class PairCollator:
 def disable_dropout(model: torch.nn.Module) -> None:
     """Preference losses compare log-probs of two answers (and of two models): dropout would make them noisy."""
     for module in model.modules():
-        if isinstance(module, torch.nn.Dropout) or hasattr(module, "p") and type(module).__name__ == "DropoutLoraA":
+        if isinstance(module, (torch.nn.Dropout, DropoutLoraA)):
             module.p = 0.0
 
 
@@ -118,3 +119,20 @@ def sequence_sums(per_token: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
     """Per row: the summed log-prob of the answer tokens and how many there are."""
     scored = labels[:, 1:] != IGNORE
     return (per_token * scored).sum(-1), scored.sum(-1)
+
+
+def reward_metrics(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """The rewards/* and logps/* figures DPO and ORPO log, under TRL's names."""
+    return {
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "logps/chosen": chosen_logps.detach().mean(),
+        "logps/rejected": rejected_logps.detach().mean(),
+    }
