@@ -186,15 +186,12 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def run_score(args: argparse.Namespace) -> int:
-    from tunelab.data.sources import read_file
+    from tunelab.data.sources import read_texts
     from tunelab.inference.score import load_reward_model, score
 
     texts = list(args.texts)
     if args.data_path:
-        split = read_file(Path(args.data_path), "score")
-        if args.text_column not in split.columns:
-            raise TunelabError(f"{args.data_path}: column {args.text_column!r} not found (columns: {split.columns})")
-        texts += [str(row.get(args.text_column) or "") for row in split.rows]
+        texts += read_texts(Path(args.data_path), args.text_column, "score")
     if not texts:
         raise TunelabError("score: give texts on the command line or --data-path")
     model, tokenizer, append_eos = load_reward_model(args.model)

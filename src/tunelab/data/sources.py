@@ -107,6 +107,14 @@ def read_file(path: Path, name: str) -> Split:
     return split
 
 
+def read_texts(path: Path, column: str, name: str) -> list[str]:
+    """The values of one column of a data file, as text (for scoring or labelling a file)."""
+    split = read_file(path, name)
+    if column not in split.columns:
+        raise DataError(f"{path}: column {column!r} not found (columns: {', '.join(split.columns[:20])})")
+    return [str(row.get(column) or "") for row in split.rows]
+
+
 def _decode(path: Path) -> str:
     raw = path.read_bytes()
     try:

@@ -56,12 +56,9 @@ def probabilities(model: Any, tokenizer: Any, texts: list[str], batch_size: int 
 
 def write_predictions(model: Any, tokenizer: Any, data: Path, text_column: str, output: str | None) -> Path:
     """Label every row of a data file; write a CSV with the text, the label, its score and every probability."""
-    from tunelab.data.sources import read_file
+    from tunelab.data.sources import read_texts
 
-    split = read_file(data, "predict")
-    if text_column not in split.columns:
-        raise TunelabError(f"{data}: column {text_column!r} not found (columns: {', '.join(split.columns[:20])})")
-    texts = [str(row.get(text_column) or "") for row in split.rows]
+    texts = read_texts(data, text_column, "predict")
     probs = probabilities(model, tokenizer, texts)
     target = Path(output) if output else data.with_name(f"{data.stem}.predictions.csv")
     names = list(probs[0]) if probs else []

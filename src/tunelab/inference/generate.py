@@ -42,7 +42,7 @@ def load_run(path: str | Path) -> tuple[Any, Any]:
     if folder.is_dir() and (folder / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        base_name = _base_model_of(folder)
+        base_name = base_model_of(folder)
         base = load_causal_lm(resolve_model(base_name))
         model = PeftModel.from_pretrained(base, str(folder))
         tokenizer = load_tokenizer(ModelSource(str(folder), str(folder)))
@@ -56,7 +56,8 @@ def load_run(path: str | Path) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def _base_model_of(folder: Path) -> str:
+def base_model_of(folder: Path) -> str:
+    """The base model an adapter run folder was trained from (its run record, else PEFT's adapter config)."""
     run_file = folder / "tunelab_run.json"
     if run_file.is_file():
         return json.loads(run_file.read_text())["base_model"]

@@ -33,11 +33,9 @@ def load_reward_model(path: str | Path) -> tuple[Any, Any, bool]:
     if (folder / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        base_name = (
-            run.get("base_model")
-            or json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
-        )
-        base = load_sequence_classifier(resolve_model(base_name), 1)
+        from tunelab.inference.generate import base_model_of
+
+        base = load_sequence_classifier(resolve_model(base_model_of(folder)), 1)
         base.config.pad_token_id = tokenizer.pad_token_id
         model = PeftModel.from_pretrained(base, str(folder))
     elif (folder / "config.json").is_file():
