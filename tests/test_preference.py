@@ -133,6 +133,21 @@ def _tunelab_trainer(trainer_class, model, tokenizer, tmp_path, extra=None, **ov
     )
 
 
+def _trl_config(config_class, tmp_path, **extra):
+    """TRL's trainer settings for a one-batch comparison: fp32 on CPU (TRL defaults to bf16 and checkpointing)."""
+    return config_class(
+        output_dir=str(tmp_path / "trl"),
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to=[],
+        save_strategy="no",
+        max_length=1024,
+        beta=0.1,
+        **extra,
+    )
+
+
 @needs_shared()
 def test_dpo_loss_and_rewards_equal_trl(tiny_llama, tokenizer, tmp_path):
     from datasets import Dataset
@@ -150,17 +165,7 @@ def test_dpo_loss_and_rewards_equal_trl(tiny_llama, tokenizer, tmp_path):
     loss = ours.compute_loss(ours.model, batch)
     metrics = {k: v[0] for k, v in ours._metrics["train"].items()}
 
-    config = DPOConfig(
-        output_dir=str(tmp_path / "trl"),
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        report_to=[],
-        save_strategy="no",
-        per_device_train_batch_size=len(pairs),
-        max_length=1024,
-        beta=0.1,
-    )
+    config = _trl_config(DPOConfig, tmp_path, per_device_train_batch_size=len(pairs))
     trl = TRLDPOTrainer(
         model=copy.deepcopy(policy),
         ref_model=copy.deepcopy(reference),
@@ -200,16 +205,7 @@ def test_orpo_loss_equals_trl(tiny_llama, tokenizer, tmp_path):
     loss = ours.compute_loss(ours.model, ours.data_collator(pairs))
     metrics = {k: v[0] for k, v in ours._metrics["train"].items()}
 
-    config = ORPOConfig(
-        output_dir=str(tmp_path / "trl"),
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        report_to=[],
-        save_strategy="no",
-        max_length=1024,
-        beta=0.1,
-    )
+    config = _trl_config(ORPOConfig, tmp_path)
     trl = TRLORPOTrainer(
         model=copy.deepcopy(policy), args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
     )
