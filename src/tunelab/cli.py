@@ -76,7 +76,7 @@ def add_param_flags(parser: argparse.ArgumentParser, schema: type = LLMParams) -
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tunelab.methods import METHODS
+    from tunelab.methods import SUMMARIES
 
     parser = argparse.ArgumentParser(
         prog="tunelab",
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         "llm",
         help="fine-tune a causal language model",
         description="Fine-tune a causal LM. Trainers: "
-        + "; ".join(f"{name}: {m.summary}" for name, m in METHODS.items()),
+        + "; ".join(f"{name}: {summary}" for name, summary in SUMMARIES.items()),
     )
     llm.add_argument("--train", action="store_true", help="Train (accepted for AutoTrain compatibility; implied).")
     llm.add_argument("--config", dest="config", help="YAML config; flags given here override it.")

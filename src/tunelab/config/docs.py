@@ -14,7 +14,7 @@ from tunelab.config.text_classification import TextClassificationParams
 
 def render_markdown() -> str:
     """The parameter reference as Markdown."""
-    from tunelab.methods import METHODS
+    from tunelab.methods import SUMMARIES
 
     lines = [
         "# Parameters",
@@ -29,7 +29,7 @@ def render_markdown() -> str:
     ]
     lines += _table(LLMParams)
     lines += ["", "## Trainers", "", "| trainer | what it does |", "| --- | --- |"]
-    lines += [f"| `{name}` | {method.summary} |" for name, method in METHODS.items()]
+    lines += [f"| `{name}` | {summary} |" for name, summary in SUMMARIES.items()]
     lines += ["", "## AutoTrain spellings", "", "| AutoTrain | tunelab |", "| --- | --- |"]
     lines += [f"| `task: {task}` | `trainer: {trainer}` |" for task, trainer in TASKS.items()]
     for alias, (target, fixed) in ALIASES.items():

@@ -34,7 +34,6 @@ class Method:
     """
 
     name: str
-    summary: str
     model_kind: str
     build_rows: Callable[[list[Any], Any], tuple[list[Any], RowStats]]
     data: str = "examples"

@@ -23,7 +23,6 @@ def build_rows(examples: list[Encoded], params: Any) -> tuple[list[Any], RowStat
 
 METHOD = Method(
     name="default",
-    summary="causal LM over the whole text, joined and cut into blocks of block_size",
     model_kind="causal_lm",
     build_rows=build_rows,
 )

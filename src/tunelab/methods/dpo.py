@@ -77,7 +77,6 @@ def load_reference(params: Any) -> Any:
 
 METHOD = Method(
     name="dpo",
-    summary="direct preference optimization on prompt/chosen/rejected pairs (sigmoid loss, dpo_beta)",
     model_kind="causal_lm",
     build_rows=build_pair_rows,
     data="pairs",

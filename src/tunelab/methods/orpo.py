@@ -62,7 +62,6 @@ class ORPOTrainer(PreferenceTrainer):
 
 METHOD = Method(
     name="orpo",
-    summary="odds ratio preference optimization on prompt/chosen/rejected pairs (no reference model)",
     model_kind="causal_lm",
     build_rows=build_pair_rows,
     data="pairs",

@@ -11,14 +11,13 @@ from collections import defaultdict
 from typing import Any
 
 import torch
-from transformers import Trainer
 
 from tunelab.data.preference import Pair
 from tunelab.data.tokenize import IGNORE
 from tunelab.lora_dropout import DropoutLoraA
 from tunelab.loss import token_logprobs
 from tunelab.methods.base import RowStats
-from tunelab.trainer import fast_loss_supported, output_head_returns_hidden
+from tunelab.trainer import GuardedTrainer, fast_loss_supported, output_head_returns_hidden
 
 
 def build_pair_rows(pairs: list[Pair], params: Any) -> tuple[list[Any], RowStats]:
@@ -57,7 +56,7 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
-class PreferenceTrainer(Trainer):
+class PreferenceTrainer(GuardedTrainer):
     """Trainer for pair losses: subclasses define `pair_loss(model, batch) -> (loss, metrics)`; metrics are
     averaged over the steps between two logs and logged with the loss (eval ones with the `eval_` prefix)."""
 

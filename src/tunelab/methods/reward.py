@@ -38,7 +38,6 @@ class RewardTrainer(PreferenceTrainer):
 
 METHOD = Method(
     name="reward",
-    summary="reward model (sequence classifier, one score) trained on chosen/rejected pairs",
     model_kind="reward",
     build_rows=build_pair_rows,
     data="pairs",

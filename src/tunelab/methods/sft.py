@@ -28,7 +28,6 @@ def build_rows(examples: list[Encoded], params: Any) -> tuple[list[Any], RowStat
 
 METHOD = Method(
     name="sft",
-    summary="supervised fine-tuning per example (optionally packed), loss on answer tokens",
     model_kind="causal_lm",
     build_rows=build_rows,
 )
