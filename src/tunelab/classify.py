@@ -15,9 +15,11 @@ from typing import Any
 from transformers import set_seed
 
 from tunelab import outputs
+from tunelab.checkpoints import check_disk_space, checkpoint_bytes
 from tunelab.data.classification import LabelledData, load_labelled_data
 from tunelab.env import check_machine, device_name
 from tunelab.metrics import classification_report, draw_confusion_matrix
+from tunelab.trainer import run_training
 
 log = logging.getLogger("tunelab")
 
@@ -28,6 +30,7 @@ def run_text_classification(params: Any) -> Path:
 
     folder = outputs.RunFolder(params.project_name)
     folder.check_free()
+    resume_from = folder.resume_point(params)
     check_machine(params)
     source = resolve_model(params.model)
     tokenizer = load_tokenizer(source, params.max_seq_length)
@@ -36,9 +39,10 @@ def run_text_classification(params: Any) -> Path:
 
     set_seed(params.seed)
     model = load_model(source, params, kind="classifier", tokenizer=tokenizer, labels=data.labels)
-    staging = folder.start()
+    check_disk_space(folder.final.parent, 2 * checkpoint_bytes(model, not params.peft), "checkpoints and outputs")
+    staging = folder.start(params, resume_from)
     trainer, reports = _build_trainer(model, tokenizer, params, data, staging)
-    result = trainer.train()
+    result = run_training(trainer, folder, resume_from)
 
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     if data.valid:
@@ -88,11 +92,11 @@ def _report_data(params: Any, data: LabelledData) -> None:
 
 
 def _build_trainer(model: Any, tokenizer: Any, params: Any, data: LabelledData, staging: Path) -> tuple[Any, list]:
-    from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer
+    from transformers import DataCollatorWithPadding, EarlyStoppingCallback
     from transformers.trainer_callback import PrinterCallback
 
     from tunelab.callbacks import ProgressAndMetrics
-    from tunelab.trainer import ListDataset, log_every, training_arguments
+    from tunelab.trainer import GuardedTrainer, ListDataset, log_every, training_arguments
 
     has_valid = bool(data.valid)
     steps_per_epoch = math.ceil(len(data.train) / (params.batch_size * params.gradient_accumulation))
@@ -103,8 +107,9 @@ def _build_trainer(model: Any, tokenizer: Any, params: Any, data: LabelledData, 
         str(staging),
         steps_per_epoch,
         has_valid,
-        save_strategy=params.eval_strategy if early else "no",
-        save_steps=log_every(params, steps_per_epoch) if params.eval_strategy == "steps" else None,
+        # Early stopping needs a checkpoint at every evaluation; otherwise checkpoints follow save_steps.
+        **({"save_strategy": params.eval_strategy} if early else {}),
+        **({"save_steps": log_every(params, steps_per_epoch)} if early and params.eval_strategy == "steps" else {}),
         load_best_model_at_end=early,
         metric_for_best_model="eval_loss" if early else None,
         greater_is_better=False if early else None,
@@ -120,7 +125,8 @@ def _build_trainer(model: Any, tokenizer: Any, params: Any, data: LabelledData, 
     callbacks: list[Any] = [ProgressAndMetrics(staging / "metrics.jsonl", perplexity=False)]
     if early:
         callbacks.append(EarlyStoppingCallback(params.early_stopping_patience, params.early_stopping_threshold))
-    trainer = Trainer(
+    trainer = GuardedTrainer(
+        keep_checkpoints=params.save_total_limit,
         model=model,
         args=args,
         train_dataset=ListDataset(data.train),

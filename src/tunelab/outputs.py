@@ -1,7 +1,9 @@
 """What lands on disk, and when: the run folder.
 
-A run works in `<project_name>.partial/` next to the final folder (checkpoints, metrics) and renames it to
-`<project_name>/` only when everything is written, so a folder under the final name is always complete.
+A run works in `.<project_name>.partial/` next to the final folder (checkpoints, metrics) and renames it to
+`<project_name>/` only when everything is written, so a folder under the final name is always complete. A run that
+stops early (crash, kill, NaN, full disk) leaves the staging folder with its complete checkpoints; the same command
+resumes from the newest one.
 It holds the adapter or model weights, the tokenizer with the chat template used in training, the parameters
 (token redacted), the metrics, and a model card - everything `tunelab generate` needs.
 """
@@ -9,13 +11,17 @@ It holds the adapter or model weights, the tokenizer with the chat template used
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import warnings
 from pathlib import Path
 from typing import Any
 
+from tunelab import checkpoints
 from tunelab.errors import TunelabError
+
+log = logging.getLogger("tunelab")
 
 RUN_FILE = "tunelab_run.json"  # written last: its presence marks a complete run folder
 
@@ -34,14 +40,44 @@ class RunFolder:
                 f"project folder {self.final} already exists: choose another --project-name or remove it"
             )
 
-    def start(self) -> Path:
+    def resume_point(self, params: Any) -> Path | None:
+        """The checkpoint to resume from: the newest complete one an interrupted run of this project left, when
+        params.resume allows and the parameters are the same (checked here, before anything is loaded)."""
+        checkpoint = checkpoints.last_complete_checkpoint(self.staging)
+        if checkpoint is None or not params.resume:
+            return None
+        checkpoints.check_same_run(self.staging, params)
+        return checkpoint
+
+    def start(self, params: Any, resume_from: Path | None) -> Path:
+        """Create (or, resuming, reopen) the staging folder; an unfinished run that is not resumed is removed."""
+        if resume_from is None and self.staging.exists():
+            why = "--resume false" if params.resume else "it has no complete checkpoint"
+            log.info("starting over: removing the unfinished run in %s (%s)", self.staging, why)
+            shutil.rmtree(self.staging)
         self.staging.mkdir(parents=True, exist_ok=True)
+        if resume_from is not None:
+            for name in checkpoints.drop_incomplete(self.staging):
+                log.info("removed %s: a crash left it half-written", name)
+            checkpoints.trim_metrics(self.staging / "metrics.jsonl", checkpoints.step_of(resume_from))
+        write_json(self.staging / checkpoints.PARAMS_FILE, params.to_dict(redact=True))
         return self.staging
+
+    def left_behind(self) -> str:
+        """What a failed run leaves, for its error message."""
+        last = checkpoints.last_complete_checkpoint(self.staging)
+        if last is None:
+            return f"No checkpoint was written; the unfinished run is in {self.staging}."
+        return (
+            f"The last complete checkpoint ({last.name}) is in {self.staging}: run the same command again to resume "
+            "from it."
+        )
 
     def finish(self) -> Path:
         """Drop checkpoints and move the staging folder to its final name in one rename."""
-        for checkpoint in self.staging.glob("checkpoint-*"):
+        for _, checkpoint in checkpoints.checkpoints(self.staging):
             shutil.rmtree(checkpoint, ignore_errors=True)
+        (self.staging / checkpoints.PARAMS_FILE).unlink(missing_ok=True)  # training_params.json says the same
         os.replace(self.staging, self.final)
         return self.final
 

@@ -18,6 +18,7 @@ from typing import Any
 from transformers import set_seed
 
 from tunelab import outputs
+from tunelab.checkpoints import check_disk_space, checkpoint_bytes
 from tunelab.config.schema import LLMParams
 from tunelab.data import load_data
 from tunelab.data.preference import load_preference_data
@@ -34,6 +35,7 @@ def run(params: LLMParams) -> Path:
     method = METHODS[params.trainer]
     folder = outputs.RunFolder(params.project_name)
     folder.check_free()
+    resume_from = folder.resume_point(params)
     check_machine(params)
 
     source = resolve_model(params.model)
@@ -58,16 +60,18 @@ def run(params: LLMParams) -> Path:
     model = load_model(source, params, kind=method.model_kind, tokenizer=tokenizer)
     _report_model(model, params)
 
-    staging = folder.start()
     from tunelab.callbacks import ProgressAndMetrics
-    from tunelab.trainer import build_trainer
+    from tunelab.trainer import build_trainer, run_training
+
+    check_disk_space(folder.final.parent, 2 * checkpoint_bytes(model, not params.peft), "checkpoints and outputs")
+    staging = folder.start(params, resume_from)
 
     progress = ProgressAndMetrics(staging / "metrics.jsonl", perplexity=method.data == "examples")
     trainer = build_trainer(
         model, tokenizer, params, train_rows, valid_rows, str(staging), [progress], method.trainer_class
     )
     started = time.time()
-    result = trainer.train()
+    result = run_training(trainer, folder, resume_from)
     elapsed = time.time() - started
 
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}

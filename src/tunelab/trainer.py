@@ -13,13 +13,16 @@ import dataclasses
 import logging
 import math
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from tunelab import checkpoints
 from tunelab.data.packing import PackedRowsCollator, row_length
+from tunelab.errors import TunelabError
 from tunelab.loss import causal_lm_loss_sum
 from tunelab.speed import compile_layers, optimizer_name
 
@@ -67,7 +70,61 @@ def _identity(hidden: torch.Tensor) -> torch.Tensor:
     return hidden
 
 
-class TunelabTrainer(Trainer):
+class EpochSeededLengthSampler(LengthGroupedSampler):
+    """Length-grouped batches in an order that depends only on (seed, epoch): a run resumed in epoch 3 sees the
+    same order as one that never stopped (Trainer calls set_epoch at the start of every epoch)."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int) -> None:
+        super().__init__(batch_size, lengths=lengths, generator=torch.Generator().manual_seed(seed))
+        self.seed = seed
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator.manual_seed(self.seed + epoch)
+
+
+class TrainingStopped(TunelabError):
+    """Training stopped on purpose (a non-finite loss, no disk space); the last good checkpoint is kept."""
+
+
+class GuardedTrainer(Trainer):
+    """transformers' Trainer made safe with the user's time, the base of every tunelab Trainer.
+
+    - A NaN or inf loss stops the run before the optimizer step would spread it into the weights, naming the step.
+    - Checkpoints are marked complete only once on disk, and older ones pruned only then (checkpoints.py); the
+      limit of kept checkpoints (`keep_checkpoints`, from save_total_limit) is applied here, not by Trainer, whose
+      rotation could delete the last complete checkpoint before the new one is marked.
+    - Free disk space is checked before each checkpoint is written.
+    """
+
+    def __init__(self, *args: Any, keep_checkpoints: int = 1, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.keep_checkpoints = keep_checkpoints
+
+    def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: D102
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # Trainer itself reads this flag right after (its NaN filter), so checking it costs no extra sync.
+        if not torch.isfinite(loss):
+            raise TrainingStopped(
+                f"the loss became {float(loss)} at step {self.state.global_step + 1}; training stopped before the "
+                "weights were updated with it. Likely causes: a learning rate too high (lower lr, or raise "
+                "warmup_ratio), fp16 overflow (use bf16 or no mixed precision), or max_grad_norm 0 (clipping off)"
+            )
+        return loss
+
+    def _save_checkpoint(self, model, trial):  # noqa: D102
+        run_dir = Path(self._get_output_dir(trial=trial))
+        name = f"checkpoint-{self.state.global_step}"
+        if self.args.should_save:
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            full = not hasattr(unwrapped, "peft_config")
+            checkpoints.check_disk_space(run_dir, checkpoints.checkpoint_bytes(unwrapped, full), name)
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            checkpoints.mark_complete(run_dir / name)
+            checkpoints.prune(run_dir, self.keep_checkpoints, protect=self.state.best_model_checkpoint)
+
+
+class TunelabTrainer(GuardedTrainer):
     """Trainer whose loss is the summed next-token cross-entropy over trained tokens, normalised by the number of
     trained tokens in the whole (accumulated, all-device) batch."""
 
@@ -87,9 +144,8 @@ class TunelabTrainer(Trainer):
             return super()._get_train_sampler(train_dataset)
         # Batches of similar lengths: little padding without packing, and still a random order of batches.
         lengths = [row_length(row) for row in dataset.rows]
-        generator = torch.Generator().manual_seed(self.args.seed)
-        return LengthGroupedSampler(
-            self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=lengths, generator=generator
+        return EpochSeededLengthSampler(
+            self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=lengths, seed=self.args.seed
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D102
@@ -169,8 +225,8 @@ def training_arguments(
         eval_strategy=eval_strategy,
         eval_steps=logging_steps if eval_strategy == "steps" else None,
         save_strategy="steps",
-        save_steps=max(1, min(500, total_steps // 2 or 1)),
-        save_total_limit=params.save_total_limit,
+        save_steps=params.save_steps if params.save_steps > 0 else max(1, min(500, total_steps // 2 or 1)),
+        save_total_limit=None,  # GuardedTrainer keeps params.save_total_limit complete checkpoints itself
         report_to=report_to,
         remove_unused_columns=False,
         label_names=["labels"],
@@ -205,6 +261,7 @@ def build_trainer(
     if params.torch_compile:
         log.info("torch_compile: compiled %d decoder layers", compile_layers(model))
     common = {
+        "keep_checkpoints": params.save_total_limit,
         "model": model,
         "args": args,
         "train_dataset": ListDataset(train_rows),
@@ -226,3 +283,27 @@ def build_trainer(
         )
     trainer.remove_callback(PrinterCallback)  # tunelab's own callback prints progress
     return trainer
+
+
+def run_training(trainer: Trainer, folder: Any, resume_from: Path | None) -> Any:
+    """`trainer.train()`, resumed from a checkpoint when there is one; a failure says what it left behind."""
+    if resume_from is not None:
+        log.info(
+            "resuming from %s (step %d): same data order, optimizer, scheduler and random state",
+            resume_from,
+            checkpoints.step_of(resume_from),
+        )
+    try:
+        return trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except TunelabError as err:
+        raise type(err)(f"{err}. {folder.left_behind()}") from None
+    except torch.OutOfMemoryError:
+        raise TrainingStopped(
+            "out of memory while training: lower batch_size (and raise gradient_accumulation to keep the effective "
+            "batch), lower block_size, keep gradient checkpointing on, or train a LoRA adapter (--peft, with "
+            f"--quantization int4 on CUDA); `tunelab llm --dry-run` estimates the memory a setting needs. "
+            f"{folder.left_behind()}"
+        ) from None
+    except BaseException:
+        log.error("training failed. %s", folder.left_behind())
+        raise

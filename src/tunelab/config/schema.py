@@ -16,6 +16,11 @@ from tunelab.errors import ConfigError
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 CHAT_TEMPLATES = ("none", "zephyr", "chatml", "tokenizer", "alpaca")
 PREFERENCE_TRAINERS = ("reward", "dpo", "orpo")
+SAVE_STEPS_HELP = "Write a checkpoint (to resume from) every N optimizer steps; -1: twice per run, at most every 500."
+RESUME_HELP = (
+    "Continue an interrupted run of the same project_name from its last complete checkpoint (same data order, "
+    "optimizer, scheduler and random state); false: discard it and start over."
+)
 
 
 def _f(default: Any, help: str, choices: tuple | None = None, secret: bool = False) -> Any:
@@ -49,7 +54,9 @@ class LLMParams(Params):
 
     # --- what to train, on what, where to put it
     model: str = _f(DEFAULT_MODEL, "Base model: a Hugging Face hub id, a local model folder, or a .gguf file.")
-    project_name: str = _f("project-name", "Output folder of the run (created; must not exist yet).")
+    project_name: str = _f(
+        "project-name", "Output folder of the run (created when the run completes; must not exist yet)."
+    )
     data_path: str = _f(
         "data", "Data: a CSV/JSONL/JSON/Parquet file, a folder holding <train_split>.<ext>, or a hub dataset id."
     )
@@ -76,6 +83,12 @@ class LLMParams(Params):
     add_eos_token: bool = _f(True, "Append the end-of-sequence token to each text (plain-text rows).")
     completion_only_loss: bool = _f(
         True, "sft: train only on assistant/completion tokens of chat and prompt/completion rows."
+    )
+    bad_rows: str = _f(
+        "error",
+        "Rows that cannot be used (missing, empty or wrong-typed fields, bad messages): `error` lists them with "
+        "file, line and column and stops before training; `skip` drops them and logs how many and which.",
+        ("error", "skip"),
     )
     packing: bool = _f(False, "sft: pack several examples into each block_size row (attention kept per example).")
     group_by_length: bool = _f(True, "Without packing: batch examples of similar length together (less padding).")
@@ -148,6 +161,8 @@ class LLMParams(Params):
     logging_steps: int = _f(-1, "Log every N steps (-1: about 25 points per run).")
     eval_strategy: str = _f("epoch", "When to evaluate on valid_split: no, steps or epoch.", ("no", "steps", "epoch"))
     save_total_limit: int = _f(1, "Checkpoints kept while training.")
+    save_steps: int = _f(-1, SAVE_STEPS_HELP)
+    resume: bool = _f(True, RESUME_HELP)
 
     # --- hub
     push_to_hub: bool = _f(False, "Upload the output folder to the hub when done (private).")
@@ -171,6 +186,7 @@ class LLMParams(Params):
         check_choices(self)
         _positive(self, "lr", "epochs", "batch_size", "gradient_accumulation", "lora_r", "lora_alpha")
         _positive(self, "model_max_length", "save_total_limit", "max_prompt_length", "checkpoint_every")
+        check_save_steps(self)
         if self.block_size == -1:
             self.block_size = min(1024, self.model_max_length)
         _positive(self, "block_size")
@@ -194,10 +210,10 @@ class LLMParams(Params):
         if self.dpo_beta <= 0:
             raise ConfigError(f"dpo_beta must be positive, got {self.dpo_beta}")
         check_training(self)
-        from tunelab.methods import METHODS  # late: the registry imports the training stack
+        from tunelab.methods import REGISTRY
 
-        if self.trainer not in METHODS:
-            raise ConfigError(f"trainer: {self.trainer!r} is not one of {', '.join(METHODS)}")
+        if self.trainer not in REGISTRY:
+            raise ConfigError(f"trainer: {self.trainer!r} is not one of {', '.join(REGISTRY)}")
 
 
 def check_choices(params: Any) -> None:
@@ -224,6 +240,11 @@ def check_training(params: Any) -> None:
         raise ConfigError(f"quantization={params.quantization} trains a LoRA adapter on a quantized model: add --peft")
     if params.push_to_hub and not (params.repo_id or params.username):
         raise ConfigError("push_to_hub needs username (or repo_id) to know where to push")
+
+
+def check_save_steps(params: Any) -> None:
+    if params.save_steps == 0 or params.save_steps < -1:
+        raise ConfigError(f"save_steps must be a positive number of steps or -1, got {params.save_steps}")
 
 
 def _positive(params: Any, *names: str) -> None:

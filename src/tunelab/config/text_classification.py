@@ -5,7 +5,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tunelab.config.schema import DEFAULT_MODEL, Params, _f, _positive, check_choices, check_training
+from tunelab.config.schema import (
+    DEFAULT_MODEL,
+    RESUME_HELP,
+    SAVE_STEPS_HELP,
+    Params,
+    _f,
+    _positive,
+    check_choices,
+    check_save_steps,
+    check_training,
+)
 from tunelab.errors import ConfigError
 
 
@@ -14,7 +24,9 @@ class TextClassificationParams(Params):
     """Everything that defines a text-classification run. Names follow AutoTrain Advanced."""
 
     model: str = _f(DEFAULT_MODEL, "Base model: a hub id, a local model folder or a .gguf file (encoder or decoder).")
-    project_name: str = _f("project-name", "Output folder of the run (created; must not exist yet).")
+    project_name: str = _f(
+        "project-name", "Output folder of the run (created when the run completes; must not exist yet)."
+    )
     data_path: str = _f("data", "A CSV/JSONL/JSON/Parquet file, a folder holding <split>.<ext>, or a hub dataset id.")
     train_split: str = _f("train", "Name of the training split.")
     valid_split: str | None = _f(None, "Name of the validation split (evaluated every epoch); none: no evaluation.")
@@ -42,6 +54,8 @@ class TextClassificationParams(Params):
     eval_strategy: str = _f("epoch", "When to evaluate on valid_split: no, steps or epoch.", ("no", "steps", "epoch"))
     logging_steps: int = _f(-1, "Log every N steps (-1: about 25 points per run).")
     save_total_limit: int = _f(1, "Checkpoints kept while training.")
+    save_steps: int = _f(-1, SAVE_STEPS_HELP)
+    resume: bool = _f(True, RESUME_HELP)
     log: str = _f("none", "Experiment tracker: none, tensorboard or wandb.", ("none", "tensorboard", "wandb"))
 
     peft: bool = _f(False, "Train a LoRA adapter (and the new classification head) instead of all weights.")
@@ -67,6 +81,7 @@ class TextClassificationParams(Params):
         check_choices(self)
         _positive(self, "lr", "epochs", "batch_size", "gradient_accumulation", "max_seq_length", "lora_r")
         _positive(self, "early_stopping_patience", "save_total_limit")
+        check_save_steps(self)
         if self.text_column == self.target_column:
             raise ConfigError(f"text_column and target_column are both {self.text_column!r}")
         check_training(self)

@@ -1,0 +1,144 @@
+"""Checkpoints a run can be trusted to resume from.
+
+transformers' Trainer writes `checkpoint-N/` file by file, so a crash mid-write leaves a folder that looks like a
+checkpoint but is not. tunelab marks a checkpoint complete only after every file in it is on disk (fsync), and
+deletes older checkpoints only after that; resuming takes the newest complete one and ignores the rest. So a crash
+at any moment leaves at least the previous checkpoint whole.
+
+A resumed run must be the same run: the parameters it was started with are kept in the staging folder and
+compared before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from tunelab.errors import TunelabError
+
+COMPLETE_MARK = "tunelab_checkpoint_complete"
+PARAMS_FILE = "run_params.json"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+# Parameters that may differ between a run and its resumption: where results go and how they are logged, not
+# what is trained.
+RESUMABLE_CHANGES = frozenset(
+    {"resume", "token", "push_to_hub", "username", "repo_id", "log", "logging_steps", "save_total_limit", "save_steps"}
+    | {"merge_adapter", "bad_rows"}
+)
+
+
+def checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every checkpoint-N folder, oldest first, complete or not."""
+    found = []
+    for path in folder.iterdir() if folder.is_dir() else ():
+        match = _CHECKPOINT.match(path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def is_complete(checkpoint: Path) -> bool:
+    return (checkpoint / COMPLETE_MARK).is_file()
+
+
+def last_complete_checkpoint(folder: Path) -> Path | None:
+    complete = [path for _, path in checkpoints(folder) if is_complete(path)]
+    return complete[-1] if complete else None
+
+
+def mark_complete(checkpoint: Path) -> None:
+    """Flush every file of the checkpoint to disk, then write the mark (itself atomically)."""
+    for path in checkpoint.rglob("*"):
+        if path.is_file():
+            with path.open("rb") as f:
+                os.fsync(f.fileno())
+    tmp = checkpoint / f".{COMPLETE_MARK}.tmp"
+    tmp.write_text("complete\n", encoding="utf-8")
+    os.replace(tmp, checkpoint / COMPLETE_MARK)
+
+
+def prune(folder: Path, keep: int, protect: str | None = None) -> None:
+    """Keep the newest `keep` complete checkpoints (and `protect`, the best one when early stopping tracks it);
+    delete older ones and any incomplete ones older than the newest complete checkpoint."""
+    complete = [path for _, path in checkpoints(folder) if is_complete(path)]
+    if not complete:
+        return
+    newest = complete[-1]
+    kept = set(complete[-keep:])
+    if protect:
+        kept.add(Path(protect))
+    for step, path in checkpoints(folder):
+        if path in kept or step > int(_CHECKPOINT.match(newest.name).group(1)):
+            continue  # a newer incomplete one may be being written right now
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def drop_incomplete(folder: Path) -> list[str]:
+    """Remove checkpoints a crash left half-written; return their names (for the log)."""
+    dropped = []
+    for _, path in checkpoints(folder):
+        if not is_complete(path):
+            shutil.rmtree(path, ignore_errors=True)
+            dropped.append(path.name)
+    return dropped
+
+
+def check_same_run(folder: Path, params: Any) -> None:
+    """Refuse to resume a run that was started with different training parameters."""
+    saved_file = folder / PARAMS_FILE
+    if not saved_file.is_file():
+        return
+    saved = json.loads(saved_file.read_text(encoding="utf-8"))
+    now = params.to_dict(redact=True)
+    changed = [
+        f"{name}: {saved.get(name)!r} then, {now.get(name)!r} now"
+        for name in sorted(set(saved) | set(now))
+        if name not in RESUMABLE_CHANGES and saved.get(name) != now.get(name)
+    ]
+    if changed:
+        raise TunelabError(
+            f"{folder} holds an interrupted run with other parameters ({'; '.join(changed)}): run again with the same "
+            "parameters to resume it, or with --resume false to discard it and start over"
+        )
+
+
+def trim_metrics(metrics_file: Path, last_step: int) -> None:
+    """Drop the metric lines an interrupted run logged after its last checkpoint (they will be logged again)."""
+    if not metrics_file.is_file():
+        return
+    kept = [
+        line
+        for line in metrics_file.read_text(encoding="utf-8").splitlines()
+        if line.strip() and json.loads(line).get("step", 0) <= last_step
+    ]
+    tmp = metrics_file.with_name(metrics_file.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, metrics_file)
+
+
+def step_of(checkpoint: Path) -> int:
+    return int(_CHECKPOINT.match(checkpoint.name).group(1))
+
+
+def check_disk_space(folder: Path, needed: int, what: str) -> None:
+    """Stop with a clear message (the last checkpoint kept) rather than die half-way through writing one."""
+    probe = folder if folder.exists() else folder.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed:
+        raise TunelabError(
+            f"not enough disk space for {what}: {needed / 2**30:.2f} GiB needed, {free / 2**30:.2f} GiB free "
+            f"on the disk of {probe}; free some space (or set project_name to a bigger disk) and run again to resume"
+        )
+
+
+def checkpoint_bytes(model: Any, full_weights: bool) -> int:
+    """About what one checkpoint takes: the saved weights (trainable ones, or all of them without LoRA), plus
+    AdamW's two fp32 states per trainable parameter; 10% and 64 MiB of headroom for the rest."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) if full_weights else trainable * 4
+    return int((weights + trainable * 8) * 1.1) + 64 * 2**20

@@ -1,0 +1,145 @@
+"""A run killed with SIGKILL resumes from its last complete checkpoint and ends exactly where an uninterrupted run
+ends; half-written checkpoints are ignored; a NaN loss or a full disk stops the run with a message, keeping the
+last good checkpoint and no finished-looking folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import read_metrics
+from tunelab.checkpoints import COMPLETE_MARK
+from tunelab.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+# Runs tunelab's CLI in a child process which, when KILL_AT_STEP is set, kills itself with SIGKILL right after
+# the checkpoint of that step is complete: no cleanup, no atexit, as in a crash or an OOM kill.
+CHILD = r"""
+import os, signal, sys
+from tunelab.callbacks import ProgressAndMetrics
+
+kill_at = int(os.environ.get("KILL_AT_STEP", "0"))
+if kill_at:
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    ProgressAndMetrics.on_save = on_save
+
+from tunelab.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture
+def twenty_rows(tmp_path) -> Path:
+    lines = (ROOT / "samples" / "alpaca.jsonl").read_text(encoding="utf-8").splitlines()[:20]
+    path = tmp_path / "twenty.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _args(model: Path, data: Path, project: Path, *extra: str) -> list[str]:
+    # 20 rows, 4 per optimizer step: 5 steps per epoch; 12 steps run into the third epoch. LoRA dropout is on, so
+    # the random state must be restored too.
+    return [
+        "llm", "--train", "--model", str(model), "--data-path", str(data), "--project-name", str(project),
+        "--trainer", "sft", "--peft", "--lora-r", "4", "--lora-dropout", "0.1", "--lr", "1e-3",
+        "--batch-size", "2", "--gradient-accumulation", "2", "--max-steps", "12", "--save-steps", "4",
+        "--save-total-limit", "1", "--logging-steps", "1", "--block-size", "128", "--model-max-length", "256",
+        *extra,
+    ]  # fmt: skip
+
+
+def _run_child(args: list[str], kill_at: int = 0) -> subprocess.CompletedProcess:
+    env = {**os.environ, "KILL_AT_STEP": str(kill_at), "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.run(
+        [sys.executable, "-c", CHILD, *args], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT
+    )
+
+
+def _losses(folder: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(folder) if "loss" in r}
+
+
+def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted_run(tiny_llama, twenty_rows, tmp_path):
+    straight = tmp_path / "straight"
+    done = _run_child(_args(tiny_llama, twenty_rows, straight))
+    assert done.returncode == 0, done.stderr
+
+    resumed = tmp_path / "resumed"
+    staging = tmp_path / ".resumed.partial"
+    killed = _run_child(_args(tiny_llama, twenty_rows, resumed), kill_at=8)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not resumed.exists()  # nothing that looks finished
+    assert (staging / "checkpoint-8" / COMPLETE_MARK).is_file()
+    assert not (staging / "checkpoint-4").exists()  # save_total_limit 1: pruned once checkpoint-8 was complete
+    # A crash while writing the next checkpoint leaves a folder without the mark: it must be ignored.
+    half = staging / "checkpoint-10"
+    half.mkdir()
+    (half / "adapter_model.safetensors").write_bytes(b"\0" * 100)
+
+    again = _run_child(_args(tiny_llama, twenty_rows, resumed))
+    assert again.returncode == 0, again.stderr
+    assert "resuming from" in again.stderr and "checkpoint-8" in again.stderr
+    assert "removed checkpoint-10" in again.stderr
+    assert not staging.exists()
+
+    expected, got = _losses(straight), _losses(resumed)
+    assert sorted(got) == sorted(expected) == list(range(1, 13))
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
+    a = load_file(straight / "adapter_model.safetensors")
+    b = load_file(resumed / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_refuses_other_parameters_and_resume_false_starts_over(tiny_llama, twenty_rows, tmp_path, capsys):
+    project = tmp_path / "run"
+    killed = _run_child(_args(tiny_llama, twenty_rows, project), kill_at=4)
+    assert killed.returncode == -signal.SIGKILL
+
+    code = main([*_args(tiny_llama, twenty_rows, project), "--lr", "5e-4"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "other parameters" in err and "lr: 0.001 then, 0.0005 now" in err and "--resume false" in err
+
+    code = main([*_args(tiny_llama, twenty_rows, project), "--lr", "5e-4", "--resume", "false", "--max-steps", "2"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "starting over" in err
+    assert json.loads((project / "training_params.json").read_text())["lr"] == 5e-4
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_last_checkpoint(tiny_llama, twenty_rows, tmp_path, capsys):
+    project = tmp_path / "nan"
+    args = _args(tiny_llama, twenty_rows, project)
+    # lr 1e30 turns the weights to inf on the first update: the second step's loss is not finite.
+    code = main([*args, "--lr", "1e30", "--save-steps", "1", "--warmup-ratio", "0", "--max-grad-norm", "0"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "at step 2" in err and "learning rate" in err and "checkpoint-1" in err
+    assert "Traceback" not in err
+    assert not project.exists()
+    assert (tmp_path / ".nan.partial" / "checkpoint-1" / COMPLETE_MARK).is_file()
+
+
+def test_low_disk_space_is_found_before_training(tiny_llama, twenty_rows, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=10 * 2**20))
+    code = main(_args(tiny_llama, twenty_rows, tmp_path / "full"))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "not enough disk space" in err and "GiB free" in err
+    assert not (tmp_path / "full").exists() and not (tmp_path / ".full.partial").exists()
