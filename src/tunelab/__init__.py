@@ -3,6 +3,7 @@
 import tunelab
 params = tunelab.LLMParams(model="HuggingFaceTB/SmolLM2-135M-Instruct", data_path="samples/alpaca.jsonl",
                            trainer="sft", peft=True, project_name="my-run")
+print(tunelab.plan(params).render())   # the dry run: checks, rows, token lengths, memory estimate
 folder = tunelab.train(params)
 
 Text classification: `tunelab.train(tunelab.TextClassificationParams(...))`, or a config with
@@ -27,6 +28,7 @@ __all__ = [
     "TextClassificationParams",
     "TunelabError",
     "load_config",
+    "plan",
     "train",
 ]
 __version__ = "0.1.0"
@@ -47,3 +49,13 @@ def train(
     from tunelab.run import run
 
     return run(resolved)
+
+
+def plan(params: LLMParams | TextClassificationParams | dict[str, Any] | str | Path | None = None, **overrides: Any):
+    """What `train` would do with the same arguments, checked and planned without training or writing anything.
+
+    Returns a `tunelab.plan.RunPlan` (`.render()` is what `--dry-run` prints). Raises TunelabError as `train` would.
+    """
+    from tunelab.plan import plan as make_plan
+
+    return make_plan(load_config(params if params is not None else {}, **overrides))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,20 @@ from tunelab.trainer import run_training
 log = logging.getLogger("tunelab")
 
 
-def run_text_classification(params: Any) -> Path:
-    """Train a sequence classifier end to end and return the finished run folder."""
-    from tunelab.models import load_model, load_tokenizer, resolve_model
+@dataclass
+class Prepared:
+    """Everything checked before the classifier loads: what a run trains and what `--dry-run` shows."""
+
+    folder: outputs.RunFolder
+    resume_from: Path | None
+    source: Any
+    tokenizer: Any
+    data: LabelledData
+
+
+def prepare(params: Any) -> Prepared:
+    """Check the folder, the machine and the labelled data (read, checked, tokenized), writing nothing."""
+    from tunelab.models import load_tokenizer, resolve_model
 
     folder = outputs.RunFolder(params.project_name)
     folder.check_free()
@@ -34,11 +46,19 @@ def run_text_classification(params: Any) -> Path:
     check_machine(params)
     source = resolve_model(params.model)
     tokenizer = load_tokenizer(source, params.max_seq_length)
-    data = load_labelled_data(params, tokenizer)
+    return Prepared(folder, resume_from, source, tokenizer, load_labelled_data(params, tokenizer))
+
+
+def run_text_classification(params: Any) -> Path:
+    """Train a sequence classifier end to end and return the finished run folder."""
+    from tunelab.models import load_model
+
+    prep = prepare(params)
+    folder, resume_from, tokenizer, data = prep.folder, prep.resume_from, prep.tokenizer, prep.data
     _report_data(params, data)
 
     set_seed(params.seed)
-    model = load_model(source, params, kind="classifier", tokenizer=tokenizer, labels=data.labels)
+    model = load_model(prep.source, params, kind="classifier", tokenizer=tokenizer, labels=data.labels)
     check_disk_space(folder.final.parent, 2 * checkpoint_bytes(model, not params.peft), "checkpoints and outputs")
     staging = folder.start(params, resume_from)
     trainer, reports = _build_trainer(model, tokenizer, params, data, staging)

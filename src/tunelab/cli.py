@@ -3,6 +3,7 @@ config/autotrain.py. Every user-input problem ends as one line on stderr and exi
 
     tunelab llm --train --model M --data-path D --trainer sft --peft ...
     tunelab --config config.yaml            (AutoTrain's config schema, or tunelab's flat one)
+    tunelab llm --dry-run ...               (check everything and print the plan; train nothing)
     tunelab generate --model RUN_FOLDER "prompt"
     tunelab env
 """
@@ -83,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune LLMs on your own data. AutoTrain Advanced's flags and config files work as they are.",
     )
     parser.add_argument("--config", help="Run the job described by a YAML config (AutoTrain's schema or tunelab's).")
+    parser.add_argument(
+        "--dry-run",
+        "--dry_run",
+        action="store_true",
+        help="Check everything and print the plan (rows, token lengths, truncation, examples as trained, steps, "
+        "memory estimate) without training or writing anything.",
+    )
     sub = parser.add_subparsers(dest="command")
 
     llm = sub.add_parser(
@@ -94,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     llm.add_argument("--train", action="store_true", help="Train (accepted for AutoTrain compatibility; implied).")
     llm.add_argument("--config", dest="config", help="YAML config; flags given here override it.")
     llm.add_argument("--backend", help=argparse.SUPPRESS)  # AutoTrain's; tunelab always trains here
+    llm.add_argument(
+        "--dry-run",
+        "--dry_run",
+        action="store_true",
+        help="Check everything and print the plan (rows, token lengths, truncation, examples as trained, steps, "
+        "memory estimate) without training or writing anything.",
+    )
     add_param_flags(llm)
 
     gen = sub.add_parser("generate", help="generate text with a trained run folder (or any model)")
@@ -114,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--train", action="store_true", help="Train (accepted for AutoTrain compatibility).")
     classify.add_argument("--config", dest="config", help="YAML config; flags given here override it.")
     classify.add_argument("--backend", help=argparse.SUPPRESS)
+    classify.add_argument(
+        "--dry-run",
+        "--dry_run",
+        action="store_true",
+        help="Check everything and print the plan (rows, token lengths, truncation, examples as trained, steps, "
+        "memory estimate) without training or writing anything.",
+    )
     add_param_flags(classify, TextClassificationParams)
 
     predict = sub.add_parser("predict", help="label texts with a trained text-classification run")
@@ -138,7 +160,7 @@ def run_llm(args: argparse.Namespace, schema: type = LLMParams) -> int:
     from tunelab.config import read_config_file, split_task
     from tunelab.config.overrides import build_params
 
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "train", "config", "backend")}
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "train", "config", "backend", "dry_run")}
     base: dict = {}
     if args.config:
         config_schema, base = split_task(read_config_file(args.config))
@@ -146,6 +168,11 @@ def run_llm(args: argparse.Namespace, schema: type = LLMParams) -> int:
             raise TunelabError(f"{args.config} is a config for another task than `tunelab {args.command}`")
         schema = config_schema
     params = build_params(base, flags, schema=schema)
+    if args.dry_run:
+        from tunelab.plan import plan
+
+        print(plan(params).render())
+        return 0
     if schema is TextClassificationParams:
         from tunelab.classify import run_text_classification
 

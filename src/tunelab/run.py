@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +25,33 @@ from tunelab.data import load_data
 from tunelab.data.preference import load_preference_data
 from tunelab.env import check_machine, device_name
 from tunelab.errors import DataError
-from tunelab.methods import METHODS
-from tunelab.models import load_model, load_tokenizer, resolve_model
+from tunelab.methods import METHODS, Method, RowStats
+from tunelab.models import ModelSource, load_model, load_tokenizer, resolve_model
 
 log = logging.getLogger("tunelab")
 
 
-def run(params: LLMParams) -> Path:
-    """Run one fine-tuning job end to end and return the finished run folder."""
+@dataclass
+class Prepared:
+    """Everything decided and checked before the model loads: what `run` trains and what `--dry-run` shows."""
+
+    params: LLMParams
+    method: Method
+    folder: outputs.RunFolder
+    resume_from: Path | None
+    source: ModelSource
+    tokenizer: Any
+    data: Any  # EncodedData or PreferenceData
+    train_rows: list[Any]
+    valid_rows: list[Any] | None
+    stats: RowStats
+
+
+def prepare(params: LLMParams) -> Prepared:
+    """Check the folder, the machine and the data (read, formatted, tokenized, cut into rows), writing nothing.
+
+    Every problem a user can fix raises TunelabError here, before any weights are loaded.
+    """
     method = METHODS[params.trainer]
     folder = outputs.RunFolder(params.project_name)
     folder.check_free()
@@ -54,24 +74,32 @@ def run(params: LLMParams) -> Path:
             "nothing left to learn (no answer tokens, or a prompt with no room for an answer); "
             "raise block_size (and model_max_length) or lower max_prompt_length"
         )
+    return Prepared(params, method, folder, resume_from, source, tokenizer, data, train_rows, valid_rows, stats)
+
+
+def run(params: LLMParams) -> Path:
+    """Run one fine-tuning job end to end and return the finished run folder."""
+    prep = prepare(params)
+    method, folder, tokenizer, data = prep.method, prep.folder, prep.tokenizer, prep.data
+    train_rows, valid_rows, stats = prep.train_rows, prep.valid_rows, prep.stats
     _report_data(params, data, stats, len(train_rows))
 
     set_seed(params.seed)  # LoRA's initial weights, dropout: the same run twice is the same run
-    model = load_model(source, params, kind=method.model_kind, tokenizer=tokenizer)
+    model = load_model(prep.source, params, kind=method.model_kind, tokenizer=tokenizer)
     _report_model(model, params)
 
     from tunelab.callbacks import ProgressAndMetrics
     from tunelab.trainer import build_trainer, run_training
 
     check_disk_space(folder.final.parent, 2 * checkpoint_bytes(model, not params.peft), "checkpoints and outputs")
-    staging = folder.start(params, resume_from)
+    staging = folder.start(params, prep.resume_from)
 
     progress = ProgressAndMetrics(staging / "metrics.jsonl", perplexity=method.data == "examples")
     trainer = build_trainer(
         model, tokenizer, params, train_rows, valid_rows, str(staging), [progress], method.trainer_class
     )
     started = time.time()
-    result = run_training(trainer, folder, resume_from)
+    result = run_training(trainer, folder, prep.resume_from)
     elapsed = time.time() - started
 
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
