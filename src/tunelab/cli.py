@@ -5,6 +5,7 @@ config/autotrain.py. Every user-input problem ends as one line on stderr and exi
     tunelab --config config.yaml            (AutoTrain's config schema, or tunelab's flat one)
     tunelab llm --dry-run ...               (check everything and print the plan; train nothing)
     tunelab generate --model RUN_FOLDER "prompt"
+    tunelab evaluate | chat | merge | export | serve --model RUN_FOLDER ...
     tunelab env
 """
 
@@ -151,6 +152,43 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--data-path", "--data_path", help="Also score every row of this CSV/JSONL/Parquet file.")
     score.add_argument("--text-column", "--text_column", default="text", help="Column to score in --data-path.")
 
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="loss, perplexity and sample answers of a run on a data split, beside its base model",
+        description="Evaluate a run folder on a data split (formatted as in training); writes evaluation/ "
+        "(report.md, loss_curves.png, results.json) into the run folder and adds the figures to its model card.",
+    )
+    evaluate.add_argument("--model", required=True, help="Run folder (or model folder) to evaluate.")
+    evaluate.add_argument("--data-path", "--data_path", required=True, help="File or folder of the data.")
+    evaluate.add_argument("--split", default="test", help="Split to evaluate (file stem in a folder; default test).")
+    evaluate.add_argument("--compare-base", "--compare_base", action="store_true", help="Evaluate the base too.")
+    evaluate.add_argument("--max-rows", "--max_rows", type=int, default=200, help="Rows scored (default 200).")
+    evaluate.add_argument("--samples", type=int, default=3, help="Sample answers shown side by side (default 3).")
+    evaluate.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=64)
+
+    chat = sub.add_parser("chat", help="talk to a trained model in the terminal (streamed; /reset, /exit)")
+    chat.add_argument("--model", required=True, help="Run folder, model folder, .gguf file or hub id.")
+    chat.add_argument("--system", help="A system message opening the conversation.")
+    chat.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=256)
+    chat.add_argument("--do-sample", "--do_sample", action="store_true", help="Sample instead of greedy decoding.")
+    chat.add_argument("--temperature", type=float, default=0.7)
+    chat.add_argument("--top-p", "--top_p", type=float, default=0.9)
+
+    merge = sub.add_parser("merge", help="merge a run's LoRA adapter into its base: one full transformers model")
+    merge.add_argument("--model", required=True, help="Run folder holding a LoRA adapter.")
+    merge.add_argument("--output", required=True, help="Folder to create for the merged model.")
+    merge.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="Default: the base's dtype.")
+
+    export = sub.add_parser("export", help="export a run or model to a GGUF file (llama.cpp, Ollama, ...)")
+    export.add_argument("--model", required=True, help="Run folder (a LoRA adapter is merged first) or model folder.")
+    export.add_argument("--format", default="gguf", choices=("gguf",), help="Export format (gguf).")
+    export.add_argument("--output", required=True, help="The .gguf file to write.")
+    export.add_argument("--dtype", default="f16", choices=("f32", "f16", "bf16", "q8_0"), help="Weight type.")
+
+    from tunelab.inference.serve import add_arguments as add_serve_arguments
+
+    add_serve_arguments(sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API"))
+
     sub.add_parser("env", help="print versions and the device tunelab would train on")
     return parser
 
@@ -227,6 +265,70 @@ def run_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_evaluate(args: argparse.Namespace) -> int:
+    from tunelab.evaluate import REPORT_DIR, evaluate_run
+
+    results = evaluate_run(
+        args.model, args.data_path, args.split, args.compare_base, args.max_rows, args.samples, args.max_new_tokens
+    )
+    print(
+        f"eval loss {results['eval_loss']:.4f} (perplexity {results['eval_perplexity']:.2f}) on {results['rows']} rows"
+    )
+    if "base_eval_loss" in results:
+        print(f"base: eval loss {results['base_eval_loss']:.4f} (perplexity {results['base_eval_perplexity']:.2f})")
+    print(f"tunelab: report in {Path(args.model) / REPORT_DIR / 'report.md'}")
+    return 0
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    from tunelab.inference.chat import ChatSession, chat_loop
+    from tunelab.inference.generate import GenerationParams, load_run
+    from tunelab.merge import check_run_folder
+
+    if Path(args.model).exists():
+        check_run_folder(args.model, "chat")
+    model, tokenizer = load_run(args.model)
+    options = GenerationParams(args.max_new_tokens, args.do_sample, args.temperature, top_p=args.top_p)
+    chat_loop(ChatSession(model, tokenizer, options, args.system), name=args.model)
+    return 0
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from tunelab.merge import merge_run
+
+    print(f"tunelab: merged model in {merge_run(args.model, args.output, args.dtype)}")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from tunelab.export import export_gguf
+    from tunelab.merge import check_run_folder, merge_run
+
+    folder = check_run_folder(args.model, "export")
+    if (folder / "adapter_config.json").is_file():
+        merged = folder / "merged"
+        if (merged / "config.json").is_file():
+            return _exported(export_gguf(merged, args.output, args.dtype))
+        with tempfile.TemporaryDirectory(prefix="tunelab-merge-") as tmp:
+            log.info("export: merging the LoRA adapter into its base first")
+            return _exported(export_gguf(merge_run(folder, Path(tmp) / "merged"), args.output, args.dtype))
+    return _exported(export_gguf(folder, args.output, args.dtype))
+
+
+def _exported(path: Path) -> int:
+    print(f"tunelab: exported {path}")
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from tunelab.inference.serve import serve
+
+    serve(args.model, args.host, args.port, args.api_key, args.model_name)
+    return 0
+
+
 def run_env() -> int:
     from tunelab.env import versions
 
@@ -273,18 +375,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     try:
-        if args.command == "llm":
-            return run_llm(args)
-        if args.command == "text-classification":
-            return run_llm(args, TextClassificationParams)
-        if args.command == "predict":
-            return run_predict(args)
-        if args.command == "generate":
-            return run_generate(args)
-        if args.command == "score":
-            return run_score(args)
-        if args.command == "env":
-            return run_env()
+        commands = {
+            "llm": run_llm,
+            "text-classification": lambda a: run_llm(a, TextClassificationParams),
+            "predict": run_predict,
+            "generate": run_generate,
+            "score": run_score,
+            "evaluate": run_evaluate,
+            "chat": run_chat,
+            "merge": run_merge,
+            "export": run_export,
+            "serve": run_serve,
+            "env": lambda a: run_env(),
+        }
+        if args.command in commands:
+            return commands[args.command](args)
         if args.config:
             args.train, args.backend = True, None
             return run_llm(args)

@@ -1,4 +1,5 @@
-"""Classification metrics (accuracy, macro F1, per-class precision/recall, confusion matrix) and its picture.
+"""Classification metrics (accuracy, macro F1, per-class precision/recall, confusion matrix), and the pictures of
+reports (confusion matrix, loss curves).
 
 Plain numpy and Pillow: no scikit-learn or matplotlib needed for a report.
 """
@@ -76,5 +77,49 @@ def draw_confusion_matrix(matrix: list[list[int]], labels: list[str], path: Path
             box = (margin + j * cell, margin + i * cell, margin + (j + 1) * cell, margin + (i + 1) * cell)
             draw.rectangle(box, fill=(shade, shade, 255), outline="gray")
             draw.text((box[0] + 6, box[1] + cell // 2 - 6), str(count), fill="black" if share < 0.6 else "white")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
+CURVE_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd")
+
+
+def draw_curves(
+    curves: dict[str, list[tuple[float, float]]], path: Path, title: str, x_label: str, y_label: str
+) -> None:
+    """A PNG line chart of named (x, y) series (e.g. training and eval loss by step), with axes and a legend."""
+    from PIL import Image, ImageDraw
+
+    width, height, left, right, top, bottom = 720, 420, 70, 20, 40, 50
+    points = [p for series in curves.values() for p in series]
+    x_min, x_max = min(p[0] for p in points), max(p[0] for p in points)
+    y_min, y_max = min(p[1] for p in points), max(p[1] for p in points)
+    x_span, y_span = (x_max - x_min) or 1.0, (y_max - y_min) or 1.0
+
+    def place(x: float, y: float) -> tuple[float, float]:
+        return (
+            left + (x - x_min) / x_span * (width - left - right),
+            height - bottom - (y - y_min) / y_span * (height - top - bottom),
+        )
+
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((left, 12), title, fill="black")
+    draw.line([(left, top), (left, height - bottom), (width - right, height - bottom)], fill="black")
+    for i in range(5):  # axis ticks: five values on each axis
+        y = y_min + y_span * i / 4
+        draw.text((6, place(x_min, y)[1] - 6), f"{y:.3g}", fill="black")
+        x = x_min + x_span * i / 4
+        draw.text((place(x, y_min)[0] - 10, height - bottom + 6), f"{x:.4g}", fill="black")
+    draw.text((width // 2, height - 20), x_label, fill="black")
+    draw.text((6, top - 20), y_label, fill="black")
+    for number, (name, series) in enumerate(curves.items()):
+        colour = CURVE_COLOURS[number % len(CURVE_COLOURS)]
+        placed = [place(x, y) for x, y in sorted(series)]
+        if len(placed) > 1:
+            draw.line(placed, fill=colour, width=2)
+        for x, y in placed:
+            draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
+        draw.text((width - right - 140, top + 16 * number), f"- {name}", fill=colour)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)

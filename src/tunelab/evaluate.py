@@ -1,0 +1,261 @@
+"""`tunelab evaluate`: did the fine-tune help? Loss and perplexity on a data split, the base model beside it, sample
+answers side by side, and a report (Markdown + a PNG of the training and eval loss curves) in the run folder.
+
+The split is read, formatted and masked exactly as in training (the run's own parameters: columns, chat
+template, block size), so the loss is the training loss's counterpart: next-token cross-entropy over the trained
+(answer) tokens only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+from tunelab.errors import TunelabError
+from tunelab.merge import check_run_folder
+
+log = logging.getLogger("tunelab")
+REPORT_DIR = "evaluation"
+
+
+@dataclasses.dataclass
+class Sample:
+    prompt: str
+    reference: str
+    tuned: str
+    base: str | None = None
+
+
+def evaluate_run(
+    path: str | Path,
+    data_path: str,
+    split: str = "test",
+    compare_base: bool = False,
+    max_rows: int = 200,
+    samples: int = 3,
+    max_new_tokens: int = 64,
+) -> dict[str, Any]:
+    """Evaluate a run folder on `data_path` (its `split`); write the report into the folder and return the results."""
+    from tunelab.data import load_data
+    from tunelab.inference.generate import load_run
+
+    folder = check_run_folder(path, "evaluate")
+    run_info = _run_info(folder)
+    if run_info.get("trainer") in ("reward", "text_classification"):
+        raise TunelabError(f"evaluate: {folder} is a {run_info['trainer']} run; evaluate measures language models")
+    params = _data_params(folder, data_path, split)
+    model, tokenizer = load_run(folder)
+    data = load_data(params, tokenizer)
+    rows = [_cut(row, params.block_size) for row in data.train[:max_rows]]
+    rows = [row for row in rows if row.trained_tokens > 0]
+    if not rows:
+        raise TunelabError(f"evaluate: {data.origins['train']}: no rows with answer tokens to score")
+
+    started = time.time()
+    results: dict[str, Any] = {"data": data.origins["train"], "rows": len(rows), "model": str(folder)}
+    results["eval_loss"] = mean_loss(model, rows)
+    results["eval_perplexity"] = math.exp(min(results["eval_loss"], 50))
+    base_model, base_context = _base(model, folder, compare_base)
+    if compare_base:
+        with base_context():
+            results["base_eval_loss"] = mean_loss(base_model, rows)
+        results["base_eval_perplexity"] = math.exp(min(results["base_eval_loss"], 50))
+        results["base_model"] = run_info.get("base_model")
+
+    shown = []
+    for prompt, reference in _prompts(data_path, params, split, samples):
+        tuned = _answer(model, tokenizer, prompt, max_new_tokens)
+        base = None
+        if compare_base:
+            with base_context():
+                base = _answer(base_model, tokenizer, prompt, max_new_tokens)
+        shown.append(Sample(prompt, reference, tuned, base))
+    results["seconds"] = round(time.time() - started, 1)
+    write_report(folder, results, shown)
+    return results
+
+
+def mean_loss(model: Any, rows: list[Any]) -> float:
+    """Next-token cross-entropy averaged over every trained token of every row (one row at a time: no padding)."""
+    import torch
+    import torch.nn.functional as F
+
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for row in rows:
+            ids = torch.tensor([row.input_ids], device=model.device)
+            labels = torch.tensor(row.labels[1:], device=model.device)
+            logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+            total += float(F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum"))
+            count += int((labels != -100).sum())
+    return total / max(count, 1)
+
+
+def _cut(row: Any, block_size: int) -> Any:
+    from tunelab.data.tokenize import Encoded
+
+    return row if len(row) <= block_size else Encoded(row.input_ids[:block_size], row.labels[:block_size])
+
+
+def _run_info(folder: Path) -> dict[str, Any]:
+    path = folder / "tunelab_run.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _data_params(folder: Path, data_path: str, split: str) -> Any:
+    """The run's own data settings (columns, template, block size) pointed at the evaluation data."""
+    from tunelab.config.schema import LLMParams
+
+    saved_file = folder / "training_params.json"
+    saved = json.loads(saved_file.read_text(encoding="utf-8")) if saved_file.is_file() else {}
+    known = {f.name for f in dataclasses.fields(LLMParams)}
+    values = {k: v for k, v in saved.items() if k in known and k not in ("token", "push_to_hub")}
+    values.update(model=str(folder), data_path=data_path, train_split=split, valid_split=None, trainer="sft")
+    return LLMParams(**values)
+
+
+def _base(model: Any, folder: Path, wanted: bool) -> tuple[Any, Any]:
+    """The base model to compare with: the same weights with the adapter off (no second copy), or, for a fully
+    fine-tuned run, the base model loaded beside it."""
+    if not wanted:
+        return None, nullcontext
+    if hasattr(model, "disable_adapter"):
+        return model, model.disable_adapter
+    base_name = _run_info(folder).get("base_model")
+    if not base_name:
+        raise TunelabError(f"evaluate --compare-base: {folder} does not say which base model it was trained from")
+    from tunelab.models.load import load_causal_lm, resolve_model
+
+    return load_causal_lm(resolve_model(base_name)).eval(), nullcontext
+
+
+def _prompts(data_path: str, params: Any, split: str, count: int) -> list[tuple[Any, str]]:
+    """(prompt, reference answer) of the first rows: the conversation up to its last answer, or the first half
+    of a plain text."""
+    from tunelab.data.formats import detect_format, to_examples
+    from tunelab.data.sources import read_splits
+
+    source = read_splits(data_path, split, None)["train"]
+    examples = to_examples(source, detect_format(source, params.text_column, params.prompt_text_column))
+    shown = []
+    for example in examples[:count]:
+        if "messages" in example:
+            messages = example["messages"]
+            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            shown.append((messages[:last], messages[last]["content"]))
+        else:
+            words = example["text"].split()
+            shown.append((" ".join(words[: len(words) // 2]), " ".join(words[len(words) // 2 :])))
+    return shown
+
+
+def _answer(model: Any, tokenizer: Any, prompt: Any, max_new_tokens: int) -> str:
+    import torch
+
+    if isinstance(prompt, list):
+        text = tokenizer.apply_chat_template(_merged_input(prompt), tokenize=False, add_generation_prompt=True)
+        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    else:
+        inputs = tokenizer(prompt, return_tensors="pt")
+    inputs = inputs.to(model.device)
+    with torch.no_grad():
+        out = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def _merged_input(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Alpaca rows carry their `input` beside the instruction; a chat template only knows role and content."""
+    return [
+        {"role": m["role"], "content": m["content"] + (f"\n\n{m['input']}" if m.get("input") else "")}
+        for m in messages
+    ]
+
+
+def write_report(folder: Path, results: dict[str, Any], samples: list[Sample]) -> Path:
+    """evaluation/ (report.md, loss_curves.png, results.json) written beside, then swapped in; the model card gets
+    an Evaluation section."""
+    from tunelab.metrics import draw_curves
+    from tunelab.outputs import write_json
+
+    staging = folder / f".{REPORT_DIR}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    curves = _curves(folder)
+    if curves:
+        draw_curves(curves, staging / "loss_curves.png", title="loss", x_label="step", y_label="loss")
+    write_json(staging / "results.json", {**results, "samples": [dataclasses.asdict(s) for s in samples]})
+    (staging / "report.md").write_text(_report_markdown(results, samples, bool(curves)), encoding="utf-8")
+    final = folder / REPORT_DIR
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(staging, final)
+    _update_model_card(folder, results, bool(curves))
+    return final
+
+
+def _curves(folder: Path) -> dict[str, list[tuple[float, float]]]:
+    path = folder / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    curves = {
+        "train loss": [(r["step"], r["loss"]) for r in records if "loss" in r],
+        "eval loss": [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r],
+    }
+    return {name: points for name, points in curves.items() if points}
+
+
+def _numbers(results: dict[str, Any]) -> list[str]:
+    lines = ["| model | eval loss | perplexity |", "| --- | --- | --- |"]
+    lines.append(f"| fine-tuned | {results['eval_loss']:.4f} | {results['eval_perplexity']:.2f} |")
+    if "base_eval_loss" in results:
+        lines.append(
+            f"| base ({results.get('base_model')}) | {results['base_eval_loss']:.4f} | "
+            f"{results['base_eval_perplexity']:.2f} |"
+        )
+    return lines
+
+
+def _report_markdown(results: dict[str, Any], samples: list[Sample], has_curves: bool) -> str:
+    lines = [
+        "# Evaluation",
+        "",
+        f"Data: `{results['data']}`, {results['rows']} rows; loss over the answer tokens, as in training.",
+        "",
+        *_numbers(results),
+        "",
+    ]
+    if has_curves:
+        lines += ["![training and eval loss](loss_curves.png)", ""]
+    for number, sample in enumerate(samples, start=1):
+        prompt = sample.prompt if isinstance(sample.prompt, str) else sample.prompt[-1]["content"]
+        lines += [f"## Sample {number}", "", f"**Prompt:** {prompt}", "", f"**Reference:** {sample.reference}", ""]
+        lines += [f"**Fine-tuned:** {sample.tuned}", ""]
+        if sample.base is not None:
+            lines += [f"**Base:** {sample.base}", ""]
+    return "\n".join(lines)
+
+
+def _update_model_card(folder: Path, results: dict[str, Any], has_curves: bool) -> None:
+    card = folder / "README.md"
+    if not card.is_file():
+        return
+    text = card.read_text(encoding="utf-8")
+    text = text.split("\n## Evaluation\n")[0].rstrip("\n")
+    section = ["", "## Evaluation", "", f"On `{results['data']}` ({results['rows']} rows):", "", *_numbers(results)]
+    if has_curves:
+        section += ["", f"![training and eval loss]({REPORT_DIR}/loss_curves.png)"]
+    section += ["", f"Samples and details: [{REPORT_DIR}/report.md]({REPORT_DIR}/report.md)", ""]
+    tmp = card.with_name("README.md.tmp")
+    tmp.write_text(text + "\n" + "\n".join(section), encoding="utf-8")
+    os.replace(tmp, card)

@@ -1,0 +1,74 @@
+"""`tunelab merge`: a LoRA run folder -> one full model (adapter merged into its base) that plain transformers loads.
+
+The base is loaded in its own dtype (a GGUF base is dequantized to float32, or to `dtype` when given), the adapter
+merged into its weights, and the result written to `<output>.partial` then renamed: a failed merge never leaves a
+folder that looks finished.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from tunelab.errors import TunelabError
+
+log = logging.getLogger("tunelab")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def check_run_folder(path: str | Path, command: str) -> Path:
+    """A folder that exists and holds a model (adapter or full weights); else one clear error for `command`."""
+    folder = Path(os.path.expanduser(str(path)))
+    if not folder.exists():
+        raise TunelabError(f"{command}: {folder} does not exist (give a tunelab run folder or a model folder)")
+    if not folder.is_dir():
+        raise TunelabError(f"{command}: {folder} is not a folder (give a tunelab run folder or a model folder)")
+    if not any((folder / name).is_file() for name in ("adapter_config.json", "config.json")):
+        partial = folder.with_name(f".{folder.name}.partial")
+        hint = f" ({partial} holds an unfinished run: run its command again to resume it)" if partial.exists() else ""
+        raise TunelabError(f"{command}: {folder} holds no model (no adapter_config.json or config.json){hint}")
+    return folder
+
+
+def merge_run(path: str | Path, output: str | Path, dtype: str | None = None) -> Path:
+    """Merge the LoRA adapter of a run folder into its base model and save the full model (and tokenizer)."""
+    import torch
+    from peft import PeftModel
+
+    from tunelab.inference.generate import base_model_of
+    from tunelab.models.load import ModelSource, load_causal_lm, load_tokenizer, resolve_model
+
+    folder = check_run_folder(path, "merge")
+    if not (folder / "adapter_config.json").is_file():
+        raise TunelabError(f"merge: {folder} holds full model weights already (no LoRA adapter to merge)")
+    if dtype is not None and dtype not in DTYPES:
+        raise TunelabError(f"merge: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    target = Path(os.path.expanduser(str(output))).absolute()
+    if target.exists():
+        raise TunelabError(f"merge: {target} already exists: choose another --output or remove it")
+
+    base_name = base_model_of(folder)
+    log.info("merging the adapter in %s into %s", folder, base_name)
+    base = load_causal_lm(resolve_model(base_name), dtype=getattr(torch, dtype) if dtype else None)
+    merged = PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
+    tokenizer = load_tokenizer(ModelSource(str(folder), str(folder)))
+    staging = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        save_full_model(merged, tokenizer, staging)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("merged model (%s) written to %s", next(merged.parameters()).dtype, target)
+    return target
+
+
+def save_full_model(model: Any, tokenizer: Any, folder: Path) -> None:
+    """A plain transformers model folder (safetensors, config without training-only settings, tokenizer)."""
+    model.config.use_cache = True  # trained with the cache off; the merged model is for generation
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)

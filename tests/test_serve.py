@@ -1,0 +1,178 @@
+"""`tunelab serve`: the real server (uvicorn in a thread) answering the official `openai` client."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from tunelab.errors import TunelabError
+from tunelab.inference.serve import serve
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+HELLO = [{"role": "user", "content": "Give me three tips for staying focused."}]
+
+
+@contextmanager
+def running(app) -> Iterator[int]:
+    """Run `app` with uvicorn on a free local port (port 0: the OS picks) and yield the port."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield server.servers[0].sockets[0].getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_llama):
+    from tunelab.inference.generate import load_run
+
+    return load_run(tiny_llama)
+
+
+@pytest.fixture(scope="module")
+def client(loaded) -> Iterator:
+    from tunelab.inference.serve import create_app
+
+    with running(create_app(*loaded, model_name="tiny")) as port:
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=30)
+
+
+def test_models_list(client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_chat_greedy_streaming_matches_whole(client):
+    whole = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=8, temperature=0)
+    choice = whole.choices[0]
+    assert whole.object == "chat.completion" and whole.model == "tiny"
+    assert isinstance(choice.message.content, str) and choice.message.role == "assistant"
+    assert choice.finish_reason in ("length", "stop")
+    usage = whole.usage
+    assert usage.prompt_tokens > 0 and 0 < usage.completion_tokens <= 8
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    if choice.finish_reason == "length":
+        assert usage.completion_tokens == 8
+
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=HELLO,
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == choice.message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [choice.finish_reason]
+    assert chunks[-1].usage.total_tokens == usage.total_tokens
+
+
+def test_completions_streaming_and_whole(client):
+    whole = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=6, temperature=0)
+    assert whole.object == "text_completion" and isinstance(whole.choices[0].text, str)
+    assert whole.choices[0].finish_reason in ("length", "stop")
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
+    stream = client.completions.create(
+        model="tiny", prompt="Once upon a time", max_tokens=6, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].text for c in stream) == whole.choices[0].text
+
+
+def test_stop_string_cuts_the_answer(client):
+    whole = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=12, temperature=0)
+    text = whole.choices[0].text
+    if len(text.strip()) < 2:
+        pytest.skip("the random model said too little to cut")
+    stop = text.strip()[1:3]  # a piece from inside the answer
+    cut = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=12, temperature=0, stop=[stop])
+    assert cut.choices[0].text == text[: text.index(stop)] and cut.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(
+        model="tiny", prompt="Once upon a time", max_tokens=12, temperature=0, stop=stop, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed) == cut.choices[0].text
+
+
+def test_sampling_with_a_seed_repeats(client):
+    def ask() -> str:
+        answer = client.chat.completions.create(
+            model="tiny", messages=HELLO, max_tokens=8, temperature=0.9, top_p=0.95, seed=7
+        )
+        return answer.choices[0].message.content
+
+    assert ask() == ask()
+
+
+@pytest.mark.parametrize(
+    "request_args, param",
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
+        ({"messages": HELLO, "n": 2}, "n"),
+        ({"messages": HELLO, "temperature": 5}, "temperature"),
+        ({"messages": HELLO, "max_tokens": 100_000}, "max_tokens"),
+    ],
+)
+def test_bad_requests_are_400(client, request_args, param):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny", **request_args)
+    assert err.value.status_code == 400 and err.value.body["param"] == param
+
+
+def test_missing_messages_is_400(client):
+    # The typed client insists on messages, so post the raw body.
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        client.post("/chat/completions", body={"model": "tiny"}, cast_to=object)
+
+
+def test_api_key(loaded):
+    from tunelab.inference.serve import create_app
+
+    with running(create_app(*loaded, model_name="tiny", api_key="s3cret")) as port:
+        url = f"http://127.0.0.1:{port}/v1"
+        wrong = openai.OpenAI(base_url=url, api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as err:
+            wrong.models.list()
+        assert err.value.status_code == 401
+        right = openai.OpenAI(base_url=url, api_key="s3cret", max_retries=0)
+        assert right.models.list().data[0].id == "tiny"
+
+
+def test_missing_or_wrong_model_folder(tmp_path):
+    missing = tmp_path / "no-such-run"
+    with pytest.raises(TunelabError, match="no-such-run"):
+        serve(str(missing), port=0)
+    empty = tmp_path / "empty-run"
+    empty.mkdir()
+    with pytest.raises(TunelabError, match="empty-run"):
+        serve(str(empty), port=0)
+
+
+def test_network_host_warns_and_never_logs_the_key(tiny_llama, monkeypatch, caplog):
+    started = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: started.append(kwargs))
+    with caplog.at_level("INFO", logger="tunelab"):
+        serve(str(tiny_llama), host="0.0.0.0", port=0)
+    assert started == [{"host": "0.0.0.0", "port": 0, "log_level": "info"}]
+    assert "no authentication" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="tunelab"):
+        serve(str(tiny_llama), host="0.0.0.0", port=0, api_key="s3cret-key")
+    assert "no authentication" not in caplog.text and "s3cret-key" not in caplog.text
