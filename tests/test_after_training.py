@@ -132,3 +132,16 @@ def test_commands_name_a_missing_or_empty_model_folder(command, tmp_path, capsys
     assert main([command[0], "--model", str(tmp_path / "empty"), *command[1:]]) == 2
     err = capsys.readouterr().err
     assert "holds no model" in err and "unfinished run" in err
+
+
+def test_export_of_a_lora_run_merges_first_and_predicts_the_same(lora_run, tmp_path, capsys):
+    out = tmp_path / "gguf" / "run.gguf"
+    assert main(["export", "--model", str(lora_run), "--format", "gguf", "--output", str(out), "--dtype", "f32"]) == 0
+    assert "exported" in capsys.readouterr().out
+    exported = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name).eval()
+    adapted, tokenizer = load_run(lora_run)
+    ids = tokenizer("Write a short poem about the sea.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected, got = adapted(ids).logits, exported(ids).logits
+    assert torch.equal(expected.argmax(-1), got.argmax(-1))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

