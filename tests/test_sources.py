@@ -70,6 +70,40 @@ def test_jsonl_skips_blank_lines_and_keeps_line_numbers(tmp_path):
     assert split.where(1) == f"{path} line 3"
 
 
+def test_jsonl_line_separators_inside_strings_do_not_split_rows(tmp_path):
+    """U+2028, form feeds and friends are line breaks to str.splitlines(), but JSON writers leave them raw."""
+    path = tmp_path / "train.jsonl"
+    rows = [{"text": "a\u2028b"}, {"text": "c\x0cd\x1ce\x85f"}, {"text": "g"}]
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    split = read_file(path, "train")
+    assert split.rows == rows
+    assert split.lines == [1, 2, 3]
+
+
+def test_csv_line_separators_inside_fields_do_not_split_rows(tmp_path):
+    path = write_csv(tmp_path / "train.csv", ["text"], [["a\u2028b"], ["c\x0cd"], ["e"]])
+    split = read_file(path, "train")
+    assert [row["text"] for row in split.rows] == ["a\u2028b", "c\x0cd", "e"]
+    assert split.lines == [2, 3, 4]
+
+
+def test_csv_field_longer_than_the_csv_module_default_limit(tmp_path):
+    long_text = "word " * 40_000  # 200,000 characters; the csv module refuses fields over 131,072 by default
+    path = write_csv(tmp_path / "train.csv", ["text"], [[long_text], ["short"]])
+    assert read_file(path, "train").rows[0]["text"] == long_text
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [('{"text": ' + "9" * 5000 + "}", "4300 digits"), ('{"text": ' + "[" * 50_000 + "]" * 50_000 + "}", "too deeply")],
+)
+def test_jsonl_line_python_cannot_parse_names_its_line(tmp_path, line, message):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"text": "ok"}\n' + line + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=re.escape(f"{path} line 2: not usable JSON (") + ".*" + message):
+        read_file(path, "train")
+
+
 def test_json_list(tmp_path):
     path = tmp_path / "train.json"
     path.write_text(json.dumps([{"text": "a"}, {"text": "b"}], indent=2), encoding="utf-8")
@@ -497,7 +531,8 @@ def test_whitespace_only_and_missing_text_values(tmp_path):
 def test_many_bad_rows_are_summarised(tmp_path):
     path = write_jsonl(tmp_path / "train.jsonl", [{"text": "ok"}] + [{"text": ""}] * 8)
     split = read_file(path, "train")
-    with pytest.raises(DataError, match=r"^8 bad row\(s\) in .*line 6, column 'text': empty text \(and 3 more\)$"):
+    summary = r"^8 bad row\(s\) in .*line 6, column 'text': empty text \(and 3 more\); fix them, or set bad_rows: skip"
+    with pytest.raises(DataError, match=summary):
         to_examples(split, detect_format(split, "text"))
 
 

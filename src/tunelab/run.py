@@ -118,6 +118,7 @@ def run(params: LLMParams) -> Path:
         "row_format": data.describe(),
         "template": data.template,
         "data": data.origins,
+        "skipped_rows": data.skipped_rows,
         "device": device_name(),
     }
     outputs.write_run(staging, trainer, tokenizer, params, data.template_source, metrics, run_info)

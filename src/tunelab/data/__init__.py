@@ -1,16 +1,20 @@
 """The data step of a run: files -> rows -> formatted text -> token ids and labels, all checked up front.
 
 `load_data` is called by `train.py` before any model weights are loaded or any file is written, so every data
-problem surfaces in seconds as one DataError naming the file, row and column.
+problem surfaces in seconds as one DataError naming the file, row and column (or, with bad_rows=skip, the bad
+rows are dropped and counted).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from tunelab.data.formats import RowFormat, detect_format, to_examples
+from jinja2 import TemplateError
+
+from tunelab.data.formats import RowFormat, RowProblem, convert_row, convert_rows, detect_format
 from tunelab.data.sources import Split, read_splits
 from tunelab.data.templates import Rendered, render_messages, render_text, template_source
 from tunelab.data.tokenize import Encoded, encode
@@ -32,6 +36,7 @@ class EncodedData:
     template_source: str | None
     origins: dict[str, str] = field(default_factory=dict)
     preview: str = ""
+    skipped_rows: dict[str, int] = field(default_factory=dict)  # split -> bad rows dropped (bad_rows=skip)
 
     def describe(self) -> str:
         return self.row_format.describe()
@@ -58,13 +63,14 @@ def load_data(params: Any, tokenizer: Any) -> EncodedData:
     eos = tokenizer.eos_token if params.add_eos_token else None
 
     encoded: dict[str, list[Encoded]] = {}
+    skipped: dict[str, int] = {}
     preview = ""
     for name, split in splits.items():
         fmt = row_format if name == "train" else detect_format(split, params.text_column, params.prompt_text_column)
         if fmt.kind != row_format.kind:
             raise DataError(f"{split.origin}: rows are {fmt.kind}, but the train split's are {row_format.kind}")
-        examples = to_examples(split, fmt)
-        rendered = [_render(example, source, tokenizer, eos) for example in examples]
+        render_row = functools.partial(_render_row, fmt=fmt, source=source, tokenizer=tokenizer, eos=eos)
+        rendered, skipped[name] = convert_rows(split, render_row, getattr(params, "bad_rows", "error"))
         if not preview:
             preview = rendered[0].text
         encoded[name] = encode(
@@ -78,6 +84,7 @@ def load_data(params: Any, tokenizer: Any) -> EncodedData:
         template_source=source,
         origins={name: split.origin for name, split in splits.items()},
         preview=preview,
+        skipped_rows=skipped,
     )
 
 
@@ -90,9 +97,15 @@ def _wants_special_tokens(rendered: list[Rendered], source: str | None, tokenize
     return not (bos and any(r.text.startswith(bos) for r in rendered[:100]))
 
 
-def _render(example: dict, source: str | None, tokenizer: Any, eos: str | None) -> Rendered:
+def _render_row(row: dict, fmt: RowFormat, source: str | None, tokenizer: Any, eos: str | None) -> Rendered:
+    """One row formatted for training; raises RowProblem for a bad row, including one the chat template refuses
+    (templates may `raise_exception(...)`, e.g. on roles that do not alternate)."""
+    example = convert_row(row, fmt)
     if "text" in example:
         return render_text(example["text"], eos)
     if source is None:  # a messages row with no template cannot happen: pick_template always chooses one
         raise ConfigError("internal: messages without a template")
-    return render_messages(example["messages"], source, tokenizer)
+    try:
+        return render_messages(example["messages"], source, tokenizer)
+    except TemplateError as err:
+        raise RowProblem(fmt.columns.get("messages"), f"the chat template cannot render it ({err})") from None

@@ -10,11 +10,12 @@ that the train split never shows.
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from tunelab.data.formats import MAX_LISTED, raise_bad_rows
+from tunelab.data.formats import MAX_LISTED, RowProblem, cell_text, convert_rows, describe_type
 from tunelab.data.sources import Split, read_splits
 from tunelab.errors import DataError
 
@@ -32,12 +33,24 @@ class LabelledData:
 
 
 def _label_name(value: Any) -> str | None:
-    if value is None or isinstance(value, bool):
+    """A label as text: names as they are, whole numbers without '.0'; None when missing (None, NaN, empty)."""
+    if value is None or isinstance(value, bool) or (isinstance(value, float) and not math.isfinite(value)):
         return None
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     text = str(value).strip()
     return text or None
+
+
+def _labelled_row(row: dict, text_column: str, target_column: str) -> tuple[str, str]:
+    text = cell_text(row, text_column)
+    value = row.get(target_column)
+    if isinstance(value, (dict, list, bytes)):
+        raise RowProblem(target_column, f"expected a label name or number, got {describe_type(value)}")
+    label = _label_name(value)
+    if label is None:
+        raise RowProblem(target_column, "missing label")
+    return text, label
 
 
 def _sort_key(name: str) -> tuple[int, Any]:
@@ -47,8 +60,10 @@ def _sort_key(name: str) -> tuple[int, Any]:
         return (1, name)
 
 
-def read_labelled(split: Split, text_column: str, target_column: str) -> tuple[list[str], list[str]]:
-    """(texts, label names) of a split; every bad row is collected into one DataError."""
+def read_labelled(
+    split: Split, text_column: str, target_column: str, bad_rows: str | None = None
+) -> tuple[list[str], list[str]]:
+    """(texts, label names) of a split; bad rows are collected into one DataError (or skipped, bad_rows=skip)."""
     for column in (text_column, target_column):
         if column not in split.columns:
             flag = "text_column" if column == text_column else "target_column"
@@ -56,24 +71,18 @@ def read_labelled(split: Split, text_column: str, target_column: str) -> tuple[l
                 f"{split.origin}: column {column!r} not found (columns: {', '.join(split.columns[:20])}); "
                 f"set {flag} (data.column_mapping.{flag})"
             )
-    texts, labels, problems = [], [], []
-    for index, row in enumerate(split.rows):
-        text, label = row.get(text_column), _label_name(row.get(target_column))
-        if not isinstance(text, str) or not text.strip():
-            problems.append(f"{split.where(index)}, column {text_column!r}: empty text")
-        elif label is None:
-            problems.append(f"{split.where(index)}, column {target_column!r}: missing label")
-        else:
-            texts.append(text)
-            labels.append(label)
-    raise_bad_rows(problems, split.origin)
-    return texts, labels
+    pairs, _ = convert_rows(split, lambda row: _labelled_row(row, text_column, target_column), bad_rows)
+    return [text for text, _ in pairs], [label for _, label in pairs]
 
 
 def load_labelled_data(params: Any, tokenizer: Any) -> LabelledData:
     """Read, check and tokenize the train (and valid) splits of a text-classification run."""
     splits = read_splits(params.data_path, params.train_split, params.valid_split)
-    read = {name: read_labelled(split, params.text_column, params.target_column) for name, split in splits.items()}
+    bad_rows = getattr(params, "bad_rows", None)  # text classification offers no choice (yet): an error
+    read = {
+        name: read_labelled(split, params.text_column, params.target_column, bad_rows)
+        for name, split in splits.items()
+    }
     names = sorted(set(read["train"][1]), key=_sort_key)
     if len(names) < 2:
         raise DataError(

@@ -8,16 +8,25 @@ Shapes (picked from the columns and the column mapping, in this order):
 - also `messages` / `conversations` or `prompt` / `completion` columns when text_column is left at `text`.
 Every row becomes {"text": str} or {"messages": [...]}; prompt/completion and Alpaca rows become a user and an
 assistant message so that one renderer (data/templates.py) formats and masks everything.
+
+A row that cannot be used raises RowProblem (its column and what is wrong); `convert_rows` collects them and,
+as `bad_rows` says, stops with one DataError naming them ("error") or drops them with a warning ("skip").
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from tunelab.data.sources import Split
 from tunelab.errors import DataError
+
+log = logging.getLogger("tunelab")
+T = TypeVar("T")
 
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -67,59 +76,92 @@ def detect_format(split: Split, text_column: str, prompt_text_column: str | None
 
 
 def is_messages(value: Any) -> bool:
+    """A message list, or a JSON string of one (a list of objects; their fields are checked row by row)."""
     if isinstance(value, str):
         value = value.strip()
         if not (value.startswith("[") and value.endswith("]")):
             return False
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            return False
+        value = _json_or_none(value)
     return isinstance(value, list) and bool(value) and all(isinstance(item, dict) for item in value)
 
 
-def to_examples(split: Split, fmt: RowFormat) -> list[dict[str, Any]]:
-    """Every row as {"text": ...} or {"messages": [...]}; all bad rows are collected into one DataError."""
-    examples, problems = [], []
-    for index, row in enumerate(split.rows):
-        try:
-            examples.append(_convert(row, fmt))
-        except RowProblem as problem:
-            problems.append(f"{split.where(index)}, column {problem.column!r}: {problem.reason}")
-    raise_bad_rows(problems, split.origin)
-    return examples
+def _json_or_none(text: str) -> Any:
+    """The JSON value of a cell, or None when it is not JSON (ValueError: too many digits; RecursionError: nested
+    too deeply for Python's parser)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
 
 
-def raise_bad_rows(problems: list[str], origin: str) -> None:
-    """One DataError listing the first bad rows of a file and how many more there are (nothing if none)."""
-    if problems:
-        shown = "; ".join(problems[:MAX_LISTED])
-        more = f" (and {len(problems) - MAX_LISTED} more)" if len(problems) > MAX_LISTED else ""
-        raise DataError(f"{len(problems)} bad row(s) in {origin}: {shown}{more}")
+# ------------------------------------------------------------------------------------------------ bad rows
 
 
 class RowProblem(Exception):
-    """One bad cell: the column and what is wrong with it (collected, then reported together)."""
+    """One bad row: the column at fault (None when it is the row as a whole) and what is wrong with it."""
 
-    def __init__(self, column: str, reason: str) -> None:
+    def __init__(self, column: str | None, reason: str) -> None:
         super().__init__(reason)
         self.column, self.reason = column, reason
 
 
-def cell_text(row: dict, column: str, allow_empty: bool = False) -> str:
-    value = row.get(column)
-    if value is None:
-        raise RowProblem(column, "missing value")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = str(value)
-    if not isinstance(value, str):
-        raise RowProblem(column, f"expected text, got {type(value).__name__}")
-    if not allow_empty and not value.strip():
-        raise RowProblem(column, "empty text")
-    return value
+def convert_rows(split: Split, convert: Callable[[dict], T], bad_rows: str | None = "error") -> tuple[list[T], int]:
+    """convert(row) for every row of a split; rows that raise RowProblem are bad rows.
+
+    bad_rows="error": one DataError naming the first bad rows (file, line, column, reason) and how many more.
+    bad_rows="skip": they are dropped and a warning names them the same way; a DataError if none is left.
+    bad_rows=None: an error, for tasks that offer no choice (the message then does not suggest one).
+    Returns the converted rows and how many were dropped.
+    """
+    kept, problems = [], []
+    for index, row in enumerate(split.rows):
+        try:
+            kept.append(convert(row))
+        except RowProblem as problem:
+            problems.append(describe_problem(split, index, problem))
+    settle_bad_rows(problems, split.origin, bad_rows, kept=len(kept))
+    return kept, len(problems)
 
 
-def _convert(row: dict, fmt: RowFormat) -> dict[str, Any]:
+def describe_problem(split: Split, index: int, problem: RowProblem) -> str:
+    """'train.jsonl line 12, column 'text': empty text': where the bad row is and what is wrong with it."""
+    column = f", column {problem.column!r}" if problem.column is not None else ""
+    return f"{split.where(index)}{column}: {problem.reason}"
+
+
+def settle_bad_rows(problems: list[str], origin: str, bad_rows: str | None, kept: int) -> None:
+    """Raise (error) or log (skip) the bad rows of a file; `kept` is how many good rows it has."""
+    if not problems:
+        return
+    if bad_rows != "skip":
+        hint = "" if bad_rows is None else "fix them, or set bad_rows: skip (--bad-rows skip) to leave them out"
+        raise_bad_rows(problems, origin, hint)
+    if not kept:
+        raise DataError(f"every row of {origin} is bad, nothing is left to train on: {_listed(problems)}")
+    log.warning("%s: skipped %d bad row(s) (bad_rows=skip): %s", origin, len(problems), _listed(problems))
+
+
+def raise_bad_rows(problems: list[str], origin: str, hint: str = "") -> None:
+    """One DataError listing the first bad rows of a file and how many more there are (nothing if none)."""
+    if problems:
+        raise DataError(f"{len(problems)} bad row(s) in {origin}: {_listed(problems)}" + (f"; {hint}" if hint else ""))
+
+
+def _listed(problems: list[str]) -> str:
+    more = f" (and {len(problems) - MAX_LISTED} more)" if len(problems) > MAX_LISTED else ""
+    return "; ".join(problems[:MAX_LISTED]) + more
+
+
+# ---------------------------------------------------------------------------------------------- row shapes
+
+
+def to_examples(split: Split, fmt: RowFormat, bad_rows: str = "error") -> list[dict[str, Any]]:
+    """Every usable row as {"text": ...} or {"messages": [...]}; bad rows handled as `convert_rows` says."""
+    return convert_rows(split, lambda row: convert_row(row, fmt), bad_rows)[0]
+
+
+def convert_row(row: dict, fmt: RowFormat) -> dict[str, Any]:
+    """One row as {"text": ...} or {"messages": [...]}; raises RowProblem when it cannot be used."""
     cols = fmt.columns
     if fmt.kind == "text":
         return {"text": cell_text(row, cols["text"])}
@@ -136,30 +178,76 @@ def _convert(row: dict, fmt: RowFormat) -> dict[str, Any]:
     return {"messages": cell_messages(row, cols["messages"])}
 
 
-def cell_messages(row: dict, column: str, need_assistant: bool = True) -> list[dict[str, str]]:
+def cell_text(row: dict, column: str, allow_empty: bool = False) -> str:
+    """The text of one cell; numbers become text. Missing (None, NaN as pandas writes it), wrong-typed or empty
+    cells raise RowProblem; allow_empty lets an optional cell be missing or empty."""
     value = row.get(column)
-    if value is None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        if allow_empty:
+            return ""
+        raise RowProblem(column, "missing value" if value is None else "missing value (NaN)")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) and math.isinf(value):
+            raise RowProblem(column, f"expected text, got the number {value}")
+        value = str(value)
+    if not isinstance(value, str):
+        raise RowProblem(column, f"expected text, got {describe_type(value)}")
+    check_unicode(value, column)
+    if not allow_empty and not value.strip():
+        raise RowProblem(column, "empty text")
+    return value
+
+
+def describe_type(value: Any) -> str:
+    """How a user would call a value's type in their file (JSON words where there are any)."""
+    names = {dict: "an object", list: "a list", bool: "true/false", int: "a number", float: "a number"}
+    names.update({str: "text", type(None): "null", bytes: "binary data"})
+    return names.get(type(value), type(value).__name__)
+
+
+def check_unicode(text: str, column: str | None, what: str = "text") -> None:
+    """JSON escapes can spell unpaired surrogates (\\ud800) that no tokenizer can encode: a bad row, not a crash."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise RowProblem(
+            column, f"{what} holds {text[err.start]!r}, half of a UTF-16 surrogate pair (not valid Unicode)"
+        ) from None
+
+
+def cell_messages(row: dict, column: str, need_assistant: bool = True) -> list[dict[str, str]]:
+    """The {role, content} messages of one cell (a list or a JSON string of one; ShareGPT's from/value too)."""
+    value = row.get(column)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         raise RowProblem(column, "missing value")
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except json.JSONDecodeError as err:
             raise RowProblem(column, f"not a JSON list of messages ({err.msg})") from None
+        except (ValueError, RecursionError):
+            raise RowProblem(column, "not a JSON list of messages (a number too long or nesting too deep)") from None
     if not isinstance(value, list) or not value:
-        raise RowProblem(column, "expected a non-empty list of {role, content} messages")
-    messages = []
-    for number, item in enumerate(value, start=1):
-        if not isinstance(item, dict):
-            raise RowProblem(column, f"message {number} is not an object")
-        if "from" in item and "value" in item:  # ShareGPT
-            role, content = SHAREGPT_ROLES.get(str(item["from"]).lower(), item["from"]), item["value"]
-        else:
-            role, content = item.get("role"), item.get("content")
-        if role not in ROLES:
-            raise RowProblem(column, f"message {number} has unknown role {role!r} (use {', '.join(ROLES)})")
-        if not isinstance(content, str):
-            raise RowProblem(column, f"message {number} content is not text")
-        messages.append({"role": role, "content": content})
+        got = "an empty list" if value == [] else describe_type(value)
+        raise RowProblem(column, f"expected a non-empty list of {{role, content}} messages, got {got}")
+    messages = [_message(item, number, column) for number, item in enumerate(value, start=1)]
     if need_assistant and not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         raise RowProblem(column, "no assistant message to learn from")
     return messages
+
+
+def _message(item: Any, number: int, column: str) -> dict[str, str]:
+    if not isinstance(item, dict):
+        raise RowProblem(column, f"message {number} is not an object (got {describe_type(item)})")
+    if "from" in item and "value" in item:  # ShareGPT
+        role, content = SHAREGPT_ROLES.get(str(item["from"]).lower(), item["from"]), item["value"]
+    else:
+        role, content = item.get("role"), item.get("content")
+    if not isinstance(role, str) or role not in ROLES:
+        raise RowProblem(column, f"message {number} has unknown role {role!r} (use {', '.join(ROLES)})")
+    if content is None:
+        raise RowProblem(column, f"message {number} has no content")
+    if not isinstance(content, str):
+        raise RowProblem(column, f"message {number} content is not text (got {describe_type(content)})")
+    check_unicode(content, column, f"message {number} content")
+    return {"role": role, "content": content}

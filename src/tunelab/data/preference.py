@@ -11,7 +11,8 @@ whitespace, so that no word is split between prompt and answer.
 Message rows are rendered with the chat template (the prompt with the generation prompt, each completion as
 the rest of the rendered conversation); text rows are used as they are, each completion ending with EOS.
 Prompts longer than max_prompt_length lose their beginning; completions are cut to max_completion_length and
-to what block_size leaves after the prompt. Every count goes to the log; every bad row to one DataError.
+to what block_size leaves after the prompt. Every count goes to the log; bad rows to one DataError naming them
+(bad_rows=error) or, with bad_rows=skip, to a warning, dropped and counted in `skipped_rows`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,16 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from tunelab.data.formats import RowProblem, cell_messages, cell_text, is_messages, raise_bad_rows
+from jinja2 import TemplateError
+
+from tunelab.data.formats import (
+    RowProblem,
+    cell_messages,
+    cell_text,
+    describe_problem,
+    is_messages,
+    settle_bad_rows,
+)
 from tunelab.data.sources import Split, read_splits
 from tunelab.data.templates import render_template, template_source
 from tunelab.errors import DataError
@@ -63,6 +73,7 @@ class PreferenceData:
     stats: PairStats
     preview: str = ""
     kind: str = "preference"
+    skipped_rows: dict[str, int] = field(default_factory=dict)  # split -> bad rows dropped (bad_rows=skip)
 
     def describe(self) -> str:
         return "preference (" + ", ".join(f"{k}={v!r}" for k, v in self.columns.items()) + ")"
@@ -90,17 +101,19 @@ def load_preference_data(params: Any, tokenizer: Any) -> PreferenceData:
     """Read, check, split, render and tokenize the preference splits named by params."""
     splits: dict[str, Split] = read_splits(params.data_path, params.train_split, params.valid_split)
     columns = preference_columns(splits["train"], params)
-    sample = splits["train"].rows[0] if splits["train"].rows else {}
-    conversational = is_messages(sample.get(columns["chosen"]))
+    conversational = _conversational(splits["train"], columns["chosen"])
     template = _pick_template(params.chat_template, conversational, "prompt" in columns, tokenizer)
     source = template_source(template, tokenizer) if template else None
     add_special = source is None and not _starts_with_bos(tokenizer, splits["train"], columns)
 
     stats = PairStats()
     out: dict[str, list[Pair]] = {}
+    skipped: dict[str, int] = {}
     preview = ""
     for name, split in splits.items():
-        texts = _texts(split, preference_columns(split, params), source, tokenizer, stats if name == "train" else None)
+        shape = RowShape(preference_columns(split, params), conversational, source, tokenizer)
+        bad_rows = getattr(params, "bad_rows", "error")
+        texts, skipped[name] = _texts(split, shape, bad_rows, stats if name == "train" else None)
         if not preview and texts:
             prompt, chosen, rejected = texts[0]
             preview = f"{prompt}[chosen>]{chosen}\n---\n{prompt}[rejected>]{rejected}"
@@ -116,6 +129,7 @@ def load_preference_data(params: Any, tokenizer: Any) -> PreferenceData:
         origins={name: split.origin for name, split in splits.items()},
         stats=stats,
         preview=preview,
+        skipped_rows=skipped,
     )
 
 
@@ -130,6 +144,23 @@ def _pick_template(requested: str | None, conversational: bool, has_prompt: bool
     return None
 
 
+def _conversational(split: Split, chosen_column: str) -> bool:
+    """Whether the pairs are message lists, judged by the first row that has a chosen answer at all (a bad first
+    row must not decide it for the whole file)."""
+    sample = next((row[chosen_column] for row in split.rows if row.get(chosen_column) not in (None, "")), None)
+    return is_messages(sample)
+
+
+@dataclass
+class RowShape:
+    """What every row of a split must look like, and how its texts are rendered."""
+
+    columns: dict[str, str]
+    conversational: bool  # message lists (else plain text)
+    source: str | None  # the chat template's source, None when texts are used as they are
+    tokenizer: Any
+
+
 def _starts_with_bos(tokenizer: Any, split: Split, columns: dict[str, str]) -> bool:
     bos = getattr(tokenizer, "bos_token", None)
     first = columns.get("prompt", columns["chosen"])
@@ -137,25 +168,22 @@ def _starts_with_bos(tokenizer: Any, split: Split, columns: dict[str, str]) -> b
 
 
 def _texts(
-    split: Split, columns: dict[str, str], source: str | None, tokenizer: Any, stats: PairStats | None
-) -> list[tuple[str, str, str]]:
-    """(prompt, chosen completion, rejected completion) as text for every usable row; bad rows raise together."""
+    split: Split, shape: RowShape, bad_rows: str, stats: PairStats | None
+) -> tuple[list[tuple[str, str, str]], int]:
+    """(prompt, chosen completion, rejected completion) as text for every usable row, and how many bad rows were
+    skipped; bad rows are handled as bad_rows says, rows whose chosen equals rejected are dropped with a warning."""
     texts, problems, identical = [], [], []
-    eos = tokenizer.eos_token or ""
     for index, row in enumerate(split.rows):
         try:
-            prompt, chosen, rejected = _row_parts(row, columns, source is not None)
+            parts = _row_texts(row, shape)
         except RowProblem as problem:
-            problems.append(f"{split.where(index)}, column {problem.column!r}: {problem.reason}")
+            problems.append(describe_problem(split, index, problem))
             continue
-        if chosen == rejected:
+        if parts is None:
             identical.append(split.where(index))
-            continue
-        if source is None:
-            texts.append((prompt, _with_eos(chosen, eos), _with_eos(rejected, eos)))
         else:
-            texts.append(_render(prompt, chosen, rejected, source, tokenizer, split.where(index)))
-    raise_bad_rows(problems, split.origin)
+            texts.append(parts)
+    settle_bad_rows(problems, split.origin, bad_rows, kept=len(texts) + len(identical))
     if identical and not texts:
         raise DataError(
             f"{split.origin}: chosen and rejected are identical in every row ({len(identical)} rows): "
@@ -170,13 +198,26 @@ def _texts(
         )
         if stats is not None:
             stats.dropped_identical = identical
-    return texts
+    return texts, len(problems)
 
 
-def _row_parts(row: dict, columns: dict[str, str], templated: bool) -> tuple[Any, Any, Any]:
+def _row_texts(row: dict, shape: RowShape) -> tuple[str, str, str] | None:
+    """One row's (prompt, chosen, rejected) texts, None when chosen equals rejected; RowProblem when it is bad."""
+    prompt, chosen, rejected = _row_parts(row, shape.columns, shape.source is not None, shape.conversational)
+    if chosen == rejected:
+        return None
+    if shape.source is None:
+        eos = shape.tokenizer.eos_token or ""
+        return prompt, _with_eos(chosen, eos), _with_eos(rejected, eos)
+    return _render(prompt, chosen, rejected, shape.source, shape.tokenizer)
+
+
+def _row_parts(row: dict, columns: dict[str, str], templated: bool, conversational: bool) -> tuple[Any, Any, Any]:
     """The row's prompt and answers: strings, or message lists when the rows are conversations."""
     chosen_col, rejected_col = columns["chosen"], columns["rejected"]
-    if is_messages(row.get(chosen_col)):
+    if not conversational and is_messages(row.get(chosen_col)):
+        raise RowProblem(chosen_col, "a list of messages, where the other rows hold text")
+    if conversational:
         chosen = cell_messages(row, chosen_col, need_assistant=False)
         rejected = cell_messages(row, rejected_col, need_assistant=False)
         shared = _common_messages(chosen, rejected)
@@ -243,16 +284,17 @@ def _with_eos(text: str, eos: str) -> str:
     return text if not eos or text.endswith(eos) else text + eos
 
 
-def _render(prompt: Any, chosen: Any, rejected: Any, source: str, tokenizer: Any, where: str) -> tuple[str, str, str]:
-    """Prompt rendered with the generation prompt; each completion is the rest of its rendered conversation."""
-    prompt_text = render_template(source, prompt, tokenizer, add_generation_prompt=True)
-    parts = []
-    for answer in (chosen, rejected):
-        full = render_template(source, prompt + answer, tokenizer)
-        if not full.startswith(prompt_text):
-            raise DataError(f"{where}: the chat template renders the prompt differently inside the conversation")
-        parts.append(full[len(prompt_text) :])
-    return prompt_text, parts[0], parts[1]
+def _render(prompt: Any, chosen: Any, rejected: Any, source: str, tokenizer: Any) -> tuple[str, str, str]:
+    """Prompt rendered with the generation prompt; each completion is the rest of its rendered conversation.
+    A conversation the template refuses (templates may `raise_exception(...)`) is a bad row."""
+    try:
+        prompt_text = render_template(source, prompt, tokenizer, add_generation_prompt=True)
+        fulls = [render_template(source, prompt + answer, tokenizer) for answer in (chosen, rejected)]
+    except TemplateError as err:
+        raise RowProblem(None, f"the chat template cannot render it ({err})") from None
+    if not all(full.startswith(prompt_text) for full in fulls):
+        raise RowProblem(None, "the chat template renders the prompt differently inside the conversation")
+    return prompt_text, fulls[0][len(prompt_text) :], fulls[1][len(prompt_text) :]
 
 
 def tokenize_pair(prompt: str, chosen: str, rejected: str, tokenizer: Any, add_special_tokens: bool) -> Pair:

@@ -7,6 +7,7 @@ Every row keeps where it came from (file and line) so that later checks can name
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any
 from tunelab.errors import DataError
 
 EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
+MAX_CSV_FIELD = 64 * 1024 * 1024  # characters in one CSV field (the csv module's own default is 128 KiB)
 
 
 @dataclass
@@ -116,7 +118,10 @@ def read_texts(path: Path, column: str, name: str) -> list[str]:
 
 
 def _decode(path: Path) -> str:
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read the file ({err.strerror or err})") from None
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
@@ -128,13 +133,12 @@ def _decode(path: Path) -> str:
 
 def _read_jsonl(text: str, path: Path, name: str) -> Split:
     rows, lines = [], []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Only "\n" ends a JSONL line: str.splitlines() also splits at U+2028, form feeds and other characters that
+    # JSON writers leave unescaped inside strings, which would break good rows and shift every line number.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path} line {number}: not valid JSON ({err.msg} at column {err.colno})") from None
+        row = _parse_json(line, path, number)
         if not isinstance(row, dict):
             raise DataError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}")
         rows.append(row)
@@ -142,11 +146,21 @@ def _read_jsonl(text: str, path: Path, name: str) -> Split:
     return Split(name, str(path), rows, lines)
 
 
-def _read_json(text: str, path: Path, name: str) -> Split:
+def _parse_json(text: str, path: Path, first_line: int = 1) -> Any:
+    """json.loads with every failure as a DataError naming the line."""
     try:
-        data = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as err:
-        raise DataError(f"{path} line {err.lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
+        line = first_line + err.lineno - 1
+        raise DataError(f"{path} line {line}: not valid JSON ({err.msg} at column {err.colno})") from None
+    except ValueError as err:  # a number of more than 4300 digits (Python's int limit)
+        raise DataError(f"{path} line {first_line}: not usable JSON ({err})") from None
+    except RecursionError:
+        raise DataError(f"{path} line {first_line}: not usable JSON (nested too deeply)") from None
+
+
+def _read_json(text: str, path: Path, name: str) -> Split:
+    data = _parse_json(text, path)
     if isinstance(data, dict):  # {"data": [...]} or {"train": [...]} as some exports write
         lists = [value for value in data.values() if isinstance(value, list)]
         if len(lists) != 1:
@@ -161,11 +175,24 @@ def _read_json(text: str, path: Path, name: str) -> Split:
 
 
 def _read_csv(text: str, path: Path, name: str, delimiter: str) -> Split:
-    reader = csv.reader(text.splitlines(keepends=True), delimiter=delimiter)
+    # newline="" hands the csv module the line ends as they are (it needs them for quoted multi-line fields);
+    # str.splitlines() would also split at U+2028 and form feeds inside fields.
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, MAX_CSV_FIELD))  # long documents are data, not damage
+    try:
+        return _csv_rows(reader, path, name)
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _csv_rows(reader: Any, path: Path, name: str) -> Split:
     try:
         header = next(reader)
     except StopIteration:
         raise DataError(f"{path}: the file is empty") from None
+    except csv.Error as err:
+        raise DataError(f"{path} line 1: malformed CSV header ({err})") from None
     if len(set(header)) != len(header):
         raise DataError(f"{path} line 1: duplicate column names in the header: {header}")
     rows, lines = [], []
@@ -192,10 +219,10 @@ def _read_parquet(path: Path, name: str) -> Split:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
-    except Exception as err:  # pyarrow raises several types for damaged files
+        rows = pq.read_table(path).to_pylist()
+    except Exception as err:  # pyarrow raises several types for damaged files and unconvertible columns
         raise DataError(f"{path}: not a readable Parquet file ({err})") from None
-    return Split(name, str(path), table.to_pylist())
+    return Split(name, str(path), rows)
 
 
 def read_hub(dataset_id: str, split: str) -> Split:
