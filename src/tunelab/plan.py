@@ -102,9 +102,13 @@ def _piece(ids: list[int], trained: bool | None, tokenizer: Any) -> str:
     return f"{TRAINED_OPEN}{text}{TRAINED_CLOSE}" if trained else text
 
 
+def processes(params: Any) -> int:
+    return params.num_processes * params.num_machines
+
+
 def steps(rows: int, params: Any) -> tuple[int, int]:
-    """(steps per epoch, total steps) as transformers' Trainer will count them on one device."""
-    per_epoch = max(1, math.ceil(rows / (params.batch_size * params.gradient_accumulation)))
+    """(steps per epoch, total steps) as transformers' Trainer will count them, all processes together."""
+    per_epoch = max(1, math.ceil(rows / (params.batch_size * params.gradient_accumulation * processes(params))))
     total = params.max_steps if params.max_steps > 0 else per_epoch * params.epochs
     return per_epoch, total
 
@@ -182,7 +186,7 @@ def _plan_llm(params: Any) -> RunPlan:
         examples=examples,
         steps_per_epoch=per_epoch,
         total_steps=total,
-        effective_batch=params.batch_size * params.gradient_accumulation,
+        effective_batch=params.batch_size * params.gradient_accumulation * processes(params),
     )
     if prep.resume_from is not None:
         result.notes.append(f"would resume from {prep.resume_from}")
@@ -216,7 +220,7 @@ def _plan_classification(params: Any) -> RunPlan:
         examples=examples,
         steps_per_epoch=per_epoch,
         total_steps=total,
-        effective_batch=params.batch_size * params.gradient_accumulation,
+        effective_batch=params.batch_size * params.gradient_accumulation * processes(params),
     )
     longest = max(len(r["input_ids"]) for r in data.train)
     _add_memory(result, prep.source, params, params.batch_size, longest, "classifier")
@@ -224,6 +228,12 @@ def _plan_classification(params: Any) -> RunPlan:
 
 
 def _add_memory(result: RunPlan, source: Any, params: Any, rows: int, longest: int, kind: str) -> None:
+    if processes(params) > 1:
+        backend = params.distributed_backend or "ddp"
+        result.notes.append(
+            f"would launch {processes(params)} processes ({backend}) through accelerate; the memory below is per "
+            "process without sharding (fsdp/deepspeed divide weights, gradients and optimizer states among them)"
+        )
     try:
         result.memory, result.device, result.available = estimate(source, params, rows, longest, kind)
     except (OSError, ValueError, KeyError) as err:  # a config transformers cannot read: the plan still stands

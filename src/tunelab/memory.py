@@ -1,0 +1,417 @@
+"""How much accelerator memory a training run needs: an estimate from the model's config, and a measurement.
+
+The dry run (plan.py) calls `estimate_memory` with the model's config and the run's params, and `available_memory`
+for the device the run would use, and prints `MemoryEstimate.describe()`. `measure_peak` measures the peak of
+live tensors while a function runs (a real training step, in bench/measure_memory.py and tests/test_memory.py),
+which is what the estimate is checked against (docs/memory.md has the figures).
+
+The estimate follows how tunelab trains (trainer.py, loss.py, fused_layers.py, lora_dropout.py, models/):
+
+- weights: fp32, except the frozen base of a LoRA run under mixed precision (the half type) or int4/int8 QLoRA;
+- gradients: fp32 for every trainable parameter (LoRA adapters are fp32 even on a half base);
+- optimizer: AdamW keeps two fp32 states per trainable parameter (8-bit AdamW two bytes);
+- activations: what autograd saves per decoder layer for the backward pass (all layers without gradient
+  checkpointing; each checkpointed layer's input plus one layer recomputed with it), the final norm, and the
+  loss, which projects hidden states a chunk at a time (full-vocabulary logits never exist).
+
+Activations and gradients of full fine-tuning peak at different moments with no gradient accumulation (the
+gradients are set to None after each optimizer step, and fill up as the activations are freed in the backward
+pass); the total takes the larger of the two moments.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+GiB = 2**30
+
+# Bytes per parameter of each optimizer's state. AdamW keeps exp_avg and exp_avg_sq in fp32; the 8-bit variants
+# (bitsandbytes) keep them as one byte each; plain SGD (no momentum in transformers' defaults) keeps nothing;
+# Adafactor keeps factored row/column statistics, a few bytes per row, counted as about nothing.
+OPTIMIZER_STATE_BYTES = {"8bit": 2, "sgd": 0, "adafactor": 0.1, "lion": 4}
+
+
+@dataclass
+class MemoryEstimate:
+    """Peak bytes of live tensors of one training step, by what holds them."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int  # saved for backward at the peak, the loss's chunk and the largest transient included
+    total: int
+    weight_dtype: str = "fp32"
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        """One line, e.g. 'about 3.1 GiB peak: weights 0.5 GiB (fp32), gradients ...'."""
+        line = (
+            f"about {_gib(self.total)} peak: weights {_gib(self.weights)} ({self.weight_dtype}), "
+            f"gradients {_gib(self.gradients)}, optimizer {_gib(self.optimizer)}, "
+            f"activations {_gib(self.activations)}"
+        )
+        return line + (f" ({'; '.join(self.notes)})" if self.notes else "")
+
+    def fits(self, available_bytes: int) -> bool:
+        """Whether the estimate fits in `available_bytes` (free memory of the device)."""
+        return self.total <= available_bytes
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.2f} GiB" if n < GiB else f"{n / GiB:.1f} GiB"
+
+
+@dataclass
+class Shape:
+    """The sizes of a decoder-only transformer that decide its memory."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    gated_mlp: bool = True  # Llama-style SwiGLU (gate, up, down); GPT-2 style MLPs have two matrices
+    rough: bool = False  # sizes guessed from a config that is not Llama-like
+
+
+def model_shape(config: Any) -> Shape:
+    """Read the sizes from a transformers config: Llama-family names first, GPT-2 names next."""
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or getattr(config, "d_model", 0)
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None) or 0
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None) or 1
+    intermediate = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    llama_like = all(getattr(config, name, None) for name in ("hidden_size", "intermediate_size", "num_hidden_layers"))
+    gated = llama_like and getattr(config, "hidden_act", "silu") in ("silu", "swish")
+    return Shape(
+        hidden=int(hidden),
+        intermediate=int(intermediate or 4 * hidden),
+        layers=int(layers),
+        heads=int(heads),
+        kv_heads=int(kv_heads),
+        head_dim=int(getattr(config, "head_dim", None) or hidden // heads),
+        vocab=int(getattr(config, "vocab_size", 0)),
+        tied=bool(getattr(config, "tie_word_embeddings", True)),
+        gated_mlp=gated,
+        rough=not llama_like or not hidden or not layers,
+    )
+
+
+def _linears(shape: Shape) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each linear layer of one decoder layer, by PEFT's module names."""
+    h, kv, m = shape.hidden, shape.kv_heads * shape.head_dim, shape.intermediate
+    q = shape.heads * shape.head_dim
+    mlp = (
+        {"gate_proj": (h, m), "up_proj": (h, m), "down_proj": (m, h)}
+        if shape.gated_mlp
+        else {
+            "up_proj": (h, m),
+            "down_proj": (m, h),
+        }
+    )
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h), **mlp}
+
+
+def count_parameters(config: Any) -> int:
+    """Parameters of a Llama-like decoder (GPT-2-like configs counted as such, roughly) with its LM head."""
+    shape = model_shape(config)
+    per_layer = sum(i * o for i, o in _linears(shape).values()) + 2 * shape.hidden  # two norms
+    embeddings = shape.vocab * shape.hidden
+    head = 0 if shape.tied else embeddings
+    return shape.layers * per_layer + embeddings + head + shape.hidden  # + the final norm
+
+
+def _targeted(shape: Shape, params: Any) -> list[tuple[int, int]]:
+    """(in, out) features of the linear layers of one decoder layer that get a LoRA adapter."""
+    from tunelab.models.peft import target_modules
+
+    targets = target_modules(params.target_modules)
+    linears = _linears(shape)
+    return list(linears.values()) if targets == "all-linear" else [linears[n] for n in targets if n in linears]
+
+
+def lora_parameters(config: Any, params: Any) -> int:
+    """Parameters of a LoRA adapter: r x (in + out) for every targeted linear layer of every decoder layer."""
+    shape = model_shape(config)
+    return shape.layers * sum(params.lora_r * (i + o) for i, o in _targeted(shape, params))
+
+
+def _optimizer_bytes_per_param(name: str) -> float:
+    name = name.lower()
+    for key, size in OPTIMIZER_STATE_BYTES.items():
+        if key in name:
+            return size
+    return 8  # AdamW (torch, fused, paged 32-bit...) and anything unknown: two fp32 states
+
+
+def estimate_memory(
+    config: Any, params: Any, tokens_per_microbatch: int, longest_row: int, kind: str = "causal_lm"
+) -> MemoryEstimate:
+    """Estimate the peak memory of one training step of tunelab.
+
+    Args:
+        config: the model's transformers config (hidden_size, intermediate_size, num_hidden_layers, ...).
+        params: the run's LLMParams (peft, lora_r, target_modules, quantization, mixed_precision, optimizer,
+            disable_gradient_checkpointing, checkpoint_every, fast_loss, fused_ops, batch_size,
+            gradient_accumulation, packing).
+        tokens_per_microbatch: tokens of one micro-batch as collated (rows x longest row, padding included).
+        longest_row: tokens in the longest row (attention work and masks grow with its square).
+        kind: "causal_lm", or "reward"/"classifier" (a score head instead of the LM head: no vocabulary loss).
+
+    Returns:
+        The estimate of live tensors at the peak, as a GPU's allocator would count them (no allocator slack).
+    """
+    shape = model_shape(config)
+    notes = ["rough: not a Llama-like config"] if shape.rough else []
+    n_params = count_parameters(config)
+    if kind != "causal_lm" and not shape.tied:
+        n_params -= shape.vocab * shape.hidden  # a score head (a few numbers per row) instead of the LM head
+    half = params.mixed_precision in ("bf16", "fp16")
+    act = 2 if half else 4  # bytes per activation element: autocast runs the matmuls in the half type
+
+    # Weights: fp32, but a LoRA run's frozen base is loaded in the half type under mixed precision
+    # (models.load_model), or quantized (embeddings stay unquantized, upcast to fp32 by PEFT's k-bit preparation).
+    if params.peft and params.quantization in ("int4", "int8"):
+        per_weight = 0.5 + 1 / 64 if params.quantization == "int4" else 1.0  # NF4 + its double-quantized scales
+        embeddings = shape.vocab * shape.hidden * (1 if shape.tied else 2)
+        weights = (n_params - embeddings) * per_weight + embeddings * 4
+        weight_dtype = params.quantization
+        notes.append("quantized weights: rough")
+    elif params.peft and half:
+        weights, weight_dtype = n_params * 2, params.mixed_precision
+    else:
+        weights, weight_dtype = n_params * 4, "fp32"
+    if getattr(params, "trainer", None) == "dpo" and not params.peft:
+        weights += weights  # the frozen reference model, a second copy (with LoRA: the base, adapter off)
+
+    if params.peft:
+        trainable = lora_parameters(config, params)
+        if kind != "causal_lm":
+            trainable += shape.hidden * 2  # the new score head is trained too (PEFT's modules_to_save)
+        weights += trainable * 4  # the adapter is fp32 even on a half base
+    else:
+        trainable = n_params
+    gradients = trainable * 4
+    optimizer = int(trainable * _optimizer_bytes_per_param(params.optimizer))
+
+    forward, backward = _activations(shape, params, tokens_per_microbatch, longest_row, kind, act)
+    if not params.peft and half:
+        forward += n_params * 2  # autocast caches a half copy of every fp32 weight for the forward pass
+    # The gradients are set to None after each optimizer step, so with no accumulation they fill up only as the
+    # activations are freed in the backward pass: the peak is the larger of those two moments. Accumulating,
+    # the next micro-batch's forward pass runs with every gradient alive.
+    if params.gradient_accumulation > 1:
+        activations = forward
+    else:
+        activations = max(forward - gradients, backward)
+    if getattr(params, "packing", False):
+        notes.append("packed rows: attention masks counted roughly")
+    if getattr(params, "trainer", None) in ("dpo", "orpo"):
+        notes.append(f"{params.trainer}: its loss counted as the causal LM's, roughly")
+    total = weights + gradients + optimizer + activations
+    return MemoryEstimate(
+        weights=int(weights),
+        gradients=int(gradients),
+        optimizer=optimizer,
+        activations=int(activations),
+        total=int(total),
+        weight_dtype=weight_dtype,
+        notes=notes,
+    )
+
+
+def _activations(shape: Shape, params: Any, tokens: int, longest: int, kind: str, act: int) -> tuple[float, float]:
+    """Activation bytes at the two candidate peaks: (the larger of the loss at the end of the forward pass and
+    the last layer's backward pass, with no gradient yet; the first layer's backward pass, beyond the gradients)."""
+    h, m, kv = shape.hidden, shape.intermediate, shape.kv_heads * shape.head_dim
+    q = shape.heads * shape.head_dim
+    fused = getattr(params, "fused_ops", False) and shape.gated_mlp  # text classification has no fused ops
+    # Saved per token by one decoder layer (see fused_layers.py for what the fused norms and SwiGLU keep):
+    # layer input, normed input, rotated q and k, v, attention output, its contiguous copy (o_proj's input),
+    # the residual sum, the second normed input, gate, up and silu(gate) * up.
+    per_token = h + h + q + kv + kv + q + q + h + h + 3 * m
+    if not fused:
+        per_token += 2 * h + m  # each unfused norm keeps its normalised input too; SwiGLU keeps silu(gate)
+    per_token_fp32 = 2 * 4 + shape.heads * 4  # two rstd values and the attention's logsumexp per head
+    if params.peft:
+        # LoRA: each adapted module keeps its rank-r intermediate and a dropout mask: 1 byte an element with
+        # fused_ops (lora_dropout.py); PEFT's own dropout keeps the dropped input and a 1-byte mask.
+        targeted = _targeted(shape, params)
+        ins = sum(i for i, _ in targeted)
+        per_token += len(targeted) * params.lora_r
+        if getattr(params, "lora_dropout", 0.05) > 0:
+            per_token += ins / act if fused else ins * (1 + 1 / act)
+    layer = tokens * (per_token * act + per_token_fp32)
+    # Attention over packed rows gets a block-diagonal mask of longest^2 per row.
+    rows = max(1, tokens // max(longest, 1))
+    mask = rows * longest * longest if getattr(params, "packing", False) else 0
+
+    # What each layer keeps until its backward pass: only its input when checkpointed (transformers'
+    # every_n_layers checkpoints layers 0, N, 2N...), everything otherwise.
+    every = max(1, getattr(params, "checkpoint_every", 1))
+    checkpointed = [not params.disable_gradient_checkpointing and i % every == 0 for i in range(shape.layers)]
+    stored = [tokens * h * act if c else layer for c in checkpointed]
+    kept = sum(stored)
+
+    # The end of the model: the final norm keeps its input and output; then the loss.
+    head = 2 * tokens * h * act
+    if kind == "causal_lm":
+        if getattr(params, "fast_loss", True):
+            # loss.py: the scored hidden states are gathered, their gradient computed in the forward pass, and
+            # logits exist a chunk (about CHUNK_BYTES) at a time, two at the peak: the last chunk's are still
+            # referenced while the next is projected. A full fine-tuning also accumulates the head's fp32
+            # weight gradient there, plus one chunk's product of that size.
+            from tunelab.loss import chunk_rows
+
+            chunk = min(tokens, chunk_rows(shape.vocab))
+            loss = 2 * tokens * h * act + min(2 * chunk, tokens) * shape.vocab * 4 + chunk * h * 4
+            if not params.peft:
+                loss += 2 * shape.vocab * h * 4
+        else:
+            loss = 3 * tokens * shape.vocab * 4  # logits, their fp32 copy and softmax gradient
+    else:
+        loss = tokens * h * act  # the score head's input: one number per row comes out
+    # The backward pass of a decoder layer holds its full activations (recomputed, when checkpointed), the
+    # gradient flowing in and out, and the SwiGLU backward's temporaries (sigmoid, silu and the products of
+    # fused_layers._SiluMul.backward: about five intermediate-sized tensors beyond gate and up). The layers
+    # before it still hold what they stored; the last layer's backward pass, the first, has the most of those.
+    layer_backward = layer + tokens * ((5 if fused else 3) * m + 2 * h) * act
+    forward = max(kept + head + loss, kept - (stored[-1] if stored else 0) + layer_backward) + mask
+    # The end of the backward pass: the gradients are full, the first layer is in its backward pass, and
+    # (full fine-tuning) the embedding's gradient is made, then summed into the tied head's (a third copy).
+    embedding_grads = 0 if params.peft else (2 if shape.tied else 1) * shape.vocab * h * 4
+    backward = layer_backward + mask + embedding_grads
+    return forward, backward
+
+
+def available_memory(device: str | None = None) -> tuple[str, int]:
+    """(the device a run would use, in words; its free bytes): the first CUDA GPU, else this machine's RAM."""
+    import torch
+
+    if (device is None or device.startswith("cuda")) and torch.cuda.is_available():
+        index = torch.device(device or "cuda:0").index or 0
+        free, _ = torch.cuda.mem_get_info(index)
+        return f"cuda:{index} {torch.cuda.get_device_name(index)}", int(free)
+    return "cpu", _available_ram()
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def measure_peak(fn: Callable[[], Any], model: Any = None) -> int:
+    """Peak bytes of live tensors while `fn()` runs.
+
+    On CUDA: torch.cuda.max_memory_allocated (every tensor on the GPU, the model's included). On CPU: the tensors
+    that exist before `fn` starts are counted through `model` (its parameters, buffers and gradients, each
+    storage once), plus the peak of the storages created while `fn` runs, tracked exactly by `LiveTensors`.
+    Tensors made before `fn` by other means (an optimizer built outside it) are not counted.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return int(torch.cuda.max_memory_allocated())
+    baseline = _model_bytes(model) if model is not None else 0
+    with LiveTensors() as tracker:
+        fn()
+    return baseline + tracker.peak
+
+
+def _model_bytes(model: Any) -> int:
+    storages: dict[int, int] = {}
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [p.grad for p in model.parameters() if p.grad is not None]
+    for t in tensors:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def _tracking_mode() -> type:
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class Mode(TorchDispatchMode):
+        """Sees every op (forward, backward, optimizer) and the storages of the tensors it returns."""
+
+        def __init__(self, tracker: LiveTensors) -> None:
+            super().__init__()
+            self.tracker = tracker
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: D105
+            import torch
+
+            out = func(*args, **(kwargs or {}))
+            inputs = {
+                t.untyped_storage().data_ptr()
+                for t in tree_flatten((args, kwargs))[0]
+                if isinstance(t, torch.Tensor) and t.layout == torch.strided
+            }
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and t.layout == torch.strided and t.device.type != "meta":
+                    self.tracker.add(t.untyped_storage(), inputs)
+            return out
+
+    return Mode
+
+
+class LiveTensors:
+    """Running total and peak of the tensor storages created inside `with LiveTensors() as t:`.
+
+    Each storage is counted once, when an op first returns it (views and in-place results share their input's
+    storage and are skipped), and uncounted when Python's last reference to it dies (weakref.finalize: torch
+    keeps one Python object per live storage). This is what a GPU's caching allocator reports as allocated,
+    without its rounding; the process's RSS on a CPU is larger (glibc keeps freed blocks).
+    """
+
+    def __init__(self) -> None:
+        self.live = 0
+        self.peak = 0
+        self._sizes: dict[int, int] = {}
+        self._lock = threading.RLock()
+        self._mode = _tracking_mode()(self)
+
+    def __enter__(self) -> LiveTensors:
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._mode.__exit__(*exc)
+
+    def add(self, storage: Any, inputs: set[int]) -> None:
+        ptr, size = storage.data_ptr(), storage.nbytes()
+        if size == 0 or ptr in inputs:
+            return
+        with self._lock:
+            if ptr in self._sizes:
+                return
+            self._sizes[ptr] = size
+            self.live += size
+            self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._free, ptr)
+
+    def _free(self, ptr: int) -> None:
+        with self._lock:
+            self.live -= self._sizes.pop(ptr, 0)

