@@ -10,7 +10,7 @@ import yaml
 
 from tests.conftest import SHARED
 from tunelab import LLMParams, load_config
-from tunelab.cli import build_parser
+from tunelab.cli import build_parser, param_flags
 from tunelab.config import read_config_file
 from tunelab.config.overrides import build_params
 from tunelab.errors import ConfigError
@@ -20,8 +20,7 @@ AUTOTRAIN_LLM_CONFIGS = sorted((SHARED / "autotrain-configs").glob("llm_finetuni
 
 def cli_params(argv: list[str]) -> LLMParams:
     args = build_parser().parse_args(["llm", "--train", *argv])
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "train", "config", "backend")}
-    return load_config(flags)
+    return load_config(param_flags(args))
 
 
 def test_defaults_are_sensible():

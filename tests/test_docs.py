@@ -29,4 +29,4 @@ def test_shipped_configs_parse():
     assert len(configs) >= 2
     for path in configs:
         params = load_config(path)
-        assert params.trainer == "sft" and params.peft
+        assert params.trainer == "sft" and (params.peft or params.distributed_backend == "fsdp")

@@ -42,6 +42,10 @@ def train(
     Returns the finished run folder. Raises TunelabError (with a message naming the problem) on bad input.
     """
     resolved = load_config(params if params is not None else {}, **overrides)
+    from tunelab.launch import launch_params, wants_launch
+
+    if wants_launch(resolved):  # num_processes > 1: the same run in several processes, through accelerate
+        return launch_params(resolved)
     if isinstance(resolved, TextClassificationParams):
         from tunelab.classify import run_text_classification
 

@@ -28,7 +28,7 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # what is trained.
 RESUMABLE_CHANGES = frozenset(
     {"resume", "token", "push_to_hub", "username", "repo_id", "log", "logging_steps", "save_total_limit", "save_steps"}
-    | {"merge_adapter", "bad_rows"}
+    | {"merge_adapter", "bad_rows", "main_process_ip", "main_process_port"}
 )
 
 

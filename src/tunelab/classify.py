@@ -60,13 +60,14 @@ def run_text_classification(params: Any) -> Path:
     set_seed(params.seed)
     model = load_model(prep.source, params, kind="classifier", tokenizer=tokenizer, labels=data.labels)
     check_disk_space(folder.final.parent, 2 * checkpoint_bytes(model, not params.peft), "checkpoints and outputs")
-    staging = folder.start(params, resume_from)
-    trainer, reports = _build_trainer(model, tokenizer, params, data, staging)
+    trainer, reports = _build_trainer(model, tokenizer, params, data, folder.staging)
+    staging = folder.open_for(trainer, params, resume_from)
     result = run_training(trainer, folder, resume_from)
 
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     if data.valid:
         metrics.update(trainer.evaluate())
+    if data.valid and trainer.is_world_process_zero():
         report = reports[-1]
         outputs.write_json(staging / "eval_report.json", {"final": report, "per_evaluation": reports})
         draw_confusion_matrix(report["confusion_matrix"], data.labels, staging / "confusion_matrix.png")
@@ -83,14 +84,8 @@ def run_text_classification(params: Any) -> Path:
         "usage": f'tunelab predict --model {Path(params.project_name).name} "a text to label"',
     }
     outputs.write_run(staging, trainer, tokenizer, params, None, metrics, run_info)
-    final = folder.finish()
-    log.info("done: %s (eval accuracy %s)", final, metrics.get("eval_accuracy", "n/a"))
-    if params.push_to_hub:
-        from tunelab.hub import push_folder
-
-        repo_id = params.repo_id or f"{params.username}/{final.name}"
-        log.info("pushed to %s", push_folder(str(final), repo_id, params.token))
-    return final
+    log.info("done: %s (eval accuracy %s)", folder.final, metrics.get("eval_accuracy", "n/a"))
+    return folder.close_for(trainer, params)
 
 
 def _report_data(params: Any, data: LabelledData) -> None:

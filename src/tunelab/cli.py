@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -193,12 +194,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def param_flags(args: argparse.Namespace) -> dict:
+    """The parameter flags a user typed (defaults are suppressed), without the command's own options."""
+    own = ("command", "train", "config", "backend", "dry_run", "argv")
+    return {k: v for k, v in vars(args).items() if k not in own}
+
+
 def run_llm(args: argparse.Namespace, schema: type = LLMParams) -> int:
     """Train: `tunelab llm`, `tunelab text-classification` or `tunelab --config` (the config's task decides)."""
     from tunelab.config import read_config_file, split_task
     from tunelab.config.overrides import build_params
 
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "train", "config", "backend", "dry_run")}
+    flags = param_flags(args)
     base: dict = {}
     if args.config:
         config_schema, base = split_task(read_config_file(args.config))
@@ -210,6 +217,14 @@ def run_llm(args: argparse.Namespace, schema: type = LLMParams) -> int:
         from tunelab.plan import plan
 
         print(plan(params).render())
+        return 0
+    from tunelab.launch import check_first, launch, wants_launch
+
+    if wants_launch(params):
+        check_first(params)
+        code = launch(params, args.argv)
+        if code:
+            raise TunelabError(f"the distributed run failed (exit code {code}; the processes' messages are above)")
         return 0
     if schema is TextClassificationParams:
         from tunelab.classify import run_text_classification
@@ -355,7 +370,8 @@ def setup_logging() -> None:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("tunelab: %(message)s"))
         log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    # With several processes, the main one tells the story; the others speak only of problems.
+    log.setLevel(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING)
     log.propagate = False
     # Upstream deprecation notices (transformers/peft internals) mean nothing to a user of the command.
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -373,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = argv  # a distributed run re-launches itself with the same arguments
     setup_logging()
     try:
         commands = {

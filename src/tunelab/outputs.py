@@ -73,6 +73,26 @@ class RunFolder:
             "from it."
         )
 
+    def open_for(self, trainer: Any, params: Any, resume_from: Path | None) -> Path:
+        """`start` on the main process only (the others wait): with several processes, one writes."""
+        if trainer.is_world_process_zero():
+            self.start(params, resume_from)
+        trainer.accelerator.wait_for_everyone()
+        return self.staging
+
+    def close_for(self, trainer: Any, params: Any) -> Path:
+        """Once every process has written its part: the main process renames the folder and pushes it."""
+        trainer.accelerator.wait_for_everyone()
+        if not trainer.is_world_process_zero():
+            return self.final
+        final = self.finish()
+        if params.push_to_hub:
+            from tunelab.hub import push_folder
+
+            repo_id = params.repo_id or f"{params.username}/{final.name}"
+            log.info("pushed to %s", push_folder(str(final), repo_id, params.token))
+        return final
+
     def finish(self) -> Path:
         """Drop checkpoints and move the staging folder to its final name in one rename."""
         for _, checkpoint in checkpoints.checkpoints(self.staging):
@@ -89,16 +109,21 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def save_model(model: Any, tokenizer: Any, folder: Path, template_source: str | None) -> None:
-    """Weights (adapter or full model) in safetensors and the tokenizer carrying the training chat template."""
+def save_model(trainer: Any, tokenizer: Any, folder: Path, template_source: str | None) -> None:
+    """Weights (adapter or full model) in safetensors and the tokenizer carrying the training chat template.
+
+    Every process calls it: under FSDP or DeepSpeed the full weights are gathered from all of them; only the main
+    process writes.
+    """
+    if template_source:
+        tokenizer.chat_template = template_source
     with warnings.catch_warnings():
         # PEFT looks for the base model's config.json to see if the vocabulary changed; a GGUF base has none.
         warnings.filterwarnings("ignore", message="Could not find a config file")
         warnings.filterwarnings("ignore", message="Unable to fetch remote file")
-        model.save_pretrained(folder, safe_serialization=True)
-    if template_source:
-        tokenizer.chat_template = template_source
-    tokenizer.save_pretrained(folder)
+        trainer.save_model(str(folder))  # the tokenizer (trainer.processing_class) too
+    if trainer.is_world_process_zero():
+        (folder / "training_args.bin").unlink(missing_ok=True)  # transformers' pickle; training_params.json says it
 
 
 def save_merged(model: Any, tokenizer: Any, folder: Path) -> None:
@@ -117,8 +142,18 @@ def write_run(
     metrics: dict[str, Any],
     run_info: dict[str, Any],
 ) -> None:
-    """Everything a finished run leaves in its folder; tunelab_run.json last, as the mark of completeness."""
-    save_model(trainer.model, tokenizer, staging, template_source)
+    """Everything a finished run leaves in its folder; tunelab_run.json last, as the mark of completeness.
+
+    Called on every process (the weights may have to be gathered); the rest is written by the main process.
+    """
+    from tunelab.launch import distributed_kind
+
+    save_model(trainer, tokenizer, staging, template_source)
+    if not trainer.is_world_process_zero():
+        return
+    if run_info.get("merged") and distributed_kind():
+        log.info("merge_adapter: skipped (weights sharded by %s); run `tunelab merge` on the run", distributed_kind())
+        run_info["merged"] = None
     if run_info.get("merged"):
         save_merged(trainer.model, tokenizer, staging / run_info["merged"])
     write_json(staging / "training_params.json", params.to_dict(redact=True))

@@ -92,19 +92,18 @@ def run(params: LLMParams) -> Path:
     from tunelab.trainer import build_trainer, run_training
 
     check_disk_space(folder.final.parent, 2 * checkpoint_bytes(model, not params.peft), "checkpoints and outputs")
-    staging = folder.start(params, prep.resume_from)
-
-    progress = ProgressAndMetrics(staging / "metrics.jsonl", perplexity=method.data == "examples")
+    progress = ProgressAndMetrics(folder.staging / "metrics.jsonl", perplexity=method.data == "examples")
     trainer = build_trainer(
-        model, tokenizer, params, train_rows, valid_rows, str(staging), [progress], method.trainer_class
+        model, tokenizer, params, train_rows, valid_rows, str(folder.staging), [progress], method.trainer_class
     )
+    staging = folder.open_for(trainer, params, prep.resume_from)
     started = time.time()
     result = run_training(trainer, folder, prep.resume_from)
     elapsed = time.time() - started
 
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
-    metrics["trained_tokens"] = trainer.trained_tokens
-    metrics["trained_tokens_per_second"] = round(trainer.trained_tokens / max(elapsed, 1e-9), 2)
+    metrics["trained_tokens"] = trainer.trained_tokens_all_processes()
+    metrics["trained_tokens_per_second"] = round(metrics["trained_tokens"] / max(elapsed, 1e-9), 2)
     if valid_rows:
         metrics.update(trainer.evaluate())
         if method.data == "examples":
@@ -122,14 +121,8 @@ def run(params: LLMParams) -> Path:
         "device": device_name(),
     }
     outputs.write_run(staging, trainer, tokenizer, params, data.template_source, metrics, run_info)
-    final = folder.finish()
-    log.info("done: %s (train loss %.4f)", final, metrics.get("train_loss", float("nan")))
-    if params.push_to_hub:
-        from tunelab.hub import push_folder
-
-        repo_id = params.repo_id or f"{params.username}/{final.name}"
-        log.info("pushed to %s", push_folder(str(final), repo_id, params.token))
-    return final
+    log.info("done: %s (train loss %.4f)", folder.final, metrics.get("train_loss", float("nan")))
+    return folder.close_for(trainer, params)
 
 
 def _report_data(params: LLMParams, data: Any, stats: Any, rows: int) -> None:
@@ -163,11 +156,12 @@ def _report_model(model: Any, params: LLMParams) -> None:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     log.info(
-        "model: %s on %s; %s trainable of %s parameters (%.2f%%); effective batch %d rows",
+        "model: %s on %s; %s trainable of %s parameters (%.2f%%); effective batch %d rows "
+        "(batch_size x gradient_accumulation x processes)",
         params.model,
         device_name(),
         f"{trainable:,}",
         f"{total:,}",
         100 * trainable / max(total, 1),
-        params.batch_size * params.gradient_accumulation,
+        params.batch_size * params.gradient_accumulation * params.num_processes * params.num_machines,
     )

@@ -23,6 +23,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from tunelab import checkpoints
 from tunelab.data.packing import PackedRowsCollator, row_length
 from tunelab.errors import TunelabError
+from tunelab.launch import distributed_kind
 from tunelab.loss import causal_lm_loss_sum
 from tunelab.speed import compile_layers, optimizer_name
 
@@ -100,6 +101,11 @@ class GuardedTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.keep_checkpoints = keep_checkpoints
 
+    def trained_tokens_all_processes(self) -> int:
+        """Answer tokens trained on, summed over every process."""
+        count = torch.tensor(getattr(self, "trained_tokens", 0), device=self.args.device)
+        return int(self.accelerator.reduce(count, reduction="sum"))
+
     def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: D102
         loss = super().training_step(model, inputs, num_items_in_batch)
         # Trainer itself reads this flag right after (its NaN filter), so checking it costs no extra sync.
@@ -144,9 +150,10 @@ class TunelabTrainer(GuardedTrainer):
             return super()._get_train_sampler(train_dataset)
         # Batches of similar lengths: little padding without packing, and still a random order of batches.
         lengths = [row_length(row) for row in dataset.rows]
-        return EpochSeededLengthSampler(
-            self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=lengths, seed=self.args.seed
-        )
+        # Grouped by the global batch (all processes): the same order whatever the number of processes, each
+        # process then taking its share of every batch.
+        global_batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        return EpochSeededLengthSampler(global_batch, lengths=lengths, seed=self.args.seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D102
         labels = inputs.pop("labels")
@@ -219,7 +226,12 @@ def training_arguments(
         data_seed=params.seed,
         bf16=params.mixed_precision == "bf16",
         fp16=params.mixed_precision == "fp16",
-        **_checkpointing(not params.disable_gradient_checkpointing, getattr(params, "checkpoint_every", 1)),
+        # Under FSDP, activation checkpointing is FSDP's own (its config); transformers refuses both at once.
+        **_checkpointing(
+            not params.disable_gradient_checkpointing and distributed_kind() != "fsdp",
+            getattr(params, "checkpoint_every", 1),
+        ),
+        use_cpu=not torch.cuda.is_available(),  # several CPU processes then talk over gloo
         logging_steps=logging_steps,
         logging_first_step=True,
         eval_strategy=eval_strategy,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tunelab.errors import ConfigError
@@ -16,6 +17,24 @@ from tunelab.errors import ConfigError
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 CHAT_TEMPLATES = ("none", "zephyr", "chatml", "tokenizer", "alpaca")
 PREFERENCE_TRAINERS = ("reward", "dpo", "orpo")
+# The launch fields every task shares: (default, help[, choices]).
+LAUNCH: dict[str, tuple] = {
+    "distributed_backend": (
+        None,
+        "How several processes share the work: ddp (a model copy per GPU), fsdp (weights, gradients and optimizer "
+        "sharded, FSDP2), deepspeed (ZeRO-3 with CPU offload); none: ddp when num_processes > 1.",
+        (None, "ddp", "fsdp", "deepspeed"),
+    ),
+    "num_processes": (1, "Processes (one per GPU) on each machine; more than 1 launches through accelerate."),
+    "num_machines": (1, "Machines taking part (multi-node: run the same command on each, with its machine_rank)."),
+    "machine_rank": (0, "This machine's rank among num_machines (0 on the head machine)."),
+    "main_process_ip": (None, "Address of the head machine (machine_rank 0), for multi-node runs."),
+    "main_process_port": (29500, "Port of the head machine, for multi-node runs."),
+    "accelerate_config": (
+        None,
+        "An accelerate config file to launch with instead of the one tunelab ships for distributed_backend.",
+    ),
+}
 SAVE_STEPS_HELP = "Write a checkpoint (to resume from) every N optimizer steps; -1: twice per run, at most every 500."
 RESUME_HELP = (
     "Continue an interrupted run of the same project_name from its last complete checkpoint (same data order, "
@@ -173,7 +192,15 @@ class LLMParams(Params):
     # --- accepted for AutoTrain compatibility
     unsloth: bool = _f(False, "Accepted for AutoTrain compatibility; tunelab's own fast path is always used.")
     use_flash_attention_2: bool = _f(False, "Use flash-attention 2 kernels (CUDA, flash-attn installed).")
-    distributed_backend: str | None = _f(None, "Accepted for AutoTrain compatibility (multi-GPU is a later feature).")
+
+    # --- scaling out (launched through accelerate; see docs/scaling.md)
+    distributed_backend: str | None = _f(*LAUNCH["distributed_backend"])
+    num_processes: int = _f(*LAUNCH["num_processes"])
+    num_machines: int = _f(*LAUNCH["num_machines"])
+    machine_rank: int = _f(*LAUNCH["machine_rank"])
+    main_process_ip: str | None = _f(*LAUNCH["main_process_ip"])
+    main_process_port: int = _f(*LAUNCH["main_process_port"])
+    accelerate_config: str | None = _f(*LAUNCH["accelerate_config"])
 
     def __post_init__(self) -> None:
         self.validate()
@@ -187,6 +214,7 @@ class LLMParams(Params):
         _positive(self, "lr", "epochs", "batch_size", "gradient_accumulation", "lora_r", "lora_alpha")
         _positive(self, "model_max_length", "save_total_limit", "max_prompt_length", "checkpoint_every")
         check_save_steps(self)
+        check_launch(self)
         if self.block_size == -1:
             self.block_size = min(1024, self.model_max_length)
         _positive(self, "block_size")
@@ -240,6 +268,17 @@ def check_training(params: Any) -> None:
         raise ConfigError(f"quantization={params.quantization} trains a LoRA adapter on a quantized model: add --peft")
     if params.push_to_hub and not (params.repo_id or params.username):
         raise ConfigError("push_to_hub needs username (or repo_id) to know where to push")
+
+
+def check_launch(params: Any) -> None:
+    """Launch settings that cannot work, found before anything starts."""
+    _positive(params, "num_processes", "num_machines", "main_process_port")
+    if not 0 <= params.machine_rank < params.num_machines:
+        raise ConfigError(f"machine_rank must be in [0, num_machines), got {params.machine_rank}")
+    if params.num_machines > 1 and not params.main_process_ip:
+        raise ConfigError("a multi-node run (num_machines > 1) needs main_process_ip: the head machine's address")
+    if params.accelerate_config and not Path(params.accelerate_config).expanduser().is_file():
+        raise ConfigError(f"accelerate_config: {params.accelerate_config} is not a file")
 
 
 def check_save_steps(params: Any) -> None:

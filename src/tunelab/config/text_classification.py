@@ -7,12 +7,14 @@ from dataclasses import dataclass
 
 from tunelab.config.schema import (
     DEFAULT_MODEL,
+    LAUNCH,
     RESUME_HELP,
     SAVE_STEPS_HELP,
     Params,
     _f,
     _positive,
     check_choices,
+    check_launch,
     check_save_steps,
     check_training,
 )
@@ -73,6 +75,14 @@ class TextClassificationParams(Params):
     repo_id: str | None = _f(None, "Hub repository to push to (default: username/project_name).")
     token: str | None = _f(None, "Hub token (never logged or written; HF_TOKEN is read too).", secret=True)
 
+    distributed_backend: str | None = _f(*LAUNCH["distributed_backend"])
+    num_processes: int = _f(*LAUNCH["num_processes"])
+    num_machines: int = _f(*LAUNCH["num_machines"])
+    machine_rank: int = _f(*LAUNCH["machine_rank"])
+    main_process_ip: str | None = _f(*LAUNCH["main_process_ip"])
+    main_process_port: int = _f(*LAUNCH["main_process_port"])
+    accelerate_config: str | None = _f(*LAUNCH["accelerate_config"])
+
     def __post_init__(self) -> None:
         self.validate()
 
@@ -82,6 +92,7 @@ class TextClassificationParams(Params):
         _positive(self, "lr", "epochs", "batch_size", "gradient_accumulation", "max_seq_length", "lora_r")
         _positive(self, "early_stopping_patience", "save_total_limit")
         check_save_steps(self)
+        check_launch(self)
         if self.text_column == self.target_column:
             raise ConfigError(f"text_column and target_column are both {self.text_column!r}")
         check_training(self)

@@ -1,0 +1,133 @@
+"""Scaling out through accelerate: 2 CPU processes (gloo) with per-device batch b train exactly like 1 process with
+batch 2b, and write one run folder; the shipped FSDP and DeepSpeed configs are accepted by accelerate's parser."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import SHARED_DATA, train_losses
+from tunelab.launch import CONFIGS, launch_command
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tunelab(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    env.pop("WORLD_SIZE", None)
+    return subprocess.run(
+        [sys.executable, "-m", "tunelab.cli", *args], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT
+    )
+
+
+def _run(model: Path, project: Path, batch: int, *extra: str) -> subprocess.CompletedProcess:
+    # 1,500 rows when ../shared is there: more than one length-grouped "megabatch", so the batch order itself is
+    # put to the test (it must not depend on the number of processes).
+    data = SHARED_DATA / "alpaca" / "train.jsonl"
+    data = data if data.is_file() else ROOT / "samples" / "alpaca.jsonl"
+    return _tunelab(
+        "llm", "--train", "--model", str(model), "--data-path", str(data),
+        "--project-name", str(project), "--trainer", "sft", "--peft", "--lora-r", "8", "--lora-dropout", "0",
+        "--lr", "2e-3", "--batch-size", str(batch), "--gradient-accumulation", "2", "--max-steps", "6",
+        "--logging-steps", "1", "--block-size", "128", "--model-max-length", "256", "--save-steps", "3",
+        *extra,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_two_processes_with_batch_b_equal_one_process_with_batch_2b(tiny_llama, tmp_path):
+    one = tmp_path / "one"
+    single = _run(tiny_llama, one, 4)
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    two = tmp_path / "two"
+    double = _run(tiny_llama, two, 2, "--num-processes", "2")
+    assert double.returncode == 0, double.stderr[-3000:]
+    assert "launching 2 processes" in double.stderr
+    assert "effective batch 8 rows" in double.stderr  # 2 per device x 2 accumulated x 2 processes
+
+    expected, got = train_losses(one), train_losses(two)
+    assert len(got) == len(expected) == 6
+    assert got == pytest.approx(expected, rel=2e-4), (got, expected)
+    a, b = load_file(one / "adapter_model.safetensors"), load_file(two / "adapter_model.safetensors")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-5)
+    # One run folder, written once: no leftovers from the second process.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]
+    assert (two / "tunelab_run.json").is_file() and not (two / "training_args.bin").exists()
+
+
+def test_a_bad_row_is_reported_once_before_any_process_starts(tiny_llama, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"text": "fine"}\n{"text": ""}\n', encoding="utf-8")
+    result = _tunelab(
+        "llm", "--train", "--model", str(tiny_llama), "--data-path", str(data), "--project-name",
+        str(tmp_path / "p"), "--num-processes", "2",
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.count("tunelab: error:") == 1 and "line 2" in result.stderr
+    assert "launching" not in result.stderr
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_shipped_configs_are_accepted_by_accelerate(name, monkeypatch):
+    """accelerate's own launcher parses each config, merges it with tunelab's command line and builds the
+    environment its processes would get (DeepSpeed's is checked as accelerate passes it on; deepspeed itself
+    is not needed)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import prepare_multi_gpu_env
+
+    import tunelab
+
+    config = load_config_from_file(str(CONFIGS / name))
+    backend = {"ddp.yaml": "MULTI_GPU", "fsdp.yaml": "FSDP"}.get(name, "DEEPSPEED")
+    assert config.distributed_type.value == backend
+
+    params = tunelab.LLMParams(num_processes=8, num_machines=2, machine_rank=1, main_process_ip="10.0.0.1")
+    params.accelerate_config = str(CONFIGS / name)
+    command = launch_command(params, ["llm", "--train"])
+    launch_args = command[command.index("accelerate.commands.launch") + 1 :]
+    args = launch_command_parser().parse_args(launch_args)
+    args, _, _ = _validate_launch_command(args)
+    assert (args.num_processes, args.num_machines, args.machine_rank) == (16, 2, 1)
+    assert args.main_process_ip == "10.0.0.1" and args.module and args.training_script == "tunelab.cli"
+    if backend == "FSDP":
+        env = prepare_multi_gpu_env(args)
+        assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
+        assert env["FSDP_STATE_DICT_TYPE"] == "FULL_STATE_DICT" and env["FSDP_ACTIVATION_CHECKPOINTING"] == "true"
+    if backend == "DEEPSPEED":
+        assert args.use_deepspeed and args.zero_stage in (2, 3)
+        if args.zero_stage == 3:
+            assert args.offload_param_device == "cpu" and args.offload_optimizer_device == "cpu"
+            assert args.zero3_save_16bit_model in (True, "true")
+
+
+@pytest.mark.slow
+def test_python_api_launches_too(tiny_llama, tmp_path):
+    import tunelab
+
+    folder = tunelab.train(
+        model=str(tiny_llama), data_path=str(ROOT / "samples" / "alpaca.jsonl"), project_name=str(tmp_path / "py"),
+        trainer="sft", peft=True, lora_r=4, max_steps=2, batch_size=2, gradient_accumulation=1, block_size=128,
+        model_max_length=256, num_processes=2,
+    )  # fmt: skip
+    assert folder == tmp_path / "py" and (folder / "tunelab_run.json").is_file()
+    assert json.loads((folder / "training_params.json").read_text())["num_processes"] == 2
+
+
+def test_shipped_multi_node_config_launches_two_machines_of_eight():
+    import tunelab
+
+    params = tunelab.load_config(ROOT / "configs" / "multi-node-fsdp.yaml")
+    command = launch_command(params, ["--config", "configs/multi-node-fsdp.yaml"])
+    assert command[command.index("--config_file") + 1].endswith("fsdp.yaml")
+    assert command[command.index("--num_processes") + 1] == "16"
+    assert command[command.index("--main_process_ip") + 1] == "10.0.0.1"
