@@ -150,7 +150,7 @@ def test_describe_and_fits():
         weights=2**29, gradients=2**20, optimizer=2**21, activations=3 * 2**28, total=2**29 + 3 * 2**20 + 3 * 2**28
     )
     line = estimate.describe()
-    assert line.startswith("about 1.3 GiB peak: weights 0.50 GiB (fp32), gradients 0.00 GiB")
+    assert line.startswith("about 1.3 GiB peak: weights 0.50 GiB (fp32), gradients 1.0 MiB, optimizer 2.0 MiB")
     assert estimate.fits(2**31) and not estimate.fits(2**30)
 
 

@@ -63,6 +63,8 @@ class MemoryEstimate:
 
 
 def _gib(n: float) -> str:
+    if n < GiB / 10:  # a small model's figures would all read 0.00 GiB
+        return f"{n / 2**20:.1f} MiB"
     return f"{n / GiB:.2f} GiB" if n < GiB else f"{n / GiB:.1f} GiB"
 
 

@@ -134,7 +134,6 @@ def plan(params: Any) -> RunPlan:
 
 
 def _plan_llm(params: Any) -> RunPlan:
-    from tunelab.data.packing import row_length
     from tunelab.run import prepare
 
     prep = prepare(params)
@@ -177,8 +176,7 @@ def _plan_llm(params: Any) -> RunPlan:
             examples.append(marked_text(item.input_ids, item.labels, tokenizer))
 
     per_epoch, total = steps(len(prep.train_rows), params)
-    longest = max((len(r) if pairs else row_length(r)) for r in prep.train_rows)
-    rows_per_microbatch = params.batch_size * (2 if pairs else 1)  # a pair batch holds chosen and rejected rows
+    rows_per_microbatch, longest = microbatch(prep)
     result = RunPlan(
         task=f"llm {params.trainer}" + (" (LoRA)" if params.peft else " (full fine-tuning)"),
         model=params.model,
@@ -192,6 +190,15 @@ def _plan_llm(params: Any) -> RunPlan:
         result.notes.append(f"would resume from {prep.resume_from}")
     _add_memory(result, prep.source, params, rows_per_microbatch, longest, prep.method.model_kind)
     return result
+
+
+def microbatch(prep: Any) -> tuple[int, int]:
+    """(rows per micro-batch, longest row in tokens) of an LLM run: what its peak memory depends on."""
+    from tunelab.data.packing import row_length
+
+    pairs = prep.method.data == "pairs"
+    longest = max((len(r) if pairs else row_length(r)) for r in prep.train_rows)
+    return prep.params.batch_size * (2 if pairs else 1), longest  # a pair batch holds chosen and rejected rows
 
 
 def _plan_classification(params: Any) -> RunPlan:

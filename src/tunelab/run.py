@@ -87,6 +87,7 @@ def run(params: LLMParams) -> Path:
     set_seed(params.seed)  # LoRA's initial weights, dropout: the same run twice is the same run
     model = load_model(prep.source, params, kind=method.model_kind, tokenizer=tokenizer)
     _report_model(model, params)
+    _report_memory(model, prep)
 
     from tunelab.callbacks import ProgressAndMetrics
     from tunelab.trainer import build_trainer, run_training
@@ -150,6 +151,23 @@ def _report_data(params: LLMParams, data: Any, stats: Any, rows: int) -> None:
             pair_stats.dropped_no_room,
         )
     log.info("first example as trained:\n%s", data.preview[:600])
+
+
+def _report_memory(model: Any, prep: Prepared) -> None:
+    """The dry run's memory estimate, logged; a warning when the device found has less free memory."""
+    from tunelab.memory import available_memory, estimate_memory
+    from tunelab.plan import microbatch
+
+    rows, longest = microbatch(prep)
+    estimate = estimate_memory(model.config, prep.params, rows * longest, longest, kind=prep.method.model_kind)
+    device, free = available_memory()
+    log.info("memory: %s; %s has %.1f GiB free", estimate.describe(), device, free / 2**30)
+    if not estimate.fits(free):
+        log.warning(
+            "memory: the estimate is more than the free memory of %s: lower batch_size or block_size, or use "
+            "--peft / --quantization int4 (tunelab llm --dry-run shows the estimate for a setting)",
+            device,
+        )
 
 
 def _report_model(model: Any, params: LLMParams) -> None:
