@@ -190,6 +190,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_arguments(sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API"))
 
+    app = sub.add_parser(
+        "app",
+        help="the web app: upload data, pick a model and method, train, watch, try the model (docs/app.md)",
+        description="A local web app on the same engine as the CLI. Serves 127.0.0.1 by default; any other --host "
+        "needs --token.",
+    )
+    app.add_argument("--host", default="127.0.0.1", help="Address to listen on (default: this machine only).")
+    app.add_argument("--port", type=int, default=7860, help="Port to listen on (default: 7860).")
+    app.add_argument("--data-dir", "--data_dir", default="~/.tunelab/app", help="The app's database, uploads, jobs.")
+    app.add_argument(
+        "--token",
+        default=os.environ.get("TUNELAB_APP_TOKEN"),
+        help="Access token asked for at login (default: $TUNELAB_APP_TOKEN, which keeps it out of the process list)."
+        " Required with a --host other than loopback.",
+    )
+    app.add_argument("--max-upload-mb", "--max_upload_mb", type=float, default=200, help="Largest upload (MB).")
+    app.add_argument(
+        "--allow-path",
+        "--allow_path",
+        action="append",
+        default=[],
+        metavar="FOLDER",
+        help="A folder whose data files and models may be chosen by path (repeatable; the data dir always is).",
+    )
+
     sub.add_parser("env", help="print versions and the device tunelab would train on")
     return parser
 
@@ -344,6 +369,13 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_app(args: argparse.Namespace) -> int:
+    from tunelab.app import run_app as serve_app
+
+    serve_app(args.host, args.port, args.data_dir, args.token, args.allow_path, args.max_upload_mb)
+    return 0
+
+
 def run_env() -> int:
     from tunelab.env import versions
 
@@ -403,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
             "merge": run_merge,
             "export": run_export,
             "serve": run_serve,
+            "app": run_app,
             "env": lambda a: run_env(),
         }
         if args.command in commands:

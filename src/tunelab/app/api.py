@@ -1,0 +1,143 @@
+"""The JSON API: what the job page polls (status, log, metrics) and posts (chat, cancel), and the same project and
+job actions as the forms, for scripts and tests. Errors come back as `{"errors": {field: message}}`.
+
+POST calls from a browser carry the CSRF token in the X-CSRF-Token header; calls with `Authorization: Bearer`
+need none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from tunelab.app.chat import parse_chat
+from tunelab.app.jobs import COMPLETED
+from tunelab.app.pages import check_csrf, expected_csrf, job_or_404, project_or_404, state
+from tunelab.app.preview import preview
+from tunelab.app.projects import FormErrors, create_project, save_mapping, start_job
+from tunelab.app.results import evaluation, final_metrics, log_tail, loss_points, metric_records
+from tunelab.app.security import CSRF_HEADER
+from tunelab.app.uploads import CSRF_FIELD, FieldError, receive_form
+from tunelab.app.worker import run_folder
+
+router = APIRouter(prefix="/api")
+
+
+def errors(found: dict[str, str], status: int = 400) -> JSONResponse:
+    return JSONResponse({"errors": found}, status_code=status)
+
+
+async def json_body(request: Request) -> dict[str, Any]:
+    check_csrf(request, request.headers.get(CSRF_HEADER))
+    try:
+        body = await request.json()
+    except ValueError:
+        raise FieldError("body", "expected a JSON object") from None
+    if not isinstance(body, dict):
+        raise FieldError("body", "expected a JSON object")
+    return body
+
+
+@router.post("/projects")
+async def new_project(request: Request) -> JSONResponse:
+    """Multipart form as on the new-project page (name, trainer, model, data_file | data_path, valid_...)."""
+    config = state(request).config
+    try:
+        form = await receive_form(request, config.uploads_dir, config.max_upload_bytes, expected_csrf(request))
+        check_csrf(request, form.fields.get(CSRF_FIELD) or request.headers.get(CSRF_HEADER))
+        project_id = create_project(config, state(request).store, form)
+    except FieldError as err:
+        return errors({err.field: err.message}, err.status)
+    except FormErrors as err:
+        return errors(err.errors, err.status)
+    return JSONResponse(state(request).store.project(project_id), status_code=201)
+
+
+@router.post("/projects/{project_id}/preview")
+async def project_preview(request: Request, project_id: int) -> JSONResponse:
+    """Save a column mapping (if given) and return the plan of the run with default (or given) parameters."""
+    from tunelab.app.params import build_params, default_values
+
+    project = project_or_404(request, project_id)
+    body = await json_body(request)
+    try:
+        settings = save_mapping(state(request).store, project, body.get("mapping") or {})
+    except FormErrors as err:
+        return errors(err.errors)
+    settings["project_name"] = str(state(request).config.jobs_dir / "preview" / "run")
+    params, found = build_params(settings, {**default_values(), **(body.get("params") or {})})
+    if params is None:
+        return errors(found)
+    shown = preview(settings, params)
+    if shown.errors:
+        return errors(shown.errors)
+    return JSONResponse({"columns": shown.columns, "rows": shown.rows, "plan": shown.summary()})
+
+
+@router.post("/projects/{project_id}/jobs")
+async def new_job(request: Request, project_id: int) -> JSONResponse:
+    """Start training: {"params": {...}, "token": "...", "evaluate": true}; the params not given keep the form's
+    defaults."""
+    from tunelab.app.params import default_values
+
+    project = project_or_404(request, project_id)
+    body = await json_body(request)
+    app = state(request)
+    values = {**default_values(), **(body.get("params") or {})}
+    try:
+        job_id = start_job(
+            app.config, app.store, app.worker, project, values, body.get("token"), bool(body.get("evaluate", True))
+        )
+    except FormErrors as err:
+        return errors(err.errors)
+    return JSONResponse(app.store.job(job_id), status_code=201)
+
+
+@router.get("/jobs")
+def list_jobs(request: Request) -> list[dict[str, Any]]:
+    return state(request).store.jobs()
+
+
+@router.get("/jobs/{job_id}")
+def get_job(request: Request, job_id: int) -> dict[str, Any]:
+    job = job_or_404(request, job_id)
+    if job["status"] == COMPLETED:
+        job["metrics"] = final_metrics(job)
+        job["evaluation"] = evaluation(job)
+    return job
+
+
+@router.get("/jobs/{job_id}/log")
+def job_log(request: Request, job_id: int, offset: int = 0) -> dict[str, Any]:
+    job = job_or_404(request, job_id)
+    text, next_offset = log_tail(job, offset)
+    return {"text": text, "offset": next_offset, "status": job["status"]}
+
+
+@router.get("/jobs/{job_id}/metrics")
+def job_metrics(request: Request, job_id: int) -> dict[str, Any]:
+    job = job_or_404(request, job_id)
+    records = metric_records(job)
+    return {"status": job["status"], "points": loss_points(records), "last": records[-1] if records else None}
+
+
+@router.post("/jobs/{job_id}/cancel")
+async def cancel(request: Request, job_id: int) -> dict[str, Any]:
+    job_or_404(request, job_id)
+    check_csrf(request, request.headers.get(CSRF_HEADER))
+    return {"cancelled": state(request).worker.cancel(job_id)}
+
+
+@router.post("/jobs/{job_id}/chat")
+async def chat(request: Request, job_id: int) -> JSONResponse:
+    job = job_or_404(request, job_id)
+    body = await json_body(request)
+    history, message, options = parse_chat(body)
+    if job["status"] != COMPLETED:
+        return errors({"message": "the job has not finished: there is no model to talk to yet"}, 409)
+    # Loading and generating are blocking (torch): keep them off the event loop.
+    answer = await asyncio.to_thread(state(request).chat.answer, run_folder(job), history, message, options)
+    return JSONResponse({"answer": answer})

@@ -1,0 +1,141 @@
+"""The parameters form: generated from LLMParams (its types, defaults, help texts and choices), validated by
+`tunelab.config.load_config` - the code the CLI uses - with each ConfigError shown on the field it names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from tunelab.config.schema import LLMParams
+from tunelab.errors import ConfigError
+
+# The fields the parameters page shows, in page order; every other parameter keeps its schema default.
+FORM_FIELDS = (
+    "peft",
+    "lr",
+    "epochs",
+    "max_steps",
+    "batch_size",
+    "gradient_accumulation",
+    "block_size",
+    "model_max_length",
+    "warmup_ratio",
+    "scheduler",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "packing",
+    "mixed_precision",
+    "logging_steps",
+    "seed",
+    "dpo_beta",
+    "max_prompt_length",
+    "push_to_hub",
+    "username",
+    "repo_id",
+)
+# Where the app starts differs from the schema in one respect: LoRA, at the learning rate LoRA wants (the
+# schema's 3e-5 is a full fine-tuning rate). The README's quick start uses the same pair.
+APP_DEFAULTS: dict[str, Any] = {"peft": True, "lr": 2e-4}
+# Set on the project pages, not here; a ConfigError naming them is shown on those pages.
+PROJECT_FIELDS = ("trainer", "model", "data_path", "valid_split", "text_column", "prompt_text_column")
+PROJECT_FIELDS += ("rejected_text_column", "chat_template")
+
+
+@dataclass
+class FieldSpec:
+    """One input of the form, as the template draws it."""
+
+    name: str
+    kind: str  # bool, int, float, str, choice
+    default: Any
+    help: str
+    choices: tuple = ()
+    optional: bool = False
+
+
+def field_specs(names: tuple[str, ...] = FORM_FIELDS) -> list[FieldSpec]:
+    """The form inputs for `names`, taken from LLMParams' fields."""
+    fields = {f.name: f for f in dataclasses.fields(LLMParams)}
+    specs = []
+    for name in names:
+        f = fields[name]
+        kind = str(f.type)
+        choices = tuple(f.metadata.get("choices") or ())
+        default = APP_DEFAULTS.get(name, f.default)
+        if choices:
+            shown = "choice"
+        elif kind.startswith("bool"):
+            shown = "bool"
+        elif kind.startswith(("int", "float")):
+            shown = kind.split()[0]
+        else:
+            shown = "str"
+        specs.append(FieldSpec(name, shown, default, f.metadata["help"], choices, "None" in kind))
+    return specs
+
+
+def form_values(form: dict[str, str]) -> dict[str, Any]:
+    """The parameter values a submitted form holds (unchecked boxes are false; empty optional fields none)."""
+    values: dict[str, Any] = {}
+    for spec in field_specs():
+        raw = form.get(spec.name)
+        if spec.kind == "bool":
+            values[spec.name] = raw is not None and raw.lower() in ("on", "true", "1", "yes")
+        elif raw is None:
+            continue
+        elif raw.strip() == "" or (spec.kind == "choice" and raw == "none"):
+            values[spec.name] = None if spec.optional else ""
+        else:
+            values[spec.name] = raw.strip()
+    return values
+
+
+def default_values() -> dict[str, Any]:
+    return {spec.name: spec.default for spec in field_specs()}
+
+
+def build_params(settings: dict[str, Any], values: dict[str, Any]) -> tuple[LLMParams | None, dict[str, str]]:
+    """(LLMParams, {}) from a project's settings and the form's values, or (None, {field: message}).
+
+    The whole set is checked first (errors between fields, named by load_config); when it fails, each form field
+    is also checked alone against the project, so every field that is wrong on its own gets its message at once.
+    """
+    from tunelab.config import load_config
+
+    errors: dict[str, str] = {}
+    for name, value in values.items():
+        if value == "":
+            errors[name] = "a value is required"
+    clean = {k: v for k, v in values.items() if k not in errors}
+    try:
+        params = load_config({**project_params(settings), **clean})
+    except ConfigError as err:
+        for name, value in clean.items():
+            try:
+                load_config({**project_params(settings), name: value})
+            except ConfigError as alone:
+                errors[name] = str(alone)
+        if not errors:
+            errors[field_named(str(err), [*clean, *PROJECT_FIELDS])] = str(err)
+        return None, errors
+    return (None, errors) if errors else (params, {})
+
+
+def project_params(settings: dict[str, Any]) -> dict[str, Any]:
+    """The parameters a project's settings decide (task, model, data, mapping), in load_config's names."""
+    keys = ("trainer", "model", "data_path", "valid_split", "text_column", "prompt_text_column")
+    keys += ("rejected_text_column", "chat_template", "project_name")
+    values = {k: settings[k] for k in keys if settings.get(k) not in (None, "")}
+    return {**values, "valid_split": settings.get("valid_split") or None}
+
+
+def field_named(message: str, names: list[str]) -> str:
+    """The field a ConfigError message is about: the first parameter name it mentions ('form' when none)."""
+    for word in re.findall(r"[a-z_]+", message):
+        if word in names:
+            return word
+    return "form"

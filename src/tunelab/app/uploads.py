@@ -1,0 +1,182 @@
+"""Files into the app, and paths out of the user's hands: uploads and "choose a path" on the data pages.
+
+An upload is parsed from the request stream as it arrives (python-multipart's streaming parser), written straight
+to `<data_dir>/uploads/<uuid>/<sanitised name>`, and refused as soon as it passes the size limit, so an oversized
+file never lands whole anywhere. A path typed by the user must resolve (symlinks followed) inside one of the
+allowed roots: the app's data folder and the folders given at start-up.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunelab.errors import DataError
+
+DATA_EXTENSIONS = (".csv", ".jsonl", ".json", ".parquet")
+MAX_FIELD_BYTES = 64 * 1024  # a text field of a form (the data is a file part, never a text field)
+CSRF_FIELD = "csrf_token"
+
+
+class FieldError(Exception):
+    """A problem with one form field, shown next to it (or as a JSON `{"errors": {field: message}}`)."""
+
+    def __init__(self, field: str, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.field, self.message, self.status = field, message, status
+
+
+@dataclass
+class Form:
+    """A parsed multipart form: its text fields and the files saved from it."""
+
+    fields: dict[str, str] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def safe_filename(name: str) -> str:
+    """The last path component of a client's file name, reduced to letters, digits, '-', '_' and '.'."""
+    base = re.split(r"[\\/]", name)[-1]
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", base).lstrip(".")
+    return cleaned[:120] or "upload"
+
+
+def check_extension(field_name: str, filename: str) -> None:
+    suffix = Path(filename).suffix.lower()
+    if suffix not in DATA_EXTENSIONS:
+        shown = suffix or "no extension"
+        allowed = ", ".join(DATA_EXTENSIONS)
+        raise FieldError(field_name, f"{filename}: {shown} files are not data files (use {allowed})")
+
+
+async def receive_form(request: Any, uploads_dir: Path, max_bytes: int, expected_csrf: str | None) -> Form:
+    """Stream a multipart/form-data request into a Form, saving file parts under `uploads_dir/<uuid>/`.
+
+    Unless `expected_csrf` is None (a bearer-token call), the CSRF token (the form's field, or the X-CSRF-Token
+    header) must arrive before any file - browsers send fields in page order and the forms put it first - so that
+    nothing is written for a forged request. Raises FieldError on a bad file or size, CsrfError on a bad token.
+    """
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    from tunelab.app.security import CSRF_HEADER, CsrfError, same_token
+
+    content_type, options = parse_options_header(request.headers.get("content-type", ""))
+    if content_type != b"multipart/form-data" or b"boundary" not in options:
+        raise FieldError("form", "expected a multipart/form-data form")
+    declared = int(request.headers.get("content-length") or 0)
+    if declared > max_bytes + 1024 * 1024:  # refuse early when the client says it will be too big
+        raise FieldError("data_file", f"the upload is larger than the limit of {_mb(max_bytes)}", status=413)
+
+    form = Form()
+    part: dict[str, Any] = {}
+    header: dict[str, bytes] = {"field": b"", "value": b""}
+    saved: list[Path] = []
+
+    def on_part_begin() -> None:
+        part.clear()
+        part.update(headers={}, data=bytearray(), file=None, size=0)
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        header["field"] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        header["value"] += data[start:end]
+
+    def on_header_end() -> None:
+        part["headers"][header["field"].decode("latin-1").lower()] = header["value"]
+        header["field"], header["value"] = b"", b""
+
+    def on_headers_finished() -> None:
+        _, disposition = parse_options_header(part["headers"].get("content-disposition", b""))
+        part["name"] = disposition.get(b"name", b"").decode("utf-8", "replace")
+        filename = disposition.get(b"filename")
+        if filename is None:
+            return
+        given = form.fields.get(CSRF_FIELD) or request.headers.get(CSRF_HEADER)
+        if expected_csrf is not None and not same_token(expected_csrf, given):
+            raise CsrfError()
+        filename = filename.decode("utf-8", "replace")
+        if not filename:  # an empty file input: the user chose no file
+            part["skip"] = True
+            return
+        check_extension(part["name"], filename)
+        folder = uploads_dir / uuid.uuid4().hex
+        folder.mkdir(parents=True)
+        path = folder / safe_filename(filename)
+        saved.append(folder)
+        part["path"], part["file"] = path, path.open("wb")
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        part["size"] += end - start
+        if part.get("file") is not None:
+            if part["size"] > max_bytes:
+                raise FieldError(part["name"], f"the file is larger than the limit of {_mb(max_bytes)}", 413)
+            part["file"].write(data[start:end])
+        elif not part.get("skip"):
+            if part["size"] > MAX_FIELD_BYTES:
+                raise FieldError(part["name"], "this field is too long")
+            part["data"] += data[start:end]
+
+    def on_part_end() -> None:
+        if part.get("file") is not None:
+            part["file"].close()
+            form.files[part["name"]] = part["path"]
+        elif not part.get("skip"):
+            form.fields[part["name"]] = part["data"].decode("utf-8", "replace")
+
+    callbacks = {
+        "on_part_begin": on_part_begin,
+        "on_part_data": on_part_data,
+        "on_part_end": on_part_end,
+        "on_header_field": on_header_field,
+        "on_header_value": on_header_value,
+        "on_header_end": on_header_end,
+        "on_headers_finished": on_headers_finished,
+    }
+    parser = MultipartParser(options[b"boundary"], callbacks)
+    try:
+        async for chunk in request.stream():
+            parser.write(chunk)
+        parser.finalize()
+    except BaseException:
+        if part.get("file") is not None:
+            part["file"].close()
+        for folder in saved:  # nothing half-written stays behind
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return form
+
+
+def check_data_file(field_name: str, path: Path) -> list[str]:
+    """Read a data file as training will; its columns, or a FieldError naming the file, line and column."""
+    from tunelab.data.sources import read_file
+
+    try:
+        return read_file(path, "train").columns
+    except DataError as err:
+        raise FieldError(field_name, str(err).replace(str(path.parent) + "/", "")) from None
+
+
+def resolve_user_path(field_name: str, text: str, roots: list[Path]) -> Path:
+    """A path typed by the user, resolved (`..` and symlinks followed); refused unless inside an allowed root."""
+    if "\x00" in text:
+        raise FieldError(field_name, "not a valid path")
+    path = Path(text).expanduser()
+    if not path.is_absolute():
+        path = roots[0] / path  # relative paths are taken from the app's data folder
+    resolved = path.resolve()
+    allowed = [root.resolve() for root in roots]
+    if not any(resolved == root or resolved.is_relative_to(root) for root in allowed):
+        shown = ", ".join(str(root) for root in allowed)
+        raise FieldError(field_name, f"{text}: outside the folders this app may read ({shown})", status=403)
+    if not resolved.exists():
+        raise FieldError(field_name, f"{text}: no such file or folder")
+    return resolved
+
+
+def _mb(size: int) -> str:
+    return f"{size / 2**20:.4g} MB"

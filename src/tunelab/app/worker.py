@@ -1,0 +1,182 @@
+"""The background worker: one thread that runs queued jobs one after the other, each as its own process.
+
+A job is `python -m tunelab.cli --config <job>/config.yaml` (the same code path as the CLI), then, when asked,
+`tunelab evaluate` on the finished run. Running it as a child process means a crash, an out-of-memory kill or a
+cancel never takes the app down. The child gets its own process group so that cancel stops it and anything it
+started (dataloader workers, accelerate). Its stdout and stderr go to `<job>/train.log`, which the job page tails.
+The hub token lives only in this process's memory and reaches the child as HF_TOKEN, never in a file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from tunelab.app.jobs import CANCELLED, COMPLETED, FAILED, INTERRUPTED, JobStore
+
+log = logging.getLogger("tunelab")
+
+CONFIG_FILE, LOG_FILE, RUN_DIR = "config.yaml", "train.log", "run"
+STOP_GRACE_SECONDS = 10  # after SIGTERM, before SIGKILL
+EVALUATED_TRAINERS = ("default", "sft")  # `tunelab evaluate` measures language models on text/chat rows
+
+
+def run_folder(job: dict[str, Any]) -> Path:
+    """Where the finished run of a job lands (its staging twin is `.run.partial` beside it)."""
+    return Path(job["folder"]) / RUN_DIR
+
+
+def staging_folder(job: dict[str, Any]) -> Path:
+    return Path(job["folder"]) / f".{RUN_DIR}.partial"
+
+
+class Worker:
+    """Runs the store's queued jobs in order, one at a time (one device, one job)."""
+
+    def __init__(self, store: JobStore, python: str = sys.executable) -> None:
+        self.store = store
+        self.python = python
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()  # guards the fields below
+        self._process: subprocess.Popen | None = None
+        self._current: int | None = None
+        self._cancelled: set[int] = set()
+        self._tokens: dict[int, str] = {}
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="tunelab-app-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop taking jobs and stop the running one (it is marked interrupted; re-queue it to resume)."""
+        self._stopping.set()
+        self._wake.set()
+        self._terminate()
+        if self._thread is not None:
+            self._thread.join(timeout=STOP_GRACE_SECONDS + 5)
+
+    def submit(self, job_id: int, token: str | None = None) -> None:
+        """Tell the worker a job was queued; the token (if any) is kept in memory for that job only."""
+        if token:
+            with self._lock:
+                self._tokens[job_id] = token
+        self._wake.set()
+
+    def cancel(self, job_id: int) -> bool:
+        """Cancel a queued job, or stop the running one; False when the job is neither."""
+        if self.store.cancel_queued(job_id):
+            with self._lock:
+                self._tokens.pop(job_id, None)
+            return True
+        with self._lock:
+            if self._current != job_id:
+                return False
+            self._cancelled.add(job_id)
+        self._terminate()
+        return True
+
+    # ---- the thread
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            job = self.store.next_queued()
+            if job is None:
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                continue
+            try:
+                self._run(job)
+            except Exception as err:  # a bug here must not stop the queue: the job fails, the next one runs
+                log.exception("app worker: job %s", job["id"])
+                self.store.finish(job["id"], FAILED, message=f"the app could not run this job: {err}")
+
+    def _run(self, job: dict[str, Any]) -> None:
+        folder = Path(job["folder"])
+        with self._lock:
+            self._current = job["id"]
+            token = self._tokens.pop(job["id"], None)
+        try:
+            code = self._call(job, [self.python, "-m", "tunelab.cli", "--config", str(folder / CONFIG_FILE)], token)
+            if code == 0 and job["evaluate"] and job["params"].get("trainer") in EVALUATED_TRAINERS:
+                self._call(job, evaluate_command(self.python, job), None)  # a failed evaluation keeps the run
+        finally:
+            with self._lock:
+                self._current = None
+                cancelled = job["id"] in self._cancelled
+                self._cancelled.discard(job["id"])
+        if cancelled:
+            self.store.finish(job["id"], CANCELLED, code, "cancelled")
+        elif self._stopping.is_set():
+            self.store.finish(job["id"], INTERRUPTED, code, "the app stopped while this job was running")
+        elif code == 0 and run_folder(job).is_dir():
+            self.store.finish(job["id"], COMPLETED, code)
+        else:
+            self.store.finish(job["id"], FAILED, code, last_error(folder / LOG_FILE) or f"exit code {code}")
+
+    def _call(self, job: dict[str, Any], command: list[str], token: str | None) -> int:
+        folder = Path(job["folder"])
+        env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+        if token:
+            env["HF_TOKEN"] = token
+        with (folder / LOG_FILE).open("ab") as out:
+            out.write(f"$ {' '.join(command[1:])}\n".encode())
+            out.flush()
+            process = subprocess.Popen(
+                command, cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+            with self._lock:
+                self._process = process
+            if self._stopping.is_set() or job["id"] in self._cancelled:
+                self._terminate()  # a stop or cancel that came while the process was being started
+            code = process.wait()
+            with self._lock:
+                self._process = None
+        return code
+
+    def _terminate(self) -> None:
+        """SIGTERM the running job's process group, SIGKILL it if it has not gone after the grace period."""
+        with self._lock:
+            process = self._process
+        if process is None or process.poll() is not None:
+            return
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=STOP_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def evaluate_command(python: str, job: dict[str, Any]) -> list[str]:
+    """`tunelab evaluate` on the finished run: on the validation file when there is one, else the training data."""
+    params = job["params"]
+    data = params.get("valid_split") or params["data_path"]
+    return [
+        python, "-m", "tunelab.cli", "evaluate", "--model", str(run_folder(job)), "--data-path", str(data),
+        "--split", "valid", "--max-rows", "50", "--samples", "2", "--max-new-tokens", "48",
+    ]  # fmt: skip
+
+
+def last_error(log_file: Path) -> str | None:
+    """The `tunelab: error: ...` line a failed run ends with (the whole story is in the log)."""
+    if not log_file.is_file():
+        return None
+    with log_file.open("rb") as f:
+        f.seek(max(0, log_file.stat().st_size - 64 * 1024))
+        lines = f.read().decode("utf-8", "replace").splitlines()
+    for line in reversed(lines):
+        if line.startswith("tunelab: error:"):
+            return line.removeprefix("tunelab: error:").strip()
+    for line in reversed(lines):
+        if line.strip():
+            return line.strip()[:500]
+    return None

@@ -1,0 +1,135 @@
+"""The web app end to end in a real browser (Playwright driving Debian's chromium, headless): new project with the
+shared Alpaca sample uploaded, column mapping and the examples as trained, a parameter error shown on its field,
+Start Training on a tiny model, the loss chart growing while it trains, completion, evaluation, and an answer in
+the chat box. A screenshot of every page is kept in test-artifacts/app/."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SHARED_DATA
+from tests.test_app_api import running_app
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "test-artifacts" / "app"
+ALPACA = SHARED_DATA / "alpaca" / "train.jsonl"
+ROWS = 300  # of the shared sample's 1,500: enough for a real run, quick to plan and upload
+STEPS = 20  # long enough (a few seconds even on a fast machine) for the page to see the chart grow
+
+
+def find_chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+CHROMIUM = find_chromium()
+PlaywrightError: type[Exception] = Exception  # playwright's own, once it is imported
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine (apt-get install chromium)"),
+    pytest.mark.skipif(not ALPACA.is_file(), reason="../shared/data/alpaca/train.jsonl is not beside the clone"),
+]
+
+
+@pytest.fixture
+def browser():
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="playwright is not installed (pip install playwright)"
+    )
+    # Chromium refuses its sandbox to root (CI containers); the page is our own app on loopback.
+    args = ["--no-sandbox"] if os.geteuid() == 0 else []
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
+        yield browser
+        browser.close()
+
+
+def test_new_project_to_chat(browser, tiny_llama, tmp_path):
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    data = tmp_path / "alpaca.jsonl"
+    data.write_text("".join(ALPACA.read_text(encoding="utf-8").splitlines(keepends=True)[:ROWS]), encoding="utf-8")
+
+    with running_app(tmp_path / "appdata", allowed_paths=[tiny_llama]) as client:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.set_default_timeout(60_000)
+        shot = lambda name: page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)  # noqa: E731
+
+        page.goto(client.base + "/")
+        shot("1-runs-empty")
+        page.click("text=New project")
+        page.fill("#name", "browser-test")
+        page.select_option("#trainer", "sft")
+        page.fill("#model", str(tiny_llama))
+        page.set_input_files("#data_file", str(data))
+        shot("2-new-project")
+        page.click("#create")
+
+        page.wait_for_url("**/projects/*/data")
+        assert page.locator("#rows tbody tr").count() == 5
+        page.select_option("#prompt_text_column", "instruction")
+        page.select_option("#text_column", "output")
+        page.click("#preview")
+        example = page.locator("pre.example").first
+        assert example.locator("mark").count() >= 1  # the trained tokens, marked
+        assert "<|im_start|>user" in example.inner_text()
+        assert f"{ROWS} examples" in page.locator("#plan").inner_text()
+        shot("3-data-preview")
+        page.click("#next")
+
+        page.wait_for_url("**/projects/*/params")
+        page.fill("#lr", "fast")
+        page.click("#check")
+        assert "expected a number" in page.locator('.error[data-field="lr"]').inner_text()
+        shot("4-params-error")
+        settings = {"lr": "0.002", "max_steps": str(STEPS), "logging_steps": "1", "block_size": "256"}
+        settings |= {"batch_size": "4", "gradient_accumulation": "2"}
+        for name, value in settings.items():
+            page.fill(f"#{name}", value)
+        page.click("#check")
+        assert f"{STEPS} in all" in page.locator("#plan").inner_text()
+        shot("5-params-checked")
+        page.click("#start")
+
+        page.wait_for_url("**/jobs/*")
+        # Watch the chart while the job runs: it must be redrawn with more points as steps are logged.
+        seen: list[int] = []
+        deadline = time.time() + 180
+        while page.locator("#chat-form").count() == 0:  # the page reloads itself when the job completes
+            assert time.time() < deadline, f"the job did not complete; chart sizes seen: {seen}"
+            try:
+                status = page.locator("#status").inner_text(timeout=2000)
+                points = int(page.locator("#chart").get_attribute("data-points", timeout=2000) or 0)
+            except PlaywrightError:  # the page is reloading
+                continue
+            if status == "running" and points and points not in seen:
+                seen.append(points)
+                if len(seen) == 1:
+                    shot("6-job-running")
+            time.sleep(0.2)
+        assert len(seen) >= 2, f"the loss chart was not updated while the job ran (sizes seen: {seen})"
+        assert page.locator("#status").inner_text() == "completed"
+        # Every logged step drawn (by the completed page's first poll, so wait for it).
+        page.wait_for_function(f"document.querySelectorAll('#chart circle.train').length === {STEPS}")
+        assert "Evaluation" in page.locator("#evaluation").inner_text()
+        assert page.locator("#metrics").inner_text().count("train_loss") == 1
+        shot("7-job-completed")
+
+        page.fill("#chat-input", "Give me three tips for staying healthy.")
+        page.click("#chat-send")
+        answer = page.locator(".turn.assistant:not(.pending)")
+        answer.wait_for(timeout=60_000)
+        assert answer.inner_text().strip() not in ("", "(an empty answer)")
+        shot("8-chat")
+
+        page.goto(client.base + "/")
+        assert "completed" in page.locator("#jobs").inner_text()
+        shot("9-runs")
+    assert len(list(ARTIFACTS.glob("*.png"))) >= 9
