@@ -424,7 +424,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         text=True,
         cwd=cwd,
         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
-        timeout=300,
+        timeout=900,
     )
 
 

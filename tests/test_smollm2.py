@@ -73,10 +73,9 @@ def test_sft_lora_on_alpaca_then_evaluate_against_the_base(gguf, tmp_path):
     (data / "test.jsonl").write_text("\n".join(held_out) + "\n", encoding="utf-8")
     out = tmp_path / "alpaca-run"
     args = ["llm", "--train", "--trainer", "sft", "--peft", "--data-path", str(data), "--project-name", str(out)]
-    eval_args = ["--valid-split", "test", "--eval-strategy", "steps", "--logging-steps", "3"]
+    eval_args = ["--valid-split", "test", "--eval-strategy", "steps", "--logging-steps", "4"]
     assert main([*args, *RUN, *eval_args]) == 0
-    assert_loss_falls(out, min_points=3)
-    assert_adapter_reloads_and_generates(out, gguf)
+    assert_loss_falls(out, min_points=4)
 
     code = main(["evaluate", "--model", str(out), "--data-path", str(data), "--compare-base", "--samples", "1"])
     assert code == 0
@@ -87,33 +86,6 @@ def test_sft_lora_on_alpaca_then_evaluate_against_the_base(gguf, tmp_path):
     assert "| fine-tuned |" in report and "| base (" in report
     records = read_metrics(out)
     assert sum("loss" in r for r in records) >= 3 and sum("eval_loss" in r for r in records) >= 3
-
-
-def test_sft_lora_on_chat_with_tokenizer_template(gguf, tmp_path):
-    out = tmp_path / "chat"
-    assert (
-        main(
-            [
-                "llm",
-                "--train",
-                "--trainer",
-                "sft",
-                "--peft",
-                "--data-path",
-                str(SHARED_DATA / "chat"),
-                "--text-column",
-                "messages",
-                "--chat-template",
-                "tokenizer",
-                "--project-name",
-                str(out),
-                *RUN,
-            ]
-        )
-        == 0
-    )
-    assert_loss_falls(out)
-    assert_adapter_reloads_and_generates(out, gguf)
 
 
 def test_default_trainer_lora_on_alpaca(gguf, tmp_path):
@@ -140,7 +112,8 @@ def test_default_trainer_lora_on_alpaca(gguf, tmp_path):
 
 
 def test_autotrain_smollm2_config_trains_on_cpu(gguf, tmp_path, monkeypatch):
-    """AutoTrain's smollm2 example with base_model/data.path local and CUDA-only options switched off."""
+    """AutoTrain's smollm2 example (chat data, the tokenizer's own chat template, merge_adapter) with base_model and
+    data.path local and CUDA-only options switched off."""
     monkeypatch.delenv("HF_TOKEN", raising=False)
     config = yaml.safe_load((SHARED / "autotrain-configs" / "llm_finetuning__smollm2.yml").read_text())
     config["base_model"] = str(gguf)

@@ -169,7 +169,7 @@ def test_default_model_beats_the_majority_baseline(tmp_path, capsys, monkeypatch
     monkeypatch.chdir(tmp_path)
     folder = tmp_path / "tweets"
     _write_csv(folder / "train.csv", _sentiment_rows("train", 800))
-    _write_csv(folder / "valid.csv", _sentiment_rows("valid", 300))
+    _write_csv(folder / "valid.csv", _sentiment_rows("valid", 150))
     code, _, err = _run(
         capsys, "text-classification", "--train", "--data-path", str(folder), "--valid-split", "valid",
         "--target-column", "label", "--project-name", "smol-tc", "--epochs", "1", "--batch-size", "16",

