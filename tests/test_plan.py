@@ -28,6 +28,12 @@ def _chat_file(tmp_path):
     return path
 
 
+def test_plan_function_is_not_shadowed_by_a_module():
+    import tunelab.dry_run  # noqa: F401  (a submodule named `plan` would replace tunelab.plan once imported)
+
+    assert callable(tunelab.plan) and tunelab.plan.__module__ == "tunelab"
+
+
 def test_plan_marks_only_the_answer_and_counts_steps(tiny_llama, tmp_path):
     project = tmp_path / "run"
     plan = tunelab.plan(

@@ -58,8 +58,8 @@ def train(
 def plan(params: LLMParams | TextClassificationParams | dict[str, Any] | str | Path | None = None, **overrides: Any):
     """What `train` would do with the same arguments, checked and planned without training or writing anything.
 
-    Returns a `tunelab.plan.RunPlan` (`.render()` is what `--dry-run` prints). Raises TunelabError as `train` would.
+    Returns a `tunelab.dry_run.RunPlan` (`.render()` is what `--dry-run` prints). Raises TunelabError as `train` would.
     """
-    from tunelab.plan import plan as make_plan
+    from tunelab.dry_run import plan as make_plan
 
     return make_plan(load_config(params if params is not None else {}, **overrides))

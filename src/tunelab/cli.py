@@ -239,7 +239,7 @@ def run_llm(args: argparse.Namespace, schema: type = LLMParams) -> int:
         schema = config_schema
     params = build_params(base, flags, schema=schema)
     if args.dry_run:
-        from tunelab.plan import plan
+        from tunelab.dry_run import plan
 
         print(plan(params).render())
         return 0

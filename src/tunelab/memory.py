@@ -1,6 +1,6 @@
 """How much accelerator memory a training run needs: an estimate from the model's config, and a measurement.
 
-The dry run (plan.py) calls `estimate_memory` with the model's config and the run's params, and `available_memory`
+The dry run (dry_run.py) calls `estimate_memory` with the model's config and the run's params, and `available_memory`
 for the device the run would use, and prints `MemoryEstimate.describe()`. `measure_peak` measures the peak of
 live tensors while a function runs (a real training step, in bench/measure_memory.py and tests/test_memory.py),
 which is what the estimate is checked against (docs/memory.md has the figures).

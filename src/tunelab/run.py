@@ -155,8 +155,8 @@ def _report_data(params: LLMParams, data: Any, stats: Any, rows: int) -> None:
 
 def _report_memory(model: Any, prep: Prepared) -> None:
     """The dry run's memory estimate, logged; a warning when the device found has less free memory."""
+    from tunelab.dry_run import microbatch
     from tunelab.memory import available_memory, estimate_memory
-    from tunelab.plan import microbatch
 
     rows, longest = microbatch(prep)
     estimate = estimate_memory(model.config, prep.params, rows * longest, longest, kind=prep.method.model_kind)

@@ -1,5 +1,5 @@
 """The data page's content: the file's columns and first rows, and the examples exactly as the trainer will see
-them - `tunelab.plan.plan`, the code behind `--dry-run` - or the error a run would stop with, on its field.
+them - `tunelab.dry_run.plan`, the code behind `--dry-run` - or the error a run would stop with, on its field.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ class Preview:
 
     columns: list[str] = field(default_factory=list)
     rows: list[dict[str, str]] = field(default_factory=list)
-    plan: Any = None  # tunelab.plan.RunPlan
+    plan: Any = None  # tunelab.dry_run.RunPlan
     errors: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
@@ -64,7 +64,7 @@ def preview(settings: dict[str, Any], params: Any | None) -> Preview:
         return result
     if params is None:
         return result
-    from tunelab.plan import plan
+    from tunelab.dry_run import plan
 
     try:
         result.plan = plan(params)
