@@ -27,14 +27,16 @@ def _tunelab(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def _run(model: Path, project: Path, batch: int, *extra: str) -> subprocess.CompletedProcess:
+def _run(
+    model: Path, project: Path, batch: int, *extra: str, peft: tuple = ("--peft",)
+) -> subprocess.CompletedProcess:
     # 1,500 rows when ../shared is there: more than one length-grouped "megabatch", so the batch order itself is
     # put to the test (it must not depend on the number of processes).
     data = SHARED_DATA / "alpaca" / "train.jsonl"
     data = data if data.is_file() else ROOT / "samples" / "alpaca.jsonl"
     return _tunelab(
         "llm", "--train", "--model", str(model), "--data-path", str(data),
-        "--project-name", str(project), "--trainer", "sft", "--peft", "--lora-r", "8", "--lora-dropout", "0",
+        "--project-name", str(project), "--trainer", "sft", *peft, "--lora-r", "8", "--lora-dropout", "0",
         "--lr", "2e-3", "--batch-size", str(batch), "--gradient-accumulation", "2", "--max-steps", "6",
         "--logging-steps", "1", "--block-size", "128", "--model-max-length", "256", "--save-steps", "3",
         *extra,
@@ -42,13 +44,18 @@ def _run(model: Path, project: Path, batch: int, *extra: str) -> subprocess.Comp
 
 
 @pytest.mark.slow
-def test_two_processes_with_batch_b_equal_one_process_with_batch_2b(tiny_llama, tmp_path):
+@pytest.mark.parametrize(
+    ("peft", "extra"),
+    [(("--peft",), ()), ((), ("--disable-gradient-checkpointing",))],
+    ids=["lora", "full-no-checkpointing"],
+)
+def test_two_processes_with_batch_b_equal_one_process_with_batch_2b(tiny_llama, tmp_path, peft, extra):
     one = tmp_path / "one"
-    single = _run(tiny_llama, one, 4)
+    single = _run(tiny_llama, one, 4, *extra, peft=peft)
     assert single.returncode == 0, single.stderr[-3000:]
 
     two = tmp_path / "two"
-    double = _run(tiny_llama, two, 2, "--num-processes", "2")
+    double = _run(tiny_llama, two, 2, "--num-processes", "2", *extra, peft=peft)
     assert double.returncode == 0, double.stderr[-3000:]
     assert "launching 2 processes" in double.stderr
     assert "effective batch 8 rows" in double.stderr  # 2 per device x 2 accumulated x 2 processes
@@ -56,7 +63,8 @@ def test_two_processes_with_batch_b_equal_one_process_with_batch_2b(tiny_llama, 
     expected, got = train_losses(one), train_losses(two)
     assert len(got) == len(expected) == 6
     assert got == pytest.approx(expected, rel=2e-4), (got, expected)
-    a, b = load_file(one / "adapter_model.safetensors"), load_file(two / "adapter_model.safetensors")
+    weights = "adapter_model.safetensors" if peft else "model.safetensors"
+    a, b = load_file(one / weights), load_file(two / weights)
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-5)
     # One run folder, written once: no leftovers from the second process.

@@ -232,6 +232,9 @@ def training_arguments(
             getattr(params, "checkpoint_every", 1),
         ),
         use_cpu=not torch.cuda.is_available(),  # several CPU processes then talk over gloo
+        # The fast loss uses the output head's weight outside the model's forward: DDP's search for unused
+        # parameters would mark it ready once after the forward and again in the backward, and fail.
+        ddp_find_unused_parameters=False,
         logging_steps=logging_steps,
         logging_first_step=True,
         eval_strategy=eval_strategy,
