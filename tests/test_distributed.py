@@ -139,3 +139,17 @@ def test_shipped_multi_node_config_launches_two_machines_of_eight():
     assert command[command.index("--config_file") + 1].endswith("fsdp.yaml")
     assert command[command.index("--num_processes") + 1] == "16"
     assert command[command.index("--main_process_ip") + 1] == "10.0.0.1"
+
+
+@pytest.mark.parametrize("backend", ["fsdp", "deepspeed"])
+def test_sharded_backends_on_a_cpu_machine_are_a_clear_error(backend, tiny_llama, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    from tunelab.cli import main
+
+    code = main(
+        ["llm", "--train", "--model", str(tiny_llama), "--data-path", str(ROOT / "samples" / "alpaca.jsonl"),
+         "--project-name", str(tmp_path / "p"), "--num-processes", "2", "--distributed-backend", backend]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and f"distributed_backend={backend} needs CUDA GPUs" in err and "launching" not in err

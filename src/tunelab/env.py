@@ -31,6 +31,9 @@ def check_machine(params: Any) -> None:
         problems.append("use_flash_attention_2 needs a CUDA GPU and the flash-attn package")
     if params.log in ("tensorboard", "wandb") and importlib.util.find_spec(params.log) is None:
         problems.append(f"log={params.log} needs the {params.log} package (pip install {params.log})")
+    backend = getattr(params, "distributed_backend", None)
+    if backend in ("fsdp", "deepspeed") and not cuda:
+        problems.append(f"distributed_backend={backend} needs CUDA GPUs (on CPU, several processes use ddp)")
     try:
         check_quantization(params.quantization)
     except TunelabError as err:
