@@ -351,6 +351,16 @@ def test_detect_alpaca(tmp_path):
     ]
 
 
+def test_a_stray_text_key_does_not_turn_an_alpaca_file_into_plain_text(tmp_path):
+    rows = [{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(5)]
+    rows.append({"instruction": "Say 5.", "input": "", "output": "5", "text": "a leftover column"})
+    split = read_file(write_jsonl(tmp_path / "t.jsonl", rows), "train")
+    assert detect_format(split, "text").kind == "alpaca"
+    # Where most rows do have it, `text` is still the text column.
+    rows = [{"text": f"Row {i}.", "instruction": "unused"} for i in range(4)] + [{"instruction": "x", "output": "y"}]
+    assert detect_format(read_file(write_jsonl(tmp_path / "u.jsonl", rows), "train"), "text").kind == "text"
+
+
 def test_detect_alpaca_without_input_column(tmp_path):
     split = read_file(write_jsonl(tmp_path / "t.jsonl", [{"instruction": "Say hi.", "output": "Hi!"}]), "train")
     fmt, examples = examples_of(split)

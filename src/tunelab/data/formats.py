@@ -54,25 +54,40 @@ def detect_format(split: Split, text_column: str, prompt_text_column: str | None
         if missing:
             raise DataError(f"{split.origin}: column {missing[0]!r} not found (columns: {listed})")
         return RowFormat("prompt_completion", {"prompt": prompt_text_column, "completion": text_column})
-    if text_column in columns:
+    other = _common_shape(columns) if text_column == "text" else None
+    if text_column in columns and not (other and _mostly_missing(split, text_column)):
         sample = next((row[text_column] for row in split.rows if row.get(text_column) not in (None, "")), "")
         kind = "messages" if is_messages(sample) else "text"
         return RowFormat(kind, {kind: text_column})
-    if text_column == "text":  # the default name: look for the other common shapes
-        if "instruction" in columns and "output" in columns:
-            cols = {"instruction": "instruction", "output": "output"}
-            if "input" in columns:
-                cols["input"] = "input"
-            return RowFormat("alpaca", cols)
-        for name in ("messages", "conversations", "conversation"):
-            if name in columns:
-                return RowFormat("messages", {"messages": name})
-        if "prompt" in columns and "completion" in columns:
-            return RowFormat("prompt_completion", {"prompt": "prompt", "completion": "completion"})
+    if other:
+        return other
     raise DataError(
         f"{split.origin}: text column {text_column!r} not found (columns: {listed}); "
         "set --text-column (or data.column_mapping.text_column) to the column that holds the text"
     )
+
+
+def _common_shape(columns: list[str]) -> RowFormat | None:
+    """Alpaca, message-list or prompt/completion columns, looked for when text_column is left at its default."""
+    if "instruction" in columns and "output" in columns:
+        cols = {"instruction": "instruction", "output": "output"}
+        if "input" in columns:
+            cols["input"] = "input"
+        return RowFormat("alpaca", cols)
+    for name in ("messages", "conversations", "conversation"):
+        if name in columns:
+            return RowFormat("messages", {"messages": name})
+    if "prompt" in columns and "completion" in columns:
+        return RowFormat("prompt_completion", {"prompt": "prompt", "completion": "completion"})
+    return None
+
+
+def _mostly_missing(split: Split, column: str) -> bool:
+    """True when most rows have no value in `column`: a stray `text` key in a few rows of an Alpaca or chat file
+    must not turn the whole file into plain text (the stray rows are then reported, or skipped, as bad rows)."""
+    sample = split.rows[:1000]
+    present = sum(1 for row in sample if row.get(column) not in (None, ""))
+    return present * 2 < len(sample)
 
 
 def is_messages(value: Any) -> bool:
