@@ -23,17 +23,6 @@ def write_jsonl(path, rows):
     return path
 
 
-@pytest.fixture(autouse=True)
-def restore_tunelab_logger():
-    """main() installs a stderr handler bound to this test's capture; keep it from leaking into later tests."""
-    logger = logging.getLogger("tunelab")
-    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
-    yield
-    logger.handlers[:] = handlers
-    logger.setLevel(level)
-    logger.propagate = propagate
-
-
 @pytest.fixture
 def good_data(tmp_path):
     return write_jsonl(tmp_path / "train.jsonl", GOOD_ROWS)

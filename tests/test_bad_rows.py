@@ -335,17 +335,6 @@ CASES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def restore_tunelab_logger():
-    """main() installs a stderr handler bound to this test's capture; keep it from leaking into later tests."""
-    logger = logging.getLogger("tunelab")
-    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
-    yield
-    logger.handlers[:] = handlers
-    logger.setLevel(level)
-    logger.propagate = propagate
-
-
 def write_case(folder: Path, case: Case) -> Path:
     path = folder / case.file
     if isinstance(case.content, bytes):

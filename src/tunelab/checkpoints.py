@@ -73,7 +73,7 @@ def prune(folder: Path, keep: int, protect: str | None = None) -> None:
     if protect:
         kept.add(Path(protect))
     for step, path in checkpoints(folder):
-        if path in kept or step > int(_CHECKPOINT.match(newest.name).group(1)):
+        if path in kept or step > step_of(newest):
             continue  # a newer incomplete one may be being written right now
         shutil.rmtree(path, ignore_errors=True)
 

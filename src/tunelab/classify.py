@@ -116,7 +116,6 @@ def _build_trainer(model: Any, tokenizer: Any, params: Any, data: LabelledData, 
     has_valid = bool(data.valid)
     steps_per_epoch = math.ceil(len(data.train) / (params.batch_size * params.gradient_accumulation))
     early = has_valid and params.eval_strategy != "no"
-    # Early stopping keeps the best checkpoint: one is saved at every evaluation.
     args = training_arguments(
         params,
         str(staging),

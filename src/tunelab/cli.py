@@ -78,6 +78,16 @@ def add_param_flags(parser: argparse.ArgumentParser, schema: type = LLMParams) -
             )
 
 
+def add_dry_run(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dry-run",
+        "--dry_run",
+        action="store_true",
+        help="Check everything and print the plan (rows, token lengths, truncation, examples as trained, steps, "
+        "memory estimate) without training or writing anything.",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tunelab.methods import SUMMARIES
 
@@ -86,13 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune LLMs on your own data. AutoTrain Advanced's flags and config files work as they are.",
     )
     parser.add_argument("--config", help="Run the job described by a YAML config (AutoTrain's schema or tunelab's).")
-    parser.add_argument(
-        "--dry-run",
-        "--dry_run",
-        action="store_true",
-        help="Check everything and print the plan (rows, token lengths, truncation, examples as trained, steps, "
-        "memory estimate) without training or writing anything.",
-    )
+    add_dry_run(parser)
     sub = parser.add_subparsers(dest="command")
 
     llm = sub.add_parser(
@@ -104,13 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     llm.add_argument("--train", action="store_true", help="Train (accepted for AutoTrain compatibility; implied).")
     llm.add_argument("--config", dest="config", help="YAML config; flags given here override it.")
     llm.add_argument("--backend", help=argparse.SUPPRESS)  # AutoTrain's; tunelab always trains here
-    llm.add_argument(
-        "--dry-run",
-        "--dry_run",
-        action="store_true",
-        help="Check everything and print the plan (rows, token lengths, truncation, examples as trained, steps, "
-        "memory estimate) without training or writing anything.",
-    )
+    add_dry_run(llm)
     add_param_flags(llm)
 
     gen = sub.add_parser("generate", help="generate text with a trained run folder (or any model)")
@@ -131,13 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--train", action="store_true", help="Train (accepted for AutoTrain compatibility).")
     classify.add_argument("--config", dest="config", help="YAML config; flags given here override it.")
     classify.add_argument("--backend", help=argparse.SUPPRESS)
-    classify.add_argument(
-        "--dry-run",
-        "--dry_run",
-        action="store_true",
-        help="Check everything and print the plan (rows, token lengths, truncation, examples as trained, steps, "
-        "memory estimate) without training or writing anything.",
-    )
+    add_dry_run(classify)
     add_param_flags(classify, TextClassificationParams)
 
     predict = sub.add_parser("predict", help="label texts with a trained text-classification run")
@@ -403,7 +395,9 @@ def setup_logging() -> None:
         handler.setFormatter(logging.Formatter("tunelab: %(message)s"))
         log.addHandler(handler)
     # With several processes, the main one tells the story; the others speak only of problems.
-    log.setLevel(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING)
+    from tunelab.launch import is_main_process
+
+    log.setLevel(logging.INFO if is_main_process() else logging.WARNING)
     log.propagate = False
     # Upstream deprecation notices (transformers/peft internals) mean nothing to a user of the command.
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -175,17 +175,8 @@ def _plan_llm(params: Any) -> RunPlan:
         else:
             examples.append(marked_text(item.input_ids, item.labels, tokenizer))
 
-    per_epoch, total = steps(len(prep.train_rows), params)
     rows_per_microbatch, longest = microbatch(prep)
-    result = RunPlan(
-        task=f"llm {params.trainer}" + (" (LoRA)" if params.peft else " (full fine-tuning)"),
-        model=params.model,
-        splits=splits,
-        examples=examples,
-        steps_per_epoch=per_epoch,
-        total_steps=total,
-        effective_batch=params.batch_size * params.gradient_accumulation * processes(params),
-    )
+    result = _new_plan(f"llm {params.trainer}", params, splits, examples, len(prep.train_rows))
     if prep.resume_from is not None:
         result.notes.append(f"would resume from {prep.resume_from}")
     _add_memory(result, prep.source, params, rows_per_microbatch, longest, prep.method.model_kind)
@@ -219,9 +210,17 @@ def _plan_classification(params: Any) -> RunPlan:
     examples = [
         f"{text[:700]}\n  -> label {data.labels[r['labels']]}" for text, r in zip(examples, data.train, strict=False)
     ]
-    per_epoch, total = steps(len(data.train), params)
-    result = RunPlan(
-        task="text classification" + (" (LoRA)" if params.peft else " (full fine-tuning)"),
+    result = _new_plan("text classification", params, splits, examples, len(data.train))
+    longest = max(len(r["input_ids"]) for r in data.train)
+    _add_memory(result, prep.source, params, params.batch_size, longest, "classifier")
+    return result
+
+
+def _new_plan(task: str, params: Any, splits: list[SplitSummary], examples: list[str], rows: int) -> RunPlan:
+    """A plan with the parts every task counts the same way: the steps, the effective batch, LoRA or not."""
+    per_epoch, total = steps(rows, params)
+    return RunPlan(
+        task=task + (" (LoRA)" if params.peft else " (full fine-tuning)"),
         model=params.model,
         splits=splits,
         examples=examples,
@@ -229,9 +228,6 @@ def _plan_classification(params: Any) -> RunPlan:
         total_steps=total,
         effective_batch=params.batch_size * params.gradient_accumulation * processes(params),
     )
-    longest = max(len(r["input_ids"]) for r in data.train)
-    _add_memory(result, prep.source, params, params.batch_size, longest, "classifier")
-    return result
 
 
 def _add_memory(result: RunPlan, source: Any, params: Any, rows: int, longest: int, kind: str) -> None:
