@@ -127,7 +127,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="tunelab side: memory-lean RMSNorm, SwiGLU and LoRA dropout",
     )
     parser.add_argument(
-        "--checkpoint-every", type=int, default=1, help="tunelab side: checkpoint every Nth layer (with checkpointing)"
+        "--checkpoint-every",
+        type=int,
+        default=1,
+        help="tunelab side: with checkpointing, checkpoint every Nth layer; 0: none (TRL keeps its setting)",
     )
     parser.add_argument("--sides", default="tunelab,trl", help="comma-separated: tunelab, trl, or both")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="GPU peak bf16 TFLOP/s for MFU (H100)")
@@ -199,6 +202,8 @@ def checkpointing(args: argparse.Namespace) -> str:
         return "off"
     if args.checkpoint_every == 1:
         return "on"
+    if args.checkpoint_every == 0:
+        return f"tunelab off, {'TRL every layer (its default)' if args.defaults else 'TRL on'}"
     trl = "TRL every layer (its default)" if args.defaults else "TRL the same"
     return f"on, tunelab every {args.checkpoint_every} layers, {trl}"
 
@@ -348,10 +353,11 @@ def make_params(args: argparse.Namespace) -> Any:
         optimizer="adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch",
         seed=args.seed,
         mixed_precision="bf16" if args.bf16 else None,
-        disable_gradient_checkpointing=not args.gradient_checkpointing,
+        disable_gradient_checkpointing=not args.gradient_checkpointing
+        or (args._side == "tunelab" and args.checkpoint_every == 0),
         torch_compile=args.torch_compile,
         fused_ops=args.fused_ops,
-        checkpoint_every=args.checkpoint_every,
+        checkpoint_every=max(1, args.checkpoint_every),
         peft=args.peft,
         lora_r=16,
         lora_alpha=32,
@@ -480,7 +486,7 @@ def build_trl(args: argparse.Namespace, params: Any, tokenizer: Any, source: Any
         data_seed=ref.data_seed,
         bf16=bool(ref.bf16),  # set explicitly: SFTConfig defaults to bf16=True
         fp16=bool(ref.fp16),
-        activation_checkpointing=bool(ref.activation_checkpointing),  # SFTConfig defaults to checkpointing on
+        activation_checkpointing=args.gradient_checkpointing,  # SFTConfig defaults to checkpointing on
         # --defaults: TRL checkpoints every layer, as its users get it; otherwise the same layers as tunelab.
         activation_checkpointing_kwargs={"use_reentrant": False}
         if args.defaults

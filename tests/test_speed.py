@@ -125,3 +125,75 @@ def test_checkpoint_every_selects_layers(tiny_llama):
     every = options.pop("every_n_layers")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options, every_n_layers=every)
     assert [layer.gradient_checkpointing for layer in model.model.layers] == [True, False]
+
+
+def _lora_step(tiny_llama, *, rebuild: bool, dropout: float, checkpointing: bool = False):
+    """One forward and backward pass of a fused LoRA model: (loss, LoRA grads, bytes autograd kept)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    import tunelab.fused_layers as fused_layers
+    from tunelab.fused_layers import fuse_layers
+    from tunelab.lora_dropout import fuse_lora_dropout
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear")
+    model = get_peft_model(model, config)
+    fuse_layers(model)
+    fuse_lora_dropout(model)
+    if checkpointing:
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.train()
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept.setdefault(storage.data_ptr(), storage.nbytes())
+        return t
+
+    ids = torch.randint(0, model.config.vocab_size, (4, 48), generator=torch.Generator().manual_seed(1))
+    original = fused_layers._with_rebuild
+    if not rebuild:
+        fused_layers._with_rebuild = lambda out, fn, *inputs: out
+    try:
+        torch.manual_seed(2)  # the same dropout masks in both runs
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+    finally:
+        fused_layers._with_rebuild = original
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.item(), grads, sum(kept.values())
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_lora_rebuilds_fused_outputs_instead_of_keeping_them(tiny_llama, dropout):
+    """LoRA projections keep the fused norm's and SwiGLU's inputs, not their outputs: same loss, same gradients,
+    less memory kept for the backward pass (per layer: two normed inputs and the SwiGLU product, h + h + m)."""
+    import torch
+
+    loss, grads, kept = _lora_step(tiny_llama, rebuild=True, dropout=dropout)
+    plain_loss, plain_grads, plain_kept = _lora_step(tiny_llama, rebuild=False, dropout=dropout)
+    assert loss == pytest.approx(plain_loss, rel=1e-6)
+    assert grads.keys() == plain_grads.keys() and len(grads) == 2 * 7 * 2  # A and B, 7 modules, 2 layers
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+    tokens, hidden, intermediate = 4 * 48, 64, 128
+    # The first norm's input (the frozen embedding's output) needs no gradient, so that norm keeps nothing to
+    # rebuild its output from, and q/k/v keep the output itself.
+    assert plain_kept - kept == tokens * (2 * (2 * hidden + intermediate) - hidden) * 4
+
+
+def test_lora_rebuild_under_checkpointing_gives_the_same_gradients(tiny_llama):
+    import torch
+
+    loss, grads, _ = _lora_step(tiny_llama, rebuild=True, dropout=0.1, checkpointing=True)
+    plain_loss, plain_grads, _ = _lora_step(tiny_llama, rebuild=False, dropout=0.1, checkpointing=False)
+    assert loss == pytest.approx(plain_loss, rel=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], atol=1e-6, rtol=1e-5, msg=name)

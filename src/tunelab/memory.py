@@ -242,6 +242,10 @@ def _activations(shape: Shape, params: Any, tokens: int, longest: int, kind: str
     per_token = h + h + q + kv + kv + q + q + h + h + 3 * m
     if not fused:
         per_token += 2 * h + m  # each unfused norm keeps its normalised input too; SwiGLU keeps silu(gate)
+    # Under LoRA the fused norms' and SwiGLU's outputs are rebuilt in the backward pass, not kept (fused_layers
+    # Rebuild): the two normed inputs and silu(gate) * up are kept by nobody (frozen projections keep none).
+    rebuilt = 2 * h + m if fused and params.peft else 0
+    per_token -= rebuilt
     per_token_fp32 = 2 * 4 + shape.heads * 4  # two rstd values and the attention's logsumexp per head
     if params.peft:
         # LoRA: each adapted module keeps its rank-r intermediate and a dropout mask: 1 byte an element with
@@ -285,7 +289,8 @@ def _activations(shape: Shape, params: Any, tokens: int, longest: int, kind: str
     # gradient flowing in and out, and the SwiGLU backward's temporaries (sigmoid, silu and the products of
     # fused_layers._SiluMul.backward: about five intermediate-sized tensors beyond gate and up). The layers
     # before it still hold what they stored; the last layer's backward pass, the first, has the most of those.
-    layer_backward = layer + tokens * ((5 if fused else 3) * m + 2 * h) * act
+    rebuilding = m if rebuilt else 0  # down_proj's input, rebuilt for its LoRA gradient
+    layer_backward = layer + tokens * ((5 if fused else 3) * m + 2 * h + rebuilding) * act
     forward = max(kept + head + loss, kept - (stored[-1] if stored else 0) + layer_backward) + mask
     # The end of the backward pass: the gradients are full, the first layer is in its backward pass, and
     # (full fine-tuning) the embedding's gradient is made, then summed into the tied head's (a third copy).

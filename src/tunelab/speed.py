@@ -5,7 +5,7 @@
 | fast_loss | on | loss from hidden states, answer positions only, in chunks (loss.py): no full-vocabulary logits |
 | batches | always | length-grouped rows or packed rows, each example with its own positions (data/packing.py) |
 | fused optimizer | on CUDA | adamw_torch -> adamw_torch_fused (same maths, one kernel per step) |
-| fused_ops | on | RMSNorm, SwiGLU (fused_layers.py) and LoRA dropout (lora_dropout.py) keep only their inputs |
+| fused_ops | on | RMSNorm, SwiGLU (fused_layers.py), LoRA dropout (lora_dropout.py) keep inputs; LoRA rebuilds outs |
 | torch_compile | off | each decoder layer compiled with torch.compile (one graph, reused by every layer) |
 | attention | sdpa | flash_attention_2 with use_flash_attention_2 (CUDA, flash-attn installed) |
 

@@ -147,7 +147,8 @@ class LLMParams(Params):
     torch_compile: bool = _f(False, "Compile each decoder layer with torch.compile (pays off on GPUs).")
     fused_ops: bool = _f(
         True,
-        "Memory-lean RMSNorm, SwiGLU and LoRA dropout (Llama-family models): same maths, fewer saved activations.",
+        "Memory-lean RMSNorm, SwiGLU and LoRA dropout (Llama-family models): same maths, fewer saved activations;"
+        " under LoRA the norms' and SwiGLU's outputs are rebuilt in the backward pass instead of kept.",
     )
 
     # --- PEFT / quantization
