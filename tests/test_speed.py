@@ -127,8 +127,13 @@ def test_checkpoint_every_selects_layers(tiny_llama):
     assert [layer.gradient_checkpointing for layer in model.model.layers] == [True, False]
 
 
-def _lora_step(tiny_llama, *, rebuild: bool, dropout: float, checkpointing: bool = False):
-    """One forward and backward pass of a fused LoRA model: (loss, LoRA grads, bytes autograd kept)."""
+def _lora_step(tiny_llama, *, rebuild: bool, dropout: float, checkpointing: bool = False, bf16: bool = False):
+    """One forward and backward pass of a fused LoRA model: (loss, LoRA grads, bytes autograd kept).
+
+    rebuild=None: PEFT's own modules, nothing fused. bf16: bf16 base weights under bf16 autocast, as tunelab
+    trains LoRA with mixed_precision bf16 (PEFT keeps the adapter in float32)."""
+    import contextlib
+
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -138,11 +143,12 @@ def _lora_step(tiny_llama, *, rebuild: bool, dropout: float, checkpointing: bool
     from tunelab.lora_dropout import fuse_lora_dropout
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16 if bf16 else torch.float32)
     config = LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear")
     model = get_peft_model(model, config)
-    fuse_layers(model)
-    fuse_lora_dropout(model)
+    if rebuild is not None:
+        fuse_layers(model)
+        fuse_lora_dropout(model)
     if checkpointing:
         model.gradient_checkpointing_enable({"use_reentrant": False})
         model.enable_input_require_grads()
@@ -162,7 +168,8 @@ def _lora_step(tiny_llama, *, rebuild: bool, dropout: float, checkpointing: bool
         fused_layers._with_rebuild = lambda out, fn, *inputs: out
     try:
         torch.manual_seed(2)  # the same dropout masks in both runs
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        autocast = torch.autocast("cpu", torch.bfloat16) if bf16 else contextlib.nullcontext()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
     finally:
@@ -197,3 +204,20 @@ def test_lora_rebuild_under_checkpointing_gives_the_same_gradients(tiny_llama):
     assert loss == pytest.approx(plain_loss, rel=1e-6)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, plain_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_lora_keeps_half_precision_inputs_under_bf16(tiny_llama):
+    """Under bf16 autocast PEFT casts each LoRA input to the adapter's float32, and autocast casts that back to a
+    bf16 copy, which lora_A keeps: one copy per module (three of the same input for q, k and v). The fused path
+    computes the same from the input itself, keeping it (or what rebuilds it) once: equal gradients, and per
+    layer and token at least 2 * (5h + m) bytes less (q, k, v, gate, up: 5h; down: m; o_proj's input is kept)."""
+    import torch
+
+    loss, grads, kept = _lora_step(tiny_llama, rebuild=True, dropout=0.0, bf16=True)
+    peft_loss, peft_grads, peft_kept = _lora_step(tiny_llama, rebuild=None, dropout=0.0, bf16=True)
+    assert {g.dtype for g in grads.values()} == {torch.float32}
+    assert loss == pytest.approx(peft_loss, rel=1e-2)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, peft_grads[name], atol=2e-2, rtol=5e-2, msg=name)
+    tokens, hidden, intermediate, layers = 4 * 48, 64, 128, 2
+    assert peft_kept - kept >= layers * tokens * 2 * (5 * hidden + intermediate)

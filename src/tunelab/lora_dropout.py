@@ -56,7 +56,11 @@ class _DroppedProjection(torch.autograd.Function):
     def forward(
         ctx: Any, x: torch.Tensor, keep: torch.Tensor | None, weight: torch.Tensor, scale: float
     ) -> torch.Tensor:
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        # PEFT casts x to the adapter's dtype first (fuse_lora_dropout turns that off, so a half-precision x is
+        # kept as it is, not as a float32 copy per module); the product is computed in that dtype, or autocast's.
+        autocast = torch.is_autocast_enabled(x.device.type)
+        dtype = torch.get_autocast_dtype(x.device.type) if autocast else weight.dtype
+        ctx.x_dtype = x.dtype
         rebuild = rebuild_of(x)
         if rebuild is None:
             ctx.rebuilt = None
@@ -77,7 +81,7 @@ class _DroppedProjection(torch.autograd.Function):
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
             grad_x = grad @ weight.to(grad.dtype)
-            grad_x = (grad_x if keep is None else grad_x * keep).to(inputs[0].dtype)
+            grad_x = (grad_x if keep is None else grad_x * keep).to(ctx.x_dtype)
         if ctx.needs_input_grad[2]:
             x = inputs[0] if ctx.rebuilt is None else ctx.rebuilt.get(tuple(inputs))
             dropped = (x if keep is None else x * keep).to(grad.dtype)
@@ -101,7 +105,7 @@ class DropoutLoraA(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled() or not self.weight.requires_grad:
-            return nn.functional.linear(x, self.weight)
+            return nn.functional.linear(x.to(self.weight.dtype), self.weight)
         if not self.training or self.p == 0:
             return _DroppedProjection.apply(x, None, self.weight, 1.0)
         return _DroppedProjection.apply(x, keep_mask(x, self.p), self.weight, 1.0 / (1.0 - drop_probability(self.p)))
@@ -130,4 +134,6 @@ def fuse_lora_dropout(model: nn.Module) -> int:
             lora_a[name] = DropoutLoraA(linear, getattr(dropout, "p", 0.0))
             dropouts[name] = nn.Identity()
             changed += 1
+        if all(isinstance(a, DropoutLoraA) for a in lora_a.values()):
+            module.cast_input_dtype_enabled = False  # DropoutLoraA casts, without keeping the cast copy
     return changed
