@@ -178,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = "off" if args.no_checkpointing else f"every {args.checkpoint_every}"
     print(f"model: {'tiny Llama' if args.tiny else 'SmolLM2-135M-Instruct'}, {method}, checkpointing {ckpt}")
     print(f"batch {args.batch_size} x {args.block_size} tokens, {args.steps} steps on {device} ({seconds:.0f} s)")
-    print(f"measured peak: {peak / MiB:,.0f} MiB")
-    print(f"estimated:     {estimate.total / MiB:,.0f} MiB ({error:+.1%}): {estimate.describe()}")
+    print(f"measured peak: {peak / MiB:,.1f} MiB")
+    print(f"estimated:     {estimate.total / MiB:,.1f} MiB ({error:+.1%}): {estimate.describe()}")
     return 0
 
 
