@@ -123,3 +123,27 @@ def test_dry_run_text_classification(tiny_gpt2, tmp_path, capsys):
     assert code == 0
     assert "train (" in out and "labels: negative" in out and "-> label" in out and "memory:" in out
     assert not (tmp_path / "tc").exists()
+
+
+@pytest.mark.parametrize("task", ["llm", "text-classification"])
+def test_dry_run_says_it_would_resume_an_interrupted_run(task, tiny_llama, tiny_gpt2, tmp_path):
+    """A complete checkpoint left in the staging folder is what the same command would resume from: the plan
+    says so, for both tasks, and leaves the checkpoint where it is."""
+    from tunelab.checkpoints import mark_complete
+
+    project = tmp_path / "run"
+    checkpoint = tmp_path / ".run.partial" / "checkpoint-4"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text("{}", encoding="utf-8")
+    mark_complete(checkpoint)
+    if task == "llm":
+        params = tunelab.LLMParams(
+            model=str(tiny_llama), data_path=str(_chat_file(tmp_path)), trainer="sft", project_name=str(project)
+        )
+    else:
+        data = tmp_path / "labelled.csv"
+        data.write_text("text,target\n" + "".join(f"row {i},{'ab'[i % 2]}\n" for i in range(20)), encoding="utf-8")
+        params = tunelab.TextClassificationParams(model=str(tiny_gpt2), data_path=str(data), project_name=str(project))
+    plan = tunelab.plan(params)
+    assert f"would resume from {checkpoint}" in plan.render()
+    assert checkpoint.is_dir() and not project.exists()

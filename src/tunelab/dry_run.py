@@ -113,12 +113,11 @@ def steps(rows: int, params: Any) -> tuple[int, int]:
     return per_epoch, total
 
 
-def estimate(source: Any, params: Any, rows_per_microbatch: int, longest: int, kind: str) -> tuple[Any, str, int]:
-    """(MemoryEstimate, device, free bytes) from the model's config alone."""
+def estimate(config: Any, params: Any, rows_per_microbatch: int, longest: int, kind: str) -> tuple[Any, str, int]:
+    """(MemoryEstimate, device, free bytes) for a micro-batch of rows x longest tokens: the dry run's figure,
+    which a real run logs too (run._report_memory)."""
     from tunelab.memory import available_memory, estimate_memory
-    from tunelab.models import load_config
 
-    config = load_config(source)
     memory = estimate_memory(config, params, rows_per_microbatch * longest, longest, kind=kind)
     device, free = available_memory()
     return memory, device, free
@@ -211,6 +210,8 @@ def _plan_classification(params: Any) -> RunPlan:
         f"{text[:700]}\n  -> label {data.labels[r['labels']]}" for text, r in zip(examples, data.train, strict=False)
     ]
     result = _new_plan("text classification", params, splits, examples, len(data.train))
+    if prep.resume_from is not None:
+        result.notes.append(f"would resume from {prep.resume_from}")
     longest = max(len(r["input_ids"]) for r in data.train)
     _add_memory(result, prep.source, params, params.batch_size, longest, "classifier")
     return result
@@ -238,6 +239,8 @@ def _add_memory(result: RunPlan, source: Any, params: Any, rows: int, longest: i
             "process without sharding (fsdp/deepspeed divide weights, gradients and optimizer states among them)"
         )
     try:
-        result.memory, result.device, result.available = estimate(source, params, rows, longest, kind)
+        from tunelab.models import load_config
+
+        result.memory, result.device, result.available = estimate(load_config(source), params, rows, longest, kind)
     except (OSError, ValueError, KeyError) as err:  # a config transformers cannot read: the plan still stands
         result.notes.append(f"memory: not estimated ({type(err).__name__}: {err})")

@@ -155,12 +155,10 @@ def _report_data(params: LLMParams, data: Any, stats: Any, rows: int) -> None:
 
 def _report_memory(model: Any, prep: Prepared) -> None:
     """The dry run's memory estimate, logged; a warning when the device found has less free memory."""
-    from tunelab.dry_run import microbatch
-    from tunelab.memory import available_memory, estimate_memory
+    from tunelab import dry_run
 
-    rows, longest = microbatch(prep)
-    estimate = estimate_memory(model.config, prep.params, rows * longest, longest, kind=prep.method.model_kind)
-    device, free = available_memory()
+    rows, longest = dry_run.microbatch(prep)
+    estimate, device, free = dry_run.estimate(model.config, prep.params, rows, longest, prep.method.model_kind)
     log.info("memory: %s; %s has %.1f GiB free", estimate.describe(), device, free / 2**30)
     if not estimate.fits(free):
         log.warning(
