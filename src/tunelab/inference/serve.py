@@ -1,6 +1,7 @@
 """An OpenAI-compatible HTTP API over one model: `tunelab serve --model RUN_FOLDER`.
 
-Called by `tunelab serve` (through `serve()` and `add_arguments()`) and by `python -m tunelab.inference.serve`.
+Called by `tunelab serve` (through `serve()` and `add_arguments()`) and by `python -m tunelab.inference.serve`;
+the checks of what a request may ask live in openai_requests.py.
 It serves `GET /v1/models`, `POST /v1/chat/completions` and `POST /v1/completions`, with or without streaming
 (server-sent events), in the shapes of https://platform.openai.com/docs/api-reference, so the official `openai`
 client and the tools built on it work unchanged: `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="x")`.
@@ -27,11 +28,18 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tunelab.errors import TunelabError
+from tunelab.inference.openai_requests import (
+    COMPLETIONS_DEFAULT_MAX_TOKENS,
+    RequestError,
+    Sampling,
+    parse_messages,
+    parse_prompt,
+    parse_sampling,
+)
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -39,118 +47,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("tunelab")
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
-ROLES = {"system", "user", "assistant"}
-# Request fields that change what OpenAI would return and that this server cannot honour: refused with a 400
-# rather than silently ignored, so a client never mistakes a plain answer for a tool call or a JSON-mode answer.
-UNSUPPORTED = ("tools", "functions", "logprobs", "top_logprobs", "response_format", "echo", "suffix", "best_of")
-COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
-
-
-class RequestError(Exception):
-    """A request this server cannot answer as asked; becomes an OpenAI-style 400 error."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.message, self.param = message, param
-
-
-@dataclass
-class Sampling:
-    """The decoding options of one request, as OpenAI names them (temperature 0 means greedy)."""
-
-    max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-
-
-# ---- reading requests ------------------------------------------------------------------------------------------
-
-
-def _number(body: dict, name: str, default: float, low: float, high: float) -> float:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-        raise RequestError(f"{name} must be a number from {low} to {high}, got {value!r}", name)
-    return float(value)
-
-
-def _optional_int(body: dict, name: str, low: int) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise RequestError(f"{name} must be an integer of at least {low}, got {value!r}", name)
-    return value
-
-
-def parse_sampling(body: dict) -> Sampling:
-    """Check the options shared by both endpoints; anything unusable raises RequestError naming the field."""
-    if body.get("n") not in (None, 1):
-        raise RequestError(f"n must be 1: this server returns one choice per request, got {body['n']!r}", "n")
-    for name in UNSUPPORTED:
-        if body.get(name) not in (None, False, [], {"type": "text"}):
-            raise RequestError(f"{name} is not supported by tunelab serve", name)
-    if not isinstance(body.get("stream", False), bool):
-        raise RequestError("stream must be true or false", "stream")
-    stop = body.get("stop")
-    stop = [stop] if isinstance(stop, str) else stop or []
-    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-        raise RequestError("stop must be a string or a list of up to 4 non-empty strings", "stop")
-    # Newer clients send max_completion_tokens for chat (max_tokens is deprecated there); either is accepted.
-    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    return Sampling(
-        max_tokens=_optional_int(body, name, 1),
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, 0.0, 1.0),  # 0 keeps only the likeliest token (transformers keeps one)
-        stop=stop,
-        seed=_optional_int(body, "seed", 0),
-    )
-
-
-def _content_text(content: Any, where: str) -> str:
-    """A message's text: a string, or a list of text parts (what the openai client sends for rich content)."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-        return "".join(str(p.get("text", "")) for p in content)
-    raise RequestError(f"{where} must be a string or a list of text parts (images and audio are not supported)", where)
-
-
-def parse_messages(body: dict) -> list[dict[str, str]]:
-    """The chat as role/content dicts for the chat template; a missing or malformed chat raises RequestError."""
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise RequestError("messages must be a non-empty list of {role, content} objects", "messages")
-    chat = []
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise RequestError(f"{where} must be an object with role and content", where)
-        # OpenAI's newer "developer" role plays the part of "system"; chat templates only know "system".
-        role = "system" if message.get("role") == "developer" else message.get("role")
-        if role not in ROLES:
-            raise RequestError(
-                f"{where}.role must be one of {', '.join(sorted(ROLES))}, got {message.get('role')!r}", f"{where}.role"
-            )
-        chat.append({"role": role, "content": _content_text(message.get("content"), f"{where}.content")})
-    return chat
-
-
-def parse_prompt(body: dict) -> str:
-    """The prompt of a /v1/completions request: one string (a list holding one string is accepted too)."""
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise RequestError("prompt must be a string (one prompt per request)", "prompt")
-    return prompt
-
-
 # ---- generating ------------------------------------------------------------------------------------------------
 
 
