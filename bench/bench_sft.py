@@ -55,6 +55,15 @@ SIDES = ("tunelab", "trl")
 
 # Random-init Llama-architecture models at real shapes.
 SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": dict(  # 2 small layers: a smoke run of this script (tests/test_bench.py), not a benchmark
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    ),
     "135m": dict(  # SmolLM2-135M
         hidden_size=576,
         num_hidden_layers=30,
