@@ -56,8 +56,8 @@ class _DroppedProjection(torch.autograd.Function):
     def forward(
         ctx: Any, x: torch.Tensor, keep: torch.Tensor | None, weight: torch.Tensor, scale: float
     ) -> torch.Tensor:
-        # PEFT casts x to the adapter's dtype first (fuse_lora_dropout turns that off, so a half-precision x is
-        # kept as it is, not as a float32 copy per module); the product is computed in that dtype, or autocast's.
+        # PEFT casts x to the adapter's dtype first; fuse_lora_dropout turns that off, so a half-precision x is kept
+        # once, as it is, not as a cast copy per module. The product is computed in that dtype, or autocast's.
         autocast = torch.is_autocast_enabled(x.device.type)
         dtype = torch.get_autocast_dtype(x.device.type) if autocast else weight.dtype
         ctx.x_dtype = x.dtype
