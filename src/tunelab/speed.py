@@ -3,7 +3,7 @@
 | switch | default | what |
 | --- | --- | --- |
 | fast_loss | on | loss from hidden states, answer positions only, in chunks (loss.py): no full-vocabulary logits |
-| batches | always | length-grouped rows or packed rows, each example with its own positions (data/packing.py) |
+| batches | always | length-grouped rows or pairs, or packed rows with per-example positions (data/packing.py) |
 | fused optimizer | on CUDA | adamw_torch -> adamw_torch_fused (same maths, one kernel per step) |
 | fused_ops | on | RMSNorm, SwiGLU (fused_layers.py), LoRA dropout (lora_dropout.py) keep inputs; LoRA rebuilds outs |
 | torch_compile | off | each decoder layer compiled with torch.compile (one graph, reused by every layer) |

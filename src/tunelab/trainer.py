@@ -95,11 +95,29 @@ class GuardedTrainer(Trainer):
       limit of kept checkpoints (`keep_checkpoints`, from save_total_limit) is applied here, not by Trainer, whose
       rotation could delete the last complete checkpoint before the new one is marked.
     - Free disk space is checked before each checkpoint is written.
+    - With `group_by_length`, batches hold rows of similar length (`row_length`), in an order that depends only on
+      the seed and the epoch (so a resumed run sees the same batches).
     """
 
-    def __init__(self, *args: Any, keep_checkpoints: int = 1, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, keep_checkpoints: int = 1, group_by_length: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.keep_checkpoints = keep_checkpoints
+        self.group_by_length = group_by_length
+
+    def row_length(self, row: Any) -> int:
+        """The tokens a row of the training set pads to in its batch."""
+        return row_length(row)
+
+    def _get_train_sampler(self, train_dataset=None):  # noqa: D102
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not self.group_by_length:
+            return super()._get_train_sampler(train_dataset)
+        # Batches of similar lengths: little padding without packing, and still a random order of batches.
+        lengths = [self.row_length(row) for row in dataset.rows]
+        # Grouped by the global batch (all processes): the same order whatever the number of processes, each
+        # process then taking its share of every batch.
+        global_batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        return EpochSeededLengthSampler(global_batch, lengths=lengths, seed=self.args.seed)
 
     def trained_tokens_all_processes(self) -> int:
         """Answer tokens trained on, summed over every process."""
@@ -134,26 +152,14 @@ class TunelabTrainer(GuardedTrainer):
     """Trainer whose loss is the summed next-token cross-entropy over trained tokens, normalised by the number of
     trained tokens in the whole (accumulated, all-device) batch."""
 
-    def __init__(self, *args: Any, fast_loss: bool = True, group_by_length: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, fast_loss: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.group_by_length = group_by_length
         # Tell Trainer that compute_loss already divides by the tokens of the whole accumulated batch, so it
         # neither divides again by the accumulation steps nor counts differently.
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
         self.fast_loss = fast_loss and fast_loss_supported(self.accelerator.unwrap_model(self.model))
         self.trained_tokens = 0
-
-    def _get_train_sampler(self, train_dataset=None):  # noqa: D102
-        dataset = train_dataset if train_dataset is not None else self.train_dataset
-        if not self.group_by_length:
-            return super()._get_train_sampler(train_dataset)
-        # Batches of similar lengths: little padding without packing, and still a random order of batches.
-        lengths = [row_length(row) for row in dataset.rows]
-        # Grouped by the global batch (all processes): the same order whatever the number of processes, each
-        # process then taking its share of every batch.
-        global_batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
-        return EpochSeededLengthSampler(global_batch, lengths=lengths, seed=self.args.seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D102
         labels = inputs.pop("labels")

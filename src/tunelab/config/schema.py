@@ -110,7 +110,9 @@ class LLMParams(Params):
         ("error", "skip"),
     )
     packing: bool = _f(False, "sft: pack several examples into each block_size row (attention kept per example).")
-    group_by_length: bool = _f(True, "Without packing: batch examples of similar length together (less padding).")
+    group_by_length: bool = _f(
+        True, "Without packing: batch examples (or preference pairs) of similar length together (less padding)."
+    )
 
     # --- lengths
     block_size: int = _f(1024, "Tokens per training row; longer examples are truncated (and counted). -1: auto.")

@@ -63,6 +63,8 @@ class PreferenceTrainer(GuardedTrainer):
     def __init__(self, *args: Any, params: Any, **kwargs: Any) -> None:
         if kwargs.get("data_collator") is None:
             kwargs["data_collator"] = PairCollator(kwargs["processing_class"].pad_token_id)
+        # Batches of pairs of similar length (a Pair's len() is what its rows pad to): less padding.
+        kwargs.setdefault("group_by_length", params.group_by_length)
         super().__init__(*args, **kwargs)
         # Pair losses are means over the micro-batch's pairs: Trainer divides them by the accumulation steps.
         self.model_accepts_loss_kwargs = False
