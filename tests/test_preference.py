@@ -383,8 +383,7 @@ def test_default_model_with_lora_from_the_cli(trainer, tmp_path):
 def test_default_model_reward_generalises_to_held_back_rows(tmp_path):
     """SmolLM2 + LoRA, one epoch over 200 HH pairs: on 120 held-back training rows the reward model prefers the
     chosen answer more often than chance (0.675 on this machine, 2026-11-23, pairs grouped by length; 0.667 in a
-    random order), and its merged copy, loaded by
-    plain transformers, does too."""
+    random order), and its merged copy, loaded by plain transformers, does too."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     data = tmp_path / "hh"
