@@ -175,9 +175,7 @@ def _plan_llm(params: Any) -> RunPlan:
             examples.append(marked_text(item.input_ids, item.labels, tokenizer))
 
     rows_per_microbatch, longest = microbatch(prep)
-    result = _new_plan(f"llm {params.trainer}", params, splits, examples, len(prep.train_rows))
-    if prep.resume_from is not None:
-        result.notes.append(f"would resume from {prep.resume_from}")
+    result = _new_plan(f"llm {params.trainer}", params, splits, examples, len(prep.train_rows), prep.resume_from)
     _add_memory(result, prep.source, params, rows_per_microbatch, longest, prep.method.model_kind)
     return result
 
@@ -209,18 +207,19 @@ def _plan_classification(params: Any) -> RunPlan:
     examples = [
         f"{text[:700]}\n  -> label {data.labels[r['labels']]}" for text, r in zip(examples, data.train, strict=False)
     ]
-    result = _new_plan("text classification", params, splits, examples, len(data.train))
-    if prep.resume_from is not None:
-        result.notes.append(f"would resume from {prep.resume_from}")
+    result = _new_plan("text classification", params, splits, examples, len(data.train), prep.resume_from)
     longest = max(len(r["input_ids"]) for r in data.train)
     _add_memory(result, prep.source, params, params.batch_size, longest, "classifier")
     return result
 
 
-def _new_plan(task: str, params: Any, splits: list[SplitSummary], examples: list[str], rows: int) -> RunPlan:
-    """A plan with the parts every task counts the same way: the steps, the effective batch, LoRA or not."""
+def _new_plan(
+    task: str, params: Any, splits: list[SplitSummary], examples: list[str], rows: int, resume_from: Any
+) -> RunPlan:
+    """A plan with the parts every task counts the same way: the steps, the effective batch, LoRA or not, and the
+    checkpoint the run would resume from."""
     per_epoch, total = steps(rows, params)
-    return RunPlan(
+    plan = RunPlan(
         task=task + (" (LoRA)" if params.peft else " (full fine-tuning)"),
         model=params.model,
         splits=splits,
@@ -229,6 +228,9 @@ def _new_plan(task: str, params: Any, splits: list[SplitSummary], examples: list
         total_steps=total,
         effective_batch=params.batch_size * params.gradient_accumulation * processes(params),
     )
+    if resume_from is not None:
+        plan.notes.append(f"would resume from {resume_from}")
+    return plan
 
 
 def _add_memory(result: RunPlan, source: Any, params: Any, rows: int, longest: int, kind: str) -> None:

@@ -95,8 +95,9 @@ class GuardedTrainer(Trainer):
       limit of kept checkpoints (`keep_checkpoints`, from save_total_limit) is applied here, not by Trainer, whose
       rotation could delete the last complete checkpoint before the new one is marked.
     - Free disk space is checked before each checkpoint is written.
-    - With `group_by_length`, batches hold rows of similar length (`row_length`), in an order that depends only on
-      the seed and the epoch (so a resumed run sees the same batches).
+    - With `group_by_length`, batches hold rows of similar length (data/packing.row_length: an example's, a packed
+      row's or a preference pair's len()), in an order that depends only on the seed and the epoch (so a resumed
+      run sees the same batches).
     """
 
     def __init__(self, *args: Any, keep_checkpoints: int = 1, group_by_length: bool = False, **kwargs: Any) -> None:
@@ -104,16 +105,12 @@ class GuardedTrainer(Trainer):
         self.keep_checkpoints = keep_checkpoints
         self.group_by_length = group_by_length
 
-    def row_length(self, row: Any) -> int:
-        """The tokens a row of the training set pads to in its batch."""
-        return row_length(row)
-
     def _get_train_sampler(self, train_dataset=None):  # noqa: D102
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if not self.group_by_length:
             return super()._get_train_sampler(train_dataset)
         # Batches of similar lengths: little padding without packing, and still a random order of batches.
-        lengths = [self.row_length(row) for row in dataset.rows]
+        lengths = [row_length(row) for row in dataset.rows]
         # Grouped by the global batch (all processes): the same order whatever the number of processes, each
         # process then taking its share of every batch.
         global_batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
