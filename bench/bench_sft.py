@@ -153,6 +153,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.sides = sides
     if args.warmup_steps < 0 or args.warmup_steps >= args.steps:
         parser.error("--warmup-steps must be at least 0 and fewer than --steps")
+    if args.checkpoint_every < 0:
+        parser.error("--checkpoint-every must be 0 (no checkpointing on tunelab's side) or more")
     if args.data is None:
         args.data = str(next((p for p in DATA_CANDIDATES if p.exists()), DATA_CANDIDATES[-1]))
     if args.model is None and args.shape is None:
