@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # tunelab.config.schema.DEFAULT_MODEL
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # tunelab.config.base.DEFAULT_MODEL
 DATA_CANDIDATES = (
     REPO / "shared" / "data" / "alpaca",
     Path("/work/shared/data/alpaca"),
@@ -345,7 +345,8 @@ def make_params(args: argparse.Namespace) -> Any:
     """The job as tunelab's LLMParams; the TRL side reads its settings from here too."""
     import torch
 
-    from tunelab.config.schema import LLMParams, field_names
+    from tunelab.config.base import field_names
+    from tunelab.config.llm import LLMParams
 
     extra = {"group_by_length": args.group_by_length} if "group_by_length" in field_names() else {}
     return LLMParams(
@@ -449,7 +450,7 @@ def build_tunelab(args: argparse.Namespace, params: Any, tokenizer: Any, source:
 
     from tunelab.models import load_model
     from tunelab.models.peft import add_lora
-    from tunelab.trainer import build_trainer
+    from tunelab.training.trainer import build_trainer
 
     if args.shape:
         model = shape_model(args, params, tokenizer.pad_token_id)
@@ -472,7 +473,7 @@ def build_trl(args: argparse.Namespace, params: Any, tokenizer: Any, source: Any
 
     from tunelab.models.load import load_causal_lm
     from tunelab.models.peft import lora_config
-    from tunelab.trainer import training_arguments
+    from tunelab.training.trainer import training_arguments
 
     if args.shape:
         model = shape_model(args, params, tokenizer.pad_token_id)

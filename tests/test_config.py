@@ -9,8 +9,9 @@ import pytest
 import yaml
 
 from tests.conftest import SHARED
+from tests.test_bad_input import check_error
 from tunelab import LLMParams, load_config
-from tunelab.cli import build_parser, param_flags
+from tunelab.cli import build_parser, main, param_flags
 from tunelab.config import read_config_file
 from tunelab.config.overrides import build_params
 from tunelab.errors import ConfigError
@@ -56,6 +57,39 @@ def test_unset_env_var_becomes_none(monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     params = load_config({"task": "llm-sft", "base_model": "m", "hub": {"token": "${HF_TOKEN}", "push_to_hub": False}})
     assert params.token is None
+
+
+def test_unset_env_var_is_named_where_its_value_is_needed(monkeypatch, tmp_path, capsys):
+    """AutoTrain's configs say `username: ${HF_USERNAME}` with push_to_hub: true; with HF_USERNAME unset the error
+    names the variable, not only the empty parameter it left."""
+    monkeypatch.delenv("HF_USERNAME", raising=False)
+    monkeypatch.setenv("HF_TOKEN", "hf_x")
+    config = tmp_path / "config.yml"
+    config.write_text(
+        "task: llm-sft\nbase_model: m\nproject_name: p\ndata: {path: d}\n"
+        "hub: {username: ${HF_USERNAME}, token: ${HF_TOKEN}, push_to_hub: true}\n",
+        encoding="utf-8",
+    )
+    line = check_error(main(["--config", str(config)]), *capsys.readouterr())
+    assert "push_to_hub needs username" in line and "username is ${HF_USERNAME}" in line, line
+    assert "not set in the environment" in line, line
+    assert not (tmp_path / "p").exists()
+
+
+def test_unset_env_var_for_a_required_parameter_names_the_variable(monkeypatch):
+    monkeypatch.delenv("TUNELAB_TEST_MODEL", raising=False)
+    with pytest.raises(ConfigError, match=r"model: \$\{TUNELAB_TEST_MODEL\} is not set in the environment"):
+        load_config({"task": "llm-sft", "base_model": "${TUNELAB_TEST_MODEL}"})
+    monkeypatch.setenv("TUNELAB_TEST_MODEL", "some/model")
+    assert load_config({"task": "llm-sft", "base_model": "${TUNELAB_TEST_MODEL}"}).model == "some/model"
+
+
+def test_push_to_hub_without_any_token_is_refused_before_training(monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match="push_to_hub needs a token"):
+        load_config({"model": "m", "push_to_hub": True, "username": "someone"})
+    monkeypatch.setenv("HF_TOKEN", "hf_x")
+    assert load_config({"model": "m", "push_to_hub": True, "username": "someone"}).push_to_hub
 
 
 def test_same_run_from_cli_config_and_python(tmp_path):

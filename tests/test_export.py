@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tunelab.errors import TunelabError
-from tunelab.export import export_gguf
+from tunelab.inference.export import export_gguf
 
 PROMPTS = [
     "Give three tips for staying healthy.",

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from tunelab.export import export_gguf
+from tunelab.inference.export import export_gguf
 from tunelab.models import gguf_cache
 from tunelab.models.load import load_causal_lm, load_tokenizer, resolve_model
 

@@ -13,7 +13,7 @@ import random
 import pytest
 import torch
 
-from tunelab.config.schema import LLMParams
+from tunelab.config.llm import LLMParams
 from tunelab.data.tokenize import IGNORE, Encoded
 from tunelab.memory import LiveTensors, MemoryEstimate, count_parameters, estimate_memory, measure_peak
 
@@ -71,7 +71,7 @@ class _Tokenizer:
 def _measured_peak(model, params: LLMParams, vocab: int, tmp_path) -> int:
     from transformers.trainer_utils import SaveStrategy
 
-    from tunelab.trainer import build_trainer
+    from tunelab.training.trainer import build_trainer
 
     rows = _rows(BATCH * params.max_steps, vocab)
     trainer = build_trainer(model, _Tokenizer(), params, rows, None, str(tmp_path))

@@ -29,7 +29,7 @@ def _chat_file(tmp_path):
 
 
 def test_plan_function_is_not_shadowed_by_a_module():
-    import tunelab.dry_run  # noqa: F401  (a submodule named `plan` would replace tunelab.plan once imported)
+    import tunelab.tasks.dry_run  # noqa: F401  (a submodule named `plan` would replace tunelab.plan once imported)
 
     assert callable(tunelab.plan) and tunelab.plan.__module__ == "tunelab"
 
@@ -129,7 +129,7 @@ def test_dry_run_text_classification(tiny_gpt2, tmp_path, capsys):
 def test_dry_run_says_it_would_resume_an_interrupted_run(task, tiny_llama, tiny_gpt2, tmp_path):
     """A complete checkpoint left in the staging folder is what the same command would resume from: the plan
     says so, for both tasks, and leaves the checkpoint where it is."""
-    from tunelab.checkpoints import mark_complete
+    from tunelab.training.checkpoints import mark_complete
 
     project = tmp_path / "run"
     checkpoint = tmp_path / ".run.partial" / "checkpoint-4"

@@ -124,7 +124,7 @@ def _pairs_and_models(tiny_llama, tiny_tokenizer, n=4):
 
 
 def _tunelab_trainer(trainer_class, model, tokenizer, tmp_path, extra=None, **overrides):
-    from tunelab.trainer import training_arguments
+    from tunelab.training.trainer import training_arguments
 
     params = _params(model=str(tmp_path), block_size=192, max_prompt_length=128, **overrides)
     args = training_arguments(params, str(tmp_path / "out"), 1, False)
@@ -467,7 +467,7 @@ def test_pair_batches_are_grouped_by_length(tiny_llama, tokenizer, tmp_path):
 
     from tunelab.data.preference import Pair
     from tunelab.methods.reward import RewardTrainer
-    from tunelab.trainer import ListDataset
+    from tunelab.training.trainer import ListDataset
 
     rng = random.Random(0)
     pairs = [Pair([5] * rng.randint(4, 60), [6] * rng.randint(2, 60), [7] * rng.randint(2, 60)) for _ in range(96)]

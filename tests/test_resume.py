@@ -16,15 +16,15 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import read_metrics
-from tunelab.checkpoints import COMPLETE_MARK
 from tunelab.cli import main
+from tunelab.training.checkpoints import COMPLETE_MARK
 
 ROOT = Path(__file__).resolve().parents[1]
 # Runs tunelab's CLI in a child process which, when KILL_AT_STEP is set, kills itself with SIGKILL right after
 # the checkpoint of that step is complete: no cleanup, no atexit, as in a crash or an OOM kill.
 CHILD = r"""
 import os, signal, sys
-from tunelab.callbacks import ProgressAndMetrics
+from tunelab.training.callbacks import ProgressAndMetrics
 
 kill_at = int(os.environ.get("KILL_AT_STEP", "0"))
 if kill_at:

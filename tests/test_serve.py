@@ -44,7 +44,7 @@ def loaded(tiny_llama):
 
 @pytest.fixture(scope="module")
 def client(loaded) -> Iterator:
-    from tunelab.inference.serve import create_app
+    from tunelab.inference.openai_api import create_app
 
     with running(create_app(*loaded, model_name="tiny")) as port:
         yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=30)
@@ -143,7 +143,7 @@ def test_missing_messages_is_400(client):
 
 
 def test_api_key(loaded):
-    from tunelab.inference.serve import create_app
+    from tunelab.inference.openai_api import create_app
 
     with running(create_app(*loaded, model_name="tiny", api_key="s3cret")) as port:
         url = f"http://127.0.0.1:{port}/v1"

@@ -51,7 +51,7 @@ def test_fused_rmsnorm_and_swiglu_equal_transformers_modules(tiny_llama):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tunelab.fused_layers import fuse_layers
+    from tunelab.speed.fused_layers import fuse_layers
 
     plain = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     fused = copy.deepcopy(plain)
@@ -70,7 +70,7 @@ def test_fused_rmsnorm_and_swiglu_equal_transformers_modules(tiny_llama):
 def test_fused_lora_dropout_is_peft_dropout_with_a_boolean_mask():
     import torch
 
-    from tunelab.lora_dropout import _DroppedProjection, keep_mask
+    from tunelab.speed.lora_dropout import _DroppedProjection, keep_mask
 
     torch.manual_seed(0)
     x = torch.randn(3, 50, 32, requires_grad=True)
@@ -116,7 +116,7 @@ def test_checkpoint_every_selects_layers(tiny_llama):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tunelab.trainer import _checkpointing
+    from tunelab.training.trainer import _checkpointing
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     kwargs = _checkpointing(True, 2)
@@ -138,9 +138,9 @@ def _lora_step(tiny_llama, *, rebuild: bool, dropout: float, checkpointing: bool
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    import tunelab.fused_layers as fused_layers
-    from tunelab.fused_layers import fuse_layers
-    from tunelab.lora_dropout import fuse_lora_dropout
+    import tunelab.speed.fused_layers as fused_layers
+    from tunelab.speed.fused_layers import fuse_layers
+    from tunelab.speed.lora_dropout import fuse_lora_dropout
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16 if bf16 else torch.float32)

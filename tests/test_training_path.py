@@ -12,10 +12,9 @@ from tunelab import LLMParams
 from tunelab.data import load_data
 from tunelab.data.packing import PackedRowsCollator, pack
 from tunelab.data.tokenize import IGNORE, Encoded
-from tunelab.loss import causal_lm_loss_sum
 from tunelab.methods import METHODS
 from tunelab.models import load_tokenizer, resolve_model
-from tunelab.trainer import output_head_returns_hidden
+from tunelab.speed.loss import causal_lm_loss_sum, output_head_returns_hidden
 
 
 def write_jsonl(path, rows):

@@ -1,13 +1,29 @@
 """tunelab: fine-tune LLMs on your own data from the CLI, a config file or Python.
 
-import tunelab
-params = tunelab.LLMParams(model="HuggingFaceTB/SmolLM2-135M-Instruct", data_path="samples/alpaca.jsonl",
-                           trainer="sft", peft=True, project_name="my-run")
-print(tunelab.plan(params).render())   # the dry run: checks, rows, token lengths, memory estimate
-folder = tunelab.train(params)
+    import tunelab
+    params = tunelab.LLMParams(model="HuggingFaceTB/SmolLM2-135M-Instruct", data_path="samples/alpaca.jsonl",
+                               trainer="sft", peft=True, project_name="my-run")
+    print(tunelab.plan(params).render())   # the dry run: checks, rows, token lengths, memory estimate
+    folder = tunelab.train(params)
 
 Text classification: `tunelab.train(tunelab.TextClassificationParams(...))`, or a config with
 `task: text_classification`.
+
+The package, in the order a run flows through it (config -> data -> model -> trainer -> outputs):
+
+    config/      the parameters: one dataclass per task, AutoTrain's config schema and spellings, load_config
+    data/        files -> checked rows -> formatted text -> token ids and labels (text, chats, pairs, labels)
+    models/      the base model: resolved (hub id, folder, .gguf), checked from its config, loaded, LoRA added
+    methods/     the training methods (default, sft, reward, dpo, orpo): one file each plus a registry line
+    speed/       the hot path: the switch table, the chunked loss, fused layers, LoRA dropout
+    training/    transformers' Trainer made safe and fast: batches, loss, checkpoints, progress
+    tasks/       one spine per task (llm, text_classification) and the dispatcher: train, plan (dry run)
+    outputs.py   the run folder: written atomically, read back by everything after training
+    inference/   after training: generate, chat, serve, score, predict, evaluate, merge, export
+    app/         the web app, on the same engine (it runs the CLI)
+    cli.py       the `tunelab` command;  env.py, launch.py, memory.py, metrics.py, hub.py, errors.py: leaves
+
+The public API is this module's: train, plan, load_config, the parameter classes and the errors.
 """
 
 from __future__ import annotations
@@ -15,9 +31,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tunelab.config import load_config
-from tunelab.config.schema import DEFAULT_MODEL, LLMParams
-from tunelab.config.text_classification import TextClassificationParams
+from tunelab.config import DEFAULT_MODEL, LLMParams, TextClassificationParams, load_config
 from tunelab.errors import ConfigError, DataError, TunelabError
 
 __all__ = [
@@ -41,25 +55,17 @@ def train(
 
     Returns the finished run folder. Raises TunelabError (with a message naming the problem) on bad input.
     """
-    resolved = load_config(params if params is not None else {}, **overrides)
-    from tunelab.launch import launch_params, wants_launch
+    from tunelab import tasks
 
-    if wants_launch(resolved):  # num_processes > 1: the same run in several processes, through accelerate
-        return launch_params(resolved)
-    if isinstance(resolved, TextClassificationParams):
-        from tunelab.classify import run_text_classification
-
-        return run_text_classification(resolved)
-    from tunelab.run import run
-
-    return run(resolved)
+    return tasks.train(load_config(params if params is not None else {}, **overrides))
 
 
 def plan(params: LLMParams | TextClassificationParams | dict[str, Any] | str | Path | None = None, **overrides: Any):
     """What `train` would do with the same arguments, checked and planned without training or writing anything.
 
-    Returns a `tunelab.dry_run.RunPlan` (`.render()` is what `--dry-run` prints). Raises TunelabError as `train` would.
+    Returns a `tunelab.tasks.dry_run.RunPlan` (`.render()` is what `--dry-run` prints). Raises TunelabError as
+    `train` would.
     """
-    from tunelab.dry_run import plan as make_plan
+    from tunelab import tasks
 
-    return make_plan(load_config(params if params is not None else {}, **overrides))
+    return tasks.plan(load_config(params if params is not None else {}, **overrides))

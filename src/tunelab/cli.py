@@ -1,5 +1,7 @@
-"""The `tunelab` command. Flags are generated from config/schema.py; AutoTrain's spellings come from
-config/autotrain.py. Every user-input problem ends as one line on stderr and exit code 2.
+"""The `tunelab` command: argument parsing and printing only; the work is done by tasks/ (train, dry run) and
+inference/ (everything after training), which the Python API calls too. Parameter flags are generated from
+config/llm.py and config/text_classification.py; AutoTrain's spellings come from config/aliases.py. Every
+user-input problem ends as one line on stderr and exit code 2.
 
     tunelab llm --train --model M --data-path D --trainer sft --peft ...
     tunelab --config config.yaml            (AutoTrain's config schema, or tunelab's flat one)
@@ -20,8 +22,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from tunelab.config.autotrain import ALIASES
-from tunelab.config.schema import LLMParams
+from tunelab.config.aliases import ALIASES
+from tunelab.config.llm import LLMParams
 from tunelab.config.text_classification import TextClassificationParams
 from tunelab.errors import TunelabError
 
@@ -230,28 +232,12 @@ def run_llm(args: argparse.Namespace, schema: type = LLMParams) -> int:
             raise TunelabError(f"{args.config} is a config for another task than `tunelab {args.command}`")
         schema = config_schema
     params = build_params(base, flags, schema=schema)
+    from tunelab import tasks
+
     if args.dry_run:
-        from tunelab.dry_run import plan
-
-        print(plan(params).render())
+        print(tasks.plan(params).render())
         return 0
-    from tunelab.launch import check_first, launch, wants_launch
-
-    if wants_launch(params):
-        check_first(params)
-        code = launch(params, args.argv)
-        if code:
-            raise TunelabError(f"the distributed run failed (exit code {code}; the processes' messages are above)")
-        return 0
-    if schema is TextClassificationParams:
-        from tunelab.classify import run_text_classification
-
-        folder = run_text_classification(params)
-    else:
-        from tunelab.run import run
-
-        folder = run(params)
-    print(f"tunelab: finished; outputs in {folder}")
+    print(f"tunelab: finished; outputs in {tasks.train(params, argv=args.argv)}")
     return 0
 
 
@@ -268,7 +254,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from tunelab.inference.classify import load_classifier, predict, write_predictions
+    from tunelab.inference.predict import load_classifier, predict, write_predictions
 
     model, tokenizer = load_classifier(args.model)
     if args.data_path:
@@ -298,7 +284,7 @@ def run_score(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from tunelab.evaluate import REPORT_DIR, evaluate_run
+    from tunelab.inference.evaluate import REPORT_DIR, evaluate_run
 
     results = evaluate_run(
         args.model, args.data_path, args.split, args.compare_base, args.max_rows, args.samples, args.max_new_tokens
@@ -315,7 +301,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def run_chat(args: argparse.Namespace) -> int:
     from tunelab.inference.chat import ChatSession, chat_loop
     from tunelab.inference.generate import GenerationParams, load_run
-    from tunelab.merge import check_run_folder
+    from tunelab.outputs import check_run_folder
 
     if Path(args.model).exists():
         check_run_folder(args.model, "chat")
@@ -326,31 +312,16 @@ def run_chat(args: argparse.Namespace) -> int:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from tunelab.merge import merge_run
+    from tunelab.inference.merge import merge_run
 
     print(f"tunelab: merged model in {merge_run(args.model, args.output, args.dtype)}")
     return 0
 
 
 def run_export(args: argparse.Namespace) -> int:
-    import tempfile
+    from tunelab.inference.export import export_run
 
-    from tunelab.export import export_gguf
-    from tunelab.merge import check_run_folder, merge_run
-
-    folder = check_run_folder(args.model, "export")
-    if (folder / "adapter_config.json").is_file():
-        merged = folder / "merged"
-        if (merged / "config.json").is_file():
-            return _exported(export_gguf(merged, args.output, args.dtype))
-        with tempfile.TemporaryDirectory(prefix="tunelab-merge-") as tmp:
-            log.info("export: merging the LoRA adapter into its base first")
-            return _exported(export_gguf(merge_run(folder, Path(tmp) / "merged"), args.output, args.dtype))
-    return _exported(export_gguf(folder, args.output, args.dtype))
-
-
-def _exported(path: Path) -> int:
-    print(f"tunelab: exported {path}")
+    print(f"tunelab: exported {export_run(args.model, args.output, args.dtype)}")
     return 0
 
 
@@ -395,7 +366,7 @@ def setup_logging() -> None:
         handler.setFormatter(logging.Formatter("tunelab: %(message)s"))
         log.addHandler(handler)
     # With several processes, the main one tells the story; the others speak only of problems.
-    from tunelab.launch import is_main_process
+    from tunelab.env import is_main_process
 
     log.setLevel(logging.INFO if is_main_process() else logging.WARNING)
     log.propagate = False

@@ -1,18 +1,21 @@
-"""The machine: what it can run (checked before any loading), and `tunelab env`'s version report."""
+"""Facts about where tunelab runs: what the machine can run (checked before any loading), which process this is
+when several train together, and `tunelab env`'s version report. A leaf: it asks, it decides nothing.
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import platform
-from typing import Any
 
+from tunelab.config.base import RunParams
 from tunelab.errors import TunelabError
 
 # Optimizers that exist only as bitsandbytes CUDA kernels.
 CUDA_OPTIMIZERS = ("8bit", "paged", "bnb")
 
 
-def check_machine(params: Any) -> None:
+def check_machine(params: RunParams) -> None:
     """Raise one TunelabError listing every option this machine cannot run (CUDA-only precision, optimizers,
     quantization), so a user fixes them all at once."""
     import torch
@@ -27,13 +30,14 @@ def check_machine(params: Any) -> None:
         problems.append("mixed_precision=bf16 is not supported by this GPU (use fp16)")
     if any(marker in params.optimizer for marker in CUDA_OPTIMIZERS) and not cuda:
         problems.append(f"optimizer={params.optimizer} is a bitsandbytes CUDA optimizer (use adamw_torch)")
-    if getattr(params, "use_flash_attention_2", False) and not cuda:
+    if params.use_flash_attention_2 and not cuda:
         problems.append("use_flash_attention_2 needs a CUDA GPU and the flash-attn package")
     if params.log in ("tensorboard", "wandb") and importlib.util.find_spec(params.log) is None:
         problems.append(f"log={params.log} needs the {params.log} package (pip install {params.log})")
-    backend = getattr(params, "distributed_backend", None)
-    if backend in ("fsdp", "deepspeed") and not cuda:
-        problems.append(f"distributed_backend={backend} needs CUDA GPUs (on CPU, several processes use ddp)")
+    if params.distributed_backend in ("fsdp", "deepspeed") and not cuda:
+        problems.append(
+            f"distributed_backend={params.distributed_backend} needs CUDA GPUs (on CPU, several processes use ddp)"
+        )
     try:
         check_quantization(params.quantization)
     except TunelabError as err:
@@ -41,6 +45,25 @@ def check_machine(params: Any) -> None:
     if problems:
         where = "this machine has no CUDA GPU" if not cuda else "this machine"
         raise TunelabError(f"{where}: " + "; ".join(problems))
+
+
+def already_launched() -> bool:
+    """True inside processes started by accelerate launch, torchrun or an MPI launcher."""
+    return any(int(os.environ.get(name, "1")) > 1 for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"))
+
+
+def is_main_process() -> bool:
+    """The process that writes the run folder and tells the story in the log (rank 0, or the only one)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def distributed_kind() -> str | None:
+    """fsdp / deepspeed when a launched process uses them (accelerate says so in the environment), else None."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return "fsdp"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return "deepspeed"
+    return None
 
 
 def device_name() -> str:

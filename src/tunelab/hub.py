@@ -1,7 +1,8 @@
 """Talking to the Hugging Face hub: a fast reachability probe, and pushing a finished run.
 
-Called by run.py and classify.py at the end of a run with push_to_hub. The probe exists because an offline
+The probe is asked before a model or dataset id is looked up (models/load.py, data/sources.py): an offline
 `from_pretrained` spends ~25 s in retries before it fails; tunelab asks once, in about a second, and explains.
+`push_folder` is called when a run with push_to_hub finishes (outputs.RunFolder.close_for).
 The endpoint is HF_ENDPOINT when set (a private hub or a mirror), else huggingface.co, and both the probe and the
 upload use the same one. The token is taken from the params or HF_TOKEN; it goes only into the Authorization
 header of the requests, never into a message, a log line or a file.

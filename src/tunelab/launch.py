@@ -1,10 +1,11 @@
-"""Scaling out: a run asked to use several processes re-launches itself through `accelerate launch`.
+"""Scaling out: the `accelerate launch` command that runs a job in several processes. A leaf of the package.
 
 tunelab never manages processes itself. `num_processes > 1` (or `num_machines > 1`) turns
 `tunelab llm --train ...` into `accelerate launch --config_file <backend config> ... -m tunelab.cli llm --train ...`
-with the same arguments; inside the launched processes (WORLD_SIZE is set) the run goes ahead as usual and
-transformers' Trainer, through accelerate, does DDP, FSDP or DeepSpeed. A user's own `accelerate launch` or
-`torchrun` works the same way: tunelab sees it is already launched.
+with the same arguments (tasks/__init__.train decides, after running the checks once); inside the launched
+processes (WORLD_SIZE is set) the run goes ahead as usual and transformers' Trainer, through accelerate, does DDP,
+FSDP or DeepSpeed. A user's own `accelerate launch` or `torchrun` works the same way: tunelab sees it is already
+launched (env.already_launched).
 
 The configs for each backend ship in `tunelab/accelerate_configs/` (docs/scaling.md shows them);
 `accelerate_config` replaces them with the user's own.
@@ -17,7 +18,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+
+from tunelab.config.base import RunParams
+from tunelab.env import already_launched
 
 log = logging.getLogger("tunelab")
 CONFIGS = Path(__file__).parent / "accelerate_configs"
@@ -29,22 +32,17 @@ BACKEND_CONFIGS = {
 }
 
 
-def already_launched() -> bool:
-    """True inside processes started by accelerate launch, torchrun or an MPI launcher."""
-    return any(int(os.environ.get(name, "1")) > 1 for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"))
-
-
-def wants_launch(params: Any) -> bool:
+def wants_launch(params: RunParams) -> bool:
     return (params.num_processes > 1 or params.num_machines > 1) and not already_launched()
 
 
-def config_file(params: Any) -> Path:
+def config_file(params: RunParams) -> Path:
     if params.accelerate_config:
         return Path(params.accelerate_config).expanduser()
     return CONFIGS / BACKEND_CONFIGS[params.distributed_backend]
 
 
-def launch_command(params: Any, argv: list[str]) -> list[str]:
+def launch_command(params: RunParams, argv: list[str]) -> list[str]:
     """The accelerate launch command running `tunelab <argv>` in num_processes x num_machines processes."""
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
@@ -61,7 +59,7 @@ def launch_command(params: Any, argv: list[str]) -> list[str]:
     return [*command, "-m", "tunelab.cli", *argv]
 
 
-def launch(params: Any, argv: list[str], extra_env: dict[str, str] | None = None) -> int:
+def launch(params: RunParams, argv: list[str], extra_env: dict[str, str] | None = None) -> int:
     """Run the job in several processes and return their exit code."""
     import torch
 
@@ -76,51 +74,3 @@ def launch(params: Any, argv: list[str], extra_env: dict[str, str] | None = None
         config_file(params).name,
     )
     return subprocess.run(command, env=env).returncode
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def distributed_kind() -> str | None:
-    """fsdp / deepspeed when a launched process uses them (accelerate says so in the environment), else None."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        return "fsdp"
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        return "deepspeed"
-    return None
-
-
-def check_first(params: Any) -> None:
-    """The data and parameter checks of a run, once, before several processes start (they would each fail alike)."""
-    from tunelab.config.text_classification import TextClassificationParams
-
-    if isinstance(params, TextClassificationParams):
-        from tunelab.classify import prepare
-    else:
-        from tunelab.run import prepare
-    prepare(params)
-
-
-def launch_params(params: Any) -> Path:
-    """`tunelab.train(...)` asked for several processes: write the parameters as a flat tunelab config and launch
-    `tunelab --config` with it (the token travels in the environment, never in the file)."""
-    import tempfile
-
-    import yaml
-
-    from tunelab.config.text_classification import TextClassificationParams
-    from tunelab.errors import TunelabError
-
-    check_first(params)
-    values = params.to_dict(redact=True)
-    values.pop("token", None)
-    if isinstance(params, TextClassificationParams):
-        values["task"] = "text_classification"
-    with tempfile.TemporaryDirectory(prefix="tunelab-launch-") as tmp:
-        config = Path(tmp) / "config.yaml"
-        config.write_text(yaml.safe_dump(values), encoding="utf-8")
-        code = launch(params, ["--config", str(config)], {"HF_TOKEN": params.token} if params.token else None)
-    if code:
-        raise TunelabError(f"the distributed run failed (exit code {code}; the processes' messages are above)")
-    return Path(os.path.expanduser(params.project_name)).absolute()

@@ -1,11 +1,13 @@
 """How much accelerator memory a training run needs: an estimate from the model's config, and a measurement.
 
-The dry run (dry_run.py) calls `estimate_memory` with the model's config and the run's params, and `available_memory`
-for the device the run would use, and prints `MemoryEstimate.describe()`. `measure_peak` measures the peak of
+The dry run and the run itself (tasks/dry_run.py, tasks/llm.py, tasks/text_classification.py) call `run_estimate`:
+`estimate_memory` with the model's config and the run's params, beside `available_memory` for the device the run
+would use; they print `MemoryEstimate.describe()`. `measure_peak` measures the peak of
 live tensors while a function runs (a real training step, in bench/measure_memory.py and tests/test_memory.py),
 which is what the estimate is checked against (docs/memory.md has the figures).
 
-The estimate follows how tunelab trains (trainer.py, loss.py, fused_layers.py, lora_dropout.py, models/):
+The estimate follows how tunelab trains (training/trainer.py, speed/loss.py, speed/fused_layers.py,
+speed/lora_dropout.py, models/):
 
 - weights: fp32, except the frozen base of a LoRA run under mixed precision (the half type) or int4/int8 QLoRA;
 - gradients: fp32 for every trainable parameter (LoRA adapters are fp32 even on a half base);
@@ -27,6 +29,8 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from tunelab.config.base import RunParams
 
 GiB = 2**30
 
@@ -131,7 +135,7 @@ def count_parameters(config: Any) -> int:
     return shape.layers * per_layer + embeddings + head + shape.hidden  # + the final norm
 
 
-def _targeted(shape: Shape, params: Any) -> list[tuple[int, int]]:
+def _targeted(shape: Shape, params: RunParams) -> list[tuple[int, int]]:
     """(in, out) features of the linear layers of one decoder layer that get a LoRA adapter."""
     from tunelab.models.peft import target_modules
 
@@ -140,7 +144,7 @@ def _targeted(shape: Shape, params: Any) -> list[tuple[int, int]]:
     return list(linears.values()) if targets == "all-linear" else [linears[n] for n in targets if n in linears]
 
 
-def lora_parameters(config: Any, params: Any) -> int:
+def lora_parameters(config: Any, params: RunParams) -> int:
     """Parameters of a LoRA adapter: r x (in + out) for every targeted linear layer of every decoder layer."""
     shape = model_shape(config)
     return shape.layers * sum(params.lora_r * (i + o) for i, o in _targeted(shape, params))
@@ -155,13 +159,13 @@ def _optimizer_bytes_per_param(name: str) -> float:
 
 
 def estimate_memory(
-    config: Any, params: Any, tokens_per_microbatch: int, longest_row: int, kind: str = "causal_lm"
+    config: Any, params: RunParams, tokens_per_microbatch: int, longest_row: int, kind: str = "causal_lm"
 ) -> MemoryEstimate:
     """Estimate the peak memory of one training step of tunelab.
 
     Args:
         config: the model's transformers config (hidden_size, intermediate_size, num_hidden_layers, ...).
-        params: the run's LLMParams (peft, lora_r, target_modules, quantization, mixed_precision, optimizer,
+        params: the run's parameters (peft, lora_r, target_modules, quantization, mixed_precision, optimizer,
             disable_gradient_checkpointing, checkpoint_every, fast_loss, fused_ops, batch_size,
             gradient_accumulation, packing).
         tokens_per_microbatch: tokens of one micro-batch as collated (rows x longest row, padding included).
@@ -191,7 +195,7 @@ def estimate_memory(
         weights, weight_dtype = n_params * 2, params.mixed_precision
     else:
         weights, weight_dtype = n_params * 4, "fp32"
-    if getattr(params, "trainer", None) == "dpo" and not params.peft:
+    if params.trainer == "dpo" and not params.peft:
         weights += weights  # the frozen reference model, a second copy (with LoRA: the base, adapter off)
 
     if params.peft:
@@ -214,9 +218,9 @@ def estimate_memory(
         activations = forward
     else:
         activations = max(forward - gradients, backward)
-    if getattr(params, "packing", False):
+    if params.packing:
         notes.append("packed rows: attention masks counted roughly")
-    if getattr(params, "trainer", None) in ("dpo", "orpo"):
+    if params.trainer in ("dpo", "orpo"):
         notes.append(f"{params.trainer}: its loss counted as the causal LM's, roughly")
     total = weights + gradients + optimizer + activations
     return MemoryEstimate(
@@ -230,12 +234,14 @@ def estimate_memory(
     )
 
 
-def _activations(shape: Shape, params: Any, tokens: int, longest: int, kind: str, act: int) -> tuple[float, float]:
+def _activations(
+    shape: Shape, params: RunParams, tokens: int, longest: int, kind: str, act: int
+) -> tuple[float, float]:
     """Activation bytes at the two candidate peaks: (the larger of the loss at the end of the forward pass and
     the last layer's backward pass, with no gradient yet; the first layer's backward pass, beyond the gradients)."""
     h, m, kv = shape.hidden, shape.intermediate, shape.kv_heads * shape.head_dim
     q = shape.heads * shape.head_dim
-    fused = getattr(params, "fused_ops", False) and shape.gated_mlp  # text classification has no fused ops
+    fused = params.fused_ops and shape.gated_mlp
     # Saved per token by one decoder layer (see fused_layers.py for what the fused norms and SwiGLU keep):
     # layer input, normed input, rotated q and k, v, attention output, its contiguous copy (o_proj's input),
     # the residual sum, the second normed input, gate, up and silu(gate) * up.
@@ -253,16 +259,16 @@ def _activations(shape: Shape, params: Any, tokens: int, longest: int, kind: str
         targeted = _targeted(shape, params)
         ins = sum(i for i, _ in targeted)
         per_token += len(targeted) * params.lora_r
-        if getattr(params, "lora_dropout", 0.05) > 0:
+        if params.lora_dropout > 0:
             per_token += ins / act if fused else ins * (1 + 1 / act)
     layer = tokens * (per_token * act + per_token_fp32)
     # Attention over packed rows gets a block-diagonal mask of longest^2 per row.
     rows = max(1, tokens // max(longest, 1))
-    mask = rows * longest * longest if getattr(params, "packing", False) else 0
+    mask = rows * longest * longest if params.packing else 0
 
     # What each layer keeps until its backward pass: only its input when checkpointed (transformers'
     # every_n_layers checkpoints layers 0, N, 2N...), everything otherwise.
-    every = max(1, getattr(params, "checkpoint_every", 1))
+    every = max(1, params.checkpoint_every)
     checkpointed = [not params.disable_gradient_checkpointing and i % every == 0 for i in range(shape.layers)]
     stored = [tokens * h * act if c else layer for c in checkpointed]
     kept = sum(stored)
@@ -270,12 +276,12 @@ def _activations(shape: Shape, params: Any, tokens: int, longest: int, kind: str
     # The end of the model: the final norm keeps its input and output; then the loss.
     head = 2 * tokens * h * act
     if kind == "causal_lm":
-        if getattr(params, "fast_loss", True):
+        if params.fast_loss:
             # loss.py: the scored hidden states are gathered, their gradient computed in the forward pass, and
             # logits exist a chunk (about CHUNK_BYTES) at a time, two at the peak: the last chunk's are still
             # referenced while the next is projected. A full fine-tuning also accumulates the head's fp32
             # weight gradient there, plus one chunk's product of that size.
-            from tunelab.loss import chunk_rows
+            from tunelab.speed.loss import chunk_rows
 
             chunk = min(tokens, chunk_rows(shape.vocab))
             loss = 2 * tokens * h * act + min(2 * chunk, tokens) * shape.vocab * 4 + chunk * h * 4
@@ -297,6 +303,16 @@ def _activations(shape: Shape, params: Any, tokens: int, longest: int, kind: str
     embedding_grads = 0 if params.peft else (2 if shape.tied else 1) * shape.vocab * h * 4
     backward = layer_backward + mask + embedding_grads
     return forward, backward
+
+
+def run_estimate(
+    config: Any, params: RunParams, rows_per_microbatch: int, longest: int, kind: str
+) -> tuple[MemoryEstimate, str, int]:
+    """(estimate, device, its free bytes) for a run's micro-batch of rows x longest tokens: the figure the dry run
+    prints and the run logs before training."""
+    memory = estimate_memory(config, params, rows_per_microbatch * longest, longest, kind=kind)
+    device, free = available_memory()
+    return memory, device, free
 
 
 def available_memory(device: str | None = None) -> tuple[str, int]:

@@ -6,6 +6,9 @@ stops early (crash, kill, NaN, full disk) leaves the staging folder with its com
 resumes from the newest one.
 It holds the adapter or model weights, the tokenizer with the chat template used in training, the parameters
 (token redacted), the metrics, and a model card - everything `tunelab generate` needs.
+
+This module is also the one reader of a finished run folder (`check_run_folder`, `read_run`, `training_params`,
+`base_model_of`), for everything after training (inference/) and the web app.
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ import json
 import logging
 import os
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
-from tunelab import checkpoints
+from tunelab.config.base import RunParams
+from tunelab.env import distributed_kind
 from tunelab.errors import TunelabError
+from tunelab.models.peft import quiet_peft_save
+from tunelab.training import checkpoints
 
 log = logging.getLogger("tunelab")
 
@@ -40,7 +45,7 @@ class RunFolder:
                 f"project folder {self.final} already exists: choose another --project-name or remove it"
             )
 
-    def resume_point(self, params: Any) -> Path | None:
+    def resume_point(self, params: RunParams) -> Path | None:
         """The checkpoint to resume from: the newest complete one an interrupted run of this project left, when
         params.resume allows and the parameters are the same (checked here, before anything is loaded)."""
         checkpoint = checkpoints.last_complete_checkpoint(self.staging)
@@ -49,7 +54,7 @@ class RunFolder:
         checkpoints.check_same_run(self.staging, params)
         return checkpoint
 
-    def start(self, params: Any, resume_from: Path | None) -> Path:
+    def start(self, params: RunParams, resume_from: Path | None) -> Path:
         """Create (or, resuming, reopen) the staging folder; an unfinished run that is not resumed is removed."""
         if resume_from is None and self.staging.exists():
             if checkpoints.checkpoints(self.staging) or (self.staging / "metrics.jsonl").exists():
@@ -74,14 +79,14 @@ class RunFolder:
             "from it."
         )
 
-    def open_for(self, trainer: Any, params: Any, resume_from: Path | None) -> Path:
+    def open_for(self, trainer: Any, params: RunParams, resume_from: Path | None) -> Path:
         """`start` on the main process only (the others wait): with several processes, one writes."""
         if trainer.is_world_process_zero():
             self.start(params, resume_from)
         trainer.accelerator.wait_for_everyone()
         return self.staging
 
-    def close_for(self, trainer: Any, params: Any) -> Path:
+    def close_for(self, trainer: Any, params: RunParams) -> Path:
         """Once every process has written its part: the main process renames the folder and pushes it."""
         trainer.accelerator.wait_for_everyone()
         if not trainer.is_world_process_zero():
@@ -118,10 +123,7 @@ def save_model(trainer: Any, tokenizer: Any, folder: Path, template_source: str 
     """
     if template_source:
         tokenizer.chat_template = template_source
-    with warnings.catch_warnings():
-        # PEFT looks for the base model's config.json to see if the vocabulary changed; a GGUF base has none.
-        warnings.filterwarnings("ignore", message="Could not find a config file")
-        warnings.filterwarnings("ignore", message="Unable to fetch remote file")
+    with quiet_peft_save():
         trainer.save_model(str(folder))  # the tokenizer (trainer.processing_class) too
     if trainer.is_world_process_zero():
         (folder / "training_args.bin").unlink(missing_ok=True)  # transformers' pickle; training_params.json says it
@@ -138,7 +140,7 @@ def write_run(
     staging: Path,
     trainer: Any,
     tokenizer: Any,
-    params: Any,
+    params: RunParams,
     template_source: str | None,
     metrics: dict[str, Any],
     run_info: dict[str, Any],
@@ -147,8 +149,6 @@ def write_run(
 
     Called on every process (the weights may have to be gathered); the rest is written by the main process.
     """
-    from tunelab.launch import distributed_kind
-
     save_model(trainer, tokenizer, staging, template_source)
     if not trainer.is_world_process_zero():
         return
@@ -170,10 +170,10 @@ def _data_line(run: dict[str, Any]) -> str:
     return f"Rows: {run.get('row_format')}; chat template: {run.get('template') or 'none (text as is)'}"
 
 
-def model_card(params: Any, run: dict[str, Any], metrics: dict[str, Any]) -> str:
+def model_card(params: RunParams, run: dict[str, Any], metrics: dict[str, Any]) -> str:
     """A README.md for the run folder: what was trained on what, how, and how it went."""
     kind = "LoRA adapter" if params.peft else "fully fine-tuned model"
-    method = run.get("trainer") or getattr(params, "trainer", "")
+    method = run.get("trainer") or params.trainer
     usage = run.get("usage") or f'tunelab generate --model {Path(params.project_name).name} "your prompt"'
     rows = "\n".join(f"| {k} | {_short(v)} |" for k, v in sorted(params.to_dict(redact=True).items()))
     shown = "\n".join(f"| {k} | {_short(v)} |" for k, v in sorted(metrics.items()))
@@ -205,3 +205,54 @@ method) on `{params.data_path}`.
 def _short(value: Any) -> str:
     text = f"{value:.6g}" if isinstance(value, float) else str(value)
     return text.replace("|", "\\|")
+
+
+# ---- reading a finished run folder ------------------------------------------------------------------------------
+
+
+def check_run_folder(path: str | Path, command: str) -> Path:
+    """A folder that exists and holds a model (adapter or full weights); else one clear error for `command`."""
+    folder = Path(os.path.expanduser(str(path)))
+    if not folder.exists():
+        raise TunelabError(f"{command}: {folder} does not exist (give a tunelab run folder or a model folder)")
+    if not folder.is_dir():
+        raise TunelabError(f"{command}: {folder} is not a folder (give a tunelab run folder or a model folder)")
+    if not any((folder / name).is_file() for name in ("adapter_config.json", "config.json")):
+        partial = folder.with_name(f".{folder.name}.partial")
+        hint = f" ({partial} holds an unfinished run: run its command again to resume it)" if partial.exists() else ""
+        raise TunelabError(f"{command}: {folder} holds no model (no adapter_config.json or config.json){hint}")
+    return folder
+
+
+def read_run(folder: str | Path) -> dict[str, Any]:
+    """What a finished run says of itself (tunelab_run.json: trainer, base model, template, data, labels...);
+    {} for a folder tunelab did not write (a plain model folder)."""
+    return _read_json(Path(folder) / RUN_FILE)
+
+
+def training_params(folder: str | Path) -> dict[str, Any]:
+    """The parameters a run was trained with (token redacted); {} when the folder does not say."""
+    return _read_json(Path(folder) / "training_params.json")
+
+
+def base_model_of(folder: str | Path) -> str:
+    """The base model an adapter run folder was trained from (its run record, else PEFT's adapter config)."""
+    base = read_run(folder).get("base_model")
+    if base:
+        return base
+    adapter = _read_json(Path(folder) / "adapter_config.json")
+    if not adapter.get("base_model_name_or_path"):
+        raise TunelabError(f"{folder}: the adapter does not say which base model it was trained from")
+    return adapter["base_model_name_or_path"]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise TunelabError(f"{path}: damaged ({err}); the run folder was changed after tunelab wrote it") from None
+    if not isinstance(data, dict):
+        raise TunelabError(f"{path}: damaged (not a JSON object); the run folder was changed after tunelab wrote it")
+    return data

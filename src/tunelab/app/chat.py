@@ -36,12 +36,6 @@ class ChatModels:
             session.history = list(history)
             return session.send(message)
 
-    def forget(self, folder: Path) -> None:
-        """Drop the loaded model if it is `folder`'s (before the folder is removed or replaced)."""
-        with self._lock:
-            if self._loaded is not None and self._loaded[0] == folder:
-                self._loaded = None
-
     def _model(self, folder: Path) -> tuple[Any, Any]:
         if self._loaded is None or self._loaded[0] != folder:
             from tunelab.inference.generate import load_run

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from tunelab.config.schema import LLMParams
+from tunelab.config.llm import LLMParams
 from tunelab.errors import ConfigError
 
 # The fields the parameters page shows, in page order; every other parameter keeps its schema default.

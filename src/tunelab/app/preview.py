@@ -1,5 +1,5 @@
 """The data page's content: the file's columns and first rows, and the examples exactly as the trainer will see
-them - `tunelab.dry_run.plan`, the code behind `--dry-run` - or the error a run would stop with, on its field.
+them - `tunelab.tasks.plan`, the code behind `--dry-run` - or the error a run would stop with, on its field.
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunelab.config.base import RunParams
 from tunelab.errors import ConfigError, DataError, TunelabError
 
 SHOWN_ROWS = 5
@@ -20,7 +21,7 @@ class Preview:
 
     columns: list[str] = field(default_factory=list)
     rows: list[dict[str, str]] = field(default_factory=list)
-    plan: Any = None  # tunelab.dry_run.RunPlan
+    plan: Any = None  # tunelab.tasks.dry_run.RunPlan
     errors: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
@@ -54,7 +55,7 @@ def read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     return split.columns, shown
 
 
-def preview(settings: dict[str, Any], params: Any | None) -> Preview:
+def preview(settings: dict[str, Any], params: RunParams | None) -> Preview:
     """Columns, first rows and (given valid parameters) the plan of the run a project would start."""
     result = Preview()
     try:
@@ -64,10 +65,10 @@ def preview(settings: dict[str, Any], params: Any | None) -> Preview:
         return result
     if params is None:
         return result
-    from tunelab.dry_run import plan
+    from tunelab import tasks
 
     try:
-        result.plan = plan(params)
+        result.plan = tasks.plan(params)
     except DataError as err:
         result.errors["data_path"] = str(err)
     except ConfigError as err:

@@ -93,7 +93,7 @@ def data_reference(config: AppConfig, form: Form, kind: str, required: bool) -> 
 
 def model_reference(text: str, roots: list[Path]) -> str:
     """A hub id as typed, or a local model folder / .gguf file checked to lie inside the allowed roots."""
-    from tunelab.config.schema import DEFAULT_MODEL
+    from tunelab.config.base import DEFAULT_MODEL
 
     if not text:
         return DEFAULT_MODEL

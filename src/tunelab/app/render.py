@@ -12,7 +12,7 @@ from typing import Any
 
 from markupsafe import Markup
 
-from tunelab.dry_run import TRAINED_CLOSE, TRAINED_OPEN
+from tunelab.tasks.dry_run import TRAINED_CLOSE, TRAINED_OPEN
 
 
 def marked(text: str) -> Markup:

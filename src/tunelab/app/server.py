@@ -147,10 +147,10 @@ def run_app(
     """Serve the app with uvicorn until interrupted; refuses a non-loopback host without a token."""
     import uvicorn
 
-    from tunelab.inference.serve import _check_port_free
+    from tunelab.inference.serve import check_port_free
 
     check_binding(host, token)
-    _check_port_free(host, port)
+    check_port_free(host, port)
     app = create_app(data_dir, token, allowed_paths, max_upload_mb)
     shown = f"[{host}]" if ":" in host else host
     log.info("app: http://%s:%d (data in %s)", shown, port, app.state.tunelab.config.data_dir)

@@ -1,4 +1,7 @@
-"""Merging parameter sources (YAML, CLI flags, Python keywords) and rejecting unknown names with a suggestion."""
+"""Merging parameter sources (YAML, CLI flags, Python keywords) into one parameter object: AutoTrain's spellings
+applied, unknown names rejected with a suggestion, strings coerced to each field's type, and `${NAME}` values
+whose variable is unset named as such.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +9,30 @@ import dataclasses
 import difflib
 from typing import Any
 
-from tunelab.config.schema import LLMParams, field_names
+from tunelab.config.aliases import ALIASES, CLASSIFICATION_TASKS
+from tunelab.config.base import Params, field_names
+from tunelab.config.llm import LLMParams
+from tunelab.config.text_classification import TextClassificationParams
 from tunelab.errors import ConfigError
+
+
+def params_class(task: str | None) -> type[Params]:
+    """The parameter class a config's `task` describes (AutoTrain's task names; no task: an LLM run)."""
+    return TextClassificationParams if task in CLASSIFICATION_TASKS else LLMParams
+
+
+class Unset:
+    """A `${NAME}` whose environment variable is not set (config/autotrain.expand_env)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"${{{self.name}}}"
 
 
 def check_known(values: dict[str, Any], where: str = "", schema: type = LLMParams) -> None:
     """Raise ConfigError for the first key that is not a field of `schema`, suggesting the nearest name."""
-    from tunelab.config.autotrain import ALIASES  # autotrain imports this module
-
     names = field_names(schema)
     for key in values:
         if key not in names:
@@ -21,6 +40,25 @@ def check_known(values: dict[str, Any], where: str = "", schema: type = LLMParam
             hint = f"; did you mean {near[0]!r}?" if near else ""
             prefix = f"{where}: " if where else ""
             raise ConfigError(f"{prefix}unknown parameter {key!r}{hint}")
+
+
+def normalize_keys(values: dict[str, Any], where: str, schema: type | None = None) -> dict[str, Any]:
+    """Apply ALIASES and dash->underscore to a dict of parameters; unknown names raise with a suggestion."""
+    schema = schema or LLMParams
+    own = set(field_names(schema))
+    out: dict[str, Any] = {}
+    for raw_key, value in values.items():
+        key = raw_key.replace("-", "_")
+        if key in ALIASES and key not in own:  # text classification's max_seq_length is its own parameter
+            target, fixed = ALIASES[key]
+            if fixed is not None:
+                if value in (False, None, "false", "False"):
+                    continue  # e.g. `use_int4: false` asks for nothing
+                value = fixed
+            key = target
+        check_known({key: value}, where, schema)
+        out[key] = value
+    return out
 
 
 def coerce(values: dict[str, Any], schema: type = LLMParams) -> dict[str, Any]:
@@ -73,7 +111,30 @@ def build_params(*sources: dict[str, Any], schema: type = LLMParams) -> Any:
     for source in sources:
         check_known(source, schema=schema)
         merged.update(source)
+    unset = _take_unset(merged, schema)
     try:
         return schema(**coerce(merged, schema))
     except TypeError as err:  # a value of the wrong type that slipped past coerce
         raise ConfigError(str(err)) from None
+    except ConfigError as err:  # e.g. push_to_hub without username: say that its variable is what is missing
+        if not unset:
+            raise
+        named = ", ".join(f"{key} is ${{{name}}}" for key, name in unset.items())
+        raise ConfigError(f"{err} ({named}, which is not set in the environment)") from None
+
+
+def _take_unset(values: dict[str, Any], schema: type) -> dict[str, str]:
+    """Replace `${NAME}` values whose variable is unset by None, where the parameter may be unset; return
+    {parameter: variable} for them. Where a value is required, the unset variable is the error."""
+    kinds = {f.name: str(f.type) for f in dataclasses.fields(schema)}
+    unset = {}
+    for key, value in values.items():
+        if isinstance(value, Unset):
+            if "None" not in kinds[key]:
+                raise ConfigError(
+                    f"{key}: ${{{value.name}}} is not set in the environment (export {value.name}=..., or write "
+                    f"the value in the config)"
+                )
+            values[key] = None
+            unset[key] = value.name
+    return unset

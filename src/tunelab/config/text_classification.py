@@ -1,22 +1,24 @@
 """The parameter object of a text-classification run: tunelab's counterpart of AutoTrain's
-`TextClassificationParams` (task `text_classification`). Same conventions as config/schema.py."""
+`TextClassificationParams` (task `text_classification`). Same conventions as config/llm.py (config/base.py)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
-from tunelab.config.schema import (
+from tunelab.config.base import (
+    BAD_ROWS_HELP,
     DEFAULT_MODEL,
     LAUNCH,
     RESUME_HELP,
     SAVE_STEPS_HELP,
     Params,
-    _f,
-    _positive,
     check_choices,
     check_launch,
+    check_positive,
     check_save_steps,
     check_training,
+    param,
 )
 from tunelab.errors import ConfigError
 
@@ -25,63 +27,82 @@ from tunelab.errors import ConfigError
 class TextClassificationParams(Params):
     """Everything that defines a text-classification run. Names follow AutoTrain Advanced."""
 
-    model: str = _f(DEFAULT_MODEL, "Base model: a hub id, a local model folder or a .gguf file (encoder or decoder).")
-    project_name: str = _f(
+    task: ClassVar[str] = "text_classification"
+    trainer: ClassVar[str] = "text_classification"
+    # What an LLM run can switch and a classifier cannot: fixed here, so shared code (config/base.RunParams) reads
+    # them the same way for both tasks. A classifier's loss needs its logits, and its fused ops are not written.
+    packing: ClassVar[bool] = False
+    fast_loss: ClassVar[bool] = False
+    fused_ops: ClassVar[bool] = False
+    checkpoint_every: ClassVar[int] = 1
+    use_flash_attention_2: ClassVar[bool] = False
+
+    model: str = param(
+        DEFAULT_MODEL, "Base model: a hub id, a local model folder or a .gguf file (encoder or decoder)."
+    )
+    project_name: str = param(
         "project-name", "Output folder of the run (created when the run completes; must not exist yet)."
     )
-    data_path: str = _f("data", "A CSV/JSONL/JSON/Parquet file, a folder holding <split>.<ext>, or a hub dataset id.")
-    train_split: str = _f("train", "Name of the training split.")
-    valid_split: str | None = _f(None, "Name of the validation split (evaluated every epoch); none: no evaluation.")
-    text_column: str = _f("text", "Column with the text to classify.")
-    target_column: str = _f("target", "Column with the label (names or integers).")
-    max_seq_length: int = _f(128, "Longest text in tokens; longer texts are truncated (and counted).")
+    data_path: str = param(
+        "data", "A CSV/JSONL/JSON/Parquet file, a folder holding <split>.<ext>, or a hub dataset id."
+    )
+    train_split: str = param("train", "Name of the training split.")
+    valid_split: str | None = param(None, "Name of the validation split (evaluated every epoch); none: no evaluation.")
+    text_column: str = param("text", "Column with the text to classify.")
+    target_column: str = param("target", "Column with the label (names or integers).")
+    max_seq_length: int = param(128, "Longest text in tokens; longer texts are truncated (and counted).")
+    bad_rows: str = param("error", BAD_ROWS_HELP, ("error", "skip"))
 
-    lr: float = _f(5e-5, "Peak learning rate.")
-    epochs: int = _f(3, "Passes over the training data.")
-    max_steps: int = _f(-1, "Stop after this many optimizer steps (-1: train for `epochs`).")
-    batch_size: int = _f(8, "Texts per device per step.")
-    gradient_accumulation: int = _f(1, "Steps whose gradients are summed before each optimizer update.")
-    warmup_ratio: float = _f(0.1, "Fraction of steps spent warming the learning rate up.")
-    optimizer: str = _f("adamw_torch", "Optimizer, any transformers `optim` name.")
-    scheduler: str = _f("linear", "Learning-rate schedule (linear, cosine, constant, ...).")
-    weight_decay: float = _f(0.0, "Weight decay.")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
-    seed: int = _f(42, "Random seed.")
-    mixed_precision: str | None = _f(
+    lr: float = param(5e-5, "Peak learning rate.")
+    epochs: int = param(3, "Passes over the training data.")
+    max_steps: int = param(-1, "Stop after this many optimizer steps (-1: train for `epochs`).")
+    batch_size: int = param(8, "Texts per device per step.")
+    gradient_accumulation: int = param(1, "Steps whose gradients are summed before each optimizer update.")
+    warmup_ratio: float = param(0.1, "Fraction of steps spent warming the learning rate up.")
+    optimizer: str = param("adamw_torch", "Optimizer, any transformers `optim` name.")
+    scheduler: str = param("linear", "Learning-rate schedule (linear, cosine, constant, ...).")
+    weight_decay: float = param(0.0, "Weight decay.")
+    max_grad_norm: float = param(1.0, "Gradient clipping norm.")
+    seed: int = param(42, "Random seed.")
+    mixed_precision: str | None = param(
         None, "fp16 (CUDA only) or bf16; none trains in float32.", (None, "no", "fp16", "bf16")
     )
-    auto_find_batch_size: bool = _f(False, "Halve the batch size on out-of-memory errors and retry.")
-    early_stopping_patience: int = _f(5, "Stop after this many evaluations without improvement (with valid_split).")
-    early_stopping_threshold: float = _f(0.01, "Smallest improvement of the eval loss that counts.")
-    eval_strategy: str = _f("epoch", "When to evaluate on valid_split: no, steps or epoch.", ("no", "steps", "epoch"))
-    logging_steps: int = _f(-1, "Log every N steps (-1: about 25 points per run).")
-    save_total_limit: int = _f(1, "Checkpoints kept while training.")
-    save_steps: int = _f(-1, SAVE_STEPS_HELP)
-    resume: bool = _f(True, RESUME_HELP)
-    log: str = _f("none", "Experiment tracker: none, tensorboard or wandb.", ("none", "tensorboard", "wandb"))
+    auto_find_batch_size: bool = param(False, "Halve the batch size on out-of-memory errors and retry.")
+    early_stopping_patience: int = param(5, "Stop after this many evaluations without improvement (with valid_split).")
+    early_stopping_threshold: float = param(0.01, "Smallest improvement of the eval loss that counts.")
+    eval_strategy: str = param(
+        "epoch", "When to evaluate on valid_split: no, steps or epoch.", ("no", "steps", "epoch")
+    )
+    logging_steps: int = param(-1, "Log every N steps (-1: about 25 points per run).")
+    save_total_limit: int = param(1, "Checkpoints kept while training.")
+    save_steps: int = param(-1, SAVE_STEPS_HELP)
+    resume: bool = param(True, RESUME_HELP)
+    log: str = param("none", "Experiment tracker: none, tensorboard or wandb.", ("none", "tensorboard", "wandb"))
 
-    peft: bool = _f(False, "Train a LoRA adapter (and the new classification head) instead of all weights.")
-    lora_r: int = _f(16, "LoRA rank.")
-    lora_alpha: int = _f(32, "LoRA alpha.")
-    lora_dropout: float = _f(0.05, "LoRA dropout.")
-    target_modules: str | None = _f("all-linear", "Modules given LoRA adapters: all-linear or a comma-separated list.")
-    quantization: str | None = _f(
+    peft: bool = param(False, "Train a LoRA adapter (and the new classification head) instead of all weights.")
+    lora_r: int = param(16, "LoRA rank.")
+    lora_alpha: int = param(32, "LoRA alpha.")
+    lora_dropout: float = param(0.05, "LoRA dropout.")
+    target_modules: str | None = param(
+        "all-linear", "Modules given LoRA adapters: all-linear or a comma-separated list."
+    )
+    quantization: str | None = param(
         None, "Load the base model in int4 or int8 (CUDA only; with peft).", (None, "int4", "int8")
     )
-    disable_gradient_checkpointing: bool = _f(True, "Gradient checkpointing is off by default for classifiers.")
+    disable_gradient_checkpointing: bool = param(True, "Gradient checkpointing is off by default for classifiers.")
 
-    push_to_hub: bool = _f(False, "Upload the output folder to the hub when done (private).")
-    username: str | None = _f(None, "Hub user or organisation to push to.")
-    repo_id: str | None = _f(None, "Hub repository to push to (default: username/project_name).")
-    token: str | None = _f(None, "Hub token (never logged or written; HF_TOKEN is read too).", secret=True)
+    push_to_hub: bool = param(False, "Upload the output folder to the hub when done (private).")
+    username: str | None = param(None, "Hub user or organisation to push to.")
+    repo_id: str | None = param(None, "Hub repository to push to (default: username/project_name).")
+    token: str | None = param(None, "Hub token (never logged or written; HF_TOKEN is read too).", secret=True)
 
-    distributed_backend: str | None = _f(*LAUNCH["distributed_backend"])
-    num_processes: int = _f(*LAUNCH["num_processes"])
-    num_machines: int = _f(*LAUNCH["num_machines"])
-    machine_rank: int = _f(*LAUNCH["machine_rank"])
-    main_process_ip: str | None = _f(*LAUNCH["main_process_ip"])
-    main_process_port: int = _f(*LAUNCH["main_process_port"])
-    accelerate_config: str | None = _f(*LAUNCH["accelerate_config"])
+    distributed_backend: str | None = param(*LAUNCH["distributed_backend"])
+    num_processes: int = param(*LAUNCH["num_processes"])
+    num_machines: int = param(*LAUNCH["num_machines"])
+    machine_rank: int = param(*LAUNCH["machine_rank"])
+    main_process_ip: str | None = param(*LAUNCH["main_process_ip"])
+    main_process_port: int = param(*LAUNCH["main_process_port"])
+    accelerate_config: str | None = param(*LAUNCH["accelerate_config"])
 
     def __post_init__(self) -> None:
         self.validate()
@@ -89,8 +110,8 @@ class TextClassificationParams(Params):
     def validate(self) -> None:
         """Raise ConfigError naming the parameter for any value that cannot work, before anything is loaded."""
         check_choices(self)
-        _positive(self, "lr", "epochs", "batch_size", "gradient_accumulation", "max_seq_length", "lora_r")
-        _positive(self, "early_stopping_patience", "save_total_limit")
+        check_positive(self, "lr", "epochs", "batch_size", "gradient_accumulation", "max_seq_length", "lora_r")
+        check_positive(self, "early_stopping_patience", "save_total_limit")
         check_save_steps(self)
         check_launch(self)
         if self.text_column == self.target_column:

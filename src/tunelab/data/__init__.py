@@ -1,8 +1,9 @@
 """The data step of a run: files -> rows -> formatted text -> token ids and labels, all checked up front.
 
-`load_data` is called by `train.py` before any model weights are loaded or any file is written, so every data
-problem surfaces in seconds as one DataError naming the file, row and column (or, with bad_rows=skip, the bad
-rows are dropped and counted).
+`load_data` is called by the LLM spine (tasks/llm.py) before any model weights are loaded or any file is
+written, so every data problem surfaces in seconds as one DataError naming the file, row and column (or, with
+bad_rows=skip, the bad rows are dropped and counted). Preference pairs are read by data/preference.py, labelled
+texts by data/classification.py, on the same readers (data/sources.py) and row checks (data/formats.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 from jinja2 import TemplateError
 
+from tunelab.config.llm import LLMParams
 from tunelab.data.formats import RowFormat, RowProblem, convert_row, convert_rows, detect_format
 from tunelab.data.sources import Split, read_splits
 from tunelab.data.templates import Rendered, render_messages, render_text, template_source
@@ -53,7 +55,7 @@ def pick_template(requested: str | None, row_format: RowFormat, tokenizer: Any) 
     return "tokenizer" if getattr(tokenizer, "chat_template", None) else "chatml"
 
 
-def load_data(params: Any, tokenizer: Any) -> EncodedData:
+def load_data(params: LLMParams, tokenizer: Any) -> EncodedData:
     """Read, check, format and tokenize the train (and valid) splits named by params."""
     splits: dict[str, Split] = read_splits(params.data_path, params.train_split, params.valid_split)
     train_split = splits["train"]
@@ -70,7 +72,7 @@ def load_data(params: Any, tokenizer: Any) -> EncodedData:
         if fmt.kind != row_format.kind:
             raise DataError(f"{split.origin}: rows are {fmt.kind}, but the train split's are {row_format.kind}")
         render_row = functools.partial(_render_row, fmt=fmt, source=source, tokenizer=tokenizer, eos=eos)
-        rendered, skipped[name] = convert_rows(split, render_row, getattr(params, "bad_rows", "error"))
+        rendered, skipped[name] = convert_rows(split, render_row, params.bad_rows)
         if not preview:
             preview = rendered[0].text
         encoded[name] = encode(

@@ -3,8 +3,8 @@
 Labels may be names ("positive") or integers (0, 1, 2); the label set is taken from the train split, in sorted
 order (numbers numerically), and saved with the model (id2label / label2id) so predictions come out as names.
 Empty or missing texts and missing labels are errors naming their rows (a classifier cannot learn from them,
-and silently dropping them would hide a broken export); so are a single label, and labels in the valid split
-that the train split never shows.
+and silently dropping them would hide a broken export) unless bad_rows=skip asks for them to be dropped and
+counted; a single label, and labels in the valid split that the train split never shows, are always errors.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from tunelab.config.text_classification import TextClassificationParams
 from tunelab.data.formats import MAX_LISTED, RowProblem, cell_text, convert_rows, describe_type
 from tunelab.data.sources import Split, read_splits
 from tunelab.errors import DataError
@@ -30,6 +31,7 @@ class LabelledData:
     counts: dict[str, Counter] = field(default_factory=dict)
     truncated: dict[str, int] = field(default_factory=dict)
     origins: dict[str, str] = field(default_factory=dict)
+    skipped_rows: dict[str, int] = field(default_factory=dict)  # split -> bad rows dropped (bad_rows=skip)
 
 
 def _label_name(value: Any) -> str | None:
@@ -61,9 +63,10 @@ def _sort_key(name: str) -> tuple[int, Any]:
 
 
 def read_labelled(
-    split: Split, text_column: str, target_column: str, bad_rows: str | None = None
-) -> tuple[list[str], list[str]]:
-    """(texts, label names) of a split; bad rows are collected into one DataError (or skipped, bad_rows=skip)."""
+    split: Split, text_column: str, target_column: str, bad_rows: str = "error"
+) -> tuple[list[str], list[str], int]:
+    """(texts, label names, rows skipped) of a split; bad rows are collected into one DataError (or skipped and
+    counted, bad_rows=skip)."""
     for column in (text_column, target_column):
         if column not in split.columns:
             flag = "text_column" if column == text_column else "target_column"
@@ -71,18 +74,17 @@ def read_labelled(
                 f"{split.origin}: column {column!r} not found (columns: {', '.join(split.columns[:20])}); "
                 f"set {flag} (data.column_mapping.{flag})"
             )
-    pairs, _ = convert_rows(split, lambda row: _labelled_row(row, text_column, target_column), bad_rows)
-    return [text for text, _ in pairs], [label for _, label in pairs]
+    pairs, skipped = convert_rows(split, lambda row: _labelled_row(row, text_column, target_column), bad_rows)
+    return [text for text, _ in pairs], [label for _, label in pairs], skipped
 
 
-def load_labelled_data(params: Any, tokenizer: Any) -> LabelledData:
+def load_labelled_data(params: TextClassificationParams, tokenizer: Any) -> LabelledData:
     """Read, check and tokenize the train (and valid) splits of a text-classification run."""
     splits = read_splits(params.data_path, params.train_split, params.valid_split)
-    bad_rows = getattr(params, "bad_rows", None)  # text classification offers no choice (yet): an error
-    read = {
-        name: read_labelled(split, params.text_column, params.target_column, bad_rows)
-        for name, split in splits.items()
-    }
+    read = {}
+    skipped = {}
+    for name, split in splits.items():
+        *read[name], skipped[name] = read_labelled(split, params.text_column, params.target_column, params.bad_rows)
     names = sorted(set(read["train"][1]), key=_sort_key)
     if len(names) < 2:
         raise DataError(
@@ -90,7 +92,8 @@ def load_labelled_data(params: Any, tokenizer: Any) -> LabelledData:
             "a classifier needs at least two"
         )
     index = {name: i for i, name in enumerate(names)}
-    data = LabelledData(train=[], valid=None, labels=names, origins={n: s.origin for n, s in splits.items()})
+    origins = {n: s.origin for n, s in splits.items()}
+    data = LabelledData(train=[], valid=None, labels=names, origins=origins, skipped_rows=skipped)
     for name, (texts, labels) in read.items():
         unseen = sorted(set(labels) - set(index), key=_sort_key)
         if unseen:

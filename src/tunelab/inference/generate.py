@@ -1,19 +1,19 @@
 """Loading a run folder (adapter or full model) and generating from it.
 
-Called by `tunelab generate` and by the Python API. A run folder is self-describing: tunelab_run.json names the
-base model, and the saved tokenizer carries the chat template used in training, so a prompt is formatted the
-same way the training data was.
+Called by `tunelab generate`, `tunelab chat`, `tunelab serve` and the web app. A run folder is self-describing
+(outputs.read_run): tunelab_run.json names the base model, and the saved tokenizer carries the chat template
+used in training, so a prompt is formatted the same way the training data was.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
+from tunelab.outputs import base_model_of, read_run
 
 log = logging.getLogger("tunelab")
 
@@ -36,8 +36,7 @@ def load_run(path: str | Path) -> tuple[Any, Any]:
     from tunelab.models.load import ModelSource, load_causal_lm
 
     folder = Path(path)
-    run_file = folder / "tunelab_run.json"
-    if run_file.is_file() and json.loads(run_file.read_text(encoding="utf-8")).get("trainer") == "reward":
+    if folder.is_dir() and read_run(folder).get("trainer") == "reward":
         raise TunelabError(f"{folder} is a reward model: it scores texts (tunelab score), it does not generate")
     if folder.is_dir() and (folder / "adapter_config.json").is_file():
         from peft import PeftModel
@@ -54,14 +53,6 @@ def load_run(path: str | Path) -> tuple[Any, Any]:
         tokenizer = load_tokenizer(source, getattr(model.config, "max_position_embeddings", None))
     model.eval()
     return model, tokenizer
-
-
-def base_model_of(folder: Path) -> str:
-    """The base model an adapter run folder was trained from (its run record, else PEFT's adapter config)."""
-    run_file = folder / "tunelab_run.json"
-    if run_file.is_file():
-        return json.loads(run_file.read_text())["base_model"]
-    return json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
 
 
 def format_prompt(prompt: str, tokenizer: Any) -> str:

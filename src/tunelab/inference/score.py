@@ -7,11 +7,11 @@ so an EOS is appended here too when the run used no chat template.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
+from tunelab.outputs import base_model_of, read_run, training_params
 
 
 def load_reward_model(path: str | Path) -> tuple[Any, Any, bool]:
@@ -25,15 +25,12 @@ def load_reward_model(path: str | Path) -> tuple[Any, Any, bool]:
     folder = Path(path)
     if not folder.is_dir():
         raise TunelabError(f"{folder}: not a folder; expected a reward run folder (tunelab llm --trainer reward)")
-    run_file = folder / "tunelab_run.json"
-    run = json.loads(run_file.read_text(encoding="utf-8")) if run_file.is_file() else {}
+    run = read_run(folder)
     if run and run.get("trainer") != "reward":
         raise TunelabError(f"{folder} was trained with --trainer {run.get('trainer')}, not reward: nothing to score")
     tokenizer = load_tokenizer(ModelSource(str(folder), str(folder)))
     if (folder / "adapter_config.json").is_file():
         from peft import PeftModel
-
-        from tunelab.inference.generate import base_model_of
 
         base = load_sequence_classifier(resolve_model(base_model_of(folder)), 1)
         base.config.pad_token_id = tokenizer.pad_token_id
@@ -44,9 +41,9 @@ def load_reward_model(path: str | Path) -> tuple[Any, Any, bool]:
         raise TunelabError(f"{folder} holds no model: expected a tunelab reward run folder")
     model.config.pad_token_id = tokenizer.pad_token_id
     model.eval()
-    params_file = folder / "training_params.json"
-    if params_file.is_file():
-        tokenizer.model_max_length = json.loads(params_file.read_text(encoding="utf-8"))["block_size"]
+    trained_with = training_params(folder)
+    if "block_size" in trained_with:
+        tokenizer.model_max_length = trained_with["block_size"]
     tokenizer.truncation_side = "left"
     return model, tokenizer, run.get("template") is None
 

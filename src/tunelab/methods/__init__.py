@@ -1,33 +1,52 @@
-"""The training methods tunelab knows. The CLI, the config checks and the docs enumerate this registry.
+"""The training methods tunelab knows: the one list. The CLI, the config checks, the app and the docs read it.
 
-A method is one module in this package defining `METHOD` plus one line in `REGISTRY`. Modules are imported
-only when their method is used: the preference methods subclass transformers' Trainer, and `tunelab --help`
-should not pay seconds of imports for them.
+A method is one module in this package defining `METHOD` plus one line in `REGISTRY`, which says what data the
+method trains on ("examples": text, chats, instructions; "pairs": prompt/chosen/rejected) and summarises it.
+Modules are imported only when their method is used: the preference methods subclass transformers' Trainer,
+and `tunelab --help` should not pay seconds of imports for them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 
 from tunelab.methods.base import Method, RowStats
 
-# name -> (module in this package, one-line summary for --help and the docs)
-REGISTRY: dict[str, tuple[str, str]] = {
-    "default": ("clm", "causal LM over the whole text, joined and cut into blocks of block_size"),
-    "sft": ("sft", "supervised fine-tuning per example (optionally packed), loss on answer tokens"),
-    "reward": ("reward", "reward model (sequence classifier, one score) trained on chosen/rejected pairs"),
-    "dpo": ("dpo", "direct preference optimization on prompt/chosen/rejected pairs (sigmoid loss, dpo_beta)"),
-    "orpo": ("orpo", "odds ratio preference optimization on prompt/chosen/rejected pairs (no reference model)"),
+
+@dataclass(frozen=True)
+class Entry:
+    """One registry line: the method's module in this package, its data kind, its summary for --help and docs."""
+
+    module: str
+    data: str  # "examples" (data/__init__.load_data) or "pairs" (data/preference.py, with the length rules)
+    summary: str
+
+
+REGISTRY: dict[str, Entry] = {
+    "default": Entry("clm", "examples", "causal LM over the whole text, joined and cut into blocks of block_size"),
+    "sft": Entry("sft", "examples", "supervised fine-tuning per example (optionally packed), loss on answer tokens"),
+    "reward": Entry(
+        "reward", "pairs", "reward model (sequence classifier, one score) trained on chosen/rejected pairs"
+    ),
+    "dpo": Entry(
+        "dpo", "pairs", "direct preference optimization on prompt/chosen/rejected pairs (sigmoid loss, dpo_beta)"
+    ),
+    "orpo": Entry(
+        "orpo", "pairs", "odds ratio preference optimization on prompt/chosen/rejected pairs (no reference model)"
+    ),
 }
 
 
 class _Methods(Mapping[str, Method]):
-    """`METHODS[name]` imports the method's module on first use."""
+    """`METHODS[name]` imports the method's module on first use; its name and data kind come from REGISTRY."""
 
     def __getitem__(self, name: str) -> Method:
-        module, _ = REGISTRY[name]
-        return importlib.import_module(f"tunelab.methods.{module}").METHOD
+        entry = REGISTRY[name]
+        method = importlib.import_module(f"tunelab.methods.{entry.module}").METHOD
+        return dataclasses.replace(method, name=name, data=entry.data)
 
     def __iter__(self) -> Iterator[str]:
         return iter(REGISTRY)
@@ -37,6 +56,6 @@ class _Methods(Mapping[str, Method]):
 
 
 METHODS: Mapping[str, Method] = _Methods()
-SUMMARIES: dict[str, str] = {name: summary for name, (_, summary) in REGISTRY.items()}
+SUMMARIES: dict[str, str] = {name: entry.summary for name, entry in REGISTRY.items()}
 
-__all__ = ["METHODS", "SUMMARIES", "Method", "RowStats"]
+__all__ = ["METHODS", "REGISTRY", "SUMMARIES", "Entry", "Method", "RowStats"]

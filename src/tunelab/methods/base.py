@@ -1,4 +1,4 @@
-"""What a training method declares: its name, the model it trains, and how tokenized examples become rows.
+"""What a training method declares: the model it trains, how tokenized data becomes rows, and its loss.
 
 The shared machinery (data loading, model loading, the Trainer, outputs) never changes when a method is added;
 a method is one file defining a `Method` plus one line in `methods/__init__.py`.
@@ -26,15 +26,15 @@ class RowStats:
 class Method:
     """A training method.
 
-    `data` says what it trains on: "examples" (text, chat, instructions: data/__init__.load_data) or "pairs"
-    (prompt/chosen/rejected: data/preference.py). `build_rows` turns them into training rows (an Encoded, a list
-    of Encoded packed into one row, or a Pair) and reports what it did. `model_kind` is "causal_lm" or "reward"
-    (a sequence classifier with one output). `trainer_class` is the Trainer that computes its loss (None: the
-    next-token loss of trainer.TunelabTrainer).
+    `build_rows` turns the tokenized data into training rows (an Encoded, a list of Encoded packed into one row,
+    or a Pair) and reports what it did. `model_kind` is "causal_lm" or "reward" (a sequence classifier with one
+    output). `trainer_class` is the Trainer that computes its loss (None: the next-token loss of
+    training/trainer.TunelabTrainer). `name` and `data` (what it trains on: "examples" or "pairs") are filled in
+    from its line in methods/__init__.REGISTRY, the one place that says them.
     """
 
-    name: str
     model_kind: str
     build_rows: Callable[[list[Any], Any], tuple[list[Any], RowStats]]
-    data: str = "examples"
     trainer_class: type | None = None
+    name: str = ""
+    data: str = "examples"

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from tunelab.config.llm import LLMParams
 from tunelab.data.tokenize import Encoded, group_into_blocks
 from tunelab.methods.base import Method, RowStats
 
 
-def build_rows(examples: list[Encoded], params: Any) -> tuple[list[Any], RowStats]:
+def build_rows(examples: list[Encoded], params: LLMParams) -> tuple[list[Any], RowStats]:
     blocks = group_into_blocks(examples, params.block_size)
     stats = RowStats(examples=len(examples), rows=len(blocks))
     stats.notes.append(
@@ -22,7 +23,6 @@ def build_rows(examples: list[Encoded], params: Any) -> tuple[list[Any], RowStat
 
 
 METHOD = Method(
-    name="default",
     model_kind="causal_lm",
     build_rows=build_rows,
 )

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tunelab.config.llm import LLMParams
 from tunelab.methods.base import Method
 from tunelab.methods.preference import PreferenceTrainer, build_pair_rows, reward_metrics, sequence_sums
 
@@ -65,7 +66,7 @@ class DPOTrainer(PreferenceTrainer):
         return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta)
 
 
-def load_reference(params: Any) -> Any:
+def load_reference(params: LLMParams) -> Any:
     """The model named by `model_ref`, loaded like the base model (same dtype rules), frozen."""
     from tunelab.models import half_precision
     from tunelab.models.load import load_causal_lm, resolve_model
@@ -76,9 +77,7 @@ def load_reference(params: Any) -> Any:
 
 
 METHOD = Method(
-    name="dpo",
     model_kind="causal_lm",
     build_rows=build_pair_rows,
-    data="pairs",
     trainer_class=DPOTrainer,
 )

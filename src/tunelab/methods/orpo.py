@@ -61,9 +61,7 @@ class ORPOTrainer(PreferenceTrainer):
 
 
 METHOD = Method(
-    name="orpo",
     model_kind="causal_lm",
     build_rows=build_pair_rows,
-    data="pairs",
     trainer_class=ORPOTrainer,
 )

@@ -12,15 +12,16 @@ from typing import Any
 
 import torch
 
+from tunelab.config.llm import LLMParams
 from tunelab.data.preference import Pair
 from tunelab.data.tokenize import IGNORE
-from tunelab.lora_dropout import DropoutLoraA
-from tunelab.loss import token_logprobs
 from tunelab.methods.base import RowStats
-from tunelab.trainer import GuardedTrainer, fast_loss_supported, output_head_returns_hidden
+from tunelab.speed.lora_dropout import DropoutLoraA
+from tunelab.speed.loss import fast_loss_supported, output_head_returns_hidden, token_logprobs
+from tunelab.training.trainer import GuardedTrainer
 
 
-def build_pair_rows(pairs: list[Pair], params: Any) -> tuple[list[Any], RowStats]:
+def build_pair_rows(pairs: list[Pair], params: LLMParams) -> tuple[list[Any], RowStats]:
     """Pairs are already cut to the length rules when loaded (data/preference.py); each pair is a row."""
     return list(pairs), RowStats(examples=len(pairs), rows=len(pairs))
 
@@ -60,7 +61,7 @@ class PreferenceTrainer(GuardedTrainer):
     """Trainer for pair losses: subclasses define `pair_loss(model, batch) -> (loss, metrics)`; metrics are
     averaged over the steps between two logs and logged with the loss (eval ones with the `eval_` prefix)."""
 
-    def __init__(self, *args: Any, params: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, params: LLMParams, **kwargs: Any) -> None:
         if kwargs.get("data_collator") is None:
             kwargs["data_collator"] = PairCollator(kwargs["processing_class"].pad_token_id)
         # Batches of pairs of similar length (a Pair's len() is what its rows pad to): less padding.

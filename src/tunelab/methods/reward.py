@@ -37,9 +37,7 @@ class RewardTrainer(PreferenceTrainer):
 
 
 METHOD = Method(
-    name="reward",
     model_kind="reward",
     build_rows=build_pair_rows,
-    data="pairs",
     trainer_class=RewardTrainer,
 )

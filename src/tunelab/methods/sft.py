@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from tunelab.config.llm import LLMParams
 from tunelab.data.packing import pack
 from tunelab.data.tokenize import IGNORE, Encoded, truncate
 from tunelab.methods.base import Method, RowStats
 
 
-def build_rows(examples: list[Encoded], params: Any) -> tuple[list[Any], RowStats]:
+def build_rows(examples: list[Encoded], params: LLMParams) -> tuple[list[Any], RowStats]:
     if not params.completion_only_loss:
         examples = [Encoded(e.input_ids, [IGNORE, *e.input_ids[1:]]) for e in examples]
     kept, truncated, dropped = truncate(examples, params.block_size)
@@ -27,7 +28,6 @@ def build_rows(examples: list[Encoded], params: Any) -> tuple[list[Any], RowStat
 
 
 METHOD = Method(
-    name="sft",
     model_kind="causal_lm",
     build_rows=build_rows,
 )

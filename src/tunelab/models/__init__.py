@@ -1,10 +1,19 @@
-"""The model step of a run: resolve where the base model is, load it in the right dtype, add LoRA if asked."""
+"""The model step of a run: resolve where the base model is, check it from its config, load it in the right dtype,
+add LoRA if asked.
+
+    models/load.py       where a model is (hub id, folder, .gguf) and loading it (GGUF dequantized, cached)
+    models/checks.py     settings the model cannot take, found from its config before loading
+    models/peft.py       LoRA through PEFT
+    models/quantize.py   int4/int8 (QLoRA, CUDA only)
+"""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
 
+from tunelab.config.base import RunParams
+from tunelab.models.checks import check_model
 from tunelab.models.load import (
     ModelSource,
     load_causal_lm,
@@ -19,6 +28,7 @@ from tunelab.speed import attention_implementation, fuse_ops
 
 __all__ = [
     "ModelSource",
+    "check_model",
     "half_precision",
     "load_model",
     "load_tokenizer",
@@ -30,7 +40,7 @@ __all__ = [
 log = logging.getLogger("tunelab")
 
 
-def half_precision(params: Any) -> Any:
+def half_precision(params: RunParams) -> Any:
     """The torch half dtype the params' mixed precision asks for (bf16/fp16), or None."""
     import torch
 
@@ -38,7 +48,11 @@ def half_precision(params: Any) -> Any:
 
 
 def load_model(
-    source: ModelSource, params: Any, kind: str = "causal_lm", tokenizer: Any = None, labels: list[str] | None = None
+    source: ModelSource,
+    params: RunParams,
+    kind: str = "causal_lm",
+    tokenizer: Any = None,
+    labels: list[str] | None = None,
 ) -> Any:
     """Base model for training: fp32 weights for full fine-tuning (mixed precision autocasts), the half type for
     LoRA under mixed precision (the frozen base never needs fp32), int4/int8 for QLoRA.

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunelab.config.schema import DEFAULT_MODEL
+from tunelab.config.base import DEFAULT_MODEL
 from tunelab.errors import TunelabError
 from tunelab.hub import hub_reachable
 from tunelab.models import gguf_cache

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from typing import Any
+
+from tunelab.config.base import RunParams
 
 
 def target_modules(spec: str | None) -> str | list[str]:
@@ -13,7 +17,7 @@ def target_modules(spec: str | None) -> str | list[str]:
     return [name.strip() for name in spec.split(",") if name.strip()]
 
 
-def lora_config(params: Any, task_type: str = "CAUSAL_LM") -> Any:
+def lora_config(params: RunParams, task_type: str = "CAUSAL_LM") -> Any:
     """The PEFT LoraConfig the params describe (also handed to TRL by the benchmark, so both sides match)."""
     from peft import LoraConfig
 
@@ -27,7 +31,7 @@ def lora_config(params: Any, task_type: str = "CAUSAL_LM") -> Any:
     )
 
 
-def add_lora(model: Any, params: Any, task_type: str = "CAUSAL_LM") -> Any:
+def add_lora(model: Any, params: RunParams, task_type: str = "CAUSAL_LM") -> Any:
     """Freeze the model and add a LoRA adapter as the params describe."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
@@ -42,3 +46,14 @@ def add_lora(model: Any, params: Any, task_type: str = "CAUSAL_LM") -> Any:
     # The model's own name: a GGUF-built model would record the folder of the .gguf file instead.
     model.peft_config["default"].base_model_name_or_path = params.model
     return model
+
+
+@contextlib.contextmanager
+def quiet_peft_save() -> Iterator[None]:
+    """Saving an adapter (a checkpoint or the final one), PEFT looks up the base model's config.json, locally or
+    on the hub, to see whether the vocabulary changed; a GGUF base has none and an offline machine cannot fetch it,
+    and PEFT warns at every save. tunelab never resizes the vocabulary, so the lookup has nothing to tell."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Could not find a config file")
+        warnings.filterwarnings("ignore", message="Unable to fetch remote file")
+        yield

@@ -14,23 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
+from tunelab.outputs import base_model_of, check_run_folder
 
 log = logging.getLogger("tunelab")
 DTYPES = ("float32", "float16", "bfloat16")
-
-
-def check_run_folder(path: str | Path, command: str) -> Path:
-    """A folder that exists and holds a model (adapter or full weights); else one clear error for `command`."""
-    folder = Path(os.path.expanduser(str(path)))
-    if not folder.exists():
-        raise TunelabError(f"{command}: {folder} does not exist (give a tunelab run folder or a model folder)")
-    if not folder.is_dir():
-        raise TunelabError(f"{command}: {folder} is not a folder (give a tunelab run folder or a model folder)")
-    if not any((folder / name).is_file() for name in ("adapter_config.json", "config.json")):
-        partial = folder.with_name(f".{folder.name}.partial")
-        hint = f" ({partial} holds an unfinished run: run its command again to resume it)" if partial.exists() else ""
-        raise TunelabError(f"{command}: {folder} holds no model (no adapter_config.json or config.json){hint}")
-    return folder
 
 
 def merge_run(path: str | Path, output: str | Path, dtype: str | None = None) -> Path:
@@ -38,7 +25,6 @@ def merge_run(path: str | Path, output: str | Path, dtype: str | None = None) ->
     import torch
     from peft import PeftModel
 
-    from tunelab.inference.generate import base_model_of
     from tunelab.models.load import ModelSource, load_causal_lm, load_tokenizer, resolve_model
 
     folder = check_run_folder(path, "merge")

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tunelab.fused_layers import rebuild_of
+from tunelab.speed.fused_layers import rebuild_of
 
 _LEVELS = 1 << 16  # a mask element is one 16-bit slice of a random word
 

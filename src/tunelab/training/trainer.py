@@ -2,17 +2,17 @@
 
 transformers' Trainer brings the optimizer, scheduler, gradient accumulation, evaluation, checkpoints, resume,
 mixed precision and accelerate (DDP/FSDP/DeepSpeed). tunelab replaces the two parts that decide speed and
-memory: the batches (padding-free, data/packing.py) and the loss (from hidden states in chunks, loss.py),
-so full-vocabulary logits are never materialised.
+memory: the batches (padding-free, data/packing.py) and the loss (from hidden states in chunks,
+speed/loss.py), so full-vocabulary logits are never materialised. `build_trainer` makes the Trainer of an LLM
+run (a method's own Trainer class for the pair losses, methods/); `training_arguments` and `run_training` serve
+every task.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +20,15 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from tunelab import checkpoints
+from tunelab.config.base import RunParams
+from tunelab.config.llm import LLMParams
 from tunelab.data.packing import PackedRowsCollator, row_length
+from tunelab.env import distributed_kind
 from tunelab.errors import TunelabError
-from tunelab.launch import distributed_kind
-from tunelab.loss import causal_lm_loss_sum
+from tunelab.models.peft import quiet_peft_save
 from tunelab.speed import compile_layers, optimizer_name
+from tunelab.speed.loss import causal_lm_loss_sum, fast_loss_supported, output_head_returns_hidden
+from tunelab.training import checkpoints
 
 log = logging.getLogger("tunelab")
 
@@ -41,34 +44,6 @@ class ListDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> Any:
         return self.rows[index]
-
-
-def fast_loss_supported(model: Any) -> bool:
-    """The hidden-state loss needs logits == lm_head(hidden); models that rescale or cap logits use the plain path."""
-    config = getattr(model, "config", None)
-    for name in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling"):
-        if getattr(config, name, None) not in (None, 1, 1.0):
-            return False
-    return model.get_output_embeddings() is not None
-
-
-@contextlib.contextmanager
-def output_head_returns_hidden(model: Any) -> Iterator[torch.nn.Module]:
-    """Make the output head an identity for one forward pass, yielding the real head.
-
-    The model's own forward (through DDP, FSDP or PEFT wrappers) then returns its final hidden states as
-    `logits`, at no cost, and the loss projects them chunk by chunk.
-    """
-    head = model.get_output_embeddings()
-    head.forward = _identity
-    try:
-        yield head
-    finally:
-        del head.forward
-
-
-def _identity(hidden: torch.Tensor) -> torch.Tensor:
-    return hidden
 
 
 class EpochSeededLengthSampler(LengthGroupedSampler):
@@ -139,7 +114,8 @@ class GuardedTrainer(Trainer):
             unwrapped = self.accelerator.unwrap_model(self.model)
             full = not hasattr(unwrapped, "peft_config")
             checkpoints.check_disk_space(run_dir, checkpoints.checkpoint_bytes(unwrapped, full), name)
-        super()._save_checkpoint(model, trial)
+        with quiet_peft_save():
+            super()._save_checkpoint(model, trial)
         if self.args.should_save:
             checkpoints.mark_complete(run_dir / name)
             checkpoints.prune(run_dir, self.keep_checkpoints, protect=self.state.best_model_checkpoint)
@@ -194,7 +170,7 @@ def _checkpointing(enabled: bool, every: int = 1) -> dict[str, Any]:
     return {prefix: enabled, f"{prefix}_kwargs": kwargs}
 
 
-def log_every(params: Any, steps_per_epoch: int) -> int:
+def log_every(params: RunParams, steps_per_epoch: int) -> int:
     """Steps between two logs (and evaluations with eval_strategy steps): as asked, else about 25 per run."""
     if params.logging_steps > 0:
         return params.logging_steps
@@ -203,7 +179,7 @@ def log_every(params: Any, steps_per_epoch: int) -> int:
 
 
 def training_arguments(
-    params: Any, output_dir: str, steps_per_epoch: int, has_valid: bool, **overrides: Any
+    params: RunParams, output_dir: str, steps_per_epoch: int, has_valid: bool, **overrides: Any
 ) -> TrainingArguments:
     """Map a parameter object onto transformers' TrainingArguments (AutoTrain's names on the left); `overrides`
     are TrainingArguments fields a task sets its own way."""
@@ -232,7 +208,7 @@ def training_arguments(
         # Under FSDP, activation checkpointing is FSDP's own (its config); transformers refuses both at once.
         **_checkpointing(
             not params.disable_gradient_checkpointing and distributed_kind() != "fsdp",
-            getattr(params, "checkpoint_every", 1),
+            params.checkpoint_every,
         ),
         use_cpu=not torch.cuda.is_available(),  # several CPU processes then talk over gloo
         # The fast loss uses the output head's weight outside the model's forward: DDP's search for unused
@@ -260,7 +236,7 @@ def training_arguments(
 def build_trainer(
     model: Any,
     tokenizer: Any,
-    params: Any,
+    params: LLMParams,
     train_rows: list[Any],
     valid_rows: list[Any] | None,
     output_dir: str,

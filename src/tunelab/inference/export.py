@@ -1,7 +1,8 @@
 """Exporting a model folder to one GGUF file: the format llama.cpp, Ollama and LM Studio load.
 
-`tunelab export --format gguf` (cli.py) calls `export_gguf` with a plain transformers model folder (a run's
-LoRA adapter is merged first, in cli.py). The file written mirrors what llama.cpp's own converter,
+`tunelab export --format gguf` calls `export_run`: a run folder holding a LoRA adapter is merged into its base
+first (its `merged/` copy when the run kept one, else a temporary merge, inference/merge.py), then `export_gguf`
+writes the plain transformers model folder. The file written mirrors what llama.cpp's own converter,
 `convert_hf_to_gguf.py`, writes for the same model: the same metadata keys, tensor names, Q/K row order, tensor
 types and tokenizer, so llama.cpp-compatible readers (and transformers' `gguf_file=` loader) take it as theirs.
 https://github.com/ggml-org/llama.cpp/blob/master/convert_hf_to_gguf.py (classes TextModel, LlamaModel, Qwen2Model)
@@ -15,11 +16,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
+from tunelab.outputs import check_run_folder
 
 log = logging.getLogger("tunelab")
 
@@ -44,6 +47,24 @@ ARCHITECTURES = {
     "MistralForCausalLM": _Arch("llama", permute_qk=True),
     "Qwen2ForCausalLM": _Arch("qwen2", permute_qk=False),
 }
+
+
+def export_run(model: str | Path, output: str | Path, dtype: str = "f16") -> Path:
+    """Export a run folder or model folder to one GGUF file; a LoRA adapter is merged into its base first.
+
+    Returns the path of the written file; raises TunelabError as `export_gguf` does, before anything is written.
+    """
+    from tunelab.inference.merge import merge_run
+
+    folder = check_run_folder(model, "export")
+    if not (folder / "adapter_config.json").is_file():
+        return export_gguf(folder, output, dtype)
+    if (folder / "merged" / "config.json").is_file():
+        return export_gguf(folder / "merged", output, dtype)
+    _check_dtype(dtype)  # a bad dtype is known before minutes of merging
+    with tempfile.TemporaryDirectory(prefix="tunelab-merge-") as tmp:
+        log.info("export: merging the LoRA adapter into its base first")
+        return export_gguf(merge_run(folder, Path(tmp) / "merged"), output, dtype)
 
 
 def export_gguf(model_dir: str | Path, output: str | Path, dtype: str = "f16") -> Path:

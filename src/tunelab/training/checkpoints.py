@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from tunelab.config.base import RunParams
 from tunelab.errors import TunelabError
 
 COMPLETE_MARK = "tunelab_checkpoint_complete"
@@ -88,7 +89,7 @@ def drop_incomplete(folder: Path) -> list[str]:
     return dropped
 
 
-def check_same_run(folder: Path, params: Any) -> None:
+def check_same_run(folder: Path, params: RunParams) -> None:
     """Refuse to resume a run that was started with different training parameters."""
     saved_file = folder / PARAMS_FILE
     if not saved_file.is_file():

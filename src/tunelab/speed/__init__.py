@@ -1,15 +1,17 @@
-"""Every performance switch in one place: what tunelab changes about a run to make it fast, and when.
+"""The hot path: every performance switch in one place (this table), and the kernels it switches (beside it).
 
 | switch | default | what |
 | --- | --- | --- |
-| fast_loss | on | loss from hidden states, answer positions only, in chunks (loss.py): no full-vocabulary logits |
+| fast_loss | on | loss from hidden states, answer positions only, in chunks (speed/loss.py): no full logits |
 | batches | always | length-grouped rows or pairs, or packed rows with per-example positions (data/packing.py) |
 | fused optimizer | on CUDA | adamw_torch -> adamw_torch_fused (same maths, one kernel per step) |
-| fused_ops | on | RMSNorm, SwiGLU (fused_layers.py), LoRA dropout (lora_dropout.py) keep inputs; LoRA rebuilds outs |
+| fused_ops | on | RMSNorm, SwiGLU (speed/fused_layers.py), LoRA dropout (speed/lora_dropout.py); LoRA rebuilds |
 | torch_compile | off | each decoder layer compiled with torch.compile (one graph, reused by every layer) |
 | attention | sdpa | flash_attention_2 with use_flash_attention_2 (CUDA, flash-attn installed) |
 
-Called by models/ (attention choice, fused ops) and trainer.py (optimizer, compile); nothing else decides about speed.
+Called by models/__init__.load_model (attention kernels, fused ops), training/trainer.py (optimizer, compile, the
+loss) and methods/preference.py (the pair losses' log-probs); nothing else decides about speed. The modules
+beside this one import torch; this one does not, so `tunelab --help` stays fast.
 """
 
 from __future__ import annotations
@@ -17,15 +19,17 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from tunelab.config.base import RunParams
+
 log = logging.getLogger("tunelab")
 
 
-def attention_implementation(params: Any) -> str | None:
+def attention_implementation(params: RunParams) -> str | None:
     """The attention kernels to load the model with (None: transformers' default, SDPA)."""
-    return "flash_attention_2" if getattr(params, "use_flash_attention_2", False) else None
+    return "flash_attention_2" if params.use_flash_attention_2 else None
 
 
-def optimizer_name(params: Any) -> str:
+def optimizer_name(params: RunParams) -> str:
     """AdamW in its fused CUDA form when on a GPU: identical updates, far fewer kernel launches."""
     import torch
 
@@ -59,12 +63,12 @@ def compile_layers(model: Any) -> int:
     return len(layers)
 
 
-def fuse_ops(model: Any, params: Any) -> None:
+def fuse_ops(model: Any, params: RunParams) -> None:
     """Swap in the memory-lean RMSNorm, SwiGLU and LoRA dropout when `fused_ops` is on."""
-    from tunelab.fused_layers import fuse_layers
-    from tunelab.lora_dropout import fuse_lora_dropout
+    from tunelab.speed.fused_layers import fuse_layers
+    from tunelab.speed.lora_dropout import fuse_lora_dropout
 
-    if not getattr(params, "fused_ops", False):  # text-classification params have no such switch: off
+    if not params.fused_ops:
         return
     norms, mlps = fuse_layers(model)
     loras = fuse_lora_dropout(model) if params.peft else 0

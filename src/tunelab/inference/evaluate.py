@@ -19,8 +19,9 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+from tunelab.config.llm import LLMParams
 from tunelab.errors import TunelabError
-from tunelab.merge import check_run_folder
+from tunelab.outputs import check_run_folder, read_run, training_params, write_json
 
 log = logging.getLogger("tunelab")
 REPORT_DIR = "evaluation"
@@ -48,7 +49,7 @@ def evaluate_run(
     from tunelab.inference.generate import load_run
 
     folder = check_run_folder(path, "evaluate")
-    run_info = _run_info(folder)
+    run_info = read_run(folder)
     if run_info.get("trainer") in ("reward", "text_classification"):
         raise TunelabError(f"evaluate: {folder} is a {run_info['trainer']} run; evaluate measures language models")
     params = _data_params(folder, data_path, split)
@@ -106,17 +107,10 @@ def _cut(row: Any, block_size: int) -> Any:
     return row if len(row) <= block_size else Encoded(row.input_ids[:block_size], row.labels[:block_size])
 
 
-def _run_info(folder: Path) -> dict[str, Any]:
-    path = folder / "tunelab_run.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
 def _data_params(folder: Path, data_path: str, split: str) -> Any:
     """The run's own data settings (columns, template, block size) pointed at the evaluation data."""
-    from tunelab.config.schema import LLMParams
 
-    saved_file = folder / "training_params.json"
-    saved = json.loads(saved_file.read_text(encoding="utf-8")) if saved_file.is_file() else {}
+    saved = training_params(folder)
     known = {f.name for f in dataclasses.fields(LLMParams)}
     values = {k: v for k, v in saved.items() if k in known and k not in ("token", "push_to_hub")}
     values.update(model=str(folder), data_path=data_path, train_split=split, valid_split=None, trainer="sft")
@@ -130,7 +124,7 @@ def _base(model: Any, folder: Path, wanted: bool) -> tuple[Any, Any]:
         return None, nullcontext
     if hasattr(model, "disable_adapter"):
         return model, model.disable_adapter
-    base_name = _run_info(folder).get("base_model")
+    base_name = read_run(folder).get("base_model")
     if not base_name:
         raise TunelabError(f"evaluate --compare-base: {folder} does not say which base model it was trained from")
     from tunelab.models.load import load_causal_lm, resolve_model
@@ -138,7 +132,7 @@ def _base(model: Any, folder: Path, wanted: bool) -> tuple[Any, Any]:
     return load_causal_lm(resolve_model(base_name)).eval(), nullcontext
 
 
-def _prompts(data_path: str, params: Any, split: str, count: int) -> list[tuple[Any, str]]:
+def _prompts(data_path: str, params: LLMParams, split: str, count: int) -> list[tuple[Any, str]]:
     """(prompt, reference answer) of the first rows: the conversation up to its last answer, or the first half
     of a plain text."""
     from tunelab.data.formats import detect_format, to_examples
@@ -186,7 +180,6 @@ def write_report(folder: Path, results: dict[str, Any], samples: list[Sample]) -
     """evaluation/ (report.md, loss_curves.png, results.json) written beside, then swapped in; the model card gets
     an Evaluation section."""
     from tunelab.metrics import draw_curves
-    from tunelab.outputs import write_json
 
     staging = folder / f".{REPORT_DIR}.partial"
     shutil.rmtree(staging, ignore_errors=True)

@@ -4,9 +4,17 @@ For a 49k-token vocabulary, the logits of one 1024-token row are 200 MB in fp32,
 them (and their softmax) alive for the backward pass. Here only the positions that carry a loss are projected,
 a chunk at a time; each chunk's gradient with respect to the hidden states and the output weight is computed
 right away (as Liger-Kernel's fused linear cross-entropy does), and the chunk's logits are freed.
+
+The model's own forward is made to return its final hidden states instead of logits
+(`output_head_returns_hidden`), so the loss gets them through DDP, FSDP and PEFT wrappers alike;
+`fast_loss_supported` says which models allow it.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -152,3 +160,31 @@ def token_logprobs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Te
         selected = hidden[:, :-1, :][mask]
         out[mask] = ChunkedTokenLogprobs.apply(selected, weight, bias, shift_labels[mask], chunk_rows(weight.shape[0]))
     return out
+
+
+def fast_loss_supported(model: Any) -> bool:
+    """The hidden-state loss needs logits == lm_head(hidden); models that rescale or cap logits use the plain path."""
+    config = getattr(model, "config", None)
+    for name in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling"):
+        if getattr(config, name, None) not in (None, 1, 1.0):
+            return False
+    return model.get_output_embeddings() is not None
+
+
+@contextlib.contextmanager
+def output_head_returns_hidden(model: Any) -> Iterator[torch.nn.Module]:
+    """Make the output head an identity for one forward pass, yielding the real head.
+
+    The model's own forward (through DDP, FSDP or PEFT wrappers) then returns its final hidden states as
+    `logits`, at no cost, and the loss projects them chunk by chunk.
+    """
+    head = model.get_output_embeddings()
+    head.forward = _identity
+    try:
+        yield head
+    finally:
+        del head.forward
+
+
+def _identity(hidden: torch.Tensor) -> torch.Tensor:
+    return hidden

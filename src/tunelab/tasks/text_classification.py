@@ -1,8 +1,9 @@
-"""The spine of a text-classification run: params -> checks -> labelled data -> classifier -> Trainer -> folder.
+"""The text-classification spine: params -> checks -> labelled data -> classifier -> Trainer -> run folder.
 
 `tunelab text-classification`, a `task: text_classification` config and `tunelab.train(...)` with such a
-config all call `run_text_classification`. As for LLM runs, every input problem is found before the model
-loads, and the run folder appears only when complete.
+config all reach `run` through the dispatcher (tasks/__init__.py); `plan` is its dry run. As for LLM runs, every
+input problem is found by `prepare`, before the model loads, and the run folder appears only when complete.
+The predictions of a trained run are inference/predict.py's.
 """
 
 from __future__ import annotations
@@ -16,11 +17,15 @@ from typing import Any
 from transformers import set_seed
 
 from tunelab import outputs
-from tunelab.checkpoints import check_disk_space, checkpoint_bytes
+from tunelab.config.text_classification import TextClassificationParams
 from tunelab.data.classification import LabelledData, load_labelled_data
 from tunelab.env import check_machine, device_name
+from tunelab.memory import run_estimate
 from tunelab.metrics import classification_report, draw_confusion_matrix
-from tunelab.trainer import run_training
+from tunelab.models import ModelSource, check_model, load_model, load_tokenizer, resolve_model
+from tunelab.tasks import dry_run
+from tunelab.tasks.dry_run import RunPlan, SplitSummary
+from tunelab.training.checkpoints import check_disk_space, checkpoint_bytes
 
 log = logging.getLogger("tunelab")
 
@@ -29,37 +34,68 @@ log = logging.getLogger("tunelab")
 class Prepared:
     """Everything checked before the classifier loads: what a run trains and what `--dry-run` shows."""
 
+    params: TextClassificationParams
     folder: outputs.RunFolder
     resume_from: Path | None
-    source: Any
+    source: ModelSource
     tokenizer: Any
     data: LabelledData
 
 
-def prepare(params: Any) -> Prepared:
+def prepare(params: TextClassificationParams) -> Prepared:
     """Check the folder, the machine and the labelled data (read, checked, tokenized), writing nothing."""
-    from tunelab.models import load_tokenizer, resolve_model
-
     folder = outputs.RunFolder(params.project_name)
     folder.check_free()
     resume_from = folder.resume_point(params)
     check_machine(params)
     source = resolve_model(params.model)
+    check_model(source, params, kind="classifier")
     tokenizer = load_tokenizer(source, params.max_seq_length)
-    return Prepared(folder, resume_from, source, tokenizer, load_labelled_data(params, tokenizer))
+    return Prepared(params, folder, resume_from, source, tokenizer, load_labelled_data(params, tokenizer))
 
 
-def run_text_classification(params: Any) -> Path:
+def plan(params: TextClassificationParams) -> RunPlan:
+    """The dry run: what `run` would do, from the same `prepare`, with the first texts and their labels."""
+    prep = prepare(params)
+    data = prep.data
+    splits = []
+    for name, rows in (("train", data.train), ("valid", data.valid)):
+        if rows is None:
+            continue
+        summary = SplitSummary(name, data.origins[name], len(rows), len(rows), [len(r["input_ids"]) for r in rows])
+        counts = data.counts.get(name, {})
+        summary.notes.append("labels: " + ", ".join(f"{label} {counts.get(label, 0)}" for label in data.labels))
+        summary.notes.append(f"{data.truncated.get(name, 0)} truncated to max_seq_length={params.max_seq_length}")
+        if data.skipped_rows.get(name):
+            summary.notes.append(f"{data.skipped_rows[name]} bad rows skipped (bad_rows=skip)")
+        splits.append(summary)
+    decode = prep.tokenizer.decode
+    examples = [
+        f"{decode(row['input_ids'], skip_special_tokens=False)[:700]}\n  -> label {data.labels[row['labels']]}"
+        for row in data.train[:2]
+    ]
+    result = dry_run.new_plan("text classification", params, splits, examples, len(data.train), prep.resume_from)
+    dry_run.add_memory(result, prep.source, params, params.batch_size, _longest(data), "classifier")
+    return result
+
+
+def _longest(data: LabelledData) -> int:
+    return max(len(row["input_ids"]) for row in data.train)
+
+
+def run(params: TextClassificationParams) -> Path:
     """Train a sequence classifier end to end and return the finished run folder."""
-    from tunelab.models import load_model
-
     prep = prepare(params)
     folder, resume_from, tokenizer, data = prep.folder, prep.resume_from, prep.tokenizer, prep.data
     _report_data(params, data)
 
     set_seed(params.seed)
     model = load_model(prep.source, params, kind="classifier", tokenizer=tokenizer, labels=data.labels)
+    estimate, device, free = run_estimate(model.config, params, params.batch_size, _longest(data), "classifier")
+    log.info("memory: %s; %s has %.1f GiB free", estimate.describe(), device, free / 2**30)
     check_disk_space(folder.final.parent, 2 * checkpoint_bytes(model, not params.peft), "checkpoints and outputs")
+    from tunelab.training.trainer import run_training  # seconds of imports that the dry run never needs
+
     trainer, reports = _build_trainer(model, tokenizer, params, data, folder.staging)
     staging = folder.open_for(trainer, params, resume_from)
     result = run_training(trainer, folder, resume_from)
@@ -80,6 +116,7 @@ def run_text_classification(params: Any) -> Path:
         "labels": data.labels,
         "label_counts": {split: dict(counts) for split, counts in data.counts.items()},
         "data": data.origins,
+        "skipped_rows": data.skipped_rows,
         "device": device_name(),
         "usage": f'tunelab predict --model {Path(params.project_name).name} "a text to label"',
     }
@@ -88,7 +125,7 @@ def run_text_classification(params: Any) -> Path:
     return folder.close_for(trainer, params)
 
 
-def _report_data(params: Any, data: LabelledData) -> None:
+def _report_data(params: TextClassificationParams, data: LabelledData) -> None:
     log.info("data: %s", ", ".join(f"{k}={v}" for k, v in data.origins.items()))
     log.info("labels (%d): %s", len(data.labels), ", ".join(data.labels))
     for split, counts in data.counts.items():
@@ -106,12 +143,14 @@ def _report_data(params: Any, data: LabelledData) -> None:
         )
 
 
-def _build_trainer(model: Any, tokenizer: Any, params: Any, data: LabelledData, staging: Path) -> tuple[Any, list]:
+def _build_trainer(
+    model: Any, tokenizer: Any, params: TextClassificationParams, data: LabelledData, staging: Path
+) -> tuple[Any, list]:
     from transformers import DataCollatorWithPadding, EarlyStoppingCallback
     from transformers.trainer_callback import PrinterCallback
 
-    from tunelab.callbacks import ProgressAndMetrics
-    from tunelab.trainer import GuardedTrainer, ListDataset, log_every, training_arguments
+    from tunelab.training.callbacks import ProgressAndMetrics
+    from tunelab.training.trainer import GuardedTrainer, ListDataset, log_every, training_arguments
 
     has_valid = bool(data.valid)
     steps_per_epoch = math.ceil(len(data.train) / (params.batch_size * params.gradient_accumulation))

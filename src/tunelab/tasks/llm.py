@@ -1,6 +1,7 @@
-"""The spine of a run: params -> checks -> data -> model -> method rows -> Trainer -> run folder.
+"""The LLM spine: params -> checks -> data -> model -> method rows -> Trainer -> run folder.
 
-`tunelab.train()` and `tunelab llm` both call `run`.
+`prepare` is the part that needs no weights; `plan` (the dry run) and `run` both start with it. The CLI, the
+Python API and the web app reach this module through the dispatcher, tasks/__init__.py.
 
 Everything that can fail because of the user's input fails before the first weight is loaded and before
 anything is written: the parameters validate themselves, the machine is checked, the data is read, formatted
@@ -19,14 +20,18 @@ from typing import Any
 from transformers import set_seed
 
 from tunelab import outputs
-from tunelab.checkpoints import check_disk_space, checkpoint_bytes
-from tunelab.config.schema import LLMParams
+from tunelab.config.llm import LLMParams
 from tunelab.data import load_data
+from tunelab.data.packing import row_length
 from tunelab.data.preference import load_preference_data
 from tunelab.env import check_machine, device_name
 from tunelab.errors import DataError
+from tunelab.memory import run_estimate
 from tunelab.methods import METHODS, Method, RowStats
-from tunelab.models import ModelSource, load_model, load_tokenizer, resolve_model
+from tunelab.models import ModelSource, check_model, load_model, load_tokenizer, resolve_model
+from tunelab.tasks import dry_run
+from tunelab.tasks.dry_run import TRAINED_CLOSE, TRAINED_OPEN, RunPlan, SplitSummary, marked_text
+from tunelab.training.checkpoints import check_disk_space, checkpoint_bytes
 
 log = logging.getLogger("tunelab")
 
@@ -59,6 +64,7 @@ def prepare(params: LLMParams) -> Prepared:
     check_machine(params)
 
     source = resolve_model(params.model)
+    check_model(source, params, kind=method.model_kind)
     tokenizer = load_tokenizer(source, params.model_max_length)
     data = load_preference_data(params, tokenizer) if method.data == "pairs" else load_data(params, tokenizer)
     train_rows, stats = method.build_rows(data.train, params)
@@ -89,8 +95,9 @@ def run(params: LLMParams) -> Path:
     _report_model(model, params)
     _report_memory(model, prep)
 
-    from tunelab.callbacks import ProgressAndMetrics
-    from tunelab.trainer import build_trainer, run_training
+    # Imported here: transformers' Trainer takes seconds to import, and the dry run (`plan`) never needs it.
+    from tunelab.training.callbacks import ProgressAndMetrics
+    from tunelab.training.trainer import build_trainer, run_training
 
     check_disk_space(folder.final.parent, 2 * checkpoint_bytes(model, not params.peft), "checkpoints and outputs")
     progress = ProgressAndMetrics(folder.staging / "metrics.jsonl", perplexity=method.data == "examples")
@@ -153,12 +160,17 @@ def _report_data(params: LLMParams, data: Any, stats: Any, rows: int) -> None:
     log.info("first example as trained:\n%s", data.preview[:600])
 
 
+def microbatch(prep: Prepared) -> tuple[int, int]:
+    """(rows per micro-batch, longest row in tokens): what the run's peak memory depends on."""
+    pairs = prep.method.data == "pairs"
+    longest = max(row_length(row) for row in prep.train_rows)
+    return prep.params.batch_size * (2 if pairs else 1), longest  # a pair batch holds chosen and rejected rows
+
+
 def _report_memory(model: Any, prep: Prepared) -> None:
     """The dry run's memory estimate, logged; a warning when the device found has less free memory."""
-    from tunelab import dry_run
-
-    rows, longest = dry_run.microbatch(prep)
-    estimate, device, free = dry_run.estimate(model.config, prep.params, rows, longest, prep.method.model_kind)
+    rows, longest = microbatch(prep)
+    estimate, device, free = run_estimate(model.config, prep.params, rows, longest, prep.method.model_kind)
     log.info("memory: %s; %s has %.1f GiB free", estimate.describe(), device, free / 2**30)
     if not estimate.fits(free):
         log.warning(
@@ -181,3 +193,49 @@ def _report_model(model: Any, params: LLMParams) -> None:
         100 * trainable / max(total, 1),
         params.batch_size * params.gradient_accumulation * params.num_processes * params.num_machines,
     )
+
+
+def plan(params: LLMParams) -> RunPlan:
+    """The dry run: what `run` would do, from the same `prepare`, with the first examples as trained."""
+    prep = prepare(params)
+    data, stats, tokenizer = prep.data, prep.stats, prep.tokenizer
+    pairs = prep.method.data == "pairs"
+    splits = []
+    for name, examples, rows in (("train", data.train, prep.train_rows), ("valid", data.valid, prep.valid_rows)):
+        if examples is None:
+            continue
+        summary = SplitSummary(name, data.origins[name], len(examples), len(rows or []), [len(e) for e in examples])
+        if data.skipped_rows.get(name):
+            summary.notes.append(f"{data.skipped_rows[name]} bad rows skipped (bad_rows=skip)")
+        splits.append(summary)
+    train = splits[0]
+    if pairs:
+        s = data.stats
+        train.notes.append(
+            f"{s.prompts_truncated} prompts cut to max_prompt_length={params.max_prompt_length}, "
+            f"{s.completions_truncated} answers cut to fit, "
+            f"{s.dropped_no_room} pairs dropped with no room for an answer"
+        )
+    else:
+        train.notes.append(
+            f"{stats.truncated} truncated to block_size={params.block_size}, "
+            f"{stats.dropped} dropped with nothing to learn (no answer tokens left)"
+        )
+    train.notes += stats.notes
+    examples = [_shown(item, tokenizer, pairs) for item in data.train[:2]]
+    rows_per_microbatch, longest = microbatch(prep)
+    result = dry_run.new_plan(
+        f"llm {params.trainer}", params, splits, examples, len(prep.train_rows), prep.resume_from
+    )
+    dry_run.add_memory(result, prep.source, params, rows_per_microbatch, longest, prep.method.model_kind)
+    return result
+
+
+def _shown(item: Any, tokenizer: Any, pairs: bool) -> str:
+    """One example as trained, the tokens the loss is on between [[ ]] (a pair: both answers)."""
+    if not pairs:
+        return marked_text(item.input_ids, item.labels, tokenizer)
+    prompt = tokenizer.decode(item.prompt_ids, skip_special_tokens=False)
+    chosen = tokenizer.decode(item.chosen_ids, skip_special_tokens=False)
+    rejected = tokenizer.decode(item.rejected_ids, skip_special_tokens=False)
+    return f"{prompt}{TRAINED_OPEN}{chosen}{TRAINED_CLOSE}\n  rejected: {TRAINED_OPEN}{rejected}{TRAINED_CLOSE}"

@@ -1,0 +1,194 @@
+"""What every task's parameters share: how a field is declared, the common checks, and `RunParams`, the type
+shared code takes.
+
+Each task has its own parameter class (config/llm.py, config/text_classification.py), a dataclass whose fields
+carry their help text and allowed values (`param`), so the CLI flags, the AutoTrain translator and docs/config.md
+are derived from it. Code that serves both tasks (the trainer, checkpoints, outputs, memory, the launcher) is typed
+with `RunParams`, the Protocol of what both classes have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import field
+from pathlib import Path
+from typing import Any, Protocol
+
+from tunelab.errors import ConfigError
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# The launch fields every task shares: (default, help[, choices]).
+LAUNCH: dict[str, tuple] = {
+    "distributed_backend": (
+        None,
+        "How several processes share the work: ddp (a model copy per GPU), fsdp (weights, gradients and optimizer "
+        "sharded, FSDP2), deepspeed (ZeRO-3 with CPU offload); none: ddp when num_processes > 1.",
+        (None, "ddp", "fsdp", "deepspeed"),
+    ),
+    "num_processes": (1, "Processes (one per GPU) on each machine; more than 1 launches through accelerate."),
+    "num_machines": (1, "Machines taking part (multi-node: run the same command on each, with its machine_rank)."),
+    "machine_rank": (0, "This machine's rank among num_machines (0 on the head machine)."),
+    "main_process_ip": (None, "Address of the head machine (machine_rank 0), for multi-node runs."),
+    "main_process_port": (29500, "Port of the head machine, for multi-node runs."),
+    "accelerate_config": (
+        None,
+        "An accelerate config file to launch with instead of the one tunelab ships for distributed_backend.",
+    ),
+}
+SAVE_STEPS_HELP = "Write a checkpoint (to resume from) every N optimizer steps; -1: twice per run, at most every 500."
+RESUME_HELP = (
+    "Continue an interrupted run of the same project_name from its last complete checkpoint (same data order, "
+    "optimizer, scheduler and random state); false: discard it and start over."
+)
+
+
+def param(default: Any, help: str, choices: tuple | None = None, secret: bool = False) -> Any:
+    """A dataclass field whose help text (and allowed values) travel with it to the CLI and the docs."""
+    meta: dict[str, Any] = {"help": help, "secret": secret}
+    if choices is not None:
+        meta["choices"] = choices
+    return field(default=default, metadata=meta, repr=not secret)
+
+
+class Params:
+    """What every parameter object shares: a redacted dict/JSON view (the token never leaves as itself)."""
+
+    def to_dict(self, redact: bool = True) -> dict[str, Any]:
+        """All parameters as plain values; secrets replaced by '***' unless redact is False."""
+        values = dataclasses.asdict(self)
+        if redact:
+            for f in dataclasses.fields(self):
+                if f.metadata.get("secret") and values.get(f.name):
+                    values[f.name] = "***"
+        return values
+
+    def to_json(self) -> str:
+        """The redacted parameters as JSON (what lands in training_params.json)."""
+        return json.dumps(self.to_dict(redact=True), indent=2, sort_keys=True)
+
+
+class RunParams(Protocol):
+    """The parameters every task has: LLMParams and TextClassificationParams both satisfy it.
+
+    `task` and the switches a task does not offer (a classifier has no packing or fused ops) are class constants of
+    the task's class, so shared code reads `params.packing` without asking which task it serves.
+    """
+
+    task: str  # the spine in tunelab/tasks/ that runs these parameters
+    trainer: str  # the training method (LLM) or the task's own name
+    model: str
+    project_name: str
+    data_path: str
+    train_split: str
+    valid_split: str | None
+    text_column: str
+    bad_rows: str
+    lr: float
+    epochs: int
+    max_steps: int
+    batch_size: int
+    gradient_accumulation: int
+    auto_find_batch_size: bool
+    warmup_ratio: float
+    optimizer: str
+    scheduler: str
+    weight_decay: float
+    max_grad_norm: float
+    seed: int
+    mixed_precision: str | None
+    disable_gradient_checkpointing: bool
+    checkpoint_every: int
+    fast_loss: bool
+    fused_ops: bool
+    packing: bool
+    use_flash_attention_2: bool
+    peft: bool
+    lora_r: int
+    lora_alpha: int
+    lora_dropout: float
+    target_modules: str | None
+    quantization: str | None
+    log: str
+    logging_steps: int
+    eval_strategy: str
+    save_total_limit: int
+    save_steps: int
+    resume: bool
+    push_to_hub: bool
+    username: str | None
+    repo_id: str | None
+    token: str | None
+    distributed_backend: str | None
+    num_processes: int
+    num_machines: int
+    machine_rank: int
+    main_process_ip: str | None
+    main_process_port: int
+    accelerate_config: str | None
+
+    def to_dict(self, redact: bool = True) -> dict[str, Any]: ...
+
+
+BAD_ROWS_HELP = (
+    "Rows that cannot be used (missing, empty or wrong-typed fields, bad messages): `error` lists them with "
+    "file, line and column and stops before training; `skip` drops them and logs how many and which."
+)
+
+
+def check_choices(params: RunParams) -> None:
+    """Every field with a list of allowed values holds one of them ("no" mixed precision means none)."""
+    if params.mixed_precision == "no":
+        params.mixed_precision = None
+    for f in dataclasses.fields(params):
+        choices = f.metadata.get("choices")
+        value = getattr(params, f.name)
+        if choices is not None and value not in choices:
+            shown = ", ".join("none" if c is None else str(c) for c in choices)
+            raise ConfigError(f"{f.name}: {value!r} is not one of {shown}")
+
+
+def check_training(params: RunParams) -> None:
+    """The checks every task's parameters share: schedule, steps, LoRA, quantization, hub."""
+    if not 0 <= params.warmup_ratio < 1:
+        raise ConfigError(f"warmup_ratio must be in [0, 1), got {params.warmup_ratio}")
+    if not 0 <= params.lora_dropout < 1:
+        raise ConfigError(f"lora_dropout must be in [0, 1), got {params.lora_dropout}")
+    if params.max_steps == 0 or params.max_steps < -1:
+        raise ConfigError(f"max_steps must be a positive number of steps or -1, got {params.max_steps}")
+    if params.quantization is not None and not params.peft:
+        raise ConfigError(f"quantization={params.quantization} trains a LoRA adapter on a quantized model: add --peft")
+    if params.push_to_hub and not (params.repo_id or params.username):
+        raise ConfigError("push_to_hub needs username (or repo_id) to know where to push")
+    if params.push_to_hub and not (params.token or os.environ.get("HF_TOKEN")):
+        # Found now, not when the run has finished training and the upload would fail.
+        raise ConfigError("push_to_hub needs a token: set --token, hub.token in the config, or HF_TOKEN")
+
+
+def check_launch(params: RunParams) -> None:
+    """Launch settings that cannot work, found before anything starts."""
+    check_positive(params, "num_processes", "num_machines", "main_process_port")
+    if not 0 <= params.machine_rank < params.num_machines:
+        raise ConfigError(f"machine_rank must be in [0, num_machines), got {params.machine_rank}")
+    if params.num_machines > 1 and not params.main_process_ip:
+        raise ConfigError("a multi-node run (num_machines > 1) needs main_process_ip: the head machine's address")
+    if params.accelerate_config and not Path(params.accelerate_config).expanduser().is_file():
+        raise ConfigError(f"accelerate_config: {params.accelerate_config} is not a file")
+
+
+def check_save_steps(params: RunParams) -> None:
+    if params.save_steps == 0 or params.save_steps < -1:
+        raise ConfigError(f"save_steps must be a positive number of steps or -1, got {params.save_steps}")
+
+
+def check_positive(params: RunParams, *names: str) -> None:
+    for name in names:
+        value = getattr(params, name)
+        if value is None or value <= 0:
+            raise ConfigError(f"{name} must be positive, got {value}")
+
+
+def field_names(schema: type) -> list[str]:
+    """The names of every parameter of a parameter class, in declaration order."""
+    return [f.name for f in dataclasses.fields(schema)]

@@ -1,0 +1,206 @@
+"""The parameter object of an LLM fine-tuning run: tunelab's counterpart of AutoTrain's `LLMTrainingParams`.
+
+Every field is described and defaulted once, here. The CLI flags (`cli.py`), the AutoTrain YAML translator
+(`config/autotrain.py`), the Python API and `docs/config.md` are all derived from this dataclass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from tunelab.config.base import (
+    BAD_ROWS_HELP,
+    DEFAULT_MODEL,
+    LAUNCH,
+    RESUME_HELP,
+    SAVE_STEPS_HELP,
+    Params,
+    check_choices,
+    check_launch,
+    check_positive,
+    check_save_steps,
+    check_training,
+    param,
+)
+from tunelab.errors import ConfigError
+from tunelab.methods import REGISTRY
+
+CHAT_TEMPLATES = ("none", "zephyr", "chatml", "tokenizer", "alpaca")
+
+
+@dataclass
+class LLMParams(Params):
+    """Everything that defines an LLM fine-tuning run. Names follow AutoTrain Advanced's `LLMTrainingParams`."""
+
+    task: ClassVar[str] = "llm"
+
+    # --- what to train, on what, where to put it
+    model: str = param(DEFAULT_MODEL, "Base model: a Hugging Face hub id, a local model folder, or a .gguf file.")
+    project_name: str = param(
+        "project-name", "Output folder of the run (created when the run completes; must not exist yet)."
+    )
+    data_path: str = param(
+        "data", "Data: a CSV/JSONL/JSON/Parquet file, a folder holding <train_split>.<ext>, or a hub dataset id."
+    )
+    train_split: str = param("train", "Name of the training split (the file stem inside a data folder).")
+    valid_split: str | None = param(None, "Name of the validation split; none means no evaluation.")
+    trainer: str = param(
+        "default",
+        "Training method: `default` (causal LM over text cut into blocks), `sft` (per example, loss on the "
+        "answer), `reward` (reward model), `dpo` or `orpo` (preference pairs). The list is tunelab.methods.METHODS.",
+    )
+
+    # --- data shape
+    text_column: str = param("text", "Column with the text, the message list, or (preference data) the chosen answer.")
+    prompt_text_column: str | None = param(
+        None, "Column with the prompt, for prompt/completion data (the completion is in text_column)."
+    )
+    rejected_text_column: str | None = param(None, "Column with the rejected answer (preference trainers).")
+    chat_template: str | None = param(
+        None,
+        "How rows become text: none (text used as is), zephyr, chatml, tokenizer (the model's own template), "
+        "alpaca (the Alpaca instruction prompt). Unset: picked from the data (see docs/data.md).",
+        (None, *CHAT_TEMPLATES),
+    )
+    add_eos_token: bool = param(True, "Append the end-of-sequence token to each text (plain-text rows).")
+    completion_only_loss: bool = param(
+        True, "sft: train only on assistant/completion tokens of chat and prompt/completion rows."
+    )
+    bad_rows: str = param("error", BAD_ROWS_HELP, ("error", "skip"))
+    packing: bool = param(False, "sft: pack several examples into each block_size row (attention kept per example).")
+    group_by_length: bool = param(
+        True, "Without packing: batch examples (or preference pairs) of similar length together (less padding)."
+    )
+
+    # --- lengths
+    block_size: int = param(1024, "Tokens per training row; longer examples are truncated (and counted). -1: auto.")
+    model_max_length: int = param(2048, "Longest sequence the model is asked to handle.")
+    max_prompt_length: int = param(128, "Preference trainers: longest prompt kept (truncated from the left).")
+    max_completion_length: int | None = param(None, "Preference trainers: longest completion kept.")
+    padding: str = param("right", "Side to pad batches on.", ("left", "right"))
+
+    # --- optimisation
+    lr: float = param(3e-5, "Peak learning rate.")
+    epochs: int = param(1, "Passes over the training data.")
+    max_steps: int = param(-1, "Stop after this many optimizer steps (-1: run all epochs).")
+    batch_size: int = param(2, "Examples (rows) per device per step.")
+    gradient_accumulation: int = param(4, "Micro-batches accumulated per optimizer step.")
+    auto_find_batch_size: bool = param(False, "Halve the batch size on out-of-memory until it fits.")
+    warmup_ratio: float = param(0.1, "Fraction of steps spent warming the learning rate up.")
+    optimizer: str = param("adamw_torch", "Optimizer, any transformers `optim` name (e.g. adamw_torch, adamw_8bit).")
+    scheduler: str = param("linear", "Learning-rate schedule (linear, cosine, constant, ...).")
+    weight_decay: float = param(0.0, "Weight decay.")
+    max_grad_norm: float = param(1.0, "Gradient clipping norm.")
+    seed: int = param(42, "Random seed (data order, initialisation, dropout).")
+    mixed_precision: str | None = param(
+        None, "fp16 (CUDA only) or bf16; none trains in the model's float32.", (None, "no", "fp16", "bf16")
+    )
+    disable_gradient_checkpointing: bool = param(False, "Turn gradient checkpointing off (faster, more memory).")
+    checkpoint_every: int = param(
+        1,
+        "With gradient checkpointing on, checkpoint only every Nth decoder layer: 1 checkpoints all (least memory);"
+        " 2, 3, ... keep the other layers' activations (less recomputation, more memory).",
+    )
+    fast_loss: bool = param(
+        True, "Compute the loss from hidden states at the answer positions, in chunks (no full logits)."
+    )
+    torch_compile: bool = param(False, "Compile each decoder layer with torch.compile (pays off on GPUs).")
+    fused_ops: bool = param(
+        True,
+        "Memory-lean RMSNorm, SwiGLU and LoRA dropout (Llama-family models): same maths, fewer saved activations;"
+        " under LoRA the norms' and SwiGLU's outputs are rebuilt in the backward pass instead of kept.",
+    )
+
+    # --- PEFT / quantization
+    peft: bool = param(False, "Train a LoRA adapter instead of all weights.")
+    lora_r: int = param(16, "LoRA rank.")
+    lora_alpha: int = param(32, "LoRA alpha (scale = alpha / r).")
+    lora_dropout: float = param(0.05, "LoRA dropout.")
+    target_modules: str | None = param(
+        "all-linear", "Modules LoRA adapts: all-linear, or comma-separated names (q_proj,v_proj)."
+    )
+    quantization: str | None = param(
+        None, "Load the base model in int4 or int8 (QLoRA; needs peft and CUDA).", (None, "int4", "int8")
+    )
+    merge_adapter: bool = param(
+        False,
+        "After LoRA training, also save the adapter merged into a full model (merged/). "
+        "Without peft the full model is saved anyway.",
+    )
+
+    # --- preference trainers
+    model_ref: str | None = param(
+        None, "dpo: reference model (default: the base model with the adapter off, or a frozen copy without peft)."
+    )
+    dpo_beta: float = param(
+        0.1, "dpo: beta (strength of the pull towards the reference); orpo: weight of the odds ratio."
+    )
+
+    # --- logging and saving
+    log: str = param("none", "Experiment tracker: none, tensorboard or wandb.", ("none", "tensorboard", "wandb"))
+    logging_steps: int = param(-1, "Log every N steps (-1: about 25 points per run).")
+    eval_strategy: str = param(
+        "epoch", "When to evaluate on valid_split: no, steps or epoch.", ("no", "steps", "epoch")
+    )
+    save_total_limit: int = param(1, "Checkpoints kept while training.")
+    save_steps: int = param(-1, SAVE_STEPS_HELP)
+    resume: bool = param(True, RESUME_HELP)
+
+    # --- hub
+    push_to_hub: bool = param(False, "Upload the output folder to the hub when done (private).")
+    username: str | None = param(None, "Hub user or organisation to push to.")
+    repo_id: str | None = param(None, "Hub repository to push to (default: username/project_name).")
+    token: str | None = param(None, "Hub token (never logged or written; HF_TOKEN is read too).", secret=True)
+
+    # --- accepted for AutoTrain compatibility
+    unsloth: bool = param(False, "Accepted for AutoTrain compatibility; tunelab's own fast path is always used.")
+    use_flash_attention_2: bool = param(False, "Use flash-attention 2 kernels (CUDA, flash-attn installed).")
+
+    # --- scaling out (launched through accelerate; see docs/scaling.md)
+    distributed_backend: str | None = param(*LAUNCH["distributed_backend"])
+    num_processes: int = param(*LAUNCH["num_processes"])
+    num_machines: int = param(*LAUNCH["num_machines"])
+    machine_rank: int = param(*LAUNCH["machine_rank"])
+    main_process_ip: str | None = param(*LAUNCH["main_process_ip"])
+    main_process_port: int = param(*LAUNCH["main_process_port"])
+    accelerate_config: str | None = param(*LAUNCH["accelerate_config"])
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        """Raise ConfigError naming the parameter for any value that cannot work, before anything is loaded."""
+        if self.chat_template in ("", "null"):
+            self.chat_template = None
+        check_choices(self)
+        check_positive(self, "lr", "epochs", "batch_size", "gradient_accumulation", "lora_r", "lora_alpha")
+        check_positive(self, "model_max_length", "save_total_limit", "max_prompt_length", "checkpoint_every")
+        check_save_steps(self)
+        check_launch(self)
+        if self.block_size == -1:
+            self.block_size = min(1024, self.model_max_length)
+        check_positive(self, "block_size")
+        if self.block_size > self.model_max_length:
+            raise ConfigError(
+                f"block_size ({self.block_size}) is larger than model_max_length ({self.model_max_length}): "
+                "lower block_size or raise model_max_length"
+            )
+        if self.trainer not in REGISTRY:
+            raise ConfigError(f"trainer: {self.trainer!r} is not one of {', '.join(REGISTRY)}")
+        if REGISTRY[self.trainer].data == "pairs":
+            # AutoTrain's length rules for preference data, checked before anything is loaded.
+            for name in ("max_prompt_length", "max_completion_length"):
+                value = getattr(self, name)
+                for limit in ("block_size", "model_max_length"):
+                    if value is not None and value > getattr(self, limit):
+                        raise ConfigError(
+                            f"{name} ({value}) is larger than {limit} ({getattr(self, limit)}): prompt and answer "
+                            f"together must fit in block_size"
+                        )
+        if self.max_completion_length is not None:
+            check_positive(self, "max_completion_length")
+        if self.dpo_beta <= 0:
+            raise ConfigError(f"dpo_beta must be positive, got {self.dpo_beta}")
+        check_training(self)

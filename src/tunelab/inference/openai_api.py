@@ -1,0 +1,223 @@
+"""The OpenAI-compatible HTTP API over one model, in the shapes of https://platform.openai.com/docs/api-reference:
+`GET /v1/models`, `POST /v1/chat/completions` and `POST /v1/completions`, with or without streaming (server-sent
+events), so the official `openai` client and the tools built on it work unchanged.
+
+The routes are this module's functions; `create_app` puts the served model in the app's state (`Served`) and
+registers them. What a request may ask is checked in inference/openai_requests.py; the text comes from
+inference/streaming.py, and streaming and non-streaming answers come from that same code path (so they are the
+same text). `tunelab serve` (inference/serve.py) loads the model and runs the app with uvicorn.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at run time.
+import hmac
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from tunelab.inference.openai_requests import (
+    COMPLETIONS_DEFAULT_MAX_TOKENS,
+    RequestError,
+    parse_messages,
+    parse_prompt,
+    parse_sampling,
+)
+from tunelab.inference.streaming import Generation, encode_prompt
+
+log = logging.getLogger("tunelab")
+
+
+@dataclass
+class Served:
+    """The one model an app serves, and what its routes share."""
+
+    model: Any
+    tokenizer: Any
+    name: str  # the id /v1/models lists; requests may name any model (there is one), and get this one
+    api_key: str | None = None  # when set, every request must carry `Authorization: Bearer <api_key>`
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one generation at a time on the model
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def card(self) -> dict:
+        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "tunelab"}
+
+
+def served(request: Request) -> Served:
+    return request.app.state.served
+
+
+def check_key(request: Request) -> None:
+    api_key = served(request).api_key
+    if api_key is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    # compare_digest: the time taken does not tell an attacker how much of a guess was right.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+        raise HTTPException(401, "Incorrect or missing API key: send Authorization: Bearer <key>")
+
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
+
+
+def create_app(model: Any, tokenizer: Any, model_name: str, api_key: str | None = None) -> FastAPI:
+    """The FastAPI app serving `model` under the name `model_name`.
+
+    Args:
+        model: A loaded causal LM (from `load_run`).
+        tokenizer: Its tokenizer; chat requests need it to carry a chat template.
+        model_name: The id listed by /v1/models and returned in every response. Requests may name any model: with
+            one model loaded there is nothing to choose, and clients that insist on a name keep working.
+        api_key: When set, every request must carry `Authorization: Bearer <api_key>`, else it gets a 401.
+    """
+    app = FastAPI(title="tunelab")
+    app.state.served = Served(model, tokenizer, model_name, api_key)
+    app.include_router(router)
+    app.add_exception_handler(RequestError, bad_request)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(Exception, server_error)
+    return app
+
+
+# ---- errors, as OpenAI sends them --------------------------------------------------------------------------------
+
+
+def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None):
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+async def bad_request(request: Request, err: RequestError) -> JSONResponse:
+    return JSONResponse(error_body(err.message, param=err.param), status_code=400)
+
+
+async def http_error(request: Request, err: HTTPException) -> JSONResponse:
+    code = "invalid_api_key" if err.status_code == 401 else None
+    return JSONResponse(error_body(str(err.detail), code=code), status_code=err.status_code, headers=err.headers)
+
+
+async def server_error(request: Request, err: Exception) -> JSONResponse:
+    # Starlette re-raises the error after this answer is sent, so uvicorn logs the traceback server-side.
+    return JSONResponse(error_body(f"internal error: {err}", kind="server_error"), status_code=500)
+
+
+# ---- the routes --------------------------------------------------------------------------------------------------
+
+
+@router.get("/models")
+def list_models(request: Request) -> dict:
+    return {"object": "list", "data": [served(request).card()]}
+
+
+@router.get("/models/{name:path}")
+def get_model(request: Request, name: str) -> dict:
+    model = served(request)
+    if name != model.name:
+        raise HTTPException(404, f"model {name!r} is not served here; this server serves {model.name!r}")
+    return model.card()
+
+
+@router.post("/chat/completions")
+async def chat_completions(request: Request) -> Any:
+    model, body = served(request), await read_body(request)
+    messages, sampling = parse_messages(body), parse_sampling(body)
+    if not getattr(model.tokenizer, "chat_template", None):
+        raise RequestError(f"{model.name} has no chat template: use /v1/completions with a plain prompt")
+    try:
+        text = model.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as err:  # e.g. a template that insists on alternating user/assistant turns
+        raise RequestError(f"the chat template refused these messages: {err}", "messages") from None
+    ids = encode_prompt(model.model, model.tokenizer, text, templated=True, sampling=sampling)
+    return await respond(body, Generation(model.model, model.tokenizer, model.lock, ids, sampling), "chat", model)
+
+
+@router.post("/completions")
+async def completions(request: Request) -> Any:
+    model, body = served(request), await read_body(request)
+    prompt, sampling = parse_prompt(body), parse_sampling(body)
+    if sampling.max_tokens is None:
+        sampling.max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS
+    ids = encode_prompt(model.model, model.tokenizer, prompt, templated=False, sampling=sampling)
+    return await respond(body, Generation(model.model, model.tokenizer, model.lock, ids, sampling), "text", model)
+
+
+async def read_body(request: Request) -> dict:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise RequestError("the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    return body
+
+
+# ---- the answers -------------------------------------------------------------------------------------------------
+
+
+async def respond(body: dict, generation: Generation, kind: str, model: Served) -> Any:
+    """The answer to a chat (kind "chat") or text completion request, streamed or whole."""
+    rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+    head = {"id": rid, "created": int(time.time()), "model": model.name}
+    if not body.get("stream"):
+        return await run_in_threadpool(whole_answer, generation, kind, head)  # generation blocks: off the loop
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of the stream
+    events = answer_events(generation, kind, head, include_usage)
+    return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+
+
+def whole_answer(generation: Generation, kind: str, head: dict) -> dict:
+    text = "".join(generation)
+    if kind == "chat":
+        answer = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None}
+        choices = [answer | {"finish_reason": generation.finish_reason}]
+        return head | {"object": "chat.completion", "choices": choices, "usage": usage(generation)}
+    choices = [choice(kind, text, generation.finish_reason)]
+    return head | {"object": "text_completion", "choices": choices, "usage": usage(generation)}
+
+
+def answer_events(generation: Generation, kind: str, head: dict, include_usage: bool) -> Iterator[str]:
+    """The server-sent events of a streamed answer. A sync generator: Starlette iterates it in a worker thread, so
+    waiting on the model blocks no one."""
+    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+    extra = {"usage": None} if include_usage else {}
+    if kind == "chat":  # OpenAI's first chunk carries the role only
+        yield sse(head | {"object": obj, "choices": [choice(kind, None, None, first=True)]} | extra)
+    try:
+        for piece in generation:
+            yield sse(head | {"object": obj, "choices": [choice(kind, piece, None)]} | extra)
+    except Exception as err:  # headers are sent: report in the stream, as OpenAI does
+        log.exception("streaming generation failed")
+        yield sse(error_body(f"internal error: {err}", kind="server_error"))
+        return
+    yield sse(head | {"object": obj, "choices": [choice(kind, None, generation.finish_reason)]} | extra)
+    if include_usage:
+        yield sse(head | {"object": obj, "choices": [], "usage": usage(generation)})
+    yield sse("[DONE]")
+
+
+def usage(generation: Generation) -> dict:
+    return {
+        "prompt_tokens": generation.prompt_tokens,
+        "completion_tokens": generation.completion_tokens,
+        "total_tokens": generation.prompt_tokens + generation.completion_tokens,
+    }
+
+
+def choice(kind: str, text: str | None, finish: str | None, first: bool = False) -> dict:
+    if kind != "chat":
+        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+    delta = {"role": "assistant", "content": ""} if first else {} if text is None else {"content": text}
+    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+
+def sse(data: dict | str) -> str:
+    """One server-sent event, as OpenAI sends them: `data: <json>` and a blank line."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"

@@ -1,0 +1,153 @@
+"""One request's generation for the OpenAI-compatible API (inference/openai_api.py): the prompt's token ids checked
+against the model's context, then text pieces as the model produces them, stop strings applied, one request at a
+time on the model.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from tunelab.inference.openai_requests import RequestError, Sampling
+
+
+class Generation:
+    """One request's generation: iterate it for text pieces as the model produces them.
+
+    `model.generate` runs in a worker thread that holds the server's lock, so requests take turns on the model and
+    the lock is released when generation ends even if the client has gone away. Stop strings are applied to the
+    decoded text (the model knows only tokens): text that could be the start of a stop string is held back until
+    it is clear that it is not. After iteration, finish_reason and the token counts are set.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, lock: threading.Lock, input_ids: Any, sampling: Sampling) -> None:
+        self.model, self.tokenizer, self.lock, self.sampling = model, tokenizer, lock, sampling
+        self.input_ids = input_ids
+        self.prompt_tokens = int(input_ids.shape[1])
+        self.completion_tokens = 0
+        self.finish_reason = "stop"
+        self._stop = threading.Event()  # set by the reader: a stop string was seen, or the client went away
+        self._error: BaseException | None = None
+        self._output: Any = None
+
+    def __iter__(self) -> Iterator[str]:
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        worker = threading.Thread(target=self._generate, args=(streamer,), daemon=True)
+        worker.start()
+        text, sent, stopped = "", 0, False
+        try:
+            for piece in streamer:
+                text += piece
+                cut = min((i for i in (text.find(s) for s in self.sampling.stop) if i >= 0), default=-1)
+                if cut >= 0:
+                    stopped = True
+                    self._stop.set()
+                    if text[sent:cut]:
+                        yield text[sent:cut]
+                    break
+                safe = len(text) - _held_back(text, self.sampling.stop)
+                if safe > sent:
+                    yield text[sent:safe]
+                    sent = safe
+            else:
+                if text[sent:]:
+                    yield text[sent:]
+        finally:
+            # After a stop string, or when the reader quits (a dropped client closes the response), the worker is
+            # asked to stop at its next token: it holds the lock, and should not run on to max_tokens for no one.
+            # No join here: an abandoned generator may be finalized by the garbage collector in any thread.
+            self._stop.set()
+        worker.join()  # only on a normal end, when the worker has ended the stream (or is about to)
+        if self._error is not None:
+            raise self._error
+        self._count(stopped)
+
+    def _generate(self, streamer: Any) -> None:
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        stop_event = self._stop
+
+        class StopWhenAsked(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                return torch.full(
+                    (input_ids.shape[0],), stop_event.is_set(), dtype=torch.bool, device=input_ids.device
+                )
+
+        s = self.sampling
+        # OpenAI has no top_k: switch transformers' default top_k=50 off so the request means what it says.
+        sampling = {"temperature": s.temperature, "top_p": s.top_p, "top_k": 0} if s.temperature > 0 else {}
+        try:
+            with self.lock:
+                if self._stop.is_set():  # the client left while waiting for its turn
+                    streamer.end()
+                    return
+                if s.seed is not None:
+                    torch.manual_seed(s.seed)  # the global generator, but the lock makes the request its only user
+                with torch.no_grad():
+                    self._output = self.model.generate(
+                        input_ids=self.input_ids,
+                        attention_mask=torch.ones_like(self.input_ids),
+                        max_new_tokens=s.max_tokens,
+                        do_sample=s.temperature > 0,
+                        pad_token_id=_pad_token_id(self.tokenizer),
+                        streamer=streamer,
+                        stopping_criteria=StoppingCriteriaList([StopWhenAsked()]),
+                        **sampling,
+                    )
+        except BaseException as err:
+            # Handed to the reader, which re-raises it; ending the stream keeps the reader from waiting forever.
+            self._error = err
+            streamer.end()
+
+    def _count(self, stopped: bool) -> None:
+        if self._output is None:
+            return
+        new = self._output[0, self.prompt_tokens :].tolist()
+        self.completion_tokens = len(new)
+        ended = bool(new) and new[-1] in _eos_ids(self.model, self.tokenizer)
+        if not stopped and not ended and self.completion_tokens >= (self.sampling.max_tokens or 0):
+            self.finish_reason = "length"
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """How many characters at the end of `text` could be the start of a stop string (so must wait for more)."""
+    return max((n for s in stops for n in range(len(s) - 1, 0, -1) if text.endswith(s[:n])), default=0)
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def _pad_token_id(tokenizer: Any) -> int | None:
+    # Many causal LMs have no pad token; generate() then warns on every call. One sequence needs no padding.
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def encode_prompt(model: Any, tokenizer: Any, text: str, templated: bool, sampling: Sampling) -> Any:
+    """Token ids of the prompt on the model's device; max_tokens checked against (or defaulted to) the context."""
+    # A chat template writes its own BOS where the model wants one (as in generate.format_prompt).
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=not templated)["input_ids"].to(model.device)
+    context = getattr(model.config, "max_position_embeddings", None)
+    prompt_tokens = int(ids.shape[1])
+    if context is not None:
+        if prompt_tokens >= context:
+            raise RequestError(f"the prompt is {prompt_tokens} tokens; this model's context is {context} tokens")
+        if sampling.max_tokens is None:
+            sampling.max_tokens = context - prompt_tokens
+        elif prompt_tokens + sampling.max_tokens > context:
+            raise RequestError(
+                f"this model's context is {context} tokens, but {prompt_tokens} prompt tokens and max_tokens "
+                f"{sampling.max_tokens} were asked for",
+                "max_tokens",
+            )
+    if sampling.max_tokens is None:
+        sampling.max_tokens = 512  # a model that does not say its context length
+    return ids
