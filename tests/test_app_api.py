@@ -146,6 +146,17 @@ def test_upload_of_the_wrong_type_is_refused_on_its_field(app, model, tmp_path):
     assert not list((tmp_path / "appdata" / "uploads").glob("*/*"))  # nothing was written
 
 
+def test_a_compressed_upload_is_read_like_the_plain_file(app, model):
+    import gzip
+
+    _, project = new_project(app, model, data=("alpaca.jsonl.gz", gzip.compress(SAMPLE.read_bytes())))
+    mapping = {"prompt_text_column": "instruction", "text_column": "output"}
+    status, body = app.post_json(f"/api/projects/{project['id']}/preview", {"mapping": mapping})
+    assert status == 200, body
+    assert body["columns"] == ["instruction", "input", "output"]
+    assert body["plan"]["splits"][0]["examples"] == 175
+
+
 def test_upload_over_the_limit_is_refused_while_it_streams(app, model, tmp_path):
     big = SAMPLE.read_bytes() * 8  # ~560 KB, limit 256 KB
     status, body = new_project(app, model, data=("big.jsonl", big))

@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import SHARED_DATA, needs_shared
 from tunelab.data.formats import detect_format, to_examples
-from tunelab.data.sources import read_file, read_splits
+from tunelab.data.sources import read_file, read_splits, sniff_delimiter
 from tunelab.errors import DataError
 
 
@@ -622,3 +622,391 @@ def test_bad_row_in_json_list_is_named_by_row(tmp_path):
     split = read_file(path, "train")
     with pytest.raises(DataError, match=re.escape(f"{path} row 3, column 'text': empty text")):
         to_examples(split, detect_format(split, "text"))
+
+
+# ---------------------------------------------------------------------------------------------- compressed files
+
+
+def compressed(kind, data):
+    import bz2
+    import gzip
+    import lzma
+
+    import pyarrow as pa
+
+    if kind == "zst":
+        return pa.Codec("zstd").compress(data, asbytes=True)
+    return {"gz": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress}[kind](data)
+
+
+COMPRESSIONS = [("gz", "gzip"), ("bz2", "bz2"), ("xz", "xz"), ("zst", "zstd")]
+# a quoted two-line field and a blank line: line numbers must be those of the decompressed text
+CSV_TEXT = 'text,label\nhello,1\n"two\nlines",0\n\nlast,1\n'
+JSONL_TEXT = '{"text": "a"}\n\n{"text": "b"}\n{"text": "c"}\n'
+
+
+@pytest.mark.parametrize(("kind", "_name"), COMPRESSIONS)
+def test_compressed_csv_and_jsonl_rows_and_lines(tmp_path, kind, _name):
+    csv_path = tmp_path / f"train.csv.{kind}"
+    csv_path.write_bytes(compressed(kind, CSV_TEXT.encode()))
+    split = read_file(csv_path, "train")
+    assert split.origin == str(csv_path)
+    assert split.rows == [
+        {"text": "hello", "label": "1"},
+        {"text": "two\nlines", "label": "0"},
+        {"text": "last", "label": "1"},
+    ]
+    assert split.lines == [2, 3, 6]
+    jsonl_path = tmp_path / f"train.jsonl.{kind}"
+    jsonl_path.write_bytes(compressed(kind, JSONL_TEXT.encode()))
+    split = read_file(jsonl_path, "train")
+    assert [row["text"] for row in split.rows] == ["a", "b", "c"]
+    assert split.lines == [1, 3, 4]
+
+
+def test_compressed_json_and_tsv(tmp_path):
+    json_path = tmp_path / "train.json.xz"
+    json_path.write_bytes(compressed("xz", json.dumps([{"text": "a"}, {"text": "b"}]).encode()))
+    assert read_file(json_path, "train").rows == [{"text": "a"}, {"text": "b"}]
+    tsv_path = tmp_path / "train.tsv.zst"
+    tsv_path.write_bytes(compressed("zst", b"text\tlabel\na, b\t1\n"))
+    assert read_file(tsv_path, "train").rows == [{"text": "a, b", "label": "1"}]
+
+
+def test_compressed_file_with_a_utf8_bom_and_several_gzip_members(tmp_path):
+    import gzip
+
+    path = tmp_path / "train.csv.gz"
+    path.write_bytes(gzip.compress("\ufefftext\nhéllo\n".encode()) + gzip.compress("wörld\n".encode()))
+    split = read_file(path, "train")
+    assert split.columns == ["text"]
+    assert split.rows == [{"text": "héllo"}, {"text": "wörld"}]
+
+
+@pytest.mark.parametrize(("kind", "name"), COMPRESSIONS)
+def test_compressed_data_under_a_plain_name_is_read(tmp_path, kind, name):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(compressed(kind, JSONL_TEXT.encode()))
+    split = read_file(path, "train")
+    assert [row["text"] for row in split.rows] == ["a", "b", "c"]
+    assert split.lines == [1, 3, 4]
+
+
+@pytest.mark.parametrize(("kind", "name"), COMPRESSIONS)
+def test_truncated_compressed_file(tmp_path, kind, name):
+    path = tmp_path / f"train.jsonl.{kind}"
+    packed = compressed(kind, JSONL_TEXT.encode() * 50)
+    path.write_bytes(packed[: len(packed) // 2])
+    with pytest.raises(DataError, match=re.escape(f"{path}: not a readable {name} file (") + ".*cut short"):
+        read_file(path, "train")
+
+
+def test_invalid_utf8_in_a_compressed_file_names_its_decompressed_line(tmp_path):
+    path = tmp_path / "train.csv.bz2"
+    path.write_bytes(compressed("bz2", b'text\na\n"two\nlines"\ncaf\xe9\n'))
+    with pytest.raises(DataError, match=re.escape(f"{path} line 5: not valid UTF-8 (byte 0xe9)")):
+        read_file(path, "train")
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("train.jsonl.gz", b'{"text": "a"}\n', "not a readable gzip file (it does not start like one); if it is not"),
+        ("train.jsonl.zst", b"", "the file has no rows"),
+        ("train.xz", compressed("xz", b'{"text": "a"}\n'), "the name does not say what the xz file holds"),
+        ("train.parquet.gz", compressed("gz", b"PAR1"), "a gzip-compressed Parquet file; Parquet compresses"),
+    ],
+)
+def test_compressed_file_problems(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=re.escape(f"{path}: {message}")):
+        read_file(path, "train")
+
+
+def test_folder_finds_compressed_and_tsv_split_files(tmp_path):
+    (tmp_path / "train.jsonl.gz").write_bytes(compressed("gz", JSONL_TEXT.encode()))
+    (tmp_path / "valid.tsv").write_text("text\nthree\n", encoding="utf-8")
+    (tmp_path / "notes.txt").write_text("not data\n", encoding="utf-8")
+    splits = read_splits(str(tmp_path), "train", "valid")
+    assert splits["train"].origin == str(tmp_path / "train.jsonl.gz")
+    assert splits["train"].lines == [1, 3, 4]
+    assert splits["valid"].rows == [{"text": "three"}]
+    with pytest.raises(DataError, match=r"no file for split 'test' .*found: train\.jsonl\.gz, valid\.tsv\)"):
+        read_splits(str(tmp_path), "train", "test")
+
+
+def test_folder_prefers_the_uncompressed_file(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [{"text": "plain"}])
+    (tmp_path / "train.jsonl.gz").write_bytes(compressed("gz", b'{"text": "packed"}\n'))
+    assert read_splits(str(tmp_path), "train", None)["train"].rows == [{"text": "plain"}]
+
+
+# ---------------------------------------------------------------------------------------------- CSV delimiters
+
+
+ROWS = [
+    {"text": "hello, world", "label": "1"},
+    {"text": "two\nlines; really", "label": "0"},
+    {"text": "c", "label": "1"},
+]
+
+
+@pytest.mark.parametrize("delimiter", [",", ";", "\t", "|"])
+def test_csv_delimiter_is_detected(tmp_path, delimiter):
+    import csv
+
+    path = tmp_path / "train.csv"
+    with path.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, ["text", "label"], delimiter=delimiter)
+        writer.writeheader()
+        writer.writerows(ROWS)
+    split = read_file(path, "train")
+    assert split.columns == ["text", "label"]
+    assert split.rows == ROWS
+    assert split.lines == [2, 3, 5]
+
+
+def test_comma_csv_full_of_semicolons_stays_comma_delimited(tmp_path):
+    rows = [[f"a; b; c; d; e {i}", "x;y;z"] for i in range(20)]
+    path = write_csv(tmp_path / "train.csv", ["text", "note"], rows)
+    split = read_file(path, "train")
+    assert split.columns == ["text", "note"]
+    assert split.rows[0] == {"text": "a; b; c; d; e 0", "note": "x;y;z"}
+
+
+def test_one_column_csv_with_delimiters_in_its_text(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text('text\nuse a; or a | or a tab\t here\n"and, quoted"\n', encoding="utf-8")
+    assert read_file(path, "train").rows == [{"text": "use a; or a | or a tab\t here"}, {"text": "and, quoted"}]
+
+
+def test_excel_sep_line_sets_the_delimiter(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text("sep=;\r\ntext;label\r\nhello, world;1\r\n", encoding="utf-8")
+    split = read_file(path, "train")
+    assert split.rows == [{"text": "hello, world", "label": "1"}]
+    assert split.lines == [3]
+
+
+@pytest.mark.parametrize(
+    ("header", "default", "expected"),
+    [
+        ("text,label\n", ",", ","),
+        ("text;label;id\n", ",", ";"),
+        ('"a;b",c\n', ",", ","),  # the semicolon is inside quotes
+        ('"a,b";c\n', ",", ";"),
+        ("text\n", ",", ","),
+        ("text\n", "\t", "\t"),
+        ("a,b\tc\n", "\t", "\t"),  # a tie keeps the file type's own
+        ("a|b|c\nx,y,z,w,v\n", ",", "|"),  # only the header line counts
+    ],
+)
+def test_sniff_delimiter(header, default, expected):
+    assert sniff_delimiter(header, default) == expected
+
+
+def test_semicolon_csv_with_a_stray_field_names_the_delimiter(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text("text;label\nfine;1\nnot; fine;0\n", encoding="utf-8")
+    with pytest.raises(
+        DataError, match=re.escape(f"{path} line 3: 3 fields where the header has 2 (an unquoted semicolon")
+    ):
+        read_file(path, "train")
+
+
+# ---------------------------------------------------------------------------------------------- encodings, odd files
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be"])
+def test_utf16_with_a_byte_order_mark_is_named(tmp_path, encoding):
+    path = tmp_path / "train.csv"
+    text = "text\tlabel\nhéllo\t1\n"
+    path.write_bytes((b"\xfe\xff" if encoding == "utf-16-be" else b"") + text.encode(encoding))
+    with pytest.raises(
+        DataError, match=re.escape(f"{path} line 1: not valid UTF-8 but UTF-16 (it starts with a UTF-16")
+    ):
+        read_file(path, "train")
+
+
+def test_utf16_without_a_byte_order_mark_is_named(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes('{"text": "a"}\n'.encode("utf-16-le"))
+    with pytest.raises(DataError, match=re.escape(f"{path} line 1: holds NUL characters, so it is not UTF-8 text")):
+        read_file(path, "train")
+
+
+def test_json_lines_under_a_json_name(tmp_path):
+    path = tmp_path / "train.json"
+    path.write_text('{"text": "a"}\n\n{"text": "b"}\n', encoding="utf-8")
+    split = read_file(path, "train")
+    assert split.rows == [{"text": "a"}, {"text": "b"}]
+    assert split.lines == [1, 3]
+    path.write_text('{"text": "a"}\n{"text": "b",\n', encoding="utf-8")
+    with pytest.raises(DataError, match=re.escape(f"{path} line 2: not valid JSON")):
+        read_file(path, "train")
+
+
+@pytest.mark.parametrize("indent", [None, 2])
+def test_json_list_under_a_jsonl_name(tmp_path, indent):
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps([{"text": "a"}, {"text": "b"}], indent=indent) + "\n", encoding="utf-8")
+    split = read_file(path, "train")
+    assert split.rows == [{"text": "a"}, {"text": "b"}]
+    assert split.where(1) == f"{path} row 2"
+
+
+def test_pretty_printed_object_under_a_jsonl_name(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"data": [{"text": "a"}]}, indent=2), encoding="utf-8")
+    assert read_file(path, "train").rows == [{"text": "a"}]
+
+
+def test_jsonl_whose_first_line_is_a_list_is_still_named_by_line(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('["a"]\n{"text": "b"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=re.escape(f"{path} line 1: expected a JSON object, got list")):
+        read_file(path, "train")
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        (
+            "train.csv",
+            b"PK\x03\x04rest of a zip",
+            "not a .csv file but a zip archive (an Excel .xlsx workbook is one)",
+        ),
+        ("train.jsonl", b"PAR1rest of parquet", "not a .jsonl file but a Parquet file: name it .parquet"),
+        ("train.csv", b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", "not a .csv file but an Excel .xls workbook"),
+        ("train.xlsx", b"PK\x03\x04", "unsupported file type '.xlsx' (use .jsonl, .json, .csv, .tsv, .parquet;"),
+        ("train", b"text\n", "unsupported file type '(none)'"),
+    ],
+)
+def test_files_that_are_not_what_their_name_says(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=re.escape(f"{path}: {message}")):
+        read_file(path, "train")
+
+
+def test_folder_given_where_a_file_is_expected(tmp_path):
+    (tmp_path / "train.jsonl").mkdir()
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'train.jsonl'}: a folder, where a data file")):
+        read_file(tmp_path / "train.jsonl", "train")
+    (tmp_path / "data" / "valid").mkdir(parents=True)
+    write_jsonl(tmp_path / "data" / "train.jsonl", [{"text": "a"}])
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'data' / 'valid'} is a folder, where the data file")):
+        read_splits(str(tmp_path / "data"), "train", "valid")
+
+
+def test_valid_split_given_as_a_relative_path(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "a"}])
+    (tmp_path / "held").mkdir()
+    write_jsonl(tmp_path / "held" / "out.jsonl", [{"text": "b"}])
+    assert read_splits(str(train), "train", "held/out")["valid"].rows == [{"text": "b"}]
+    with pytest.raises(DataError, match=re.escape("no file for split 'held/missing'")):
+        read_splits(str(train), "train", "held/missing")
+
+
+# ---------------------------------------------------------------------------------------------- content parts
+
+
+def test_message_text_parts_become_their_text(tmp_path):
+    parts = [{"type": "text", "text": "Hello, "}, {"type": "text", "text": "there."}]
+    conversation = [{"role": "user", "content": parts}, {"role": "assistant", "content": [parts[1]]}]
+    path = write_jsonl(tmp_path / "train.jsonl", [{"messages": conversation}])
+    _, examples = examples_of(read_file(path, "train"))
+    assert examples == [
+        {"messages": [{"role": "user", "content": "Hello, there."}, {"role": "assistant", "content": "there."}]}
+    ]
+
+
+def test_message_text_parts_in_a_csv_json_string_and_in_sharegpt(tmp_path):
+    conversation = [
+        {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+        {"role": "assistant", "content": "Ho"},
+    ]
+    path = write_csv(tmp_path / "train.csv", ["text"], [[json.dumps(conversation)]])
+    assert examples_of(read_file(path, "train"))[1][0]["messages"][0] == {"role": "user", "content": "Hi"}
+    sharegpt = [{"from": "human", "value": [{"type": "text", "text": "Hi"}]}, {"from": "gpt", "value": "Ho"}]
+    path = write_jsonl(tmp_path / "train.jsonl", [{"conversations": sharegpt}])
+    assert examples_of(read_file(path, "train"))[1][0]["messages"][0] == {"role": "user", "content": "Hi"}
+
+
+def test_preference_message_lists_with_text_parts(tmp_path):
+    """data/preference.py reads chosen and rejected through cell_messages: text parts become text there too."""
+    from tunelab.data.formats import cell_messages
+
+    answer = [{"role": "assistant", "content": [{"type": "text", "text": "Yes"}, {"type": "text", "text": "!"}]}]
+    assert cell_messages({"chosen": answer}, "chosen", need_assistant=False) == [
+        {"role": "assistant", "content": "Yes!"}
+    ]
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        ([{"type": "image_url", "image_url": {"url": "x.png"}}], "message 1 has an image part: tunelab trains text"),
+        ([{"type": "text", "text": "Hi"}, {"type": "image", "image": "x.png"}], "message 1 has an image part"),
+        (
+            [{"type": "input_audio", "input_audio": {}}],
+            "message 1 has an audio part: tunelab trains text models; drop",
+        ),
+        ([{"type": "audio", "audio": "x.wav"}], "message 1 has an audio part"),
+        ([{"type": "video", "video": "x.mp4"}], "message 1 has a video part"),
+        ([{"type": "file", "file": {"file_id": "f"}}], "message 1 has a file part: tunelab trains text models; drop"),
+        ([{"text": "Hi"}], 'message 1 has a content part without a "type" (use {"type": "text", ...})'),
+        (
+            [{"type": "refusal", "refusal": "No"}],
+            "message 1 has a content part of unknown type 'refusal' (use \"text\")",
+        ),
+        ([{"type": "text"}], "message 1 has a text part whose text is null, not text"),
+        ([], "message 1 has an empty list of content parts"),
+        (["Hi"], "message 1 content is not text (a list holding text; content parts are objects such as"),
+    ],
+)
+def test_message_content_parts_that_cannot_be_trained_on(tmp_path, content, reason):
+    conversation = [{"role": "user", "content": content}, {"role": "assistant", "content": "Ho"}]
+    good = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Ho"}]
+    path = write_jsonl(tmp_path / "train.jsonl", [{"messages": good}, {"messages": conversation}])
+    split = read_file(path, "train")
+    fmt = detect_format(split, "text")
+    with pytest.raises(
+        DataError, match=re.escape(f"1 bad row(s) in {path}: {path} line 2, column 'messages': {reason}")
+    ):
+        to_examples(split, fmt)
+    assert to_examples(split, fmt, bad_rows="skip") == [{"messages": good}]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"text": "a", "label": 1}\n{"text": "b", "label": 0}\n', "holds JSON Lines, not CSV (its first line is a"),
+        ('[{"text": "a"}]', "holds JSON, not CSV (it starts with '['): name it .json"),
+        ('[\n  {"text": "a"}\n]\n', "holds JSON, not CSV (it starts with '['): name it .json"),
+    ],
+)
+def test_json_under_a_csv_name(tmp_path, content, message):
+    path = tmp_path / "train.csv"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError, match=re.escape(f"{path}: {message}")):
+        read_file(path, "train")
+
+
+def test_csv_header_with_brackets_is_still_csv(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text("[text],{label}\na,1\n", encoding="utf-8")
+    assert read_file(path, "train").rows == [{"[text]": "a", "{label}": "1"}]
+
+
+def test_file_that_cannot_be_read(tmp_path, monkeypatch):
+    """chmod 0 does not stop root (as in CI containers), so the refusal is simulated."""
+    path = write_jsonl(tmp_path / "train.jsonl", [{"text": "a"}])
+
+    def refuse(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(type(path), "read_bytes", refuse)
+    with pytest.raises(DataError, match=re.escape(f"{path}: cannot read the file (permission denied); make it")):
+        read_file(path, "train")

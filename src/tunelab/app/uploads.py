@@ -17,7 +17,6 @@ from typing import Any
 
 from tunelab.errors import DataError
 
-DATA_EXTENSIONS = (".csv", ".jsonl", ".json", ".parquet")
 MAX_FIELD_BYTES = 64 * 1024  # a text field of a form (the data is a file part, never a text field)
 CSRF_FIELD = "csrf_token"
 
@@ -46,10 +45,14 @@ def safe_filename(name: str) -> str:
 
 
 def check_extension(field_name: str, filename: str) -> None:
-    suffix = Path(filename).suffix.lower()
-    if suffix not in DATA_EXTENSIONS:
-        shown = suffix or "no extension"
-        allowed = ", ".join(DATA_EXTENSIONS)
+    """The file types the data readers take (data/sources.py), compressed ones too (train.jsonl.gz)."""
+    from tunelab.data.compression import SUFFIXES, data_suffix
+    from tunelab.data.sources import EXTENSIONS
+
+    suffix = data_suffix(Path(filename))
+    if suffix not in EXTENSIONS or (Path(filename).suffix.lower() in SUFFIXES and suffix == ".parquet"):
+        shown = Path(filename).suffix.lower() or "no extension"
+        allowed = ", ".join(EXTENSIONS) + " (" + ", ".join(SUFFIXES) + " compressed too, but not Parquet)"
         raise FieldError(field_name, f"{filename}: {shown} files are not data files (use {allowed})")
 
 

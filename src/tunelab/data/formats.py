@@ -2,6 +2,7 @@
 
 Shapes (picked from the columns and the column mapping, in this order):
 - `messages`: text_column holds a list of {role, content} (or ShareGPT {from, value}), or a JSON string of one;
+  content is text or a list of OpenAI-style text parts;
 - `prompt_completion`: prompt_text_column + text_column (the completion);
 - `text`: text_column holds a string, used as it is (pre-formatted text such as `<s>[INST] ... [/INST] ...`);
 - `alpaca`: no text_column, but instruction / input / output columns;
@@ -31,6 +32,18 @@ T = TypeVar("T")
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 MAX_LISTED = 5
+# Content part types that hold no text (OpenAI's chat and responses APIs, transformers' multimodal chats).
+MEDIA_PARTS = {
+    "image": "image",
+    "image_url": "image",
+    "input_image": "image",
+    "audio": "audio",
+    "input_audio": "audio",
+    "video": "video",
+    "video_url": "video",
+    "file": "file",
+    "input_file": "file",
+}
 
 
 @dataclass
@@ -231,7 +244,8 @@ def check_unicode(text: str, column: str | None, what: str = "text") -> None:
 
 
 def cell_messages(row: dict, column: str, need_assistant: bool = True) -> list[dict[str, str]]:
-    """The {role, content} messages of one cell (a list or a JSON string of one; ShareGPT's from/value too)."""
+    """The {role, content} messages of one cell (a list or a JSON string of one; ShareGPT's from/value too); a
+    content that is a list of text parts becomes their text."""
     value = row.get(column)
     if value is None or (isinstance(value, float) and math.isnan(value)):
         raise RowProblem(column, "missing value")
@@ -262,7 +276,50 @@ def _message(item: Any, number: int, column: str) -> dict[str, str]:
         raise RowProblem(column, f"message {number} has unknown role {role!r} (use {', '.join(ROLES)})")
     if content is None:
         raise RowProblem(column, f"message {number} has no content")
+    if isinstance(content, list):
+        content = _parts_text(content, number, column)
     if not isinstance(content, str):
         raise RowProblem(column, f"message {number} content is not text (got {describe_type(content)})")
     check_unicode(content, column, f"message {number} content")
     return {"role": role, "content": content}
+
+
+def _parts_text(parts: list, number: int, column: str) -> str:
+    """The text of OpenAI-style content parts, [{"type": "text", "text": ...}, ...]; other parts are bad rows.
+
+    The texts are joined with nothing between them: that is what the models' own chat templates do with such a
+    list (Qwen2-VL, Llama 3.2 Vision and SmolVLM write each part's text straight after the last; transformers and
+    TRL hand the list to the template as it is), and what `tunelab serve` does with the parts of a request, so a
+    model is served the same text it was trained on."""
+    if not parts:
+        raise RowProblem(column, f"message {number} has an empty list of content parts")
+    texts = []
+    for part in parts:
+        if not isinstance(part, dict):
+            raise RowProblem(
+                column,
+                f"message {number} content is not text (a list holding {describe_type(part)}; "
+                'content parts are objects such as {"type": "text", "text": "..."})',
+            )
+        texts.append(_part_text(part, number, column))
+    return "".join(texts)
+
+
+def _part_text(part: dict, number: int, column: str) -> str:
+    kind = part.get("type")
+    media = MEDIA_PARTS.get(kind) if isinstance(kind, str) else None
+    if media:
+        article = "an" if media[0] in "aeiou" else "a"
+        raise RowProblem(
+            column,
+            f"message {number} has {article} {media} part: tunelab trains text models; "
+            f"drop the {media} parts or describe them in text",
+        )
+    if kind is None:
+        raise RowProblem(column, f'message {number} has a content part without a "type" (use {{"type": "text", ...}})')
+    if kind != "text":
+        raise RowProblem(column, f'message {number} has a content part of unknown type {kind!r} (use "text")')
+    text = part.get("text")
+    if not isinstance(text, str):
+        raise RowProblem(column, f"message {number} has a text part whose text is {describe_type(text)}, not text")
+    return text

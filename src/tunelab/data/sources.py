@@ -1,22 +1,41 @@
-"""Reading rows from CSV, JSONL, JSON and Parquet files, a folder of split files, or a hub dataset id.
+"""Reading rows from CSV, TSV, JSONL, JSON and Parquet files, a folder of split files, or a hub dataset id.
 
-Every row keeps where it came from (file and line) so that later checks can name it. Called by
+Text files are UTF-8 and may be gzip, bz2, xz or zstd-compressed (data/compression.py). Every row keeps where
+it came from (file and line of the decompressed text) so that later checks can name it. Called by
 `data.load_data`; knows nothing about columns or formats.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunelab.data.compression import SUFFIXES, data_suffix, decompress, named_compression
 from tunelab.errors import DataError
 
-EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
+EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+DELIMITERS = {",": "comma", ";": "semicolon", "\t": "tab", "|": "'|'"}
+# Files that are no text at all, by their first bytes, and what to do with them instead.
+NOT_TEXT = {
+    b"PK\x03\x04": "a zip archive (an Excel .xlsx workbook is one): save the sheet as CSV UTF-8, or unzip it",
+    b"\xd0\xcf\x11\xe0": "an Excel .xls workbook (or another Office file): save the sheet as CSV UTF-8",
+    b"PAR1": "a Parquet file: name it .parquet",
+}
+HINTS = {
+    ".xlsx": "save the sheet as CSV UTF-8",
+    ".xls": "save the sheet as CSV UTF-8",
+    ".ods": "save the sheet as CSV UTF-8",
+    ".txt": "a table with a header line is a .csv or .tsv; free text goes one JSON object per line, "
+    '{"text": ...}, in a .jsonl',
+    ".zip": "unzip it and point data_path at the file inside",
+}
 MAX_CSV_FIELD = 64 * 1024 * 1024  # characters in one CSV field (the csv module's own default is 128 KiB)
 
 
@@ -54,7 +73,9 @@ def read_splits(data_path: str, train_split: str, valid_split: str | None) -> di
     if path.is_file():
         splits["train"] = read_file(path, "train")
         if valid_split:
-            candidate = Path(valid_split) if Path(valid_split).is_file() else path.with_name(valid_split)
+            given = Path(os.path.expanduser(valid_split))
+            # `parent / name` rather than with_name(): a valid_split such as "held/out" is a path, not a bad name
+            candidate = given if given.is_file() else path.parent / valid_split
             splits["valid"] = read_file(_with_extension(candidate, path.parent, valid_split), "valid")
         return splits
     if path.is_dir():
@@ -71,16 +92,23 @@ def read_splits(data_path: str, train_split: str, valid_split: str | None) -> di
 
 
 def _with_extension(stem: Path, folder: Path, split: str) -> Path:
+    """The file of a split: stem itself, or the first of stem.jsonl, stem.jsonl.gz, ..., stem.parquet there is."""
     if stem.is_file():
         return stem
     for ext in EXTENSIONS:
-        candidate = stem.with_name(stem.name + ext)
-        if candidate.is_file():
-            return candidate
-    found = sorted(p.name for p in folder.iterdir() if p.suffix in EXTENSIONS) if folder.is_dir() else []
+        for compression in ("", *SUFFIXES):
+            candidate = stem.with_name(stem.name + ext + compression)
+            if candidate.is_file():
+                return candidate
+    if stem.is_dir():
+        raise DataError(
+            f"{stem} is a folder, where the data file of split {split!r} is expected "
+            f"(a split is one file: merge the files in it into {split}.jsonl or {split}.parquet)"
+        )
+    found = sorted(p.name for p in folder.iterdir() if data_suffix(p) in EXTENSIONS) if folder.is_dir() else []
     raise DataError(
-        f"no file for split {split!r} in {folder} (looked for {split}{{{','.join(EXTENSIONS)}}}; "
-        f"found: {', '.join(found) or 'no data files'})"
+        f"no file for split {split!r} in {folder} (looked for {split}{{{','.join(EXTENSIONS)}}}, "
+        f"also with {'/'.join(SUFFIXES)}; found: {', '.join(found) or 'no data files'})"
     )
 
 
@@ -91,22 +119,39 @@ def _looks_like_hub_id(text: str) -> bool:
 
 def read_file(path: Path, name: str) -> Split:
     """One data file -> Split; malformed content raises DataError with the file and line."""
-    suffix = path.suffix.lower()
+    suffix = data_suffix(path)
+    if path.is_dir() and suffix != ".parquet":  # a folder of Parquet parts is one table to pyarrow
+        raise DataError(f"{path}: a folder, where a data file is expected (point at a file in it)")
+    if suffix not in EXTENSIONS or (suffix == ".parquet" and named_compression(path)):
+        raise DataError(_unsupported(path, suffix))
     if suffix == ".parquet":
         split = _read_parquet(path, name)
     else:
-        text = _decode(path)
+        text = _decode(decompress(_read_bytes(path), path), path)
         if suffix == ".jsonl":
             split = _read_jsonl(text, path, name)
         elif suffix == ".json":
             split = _read_json(text, path, name)
-        elif suffix in (".csv", ".tsv"):
-            split = _read_csv(text, path, name, "\t" if suffix == ".tsv" else ",")
         else:
-            raise DataError(f"{path}: unsupported file type {suffix!r} (use {', '.join(EXTENSIONS)})")
+            split = _read_csv(text, path, name, "\t" if suffix == ".tsv" else ",")
     if not split.rows:
         raise DataError(f"{path}: the file has no rows")
     return split
+
+
+def _unsupported(path: Path, suffix: str) -> str:
+    compression = named_compression(path)
+    if compression and suffix == ".parquet":
+        return f"{path}: a {compression}-compressed Parquet file; Parquet compresses its own columns, decompress it"
+    if compression:
+        return (
+            f"{path}: the name does not say what the {compression} file holds (name it like train.jsonl{path.suffix})"
+        )
+    hint = f"; {HINTS[suffix]}" if suffix in HINTS else ""
+    return (
+        f"{path}: unsupported file type {suffix or '(none)'!r} (use {', '.join(EXTENSIONS)}; text files may also be "
+        f"compressed: train.jsonl.gz, {', '.join(list(SUFFIXES)[1:])}){hint}"
+    )
 
 
 def read_texts(path: Path, column: str, name: str) -> list[str]:
@@ -117,21 +162,56 @@ def read_texts(path: Path, column: str, name: str) -> list[str]:
     return [str(row.get(column) or "") for row in split.rows]
 
 
-def _decode(path: Path) -> str:
+def _read_bytes(path: Path) -> bytes:
     try:
-        raw = path.read_bytes()
+        return path.read_bytes()
+    except PermissionError:
+        raise DataError(f"{path}: cannot read the file (permission denied); make it readable for this user") from None
     except OSError as err:
         raise DataError(f"{path}: cannot read the file ({err.strerror or err})") from None
+
+
+def _decode(raw: bytes, path: Path) -> str:
+    """The text of a UTF-8 file (a BOM is dropped); anything else is a DataError naming what the file is."""
+    for signature, what in NOT_TEXT.items():
+        if raw.startswith(signature):
+            raise DataError(f"{path}: not a {data_suffix(path)} file but {what}")
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # Excel's "Unicode Text", Windows PowerShell
+        raise DataError(
+            f"{path} line 1: not valid UTF-8 but UTF-16 (it starts with a UTF-16 byte-order mark); "
+            "save the file as UTF-8 (Excel: CSV UTF-8)"
+        )
     try:
-        return raw.decode("utf-8-sig")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
         raise DataError(
             f"{path} line {line}: not valid UTF-8 (byte {raw[err.start]:#x}); save the file as UTF-8"
         ) from None
+    nul = text.find("\0")
+    if nul >= 0:  # valid UTF-8, yet no text file holds NUL: UTF-16 without its byte-order mark, or binary data
+        line = text.count("\n", 0, nul) + 1
+        raise DataError(
+            f"{path} line {line}: holds NUL characters, so it is not UTF-8 text "
+            "(UTF-16 without a byte-order mark, or a binary file); save the file as UTF-8"
+        )
+    return text
+
+
+def _first_line(text: str) -> str:
+    """The first line that is not blank, stripped."""
+    match = re.match(r"\s*([^\n]*)", text)
+    return match.group(1).strip() if match else ""
 
 
 def _read_jsonl(text: str, path: Path, name: str) -> Split:
+    first = _first_line(text)
+    if first.startswith("[") or first == "{":  # a JSON document saved as .jsonl: no JSONL line is a list or a "{"
+        return _read_json(text, path, name)
+    return _read_lines(text, path, name)
+
+
+def _read_lines(text: str, path: Path, name: str) -> Split:
     rows, lines = [], []
     # Only "\n" ends a JSONL line: str.splitlines() also splits at U+2028, form feeds and other characters that
     # JSON writers leave unescaped inside strings, which would break good rows and shift every line number.
@@ -159,7 +239,23 @@ def _parse_json(text: str, path: Path, first_line: int = 1) -> Any:
         raise DataError(f"{path} line {first_line}: not usable JSON (nested too deeply)") from None
 
 
+def _is_json_lines(text: str) -> bool:
+    """Whether a .json file is JSON Lines (what `datasets`' to_json writes): a whole JSON value on its first line,
+    and more after it."""
+    more = re.match(r"\s*[^\n]*\n\s*\S", text)
+    return bool(more) and isinstance(_json_or_none(_first_line(text)), (dict, list))
+
+
+def _json_or_none(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+
+
 def _read_json(text: str, path: Path, name: str) -> Split:
+    if _is_json_lines(text):
+        return _read_lines(text, path, name)
     data = _parse_json(text, path)
     if isinstance(data, dict):  # {"data": [...]} or {"train": [...]} as some exports write
         lists = [value for value in data.values() if isinstance(value, list)]
@@ -174,16 +270,53 @@ def _read_json(text: str, path: Path, name: str) -> Split:
     return Split(name, str(path), data)
 
 
-def _read_csv(text: str, path: Path, name: str, delimiter: str) -> Split:
+def _read_csv(text: str, path: Path, name: str, default: str) -> Split:
+    _refuse_json(text, path)
+    # Excel writes a "sep=;" line above the header when the delimiter is not the locale's own.
+    excel_sep = re.match(r"sep=([,;\t|])\r?\n", text)
+    delimiter = excel_sep.group(1) if excel_sep else sniff_delimiter(text, default)
     # newline="" hands the csv module the line ends as they are (it needs them for quoted multi-line fields);
     # str.splitlines() would also split at U+2028 and form feeds inside fields.
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     limit = csv.field_size_limit()
     csv.field_size_limit(max(limit, MAX_CSV_FIELD))  # long documents are data, not damage
     try:
+        if excel_sep:
+            next(reader)
         return _csv_rows(reader, path, name)
     finally:
         csv.field_size_limit(limit)
+
+
+def _refuse_json(text: str, path: Path) -> None:
+    """JSON under a CSV name would be read as a header of JSON fragments and end in a misleading 'column not
+    found': name what the file is instead."""
+    first = _first_line(text)
+    value = _json_or_none(first) if first.startswith(("[", "{")) else None
+    if first in ("[", "{") or isinstance(value, list):
+        raise DataError(f"{path}: holds JSON, not CSV (it starts with {first[0]!r}): name it .json")
+    if isinstance(value, dict):
+        raise DataError(f"{path}: holds JSON Lines, not CSV (its first line is a JSON object): name it .jsonl")
+
+
+def sniff_delimiter(text: str, default: str = ",") -> str:
+    """The delimiter of a CSV file: the one of , ; tab | that its header line holds most often outside quotes,
+    the file type's own (comma, or tab for .tsv) on a tie or when there is none (a one-column file).
+
+    Only the header is looked at: a comma file whose text is full of semicolons stays a comma file."""
+    counts = dict.fromkeys(DELIMITERS, 0)
+    quoted = False
+    for char in text[:65536]:
+        if char == '"':
+            quoted = not quoted  # a "" escape toggles twice, which is no change
+        elif quoted:
+            continue
+        elif char in "\r\n":
+            break
+        elif char in counts:
+            counts[char] += 1
+    best = max(counts, key=lambda d: (counts[d], d == default))
+    return best if counts[best] else default
 
 
 def _csv_rows(reader: Any, path: Path, name: str) -> Split:
@@ -192,11 +325,12 @@ def _csv_rows(reader: Any, path: Path, name: str) -> Split:
     except StopIteration:
         raise DataError(f"{path}: the file is empty") from None
     except csv.Error as err:
-        raise DataError(f"{path} line 1: malformed CSV header ({err})") from None
+        raise DataError(f"{path} line {reader.line_num}: malformed CSV header ({err})") from None
     if len(set(header)) != len(header):
-        raise DataError(f"{path} line 1: duplicate column names in the header: {header}")
+        raise DataError(f"{path} line {reader.line_num}: duplicate column names in the header: {header}")
     rows, lines = [], []
     start = reader.line_num + 1
+    delimiter = DELIMITERS.get(reader.dialect.delimiter, repr(reader.dialect.delimiter))
     try:
         for values in reader:
             if not values:
@@ -205,7 +339,7 @@ def _csv_rows(reader: Any, path: Path, name: str) -> Split:
             if len(values) != len(header):
                 raise DataError(
                     f"{path} line {start}: {len(values)} fields where the header has {len(header)} "
-                    "(an unquoted comma or quote?)"
+                    f"(an unquoted {delimiter} or quote?)"
                 )
             rows.append(dict(zip(header, values, strict=True)))
             lines.append(start)

@@ -1,0 +1,65 @@
+"""Compressed data files (`train.jsonl.gz`, `train.csv.zst`, ...): which compression a file uses, and its bytes.
+
+A file's first bytes decide, since every one of these formats starts with a fixed signature: a gzip file saved as
+`train.jsonl` is still read, and a `.gz` name on a file that is not gzip data is an error rather than a guess.
+gzip, bz2 and xz come with Python; zstd goes through pyarrow (a dependency already), as Python has no zstd module
+before 3.14.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import lzma
+import zlib
+from pathlib import Path
+
+from tunelab.errors import DataError
+
+SUFFIXES = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}
+SIGNATURES = {b"\x1f\x8b": "gzip", b"BZh": "bz2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+# What the decompressors raise for damaged or cut-short data (pyarrow's errors are OSError / ValueError too).
+DAMAGED = (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError)
+
+
+def named_compression(path: Path) -> str | None:
+    """The compression a file's name says: 'gzip' for train.jsonl.gz, None for train.jsonl."""
+    return SUFFIXES.get(path.suffix.lower())
+
+
+def data_suffix(path: Path) -> str:
+    """The suffix that says what a file holds, behind any compression suffix: '.jsonl' for train.jsonl.gz."""
+    if named_compression(path):
+        return Path(path.stem).suffix.lower()
+    return path.suffix.lower()
+
+
+def decompress(raw: bytes, path: Path) -> bytes:
+    """raw unpacked when it is compressed (by its signature), else as it is; damage is one DataError."""
+    found = next((kind for signature, kind in SIGNATURES.items() if raw.startswith(signature)), None)
+    named = named_compression(path)
+    if found is None:
+        if named and raw:
+            raise DataError(
+                f"{path}: not a readable {named} file (it does not start like one); "
+                f"if it is not compressed, drop {path.suffix} from its name"
+            )
+        return raw
+    try:
+        return _unpack(raw, found)
+    except DAMAGED as err:
+        raise DataError(
+            f"{path}: not a readable {found} file ({err}); it is damaged or cut short, compress or download it again"
+        ) from None
+
+
+def _unpack(raw: bytes, kind: str) -> bytes:
+    if kind == "gzip":
+        return gzip.decompress(raw)
+    if kind == "bz2":
+        return bz2.decompress(raw)
+    if kind == "xz":
+        return lzma.decompress(raw)
+    import pyarrow as pa
+
+    return pa.input_stream(pa.py_buffer(raw), compression="zstd").read()
