@@ -143,3 +143,20 @@ def test_low_disk_space_is_found_before_training(tiny_llama, twenty_rows, tmp_pa
     assert code == 2
     assert "not enough disk space" in err and "GiB free" in err
     assert not (tmp_path / "full").exists() and not (tmp_path / ".full.partial").exists()
+
+
+def test_checkpoints_of_a_lora_run_on_a_gguf_base_say_nothing_a_user_cannot_act_on(tiny_llama, twenty_rows, tmp_path):
+    """PEFT looks up the base model's config.json at every adapter save; a GGUF base has none and an offline machine
+    cannot fetch it, and PEFT warned about it at every checkpoint."""
+    import warnings
+
+    from tunelab.inference.export import export_gguf
+
+    gguf = export_gguf(tiny_llama, tmp_path / "tiny.gguf", "f32")
+    project = tmp_path / "lora-on-gguf"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code = main([*_args(gguf, twenty_rows, project), "--max-steps", "3", "--save-steps", "1"])
+    assert code == 0 and (project / "adapter_config.json").is_file()
+    noise = [str(w.message) for w in caught if "config file" in str(w.message) or "remote file" in str(w.message)]
+    assert noise == []

@@ -23,6 +23,7 @@ from typing import Any
 
 from jinja2 import TemplateError
 
+from tunelab.config.llm import LLMParams
 from tunelab.data.formats import (
     RowProblem,
     cell_messages,
@@ -79,7 +80,7 @@ class PreferenceData:
         return "preference (" + ", ".join(f"{k}={v!r}" for k, v in self.columns.items()) + ")"
 
 
-def preference_columns(split: Split, params: Any) -> dict[str, str]:
+def preference_columns(split: Split, params: LLMParams) -> dict[str, str]:
     """Which columns hold the prompt (optional), the chosen and the rejected answer."""
     columns = split.columns
     chosen = "chosen" if params.text_column == "text" and "chosen" in columns else params.text_column
@@ -97,7 +98,7 @@ def preference_columns(split: Split, params: Any) -> dict[str, str]:
     return wanted
 
 
-def load_preference_data(params: Any, tokenizer: Any) -> PreferenceData:
+def load_preference_data(params: LLMParams, tokenizer: Any) -> PreferenceData:
     """Read, check, split, render and tokenize the preference splits named by params."""
     splits: dict[str, Split] = read_splits(params.data_path, params.train_split, params.valid_split)
     columns = preference_columns(splits["train"], params)
@@ -112,8 +113,7 @@ def load_preference_data(params: Any, tokenizer: Any) -> PreferenceData:
     preview = ""
     for name, split in splits.items():
         shape = RowShape(preference_columns(split, params), conversational, source, tokenizer)
-        bad_rows = getattr(params, "bad_rows", "error")
-        texts, skipped[name] = _texts(split, shape, bad_rows, stats if name == "train" else None)
+        texts, skipped[name] = _texts(split, shape, params.bad_rows, stats if name == "train" else None)
         if not preview and texts:
             prompt, chosen, rejected = texts[0]
             preview = f"{prompt}[chosen>]{chosen}\n---\n{prompt}[rejected>]{rejected}"
@@ -313,7 +313,7 @@ def tokenize_pair(prompt: str, chosen: str, rejected: str, tokenizer: Any, add_s
     return Pair(list(ids_c[:n]), list(ids_c[n:]), list(ids_r[n:]))
 
 
-def _fit(pairs: list[Pair], params: Any, stats: PairStats) -> list[Pair]:
+def _fit(pairs: list[Pair], params: LLMParams, stats: PairStats) -> list[Pair]:
     """Apply the length rules: prompt to max_prompt_length (keeping its end), completions to
     max_completion_length and to the room block_size leaves. Pairs with no room for an answer are dropped."""
     kept = []
