@@ -348,7 +348,7 @@ def make_params(args: argparse.Namespace) -> Any:
     from tunelab.config.base import field_names
     from tunelab.config.llm import LLMParams
 
-    extra = {"group_by_length": args.group_by_length} if "group_by_length" in field_names() else {}
+    extra = {"group_by_length": args.group_by_length} if "group_by_length" in field_names(LLMParams) else {}
     return LLMParams(
         **extra,
         model=args.model or args.tokenizer or DEFAULT_MODEL,

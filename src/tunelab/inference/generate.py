@@ -39,11 +39,11 @@ def load_run(path: str | Path) -> tuple[Any, Any]:
     if folder.is_dir() and read_run(folder).get("trainer") == "reward":
         raise TunelabError(f"{folder} is a reward model: it scores texts (tunelab score), it does not generate")
     if folder.is_dir() and (folder / "adapter_config.json").is_file():
-        from peft import PeftModel
+        from tunelab.models.peft import load_adapter
 
         base_name = base_model_of(folder)
         base = load_causal_lm(resolve_model(base_name))
-        model = PeftModel.from_pretrained(base, str(folder))
+        model = load_adapter(base, folder)
         tokenizer = load_tokenizer(ModelSource(str(folder), str(folder)))
     else:
         if folder.is_dir() and not (folder / "config.json").is_file() and not list(folder.glob("*.gguf")):

@@ -23,9 +23,9 @@ DTYPES = ("float32", "float16", "bfloat16")
 def merge_run(path: str | Path, output: str | Path, dtype: str | None = None) -> Path:
     """Merge the LoRA adapter of a run folder into its base model and save the full model (and tokenizer)."""
     import torch
-    from peft import PeftModel
 
     from tunelab.models.load import ModelSource, load_causal_lm, load_tokenizer, resolve_model
+    from tunelab.models.peft import load_adapter
 
     folder = check_run_folder(path, "merge")
     if not (folder / "adapter_config.json").is_file():
@@ -39,7 +39,7 @@ def merge_run(path: str | Path, output: str | Path, dtype: str | None = None) ->
     base_name = base_model_of(folder)
     log.info("merging the adapter in %s into %s", folder, base_name)
     base = load_causal_lm(resolve_model(base_name), dtype=getattr(torch, dtype) if dtype else None)
-    merged = PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
+    merged = load_adapter(base, folder).merge_and_unload()
     tokenizer = load_tokenizer(ModelSource(str(folder), str(folder)))
     staging = target.with_name(f".{target.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)

@@ -30,11 +30,11 @@ def load_reward_model(path: str | Path) -> tuple[Any, Any, bool]:
         raise TunelabError(f"{folder} was trained with --trainer {run.get('trainer')}, not reward: nothing to score")
     tokenizer = load_tokenizer(ModelSource(str(folder), str(folder)))
     if (folder / "adapter_config.json").is_file():
-        from peft import PeftModel
+        from tunelab.models.peft import load_adapter
 
         base = load_sequence_classifier(resolve_model(base_model_of(folder)), 1)
         base.config.pad_token_id = tokenizer.pad_token_id
-        model = PeftModel.from_pretrained(base, str(folder))
+        model = load_adapter(base, folder)
     elif (folder / "config.json").is_file():
         model = load_sequence_classifier(ModelSource(str(folder), str(folder)), 1)
     else:

@@ -1,14 +1,230 @@
 """What can be known about the base model before its weights load: checked from its config, in the prepare step
 of every task (tasks/llm.py, tasks/text_classification.py), so a mismatch is one clear line, not a traceback
 after minutes of loading.
+
+In order: the config reads (valid JSON, a model type transformers knows); transformers has a class for the task; a
+local folder's weights are whole (their safetensors headers); the rows fit the model's positions; the LoRA targets
+exist. The targets are looked up in a skeleton of the model built on the meta device (no memory, no weights), and
+only when named: the default, all-linear, always finds the linear layers, and the dry run stays fast. A .gguf file
+is checked when it is resolved (models/load.py).
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import struct
+from pathlib import Path
 from typing import Any
 
 from tunelab.config.base import RunParams
+from tunelab.errors import ConfigError, TunelabError
+from tunelab.models.load import ModelSource, load_config
+from tunelab.models.peft import lora_config, peft_targets, target_modules
+
+log = logging.getLogger("tunelab")
+
+# What each kind of run builds: the transformers auto class, its mapping of config classes, and why it is needed.
+_CAUSAL = ("AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING")
+_SEQ_CLS = ("AutoModelForSequenceClassification", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING")
+TASK_CLASSES = {
+    "causal_lm": (*_CAUSAL, "tunelab llm trains a causal LM"),
+    "reward": (*_SEQ_CLS, "a reward model is a sequence classifier"),
+    "classifier": (*_SEQ_CLS, "text classification trains a sequence classifier"),
+}
 
 
-def check_model(source: Any, params: RunParams, kind: str = "causal_lm") -> None:
-    """Raise TunelabError for a setting this model cannot take (kind: "causal_lm", "reward" or "classifier")."""
+def check_model(source: ModelSource, params: RunParams, kind: str = "causal_lm") -> None:
+    """Raise TunelabError for a model or a setting this model cannot take (kind: "causal_lm", "reward" or
+    "classifier"); log a warning for one it takes at a cost."""
+    config = read_config(source)
+    check_task(source, config, kind)
+    if not source.gguf_file and Path(source.path).is_dir():
+        check_weights(Path(source.path))
+    check_length(source, config, params)
+    if params.quantization is not None and source.gguf_file:
+        raise ConfigError(
+            f"quantization={params.quantization}: model {source.name} is a GGUF file, which loads dequantized to "
+            "float; int4/int8 loading needs a model folder (or drop quantization)"
+        )
+    if params.peft:
+        check_targets(source, config, params, kind)
+
+
+def read_config(source: ModelSource) -> Any:
+    """The model's transformers config, or one line saying why it cannot be read."""
+    file = Path(source.path) / "config.json"
+    if not source.gguf_file and file.is_file():
+        _check_config_file(source, file)
+    try:
+        return load_config(source)
+    except (OSError, ValueError, KeyError) as err:  # an unreadable GGUF architecture, a hub error, ...
+        first_line = (str(err).strip() or type(err).__name__).splitlines()[0]
+        raise TunelabError(f"model {source.name}: transformers cannot read its config ({first_line})") from None
+
+
+def _check_config_file(source: ModelSource, file: Path) -> None:
+    """config.json is a JSON object naming a model type this transformers knows (its own errors are tracebacks)."""
+    from transformers import CONFIG_MAPPING, __version__
+
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise TunelabError(f"model {source.name}: config.json is not valid JSON ({err}): fix or download it") from None
+    if not isinstance(raw, dict) or not raw.get("model_type"):
+        raise TunelabError(f"model {source.name}: {file} names no model_type (not a transformers model config)")
+    if raw["model_type"] not in CONFIG_MAPPING:
+        custom = " and needs its own modeling code (auto_map), which tunelab does not run" if "auto_map" in raw else ""
+        raise TunelabError(
+            f"model {source.name}: config.json has model_type {raw['model_type']!r}, which transformers {__version__} "
+            f"does not know{custom}; use a model of a known type (or a newer transformers)"
+        )
+
+
+def check_task(source: ModelSource, config: Any, kind: str) -> None:
+    """transformers has a class that builds this kind of model from this config: a T5 has no causal-LM class, and
+    many decoder families (Granite, Cohere, Mamba) no sequence-classification one."""
+    import transformers
+
+    auto_class, mapping, why = TASK_CLASSES[kind]
+    if type(config) not in getattr(transformers, mapping):
+        raise TunelabError(
+            f"model {source.name}: transformers has no {auto_class} class for model type {config.model_type!r} "
+            f"({why}); pick a model of another family"
+        )
+
+
+def check_weights(folder: Path) -> None:
+    """The weights of a local model folder are there and whole, from their safetensors headers alone: a cut-short
+    download otherwise fails only when the weights load, after the data has been read."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise TunelabError(f"model folder {folder}: {index.name} is damaged: download it again") from None
+    elif (folder / "model.safetensors").is_file():
+        shards = ["model.safetensors"]
+    elif list(folder.glob("pytorch_model*.bin")):
+        return  # the old pickle format: nothing cheap to check
+    else:
+        raise TunelabError(f"model folder {folder} has no weights (no model.safetensors): download it again")
+    for shard in shards:
+        problem = safetensors_problem(folder / shard)
+        if problem:
+            raise TunelabError(f"model folder {folder}: {shard} {problem}: download it again")
+
+
+def safetensors_problem(file: Path) -> str | None:
+    """What is wrong with a safetensors file (missing, cut short, a damaged header), or None. The format: 8 bytes of
+    header length, a JSON header giving each tensor's byte range, then the data those ranges cover."""
+    if not file.is_file():
+        return "is missing"
+    size = file.stat().st_size
+    with file.open("rb") as data:
+        head = data.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else size
+        if length > size - 8:
+            return f"is truncated or not a safetensors file ({size:,} bytes, too few for its header)"
+        try:
+            header = json.loads(data.read(length))
+            end = max((t["data_offsets"][1] for key, t in header.items() if key != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            return "is damaged (its header is not a safetensors header)"
+    if 8 + length + end > size:
+        return f"is truncated ({size:,} bytes; its header describes {8 + length + end:,})"
+    return None
+
+
+def check_length(source: ModelSource, config: Any, params: RunParams) -> None:
+    """Rows longer than the model's positions. A RoPE model computes its positions, so longer rows run, if untested
+    by its training: a warning. Other models (GPT-2, BERT, OPT) learned one embedding per position and fail at the
+    first longer row: an error."""
+    positions = getattr(config, "max_position_embeddings", None)
+    name = "block_size" if hasattr(params, "block_size") else "max_seq_length"
+    length = getattr(params, name)
+    if not isinstance(positions, int) or length <= positions:
+        return
+    if getattr(config, "rope_parameters", None):
+        log.warning(
+            "%s (%d) is longer than the %d positions of %s (max_position_embeddings): its rotary positions reach that "
+            "far, but it was never trained on them; expect weaker results on rows past %d tokens",
+            name,
+            length,
+            positions,
+            source.name,
+            positions,
+        )
+        return
+    raise ConfigError(
+        f"{name} ({length}) is longer than the {positions} positions of model {source.name} "
+        f"(max_position_embeddings, one learned embedding each): lower {name} to {positions} or less"
+    )
+
+
+def check_targets(source: ModelSource, config: Any, params: RunParams, kind: str) -> None:
+    """Every name in target_modules matches a layer LoRA can adapt, the way PEFT matches them: a module whose name is
+    the target or ends with "." + target; for the fused experts PEFT renames (peft.peft_targets), a parameter."""
+    wanted = target_modules(params.target_modules)
+    if wanted == "all-linear":
+        return
+    if not wanted:
+        raise ConfigError(f"target_modules {params.target_modules!r} names no module: give names (q_proj,v_proj)")
+    model = skeleton(config, kind)
+    try:
+        applied = peft_targets(model, lora_config(params, "CAUSAL_LM" if kind == "causal_lm" else "SEQ_CLS"))
+    except ValueError as err:  # PEFT's renaming: gate_proj without up_proj, which the experts hold fused
+        raise ConfigError(f"target_modules: {err}") from None
+    modules = [(key, module) for key, module in model.named_modules() if key]
+    parameters = [key for key, _ in model.named_parameters()]
+    as_modules = [t for t in wanted if t in applied.target_modules]
+    missing = [t for t in as_modules if not any(_named(t, key) for key, _ in modules)]
+    missing += [t for t in applied.target_parameters or () if not any(_named(t, key) for key in parameters)]
+    if missing:
+        hint = " (they are names, not patterns)" if any(set(t) & set("*^$[]|\\") for t in missing) else ""
+        raise ConfigError(
+            f"target_modules: model {source.name} ({config.model_type}) has no module named {' or '.join(missing)}"
+            f"{hint}; its linear layers are {', '.join(linear_layer_names(model))} (or use all-linear)"
+        )
+    for key, module in modules:
+        if any(_named(t, key) for t in as_modules) and not _fits(module):
+            raise ConfigError(
+                f"target_modules: {key} ({type(module).__name__}) is not a layer LoRA can adapt; name linear layers "
+                f"({', '.join(linear_layer_names(model))}) or use all-linear"
+            )
+
+
+def skeleton(config: Any, kind: str) -> Any:
+    """The model the config describes, on the meta device: its modules and parameter names, no memory and no
+    initialisation (about 20 ms for SmolLM2-135M once its modeling code is imported)."""
+    import torch
+    import transformers
+
+    auto_class = getattr(transformers, TASK_CLASSES[kind][0])
+    with torch.device("meta"):
+        return auto_class.from_config(config)
+
+
+def linear_layer_names(model: Any) -> list[str]:
+    """The distinct last names of the model's linear layers, in model order, without the output or classification
+    head: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj for a Llama."""
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    heads = [model.get_output_embeddings(), getattr(model, "score", None), getattr(model, "classifier", None)]
+    linear = [key for key, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and m not in heads]
+    return list(dict.fromkeys(key.rsplit(".", 1)[-1] for key in linear))
+
+
+def _named(target: str, key: str) -> bool:
+    """PEFT's rule for a name in a target list: the full name, or its last dotted parts."""
+    return key == target or key.endswith("." + target)
+
+
+def _fits(module: Any) -> bool:
+    """A layer type PEFT's LoRA can wrap (peft/tuners/lora/model.py dispatches these)."""
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    layers = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, Conv1D)
+    return isinstance(module, layers)

