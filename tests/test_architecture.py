@@ -155,3 +155,29 @@ def test_the_docstring_check_finds_a_stale_name(tmp_path):
         "tasks/llm.prepare_everything: tunelab.tasks.llm has no 'prepare_everything'",
     ]
     assert docstring_problems("tunelab.cli", stale) == []
+
+
+def test_every_task_names_a_spine_that_prepares_plans_and_runs():
+    from tunelab import tasks
+    from tunelab.config import LLMParams, TextClassificationParams
+
+    for params in (LLMParams(), TextClassificationParams()):
+        spine = tasks.spine(params)
+        assert spine.__name__ == f"tunelab.tasks.{params.task}"
+        assert all(callable(getattr(spine, step, None)) for step in ("prepare", "plan", "run"))
+
+
+def test_the_registry_is_the_one_list_of_methods(monkeypatch):
+    """A method's line in methods.REGISTRY is all the config checks read: a new pair method gets the length rules
+    of preference data without being named anywhere else."""
+    from tunelab.config import LLMParams
+    from tunelab.errors import ConfigError
+    from tunelab.methods import METHODS, REGISTRY, Entry
+
+    for name, entry in REGISTRY.items():
+        assert entry.data in ("examples", "pairs")
+        assert METHODS[name].name == name and METHODS[name].data == entry.data
+    LLMParams(trainer="sft", max_prompt_length=2000, block_size=1024)  # examples: no prompt length rule
+    monkeypatch.setitem(REGISTRY, "new_pairs", Entry("dpo", "pairs", "a pair method added in one line"))
+    with pytest.raises(ConfigError, match="max_prompt_length .* is larger than block_size"):
+        LLMParams(trainer="new_pairs", max_prompt_length=2000, block_size=1024)
