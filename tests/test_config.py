@@ -67,7 +67,7 @@ def test_unset_env_var_is_named_where_its_value_is_needed(monkeypatch, tmp_path,
     config = tmp_path / "config.yml"
     config.write_text(
         "task: llm-sft\nbase_model: m\nproject_name: p\ndata: {path: d}\n"
-        "hub: {username: ${HF_USERNAME}, token: ${HF_TOKEN}, push_to_hub: true}\n",
+        "hub:\n  username: ${HF_USERNAME}\n  token: ${HF_TOKEN}\n  push_to_hub: true\n",
         encoding="utf-8",
     )
     line = check_error(main(["--config", str(config)]), *capsys.readouterr())
@@ -248,3 +248,32 @@ def test_token_is_redacted_everywhere_it_is_shown():
     assert "hf_verysecret" not in repr(params)
     assert "hf_verysecret" not in params.to_json()
     assert params.to_dict(redact=False)["token"] == "hf_verysecret"
+
+
+BAD_CONFIGS = {
+    "tab indentation": ("task: llm-sft\nparams:\n\tlr: 1e-4\n", "line 3, column 1: not valid YAML", "not tabs"),
+    "unclosed list": ("task: llm-sft\nparams: [1, 2\n", "not valid YAML (expected ',' or ']'", ""),
+    "params not a mapping": ("task: llm-sft\nparams: 5\n", "params must be a mapping", "got int 5"),
+    "hub not a mapping": ("task: llm-sft\nhub: [a]\n", "hub must be a mapping", "got list"),
+    "column_mapping not a mapping": ("task: llm-sft\ndata: {path: d, column_mapping: text}\n", "column_mapping", ""),
+    "task not a name": ("task: [llm-sft]\n", "task must be a task name", ""),
+    "a list for a number": ("task: llm-sft\nparams: {lr: [1, 2]}\n", "lr: expected one value, got list", ""),
+    "yes/no for a text": ("task: llm-sft\nparams: {padding: no}\n", "padding: expected text, got False", "quote it"),
+    "a fraction of epochs": ("task: llm-sft\nparams: {epochs: 1.5}\n", "epochs: expected a whole number", ""),
+    "not UTF-8": ("task: llm-sft\nbase_model: caf\xe9\n", "not a UTF-8 text file", ""),
+}
+
+
+@pytest.mark.parametrize("name", BAD_CONFIGS)
+def test_a_malformed_config_file_is_one_line_naming_what_to_fix(name, tmp_path, capsys):
+    text, expected, hint = BAD_CONFIGS[name]
+    config = tmp_path / "config.yml"
+    config.write_bytes(text.encode("latin-1"))
+    line = check_error(main(["--config", str(config)]), *capsys.readouterr())
+    assert expected in line and hint in line, line
+    assert str(config) in line or expected.split(":")[0] in line
+
+
+def test_numbers_where_text_is_expected_are_read_as_text():
+    params = load_config({"task": "llm-sft", "base_model": "m", "project_name": 2024, "hub": {"username": 42}})
+    assert params.project_name == "2024" and params.username == "42"

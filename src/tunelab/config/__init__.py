@@ -41,7 +41,7 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(f"{path}: {_yaml_problem(err)}") from None
     except UnicodeDecodeError as err:
         raise ConfigError(
             f"{path}: not a UTF-8 text file (byte {err.object[err.start]:#x}); save it as UTF-8"
@@ -49,6 +49,15 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of parameters at the top level")
     return to_param_dict(raw, str(path))
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error in one line: where it is and what is wrong (PyYAML's own message spans several)."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = " ".join(str(getattr(err, "problem", None) or err).split())
+    hint = "; YAML indents with spaces, not tabs" if "'\\t'" in problem else ""
+    return f"{where}not valid YAML ({problem}{hint})"
 
 
 def to_param_dict(raw: dict[str, Any], source: str = "config") -> dict[str, Any]:

@@ -40,9 +40,11 @@ def from_autotrain_config(config: dict[str, Any], source: str = "config") -> dic
     Raises ConfigError naming the key for anything it cannot map, so nothing a user wrote is silently ignored.
     """
     config = dict(config)
-    schema = params_class(config.get("task"))
-    out: dict[str, Any] = {}
     task = config.pop("task", "llm")
+    if not isinstance(task, str):
+        raise ConfigError(f"{source}: task must be a task name (llm-sft, text_classification, ...), got {task!r}")
+    schema = params_class(task)
+    out: dict[str, Any] = {}
     if task in TASKS:
         out["trainer"] = TASKS[task]
     elif task not in CLASSIFICATION_TASKS:
@@ -57,16 +59,13 @@ def from_autotrain_config(config: dict[str, Any], source: str = "config") -> dic
     if backend not in LOCAL_BACKENDS:
         print(f"tunelab: backend {backend!r} is AutoTrain's remote runner; tunelab trains on this machine.")
 
-    data = config.pop("data", None) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: data must be a mapping with path, train_split, ...")
-    data = dict(data)
+    data = section(config, "data", source, "path, train_split, valid_split, column_mapping")
     if "path" in data:
         out["data_path"] = data.pop("path")
     for key in ("train_split", "valid_split", "chat_template"):
         if key in data:
             out[key] = data.pop(key)
-    mapping = data.pop("column_mapping", None) or {}
+    mapping = section(data, "column_mapping", f"{source}: data", "text_column, ...")
     columns = [name for name in field_names(schema) if name.endswith("_column")]
     for key, value in mapping.items():
         if key not in columns:
@@ -77,13 +76,13 @@ def from_autotrain_config(config: dict[str, Any], source: str = "config") -> dic
     if data:
         raise ConfigError(f"{source}: unknown key data.{next(iter(data))}")
 
-    hub = config.pop("hub", None) or {}
-    for key, value in dict(hub).items():
+    hub = section(config, "hub", source, "username, token, push_to_hub")
+    for key, value in hub.items():
         if key not in ("username", "token", "push_to_hub", "repo_id"):
             raise ConfigError(f"{source}: unknown key hub.{key}")
         out[key] = value
 
-    params = config.pop("params", None) or {}
+    params = section(config, "params", source, "parameter names and their values")
     out.update(normalize_keys(params, f"{source}: params", schema))
     if config:
         check_known(config, source, schema)  # names the stray top-level key, with a suggestion
@@ -96,3 +95,13 @@ def is_autotrain_config(config: dict[str, Any]) -> bool:
     return any(key in config for key in ("task", "base_model", "params", "hub")) or isinstance(
         config.get("data"), dict
     )
+
+
+def section(config: dict[str, Any], name: str, source: str, holds: str) -> dict[str, Any]:
+    """config[name] taken out as a mapping (empty when absent); anything else is an error naming the section."""
+    value = config.pop(name, None)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: {name} must be a mapping ({holds}), got {type(value).__name__} {value!r}"[:300])
+    return dict(value)

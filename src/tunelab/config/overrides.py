@@ -83,14 +83,28 @@ def coerce(values: dict[str, Any], schema: type = LLMParams) -> dict[str, Any]:
                 value = _number(key, text, int)
             elif kind.startswith("float"):
                 value = _number(key, text, float)
+        elif isinstance(value, (list, dict, tuple, set, bytes)):
+            raise ConfigError(f"{key}: expected one value, got {type(value).__name__} {_short(value)}")
+        elif isinstance(value, bool) and kind.startswith("str"):
+            # YAML 1.1 reads yes/no/on/off as booleans: `padding: no` arrives as False.
+            raise ConfigError(f"{key}: expected text, got {value!r} (YAML reads yes/no/on/off as booleans: quote it)")
         elif isinstance(value, bool) and not kind.startswith("bool"):
             raise ConfigError(f"{key}: expected {kind}, got {value!r}")
+        elif isinstance(value, (int, float)) and kind.startswith("str"):
+            value = str(value)  # `project_name: 2024`, `username: 42`
         elif isinstance(value, int) and kind.startswith("float"):
             value = float(value)
-        elif isinstance(value, float) and kind.startswith("int") and value.is_integer():
+        elif isinstance(value, float) and kind.startswith("int"):
+            if not value.is_integer():
+                raise ConfigError(f"{key}: expected a whole number, got {value!r}")
             value = int(value)
         out[key] = value
     return out
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _number(key: str, text: str, kind: type) -> int | float:
