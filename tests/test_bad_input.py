@@ -588,3 +588,17 @@ def test_json_lines_saved_as_csv(capsys, tmp_path, tiny_llama):
     assert line == (
         f"tunelab: error: {data}: holds JSON Lines, not CSV (its first line is a JSON object): name it .jsonl"
     )
+
+
+def test_dpo_reference_model_that_does_not_exist(capsys, tmp_path, tiny_llama):
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Hi", "chosen": "Hello!", "rejected": "Go."}] * 4)
+    project = tmp_path / "out"
+    ref = str(tmp_path / "no-such-ref")
+    code = main(
+        cli_args(tiny_llama, data, project, "--trainer", "dpo", "--max-prompt-length", "32", "--model-ref", ref)
+    )
+    out, err = capsys.readouterr()
+    line = check_error(code, out, err)
+    assert "no-such-ref" in line and "does not exist" in line, line
+    assert "trainable" not in err, "the base model was loaded before the reference was found missing"
+    assert_nothing_written(project)

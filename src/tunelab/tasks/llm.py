@@ -10,6 +10,7 @@ and tokenized in full.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -65,6 +66,8 @@ def prepare(params: LLMParams) -> Prepared:
 
     source = resolve_model(params.model)
     check_model(source, params, kind=method.model_kind)
+    if params.model_ref and params.trainer == "dpo":  # found now, not when the Trainer loads it
+        check_model(resolve_model(params.model_ref), dataclasses.replace(params, peft=False), kind="causal_lm")
     tokenizer = load_tokenizer(source, params.model_max_length)
     data = load_preference_data(params, tokenizer) if method.data == "pairs" else load_data(params, tokenizer)
     train_rows, stats = method.build_rows(data.train, params)
