@@ -221,3 +221,47 @@ def test_lora_keeps_half_precision_inputs_under_bf16(tiny_llama):
         torch.testing.assert_close(grad, peft_grads[name], atol=2e-2, rtol=5e-2, msg=name)
     tokens, hidden, intermediate, layers = 4 * 48, 64, 128, 2
     assert peft_kept - kept >= layers * tokens * 2 * (5 * hidden + intermediate)
+
+
+# The families whose RMSNorm and SwiGLU are Llama's, which the fused forwards of speed/fused_layers.py take.
+FUSED_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "smollm3"}
+FAMILY_NAMES = ["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma2", "gemma3_text", "phi3", "olmo2", "smollm3"]
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_fused_layers_equal_the_plain_path_in_every_family_they_cover(family, caplog):
+    """Each family of the model matrix (tests/model_matrix.py): where fuse_layers finds layers to fuse, the loss and
+    every gradient equal the plain model's; where it finds none, the run says its layers run as they are."""
+    import copy
+    import logging
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.model_matrix import family_configs
+    from tunelab.config import LLMParams
+    from tunelab.speed import fuse_ops
+    from tunelab.speed.fused_layers import fuse_layers
+
+    config = family_configs(vocab_size=96, bos=1, eos=2)[family]
+    torch.manual_seed(0)
+    plain = AutoModelForCausalLM.from_config(config).float()
+    fused = copy.deepcopy(plain)
+    norms, mlps = fuse_layers(fused)
+    covered = family in FUSED_FAMILIES
+    assert (norms + mlps > 0) == covered, (family, norms, mlps)
+    if not covered:
+        with caplog.at_level(logging.INFO, logger="tunelab"):
+            fuse_ops(copy.deepcopy(plain), LLMParams())
+        assert "no fused RMSNorm/SwiGLU" in caplog.text
+        return
+    ids = torch.randint(0, config.vocab_size, (2, 24))
+    losses = []
+    for model in (plain, fused):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    for (name, a), b in zip(plain.named_parameters(), fused.parameters(), strict=True):
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5, msg=name)

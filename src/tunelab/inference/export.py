@@ -64,7 +64,11 @@ def export_run(model: str | Path, output: str | Path, dtype: str = "f16") -> Pat
     _check_dtype(dtype)  # a bad dtype is known before minutes of merging
     with tempfile.TemporaryDirectory(prefix="tunelab-merge-") as tmp:
         log.info("export: merging the LoRA adapter into its base first")
-        return export_gguf(merge_run(folder, Path(tmp) / "merged"), output, dtype)
+        merged = merge_run(folder, Path(tmp) / "merged")
+        try:
+            return export_gguf(merged, output, dtype)
+        except TunelabError as err:  # name the user's run, not the temporary merge
+            raise TunelabError(str(err).replace(str(merged), f"{folder} (merged with its base)")) from None
 
 
 def export_gguf(model_dir: str | Path, output: str | Path, dtype: str = "f16") -> Path:
@@ -165,19 +169,38 @@ def _read_config(folder: Path) -> Any:
 
 
 def _check_architecture(config: Any, folder: Path) -> _Arch:
-    names = getattr(config, "architectures", None) or []
-    supported = ", ".join(ARCHITECTURES)
-    arch = next((ARCHITECTURES[name] for name in names if name in ARCHITECTURES), None)
-    if arch is None:
+    problem = export_problem(config)
+    if problem:
+        raise TunelabError(f"export: {folder} {problem}")
+    return next(ARCHITECTURES[name] for name in _architectures(config) if name in ARCHITECTURES)
+
+
+def export_problem(config: Any) -> str | None:
+    """Why a model of this config cannot be exported to GGUF (a phrase after the model's name), or None when it
+    can. The dry run asks it too, so a run learns before training that its result will not export."""
+    names = _architectures(config)
+    if not any(name in ARCHITECTURES for name in names):
         found = ", ".join(names) or f"model_type {config.model_type!r}"
-        raise TunelabError(f"export: {folder} is a {found}; GGUF export supports {supported}")
+        return f"is a {found}; GGUF export supports {', '.join(ARCHITECTURES)}"
+    arch = next(ARCHITECTURES[name] for name in names if name in ARCHITECTURES)
     rope_type = _rope(config)[1]
     if rope_type not in (None, "default"):
         # llama.cpp has its own keys (and for llama3 a rope_freqs tensor) for these; not written here.
-        raise TunelabError(f"export: {folder} uses RoPE scaling {rope_type!r}, which GGUF export does not write yet")
+        return f"uses RoPE scaling {rope_type!r}, which GGUF export does not write yet"
     if getattr(config, "mlp_bias", False) or (arch.gguf_name == "llama" and getattr(config, "attention_bias", False)):
-        raise TunelabError(f"export: {folder} has bias terms llama.cpp's Llama graph does not take")
-    return arch
+        return "has bias terms llama.cpp's Llama graph does not take"
+    return None
+
+
+def _architectures(config: Any) -> list[str]:
+    """The model classes a config names; a config built in code names none, so its causal-LM class stands in."""
+    names = list(getattr(config, "architectures", None) or [])
+    if not names:
+        from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config))
+        names = [model_class.__name__] if model_class is not None else []
+    return names
 
 
 def _rope(config: Any) -> tuple[float, str | None]:

@@ -34,9 +34,9 @@ TASK_CLASSES = {
 }
 
 
-def check_model(source: ModelSource, params: RunParams, kind: str = "causal_lm") -> None:
+def check_model(source: ModelSource, params: RunParams, kind: str = "causal_lm") -> Any:
     """Raise TunelabError for a model or a setting this model cannot take (kind: "causal_lm", "reward" or
-    "classifier"); log a warning for one it takes at a cost."""
+    "classifier"); log a warning for one it takes at a cost. Returns the model's config."""
     config = read_config(source)
     check_task(source, config, kind)
     if not source.gguf_file and Path(source.path).is_dir():
@@ -49,6 +49,38 @@ def check_model(source: ModelSource, params: RunParams, kind: str = "causal_lm")
         )
     if params.peft:
         check_targets(source, config, params, kind)
+    return config
+
+
+def fit_tokenizer(tokenizer: Any, config: Any, source: ModelSource) -> None:
+    """The tokenizer's special tokens must be rows of the model's embeddings. A tokenizer class can add a pad token
+    of its own beyond them (transformers' Qwen2 tokenizer adds <|endoftext|> when the vocabulary has none), which
+    padded batches (pairs, classification) would look up out of range: pad with EOS instead."""
+    vocab = getattr(config, "vocab_size", None)
+    if not isinstance(vocab, int):
+        return
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id >= vocab and tokenizer.eos_token_id is not None:
+        log.info("tokenizer: its pad token %r is not in the model's vocabulary; padding with EOS", tokenizer.pad_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    for role in ("bos", "eos", "pad"):
+        token_id = getattr(tokenizer, f"{role}_token_id")
+        if token_id is not None and token_id >= vocab:
+            raise TunelabError(
+                f"model {source.name}: the tokenizer's {role} token (id {token_id}) is beyond the model's vocabulary "
+                f"(vocab_size {vocab}): use the model's own tokenizer, or resize its embeddings"
+            )
+
+
+def check_token_ids(rows: Any, config: Any, source: ModelSource) -> None:
+    """Every token id of the tokenized data is a row of the model's embeddings (else an IndexError mid-training)."""
+    vocab = getattr(config, "vocab_size", None)
+    highest = max((max(ids, default=-1) for ids in rows), default=-1)
+    if isinstance(vocab, int) and highest >= vocab:
+        raise TunelabError(
+            f"model {source.name}: the tokenized data holds token id {highest}, beyond the model's vocabulary "
+            f"(vocab_size {vocab}): the tokenizer has more tokens than the model's embeddings; use the model's own "
+            "tokenizer, or resize its embeddings"
+        )
 
 
 def read_config(source: ModelSource) -> Any:

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from tunelab.errors import DataError
 from tunelab.memory import run_estimate
 from tunelab.methods import METHODS, Method, RowStats
 from tunelab.models import ModelSource, check_model, load_model, load_tokenizer, resolve_model
+from tunelab.models.checks import check_token_ids, fit_tokenizer
 from tunelab.tasks import dry_run
 from tunelab.tasks.dry_run import TRAINED_CLOSE, TRAINED_OPEN, RunPlan, SplitSummary, marked_text
 from tunelab.training.checkpoints import check_disk_space, checkpoint_bytes
@@ -46,6 +48,7 @@ class Prepared:
     folder: outputs.RunFolder
     resume_from: Path | None
     source: ModelSource
+    config: Any  # the model's transformers config, read before any weight loads
     tokenizer: Any
     data: Any  # EncodedData or PreferenceData
     train_rows: list[Any]
@@ -65,11 +68,13 @@ def prepare(params: LLMParams) -> Prepared:
     check_machine(params)
 
     source = resolve_model(params.model)
-    check_model(source, params, kind=method.model_kind)
+    config = check_model(source, params, kind=method.model_kind)
     if params.model_ref and params.trainer == "dpo":  # found now, not when the Trainer loads it
         check_model(resolve_model(params.model_ref), dataclasses.replace(params, peft=False), kind="causal_lm")
     tokenizer = load_tokenizer(source, params.model_max_length)
+    fit_tokenizer(tokenizer, config, source)
     data = load_preference_data(params, tokenizer) if method.data == "pairs" else load_data(params, tokenizer)
+    check_token_ids(_token_ids(data, method.data == "pairs"), config, source)
     train_rows, stats = method.build_rows(data.train, params)
     valid_rows = method.build_rows(data.valid, params)[0] if data.valid else None
     if method.data == "pairs":
@@ -83,7 +88,8 @@ def prepare(params: LLMParams) -> Prepared:
             "nothing left to learn (no answer tokens, or a prompt with no room for an answer); "
             "raise block_size (and model_max_length) or lower max_prompt_length"
         )
-    return Prepared(params, method, folder, resume_from, source, tokenizer, data, train_rows, valid_rows, stats)
+    rows = (train_rows, valid_rows, stats)
+    return Prepared(params, method, folder, resume_from, source, config, tokenizer, data, *rows)
 
 
 def run(params: LLMParams) -> Path:
@@ -163,6 +169,11 @@ def _report_data(params: LLMParams, data: Any, stats: Any, rows: int) -> None:
     log.info("first example as trained:\n%s", data.preview[:600])
 
 
+def _token_ids(data: Any, pairs: bool) -> Iterator[list[int]]:
+    for item in [*data.train, *(data.valid or [])]:
+        yield from (item.prompt_ids, item.chosen_ids, item.rejected_ids) if pairs else (item.input_ids,)
+
+
 def microbatch(prep: Prepared) -> tuple[int, int]:
     """(rows per micro-batch, longest row in tokens): what the run's peak memory depends on."""
     pairs = prep.method.data == "pairs"
@@ -231,6 +242,11 @@ def plan(params: LLMParams) -> RunPlan:
         f"llm {params.trainer}", params, splits, examples, len(prep.train_rows), prep.resume_from
     )
     dry_run.add_memory(result, prep.source, params, rows_per_microbatch, longest, prep.method.model_kind)
+    if prep.method.model_kind == "causal_lm":
+        from tunelab.inference.export import export_problem
+
+        problem = export_problem(prep.config)
+        result.notes.append(f"GGUF export: the model {problem}" if problem else "GGUF export: supported")
     return result
 
 

@@ -23,6 +23,7 @@ from tunelab.env import check_machine, device_name
 from tunelab.memory import run_estimate
 from tunelab.metrics import classification_report, draw_confusion_matrix
 from tunelab.models import ModelSource, check_model, load_model, load_tokenizer, resolve_model
+from tunelab.models.checks import check_token_ids, fit_tokenizer
 from tunelab.tasks import dry_run
 from tunelab.tasks.dry_run import RunPlan, SplitSummary
 from tunelab.training.checkpoints import check_disk_space, checkpoint_bytes
@@ -49,9 +50,12 @@ def prepare(params: TextClassificationParams) -> Prepared:
     resume_from = folder.resume_point(params)
     check_machine(params)
     source = resolve_model(params.model)
-    check_model(source, params, kind="classifier")
+    config = check_model(source, params, kind="classifier")
     tokenizer = load_tokenizer(source, params.max_seq_length)
-    return Prepared(params, folder, resume_from, source, tokenizer, load_labelled_data(params, tokenizer))
+    fit_tokenizer(tokenizer, config, source)
+    data = load_labelled_data(params, tokenizer)
+    check_token_ids((row["input_ids"] for row in [*data.train, *(data.valid or [])]), config, source)
+    return Prepared(params, folder, resume_from, source, tokenizer, data)
 
 
 def plan(params: TextClassificationParams) -> RunPlan:
