@@ -107,14 +107,23 @@ def test_file_is_laid_out_as_llama_cpp_expects(tiny_llama, tmp_path):
     assert types["blk.0.attn_norm.weight"] == types["output_norm.weight"] == GGMLQuantizationType.F32
 
 
-@pytest.mark.parametrize("kind", ["mistral", "qwen2"])
+@pytest.mark.parametrize("kind", ["mistral", "qwen2", "qwen3"])
 def test_other_architectures_round_trip(tiny_tokenizer, tmp_path, kind):
-    """Mistral is written as llama (as llama.cpp does), untied here; Qwen2 keeps its rows and has q/k/v biases."""
-    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    """Mistral is written as llama (as llama.cpp does), untied here; Qwen2 keeps its rows and has q/k/v biases;
+    Qwen3 has its own head_dim and q/k norms."""
+    from transformers import (
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
     config_class, model_class = {
         "mistral": (MistralConfig, MistralForCausalLM),
         "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM),
     }[kind]
     config = config_class(
         vocab_size=len(tiny_tokenizer),
@@ -124,21 +133,34 @@ def test_other_architectures_round_trip(tiny_tokenizer, tmp_path, kind):
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
-        tie_word_embeddings=kind == "qwen2",
+        tie_word_embeddings=kind != "mistral",
+        # Qwen3's own head_dim, not hidden_size / heads (16); transformers' GGUF reader assumes Qwen3's 128.
+        **({"head_dim": 128} if kind == "qwen3" else {}),
     )
     torch.manual_seed(0)
     model = model_class(config).eval()
-    with torch.no_grad():  # biases start at zero; make them count
+    with torch.no_grad():  # biases start at zero and norms at one; make them count
         for name, param in model.named_parameters():
             if name.endswith("bias"):
                 param.normal_(std=0.5)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):
+                param.uniform_(0.5, 1.5)
     folder = tmp_path / f"tiny-{kind}"  # a model named exactly "mistral" trips transformers
     model.save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)
 
-    exported, _ = _load_gguf(export_gguf(folder, tmp_path / "out" / f"{kind}.gguf", "f32"))
+    path = export_gguf(folder, tmp_path / "out" / f"{kind}.gguf", "f32")
+    exported, _ = _load_gguf(path)
     ids = tiny_tokenizer(PROMPTS[0])["input_ids"]
     torch.testing.assert_close(_logits(exported, ids), _logits(model, ids), atol=1e-4, rtol=0)
+    if kind == "qwen3":  # llama.cpp takes the head size from these keys, and the q/k norms by these names
+        from gguf import GGUFReader
+
+        reader = GGUFReader(path)
+        meta = {field.name: field.contents() for field in reader.fields.values()}
+        assert meta["general.architecture"] == "qwen3"
+        assert meta["qwen3.attention.key_length"] == meta["qwen3.attention.value_length"] == 128
+        assert {"blk.0.attn_q_norm.weight", "blk.0.attn_k_norm.weight"} <= {t.name for t in reader.tensors}
 
 
 def test_run_folder_with_merged_weights_is_exported(tiny_llama, tmp_path):

@@ -5,7 +5,8 @@ first (its `merged/` copy when the run kept one, else a temporary merge, inferen
 writes the plain transformers model folder. The file written mirrors what llama.cpp's own converter,
 `convert_hf_to_gguf.py`, writes for the same model: the same metadata keys, tensor names, Q/K row order, tensor
 types and tokenizer, so llama.cpp-compatible readers (and transformers' `gguf_file=` loader) take it as theirs.
-https://github.com/ggml-org/llama.cpp/blob/master/convert_hf_to_gguf.py (classes TextModel, LlamaModel, Qwen2Model)
+https://github.com/ggml-org/llama.cpp/blob/master/convert_hf_to_gguf.py (classes TextModel, LlamaModel, Qwen2Model,
+Qwen3Model)
 
 The file is written beside its final name and renamed into place at the end, so an export that fails or is
 interrupted never leaves a half-written .gguf under the name asked for.
@@ -46,6 +47,9 @@ ARCHITECTURES = {
     "LlamaForCausalLM": _Arch("llama", permute_qk=True),
     "MistralForCausalLM": _Arch("llama", permute_qk=True),
     "Qwen2ForCausalLM": _Arch("qwen2", permute_qk=False),
+    # Qwen3 is Qwen2 with a per-head RMSNorm on q and k (attn_q_norm / attn_k_norm) and no q/k/v biases; its
+    # head_dim is its own (key_length / value_length), as convert_hf_to_gguf.py's Qwen3Model writes.
+    "Qwen3ForCausalLM": _Arch("qwen3", permute_qk=False),
 }
 
 
