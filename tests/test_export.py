@@ -1,7 +1,9 @@
-"""GGUF export: the file loads back through transformers' GGUF reader with the same predictions and tokenizer.
+"""GGUF export: the file loads back through transformers' GGUF reader with the same predictions and tokenizer,
+and llama.cpp itself (llama-cpp-python, which .ci/run installs) computes the same logits from it.
 
 transformers' loader undoes llama.cpp's conventions (tensor names, the Q/K row order, tied output) on its own,
-so a model that round-trips through it is written the way llama.cpp's converter writes it.
+so a model that round-trips through it is written the way llama.cpp's converter writes it; what that loader does
+not read (RoPE scaling) is judged by llama.cpp.
 """
 
 from __future__ import annotations
@@ -279,3 +281,47 @@ def test_smollm2_round_trip(tmp_path):
         ids = tokenizer(prompt)["input_ids"]
         assert loaded(prompt)["input_ids"] == ids, prompt
         assert torch.equal(_logits(exported, ids).argmax(-1), _logits(model, ids).argmax(-1)), prompt
+
+
+def _llama_cpp_logits(path: Path, ids: list[int]):
+    """Every position's logits as llama.cpp itself computes them for the GGUF file (llama-cpp-python)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (scripts/install.sh)")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=False, n_threads=2)
+    llm.eval(ids)
+    return torch.tensor(llm.scores[: len(ids)])
+
+
+@pytest.mark.parametrize("scaling", ["default", "llama3", "linear", "yarn"])
+def test_rope_scaling_runs_in_llama_cpp_as_in_transformers(tiny_tokenizer, tmp_path, scaling):
+    """Llama 3.1/3.2's frequency-dependent RoPE scaling (a rope_freqs tensor), linear and YaRN scaling (metadata
+    keys): llama.cpp, reading the exported file, computes what transformers computes for the model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    rope = {"rope_type": scaling, "factor": 8.0} if scaling != "default" else {"rope_type": "default"}
+    if scaling == "llama3":
+        rope |= {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    if scaling == "yarn":
+        rope |= {"original_max_position_embeddings": 64}
+    config = LlamaConfig(
+        vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rope_scaling=rope,
+        initializer_range=0.3,  # larger weights than a fresh model's 0.02: positions then change the logits
+        bos_token_id=tiny_tokenizer.bos_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    folder = tmp_path / f"tiny-llama-{scaling}"
+    model.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    path = export_gguf(folder, tmp_path / f"{scaling}.gguf", "f32")
+    ids = tiny_tokenizer(PROMPTS[1])["input_ids"]
+    expected, got = _logits(model, ids), _llama_cpp_logits(path, ids)
+    plain_rope = {"rope_type": "default", "rope_theta": config.rope_parameters["rope_theta"]}
+    unscaled = LlamaForCausalLM(LlamaConfig(**{**config.to_dict(), "rope_parameters": plain_rope})).eval()
+    unscaled.load_state_dict(model.state_dict())
+    effect = (expected - _logits(unscaled, ids)).abs().max()
+    error = (got - expected).abs().max()
+    if scaling != "default":
+        assert effect > 1.0  # the scaling changes the logits by this much: reading the file without it would fail
+    assert error < 0.01 * expected.abs().max()  # float32 sums in another order: far below the scaling's effect
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))

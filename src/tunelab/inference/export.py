@@ -188,9 +188,8 @@ def export_problem(config: Any) -> str | None:
         return f"is a {found}; GGUF export supports {', '.join(ARCHITECTURES)}"
     arch = next(ARCHITECTURES[name] for name in names if name in ARCHITECTURES)
     rope_type = _rope(config)[1]
-    if rope_type not in (None, "default"):
-        # llama.cpp has its own keys (and for llama3 a rope_freqs tensor) for these; not written here.
-        return f"uses RoPE scaling {rope_type!r}, which GGUF export does not write yet"
+    if rope_type not in (None, "default", *ROPE_SCALINGS[arch.gguf_name]):
+        return f"uses RoPE scaling {rope_type!r}, which GGUF export does not write for {arch.gguf_name} models"
     if getattr(config, "mlp_bias", False) or (arch.gguf_name == "llama" and getattr(config, "attention_bias", False)):
         return "has bias terms llama.cpp's Llama graph does not take"
     return None
@@ -207,11 +206,58 @@ def _architectures(config: Any) -> list[str]:
     return names
 
 
+# The RoPE scalings written for each llama.cpp architecture. linear and yarn are metadata keys llama.cpp reads for
+# any architecture; llama3's per-frequency factors are a `rope_freqs` tensor, which llama.cpp's llama graph reads.
+ROPE_SCALINGS = {"llama": ("llama3", "linear", "yarn"), "qwen2": ("linear", "yarn"), "qwen3": ("linear", "yarn")}
+
+
+def _rope_parameters(config: Any) -> dict[str, Any]:
+    """transformers 5 keeps RoPE's settings in rope_parameters, 4.x in rope_scaling and on the config itself."""
+    return dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+
+
 def _rope(config: Any) -> tuple[float, str | None]:
-    """(rope_theta, rope_type): transformers 5 keeps them in rope_parameters, 4.x on the config itself."""
-    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    """(rope_theta, rope_type)."""
+    params = _rope_parameters(config)
     theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
     return float(theta), params.get("rope_type", params.get("type"))
+
+
+def _add_rope_scaling(writer: Any, config: Any) -> None:
+    """The scaling keys of TextModel.set_gguf_parameters (linear, yarn); llama3 is a tensor (_llama3_rope_factors)."""
+    import gguf
+
+    params, kind = _rope_parameters(config), _rope(config)[1]
+    if kind in ("linear", "yarn"):
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR if kind == "linear" else gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(params["factor"]))
+    if kind == "yarn" and params.get("original_max_position_embeddings"):
+        writer.add_rope_scaling_orig_ctx_len(int(params["original_max_position_embeddings"]))
+
+
+def _llama3_rope_factors(config: Any, head_dim: int) -> Any:
+    """Llama 3.1's frequency-dependent scaling as one factor per rotary frequency (what llama.cpp divides each
+    frequency by): high frequencies (short wavelengths) kept, low ones divided by `factor`, a smooth blend between."""
+    import math
+
+    import numpy as np
+
+    params = _rope_parameters(config)
+    theta = _rope(config)[0]
+    factor, low, high = float(params["factor"]), float(params["low_freq_factor"]), float(params["high_freq_factor"])
+    context = float(params["original_max_position_embeddings"])
+    frequencies = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    factors = []
+    for frequency in frequencies:
+        wavelength = 2 * math.pi / frequency
+        if wavelength < context / high:
+            factors.append(1.0)
+        elif wavelength > context / low:
+            factors.append(factor)
+        else:
+            smooth = (context / wavelength - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
 
 
 def _add_hyperparameters(writer: Any, config: Any, folder: Path, vocab_size: int, qtype_name: str) -> None:
@@ -229,6 +275,7 @@ def _add_hyperparameters(writer: Any, config: Any, folder: Path, vocab_size: int
     writer.add_head_count_kv(config.num_key_value_heads or config.num_attention_heads)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(_rope(config)[0])
+    _add_rope_scaling(writer, config)
     writer.add_vocab_size(vocab_size)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_rope_dimension_count(head_dim)
@@ -274,6 +321,11 @@ def _add_tensors(writer: Any, folder: Path, config: Any, arch: _Arch, qtype_name
                 written.add(gguf_name)
     if not tied and "output.weight" not in written:
         raise TunelabError(f"export: {folder} has no lm_head.weight and does not tie it to the embeddings")
+    if _rope(config)[1] == "llama3":
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
+        writer.add_tensor(
+            "rope_freqs.weight", _llama3_rope_factors(config, head_dim), raw_dtype=gguf.GGMLQuantizationType.F32
+        )
 
 
 def _gguf_arch(name: str) -> Any:
