@@ -8,6 +8,7 @@ not read (RoPE scaling) is judged by llama.cpp.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shutil
 from pathlib import Path
@@ -155,6 +156,10 @@ def test_other_architectures_round_trip(tiny_tokenizer, tmp_path, kind):
     exported, _ = _load_gguf(path)
     ids = tiny_tokenizer(PROMPTS[0])["input_ids"]
     torch.testing.assert_close(_logits(exported, ids), _logits(model, ids), atol=1e-4, rtol=0)
+    if importlib.util.find_spec("llama_cpp"):  # and llama.cpp runs the file as transformers runs the model
+        expected, got = _logits(model, ids), _llama_cpp_logits(path, ids)
+        assert (got - expected).abs().max() < 0.01 * expected.abs().max()
+        assert torch.equal(got.argmax(-1), expected.argmax(-1))
     if kind == "qwen3":  # llama.cpp takes the head size from these keys, and the q/k norms by these names
         from gguf import GGUFReader
 
