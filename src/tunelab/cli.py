@@ -28,6 +28,8 @@ from tunelab.config.text_classification import TextClassificationParams
 from tunelab.errors import TunelabError
 
 log = logging.getLogger("tunelab")
+# inference/export.DTYPES, spelled out here so that building the parser imports nothing more (a test keeps them equal)
+EXPORT_DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k", "q4_0")
 
 
 def _flag_names(name: str) -> list[str]:
@@ -178,7 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--model", required=True, help="Run folder (a LoRA adapter is merged first) or model folder.")
     export.add_argument("--format", default="gguf", choices=("gguf",), help="Export format (gguf).")
     export.add_argument("--output", required=True, help="The .gguf file to write.")
-    export.add_argument("--dtype", default="f16", choices=("f32", "f16", "bf16", "q8_0"), help="Weight type.")
+    export.add_argument(
+        "--dtype",
+        default="f16",
+        choices=EXPORT_DTYPES,
+        help="Weight type: f32, f16, bf16 and q8_0 are written by tunelab; q4_k_m (Ollama's default), q5_k_m, q6_k "
+        "and q4_0 by llama.cpp's quantizer (pip install llama-cpp-python).",
+    )
 
     from tunelab.inference.serve import add_arguments as add_serve_arguments
 

@@ -27,7 +27,17 @@ from tunelab.outputs import check_run_folder
 
 log = logging.getLogger("tunelab")
 
-DTYPES = ("f32", "f16", "bf16", "q8_0")
+# Types this module writes itself, and the K-quants (and q4_0) that llama.cpp's own quantizer makes from an f16
+# file: what Ollama and LM Studio users deploy (q4_k_m is Ollama's default). llama.cpp keeps some tensors at a
+# higher type where its rules say so (rows not a multiple of 256, the output head), as `llama-quantize` does.
+WRITTEN = ("f32", "f16", "bf16", "q8_0")
+BY_LLAMA_CPP = {
+    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
+    "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+}
+DTYPES = (*WRITTEN, *BY_LLAMA_CPP)
 
 
 @dataclass(frozen=True)
@@ -110,24 +120,39 @@ def export_gguf(model_dir: str | Path, output: str | Path, dtype: str = "f16") -
 
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.partial")
+    unquantized = target.with_name(f".{target.name}.f16.partial")
     try:
-        writer.write_header_to_file(partial)
+        writer.write_header_to_file(unquantized if dtype in BY_LLAMA_CPP else partial)
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        if dtype in BY_LLAMA_CPP:
+            _quantize_with_llama_cpp(unquantized, partial, dtype)
         os.replace(partial, target)
     except BaseException:  # interrupted too: no partial file left behind
         writer.close()
         partial.unlink(missing_ok=True)
         raise
+    finally:
+        unquantized.unlink(missing_ok=True)
     log.info("export: wrote %s (%s, %.1f MB)", target, dtype, target.stat().st_size / 1e6)
     return target
 
 
 def _check_dtype(dtype: str) -> str:
-    """The GGMLQuantizationType name for `dtype`; q8_0 only where the gguf package can write it."""
+    """The GGMLQuantizationType name the file is written in (F16 for the types llama.cpp then quantizes); q8_0 only
+    where the gguf package can write it, the K-quants only where llama-cpp-python is installed."""
     if dtype not in DTYPES:
         raise TunelabError(f"export: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if dtype in BY_LLAMA_CPP:
+        import importlib.util
+
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise TunelabError(
+                f"export: --dtype {dtype} is made by llama.cpp's quantizer: pip install llama-cpp-python (it builds "
+                "llama.cpp, a few minutes), or export f16 / q8_0, which need nothing more"
+            )
+        return "F16"
     if dtype in ("bf16", "q8_0"):
         from gguf import quants
 
@@ -135,6 +160,18 @@ def _check_dtype(dtype: str) -> str:
         if not hasattr(quants, dtype.upper()):
             raise TunelabError(f"export: this gguf package cannot write {dtype}; upgrade it (pip install -U gguf)")
     return dtype.upper()
+
+
+def _quantize_with_llama_cpp(source: Path, target: Path, dtype: str) -> None:
+    """llama.cpp's quantizer (what `llama-quantize` runs) from the f16 file to `dtype`, with its default rules."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, BY_LLAMA_CPP[dtype])
+    params.nthread = os.cpu_count() or 1
+    log.info("export: quantizing to %s with llama.cpp", dtype)
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params) != 0:
+        raise TunelabError(f"export: llama.cpp could not quantize the model to {dtype} (its messages are above)")
 
 
 def _find_model_folder(path: str | Path) -> Path:
