@@ -1,10 +1,11 @@
 """How much accelerator memory a training run needs: an estimate from the model's config, and a measurement.
 
-The dry run and the run itself (tasks/dry_run.py, tasks/llm.py, tasks/text_classification.py) call `run_estimate`:
-`estimate_memory` with the model's config and the run's params, beside `available_memory` for the device the run
-would use; they print `MemoryEstimate.describe()`. `measure_peak` measures the peak of
-live tensors while a function runs (a real training step, in bench/measure_memory.py and tests/test_memory.py),
-which is what the estimate is checked against (docs/memory.md has the figures).
+The dry run (tasks/dry_run.py) calls `run_estimate`: `estimate_memory` with the model's config and the run's
+params, beside `available_memory` for the device the run would use, and prints `MemoryEstimate.describe()`; a run
+logs the same figure before training (`log_run_estimate`, from tasks/llm.py and tasks/text_classification.py).
+`measure_peak` measures the peak of live tensors while a function runs (a real training step, in
+bench/measure_memory.py and tests/test_memory.py), which is what the estimate is checked against (docs/memory.md
+has the figures).
 
 The estimate follows how tunelab trains (training/trainer.py, speed/loss.py, speed/fused_layers.py,
 speed/lora_dropout.py, models/):
@@ -23,6 +24,7 @@ pass); the total takes the larger of the two moments.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import weakref
@@ -32,6 +34,7 @@ from typing import Any
 
 from tunelab.config.base import RunParams
 
+log = logging.getLogger("tunelab")
 GiB = 2**30
 
 # Bytes per parameter of each optimizer's state. AdamW keeps exp_avg and exp_avg_sq in fp32; the 8-bit variants
@@ -313,6 +316,19 @@ def run_estimate(
     memory = estimate_memory(config, params, rows_per_microbatch * longest, longest, kind=kind)
     device, free = available_memory()
     return memory, device, free
+
+
+def log_run_estimate(config: Any, params: RunParams, rows_per_microbatch: int, longest: int, kind: str) -> None:
+    """What a run logs before training: the dry run's figure against the device's free memory, and a warning when
+    the estimate is more than that."""
+    estimate, device, free = run_estimate(config, params, rows_per_microbatch, longest, kind)
+    log.info("memory: %s; %s has %.1f GiB free", estimate.describe(), device, free / 2**30)
+    if not estimate.fits(free):
+        log.warning(
+            "memory: the estimate is more than the free memory of %s: lower batch_size or block_size, or use "
+            "--peft / --quantization int4 (--dry-run shows the estimate for a setting)",
+            device,
+        )
 
 
 def available_memory(device: str | None = None) -> tuple[str, int]:

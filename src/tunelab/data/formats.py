@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from tunelab.data.sources import Split
+from tunelab.data.sources import Split, json_or_none
 from tunelab.errors import DataError
 
 log = logging.getLogger("tunelab")
@@ -109,17 +109,8 @@ def is_messages(value: Any) -> bool:
         value = value.strip()
         if not (value.startswith("[") and value.endswith("]")):
             return False
-        value = _json_or_none(value)
+        value = json_or_none(value)
     return isinstance(value, list) and bool(value) and all(isinstance(item, dict) for item in value)
-
-
-def _json_or_none(text: str) -> Any:
-    """The JSON value of a cell, or None when it is not JSON (ValueError: too many digits; RecursionError: nested
-    too deeply for Python's parser)."""
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError):
-        return None
 
 
 # ------------------------------------------------------------------------------------------------ bad rows

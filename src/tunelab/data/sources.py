@@ -243,12 +243,14 @@ def _is_json_lines(text: str) -> bool:
     """Whether a .json file is JSON Lines (what `datasets`' to_json writes): a whole JSON value on its first line,
     and more after it."""
     more = re.match(r"\s*[^\n]*\n\s*\S", text)
-    return bool(more) and isinstance(_json_or_none(_first_line(text)), (dict, list))
+    return bool(more) and isinstance(json_or_none(_first_line(text)), (dict, list))
 
 
-def _json_or_none(line: str) -> Any:
+def json_or_none(text: str) -> Any:
+    """The JSON value of a text, or None when it is not JSON (ValueError: too many digits; RecursionError: nested
+    too deeply for Python's parser)."""
     try:
-        return json.loads(line)
+        return json.loads(text)
     except (ValueError, RecursionError):
         return None
 
@@ -292,7 +294,7 @@ def _refuse_json(text: str, path: Path) -> None:
     """JSON under a CSV name would be read as a header of JSON fragments and end in a misleading 'column not
     found': name what the file is instead."""
     first = _first_line(text)
-    value = _json_or_none(first) if first.startswith(("[", "{")) else None
+    value = json_or_none(first) if first.startswith(("[", "{")) else None
     if first in ("[", "{") or isinstance(value, list):
         raise DataError(f"{path}: holds JSON, not CSV (it starts with {first[0]!r}): name it .json")
     if isinstance(value, dict):

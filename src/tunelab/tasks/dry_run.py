@@ -136,18 +136,18 @@ def new_plan(
     return plan
 
 
-def add_memory(result: RunPlan, source: Any, params: RunParams, rows: int, longest: int, kind: str) -> None:
-    """The peak-memory estimate for micro-batches of `rows` x `longest` tokens, from the model's config alone."""
+def add_memory(result: RunPlan, config: Any, params: RunParams, rows: int, longest: int, kind: str) -> None:
+    """The peak-memory estimate for micro-batches of `rows` x `longest` tokens, from the model's config alone (the
+    one the prepare step read)."""
     if processes(params) > 1:
         backend = params.distributed_backend or "ddp"
         result.notes.append(
             f"would launch {processes(params)} processes ({backend}) through accelerate; the memory below is per "
             "process without sharding (fsdp/deepspeed divide weights, gradients and optimizer states among them)"
         )
-    try:
-        from tunelab.memory import run_estimate
-        from tunelab.models import load_config
+    from tunelab.memory import run_estimate
 
-        result.memory, result.device, result.available = run_estimate(load_config(source), params, rows, longest, kind)
-    except (OSError, ValueError, KeyError) as err:  # a config transformers cannot read: the plan still stands
+    try:
+        result.memory, result.device, result.available = run_estimate(config, params, rows, longest, kind)
+    except (OSError, ValueError, KeyError) as err:  # a config the estimate cannot read: the plan still stands
         result.notes.append(f"memory: not estimated ({type(err).__name__}: {err})")

@@ -28,7 +28,7 @@ from tunelab.data.packing import row_length
 from tunelab.data.preference import load_preference_data
 from tunelab.env import check_machine, device_name
 from tunelab.errors import DataError
-from tunelab.memory import run_estimate
+from tunelab.memory import log_run_estimate
 from tunelab.methods import METHODS, Method, RowStats
 from tunelab.models import ModelSource, check_model, load_model, load_tokenizer, resolve_model
 from tunelab.models.checks import check_token_ids, fit_tokenizer
@@ -102,7 +102,7 @@ def run(params: LLMParams) -> Path:
     set_seed(params.seed)  # LoRA's initial weights, dropout: the same run twice is the same run
     model = load_model(prep.source, params, kind=method.model_kind, tokenizer=tokenizer)
     _report_model(model, params)
-    _report_memory(model, prep)
+    log_run_estimate(model.config, params, *microbatch(prep), method.model_kind)
 
     # Imported here: transformers' Trainer takes seconds to import, and the dry run (`plan`) never needs it.
     from tunelab.training.callbacks import ProgressAndMetrics
@@ -181,19 +181,6 @@ def microbatch(prep: Prepared) -> tuple[int, int]:
     return prep.params.batch_size * (2 if pairs else 1), longest  # a pair batch holds chosen and rejected rows
 
 
-def _report_memory(model: Any, prep: Prepared) -> None:
-    """The dry run's memory estimate, logged; a warning when the device found has less free memory."""
-    rows, longest = microbatch(prep)
-    estimate, device, free = run_estimate(model.config, prep.params, rows, longest, prep.method.model_kind)
-    log.info("memory: %s; %s has %.1f GiB free", estimate.describe(), device, free / 2**30)
-    if not estimate.fits(free):
-        log.warning(
-            "memory: the estimate is more than the free memory of %s: lower batch_size or block_size, or use "
-            "--peft / --quantization int4 (tunelab llm --dry-run shows the estimate for a setting)",
-            device,
-        )
-
-
 def _report_model(model: Any, params: LLMParams) -> None:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -241,7 +228,7 @@ def plan(params: LLMParams) -> RunPlan:
     result = dry_run.new_plan(
         f"llm {params.trainer}", params, splits, examples, len(prep.train_rows), prep.resume_from
     )
-    dry_run.add_memory(result, prep.source, params, rows_per_microbatch, longest, prep.method.model_kind)
+    dry_run.add_memory(result, prep.config, params, rows_per_microbatch, longest, prep.method.model_kind)
     if prep.method.model_kind == "causal_lm":
         from tunelab.inference.export import export_problem
 

@@ -20,7 +20,7 @@ from tunelab import outputs
 from tunelab.config.text_classification import TextClassificationParams
 from tunelab.data.classification import LabelledData, load_labelled_data
 from tunelab.env import check_machine, device_name
-from tunelab.memory import run_estimate
+from tunelab.memory import log_run_estimate
 from tunelab.metrics import classification_report, draw_confusion_matrix
 from tunelab.models import ModelSource, check_model, load_model, load_tokenizer, resolve_model
 from tunelab.models.checks import check_token_ids, fit_tokenizer
@@ -39,6 +39,7 @@ class Prepared:
     folder: outputs.RunFolder
     resume_from: Path | None
     source: ModelSource
+    config: Any  # the model's transformers config, read before any weight loads
     tokenizer: Any
     data: LabelledData
 
@@ -55,7 +56,7 @@ def prepare(params: TextClassificationParams) -> Prepared:
     fit_tokenizer(tokenizer, config, source)
     data = load_labelled_data(params, tokenizer)
     check_token_ids((row["input_ids"] for row in [*data.train, *(data.valid or [])]), config, source)
-    return Prepared(params, folder, resume_from, source, tokenizer, data)
+    return Prepared(params, folder, resume_from, source, config, tokenizer, data)
 
 
 def plan(params: TextClassificationParams) -> RunPlan:
@@ -79,7 +80,7 @@ def plan(params: TextClassificationParams) -> RunPlan:
         for row in data.train[:2]
     ]
     result = dry_run.new_plan("text classification", params, splits, examples, len(data.train), prep.resume_from)
-    dry_run.add_memory(result, prep.source, params, params.batch_size, _longest(data), "classifier")
+    dry_run.add_memory(result, prep.config, params, params.batch_size, _longest(data), "classifier")
     return result
 
 
@@ -95,8 +96,7 @@ def run(params: TextClassificationParams) -> Path:
 
     set_seed(params.seed)
     model = load_model(prep.source, params, kind="classifier", tokenizer=tokenizer, labels=data.labels)
-    estimate, device, free = run_estimate(model.config, params, params.batch_size, _longest(data), "classifier")
-    log.info("memory: %s; %s has %.1f GiB free", estimate.describe(), device, free / 2**30)
+    log_run_estimate(model.config, params, params.batch_size, _longest(data), "classifier")
     check_disk_space(folder.final.parent, 2 * checkpoint_bytes(model, not params.peft), "checkpoints and outputs")
     from tunelab.training.trainer import run_training  # seconds of imports that the dry run never needs
 
