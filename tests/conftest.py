@@ -117,6 +117,24 @@ def tiny_gpt2(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def tiny_opt(tmp_path_factory) -> Path:
+    """A 2-layer OPT: a causal LM tunelab trains but llama.cpp has no graph for (GGUF export refuses it)."""
+    import torch
+    from transformers import OPTConfig, OPTForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-opt")
+    tok = build_tokenizer(folder)
+    config = OPTConfig(
+        vocab_size=len(tok), hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+        word_embed_proj_dim=64, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    OPTForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
 def read_metrics(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 

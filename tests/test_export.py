@@ -225,10 +225,23 @@ def test_bad_model_folder_is_a_clear_error(tmp_path, make, message):
     _no_gguf_left(out)
 
 
-def test_unsupported_architecture_names_the_supported_ones(tiny_gpt2, tmp_path):
-    with pytest.raises(TunelabError, match="GPT2LMHeadModel; GGUF export supports LlamaForCausalLM"):
-        export_gguf(tiny_gpt2, tmp_path / "gpt2.gguf")
+def test_unsupported_architecture_names_the_supported_ones(tiny_opt, tmp_path):
+    with pytest.raises(TunelabError, match="OPTForCausalLM; GGUF export supports Gemma2, Gemma3, GPT2, .*Qwen3Moe"):
+        export_gguf(tiny_opt, tmp_path / "opt.gguf")
     _no_gguf_left(tmp_path)
+
+
+def test_what_llama_cpp_cannot_reproduce_is_refused_before_writing(tmp_path, tiny_tokenizer):
+    """A supported family with a setting llama.cpp's graph fixes otherwise: one line, nothing written."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=len(tiny_tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                        scale_attn_by_inverse_layer_idx=True)  # fmt: skip
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "model")
+    tiny_tokenizer.save_pretrained(tmp_path / "model")
+    with pytest.raises(TunelabError, match="scales attention per layer, which llama.cpp's gpt2 graph does not"):
+        export_gguf(tmp_path / "model", tmp_path / "out.gguf")
+    assert not list(tmp_path.glob("*.gguf*"))
 
 
 def test_unknown_dtype(tiny_llama, tmp_path):

@@ -149,10 +149,12 @@ def test_dry_run_says_it_would_resume_an_interrupted_run(task, tiny_llama, tiny_
     assert checkpoint.is_dir() and not project.exists()
 
 
-def test_plan_says_whether_the_trained_model_will_export_to_gguf(tiny_llama, tiny_gpt2, tmp_path):
+def test_plan_says_whether_the_trained_model_will_export_to_gguf(tiny_llama, tiny_gpt2, tiny_opt, tmp_path):
     common = dict(data_path=str(_chat_file(tmp_path)), trainer="sft", block_size=128, model_max_length=256)
     llama = tunelab.plan(model=str(tiny_llama), project_name=str(tmp_path / "a"), **common)
     assert "GGUF export: supported" in llama.notes
     gpt2 = tunelab.plan(model=str(tiny_gpt2), project_name=str(tmp_path / "b"), chat_template="chatml", **common)
-    assert any(n.startswith("GGUF export: the model is a GPT2LMHeadModel; GGUF export supports") for n in gpt2.notes)
-    assert "GGUF export" in gpt2.render()
+    assert "GGUF export: supported" in gpt2.notes
+    opt = tunelab.plan(model=str(tiny_opt), project_name=str(tmp_path / "c"), **common)
+    assert any(n.startswith("GGUF export: the model is a OPTForCausalLM; GGUF export supports") for n in opt.notes)
+    assert "GGUF export" in opt.render()
