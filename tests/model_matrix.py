@@ -48,7 +48,12 @@ def family_configs(vocab_size: int, bos: int, eos: int) -> dict[str, object]:
         "qwen2": t.Qwen2Config(**rope, tie_word_embeddings=True),
         "qwen3": t.Qwen3Config(**rope, head_dim=16, tie_word_embeddings=True),
         "qwen3_moe": t.Qwen3MoeConfig(
-            **rope, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1,
+            **rope,
+            head_dim=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            decoder_sparse_step=1,
             norm_topk_prob=True,  # as Qwen3-30B-A3B
         ),
         "gemma2": t.Gemma2Config(**rope, head_dim=16, sliding_window=64, query_pre_attn_scalar=16),
