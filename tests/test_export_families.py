@@ -8,6 +8,8 @@ logits at every position equal transformers' (f32 file), and greedy decoding giv
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -108,4 +110,77 @@ def test_llama_cpp_greedy_tokens_equal_transformers(exported, tiny_tokenizer, fa
                 eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.eos_token_id,
             )  # fmt: skip
         assert _greedy(llm, ids, tiny_tokenizer.eos_token_id) == out[0, len(ids) :].tolist(), prompt
+    llm.close()
+
+
+SENTENCEPIECE_TEXTS = [
+    "Give three tips for staying healthy.",
+    # (not a leading space: transformers' Metaspace then adds no `▁` of its own, SentencePiece and llama.cpp do)
+    "two  spaces inside, tabs\tand\nnew lines",
+    "Unicode beyond the vocabulary: café, 東京, 🙂 — bytes then.",
+    "Below is an instruction that describes a task. ### Response:",
+]
+
+
+def test_sentencepiece_tokenizer_tokenizes_and_runs_in_llama_cpp(tmp_path):
+    """A Llama-2-style tokenizer (SentencePiece BPE, byte fallback) is written as llama.cpp's `llama` tokenizer:
+    llama.cpp splits text into the same ids as transformers, bytes included, decodes them back, and the model's
+    logits on them agree."""
+    from tests.conftest import build_sentencepiece_tokenizer
+
+    folder = tmp_path / "tiny"
+    tokenizer = build_sentencepiece_tokenizer(folder)
+    model = _model("llama", tokenizer)
+    model.save_pretrained(folder)
+    path = export_gguf(folder, tmp_path / "spm.gguf", "f32")
+    llm = _llama_cpp(path)
+    for text in SENTENCEPIECE_TEXTS:
+        ids = tokenizer(text)["input_ids"]
+        assert llm.tokenize(text.encode(), add_bos=True) == ids, text
+        assert llm.detokenize(ids).decode() == text, text  # the wrapper drops the prefix space after BOS
+    pieces = tokenizer.convert_ids_to_tokens(tokenizer(SENTENCEPIECE_TEXTS[2])["input_ids"])
+    assert any(piece.startswith("<0x") for piece in pieces)  # byte fallback was exercised
+    ids = tokenizer(SENTENCEPIECE_TEXTS[0])["input_ids"]
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0]
+    llm.eval(ids)
+    assert (torch.tensor(llm.scores[: len(ids)]) - expected).abs().max() < 0.01 * expected.abs().max()
+    llm.close()
+
+
+@pytest.mark.parametrize("scores_from", ["tokenizer.model", "tokenizer.json merges"])
+def test_a_real_sentencepiece_model_tokenizes_the_same_in_llama_cpp(tmp_path, scores_from):
+    """A SentencePiece BPE model trained here (as Llama 2's, Mistral's and Gemma's are), its transformers conversion
+    saved as a run folder saves it: llama.cpp splits text exactly as SentencePiece itself does, whether the piece
+    scores come from tokenizer.model (sentencepiece installed) or from tokenizer.json's merges (transformers 5
+    saves no tokenizer.model)."""
+    import shutil
+
+    spm = pytest.importorskip("sentencepiece")
+    from transformers import AutoTokenizer
+
+    from tests.conftest import _corpus
+
+    source = tmp_path / "sp"
+    source.mkdir()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_corpus()), model_prefix=str(source / "tokenizer"), vocab_size=400, model_type="bpe",
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, remove_extra_whitespaces=False,
+        split_digits=True, normalization_rule_name="identity", minloglevel=2,  # as Llama 2 (no NFKC)
+    )  # fmt: skip
+    (source / "tokenizer_config.json").write_text(
+        json.dumps(
+            {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+        ),
+    )
+    tokenizer = AutoTokenizer.from_pretrained(source)  # transformers converts the SentencePiece model
+    folder = tmp_path / "tiny"
+    tokenizer.save_pretrained(folder)
+    if scores_from == "tokenizer.model":
+        shutil.copy(source / "tokenizer.model", folder)
+    _model("llama", tokenizer).save_pretrained(folder)
+    llm = _llama_cpp(export_gguf(folder, tmp_path / "sp.gguf", "f16"))
+    processor = spm.SentencePieceProcessor(model_file=str(source / "tokenizer.model"))
+    for text in SENTENCEPIECE_TEXTS:
+        assert llm.tokenize(text.encode(), add_bos=False) == processor.encode(text), text
     llm.close()
