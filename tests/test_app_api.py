@@ -312,6 +312,7 @@ def test_jobs_run_one_after_the_other_and_survive_a_restart(tmp_path, model):
         assert status == 200 and reply["answer"].strip()  # sampled: a barely trained model says something
         status, headers, archive = client.request("GET", f"/jobs/{first['id']}/download")
         assert status == 200 and archive[:2] == b"PK" and b"adapter_config.json" in archive
+        _export_for_ollama(client, first["id"])
         listed = client.get_json("/api/jobs")[1]
 
     # A job the app was running when it died: found "running" at the next start, it becomes "interrupted".
@@ -324,6 +325,23 @@ def test_jobs_run_one_after_the_other_and_survive_a_restart(tmp_path, model):
         assert after[0]["id"] == ghost and after[0]["status"] == "interrupted"
         status, _, page = client.request("GET", "/")
         assert status == 200 and b"api-test #1" in page and b"api-test #2" in page
+
+
+def _export_for_ollama(client: Client, job_id: int) -> None:
+    """The job page's Export button: the GGUF file and a Modelfile with the run's template, to download."""
+    assert client.post_json(f"/api/jobs/{job_id}/export", {"dtype": "q2_k"})[0] == 400
+    status, started = client.post_json(f"/api/jobs/{job_id}/export", {"dtype": "f16"})
+    assert status == 202 and started["state"] in ("running", "done")
+    deadline = time.time() + 120
+    while (state := client.get_json(f"/api/jobs/{job_id}/export")[1])["state"] == "running":
+        assert time.time() < deadline
+        time.sleep(0.2)
+    assert state["state"] == "done", state
+    files = {file["name"]: file["url"] for file in state["files"]}
+    modelfile = client.request("GET", files["Modelfile"])[2].decode()
+    assert modelfile.startswith("FROM ./model.gguf") and "### Instruction:" in modelfile  # the run's Alpaca template
+    assert client.request("GET", files["model.gguf"])[2][:4] == b"GGUF"
+    assert client.request("GET", f"/jobs/{job_id}/export/..%2Fconfig.yaml")[0] == 404
 
 
 def test_cancel_stops_the_running_job_and_a_queued_one(app, model):

@@ -129,7 +129,16 @@ def test_new_project_to_chat(browser, tiny_llama, tmp_path):
         assert answer.inner_text().strip() not in ("", "(an empty answer)")
         shot("8-chat")
 
+        # One button exports the finished job for Ollama: the Modelfile and the GGUF file to download.
+        page.select_option("#export-dtype", "f16")
+        page.click("#export")
+        page.locator("#export-result a", has_text="Modelfile").wait_for(timeout=120_000)
+        assert "ollama create NAME -f" in page.locator("#export-result").inner_text()
+        gguf_link = page.locator("#export-result a", has_text="model.gguf").get_attribute("href")
+        assert client.request("GET", gguf_link)[2][:4] == b"GGUF"
+        shot("8b-export")
+
         page.goto(client.base + "/")
         assert "completed" in page.locator("#jobs").inner_text()
         shot("9-runs")
-    assert len(list(ARTIFACTS.glob("*.png"))) >= 9
+    assert len(list(ARTIFACTS.glob("*.png"))) >= 10

@@ -1,6 +1,8 @@
 """The JSON API: what the job page polls (status, log, metrics) and posts (chat, cancel), and the same project and
 job actions as the forms, for scripts and tests. Errors come back as `{"errors": {field: message}}`.
 
+A finished job exports for Ollama and llama.cpp (`/api/jobs/{id}/export`: POST starts it, GET is its state).
+
 POST calls from a browser carry the CSRF token in the X-CSRF-Token header; calls with `Authorization: Bearer`
 need none.
 """
@@ -8,12 +10,14 @@ need none.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from tunelab.app.chat import parse_chat
+from tunelab.app.exports import offered_dtypes
 from tunelab.app.jobs import COMPLETED
 from tunelab.app.pages import check_csrf, expected_csrf, job_or_404, project_or_404, state
 from tunelab.app.preview import preview
@@ -22,6 +26,7 @@ from tunelab.app.results import evaluation, final_metrics, log_tail, loss_points
 from tunelab.app.security import CSRF_HEADER
 from tunelab.app.uploads import CSRF_FIELD, FieldError, receive_form
 from tunelab.app.worker import run_folder
+from tunelab.errors import TunelabError
 
 router = APIRouter(prefix="/api")
 
@@ -141,3 +146,23 @@ async def chat(request: Request, job_id: int) -> JSONResponse:
     # Loading and generating are blocking (torch): keep them off the event loop.
     answer = await asyncio.to_thread(state(request).chat.answer, run_folder(job), history, message, options)
     return JSONResponse({"answer": answer})
+
+
+@router.get("/jobs/{job_id}/export")
+def export_state(request: Request, job_id: int) -> dict[str, Any]:
+    job = job_or_404(request, job_id)
+    return {**state(request).exports.status(job_id, Path(job["folder"])), "dtypes": offered_dtypes()}
+
+
+@router.post("/jobs/{job_id}/export")
+async def export(request: Request, job_id: int) -> JSONResponse:
+    """{"dtype": "q4_k_m"}: the GGUF file and its Modelfile in the job's export/ folder; poll GET for the files."""
+    job = job_or_404(request, job_id)
+    body = await json_body(request)
+    if job["status"] != COMPLETED:
+        return errors({"dtype": "the job has not finished: there is no model to export yet"}, 409)
+    try:
+        started = state(request).exports.start(job_id, run_folder(job), Path(job["folder"]), body.get("dtype", "f16"))
+    except TunelabError as err:
+        return errors({"dtype": str(err)})
+    return JSONResponse(started, status_code=202)

@@ -204,9 +204,11 @@ async def params_submit(request: Request, project_id: int) -> Response:
 def job_page(request: Request, job_id: int) -> HTMLResponse:
     job = job_or_404(request, job_id)
     done = job["status"] == COMPLETED
+    from tunelab.app.exports import offered_dtypes
+
     return render(
         request, "job.html", job=job, metrics=final_metrics(job) if done else {},
-        evaluation=evaluation(job) if done else None,
+        evaluation=evaluation(job) if done else None, export_dtypes=offered_dtypes(),
     )  # fmt: skip
 
 
@@ -236,6 +238,16 @@ def download(request: Request, job_id: int) -> StreamingResponse:
     name = f"tunelab-job-{job_id}.zip"
     headers = {"Content-Disposition": f'attachment; filename="{name}"'}
     return StreamingResponse(zip_stream(folder), media_type="application/zip", headers=headers)
+
+
+@router.get("/jobs/{job_id}/export/{name}")
+def exported_file(request: Request, job_id: int, name: str) -> FileResponse:
+    from tunelab.app.exports import export_file
+
+    path = export_file(Path(job_or_404(request, job_id)["folder"]), name)
+    if path is None:
+        raise HTTPException(404, "no such exported file (export the job first)")
+    return FileResponse(path, filename=name, media_type="application/octet-stream")
 
 
 @router.get("/jobs/{job_id}/loss_curves.png")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tunelab.app.chat import ChatModels
+from tunelab.app.exports import Exports
 from tunelab.app.jobs import JobStore
 from tunelab.app.projects import AppConfig
 from tunelab.app.render import FILTERS
@@ -50,6 +51,7 @@ class AppState:
     store: JobStore
     worker: Worker
     chat: ChatModels
+    exports: Exports
     templates: Any  # starlette Jinja2Templates
 
 
@@ -87,7 +89,7 @@ def create_app(
         log.info("app: %d job(s) were running when the app last stopped: marked interrupted", interrupted)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters.update(FILTERS)
-    state = AppState(config, store, Worker(store), ChatModels(), templates)
+    state = AppState(config, store, Worker(store), ChatModels(), Exports(), templates)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

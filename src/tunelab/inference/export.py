@@ -153,14 +153,25 @@ def _check_dtype(dtype: str) -> str:
 
 
 def _quantize_with_llama_cpp(source: Path, target: Path, dtype: str) -> None:
-    """llama.cpp's quantizer (what `llama-quantize` runs) from the f16 file to `dtype`, with its default rules."""
+    """llama.cpp's quantizer (what `llama-quantize` runs) from the f16 file to `dtype`, with its default rules.
+
+    Its log (a line per tensor) goes through llama-cpp-python's logger: kept to errors while it runs, so an
+    export prints tunelab's lines, not hundreds of llama.cpp's.
+    """
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, BY_LLAMA_CPP[dtype])
     params.nthread = os.cpu_count() or 1
     log.info("export: quantizing to %s with llama.cpp", dtype)
-    if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params) != 0:
+    llama_log = logging.getLogger("llama-cpp-python")
+    level = llama_log.level
+    llama_log.setLevel(max(level, logging.ERROR))
+    try:
+        failed = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params) != 0
+    finally:
+        llama_log.setLevel(level)
+    if failed:
         raise TunelabError(f"export: llama.cpp could not quantize the model to {dtype} (its messages are above)")
 
 

@@ -93,7 +93,58 @@ const tunelab = (() => {
       setTimeout(poll, 500);
     }
     poll();
-    if (status === "completed") chatBox(jobId);
+    if (status === "completed") {
+      chatBox(jobId);
+      exportBox(jobId);
+    }
+  }
+
+  // The Export button: start the export, then poll its state until the files (or the reason it failed) show.
+  function exportBox(jobId) {
+    const form = document.getElementById("export-form");
+    const result = document.getElementById("export-result");
+    const show = (data) => {
+      result.replaceChildren();
+      const line = (cls, text) => {
+        const p = document.createElement("p");
+        p.className = cls;
+        p.textContent = text;
+        result.appendChild(p);
+        return p;
+      };
+      if (data.state === "running") line("hint", `exporting (${data.dtype})…`);
+      if (data.state === "failed") line("error", data.error);
+      if (data.state === "done") {
+        for (const file of data.files) {
+          const a = document.createElement("a");
+          a.href = file.url;
+          a.className = "button";
+          const size = file.bytes < 1e6 ? `${(file.bytes / 1e3).toFixed(1)} kB` : `${(file.bytes / 1e6).toFixed(1)} MB`;
+          a.textContent = `${file.name} (${size})`;
+          line("", "").appendChild(a);
+        }
+        const code = document.createElement("code");
+        code.textContent = data.command;
+        line("hint", "then: ").appendChild(code);
+      }
+      form.querySelector("button").disabled = data.state === "running";
+      return data.state;
+    };
+    const poll = async () => {
+      if (show(await getJSON(`/api/jobs/${jobId}/export`)) === "running") setTimeout(poll, 1000);
+    };
+    form.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      try {
+        const dtype = document.getElementById("export-dtype").value;
+        show(await postJSON(`/api/jobs/${jobId}/export`, { dtype }));
+        setTimeout(poll, 1000);
+      } catch (err) {
+        result.textContent = err.message;
+        result.className = "error";
+      }
+    });
+    poll();
   }
 
   function chatBox(jobId) {
