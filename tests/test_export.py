@@ -418,3 +418,30 @@ def test_k_quants_from_llama_cpp_load_and_agree_with_f16(tiny_tokenizer, tmp_pat
     # A random model's next-token choices are near-ties that any rounding flips; its perplexity is what is stable
     # (measured: q4_k_m 6% above f16, q6_k 1% below). test_smollm2_q4_k_m... checks agreement on real weights.
     assert _perplexity(got, ids) == pytest.approx(_perplexity(reference, ids), rel=0.10)
+
+
+@pytest.mark.slow
+def test_smollm2_every_dtype_chats_in_llama_cpp(smollm2, tmp_path):
+    """The real model through every export type, chatting in llama.cpp through the chat template in the file
+    (create_chat_completion): f32 and f16 give transformers' own greedy answer word for word; the others (8-bit,
+    bf16, the K-quants) a sensible one."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    from tunelab.inference.export import DTYPES
+
+    folder, model, tokenizer = smollm2
+    chat = [{"role": "user", "content": "Give me three tips for staying focused while studying."}]
+    ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False)
+    expected = tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True).strip()
+    for dtype in DTYPES:
+        path = export_gguf(folder, tmp_path / f"smollm2-{dtype}.gguf", dtype)
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, verbose=False, n_threads=2)
+        reply = llm.create_chat_completion(chat, max_tokens=40, temperature=0)["choices"][0]["message"]["content"]
+        llm.close()
+        path.unlink()
+        words = re.findall(r"[a-z]+", reply.lower())
+        print(f"{dtype}: {reply[:70]!r}")
+        if dtype in ("f32", "f16"):
+            assert reply.strip() == expected, dtype
+        assert len(words) >= 12 and "<|im" not in reply and len(set(words)) > 0.4 * len(words), (dtype, reply)
