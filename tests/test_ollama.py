@@ -147,6 +147,19 @@ def test_a_default_system_prompt_becomes_the_modelfiles_system(go_render, tiny_t
     assert _parse(modelfile("model.gguf", tokenizer, system="Be terse."))["system"] == "Be terse."
 
 
+def test_a_bos_the_tokenizer_adds_is_left_out_of_the_template(go_render, tmp_path):
+    """llama.cpp adds BOS when Ollama tokenizes the prompt (the file says the tokenizer adds it): a template that
+    writes `{{ bos_token }}` too (Llama 3's) would start every prompt with two."""
+    from tests.conftest import build_sentencepiece_tokenizer
+
+    tokenizer = build_sentencepiece_tokenizer(tmp_path)  # adds <s> itself, as Llama's do
+    tokenizer.chat_template = LLAMA3
+    template = _parse(modelfile("model.gguf", tokenizer))["template"]
+    assert "<s>" not in template
+    jinja = tokenizer.apply_chat_template(TWO_TURNS, tokenize=False, add_generation_prompt=True)
+    assert jinja.startswith("<s>") and go_render(template, TWO_TURNS) == jinja.removeprefix("<s>")
+
+
 def test_a_template_ollama_cannot_reproduce_is_refused(tiny_tokenizer):
     # Numbering the turns: no fixed text around each message.
     counting = "{% for m in messages %}{{ loop.index }}. {{ m['content'] }}\n{% endfor %}"

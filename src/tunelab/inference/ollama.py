@@ -91,12 +91,24 @@ class ChatShape:
         )
 
 
+def rendered(tokenizer: Any, messages: list[dict[str, str]], generation: bool) -> str:
+    """The Jinja template's text for a chat, less a leading BOS the tokenizer adds itself: llama.cpp (under
+    Ollama) adds it when tokenizing, as the file says, so a TEMPLATE holding it too would start with two."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos):
+        ids = tokenizer("a")["input_ids"]
+        if ids and ids[0] == tokenizer.bos_token_id and ids != tokenizer("a", add_special_tokens=False)["input_ids"]:
+            return text[len(bos) :]
+    return text
+
+
 def chat_shape(tokenizer: Any) -> tuple[ChatShape, str | None]:
     """The template's shape and its default system prompt (None when it adds none); TunelabError when the
     template is not a sequence of wrapped messages."""
 
     def render(messages: list[dict[str, str]], generation: bool) -> str:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+        return rendered(tokenizer, messages, generation)
 
     user, assistant, user2 = (
         {"role": "user", "content": _MARK["user"]},
@@ -167,7 +179,7 @@ def check_shape(shape: ChatShape, tokenizer: Any) -> None:
     if shape.system_prefix is not None:
         chats += [[{"role": "system", "content": "Be brief."}, *chat] for chat in chats]
     for chat in chats:
-        jinja = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        jinja = rendered(tokenizer, chat, generation=True)
         if shape.render(chat) != jinja:
             raise TunelabError(
                 "export: the chat template does not reduce to per-message wrappers (it renders "
