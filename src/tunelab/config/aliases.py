@@ -18,6 +18,7 @@ TASKS = {
     "llm-reward": "reward",
     "llm-dpo": "dpo",
     "llm-orpo": "orpo",
+    "llm-grpo": "grpo",
 }
 # Tasks that are not LLM training methods: read into TextClassificationParams.
 CLASSIFICATION_TASKS = ("text_classification", "text-classification")

@@ -76,8 +76,10 @@ class LLMParams(Params):
     # --- lengths
     block_size: int = param(1024, "Tokens per training row; longer examples are truncated (and counted). -1: auto.")
     model_max_length: int = param(2048, "Longest sequence the model is asked to handle.")
-    max_prompt_length: int = param(128, "Preference trainers: longest prompt kept (truncated from the left).")
-    max_completion_length: int | None = param(None, "Preference trainers: longest completion kept.")
+    max_prompt_length: int = param(128, "Preference trainers and grpo: longest prompt kept (truncated from the left).")
+    max_completion_length: int | None = param(
+        None, "Preference trainers: longest completion kept; grpo: tokens generated per completion (default 256)."
+    )
     padding: str = param("right", "Side to pad batches on.", ("left", "right"))
 
     # --- optimisation
@@ -137,6 +139,39 @@ class LLMParams(Params):
         0.1, "dpo: beta (strength of the pull towards the reference); orpo: weight of the odds ratio."
     )
 
+    # --- grpo (rewards.py, methods/grpo.py; names and defaults as TRL's GRPOConfig unless said)
+    reward_functions: str | None = param(
+        None,
+        "grpo: rewards, comma-separated: built-ins (answer_tag, answer_hash, answer_boxed, answer_last_number, "
+        "format_tag, format_regex, valid_json, length_penalty) or file.py:function (docs/grpo.md).",
+    )
+    reward_weights: str | None = param(None, "grpo: a weight per reward, comma-separated (default: 1 each).")
+    reward_answer_column: str = param("answer", "grpo: the column the answer_* rewards compare with.")
+    reward_regex: str | None = param(None, "grpo: the pattern format_regex looks for (re.search).")
+    reward_json_schema: str | None = param(None, "grpo: a JSON schema file valid_json checks against (jsonschema).")
+    num_generations: int = param(8, "grpo: completions sampled per prompt (a group; its rewards are compared).")
+    temperature: float = param(1.0, "grpo: sampling temperature of the completions.")
+    top_p: float = param(1.0, "grpo: nucleus sampling of the completions.")
+    beta: float = param(0.0, "grpo: weight of the KL term to the reference model (0: none, no reference pass).")
+    use_bias_correction_kl: bool = param(
+        True, "grpo: weigh the KL term by the probability ratio (DeepSeek-V3.2's unbiased KL gradient, TRL's default)."
+    )
+    epsilon: float = param(0.2, "grpo: clipping range of the probability ratio (lower side, and upper by default).")
+    epsilon_high: float | None = param(None, "grpo: upper clipping range (DAPO's clip-higher; default: epsilon).")
+    loss_type: str = param(
+        "dapo",
+        "grpo: loss normalisation: grpo (per completion), bnpo (per token of the micro-batch), dr_grpo (fixed "
+        "length), dapo (per token of the whole step).",
+        ("grpo", "bnpo", "dr_grpo", "dapo"),
+    )
+    scale_rewards: str = param(
+        "group", "grpo: divide advantages by the group's reward std, the batch's, or not.", ("group", "batch", "none")
+    )
+    mask_truncated_completions: bool = param(False, "grpo: no loss on completions cut at max_completion_length.")
+    completions_every: int = param(
+        10, "grpo: every N steps, write sample completions with their rewards to completions.jsonl (0: never)."
+    )
+
     # --- logging and saving
     log: str = param("none", "Experiment tracker: none, tensorboard or wandb.", ("none", "tensorboard", "wandb"))
     logging_steps: int = param(-1, "Log every N steps (-1: about 25 points per run).")
@@ -170,6 +205,21 @@ class LLMParams(Params):
         self.validate()
 
     # ------------------------------------------------------------------ checks
+    def _check_rewards(self) -> None:
+        if not self.reward_functions:
+            raise ConfigError(
+                "grpo needs reward_functions (--reward-functions): built-ins such as answer_tag,format_tag, or "
+                "my_rewards.py:my_function (docs/grpo.md)"
+            )
+        if self.num_generations < 2:
+            raise ConfigError(f"num_generations must be at least 2 (a group to compare), got {self.num_generations}")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1:
+            raise ConfigError("grpo samples its completions: temperature must be > 0 and top_p in (0, 1]")
+        if self.epsilon <= 0 or (self.epsilon_high is not None and self.epsilon_high <= 0):
+            raise ConfigError("epsilon and epsilon_high must be positive")
+        if self.beta < 0:
+            raise ConfigError(f"beta must be 0 or positive, got {self.beta}")
+
     def validate(self) -> None:
         """Raise ConfigError naming the parameter for any value that cannot work, before anything is loaded."""
         if self.chat_template in ("", "null"):
@@ -203,4 +253,6 @@ class LLMParams(Params):
             check_positive(self, "max_completion_length")
         if self.dpo_beta <= 0:
             raise ConfigError(f"dpo_beta must be positive, got {self.dpo_beta}")
+        if REGISTRY[self.trainer].data == "prompts":  # methods that generate and score their completions
+            self._check_rewards()
         check_training(self)

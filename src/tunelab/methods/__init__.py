@@ -1,7 +1,8 @@
 """The training methods tunelab knows: the one list. The CLI, the config checks, the app and the docs read it.
 
 A method is one module in this package defining `METHOD` plus one line in `REGISTRY`, which says what data the
-method trains on ("examples": text, chats, instructions; "pairs": prompt/chosen/rejected) and summarises it.
+method trains on ("examples": text, chats, instructions; "pairs": prompt/chosen/rejected; "prompts": prompts
+to generate from) and summarises it.
 Modules are imported only when their method is used: the preference methods subclass transformers' Trainer,
 and `tunelab --help` should not pay seconds of imports for them.
 """
@@ -21,7 +22,9 @@ class Entry:
     """One registry line: the method's module in this package, its data kind, its summary for --help and docs."""
 
     module: str
-    data: str  # "examples" (data/__init__.load_data) or "pairs" (data/preference.py, with the length rules)
+    # "examples" (data/__init__.load_data), "pairs" (data/preference.py, with the length rules) or "prompts"
+    # (data/prompts.py: a prompt and the columns the rewards read)
+    data: str
     summary: str
 
 
@@ -36,6 +39,9 @@ REGISTRY: dict[str, Entry] = {
     ),
     "orpo": Entry(
         "orpo", "pairs", "odds ratio preference optimization on prompt/chosen/rejected pairs (no reference model)"
+    ),
+    "grpo": Entry(
+        "grpo", "prompts", "group relative policy optimization: sampled completions scored by reward functions"
     ),
 }
 

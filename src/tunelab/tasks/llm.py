@@ -26,6 +26,7 @@ from tunelab.config.llm import LLMParams
 from tunelab.data import load_data
 from tunelab.data.packing import row_length
 from tunelab.data.preference import load_preference_data
+from tunelab.data.prompts import load_prompt_data
 from tunelab.env import check_machine, device_name
 from tunelab.errors import DataError
 from tunelab.memory import log_run_estimate
@@ -50,7 +51,7 @@ class Prepared:
     source: ModelSource
     config: Any  # the model's transformers config, read before any weight loads
     tokenizer: Any
-    data: Any  # EncodedData or PreferenceData
+    data: Any  # EncodedData, PreferenceData or PromptData
     train_rows: list[Any]
     valid_rows: list[Any] | None
     stats: RowStats
@@ -73,8 +74,14 @@ def prepare(params: LLMParams) -> Prepared:
         check_model(resolve_model(params.model_ref), dataclasses.replace(params, peft=False), kind="causal_lm")
     tokenizer = load_tokenizer(source, params.model_max_length)
     fit_tokenizer(tokenizer, config, source)
-    data = load_preference_data(params, tokenizer) if method.data == "pairs" else load_data(params, tokenizer)
-    check_token_ids(_token_ids(data, method.data == "pairs"), config, source)
+    loaders = {"pairs": load_preference_data, "prompts": load_prompt_data, "examples": load_data}
+    data = loaders[method.data](params, tokenizer)
+    check_token_ids(_token_ids(data, method.data), config, source)
+    if method.data == "prompts":  # a reward file that does not import is found now, not after the model loads
+        from tunelab.methods.grpo import completion_length
+        from tunelab.rewards import load_rewards
+
+        load_rewards(params, completion_length(params))
     train_rows, stats = method.build_rows(data.train, params)
     valid_rows = method.build_rows(data.valid, params)[0] if data.valid else None
     if method.data == "pairs":
@@ -169,16 +176,20 @@ def _report_data(params: LLMParams, data: Any, stats: Any, rows: int) -> None:
     log.info("first example as trained:\n%s", data.preview[:600])
 
 
-def _token_ids(data: Any, pairs: bool) -> Iterator[list[int]]:
+def _token_ids(data: Any, kind: str) -> Iterator[list[int]]:
     for item in [*data.train, *(data.valid or [])]:
-        yield from (item.prompt_ids, item.chosen_ids, item.rejected_ids) if pairs else (item.input_ids,)
+        yield from (item.prompt_ids, item.chosen_ids, item.rejected_ids) if kind == "pairs" else (item.input_ids,)
 
 
 def microbatch(prep: Prepared) -> tuple[int, int]:
     """(rows per micro-batch, longest row in tokens): what the run's peak memory depends on."""
-    pairs = prep.method.data == "pairs"
+    kind, params = prep.method.data, prep.params
     longest = max(row_length(row) for row in prep.train_rows)
-    return prep.params.batch_size * (2 if pairs else 1), longest  # a pair batch holds chosen and rejected rows
+    if kind == "prompts":  # each prompt's completions, each as long as the prompt plus a full completion
+        from tunelab.methods.grpo import completion_length
+
+        return params.batch_size * params.num_generations, longest + completion_length(params)
+    return params.batch_size * (2 if kind == "pairs" else 1), longest  # a pair batch holds chosen and rejected
 
 
 def _report_model(model: Any, params: LLMParams) -> None:
@@ -200,7 +211,7 @@ def plan(params: LLMParams) -> RunPlan:
     """The dry run: what `run` would do, from the same `prepare`, with the first examples as trained."""
     prep = prepare(params)
     data, stats, tokenizer = prep.data, prep.stats, prep.tokenizer
-    pairs = prep.method.data == "pairs"
+    kind = prep.method.data
     splits = []
     for name, examples, rows in (("train", data.train, prep.train_rows), ("valid", data.valid, prep.valid_rows)):
         if examples is None:
@@ -210,7 +221,28 @@ def plan(params: LLMParams) -> RunPlan:
             summary.notes.append(f"{data.skipped_rows[name]} bad rows skipped (bad_rows=skip)")
         splits.append(summary)
     train = splits[0]
-    if pairs:
+    if kind == "prompts":
+        from tunelab.methods.grpo import completion_length
+
+        length = completion_length(params)
+        per_step = params.batch_size * params.gradient_accumulation * params.num_generations
+        train.notes.append(f"{data.truncated} prompts cut to max_prompt_length={params.max_prompt_length}")
+        train.notes.append(
+            f"generation per step: {params.batch_size * params.gradient_accumulation} prompts x "
+            f"{params.num_generations} completions x up to {length} tokens = up to {per_step * length:,} "
+            "generated tokens (per process)"
+        )
+        config = prep.config
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        sequences = params.batch_size * params.num_generations
+        cache = 2 * config.num_hidden_layers * heads * head_dim * sequences * (max(map(len, data.train)) + length)
+        cache *= 2 if params.mixed_precision in ("fp16", "bf16") else 4
+        train.notes.append(
+            f"generation KV cache: about {cache / 2**20:,.0f} MiB ({sequences} sequences of up to "
+            f"{max(map(len, data.train)) + length} tokens); the training memory below counts them as rows"
+        )
+    elif kind == "pairs":
         s = data.stats
         train.notes.append(
             f"{s.prompts_truncated} prompts cut to max_prompt_length={params.max_prompt_length}, "
@@ -223,7 +255,7 @@ def plan(params: LLMParams) -> RunPlan:
             f"{stats.dropped} dropped with nothing to learn (no answer tokens left)"
         )
     train.notes += stats.notes
-    examples = [_shown(item, tokenizer, pairs) for item in data.train[:2]]
+    examples = [_shown(item, tokenizer, kind) for item in data.train[:2]]
     rows_per_microbatch, longest = microbatch(prep)
     result = dry_run.new_plan(
         f"llm {params.trainer}", params, splits, examples, len(prep.train_rows), prep.resume_from
@@ -237,9 +269,12 @@ def plan(params: LLMParams) -> RunPlan:
     return result
 
 
-def _shown(item: Any, tokenizer: Any, pairs: bool) -> str:
-    """One example as trained, the tokens the loss is on between [[ ]] (a pair: both answers)."""
-    if not pairs:
+def _shown(item: Any, tokenizer: Any, kind: str) -> str:
+    """One example as trained, the tokens the loss is on between [[ ]] (a pair: both answers; a prompt: the
+    completions the model will write)."""
+    if kind == "prompts":
+        return f"{tokenizer.decode(item.input_ids)}{TRAINED_OPEN}(sampled completions){TRAINED_CLOSE}"
+    if kind == "examples":
         return marked_text(item.input_ids, item.labels, tokenizer)
     prompt = tokenizer.decode(item.prompt_ids, skip_special_tokens=False)
     chosen = tokenizer.decode(item.chosen_ids, skip_special_tokens=False)

@@ -1,0 +1,132 @@
+"""Prompt data for `--trainer grpo`: a prompt per row, and the row's other columns for the rewards.
+
+The prompt column is `prompt_text_column` (default: a column named `prompt`). A prompt is text or a role/content
+message list (or a JSON string of one). Message prompts are rendered with the chat template and its generation
+prompt; text prompts too when a chat template is asked for (`--chat-template tokenizer|chatml|...`, as a user
+turn), else they are used as they are. Prompts longer than max_prompt_length lose their beginning (counted in the
+log). Every other column of the row (a reference answer, test cases) is kept as it is and handed to the reward
+functions, under its own name. Bad rows are reported as for the other methods: file, line and column.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from jinja2 import TemplateError
+
+from tunelab.config.llm import LLMParams
+from tunelab.data.formats import RowProblem, cell_messages, cell_text, describe_problem, is_messages, settle_bad_rows
+from tunelab.data.sources import Split, read_splits
+from tunelab.data.templates import render_template, template_source
+from tunelab.errors import DataError
+
+
+@dataclass
+class PromptRow:
+    """One prompt as the model sees it, what the rewards see, and where it came from."""
+
+    prompt: Any  # the prompt as in the data: text, or a message list (what the rewards receive)
+    input_ids: list[int]  # rendered (chat template with its generation prompt) and tokenized
+    columns: dict[str, Any]  # the row's other columns, for the rewards
+    where: str  # "train.jsonl line 12"
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class PromptData:
+    train: list[PromptRow]
+    valid: list[PromptRow] | None
+    column: str
+    template: str | None
+    template_source: str | None
+    origins: dict[str, str]
+    preview: str
+    skipped_rows: dict[str, int] = field(default_factory=dict)
+    truncated: int = 0
+
+    def describe(self) -> str:
+        return f"prompts ({'chat' if self.template else 'text'}) from column {self.column!r}"
+
+
+def prompt_column(split: Split, params: LLMParams) -> str:
+    column = params.prompt_text_column or "prompt"
+    if column not in split.columns:
+        raise DataError(
+            f"{split.origin}: prompt column {column!r} not found (columns: {', '.join(split.columns[:20])}); "
+            "set prompt_text_column (data.column_mapping.prompt_text_column) to the column that holds the prompt"
+        )
+    return column
+
+
+def load_prompt_data(params: LLMParams, tokenizer: Any) -> PromptData:
+    """Read, check, render and tokenize the prompt splits named by params."""
+    splits = read_splits(params.data_path, params.train_split, params.valid_split)
+    column = prompt_column(splits["train"], params)
+    conversational = is_messages(next((r[column] for r in splits["train"].rows if r.get(column)), None))
+    requested = params.chat_template
+    template = None
+    if conversational:
+        template = (
+            requested if requested and requested != "none" else ("tokenizer" if tokenizer.chat_template else "chatml")
+        )
+    elif requested and requested != "none":
+        template = requested
+    source = template_source(template, tokenizer) if template else None
+
+    out: dict[str, list[PromptRow]] = {}
+    skipped: dict[str, int] = {}
+    truncated = 0
+    for name, split in splits.items():
+        rows, problems = [], []
+        for index, row in enumerate(split.rows):
+            try:
+                prompt, text = _prompt(row, prompt_column(split, params), source, tokenizer)
+            except RowProblem as problem:
+                problems.append(describe_problem(split, index, problem))
+                continue
+            ids = tokenizer(text, add_special_tokens=source is None)["input_ids"]
+            if len(ids) > params.max_prompt_length:
+                ids = ids[-params.max_prompt_length :]  # the end holds the question and the generation prompt
+                truncated += name == "train"
+            others = {key: value for key, value in row.items() if key != column}
+            rows.append(PromptRow(prompt, list(ids), others, split.where(index)))
+        settle_bad_rows(problems, split.origin, params.bad_rows, kept=len(rows))
+        skipped[name] = len(problems)
+        out[name] = rows
+    if not out["train"]:
+        raise DataError(f"{splits['train'].origin}: no usable prompts")
+    first = out["train"][0]
+    return PromptData(
+        train=out["train"],
+        valid=out.get("valid"),
+        column=column,
+        template=template,
+        template_source=source,
+        origins={name: split.origin for name, split in splits.items()},
+        preview=tokenizer.decode(first.input_ids),
+        skipped_rows=skipped,
+        truncated=truncated,
+    )
+
+
+def _prompt(row: dict, column: str, source: str | None, tokenizer: Any) -> tuple[Any, str]:
+    """(the prompt as the rewards see it, the text the model is given)."""
+    if is_messages(row.get(column)):
+        messages = cell_messages(row, column, need_assistant=False)
+        if messages and messages[-1]["role"] == "assistant":
+            raise RowProblem(column, "the prompt ends with an assistant message; the model is to write that turn")
+        prompt: Any = messages
+    else:
+        prompt = cell_text(row, column)
+        if not prompt.strip():
+            raise RowProblem(column, "an empty prompt")
+        if source is None:
+            return prompt, prompt
+        messages = [{"role": "user", "content": prompt}]
+    try:
+        return prompt, render_template(source, messages, tokenizer, add_generation_prompt=True)
+    except TemplateError as err:
+        raise RowProblem(column, f"the chat template cannot render it ({err})") from None

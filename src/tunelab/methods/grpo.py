@@ -1,0 +1,363 @@
+"""`grpo`: Group Relative Policy Optimization (Shao et al., 2024), rewards from Python functions.
+
+Each optimizer step: every prompt of the step's batches gets `num_generations` sampled completions (generation
+seeded by the step, so a resumed run samples what the uninterrupted one did); the rewards (rewards.py) score
+them; a completion's advantage is its total reward minus its group's mean, divided by the group's standard
+deviation (`scale_rewards`: group, batch or none). The loss, per completion token t:
+
+    ratio_t = p(t) / p_old(t)                          (1 when each batch is used once, num_iterations=1)
+    loss_t  = -min(ratio_t * A, clip(ratio_t, 1 - epsilon, 1 + epsilon_high) * A) + beta * KL_t
+    KL_t    = p_ref / p - log(p_ref / p) - 1           (k3 estimator; the reference is the base model with the
+                                                         LoRA adapter off, or a frozen copy under full training;
+                                                         times ratio_t, use_bias_correction_kl, as TRL does)
+
+normalised as TRL's `loss_type` says: `grpo` (mean over each completion's tokens, then over completions), `bnpo`
+(mean over the micro-batch's tokens), `dr_grpo` (sum over tokens / (completions x max_completion_length)), `dapo`
+(sum over tokens / the tokens of the whole accumulated step, TRL's default). The log-probabilities come from the
+hidden states at completion positions only (speed/loss.token_logprobs): full-vocabulary logits never exist.
+
+`batch_size` counts prompts: a micro-batch is batch_size x num_generations completions (TRL's
+per_device_train_batch_size counts completions: TRL's 8 with num_generations 8 is tunelab's batch_size 1).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunelab.config.llm import LLMParams
+from tunelab.data.prompts import PromptRow
+from tunelab.methods.base import Method, RowStats
+from tunelab.rewards import Reward, call_reward, load_rewards
+from tunelab.speed.loss import fast_loss_supported, output_head_returns_hidden, token_logprobs
+from tunelab.training.trainer import GuardedTrainer
+
+log = logging.getLogger("tunelab")
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+COMPLETIONS_FILE = "completions.jsonl"
+
+
+def completion_length(params: LLMParams) -> int:
+    """Tokens a completion may have: max_completion_length, or 256 when unset."""
+    return params.max_completion_length or 256
+
+
+# ---- the math ---------------------------------------------------------------------------------------------------
+
+
+def nanstd(values: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Standard deviation ignoring NaNs, with Bessel's correction (NaN with fewer than two values)."""
+    mean = torch.nanmean(values, dim=dim, keepdim=True)
+    variance = torch.nanmean((values - mean) ** 2, dim=dim, keepdim=True)
+    count = (~torch.isnan(values)).sum(dim=dim, keepdim=True)
+    variance = variance * torch.where(count > 1, count / (count - 1), torch.full_like(variance, float("nan")))
+    std = variance.sqrt()
+    return std.squeeze(dim) if dim is not None else std.reshape(())
+
+
+def group_advantages(rewards: torch.Tensor, group: int, scale: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, the std they were divided by) for rewards laid out group after group; NaN rewards (no reward
+    scored the completion) are left out of their group's mean and std and get advantage 0."""
+    grouped = rewards.view(-1, group)
+    mean = torch.nanmean(grouped, dim=1).repeat_interleave(group)
+    if scale == "batch":
+        std = nanstd(rewards).expand_as(rewards)
+    else:  # "group"; with "none" the std is only reported
+        std = nanstd(grouped, dim=1).repeat_interleave(group) if group > 1 else torch.zeros_like(rewards)
+    advantages = rewards - mean
+    if scale != "none":
+        advantages = advantages / (std + 1e-4)
+    return torch.nan_to_num(advantages, nan=0.0), std
+
+
+def grpo_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    ref_logps: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    loss_type: str,
+    epsilon_low: float,
+    epsilon_high: float,
+    beta: float,
+    max_completion_length: int,
+    accumulation: int = 1,
+    tokens_in_step: float | None = None,
+    kl_bias_correction: bool = True,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The clipped policy loss of one micro-batch (completions x tokens), scaled for gradient accumulation as
+    TRL's GRPOTrainer scales it, and the figures it logs (kl, clip ratios)."""
+    mask = mask.to(logps.dtype)
+    advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+    ratio = torch.exp(logps - old_logps)
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    per_token = -torch.min(ratio * advantages, clipped * advantages)
+    kl = None
+    if beta != 0.0:
+        kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
+        # DeepSeek-V3.2's correction (TRL's default): times the ratio, whose value is 1 on-policy but whose
+        # gradient makes the KL gradient the unbiased reverse-KL one.
+        weighted = kl * ratio if kl_bias_correction else kl
+        per_token = per_token + beta * weighted
+    masked = per_token * mask
+    if loss_type == "grpo":
+        loss = (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean() / accumulation
+    elif loss_type == "bnpo":
+        loss = masked.sum() / mask.sum().clamp(min=1.0) / accumulation
+    elif loss_type == "dr_grpo":
+        loss = masked.sum() / (per_token.size(0) * max_completion_length) / accumulation
+    elif loss_type == "dapo":
+        loss = masked.sum() / max(float(tokens_in_step if tokens_in_step is not None else mask.sum()), 1.0)
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+
+    def token_mean(values: torch.Tensor) -> torch.Tensor:
+        return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+    low = (ratio < 1 - epsilon_low) & (advantages < 0)
+    high = (ratio > 1 + epsilon_high) & (advantages > 0)
+    metrics = {
+        "clip_ratio/low_mean": token_mean(low.to(mask.dtype)),
+        "clip_ratio/high_mean": token_mean(high.to(mask.dtype)),
+        "clip_ratio/region_mean": token_mean((low | high).to(mask.dtype)),
+    }
+    if kl is not None:
+        metrics["kl"] = token_mean(kl.detach())
+    return loss, {k: v.detach() for k, v in metrics.items()}
+
+
+# ---- the trainer ------------------------------------------------------------------------------------------------
+
+
+def build_prompt_rows(prompts: list[PromptRow], params: LLMParams) -> tuple[list[Any], RowStats]:
+    """Each prompt is a row (a micro-batch of batch_size rows becomes batch_size x num_generations completions)."""
+    return list(prompts), RowStats(examples=len(prompts), rows=len(prompts))
+
+
+class GRPOTrainer(GuardedTrainer):
+    """Generates, scores and trains on completions; logs the rewards and writes samples to completions.jsonl."""
+
+    def __init__(self, *args: Any, params: LLMParams, ref_model: Any = None, **kwargs: Any) -> None:
+        kwargs.setdefault("data_collator", list)  # prompts stay PromptRow objects until they are generated from
+        super().__init__(*args, **kwargs)
+        self.params = params
+        self.group = params.num_generations
+        self.max_length = completion_length(params)
+        self.rewards: list[Reward] = load_rewards(params, self.max_length)
+        self.loss_type = params.loss_type
+        self.epsilon_low = params.epsilon
+        self.epsilon_high = params.epsilon_high if params.epsilon_high is not None else params.epsilon
+        self.beta = params.beta
+        # compute_loss scales for accumulation itself (per loss_type), as TRL does.
+        self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = True
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        self.fast_loss = params.fast_loss and fast_loss_supported(unwrapped)
+        self.ref_model = None
+        if self.beta != 0.0 and not hasattr(unwrapped, "disable_adapter"):
+            log.info("grpo: reference model = a frozen copy of the starting model")
+            self.ref_model = (ref_model or copy.deepcopy(unwrapped)).requires_grad_(False).eval()
+        self.trained_tokens = 0
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+
+    # -- rollout: once per optimizer step, for every micro-batch of it
+    def get_batch_samples(self, epoch_iterator, num_batches, device):  # noqa: D102
+        prompts, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        batches = [self._rollout(rows, index) for index, rows in enumerate(prompts)]
+        tokens = sum(int(b["completion_mask"].sum()) for b in batches)
+        tokens = (
+            self.accelerator.gather(torch.tensor(tokens, device=device)).sum().item() / self.accelerator.num_processes
+        )
+        return batches, tokens
+
+    @torch.no_grad()
+    def _rollout(self, rows: list[PromptRow], index: int) -> dict[str, Any]:
+        model = self.accelerator.unwrap_model(self.model)
+        tokenizer = self.processing_class
+        device = self.args.device
+        pad = tokenizer.pad_token_id
+        width = max(len(r.input_ids) for r in rows)
+        prompt_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        prompt_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):  # left padding: every prompt ends where generation starts
+            prompt_ids[i, width - len(row.input_ids) :] = torch.tensor(row.input_ids)
+            prompt_mask[i, width - len(row.input_ids) :] = 1
+        prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+        # The same step samples the same completions, in a resumed run too.
+        torch.manual_seed(self.params.seed + 1009 * self.state.global_step + index)
+        was_training = model.training
+        model.eval()
+        try:
+            out = model.generate(
+                input_ids=prompt_ids,
+                attention_mask=prompt_mask,
+                do_sample=True,
+                temperature=self.params.temperature,
+                top_p=self.params.top_p,
+                max_new_tokens=self.max_length,
+                num_return_sequences=self.group,
+                pad_token_id=pad,
+                eos_token_id=tokenizer.eos_token_id,
+                use_cache=True,
+            )
+        finally:
+            model.train(was_training)
+        completion_ids = out[:, width:]
+        # A completion ends at its first EOS (kept: the model learns to stop); one without EOS was cut.
+        is_eos = completion_ids == tokenizer.eos_token_id
+        truncated = ~is_eos.any(1)
+        ends = torch.where(truncated, completion_ids.size(1), is_eos.int().argmax(1))
+        positions = torch.arange(completion_ids.size(1), device=device).expand_as(completion_ids)
+        completion_mask = (positions <= ends.unsqueeze(1)).long()
+        # What the rewards see, as TRL gives it: the ids through the EOS, the text without special tokens.
+        ids_lists = [ids[mask.bool()].tolist() for ids, mask in zip(completion_ids, completion_mask, strict=True)]
+        if self.params.mask_truncated_completions:
+            completion_mask = completion_mask * (~truncated).unsqueeze(1).long()
+        prompt_ids = prompt_ids.repeat_interleave(self.group, 0)
+        prompt_mask = prompt_mask.repeat_interleave(self.group, 0)
+        texts = tokenizer.batch_decode(ids_lists, skip_special_tokens=True)
+        repeated = [row for row in rows for _ in range(self.group)]
+        chat = isinstance(rows[0].prompt, list)
+        completions = [[{"role": "assistant", "content": t}] for t in texts] if chat else texts
+        columns = {key: [row.columns.get(key) for row in repeated] for key in rows[0].columns}
+        where = [row.where for row in repeated]
+        scores = []
+        for reward in self.rewards:
+            values = call_reward(reward, [r.prompt for r in repeated], completions, ids_lists, columns, where)
+            scores.append([math.nan if v is None else v for v in values])
+        per_function = torch.tensor(scores, dtype=torch.float32).T  # (completions, functions)
+        weights = torch.tensor([r.weight for r in self.rewards])
+        unscorable = torch.isnan(per_function).all(1)
+        total = (per_function * weights).nansum(1)
+        total[unscorable] = math.nan
+        advantages, std = group_advantages(total, self.group, self.params.scale_rewards)
+
+        lengths = completion_mask.sum(1).float()
+        for reward, column in zip(self.rewards, per_function.T, strict=True):
+            self._metrics[f"rewards/{reward.name}/mean"].append(float(torch.nanmean(column)))
+            self._metrics[f"rewards/{reward.name}/std"].append(float(nanstd(column)))
+        self._metrics["reward"].append(float(torch.nanmean(total)))
+        self._metrics["reward_std"].append(float(nanstd(total)))
+        self._metrics["frac_reward_zero_std"].append(float(torch.isclose(std, torch.zeros_like(std)).float().mean()))
+        self._metrics["completions/mean_length"].append(float(lengths.mean()))
+        self._metrics["completions/max_length"].append(float(lengths.max()))
+        self._metrics["completions/clipped_ratio"].append(float(truncated.float().mean()))
+        if index == 0 and self._writes_samples():
+            self._write_samples(repeated, texts, per_function, total, advantages)
+
+        batch = {
+            "prompt_ids": prompt_ids,
+            "prompt_mask": prompt_mask,
+            "completion_ids": completion_ids,
+            "completion_mask": completion_mask,
+            "advantages": advantages.to(device),
+        }
+        batch["input_ids"] = torch.cat([prompt_ids, completion_ids], 1)  # for Trainer's token counting
+        if self.beta != 0.0:
+            batch["ref_logps"] = self._reference_logps(batch)
+        return batch
+
+    def _reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.ref_model is not None:
+            return self.completion_logps(self.ref_model, batch)
+        with self.accelerator.unwrap_model(self.model).disable_adapter():
+            return self.completion_logps(self.model, batch)
+
+    # -- the loss
+    def completion_logps(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """log p(token) of each completion token under the sampling temperature (the policy that sampled them,
+        as TRL scores it), (completions, completion length); 0 on masked tokens."""
+        ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+        attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+        width = batch["prompt_ids"].size(1)
+        labels = torch.full_like(ids, -100)
+        labels[:, width:] = torch.where(batch["completion_mask"].bool(), batch["completion_ids"], -100)
+        inputs = {"input_ids": ids, "attention_mask": attention, "use_cache": False}
+        temperature = self.params.temperature
+        unwrapped = self.accelerator.unwrap_model(model)
+        if self.fast_loss and getattr(unwrapped.get_output_embeddings(), "bias", None) is None:
+            with output_head_returns_hidden(unwrapped) as head:
+                hidden = model(**inputs).logits
+            per_position = token_logprobs(hidden / temperature, head, labels)  # W(h / T) = (W h) / T
+        else:
+            logits = model(**inputs).logits[:, :-1].float() / temperature
+            targets = labels[:, 1:]
+            picked = torch.log_softmax(logits, -1).gather(2, targets.clamp(min=0)[..., None]).squeeze(2)
+            per_position = picked * (targets != -100)
+        return per_position[:, width - 1 :]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D102
+        logps = self.completion_logps(model, inputs)
+        loss, metrics = grpo_loss(
+            logps,
+            logps.detach(),
+            inputs.get("ref_logps"),
+            inputs["advantages"],
+            inputs["completion_mask"],
+            loss_type=self.loss_type,
+            epsilon_low=self.epsilon_low,
+            epsilon_high=self.epsilon_high,
+            beta=self.beta,
+            max_completion_length=self.max_length,
+            accumulation=self.current_gradient_accumulation_steps if model.training else 1,
+            tokens_in_step=num_items_in_batch if model.training else None,
+            kl_bias_correction=self.params.use_bias_correction_kl,
+        )
+        if model.training:
+            self.trained_tokens += int(inputs["completion_mask"].sum())
+        for name, value in metrics.items():
+            self._metrics[name].append(float(value))
+        return (loss, {}) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:  # noqa: D102
+        for name, values in self._metrics.items():
+            finite = [v for v in values if not math.isnan(v)]
+            if finite:
+                logs[name] = round(sum(finite) / len(finite), 6)
+        self._metrics.clear()
+        super().log(logs, start_time)
+
+    # -- samples for the user to read
+    def _writes_samples(self) -> bool:
+        every = self.params.completions_every
+        return every > 0 and self.is_world_process_zero() and self.state.global_step % every == 0
+
+    def _write_samples(self, rows, texts, per_function, total, advantages) -> None:
+        """A few prompts of this step (the first group's completions of up to 2 prompts), appended to the run's
+        completions.jsonl: what the model writes, and what each reward made of it."""
+        path = Path(self.args.output_dir) / COMPLETIONS_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as out:
+            for i in range(min(len(texts), 2 * self.group)):
+                record = {
+                    "step": self.state.global_step + 1,
+                    "prompt": rows[i].prompt,
+                    "completion": texts[i],
+                    "rewards": {r.name: _finite(float(per_function[i, j])) for j, r in enumerate(self.rewards)},
+                    "reward": _finite(float(total[i])),
+                    "advantage": round(float(advantages[i]), 4),
+                    "where": rows[i].where,
+                }
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):  # noqa: D102
+        batch = self._rollout(inputs, 0)
+        with torch.no_grad():
+            loss = self.compute_loss(model, batch)
+        return loss.detach(), None, None
+
+
+def _finite(value: float) -> float | None:
+    return None if math.isnan(value) else round(value, 4)
+
+
+METHOD = Method(model_kind="causal_lm", build_rows=build_prompt_rows, trainer_class=GRPOTrainer)

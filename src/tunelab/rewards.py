@@ -1,0 +1,313 @@
+"""Rewards for `--trainer grpo`: the built-in checks and the user's own Python functions, called safely.
+
+`--reward-functions answer_tag,format_tag,FILE:short` (FILE: a Python file of yours) names the rewards,
+`--reward-weights 1,0.5,0.2` weighs them (default 1 each). A reward is called as TRL calls its reward functions,
+so TRL reward code works here unchanged:
+
+    def short(prompts, completions, completion_ids, **columns) -> list[float | None]
+
+with one entry per completion: the prompts (a prompt repeated for each of its completions), the completions
+(strings; for chat prompts, a one-message list [{"role": "assistant", "content": ...}] as TRL passes them), their
+token ids, and every other column of the rows as a keyword argument of lists (`answer=[...]`). A function may
+declare only the arguments it uses. It returns one float per completion, or None where it has no opinion (the
+other rewards then decide; a completion no reward scores gets 0).
+
+A reward that raises, returns the wrong number of values, or returns something that is not a finite number
+stops the run with one line naming the function and the data row (RewardError, exit code 2). Reward files are
+imported when the run is prepared, so one that does not import is reported by the dry run, before training.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tunelab.errors import TunelabError
+
+
+class RewardError(TunelabError):
+    """A reward function that cannot be loaded, or that misbehaved on a row."""
+
+
+# ---- built-ins --------------------------------------------------------------------------------------------------
+
+
+def _text(completion: Any) -> str:
+    """A completion's text: the string itself, or the content of a chat completion's (last) message."""
+    if isinstance(completion, list):
+        return str(completion[-1].get("content", "")) if completion else ""
+    return str(completion)
+
+
+_NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
+EXTRACTORS: dict[str, Callable[[str], str | None]] = {
+    # GSM8K's convention: the answer after "####".
+    "hash": lambda text: m.group(1).strip() if (m := re.search(r"####\s*([^\n]+)", text)) else None,
+    # LaTeX: the last \boxed{...} (one level of nested braces).
+    "boxed": lambda text: m[-1].strip() if (m := re.findall(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}", text)) else None,
+    # A tag: the last <answer>...</answer>.
+    "tag": lambda text: m[-1].strip() if (m := re.findall(r"<answer>(.*?)</answer>", text, re.S)) else None,
+    "last_number": lambda text: m[-1] if (m := re.findall(_NUMBER, text)) else None,
+}
+
+
+def same_answer(got: str | None, expected: Any) -> bool:
+    """Equal as numbers when both read as numbers ("1,000" == "1000.0"), else as trimmed, case-folded text."""
+    if got is None or expected is None:
+        return False
+    got, expected = str(got).strip(), str(expected).strip()
+    try:
+        return math.isclose(float(got.replace(",", "")), float(expected.replace(",", "")), rel_tol=0, abs_tol=1e-6)
+    except ValueError:
+        return got.casefold() == expected.casefold()
+
+
+def answer_reward(extractor: str, column: str) -> Callable[..., list[float | None]]:
+    """1.0 when the answer extracted from the completion equals the row's `column`, else 0.0."""
+    extract = EXTRACTORS[extractor]
+
+    def reward(completions: list[Any], **columns: list[Any]) -> list[float | None]:
+        if column not in columns:
+            raise RewardError(f"needs a column {column!r} in the data (--reward-answer-column names another)")
+        return [
+            float(same_answer(extract(_text(c)), want)) for c, want in zip(completions, columns[column], strict=True)
+        ]
+
+    reward.__name__ = f"answer_{extractor}"
+    return reward
+
+
+def regex_reward(pattern: str, name: str) -> Callable[..., list[float | None]]:
+    """1.0 when the completion matches `pattern` (re.search, DOTALL), else 0.0."""
+    compiled = re.compile(pattern, re.S)
+
+    def reward(completions: list[Any], **_: Any) -> list[float | None]:
+        return [float(bool(compiled.search(_text(c)))) for c in completions]
+
+    reward.__name__ = name
+    return reward
+
+
+def json_reward(schema_path: str | None) -> Callable[..., list[float | None]]:
+    """1.0 when the completion is (or holds, in a ```json fence) a JSON value, valid against the schema if given."""
+    validator = None
+    if schema_path:
+        try:
+            import jsonschema
+        except ImportError:
+            raise RewardError(
+                "valid_json with --reward-json-schema needs jsonschema: pip install jsonschema"
+            ) from None
+        try:
+            schema = json.loads(Path(schema_path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise RewardError(f"--reward-json-schema {schema_path}: {error}") from None
+        validator = jsonschema.Draft202012Validator(schema)
+
+    def parse(text: str) -> Any:
+        fenced = re.search(r"```(?:json)?\s*(.*?)```", text, re.S)
+        return json.loads(fenced.group(1) if fenced else text.strip())
+
+    def reward(completions: list[Any], **_: Any) -> list[float | None]:
+        scores = []
+        for completion in completions:
+            try:
+                value = parse(_text(completion))
+            except ValueError:
+                scores.append(0.0)
+                continue
+            scores.append(float(validator is None or validator.is_valid(value)))
+        return scores
+
+    reward.__name__ = "valid_json"
+    return reward
+
+
+def length_penalty(max_tokens: int) -> Callable[..., list[float | None]]:
+    """-(completion tokens / max_completion_length): 0 for an empty answer, -1 for one cut at the limit."""
+
+    def reward(completion_ids: list[list[int]], **_: Any) -> list[float | None]:
+        return [-len(ids) / max_tokens for ids in completion_ids]
+
+    reward.__name__ = "length_penalty"
+    return reward
+
+
+# name -> (what it checks, for --help and the docs)
+BUILTINS = {
+    "answer_tag": "1 if the last <answer>...</answer> equals the answer column, else 0",
+    "answer_hash": "1 if the text after '####' (GSM8K) equals the answer column, else 0",
+    "answer_boxed": "1 if the last \\boxed{...} equals the answer column, else 0",
+    "answer_last_number": "1 if the completion's last number equals the answer column, else 0",
+    "format_tag": "1 if the completion holds an <answer>...</answer>, else 0",
+    "format_regex": "1 if the completion matches --reward-regex, else 0",
+    "valid_json": "1 if the completion is valid JSON (against --reward-json-schema when given), else 0",
+    "length_penalty": "-(completion tokens / max_completion_length)",
+}
+
+
+# ---- loading and calling -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Reward:
+    """One reward function, its name as the user wrote it, and its weight."""
+
+    name: str
+    function: Callable[..., Any]
+    weight: float = 1.0
+
+
+def load_rewards(params: Any, max_completion_length: int) -> list[Reward]:
+    """The run's rewards from --reward-functions and --reward-weights; RewardError names the first bad one."""
+    names = [name.strip() for name in (params.reward_functions or "").split(",") if name.strip()]
+    if not names:
+        raise RewardError("grpo needs --reward-functions: built-ins (" + ", ".join(BUILTINS) + ") or file.py:function")
+    weights = [1.0] * len(names)
+    if params.reward_weights:
+        try:
+            weights = [float(w) for w in str(params.reward_weights).split(",")]
+        except ValueError:
+            raise RewardError(
+                f"--reward-weights {params.reward_weights!r}: expected numbers separated by commas"
+            ) from None
+        if len(weights) != len(names):
+            raise RewardError(f"--reward-weights has {len(weights)} values for {len(names)} reward functions")
+    return [
+        Reward(name, _function(name, params, max_completion_length), w) for name, w in zip(names, weights, strict=True)
+    ]
+
+
+def _function(name: str, params: Any, max_tokens: int) -> Callable[..., Any]:
+    column = params.reward_answer_column
+    if name.startswith("answer_") and name in BUILTINS:
+        return answer_reward(name.removeprefix("answer_"), column)
+    if name == "format_tag":
+        return regex_reward(r"<answer>.*?</answer>", name)
+    if name == "format_regex":
+        if not params.reward_regex:
+            raise RewardError("format_regex needs --reward-regex PATTERN")
+        try:
+            return regex_reward(params.reward_regex, name)
+        except re.error as error:
+            raise RewardError(f"--reward-regex {params.reward_regex!r}: {error}") from None
+    if name == "valid_json":
+        return json_reward(params.reward_json_schema)
+    if name == "length_penalty":
+        return length_penalty(max_tokens)
+    if ":" not in name:
+        raise RewardError(f"reward {name!r} is not a built-in ({', '.join(BUILTINS)}) nor file.py:function")
+    return _user_function(name)
+
+
+def _user_function(spec: str) -> Callable[..., Any]:
+    file, _, function = spec.rpartition(":")
+    path = Path(file).expanduser()
+    if not path.is_file():
+        raise RewardError(f"reward {spec}: {path} does not exist")
+    module_name = f"tunelab_rewards_{abs(hash(str(path.resolve())))}"
+    loader = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(loader)
+    try:
+        loader.loader.exec_module(module)
+    except Exception as error:  # noqa: BLE001 - any error of the user's file, as one line
+        line = _user_line(error, path)
+        raise RewardError(f"reward {spec}: {path}{line} does not import: {type(error).__name__}: {error}") from None
+    found = getattr(module, function, None)
+    if not callable(found):
+        available = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+        raise RewardError(f"reward {spec}: {path} has no function {function!r} (it has {', '.join(available)})")
+    return found
+
+
+def _user_line(error: BaseException, path: Path) -> str:
+    """`:LINE` of the user's file where the error happened, when the traceback passes through it."""
+    if isinstance(error, SyntaxError) and error.lineno:
+        return f":{error.lineno}"
+    tb, line = error.__traceback__, ""
+    while tb is not None:
+        if Path(tb.tb_frame.f_code.co_filename) == path.resolve() or tb.tb_frame.f_code.co_filename == str(path):
+            line = f":{tb.tb_lineno}"
+        tb = tb.tb_next
+    return line
+
+
+def call_reward(
+    reward: Reward,
+    prompts: list[Any],
+    completions: list[Any],
+    completion_ids: list[list[int]],
+    columns: dict[str, list[Any]],
+    where: Sequence[str],
+) -> list[float | None]:
+    """The reward's scores for a batch, checked: one finite float (or None) per completion.
+
+    `where` names each completion's data row ("train.jsonl line 12"), for the error line.
+    """
+    arguments = {"prompts": prompts, "completions": completions, "completion_ids": completion_ids, **columns}
+    accepted = _accepted(reward.function, arguments)
+    try:
+        scores = reward.function(**accepted)
+    except RewardError as error:
+        raise RewardError(f"reward {reward.name}: {error} ({where[0]})") from None
+    except Exception as error:  # noqa: BLE001 - the user's code: find the row that breaks it, report one line
+        row = _failing_row(reward, arguments, len(completions), where)
+        raise RewardError(f"reward {reward.name} raised {type(error).__name__}: {error} ({row})") from None
+    if hasattr(scores, "tolist"):  # a numpy array or a tensor
+        scores = scores.tolist()
+    if not isinstance(scores, list | tuple):
+        raise RewardError(f"reward {reward.name} returned {type(scores).__name__}, not a list of floats ({where[0]})")
+    if len(scores) != len(completions):
+        raise RewardError(
+            f"reward {reward.name} returned {len(scores)} values for {len(completions)} completions ({where[0]})"
+        )
+    checked: list[float | None] = []
+    for index, score in enumerate(scores):
+        if score is None:
+            checked.append(None)
+            continue
+        try:
+            value = float(score)
+        except (TypeError, ValueError):
+            raise RewardError(f"reward {reward.name} returned {score!r}, not a number ({where[index]})") from None
+        if not math.isfinite(value):
+            raise RewardError(f"reward {reward.name} returned {value} ({where[index]})")
+        checked.append(value)
+    return checked
+
+
+def _accepted(function: Callable[..., Any], arguments: dict[str, Any]) -> dict[str, Any]:
+    """The arguments the function declares (all of them when it takes **kwargs)."""
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return arguments
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
+        return arguments
+    return {name: value for name, value in arguments.items() if name in signature.parameters}
+
+
+def _failing_row(reward: Reward, arguments: dict[str, Any], n: int, where: Sequence[str]) -> str:
+    """Call the reward on one completion at a time to name the first row it fails on."""
+    for index in range(n):
+        one = {name: [values[index]] for name, values in arguments.items()}
+        try:
+            reward.function(**_accepted(reward.function, one))
+        except Exception:  # noqa: BLE001
+            return where[index]
+    return where[0]  # it fails only on the batch as a whole
+
+
+def total_reward(per_function: list[list[float | None]], weights: list[float]) -> list[float]:
+    """Weighted sum per completion; None counts as 0 (TRL's nansum)."""
+    return [
+        sum(w * s for w, s in zip(weights, scores, strict=True) if s is not None)
+        for scores in zip(*per_function, strict=True)
+    ]

@@ -1,0 +1,275 @@
+"""`--trainer grpo`: its loss equals TRL's GRPOTrainer's on the same batch (each normalisation, LoRA and full),
+advantages are TRL's, a tiny run trains end to end and leaves completions.jsonl, and every bad reward is one line.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import read_metrics
+from tunelab.cli import main
+from tunelab.config.llm import LLMParams
+from tunelab.methods.grpo import group_advantages, nanstd
+
+PROMPTS = [{"prompt": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in [(2, 3), (4, 1), (6, 2), (1, 1)]]
+
+
+def _data(tmp_path: Path, rows=PROMPTS) -> Path:
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# ---- advantages and the loss against TRL
+
+
+def test_advantages_are_group_normalised_as_trl_does():
+    from trl.trainer.utils import nanstd as trl_nanstd
+
+    rewards = torch.tensor([1.0, 0.0, 0.5, float("nan"), 2.0, 2.0, 2.0, 2.0])
+    advantages, std = group_advantages(rewards, 4, "group")
+    grouped = rewards.view(-1, 4)
+    mean = torch.nanmean(grouped, 1).repeat_interleave(4)
+    expected = torch.nan_to_num((rewards - mean) / (trl_nanstd(grouped, dim=1).repeat_interleave(4) + 1e-4))
+    torch.testing.assert_close(advantages, expected)
+    assert advantages[3] == 0  # a completion no reward scored carries no signal
+    assert torch.all(advantages[4:] == 0) and torch.all(std[4:] == 0)  # a group with one reward: nothing to learn
+    assert nanstd(rewards) == pytest.approx(float(trl_nanstd(rewards)))
+    batch, _ = group_advantages(rewards, 4, "batch")
+    torch.testing.assert_close(batch, torch.nan_to_num((rewards - mean) / (trl_nanstd(rewards) + 1e-4)))
+
+
+def _batch(tokenizer, completions: int = 4):
+    """A fixed rollout: 2 prompts (left padded) x 2 completions of different lengths, one cut short."""
+    torch.manual_seed(0)
+    prompts = [tokenizer("What is 2 + 3?")["input_ids"], tokenizer("Name a colour of the sea")["input_ids"]]
+    width = max(map(len, prompts))
+    prompt_ids = torch.full((2, width), tokenizer.pad_token_id)
+    prompt_mask = torch.zeros((2, width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        prompt_ids[i, width - len(p) :] = torch.tensor(p)
+        prompt_mask[i, width - len(p) :] = 1
+    prompt_ids, prompt_mask = prompt_ids.repeat_interleave(2, 0), prompt_mask.repeat_interleave(2, 0)
+    completion_ids = torch.randint(5, len(tokenizer), (completions, 7))
+    completion_mask = torch.ones_like(completion_ids)
+    for row, length in enumerate([7, 3, 5, 1]):
+        completion_mask[row, length:] = 0
+    advantages = torch.tensor([1.2, -0.7, 0.5, -0.3])
+    return {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": prompt_mask,
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,
+        "advantages": advantages,
+    }
+
+
+@pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_loss_equals_trl(tiny_llama, tmp_path, loss_type, peft):
+    """The same batch (completions, advantages) through TRL's GRPOTrainer._compute_loss and tunelab's compute_loss,
+    with the KL term on (beta 0.04, the reference being the adapter-less base under LoRA) and temperature 0.7."""
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig
+    from trl import GRPOTrainer as TRLGRPOTrainer
+
+    from tunelab.methods.grpo import GRPOTrainer
+    from tunelab.training.trainer import training_arguments
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.pad_token = tokenizer.eos_token  # as tunelab's tokenizer loading sets it
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    torch.manual_seed(1)
+    if peft:
+        base = get_peft_model(
+            base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+        )
+        with torch.no_grad():  # an adapter that does something, so policy and reference differ
+            for name, p in base.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.1)
+    settings = dict(beta=0.04, temperature=0.7, loss_type=loss_type, max_completion_length=7, epsilon=0.2)
+    batch = _batch(tokenizer)
+
+    params = LLMParams(
+        model=str(tiny_llama), project_name=str(tmp_path / "ours"), trainer="grpo", reward_functions="format_tag",
+        num_generations=2, batch_size=2, gradient_accumulation=1, peft=peft, **settings,
+    )  # fmt: skip
+    args = training_arguments(params, str(tmp_path / "ours"), 1, False)
+    reference = None if peft else copy.deepcopy(base)
+    if reference is not None:
+        with torch.no_grad():  # full training: the policy has moved away from its frozen starting copy
+            for p in base.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+    ours = GRPOTrainer(
+        params=params, model=copy.deepcopy(base), args=args, processing_class=tokenizer, train_dataset=[1],
+        ref_model=copy.deepcopy(reference) if reference is not None else None,
+    )  # fmt: skip
+    ours.current_gradient_accumulation_steps = 1
+    ours.model.train()
+    our_batch = {**batch, "ref_logps": ours._reference_logps(batch)}
+    loss = ours.compute_loss(ours.model, our_batch, num_items_in_batch=batch["completion_mask"].sum())
+
+    config = GRPOConfig(
+        output_dir=str(tmp_path / "trl"), use_cpu=True, bf16=False, gradient_checkpointing=False, report_to=[],
+        save_strategy="no", per_device_train_batch_size=4, num_generations=2, **settings,
+    )  # fmt: skip
+    trl = TRLGRPOTrainer(
+        model=copy.deepcopy(base),
+        reward_funcs=lambda completions, **_: [0.0] * len(completions),
+        args=config,
+        train_dataset=Dataset.from_list([{"prompt": "What is 2 + 3?"}] * 4),
+        processing_class=tokenizer,
+    )
+    if reference is not None:
+        trl.ref_model = copy.deepcopy(reference)
+        from trl.trainer.utils import add_fused_lm_head
+
+        add_fused_lm_head(
+            trl.ref_model, temperature=config.temperature, cast_lm_head_to_fp32=config.cast_lm_head_to_fp32
+        )
+    trl.current_gradient_accumulation_steps = 1
+    trl.model.train()
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    with torch.no_grad():
+        if reference is not None:
+            ref, _, _ = trl._get_per_token_logps_and_entropies(trl.ref_model, ids, mask, 7)
+        else:
+            with trl.model.disable_adapter():
+                ref, _, _ = trl._get_per_token_logps_and_entropies(trl.model, ids, mask, 7)
+    trl_inputs = {**batch, "ref_per_token_logps": ref, "num_items_in_batch": batch["completion_mask"].sum()}
+    trl_loss = trl._compute_loss(trl.model, trl_inputs)
+
+    torch.testing.assert_close(our_batch["ref_logps"] * batch["completion_mask"], ref * batch["completion_mask"])
+    assert loss.item() == pytest.approx(trl_loss.item(), abs=1e-4)
+    assert abs(loss.item()) > 1e-2  # not trivially zero
+    assert ours._metrics["kl"][0] == pytest.approx(trl._metrics["train"]["kl"][0], abs=1e-5)
+    assert ours._metrics["kl"][0] > 0
+    loss.backward()
+    trl_loss.backward()
+    ours_grads = [p.grad for p in ours.model.parameters() if p.requires_grad]
+    trl_grads = [p.grad for p in trl.model.parameters() if p.requires_grad]
+    for a, b in zip(ours_grads, trl_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-3)
+
+
+# ---- a run, and its rewards' failures
+
+
+REWARDS = """
+import math
+
+
+def correct(prompts, completions, answer, **kwargs):
+    return [1.0 if a in c else 0.0 for c, a in zip(completions, answer)]
+
+
+def short(completion_ids):
+    return [-len(ids) / 100 for ids in completion_ids]
+
+
+def raises(completions, answer, **kwargs):
+    if any(a == "2" for a in answer):
+        raise ValueError("cannot score this one")
+    return [0.0] * len(completions)
+
+
+def too_few(completions, **kwargs):
+    return [0.0]
+
+
+def not_a_number(completions, **kwargs):
+    return [math.nan] * len(completions)
+"""
+
+
+def _run(tmp_path, tiny_llama, rewards: str, *extra: str) -> list[str]:
+    (tmp_path / "my_rewards.py").write_text(REWARDS)
+    return [
+        "llm", "--train", "--trainer", "grpo", "--model", str(tiny_llama), "--data-path", str(_data(tmp_path)),
+        "--project-name", str(tmp_path / "run"), "--reward-functions", rewards, "--num-generations", "2",
+        "--batch-size", "2", "--gradient-accumulation", "1", "--max-completion-length", "6", "--max-steps", "2",
+        "--lr", "1e-3", "--peft", "--logging-steps", "1", "--completions-every", "1", *extra,
+    ]  # fmt: skip
+
+
+def test_a_tiny_run_trains_and_writes_its_completions(tiny_llama, tmp_path):
+    rewards = f"{tmp_path / 'my_rewards.py'}:correct,{tmp_path / 'my_rewards.py'}:short,format_tag"
+    assert main(_run(tmp_path, tiny_llama, rewards, "--reward-weights", "1,0.5,0.2")) == 0
+    run = tmp_path / "run"
+    records = [r for r in read_metrics(run) if "loss" in r]
+    assert len(records) == 2
+    name = f"{tmp_path / 'my_rewards.py'}:short"
+    for key in ("reward", "reward_std", f"rewards/{name}/mean", "completions/mean_length", "clip_ratio/region_mean"):
+        assert key in records[0], key
+    assert records[0][f"rewards/{name}/mean"] < 0  # the length penalty of the tiny model's completions
+    samples = [json.loads(line) for line in (run / "completions.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} == {1, 2} and all("prompts.jsonl line" in s["where"] for s in samples)
+    assert set(samples[0]["rewards"]) == {f"{tmp_path / 'my_rewards.py'}:correct", name, "format_tag"}
+    assert (run / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("function", "message"),
+    [
+        ("raises", r"reward .*:raises raised ValueError: cannot score this one \(.*prompts.jsonl line 4\)"),
+        ("too_few", r"reward .*:too_few returned 1 values for 4 completions \(.*prompts.jsonl line \d\)"),
+        ("not_a_number", r"reward .*:not_a_number returned nan \(.*prompts.jsonl line \d\)"),
+    ],
+)
+def test_a_misbehaving_reward_stops_the_run_with_one_line(tiny_llama, tmp_path, capsys, function, message):
+    import re
+
+    code = main(_run(tmp_path, tiny_llama, f"{tmp_path / 'my_rewards.py'}:{function}"))
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("tunelab: error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert re.search(message, errors[0]), errors[0]
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("def correct(:\n", r"my_rewards.py:1 does not import: SyntaxError"),
+        ("import no_such_module\n", r"does not import: ModuleNotFoundError"),
+        ("def other(): pass\n", r"has no function 'correct' \(it has other\)"),
+    ],
+)
+def test_a_reward_file_that_does_not_load_is_caught_by_the_dry_run(tiny_llama, tmp_path, capsys, source, message):
+    import re
+
+    args = _run(tmp_path, tiny_llama, f"{tmp_path / 'my_rewards.py'}:correct")
+    (tmp_path / "my_rewards.py").write_text(source)
+    args[1] = "--dry-run"
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and re.search(message, err), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_dry_run_reports_the_generation_budget(tiny_llama, tmp_path, capsys):
+    args = _run(tmp_path, tiny_llama, "answer_last_number")
+    args[1] = "--dry-run"
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "2 prompts x 2 completions x up to 6 tokens = up to 24 generated tokens" in out
+    assert "generation KV cache" in out
+
+
+def test_built_in_answer_rewards_read_the_answer_forms():
+    from tunelab.rewards import answer_reward
+
+    completions = ["so #### 1,000", "the answer is \\boxed{42}", "<answer> 7 </answer>", "3 then 4.0"]
+    for extractor, expected in (("hash", "1000"), ("boxed", "42"), ("tag", "7"), ("last_number", "4")):
+        scores = answer_reward(extractor, "answer")(completions, answer=[expected] * 4)
+        assert scores.count(1.0) == 1, (extractor, scores)
+    chat = [[{"role": "assistant", "content": "<answer>5</answer>"}]]
+    assert answer_reward("tag", "answer")(chat, answer=["5"]) == [1.0]
