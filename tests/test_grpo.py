@@ -273,3 +273,31 @@ def test_built_in_answer_rewards_read_the_answer_forms():
         assert scores.count(1.0) == 1, (extractor, scores)
     chat = [[{"role": "assistant", "content": "<answer>5</answer>"}]]
     assert answer_reward("tag", "answer")(chat, answer=["5"]) == [1.0]
+
+
+def test_sigkill_then_resume_samples_and_trains_as_the_uninterrupted_run(tiny_llama, tmp_path):
+    """Generation is seeded by the step: a run killed after its step-2 checkpoint, resumed, logs the same rewards
+    and losses at every step as one that was never stopped."""
+    import signal
+
+    from tests.test_resume import _run_child
+
+    def args(project: str) -> list[str]:
+        base = _run(tmp_path, tiny_llama, "format_tag,answer_last_number,length_penalty")
+        base[base.index("--project-name") + 1] = str(tmp_path / project)
+        base[base.index("--max-steps") + 1] = "4"
+        return [*base, "--save-steps", "2", "--lora-dropout", "0.1"]
+
+    assert _run_child(args("straight")).returncode == 0
+    killed = _run_child(args("resumed"), kill_at=2)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    again = _run_child(args("resumed"))
+    assert again.returncode == 0 and "resuming from" in again.stderr, again.stderr
+
+    def logged(project: str) -> dict[int, tuple[float, float]]:
+        return {r["step"]: (r["loss"], r["reward"]) for r in read_metrics(tmp_path / project) if "loss" in r}
+
+    expected, got = logged("straight"), logged("resumed")
+    assert sorted(got) == sorted(expected) == [1, 2, 3, 4]
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step

@@ -22,7 +22,7 @@ from tunelab.app.jobs import COMPLETED
 from tunelab.app.pages import check_csrf, expected_csrf, job_or_404, project_or_404, state
 from tunelab.app.preview import preview
 from tunelab.app.projects import FormErrors, create_project, save_mapping, start_job
-from tunelab.app.results import evaluation, final_metrics, log_tail, loss_points, metric_records
+from tunelab.app.results import evaluation, final_metrics, log_tail, loss_points, metric_records, sample_completions
 from tunelab.app.security import CSRF_HEADER
 from tunelab.app.uploads import CSRF_FIELD, FieldError, receive_form
 from tunelab.app.worker import run_folder
@@ -127,6 +127,12 @@ def job_metrics(request: Request, job_id: int) -> dict[str, Any]:
     job = job_or_404(request, job_id)
     records = metric_records(job)
     return {"status": job["status"], "points": loss_points(records), "last": records[-1] if records else None}
+
+
+@router.get("/jobs/{job_id}/completions")
+def job_completions(request: Request, job_id: int) -> dict[str, Any]:
+    """A grpo job's sample completions with their rewards, newest first (empty for other methods)."""
+    return {"samples": sample_completions(job_or_404(request, job_id))}
 
 
 @router.post("/jobs/{job_id}/cancel")

@@ -1,5 +1,6 @@
 """What a job page reads from a job's folder: the log tail, the metrics (live from the staging folder while the
-run trains, from the run folder after), the final metrics and evaluation report, and the run folder as a zip.
+run trains, from the run folder after), a grpo run's sample completions, the final metrics and evaluation
+report, and the run folder as a zip.
 """
 
 from __future__ import annotations
@@ -46,6 +47,21 @@ def metric_records(job: dict[str, Any]) -> list[dict[str, Any]]:
                 except json.JSONDecodeError:  # the line being written right now
                     continue
             return records
+    return []
+
+
+def sample_completions(job: dict[str, Any], limit: int = 20) -> list[dict[str, Any]]:
+    """A grpo run's completions.jsonl samples, newest first (staging folder while training, run folder after)."""
+    for folder in (run_folder(job), staging_folder(job)):
+        path = folder / "completions.jsonl"
+        if path.is_file():
+            samples = []
+            for line in path.read_text(encoding="utf-8").splitlines()[-limit:]:
+                try:
+                    samples.append(json.loads(line))
+                except json.JSONDecodeError:  # the line being written right now
+                    continue
+            return samples[::-1]
     return []
 
 

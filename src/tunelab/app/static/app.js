@@ -80,6 +80,7 @@ const tunelab = (() => {
         const n = metrics.points.loss.length;
         svg.dataset.points = String(n);
         if (n) note.textContent = `${n} logged steps; last loss ${metrics.points.loss[n - 1][1].toFixed(4)}`;
+        if (document.getElementById("completions")) await showCompletions(jobId);
         statusBox.textContent = metrics.status;
         statusBox.className = `status ${metrics.status}`;
         if (metrics.status !== status && FINISHED.includes(metrics.status)) {
@@ -96,6 +97,27 @@ const tunelab = (() => {
     if (status === "completed") {
       chatBox(jobId);
       exportBox(jobId);
+    }
+  }
+
+  // A grpo job's samples: prompt, completion, each reward's score.
+  async function showCompletions(jobId) {
+    const box = document.getElementById("completions");
+    const { samples } = await getJSON(`/api/jobs/${jobId}/completions`);
+    box.replaceChildren();
+    for (const s of samples) {
+      const item = document.createElement("div");
+      item.className = "sample";
+      const head = document.createElement("p");
+      head.className = "hint";
+      const prompt = Array.isArray(s.prompt) ? s.prompt.map((m) => m.content).join(" / ") : s.prompt;
+      const scores = Object.entries(s.rewards).map(([name, v]) => `${name.split(/[/:]/).pop()} ${v}`).join(", ");
+      head.textContent = `step ${s.step} · reward ${s.reward} (${scores}) · ${prompt}`;
+      const body = document.createElement("pre");
+      body.className = "completion";
+      body.textContent = s.completion;
+      item.append(head, body);
+      box.appendChild(item);
     }
   }
 
