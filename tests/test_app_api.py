@@ -366,3 +366,21 @@ def test_the_html_form_shows_the_error_beside_its_field(app, model):
     assert '<p class="error" data-field="data_file">x.exe: .exe files are not data files' in page
     status, page = app.post_form("/projects", {"name": "p", "model": str(model)}, {"data_file": ("a.jsonl", b"{oops")})
     assert status == 400 and "x.exe" not in page and "a.jsonl line 1" in page
+
+
+def test_a_grpo_job_shows_its_sample_completions(app, model):
+    rows = [{"prompt": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(4)]
+    data = ("prompts.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+    status, project = new_project(app, model, trainer="grpo", data=data)
+    assert status == 201, project
+    params = {**SHORT_RUN, "reward_functions": "format_tag,answer_last_number", "num_generations": 2}
+    params |= {"max_completion_length": 4, "completions_every": 1}
+    status, job = app.post_json(f"/api/projects/{project['id']}/jobs", {"params": params, "evaluate": False})
+    assert status == 201, job
+    (job,) = wait_for(app, [job["id"]])
+    assert job["status"] == "completed", job
+    samples = app.get_json(f"/api/jobs/{job['id']}/completions")[1]["samples"]
+    assert samples and samples[0]["step"] == 2 and samples[-1]["step"] == 1  # newest first
+    assert set(samples[0]["rewards"]) == {"format_tag", "answer_last_number"}
+    status, _, page = app.request("GET", f"/jobs/{job['id']}")
+    assert status == 200 and b'id="completions"' in page

@@ -201,9 +201,13 @@ def _run(tmp_path, tiny_llama, rewards: str, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def test_a_tiny_run_trains_and_writes_its_completions(tiny_llama, tmp_path):
+@pytest.mark.parametrize("peft", [True, False], ids=["lora", "full"])
+def test_a_tiny_run_trains_and_writes_its_completions(tiny_llama, tmp_path, peft):
     rewards = f"{tmp_path / 'my_rewards.py'}:correct,{tmp_path / 'my_rewards.py'}:short,format_tag"
-    assert main(_run(tmp_path, tiny_llama, rewards, "--reward-weights", "1,0.5,0.2")) == 0
+    args = _run(tmp_path, tiny_llama, rewards, "--reward-weights", "1,0.5,0.2", "--beta", "0.04")
+    if not peft:
+        args.remove("--peft")
+    assert main(args) == 0
     run = tmp_path / "run"
     records = [r for r in read_metrics(run) if "loss" in r]
     assert len(records) == 2
@@ -214,7 +218,8 @@ def test_a_tiny_run_trains_and_writes_its_completions(tiny_llama, tmp_path):
     samples = [json.loads(line) for line in (run / "completions.jsonl").read_text().splitlines()]
     assert {s["step"] for s in samples} == {1, 2} and all("prompts.jsonl line" in s["where"] for s in samples)
     assert set(samples[0]["rewards"]) == {f"{tmp_path / 'my_rewards.py'}:correct", name, "format_tag"}
-    assert (run / "adapter_model.safetensors").is_file()
+    assert "kl" in records[0]  # beta > 0: the reference pass (adapter off, or the frozen copy) ran
+    assert (run / ("adapter_model.safetensors" if peft else "model.safetensors")).is_file()
 
 
 @pytest.mark.parametrize(
@@ -233,6 +238,32 @@ def test_a_misbehaving_reward_stops_the_run_with_one_line(tiny_llama, tmp_path, 
     errors = [line for line in err.splitlines() if line.startswith("tunelab: error:")]
     assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
     assert re.search(message, errors[0]), errors[0]
+
+
+def test_a_run_stopped_by_a_reward_keeps_its_checkpoint_and_resumes(tiny_llama, tmp_path, capsys):
+    """The reward breaks at step 3, after the step-2 checkpoint: the line says what was kept; once the reward is
+    fixed, the same command resumes from that checkpoint."""
+    flaky = tmp_path / "flaky.py"
+    flaky.write_text(
+        "from pathlib import Path\n"
+        "CALLS = Path(__file__).with_suffix('.calls')\n"
+        "def score(completions, **kwargs):\n"
+        "    n = int(CALLS.read_text()) + 1 if CALLS.exists() else 1\n"
+        "    CALLS.write_text(str(n))\n"
+        "    if n == 3 and Path(__file__).with_suffix('.broken').exists():\n"
+        "        raise RuntimeError('the scoring service is down')\n"
+        "    return [float(len(c) % 3) for c in completions]\n"
+    )
+    flaky.with_suffix(".broken").touch()
+    args = _run(tmp_path, tiny_llama, f"{flaky}:score", "--save-steps", "2")
+    args[args.index("--max-steps") + 1] = "4"
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "the scoring service is down" in err and "checkpoint-2" in err, err
+    flaky.with_suffix(".broken").unlink()
+    assert main(args) == 0
+    assert "resuming from" in capsys.readouterr().err
+    assert [r["step"] for r in read_metrics(tmp_path / "run") if "loss" in r][-1] == 4
 
 
 @pytest.mark.parametrize(
@@ -301,3 +332,27 @@ def test_sigkill_then_resume_samples_and_trains_as_the_uninterrupted_run(tiny_ll
     assert sorted(got) == sorted(expected) == [1, 2, 3, 4]
     for step in expected:
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
+
+
+def test_an_autotrain_style_config_names_the_task_llm_grpo(tmp_path):
+    from tunelab.config import load_config
+
+    config = tmp_path / "grpo.yml"
+    config.write_text(
+        "task: llm-grpo\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\nproject_name: my-grpo\n"
+        "data:\n  path: prompts.jsonl\n  column_mapping:\n    prompt_text_column: question\n"
+        "params:\n  peft: true\n  reward_functions: answer_tag,format_tag\n  reward_weights: 1,0.5\n"
+        "  num_generations: 4\n  loss_type: grpo\n  beta: 0.04\n"
+    )
+    params = load_config(config)
+    assert (params.trainer, params.prompt_text_column, params.num_generations) == ("grpo", "question", 4)
+    assert (params.loss_type, params.beta, params.reward_weights) == ("grpo", 0.04, "1,0.5")
+
+
+def test_a_grpo_config_without_rewards_is_refused_before_anything_loads():
+    from tunelab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="grpo needs reward_functions"):
+        LLMParams(trainer="grpo")
+    with pytest.raises(ConfigError, match="num_generations must be at least 2"):
+        LLMParams(trainer="grpo", reward_functions="format_tag", num_generations=1)
