@@ -356,3 +356,18 @@ def test_a_grpo_config_without_rewards_is_refused_before_anything_loads():
         LLMParams(trainer="grpo")
     with pytest.raises(ConfigError, match="num_generations must be at least 2"):
         LLMParams(trainer="grpo", reward_functions="format_tag", num_generations=1)
+
+
+def test_evaluation_scores_the_validation_prompts_apart(tiny_llama, tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for split in ("train", "test"):
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PROMPTS))
+    args = _run(tmp_path, tiny_llama, "answer_last_number,format_tag")
+    args[args.index("--data-path") + 1] = str(folder)
+    assert main([*args, "--valid-split", "test", "--eval-strategy", "steps"]) == 0
+    records = read_metrics(tmp_path / "run")
+    evals = [r for r in records if "eval_loss" in r]
+    trains = [r for r in records if "loss" in r]
+    assert evals and "eval_reward" in evals[0] and "eval_rewards/format_tag/mean" in evals[0]
+    assert all(not any(k.startswith("eval_") for k in r) for r in trains)  # training figures stay apart

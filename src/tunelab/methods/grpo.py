@@ -168,6 +168,7 @@ class GRPOTrainer(GuardedTrainer):
             self.ref_model = (ref_model or copy.deepcopy(unwrapped)).requires_grad_(False).eval()
         self.trained_tokens = 0
         self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._prefix = ""  # "eval_" while evaluating: its figures are logged apart from training's
 
     # -- rollout: once per optimizer step, for every micro-batch of it
     def get_batch_samples(self, epoch_iterator, num_batches, device):  # noqa: D102
@@ -192,8 +193,9 @@ class GRPOTrainer(GuardedTrainer):
             prompt_ids[i, width - len(row.input_ids) :] = torch.tensor(row.input_ids)
             prompt_mask[i, width - len(row.input_ids) :] = 1
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-        # The same step samples the same completions, in a resumed run too.
-        torch.manual_seed(self.params.seed + 1009 * self.state.global_step + index)
+        # The same step samples the same completions, in a resumed run too (and each process its own).
+        process = self.accelerator.process_index
+        torch.manual_seed(self.params.seed + 1009 * self.state.global_step + 31 * index + 7919 * process)
         was_training = model.training
         model.eval()
         try:
@@ -220,6 +222,7 @@ class GRPOTrainer(GuardedTrainer):
         completion_mask = (positions <= ends.unsqueeze(1)).long()
         # What the rewards see, as TRL gives it: the ids through the EOS, the text without special tokens.
         ids_lists = [ids[mask.bool()].tolist() for ids, mask in zip(completion_ids, completion_mask, strict=True)]
+        lengths = completion_mask.sum(1).float()
         if self.params.mask_truncated_completions:
             completion_mask = completion_mask * (~truncated).unsqueeze(1).long()
         prompt_ids = prompt_ids.repeat_interleave(self.group, 0)
@@ -228,7 +231,8 @@ class GRPOTrainer(GuardedTrainer):
         repeated = [row for row in rows for _ in range(self.group)]
         chat = isinstance(rows[0].prompt, list)
         completions = [[{"role": "assistant", "content": t}] for t in texts] if chat else texts
-        columns = {key: [row.columns.get(key) for row in repeated] for key in rows[0].columns}
+        names = dict.fromkeys(key for row in rows for key in row.columns)  # a column some rows lack is None there
+        columns = {key: [row.columns.get(key) for row in repeated] for key in names}
         where = [row.where for row in repeated]
         scores = []
         for reward in self.rewards:
@@ -241,17 +245,16 @@ class GRPOTrainer(GuardedTrainer):
         total[unscorable] = math.nan
         advantages, std = group_advantages(total, self.group, self.params.scale_rewards)
 
-        lengths = completion_mask.sum(1).float()
         for reward, column in zip(self.rewards, per_function.T, strict=True):
-            self._metrics[f"rewards/{reward.name}/mean"].append(float(torch.nanmean(column)))
-            self._metrics[f"rewards/{reward.name}/std"].append(float(nanstd(column)))
-        self._metrics["reward"].append(float(torch.nanmean(total)))
-        self._metrics["reward_std"].append(float(nanstd(total)))
-        self._metrics["frac_reward_zero_std"].append(float(torch.isclose(std, torch.zeros_like(std)).float().mean()))
-        self._metrics["completions/mean_length"].append(float(lengths.mean()))
-        self._metrics["completions/max_length"].append(float(lengths.max()))
-        self._metrics["completions/clipped_ratio"].append(float(truncated.float().mean()))
-        if index == 0 and self._writes_samples():
+            self._record(f"rewards/{reward.name}/mean", torch.nanmean(column))
+            self._record(f"rewards/{reward.name}/std", nanstd(column))
+        self._record("reward", torch.nanmean(total))
+        self._record("reward_std", nanstd(total))
+        self._record("frac_reward_zero_std", torch.isclose(std, torch.zeros_like(std)).float().mean())
+        self._record("completions/mean_length", lengths.mean())
+        self._record("completions/max_length", lengths.max())
+        self._record("completions/clipped_ratio", truncated.float().mean())
+        if index == 0 and not self._prefix and self._writes_samples():
             self._write_samples(repeated, texts, per_function, total, advantages)
 
         batch = {
@@ -315,15 +318,18 @@ class GRPOTrainer(GuardedTrainer):
         if model.training:
             self.trained_tokens += int(inputs["completion_mask"].sum())
         for name, value in metrics.items():
-            self._metrics[name].append(float(value))
+            self._record(name, value)
         return (loss, {}) if return_outputs else loss
 
+    def _record(self, name: str, value: Any) -> None:
+        self._metrics[self._prefix + name].append(float(value))
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:  # noqa: D102
-        for name, values in self._metrics.items():
-            finite = [v for v in values if not math.isnan(v)]
+        evaluating = any(key.startswith("eval_") for key in logs)
+        for name in [n for n in self._metrics if n.startswith("eval_") == evaluating]:
+            finite = [v for v in self._metrics.pop(name) if not math.isnan(v)]
             if finite:
                 logs[name] = round(sum(finite) / len(finite), 6)
-        self._metrics.clear()
         super().log(logs, start_time)
 
     # -- samples for the user to read
@@ -350,9 +356,14 @@ class GRPOTrainer(GuardedTrainer):
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):  # noqa: D102
-        batch = self._rollout(inputs, 0)
-        with torch.no_grad():
-            loss = self.compute_loss(model, batch)
+        """Evaluation: completions for the validation prompts, scored; the loss and rewards go under eval_."""
+        self._prefix = "eval_"
+        try:
+            batch = self._rollout(inputs, 0)
+            with torch.no_grad():
+                loss = self.compute_loss(model, batch)
+        finally:
+            self._prefix = ""
         return loss.detach(), None, None
 
 
