@@ -371,3 +371,20 @@ def test_evaluation_scores_the_validation_prompts_apart(tiny_llama, tmp_path):
     trains = [r for r in records if "loss" in r]
     assert evals and "eval_reward" in evals[0] and "eval_rewards/format_tag/mean" in evals[0]
     assert all(not any(k.startswith("eval_") for k in r) for r in trains)  # training figures stay apart
+
+
+def test_a_reward_file_imports_as_a_module_does(tmp_path):
+    """A dataclass in the file (dataclasses look the module up in sys.modules) and a helper module beside it."""
+    from tunelab.rewards import call_reward, load_rewards
+
+    (tmp_path / "reward_helpers.py").write_text("def bonus():\n    return 0.5\n")
+    (tmp_path / "dc_rewards.py").write_text(
+        "from dataclasses import dataclass\nfrom reward_helpers import bonus\n\n"
+        "@dataclass\nclass Rule:\n    word: str\n\n"
+        "RULE = Rule('sea')\n\n"
+        "def mentions(completions, **kwargs):\n    return [float(RULE.word in c) + bonus() for c in completions]\n"
+    )
+    params = LLMParams(trainer="grpo", reward_functions=f"{tmp_path / 'dc_rewards.py'}:mentions")
+    (reward,) = load_rewards(params, 16)
+    scores = call_reward(reward, ["p", "p"], ["the sea", "a hill"], [[1], [2]], {}, ["row 1", "row 2"])
+    assert scores == [1.5, 0.5]

@@ -24,6 +24,7 @@ import inspect
 import json
 import math
 import re
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,9 +216,15 @@ def _user_function(spec: str) -> Callable[..., Any]:
     module_name = f"tunelab_rewards_{abs(hash(str(path.resolve())))}"
     loader = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(loader)
+    # As `import` does: the module is in sys.modules while it runs (dataclasses and pickling look it up there),
+    # and the files beside it can be imported from it (a helper module of the user's).
+    sys.modules[module_name] = module
+    if str(path.resolve().parent) not in sys.path:
+        sys.path.insert(0, str(path.resolve().parent))
     try:
         loader.loader.exec_module(module)
     except Exception as error:  # noqa: BLE001 - any error of the user's file, as one line
+        del sys.modules[module_name]
         line = _user_line(error, path)
         raise RewardError(f"reward {spec}: {path}{line} does not import: {type(error).__name__}: {error}") from None
     found = getattr(module, function, None)
