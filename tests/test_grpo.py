@@ -347,6 +347,13 @@ def test_an_autotrain_style_config_names_the_task_llm_grpo(tmp_path):
     params = load_config(config)
     assert (params.trainer, params.prompt_text_column, params.num_generations) == ("grpo", "question", 4)
     assert (params.loss_type, params.beta, params.reward_weights) == ("grpo", 0.04, "1,0.5")
+    # YAML lists for the comma-separated fields
+    listed = config.read_text().replace("reward_weights: 1,0.5", "reward_weights: [1, 0.5]")
+    config.write_text(
+        listed.replace("reward_functions: answer_tag,format_tag", "reward_functions: [answer_tag, format_tag]")
+    )
+    params = load_config(config)
+    assert (params.reward_functions, params.reward_weights) == ("answer_tag,format_tag", "1,0.5")
 
 
 def test_a_grpo_config_without_rewards_is_refused_before_anything_loads():

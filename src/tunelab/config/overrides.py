@@ -83,6 +83,13 @@ def coerce(values: dict[str, Any], schema: type = LLMParams) -> dict[str, Any]:
                 value = _number(key, text, int)
             elif kind.startswith("float"):
                 value = _number(key, text, float)
+        elif (
+            isinstance(value, (list, tuple))
+            and kind.startswith("str")
+            and value
+            and all(isinstance(item, (str, int, float)) and not isinstance(item, bool) for item in value)
+        ):
+            value = ",".join(str(item) for item in value)  # YAML's [a, b] for a comma-separated field
         elif isinstance(value, (list, dict, tuple, set, bytes)):
             raise ConfigError(f"{key}: expected one value, got {type(value).__name__} {_short(value)}")
         elif isinstance(value, bool) and kind.startswith("str"):
