@@ -114,6 +114,12 @@ def model_shape(config: Any) -> Shape:
     )
 
 
+def kv_cache_bytes(config: Any, sequences: int, length: int, bytes_per_value: int) -> int:
+    """The keys and values generation keeps for `sequences` sequences of `length` tokens."""
+    shape = model_shape(config)
+    return 2 * shape.layers * shape.kv_heads * shape.head_dim * sequences * length * bytes_per_value
+
+
 def _linears(shape: Shape) -> dict[str, tuple[int, int]]:
     """(in, out) features of each linear layer of one decoder layer, by PEFT's module names."""
     h, kv, m = shape.hidden, shape.kv_heads * shape.head_dim, shape.intermediate

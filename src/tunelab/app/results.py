@@ -35,13 +35,13 @@ def log_tail(job: dict[str, Any], offset: int) -> tuple[str, int]:
     return text, offset + len(data)
 
 
-def metric_records(job: dict[str, Any]) -> list[dict[str, Any]]:
-    """The run's metrics.jsonl records so far (staging folder while training, run folder once finished)."""
+def _jsonl_tail(job: dict[str, Any], name: str, limit: int) -> list[dict[str, Any]]:
+    """The last `limit` records of a run file (staging folder while training, run folder once finished)."""
     for folder in (run_folder(job), staging_folder(job)):
-        path = folder / "metrics.jsonl"
+        path = folder / name
         if path.is_file():
             records = []
-            for line in path.read_text(encoding="utf-8").splitlines()[-MAX_POINTS:]:
+            for line in path.read_text(encoding="utf-8").splitlines()[-limit:]:
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError:  # the line being written right now
@@ -50,19 +50,14 @@ def metric_records(job: dict[str, Any]) -> list[dict[str, Any]]:
     return []
 
 
+def metric_records(job: dict[str, Any]) -> list[dict[str, Any]]:
+    """The run's metrics.jsonl records so far."""
+    return _jsonl_tail(job, "metrics.jsonl", MAX_POINTS)
+
+
 def sample_completions(job: dict[str, Any], limit: int = 20) -> list[dict[str, Any]]:
-    """A grpo run's completions.jsonl samples, newest first (staging folder while training, run folder after)."""
-    for folder in (run_folder(job), staging_folder(job)):
-        path = folder / "completions.jsonl"
-        if path.is_file():
-            samples = []
-            for line in path.read_text(encoding="utf-8").splitlines()[-limit:]:
-                try:
-                    samples.append(json.loads(line))
-                except json.JSONDecodeError:  # the line being written right now
-                    continue
-            return samples[::-1]
-    return []
+    """A grpo run's completions.jsonl samples, newest first."""
+    return _jsonl_tail(job, "completions.jsonl", limit)[::-1]
 
 
 def loss_points(records: list[dict[str, Any]]) -> dict[str, list[list[float]]]:

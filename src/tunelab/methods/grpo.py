@@ -36,7 +36,12 @@ from tunelab.config.llm import LLMParams
 from tunelab.data.prompts import PromptRow
 from tunelab.methods.base import Method, RowStats
 from tunelab.rewards import Reward, call_reward, load_rewards
-from tunelab.speed.loss import fast_loss_supported, output_head_returns_hidden, token_logprobs
+from tunelab.speed.loss import (
+    fast_loss_supported,
+    logits_token_logprobs,
+    output_head_returns_hidden,
+    token_logprobs,
+)
 from tunelab.training.trainer import GuardedTrainer
 
 log = logging.getLogger("tunelab")
@@ -292,10 +297,7 @@ class GRPOTrainer(GuardedTrainer):
                 hidden = model(**inputs).logits
             per_position = token_logprobs(hidden / temperature, head, labels)  # W(h / T) = (W h) / T
         else:
-            logits = model(**inputs).logits[:, :-1].float() / temperature
-            targets = labels[:, 1:]
-            picked = torch.log_softmax(logits, -1).gather(2, targets.clamp(min=0)[..., None]).squeeze(2)
-            per_position = picked * (targets != -100)
+            per_position = logits_token_logprobs(model(**inputs).logits.float() / temperature, labels)
         return per_position[:, width - 1 :]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D102

@@ -17,7 +17,12 @@ from tunelab.data.preference import Pair
 from tunelab.data.tokenize import IGNORE
 from tunelab.methods.base import RowStats
 from tunelab.speed.lora_dropout import DropoutLoraA
-from tunelab.speed.loss import fast_loss_supported, output_head_returns_hidden, token_logprobs
+from tunelab.speed.loss import (
+    fast_loss_supported,
+    logits_token_logprobs,
+    output_head_returns_hidden,
+    token_logprobs,
+)
 from tunelab.training.trainer import GuardedTrainer
 
 
@@ -110,11 +115,7 @@ class PreferenceTrainer(GuardedTrainer):
             with output_head_returns_hidden(self.accelerator.unwrap_model(model)) as head:
                 hidden = model(**inputs).logits
             return token_logprobs(hidden, head, labels)
-        logits = model(**inputs).logits[:, :-1].float()
-        targets = labels[:, 1:]
-        scored = targets != IGNORE
-        picked = torch.log_softmax(logits, -1).gather(2, targets.clamp(min=0)[..., None]).squeeze(2)
-        return picked * scored
+        return logits_token_logprobs(model(**inputs).logits, labels)
 
 
 def sequence_sums(per_token: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -162,6 +162,13 @@ def token_logprobs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Te
     return out
 
 
+def logits_token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The plain path's `token_logprobs`: from full logits (batch, length, vocab), the same shape and zeros."""
+    targets = labels[:, 1:]
+    picked = torch.log_softmax(logits[:, :-1].float(), -1).gather(2, targets.clamp(min=0)[..., None]).squeeze(2)
+    return picked * (targets != -100)
+
+
 def fast_loss_supported(model: Any) -> bool:
     """The hidden-state loss needs logits == lm_head(hidden); models that rescale or cap logits use the plain path."""
     config = getattr(model, "config", None)

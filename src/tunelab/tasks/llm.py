@@ -29,7 +29,7 @@ from tunelab.data.preference import load_preference_data
 from tunelab.data.prompts import load_prompt_data
 from tunelab.env import check_machine, device_name
 from tunelab.errors import DataError
-from tunelab.memory import log_run_estimate
+from tunelab.memory import kv_cache_bytes, log_run_estimate
 from tunelab.methods import METHODS, Method, RowStats
 from tunelab.models import ModelSource, check_model, load_model, load_tokenizer, resolve_model
 from tunelab.models.checks import check_token_ids, fit_tokenizer
@@ -232,15 +232,12 @@ def plan(params: LLMParams) -> RunPlan:
             f"{params.num_generations} completions x up to {length} tokens = up to {per_step * length:,} "
             "generated tokens (per process)"
         )
-        config = prep.config
-        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        sequences = params.batch_size * params.num_generations
-        cache = 2 * config.num_hidden_layers * heads * head_dim * sequences * (max(map(len, data.train)) + length)
-        cache *= 2 if params.mixed_precision in ("fp16", "bf16") else 4
+        sequences, longest = microbatch(prep)  # each prompt's completions, prompt + full completion long
+        half = params.mixed_precision in ("fp16", "bf16")
+        cache = kv_cache_bytes(prep.config, sequences, longest, 2 if half else 4)
         train.notes.append(
-            f"generation KV cache: about {cache / 2**20:,.0f} MiB ({sequences} sequences of up to "
-            f"{max(map(len, data.train)) + length} tokens); the training memory below counts them as rows"
+            f"generation KV cache: about {cache / 2**20:,.0f} MiB ({sequences} sequences of up to {longest} "
+            "tokens); the training memory below counts them as rows"
         )
     elif kind == "pairs":
         s = data.stats
