@@ -59,9 +59,11 @@ def test_alpaca_template_with_input():
         def apply_chat_template(self, messages, chat_template, tokenize, add_generation_prompt):
             from transformers.utils.chat_template_utils import render_jinja_template
 
-            return render_jinja_template(
-                [messages], chat_template=chat_template, eos_token="</s>", add_generation_prompt=add_generation_prompt
-            )[0][0]
+            batch = messages if isinstance(messages[0], list) else [messages]
+            texts = render_jinja_template(
+                batch, chat_template=chat_template, eos_token="</s>", add_generation_prompt=add_generation_prompt
+            )[0]
+            return texts if batch is messages else texts[0]
 
     messages = [{"role": "user", "content": "Sum these", "input": "1, 2"}, {"role": "assistant", "content": "3"}]
     rendered = render_messages(messages, template_source("alpaca", None), Tok())

@@ -7,34 +7,20 @@ kernel calls (flash attention), so packed examples stay independent without a ha
 
 from __future__ import annotations
 
-import bisect
 from typing import Any
 
+import numpy as np
 import torch
 
+from tunelab.data.rows import best_fit_rows
 from tunelab.data.tokenize import IGNORE, Encoded
 
 
 def pack(examples: list[Encoded], block_size: int) -> list[list[Encoded]]:
-    """Best-fit-decreasing packing of examples (each <= block_size tokens) into rows of <= block_size tokens.
-
-    Longest examples first, each into the fullest row it still fits in: rows come out nearly full (TRL's `bfd`
-    strategy does the same). Row order does not matter, the sampler shuffles rows.
-    """
-    rows: list[list[Encoded]] = []
-    open_rows: list[tuple[int, int]] = []  # (room left, row index), sorted by room
-    for example in sorted(examples, key=len, reverse=True):
-        size = len(example)
-        slot = bisect.bisect_left(open_rows, (size, -1))
-        if slot < len(open_rows):
-            room, index = open_rows.pop(slot)
-            rows[index].append(example)
-        else:
-            room, index = block_size, len(rows)
-            rows.append([example])
-        if room - size > 0:
-            bisect.insort(open_rows, (room - size, index))
-    return rows
+    """Examples (each <= block_size tokens) packed best-fit-decreasing into rows of <= block_size tokens, as the
+    sft method packs (data/rows.best_fit_rows); row order does not matter, the sampler shuffles rows."""
+    order, starts = best_fit_rows(np.array([len(e) for e in examples], dtype=np.int64), block_size)
+    return [[examples[i] for i in order[starts[r] : starts[r + 1]]] for r in range(len(starts) - 1)]
 
 
 class PackedRowsCollator:

@@ -61,14 +61,67 @@ def render_messages(messages: list[dict], source: str, tokenizer: Any) -> Render
     the difference is the answer. Templates that rewrite earlier turns (rare) fall back to locating the answer's
     content in the full text.
     """
-    text = render_template(source, messages, tokenizer)
+    return render_conversations([messages], source, tokenizer)[0]
+
+
+def render_conversations(conversations: list[list[dict]], source: str, tokenizer: Any) -> list[Rendered]:
+    """`render_messages` for many conversations at once: each template call renders a whole batch (transformers
+    renders a list of conversations in one call, so its per-call work is paid once), and the last answer's end is
+    the text's own (no third render). The spans are those `render_messages` finds; a template that raises for any
+    conversation raises here too (the caller then renders row by row to name it)."""
+    texts = _render_batch(source, conversations, tokenizer, False)
+    wanted: list[tuple[int, int]] = []  # (conversation, message index) of every assistant answer after the first turn
+    for c, messages in enumerate(conversations):
+        wanted += [(c, i) for i, m in enumerate(messages) if m["role"] == "assistant" and i]
+    befores = _render_batch(source, [conversations[c][:i] for c, i in wanted], tokenizer, True)
+    inner = [(c, i) for c, i in wanted if i < len(conversations[c]) - 1]
+    ends = _render_batch(source, [conversations[c][: i + 1] for c, i in inner], tokenizer, False)
+    uptos = dict(zip(inner, ends, strict=True))
+    prefixes = {key: (before, uptos.get(key, texts[key[0]])) for key, before in zip(wanted, befores, strict=True)}
+    return [_spans(messages, texts[c], prefixes, c, tokenizer) for c, messages in enumerate(conversations)]
+
+
+def _render_batch(source: str, conversations: list[list[dict]], tokenizer: Any, generation: bool) -> list[str]:
+    if not conversations:
+        return []
+    direct = _compiled(source) if hasattr(tokenizer, "special_tokens_map") else None
+    if direct is not None:
+        # What apply_chat_template renders, less its per-conversation copying and normalizing (a third of the
+        # time), which changes nothing for the plain {role, content} dicts the data step builds. The first
+        # conversation is rendered both ways to make sure; any difference and the batch goes through transformers.
+        special = dict(tokenizer.special_tokens_map)
+        texts = [
+            direct.render(messages=c, tools=None, documents=None, add_generation_prompt=generation, **special)
+            for c in conversations
+        ]
+        if texts[0] == _render_batch_hf(source, conversations[:1], tokenizer, generation)[0]:
+            return texts
+    return _render_batch_hf(source, conversations, tokenizer, generation)
+
+
+def _render_batch_hf(source: str, conversations: list[list[dict]], tokenizer: Any, generation: bool) -> list[str]:
+    return tokenizer.apply_chat_template(
+        conversations, chat_template=source, tokenize=False, add_generation_prompt=generation
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(source: str) -> Any:
+    """transformers' own compiled template (its sandboxed environment, filters and globals), or None."""
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:  # moved in another transformers version: render through apply_chat_template
+        return None
+    return _compile_jinja_template(source)
+
+
+def _spans(messages: list[dict], text: str, prefixes: dict, c: int, tokenizer: Any) -> Rendered:
     spans: list[tuple[int, int]] = []
     cursor = 0
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = render_template(source, messages[:i], tokenizer, add_generation_prompt=True) if i else ""
-        upto = render_template(source, messages[: i + 1], tokenizer)
+        before, upto = prefixes.get((c, i), ("", ""))
         if i and text.startswith(upto) and upto.startswith(before) and len(before) >= cursor:
             start, end = len(before), len(upto)
         else:

@@ -7,8 +7,11 @@ predict the next one's first token.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from tunelab.data.templates import Rendered
 
@@ -34,49 +37,92 @@ def encode(rendered: list[Rendered], tokenizer: Any, add_special_tokens: bool, b
     """Tokenize rendered texts; a token is trained when its characters fall inside a trainable span."""
     out: list[Encoded] = []
     for start in range(0, len(rendered), batch):
-        chunk = rendered[start : start + batch]
-        enc = tokenizer(
-            [r.text for r in chunk],
-            add_special_tokens=add_special_tokens,
-            return_offsets_mapping=True,
-            return_attention_mask=False,
-        )
-        for r, ids, offsets in zip(chunk, enc["input_ids"], enc["offset_mapping"], strict=True):
-            labels = [tok if _inside(span, r.spans) else IGNORE for tok, span in zip(ids, offsets, strict=True)]
-            if labels:
-                labels[0] = IGNORE
-            out.append(Encoded(list(ids), labels))
+        ids, trained, lengths = encode_arrays(rendered[start : start + batch], tokenizer, add_special_tokens)
+        labels = np.where(trained != 0, ids, IGNORE)
+        bounds = np.cumsum(lengths)[:-1]
+        pieces = zip(np.split(ids, bounds), np.split(labels, bounds), strict=True)
+        out += [Encoded(i.tolist(), lab.tolist()) for i, lab in pieces]
     return out
 
 
-def _inside(offset: tuple[int, int], spans: list[tuple[int, int]]) -> bool:
-    begin, end = offset
-    if end <= begin:  # special tokens added by the tokenizer have no characters
-        return False
-    return any(begin < stop and end > start for start, stop in spans)
+def encode_arrays(
+    rendered: list[Rendered], tokenizer: Any, add_special_tokens: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tokenize rendered texts into flat arrays: token ids end to end (int32), whether each is trained (uint8), and
+    each text's token count (int32). A token is trained when one of its characters lies in a trainable span (a
+    special token the tokenizer adds has none); the first token of every text never is."""
+    if not rendered:
+        return np.zeros(0, np.int32), np.zeros(0, np.uint8), np.zeros(0, np.int32)
+    texts = [r.text for r in rendered]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a slow tokenizer: every token's offsets, in Python
+        enc = tokenizer(texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+        id_lists = enc["input_ids"]
+        pairs = zip(enc["offset_mapping"], rendered, strict=True)
+        ranges = [_ranges_from_offsets(offsets, r.spans) for offsets, r in pairs]
+    else:
+        # transformers sets the backend up for each call (no truncation or padding, its special-token splitting):
+        # a call on one text does that, then the Rust tokenizer is used as it is, which skips building Python
+        # lists of every token's offsets (most of the cost beyond tokenizing itself).
+        tokenizer(texts[:1], add_special_tokens=add_special_tokens)
+        encodings = backend.encode_batch(texts, add_special_tokens=add_special_tokens)
+        id_lists = [e.ids for e in encodings]
+        triples = zip(encodings, id_lists, rendered, strict=True)
+        ranges = [_trained_ranges(e, len(ids), r.spans) for e, ids, r in triples]
+    lengths = np.fromiter((len(ids) for ids in id_lists), dtype=np.int32, count=len(rendered))
+    ids = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int32, count=int(lengths.sum()))
+    starts = np.zeros(len(rendered), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    marks = np.zeros(len(ids) + 1, dtype=np.int32)
+    for base, row_ranges in zip(starts.tolist(), ranges, strict=True):
+        for first, stop in row_ranges:
+            marks[base + first] += 1
+            marks[base + stop] -= 1
+    trained = np.cumsum(marks[:-1]) > 0
+    trained[starts[lengths > 0]] = False
+    return ids, trained.astype(np.uint8), lengths
 
 
-def truncate(examples: list[Encoded], block_size: int) -> tuple[list[Encoded], int, int]:
-    """Cut examples to block_size tokens; drop those left with nothing to learn. Returns (kept, cut, dropped)."""
-    kept, cut, dropped = [], 0, 0
-    for example in examples:
-        if len(example) > block_size:
-            cut += 1
-            example = Encoded(example.input_ids[:block_size], example.labels[:block_size])
-        if example.trained_tokens == 0:
-            dropped += 1
+def _trained_ranges(encoding: Any, count: int, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The [first, stop) token ranges whose characters meet each span, found from the span's ends.
+
+    Token offsets only grow along a text, so the tokens meeting [start, end) are those from the one holding the
+    span's first covered character to the one holding its last; neighbours that share those characters (byte
+    fallback splits one character into several tokens) are taken in too."""
+    out = []
+    for start, end in spans:
+        first = _token_of_first_char(encoding, start, end)
+        if first is None:
             continue
-        kept.append(example)
-    return kept, cut, dropped
+        last = _token_of_last_char(encoding, start, end)
+        while first > 0 and _meets(encoding.token_to_chars(first - 1), start, end):
+            first -= 1
+        while last + 1 < count and _meets(encoding.token_to_chars(last + 1), start, end):
+            last += 1
+        out.append((first, last + 1))
+    return out
 
 
-def group_into_blocks(examples: list[Encoded], block_size: int) -> list[Encoded]:
-    """Causal-LM rows: all token streams joined and cut into block_size pieces, every token trained.
+def _token_of_first_char(encoding: Any, start: int, end: int) -> int | None:
+    for char in range(start, end):
+        token = encoding.char_to_token(char)
+        if token is not None:
+            return token
+    return None
 
-    The remainder shorter than a block is kept only when it is all there is (a tiny data set).
-    """
-    stream: list[int] = [tok for example in examples for tok in example.input_ids]
-    blocks = [stream[i : i + block_size] for i in range(0, len(stream), block_size)]
-    if len(blocks) > 1 and len(blocks[-1]) < block_size:
-        blocks.pop()
-    return [Encoded(block, [IGNORE, *block[1:]]) for block in blocks if len(block) > 1]
+
+def _token_of_last_char(encoding: Any, start: int, end: int) -> int:
+    for char in range(end - 1, start - 1, -1):
+        token = encoding.char_to_token(char)
+        if token is not None:
+            return token
+    raise AssertionError("unreachable: the span has a first token")
+
+
+def _meets(chars: tuple[int, int] | None, start: int, end: int) -> bool:
+    return chars is not None and chars[1] > chars[0] and chars[0] < end and chars[1] > start
+
+
+def _ranges_from_offsets(offsets: list, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    trained = [any(_meets(tuple(chars), s, e) for s, e in spans) for chars in offsets]
+    return [(i, i + 1) for i, flag in enumerate(trained) if flag]

@@ -2,28 +2,36 @@
 
 For chat, prompt/completion and Alpaca rows only the assistant/completion tokens carry a loss (unless
 completion_only_loss is off); plain-text rows are trained whole. Examples longer than block_size are truncated
-(counted in the log); examples left with no answer tokens are dropped (counted too).
+(counted in the log); examples left with no answer tokens are dropped (counted too). The rows are views onto the
+tokenized table (data/rows.py): deciding them reads the per-example counts, never the tokens.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from tunelab.config.llm import LLMParams
-from tunelab.data.packing import pack
-from tunelab.data.tokenize import IGNORE, Encoded, truncate
+from tunelab.data.rows import ExampleRows, PackedRows, best_fit_rows
+from tunelab.data.store import TokenTable
 from tunelab.methods.base import Method, RowStats
 
 
-def build_rows(examples: list[Encoded], params: LLMParams) -> tuple[list[Any], RowStats]:
-    if not params.completion_only_loss:
-        examples = [Encoded(e.input_ids, [IGNORE, *e.input_ids[1:]]) for e in examples]
-    kept, truncated, dropped = truncate(examples, params.block_size)
-    stats = RowStats(examples=len(examples), truncated=truncated, dropped=dropped)
-    rows: list[Any] = pack(kept, params.block_size) if params.packing else kept
-    stats.rows = len(rows)
+def build_rows(examples: Any, params: LLMParams) -> tuple[Any, RowStats]:
+    size = params.block_size
+    table = examples if isinstance(examples, TokenTable) else TokenTable.from_examples(examples, size)
+    whole = not params.completion_only_loss
+    kept_lengths = np.minimum(table.lengths, size)
+    trained = kept_lengths - 1 if whole else table.trained_within(size)
+    keep = np.flatnonzero(trained > 0)
+    stats = RowStats(examples=len(table), truncated=int((table.lengths > size).sum()), dropped=len(table) - len(keep))
+    rows: Any = ExampleRows(table, keep, size, whole)
     if params.packing:
-        stats.notes.append(f"{len(kept)} examples packed into {len(rows)} rows of up to {params.block_size} tokens")
+        packed = PackedRows(rows, *best_fit_rows(rows.lengths(), size))
+        stats.notes.append(f"{len(rows)} examples packed into {len(packed)} rows of up to {size} tokens")
+        rows = packed
+    stats.rows = len(rows)
     return rows, stats
 
 
