@@ -8,19 +8,21 @@ texts by data/classification.py, on the same readers (data/sources.py) and row c
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from jinja2 import TemplateError
+import numpy as np
 
 from tunelab.config.llm import LLMParams
-from tunelab.data.formats import RowFormat, RowProblem, convert_row, convert_rows, detect_format
-from tunelab.data.sources import Split, read_splits
-from tunelab.data.templates import Rendered, render_messages, render_text, template_source
-from tunelab.data.tokenize import Encoded, encode
-from tunelab.errors import ConfigError, DataError
+from tunelab.data.formats import RowFormat, RowProblem, convert_row, detect_format, settle_bad_rows
+from tunelab.data.mixture import draw, is_mixture, parse_sources
+from tunelab.data.pipeline import Formatter, encode_split, worker_count
+from tunelab.data.sources import Split, locate_splits, stream_split
+from tunelab.data.store import TableWriter, TokenTable, copy_examples
+from tunelab.data.templates import template_source
+from tunelab.errors import DataError
 
 __all__ = ["EncodedData", "load_data", "pick_template"]
 
@@ -31,16 +33,20 @@ log = logging.getLogger("tunelab")
 class EncodedData:
     """Tokenized splits plus what was decided on the way (format, template) for the log and the run folder."""
 
-    train: list[Encoded]
-    valid: list[Encoded] | None
+    train: TokenTable  # a sequence of data.tokenize.Encoded
+    valid: TokenTable | None
     row_format: RowFormat
     template: str | None  # template name used for messages, None for plain text
     template_source: str | None
     origins: dict[str, str] = field(default_factory=dict)
     preview: str = ""
     skipped_rows: dict[str, int] = field(default_factory=dict)  # split -> bad rows dropped (bad_rows=skip)
+    mixture: list[dict[str, Any]] | None = None  # per source of a mixture: what it is, examples, taken, tokens
+    streamed: bool = False  # streaming: train and valid hold only the first block of each split
 
     def describe(self) -> str:
+        if self.mixture:
+            return "; ".join(part["rows"] for part in self.mixture)
         return self.row_format.describe()
 
 
@@ -55,59 +61,144 @@ def pick_template(requested: str | None, row_format: RowFormat, tokenizer: Any) 
     return "tokenizer" if getattr(tokenizer, "chat_template", None) else "chatml"
 
 
-def load_data(params: LLMParams, tokenizer: Any) -> EncodedData:
-    """Read, check, format and tokenize the train (and valid) splits named by params."""
-    splits: dict[str, Split] = read_splits(params.data_path, params.train_split, params.valid_split)
-    train_split = splits["train"]
-    row_format = detect_format(train_split, params.text_column, params.prompt_text_column)
-    template = pick_template(params.chat_template, row_format, tokenizer)
-    source = template_source(template, tokenizer) if template else None
-    eos = tokenizer.eos_token if params.add_eos_token else None
+def load_data(params: LLMParams, tokenizer: Any, folder: Path | None = None) -> EncodedData:
+    """Read, check, format and tokenize the train (and valid) splits named by params, a block at a time, into token
+    tables in `folder` (data/store.py; None: held in memory). Bad rows are settled per split as `bad_rows` says.
+    A data_path listing several sources is a mixture (data/mixture.py): each is prepared so, then drawn from."""
+    if is_mixture(params.data_path):
+        return _load_mixture(params, tokenizer, folder)
+    return _load_source(params, tokenizer, folder)
 
-    encoded: dict[str, list[Encoded]] = {}
+
+def _load_source(params: LLMParams, tokenizer: Any, folder: Path | None, prefix: str = "") -> EncodedData:
+    places = locate_splits(params.data_path, params.train_split, params.valid_split)
+    streams = {name: stream_split(place, name) for name, place in places.items()}
+    row_format, template, source = _decide_format(streams["train"].head, params, tokenizer)
+    tables: dict[str, TokenTable] = {}
     skipped: dict[str, int] = {}
     preview = ""
-    for name, split in splits.items():
-        fmt = row_format if name == "train" else detect_format(split, params.text_column, params.prompt_text_column)
-        if fmt.kind != row_format.kind:
-            raise DataError(f"{split.origin}: rows are {fmt.kind}, but the train split's are {row_format.kind}")
-        render_row = functools.partial(_render_row, fmt=fmt, source=source, tokenizer=tokenizer, eos=eos)
-        rendered, skipped[name] = convert_rows(split, render_row, params.bad_rows)
-        if not preview:
-            preview = rendered[0].text
-        encoded[name] = encode(
-            rendered, tokenizer, add_special_tokens=_wants_special_tokens(rendered, source, tokenizer)
-        )
+    for name, stream in streams.items():
+        formatter = _formatter(stream.head, stream.origin, row_format, source, tokenizer, params)
+        writer = TableWriter(folder, params.block_size, prefix + name)
+        size = places[name].stat().st_size if isinstance(places[name], Path) else 0
+        result = encode_split(stream, formatter, writer, worker_count(params.dataset_num_proc, size))
+        settle_bad_rows(result.problems, stream.origin, params.bad_rows, kept=result.rows, count=result.bad)
+        tables[name], skipped[name] = writer.finish(), result.bad
+        preview = preview or result.preview
     return EncodedData(
-        train=encoded["train"],
-        valid=encoded.get("valid"),
+        train=tables["train"],
+        valid=tables.get("valid"),
         row_format=row_format,
         template=template,
         template_source=source,
-        origins={name: split.origin for name, split in splits.items()},
+        origins={name: stream.origin for name, stream in streams.items()},
         preview=preview,
         skipped_rows=skipped,
     )
 
 
-def _wants_special_tokens(rendered: list[Rendered], source: str | None, tokenizer: Any) -> bool:
-    """Chat templates write their own special tokens; plain text gets the tokenizer's (e.g. BOS) unless it is
-    pre-formatted and already starts with them (`<s>[INST] ...`), which would double the BOS."""
-    if source is not None:
-        return False
+def stream_data(params: LLMParams, tokenizer: Any, build_rows: Any) -> tuple[EncodedData, Any, Any]:
+    """`streaming: true` (data/streaming.py): the first block of each split prepared, to check and show, and the
+    rows of every split as iterables that prepare each block as training reads it."""
+    from tunelab.data.streaming import StreamedRows, first_block
+
+    places = locate_splits(params.data_path, params.train_split, params.valid_split)
+    heads = {name: stream_split(place, name) for name, place in places.items()}
+    row_format, template, source = _decide_format(heads["train"].head, params, tokenizer)
+    firsts, rows = {}, {}
+    for name, place in places.items():
+        formatter = _formatter(heads[name].head, heads[name].origin, row_format, source, tokenizer, params)
+        firsts[name] = first_block(place, name, formatter, params)
+        rows[name] = StreamedRows(place, name, formatter, params, build_rows)
+    shown = firsts["train"][0] if len(firsts["train"]) else None
+    data = EncodedData(
+        train=firsts["train"],
+        valid=firsts.get("valid"),
+        row_format=row_format,
+        template=template,
+        template_source=source,
+        origins={name: stream.origin for name, stream in heads.items()},
+        preview=tokenizer.decode(shown.input_ids) if shown else "",
+        streamed=True,
+    )
+    return data, rows["train"], rows.get("valid")
+
+
+def _decide_format(head: Split, params: LLMParams, tokenizer: Any) -> tuple[RowFormat, str | None, str | None]:
+    """The train split's row shape, the template it is rendered with (its name and Jinja source)."""
+    row_format = detect_format(head, params.text_column, params.prompt_text_column)
+    template = pick_template(params.chat_template, row_format, tokenizer)
+    return row_format, template, template_source(template, tokenizer) if template else None
+
+
+def _formatter(
+    head: Split, origin: str, train_format: RowFormat, source: str | None, tokenizer: Any, params: LLMParams
+) -> Formatter:
+    """How a split's rows become text: the train split's shape (another split must have the same), its template."""
+    fmt = detect_format(head, params.text_column, params.prompt_text_column) if head.name != "train" else train_format
+    if fmt.kind != train_format.kind:
+        raise DataError(f"{origin}: rows are {fmt.kind}, but the train split's are {train_format.kind}")
+    eos = tokenizer.eos_token if params.add_eos_token else None
+    special = source is None and _wants_special_tokens(head, fmt, tokenizer)
+    return Formatter(fmt, source, tokenizer, eos, special)
+
+
+def _load_mixture(params: LLMParams, tokenizer: Any, folder: Path | None) -> EncodedData:
+    rng = np.random.default_rng(params.seed)
+    parts = []
+    for number, source in enumerate(parse_sources(params.data_path), start=1):
+        data = _load_source(source.params(params), tokenizer, folder, prefix=f"source{number}-")
+        parts.append((source, data, draw(len(data.train), source, rng)))
+    train = TableWriter(folder, params.block_size, "train")
+    for _, data, taken in parts:
+        copy_examples(data.train, taken, train)
+    valids = [data.valid for _, data, _ in parts if data.valid is not None]
+    valid = TableWriter(folder, params.block_size, "valid") if valids else None
+    for table in valids:
+        copy_examples(table, np.arange(len(table)), valid)
+    tokens = [int(data.train.lengths[taken].sum()) for _, data, taken in parts]
+    mixture = [
+        {
+            "source": source.describe(),
+            "origin": data.origins["train"],
+            "rows": data.describe(),
+            "examples": len(data.train),
+            "taken": len(taken),
+            "tokens": count,
+            "share": count / max(sum(tokens), 1),
+        }
+        for (source, data, taken), count in zip(parts, tokens, strict=True)
+    ]
+    first = parts[0][1]
+    return EncodedData(
+        train=train.finish(),
+        valid=valid.finish() if valid else None,
+        row_format=first.row_format,
+        template=first.template,
+        template_source=first.template_source,
+        origins={
+            split: " + ".join(data.origins[split] for _, data, _ in parts if split in data.origins)
+            for split in ("train", "valid")
+            if any(split in data.origins for _, data, _ in parts)
+        },
+        preview=first.preview,
+        skipped_rows={
+            split: sum(data.skipped_rows.get(split, 0) for _, data, _ in parts) for split in first.skipped_rows
+        },
+        mixture=mixture,
+    )
+
+
+def _wants_special_tokens(head: Split, fmt: RowFormat, tokenizer: Any) -> bool:
+    """Plain text gets the tokenizer's special tokens (e.g. BOS) unless it is pre-formatted and already starts with
+    them (`<s>[INST] ...`), which would double the BOS (chat templates write their own: never asked here)."""
     bos = getattr(tokenizer, "bos_token", None)
-    return not (bos and any(r.text.startswith(bos) for r in rendered[:100]))
-
-
-def _render_row(row: dict, fmt: RowFormat, source: str | None, tokenizer: Any, eos: str | None) -> Rendered:
-    """One row formatted for training; raises RowProblem for a bad row, including one the chat template refuses
-    (templates may `raise_exception(...)`, e.g. on roles that do not alternate)."""
-    example = convert_row(row, fmt)
-    if "text" in example:
-        return render_text(example["text"], eos)
-    if source is None:  # a messages row with no template cannot happen: pick_template always chooses one
-        raise ConfigError("internal: messages without a template")
-    try:
-        return render_messages(example["messages"], source, tokenizer)
-    except TemplateError as err:
-        raise RowProblem(fmt.columns.get("messages"), f"the chat template cannot render it ({err})") from None
+    if not bos:
+        return True
+    for row in head.rows[:100]:
+        try:
+            if convert_row(row, fmt)["text"].startswith(bos):
+                return False
+        except RowProblem:
+            continue
+    return True

@@ -13,6 +13,7 @@ import gzip
 import lzma
 import zlib
 from pathlib import Path
+from typing import BinaryIO
 
 from tunelab.errors import DataError
 
@@ -63,3 +64,33 @@ def _unpack(raw: bytes, kind: str) -> bytes:
     import pyarrow as pa
 
     return pa.input_stream(pa.py_buffer(raw), compression="zstd").read()
+
+
+def open_decompressed(path: Path) -> tuple[BinaryIO, str | None]:
+    """A binary stream of the file's content, decompressed as it is read when its signature says it is compressed
+    (what `decompress` does for a whole file, a block at a time), and the compression found (None: plain). Errors
+    the stream raises part way (`DAMAGED`) go through `damaged`."""
+    with open(path, "rb") as probe:
+        start = probe.read(8)
+    found = next((kind for signature, kind in SIGNATURES.items() if start.startswith(signature)), None)
+    named = named_compression(path)
+    if found is None:
+        if named and start:
+            raise DataError(
+                f"{path}: not a readable {named} file (it does not start like one); "
+                f"if it is not compressed, drop {path.suffix} from its name"
+            )
+        return open(path, "rb"), None  # noqa: SIM115 - the caller closes it
+    openers = {"gzip": gzip.open, "bz2": bz2.open, "xz": lzma.open}
+    if found in openers:
+        return openers[found](path, "rb"), found
+    import pyarrow as pa
+
+    return pa.input_stream(str(path), compression="zstd"), found
+
+
+def damaged(path: Path, kind: str | None, err: Exception) -> DataError:
+    """The one-line error for a compressed file that stops decompressing part way."""
+    return DataError(
+        f"{path}: not a readable {kind} file ({err}); it is damaged or cut short, compress or download it again"
+    )

@@ -148,30 +148,33 @@ def describe_problem(split: Split, index: int, problem: RowProblem) -> str:
     return f"{split.where(index)}{column}: {problem.reason}"
 
 
-def settle_bad_rows(problems: list[str], origin: str, bad_rows: str | None, kept: int) -> None:
-    """Raise (error) or log (skip) the bad rows of a file; `kept` is how many good rows it has."""
+def settle_bad_rows(
+    problems: list[str], origin: str, bad_rows: str | None, kept: int, count: int | None = None
+) -> None:
+    """Raise (error) or log (skip) the bad rows of a file; `kept` is how many good rows it has, `count` how many
+    bad ones when `problems` lists only the first of them."""
     if not problems:
         return
+    count = len(problems) if count is None else count
     if bad_rows != "skip":
         hint = "" if bad_rows is None else "fix them, or set bad_rows: skip (--bad-rows skip) to leave them out"
-        raise_bad_rows(problems, origin, hint)
+        raise_bad_rows(problems, origin, hint, count)
     if not kept:
-        raise DataError(f"every row of {origin} is bad, nothing is left to train on: {_listed(problems)}")
-    log.warning("%s: skipped %d bad row(s) (bad_rows=skip): %s", origin, len(problems), _listed(problems))
+        raise DataError(f"every row of {origin} is bad, nothing is left to train on: {_listed(problems, count)}")
+    log.warning("%s: skipped %d bad row(s) (bad_rows=skip): %s", origin, count, _listed(problems, count))
 
 
-def raise_bad_rows(problems: list[str], origin: str, hint: str = "") -> None:
+def raise_bad_rows(problems: list[str], origin: str, hint: str = "", count: int | None = None) -> None:
     """One DataError listing the first bad rows of a file and how many more there are (nothing if none)."""
     if problems:
-        raise DataError(f"{len(problems)} bad row(s) in {origin}: {_listed(problems)}" + (f"; {hint}" if hint else ""))
+        count = len(problems) if count is None else count
+        listed = _listed(problems, count)
+        raise DataError(f"{count} bad row(s) in {origin}: {listed}" + (f"; {hint}" if hint else ""))
 
 
-def _listed(problems: list[str]) -> str:
-    more = f" (and {len(problems) - MAX_LISTED} more)" if len(problems) > MAX_LISTED else ""
+def _listed(problems: list[str], count: int) -> str:
+    more = f" (and {count - MAX_LISTED} more)" if count > MAX_LISTED else ""
     return "; ".join(problems[:MAX_LISTED]) + more
-
-
-# ---------------------------------------------------------------------------------------------- row shapes
 
 
 def to_examples(split: Split, fmt: RowFormat, bad_rows: str = "error") -> list[dict[str, Any]]:
@@ -226,6 +229,8 @@ def describe_type(value: Any) -> str:
 
 def check_unicode(text: str, column: str | None, what: str = "text") -> None:
     """JSON escapes can spell unpaired surrogates (\\ud800) that no tokenizer can encode: a bad row, not a crash."""
+    if text.isascii():  # most text, and checked without copying it
+        return
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import csv
 import io
+import itertools
 import json
 import os
 import re
@@ -17,7 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunelab.data.compression import SUFFIXES, data_suffix, decompress, named_compression
+from tunelab.data.compression import (
+    DAMAGED,
+    SUFFIXES,
+    damaged,
+    data_suffix,
+    decompress,
+    named_compression,
+    open_decompressed,
+)
 from tunelab.errors import DataError
 
 EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
@@ -47,12 +56,18 @@ class Split:
     origin: str
     rows: list[dict[str, Any]]
     lines: list[int] = field(default_factory=list)
+    first_row: int = 0  # the row number of rows[0] less one, when this is a block of a larger split
 
     def where(self, index: int) -> str:
         """'train.jsonl line 12' / 'train.csv line 7' / 'hub dataset x, row 3': a place a user can open."""
         if self.lines:
             return f"{self.origin} line {self.lines[index]}"
-        return f"{self.origin} row {index + 1}"
+        return f"{self.origin} row {self.first_row + index + 1}"
+
+    def block(self, start: int, stop: int) -> Split:
+        """Rows [start, stop) as a Split that still names each row as this one does."""
+        lines = self.lines[start:stop]
+        return Split(self.name, self.origin, self.rows[start:stop], lines, self.first_row + start)
 
     @property
     def columns(self) -> list[str]:
@@ -68,27 +83,37 @@ def read_splits(data_path: str, train_split: str, valid_split: str | None) -> di
     data_path may be a file (the train split; valid_split may then name a second file), a folder holding
     `<split>.<ext>`, or a hub dataset id such as `tatsu-lab/alpaca`.
     """
+    places = locate_splits(data_path, train_split, valid_split)
+    return {name: read_location(place, name) for name, place in places.items()}
+
+
+def locate_splits(data_path: str, train_split: str, valid_split: str | None) -> dict[str, Path | tuple[str, str]]:
+    """Where each split is: a file, or (hub dataset id, split name); a path that is neither is a DataError."""
     path = Path(os.path.expanduser(data_path))
-    splits: dict[str, Split] = {}
+    places: dict[str, Path | tuple[str, str]] = {}
     if path.is_file():
-        splits["train"] = read_file(path, "train")
+        places["train"] = path
         if valid_split:
             given = Path(os.path.expanduser(valid_split))
             # `parent / name` rather than with_name(): a valid_split such as "held/out" is a path, not a bad name
             candidate = given if given.is_file() else path.parent / valid_split
-            splits["valid"] = read_file(_with_extension(candidate, path.parent, valid_split), "valid")
-        return splits
+            places["valid"] = _with_extension(candidate, path.parent, valid_split)
+        return places
     if path.is_dir():
-        splits["train"] = read_file(_with_extension(path / train_split, path, train_split), "train")
+        places["train"] = _with_extension(path / train_split, path, train_split)
         if valid_split:
-            splits["valid"] = read_file(_with_extension(path / valid_split, path, valid_split), "valid")
-        return splits
+            places["valid"] = _with_extension(path / valid_split, path, valid_split)
+        return places
     if _looks_like_hub_id(data_path):
-        splits["train"] = read_hub(data_path, train_split)
+        places["train"] = (data_path, train_split)
         if valid_split:
-            splits["valid"] = read_hub(data_path, valid_split)
-        return splits
+            places["valid"] = (data_path, valid_split)
+        return places
     raise DataError(f"data_path {data_path!r} does not exist (expected a file, a folder or a hub dataset id)")
+
+
+def read_location(place: Path | tuple[str, str], name: str) -> Split:
+    return read_file(place, name) if isinstance(place, Path) else read_hub(*place)
 
 
 def _with_extension(stem: Path, folder: Path, split: str) -> Path:
@@ -211,11 +236,11 @@ def _read_jsonl(text: str, path: Path, name: str) -> Split:
     return _read_lines(text, path, name)
 
 
-def _read_lines(text: str, path: Path, name: str) -> Split:
+def _read_lines(text: str, path: Path, name: str, first_line: int = 1) -> Split:
     rows, lines = [], []
     # Only "\n" ends a JSONL line: str.splitlines() also splits at U+2028, form feeds and other characters that
     # JSON writers leave unescaped inside strings, which would break good rows and shift every line number.
-    for number, line in enumerate(text.split("\n"), start=1):
+    for number, line in enumerate(text.split("\n"), start=first_line):
         if not line.strip():
             continue
         row = _parse_json(line, path, number)
@@ -380,3 +405,130 @@ def read_hub(dataset_id: str, split: str) -> Split:
             "(no network? point data_path at a local file or folder)"
         ) from None
     return Split(split, f"hub dataset {dataset_id} ({split})", ds.to_list())
+
+
+# ------------------------------------------------------------------------------------------- reading in blocks
+
+BLOCK_BYTES = 1 << 20  # a JSON Lines file is read and handed to the workers this much at a time
+HEAD_ROWS = 1000  # the rows the row format is decided from (as Split.columns looks at)
+
+
+@dataclass
+class SplitStream:
+    """One split read a block at a time: `head` (its first rows, to decide the row format from) and `blocks()`.
+
+    JSON Lines files (plain or compressed) are streamed: a block is (first line number, bytes), parsed by
+    `block_rows` where the work is done, so memory holds a few blocks whatever the file's size. Every other
+    source (CSV, JSON, Parquet, a hub dataset) is read whole and handed out in slices of rows."""
+
+    name: str
+    origin: str
+    head: Split
+    _blocks: Any  # iterator of blocks, the head's among them
+
+    def blocks(self) -> Any:
+        return self._blocks
+
+
+def stream_split(place: Path | tuple[str, str], name: str, rows_per_block: int = 2000) -> SplitStream:
+    """The split at `place` (from locate_splits) as a SplitStream; the first problems of the file (not text, not
+    UTF-8, not JSON) surface here, the others as the blocks are parsed."""
+    if isinstance(place, Path) and data_suffix(place) == ".jsonl" and not place.is_dir():
+        stream = _jsonl_stream(place, name)
+        if stream is not None:
+            return stream
+    whole = read_location(place, name)
+    blocks = (whole.block(i, i + rows_per_block) for i in range(0, len(whole.rows), rows_per_block))
+    return SplitStream(name, whole.origin, whole.block(0, HEAD_ROWS), blocks)
+
+
+def block_rows(block: Any, origin: str, name: str) -> Split:
+    """The rows of one block of a SplitStream (a worker's first step)."""
+    if isinstance(block, Split):
+        return block
+    first_line, raw = block
+    path = Path(origin)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = first_line + raw[: err.start].count(b"\n")
+        raise DataError(
+            f"{path} line {line}: not valid UTF-8 (byte {raw[err.start]:#x}); save the file as UTF-8"
+        ) from None
+    nul = text.find("\0")
+    if nul >= 0:
+        line = first_line + text.count("\n", 0, nul)
+        raise DataError(
+            f"{path} line {line}: holds NUL characters, so it is not UTF-8 text "
+            "(UTF-16 without a byte-order mark, or a binary file); save the file as UTF-8"
+        )
+    return _read_lines(text, path, name, first_line)
+
+
+def _jsonl_stream(path: Path, name: str) -> SplitStream | None:
+    """A JSON Lines file as a SplitStream; None when it is a JSON document under a .jsonl name (read whole)."""
+    blocks = _line_blocks(path)
+    prefetched = []
+    head_rows: list[dict] = []
+    head_lines: list[int] = []
+    for block in blocks:
+        if not prefetched:
+            first = _first_line(block[1][:65536].decode("utf-8", errors="replace"))
+            if first.startswith("[") or first == "{":
+                return None
+        prefetched.append(block)
+        split = block_rows(block, str(path), name)
+        head_rows += split.rows
+        head_lines += split.lines
+        if len(head_rows) >= HEAD_ROWS:
+            break
+    if not head_rows:
+        raise DataError(f"{path}: the file has no rows")
+    head = Split(name, str(path), head_rows[:HEAD_ROWS], head_lines[:HEAD_ROWS])
+    return SplitStream(name, str(path), head, itertools.chain(prefetched, blocks))
+
+
+def _line_blocks(path: Path) -> Any:
+    """(first line number, bytes ending at a line end) blocks of a file, decompressed; the file's first bytes are
+    checked as `_decode` checks a whole file."""
+    try:
+        stream, kind = open_decompressed(path)
+    except PermissionError:
+        raise DataError(f"{path}: cannot read the file (permission denied); make it readable for this user") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read the file ({err.strerror or err})") from None
+    with stream:
+        line, carry, first = 1, b"", True
+        while True:
+            try:
+                chunk = stream.read(BLOCK_BYTES)
+            except DAMAGED as err:
+                raise damaged(path, kind, err) from None
+            if first:
+                chunk = _check_start(chunk, path)
+                first = False
+            if not chunk:
+                break
+            data = carry + chunk
+            cut = data.rfind(b"\n") + 1
+            if not cut:
+                carry = data
+                continue
+            block, carry = data[:cut], data[cut:]
+            yield line, block
+            line += block.count(b"\n")
+        if carry:
+            yield line, carry
+
+
+def _check_start(raw: bytes, path: Path) -> bytes:
+    """The first bytes of a text file, its UTF-8 byte-order mark dropped; other files named as `_decode` does."""
+    for signature, what in NOT_TEXT.items():
+        if raw.startswith(signature):
+            raise DataError(f"{path}: not a {data_suffix(path)} file but {what}")
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise DataError(
+            f"{path} line 1: not valid UTF-8 but UTF-16 (it starts with a UTF-16 byte-order mark); "
+            "save the file as UTF-8 (Excel: CSV UTF-8)"
+        )
+    return raw[len(codecs.BOM_UTF8) :] if raw.startswith(codecs.BOM_UTF8) else raw

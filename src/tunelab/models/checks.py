@@ -71,10 +71,10 @@ def fit_tokenizer(tokenizer: Any, config: Any, source: ModelSource) -> None:
             )
 
 
-def check_token_ids(rows: Any, config: Any, source: ModelSource) -> None:
-    """Every token id of the tokenized data is a row of the model's embeddings (else an IndexError mid-training)."""
+def check_token_ids(highest: int, config: Any, source: ModelSource) -> None:
+    """The largest token id of the tokenized data is a row of the model's embeddings (else an IndexError
+    mid-training)."""
     vocab = getattr(config, "vocab_size", None)
-    highest = max((max(ids, default=-1) for ids in rows), default=-1)
     if isinstance(vocab, int) and highest >= vocab:
         raise TunelabError(
             f"model {source.name}: the tokenized data holds token id {highest}, beyond the model's vocabulary "

@@ -11,9 +11,10 @@ steps, and an estimate of peak memory against the device found.
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from tunelab.config.base import RunParams
 from tunelab.data.tokenize import IGNORE
@@ -27,18 +28,15 @@ class SplitSummary:
     origin: str
     examples: int
     rows: int
-    lengths: list[int]  # tokens per example after formatting, before truncation
+    lengths: Any  # tokens per example (a list or an array) after formatting, before truncation
     notes: list[str] = field(default_factory=list)
 
     def length_line(self) -> str:
-        if not self.lengths:
+        if not len(self.lengths):
             return "no examples"
-        ordered = sorted(self.lengths)
+        ordered = np.sort(np.asarray(self.lengths))
         p95 = ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
-        return (
-            f"tokens per example: min {ordered[0]}, median {statistics.median(ordered):.0f}, p95 {p95}, "
-            f"max {ordered[-1]}"
-        )
+        return f"tokens per example: min {ordered[0]}, median {np.median(ordered):.0f}, p95 {p95}, max {ordered[-1]}"
 
 
 @dataclass
@@ -62,7 +60,7 @@ class RunPlan:
         return None if self.memory is None else self.memory.fits(self.available)
 
     def render(self) -> str:
-        lines = [f"dry run: {self.task} on {self.model} (nothing trained, nothing written)"]
+        lines = [f"dry run: {self.task} on {self.model} (nothing trained, no project folder written)"]
         for split in self.splits:
             lines.append(f"  {split.name} ({split.origin}): {split.examples} examples -> {split.rows} rows")
             lines.append(f"    {split.length_line()}")

@@ -55,7 +55,8 @@ def prepare(params: TextClassificationParams) -> Prepared:
     tokenizer = load_tokenizer(source, params.max_seq_length)
     fit_tokenizer(tokenizer, config, source)
     data = load_labelled_data(params, tokenizer)
-    check_token_ids((row["input_ids"] for row in [*data.train, *(data.valid or [])]), config, source)
+    highest = max((max(row["input_ids"], default=-1) for row in [*data.train, *(data.valid or [])]), default=-1)
+    check_token_ids(highest, config, source)
     return Prepared(params, folder, resume_from, source, config, tokenizer, data)
 
 

@@ -1,0 +1,143 @@
+"""A split's blocks of rows -> checked, formatted, tokenized arrays, in worker processes, into a TableWriter.
+
+The work of one block (parse its lines, check and convert each row, render it with the chat template, tokenize it
+and mark the trained tokens) needs nothing from any other block, so `encode_split` hands blocks to `workers`
+forked processes and writes their results in file order as they come back. At most two blocks per worker are in
+flight, so memory holds a few blocks, not the file. With one worker (small files) the same function runs here.
+
+Bad rows are named as they are everywhere else (file, line, column, reason); the first few are kept with a
+count of the rest, and `settle_bad_rows` decides, once the whole split is read, whether they stop the run.
+"""
+
+from __future__ import annotations
+
+import collections
+import multiprocessing
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from jinja2 import TemplateError
+
+from tunelab.data.formats import MAX_LISTED, RowFormat, RowProblem, convert_row, describe_problem
+from tunelab.data.sources import Split, SplitStream, block_rows
+from tunelab.data.store import TableWriter
+from tunelab.data.templates import Rendered, render_conversations, render_messages, render_text
+from tunelab.data.tokenize import encode_arrays
+from tunelab.errors import ConfigError, TunelabError
+
+
+@dataclass
+class Formatter:
+    """How every row of a split becomes trainable text: its shape, the template, the EOS to append."""
+
+    fmt: RowFormat
+    source: str | None  # the chat template's Jinja source (None: plain text)
+    tokenizer: Any
+    eos: str | None
+    add_special_tokens: bool
+
+    def render(self, split: Split) -> tuple[list[Rendered], list[str], int]:
+        """The rows of a block rendered, the bad rows described (at most MAX_LISTED) and how many there were."""
+        examples, problems, bad = [], [], 0
+        for index, row in enumerate(split.rows):
+            try:
+                examples.append((index, convert_row(row, self.fmt)))
+            except RowProblem as problem:
+                bad += 1
+                if len(problems) < MAX_LISTED:
+                    problems.append(describe_problem(split, index, problem))
+        if not examples or "text" in examples[0][1]:
+            return [render_text(example["text"], self.eos) for _, example in examples], problems, bad
+        if self.source is None:  # a messages row with no template cannot happen: pick_template always chooses one
+            raise ConfigError("internal: messages without a template")
+        conversations = [example["messages"] for _, example in examples]
+        try:
+            return render_conversations(conversations, self.source, self.tokenizer), problems, bad
+        except TemplateError:  # some row the template refuses (raise_exception): find which, row by row
+            pass
+        rendered = []
+        for index, example in examples:
+            try:
+                rendered.append(render_messages(example["messages"], self.source, self.tokenizer))
+            except TemplateError as err:
+                bad += 1
+                if len(problems) < MAX_LISTED:
+                    column = self.fmt.columns.get("messages")
+                    reason = RowProblem(column, f"the chat template cannot render it ({err})")
+                    problems.append(describe_problem(split, index, reason))
+        return rendered, problems, bad
+
+
+@dataclass
+class SplitResult:
+    rows: int  # usable rows
+    bad: int
+    problems: list[str]  # the first MAX_LISTED bad rows, described
+    preview: str  # the first row as rendered
+
+
+def encode_split(stream: SplitStream, formatter: Formatter, writer: TableWriter, workers: int) -> SplitResult:
+    """Every block of a split through `formatter` and the tokenizer into `writer`, in file order."""
+    result = SplitResult(0, 0, [], "")
+    jobs = ((block, stream.origin, stream.name) for block in stream.blocks())
+    for ids, trained, lengths, problems, bad, first_text in _mapped(jobs, formatter, workers):
+        writer.add(ids, trained, lengths)
+        result.rows += len(lengths)
+        result.bad += bad
+        result.problems += problems[: MAX_LISTED - len(result.problems)]
+        result.preview = result.preview or first_text
+    return result
+
+
+_FORMATTER: Formatter | None = None  # a worker's own, set once when it starts
+
+
+def _start_worker(formatter: Formatter) -> None:
+    global _FORMATTER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
+    _FORMATTER = formatter
+
+
+def _encode_block(job: tuple[Any, str, str], formatter: Formatter | None = None) -> Any:
+    formatter = formatter or _FORMATTER
+    try:
+        split = block_rows(*job)
+        rendered, problems, bad = formatter.render(split)
+        ids, trained, lengths = encode_arrays(rendered, formatter.tokenizer, formatter.add_special_tokens)
+    except TunelabError as err:  # a file problem (bad JSON, not UTF-8): raised again where the results are read
+        return err
+    return ids, trained, lengths, problems, bad, rendered[0].text if rendered else ""
+
+
+def _mapped(jobs: Any, formatter: Formatter, workers: int) -> Any:
+    """_encode_block over jobs, in order, in `workers` processes (here, when 1)."""
+    if workers <= 1:
+        for job in jobs:
+            yield _checked(_encode_block(job, formatter))
+        return
+    context = multiprocessing.get_context("fork")  # the parent's imports and tokenizer, without pickling them
+    with context.Pool(workers, initializer=_start_worker, initargs=(formatter,)) as pool:
+        pending: collections.deque = collections.deque()
+        for job in jobs:
+            pending.append(pool.apply_async(_encode_block, (job,)))
+            if len(pending) >= 2 * workers:
+                yield _checked(pending.popleft().get())
+        while pending:
+            yield _checked(pending.popleft().get())
+
+
+def _checked(result: Any) -> Any:
+    if isinstance(result, TunelabError):
+        raise result
+    return result
+
+
+def worker_count(requested: int | None, size_bytes: int) -> int:
+    """How many processes prepare a split: as asked, else one per core (up to 8) for files over 8 MB, one below
+    (starting workers costs more than it saves on a small file)."""
+    if requested:
+        return max(1, requested)
+    if size_bytes < 8 << 20:
+        return 1
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
