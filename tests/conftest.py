@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The prepared-data cache of the tests' runs: their own, not the user's (~/.cache/tunelab/data).
+os.environ.setdefault("TUNELAB_DATA_CACHE", tempfile.mkdtemp(prefix="tunelab-test-data-cache-"))
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SHARED_DATA = SHARED / "data"

@@ -55,9 +55,13 @@ def test_two_processes_with_batch_b_equal_one_process_with_batch_2b(tiny_llama, 
     assert single.returncode == 0, single.stderr[-3000:]
 
     two = tmp_path / "two"
-    double = _run(tiny_llama, two, 2, "--num-processes", "2", *extra, peft=peft)
+    cache = tmp_path.parent / f"{tmp_path.name}-cache"  # beside tmp_path: its listing is checked below
+    double = _run(tiny_llama, two, 2, "--num-processes", "2", "--cache-dir", str(cache), *extra, peft=peft)
     assert double.returncode == 0, double.stderr[-3000:]
     assert "launching 2 processes" in double.stderr
+    # Prepared once (by the checks before the launch), reused by the launched processes.
+    assert double.stderr.count("prepared data: prepared in") == 1, double.stderr[-3000:]
+    assert "prepared data: reused" in double.stderr
     assert "effective batch 8 rows" in double.stderr  # 2 per device x 2 accumulated x 2 processes
 
     expected, got = train_losses(one), train_losses(two)

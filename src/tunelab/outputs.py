@@ -170,6 +170,13 @@ def _data_line(run: dict[str, Any]) -> str:
     return f"Rows: {run.get('row_format')}; chat template: {run.get('template') or 'none (text as is)'}"
 
 
+def _data_sources(data_path: Any) -> str:
+    """`data.jsonl`, or a mixture's sources one after the other."""
+    if not isinstance(data_path, list):
+        return f"`{data_path}`"
+    return " + ".join(f"`{item['path'] if isinstance(item, dict) else item}`" for item in data_path)
+
+
 def model_card(params: RunParams, run: dict[str, Any], metrics: dict[str, Any]) -> str:
     """A README.md for the run folder: what was trained on what, how, and how it went."""
     kind = "LoRA adapter" if params.peft else "fully fine-tuned model"
@@ -185,7 +192,7 @@ tags: [tunelab, {method}]
 # {Path(params.project_name).name}
 
 A {kind} of `{params.model}`, trained with [tunelab](https://pypi.org/project/tunelab/) (`{method}`
-method) on `{params.data_path}`.
+method) on {_data_sources(params.data_path)}.
 
 - {_data_line(run)}
 - Use it: `{usage}`

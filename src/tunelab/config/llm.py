@@ -40,8 +40,11 @@ class LLMParams(Params):
     project_name: str = param(
         "project-name", "Output folder of the run (created when the run completes; must not exist yet)."
     )
-    data_path: str = param(
-        "data", "Data: a CSV/JSONL/JSON/Parquet file, a folder holding <train_split>.<ext>, or a hub dataset id."
+    data_path: str | list = param(
+        "data",
+        "Data: a CSV/JSONL/JSON/Parquet file, a folder holding <train_split>.<ext>, or a hub dataset id; in a "
+        "config file also a list of such sources, each with its own split, columns, template and fraction or "
+        "weight (a mixture, docs/data.md).",
     )
     train_split: str = param("train", "Name of the training split (the file stem inside a data folder).")
     valid_split: str | None = param(None, "Name of the validation split; none means no evaluation.")
@@ -69,6 +72,20 @@ class LLMParams(Params):
     )
     bad_rows: str = param("error", BAD_ROWS_HELP, ("error", "skip"))
     packing: bool = param(False, "sft: pack several examples into each block_size row (attention kept per example).")
+    cache_dir: str | None = param(
+        None,
+        "Folder of the prepared-data cache (default $TUNELAB_DATA_CACHE, else ~/.cache/tunelab/data); see "
+        "docs/data.md for what its key holds. Entries may be deleted at any time.",
+    )
+    no_cache: bool = param(False, "Prepare the data afresh and keep nothing in the prepared-data cache.")
+    streaming: bool = param(
+        False,
+        "default/sft: prepare the data block by block as training reads it instead of all before (very large "
+        "data; needs max_steps; rows in file order, bad rows found as their block is read).",
+    )
+    dataset_num_proc: int | None = param(
+        None, "Processes that prepare the data (unset: one per core, up to 8, for data files over 8 MB)."
+    )
     group_by_length: bool = param(
         True, "Without packing: batch examples (or preference pairs) of similar length together (less padding)."
     )
@@ -232,6 +249,12 @@ class LLMParams(Params):
         if self.block_size == -1:
             self.block_size = min(1024, self.model_max_length)
         check_positive(self, "block_size")
+        if self.dataset_num_proc is not None:
+            check_positive(self, "dataset_num_proc")
+        if self.streaming and self.max_steps <= 0:
+            raise ConfigError(
+                "streaming: true needs max_steps (--max-steps): a streamed run does not count its rows before training"
+            )
         if self.block_size > self.model_max_length:
             raise ConfigError(
                 f"block_size ({self.block_size}) is larger than model_max_length ({self.model_max_length}): "

@@ -67,6 +67,9 @@ def coerce(values: dict[str, Any], schema: type = LLMParams) -> dict[str, Any]:
     out = {}
     for key, value in values.items():
         kind = str(fields[key].type)
+        if key == "data_path" and isinstance(value, (list, tuple)):
+            out[key] = list(value)  # a mixture of sources (data/mixture.py checks each when the data is read)
+            continue
         if isinstance(value, str):
             text = value.strip()
             # "none" is a real value where it is one of the choices (chat_template: none != unset).

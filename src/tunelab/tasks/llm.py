@@ -14,7 +14,6 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,12 +22,14 @@ from transformers import set_seed
 
 from tunelab import outputs
 from tunelab.config.llm import LLMParams
-from tunelab.data import load_data
+from tunelab.data import cache as data_cache
+from tunelab.data import load_data, stream_data
+from tunelab.data.mixture import is_mixture
 from tunelab.data.packing import row_length
 from tunelab.data.preference import load_preference_data
 from tunelab.data.prompts import load_prompt_data
 from tunelab.env import check_machine, device_name
-from tunelab.errors import DataError
+from tunelab.errors import ConfigError, DataError
 from tunelab.memory import kv_cache_bytes, log_run_estimate
 from tunelab.methods import METHODS, Method, RowStats
 from tunelab.models import ModelSource, check_model, load_model, load_tokenizer, resolve_model
@@ -52,9 +53,10 @@ class Prepared:
     config: Any  # the model's transformers config, read before any weight loads
     tokenizer: Any
     data: Any  # EncodedData, PreferenceData or PromptData
-    train_rows: list[Any]
-    valid_rows: list[Any] | None
+    train_rows: Any  # a sequence of rows: data/rows.py views for examples, lists of pairs or prompts
+    valid_rows: Any | None
     stats: RowStats
+    prepared: data_cache.Entry | None  # where the prepared data is kept (None: streamed); its key is logged
 
 
 def prepare(params: LLMParams) -> Prepared:
@@ -74,29 +76,75 @@ def prepare(params: LLMParams) -> Prepared:
         check_model(resolve_model(params.model_ref), dataclasses.replace(params, peft=False), kind="causal_lm")
     tokenizer = load_tokenizer(source, params.model_max_length)
     fit_tokenizer(tokenizer, config, source)
-    loaders = {"pairs": load_preference_data, "prompts": load_prompt_data, "examples": load_data}
-    data = loaders[method.data](params, tokenizer)
-    check_token_ids(_token_ids(data, method.data), config, source)
     if method.data == "prompts":  # a reward file that does not import is found now, not after the model loads
         from tunelab.methods.grpo import completion_length
         from tunelab.rewards import load_rewards
 
         load_rewards(params, completion_length(params))
+    if params.streaming:
+        entry = None
+        data, train_rows, valid_rows, stats = _stream(params, method, tokenizer)
+    else:
+        with data_cache.entry_for(params, tokenizer) as entry:
+            if not entry.hit:
+                entry.save(_prepare_data(params, method, tokenizer, entry.folder))
+        bundle = entry.bundle
+        data, train_rows, valid_rows = bundle["data"], bundle["train_rows"], bundle["valid_rows"]
+        stats = bundle["stats"]
+    check_token_ids(_highest_token_id(data, method.data), config, source)
+    log.info("%s", _described(entry))
+    rows = (train_rows, valid_rows, stats)
+    return Prepared(params, method, folder, resume_from, source, config, tokenizer, data, *rows, entry)
+
+
+def _stream(params: LLMParams, method: Method, tokenizer: Any) -> tuple[Any, Any, Any, RowStats]:
+    """streaming: true (data/streaming.py): the first block prepared now (checks, the dry run's figures), the rest
+    as training reads it."""
+    if method.data != "examples" or is_mixture(params.data_path):
+        what = "a mixture of sources" if is_mixture(params.data_path) else f"trainer {params.trainer}"
+        raise ConfigError(f"streaming: true is for one source and trainers default and sft, not {what}")
+    data, train_rows, valid_rows = stream_data(params, tokenizer, method.build_rows)
+    stats = method.build_rows(data.train, params)[1]
+    if not stats.rows:
+        raise DataError(
+            f"{data.origins['train']}: no training rows in the first block of the data: of {stats.examples} "
+            f"examples, {stats.truncated} were truncated to block_size={params.block_size} and {stats.dropped} "
+            "dropped with nothing left to learn"
+        )
+    stats.notes.append(
+        f"streaming: the figures above are the first block's ({stats.examples} examples); the rest is read, "
+        "checked and tokenized as training goes, in file order"
+    )
+    return data, train_rows, valid_rows, stats
+
+
+def _described(entry: data_cache.Entry | None) -> str:
+    return entry.describe() if entry else "prepared data: streamed (each block prepared as training reads it)"
+
+
+def _prepare_data(params: LLMParams, method: Method, tokenizer: Any, folder: Path) -> dict[str, Any]:
+    """The data read, checked and tokenized (token tables into `folder`) and cut into the method's rows."""
+    loaders = {"pairs": load_preference_data, "prompts": load_prompt_data}
+    if method.data in loaders and is_mixture(params.data_path):
+        raise ConfigError(
+            f"data_path lists several sources, which trainer {params.trainer} does not take yet (mixtures are for "
+            "default and sft): give it one file, folder or hub dataset"
+        )
+    data = loaders[method.data](params, tokenizer) if method.data in loaders else load_data(params, tokenizer, folder)
     train_rows, stats = method.build_rows(data.train, params)
     valid_rows = method.build_rows(data.valid, params)[0] if data.valid else None
     if method.data == "pairs":
         stats.truncated = data.stats.prompts_truncated + data.stats.completions_truncated
         stats.dropped = data.stats.dropped_no_room
         stats.examples += stats.dropped
-    if not train_rows:
+    if not len(train_rows):
         raise DataError(
             f"{data.origins['train']}: no training rows left: of {stats.examples} examples, "
             f"{stats.truncated} were truncated to block_size={params.block_size} and {stats.dropped} dropped with "
             "nothing left to learn (no answer tokens, or a prompt with no room for an answer); "
             "raise block_size (and model_max_length) or lower max_prompt_length"
         )
-    rows = (train_rows, valid_rows, stats)
-    return Prepared(params, method, folder, resume_from, source, config, tokenizer, data, *rows)
+    return {"data": data, "train_rows": train_rows, "valid_rows": valid_rows, "stats": stats}
 
 
 def run(params: LLMParams) -> Path:
@@ -104,7 +152,7 @@ def run(params: LLMParams) -> Path:
     prep = prepare(params)
     method, folder, tokenizer, data = prep.method, prep.folder, prep.tokenizer, prep.data
     train_rows, valid_rows, stats = prep.train_rows, prep.valid_rows, prep.stats
-    _report_data(params, data, stats, len(train_rows))
+    _report_data(params, data, stats, stats.rows if data_is_streamed(data) else len(train_rows))
 
     set_seed(params.seed)  # LoRA's initial weights, dropout: the same run twice is the same run
     model = load_model(prep.source, params, kind=method.model_kind, tokenizer=tokenizer)
@@ -142,6 +190,7 @@ def run(params: LLMParams) -> Path:
         "template": data.template,
         "data": data.origins,
         "skipped_rows": data.skipped_rows,
+        "prepared_data": prep.prepared.key if prep.prepared else "streamed",
         "device": device_name(),
     }
     outputs.write_run(staging, trainer, tokenizer, params, data.template_source, metrics, run_info)
@@ -176,15 +225,22 @@ def _report_data(params: LLMParams, data: Any, stats: Any, rows: int) -> None:
     log.info("first example as trained:\n%s", data.preview[:600])
 
 
-def _token_ids(data: Any, kind: str) -> Iterator[list[int]]:
+def _highest_token_id(data: Any, kind: str) -> int:
+    """The largest token id of the tokenized data (the token tables know theirs)."""
+    if kind == "examples":
+        return max(table.max_id for table in (data.train, data.valid) if table is not None)
+    highest = -1
     for item in [*data.train, *(data.valid or [])]:
-        yield from (item.prompt_ids, item.chosen_ids, item.rejected_ids) if kind == "pairs" else (item.input_ids,)
+        ids = (item.prompt_ids, item.chosen_ids, item.rejected_ids) if kind == "pairs" else (item.input_ids,)
+        highest = max(highest, *(max(part, default=-1) for part in ids))
+    return highest
 
 
 def microbatch(prep: Prepared) -> tuple[int, int]:
     """(rows per micro-batch, longest row in tokens): what the run's peak memory depends on."""
     kind, params = prep.method.data, prep.params
-    longest = max(row_length(row) for row in prep.train_rows)
+    rows = prep.train_rows
+    longest = int(rows.lengths().max()) if hasattr(rows, "lengths") else max(row_length(row) for row in rows)
     if kind == "prompts":  # each prompt's completions, each as long as the prompt plus a full completion
         from tunelab.methods.grpo import completion_length
 
@@ -216,7 +272,9 @@ def plan(params: LLMParams) -> RunPlan:
     for name, examples, rows in (("train", data.train, prep.train_rows), ("valid", data.valid, prep.valid_rows)):
         if examples is None:
             continue
-        summary = SplitSummary(name, data.origins[name], len(examples), len(rows or []), [len(e) for e in examples])
+        lengths = examples.lengths if kind == "examples" else [len(e) for e in examples]
+        count = len(method_rows(prep, examples)) if data_is_streamed(data) else len(rows or [])
+        summary = SplitSummary(name, data.origins[name], len(examples), count, lengths)
         if data.skipped_rows.get(name):
             summary.notes.append(f"{data.skipped_rows[name]} bad rows skipped (bad_rows=skip)")
         splits.append(summary)
@@ -251,19 +309,32 @@ def plan(params: LLMParams) -> RunPlan:
             f"{stats.truncated} truncated to block_size={params.block_size}, "
             f"{stats.dropped} dropped with nothing to learn (no answer tokens left)"
         )
+    for part in getattr(data, "mixture", None) or []:
+        train.notes.append(
+            f"source {part['source']}: {part['taken']:,} of {part['examples']:,} examples, {part['tokens']:,} "
+            f"tokens ({part['share']:.0%} of the mixture's tokens)"
+        )
     train.notes += stats.notes
     examples = [_shown(item, tokenizer, kind) for item in data.train[:2]]
     rows_per_microbatch, longest = microbatch(prep)
-    result = dry_run.new_plan(
-        f"llm {params.trainer}", params, splits, examples, len(prep.train_rows), prep.resume_from
-    )
+    result = dry_run.new_plan(f"llm {params.trainer}", params, splits, examples, splits[0].rows, prep.resume_from)
     dry_run.add_memory(result, prep.config, params, rows_per_microbatch, longest, prep.method.model_kind)
+    result.notes.append(_described(prep.prepared))
     if prep.method.model_kind == "causal_lm":
         from tunelab.inference.export import export_problem
 
         problem = export_problem(prep.config)
         result.notes.append(f"GGUF export: the model {problem}" if problem else "GGUF export: supported")
     return result
+
+
+def data_is_streamed(data: Any) -> bool:
+    return bool(getattr(data, "streamed", False))
+
+
+def method_rows(prep: Prepared, examples: Any) -> Any:
+    """A streamed run's rows of one split's first block (what the dry run can count)."""
+    return prep.method.build_rows(examples, prep.params)[0]
 
 
 def _shown(item: Any, tokenizer: Any, kind: str) -> str:

@@ -34,9 +34,9 @@ log = logging.getLogger("tunelab")
 
 
 class ListDataset(torch.utils.data.Dataset):
-    """Rows held in memory (examples or packed lists of examples)."""
+    """The rows of a run: a list, or a view onto the prepared token tables (data/rows.py)."""
 
-    def __init__(self, rows: list[Any]) -> None:
+    def __init__(self, rows: Any) -> None:
         self.rows = rows
 
     def __len__(self) -> int:
@@ -85,7 +85,8 @@ class GuardedTrainer(Trainer):
         if not self.group_by_length:
             return super()._get_train_sampler(train_dataset)
         # Batches of similar lengths: little padding without packing, and still a random order of batches.
-        lengths = [row_length(row) for row in dataset.rows]
+        rows = dataset.rows
+        lengths = rows.lengths().tolist() if hasattr(rows, "lengths") else [row_length(row) for row in rows]
         # Grouped by the global batch (all processes): the same order whatever the number of processes, each
         # process then taking its share of every batch.
         global_batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
@@ -250,16 +251,20 @@ def build_trainer(
     """
     from transformers.trainer_callback import PrinterCallback
 
-    steps_per_epoch = max(1, math.ceil(len(train_rows) / (params.batch_size * params.gradient_accumulation)))
-    args = training_arguments(params, output_dir, steps_per_epoch, has_valid=bool(valid_rows))
+    # Streamed rows (data/streaming.py) are an IterableDataset: no count before training (max_steps is required),
+    # and no sampler (they are trained in file order).
+    streamed = isinstance(train_rows, torch.utils.data.IterableDataset)
+    batch_rows = params.batch_size * params.gradient_accumulation
+    steps_per_epoch = params.max_steps if streamed else max(1, math.ceil(len(train_rows) / batch_rows))
+    args = training_arguments(params, output_dir, steps_per_epoch, has_valid=_dataset(valid_rows) is not None)
     if params.torch_compile:
         log.info("torch_compile: compiled %d decoder layers", compile_layers(model))
     common = {
         "keep_checkpoints": params.save_total_limit,
         "model": model,
         "args": args,
-        "train_dataset": ListDataset(train_rows),
-        "eval_dataset": ListDataset(valid_rows) if valid_rows else None,
+        "train_dataset": train_rows if streamed else ListDataset(train_rows),
+        "eval_dataset": _dataset(valid_rows),
         "processing_class": tokenizer,
         "callbacks": callbacks,
     }
@@ -272,11 +277,17 @@ def build_trainer(
         trainer = TunelabTrainer(
             fast_loss=params.fast_loss,
             data_collator=PackedRowsCollator(tokenizer.pad_token_id, flat=flat),
-            group_by_length=params.group_by_length and not params.packing,
+            group_by_length=params.group_by_length and not params.packing and not streamed,
             **common,
         )
     trainer.remove_callback(PrinterCallback)  # tunelab's own callback prints progress
     return trainer
+
+
+def _dataset(rows: Any) -> Any:
+    if rows is None or isinstance(rows, torch.utils.data.IterableDataset):
+        return rows
+    return ListDataset(rows) if len(rows) else None
 
 
 def run_training(trainer: Trainer, folder: Any, resume_from: Path | None) -> Any:

@@ -1,0 +1,265 @@
+"""Prepared data as a cache: read, checked, tokenized and cut into rows once, reused by every run that needs the same.
+
+The key is a hash of everything that shapes the prepared data (`key_inputs` lists it, `docs/data.md` too):
+tunelab's prepared-data format version, the method, the data files (resolved path, size and a SHA-256 of the
+content), the tokenizer (a hash of its full serialized state: vocabulary, merges, normalizer, special tokens,
+its own chat template), the text of tunelab's built-in chat templates, and every parameter the data step and the
+method's rows read (columns, chat_template, block_size, masking, packing, lengths, bad_rows, splits). Change any of
+them and the key changes; nothing else can make a stale entry match.
+
+An entry is a folder `<cache>/<key>/`: the token tables (data/store.py), `prepared.pkl` (the data object, the rows
+and their statistics, the warnings the preparation logged) and `inputs.json` (the key's inputs, for a curious
+user). It is built in a temporary folder beside it and renamed into place, so an entry is whole or absent; a lock
+file makes the processes of a launch wait for the one that prepares, then reuse its entry. Deleting the cache
+folder, or any entry, at any time is safe: a run that has its tables open keeps reading them, the next one
+prepares again.
+
+The cache is `cache_dir` (default `$TUNELAB_DATA_CACHE`, else `$XDG_CACHE_HOME/tunelab/data`, else
+`~/.cache/tunelab/data`); `no_cache` prepares into a temporary folder removed when the process exits. Hub
+datasets are prepared every time (their content is only known once downloaded).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import pickle
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tunelab.data.mixture import is_mixture, parse_sources
+from tunelab.data.sources import locate_splits
+from tunelab.data.store import TokenTable
+from tunelab.data.templates import BUILTIN, builtin_template
+
+log = logging.getLogger("tunelab")
+
+FORMAT_VERSION = 1  # raise whenever what is stored, or how it is computed, changes
+# Every parameter the data step (data/*.py) or a method's build_rows reads.
+DATA_FIELDS = (
+    "data_path",
+    "train_split",
+    "valid_split",
+    "text_column",
+    "prompt_text_column",
+    "rejected_text_column",
+    "chat_template",
+    "add_eos_token",
+    "completion_only_loss",
+    "bad_rows",
+    "packing",
+    "block_size",
+    "model_max_length",
+    "max_prompt_length",
+    "max_completion_length",
+)
+
+
+def cache_root(params: Any) -> Path | None:
+    """The cache folder of these parameters (None: no_cache)."""
+    if params.no_cache:
+        return None
+    if params.cache_dir:
+        return Path(params.cache_dir).expanduser()
+    if os.environ.get("TUNELAB_DATA_CACHE"):
+        return Path(os.environ["TUNELAB_DATA_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "tunelab" / "data"
+
+
+def key_inputs(params: Any, tokenizer: Any) -> dict[str, Any] | None:
+    """Everything the prepared data depends on, as JSON-able values (None: not cacheable, a hub dataset)."""
+    files = {}
+    sources = parse_sources(params.data_path) if is_mixture(params.data_path) else [None]
+    for number, source in enumerate(sources, start=1):
+        read = source.params(params) if source else params
+        for split, place in locate_splits(read.data_path, read.train_split, read.valid_split).items():
+            if not isinstance(place, Path):
+                return None
+            files[f"{number}:{split}"] = _file_identity(place)
+    return {
+        "format_version": FORMAT_VERSION,
+        "method": params.trainer,
+        "files": files,
+        "tokenizer": tokenizer_hash(tokenizer),
+        "builtin_templates": {name: _sha(builtin_template(name)) for name in BUILTIN},
+        "options": {name: getattr(params, name) for name in DATA_FIELDS},
+        "mixture_seed": params.seed if is_mixture(params.data_path) else None,  # which rows a fraction draws
+    }
+
+
+def data_key(inputs: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def tokenizer_hash(tokenizer: Any) -> str:
+    """A hash of all a tokenizer does to text: its backend's serialized state (fast tokenizers: vocabulary, merges,
+    normalizer, pre-tokenizer, post-processor, added tokens), its special tokens and its own chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    state = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    extra = {
+        "class": type(tokenizer).__name__,
+        "special": {k: str(v) for k, v in tokenizer.special_tokens_map.items()},
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        "split_special_tokens": getattr(tokenizer, "split_special_tokens", False),
+    }
+    return _sha(state + json.dumps(extra, sort_keys=True, default=str))
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()
+
+
+def _file_identity(path: Path) -> dict[str, Any]:
+    resolved = path.resolve()
+    stat = resolved.stat()
+    if resolved.is_dir():  # a folder of Parquet parts: every file in it
+        digest = hashlib.sha256()
+        for part in sorted(p for p in resolved.rglob("*") if p.is_file()):
+            digest.update(f"{part.relative_to(resolved)}|{_file_sha(part)}".encode())
+        return {"path": str(resolved), "sha256": digest.hexdigest()}
+    return {"path": str(resolved), "size": stat.st_size, "sha256": _file_sha(resolved)}
+
+
+def _file_sha(path: Path) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+@dataclasses.dataclass
+class Entry:
+    """One run's place in the cache: `hit` with `bundle` loaded, or `folder` to build into, then `save`."""
+
+    key: str | None  # None: not cached (no_cache, or a hub dataset)
+    folder: Path  # where the tables are (hit) or go (miss)
+    final: Path | None
+    inputs: dict[str, Any] | None
+    bundle: dict[str, Any] | None = None
+    started: float = dataclasses.field(default_factory=time.time)
+    warnings: list[tuple[int, str]] = dataclasses.field(default_factory=list)
+    reuse_seconds: float = 0.0  # hashing the inputs, waiting for the lock, opening the entry
+
+    @property
+    def hit(self) -> bool:
+        """Whether the data was found prepared (final is None: nothing to move into place)."""
+        return self.key is not None and self.final is None
+
+    def save(self, bundle: dict[str, Any]) -> None:
+        """Keep what was prepared (the tables are already in `folder`) and, when cached, move it into place."""
+        bundle = {**bundle, "seconds": round(time.time() - self.started, 1), "warnings": self.warnings}
+        self.bundle = bundle
+        if self.final is None:
+            return
+        with open(self.folder / "prepared.pkl", "wb") as file:
+            _Pickler(file).dump(bundle)
+        (self.folder / "inputs.json").write_text(json.dumps(self.inputs, indent=1, default=str), encoding="utf-8")
+        os.replace(self.folder, self.final)
+        self.folder = self.final
+
+    def describe(self) -> str:
+        """The line the log and the dry run show."""
+        seconds = self.bundle["seconds"] if self.bundle else 0
+        if self.key is None:
+            return f"prepared data: prepared in {seconds} s (not cached)"
+        if self.final is None:
+            return (
+                f"prepared data: reused {self.key} in {self.reuse_seconds:.2f} s (prepared in {seconds} s; "
+                f"cache {self.folder.parent})"
+            )
+        return f"prepared data: prepared in {seconds} s, cached as {self.key} (cache {self.folder.parent})"
+
+
+@contextlib.contextmanager
+def entry_for(params: Any, tokenizer: Any) -> Iterator[Entry]:
+    """The cache entry of these parameters, held under a lock while it is looked up or built (another process
+    preparing the same data is waited for, then its entry is reused)."""
+    started = time.time()
+    root = cache_root(params)
+    inputs = key_inputs(params, tokenizer) if root is not None else None
+    if root is None or inputs is None:
+        folder = Path(tempfile.mkdtemp(prefix="tunelab-data-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        with _captured_warnings() as warnings:
+            entry = Entry(None, folder, None, None, warnings=warnings)
+            yield entry
+        return
+    key = data_key(inputs)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        final = root / key
+        bundle = _load(final)
+        if bundle is not None:
+            entry = Entry(key, final, None, inputs, bundle, reuse_seconds=time.time() - started)
+            for level, message in bundle["warnings"]:
+                log.log(level, "%s", message)
+            yield entry
+            return
+        building = root / f".{key}.building"  # a dead process's leftovers: nobody else holds the lock
+        shutil.rmtree(building, ignore_errors=True)
+        shutil.rmtree(final, ignore_errors=True)
+        building.mkdir()
+        try:
+            with _captured_warnings() as warnings:
+                entry = Entry(key, building, final, inputs, started=started, warnings=warnings)
+                yield entry
+        finally:
+            shutil.rmtree(building, ignore_errors=True)
+
+
+def _load(folder: Path) -> dict[str, Any] | None:
+    try:
+        with open(folder / "prepared.pkl", "rb") as file:
+            return _Unpickler(file, folder).load()
+    except FileNotFoundError:
+        return None
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError, KeyError, ValueError) as err:
+        log.warning("prepared data in %s cannot be read (%s): preparing it again", folder, err)
+        return None
+
+
+class _Pickler(pickle.Pickler):
+    """Token tables are stored as their files, named in the pickle by their split."""
+
+    def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, TokenTable) and obj.name is not None:
+            return ("table", obj.name)
+        return None
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, file: Any, folder: Path) -> None:
+        super().__init__(file)
+        self.folder = folder
+
+    def persistent_load(self, pid: Any) -> Any:
+        kind, name = pid
+        if kind != "table":
+            raise pickle.UnpicklingError(f"unknown stored object {kind!r}")
+        return TokenTable.open(self.folder, name)
+
+
+@contextlib.contextmanager
+def _captured_warnings() -> Iterator[list[tuple[int, str]]]:
+    """The warnings the preparation logs (bad rows skipped, ...), kept to be logged again when it is reused."""
+    captured: list[tuple[int, str]] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            captured.append((record.levelno, record.getMessage()))
+
+    handler = Keep(logging.WARNING)
+    log.addHandler(handler)
+    try:
+        yield captured
+    finally:
+        log.removeHandler(handler)
