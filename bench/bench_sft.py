@@ -8,7 +8,7 @@ config, gradient checkpointing and dtype are the same on both sides: TRL's argum
 TrainingArguments tunelab builds. Unpacked, both sides train the same batches in the same order (with
 --group-by-length, tunelab's default, TRL is handed tunelab's seeded length-grouped batch order); tunelab collates
 them its way (rows kept apart by position ids, or laid end to end under flash attention) and TRL pads them with an
-attention mask. Packed (--packing), tunelab packs first-fit in order and TRL packs with its own `bfd` strategy
+attention mask. Packed (--packing), tunelab packs best-fit decreasing and TRL with its own `bfd` strategy
 (padding-free), so the rows, and the losses step by step, differ a little.
 
 Each side runs in its own subprocess (this script re-invoking itself with --_side), so its peak memory is its own:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -12,8 +14,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# The prepared-data cache of the tests' runs: their own, not the user's (~/.cache/tunelab/data).
-os.environ.setdefault("TUNELAB_DATA_CACHE", tempfile.mkdtemp(prefix="tunelab-test-data-cache-"))
+# The prepared-data cache of the tests' runs: their own, not the user's (~/.cache/tunelab/data), removed at the end.
+if "TUNELAB_DATA_CACHE" not in os.environ:
+    os.environ["TUNELAB_DATA_CACHE"] = tempfile.mkdtemp(prefix="tunelab-test-data-cache-")
+    atexit.register(shutil.rmtree, os.environ["TUNELAB_DATA_CACHE"], ignore_errors=True)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SHARED_DATA = SHARED / "data"

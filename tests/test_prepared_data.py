@@ -182,6 +182,16 @@ def test_a_deleted_or_damaged_entry_is_prepared_again(tiny_llama, tmp_path):
     assert not llm.prepare(params).prepared.hit
 
 
+def test_a_cache_folder_that_cannot_be_written_is_a_warning_not_a_failure(tiny_llama, tmp_path, caplog):
+    data = _alpaca(tmp_path / "train.jsonl", 12)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with caplog.at_level(logging.WARNING, logger="tunelab"):
+        prep = llm.prepare(_params(tiny_llama, data, tmp_path, cache_dir=str(blocker / "cache")))
+    assert prep.prepared.key is None and len(prep.train_rows) == 12
+    assert any("cannot be written" in r.getMessage() for r in caplog.records)
+
+
 def test_two_processes_at_once_prepare_once(tiny_llama, tmp_path):
     """What every process of a launch does: the first prepares under the lock, the other waits and reuses."""
     data = _alpaca(tmp_path / "train.jsonl", 3000)

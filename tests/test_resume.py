@@ -160,3 +160,20 @@ def test_checkpoints_of_a_lora_run_on_a_gguf_base_say_nothing_a_user_cannot_act_
     assert code == 0 and (project / "adapter_config.json").is_file()
     noise = [str(w.message) for w in caught if "config file" in str(w.message) or "remote file" in str(w.message)]
     assert noise == []
+
+
+def test_a_streamed_run_resumes_to_the_same_losses(tiny_llama, twenty_rows, tmp_path):
+    """Streamed rows come in file order, the same on every pass: the resumed run skips what was trained."""
+    straight = tmp_path / "straight"
+    done = _run_child(_args(tiny_llama, twenty_rows, straight, "--streaming"))
+    assert done.returncode == 0, done.stderr
+    resumed = tmp_path / "resumed"
+    killed = _run_child(_args(tiny_llama, twenty_rows, resumed, "--streaming"), kill_at=8)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    again = _run_child(_args(tiny_llama, twenty_rows, resumed, "--streaming"))
+    assert again.returncode == 0, again.stderr
+    assert "resuming from" in again.stderr and "prepared data: streamed" in again.stderr
+    expected, got = _losses(straight), _losses(resumed)
+    assert sorted(got) == sorted(expected) == list(range(1, 13))
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step

@@ -24,6 +24,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import json
@@ -41,6 +42,7 @@ from tunelab.data.mixture import is_mixture, parse_sources
 from tunelab.data.sources import locate_splits
 from tunelab.data.store import TokenTable
 from tunelab.data.templates import BUILTIN, builtin_template
+from tunelab.errors import TunelabError
 
 log = logging.getLogger("tunelab")
 
@@ -183,7 +185,7 @@ def entry_for(params: Any, tokenizer: Any) -> Iterator[Entry]:
     """The cache entry of these parameters, held under a lock while it is looked up or built (another process
     preparing the same data is waited for, then its entry is reused)."""
     started = time.time()
-    root = cache_root(params)
+    root = _writable(cache_root(params))
     inputs = key_inputs(params, tokenizer) if root is not None else None
     if root is None or inputs is None:
         folder = Path(tempfile.mkdtemp(prefix="tunelab-data-"))
@@ -193,7 +195,6 @@ def entry_for(params: Any, tokenizer: Any) -> Iterator[Entry]:
             yield entry
         return
     key = data_key(inputs)
-    root.mkdir(parents=True, exist_ok=True)
     with open(root / f"{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         final = root / key
@@ -212,8 +213,31 @@ def entry_for(params: Any, tokenizer: Any) -> Iterator[Entry]:
             with _captured_warnings() as warnings:
                 entry = Entry(key, building, final, inputs, started=started, warnings=warnings)
                 yield entry
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+            raise TunelabError(
+                f"no space left for the prepared data in {root} (its token tables take about 5 bytes per token): "
+                "free some space (old entries there may be deleted), set cache_dir to another disk, or use "
+                "--no-cache"
+            ) from None
         finally:
             shutil.rmtree(building, ignore_errors=True)
+
+
+def _writable(root: Path | None) -> Path | None:
+    """The cache folder, created if need be; None (prepare without a cache, with a warning) if it cannot be."""
+    if root is None:
+        return None
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".probe-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        log.warning("the prepared-data cache %s cannot be written (%s): preparing without it", root, err.strerror)
+        return None
+    return root
 
 
 def _load(folder: Path) -> dict[str, Any] | None:

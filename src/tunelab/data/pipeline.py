@@ -112,7 +112,7 @@ def _encode_block(job: tuple[Any, str, str], formatter: Formatter | None = None)
 
 def _mapped(jobs: Any, formatter: Formatter, workers: int) -> Any:
     """_encode_block over jobs, in order, in `workers` processes (here, when 1)."""
-    if workers <= 1:
+    if workers <= 1 or not _can_fork():
         for job in jobs:
             yield _checked(_encode_block(job, formatter))
         return
@@ -125,6 +125,11 @@ def _mapped(jobs: Any, formatter: Formatter, workers: int) -> Any:
                 yield _checked(pending.popleft().get())
         while pending:
             yield _checked(pending.popleft().get())
+
+
+def _can_fork() -> bool:
+    """Worker processes need fork (Linux), and a process that may have children (not a daemon)."""
+    return "fork" in multiprocessing.get_all_start_methods() and not multiprocessing.current_process().daemon
 
 
 def _checked(result: Any) -> Any:
