@@ -1,9 +1,12 @@
 """The data step of a run: files -> rows -> formatted text -> token ids and labels, all checked up front.
 
-`load_data` is called by the LLM spine (tasks/llm.py) before any model weights are loaded or any file is
-written, so every data problem surfaces in seconds as one DataError naming the file, row and column (or, with
-bad_rows=skip, the bad rows are dropped and counted). Preference pairs are read by data/preference.py, labelled
-texts by data/classification.py, on the same readers (data/sources.py) and row checks (data/formats.py).
+`load_data` is called by the LLM spine (tasks/llm.py) before any model weights are loaded, so every data
+problem surfaces as one DataError naming the file, row and column (or, with bad_rows=skip, the bad rows are
+dropped and counted). The splits are read a block at a time (data/sources.py), prepared in worker processes
+(data/pipeline.py) into token tables (data/store.py); the spine keeps the result in the prepared-data cache
+(data/cache.py). A list of sources is a mixture (data/mixture.py); `stream_data` prepares only the first block
+and leaves the rest to training (data/streaming.py). Preference pairs are read by data/preference.py, labelled
+texts by data/classification.py, on the same readers and row checks (data/formats.py).
 """
 
 from __future__ import annotations
