@@ -111,7 +111,7 @@ def stream_data(params: LLMParams, tokenizer: Any, build_rows: Any) -> tuple[Enc
     firsts, rows = {}, {}
     for name, place in places.items():
         formatter = _formatter(heads[name].head, heads[name].origin, row_format, source, tokenizer, params)
-        firsts[name] = first_block(place, name, formatter, params)
+        firsts[name] = first_block(heads[name], formatter, params)
         rows[name] = StreamedRows(place, name, formatter, params, build_rows)
     shown = firsts["train"][0] if len(firsts["train"]) else None
     data = EncodedData(

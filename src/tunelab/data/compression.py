@@ -37,21 +37,25 @@ def data_suffix(path: Path) -> str:
 
 def decompress(raw: bytes, path: Path) -> bytes:
     """raw unpacked when it is compressed (by its signature), else as it is; damage is one DataError."""
-    found = next((kind for signature, kind in SIGNATURES.items() if raw.startswith(signature)), None)
-    named = named_compression(path)
+    found = _compression_of(raw, path)
     if found is None:
-        if named and raw:
-            raise DataError(
-                f"{path}: not a readable {named} file (it does not start like one); "
-                f"if it is not compressed, drop {path.suffix} from its name"
-            )
         return raw
     try:
         return _unpack(raw, found)
     except DAMAGED as err:
+        raise damaged(path, found, err) from None
+
+
+def _compression_of(start: bytes, path: Path) -> str | None:
+    """The compression a file's first bytes show (None: plain); a compression suffix on plain data is an error."""
+    found = next((kind for signature, kind in SIGNATURES.items() if start.startswith(signature)), None)
+    named = named_compression(path)
+    if found is None and named and start:
         raise DataError(
-            f"{path}: not a readable {found} file ({err}); it is damaged or cut short, compress or download it again"
-        ) from None
+            f"{path}: not a readable {named} file (it does not start like one); "
+            f"if it is not compressed, drop {path.suffix} from its name"
+        )
+    return found
 
 
 def _unpack(raw: bytes, kind: str) -> bytes:
@@ -71,15 +75,8 @@ def open_decompressed(path: Path) -> tuple[BinaryIO, str | None]:
     (what `decompress` does for a whole file, a block at a time), and the compression found (None: plain). Errors
     the stream raises part way (`DAMAGED`) go through `damaged`."""
     with open(path, "rb") as probe:
-        start = probe.read(8)
-    found = next((kind for signature, kind in SIGNATURES.items() if start.startswith(signature)), None)
-    named = named_compression(path)
+        found = _compression_of(probe.read(8), path)
     if found is None:
-        if named and start:
-            raise DataError(
-                f"{path}: not a readable {named} file (it does not start like one); "
-                f"if it is not compressed, drop {path.suffix} from its name"
-            )
         return open(path, "rb"), None  # noqa: SIM115 - the caller closes it
     openers = {"gzip": gzip.open, "bz2": bz2.open, "xz": lzma.open}
     if found in openers:

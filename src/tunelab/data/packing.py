@@ -73,6 +73,13 @@ def row_length(row: Any) -> int:
     return sum(len(example) for example in examples_in(row))
 
 
+def row_lengths(rows: Any) -> list[int]:
+    """Every row's length: read from a view's stored lengths (data/rows.py), else measured row by row."""
+    if hasattr(rows, "lengths"):
+        return rows.lengths().tolist()
+    return [row_length(row) for row in rows]
+
+
 def _row(row: Any) -> tuple[list[int], list[int], list[int]]:
     ids: list[int] = []
     labels: list[int] = []

@@ -81,12 +81,12 @@ def encode_split(stream: SplitStream, formatter: Formatter, writer: TableWriter,
     """Every block of a split through `formatter` and the tokenizer into `writer`, in file order."""
     result = SplitResult(0, 0, [], "")
     jobs = ((block, stream.origin, stream.name) for block in stream.blocks())
-    for ids, trained, lengths, problems, bad, first_text in _mapped(jobs, formatter, workers):
-        writer.add(ids, trained, lengths)
-        result.rows += len(lengths)
-        result.bad += bad
-        result.problems += problems[: MAX_LISTED - len(result.problems)]
-        result.preview = result.preview or first_text
+    for done in _mapped(jobs, formatter, workers):
+        writer.add(*done.arrays)
+        result.rows += len(done.arrays[2])
+        result.bad += done.bad
+        result.problems += done.problems[: MAX_LISTED - len(result.problems)]
+        result.preview = result.preview or done.first_text
     return result
 
 
@@ -99,15 +99,32 @@ def _start_worker(formatter: Formatter) -> None:
     _FORMATTER = formatter
 
 
+@dataclass
+class EncodedBlock:
+    """One block of rows prepared: its arrays (data/tokenize.encode_arrays), its bad rows, its first text."""
+
+    split: Split | None  # None once it has come back from a worker (the rows are not sent back)
+    arrays: tuple[Any, Any, Any]  # token ids, trained flags, lengths
+    problems: list[str]
+    bad: int
+    first_text: str
+
+
+def encode_block(block: Any, origin: str, name: str, formatter: Formatter) -> EncodedBlock:
+    """A block of a SplitStream parsed, checked, rendered and tokenized (file problems raise DataError)."""
+    split = block_rows(block, origin, name)
+    rendered, problems, bad = formatter.render(split)
+    arrays = encode_arrays(rendered, formatter.tokenizer, formatter.add_special_tokens)
+    return EncodedBlock(split, arrays, problems, bad, rendered[0].text if rendered else "")
+
+
 def _encode_block(job: tuple[Any, str, str], formatter: Formatter | None = None) -> Any:
-    formatter = formatter or _FORMATTER
     try:
-        split = block_rows(*job)
-        rendered, problems, bad = formatter.render(split)
-        ids, trained, lengths = encode_arrays(rendered, formatter.tokenizer, formatter.add_special_tokens)
+        done = encode_block(*job, formatter or _FORMATTER)
     except TunelabError as err:  # a file problem (bad JSON, not UTF-8): raised again where the results are read
         return err
-    return ids, trained, lengths, problems, bad, rendered[0].text if rendered else ""
+    done.split = None  # the rows need not travel back from a worker
+    return done
 
 
 def _mapped(jobs: Any, formatter: Formatter, workers: int) -> Any:

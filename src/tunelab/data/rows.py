@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import bisect
 import heapq
-from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
-from tunelab.data.store import TokenTable
+from tunelab.data.store import Items, TokenTable
 from tunelab.data.tokenize import IGNORE, Encoded
 
 
-class ExampleRows(Sequence):
+class ExampleRows(Items):
     """Examples `indices` of a table, each cut to its first `limit` tokens; `whole` trains every token but the
     first (completion_only_loss off)."""
 
@@ -32,9 +30,7 @@ class ExampleRows(Sequence):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, index: Any) -> Any:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
+    def item(self, index: int) -> Encoded:
         example = self.table.example(int(self.indices[index]), self.limit)
         if self.whole:
             example = Encoded(example.input_ids, [IGNORE, *example.input_ids[1:]])
@@ -44,7 +40,7 @@ class ExampleRows(Sequence):
         return np.minimum(self.table.lengths[self.indices], self.limit)
 
 
-class PackedRows(Sequence):
+class PackedRows(Items):
     """Rows of several examples: row r holds examples `order[starts[r]:starts[r + 1]]` (an ExampleRows view)."""
 
     def __init__(self, examples: ExampleRows, order: np.ndarray, starts: np.ndarray) -> None:
@@ -53,21 +49,15 @@ class PackedRows(Sequence):
     def __len__(self) -> int:
         return len(self.starts) - 1
 
-    def __getitem__(self, index: Any) -> Any:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(index)
+    def item(self, index: int) -> list[Encoded]:
         members = self.order[self.starts[index] : self.starts[index + 1]]
-        return [self.examples[int(i)] for i in members]
+        return [self.examples.item(int(i)) for i in members]
 
     def lengths(self) -> np.ndarray:
         return np.add.reduceat(self.examples.lengths()[self.order], self.starts[:-1]) if len(self) else np.zeros(0)
 
 
-class BlockRows(Sequence):
+class BlockRows(Items):
     """The table's tokens end to end, cut into `count` rows of `size` tokens, every token but the first trained."""
 
     def __init__(self, table: TokenTable, size: int, count: int) -> None:
@@ -76,13 +66,7 @@ class BlockRows(Sequence):
     def __len__(self) -> int:
         return self.count
 
-    def __getitem__(self, index: Any) -> Any:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < self.count:
-            raise IndexError(index)
+    def item(self, index: int) -> Encoded:
         block = np.asarray(self.table.ids[index * self.size : (index + 1) * self.size]).tolist()
         return Encoded(block, [IGNORE, *block[1:]])
 

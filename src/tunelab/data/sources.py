@@ -190,14 +190,24 @@ def read_texts(path: Path, column: str, name: str) -> list[str]:
 def _read_bytes(path: Path) -> bytes:
     try:
         return path.read_bytes()
-    except PermissionError:
-        raise DataError(f"{path}: cannot read the file (permission denied); make it readable for this user") from None
     except OSError as err:
-        raise DataError(f"{path}: cannot read the file ({err.strerror or err})") from None
+        raise _unreadable(path, err) from None
+
+
+def _unreadable(path: Path, err: OSError) -> DataError:
+    if isinstance(err, PermissionError):
+        return DataError(f"{path}: cannot read the file (permission denied); make it readable for this user")
+    return DataError(f"{path}: cannot read the file ({err.strerror or err})")
 
 
 def _decode(raw: bytes, path: Path) -> str:
     """The text of a UTF-8 file (a BOM is dropped); anything else is a DataError naming what the file is."""
+    return _utf8_text(_text_start(raw, path), path)
+
+
+def _text_start(raw: bytes, path: Path) -> bytes:
+    """The first bytes of a text file, its UTF-8 byte-order mark dropped; a file that is no text (a zip, a
+    workbook, Parquet, UTF-16) is a DataError naming what it is."""
     for signature, what in NOT_TEXT.items():
         if raw.startswith(signature):
             raise DataError(f"{path}: not a {data_suffix(path)} file but {what}")
@@ -206,16 +216,21 @@ def _decode(raw: bytes, path: Path) -> str:
             f"{path} line 1: not valid UTF-8 but UTF-16 (it starts with a UTF-16 byte-order mark); "
             "save the file as UTF-8 (Excel: CSV UTF-8)"
         )
+    return raw[len(codecs.BOM_UTF8) :] if raw.startswith(codecs.BOM_UTF8) else raw
+
+
+def _utf8_text(raw: bytes, path: Path, first_line: int = 1) -> str:
+    """Bytes from line `first_line` of a file as text; not UTF-8, or NUL characters, is a DataError naming the line."""
     try:
-        text = raw.decode("utf-8-sig")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
+        line = first_line + raw[: err.start].count(b"\n")
         raise DataError(
             f"{path} line {line}: not valid UTF-8 (byte {raw[err.start]:#x}); save the file as UTF-8"
         ) from None
     nul = text.find("\0")
     if nul >= 0:  # valid UTF-8, yet no text file holds NUL: UTF-16 without its byte-order mark, or binary data
-        line = text.count("\n", 0, nul) + 1
+        line = first_line + text.count("\n", 0, nul)
         raise DataError(
             f"{path} line {line}: holds NUL characters, so it is not UTF-8 text "
             "(UTF-16 without a byte-order mark, or a binary file); save the file as UTF-8"
@@ -448,20 +463,7 @@ def block_rows(block: Any, origin: str, name: str) -> Split:
         return block
     first_line, raw = block
     path = Path(origin)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = first_line + raw[: err.start].count(b"\n")
-        raise DataError(
-            f"{path} line {line}: not valid UTF-8 (byte {raw[err.start]:#x}); save the file as UTF-8"
-        ) from None
-    nul = text.find("\0")
-    if nul >= 0:
-        line = first_line + text.count("\n", 0, nul)
-        raise DataError(
-            f"{path} line {line}: holds NUL characters, so it is not UTF-8 text "
-            "(UTF-16 without a byte-order mark, or a binary file); save the file as UTF-8"
-        )
+    text = _utf8_text(raw, path, first_line)
     return _read_lines(text, path, name, first_line)
 
 
@@ -490,13 +492,11 @@ def _jsonl_stream(path: Path, name: str) -> SplitStream | None:
 
 def _line_blocks(path: Path) -> Any:
     """(first line number, bytes ending at a line end) blocks of a file, decompressed; the file's first bytes are
-    checked as `_decode` checks a whole file."""
+    checked as `_text_start` checks a whole file's."""
     try:
         stream, kind = open_decompressed(path)
-    except PermissionError:
-        raise DataError(f"{path}: cannot read the file (permission denied); make it readable for this user") from None
     except OSError as err:
-        raise DataError(f"{path}: cannot read the file ({err.strerror or err})") from None
+        raise _unreadable(path, err) from None
     with stream:
         line, carry, first = 1, b"", True
         while True:
@@ -505,7 +505,7 @@ def _line_blocks(path: Path) -> Any:
             except DAMAGED as err:
                 raise damaged(path, kind, err) from None
             if first:
-                chunk = _check_start(chunk, path)
+                chunk = _text_start(chunk, path)
                 first = False
             if not chunk:
                 break
@@ -519,16 +519,3 @@ def _line_blocks(path: Path) -> Any:
             line += block.count(b"\n")
         if carry:
             yield line, carry
-
-
-def _check_start(raw: bytes, path: Path) -> bytes:
-    """The first bytes of a text file, its UTF-8 byte-order mark dropped; other files named as `_decode` does."""
-    for signature, what in NOT_TEXT.items():
-        if raw.startswith(signature):
-            raise DataError(f"{path}: not a {data_suffix(path)} file but {what}")
-    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        raise DataError(
-            f"{path} line 1: not valid UTF-8 but UTF-16 (it starts with a UTF-16 byte-order mark); "
-            "save the file as UTF-8 (Excel: CSV UTF-8)"
-        )
-    return raw[len(codecs.BOM_UTF8) :] if raw.startswith(codecs.BOM_UTF8) else raw

@@ -2,10 +2,10 @@
 
 A `TokenTable` holds one split's examples end to end: `ids` (int32 token ids), `trained` (uint8, 1 where the token
 carries a loss: the label is the token itself, else -100), and per example its `lengths` and `trained_heads` (the
-trained tokens among its first `window` tokens, the block it is cut to). `TableWriter` appends batches to raw files
-and returns the table; the big arrays are opened as read-only memory maps, the small per-example ones read whole.
-`table[i]` is one example as an `Encoded`, built when asked for: the rows a Trainer reads are views onto the table
-(data/rows.py), so memory does not grow with the number of examples.
+trained tokens among its first `window` tokens: the block_size it is written for, the block it is cut to).
+`TableWriter` appends batches to raw files and returns the table; the big arrays are opened as read-only memory
+maps, the small per-example ones read whole. `table[i]` is one example as an `Encoded`, built when asked for: the
+rows a Trainer reads are views onto the table (data/rows.py), so memory does not grow with the number of examples.
 """
 
 from __future__ import annotations
@@ -23,7 +23,24 @@ BIG = {"ids": np.int32, "trained": np.uint8}  # one value per token, memory-mapp
 SMALL = {"lengths": np.int32, "trained_heads": np.int32}  # one value per example, read whole
 
 
-class TokenTable(Sequence):
+class Items(Sequence):
+    """A sequence whose items are built when asked for, by `item(index)`: a slice gives a list, a negative index
+    counts from the end, one out of range is an IndexError (which also ends iteration)."""
+
+    def item(self, index: int) -> Any:
+        raise NotImplementedError
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self.item(i) for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self.item(int(index))
+
+
+class TokenTable(Items):
     """One split's tokenized examples (see the module docstring); a sequence of `Encoded`."""
 
     def __init__(self, arrays: dict[str, np.ndarray], window: int, max_id: int = -1, name: str | None = None) -> None:
@@ -77,14 +94,8 @@ class TokenTable(Sequence):
     def __len__(self) -> int:
         return len(self.lengths)
 
-    def __getitem__(self, index: Any) -> Any:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(index)
-        return self.example(int(index))
+    def item(self, index: int) -> Encoded:
+        return self.example(index)
 
     def __iter__(self) -> Iterator[Encoded]:
         return (self.example(i) for i in range(len(self)))
@@ -96,20 +107,6 @@ class TokenTable(Sequence):
         ids = np.asarray(self.ids[start:stop])
         labels = np.where(np.asarray(self.trained[start:stop]) != 0, ids, IGNORE)
         return Encoded(ids.tolist(), labels.tolist())
-
-    def trained_within(self, window: int) -> np.ndarray:
-        """Per example, its trained tokens among its first `window`: stored for the table's own window, counted
-        again (a chunk of examples at a time) for another."""
-        if window == self.window:
-            return self.trained_heads
-        heads = np.zeros(len(self), dtype=np.int32)
-        for first in range(0, len(self), 65536):
-            last = min(first + 65536, len(self))
-            base = int(self.offsets[first])
-            chunk = np.asarray(self.trained[base : int(self.offsets[last])])
-            starts = self.offsets[first:last] - base
-            heads[first:last] = _trained_heads(chunk, starts, self.lengths[first:last], window)
-        return heads
 
     @property
     def tokens(self) -> int:

@@ -23,10 +23,9 @@ import numpy as np
 import torch
 
 from tunelab.data.formats import raise_bad_rows
-from tunelab.data.pipeline import Formatter
-from tunelab.data.sources import block_rows, stream_split
+from tunelab.data.pipeline import Formatter, encode_block
+from tunelab.data.sources import SplitStream, stream_split
 from tunelab.data.store import TableWriter, TokenTable
-from tunelab.data.tokenize import encode_arrays
 
 log = logging.getLogger("tunelab")
 
@@ -53,20 +52,18 @@ class StreamedRows(torch.utils.data.IterableDataset):
 
 def block_table(block: Any, origin: str, name: str, formatter: Formatter, params: Any) -> TokenTable:
     """One block of a split prepared into a token table in memory; its bad rows settled as bad_rows says."""
-    split = block_rows(block, origin, name)
-    rendered, problems, bad = formatter.render(split)
-    if bad:
+    done = encode_block(block, origin, name, formatter)
+    if done.bad:
         if params.bad_rows != "skip":
             hint = "fix them, or set bad_rows: skip (--bad-rows skip) to leave them out"
-            raise_bad_rows(problems, f"{origin} (streamed, the block from {split.where(0)})", hint, bad)
-        log.warning("%s: skipped %d bad row(s) (bad_rows=skip): %s", origin, bad, "; ".join(problems))
+            raise_bad_rows(done.problems, f"{origin} (streamed, the block from {done.split.where(0)})", hint, done.bad)
+        log.warning("%s: skipped %d bad row(s) (bad_rows=skip): %s", origin, done.bad, "; ".join(done.problems))
     writer = TableWriter(None, params.block_size)
-    writer.add(*encode_arrays(rendered, formatter.tokenizer, formatter.add_special_tokens))
+    writer.add(*done.arrays)
     return writer.finish()
 
 
-def first_block(place: Path | tuple[str, str], name: str, formatter: Formatter, params: Any) -> TokenTable:
+def first_block(stream: SplitStream, formatter: Formatter, params: Any) -> TokenTable:
     """The first block of a split, prepared: what the dry run shows of a streamed run, and the checks of its start."""
-    stream = stream_split(place, name)
     block = next(iter(stream.blocks()))
-    return block_table(block, stream.origin, name, formatter, params)
+    return block_table(block, stream.origin, stream.name, formatter, params)

@@ -33,18 +33,6 @@ class Encoded:
         return sum(label != IGNORE for label in self.labels[1:])
 
 
-def encode(rendered: list[Rendered], tokenizer: Any, add_special_tokens: bool, batch: int = 1000) -> list[Encoded]:
-    """Tokenize rendered texts; a token is trained when its characters fall inside a trainable span."""
-    out: list[Encoded] = []
-    for start in range(0, len(rendered), batch):
-        ids, trained, lengths = encode_arrays(rendered[start : start + batch], tokenizer, add_special_tokens)
-        labels = np.where(trained != 0, ids, IGNORE)
-        bounds = np.cumsum(lengths)[:-1]
-        pieces = zip(np.split(ids, bounds), np.split(labels, bounds), strict=True)
-        out += [Encoded(i.tolist(), lab.tolist()) for i, lab in pieces]
-    return out
-
-
 def encode_arrays(
     rendered: list[Rendered], tokenizer: Any, add_special_tokens: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -91,10 +79,10 @@ def _trained_ranges(encoding: Any, count: int, spans: list[tuple[int, int]]) -> 
     fallback splits one character into several tokens) are taken in too."""
     out = []
     for start, end in spans:
-        first = _token_of_first_char(encoding, start, end)
+        first = _token_of_some_char(encoding, range(start, end))
         if first is None:
             continue
-        last = _token_of_last_char(encoding, start, end)
+        last = _token_of_some_char(encoding, range(end - 1, start - 1, -1))  # the span has a token: found too
         while first > 0 and _meets(encoding.token_to_chars(first - 1), start, end):
             first -= 1
         while last + 1 < count and _meets(encoding.token_to_chars(last + 1), start, end):
@@ -103,20 +91,13 @@ def _trained_ranges(encoding: Any, count: int, spans: list[tuple[int, int]]) -> 
     return out
 
 
-def _token_of_first_char(encoding: Any, start: int, end: int) -> int | None:
-    for char in range(start, end):
+def _token_of_some_char(encoding: Any, chars: range) -> int | None:
+    """The token holding the first of `chars` that some token holds (trimmed whitespace belongs to none)."""
+    for char in chars:
         token = encoding.char_to_token(char)
         if token is not None:
             return token
     return None
-
-
-def _token_of_last_char(encoding: Any, start: int, end: int) -> int:
-    for char in range(end - 1, start - 1, -1):
-        token = encoding.char_to_token(char)
-        if token is not None:
-            return token
-    raise AssertionError("unreachable: the span has a first token")
 
 
 def _meets(chars: tuple[int, int] | None, start: int, end: int) -> bool:

@@ -23,7 +23,8 @@ def build_rows(examples: Any, params: LLMParams) -> tuple[Any, RowStats]:
     table = examples if isinstance(examples, TokenTable) else TokenTable.from_examples(examples, size)
     whole = not params.completion_only_loss
     kept_lengths = np.minimum(table.lengths, size)
-    trained = kept_lengths - 1 if whole else table.trained_within(size)
+    assert table.window == size, "internal: the table was written for another block_size"
+    trained = kept_lengths - 1 if whole else table.trained_heads
     keep = np.flatnonzero(trained > 0)
     stats = RowStats(examples=len(table), truncated=int((table.lengths > size).sum()), dropped=len(table) - len(keep))
     rows: Any = ExampleRows(table, keep, size, whole)

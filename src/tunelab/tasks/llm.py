@@ -25,7 +25,7 @@ from tunelab.config.llm import LLMParams
 from tunelab.data import cache as data_cache
 from tunelab.data import load_data, stream_data
 from tunelab.data.mixture import is_mixture
-from tunelab.data.packing import row_length
+from tunelab.data.packing import row_lengths
 from tunelab.data.preference import load_preference_data
 from tunelab.data.prompts import load_prompt_data
 from tunelab.env import check_machine, device_name
@@ -239,8 +239,7 @@ def _highest_token_id(data: Any, kind: str) -> int:
 def microbatch(prep: Prepared) -> tuple[int, int]:
     """(rows per micro-batch, longest row in tokens): what the run's peak memory depends on."""
     kind, params = prep.method.data, prep.params
-    rows = prep.train_rows
-    longest = int(rows.lengths().max()) if hasattr(rows, "lengths") else max(row_length(row) for row in rows)
+    longest = max(row_lengths(prep.train_rows))
     if kind == "prompts":  # each prompt's completions, each as long as the prompt plus a full completion
         from tunelab.methods.grpo import completion_length
 

@@ -22,7 +22,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from tunelab.config.base import RunParams
 from tunelab.config.llm import LLMParams
-from tunelab.data.packing import PackedRowsCollator, row_length
+from tunelab.data.packing import PackedRowsCollator, row_lengths
 from tunelab.env import distributed_kind
 from tunelab.errors import TunelabError
 from tunelab.models.peft import quiet_peft_save
@@ -85,8 +85,7 @@ class GuardedTrainer(Trainer):
         if not self.group_by_length:
             return super()._get_train_sampler(train_dataset)
         # Batches of similar lengths: little padding without packing, and still a random order of batches.
-        rows = dataset.rows
-        lengths = rows.lengths().tolist() if hasattr(rows, "lengths") else [row_length(row) for row in rows]
+        lengths = row_lengths(dataset.rows)
         # Grouped by the global batch (all processes): the same order whatever the number of processes, each
         # process then taking its share of every batch.
         global_batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
