@@ -296,6 +296,40 @@ def test_encode_arrays_marks_the_same_tokens_as_the_per_token_rule(tmp_path, kin
         assert 0 < row_trained.sum() < len(row_ids)
 
 
+@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece"])
+@pytest.mark.parametrize("template", ["alpaca", "system prompt"])
+def test_shared_openings_are_tokenized_once_and_give_the_same_tokens(tmp_path, kind, template):
+    """Texts that open alike (a template's preamble, a fixed system prompt) have that opening tokenized once per
+    block where the tokenizer splits text into pieces (byte-level BPE); the ids and trained tokens are those of
+    tokenizing every text whole, and a SentencePiece tokenizer (a marker added per call) is never cut."""
+    from tunelab.data.tokenize import _shared_cuts
+
+    build = build_tokenizer if kind == "byte-level" else build_sentencepiece_tokenizer
+    tokenizer = build(tmp_path / "tok")
+    source = template_source("alpaca" if template == "alpaca" else "chatml", tokenizer)
+    system = [{"role": "system", "content": "You are a careful assistant. Answer briefly, and say so when unsure."}]
+    rng = random.Random(1)
+    rendered = []
+    for i in range(80):
+        user = {
+            "role": "user",
+            "content": rng.choice(["Na", "Name", "Names", "Nan'", "Nan's", "Na 42", "Na\n\nx"]) + f" thing {i}?",
+        }
+        if template == "alpaca" and i % 3 == 0:
+            user["input"] = f"context {i}"
+        turns = [user, {"role": "assistant", "content": f"answer {i} " * rng.randint(1, 3)}]
+        rendered.append(render_messages(turns if template == "alpaca" else system + turns, source, tokenizer))
+    cuts, heads = _shared_cuts(rendered, tokenizer.backend_tokenizer)
+    assert bool(heads) == (kind == "byte-level")
+    ids, trained, lengths = encode_arrays(rendered, tokenizer, add_special_tokens=False)
+    bounds = np.cumsum(lengths)[:-1]
+    for r, row_ids, row_trained in zip(rendered, np.split(ids, bounds), np.split(trained, bounds), strict=True):
+        enc = tokenizer(r.text, add_special_tokens=False, return_offsets_mapping=True)
+        assert row_ids.tolist() == enc["input_ids"]
+        got = np.where(row_trained != 0, row_ids, IGNORE).tolist()
+        assert got == _reference_labels(r.text, r.spans, enc["input_ids"], enc["offset_mapping"])
+
+
 def _reference_pack(lengths: list[int], block_size: int) -> list[list[int]]:
     """Best-fit decreasing as a sorted list of (room, row): the rows best_fit_rows must give."""
     rows: list[list[int]] = []

@@ -8,6 +8,8 @@ predict the next one's first token.
 from __future__ import annotations
 
 import itertools
+import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,10 +55,14 @@ def encode_arrays(
         # a call on one text does that, then the Rust tokenizer is used as it is, which skips building Python
         # lists of every token's offsets (most of the cost beyond tokenizing itself).
         tokenizer(texts[:1], add_special_tokens=add_special_tokens)
-        encodings = backend.encode_batch(texts, add_special_tokens=add_special_tokens)
-        id_lists = [e.ids for e in encodings]
-        triples = zip(encodings, id_lists, rendered, strict=True)
-        ranges = [_trained_ranges(e, len(ids), r.spans) for e, ids, r in triples]
+        cuts, heads = _shared_cuts(rendered, backend) if not add_special_tokens else ([0] * len(texts), {})
+        pieces = [t[c:] for t, c in zip(texts, cuts, strict=True)] if heads else texts
+        encodings = backend.encode_batch(pieces, add_special_tokens=add_special_tokens)
+        id_lists = [heads[c] + e.ids if c else e.ids for e, c in zip(encodings, cuts, strict=True)]
+        ranges = [
+            _shifted(_trained_ranges(e, len(e.ids), [(s - c, t - c) for s, t in r.spans]), len(heads.get(c, ())))
+            for e, c, r in zip(encodings, cuts, rendered, strict=True)
+        ]
     lengths = np.fromiter((len(ids) for ids in id_lists), dtype=np.int32, count=len(rendered))
     ids = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int32, count=int(lengths.sum()))
     starts = np.zeros(len(rendered), dtype=np.int64)
@@ -69,6 +75,84 @@ def encode_arrays(
     trained = np.cumsum(marks[:-1]) > 0
     trained[starts[lengths > 0]] = False
     return ids, trained.astype(np.uint8), lengths
+
+
+# A block's texts often open with the same words (a template's preamble, a fixed system prompt): those are
+# tokenized once, and only what follows a cut inside them is tokenized per text. That is exact when tokens never
+# span the cut, which holds where the tokenizer has no normalizer, splits text into pieces by regular expression
+# (byte-level BPE: GPT-2, Llama 3, Qwen, SmolLM), and the cut is where a piece of the shared text starts with two
+# whole pieces of it after (so neither the piece before the cut nor the expression's look-ahead reaches a text's
+# own characters). Tokenizers that add a leading space or marker per call (SentencePiece's Metaspace, a
+# prefix-space option) are left out; and a few texts of every block are tokenized whole too, to make sure.
+SHARED_MIN_CHARS = 64
+CHECKED_TEXTS = 8
+
+
+def _shared_cuts(rendered: list[Rendered], backend: Any) -> tuple[list[int], dict[int, list[int]]]:
+    """Where to cut each text of a block (0: not cut) and the token ids of each cut's head. Texts are grouped by
+    their opening characters (a template with and without an input field opens two ways); a group's cut is a piece
+    boundary inside what all its texts share, before any trained span, that tokenizing both ways on a spread of the
+    group's texts confirms."""
+    cuts = [0] * len(rendered)
+    heads: dict[int, list[int]] = {}
+    if len(rendered) < 2 * CHECKED_TEXTS or not _splits_by_pieces(backend):
+        return cuts, heads
+    groups: dict[str, list[int]] = {}
+    for index, r in enumerate(rendered):
+        groups.setdefault(r.text[:SHARED_MIN_CHARS], []).append(index)
+    for members in groups.values():
+        if len(members) < 2 * CHECKED_TEXTS:
+            continue
+        texts = [rendered[i].text for i in members]
+        cut, head = _group_cut(texts, [rendered[i].spans for i in members], backend)
+        if cut:
+            heads.setdefault(cut, head)
+            if heads[cut] != head:  # another group's head of the same length: leave this one whole
+                continue
+            for i in members:
+                cuts[i] = cut
+    return cuts, heads
+
+
+def _group_cut(texts: list[str], spans: list[list[tuple[int, int]]], backend: Any) -> tuple[int, list[int]]:
+    shared = os.path.commonprefix([min(texts), max(texts)])  # the sorted extremes share what all of them share
+    first_span = min((start for row in spans for start, _ in row), default=len(shared))
+    shared = shared[: min(len(shared), first_span)]
+    if len(shared) < SHARED_MIN_CHARS:
+        return 0, []
+    encoding = backend.encode(shared, add_special_tokens=False)
+    words = [w for w in encoding.word_ids if w is not None]
+    if len(set(words)) < 4:
+        return 0, []
+    cut_word = words[-1] - 2  # two whole pieces of shared text after the cut
+    cut = next(start for (start, _), w in zip(encoding.offsets, encoding.word_ids, strict=True) if w == cut_word)
+    if cut <= 0:
+        return 0, []
+    head = backend.encode(shared[:cut], add_special_tokens=False).ids
+    step = (len(texts) - 1) / (CHECKED_TEXTS - 1)
+    sample = [texts[round(i * step)] for i in range(CHECKED_TEXTS)]
+    whole = backend.encode_batch(sample, add_special_tokens=False)
+    parts = backend.encode_batch([t[cut:] for t in sample], add_special_tokens=False)
+    exact = all(w.ids == head + p.ids for w, p in zip(whole, parts, strict=True))
+    return (cut, head) if exact else (0, [])
+
+
+def _splits_by_pieces(backend: Any) -> bool:
+    pre = backend.pre_tokenizer
+    return backend.normalizer is None and pre is not None and _by_pieces(json.loads(pre.__getstate__()))
+
+
+def _by_pieces(state: dict) -> bool:
+    kind = state.get("type")
+    if kind == "Sequence":
+        return all(_by_pieces(part) for part in state.get("pretokenizers", []))
+    if kind == "ByteLevel":
+        return not state.get("add_prefix_space", False)
+    return kind in ("Split", "Digits", "Punctuation")
+
+
+def _shifted(ranges: list[tuple[int, int]], by: int) -> list[tuple[int, int]]:
+    return [(first + by, stop + by) for first, stop in ranges] if by else ranges
 
 
 def _trained_ranges(encoding: Any, count: int, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
