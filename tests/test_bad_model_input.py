@@ -267,3 +267,36 @@ def test_target_modules_on_fused_experts(capsys, tmp_path, tiny_moe, data):
     assert "target_modules: Cannot convert PEFT target(s) gate_proj without also targeting up_proj" in line
     args = cli_args(tiny_moe, data, tmp_path / "run", "--dry-run", "--peft", "--target-modules", "gate_proj,up_proj")
     assert main(args) == 0, capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- LoRA variants
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--use-dora"], "use_dora is a LoRA setting: add --peft (or drop it)"),
+        (["--peft", "--loraplus-lr-ratio", "0.5"], "loraplus_lr_ratio must be 1 or more"),
+        (["--peft", "--lora-rank-pattern", "q_proj=big"], "lora_rank_pattern: q_proj='big' is not a module=number"),
+        (
+            ["--peft", "--init-lora-weights", "loftq"],
+            "init_lora_weights=loftq quantizes each weight with bitsandbytes",
+        ),
+        (["--peft", "--use-dora", "--init-lora-weights", "pissa"], "use_dora with init_lora_weights=pissa"),
+        (["--peft", "--modules-to-save", "lm_head,embed"], "modules_to_save: model {model} has no module named embed"),
+    ],
+    ids=["no-peft", "loraplus-below-1", "bad-pattern", "loftq-without-cuda", "dora-with-pissa", "missing-module"],
+)
+def test_lora_variants_that_cannot_work(capsys, tmp_path, tiny_llama, data, extra, expected):
+    line = run_bad(capsys, tiny_llama, data, tmp_path / "run", *extra)
+    assert expected.format(model=tiny_llama) in line
+
+
+def test_dora_on_a_gptq_model_is_refused_before_loading(capsys, tmp_path, data):
+    """PEFT has no DoRA for GPTQ (AWQ, AQLM, EETQ) layers: found from config.json, before anything loads."""
+    folder = model_folder(tmp_path / "gptq", "llama", **SMALL)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}
+    (folder / "config.json").write_text(json.dumps(config))
+    line = run_bad(capsys, folder, data, tmp_path / "run", "--peft", "--use-dora")
+    assert "use_dora: model" in line and "is gptq-quantized, and PEFT has no DoRA for gptq layers" in line

@@ -106,6 +106,20 @@ def test_length_rules_are_checked_before_anything_loads():
         _params(block_size=64, max_prompt_length=32, max_completion_length=100)
 
 
+def test_preference_loss_settings_are_checked_before_anything_loads():
+    with pytest.raises(ConfigError, match="dpo_loss_type: 'sigmod': use one or more of sigmoid, hinge, ipo"):
+        _params(dpo_loss_type="sigmod")
+    with pytest.raises(ConfigError, match="dpo_loss_weights has 1 weight.s. for 2 dpo_loss_type"):
+        _params(dpo_loss_type="sigmoid,sft", dpo_loss_weights="1")
+    with pytest.raises(ConfigError, match="label_smoothing is read by the robust dpo loss"):
+        _params(label_smoothing=0.1)
+    with pytest.raises(ConfigError, match=r"label_smoothing must be in \[0, 0.5\)"):
+        _params(dpo_loss_type="robust", label_smoothing=0.5)
+    params = _params(dpo_loss_type=["sigmoid", "sft"], dpo_loss_weights=[1, 0.25])  # as a YAML list gives them
+    assert params.dpo_loss_types == ("sigmoid", "sft") and params.dpo_loss_weight_values == (1.0, 0.25)
+    assert _params(trainer="simpo", label_smoothing=0.1).label_smoothing == 0.1
+
+
 # ------------------------------------------------------------------ losses against TRL
 
 
@@ -225,6 +239,161 @@ def test_orpo_loss_equals_trl(tiny_llama, tokenizer, tmp_path):
     assert loss.item() == pytest.approx(trl_loss.item(), abs=1e-4)
     for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "nll_loss", "log_odds_ratio"):
         assert metrics[name] == pytest.approx(float(trl_metrics[name]), abs=1e-4), name
+
+
+@needs_shared()
+@pytest.mark.parametrize(
+    ("loss_type", "extra"),
+    [
+        ("hinge", {}),
+        ("ipo", {}),
+        ("robust", {"label_smoothing": 0.1}),
+        ("sigmoid,sft", {"dpo_loss_weights": "1.0,0.5"}),
+    ],
+)
+def test_dpo_loss_types_equal_trl(loss_type, extra, tiny_llama, tokenizer, tmp_path):
+    """Each dpo_loss_type (and TRL's weighted multi-loss form) gives TRL's loss and rewards on one batch."""
+    from datasets import Dataset
+    from trl import DPOConfig
+    from trl import DPOTrainer as TRLDPOTrainer
+
+    from tunelab.methods.dpo import DPOTrainer
+
+    rows, pairs, policy, reference = _pairs_and_models(tiny_llama, tokenizer)
+    ours = _tunelab_trainer(
+        DPOTrainer,
+        copy.deepcopy(policy),
+        tokenizer,
+        tmp_path,
+        extra={"ref_model": copy.deepcopy(reference)},
+        dpo_loss_type=loss_type,
+        **extra,
+    )
+    ours.model.train()
+    loss = ours.compute_loss(ours.model, ours.data_collator(pairs))
+    metrics = {k: v[0] for k, v in ours._metrics["train"].items()}
+
+    trl_extra = {"loss_type": loss_type.split(",")}
+    if "dpo_loss_weights" in extra:
+        trl_extra["loss_weights"] = [float(w) for w in extra["dpo_loss_weights"].split(",")]
+    if "label_smoothing" in extra:
+        trl_extra["label_smoothing"] = extra["label_smoothing"]
+    config = _trl_config(DPOConfig, tmp_path, per_device_train_batch_size=len(pairs), **trl_extra)
+    trl = TRLDPOTrainer(
+        model=copy.deepcopy(policy),
+        ref_model=copy.deepcopy(reference),
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )
+    features = [
+        {"prompt_ids": p.prompt_ids, "chosen_ids": p.chosen_ids, "rejected_ids": p.rejected_ids} for p in pairs
+    ]
+    trl.model.train()
+    trl_loss = trl.compute_loss(trl.model, trl.data_collator(features))
+    trl_metrics = {k: v[0] for k, v in trl._metrics["train"].items()}
+
+    assert loss.item() == pytest.approx(trl_loss.item(), abs=1e-4)
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        assert metrics[name] == pytest.approx(trl_metrics[name], abs=1e-4), name
+    sigmoid = _tunelab_trainer(DPOTrainer, copy.deepcopy(policy), tokenizer, tmp_path, extra={"ref_model": reference})
+    assert abs(sigmoid.compute_loss(sigmoid.model, sigmoid.data_collator(pairs)).item() - loss.item()) > 1e-3
+
+
+@needs_shared()
+@pytest.mark.parametrize("cpo_alpha", [0.0, 1.0])
+def test_simpo_loss_equals_trl_cpo_simpo(cpo_alpha, tiny_llama, tokenizer, tmp_path):
+    """simpo is TRL's CPOTrainer with loss_type=simpo: the same loss and logged figures on one batch."""
+    from datasets import Dataset
+    from trl.experimental.cpo import CPOConfig
+    from trl.experimental.cpo import CPOTrainer as TRLCPOTrainer
+
+    from tunelab.methods.simpo import SimPOTrainer
+
+    rows, pairs, policy, _ = _pairs_and_models(tiny_llama, tokenizer)
+    settings = {"dpo_beta": 2.0, "simpo_gamma": 0.8, "label_smoothing": 0.05, "cpo_alpha": cpo_alpha}
+    ours = _tunelab_trainer(SimPOTrainer, copy.deepcopy(policy), tokenizer, tmp_path, trainer="simpo", **settings)
+    ours.model.train()
+    loss = ours.compute_loss(ours.model, ours.data_collator(pairs))
+    metrics = {k: v[0] for k, v in ours._metrics["train"].items()}
+
+    config = _trl_config(
+        CPOConfig, tmp_path, loss_type="simpo", simpo_gamma=0.8, label_smoothing=0.05, cpo_alpha=cpo_alpha
+    )
+    config.beta = 2.0
+    trl = TRLCPOTrainer(
+        model=copy.deepcopy(policy), args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+    )
+    features = []
+    for p in pairs:
+        row = {"prompt_input_ids": p.prompt_ids, "prompt_attention_mask": [1] * len(p.prompt_ids)}
+        for side, answer in (("chosen", p.chosen_ids), ("rejected", p.rejected_ids)):
+            ids = p.prompt_ids + answer
+            row[f"{side}_input_ids"] = ids
+            row[f"{side}_attention_mask"] = [1] * len(ids)
+            row[f"{side}_labels"] = [-100] * len(p.prompt_ids) + answer
+        features.append(row)
+    trl.model.eval()
+    with torch.no_grad():
+        trl_loss, trl_metrics = trl.get_batch_loss_metrics(trl.model, trl.data_collator(features), train_eval="train")
+
+    assert loss.item() == pytest.approx(trl_loss.item(), abs=1e-4)
+    names = ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen"]
+    for name in names + (["nll_loss"] if cpo_alpha else []):
+        assert metrics[name] == pytest.approx(float(trl_metrics[name]), abs=1e-4), name
+
+
+@needs_shared()
+def test_kto_loss_and_metrics_equal_trl(tiny_llama, tokenizer, tmp_path):
+    """kto: TRL's KTOTrainer on the same batch (its KL estimate from the answers rotated by one row included) gives
+    the same loss, KL and rewards."""
+    from datasets import Dataset
+    from trl import KTOConfig
+    from trl import KTOTrainer as TRLKTOTrainer
+
+    from tunelab.data.kto import Labeled
+    from tunelab.methods.kto import KTOTrainer
+
+    rows, pairs, policy, reference = _pairs_and_models(tiny_llama, tokenizer, n=3)
+    items = [Labeled(p.prompt_ids, p.chosen_ids, True) for p in pairs]
+    items += [Labeled(pairs[0].prompt_ids, pairs[0].rejected_ids, False)]
+    items += [Labeled(p.prompt_ids, p.rejected_ids, False) for p in pairs[1:]]
+    weights = {"desirable_weight": 1.0, "undesirable_weight": 1.5}
+    extra = {"ref_model": copy.deepcopy(reference)}
+    ours = _tunelab_trainer(
+        KTOTrainer, copy.deepcopy(policy), tokenizer, tmp_path, extra=extra, trainer="kto", kto_beta=0.2, **weights
+    )
+    ours.model.train()
+    loss = ours.compute_loss(ours.model, ours.data_collator(items))
+    metrics = {k: v[0] for k, v in ours._metrics["train"].items()}
+
+    unpaired = [{"prompt": r["chosen"][:20], "completion": r["chosen"][20:], "label": True} for r in rows[:3]]
+    unpaired += [{"prompt": r["rejected"][:20], "completion": r["rejected"][20:], "label": False} for r in rows[:3]]
+    config = _trl_config(KTOConfig, tmp_path, per_device_train_batch_size=len(items), **weights)
+    config.beta = 0.2
+    trl = TRLKTOTrainer(
+        model=copy.deepcopy(policy),
+        ref_model=copy.deepcopy(reference),
+        args=config,
+        train_dataset=Dataset.from_list(unpaired),
+        processing_class=tokenizer,
+    )
+    answers = [item.completion_ids for item in items]
+    shifted = answers[-1:] + answers[:-1]
+    features = [
+        {"prompt_ids": i.prompt_ids, "completion_ids": i.completion_ids, "KL_completion_ids": k, "label": i.desirable}
+        for i, k in zip(items, shifted, strict=True)
+    ]
+    trl.model.train()
+    trl_loss = trl.compute_loss(trl.model, trl.data_collator(features))
+    trl_metrics = {k: v[0] for k, v in trl._metrics["train"].items()}
+
+    assert abs(metrics["rewards/margins"]) > 1e-3  # the policy differs from the reference
+    assert loss.item() == pytest.approx(trl_loss.item(), abs=1e-4)
+    for name in ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
+        assert metrics[name] == pytest.approx(trl_metrics[name], abs=1e-4), name
+    loss.backward()
+    assert any(p.grad is not None for p in ours.model.parameters())
 
 
 def test_orpo_answer_only_nll_by_hand(tiny_llama, tokenizer, tmp_path):

@@ -14,7 +14,7 @@ The package, in the order a run flows through it (config -> data -> model -> tra
     config/      the parameters: one dataclass per task, AutoTrain's config schema and spellings, load_config
     data/        files -> checked rows -> formatted text -> token ids and labels (text, chats, pairs, labels)
     models/      the base model: resolved (hub id, folder, .gguf), checked from its config, loaded, LoRA added
-    methods/     the training methods (default, sft, reward, dpo, orpo): one file each plus a registry line
+    methods/     the training methods (default, sft, reward, dpo, orpo, simpo, grpo): a file each + a registry line
     speed/       the hot path: the switch table, the chunked loss, fused layers, LoRA dropout
     training/    transformers' Trainer made safe and fast: batches, loss, checkpoints, progress
     tasks/       one spine per task (llm, text_classification) and the dispatcher: train, plan (dry run)

@@ -204,7 +204,7 @@ def estimate_memory(
         weights, weight_dtype = n_params * 2, params.mixed_precision
     else:
         weights, weight_dtype = n_params * 4, "fp32"
-    if params.trainer == "dpo" and not params.peft:
+    if params.trainer in ("dpo", "kto") and not params.peft:
         weights += weights  # the frozen reference model, a second copy (with LoRA: the base, adapter off)
 
     if params.peft:
@@ -229,7 +229,7 @@ def estimate_memory(
         activations = max(forward - gradients, backward)
     if params.packing:
         notes.append("packed rows: attention masks counted roughly")
-    if params.trainer in ("dpo", "orpo"):
+    if params.trainer in ("dpo", "kto", "orpo", "simpo"):
         notes.append(f"{params.trainer}: its loss counted as the causal LM's, roughly")
     total = weights + gradients + optimizer + activations
     return MemoryEstimate(

@@ -23,7 +23,7 @@ from typing import Any
 from tunelab.config.base import RunParams
 from tunelab.env import distributed_kind
 from tunelab.errors import TunelabError
-from tunelab.models.peft import quiet_peft_save
+from tunelab.models.peft import quiet_peft_save, save_converted_adapter
 from tunelab.training import checkpoints
 
 log = logging.getLogger("tunelab")
@@ -127,6 +127,7 @@ def save_model(trainer: Any, tokenizer: Any, folder: Path, template_source: str 
         trainer.save_model(str(folder))  # the tokenizer (trainer.processing_class) too
     if trainer.is_world_process_zero():
         (folder / "training_args.bin").unlink(missing_ok=True)  # transformers' pickle; training_params.json says it
+        save_converted_adapter(trainer.accelerator.unwrap_model(trainer.model), folder)
 
 
 def save_merged(model: Any, tokenizer: Any, folder: Path) -> None:

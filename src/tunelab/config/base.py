@@ -37,6 +37,35 @@ LAUNCH: dict[str, tuple] = {
         "An accelerate config file to launch with instead of the one tunelab ships for distributed_backend.",
     ),
 }
+# The LoRA variants every task offers, each passed to PEFT's LoraConfig (models/peft.py): (default, help[, choices]).
+LORA_VARIANTS: dict[str, tuple] = {
+    "use_dora": (
+        False,
+        "LoRA: DoRA (weight-decomposed LoRA: a trained magnitude per output feature beside the low-rank update).",
+    ),
+    "use_rslora": (False, "LoRA: rank-stabilized scaling, alpha / sqrt(r) instead of alpha / r."),
+    "init_lora_weights": (
+        "default",
+        "LoRA: how the adapter starts: default (zero update), gaussian, pissa (principal singular vectors of each "
+        "weight, the rest left in the base), olora (QR of each weight), loftq (needs bitsandbytes and CUDA).",
+        ("default", "gaussian", "pissa", "olora", "loftq"),
+    ),
+    "loraplus_lr_ratio": (
+        None,
+        "LoRA+: the B matrices learn at lr x this ratio, the A matrices at lr (the LoRA+ paper suggests 16).",
+    ),
+    "lora_rank_pattern": (
+        None,
+        "LoRA: other ranks for some modules, comma-separated name=rank (a name or regex, as PEFT's rank_pattern): "
+        "q_proj=32,v_proj=8.",
+    ),
+    "lora_alpha_pattern": (None, "LoRA: other alphas for some modules, comma-separated name=alpha."),
+    "modules_to_save": (
+        None,
+        "LoRA: modules trained and saved whole beside the adapter, comma-separated (embed_tokens,lm_head when a "
+        "chat template adds tokens).",
+    ),
+}
 SAVE_STEPS_HELP = "Write a checkpoint (to resume from) every N optimizer steps; -1: twice per run, at most every 500."
 RESUME_HELP = (
     "Continue an interrupted run of the same project_name from its last complete checkpoint (same data order, "
@@ -108,6 +137,13 @@ class RunParams(Protocol):
     lora_r: int
     lora_alpha: int
     lora_dropout: float
+    use_dora: bool
+    use_rslora: bool
+    init_lora_weights: str
+    loraplus_lr_ratio: float | None
+    lora_rank_pattern: str | None
+    lora_alpha_pattern: str | None
+    modules_to_save: str | None
     target_modules: str | None
     quantization: str | None
     log: str
@@ -159,11 +195,56 @@ def check_training(params: RunParams) -> None:
         raise ConfigError(f"max_steps must be a positive number of steps or -1, got {params.max_steps}")
     if params.quantization is not None and not params.peft:
         raise ConfigError(f"quantization={params.quantization} trains a LoRA adapter on a quantized model: add --peft")
+    check_lora_variants(params)
     if params.push_to_hub and not (params.repo_id or params.username):
         raise ConfigError("push_to_hub needs username (or repo_id) to know where to push")
     if params.push_to_hub and not (params.token or os.environ.get("HF_TOKEN")):
         # Found now, not when the run has finished training and the upload would fail.
         raise ConfigError("push_to_hub needs a token: set --token, hub.token in the config, or HF_TOKEN")
+
+
+def check_lora_variants(params: RunParams) -> None:
+    """The LoRA variants ask for peft, and their values must be PEFT's."""
+    chosen = [name for name, (default, *_) in LORA_VARIANTS.items() if getattr(params, name) not in (default, None)]
+    if chosen and not params.peft:
+        raise ConfigError(f"{chosen[0]} is a LoRA setting: add --peft (or drop it)")
+    if params.loraplus_lr_ratio is not None and params.loraplus_lr_ratio < 1:
+        raise ConfigError(
+            f"loraplus_lr_ratio must be 1 or more (B learns faster than A), got {params.loraplus_lr_ratio}"
+        )
+    for name in ("lora_rank_pattern", "lora_alpha_pattern"):
+        module_values(params, name)  # raises on a malformed pattern
+    patterns = params.lora_rank_pattern or params.lora_alpha_pattern
+    if params.init_lora_weights in ("pissa", "olora") and params.use_rslora and patterns:
+        raise ConfigError(
+            f"init_lora_weights={params.init_lora_weights} with use_rslora and rank/alpha patterns: PEFT cannot "
+            "convert such an adapter back to plain LoRA of the base; drop one of them"
+        )
+    if params.use_dora and params.init_lora_weights in ("pissa", "olora", "loftq"):
+        raise ConfigError(
+            f"use_dora with init_lora_weights={params.init_lora_weights}: PEFT initialises DoRA its own way"
+        )
+
+
+def module_values(params: RunParams, name: str) -> dict[str, int]:
+    """A `name=value,...` pattern (or a YAML mapping) as {module: value}."""
+    spec = getattr(params, name)
+    if not spec:
+        return {}
+    if isinstance(spec, dict):
+        pairs = list(spec.items())
+    else:
+        pairs = [item.split("=", 1) if "=" in item else (item, "") for item in str(spec).split(",") if item.strip()]
+    values = {}
+    for module, value in pairs:
+        try:
+            number = int(str(value).strip())
+        except ValueError:
+            raise ConfigError(f"{name}: {str(module).strip()}={value!r} is not a module=number pair") from None
+        if number <= 0:
+            raise ConfigError(f"{name}: {str(module).strip()} must be given a positive number, got {number}")
+        values[str(module).strip()] = number
+    return values
 
 
 def check_launch(params: RunParams) -> None:

@@ -13,6 +13,7 @@ from tunelab.config.base import (
     BAD_ROWS_HELP,
     DEFAULT_MODEL,
     LAUNCH,
+    LORA_VARIANTS,
     RESUME_HELP,
     SAVE_STEPS_HELP,
     Params,
@@ -24,7 +25,7 @@ from tunelab.config.base import (
     param,
 )
 from tunelab.errors import ConfigError
-from tunelab.methods import REGISTRY
+from tunelab.methods import DPO_LOSS_TYPES, REGISTRY
 
 CHAT_TEMPLATES = ("none", "zephyr", "chatml", "tokenizer", "alpaca")
 
@@ -51,7 +52,8 @@ class LLMParams(Params):
     trainer: str = param(
         "default",
         "Training method: `default` (causal LM over text cut into blocks), `sft` (per example, loss on the "
-        "answer), `reward` (reward model), `dpo` or `orpo` (preference pairs). The list is tunelab.methods.METHODS.",
+        "answer), `reward` (reward model), `dpo`, `orpo` or `simpo` (preference pairs), `grpo` (rewards from "
+        "functions). The list is tunelab.methods.METHODS.",
     )
 
     # --- data shape
@@ -60,6 +62,7 @@ class LLMParams(Params):
         None, "Column with the prompt, for prompt/completion data (the completion is in text_column)."
     )
     rejected_text_column: str | None = param(None, "Column with the rejected answer (preference trainers).")
+    label_column: str = param("label", "kto: column saying whether the answer is desirable (true/false, 1/0, yes/no).")
     chat_template: str | None = param(
         None,
         "How rows become text: none (text used as is), zephyr, chatml, tokenizer (the model's own template), "
@@ -139,6 +142,13 @@ class LLMParams(Params):
     target_modules: str | None = param(
         "all-linear", "Modules LoRA adapts: all-linear, or comma-separated names (q_proj,v_proj)."
     )
+    use_dora: bool = param(*LORA_VARIANTS["use_dora"])
+    use_rslora: bool = param(*LORA_VARIANTS["use_rslora"])
+    init_lora_weights: str = param(*LORA_VARIANTS["init_lora_weights"])
+    loraplus_lr_ratio: float | None = param(*LORA_VARIANTS["loraplus_lr_ratio"])
+    lora_rank_pattern: str | None = param(*LORA_VARIANTS["lora_rank_pattern"])
+    lora_alpha_pattern: str | None = param(*LORA_VARIANTS["lora_alpha_pattern"])
+    modules_to_save: str | None = param(*LORA_VARIANTS["modules_to_save"])
     quantization: str | None = param(
         None, "Load the base model in int4 or int8 (QLoRA; needs peft and CUDA).", (None, "int4", "int8")
     )
@@ -150,10 +160,33 @@ class LLMParams(Params):
 
     # --- preference trainers
     model_ref: str | None = param(
-        None, "dpo: reference model (default: the base model with the adapter off, or a frozen copy without peft)."
+        None,
+        "dpo, kto: reference model (default: the base model with the adapter off, or a frozen copy without peft).",
     )
     dpo_beta: float = param(
-        0.1, "dpo: beta (strength of the pull towards the reference); orpo: weight of the odds ratio."
+        0.1,
+        "dpo: beta (strength of the pull towards the reference); orpo: weight of the odds ratio; simpo: beta (the "
+        "reward scale; the SimPO paper uses 2 to 10).",
+    )
+    dpo_loss_type: str = param(
+        "sigmoid",
+        "dpo: the loss: sigmoid, hinge, ipo, robust or sft, or several comma-separated, added with "
+        "dpo_loss_weights (TRL's multi-loss form, e.g. sigmoid,sft).",
+    )
+    dpo_loss_weights: str | None = param(None, "dpo: a weight per dpo_loss_type, comma-separated (default: 1 each).")
+    label_smoothing: float = param(
+        0.0, "dpo (robust loss) and simpo: the assumed share of flipped preferences, in [0, 0.5)."
+    )
+    kto_beta: float = param(0.1, "kto: beta (the reward scale, and the pull towards the reference).")
+    desirable_weight: float | None = param(
+        None,
+        "kto: weight of the desirable answers' loss (default: 1, or the weights that balance unequal classes, as "
+        "the KTO paper and TRL recommend; the log says which).",
+    )
+    undesirable_weight: float | None = param(None, "kto: weight of the undesirable answers' loss (see above).")
+    simpo_gamma: float = param(0.5, "simpo: the target reward margin (gamma).")
+    cpo_alpha: float = param(
+        0.0, "simpo: weight of an SFT (NLL) term on the chosen answers (0: SimPO as published; 1: CPO-SimPO)."
     )
 
     # --- grpo (rewards.py, methods/grpo.py; names and defaults as TRL's GRPOConfig unless said)
@@ -237,6 +270,59 @@ class LLMParams(Params):
         if self.beta < 0:
             raise ConfigError(f"beta must be 0 or positive, got {self.beta}")
 
+    def _check_preference_losses(self) -> None:
+        if isinstance(self.dpo_loss_type, (list, tuple)):  # a YAML list
+            self.dpo_loss_type = ",".join(str(kind) for kind in self.dpo_loss_type)
+        if isinstance(self.dpo_loss_weights, (list, tuple)):
+            self.dpo_loss_weights = ",".join(str(weight) for weight in self.dpo_loss_weights)
+        unknown = [kind for kind in self.dpo_loss_types if kind not in DPO_LOSS_TYPES]
+        if unknown or not self.dpo_loss_types:
+            raise ConfigError(f"dpo_loss_type: {self.dpo_loss_type!r}: use one or more of {', '.join(DPO_LOSS_TYPES)}")
+        if self.dpo_loss_weights is not None:
+            try:
+                weights = self.dpo_loss_weight_values
+            except ValueError:
+                raise ConfigError(
+                    f"dpo_loss_weights: {self.dpo_loss_weights!r} is not comma-separated numbers"
+                ) from None
+            if len(weights) != len(self.dpo_loss_types):
+                raise ConfigError(
+                    f"dpo_loss_weights has {len(weights)} weight(s) for {len(self.dpo_loss_types)} dpo_loss_type(s)"
+                )
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        uses_smoothing = self.trainer == "simpo" or (self.trainer == "dpo" and "robust" in self.dpo_loss_types)
+        if self.label_smoothing and not uses_smoothing:
+            raise ConfigError(
+                "label_smoothing is read by the robust dpo loss (dpo_loss_type: robust) and by simpo only"
+            )
+        if self.cpo_alpha < 0:
+            raise ConfigError(f"cpo_alpha must be 0 or positive, got {self.cpo_alpha}")
+
+    def _check_kto(self) -> None:
+        if self.kto_beta <= 0:
+            raise ConfigError(f"kto_beta must be positive, got {self.kto_beta}")
+        for name in ("desirable_weight", "undesirable_weight"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.batch_size < 2:
+            raise ConfigError(
+                "kto estimates its KL term from the other answers of a micro-batch: batch_size must be at least 2, "
+                f"got {self.batch_size}"
+            )
+
+    @property
+    def dpo_loss_types(self) -> tuple[str, ...]:
+        """dpo_loss_type as a tuple of loss names."""
+        return tuple(kind.strip() for kind in str(self.dpo_loss_type).split(",") if kind.strip())
+
+    @property
+    def dpo_loss_weight_values(self) -> tuple[float, ...] | None:
+        """dpo_loss_weights as numbers (None: 1 each)."""
+        if self.dpo_loss_weights is None:
+            return None
+        return tuple(float(weight) for weight in str(self.dpo_loss_weights).split(",") if weight.strip())
+
     def validate(self) -> None:
         """Raise ConfigError naming the parameter for any value that cannot work, before anything is loaded."""
         if self.chat_template in ("", "null"):
@@ -262,7 +348,7 @@ class LLMParams(Params):
             )
         if self.trainer not in REGISTRY:
             raise ConfigError(f"trainer: {self.trainer!r} is not one of {', '.join(REGISTRY)}")
-        if REGISTRY[self.trainer].data == "pairs":
+        if REGISTRY[self.trainer].data in ("pairs", "labeled"):
             # AutoTrain's length rules for preference data, checked before anything is loaded.
             for name in ("max_prompt_length", "max_completion_length"):
                 value = getattr(self, name)
@@ -276,6 +362,9 @@ class LLMParams(Params):
             check_positive(self, "max_completion_length")
         if self.dpo_beta <= 0:
             raise ConfigError(f"dpo_beta must be positive, got {self.dpo_beta}")
+        self._check_preference_losses()
+        if self.trainer == "kto":
+            self._check_kto()
         if REGISTRY[self.trainer].data == "prompts":  # methods that generate and score their completions
             self._check_rewards()
         check_training(self)

@@ -10,6 +10,7 @@ from tunelab.config.base import (
     BAD_ROWS_HELP,
     DEFAULT_MODEL,
     LAUNCH,
+    LORA_VARIANTS,
     RESUME_HELP,
     SAVE_STEPS_HELP,
     Params,
@@ -86,6 +87,13 @@ class TextClassificationParams(Params):
     target_modules: str | None = param(
         "all-linear", "Modules given LoRA adapters: all-linear or a comma-separated list."
     )
+    use_dora: bool = param(*LORA_VARIANTS["use_dora"])
+    use_rslora: bool = param(*LORA_VARIANTS["use_rslora"])
+    init_lora_weights: str = param(*LORA_VARIANTS["init_lora_weights"])
+    loraplus_lr_ratio: float | None = param(*LORA_VARIANTS["loraplus_lr_ratio"])
+    lora_rank_pattern: str | None = param(*LORA_VARIANTS["lora_rank_pattern"])
+    lora_alpha_pattern: str | None = param(*LORA_VARIANTS["lora_alpha_pattern"])
+    modules_to_save: str | None = param(*LORA_VARIANTS["modules_to_save"])
     quantization: str | None = param(
         None, "Load the base model in int4 or int8 (CUDA only; with peft).", (None, "int4", "int8")
     )

@@ -55,6 +55,7 @@ DATA_FIELDS = (
     "text_column",
     "prompt_text_column",
     "rejected_text_column",
+    "label_column",
     "chat_template",
     "add_eos_token",
     "completion_only_loss",

@@ -77,7 +77,7 @@ class PreferenceData:
     skipped_rows: dict[str, int] = field(default_factory=dict)  # split -> bad rows dropped (bad_rows=skip)
 
     def describe(self) -> str:
-        return "preference (" + ", ".join(f"{k}={v!r}" for k, v in self.columns.items()) + ")"
+        return f"{self.kind} (" + ", ".join(f"{k}={v!r}" for k, v in self.columns.items()) + ")"
 
 
 def preference_columns(split: Split, params: LLMParams) -> dict[str, str]:

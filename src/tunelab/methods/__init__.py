@@ -1,8 +1,8 @@
 """The training methods tunelab knows: the one list. The CLI, the config checks, the app and the docs read it.
 
 A method is one module in this package defining `METHOD` plus one line in `REGISTRY`, which says what data the
-method trains on ("examples": text, chats, instructions; "pairs": prompt/chosen/rejected; "prompts": prompts
-to generate from) and summarises it.
+method trains on ("examples": text, chats, instructions; "pairs": prompt/chosen/rejected; "labeled": a prompt,
+an answer and whether it is desirable; "prompts": prompts to generate from) and summarises it.
 Modules are imported only when their method is used: the preference methods subclass transformers' Trainer,
 and `tunelab --help` should not pay seconds of imports for them.
 """
@@ -22,7 +22,8 @@ class Entry:
     """One registry line: the method's module in this package, its data kind, its summary for --help and docs."""
 
     module: str
-    # "examples" (data/__init__.load_data), "pairs" (data/preference.py, with the length rules) or "prompts"
+    # "examples" (data/__init__.load_data), "pairs" (data/preference.py, with the length rules), "labeled"
+    # (data/kto.py, the same rules) or "prompts"
     # (data/prompts.py: a prompt and the columns the rewards read)
     data: str
     summary: str
@@ -35,15 +36,23 @@ REGISTRY: dict[str, Entry] = {
         "reward", "pairs", "reward model (sequence classifier, one score) trained on chosen/rejected pairs"
     ),
     "dpo": Entry(
-        "dpo", "pairs", "direct preference optimization on prompt/chosen/rejected pairs (sigmoid loss, dpo_beta)"
+        "dpo", "pairs", "direct preference optimization on prompt/chosen/rejected pairs (dpo_loss_type, dpo_beta)"
     ),
     "orpo": Entry(
         "orpo", "pairs", "odds ratio preference optimization on prompt/chosen/rejected pairs (no reference model)"
+    ),
+    "kto": Entry("kto", "labeled", "Kahneman-Tversky optimization: single answers marked desirable or not (kto_beta)"),
+    "simpo": Entry(
+        "simpo", "pairs", "simple preference optimization: length-normalized margin, no reference model (simpo_gamma)"
     ),
     "grpo": Entry(
         "grpo", "prompts", "group relative policy optimization: sampled completions scored by reward functions"
     ),
 }
+
+
+# The losses `dpo_loss_type` offers (methods/dpo.py computes them); here so the config checks need no torch.
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "sft")
 
 
 class _Methods(Mapping[str, Method]):
@@ -64,4 +73,4 @@ class _Methods(Mapping[str, Method]):
 METHODS: Mapping[str, Method] = _Methods()
 SUMMARIES: dict[str, str] = {name: entry.summary for name, entry in REGISTRY.items()}
 
-__all__ = ["METHODS", "REGISTRY", "SUMMARIES", "Entry", "Method", "RowStats"]
+__all__ = ["DPO_LOSS_TYPES", "METHODS", "REGISTRY", "SUMMARIES", "Entry", "Method", "RowStats"]

@@ -1,8 +1,15 @@
-"""`dpo`: Direct Preference Optimization (Rafailov et al., 2023), the sigmoid loss.
+"""`dpo`: Direct Preference Optimization (Rafailov et al., 2023) and its loss variants, as TRL's DPOTrainer has them.
 
-loss = -log sigmoid(beta * ((log p(chosen) - log p_ref(chosen)) - (log p(rejected) - log p_ref(rejected))))
+With delta = (log p(chosen) - log p_ref(chosen)) - (log p(rejected) - log p_ref(rejected)), log p summed over the
+answer tokens, `dpo_loss_type` picks the loss per pair:
+- sigmoid (the paper): -log sigmoid(beta * delta)
+- hinge (SLiC): max(0, 1 - beta * delta)
+- ipo (Azar et al.): (delta' - 1 / (2 beta))^2, delta' from log-probs averaged per answer token (as TRL does)
+- robust (Chowdhury et al.): the sigmoid loss corrected for a label_smoothing share of flipped preferences
+- sft: the chosen answers' NLL per token (to add to another, as in MPO or RPO)
+Several, comma-separated, are added with `dpo_loss_weights` (TRL's multi-loss form); each is a mean over pairs.
 
-log p is summed over the answer tokens. The reference model is `model_ref` when given; else, for a LoRA run, the
+The reference model is `model_ref` when given; else, for a LoRA run, the
 base model itself with the adapter switched off (no second copy in memory); else a frozen copy of the starting
 model. The logged rewards are beta * (log p - log p_ref), as in TRL, so the two can be compared.
 """
@@ -24,13 +31,40 @@ log = logging.getLogger("tunelab")
 
 
 def dpo_loss(
-    chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, beta: float
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+    loss_types: tuple[str, ...] = ("sigmoid",),
+    weights: tuple[float, ...] | None = None,
+    label_smoothing: float = 0.0,
+    counts: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Sigmoid DPO loss over summed answer log-probs, and the rewards TRL logs."""
+    """The DPO loss (one of methods.DPO_LOSS_TYPES, or a weighted sum) over summed answer log-probs, and the rewards
+    TRL logs. `counts` (answer tokens of each chosen and rejected row) are needed by ipo and sft."""
     chosen_rewards = beta * (chosen - ref_chosen).detach()
     rejected_rewards = beta * (rejected - ref_rejected).detach()
-    logits = (chosen - ref_chosen) - (rejected - ref_rejected)
-    loss = -F.logsigmoid(beta * logits).mean()
+    chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
+    delta = chosen_ratio - rejected_ratio
+    loss = chosen.new_zeros(())
+    for kind, weight in zip(loss_types, weights or (1.0,) * len(loss_types), strict=True):
+        if kind == "sigmoid":
+            per_pair = -F.logsigmoid(beta * delta)
+        elif kind == "hinge":
+            per_pair = torch.relu(1 - beta * delta)
+        elif kind == "ipo":
+            chosen_n, rejected_n = (c.clamp(min=1) for c in counts)
+            per_pair = (chosen_ratio / chosen_n - rejected_ratio / rejected_n - 1 / (2 * beta)) ** 2
+        elif kind == "robust":
+            clean = -(1 - label_smoothing) * F.logsigmoid(beta * delta)
+            flipped = -label_smoothing * F.logsigmoid(-beta * delta)
+            per_pair = (clean - flipped) / (1 - 2 * label_smoothing)
+        elif kind == "sft":
+            per_pair = -chosen.sum() / counts[0].sum().clamp(min=1)
+        else:
+            raise ValueError(f"unknown dpo loss type {kind!r}")
+        loss = loss + per_pair.mean() * weight
     return loss, reward_metrics(chosen_rewards, rejected_rewards, chosen, rejected)
 
 
@@ -41,13 +75,13 @@ class DPOTrainer(PreferenceTrainer):
         if ref_model is None and self.params.model_ref:
             ref_model = load_reference(self.params)
         if ref_model is None and not hasattr(unwrapped, "disable_adapter"):
-            log.info("dpo: reference model = a frozen copy of the starting model")
+            log.info("%s: reference model = a frozen copy of the starting model", self.params.trainer)
             ref_model = copy.deepcopy(unwrapped)
         if ref_model is not None:
             ref_model.requires_grad_(False).eval()
             ref_model.to(self.args.device)
         elif self.params.peft:
-            log.info("dpo: reference model = the base model with the LoRA adapter switched off")
+            log.info("%s: reference model = the base model with the LoRA adapter switched off", self.params.trainer)
         self.ref_model = ref_model
 
     def reference_logps(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -59,11 +93,22 @@ class DPOTrainer(PreferenceTrainer):
 
     def pair_loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         labels = batch["labels"]
-        policy, _ = sequence_sums(self.token_logprobs(model, batch, labels), labels)
+        policy, counts = sequence_sums(self.token_logprobs(model, batch, labels), labels)
         reference, _ = sequence_sums(self.reference_logps(model, batch), labels)
         chosen, rejected = policy.chunk(2)
         ref_chosen, ref_rejected = reference.chunk(2)
-        return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta)
+        params = self.params
+        return dpo_loss(
+            chosen,
+            rejected,
+            ref_chosen,
+            ref_rejected,
+            self.beta,
+            loss_types=params.dpo_loss_types,
+            weights=params.dpo_loss_weight_values,
+            label_smoothing=params.label_smoothing,
+            counts=tuple(counts.chunk(2)),
+        )
 
 
 def load_reference(params: LLMParams) -> Any:
@@ -72,7 +117,7 @@ def load_reference(params: LLMParams) -> Any:
     from tunelab.models.load import load_causal_lm, resolve_model
 
     half = half_precision(params)
-    log.info("dpo: reference model = %s", params.model_ref)
+    log.info("%s: reference model = %s", params.trainer, params.model_ref)
     return load_causal_lm(resolve_model(params.model_ref), dtype=half or torch.float32)
 
 

@@ -1,4 +1,4 @@
-"""What the preference methods (dpo, orpo, reward) share: batches of pairs, completion log-probs, metrics.
+"""What the preference methods (dpo, orpo, simpo, reward) share: batches of pairs, completion log-probs, metrics.
 
 A batch holds every pair's prompt + chosen answer, then every pair's prompt + rejected answer (2B rows, padded
 on the right), so one forward pass scores both sides. Log-probabilities come from the hidden states, projected

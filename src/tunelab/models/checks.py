@@ -49,7 +49,54 @@ def check_model(source: ModelSource, params: RunParams, kind: str = "causal_lm")
         )
     if params.peft:
         check_targets(source, config, params, kind)
+        check_lora_variants(source, config, params, kind)
     return config
+
+
+# Quantized checkpoints whose LoRA layers PEFT has without DoRA (peft/tuners/lora/{gptq,awq,aqlm,eetq}.py refuse it).
+NO_DORA = ("gptq", "awq", "aqlm", "eetq")
+
+
+def check_lora_variants(source: ModelSource, config: Any, params: RunParams, kind: str) -> None:
+    """The LoRA variants this model and machine can take, as PEFT would find once the weights are loaded."""
+    quantized = getattr(config, "quantization_config", None)
+    method = quantized.get("quant_method") if isinstance(quantized, dict) else getattr(quantized, "quant_method", None)
+    method = str(method).lower() if method else None
+    if params.use_dora and method in NO_DORA:
+        raise ConfigError(
+            f"use_dora: model {source.name} is {method}-quantized, and PEFT has no DoRA for {method} layers: set "
+            "use_dora false (plain LoRA trains on it), or use a float model"
+        )
+    if params.use_dora and params.quantization is not None and method is None:
+        log.info(
+            "use_dora on a %s base: DoRA dequantizes each weight to compute its norm (slower)", params.quantization
+        )
+    if params.init_lora_weights in ("pissa", "olora") and (params.quantization or method):
+        raise ConfigError(
+            f"init_lora_weights={params.init_lora_weights} moves part of each base weight into the adapter, which a "
+            "quantized base cannot take: use a float base, or the default init"
+        )
+    if params.init_lora_weights == "loftq":
+        import importlib.util
+
+        import torch
+
+        if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError(
+                "init_lora_weights=loftq quantizes each weight with bitsandbytes on a CUDA GPU (PEFT's LoftQ), which "
+                "this machine lacks: use pissa, olora or the default init"
+            )
+    wanted = [name.strip() for name in (params.modules_to_save or "").split(",") if name.strip()]
+    if wanted:
+        model = skeleton(config, kind)
+        names = [key for key, _ in model.named_modules() if key]
+        missing = [t for t in wanted if not any(_named(t, key) for key in names)]
+        if missing:
+            tops = list(dict.fromkeys(key.rsplit(".", 1)[-1] for key in names if key.count(".") <= 1))
+            raise ConfigError(
+                f"modules_to_save: model {source.name} has no module named {' or '.join(missing)}; its outer modules "
+                f"are {', '.join(tops)}"
+            )
 
 
 def fit_tokenizer(tokenizer: Any, config: Any, source: ModelSource) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tunelab.config.base import RunParams
+from tunelab.config.base import RunParams, module_values
 
 log = logging.getLogger("tunelab")
 
@@ -26,6 +26,13 @@ def lora_config(params: RunParams, task_type: str = "CAUSAL_LM") -> Any:
     """The PEFT LoraConfig the params describe (also handed to TRL by the benchmark, so both sides match)."""
     from peft import LoraConfig
 
+    extra: dict[str, Any] = {}
+    if params.modules_to_save:
+        extra["modules_to_save"] = [name.strip() for name in params.modules_to_save.split(",") if name.strip()]
+    if params.init_lora_weights == "loftq":
+        from peft import LoftQConfig
+
+        extra["loftq_config"] = LoftQConfig(loftq_bits=4)
     return LoraConfig(
         r=params.lora_r,
         lora_alpha=params.lora_alpha,
@@ -33,7 +40,26 @@ def lora_config(params: RunParams, task_type: str = "CAUSAL_LM") -> Any:
         target_modules=target_modules(params.target_modules),
         bias="none",
         task_type=task_type,
+        use_dora=params.use_dora,
+        use_rslora=params.use_rslora,
+        init_lora_weights=INIT_LORA_WEIGHTS[params.init_lora_weights],
+        rank_pattern=module_values(params, "lora_rank_pattern"),
+        alpha_pattern=module_values(params, "lora_alpha_pattern"),
+        **extra,
     )
+
+
+# init_lora_weights as tunelab names it -> PEFT's value ("default" is PEFT's True: Kaiming A, zero B).
+INIT_LORA_WEIGHTS: dict[str, Any] = {
+    "default": True,
+    "gaussian": "gaussian",
+    "pissa": "pissa",
+    "olora": "olora",
+    "loftq": "loftq",
+}
+# These start from a decomposition of the base weights and leave the base changed (the residual): the adapter is
+# saved converted to a plain LoRA of the original base (rank 2r), so anything that loads base + adapter is right.
+CHANGES_BASE = ("pissa", "olora")
 
 
 def add_lora(model: Any, params: RunParams, task_type: str = "CAUSAL_LM") -> Any:
@@ -64,7 +90,37 @@ def add_lora(model: Any, params: RunParams, task_type: str = "CAUSAL_LM") -> Any
         _dropout_on_layers(model, params.lora_dropout)
     # The model's own name: a GGUF-built model would record the folder of the .gguf file instead.
     model.peft_config["default"].base_model_name_or_path = params.model
+    if params.init_lora_weights in CHANGES_BASE:
+        keep_starting_adapter(model)
     return model
+
+
+def keep_starting_adapter(model: Any) -> None:
+    """Save the adapter as PiSSA/OLoRA made it, before any training: the trained one is saved converted against it
+    (save_adapter), to a plain LoRA of the original base. The folder is rebuilt the same on a resume (the
+    decompositions are deterministic)."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="tunelab-lora-start-")) / "start"
+    with quiet_peft_save():
+        model.save_pretrained(str(folder))
+    model.tunelab_starting_adapter = folder
+    log.info(
+        "init_lora_weights=%s: the base weights now hold the residual; the adapter is saved converted to plain LoRA "
+        "of the original base (rank %d)",
+        model.peft_config["default"].init_lora_weights,
+        2 * model.peft_config["default"].r,
+    )
+
+
+def save_converted_adapter(model: Any, folder: Path) -> None:
+    """A PiSSA/OLoRA adapter saved as a plain LoRA of the original base (PEFT's conversion), over the one the Trainer
+    wrote; nothing to do for the other inits."""
+    start = getattr(model, "tunelab_starting_adapter", None)
+    if start is None:
+        return
+    with quiet_peft_save():
+        model.save_pretrained(str(folder), path_initial_model_for_weight_conversion=str(start))
 
 
 def load_adapter(base: Any, folder: str | Path) -> Any:

@@ -73,6 +73,8 @@ def fuse_ops(model: Any, params: RunParams) -> None:
     norms, mlps = fuse_layers(model)
     loras = fuse_lora_dropout(model) if params.peft else 0
     log.debug("fused_ops: %d RMSNorm, %d SwiGLU MLP, %d LoRA dropout modules", norms, mlps, loras)
+    if params.peft and params.use_dora:
+        log.info("fused_ops: DoRA layers keep PEFT's own forward (the fused LoRA dropout serves plain LoRA layers)")
     if not norms and not mlps:
         model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         log.info("fused_ops: no fused RMSNorm/SwiGLU for %s models; their layers run unchanged", model_type)

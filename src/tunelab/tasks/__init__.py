@@ -1,6 +1,6 @@
 """The tasks tunelab trains, one spine each, and the one place that picks the spine for a parameter object.
 
-    tasks/llm.py                  causal LMs: every method of tunelab.methods (default, sft, reward, dpo, orpo)
+    tasks/llm.py                  causal LMs: every method of tunelab.methods (default, sft, dpo, grpo, ...)
     tasks/text_classification.py  sequence classifiers on labelled texts
     tasks/dry_run.py              what the spines' plans share (RunPlan, steps, marked examples, memory)
 

@@ -24,6 +24,7 @@ from tunelab import outputs
 from tunelab.config.llm import LLMParams
 from tunelab.data import cache as data_cache
 from tunelab.data import load_data, stream_data
+from tunelab.data.kto import load_kto_data
 from tunelab.data.mixture import is_mixture
 from tunelab.data.packing import row_lengths
 from tunelab.data.preference import load_preference_data
@@ -72,7 +73,7 @@ def prepare(params: LLMParams) -> Prepared:
 
     source = resolve_model(params.model)
     config = check_model(source, params, kind=method.model_kind)
-    if params.model_ref and params.trainer == "dpo":  # found now, not when the Trainer loads it
+    if params.model_ref and params.trainer in ("dpo", "kto"):  # found now, not when the Trainer loads it
         check_model(resolve_model(params.model_ref), dataclasses.replace(params, peft=False), kind="causal_lm")
     tokenizer = load_tokenizer(source, params.model_max_length)
     fit_tokenizer(tokenizer, config, source)
@@ -124,7 +125,7 @@ def _described(entry: data_cache.Entry | None) -> str:
 
 def _prepare_data(params: LLMParams, method: Method, tokenizer: Any, folder: Path) -> dict[str, Any]:
     """The data read, checked and tokenized (token tables into `folder`) and cut into the method's rows."""
-    loaders = {"pairs": load_preference_data, "prompts": load_prompt_data}
+    loaders = {"pairs": load_preference_data, "labeled": load_kto_data, "prompts": load_prompt_data}
     if method.data in loaders and is_mixture(params.data_path):
         raise ConfigError(
             f"data_path lists several sources, which trainer {params.trainer} does not take yet (mixtures are for "
@@ -133,7 +134,7 @@ def _prepare_data(params: LLMParams, method: Method, tokenizer: Any, folder: Pat
     data = loaders[method.data](params, tokenizer) if method.data in loaders else load_data(params, tokenizer, folder)
     train_rows, stats = method.build_rows(data.train, params)
     valid_rows = method.build_rows(data.valid, params)[0] if data.valid else None
-    if method.data == "pairs":
+    if method.data in ("pairs", "labeled"):
         stats.truncated = data.stats.prompts_truncated + data.stats.completions_truncated
         stats.dropped = data.stats.dropped_no_room
         stats.examples += stats.dropped
@@ -231,7 +232,8 @@ def _highest_token_id(data: Any, kind: str) -> int:
         return max(table.max_id for table in (data.train, data.valid) if table is not None)
     highest = -1
     for item in [*data.train, *(data.valid or [])]:
-        ids = (item.prompt_ids, item.chosen_ids, item.rejected_ids) if kind == "pairs" else (item.input_ids,)
+        parts = {"pairs": ("prompt_ids", "chosen_ids", "rejected_ids"), "labeled": ("prompt_ids", "completion_ids")}
+        ids = [getattr(item, part) for part in parts.get(kind, ("input_ids",))]
         highest = max(highest, *(max(part, default=-1) for part in ids))
     return highest
 
@@ -244,7 +246,8 @@ def microbatch(prep: Prepared) -> tuple[int, int]:
         from tunelab.methods.grpo import completion_length
 
         return params.batch_size * params.num_generations, longest + completion_length(params)
-    return params.batch_size * (2 if kind == "pairs" else 1), longest  # a pair batch holds chosen and rejected
+    # A pair batch holds chosen and rejected; a kto batch, its answers and the mismatched ones of the KL estimate.
+    return params.batch_size * (2 if kind in ("pairs", "labeled") else 1), longest
 
 
 def _report_model(model: Any, params: LLMParams) -> None:
@@ -296,12 +299,12 @@ def plan(params: LLMParams) -> RunPlan:
             f"generation KV cache: about {cache / 2**20:,.0f} MiB ({sequences} sequences of up to {longest} "
             "tokens); the training memory below counts them as rows"
         )
-    elif kind == "pairs":
+    elif kind in ("pairs", "labeled"):
         s = data.stats
         train.notes.append(
             f"{s.prompts_truncated} prompts cut to max_prompt_length={params.max_prompt_length}, "
             f"{s.completions_truncated} answers cut to fit, "
-            f"{s.dropped_no_room} pairs dropped with no room for an answer"
+            f"{s.dropped_no_room} {'answers' if kind == 'labeled' else 'pairs'} dropped with no room for an answer"
         )
     else:
         train.notes.append(
@@ -344,6 +347,9 @@ def _shown(item: Any, tokenizer: Any, kind: str) -> str:
     if kind == "examples":
         return marked_text(item.input_ids, item.labels, tokenizer)
     prompt = tokenizer.decode(item.prompt_ids, skip_special_tokens=False)
+    if kind == "labeled":
+        answer = tokenizer.decode(item.completion_ids, skip_special_tokens=False)
+        return f"{prompt}{TRAINED_OPEN}{answer}{TRAINED_CLOSE}  ({'desirable' if item.desirable else 'undesirable'})"
     chosen = tokenizer.decode(item.chosen_ids, skip_special_tokens=False)
     rejected = tokenizer.decode(item.rejected_ids, skip_special_tokens=False)
     return f"{prompt}{TRAINED_OPEN}{chosen}{TRAINED_CLOSE}\n  rejected: {TRAINED_OPEN}{rejected}{TRAINED_CLOSE}"

@@ -185,6 +185,7 @@ def _build_trainer(
         callbacks.append(EarlyStoppingCallback(params.early_stopping_patience, params.early_stopping_threshold))
     trainer = GuardedTrainer(
         keep_checkpoints=params.save_total_limit,
+        loraplus_lr_ratio=params.loraplus_lr_ratio if params.peft else None,
         model=model,
         args=args,
         train_dataset=ListDataset(data.train),

@@ -75,10 +75,36 @@ class GuardedTrainer(Trainer):
       run sees the same batches).
     """
 
-    def __init__(self, *args: Any, keep_checkpoints: int = 1, group_by_length: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        keep_checkpoints: int = 1,
+        group_by_length: bool = False,
+        loraplus_lr_ratio: float | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.keep_checkpoints = keep_checkpoints
         self.group_by_length = group_by_length
+        self.loraplus_lr_ratio = loraplus_lr_ratio
+
+    def create_optimizer(self, model=None):  # noqa: D102
+        if self.loraplus_lr_ratio is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        # LoRA+ (PEFT's optimizer groups): the B matrices at lr x ratio, the rest at lr, the optimizer the run names.
+        from peft.optimizers import create_loraplus_optimizer
+
+        optimizer_class, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+        lr = kwargs.pop("lr", self.args.learning_rate)
+        self.optimizer = create_loraplus_optimizer(
+            self.model,
+            optimizer_class,
+            lr=lr,
+            loraplus_lr_ratio=self.loraplus_lr_ratio,
+            loraplus_weight_decay=self.args.weight_decay,
+            **kwargs,
+        )
+        return self.optimizer
 
     def _get_train_sampler(self, train_dataset=None):  # noqa: D102
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -260,6 +286,7 @@ def build_trainer(
         log.info("torch_compile: compiled %d decoder layers", compile_layers(model))
     common = {
         "keep_checkpoints": params.save_total_limit,
+        "loraplus_lr_ratio": params.loraplus_lr_ratio if params.peft else None,
         "model": model,
         "args": args,
         "train_dataset": train_rows if streamed else ListDataset(train_rows),
