@@ -175,7 +175,7 @@ def test_the_registry_is_the_one_list_of_methods(monkeypatch):
     from tunelab.methods import METHODS, REGISTRY, Entry
 
     for name, entry in REGISTRY.items():
-        assert entry.data in ("examples", "pairs", "prompts")
+        assert entry.data in ("examples", "pairs", "labeled", "prompts")
         assert METHODS[name].name == name and METHODS[name].data == entry.data
     LLMParams(trainer="sft", max_prompt_length=2000, block_size=1024)  # examples: no prompt length rule
     monkeypatch.setitem(REGISTRY, "new_pairs", Entry("dpo", "pairs", "a pair method added in one line"))

@@ -118,6 +118,10 @@ def test_preference_loss_settings_are_checked_before_anything_loads():
     params = _params(dpo_loss_type=["sigmoid", "sft"], dpo_loss_weights=[1, 0.25])  # as a YAML list gives them
     assert params.dpo_loss_types == ("sigmoid", "sft") and params.dpo_loss_weight_values == (1.0, 0.25)
     assert _params(trainer="simpo", label_smoothing=0.1).label_smoothing == 0.1
+    with pytest.raises(ConfigError, match="precompute_ref_log_probs is for trainer dpo"):
+        _params(trainer="kto", precompute_ref_log_probs=True)
+    with pytest.raises(ConfigError, match="dpo with init_lora_weights=pissa: the base with the adapter off is"):
+        _params(peft=True, init_lora_weights="pissa")
 
 
 # ------------------------------------------------------------------ losses against TRL
@@ -394,6 +398,57 @@ def test_kto_loss_and_metrics_equal_trl(tiny_llama, tokenizer, tmp_path):
         assert metrics[name] == pytest.approx(trl_metrics[name], abs=1e-4), name
     loss.backward()
     assert any(p.grad is not None for p in ours.model.parameters())
+
+
+@needs_shared()
+def test_precomputed_reference_gives_the_live_reference_losses(tiny_llama, tokenizer, tmp_path):
+    """precompute_ref_log_probs: the pairs scored by the starting model once (and kept in the prepared-data
+    folder, reused the next time) give the losses and rewards of the live reference model."""
+    from tunelab.methods.dpo import DPOTrainer, ScoredPair, with_reference_logps
+
+    _, pairs, policy, reference = _pairs_and_models(tiny_llama, tokenizer)
+    live = _tunelab_trainer(DPOTrainer, copy.deepcopy(policy), tokenizer, tmp_path, extra={"ref_model": reference})
+    live.model.train()
+    live_loss = live.compute_loss(live.model, live.data_collator(pairs))
+
+    params = _params(model=str(tiny_llama), block_size=192, max_prompt_length=128, precompute_ref_log_probs=True)
+    scored, _ = with_reference_logps(copy.deepcopy(reference), pairs, None, params, tmp_path)
+    assert all(isinstance(p, ScoredPair) for p in scored) and len(list(tmp_path.glob("reference-*.npy"))) == 1
+    again, _ = with_reference_logps(None, pairs, None, params, tmp_path)  # no model needed: read back
+    assert [(p.ref_chosen, p.ref_rejected) for p in again] == [(p.ref_chosen, p.ref_rejected) for p in scored]
+    ours = _tunelab_trainer(DPOTrainer, copy.deepcopy(policy), tokenizer, tmp_path, precompute_ref_log_probs=True)
+    assert ours.ref_model is None
+    ours.model.train()
+    loss = ours.compute_loss(ours.model, ours.data_collator(scored))
+    assert loss.item() == pytest.approx(live_loss.item(), abs=1e-5)
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert ours._metrics["train"][name][0] == pytest.approx(live._metrics["train"][name][0], abs=1e-5), name
+
+
+@needs_shared()
+def test_precomputed_reference_leaves_the_reference_out_of_the_memory_estimate(tiny_llama, tmp_path):
+    data = _preference_folder(tmp_path, 8, 4, valid_from_train=True)
+    common = {"model": str(tiny_llama), "data_path": str(data), "project_name": str(tmp_path / "p")}
+    live = tunelab.plan(_params(**common))
+    precomputed = tunelab.plan(_params(**common, precompute_ref_log_probs=True))
+    weights = precomputed.memory.weights
+    assert live.memory.weights == 2 * weights  # the frozen copy of the starting model, gone
+    notes = precomputed.memory.notes
+    assert any(n.startswith("reference log-probs precomputed: no reference model in memory") for n in notes)
+
+
+@needs_shared()
+def test_dpo_run_with_precomputed_reference(tiny_llama, tmp_path):
+    data = _preference_folder(tmp_path, 16, 4, valid_from_train=True)
+    cache = tmp_path / "cache"
+    params = _params(
+        model=str(tiny_llama), data_path=str(data), valid_split="valid", precompute_ref_log_probs=True, lr=1e-3,
+        batch_size=4, max_steps=6, logging_steps=1, project_name=str(tmp_path / "run"), cache_dir=str(cache),
+        max_prompt_length=96, block_size=192,
+    )  # fmt: skip
+    folder = tunelab.train(params)
+    assert _falls(train_losses(folder))
+    assert len(list(cache.glob("*/reference-*.npy"))) == 1  # beside the prepared data
 
 
 def test_orpo_answer_only_nll_by_hand(tiny_llama, tokenizer, tmp_path):

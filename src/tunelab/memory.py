@@ -204,7 +204,12 @@ def estimate_memory(
         weights, weight_dtype = n_params * 2, params.mixed_precision
     else:
         weights, weight_dtype = n_params * 4, "fp32"
-    if params.trainer in ("dpo", "kto") and not params.peft:
+    reference = _has_reference(params) and not params.peft
+    if reference and getattr(params, "precompute_ref_log_probs", False):
+        notes.append(
+            f"reference log-probs precomputed: no reference model in memory ({weights / 2**30:.2f} GiB saved)"
+        )
+    elif reference:
         weights += weights  # the frozen reference model, a second copy (with LoRA: the base, adapter off)
 
     if params.peft:
@@ -460,3 +465,11 @@ class LiveTensors:
     def _free(self, ptr: int) -> None:
         with self._lock:
             self.live -= self._sizes.pop(ptr, 0)
+
+
+def _has_reference(params: RunParams) -> bool:
+    """Whether the run's method compares with a reference model (methods.REGISTRY says)."""
+    from tunelab.methods import REGISTRY
+
+    entry = REGISTRY.get(params.trainer)
+    return bool(entry and entry.reference)

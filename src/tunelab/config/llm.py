@@ -173,6 +173,11 @@ class LLMParams(Params):
         "dpo: the loss: sigmoid, hinge, ipo, robust or sft, or several comma-separated, added with "
         "dpo_loss_weights (TRL's multi-loss form, e.g. sigmoid,sft).",
     )
+    precompute_ref_log_probs: bool = param(
+        False,
+        "dpo: score every pair with the reference once before training (kept with the prepared data), then train "
+        "with no reference model in memory.",
+    )
     dpo_loss_weights: str | None = param(None, "dpo: a weight per dpo_loss_type, comma-separated (default: 1 each).")
     label_smoothing: float = param(
         0.0, "dpo (robust loss) and simpo: the assumed share of flipped preferences, in [0, 0.5)."
@@ -295,6 +300,18 @@ class LLMParams(Params):
         if self.label_smoothing and not uses_smoothing:
             raise ConfigError(
                 "label_smoothing is read by the robust dpo loss (dpo_loss_type: robust) and by simpo only"
+            )
+        if self.precompute_ref_log_probs and self.trainer != "dpo":
+            raise ConfigError(
+                "precompute_ref_log_probs is for trainer dpo (kto's KL estimate pairs the answers of each batch, "
+                "which change every epoch; the other methods have no reference)"
+            )
+        reference_is_base = self.peft and not self.model_ref and REGISTRY[self.trainer].reference
+        if reference_is_base and self.init_lora_weights in ("pissa", "olora"):
+            raise ConfigError(
+                f"{self.trainer} with init_lora_weights={self.init_lora_weights}: the base with the adapter off is "
+                "the residual, not the starting model, so it cannot be the reference; give model_ref, or use the "
+                "default init"
             )
         if self.cpo_alpha < 0:
             raise ConfigError(f"cpo_alpha must be 0 or positive, got {self.cpo_alpha}")

@@ -27,6 +27,7 @@ class Entry:
     # (data/prompts.py: a prompt and the columns the rewards read)
     data: str
     summary: str
+    reference: bool = False  # compared with a reference model (model_ref, or the base with the adapter off)
 
 
 REGISTRY: dict[str, Entry] = {
@@ -36,7 +37,10 @@ REGISTRY: dict[str, Entry] = {
         "reward", "pairs", "reward model (sequence classifier, one score) trained on chosen/rejected pairs"
     ),
     "dpo": Entry(
-        "dpo", "pairs", "direct preference optimization on prompt/chosen/rejected pairs (dpo_loss_type, dpo_beta)"
+        "dpo",
+        "pairs",
+        "direct preference optimization on prompt/chosen/rejected pairs (dpo_loss_type, dpo_beta)",
+        reference=True,
     ),
     "orpo": Entry(
         "orpo", "pairs", "odds ratio preference optimization on prompt/chosen/rejected pairs (no reference model)"

@@ -30,11 +30,14 @@ class Method:
     or a Pair) and reports what it did. `model_kind` is "causal_lm" or "reward" (a sequence classifier with one
     output). `trainer_class` is the Trainer that computes its loss (None: the next-token loss of
     training/trainer.TunelabTrainer). `name` and `data` (what it trains on: "examples" or "pairs") are filled in
-    from its line in methods/__init__.REGISTRY, the one place that says them.
+    from its line in methods/__init__.REGISTRY, the one place that says them. `rows_with_model`, when given, is
+    called once the model is loaded, before training, as (model, train_rows, valid_rows, params, prepared-data
+    folder) -> (train_rows, valid_rows): what the rows need from the model (dpo: the reference's log-probs).
     """
 
     model_kind: str
     build_rows: Callable[[list[Any], Any], tuple[list[Any], RowStats]]
     trainer_class: type | None = None
+    rows_with_model: Callable[..., tuple[list[Any], list[Any] | None]] | None = None
     name: str = ""
     data: str = "examples"

@@ -16,16 +16,32 @@ model. The logged rewards are beta * (log p - log p_ref), as in TRL, so the two 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
+import json
 import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from tunelab.config.llm import LLMParams
+from tunelab.data.preference import Pair
 from tunelab.methods.base import Method
-from tunelab.methods.preference import PreferenceTrainer, build_pair_rows, reward_metrics, sequence_sums
+from tunelab.methods.preference import (
+    PairCollator,
+    PreferenceTrainer,
+    answer_logprobs,
+    build_pair_rows,
+    reward_metrics,
+    sequence_sums,
+)
 
 log = logging.getLogger("tunelab")
 
@@ -72,6 +88,13 @@ class DPOTrainer(PreferenceTrainer):
     def __init__(self, *args: Any, ref_model: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         unwrapped = self.accelerator.unwrap_model(self.model)
+        self.ref_model = None
+        if getattr(self.params, "precompute_ref_log_probs", False) and ref_model is None:
+            log.info(
+                "%s: the reference's log-probs were scored before training; no reference model in memory",
+                self.params.trainer,
+            )
+            return
         if ref_model is None and self.params.model_ref:
             ref_model = load_reference(self.params)
         if ref_model is None and not hasattr(unwrapped, "disable_adapter"):
@@ -94,7 +117,10 @@ class DPOTrainer(PreferenceTrainer):
     def pair_loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         labels = batch["labels"]
         policy, counts = sequence_sums(self.token_logprobs(model, batch, labels), labels)
-        reference, _ = sequence_sums(self.reference_logps(model, batch), labels)
+        if "ref_logps" in batch:  # precompute_ref_log_probs: scored once, before training (with_reference_logps)
+            reference = batch["ref_logps"].to(policy.dtype)
+        else:
+            reference, _ = sequence_sums(self.reference_logps(model, batch), labels)
         chosen, rejected = policy.chunk(2)
         ref_chosen, ref_rejected = reference.chunk(2)
         params = self.params
@@ -121,8 +147,92 @@ def load_reference(params: LLMParams) -> Any:
     return load_causal_lm(resolve_model(params.model_ref), dtype=half or torch.float32)
 
 
+@dataclass
+class ScoredPair(Pair):
+    """A pair with its two answers' summed log-probs under the reference (precompute_ref_log_probs)."""
+
+    ref_chosen: float = 0.0
+    ref_rejected: float = 0.0
+
+
+def with_reference_logps(
+    model: Any, train_rows: list[Any], valid_rows: list[Any] | None, params: LLMParams, folder: Path | None
+) -> tuple[list[Any], list[Any] | None]:
+    """precompute_ref_log_probs: every pair scored by the reference once, before training, and kept beside the
+    prepared data (`folder`, keyed by the reference model's weights), so the trainer needs no reference model
+    and a resumed run or the next run on the same data and model scores nothing."""
+    if not params.precompute_ref_log_probs:
+        return train_rows, valid_rows
+    rows = [*train_rows, *(valid_rows or [])]
+    store = folder / f"reference-{reference_key(params)}.npy" if folder is not None else None
+    scores = np.load(store) if store is not None and store.is_file() else None
+    if scores is not None and scores.shape == (len(rows), 2):
+        log.info("%s: reference log-probs of %d pairs reused from %s", params.trainer, len(rows), store)
+    else:
+        started = time.time()
+        scores = score_with_reference(model, rows, params)
+        log.info(
+            "%s: reference log-probs of %d pairs scored in %.1f s", params.trainer, len(rows), time.time() - started
+        )
+        if store is not None:
+            with contextlib.suppress(OSError):  # a cache folder that cannot be written: scored again next time
+                partial = store.with_name(f".{store.name}.{os.getpid()}.npy")
+                np.save(partial, scores)
+                os.replace(partial, store)
+    scored = [
+        ScoredPair(p.prompt_ids, p.chosen_ids, p.rejected_ids, float(c), float(r))
+        for p, (c, r) in zip(rows, scores, strict=True)
+    ]
+    return scored[: len(train_rows)], (scored[len(train_rows) :] if valid_rows else valid_rows)
+
+
+def score_with_reference(model: Any, rows: list[Pair], params: LLMParams) -> np.ndarray:
+    """(chosen, rejected) summed answer log-probs of every pair under the reference: `model_ref`, else the model
+    about to be trained as it starts (with LoRA: its adapter switched off), under the run's mixed precision."""
+    from accelerate import PartialState
+
+    from tunelab.speed.loss import fast_loss_supported
+
+    reference = load_reference(params) if params.model_ref else model
+    device = PartialState().device
+    if not getattr(reference, "is_quantized", False):
+        reference.to(device)
+    was_training = reference.training
+    reference.eval()
+    fast = params.fast_loss and fast_loss_supported(reference)
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(params.mixed_precision or "")
+    adapter_off = reference.disable_adapter() if reference is model and hasattr(model, "disable_adapter") else None
+    collate, out = PairCollator(pad_id=0), []  # padding sits after every real token and is masked: any id does
+    with torch.no_grad(), adapter_off or contextlib.nullcontext():
+        with torch.autocast(device.type, dtype=half, enabled=half is not None):
+            for start in range(0, len(rows), params.batch_size):
+                batch = {k: v.to(device) for k, v in collate(rows[start : start + params.batch_size]).items()}
+                logps = answer_logprobs(reference, reference, batch, batch["labels"], fast)
+                sums, _ = sequence_sums(logps, batch["labels"])
+                out.append(torch.stack(sums.float().chunk(2), dim=1).cpu())
+    reference.train(was_training)
+    return torch.cat(out).numpy() if out else np.zeros((0, 2), np.float32)
+
+
+def reference_key(params: LLMParams) -> str:
+    """What the reference's scores depend on beyond the prepared data: which weights, in which precision."""
+    from tunelab.models.load import resolve_model
+
+    source = resolve_model(params.model_ref or params.model)
+    path = Path(source.path) / source.gguf_file if source.gguf_file else Path(source.path)
+    files = [path] if path.is_file() else sorted(f for f in path.glob("*") if f.suffix in (".safetensors", ".bin"))
+    identity = {
+        "model": params.model_ref or params.model,
+        "weights": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files],
+        "precision": [params.mixed_precision, params.quantization, params.peft and not params.model_ref],
+        "fast_loss": params.fast_loss,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 METHOD = Method(
     model_kind="causal_lm",
     build_rows=build_pair_rows,
     trainer_class=DPOTrainer,
+    rows_with_model=with_reference_logps,
 )

@@ -41,6 +41,12 @@ class PairCollator:
         self.pad_id = pad_id
 
     def __call__(self, pairs: list[Pair]) -> dict[str, torch.Tensor]:
+        batch = self._rows(pairs)
+        if pairs and hasattr(pairs[0], "ref_chosen"):  # dpo's reference log-probs, scored before training
+            batch["ref_logps"] = torch.tensor([p.ref_chosen for p in pairs] + [p.ref_rejected for p in pairs])
+        return batch
+
+    def _rows(self, pairs: list[Pair]) -> dict[str, torch.Tensor]:
         prompts = [p.prompt_ids for p in pairs] * 2
         answers = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
         width = max(len(p) + len(a) for p, a in zip(prompts, answers, strict=True))
@@ -110,12 +116,20 @@ class PreferenceTrainer(GuardedTrainer):
 
     def token_logprobs(self, model: Any, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         """log p(next token) at every position whose label is set, (2B, L - 1), zero elsewhere."""
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
-        if self.fast_loss:
-            with output_head_returns_hidden(self.accelerator.unwrap_model(model)) as head:
-                hidden = model(**inputs).logits
-            return token_logprobs(hidden, head, labels)
-        return logits_token_logprobs(model(**inputs).logits, labels)
+        return answer_logprobs(model, self.accelerator.unwrap_model(model), batch, labels, self.fast_loss)
+
+
+def answer_logprobs(
+    model: Any, unwrapped: Any, batch: dict[str, torch.Tensor], labels: torch.Tensor, fast: bool
+) -> Any:
+    """log p(next token) where `labels` is set, from hidden states projected there in chunks (`fast`) or from the
+    logits; `unwrapped` is the model under any DDP/FSDP wrapper (its output head is swapped)."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    if fast:
+        with output_head_returns_hidden(unwrapped) as head:
+            hidden = model(**inputs).logits
+        return token_logprobs(hidden, head, labels)
+    return logits_token_logprobs(model(**inputs).logits, labels)
 
 
 def sequence_sums(per_token: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,7 +32,7 @@ from tunelab.data.prompts import load_prompt_data
 from tunelab.env import check_machine, device_name
 from tunelab.errors import ConfigError, DataError
 from tunelab.memory import kv_cache_bytes, log_run_estimate
-from tunelab.methods import METHODS, Method, RowStats
+from tunelab.methods import METHODS, REGISTRY, Method, RowStats
 from tunelab.models import ModelSource, check_model, load_model, load_tokenizer, resolve_model
 from tunelab.models.checks import check_token_ids, fit_tokenizer
 from tunelab.tasks import dry_run
@@ -73,7 +73,7 @@ def prepare(params: LLMParams) -> Prepared:
 
     source = resolve_model(params.model)
     config = check_model(source, params, kind=method.model_kind)
-    if params.model_ref and params.trainer in ("dpo", "kto"):  # found now, not when the Trainer loads it
+    if params.model_ref and REGISTRY[params.trainer].reference:  # found now, not when the Trainer loads it
         check_model(resolve_model(params.model_ref), dataclasses.replace(params, peft=False), kind="causal_lm")
     tokenizer = load_tokenizer(source, params.model_max_length)
     fit_tokenizer(tokenizer, config, source)
@@ -158,6 +158,9 @@ def run(params: LLMParams) -> Path:
     set_seed(params.seed)  # LoRA's initial weights, dropout: the same run twice is the same run
     model = load_model(prep.source, params, kind=method.model_kind, tokenizer=tokenizer)
     _report_model(model, params)
+    if method.rows_with_model is not None:  # dpo's precomputed reference log-probs
+        folder_of = prep.prepared.folder if prep.prepared else None
+        train_rows, valid_rows = method.rows_with_model(model, train_rows, valid_rows, params, folder_of)
     log_run_estimate(model.config, params, *microbatch(prep), method.model_kind)
 
     # Imported here: transformers' Trainer takes seconds to import, and the dry run (`plan`) never needs it.
