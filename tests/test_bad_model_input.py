@@ -280,12 +280,12 @@ def test_target_modules_on_fused_experts(capsys, tmp_path, tiny_moe, data):
         (["--peft", "--lora-rank-pattern", "q_proj=big"], "lora_rank_pattern: q_proj='big' is not a module=number"),
         (
             ["--peft", "--init-lora-weights", "loftq"],
-            "init_lora_weights=loftq quantizes each weight with bitsandbytes",
+            "init_lora_weights=loftq is not offered: PEFT's LoftQ quantizes every weight with bitsandbytes",
         ),
         (["--peft", "--use-dora", "--init-lora-weights", "pissa"], "use_dora with init_lora_weights=pissa"),
         (["--peft", "--modules-to-save", "lm_head,embed"], "modules_to_save: model {model} has no module named embed"),
     ],
-    ids=["no-peft", "loraplus-below-1", "bad-pattern", "loftq-without-cuda", "dora-with-pissa", "missing-module"],
+    ids=["no-peft", "loraplus-below-1", "bad-pattern", "loftq", "dora-with-pissa", "missing-module"],
 )
 def test_lora_variants_that_cannot_work(capsys, tmp_path, tiny_llama, data, extra, expected):
     line = run_bad(capsys, tiny_llama, data, tmp_path / "run", *extra)

@@ -88,3 +88,70 @@ def test_loraplus_gives_the_b_matrices_a_larger_learning_rate(tiny_llama, tiny_t
     name, lrs = optimizer_lrs(loraplus_lr_ratio=16)
     assert name == "AdamW" and lrs == {"A": {1e-4}, "B": {1.6e-3}}
     assert optimizer_lrs()[1] == {"A": {1e-4}, "B": {1e-4}}
+
+
+def test_each_variant_reaches_peft_as_asked(tiny_llama):
+    """Every LoRA-variant parameter arrives in PEFT's config and shapes the adapter: per-module ranks and alphas,
+    modules trained whole, DoRA's magnitudes, rsLoRA's scale, the inits (gaussian: A random and B zero; OLoRA: the
+    base weight changed by what the adapter starts with)."""
+    from peft.tuners.lora import LoraLayer
+
+    from tunelab.config.llm import LLMParams
+    from tunelab.models.peft import add_lora
+
+    def adapted(**extra):
+        params = LLMParams(model=str(tiny_llama), data_path="unused", peft=True, lora_r=4, lora_alpha=8, **extra)
+        base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+        return base.state_dict(), add_lora(AutoModelForCausalLM.from_pretrained(tiny_llama), params)
+
+    def layers(model, name):
+        return [m for key, m in model.named_modules() if key.endswith(name) and isinstance(m, LoraLayer)]
+
+    _, model = adapted(lora_rank_pattern="q_proj=8", lora_alpha_pattern="q_proj=32", modules_to_save="lm_head")
+    q, v = layers(model, "q_proj")[0], layers(model, "v_proj")[0]
+    assert q.r["default"] == 8 and q.scaling["default"] == 32 / 8 and v.r["default"] == 4 and v.scaling["default"] == 2
+    trained = {n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
+    assert trained and all("lm_head.modules_to_save" in n for n in trained)
+
+    _, model = adapted(use_dora=True, use_rslora=True)
+    v = layers(model, "v_proj")[0]
+    assert "default" in v.lora_magnitude_vector and v.scaling["default"] == pytest.approx(8 / 4**0.5)
+
+    _, model = adapted(init_lora_weights="gaussian")
+    v = layers(model, "v_proj")[0]
+    assert v.lora_A["default"].weight.abs().sum() > 0 and v.lora_B["default"].weight.abs().sum() == 0
+
+    original, model = adapted(init_lora_weights="olora")
+    v = layers(model, "v_proj")[0]
+    assert v.lora_B["default"].weight.abs().sum() > 0  # the adapter starts from the weight's decomposition
+    assert not torch.equal(v.base_layer.weight, original["model.layers.0.self_attn.v_proj.weight"])
+    assert model.tunelab_starting_adapter.is_dir()  # saved, to convert the trained adapter against
+
+
+def test_pissa_adapter_keeps_the_modules_trained_whole(tiny_llama, tmp_path):
+    """A PiSSA adapter is saved converted to plain LoRA of the original base; the modules trained whole beside it
+    (modules_to_save) stay in it, so plain peft on the original base gives the merged model's logits."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from tests.test_bad_input import GOOD_ROWS, write_jsonl
+    from tunelab import train
+    from tunelab.config.llm import LLMParams
+
+    data = write_jsonl(tmp_path / "train.jsonl", GOOD_ROWS)
+    params = LLMParams(
+        model=str(tiny_llama), data_path=str(data), trainer="sft", peft=True, init_lora_weights="pissa",
+        modules_to_save="norm", merge_adapter=True, lr=1e-2, max_steps=3, block_size=64, model_max_length=128,
+        project_name=str(tmp_path / "run"),
+    )  # fmt: skip
+    folder = train(params)
+    saved = load_file(folder / "adapter_model.safetensors")
+    assert "base_model.model.model.norm.weight" in saved and any("lora_A" in key for key in saved)
+    ids = torch.tensor([[1, 5, 9, 14, 30, 41]])
+    with torch.no_grad():
+        original = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+        before = original(input_ids=ids).logits
+        adapted = PeftModel.from_pretrained(original, folder).eval()(input_ids=ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(folder / "merged").eval()(input_ids=ids).logits
+    assert (adapted - before).abs().max() > 1e-3
+    assert torch.allclose(adapted, merged, atol=1e-5, rtol=1e-4), (adapted - merged).abs().max()

@@ -587,13 +587,18 @@ def test_reward_model_learns_and_reloads_in_plain_transformers(tiny_llama, tmp_p
 @needs_shared()
 @pytest.mark.parametrize("trainer", ["dpo", "orpo"])
 def test_default_model_with_lora_from_the_cli(trainer, tmp_path):
-    """The real SmolLM2-135M-Instruct, LoRA, AutoTrain's flags: the loss falls."""
-    data = _preference_folder(tmp_path, 24, 8, valid_from_train=False)
+    """The real SmolLM2-135M-Instruct, LoRA, AutoTrain's flags: the loss falls. Eight short pairs seen four times
+    (a CPU step of the default model costs seconds per hundred tokens)."""
+    from tests.test_kto import _short_hh
+
+    data = tmp_path / "hh"
+    _write_jsonl(data / "train.jsonl", _short_hh(8))
+    _write_jsonl(data / "valid.jsonl", _short_hh(10)[8:])
     project = tmp_path / f"smol-{trainer}"
     result = _cli(
         "--trainer", trainer, "--peft", "--data-path", str(data), "--valid-split", "valid",
-        "--project-name", str(project), "--block-size", "192", "--max-prompt-length", "96",
-        "--lr", "2e-4", "--batch-size", "4", "--gradient-accumulation", "1", "--max-steps", "8",
+        "--project-name", str(project), "--block-size", "128", "--max-prompt-length", "96",
+        "--lr", "5e-4", "--batch-size", "2", "--gradient-accumulation", "1", "--max-steps", "16",
         "--logging-steps", "2", "--disable-gradient-checkpointing", "--eval-strategy", "no",
         cwd=tmp_path,
     )  # fmt: skip

@@ -24,7 +24,7 @@ RUN = [
     "--gradient-accumulation",
     "1",
     "--block-size",
-    "256",
+    "160",
     "--max-steps",
     "12",
     "--disable-gradient-checkpointing",

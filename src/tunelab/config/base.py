@@ -47,7 +47,7 @@ LORA_VARIANTS: dict[str, tuple] = {
     "init_lora_weights": (
         "default",
         "LoRA: how the adapter starts: default (zero update), gaussian, pissa (principal singular vectors of each "
-        "weight, the rest left in the base), olora (QR of each weight), loftq (needs bitsandbytes and CUDA).",
+        "weight, the rest left in the base), olora (QR of each weight); loftq is refused (see docs/lora.md).",
         ("default", "gaussian", "pissa", "olora", "loftq"),
     ),
     "loraplus_lr_ratio": (
@@ -212,15 +212,29 @@ def check_lora_variants(params: RunParams) -> None:
         raise ConfigError(
             f"loraplus_lr_ratio must be 1 or more (B learns faster than A), got {params.loraplus_lr_ratio}"
         )
+    if isinstance(params.modules_to_save, (list, tuple)):  # a YAML list
+        params.modules_to_save = ",".join(str(name) for name in params.modules_to_save)
     for name in ("lora_rank_pattern", "lora_alpha_pattern"):
         module_values(params, name)  # raises on a malformed pattern
+    if params.init_lora_weights == "loftq":
+        raise ConfigError(
+            "init_lora_weights=loftq is not offered: PEFT's LoftQ quantizes every weight with bitsandbytes on a CUDA "
+            "GPU and changes the base it adapts, which must then be saved and loaded quantized the same way; use "
+            "pissa, olora, gaussian or the default"
+        )
+    sharded = params.distributed_backend in ("fsdp", "deepspeed")
+    if params.init_lora_weights in ("pissa", "olora") and sharded:
+        raise ConfigError(
+            f"init_lora_weights={params.init_lora_weights} with {params.distributed_backend}: the adapter is saved "
+            "converted against its starting copy, which needs whole (unsharded) weights; use ddp, or the default init"
+        )
     patterns = params.lora_rank_pattern or params.lora_alpha_pattern
     if params.init_lora_weights in ("pissa", "olora") and params.use_rslora and patterns:
         raise ConfigError(
             f"init_lora_weights={params.init_lora_weights} with use_rslora and rank/alpha patterns: PEFT cannot "
             "convert such an adapter back to plain LoRA of the base; drop one of them"
         )
-    if params.use_dora and params.init_lora_weights in ("pissa", "olora", "loftq"):
+    if params.use_dora and params.init_lora_weights in ("pissa", "olora"):
         raise ConfigError(
             f"use_dora with init_lora_weights={params.init_lora_weights}: PEFT initialises DoRA its own way"
         )

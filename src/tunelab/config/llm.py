@@ -306,7 +306,8 @@ class LLMParams(Params):
                 "precompute_ref_log_probs is for trainer dpo (kto's KL estimate pairs the answers of each batch, "
                 "which change every epoch; the other methods have no reference)"
             )
-        reference_is_base = self.peft and not self.model_ref and REGISTRY[self.trainer].reference
+        uses_reference = REGISTRY[self.trainer].reference or (self.trainer == "grpo" and self.beta > 0)
+        reference_is_base = self.peft and not self.model_ref and uses_reference
         if reference_is_base and self.init_lora_weights in ("pissa", "olora"):
             raise ConfigError(
                 f"{self.trainer} with init_lora_weights={self.init_lora_weights}: the base with the adapter off is "

@@ -79,11 +79,12 @@ def encode_arrays(
 
 # A block's texts often open with the same words (a template's preamble, a fixed system prompt): those are
 # tokenized once, and only what follows a cut inside them is tokenized per text. That is exact when tokens never
-# span the cut, which holds where the tokenizer has no normalizer, splits text into pieces by regular expression
-# (byte-level BPE: GPT-2, Llama 3, Qwen, SmolLM), and the cut is where a piece of the shared text starts with two
-# whole pieces of it after (so neither the piece before the cut nor the expression's look-ahead reaches a text's
-# own characters). Tokenizers that add a leading space or marker per call (SentencePiece's Metaspace, a
-# prefix-space option) are left out; and a few texts of every block are tokenized whole too, to make sure.
+# span the cut, which holds where the tokenizer splits text into pieces by regular expression (byte-level BPE:
+# GPT-2, Llama 3, Qwen, SmolLM) with no normalizer or NFC before a plain ASCII character, and the cut is where a
+# piece of the shared text starts with two whole pieces of it after (so neither the piece before the cut nor the
+# expression's look-ahead reaches a text's own characters). Tokenizers that add a leading space or marker per call
+# (SentencePiece's Metaspace, a prefix-space option) are left out; and a few texts of every block are tokenized
+# whole too, to make sure.
 SHARED_MIN_CHARS = 64
 CHECKED_TEXTS = 8
 
@@ -124,10 +125,13 @@ def _group_cut(texts: list[str], spans: list[list[tuple[int, int]]], backend: An
     words = [w for w in encoding.word_ids if w is not None]
     if len(set(words)) < 4:
         return 0, []
-    cut_word = words[-1] - 2  # two whole pieces of shared text after the cut
-    cut = next(start for (start, _), w in zip(encoding.offsets, encoding.word_ids, strict=True) if w == cut_word)
-    if cut <= 0:
-        return 0, []
+    # Two whole pieces of shared text after the cut, which is where the piece before them ends (a start offset
+    # can be trimmed past the piece's leading space; the end of the one before never is).
+    before_cut = words[-1] - 3
+    ends = [end for (_, end), w in zip(encoding.offsets, encoding.word_ids, strict=True) if w == before_cut]
+    cut = max(ends, default=0)
+    if cut <= 0 or (backend.normalizer is not None and not shared[cut].isascii()):
+        return 0, []  # NFC composes a character with the marks after it: never cut before a non-ASCII one
     head = backend.encode(shared[:cut], add_special_tokens=False).ids
     step = (len(texts) - 1) / (CHECKED_TEXTS - 1)
     sample = [texts[round(i * step)] for i in range(CHECKED_TEXTS)]
@@ -138,8 +142,9 @@ def _group_cut(texts: list[str], spans: list[list[tuple[int, int]]], backend: An
 
 
 def _splits_by_pieces(backend: Any) -> bool:
-    pre = backend.pre_tokenizer
-    return backend.normalizer is None and pre is not None and _by_pieces(json.loads(pre.__getstate__()))
+    pre, norm = backend.pre_tokenizer, backend.normalizer
+    plain = norm is None or json.loads(norm.__getstate__()).get("type") == "NFC"  # NFC: Qwen's
+    return plain and pre is not None and _by_pieces(json.loads(pre.__getstate__()))
 
 
 def _by_pieces(state: dict) -> bool:

@@ -45,7 +45,12 @@ REGISTRY: dict[str, Entry] = {
     "orpo": Entry(
         "orpo", "pairs", "odds ratio preference optimization on prompt/chosen/rejected pairs (no reference model)"
     ),
-    "kto": Entry("kto", "labeled", "Kahneman-Tversky optimization: single answers marked desirable or not (kto_beta)"),
+    "kto": Entry(
+        "kto",
+        "labeled",
+        "Kahneman-Tversky optimization: single answers marked desirable or not (kto_beta)",
+        reference=True,
+    ),
     "simpo": Entry(
         "simpo", "pairs", "simple preference optimization: length-normalized margin, no reference model (simpo_gamma)"
     ),

@@ -202,16 +202,23 @@ def score_with_reference(model: Any, rows: list[Pair], params: LLMParams) -> np.
     fast = params.fast_loss and fast_loss_supported(reference)
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(params.mixed_precision or "")
     adapter_off = reference.disable_adapter() if reference is model and hasattr(model, "disable_adapter") else None
-    collate, out = PairCollator(pad_id=0), []  # padding sits after every real token and is masked: any id does
+    collate = PairCollator(pad_id=0)  # padding sits after every real token and is masked: any id does
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # batches of similar lengths: little padding
+    scores = np.zeros((len(rows), 2), np.float32)
     with torch.no_grad(), adapter_off or contextlib.nullcontext():
         with torch.autocast(device.type, dtype=half, enabled=half is not None):
-            for start in range(0, len(rows), params.batch_size):
-                batch = {k: v.to(device) for k, v in collate(rows[start : start + params.batch_size]).items()}
+            for start in range(0, len(order), params.batch_size):
+                chosen = order[start : start + params.batch_size]
+                batch = {k: v.to(device) for k, v in collate([rows[i] for i in chosen]).items()}
                 logps = answer_logprobs(reference, reference, batch, batch["labels"], fast)
                 sums, _ = sequence_sums(logps, batch["labels"])
-                out.append(torch.stack(sums.float().chunk(2), dim=1).cpu())
+                scores[chosen] = torch.stack(sums.float().chunk(2), dim=1).cpu().numpy()
     reference.train(was_training)
-    return torch.cat(out).numpy() if out else np.zeros((0, 2), np.float32)
+    if reference is not model:  # model_ref was loaded for the scoring only
+        del reference
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return scores
 
 
 def reference_key(params: LLMParams) -> str:

@@ -76,16 +76,6 @@ def check_lora_variants(source: ModelSource, config: Any, params: RunParams, kin
             f"init_lora_weights={params.init_lora_weights} moves part of each base weight into the adapter, which a "
             "quantized base cannot take: use a float base, or the default init"
         )
-    if params.init_lora_weights == "loftq":
-        import importlib.util
-
-        import torch
-
-        if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
-            raise ConfigError(
-                "init_lora_weights=loftq quantizes each weight with bitsandbytes on a CUDA GPU (PEFT's LoftQ), which "
-                "this machine lacks: use pissa, olora or the default init"
-            )
     wanted = [name.strip() for name in (params.modules_to_save or "").split(",") if name.strip()]
     if wanted:
         model = skeleton(config, kind)

@@ -29,10 +29,6 @@ def lora_config(params: RunParams, task_type: str = "CAUSAL_LM") -> Any:
     extra: dict[str, Any] = {}
     if params.modules_to_save:
         extra["modules_to_save"] = [name.strip() for name in params.modules_to_save.split(",") if name.strip()]
-    if params.init_lora_weights == "loftq":
-        from peft import LoftQConfig
-
-        extra["loftq_config"] = LoftQConfig(loftq_bits=4)
     return LoraConfig(
         r=params.lora_r,
         lora_alpha=params.lora_alpha,
@@ -55,7 +51,6 @@ INIT_LORA_WEIGHTS: dict[str, Any] = {
     "gaussian": "gaussian",
     "pissa": "pissa",
     "olora": "olora",
-    "loftq": "loftq",
 }
 # These start from a decomposition of the base weights and leave the base changed (the residual): the adapter is
 # saved converted to a plain LoRA of the original base (rank 2r), so anything that loads base + adapter is right.
@@ -119,8 +114,17 @@ def save_converted_adapter(model: Any, folder: Path) -> None:
     start = getattr(model, "tunelab_starting_adapter", None)
     if start is None:
         return
+    from safetensors.torch import load_file, save_file
+
+    weights = folder / "adapter_model.safetensors"
+    # PEFT's conversion keeps the LoRA matrices only: the modules trained whole (modules_to_save, a classifier's
+    # score head) are taken over from the adapter the Trainer wrote.
+    whole = {k: v for k, v in load_file(weights).items() if "lora_" not in k} if weights.is_file() else {}
     with quiet_peft_save():
         model.save_pretrained(str(folder), path_initial_model_for_weight_conversion=str(start))
+    if whole:
+        converted = load_file(weights)
+        save_file({**converted, **{k: v for k, v in whole.items() if k not in converted}}, weights, {"format": "pt"})
 
 
 def load_adapter(base: Any, folder: str | Path) -> Any:
