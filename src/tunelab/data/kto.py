@@ -33,6 +33,7 @@ from tunelab.data.preference import (
     _starts_with_bos,
     _texts,
     _with_eos,
+    fit_prompt,
     preference_columns,
 )
 from tunelab.data.sources import Split, read_splits
@@ -193,13 +194,8 @@ def _tokenize(prompt: str, answer: str, desirable: bool, tokenizer: Any, add_spe
 def _fit(items: list[Labeled], params: LLMParams, stats: PairStats) -> list[Labeled]:
     """The pairs' length rules, per answer."""
     kept = []
-    cap = params.max_completion_length or params.block_size
     for item in items:
-        prompt = item.prompt_ids
-        if len(prompt) > params.max_prompt_length:
-            prompt = prompt[-params.max_prompt_length :]
-            stats.prompts_truncated += 1
-        room = min(cap, params.block_size - len(prompt))
+        prompt, room = fit_prompt(item.prompt_ids, params, stats)
         if room <= 0 or not item.completion_ids:
             stats.dropped_no_room += 1
             continue

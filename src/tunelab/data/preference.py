@@ -317,13 +317,8 @@ def _fit(pairs: list[Pair], params: LLMParams, stats: PairStats) -> list[Pair]:
     """Apply the length rules: prompt to max_prompt_length (keeping its end), completions to
     max_completion_length and to the room block_size leaves. Pairs with no room for an answer are dropped."""
     kept = []
-    completion_cap = params.max_completion_length or params.block_size
     for pair in pairs:
-        prompt = pair.prompt_ids
-        if len(prompt) > params.max_prompt_length:
-            prompt = prompt[-params.max_prompt_length :]
-            stats.prompts_truncated += 1
-        room = min(completion_cap, params.block_size - len(prompt))
+        prompt, room = fit_prompt(pair.prompt_ids, params, stats)
         if room <= 0:
             stats.dropped_no_room += 1
             continue
@@ -331,3 +326,12 @@ def _fit(pairs: list[Pair], params: LLMParams, stats: PairStats) -> list[Pair]:
             stats.completions_truncated += 1
         kept.append(Pair(prompt, pair.chosen_ids[:room], pair.rejected_ids[:room]))
     return kept
+
+
+def fit_prompt(prompt: list[int], params: LLMParams, stats: PairStats) -> tuple[list[int], int]:
+    """A prompt cut to max_prompt_length (keeping its end, counted in stats) and the room left for an answer: the
+    smaller of max_completion_length and what block_size leaves after the prompt."""
+    if len(prompt) > params.max_prompt_length:
+        prompt = prompt[-params.max_prompt_length :]
+        stats.prompts_truncated += 1
+    return prompt, min(params.max_completion_length or params.block_size, params.block_size - len(prompt))
