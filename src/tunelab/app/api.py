@@ -1,7 +1,9 @@
-"""The JSON API: what the job page polls (status, log, metrics) and posts (chat, cancel), and the same project and
-job actions as the forms, for scripts and tests. Errors come back as `{"errors": {field: message}}`.
+"""The JSON API: what the pages poll (status, log, metrics, the machine) and post (chat, base beside tuned,
+predict, export, push, cancel), and the same project and job actions as the forms, for scripts and tests. Errors
+come back as `{"errors": {field: message}}`.
 
-A finished job exports for Ollama and llama.cpp (`/api/jobs/{id}/export`: POST starts it, GET is its state).
+A finished job exports (`/api/jobs/{id}/export`, kind gguf or merged: POST starts it, GET is its state) and pushes
+to the hub (`/api/jobs/{id}/push`); `/api/compare?jobs=1,2` puts several runs side by side.
 
 POST calls from a browser carry the CSRF token in the X-CSRF-Token header; calls with `Authorization: Bearer`
 need none.
@@ -16,10 +18,14 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from tunelab.app.chat import parse_chat
+from tunelab.app.charts import charts, series
+from tunelab.app.chat import MAX_MESSAGE_CHARS, parse_chat
+from tunelab.app.classification import classification_results
+from tunelab.app.compare import comparison, parse_job_ids
 from tunelab.app.exports import offered_dtypes
 from tunelab.app.jobs import COMPLETED
-from tunelab.app.pages import check_csrf, expected_csrf, job_or_404, project_or_404, state
+from tunelab.app.machine import machine_status
+from tunelab.app.pages import check_csrf, expected_csrf, job_or_404, project_or_404, running_job_folder, state
 from tunelab.app.preview import preview
 from tunelab.app.projects import FormErrors, create_project, save_mapping, start_job
 from tunelab.app.results import evaluation, final_metrics, log_tail, loss_points, metric_records, sample_completions
@@ -73,10 +79,10 @@ async def project_preview(request: Request, project_id: int) -> JSONResponse:
     except FormErrors as err:
         return errors(err.errors)
     settings["project_name"] = str(state(request).config.jobs_dir / "preview" / "run")
-    params, found = build_params(settings, {**default_values(), **(body.get("params") or {})})
+    params, found = build_params(settings, {**default_values(settings["trainer"]), **(body.get("params") or {})})
     if params is None:
         return errors(found)
-    shown = preview(settings, params)
+    shown = await asyncio.to_thread(preview, settings, params)  # reads and tokenizes the data: off the event loop
     if shown.errors:
         return errors(shown.errors)
     return JSONResponse({"columns": shown.columns, "rows": shown.rows, "plan": shown.summary()})
@@ -91,7 +97,7 @@ async def new_job(request: Request, project_id: int) -> JSONResponse:
     project = project_or_404(request, project_id)
     body = await json_body(request)
     app = state(request)
-    values = {**default_values(), **(body.get("params") or {})}
+    values = {**default_values(project["settings"]["trainer"]), **(body.get("params") or {})}
     try:
         job_id = start_job(
             app.config, app.store, app.worker, project, values, body.get("token"), bool(body.get("evaluate", True))
@@ -112,6 +118,7 @@ def get_job(request: Request, job_id: int) -> dict[str, Any]:
     if job["status"] == COMPLETED:
         job["metrics"] = final_metrics(job)
         job["evaluation"] = evaluation(job)
+        job["classification"] = classification_results(job)
     return job
 
 
@@ -126,7 +133,12 @@ def job_log(request: Request, job_id: int, offset: int = 0) -> dict[str, Any]:
 def job_metrics(request: Request, job_id: int) -> dict[str, Any]:
     job = job_or_404(request, job_id)
     records = metric_records(job)
-    return {"status": job["status"], "points": loss_points(records), "last": records[-1] if records else None}
+    return {
+        "status": job["status"],
+        "points": loss_points(records),
+        "charts": charts(series(records)),
+        "last": records[-1] if records else None,
+    }
 
 
 @router.get("/jobs/{job_id}/completions")
@@ -142,33 +154,116 @@ async def cancel(request: Request, job_id: int) -> dict[str, Any]:
     return {"cancelled": state(request).worker.cancel(job_id)}
 
 
+def finished(job: dict[str, Any], field: str, what: str) -> None:
+    if job["status"] != COMPLETED:
+        raise FieldError(field, f"the job has not finished: there is no model to {what} yet", status=409)
+
+
+def is_classifier_job(job: dict[str, Any]) -> bool:
+    return job["params"].get("trainer") == "text_classification"
+
+
 @router.post("/jobs/{job_id}/chat")
 async def chat(request: Request, job_id: int) -> JSONResponse:
     job = job_or_404(request, job_id)
     body = await json_body(request)
     history, message, options = parse_chat(body)
-    if job["status"] != COMPLETED:
-        return errors({"message": "the job has not finished: there is no model to talk to yet"}, 409)
+    finished(job, "message", "talk to")
+    if is_classifier_job(job):
+        return errors({"message": "a text classifier labels texts: use the predict box"}, 409)
     # Loading and generating are blocking (torch): keep them off the event loop.
     answer = await asyncio.to_thread(state(request).chat.answer, run_folder(job), history, message, options)
     return JSONResponse({"answer": answer})
 
 
-@router.get("/jobs/{job_id}/export")
-def export_state(request: Request, job_id: int) -> dict[str, Any]:
+@router.post("/jobs/{job_id}/side-by-side")
+async def side_by_side(request: Request, job_id: int) -> JSONResponse:
+    """{"message", "sample", "temperature", "seed"}: the base model's answer and the run's, same decoding."""
     job = job_or_404(request, job_id)
-    return {**state(request).exports.status(job_id, Path(job["folder"])), "dtypes": offered_dtypes()}
+    body = await json_body(request)
+    _, message, options = parse_chat({**body, "history": []})
+    finished(job, "message", "talk to")
+    if is_classifier_job(job):
+        return errors({"message": "a text classifier has no answers to compare: use the predict box"}, 409)
+    seed = body.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        return errors({"seed": "expected an integer"})
+    answers = await asyncio.to_thread(state(request).chat.side_by_side, run_folder(job), message, options, seed)
+    return JSONResponse(answers)
+
+
+@router.post("/jobs/{job_id}/predict")
+async def predict(request: Request, job_id: int) -> JSONResponse:
+    """{"text"}: every label's probability, most likely first."""
+    job = job_or_404(request, job_id)
+    body = await json_body(request)
+    text = body.get("text")
+    if not isinstance(text, str) or not text.strip():
+        return errors({"text": "type a text to label"})
+    if len(text) > MAX_MESSAGE_CHARS:
+        return errors({"text": f"the text is longer than {MAX_MESSAGE_CHARS} characters"})
+    finished(job, "text", "label texts with")
+    if not is_classifier_job(job):
+        return errors({"text": "only a text-classification run labels texts"}, 409)
+    found = await asyncio.to_thread(state(request).chat.classify, run_folder(job), text.strip())
+    ranked = sorted(found.items(), key=lambda item: -item[1])
+    return JSONResponse({"label": ranked[0][0], "probabilities": [{"label": k, "p": v} for k, v in ranked]})
+
+
+@router.get("/jobs/{job_id}/export")
+def export_state(request: Request, job_id: int, kind: str = "gguf") -> dict[str, Any]:
+    job = job_or_404(request, job_id)
+    if kind not in ("gguf", "merged", "push"):
+        raise FieldError("kind", "expected gguf, merged or push")
+    return {**state(request).exports.status(job_id, Path(job["folder"]), kind), "dtypes": offered_dtypes()}
 
 
 @router.post("/jobs/{job_id}/export")
 async def export(request: Request, job_id: int) -> JSONResponse:
-    """{"dtype": "q4_k_m"}: the GGUF file and its Modelfile in the job's export/ folder; poll GET for the files."""
+    """{"kind": "gguf", "dtype": "q4_k_m"}: the GGUF file and its Modelfile; {"kind": "merged"}: the LoRA merged
+    into its base as safetensors. Both land in the job's export/ folder; poll GET for the files."""
     job = job_or_404(request, job_id)
     body = await json_body(request)
-    if job["status"] != COMPLETED:
-        return errors({"dtype": "the job has not finished: there is no model to export yet"}, 409)
+    finished(job, "dtype", "export")
+    kind = body.get("kind", "gguf")
+    if is_classifier_job(job) and kind == "gguf":
+        return errors({"dtype": "GGUF export is for language models; download the classifier's run instead"}, 409)
+    options = {"dtype": body.get("dtype", "f16")} if kind == "gguf" else {}
     try:
-        started = state(request).exports.start(job_id, run_folder(job), Path(job["folder"]), body.get("dtype", "f16"))
+        started = state(request).exports.start(job_id, run_folder(job), Path(job["folder"]), kind, **options)
     except TunelabError as err:
-        return errors({"dtype": str(err)})
+        return errors({"dtype" if kind == "gguf" else "kind": str(err)})
     return JSONResponse(started, status_code=202)
+
+
+@router.post("/jobs/{job_id}/push")
+async def push(request: Request, job_id: int) -> JSONResponse:
+    """{"repo_id": "owner/name", "token": "hf_..."}: upload the run folder (private); the token is used once."""
+    job = job_or_404(request, job_id)
+    body = await json_body(request)
+    finished(job, "repo_id", "push")
+    token = body.get("token")
+    if token is not None and not isinstance(token, str):
+        return errors({"token": "expected a string"})
+    repo_id = body.get("repo_id")
+    try:
+        started = state(request).exports.start(
+            job_id, run_folder(job), Path(job["folder"]), "push", repo_id=repo_id, token=token
+        )
+    except TunelabError as err:
+        return errors({"repo_id": str(err)})
+    return JSONResponse(started, status_code=202)
+
+
+@router.get("/compare")
+def compare(request: Request, jobs: str = "") -> dict[str, Any]:
+    """?jobs=1,2,3: the runs' charts, final metrics side by side and the parameters that differ."""
+    store = state(request).store
+    return comparison([job_or_404(request, job_id) for job_id in parse_job_ids(jobs)], store)
+
+
+@router.get("/machine")
+def machine(request: Request) -> dict[str, Any]:
+    """Device, accelerator memory, RAM, disk free where runs are written, the running job's peak memory."""
+    app = state(request)
+    return machine_status(app.config.data_dir, running_job_folder(app.store))

@@ -44,9 +44,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     started REAL,
     finished REAL,
     exit_code INTEGER,
-    message TEXT
+    message TEXT,
+    sealed_token TEXT                   -- the hub token encrypted (vault.py) while the job waits; then NULL
 );
 """
+# Columns added after the first release: an older app.db gets them on open.
+ADDED_COLUMNS = {"jobs": (("sealed_token", "TEXT"),)}
 
 
 class JobStore:
@@ -57,6 +60,11 @@ class JobStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
             db.executescript(SCHEMA)
+            for table, columns in ADDED_COLUMNS.items():
+                have = {row["name"] for row in db.execute(f"PRAGMA table_info({table})")}
+                for name, kind in columns:
+                    if name not in have:
+                        db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -98,14 +106,29 @@ class JobStore:
 
     # ---- jobs
 
-    def add_job(self, project_id: int, name: str, params: dict[str, Any], folder: Path, evaluate: bool) -> int:
+    def add_job(
+        self,
+        project_id: int,
+        name: str,
+        params: dict[str, Any],
+        folder: Path,
+        evaluate: bool,
+        sealed_token: str | None = None,
+    ) -> int:
         with self._connect() as db:
             cur = db.execute(
-                "INSERT INTO jobs (project_id, name, status, params, folder, evaluate, created) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (project_id, name, QUEUED, json.dumps(params), str(folder), int(evaluate), time.time()),
+                "INSERT INTO jobs (project_id, name, status, params, folder, evaluate, created, sealed_token) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (project_id, name, QUEUED, json.dumps(params), str(folder), int(evaluate), time.time(), sealed_token),
             )
             return int(cur.lastrowid)
+
+    def take_token(self, job_id: int) -> str | None:
+        """The job's sealed token, removed from the database as it is read (a run needs it once)."""
+        with self._connect() as db:
+            row = db.execute("SELECT sealed_token FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            db.execute("UPDATE jobs SET sealed_token = NULL WHERE id = ?", (job_id,))
+        return None if row is None else row["sealed_token"]
 
     def job(self, job_id: int) -> dict[str, Any] | None:
         with self._connect() as db:
@@ -138,7 +161,7 @@ class JobStore:
         """Cancel a job that has not started; False when it is no longer queued."""
         with self._connect() as db:
             cur = db.execute(
-                "UPDATE jobs SET status = ?, finished = ? WHERE id = ? AND status = ?",
+                "UPDATE jobs SET status = ?, finished = ?, sealed_token = NULL WHERE id = ? AND status = ?",
                 (CANCELLED, time.time(), job_id, QUEUED),
             )
             return cur.rowcount == 1
@@ -165,6 +188,7 @@ class JobStore:
 
 def _job(row: sqlite3.Row) -> dict[str, Any]:
     job = dict(row)
+    job["has_token"] = bool(job.pop("sealed_token", None))  # never handed out, not even sealed
     job["params"] = json.loads(job["params"])
     job["evaluate"] = bool(job["evaluate"])
     return job

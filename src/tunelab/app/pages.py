@@ -1,19 +1,22 @@
-"""The HTML pages: login, runs list, new project, data (preview and column mapping), parameters, job.
+"""The HTML pages: login, runs list, new project, data (preview and column mapping), parameters, job, compare.
 
 Server-rendered Jinja2 templates; forms post back here and either redirect to the next page or show the same page
-with a message beside each wrong field. The job page's live parts (log, chart, chat) use the JSON API (api.py).
+with a message beside each wrong field. The live parts (log, charts, chat, base beside tuned, predict, export,
+the machine panel on every page) use the JSON API (api.py). The dry run behind the data and parameters pages runs
+in a worker thread, never on the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response, StreamingResponse
 
-from tunelab.app.jobs import COMPLETED
-from tunelab.app.params import build_params, default_values, field_specs, form_values
+from tunelab.app.jobs import COMPLETED, RUNNING
+from tunelab.app.params import CLASSIFIER, build_params, default_values, field_specs, form_values
 from tunelab.app.preview import preview
 from tunelab.app.projects import FormErrors, create_project, save_mapping, start_job
 from tunelab.app.results import evaluation, final_metrics, zip_stream
@@ -69,6 +72,17 @@ def job_or_404(request: Request, job_id: int) -> dict[str, Any]:
     return job
 
 
+def running_job_folder(store: Any) -> Path | None:
+    """The folder of the job running now (its metrics carry the peak memory the machine panel shows)."""
+    running = [job for job in store.jobs() if job["status"] == RUNNING]
+    return Path(running[0]["folder"]) if running else None
+
+
+def preview_settings(request: Request, project: dict[str, Any]) -> dict[str, Any]:
+    """A project's settings with the throwaway run folder every dry run of the app plans into."""
+    return {**project["settings"], "project_name": str(state(request).config.jobs_dir / "preview" / "run")}
+
+
 # ---- login and the runs list
 
 
@@ -100,8 +114,10 @@ def home(request: Request) -> HTMLResponse:
 
 
 @router.get("/projects/new", response_class=HTMLResponse)
-def new_project_page(request: Request) -> HTMLResponse:
-    return render(request, "new_project.html", errors={}, values={}, trainers=trainers())
+def new_project_page(request: Request, model: str = "", trainer: str = "", name: str = "") -> HTMLResponse:
+    """The form; `?model=<a run's model folder>` starts a project from a finished run (its model as the base)."""
+    values = {k: v for k, v in (("model", model), ("trainer", trainer), ("name", name)) if v}
+    return render(request, "new_project.html", errors={}, values=values, trainers=trainers())
 
 
 @router.post("/projects")
@@ -124,18 +140,21 @@ def _new_project_again(request: Request, errors: dict[str, str], values: dict[st
 
 
 def trainers() -> dict[str, str]:
+    """The Task choices: every LLM method of the registry, then text classification."""
     from tunelab.methods import SUMMARIES
 
-    return SUMMARIES
+    shown = {name: f"LLM {name}: {summary}" for name, summary in SUMMARIES.items()}
+    shown[CLASSIFIER] = "Text classification: a label per text (a sequence classifier on the base model)"
+    return shown
 
 
 # ---- data: preview and column mapping
 
 
 @router.get("/projects/{project_id}/data", response_class=HTMLResponse)
-def data_page(request: Request, project_id: int) -> HTMLResponse:
+async def data_page(request: Request, project_id: int) -> HTMLResponse:
     project = project_or_404(request, project_id)
-    return _data_page(request, project, {})
+    return await _data_page(request, project, {})
 
 
 @router.post("/projects/{project_id}/data")
@@ -145,16 +164,18 @@ async def data_submit(request: Request, project_id: int) -> Response:
     try:
         project["settings"] = save_mapping(state(request).store, project, form)
     except FormErrors as err:
-        return _data_page(request, project, err.errors, status=400)
+        return await _data_page(request, project, err.errors, status=400)
     if form.get("action") == "next":
         return RedirectResponse(f"/projects/{project_id}/params", status_code=303)
-    return _data_page(request, project, {})
+    return await _data_page(request, project, {})
 
 
-def _data_page(request: Request, project: dict[str, Any], errors: dict[str, str], status: int = 200) -> HTMLResponse:
-    settings = {**project["settings"], "project_name": str(state(request).config.jobs_dir / "preview" / "run")}
-    params, param_errors = build_params(settings, default_values())
-    shown = preview(settings, params)
+async def _data_page(
+    request: Request, project: dict[str, Any], errors: dict[str, str], status: int = 200
+) -> HTMLResponse:
+    settings = preview_settings(request, project)
+    params, param_errors = build_params(settings, default_values(settings["trainer"]))
+    shown = await asyncio.to_thread(preview, settings, params)
     errors = {**param_errors, **shown.errors, **errors}
     return render(request, "data.html", status, project=project, preview=shown, plan=shown.summary(), errors=errors)
 
@@ -163,38 +184,68 @@ def _data_page(request: Request, project: dict[str, Any], errors: dict[str, str]
 
 
 @router.get("/projects/{project_id}/params", response_class=HTMLResponse)
-def params_page(request: Request, project_id: int) -> HTMLResponse:
+def params_page(request: Request, project_id: int, from_job: int | None = None) -> HTMLResponse:
+    """The form at its defaults, or (`?from_job=N`, "run again") filled with that job's parameters."""
     project = project_or_404(request, project_id)
-    return render(request, "params.html", project=project, fields=field_specs(), values=default_values(), errors={})
+    trainer = project["settings"]["trainer"]
+    values = default_values(trainer)
+    note = None
+    if from_job is not None:
+        job = job_or_404(request, from_job)
+        values.update({k: v for k, v in job["params"].items() if k in values and k != "token"})
+        note = f"The parameters of {job['name']}: change what you want to try, then Start Training."
+    return _params_page(request, project, values, {}, note=note)
+
+
+def _params_page(
+    request: Request,
+    project: dict[str, Any],
+    values: dict[str, Any],
+    errors: dict[str, str],
+    status: int = 200,
+    plan: dict[str, Any] | None = None,
+    note: str | None = None,
+    unfit: bool = False,
+) -> HTMLResponse:
+    fields = field_specs(project["settings"]["trainer"])
+    return render(
+        request, "params.html", status, project=project, fields=fields, values=values, errors=errors,
+        plan=plan or {}, note=note, unfit=unfit,
+    )  # fmt: skip
 
 
 @router.post("/projects/{project_id}/params")
 async def params_submit(request: Request, project_id: int) -> Response:
+    """Check (the dry run), or Start Training: the plan is made first, and a plan that does not fit the device
+    is shown with a warning and a "Start anyway" button instead of being queued."""
     project = project_or_404(request, project_id)
+    trainer = project["settings"]["trainer"]
     form = await posted_form(request)
-    values = form_values(form)
-    shown_values = {**default_values(), **values}
+    values = form_values(form, trainer)
+    shown_values = {**default_values(trainer), **values}
     app = state(request)
-    if form.get("action") == "start":
+    action = form.get("action")
+    settings = preview_settings(request, project)
+    params, errors = build_params(settings, values)
+    shown = None
+    if params is not None and action != "start_anyway":
+        shown = await asyncio.to_thread(preview, settings, params)
+        errors.update(shown.errors)
+    plan = shown.summary() if shown else {}
+    if (
+        action in ("start", "start_anyway")
+        and not errors
+        and (plan.get("fits") is not False or action == "start_anyway")
+    ):
         try:
             job_id = start_job(
                 app.config, app.store, app.worker, project, values, form.get("token") or None, "evaluate" in form
             )
         except FormErrors as err:
-            return render(
-                request, "params.html", 400, project=project, fields=field_specs(), values=shown_values,
-                errors=err.errors,
-            )  # fmt: skip
+            return _params_page(request, project, shown_values, err.errors, 400)
         return RedirectResponse(f"/jobs/{job_id}", status_code=303)
-    settings = {**project["settings"], "project_name": str(app.config.jobs_dir / "preview" / "run")}
-    params, errors = build_params(settings, values)
-    shown = preview(settings, params) if params is not None else None
-    if shown is not None:
-        errors.update(shown.errors)
-    return render(
-        request, "params.html", 400 if errors else 200, project=project, fields=field_specs(), values=shown_values,
-        errors=errors, plan=shown.summary() if shown else {},
-    )  # fmt: skip
+    unfit = action == "start" and plan.get("fits") is False
+    return _params_page(request, project, shown_values, errors, 400 if errors else 200, plan, unfit=unfit)
 
 
 # ---- a job
@@ -202,14 +253,38 @@ async def params_submit(request: Request, project_id: int) -> Response:
 
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
 def job_page(request: Request, job_id: int) -> HTMLResponse:
+    from tunelab.app.classification import classification_results
+    from tunelab.app.exports import merged_folder, offered_dtypes
+    from tunelab.app.results import shown_metrics
+
     job = job_or_404(request, job_id)
     done = job["status"] == COMPLETED
-    from tunelab.app.exports import offered_dtypes
-
+    classifier = job["params"].get("trainer") == CLASSIFIER
+    run = run_folder(job)
+    # The model a new project would start from: the run itself when it holds full weights, else its merged export
+    full = run if (run / "config.json").is_file() else merged_folder(Path(job["folder"]))
     return render(
-        request, "job.html", job=job, metrics=final_metrics(job) if done else {},
-        evaluation=evaluation(job) if done else None, export_dtypes=offered_dtypes(),
+        request, "job.html", job=job, metrics=shown_metrics(final_metrics(job)) if done else [],
+        evaluation=evaluation_shown(job) if done else None, export_dtypes=offered_dtypes(), classifier=classifier,
+        classification=classification_results(job) if done else None, base_model=full if done else None,
+        project=state(request).store.project(job["project_id"]),
     )  # fmt: skip
+
+
+def evaluation_shown(job: dict[str, Any]) -> dict[str, Any] | None:
+    """The evaluation report's numbers, and its samples as their own cards (prompt, reference, tuned, base: text
+    kept as written, code and line breaks included) rather than as Markdown paragraphs."""
+    found = evaluation(job)
+    if found is None:
+        return None
+    samples = []
+    for sample in found["results"].get("samples") or []:
+        prompt = sample.get("prompt")
+        if isinstance(prompt, list):  # a conversation: the last user turn is what was asked
+            prompt = next((m.get("content", "") for m in reversed(prompt) if m.get("role") == "user"), "")
+        samples.append({**sample, "prompt": str(prompt or "")})
+    report = found["report"].split("\n## Sample ")[0]
+    return {**found, "report": report, "samples": samples}
 
 
 @router.post("/jobs/{job_id}/cancel")
@@ -241,13 +316,38 @@ def download(request: Request, job_id: int) -> StreamingResponse:
 
 
 @router.get("/jobs/{job_id}/export/{name}")
-def exported_file(request: Request, job_id: int, name: str) -> FileResponse:
-    from tunelab.app.exports import export_file
+def exported_file(request: Request, job_id: int, name: str) -> Response:
+    from tunelab.app.exports import export_file, merged_folder
 
-    path = export_file(Path(job_or_404(request, job_id)["folder"]), name)
+    job_folder = Path(job_or_404(request, job_id)["folder"])
+    if name == "merged.zip":
+        folder = merged_folder(job_folder)
+        if folder is None:
+            raise HTTPException(404, "no merged model yet (export it first)")
+        headers = {"Content-Disposition": f'attachment; filename="tunelab-job-{job_id}-merged.zip"'}
+        return StreamingResponse(zip_stream(folder), media_type="application/zip", headers=headers)
+    path = export_file(job_folder, name)
     if path is None:
         raise HTTPException(404, "no such exported file (export the job first)")
     return FileResponse(path, filename=name, media_type="application/octet-stream")
+
+
+# ---- runs compared
+
+
+@router.get("/compare", response_class=HTMLResponse)
+def compare_page(request: Request) -> HTMLResponse:
+    """?jobs=1&jobs=2 (the runs list's checkboxes) or ?jobs=1,2: the runs side by side."""
+    from tunelab.app.compare import comparison, parse_job_ids
+    from tunelab.app.uploads import FieldError
+
+    try:
+        ids = parse_job_ids(request.query_params.getlist("jobs"))
+    except FieldError as err:
+        store = state(request).store
+        return render(request, "home.html", 400, jobs=store.jobs(), projects=store.projects(), error=err.message)
+    compared = comparison([job_or_404(request, job_id) for job_id in ids], state(request).store)
+    return render(request, "compare.html", compared=compared, ids=",".join(map(str, ids)))
 
 
 @router.get("/jobs/{job_id}/loss_curves.png")

@@ -1,5 +1,7 @@
-"""The parameters form: generated from LLMParams (its types, defaults, help texts and choices), validated by
-`tunelab.config.load_config` - the code the CLI uses - with each ConfigError shown on the field it names.
+"""The parameters form: generated from the task's schema (LLMParams or TextClassificationParams: types, defaults,
+help texts and choices), validated by `tunelab.config.load_config` - the code the CLI uses - with each ConfigError
+shown on the field it names. An LLM project's form has the common fields plus its method's own (the registry's
+`Entry.params`).
 """
 
 from __future__ import annotations
@@ -10,57 +12,59 @@ from dataclasses import dataclass
 from typing import Any
 
 from tunelab.config.llm import LLMParams
+from tunelab.config.text_classification import TextClassificationParams
 from tunelab.errors import ConfigError
 
+CLASSIFIER = "text_classification"  # the new-project form's "trainer" for a text-classification project
+
 # The fields the parameters page shows, in page order; every other parameter keeps its schema default.
-FORM_FIELDS = (
-    "peft",
-    "lr",
-    "epochs",
-    "max_steps",
-    "batch_size",
-    "gradient_accumulation",
-    "block_size",
-    "model_max_length",
-    "warmup_ratio",
-    "scheduler",
-    "lora_r",
-    "lora_alpha",
-    "lora_dropout",
-    "use_dora",
-    "use_rslora",
-    "init_lora_weights",
-    "loraplus_lr_ratio",
-    "packing",
-    "mixed_precision",
-    "logging_steps",
-    "seed",
-    "dpo_beta",
-    "dpo_loss_type",
-    "label_smoothing",
-    "simpo_gamma",
-    "cpo_alpha",
-    "kto_beta",
-    "label_column",
-    "desirable_weight",
-    "undesirable_weight",
-    "max_prompt_length",
-    "reward_functions",
-    "reward_weights",
-    "num_generations",
-    "max_completion_length",
-    "beta",
-    "loss_type",
-    "push_to_hub",
-    "username",
-    "repo_id",
-)
-# Where the app starts differs from the schema in one respect: LoRA, at the learning rate LoRA wants (the
-# schema's 3e-5 is a full fine-tuning rate). The README's quick start uses the same pair.
+LLM_FIELDS = (
+    "peft", "lr", "epochs", "max_steps", "batch_size", "gradient_accumulation", "block_size", "model_max_length",
+    "warmup_ratio", "scheduler", "lora_r", "lora_alpha", "lora_dropout", "use_dora", "use_rslora",
+    "init_lora_weights", "loraplus_lr_ratio", "packing", "mixed_precision", "logging_steps", "seed",
+)  # fmt: skip
+PAIR_FIELDS = ("max_prompt_length",)  # every method whose rows have a prompt apart (pairs, labeled, prompts)
+CLASSIFIER_FIELDS = (
+    "peft", "lr", "epochs", "max_steps", "batch_size", "gradient_accumulation", "max_seq_length", "warmup_ratio",
+    "scheduler", "weight_decay", "lora_r", "lora_alpha", "lora_dropout", "mixed_precision", "eval_strategy",
+    "early_stopping_patience", "logging_steps", "seed",
+)  # fmt: skip
+HUB_FIELDS = ("push_to_hub", "username", "repo_id")
+# Where the app starts differs from the schema in one respect for LLMs: LoRA, at the learning rate LoRA wants (the
+# schema's 3e-5 is a full fine-tuning rate). The README's quick start uses the same pair. Classifiers keep theirs.
 APP_DEFAULTS: dict[str, Any] = {"peft": True, "lr": 2e-4}
 # Set on the project pages, not here; a ConfigError naming them is shown on those pages.
 PROJECT_FIELDS = ("trainer", "model", "data_path", "valid_split", "text_column", "prompt_text_column")
-PROJECT_FIELDS += ("rejected_text_column", "chat_template")
+PROJECT_FIELDS += ("rejected_text_column", "chat_template", "target_column")
+
+
+def is_classifier(settings: dict[str, Any]) -> bool:
+    return settings.get("trainer") == CLASSIFIER
+
+
+def schema_of(trainer: str | None) -> type:
+    return TextClassificationParams if trainer == CLASSIFIER else LLMParams
+
+
+def form_fields(trainer: str | None) -> tuple[str, ...]:
+    """The parameters the form shows for a project's trainer (a method's own after the common ones)."""
+    from tunelab.methods import REGISTRY
+
+    if trainer == CLASSIFIER:
+        return CLASSIFIER_FIELDS + HUB_FIELDS
+    entry = REGISTRY.get(trainer or "sft")
+    own = () if entry is None else (PAIR_FIELDS if entry.data != "examples" else ()) + entry.params
+    return LLM_FIELDS + own + HUB_FIELDS
+
+
+def all_form_fields() -> tuple[str, ...]:
+    """Every field any form shows (to name the field a message is about)."""
+    from tunelab.methods import REGISTRY
+
+    names = dict.fromkeys(form_fields(CLASSIFIER))
+    for trainer in REGISTRY:
+        names.update(dict.fromkeys(form_fields(trainer)))
+    return tuple(names)
 
 
 @dataclass
@@ -75,15 +79,16 @@ class FieldSpec:
     optional: bool = False
 
 
-def field_specs(names: tuple[str, ...] = FORM_FIELDS) -> list[FieldSpec]:
-    """The form inputs for `names`, taken from LLMParams' fields."""
-    fields = {f.name: f for f in dataclasses.fields(LLMParams)}
+def field_specs(trainer: str | None = "sft") -> list[FieldSpec]:
+    """The form inputs of a project's trainer, taken from its schema's fields."""
+    schema = schema_of(trainer)
+    fields = {f.name: f for f in dataclasses.fields(schema)}
     specs = []
-    for name in names:
+    for name in form_fields(trainer):
         f = fields[name]
         kind = str(f.type)
         choices = tuple(f.metadata.get("choices") or ())
-        default = APP_DEFAULTS.get(name, f.default)
+        default = APP_DEFAULTS.get(name, f.default) if schema is LLMParams else f.default
         if choices:
             shown = "choice"
         elif kind.startswith("bool"):
@@ -96,10 +101,10 @@ def field_specs(names: tuple[str, ...] = FORM_FIELDS) -> list[FieldSpec]:
     return specs
 
 
-def form_values(form: dict[str, str]) -> dict[str, Any]:
+def form_values(form: dict[str, str], trainer: str | None = "sft") -> dict[str, Any]:
     """The parameter values a submitted form holds (unchecked boxes are false; empty optional fields none)."""
     values: dict[str, Any] = {}
-    for spec in field_specs():
+    for spec in field_specs(trainer):
         raw = form.get(spec.name)
         if spec.kind == "bool":
             values[spec.name] = raw is not None and raw.lower() in ("on", "true", "1", "yes")
@@ -112,12 +117,13 @@ def form_values(form: dict[str, str]) -> dict[str, Any]:
     return values
 
 
-def default_values() -> dict[str, Any]:
-    return {spec.name: spec.default for spec in field_specs()}
+def default_values(trainer: str | None = "sft") -> dict[str, Any]:
+    return {spec.name: spec.default for spec in field_specs(trainer)}
 
 
-def build_params(settings: dict[str, Any], values: dict[str, Any]) -> tuple[LLMParams | None, dict[str, str]]:
-    """(LLMParams, {}) from a project's settings and the form's values, or (None, {field: message}).
+def build_params(settings: dict[str, Any], values: dict[str, Any]) -> tuple[Any, dict[str, str]]:
+    """(LLMParams or TextClassificationParams, {}) from a project's settings and the form's values, or
+    (None, {field: message}).
 
     The whole set is checked first (errors between fields, named by load_config); when it fails, each form field
     is also checked alone against the project, so every field that is wrong on its own gets its message at once.
@@ -136,7 +142,11 @@ def build_params(settings: dict[str, Any], values: dict[str, Any]) -> tuple[LLMP
             try:
                 load_config({**project_params(settings), name: value})
             except ConfigError as alone:
-                errors[name] = str(alone)
+                # "push_to_hub needs repo_id" when repo_id is filled in: a complaint about the company the field
+                # keeps, which the whole set (checked above) answers; only the field's own faults are kept.
+                others = [word for word in re.findall(r"[a-z_]+", str(alone)) if word in clean and word != name]
+                if not others:
+                    errors[name] = str(alone)
         if not errors:
             errors[field_named(str(err), [*clean, *PROJECT_FIELDS])] = str(err)
         return None, errors
@@ -145,9 +155,13 @@ def build_params(settings: dict[str, Any], values: dict[str, Any]) -> tuple[LLMP
 
 def project_params(settings: dict[str, Any]) -> dict[str, Any]:
     """The parameters a project's settings decide (task, model, data, mapping), in load_config's names."""
-    keys = ("trainer", "model", "data_path", "valid_split", "text_column", "prompt_text_column")
-    keys += ("rejected_text_column", "chat_template", "project_name")
-    values = {k: settings[k] for k in keys if settings.get(k) not in (None, "")}
+    if is_classifier(settings):
+        keys: tuple[str, ...] = ("model", "data_path", "text_column", "target_column", "project_name")
+        values = {"task": CLASSIFIER, **{k: settings[k] for k in keys if settings.get(k) not in (None, "")}}
+    else:
+        keys = ("trainer", "model", "data_path", "text_column", "prompt_text_column", "rejected_text_column")
+        keys += ("chat_template", "project_name")
+        values = {k: settings[k] for k in keys if settings.get(k) not in (None, "")}
     return {**values, "valid_split": settings.get("valid_split") or None}
 
 

@@ -42,6 +42,7 @@ class Preview:
             "memory": plan.memory.describe() if plan.memory is not None else None,
             "fits": plan.fits,
             "notes": plan.notes,
+            "label_counts": plan.label_counts,
             "text": plan.render(),
         }
 
@@ -72,9 +73,9 @@ def preview(settings: dict[str, Any], params: RunParams | None) -> Preview:
     except DataError as err:
         result.errors["data_path"] = str(err)
     except ConfigError as err:
-        from tunelab.app.params import FORM_FIELDS, PROJECT_FIELDS, field_named
+        from tunelab.app.params import PROJECT_FIELDS, all_form_fields, field_named
 
-        result.errors[field_named(str(err), [*PROJECT_FIELDS, *FORM_FIELDS])] = str(err)
+        result.errors[field_named(str(err), [*PROJECT_FIELDS, *all_form_fields()])] = str(err)
     except TunelabError as err:  # the model cannot be found or read, the machine cannot run this, ...
         result.errors["model" if "model" in str(err) else "form"] = str(err)
     return result

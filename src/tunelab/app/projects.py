@@ -13,11 +13,11 @@ from typing import Any
 import yaml
 
 from tunelab.app.jobs import JobStore
-from tunelab.app.params import build_params
+from tunelab.app.params import CLASSIFIER, build_params, is_classifier
 from tunelab.app.uploads import FieldError, Form, check_data_file, check_extension, resolve_user_path
 from tunelab.app.worker import CONFIG_FILE, RUN_DIR, Worker
 
-MAPPING_FIELDS = ("text_column", "prompt_text_column", "rejected_text_column", "chat_template")
+MAPPING_FIELDS = ("text_column", "prompt_text_column", "rejected_text_column", "chat_template", "target_column")
 
 
 @dataclass
@@ -54,8 +54,8 @@ def create_project(config: AppConfig, store: JobStore, form: Form) -> int:
     status = 400  # 403 when a path leaves the allowed folders
     settings["name"] = re.sub(r"\s+", " ", fields.get("name", "")).strip()[:80] or "my-project"
     settings["trainer"] = fields.get("trainer") or "sft"
-    if settings["trainer"] not in REGISTRY:
-        errors["trainer"] = f"{settings['trainer']!r} is not one of {', '.join(REGISTRY)}"
+    if settings["trainer"] not in (*REGISTRY, CLASSIFIER):
+        errors["trainer"] = f"{settings['trainer']!r} is not one of {', '.join((*REGISTRY, CLASSIFIER))}"
     try:
         settings["model"] = model_reference(fields.get("model", "").strip(), config.roots)
     except FieldError as err:
@@ -71,7 +71,19 @@ def create_project(config: AppConfig, store: JobStore, form: Form) -> int:
             settings[f"{kind}_columns"] = columns
     if errors:
         raise FormErrors(errors, status)
+    if is_classifier(settings):
+        settings.update(classifier_columns(settings.get("data_columns") or []))
     return store.add_project(settings["name"], settings)
+
+
+LABEL_COLUMNS = ("target", "label", "labels", "class", "category", "sentiment")
+
+
+def classifier_columns(columns: list[str]) -> dict[str, str | None]:
+    """The text and label columns a classifier's data most likely has (the data page can change them)."""
+    label = next((c for c in LABEL_COLUMNS if c in columns), None)
+    text = "text" if "text" in columns else next((c for c in columns if c != label), None)
+    return {"text_column": text, "target_column": label}
 
 
 def data_reference(config: AppConfig, form: Form, kind: str, required: bool) -> tuple[Path | None, list[str]]:
@@ -106,10 +118,13 @@ def model_reference(text: str, roots: list[Path]) -> str:
 
 
 def save_mapping(store: JobStore, project: dict[str, Any], form: dict[str, str]) -> dict[str, Any]:
-    """The column mapping and chat template chosen on the data page, kept in the project's settings."""
+    """The column mapping and chat template chosen on the data page, kept in the project's settings (a field the
+    form does not send keeps its value; an empty one goes back to detection)."""
     settings = dict(project["settings"])
     columns = settings.get("data_columns") or []
     for name in MAPPING_FIELDS:
+        if name not in form:  # a field this page (or API call) does not show keeps its value
+            continue
         value = (form.get(name) or "").strip()
         if name != "chat_template" and value and columns and value not in columns:
             raise FormErrors({name: f"{value!r} is not a column of the data (columns: {', '.join(columns)})"})
@@ -130,16 +145,21 @@ def start_job(
     """Check the parameters, write the job's folder and config, queue it; FormErrors names bad fields."""
     folder = config.jobs_dir / uuid.uuid4().hex[:12]
     settings = {**project["settings"], "project_name": str(folder / RUN_DIR)}
-    params, errors = build_params(settings, values)
+    # The token takes part in the checks (push_to_hub needs one) but never reaches the config file below.
+    params, errors = build_params(settings, {**values, **({"token": token} if token else {})})
     if params is None:
         raise FormErrors(errors)
     folder.mkdir(parents=True)
     # The token never goes into the file: the worker hands it to the run as HF_TOKEN.
     written = {k: v for k, v in params.to_dict(redact=False).items() if k != "token"}
+    if is_classifier(settings):
+        written = {"task": CLASSIFIER, **written}  # the config's task picks the schema (no trainer field there)
     (folder / CONFIG_FILE).write_text(yaml.safe_dump(written, sort_keys=False), encoding="utf-8")
     shown = params.to_dict(redact=True)
+    shown["trainer"] = params.trainer  # text_classification for a classifier (a class attribute, not a field)
     shown["token"] = "set" if token else None
     number = sum(1 for job in store.jobs() if job["project_id"] == project["id"]) + 1
-    job_id = store.add_job(project["id"], f"{project['name']} #{number}", shown, folder, evaluate)
-    worker.submit(job_id, token)
+    sealed = worker.vault.seal(token) if token else None
+    job_id = store.add_job(project["id"], f"{project['name']} #{number}", shown, folder, evaluate, sealed)
+    worker.submit(job_id)
     return job_id

@@ -1,14 +1,19 @@
-"""What a job page reads from a job's folder: the log tail, the metrics (live from the staging folder while the
-run trains, from the run folder after), a grpo run's sample completions, the final metrics and evaluation
-report, and the run folder as a zip.
+"""What a job page reads from a job's folder: the log tail (its long paths shortened), the metrics (live from the
+staging folder while the run trains, from the run folder after), a grpo run's sample completions, the final
+metrics with readable labels, the evaluation report, and the run folder as a zip.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
+import re
+import site
+import sysconfig
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +37,35 @@ def log_tail(job: dict[str, Any], offset: int) -> tuple[str, int]:
     # Progress bars rewrite their line with \r; the page shows lines, so keep the last state of each.
     text = data.decode("utf-8", "replace").replace("\r\n", "\n")
     text = "\n".join(line.rsplit("\r", 1)[-1] for line in text.split("\n"))
-    return text, offset + len(data)
+    return shown_log(text, Path(job["folder"])), offset + len(data)  # the offset counts the file's bytes
+
+
+def shown_log(text: str, job_folder: Path) -> str:
+    """Log text with its long paths shortened for reading: the job's folder as `.` (`./run`, `./.run.partial`),
+    an installed package's `/.../site-packages/` as `site-packages/`."""
+    for spelling in _spellings(job_folder):
+        # Not followed by a name character: jobs/ab12 must not shorten jobs/ab123.
+        text = re.sub(re.escape(spelling) + r"(?![\w.-])", ".", text)
+    for prefix in _package_folders():
+        text = text.replace(prefix + os.sep, Path(prefix).name + "/")
+    # Another interpreter's packages (a different venv): a whole path ending in site-packages, from where it starts.
+    return re.sub(r"(?<![^\s'\"(=\[])(?:/[^\s/'\"]+)+/((?:site|dist)-packages/)", r"\1", text)
+
+
+def _spellings(folder: Path) -> list[str]:
+    """The ways a log may name the folder: as the job knows it and with links resolved; longest first."""
+    names = {os.path.abspath(folder), os.path.realpath(folder)}
+    return sorted((n for n in names if n != os.sep), key=len, reverse=True)
+
+
+@functools.cache
+def _package_folders() -> list[str]:
+    """This interpreter's site-packages folders (the job runs on the same one); named exactly, so a path with
+    spaces in it is shortened too."""
+    folders = {sysconfig.get_paths().get(key) for key in ("purelib", "platlib")}
+    folders.update(getattr(site, "getsitepackages", list)())
+    folders.add(site.getusersitepackages())
+    return sorted((f for f in folders if f and f.endswith("-packages")), key=len, reverse=True)
 
 
 def _jsonl_tail(job: dict[str, Any], name: str, limit: int) -> list[dict[str, Any]]:
@@ -70,6 +103,100 @@ def loss_points(records: list[dict[str, Any]]) -> dict[str, list[list[float]]]:
 
 def final_metrics(job: dict[str, Any]) -> dict[str, Any]:
     return _json(run_folder(job) / "metrics.json")
+
+
+def shown_metrics(metrics: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(key, label, value as shown) of a run's metrics.json: how well it learned first (losses, accuracy, a
+    preference or grpo run's rewards), then how long and how fast, then any other key as it is named. Trainer
+    bookkeeping (total_flos) is left out."""
+    shown = []
+    for key, value in metrics.items():
+        if key in HIDDEN_METRICS:
+            continue
+        rank, label, show = _metric(key)
+        shown.append((rank, key, label, show(value) if _is_number(value) else str(value)))
+    return [(key, label, value) for _, key, label, value in sorted(shown)]
+
+
+HIDDEN_METRICS = {"total_flos"}  # floating-point operations counted by the Trainer: no help in judging a run
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, seconds = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds} s"
+    return f"{minutes // 60} h {minutes % 60} min"
+
+
+def _plain(value: float) -> str:
+    if isinstance(value, int) or (math.isfinite(value) and value.is_integer() and abs(value) < 1e15):
+        return f"{int(value):,}"
+    return f"{value:,.0f}" if abs(value) >= 10_000 else f"{value:.4g}"
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def _gib(value: float) -> str:
+    return f"{value:.1f} GiB"
+
+
+# Known keys in the order shown; the eval_ twin of a training figure comes right after it. A preference run
+# logs TRL's rewards/* and logps/* names (methods/preference.py, kto.py), a grpo run reward, reward_std,
+# rewards/<function>/mean|std and kl (methods/grpo.py); the final training log lands in metrics.json unprefixed.
+_QUALITY: list[tuple[str, str, Callable[[float], str]]] = [
+    ("loss", "loss", _plain),
+    ("accuracy", "accuracy", _percent),
+    ("macro_f1", "macro F1", _plain),
+    ("perplexity", "perplexity", _plain),
+    ("rewards/margins", "reward margin", _plain),
+    ("rewards/accuracies", "reward accuracy", _percent),
+    ("rewards/chosen", "reward of chosen", _plain),
+    ("rewards/rejected", "reward of rejected", _plain),
+    ("logps/chosen", "log-prob of chosen", _plain),
+    ("logps/rejected", "log-prob of rejected", _plain),
+    ("reward", "reward", _plain),
+    ("reward_std", "reward std", _plain),
+    ("rewards/*", "reward", _plain),  # grpo's per-function figures, see _metric
+    ("kl", "KL to the reference", _plain),
+]
+_SPEED: list[tuple[str, str, Callable[[float], str]]] = [
+    ("train_runtime", "training time", _duration),
+    ("train_samples_per_second", "samples/s", _plain),
+    ("train_steps_per_second", "steps/s", _plain),
+    ("trained_tokens", "trained tokens", _plain),
+    ("trained_tokens_per_second", "tokens/s", _plain),
+    ("epoch", "epochs", _plain),
+    ("peak_memory_gib", "peak memory", _gib),
+    ("eval_runtime", "evaluation time", _duration),
+    ("eval_samples_per_second", "eval samples/s", _plain),
+    ("eval_steps_per_second", "eval steps/s", _plain),
+]
+
+
+def _metric(key: str) -> tuple[tuple[int, int, str], str, Callable[[float], str]]:
+    """(sort rank, label, formatter) of a metrics.json key."""
+    for index, (name, label, show) in enumerate(_SPEED):
+        if key == name:
+            return (1, index, ""), label, show
+    evaluated = key.startswith("eval_")
+    name = key.removeprefix("eval_").removeprefix("train_")
+    prefix = "eval " if evaluated else ("training " if name == "loss" else "")
+    per_function = re.fullmatch(r"rewards/(.+)/(mean|std)", name)
+    for index, (known, label, show) in enumerate(_QUALITY):
+        if name == known:
+            return (0, 2 * index + evaluated, ""), prefix + label, show
+        if known == "rewards/*" and per_function:
+            label = f"{label} {per_function.group(1)} ({per_function.group(2)})"
+            return (0, 2 * index + evaluated, key), prefix + label, show
+    return (2, 0, key), key.replace("_", " "), _plain
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def evaluation(job: dict[str, Any]) -> dict[str, Any] | None:

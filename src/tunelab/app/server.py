@@ -31,6 +31,7 @@ from tunelab.app.security import (
     new_csrf_token,
 )
 from tunelab.app.uploads import FieldError
+from tunelab.app.vault import Vault
 from tunelab.app.worker import Worker
 from tunelab.errors import TunelabError
 
@@ -89,7 +90,7 @@ def create_app(
         log.info("app: %d job(s) were running when the app last stopped: marked interrupted", interrupted)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters.update(FILTERS)
-    state = AppState(config, store, Worker(store), ChatModels(), Exports(), templates)
+    state = AppState(config, store, Worker(store, Vault(root)), ChatModels(), Exports(), templates)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -4,7 +4,8 @@ A job is `python -m tunelab.cli --config <job>/config.yaml` (the same code path 
 `tunelab evaluate` on the finished run. Running it as a child process means a crash, an out-of-memory kill or a
 cancel never takes the app down. The child gets its own process group so that cancel stops it and anything it
 started (dataloader workers, accelerate). Its stdout and stderr go to `<job>/train.log`, which the job page tails.
-The hub token lives only in this process's memory and reaches the child as HF_TOKEN, never in a file.
+The hub token reaches the child as HF_TOKEN, never in a file of the job; while the job waits it is kept sealed
+in the database (vault.py), so a queued job keeps it across a restart of the app.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.app.jobs import CANCELLED, COMPLETED, FAILED, INTERRUPTED, JobStore
+from tunelab.app.vault import Vault
 
 log = logging.getLogger("tunelab")
 
@@ -39,8 +41,9 @@ def staging_folder(job: dict[str, Any]) -> Path:
 class Worker:
     """Runs the store's queued jobs in order, one at a time (one device, one job)."""
 
-    def __init__(self, store: JobStore, python: str = sys.executable) -> None:
+    def __init__(self, store: JobStore, vault: Vault, python: str = sys.executable) -> None:
         self.store = store
+        self.vault = vault
         self.python = python
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -48,7 +51,6 @@ class Worker:
         self._process: subprocess.Popen | None = None
         self._current: int | None = None
         self._cancelled: set[int] = set()
-        self._tokens: dict[int, str] = {}
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -63,18 +65,13 @@ class Worker:
         if self._thread is not None:
             self._thread.join(timeout=STOP_GRACE_SECONDS + 5)
 
-    def submit(self, job_id: int, token: str | None = None) -> None:
-        """Tell the worker a job was queued; the token (if any) is kept in memory for that job only."""
-        if token:
-            with self._lock:
-                self._tokens[job_id] = token
+    def submit(self, job_id: int) -> None:
+        """Tell the worker a job was queued (its token, if any, is sealed in the store)."""
         self._wake.set()
 
     def cancel(self, job_id: int) -> bool:
         """Cancel a queued job, or stop the running one; False when the job is neither."""
         if self.store.cancel_queued(job_id):
-            with self._lock:
-                self._tokens.pop(job_id, None)
             return True
         with self._lock:
             if self._current != job_id:
@@ -100,9 +97,10 @@ class Worker:
 
     def _run(self, job: dict[str, Any]) -> None:
         folder = Path(job["folder"])
+        sealed = self.store.take_token(job["id"])
+        token = self.vault.open(sealed) if sealed else None
         with self._lock:
             self._current = job["id"]
-            token = self._tokens.pop(job["id"], None)
         try:
             code = self._call(job, [self.python, "-m", "tunelab.cli", "--config", str(folder / CONFIG_FILE)], token)
             if code == 0 and job["evaluate"] and job["params"].get("trainer") in EVALUATED_TRAINERS:
@@ -162,7 +160,7 @@ def evaluate_command(python: str, job: dict[str, Any]) -> list[str]:
     data = params.get("valid_split") or params["data_path"]
     return [
         python, "-m", "tunelab.cli", "evaluate", "--model", str(run_folder(job)), "--data-path", str(data),
-        "--split", "valid", "--max-rows", "50", "--samples", "2", "--max-new-tokens", "48",
+        "--split", "valid", "--max-rows", "50", "--samples", "2", "--max-new-tokens", "48", "--compare-base",
     ]  # fmt: skip
 
 

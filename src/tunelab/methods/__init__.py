@@ -28,6 +28,7 @@ class Entry:
     data: str
     summary: str
     reference: bool = False  # compared with a reference model (model_ref, or the base with the adapter off)
+    params: tuple[str, ...] = ()  # the method's own parameters (LLMParams fields), shown with it in the app
 
 
 REGISTRY: dict[str, Entry] = {
@@ -41,21 +42,40 @@ REGISTRY: dict[str, Entry] = {
         "pairs",
         "direct preference optimization on prompt/chosen/rejected pairs (dpo_loss_type, dpo_beta)",
         reference=True,
+        params=("dpo_beta", "dpo_loss_type", "dpo_loss_weights", "label_smoothing", "precompute_ref_log_probs"),
     ),
     "orpo": Entry(
-        "orpo", "pairs", "odds ratio preference optimization on prompt/chosen/rejected pairs (no reference model)"
+        "orpo",
+        "pairs",
+        "odds ratio preference optimization on prompt/chosen/rejected pairs (no reference model)",
+        params=("dpo_beta",),
     ),
     "kto": Entry(
         "kto",
         "labeled",
         "Kahneman-Tversky optimization: single answers marked desirable or not (kto_beta)",
         reference=True,
+        params=("kto_beta", "label_column", "desirable_weight", "undesirable_weight"),
     ),
     "simpo": Entry(
-        "simpo", "pairs", "simple preference optimization: length-normalized margin, no reference model (simpo_gamma)"
+        "simpo",
+        "pairs",
+        "simple preference optimization: length-normalized margin, no reference model (simpo_gamma)",
+        params=("dpo_beta", "simpo_gamma", "cpo_alpha", "label_smoothing"),
     ),
     "grpo": Entry(
-        "grpo", "prompts", "group relative policy optimization: sampled completions scored by reward functions"
+        "grpo",
+        "prompts",
+        "group relative policy optimization: sampled completions scored by reward functions",
+        params=(
+            "reward_functions",
+            "reward_weights",
+            "num_generations",
+            "max_completion_length",
+            "temperature",
+            "beta",
+            "loss_type",
+        ),  # fmt: skip
     ),
 }
 

@@ -54,6 +54,7 @@ class RunPlan:
     device: str = ""
     available: int = 0
     notes: list[str] = field(default_factory=list)
+    label_counts: dict[str, dict[str, int]] = field(default_factory=dict)  # classifiers: {split: {label: texts}}
 
     @property
     def fits(self) -> bool | None:

@@ -172,6 +172,8 @@ def run(params: LLMParams) -> Path:
     trainer = build_trainer(
         model, tokenizer, params, train_rows, valid_rows, str(folder.staging), [progress], method.trainer_class
     )
+    if hasattr(trainer, "trained_tokens"):
+        progress.count_tokens = lambda: trainer.trained_tokens
     staging = folder.open_for(trainer, params, prep.resume_from)
     started = time.time()
     result = run_training(trainer, folder, prep.resume_from)
@@ -290,6 +292,8 @@ def plan(params: LLMParams) -> RunPlan:
         length = completion_length(params)
         per_step = params.batch_size * params.gradient_accumulation * params.num_generations
         train.notes.append(f"{data.truncated} prompts cut to max_prompt_length={params.max_prompt_length}")
+        weights = params.reward_weights or "1 each"
+        train.notes.append(f"rewards: {params.reward_functions} (weights: {weights}), scored on every completion")
         train.notes.append(
             f"generation per step: {params.batch_size * params.gradient_accumulation} prompts x "
             f"{params.num_generations} completions x up to {length} tokens = up to {per_step * length:,} "

@@ -81,6 +81,9 @@ def plan(params: TextClassificationParams) -> RunPlan:
         for row in data.train[:2]
     ]
     result = dry_run.new_plan("text classification", params, splits, examples, len(data.train), prep.resume_from)
+    result.label_counts = {
+        split: {label: data.counts[split].get(label, 0) for label in data.labels} for split in data.counts
+    }
     dry_run.add_memory(result, prep.config, params, params.batch_size, _longest(data), "classifier")
     return result
 

@@ -1,4 +1,10 @@
-"""What a run shows and records while it trains: a progress bar with loss and ETA, and metrics.jsonl."""
+"""What a run shows and records while it trains: a progress bar with loss and ETA, and metrics.jsonl.
+
+Each metrics.jsonl record has what the trainer logged (loss, learning_rate, grad_norm, the method's own metrics)
+plus the time since the start, the throughput since the last record (`trained_tokens_per_second`: tokens the loss
+was computed on, all processes, where the trainer counts them: default and sft) and the process's peak memory so
+far (`peak_memory_gib`: accelerator memory on a GPU, resident memory on a CPU), which the web app draws.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +28,8 @@ class ProgressAndMetrics(TrainerCallback):
         self.show_bar = sys.stderr.isatty() if show_bar is None else show_bar
         self.bar: tqdm | None = None
         self.started = 0.0
+        self._last: tuple[float, int] | None = None  # (time, tokens trained) at the last training record
+        self.count_tokens: Any = None  # () -> tokens trained so far on this process (set by the task's spine)
 
     def on_train_begin(self, args, state, control, **kwargs):  # noqa: D102
         self.started = time.time()
@@ -41,6 +49,15 @@ class ProgressAndMetrics(TrainerCallback):
             "time": round(time.time() - self.started, 2),
         }
         record.update({k: v for k, v in logs.items() if isinstance(v, (int, float)) and math.isfinite(v)})
+        if "loss" in logs and self.count_tokens is not None:
+            # A running count kept on the CPU by the trainer: reading it syncs nothing; processes are alike
+            tokens, now = self.count_tokens() * args.world_size, time.time()
+            if self._last is not None and now > self._last[0] and tokens > self._last[1]:
+                record["trained_tokens_per_second"] = round((tokens - self._last[1]) / (now - self._last[0]), 1)
+            self._last = (now, tokens)
+        peak = peak_memory_gib()
+        if peak is not None:
+            record["peak_memory_gib"] = peak
         if "eval_loss" in record and self.perplexity:
             record["eval_perplexity"] = math.exp(min(record["eval_loss"], 50))
         with self.metrics_path.open("a", encoding="utf-8") as f:
@@ -56,6 +73,20 @@ class ProgressAndMetrics(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):  # noqa: D102
         if self.bar is not None:
             self.bar.close()
+
+
+def peak_memory_gib() -> float | None:
+    """This process's peak memory so far: accelerator memory allocated on CUDA, else resident memory (Linux)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    try:
+        import resource
+
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # KiB on Linux
+    except (ImportError, OSError):
+        return None
 
 
 def _fmt(value: Any) -> str:

@@ -1,4 +1,5 @@
-// tunelab app: the job page's live parts (status, log tail, loss chart) and the chat box. No libraries.
+// tunelab app: the live parts of the pages (machine panel, job status, log tail, charts, chat, base beside tuned,
+// predict, export, push, the comparison's overlaid curves). No libraries.
 "use strict";
 const tunelab = (() => {
   const csrf = () => document.querySelector('meta[name="csrf-token"]').content;
@@ -59,7 +60,120 @@ const tunelab = (() => {
     }
   }
 
-  function jobPage(jobId, status) {
+  const PALETTE = ["#2f6fdb", "#d9822b", "#1e7b34", "#b3261e", "#7b3fb3", "#0f8b8d", "#8a6d00", "#5b6770"];
+
+  // One chart of several series ({name: [[step, value], ...]}) with a legend; `index` maps a series to a colour.
+  function drawSeries(svg, series, index) {
+    const W = 480, H = 240, L = 58, R = 12, T = 12, B = 30;
+    const ns = "http://www.w3.org/2000/svg";
+    svg.replaceChildren();
+    const names = Object.keys(series);
+    const all = names.flatMap((n) => series[n]);
+    if (!all.length) return;
+    const xs = all.map((p) => p[0]), ys = all.map((p) => p[1]);
+    let [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
+    if (x0 === x1) x1 = x0 + 1;
+    if (y0 === y1) { y0 -= Math.abs(y0) * 0.1 || 0.5; y1 += Math.abs(y1) * 0.1 || 0.5; }
+    const px = (x) => L + ((x - x0) / (x1 - x0)) * (W - L - R);
+    const py = (y) => T + (1 - (y - y0) / (y1 - y0)) * (H - T - B);
+    const add = (name, attrs, text) => {
+      const el = document.createElementNS(ns, name);
+      for (const [k, v] of Object.entries(attrs)) el.setAttribute(k, v);
+      if (text !== undefined) el.textContent = text;
+      svg.appendChild(el);
+      return el;
+    };
+    const tick = (v) => (Math.abs(v) >= 1000 || (Math.abs(v) < 0.01 && v !== 0) ? v.toExponential(1) : v.toPrecision(3));
+    add("line", { x1: L, y1: H - B, x2: W - R, y2: H - B, class: "axis" });
+    add("line", { x1: L, y1: T, x2: L, y2: H - B, class: "axis" });
+    for (const y of [y0, (y0 + y1) / 2, y1]) add("text", { x: L - 6, y: py(y) + 4, "text-anchor": "end", class: "tick" }, tick(y));
+    for (const x of [x0, x1]) add("text", { x: px(x), y: H - B + 16, "text-anchor": "middle", class: "tick" }, String(x));
+    names.forEach((name, i) => {
+      const colour = PALETTE[(index ? index(name, i) : i) % PALETTE.length];
+      const points = series[name];
+      add("polyline", {
+        points: points.map((p) => `${px(p[0])},${py(p[1])}`).join(" "),
+        fill: "none", stroke: colour, "stroke-width": 2, class: "series", "data-series": name,
+      });
+      if (points.length === 1) add("circle", { cx: px(points[0][0]), cy: py(points[0][1]), r: 3, fill: colour });
+    });
+    svg.dataset.series = names.join("|");
+  }
+
+  // A grid of chart cards ({id, title, series}) in `box`, each redrawn in place on later calls.
+  function drawCharts(box, charts, index) {
+    for (const chart of charts) {
+      let card = box.querySelector(`[data-chart="${chart.id}"]`);
+      if (!card) {
+        card = document.createElement("figure");
+        card.className = "chart-card";
+        card.dataset.chart = chart.id;
+        const title = document.createElement("figcaption");
+        title.textContent = chart.title;
+        const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
+        svg.setAttribute("viewBox", "0 0 480 240");
+        svg.setAttribute("class", "chart");
+        svg.setAttribute("role", "img");
+        svg.setAttribute("aria-label", chart.title);
+        const legend = document.createElement("p");
+        legend.className = "legend";
+        card.append(title, svg, legend);
+        box.appendChild(card);
+      }
+      drawSeries(card.querySelector("svg"), chart.series, index);
+      const legend = card.querySelector(".legend");
+      legend.replaceChildren();
+      Object.keys(chart.series).forEach((name, i) => {
+        const item = document.createElement("span");
+        item.className = "key";
+        item.style.setProperty("--colour", PALETTE[(index ? index(name, i) : i) % PALETTE.length]);
+        const points = chart.series[name];
+        item.textContent = `${name} (${points[points.length - 1][1].toPrecision(4)})`;
+        legend.appendChild(item);
+      });
+    }
+  }
+
+  const bytes = (n) => (n >= 2 ** 30 ? `${(n / 2 ** 30).toFixed(1)} GiB` : `${(n / 2 ** 20).toFixed(0)} MiB`);
+
+  // The machine panel in every page's header: device, accelerator memory, RAM, disk, the running job's peak.
+  function machinePanel() {
+    const box = document.getElementById("machine");
+    if (!box) return;
+    const refresh = async () => {
+      try {
+        const m = await getJSON("/api/machine");
+        const parts = [m.device];
+        if (m.accelerator_total_bytes) {
+          parts.push(`accelerator ${bytes(m.accelerator_used_bytes)} / ${bytes(m.accelerator_total_bytes)}`);
+        }
+        if (m.ram_total_bytes) parts.push(`RAM ${bytes(m.ram_total_bytes - m.ram_available_bytes)} / ${bytes(m.ram_total_bytes)} in use`);
+        if (m.disk_free_bytes != null) parts.push(`disk free ${bytes(m.disk_free_bytes)}`);
+        if (m.peak_memory_gib != null) parts.push(`running job peak ${m.peak_memory_gib.toFixed(2)} GiB`);
+        box.textContent = parts.join(" · ");
+        box.dataset.loaded = "1";
+      } catch (err) {
+        box.textContent = "";
+      }
+      setTimeout(refresh, 5000);
+    };
+    refresh();
+  }
+
+  function comparePage(ids) {
+    const box = document.getElementById("charts");
+    const jobs = ids.split(",");
+    const index = (name) => Math.max(0, jobs.indexOf(name.slice(1).split(":")[0]));
+    document.querySelectorAll(".swatch").forEach((el) => {
+      el.style.background = PALETTE[Number(el.dataset.seriesIndex) % PALETTE.length];
+    });
+    getJSON(`/api/compare?jobs=${ids}`).then((data) => {
+      drawCharts(box, data.charts, index);
+      box.dataset.loaded = "1";
+    });
+  }
+
+  function jobPage(jobId, status, classifier) {
     const logBox = document.getElementById("log");
     const svg = document.getElementById("chart");
     const note = document.getElementById("chart-note");
@@ -77,6 +191,7 @@ const tunelab = (() => {
         offset = log.offset;
         const metrics = await getJSON(`/api/jobs/${jobId}/metrics`);
         drawChart(svg, metrics.points);
+        drawCharts(document.getElementById("charts"), metrics.charts.filter((c) => c.id !== "loss"));
         const n = metrics.points.loss.length;
         svg.dataset.points = String(n);
         if (n) note.textContent = `${n} logged steps; last loss ${metrics.points.loss[n - 1][1].toFixed(4)}`;
@@ -95,9 +210,115 @@ const tunelab = (() => {
     }
     poll();
     if (status === "completed") {
-      chatBox(jobId);
-      exportBox(jobId);
+      if (classifier) {
+        predictBox(jobId);
+      } else {
+        chatBox(jobId);
+        sideBySide(jobId);
+        exportBox(jobId, "gguf", "export-form", "export-result", () => ({ dtype: document.getElementById("export-dtype").value }));
+      }
+      exportBox(jobId, "merged", "merge-form", "merge-result", () => ({}));
+      pushBox(jobId);
     }
+  }
+
+  // Base beside tuned: one prompt to both, greedy and seeded alike; the evaluation samples' buttons fill it.
+  function sideBySide(jobId) {
+    const form = document.getElementById("side-form");
+    const input = document.getElementById("side-input");
+    const base = document.getElementById("side-base");
+    const tuned = document.getElementById("side-tuned");
+    form.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      const message = input.value.trim();
+      if (!message) return;
+      base.textContent = tuned.textContent = "…";
+      base.classList.add("pending");
+      form.querySelector("button").disabled = true;
+      try {
+        const data = await postJSON(`/api/jobs/${jobId}/side-by-side`, { message, sample: false, seed: 0 });
+        base.textContent = data.base || "(an empty answer)";
+        tuned.textContent = data.tuned || "(an empty answer)";
+      } catch (err) {
+        base.textContent = tuned.textContent = err.message;
+      } finally {
+        base.classList.remove("pending");
+        form.querySelector("button").disabled = false;
+      }
+    });
+    for (const button of document.querySelectorAll(".ask-again")) {
+      button.addEventListener("click", () => {
+        input.value = button.dataset.prompt;
+        form.requestSubmit();
+        form.scrollIntoView({ behavior: "smooth" });
+      });
+    }
+  }
+
+  // A classifier's predict box: every label's probability as a bar.
+  function predictBox(jobId) {
+    const form = document.getElementById("predict-form");
+    const input = document.getElementById("predict-input");
+    const out = document.getElementById("prediction");
+    form.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      const text = input.value.trim();
+      if (!text) return;
+      out.textContent = "…";
+      try {
+        const data = await postJSON(`/api/jobs/${jobId}/predict`, { text });
+        out.replaceChildren();
+        const head = document.createElement("p");
+        head.className = "score";
+        head.id = "predicted-label";
+        head.textContent = data.label;
+        out.appendChild(head);
+        for (const { label, p } of data.probabilities) {
+          const row = document.createElement("div");
+          row.className = "probability";
+          row.dataset.label = label;
+          const bar = document.createElement("span");
+          bar.className = "bar";
+          bar.style.width = `${Math.round(200 * p)}px`;
+          row.append(`${label} `, bar, ` ${(100 * p).toFixed(1)}%`);
+          out.appendChild(row);
+        }
+      } catch (err) {
+        out.textContent = err.message;
+        out.className = "error";
+      }
+    });
+  }
+
+  function pushBox(jobId) {
+    const form = document.getElementById("push-form");
+    const result = document.getElementById("push-result");
+    const show = (data) => {
+      result.className = data.state === "failed" ? "error" : "hint";
+      result.textContent = {
+        running: `pushing… ${data.progress || ""} (${data.seconds || 0} s)`,
+        failed: data.error,
+        done: `pushed: ${data.url}`,
+        none: "",
+      }[data.state];
+      form.querySelector("button").disabled = data.state === "running";
+      return data.state;
+    };
+    const poll = async () => {
+      if (show(await getJSON(`/api/jobs/${jobId}/export?kind=push`)) === "running") setTimeout(poll, 1000);
+    };
+    form.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      const token = document.getElementById("push-token");
+      try {
+        show(await postJSON(`/api/jobs/${jobId}/push`, { repo_id: document.getElementById("push-repo").value.trim(), token: token.value || null }));
+        token.value = "";
+        setTimeout(poll, 1000);
+      } catch (err) {
+        result.textContent = err.message;
+        result.className = "error";
+      }
+    });
   }
 
   // A grpo job's samples: prompt, completion, each reward's score.
@@ -121,10 +342,12 @@ const tunelab = (() => {
     }
   }
 
-  // The Export button: start the export, then poll its state until the files (or the reason it failed) show.
-  function exportBox(jobId) {
-    const form = document.getElementById("export-form");
-    const result = document.getElementById("export-result");
+  // An export button (kind gguf or merged): start it, then poll its state (with its latest progress line) until
+  // the files to download (or the reason it failed) show.
+  function exportBox(jobId, kind, formId, resultId, options) {
+    const form = document.getElementById(formId);
+    const result = document.getElementById(resultId);
+    if (!form) return;
     const show = (data) => {
       result.replaceChildren();
       const line = (cls, text) => {
@@ -134,7 +357,7 @@ const tunelab = (() => {
         result.appendChild(p);
         return p;
       };
-      if (data.state === "running") line("hint", `exporting (${data.dtype})…`);
+      if (data.state === "running") line("hint progress", `exporting${data.dtype ? ` (${data.dtype})` : ""}… ${data.progress || ""} (${data.seconds || 0} s)`);
       if (data.state === "failed") line("error", data.error);
       if (data.state === "done") {
         for (const file of data.files) {
@@ -145,21 +368,22 @@ const tunelab = (() => {
           a.textContent = `${file.name} (${size})`;
           line("", "").appendChild(a);
         }
-        const code = document.createElement("code");
-        code.textContent = data.command;
-        line("hint", "then: ").appendChild(code);
+        if (data.command) {
+          const code = document.createElement("code");
+          code.textContent = data.command;
+          line("hint", "then: ").appendChild(code);
+        }
       }
       form.querySelector("button").disabled = data.state === "running";
       return data.state;
     };
     const poll = async () => {
-      if (show(await getJSON(`/api/jobs/${jobId}/export`)) === "running") setTimeout(poll, 1000);
+      if (show(await getJSON(`/api/jobs/${jobId}/export?kind=${kind}`)) === "running") setTimeout(poll, 1000);
     };
     form.addEventListener("submit", async (event) => {
       event.preventDefault();
       try {
-        const dtype = document.getElementById("export-dtype").value;
-        show(await postJSON(`/api/jobs/${jobId}/export`, { dtype }));
+        show(await postJSON(`/api/jobs/${jobId}/export`, { kind, ...options() }));
         setTimeout(poll, 1000);
       } catch (err) {
         result.textContent = err.message;
@@ -207,5 +431,5 @@ const tunelab = (() => {
     });
   }
 
-  return { jobPage, drawChart };
+  return { jobPage, drawChart, drawCharts, machinePanel, comparePage };
 })();
