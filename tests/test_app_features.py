@@ -224,3 +224,34 @@ def test_an_oversized_classification_upload_is_refused_while_it_streams(tmp_path
         status, refused = client.post_form("/api/projects", fields, {"data_file": ("t.csv", big)})
         assert status == 413 and "limit" in refused["errors"]["data_file"]
         assert not any((tmp_path / "appdata" / "uploads").rglob("t.csv"))
+
+
+def test_start_asks_first_when_the_plan_does_not_fit(app, tiny_llama, monkeypatch):
+    import tunelab.memory
+
+    monkeypatch.setattr(tunelab.memory, "available_memory", lambda device=None: ("a tiny device", 2**20))
+    _, project = new_project(app, tiny_llama)
+    form = {k: str(v) for k, v in SHORT_RUN.items()} | {"peft": "on", "lr": "0.0002"}
+    status, page = app.post_form(f"/projects/{project['id']}/params", {**form, "action": "start"})
+    assert status == 200 and 'id="unfit"' in page and 'id="start-anyway"' in page and "DOES NOT FIT" in page
+    assert app.get_json("/api/jobs")[1] == []  # nothing queued
+    status, _ = app.post_form(f"/projects/{project['id']}/params", {**form, "action": "start_anyway"})
+    assert status == 303
+    (job,) = app.get_json("/api/jobs")[1]
+    wait_for(app, [job["id"]])
+
+
+def test_a_push_without_the_hub_fails_in_one_line_and_never_shows_the_token(app, tiny_llama, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub out of reach, as on this machine
+    _, project = new_project(app, tiny_llama)
+    _, job = app.post_json(f"/api/projects/{project['id']}/jobs", {"params": SHORT_RUN, "evaluate": False})
+    (job,) = wait_for(app, [job["id"]])
+    assert app.post_json(f"/api/jobs/{job['id']}/push", {"repo_id": "no-slash", "token": "x"})[0] == 400
+    status, started = app.post_json(f"/api/jobs/{job['id']}/push", {"repo_id": "me/tiny", "token": "hf_push_only"})
+    assert status == 202 and "token" not in started
+    deadline = time.time() + 30
+    while (state := app.get_json(f"/api/jobs/{job['id']}/export?kind=push")[1])["state"] == "running":
+        assert time.time() < deadline
+        time.sleep(0.1)
+    assert state["state"] == "failed" and "out of reach" in state["error"]
+    assert "hf_push_only" not in json.dumps(state)

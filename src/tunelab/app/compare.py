@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from tunelab.app.charts import CHARTS, charts, differing_params, final_values, series
-from tunelab.app.results import final_metrics, metric_records
+from tunelab.app.results import final_metrics, metric_records, shown_metrics
 from tunelab.app.uploads import FieldError
 
 MAX_COMPARED = 8
@@ -58,5 +58,11 @@ def comparison(jobs: list[dict[str, Any]], store: Any = None) -> dict[str, Any]:
         "jobs": shown,
         "charts": sorted(overlaid.values(), key=lambda chart: order.index(chart["id"])),
         "metrics": final_values([final_metrics(job) for job in jobs]),
+        "labels": metric_labels([final_metrics(job) for job in jobs]),
         "params": differing_params(jobs),
     }
+
+
+def metric_labels(jobs_metrics: list[dict[str, Any]]) -> dict[str, str]:
+    """The readable name of each final metric (the job page's), for the comparison's table."""
+    return {key: label for metrics in jobs_metrics for key, label, _ in shown_metrics(metrics)}

@@ -283,7 +283,11 @@ def evaluation_shown(job: dict[str, Any]) -> dict[str, Any] | None:
         if isinstance(prompt, list):  # a conversation: the last user turn is what was asked
             prompt = next((m.get("content", "") for m in reversed(prompt) if m.get("role") == "user"), "")
         samples.append({**sample, "prompt": str(prompt or "")})
-    report = found["report"].split("\n## Sample ")[0]
+    from tunelab.app.results import shown_log
+
+    report = shown_log(found["report"].split("\n## Sample ")[0], Path(job["folder"]))
+    data = Path(str(job["params"].get("data_path") or ""))
+    report = report.replace(str(data), data.name) if data.name else report  # an upload's long folder, left out
     return {**found, "report": report, "samples": samples}
 
 

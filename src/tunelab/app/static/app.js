@@ -95,7 +95,8 @@ const tunelab = (() => {
         points: points.map((p) => `${px(p[0])},${py(p[1])}`).join(" "),
         fill: "none", stroke: colour, "stroke-width": 2, class: "series", "data-series": name,
       });
-      if (points.length === 1) add("circle", { cx: px(points[0][0]), cy: py(points[0][1]), r: 3, fill: colour });
+      // Few points (an evaluation per epoch): each one marked, so a single point still shows
+      if (points.length <= 30) for (const p of points) add("circle", { cx: px(p[0]), cy: py(p[1]), r: 3, fill: colour });
     });
     svg.dataset.series = names.join("|");
   }
