@@ -14,10 +14,18 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# The prepared-data cache of the tests' runs: their own, not the user's (~/.cache/tunelab/data), removed at the end.
-if "TUNELAB_DATA_CACHE" not in os.environ:
+# The prepared-data cache of the tests' runs: their own, not the user's (~/.cache/tunelab/data), removed at the end;
+# one per pytest-xdist worker, so that no test finds data another worker prepared a moment before.
+if "TUNELAB_DATA_CACHE" not in os.environ or os.environ.get("TUNELAB_TEST_CACHE") == os.environ["TUNELAB_DATA_CACHE"]:
     os.environ["TUNELAB_DATA_CACHE"] = tempfile.mkdtemp(prefix="tunelab-test-data-cache-")
+    os.environ["TUNELAB_TEST_CACHE"] = os.environ["TUNELAB_DATA_CACHE"]
     atexit.register(shutil.rmtree, os.environ["TUNELAB_DATA_CACHE"], ignore_errors=True)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers on a machine's cores: each torch (and each run it starts) on its share, not all of them, or
+    # the two would fight over every core.
+    threads = max(1, (os.cpu_count() or 2) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = str(threads)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SHARED_DATA = SHARED / "data"

@@ -188,7 +188,7 @@ def test_a_queued_job_keeps_its_token_sealed_across_a_restart(tmp_path, tiny_lla
     assert "tunelab: done" in log or "training" in log
     assert "needs a token" not in log and "hf_sealed_secret" not in log
     assert done["status"] == "failed" and "out of reach" in done["message"], done["message"]
-    assert not done["has_token"]  # used once, then deleted
+    assert done["has_token"]  # a failed job may resume: its token stays sealed until it completes or is cancelled
 
 
 # ---- security of the new routes
@@ -210,6 +210,13 @@ def test_new_routes_refuse_forgeries_foreign_hosts_and_paths_outside(app, tiny_l
         assert app.request("GET", path, headers={"Host": "evil.example:7860"})[0] == 400, path
     assert app.request("GET", f"/jobs/{job['id']}/export/..%2F..%2Fapp.db")[0] == 404
     assert app.request("GET", f"/jobs/{job['id']}/export/merged.zip")[0] == 404  # nothing merged yet
+    for name, value in (("data_path", "/etc/passwd"), ("project_name", str(tmp_path / "anywhere")), ("task", "x")):
+        status, refused = app.post_json(f"/api/projects/{project['id']}/jobs", {"params": {name: value}})
+        assert status == 400 and "set by the project" in refused["errors"][name], (name, refused)
+        status, refused = app.post_json(f"/api/projects/{project['id']}/preview", {"params": {name: value}})
+        assert status == 400 and name in refused["errors"], (name, refused)
+    assert app.post_json(f"/api/projects/{project['id']}/preview", {"mapping": ["x"]})[0] == 400
+    assert app.post_json(f"/api/projects/{project['id']}/jobs", {"token": 123})[0] == 400
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     status, refused = new_project(app, outside)  # "new project from this run" with a model outside the roots
@@ -255,3 +262,17 @@ def test_a_push_without_the_hub_fails_in_one_line_and_never_shows_the_token(app,
         time.sleep(0.1)
     assert state["state"] == "failed" and "out of reach" in state["error"]
     assert "hf_push_only" not in json.dumps(state)
+
+
+def test_the_parameters_page_queues_a_push_job_with_its_token(tmp_path, tiny_llama):
+    with running_app(tmp_path / "appdata", allowed_paths=[tiny_llama], start_worker=False) as client:
+        _, project = new_project(client, tiny_llama)
+        form = {k: str(v) for k, v in SHORT_RUN.items()} | {"peft": "on", "lr": "0.0002", "push_to_hub": "on"}
+        form |= {"repo_id": "me/tiny", "action": "start"}
+        status, page = client.post_form(f"/projects/{project['id']}/params", form)
+        assert status == 400 and "needs a token" in page  # without one: said on the page, nothing queued
+        assert "Type it again" not in page
+        status, _ = client.post_form(f"/projects/{project['id']}/params", {**form, "token": "hf_from_the_page"})
+        assert status == 303
+        (job,) = client.get_json("/api/jobs")[1]
+        assert job["has_token"] and job["params"]["token"] == "set"

@@ -74,6 +74,9 @@ async def project_preview(request: Request, project_id: int) -> JSONResponse:
 
     project = project_or_404(request, project_id)
     body = await json_body(request)
+    for name in ("mapping", "params"):
+        if not isinstance(body.get(name) or {}, dict):
+            return errors({name: "expected a JSON object"})
     try:
         settings = save_mapping(state(request).store, project, body.get("mapping") or {})
     except FormErrors as err:
@@ -97,6 +100,10 @@ async def new_job(request: Request, project_id: int) -> JSONResponse:
     project = project_or_404(request, project_id)
     body = await json_body(request)
     app = state(request)
+    if not isinstance(body.get("params") or {}, dict):
+        return errors({"params": "expected a JSON object"})
+    if body.get("token") is not None and not isinstance(body["token"], str):
+        return errors({"token": "expected a string"})
     values = {**default_values(project["settings"]["trainer"]), **(body.get("params") or {})}
     try:
         job_id = start_job(
@@ -226,8 +233,9 @@ async def export(request: Request, job_id: int) -> JSONResponse:
     body = await json_body(request)
     finished(job, "dtype", "export")
     kind = body.get("kind", "gguf")
-    if is_classifier_job(job) and kind == "gguf":
-        return errors({"dtype": "GGUF export is for language models; download the classifier's run instead"}, 409)
+    if is_classifier_job(job) and kind in ("gguf", "merged"):
+        # a LoRA classifier's run holds its merged model already (run/merged), in the download
+        return errors({"kind": "export is for language models; download the classifier's run instead"}, 409)
     options = {"dtype": body.get("dtype", "f16")} if kind == "gguf" else {}
     try:
         started = state(request).exports.start(job_id, run_folder(job), Path(job["folder"]), kind, **options)
@@ -246,6 +254,8 @@ async def push(request: Request, job_id: int) -> JSONResponse:
     if token is not None and not isinstance(token, str):
         return errors({"token": "expected a string"})
     repo_id = body.get("repo_id")
+    if not isinstance(repo_id, str):
+        return errors({"repo_id": "give the hub repository as owner/name"})
     try:
         started = state(request).exports.start(
             job_id, run_folder(job), Path(job["folder"]), "push", repo_id=repo_id, token=token

@@ -21,7 +21,7 @@ def parse_job_ids(text: str | list[str]) -> list[int]:
         piece = piece.strip()
         if not piece:
             continue
-        if not piece.isdigit():
+        if not (piece.isascii() and piece.isdigit() and len(piece) <= 12):
             raise FieldError("jobs", f"{piece!r} is not a job number")
         if int(piece) not in ids:
             ids.append(int(piece))

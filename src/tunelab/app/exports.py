@@ -62,7 +62,8 @@ class Exports:
             raise TunelabError(f"export: dtype {options.get('dtype')!r} is not one of {', '.join(offered_dtypes())}")
         if kind == "merged" and not (run / "adapter_config.json").is_file():
             raise TunelabError("export: this run holds full model weights already: download the run instead")
-        if kind == "push" and not str(options.get("repo_id") or "").count("/") == 1:
+        repo_id = options.get("repo_id")
+        if kind == "push" and not (isinstance(repo_id, str) and repo_id.count("/") == 1):
             raise TunelabError("push: give the hub repository as owner/name")
         with self._lock:
             if self._state.get((job_id, kind), {}).get("state") == "running":
@@ -100,12 +101,19 @@ class Exports:
             export_ollama(run, target, options["dtype"])
             return {}
         if kind == "merged":
+            import os
             import shutil
 
             from tunelab.inference.merge import merge_run
 
-            shutil.rmtree(target / MERGED_DIR, ignore_errors=True)  # a new merge replaces the last one
-            merge_run(run, target / MERGED_DIR)
+            # A new merge replaces the last one only once it is complete: the old folder stays whole till then.
+            fresh = target / f".{MERGED_DIR}-{time.time_ns()}"
+            merge_run(run, fresh)
+            old = target / f".{MERGED_DIR}-old-{time.time_ns()}"
+            if (target / MERGED_DIR).exists():
+                os.replace(target / MERGED_DIR, old)
+            os.replace(fresh, target / MERGED_DIR)
+            shutil.rmtree(old, ignore_errors=True)
             return {}
         from tunelab.hub import push_folder
 

@@ -45,7 +45,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished REAL,
     exit_code INTEGER,
     message TEXT,
-    sealed_token TEXT                   -- the hub token encrypted (vault.py) while the job waits; then NULL
+    sealed_token TEXT                   -- the hub token encrypted (vault.py) until the job completes or is cancelled
 );
 """
 # Columns added after the first release: an older app.db gets them on open.
@@ -123,11 +123,11 @@ class JobStore:
             )
             return int(cur.lastrowid)
 
-    def take_token(self, job_id: int) -> str | None:
-        """The job's sealed token, removed from the database as it is read (a run needs it once)."""
+    def sealed_token(self, job_id: int) -> str | None:
+        """The job's sealed token: kept while the job may still run (queued, or failed or interrupted and so
+        resumable), deleted when it completes or is cancelled."""
         with self._connect() as db:
             row = db.execute("SELECT sealed_token FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            db.execute("UPDATE jobs SET sealed_token = NULL WHERE id = ?", (job_id,))
         return None if row is None else row["sealed_token"]
 
     def job(self, job_id: int) -> dict[str, Any] | None:
@@ -156,6 +156,8 @@ class JobStore:
                 "UPDATE jobs SET status = ?, finished = ?, exit_code = ?, message = ? WHERE id = ?",
                 (status, time.time(), exit_code, message, job_id),
             )
+            if status in (COMPLETED, CANCELLED):  # it will not run again: its token goes
+                db.execute("UPDATE jobs SET sealed_token = NULL WHERE id = ?", (job_id,))
 
     def cancel_queued(self, job_id: int) -> bool:
         """Cancel a job that has not started; False when it is no longer queued."""

@@ -88,7 +88,7 @@ def preview_settings(request: Request, project: dict[str, Any]) -> dict[str, Any
 
 @router.get("/login", response_class=HTMLResponse)
 def login_page(request: Request) -> HTMLResponse:
-    return render(request, "login.html", error=None)
+    return render(request, "login.html", error=None, hide_machine=True)
 
 
 @router.post("/login")
@@ -98,7 +98,7 @@ async def login(request: Request) -> Response:
     if not token:
         return RedirectResponse("/", status_code=303)
     if not same_token(token, form.get("token")):
-        return render(request, "login.html", 401, error="wrong token")
+        return render(request, "login.html", 401, error="wrong token", hide_machine=True)
     response = RedirectResponse("/", status_code=303)
     response.set_cookie(AUTH_COOKIE, session_value(token), httponly=True, samesite="strict")
     return response
@@ -206,11 +206,13 @@ def _params_page(
     plan: dict[str, Any] | None = None,
     note: str | None = None,
     unfit: bool = False,
+    evaluate: bool = True,
+    token_given: bool = False,
 ) -> HTMLResponse:
     fields = field_specs(project["settings"]["trainer"])
     return render(
         request, "params.html", status, project=project, fields=fields, values=values, errors=errors,
-        plan=plan or {}, note=note, unfit=unfit,
+        plan=plan or {}, note=note, unfit=unfit, evaluate=evaluate, token_given=token_given,
     )  # fmt: skip
 
 
@@ -226,7 +228,8 @@ async def params_submit(request: Request, project_id: int) -> Response:
     app = state(request)
     action = form.get("action")
     settings = preview_settings(request, project)
-    params, errors = build_params(settings, values)
+    token = form.get("token") or None  # checked with the rest (push_to_hub needs one), never shown again
+    params, errors = build_params(settings, {**values, **({"token": token} if token else {})})
     shown = None
     if params is not None and action != "start_anyway":
         shown = await asyncio.to_thread(preview, settings, params)
@@ -238,14 +241,15 @@ async def params_submit(request: Request, project_id: int) -> Response:
         and (plan.get("fits") is not False or action == "start_anyway")
     ):
         try:
-            job_id = start_job(
-                app.config, app.store, app.worker, project, values, form.get("token") or None, "evaluate" in form
-            )
+            job_id = start_job(app.config, app.store, app.worker, project, values, token, "evaluate" in form)
         except FormErrors as err:
-            return _params_page(request, project, shown_values, err.errors, 400)
+            return _params_page(request, project, shown_values, err.errors, 400, evaluate="evaluate" in form)
         return RedirectResponse(f"/jobs/{job_id}", status_code=303)
     unfit = action == "start" and plan.get("fits") is False
-    return _params_page(request, project, shown_values, errors, 400 if errors else 200, plan, unfit=unfit)
+    return _params_page(
+        request, project, shown_values, errors, 400 if errors else 200, plan, unfit=unfit,
+        evaluate="evaluate" in form, token_given=token is not None,
+    )  # fmt: skip
 
 
 # ---- a job
@@ -262,7 +266,10 @@ def job_page(request: Request, job_id: int) -> HTMLResponse:
     classifier = job["params"].get("trainer") == CLASSIFIER
     run = run_folder(job)
     # The model a new project would start from: the run itself when it holds full weights, else its merged export
-    full = run if (run / "config.json").is_file() else merged_folder(Path(job["folder"]))
+    if classifier:  # a LoRA classifier's run holds its full model in merged/ already
+        full = run / "merged" if (run / "merged" / "config.json").is_file() else run
+    else:
+        full = run if (run / "config.json").is_file() else merged_folder(Path(job["folder"]))
     return render(
         request, "job.html", job=job, metrics=shown_metrics(final_metrics(job)) if done else [],
         evaluation=evaluation_shown(job) if done else None, export_dtypes=offered_dtypes(), classifier=classifier,

@@ -36,6 +36,9 @@ APP_DEFAULTS: dict[str, Any] = {"peft": True, "lr": 2e-4}
 # Set on the project pages, not here; a ConfigError naming them is shown on those pages.
 PROJECT_FIELDS = ("trainer", "model", "data_path", "valid_split", "text_column", "prompt_text_column")
 PROJECT_FIELDS += ("rejected_text_column", "chat_template", "target_column")
+# Never a parameter from the form or the API: the paths there were checked against the allowed folders, and the
+# run folder is the app's own.
+FIXED_BY_PROJECT = (*PROJECT_FIELDS, "project_name", "task", "train_split")
 
 
 def is_classifier(settings: dict[str, Any]) -> bool:
@@ -134,6 +137,8 @@ def build_params(settings: dict[str, Any], values: dict[str, Any]) -> tuple[Any,
     for name, value in values.items():
         if value == "":
             errors[name] = "a value is required"
+        elif name in FIXED_BY_PROJECT:  # data, model and run folder are the project's (checked against the roots)
+            errors[name] = f"{name} is set by the project, not by its parameters"
     clean = {k: v for k, v in values.items() if k not in errors}
     try:
         params = load_config({**project_params(settings), **clean})

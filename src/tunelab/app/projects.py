@@ -149,6 +149,7 @@ def start_job(
     params, errors = build_params(settings, {**values, **({"token": token} if token else {})})
     if params is None:
         raise FormErrors(errors)
+    sealed = worker.vault.seal(token) if token else None
     folder.mkdir(parents=True)
     # The token never goes into the file: the worker hands it to the run as HF_TOKEN.
     written = {k: v for k, v in params.to_dict(redact=False).items() if k != "token"}
@@ -159,7 +160,6 @@ def start_job(
     shown["trainer"] = params.trainer  # text_classification for a classifier (a class attribute, not a field)
     shown["token"] = "set" if token else None
     number = sum(1 for job in store.jobs() if job["project_id"] == project["id"]) + 1
-    sealed = worker.vault.seal(token) if token else None
     job_id = store.add_job(project["id"], f"{project['name']} #{number}", shown, folder, evaluate, sealed)
     worker.submit(job_id)
     return job_id

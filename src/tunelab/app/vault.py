@@ -27,15 +27,20 @@ class Vault:
 
         if self._fernet is None:
             if not self.path.is_file():
-                key = Fernet.generate_key()
-                # O_EXCL: two app processes starting at once never overwrite each other's key
+                # Written whole to a private file, then linked into place: a second app starting at the same moment
+                # either wins the link or reads the complete key of the first, never half of one.
+                temp = self.path.with_name(f".{KEY_FILE}.{os.getpid()}")
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(Fernet.generate_key())
                 try:
-                    fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                    os.link(temp, self.path)
                 except FileExistsError:
                     pass
-                else:
-                    with os.fdopen(fd, "wb") as f:
-                        f.write(key)
+                finally:
+                    temp.unlink()
+            if self.path.stat().st_mode & 0o077:
+                os.chmod(self.path, 0o600)  # a key others can read protects nothing: made owner-only again
             self._fernet = Fernet(self.path.read_bytes().strip())
         return self._fernet
 

@@ -4,8 +4,9 @@ A job is `python -m tunelab.cli --config <job>/config.yaml` (the same code path 
 `tunelab evaluate` on the finished run. Running it as a child process means a crash, an out-of-memory kill or a
 cancel never takes the app down. The child gets its own process group so that cancel stops it and anything it
 started (dataloader workers, accelerate). Its stdout and stderr go to `<job>/train.log`, which the job page tails.
-The hub token reaches the child as HF_TOKEN, never in a file of the job; while the job waits it is kept sealed
-in the database (vault.py), so a queued job keeps it across a restart of the app.
+The hub token reaches the child as HF_TOKEN, never in a file of the job; until the job completes or is cancelled
+it is kept sealed in the database (vault.py), so a queued job keeps it across a restart of the app, and a failed
+or interrupted one when it resumes.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ class Worker:
 
     def _run(self, job: dict[str, Any]) -> None:
         folder = Path(job["folder"])
-        sealed = self.store.take_token(job["id"])
+        sealed = self.store.sealed_token(job["id"])
         token = self.vault.open(sealed) if sealed else None
         with self._lock:
             self._current = job["id"]

@@ -91,9 +91,11 @@ const tunelab = (() => {
     names.forEach((name, i) => {
       const colour = PALETTE[(index ? index(name, i) : i) % PALETTE.length];
       const points = series[name];
+      // The evaluation's series dashed: a run's train and eval curves share its colour on the compare page
+      const dashed = /(^|: )eval_/.test(name) ? { "stroke-dasharray": "5 3" } : {};
       add("polyline", {
         points: points.map((p) => `${px(p[0])},${py(p[1])}`).join(" "),
-        fill: "none", stroke: colour, "stroke-width": 2, class: "series", "data-series": name,
+        fill: "none", stroke: colour, "stroke-width": 2, class: "series", "data-series": name, ...dashed,
       });
       // Few points (an evaluation per epoch): each one marked, so a single point still shows
       if (points.length <= 30) for (const p of points) add("circle", { cx: px(p[0]), cy: py(p[1]), r: 3, fill: colour });
@@ -308,6 +310,7 @@ const tunelab = (() => {
     const poll = async () => {
       if (show(await getJSON(`/api/jobs/${jobId}/export?kind=push`)) === "running") setTimeout(poll, 1000);
     };
+    poll(); // a push already running (or done) when the page was opened
     form.addEventListener("submit", async (event) => {
       event.preventDefault();
       const token = document.getElementById("push-token");
