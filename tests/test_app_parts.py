@@ -11,6 +11,8 @@ import sysconfig
 import types
 from pathlib import Path
 
+import pytest
+
 from tunelab.app.machine import human_bytes, machine_status
 from tunelab.app.render import markdown
 from tunelab.app.results import log_tail, shown_log, shown_metrics
@@ -180,3 +182,45 @@ def test_human_bytes():
     assert [human_bytes(n) for n in (None, 512, 1536, 12.3 * 2**30, 5 * 2**50)] == [
         "", "512 B", "1.5 KiB", "12.3 GiB", "5120.0 TiB",
     ]  # fmt: skip
+
+
+def test_each_method_gets_its_own_charts_from_what_it_logged():
+    from tunelab.app.charts import charts, series
+
+    dpo = [
+        {"step": 1, "loss": 0.69, "learning_rate": 1e-4, "rewards/margins": 0.0, "rewards/accuracies": 0.5},
+        {"step": 2, "loss": 0.6, "learning_rate": 9e-5, "rewards/margins": 0.3, "rewards/accuracies": 0.75},
+        {"step": 2, "eval_loss": 0.62, "eval_rewards/margins": 0.2},
+    ]
+    drawn = {chart["id"]: chart for chart in charts(series(dpo))}
+    assert list(drawn) == ["loss", "lr", "margin", "reward_accuracy"]
+    assert drawn["loss"]["series"] == {"loss": [[1, 0.69], [2, 0.6]], "eval_loss": [[2, 0.62]]}
+    assert set(drawn["margin"]["series"]) == {"rewards/margins", "eval_rewards/margins"}
+
+    grpo = [
+        {"step": s, "reward": 0.1 * s, "rewards/format_tag/mean": 0.2 * s, "rewards/format_tag/std": 0.1,
+         "rewards/answer_tag/mean": 0.05 * s, "kl": 0.01, "completions/mean_length": 20 + s, "epoch": 0.1}
+        for s in (1, 2, 3)
+    ]  # fmt: skip
+    drawn = {chart["id"]: chart for chart in charts(series(grpo))}
+    assert set(drawn["reward"]["series"]) == {"reward", "rewards/format_tag/mean", "rewards/answer_tag/mean"}
+    assert {"kl", "completion_length"} <= set(drawn) and "epoch" not in str(drawn)
+
+    classifier = [{"step": 4, "eval_accuracy": 0.5, "eval_macro_f1": 0.4}, {"step": 8, "eval_accuracy": 0.7}]
+    assert charts(series(classifier))[0]["series"]["eval_accuracy"] == [[4, 0.5], [8, 0.7]]
+
+
+def test_only_the_parameters_that_differ_are_compared():
+    from tunelab.app.charts import differing_params
+    from tunelab.app.compare import parse_job_ids
+    from tunelab.app.uploads import FieldError
+
+    jobs = [
+        {"params": {"lr": 1e-4, "epochs": 1, "project_name": "/a/run", "seed": 1}},
+        {"params": {"lr": 1e-3, "epochs": 1, "project_name": "/b/run"}},
+    ]
+    assert differing_params(jobs) == [{"name": "lr", "values": [1e-4, 1e-3]}, {"name": "seed", "values": [1, None]}]
+    assert parse_job_ids(["3", "1,3"]) == [3, 1]
+    for bad in ("", "1,x", "²", "9" * 20, ",".join(map(str, range(1, 10)))):
+        with pytest.raises(FieldError):
+            parse_job_ids(bad)
