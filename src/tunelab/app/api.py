@@ -26,6 +26,7 @@ from tunelab.app.exports import offered_dtypes
 from tunelab.app.jobs import COMPLETED
 from tunelab.app.machine import machine_status
 from tunelab.app.pages import check_csrf, expected_csrf, job_or_404, project_or_404, running_job_folder, state
+from tunelab.app.params import is_classifier
 from tunelab.app.preview import preview
 from tunelab.app.projects import FormErrors, create_project, save_mapping, start_job
 from tunelab.app.results import evaluation, final_metrics, log_tail, loss_points, metric_records, sample_completions
@@ -166,17 +167,13 @@ def finished(job: dict[str, Any], field: str, what: str) -> None:
         raise FieldError(field, f"the job has not finished: there is no model to {what} yet", status=409)
 
 
-def is_classifier_job(job: dict[str, Any]) -> bool:
-    return job["params"].get("trainer") == "text_classification"
-
-
 @router.post("/jobs/{job_id}/chat")
 async def chat(request: Request, job_id: int) -> JSONResponse:
     job = job_or_404(request, job_id)
     body = await json_body(request)
     history, message, options = parse_chat(body)
     finished(job, "message", "talk to")
-    if is_classifier_job(job):
+    if is_classifier(job["params"]):
         return errors({"message": "a text classifier labels texts: use the predict box"}, 409)
     # Loading and generating are blocking (torch): keep them off the event loop.
     answer = await asyncio.to_thread(state(request).chat.answer, run_folder(job), history, message, options)
@@ -190,7 +187,7 @@ async def side_by_side(request: Request, job_id: int) -> JSONResponse:
     body = await json_body(request)
     _, message, options = parse_chat({**body, "history": []})
     finished(job, "message", "talk to")
-    if is_classifier_job(job):
+    if is_classifier(job["params"]):
         return errors({"message": "a text classifier has no answers to compare: use the predict box"}, 409)
     seed = body.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
@@ -210,7 +207,7 @@ async def predict(request: Request, job_id: int) -> JSONResponse:
     if len(text) > MAX_MESSAGE_CHARS:
         return errors({"text": f"the text is longer than {MAX_MESSAGE_CHARS} characters"})
     finished(job, "text", "label texts with")
-    if not is_classifier_job(job):
+    if not is_classifier(job["params"]):
         return errors({"text": "only a text-classification run labels texts"}, 409)
     found = await asyncio.to_thread(state(request).chat.classify, run_folder(job), text.strip())
     ranked = sorted(found.items(), key=lambda item: -item[1])
@@ -233,7 +230,7 @@ async def export(request: Request, job_id: int) -> JSONResponse:
     body = await json_body(request)
     finished(job, "dtype", "export")
     kind = body.get("kind", "gguf")
-    if is_classifier_job(job) and kind in ("gguf", "merged"):
+    if is_classifier(job["params"]) and kind in ("gguf", "merged"):
         # a LoRA classifier's run holds its merged model already (run/merged), in the download
         return errors({"kind": "export is for language models; download the classifier's run instead"}, 409)
     options = {"dtype": body.get("dtype", "f16")} if kind == "gguf" else {}

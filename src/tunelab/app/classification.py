@@ -8,19 +8,21 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from tunelab.app.params import is_classifier
 from tunelab.app.worker import run_folder
+from tunelab.outputs import read_run
 
 
 def classification_results(job: dict[str, Any]) -> dict[str, Any] | None:
     """The final evaluation of a finished classifier, or None (another task, or no validation data)."""
-    if job["params"].get("trainer") != "text_classification":
+    if not is_classifier(job["params"]):
         return None
     folder = run_folder(job)
     try:
         report = json.loads((folder / "eval_report.json").read_text(encoding="utf-8"))["final"]
-        run = json.loads((folder / "tunelab_run.json").read_text(encoding="utf-8"))
     except (OSError, ValueError, KeyError):
         return None
+    run = read_run(folder)
     labels = report["labels"]
     matrix = report["confusion_matrix"]
     largest = max((max(row) for row in matrix), default=0) or 1

@@ -53,12 +53,13 @@ def comparison(jobs: list[dict[str, Any]], store: Any = None) -> dict[str, Any]:
                 "project": project["name"] if project else None,
             }
         )
+    finals = [final_metrics(job) for job in jobs]
     order = [chart_id for chart_id, _, _ in CHARTS]  # the page's order, whichever job had a chart first
     return {
         "jobs": shown,
         "charts": sorted(overlaid.values(), key=lambda chart: order.index(chart["id"])),
-        "metrics": final_values([final_metrics(job) for job in jobs]),
-        "labels": metric_labels([final_metrics(job) for job in jobs]),
+        "metrics": final_values(finals),
+        "labels": metric_labels(finals),
         "params": differing_params(jobs),
     }
 

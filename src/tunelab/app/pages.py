@@ -16,7 +16,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response, StreamingResponse
 
 from tunelab.app.jobs import COMPLETED, RUNNING
-from tunelab.app.params import CLASSIFIER, build_params, default_values, field_specs, form_values
+from tunelab.app.params import CLASSIFIER, build_params, default_values, field_specs, form_values, is_classifier
 from tunelab.app.preview import preview
 from tunelab.app.projects import FormErrors, create_project, save_mapping, start_job
 from tunelab.app.results import evaluation, final_metrics, zip_stream
@@ -263,7 +263,7 @@ def job_page(request: Request, job_id: int) -> HTMLResponse:
 
     job = job_or_404(request, job_id)
     done = job["status"] == COMPLETED
-    classifier = job["params"].get("trainer") == CLASSIFIER
+    classifier = is_classifier(job["params"])
     run = run_folder(job)
     # The model a new project would start from: the run itself when it holds full weights, else its merged export
     if classifier:  # a LoRA classifier's run holds its full model in merged/ already

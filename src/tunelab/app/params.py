@@ -42,6 +42,7 @@ FIXED_BY_PROJECT = (*PROJECT_FIELDS, "project_name", "task", "train_split")
 
 
 def is_classifier(settings: dict[str, Any]) -> bool:
+    """A text-classification project's settings, or such a job's parameters (both say so in "trainer")."""
     return settings.get("trainer") == CLASSIFIER
 
 

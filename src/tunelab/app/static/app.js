@@ -25,17 +25,15 @@ const tunelab = (() => {
     return data;
   }
 
-  // The loss chart: an SVG polyline per series, redrawn from all points on each poll.
-  function drawChart(svg, series) {
-    const W = 480, H = 260, L = 52, R = 12, T = 12, B = 34;
-    const all = [...series.loss, ...series.eval_loss];
+  // What every chart draws first: the scales of its points, its axes and ticks. Returns the scales and an `add`
+  // that appends SVG elements; `pad` widens a flat range (all values equal) into one the chart can show.
+  function frame(svg, all, size, pad, tick) {
+    const { W, H, L, R, T, B } = size;
     const ns = "http://www.w3.org/2000/svg";
-    svg.replaceChildren();
-    if (all.length === 0) return;
     const xs = all.map((p) => p[0]), ys = all.map((p) => p[1]);
     let [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
     if (x0 === x1) x1 = x0 + 1;
-    if (y0 === y1) { y0 -= 0.5; y1 += 0.5; }
+    if (y0 === y1) [y0, y1] = pad(y0, y1);
     const px = (x) => L + ((x - x0) / (x1 - x0)) * (W - L - R);
     const py = (y) => T + (1 - (y - y0) / (y1 - y0)) * (H - T - B);
     const add = (name, attrs, text) => {
@@ -47,11 +45,19 @@ const tunelab = (() => {
     };
     add("line", { x1: L, y1: H - B, x2: W - R, y2: H - B, class: "axis" });
     add("line", { x1: L, y1: T, x2: L, y2: H - B, class: "axis" });
-    for (const y of [y0, (y0 + y1) / 2, y1]) {
-      add("text", { x: L - 6, y: py(y) + 4, "text-anchor": "end", class: "tick" }, y.toFixed(3));
-    }
+    for (const y of [y0, (y0 + y1) / 2, y1]) add("text", { x: L - 6, y: py(y) + 4, "text-anchor": "end", class: "tick" }, tick(y));
     for (const x of [x0, x1]) add("text", { x: px(x), y: H - B + 16, "text-anchor": "middle", class: "tick" }, String(x));
-    add("text", { x: (L + W - R) / 2, y: H - 4, "text-anchor": "middle", class: "tick" }, "step");
+    return { add, px, py };
+  }
+
+  // The loss chart: an SVG polyline per series, redrawn from all points on each poll.
+  function drawChart(svg, series) {
+    const size = { W: 480, H: 260, L: 52, R: 12, T: 12, B: 34 };
+    const all = [...series.loss, ...series.eval_loss];
+    svg.replaceChildren();
+    if (all.length === 0) return;
+    const { add, px, py } = frame(svg, all, size, (y0, y1) => [y0 - 0.5, y1 + 0.5], (y) => y.toFixed(3));
+    add("text", { x: (size.L + size.W - size.R) / 2, y: size.H - 4, "text-anchor": "middle", class: "tick" }, "step");
     for (const [name, cls] of [["loss", "train"], ["eval_loss", "eval"]]) {
       const points = series[name];
       if (!points.length) continue;
@@ -64,30 +70,14 @@ const tunelab = (() => {
 
   // One chart of several series ({name: [[step, value], ...]}) with a legend; `index` maps a series to a colour.
   function drawSeries(svg, series, index) {
-    const W = 480, H = 240, L = 58, R = 12, T = 12, B = 30;
-    const ns = "http://www.w3.org/2000/svg";
+    const size = { W: 480, H: 240, L: 58, R: 12, T: 12, B: 30 };
     svg.replaceChildren();
     const names = Object.keys(series);
     const all = names.flatMap((n) => series[n]);
     if (!all.length) return;
-    const xs = all.map((p) => p[0]), ys = all.map((p) => p[1]);
-    let [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
-    if (x0 === x1) x1 = x0 + 1;
-    if (y0 === y1) { y0 -= Math.abs(y0) * 0.1 || 0.5; y1 += Math.abs(y1) * 0.1 || 0.5; }
-    const px = (x) => L + ((x - x0) / (x1 - x0)) * (W - L - R);
-    const py = (y) => T + (1 - (y - y0) / (y1 - y0)) * (H - T - B);
-    const add = (name, attrs, text) => {
-      const el = document.createElementNS(ns, name);
-      for (const [k, v] of Object.entries(attrs)) el.setAttribute(k, v);
-      if (text !== undefined) el.textContent = text;
-      svg.appendChild(el);
-      return el;
-    };
+    const pad = (y0, y1) => [y0 - (Math.abs(y0) * 0.1 || 0.5), y1 + (Math.abs(y1) * 0.1 || 0.5)];
     const tick = (v) => (Math.abs(v) >= 1000 || (Math.abs(v) < 0.01 && v !== 0) ? v.toExponential(1) : v.toPrecision(3));
-    add("line", { x1: L, y1: H - B, x2: W - R, y2: H - B, class: "axis" });
-    add("line", { x1: L, y1: T, x2: L, y2: H - B, class: "axis" });
-    for (const y of [y0, (y0 + y1) / 2, y1]) add("text", { x: L - 6, y: py(y) + 4, "text-anchor": "end", class: "tick" }, tick(y));
-    for (const x of [x0, x1]) add("text", { x: px(x), y: H - B + 16, "text-anchor": "middle", class: "tick" }, String(x));
+    const { add, px, py } = frame(svg, all, size, pad, tick);
     names.forEach((name, i) => {
       const colour = PALETTE[(index ? index(name, i) : i) % PALETTE.length];
       const points = series[name];
