@@ -125,7 +125,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--defaults",
         action="store_true",
         help="each side as its users run it: TRL's own batch order (random, padded to the longest) and "
-        "tunelab's length grouping; gradient checkpointing on for both (both tools' default)",
+        "tunelab's length grouping; gradient checkpointing on for both (TRL's default; tunelab's is auto, which "
+        "bench_peers.py runs through the CLI; --checkpoint-every 0 is what auto picks when memory allows)",
     )
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (LoRA: bf16 base weights)")
     parser.add_argument("--torch-compile", action="store_true", help="tunelab side: torch.compile each layer")
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(raw)
     if args.defaults:
-        args.gradient_checkpointing = True  # TRL's SFTConfig default, and tunelab's (AutoTrain's) default
+        args.gradient_checkpointing = True  # TRL's SFTConfig default (tunelab's own is auto: --checkpoint-every)
     if args._side:
         result = run_side(args)
         Path(args._result).write_text(json.dumps(result, indent=2), encoding="utf-8")

@@ -176,3 +176,79 @@ def test_smollm2_lora_estimate_is_within_25_percent(tmp_path):
     measured = _measured_peak(model, params, model.config.vocab_size, tmp_path)
     estimate = estimate_memory(model.config, params, BATCH * BLOCK, BLOCK)
     assert abs(estimate.total / measured - 1) <= TOLERANCE, (measured, estimate.describe())
+
+
+# --------------------------------------------------------------------------- gradient_checkpointing: auto
+
+
+def _smollm2_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(  # SmolLM2-135M's shape
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
+    )
+
+
+def _estimate_for(config, params, every):
+    chosen = dataclasses.replace(params, disable_gradient_checkpointing=every is None, checkpoint_every=every or 1)
+    return estimate_memory(config, chosen, BATCH * BLOCK, BLOCK).total
+
+
+def test_auto_checkpointing_takes_the_fewest_checkpointed_layers_that_fit():
+    from tunelab.memory import choose_checkpointing, usable_memory
+
+    config, params = _smollm2_config(), _params(peft=True)
+    off = _estimate_for(config, params, None)
+    every_layer = _estimate_for(config, params, 1)
+    assert every_layer < off
+    # Plenty of memory: no checkpointing at all.
+    chosen, why = choose_checkpointing(config, params, BATCH, BLOCK, "causal_lm", ("cpu", 4 * off))
+    assert chosen.disable_gradient_checkpointing and chosen.gradient_checkpointing == "off"
+    assert why.startswith("off:") and "fits" in why
+    # Between the two: some layers, and no fewer than needed (one in every N+1 would not fit).
+    free = 2 * (every_layer + (off - every_layer) // 2)  # a CPU counts half its free RAM for tensors
+    chosen, why = choose_checkpointing(config, params, BATCH, BLOCK, "causal_lm", ("cpu", free))
+    budget = usable_memory("cpu", free)
+    every = chosen.checkpoint_every
+    assert not chosen.disable_gradient_checkpointing and chosen.gradient_checkpointing == "on" and 1 < every < 30
+    assert _estimate_for(config, params, every) <= budget < _estimate_for(config, params, every + 1)
+    assert f"every {every}" in why and "of 30 layers" in why
+    # Too little for anything: every layer, said so.
+    chosen, why = choose_checkpointing(config, params, BATCH, BLOCK, "causal_lm", ("cpu", every_layer // 4))
+    assert not chosen.disable_gradient_checkpointing and chosen.checkpoint_every == 1
+    assert why.startswith("every layer: even so")
+    # A GPU keeps a tenth and half a GiB aside for the CUDA context and the caching allocator.
+    assert usable_memory("cuda:0 test", 10 * 2**30) == 9 * 2**30 - 2**29
+
+
+@pytest.mark.parametrize(
+    "settings, disabled, every",
+    [
+        (dict(gradient_checkpointing="on", checkpoint_every=3), False, 3),
+        (dict(gradient_checkpointing="off"), True, 1),
+        (dict(disable_gradient_checkpointing=True), True, 1),  # AutoTrain's switch still turns it off
+        (dict(gradient_checkpointing=True), False, 1),  # TRL's and Axolotl's boolean
+    ],
+)
+def test_explicit_checkpointing_is_kept_whatever_the_memory(settings, disabled, every):
+    from tunelab.memory import choose_checkpointing
+
+    params = _params(peft=True, **settings)
+    params.validate()
+    for free in (1, 10**15):
+        chosen, why = choose_checkpointing(_smollm2_config(), params, BATCH, BLOCK, "causal_lm", ("cpu", free))
+        assert chosen.disable_gradient_checkpointing is disabled and chosen.checkpoint_every == every
+        assert why.endswith("(as set)")
+
+
+def test_contradicting_checkpointing_switches_are_refused():
+    from tunelab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="disable_gradient_checkpointing: true and gradient_checkpointing: on"):
+        _params(disable_gradient_checkpointing=True, gradient_checkpointing="on").validate()

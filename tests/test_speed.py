@@ -77,7 +77,7 @@ def test_fused_rmsnorm_and_swiglu_equal_transformers_modules(tiny_llama):
     assert_same_loss_and_gradients(plain, fused)
 
 
-def test_fused_lora_dropout_is_peft_dropout_with_a_boolean_mask():
+def test_fused_lora_dropout_is_peft_dropout_with_a_one_byte_mask():
     import torch
 
     from tunelab.speed.lora_dropout import _DroppedProjection, keep_mask
@@ -86,7 +86,8 @@ def test_fused_lora_dropout_is_peft_dropout_with_a_boolean_mask():
     x = torch.randn(3, 50, 32, requires_grad=True)
     weight = torch.randn(8, 32, requires_grad=True)
     keep = keep_mask(x, 0.1)
-    assert keep.dtype == torch.bool and 0.85 < keep.float().mean().item() < 0.95
+    assert keep.dtype == torch.uint8 and set(keep.unique().tolist()) == {0, 1}
+    assert 0.85 < keep.float().mean().item() < 0.95
     upstream = torch.randn(3, 50, 8)
     fused = _DroppedProjection.apply(x, keep, weight, 1 / 0.9)
     (fused * upstream).sum().backward()
@@ -117,8 +118,9 @@ def test_fused_ops_keep_the_adapter_files_and_training(tiny_llama, tmp_path):
 
 
 def test_checkpointing_every_other_layer_trains_the_same(tiny_llama, tmp_path):
-    every = _run(tiny_llama, tmp_path, "all", disable_gradient_checkpointing=False)
-    half = _run(tiny_llama, tmp_path, "half", disable_gradient_checkpointing=False, checkpoint_every=2)
+    on = {"disable_gradient_checkpointing": False, "gradient_checkpointing": "on"}
+    every = _run(tiny_llama, tmp_path, "all", **on)
+    half = _run(tiny_llama, tmp_path, "half", **on, checkpoint_every=2)
     assert half == pytest.approx(every, rel=1e-4)
 
 
@@ -266,3 +268,23 @@ def test_fused_layers_equal_the_plain_path_in_every_family_they_cover(family, ca
         assert "no fused RMSNorm/SwiGLU" in caplog.text
         return
     assert_same_loss_and_gradients(plain, fused)
+
+
+def test_auto_checkpointing_reaches_the_run_and_changes_only_memory(tiny_llama, tmp_path, monkeypatch, caplog):
+    import logging
+
+    import tunelab.tasks.llm as llm
+
+    caplog.set_level(logging.INFO, logger="tunelab")
+    roomy = _run(tiny_llama, tmp_path, "roomy", disable_gradient_checkpointing=False)  # auto, this machine's RAM
+    assert "gradient checkpointing: off: the run's estimate without it" in caplog.text
+    saved = json.loads((tmp_path / "roomy" / "training_params.json").read_text())
+    assert saved["gradient_checkpointing"] == "off" and saved["disable_gradient_checkpointing"] is True
+
+    caplog.clear()
+    monkeypatch.setattr(llm, "available_memory", lambda: ("cpu", 1))  # nothing fits: every layer
+    tight = _run(tiny_llama, tmp_path, "tight", disable_gradient_checkpointing=False)
+    assert "gradient checkpointing: every layer: even so" in caplog.text
+    saved = json.loads((tmp_path / "tight" / "training_params.json").read_text())
+    assert saved["gradient_checkpointing"] == "on" and saved["checkpoint_every"] == 1
+    assert tight == pytest.approx(roomy, rel=1e-4)

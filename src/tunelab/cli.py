@@ -252,6 +252,10 @@ def run_llm(args: argparse.Namespace, schema: type = LLMParams) -> int:
     if args.dry_run:
         print(tasks.plan(params).render())
         return 0
+    from tunelab import allocator
+
+    allocator.restart_with_allocator(args.argv)  # on a CPU: tcmalloc when installed (returns if nothing to do)
+    logging.getLogger("tunelab").info("%s", allocator.describe())
     print(f"tunelab: finished; outputs in {tasks.train(params, argv=args.argv)}")
     return 0
 

@@ -24,7 +24,9 @@ pass); the total takes the larger of the two moments.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import os
 import threading
 import weakref
@@ -327,6 +329,89 @@ def run_estimate(
     memory = estimate_memory(config, params, rows_per_microbatch * longest, longest, kind=kind)
     device, free = available_memory()
     return memory, device, free
+
+
+def usable_memory(device: str, free: int) -> int:
+    """The part of a device's free memory the estimate (live tensors) may take when choosing checkpointing.
+
+    A GPU's caching allocator adds fragmentation and the CUDA context (about a tenth, and half a GiB, kept aside).
+    On a CPU the process's resident memory is up to about twice its live tensors (glibc keeps freed blocks of the
+    backward pass's temporaries; bench/memory_breakdown.py measures it), so half the free RAM is counted.
+    """
+    if device.startswith("cuda"):
+        return max(0, int(free * 0.9) - GiB // 2)
+    return free // 2
+
+
+def checkpointing_mode(params: RunParams) -> str:
+    """ "auto", "on" or "off": AutoTrain's disable_gradient_checkpointing wins, then gradient_checkpointing (tasks
+    without that field checkpoint unless disabled)."""
+    if params.disable_gradient_checkpointing:
+        return "off"
+    return getattr(params, "gradient_checkpointing", "on")
+
+
+def choose_checkpointing(
+    config: Any, params: RunParams, rows_per_microbatch: int, longest: int, kind: str, available: tuple[str, int]
+) -> tuple[RunParams, str]:
+    """Resolve `gradient_checkpointing: auto` into the fewest checkpointed decoder layers whose estimate fits.
+
+    Tried in order: no checkpointing, then one layer in every N for N from the layer count down to 1 (transformers'
+    every_n_layers checkpoints layers 0, N, 2N..., so ceil(layers / N) of them); the first estimate that fits in
+    `usable_memory` of `available` (device, free bytes) is taken, every layer when none does. "on" and "off" are
+    kept as they are. Returns the params with disable_gradient_checkpointing and checkpoint_every set to the
+    choice (gradient_checkpointing "on" or "off"), and one line saying what was chosen and why.
+    """
+    mode = checkpointing_mode(params)
+    layers = model_shape(config).layers
+    if mode == "off":
+        return _with_checkpointing(params, None), "off (as set)"
+    every = max(1, params.checkpoint_every)
+    if mode == "on":
+        return _with_checkpointing(params, every), f"on, {_layers_phrase(layers, every)} (as set)"
+    from tunelab.env import distributed_kind
+
+    if distributed_kind() == "fsdp":
+        return _with_checkpointing(params, 1), "under FSDP, FSDP's own activation_checkpointing setting decides"
+    device, free = available
+    budget = usable_memory(device, free)
+    tokens = rows_per_microbatch * longest
+    candidates = [None, *sorted({math.ceil(layers / k) for k in range(1, layers + 1)}, reverse=True)]
+    estimates = []
+    for candidate in candidates:
+        chosen = _with_checkpointing(params, candidate)
+        estimate = estimate_memory(config, chosen, tokens, longest, kind=kind)
+        estimates.append(estimate.total)
+        if estimate.fits(budget):
+            where = f"{device} has {free / GiB:.1f} GiB free, {_gib(budget)} usable for tensors"
+            if candidate is None:
+                return chosen, f"off: the run's estimate without it ({_gib(estimate.total)}) fits ({where})"
+            return chosen, (
+                f"{_layers_phrase(layers, candidate)}: without checkpointing the estimate is {_gib(estimates[0])}, "
+                f"more than fits ({where}); with it {_gib(estimate.total)}"
+            )
+    return _with_checkpointing(params, 1), (
+        f"every layer: even so the estimate ({_gib(estimates[-1])}) is more than the {_gib(budget)} usable of "
+        f"{device}'s {free / GiB:.1f} GiB free"
+    )
+
+
+def _with_checkpointing(params: RunParams, every: int | None) -> RunParams:
+    """params checkpointing every `every`-th layer (None: no checkpointing), as resolved values."""
+    changes: dict[str, Any] = {"disable_gradient_checkpointing": every is None}
+    if every is not None:
+        changes["checkpoint_every"] = every
+    if hasattr(params, "gradient_checkpointing"):
+        changes["gradient_checkpointing"] = "off" if every is None else "on"
+    return dataclasses.replace(params, **changes)
+
+
+def _layers_phrase(layers: int, every: int) -> str:
+    count = math.ceil(layers / every) if layers else 0
+    if every == 1:
+        return f"every layer ({layers})"
+    suffix = "th" if 10 <= every % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(every % 10, "th")
+    return f"{count} of {layers} layers (every {every}{suffix})"
 
 
 def log_run_estimate(config: Any, params: RunParams, rows_per_microbatch: int, longest: int, kind: str) -> None:

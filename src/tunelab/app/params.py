@@ -21,7 +21,8 @@ CLASSIFIER = "text_classification"  # the new-project form's "trainer" for a tex
 LLM_FIELDS = (
     "peft", "lr", "epochs", "max_steps", "batch_size", "gradient_accumulation", "block_size", "model_max_length",
     "warmup_ratio", "scheduler", "lora_r", "lora_alpha", "lora_dropout", "use_dora", "use_rslora",
-    "init_lora_weights", "loraplus_lr_ratio", "packing", "mixed_precision", "logging_steps", "seed",
+    "init_lora_weights", "loraplus_lr_ratio", "packing", "mixed_precision", "gradient_checkpointing", "logging_steps",
+    "seed",
 )  # fmt: skip
 PAIR_FIELDS = ("max_prompt_length",)  # every method whose rows have a prompt apart (pairs, labeled, prompts)
 CLASSIFIER_FIELDS = (

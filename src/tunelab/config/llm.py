@@ -118,10 +118,19 @@ class LLMParams(Params):
     mixed_precision: str | None = param(
         None, "fp16 (CUDA only) or bf16; none trains in the model's float32.", (None, "no", "fp16", "bf16")
     )
-    disable_gradient_checkpointing: bool = param(False, "Turn gradient checkpointing off (faster, more memory).")
+    gradient_checkpointing: str = param(
+        "auto",
+        "Recompute activations in the backward pass instead of keeping them. auto: checkpoint only as many decoder"
+        " layers as the device's free memory requires, from the memory estimate (none when the run fits without;"
+        " the log and the dry run say what was chosen and why); on: every checkpoint_every-th layer; off: none.",
+        ("auto", "on", "off"),
+    )
+    disable_gradient_checkpointing: bool = param(
+        False, "AutoTrain's switch: true turns gradient checkpointing off (gradient_checkpointing off)."
+    )
     checkpoint_every: int = param(
         1,
-        "With gradient checkpointing on, checkpoint only every Nth decoder layer: 1 checkpoints all (least memory);"
+        "With gradient_checkpointing on, checkpoint only every Nth decoder layer: 1 checkpoints all (least memory);"
         " 2, 3, ... keep the other layers' activations (less recomputation, more memory).",
     )
     fast_loss: bool = param(
@@ -345,7 +354,13 @@ class LLMParams(Params):
         """Raise ConfigError naming the parameter for any value that cannot work, before anything is loaded."""
         if self.chat_template in ("", "null"):
             self.chat_template = None
+        if isinstance(self.gradient_checkpointing, bool):  # TRL's and Axolotl's `gradient_checkpointing: true`
+            self.gradient_checkpointing = "on" if self.gradient_checkpointing else "off"
         check_choices(self)
+        if self.disable_gradient_checkpointing and self.gradient_checkpointing == "on":
+            raise ConfigError(
+                "disable_gradient_checkpointing: true and gradient_checkpointing: on contradict each other: keep one"
+            )
         check_positive(self, "lr", "epochs", "batch_size", "gradient_accumulation", "lora_r", "lora_alpha")
         check_positive(self, "model_max_length", "save_total_limit", "max_prompt_length", "checkpoint_every")
         check_save_steps(self)

@@ -31,7 +31,7 @@ from tunelab.data.preference import load_preference_data
 from tunelab.data.prompts import load_prompt_data
 from tunelab.env import check_machine, device_name
 from tunelab.errors import ConfigError, DataError
-from tunelab.memory import kv_cache_bytes, log_run_estimate
+from tunelab.memory import available_memory, choose_checkpointing, kv_cache_bytes, log_run_estimate
 from tunelab.methods import METHODS, REGISTRY, Method, RowStats
 from tunelab.models import ModelSource, check_model, load_model, load_tokenizer, resolve_model
 from tunelab.models.checks import check_token_ids, fit_tokenizer
@@ -58,6 +58,7 @@ class Prepared:
     valid_rows: Any | None
     stats: RowStats
     prepared: data_cache.Entry | None  # where the prepared data is kept (None: streamed); its key is logged
+    checkpointing: str = ""  # what gradient_checkpointing was resolved to, and why (params holds the choice)
 
 
 def prepare(params: LLMParams) -> Prepared:
@@ -95,7 +96,11 @@ def prepare(params: LLMParams) -> Prepared:
     check_token_ids(_highest_token_id(data, method.data), config, source)
     log.info("%s", _described(entry))
     rows = (train_rows, valid_rows, stats)
-    return Prepared(params, method, folder, resume_from, source, config, tokenizer, data, *rows, entry)
+    prep = Prepared(params, method, folder, resume_from, source, config, tokenizer, data, *rows, entry)
+    # gradient_checkpointing auto: the fewest checkpointed layers whose estimate fits the device's free memory.
+    chosen, why = choose_checkpointing(config, params, *microbatch(prep), method.model_kind, available_memory())
+    log.info("gradient checkpointing: %s", why)
+    return dataclasses.replace(prep, params=chosen, checkpointing=why)
 
 
 def _stream(params: LLMParams, method: Method, tokenizer: Any) -> tuple[Any, Any, Any, RowStats]:
@@ -151,6 +156,7 @@ def _prepare_data(params: LLMParams, method: Method, tokenizer: Any, folder: Pat
 def run(params: LLMParams) -> Path:
     """Run one fine-tuning job end to end and return the finished run folder."""
     prep = prepare(params)
+    params = prep.params  # with gradient_checkpointing resolved
     method, folder, tokenizer, data = prep.method, prep.folder, prep.tokenizer, prep.data
     train_rows, valid_rows, stats = prep.train_rows, prep.valid_rows, prep.stats
     _report_data(params, data, stats, stats.rows if data_is_streamed(data) else len(train_rows))
@@ -273,6 +279,7 @@ def _report_model(model: Any, params: LLMParams) -> None:
 def plan(params: LLMParams) -> RunPlan:
     """The dry run: what `run` would do, from the same `prepare`, with the first examples as trained."""
     prep = prepare(params)
+    params = prep.params  # with gradient_checkpointing resolved
     data, stats, tokenizer = prep.data, prep.stats, prep.tokenizer
     kind = prep.method.data
     splits = []
@@ -328,6 +335,7 @@ def plan(params: LLMParams) -> RunPlan:
     rows_per_microbatch, longest = microbatch(prep)
     result = dry_run.new_plan(f"llm {params.trainer}", params, splits, examples, splits[0].rows, prep.resume_from)
     dry_run.add_memory(result, prep.config, params, rows_per_microbatch, longest, prep.method.model_kind)
+    result.notes.append(f"gradient checkpointing: {prep.checkpointing}")
     result.notes.append(_described(prep.prepared))
     if prep.method.model_kind == "causal_lm":
         from tunelab.inference.export import export_problem

@@ -30,6 +30,9 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 RESUMABLE_CHANGES = frozenset(
     {"resume", "token", "push_to_hub", "username", "repo_id", "log", "logging_steps", "save_total_limit", "save_steps"}
     | {"merge_adapter", "bad_rows", "main_process_ip", "main_process_port"}
+    # Checkpointing changes what is kept for the backward pass, not the maths (dropout masks are replayed), and
+    # auto may choose differently on a machine with other free memory.
+    | {"gradient_checkpointing", "disable_gradient_checkpointing", "checkpoint_every"}
 )
 
 
