@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rows", type=int, default=120, help="first rows of the Alpaca data")
-    parser.add_argument("--data", type=Path, default=DATA, help="folder with train.jsonl (Alpaca rows)")
+    parser.add_argument("--data", type=Path, default=DATA, help="Alpaca rows: .jsonl, or a folder with train.jsonl")
     parser.add_argument("--tools", default="tunelab,tunelab-on,llamafactory,axolotl")
     parser.add_argument("--work", type=Path, help="working folder (default: a temporary one, removed)")
     parser.add_argument("--out", type=Path, help="also write the results as JSON")
@@ -62,13 +62,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.data is None or not (args.data / "train.jsonl").is_file():
-        sys.exit("no Alpaca data: pass --data FOLDER (with train.jsonl)")
+    if args.data is not None and args.data.is_dir():
+        args.data = args.data / "train.jsonl"
+    if args.data is None or not args.data.is_file():
+        sys.exit("no Alpaca data: pass --data FILE.jsonl (or a folder with train.jsonl)")
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-peers-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
         model = export_model(work / "model")
-        data = write_data(args.data / "train.jsonl", work / "data", args.rows)
+        data = write_data(args.data, work / "data", args.rows)
         results = {}
         for tool in args.tools.split(","):
             command, env, parse = RUNNERS[tool](args, work, model, data)

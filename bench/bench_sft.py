@@ -272,12 +272,33 @@ def render_report(args: argparse.Namespace, results: dict[str, dict[str, Any]]) 
             cells.append(f"{r:.2f}x" if r else "")
         lines.append("| " + " | ".join(cells) + " |")
 
+    job = results.get("tunelab", {})
+    if job.get("flops_per_token") and not torch_cuda(results):
+        per_token, peak = job["flops_per_token"], job["matmul_peak_gflops"]
+        lines.append("")
+        lines.append(
+            f"The job's matmul work, counted by torch.utils.flop_counter on tunelab's batches: "
+            f"{per_token / 1e9:.3f} GFLOP per token. This machine's fp32 matmul peak (torch.mm 2048^2, measured in "
+            f"tunelab's process after training): {peak:.0f} GFLOP/s."
+        )
+        for side in sides:
+            rate = results[side].get("tokens_per_s")
+            if rate:
+                name = "tunelab" if side == "tunelab" else "TRL"
+                lines.append(
+                    f"- {name}: {rate * per_token / 1e9:.0f} GFLOP/s of the job's work = "
+                    f"{rate * per_token / 1e9 / peak:.0%} of that peak"
+                )
     lines += ["", "| step | " + " | ".join(header[1 : 1 + len(sides)]) + " |"]
     lines.append("| ---: |" + " ---: |" * len(sides))
     for step in range(1, args.steps + 1):
         marker = "" if step > args.warmup_steps else " (warmup)"
         lines.append(f"| {step}{marker} | " + " | ".join(_loss_at(results[s], step) for s in sides) + " |")
     return "\n".join(lines)
+
+
+def torch_cuda(results: dict[str, dict[str, Any]]) -> bool:
+    return any("cuda" in str(r.get("device", "")).lower() for r in results.values())
 
 
 def _loss_at(result: dict[str, Any], step: int) -> str:
@@ -338,8 +359,50 @@ def run_side(args: argparse.Namespace) -> dict[str, Any]:
         result["versions"]["trl"] = trl.__version__
     if torch.cuda.is_available() and result["tokens_per_s"]:
         result["mfu"] = 6 * total * result["tokens_per_s"] / (args.peak_tflops * 1e12)
+    if args._side == "tunelab":
+        # The job's own FLOPs (what tunelab computes: no logits outside the answers, nothing for padding), counted by
+        # torch on real batches, against the machine's matmul peak measured now, in this process, on its threads.
+        result["flops_per_token"] = flops_per_token(trainer)
+        result["matmul_peak_gflops"] = matmul_peak()
     shutil.rmtree(trainer.args.output_dir, ignore_errors=True)
     return result
+
+
+def flops_per_token(trainer: Any, batches: int = 4) -> float:
+    """Matmul FLOPs of a forward and backward pass per non-padding token, counted by torch.utils.flop_counter on
+    the first `batches` batches of the training data (the job's work, whichever tool does it)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, dataset, rows = trainer.model, trainer.train_dataset, trainer.args.per_device_train_batch_size
+    flops = tokens = 0
+    for b in range(min(batches, len(dataset) // rows)):
+        features = [dataset[i] for i in range(b * rows, (b + 1) * rows)]
+        batch = trainer._prepare_inputs(trainer.data_collator(features))
+        with FlopCounterMode(display=False) as counter:
+            trainer.compute_loss(model, batch).backward()
+        model.zero_grad(set_to_none=True)
+        flops += counter.get_total_flops()
+        tokens += sum(_length(feature) for feature in features)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return flops / max(tokens, 1)
+
+
+def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
+    """GFLOP/s of torch.mm on two fp32 size x size matrices on this process's threads (the best of three)."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    for _ in range(3):
+        a @ b
+    best = 0.0
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        best = max(best, 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9)
+    return best
 
 
 def make_params(args: argparse.Namespace) -> Any:

@@ -17,14 +17,13 @@ from __future__ import annotations
 import collections
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # Self-time categories, first match wins (aten op names).
 CATEGORIES = (
-    ("attention", ("scaled_dot_product", "flash_attention", "_efficient_attention", "softmax")),
+    ("attention", ("_scaled_dot_product", "scaled_dot_product", "flash_attention", "_efficient_attention", "softmax")),
     ("matmul", ("mm", "addmm", "bmm", "matmul", "linear", "baddbmm")),
     ("random (dropout masks)", ("bernoulli", "random_", "uniform_", "rand", "dropout")),
     ("optimizer", ("_foreach", "_fused_adam", "lerp", "addcdiv", "addcmul", "sqrt")),
@@ -40,23 +39,6 @@ def category(name: str) -> str:
         if any(op == key or op.startswith(key + "_") or op.startswith(key) for key in keys):
             return label
     return "other"
-
-
-def matmul_peak(threads: int, size: int = 2048, repeats: int = 10) -> float:
-    """GFLOP/s of torch.mm on two fp32 size x size matrices (the best of three timings)."""
-    import torch
-
-    torch.set_num_threads(threads)
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    for _ in range(3):
-        a @ b
-    best = 0.0
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(repeats):
-            a @ b
-        best = max(best, 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9)
-    return best
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     flops = sum(e.flops or 0 for e in events)
     profiled_steps = args.steps - args.warmup_steps
     wall = result["timed_wall_s"]
-    peak = matmul_peak(torch.get_num_threads())
+    peak = bench_sft.matmul_peak()
     print(
         f"\nprofiled {profiled_steps} steps: {result['timed_tokens']} tokens in {wall:.1f} s, "
         f"{result['tokens_per_s']:.0f} tokens/s"

@@ -33,3 +33,35 @@ def test_benchmark_runs_both_sides_and_prints_the_table(extra, tmp_path):
     # Unpacked, both sides train the very same first batch from the same weights; packed, TRL packs its own way.
     first = tunelab["losses"]["1"], trl["losses"]["1"]
     assert first[0] == pytest.approx(first[1], rel=1e-4 if "--packing" not in extra else 0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["memory_breakdown.py", "profile_step.py"])
+def test_memory_breakdown_and_step_profile_run(script, tmp_path):
+    command = [sys.executable, str(ROOT / "bench" / script), "--shape", "tiny", "--data"]
+    command += [str(ROOT / "samples" / "alpaca.jsonl"), "--block-size", "64", "--batch-size", "2", "--steps", "4"]
+    command += ["--warmup-steps", "2"]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    if script == "memory_breakdown.py":
+        assert "training peak (4 steps)" in result.stdout and "heap: in use" in result.stdout
+    else:
+        assert "| matmul |" in result.stdout and "GFLOP/s" in result.stdout
+
+
+@pytest.mark.slow
+def test_peers_benchmark_runs_tunelab_and_reports_missing_peers(tmp_path):
+    out = tmp_path / "peers.json"
+    command = [sys.executable, str(ROOT / "bench" / "bench_peers.py"), "--steps", "2", "--rows", "12", "--data"]
+    command += [str(ROOT / "samples" / "alpaca.jsonl")]
+    command += ["--tools", "tunelab,llamafactory", "--out", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PEERS_DIR": str(tmp_path / "no-peers")}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["tunelab"]["train_s"] > 0 and report["tunelab"]["peak_rss_gib"] > 0.3
+    assert report["tunelab"]["checkpointing"].startswith("off")  # auto, with this machine's RAM
+    assert "not found" in report["llamafactory"]["missing"]
+    assert "| tunelab |" in result.stdout
