@@ -45,3 +45,20 @@ def test_cli_training_restarts_itself_with_the_allocator(setting, tiny_llama, tm
         assert f"memory allocator: {os.path.basename(found)}" in result.stderr
     else:
         assert "memory allocator: glibc's (TUNELAB_ALLOCATOR=system)" in result.stderr
+
+
+def test_main_called_from_python_never_restarts_the_process(tiny_llama, tmp_path, monkeypatch):
+    from tunelab.cli import main
+
+    def no_exec(*args):
+        raise AssertionError("main([...]) from Python replaced the process")
+
+    monkeypatch.setattr(os, "execve", no_exec)
+    monkeypatch.delenv(allocator.STARTED_WITH, raising=False)
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": f"line {i} of some text"}) + "\n" for i in range(8)))
+    argv = ["llm", "--train", "--model", str(tiny_llama), "--data-path", str(data), "--max-steps", "1"]
+    argv += ["--block-size", "32", "--model-max-length", "64", "--project-name", str(tmp_path / "run")]
+    assert main(argv) == 0
+    assert (tmp_path / "run" / "model.safetensors").is_file()

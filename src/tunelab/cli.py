@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def param_flags(args: argparse.Namespace) -> dict:
     """The parameter flags a user typed (defaults are suppressed), without the command's own options."""
-    own = ("command", "train", "config", "backend", "dry_run", "argv")
+    own = ("command", "train", "config", "backend", "dry_run", "argv", "from_command_line")
     return {k: v for k, v in vars(args).items() if k not in own}
 
 
@@ -254,7 +254,8 @@ def run_llm(args: argparse.Namespace, schema: type = LLMParams) -> int:
         return 0
     from tunelab import allocator
 
-    allocator.restart_with_allocator(args.argv)  # on a CPU: tcmalloc when installed (returns if nothing to do)
+    if getattr(args, "from_command_line", False):  # on a CPU: tcmalloc when installed (returns if nothing to do)
+        allocator.restart_with_allocator(args.argv)
     logging.getLogger("tunelab").info("%s", allocator.describe())
     print(f"tunelab: finished; outputs in {tasks.train(params, argv=args.argv)}")
     return 0
@@ -411,10 +412,13 @@ def setup_logging() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Only the process's own command line may restart the process (allocator.py); main([...]) from Python never does.
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = argv  # a distributed run re-launches itself with the same arguments
+    args.from_command_line = from_command_line
     setup_logging()
     try:
         commands = {
