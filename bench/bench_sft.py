@@ -363,7 +363,7 @@ def run_side(args: argparse.Namespace) -> dict[str, Any]:
         # The job's own FLOPs (what tunelab computes: no logits outside the answers, nothing for padding), counted by
         # torch on real batches, against the machine's matmul peak measured now, in this process, on its threads.
         result["flops_per_token"] = flops_per_token(trainer)
-        result["matmul_peak_gflops"] = matmul_peak()
+        result["matmul_peak_gflops"] = None if torch.cuda.is_available() else matmul_peak()  # GPUs: MFU instead
     shutil.rmtree(trainer.args.output_dir, ignore_errors=True)
     return result
 
