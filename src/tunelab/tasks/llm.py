@@ -99,8 +99,7 @@ def prepare(params: LLMParams) -> Prepared:
     prep = Prepared(params, method, folder, resume_from, source, config, tokenizer, data, *rows, entry)
     # gradient_checkpointing auto: the fewest checkpointed layers whose estimate fits the device's free memory.
     chosen, why = choose_checkpointing(config, params, *microbatch(prep), method.model_kind, available_memory())
-    log.info("gradient checkpointing: %s", why)
-    return dataclasses.replace(prep, params=chosen, checkpointing=why)
+    return dataclasses.replace(prep, params=chosen, checkpointing=why)  # run logs it, the dry run shows it
 
 
 def _stream(params: LLMParams, method: Method, tokenizer: Any) -> tuple[Any, Any, Any, RowStats]:
@@ -157,6 +156,7 @@ def run(params: LLMParams) -> Path:
     """Run one fine-tuning job end to end and return the finished run folder."""
     prep = prepare(params)
     params = prep.params  # with gradient_checkpointing resolved
+    log.info("gradient checkpointing: %s", prep.checkpointing)
     method, folder, tokenizer, data = prep.method, prep.folder, prep.tokenizer, prep.data
     train_rows, valid_rows, stats = prep.train_rows, prep.valid_rows, prep.stats
     _report_data(params, data, stats, stats.rows if data_is_streamed(data) else len(train_rows))
