@@ -190,10 +190,7 @@ def _llamafactory(args: argparse.Namespace, work: Path, model: Path, data: Path)
     if subprocess.run([str(cli.parent / "python"), "-c", "import torchaudio"], capture_output=True).returncode:
         env["PYTHONPATH"] = str(stubs)
 
-    def parse(output: str) -> dict[str, Any]:
-        return {"train_s": train_runtime(output), "loss": last_loss(output)}
-
-    return [str(cli), "train", str(path)], env, parse
+    return [str(cli), "train", str(path)], env, trainer_result
 
 
 def _axolotl(args: argparse.Namespace, work: Path, model: Path, data: Path) -> tuple[Any, Any, Any]:
@@ -236,10 +233,7 @@ def _axolotl(args: argparse.Namespace, work: Path, model: Path, data: Path) -> t
     path = work / "axolotl.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
 
-    def parse(output: str) -> dict[str, Any]:
-        return {"train_s": train_runtime(output), "loss": last_loss(output)}
-
-    return [str(cli), "train", str(path)], {"AXOLOTL_DO_NOT_TRACK": "1"}, parse
+    return [str(cli), "train", str(path)], {"AXOLOTL_DO_NOT_TRACK": "1"}, trainer_result
 
 
 RUNNERS = {
@@ -286,6 +280,11 @@ def timed(tool: str, command: list[str], env: dict[str, str], work: Path, parse:
     result = {"peak_rss_gib": int(peak_kib) / 2**20, "wall_s": float(wall), **parse(output)}
     print(f"[{tool}] {result}", flush=True)
     return result
+
+
+def trainer_result(output: str) -> dict[str, Any]:
+    """What a peer's output says of its run: the Trainer's train_runtime and the last logged loss."""
+    return {"train_s": train_runtime(output), "loss": last_loss(output)}
 
 
 def train_runtime(output: str) -> float | None:

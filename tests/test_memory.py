@@ -21,11 +21,11 @@ TOLERANCE = 0.25
 BATCH, BLOCK = 4, 256
 
 
-def _config():
+def _config(**sizes):
     from transformers import LlamaConfig
 
     # Vocabulary small and layers wide, so the decoder layers (not the loss's logits) decide the peak.
-    return LlamaConfig(
+    base = dict(
         vocab_size=1000,
         hidden_size=256,
         intermediate_size=640,
@@ -36,6 +36,7 @@ def _config():
         tie_word_embeddings=True,
         use_cache=False,
     )
+    return LlamaConfig(**{**base, **sizes})
 
 
 def _params(**settings) -> LLMParams:
@@ -182,16 +183,13 @@ def test_smollm2_lora_estimate_is_within_25_percent(tmp_path):
 
 
 def _smollm2_config():
-    from transformers import LlamaConfig
-
-    return LlamaConfig(  # SmolLM2-135M's shape
+    return _config(  # SmolLM2-135M's shape
         vocab_size=49152,
         hidden_size=576,
         intermediate_size=1536,
         num_hidden_layers=30,
         num_attention_heads=9,
         num_key_value_heads=3,
-        tie_word_embeddings=True,
     )
 
 

@@ -273,7 +273,7 @@ def test_fused_layers_equal_the_plain_path_in_every_family_they_cover(family, ca
 def test_auto_checkpointing_reaches_the_run_and_changes_only_memory(tiny_llama, tmp_path, monkeypatch, caplog):
     import logging
 
-    import tunelab.tasks.llm as llm
+    import tunelab.memory as memory
 
     caplog.set_level(logging.INFO, logger="tunelab")
     roomy = _run(tiny_llama, tmp_path, "roomy", disable_gradient_checkpointing=False)  # auto, this machine's RAM
@@ -282,7 +282,7 @@ def test_auto_checkpointing_reaches_the_run_and_changes_only_memory(tiny_llama, 
     assert saved["gradient_checkpointing"] == "off" and saved["disable_gradient_checkpointing"] is True
 
     caplog.clear()
-    monkeypatch.setattr(llm, "available_memory", lambda: ("cpu", 1))  # nothing fits: every layer
+    monkeypatch.setattr(memory, "available_memory", lambda: ("cpu", 1))  # nothing fits: every layer
     tight = _run(tiny_llama, tmp_path, "tight", disable_gradient_checkpointing=False)
     assert "gradient checkpointing: every layer: even so" in caplog.text
     saved = json.loads((tmp_path / "tight" / "training_params.json").read_text())

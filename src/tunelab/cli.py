@@ -254,7 +254,7 @@ def run_llm(args: argparse.Namespace, schema: type = LLMParams) -> int:
         return 0
     from tunelab import allocator
 
-    if getattr(args, "from_command_line", False):  # on a CPU: tcmalloc when installed (returns if nothing to do)
+    if args.from_command_line:  # on a CPU: tcmalloc when installed (returns if nothing to do)
         allocator.restart_with_allocator(args.argv)
     logging.getLogger("tunelab").info("%s", allocator.describe())
     print(f"tunelab: finished; outputs in {tasks.train(params, argv=args.argv)}")

@@ -352,13 +352,19 @@ def checkpointing_mode(params: RunParams) -> str:
 
 
 def choose_checkpointing(
-    config: Any, params: RunParams, rows_per_microbatch: int, longest: int, kind: str, available: tuple[str, int]
+    config: Any,
+    params: RunParams,
+    rows_per_microbatch: int,
+    longest: int,
+    kind: str,
+    available: tuple[str, int] | None = None,
 ) -> tuple[RunParams, str]:
     """Resolve `gradient_checkpointing: auto` into the fewest checkpointed decoder layers whose estimate fits.
 
     Tried in order: no checkpointing, then one layer in every N for N from the layer count down to 1 (transformers'
     every_n_layers checkpoints layers 0, N, 2N..., so ceil(layers / N) of them); the first estimate that fits in
-    `usable_memory` of `available` (device, free bytes) is taken, every layer when none does. "on" and "off" are
+    `usable_memory` of `available` (device, free bytes; `available_memory()` when None, read only for auto) is
+    taken, every layer when none does. "on" and "off" are
     kept as they are. Returns the params with disable_gradient_checkpointing and checkpoint_every set to the
     choice (gradient_checkpointing "on" or "off"), and one line saying what was chosen and why.
     """
@@ -373,7 +379,7 @@ def choose_checkpointing(
 
     if distributed_kind() == "fsdp":
         return _with_checkpointing(params, 1), "under FSDP, FSDP's own activation_checkpointing setting decides"
-    device, free = available
+    device, free = available or available_memory()
     budget = usable_memory(device, free)
     tokens = rows_per_microbatch * longest
     candidates = [None, *sorted({math.ceil(layers / k) for k in range(1, layers + 1)}, reverse=True)]

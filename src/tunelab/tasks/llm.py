@@ -31,7 +31,7 @@ from tunelab.data.preference import load_preference_data
 from tunelab.data.prompts import load_prompt_data
 from tunelab.env import check_machine, device_name
 from tunelab.errors import ConfigError, DataError
-from tunelab.memory import available_memory, choose_checkpointing, kv_cache_bytes, log_run_estimate
+from tunelab.memory import choose_checkpointing, kv_cache_bytes, log_run_estimate
 from tunelab.methods import METHODS, REGISTRY, Method, RowStats
 from tunelab.models import ModelSource, check_model, load_model, load_tokenizer, resolve_model
 from tunelab.models.checks import check_token_ids, fit_tokenizer
@@ -96,10 +96,15 @@ def prepare(params: LLMParams) -> Prepared:
     check_token_ids(_highest_token_id(data, method.data), config, source)
     log.info("%s", _described(entry))
     rows = (train_rows, valid_rows, stats)
-    prep = Prepared(params, method, folder, resume_from, source, config, tokenizer, data, *rows, entry)
-    # gradient_checkpointing auto: the fewest checkpointed layers whose estimate fits the device's free memory.
-    chosen, why = choose_checkpointing(config, params, *microbatch(prep), method.model_kind, available_memory())
-    return dataclasses.replace(prep, params=chosen, checkpointing=why)  # run logs it, the dry run shows it
+    return Prepared(params, method, folder, resume_from, source, config, tokenizer, data, *rows, entry)
+
+
+def _with_checkpointing(prep: Prepared) -> Prepared:
+    """prep with gradient_checkpointing resolved (auto: the fewest checkpointed layers whose estimate fits the
+    device's free memory). Done by run and plan, not prepare: the checks a launching parent runs before its
+    processes start must not open a CUDA context (available_memory) that would sit on a GPU through the run."""
+    chosen, why = choose_checkpointing(prep.config, prep.params, *microbatch(prep), prep.method.model_kind)
+    return dataclasses.replace(prep, params=chosen, checkpointing=why)
 
 
 def _stream(params: LLMParams, method: Method, tokenizer: Any) -> tuple[Any, Any, Any, RowStats]:
@@ -154,8 +159,8 @@ def _prepare_data(params: LLMParams, method: Method, tokenizer: Any, folder: Pat
 
 def run(params: LLMParams) -> Path:
     """Run one fine-tuning job end to end and return the finished run folder."""
-    prep = prepare(params)
-    params = prep.params  # with gradient_checkpointing resolved
+    prep = _with_checkpointing(prepare(params))
+    params = prep.params
     log.info("gradient checkpointing: %s", prep.checkpointing)
     method, folder, tokenizer, data = prep.method, prep.folder, prep.tokenizer, prep.data
     train_rows, valid_rows, stats = prep.train_rows, prep.valid_rows, prep.stats
@@ -278,8 +283,8 @@ def _report_model(model: Any, params: LLMParams) -> None:
 
 def plan(params: LLMParams) -> RunPlan:
     """The dry run: what `run` would do, from the same `prepare`, with the first examples as trained."""
-    prep = prepare(params)
-    params = prep.params  # with gradient_checkpointing resolved
+    prep = _with_checkpointing(prepare(params))
+    params = prep.params
     data, stats, tokenizer = prep.data, prep.stats, prep.tokenizer
     kind = prep.method.data
     splits = []
