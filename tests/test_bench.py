@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import needs_shared
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -65,3 +67,21 @@ def test_peers_benchmark_runs_tunelab_and_reports_missing_peers(tmp_path):
     assert report["tunelab"]["checkpointing"].startswith("off")  # auto, with this machine's RAM
     assert "not found" in report["llamafactory"]["missing"]
     assert "| tunelab |" in result.stdout
+
+
+@pytest.mark.slow
+@needs_shared()
+def test_classification_benchmark_runs_both_recipes(tmp_path):
+    """bench_classification.py on a few rows of the second set: both recipes train, are scored on the held-out
+    split with the same predictor, and the table compares them."""
+    out = tmp_path / "classification.json"
+    command = [sys.executable, str(ROOT / "bench" / "bench_classification.py"), "--data", "requests"]
+    command += ["--train-rows", "16", "--eval-rows", "12", "--work", str(tmp_path / "work"), "--out", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())["results"]
+    for side in ("tutorial", "tunelab"):
+        assert report[side]["train_s"] > 0 and 0 <= report[side]["accuracy"] <= 1, report[side]
+        assert 0 <= report[side]["macro_f1"] <= 1 and report[side]["peak_rss_gib"] > 0.3
+    assert "| tutorial |" in result.stdout and "| tunelab |" in result.stdout and "tunelab - tutorial" in result.stdout

@@ -224,3 +224,97 @@ def test_encoder_model_from_python_and_a_valid_split_missing_a_label(tmp_path, c
     saved = json.loads((folder / "config.json").read_text())
     assert saved["architectures"] == ["BertForSequenceClassification"]
     assert saved["label2id"] == {"negative": 0, "neutral": 1, "positive": 2}
+
+
+@needs_shared()
+def test_batches_group_texts_of_similar_length(tiny_gpt2, tmp_path):
+    """group_by_length (the default): every text once per epoch, in batches that need a fraction of the padding
+    random batches need (a third, from 200 texts: the sampler sorts groups of 48); the order depends on the seed
+    and the epoch only."""
+    import tunelab
+    from tunelab.models import load_model
+    from tunelab.tasks.text_classification import _build_trainer, prepare
+
+    def batches(group: bool, epoch: int = 0) -> tuple[list[list[int]], int, int]:
+        params = tunelab.TextClassificationParams(
+            model=str(tiny_gpt2), data_path=str(_subset(tmp_path)), target_column="label", batch_size=8,
+            project_name=str(tmp_path / "never-written"), group_by_length=group,
+        )  # fmt: skip
+        prep = prepare(params)
+        model = load_model(prep.source, params, kind="classifier", tokenizer=prep.tokenizer, labels=prep.data.labels)
+        trainer, _ = _build_trainer(model, prep.tokenizer, params, prep.data, tmp_path / "staging")
+        loader = trainer.get_train_dataloader()
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        seen, padding, tokens = [], 0, 0
+        for batch in loader:
+            mask = batch["attention_mask"]
+            seen += [ids[m.bool()].tolist() for ids, m in zip(batch["input_ids"], mask, strict=True)]
+            padding += int((mask == 0).sum())
+            tokens += int(mask.sum())
+        return seen, padding, tokens
+
+    grouped, grouped_padding, tokens = batches(True)
+    shuffled, shuffled_padding, _ = batches(False)
+    assert sorted(map(tuple, grouped)) == sorted(map(tuple, shuffled)) and len(grouped) == 200
+    assert grouped_padding < 0.4 * shuffled_padding, (grouped_padding, shuffled_padding, tokens)
+    assert batches(True)[0] == grouped  # the same order from the same seed
+    assert batches(True, epoch=1)[0] != grouped  # another epoch, another order
+
+
+@needs_shared()
+@pytest.mark.parametrize("peft", [False, True])
+def test_the_new_head_learns_at_its_own_rate(peft, tiny_llama, tmp_path):
+    """head_lr_ratio: the classification head's parameters (PEFT's trained copy of it under LoRA) sit in their own
+    optimizer groups at lr x ratio through the schedule; every other trained parameter stays at lr, each once."""
+    import tunelab
+    from tunelab.models import load_model
+    from tunelab.tasks.text_classification import _build_trainer, prepare
+    from tunelab.training.trainer import head_parameter
+
+    params = tunelab.TextClassificationParams(
+        model=str(tiny_llama), data_path=str(_subset(tmp_path, 32)), target_column="label", batch_size=8, lr=1e-3,
+        project_name=str(tmp_path / "never-written"), head_lr_ratio=10.0, max_steps=2, warmup_ratio=0.0, peft=peft,
+    )  # fmt: skip
+    prep = prepare(params)
+    model = load_model(prep.source, params, kind="classifier", tokenizer=prep.tokenizer, labels=prep.data.labels)
+    trainer, _ = _build_trainer(model, prep.tokenizer, params, prep.data, tmp_path / "staging")
+    trainer.create_optimizer_and_scheduler(num_training_steps=2)
+    names = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
+    seen = [names[id(p)] for group in trainer.optimizer.param_groups for p in group["params"]]
+    assert sorted(seen) == sorted(names.values())  # every trained parameter, once
+    head = {name for name in seen if head_parameter(name)}
+    assert head and all("score" in name for name in head), head
+    for step in range(2):
+        rates: dict[bool, set] = {True: set(), False: set()}
+        for group in trainer.optimizer.param_groups:
+            in_head = {head_parameter(names[id(p)]) for p in group["params"]}
+            assert len(in_head) == 1  # a group is all head or no head
+            rates[in_head.pop()].add(group["lr"])
+        body_lr = 1e-3 * trainer.lr_scheduler.lr_lambdas[0](step)
+        assert body_lr > 0 and len(rates[False]) == len(rates[True]) == 1
+        assert rates[False].pop() == pytest.approx(body_lr) and rates[True].pop() == pytest.approx(10 * body_lr)
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+
+
+@needs_shared()
+def test_accumulated_batches_train_as_one_batch(tiny_llama, tmp_path):
+    """batch 4 x 2 accumulation steps: the same first step as batch 8 (the same texts, the same mean loss and
+    gradient), not a loss and gradient twice as large."""
+    import tunelab
+
+    data = _subset(tmp_path, 64)
+    first_steps = []
+    for batch_size, accumulation in ((8, 1), (4, 2)):
+        params = tunelab.TextClassificationParams(
+            model=str(tiny_llama), data_path=str(data), target_column="label", batch_size=batch_size,
+            gradient_accumulation=accumulation, max_steps=1, logging_steps=1,
+            project_name=str(tmp_path / f"run-{batch_size}x{accumulation}"),
+        )  # fmt: skip
+        folder = tunelab.train(params)
+        records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        first_steps.append(next(r for r in records if r.get("step") == 1 and "loss" in r))
+    whole, accumulated = first_steps
+    assert accumulated["loss"] == pytest.approx(whole["loss"], rel=1e-4)
+    assert accumulated["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-3)

@@ -70,6 +70,8 @@ def examples_in(row: Any) -> list[Encoded]:
 
 
 def row_length(row: Any) -> int:
+    if isinstance(row, dict):  # a labelled text (data/classification.py): its token ids
+        return len(row["input_ids"])
     return sum(len(example) for example in examples_in(row))
 
 

@@ -188,15 +188,23 @@ def _build_trainer(
         callbacks.append(EarlyStoppingCallback(params.early_stopping_patience, params.early_stopping_threshold))
     trainer = GuardedTrainer(
         keep_checkpoints=params.save_total_limit,
+        group_by_length=params.group_by_length,
+        head_lr_ratio=params.head_lr_ratio,
         loraplus_lr_ratio=params.loraplus_lr_ratio if params.peft else None,
         model=model,
         args=args,
         train_dataset=ListDataset(data.train),
-        eval_dataset=ListDataset(data.valid) if has_valid else None,
+        # Evaluated shortest first: batches of similar lengths, little padding (the metrics ignore the order).
+        eval_dataset=ListDataset(sorted(data.valid, key=lambda row: len(row["input_ids"]))) if has_valid else None,
         data_collator=DataCollatorWithPadding(tokenizer),
         processing_class=tokenizer,
         compute_metrics=compute_metrics if has_valid else None,
         callbacks=callbacks,
     )
+    # The classifier's loss is a mean over the micro-batch's texts, so Trainer must divide it by the accumulation
+    # steps. Its forward takes **kwargs, which makes Trainer assume the model divides by the whole accumulated
+    # batch itself; transformers' classification loss does not, and the gradient would be `gradient_accumulation`
+    # times too large (the logged loss too).
+    trainer.model_accepts_loss_kwargs = False
     trainer.remove_callback(PrinterCallback)
     return trainer, reports

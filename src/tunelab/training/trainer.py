@@ -73,6 +73,7 @@ class GuardedTrainer(Trainer):
     - With `group_by_length`, batches hold rows of similar length (data/packing.row_length: an example's, a packed
       row's or a preference pair's len()), in an order that depends only on the seed and the epoch (so a resumed
       run sees the same batches).
+    - With `head_lr_ratio`, the parameters of a new classification head (`head_parameter`) learn at lr x ratio.
     """
 
     def __init__(
@@ -81,16 +82,43 @@ class GuardedTrainer(Trainer):
         keep_checkpoints: int = 1,
         group_by_length: bool = False,
         loraplus_lr_ratio: float | None = None,
+        head_lr_ratio: float = 1.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.keep_checkpoints = keep_checkpoints
         self.group_by_length = group_by_length
         self.loraplus_lr_ratio = loraplus_lr_ratio
+        self.head_lr_ratio = head_lr_ratio
 
     def create_optimizer(self, model=None):  # noqa: D102
-        if self.loraplus_lr_ratio is None or self.optimizer is not None:
-            return super().create_optimizer(model)
+        if self.optimizer is not None:
+            return self.optimizer
+        if self.loraplus_lr_ratio is None:
+            super().create_optimizer(model)
+        else:
+            self._create_loraplus_optimizer()
+        if self.head_lr_ratio != 1.0:
+            self._move_head_to_own_groups()
+        return self.optimizer
+
+    def _move_head_to_own_groups(self) -> None:
+        """The head's parameters out of each optimizer group into a copy of that group at lr x head_lr_ratio (the
+        scheduler, created after, scales every group's own lr)."""
+        head = {id(p) for name, p in self.model.named_parameters() if p.requires_grad and head_parameter(name)}
+        groups = []
+        for group in self.optimizer.param_groups:
+            moved = [p for p in group["params"] if id(p) in head]
+            kept = [p for p in group["params"] if id(p) not in head]
+            if kept:
+                groups.append({**group, "params": kept})
+            if moved:
+                groups.append({**group, "params": moved, "lr": group["lr"] * self.head_lr_ratio})
+        self.optimizer.param_groups.clear()
+        for group in groups:
+            self.optimizer.add_param_group(group)
+
+    def _create_loraplus_optimizer(self) -> None:
         # LoRA+ (PEFT's optimizer groups): the B matrices at lr x ratio, the rest at lr, the optimizer the run names.
         from peft.optimizers import create_loraplus_optimizer
 
@@ -104,7 +132,6 @@ class GuardedTrainer(Trainer):
             loraplus_weight_decay=self.args.weight_decay,
             **kwargs,
         )
-        return self.optimizer
 
     def _get_train_sampler(self, train_dataset=None):  # noqa: D102
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -145,6 +172,13 @@ class GuardedTrainer(Trainer):
         if self.args.should_save:
             checkpoints.mark_complete(run_dir / name)
             checkpoints.prune(run_dir, self.keep_checkpoints, protect=self.state.best_model_checkpoint)
+
+
+def head_parameter(name: str) -> bool:
+    """A parameter of a sequence classifier's new head: `score` (decoder models) or `classifier` (encoders), also
+    as PEFT's trained copy (`...score.modules_to_save.default.weight`)."""
+    parts = name.split(".")
+    return any(part in ("score", "classifier") for part in parts[:-1])
 
 
 class TunelabTrainer(GuardedTrainer):
