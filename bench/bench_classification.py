@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=42, help="both sides' seed")
     parser.add_argument("--work", type=Path, default=None, help="working folder (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=None, help="also write every figure as JSON")
-    parser.add_argument("--worker", choices=["tutorial", "score"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["tutorial", "tutorial-divided", "score"], help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--run", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
         args.data = Path(args.data)
-    if args.worker == "tutorial":
+    if args.worker in ("tutorial", "tutorial-divided"):
         return tutorial_worker(args)
     if args.worker == "score":
         return score_worker(args)
@@ -149,15 +149,15 @@ def run_side(side: str, args: argparse.Namespace, work: Path, model: Path, data:
     env = {"PYTHONPATH": str(REPO / "src"), "TUNELAB_DATA_CACHE": str(work / "data-cache")}
     me = [sys.executable, str(Path(__file__).resolve())]
     common = ["--data", str(data), "--test-split", args.test_split, "--seed", str(args.seed), "--run", str(run)]
-    if side == "tutorial":
-        command = [*me, "--worker", "tutorial", "--model", str(model), *common]
+    if side in ("tutorial", "tutorial-divided"):
+        command = [*me, "--worker", side, "--model", str(model), *common]
     elif side == "tunelab":
         command = [sys.executable, "-m", "tunelab", "text-classification", "--train", "--model", str(model)]
         command += ["--data-path", str(data), "--valid-split", "valid", "--text-column", "text"]
         command += ["--target-column", "label", "--project-name", str(run), "--epochs", "1", "--seed", str(args.seed)]
         command += shlex.split(args.tunelab_args)
     else:
-        raise SystemExit(f"unknown side {side!r}: tutorial or tunelab")
+        raise SystemExit(f"unknown side {side!r}: tutorial, tutorial-divided or tunelab")
 
     def parse(output: str) -> dict[str, Any]:
         metrics = json.loads((run / "metrics.json").read_text())
@@ -216,6 +216,10 @@ def tutorial_worker(args: argparse.Namespace) -> int:
         eval_dataset=dataset("valid"),
         compute_metrics=accuracy,
     )
+    if args.worker == "tutorial-divided":
+        # As transformers 4 trained it: the micro-batch's mean loss divided by the accumulation steps. transformers 5
+        # leaves the division to a model whose forward takes **kwargs, and its classification loss never does it.
+        trainer.model_accepts_loss_kwargs = False
     metrics = trainer.train().metrics
     metrics.update(trainer.evaluate())
     model.save_pretrained(args.run)
