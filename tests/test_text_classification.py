@@ -226,24 +226,29 @@ def test_encoder_model_from_python_and_a_valid_split_missing_a_label(tmp_path, c
     assert saved["label2id"] == {"negative": 0, "neutral": 1, "positive": 2}
 
 
+def _trainer(params, tmp_path: Path) -> tuple:
+    """(the run's Trainer, its model) as `run` builds them, without training."""
+    from tunelab.models import load_model
+    from tunelab.tasks.text_classification import _build_trainer, prepare
+
+    prep = prepare(params)
+    model = load_model(prep.source, params, kind="classifier", tokenizer=prep.tokenizer, labels=prep.data.labels)
+    return _build_trainer(model, prep.tokenizer, params, prep.data, tmp_path / "staging")[0], model
+
+
 @needs_shared()
 def test_batches_group_texts_of_similar_length(tiny_gpt2, tmp_path):
     """group_by_length (the default): every text once per epoch, in batches that need a fraction of the padding
     random batches need (a third, from 200 texts: the sampler sorts groups of 48); the order depends on the seed
     and the epoch only."""
     import tunelab
-    from tunelab.models import load_model
-    from tunelab.tasks.text_classification import _build_trainer, prepare
 
     def batches(group: bool, epoch: int = 0) -> tuple[list[list[int]], int, int]:
         params = tunelab.TextClassificationParams(
             model=str(tiny_gpt2), data_path=str(_subset(tmp_path)), target_column="label", batch_size=8,
             project_name=str(tmp_path / "never-written"), group_by_length=group,
         )  # fmt: skip
-        prep = prepare(params)
-        model = load_model(prep.source, params, kind="classifier", tokenizer=prep.tokenizer, labels=prep.data.labels)
-        trainer, _ = _build_trainer(model, prep.tokenizer, params, prep.data, tmp_path / "staging")
-        loader = trainer.get_train_dataloader()
+        loader = _trainer(params, tmp_path)[0].get_train_dataloader()
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
         seen, padding, tokens = [], 0, 0
@@ -268,17 +273,13 @@ def test_the_new_head_learns_at_its_own_rate(peft, tiny_llama, tmp_path):
     """head_lr_ratio: the classification head's parameters (PEFT's trained copy of it under LoRA) sit in their own
     optimizer groups at lr x ratio through the schedule; every other trained parameter stays at lr, each once."""
     import tunelab
-    from tunelab.models import load_model
-    from tunelab.tasks.text_classification import _build_trainer, prepare
     from tunelab.training.trainer import head_parameter
 
     params = tunelab.TextClassificationParams(
         model=str(tiny_llama), data_path=str(_subset(tmp_path, 32)), target_column="label", batch_size=8, lr=1e-3,
         project_name=str(tmp_path / "never-written"), head_lr_ratio=10.0, max_steps=2, warmup_ratio=0.0, peft=peft,
     )  # fmt: skip
-    prep = prepare(params)
-    model = load_model(prep.source, params, kind="classifier", tokenizer=prep.tokenizer, labels=prep.data.labels)
-    trainer, _ = _build_trainer(model, prep.tokenizer, params, prep.data, tmp_path / "staging")
+    trainer, model = _trainer(params, tmp_path)
     trainer.create_optimizer_and_scheduler(num_training_steps=2)
     names = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
     seen = [names[id(p)] for group in trainer.optimizer.param_groups for p in group["params"]]

@@ -274,13 +274,17 @@ def skeleton(config: Any, kind: str) -> Any:
         return auto_class.from_config(config)
 
 
+# The attribute a transformers sequence classifier keeps its new head under: decoders `score`, encoders `classifier`.
+CLASSIFIER_HEADS = ("score", "classifier")
+
+
 def linear_layer_names(model: Any) -> list[str]:
     """The distinct last names of the model's linear layers, in model order, without the output or classification
     head: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj for a Llama."""
     from torch import nn
     from transformers.pytorch_utils import Conv1D
 
-    heads = [model.get_output_embeddings(), getattr(model, "score", None), getattr(model, "classifier", None)]
+    heads = [model.get_output_embeddings(), *(getattr(model, name, None) for name in CLASSIFIER_HEADS)]
     linear = [key for key, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and m not in heads]
     return list(dict.fromkeys(key.rsplit(".", 1)[-1] for key in linear))
 

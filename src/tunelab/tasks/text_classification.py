@@ -19,6 +19,7 @@ from transformers import set_seed
 from tunelab import outputs
 from tunelab.config.text_classification import TextClassificationParams
 from tunelab.data.classification import LabelledData, load_labelled_data
+from tunelab.data.packing import row_length
 from tunelab.env import check_machine, device_name
 from tunelab.memory import log_run_estimate
 from tunelab.metrics import classification_report, draw_confusion_matrix
@@ -195,7 +196,7 @@ def _build_trainer(
         args=args,
         train_dataset=ListDataset(data.train),
         # Evaluated shortest first: batches of similar lengths, little padding (the metrics ignore the order).
-        eval_dataset=ListDataset(sorted(data.valid, key=lambda row: len(row["input_ids"]))) if has_valid else None,
+        eval_dataset=ListDataset(sorted(data.valid, key=row_length)) if has_valid else None,
         data_collator=DataCollatorWithPadding(tokenizer),
         processing_class=tokenizer,
         compute_metrics=compute_metrics if has_valid else None,

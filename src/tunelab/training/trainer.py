@@ -25,6 +25,7 @@ from tunelab.config.llm import LLMParams
 from tunelab.data.packing import PackedRowsCollator, row_lengths
 from tunelab.env import distributed_kind
 from tunelab.errors import TunelabError
+from tunelab.models.checks import CLASSIFIER_HEADS
 from tunelab.models.peft import quiet_peft_save
 from tunelab.speed import compile_layers, optimizer_name
 from tunelab.speed.loss import causal_lm_loss_sum, fast_loss_supported, output_head_returns_hidden
@@ -175,10 +176,9 @@ class GuardedTrainer(Trainer):
 
 
 def head_parameter(name: str) -> bool:
-    """A parameter of a sequence classifier's new head: `score` (decoder models) or `classifier` (encoders), also
-    as PEFT's trained copy (`...score.modules_to_save.default.weight`)."""
-    parts = name.split(".")
-    return any(part in ("score", "classifier") for part in parts[:-1])
+    """A parameter of a sequence classifier's new head (models/checks.CLASSIFIER_HEADS), also as PEFT's trained copy
+    (`...score.modules_to_save.default.weight`)."""
+    return any(part in CLASSIFIER_HEADS for part in name.split(".")[:-1])
 
 
 class TunelabTrainer(GuardedTrainer):
