@@ -77,6 +77,25 @@ def test_fused_rmsnorm_and_swiglu_equal_transformers_modules(tiny_llama):
     assert_same_loss_and_gradients(plain, fused)
 
 
+def test_fused_forwards_survive_train_and_eval(tiny_llama):
+    """transformers >= 5.25 loads with hub kernels on and re-kernelizes on every train()/eval(), which put each
+    RMSNorm's own forward back: the fused forwards must still be there after the mode switches a Trainer makes."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.speed.fused_layers import _mlp_forward, _norm_forward, fuse_layers
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    fuse_layers(model)
+    model.train()
+    model.eval()
+    model.train()
+    layer = model.model.layers[0]
+    assert layer.input_layernorm.forward.__func__ is _norm_forward
+    assert model.model.norm.forward.__func__ is _norm_forward
+    assert layer.mlp.forward.__func__ is _mlp_forward
+
+
 def test_fused_lora_dropout_is_peft_dropout_with_a_one_byte_mask():
     import torch
 

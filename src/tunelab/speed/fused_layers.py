@@ -151,8 +151,19 @@ def _is_swiglu_mlp(module: nn.Module) -> bool:
     return name in {f"{family}MLP" for family in FAMILIES} and act in ("SiLU", "SiLUActivation")
 
 
+def _turn_off_hub_kernels(model: nn.Module) -> None:
+    """transformers >= 5.25 loads models with `use_kernels` on (its `kernels` package is a dependency there), and
+    every train() or eval() then re-kernelizes: each decorated layer (RMSNorm among them) gets its class's forward
+    back, or a hub kernel's, dropping the fused forward set below without a word. These layers are tunelab's to
+    fuse, so kernelization is turned off first (which itself resets forwards, hence before fusing)."""
+    for module in model.modules():
+        if getattr(module, "use_kernels", False) is True:
+            module.use_kernels = False
+
+
 def fuse_layers(model: nn.Module) -> tuple[int, int]:
     """Give every Llama-style RMSNorm and SwiGLU MLP in `model` the fused forward. Returns (norms, mlps)."""
+    _turn_off_hub_kernels(model)
     norms = mlps = 0
     for module in model.modules():
         if _is_llama_rms_norm(module):
