@@ -96,19 +96,25 @@ def test_fused_forwards_survive_train_and_eval(tiny_llama):
     assert layer.mlp.forward.__func__ is _mlp_forward
 
 
-def test_fused_lora_dropout_is_peft_dropout_with_a_one_byte_mask():
+@pytest.mark.parametrize("kind", ["mask", "positions"])
+def test_fused_lora_dropout_is_peft_dropout(kind):
+    """The dropped input as a 1-byte keep-mask or as the dropped positions: PEFT's product and gradients."""
     import torch
 
-    from tunelab.speed.lora_dropout import _DroppedProjection, keep_mask
+    from tunelab.speed.lora_dropout import _DroppedProjection, dropped_positions, keep_mask
 
     torch.manual_seed(0)
     x = torch.randn(3, 50, 32, requires_grad=True)
     weight = torch.randn(8, 32, requires_grad=True)
-    keep = keep_mask(x, 0.1)
-    assert keep.dtype == torch.uint8 and set(keep.unique().tolist()) == {0, 1}
+    if kind == "mask":
+        drop = keep = keep_mask(x, 0.1)
+        assert keep.dtype == torch.uint8 and set(keep.unique().tolist()) == {0, 1}
+    else:
+        drop = dropped_positions(x.numel(), 0.1)
+        keep = torch.ones(x.numel(), dtype=torch.uint8).index_fill_(0, drop, 0).view(x.shape)
     assert 0.85 < keep.float().mean().item() < 0.95
     upstream = torch.randn(3, 50, 8)
-    fused = _DroppedProjection.apply(x, keep, weight, 1 / 0.9)
+    fused = _DroppedProjection.apply(x, drop, weight, 1 / 0.9)
     (fused * upstream).sum().backward()
     grads = x.grad.clone(), weight.grad.clone()
     x.grad = weight.grad = None
@@ -117,6 +123,78 @@ def test_fused_lora_dropout_is_peft_dropout_with_a_one_byte_mask():
     torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grads[0], x.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grads[1], weight.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("p", [0.01, 0.05, 0.125])
+def test_dropped_positions_are_a_bernoulli_process(p):
+    """Each element dropped with probability p, independently of its neighbour: the count within 5 standard
+    deviations of n * p, and adjacent pairs both dropped at the rate p^2."""
+    import math
+
+    import torch
+
+    from tunelab.speed.lora_dropout import dropped_positions
+
+    torch.manual_seed(0)
+    n = 2_000_000
+    positions = dropped_positions(n, p)
+    assert positions.dtype == torch.int64
+    assert positions[0] >= 0 and positions[-1] < n and bool((positions[1:] > positions[:-1]).all())
+    assert abs(positions.numel() - n * p) < 5 * math.sqrt(n * p * (1 - p))
+    pairs = int((positions[1:] - positions[:-1] == 1).sum())
+    assert abs(pairs - n * p * p) < 5 * math.sqrt(n * p * p)
+
+
+def test_dropped_positions_draw_again_until_every_element_is_covered(monkeypatch):
+    """A draw whose gaps fall short of n is followed by more: with every gap 0 all n elements are dropped, once."""
+    import torch
+
+    from tunelab.speed.lora_dropout import dropped_positions
+
+    monkeypatch.setattr(torch, "rand", lambda count, device=None: torch.zeros(count))
+    assert dropped_positions(1000, 0.05).tolist() == list(range(1000))
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_fused_lora_forward_adds_the_adapter_inside_the_matmul(bf16):
+    """A LoRA Linear's fused forward (lora_B's product added in place into the base output, the scaling on the rank-r
+    side) gives PEFT's output and gradients; disabled or merged adapters and no-grad calls take PEFT's own path."""
+    import contextlib
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from tunelab.speed.lora_dropout import _lora_forward, fuse_lora_dropout
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(32, 48, bias=False)).to(torch.bfloat16 if bf16 else torch.float32)
+    config = LoraConfig(r=4, lora_alpha=12, lora_dropout=0.0, target_modules=["0"], init_lora_weights=False)
+    reference = copy.deepcopy(base)
+    plain = get_peft_model(copy.deepcopy(base), config)
+    fused = get_peft_model(base, config)
+    fused.load_state_dict(plain.state_dict())
+    assert fuse_lora_dropout(fused) == 1
+    layer = fused.base_model.model[0]
+    assert layer.forward.__func__ is _lora_forward
+    autocast = torch.autocast("cpu", torch.bfloat16) if bf16 else contextlib.nullcontext()
+    x = torch.randn(2, 5, 32, dtype=torch.bfloat16 if bf16 else torch.float32)
+    outputs, grads = [], []
+    for model in (plain, fused):
+        with autocast:
+            out = model(x)
+        (out.float() ** 2).sum().backward()
+        outputs.append(out)
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    tolerance = {"atol": 2e-2, "rtol": 2e-2} if bf16 else {"atol": 1e-5, "rtol": 1e-5}
+    assert outputs[1].dtype == outputs[0].dtype and outputs[1].shape == (2, 5, 48)
+    torch.testing.assert_close(outputs[1], outputs[0], **tolerance)
+    for name, grad in grads[0].items():  # bf16 rounds differently in each order of operations: compare as wholes
+        assert (grads[1][name] - grad).norm() <= (1e-2 if bf16 else 1e-6) * grad.norm(), name
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), plain(x), **tolerance)
+        with fused.disable_adapter():
+            torch.testing.assert_close(fused(x), reference(x))  # PEFT's forward: the base layer alone
 
 
 def test_fused_ops_keep_the_adapter_files_and_training(tiny_llama, tmp_path):

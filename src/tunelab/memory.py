@@ -271,7 +271,8 @@ def _activations(
     per_token_fp32 = 2 * 4 + shape.heads * 4  # two rstd values and the attention's logsumexp per head
     if params.peft:
         # LoRA: each adapted module keeps its rank-r intermediate and a dropout mask: 1 byte an element with
-        # fused_ops (lora_dropout.py); PEFT's own dropout keeps the dropped input and a 1-byte mask.
+        # fused_ops (lora_dropout.py; on a CPU with p <= 1/8 the dropped positions instead, 8p bytes, counted as
+        # the 1 byte they stay under); PEFT's own dropout keeps the dropped input and a 1-byte mask.
         targeted = _targeted(shape, params)
         ins = sum(i for i, _ in targeted)
         per_token += len(targeted) * params.lora_r

@@ -140,7 +140,8 @@ class LLMParams(Params):
     fused_ops: bool = param(
         True,
         "Memory-lean RMSNorm, SwiGLU and LoRA dropout (Llama-family models): same maths, fewer saved activations;"
-        " under LoRA the norms' and SwiGLU's outputs are rebuilt in the backward pass instead of kept.",
+        " under LoRA the norms' and SwiGLU's outputs are rebuilt in the backward pass instead of kept, and each LoRA"
+        " product is added inside its matrix multiply.",
     )
 
     # --- PEFT / quantization

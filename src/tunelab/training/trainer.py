@@ -27,7 +27,7 @@ from tunelab.env import distributed_kind
 from tunelab.errors import TunelabError
 from tunelab.models.checks import CLASSIFIER_HEADS
 from tunelab.models.peft import quiet_peft_save
-from tunelab.speed import compile_layers, optimizer_name
+from tunelab.speed import compile_layers, optimizer_name, pad_multiple
 from tunelab.speed.loss import causal_lm_loss_sum, fast_loss_supported, output_head_returns_hidden
 from tunelab.training import checkpoints
 
@@ -336,7 +336,7 @@ def build_trainer(
         flat = str(getattr(model.config, "_attn_implementation", "")).startswith("flash_attention")
         trainer = TunelabTrainer(
             fast_loss=params.fast_loss,
-            data_collator=PackedRowsCollator(tokenizer.pad_token_id, flat=flat),
+            data_collator=PackedRowsCollator(tokenizer.pad_token_id, flat=flat, pad_to_multiple_of=pad_multiple()),
             group_by_length=params.group_by_length and not params.packing and not streamed,
             **common,
         )
