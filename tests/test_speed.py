@@ -195,6 +195,13 @@ def test_fused_lora_forward_adds_the_adapter_inside_the_matmul(bf16):
         torch.testing.assert_close(fused(x), plain(x), **tolerance)
         with fused.disable_adapter():
             torch.testing.assert_close(fused(x), reference(x))  # PEFT's forward: the base layer alone
+    # Under DeepSpeed ZeRO-3 (its parameters carry ds_id) B is only whole inside lora_B's own forward: PEFT's path.
+    layer.lora_B["default"].weight.ds_id = 0
+    calls = []
+    layer.lora_B["default"].register_forward_hook(lambda *_: calls.append(1))
+    with autocast:
+        fused(x)
+    assert calls == [1]
 
 
 def test_fused_ops_keep_the_adapter_files_and_training(tiny_llama, tmp_path):

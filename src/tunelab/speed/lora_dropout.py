@@ -187,6 +187,8 @@ def _lora_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -
         and name not in self.lora_variant
         and type(lora_b) is nn.Linear
         and lora_b.bias is None
+        # DeepSpeed ZeRO-3 gathers a module's weights in hooks around its own forward, which this one skips for B
+        and not hasattr(lora_b.weight, "ds_id")
         and torch.is_grad_enabled()
         # addmm takes one dtype: autocast casts all three, else x must already be the adapter's
         and (torch.is_autocast_enabled(x.device.type) or x.dtype == lora_b.weight.dtype)
