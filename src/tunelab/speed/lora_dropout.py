@@ -163,7 +163,8 @@ class DropoutLoraA(nn.Module):
             return out if scale == 1.0 else out * scale
         if not self.training or self.p == 0:
             return _DroppedProjection.apply(x, None, self.weight, scale)
-        if x.device.type == "cpu" and self.p <= _POSITIONS_UP_TO:
+        # Compiled layers take the mask: the positions' draw reads two numbers back (.item()), a graph break each.
+        if x.device.type == "cpu" and self.p <= _POSITIONS_UP_TO and not torch.compiler.is_compiling():
             return _DroppedProjection.apply(x, dropped_positions(x.numel(), self.p), self.weight, scale / (1 - self.p))
         keep = keep_mask(x, self.p)
         return _DroppedProjection.apply(x, keep, self.weight, scale / (1.0 - drop_probability(self.p)))
