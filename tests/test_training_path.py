@@ -203,3 +203,15 @@ def test_unpacked_padded_rows_use_plain_causal_attention(tiny_llama):
         for r, example in enumerate(examples):
             alone = model(input_ids=torch.tensor([example.input_ids])).logits[0]
             torch.testing.assert_close(logits[r, : len(example)], alone, atol=1e-5, rtol=1e-4)
+
+
+def test_rows_are_padded_to_a_multiple_of_8_on_a_gpu_only(monkeypatch):
+    """On a CPU a pad token costs what a real one does: the batch is as wide as its longest row. Tensor cores want
+    multiples of 8."""
+    from tunelab.speed import pad_multiple
+
+    examples = [Encoded(list(range(1, n + 1)), [IGNORE] * n) for n in (5, 13, 9)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert PackedRowsCollator(0, pad_to_multiple_of=pad_multiple())(examples)["input_ids"].shape == (3, 13)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert PackedRowsCollator(0, pad_to_multiple_of=pad_multiple())(examples)["input_ids"].shape == (3, 16)

@@ -6,7 +6,7 @@
 | batches | always | length-grouped rows or pairs, or packed rows with per-example positions (data/packing.py) |
 | row padding | always | to a multiple of 8 on a GPU, of 1 on a CPU (pad_multiple) |
 | fused optimizer | on CUDA | adamw_torch -> adamw_torch_fused (same maths, one kernel per step) |
-| fused_ops | on | RMSNorm, SwiGLU (speed/fused_layers.py), LoRA dropout (speed/lora_dropout.py); LoRA rebuilds |
+| fused_ops | on | RMSNorm, SwiGLU (fused_layers.py), LoRA dropout and forward (lora_dropout.py); LoRA rebuilds |
 | torch_compile | off | each decoder layer compiled with torch.compile (one graph, reused by every layer) |
 | attention | sdpa | flash_attention_2 with use_flash_attention_2 (CUDA, flash-attn installed) |
 
