@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 
 import pytest
@@ -190,3 +191,41 @@ def test_gpt2_padding_free_batches_match_padded(tiny_gpt2, packing):
     order = [e for row in rows for e in examples_in(row)]
     start = sum(len(e) for e in order[: order.index(examples[1])])
     torch.testing.assert_close(logits[start : start + 9], alone, atol=1e-5, rtol=1e-4)
+
+
+@needs_shared()
+def test_bf16_mixed_precision_with_lora_on_a_cpu(tiny_llama, tmp_path):
+    """AutoTrain's configs mostly ask for mixed precision with LoRA: bf16 base weights, the forward under
+    autocast (on a CPU too), and the loss from the hidden states that accelerate hands back in float32."""
+    out = tmp_path / "bf16-run"
+    argv = ["llm", "--train", "--model", str(tiny_llama), "--data-path", str(SHARED_DATA / "alpaca")]
+    argv += ["--trainer", "sft", "--peft", "--lora-r", "8", "--mixed-precision", "bf16", "--max-steps", "30"]
+    assert main([*argv, "--project-name", str(out), *FAST]) == 0
+    first, last = first_last(train_losses(out))
+    assert last < first
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), out)
+    assert_generates(model, AutoTokenizer.from_pretrained(out))
+
+
+@needs_shared()
+@pytest.mark.parametrize("trainer", ["dpo", "orpo", "simpo", "reward", "kto", "grpo"])
+def test_every_method_trains_with_lora_under_bf16(trainer, tiny_llama, tmp_path):
+    """Each method's loss reads the model's hidden states its own way (token log-probabilities, rewards,
+    generations): all of them train a LoRA adapter on bf16 base weights."""
+    from tests.test_grpo import _run
+    from tests.test_kto import _short_hh, _write, thumbs_from_pairs
+
+    if trainer == "grpo":
+        argv = _run(tmp_path, tiny_llama, "format_tag", "--mixed-precision", "bf16")
+    else:
+        pairs = _short_hh(8)
+        data = _write(tmp_path / "data" / "train.jsonl", thumbs_from_pairs(pairs) if trainer == "kto" else pairs)
+        argv = ["llm", "--train", "--trainer", trainer, "--peft", "--model", str(tiny_llama), "--data-path", str(data)]
+        argv += ["--project-name", str(tmp_path / "run"), "--block-size", "128", "--max-prompt-length", "96"]
+        argv += ["--batch-size", "4" if trainer == "kto" else "2", "--max-steps", "3", "--logging-steps", "1"]
+        argv += ["--mixed-precision", "bf16", "--disable-gradient-checkpointing"]
+    assert main(argv) == 0
+    losses = train_losses(tmp_path / "run")
+    assert losses and all(math.isfinite(loss) for loss in losses), losses

@@ -14,7 +14,7 @@ from tunelab.data.packing import PackedRowsCollator, pack
 from tunelab.data.tokenize import IGNORE, Encoded
 from tunelab.methods import METHODS
 from tunelab.models import load_tokenizer, resolve_model
-from tunelab.speed.loss import causal_lm_loss_sum, output_head_returns_hidden
+from tunelab.speed.loss import causal_lm_loss_sum, output_head_returns_hidden, token_logprobs
 
 
 def write_jsonl(path, rows):
@@ -161,6 +161,68 @@ def test_fast_loss_and_gradients_equal_the_plain_path(tiny_llama, packed, peft, 
     assert plain_grads.keys() == fast_grads.keys() and plain_grads
     for name in plain_grads:
         torch.testing.assert_close(fast_grads[name], plain_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def _under_mixed_precision(loss_fn):
+    """loss_fn with the model's forward run as accelerate runs it under bf16 mixed precision: inside autocast,
+    its outputs handed back in float32."""
+
+    def run(model, batch):
+        forward = model.forward
+
+        def autocast_forward(*args, **kwargs):
+            with torch.autocast("cpu", torch.bfloat16):
+                out = forward(*args, **kwargs)
+            out.logits = out.logits.float()
+            return out
+
+        model.forward = autocast_forward
+        try:
+            return loss_fn(model, batch)
+        finally:
+            del model.forward
+
+    return run
+
+
+def _token_logprob_loss(model, batch):
+    with output_head_returns_hidden(model) as head:
+        hidden = model(**_inputs(batch)).logits
+    labels = batch["labels"]
+    return -token_logprobs(hidden, head, labels).sum() / (labels[:, 1:] != IGNORE).sum()
+
+
+@pytest.mark.parametrize("fast_loss", [_fast_loss, _token_logprob_loss], ids=["cross-entropy", "token-logprobs"])
+@pytest.mark.parametrize("peft", [True, False], ids=["lora-bf16-weights", "full-fp32-weights"])
+def test_fast_loss_under_bf16_mixed_precision_equals_the_plain_path(tiny_llama, peft, fast_loss):
+    """Under mixed precision the head meets float32 hidden states (accelerate up-casts the outputs) and, with
+    LoRA, bf16 weights: the projection runs in bf16 as the head's own forward would have, and the loss and the
+    trained gradients equal the plain path's (bf16 logits, up-cast)."""
+    torch.manual_seed(0)
+    examples = []
+    for n in (9, 14, 6, 11):
+        ids = torch.randint(5, 500, (n,)).tolist()
+        examples.append(Encoded(ids, [IGNORE] * (n // 2) + ids[n // 2 :]))
+    batch = PackedRowsCollator(0)(examples)
+
+    def grads(loss_fn):
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16 if peft else torch.float32)
+        if peft:
+            from peft import LoraConfig, get_peft_model
+
+            torch.manual_seed(1)
+            model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+        loss = _under_mixed_precision(loss_fn)(model, batch)
+        loss.backward()
+        return loss.detach(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain_loss, plain_grads = grads(_plain_loss)
+    fast_loss_value, fast_grads = grads(fast_loss)
+    assert fast_loss_value.dtype == torch.float32
+    torch.testing.assert_close(fast_loss_value, plain_loss, atol=2e-3, rtol=2e-3)
+    assert plain_grads.keys() == fast_grads.keys() and plain_grads
+    for name, grad in plain_grads.items():  # bf16 rounds differently in each order of operations: compare as wholes
+        assert (fast_grads[name] - grad).norm() <= 3e-2 * grad.norm() + 1e-6, name
 
 
 def test_preformatted_text_is_used_as_is(tmp_path, tiny_llama):

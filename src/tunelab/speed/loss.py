@@ -29,11 +29,20 @@ def chunk_rows(vocab_size: int) -> int:
     return max(16, CHUNK_BYTES // (4 * vocab_size))
 
 
+def _project(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Float32 logits of the rows h, with h, weight and bias already in the projection dtype."""
+    return F.linear(h, weight, bias).float()
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """sum over rows of CE(hidden @ weight.T + bias, target), gradients computed in the forward pass."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, chunk):  # noqa: D102
+    def forward(ctx, hidden, weight, bias, target, chunk, dtype):  # noqa: D102
         # Autograd turns grad mode off inside forward; needs_input_grad says what the caller needs.
         wants_h, wants_w, wants_b = ctx.needs_input_grad[:3]
         need_grad = wants_h or wants_w or wants_b
@@ -41,19 +50,20 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wants_w else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if wants_b else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        w, b = weight.to(dtype), _cast(bias, dtype)
         for start in range(0, hidden.shape[0], chunk):
-            h = hidden[start : start + chunk]
+            h = hidden[start : start + chunk].to(dtype)
             y = target[start : start + chunk]
-            logits = F.linear(h, weight, bias).float()
+            logits = _project(h, w, b)
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
             if not need_grad:
                 continue
             probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place over the logits: one chunk alive
             probs[torch.arange(len(y), device=y.device), y] -= 1.0  # d(CE)/d(logits)
-            probs = probs.to(h.dtype)
+            probs = probs.to(dtype)
             if grad_hidden is not None:
-                grad_hidden[start : start + chunk] = probs @ weight
+                grad_hidden[start : start + chunk] = probs @ w
             if grad_weight is not None:
                 grad_weight += (probs.T @ h).float()
             if grad_bias is not None:
@@ -74,16 +84,23 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             (grad_bias * scale).to(ctx.dtypes[1]) if has_b else None,
             None,
             None,
+            None,
         )
 
 
 def linear_cross_entropy_sum(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Summed next-token cross-entropy of `hidden` (N, H) projected by `weight` (V, H) against `target` (N,)."""
+    """Summed next-token cross-entropy of `hidden` (N, H) projected by `weight` (V, H) against `target` (N,), the
+    projection run in `dtype` (default: the weight's)."""
     if hidden.shape[0] == 0:
         return hidden.sum() * 0.0  # an all-masked batch: zero loss, graph still connected
-    return ChunkedLinearCrossEntropy.apply(hidden, weight, bias, target, chunk_rows(weight.shape[0]))
+    chunk = chunk_rows(weight.shape[0])
+    return ChunkedLinearCrossEntropy.apply(hidden, weight, bias, target, chunk, dtype or weight.dtype)
 
 
 def causal_lm_loss_sum(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -93,7 +110,8 @@ def causal_lm_loss_sum(hidden: torch.Tensor, head: torch.nn.Module, labels: torc
     mask = shift_labels != -100
     selected = shift_hidden[mask]
     targets = shift_labels[mask]
-    return linear_cross_entropy_sum(selected, head.weight, getattr(head, "bias", None), targets), int(mask.sum())
+    loss = linear_cross_entropy_sum(selected, head.weight, getattr(head, "bias", None), targets, head_dtype(head))
+    return loss, int(mask.sum())
 
 
 class ChunkedTokenLogprobs(torch.autograd.Function):
@@ -105,16 +123,17 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, chunk):  # noqa: D102
+    def forward(ctx, hidden, weight, bias, target, chunk, dtype):  # noqa: D102
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         lses = torch.empty_like(out)
+        w, b = weight.to(dtype), _cast(bias, dtype)
         for start in range(0, hidden.shape[0], chunk):
-            logits = F.linear(hidden[start : start + chunk], weight, bias).float()
+            logits = _project(hidden[start : start + chunk].to(dtype), w, b)
             lse = torch.logsumexp(logits, dim=-1)
             lses[start : start + chunk] = lse
             out[start : start + chunk] = logits.gather(1, target[start : start + chunk, None]).squeeze(1) - lse
         ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), target, lses)
-        ctx.chunk, ctx.has_bias = chunk, bias is not None
+        ctx.chunk, ctx.has_bias, ctx.dtype = chunk, bias is not None, dtype  # backward recomputes in the same dtype
         return out
 
     @staticmethod
@@ -125,17 +144,18 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if wants_h else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wants_w else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if wants_b else None
+        w, b = weight.to(ctx.dtype), _cast(bias, ctx.dtype)
         for start in range(0, hidden.shape[0], ctx.chunk):
             stop = start + ctx.chunk
-            h = hidden[start:stop]
-            logits = F.linear(h, weight, bias).float()
+            h = hidden[start:stop].to(ctx.dtype)
+            logits = _project(h, w, b)
             # d logp[target] / d logits = onehot(target) - softmax; scaled by each row's upstream gradient.
             grad_logits = logits.sub_(lses[start:stop, None]).exp_().neg_()
             grad_logits[torch.arange(len(h), device=h.device), target[start:stop]] += 1.0
             grad_logits.mul_(grad_out[start:stop, None])
-            grad_logits = grad_logits.to(h.dtype)
+            grad_logits = grad_logits.to(ctx.dtype)
             if grad_hidden is not None:
-                grad_hidden[start:stop] = grad_logits @ weight
+                grad_hidden[start:stop] = grad_logits @ w
             if grad_weight is not None:
                 grad_weight += (grad_logits.T @ h).float()
             if grad_bias is not None:
@@ -144,6 +164,7 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
             grad_hidden,
             grad_weight.to(weight.dtype) if grad_weight is not None else None,
             grad_bias.to(bias.dtype) if grad_bias is not None else None,
+            None,
             None,
             None,
         )
@@ -158,7 +179,8 @@ def token_logprobs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Te
     if mask.any():
         weight, bias = head.weight, getattr(head, "bias", None)
         selected = hidden[:, :-1, :][mask]
-        out[mask] = ChunkedTokenLogprobs.apply(selected, weight, bias, shift_labels[mask], chunk_rows(weight.shape[0]))
+        chunk, dtype = chunk_rows(weight.shape[0]), head_dtype(head)
+        out[mask] = ChunkedTokenLogprobs.apply(selected, weight, bias, shift_labels[mask], chunk, dtype)
     return out
 
 
@@ -183,15 +205,28 @@ def output_head_returns_hidden(model: Any) -> Iterator[torch.nn.Module]:
     """Make the output head an identity for one forward pass, yielding the real head.
 
     The model's own forward (through DDP, FSDP or PEFT wrappers) then returns its final hidden states as
-    `logits`, at no cost, and the loss projects them chunk by chunk.
+    `logits`, at no cost, and the loss projects them chunk by chunk, in the dtype the head would have run in
+    inside that forward (`head_dtype`).
     """
     head = model.get_output_embeddings()
-    head.forward = _identity
+
+    def identity(hidden: torch.Tensor) -> torch.Tensor:
+        # Under mixed precision the forward runs under autocast, and the head's matmul with it; accelerate then
+        # hands the outputs back in float32. Recorded here so that the loss projects as the head would have.
+        device = hidden.device.type
+        head._tunelab_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        return hidden
+
+    head.forward = identity
     try:
         yield head
     finally:
         del head.forward
 
 
-def _identity(hidden: torch.Tensor) -> torch.Tensor:
-    return hidden
+def head_dtype(head: torch.nn.Module) -> torch.dtype:
+    """The dtype the output head's matmuls run in: autocast's, when the last forward through
+    `output_head_returns_hidden` ran under it, else the head weight's. Half-precision weights (LoRA under bf16
+    or fp16) meet hidden states that accelerate up-cast to float32 after the forward; they were half before, so
+    casting them back loses nothing."""
+    return getattr(head, "_tunelab_dtype", None) or head.weight.dtype
