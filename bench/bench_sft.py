@@ -562,6 +562,7 @@ def build_trl(args: argparse.Namespace, params: Any, tokenizer: Any, source: Any
         data_seed=ref.data_seed,
         bf16=bool(ref.bf16),  # set explicitly: SFTConfig defaults to bf16=True
         fp16=bool(ref.fp16),
+        use_cpu=ref.use_cpu,  # bf16 on a CPU needs it, as tunelab's own arguments set it
         activation_checkpointing=args.gradient_checkpointing,  # SFTConfig defaults to checkpointing on
         # --defaults: TRL checkpoints every layer, as its users get it; otherwise the same layers as tunelab.
         activation_checkpointing_kwargs={"use_reentrant": False}
