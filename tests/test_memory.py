@@ -88,6 +88,8 @@ def _tiny_model(config, params):
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
+    if params.peft and params.mixed_precision == "bf16":
+        model = model.to(torch.bfloat16)  # as models.load_model loads a LoRA run's base under mixed precision
     if params.peft:
         model = add_lora(model, params)
     fuse_ops(model, params)  # as models.load_model does
@@ -101,8 +103,17 @@ def _tiny_model(config, params):
         dict(peft=False, disable_gradient_checkpointing=True),
         dict(peft=True, disable_gradient_checkpointing=True),
         dict(peft=True, checkpoint_every=2, fused_ops=False),
+        dict(peft=True, mixed_precision="bf16"),
+        dict(peft=True, mixed_precision="bf16", disable_gradient_checkpointing=True),
     ],
-    ids=["full", "full-no-checkpointing", "lora-no-checkpointing", "lora-unfused-every-2nd"],
+    ids=[
+        "full",
+        "full-no-checkpointing",
+        "lora-no-checkpointing",
+        "lora-unfused-every-2nd",
+        "lora-bf16",
+        "lora-bf16-no-checkpointing",
+    ],
 )
 def test_estimate_is_within_25_percent_of_two_real_steps(settings, tmp_path):
     config = _config()

@@ -277,3 +277,28 @@ def test_rows_are_padded_to_a_multiple_of_8_on_a_gpu_only(monkeypatch):
     assert PackedRowsCollator(0, pad_to_multiple_of=pad_multiple())(examples)["input_ids"].shape == (3, 13)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert PackedRowsCollator(0, pad_to_multiple_of=pad_multiple())(examples)["input_ids"].shape == (3, 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("per_token", [False, True], ids=["cross-entropy", "token-logprobs"])
+def test_the_chunked_loss_keeps_one_chunk_of_logits_alive(dtype, per_token):
+    """The loss runs when every saved activation is alive, so what its chunks hold adds to the run's peak: one
+    chunk of float32 logits at a time (and, in a half dtype, its half copy), never the previous chunk beside it."""
+    from tunelab.memory import measure_peak
+    from tunelab.speed.loss import ChunkedLinearCrossEntropy, ChunkedTokenLogprobs
+
+    vocab, width, rows, chunk = 4096, 16, 64, 16
+    torch.manual_seed(0)
+    hidden = torch.randn(rows, width).to(dtype).float().requires_grad_()  # half values, handed back in float32
+    weight = torch.randn(vocab, width, dtype=dtype)
+    target = torch.randint(0, vocab, (rows,))
+
+    def step():
+        if per_token:
+            ChunkedTokenLogprobs.apply(hidden, weight, None, target, chunk, dtype).sum().backward()
+        else:
+            ChunkedLinearCrossEntropy.apply(hidden, weight, None, target, chunk, dtype).backward()
+
+    peak = measure_peak(step)
+    one_chunk = chunk * vocab * (4 + (2 if dtype == torch.bfloat16 else 0))
+    assert one_chunk <= peak <= 1.2 * one_chunk, (peak, one_chunk)

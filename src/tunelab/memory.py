@@ -170,7 +170,12 @@ def _optimizer_bytes_per_param(name: str) -> float:
 
 
 def estimate_memory(
-    config: Any, params: RunParams, tokens_per_microbatch: int, longest_row: int, kind: str = "causal_lm"
+    config: Any,
+    params: RunParams,
+    tokens_per_microbatch: int,
+    longest_row: int,
+    kind: str = "causal_lm",
+    device: str | None = None,
 ) -> MemoryEstimate:
     """Estimate the peak memory of one training step of tunelab.
 
@@ -182,6 +187,8 @@ def estimate_memory(
         tokens_per_microbatch: tokens of one micro-batch as collated (rows x longest row, padding included).
         longest_row: tokens in the longest row (attention work and masks grow with its square).
         kind: "causal_lm", or "reward"/"classifier" (a score head instead of the LM head: no vocabulary loss).
+        device: "cuda" or "cpu", where the run trains (default: a CUDA GPU if there is one); LoRA's dropout
+            keeps less on a CPU.
 
     Returns:
         The estimate of live tensors at the peak, as a GPU's allocator would count them (no allocator slack).
@@ -224,7 +231,8 @@ def estimate_memory(
     gradients = trainable * 4
     optimizer = int(trainable * _optimizer_bytes_per_param(params.optimizer))
 
-    forward, backward = _activations(shape, params, tokens_per_microbatch, longest_row, kind, act)
+    device = device or _default_device()
+    forward, backward = _activations(shape, params, tokens_per_microbatch, longest_row, kind, act, device)
     if not params.peft and half:
         forward += n_params * 2  # autocast caches a half copy of every fp32 weight for the forward pass
     # The gradients are set to None after each optimizer step, so with no accumulation they fill up only as the
@@ -250,8 +258,14 @@ def estimate_memory(
     )
 
 
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _activations(
-    shape: Shape, params: RunParams, tokens: int, longest: int, kind: str, act: int
+    shape: Shape, params: RunParams, tokens: int, longest: int, kind: str, act: int, device: str
 ) -> tuple[float, float]:
     """Activation bytes at the two candidate peaks: (the larger of the loss at the end of the forward pass and
     the last layer's backward pass, with no gradient yet; the first layer's backward pass, beyond the gradients)."""
@@ -271,13 +285,16 @@ def _activations(
     per_token_fp32 = 2 * 4 + shape.heads * 4  # two rstd values and the attention's logsumexp per head
     if params.peft:
         # LoRA: each adapted module keeps its rank-r intermediate and a dropout mask: 1 byte an element with
-        # fused_ops (lora_dropout.py; on a CPU with p <= 1/8 the dropped positions instead, 8p bytes, counted as
-        # the 1 byte they stay under); PEFT's own dropout keeps the dropped input and a 1-byte mask.
+        # fused_ops (lora_dropout.py; on a CPU with p <= 1/8 the int64 positions of the dropped elements
+        # instead, 8p bytes an element); PEFT's own dropout keeps the dropped input and a 1-byte mask.
         targeted = _targeted(shape, params)
         ins = sum(i for i, _ in targeted)
         per_token += len(targeted) * params.lora_r
         if params.lora_dropout > 0:
-            per_token += ins / act if fused else ins * (1 + 1 / act)
+            from tunelab.speed.lora_dropout import POSITIONS_UP_TO
+
+            mask = 8 * params.lora_dropout if device == "cpu" and params.lora_dropout <= POSITIONS_UP_TO else 1
+            per_token += ins * mask / act if fused else ins * (1 + 1 / act)
     layer = tokens * (per_token * act + per_token_fp32)
     # Attention over packed rows gets a block-diagonal mask of longest^2 per row.
     rows = max(1, tokens // max(longest, 1))
@@ -295,13 +312,14 @@ def _activations(
     if kind == "causal_lm":
         if params.fast_loss:
             # loss.py: the scored hidden states are gathered, their gradient computed in the forward pass, and
-            # logits exist a chunk (about CHUNK_BYTES) at a time, two at the peak: the last chunk's are still
-            # referenced while the next is projected. A full fine-tuning also accumulates the head's fp32
-            # weight gradient there, plus one chunk's product of that size.
+            # logits exist a chunk (about CHUNK_BYTES in fp32) at a time; under mixed precision with a half copy
+            # beside them (the projection's output, then the half softmax gradient). A full fine-tuning also
+            # accumulates the head's fp32 weight gradient there, plus one chunk's product of that size.
             from tunelab.speed.loss import chunk_rows
 
             chunk = min(tokens, chunk_rows(shape.vocab))
-            loss = 2 * tokens * h * act + min(2 * chunk, tokens) * shape.vocab * 4 + chunk * h * 4
+            half_copy = act if act < 4 else 0
+            loss = 2 * tokens * h * act + chunk * shape.vocab * (4 + half_copy) + chunk * h * 4
             if not params.peft:
                 loss += 2 * shape.vocab * h * 4
         else:

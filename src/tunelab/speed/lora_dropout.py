@@ -68,7 +68,7 @@ def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
 
 
 # Up to this p the dropped positions (int64) take no more memory than a 1-byte mask, and are cheaper to draw and apply.
-_POSITIONS_UP_TO = 1 / 8
+POSITIONS_UP_TO = 1 / 8
 
 
 def dropped_positions(n: int, p: float, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -164,7 +164,7 @@ class DropoutLoraA(nn.Module):
         if not self.training or self.p == 0:
             return _DroppedProjection.apply(x, None, self.weight, scale)
         # Compiled layers take the mask: the positions' draw reads two numbers back (.item()), a graph break each.
-        if x.device.type == "cpu" and self.p <= _POSITIONS_UP_TO and not torch.compiler.is_compiling():
+        if x.device.type == "cpu" and self.p <= POSITIONS_UP_TO and not torch.compiler.is_compiling():
             return _DroppedProjection.apply(x, dropped_positions(x.numel(), self.p), self.weight, scale / (1 - self.p))
         keep = keep_mask(x, self.p)
         return _DroppedProjection.apply(x, keep, self.weight, scale / (1.0 - drop_probability(self.p)))

@@ -58,16 +58,19 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
             if not need_grad:
+                del logits  # before the next chunk is projected: one chunk's logits alive at a time, not two
                 continue
-            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place over the logits: one chunk alive
+            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place over the logits
+            del logits
             probs[torch.arange(len(y), device=y.device), y] -= 1.0  # d(CE)/d(logits)
-            probs = probs.to(dtype)
+            probs = probs.to(dtype)  # a half copy under mixed precision; the float32 one is freed here
             if grad_hidden is not None:
                 grad_hidden[start : start + chunk] = probs @ w
             if grad_weight is not None:
                 grad_weight += (probs.T @ h).float()
             if grad_bias is not None:
                 grad_bias += probs.float().sum(0)
+            del probs
         ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (grad_hidden, grad_weight, grad_bias)))
         ctx.has = (grad_hidden is not None, grad_weight is not None, grad_bias is not None)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
@@ -132,6 +135,7 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
             lse = torch.logsumexp(logits, dim=-1)
             lses[start : start + chunk] = lse
             out[start : start + chunk] = logits.gather(1, target[start : start + chunk, None]).squeeze(1) - lse
+            del logits
         ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), target, lses)
         ctx.chunk, ctx.has_bias, ctx.dtype = chunk, bias is not None, dtype  # backward recomputes in the same dtype
         return out
@@ -148,9 +152,8 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
         for start in range(0, hidden.shape[0], ctx.chunk):
             stop = start + ctx.chunk
             h = hidden[start:stop].to(ctx.dtype)
-            logits = _project(h, w, b)
             # d logp[target] / d logits = onehot(target) - softmax; scaled by each row's upstream gradient.
-            grad_logits = logits.sub_(lses[start:stop, None]).exp_().neg_()
+            grad_logits = _project(h, w, b).sub_(lses[start:stop, None]).exp_().neg_()
             grad_logits[torch.arange(len(h), device=h.device), target[start:stop]] += 1.0
             grad_logits.mul_(grad_out[start:stop, None])
             grad_logits = grad_logits.to(ctx.dtype)
@@ -160,6 +163,7 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
                 grad_weight += (grad_logits.T @ h).float()
             if grad_bias is not None:
                 grad_bias += grad_logits.float().sum(0)
+            del grad_logits  # before the next chunk is projected: one chunk alive at a time
         return (
             grad_hidden,
             grad_weight.to(weight.dtype) if grad_weight is not None else None,
