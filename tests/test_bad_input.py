@@ -177,6 +177,26 @@ def test_fp16_on_cpu(capsys, tmp_path, tiny_llama, good_data):
     assert "mixed_precision=fp16 needs a CUDA GPU" in line
 
 
+@pytest.mark.parametrize("native", [False, True], ids=["no-bf16-instructions", "bf16-instructions"])
+def test_bf16_on_a_cpu_is_advised_before_training(native, capsys, tmp_path, tiny_llama, good_data, monkeypatch):
+    """bf16 on a CPU without bf16 instructions is emulated (slower than float32): a warning; on one with them,
+    a run in float32 hears that bf16 would be faster. Both before anything loads (the dry run shows them)."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CPU advice")
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    for precision in ("bf16", "no"):
+        project = tmp_path / precision
+        assert main(cli_args(tiny_llama, good_data, project, "--dry-run", "--mixed-precision", precision)) == 0
+        err = capsys.readouterr().err
+        slower = "mixed_precision=bf16 on a CPU without bf16 instructions" in err
+        faster = "this CPU has bf16 instructions: mixed_precision bf16 can train faster" in err
+        assert (slower, faster) == ((precision == "bf16" and not native), (precision == "no" and native)), err
+
+
 def test_int4_on_cpu(capsys, tmp_path, tiny_llama, good_data):
     import torch
 

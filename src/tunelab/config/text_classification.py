@@ -71,7 +71,10 @@ class TextClassificationParams(Params):
     max_grad_norm: float = param(1.0, "Gradient clipping norm.")
     seed: int = param(42, "Random seed.")
     mixed_precision: str | None = param(
-        None, "fp16 (CUDA only) or bf16; none trains in float32.", (None, "no", "fp16", "bf16")
+        None,
+        "fp16 (CUDA only) or bf16 (a GPU, or a CPU with bf16 instructions: AVX512-BF16 or AMX); none trains in"
+        " float32.",
+        (None, "no", "fp16", "bf16"),
     )
     auto_find_batch_size: bool = param(False, "Halve the batch size on out-of-memory errors and retry.")
     early_stopping_patience: int = param(5, "Stop after this many evaluations without improvement (with valid_split).")
