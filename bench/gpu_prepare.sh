@@ -20,7 +20,8 @@ if [ -z "$data" ]; then
 fi
 "$python" -m pip download -q --no-deps --only-binary=:all: --python-version "${PY_VERSION:-3.12}" --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-  -d .whl trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 transformers==5.23.0 ${WITH_PYARROW:+pyarrow==24.0.0}
+  -d .whl trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 transformers==5.25.0 kernels==0.19.1 tomlkit==0.15.3 \
+  ${WITH_PYARROW:+pyarrow==24.0.0}
 rm -rf .bench && mkdir -p .bench
 if [ -d "$data" ]; then cp -r "$data" .bench/alpaca; else mkdir -p .bench/alpaca && cp "$data" .bench/alpaca/; fi
 PYTHONPATH=src "$python" -c "
