@@ -261,3 +261,16 @@ def test_contradicting_checkpointing_switches_are_refused():
 
     with pytest.raises(ConfigError, match="disable_gradient_checkpointing: true and gradient_checkpointing: on"):
         _params(disable_gradient_checkpointing=True, gradient_checkpointing="on").validate()
+
+
+def test_lora_dropout_is_counted_as_lora_dropout_keeps_it():
+    """On a CPU, uncompiled, with dropout up to 1/8, LoRA keeps the dropped positions (8p bytes an element); compiled
+    layers and GPUs keep a 1-byte mask (speed/lora_dropout.py): the estimate follows the same choice."""
+    config = _config()
+
+    def activations(device, **settings):
+        return estimate_memory(config, _params(peft=True, **settings), BATCH * BLOCK, BLOCK, device=device).activations
+
+    positions = activations("cpu")
+    assert positions < activations("cpu", torch_compile=True) == activations("cuda")
+    assert activations("cpu", lora_dropout=0.2) == activations("cuda", lora_dropout=0.2)

@@ -285,15 +285,16 @@ def _activations(
     per_token_fp32 = 2 * 4 + shape.heads * 4  # two rstd values and the attention's logsumexp per head
     if params.peft:
         # LoRA: each adapted module keeps its rank-r intermediate and a dropout mask: 1 byte an element with
-        # fused_ops (lora_dropout.py; on a CPU with p <= 1/8 the int64 positions of the dropped elements
-        # instead, 8p bytes an element); PEFT's own dropout keeps the dropped input and a 1-byte mask.
+        # fused_ops (lora_dropout.py; on a CPU with p <= 1/8, uncompiled, the int64 positions of the dropped
+        # elements instead, 8p bytes an element); PEFT's own dropout keeps the dropped input and a 1-byte mask.
         targeted = _targeted(shape, params)
         ins = sum(i for i, _ in targeted)
         per_token += len(targeted) * params.lora_r
         if params.lora_dropout > 0:
             from tunelab.speed.lora_dropout import POSITIONS_UP_TO
 
-            mask = 8 * params.lora_dropout if device == "cpu" and params.lora_dropout <= POSITIONS_UP_TO else 1
+            positions = device == "cpu" and params.lora_dropout <= POSITIONS_UP_TO and not params.torch_compile
+            mask = 8 * params.lora_dropout if positions else 1
             per_token += ins * mask / act if fused else ins * (1 + 1 / act)
     layer = tokens * (per_token * act + per_token_fp32)
     # Attention over packed rows gets a block-diagonal mask of longest^2 per row.

@@ -131,6 +131,7 @@ class RunParams(Protocol):
     checkpoint_every: int
     fast_loss: bool
     fused_ops: bool
+    torch_compile: bool
     packing: bool
     use_flash_attention_2: bool
     peft: bool

@@ -35,6 +35,7 @@ class TextClassificationParams(Params):
     packing: ClassVar[bool] = False
     fast_loss: ClassVar[bool] = False
     fused_ops: ClassVar[bool] = False
+    torch_compile: ClassVar[bool] = False
     checkpoint_every: ClassVar[int] = 1
     use_flash_attention_2: ClassVar[bool] = False
 
