@@ -155,3 +155,39 @@ def test_pissa_adapter_keeps_the_modules_trained_whole(tiny_llama, tmp_path):
         merged = AutoModelForCausalLM.from_pretrained(folder / "merged").eval()(input_ids=ids).logits
     assert (adapted - before).abs().max() > 1e-3
     assert torch.allclose(adapted, merged, atol=1e-5, rtol=1e-4), (adapted - merged).abs().max()
+
+
+@pytest.mark.parametrize("targets", ["q_proj,v_proj,lm_head", "q_proj,embed_tokens"], ids=["lm_head", "embed_tokens"])
+def test_lora_on_a_tied_head_or_embedding_trains_and_merges_apart(tiny_llama, tmp_path, targets):
+    """target_modules naming the output head or the input embedding of a model that ties them: the adapter is
+    trained (the fast loss adds the head's term), and merging keeps the two apart (merged into the one shared
+    weight, it changed both), so the merged model, at the run's end and by `tunelab merge`, gives the adapter's
+    logits."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from tests.test_bad_input import GOOD_ROWS, write_jsonl
+    from tunelab import train
+    from tunelab.config.llm import LLMParams
+
+    data = write_jsonl(tmp_path / "train.jsonl", GOOD_ROWS)
+    params = LLMParams(
+        model=str(tiny_llama), data_path=str(data), trainer="sft", peft=True, target_modules=targets,
+        merge_adapter=True, lr=1e-2, max_steps=3, block_size=64, model_max_length=128,
+        project_name=str(tmp_path / "run"),
+    )  # fmt: skip
+    folder = train(params)
+    saved = load_file(folder / "adapter_model.safetensors")
+    name = targets.split(",")[-1]
+    trained_b = [v for k, v in saved.items() if name in k and ("lora_B" in k or "lora_embedding_B" in k)]
+    assert trained_b and all(b.abs().max() > 0 for b in trained_b)  # B starts at zero: it moved
+    assert main(["merge", "--model", str(folder), "--output", str(tmp_path / "by-cli")]) == 0
+    ids = torch.tensor([[1, 5, 9, 14, 30, 41]])
+    with torch.no_grad():
+        adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), folder).eval()
+        expected = adapted(input_ids=ids).logits
+        for merged_folder in (folder / "merged", tmp_path / "by-cli"):
+            merged = AutoModelForCausalLM.from_pretrained(merged_folder).eval()
+            assert not merged.config.tie_word_embeddings
+            got = merged(input_ids=ids).logits
+            assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4), (merged_folder, (got - expected).abs().max())

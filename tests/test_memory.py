@@ -243,6 +243,8 @@ def test_auto_checkpointing_takes_the_fewest_checkpointed_layers_that_fit():
         (dict(gradient_checkpointing="off"), True, 1),
         (dict(disable_gradient_checkpointing=True), True, 1),  # AutoTrain's switch still turns it off
         (dict(gradient_checkpointing=True), False, 1),  # TRL's and Axolotl's boolean
+        (dict(gradient_checkpointing="true"), False, 1),  # ... given on the command line
+        (dict(gradient_checkpointing="False"), True, 1),
     ],
 )
 def test_explicit_checkpointing_is_kept_whatever_the_memory(settings, disabled, every):

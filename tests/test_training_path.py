@@ -225,6 +225,70 @@ def test_fast_loss_under_bf16_mixed_precision_equals_the_plain_path(tiny_llama, 
         assert (fast_grads[name] - grad).norm() <= 3e-2 * grad.norm() + 1e-6, name
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["peft-dropout", "fused-dropout"])
+@pytest.mark.parametrize("mixed", [False, True], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("fast_loss", [_fast_loss, _token_logprob_loss], ids=["cross-entropy", "token-logprobs"])
+def test_a_lora_adapter_on_the_output_head_is_trained_by_the_fast_loss(tiny_llama, fast_loss, mixed, fused):
+    """target_modules naming lm_head: the head's rank-r term (dropout and all) enters the chunked loss, so its
+    loss and every gradient equal the plain path's, lm_head's lora_B included (it had none: the loss projected
+    with the base weight alone). With the adapter off (a reference pass) the term is left out again."""
+    from peft import LoraConfig, get_peft_model
+
+    from tunelab.speed.lora_dropout import fuse_lora_dropout
+
+    torch.manual_seed(0)
+    examples = []
+    for n in (9, 14, 6, 11):
+        ids = torch.randint(5, 500, (n,)).tolist()
+        examples.append(Encoded(ids, [IGNORE] * (n // 2) + ids[n // 2 :]))
+    batch = PackedRowsCollator(0)(examples)
+
+    def grads(loss_fn):
+        torch.manual_seed(1)
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+        config = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "lm_head"], lora_dropout=0.1)
+        model = get_peft_model(model, config)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # LoRA starts with B = 0: give every term something to say
+                torch.nn.init.normal_(param, std=0.05)
+        if fused:
+            fuse_lora_dropout(model)
+        model.train()
+        torch.manual_seed(2)  # the same dropout draws in both paths
+        loss = (_under_mixed_precision(loss_fn) if mixed else loss_fn)(model, batch)
+        loss.backward()
+        with torch.no_grad(), model.disable_adapter():
+            off = loss_fn(model, batch)
+        return loss.detach(), off, {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain_loss, plain_off, plain_grads = grads(_plain_loss)
+    fast_loss_value, fast_off, fast_grads = grads(fast_loss)
+    tolerance = dict(atol=2e-3, rtol=2e-3) if mixed else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast_loss_value, plain_loss, **tolerance)
+    torch.testing.assert_close(fast_off, plain_off, atol=1e-5, rtol=1e-5)
+    assert (fast_off - fast_loss_value).abs() > 1e-3  # the adapter's term counted with it on, not with it off
+    head_b = "base_model.model.lm_head.lora_B.default.weight"
+    assert plain_grads.keys() == fast_grads.keys() and head_b in fast_grads
+    assert fast_grads[head_b].norm() > 0
+    for name, grad in plain_grads.items():
+        assert (fast_grads[name] - grad).norm() <= (3e-2 if mixed else 1e-4) * grad.norm() + 1e-6, name
+
+
+def test_an_output_head_adapter_the_loss_cannot_split_takes_the_plain_path(tiny_llama):
+    """DoRA on lm_head scales each output row by its own norm: no rank-r term to add, so the plain path."""
+    from peft import LoraConfig, get_peft_model
+
+    from tunelab.speed.loss import fast_loss_supported
+
+    def supported(**config):
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+        return fast_loss_supported(get_peft_model(model, LoraConfig(r=4, **config)))
+
+    assert supported(target_modules=["q_proj", "lm_head"])
+    assert supported(target_modules=["q_proj"], use_dora=True)  # DoRA elsewhere: the head is plain
+    assert not supported(target_modules=["q_proj", "lm_head"], use_dora=True)
+
+
 def test_preformatted_text_is_used_as_is(tmp_path, tiny_llama):
     """Mistral-style `<s>[INST] ... [/INST] ... </s>` rows: no template, no second BOS, no second EOS."""
     text = "<s>[INST] Say hi [/INST] Hi!</s>"

@@ -23,7 +23,7 @@ from typing import Any
 from tunelab.config.base import RunParams
 from tunelab.env import distributed_kind
 from tunelab.errors import TunelabError
-from tunelab.models.peft import quiet_peft_save, save_converted_adapter
+from tunelab.models.peft import merge_into_base, quiet_peft_save, save_converted_adapter
 from tunelab.training import checkpoints
 
 log = logging.getLogger("tunelab")
@@ -132,7 +132,7 @@ def save_model(trainer: Any, tokenizer: Any, folder: Path, template_source: str 
 
 def save_merged(model: Any, tokenizer: Any, folder: Path) -> None:
     """Merge a LoRA adapter into its base and save the full model (in the base's dtype)."""
-    merged = model.merge_and_unload()
+    merged = merge_into_base(model)
     merged.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
 

@@ -125,7 +125,8 @@ class LLMParams(Params):
         "auto",
         "Recompute activations in the backward pass instead of keeping them. auto: checkpoint only as many decoder"
         " layers as the device's free memory requires, from the memory estimate (none when the run fits without;"
-        " the log and the dry run say what was chosen and why); on: every checkpoint_every-th layer; off: none.",
+        " the log and the dry run say what was chosen and why); on: every checkpoint_every-th layer; off: none"
+        " (true and false are read as on and off).",
         ("auto", "on", "off"),
     )
     disable_gradient_checkpointing: bool = param(
@@ -358,8 +359,10 @@ class LLMParams(Params):
         """Raise ConfigError naming the parameter for any value that cannot work, before anything is loaded."""
         if self.chat_template in ("", "null"):
             self.chat_template = None
-        if isinstance(self.gradient_checkpointing, bool):  # TRL's and Axolotl's `gradient_checkpointing: true`
-            self.gradient_checkpointing = "on" if self.gradient_checkpointing else "off"
+        # TRL's and Axolotl's `gradient_checkpointing: true`, in a config file or as --gradient-checkpointing true
+        switch = str(self.gradient_checkpointing).lower()
+        if switch in ("true", "yes", "1", "false", "no", "0"):
+            self.gradient_checkpointing = "on" if switch in ("true", "yes", "1") else "off"
         check_choices(self)
         if self.disable_gradient_checkpointing and self.gradient_checkpointing == "on":
             raise ConfigError(

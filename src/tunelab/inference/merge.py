@@ -25,7 +25,7 @@ def merge_run(path: str | Path, output: str | Path, dtype: str | None = None) ->
     import torch
 
     from tunelab.models.load import ModelSource, load_causal_lm, load_tokenizer, resolve_model
-    from tunelab.models.peft import load_adapter
+    from tunelab.models.peft import load_adapter, merge_into_base
 
     folder = check_run_folder(path, "merge")
     if not (folder / "adapter_config.json").is_file():
@@ -39,7 +39,7 @@ def merge_run(path: str | Path, output: str | Path, dtype: str | None = None) ->
     base_name = base_model_of(folder)
     log.info("merging the adapter in %s into %s", folder, base_name)
     base = load_causal_lm(resolve_model(base_name), dtype=getattr(torch, dtype) if dtype else None)
-    merged = load_adapter(base, folder).merge_and_unload()
+    merged = merge_into_base(load_adapter(base, folder))
     tokenizer = load_tokenizer(ModelSource(str(folder), str(folder)))
     staging = target.with_name(f".{target.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)

@@ -136,6 +136,29 @@ def load_adapter(base: Any, folder: str | Path) -> Any:
         return PeftModel.from_pretrained(base, str(folder))
 
 
+def merge_into_base(model: Any) -> Any:
+    """PEFT's merge_and_unload, with a tied input embedding and output head untied first where an adapter
+    changes one of them (LoRA on lm_head or embed_tokens): merged into the one shared weight, the update would
+    change the other as well, which the trained model never did. The merged model then has its own head weight
+    (tie_word_embeddings false), as it does after modules_to_save trained the head."""
+    from torch import nn
+
+    base = model.get_base_model()
+    head, embedding = base.get_output_embeddings(), base.get_input_embeddings()
+    if head is not None and embedding is not None and (_lora_layer(head) or _lora_layer(embedding)):
+        head_module = getattr(head, "base_layer", head)
+        if head_module.weight is getattr(embedding, "base_layer", embedding).weight:
+            head_module.weight = nn.Parameter(head_module.weight.detach().clone(), requires_grad=False)
+            for config in {id(c): c for c in (base.config, base.config.get_text_config())}.values():
+                config.tie_word_embeddings = False
+            log.info("the adapter changes the tied embedding/output head: the merged model keeps them apart")
+    return model.merge_and_unload()
+
+
+def _lora_layer(module: Any) -> bool:
+    return hasattr(module, "lora_A") or hasattr(module, "lora_embedding_A")
+
+
 def _ignore_pattern_warnings() -> None:
     # PEFT's own renaming for fused experts adds rank/alpha patterns for the parameters it adapts, then checks the
     # patterns against the adapted modules only, and warns that patterns it did apply were ignored.

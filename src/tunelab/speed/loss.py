@@ -8,6 +8,10 @@ right away (as Liger-Kernel's fused linear cross-entropy does), and the chunk's 
 The model's own forward is made to return its final hidden states instead of logits
 (`output_head_returns_hidden`), so the loss gets them through DDP, FSDP and PEFT wrappers alike;
 `fast_loss_supported` says which models allow it.
+
+A LoRA adapter on the output head (`target_modules` naming lm_head) adds a rank-r term to the logits:
+W h + B (s A drop(h)). The head's stand-in then returns [h, u] with u = s A drop(h) (rank r, computed inside the
+forward, dropout and all), and the chunked loss projects both parts: W h + B u, with B's gradient from u.
 """
 
 from __future__ import annotations
@@ -29,9 +33,19 @@ def chunk_rows(vocab_size: int) -> int:
     return max(16, CHUNK_BYTES // (4 * vocab_size))
 
 
-def _project(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Float32 logits of the rows h, with h, weight and bias already in the projection dtype."""
-    return F.linear(h, weight, bias).float()
+def _project(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    low: torch.Tensor | None = None,
+    low_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Float32 logits of the rows h (+ the low-rank term low @ low_weight.T of a LoRA head), all tensors already in
+    the projection dtype."""
+    logits = F.linear(h, weight, bias)
+    if low is not None:
+        logits = logits.addmm_(low, low_weight.t())  # added as the adapter's own forward adds it: before the cast
+    return logits.float()
 
 
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -42,19 +56,23 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """sum over rows of CE(hidden @ weight.T + bias, target), gradients computed in the forward pass."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, chunk, dtype):  # noqa: D102
+    def forward(ctx, hidden, weight, bias, target, chunk, dtype, low=None, low_weight=None):  # noqa: D102
         # Autograd turns grad mode off inside forward; needs_input_grad says what the caller needs.
         wants_h, wants_w, wants_b = ctx.needs_input_grad[:3]
-        need_grad = wants_h or wants_w or wants_b
+        wants_low, wants_low_w = ctx.needs_input_grad[6:8]
+        need_grad = wants_h or wants_w or wants_b or wants_low or wants_low_w
         grad_hidden = torch.empty_like(hidden) if wants_h else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wants_w else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if wants_b else None
+        grad_low = torch.empty_like(low) if wants_low else None
+        grad_low_weight = torch.zeros_like(low_weight, dtype=torch.float32) if wants_low_w else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        w, b = weight.to(dtype), _cast(bias, dtype)
+        w, b, lw = weight.to(dtype), _cast(bias, dtype), _cast(low_weight, dtype)
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start : start + chunk].to(dtype)
+            u = None if low is None else low[start : start + chunk].to(dtype)
             y = target[start : start + chunk]
-            logits = _project(h, w, b)
+            logits = _project(h, w, b, u, lw)
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
             if not need_grad:
@@ -70,25 +88,24 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 grad_weight += (probs.T @ h).float()
             if grad_bias is not None:
                 grad_bias += probs.float().sum(0)
+            if grad_low is not None:
+                grad_low[start : start + chunk] = probs @ lw
+            if grad_low_weight is not None:
+                grad_low_weight += (probs.T @ u).float()
             del probs
-        ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (grad_hidden, grad_weight, grad_bias)))
-        ctx.has = (grad_hidden is not None, grad_weight is not None, grad_bias is not None)
-        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        grads = (grad_hidden, grad_weight, grad_bias, grad_low, grad_low_weight)
+        ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in grads))
+        ctx.has = tuple(t is not None for t in grads)
+        ctx.dtypes = tuple(t.dtype if t is not None else None for t in (hidden, weight, bias, low, low_weight))
         return total
 
     @staticmethod
     def backward(ctx, grad_output):  # noqa: D102
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        has_h, has_w, has_b = ctx.has
-        scale = grad_output
-        return (
-            grad_hidden * scale.to(grad_hidden.dtype) if has_h else None,
-            (grad_weight * scale).to(ctx.dtypes[0]) if has_w else None,
-            (grad_bias * scale).to(ctx.dtypes[1]) if has_b else None,
-            None,
-            None,
-            None,
-        )
+        out = []
+        for grad, has, dtype in zip(ctx.saved_tensors, ctx.has, ctx.dtypes, strict=True):
+            out.append((grad * grad_output).to(dtype) if has else None)
+        grad_hidden, grad_weight, grad_bias, grad_low, grad_low_weight = out
+        return grad_hidden, grad_weight, grad_bias, None, None, None, grad_low, grad_low_weight
 
 
 def linear_cross_entropy_sum(
@@ -97,23 +114,36 @@ def linear_cross_entropy_sum(
     bias: torch.Tensor | None,
     target: torch.Tensor,
     dtype: torch.dtype | None = None,
+    low: torch.Tensor | None = None,
+    low_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Summed next-token cross-entropy of `hidden` (N, H) projected by `weight` (V, H) against `target` (N,), the
-    projection run in `dtype` (default: the weight's)."""
+    """Summed next-token cross-entropy of `hidden` (N, H) projected by `weight` (V, H) (plus `low` (N, r) projected
+    by `low_weight` (V, r): a LoRA head's term) against `target` (N,), the projection run in `dtype` (default: the
+    weight's)."""
     if hidden.shape[0] == 0:
         return hidden.sum() * 0.0  # an all-masked batch: zero loss, graph still connected
     chunk = chunk_rows(weight.shape[0])
-    return ChunkedLinearCrossEntropy.apply(hidden, weight, bias, target, chunk, dtype or weight.dtype)
+    return ChunkedLinearCrossEntropy.apply(hidden, weight, bias, target, chunk, dtype or weight.dtype, low, low_weight)
+
+
+def _split(hidden: torch.Tensor, head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+    """The hidden states and, for a LoRA head, its rank-r input u and the B weight that projects it (see the top)."""
+    low_weight = getattr(head, "_tunelab_low_weight", None)
+    if low_weight is None:
+        return hidden, None, None
+    width = head.weight.shape[1]
+    return hidden[..., :width], hidden[..., width:], low_weight
 
 
 def causal_lm_loss_sum(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Sum of the loss over every position whose next-token label is not -100, and how many there are."""
-    shift_hidden = hidden[:, :-1, :]
     shift_labels = labels[:, 1:]
     mask = shift_labels != -100
-    selected = shift_hidden[mask]
+    selected = hidden[:, :-1, :][mask]
     targets = shift_labels[mask]
-    loss = linear_cross_entropy_sum(selected, head.weight, getattr(head, "bias", None), targets, head_dtype(head))
+    selected, low, low_weight = _split(selected, head)
+    bias, dtype = getattr(head, "bias", None), head_dtype(head)
+    loss = linear_cross_entropy_sum(selected, head.weight, bias, targets, dtype, low, low_weight)
     return loss, int(mask.sum())
 
 
@@ -126,34 +156,42 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, chunk, dtype):  # noqa: D102
+    def forward(ctx, hidden, weight, bias, target, chunk, dtype, low=None, low_weight=None):  # noqa: D102
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         lses = torch.empty_like(out)
-        w, b = weight.to(dtype), _cast(bias, dtype)
+        w, b, lw = weight.to(dtype), _cast(bias, dtype), _cast(low_weight, dtype)
         for start in range(0, hidden.shape[0], chunk):
-            logits = _project(hidden[start : start + chunk].to(dtype), w, b)
+            u = None if low is None else low[start : start + chunk].to(dtype)
+            logits = _project(hidden[start : start + chunk].to(dtype), w, b, u, lw)
             lse = torch.logsumexp(logits, dim=-1)
             lses[start : start + chunk] = lse
             out[start : start + chunk] = logits.gather(1, target[start : start + chunk, None]).squeeze(1) - lse
             del logits
-        ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), target, lses)
-        ctx.chunk, ctx.has_bias, ctx.dtype = chunk, bias is not None, dtype  # backward recomputes in the same dtype
+        optional = (bias, low, low_weight)
+        kept = (t if t is not None else torch.empty(0) for t in optional)
+        ctx.save_for_backward(hidden, weight, target, lses, *kept)
+        ctx.has = tuple(t is not None for t in optional)
+        ctx.chunk, ctx.dtype = chunk, dtype  # backward recomputes in the same dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
-        hidden, weight, bias, target, lses = ctx.saved_tensors
-        bias = bias if ctx.has_bias else None
+        hidden, weight, target, lses, *optional = ctx.saved_tensors
+        bias, low, low_weight = (t if has else None for t, has in zip(optional, ctx.has, strict=True))
         wants_h, wants_w, wants_b = ctx.needs_input_grad[:3]
+        wants_low, wants_low_w = ctx.needs_input_grad[6:8]
         grad_hidden = torch.empty_like(hidden) if wants_h else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wants_w else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if wants_b else None
-        w, b = weight.to(ctx.dtype), _cast(bias, ctx.dtype)
+        grad_low = torch.empty_like(low) if wants_low else None
+        grad_low_weight = torch.zeros_like(low_weight, dtype=torch.float32) if wants_low_w else None
+        w, b, lw = weight.to(ctx.dtype), _cast(bias, ctx.dtype), _cast(low_weight, ctx.dtype)
         for start in range(0, hidden.shape[0], ctx.chunk):
             stop = start + ctx.chunk
             h = hidden[start:stop].to(ctx.dtype)
+            u = None if low is None else low[start:stop].to(ctx.dtype)
             # d logp[target] / d logits = onehot(target) - softmax; scaled by each row's upstream gradient.
-            grad_logits = _project(h, w, b).sub_(lses[start:stop, None]).exp_().neg_()
+            grad_logits = _project(h, w, b, u, lw).sub_(lses[start:stop, None]).exp_().neg_()
             grad_logits[torch.arange(len(h), device=h.device), target[start:stop]] += 1.0
             grad_logits.mul_(grad_out[start:stop, None])
             grad_logits = grad_logits.to(ctx.dtype)
@@ -163,6 +201,10 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
                 grad_weight += (grad_logits.T @ h).float()
             if grad_bias is not None:
                 grad_bias += grad_logits.float().sum(0)
+            if grad_low is not None:
+                grad_low[start:stop] = grad_logits @ lw
+            if grad_low_weight is not None:
+                grad_low_weight += (grad_logits.T @ u).float()
             del grad_logits  # before the next chunk is projected: one chunk alive at a time
         return (
             grad_hidden,
@@ -171,6 +213,8 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
             None,
             None,
             None,
+            grad_low,
+            grad_low_weight.to(low_weight.dtype) if grad_low_weight is not None else None,
         )
 
 
@@ -182,9 +226,11 @@ def token_logprobs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Te
     out = torch.zeros(shift_labels.shape, dtype=torch.float32, device=hidden.device)
     if mask.any():
         weight, bias = head.weight, getattr(head, "bias", None)
-        selected = hidden[:, :-1, :][mask]
+        selected, low, low_weight = _split(hidden[:, :-1, :][mask], head)
         chunk, dtype = chunk_rows(weight.shape[0]), head_dtype(head)
-        out[mask] = ChunkedTokenLogprobs.apply(selected, weight, bias, shift_labels[mask], chunk, dtype)
+        out[mask] = ChunkedTokenLogprobs.apply(
+            selected, weight, bias, shift_labels[mask], chunk, dtype, low, low_weight
+        )
     return out
 
 
@@ -201,7 +247,46 @@ def fast_loss_supported(model: Any) -> bool:
     for name in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling"):
         if getattr(config, name, None) not in (None, 1, 1.0):
             return False
-    return model.get_output_embeddings() is not None
+    head = model.get_output_embeddings()
+    return head is not None and _lora_head_splits(head)
+
+
+def _lora_head_splits(head: torch.nn.Module) -> bool:
+    """Whether the loss can add a LoRA head's term itself: true for a head without adapters and for plain LoRA
+    adapters (B without bias); false for LoRA variants (DoRA) and other adapter kinds, which keep the plain path."""
+    lora_a = getattr(head, "lora_A", None)
+    if lora_a is None:
+        return not hasattr(head, "base_layer")  # another PEFT tuner's layer (IA3, LoHa, ...)
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    return type(head) is LoraLinear and all(
+        name not in head.lora_variant and type(head.lora_B[name]) is torch.nn.Linear and head.lora_B[name].bias is None
+        for name in lora_a
+    )
+
+
+def _lora_head_term(head: torch.nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """For a LoRA head with active adapters: u = scaling * lora_A(dropout(hidden)) per adapter, and the B weights
+    that project them (side by side where several adapters are active); None when no adapter adds anything."""
+    if not hasattr(head, "lora_A") or head.disable_adapters or head.merged:
+        return None  # merged: the base weight already holds the update
+    names = [name for name in head.active_adapters if name in head.lora_A]
+    if not names:
+        return None
+    from tunelab.speed.lora_dropout import DropoutLoraA
+
+    lows = []
+    for name in names:
+        lora_a, scaling = head.lora_A[name], head.scaling[name]
+        if isinstance(lora_a, DropoutLoraA):  # fused_ops: the dropout is folded in, and the cast
+            lows.append(lora_a(hidden, scaling))
+        else:
+            x = hidden if torch.is_autocast_enabled(hidden.device.type) else hidden.to(lora_a.weight.dtype)
+            lows.append(lora_a(head.lora_dropout[name](x)) * scaling)
+    weights = [head.lora_B[name].weight for name in names]
+    if len(names) == 1:
+        return lows[0], weights[0]
+    return torch.cat(lows, -1), torch.cat(weights, 1)
 
 
 @contextlib.contextmanager
@@ -219,7 +304,13 @@ def output_head_returns_hidden(model: Any) -> Iterator[torch.nn.Module]:
         # hands the outputs back in float32. Recorded here so that the loss projects as the head would have.
         device = hidden.device.type
         head._tunelab_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-        return hidden
+        # A LoRA head: its rank-r input rides along with the hidden states (see the top); per forward, as a
+        # reference pass may run with the adapter off.
+        term = _lora_head_term(head, hidden)
+        head._tunelab_low_weight = None if term is None else term[1]
+        if term is None:
+            return hidden
+        return torch.cat([hidden, term[0].to(hidden.dtype)], -1)
 
     head.forward = identity
     try:
