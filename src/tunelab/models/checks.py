@@ -67,6 +67,8 @@ def check_lora_variants(source: ModelSource, config: Any, params: RunParams, kin
             f"use_dora: model {source.name} is {method}-quantized, and PEFT has no DoRA for {method} layers: set "
             "use_dora false (plain LoRA trains on it), or use a float model"
         )
+    if params.use_dora:
+        check_dora_targets(source, config, params, kind)
     if params.use_dora and params.quantization is not None and method is None:
         log.info(
             "use_dora on a %s base: DoRA dequantizes each weight to compute its norm (slower)", params.quantization
@@ -261,6 +263,24 @@ def check_targets(source: ModelSource, config: Any, params: RunParams, kind: str
                 f"target_modules: {key} ({type(module).__name__}) is not a layer LoRA can adapt; name linear layers "
                 f"({', '.join(linear_layer_names(model))}) or use all-linear"
             )
+
+
+def check_dora_targets(source: ModelSource, config: Any, params: RunParams, kind: str) -> None:
+    """DoRA where PEFT adapts parameters, not layers (the fused experts of a mixture-of-experts model): PEFT has no
+    DoRA there and fails once the weights are loaded."""
+    try:
+        applied = peft_targets(
+            skeleton(config, kind), lora_config(params, "CAUSAL_LM" if kind == "causal_lm" else "SEQ_CLS")
+        )
+    except ValueError:
+        return  # check_targets said what is wrong with the names
+    fused = sorted(set(applied.target_parameters or ()))
+    if fused:
+        raise ConfigError(
+            f"use_dora: model {source.name} ({config.model_type}) keeps its experts' weights fused in parameters "
+            f"({', '.join(fused)}), which PEFT adapts without DoRA: set use_dora false, or target_modules to the "
+            "attention layers (q_proj,k_proj,v_proj,o_proj) for DoRA there"
+        )
 
 
 def skeleton(config: Any, kind: str) -> Any:
