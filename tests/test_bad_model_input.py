@@ -269,13 +269,15 @@ def test_target_modules_on_fused_experts(capsys, tmp_path, tiny_moe, data):
     assert main(args) == 0, capsys.readouterr().err
 
 
-def test_dora_on_fused_experts_is_refused_before_loading(capsys, tmp_path, tiny_moe, data):
-    """PEFT adapts the fused experts as parameters, where it has no DoRA (it failed once the weights were loaded,
-    in a traceback); DoRA on the attention layers alone trains."""
-    line = run_bad(capsys, tiny_moe, data, tmp_path / "run", "--peft", "--use-dora")
-    assert "use_dora: model" in line and "(qwen3_moe) keeps its experts' weights fused in parameters" in line
+@pytest.mark.parametrize("variant", [["--use-dora"], ["--init-lora-weights", "pissa"]], ids=["dora", "pissa"])
+def test_lora_variants_on_fused_experts_are_refused_before_loading(capsys, tmp_path, tiny_moe, data, variant):
+    """PEFT adapts the fused experts as parameters, where it has neither DoRA nor PiSSA/OLoRA (each failed once the
+    weights were loaded, in a traceback); on the attention layers alone they train."""
+    line = run_bad(capsys, tiny_moe, data, tmp_path / "run", "--peft", *variant)
+    setting = "use_dora" if variant == ["--use-dora"] else "init_lora_weights=pissa"
+    assert f"{setting}: model" in line and "(qwen3_moe) keeps its experts' weights fused in parameters" in line
     assert "gate_up_proj" in line and "target_modules to the attention layers" in line
-    args = cli_args(tiny_moe, data, tmp_path / "run", "--peft", "--use-dora", "--target-modules", "q_proj,v_proj")
+    args = cli_args(tiny_moe, data, tmp_path / "run", "--peft", *variant, "--target-modules", "q_proj,v_proj")
     assert main(args) == 0, capsys.readouterr().err
 
 

@@ -67,8 +67,8 @@ def check_lora_variants(source: ModelSource, config: Any, params: RunParams, kin
             f"use_dora: model {source.name} is {method}-quantized, and PEFT has no DoRA for {method} layers: set "
             "use_dora false (plain LoRA trains on it), or use a float model"
         )
-    if params.use_dora:
-        check_dora_targets(source, config, params, kind)
+    if params.use_dora or params.init_lora_weights in ("pissa", "olora"):
+        check_parameter_targets(source, config, params, kind)
     if params.use_dora and params.quantization is not None and method is None:
         log.info(
             "use_dora on a %s base: DoRA dequantizes each weight to compute its norm (slower)", params.quantization
@@ -243,7 +243,7 @@ def check_targets(source: ModelSource, config: Any, params: RunParams, kind: str
         raise ConfigError(f"target_modules {params.target_modules!r} names no module: give names (q_proj,v_proj)")
     model = skeleton(config, kind)
     try:
-        applied = peft_targets(model, lora_config(params, "CAUSAL_LM" if kind == "causal_lm" else "SEQ_CLS"))
+        applied = peft_targets(model, lora_config(params, _task_type(kind)))
     except ValueError as err:  # PEFT's renaming: gate_proj without up_proj, which the experts hold fused
         raise ConfigError(f"target_modules: {err}") from None
     modules = [(key, module) for key, module in model.named_modules() if key]
@@ -265,22 +265,27 @@ def check_targets(source: ModelSource, config: Any, params: RunParams, kind: str
             )
 
 
-def check_dora_targets(source: ModelSource, config: Any, params: RunParams, kind: str) -> None:
-    """DoRA where PEFT adapts parameters, not layers (the fused experts of a mixture-of-experts model): PEFT has no
-    DoRA there and fails once the weights are loaded."""
+def check_parameter_targets(source: ModelSource, config: Any, params: RunParams, kind: str) -> None:
+    """DoRA, PiSSA and OLoRA where PEFT adapts parameters, not layers (the fused experts of a mixture-of-experts
+    model): PEFT has none of them there and failed once the weights were loaded."""
     try:
-        applied = peft_targets(
-            skeleton(config, kind), lora_config(params, "CAUSAL_LM" if kind == "causal_lm" else "SEQ_CLS")
-        )
+        applied = peft_targets(skeleton(config, kind), lora_config(params, _task_type(kind)))
     except ValueError:
         return  # check_targets said what is wrong with the names
     fused = sorted(set(applied.target_parameters or ()))
-    if fused:
-        raise ConfigError(
-            f"use_dora: model {source.name} ({config.model_type}) keeps its experts' weights fused in parameters "
-            f"({', '.join(fused)}), which PEFT adapts without DoRA: set use_dora false, or target_modules to the "
-            "attention layers (q_proj,k_proj,v_proj,o_proj) for DoRA there"
-        )
+    if not fused:
+        return
+    setting = "use_dora" if params.use_dora else f"init_lora_weights={params.init_lora_weights}"
+    undo = "set use_dora false" if params.use_dora else "use the default init"
+    raise ConfigError(
+        f"{setting}: model {source.name} ({config.model_type}) keeps its experts' weights fused in parameters "
+        f"({', '.join(fused)}), which PEFT adapts as plain LoRA only: {undo}, or set target_modules to the "
+        "attention layers (q_proj,k_proj,v_proj,o_proj) to keep it there"
+    )
+
+
+def _task_type(kind: str) -> str:
+    return "CAUSAL_LM" if kind == "causal_lm" else "SEQ_CLS"
 
 
 def skeleton(config: Any, kind: str) -> Any:
