@@ -157,3 +157,24 @@ def test_sharded_backends_on_a_cpu_machine_are_a_clear_error(backend, tiny_llama
     )  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and f"distributed_backend={backend} needs CUDA GPUs" in err and "launching" not in err
+
+
+def test_the_chunked_loss_under_fsdp2_equals_the_loss_from_full_logits(tiny_llama, tmp_path):
+    """FSDP2 (accelerate's fsdp backend) shards each decoder layer and then the root, which holds the output head;
+    the root's weights stay gathered from its forward to the backward pass, so the chunked loss may read the head's
+    after the forward: loss and gradients equal the plain path's on 2 CPU processes (gloo), with and without a LoRA
+    adapter on the head. (DeepSpeed ZeRO-3 does not keep them: the plain loss there, test_training_path.py.)"""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "fsdp2.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    done = subprocess.run(
+        [*command, str(ROOT / "tests" / "fsdp2_worker.py"), str(tiny_llama), str(out)],
+        env=env, capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    for kind, result in results.items():
+        assert result["grads"] == result["fast_grads"] and result["grads"], kind
+        assert abs(result["fast"] - result["plain"]) < 1e-5, (kind, result)
+        assert result["worst_grad_diff"] < 1e-5, (kind, result)
+    assert any("lm_head.lora_B" in name for name in results["lora"]["grads"])

@@ -289,6 +289,18 @@ def test_an_output_head_adapter_the_loss_cannot_split_takes_the_plain_path(tiny_
     assert not supported(target_modules=["q_proj", "lm_head"], use_dora=True)
 
 
+def test_an_output_head_sharded_by_deepspeed_zero3_takes_the_plain_loss(tiny_llama):
+    """ZeRO-3 gathers a module's weights only around its own forward; the chunked loss reads the head's after it.
+    (No DeepSpeed here: its mark on a partitioned parameter, ds_id, stands in; issue 20's GPU run uses the real one.)
+    FSDP2 needs no such rule: tests/test_distributed.py runs the fast loss under it."""
+    from tunelab.speed.loss import fast_loss_supported
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    assert fast_loss_supported(model)
+    model.get_output_embeddings().weight.ds_id = 7
+    assert not fast_loss_supported(model)
+
+
 def test_preformatted_text_is_used_as_is(tmp_path, tiny_llama):
     """Mistral-style `<s>[INST] ... [/INST] ... </s>` rows: no template, no second BOS, no second EOS."""
     text = "<s>[INST] Say hi [/INST] Hi!</s>"

@@ -292,7 +292,7 @@ class GRPOTrainer(GuardedTrainer):
         inputs = {"input_ids": ids, "attention_mask": attention, "use_cache": False}
         temperature = self.params.temperature
         unwrapped = self.accelerator.unwrap_model(model)
-        if self.fast_loss and getattr(unwrapped.get_output_embeddings(), "bias", None) is None:
+        if self.fast_loss_now(unwrapped) and getattr(unwrapped.get_output_embeddings(), "bias", None) is None:
             with output_head_returns_hidden(unwrapped) as head:
                 hidden = model(**inputs).logits
             per_position = token_logprobs(hidden / temperature, head, labels)  # W(h / T) = (W h) / T

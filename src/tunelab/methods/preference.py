@@ -116,7 +116,8 @@ class PreferenceTrainer(GuardedTrainer):
 
     def token_logprobs(self, model: Any, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         """log p(next token) at every position whose label is set, (2B, L - 1), zero elsewhere."""
-        return answer_logprobs(model, self.accelerator.unwrap_model(model), batch, labels, self.fast_loss)
+        unwrapped = self.accelerator.unwrap_model(model)
+        return answer_logprobs(model, unwrapped, batch, labels, self.fast_loss_now(unwrapped))
 
 
 def answer_logprobs(

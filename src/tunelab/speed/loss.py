@@ -59,7 +59,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, target, chunk, dtype, low=None, low_weight=None):  # noqa: D102
         # Autograd turns grad mode off inside forward; needs_input_grad says what the caller needs.
         wants_h, wants_w, wants_b = ctx.needs_input_grad[:3]
-        wants_low, wants_low_w = ctx.needs_input_grad[6:8]
+        wants_low, wants_low_w = (*ctx.needs_input_grad, False, False)[6:8]  # apply() may stop at dtype
         need_grad = wants_h or wants_w or wants_b or wants_low or wants_low_w
         grad_hidden = torch.empty_like(hidden) if wants_h else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wants_w else None
@@ -179,7 +179,7 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
         hidden, weight, target, lses, *optional = ctx.saved_tensors
         bias, low, low_weight = (t if has else None for t, has in zip(optional, ctx.has, strict=True))
         wants_h, wants_w, wants_b = ctx.needs_input_grad[:3]
-        wants_low, wants_low_w = ctx.needs_input_grad[6:8]
+        wants_low, wants_low_w = (*ctx.needs_input_grad, False, False)[6:8]  # apply() may stop at dtype
         grad_hidden = torch.empty_like(hidden) if wants_h else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wants_w else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if wants_b else None
@@ -248,7 +248,14 @@ def fast_loss_supported(model: Any) -> bool:
         if getattr(config, name, None) not in (None, 1, 1.0):
             return False
     head = model.get_output_embeddings()
-    return head is not None and _lora_head_splits(head)
+    return head is not None and _lora_head_splits(head) and not head_sharded_outside_forward(model)
+
+
+def head_sharded_outside_forward(model: Any) -> bool:
+    """DeepSpeed ZeRO-3 gathers a module's weights only around its own forward, and the chunked loss reads the output
+    head's after it (FSDP2 keeps the root module's, the head's among them, gathered until the backward pass)."""
+    head = model.get_output_embeddings()
+    return head is not None and any(hasattr(param, "ds_id") for param in head.parameters())
 
 
 def _lora_head_splits(head: torch.nn.Module) -> bool:

@@ -28,7 +28,12 @@ from tunelab.errors import TunelabError
 from tunelab.models.checks import CLASSIFIER_HEADS
 from tunelab.models.peft import quiet_peft_save
 from tunelab.speed import compile_layers, optimizer_name, pad_multiple
-from tunelab.speed.loss import causal_lm_loss_sum, fast_loss_supported, output_head_returns_hidden
+from tunelab.speed.loss import (
+    causal_lm_loss_sum,
+    fast_loss_supported,
+    head_sharded_outside_forward,
+    output_head_returns_hidden,
+)
 from tunelab.training import checkpoints
 
 log = logging.getLogger("tunelab")
@@ -91,6 +96,14 @@ class GuardedTrainer(Trainer):
         self.group_by_length = group_by_length
         self.loraplus_lr_ratio = loraplus_lr_ratio
         self.head_lr_ratio = head_lr_ratio
+
+    def fast_loss_now(self, unwrapped: Any) -> bool:
+        """`self.fast_loss`, turned off for good (said once) when DeepSpeed ZeRO-3 has sharded the output head since
+        __init__ (Trainer shards the model when training starts): the chunked loss cannot read its weights."""
+        if getattr(self, "fast_loss", False) and head_sharded_outside_forward(unwrapped):
+            log.info("fast_loss: off, DeepSpeed ZeRO-3 shards the output head; the loss is computed from full logits")
+            self.fast_loss = False
+        return getattr(self, "fast_loss", False)
 
     def create_optimizer(self, model=None):  # noqa: D102
         if self.optimizer is not None:
@@ -197,7 +210,7 @@ class TunelabTrainer(GuardedTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D102
         labels = inputs.pop("labels")
         unwrapped = self.accelerator.unwrap_model(model)
-        if self.fast_loss:
+        if self.fast_loss_now(unwrapped):
             with output_head_returns_hidden(unwrapped) as head:
                 hidden = model(**inputs, use_cache=False).logits
             loss_sum, count = causal_lm_loss_sum(hidden, head, labels)
