@@ -1,6 +1,7 @@
-"""Run by tests/test_distributed.py under `torch.distributed.run` (2 CPU processes, gloo): the chunked loss on a
-model sharded by FSDP2's fully_shard as accelerate shards it (each decoder layer, then the root, which holds the
-output head), against the loss from full logits. Rank 0 writes both losses and the largest gradient difference.
+"""Run by tests/test_distributed.py under `torch.distributed.run` (2 CPU processes, gloo): tunelab's hot path (the
+fused layers and LoRA forward, the chunked loss) on a model sharded by FSDP2's fully_shard as accelerate shards it
+(each decoder layer, then the root, which holds the output head), against the plain model's loss from full logits.
+Rank 0 writes both losses and the largest gradient difference.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/fsdp2_worker.py MODEL_FOLDER OUT.json
 """
@@ -15,7 +16,11 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from transformers import AutoModelForCausalLM
 
+from tunelab.speed.fused_layers import fuse_layers
+from tunelab.speed.lora_dropout import fuse_lora_dropout
 from tunelab.speed.loss import causal_lm_loss_sum, output_head_returns_hidden
+
+FUSED: list[int] = []  # how many layers and LoRA modules took the fused forwards
 
 
 def loss_and_grads(folder: str, fast: bool, lora: bool) -> tuple[float, dict[str, torch.Tensor]]:
@@ -26,6 +31,10 @@ def loss_and_grads(folder: str, fast: bool, lora: bool) -> tuple[float, dict[str
 
         config = LoraConfig(r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
         model = get_peft_model(model, config)
+    if fast:
+        FUSED.extend(fuse_layers(model))
+        if lora:
+            FUSED.append(fuse_lora_dropout(model))
     for layer in (model.get_base_model() if lora else model).model.layers:
         fully_shard(layer)
     fully_shard(model)
@@ -55,6 +64,7 @@ def main(folder: str, out: str) -> None:
         results["lora" if lora else "full"] = dict(
             plain=plain, fast=fast, worst_grad_diff=worst, grads=sorted(plain_grads), fast_grads=sorted(fast_grads)
         )
+    results["fused"] = FUSED
     if dist.get_rank() == 0:
         with open(out, "w") as f:
             json.dump(results, f)

@@ -159,11 +159,12 @@ def test_sharded_backends_on_a_cpu_machine_are_a_clear_error(backend, tiny_llama
     assert code == 2 and f"distributed_backend={backend} needs CUDA GPUs" in err and "launching" not in err
 
 
-def test_the_chunked_loss_under_fsdp2_equals_the_loss_from_full_logits(tiny_llama, tmp_path):
+def test_the_hot_path_under_fsdp2_equals_the_plain_model(tiny_llama, tmp_path):
     """FSDP2 (accelerate's fsdp backend) shards each decoder layer and then the root, which holds the output head;
     the root's weights stay gathered from its forward to the backward pass, so the chunked loss may read the head's
-    after the forward: loss and gradients equal the plain path's on 2 CPU processes (gloo), with and without a LoRA
-    adapter on the head. (DeepSpeed ZeRO-3 does not keep them: the plain loss there, test_training_path.py.)"""
+    after the forward. With the fused layers and LoRA forward too, loss and gradients equal the plain model's on 2
+    CPU processes (gloo), with and without a LoRA adapter (on the head as well). (DeepSpeed ZeRO-3 does not keep
+    them: the plain loss there, test_training_path.py.)"""
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"}
     out = tmp_path / "fsdp2.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -173,6 +174,7 @@ def test_the_chunked_loss_under_fsdp2_equals_the_loss_from_full_logits(tiny_llam
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(out.read_text())
+    assert all(results.pop("fused")), "the fused forwards were not in use"
     for kind, result in results.items():
         assert result["grads"] == result["fast_grads"] and result["grads"], kind
         assert abs(result["fast"] - result["plain"]) < 1e-5, (kind, result)
