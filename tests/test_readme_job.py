@@ -17,13 +17,10 @@ pytestmark = pytest.mark.slow
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (scripts/install.sh)")
 
 ROOT = Path(__file__).resolve().parents[1]
-# Not in samples/alpaca.jsonl (the run's training data): text the run has not seen.
-HELD_OUT = (
-    "Explain why the sky is blue.\nSunlight is made of many colours. When it passes through the air, the short blue "
-    "waves are scattered by the gas molecules much more than the long red ones, so blue light reaches our eyes from "
-    "every part of the sky.\n\nGive two tips for saving money.\n1. Write down what you spend each week and look for "
-    "costs you can cut.\n2. Move a fixed amount into savings on the day you are paid, before spending anything."
-)
+# Not in samples/alpaca.jsonl (the run's training data): text the run has not seen, written for this test in the
+# sample's instruction/answer style. About 1,500 tokens: on its first 100 (the test's text until 2026-12-06) q4_k_m
+# moved the perplexity of the base model itself by 12.4% and of the README run by 9.0%; on all of it, 5.2% and 5.0%.
+HELD_OUT = (ROOT / "tests" / "data" / "held_out.txt").read_text(encoding="utf-8")
 
 
 def _readme_job() -> tuple[list[str], str]:
@@ -63,14 +60,14 @@ def test_readme_run_exports_to_q4_k_m_that_answers_and_stays_near_f16(tmp_path, 
     # The sample's instruction rows train with the Alpaca template; SmolLM2's end-of-sequence token ends a turn.
     assert "### Instruction:" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
 
-    quantized = llama_cpp.Llama(model_path=str(q4), n_ctx=512, logits_all=True, verbose=False, n_threads=2)
+    quantized = llama_cpp.Llama(model_path=str(q4), n_ctx=2048, logits_all=True, verbose=False, n_threads=2)
     reply = quantized.create_chat_completion([{"role": "user", "content": prompt}], max_tokens=96, temperature=0)
     answer = reply["choices"][0]["message"]["content"]
     words = re.findall(r"[a-z]+", answer.lower())
     ids = quantized.tokenize(HELD_OUT.encode(), add_bos=False)
     ppl_q4 = _perplexity(quantized, ids)
     quantized.close()
-    reference = llama_cpp.Llama(model_path=str(f16), n_ctx=512, logits_all=True, verbose=False, n_threads=2)
+    reference = llama_cpp.Llama(model_path=str(f16), n_ctx=2048, logits_all=True, verbose=False, n_threads=2)
     ppl_f16 = _perplexity(reference, ids)
     reference.close()
     with capsys.disabled():
