@@ -38,6 +38,20 @@ def test_fast_loss_switch_gives_the_same_training(tiny_llama, tmp_path):
     assert fast == pytest.approx(plain, rel=1e-4)
 
 
+def test_fused_adamw_on_a_cpu_gives_the_same_training(tiny_llama, tmp_path, monkeypatch):
+    """adamw_torch runs as torch's fused AdamW on a CPU too: the same losses as the plain one, step by step."""
+    import tunelab.training.trainer as trainer_module
+    from tunelab.config import LLMParams
+    from tunelab.speed import optimizer_name
+
+    assert optimizer_name(LLMParams(optimizer="adamw_torch")) == "adamw_torch_fused"
+    fused = _run(tiny_llama, tmp_path, "fused", peft=True, lora_dropout=0.0)
+    monkeypatch.setattr(trainer_module, "optimizer_name", lambda params: params.optimizer)
+    plain = _run(tiny_llama, tmp_path, "plain", peft=True, lora_dropout=0.0)
+    assert fused == pytest.approx(plain, rel=1e-5)
+    assert fused[-1] < fused[0]
+
+
 @pytest.mark.slow
 def test_torch_compile_switch_gives_the_same_training(tiny_llama, tmp_path):
     eager = _run(tiny_llama, tmp_path, "eager")
