@@ -85,6 +85,19 @@ def test_decoder_without_pad_token_trains_and_predicts_names(tiny_gpt2, tmp_path
     classifier = pipeline("text-classification", model=str(run))
     assert classifier("hello there")[0]["label"] in ("negative", "neutral", "positive")
 
+    # evaluate on the valid split: the figures of the run's own final evaluation, from tunelab's predictor
+    code, out, err = _run(capsys, "evaluate", "--model", str(run), "--data-path", str(data), "--split", "valid")
+    assert code == 0, err
+    assert "accuracy" in out and "on 60 rows (majority label:" in out
+    results = json.loads((run / "evaluation" / "results.json").read_text())
+    assert results["confusion_matrix"] == report["final"]["confusion_matrix"]
+    assert results["accuracy"] == report["final"]["accuracy"] and results["macro_f1"] == report["final"]["macro_f1"]
+    assert (run / "evaluation" / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| accuracy | macro F1 | majority label |" in (run / "README.md").read_text()
+    _write_csv(tmp_path / "odd.csv", [{"text": "so so", "label": "mixed"}, {"text": "fine", "label": "positive"}])
+    code, _, err = _run(capsys, "evaluate", "--model", str(run), "--data-path", str(tmp_path / "odd.csv"))
+    assert code == 2 and "label(s) 'mixed' in column 'label' are not among the model's" in err
+
 
 @needs_shared()
 @pytest.mark.parametrize("task", ["text_classification", "text-classification"])

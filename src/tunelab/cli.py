@@ -151,15 +151,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser(
         "evaluate",
-        help="loss, perplexity and sample answers of a run on a data split, beside its base model",
+        help="a run on a data split: loss, perplexity and sample answers beside its base model; a classifier's "
+        "accuracy, macro F1 and confusion matrix",
         description="Evaluate a run folder on a data split (formatted as in training); writes evaluation/ "
-        "(report.md, loss_curves.png, results.json) into the run folder and adds the figures to its model card.",
+        "(report.md, results.json, and loss_curves.png or, for a text classifier, confusion_matrix.png) into the "
+        "run folder and adds the figures to its model card.",
     )
     evaluate.add_argument("--model", required=True, help="Run folder (or model folder) to evaluate.")
     evaluate.add_argument("--data-path", "--data_path", required=True, help="File or folder of the data.")
     evaluate.add_argument("--split", default="test", help="Split to evaluate (file stem in a folder; default test).")
     evaluate.add_argument("--compare-base", "--compare_base", action="store_true", help="Evaluate the base too.")
-    evaluate.add_argument("--max-rows", "--max_rows", type=int, default=200, help="Rows scored (default 200).")
+    evaluate.add_argument(
+        "--max-rows",
+        "--max_rows",
+        type=int,
+        help="Rows scored (default: 200 for a language model, all for a classifier).",
+    )
     evaluate.add_argument("--samples", type=int, default=3, help="Sample answers shown side by side (default 3).")
     evaluate.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=64)
 
@@ -309,9 +316,16 @@ def run_evaluate(args: argparse.Namespace) -> int:
     results = evaluate_run(
         args.model, args.data_path, args.split, args.compare_base, args.max_rows, args.samples, args.max_new_tokens
     )
-    print(
-        f"eval loss {results['eval_loss']:.4f} (perplexity {results['eval_perplexity']:.2f}) on {results['rows']} rows"
-    )
+    if "accuracy" in results:  # a text classifier
+        print(
+            f"accuracy {results['accuracy']:.4f}, macro F1 {results['macro_f1']:.4f} on {results['rows']} rows "
+            f"(majority label: {results['majority_baseline']:.4f})"
+        )
+    else:
+        print(
+            f"eval loss {results['eval_loss']:.4f} (perplexity {results['eval_perplexity']:.2f}) on "
+            f"{results['rows']} rows"
+        )
     if "base_eval_loss" in results:
         print(f"base: eval loss {results['base_eval_loss']:.4f} (perplexity {results['base_eval_perplexity']:.2f})")
     print(f"tunelab: report in {Path(args.model) / REPORT_DIR / 'report.md'}")

@@ -12,8 +12,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -21,10 +19,11 @@ from typing import Any
 
 from tunelab.config.llm import LLMParams
 from tunelab.errors import TunelabError
-from tunelab.outputs import check_run_folder, read_run, training_params, write_json
+from tunelab.inference.report import REPORT_DIR, publish_report
+from tunelab.outputs import check_run_folder, read_run, training_params
 
 log = logging.getLogger("tunelab")
-REPORT_DIR = "evaluation"
+LM_ROWS = 200  # rows a language model's loss is measured on by default (one forward pass each)
 
 
 @dataclasses.dataclass
@@ -40,18 +39,26 @@ def evaluate_run(
     data_path: str,
     split: str = "test",
     compare_base: bool = False,
-    max_rows: int = 200,
+    max_rows: int | None = None,
     samples: int = 3,
     max_new_tokens: int = 64,
 ) -> dict[str, Any]:
-    """Evaluate a run folder on `data_path` (its `split`); write the report into the folder and return the results."""
+    """Evaluate a run folder on `data_path` (its `split`); write the report into the folder and return the results.
+
+    A text-classification run is measured by its predictions instead (evaluate_classifier.py); `max_rows` defaults
+    to LM_ROWS for language models, to every row for classifiers."""
     from tunelab.data import load_data
     from tunelab.inference.generate import load_run
 
     folder = check_run_folder(path, "evaluate")
     run_info = read_run(folder)
-    if run_info.get("trainer") in ("reward", "text_classification"):
-        raise TunelabError(f"evaluate: {folder} is a {run_info['trainer']} run; evaluate measures language models")
+    if run_info.get("trainer") == "text_classification":
+        from tunelab.inference.evaluate_classifier import evaluate_classifier
+
+        return evaluate_classifier(folder, data_path, split, max_rows)
+    if run_info.get("trainer") == "reward":
+        raise TunelabError(f"evaluate: {folder} is a reward model; `tunelab score` gives its scores")
+    max_rows = LM_ROWS if max_rows is None else max_rows
     params = _data_params(folder, data_path, split)
     model, tokenizer = load_run(folder)
     data = load_data(params, tokenizer)
@@ -177,23 +184,20 @@ def _merged_input(messages: list[dict[str, str]]) -> list[dict[str, str]]:
 
 
 def write_report(folder: Path, results: dict[str, Any], samples: list[Sample]) -> Path:
-    """evaluation/ (report.md, loss_curves.png, results.json) written beside, then swapped in; the model card gets
-    an Evaluation section."""
+    """A language model's evaluation/ (report.md, loss_curves.png, results.json) and model-card section."""
     from tunelab.metrics import draw_curves
 
-    staging = folder / f".{REPORT_DIR}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
     curves = _curves(folder)
+    card = [f"On `{results['data']}` ({results['rows']} rows):", "", *_numbers(results)]
     if curves:
-        draw_curves(curves, staging / "loss_curves.png", title="loss", x_label="step", y_label="loss")
-    write_json(staging / "results.json", {**results, "samples": [dataclasses.asdict(s) for s in samples]})
-    (staging / "report.md").write_text(_report_markdown(results, samples, bool(curves)), encoding="utf-8")
-    final = folder / REPORT_DIR
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(staging, final)
-    _update_model_card(folder, results, bool(curves))
-    return final
+        card += ["", f"![training and eval loss]({REPORT_DIR}/loss_curves.png)"]
+
+    def pictures(staging: Path) -> None:
+        if curves:
+            draw_curves(curves, staging / "loss_curves.png", title="loss", x_label="step", y_label="loss")
+
+    full = {**results, "samples": [dataclasses.asdict(s) for s in samples]}
+    return publish_report(folder, full, _report_markdown(results, samples, bool(curves)), card, pictures)
 
 
 def _curves(folder: Path) -> dict[str, list[tuple[float, float]]]:
@@ -237,18 +241,3 @@ def _report_markdown(results: dict[str, Any], samples: list[Sample], has_curves:
         if sample.base is not None:
             lines += [f"**Base:** {sample.base}", ""]
     return "\n".join(lines)
-
-
-def _update_model_card(folder: Path, results: dict[str, Any], has_curves: bool) -> None:
-    card = folder / "README.md"
-    if not card.is_file():
-        return
-    text = card.read_text(encoding="utf-8")
-    text = text.split("\n## Evaluation\n")[0].rstrip("\n")
-    section = ["", "## Evaluation", "", f"On `{results['data']}` ({results['rows']} rows):", "", *_numbers(results)]
-    if has_curves:
-        section += ["", f"![training and eval loss]({REPORT_DIR}/loss_curves.png)"]
-    section += ["", f"Samples and details: [{REPORT_DIR}/report.md]({REPORT_DIR}/report.md)", ""]
-    tmp = card.with_name("README.md.tmp")
-    tmp.write_text(text + "\n" + "\n".join(section), encoding="utf-8")
-    os.replace(tmp, card)

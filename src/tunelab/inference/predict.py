@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
+from tunelab.outputs import training_params
 
 
 def load_classifier(path: str | Path) -> tuple[Any, Any]:
-    """(model, tokenizer) from a text-classification run folder (its merged/ copy after LoRA training)."""
+    """(model, tokenizer) from a text-classification run folder (its merged/ copy after LoRA training); the
+    tokenizer's model_max_length is the run's max_seq_length."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     folder = Path(path)
@@ -30,6 +32,9 @@ def load_classifier(path: str | Path) -> tuple[Any, Any]:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    trained_length = training_params(path).get("max_seq_length")
+    if isinstance(trained_length, int) and trained_length > 0:
+        tokenizer.model_max_length = trained_length  # texts are cut where training cut them
     return model, tokenizer
 
 
@@ -39,14 +44,19 @@ def predict(model: Any, tokenizer: Any, texts: list[str], batch_size: int = 16) 
 
 
 def probabilities(model: Any, tokenizer: Any, texts: list[str], batch_size: int = 16) -> list[dict[str, float]]:
-    """Every label's probability for each text."""
+    """Every label's probability for each text, cut where training cut it (load_classifier), else at 512 tokens."""
     import torch
 
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    max_length = tokenizer.model_max_length if tokenizer.model_max_length < 10**6 else 512
     out = []
     for start in range(0, len(texts), batch_size):
         batch = tokenizer(
-            texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=512
+            texts[start : start + batch_size],
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=max_length,
         ).to(model.device)
         with torch.no_grad():
             probs = model(**batch).logits.float().softmax(-1).tolist()
