@@ -160,11 +160,11 @@ def test_sharded_backends_on_a_cpu_machine_are_a_clear_error(backend, tiny_llama
 
 
 def test_the_hot_path_under_fsdp2_equals_the_plain_model(tiny_llama, tmp_path):
-    """FSDP2 (accelerate's fsdp backend) shards each decoder layer and then the root, which holds the output head;
-    the root's weights stay gathered from its forward to the backward pass, so the chunked loss may read the head's
-    after the forward. With the fused layers and LoRA forward too, loss and gradients equal the plain model's on 2
-    CPU processes (gloo), with and without a LoRA adapter (on the head as well). (DeepSpeed ZeRO-3 does not keep
-    them: the plain loss there, test_training_path.py.)"""
+    """accelerate's FSDP2 preparation (fsdp backend) keeps the final norm and the output head gathered from the
+    forward to the backward pass, so the chunked loss may read the head's weights after the forward. With the fused
+    layers and LoRA forward too, loss and gradients equal the plain model's on 2 CPU processes (gloo), with and
+    without a LoRA adapter (on the head as well). (DeepSpeed ZeRO-3 does not keep them: the plain loss there,
+    test_training_path.py.)"""
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"}
     out = tmp_path / "fsdp2.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]

@@ -217,6 +217,14 @@ def test_encoder_model_from_python_and_a_valid_split_missing_a_label(tmp_path, c
 
     model_dir = tmp_path / "tiny-bert"
     tokenizer = build_tokenizer(model_dir, chat_template=None)
+    # Closing special tokens, as BERT's [CLS] ... [SEP]: a text cut at max_seq_length loses its closing one.
+    from tokenizers import processors
+
+    ends = [("<s>", tokenizer.bos_token_id), ("</s>", tokenizer.eos_token_id)]
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=ends
+    )
+    tokenizer.save_pretrained(model_dir)
     config = BertConfig(
         vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128
     )
@@ -228,10 +236,27 @@ def test_encoder_model_from_python_and_a_valid_split_missing_a_label(tmp_path, c
     with caplog.at_level(logging.WARNING, logger="tunelab"):
         params = tunelab.TextClassificationParams(
             model=str(model_dir), data_path=str(data), valid_split="valid", target_column="label",
-            project_name=str(tmp_path / "bert-run"), epochs=1, batch_size=16, lr=1e-3,
+            project_name=str(tmp_path / "bert-run"), epochs=1, batch_size=16, lr=1e-3, max_seq_length=16,
         )  # fmt: skip
         folder = tunelab.train(params)
     assert "no example of label(s) 'positive'" in caplog.text
+    # predict and evaluate cut each text as training did: the first 16 tokens with the opening special one, none
+    # added after the cut; so evaluate on the valid split gives the run's own final figures.
+    from tunelab.inference.evaluate import evaluate_run
+    from tunelab.inference.predict import load_classifier, probabilities
+
+    model, tokenizer = load_classifier(folder)
+    texts = [row["text"] for row in _sentiment_rows("valid", 8)]
+    assert any(len(tokenizer(text)["input_ids"]) > 16 for text in texts)
+    for text, probs in zip(texts, probabilities(model, tokenizer, texts), strict=True):
+        with torch.no_grad():
+            expected = model(input_ids=torch.tensor([tokenizer(text)["input_ids"][:16]])).logits.softmax(-1)[0]
+        assert list(probs.values()) == pytest.approx(expected.tolist(), abs=2e-6)
+    results = evaluate_run(folder, str(data), split="valid")
+    assert (
+        results["confusion_matrix"]
+        == json.loads((folder / "eval_report.json").read_text())["final"]["confusion_matrix"]
+    )
     report = json.loads((folder / "eval_report.json").read_text())
     assert report["final"]["per_class"]["positive"]["support"] == 0
     saved = json.loads((folder / "config.json").read_text())

@@ -254,9 +254,14 @@ def test_a_lora_adapter_on_the_output_head_is_trained_by_the_fast_loss(tiny_llam
         if fused:
             fuse_lora_dropout(model)
         model.train()
+        names, head = [n for n, _ in model.named_parameters()], model.get_output_embeddings()
+        own_forward = head.__dict__.get("forward")  # fused_ops' LoRA forward
         torch.manual_seed(2)  # the same dropout draws in both paths
         loss = (_under_mixed_precision(loss_fn) if mixed else loss_fn)(model, batch)
         loss.backward()
+        # The head's B rides along without becoming one of the head's parameters, and its own forward stays.
+        assert [n for n, _ in model.named_parameters()] == names and len(model.state_dict()) == len(names) + 1
+        assert head.__dict__.get("forward") is own_forward and (own_forward is not None) == fused
         with torch.no_grad(), model.disable_adapter():
             off = loss_fn(model, batch)
         return loss.detach(), off, {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
@@ -287,6 +292,21 @@ def test_an_output_head_adapter_the_loss_cannot_split_takes_the_plain_path(tiny_
     assert supported(target_modules=["q_proj", "lm_head"])
     assert supported(target_modules=["q_proj"], use_dora=True)  # DoRA elsewhere: the head is plain
     assert not supported(target_modules=["q_proj", "lm_head"], use_dora=True)
+
+
+def test_an_all_masked_batch_gives_every_trained_tensor_a_zero_gradient():
+    """No trained position in a micro-batch: the loss is 0 and the head's weights (and a LoRA head's B) still get a
+    gradient, as DDP expects each step (find_unused_parameters off)."""
+    from tunelab.speed.loss import linear_cross_entropy_sum
+
+    hidden = torch.randn(0, 8, requires_grad=True)
+    weight, low_weight = torch.randn(32, 8, requires_grad=True), torch.randn(32, 2, requires_grad=True)
+    loss = linear_cross_entropy_sum(
+        hidden, weight, None, torch.zeros(0, dtype=torch.long), None, hidden[:, :2], low_weight
+    )
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(t.grad is not None and not t.grad.any() for t in (hidden, weight, low_weight))
 
 
 def test_an_output_head_sharded_by_deepspeed_zero3_takes_the_plain_loss(tiny_llama):

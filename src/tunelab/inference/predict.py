@@ -32,9 +32,13 @@ def load_classifier(path: str | Path) -> tuple[Any, Any]:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    trained_length = training_params(path).get("max_seq_length")
+    saved = training_params(path) or training_params(Path(path).parent)  # a run folder, or its merged/
+    trained_length = saved.get("max_seq_length")
+    # Texts are cut where training cut them; a folder that does not say keeps 512 tokens at most.
     if isinstance(trained_length, int) and trained_length > 0:
-        tokenizer.model_max_length = trained_length  # texts are cut where training cut them
+        tokenizer.model_max_length = trained_length
+    else:
+        tokenizer.model_max_length = min(tokenizer.model_max_length, 512)
     return model, tokenizer
 
 
@@ -51,13 +55,10 @@ def probabilities(model: Any, tokenizer: Any, texts: list[str], batch_size: int 
     max_length = tokenizer.model_max_length if tokenizer.model_max_length < 10**6 else 512
     out = []
     for start in range(0, len(texts), batch_size):
-        batch = tokenizer(
-            texts[start : start + batch_size],
-            return_tensors="pt",
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-        ).to(model.device)
+        # Cut as training cut (data/classification.py): the tokens with their special ones, then the first
+        # max_length (a BERT-style text loses its closing [SEP] there, as it did in training).
+        ids = tokenizer(texts[start : start + batch_size], add_special_tokens=True, verbose=False)["input_ids"]
+        batch = tokenizer.pad({"input_ids": [row[:max_length] for row in ids]}, return_tensors="pt").to(model.device)
         with torch.no_grad():
             probs = model(**batch).logits.float().softmax(-1).tolist()
         out += [dict(zip(names, row, strict=True)) for row in probs]

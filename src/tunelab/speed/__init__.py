@@ -39,13 +39,10 @@ def pad_multiple() -> int:
 
 
 def optimizer_name(params: RunParams) -> str:
-    """AdamW in its fused form on a GPU or a CPU: the same updates, one kernel per parameter instead of a dozen ops
-    (on a CPU, a LoRA r16 step of SmolLM2's 420 adapter matrices: 8.6 ms instead of 31.6). Other devices (MPS, XPU)
-    keep the plain one."""
-    import torch
-
-    other_device = torch.backends.mps.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
-    if params.optimizer == "adamw_torch" and (torch.cuda.is_available() or not other_device):
+    """AdamW in its fused form: the same updates, one kernel per parameter instead of a dozen ops. tunelab trains on
+    a CUDA GPU or else on the CPU (where a LoRA r16 step over SmolLM2's 420 adapter matrices takes 6.7-7.4 ms instead
+    of 23-26), both of which have it."""
+    if params.optimizer == "adamw_torch":
         return "adamw_torch_fused"
     return params.optimizer
 

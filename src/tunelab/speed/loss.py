@@ -121,7 +121,12 @@ def linear_cross_entropy_sum(
     by `low_weight` (V, r): a LoRA head's term) against `target` (N,), the projection run in `dtype` (default: the
     weight's)."""
     if hidden.shape[0] == 0:
-        return hidden.sum() * 0.0  # an all-masked batch: zero loss, graph still connected
+        # An all-masked batch: zero loss, and every input still in the graph, so that each trained parameter gets
+        # its (zero) gradient, as DDP expects of every step.
+        zero = hidden.sum() * 0.0
+        for tensor in (weight, bias, low, low_weight):
+            zero = zero if tensor is None else zero + tensor.sum() * 0.0
+        return zero
     chunk = chunk_rows(weight.shape[0])
     return ChunkedLinearCrossEntropy.apply(hidden, weight, bias, target, chunk, dtype or weight.dtype, low, low_weight)
 
@@ -314,16 +319,21 @@ def output_head_returns_hidden(model: Any) -> Iterator[torch.nn.Module]:
         # A LoRA head: its rank-r input rides along with the hidden states (see the top); per forward, as a
         # reference pass may run with the adapter off.
         term = _lora_head_term(head, hidden)
-        head._tunelab_low_weight = None if term is None else term[1]
+        # Into __dict__: assigned as an attribute, the Parameter B would be registered as one of the head's own.
+        head.__dict__["_tunelab_low_weight"] = None if term is None else term[1]
         if term is None:
             return hidden
         return torch.cat([hidden, term[0].to(hidden.dtype)], -1)
 
+    previous = head.__dict__.get("forward")  # a forward of its own (fused_ops' LoRA forward) comes back after
     head.forward = identity
     try:
         yield head
     finally:
-        del head.forward
+        if previous is None:
+            del head.forward
+        else:
+            head.forward = previous
 
 
 def head_dtype(head: torch.nn.Module) -> torch.dtype:
