@@ -97,6 +97,8 @@ def test_decoder_without_pad_token_trains_and_predicts_names(tiny_gpt2, tmp_path
     _write_csv(tmp_path / "odd.csv", [{"text": "so so", "label": "mixed"}, {"text": "fine", "label": "positive"}])
     code, _, err = _run(capsys, "evaluate", "--model", str(run), "--data-path", str(tmp_path / "odd.csv"))
     assert code == 2 and "label(s) 'mixed' in column 'label' are not among the model's" in err
+    code, _, err = _run(capsys, "evaluate", "--model", str(run), "--data-path", str(data), "--max-rows", "0")
+    assert code == 2 and "--max-rows must be 1 or more" in err
 
 
 @needs_shared()

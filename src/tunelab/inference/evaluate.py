@@ -52,9 +52,13 @@ def evaluate_run(
 
     folder = check_run_folder(path, "evaluate")
     run_info = read_run(folder)
+    if max_rows is not None and max_rows < 1:
+        raise TunelabError(f"evaluate: --max-rows must be 1 or more (got {max_rows})")
     if run_info.get("trainer") == "text_classification":
         from tunelab.inference.evaluate_classifier import evaluate_classifier
 
+        if compare_base:
+            log.info("evaluate: --compare-base does not apply to a classifier (its base has no trained head)")
         return evaluate_classifier(folder, data_path, split, max_rows)
     if run_info.get("trainer") == "reward":
         raise TunelabError(f"evaluate: {folder} is a reward model; `tunelab score` gives its scores")

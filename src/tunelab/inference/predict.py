@@ -28,7 +28,11 @@ def load_classifier(path: str | Path) -> tuple[Any, Any]:
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     if not any(name.endswith("ForSequenceClassification") for name in config.get("architectures") or []):
         raise TunelabError(f"{path} is not a text classifier (architectures: {config.get('architectures')})")
+    import torch
+
     model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    if torch.cuda.is_available():
+        model.to("cuda")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
