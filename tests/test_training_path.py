@@ -131,16 +131,21 @@ def _fast_loss(model, batch):
     return total / count
 
 
-@pytest.mark.parametrize("flat", [True, False], ids=["flat", "padded-rows"])
-@pytest.mark.parametrize("packed", [False, True])
-@pytest.mark.parametrize("peft", [False, True])
-def test_fast_loss_and_gradients_equal_the_plain_path(tiny_llama, packed, peft, flat):
+def _prompt_and_answer_examples() -> list[Encoded]:
+    """Four seeded examples, each a masked prompt followed by a trained answer."""
     torch.manual_seed(0)
     examples = []
     for n in (9, 14, 6, 11):
         ids = torch.randint(5, 500, (n,)).tolist()
-        labels = [IGNORE] * (n // 2) + ids[n // 2 :]  # a masked prompt, a trained answer
-        examples.append(Encoded(ids, labels))
+        examples.append(Encoded(ids, [IGNORE] * (n // 2) + ids[n // 2 :]))
+    return examples
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "padded-rows"])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("peft", [False, True])
+def test_fast_loss_and_gradients_equal_the_plain_path(tiny_llama, packed, peft, flat):
+    examples = _prompt_and_answer_examples()
     rows = pack(examples, 24) if packed else examples
     batch = PackedRowsCollator(0, flat=flat)(rows)
 
@@ -198,12 +203,7 @@ def test_fast_loss_under_bf16_mixed_precision_equals_the_plain_path(tiny_llama, 
     """Under mixed precision the head meets float32 hidden states (accelerate up-casts the outputs) and, with
     LoRA, bf16 weights: the projection runs in bf16 as the head's own forward would have, and the loss and the
     trained gradients equal the plain path's (bf16 logits, up-cast)."""
-    torch.manual_seed(0)
-    examples = []
-    for n in (9, 14, 6, 11):
-        ids = torch.randint(5, 500, (n,)).tolist()
-        examples.append(Encoded(ids, [IGNORE] * (n // 2) + ids[n // 2 :]))
-    batch = PackedRowsCollator(0)(examples)
+    batch = PackedRowsCollator(0)(_prompt_and_answer_examples())
 
     def grads(loss_fn):
         model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16 if peft else torch.float32)
@@ -236,12 +236,7 @@ def test_a_lora_adapter_on_the_output_head_is_trained_by_the_fast_loss(tiny_llam
 
     from tunelab.speed.lora_dropout import fuse_lora_dropout
 
-    torch.manual_seed(0)
-    examples = []
-    for n in (9, 14, 6, 11):
-        ids = torch.randint(5, 500, (n,)).tolist()
-        examples.append(Encoded(ids, [IGNORE] * (n // 2) + ids[n // 2 :]))
-    batch = PackedRowsCollator(0)(examples)
+    batch = PackedRowsCollator(0)(_prompt_and_answer_examples())
 
     def grads(loss_fn):
         torch.manual_seed(1)
