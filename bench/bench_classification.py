@@ -231,19 +231,14 @@ def tutorial_worker(args: argparse.Namespace) -> int:
 
 def score_worker(args: argparse.Namespace) -> int:
     """Accuracy and macro F1 of a run folder's classifier on the held-out split, with tunelab's own predictor."""
-    import torch
-
-    from tunelab.inference.predict import load_classifier, probabilities
-    from tunelab.metrics import classification_report, majority_baseline
+    from tunelab.inference.evaluate_classifier import labelled_report
+    from tunelab.inference.predict import load_classifier
 
     model, tokenizer = load_classifier(args.run)
-    texts, names = _read_split(args.data / f"{args.test_split}.csv")
-    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    probs = probabilities(model, tokenizer, texts, batch_size=32)
-    scores = torch.tensor([[p[label] for label in labels] for p in probs]).log()
-    truth = [labels.index(n) for n in names]
-    report = classification_report(scores, truth, labels)
-    result = {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"], "majority": majority_baseline(truth)}
+    split = args.data / f"{args.test_split}.csv"
+    texts, names = _read_split(split)
+    report = labelled_report(model, tokenizer, texts, names, str(split), "label")
+    result = {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"], "majority": report["majority_baseline"]}
     (args.run / "held_out.json").write_text(json.dumps(result, indent=2))
     print(result)
     return 0

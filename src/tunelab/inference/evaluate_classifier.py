@@ -22,12 +22,10 @@ log = logging.getLogger("tunelab")
 
 def evaluate_classifier(folder: Path, data_path: str, split: str, max_rows: int | None = None) -> dict[str, Any]:
     """Predict every row of `split` (or the first `max_rows`), compare with its labels, and publish the report."""
-    import numpy as np
-
     from tunelab.data.classification import read_labelled
     from tunelab.data.sources import read_splits
-    from tunelab.inference.predict import load_classifier, probabilities
-    from tunelab.metrics import classification_report, draw_confusion_matrix, majority_baseline
+    from tunelab.inference.predict import load_classifier
+    from tunelab.metrics import draw_confusion_matrix
 
     saved = training_params(folder)
     text_column, target_column = saved.get("text_column", "text"), saved.get("target_column", "target")
@@ -37,33 +35,47 @@ def evaluate_classifier(folder: Path, data_path: str, split: str, max_rows: int 
     if not texts:
         raise DataError(f"{data.origin}: no rows to evaluate")
     model, tokenizer = load_classifier(folder)
-    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    unknown = sorted(set(names) - set(labels))
-    if unknown:
-        raise DataError(
-            f"{data.origin}: label(s) {', '.join(map(repr, unknown[:5]))} in column {target_column!r} are not among "
-            f"the model's ({', '.join(map(repr, labels))}): it cannot predict them"
-        )
     started = time.time()
-    probs = probabilities(model, tokenizer, texts, batch_size=32)
-    scores = np.array([[p[label] for label in labels] for p in probs])
-    truth = [labels.index(name) for name in names]
-    report = classification_report(scores, truth, labels)
+    report = labelled_report(model, tokenizer, texts, names, data.origin, target_column)
     results = {
         "data": data.origin,
         "rows": len(texts),
         "model": str(folder),
         **report,
-        "majority_baseline": round(majority_baseline(truth), 4),
+        "majority_baseline": round(report["majority_baseline"], 4),
         "seconds": round(time.time() - started, 1),
     }
     card = [f"On `{data.origin}` ({len(texts)} rows):", "", *_numbers(results)]
 
     def pictures(staging: Path) -> None:
-        draw_confusion_matrix(report["confusion_matrix"], labels, staging / "confusion_matrix.png")
+        draw_confusion_matrix(report["confusion_matrix"], report["labels"], staging / "confusion_matrix.png")
 
     publish_report(folder, results, _markdown(results), card, pictures)
     return results
+
+
+def labelled_report(
+    model: Any, tokenizer: Any, texts: list[str], names: list[str], origin: str, column: str
+) -> dict[str, Any]:
+    """classification_report of the classifier's predictions for `texts` against their label `names`, with the
+    majority-label floor (`majority_baseline`, unrounded); a label the model does not have is a DataError naming
+    the file (`origin`) and `column` the labels came from."""
+    import numpy as np
+
+    from tunelab.inference.predict import probabilities
+    from tunelab.metrics import classification_report, majority_baseline
+
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    unknown = sorted(set(names) - set(labels))
+    if unknown:
+        raise DataError(
+            f"{origin}: label(s) {', '.join(map(repr, unknown[:5]))} in column {column!r} are not among the model's "
+            f"({', '.join(map(repr, labels))}): it cannot predict them"
+        )
+    probs = probabilities(model, tokenizer, texts, batch_size=32)
+    scores = np.array([[p[label] for label in labels] for p in probs])
+    truth = [labels.index(name) for name in names]
+    return {**classification_report(scores, truth, labels), "majority_baseline": majority_baseline(truth)}
 
 
 def _numbers(results: dict[str, Any]) -> list[str]:
