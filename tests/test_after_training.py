@@ -13,6 +13,7 @@ from PIL import Image
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tunelab.cli import main
+from tunelab.errors import TunelabError
 from tunelab.inference.chat import ChatSession, chat_loop
 from tunelab.inference.evaluate import evaluate_run
 from tunelab.inference.generate import GenerationParams, load_run
@@ -108,6 +109,49 @@ def test_chat_streams_keeps_history_and_resets(lora_run):
     text = out.getvalue()
     assert "assistant> " in text and "(conversation cleared)" in text and "unknown command /what" in text
     assert next(lines) == "never read"  # /exit stopped the loop
+
+
+def test_chat_keeps_the_conversation_when_generating_fails_and_fits_long_histories(tiny_llama):
+    model, tokenizer = load_run(tiny_llama)  # context 512
+    broken = ChatSession(model, tokenizer, GenerationParams(max_new_tokens=4, do_sample=True, top_k=-1))
+    with pytest.raises(ValueError, match="top_k"):  # raised in the generating thread, handed back: no hang
+        broken.send("Hello")
+    assert broken.history == []
+
+    session = ChatSession(model, tokenizer, GenerationParams(max_new_tokens=8))
+    long = "word " * 150  # about 150 tokens a turn: six exchanges are far past the context
+    session.history = [{"role": r, "content": long} for _ in range(6) for r in ("user", "assistant")]
+    session.send("Hello")  # the oldest exchanges are left out of the prompt, not the conversation
+    assert len(session.history) == 14 and session.history[-2]["content"] == "Hello"
+    with pytest.raises(TunelabError, match="context is 512 tokens"):
+        session.send("word " * 600)
+    assert len(session.history) == 14
+
+
+def test_chat_refuses_a_system_message_the_template_cannot_take(tiny_llama, tmp_path):
+    model, tokenizer = load_run(tiny_llama)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+        "{{ m['content'] }}{% endfor %}"
+    )
+    with pytest.raises(TunelabError, match="takes no system message"):
+        ChatSession(model, tokenizer, system="Be brief.")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--do-sample", "--temperature", "0"], "--temperature must be above 0"),
+        (["--top-p", "1.5"], "--top-p must be above 0 and at most 1"),
+        (["--num-return-sequences", "3"], "needs --do-sample"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    ],
+)
+def test_generate_options_transformers_would_refuse_are_one_line(flags, message, tmp_path, capsys):
+    missing = tmp_path / "not-even-loaded"
+    code = main(["generate", "--model", str(missing), *flags, "Hello"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize(

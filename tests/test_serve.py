@@ -128,12 +128,46 @@ def test_sampling_with_a_seed_repeats(client):
         ({"messages": HELLO, "n": 2}, "n"),
         ({"messages": HELLO, "temperature": 5}, "temperature"),
         ({"messages": HELLO, "max_tokens": 100_000}, "max_tokens"),
+        ({"messages": HELLO, "max_completion_tokens": 100_000}, "max_completion_tokens"),
+        ({"messages": [{"role": "user", "content": "word " * 600}]}, "messages"),
+        ({"messages": HELLO, "frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"messages": HELLO, "logit_bias": {"5": 10}}, "logit_bias"),
+        ({"messages": HELLO, "stream_options": {"include_usage": True}}, "stream_options"),
     ],
 )
 def test_bad_requests_are_400(client, request_args, param):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model="tiny", **request_args)
     assert err.value.status_code == 400 and err.value.body["param"] == param
+    if "context" in err.value.body["message"]:  # what LiteLLM and LangChain look for, to trim and retry
+        assert err.value.body["code"] == "context_length_exceeded"
+        assert "maximum context length is 512 tokens" in err.value.body["message"]
+
+
+def test_default_valued_fields_are_accepted_and_an_empty_prompt_is_400(client):
+    answer = client.completions.create(
+        model="tiny", prompt="Once", max_tokens=2, best_of=1, frequency_penalty=0, presence_penalty=0.0
+    )
+    assert answer.choices[0].finish_reason in ("length", "stop")
+    with pytest.raises(openai.BadRequestError, match="empty") as err:
+        client.completions.create(model="tiny", prompt="", max_tokens=2)  # the tiny tokenizer adds no BOS
+    assert err.value.body["param"] == "prompt"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.post("/chat/completions", body={"messages": HELLO, "stream": True, "stream_options": 1}, cast_to=object)
+    assert err.value.body["param"] == "stream_options"
+
+
+def test_a_stop_string_counts_the_tokens_returned(client, loaded):
+    whole = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=12, temperature=0)
+    text = whole.choices[0].text
+    if len(text.strip()) < 4:
+        pytest.skip("the random model said too little to cut")
+    stop = text.strip()[3:5]
+    cut = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=12, temperature=0, stop=stop)
+    returned = cut.choices[0].text
+    assert cut.usage.completion_tokens < whole.usage.completion_tokens
+    tokenizer = loaded[1]
+    assert cut.usage.completion_tokens == len(tokenizer(returned, add_special_tokens=False)["input_ids"])
 
 
 def test_missing_messages_is_400(client):
@@ -153,6 +187,26 @@ def test_api_key(loaded):
         assert err.value.status_code == 401
         right = openai.OpenAI(base_url=url, api_key="s3cret", max_retries=0)
         assert right.models.list().data[0].id == "tiny"
+
+
+def test_an_empty_api_key_is_refused(tiny_llama, monkeypatch):
+    """An empty key (TUNELAB_API_KEY set to nothing) would let `Authorization: Bearer ` in while saying it needs the
+    key: refused before the model loads."""
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: pytest.fail("served with an empty key"))
+    with pytest.raises(TunelabError, match="API key is empty"):
+        serve(str(tiny_llama), host="0.0.0.0", port=0, api_key="")
+    monkeypatch.setenv("TUNELAB_API_KEY", "")
+    from tunelab.cli import main
+
+    assert main(["serve", "--model", str(tiny_llama), "--port", "0"]) == 2
+
+
+def test_the_model_id_of_the_current_folder_is_its_name(tiny_llama, monkeypatch):
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: apps.append(app))
+    monkeypatch.chdir(tiny_llama)
+    serve(".", port=0)
+    assert apps[0].state.served.name == tiny_llama.name
 
 
 def test_missing_or_wrong_model_folder(tmp_path):

@@ -271,10 +271,11 @@ def run_llm(args: argparse.Namespace, schema: type = LLMParams) -> int:
 def run_generate(args: argparse.Namespace) -> int:
     from tunelab.inference.generate import GenerationParams, generate, load_run
 
-    model, tokenizer = load_run(args.model)
     options = GenerationParams(
         args.max_new_tokens, args.do_sample, args.temperature, args.top_k, args.top_p, args.num_return_sequences
     )
+    options.check()
+    model, tokenizer = load_run(args.model)
     for text in generate(model, tokenizer, " ".join(args.prompt), options):
         print(text)
     return 0
@@ -339,8 +340,9 @@ def run_chat(args: argparse.Namespace) -> int:
 
     if Path(args.model).exists():
         check_run_folder(args.model, "chat")
-    model, tokenizer = load_run(args.model)
     options = GenerationParams(args.max_new_tokens, args.do_sample, args.temperature, top_p=args.top_p)
+    options.check()
+    model, tokenizer = load_run(args.model)
     chat_loop(ChatSession(model, tokenizer, options, args.system), name=args.model)
     return 0
 

@@ -24,6 +24,7 @@ from tunelab.config.base import RunParams
 from tunelab.env import distributed_kind
 from tunelab.errors import TunelabError
 from tunelab.models.peft import merge_into_base, quiet_peft_save, save_converted_adapter
+from tunelab.models.turns import mark_turn_end
 from tunelab.training import checkpoints
 
 log = logging.getLogger("tunelab")
@@ -123,6 +124,9 @@ def save_model(trainer: Any, tokenizer: Any, folder: Path, template_source: str 
     """
     if template_source:
         tokenizer.chat_template = template_source
+    # A full model's generation config says where its turns end (an adapter's base keeps its own; tunelab's chat,
+    # generate and serve read the end from the tokenizer's template either way).
+    mark_turn_end(trainer.accelerator.unwrap_model(trainer.model), tokenizer)
     with quiet_peft_save():
         trainer.save_model(str(folder))  # the tokenizer (trainer.processing_class) too
     if trainer.is_world_process_zero():
@@ -133,6 +137,7 @@ def save_model(trainer: Any, tokenizer: Any, folder: Path, template_source: str 
 def save_merged(model: Any, tokenizer: Any, folder: Path) -> None:
     """Merge a LoRA adapter into its base and save the full model (in the base's dtype)."""
     merged = merge_into_base(model)
+    mark_turn_end(merged, tokenizer)
     merged.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
 

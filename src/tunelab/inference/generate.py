@@ -29,6 +29,21 @@ class GenerationParams:
     top_p: float = 1.0
     num_return_sequences: int = 1
 
+    def check(self) -> None:
+        """TunelabError naming the first option transformers would refuse (before a model is loaded)."""
+        if self.max_new_tokens < 1:
+            raise TunelabError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if self.do_sample and not self.temperature > 0:
+            raise TunelabError(f"--temperature must be above 0 when sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise TunelabError(f"--top-p must be above 0 and at most 1, got {self.top_p}")
+        if self.top_k < 0:
+            raise TunelabError(f"--top-k must be 0 (off) or more, got {self.top_k}")
+        if self.num_return_sequences < 1:
+            raise TunelabError(f"--num-return-sequences must be at least 1, got {self.num_return_sequences}")
+        if self.num_return_sequences > 1 and not self.do_sample:
+            raise TunelabError("--num-return-sequences above 1 needs --do-sample (greedy decoding gives one answer)")
+
 
 def load_run(path: str | Path) -> tuple[Any, Any]:
     """(model, tokenizer) from a run folder holding an adapter or a full model, or from any model folder/GGUF."""
@@ -65,22 +80,30 @@ def format_prompt(prompt: str, tokenizer: Any) -> str:
 
 
 def generate(model: Any, tokenizer: Any, prompt: str, options: GenerationParams | None = None) -> list[str]:
-    """Completions of one prompt (only the new text)."""
+    """Completions of one prompt (only the new text), each ended where the chat template ends a turn."""
     import torch
+
+    from tunelab.models.turns import turn_end
 
     options = options or GenerationParams()
     text = format_prompt(prompt, tokenizer)
     templated = text != prompt
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not templated).to(model.device)
     sampling = {"temperature": options.temperature, "top_k": options.top_k, "top_p": options.top_p}
+    end_ids, markers = turn_end(tokenizer, model)
+    # A turn-end marker of several tokens: transformers stops at its text, and it is cut from the answer below.
+    stop = {"stop_strings": markers, "tokenizer": tokenizer} if markers else {}
     with torch.no_grad():
         output = model.generate(
             **inputs,
             max_new_tokens=options.max_new_tokens,
             do_sample=options.do_sample,
             num_return_sequences=options.num_return_sequences,
+            eos_token_id=end_ids or None,
             pad_token_id=tokenizer.pad_token_id,
+            **stop,
             **(sampling if options.do_sample else {}),
         )
     new = output[:, inputs["input_ids"].shape[1] :]
-    return [tokenizer.decode(seq, skip_special_tokens=True).strip() for seq in new]
+    answers = [tokenizer.decode(seq, skip_special_tokens=True) for seq in new]
+    return [min((a.split(m)[0] for m in markers), key=len, default=a).strip() for a in answers]

@@ -55,6 +55,9 @@ def merge_run(path: str | Path, output: str | Path, dtype: str | None = None) ->
 
 def save_full_model(model: Any, tokenizer: Any, folder: Path) -> None:
     """A plain transformers model folder (safetensors, config without training-only settings, tokenizer)."""
+    from tunelab.models.turns import mark_turn_end
+
     model.config.use_cache = True  # trained with the cache off; the merged model is for generation
+    mark_turn_end(model, tokenizer)  # other runtimes stop where the template ends a turn
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)

@@ -9,6 +9,7 @@ same text). `tunelab serve` (inference/serve.py) loads the model and runs the ap
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at run time.
+import asyncio
 import hmac
 import json
 import logging
@@ -55,7 +56,9 @@ def served(request: Request) -> Served:
     return request.app.state.served
 
 
-def check_key(request: Request) -> None:
+# The key check and the model list are `async def`: a plain `def` runs in the worker threads, which requests
+# waiting their turn on the model hold, so under load even a 401 or /v1/models would wait behind them.
+async def check_key(request: Request) -> None:
     api_key = served(request).api_key
     if api_key is None:
         return
@@ -78,6 +81,8 @@ def create_app(model: Any, tokenizer: Any, model_name: str, api_key: str | None 
             one model loaded there is nothing to choose, and clients that insist on a name keep working.
         api_key: When set, every request must carry `Authorization: Bearer <api_key>`, else it gets a 401.
     """
+    if api_key is not None and not api_key.strip():
+        raise ValueError("api_key is empty: pass None to serve without a key")
     app = FastAPI(title="tunelab")
     app.state.served = Served(model, tokenizer, model_name, api_key)
     app.include_router(router)
@@ -95,7 +100,7 @@ def error_body(message: str, kind: str = "invalid_request_error", param: str | N
 
 
 async def bad_request(request: Request, err: RequestError) -> JSONResponse:
-    return JSONResponse(error_body(err.message, param=err.param), status_code=400)
+    return JSONResponse(error_body(err.message, param=err.param, code=err.code), status_code=400)
 
 
 async def http_error(request: Request, err: HTTPException) -> JSONResponse:
@@ -112,12 +117,12 @@ async def server_error(request: Request, err: Exception) -> JSONResponse:
 
 
 @router.get("/models")
-def list_models(request: Request) -> dict:
+async def list_models(request: Request) -> dict:
     return {"object": "list", "data": [served(request).card()]}
 
 
 @router.get("/models/{name:path}")
-def get_model(request: Request, name: str) -> dict:
+async def get_model(request: Request, name: str) -> dict:
     model = served(request)
     if name != model.name:
         raise HTTPException(404, f"model {name!r} is not served here; this server serves {model.name!r}")
@@ -135,7 +140,8 @@ async def chat_completions(request: Request) -> Any:
     except Exception as err:  # e.g. a template that insists on alternating user/assistant turns
         raise RequestError(f"the chat template refused these messages: {err}", "messages") from None
     ids = encode_prompt(model.model, model.tokenizer, text, templated=True, sampling=sampling)
-    return await respond(body, Generation(model.model, model.tokenizer, model.lock, ids, sampling), "chat", model)
+    generation = Generation(model.model, model.tokenizer, model.lock, ids, sampling)
+    return await respond(request, body, generation, "chat", model)
 
 
 @router.post("/completions")
@@ -145,7 +151,8 @@ async def completions(request: Request) -> Any:
     if sampling.max_tokens is None:
         sampling.max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS
     ids = encode_prompt(model.model, model.tokenizer, prompt, templated=False, sampling=sampling)
-    return await respond(body, Generation(model.model, model.tokenizer, model.lock, ids, sampling), "text", model)
+    generation = Generation(model.model, model.tokenizer, model.lock, ids, sampling)
+    return await respond(request, body, generation, "text", model)
 
 
 async def read_body(request: Request) -> dict:
@@ -161,12 +168,18 @@ async def read_body(request: Request) -> dict:
 # ---- the answers -------------------------------------------------------------------------------------------------
 
 
-async def respond(body: dict, generation: Generation, kind: str, model: Served) -> Any:
+async def respond(request: Request, body: dict, generation: Generation, kind: str, model: Served) -> Any:
     """The answer to a chat (kind "chat") or text completion request, streamed or whole."""
     rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
     head = {"id": rid, "created": int(time.time()), "model": model.name}
     if not body.get("stream"):
-        return await run_in_threadpool(whole_answer, generation, kind, head)  # generation blocks: off the loop
+        # Generation blocks, so it runs off the event loop; a client that hangs up (its timeout, then its retry)
+        # stops it at the next token instead of leaving the whole answer to be made for no one, lock held.
+        answer = asyncio.ensure_future(run_in_threadpool(whole_answer, generation, kind, head))
+        while not (await asyncio.wait({answer}, timeout=0.5))[0]:
+            if await request.is_disconnected():
+                generation.cancel()
+        return answer.result()
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of the stream
     events = answer_events(generation, kind, head, include_usage)

@@ -12,16 +12,19 @@ from typing import Any
 ROLES = {"system", "user", "assistant"}
 # Request fields that change what OpenAI would return and that this server cannot honour: refused with a 400
 # rather than silently ignored, so a client never mistakes a plain answer for a tool call or a JSON-mode answer.
-UNSUPPORTED = ("tools", "functions", "logprobs", "top_logprobs", "response_format", "echo", "suffix", "best_of")
+UNSUPPORTED = ("tools", "functions", "logprobs", "top_logprobs", "response_format", "echo", "suffix")
+# Fields that change the answer only away from their default (OpenAI's penalties have no exact counterpart in
+# transformers' generate): the default is accepted, any other value refused.
+DEFAULT_ONLY = {"best_of": 1, "frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}}
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 
 
 class RequestError(Exception):
     """A request this server cannot answer as asked; becomes an OpenAI-style 400 error."""
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
-        self.message, self.param = message, param
+        self.message, self.param, self.code = message, param, code
 
 
 @dataclass
@@ -31,8 +34,10 @@ class Sampling:
     max_tokens: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # OpenAI has none: 0 switches transformers' default top_k=50 off (tunelab chat sets its own)
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    max_tokens_field: str = "max_tokens"  # the name the request used (max_completion_tokens, for newer clients)
 
 
 # ---- reading requests ------------------------------------------------------------------------------------------
@@ -63,8 +68,16 @@ def parse_sampling(body: dict) -> Sampling:
     for name in UNSUPPORTED:
         if body.get(name) not in (None, False, [], {"type": "text"}):
             raise RequestError(f"{name} is not supported by tunelab serve", name)
+    for name, default in DEFAULT_ONLY.items():
+        if body.get(name) not in (None, default):
+            raise RequestError(f"{name} is not supported by tunelab serve (only {default!r})", name)
     if not isinstance(body.get("stream", False), bool):
         raise RequestError("stream must be true or false", "stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise RequestError('stream_options must be an object such as {"include_usage": true}', "stream_options")
+    if options is not None and not body.get("stream"):
+        raise RequestError("stream_options is only allowed when stream is true", "stream_options")
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else stop or []
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
@@ -77,6 +90,7 @@ def parse_sampling(body: dict) -> Sampling:
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0),  # 0 keeps only the likeliest token (transformers keeps one)
         stop=stop,
         seed=_optional_int(body, "seed", 0),
+        max_tokens_field=name,
     )
 
 

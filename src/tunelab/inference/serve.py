@@ -64,9 +64,16 @@ def serve(
     from tunelab.inference.generate import load_run
     from tunelab.inference.openai_api import create_app
 
+    if api_key is not None and not api_key.strip():
+        # An empty key would let `Authorization: Bearer ` through while the log says requests need the key.
+        raise TunelabError(
+            "the API key is empty (--api-key '' or TUNELAB_API_KEY set to nothing): give a key, or leave both unset "
+            "to serve without one"
+        )
     check_port_free(host, port)  # before the minutes a big model may take to load
     model, tokenizer = load_run(model_path)  # raises TunelabError naming a missing or wrong folder
-    name = model_name or (Path(model_path).name if Path(model_path).exists() else model_path)
+    # resolve(): `--model .` is named after the folder, not "".
+    name = model_name or (Path(model_path).resolve().name if Path(model_path).exists() else model_path)
     app = create_app(model, tokenizer, name, api_key)
     if host not in LOCAL_HOSTS:
         if api_key is None:

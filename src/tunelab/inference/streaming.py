@@ -1,6 +1,6 @@
-"""One request's generation for the OpenAI-compatible API (inference/openai_api.py): the prompt's token ids checked
-against the model's context, then text pieces as the model produces them, stop strings applied, one request at a
-time on the model.
+"""One generation streamed as text, for the OpenAI-compatible API (inference/openai_api.py) and `tunelab chat`: the
+prompt's token ids checked against the model's context, then text pieces as the model produces them, stop strings
+and the chat template's turn end applied, one generation at a time on the model.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from tunelab.inference.openai_requests import RequestError, Sampling
+from tunelab.models.turns import turn_end
 
 
 class Generation:
@@ -30,6 +31,15 @@ class Generation:
         self._stop = threading.Event()  # set by the reader: a stop string was seen, or the client went away
         self._error: BaseException | None = None
         self._output: Any = None
+        # Generation ends at the model's EOS and at the chat template's turn-end marker (models/turns.py): a token
+        # id, or text to stop at like the request's own stop strings (but never returned: not the client's).
+        self._end_ids, marker = turn_end(tokenizer, model)
+        self._stops = [*sampling.stop, *marker]
+        self._text = ""  # the text returned, for the completion's token count
+
+    def cancel(self) -> None:
+        """Stop generating at the next token (the client went away)."""
+        self._stop.set()
 
     def __iter__(self) -> Iterator[str]:
         from transformers import TextIteratorStreamer
@@ -41,18 +51,20 @@ class Generation:
         try:
             for piece in streamer:
                 text += piece
-                cut = min((i for i in (text.find(s) for s in self.sampling.stop) if i >= 0), default=-1)
+                cut = min((i for i in (text.find(s) for s in self._stops) if i >= 0), default=-1)
                 if cut >= 0:
                     stopped = True
                     self._stop.set()
+                    self._text = text[:cut]
                     if text[sent:cut]:
                         yield text[sent:cut]
                     break
-                safe = len(text) - _held_back(text, self.sampling.stop)
+                safe = len(text) - _held_back(text, self._stops)
                 if safe > sent:
                     yield text[sent:safe]
                     sent = safe
             else:
+                self._text = text
                 if text[sent:]:
                     yield text[sent:]
         finally:
@@ -78,8 +90,7 @@ class Generation:
                 )
 
         s = self.sampling
-        # OpenAI has no top_k: switch transformers' default top_k=50 off so the request means what it says.
-        sampling = {"temperature": s.temperature, "top_p": s.top_p, "top_k": 0} if s.temperature > 0 else {}
+        sampling = {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k} if s.temperature > 0 else {}
         try:
             with self.lock:
                 if self._stop.is_set():  # the client left while waiting for its turn
@@ -93,6 +104,7 @@ class Generation:
                         attention_mask=torch.ones_like(self.input_ids),
                         max_new_tokens=s.max_tokens,
                         do_sample=s.temperature > 0,
+                        eos_token_id=self._end_ids or None,
                         pad_token_id=_pad_token_id(self.tokenizer),
                         streamer=streamer,
                         stopping_criteria=StoppingCriteriaList([StopWhenAsked()]),
@@ -107,10 +119,12 @@ class Generation:
         if self._output is None:
             return
         new = self._output[0, self.prompt_tokens :].tolist()
-        self.completion_tokens = len(new)
-        ended = bool(new) and new[-1] in _eos_ids(self.model, self.tokenizer)
-        if not stopped and not ended and self.completion_tokens >= (self.sampling.max_tokens or 0):
+        ended = bool(new) and new[-1] in self._end_ids
+        if not stopped and not ended and len(new) >= (self.sampling.max_tokens or 0):
             self.finish_reason = "length"
+        # The tokens of the text returned: a stop string is seen a few tokens after the model wrote it (the
+        # streamer holds back a word until it is whole), and what came after it was not the client's.
+        self.completion_tokens = len(new) if not stopped else _token_count(self.tokenizer, self._text)
 
 
 def _held_back(text: str, stops: list[str]) -> int:
@@ -118,12 +132,8 @@ def _held_back(text: str, stops: list[str]) -> int:
     return max((n for s in stops for n in range(len(s) - 1, 0, -1) if text.endswith(s[:n])), default=0)
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
+def _token_count(tokenizer: Any, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
 
 
 def _pad_token_id(tokenizer: Any) -> int | None:
@@ -137,16 +147,27 @@ def encode_prompt(model: Any, tokenizer: Any, text: str, templated: bool, sampli
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=not templated)["input_ids"].to(model.device)
     context = getattr(model.config, "max_position_embeddings", None)
     prompt_tokens = int(ids.shape[1])
+    if prompt_tokens == 0:
+        raise RequestError("the prompt is empty: there is nothing to continue", "prompt")
+    field = sampling.max_tokens_field
     if context is not None:
+        # The wording and code clients (LiteLLM, LangChain) recognise as a context overflow, to trim and retry.
         if prompt_tokens >= context:
-            raise RequestError(f"the prompt is {prompt_tokens} tokens; this model's context is {context} tokens")
+            raise RequestError(
+                f"This model's maximum context length is {context} tokens. However, your prompt is {prompt_tokens} "
+                "tokens, leaving none to generate.",
+                "messages" if templated else "prompt",
+                "context_length_exceeded",
+            )
         if sampling.max_tokens is None:
             sampling.max_tokens = context - prompt_tokens
         elif prompt_tokens + sampling.max_tokens > context:
             raise RequestError(
-                f"this model's context is {context} tokens, but {prompt_tokens} prompt tokens and max_tokens "
-                f"{sampling.max_tokens} were asked for",
-                "max_tokens",
+                f"This model's maximum context length is {context} tokens. However, you requested "
+                f"{prompt_tokens + sampling.max_tokens} tokens ({prompt_tokens} in the prompt, {sampling.max_tokens} "
+                f"for the completion, {field}).",
+                field,
+                "context_length_exceeded",
             )
     if sampling.max_tokens is None:
         sampling.max_tokens = 512  # a model that does not say its context length
