@@ -516,6 +516,57 @@ def test_data_file_that_cannot_be_read(capsys, tmp_path, tiny_llama, good_data):
     )
 
 
+def test_data_file_that_even_root_cannot_read(capsys, tmp_path, tiny_llama):
+    """A write-only sysctl file refuses reading to root too (as chmod 0 does not): behind a data file's name, it is
+    first read to hash it for the prepared-data cache, which must give the readers' one line, not a traceback."""
+    target = Path("/proc/sys/vm/compact_memory")
+    try:
+        target.open("rb").close()
+    except PermissionError:
+        pass
+    except OSError:
+        pytest.skip(f"no {target} here")
+    else:
+        pytest.skip(f"{target} is readable here")
+    data = tmp_path / "train.jsonl"
+    data.symlink_to(target)
+    line = run_bad(capsys, tiny_llama, data, tmp_path / "run")
+    assert line == f"tunelab: error: {data}: cannot read the file (permission denied); make it readable for this user"
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        ("train_split: null\n", "train_split: a value is required"),
+        ("train_split:\n", "train_split: a value is required"),
+        ("text_column: ~\n", "text_column: a value is required"),
+        ("data_path: null\n", "data_path: a value is required"),
+        ("data_path:\n  - path: {data}\n    split: null\n", "data_path item 1: split: a value is required"),
+    ],
+    ids=["train_split", "empty", "text_column", "data_path", "mixture-split"],
+)
+def test_yaml_null_for_a_required_parameter(capsys, tmp_path, tiny_llama, good_data, lines, message):
+    head = f"model: {tiny_llama}\ndata_path: {good_data}\ntrainer: sft\nproject_name: {tmp_path / 'run'}\n"
+    if lines.startswith("data_path"):
+        head = head.replace(f"data_path: {good_data}\n", "")
+    config = write_config(tmp_path / "config.yaml", head + lines.format(data=good_data))
+    line = error_line(capsys, main(["--config", str(config), "--dry-run"]))
+    assert line.startswith(f"tunelab: error: {message}"), line
+    assert_nothing_written(tmp_path / "run")
+
+
+def test_yaml_null_valid_split_means_no_validation(tmp_path, good_data):
+    from tunelab import load_config
+
+    config = write_config(tmp_path / "config.yaml", f"data_path: {good_data}\nvalid_split: null\n")
+    assert load_config(config).valid_split is None
+
+
 # ------------------------------------------------------------------------ message content parts
 
 

@@ -183,6 +183,42 @@ CASES = {
         "messages",
         "message 2 has no content",
     ),
+    "tool call with empty content": Case(
+        "c.jsonl",
+        jsonl(
+            with_bad(
+                CHAT,
+                {
+                    "messages": [
+                        {"role": "user", "content": "Weather in Paris?"},
+                        {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "id": "c1"}]},
+                        {"role": "tool", "content": "18 C, sunny", "tool_call_id": "c1"},
+                        {"role": "assistant", "content": "18 C and sunny."},
+                    ]
+                },
+            )
+        ),
+        "line 3",
+        "messages",
+        "message 2 has tool_calls: tool calls are not supported for training yet",
+    ),
+    "tool call with null content": Case(
+        "c.jsonl",
+        jsonl(
+            with_bad(
+                CHAT,
+                {
+                    "messages": [
+                        {"role": "user", "content": "Weather?"},
+                        {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "id": "c1"}]},
+                    ]
+                },
+            )
+        ),
+        "line 3",
+        "messages",
+        "message 2 has tool_calls: tool calls are not supported for training yet",
+    ),
     "message content that is a number": Case(
         "c.jsonl",
         jsonl(with_bad(CHAT, conversation(("user", "Hi"), ("assistant", 4)))),
@@ -444,6 +480,26 @@ def test_skip_in_preference_pairs(tmp_path, tokenizer):
     assert len(pairs.train) == 3
     with pytest.raises(DataError, match=r"2 bad row\(s\) in .*line 4, column 'rejected': missing value"):
         load_preference_data(llm_params(data, trainer="dpo", max_prompt_length=32), tokenizer)
+
+
+def test_empty_tool_calls_and_tool_results_train(tmp_path, tokenizer):
+    """`"tool_calls": []` or null, as exports write on every message, is no call; a `tool` message is context."""
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "Hi", "tool_calls": None},
+                {"role": "tool", "content": "clock: 9:00"},
+                {"role": "assistant", "content": "Good morning.", "tool_calls": []},
+            ]
+        }
+    ]
+    data = tmp_path / "c.jsonl"
+    data.write_bytes(jsonl(rows))
+    loaded = load_data(llm_params(data, chat_template="chatml"), tokenizer)
+    assert loaded.preview == (
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>tool\nclock: 9:00<|im_end|>\n"
+        "<|im_start|>assistant\nGood morning.<|im_end|>\n"
+    )
 
 
 def test_a_conversation_the_chat_template_refuses_is_a_bad_row(tmp_path, tokenizer):

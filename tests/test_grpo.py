@@ -286,6 +286,43 @@ def test_a_reward_file_that_does_not_load_is_caught_by_the_dry_run(tiny_llama, t
     assert not (tmp_path / "run").exists()
 
 
+def _dry_run_error(tiny_llama, tmp_path, capsys, rewards: str, rows: list[dict]) -> str:
+    args = _run(tmp_path, tiny_llama, rewards)
+    _data(tmp_path, rows)
+    args[1] = "--dry-run"
+    code = main(args)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("tunelab: error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
+    return errors[0]
+
+
+@pytest.mark.parametrize("first", ["text", "messages"])
+def test_text_and_message_prompts_mixed_in_one_file_are_bad_rows(tiny_llama, tmp_path, capsys, first):
+    text = {"prompt": "What is 2 + 2?", "answer": "4"}
+    chat = {"prompt": [{"role": "user", "content": "What is 1 + 1?"}], "answer": "2"}
+    rows = [text, chat] if first == "text" else [chat, text]
+    line = _dry_run_error(tiny_llama, tmp_path, capsys, "format_tag", rows)
+    why = "a list of messages, where the other rows hold text" if first == "text" else "text, where the other rows"
+    assert f"prompts.jsonl line 2, column 'prompt': {why}" in line, line
+
+
+def test_answer_rewards_without_an_answer_column_are_refused_before_training(tiny_llama, tmp_path, capsys):
+    rows = [{"prompt": f"What is {a} + 1?", "solution": str(a + 1)} for a in range(4)]
+    args = _run(tmp_path, tiny_llama, "format_tag")
+    _data(tmp_path, rows)
+    args[1] = "--dry-run"
+    assert main(args) == 0  # prepared (and cached) with rewards that need no answer column
+    capsys.readouterr()
+    line = _dry_run_error(tiny_llama, tmp_path, capsys, "format_tag,answer_tag", rows)
+    assert line == (
+        f"tunelab: error: {tmp_path / 'prompts.jsonl'}: reward answer_tag compares with column 'answer', which the "
+        "data does not have (columns: prompt, solution); set reward_answer_column (--reward-answer-column) to the "
+        "column that holds the answer"
+    )
+
+
 def test_dry_run_reports_the_generation_budget(tiny_llama, tmp_path, capsys):
     args = _run(tmp_path, tiny_llama, "answer_last_number")
     args[1] = "--dry-run"

@@ -17,6 +17,7 @@ from tests.test_bad_input import assert_nothing_written, error_line
 from tunelab.cli import main
 from tunelab.data.kto import load_kto_data
 from tunelab.data.preference import split_common_prefix
+from tunelab.errors import DataError
 
 THUMBS = [
     {"prompt": "Name a colour.", "completion": "Blue.", "label": True},
@@ -72,6 +73,21 @@ def test_preference_pairs_are_unpaired(tmp_path, tiny_tokenizer):
     good, bad = data.train[0], data.train[1]
     assert good.prompt_ids == bad.prompt_ids and good.desirable and not bad.desirable
     assert tiny_tokenizer.decode(good.completion_ids).startswith("good 0")
+
+
+@pytest.mark.parametrize("paired_train", [False, True], ids=["thumbs-train", "pairs-train"])
+def test_valid_split_of_another_shape_than_train(tmp_path, tiny_tokenizer, paired_train):
+    pairs = [{"prompt": f"Q{i}?", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(3)]
+    train, valid = (pairs, THUMBS) if paired_train else (THUMBS, pairs)
+    _write(tmp_path / "data" / "train.jsonl", train)
+    _write(tmp_path / "data" / "valid.jsonl", valid)
+    shapes = ["unpaired rows (prompt, answer and label)", "preference pairs (prompt/chosen/rejected)"]
+    mine, other = shapes if paired_train else shapes[::-1]
+    expected = f"{tmp_path / 'data' / 'valid.jsonl'}: holds {mine}, but the train split "
+    expected += f"{tmp_path / 'data' / 'train.jsonl'} holds {other}: give both splits the same shape"
+    with pytest.raises(DataError) as err:
+        load_kto_data(_params(tmp_path / "data", valid_split="valid"), tiny_tokenizer)
+    assert str(err.value) == expected
 
 
 # ------------------------------------------------------------------------------------------------ bad input

@@ -90,6 +90,22 @@ def test_message_rows_share_their_leading_turns_as_the_prompt(tmp_path, tiny_tok
     assert tiny_tokenizer.decode(pair.rejected_ids).startswith("No.<|im_end|>")
 
 
+def test_identical_chat_pairs_are_dropped_with_a_warning_as_text_pairs_are(tmp_path, tiny_tokenizer, caplog):
+    """Compared whole: split into a shared prompt first, identical conversations would read as no answer."""
+    user = {"role": "user", "content": "Name a colour."}
+    good = {
+        "chosen": [user, {"role": "assistant", "content": "Blue."}],
+        "rejected": [user, {"role": "assistant", "content": "No."}],
+    }
+    same = {"chosen": good["chosen"], "rejected": good["chosen"]}
+    path = _write_jsonl(tmp_path / "p.jsonl", [good, same, good])
+    with caplog.at_level("WARNING", logger="tunelab"):
+        data = load_preference_data(_params(data_path=str(path)), tiny_tokenizer)
+    assert len(data.train) == 2
+    assert data.stats.dropped_identical == [f"{path} line 2"]
+    assert any("1 row(s) with chosen identical to rejected skipped" in r.getMessage() for r in caplog.records)
+
+
 def test_long_prompts_lose_their_beginning_and_answers_fit_block_size(tmp_path, tiny_tokenizer):
     rows = [{"prompt": "word " * 100, "chosen": " good answer " * 20, "rejected": " bad"}] * 2
     params = _params(data_path=str(_write_jsonl(tmp_path / "p.jsonl", rows)), block_size=64, max_prompt_length=32)

@@ -210,6 +210,30 @@ def test_data_path_that_does_not_exist(tmp_path):
         read_splits(str(missing), "train", None)
 
 
+@pytest.mark.parametrize("name", ["data/train.jsonl", "data/train.csv.gz", "data/Train.PARQUET"])
+def test_missing_relative_data_file_is_not_taken_for_a_hub_id(tmp_path, monkeypatch, name):
+    """`owner/name` is a hub id, but not when the name is a data file's: a mistyped path is reported as one."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=re.escape(f"data_path {name!r} does not exist")):
+        read_splits(name, "train", None)
+
+
+def test_hub_error_with_an_empty_message(monkeypatch):
+    """No hub here: `datasets` is made to fail as it may, with an exception that has no message."""
+    import datasets
+
+    import tunelab.hub
+
+    def fail(*args, **kwargs):
+        raise ConnectionError()
+
+    monkeypatch.setattr(tunelab.hub, "hub_reachable", lambda: True)
+    monkeypatch.setattr(datasets, "load_dataset", fail)
+    message = "cannot load hub dataset 'owner/name' split 'train': ConnectionError (no network?"
+    with pytest.raises(DataError, match=re.escape(message)):
+        read_splits("owner/name", "train", None)
+
+
 # ---------------------------------------------------------------------------------------------- shared data
 
 
@@ -361,6 +385,43 @@ def test_a_stray_text_key_does_not_turn_an_alpaca_file_into_plain_text(tmp_path)
     assert detect_format(read_file(write_jsonl(tmp_path / "u.jsonl", rows), "train"), "text").kind == "text"
 
 
+def sft_params(data, **overrides):
+    import tunelab
+
+    values = {"model": "unused", "data_path": str(data), "trainer": "sft", "block_size": 128, "model_max_length": 256}
+    return tunelab.LLMParams(**{**values, **overrides})
+
+
+def test_alpaca_input_is_kept_by_templates_without_an_input_section(tmp_path, tiny_tokenizer):
+    """Only the alpaca template lays out `input`; through chatml (or any other) it joins the instruction."""
+    from tunelab.data import load_data
+
+    data = write_jsonl(tmp_path / "t.jsonl", [{"instruction": "Add.", "input": "2 and 3", "output": "5"}])
+    chatml = load_data(sft_params(data, chat_template="chatml"), tiny_tokenizer)
+    assert chatml.preview == "<|im_start|>user\nAdd.\n\n2 and 3<|im_end|>\n<|im_start|>assistant\n5<|im_end|>\n"
+    none = load_data(sft_params(data, chat_template="none"), tiny_tokenizer)
+    assert none.preview == "Add.\n\n2 and 35</s>"
+    alpaca = load_data(sft_params(data), tiny_tokenizer)  # unset: the alpaca template, its own layout
+    assert alpaca.template == "alpaca"
+    assert "### Instruction:\nAdd.\n\n### Input:\n2 and 3\n\n### Response:\n5</s>" in alpaca.preview
+
+
+def test_alpaca_input_first_seen_after_the_first_thousand_rows_is_read(tmp_path, tiny_tokenizer):
+    """The row format is decided from the first 1000 rows of a streamed JSONL file; a later `input` still counts."""
+    from tunelab.data import load_data
+
+    rows = [{"instruction": f"Say {i}.", "output": str(i)} for i in range(1200)]
+    rows[1100]["input"] = "in French"
+    data = load_data(sft_params(write_jsonl(tmp_path / "t.jsonl", rows), chat_template="chatml"), tiny_tokenizer)
+    assert "Say 1100.\n\nin French<|im_end|>" in tiny_tokenizer.decode(data.train[1100].input_ids)
+
+
+def test_columns_first_seen_after_the_first_thousand_rows(tmp_path):
+    rows = [{"chosen": "a b", "rejected": "a c"}] * 1001 + [{"prompt": "q", "chosen": "x", "rejected": "y"}]
+    (tmp_path / "t.json").write_text(json.dumps(rows), encoding="utf-8")
+    assert read_file(tmp_path / "t.json", "train").columns == ["chosen", "rejected", "prompt"]
+
+
 def test_detect_alpaca_without_input_column(tmp_path):
     split = read_file(write_jsonl(tmp_path / "t.jsonl", [{"instruction": "Say hi.", "output": "Hi!"}]), "train")
     fmt, examples = examples_of(split)
@@ -449,6 +510,14 @@ def test_csv_wrong_field_count_after_multiline_row(tmp_path):
     path.write_text('text,label\n"two\nlines",1\ntoo,many,fields\n', encoding="utf-8")
     with pytest.raises(DataError, match=re.escape(f"{path} line 4: 3 fields where the header has 2")):
         read_file(path, "train")
+
+
+def test_csv_with_blank_lines_above_the_header(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text("\n\r\ntext;label\nfine;1\nalso, fine;0\n", encoding="utf-8")
+    split = read_file(path, "train")
+    assert split.rows == [{"text": "fine", "label": "1"}, {"text": "also, fine", "label": "0"}]
+    assert split.lines == [4, 5]
 
 
 def test_csv_duplicate_header(tmp_path):

@@ -176,6 +176,49 @@ def test_bad_labelled_data_fails_before_training(case, tiny_gpt2, tmp_path, caps
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
 
 
+def _labelled(tmp_path: Path, labels: list) -> Path:
+    path = tmp_path / "labels.jsonl"
+    path.write_text("".join(json.dumps({"text": f"text {i}", "label": v}) + "\n" for i, v in enumerate(labels)))
+    return path
+
+
+def test_json_true_false_labels_are_names(tmp_path, tiny_tokenizer):
+    import tunelab
+    from tunelab.data.classification import load_labelled_data
+
+    path = _labelled(tmp_path, [True, False, True])
+    params = tunelab.load_config({"task": "text_classification", "data_path": str(path), "target_column": "label"})
+    data = load_labelled_data(params, tiny_tokenizer)
+    assert data.labels == ["false", "true"]
+    assert [row["labels"] for row in data.train] == [1, 0, 1]
+
+
+def test_label_ids_are_the_same_in_every_process(tmp_path, tiny_tokenizer):
+    """Labels that sort alike ("1" and "1.0", "nan") must not be ordered by a set's iteration order, which
+    PYTHONHASHSEED changes: a resumed run, or another rank, would give the same label another id."""
+    import os
+    import subprocess
+    import sys
+
+    path = _labelled(tmp_path, ["1", "1.0", "01", "1e0", "+1", "1.00", "nan", "NaN", "b", "a", "0"])
+    tiny_tokenizer.save_pretrained(tmp_path / "tok")
+    code = (
+        "import sys\nimport tunelab\nfrom transformers import AutoTokenizer\n"
+        "from tunelab.data.classification import load_labelled_data\n"
+        "params = tunelab.load_config({'task': 'text_classification', 'data_path': sys.argv[1], "
+        "'target_column': 'label'})\n"
+        "print(load_labelled_data(params, AutoTokenizer.from_pretrained(sys.argv[2])).labels)"
+    )
+    orders = set()
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        args = [sys.executable, "-c", code, str(path), str(tmp_path / "tok")]
+        done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        orders.add(done.stdout.strip())
+    assert orders == {"['0', '+1', '01', '1', '1.0', '1.00', '1e0', 'NaN', 'a', 'b', 'nan']"}
+
+
 @pytest.mark.slow
 @needs_shared()
 def test_default_model_beats_the_majority_baseline(tmp_path, capsys, monkeypatch):

@@ -70,7 +70,10 @@ def coerce(values: dict[str, Any], schema: type = LLMParams) -> dict[str, Any]:
         if key == "data_path" and isinstance(value, (list, tuple)):
             out[key] = list(value)  # a mixture of sources (data/mixture.py checks each when the data is read)
             continue
-        if isinstance(value, str):
+        if value is None:  # YAML's null (`train_split:` with nothing after it): only where unset means something
+            if "None" not in kind:
+                raise ConfigError(f"{key}: a value is required")
+        elif isinstance(value, str):
             text = value.strip()
             # "none" is a real value where it is one of the choices (chat_template: none != unset).
             literal_none = "none" in (fields[key].metadata.get("choices") or ())

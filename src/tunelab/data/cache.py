@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.data.mixture import is_mixture, parse_sources
-from tunelab.data.sources import locate_splits
+from tunelab.data.sources import locate_splits, unreadable
 from tunelab.data.store import TokenTable
 from tunelab.data.templates import BUILTIN, builtin_template
 from tunelab.errors import TunelabError
@@ -65,6 +65,10 @@ DATA_FIELDS = (
     "model_max_length",
     "max_prompt_length",
     "max_completion_length",
+    # grpo: the answer_* rewards' column is checked when the prompts are read (data/prompts.py), so a cached entry
+    # must not let a run with other rewards skip that check
+    "reward_functions",
+    "reward_answer_column",
 )
 
 
@@ -88,7 +92,10 @@ def key_inputs(params: Any, tokenizer: Any) -> dict[str, Any] | None:
         for split, place in locate_splits(read.data_path, read.train_split, read.valid_split).items():
             if not isinstance(place, Path):
                 return None
-            files[f"{number}:{split}"] = _file_identity(place)
+            try:
+                files[f"{number}:{split}"] = _file_identity(place)
+            except OSError as err:  # hashed before the readers see the file: the same one line they would give
+                raise unreadable(place, err) from None
     return {
         "format_version": FORMAT_VERSION,
         "method": params.trainer,

@@ -35,8 +35,11 @@ class LabelledData:
 
 
 def _label_name(value: Any) -> str | None:
-    """A label as text: names as they are, whole numbers without '.0'; None when missing (None, NaN, empty)."""
-    if value is None or isinstance(value, bool) or (isinstance(value, float) and not math.isfinite(value)):
+    """A label as text: names as they are, whole numbers without '.0', JSON's true/false as "true"/"false" (as a
+    CSV of the same data spells them); None when missing (None, NaN, empty)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return None
     if isinstance(value, float) and value.is_integer():
         value = int(value)
@@ -55,11 +58,20 @@ def _labelled_row(row: dict, text_column: str, target_column: str) -> tuple[str,
     return text, label
 
 
-def _sort_key(name: str) -> tuple[int, Any]:
+def _sort_key(name: str) -> tuple[int, float, str]:
+    """Numbers first, numerically, then names; the name itself breaks ties ("1" and "1.0", or "nan", which compares
+    unequal to everything), so the order never falls back on a set's iteration order, which differs between
+    processes (PYTHONHASHSEED) and would give a resumed run or another rank other label ids."""
     try:
-        return (0, float(name))
+        number = float(name)
     except ValueError:
-        return (1, name)
+        return (1, 0.0, name)
+    return (0, number, name) if math.isfinite(number) else (1, 0.0, name)
+
+
+def label_order(labels: list[str]) -> list[str]:
+    """The label names of a split in id order: sorted (numbers numerically), the same in every process."""
+    return sorted(set(labels), key=_sort_key)
 
 
 def read_labelled(
@@ -85,7 +97,7 @@ def load_labelled_data(params: TextClassificationParams, tokenizer: Any) -> Labe
     skipped = {}
     for name, split in splits.items():
         *read[name], skipped[name] = read_labelled(split, params.text_column, params.target_column, params.bad_rows)
-    names = sorted(set(read["train"][1]), key=_sort_key)
+    names = label_order(read["train"][1])
     if len(names) < 2:
         raise DataError(
             f"{splits['train'].origin}: only one label ({names[0]!r}) in column {params.target_column!r}: "

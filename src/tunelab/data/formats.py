@@ -32,6 +32,7 @@ T = TypeVar("T")
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 MAX_LISTED = 5
+TOOL_CALL_KEYS = ("tool_calls", "function_call")  # OpenAI's chat format, and its older single-call spelling
 # Content part types that hold no text (OpenAI's chat and responses APIs, transformers' multimodal chats).
 MEDIA_PARTS = {
     "image": "image",
@@ -71,6 +72,19 @@ def detect_format(split: Split, text_column: str, prompt_text_column: str | None
     if text_column in columns and not (other and _mostly_missing(split, text_column)):
         sample = next((row[text_column] for row in split.rows if row.get(text_column) not in (None, "")), "")
         kind = "messages" if is_messages(sample) else "text"
+        shape = _common_shape(columns)
+        if kind == "text" and shape and text_column in shape.columns.values():
+            # A text_column the user set is obeyed, but `text_column: output` on an Alpaca file trains on the
+            # answers alone, without their instructions: most likely not what was meant, so say so.
+            log.warning(
+                "%s: text_column %r is trained on as plain text, alone; the file has %s columns (%s): leave "
+                "text_column unset to train on them as %s rows",
+                split.origin,
+                text_column,
+                shape.kind,
+                ", ".join(shape.columns.values()),
+                shape.kind,
+            )
         return RowFormat(kind, {kind: text_column})
     if other:
         return other
@@ -192,10 +206,12 @@ def convert_row(row: dict, fmt: RowFormat) -> dict[str, Any]:
         return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]}
     if fmt.kind == "alpaca":
         user = {"role": "user", "content": cell_text(row, cols["instruction"])}
-        if "input" in cols:
-            context = cell_text(row, cols["input"], allow_empty=True)
-            if context.strip():
-                user["input"] = context
+        # Read even when the rows the format was decided from (the first 1000) have no `input`: a file whose
+        # first rows need no context must not lose the context of the later ones. Templates other than alpaca's
+        # put it into the user turn's content (data/templates.py).
+        context = cell_text(row, cols.get("input", "input"), allow_empty=True)
+        if context.strip():
+            user["input"] = context
         return {"messages": [user, {"role": "assistant", "content": cell_text(row, cols["output"])}]}
     return {"messages": cell_messages(row, cols["messages"])}
 
@@ -270,6 +286,15 @@ def _message(item: Any, number: int, column: str) -> dict[str, str]:
         role, content = item.get("role"), item.get("content")
     if not isinstance(role, str) or role not in ROLES:
         raise RowProblem(column, f"message {number} has unknown role {role!r} (use {', '.join(ROLES)})")
+    calls = next((key for key in TOOL_CALL_KEYS if item.get(key)), None)
+    if calls:
+        # Only role and content reach the template: kept, such a turn would train the model to answer with
+        # nothing (content "") where it should call a tool. Empty `tool_calls` (as exports write) are no calls.
+        raise RowProblem(
+            column,
+            f"message {number} has {calls}: tool calls are not supported for training yet "
+            "(leave out the conversations that call tools)",
+        )
     if content is None:
         raise RowProblem(column, f"message {number} has no content")
     if isinstance(content, list):

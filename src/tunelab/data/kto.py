@@ -95,6 +95,8 @@ def load_kto_data(params: LLMParams, tokenizer: Any) -> PreferenceData:
     stats, out, skipped, preview = PairStats(), {}, {}, ""
     for name, split in splits.items():
         train = name == "train"
+        if not train:
+            _check_same_shape(split, params, paired, splits["train"].origin)
         if paired:
             shape = RowShape(preference_columns(split, params), conversational, source, tokenizer)
             pairs, skipped[name] = _texts(split, shape, params.bad_rows, stats if train else None)
@@ -102,7 +104,7 @@ def load_kto_data(params: LLMParams, tokenizer: Any) -> PreferenceData:
                 (p, answer, good) for p, chosen, rejected in pairs for answer, good in ((chosen, 1), (rejected, 0))
             ]
         else:
-            texts, skipped[name] = _labeled_texts(split, kto_columns(split, params) or {}, source, tokenizer, params)
+            texts, skipped[name] = _labeled_texts(split, kto_columns(split, params), source, tokenizer, params)
         if not preview and texts:
             prompt, answer, good = texts[0]
             preview = f"{prompt}[{'desirable' if good else 'undesirable'}>]{answer}"
@@ -124,6 +126,17 @@ def load_kto_data(params: LLMParams, tokenizer: Any) -> PreferenceData:
         kind="kto",
         skipped_rows=skipped,
     )
+
+
+def _check_same_shape(split: Split, params: LLMParams, paired: bool, train_origin: str) -> None:
+    """A valid split must hold rows of the train split's shape (both are read with the train split's columns)."""
+    if (kto_columns(split, params) is None) != paired:
+        shapes = ("preference pairs (prompt/chosen/rejected)", "unpaired rows (prompt, answer and label)")
+        mine, train = (shapes[1], shapes[0]) if paired else (shapes[0], shapes[1])
+        raise DataError(
+            f"{split.origin}: holds {mine}, but the train split {train_origin} holds {train}: give both splits "
+            "the same shape"
+        )
 
 
 def label_value(row: dict, column: str) -> bool:

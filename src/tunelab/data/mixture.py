@@ -88,6 +88,9 @@ def parse_sources(data_path: Any) -> list[Source]:
             raise ConfigError(f"{where}: fraction must be a number above 0 and at most 1, got {fraction!r}")
         if weight is not None and not (_number(weight) and weight > 0):
             raise ConfigError(f"{where}: weight must be a number above 0, got {weight!r}")
+        for key in ("split", "text_column"):  # null valid_split (no validation) or chat_template (auto) is a choice
+            if key in item and item[key] is None:
+                raise ConfigError(f"{where}: {key}: a value is required (leave the key out to use the run's own)")
         settings = tuple((PER_SOURCE[key], item[key]) for key in PER_SOURCE if key in item)
         for key, value in settings:
             if value is not None and not isinstance(value, str):

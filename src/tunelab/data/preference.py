@@ -203,7 +203,10 @@ def _texts(
 
 def _row_texts(row: dict, shape: RowShape) -> tuple[str, str, str] | None:
     """One row's (prompt, chosen, rejected) texts, None when chosen equals rejected; RowProblem when it is bad."""
-    prompt, chosen, rejected = _row_parts(row, shape.columns, shape.source is not None, shape.conversational)
+    parts = _row_parts(row, shape.columns, shape.source is not None, shape.conversational)
+    if parts is None:
+        return None
+    prompt, chosen, rejected = parts
     if chosen == rejected:
         return None
     if shape.source is None:
@@ -212,14 +215,20 @@ def _row_texts(row: dict, shape: RowShape) -> tuple[str, str, str] | None:
     return _render(prompt, chosen, rejected, shape.source, shape.tokenizer)
 
 
-def _row_parts(row: dict, columns: dict[str, str], templated: bool, conversational: bool) -> tuple[Any, Any, Any]:
-    """The row's prompt and answers: strings, or message lists when the rows are conversations."""
+def _row_parts(
+    row: dict, columns: dict[str, str], templated: bool, conversational: bool
+) -> tuple[Any, Any, Any] | None:
+    """The row's prompt and answers: strings, or message lists when the rows are conversations; None when chosen
+    equals rejected (compared whole, before a shared prompt is split off: identical conversations share every
+    message and would otherwise read as a pair with no answer)."""
     chosen_col, rejected_col = columns["chosen"], columns["rejected"]
     if not conversational and is_messages(row.get(chosen_col)):
         raise RowProblem(chosen_col, "a list of messages, where the other rows hold text")
     if conversational:
         chosen = cell_messages(row, chosen_col, need_assistant=False)
         rejected = cell_messages(row, rejected_col, need_assistant=False)
+        if chosen == rejected:
+            return None
         shared = _common_messages(chosen, rejected)
         if shared:
             prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
@@ -232,6 +241,8 @@ def _row_parts(row: dict, columns: dict[str, str], templated: bool, conversation
                 raise RowProblem(column, "no assistant answer after the prompt")
         return prompt, chosen, rejected
     chosen, rejected = cell_text(row, chosen_col), cell_text(row, rejected_col)
+    if chosen == rejected:
+        return None
     if "prompt" in columns:
         prompt = cell_text(row, columns["prompt"])
         if templated:

@@ -20,6 +20,7 @@ from tunelab.data.formats import RowProblem, cell_messages, cell_text, describe_
 from tunelab.data.sources import Split, read_splits
 from tunelab.data.templates import render_template, template_source
 from tunelab.errors import DataError
+from tunelab.rewards import BUILTINS
 
 
 @dataclass
@@ -61,10 +62,26 @@ def prompt_column(split: Split, params: LLMParams) -> str:
     return column
 
 
+def _check_answer_column(split: Split, params: LLMParams) -> None:
+    """The answer_* rewards compare completions with a column of the data: a file without it is found now, before
+    the model loads, not at the first reward call once training has started."""
+    names = [name.strip() for name in (params.reward_functions or "").split(",")]
+    wanted = [name for name in names if name.startswith("answer_") and name in BUILTINS]
+    column = params.reward_answer_column
+    if wanted and column not in split.columns:
+        raise DataError(
+            f"{split.origin}: reward {wanted[0]} compares with column {column!r}, which the data does not have "
+            f"(columns: {', '.join(split.columns[:20])}); set reward_answer_column (--reward-answer-column) to the "
+            "column that holds the answer"
+        )
+
+
 def load_prompt_data(params: LLMParams, tokenizer: Any) -> PromptData:
     """Read, check, render and tokenize the prompt splits named by params."""
     splits = read_splits(params.data_path, params.train_split, params.valid_split)
     column = prompt_column(splits["train"], params)
+    for split in splits.values():
+        _check_answer_column(split, params)
     conversational = is_messages(next((r[column] for r in splits["train"].rows if r.get(column)), None))
     requested = params.chat_template
     template = None
@@ -81,9 +98,10 @@ def load_prompt_data(params: LLMParams, tokenizer: Any) -> PromptData:
     truncated = 0
     for name, split in splits.items():
         rows, problems = [], []
+        split_column = prompt_column(split, params)
         for index, row in enumerate(split.rows):
             try:
-                prompt, text = _prompt(row, prompt_column(split, params), source, tokenizer)
+                prompt, text = _prompt(row, split_column, source, tokenizer, conversational)
             except RowProblem as problem:
                 problems.append(describe_problem(split, index, problem))
                 continue
@@ -112,9 +130,13 @@ def load_prompt_data(params: LLMParams, tokenizer: Any) -> PromptData:
     )
 
 
-def _prompt(row: dict, column: str, source: str | None, tokenizer: Any) -> tuple[Any, str]:
-    """(the prompt as the rewards see it, the text the model is given)."""
+def _prompt(row: dict, column: str, source: str | None, tokenizer: Any, conversational: bool) -> tuple[Any, str]:
+    """(the prompt as the rewards see it, the text the model is given). A row whose prompt is of the other kind than
+    the file's (`conversational`, judged by its first prompt) is a bad row: a message list with no template cannot
+    be rendered, and rewards are handed prompts and completions of one kind (text, or message lists) per run."""
     if is_messages(row.get(column)):
+        if not conversational:
+            raise RowProblem(column, "a list of messages, where the other rows hold text")
         messages = cell_messages(row, column, need_assistant=False)
         if messages and messages[-1]["role"] == "assistant":
             raise RowProblem(column, "the prompt ends with an assistant message; the model is to write that turn")
@@ -123,6 +145,8 @@ def _prompt(row: dict, column: str, source: str | None, tokenizer: Any) -> tuple
         prompt = cell_text(row, column)
         if not prompt.strip():
             raise RowProblem(column, "an empty prompt")
+        if conversational:
+            raise RowProblem(column, "text, where the other rows hold lists of messages")
         if source is None:
             return prompt, prompt
         messages = [{"role": "user", "content": prompt}]

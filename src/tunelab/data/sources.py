@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import functools
 import io
 import itertools
 import json
@@ -69,11 +70,16 @@ class Split:
         lines = self.lines[start:stop]
         return Split(self.name, self.origin, self.rows[start:stop], lines, self.first_row + start)
 
-    @property
+    @functools.cached_property
     def columns(self) -> list[str]:
+        """Every column of the rows, in the order first seen. All rows, not the first few: a column that first
+        appears late (an optional `prompt` or `input`) must not be taken for absent. (A streamed JSONL file's
+        format is decided from its head, the first HEAD_ROWS rows: see formats.convert_row for `input`.) Worked
+        out once: the rows of a Split are not changed after it is read."""
         seen: dict[str, None] = {}
-        for row in self.rows[:1000]:
-            seen.update(dict.fromkeys(row))
+        for row in self.rows:
+            if not seen.keys() >= row.keys():  # most rows have the columns already seen: a set test, no new dict
+                seen.update(dict.fromkeys(row))
         return list(seen)
 
 
@@ -138,7 +144,11 @@ def _with_extension(stem: Path, folder: Path, split: str) -> Path:
 
 
 def _looks_like_hub_id(text: str) -> bool:
+    """`owner/name`; a name ending like a data file (data/train.jsonl, a mistyped local path) is not one, so that
+    it is reported as a path that does not exist rather than as a hub dataset that cannot be loaded."""
     parts = text.split("/")
+    if data_suffix(Path(text)) in EXTENSIONS:
+        return False
     return len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and Path(parts[0]).suffix == ""
 
 
@@ -191,10 +201,11 @@ def _read_bytes(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except OSError as err:
-        raise _unreadable(path, err) from None
+        raise unreadable(path, err) from None
 
 
-def _unreadable(path: Path, err: OSError) -> DataError:
+def unreadable(path: Path, err: OSError) -> DataError:
+    """The one line for a data file that cannot be read (also used by data/cache.py, which hashes it first)."""
     if isinstance(err, PermissionError):
         return DataError(f"{path}: cannot read the file (permission denied); make it readable for this user")
     return DataError(f"{path}: cannot read the file ({err.strerror or err})")
@@ -348,7 +359,7 @@ def sniff_delimiter(text: str, default: str = ",") -> str:
     Only the header is looked at: a comma file whose text is full of semicolons stays a comma file."""
     counts = dict.fromkeys(DELIMITERS, 0)
     quoted = False
-    for char in text[:65536]:
+    for char in text[:65536].lstrip("\r\n"):  # the header is the first line that is not blank
         if char == '"':
             quoted = not quoted  # a "" escape toggles twice, which is no change
         elif quoted:
@@ -364,6 +375,8 @@ def sniff_delimiter(text: str, default: str = ",") -> str:
 def _csv_rows(reader: Any, path: Path, name: str) -> Split:
     try:
         header = next(reader)
+        while not header:  # blank lines above the header (the csv module reads them as rows of no fields)
+            header = next(reader)
     except StopIteration:
         raise DataError(f"{path}: the file is empty") from None
     except csv.Error as err:
@@ -416,10 +429,16 @@ def read_hub(dataset_id: str, split: str) -> Split:
         ds = datasets.load_dataset(dataset_id, split=split)
     except Exception as err:  # offline, unknown id, missing split, gated repo...
         raise DataError(
-            f"cannot load hub dataset {dataset_id!r} split {split!r}: {str(err).splitlines()[0][:200]} "
+            f"cannot load hub dataset {dataset_id!r} split {split!r}: {_first_message_line(err)} "
             "(no network? point data_path at a local file or folder)"
         ) from None
     return Split(split, f"hub dataset {dataset_id} ({split})", ds.to_list())
+
+
+def _first_message_line(err: Exception) -> str:
+    """The first line of an error's message (at most 200 characters), or its type when the message is empty."""
+    lines = str(err).strip().splitlines()
+    return lines[0][:200] if lines else type(err).__name__
 
 
 # ------------------------------------------------------------------------------------------- reading in blocks
@@ -496,7 +515,7 @@ def _line_blocks(path: Path) -> Any:
     try:
         stream, kind = open_decompressed(path)
     except OSError as err:
-        raise _unreadable(path, err) from None
+        raise unreadable(path, err) from None
     with stream:
         line, carry, first = 1, b"", True
         while True:
