@@ -33,12 +33,19 @@ def free_port() -> int:
 @contextmanager
 def running_app(data_dir: Path, **options):
     """The app served by uvicorn in a thread, as `tunelab app` serves it; stopped (worker included) on exit."""
-    import uvicorn
-
     from tunelab.app import create_app
 
+    with serving(create_app(data_dir, **options)) as client:
+        yield client
+
+
+@contextmanager
+def serving(app):
+    """An app made by create_app (a test may change its parts first), served as running_app serves it."""
+    import uvicorn
+
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(data_dir, **options), port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 20
@@ -65,7 +72,7 @@ class Client:
         self.jar = http.cookiejar.CookieJar()
         self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.jar), _NoRedirect)
 
-    def request(self, method: str, path: str, data: bytes | None = None, headers: dict | None = None):
+    def request(self, method: str, path: str, data=None, headers: dict | None = None):
         req = urllib.request.Request(self.base + path, data=data, method=method, headers=headers or {})
         try:
             with self.opener.open(req, timeout=120) as response:
@@ -90,8 +97,9 @@ class Client:
         status, _, raw = self.request("POST", path, json.dumps(body).encode(), headers)
         return status, json.loads(raw or b"null")
 
-    def post_form(self, path: str, fields: dict, files: dict | None = None, csrf: bool = True):
-        """A multipart form as a browser sends it: the CSRF field first, then the fields, then the files."""
+    def post_form(self, path: str, fields: dict, files: dict | None = None, csrf: bool = True, chunked: bool = False):
+        """A multipart form as a browser sends it: the CSRF field first, then the fields, then the files (chunked:
+        without a Content-Length, as a streaming client may send it)."""
         boundary = uuid.uuid4().hex
         parts = []
         fields = ({"csrf_token": self.csrf()} if csrf else {}) | fields
@@ -102,7 +110,7 @@ class Client:
             parts.append(head.encode() + b"Content-Type: application/octet-stream\r\n\r\n" + content + b"\r\n")
         body = b"".join(parts) + f"--{boundary}--\r\n".encode()
         headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
-        status, _, raw = self.request("POST", path, body, headers)
+        status, _, raw = self.request("POST", path, iter([body]) if chunked else body, headers)
         try:
             return status, json.loads(raw)
         except ValueError:

@@ -31,7 +31,7 @@ from tunelab.app.preview import preview
 from tunelab.app.projects import FormErrors, create_project, save_mapping, start_job
 from tunelab.app.results import evaluation, final_metrics, log_tail, loss_points, metric_records, sample_completions
 from tunelab.app.security import CSRF_HEADER
-from tunelab.app.uploads import CSRF_FIELD, FieldError, receive_form
+from tunelab.app.uploads import FieldError, receive_form
 from tunelab.app.worker import run_folder
 from tunelab.errors import TunelabError
 
@@ -59,8 +59,8 @@ async def new_project(request: Request) -> JSONResponse:
     config = state(request).config
     try:
         form = await receive_form(request, config.uploads_dir, config.max_upload_bytes, expected_csrf(request))
-        check_csrf(request, form.fields.get(CSRF_FIELD) or request.headers.get(CSRF_HEADER))
-        project_id = create_project(config, state(request).store, form)
+        # Reads the data files (up to --max-upload-mb): off the event loop, which serves every other request
+        project_id = await asyncio.to_thread(create_project, config, state(request).store, form)
     except FieldError as err:
         return errors({err.field: err.message}, err.status)
     except FormErrors as err:
@@ -83,7 +83,8 @@ async def project_preview(request: Request, project_id: int) -> JSONResponse:
     except FormErrors as err:
         return errors(err.errors)
     settings["project_name"] = str(state(request).config.jobs_dir / "preview" / "run")
-    params, found = build_params(settings, {**default_values(settings["trainer"]), **(body.get("params") or {})})
+    values = {**default_values(settings["trainer"]), **(body.get("params") or {})}
+    params, found = build_params(settings, values, state(request).config.roots)
     if params is None:
         return errors(found)
     shown = await asyncio.to_thread(preview, settings, params)  # reads and tokenizes the data: off the event loop
@@ -159,7 +160,8 @@ def job_completions(request: Request, job_id: int) -> dict[str, Any]:
 async def cancel(request: Request, job_id: int) -> dict[str, Any]:
     job_or_404(request, job_id)
     check_csrf(request, request.headers.get(CSRF_HEADER))
-    return {"cancelled": state(request).worker.cancel(job_id)}
+    # Stopping a running job waits for its process (SIGKILL after 10 s): in a thread, not on the event loop
+    return {"cancelled": await asyncio.to_thread(state(request).worker.cancel, job_id)}
 
 
 def finished(job: dict[str, Any], field: str, what: str) -> None:

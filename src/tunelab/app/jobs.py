@@ -45,11 +45,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished REAL,
     exit_code INTEGER,
     message TEXT,
-    sealed_token TEXT                   -- the hub token encrypted (vault.py) until the job completes or is cancelled
+    sealed_token TEXT,                  -- the hub token encrypted (vault.py) until the job completes or is cancelled
+    pgid INTEGER                        -- the process group of its running process (worker.py), while it runs
 );
 """
 # Columns added after the first release: an older app.db gets them on open.
-ADDED_COLUMNS = {"jobs": (("sealed_token", "TEXT"),)}
+ADDED_COLUMNS = {"jobs": (("sealed_token", "TEXT"), ("pgid", "INTEGER"))}
 
 
 class JobStore:
@@ -149,11 +150,17 @@ class JobStore:
             db.execute("UPDATE jobs SET status = ?, started = ? WHERE id = ?", (RUNNING, time.time(), row["id"]))
         return self.job(row["id"])
 
+    def set_process(self, job_id: int, pgid: int | None) -> None:
+        """The process group the job's process runs in now (None: none), for an app that restarts after it was
+        killed to find what its predecessor left running (worker.stop_leftovers)."""
+        with self._connect() as db:
+            db.execute("UPDATE jobs SET pgid = ? WHERE id = ?", (pgid, job_id))
+
     def finish(self, job_id: int, status: str, exit_code: int | None = None, message: str | None = None) -> None:
         assert status in FINISHED, status
         with self._connect() as db:
             db.execute(
-                "UPDATE jobs SET status = ?, finished = ?, exit_code = ?, message = ? WHERE id = ?",
+                "UPDATE jobs SET status = ?, finished = ?, exit_code = ?, message = ?, pgid = NULL WHERE id = ?",
                 (status, time.time(), exit_code, message, job_id),
             )
             if status in (COMPLETED, CANCELLED):  # it will not run again: its token goes
@@ -179,10 +186,11 @@ class JobStore:
             return cur.rowcount == 1
 
     def mark_interrupted(self) -> int:
-        """Jobs left running by an app that is gone: their process died with it (or was stopped by it)."""
+        """Jobs left running by an app that is gone: their process died with it, was stopped by it, or (a killed
+        app) by the next one (worker.stop_leftovers, called first)."""
         with self._connect() as db:
             cur = db.execute(
-                "UPDATE jobs SET status = ?, finished = ?, message = ? WHERE status = ?",
+                "UPDATE jobs SET status = ?, finished = ?, message = ?, pgid = NULL WHERE status = ?",
                 (INTERRUPTED, time.time(), "the app stopped while this job was running", RUNNING),
             )
             return cur.rowcount

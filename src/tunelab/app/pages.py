@@ -21,7 +21,7 @@ from tunelab.app.preview import preview
 from tunelab.app.projects import FormErrors, create_project, save_mapping, start_job
 from tunelab.app.results import evaluation, final_metrics, zip_stream
 from tunelab.app.security import AUTH_COOKIE, CSRF_COOKIE, is_authenticated, same_token, session_value
-from tunelab.app.uploads import CSRF_FIELD, FieldError, receive_form
+from tunelab.app.uploads import CSRF_FIELD, MAX_FIELD_BYTES, FieldError, receive_form
 from tunelab.app.worker import run_folder
 
 router = APIRouter()
@@ -36,9 +36,16 @@ def render(request: Request, name: str, status: int = 200, **context: Any) -> HT
     return state(request).templates.TemplateResponse(request, name, context, status_code=status)
 
 
+# A page's form (login, data, parameters, cancel, retry) holds no file and a few dozen short fields (the
+# parameters page the most). It is parsed before its CSRF field can be checked, at /login before any login, so
+# Starlette's defaults (1000 fields of 1 MB each, any number of files spooled to disk) are not kept; the guard
+# (server.py) refuses bodies over MAX_BODY_BYTES before any of it is read.
+FORM_LIMITS = {"max_files": 0, "max_fields": 200, "max_part_size": MAX_FIELD_BYTES}
+
+
 async def posted_form(request: Request) -> dict[str, str]:
-    """An urlencoded form whose CSRF field matches the cookie (403 otherwise)."""
-    form = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
+    """An urlencoded (or multipart, without files) form whose CSRF field matches the cookie (403 otherwise)."""
+    form = {k: v for k, v in (await request.form(**FORM_LIMITS)).items() if isinstance(v, str)}
     check_csrf(request, form.get(CSRF_FIELD))
     return form
 
@@ -125,8 +132,8 @@ async def new_project(request: Request) -> Response:
     config = state(request).config
     try:
         form = await receive_form(request, config.uploads_dir, config.max_upload_bytes, expected_csrf(request))
-        check_csrf(request, form.fields.get(CSRF_FIELD))
-        project_id = create_project(config, state(request).store, form)
+        # Reads the data files (up to --max-upload-mb): off the event loop, which serves every other request
+        project_id = await asyncio.to_thread(create_project, config, state(request).store, form)
     except FieldError as err:
         return _new_project_again(request, {err.field: err.message}, {}, err.status)
     except FormErrors as err:
@@ -174,7 +181,7 @@ async def _data_page(
     request: Request, project: dict[str, Any], errors: dict[str, str], status: int = 200
 ) -> HTMLResponse:
     settings = preview_settings(request, project)
-    params, param_errors = build_params(settings, default_values(settings["trainer"]))
+    params, param_errors = build_params(settings, default_values(settings["trainer"]), state(request).config.roots)
     shown = await asyncio.to_thread(preview, settings, params)
     errors = {**param_errors, **shown.errors, **errors}
     return render(request, "data.html", status, project=project, preview=shown, plan=shown.summary(), errors=errors)
@@ -229,7 +236,7 @@ async def params_submit(request: Request, project_id: int) -> Response:
     action = form.get("action")
     settings = preview_settings(request, project)
     token = form.get("token") or None  # checked with the rest (push_to_hub needs one), never shown again
-    params, errors = build_params(settings, {**values, **({"token": token} if token else {})})
+    params, errors = build_params(settings, {**values, **({"token": token} if token else {})}, app.config.roots)
     shown = None
     if params is not None and action != "start_anyway":
         shown = await asyncio.to_thread(preview, settings, params)
@@ -302,7 +309,7 @@ def evaluation_shown(job: dict[str, Any]) -> dict[str, Any] | None:
 async def cancel_job(request: Request, job_id: int) -> Response:
     job_or_404(request, job_id)
     await posted_form(request)
-    state(request).worker.cancel(job_id)
+    await asyncio.to_thread(state(request).worker.cancel, job_id)  # waits for the job to stop (up to 10 s)
     return RedirectResponse(f"/jobs/{job_id}", status_code=303)
 
 

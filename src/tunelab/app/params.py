@@ -9,8 +9,10 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from tunelab.app.uploads import FieldError, checked_model, resolve_user_path
 from tunelab.config.llm import LLMParams
 from tunelab.config.text_classification import TextClassificationParams
 from tunelab.errors import ConfigError
@@ -40,6 +42,13 @@ PROJECT_FIELDS += ("rejected_text_column", "chat_template", "target_column")
 # Never a parameter from the form or the API: the paths there were checked against the allowed folders, and the
 # run folder is the app's own.
 FIXED_BY_PROJECT = (*PROJECT_FIELDS, "project_name", "task", "train_split")
+# Parameters that name a file or folder of this machine: like the project's data and model, each path must lie
+# inside the allowed folders (docs/app.md, Security model), and is passed on resolved. reward_functions'
+# file.py:function is imported - run - by the dry run (in the app's own process) and by the training; model_ref is
+# loaded; the JSON schema and the accelerate config are read.
+PATH_FIELDS = ("model_ref", "reward_functions", "reward_json_schema", "accelerate_config")
+# A folder the run writes to and prunes: not from the app, whose runs keep the default data cache.
+REFUSED_FIELDS = ("cache_dir",)
 
 
 def is_classifier(settings: dict[str, Any]) -> bool:
@@ -126,22 +135,32 @@ def default_values(trainer: str | None = "sft") -> dict[str, Any]:
     return {spec.name: spec.default for spec in field_specs(trainer)}
 
 
-def build_params(settings: dict[str, Any], values: dict[str, Any]) -> tuple[Any, dict[str, str]]:
+def build_params(settings: dict[str, Any], values: dict[str, Any], roots: list[Path]) -> tuple[Any, dict[str, str]]:
     """(LLMParams or TextClassificationParams, {}) from a project's settings and the form's values, or
     (None, {field: message}).
 
-    The whole set is checked first (errors between fields, named by load_config); when it fails, each form field
-    is also checked alone against the project, so every field that is wrong on its own gets its message at once.
+    The paths among the values must lie inside `roots` (the app's allowed folders). The whole set is checked first
+    (errors between fields, named by load_config); when it fails, each form field is also checked alone against the
+    project, so every field that is wrong on its own gets its message at once.
     """
     from tunelab.config import load_config
 
     errors: dict[str, str] = {}
+    clean: dict[str, Any] = {}
     for name, value in values.items():
         if value == "":
             errors[name] = "a value is required"
         elif name in FIXED_BY_PROJECT:  # data, model and run folder are the project's (checked against the roots)
             errors[name] = f"{name} is set by the project, not by its parameters"
-    clean = {k: v for k, v in values.items() if k not in errors}
+        elif name in REFUSED_FIELDS:
+            errors[name] = f"{name} is not set from the app (its runs keep the default data cache)"
+        elif name in PATH_FIELDS and value is not None:
+            try:
+                clean[name] = checked_path_value(name, value, roots)
+            except FieldError as err:
+                errors[name] = err.message
+        else:
+            clean[name] = value
     try:
         params = load_config({**project_params(settings), **clean})
     except ConfigError as err:
@@ -158,6 +177,23 @@ def build_params(settings: dict[str, Any], values: dict[str, Any]) -> tuple[Any,
             errors[field_named(str(err), [*clean, *PROJECT_FIELDS])] = str(err)
         return None, errors
     return (None, errors) if errors else (params, {})
+
+
+def checked_path_value(name: str, value: Any, roots: list[Path]) -> str:
+    """A PATH_FIELDS value with its paths resolved inside `roots` (a hub id or a built-in reward stays as typed);
+    FieldError names the field when a path leaves them."""
+    if not isinstance(value, str):
+        raise FieldError(name, "expected a path (text)")
+    if name == "model_ref":
+        return checked_model(name, value.strip(), roots)
+    if name == "reward_functions":  # built-ins and file.py:function, comma-separated (rewards.py)
+        specs = [spec.strip() for spec in value.split(",") if spec.strip()]
+        checked = []
+        for spec in specs:
+            file, colon, function = spec.rpartition(":")
+            checked.append(f"{resolve_user_path(name, file, roots)}:{function}" if colon else spec)
+        return ",".join(checked)
+    return str(resolve_user_path(name, value.strip(), roots))
 
 
 def project_params(settings: dict[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,15 @@ import yaml
 
 from tunelab.app.jobs import JobStore
 from tunelab.app.params import CLASSIFIER, build_params, is_classifier
-from tunelab.app.uploads import FieldError, Form, check_data_file, check_extension, resolve_user_path
+from tunelab.app.uploads import (
+    FieldError,
+    Form,
+    check_data_file,
+    check_extension,
+    checked_model,
+    discard_uploads,
+    resolve_user_path,
+)
 from tunelab.app.worker import CONFIG_FILE, RUN_DIR, Worker
 
 MAPPING_FIELDS = ("text_column", "prompt_text_column", "rejected_text_column", "chat_template", "target_column")
@@ -47,7 +55,21 @@ class FormErrors(Exception):
 
 
 def create_project(config: AppConfig, store: JobStore, form: Form) -> int:
-    """A project from the new-project form: name, trainer, base model, data (upload or path), validation data."""
+    """A project from the new-project form: name, trainer, base model, data (upload or path), validation data.
+
+    Reads the data files (up to --max-upload-mb): call it off the event loop. The uploads of a form refused for
+    any reason are deleted, so failed attempts leave nothing in uploads/.
+    """
+    try:
+        settings = project_settings(config, form)
+    except BaseException:
+        discard_uploads(form)
+        raise
+    return store.add_project(settings["name"], settings)
+
+
+def project_settings(config: AppConfig, form: Form) -> dict[str, Any]:
+    """The settings of the project a new-project form describes (FormErrors names every wrong field)."""
     from tunelab.methods import REGISTRY
 
     fields, errors, settings = form.fields, {}, {}
@@ -73,7 +95,7 @@ def create_project(config: AppConfig, store: JobStore, form: Form) -> int:
         raise FormErrors(errors, status)
     if is_classifier(settings):
         settings.update(classifier_columns(settings.get("data_columns") or []))
-    return store.add_project(settings["name"], settings)
+    return settings
 
 
 LABEL_COLUMNS = ("target", "label", "labels", "class", "category", "sentiment")
@@ -99,22 +121,16 @@ def data_reference(config: AppConfig, form: Form, kind: str, required: bool) -> 
             return path, check_data_file(f"{kind}_path", path)
         return path, []
     if required:
-        raise FieldError(f"{kind}_file", "upload a CSV, JSONL, JSON or Parquet file, or give a path")
+        shown = "upload a CSV, TSV, JSONL, JSON or Parquet file (or one compressed), or give a path"
+        raise FieldError(f"{kind}_file", shown)
     return None, []
 
 
 def model_reference(text: str, roots: list[Path]) -> str:
-    """A hub id as typed, or a local model folder / .gguf file checked to lie inside the allowed roots."""
+    """The default model, a hub id as typed, or a local model folder / .gguf file inside the allowed roots."""
     from tunelab.config.base import DEFAULT_MODEL
 
-    if not text:
-        return DEFAULT_MODEL
-    looks_local = text.startswith((".", "/", "~")) or text.lower().endswith(".gguf") or text.count("/") > 1
-    if looks_local:
-        return str(resolve_user_path("model", text, roots))
-    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", text):
-        raise FieldError("model", f"{text!r} is neither a hub id (owner/name) nor a path")
-    return text
+    return checked_model("model", text, roots) if text else DEFAULT_MODEL
 
 
 def save_mapping(store: JobStore, project: dict[str, Any], form: dict[str, str]) -> dict[str, Any]:
@@ -146,7 +162,7 @@ def start_job(
     folder = config.jobs_dir / uuid.uuid4().hex[:12]
     settings = {**project["settings"], "project_name": str(folder / RUN_DIR)}
     # The token takes part in the checks (push_to_hub needs one) but never reaches the config file below.
-    params, errors = build_params(settings, {**values, **({"token": token} if token else {})})
+    params, errors = build_params(settings, {**values, **({"token": token} if token else {})}, config.roots)
     if params is None:
         raise FormErrors(errors)
     sealed = worker.vault.seal(token) if token else None

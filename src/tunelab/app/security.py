@@ -15,7 +15,7 @@ import hashlib
 import hmac
 import secrets
 
-from tunelab.errors import TunelabError
+from tunelab.errors import ConfigError, TunelabError
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 CSRF_COOKIE, CSRF_HEADER = "tunelab_csrf", "x-csrf-token"
@@ -24,6 +24,17 @@ AUTH_COOKIE = "tunelab_auth"
 
 class CsrfError(Exception):
     """A POST without the page's CSRF token (answered 403)."""
+
+
+def check_token(token: str | None) -> None:
+    """Refuse an empty access token: no token (None) means "loopback only", a token means "ask for it", and an
+    empty one (`--token ""`, `TUNELAB_APP_TOKEN=`) would be neither: the login asks nothing (an empty token counts
+    as none) while the Host check is off (a token was given), which opens the app to DNS rebinding."""
+    if token is not None and not token.strip():
+        raise ConfigError(
+            'app: the access token is empty (--token "" or an empty TUNELAB_APP_TOKEN): give a real token, or none '
+            "at all to serve this machine only"
+        )
 
 
 def check_binding(host: str, token: str | None) -> None:

@@ -26,13 +26,14 @@ from tunelab.app.security import (
     CSRF_COOKIE,
     CsrfError,
     check_binding,
+    check_token,
     host_allowed,
     is_authenticated,
     new_csrf_token,
 )
 from tunelab.app.uploads import FieldError
 from tunelab.app.vault import Vault
-from tunelab.app.worker import Worker
+from tunelab.app.worker import Worker, stop_leftovers
 from tunelab.errors import TunelabError
 
 if TYPE_CHECKING:
@@ -42,6 +43,10 @@ log = logging.getLogger("tunelab")
 HERE = Path(__file__).parent
 DEFAULT_DATA_DIR = "~/.tunelab/app"
 OPEN_PATHS = ("/login", "/static/")  # reachable before logging in
+UPLOAD_ROUTES = ("/projects", "/api/projects")  # POSTed with files: limits of their own, enforced as they stream
+# Every other request body: a page's form or a JSON call, the largest a chat's history (chat.py: 2 x MAX_TURNS
+# messages). Refused before a byte is read, so no route (login included) parses more than this.
+MAX_BODY_BYTES = 2 * 2**20
 
 
 @dataclass
@@ -68,7 +73,7 @@ def create_app(
     Args:
         data_dir: The app's own folder (created if missing): database, uploads, jobs.
         token: When set, every request must carry it (login cookie or bearer header); without it, only requests
-            addressed to a loopback name are served.
+            addressed to a loopback name are served. An empty one is refused (ConfigError).
         allowed_paths: Folders besides `data_dir` that typed data and model paths may point into.
         max_upload_mb: The largest upload accepted, enforced while it streams in.
         start_worker: Run queued jobs (tests of the pages alone may leave it off).
@@ -80,11 +85,13 @@ def create_app(
 
     from tunelab.app import api, pages
 
+    check_token(token)
     root = Path(data_dir).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
     roots = [root, *(Path(p).expanduser().resolve() for p in allowed_paths or ())]
     config = AppConfig(root, roots, int(max_upload_mb * 2**20), token)
     store = JobStore(root / "app.db")
+    stop_leftovers(store)  # what a killed app left running, before it is marked interrupted (and may be resumed)
     interrupted = store.mark_interrupted()
     if interrupted:
         log.info("app: %d job(s) were running when the app last stopped: marked interrupted", interrupted)
@@ -122,6 +129,12 @@ def create_app(
         if token is None and not host_allowed(request.headers.get("host")):
             return JSONResponse({"detail": "this app answers to localhost / 127.0.0.1 only"}, status_code=400)
         path = request.url.path
+        if not (request.method == "POST" and path in UPLOAD_ROUTES):
+            length = request.headers.get("content-length")
+            if length is None and "transfer-encoding" in request.headers:  # chunked: no size to check up front
+                return JSONResponse({"detail": "send a Content-Length with the request body"}, 411)
+            if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+                return JSONResponse({"detail": f"the request body is larger than {MAX_BODY_BYTES} bytes"}, 413)
         signed_in = is_authenticated(token, request.cookies.get(AUTH_COOKIE), request.headers.get("authorization"))
         if not signed_in and not path.startswith(OPEN_PATHS):
             if path.startswith("/api/") or request.method != "GET":
@@ -147,11 +160,12 @@ def run_app(
     allowed_paths: list[str] | None = None,
     max_upload_mb: float = 200,
 ) -> None:
-    """Serve the app with uvicorn until interrupted; refuses a non-loopback host without a token."""
+    """Serve the app with uvicorn until interrupted; refuses an empty token, and a non-loopback host without one."""
     import uvicorn
 
     from tunelab.inference.serve import check_port_free
 
+    check_token(token)  # before check_binding, whose message would ask for the --token that was given empty
     check_binding(host, token)
     check_port_free(host, port)
     app = create_app(data_dir, token, allowed_paths, max_upload_mb)

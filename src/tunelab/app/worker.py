@@ -17,10 +17,11 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
-from tunelab.app.jobs import CANCELLED, COMPLETED, FAILED, INTERRUPTED, JobStore
+from tunelab.app.jobs import CANCELLED, COMPLETED, FAILED, INTERRUPTED, RUNNING, JobStore
 from tunelab.app.vault import Vault
 
 log = logging.getLogger("tunelab")
@@ -71,10 +72,13 @@ class Worker:
         self._wake.set()
 
     def cancel(self, job_id: int) -> bool:
-        """Cancel a queued job, or stop the running one; False when the job is neither."""
-        if self.store.cancel_queued(job_id):
-            return True
+        """Cancel a queued job, or stop the running one; False when the job is neither. Waits for the job's
+        process to stop (up to STOP_GRACE_SECONDS): call it off the event loop."""
+        # Under the lock that the worker takes a job under: a job is either still queued here, or already the
+        # current one - never "running" in the store but not yet current, where a cancel would be lost.
         with self._lock:
+            if self.store.cancel_queued(job_id):
+                return True
             if self._current != job_id:
                 return False
             self._cancelled.add(job_id)
@@ -85,7 +89,9 @@ class Worker:
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
-            job = self.store.next_queued()
+            with self._lock:  # taken and made current in one step (see cancel)
+                job = self.store.next_queued()
+                self._current = None if job is None else job["id"]
             if job is None:
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
@@ -97,26 +103,36 @@ class Worker:
                 self.store.finish(job["id"], FAILED, message=f"the app could not run this job: {err}")
 
     def _run(self, job: dict[str, Any]) -> None:
+        """Train, then evaluate when asked; `job` is already the current one (_loop)."""
         folder = Path(job["folder"])
-        sealed = self.store.sealed_token(job["id"])
-        token = self.vault.open(sealed) if sealed else None
-        with self._lock:
-            self._current = job["id"]
+        trained, note = False, None
         try:
+            sealed = self.store.sealed_token(job["id"])
+            token = self.vault.open(sealed) if sealed else None
             code = self._call(job, [self.python, "-m", "tunelab.cli", "--config", str(folder / CONFIG_FILE)], token)
-            if code == 0 and job["evaluate"] and job["params"].get("trainer") in EVALUATED_TRAINERS:
-                self._call(job, evaluate_command(self.python, job), None)  # a failed evaluation keeps the run
+            # A training that exited 0 and left its run folder is complete, whatever comes after: a cancel or a
+            # stop during the evaluation stops the evaluation only (the run stays usable and is not resumed).
+            trained = code == 0 and run_folder(job).is_dir()
+            if trained and job["evaluate"] and job["params"].get("trainer") in EVALUATED_TRAINERS:
+                evaluated = self._call(job, evaluate_command(self.python, job), None)  # a failed one keeps the run
+                with self._lock:
+                    why = "cancelled" if job["id"] in self._cancelled else None
+                why = why or ("the app stopped" if self._stopping.is_set() else None)
+                if evaluated != 0 and why:
+                    note = f"the evaluation was stopped ({why}); the run itself is complete"
+                    with (folder / LOG_FILE).open("a", encoding="utf-8") as out:
+                        out.write(f"tunelab app: {note}\n")
         finally:
             with self._lock:
                 self._current = None
                 cancelled = job["id"] in self._cancelled
                 self._cancelled.discard(job["id"])
-        if cancelled:
+        if trained:
+            self.store.finish(job["id"], COMPLETED, code, note)
+        elif cancelled:
             self.store.finish(job["id"], CANCELLED, code, "cancelled")
         elif self._stopping.is_set():
             self.store.finish(job["id"], INTERRUPTED, code, "the app stopped while this job was running")
-        elif code == 0 and run_folder(job).is_dir():
-            self.store.finish(job["id"], COMPLETED, code)
         else:
             self.store.finish(job["id"], FAILED, code, last_error(folder / LOG_FILE) or f"exit code {code}")
 
@@ -133,6 +149,7 @@ class Worker:
             )
             with self._lock:
                 self._process = process
+            self.store.set_process(job["id"], process.pid)  # its own session: the group id is its pid
             if self._stopping.is_set() or job["id"] in self._cancelled:
                 self._terminate()  # a stop or cancel that came while the process was being started
             code = process.wait()
@@ -153,6 +170,60 @@ class Worker:
             os.killpg(process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def stop_leftovers(store: JobStore) -> int:
+    """Stop what jobs found "running" still run: the processes an app that was killed (SIGKILL, a crash) left.
+
+    A job's process has its own session (so that a cancel reaches everything it started), so it outlives an app
+    that dies without stopping it, and a Resume would then train a second process into the same folder. The
+    group id is stored with the job; a group still living is SIGTERMed (SIGKILLed after the grace period) only
+    when one of its processes names the job's folder in its command line, as a reused group id would not.
+    (PR_SET_PDEATHSIG was the other way: it reaches only the direct child, not the accelerate or data-loader
+    processes of its group, fires when the thread that started it ends rather than the app, is Linux-only and
+    needs a preexec_fn, which is unsafe in a threaded app.) Returns the number of groups stopped.
+    """
+    stopped = 0
+    for job in store.jobs():
+        pgid = job.get("pgid")
+        if job["status"] != RUNNING or not pgid or not any(job["folder"] in c for c in group_commands(pgid)):
+            continue
+        log.info("app: job %s is still running from before (process group %d): stopping it", job["id"], pgid)
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+            deadline = time.monotonic() + STOP_GRACE_SECONDS
+            while group_commands(pgid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if group_commands(pgid):
+                os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        stopped += 1
+    return stopped
+
+
+def group_commands(pgid: int) -> list[str]:
+    """The command lines of the living (not zombie) processes in process group `pgid`: /proc, else `ps`."""
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").is_file():  # macOS, the BSDs
+        try:
+            listed = subprocess.run(["ps", "-A", "-o", "pgid=,stat=,command="], capture_output=True, text=True)
+        except OSError:
+            return []
+        rows = [line.split(None, 2) for line in listed.stdout.splitlines()]
+        return [row[2] for row in rows if len(row) == 3 and row[0] == str(pgid) and not row[1].startswith("Z")]
+    found = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            # pid (comm) state ppid pgrp ...: comm may hold spaces and parentheses, so split after the last ")"
+            state, _, group = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+            if state != "Z" and int(group) == pgid:
+                found.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace"))
+        except (OSError, ValueError):  # gone meanwhile, or not ours to read
+            continue
+    return found
 
 
 def evaluate_command(python: str, job: dict[str, Any]) -> list[str]:
