@@ -137,6 +137,10 @@ def test_loss_equals_trl(tiny_llama, tmp_path, loss_type, peft):
         )
     trl.current_gradient_accumulation_steps = 1
     trl.model.train()
+    # Completions end where TRL ends them (the tokenizer's and the generation config's EOS), and also at the chat
+    # template's turn end, which this tokenizer's EOS is not (models/turns.py).
+    assert set(trl.eos_token_ids) < set(ours.end_ids)
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in ours.end_ids
     ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
     mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
     with torch.no_grad():

@@ -35,6 +35,7 @@ import torch
 from tunelab.config.llm import LLMParams
 from tunelab.data.prompts import PromptRow
 from tunelab.methods.base import Method, RowStats
+from tunelab.models.turns import turn_end
 from tunelab.rewards import Reward, call_reward, load_rewards
 from tunelab.speed.loss import (
     fast_loss_supported,
@@ -172,6 +173,9 @@ class GRPOTrainer(GuardedTrainer):
             log.info("grpo: reference model = a frozen copy of the starting model")
             self.ref_model = (ref_model or copy.deepcopy(unwrapped)).requires_grad_(False).eval()
         self.trained_tokens = 0
+        # Where a completion ends: the tokenizer's EOS and the model's generation config's (as TRL ends them), and
+        # the chat template's turn-end token (models/turns.py: a base model's EOS is often not what ends a turn).
+        self.end_ids = turn_end(self.processing_class, unwrapped)[0]
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._prefix = ""  # "eval_" while evaluating: its figures are logged apart from training's
 
@@ -213,14 +217,14 @@ class GRPOTrainer(GuardedTrainer):
                 max_new_tokens=self.max_length,
                 num_return_sequences=self.group,
                 pad_token_id=pad,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=self.end_ids,
                 use_cache=True,
             )
         finally:
             model.train(was_training)
         completion_ids = out[:, width:]
-        # A completion ends at its first EOS (kept: the model learns to stop); one without EOS was cut.
-        is_eos = completion_ids == tokenizer.eos_token_id
+        # A completion ends at its first end token (kept: the model learns to stop); one without it was cut.
+        is_eos = torch.isin(completion_ids, torch.tensor(self.end_ids, device=completion_ids.device))
         truncated = ~is_eos.any(1)
         ends = torch.where(truncated, completion_ids.size(1), is_eos.int().argmax(1))
         positions = torch.arange(completion_ids.size(1), device=device).expand_as(completion_ids)
