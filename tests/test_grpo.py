@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -224,6 +225,27 @@ def test_a_tiny_run_trains_and_writes_its_completions(tiny_llama, tmp_path, peft
     assert set(samples[0]["rewards"]) == {f"{tmp_path / 'my_rewards.py'}:correct", name, "format_tag"}
     assert "kl" in records[0]  # beta > 0: the reference pass (adapter off, or the frozen copy) ran
     assert (run / ("adapter_model.safetensors" if peft else "model.safetensors")).is_file()
+
+
+def test_model_ref_is_the_reference_of_a_pissa_run(tiny_llama, tmp_path, capsys):
+    """A PiSSA adapter's base is the residual, not the starting model: the config asks for model_ref, and the KL
+    term is then taken against it (it was silently ignored, the residual standing in)."""
+    args = _run(tmp_path, tiny_llama, "format_tag", "--beta", "0.04", "--init-lora-weights", "pissa")
+    assert main(list(args)) == 2  # without model_ref: refused before anything loads
+    shutil.rmtree(tmp_path / "run", ignore_errors=True)
+    assert main([*args, "--model-ref", str(tiny_llama)]) == 0
+    assert f"grpo: reference model = {tiny_llama}" in capsys.readouterr().err
+    assert "kl" in next(r for r in read_metrics(tmp_path / "run") if "loss" in r)
+
+
+@pytest.mark.parametrize(
+    ("trainer", "extra"), [("orpo", []), ("sft", []), ("grpo", ["--beta", "0"])], ids=["orpo", "sft", "grpo-beta0"]
+)
+def test_model_ref_where_nothing_reads_it_is_refused(tiny_llama, tmp_path, capsys, trainer, extra):
+    args = ["llm", "--train", "--trainer", trainer, "--model", str(tiny_llama), "--data-path", str(_data(tmp_path))]
+    args += ["--project-name", str(tmp_path / "run"), "--model-ref", str(tiny_llama), *extra]
+    assert main(args) == 2
+    assert "model_ref names a reference model, read by dpo, kto and grpo" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

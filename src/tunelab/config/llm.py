@@ -175,7 +175,8 @@ class LLMParams(Params):
     # --- preference trainers
     model_ref: str | None = param(
         None,
-        "dpo, kto: reference model (default: the base model with the adapter off, or a frozen copy without peft).",
+        "dpo, kto, grpo (beta > 0): reference model (default: the base model with the adapter off, or a frozen copy "
+        "without peft).",
     )
     dpo_beta: float = param(
         0.1,
@@ -321,6 +322,11 @@ class LLMParams(Params):
                 "which change every epoch; the other methods have no reference)"
             )
         uses_reference = REGISTRY[self.trainer].reference or (self.trainer == "grpo" and self.beta > 0)
+        if self.model_ref and not uses_reference:
+            why = "grpo with beta 0 has no KL term" if self.trainer == "grpo" else f"{self.trainer} has none"
+            raise ConfigError(
+                f"model_ref names a reference model, read by dpo, kto and grpo (beta > 0); {why}: leave it out"
+            )
         reference_is_base = self.peft and not self.model_ref and uses_reference
         if reference_is_base and self.init_lora_weights in ("pissa", "olora"):
             raise ConfigError(

@@ -42,6 +42,7 @@ from tunelab.methods.preference import (
     reward_metrics,
     sequence_sums,
 )
+from tunelab.models import load_reference
 
 log = logging.getLogger("tunelab")
 
@@ -135,16 +136,6 @@ class DPOTrainer(PreferenceTrainer):
             label_smoothing=params.label_smoothing,
             counts=tuple(counts.chunk(2)),
         )
-
-
-def load_reference(params: LLMParams) -> Any:
-    """The model named by `model_ref`, loaded like the base model (same dtype rules), frozen."""
-    from tunelab.models import half_precision
-    from tunelab.models.load import load_causal_lm, resolve_model
-
-    half = half_precision(params)
-    log.info("%s: reference model = %s", params.trainer, params.model_ref)
-    return load_causal_lm(resolve_model(params.model_ref), dtype=half or torch.float32)
 
 
 @dataclass

@@ -35,6 +35,7 @@ import torch
 from tunelab.config.llm import LLMParams
 from tunelab.data.prompts import PromptRow
 from tunelab.methods.base import Method, RowStats
+from tunelab.models import load_reference
 from tunelab.models.turns import turn_end
 from tunelab.rewards import Reward, call_reward, load_rewards
 from tunelab.speed.loss import (
@@ -169,8 +170,11 @@ class GRPOTrainer(GuardedTrainer):
         unwrapped = self.accelerator.unwrap_model(self.model)
         self.fast_loss = params.fast_loss and fast_loss_supported(unwrapped)
         self.ref_model = None
-        if self.beta != 0.0 and not hasattr(unwrapped, "disable_adapter"):
-            log.info("grpo: reference model = a frozen copy of the starting model")
+        if self.beta != 0.0 and ref_model is None and params.model_ref:
+            ref_model = load_reference(params).to(self.args.device)
+        if self.beta != 0.0 and (ref_model is not None or not hasattr(unwrapped, "disable_adapter")):
+            if ref_model is None:
+                log.info("grpo: reference model = a frozen copy of the starting model")
             self.ref_model = (ref_model or copy.deepcopy(unwrapped)).requires_grad_(False).eval()
         self.trained_tokens = 0
         # Where a completion ends: the tokenizer's EOS and the model's generation config's (as TRL ends them), and

@@ -31,6 +31,7 @@ __all__ = [
     "check_model",
     "half_precision",
     "load_model",
+    "load_reference",
     "load_tokenizer",
     "resolve_model",
     "load_config",
@@ -45,6 +46,15 @@ def half_precision(params: RunParams) -> Any:
     import torch
 
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(params.mixed_precision or "")
+
+
+def load_reference(params: RunParams) -> Any:
+    """The reference model named by `model_ref` (dpo, kto, grpo with beta > 0), loaded like the base model (the
+    same dtype rules); the trainer freezes it."""
+    import torch
+
+    log.info("%s: reference model = %s", params.trainer, params.model_ref)
+    return load_causal_lm(resolve_model(params.model_ref), dtype=half_precision(params) or torch.float32)
 
 
 def load_model(

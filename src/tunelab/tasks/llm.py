@@ -10,6 +10,7 @@ and tokenized in full.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -32,7 +33,7 @@ from tunelab.data.prompts import load_prompt_data
 from tunelab.env import check_machine, device_name
 from tunelab.errors import ConfigError, DataError
 from tunelab.memory import choose_checkpointing, kv_cache_bytes, log_run_estimate
-from tunelab.methods import METHODS, REGISTRY, Method, RowStats
+from tunelab.methods import METHODS, Method, RowStats
 from tunelab.models import ModelSource, check_model, load_model, load_tokenizer, resolve_model
 from tunelab.models.checks import check_token_ids, fit_tokenizer
 from tunelab.tasks import dry_run
@@ -74,8 +75,12 @@ def prepare(params: LLMParams) -> Prepared:
 
     source = resolve_model(params.model)
     config = check_model(source, params, kind=method.model_kind)
-    if params.model_ref and REGISTRY[params.trainer].reference:  # found now, not when the Trainer loads it
-        check_model(resolve_model(params.model_ref), dataclasses.replace(params, peft=False), kind="causal_lm")
+    if params.model_ref:  # found now, not when the Trainer loads it (the params allow it only where it is read)
+        # Checked as the frozen model it is, without LoRA (a copy: replace() would validate again, and refuse the
+        # run's LoRA settings without peft).
+        reference = copy.copy(params)
+        reference.peft = False
+        check_model(resolve_model(params.model_ref), reference, kind="causal_lm")
     tokenizer = load_tokenizer(source, params.model_max_length)
     fit_tokenizer(tokenizer, config, source)
     if method.data == "prompts":  # a reward file that does not import is found now, not after the model loads
