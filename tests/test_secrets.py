@@ -81,3 +81,38 @@ def test_stopped_run_and_bad_input_never_show_the_token(tiny_llama, tmp_path, ca
     code = main(["llm", "--config", str(config), "--batch-size", "0"])
     err = capsys.readouterr().err
     assert code == 2 and "batch_size" in err and TOKEN not in err
+
+
+def test_a_token_on_the_command_line_moves_out_of_argv_into_hf_token(tiny_llama, tmp_path):
+    """`--token` typed on the command line: the training process (and what it starts) has it as HF_TOKEN for its
+    downloads and push, but not in sys.argv, which wandb records and uploads. A reward function of a GRPO run looks
+    from inside the training process."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    seen = tmp_path / "seen.json"
+    rewards = tmp_path / "spy.py"
+    rewards.write_text(
+        "import json, os, sys\n"
+        "def spy(completions, **kwargs):\n"
+        f"    open({str(seen)!r}, 'w').write(json.dumps({{'argv': sys.argv, 'env': os.environ.get('HF_TOKEN')}}))\n"
+        "    return [0.0] * len(completions)\n"
+    )
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {i} + 1?"}) + "\n" for i in range(4)))
+    command = [
+        sys.executable, "-m", "tunelab.cli", "llm", "--train", "--trainer", "grpo", "--model", str(tiny_llama),
+        "--data-path", str(data), "--project-name", str(tmp_path / "run"), "--reward-functions", f"{rewards}:spy",
+        "--num-generations", "2", "--batch-size", "2", "--gradient-accumulation", "1", "--max-completion-length",
+        "4", "--max-steps", "1", "--peft", "--token", "hf_SECRETonTheCommandLine",
+    ]  # fmt: skip
+    env = {key: value for key, value in os.environ.items() if key != "HF_TOKEN"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    inside = json.loads(seen.read_text())
+    assert inside["env"] == "hf_SECRETonTheCommandLine"
+    assert not any("SECRET" in arg for arg in inside["argv"]), inside["argv"]
+    assert "SECRET" not in result.stdout + result.stderr
+    assert not any(b"SECRET" in f.read_bytes() for f in (tmp_path / "run").rglob("*") if f.is_file())

@@ -427,10 +427,29 @@ def setup_logging() -> None:
         pass
 
 
+def token_to_environment(argv: list[str]) -> list[str]:
+    """`--token T` on a process's command line moves to HF_TOKEN, where the run's downloads (gated models, private
+    datasets), its push and its launched processes read it: out of sys.argv (which wandb records and uploads) and
+    out of the command lines of the processes the run starts (the allocator's restart, accelerate's workers)."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--token" and i + 1 < len(argv):
+            os.environ["HF_TOKEN"], i = argv[i + 1], i + 2
+        elif argv[i].startswith("--token="):
+            os.environ["HF_TOKEN"], i = argv[i].split("=", 1)[1], i + 1
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     # Only the process's own command line may restart the process (allocator.py); main([...]) from Python never does.
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    if from_command_line:
+        argv = token_to_environment(argv)
+        sys.argv[1:] = argv
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = argv  # a distributed run re-launches itself with the same arguments
