@@ -159,6 +159,20 @@ def test_sharded_backends_on_a_cpu_machine_are_a_clear_error(backend, tiny_llama
     assert code == 2 and f"distributed_backend={backend} needs CUDA GPUs" in err and "launching" not in err
 
 
+def test_a_backend_asked_for_with_one_process_is_said_not_ignored(tiny_llama, tmp_path, capsys):
+    """AutoTrain's --distributed-backend uses every GPU; with num_processes 1 tunelab trains in one process, and
+    says so instead of ignoring the flag."""
+    from tunelab.cli import main
+
+    code = main(
+        ["llm", "--train", "--model", str(tiny_llama), "--data-path", str(ROOT / "samples" / "alpaca.jsonl"),
+         "--project-name", str(tmp_path / "p"), "--distributed-backend", "ddp", "--max-steps", "1",
+         "--block-size", "64"]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 0 and "distributed_backend ddp with num_processes 1: one process trains" in err
+
+
 def test_the_hot_path_under_fsdp2_equals_the_plain_model(tiny_llama, tmp_path):
     """accelerate's FSDP2 preparation (fsdp backend) keeps the final norm and the output head gathered from the
     forward to the backward pass, so the chunked loss may read the head's weights after the forward. With the fused

@@ -177,3 +177,70 @@ def test_a_streamed_run_resumes_to_the_same_losses(tiny_llama, twenty_rows, tmp_
     assert sorted(got) == sorted(expected) == list(range(1, 13))
     for step in expected:
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
+
+
+def test_resume_refuses_changed_data_and_skips_a_torn_metrics_line(tiny_llama, twenty_rows, tmp_path, capsys):
+    """The checkpoint's place in the data and its optimizer state belong to the rows it trained on: edited data is
+    refused (it was resumed silently). A metrics line the kill cut in half does not stop the resumption."""
+    project = tmp_path / "run"
+    killed = _run_child(_args(tiny_llama, twenty_rows, project), kill_at=4)
+    assert killed.returncode == -signal.SIGKILL
+    original = twenty_rows.read_bytes()
+    twenty_rows.write_bytes(original.replace(b"a", b"b", 1))
+    assert main(_args(tiny_llama, twenty_rows, project)) == 2
+    err = capsys.readouterr().err
+    assert "interrupted run of other data" in err and "--resume false" in err
+
+    twenty_rows.write_bytes(original)
+    metrics = tmp_path / ".run.partial" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"step": 5, "lo', encoding="utf-8")
+    assert main(_args(tiny_llama, twenty_rows, project)) == 0, capsys.readouterr().err
+    assert sorted(_losses(project)) == list(range(1, 13))
+
+
+def test_a_second_run_of_a_project_in_progress_is_refused(tiny_llama, twenty_rows, tmp_path, capsys):
+    """Another process holds the project (the OS lock a run takes when it starts writing): a second run of it is
+    refused instead of resuming into, or removing, the folder the first is writing."""
+    project = tmp_path / "run"
+    lock = tmp_path / ".run.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import fcntl, os, sys, time\nfd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT)\n"
+         "fcntl.lockf(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(120)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (tmp_path / ".run.partial").mkdir()
+        (tmp_path / ".run.partial" / "metrics.jsonl").write_text("{}\n")  # the other run's work so far
+        assert main(_args(tiny_llama, twenty_rows, project, "--max-steps", "2")) == 2
+        err = capsys.readouterr().err
+        assert "another run of run is writing" in err and "Traceback" not in err
+        assert (tmp_path / ".run.partial" / "metrics.jsonl").is_file()  # left alone
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(_args(tiny_llama, twenty_rows, project, "--max-steps", "2")) == 0  # the lock went with its holder
+    assert not lock.exists()
+
+
+def test_a_run_finished_but_killed_while_dropping_its_checkpoints_stays_finished(
+    tiny_llama, twenty_rows, tmp_path, monkeypatch
+):
+    """The staging folder becomes the run folder first, then loses its checkpoints: a crash in between leaves a
+    finished run (it used to leave a staging folder without checkpoints, which the next run trained again)."""
+    import shutil
+
+    real = shutil.rmtree
+    project = tmp_path / "run"
+
+    def crash_on_checkpoints(path, *args, **kwargs):
+        if Path(path).name.startswith("checkpoint-") and Path(path).parent in (project, tmp_path / ".run.partial"):
+            if (tmp_path / ".run.partial" / "tunelab_run.json").exists() or project.exists():
+                raise KeyboardInterrupt  # the process dies here, while the finished run drops its checkpoints
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", crash_on_checkpoints)
+    assert main(_args(tiny_llama, twenty_rows, project, "--max-steps", "2", "--save-steps", "1")) == 130
+    monkeypatch.setattr(shutil, "rmtree", real)
+    assert (project / "tunelab_run.json").is_file() and (project / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / ".run.partial").exists()

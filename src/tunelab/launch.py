@@ -33,7 +33,15 @@ BACKEND_CONFIGS = {
 
 
 def wants_launch(params: RunParams) -> bool:
-    return (params.num_processes > 1 or params.num_machines > 1) and not already_launched()
+    """Whether to launch processes; a distributed_backend asked for with one process is said, not ignored."""
+    launching = (params.num_processes > 1 or params.num_machines > 1) and not already_launched()
+    if params.distributed_backend and not launching and not already_launched():
+        log.warning(
+            "distributed_backend %s with num_processes 1: one process trains, unsharded (AutoTrain would use every "
+            "GPU): set num_processes to the number of GPUs to shard or replicate across them",
+            params.distributed_backend,
+        )
+    return launching
 
 
 def config_file(params: RunParams) -> Path:

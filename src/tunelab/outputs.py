@@ -13,6 +13,7 @@ This module is also the one reader of a finished run folder (`check_run_folder`,
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.config.base import RunParams
+from tunelab.data.cache import data_fingerprint
 from tunelab.env import distributed_kind
 from tunelab.errors import TunelabError
 from tunelab.models.peft import merge_into_base, quiet_peft_save, save_converted_adapter
@@ -38,6 +40,8 @@ class RunFolder:
     def __init__(self, project_name: str) -> None:
         self.final = Path(os.path.expanduser(project_name)).absolute()
         self.staging = self.final.with_name(f".{self.final.name}.partial")
+        self.lock_file = self.final.with_name(f".{self.final.name}.lock")
+        self._lock: int | None = None  # the open lock file while this process writes the run
 
     def check_free(self) -> None:
         """Refuse to start when the final folder exists (nothing is written by this check)."""
@@ -53,10 +57,14 @@ class RunFolder:
         if checkpoint is None or not params.resume:
             return None
         checkpoints.check_same_run(self.staging, params)
+        checkpoints.check_same_data(self.staging, data_fingerprint(params))
         return checkpoint
 
     def start(self, params: RunParams, resume_from: Path | None) -> Path:
-        """Create (or, resuming, reopen) the staging folder; an unfinished run that is not resumed is removed."""
+        """Create (or, resuming, reopen) the staging folder; an unfinished run that is not resumed is removed.
+        The project is locked first: a second run of it started meanwhile would otherwise resume into the folder
+        the first is writing, or remove it."""
+        self.hold()
         if resume_from is None and self.staging.exists():
             if checkpoints.checkpoints(self.staging) or (self.staging / "metrics.jsonl").exists():
                 why = "it has no complete checkpoint" if params.resume else "--resume false"
@@ -68,7 +76,26 @@ class RunFolder:
                 log.info("removed %s: a crash left it half-written", name)
             checkpoints.trim_metrics(self.staging / "metrics.jsonl", checkpoints.step_of(resume_from))
         write_json(self.staging / checkpoints.PARAMS_FILE, params.to_dict(redact=True))
+        write_json(self.staging / checkpoints.DATA_FILE, {"sha256": data_fingerprint(params)})
         return self.staging
+
+    def hold(self) -> None:
+        """Lock the project for this process (an OS lock on `.<name>.lock`: the system releases it when the
+        process ends, however it ends); TunelabError when another process holds it."""
+        if self._lock is not None:
+            return
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            # lockf, not flock: a record lock belongs to the process, so a run retried in the same Python process
+            # (the API, after an error) takes it again; another process cannot.
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise TunelabError(
+                f"another run of {self.final.name} is writing to {self.staging} right now (it holds "
+                f"{self.lock_file}): wait for it to end, or choose another --project-name"
+            ) from None
+        self._lock = fd
 
     def left_behind(self) -> str:
         """What a failed run leaves, for its error message."""
@@ -101,11 +128,18 @@ class RunFolder:
         return final
 
     def finish(self) -> Path:
-        """Drop checkpoints and move the staging folder to its final name in one rename."""
-        for _, checkpoint in checkpoints.checkpoints(self.staging):
-            shutil.rmtree(checkpoint, ignore_errors=True)
-        (self.staging / checkpoints.PARAMS_FILE).unlink(missing_ok=True)  # training_params.json says the same
+        """Move the staging folder to its final name in one rename, then drop its checkpoints (renamed first: a
+        crash in between leaves a complete run with some checkpoints in it, not a staging folder without them
+        that the next run would have to train again) and the lock."""
+        for name in (checkpoints.PARAMS_FILE, checkpoints.DATA_FILE):  # training_params.json says the same
+            (self.staging / name).unlink(missing_ok=True)
         os.replace(self.staging, self.final)
+        for _, checkpoint in checkpoints.checkpoints(self.final):
+            shutil.rmtree(checkpoint, ignore_errors=True)
+        if self._lock is not None:
+            self.lock_file.unlink(missing_ok=True)
+            os.close(self._lock)
+            self._lock = None
         return self.final
 
 

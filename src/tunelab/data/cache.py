@@ -129,6 +129,24 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()
 
 
+def data_fingerprint(params: Any) -> str | None:
+    """One sha256 of the bytes of the run's data files (every source of a mixture, every split), or None when the
+    data is a hub dataset: what an interrupted run must find unchanged to be resumed. Contents only, not paths: the
+    same files reached from another folder are the same data."""
+    digest = hashlib.sha256()
+    sources = parse_sources(params.data_path) if is_mixture(params.data_path) else [None]
+    for number, source in enumerate(sources, start=1):
+        read = source.params(params) if source else params
+        for split, place in sorted(locate_splits(read.data_path, read.train_split, read.valid_split).items()):
+            if not isinstance(place, Path):
+                return None
+            try:
+                digest.update(f"{number}:{split}:{_file_identity(place)['sha256']}|".encode())
+            except OSError as err:
+                raise unreadable(place, err) from None
+    return digest.hexdigest()
+
+
 def _file_identity(path: Path) -> dict[str, Any]:
     resolved = path.resolve()
     stat = resolved.stat()

@@ -176,6 +176,8 @@ def _build_trainer(
         metric_for_best_model="eval_loss" if early else None,
         greater_is_better=False if early else None,
         prediction_loss_only=False,  # the metrics need the logits
+        # A resumed run goes on counting early stopping's patience where the interrupted one was.
+        restore_callback_states_from_checkpoint=early,
     )
     reports: list[dict] = []  # one per evaluation, the final one last
 

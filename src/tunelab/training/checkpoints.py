@@ -23,13 +23,14 @@ from tunelab.errors import TunelabError
 
 COMPLETE_MARK = "tunelab_checkpoint_complete"
 PARAMS_FILE = "run_params.json"
+DATA_FILE = "run_data.json"  # the sha256 of the data an unfinished run trains on (data/cache.data_fingerprint)
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 # Parameters that may differ between a run and its resumption: where results go and how they are logged, not
 # what is trained.
 RESUMABLE_CHANGES = frozenset(
     {"resume", "token", "push_to_hub", "username", "repo_id", "log", "logging_steps", "save_total_limit", "save_steps"}
-    | {"merge_adapter", "bad_rows", "main_process_ip", "main_process_port"}
+    | {"merge_adapter", "bad_rows", "main_process_ip", "main_process_port", "machine_rank"}
     # Checkpointing changes what is kept for the backward pass, not the maths (dropout masks are replayed), and
     # auto may choose differently on a machine with other free memory.
     | {"gradient_checkpointing", "disable_gradient_checkpointing", "checkpoint_every"}
@@ -111,15 +112,33 @@ def check_same_run(folder: Path, params: RunParams) -> None:
         )
 
 
+def check_same_data(folder: Path, fingerprint: str | None) -> None:
+    """Refuse to resume a run whose data files changed since it started (the checkpoint's position in the data
+    and its optimizer state belong to the old rows)."""
+    saved_file = folder / DATA_FILE
+    if fingerprint is None or not saved_file.is_file():
+        return
+    saved = json.loads(saved_file.read_text(encoding="utf-8")).get("sha256")
+    if saved != fingerprint:
+        raise TunelabError(
+            f"{folder} holds an interrupted run of other data: its files changed since it started. Run with the "
+            "data it started with to resume it, or with --resume false to discard it and start over"
+        )
+
+
 def trim_metrics(metrics_file: Path, last_step: int) -> None:
-    """Drop the metric lines an interrupted run logged after its last checkpoint (they will be logged again)."""
+    """Drop the metric lines an interrupted run logged after its last checkpoint (they will be logged again), and
+    a line the interruption cut short."""
     if not metrics_file.is_file():
         return
-    kept = [
-        line
-        for line in metrics_file.read_text(encoding="utf-8").splitlines()
-        if line.strip() and json.loads(line).get("step", 0) <= last_step
-    ]
+    kept = []
+    for line in metrics_file.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:  # half-written when the run was killed (or the disk filled)
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= last_step:
+            kept.append(line)
     tmp = metrics_file.with_name(metrics_file.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     os.replace(tmp, metrics_file)
