@@ -229,3 +229,22 @@ def test_every_method_trains_with_lora_under_bf16(trainer, tiny_llama, tmp_path)
     assert main(argv) == 0
     losses = train_losses(tmp_path / "run")
     assert losses and all(math.isfinite(loss) for loss in losses), losses
+
+
+def test_a_run_from_a_relative_model_path_merges_from_another_directory(tiny_llama, tmp_path, monkeypatch):
+    """The run folder names a local base model by its absolute path: merge, export and evaluate --compare-base
+    find it from any directory (the path as typed, `./base`, was looked for from wherever they ran)."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copytree(tiny_llama, work / "base")
+    monkeypatch.chdir(work)
+    data = Path(__file__).resolve().parents[1] / "samples" / "alpaca.jsonl"
+    args = ["llm", "--train", "--model", "./base", "--data-path", str(data), "--project-name", "run", "--peft"]
+    assert main([*args, "--max-steps", "1", "--block-size", "64"]) == 0
+    assert json.loads((work / "run" / "tunelab_run.json").read_text())["base_model"] == str(work / "base")
+    monkeypatch.chdir(tmp_path)
+    assert main(["merge", "--model", str(work / "run"), "--output", str(tmp_path / "merged")]) == 0

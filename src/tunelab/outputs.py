@@ -176,6 +176,13 @@ def save_merged(model: Any, tokenizer: Any, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
+def model_reference(name: str) -> str:
+    """How a run names its base model for later: a local folder or file by its absolute path (merge, export and
+    evaluate --compare-base then work from any directory), a hub id as it is."""
+    path = Path(os.path.expanduser(name))
+    return str(path.absolute()) if path.exists() else name
+
+
 def write_run(
     staging: Path,
     trainer: Any,

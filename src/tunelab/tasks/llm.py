@@ -204,7 +204,7 @@ def run(params: LLMParams) -> Path:
             metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50))
 
     run_info = {
-        "base_model": params.model,
+        "base_model": outputs.model_reference(params.model),
         "trainer": params.trainer,
         "adapter": params.peft,
         "merged": "merged" if params.merge_adapter and params.peft else None,

@@ -119,7 +119,7 @@ def run(params: TextClassificationParams) -> Path:
     run_info = {
         "task": "text_classification",
         "trainer": "text_classification",
-        "base_model": params.model,
+        "base_model": outputs.model_reference(params.model),
         "adapter": params.peft,
         "merged": "merged" if params.peft else None,  # pipeline("text-classification") needs full weights
         "labels": data.labels,
