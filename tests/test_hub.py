@@ -195,7 +195,8 @@ def test_refused_push_fails_the_run_with_one_clear_error(tiny_llama, tmp_path, f
     assert result.returncode == 2, output[-3000:]
     assert result.stderr.strip().splitlines()[-1] == (
         f"tunelab: error: push to someone/run at {fake_hub.url} failed: 401 Unauthorized: refused (401) for "
-        "Bearer *** (check that the token is valid and may write to this namespace)"
+        "Bearer *** (check that the token is valid and may write to this namespace). The run itself is complete in "
+        f"{project}; upload it later with `hf upload someone/run {project} --private` (huggingface_hub's CLI)"
     )
     assert "Traceback" not in output and TOKEN not in output
     assert (project / "tunelab_run.json").is_file()  # the run itself is kept, complete

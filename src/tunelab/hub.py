@@ -61,7 +61,8 @@ def push_folder(folder: str, repo_id: str, token: str | None, private: bool = Tr
     if not token:
         raise TunelabError("push_to_hub needs a token: set --token, hub.token in the config, or HF_TOKEN")
     endpoint = hub_endpoint()
-    if not hub_reachable():
+    # Probed again now, not the answer cached when the model or data was looked up hours before.
+    if not hub_reachable.__wrapped__():
         raise TunelabError(f"cannot push to {repo_id}: the hub at {endpoint} is out of reach from this machine")
     try:
         # Imported here: huggingface_hub reads HF_ENDPOINT at import; passing the endpoint keeps probe and upload

@@ -124,7 +124,13 @@ class RunFolder:
             from tunelab.hub import push_folder
 
             repo_id = params.repo_id or f"{params.username}/{final.name}"
-            log.info("pushed to %s", push_folder(str(final), repo_id, params.token))
+            try:
+                log.info("pushed to %s", push_folder(str(final), repo_id, params.token))
+            except TunelabError as err:  # the run is done: say so, and how to push it without training again
+                raise TunelabError(
+                    f"{err}. The run itself is complete in {final}; upload it later with `hf upload {repo_id} "
+                    f"{final} --private` (huggingface_hub's CLI)"
+                ) from None
         return final
 
     def finish(self) -> Path:
