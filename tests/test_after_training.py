@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tunelab.cli import main
 from tunelab.errors import TunelabError
 from tunelab.inference.chat import ChatSession, chat_loop
+from tunelab.inference.device import inference_device
 from tunelab.inference.evaluate import evaluate_run
 from tunelab.inference.generate import GenerationParams, load_run
 
@@ -36,7 +37,7 @@ def lora_run(tiny_llama, tmp_path_factory) -> Path:
             "--valid-split", "test", "--eval-strategy", "steps", "--logging-steps", "5",
             "--trainer", "sft", "--peft", "--lora-r", "8", "--lr", "3e-3", "--epochs", "1",
             "--batch-size", "4", "--gradient-accumulation", "1", "--block-size", "192", "--model-max-length", "256",
-            "--project-name", str(project), "--disable-gradient-checkpointing",
+            "--project-name", str(project), "--disable-gradient-checkpointing", "--bad-rows", "skip",
         ]
     )  # fmt: skip
     assert code == 0
@@ -72,6 +73,122 @@ def test_evaluate_a_run_on_its_own_training_data_without_a_base(lora_run):
     assert 10 <= results["rows"] <= 20 and "base_eval_loss" not in results
 
 
+def test_evaluate_skips_bad_rows_as_the_run_did(lora_run, tmp_path):
+    """The run was trained with bad_rows: skip: the evaluation split's bad rows are skipped for the sample answers
+    as they are for the loss, and the report is written."""
+    lines = (ROOT / "samples" / "alpaca.jsonl").read_text(encoding="utf-8").splitlines()[120:130]
+    (tmp_path / "test.jsonl").write_text(
+        json.dumps({"instruction": "An instruction without its output"}) + "\n" + "\n".join(lines) + "\n"
+    )
+    results = evaluate_run(lora_run, str(tmp_path), samples=2)
+    written = json.loads((lora_run / "evaluation" / "results.json").read_text())
+    assert written["data"] == results["data"] and results["rows"] >= 5
+    prompts = [sample["prompt"][0]["content"] for sample in written["samples"]]
+    assert prompts == [json.loads(line)["instruction"] for line in lines[:2]]
+
+
+def test_evaluate_answers_end_where_the_template_ends_a_turn(tmp_path_factory, tiny_llama):
+    """A run taught one answer closed by a text turn end ("[END]", several tokens): evaluate's sample answer stops
+    there, as generate's does, instead of running on into an invented next turn until max_new_tokens."""
+    from tests.test_turn_end import ANSWER, TEXT_MARKER, _taught_run
+    from tunelab.inference.generate import generate
+
+    run = _taught_run(tiny_llama, tmp_path_factory.mktemp("evaluate-turn-end"), TEXT_MARKER)
+    data = run.parent / "eval"
+    data.mkdir()
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ANSWER}]
+    (data / "test.jsonl").write_text(json.dumps({"messages": chat}) + "\n")
+    evaluate_run(run, str(data), samples=1, max_new_tokens=40)
+    sample = json.loads((run / "evaluation" / "results.json").read_text())["samples"][0]
+    model, tokenizer = load_run(run)
+    assert sample["tuned"] == ANSWER == generate(model, tokenizer, "Hi")[0]
+
+    # A report that cannot be written (here a file stands where its staging folder goes: the tests run as root,
+    # for whom no folder is read-only) is one line naming the run folder.
+    (run / ".evaluation.partial").write_text("in the way")
+    with pytest.raises(TunelabError, match=f"evaluate: cannot write the report into {run}"):
+        evaluate_run(run, str(data), samples=0)
+
+
+def test_loaded_models_run_on_the_inference_device(tiny_llama):
+    assert inference_device() == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, _ = load_run(tiny_llama)
+    assert {p.device for p in model.parameters()} == {inference_device()} and not model.training
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_generate_evaluate_and_merge_inputs_run_on_the_gpu(lora_run):
+    from tunelab.inference.generate import generate
+
+    model, tokenizer = load_run(lora_run)
+    assert {p.device.type for p in model.parameters()} == {"cuda"}
+    assert isinstance(generate(model, tokenizer, "Hello", GenerationParams(max_new_tokens=4))[0], str)
+    results = evaluate_run(lora_run, str(lora_run.parent / "data"), max_rows=4, samples=1, compare_base=True)
+    assert results["eval_loss"] > 0 and results["samples"][0]["base"] is not None
+
+
+def _bf16_run_with_small_updates(folder: Path, tokenizer) -> Path:
+    """A bfloat16 base and a LoRA adapter whose updates are mostly below half a bfloat16 rounding step of the
+    weights they change (a low learning rate's few steps look like this)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.3, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder / "base")
+    tokenizer.save_pretrained(folder / "base")
+    base = AutoModelForCausalLM.from_pretrained(folder / "base", dtype=torch.float32)
+    lora = LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
+    adapted = get_peft_model(base, lora)
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=2e-3)
+    adapted.save_pretrained(folder / "run")
+    tokenizer.save_pretrained(folder / "run")
+    return folder / "run"
+
+
+def test_merge_in_float32_keeps_small_lora_updates_that_bfloat16_rounds_away(tiny_tokenizer, tmp_path):
+    from peft import PeftModel
+
+    from tunelab.inference.export import export_run
+    from tunelab.inference.merge import merge_run
+
+    run = _bf16_run_with_small_updates(tmp_path, tiny_tokenizer)
+    ids = tiny_tokenizer("Write a short poem about the sea.", return_tensors="pt")["input_ids"]
+
+    def logits(model) -> torch.Tensor:
+        with torch.no_grad():
+            return model.eval()(ids).logits.float()
+
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    expected = logits(PeftModel.from_pretrained(base, run))  # the adapter on the base, unmerged, in float32
+    unadapted = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    effect = (logits(unadapted) - expected).abs().max()
+    # The old way: merged in the base's bfloat16, then read in float32.
+    bf16_base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.bfloat16)
+    old_error = (logits(PeftModel.from_pretrained(bf16_base, run).merge_and_unload().float()) - expected).abs().max()
+
+    merged = AutoModelForCausalLM.from_pretrained(merge_run(run, tmp_path / "merged-f32", "float32"))
+    new_error = (logits(merged) - expected).abs().max()
+    print(f"adapter effect {effect:.2e}; bf16 merge error {old_error:.2e}; f32 merge error {new_error:.2e}")
+    assert old_error > 0.3 * effect  # bfloat16 loses much of the update...
+    assert new_error < 1e-3 * effect  # ...float32 keeps it
+    default = AutoModelForCausalLM.from_pretrained(merge_run(run, tmp_path / "merged"))
+    assert default.dtype == torch.bfloat16  # saved in the base's own dtype, as before
+
+    # An f32 GGUF export of the unmerged run carries the float32 merge, not a rounded one.
+    out = export_run(run, tmp_path / "gguf" / "run.gguf", "f32")
+    exported = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name)
+    assert (logits(exported) - expected).abs().max() < 1e-3 * effect
+
+
 def test_merge_gives_a_plain_model_with_the_adapter_s_outputs(lora_run, tmp_path, capsys):
     out = tmp_path / "merged"
     assert main(["merge", "--model", str(lora_run), "--output", str(out)]) == 0
@@ -88,6 +205,10 @@ def test_merge_gives_a_plain_model_with_the_adapter_s_outputs(lora_run, tmp_path
     assert "already exists" in capsys.readouterr().err
     assert main(["merge", "--model", str(out), "--output", str(tmp_path / "again")]) == 2
     assert "no LoRA adapter to merge" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("")  # an output that cannot be written: one line naming it
+    assert main(["merge", "--model", str(lora_run), "--output", str(tmp_path / "a-file" / "merged")]) == 2
+    err = capsys.readouterr().err
+    assert f"merge: cannot write {tmp_path / 'a-file' / 'merged'}" in err and "Traceback" not in err
 
 
 def test_chat_streams_keeps_history_and_resets(lora_run):
@@ -189,3 +310,31 @@ def test_export_of_a_lora_run_merges_first_and_predicts_the_same(lora_run, tmp_p
         expected, got = adapted(ids).logits, exported(ids).logits
     assert torch.equal(expected.argmax(-1), got.argmax(-1))
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    from gguf import GGUFReader
+
+    assert GGUFReader(out).fields["general.name"].contents() == lora_run.name  # not the temporary merge's folder
+
+
+def test_predictions_to_a_folder_are_one_line(tiny_tokenizer, tmp_path):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from tunelab.inference.predict import load_classifier, write_predictions
+
+    config = LlamaConfig(
+        vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, num_labels=2, id2label={0: "no", 1: "yes"},
+        label2id={"no": 0, "yes": 1}, pad_token_id=tiny_tokenizer.eos_token_id,
+    )  # fmt: skip
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "classifier")
+    tiny_tokenizer.save_pretrained(tmp_path / "classifier")
+    model, tokenizer = load_classifier(tmp_path / "classifier")
+    assert {p.device for p in model.parameters()} == {inference_device()}
+    data = tmp_path / "texts.csv"
+    data.write_text("text\nhello there\nnot this one\n")
+    (tmp_path / "out").mkdir()
+    with pytest.raises(TunelabError, match=f"predict: --output {tmp_path / 'out'} is a folder"):
+        write_predictions(model, tokenizer, data, "text", str(tmp_path / "out"))
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(TunelabError, match="predict: cannot write"):
+        write_predictions(model, tokenizer, data, "text", str(tmp_path / "a-file" / "out.csv"))
+    assert write_predictions(model, tokenizer, data, "text", None).read_text().startswith("text,label,score,p_no")

@@ -251,19 +251,80 @@ def test_unknown_dtype(tiny_llama, tmp_path):
 
 
 def test_failed_write_leaves_no_partial_file_and_keeps_the_old_one(tiny_llama, tmp_path, monkeypatch):
+    """A full disk (simulated: the writer fails, and closing the half-written file fails again) is one line naming
+    the file; the partial file is removed all the same."""
     import gguf
 
     target = tmp_path / "tiny.gguf"
     target.write_bytes(b"the previous export")
 
-    def crash(self, **kwargs):
-        raise OSError("disk full")
+    def crash(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", crash)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(gguf.GGUFWriter, "close", crash)
+    with pytest.raises(TunelabError, match=f"cannot write {re.escape(str(target))}: No space left on device"):
         export_gguf(tiny_llama, target)
     assert [p.name for p in tmp_path.iterdir()] == ["tiny.gguf"]
     assert target.read_bytes() == b"the previous export"
+
+
+def test_an_output_that_cannot_be_written_is_one_line(tiny_llama, tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    target = tmp_path / "a-file" / "tiny.gguf"
+    with pytest.raises(TunelabError, match=f"export: cannot write {re.escape(str(target))}"):
+        export_gguf(tiny_llama, target)
+
+
+def test_the_chat_templates_turn_end_is_the_files_end_of_turn_token(tiny_llama, source, tmp_path):
+    """ChatML closes turns with <|im_end|>, the tokenizer's EOS is </s>: llama.cpp (and Ollama, LM Studio) stop at
+    the EOT token the file names, as tunelab's own generate stops at the turn end."""
+    from gguf import GGUFReader
+
+    _, tokenizer = source
+    reader = GGUFReader(export_gguf(tiny_llama, tmp_path / "tiny.gguf", "f16"))
+    meta = {key: field.contents() for key, field in reader.fields.items()}
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert im_end != tokenizer.eos_token_id
+    assert meta["tokenizer.ggml.eot_token_id"] == im_end
+    assert meta["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
+
+
+def _model_without_rows_for(tokenizer, folder: Path, vocab_size: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.3,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model
+
+
+def test_added_special_tokens_beyond_the_embedding_are_left_out(tiny_tokenizer, tmp_path, caplog):
+    """Gemma 3's tokenizer has <image_soft_token> at id 262144, its vocab_size: llama.cpp's converter leaves such
+    tokens out with a warning, and so does the export; llama.cpp then runs the file as transformers the model."""
+    import copy
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image_soft_token>"]})
+    assert tokenizer.convert_tokens_to_ids("<image_soft_token>") == len(tiny_tokenizer)
+    model = _model_without_rows_for(tokenizer, tmp_path / "model", vocab_size=len(tiny_tokenizer))
+    path = export_gguf(tmp_path / "model", tmp_path / "out.gguf", "f32")
+    assert "left out special token(s) <image_soft_token>" in caplog.text
+    ids = tokenizer(PROMPTS[2])["input_ids"]
+    expected, got = _logits(model, ids), _llama_cpp_logits(path, ids)
+    assert got.shape == expected.shape == (len(ids), len(tiny_tokenizer))
+    assert (got - expected).abs().max() < 0.01 * expected.abs().max()
+
+    # An ordinary token past the embedding rows is a tokenizer grown without resizing the model: still refused.
+    _model_without_rows_for(tiny_tokenizer, tmp_path / "short", vocab_size=len(tiny_tokenizer) - 1)
+    with pytest.raises(TunelabError, match="beyond the model's vocab_size 599"):
+        export_gguf(tmp_path / "short", tmp_path / "short.gguf", "f32")
 
 
 @pytest.fixture(scope="module")

@@ -107,8 +107,34 @@ def _parse(text: str) -> dict:
         "from": re.search(r"^FROM (.+)$", text, re.M).group(1),
         "template": re.search(r'^TEMPLATE """(.*?)"""$', text, re.M | re.S).group(1),
         "system": (m.group(1) if (m := re.search(r'^SYSTEM """(.*?)"""$', text, re.M | re.S)) else None),
-        "stops": [json.loads(v) for v in re.findall(r"^PARAMETER stop (.+)$", text, re.M)],
+        "stops": _ollama_stops(text),
     }
+
+
+def _ollama_unquote(value: str) -> str | None:
+    """Ollama's unquote (parser/parser.go): a value between one or three quotes, as it stands (no escapes)."""
+    for quote in ('"""', '"'):
+        if value.startswith(quote):
+            ends = len(value) >= 2 * len(quote) and value.endswith(quote)
+            return value[len(quote) : -len(quote)] if ends else None
+    return value
+
+
+def _ollama_stops(text: str) -> list[str]:
+    """The PARAMETER stop values as Ollama's ParseFile reads them: a value runs on over line ends until the text so
+    far (trimmed) unquotes; characters that are not printable, other than spaces and line ends, are dropped."""
+    stops, rest = [], text
+    while (start := rest.find("\nPARAMETER stop ")) != -1:
+        rest = rest[start + len("\nPARAMETER stop ") :]
+        value = ""
+        for position, char in enumerate(rest):
+            if char in "\r\n" and (read := _ollama_unquote(value.strip())) is not None:
+                stops.append(read)
+                rest = rest[position:]
+                break
+            if char.isprintable() or char in " \t\r\n":
+                value += char
+    return stops
 
 
 def _tokenizer_with(tiny_tokenizer, template: str):
@@ -169,6 +195,30 @@ def test_a_template_ollama_cannot_reproduce_is_refused(tiny_tokenizer):
     no_template.chat_template = None
     with pytest.raises(TunelabError, match="no chat template"):
         modelfile("model.gguf", no_template)
+
+
+@pytest.mark.parametrize("marker", ['["END"]', "\\end\\", "<END>\n<FIN>"], ids=["quotes", "backslashes", "new line"])
+def test_stop_strings_reach_ollama_as_they_are(tiny_tokenizer, marker):
+    """A turn end that is text (no special token) with a quote, a backslash or a line break: Ollama's Modelfile
+    parser reads no escapes, so the value is written as it is, between quotes (JSON's escapes would reach Ollama's
+    stop list as backslashes, and the model would never be stopped)."""
+    template = (
+        "{% for m in messages %}{{ m['role'] + ':\\n' + m['content'] + '\\n' + marker + '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant:\\n' }}{% endif %}"
+    )
+    tokenizer = _tokenizer_with(tiny_tokenizer, template.replace("marker", json.dumps(marker)))
+    assert _parse(modelfile("model.gguf", tokenizer))["stops"] == [marker, "</s>"]
+
+
+def test_a_stop_string_ollama_cannot_read_back_is_refused(tiny_tokenizer):
+    marker = '"END"\n"FIN"'  # the first line closes its quote: Ollama would end the value there
+    template = (
+        "{% for m in messages %}{{ m['role'] + ':\\n' + m['content'] + '\\n' + marker + '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant:\\n' }}{% endif %}"
+    )
+    tokenizer = _tokenizer_with(tiny_tokenizer, template.replace("marker", json.dumps(marker)))
+    with pytest.raises(TunelabError, match="cannot be written in a Modelfile"):
+        modelfile("model.gguf", tokenizer)
 
 
 def test_cli_writes_the_folder_llama_cpp_loads(tiny_llama, tmp_path, capsys):

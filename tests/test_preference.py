@@ -465,6 +465,12 @@ def test_dpo_run_with_precomputed_reference(tiny_llama, tmp_path):
     folder = tunelab.train(params)
     assert _falls(train_losses(folder))
     assert len(list(cache.glob("*/reference-*.npy"))) == 1  # beside the prepared data
+    # `tunelab evaluate` reads the run's data settings only: precompute_ref_log_probs belongs to its trainer.
+    from tunelab.inference.evaluate import evaluate_run
+
+    texts = _write_jsonl(tmp_path / "texts" / "test.jsonl", [{"text": row["chosen"]} for row in _hh_rows(4)])
+    results = evaluate_run(folder, str(texts.parent), samples=1, max_new_tokens=4)
+    assert results["rows"] == 4 and results["eval_loss"] > 0
 
 
 def test_orpo_answer_only_nll_by_hand(tiny_llama, tokenizer, tmp_path):
@@ -581,6 +587,9 @@ def test_reward_model_learns_and_reloads_in_plain_transformers(tiny_llama, tmp_p
     assert model.config.num_labels == 1 and model.config.pad_token_id == tokenizer.pad_token_id
     rows = _hh_rows(16)
     ours, _, eos = load_reward_model(folder)
+    from tunelab.inference.device import inference_device
+
+    assert {p.device for p in ours.parameters()} == {inference_device()}  # the GPU when there is one
     chosen = score(ours, tokenizer, [r["chosen"] for r in rows], eos)
     rejected = score(ours, tokenizer, [r["rejected"] for r in rows], eos)
     assert sum(c > r for c, r in zip(chosen, rejected, strict=True)) > len(rows) / 2
@@ -597,6 +606,15 @@ def test_reward_model_learns_and_reloads_in_plain_transformers(tiny_llama, tmp_p
     with torch.no_grad():
         plain = model(**batch).logits[0, 0].item()
     assert plain == pytest.approx(chosen[0], abs=1e-4)
+    # A sequence classifier is neither merged onto a causal LM nor exported as one: one line says so.
+    from tunelab.errors import TunelabError
+    from tunelab.inference.export import export_run
+    from tunelab.inference.merge import merge_run
+
+    for refused in (lambda: merge_run(folder, tmp_path / "merged"), lambda: export_run(folder, tmp_path / "rm.gguf")):
+        with pytest.raises(TunelabError, match=f"{folder} is a reward model"):
+            refused()
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "rm.gguf").exists()
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@
     inference/evaluate.py         loss, perplexity and samples beside the base: `tunelab evaluate`
     inference/merge.py            a LoRA adapter merged into its base: `tunelab merge`
     inference/export.py           one GGUF file for llama.cpp / Ollama, merging first: `tunelab export`
+    inference/device.py           where every loader above puts its model: the CUDA GPU when there is one
 
 Each is callable from Python with the same arguments as its command; the CLI only parses and prints.
 """

@@ -24,6 +24,17 @@ from tunelab.outputs import check_run_folder, read_run, training_params
 
 log = logging.getLogger("tunelab")
 LM_ROWS = 200  # rows a language model's loss is measured on by default (one forward pass each)
+# The saved training settings that decide how the data's rows become token ids and labels (data/__init__.py reads
+# them): columns, template, end-of-text token, what a bad row does, lengths.
+DATA_SETTINGS = (
+    "text_column",
+    "prompt_text_column",
+    "chat_template",
+    "add_eos_token",
+    "bad_rows",
+    "block_size",
+    "model_max_length",
+)
 
 
 @dataclasses.dataclass
@@ -122,8 +133,9 @@ def _data_params(folder: Path, data_path: str, split: str) -> Any:
     """The run's own data settings (columns, template, block size) pointed at the evaluation data."""
 
     saved = training_params(folder)
-    known = {f.name for f in dataclasses.fields(LLMParams)}
-    values = {k: v for k, v in saved.items() if k in known and k not in ("token", "push_to_hub")}
+    # Only what shapes the rows: the other saved settings belong to the run's own trainer (a DPO run's
+    # precompute_ref_log_probs is refused for trainer sft) or to its launch (a relative accelerate_config).
+    values = {k: saved[k] for k in DATA_SETTINGS if k in saved}
     values.update(model=str(folder), data_path=data_path, train_split=split, valid_split=None, trainer="sft")
     return LLMParams(**values)
 
@@ -138,9 +150,10 @@ def _base(model: Any, folder: Path, wanted: bool) -> tuple[Any, Any]:
     base_name = read_run(folder).get("base_model")
     if not base_name:
         raise TunelabError(f"evaluate --compare-base: {folder} does not say which base model it was trained from")
+    from tunelab.inference.device import to_inference_device
     from tunelab.models.load import load_causal_lm, resolve_model
 
-    return load_causal_lm(resolve_model(base_name)).eval(), nullcontext
+    return to_inference_device(load_causal_lm(resolve_model(base_name))), nullcontext
 
 
 def _prompts(data_path: str, params: LLMParams, split: str, count: int) -> list[tuple[Any, str]]:
@@ -150,7 +163,8 @@ def _prompts(data_path: str, params: LLMParams, split: str, count: int) -> list[
     from tunelab.data.sources import read_splits
 
     source = read_splits(data_path, split, None)["train"]
-    examples = to_examples(source, detect_format(source, params.text_column, params.prompt_text_column))
+    fmt = detect_format(source, params.text_column, params.prompt_text_column)
+    examples = to_examples(source, fmt, params.bad_rows)  # the rows the loss was measured on, bad ones as trained
     shown = []
     for example in examples[:count]:
         if "messages" in example:
@@ -164,19 +178,14 @@ def _prompts(data_path: str, params: LLMParams, split: str, count: int) -> list[
 
 
 def _answer(model: Any, tokenizer: Any, prompt: Any, max_new_tokens: int) -> str:
-    import torch
+    """The greedy answer, ended as generate ends it: at EOS or where the chat template ends a turn."""
+    from tunelab.inference.generate import GenerationParams, complete
 
+    options = GenerationParams(max_new_tokens=max_new_tokens)
     if isinstance(prompt, list):
         text = tokenizer.apply_chat_template(_merged_input(prompt), tokenize=False, add_generation_prompt=True)
-        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
-    else:
-        inputs = tokenizer(prompt, return_tensors="pt")
-    inputs = inputs.to(model.device)
-    with torch.no_grad():
-        out = model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-        )
-    return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+        return complete(model, tokenizer, text, options, add_special_tokens=False)[0]
+    return complete(model, tokenizer, prompt, options)[0]
 
 
 def _merged_input(messages: list[dict[str, str]]) -> list[dict[str, str]]:

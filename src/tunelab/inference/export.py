@@ -14,6 +14,7 @@ interrupted never leaves a half-written .gguf under the name asked for.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -53,9 +54,10 @@ def export_run(model: str | Path, output: str | Path, dtype: str = "f16") -> Pat
 
     Returns the path of the written file; raises TunelabError as `export_gguf` does, before anything is written.
     """
-    from tunelab.inference.merge import merge_run
+    from tunelab.inference.merge import check_causal_lm_run, merge_run
 
     folder = check_run_folder(model, "export")
+    check_causal_lm_run(folder, "export")
     if not (folder / "adapter_config.json").is_file():
         return export_gguf(folder, output, dtype)
     if (folder / "merged" / "config.json").is_file():
@@ -63,14 +65,15 @@ def export_run(model: str | Path, output: str | Path, dtype: str = "f16") -> Pat
     _check_dtype(dtype)  # a bad dtype is known before minutes of merging
     with tempfile.TemporaryDirectory(prefix="tunelab-merge-") as tmp:
         log.info("export: merging the LoRA adapter into its base first")
-        merged = merge_run(folder, Path(tmp) / "merged")
+        # Kept in float32 (bf16 for a bf16 file): the file's type is then the only rounding of the merged weights.
+        merged = merge_run(folder, Path(tmp) / "merged", "bfloat16" if dtype == "bf16" else "float32")
         try:
-            return export_gguf(merged, output, dtype)
+            return export_gguf(merged, output, dtype, name=folder.name)  # the run's name, not the temporary one
         except TunelabError as err:  # name the user's run, not the temporary merge
             raise TunelabError(str(err).replace(str(merged), f"{folder} (merged with its base)")) from None
 
 
-def export_gguf(model_dir: str | Path, output: str | Path, dtype: str = "f16") -> Path:
+def export_gguf(model_dir: str | Path, output: str | Path, dtype: str = "f16", name: str | None = None) -> Path:
     """Write the model in `model_dir` to one GGUF file at `output`, its weights in `dtype`.
 
     Args:
@@ -79,6 +82,7 @@ def export_gguf(model_dir: str | Path, output: str | Path, dtype: str = "f16") -
         output: the .gguf file to write (replaced if it exists; its folder is created).
         dtype: "f32", "f16" (the default), "bf16" or "q8_0" (8-bit blocks, about half the size of f16).
             Norms and other 1-D tensors stay f32 in every case, as llama.cpp expects.
+        name: the model's name in the file (general.name); default: the folder's (its run's for `merged/`).
 
     Returns:
         The path of the written file.
@@ -100,7 +104,7 @@ def export_gguf(model_dir: str | Path, output: str | Path, dtype: str = "f16") -
 
     writer = gguf.GGUFWriter(None, arch.gguf_name)
     vocab_size = add_tokenizer(writer, folder, config)
-    name = folder.parent.name if folder.name == "merged" else folder.name
+    name = name or (folder.parent.name if folder.name == "merged" else folder.name)
     add_hyperparameters(writer, config, arch, name, vocab_size)
     writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[qtype_name]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -108,10 +112,10 @@ def export_gguf(model_dir: str | Path, output: str | Path, dtype: str = "f16") -
         data, qtype = _quantize(data, gguf_name, qtype_name)
         writer.add_tensor(gguf_name, data, raw_dtype=qtype)
 
-    target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.partial")
     unquantized = target.with_name(f".{target.name}.f16.partial")
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         writer.write_header_to_file(unquantized if dtype in BY_LLAMA_CPP else partial)
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -119,12 +123,14 @@ def export_gguf(model_dir: str | Path, output: str | Path, dtype: str = "f16") -
         if dtype in BY_LLAMA_CPP:
             _quantize_with_llama_cpp(unquantized, partial, dtype)
         os.replace(partial, target)
-    except BaseException:  # interrupted too: no partial file left behind
-        writer.close()
-        partial.unlink(missing_ok=True)
-        raise
-    finally:
-        unquantized.unlink(missing_ok=True)
+    except OSError as error:  # a full disk, a read-only folder: the path, not a traceback
+        raise TunelabError(f"export: cannot write {target}: {error.strerror or error}") from error
+    finally:  # interrupted or failed too: no partial file left behind (gone after the rename when it succeeded)
+        # Each step on its own: closing after a failed write can fail again (the disk is still full), and that
+        # must not keep the partial files from being removed; nor may a folder that never existed fail here.
+        for cleanup in (writer.close, partial.unlink, unquantized.unlink):
+            with contextlib.suppress(OSError):
+                cleanup()
     log.info("export: wrote %s (%s, %.1f MB)", target, dtype, target.stat().st_size / 1e6)
     return target
 

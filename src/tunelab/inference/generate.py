@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
+from tunelab.inference.device import to_inference_device
 from tunelab.outputs import base_model_of, read_run
 
 log = logging.getLogger("tunelab")
@@ -66,8 +67,7 @@ def load_run(path: str | Path) -> tuple[Any, Any]:
         source = resolve_model(str(path))
         model = load_causal_lm(source)
         tokenizer = load_tokenizer(source, getattr(model.config, "max_position_embeddings", None))
-    model.eval()
-    return model, tokenizer
+    return to_inference_device(model), tokenizer
 
 
 def format_prompt(prompt: str, tokenizer: Any) -> str:
@@ -81,14 +81,23 @@ def format_prompt(prompt: str, tokenizer: Any) -> str:
 
 def generate(model: Any, tokenizer: Any, prompt: str, options: GenerationParams | None = None) -> list[str]:
     """Completions of one prompt (only the new text), each ended where the chat template ends a turn."""
+    text = format_prompt(prompt, tokenizer)
+    return complete(model, tokenizer, text, options, add_special_tokens=text == prompt)
+
+
+def complete(
+    model: Any, tokenizer: Any, text: str, options: GenerationParams | None = None, add_special_tokens: bool = True
+) -> list[str]:
+    """Completions of an already formatted text (only the new text), each ended at the model's EOS or where the
+    chat template ends a turn. `generate` and evaluate's sample answers both go through here.
+
+    add_special_tokens: False for a text rendered by the chat template (it holds its own BOS, if any)."""
     import torch
 
     from tunelab.models.turns import turn_end
 
     options = options or GenerationParams()
-    text = format_prompt(prompt, tokenizer)
-    templated = text != prompt
-    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not templated).to(model.device)
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=add_special_tokens).to(model.device)
     sampling = {"temperature": options.temperature, "top_k": options.top_k, "top_p": options.top_p}
     end_ids, markers = turn_end(tokenizer, model)
     # A turn-end marker of several tokens: transformers stops at its text, and it is cut from the answer below.

@@ -91,13 +91,25 @@ def add_tokenizer(writer: Any, folder: Path, config: Any) -> int:
     kind = tokenizer_kind(backend)
     vocab = tokenizer.get_vocab()
     vocab_size = config.vocab_size  # llama.cpp checks the token count and the embedding rows agree
-    if max(vocab.values()) >= vocab_size:
+    added = tokenizer.added_tokens_decoder
+    beyond = {index for index in vocab.values() if index >= vocab_size}
+    # Added special tokens past the embedding rows are left out, as llama.cpp's converter leaves them out (with a
+    # warning): Gemma 3's tokenizer has <image_soft_token> at 262144, its vocab_size. A model cannot read or write
+    # them. Any other token past the rows is a tokenizer grown without resizing the embeddings.
+    skipped = sorted(index for index in beyond if index in added and added[index].special)
+    if beyond - set(skipped):
         raise TunelabError(
-            f"export: {folder}: the tokenizer has ids up to {max(vocab.values())}, beyond the model's "
+            f"export: {folder}: the tokenizer has ids up to {max(beyond - set(skipped))}, beyond the model's "
             f"vocab_size {vocab_size} (resize the embeddings when adding tokens)"
         )
+    if skipped:
+        log.warning(
+            "export: left out special token(s) %s: their ids (%s) are beyond the model's vocab_size %d",
+            ", ".join(added[index].content for index in skipped),
+            ", ".join(map(str, skipped)),
+            vocab_size,
+        )
     by_id = {index: token for token, index in vocab.items()}
-    added = tokenizer.added_tokens_decoder
     scores = _piece_scores(folder, backend, vocab) if kind == "llama" else {}
     unk = backend.get("model", {}).get("unk_token")
     tokens, types, token_scores = [], [], []
@@ -139,8 +151,27 @@ def add_tokenizer(writer: Any, folder: Path, config: Any) -> int:
     extra = len(with_specials) > len(plain)
     special.add_special_token["bos"] = extra and with_specials[0] == tokenizer.bos_token_id
     special.add_special_token["eos"] = extra and with_specials[-1] == tokenizer.eos_token_id
+    eot = _turn_end_id(tokenizer, vocab_size)
+    if eot is not None:
+        special.special_token_ids.setdefault("eot", eot)
     special.add_to_gguf(writer, quiet=True)
     return vocab_size
+
+
+def _turn_end_id(tokenizer: Any, vocab_size: int) -> int | None:
+    """The chat template's turn-end token (`<|im_end|>` in ChatML) when it is one token other than EOS, else None.
+
+    Written as tokenizer.ggml.eot_token_id: llama.cpp (and Ollama, LM Studio) end generation at EOS and at EOT, and
+    a model fine-tuned on chats closes its answers with the turn end, often not its EOS (models/turns.py)."""
+    from tunelab.models.turns import turn_end_marker
+
+    marker = turn_end_marker(tokenizer)
+    if marker is None:
+        return None
+    ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1 or ids[0] == tokenizer.eos_token_id or ids[0] >= vocab_size:
+        return None
+    return ids[0]
 
 
 def _piece_scores(folder: Path, backend: dict, vocab: dict[str, int]) -> dict[str, float]:

@@ -1,8 +1,9 @@
 """`tunelab merge`: a LoRA run folder -> one full model (adapter merged into its base) that plain transformers loads.
 
-The base is loaded in its own dtype (a GGUF base is dequantized to float32, or to `dtype` when given), the adapter
-merged into its weights, and the result written to `<output>.partial` then renamed: a failed merge never leaves a
-folder that looks finished.
+The adapter is merged into a float32 copy of the base, and the result cast to the base's own dtype (a GGUF base is
+dequantized to float32), or to `dtype` when given. It is written to `<output>.partial` then renamed: a failed merge
+never leaves a folder that looks finished. Only causal language models are merged: a reward or text-classification
+run is a sequence classifier.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
-from tunelab.outputs import base_model_of, check_run_folder
+from tunelab.outputs import base_model_of, check_run_folder, read_run
 
 log = logging.getLogger("tunelab")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -28,6 +29,7 @@ def merge_run(path: str | Path, output: str | Path, dtype: str | None = None) ->
     from tunelab.models.peft import load_adapter, merge_into_base
 
     folder = check_run_folder(path, "merge")
+    check_causal_lm_run(folder, "merge")
     if not (folder / "adapter_config.json").is_file():
         raise TunelabError(f"merge: {folder} holds full model weights already (no LoRA adapter to merge)")
     if dtype is not None and dtype not in DTYPES:
@@ -38,19 +40,38 @@ def merge_run(path: str | Path, output: str | Path, dtype: str | None = None) ->
 
     base_name = base_model_of(folder)
     log.info("merging the adapter in %s into %s", folder, base_name)
-    base = load_causal_lm(resolve_model(base_name), dtype=getattr(torch, dtype) if dtype else None)
-    merged = merge_into_base(load_adapter(base, folder))
+    base = load_causal_lm(resolve_model(base_name))
+    wanted = getattr(torch, dtype) if dtype else base.dtype
+    # Merged in float32, then cast once: PEFT merges in the base's dtype, and in bfloat16 (8 significant bits) a
+    # LoRA update smaller than half a weight's rounding step is rounded away, in the merge and in every export
+    # made from it, f32 included.
+    merged = merge_into_base(load_adapter(base.float(), folder)).to(wanted)
     tokenizer = load_tokenizer(ModelSource(str(folder), str(folder)))
     staging = target.with_name(f".{target.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     try:
         save_full_model(merged, tokenizer, staging)
         os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    except OSError as error:  # a full disk, a read-only folder: the path, not a traceback
+        raise TunelabError(f"merge: cannot write {target}: {error.strerror or error}") from error
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone after the rename; left only by a failure
     log.info("merged model (%s) written to %s", next(merged.parameters()).dtype, target)
     return target
+
+
+def check_causal_lm_run(folder: Path, command: str) -> None:
+    """One TunelabError when the run folder holds a sequence classifier (a reward or text-classification run):
+    merging its adapter onto a causal LM would drop its score head and give a model it never was."""
+    trainer = read_run(folder).get("trainer")
+    if trainer == "reward":
+        raise TunelabError(
+            f"{command}: {folder} is a reward model (a sequence classifier that scores texts, tunelab score); "
+            f"{command} takes causal language models"
+        )
+    if trainer == "text_classification":
+        merged = " (its merged/ folder holds the full classifier)" if (folder / "merged").is_dir() else ""
+        raise TunelabError(f"{command}: {folder} is a text classifier{merged}; {command} takes causal language models")
 
 
 def save_full_model(model: Any, tokenizer: Any, folder: Path) -> None:

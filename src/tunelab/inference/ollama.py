@@ -15,6 +15,7 @@ tokens that end an assistant turn. https://github.com/ollama/ollama/blob/main/do
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -211,13 +212,30 @@ def modelfile(gguf_name: str, tokenizer: Any, system: str | None = None) -> str:
     if shape.system_prefix is None:
         log.warning("export: the chat template has no system turn; Ollama's system messages will not reach the model")
     lines = [f"FROM ./{gguf_name}", "", f'TEMPLATE """{shape.go_template()}"""', ""]
-    lines += [f"PARAMETER stop {json.dumps(token, ensure_ascii=False)}" for token in stop_tokens(shape, tokenizer)]
+    lines += [f"PARAMETER stop {_modelfile_string(token)}" for token in stop_tokens(shape, tokenizer)]
     system = system if system is not None else default_system
     if system and shape.system_prefix is not None:
         lines += ["", f'SYSTEM """{system}"""']
     if any('"""' in part for part in (shape.go_template(), system or "")):
         raise TunelabError('export: the chat template or system prompt holds """, which ends a Modelfile value')
     return "\n".join(lines) + "\n"
+
+
+def _modelfile_string(text: str) -> str:
+    """`text` as a quoted Modelfile value that Ollama reads back as `text`.
+
+    Ollama's parser (parser/parser.go: ParseFile, unquote) knows no escapes: a quoted value is the text between its
+    quotes as it stands (JSON's `\\"` or `\\n` would reach the stop list as a backslash and a letter). A value
+    may span lines: it ends at the first line end where the text so far, trailing spaces trimmed, closes its quote;
+    one starting with three quotes must end with three; characters not printable (other than spaces, tabs and line
+    ends) are dropped. A text that cannot come back whole is refused.
+    """
+    line_ends = [i for i, char in enumerate(text) if char in "\r\n"]
+    ends_early = any(text[:i].rstrip().endswith('"') for i in line_ends)
+    dropped = any(not char.isprintable() and char not in " \t\r\n" for char in text)
+    if text.startswith('""') or ends_early or dropped:
+        raise TunelabError(f"export: the stop string {text!r} cannot be written in a Modelfile (it reads no escapes)")
+    return f'"{text}"'
 
 
 def export_ollama(model: str | Path, output: str | Path, dtype: str = "f16", system: str | None = None) -> Path:
@@ -239,8 +257,14 @@ def export_ollama(model: str | Path, output: str | Path, dtype: str = "f16", sys
     export_run(folder, target / "model.gguf", dtype)
     path = target / "Modelfile"
     partial = path.with_name(".Modelfile.partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
+    try:
+        partial.write_text(text, encoding="utf-8")
+        os.replace(partial, path)
+    except OSError as error:  # a full disk: the path, not a traceback
+        raise TunelabError(f"export: cannot write {path}: {error.strerror or error}") from error
+    finally:
+        with contextlib.suppress(OSError):  # gone after the rename; left only by a failure
+            partial.unlink(missing_ok=True)
     return path
 
 

@@ -6,12 +6,14 @@ model); its config carries the label names, so predictions come out as names.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
+from tunelab.inference.device import to_inference_device
 from tunelab.outputs import training_params
 
 
@@ -28,11 +30,7 @@ def load_classifier(path: str | Path) -> tuple[Any, Any]:
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     if not any(name.endswith("ForSequenceClassification") for name in config.get("architectures") or []):
         raise TunelabError(f"{path} is not a text classifier (architectures: {config.get('architectures')})")
-    import torch
-
-    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
-    if torch.cuda.is_available():
-        model.to("cuda")
+    model = to_inference_device(AutoModelForSequenceClassification.from_pretrained(folder))
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -76,13 +74,21 @@ def write_predictions(model: Any, tokenizer: Any, data: Path, text_column: str, 
     texts = read_texts(data, text_column, "predict")
     probs = probabilities(model, tokenizer, texts)
     target = Path(output) if output else data.with_name(f"{data.stem}.predictions.csv")
+    if target.is_dir():
+        raise TunelabError(f"predict: --output {target} is a folder; give the path of the CSV file to write")
     names = list(probs[0]) if probs else []
     tmp = target.with_name(target.name + ".tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow([text_column, "label", "score", *[f"p_{name}" for name in names]])
-        for text, p in zip(texts, probs, strict=True):
-            label = max(p, key=p.get)
-            writer.writerow([text, label, f"{p[label]:.4f}", *[f"{p[name]:.4f}" for name in names]])
-    tmp.replace(target)
+    try:
+        with tmp.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow([text_column, "label", "score", *[f"p_{name}" for name in names]])
+            for text, p in zip(texts, probs, strict=True):
+                label = max(p, key=p.get)
+                writer.writerow([text, label, f"{p[label]:.4f}", *[f"{p[name]:.4f}" for name in names]])
+        tmp.replace(target)
+    except OSError as error:  # a full disk, a read-only or missing folder: the path, not a traceback
+        raise TunelabError(f"predict: cannot write {target}: {error.strerror or error}") from error
+    finally:
+        with contextlib.suppress(OSError):  # gone after the rename; left only by a failure
+            tmp.unlink(missing_ok=True)
     return target

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from tunelab.errors import TunelabError
 from tunelab.outputs import write_json
 
 REPORT_DIR = "evaluation"
@@ -19,16 +20,21 @@ def publish_report(
     """evaluation/ written beside (results.json, report.md and what `pictures(staging)` draws), then swapped in whole;
     the model card's Evaluation section replaced by `card`."""
     staging = folder / f".{REPORT_DIR}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    if pictures is not None:
-        pictures(staging)
-    write_json(staging / "results.json", results)
-    (staging / "report.md").write_text(markdown, encoding="utf-8")
     final = folder / REPORT_DIR
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(staging, final)
-    _update_model_card(folder, card)
+    try:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        if pictures is not None:
+            pictures(staging)
+        write_json(staging / "results.json", results)
+        (staging / "report.md").write_text(markdown, encoding="utf-8")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        _update_model_card(folder, card)
+    except OSError as error:  # a full disk, a read-only run folder: the path, not a traceback
+        raise TunelabError(f"evaluate: cannot write the report into {folder}: {error.strerror or error}") from error
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone after the swap; left only by a failure
     return final
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
+from tunelab.inference.device import to_inference_device
 from tunelab.outputs import base_model_of, read_run, training_params
 
 
@@ -40,7 +41,7 @@ def load_reward_model(path: str | Path) -> tuple[Any, Any, bool]:
     else:
         raise TunelabError(f"{folder} holds no model: expected a tunelab reward run folder")
     model.config.pad_token_id = tokenizer.pad_token_id
-    model.eval()
+    model = to_inference_device(model)
     trained_with = training_params(folder)
     if "block_size" in trained_with:
         tokenizer.model_max_length = trained_with["block_size"]
