@@ -46,7 +46,7 @@ from tunelab.errors import TunelabError
 
 log = logging.getLogger("tunelab")
 
-FORMAT_VERSION = 1  # raise whenever what is stored, or how it is computed, changes
+FORMAT_VERSION = 2  # raise whenever what is stored, or how it is computed, changes (2: Alpaca inputs everywhere)
 # Every parameter the data step (data/*.py) or a method's build_rows reads.
 DATA_FIELDS = (
     "data_path",
