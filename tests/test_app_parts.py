@@ -224,3 +224,18 @@ def test_only_the_parameters_that_differ_are_compared():
     for bad in ("", "1,x", "²", "9" * 20, ",".join(map(str, range(1, 10)))):
         with pytest.raises(FieldError):
             parse_job_ids(bad)
+
+
+def test_a_job_starting_frees_the_chat_models(tiny_llama, tmp_path):
+    """The chat box keeps the last run it answered with loaded; on a GPU machine that would hold memory a job
+    then trains on. The worker drops them as each job's process starts."""
+    from tunelab.app.server import create_app
+    from tunelab.inference.generate import GenerationParams
+
+    app = create_app(tmp_path / "app", start_worker=False)
+    state = app.state.tunelab
+    assert state.worker.before_job == state.chat.release
+    state.chat.answer(tiny_llama, [], "Hello", GenerationParams(max_new_tokens=2))
+    assert state.chat._loaded is not None
+    state.worker.before_job()
+    assert state.chat._loaded is None and state.chat._base is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
@@ -116,3 +117,27 @@ def test_a_token_on_the_command_line_moves_out_of_argv_into_hf_token(tiny_llama,
     assert not any("SECRET" in arg for arg in inside["argv"]), inside["argv"]
     assert "SECRET" not in result.stdout + result.stderr
     assert not any(b"SECRET" in f.read_bytes() for f in (tmp_path / "run").rglob("*") if f.is_file())
+
+
+def test_only_a_training_command_s_token_moves(monkeypatch):
+    """The app's --token is its access token, not a hub token: left where it is. A training command's, in any
+    spelling argparse takes, moves; a flag after --token is not taken for its value."""
+    from tunelab.cli import token_to_environment
+
+    monkeypatch.setenv("HF_TOKEN", "before")  # recorded: whatever the test sets is undone after it
+    monkeypatch.delenv("HF_TOKEN")
+    app = ["app", "--token", "s3cret", "--host", "0.0.0.0"]
+    assert token_to_environment(list(app)) == app and "HF_TOKEN" not in os.environ
+    for spelling in (["--token", "hf_a"], ["--token=hf_a"], ["--tok", "hf_a"], ["--toke=hf_a"]):
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        assert token_to_environment(["llm", "--train", *spelling, "--lr", "1e-4"]) == [
+            "llm",
+            "--train",
+            "--lr",
+            "1e-4",
+        ]
+        assert os.environ["HF_TOKEN"] == "hf_a"
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    assert token_to_environment(["llm", "--token", "--lr", "1"]) == ["llm", "--token", "--lr", "1"]
+    assert "HF_TOKEN" not in os.environ
+    assert token_to_environment(["--config", "c.yaml", "--token", "hf_b"]) == ["--config", "c.yaml"]

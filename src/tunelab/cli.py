@@ -427,18 +427,30 @@ def setup_logging() -> None:
         pass
 
 
+TRAINING_COMMANDS = ("llm", "text-classification")
+
+
 def token_to_environment(argv: list[str]) -> list[str]:
-    """`--token T` on a process's command line moves to HF_TOKEN, where the run's downloads (gated models, private
+    """A training command's `--token T` moves to HF_TOKEN, where the run's downloads (gated models, private
     datasets), its push and its launched processes read it: out of sys.argv (which wandb records and uploads) and
-    out of the command lines of the processes the run starts (the allocator's restart, accelerate's workers)."""
+    out of the command lines of the processes the run starts (the allocator's restart, accelerate's workers).
+    Other commands' --token (the app's access token) is theirs, and left alone."""
+    if not argv or (argv[0] not in TRAINING_COMMANDS and not argv[0].startswith("--config")):
+        return argv
+
+    def is_token_flag(arg: str) -> bool:  # argparse takes an unambiguous prefix (--tok) as the flag too
+        flag = arg.split("=", 1)[0]
+        return len(flag) >= len("--tok") and "--token".startswith(flag)
+
     out, i = [], 0
     while i < len(argv):
-        if argv[i] == "--token" and i + 1 < len(argv):
+        arg = argv[i]
+        if is_token_flag(arg) and "=" in arg:
+            os.environ["HF_TOKEN"], i = arg.split("=", 1)[1], i + 1
+        elif is_token_flag(arg) and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
             os.environ["HF_TOKEN"], i = argv[i + 1], i + 2
-        elif argv[i].startswith("--token="):
-            os.environ["HF_TOKEN"], i = argv[i].split("=", 1)[1], i + 1
         else:
-            out.append(argv[i])
+            out.append(arg)
             i += 1
     return out
 

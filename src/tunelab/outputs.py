@@ -41,7 +41,7 @@ class RunFolder:
         self.final = Path(os.path.expanduser(project_name)).absolute()
         self.staging = self.final.with_name(f".{self.final.name}.partial")
         self.lock_file = self.final.with_name(f".{self.final.name}.lock")
-        self._lock: int | None = None  # the open lock file while this process writes the run
+        self._data: tuple[str | None] | None = None  # (the data's sha256,), worked out once (data_fingerprint)
 
     def check_free(self) -> None:
         """Refuse to start when the final folder exists (nothing is written by this check)."""
@@ -57,14 +57,23 @@ class RunFolder:
         if checkpoint is None or not params.resume:
             return None
         checkpoints.check_same_run(self.staging, params)
-        checkpoints.check_same_data(self.staging, data_fingerprint(params))
+        checkpoints.check_same_data(self.staging, self.data_fingerprint(params))
         return checkpoint
+
+    def data_fingerprint(self, params: RunParams) -> str | None:
+        """The sha256 of the run's data files, hashed once (they may be gigabytes): the spines ask for it once the
+        data is checked, on every process before the model loads, so the main process does not hash while the
+        others wait for it."""
+        if self._data is None:
+            self._data = (data_fingerprint(params),)
+        return self._data[0]
 
     def start(self, params: RunParams, resume_from: Path | None) -> Path:
         """Create (or, resuming, reopen) the staging folder; an unfinished run that is not resumed is removed.
         The project is locked first: a second run of it started meanwhile would otherwise resume into the folder
         the first is writing, or remove it."""
         self.hold()
+        self.check_free()  # again, under the lock: a run of this project may have finished since prepare's check
         if resume_from is None and self.staging.exists():
             if checkpoints.checkpoints(self.staging) or (self.staging / "metrics.jsonl").exists():
                 why = "it has no complete checkpoint" if params.resume else "--resume false"
@@ -76,13 +85,13 @@ class RunFolder:
                 log.info("removed %s: a crash left it half-written", name)
             checkpoints.trim_metrics(self.staging / "metrics.jsonl", checkpoints.step_of(resume_from))
         write_json(self.staging / checkpoints.PARAMS_FILE, params.to_dict(redact=True))
-        write_json(self.staging / checkpoints.DATA_FILE, {"sha256": data_fingerprint(params)})
+        write_json(self.staging / checkpoints.DATA_FILE, {"sha256": self.data_fingerprint(params)})
         return self.staging
 
     def hold(self) -> None:
         """Lock the project for this process (an OS lock on `.<name>.lock`: the system releases it when the
         process ends, however it ends); TunelabError when another process holds it."""
-        if self._lock is not None:
+        if self.lock_file in _HELD:
             return
         fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -95,7 +104,7 @@ class RunFolder:
                 f"another run of {self.final.name} is writing to {self.staging} right now (it holds "
                 f"{self.lock_file}): wait for it to end, or choose another --project-name"
             ) from None
-        self._lock = fd
+        _HELD[self.lock_file] = fd
 
     def left_behind(self) -> str:
         """What a failed run leaves, for its error message."""
@@ -142,11 +151,20 @@ class RunFolder:
         os.replace(self.staging, self.final)
         for _, checkpoint in checkpoints.checkpoints(self.final):
             shutil.rmtree(checkpoint, ignore_errors=True)
-        if self._lock is not None:
+        if self.lock_file in _HELD:
             self.lock_file.unlink(missing_ok=True)
-            os.close(self._lock)
-            self._lock = None
+        release_locks()
         return self.final
+
+
+_HELD: dict[Path, int] = {}  # the project locks this process holds: lock file -> its open descriptor
+
+
+def release_locks() -> None:
+    """Let go of every project lock this process holds: a run ended, finished or failed (the Python API or a
+    notebook lives on after a failed run, and other processes could not run that project until it exited)."""
+    while _HELD:
+        os.close(_HELD.popitem()[1])
 
 
 def write_json(path: Path, data: Any) -> None:

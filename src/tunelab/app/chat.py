@@ -70,6 +70,18 @@ class ChatModels:
                 self._loaded = (folder, *load_classifier(folder))
             return probabilities(self._loaded[1], self._loaded[2], [text])[0]
 
+    def release(self) -> None:
+        """Drop the loaded models (a job is about to train: on a GPU machine they would hold its memory). The next
+        chat message loads its run again."""
+        with self._lock:
+            if self._loaded is None and self._base is None:
+                return
+            self._loaded = self._base = None
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def _model(self, folder: Path) -> tuple[Any, Any]:
         if self._loaded is None or self._loaded[0] != folder:
             from tunelab.inference.generate import load_run

@@ -97,7 +97,8 @@ def create_app(
         log.info("app: %d job(s) were running when the app last stopped: marked interrupted", interrupted)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters.update(FILTERS)
-    state = AppState(config, store, Worker(store, Vault(root)), ChatModels(), Exports(), templates)
+    chat = ChatModels()
+    state = AppState(config, store, Worker(store, Vault(root), before_job=chat.release), chat, Exports(), templates)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

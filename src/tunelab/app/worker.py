@@ -43,10 +43,13 @@ def staging_folder(job: dict[str, Any]) -> Path:
 class Worker:
     """Runs the store's queued jobs in order, one at a time (one device, one job)."""
 
-    def __init__(self, store: JobStore, vault: Vault, python: str = sys.executable) -> None:
+    def __init__(
+        self, store: JobStore, vault: Vault, python: str = sys.executable, before_job: Any = lambda: None
+    ) -> None:
         self.store = store
         self.vault = vault
         self.python = python
+        self.before_job = before_job  # called as each job's process starts (the app frees its chat models' GPU)
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._lock = threading.Lock()  # guards the fields below
@@ -141,6 +144,7 @@ class Worker:
         env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
         if token:
             env["HF_TOKEN"] = token
+        self.before_job()
         with (folder / LOG_FILE).open("ab") as out:
             out.write(f"$ {' '.join(command[1:])}\n".encode())
             out.flush()

@@ -100,7 +100,12 @@ class LLMParams(Params):
     max_completion_length: int | None = param(
         None, "Preference trainers: longest completion kept; grpo: tokens generated per completion (default 256)."
     )
-    padding: str = param("right", "Side to pad batches on.", ("left", "right"))
+    padding: str = param(
+        "right",
+        "Accepted for AutoTrain compatibility: tunelab pads training batches on the right whatever it says (padding "
+        "is masked out of attention and loss, and right padding keeps every row's positions from 0).",
+        ("left", "right"),
+    )
 
     # --- optimisation
     lr: float = param(3e-5, "Peak learning rate.")

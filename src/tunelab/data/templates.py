@@ -69,7 +69,7 @@ def render_conversations(conversations: list[list[dict]], source: str, tokenizer
     renders a list of conversations in one call, so its per-call work is paid once), and the last answer's end is
     the text's own (no third render). The spans are those `render_messages` finds; a template that raises for any
     conversation raises here too (the caller then renders row by row to name it)."""
-    conversations = _with_inputs(conversations, source)
+    conversations = with_inputs(conversations, source)
     texts = _render_batch(source, conversations, tokenizer, False)
     wanted: list[tuple[int, int]] = []  # (conversation, message index) of every assistant answer after the first turn
     for c, messages in enumerate(conversations):
@@ -82,7 +82,7 @@ def render_conversations(conversations: list[list[dict]], source: str, tokenizer
     return [_spans(messages, texts[c], prefixes, c, tokenizer) for c, messages in enumerate(conversations)]
 
 
-def _with_inputs(conversations: list[list[dict]], source: str) -> list[list[dict]]:
+def with_inputs(conversations: list[list[dict]], source: str) -> list[list[dict]]:
     """Alpaca rows keep their context in the user turn's `input` key, which only the alpaca template lays out (its
     `### Input:` section). Every other template (chatml, zephyr, none, a model's own) reads role and content alone
     and would silently train on the instruction without its context, so there the input joins the instruction

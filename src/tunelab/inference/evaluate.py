@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.config.llm import LLMParams
+from tunelab.data.templates import with_inputs
 from tunelab.errors import TunelabError
 from tunelab.inference.report import REPORT_DIR, publish_report
 from tunelab.outputs import check_run_folder, read_run, training_params
@@ -183,17 +184,11 @@ def _answer(model: Any, tokenizer: Any, prompt: Any, max_new_tokens: int) -> str
 
     options = GenerationParams(max_new_tokens=max_new_tokens)
     if isinstance(prompt, list):
-        text = tokenizer.apply_chat_template(_merged_input(prompt), tokenize=False, add_generation_prompt=True)
+        # An Alpaca row's input as training laid it out: the alpaca template's own section, else in the content.
+        messages = with_inputs([prompt], tokenizer.chat_template)[0]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return complete(model, tokenizer, text, options, add_special_tokens=False)[0]
     return complete(model, tokenizer, prompt, options)[0]
-
-
-def _merged_input(messages: list[dict[str, str]]) -> list[dict[str, str]]:
-    """Alpaca rows carry their `input` beside the instruction; a chat template only knows role and content."""
-    return [
-        {"role": m["role"], "content": m["content"] + (f"\n\n{m['input']}" if m.get("input") else "")}
-        for m in messages
-    ]
 
 
 def write_report(folder: Path, results: dict[str, Any], samples: list[Sample]) -> Path:

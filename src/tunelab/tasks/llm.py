@@ -164,9 +164,19 @@ def _prepare_data(params: LLMParams, method: Method, tokenizer: Any, folder: Pat
 
 def run(params: LLMParams) -> Path:
     """Run one fine-tuning job end to end and return the finished run folder."""
+    try:
+        return _run(params)
+    finally:
+        outputs.release_locks()  # a failed run's too: the process may go on (the Python API, a notebook)
+
+
+def _run(params: LLMParams) -> Path:
     prep = _with_checkpointing(prepare(params))
+    prep.folder.data_fingerprint(params)  # hashed now, by every process, not by the main one while others wait
     params = prep.params
     log.info("gradient checkpointing: %s", prep.checkpointing)
+    if params.unsloth:  # AutoTrain's flag: said, not silently dropped
+        log.info("unsloth: accepted for AutoTrain compatibility; tunelab trains with its own fast path (speed/)")
     method, folder, tokenizer, data = prep.method, prep.folder, prep.tokenizer, prep.data
     train_rows, valid_rows, stats = prep.train_rows, prep.valid_rows, prep.stats
     _report_data(params, data, stats, stats.rows if data_is_streamed(data) else len(train_rows))
@@ -185,6 +195,8 @@ def run(params: LLMParams) -> Path:
 
     check_disk_space(folder.final.parent, 2 * checkpoint_bytes(model, not params.peft), "checkpoints and outputs")
     progress = ProgressAndMetrics(folder.staging / "metrics.jsonl", perplexity=method.data == "examples")
+    if data.template_source:  # the template trained with, from the start: grpo reads its turn end (models/turns.py)
+        tokenizer.chat_template = data.template_source
     trainer = build_trainer(
         model, tokenizer, params, train_rows, valid_rows, str(folder.staging), [progress], method.trainer_class
     )

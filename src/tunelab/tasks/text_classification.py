@@ -95,8 +95,16 @@ def _longest(data: LabelledData) -> int:
 
 def run(params: TextClassificationParams) -> Path:
     """Train a sequence classifier end to end and return the finished run folder."""
+    try:
+        return _run(params)
+    finally:
+        outputs.release_locks()  # a failed run's too: the process may go on (the Python API, a notebook)
+
+
+def _run(params: TextClassificationParams) -> Path:
     prep = prepare(params)
     folder, resume_from, tokenizer, data = prep.folder, prep.resume_from, prep.tokenizer, prep.data
+    folder.data_fingerprint(params)  # hashed now, by every process, not by the main one while others wait
     _report_data(params, data)
 
     set_seed(params.seed)
