@@ -385,6 +385,9 @@ def test_sigkill_then_resume_samples_and_trains_as_the_uninterrupted_run(tiny_ll
     assert _run_child(args("straight")).returncode == 0
     killed = _run_child(args("resumed"), kill_at=2)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
+    # As if the kill had come during step 3: its samples written, its checkpoint not. They are written again.
+    samples = tmp_path / ".resumed.partial" / "completions.jsonl"
+    samples.write_text(samples.read_text() + json.dumps({"step": 3, "completion": "lost"}) + "\n")
     again = _run_child(args("resumed"))
     assert again.returncode == 0 and "resuming from" in again.stderr, again.stderr
 
@@ -395,6 +398,12 @@ def test_sigkill_then_resume_samples_and_trains_as_the_uninterrupted_run(tiny_ll
     assert sorted(got) == sorted(expected) == [1, 2, 3, 4]
     for step in expected:
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
+
+    def sampled(project: str) -> list[tuple[int, str]]:
+        lines = (tmp_path / project / "completions.jsonl").read_text().splitlines()
+        return [(r["step"], r["completion"]) for r in map(json.loads, lines)]
+
+    assert sampled("resumed") == sampled("straight")  # each step's samples once, the same as uninterrupted
 
 
 def test_an_autotrain_style_config_names_the_task_llm_grpo(tmp_path):

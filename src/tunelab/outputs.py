@@ -83,7 +83,7 @@ class RunFolder:
         if resume_from is not None:
             for name in checkpoints.drop_incomplete(self.staging):
                 log.info("removed %s: a crash left it half-written", name)
-            checkpoints.trim_metrics(self.staging / "metrics.jsonl", checkpoints.step_of(resume_from))
+            checkpoints.trim_step_logs(self.staging, checkpoints.step_of(resume_from))
         write_json(self.staging / checkpoints.PARAMS_FILE, params.to_dict(redact=True))
         write_json(self.staging / checkpoints.DATA_FILE, {"sha256": self.data_fingerprint(params)})
         return self.staging

@@ -126,9 +126,19 @@ def check_same_data(folder: Path, fingerprint: str | None) -> None:
         )
 
 
+# The per-step logs of a run folder (JSON lines with a "step"): the metrics, and grpo's sample completions.
+STEP_LOGS = ("metrics.jsonl", "completions.jsonl")
+
+
+def trim_step_logs(folder: Path, last_step: int) -> None:
+    """Every per-step log of a run resumed from `last_step`, trimmed to it."""
+    for name in STEP_LOGS:
+        trim_metrics(folder / name, last_step)
+
+
 def trim_metrics(metrics_file: Path, last_step: int) -> None:
-    """Drop the metric lines an interrupted run logged after its last checkpoint (they will be logged again), and
-    a line the interruption cut short."""
+    """Drop the lines an interrupted run logged after its last checkpoint (they will be logged again), and a line
+    the interruption cut short."""
     if not metrics_file.is_file():
         return
     kept = []
