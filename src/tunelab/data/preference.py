@@ -207,8 +207,6 @@ def _row_texts(row: dict, shape: RowShape) -> tuple[str, str, str] | None:
     if parts is None:
         return None
     prompt, chosen, rejected = parts
-    if chosen == rejected:
-        return None
     if shape.source is None:
         eos = shape.tokenizer.eos_token or ""
         return prompt, _with_eos(chosen, eos), _with_eos(rejected, eos)
