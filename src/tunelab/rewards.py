@@ -166,9 +166,19 @@ class Reward:
     weight: float = 1.0
 
 
+def reward_names(spec: str | None) -> list[str]:
+    """The reward names of a --reward-functions value: built-ins and file.py:function, comma-separated."""
+    return [name.strip() for name in (spec or "").split(",") if name.strip()]
+
+
+def is_answer_reward(name: str) -> bool:
+    """A built-in that compares completions with the data's answer column (reward_answer_column)."""
+    return name.startswith("answer_") and name in BUILTINS
+
+
 def load_rewards(params: Any, max_completion_length: int) -> list[Reward]:
     """The run's rewards from --reward-functions and --reward-weights; RewardError names the first bad one."""
-    names = [name.strip() for name in (params.reward_functions or "").split(",") if name.strip()]
+    names = reward_names(params.reward_functions)
     if not names:
         raise RewardError("grpo needs --reward-functions: built-ins (" + ", ".join(BUILTINS) + ") or file.py:function")
     weights = [1.0] * len(names)
@@ -188,7 +198,7 @@ def load_rewards(params: Any, max_completion_length: int) -> list[Reward]:
 
 def _function(name: str, params: Any, max_tokens: int) -> Callable[..., Any]:
     column = params.reward_answer_column
-    if name.startswith("answer_") and name in BUILTINS:
+    if is_answer_reward(name):
         return answer_reward(name.removeprefix("answer_"), column)
     if name == "format_tag":
         return regex_reward(r"<answer>.*?</answer>", name)

@@ -16,6 +16,7 @@ from tunelab.app.uploads import FieldError, checked_model, resolve_user_path
 from tunelab.config.llm import LLMParams
 from tunelab.config.text_classification import TextClassificationParams
 from tunelab.errors import ConfigError
+from tunelab.rewards import reward_names
 
 CLASSIFIER = "text_classification"  # the new-project form's "trainer" for a text-classification project
 
@@ -187,9 +188,8 @@ def checked_path_value(name: str, value: Any, roots: list[Path]) -> str:
     if name == "model_ref":
         return checked_model(name, value.strip(), roots)
     if name == "reward_functions":  # built-ins and file.py:function, comma-separated (rewards.py)
-        specs = [spec.strip() for spec in value.split(",") if spec.strip()]
         checked = []
-        for spec in specs:
+        for spec in reward_names(value):
             file, colon, function = spec.rpartition(":")
             checked.append(f"{resolve_user_path(name, file, roots)}:{function}" if colon else spec)
         return ",".join(checked)

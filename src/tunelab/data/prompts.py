@@ -20,7 +20,7 @@ from tunelab.data.formats import RowProblem, cell_messages, cell_text, describe_
 from tunelab.data.sources import Split, read_splits
 from tunelab.data.templates import render_template, template_source
 from tunelab.errors import DataError
-from tunelab.rewards import BUILTINS
+from tunelab.rewards import is_answer_reward, reward_names
 
 
 @dataclass
@@ -65,8 +65,7 @@ def prompt_column(split: Split, params: LLMParams) -> str:
 def _check_answer_column(split: Split, params: LLMParams) -> None:
     """The answer_* rewards compare completions with a column of the data: a file without it is found now, before
     the model loads, not at the first reward call once training has started."""
-    names = [name.strip() for name in (params.reward_functions or "").split(",")]
-    wanted = [name for name in names if name.startswith("answer_") and name in BUILTINS]
+    wanted = [name for name in reward_names(params.reward_functions) if is_answer_reward(name)]
     column = params.reward_answer_column
     if wanted and column not in split.columns:
         raise DataError(
