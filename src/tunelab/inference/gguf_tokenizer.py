@@ -163,15 +163,12 @@ def _turn_end_id(tokenizer: Any, vocab_size: int) -> int | None:
 
     Written as tokenizer.ggml.eot_token_id: llama.cpp (and Ollama, LM Studio) end generation at EOS and at EOT, and
     a model fine-tuned on chats closes its answers with the turn end, often not its EOS (models/turns.py)."""
-    from tunelab.models.turns import turn_end_marker
+    from tunelab.models.turns import turn_end_token
 
-    marker = turn_end_marker(tokenizer)
-    if marker is None:
+    token = turn_end_token(tokenizer)[1]
+    if token is None or token == tokenizer.eos_token_id or token >= vocab_size:
         return None
-    ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
-    if len(ids) != 1 or ids[0] == tokenizer.eos_token_id or ids[0] >= vocab_size:
-        return None
-    return ids[0]
+    return token
 
 
 def _piece_scores(folder: Path, backend: dict, vocab: dict[str, int]) -> dict[str, float]:

@@ -38,6 +38,15 @@ def turn_end_marker(tokenizer: Any) -> str | None:
     return after.strip() or None
 
 
+def turn_end_token(tokenizer: Any) -> tuple[str | None, int | None]:
+    """(the turn-end marker, its token id when it is one token, else None)."""
+    marker = turn_end_marker(tokenizer)
+    if marker is None:
+        return None, None
+    encoded = tokenizer(marker, add_special_tokens=False)["input_ids"]
+    return marker, encoded[0] if len(encoded) == 1 else None
+
+
 def turn_end(tokenizer: Any, model: Any = None) -> tuple[list[int], list[str]]:
     """(token ids that end generation, stop strings): the model's own end-of-sequence ids, the tokenizer's EOS,
     and the template's turn-end marker: as an id when it is one token, else as text to stop at."""
@@ -48,15 +57,12 @@ def turn_end(tokenizer: Any, model: Any = None) -> tuple[list[int], list[str]]:
             ids.append(int(value))
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
-    marker = turn_end_marker(tokenizer)
-    if marker is None:
+    marker, token = turn_end_token(tokenizer)
+    if token is not None:
+        if token not in ids:
+            ids.append(token)
         return ids, []
-    encoded = tokenizer(marker, add_special_tokens=False)["input_ids"]
-    if len(encoded) == 1:
-        if encoded[0] not in ids:
-            ids.append(encoded[0])
-        return ids, []
-    return ids, [marker]
+    return ids, [marker] if marker is not None else []
 
 
 def mark_turn_end(model: Any, tokenizer: Any) -> None:
