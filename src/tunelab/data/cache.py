@@ -85,17 +85,9 @@ def cache_root(params: Any) -> Path | None:
 
 def key_inputs(params: Any, tokenizer: Any) -> dict[str, Any] | None:
     """Everything the prepared data depends on, as JSON-able values (None: not cacheable, a hub dataset)."""
-    files = {}
-    sources = parse_sources(params.data_path) if is_mixture(params.data_path) else [None]
-    for number, source in enumerate(sources, start=1):
-        read = source.params(params) if source else params
-        for split, place in locate_splits(read.data_path, read.train_split, read.valid_split).items():
-            if not isinstance(place, Path):
-                return None
-            try:
-                files[f"{number}:{split}"] = _file_identity(place)
-            except OSError as err:  # hashed before the readers see the file: the same one line they would give
-                raise unreadable(place, err) from None
+    files = file_identities(params)
+    if files is None:
+        return None
     return {
         "format_version": FORMAT_VERSION,
         "method": params.trainer,
@@ -129,21 +121,32 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()
 
 
-def data_fingerprint(params: Any) -> str | None:
-    """One sha256 of the bytes of the run's data files (every source of a mixture, every split), or None when the
-    data is a hub dataset: what an interrupted run must find unchanged to be resumed. Contents only, not paths: the
-    same files reached from another folder are the same data."""
-    digest = hashlib.sha256()
+def file_identities(params: Any) -> dict[str, dict[str, Any]] | None:
+    """Every data file of the run (each source of a mixture, each split) by "source:split": its path, size and
+    sha256; None when the data is a hub dataset."""
+    files = {}
     sources = parse_sources(params.data_path) if is_mixture(params.data_path) else [None]
     for number, source in enumerate(sources, start=1):
         read = source.params(params) if source else params
-        for split, place in sorted(locate_splits(read.data_path, read.train_split, read.valid_split).items()):
+        for split, place in locate_splits(read.data_path, read.train_split, read.valid_split).items():
             if not isinstance(place, Path):
                 return None
             try:
-                digest.update(f"{number}:{split}:{_file_identity(place)['sha256']}|".encode())
-            except OSError as err:
+                files[f"{number}:{split}"] = _file_identity(place)
+            except OSError as err:  # hashed before the readers see the file: the same one line they would give
                 raise unreadable(place, err) from None
+    return files
+
+
+def data_fingerprint(files: dict[str, dict[str, Any]] | None) -> str | None:
+    """One sha256 of the bytes of the run's data files (`file_identities`), or None for a hub dataset: what an
+    interrupted run must find unchanged to be resumed. Contents only, not paths: the same files reached from
+    another folder are the same data."""
+    if files is None:
+        return None
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(f"{name}:{files[name]['sha256']}|".encode())
     return digest.hexdigest()
 
 

@@ -172,7 +172,9 @@ def run(params: LLMParams) -> Path:
 
 def _run(params: LLMParams) -> Path:
     prep = _with_checkpointing(prepare(params))
-    prep.folder.data_fingerprint(params)  # hashed now, by every process, not by the main one while others wait
+    # Now, by every process, not by the main one while the others wait; from the data cache's hashes when it has them.
+    hashed = prep.prepared.inputs["files"] if prep.prepared and prep.prepared.inputs else None
+    prep.folder.data_fingerprint(params, hashed)
     params = prep.params
     log.info("gradient checkpointing: %s", prep.checkpointing)
     if params.unsloth:  # AutoTrain's flag: said, not silently dropped
