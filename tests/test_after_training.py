@@ -189,6 +189,26 @@ def test_merge_in_float32_keeps_small_lora_updates_that_bfloat16_rounds_away(tin
     assert (logits(exported) - expected).abs().max() < 1e-3 * effect
 
 
+def test_merge_into_the_base_s_dtype_gives_the_float32_merge_s_bits_without_its_copy(tiny_tokenizer, tmp_path):
+    """merge_run merges into a bfloat16 base in place (no float32 copy of the model); each weight must still be
+    the float32 sum of weight and update, rounded once, bit for bit."""
+    from peft import PeftModel
+
+    from tunelab.inference.merge import merge_run
+
+    run = _bf16_run_with_small_updates(tmp_path, tiny_tokenizer)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    expected = PeftModel.from_pretrained(base, run).merge_and_unload().to(torch.bfloat16).state_dict()
+    merged = AutoModelForCausalLM.from_pretrained(merge_run(run, tmp_path / "merged")).state_dict()
+    original = AutoModelForCausalLM.from_pretrained(tmp_path / "base").state_dict()
+    assert merged.keys() == expected.keys()
+    changed = 0
+    for name, weight in merged.items():
+        assert weight.dtype == torch.bfloat16 and torch.equal(weight, expected[name]), name
+        changed += not torch.equal(weight, original[name])
+    assert changed == 8  # q, v, up and down of both layers: the adapter was merged
+
+
 def test_merge_gives_a_plain_model_with_the_adapter_s_outputs(lora_run, tmp_path, capsys):
     out = tmp_path / "merged"
     assert main(["merge", "--model", str(lora_run), "--output", str(out)]) == 0

@@ -1,9 +1,9 @@
 """`tunelab merge`: a LoRA run folder -> one full model (adapter merged into its base) that plain transformers loads.
 
-The adapter is merged into a float32 copy of the base, and the result cast to the base's own dtype (a GGUF base is
-dequantized to float32), or to `dtype` when given. It is written to `<output>.partial` then renamed: a failed merge
-never leaves a folder that looks finished. Only causal language models are merged: a reward or text-classification
-run is a sequence classifier.
+The result is in the base's own dtype (a GGUF base is dequantized to float32), or in `dtype` when given; either
+way each merged weight is rounded once, from the float32 sum of the weight and its update. It is written to
+`<output>.partial` then renamed: a failed merge never leaves a folder that looks finished. Only causal language
+models are merged: a reward or text-classification run is a sequence classifier.
 """
 
 from __future__ import annotations
@@ -42,10 +42,12 @@ def merge_run(path: str | Path, output: str | Path, dtype: str | None = None) ->
     log.info("merging the adapter in %s into %s", folder, base_name)
     base = load_causal_lm(resolve_model(base_name))
     wanted = getattr(torch, dtype) if dtype else base.dtype
-    # Merged in float32, then cast once: PEFT merges in the base's dtype, and in bfloat16 (8 significant bits) a
-    # LoRA update smaller than half a weight's rounding step is rounded away, in the merge and in every export
-    # made from it, f32 included.
-    merged = merge_into_base(load_adapter(base.float(), folder)).to(wanted)
+    # Into the base's own dtype the merge is done in place: PEFT loads the adapter in float32 and adds each float32
+    # update into its weight, rounding once, which gives the bits of a float32 merge cast at the end without a
+    # float32 copy of the model (half the memory or less). Into any other dtype it goes through float32: merged
+    # in a bfloat16 base's precision and then widened, a LoRA update smaller than half a weight's rounding step
+    # would be lost in the merge and in every export made from it, f32 included.
+    merged = merge_into_base(load_adapter(base if wanted == base.dtype else base.float(), folder)).to(wanted)
     tokenizer = load_tokenizer(ModelSource(str(folder), str(folder)))
     staging = target.with_name(f".{target.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
