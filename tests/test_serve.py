@@ -230,3 +230,44 @@ def test_network_host_warns_and_never_logs_the_key(tiny_llama, monkeypatch, capl
     with caplog.at_level("INFO", logger="tunelab"):
         serve(str(tiny_llama), host="0.0.0.0", port=0, api_key="s3cret-key")
     assert "no authentication" not in caplog.text and "s3cret-key" not in caplog.text
+
+
+def test_a_client_that_hangs_up_stops_its_generation(tiny_llama):
+    """A non-streamed answer is made off the event loop; when its client hangs up (its timeout, before a retry), the
+    generation stops at the next token instead of running on to max_tokens for no one with the model's lock held."""
+    import json
+    import urllib.request
+
+    from tunelab.inference.generate import load_run
+    from tunelab.inference.openai_api import create_app
+
+    model, tokenizer = load_run(tiny_llama)
+    steps: list[float] = []
+
+    def slow_step(module, args) -> None:  # ~20 ms a token: a whole answer takes seconds, a hang-up comes early
+        steps.append(time.monotonic())
+        time.sleep(0.02)
+
+    model.register_forward_pre_hook(slow_step)
+    body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 300, "temperature": 0}
+
+    def post(body: dict, timeout: float) -> dict:
+        request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.load(response)
+
+    with running(create_app(model, tokenizer, model_name="tiny")) as port:
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        whole = post(body, timeout=60)
+        assert whole["choices"][0]["finish_reason"] == "length"  # left alone, this prompt runs to max_tokens
+        assert len(steps) >= 300
+
+        steps.clear()
+        with pytest.raises(TimeoutError):  # the client gives up and closes its connection
+            post(body, timeout=0.5)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (not steps or time.monotonic() - steps[-1] < 1.0):
+            time.sleep(0.1)  # until the model has been idle for a second
+        assert 0 < len(steps) < 150, f"{len(steps)} tokens made after the client left"
+        short = post(body | {"max_tokens": 2}, timeout=30)  # the lock was let go
+        assert short["usage"]["completion_tokens"] == 2
