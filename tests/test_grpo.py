@@ -467,3 +467,25 @@ def test_a_reward_file_imports_as_a_module_does(tmp_path):
     (reward,) = load_rewards(params, 16)
     scores = call_reward(reward, ["p", "p"], ["the sea", "a hill"], [[1], [2]], {}, ["row 1", "row 2"])
     assert scores == [1.5, 0.5]
+
+
+def test_completions_end_at_the_turn_end_of_a_template_the_tokenizer_did_not_carry(tiny_gpt2, tmp_path, monkeypatch):
+    """A base tokenizer without a chat template, trained with tunelab's ChatML: the rollouts must stop at
+    `<|im_end|>` (what the run teaches to end an answer), not only at GPT-2's EOS, so the template has to be on the
+    tokenizer before the trainer reads its turn end."""
+    from transformers import AutoTokenizer
+
+    from tunelab.methods import grpo
+
+    end_ids: list[list[int]] = []
+    build = grpo.GRPOTrainer.__init__
+
+    def recording(self, *args, **kwargs) -> None:
+        build(self, *args, **kwargs)
+        end_ids.append(list(self.end_ids))
+
+    monkeypatch.setattr(grpo.GRPOTrainer, "__init__", recording)
+    assert main(_run(tmp_path, tiny_gpt2, "format_tag", "--chat-template", "chatml")) == 0
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
+    assert tokenizer.chat_template is None
+    assert end_ids == [[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]]
