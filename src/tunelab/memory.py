@@ -244,7 +244,7 @@ def estimate_memory(
         activations = max(forward - gradients, backward)
     if params.packing:
         notes.append("packed rows: attention masks counted roughly")
-    if params.trainer in ("dpo", "kto", "orpo", "simpo"):
+    if kind == "causal_lm" and _method_data(params) in ("pairs", "labeled"):
         notes.append(f"{params.trainer}: its loss counted as the causal LM's, roughly")
     total = weights + gradients + optimizer + activations
     return MemoryEstimate(
@@ -584,3 +584,11 @@ def _has_reference(params: RunParams) -> bool:
 
     entry = REGISTRY.get(params.trainer)
     return bool(entry and entry.reference)
+
+
+def _method_data(params: RunParams) -> str | None:
+    """What the run's method trains on (its methods.REGISTRY line's data kind), None for a text classifier."""
+    from tunelab.methods import REGISTRY
+
+    entry = REGISTRY.get(params.trainer)
+    return entry.data if entry else None

@@ -43,19 +43,19 @@ from tunelab.data.sources import locate_splits, unreadable
 from tunelab.data.store import TokenTable
 from tunelab.data.templates import BUILTIN, builtin_template
 from tunelab.errors import TunelabError
+from tunelab.methods import REGISTRY
 
 log = logging.getLogger("tunelab")
 
 FORMAT_VERSION = 2  # raise whenever what is stored, or how it is computed, changes (2: Alpaca inputs everywhere)
-# Every parameter the data step (data/*.py) or a method's build_rows reads.
+# Every parameter the data step (data/*.py) or a method's build_rows reads: these, shared by the methods, and each
+# method's own (its registry line's data_params, methods/__init__.py), for every run alike.
 DATA_FIELDS = (
     "data_path",
     "train_split",
     "valid_split",
     "text_column",
     "prompt_text_column",
-    "rejected_text_column",
-    "label_column",
     "chat_template",
     "add_eos_token",
     "completion_only_loss",
@@ -63,12 +63,7 @@ DATA_FIELDS = (
     "packing",
     "block_size",
     "model_max_length",
-    "max_prompt_length",
-    "max_completion_length",
-    # grpo: the answer_* rewards' column is checked when the prompts are read (data/prompts.py), so a cached entry
-    # must not let a run with other rewards skip that check
-    "reward_functions",
-    "reward_answer_column",
+    *dict.fromkeys(name for entry in REGISTRY.values() for name in entry.data_params),
 )
 
 

@@ -29,13 +29,23 @@ class Entry:
     summary: str
     reference: bool = False  # compared with a reference model (model_ref, or the base with the adapter off)
     params: tuple[str, ...] = ()  # the method's own parameters (LLMParams fields), shown with it in the app
+    # The parameters its data reader reads (LLMParams fields): part of the prepared-data cache's key
+    # (data/cache.py), so that a run with other values never reuses data prepared with these.
+    data_params: tuple[str, ...] = ()
 
+
+# What the pair readers read (data/preference.py; kto's data/kto.py too): the rejected answer's column, and the
+# lengths prompts and answers are cut to.
+PAIR_DATA = ("rejected_text_column", "max_prompt_length", "max_completion_length")
 
 REGISTRY: dict[str, Entry] = {
     "default": Entry("clm", "examples", "causal LM over the whole text, joined and cut into blocks of block_size"),
     "sft": Entry("sft", "examples", "supervised fine-tuning per example (optionally packed), loss on answer tokens"),
     "reward": Entry(
-        "reward", "pairs", "reward model (sequence classifier, one score) trained on chosen/rejected pairs"
+        "reward",
+        "pairs",
+        "reward model (sequence classifier, one score) trained on chosen/rejected pairs",
+        data_params=PAIR_DATA,
     ),
     "dpo": Entry(
         "dpo",
@@ -43,12 +53,14 @@ REGISTRY: dict[str, Entry] = {
         "direct preference optimization on prompt/chosen/rejected pairs (dpo_loss_type, dpo_beta)",
         reference=True,
         params=("dpo_beta", "dpo_loss_type", "dpo_loss_weights", "label_smoothing", "precompute_ref_log_probs"),
+        data_params=PAIR_DATA,
     ),
     "orpo": Entry(
         "orpo",
         "pairs",
         "odds ratio preference optimization on prompt/chosen/rejected pairs (no reference model)",
         params=("dpo_beta",),
+        data_params=PAIR_DATA,
     ),
     "kto": Entry(
         "kto",
@@ -56,12 +68,14 @@ REGISTRY: dict[str, Entry] = {
         "Kahneman-Tversky optimization: single answers marked desirable or not (kto_beta)",
         reference=True,
         params=("kto_beta", "label_column", "desirable_weight", "undesirable_weight"),
+        data_params=("label_column", *PAIR_DATA),
     ),
     "simpo": Entry(
         "simpo",
         "pairs",
         "simple preference optimization: length-normalized margin, no reference model (simpo_gamma)",
         params=("dpo_beta", "simpo_gamma", "cpo_alpha", "label_smoothing"),
+        data_params=PAIR_DATA,
     ),
     "grpo": Entry(
         "grpo",
@@ -76,6 +90,9 @@ REGISTRY: dict[str, Entry] = {
             "beta",
             "loss_type",
         ),  # fmt: skip
+        # the answer_* rewards' column is checked when the prompts are read (data/prompts.py): a cached entry must
+        # not let a run with other rewards skip that check
+        data_params=("max_prompt_length", "reward_functions", "reward_answer_column"),
     ),
 }
 
