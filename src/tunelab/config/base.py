@@ -112,6 +112,7 @@ class RunParams(Protocol):
     data_path: str
     train_split: str
     valid_split: str | None
+    valid_size: float | None
     text_column: str
     bad_rows: str
     lr: float
@@ -202,6 +203,29 @@ def check_training(params: RunParams) -> None:
     if params.push_to_hub and not (params.token or os.environ.get("HF_TOKEN")):
         # Found now, not when the run has finished training and the upload would fail.
         raise ConfigError("push_to_hub needs a token: set --token, hub.token in the config, or HF_TOKEN")
+
+
+def check_valid_size(params: RunParams) -> None:
+    """valid_size is a share of the train split (0 < x < 1) or a whole number of its examples, and the only
+    source of the validation split: not beside valid_split, nor with streaming (the examples are not counted)."""
+    size = params.valid_size
+    if size is None:
+        return
+    if not size > 0 or (size >= 1 and size != int(size)):
+        raise ConfigError(
+            f"valid_size must be a share of the train split between 0 and 1, or a whole number of its examples; "
+            f"got {size}"
+        )
+    if params.valid_split:
+        raise ConfigError(
+            f"valid_size holds validation examples out of the train split, and valid_split ({params.valid_split!r}) "
+            "names a split of its own: give one of them"
+        )
+    if getattr(params, "streaming", False):
+        raise ConfigError(
+            "valid_size draws from the train split's examples, which a streamed run does not have before training: "
+            "give a valid_split instead, or leave streaming off"
+        )
 
 
 def check_lora_variants(params: RunParams) -> None:

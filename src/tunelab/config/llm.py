@@ -22,6 +22,7 @@ from tunelab.config.base import (
     check_positive,
     check_save_steps,
     check_training,
+    check_valid_size,
     param,
 )
 from tunelab.errors import ConfigError
@@ -49,6 +50,11 @@ class LLMParams(Params):
     )
     train_split: str = param("train", "Name of the training split (the file stem inside a data folder).")
     valid_split: str | None = param(None, "Name of the validation split; none means no evaluation.")
+    valid_size: float | None = param(
+        None,
+        "For data without a validation split: hold out this share of the train split's examples (0 < x < 1), or "
+        "this many (a whole number), drawn at random with `seed`, and evaluate on them.",
+    )
     trainer: str = param(
         "default",
         "Training method: `default` (causal LM over text cut into blocks), `sft` (per example, loss on the "
@@ -383,6 +389,7 @@ class LLMParams(Params):
         check_positive(self, "model_max_length", "save_total_limit", "max_prompt_length", "checkpoint_every")
         check_save_steps(self)
         check_launch(self)
+        check_valid_size(self)
         if self.block_size == -1:
             self.block_size = min(1024, self.model_max_length)
         check_positive(self, "block_size")

@@ -19,6 +19,7 @@ from tunelab.config.base import (
     check_positive,
     check_save_steps,
     check_training,
+    check_valid_size,
     param,
 )
 from tunelab.errors import ConfigError
@@ -50,6 +51,11 @@ class TextClassificationParams(Params):
     )
     train_split: str = param("train", "Name of the training split.")
     valid_split: str | None = param(None, "Name of the validation split (evaluated every epoch); none: no evaluation.")
+    valid_size: float | None = param(
+        None,
+        "For data without a validation split: hold out this share of the train split's examples (0 < x < 1), or "
+        "this many (a whole number), drawn per label with `seed`, and evaluate on them.",
+    )
     text_column: str = param("text", "Column with the text to classify.")
     target_column: str = param("target", "Column with the label (names or integers).")
     max_seq_length: int = param(128, "Longest text in tokens; longer texts are truncated (and counted).")
@@ -131,6 +137,7 @@ class TextClassificationParams(Params):
         check_positive(self, "head_lr_ratio", "early_stopping_patience", "save_total_limit")
         check_save_steps(self)
         check_launch(self)
+        check_valid_size(self)
         if self.text_column == self.target_column:
             raise ConfigError(f"text_column and target_column are both {self.text_column!r}")
         check_training(self)

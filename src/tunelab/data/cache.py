@@ -54,6 +54,7 @@ DATA_FIELDS = (
     "data_path",
     "train_split",
     "valid_split",
+    "valid_size",
     "text_column",
     "prompt_text_column",
     "chat_template",
@@ -90,7 +91,8 @@ def key_inputs(params: Any, tokenizer: Any) -> dict[str, Any] | None:
         "tokenizer": tokenizer_hash(tokenizer),
         "builtin_templates": {name: _sha(builtin_template(name)) for name in BUILTIN},
         "options": {name: getattr(params, name) for name in DATA_FIELDS},
-        "mixture_seed": params.seed if is_mixture(params.data_path) else None,  # which rows a fraction draws
+        # which rows a mixture's fractions draw, and which examples valid_size holds out
+        "seed": params.seed if is_mixture(params.data_path) or params.valid_size is not None else None,
     }
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from tunelab.config.text_classification import TextClassificationParams
 from tunelab.data.formats import MAX_LISTED, RowProblem, cell_text, convert_rows, describe_type
+from tunelab.data.holdout import described, held_out_count, stratified_indices
 from tunelab.data.sources import Split, read_splits
 from tunelab.errors import DataError
 
@@ -105,12 +106,20 @@ def load_labelled_data(params: TextClassificationParams, tokenizer: Any) -> Labe
         )
     index = {name: i for i, name in enumerate(names)}
     origins = {n: s.origin for n, s in splits.items()}
+    if params.valid_size is not None:  # drawn per label, before tokenizing: the splits are then counted alike
+        texts, labels = read["train"]
+        count = held_out_count(params.valid_size, len(texts), origins["train"])
+        kept, held = stratified_indices(labels, count, params.seed)
+        read["train"] = [texts[i] for i in kept], [labels[i] for i in kept]
+        read["valid"] = [texts[i] for i in held], [labels[i] for i in held]
+        origins["valid"] = described(len(held), len(texts), origins["train"], params.valid_size, params.seed)
+        skipped["valid"] = 0
     data = LabelledData(train=[], valid=None, labels=names, origins=origins, skipped_rows=skipped)
     for name, (texts, labels) in read.items():
         unseen = sorted(set(labels) - set(index), key=_sort_key)
         if unseen:
             raise DataError(
-                f"{splits[name].origin}: label(s) {', '.join(map(repr, unseen[:MAX_LISTED]))} never appear in the "
+                f"{origins[name]}: label(s) {', '.join(map(repr, unseen[:MAX_LISTED]))} never appear in the "
                 f"train split ({', '.join(map(repr, names))}): the model could not learn them"
             )
         enc = tokenizer(texts, truncation=False, add_special_tokens=True)["input_ids"]
@@ -128,7 +137,7 @@ def load_labelled_data(params: TextClassificationParams, tokenizer: Any) -> Labe
             if missing:
                 log.warning(
                     "%s has no example of label(s) %s: their precision/recall cannot be measured",
-                    splits[name].origin,
+                    origins[name],
                     ", ".join(map(repr, missing)),
                 )
     return data

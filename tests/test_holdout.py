@@ -1,0 +1,139 @@
+"""valid_size: a validation split held out of a one-file dataset (data/holdout.py), for every method."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tunelab.cli import main
+from tunelab.config.llm import LLMParams
+from tunelab.errors import ConfigError
+
+SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "alpaca.jsonl"
+
+
+def _rows(path: Path, count: int) -> Path:
+    """The first `count` rows of the repo's Alpaca sample, each made unique by its number."""
+    rows = [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines()[:count]]
+    for number, row in enumerate(rows):
+        row["instruction"] = f"{number}. {row['instruction']}"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def _prepare(tiny_llama, data: Path, tmp_path: Path, **settings):
+    from tunelab.tasks.llm import prepare
+
+    settings = {"trainer": "sft", "block_size": 512, "model_max_length": 512, **settings}
+    params = LLMParams(model=str(tiny_llama), data_path=str(data), project_name=str(tmp_path / "run"), **settings)
+    return prepare(params)
+
+
+def _instructions(prep, rows) -> list[str]:
+    """The number each row of a split was given by _rows, read back from its tokens."""
+    texts = [prep.tokenizer.decode(example.input_ids) for example in rows]
+    return [text.split("### Instruction:\n", 1)[1].split(".", 1)[0] for text in texts]
+
+
+def test_valid_size_holds_examples_out_the_same_ones_for_the_same_seed(tiny_llama, tmp_path):
+    data = _rows(tmp_path / "one.jsonl", 40)
+    prep = _prepare(tiny_llama, data, tmp_path, valid_size=0.25)
+    train, valid = _instructions(prep, prep.data.train), _instructions(prep, prep.data.valid)
+    assert len(valid) == 10 and len(train) == 30
+    assert sorted(train + valid, key=int) == [str(n) for n in range(40)]  # each example on exactly one side
+    assert 0 < len(prep.valid_rows) <= 10 < len(prep.train_rows)  # rows: the examples that fit block_size
+    assert train == sorted(train, key=int)  # the rest keeps its order
+    assert prep.data.origins["valid"].startswith(f"10 of the 40 examples of {data}, held out")
+
+    again = _prepare(tiny_llama, data, tmp_path, valid_size=0.25)
+    assert again.prepared.hit and _instructions(again, again.data.valid) == valid  # from the cache, the same split
+    fresh = _prepare(tiny_llama, data, tmp_path, valid_size=0.25, no_cache=True)
+    assert _instructions(fresh, fresh.data.valid) == valid  # prepared again, the same split
+    other = _prepare(tiny_llama, data, tmp_path, valid_size=0.25, seed=7)
+    assert not other.prepared.hit and _instructions(other, other.data.valid) != valid
+    counted = _prepare(tiny_llama, data, tmp_path, valid_size=3)
+    assert not counted.prepared.hit and len(counted.data.valid) == 3 and len(counted.data.train) == 37
+
+
+def test_a_run_with_valid_size_evaluates_on_the_held_out_examples(tiny_llama, tmp_path):
+    data = _rows(tmp_path / "one.jsonl", 24)
+    out = tmp_path / "run"
+    args = ["llm", "--train", "--model", str(tiny_llama), "--data-path", str(data), "--project-name", str(out)]
+    args += ["--trainer", "sft", "--valid-size", "0.25", "--epochs", "1", "--batch-size", "6", "--lr", "1e-3"]
+    args += ["--gradient-accumulation", "1", "--block-size", "512", "--model-max-length", "512", "--peft"]
+    args += ["--logging-steps", "1"]
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["eval_loss"] > 0
+    run = json.loads((out / "tunelab_run.json").read_text())
+    assert run["data"]["valid"].startswith(f"6 of the 24 examples of {data}")
+    steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert len(steps) == 3  # 18 training examples in batches of 6: the 6 held out are not trained on
+
+
+@pytest.mark.parametrize(
+    ("trainer", "row", "settings"),
+    [
+        (
+            "dpo",
+            lambda n: {"prompt": f"Question {n}?", "chosen": f"Answer {n}.", "rejected": "No."},
+            {"text_column": "chosen"},
+        ),
+        (
+            "kto",
+            lambda n: {"prompt": f"Question {n}?", "completion": f"Answer {n}.", "label": n % 2 == 0},
+            {"text_column": "completion", "batch_size": 2},
+        ),
+        ("grpo", lambda n: {"prompt": f"Question {n}?"}, {"reward_functions": "format_tag"}),
+    ],
+)
+def test_valid_size_draws_whole_examples_for_every_kind_of_data(tiny_llama, tmp_path, trainer, row, settings):
+    """A pair (dpo), a labelled answer (kto), a prompt (grpo): each is one example, held out whole."""
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(row(n)) + "\n" for n in range(12)), encoding="utf-8")
+    prep = _prepare(tiny_llama, data, tmp_path, valid_size=4, trainer=trainer, **settings)
+    assert len(prep.data.train) == 8 and len(prep.data.valid) == 4 and len(prep.valid_rows) == 4
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"valid_size": 1.5}, "a whole number of its examples; got 1.5"),
+        ({"valid_size": -0.1}, "valid_size must be a share"),
+        ({"valid_size": 0.1, "valid_split": "valid"}, "give one of them"),
+        ({"valid_size": 0.1, "streaming": True, "max_steps": 5}, "leave streaming off"),
+    ],
+)
+def test_valid_size_values_that_cannot_work_are_refused(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        LLMParams(**settings)
+
+
+def test_holding_out_every_example_is_one_line_naming_the_file(tiny_llama, tmp_path, capsys):
+    data = _rows(tmp_path / "few.jsonl", 5)
+    args = ["llm", "--train", "--model", str(tiny_llama), "--data-path", str(data), "--trainer", "sft"]
+    assert main([*args, "--project-name", str(tmp_path / "run"), "--valid-size", "5"]) == 2
+    err = capsys.readouterr().err
+    assert f"{data}: valid_size=5 holds out 5 of its 5 examples, leaving none to train on" in err
+    assert "Traceback" not in err
+
+
+def test_a_classifier_s_valid_size_is_drawn_per_label(tiny_llama, tmp_path):
+    """Each label held out in proportion to its share, and none left without a training example."""
+    from tunelab.config.text_classification import TextClassificationParams
+    from tunelab.tasks.text_classification import prepare
+
+    data = tmp_path / "labelled.csv"
+    labels = ["good"] * 30 + ["bad"] * 8 + ["rare"] * 2
+    data.write_text("text,target\n" + "".join(f"text number {n},{label}\n" for n, label in enumerate(labels)))
+    params = TextClassificationParams(
+        model=str(tiny_llama), data_path=str(data), project_name=str(tmp_path / "run"), valid_size=0.25
+    )
+    prep = prepare(params)
+    assert dict(prep.data.counts["valid"]) == {"good": 7, "bad": 2, "rare": 1}
+    assert dict(prep.data.counts["train"]) == {"good": 23, "bad": 6, "rare": 1}
+    assert prep.data.origins["valid"].startswith(f"10 of the 40 examples of {data}")
+    again = prepare(params)
+    assert again.data.valid == prep.data.valid  # the same examples every time
