@@ -122,6 +122,7 @@ def test_dry_run_text_classification(tiny_gpt2, tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "train (" in out and "labels: negative" in out and "-> label" in out and "memory:" in out
+    assert "example 1 as trained (text -> label):" in out and "[[" not in out  # no tokens marked: no [[ ]] legend
     assert not (tmp_path / "tc").exists()
 
 

@@ -76,9 +76,9 @@ class RunPlan:
             lines.append(f"  memory: {self.memory.describe()}")
             lines.append(f"  device: {self.device}, {self.available / 2**30:.1f} GiB free: {verdict}")
         for number, example in enumerate(self.examples, start=1):
-            lines.append(
-                f"  example {number} as trained (the loss is on the tokens between {TRAINED_OPEN} {TRAINED_CLOSE}):"
-            )
+            # A classifier's example is its text and label: no tokens of it are marked.
+            marks = f"the loss is on the tokens between {TRAINED_OPEN} {TRAINED_CLOSE}"
+            lines.append(f"  example {number} as trained ({marks if TRAINED_OPEN in example else 'text -> label'}):")
             lines += ["    " + line for line in example.splitlines()]
         return "\n".join(lines)
 
