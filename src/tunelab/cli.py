@@ -151,11 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser(
         "evaluate",
-        help="a run on a data split: loss, perplexity and sample answers beside its base model; a classifier's "
-        "accuracy, macro F1 and confusion matrix",
+        help="a run on a data split: loss, perplexity and sample answers beside its base model; a preference "
+        "run's rewards/accuracies and margins on pairs; a classifier's accuracy, macro F1 and confusion matrix",
         description="Evaluate a run folder on a data split (formatted as in training); writes evaluation/ "
         "(report.md, results.json, and loss_curves.png or, for a text classifier, confusion_matrix.png) into the "
-        "run folder and adds the figures to its model card.",
+        "run folder and adds the figures to its model card. A dpo, kto, orpo, simpo or reward run given "
+        "prompt/chosen/rejected pairs (kto: its labeled answers too) is measured by the figures its training logs "
+        "(rewards/accuracies, rewards/margins, rewards/chosen, rewards/rejected, logps/*; a reward model's accuracy "
+        "and margin).",
     )
     evaluate.add_argument("--model", required=True, help="Run folder (or model folder) to evaluate.")
     evaluate.add_argument("--data-path", "--data_path", required=True, help="File or folder of the data.")
@@ -165,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-rows",
         "--max_rows",
         type=int,
-        help="Rows scored (default: 200 for a language model, all for a classifier).",
+        help="Rows scored (default: 200 for a language model, 200 pairs for a preference run, all for a classifier).",
     )
     evaluate.add_argument("--samples", type=int, default=3, help="Sample answers shown side by side (default 3).")
     evaluate.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=64)
@@ -317,7 +320,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     results = evaluate_run(
         args.model, args.data_path, args.split, args.compare_base, args.max_rows, args.samples, args.max_new_tokens
     )
-    if "accuracy" in results:  # a text classifier
+    if "method" in results:  # a preference run on pairs
+        from tunelab.inference.evaluate_preference import summary
+
+        print("\n".join(summary(results)))
+    elif "accuracy" in results:  # a text classifier
         print(
             f"accuracy {results['accuracy']:.4f}, macro F1 {results['macro_f1']:.4f} on {results['rows']} rows "
             f"(majority label: {results['majority_baseline']:.4f})"

@@ -3,7 +3,10 @@ answers side by side, and a report (Markdown + a PNG of the training and eval lo
 
 The split is read, formatted and masked exactly as in training (the run's own parameters: columns, chat
 template, block size), so the loss is the training loss's counterpart: next-token cross-entropy over the trained
-(answer) tokens only.
+(answer) tokens only. A preference run (dpo, kto, orpo, simpo, reward) given its own kind of data (pairs; kto's
+labeled answers) is measured by the figures its training logs instead (evaluate_preference.py), and a
+text-classification run by its predictions (evaluate_classifier.py); the report is written here for both kinds of
+language model.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class Sample:
     reference: str
     tuned: str
     base: str | None = None
+    rejected: str | None = None  # a preference pair's other answer
 
 
 def evaluate_run(
@@ -57,9 +61,11 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Evaluate a run folder on `data_path` (its `split`); write the report into the folder and return the results.
 
-    A text-classification run is measured by its predictions instead (evaluate_classifier.py); `max_rows` defaults
-    to LM_ROWS for language models, to every row for classifiers."""
+    A text-classification run is measured by its predictions instead (evaluate_classifier.py), a preference run on
+    pairs by its rewards (evaluate_preference.py); `max_rows` defaults to LM_ROWS for language models and reward
+    models, to every row for classifiers."""
     from tunelab.data import load_data
+    from tunelab.inference.evaluate_preference import evaluate_pairs, holds_preference_data
     from tunelab.inference.generate import load_run
 
     folder = check_run_folder(path, "evaluate")
@@ -72,9 +78,11 @@ def evaluate_run(
         if compare_base:
             log.info("evaluate: --compare-base does not apply to a classifier (its base has no trained head)")
         return evaluate_classifier(folder, data_path, split, max_rows)
-    if run_info.get("trainer") == "reward":
-        raise TunelabError(f"evaluate: {folder} is a reward model; `tunelab score` gives its scores")
     max_rows = LM_ROWS if max_rows is None else max_rows
+    if holds_preference_data(folder, data_path, split):
+        results, pairs = evaluate_pairs(folder, data_path, split, compare_base, max_rows, samples, max_new_tokens)
+        write_report(folder, results, [Sample(**sample) for sample in pairs])
+        return results
     params = _data_params(folder, data_path, split)
     model, tokenizer = load_run(folder)
     data = load_data(params, tokenizer)
@@ -142,19 +150,10 @@ def _data_params(folder: Path, data_path: str, split: str) -> Any:
 
 
 def _base(model: Any, folder: Path, wanted: bool) -> tuple[Any, Any]:
-    """The base model to compare with: the same weights with the adapter off (no second copy), or, for a fully
-    fine-tuned run, the base model loaded beside it."""
-    if not wanted:
-        return None, nullcontext
-    if hasattr(model, "disable_adapter"):
-        return model, model.disable_adapter
-    base_name = read_run(folder).get("base_model")
-    if not base_name:
-        raise TunelabError(f"evaluate --compare-base: {folder} does not say which base model it was trained from")
-    from tunelab.inference.device import to_inference_device
-    from tunelab.models.load import load_causal_lm, resolve_model
+    """The base model to compare with (evaluate_preference.load_base), when wanted."""
+    from tunelab.inference.evaluate_preference import load_base
 
-    return to_inference_device(load_causal_lm(resolve_model(base_name))), nullcontext
+    return load_base(model, folder) if wanted else (None, nullcontext)
 
 
 def _prompts(data_path: str, params: LLMParams, split: str, count: int) -> list[tuple[Any, str]]:
@@ -196,7 +195,7 @@ def write_report(folder: Path, results: dict[str, Any], samples: list[Sample]) -
     from tunelab.metrics import draw_curves
 
     curves = _curves(folder)
-    card = [f"On `{results['data']}` ({results['rows']} rows):", "", *_numbers(results)]
+    card = [f"On `{results['data']}` ({results['rows']} {results.get('unit', 'rows')}):", "", *_numbers(results)]
     if curves:
         card += ["", f"![training and eval loss]({REPORT_DIR}/loss_curves.png)"]
 
@@ -204,7 +203,8 @@ def write_report(folder: Path, results: dict[str, Any], samples: list[Sample]) -
         if curves:
             draw_curves(curves, staging / "loss_curves.png", title="loss", x_label="step", y_label="loss")
 
-    full = {**results, "samples": [dataclasses.asdict(s) for s in samples]}
+    shown = [{k: v for k, v in dataclasses.asdict(s).items() if k != "rejected" or v is not None} for s in samples]
+    full = {**results, "samples": shown}
     return publish_report(folder, full, _report_markdown(results, samples, bool(curves)), card, pictures)
 
 
@@ -221,6 +221,10 @@ def _curves(folder: Path) -> dict[str, list[tuple[float, float]]]:
 
 
 def _numbers(results: dict[str, Any]) -> list[str]:
+    if "method" in results:  # a preference run on pairs
+        from tunelab.inference.evaluate_preference import preference_table
+
+        return preference_table(results)
     lines = ["| model | eval loss | perplexity |", "| --- | --- | --- |"]
     lines.append(f"| fine-tuned | {results['eval_loss']:.4f} | {results['eval_perplexity']:.2f} |")
     if "base_eval_loss" in results:
@@ -232,10 +236,13 @@ def _numbers(results: dict[str, Any]) -> list[str]:
 
 
 def _report_markdown(results: dict[str, Any], samples: list[Sample], has_curves: bool) -> str:
+    measured = "loss over the answer tokens, as in training"
+    if "method" in results:
+        measured = f"{results['method']}'s figures, named as its training logs them"
     lines = [
         "# Evaluation",
         "",
-        f"Data: `{results['data']}`, {results['rows']} rows; loss over the answer tokens, as in training.",
+        f"Data: `{results['data']}`, {results['rows']} {results.get('unit', 'rows')}; {measured}.",
         "",
         *_numbers(results),
         "",
@@ -245,6 +252,8 @@ def _report_markdown(results: dict[str, Any], samples: list[Sample], has_curves:
     for number, sample in enumerate(samples, start=1):
         prompt = sample.prompt if isinstance(sample.prompt, str) else sample.prompt[-1]["content"]
         lines += [f"## Sample {number}", "", f"**Prompt:** {prompt}", "", f"**Reference:** {sample.reference}", ""]
+        if sample.rejected is not None:
+            lines += [f"**Rejected:** {sample.rejected}", ""]
         lines += [f"**Fine-tuned:** {sample.tuned}", ""]
         if sample.base is not None:
             lines += [f"**Base:** {sample.base}", ""]

@@ -37,9 +37,9 @@ from tunelab.methods.base import Method
 from tunelab.methods.preference import (
     PairCollator,
     PreferenceTrainer,
-    answer_logprobs,
     build_pair_rows,
     reward_metrics,
+    score_answers,
     sequence_sums,
 )
 from tunelab.models import load_reference
@@ -194,16 +194,10 @@ def score_with_reference(model: Any, rows: list[Pair], params: LLMParams) -> np.
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(params.mixed_precision or "")
     adapter_off = reference.disable_adapter() if reference is model and hasattr(model, "disable_adapter") else None
     collate = PairCollator(pad_id=0)  # padding sits after every real token and is masked: any id does
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # batches of similar lengths: little padding
-    scores = np.zeros((len(rows), 2), np.float32)
     with torch.no_grad(), adapter_off or contextlib.nullcontext():
         with torch.autocast(device.type, dtype=half, enabled=half is not None):
-            for start in range(0, len(order), params.batch_size):
-                chosen = order[start : start + params.batch_size]
-                batch = {k: v.to(device) for k, v in collate([rows[i] for i in chosen]).items()}
-                logps = answer_logprobs(reference, reference, batch, batch["labels"], fast)
-                sums, _ = sequence_sums(logps, batch["labels"])
-                scores[chosen] = torch.stack(sums.float().chunk(2), dim=1).cpu().numpy()
+            sums, _ = score_answers(reference, rows, collate, params.batch_size, fast, device)
+    scores = sums.numpy().reshape(len(rows), 2)
     reference.train(was_training)
     if reference is not model:  # model_ref was loaded for the scoring only
         del reference

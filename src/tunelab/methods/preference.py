@@ -139,6 +139,30 @@ def sequence_sums(per_token: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
     return (per_token * scored).sum(-1), scored.sum(-1)
 
 
+def score_answers(
+    model: Any, rows: list[Any], collate: Any, batch_size: int, fast: bool, device: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The summed answer log-probs and answer-token counts of every row under `model`, without gradients, as two
+    float32 / int64 tensors of shape (len(rows), k): k the sequences `collate` makes of one row (a Pair: chosen, then
+    rejected; a kto answer: 1). Rows go in batches of similar lengths (little padding). dpo's reference scoring
+    (precompute_ref_log_probs) and `tunelab evaluate` on a preference run call it."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    sums = counts = torch.zeros((0, 1))
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            chosen = order[start : start + batch_size]
+            collated = collate([rows[i] for i in chosen])
+            batch = {key: collated[key].to(device) for key in ("input_ids", "attention_mask", "labels")}
+            logps = answer_logprobs(model, model, batch, batch["labels"], fast)
+            batch_sums, batch_counts = sequence_sums(logps, batch["labels"])
+            k = len(batch_sums) // len(chosen)  # sequences per row, in blocks (every chosen, then every rejected)
+            if start == 0:
+                sums, counts = torch.zeros((len(rows), k)), torch.zeros((len(rows), k), dtype=torch.long)
+            sums[chosen] = torch.stack(batch_sums.float().chunk(k), dim=1).cpu()
+            counts[chosen] = torch.stack(batch_counts.chunk(k), dim=1).cpu()
+    return sums, counts
+
+
 def reward_metrics(
     chosen_rewards: torch.Tensor,
     rejected_rewards: torch.Tensor,

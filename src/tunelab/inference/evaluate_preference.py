@@ -1,0 +1,423 @@
+"""`tunelab evaluate` on a preference run (dpo, kto, orpo, simpo, reward): the figures TRL logs, on pairs.
+
+evaluate.py hands a run here when its method trains on pairs or labeled answers and the evaluation split holds
+that kind of data (a rejected column; for kto, a label column). The split is read by the reader training used
+(data/preference.py; data/kto.py for kto) with the run's saved columns, chat template, length limits and bad_rows,
+so every pair is formatted and cut as in training. Log-probs come from the methods' own code
+(methods/preference.score_answers), and the figures from their loss functions (dpo_loss, kto_loss, orpo_loss,
+simpo_loss, reward_loss), under TRL's names:
+
+- dpo (and kto on pairs): rewards = beta * (log p - log p_ref) summed over the answer; `rewards/accuracies` (chosen's
+  reward above rejected's), `rewards/margins`, `rewards/chosen`, `rewards/rejected`, `logps/chosen`, `logps/rejected`.
+  The reference is training's: `model_ref`, else the base (a LoRA run's adapter switched off).
+- kto on single answers: the same per answer kind (desirable: chosen), without accuracies (there are no pairs).
+- orpo, simpo: no reference; rewards = beta * the mean log-prob per answer token, as their training logs them.
+- reward: the score head's `accuracy` (score(chosen) > score(rejected)), `margin` and `mean_reward`.
+
+With compare_base the base model's figures stand beside them (`base_...`), except where the base is the reference
+the rewards are measured against (dpo, kto without model_ref): that is said instead. Sample answers are generated
+from the pairs' prompts. evaluate.py writes the report.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+from tunelab.errors import DataError, TunelabError
+from tunelab.outputs import model_reference, read_run, training_params
+
+log = logging.getLogger("tunelab")
+# The saved training settings the pair readers and the methods' figures read: columns, template, bad rows, the
+# length rules, and the methods' own parameters (the reference model, beta...).
+PAIR_SETTINGS = (
+    "text_column",
+    "prompt_text_column",
+    "rejected_text_column",
+    "label_column",
+    "chat_template",
+    "bad_rows",
+    "block_size",
+    "model_max_length",
+    "max_prompt_length",
+    "max_completion_length",
+    "batch_size",
+    "mixed_precision",
+    "fast_loss",
+    "model_ref",
+    "dpo_beta",
+    "dpo_loss_type",
+    "dpo_loss_weights",
+    "label_smoothing",
+    "kto_beta",
+    "simpo_gamma",
+    "cpo_alpha",
+)
+# Figures a method's loss function gives that depend on training's batches or switches, not on the pairs alone:
+# kto's KL estimate (each batch's answers paired with the next row's), the NLL (completion_only_loss).
+BATCH_FIGURES = ("kl", "nll_loss")
+SHOWN = (
+    "rewards/accuracies",
+    "rewards/margins",
+    "rewards/chosen",
+    "rewards/rejected",
+    "logps/chosen",
+    "logps/rejected",
+)
+REWARD_SHOWN = ("accuracy", "margin", "mean_reward")
+
+
+def holds_preference_data(folder: Path, data_path: str, split: str) -> bool:
+    """Whether `split` of `data_path` is a preference run's own kind of data: any split for a reward run, else one
+    with the run's chosen or rejected column (kto: its rejected or label column), which the pair reader then
+    checks whole. A file of texts or chats is measured as a language model instead (next-token loss), as for any
+    causal run."""
+    from tunelab.data.sources import locate_splits, stream_split
+    from tunelab.methods import REGISTRY
+
+    trainer = read_run(folder).get("trainer")
+    if trainer not in REGISTRY or REGISTRY[trainer].data not in ("pairs", "labeled"):
+        return False
+    if trainer == "reward":
+        return True
+    saved = training_params(folder)
+    columns = stream_split(locate_splits(data_path, split, None)["train"], "train").head.columns
+    wanted = [saved.get("rejected_text_column") or "rejected"]
+    if REGISTRY[trainer].data == "labeled":  # (kto's answer column is also a prompt/completion file's)
+        wanted += ["rejected", saved.get("label_column") or "label"]
+    else:  # data/preference.py reads a text_column left at "text" as "chosen"
+        wanted.append("chosen" if saved.get("text_column", "text") == "text" else saved["text_column"])
+    if any(column in columns for column in wanted):
+        return True
+    log.info(
+        "evaluate: %s holds no %s column: measured as a language model (next-token loss); a file of %s gives the "
+        "%s run's preference figures",
+        data_path,
+        " or ".join(repr(c) for c in dict.fromkeys(wanted)),
+        "pairs or labeled answers" if trainer == "kto" else "prompt/chosen/rejected pairs",
+        trainer,
+    )
+    return False
+
+
+def evaluate_pairs(
+    folder: Path, data_path: str, split: str, compare_base: bool, max_rows: int, samples: int, max_new_tokens: int
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The run's figures on the first `max_rows` pairs (kto: pairs, or labeled answers) of `split`, and sample
+    answers to the first `samples` prompts as dicts (prompt, reference, rejected, tuned, base)."""
+    import time
+
+    from tunelab.inference.generate import load_run
+
+    run = read_run(folder)
+    params = pair_params(folder, data_path, split, run["trainer"])
+    if params.trainer == "reward":
+        return _evaluate_reward(folder, params, compare_base, max_rows), []
+    model, tokenizer = load_run(folder)
+    data, rows, pairs = _read(params, tokenizer, max_rows)
+    started = time.time()
+    results = _described(folder, params, data, len(pairs) if pairs is not None else len(rows))
+    policy = _logps(model, rows, params, tokenizer)
+    reference = reference_is_base = ref_model = None
+    if params.trainer in ("dpo", "kto"):
+        ref_model, ref_context, reference_is_base, results["reference"] = _reference(model, folder, params)
+        with ref_context():
+            reference = _logps(ref_model, rows, params, tokenizer)
+    results.update(figures(params, rows, pairs, policy, reference))
+
+    base_model = base_context = None
+    if compare_base:
+        results["base_model"] = run.get("base_model")
+        if reference_is_base:
+            results["base_is_reference"] = True  # its rewards are 0 by definition: nothing to show twice
+            base_model, base_context = ref_model, _context_of(ref_model, model)
+        else:
+            base_model, base_context = load_base(model, folder)
+            with base_context():
+                base = _logps(base_model, rows, params, tokenizer)
+            results.update({f"base_{k}": v for k, v in figures(params, rows, pairs, base, reference).items()})
+    shown = _samples(model, tokenizer, rows, pairs, samples, max_new_tokens, base_model, base_context)
+    results["seconds"] = round(time.time() - started, 1)
+    return results, shown
+
+
+def pair_params(folder: Path, data_path: str, split: str, trainer: str) -> Any:
+    """The run's saved pair settings and method parameters, pointed at the evaluation data."""
+    from tunelab.config.llm import LLMParams
+
+    saved = training_params(folder)
+    values = {k: saved[k] for k in PAIR_SETTINGS if k in saved}
+    values.update(model=str(folder), data_path=data_path, train_split=split, valid_split=None, trainer=trainer)
+    return LLMParams(**values)
+
+
+def _read(params: Any, tokenizer: Any, max_rows: int) -> tuple[Any, list[Any], list[tuple[int, int]] | None]:
+    """(the reader's data, the rows to score, and for kto on pairs each pair's (desirable, undesirable) row)."""
+    if params.trainer != "kto":
+        from tunelab.data.preference import load_preference_data
+
+        data = load_preference_data(params, tokenizer)
+        rows, pairs = data.train[:max_rows], None
+    else:
+        from tunelab.data.kto import load_kto_data
+
+        data = load_kto_data(params, tokenizer)
+        rows, pairs = data.train, None
+        if "pairs" in data.columns:  # unpaired by the reader: each pair's desirable answer, then its undesirable one
+            pairs, i = [], 0
+            while i + 1 < len(rows) and len(pairs) < max_rows:
+                if rows[i].desirable and not rows[i + 1].desirable:
+                    pairs.append((i, i + 1))
+                    i += 1
+                i += 1
+            rows = rows[: pairs[-1][1] + 1] if pairs else []
+        else:
+            rows = rows[:max_rows]
+    if not rows:
+        stats = data.stats
+        raise DataError(
+            f"{data.origins['train']}: nothing to score: {stats.dropped_no_room} row(s) left no room for an answer "
+            f"(block_size {params.block_size}, max_prompt_length {params.max_prompt_length}), "
+            f"{len(stats.dropped_identical)} had chosen identical to rejected"
+        )
+    return data, rows, pairs
+
+
+def _described(folder: Path, params: Any, data: Any, count: int) -> dict[str, Any]:
+    results: dict[str, Any] = {"data": data.origins["train"], "rows": count, "model": str(folder)}
+    results["method"] = params.trainer
+    results["unit"] = "answers" if params.trainer == "kto" and "pairs" not in data.columns else "pairs"
+    results["beta"] = params.kto_beta if params.trainer == "kto" else params.dpo_beta
+    stats = data.stats
+    dropped = {
+        "bad_rows_skipped": data.skipped_rows.get("train", 0),
+        "identical": len(stats.dropped_identical),
+        "no_room": stats.dropped_no_room,
+        "prompts_truncated": stats.prompts_truncated,
+        "answers_truncated": stats.completions_truncated,
+    }
+    results["rows_left_out_or_cut"] = {k: v for k, v in dropped.items() if v}
+    return results
+
+
+def _logps(model: Any, rows: list[Any], params: Any, tokenizer: Any) -> Any:
+    """(sums, counts) of every row's answer log-probs: (N, 2) for pairs, (N, 1) for kto's answers."""
+    from tunelab.methods.preference import PairCollator, score_answers
+    from tunelab.speed.loss import fast_loss_supported
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if params.trainer == "kto":
+        from tunelab.methods.kto import KTOCollator
+
+        collate: Any = KTOCollator(pad, params.block_size)
+    else:
+        collate = PairCollator(pad)
+    fast = params.fast_loss and fast_loss_supported(model)
+    return score_answers(model, rows, collate, params.batch_size, fast, model.device)
+
+
+def figures(
+    params: Any, rows: list[Any], pairs: list[tuple[int, int]] | None, policy: Any, reference: Any
+) -> dict[str, float]:
+    """The method's figures from the policy's (sums, counts) of answer log-probs and the reference's, computed by
+    the method's own loss function over every row at once; the batch-dependent ones (BATCH_FIGURES) left out."""
+    import torch
+
+    sums, counts = policy
+    ref = reference[0] if reference is not None else None
+    none = torch.zeros(())
+    if params.trainer == "dpo":
+        from tunelab.methods.dpo import dpo_loss
+
+        _, found = dpo_loss(
+            sums[:, 0], sums[:, 1], ref[:, 0], ref[:, 1], params.dpo_beta, params.dpo_loss_types,
+            params.dpo_loss_weight_values, params.label_smoothing, counts=(counts[:, 0], counts[:, 1]),
+        )  # fmt: skip
+    elif params.trainer == "kto" and pairs is not None:  # kto on pairs: DPO's rewards with kto_beta, per pair
+        from tunelab.methods.preference import reward_metrics
+
+        good, bad = [i for i, _ in pairs], [j for _, j in pairs]
+        rewards = params.kto_beta * (sums[:, 0] - ref[:, 0])
+        found = reward_metrics(rewards[good], rewards[bad], sums[good, 0], sums[bad, 0])
+    elif params.trainer == "kto":
+        from tunelab.methods.kto import kto_loss
+
+        desirable = torch.tensor([row.desirable for row in rows], dtype=torch.bool)
+        _, found = kto_loss(sums[:, 0], ref[:, 0], none, desirable, params.kto_beta)
+    else:
+        means = sums / counts.clamp(min=1)  # orpo and simpo: per answer token
+        if params.trainer == "orpo":
+            from tunelab.methods.orpo import orpo_loss
+
+            _, found = orpo_loss(means[:, 0], means[:, 1], none, params.dpo_beta)
+        else:
+            from tunelab.methods.simpo import simpo_loss
+
+            _, found = simpo_loss(
+                means[:, 0], means[:, 1], none, params.dpo_beta, params.simpo_gamma, params.label_smoothing,
+                params.cpo_alpha,
+            )  # fmt: skip
+    return {name: round(float(value), 6) for name, value in found.items() if name not in BATCH_FIGURES}
+
+
+def _reference(model: Any, folder: Path, params: Any) -> tuple[Any, Any, bool, str]:
+    """(the reference model, the context it runs in, whether it is the base, its name), as training chose it:
+    `model_ref` when the run had one, else the base (a LoRA run's adapter switched off, no second copy)."""
+    if params.model_ref:
+        from tunelab.inference.device import to_inference_device
+        from tunelab.models import load_reference
+
+        is_base = model_reference(params.model_ref) == read_run(folder).get("base_model")
+        return to_inference_device(load_reference(params)), nullcontext, is_base, params.model_ref
+    base, context = load_base(model, folder)
+    name = "the base model with the adapter off" if base is model else str(read_run(folder).get("base_model"))
+    return base, context, True, name
+
+
+def load_base(model: Any, folder: Path) -> tuple[Any, Any]:
+    """The base model a run is compared with: the same weights with the adapter off (no second copy), or, for a
+    fully fine-tuned run, the base model loaded beside it in the run's dtype (as training's frozen copy was)."""
+    if hasattr(model, "disable_adapter"):
+        return model, model.disable_adapter
+    base_name = read_run(folder).get("base_model")
+    if not base_name:
+        raise TunelabError(f"evaluate: {folder} does not say which base model it was trained from")
+    from tunelab.inference.device import to_inference_device
+    from tunelab.models.load import load_causal_lm, resolve_model
+
+    return to_inference_device(load_causal_lm(resolve_model(base_name), dtype=model.dtype)), nullcontext
+
+
+def _context_of(base: Any, model: Any) -> Any:
+    return model.disable_adapter if base is model and hasattr(model, "disable_adapter") else nullcontext
+
+
+def _samples(
+    model: Any,
+    tokenizer: Any,
+    rows: list[Any],
+    pairs: list[tuple[int, int]] | None,
+    count: int,
+    max_new_tokens: int,
+    base: Any,
+    base_context: Any,
+) -> list[dict[str, Any]]:
+    """Answers to the first prompts, greedy and ended as `generate` ends them, beside the pair's answers."""
+    from tunelab.inference.generate import GenerationParams, complete
+
+    options = GenerationParams(max_new_tokens=max_new_tokens)
+    shown = []
+    for prompt_ids, chosen, rejected in _sample_rows(rows, pairs)[:count]:
+        text = tokenizer.decode(prompt_ids)  # as training saw it: template, BOS and all
+        sample = {
+            "prompt": tokenizer.decode(prompt_ids, skip_special_tokens=True).strip(),
+            "reference": tokenizer.decode(chosen, skip_special_tokens=True).strip() if chosen else "",
+            "rejected": tokenizer.decode(rejected, skip_special_tokens=True).strip() if rejected else None,
+            "tuned": complete(model, tokenizer, text, options, add_special_tokens=False)[0],
+            "base": None,
+        }
+        if base is not None:
+            with base_context():
+                sample["base"] = complete(base, tokenizer, text, options, add_special_tokens=False)[0]
+        shown.append(sample)
+    return shown
+
+
+def _sample_rows(rows: list[Any], pairs: list[tuple[int, int]] | None) -> list[tuple[list[int], Any, Any]]:
+    """(prompt ids, chosen ids, rejected ids) of each pair; kto's single answers as chosen or rejected."""
+    if pairs is not None:
+        return [(rows[i].prompt_ids, rows[i].completion_ids, rows[j].completion_ids) for i, j in pairs]
+    if rows and hasattr(rows[0], "desirable"):
+        return [(r.prompt_ids, *((r.completion_ids, None) if r.desirable else (None, r.completion_ids))) for r in rows]
+    return [(r.prompt_ids, r.chosen_ids, r.rejected_ids) for r in rows]
+
+
+def _evaluate_reward(folder: Path, params: Any, compare_base: bool, max_rows: int) -> dict[str, Any]:
+    """A reward model's pairwise accuracy, margin and mean reward: each pair scored as its training batches were
+    (prompt + answer ids, padded with the pad token, the score read at the last real token)."""
+    import time
+
+    import torch
+
+    from tunelab.data.preference import load_preference_data
+    from tunelab.inference.score import load_reward_model
+    from tunelab.methods.preference import PairCollator
+    from tunelab.methods.reward import reward_loss
+
+    if compare_base:
+        log.info("evaluate: --compare-base does not apply to a reward model (its base has no trained score head)")
+    model, tokenizer, _ = load_reward_model(folder)
+    data = load_preference_data(params, tokenizer)
+    started = time.time()
+    rows = data.train[:max_rows]
+    if not rows:
+        raise DataError(f"{data.origins['train']}: nothing to score: no pair left room for an answer")
+    results = _described(folder, params, data, len(rows))
+    del results["beta"]
+    collate = PairCollator(tokenizer.pad_token_id)  # the pad id the score head looks past, as in training
+    scores = []
+    with torch.no_grad():
+        for start in range(0, len(rows), params.batch_size):
+            batch = {k: v.to(model.device) for k, v in collate(rows[start : start + params.batch_size]).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            scores.append(torch.stack(logits.logits.squeeze(-1).float().chunk(2), dim=1).cpu())
+    chosen, rejected = torch.cat(scores).unbind(1)
+    _, found = reward_loss(chosen, rejected)
+    results.update({name: round(float(value), 6) for name, value in found.items()})
+    results["seconds"] = round(time.time() - started, 1)
+    return results
+
+
+def preference_table(results: dict[str, Any]) -> list[str]:
+    """The report's Markdown table of the figures, fine-tuned and base (or what the base is)."""
+    if results["method"] == "reward":
+        lines = ["| model | accuracy | margin | mean reward |", "| --- | --- | --- | --- |"]
+        return lines + ["| reward model | " + " | ".join(f"{results[k]:.4f}" for k in REWARD_SHOWN) + " |"]
+    names = [name for name in SHOWN if name in results]
+    lines = ["| model | " + " | ".join(names) + " |", "| --- " * (len(names) + 1) + "|"]
+    lines.append("| fine-tuned | " + " | ".join(f"{results[name]:.4f}" for name in names) + " |")
+    if any(f"base_{name}" in results for name in names):
+        cells = [f"{results[f'base_{name}']:.4f}" if f"base_{name}" in results else "" for name in names]
+        lines.append(f"| base ({results.get('base_model')}) | " + " | ".join(cells) + " |")
+    notes = _notes(results)
+    return lines + ["", *notes] if notes else lines
+
+
+def _notes(results: dict[str, Any]) -> list[str]:
+    method = results["method"]
+    notes = []
+    if method in ("dpo", "kto"):
+        notes.append(
+            f"Rewards are beta x (log p - log p_ref), summed over the answer tokens (beta {results['beta']}; "
+            f"reference: {results['reference']})."
+        )
+    elif method in ("orpo", "simpo"):
+        notes.append(
+            f"Rewards are beta x the mean log-prob per answer token (beta {results['beta']}; logps/*: that mean), "
+            f"as {method} logs them."
+        )
+    if results.get("base_is_reference"):
+        notes.append(
+            f"Base ({results.get('base_model')}): the reference the rewards are measured against (its rewards are 0)."
+        )
+    return notes
+
+
+def summary(results: dict[str, Any]) -> list[str]:
+    """What `tunelab evaluate` prints for a preference run: one line of figures, one for the base."""
+    count = f"{results['rows']} {results['unit']}"
+    if results["method"] == "reward":
+        return [
+            f"reward model on {count}: accuracy {results['accuracy']:.4f}, margin {results['margin']:.4f} "
+            f"(mean reward {results['mean_reward']:.4f})"
+        ]
+    shown = ", ".join(f"{name} {results[name]:.4f}" for name in SHOWN if name in results)
+    lines = [f"{results['method']} on {count}: {shown}"]
+    base = ", ".join(f"{name} {results[f'base_{name}']:.4f}" for name in SHOWN if f"base_{name}" in results)
+    if base:
+        lines.append(f"base: {base}")
+    elif results.get("base_is_reference"):
+        lines.append(f"base: {results.get('base_model')} is the reference the rewards are measured against")
+    return lines
