@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -261,12 +264,207 @@ def test_failed_write_leaves_no_partial_file_and_keeps_the_old_one(tiny_llama, t
     def crash(self, *args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", crash)
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", crash)
     monkeypatch.setattr(gguf.GGUFWriter, "close", crash)
     with pytest.raises(TunelabError, match=f"cannot write {re.escape(str(target))}: No space left on device"):
         export_gguf(tiny_llama, target)
     assert [p.name for p in tmp_path.iterdir()] == ["tiny.gguf"]
     assert target.read_bytes() == b"the previous export"
+
+
+# Run in a fresh process so the figure is the export's alone: a first export of the tiny model loads every module
+# and cache an export uses, then the peak resident size (Linux VmHWM, reset through clear_refs) is taken over the
+# export of the bigger model and reported as its growth over the resident size before it.
+PEAK_SCRIPT = """
+import json, sys
+from tunelab.inference.export import export_gguf
+
+def status(key):
+    with open("/proc/self/status") as lines:
+        return next(int(line.split()[1]) * 1024 for line in lines if line.startswith(key + ":"))
+
+warm_up, model, output = sys.argv[1:]
+export_gguf(warm_up, output + ".warm-up", "f16")
+with open("/proc/self/clear_refs", "w") as refs:
+    refs.write("5")
+before = status("VmRSS")
+export_gguf(model, output, "f16")
+print(json.dumps({"growth": status("VmHWM") - before}))
+"""
+
+
+@pytest.fixture(scope="module")
+def bigger_llama(tiny_tokenizer, tmp_path_factory) -> Path:
+    """A Llama of 12 layers with 512-wide hidden states: 163 MB of float32 weights, none over 3.2 MB."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tiny_tokenizer), hidden_size=512, intermediate_size=1536, num_hidden_layers=12,
+        num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512, tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("bigger-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="measures Linux's peak resident size")
+def test_export_writes_tensor_by_tensor_holding_about_one(tiny_llama, bigger_llama, tmp_path):
+    """Each tensor's data is written before the next is read: the export's peak memory grows by a few tensors,
+    not by the model. Measured: 5 MB; queuing every converted array until the file was written (gguf's add_tensor,
+    as the export did before) grew it by 254 MB, the f16 arrays (82 MB) and the mapped weights' pages (163 MB)."""
+    output = tmp_path / "bigger.gguf"
+    done = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT, str(tiny_llama), str(bigger_llama), str(output)],
+        capture_output=True, text=True, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+    )  # fmt: skip
+    growth = json.loads(done.stdout.splitlines()[-1])["growth"]
+    weights = sum(path.stat().st_size for path in bigger_llama.glob("*.safetensors"))
+    assert weights > 150e6 and output.stat().st_size > 80e6  # the model is big enough for the difference to show
+    assert growth < output.stat().st_size / 4, f"peak grew by {growth / 1e6:.0f} MB"
+
+
+def _family_folder(name: str, tokenizer, folder: Path) -> Path:
+    """The family's tiny model of tests/model_matrix.py, saved; two variants its configs do not make: a Qwen3-MoE
+    checkpoint with its experts fused per layer (gate_up_proj, down_proj), and a Llama sharded into several files
+    whose down projections' rows (80 values) are not whole Q8_0 blocks (32 values): they fall back to f16."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from tests.model_matrix import family_configs
+
+    configs = family_configs(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    configs["llama (odd rows)"] = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+    )  # fmt: skip
+    config = configs[name.replace(" (fused experts)", "")]
+    torch.manual_seed(0)
+    shards = {"max_shard_size": "50KB"} if "odd rows" in name else {}
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder, **shards)
+    tokenizer.save_pretrained(folder)
+    if "fused experts" in name:
+        weights = load_file(folder / "model.safetensors")
+        fused = {key: value for key, value in weights.items() if ".experts." not in key}
+        for layer in range(config.num_hidden_layers):
+            prefix = f"model.layers.{layer}.mlp.experts"
+            gate, up, down = (
+                torch.stack([weights[f"{prefix}.{e}.{part}.weight"] for e in range(config.num_experts)])
+                for part in ("gate_proj", "up_proj", "down_proj")
+            )
+            fused[f"{prefix}.gate_up_proj"] = torch.cat([gate, up], dim=1).contiguous()  # (experts, 2 * ff, hidden)
+            fused[f"{prefix}.down_proj"] = down.contiguous()
+        save_file(fused, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def _families() -> list[str]:
+    from tests.model_matrix import family_configs
+
+    return [*family_configs(8, 0, 1), "qwen3_moe (fused experts)", "llama (odd rows)"]
+
+
+@pytest.mark.parametrize("family", _families())
+def test_the_planned_tensor_infos_are_the_data_written(tiny_tokenizer, tmp_path, family):
+    """The file's tensor infos are written from a first pass over the weights' shapes, the data from a second:
+    for every family (and every transform: Q/K rows, Conv1D, 1 + w norms, experts stacked or split, llama3's
+    rope_freqs, tied heads), the second pass gives the names, shapes and order the first planned, and the file read
+    back holds them with the planned types and sizes."""
+    from gguf import GGMLQuantizationType, GGUFReader
+    from transformers import AutoConfig
+
+    from tunelab.inference.export import plan_tensors
+    from tunelab.inference.gguf_architectures import architecture_of, tensors
+
+    folder = _family_folder(family, tiny_tokenizer, tmp_path / "tiny")
+    config = AutoConfig.from_pretrained(folder)
+    arch = architecture_of(config)
+    plan = plan_tensors(folder, config, arch, "Q8_0")
+    files = sorted(folder.glob("*.safetensors"))
+    data = [(name, array.shape, str(array.dtype)) for name, array in tensors(folder, files, config, arch)]
+    assert data == [(t.name, t.shape, "float32") for t in plan]
+
+    reader = GGUFReader(export_gguf(folder, tmp_path / "tiny.gguf", "q8_0"))
+    written = [
+        (t.name, tuple(int(n) for n in reversed(t.shape)), t.tensor_type, int(t.n_bytes)) for t in reader.tensors
+    ]
+    assert written == [(t.name, t.shape, t.qtype, t.nbytes) for t in plan]  # (gguf lists dimensions innermost first)
+    types = {t.qtype for t in plan}
+    assert GGMLQuantizationType.Q8_0 in types and GGMLQuantizationType.F32 in types
+    assert (GGMLQuantizationType.F16 in types) == ("odd rows" in family)
+
+
+def _permuted(weights: torch.Tensor, heads: int) -> torch.Tensor:
+    # LlamaModel.permute of convert_hf_to_gguf.py, written out again here so the test does not take the exporter's
+    return weights.reshape(heads, 2, weights.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(weights.shape)
+
+
+def _expected_llama_cpp_tensors(folder: Path) -> dict:
+    """What llama.cpp's converter makes of a tiny Llama or Qwen3-MoE folder, in float32, re-derived from the
+    safetensors for the test: the tensor names of gguf's own table, Llama's Q/K rows, the experts stacked."""
+    import gguf
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen3_moe": gguf.MODEL_ARCH.QWEN3MOE}[config.model_type]
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    weights = load_file(folder / "model.safetensors")
+    expected = {}
+    for key, value in weights.items():
+        if ".experts." in key or (key == "lm_head.weight" and config.tie_word_embeddings):
+            continue
+        if config.model_type == "llama" and key.endswith("q_proj.weight"):
+            value = _permuted(value, config.num_attention_heads)
+        elif config.model_type == "llama" and key.endswith("k_proj.weight"):
+            value = _permuted(value, config.num_key_value_heads)
+        expected[names.get_name(key, try_suffixes=(".weight",))] = value
+    for layer in range(config.num_hidden_layers if config.model_type == "qwen3_moe" else 0):
+        for part, gguf_part in [("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down")]:
+            experts = [
+                weights[f"model.layers.{layer}.mlp.experts.{e}.{part}.weight"] for e in range(config.num_experts)
+            ]
+            expected[f"blk.{layer}.ffn_{gguf_part}_exps.weight"] = torch.stack(experts)
+    return {name: value.float().numpy() for name, value in expected.items()}
+
+
+@pytest.mark.parametrize("dtype", ["f16", "q8_0"])
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_every_tensor_in_the_file_is_its_weights_converted(tiny_llama, tiny_tokenizer, tmp_path, family, dtype):
+    """Read back, each tensor's bytes are the source weights after llama.cpp's transforms, in the file's type: the
+    streamed writing puts every tensor's data at the offset its info gives (the file was also checked byte for byte
+    against the exporter that queued every tensor, on these models and dtypes, when streaming was written)."""
+    from gguf import GGMLQuantizationType, GGUFReader, quants
+
+    folder = tiny_llama if family == "llama" else _family_folder(family, tiny_tokenizer, tmp_path / "tiny")
+    expected = _expected_llama_cpp_tensors(folder)
+    reader = GGUFReader(export_gguf(folder, tmp_path / "tiny.gguf", dtype))
+    assert sorted(t.name for t in reader.tensors) == sorted(expected)
+    kept_f32 = {name for name, value in expected.items() if value.ndim == 1 or name.endswith("ffn_gate_inp.weight")}
+    for tensor in reader.tensors:
+        qtype = GGMLQuantizationType.F32 if tensor.name in kept_f32 else GGMLQuantizationType[dtype.upper()]
+        assert tensor.tensor_type == qtype, tensor.name
+        assert tensor.data.tobytes() == quants.quantize(expected[tensor.name], qtype).tobytes(), tensor.name
+
+
+def test_weights_that_disagree_with_the_plan_are_refused_not_written(tiny_llama, tmp_path, monkeypatch):
+    """Should a family's rules ever give the second pass another shape than the first planned, the export stops
+    with one line and leaves nothing, rather than write a file whose tensor infos lie."""
+    from tunelab.inference import export
+
+    real = export.tensors
+
+    def transposed_in_the_data_pass(*args, shapes_only=False):
+        for name, data in real(*args, shapes_only=shapes_only):
+            yield name, (data if shapes_only or name != "blk.1.ffn_up.weight" else data.T)
+
+    monkeypatch.setattr(export, "tensors", transposed_in_the_data_pass)
+    target = tmp_path / "tiny.gguf"
+    with pytest.raises(TunelabError, match=re.escape("the weights gave blk.1.ffn_up.weight [64, 128] where the file's "
+                                                     "tensor infos say blk.1.ffn_up.weight [128, 64]")):  # fmt: skip
+        export_gguf(tiny_llama, target, "f16")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_output_that_cannot_be_written_is_one_line(tiny_llama, tmp_path):

@@ -10,6 +10,13 @@ types, the file's safety and the order of the steps.
 
 The file is written beside its final name and renamed into place at the end, so an export that fails or is
 interrupted never leaves a half-written .gguf under the name asked for.
+
+Tensors are streamed, as convert_hf_to_gguf.py streams them: a GGUF file lists every tensor's name, shape, type
+and offset before any data, so a first pass plans the file from the safetensors headers alone (no weights read),
+the header and tensor infos are written, then a second pass reads, transforms, converts and writes one tensor at a
+time. An export holds about one tensor in memory, not the whole model (gguf's `add_tensor` queues every array until
+the file is written: 16-32 GB for an 8B model). Both passes come from gguf_architectures.tensors, and the second is
+checked against the first tensor by tensor, so a disagreement is an error, never a file whose infos lie.
 """
 
 from __future__ import annotations
@@ -17,10 +24,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from tunelab.errors import TunelabError
 from tunelab.inference.gguf_architectures import (
@@ -47,6 +55,15 @@ BY_LLAMA_CPP = {
 }
 DTYPES = (*WRITTEN, *BY_LLAMA_CPP)
 FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_0": "MOSTLY_Q8_0"}  # LlamaFileType
+
+
+class PlannedTensor(NamedTuple):
+    """One tensor as the file's tensor infos describe it, before its data is read."""
+
+    name: str  # llama.cpp's name
+    shape: tuple[int, ...]  # in numpy's order (rows first), as transformers and the transforms give it
+    qtype: Any  # gguf.GGMLQuantizationType: the type the file stores it in
+    nbytes: int  # its size in the file, padding not included
 
 
 def export_run(model: str | Path, output: str | Path, dtype: str = "f16") -> Path:
@@ -101,6 +118,7 @@ def export_gguf(model_dir: str | Path, output: str | Path, dtype: str = "f16", n
         raise TunelabError(f"export: --output {target} is a folder; give the path of the .gguf file to write")
 
     import gguf
+    import numpy as np
 
     writer = gguf.GGUFWriter(None, arch.gguf_name)
     vocab_size = add_tokenizer(writer, folder, config)
@@ -108,9 +126,12 @@ def export_gguf(model_dir: str | Path, output: str | Path, dtype: str = "f16", n
     add_hyperparameters(writer, config, arch, name, vocab_size)
     writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[qtype_name]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    for gguf_name, data in tensors(folder, _weight_files(folder), config, arch):
-        data, qtype = _quantize(data, gguf_name, qtype_name)
-        writer.add_tensor(gguf_name, data, raw_dtype=qtype)
+    # Pass 1, before the output is touched: what cannot be exported (a tensor without a llama.cpp name, missing
+    # experts or head) is found here, from the headers alone.
+    plan = plan_tensors(folder, config, arch, qtype_name)
+    for tensor in plan:
+        # raw_dtype is the type; the numpy dtype given only matters to gguf when it is uint8 (a quantized byte shape)
+        writer.add_tensor_info(tensor.name, tensor.shape, np.dtype(np.float32), tensor.nbytes, raw_dtype=tensor.qtype)
 
     partial = target.with_name(f".{target.name}.partial")
     unquantized = target.with_name(f".{target.name}.f16.partial")
@@ -118,7 +139,8 @@ def export_gguf(model_dir: str | Path, output: str | Path, dtype: str = "f16", n
         target.parent.mkdir(parents=True, exist_ok=True)
         writer.write_header_to_file(unquantized if dtype in BY_LLAMA_CPP else partial)
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_ti_data_to_file()
+        _write_tensors(writer, plan, folder, config, arch)  # pass 2
         writer.close()
         if dtype in BY_LLAMA_CPP:
             _quantize_with_llama_cpp(unquantized, partial, dtype)
@@ -229,18 +251,71 @@ def export_problem(config: Any) -> str | None:
     return architecture_problem(config)
 
 
-def _quantize(data: Any, gguf_name: str, qtype_name: str) -> tuple[Any, Any]:
-    """The tensor in the file's type; the choices follow ModelBase.prepare_tensors in convert_hf_to_gguf.py."""
-    import numpy as np
-    from gguf import GGMLQuantizationType, QuantError, quants
+def plan_tensors(folder: Path, config: Any, arch: Architecture, qtype_name: str) -> list[PlannedTensor]:
+    """Every tensor's name, shape, type and size in the file, in the order they are written, from the safetensors
+    headers and the family's transforms run on shapes alone (gguf_architectures.tensors with shapes_only)."""
+    planned = []
+    for gguf_name, shape_only in tensors(folder, _weight_files(folder), config, arch, shapes_only=True):
+        shape = tuple(int(size) for size in shape_only.shape)
+        qtype = _file_type(gguf_name, shape, qtype_name)
+        planned.append(PlannedTensor(gguf_name, shape, qtype, _nbytes(shape, qtype)))
+    return planned
+
+
+def _write_tensors(writer: Any, plan: list[PlannedTensor], folder: Path, config: Any, arch: Architecture) -> None:
+    """Pass 2: each tensor read, transformed, converted and written before the next is read, each checked against
+    its planned info first (gguf's write_tensor_data only asserts the size, and only without -O)."""
+    written = 0
+    for gguf_name, data in tensors(folder, _weight_files(folder), config, arch):
+        planned = plan[written] if written < len(plan) else None
+        if planned is None or (gguf_name, tuple(data.shape)) != (planned.name, planned.shape):
+            expected = f"{planned.name} {list(planned.shape)}" if planned else "no more tensors"
+            raise _plan_mismatch(folder, f"{gguf_name} {list(data.shape)}", expected)
+        array = _quantize(data, planned.qtype)
+        if array.nbytes != planned.nbytes:
+            raise _plan_mismatch(folder, f"{gguf_name}: {array.nbytes} bytes", f"{planned.nbytes} bytes")
+        writer.write_tensor_data(array)
+        written += 1
+        del data, array  # released before the next tensor is read
+    if written != len(plan):
+        raise _plan_mismatch(folder, f"{written} tensors", f"{len(plan)} tensors")
+
+
+def _plan_mismatch(folder: Path, got: str, expected: str) -> TunelabError:
+    # A bug in a family's rules, never the user's input: the file's infos would not describe its data.
+    return TunelabError(
+        f"export: {folder}: the weights gave {got} where the file's tensor infos say {expected}; nothing was written "
+        "(a tunelab bug: please report it)"
+    )
+
+
+def _file_type(gguf_name: str, shape: tuple[int, ...], qtype_name: str) -> Any:
+    """The tensor's type in the file; the choices follow ModelBase.prepare_tensors in convert_hf_to_gguf.py."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     qtype = GGMLQuantizationType[qtype_name]
     # llama.cpp's kernels for norms and other 1-D tensors take f32 only; the MoE router and learned positions
     # stay f32 too, as llama.cpp's converter and quantizer keep them.
-    if data.ndim <= 1 or gguf_name.endswith(("_norm.weight", "ffn_gate_inp.weight", "position_embd.weight")):
-        qtype = GGMLQuantizationType.F32
-    try:
-        return quants.quantize(data.astype(np.float32, copy=False), qtype), qtype
-    except QuantError as error:  # a row length that is not a whole number of Q8_0 blocks (32 values)
-        log.warning("export: %s: %s; writing it as f16", gguf_name, error)
-        return quants.quantize(data, GGMLQuantizationType.F16), GGMLQuantizationType.F16
+    if len(shape) <= 1 or gguf_name.endswith(("_norm.weight", "ffn_gate_inp.weight", "position_embd.weight")):
+        return GGMLQuantizationType.F32
+    if shape[-1] % GGML_QUANT_SIZES[qtype][0]:  # a row length that is not a whole number of Q8_0 blocks (32 values)
+        # gguf's own words (quants.QuantError), as when the export asked gguf to quantize it and it refused
+        log.warning("export: %s: Can't quantize tensor with shape %s to %s; writing it as f16", gguf_name, shape,
+                    qtype.name)  # fmt: skip
+        return GGMLQuantizationType.F16
+    return qtype
+
+
+def _nbytes(shape: tuple[int, ...], qtype: Any) -> int:
+    from gguf import GGML_QUANT_SIZES
+
+    block_size, type_size = GGML_QUANT_SIZES[qtype]  # _file_type chose a type whose blocks divide the rows
+    return math.prod(shape) // block_size * type_size
+
+
+def _quantize(data: Any, qtype: Any) -> Any:
+    """The tensor's bytes in the file's type (a float32 array for F32, float16 for F16, uint8 blocks for the rest)."""
+    import numpy as np
+    from gguf import quants
+
+    return quants.quantize(data.astype(np.float32, copy=False), qtype)

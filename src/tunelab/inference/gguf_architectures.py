@@ -306,10 +306,19 @@ _CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".m
 _EXPERT_PARTS = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
 
 
-def tensors(folder: Path, files: list[Path], config: Any, arch: Architecture) -> Iterator[tuple[str, Any]]:
-    """(llama.cpp name, float32 numpy array) for every weight, transformed as llama.cpp's converter does."""
+def tensors(
+    folder: Path, files: list[Path], config: Any, arch: Architecture, *, shapes_only: bool = False
+) -> Iterator[tuple[str, Any]]:
+    """(llama.cpp name, float32 numpy array) for every weight, transformed as llama.cpp's converter does, one at a
+    time: each is read when it is asked for, so a caller that writes it before asking for the next holds about one
+    tensor (a mixture-of-experts layer's experts until the layer is complete).
+
+    With `shapes_only`, nothing is read: the same transforms run on shape-only torch tensors (device "meta"), and
+    each is yielded as one, with the name, shape and number of dimensions its array will have. The export plans
+    the file from these (its tensor infos come before any data) and then writes the arrays of a second pass: one
+    set of rules gives both, so they cannot drift apart.
+    """
     import gguf
-    from safetensors import safe_open
 
     name_map = gguf.get_tensor_name_map(_gguf_arch(arch.gguf_name), config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False)) or arch.ties_output
@@ -318,13 +327,13 @@ def tensors(folder: Path, files: list[Path], config: Any, arch: Architecture) ->
     experts: dict[int, dict[str, Any]] = {}
     written = set()
     for path in files:
-        with safe_open(str(path), framework="pt") as weights:
+        with _open_weights(path) as weights:
             for hf_name in weights.keys():  # noqa: SIM118 - safe_open is not a dict
                 if hf_name.endswith(("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")):
                     continue  # buffers every runtime recomputes; old checkpoints carry them (convert skips them too)
                 if tied and hf_name == "lm_head.weight":
                     continue  # llama.cpp reuses token_embd as the output when output.weight is absent
-                data = weights.get_tensor(hf_name).float()
+                data = _read(weights, hf_name, shapes_only)
                 if ".mlp.experts." in hf_name:
                     yield from _stacked_experts(experts, hf_name, data, config)
                     continue
@@ -340,13 +349,43 @@ def tensors(folder: Path, files: list[Path], config: Any, arch: Architecture) ->
                 elif arch.permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
                     data = _permute(data, n_head, n_head_kv)
                 written.add(gguf_name)
-                yield gguf_name, data.numpy()
+                yield gguf_name, _array(data)
+                del data  # not held while the next one is read
     if experts and any(experts.values()):
         raise TunelabError(f"export: {folder}: incomplete expert weights in layers {sorted(experts)}")
     if not tied and "output.weight" not in written:
         raise TunelabError(f"export: {folder} has no lm_head.weight and does not tie it to the embeddings")
-    if rope_kind(config) == "llama3":
+    if rope_kind(config) == "llama3":  # computed from the config, a few hundred bytes: the same in both passes
         yield "rope_freqs.weight", llama3_rope_factors(config, head_dim_of(config))
+
+
+def _open_weights(path: Path) -> Any:
+    """The safetensors file, its tensors read with pread(2) into memory of their own where safetensors can (0.8+).
+
+    The default backend maps the whole file, and every page a tensor was read from stays resident in this process
+    until the file is closed: a peak the size of the file again, if only of page cache. With pread, a tensor's
+    memory is freed with the tensor.
+    """
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="pt", backend="pread")
+    except TypeError:  # safetensors before 0.8 has no backend argument: mapped, as it always was
+        return safe_open(str(path), framework="pt")
+
+
+def _read(weights: Any, hf_name: str, shapes_only: bool) -> Any:
+    """One weight as a float32 torch tensor, or only its shape (a "meta" tensor, no data) from the file's header."""
+    import torch
+
+    if shapes_only:
+        return torch.empty(weights.get_slice(hf_name).get_shape(), dtype=torch.float32, device="meta")
+    return weights.get_tensor(hf_name).float()
+
+
+def _array(data: Any) -> Any:
+    """The numpy array the file gets; a shape-only tensor stays one (numpy has no array without data)."""
+    return data if data.is_meta else data.numpy()
 
 
 def _stacked_experts(buffer: dict[int, dict[str, Any]], hf_name: str, data: Any, config: Any) -> Iterator[tuple]:
@@ -357,11 +396,11 @@ def _stacked_experts(buffer: dict[int, dict[str, Any]], hf_name: str, data: Any,
     layer = int(hf_name.split(".layers.")[1].split(".")[0])
     if hf_name.endswith("experts.gate_up_proj") or hf_name.endswith("experts.gate_up_proj.weight"):
         gate, up = data.chunk(2, dim=-2)  # (experts, 2 * ff, hidden)
-        yield f"blk.{layer}.ffn_gate_exps.weight", gate.contiguous().numpy()
-        yield f"blk.{layer}.ffn_up_exps.weight", up.contiguous().numpy()
+        yield f"blk.{layer}.ffn_gate_exps.weight", _array(gate.contiguous())
+        yield f"blk.{layer}.ffn_up_exps.weight", _array(up.contiguous())
         return
     if hf_name.endswith("experts.down_proj") or hf_name.endswith("experts.down_proj.weight"):
-        yield f"blk.{layer}.ffn_down_exps.weight", data.numpy()
+        yield f"blk.{layer}.ffn_down_exps.weight", _array(data)
         return
     parts = buffer.setdefault(layer, {})
     parts[hf_name] = data
@@ -370,8 +409,9 @@ def _stacked_experts(buffer: dict[int, dict[str, Any]], hf_name: str, data: Any,
     prefix = hf_name.split(".experts.")[0]
     for part, gguf_part in _EXPERT_PARTS.items():
         stacked = torch.stack([parts[f"{prefix}.experts.{e}.{part}.weight"] for e in range(config.num_experts)])
-        yield f"blk.{layer}.{gguf_part}.weight", stacked.numpy()
-    buffer[layer] = {}
+        yield f"blk.{layer}.{gguf_part}.weight", _array(stacked)
+        del stacked  # one projection's stack at a time
+    buffer[layer] = {}  # the layer's per-expert tensors are released once its stacks are written
 
 
 def _gguf_arch(name: str) -> Any:
