@@ -392,3 +392,14 @@ def test_a_grpo_job_shows_its_sample_completions(app, model):
     assert set(samples[0]["rewards"]) == {"format_tag", "answer_last_number"}
     status, _, page = app.request("GET", f"/jobs/{job['id']}")
     assert status == 200 and b'id="completions"' in page
+
+
+def test_a_chat_template_file_or_jinja_is_refused_by_the_app(app, model, tmp_path):
+    """The CLI takes a template file's path or the Jinja itself; the app takes template names only: it reads no
+    file a project names outside its allowed folders (a path there would render any file into the preview)."""
+    _, project = new_project(app, model)
+    secret = tmp_path / "outside.jinja"
+    secret.write_text("{{ 'not yours' }}")
+    for value in (str(secret), "{{ messages[0]['content'] }}"):
+        status, body = app.post_json(f"/api/projects/{project['id']}/preview", {"mapping": {"chat_template": value}})
+        assert status == 400 and "is not one of none, zephyr, chatml" in body["errors"]["chat_template"], body

@@ -24,6 +24,7 @@ from tunelab.app.uploads import (
     resolve_user_path,
 )
 from tunelab.app.worker import CONFIG_FILE, RUN_DIR, Worker
+from tunelab.config.llm import CHAT_TEMPLATES
 
 MAPPING_FIELDS = ("text_column", "prompt_text_column", "rejected_text_column", "chat_template", "target_column")
 
@@ -144,6 +145,10 @@ def save_mapping(store: JobStore, project: dict[str, Any], form: dict[str, str])
         value = (form.get(name) or "").strip()
         if name != "chat_template" and value and columns and value not in columns:
             raise FormErrors({name: f"{value!r} is not a column of the data (columns: {', '.join(columns)})"})
+        if name == "chat_template" and value and value not in CHAT_TEMPLATES:
+            # A template file's path or Jinja text is for the CLI and config files: the app reads no file a
+            # project names outside its allowed folders.
+            raise FormErrors({name: f"{value[:80]!r} is not one of {', '.join(CHAT_TEMPLATES)}"})
         settings[name] = value or None
     store.update_project(project["id"], settings)
     return settings

@@ -175,12 +175,13 @@ BAD_ROWS_HELP = (
 )
 
 
-def check_choices(params: RunParams) -> None:
-    """Every field with a list of allowed values holds one of them ("no" mixed precision means none)."""
+def check_choices(params: RunParams, skip: tuple[str, ...] = ()) -> None:
+    """Every field with a list of allowed values holds one of them ("no" mixed precision means none); the fields
+    in `skip` hold a value of another kind, checked by the caller."""
     if params.mixed_precision == "no":
         params.mixed_precision = None
     for f in dataclasses.fields(params):
-        choices = f.metadata.get("choices")
+        choices = f.metadata.get("choices") if f.name not in skip else None
         value = getattr(params, f.name)
         if choices is not None and value not in choices:
             shown = ", ".join("none" if c is None else str(c) for c in choices)

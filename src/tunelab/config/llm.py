@@ -6,7 +6,9 @@ Every field is described and defaulted once, here. The CLI flags (`cli.py`), the
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 from tunelab.config.base import (
@@ -29,6 +31,27 @@ from tunelab.errors import ConfigError
 from tunelab.methods import DPO_LOSS_TYPES, REGISTRY
 
 CHAT_TEMPLATES = ("none", "zephyr", "chatml", "tokenizer", "alpaca")
+
+
+def custom_chat_template(value: str | None) -> str | None:
+    """The Jinja of a chat_template that is not one of CHAT_TEMPLATES: the template itself when it holds Jinja
+    (`{{` or `{%`: Axolotl's chat_template_jinja, written inline in a config file), else the text of the file it
+    names (TRL's chat_template_path). None for a template name or unset; ConfigError for anything else."""
+    if value is None or value in CHAT_TEMPLATES:
+        return None
+    if "{{" in value or "{%" in value:
+        return value
+    path = Path(os.path.expanduser(value))
+    if path.suffix != ".jinja" and not path.is_file():
+        raise ConfigError(
+            f"chat_template: {value!r} is not one of {', '.join(CHAT_TEMPLATES)}, nor the path of a .jinja file or a "
+            "Jinja template"
+        )
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        why = err.strerror if isinstance(err, OSError) and err.strerror else "not UTF-8 text"
+        raise ConfigError(f"chat_template: cannot read the template file {path}: {why}") from None
 
 
 @dataclass
@@ -72,7 +95,8 @@ class LLMParams(Params):
     chat_template: str | None = param(
         None,
         "How rows become text: none (text used as is), zephyr, chatml, tokenizer (the model's own template), "
-        "alpaca (the Alpaca instruction prompt). Unset: picked from the data (see docs/data.md).",
+        "alpaca (the Alpaca instruction prompt), or your own Jinja chat template: a .jinja file's path, or the "
+        "template itself. Unset: picked from the data (see docs/data.md).",
         (None, *CHAT_TEMPLATES),
     )
     add_eos_token: bool = param(True, "Append the end-of-sequence token to each text (plain-text rows).")
@@ -376,11 +400,12 @@ class LLMParams(Params):
         """Raise ConfigError naming the parameter for any value that cannot work, before anything is loaded."""
         if self.chat_template in ("", "null"):
             self.chat_template = None
+        custom_chat_template(self.chat_template)  # a template file that cannot be read is found now
         # TRL's and Axolotl's `gradient_checkpointing: true`, in a config file or as --gradient-checkpointing true
         switch = str(self.gradient_checkpointing).lower()
         if switch in ("true", "yes", "1", "false", "no", "0"):
             self.gradient_checkpointing = "on" if switch in ("true", "yes", "1") else "off"
-        check_choices(self)
+        check_choices(self, skip=("chat_template",) if self.chat_template not in (None, *CHAT_TEMPLATES) else ())
         if self.disable_gradient_checkpointing and self.gradient_checkpointing == "on":
             raise ConfigError(
                 "disable_gradient_checkpointing: true and gradient_checkpointing: on contradict each other: keep one"

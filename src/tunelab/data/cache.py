@@ -38,6 +38,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from tunelab.config.llm import custom_chat_template
 from tunelab.data.mixture import is_mixture, parse_sources
 from tunelab.data.sources import locate_splits, unreadable
 from tunelab.data.store import TokenTable
@@ -90,10 +91,25 @@ def key_inputs(params: Any, tokenizer: Any) -> dict[str, Any] | None:
         "files": files,
         "tokenizer": tokenizer_hash(tokenizer),
         "builtin_templates": {name: _sha(builtin_template(name)) for name in BUILTIN},
+        "template_files": _template_files(params),
         "options": {name: getattr(params, name) for name in DATA_FIELDS},
         # which rows a mixture's fractions draw, and which examples valid_size holds out
         "seed": params.seed if is_mixture(params.data_path) or params.valid_size is not None else None,
     }
+
+
+def _template_files(params: Any) -> dict[str, str]:
+    """A hash of each chat template file the run names (its own, its mixture's sources'): the setting holds only
+    the path, and an edited template must not reuse data rendered with the old one."""
+    names = [params.chat_template]
+    if is_mixture(params.data_path):
+        names += [item.get("chat_template") for item in params.data_path if isinstance(item, dict)]
+    hashes = {}
+    for name in names:
+        source = custom_chat_template(name)
+        if source is not None and source != name:  # a file (an inline template is in the options already)
+            hashes[name] = _sha(source)
+    return hashes
 
 
 def data_key(inputs: dict[str, Any]) -> str:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tunelab.config.llm import custom_chat_template
 from tunelab.errors import ConfigError
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
@@ -33,7 +34,12 @@ def builtin_template(name: str) -> str:
 
 
 def template_source(name: str, tokenizer: Any) -> str:
-    """Jinja source for a template name; `tokenizer` means the model's own."""
+    """Jinja source for a template name (`tokenizer`: the model's own), or for the user's own template (a .jinja
+    file or the Jinja itself, config.llm.custom_chat_template), checked to compile."""
+    custom = custom_chat_template(name)
+    if custom is not None:
+        _check_compiles(custom, name)
+        return custom
     if name == "tokenizer":
         source = getattr(tokenizer, "chat_template", None)
         if not source:
@@ -122,6 +128,18 @@ def _render_batch_hf(source: str, conversations: list[list[dict]], tokenizer: An
     return tokenizer.apply_chat_template(
         conversations, chat_template=source, tokenize=False, add_generation_prompt=generation
     )
+
+
+def _check_compiles(source: str, name: str) -> None:
+    """A template with a Jinja syntax error is one line naming where, before any row is rendered."""
+    from jinja2 import TemplateError
+
+    try:
+        _compiled(source)
+    except TemplateError as err:
+        where = "the chat_template given" if source == name else f"chat_template {name}"
+        line = f", line {err.lineno}" if getattr(err, "lineno", None) else ""
+        raise ConfigError(f"{where}{line}: {err.message or err}") from None
 
 
 @functools.lru_cache(maxsize=16)
