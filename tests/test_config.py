@@ -277,3 +277,13 @@ def test_a_malformed_config_file_is_one_line_naming_what_to_fix(name, tmp_path, 
 def test_numbers_where_text_is_expected_are_read_as_text():
     params = load_config({"task": "llm-sft", "base_model": "m", "project_name": 2024, "hub": {"username": 42}})
     assert params.project_name == "2024" and params.username == "42"
+
+
+def test_version_is_printed(capsys):
+    import tunelab
+    from tunelab.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.strip() == f"tunelab {tunelab.__version__}"

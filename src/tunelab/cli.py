@@ -22,6 +22,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from tunelab import __version__
 from tunelab.config.aliases import ALIASES
 from tunelab.config.llm import LLMParams
 from tunelab.config.text_classification import TextClassificationParams
@@ -100,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune LLMs on your own data. AutoTrain Advanced's flags and config files work as they are.",
     )
     parser.add_argument("--config", help="Run the job described by a YAML config (AutoTrain's schema or tunelab's).")
+    parser.add_argument("--version", action="version", version=f"tunelab {__version__}")
     add_dry_run(parser)
     sub = parser.add_subparsers(dest="command")
 
