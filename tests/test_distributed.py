@@ -1,12 +1,17 @@
 """Scaling out through accelerate: 2 CPU processes (gloo) with per-device batch b train exactly like 1 process with
-batch 2b, and write one run folder; the shipped FSDP and DeepSpeed configs are accepted by accelerate's parser."""
+batch 2b, and write one run folder; a checkpoint is marked complete only once every process has written its part;
+a stop signal to the launching process stops the launched ones; the shipped FSDP and DeepSpeed configs are accepted
+by accelerate's parser."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,32 +20,44 @@ from safetensors.torch import load_file
 
 from tests.conftest import SHARED_DATA, train_losses
 from tunelab.launch import CONFIGS, launch_command
+from tunelab.training.checkpoints import COMPLETE_MARK, last_complete_checkpoint, mark_complete
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _tunelab(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+def _environment(hooks: Path | None = None) -> dict[str, str]:
+    """The launching process's environment; `hooks`: a folder with a sitecustomize.py every process imports."""
+    paths = [str(hooks)] if hooks else []
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*paths, str(ROOT / "src")])}
     env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _tunelab(*args: str, hooks: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "tunelab.cli", *args], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT
-    )
+        [sys.executable, "-m", "tunelab.cli", *args], env=_environment(hooks), capture_output=True, text=True,
+        timeout=600, cwd=ROOT,
+    )  # fmt: skip
 
 
-def _run(
-    model: Path, project: Path, batch: int, *extra: str, peft: tuple = ("--peft",)
-) -> subprocess.CompletedProcess:
+def _train_args(model: Path, project: Path, batch: int, *extra: str, peft: tuple = ("--peft",)) -> list[str]:
     # 1,500 rows when ../shared is there: more than one length-grouped "megabatch", so the batch order itself is
     # put to the test (it must not depend on the number of processes).
     data = SHARED_DATA / "alpaca" / "train.jsonl"
     data = data if data.is_file() else ROOT / "samples" / "alpaca.jsonl"
-    return _tunelab(
+    return [
         "llm", "--train", "--model", str(model), "--data-path", str(data),
         "--project-name", str(project), "--trainer", "sft", *peft, "--lora-r", "8", "--lora-dropout", "0",
         "--lr", "2e-3", "--batch-size", str(batch), "--gradient-accumulation", "2", "--max-steps", "6",
         "--logging-steps", "1", "--block-size", "128", "--model-max-length", "256", "--save-steps", "3",
         *extra,
-    )  # fmt: skip
+    ]  # fmt: skip
+
+
+def _run(
+    model: Path, project: Path, batch: int, *extra: str, peft: tuple = ("--peft",), hooks: Path | None = None
+) -> subprocess.CompletedProcess:
+    return _tunelab(*_train_args(model, project, batch, *extra, peft=peft), hooks=hooks)
 
 
 @pytest.mark.slow
@@ -74,6 +91,84 @@ def test_two_processes_with_batch_b_equal_one_process_with_batch_2b(tiny_llama, 
     # One run folder, written once: no leftovers from the second process.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]
     assert (two / "tunelab_run.json").is_file() and not (two / "training_args.bin").exists()
+
+
+# Imported by every process of the run (sitecustomize.py): in the launched ones, process 1 is slow to write its
+# random state into a checkpoint, and process 0 kills itself (SIGKILL) as soon as the checkpoint of step
+# TUNELAB_TEST_KILL_AT is saved, as in a crash.
+SLOW_SECOND_PROCESS = """
+import os
+if os.environ.get("RANK") is not None and os.environ.get("TUNELAB_TEST_KILL_AT"):
+    import signal, time
+    from transformers import Trainer
+    from tunelab.training.callbacks import ProgressAndMetrics
+
+    kill_at = int(os.environ["TUNELAB_TEST_KILL_AT"])
+    if os.environ["RANK"] == "1":
+        save_rng_state = Trainer._save_rng_state
+
+        def slow_save_rng_state(self, output_dir):
+            time.sleep(5)
+            save_rng_state(self, output_dir)
+
+        Trainer._save_rng_state = slow_save_rng_state
+    else:
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        ProgressAndMetrics.on_save = on_save
+"""
+
+
+@pytest.mark.slow
+def test_a_checkpoint_is_marked_complete_once_every_process_has_written_its_part(tiny_llama, tmp_path, monkeypatch):
+    """The main process marked a checkpoint complete as soon as its own files were written: another process still
+    writing its random state when the run crashed left a checkpoint marked complete without it, which a resume
+    trusted (transformers then resumes that process with a fresh random state, saying so at info level only)."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(SLOW_SECOND_PROCESS, encoding="utf-8")
+    monkeypatch.setenv("TUNELAB_TEST_KILL_AT", "3")
+    project = tmp_path / "two"
+    crashed = _run(tiny_llama, project, 2, "--num-processes", "2", hooks=hooks)
+    assert crashed.returncode != 0 and "launching 2 processes" in crashed.stderr, crashed.stderr[-3000:]
+    staging = tmp_path / ".two.partial"
+    checkpoint = staging / "checkpoint-3"
+    assert not project.exists() and (checkpoint / COMPLETE_MARK).is_file(), crashed.stderr[-3000:]
+    assert sorted(p.name for p in checkpoint.glob("rng_state*")) == ["rng_state_0.pth", "rng_state_1.pth"]
+    assert last_complete_checkpoint(staging) == checkpoint
+    # Without process 1's random state it is not resumed from
+    (checkpoint / "rng_state_1.pth").unlink()
+    assert last_complete_checkpoint(staging) is None
+
+
+def test_a_checkpoint_of_two_processes_without_the_second_ones_random_state_is_not_resumed_from(tmp_path, caplog):
+    """The mark says how many processes wrote the checkpoint, and which files it had: one that lacks a process's
+    random state (or any file of its list) is passed over, with a line saying why."""
+    from tunelab.training.checkpoints import missing
+
+    staging = tmp_path / ".run.partial"
+    files = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json", "rng_state_0.pth")
+    for step in (3, 6, 9):
+        checkpoint = staging / f"checkpoint-{step}"
+        checkpoint.mkdir(parents=True)
+        for name in files:
+            (checkpoint / name).write_bytes(b"x" * 16)
+        if step != 9:  # checkpoint-9 marked before process 1 wrote its file (the mark still asks for it)
+            (checkpoint / "rng_state_1.pth").write_bytes(b"x" * 16)
+        mark_complete(checkpoint, world_size=2)
+    newer, older = staging / "checkpoint-6", staging / "checkpoint-3"
+    assert missing(staging / "checkpoint-9") == ["rng_state_1.pth (the random state of process 1 of 2) is missing"]
+    assert last_complete_checkpoint(staging) == newer
+    (newer / "rng_state_1.pth").unlink()
+    (older / "optimizer.pt").write_bytes(b"x" * 8)
+    with caplog.at_level(logging.WARNING, logger="tunelab"):
+        assert last_complete_checkpoint(staging) is None
+    said = caplog.text
+    assert "checkpoint-6 is marked complete but rng_state_1.pth (the random state of process 1 of 2) is" in said
+    assert "not resumed from (with several machines, the run folder must be on a disk all of them write" in said
+    assert "checkpoint-3 is marked complete but optimizer.pt has 8 bytes, not the 16 it was written with" in said
 
 
 def test_a_bad_row_is_reported_once_before_any_process_starts(tiny_llama, tmp_path):
@@ -194,3 +289,49 @@ def test_the_hot_path_under_fsdp2_equals_the_plain_model(tiny_llama, tmp_path):
         assert abs(result["fast"] - result["plain"]) < 1e-5, (kind, result)
         assert result["worst_grad_diff"] < 1e-5, (kind, result)
     assert any("lm_head.lora_B" in name for name in results["lora"]["grads"])
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launching_process_stops_the_launched_ones(tiny_llama, tmp_path):
+    """A job scheduler's `kill PID` reaches the tunelab process alone: it passes the signal on to accelerate launch,
+    which stops its processes (they run in sessions of their own), and ends with its exit code. Before, tunelab died
+    alone and the two processes trained on, orphaned."""
+    import psutil
+
+    project = tmp_path / "long"
+    args = _train_args(tiny_llama, project, 2, "--num-processes", "2", "--max-steps", "100000", "--save-steps", "50")
+    log_file = tmp_path / "log.txt"
+    with log_file.open("w") as log:
+        parent = subprocess.Popen(
+            [sys.executable, "-m", "tunelab.cli", *args], env=_environment(), cwd=ROOT, stdout=log, stderr=log
+        )
+    launched: list = []
+    try:
+        deadline = time.monotonic() + 300
+        metrics = tmp_path / ".long.partial" / "metrics.jsonl"
+        while not (metrics.is_file() and metrics.read_text().strip()):  # both processes are training
+            assert parent.poll() is None and time.monotonic() < deadline, log_file.read_text()[-3000:]
+            time.sleep(0.5)
+        launcher = psutil.Process(parent.pid).children()
+        assert len(launcher) == 1 and "accelerate.commands.launch" in " ".join(launcher[0].cmdline())
+        workers = launcher[0].children()
+        launched = [*launcher, *workers]
+        assert len(workers) == 2 and all("tunelab.cli" in " ".join(w.cmdline()) for w in workers)
+
+        os.kill(parent.pid, signal.SIGTERM)
+        code = parent.wait(timeout=120)
+        _, alive = psutil.wait_procs(launched, timeout=60)
+        said = log_file.read_text()
+        assert alive == [], said[-3000:]
+        assert code == 128 + signal.SIGTERM, said[-3000:]  # accelerate launch's exit code
+        assert "stopped by SIGTERM" in said
+        assert not any(folder.joinpath("tunelab_run.json").exists() for folder in (project, metrics.parent))
+    finally:
+        for process in launched:  # what is left of the processes this test started, on a failure
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        if parent.poll() is None:
+            parent.kill()
+        parent.wait(timeout=60)

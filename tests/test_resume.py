@@ -69,6 +69,10 @@ def _losses(folder: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(folder) if "loss" in r}
 
 
+def _final_metrics(folder: Path) -> dict:
+    return json.loads((folder / "metrics.json").read_text())
+
+
 def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted_run(tiny_llama, twenty_rows, tmp_path):
     straight = tmp_path / "straight"
     done = _run_child(_args(tiny_llama, twenty_rows, straight))
@@ -96,11 +100,91 @@ def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted_run(tiny_lla
     assert sorted(got) == sorted(expected) == list(range(1, 13))
     for step in expected:
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
+    # The final figures are the whole run's, as the uninterrupted run's (Trainer's own cover the resumed part only)
+    straight_metrics, resumed_metrics = _final_metrics(straight), _final_metrics(resumed)
+    assert resumed_metrics["trained_tokens"] == straight_metrics["trained_tokens"] > 0
+    assert resumed_metrics["train_loss"] == pytest.approx(straight_metrics["train_loss"], rel=1e-5)
+    assert resumed_metrics["total_flos"] == straight_metrics["total_flos"]
+    assert resumed_metrics["resumed_from_step"] == 8 and "resumed_from_step" not in straight_metrics
     a = load_file(straight / "adapter_model.safetensors")
     b = load_file(resumed / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_resumed_runs_final_figures_are_the_whole_runs(tiny_llama, twenty_rows, tmp_path):
+    """train_loss is the mean of every step's loss, train_runtime the time of both parts, the speeds from those:
+    in metrics.json and in the summary that ends log_history.json and metrics.jsonl. Trainer's own figures, counted
+    from the resume, covered the steps after it only (train_loss the mean of steps 9 to 12)."""
+    project, staging = tmp_path / "run", tmp_path / ".run.partial"
+    killed = _run_child(_args(tiny_llama, twenty_rows, project), kill_at=8)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    first_part = next(r["time"] for r in read_metrics(staging) if r["step"] == 8 and "loss" in r)
+    again = _run_child(_args(tiny_llama, twenty_rows, project))
+    assert again.returncode == 0, again.stderr
+
+    metrics, records = _final_metrics(project), read_metrics(project)
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 13))
+    assert metrics["train_loss"] == pytest.approx(sum(losses) / 12, rel=1e-5)
+    assert metrics["resumed_from_step"] == 8
+    history = json.loads((project / "log_history.json").read_text())
+    assert [h["loss"] for h in history if "loss" in h] == losses
+    for summary in (history[-1], records[-1]):  # Trainer's end-of-training record, in both logs
+        for name in ("train_loss", "train_runtime", "train_samples_per_second", "train_steps_per_second"):
+            assert summary[name] == metrics[name], name
+    second_part = records[-1]["time"]  # metrics.jsonl's times count from the start of each part
+    assert metrics["train_runtime"] >= first_part + 0.9 * second_part
+    assert metrics["train_steps_per_second"] == pytest.approx(12 / metrics["train_runtime"], rel=1e-2)
+    # 4 rows a step
+    assert metrics["train_samples_per_second"] == pytest.approx(48 / metrics["train_runtime"], rel=1e-2)
+    assert metrics["trained_tokens_per_second"] == pytest.approx(
+        metrics["trained_tokens"] / metrics["train_runtime"], rel=1e-2
+    )
+
+
+def _labelled(folder: Path) -> Path:
+    """24 training and 8 validation texts, labelled by whether they ask a question."""
+    lines = (ROOT / "samples" / "alpaca.jsonl").read_text(encoding="utf-8").splitlines()
+    texts = [json.loads(line)["instruction"] for line in lines[:32]]
+    folder.mkdir()
+    for name, part in (("train", texts[:24]), ("valid", texts[24:])):
+        rows = [{"text": t, "label": "question" if "?" in t else "other"} for t in part]
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return folder
+
+
+def test_a_resumed_classifiers_eval_report_holds_the_evaluations_before_the_resume(tiny_llama, tmp_path):
+    """eval_report.json's per_evaluation: every epoch's evaluation and the final one, those before the crash
+    included (it held only the evaluations of the process that finished the run)."""
+    data = _labelled(tmp_path / "texts")
+    project = tmp_path / "classifier"
+    args = [
+        "text-classification", "--train", "--model", str(tiny_llama), "--data-path", str(data),
+        "--valid-split", "valid", "--target-column", "label", "--project-name", str(project), "--epochs", "3",
+        "--batch-size", "4", "--logging-steps", "1", "--lr", "1e-3", "--warmup-ratio", "0",
+    ]  # fmt: skip
+    # 6 steps an epoch, an evaluation and a checkpoint at the end of each: killed once the second epoch's is written
+    killed = _run_child(args, kill_at=12)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    again = _run_child(args)
+    assert again.returncode == 0, again.stderr
+    assert "resuming from" in again.stderr and "checkpoint-12" in again.stderr
+
+    report = json.loads((project / "eval_report.json").read_text())
+    history = json.loads((project / "log_history.json").read_text())
+    evaluations = [h for h in history if "eval_accuracy" in h]
+    assert [h["step"] for h in evaluations] == [6, 12, 18, 18]  # each epoch's, then the final evaluation
+    assert len(report["per_evaluation"]) == 4
+    for logged, kept in zip(evaluations, report["per_evaluation"], strict=True):
+        assert kept["accuracy"] == pytest.approx(logged["eval_accuracy"], abs=1e-4)
+        assert sum(map(sum, kept["confusion_matrix"])) == 8
+    assert report["final"] == report["per_evaluation"][-1]
+    metrics = _final_metrics(project)
+    assert metrics["resumed_from_step"] == 12
+    losses = [r["loss"] for r in read_metrics(project) if "loss" in r]
+    assert len(losses) == 18 and metrics["train_loss"] == pytest.approx(sum(losses) / 18, rel=1e-5)
 
 
 def test_resume_refuses_other_parameters_and_resume_false_starts_over(tiny_llama, twenty_rows, tmp_path, capsys):

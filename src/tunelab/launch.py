@@ -9,14 +9,20 @@ launched (env.already_launched).
 
 The configs for each backend ship in `tunelab/accelerate_configs/` (docs/scaling.md shows them);
 `accelerate_config` replaces them with the user's own.
+
+A SIGTERM, SIGINT or SIGHUP to the launching process (a job scheduler's `kill PID`, Ctrl-C) is passed on to
+`accelerate launch`, whose agent (torch's elastic agent) stops the processes it started: they run in sessions of
+their own, where no signal to the launching process or its group reaches them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from tunelab.config.base import RunParams
@@ -24,6 +30,9 @@ from tunelab.env import already_launched
 
 log = logging.getLogger("tunelab")
 CONFIGS = Path(__file__).parent / "accelerate_configs"
+# After a stop signal is passed on: accelerate's agent gives its processes 30 s to end before it SIGKILLs them.
+STOP_GRACE_SECONDS = 60.0
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
 BACKEND_CONFIGS = {
     None: "ddp.yaml",
     "ddp": "ddp.yaml",
@@ -81,4 +90,73 @@ def launch(params: RunParams, argv: list[str], extra_env: dict[str, str] | None 
         params.num_machines,
         config_file(params).name,
     )
-    return subprocess.run(command, env=env).returncode
+    return run_until_stopped(command, env)
+
+
+def run_until_stopped(command: list[str], env: dict[str, str], grace: float = STOP_GRACE_SECONDS) -> int:
+    """Run `command` (accelerate launch) and return its exit code; a stop signal to this process is passed on to it.
+
+    A SIGTERM, SIGINT or SIGHUP to this process alone (a job scheduler's `kill PID`) would otherwise end it and
+    leave the launched processes training on their own: they run in sessions of their own, out of reach of a signal
+    to this process's group too, and only accelerate's agent stops them. Passed on, the agent stops them and exits;
+    after `grace` seconds whatever is left is SIGKILLed. Then this process ends as the signal asked, with the
+    launcher's exit code (SIGINT: KeyboardInterrupt, which the CLI turns into exit code 130). Signals can be caught
+    in the main thread only: called from another thread (the Python API in a worker thread), none is.
+    """
+    received: list[int] = []
+    process: subprocess.Popen | None = None
+    timer: threading.Timer | None = None
+
+    def pass_on(signum: int, frame: object) -> None:
+        nonlocal timer
+        received.append(signum)
+        if process is None:
+            return  # not started yet: passed on once it is
+        process.send_signal(signum)  # nothing when it has ended already
+        if timer is None:
+            timer = threading.Timer(grace, _kill_all, (process,))
+            timer.daemon = True
+            timer.start()
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, pass_on) for sig in STOP_SIGNALS}
+    try:
+        process = subprocess.Popen(command, env=env)
+        if received:  # a signal while it started
+            pass_on(received[-1], None)
+        code = process.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if timer is not None:
+            timer.cancel()
+    if not received or code == 0:
+        return code
+    signum = received[0]
+    code = code if code > 0 else 128 + (-code or signum)  # killed by a signal: the shell's way of saying so
+    log.warning(
+        "stopped by %s: the launched processes have ended (exit code %d); run the same command again to resume "
+        "from the last complete checkpoint",
+        signal.Signals(signum).name,
+        code,
+    )
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise SystemExit(code)
+
+
+def _kill_all(process: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every process under it (its workers run in sessions of their own)."""
+    import psutil  # accelerate's own dependency
+
+    try:
+        launched = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    log.warning("the launched processes did not end in time: killing them (SIGKILL)")
+    for each in launched:
+        try:
+            each.kill()
+        except psutil.NoSuchProcess:
+            pass

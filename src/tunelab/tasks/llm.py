@@ -14,7 +14,6 @@ import copy
 import dataclasses
 import logging
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -208,13 +207,12 @@ def _run(params: LLMParams) -> Path:
     if hasattr(trainer, "trained_tokens"):
         progress.count_tokens = lambda: trainer.trained_tokens
     staging = folder.open_for(trainer, params, prep.resume_from)
-    started = time.time()
     result = run_training(trainer, folder, prep.resume_from)
-    elapsed = time.time() - started
 
+    # The whole run's figures, a resumed run's too (the part before the resume is kept with the checkpoint)
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     metrics["trained_tokens"] = trainer.trained_tokens_all_processes()
-    metrics["trained_tokens_per_second"] = round(metrics["trained_tokens"] / max(elapsed, 1e-9), 2)
+    metrics["trained_tokens_per_second"] = round(metrics["trained_tokens"] / max(metrics["train_runtime"], 1e-9), 2)
     if valid_rows:
         metrics.update(trainer.evaluate())
         if method.data == "examples":

@@ -187,7 +187,9 @@ def _build_trainer(
         # A resumed run goes on counting early stopping's patience where the interrupted one was.
         restore_callback_states_from_checkpoint=early,
     )
-    reports: list[dict] = []  # one per evaluation, the final one last
+    # One per evaluation, the final one last; a resumed run's begins with those before the resume (GuardedTrainer
+    # keeps them with each checkpoint).
+    reports: list[dict] = []
 
     def compute_metrics(prediction: Any) -> dict[str, float]:
         report = classification_report(prediction.predictions, prediction.label_ids, data.labels)
@@ -202,6 +204,7 @@ def _build_trainer(
         group_by_length=params.group_by_length,
         head_lr_ratio=params.head_lr_ratio,
         loraplus_lr_ratio=params.loraplus_lr_ratio if params.peft else None,
+        evaluation_reports=reports,
         model=model,
         args=args,
         train_dataset=ListDataset(data.train),

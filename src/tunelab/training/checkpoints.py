@@ -1,9 +1,15 @@
 """Checkpoints a run can be trusted to resume from.
 
-transformers' Trainer writes `checkpoint-N/` file by file, so a crash mid-write leaves a folder that looks like a
-checkpoint but is not. tunelab marks a checkpoint complete only after every file in it is on disk (fsync), and
-deletes older checkpoints only after that; resuming takes the newest complete one and ignores the rest. So a crash
+transformers' Trainer writes `checkpoint-N/` file by file, and with several processes each writes its own part (its
+random state; under FSDP or DeepSpeed its shards), so a crash mid-write leaves a folder that looks like a checkpoint
+but is not. tunelab marks a checkpoint complete only after every process has written its part and every file is on
+disk (fsync), and deletes older checkpoints only after that. The mark lists the files and the number of processes;
+resuming takes the newest checkpoint whose mark is there and whose files all are, and ignores the rest. So a crash
 at any moment leaves at least the previous checkpoint whole.
+
+Each checkpoint also holds the run's totals so far (`Progress`: the summed loss of every step, the seconds trained,
+the tokens trained, the evaluations' reports), so a resumed run's final figures cover the whole run, not only the
+part after the resume.
 
 A resumed run must be the same run: the parameters it was started with are kept in the staging folder and
 compared before anything is loaded.
@@ -12,19 +18,26 @@ compared before anything is loaded.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from tunelab.config.base import RunParams
 from tunelab.errors import TunelabError
 
+log = logging.getLogger("tunelab")
+
 COMPLETE_MARK = "tunelab_checkpoint_complete"
+PROGRESS_FILE = "tunelab_progress.json"  # in each checkpoint: the run's totals up to it (Progress)
 PARAMS_FILE = "run_params.json"
 DATA_FILE = "run_data.json"  # the sha256 of the data an unfinished run trains on (data/cache.data_fingerprint)
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_RANK_FILE = re.compile(r"^rng_state_(\d+)\.pth$")  # transformers' random state of one process of several
+_REPORTED: set[Path] = set()  # checkpoints marked complete but found lacking, said once per process
 
 # Parameters that may differ between a run and its resumption: where results go and how they are logged, not
 # what is trained.
@@ -48,23 +61,97 @@ def checkpoints(folder: Path) -> list[tuple[int, Path]]:
 
 
 def is_complete(checkpoint: Path) -> bool:
-    return (checkpoint / COMPLETE_MARK).is_file()
+    return not missing(checkpoint)
+
+
+def missing(checkpoint: Path) -> list[str]:
+    """What keeps a checkpoint from being resumed from: [] when it is complete, else what is wrong (no mark: a crash
+    while it was written; a file its mark lists that is gone or of another size; a process's random state absent)."""
+    mark = checkpoint / COMPLETE_MARK
+    if not mark.is_file():
+        return ["it has no completeness mark"]
+    try:
+        record = json.loads(mark.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        record = None
+    if not isinstance(record, dict):
+        return []  # an older tunelab's mark (the word "complete"): trusted as it was then
+    world_size = int(record.get("world_size", 1))
+    expected: dict[str, int | None] = dict(record.get("files", {}))
+    if world_size > 1:  # each process's own file, whether or not the main process saw it when it marked
+        for rank in range(world_size):
+            expected.setdefault(f"rng_state_{rank}.pth", None)
+    lacking = []
+    for name, size in expected.items():
+        path = checkpoint / name
+        what = _RANK_FILE.match(name)
+        shown = f"{name} (the random state of process {what.group(1)} of {world_size})" if what else name
+        if not path.is_file():
+            lacking.append(f"{shown} is missing")
+        elif size is not None and path.stat().st_size != size:
+            lacking.append(f"{shown} has {path.stat().st_size} bytes, not the {size} it was written with")
+    return lacking
 
 
 def last_complete_checkpoint(folder: Path) -> Path | None:
-    complete = [path for _, path in checkpoints(folder) if is_complete(path)]
-    return complete[-1] if complete else None
+    """The newest complete checkpoint; one marked complete but lacking a file is passed over, and said why."""
+    for _, path in reversed(checkpoints(folder)):
+        lacking = missing(path)
+        if not lacking:
+            return path
+        if (path / COMPLETE_MARK).is_file() and path not in _REPORTED:
+            _REPORTED.add(path)
+            several = any("random state of process" in reason for reason in lacking)
+            log.warning(
+                "%s is marked complete but %s: not resumed from%s",
+                path.name,
+                "; ".join(lacking),
+                " (with several machines, the run folder must be on a disk all of them write to)" if several else "",
+            )
+    return None
 
 
-def mark_complete(checkpoint: Path) -> None:
-    """Flush every file of the checkpoint to disk, then write the mark (itself atomically)."""
-    for path in checkpoint.rglob("*"):
-        if path.is_file():
+def mark_complete(checkpoint: Path, world_size: int = 1) -> None:
+    """Flush every file of the checkpoint to disk, then write the mark (itself atomically): the number of processes
+    that wrote the checkpoint and each file with its size, which `missing` checks before a resume trusts it.
+
+    Call it once every process has written its part (GuardedTrainer waits for all of them first).
+    """
+    files = {}
+    for path in sorted(checkpoint.rglob("*")):
+        if path.is_file() and not path.name.startswith(f".{COMPLETE_MARK}"):
             with path.open("rb") as f:
                 os.fsync(f.fileno())
+            files[path.relative_to(checkpoint).as_posix()] = path.stat().st_size
     tmp = checkpoint / f".{COMPLETE_MARK}.tmp"
-    tmp.write_text("complete\n", encoding="utf-8")
+    tmp.write_text(json.dumps({"world_size": world_size, "files": files}, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, checkpoint / COMPLETE_MARK)
+
+
+@dataclass
+class Progress:
+    """A run's totals up to a checkpoint, over every part it took (a run resumed twice is three parts)."""
+
+    step: int = 0
+    train_runtime: float = 0.0  # seconds of training up to the checkpoint (what a crash threw away after it: not)
+    loss_sum: float = 0.0  # every step's loss (averaged over the processes, as transformers logs it), summed
+    trained_tokens: int = 0  # tokens the loss was computed on, all processes (where the trainer counts them)
+    evaluations: list[dict[str, Any]] = field(default_factory=list)  # the task's report of each evaluation
+
+
+def write_progress(checkpoint: Path, progress: Progress) -> None:
+    tmp = checkpoint / f".{PROGRESS_FILE}.tmp"
+    tmp.write_text(json.dumps(asdict(progress), indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, checkpoint / PROGRESS_FILE)
+
+
+def read_progress(checkpoint: Path) -> Progress | None:
+    """The totals a checkpoint holds; None for one written by an older tunelab (it kept none)."""
+    path = checkpoint / PROGRESS_FILE
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    return Progress(**{f.name: saved[f.name] for f in fields(Progress) if f.name in saved})
 
 
 def prune(folder: Path, keep: int, protect: str | None = None) -> None:

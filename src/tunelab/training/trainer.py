@@ -13,11 +13,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from tunelab.config.base import RunParams
@@ -72,9 +73,13 @@ class GuardedTrainer(Trainer):
     """transformers' Trainer made safe with the user's time, the base of every tunelab Trainer.
 
     - A NaN or inf loss stops the run before the optimizer step would spread it into the weights, naming the step.
-    - Checkpoints are marked complete only once on disk, and older ones pruned only then (checkpoints.py); the
-      limit of kept checkpoints (`keep_checkpoints`, from save_total_limit) is applied here, not by Trainer, whose
-      rotation could delete the last complete checkpoint before the new one is marked.
+    - Checkpoints are marked complete only once every process has written its part and all of it is on disk, and
+      older ones pruned only then (checkpoints.py); the limit of kept checkpoints (`keep_checkpoints`, from
+      save_total_limit) is applied here, not by Trainer, whose rotation could delete the last complete checkpoint
+      before the new one is marked.
+    - A resumed run's final figures (train_loss, train_runtime, samples and steps per second, trained tokens, the
+      evaluations' reports in `evaluation_reports`) are the whole run's: each checkpoint keeps the totals so far
+      (checkpoints.Progress), which Trainer, counting from the resume, does not.
     - Free disk space is checked before each checkpoint is written.
     - With `group_by_length`, batches hold rows of similar length (data/packing.row_length: an example's, a packed
       row's or a preference pair's len()), in an order that depends only on the seed and the epoch (so a resumed
@@ -89,6 +94,7 @@ class GuardedTrainer(Trainer):
         group_by_length: bool = False,
         loraplus_lr_ratio: float | None = None,
         head_lr_ratio: float = 1.0,
+        evaluation_reports: list[dict[str, Any]] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -96,6 +102,14 @@ class GuardedTrainer(Trainer):
         self.group_by_length = group_by_length
         self.loraplus_lr_ratio = loraplus_lr_ratio
         self.head_lr_ratio = head_lr_ratio
+        # The task's list of reports, one appended per evaluation (by its compute_metrics): kept with each
+        # checkpoint, so that a resumed run's list holds the evaluations from before the resume too.
+        self.evaluation_reports = evaluation_reports
+        self.resumed_from: int | None = None  # the step this process resumed the run from
+        self.earlier: checkpoints.Progress | None = None  # the totals of the run up to there
+        self._summary: dict[str, float] = {}  # Trainer's end-of-training figures, made the whole run's
+        self._part = _ThisPart()
+        self.add_callback(self._part)
 
     def fast_loss_now(self, unwrapped: Any) -> bool:
         """`self.fast_loss`, turned off for good (said once) when DeepSpeed ZeRO-3 has sharded the output head since
@@ -159,9 +173,10 @@ class GuardedTrainer(Trainer):
         return EpochSeededLengthSampler(global_batch, lengths=lengths, seed=self.args.seed)
 
     def trained_tokens_all_processes(self) -> int:
-        """Answer tokens trained on, summed over every process."""
+        """Answer tokens trained on, summed over every process, in the whole run (the part before a resume too)."""
         count = torch.tensor(getattr(self, "trained_tokens", 0), device=self.args.device)
-        return int(self.accelerator.reduce(count, reduction="sum"))
+        earlier = self.earlier.trained_tokens if self.earlier else 0
+        return earlier + int(self.accelerator.reduce(count, reduction="sum"))
 
     def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: D102
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -172,7 +187,60 @@ class GuardedTrainer(Trainer):
                 "weights were updated with it. Likely causes: a learning rate too high (lower lr, or raise "
                 "warmup_ratio), fp16 overflow (use bf16 or no mixed precision), or max_grad_norm 0 (clipping off)"
             )
+        self._part.add(loss)  # what Trainer adds up for its logged loss, kept for the checkpoints' totals
         return loss
+
+    def train(self, resume_from_checkpoint: str | None = None, **kwargs: Any) -> Any:  # noqa: D102
+        self.resumed_from = self.earlier = None
+        if resume_from_checkpoint and not isinstance(resume_from_checkpoint, bool):  # (True: Trainer finds one)
+            checkpoint = Path(resume_from_checkpoint)
+            self.resumed_from = checkpoints.step_of(checkpoint)
+            self.earlier = checkpoints.read_progress(checkpoint)
+            if self.earlier is not None and self.evaluation_reports is not None:
+                self.evaluation_reports[:] = self.earlier.evaluations
+        result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        if self.resumed_from is None:
+            return result
+        metrics = {**result.metrics, **self._summary}
+        return result._replace(training_loss=metrics.get("train_loss", result.training_loss), metrics=metrics)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:  # noqa: D102
+        if "train_loss" in logs and self.resumed_from is not None:  # Trainer's summary at the end of training
+            self._whole_run(logs)
+        super().log(logs, start_time)
+
+    def _whole_run(self, logs: dict[str, float]) -> None:
+        """Trainer's end-of-training figures, of the part since the resume, made the whole run's (in place)."""
+        logs["resumed_from_step"] = self.resumed_from
+        earlier = self.earlier
+        if earlier is not None:  # else a checkpoint of an older tunelab, which kept no totals: the part's figures
+            steps, part_steps = self.state.global_step, self.state.global_step - earlier.step
+            part_runtime = logs.get("train_runtime", 0.0)
+            runtime = earlier.train_runtime + part_runtime
+            # Trainer's train_loss is the part's summed loss over the part's steps
+            logs["train_loss"] = (earlier.loss_sum + logs["train_loss"] * part_steps) / max(steps, 1)
+            if part_steps and "train_samples_per_second" in logs:  # each step takes the same number of samples
+                samples_per_step = logs["train_samples_per_second"] * part_runtime / part_steps
+                logs["train_samples_per_second"] = round(samples_per_step * steps / max(runtime, 1e-9), 3)
+            logs["train_steps_per_second"] = round(steps / max(runtime, 1e-9), 3)
+            logs["train_runtime"] = round(runtime, 4)
+        self._summary = dict(logs)
+
+    def _progress(self) -> checkpoints.Progress | None:
+        """The run's totals at this step, for its checkpoint; every process takes part (the loss and tokens are
+        summed over them). None when a run resumed from an older tunelab's checkpoint, whose totals are unknown."""
+        if self.resumed_from is not None and self.earlier is None:
+            return None
+        earlier = self.earlier or checkpoints.Progress()
+        loss = self._part.loss if self._part.loss is not None else torch.zeros((), device=self.args.device)
+        loss = float(self.accelerator.reduce(loss.detach().float().reshape(1), reduction="mean"))
+        return checkpoints.Progress(
+            step=self.state.global_step,
+            train_runtime=round(earlier.train_runtime + time.time() - self._part.started, 4),
+            loss_sum=earlier.loss_sum + loss,
+            trained_tokens=self.trained_tokens_all_processes(),
+            evaluations=list(self.evaluation_reports or []),
+        )
 
     def _save_checkpoint(self, model, trial):  # noqa: D102
         run_dir = Path(self._get_output_dir(trial=trial))
@@ -183,9 +251,32 @@ class GuardedTrainer(Trainer):
             checkpoints.check_disk_space(run_dir, checkpoints.checkpoint_bytes(unwrapped, full), name)
         with quiet_peft_save():
             super()._save_checkpoint(model, trial)
+        progress = self._progress()
+        # Every process writes its own part of the checkpoint (its random state; under FSDP or DeepSpeed its shards
+        # of the weights and optimizer): all of them must have finished before the mark says it is complete.
+        self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            checkpoints.mark_complete(run_dir / name)
+            if progress is not None:
+                checkpoints.write_progress(run_dir / name, progress)
+            checkpoints.mark_complete(run_dir / name, self.args.world_size)
             checkpoints.prune(run_dir, self.keep_checkpoints, protect=self.state.best_model_checkpoint)
+
+
+class _ThisPart(TrainerCallback):
+    """This process's part of the run: when Trainer's clock started (at on_train_begin, which it measures
+    train_runtime from) and the sum of its steps' losses since (on the device: adding syncs nothing)."""
+
+    def __init__(self) -> None:
+        self.started = time.time()
+        self.loss: torch.Tensor | None = None
+
+    def add(self, loss: torch.Tensor) -> None:
+        loss = loss.detach()
+        self.loss = loss if self.loss is None else self.loss + loss
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: D102
+        self.started = time.time()
+        self.loss = None  # also when Trainer starts over (auto_find_batch_size after running out of memory)
 
 
 def head_parameter(name: str) -> bool:
