@@ -248,3 +248,66 @@ def test_a_run_from_a_relative_model_path_merges_from_another_directory(tiny_lla
     assert json.loads((work / "run" / "tunelab_run.json").read_text())["base_model"] == str(work / "base")
     monkeypatch.chdir(tmp_path)
     assert main(["merge", "--model", str(work / "run"), "--output", str(tmp_path / "merged")]) == 0
+
+
+def _counting_rows(tmp_path, count=40):
+    rows = [
+        {"prompt": f"Count to {i}:", "completion": " " + " ".join(str(j) for j in range(1, i % 9 + 2))}
+        for i in range(count)
+    ]
+    path = tmp_path / "count.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_neftune_noise_changes_training_not_the_model_s_use(tiny_llama, tmp_path):
+    """NEFTune noise on the input embeddings while training: the same run's first loss differs with it, the same
+    seed repeats it, and the trained model is used without it (the hook is gone after training)."""
+    data = _counting_rows(tmp_path)
+
+    def first_loss(name, **extra):
+        folder = tunelab.train(
+            model=str(tiny_llama), data_path=str(data), trainer="sft", max_steps=2, batch_size=4, lr=1e-3,
+            gradient_accumulation=1, logging_steps=1, block_size=64, project_name=str(tmp_path / name), **extra,
+        )  # fmt: skip
+        return train_losses(folder)[0], folder
+
+    plain, _ = first_loss("plain")
+    noisy, folder = first_loss("noisy", neftune_noise_alpha=50.0)
+    again, _ = first_loss("again", neftune_noise_alpha=50.0)
+    assert noisy != plain and noisy == again
+    model = AutoModelForCausalLM.from_pretrained(folder).train()  # training mode: a left-over hook would add noise
+    ids = torch.tensor([[1, 20, 30, 40]])
+    assert torch.equal(model.get_input_embeddings()(ids), model.get_input_embeddings()(ids))
+
+
+def test_early_stopping_stops_on_the_eval_loss_and_keeps_the_best_weights(tiny_llama, tmp_path):
+    """A learning rate far too high: the eval loss rises after its first evaluations, the run stops after
+    `early_stopping_patience` evaluations without a better one, and the weights kept are the best evaluation's."""
+    folder = tunelab.train(
+        model=str(tiny_llama), data_path=str(_counting_rows(tmp_path)), trainer="sft", valid_size=8, max_steps=40,
+        batch_size=4, gradient_accumulation=1, lr=0.3, eval_strategy="steps", logging_steps=2, block_size=64,
+        early_stopping_patience=2, project_name=str(tmp_path / "run"),
+    )  # fmt: skip
+    *during, final = [r["eval_loss"] for r in read_metrics(folder) if "eval_loss" in r and "step" in r]
+    best = during.index(min(during))
+    assert len(during) == best + 1 + 2  # stopped after 2 evaluations without a better one, long before step 40
+    assert final == pytest.approx(min(during), rel=1e-5)  # evaluated again at the end: the best weights
+    assert json.loads((folder / "metrics.json").read_text())["eval_loss"] == pytest.approx(final)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"neftune_noise_alpha": 5.0, "trainer": "dpo"}, "neftune_noise_alpha is for trainers default and sft"),
+        ({"neftune_noise_alpha": 0.0}, "neftune_noise_alpha must be positive"),
+        ({"early_stopping_patience": 3}, "give a validation split"),
+        ({"early_stopping_patience": 3, "valid_size": 0.1, "eval_strategy": "no"}, "eval_strategy steps or epoch"),
+    ],
+)
+def test_regulariser_settings_that_cannot_work_are_refused(settings, message):
+    from tunelab.config.llm import LLMParams
+    from tunelab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        LLMParams(**settings)

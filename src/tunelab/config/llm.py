@@ -182,6 +182,11 @@ class LLMParams(Params):
         " under LoRA the norms' and SwiGLU's outputs are rebuilt in the backward pass instead of kept, and each LoRA"
         " product is added inside its matrix multiply.",
     )
+    neftune_noise_alpha: float | None = param(
+        None,
+        "default and sft: NEFTune, uniform noise added to the input embeddings while training, of size "
+        "alpha / sqrt(tokens x hidden size) (the paper's 5 is a common choice). Unset: none.",
+    )
 
     # --- PEFT / quantization
     peft: bool = param(False, "Train a LoRA adapter instead of all weights.")
@@ -282,6 +287,14 @@ class LLMParams(Params):
     logging_steps: int = param(-1, "Log every N steps (-1: about 25 points per run).")
     eval_strategy: str = param(
         "epoch", "When to evaluate on valid_split: no, steps or epoch.", ("no", "steps", "epoch")
+    )
+    early_stopping_patience: int | None = param(
+        None,
+        "Stop after this many evaluations without a lower eval loss, and keep the best checkpoint's weights (needs "
+        "valid_split or valid_size). Unset: train to the end.",
+    )
+    early_stopping_threshold: float = param(
+        0.0, "With early_stopping_patience: the smallest fall of the eval loss that counts."
     )
     save_total_limit: int = param(1, "Checkpoints kept while training.")
     save_steps: int = param(-1, SAVE_STEPS_HELP)
@@ -384,6 +397,25 @@ class LLMParams(Params):
                 f"got {self.batch_size}"
             )
 
+    def _check_regularisers(self) -> None:
+        if self.neftune_noise_alpha is not None:
+            if not self.neftune_noise_alpha > 0:
+                raise ConfigError(f"neftune_noise_alpha must be positive, got {self.neftune_noise_alpha}")
+            if self.trainer not in ("default", "sft"):
+                raise ConfigError(f"neftune_noise_alpha is for trainers default and sft, not {self.trainer}")
+        if self.early_stopping_patience is None:
+            return
+        check_positive(self, "early_stopping_patience")
+        if not (self.valid_split or self.valid_size):
+            raise ConfigError(
+                "early_stopping_patience stops on the eval loss: give a validation split (valid_split, or valid_size "
+                "to hold one out of the train split)"
+            )
+        if self.eval_strategy == "no":
+            raise ConfigError("early_stopping_patience needs evaluations: eval_strategy steps or epoch, not no")
+        if REGISTRY[self.trainer].data == "prompts":
+            raise ConfigError(f"early_stopping_patience: {self.trainer}'s evaluation has no eval loss to stop on")
+
     @property
     def dpo_loss_types(self) -> tuple[str, ...]:
         """dpo_loss_type as a tuple of loss names."""
@@ -448,6 +480,7 @@ class LLMParams(Params):
         self._check_preference_losses()
         if self.trainer == "kto":
             self._check_kto()
+        self._check_regularisers()
         if REGISTRY[self.trainer].data == "prompts":  # methods that generate and score their completions
             self._check_rewards()
         check_training(self)

@@ -39,8 +39,18 @@ class Entry:
 PAIR_DATA = ("rejected_text_column", "max_prompt_length", "max_completion_length")
 
 REGISTRY: dict[str, Entry] = {
-    "default": Entry("clm", "examples", "causal LM over the whole text, joined and cut into blocks of block_size"),
-    "sft": Entry("sft", "examples", "supervised fine-tuning per example (optionally packed), loss on answer tokens"),
+    "default": Entry(
+        "clm",
+        "examples",
+        "causal LM over the whole text, joined and cut into blocks of block_size",
+        params=("neftune_noise_alpha",),
+    ),
+    "sft": Entry(
+        "sft",
+        "examples",
+        "supervised fine-tuning per example (optionally packed), loss on answer tokens",
+        params=("neftune_noise_alpha",),
+    ),
     "reward": Entry(
         "reward",
         "pairs",

@@ -167,7 +167,7 @@ def _build_trainer(
     from transformers.trainer_callback import PrinterCallback
 
     from tunelab.training.callbacks import ProgressAndMetrics
-    from tunelab.training.trainer import GuardedTrainer, ListDataset, log_every, training_arguments
+    from tunelab.training.trainer import GuardedTrainer, ListDataset, early_stopping_arguments, training_arguments
 
     has_valid = bool(data.valid)
     steps_per_epoch = math.ceil(len(data.train) / (params.batch_size * params.gradient_accumulation))
@@ -177,15 +177,9 @@ def _build_trainer(
         str(staging),
         steps_per_epoch,
         has_valid,
-        # Early stopping needs a checkpoint at every evaluation; otherwise checkpoints follow save_steps.
-        **({"save_strategy": params.eval_strategy} if early else {}),
-        **({"save_steps": log_every(params, steps_per_epoch)} if early and params.eval_strategy == "steps" else {}),
-        load_best_model_at_end=early,
-        metric_for_best_model="eval_loss" if early else None,
-        greater_is_better=False if early else None,
+        # Without early stopping, checkpoints follow save_steps.
+        **(early_stopping_arguments(params, steps_per_epoch) if early else {}),
         prediction_loss_only=False,  # the metrics need the logits
-        # A resumed run goes on counting early stopping's patience where the interrupted one was.
-        restore_callback_states_from_checkpoint=early,
     )
     # One per evaluation, the final one last; a resumed run's begins with those before the resume (GuardedTrainer
     # keeps them with each checkpoint).

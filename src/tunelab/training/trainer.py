@@ -393,8 +393,23 @@ def training_arguments(
         dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=True,  # tunelab's own progress bar (callbacks.py) shows loss and ETA
         save_only_model=False,
+        # transformers' NEFTune: a hook on the input embeddings adds the noise in training mode only
+        neftune_noise_alpha=getattr(params, "neftune_noise_alpha", None),
     )
     return TrainingArguments(**{**settings, **overrides})
+
+
+def early_stopping_arguments(params: RunParams, steps_per_epoch: int) -> dict[str, Any]:
+    """The TrainingArguments early stopping needs: a checkpoint at every evaluation (the best one is kept and
+    loaded at the end), ranked by the eval loss, and the patience counted on across a resume."""
+    return {
+        "save_strategy": params.eval_strategy,
+        **({"save_steps": log_every(params, steps_per_epoch)} if params.eval_strategy == "steps" else {}),
+        "load_best_model_at_end": True,
+        "metric_for_best_model": "eval_loss",
+        "greater_is_better": False,
+        "restore_callback_states_from_checkpoint": True,
+    }
 
 
 def build_trainer(
@@ -419,7 +434,10 @@ def build_trainer(
     streamed = isinstance(train_rows, torch.utils.data.IterableDataset)
     batch_rows = params.batch_size * params.gradient_accumulation
     steps_per_epoch = params.max_steps if streamed else max(1, math.ceil(len(train_rows) / batch_rows))
-    args = training_arguments(params, output_dir, steps_per_epoch, has_valid=_dataset(valid_rows) is not None)
+    has_valid = _dataset(valid_rows) is not None
+    early = params.early_stopping_patience is not None and has_valid and params.eval_strategy != "no"
+    stopping = early_stopping_arguments(params, steps_per_epoch) if early else {}
+    args = training_arguments(params, output_dir, steps_per_epoch, has_valid, **stopping)
     if params.torch_compile:
         log.info("torch_compile: compiled %d decoder layers", compile_layers(model))
     common = {
@@ -445,6 +463,10 @@ def build_trainer(
             **common,
         )
     trainer.remove_callback(PrinterCallback)  # tunelab's own callback prints progress
+    if early:
+        from transformers import EarlyStoppingCallback
+
+        trainer.add_callback(EarlyStoppingCallback(params.early_stopping_patience, params.early_stopping_threshold))
     return trainer
 
 
