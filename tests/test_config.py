@@ -287,3 +287,11 @@ def test_version_is_printed(capsys):
         main(["--version"])
     assert stop.value.code == 0
     assert capsys.readouterr().out.strip() == f"tunelab {tunelab.__version__}"
+
+
+def test_an_infinite_valid_size_is_refused_in_one_line(capsys):
+    from tunelab.cli import main
+
+    assert main(["llm", "--dry-run", "--data-path", "unused.jsonl", "--valid-size", "inf"]) == 2
+    err = capsys.readouterr().err
+    assert "valid_size must be a share of the train split" in err and "Traceback" not in err

@@ -133,6 +133,35 @@ def test_unbalanced_classes_are_rebalanced_and_the_log_says_so(tmp_path, tiny_ll
     )
 
 
+def test_the_class_weights_note_follows_the_weights_given_from_the_cache(tmp_path, tiny_llama):
+    """The note on the class weights is made with the rows, which the prepared-data cache keeps: another
+    desirable_weight must not reuse the note of the run before."""
+    data = _write(tmp_path / "u.jsonl", [r for r in THUMBS if r["label"] in (True, "true", "yes")] * 3 + [THUMBS[1]])
+    first = tunelab.plan(_params(data, model=str(tiny_llama), batch_size=4))
+    given = tunelab.plan(_params(data, model=str(tiny_llama), batch_size=4, desirable_weight=0.2))
+    note = next(n for n in given.splits[0].notes if n.startswith("kto:"))
+    assert "desirable_weight 0.2, undesirable_weight 1 (as given" in note
+    assert first.splits[0].notes != given.splits[0].notes
+
+
+def test_valid_size_leaving_one_kind_to_train_on_is_one_line_and_a_one_kind_valid_split_trains(tmp_path, tiny_llama):
+    from tunelab.tasks.llm import prepare
+
+    rows = [{"prompt": f"Q{n}?", "completion": f"A{n}.", "label": n == 0} for n in range(3)]
+    data = _write(tmp_path / "k.jsonl", rows)
+    outcomes = set()
+    for seed in range(12):  # the one desirable answer lands on either side, by seed
+        try:
+            prep = prepare(_params(data, model=str(tiny_llama), batch_size=2, valid_size=1, seed=seed))
+        except DataError as err:
+            assert "(less the examples valid_size held out): every answer is undesirable" in str(err)
+            outcomes.add("refused")
+        else:  # a validation split of one kind is fine: only training needs the contrast
+            assert len(prep.valid_rows) == 1
+            outcomes.add("prepared")
+    assert outcomes == {"refused", "prepared"}
+
+
 # ------------------------------------------------------------------------------------------------ training
 
 

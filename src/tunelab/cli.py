@@ -62,6 +62,8 @@ def add_param_flags(parser: argparse.ArgumentParser, schema: type = LLMParams) -
         else:
             choices = f.metadata.get("choices")
             shown = dict.fromkeys("none" if c is None else c for c in choices or ())
+            if f.metadata.get("open_choices"):
+                shown["..."] = None  # or a value of another kind, as the help says
             metavar = "{" + ",".join(shown) + "}" if choices else None
             parser.add_argument(
                 *_flag_names(f.name), dest=f.name, metavar=metavar, help=help_text, default=argparse.SUPPRESS

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import field
 from pathlib import Path
@@ -73,11 +74,16 @@ RESUME_HELP = (
 )
 
 
-def param(default: Any, help: str, choices: tuple | None = None, secret: bool = False) -> Any:
-    """A dataclass field whose help text (and allowed values) travel with it to the CLI and the docs."""
+def param(
+    default: Any, help: str, choices: tuple | None = None, secret: bool = False, open_choices: bool = False
+) -> Any:
+    """A dataclass field whose help text (and allowed values) travel with it to the CLI and the docs.
+    `open_choices`: the choices are named values beside values of another kind (chat_template: a name, or a
+    template file), which the parameter class checks itself."""
     meta: dict[str, Any] = {"help": help, "secret": secret}
     if choices is not None:
         meta["choices"] = choices
+        meta["open_choices"] = open_choices
     return field(default=default, metadata=meta, repr=not secret)
 
 
@@ -175,13 +181,13 @@ BAD_ROWS_HELP = (
 )
 
 
-def check_choices(params: RunParams, skip: tuple[str, ...] = ()) -> None:
-    """Every field with a list of allowed values holds one of them ("no" mixed precision means none); the fields
-    in `skip` hold a value of another kind, checked by the caller."""
+def check_choices(params: RunParams) -> None:
+    """Every field with a list of allowed values holds one of them ("no" mixed precision means none); fields
+    with open choices are checked by their parameter class."""
     if params.mixed_precision == "no":
         params.mixed_precision = None
     for f in dataclasses.fields(params):
-        choices = f.metadata.get("choices") if f.name not in skip else None
+        choices = f.metadata.get("choices") if not f.metadata.get("open_choices") else None
         value = getattr(params, f.name)
         if choices is not None and value not in choices:
             shown = ", ".join("none" if c is None else str(c) for c in choices)
@@ -212,7 +218,7 @@ def check_valid_size(params: RunParams) -> None:
     size = params.valid_size
     if size is None:
         return
-    if not size > 0 or (size >= 1 and size != int(size)):
+    if not (size > 0 and math.isfinite(size)) or (size >= 1 and size != int(size)):
         raise ConfigError(
             f"valid_size must be a share of the train split between 0 and 1, or a whole number of its examples; "
             f"got {size}"

@@ -58,7 +58,8 @@ def _table(schema: type) -> list[str]:
         text = f.metadata["help"].replace("|", "\\|")
         choices = f.metadata.get("choices")
         if choices:
-            text += " Allowed: " + ", ".join("unset" if c is None else f"`{c}`" for c in choices) + "."
+            named = ", ".join("unset" if c is None else f"`{c}`" for c in choices)
+            text += f" Named values: {named}." if f.metadata.get("open_choices") else f" Allowed: {named}."
         rows.append(f"| `{f.name}` | {default} | {text} |")
     return rows
 

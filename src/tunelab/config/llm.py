@@ -98,6 +98,7 @@ class LLMParams(Params):
         "alpaca (the Alpaca instruction prompt), or your own Jinja chat template: a .jinja file's path, or the "
         "template itself. Unset: picked from the data (see docs/data.md).",
         (None, *CHAT_TEMPLATES),
+        open_choices=True,
     )
     add_eos_token: bool = param(True, "Append the end-of-sequence token to each text (plain-text rows).")
     completion_only_loss: bool = param(
@@ -437,7 +438,7 @@ class LLMParams(Params):
         switch = str(self.gradient_checkpointing).lower()
         if switch in ("true", "yes", "1", "false", "no", "0"):
             self.gradient_checkpointing = "on" if switch in ("true", "yes", "1") else "off"
-        check_choices(self, skip=("chat_template",) if self.chat_template not in (None, *CHAT_TEMPLATES) else ())
+        check_choices(self)
         if self.disable_gradient_checkpointing and self.gradient_checkpointing == "on":
             raise ConfigError(
                 "disable_gradient_checkpointing: true and gradient_checkpointing: on contradict each other: keep one"

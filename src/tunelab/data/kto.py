@@ -111,7 +111,7 @@ def load_kto_data(params: LLMParams, tokenizer: Any) -> PreferenceData:
         items = [_tokenize(prompt, answer, bool(good), tokenizer, add_special) for prompt, answer, good in texts]
         out[name] = _fit(items, params, stats if train else PairStats())
         if train:
-            _check_both_kinds(out[name], split.origin)
+            check_both_kinds(out[name], split.origin)
     stats.pairs = len(out["train"])
     described = {"pairs": "prompt/chosen/rejected, unpaired"} if paired else {}
     return PreferenceData(
@@ -218,7 +218,8 @@ def _fit(items: list[Labeled], params: LLMParams, stats: PairStats) -> list[Labe
     return kept
 
 
-def _check_both_kinds(items: list[Labeled], origin: str) -> None:
+def check_both_kinds(items: list[Labeled], origin: str) -> None:
+    """A DataError when every answer is of one kind (also checked on what valid_size leaves to train on)."""
     desirable = sum(item.desirable for item in items)
     if items and desirable in (0, len(items)):
         kind, label = ("desirable", "true") if desirable else ("undesirable", "false")

@@ -78,7 +78,8 @@ REGISTRY: dict[str, Entry] = {
         "Kahneman-Tversky optimization: single answers marked desirable or not (kto_beta)",
         reference=True,
         params=("kto_beta", "label_column", "desirable_weight", "undesirable_weight"),
-        data_params=("label_column", *PAIR_DATA),
+        # the class weights: stated with the rows (methods/kto.build_kto_rows), which the cache keeps
+        data_params=("label_column", *PAIR_DATA, "desirable_weight", "undesirable_weight"),
     ),
     "simpo": Entry(
         "simpo",

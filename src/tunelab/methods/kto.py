@@ -41,7 +41,7 @@ def class_weights(items: list[Labeled], params: LLMParams) -> tuple[float, float
         good, bad = good or 1.0, bad or 1.0
         ratio = good * n_good / (bad * max(n_bad, 1))
         how = "as given" if params.desirable_weight or params.undesirable_weight else "equal classes"
-        if not 1 <= ratio <= 4 / 3:
+        if n_good and n_bad and not 1 <= ratio <= 4 / 3:  # (a held-out split may hold one kind only)
             how += (
                 f"; desirable_weight * n_desirable / (undesirable_weight * n_undesirable) is {ratio:.2f}, outside "
                 f"the KTO paper's [1, 4/3]: desirable_weight in [{n_bad * bad / n_good:.2f}, "

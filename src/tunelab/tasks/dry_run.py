@@ -60,6 +60,10 @@ class RunPlan:
     def fits(self) -> bool | None:
         return None if self.memory is None else self.memory.fits(self.available)
 
+    @property
+    def classifier(self) -> bool:
+        return bool(self.label_counts)  # only a classifier's plan counts labels
+
     def render(self) -> str:
         lines = [f"dry run: {self.task} on {self.model} (nothing trained, no project folder written)"]
         for split in self.splits:
@@ -78,7 +82,7 @@ class RunPlan:
         for number, example in enumerate(self.examples, start=1):
             # A classifier's example is its text and label: no tokens of it are marked.
             marks = f"the loss is on the tokens between {TRAINED_OPEN} {TRAINED_CLOSE}"
-            lines.append(f"  example {number} as trained ({marks if TRAINED_OPEN in example else 'text -> label'}):")
+            lines.append(f"  example {number} as trained ({'text -> label' if self.classifier else marks}):")
             lines += ["    " + line for line in example.splitlines()]
         return "\n".join(lines)
 

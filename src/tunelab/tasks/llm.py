@@ -25,7 +25,7 @@ from tunelab.config.llm import LLMParams
 from tunelab.data import cache as data_cache
 from tunelab.data import load_data, stream_data
 from tunelab.data.holdout import hold_out
-from tunelab.data.kto import load_kto_data
+from tunelab.data.kto import check_both_kinds, load_kto_data
 from tunelab.data.mixture import is_mixture
 from tunelab.data.packing import row_lengths
 from tunelab.data.preference import load_preference_data
@@ -148,6 +148,8 @@ def _prepare_data(params: LLMParams, method: Method, tokenizer: Any, folder: Pat
     data = loaders[method.data](params, tokenizer) if method.data in loaders else load_data(params, tokenizer, folder)
     if params.valid_size is not None:
         data = hold_out(data, params.valid_size, params.seed)
+        if method.data == "labeled":  # what is left to train on must still hold both kinds of answer
+            check_both_kinds(data.train, f"{data.origins['train']} (less the examples valid_size held out)")
     train_rows, stats = method.build_rows(data.train, params)
     valid_rows = method.build_rows(data.valid, params)[0] if data.valid else None
     if method.data in ("pairs", "labeled"):
