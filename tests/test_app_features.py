@@ -145,6 +145,41 @@ def test_two_runs_compared_base_beside_tuned_merged_and_run_again(app, tiny_llam
     assert status == 200 and b'id="lr" name="lr" value="0.001"' in page
 
 
+def test_a_dpo_job_ends_with_its_preference_evaluation_on_its_page(app, tiny_llama):
+    """The app evaluates a preference run too: on the pairs its valid_size held out, its figures and samples with
+    the pair's chosen and rejected answers on the job page."""
+    rows = [
+        {"prompt": f"Question {n}?", "chosen": " The answer is blue.", "rejected": f" It is {n % 5} pm."}
+        for n in range(12)
+    ]
+    data = ("pairs.jsonl", "".join(json.dumps(row) + "\n" for row in rows).encode())
+    status, project = new_project(app, tiny_llama, name="pairs", trainer="dpo", data=data)
+    assert status == 201, project
+    params = {**SHORT_RUN, "block_size": 64, "max_prompt_length": 32, "valid_size": 4, "eval_strategy": "no"}
+    status, job = app.post_json(f"/api/projects/{project['id']}/jobs", {"params": params, "evaluate": True})
+    assert status == 201, job
+    (job,) = wait_for(app, [job["id"]])
+    assert job["status"] == "completed", job["message"]
+
+    results = job["evaluation"]["results"]
+    assert results["method"] == "dpo" and results["rows"] == 4 and results["unit"] == "pairs"
+    assert results["data"].startswith("4 of the 12 examples of ") and "held out by valid_size=4" in results["data"]
+    assert {"rewards/accuracies", "rewards/margins", "logps/chosen"} <= set(results)
+    held = {sample["prompt"] for sample in results["samples"]}
+    assert len(held) == 2 and held <= {row["prompt"] for row in rows}
+
+    status, page = app.request("GET", f"/jobs/{job['id']}")[::2]
+    page = page.decode()
+    assert status == 200 and "<th>rewards/accuracies</th>" in page and "<th>rewards/margins</th>" in page
+    assert "4 of the 12 examples of pairs.jsonl, held out" in page  # the upload's folder left out
+    cards = page.split('class="sample card"')[1:]
+    assert len(cards) == 2
+    for card, sample in zip(cards, results["samples"], strict=True):
+        assert '<p class="label">Chosen</p><pre class="reference">The answer is blue.</pre>' in card
+        assert f'<p class="label">Rejected</p><pre class="rejected">{sample["rejected"]}</pre>' in card
+        assert sample["rejected"].startswith("It is") and 'class="base"' in card
+
+
 def _greedy_answer(model_dir: Path, message: str) -> str:
     from tunelab.inference.chat import ChatSession
     from tunelab.inference.generate import GenerationParams, load_run

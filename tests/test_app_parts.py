@@ -239,3 +239,25 @@ def test_a_job_starting_frees_the_chat_models(tiny_llama, tmp_path):
     assert state.chat._loaded is not None
     state.worker.before_job()
     assert state.chat._loaded is None and state.chat._base is None
+
+
+def test_report_chosen_answer_cut_inside_its_code_is_closed_at_the_rejected_label(tmp_path):
+    """A preference sample's chosen answer, cut to max_completion_length inside its code, ends at **Rejected:**."""
+    cut = "```python\ndef greet(name):\n    return"
+    samples = [Sample("say hi", cut, "hi", rejected="```python\nprint(1)\n```"), Sample("say bye", "bye", "bye")]
+    html = markdown(report_of(tmp_path, samples))
+
+    blocks = re.findall(r"<pre><code[^>]*>(.*?)</code></pre>", html, flags=re.S)
+    assert blocks == ["def greet(name):\n    return", "print(1)"]
+    assert "<p><b>Reference:</b></p>" in html and "<p><b>Rejected:</b></p>" in html
+    assert "<p><b>Fine-tuned:</b> hi</p>" in html and "<h3>Sample 2</h3>" in html
+
+
+def test_shown_metrics_labels_a_reward_model_s_figures():
+    shown = shown_metrics({"eval_mean_reward": 0.1, "eval_margin": 1.5, "eval_accuracy": 0.75, "train_runtime": 3.0})
+    assert shown == [
+        ("eval_accuracy", "eval accuracy", "75.0%"),
+        ("eval_margin", "eval reward margin", "1.5"),
+        ("eval_mean_reward", "eval mean reward", "0.1"),
+        ("train_runtime", "training time", "3.0 s"),
+    ]

@@ -137,3 +137,135 @@ def test_a_classifier_s_valid_size_is_drawn_per_label(tiny_llama, tmp_path):
     assert prep.data.origins["valid"].startswith(f"10 of the 40 examples of {data}")
     again = prepare(params)
     assert again.data.valid == prep.data.valid  # the same examples every time
+
+
+# ---- tunelab evaluate on a valid_size run's own data: the examples it held out
+
+
+def _held(examples: int, count: int, seed: int = 42) -> list[int]:
+    from tunelab.data.holdout import split_indices
+
+    return [int(i) for i in split_indices(examples, count, seed)[1]]
+
+
+def test_evaluate_split_valid_on_the_run_s_own_file_measures_its_held_out_examples(
+    tiny_llama, tmp_path, monkeypatch, capsys
+):
+    from tunelab.inference.evaluate import evaluate_run
+
+    monkeypatch.chdir(tmp_path)  # trained with relative paths, evaluated from elsewhere with an absolute one
+    data = _rows(tmp_path / "one.jsonl", 24)
+    args = ["llm", "--train", "--model", str(tiny_llama), "--data-path", "one.jsonl", "--project-name", "run"]
+    args += ["--trainer", "sft", "--valid-size", "0.25", "--max-steps", "2", "--batch-size", "6", "--lr", "1e-3"]
+    args += ["--block-size", "512", "--model-max-length", "512", "--peft", "--eval-strategy", "no"]
+    assert main(args) == 0
+    out = tmp_path / "run"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    held = _held(24, 6)
+    run = json.loads((out / "tunelab_run.json").read_text())
+
+    results = evaluate_run(out, str(data), split="valid", samples=3, max_new_tokens=4)
+    assert run["data"]["valid"] == "6 of the 24 examples of one.jsonl, held out by valid_size=0.25 and seed 42"
+    assert results["rows"] == 6 and results["data"] == run["data"]["valid"].replace("one.jsonl", str(data))
+    # The samples' prompts are held-out rows' instructions
+    samples = json.loads((out / "evaluation" / "results.json").read_text())["samples"]
+    asked = [sample["prompt"][-1]["content"].split(".", 1)[0] for sample in samples]
+    assert len(asked) == 3 and asked == [str(i) for i in held[:3]]
+    assert f"6 of the 24 examples of {data}, held out" in (out / "evaluation" / "report.md").read_text()
+    # The same loss as the old path gives on a file of exactly those rows, and as mean_loss over them by hand
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    only = tmp_path / "held.jsonl"
+    only.write_text("".join(json.dumps(rows[i]) + "\n" for i in held), encoding="utf-8")
+    alone = evaluate_run(out, str(only), split="test", samples=0)
+    assert alone["rows"] == 6 and results["eval_loss"] == pytest.approx(alone["eval_loss"], rel=1e-6)
+    from tunelab.data import load_data
+    from tunelab.inference.evaluate import _cut, _data_params, mean_loss
+    from tunelab.inference.generate import load_run
+
+    model, tokenizer = load_run(out)
+    encoded = load_data(_data_params(out, str(data), "train"), tokenizer).train
+    assert results["eval_loss"] == pytest.approx(mean_loss(model, [_cut(encoded[i], 512) for i in held]), rel=1e-6)
+
+    # --split train: the 18 it trained on; another split name, or another file: every row, as before
+    trained = evaluate_run(out, str(data), split="train", samples=0)
+    assert trained["rows"] == 18 and trained["data"].startswith(f"the 18 of the 24 examples of {data} trained on")
+    assert evaluate_run(out, str(data), split="test", samples=0)["rows"] == 24
+    copy = tmp_path / "copy.jsonl"
+    copy.write_bytes(data.read_bytes())
+    assert evaluate_run(out, str(copy), split="valid", samples=0)["rows"] == 24
+
+    # The file changed since training: said in one line, nothing measured
+    data.write_text("".join(data.read_text().splitlines(keepends=True)[:23]), encoding="utf-8")
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(out), "--data-path", str(data), "--split", "valid"]) == 2
+    err = capsys.readouterr().err
+    assert "holds 23 examples now, where the run held 6 of its 24 out: the data changed since training" in err
+    assert "Traceback" not in err
+
+
+def test_evaluate_split_valid_on_a_dpo_run_s_own_pairs_measures_its_held_out_pairs(tiny_llama, tmp_path):
+    import tunelab
+    from tunelab.inference.evaluate import evaluate_run
+
+    rows = [
+        {"prompt": f"Question {n}?", "chosen": " The answer is blue.", "rejected": f" It is {n % 5} o'clock."}
+        for n in range(16)
+    ]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    values = {
+        "model": str(tiny_llama), "data_path": str(data), "trainer": "dpo", "project_name": str(tmp_path / "run"),
+        "block_size": 64, "model_max_length": 128, "max_prompt_length": 32, "batch_size": 4, "max_steps": 2,
+        "lr": 5e-3, "peft": True, "lora_r": 8, "valid_size": 4, "eval_strategy": "no",
+        "disable_gradient_checkpointing": True,
+    }  # fmt: skip
+    out = tunelab.train(LLMParams(**values))
+    held = _held(16, 4)
+
+    results = evaluate_run(out, str(data), split="valid", samples=4, max_new_tokens=4)
+    run = json.loads((out / "tunelab_run.json").read_text())
+    assert results["method"] == "dpo" and results["rows"] == 4 and results["data"] == run["data"]["valid"]
+    samples = json.loads((out / "evaluation" / "results.json").read_text())["samples"]
+    assert [sample["prompt"] for sample in samples] == [f"Question {i}?" for i in held]
+    assert [sample["rejected"] for sample in samples] == [rows[i]["rejected"].strip() for i in held]
+    # The figures the old path gives on a file of exactly those pairs
+    only = tmp_path / "held.jsonl"
+    only.write_text("".join(json.dumps(rows[i]) + "\n" for i in held), encoding="utf-8")
+    alone = evaluate_run(out, str(only), split="test", samples=0)
+    assert alone["rows"] == 4
+    for name in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "logps/chosen", "logps/rejected"):
+        assert results[name] == pytest.approx(alone[name], abs=1e-5), name
+    assert evaluate_run(out, str(data), split="train", samples=0)["rows"] == 12
+
+
+def test_evaluate_split_valid_on_a_classifier_s_own_file_measures_its_held_out_texts(tiny_llama, tmp_path, capsys):
+    import tunelab
+    from tunelab.config.text_classification import TextClassificationParams
+    from tunelab.inference.evaluate import evaluate_run
+
+    data = tmp_path / "labelled.csv"
+    labels = ["good"] * 30 + ["bad"] * 8 + ["rare"] * 2
+    data.write_text("text,target\n" + "".join(f"text number {n},{label}\n" for n, label in enumerate(labels)))
+    params = TextClassificationParams(
+        model=str(tiny_llama), data_path=str(data), project_name=str(tmp_path / "run"), valid_size=0.25,
+        max_steps=2, batch_size=8, max_seq_length=16,
+    )  # fmt: skip
+    out = tunelab.train(params)
+
+    results = evaluate_run(out, str(data), split="valid")
+    run = json.loads((out / "tunelab_run.json").read_text())
+    assert results["rows"] == 10 and results["data"] == run["data"]["valid"]
+    assert {label: row["support"] for label, row in results["per_class"].items()} == {"bad": 2, "good": 7, "rare": 1}
+    # the run's own final evaluation was on those texts: the same predictions
+    final = json.loads((out / "eval_report.json").read_text())["final"]
+    assert results["confusion_matrix"] == final["confusion_matrix"]
+    assert evaluate_run(out, str(data), split="train")["rows"] == 30
+
+    # the same number of rows with other labels: the held-out texts cannot be found again
+    changed = ["good"] * 29 + ["bad"] * 9 + ["rare"] * 2
+    data.write_text("text,target\n" + "".join(f"text number {n},{label}\n" for n, label in enumerate(changed)))
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(out), "--data-path", str(data), "--split", "valid"]) == 2
+    assert "the data changed since training" in capsys.readouterr().err

@@ -286,8 +286,9 @@ def job_page(request: Request, job_id: int) -> HTMLResponse:
 
 
 def evaluation_shown(job: dict[str, Any]) -> dict[str, Any] | None:
-    """The evaluation report's numbers, and its samples as their own cards (prompt, reference, tuned, base: text
-    kept as written, code and line breaks included) rather than as Markdown paragraphs."""
+    """The evaluation report's numbers (a preference run's figures under their training names), and its samples as
+    their own cards (prompt, reference, tuned, base; a pair's chosen and rejected answers: text kept as written,
+    code and line breaks included) rather than as Markdown paragraphs. `pairs`: a preference run's evaluation."""
     found = evaluation(job)
     if found is None:
         return None
@@ -296,13 +297,13 @@ def evaluation_shown(job: dict[str, Any]) -> dict[str, Any] | None:
         prompt = sample.get("prompt")
         if isinstance(prompt, list):  # a conversation: the last user turn is what was asked
             prompt = next((m.get("content", "") for m in reversed(prompt) if m.get("role") == "user"), "")
-        samples.append({**sample, "prompt": str(prompt or "")})
+        samples.append({**sample, "prompt": str(prompt or ""), "rejected": sample.get("rejected")})
     from tunelab.app.results import shown_log
 
     report = shown_log(found["report"].split("\n## Sample ")[0], Path(job["folder"]))
     data = Path(str(job["params"].get("data_path") or ""))
     report = report.replace(str(data), data.name) if data.name else report  # an upload's long folder, left out
-    return {**found, "report": report, "samples": samples}
+    return {**found, "report": report, "samples": samples, "pairs": "method" in found["results"]}
 
 
 @router.post("/jobs/{job_id}/cancel")

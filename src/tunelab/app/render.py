@@ -46,7 +46,7 @@ _TABLE_ROW = re.compile(r" {0,3}\|")
 # A label evaluate.py writes before a prompt or answer, and the rest of its line.
 _LABELLED = re.compile(r"(\*\*[^*]{1,40}:\*\*) +(.*)$")
 # Where one sample's text ends in the report, whatever that text did (evaluate writes a blank line before each).
-_SAMPLE_START = re.compile(r"## Sample \d+\s*$|\*\*(Prompt|Reference|Fine-tuned|Base):\*\*")
+_SAMPLE_START = re.compile(r"## Sample \d+\s*$|\*\*(Prompt|Reference|Rejected|Fine-tuned|Base):\*\*")
 
 
 def _blocks(lines: list[str], report: bool = False) -> list[str]:

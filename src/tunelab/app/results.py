@@ -145,8 +145,9 @@ def _gib(value: float) -> str:
 
 
 # Known keys in the order shown; the eval_ twin of a training figure comes right after it. A preference run
-# logs TRL's rewards/* and logps/* names (methods/preference.py, kto.py), a grpo run reward, reward_std,
-# rewards/<function>/mean|std and kl (methods/grpo.py); the final training log lands in metrics.json unprefixed.
+# logs TRL's rewards/* and logps/* names (methods/preference.py, kto.py), a reward model accuracy, margin and
+# mean_reward (methods/reward.py), a grpo run reward, reward_std, rewards/<function>/mean|std and kl
+# (methods/grpo.py); the final training log lands in metrics.json unprefixed.
 _QUALITY: list[tuple[str, str, Callable[[float], str]]] = [
     ("loss", "loss", _plain),
     ("accuracy", "accuracy", _percent),
@@ -158,6 +159,8 @@ _QUALITY: list[tuple[str, str, Callable[[float], str]]] = [
     ("rewards/rejected", "reward of rejected", _plain),
     ("logps/chosen", "log-prob of chosen", _plain),
     ("logps/rejected", "log-prob of rejected", _plain),
+    ("margin", "reward margin", _plain),  # a reward model's: score of chosen - score of rejected
+    ("mean_reward", "mean reward", _plain),
     ("reward", "reward", _plain),
     ("reward_std", "reward std", _plain),
     ("rewards/*", "reward", _plain),  # grpo's per-function figures, see _metric

@@ -23,12 +23,15 @@ from typing import Any
 
 from tunelab.app.jobs import CANCELLED, COMPLETED, FAILED, INTERRUPTED, RUNNING, JobStore
 from tunelab.app.vault import Vault
+from tunelab.methods import REGISTRY
 
 log = logging.getLogger("tunelab")
 
 CONFIG_FILE, LOG_FILE, RUN_DIR = "config.yaml", "train.log", "run"
 STOP_GRACE_SECONDS = 10  # after SIGTERM, before SIGKILL
-EVALUATED_TRAINERS = ("default", "sft")  # `tunelab evaluate` measures language models on text/chat rows
+# `tunelab evaluate` measures language models on their text/chat rows, preference runs (dpo, kto, orpo, simpo,
+# reward) by their figures on their pairs (kto: its labeled answers); grpo's prompts have no answer to measure.
+EVALUATED_TRAINERS = tuple(name for name, entry in REGISTRY.items() if entry.data != "prompts")
 
 
 def run_folder(job: dict[str, Any]) -> Path:
@@ -231,7 +234,9 @@ def group_commands(pgid: int) -> list[str]:
 
 
 def evaluate_command(python: str, job: dict[str, Any]) -> list[str]:
-    """`tunelab evaluate` on the finished run: on the validation file when there is one, else the training data."""
+    """`tunelab evaluate` on the finished run: on the validation file when there is one, else the training data,
+    whose `--split valid` is then the examples (pairs, for a preference run) valid_size held out when the run had
+    it (data/holdout.py), else the whole file. A preference run's file of pairs is measured by its figures."""
     params = job["params"]
     data = params.get("valid_split") or params["data_path"]
     return [

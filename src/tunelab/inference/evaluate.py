@@ -6,7 +6,9 @@ template, block size), so the loss is the training loss's counterpart: next-toke
 (answer) tokens only. A preference run (dpo, kto, orpo, simpo, reward) given its own kind of data (pairs; kto's
 labeled answers) is measured by the figures its training logs instead (evaluate_preference.py), and a
 text-classification run by its predictions (evaluate_classifier.py); the report is written here for both kinds of
-language model.
+language model. Given the run's own data and `--split valid`, a run trained with valid_size is measured on exactly
+the examples it held out (`--split train`: those it trained on), drawn again as training drew them
+(data/holdout.saved_hold_out), on all three paths; the results' `data` says which examples they are.
 """
 
 from __future__ import annotations
@@ -63,8 +65,10 @@ def evaluate_run(
 
     A text-classification run is measured by its predictions instead (evaluate_classifier.py), a preference run on
     pairs by its rewards (evaluate_preference.py); `max_rows` defaults to LM_ROWS for language models and reward
-    models, to every row for classifiers."""
+    models, to every row for classifiers. A run trained with valid_size, given its own data and split "valid"
+    (or "validation"), is measured on the examples it held out; split "train": on those it trained on."""
     from tunelab.data import load_data
+    from tunelab.data.holdout import saved_hold_out
     from tunelab.inference.evaluate_preference import evaluate_pairs, holds_preference_data
     from tunelab.inference.generate import load_run
 
@@ -72,27 +76,36 @@ def evaluate_run(
     run_info = read_run(folder)
     if max_rows is not None and max_rows < 1:
         raise TunelabError(f"evaluate: --max-rows must be 1 or more (got {max_rows})")
+    # The run's own data with --split valid: the examples its valid_size held out (read from its train split)
+    held = saved_hold_out(training_params(folder), run_info, folder, data_path, split)
+    split = held.split if held else split
     if run_info.get("trainer") == "text_classification":
         from tunelab.inference.evaluate_classifier import evaluate_classifier
 
         if compare_base:
             log.info("evaluate: --compare-base does not apply to a classifier (its base has no trained head)")
-        return evaluate_classifier(folder, data_path, split, max_rows)
+        return evaluate_classifier(folder, data_path, split, max_rows, held)
     max_rows = LM_ROWS if max_rows is None else max_rows
     if holds_preference_data(folder, data_path, split):
-        results, pairs = evaluate_pairs(folder, data_path, split, compare_base, max_rows, samples, max_new_tokens)
+        results, pairs = evaluate_pairs(
+            folder, data_path, split, compare_base, max_rows, samples, max_new_tokens, held
+        )
         write_report(folder, results, [Sample(**sample) for sample in pairs])
         return results
     params = _data_params(folder, data_path, split)
     model, tokenizer = load_run(folder)
     data = load_data(params, tokenizer)
-    rows = [_cut(row, params.block_size) for row in data.train[:max_rows]]
+    origin, picked = data.origins["train"], None
+    if held:
+        picked, origin = held.pick(len(data.train), origin)
+    examples = data.train[:max_rows] if picked is None else [data.train[int(i)] for i in picked[:max_rows]]
+    rows = [_cut(row, params.block_size) for row in examples]
     rows = [row for row in rows if row.trained_tokens > 0]
     if not rows:
-        raise TunelabError(f"evaluate: {data.origins['train']}: no rows with answer tokens to score")
+        raise TunelabError(f"evaluate: {origin}: no rows with answer tokens to score")
 
     started = time.time()
-    results: dict[str, Any] = {"data": data.origins["train"], "rows": len(rows), "model": str(folder)}
+    results: dict[str, Any] = {"data": origin, "rows": len(rows), "model": str(folder)}
     results["eval_loss"] = mean_loss(model, rows)
     results["eval_perplexity"] = math.exp(min(results["eval_loss"], 50))
     base_model, base_context = _base(model, folder, compare_base)
@@ -103,7 +116,7 @@ def evaluate_run(
         results["base_model"] = run_info.get("base_model")
 
     shown = []
-    for prompt, reference in _prompts(data_path, params, split, samples):
+    for prompt, reference in _prompts(params, samples, picked, len(data.train)):
         tuned = _answer(model, tokenizer, prompt, max_new_tokens)
         base = None
         if compare_base:
@@ -156,15 +169,24 @@ def _base(model: Any, folder: Path, wanted: bool) -> tuple[Any, Any]:
     return load_base(model, folder) if wanted else (None, nullcontext)
 
 
-def _prompts(data_path: str, params: LLMParams, split: str, count: int) -> list[tuple[Any, str]]:
-    """(prompt, reference answer) of the first rows: the conversation up to its last answer, or the first half
-    of a plain text."""
+def _prompts(params: LLMParams, count: int, picked: Any = None, encoded: int = 0) -> list[tuple[Any, str]]:
+    """(prompt, reference answer) of the first rows (of the `picked` ones: a run's held-out examples, among the
+    `encoded` the loss was read from): the conversation up to its last answer, or the first half of a plain text."""
     from tunelab.data.formats import detect_format, to_examples
     from tunelab.data.sources import read_splits
 
-    source = read_splits(data_path, split, None)["train"]
+    source = read_splits(params.data_path, params.train_split, None)["train"]
     fmt = detect_format(source, params.text_column, params.prompt_text_column)
     examples = to_examples(source, fmt, params.bad_rows)  # the rows the loss was measured on, bad ones as trained
+    if picked is not None:
+        if len(examples) != encoded:  # rows only the template refused (bad_rows: skip): the indices would not match
+            log.info(
+                "evaluate: no sample answers: of the %d usable rows, %d became examples (the chat template refused "
+                "the others), so the held-out ones cannot be picked from the rows",
+                len(examples), encoded,
+            )  # fmt: skip
+            return []
+        examples = [examples[int(i)] for i in picked[:count]]
     shown = []
     for example in examples[:count]:
         if "messages" in example:

@@ -3,7 +3,9 @@
 The split is read with the run's own columns (text_column, target_column) and bad-row rule, and the texts are cut
 where training cut them (max_seq_length). The report holds accuracy, macro F1, per-class precision / recall / F1,
 the confusion matrix (also as a picture) and the majority-label floor a classifier must beat, in evaluation/ of the
-run folder and its model card, as `tunelab evaluate` writes them for a language model.
+run folder and its model card, as `tunelab evaluate` writes them for a language model. A run trained with
+valid_size, given its own data and `--split valid`, is measured on the texts it held out, drawn per label again
+(data/holdout.saved_hold_out).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tunelab.data.holdout import SavedHoldOut
 from tunelab.errors import DataError
 from tunelab.inference.report import publish_report
 from tunelab.outputs import training_params
@@ -20,8 +23,12 @@ from tunelab.outputs import training_params
 log = logging.getLogger("tunelab")
 
 
-def evaluate_classifier(folder: Path, data_path: str, split: str, max_rows: int | None = None) -> dict[str, Any]:
-    """Predict every row of `split` (or the first `max_rows`), compare with its labels, and publish the report."""
+def evaluate_classifier(
+    folder: Path, data_path: str, split: str, max_rows: int | None = None, held: SavedHoldOut | None = None
+) -> dict[str, Any]:
+    """Predict every row of `split` (or the first `max_rows`), compare with its labels, and publish the report.
+    `held`: the run's own hold-out (data/holdout.saved_hold_out): only its examples of `split`, drawn per label as
+    training drew them."""
     from tunelab.data.classification import read_labelled
     from tunelab.data.sources import read_splits
     from tunelab.inference.predict import load_classifier
@@ -31,21 +38,25 @@ def evaluate_classifier(folder: Path, data_path: str, split: str, max_rows: int 
     text_column, target_column = saved.get("text_column", "text"), saved.get("target_column", "target")
     data = read_splits(data_path, split, None)["train"]
     texts, names, _ = read_labelled(data, text_column, target_column, saved.get("bad_rows", "error"))
+    origin = data.origin
+    if held is not None:
+        picked, origin = held.pick(len(texts), data.origin, names)
+        texts, names = [texts[i] for i in picked], [names[i] for i in picked]
     texts, names = texts[:max_rows], names[:max_rows]
     if not texts:
-        raise DataError(f"{data.origin}: no rows to evaluate")
+        raise DataError(f"{origin}: no rows to evaluate")
     model, tokenizer = load_classifier(folder)
     started = time.time()
     report = labelled_report(model, tokenizer, texts, names, data.origin, target_column)
     results = {
-        "data": data.origin,
+        "data": origin,
         "rows": len(texts),
         "model": str(folder),
         **report,
         "majority_baseline": round(report["majority_baseline"], 4),
         "seconds": round(time.time() - started, 1),
     }
-    card = [f"On `{data.origin}` ({len(texts)} rows):", "", *_numbers(results)]
+    card = [f"On `{origin}` ({len(texts)} rows):", "", *_numbers(results)]
 
     def pictures(staging: Path) -> None:
         draw_confusion_matrix(report["confusion_matrix"], report["labels"], staging / "confusion_matrix.png")

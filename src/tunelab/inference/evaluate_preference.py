@@ -16,16 +16,19 @@ simpo_loss, reward_loss), under TRL's names:
 
 With compare_base the base model's figures stand beside them (`base_...`), except where the base is the reference
 the rewards are measured against (dpo, kto without model_ref): that is said instead. Sample answers are generated
-from the pairs' prompts. evaluate.py writes the report.
+from the pairs' prompts. A run trained with valid_size, given its own data and `--split valid`, is measured on the
+pairs (kto: answers) it held out (data/holdout.saved_hold_out). evaluate.py writes the report.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+from tunelab.data.holdout import SavedHoldOut
 from tunelab.errors import DataError, TunelabError
 from tunelab.outputs import model_reference, read_run, training_params
 
@@ -103,10 +106,18 @@ def holds_preference_data(folder: Path, data_path: str, split: str) -> bool:
 
 
 def evaluate_pairs(
-    folder: Path, data_path: str, split: str, compare_base: bool, max_rows: int, samples: int, max_new_tokens: int
+    folder: Path,
+    data_path: str,
+    split: str,
+    compare_base: bool,
+    max_rows: int,
+    samples: int,
+    max_new_tokens: int,
+    held: SavedHoldOut | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The run's figures on the first `max_rows` pairs (kto: pairs, or labeled answers) of `split`, and sample
-    answers to the first `samples` prompts as dicts (prompt, reference, rejected, tuned, base)."""
+    answers to the first `samples` prompts as dicts (prompt, reference, rejected, tuned, base). `held`: the run's
+    own hold-out (data/holdout.saved_hold_out), its examples the only ones read from `split`."""
     import time
 
     from tunelab.inference.generate import load_run
@@ -114,11 +125,11 @@ def evaluate_pairs(
     run = read_run(folder)
     params = pair_params(folder, data_path, split, run["trainer"])
     if params.trainer == "reward":
-        return _evaluate_reward(folder, params, compare_base, max_rows), []
+        return _evaluate_reward(folder, params, compare_base, max_rows, held), []
     model, tokenizer = load_run(folder)
-    data, rows, pairs = _read(params, tokenizer, max_rows)
+    data, rows, pairs = _read(params, tokenizer, max_rows, held)
     started = time.time()
-    results = _described(folder, params, data, len(pairs) if pairs is not None else len(rows))
+    results = _described(folder, params, data, len(pairs) if pairs is not None else len(rows), pairs is not None)
     policy = _logps(model, rows, params, tokenizer)
     reference = reference_is_base = ref_model = None
     if params.trainer in ("dpo", "kto"):
@@ -153,19 +164,23 @@ def pair_params(folder: Path, data_path: str, split: str, trainer: str) -> Any:
     return LLMParams(**values)
 
 
-def _read(params: Any, tokenizer: Any, max_rows: int) -> tuple[Any, list[Any], list[tuple[int, int]] | None]:
+def _read(
+    params: Any, tokenizer: Any, max_rows: int, held: SavedHoldOut | None = None
+) -> tuple[Any, list[Any], list[tuple[int, int]] | None]:
     """(the reader's data, the rows to score, and for kto on pairs each pair's (desirable, undesirable) row)."""
     if params.trainer != "kto":
         from tunelab.data.preference import load_preference_data
 
-        data = load_preference_data(params, tokenizer)
+        data, _ = _held_out(load_preference_data(params, tokenizer), held)
         rows, pairs = data.train[:max_rows], None
     else:
         from tunelab.data.kto import load_kto_data
 
-        data = load_kto_data(params, tokenizer)
+        data, picked = _held_out(load_kto_data(params, tokenizer), held)
         rows, pairs = data.train, None
-        if "pairs" in data.columns:  # unpaired by the reader: each pair's desirable answer, then its undesirable one
+        # Pairs unpaired by the reader: each pair's desirable answer, then its undesirable one. valid_size held
+        # answers out one by one, so a run's held-out answers are measured as answers, every one of them.
+        if "pairs" in data.columns and picked is None:
             pairs, i = [], 0
             while i + 1 < len(rows) and len(pairs) < max_rows:
                 if rows[i].desirable and not rows[i + 1].desirable:
@@ -185,10 +200,20 @@ def _read(params: Any, tokenizer: Any, max_rows: int) -> tuple[Any, list[Any], l
     return data, rows, pairs
 
 
-def _described(folder: Path, params: Any, data: Any, count: int) -> dict[str, Any]:
+def _held_out(data: Any, held: SavedHoldOut | None) -> tuple[Any, Any]:
+    """(the reader's data with only the run's held-out (or trained-on) pairs or answers as its train split, named by
+    what they are; the indices of those among all it read), or the data as read (and None) without a hold-out."""
+    if held is None:
+        return data, None
+    picked, origin = held.pick(len(data.train), data.origins["train"])
+    train = [data.train[int(i)] for i in picked]
+    return dataclasses.replace(data, train=train, origins={**data.origins, "train": origin}), picked
+
+
+def _described(folder: Path, params: Any, data: Any, count: int, paired: bool = True) -> dict[str, Any]:
     results: dict[str, Any] = {"data": data.origins["train"], "rows": count, "model": str(folder)}
     results["method"] = params.trainer
-    results["unit"] = "answers" if params.trainer == "kto" and "pairs" not in data.columns else "pairs"
+    results["unit"] = "answers" if params.trainer == "kto" and not paired else "pairs"
     results["beta"] = params.kto_beta if params.trainer == "kto" else params.dpo_beta
     stats = data.stats
     dropped = {
@@ -334,7 +359,9 @@ def _sample_rows(rows: list[Any], pairs: list[tuple[int, int]] | None) -> list[t
     return [(r.prompt_ids, r.chosen_ids, r.rejected_ids) for r in rows]
 
 
-def _evaluate_reward(folder: Path, params: Any, compare_base: bool, max_rows: int) -> dict[str, Any]:
+def _evaluate_reward(
+    folder: Path, params: Any, compare_base: bool, max_rows: int, held: SavedHoldOut | None = None
+) -> dict[str, Any]:
     """A reward model's pairwise accuracy, margin and mean reward: each pair scored as its training batches were
     (prompt + answer ids, padded with the pad token, the score read at the last real token)."""
     import time
@@ -349,7 +376,7 @@ def _evaluate_reward(folder: Path, params: Any, compare_base: bool, max_rows: in
     if compare_base:
         log.info("evaluate: --compare-base does not apply to a reward model (its base has no trained score head)")
     model, tokenizer, _ = load_reward_model(folder)
-    data = load_preference_data(params, tokenizer)
+    data = _held_out(load_preference_data(params, tokenizer), held)[0]
     started = time.time()
     rows = data.train[:max_rows]
     if not rows:
