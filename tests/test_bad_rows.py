@@ -183,7 +183,7 @@ CASES = {
         "messages",
         "message 2 has no content",
     ),
-    "tool call with empty content": Case(
+    "tool call without a function name": Case(
         "c.jsonl",
         jsonl(
             with_bad(
@@ -192,7 +192,7 @@ CASES = {
                     "messages": [
                         {"role": "user", "content": "Weather in Paris?"},
                         {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "id": "c1"}]},
-                        {"role": "tool", "content": "18 C, sunny", "tool_call_id": "c1"},
+                        {"role": "tool", "content": "18 C"},
                         {"role": "assistant", "content": "18 C and sunny."},
                     ]
                 },
@@ -200,9 +200,9 @@ CASES = {
         ),
         "line 3",
         "messages",
-        "message 2 has tool_calls: tool calls are not supported for training yet",
+        "message 2 has a tool call without a function name",
     ),
-    "tool call with null content": Case(
+    "tool call the chat template does not write": Case(
         "c.jsonl",
         jsonl(
             with_bad(
@@ -210,14 +210,20 @@ CASES = {
                 {
                     "messages": [
                         {"role": "user", "content": "Weather?"},
-                        {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "id": "c1"}]},
+                        {
+                            "role": "assistant",
+                            "content": None,
+                            "tool_calls": [
+                                {"type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+                            ],
+                        },
                     ]
                 },
             )
         ),
         "line 3",
         "messages",
-        "message 2 has tool_calls: tool calls are not supported for training yet",
+        "the chat template does not write its tool calls: use a template that does",
     ),
     "message content that is a number": Case(
         "c.jsonl",

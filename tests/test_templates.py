@@ -174,3 +174,79 @@ def test_a_run_trains_with_its_own_template_and_keeps_it(tiny_llama, tmp_path):
     edited = prepare(dataclasses.replace(params, chat_template=str(path), project_name=str(tmp_path / "again")))
     assert not edited.prepared.hit and edited.prepared.key != first.prepared.key
     assert edited.tokenizer.decode(edited.data.train[0].input_ids).startswith("<user] Say 0\n<assistant] 0!")
+
+
+# ---- tool calls (sft and default)
+
+TOOL_TEMPLATE = (
+    "{% if tools %}{{ '<tools>' + (tools | tojson) + '</tools>\\n' }}{% endif %}"
+    "{% for m in messages %}"
+    "{% if m.role == 'assistant' and m.tool_calls is defined and m.tool_calls %}{{ '[assistant] ' }}"
+    "{% for c in m.tool_calls %}{{ '<call>' + c.function.name + ' ' + (c.function.arguments | tojson) + '</call>' }}"
+    "{% endfor %}{{ eos_token + '\\n' }}"
+    "{% elif m.role == 'assistant' %}{{ '[assistant] ' + m.content + eos_token + '\\n' }}"
+    "{% else %}{{ '[' + m.role + '] ' + m.content + '\\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '[assistant] ' }}{% endif %}"
+)
+WEATHER = {
+    "type": "function",
+    "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}},
+}
+
+
+def _tool_rows(path, legacy: bool = False):
+    import json
+
+    call = {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    calling = {"role": "assistant", "content": None}
+    calling.update(
+        {"function_call": call} if legacy else {"tool_calls": [{"id": "c1", "type": "function", "function": call}]}
+    )
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        calling,
+        {"role": "tool", "tool_call_id": "c1", "name": "get_weather", "content": "18 C, sunny"},
+        {"role": "assistant", "content": "It is 18 C and sunny."},
+    ]
+    path.write_text("".join(json.dumps({"messages": messages, "tools": [WEATHER]}) + "\n" for _ in range(4)))
+    return path
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["tool_calls", "function_call"])
+def test_tool_calls_are_trained_as_the_template_writes_them(tiny_llama, tmp_path, legacy):
+    """The calls (arguments as an object, as model templates write them with tojson) and the final answer carry the
+    loss; the user turn, the tool's result and the tool definitions (given to the template) do not."""
+    from tunelab.cli import main
+    from tunelab.config.llm import LLMParams
+    from tunelab.tasks.llm import prepare
+
+    data = _tool_rows(tmp_path / "tools.jsonl", legacy)
+    template = tmp_path / "tools.jinja"
+    template.write_text(TOOL_TEMPLATE)
+    settings = {"trainer": "sft", "chat_template": str(template), "block_size": 256, "text_column": "messages"}
+    prep = prepare(LLMParams(model=str(tiny_llama), data_path=str(data), project_name=str(tmp_path / "r"), **settings))
+    example = prep.data.train[0]
+    text = prep.tokenizer.decode(example.input_ids)
+    pairs = zip(example.input_ids, example.labels, strict=True)
+    trained = prep.tokenizer.decode([token for token, label in pairs if label != -100])
+    assert text.startswith('<tools>[{"type": "function", "function": {"name": "get_weather"')
+    assert '[assistant] <call>get_weather {"city": "Paris"}</call></s>\n[tool] 18 C, sunny\n' in text
+    assert trained.startswith('<call>get_weather {"city": "Paris"}</call></s>\n')  # the call, then the answer:
+    assert trained.endswith("It is 18 C and sunny.</s>\n") and "sunny\n" not in trained  # not the tool's result
+    assert "Weather in Paris" not in trained and "<tools>" not in trained
+
+    args = ["llm", "--train", "--model", str(tiny_llama), "--data-path", str(data), "--trainer", "sft"]
+    args += ["--chat-template", str(template), "--text-column", "messages", "--max-steps", "2", "--batch-size", "2"]
+    assert main([*args, "--block-size", "256", "--project-name", str(tmp_path / "run")]) == 0
+
+
+def test_a_tools_column_the_template_leaves_out_is_a_bad_row(tiny_llama, tmp_path, capsys):
+    from tunelab.cli import main
+
+    data = _tool_rows(tmp_path / "tools.jsonl")
+    plain = tmp_path / "plain.jinja"  # writes the calls, not the definitions
+    plain.write_text(TOOL_TEMPLATE.replace("{% if tools %}", "{% if false %}"))
+    args = ["llm", "--dry-run", "--model", str(tiny_llama), "--data-path", str(data), "--trainer", "sft"]
+    assert main([*args, "--text-column", "messages", "--chat-template", str(plain), "--block-size", "256"]) == 2
+    err = capsys.readouterr().err
+    assert f"{data} line 1, column 'tools': the chat template does not write its tools" in err

@@ -33,6 +33,7 @@ ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 MAX_LISTED = 5
 TOOL_CALL_KEYS = ("tool_calls", "function_call")  # OpenAI's chat format, and its older single-call spelling
+TOOLS_COLUMN = "tools"  # a conversation's tool definitions, beside its messages (TRL's and OpenAI's name)
 # Content part types that hold no text (OpenAI's chat and responses APIs, transformers' multimodal chats).
 MEDIA_PARTS = {
     "image": "image",
@@ -213,7 +214,11 @@ def convert_row(row: dict, fmt: RowFormat) -> dict[str, Any]:
         if context.strip():
             user["input"] = context
         return {"messages": [user, {"role": "assistant", "content": cell_text(row, cols["output"])}]}
-    return {"messages": cell_messages(row, cols["messages"])}
+    example: dict[str, Any] = {"messages": cell_messages(row, cols["messages"], tool_calls=True)}
+    tools = cell_tools(row, TOOLS_COLUMN)
+    if tools:
+        example["tools"] = tools
+    return example
 
 
 def cell_text(row: dict, column: str, allow_empty: bool = False) -> str:
@@ -255,9 +260,13 @@ def check_unicode(text: str, column: str | None, what: str = "text") -> None:
         ) from None
 
 
-def cell_messages(row: dict, column: str, need_assistant: bool = True) -> list[dict[str, str]]:
+def cell_messages(
+    row: dict, column: str, need_assistant: bool = True, tool_calls: bool = False
+) -> list[dict[str, Any]]:
     """The {role, content} messages of one cell (a list or a JSON string of one; ShareGPT's from/value too); a
-    content that is a list of text parts becomes their text."""
+    content that is a list of text parts becomes their text. With `tool_calls`, an assistant message may call
+    tools (OpenAI's `tool_calls`, or its older `function_call`), kept in the form chat templates read, and a tool
+    message keeps its `tool_call_id` and `name`."""
     value = row.get(column)
     if value is None or (isinstance(value, float) and math.isnan(value)):
         raise RowProblem(column, "missing value")
@@ -271,13 +280,14 @@ def cell_messages(row: dict, column: str, need_assistant: bool = True) -> list[d
     if not isinstance(value, list) or not value:
         got = "an empty list" if value == [] else describe_type(value)
         raise RowProblem(column, f"expected a non-empty list of {{role, content}} messages, got {got}")
-    messages = [_message(item, number, column) for number, item in enumerate(value, start=1)]
-    if need_assistant and not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+    messages = [_message(item, number, column, tool_calls) for number, item in enumerate(value, start=1)]
+    answers = [m for m in messages if m["role"] == "assistant" and (m["content"].strip() or m.get("tool_calls"))]
+    if need_assistant and not answers:
         raise RowProblem(column, "no assistant message to learn from")
     return messages
 
 
-def _message(item: Any, number: int, column: str) -> dict[str, str]:
+def _message(item: Any, number: int, column: str, tool_calls: bool = False) -> dict[str, Any]:
     if not isinstance(item, dict):
         raise RowProblem(column, f"message {number} is not an object (got {describe_type(item)})")
     if "from" in item and "value" in item:  # ShareGPT
@@ -286,23 +296,74 @@ def _message(item: Any, number: int, column: str) -> dict[str, str]:
         role, content = item.get("role"), item.get("content")
     if not isinstance(role, str) or role not in ROLES:
         raise RowProblem(column, f"message {number} has unknown role {role!r} (use {', '.join(ROLES)})")
-    calls = next((key for key in TOOL_CALL_KEYS if item.get(key)), None)
-    if calls:
-        # Only role and content reach the template: kept, such a turn would train the model to answer with
-        # nothing (content "") where it should call a tool. Empty `tool_calls` (as exports write) are no calls.
+    calls = next((key for key in TOOL_CALL_KEYS if item.get(key)), None)  # empty `tool_calls` (exports) are none
+    if calls and not tool_calls:
+        # The pair methods and grpo render role and content alone: kept, such a turn would teach the model to
+        # answer with nothing (content "") where it should call a tool.
         raise RowProblem(
             column,
-            f"message {number} has {calls}: tool calls are not supported for training yet "
-            "(leave out the conversations that call tools)",
+            f"message {number} has {calls}: tool calls are trained by the sft and default methods only (leave out "
+            "the conversations that call tools)",
         )
-    if content is None:
+    if calls and role != "assistant":
+        raise RowProblem(column, f"message {number} has {calls} but role {role!r}: only the assistant calls tools")
+    if content is None and not calls:
         raise RowProblem(column, f"message {number} has no content")
+    content = "" if content is None else content
     if isinstance(content, list):
         content = _parts_text(content, number, column)
     if not isinstance(content, str):
         raise RowProblem(column, f"message {number} content is not text (got {describe_type(content)})")
     check_unicode(content, column, f"message {number} content")
-    return {"role": role, "content": content}
+    message: dict[str, Any] = {"role": role, "content": content}
+    if calls:
+        raw = item[calls] if calls == "tool_calls" else [{"type": "function", "function": item[calls]}]
+        message["tool_calls"] = _tool_calls(raw, number, column)
+    for key in ("tool_call_id", "name"):  # a tool message's answer to a call (templates that show them read them)
+        if role == "tool" and isinstance(item.get(key), str):
+            message[key] = item[key]
+    return message
+
+
+def _tool_calls(calls: Any, number: int, column: str) -> list[dict[str, Any]]:
+    """OpenAI's tool calls as chat templates read them: {"type": "function", "function": {"name", "arguments"}},
+    the arguments an object (OpenAI sends them as a JSON string; Llama 3.1's, Qwen2.5's and Mistral's templates
+    write them with `tojson`), an `id` kept where there is one."""
+    if not isinstance(calls, list):
+        raise RowProblem(column, f"message {number}: tool_calls must be a list, got {describe_type(calls)}")
+    out = []
+    for call in calls:
+        function = call.get("function", call) if isinstance(call, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str) or not name.strip():
+            raise RowProblem(column, f"message {number} has a tool call without a function name")
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            arguments = json_or_none(arguments) if arguments.strip() else {}
+        if not isinstance(arguments, dict):
+            raise RowProblem(column, f"message {number}: the arguments of tool call {name!r} are not a JSON object")
+        shaped: dict[str, Any] = {"type": "function", "function": {"name": name, "arguments": arguments}}
+        if isinstance(call, dict) and isinstance(call.get("id"), str):
+            shaped["id"] = call["id"]
+        out.append(shaped)
+    return out
+
+
+def cell_tools(row: dict, column: str) -> list[dict[str, Any]] | None:
+    """The tool definitions of a conversation (a `tools` column: a list of JSON schemas, or a JSON string of one),
+    handed to the chat template as transformers' apply_chat_template hands them; None when the row has none."""
+    value = row.get(column)
+    if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, str):
+        value = json_or_none(value)
+    if not isinstance(value, list) or not all(isinstance(tool, dict) for tool in value):
+        raise RowProblem(column, "expected a list of tool definitions (JSON schemas, as OpenAI's `tools`)")
+    for tool in value:
+        name = tool.get("function", tool).get("name") if isinstance(tool.get("function", tool), dict) else None
+        if not isinstance(name, str) or not name.strip():
+            raise RowProblem(column, "a tool definition without a function name")
+    return value or None
 
 
 def _parts_text(parts: list, number: int, column: str) -> str:

@@ -14,12 +14,12 @@ from __future__ import annotations
 import collections
 import multiprocessing
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from jinja2 import TemplateError
 
-from tunelab.data.formats import MAX_LISTED, RowFormat, RowProblem, convert_row, describe_problem
+from tunelab.data.formats import MAX_LISTED, TOOLS_COLUMN, RowFormat, RowProblem, convert_row, describe_problem
 from tunelab.data.sources import Split, SplitStream, block_rows
 from tunelab.data.store import TableWriter
 from tunelab.data.templates import Rendered, render_conversations, render_messages, render_text
@@ -36,6 +36,27 @@ class Formatter:
     tokenizer: Any
     eos: str | None
     add_special_tokens: bool
+    # Whether the template writes tool calls and tool definitions, found on the first conversation with them
+    writes: dict[str, bool] = field(default_factory=dict)
+
+    def _unwritten_tool_use(self, example: dict[str, Any]) -> str | None:
+        """What of a conversation's tool use the template leaves out ("tool calls", "tools"), or None. A template
+        that ignores tool calls would teach the model to answer with nothing where it should call a tool; one
+        that ignores the definitions, to call tools it was never shown. Found once per template, by rendering the
+        first conversation that has them with and without them."""
+        messages, tools = example["messages"], example.get("tools")
+        uses = {"tool calls": any(m.get("tool_calls") for m in messages), "tools": bool(tools)}
+        for what in (name for name, used in uses.items() if used and name not in self.writes):
+            if what == "tool calls":
+                without = [{k: v for k, v in m.items() if k != "tool_calls"} for m in messages], tools
+            else:
+                without = messages, None
+            text = render_messages(messages, self.source, self.tokenizer, tools).text
+            try:
+                self.writes[what] = text != render_messages(without[0], self.source, self.tokenizer, without[1]).text
+            except TemplateError:  # it refuses the conversation without them: it reads them
+                self.writes[what] = True
+        return next((what for what, used in uses.items() if used and not self.writes[what]), None)
 
     def render(self, split: Split) -> tuple[list[Rendered], list[str], int]:
         """The rows of a block rendered, the bad rows described (at most MAX_LISTED) and how many there were."""
@@ -52,21 +73,37 @@ class Formatter:
         if self.source is None:  # a messages row with no template cannot happen: pick_template always chooses one
             raise ConfigError("internal: messages without a template")
         conversations = [example["messages"] for _, example in examples]
+        tools = [example.get("tools") for _, example in examples]
+        column = self.fmt.columns.get("messages")
         try:
-            return render_conversations(conversations, self.source, self.tokenizer), problems, bad
+            texts = render_conversations(conversations, self.source, self.tokenizer, tools)
+            rendered = list(zip(examples, texts, strict=True))
         except TemplateError:  # some row the template refuses (raise_exception): find which, row by row
-            pass
-        rendered = []
-        for index, example in examples:
-            try:
-                rendered.append(render_messages(example["messages"], self.source, self.tokenizer))
-            except TemplateError as err:
-                bad += 1
-                if len(problems) < MAX_LISTED:
-                    column = self.fmt.columns.get("messages")
-                    reason = RowProblem(column, f"the chat template cannot render it ({err})")
-                    problems.append(describe_problem(split, index, reason))
-        return rendered, problems, bad
+            rendered = []
+            for index, example in examples:
+                try:
+                    text = render_messages(example["messages"], self.source, self.tokenizer, example.get("tools"))
+                    rendered.append(((index, example), text))
+                except TemplateError as err:
+                    bad += 1
+                    if len(problems) < MAX_LISTED:
+                        reason = RowProblem(column, f"the chat template cannot render it ({err})")
+                        problems.append(describe_problem(split, index, reason))
+        kept = []
+        for (index, example), text in rendered:
+            unshown = self._unwritten_tool_use(example)
+            if unshown is None:
+                kept.append(text)
+                continue
+            bad += 1
+            if len(problems) < MAX_LISTED:
+                reason = RowProblem(
+                    column if unshown != "tools" else TOOLS_COLUMN,
+                    f"the chat template does not write its {unshown}: use a template that does (the model's own, "
+                    "chat_template: tokenizer, where it takes tools, or your own .jinja)",
+                )
+                problems.append(describe_problem(split, index, reason))
+        return kept, problems, bad
 
 
 @dataclass

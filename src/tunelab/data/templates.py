@@ -60,29 +60,37 @@ def render_template(source: str, messages: list[dict], tokenizer: Any, add_gener
     )
 
 
-def render_messages(messages: list[dict], source: str, tokenizer: Any) -> Rendered:
+def render_messages(messages: list[dict], source: str, tokenizer: Any, tools: list[dict] | None = None) -> Rendered:
     """Render a conversation and find each assistant answer's span (its content and closing tokens).
 
     A template is rendered up to each assistant turn with the generation prompt, and up to its end without;
     the difference is the answer. Templates that rewrite earlier turns (rare) fall back to locating the answer's
     content in the full text.
     """
-    return render_conversations([messages], source, tokenizer)[0]
+    return render_conversations([messages], source, tokenizer, [tools])[0]
 
 
-def render_conversations(conversations: list[list[dict]], source: str, tokenizer: Any) -> list[Rendered]:
+def render_conversations(
+    conversations: list[list[dict]], source: str, tokenizer: Any, tools: list[list[dict] | None] | None = None
+) -> list[Rendered]:
     """`render_messages` for many conversations at once: each template call renders a whole batch (transformers
     renders a list of conversations in one call, so its per-call work is paid once), and the last answer's end is
     the text's own (no third render). The spans are those `render_messages` finds; a template that raises for any
-    conversation raises here too (the caller then renders row by row to name it)."""
+    conversation raises here too (the caller then renders row by row to name it). `tools`: each conversation's tool
+    definitions (None: none), handed to the template as transformers' `tools`."""
     conversations = with_inputs(conversations, source)
-    texts = _render_batch(source, conversations, tokenizer, False)
+    tools = tools or [None] * len(conversations)
+    texts = _render_batch(source, conversations, tokenizer, False, tools)
     wanted: list[tuple[int, int]] = []  # (conversation, message index) of every assistant answer after the first turn
     for c, messages in enumerate(conversations):
         wanted += [(c, i) for i, m in enumerate(messages) if m["role"] == "assistant" and i]
-    befores = _render_batch(source, [conversations[c][:i] for c, i in wanted], tokenizer, True)
+    befores = _render_batch(
+        source, [conversations[c][:i] for c, i in wanted], tokenizer, True, [tools[c] for c, _ in wanted]
+    )
     inner = [(c, i) for c, i in wanted if i < len(conversations[c]) - 1]
-    ends = _render_batch(source, [conversations[c][: i + 1] for c, i in inner], tokenizer, False)
+    ends = _render_batch(
+        source, [conversations[c][: i + 1] for c, i in inner], tokenizer, False, [tools[c] for c, _ in inner]
+    )
     uptos = dict(zip(inner, ends, strict=True))
     prefixes = {key: (before, uptos.get(key, texts[key[0]])) for key, before in zip(wanted, befores, strict=True)}
     return [_spans(messages, texts[c], prefixes, c, tokenizer) for c, messages in enumerate(conversations)]
@@ -106,28 +114,40 @@ def _input_in_content(message: dict) -> dict:
     return folded
 
 
-def _render_batch(source: str, conversations: list[list[dict]], tokenizer: Any, generation: bool) -> list[str]:
+def _render_batch(
+    source: str, conversations: list[list[dict]], tokenizer: Any, generation: bool, tools: list[Any]
+) -> list[str]:
     if not conversations:
         return []
     direct = _compiled(source) if hasattr(tokenizer, "special_tokens_map") else None
     if direct is not None:
         # What apply_chat_template renders, less its per-conversation copying and normalizing (a third of the
-        # time), which changes nothing for the plain {role, content} dicts the data step builds. The first
-        # conversation is rendered both ways to make sure; any difference and the batch goes through transformers.
+        # time), which changes nothing for the plain dicts the data step builds. The first conversation is
+        # rendered both ways to make sure; any difference and the batch goes through transformers.
         special = dict(tokenizer.special_tokens_map)
         texts = [
-            direct.render(messages=c, tools=None, documents=None, add_generation_prompt=generation, **special)
-            for c in conversations
+            direct.render(messages=c, tools=t, documents=None, add_generation_prompt=generation, **special)
+            for c, t in zip(conversations, tools, strict=True)
         ]
-        if texts[0] == _render_batch_hf(source, conversations[:1], tokenizer, generation)[0]:
+        if texts[0] == _render_batch_hf(source, conversations[:1], tokenizer, generation, tools[:1])[0]:
             return texts
-    return _render_batch_hf(source, conversations, tokenizer, generation)
+    return _render_batch_hf(source, conversations, tokenizer, generation, tools)
 
 
-def _render_batch_hf(source: str, conversations: list[list[dict]], tokenizer: Any, generation: bool) -> list[str]:
-    return tokenizer.apply_chat_template(
-        conversations, chat_template=source, tokenize=False, add_generation_prompt=generation
-    )
+def _render_batch_hf(
+    source: str, conversations: list[list[dict]], tokenizer: Any, generation: bool, tools: list[Any]
+) -> list[str]:
+    if not any(tools):  # one call for the batch
+        return tokenizer.apply_chat_template(
+            conversations, chat_template=source, tokenize=False, add_generation_prompt=generation
+        )
+    # apply_chat_template takes one set of tools per call
+    return [
+        tokenizer.apply_chat_template(
+            c, tools=t, chat_template=source, tokenize=False, add_generation_prompt=generation
+        )
+        for c, t in zip(conversations, tools, strict=True)
+    ]
 
 
 def _check_compiles(source: str, name: str) -> None:
