@@ -23,11 +23,12 @@ def _rows(path: Path, count: int) -> Path:
     return path
 
 
-def _prepare(tiny_llama, data: Path, tmp_path: Path, **settings):
+def _prepare(tiny_llama, data: Path | list, tmp_path: Path, **settings):
     from tunelab.tasks.llm import prepare
 
     settings = {"trainer": "sft", "block_size": 512, "model_max_length": 512, **settings}
-    params = LLMParams(model=str(tiny_llama), data_path=str(data), project_name=str(tmp_path / "run"), **settings)
+    data_path = data if isinstance(data, list) else str(data)  # a list: a mixture's sources
+    params = LLMParams(model=str(tiny_llama), data_path=data_path, project_name=str(tmp_path / "run"), **settings)
     return prepare(params)
 
 
@@ -269,3 +270,72 @@ def test_evaluate_split_valid_on_a_classifier_s_own_file_measures_its_held_out_t
     capsys.readouterr()
     assert main(["evaluate", "--model", str(out), "--data-path", str(data), "--split", "valid"]) == 2
     assert "the data changed since training" in capsys.readouterr().err
+
+
+# ---- what review found: repeated examples, shared prompts, labels with one example, a relative template
+
+
+def test_a_weighted_mixture_source_never_trains_on_what_it_held_out(tiny_llama, tmp_path):
+    """A weight repeats a source's examples: they are held out per source before the draw, so no copy of a held-out
+    example is trained on."""
+    first, second = _rows(tmp_path / "a.jsonl", 10), tmp_path / "b.jsonl"
+    rows = [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines()[10:20]]
+    for number, row in enumerate(rows, start=10):
+        row["instruction"] = f"{number}. {row['instruction']}"
+    second.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    mixture = [{"path": str(first), "weight": 3}, {"path": str(second)}]
+    prep = _prepare(tiny_llama, mixture, tmp_path, valid_size=0.3)
+    train, valid = _instructions(prep, prep.data.train), _instructions(prep, prep.data.valid)
+    assert len(valid) == 6 and not set(valid) & set(train)  # 3 of each source
+    assert len(train) == 3 * 7 + 7  # the first source's kept examples, three times each
+
+
+def test_kto_answers_to_one_prompt_are_held_out_together(tiny_llama, tmp_path):
+    rows = [{"prompt": f"Q{n}?", "chosen": f"Yes {n}.", "rejected": f"No {n}."} for n in range(12)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    prep = _prepare(tiny_llama, data, tmp_path, trainer="kto", text_column="chosen", batch_size=2, valid_size=0.25)
+    prompts = [{tuple(item.prompt_ids) for item in side} for side in (prep.data.train, prep.data.valid)]
+    assert len(prep.data.valid) == 6 and len(prompts[1]) == 3 and not prompts[0] & prompts[1]
+
+
+def test_a_classifier_s_labels_of_one_example_stay_to_be_trained_on(tiny_llama, tmp_path):
+    from tunelab.config.text_classification import TextClassificationParams
+    from tunelab.errors import DataError
+    from tunelab.tasks.text_classification import prepare
+
+    def held(labels, **extra):
+        data = tmp_path / "labelled.csv"
+        data.write_text("text,target\n" + "".join(f"text number {n},{label}\n" for n, label in enumerate(labels)))
+        params = TextClassificationParams(
+            model=str(tiny_llama), data_path=str(data), project_name=str(tmp_path / "run"), **extra
+        )
+        return dict(prepare(params).data.counts["valid"])
+
+    assert held(["lone"] + ["many"] * 100, valid_size=10) == {"many": 10}  # the full 10, none from "lone"
+    with pytest.raises(DataError, match="no label has two examples"):
+        held(["a", "b"], valid_size=1)
+
+
+def test_evaluate_reads_a_run_trained_with_a_relative_template_file_from_anywhere(tiny_llama, tmp_path, monkeypatch):
+    """The run's tokenizer carries the template it trained with: evaluate uses it, not the saved path (relative to
+    where training ran, perhaps edited since)."""
+    import tunelab
+    from tunelab.inference.evaluate import evaluate_run
+
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    Path("mine.jinja").write_text(
+        "{% for m in messages %}{{ '[' + m['role'] + '] ' + m['content'] }}{% if m['role'] == 'assistant' %}"
+        "{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '[assistant] ' }}{% endif %}"
+    )
+    data = _rows(tmp_path / "one.jsonl", 12)
+    out = tunelab.train(
+        model=str(tiny_llama), data_path=str(data), trainer="sft", chat_template="mine.jinja", max_steps=1,
+        batch_size=2, block_size=512, model_max_length=512, project_name=str(tmp_path / "run"),
+    )  # fmt: skip
+    Path("mine.jinja").write_text("{{ 'edited since' }}")
+    monkeypatch.chdir(tmp_path)
+    results = evaluate_run(out, str(data), split="test", samples=1, max_new_tokens=2)
+    assert results["rows"] == 12 and results["eval_loss"] > 0

@@ -33,6 +33,13 @@ from tunelab.methods import DPO_LOSS_TYPES, REGISTRY
 CHAT_TEMPLATES = ("none", "zephyr", "chatml", "tokenizer", "alpaca")
 
 
+def run_template(saved: str | None) -> str | None:
+    """The chat_template that reads data as a finished run read it: its setting as saved, except the user's own
+    template (a file's path, relative to where training ran and perhaps edited since), which the run folder's
+    tokenizer carries as it was trained with."""
+    return "tokenizer" if saved is not None and saved not in CHAT_TEMPLATES else saved
+
+
 def custom_chat_template(value: str | None) -> str | None:
     """The Jinja of a chat_template that is not one of CHAT_TEMPLATES: the template itself when it holds Jinja
     (`{{` or `{%`: Axolotl's chat_template_jinja, written inline in a config file), else the text of the file it

@@ -20,6 +20,7 @@ import numpy as np
 
 from tunelab.config.llm import LLMParams
 from tunelab.data.formats import RowFormat, RowProblem, convert_row, detect_format, settle_bad_rows
+from tunelab.data.holdout import hold_out
 from tunelab.data.mixture import draw, is_mixture, parse_sources
 from tunelab.data.pipeline import Formatter, encode_split, worker_count
 from tunelab.data.sources import Split, locate_splits, stream_split
@@ -151,6 +152,8 @@ def _load_mixture(params: LLMParams, tokenizer: Any, folder: Path | None) -> Enc
     parts = []
     for number, source in enumerate(parse_sources(params.data_path), start=1):
         data = _load_source(source.params(params), tokenizer, folder, prefix=f"source{number}-")
+        if params.valid_size is not None:  # per source, before it is drawn from: a weight repeats examples
+            data = hold_out(data, params.valid_size, params.seed)
         parts.append((source, data, draw(len(data.train), source, rng)))
     train = TableWriter(folder, params.block_size, "train")
     for _, data, taken in parts:

@@ -110,6 +110,11 @@ def load_labelled_data(params: TextClassificationParams, tokenizer: Any) -> Labe
         texts, labels = read["train"]
         count = held_out_count(params.valid_size, len(texts), origins["train"])
         kept, held = stratified_indices(labels, count, params.seed)
+        if not len(held):
+            raise DataError(
+                f"{origins['train']}: valid_size cannot hold an example out: no label has two examples (one must "
+                "stay to be trained on); give a validation split of its own (valid_split)"
+            )
         read["train"] = [texts[i] for i in kept], [labels[i] for i in kept]
         read["valid"] = [texts[i] for i in held], [labels[i] for i in held]
         origins["valid"] = described(len(held), len(texts), origins["train"], params.valid_size, params.seed)

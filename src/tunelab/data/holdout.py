@@ -2,8 +2,10 @@
 
 The examples are drawn after every row has been read, checked and tokenized, so a bad row is named by its file and
 line on whichever side it lands, and from the run's seed alone, so every process of a distributed run, a resumed
-run and the prepared-data cache (whose key holds valid_size and seed) see the same split. A mixture is split after
-its sources are drawn. The rest of the train split keeps its order (the trainer shuffles it).
+run and the prepared-data cache (whose key holds valid_size and seed) see the same split. Each source of a mixture
+is split before it is drawn from (a weight repeats examples: a held-out one must never be trained on). Examples that
+share a prompt (preference pairs, kto's answers) are held out together. The rest of the train split keeps its order
+(the trainer shuffles it).
 
 `saved_hold_out` finds a finished run's hold-out again for `tunelab evaluate` (inference/evaluate.py): given the
 run's own data and `--split valid`, the evaluators measure exactly the examples it held out (`--split train`: those
@@ -41,21 +43,45 @@ def held_out_count(valid_size: float, examples: int, origin: str) -> int:
     return count
 
 
-def split_indices(examples: int, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(the indices kept for training, the `count` held out), each in their original order."""
+def split_indices(
+    examples: int, count: int, seed: int, groups: list[Any] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(the indices kept for training, the `count` held out), each in their original order. With `groups` (one
+    key per example: prompt_groups), whole groups are held out, in a random order, until `count` is reached."""
     held = np.zeros(examples, dtype=bool)
-    held[np.random.default_rng(seed).permutation(examples)[:count]] = True
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        held[rng.permutation(examples)[:count]] = True
+        return np.flatnonzero(~held), np.flatnonzero(held)
+    keys = {key: number for number, key in enumerate(dict.fromkeys(groups))}  # in order of first appearance
+    group_of = np.array([keys[key] for key in groups], dtype=np.int64)
+    sizes = np.bincount(group_of, minlength=len(keys))
+    order = rng.permutation(len(keys))
+    taken = order[: int(np.searchsorted(np.cumsum(sizes[order]), count)) + 1]
+    held[np.isin(group_of, taken)] = True
     return np.flatnonzero(~held), np.flatnonzero(held)
+
+
+def prompt_groups(items: Any) -> list[Any] | None:
+    """Each example's prompt, where examples can share one (preference pairs, kto's answers, grpo's prompts): the
+    examples of a prompt are held out together, so that no prompt is both trained on and measured. None for
+    examples without a prompt apart (token tables)."""
+    if isinstance(items, TokenTable) or not len(items) or not hasattr(items[0], "prompt_ids"):
+        return None
+    return [tuple(item.prompt_ids) for item in items]
 
 
 def stratified_indices(labels: list[str], count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """split_indices for a classifier's examples: each label held out in proportion to its share of the split, the
     examples left over by rounding down going first to labels that would have none (so that each is measured where
-    it can be), then to the largest remainders; every label keeps at least one example to train on."""
+    it can be), then to the largest remainders; every label keeps at least one example to train on, so fewer than
+    `count` may be held out (none: a DataError for the caller to raise, held_out_empty)."""
     names, label_ids, sizes = np.unique(np.asarray(labels, dtype=object), return_inverse=True, return_counts=True)
     share = sizes * count / len(labels)
     taken = np.floor(share).astype(np.int64)
-    taken[np.lexsort((taken - share, taken > 0))[: count - int(taken.sum())]] += 1
+    # the rounded-down examples: to labels with two or more examples first (one alone stays to be trained on),
+    # those with none held out yet first among them, then the largest remainders
+    taken[np.lexsort((taken - share, taken > 0, sizes < 2))[: count - int(taken.sum())]] += 1
     taken = np.minimum(taken, sizes - 1)
     rng = np.random.default_rng(seed)
     held = np.zeros(len(labels), dtype=bool)
@@ -76,20 +102,25 @@ def hold_out(data: Any, valid_size: float, seed: int) -> Any:
     tables, and its own files removed."""
     train, origin = data.train, data.origins["train"]
     count = held_out_count(valid_size, len(train), origin)
-    kept, held = split_indices(len(train), count, seed)
+    kept, held = split_indices(len(train), count, seed, prompt_groups(train))
+    if not len(kept):
+        raise DataError(
+            f"{origin}: valid_size={valid_size:g} holds out every prompt's examples, leaving none to train on: "
+            "lower valid_size"
+        )
     if isinstance(train, TokenTable):
         new_train, new_valid = _split_table(train, kept, held)
     else:
         new_train, new_valid = [train[i] for i in kept], [train[i] for i in held]
-    origins = {**data.origins, "valid": described(count, len(train), origin, valid_size, seed)}
-    log.info("valid_size=%g: %d of the %d train examples held out for validation", valid_size, count, len(train))
+    origins = {**data.origins, "valid": described(len(held), len(train), origin, valid_size, seed)}
+    log.info("valid_size=%g: %d of the %d train examples held out for validation", valid_size, len(held), len(train))
     return dataclasses.replace(data, train=new_train, valid=new_valid, origins=origins)
 
 
 def _split_table(table: TokenTable, kept: np.ndarray, held: np.ndarray) -> tuple[TokenTable, TokenTable]:
     tables = []
-    for name, indices in (("held-train", kept), ("held-valid", held)):
-        writer = TableWriter(table.folder, table.window, name)
+    for side, indices in (("kept", kept), ("held", held)):  # a mixture's sources each have their own
+        writer = TableWriter(table.folder, table.window, f"{table.name or 'train'}-{side}")
         copy_examples(table, indices, writer)
         tables.append(writer.finish())
     if table.folder is not None and table.name is not None:  # the whole split, now copied into the two
@@ -118,17 +149,20 @@ class SavedHoldOut:
     saved: str | None = None
     labels: dict[str, dict[str, int]] | None = None
 
-    def pick(self, examples: int, origin: str, labels: list[str] | None = None) -> tuple[np.ndarray, str]:
+    def pick(
+        self, examples: int, origin: str, labels: list[str] | None = None, groups: list[Any] | None = None
+    ) -> tuple[np.ndarray, str]:
         """(the indices of this side's examples among the `examples` read from `origin`, in file order; what they
-        are, as results and reports say it). `labels`: a classifier's, drawn per label as training drew them. A
-        DataError when the data no longer holds what the run held its examples out of."""
+        are, as results and reports say it). `labels`: a classifier's, drawn per label as training drew them;
+        `groups`: the examples' prompts (prompt_groups), held out together as training held them. A DataError when
+        the data no longer holds what the run held its examples out of."""
         found = _DESCRIBED.match(self.saved or "")
         if found and int(found.group(2)) != examples:
             what = f"holds {examples} examples now, where the run held {found.group(1)} of its {found.group(2)} out"
             raise self._changed(origin, what)
         count = held_out_count(self.valid_size, examples, origin)
         if labels is None:
-            kept, held = split_indices(examples, count, self.seed)
+            kept, held = split_indices(examples, count, self.seed, groups)
         else:
             kept, held = stratified_indices(labels, count, self.seed)
             for side, indices in (("train", kept), ("valid", held)):

@@ -28,7 +28,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from tunelab.data.holdout import SavedHoldOut
+from tunelab.data.holdout import SavedHoldOut, prompt_groups
 from tunelab.errors import DataError, TunelabError
 from tunelab.outputs import model_reference, read_run, training_params
 
@@ -156,10 +156,11 @@ def evaluate_pairs(
 
 def pair_params(folder: Path, data_path: str, split: str, trainer: str) -> Any:
     """The run's saved pair settings and method parameters, pointed at the evaluation data."""
-    from tunelab.config.llm import LLMParams
+    from tunelab.config.llm import LLMParams, run_template
 
     saved = training_params(folder)
     values = {k: saved[k] for k in PAIR_SETTINGS if k in saved}
+    values["chat_template"] = run_template(values.get("chat_template"))
     values.update(model=str(folder), data_path=data_path, train_split=split, valid_split=None, trainer=trainer)
     return LLMParams(**values)
 
@@ -205,7 +206,7 @@ def _held_out(data: Any, held: SavedHoldOut | None) -> tuple[Any, Any]:
     what they are; the indices of those among all it read), or the data as read (and None) without a hold-out."""
     if held is None:
         return data, None
-    picked, origin = held.pick(len(data.train), data.origins["train"])
+    picked, origin = held.pick(len(data.train), data.origins["train"], groups=prompt_groups(data.train))
     train = [data.train[int(i)] for i in picked]
     return dataclasses.replace(data, train=train, origins={**data.origins, "train": origin}), picked
 

@@ -146,7 +146,7 @@ def _prepare_data(params: LLMParams, method: Method, tokenizer: Any, folder: Pat
             "default and sft): give it one file, folder or hub dataset"
         )
     data = loaders[method.data](params, tokenizer) if method.data in loaders else load_data(params, tokenizer, folder)
-    if params.valid_size is not None:
+    if params.valid_size is not None and not is_mixture(params.data_path):  # a mixture's sources: load_data
         data = hold_out(data, params.valid_size, params.seed)
         if method.data == "labeled":  # what is left to train on must still hold both kinds of answer
             check_both_kinds(data.train, f"{data.origins['train']} (less the examples valid_size held out)")
