@@ -261,3 +261,31 @@ def test_shown_metrics_labels_a_reward_model_s_figures():
         ("eval_mean_reward", "eval mean reward", "0.1"),
         ("train_runtime", "training time", "3.0 s"),
     ]
+
+
+def test_killing_a_job_s_group_also_kills_its_processes_in_sessions_of_their_own(tmp_path):
+    """A distributed run's workers are started by torch's agent in sessions of their own: a SIGKILL to the job's
+    process group alone would leave them training, orphaned."""
+    import os
+    import subprocess
+    import time
+
+    import psutil
+
+    from tunelab.app.worker import kill_group
+
+    starts = (
+        "import subprocess, sys, time\n"
+        "worker = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], start_new_session=True)\n"
+        "print(worker.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    job = subprocess.Popen([sys.executable, "-c", starts], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    worker = int(job.stdout.readline())
+    assert os.getpgid(worker) != job.pid  # out of the job's group
+    kill_group(job.pid)
+    job.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(worker) and psutil.Process(worker).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the worker outlived its job"
+        time.sleep(0.05)

@@ -166,7 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--model", required=True, help="Run folder (or model folder) to evaluate.")
     evaluate.add_argument("--data-path", "--data_path", required=True, help="File or folder of the data.")
-    evaluate.add_argument("--split", default="test", help="Split to evaluate (file stem in a folder; default test).")
+    evaluate.add_argument(
+        "--split",
+        default="test",
+        help="Split to evaluate (file stem in a folder; default test). On the data a valid_size run trained on: "
+        "valid, the examples it held out; train, those it trained on.",
+    )
     evaluate.add_argument("--compare-base", "--compare_base", action="store_true", help="Evaluate the base too.")
     evaluate.add_argument(
         "--max-rows",

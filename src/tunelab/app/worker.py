@@ -174,7 +174,7 @@ class Worker:
             os.killpg(process.pid, signal.SIGTERM)
             process.wait(timeout=STOP_GRACE_SECONDS)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+            kill_group(process.pid)
         except ProcessLookupError:
             pass
 
@@ -202,11 +202,43 @@ def stop_leftovers(store: JobStore) -> int:
             while group_commands(pgid) and time.monotonic() < deadline:
                 time.sleep(0.1)
             if group_commands(pgid):
-                os.killpg(pgid, signal.SIGKILL)
+                kill_group(pgid)
         except ProcessLookupError:
             pass
         stopped += 1
     return stopped
+
+
+def kill_group(pgid: int) -> None:
+    """SIGKILL process group `pgid` and every process under its members: a distributed run's workers run in
+    sessions of their own (torch's elastic agent starts them so), out of the group's reach, and killed with the
+    group alone they would train on, orphaned. (SIGTERM reaches them through the agent, which stops them itself.)"""
+    import psutil  # accelerate's own dependency
+
+    members = [p for p in psutil.process_iter(["pid"]) if _group_of(p) == pgid]
+    below = [child for member in members for child in _children(member)]
+    os.killpg(pgid, signal.SIGKILL)
+    for child in below:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _group_of(process: Any) -> int | None:
+    try:
+        return os.getpgid(process.pid)
+    except (ProcessLookupError, PermissionError):
+        return None
+
+
+def _children(process: Any) -> list[Any]:
+    import psutil
+
+    try:
+        return process.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
 
 
 def group_commands(pgid: int) -> list[str]:
