@@ -503,7 +503,8 @@ def test_empty_tool_calls_and_tool_results_train(tmp_path, tokenizer):
     data.write_bytes(jsonl(rows))
     loaded = load_data(llm_params(data, chat_template="chatml"), tokenizer)
     assert loaded.preview == (
-        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>tool\nclock: 9:00<|im_end|>\n"
+        # a tool's result as Qwen2.5's ChatML writes it: a user turn, inside <tool_response>
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>user\n<tool_response>\nclock: 9:00\n</tool_response><|im_end|>\n"
         "<|im_start|>assistant\nGood morning.<|im_end|>\n"
     )
 

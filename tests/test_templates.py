@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import tempfile
+from pathlib import Path
+
 import pytest
 
+from tunelab.data.formats import RowFormat
 from tunelab.data.templates import render_messages, template_source
 from tunelab.errors import ConfigError
 
@@ -250,3 +255,29 @@ def test_a_tools_column_the_template_leaves_out_is_a_bad_row(tiny_llama, tmp_pat
     assert main([*args, "--text-column", "messages", "--chat-template", str(plain), "--block-size", "256"]) == 2
     err = capsys.readouterr().err
     assert f"{data} line 1, column 'tools': the chat template does not write its tools" in err
+
+
+def test_tunelab_s_chatml_writes_tool_use_as_qwen2_5_does(tiny_tokenizer):
+    """ChatML's tool use in the Hermes form of Qwen2.5's own template: definitions in the system turn, each call a
+    JSON object in <tool_call>, results in a user turn in <tool_response>; the calls carry the loss."""
+    from tunelab.data.formats import convert_row
+
+    row = json.loads(_tool_rows(Path(tempfile.mkdtemp()) / "t.jsonl").read_text().splitlines()[0])
+    example = convert_row(row, RowFormat("messages", {"messages": "messages"}))
+    messages = [{"role": "system", "content": "Be brief."}, *example["messages"]]
+    rendered = render_messages(messages, template_source("chatml", tiny_tokenizer), tiny_tokenizer, example["tools"])
+    assert rendered.text == (
+        "<|im_start|>system\nBe brief.\n\n# Tools\n\nYou may call one or more functions to assist with the user query."
+        "\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+        + json.dumps(WEATHER)
+        + "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+        '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n'
+        "</tool_call><|im_end|>\n<|im_start|>user\nWeather in Paris?<|im_end|>\n"
+        '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+        "<|im_end|>\n<|im_start|>user\n<tool_response>\n18 C, sunny\n</tool_response><|im_end|>\n"
+        "<|im_start|>assistant\nIt is 18 C and sunny.<|im_end|>\n"
+    )
+    assert [rendered.text[a:b] for a, b in rendered.spans] == [
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>\n',
+        "It is 18 C and sunny.<|im_end|>\n",
+    ]
