@@ -271,3 +271,98 @@ def test_a_client_that_hangs_up_stops_its_generation(tiny_llama):
         assert 0 < len(steps) < 150, f"{len(steps)} tokens made after the client left"
         short = post(body | {"max_tokens": 2}, timeout=30)  # the lock was let go
         assert short["usage"]["completion_tokens"] == 2
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def tool_caller(tiny_llama, tmp_path_factory):
+    """A run that learned to call get_weather for Paris, through tunelab's ChatML (its Hermes tool form)."""
+    import json
+
+    from tunelab.cli import main
+
+    folder = tmp_path_factory.mktemp("tool-caller")
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    chat = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+    ]
+    data = folder / "calls.jsonl"
+    data.write_text("".join(json.dumps({"messages": chat, "tools": [WEATHER]}) + "\n" for _ in range(16)))
+    run = folder / "run"
+    code = main(
+        [
+            "llm", "--train", "--model", str(tiny_llama), "--data-path", str(data), "--trainer", "sft",
+            "--chat-template", "chatml", "--lr", "3e-3", "--epochs", "60", "--batch-size", "8",
+            "--gradient-accumulation", "1", "--block-size", "512", "--project-name", str(run),
+            "--disable-gradient-checkpointing", "--logging-steps", "40",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    return run
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_model_taught_to_call_a_tool_answers_with_openai_tool_calls(tool_caller, stream):
+    import json
+
+    from tunelab.inference.generate import load_run
+    from tunelab.inference.openai_api import create_app
+
+    with running(create_app(*load_run(tool_caller), model_name="caller")) as port:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
+        asked = {"model": "caller", "messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": [WEATHER]}
+        if stream:
+            chunks = list(client.chat.completions.create(**asked, temperature=0, max_tokens=64, stream=True))
+            calls = [c for chunk in chunks for c in (chunk.choices[0].delta.tool_calls or [])] if chunks else []
+            finish = chunks[-1].choices[0].finish_reason
+        else:
+            answer = client.chat.completions.create(**asked, temperature=0, max_tokens=64)
+            calls, finish = answer.choices[0].message.tool_calls or [], answer.choices[0].finish_reason
+        assert finish == "tool_calls"
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+            ("get_weather", {"city": "Paris"})
+        ]
+        assert calls[0].id.startswith("call_")
+
+        # The call and its result go back as the next turn: read as training had them, answered (text or a call).
+        turn = {"role": "assistant", "content": None, "tool_calls": [c.model_dump() for c in calls]}
+        result = {"role": "tool", "tool_call_id": calls[0].id, "content": "18 C, sunny"}
+        followed = client.chat.completions.create(
+            model="caller", messages=[*asked["messages"], turn, result], tools=[WEATHER], max_tokens=4
+        )
+        assert followed.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_tools_a_chat_template_does_not_write_are_refused(client):
+    with pytest.raises(openai.BadRequestError, match="does not write tool definitions"):
+        client.chat.completions.create(model="tiny", messages=HELLO, tools=[WEATHER], max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="tool_choice"):
+        client.chat.completions.create(model="tiny", messages=HELLO, tools=[WEATHER], tool_choice="required")
+
+
+def test_tool_calls_are_read_back_in_openai_s_form_and_other_text_stays_text():
+    import json
+
+    from tunelab.inference.tool_calls import read_tool_calls
+
+    text = 'Let me check.\n<tool_call>\n{"name": "a", "arguments": {"x": 1}}\n</tool_call>\n'
+    text += '<tool_call>{"name": "b"}</tool_call>'
+    content, calls = read_tool_calls(text)
+    assert content == "Let me check."
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("a", {"x": 1}),
+        ("b", {}),
+    ]
+    assert len({c["id"] for c in calls}) == 2
+    for other in ("no calls here", "<tool_call>not json</tool_call>", '<tool_call>{"arguments": {}}</tool_call>'):
+        assert read_tool_calls(other) == (other, [])

@@ -31,8 +31,10 @@ from tunelab.inference.openai_requests import (
     parse_messages,
     parse_prompt,
     parse_sampling,
+    parse_tools,
 )
 from tunelab.inference.streaming import Generation, encode_prompt
+from tunelab.inference.tool_calls import read_tool_calls
 
 log = logging.getLogger("tunelab")
 
@@ -132,16 +134,19 @@ async def get_model(request: Request, name: str) -> dict:
 @router.post("/chat/completions")
 async def chat_completions(request: Request) -> Any:
     model, body = served(request), await read_body(request)
-    messages, sampling = parse_messages(body), parse_sampling(body)
+    messages, sampling, tools = parse_messages(body), parse_sampling(body), parse_tools(body)
     if not getattr(model.tokenizer, "chat_template", None):
         raise RequestError(f"{model.name} has no chat template: use /v1/completions with a plain prompt")
     try:
-        text = model.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = model.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+        plain = tools and model.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except Exception as err:  # e.g. a template that insists on alternating user/assistant turns
         raise RequestError(f"the chat template refused these messages: {err}", "messages") from None
+    if tools and text == plain:  # the model would answer without ever seeing the tools
+        raise RequestError(f"{model.name}'s chat template does not write tool definitions", "tools")
     ids = encode_prompt(model.model, model.tokenizer, text, templated=True, sampling=sampling)
     generation = Generation(model.model, model.tokenizer, model.lock, ids, sampling)
-    return await respond(request, body, generation, "chat", model)
+    return await respond(request, body, generation, "chat", model, tools=bool(tools))
 
 
 @router.post("/completions")
@@ -168,49 +173,69 @@ async def read_body(request: Request) -> dict:
 # ---- the answers -------------------------------------------------------------------------------------------------
 
 
-async def respond(request: Request, body: dict, generation: Generation, kind: str, model: Served) -> Any:
-    """The answer to a chat (kind "chat") or text completion request, streamed or whole."""
+async def respond(
+    request: Request, body: dict, generation: Generation, kind: str, model: Served, tools: bool = False
+) -> Any:
+    """The answer to a chat (kind "chat") or text completion request, streamed or whole; with `tools`, the tool
+    calls in a chat answer are returned as OpenAI's tool_calls (tool_calls.py)."""
     rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
     head = {"id": rid, "created": int(time.time()), "model": model.name}
     if not body.get("stream"):
         # Generation blocks, so it runs off the event loop; a client that hangs up (its timeout, then its retry)
         # stops it at the next token instead of leaving the whole answer to be made for no one, lock held.
-        answer = asyncio.ensure_future(run_in_threadpool(whole_answer, generation, kind, head))
+        answer = asyncio.ensure_future(run_in_threadpool(whole_answer, generation, kind, head, tools))
         while not (await asyncio.wait({answer}, timeout=0.5))[0]:
             if await request.is_disconnected():
                 generation.cancel()
         return answer.result()
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of the stream
-    events = answer_events(generation, kind, head, include_usage)
+    events = answer_events(generation, kind, head, include_usage, tools)
     return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
 
-def whole_answer(generation: Generation, kind: str, head: dict) -> dict:
+def whole_answer(generation: Generation, kind: str, head: dict, tools: bool = False) -> dict:
     text = "".join(generation)
     if kind == "chat":
-        answer = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None}
-        choices = [answer | {"finish_reason": generation.finish_reason}]
+        content, calls = read_tool_calls(text) if tools else (text, [])
+        message = {"role": "assistant", "content": content} | ({"tool_calls": calls} if calls else {})
+        finish = "tool_calls" if calls else generation.finish_reason
+        choices = [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}]
         return head | {"object": "chat.completion", "choices": choices, "usage": usage(generation)}
     choices = [choice(kind, text, generation.finish_reason)]
     return head | {"object": "text_completion", "choices": choices, "usage": usage(generation)}
 
 
-def answer_events(generation: Generation, kind: str, head: dict, include_usage: bool) -> Iterator[str]:
+def answer_events(
+    generation: Generation, kind: str, head: dict, include_usage: bool, tools: bool = False
+) -> Iterator[str]:
     """The server-sent events of a streamed answer. A sync generator: Starlette iterates it in a worker thread, so
-    waiting on the model blocks no one."""
+    waiting on the model blocks no one. With `tools` the answer is sent once whole (its text, then its calls):
+    whether it calls a tool is known only at its end."""
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
     extra = {"usage": None} if include_usage else {}
     if kind == "chat":  # OpenAI's first chunk carries the role only
         yield sse(head | {"object": obj, "choices": [choice(kind, None, None, first=True)]} | extra)
+    finish = None
     try:
-        for piece in generation:
-            yield sse(head | {"object": obj, "choices": [choice(kind, piece, None)]} | extra)
+        if tools:
+            content, calls = read_tool_calls("".join(generation))
+            if content:
+                yield sse(head | {"object": obj, "choices": [choice(kind, content, None)]} | extra)
+            if calls:
+                finish = "tool_calls"
+                deltas = [{"index": i, **call} for i, call in enumerate(calls)]
+                chunk = {"index": 0, "delta": {"tool_calls": deltas}, "logprobs": None, "finish_reason": None}
+                yield sse(head | {"object": obj, "choices": [chunk]} | extra)
+        else:
+            for piece in generation:
+                yield sse(head | {"object": obj, "choices": [choice(kind, piece, None)]} | extra)
     except Exception as err:  # headers are sent: report in the stream, as OpenAI does
         log.exception("streaming generation failed")
         yield sse(error_body(f"internal error: {err}", kind="server_error"))
         return
-    yield sse(head | {"object": obj, "choices": [choice(kind, None, generation.finish_reason)]} | extra)
+    finish = finish or generation.finish_reason
+    yield sse(head | {"object": obj, "choices": [choice(kind, None, finish)]} | extra)
     if include_usage:
         yield sse(head | {"object": obj, "choices": [], "usage": usage(generation)})
     yield sse("[DONE]")

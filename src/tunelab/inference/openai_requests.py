@@ -6,13 +6,15 @@ so a client learns what to fix instead of getting a silently different answer.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
-ROLES = {"system", "user", "assistant"}
+ROLES = {"system", "user", "assistant", "tool"}
 # Request fields that change what OpenAI would return and that this server cannot honour: refused with a 400
-# rather than silently ignored, so a client never mistakes a plain answer for a tool call or a JSON-mode answer.
-UNSUPPORTED = ("tools", "functions", "logprobs", "top_logprobs", "response_format", "echo", "suffix")
+# rather than silently ignored, so a client never mistakes a plain answer for a JSON-mode answer. (`tools` are
+# handed to the chat template: parse_tools.)
+UNSUPPORTED = ("functions", "function_call", "logprobs", "top_logprobs", "response_format", "echo", "suffix")
 # Fields that change the answer only away from their default (OpenAI's penalties have no exact counterpart in
 # transformers' generate): the default is accepted, any other value refused.
 DEFAULT_ONLY = {"best_of": 1, "frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}}
@@ -105,8 +107,53 @@ def _content_text(content: Any, where: str) -> str:
     raise RequestError(f"{where} must be a string or a list of text parts (images and audio are not supported)", where)
 
 
-def parse_messages(body: dict) -> list[dict[str, str]]:
-    """The chat as role/content dicts for the chat template; a missing or malformed chat raises RequestError."""
+def parse_tools(body: dict) -> list[dict[str, Any]] | None:
+    """The request's tool definitions for the chat template (None: none, or tool_choice "none"). tool_choice may
+    be "auto" or "none": a model is not made to call a tool here, it calls one or answers."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if choice not in (None, "auto", "none"):
+        raise RequestError('tool_choice must be "auto" or "none" here (no call can be forced)', "tool_choice")
+    if tools in (None, []) or choice == "none":
+        return None
+    if not isinstance(tools, list):
+        raise RequestError("tools must be a list of function definitions", "tools")
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(function, dict):
+            raise RequestError(f'tools[{i}] must be {{"type": "function", "function": {{...}}}}', f"tools[{i}]")
+        if not isinstance(function.get("name"), str) or not function["name"]:
+            raise RequestError(f"tools[{i}].function.name must be a non-empty string", f"tools[{i}].function.name")
+    return tools
+
+
+def _calls(message: dict, where: str) -> list[dict[str, Any]]:
+    """An assistant message's tool_calls as chat templates read them: the arguments an object, not OpenAI's JSON
+    string (the templates write them with tojson, as in training: data/formats.py)."""
+    calls = message.get("tool_calls")
+    if not isinstance(calls, list):
+        raise RequestError(f"{where}.tool_calls must be a list", f"{where}.tool_calls")
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise RequestError(f"{where}.tool_calls[{j}] must hold a function with a name", f"{where}.tool_calls")
+        arguments = function.get("arguments") or "{}"
+        try:
+            arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+        except json.JSONDecodeError:
+            arguments = None
+        if not isinstance(arguments, dict):
+            raise RequestError(
+                f"{where}.tool_calls[{j}].function.arguments must be a JSON object", f"{where}.tool_calls"
+            )
+        shaped = {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
+        out.append(shaped | ({"id": call["id"]} if isinstance(call.get("id"), str) else {}))
+    return out
+
+
+def parse_messages(body: dict) -> list[dict[str, Any]]:
+    """The chat as role/content dicts for the chat template (an assistant's tool calls and a tool's answer as
+    training had them); a missing or malformed chat raises RequestError."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages must be a non-empty list of {role, content} objects", "messages")
@@ -121,7 +168,12 @@ def parse_messages(body: dict) -> list[dict[str, str]]:
             raise RequestError(
                 f"{where}.role must be one of {', '.join(sorted(ROLES))}, got {message.get('role')!r}", f"{where}.role"
             )
-        chat.append({"role": role, "content": _content_text(message.get("content"), f"{where}.content")})
+        turn: dict[str, Any] = {"role": role, "content": _content_text(message.get("content"), f"{where}.content")}
+        if role == "assistant" and message.get("tool_calls"):
+            turn["tool_calls"] = _calls(message, where)
+        if role == "tool" and isinstance(message.get("tool_call_id"), str):
+            turn["tool_call_id"] = message["tool_call_id"]
+        chat.append(turn)
     return chat
 
 
