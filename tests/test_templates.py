@@ -281,3 +281,25 @@ def test_tunelab_s_chatml_writes_tool_use_as_qwen2_5_does(tiny_tokenizer):
         '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>\n',
         "It is 18 C and sunny.<|im_end|>\n",
     ]
+
+
+def test_mask_history_trains_the_last_answer_only(tiny_llama, tmp_path):
+    """Multi-turn chats: by default every assistant answer carries the loss; with mask_history only the last one,
+    the earlier turns being its context."""
+    from tunelab.config.llm import LLMParams
+    from tunelab.tasks.llm import prepare
+
+    data = tmp_path / "chats.jsonl"
+    data.write_text(json.dumps({"messages": CONVERSATION}) + "\n")
+
+    def trained(**extra) -> str:
+        values = {"trainer": "sft", "text_column": "messages", "chat_template": "chatml", "block_size": 128, **extra}
+        prep = prepare(
+            LLMParams(model=str(tiny_llama), data_path=str(data), project_name=str(tmp_path / "r"), **values)
+        )
+        example = prep.data.train[0]
+        pairs = zip(example.input_ids, example.labels, strict=True)
+        return prep.tokenizer.decode([token for token, label in pairs if label != -100])
+
+    assert trained().replace(" ", "") == "Hello!<|im_end|>\nFine.<|im_end|>\n".replace(" ", "")
+    assert trained(mask_history=True).strip() == "Fine.<|im_end|>"

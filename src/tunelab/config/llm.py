@@ -111,6 +111,11 @@ class LLMParams(Params):
     completion_only_loss: bool = param(
         True, "sft: train only on assistant/completion tokens of chat and prompt/completion rows."
     )
+    mask_history: bool = param(
+        False,
+        "Chat rows: the loss on the last assistant answer of each conversation only, the earlier turns being its "
+        "context (LLaMA-Factory's mask_history). Default: on every answer.",
+    )
     bad_rows: str = param("error", BAD_ROWS_HELP, ("error", "skip"))
     packing: bool = param(False, "sft: pack several examples into each block_size row (attention kept per example).")
     cache_dir: str | None = param(

@@ -144,7 +144,7 @@ def _formatter(
         raise DataError(f"{origin}: rows are {fmt.kind}, but the train split's are {train_format.kind}")
     eos = tokenizer.eos_token if params.add_eos_token else None
     special = source is None and _wants_special_tokens(head, fmt, tokenizer)
-    return Formatter(fmt, source, tokenizer, eos, special)
+    return Formatter(fmt, source, tokenizer, eos, special, mask_history=params.mask_history)
 
 
 def _load_mixture(params: LLMParams, tokenizer: Any, folder: Path | None) -> EncodedData:

@@ -61,6 +61,7 @@ DATA_FIELDS = (
     "chat_template",
     "add_eos_token",
     "completion_only_loss",
+    "mask_history",
     "bad_rows",
     "packing",
     "block_size",

@@ -36,6 +36,7 @@ class Formatter:
     tokenizer: Any
     eos: str | None
     add_special_tokens: bool
+    mask_history: bool = False  # chats: the loss on the last answer only, the earlier turns as context
     # Whether the template writes tool calls and tool definitions, found on the first conversation with them
     writes: dict[str, bool] = field(default_factory=dict)
 
@@ -93,7 +94,7 @@ class Formatter:
         for (index, example), text in rendered:
             unshown = self._unwritten_tool_use(example)
             if unshown is None:
-                kept.append(text)
+                kept.append(Rendered(text.text, text.spans[-1:]) if self.mask_history else text)
                 continue
             bad += 1
             if len(problems) < MAX_LISTED:
