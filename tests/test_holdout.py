@@ -339,3 +339,28 @@ def test_evaluate_reads_a_run_trained_with_a_relative_template_file_from_anywher
     monkeypatch.chdir(tmp_path)
     results = evaluate_run(out, str(data), split="test", samples=1, max_new_tokens=2)
     assert results["rows"] == 12 and results["eval_loss"] > 0
+
+
+def test_grouped_hold_outs_never_grow_far_past_what_was_asked():
+    """A prompt with many answers is held out whole only where it fits: the split stays the size asked for."""
+    from tunelab.data.holdout import split_indices
+
+    groups = ["big"] * 30 + [f"q{n}" for n in range(19)]
+    for seed in range(50):
+        kept, held = split_indices(len(groups), 5, seed, groups)
+        assert len(held) == 5 and len(kept) == 44 and not {groups[i] for i in held} & {groups[i] for i in kept}
+    kept, held = split_indices(4, 1, 0, ["a", "a", "b", "b"])  # nothing fits: the smallest group, one stays
+    assert len(held) == 2 and len(kept) == 2
+
+
+def test_a_mixture_holds_out_the_count_asked_for_in_all(tiny_llama, tmp_path):
+    first = _rows(tmp_path / "a.jsonl", 40)
+    second = tmp_path / "b.jsonl"
+    second.write_text("".join(first.read_text().splitlines(keepends=True)[:8]).replace(". ", "b. "))
+    prep = _prepare(tiny_llama, [{"path": str(first)}, {"path": str(second)}], tmp_path, valid_size=5)
+    assert len(prep.data.valid) == 5 and len(prep.data.train) == 43  # 4 of the first source, 1 of the second
+
+
+def test_early_stopping_takes_a_mixture_whose_sources_bring_their_validation_splits():
+    sources = [{"path": "a/", "valid_split": "valid"}, {"path": "b/"}]
+    assert LLMParams(data_path=sources, early_stopping_patience=2).early_stopping_patience == 2

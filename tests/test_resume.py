@@ -328,3 +328,17 @@ def test_a_run_finished_but_killed_while_dropping_its_checkpoints_stays_finished
     monkeypatch.setattr(shutil, "rmtree", real)
     assert (project / "tunelab_run.json").is_file() and (project / "adapter_model.safetensors").is_file()
     assert not (tmp_path / ".run.partial").exists()
+
+
+def test_checkpoints_marked_by_several_machines_are_pruned_on_one_that_cannot_see_them_all(tmp_path):
+    """Without a shared disk the main machine never sees the other processes' random states: its marked
+    checkpoints are pruned all the same (resume still checks them whole), or they would fill its disk."""
+    from tunelab.training.checkpoints import checkpoints, mark_complete, prune
+
+    for step in (2, 4, 6):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "rng_state_0.pth").write_bytes(b"x")
+        mark_complete(folder, world_size=2)
+    prune(tmp_path, keep=1)
+    assert [path.name for _, path in checkpoints(tmp_path)] == ["checkpoint-6"]

@@ -303,3 +303,45 @@ def test_mask_history_trains_the_last_answer_only(tiny_llama, tmp_path):
 
     assert trained().replace(" ", "") == "Hello!<|im_end|>\nFine.<|im_end|>\n".replace(" ", "")
     assert trained(mask_history=True).strip() == "Fine.<|im_end|>"
+
+
+def test_a_tool_call_a_template_rewrites_in_later_turns_is_a_bad_row_not_an_untrained_one(
+    tiny_llama, tmp_path, capsys
+):
+    """A template that writes earlier assistant turns otherwise than the last (Qwen3 drops their reasoning): the
+    answers are then found by their content, and a call's turn has none; it must not train with no loss."""
+    from tunelab.cli import main
+
+    rewrites = TOOL_TEMPLATE.replace(
+        "{% if m.role == 'assistant' and", "{% if m.role == 'assistant' and loop.last and"
+    )
+    template = tmp_path / "rewrites.jinja"
+    template.write_text(rewrites)
+    data = _tool_rows(tmp_path / "tools.jsonl")
+    args = ["llm", "--dry-run", "--model", str(tiny_llama), "--data-path", str(data), "--trainer", "sft"]
+    assert main([*args, "--text-column", "messages", "--chat-template", str(template), "--block-size", "256"]) == 2
+    assert "a tool call's place in the text cannot be found" in capsys.readouterr().err
+
+
+def test_older_tool_shapes_and_struct_nulls_are_read():
+    """OpenAI's older `function` role and null arguments; a Parquet struct's nulls for other rows' keys dropped."""
+    from tunelab.data.formats import cell_messages, cell_tools
+
+    row = {
+        "messages": [
+            {"role": "user", "content": "Time?"},
+            {"role": "assistant", "content": None, "function_call": {"name": "now", "arguments": None}},
+            {"role": "function", "name": "now", "content": "9:00"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris", "tz": None}}}],
+            },
+        ],
+        "tools": [{"type": "function", "function": {"name": "now", "description": None, "parameters": None}}],
+    }
+    messages = cell_messages(row, "messages", tool_calls=True)
+    assert messages[1]["tool_calls"][0]["function"] == {"name": "now", "arguments": {}}
+    assert messages[2] == {"role": "tool", "content": "9:00", "name": "now"}
+    assert messages[3]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
+    assert cell_tools(row, "tools") == [{"type": "function", "function": {"name": "now"}}]

@@ -198,7 +198,8 @@ class LLMParams(Params):
     neftune_noise_alpha: float | None = param(
         None,
         "default and sft: NEFTune, uniform noise added to the input embeddings while training, of size "
-        "alpha / sqrt(tokens x hidden size) (the paper's 5 is a common choice). Unset: none.",
+        "alpha / sqrt(tokens x hidden size), tokens being the row's (a packed row's: block_size, as in TRL) (the "
+        "paper's 5 is a common choice). Unset: none.",
     )
 
     # --- PEFT / quantization
@@ -419,7 +420,10 @@ class LLMParams(Params):
         if self.early_stopping_patience is None:
             return
         check_positive(self, "early_stopping_patience")
-        if not (self.valid_split or self.valid_size):
+        per_source = isinstance(self.data_path, list) and any(
+            isinstance(source, dict) and source.get("valid_split") for source in self.data_path
+        )
+        if not (self.valid_split or self.valid_size or per_source):
             raise ConfigError(
                 "early_stopping_patience stops on the eval loss: give a validation split (valid_split, or valid_size "
                 "to hold one out of the train split)"

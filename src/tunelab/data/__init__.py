@@ -149,12 +149,16 @@ def _formatter(
 
 def _load_mixture(params: LLMParams, tokenizer: Any, folder: Path | None) -> EncodedData:
     rng = np.random.default_rng(params.seed)
-    parts = []
-    for number, source in enumerate(parse_sources(params.data_path), start=1):
-        data = _load_source(source.params(params), tokenizer, folder, prefix=f"source{number}-")
-        if params.valid_size is not None:  # per source, before it is drawn from: a weight repeats examples
-            data = hold_out(data, params.valid_size, params.seed)
-        parts.append((source, data, draw(len(data.train), source, rng)))
+    sources = parse_sources(params.data_path)
+    loaded = [
+        _load_source(source.params(params), tokenizer, folder, prefix=f"source{number}-")
+        for number, source in enumerate(sources, start=1)
+    ]
+    if params.valid_size is not None:  # per source, before it is drawn from: a weight repeats examples
+        sizes = _valid_sizes(params.valid_size, [len(data.train) for data in loaded])
+        pairs = zip(loaded, sizes, strict=True)
+        loaded = [hold_out(data, size, params.seed) if size else data for data, size in pairs]
+    parts = [(source, data, draw(len(data.train), source, rng)) for source, data in zip(sources, loaded, strict=True)]
     train = TableWriter(folder, params.block_size, "train")
     for _, data, taken in parts:
         copy_examples(data.train, taken, train)
@@ -193,6 +197,17 @@ def _load_mixture(params: LLMParams, tokenizer: Any, folder: Path | None) -> Enc
         },
         mixture=mixture,
     )
+
+
+def _valid_sizes(valid_size: float, examples: list[int]) -> list[float]:
+    """valid_size for each source of a mixture: a share, the same share of each; a count, shared out in proportion
+    to the sources' examples (largest remainders first), so that the mixture holds out as many as asked."""
+    if valid_size < 1:
+        return [valid_size] * len(examples)
+    share = np.asarray(examples, dtype=np.float64) * valid_size / max(sum(examples), 1)
+    counts = np.floor(share).astype(np.int64)
+    counts[np.argsort(counts - share, kind="stable")[: int(valid_size) - int(counts.sum())]] += 1
+    return [float(count) for count in counts]
 
 
 def _wants_special_tokens(head: Split, fmt: RowFormat, tokenizer: Any) -> bool:

@@ -294,6 +294,8 @@ def _message(item: Any, number: int, column: str, tool_calls: bool = False) -> d
         role, content = SHAREGPT_ROLES.get(str(item["from"]).lower(), item["from"]), item["value"]
     else:
         role, content = item.get("role"), item.get("content")
+    if role == "function":  # OpenAI's older name for a tool's result, beside function_call
+        role = "tool"
     if not isinstance(role, str) or role not in ROLES:
         raise RowProblem(column, f"message {number} has unknown role {role!r} (use {', '.join(ROLES)})")
     calls = next((key for key in TOOL_CALL_KEYS if item.get(key)), None)  # empty `tool_calls` (exports) are none
@@ -337,11 +339,14 @@ def _tool_calls(calls: Any, number: int, column: str) -> list[dict[str, Any]]:
         name = function.get("name") if isinstance(function, dict) else None
         if not isinstance(name, str) or not name.strip():
             raise RowProblem(column, f"message {number} has a tool call without a function name")
-        arguments = function.get("arguments", {})
-        if isinstance(arguments, str):
-            arguments = json_or_none(arguments) if arguments.strip() else {}
+        arguments = function.get("arguments")
+        if arguments is None or (isinstance(arguments, str) and not arguments.strip()):
+            arguments = {}
+        elif isinstance(arguments, str):
+            arguments = json_or_none(arguments)
         if not isinstance(arguments, dict):
             raise RowProblem(column, f"message {number}: the arguments of tool call {name!r} are not a JSON object")
+        arguments = without_nulls(arguments)
         shaped: dict[str, Any] = {"type": "function", "function": {"name": name, "arguments": arguments}}
         if isinstance(call, dict) and isinstance(call.get("id"), str):
             shaped["id"] = call["id"]
@@ -363,7 +368,19 @@ def cell_tools(row: dict, column: str) -> list[dict[str, Any]] | None:
         name = tool.get("function", tool).get("name") if isinstance(tool.get("function", tool), dict) else None
         if not isinstance(name, str) or not name.strip():
             raise RowProblem(column, "a tool definition without a function name")
-    return value or None
+    return [without_nulls(tool) for tool in value] or None
+
+
+def without_nulls(value: Any) -> Any:
+    """Objects without their null members, all the way down. Parquet (and hub datasets) store a column of objects
+    as one struct type: each row's object gains every other row's keys as nulls (get_weather's arguments a null
+    "tz" that only get_time takes), which the template would write and the model learn. A null that was meant is
+    dropped with them: an absent argument says the same to a tool."""
+    if isinstance(value, dict):
+        return {key: without_nulls(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [without_nulls(item) for item in value]
+    return value
 
 
 def _parts_text(parts: list, number: int, column: str) -> str:

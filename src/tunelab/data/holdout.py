@@ -47,7 +47,9 @@ def split_indices(
     examples: int, count: int, seed: int, groups: list[Any] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(the indices kept for training, the `count` held out), each in their original order. With `groups` (one
-    key per example: prompt_groups), whole groups are held out, in a random order, until `count` is reached."""
+    key per example: prompt_groups), whole groups are held out: taken in a random order where they still fit in
+    `count`, so that a big group does not make the split far larger than asked (when none fits, the smallest
+    one); one group at least is left to train on."""
     held = np.zeros(examples, dtype=bool)
     rng = np.random.default_rng(seed)
     if groups is None:
@@ -56,8 +58,13 @@ def split_indices(
     keys = {key: number for number, key in enumerate(dict.fromkeys(groups))}  # in order of first appearance
     group_of = np.array([keys[key] for key in groups], dtype=np.int64)
     sizes = np.bincount(group_of, minlength=len(keys))
-    order = rng.permutation(len(keys))
-    taken = order[: int(np.searchsorted(np.cumsum(sizes[order]), count)) + 1]
+    taken, total = [], 0
+    for group in rng.permutation(len(keys)):
+        if total + sizes[group] <= count and len(taken) < len(keys) - 1:
+            taken.append(group)
+            total += sizes[group]
+    if not taken and len(keys) > 1:
+        taken = [int(np.argmin(sizes))]
     held[np.isin(group_of, taken)] = True
     return np.flatnonzero(~held), np.flatnonzero(held)
 

@@ -12,11 +12,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jinja2 import TemplateError
+
 from tunelab.config.llm import custom_chat_template
 from tunelab.errors import ConfigError
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 BUILTIN = ("none", "zephyr", "chatml", "alpaca")
+
+
+class UnplacedToolCall(TemplateError):
+    """A conversation whose tool call cannot be located in its rendered text: a bad row, as a template's own
+    raise_exception makes one (data/pipeline.py renders row by row to name it)."""
 
 
 @dataclass
@@ -182,6 +189,13 @@ def _spans(messages: list[dict], text: str, prefixes: dict, c: int, tokenizer: A
         if i and text.startswith(upto) and upto.startswith(before) and len(before) >= cursor:
             start, end = len(before), len(upto)
         else:
+            if message.get("tool_calls"):
+                # found by its content, as below, a call's turn ("" content) would carry no loss at all
+                raise UnplacedToolCall(
+                    "the chat template writes this conversation's earlier turns otherwise than its last one, and a "
+                    "tool call's place in the text cannot be found (train tool calls with a template that keeps "
+                    "earlier turns as written, tunelab's chatml say)"
+                )
             start = text.find(message["content"], cursor)
             if start < 0:
                 continue

@@ -156,8 +156,10 @@ def read_progress(checkpoint: Path) -> Progress | None:
 
 def prune(folder: Path, keep: int, protect: str | None = None) -> None:
     """Keep the newest `keep` complete checkpoints (and `protect`, the best one when early stopping tracks it);
-    delete older ones and any incomplete ones older than the newest complete checkpoint."""
-    complete = [path for _, path in checkpoints(folder) if is_complete(path)]
+    delete older ones and any incomplete ones older than the newest complete checkpoint. Marked counts as complete
+    here: on several machines without a shared disk this one never sees the others' random states, and its
+    checkpoints must not pile up for it (resume still checks them whole)."""
+    complete = [path for _, path in checkpoints(folder) if (path / COMPLETE_MARK).is_file()]
     if not complete:
         return
     newest = complete[-1]
