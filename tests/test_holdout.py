@@ -364,3 +364,10 @@ def test_a_mixture_holds_out_the_count_asked_for_in_all(tiny_llama, tmp_path):
 def test_early_stopping_takes_a_mixture_whose_sources_bring_their_validation_splits():
     sources = [{"path": "a/", "valid_split": "valid"}, {"path": "b/"}]
     assert LLMParams(data_path=sources, early_stopping_patience=2).early_stopping_patience == 2
+
+
+def test_a_mixture_count_never_takes_a_small_source_s_last_example():
+    from tunelab.data import _valid_sizes
+
+    assert _valid_sizes(2, [1, 3]) == [0.0, 2.0]  # the one-example source keeps it
+    assert _valid_sizes(5, [40, 8]) == [4.0, 1.0] and _valid_sizes(0.1, [3, 4]) == [0.1, 0.1]

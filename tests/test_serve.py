@@ -366,3 +366,14 @@ def test_tool_calls_are_read_back_in_openai_s_form_and_other_text_stays_text():
     assert len({c["id"] for c in calls}) == 2
     for other in ("no calls here", "<tool_call>not json</tool_call>", '<tool_call>{"arguments": {}}</tool_call>'):
         assert read_tool_calls(other) == (other, [])
+    # text after the calls is kept; null arguments are none (as training reads them)
+    content, calls = read_tool_calls('<tool_call>{"name": "c", "arguments": null}</tool_call>\nDone.')
+    assert content == "Done." and calls[0]["function"]["arguments"] == "{}"
+
+
+def test_streamed_text_stops_at_the_start_of_a_call():
+    from tunelab.inference.tool_calls import call_start
+
+    assert call_start("Sure, let me look") == len("Sure, let me look")
+    assert call_start("Sure.\n<tool") == len("Sure.\n")  # could be a call beginning: held back
+    assert call_start('Sure.\n<tool_call>{"name"') == len("Sure.\n")

@@ -345,3 +345,5 @@ def test_older_tool_shapes_and_struct_nulls_are_read():
     assert messages[2] == {"role": "tool", "content": "9:00", "name": "now"}
     assert messages[3]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
     assert cell_tools(row, "tools") == [{"type": "function", "function": {"name": "now"}}]
+    bare = {"tools": [{"name": "now", "parameters": {"type": "object"}}]}  # glaive/xLAM's form: wrapped as served
+    assert cell_tools(bare, "tools") == [{"type": "function", "function": bare["tools"][0]}]

@@ -204,9 +204,13 @@ def _valid_sizes(valid_size: float, examples: list[int]) -> list[float]:
     to the sources' examples (largest remainders first), so that the mixture holds out as many as asked."""
     if valid_size < 1:
         return [valid_size] * len(examples)
-    share = np.asarray(examples, dtype=np.float64) * valid_size / max(sum(examples), 1)
-    counts = np.floor(share).astype(np.int64)
-    counts[np.argsort(counts - share, kind="stable")[: int(valid_size) - int(counts.sum())]] += 1
+    sizes = np.asarray(examples, dtype=np.int64)
+    share = sizes * valid_size / max(int(sizes.sum()), 1)
+    counts = np.minimum(np.floor(share).astype(np.int64), sizes - 1)  # each source keeps one to train on
+    for source in np.argsort(counts - share, kind="stable"):  # the rest: largest remainders first, where room is
+        if counts.sum() >= int(valid_size):
+            break
+        counts[source] += counts[source] < sizes[source] - 1
     return [float(count) for count in counts]
 
 

@@ -368,7 +368,9 @@ def cell_tools(row: dict, column: str) -> list[dict[str, Any]] | None:
         name = tool.get("function", tool).get("name") if isinstance(tool.get("function", tool), dict) else None
         if not isinstance(name, str) or not name.strip():
             raise RowProblem(column, "a tool definition without a function name")
-    return [without_nulls(tool) for tool in value] or None
+    # in OpenAI's wrapped form, as a served request hands them to the template (a bare definition is a function's)
+    wrapped = [tool if "function" in tool else {"type": "function", "function": tool} for tool in value]
+    return [without_nulls(tool) for tool in wrapped] or None
 
 
 def without_nulls(value: Any) -> Any:

@@ -34,7 +34,7 @@ from tunelab.inference.openai_requests import (
     parse_tools,
 )
 from tunelab.inference.streaming import Generation, encode_prompt
-from tunelab.inference.tool_calls import read_tool_calls
+from tunelab.inference.tool_calls import call_start, read_tool_calls, text_without_calls
 
 log = logging.getLogger("tunelab")
 
@@ -153,6 +153,8 @@ async def chat_completions(request: Request) -> Any:
 async def completions(request: Request) -> Any:
     model, body = served(request), await read_body(request)
     prompt, sampling = parse_prompt(body), parse_sampling(body)
+    if body.get("tools"):  # a plain prompt has no template to hand them to
+        raise RequestError("tools are for /v1/chat/completions (a chat template writes them)", "tools")
     if sampling.max_tokens is None:
         sampling.max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS
     ids = encode_prompt(model.model, model.tokenizer, prompt, templated=False, sampling=sampling)
@@ -199,7 +201,7 @@ def whole_answer(generation: Generation, kind: str, head: dict, tools: bool = Fa
     if kind == "chat":
         content, calls = read_tool_calls(text) if tools else (text, [])
         message = {"role": "assistant", "content": content} | ({"tool_calls": calls} if calls else {})
-        finish = "tool_calls" if calls else generation.finish_reason
+        finish = _finish(generation, calls)
         choices = [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}]
         return head | {"object": "chat.completion", "choices": choices, "usage": usage(generation)}
     choices = [choice(kind, text, generation.finish_reason)]
@@ -210,35 +212,51 @@ def answer_events(
     generation: Generation, kind: str, head: dict, include_usage: bool, tools: bool = False
 ) -> Iterator[str]:
     """The server-sent events of a streamed answer. A sync generator: Starlette iterates it in a worker thread, so
-    waiting on the model blocks no one. With `tools` the answer is sent once whole (its text, then its calls):
-    whether it calls a tool is known only at its end."""
+    waiting on the model blocks no one. With `tools`, the text before the first call streams as usual, and the
+    calls are sent at the end, read whole (tool_calls.py)."""
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
     extra = {"usage": None} if include_usage else {}
     if kind == "chat":  # OpenAI's first chunk carries the role only
         yield sse(head | {"object": obj, "choices": [choice(kind, None, None, first=True)]} | extra)
-    finish = None
+    calls: list[dict[str, Any]] = []
     try:
+        text, sent = "", 0
+        for piece in generation:
+            text += piece
+            # With tools, the text is sent up to the first call; from there it is held and read whole at the end.
+            # Meanwhile each piece sends an SSE comment (clients skip it), so that a client that has gone away
+            # still stops the generation at its next token.
+            shown = call_start(text) if tools else len(text)
+            if shown > sent:
+                yield sse(head | {"object": obj, "choices": [choice(kind, text[sent:shown], None)]} | extra)
+                sent = shown
+            elif tools:
+                yield ": generating\n\n"
         if tools:
-            content, calls = read_tool_calls("".join(generation))
-            if content:
-                yield sse(head | {"object": obj, "choices": [choice(kind, content, None)]} | extra)
+            _, calls = read_tool_calls(text)
+            rest = text_without_calls(text[sent:]) if calls else text[sent:]
+            if rest:
+                yield sse(head | {"object": obj, "choices": [choice(kind, rest, None)]} | extra)
             if calls:
-                finish = "tool_calls"
                 deltas = [{"index": i, **call} for i, call in enumerate(calls)]
                 chunk = {"index": 0, "delta": {"tool_calls": deltas}, "logprobs": None, "finish_reason": None}
                 yield sse(head | {"object": obj, "choices": [chunk]} | extra)
-        else:
-            for piece in generation:
-                yield sse(head | {"object": obj, "choices": [choice(kind, piece, None)]} | extra)
     except Exception as err:  # headers are sent: report in the stream, as OpenAI does
         log.exception("streaming generation failed")
         yield sse(error_body(f"internal error: {err}", kind="server_error"))
         return
-    finish = finish or generation.finish_reason
-    yield sse(head | {"object": obj, "choices": [choice(kind, None, finish)]} | extra)
+    yield sse(head | {"object": obj, "choices": [choice(kind, None, _finish(generation, calls))]} | extra)
     if include_usage:
         yield sse(head | {"object": obj, "choices": [], "usage": usage(generation)})
     yield sse("[DONE]")
+
+
+def _finish(generation: Generation, calls: list[dict[str, Any]]) -> str:
+    """OpenAI's finish_reason: "tool_calls" when the answer calls tools, unless it was cut at max_tokens (a call
+    cut off there is dropped: "length" says the answer is not whole)."""
+    if calls and generation.finish_reason != "length":
+        return "tool_calls"
+    return generation.finish_reason
 
 
 def usage(generation: Generation) -> dict:

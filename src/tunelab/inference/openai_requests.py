@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from tunelab.data.formats import without_nulls
+
 ROLES = {"system", "user", "assistant", "tool"}
 # Request fields that change what OpenAI would return and that this server cannot honour: refused with a 400
 # rather than silently ignored, so a client never mistakes a plain answer for a JSON-mode answer. (`tools` are
@@ -123,7 +125,7 @@ def parse_tools(body: dict) -> list[dict[str, Any]] | None:
             raise RequestError(f'tools[{i}] must be {{"type": "function", "function": {{...}}}}', f"tools[{i}]")
         if not isinstance(function.get("name"), str) or not function["name"]:
             raise RequestError(f"tools[{i}].function.name must be a non-empty string", f"tools[{i}].function.name")
-    return tools
+    return [without_nulls(tool) for tool in tools]  # as training handed them to the template (data/formats.py)
 
 
 def _calls(message: dict, where: str) -> list[dict[str, Any]]:

@@ -14,20 +14,21 @@ import re
 import uuid
 from typing import Any
 
+OPEN = "<tool_call>"
 _CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
 
 def read_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
-    """(the answer's text before its calls, None when there is none; its calls in OpenAI's form). No calls, or one
-    that is not a JSON object with a name: ([the text as it is], [])."""
-    found = list(_CALL.finditer(text))
+    """(the answer's text without its calls, None when nothing is left; its calls in OpenAI's form). No calls, or
+    one that is not a JSON object with a name: ([the text as it is], [])."""
     calls = []
-    for match in found:
+    for match in _CALL.finditer(text):
         try:
             call = json.loads(match.group(1))
         except json.JSONDecodeError:
             return text, []
-        name, arguments = (call.get("name"), call.get("arguments", {})) if isinstance(call, dict) else (None, None)
+        name, arguments = (call.get("name"), call.get("arguments")) if isinstance(call, dict) else (None, None)
+        arguments = {} if arguments is None else arguments  # null arguments are none, as training reads them
         if not isinstance(name, str) or not isinstance(arguments, dict | str):
             return text, []
         arguments = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
@@ -35,5 +36,19 @@ def read_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
         calls.append({"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}})
     if not calls:
         return text, []
-    content = text[: found[0].start()].strip()
-    return content or None, calls
+    return text_without_calls(text) or None, calls
+
+
+def text_without_calls(text: str) -> str:
+    """An answer's own text, its call blocks taken out."""
+    return _CALL.sub("", text).strip()
+
+
+def call_start(text: str) -> int:
+    """Where the first call begins in a streamed answer so far, or how much of it can be sent as text: the
+    text up to a `<tool_call>`, or up to what could be the start of one."""
+    found = text.find(OPEN)
+    if found >= 0:
+        return found
+    held = max((n for n in range(len(OPEN) - 1, 0, -1) if text.endswith(OPEN[:n])), default=0)
+    return len(text) - held
