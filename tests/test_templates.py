@@ -347,3 +347,28 @@ def test_older_tool_shapes_and_struct_nulls_are_read():
     assert cell_tools(row, "tools") == [{"type": "function", "function": {"name": "now"}}]
     bare = {"tools": [{"name": "now", "parameters": {"type": "object"}}]}  # glaive/xLAM's form: wrapped as served
     assert cell_tools(bare, "tools") == [{"type": "function", "function": bare["tools"][0]}]
+
+
+def test_evaluate_measures_a_mask_history_run_on_its_last_answers(tiny_llama, tmp_path):
+    """evaluate's loss is the training loss's counterpart: on the answers the run trained, the last ones here."""
+    import tunelab
+    from tunelab.config.llm import LLMParams
+    from tunelab.data import load_data
+    from tunelab.inference.evaluate import evaluate_run, mean_loss
+    from tunelab.inference.generate import load_run
+
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": CONVERSATION}) + "\n" for _ in range(4)))
+    settings = {"text_column": "messages", "chat_template": "chatml", "block_size": 128}
+    out = tunelab.train(
+        model=str(tiny_llama), data_path=str(data), trainer="sft", mask_history=True, max_steps=1, batch_size=2,
+        project_name=str(tmp_path / "run"), **settings,
+    )  # fmt: skip
+    results = evaluate_run(out, str(data), split="test", samples=0)
+    model, tokenizer = load_run(out)
+
+    def loss(mask_history: bool) -> float:
+        params = LLMParams(model=str(out), data_path=str(data), mask_history=mask_history, **settings)
+        return mean_loss(model, list(load_data(params, tokenizer).train))
+
+    assert results["eval_loss"] == pytest.approx(loss(True), rel=1e-6) and loss(True) != pytest.approx(loss(False))

@@ -31,12 +31,13 @@ from tunelab.outputs import check_run_folder, read_run, training_params
 log = logging.getLogger("tunelab")
 LM_ROWS = 200  # rows a language model's loss is measured on by default (one forward pass each)
 # The saved training settings that decide how the data's rows become token ids and labels (data/__init__.py reads
-# them): columns, template, end-of-text token, what a bad row does, lengths.
+# them): columns, template, end-of-text token, which answers carry the loss, what a bad row does, lengths.
 DATA_SETTINGS = (
     "text_column",
     "prompt_text_column",
     "chat_template",
     "add_eos_token",
+    "mask_history",
     "bad_rows",
     "block_size",
     "model_max_length",
