@@ -40,11 +40,11 @@ class Formatter:
     # Whether the template writes tool calls and tool definitions, found on the first conversation with them
     writes: dict[str, bool] = field(default_factory=dict)
 
-    def _unwritten_tool_use(self, example: dict[str, Any]) -> str | None:
+    def _unwritten_tool_use(self, example: dict[str, Any], text: str) -> str | None:
         """What of a conversation's tool use the template leaves out ("tool calls", "tools"), or None. A template
         that ignores tool calls would teach the model to answer with nothing where it should call a tool; one
         that ignores the definitions, to call tools it was never shown. Found once per template, by rendering the
-        first conversation that has them with and without them."""
+        first conversation that has them without them and comparing with its `text`, as rendered with them."""
         messages, tools = example["messages"], example.get("tools")
         uses = {"tool calls": any(m.get("tool_calls") for m in messages), "tools": bool(tools)}
         for what in (name for name, used in uses.items() if used and name not in self.writes):
@@ -52,7 +52,6 @@ class Formatter:
                 without = [{k: v for k, v in m.items() if k != "tool_calls"} for m in messages], tools
             else:
                 without = messages, None
-            text = render_messages(messages, self.source, self.tokenizer, tools).text
             try:
                 self.writes[what] = text != render_messages(without[0], self.source, self.tokenizer, without[1]).text
             except TemplateError:  # it refuses the conversation without them: it reads them
@@ -92,7 +91,7 @@ class Formatter:
                         problems.append(describe_problem(split, index, reason))
         kept = []
         for (index, example), text in rendered:
-            unshown = self._unwritten_tool_use(example)
+            unshown = self._unwritten_tool_use(example, text.text)
             if unshown is None:
                 kept.append(Rendered(text.text, text.spans[-1:]) if self.mask_history else text)
                 continue

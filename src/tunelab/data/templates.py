@@ -159,8 +159,6 @@ def _render_batch_hf(
 
 def _check_compiles(source: str, name: str) -> None:
     """A template with a Jinja syntax error is one line naming where, before any row is rendered."""
-    from jinja2 import TemplateError
-
     try:
         _compiled(source)
     except TemplateError as err:
