@@ -20,7 +20,7 @@ import numpy as np
 
 from tunelab.config.llm import LLMParams
 from tunelab.data.formats import RowFormat, RowProblem, convert_row, detect_format, settle_bad_rows
-from tunelab.data.holdout import hold_out
+from tunelab.data.holdout import apportion, hold_out
 from tunelab.data.mixture import draw, is_mixture, parse_sources
 from tunelab.data.pipeline import Formatter, encode_split, worker_count
 from tunelab.data.sources import Split, locate_splits, stream_split
@@ -201,17 +201,10 @@ def _load_mixture(params: LLMParams, tokenizer: Any, folder: Path | None) -> Enc
 
 def _valid_sizes(valid_size: float, examples: list[int]) -> list[float]:
     """valid_size for each source of a mixture: a share, the same share of each; a count, shared out in proportion
-    to the sources' examples (largest remainders first), so that the mixture holds out as many as asked."""
+    to the sources' examples (holdout.apportion), so that the mixture holds out as many as asked."""
     if valid_size < 1:
         return [valid_size] * len(examples)
-    sizes = np.asarray(examples, dtype=np.int64)
-    share = sizes * valid_size / max(int(sizes.sum()), 1)
-    counts = np.minimum(np.floor(share).astype(np.int64), sizes - 1)  # each source keeps one to train on
-    for source in np.argsort(counts - share, kind="stable"):  # the rest: largest remainders first, where room is
-        if counts.sum() >= int(valid_size):
-            break
-        counts[source] += counts[source] < sizes[source] - 1
-    return [float(count) for count in counts]
+    return [float(count) for count in apportion(examples, int(valid_size))]
 
 
 def _wants_special_tokens(head: Split, fmt: RowFormat, tokenizer: Any) -> bool:

@@ -78,18 +78,29 @@ def prompt_groups(items: Any) -> list[Any] | None:
     return [tuple(item.prompt_ids) for item in items]
 
 
+def apportion(sizes: Any, count: int, favour_none: bool = False) -> np.ndarray:
+    """`count` shared out over groups of `sizes` in proportion to them: rounded down, then the rest one at a time by
+    largest remainder (with `favour_none`, first to groups given none yet), where a group has room; every group
+    keeps at least one of its own, so the shares may fall short of `count`."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    share = sizes * count / max(int(sizes.sum()), 1)
+    room = np.maximum(sizes - 1, 0)
+    counts = np.minimum(np.floor(share).astype(np.int64), room)
+    order = np.lexsort((counts - share, counts > 0)) if favour_none else np.argsort(counts - share, kind="stable")
+    for group in order:
+        if counts.sum() >= count:
+            break
+        counts[group] += counts[group] < room[group]
+    return counts
+
+
 def stratified_indices(labels: list[str], count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """split_indices for a classifier's examples: each label held out in proportion to its share of the split, the
-    examples left over by rounding down going first to labels that would have none (so that each is measured where
-    it can be), then to the largest remainders; every label keeps at least one example to train on, so fewer than
-    `count` may be held out (none: a DataError for the caller to raise, held_out_empty)."""
+    """split_indices for a classifier's examples: each label held out in proportion to its share of the split
+    (apportion), the examples left over by rounding down going first to labels that would have none (so that each
+    is measured where it can be); every label keeps at least one example to train on, so fewer than `count` may be
+    held out (none: the caller's DataError)."""
     names, label_ids, sizes = np.unique(np.asarray(labels, dtype=object), return_inverse=True, return_counts=True)
-    share = sizes * count / len(labels)
-    taken = np.floor(share).astype(np.int64)
-    # the rounded-down examples: to labels with two or more examples first (one alone stays to be trained on),
-    # those with none held out yet first among them, then the largest remainders
-    taken[np.lexsort((taken - share, taken > 0, sizes < 2))[: count - int(taken.sum())]] += 1
-    taken = np.minimum(taken, sizes - 1)
+    taken = apportion(sizes, count, favour_none=True)
     rng = np.random.default_rng(seed)
     held = np.zeros(len(labels), dtype=bool)
     for label in range(len(names)):
