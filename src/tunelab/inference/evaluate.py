@@ -22,7 +22,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from tunelab.config.llm import LLMParams, run_template
+from tunelab.config.llm import LLMParams
 from tunelab.data.templates import with_inputs
 from tunelab.errors import TunelabError
 from tunelab.inference.report import REPORT_DIR, publish_report
@@ -154,14 +154,11 @@ def _cut(row: Any, block_size: int) -> Any:
 
 def _data_params(folder: Path, data_path: str, split: str) -> Any:
     """The run's own data settings (columns, template, block size) pointed at the evaluation data."""
+    from tunelab.inference.evaluate_preference import evaluation_params
 
-    saved = training_params(folder)
     # Only what shapes the rows: the other saved settings belong to the run's own trainer (a DPO run's
     # precompute_ref_log_probs is refused for trainer sft) or to its launch (a relative accelerate_config).
-    values = {k: saved[k] for k in DATA_SETTINGS if k in saved}
-    values["chat_template"] = run_template(values.get("chat_template"))
-    values.update(model=str(folder), data_path=data_path, train_split=split, valid_split=None, trainer="sft")
-    return LLMParams(**values)
+    return evaluation_params(folder, DATA_SETTINGS, data_path, split, "sft")
 
 
 def _base(model: Any, folder: Path, wanted: bool) -> tuple[Any, Any]:

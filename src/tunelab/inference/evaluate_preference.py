@@ -123,7 +123,7 @@ def evaluate_pairs(
     from tunelab.inference.generate import load_run
 
     run = read_run(folder)
-    params = pair_params(folder, data_path, split, run["trainer"])
+    params = evaluation_params(folder, PAIR_SETTINGS, data_path, split, run["trainer"])
     if params.trainer == "reward":
         return _evaluate_reward(folder, params, compare_base, max_rows, held), []
     model, tokenizer = load_run(folder)
@@ -154,12 +154,13 @@ def evaluate_pairs(
     return results, shown
 
 
-def pair_params(folder: Path, data_path: str, split: str, trainer: str) -> Any:
-    """The run's saved pair settings and method parameters, pointed at the evaluation data."""
+def evaluation_params(folder: Path, settings: tuple[str, ...], data_path: str, split: str, trainer: str) -> Any:
+    """The run's saved `settings` (its own chat template as the run's tokenizer carries it), pointed at the
+    evaluation data, for `trainer`'s reader."""
     from tunelab.config.llm import LLMParams, run_template
 
     saved = training_params(folder)
-    values = {k: saved[k] for k in PAIR_SETTINGS if k in saved}
+    values = {k: saved[k] for k in settings if k in saved}
     values["chat_template"] = run_template(values.get("chat_template"))
     values.update(model=str(folder), data_path=data_path, train_split=split, valid_split=None, trainer=trainer)
     return LLMParams(**values)
