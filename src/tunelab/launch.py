@@ -148,15 +148,26 @@ def run_until_stopped(command: list[str], env: dict[str, str], grace: float = ST
 
 def _kill_all(process: subprocess.Popen) -> None:
     """SIGKILL the launcher and every process under it (its workers run in sessions of their own)."""
+    if kill_with_descendants([process.pid]):
+        log.warning("the launched processes did not end in time: killed them (SIGKILL)")
+
+
+def kill_with_descendants(pids: list[int]) -> int:
+    """SIGKILL these processes and every process under them, all found before any is killed (a killed parent's
+    children go to init, out of the search); returns how many there were. A distributed run's workers are such
+    descendants in sessions of their own, which no signal to a process group reaches."""
     import psutil  # accelerate's own dependency
 
-    try:
-        launched = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    log.warning("the launched processes did not end in time: killing them (SIGKILL)")
-    for each in launched:
+    found = []
+    for pid in pids:
+        try:
+            process = psutil.Process(pid)
+            found += [process, *process.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+    for each in found:
         try:
             each.kill()
         except psutil.NoSuchProcess:
             pass
+    return len(found)

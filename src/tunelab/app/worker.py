@@ -11,6 +11,7 @@ or interrupted one when it resumes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -23,6 +24,7 @@ from typing import Any
 
 from tunelab.app.jobs import CANCELLED, COMPLETED, FAILED, INTERRUPTED, RUNNING, JobStore
 from tunelab.app.vault import Vault
+from tunelab.launch import kill_with_descendants
 from tunelab.methods import REGISTRY
 
 log = logging.getLogger("tunelab")
@@ -215,30 +217,16 @@ def kill_group(pgid: int) -> None:
     group alone they would train on, orphaned. (SIGTERM reaches them through the agent, which stops them itself.)"""
     import psutil  # accelerate's own dependency
 
-    members = [p for p in psutil.process_iter(["pid"]) if _group_of(p) == pgid]
-    below = [child for member in members for child in _children(member)]
-    os.killpg(pgid, signal.SIGKILL)
-    for child in below:
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
+    kill_with_descendants([p.pid for p in psutil.process_iter(["pid"]) if _group_of(p.pid) == pgid])
+    with contextlib.suppress(ProcessLookupError):  # one that joined the group meanwhile
+        os.killpg(pgid, signal.SIGKILL)
 
 
-def _group_of(process: Any) -> int | None:
+def _group_of(pid: int) -> int | None:
     try:
-        return os.getpgid(process.pid)
+        return os.getpgid(pid)
     except (ProcessLookupError, PermissionError):
         return None
-
-
-def _children(process: Any) -> list[Any]:
-    import psutil
-
-    try:
-        return process.children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
 
 
 def group_commands(pgid: int) -> list[str]:
