@@ -188,3 +188,20 @@ def read_metrics(folder: Path) -> list[dict]:
 
 def train_losses(folder: Path) -> list[float]:
     return [r["loss"] for r in read_metrics(folder) if "loss" in r]
+
+
+def learn_by_heart(model: Path, data: Path, run: Path, chat_template: str, block_size: int) -> Path:
+    """Train `model` on `data` until it answers as the data does (a full fine-tuning: the tiny models' frozen heads
+    are too small for LoRA alone to learn an answer by heart); the run folder."""
+    from tunelab.cli import main
+
+    code = main(
+        [
+            "llm", "--train", "--model", str(model), "--data-path", str(data), "--trainer", "sft",
+            "--chat-template", chat_template, "--lr", "3e-3", "--epochs", "60", "--batch-size", "8",
+            "--gradient-accumulation", "1", "--block-size", str(block_size), "--project-name", str(run),
+            "--disable-gradient-checkpointing", "--logging-steps", "40",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    return run

@@ -288,7 +288,7 @@ def tool_caller(tiny_llama, tmp_path_factory):
     """A run that learned to call get_weather for Paris, through tunelab's ChatML (its Hermes tool form)."""
     import json
 
-    from tunelab.cli import main
+    from tests.conftest import learn_by_heart
 
     folder = tmp_path_factory.mktemp("tool-caller")
     call = {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
@@ -298,17 +298,7 @@ def tool_caller(tiny_llama, tmp_path_factory):
     ]
     data = folder / "calls.jsonl"
     data.write_text("".join(json.dumps({"messages": chat, "tools": [WEATHER]}) + "\n" for _ in range(16)))
-    run = folder / "run"
-    code = main(
-        [
-            "llm", "--train", "--model", str(tiny_llama), "--data-path", str(data), "--trainer", "sft",
-            "--chat-template", "chatml", "--lr", "3e-3", "--epochs", "60", "--batch-size", "8",
-            "--gradient-accumulation", "1", "--block-size", "512", "--project-name", str(run),
-            "--disable-gradient-checkpointing", "--logging-steps", "40",
-        ]
-    )  # fmt: skip
-    assert code == 0
-    return run
+    return learn_by_heart(tiny_llama, data, folder / "run", "chatml", block_size=512)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])

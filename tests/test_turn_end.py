@@ -15,9 +15,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from tests.conftest import CHATML, build_tokenizer
+from tests.conftest import CHATML, build_tokenizer, learn_by_heart
 from tests.test_serve import openai, running
-from tunelab.cli import main
 from tunelab.inference.chat import ChatSession
 from tunelab.inference.generate import GenerationParams, generate, load_run
 from tunelab.models.turns import turn_end, turn_end_marker
@@ -41,18 +40,7 @@ def _taught_run(tiny_llama: Path, folder: Path, template: str) -> Path:
     tokenizer.chat_template = template
     base.save_pretrained(model)
     tokenizer.save_pretrained(model)
-    run = folder / "run"
-    # A full fine-tuning: the tiny model's frozen head is too small for LoRA alone to learn one answer by heart.
-    code = main(
-        [
-            "llm", "--train", "--model", str(model), "--data-path", str(data), "--trainer", "sft",
-            "--chat-template", "tokenizer", "--lr", "3e-3", "--epochs", "60", "--batch-size", "8",
-            "--gradient-accumulation", "1", "--block-size", "64", "--project-name", str(run),
-            "--disable-gradient-checkpointing", "--logging-steps", "40",
-        ]
-    )  # fmt: skip
-    assert code == 0
-    return run
+    return learn_by_heart(model, data, folder / "run", "tokenizer", block_size=64)
 
 
 @pytest.fixture(scope="module", params=["special token", "text"])
