@@ -30,33 +30,29 @@ from typing import Any
 
 from tunelab.data.holdout import SavedHoldOut, prompt_groups
 from tunelab.errors import DataError, TunelabError
+from tunelab.methods import REGISTRY
 from tunelab.outputs import model_reference, read_run, training_params
 
 log = logging.getLogger("tunelab")
 # The saved training settings the pair readers and the methods' figures read: columns, template, bad rows, the
-# length rules, and the methods' own parameters (the reference model, beta...).
+# length rules, the reference model, and every preference method's own parameters (its registry line's).
 PAIR_SETTINGS = (
     "text_column",
     "prompt_text_column",
-    "rejected_text_column",
-    "label_column",
     "chat_template",
     "bad_rows",
     "block_size",
     "model_max_length",
-    "max_prompt_length",
-    "max_completion_length",
     "batch_size",
     "mixed_precision",
     "fast_loss",
     "model_ref",
-    "dpo_beta",
-    "dpo_loss_type",
-    "dpo_loss_weights",
-    "label_smoothing",
-    "kto_beta",
-    "simpo_gamma",
-    "cpo_alpha",
+    *dict.fromkeys(
+        name
+        for entry in REGISTRY.values()
+        if entry.data in ("pairs", "labeled")
+        for name in (*entry.params, *entry.data_params)
+    ),
 )
 # Figures a method's loss function gives that depend on training's batches or switches, not on the pairs alone:
 # kto's KL estimate (each batch's answers paired with the next row's), the NLL (completion_only_loss).
@@ -78,7 +74,6 @@ def holds_preference_data(folder: Path, data_path: str, split: str) -> bool:
     checks whole. A file of texts or chats is measured as a language model instead (next-token loss), as for any
     causal run."""
     from tunelab.data.sources import locate_splits, stream_split
-    from tunelab.methods import REGISTRY
 
     trainer = read_run(folder).get("trainer")
     if trainer not in REGISTRY or REGISTRY[trainer].data not in ("pairs", "labeled"):
@@ -99,7 +94,7 @@ def holds_preference_data(folder: Path, data_path: str, split: str) -> bool:
         "%s run's preference figures",
         data_path,
         " or ".join(repr(c) for c in dict.fromkeys(wanted)),
-        "pairs or labeled answers" if trainer == "kto" else "prompt/chosen/rejected pairs",
+        "pairs or labeled answers" if REGISTRY[trainer].data == "labeled" else "prompt/chosen/rejected pairs",
         trainer,
     )
     return False
@@ -132,7 +127,7 @@ def evaluate_pairs(
     results = _described(folder, params, data, len(pairs) if pairs is not None else len(rows), pairs is not None)
     policy = _logps(model, rows, params, tokenizer)
     reference = reference_is_base = ref_model = None
-    if params.trainer in ("dpo", "kto"):
+    if REGISTRY[params.trainer].reference:
         ref_model, ref_context, reference_is_base, results["reference"] = _reference(model, folder, params)
         with ref_context():
             reference = _logps(ref_model, rows, params, tokenizer)
@@ -170,7 +165,7 @@ def _read(
     params: Any, tokenizer: Any, max_rows: int, held: SavedHoldOut | None = None
 ) -> tuple[Any, list[Any], list[tuple[int, int]] | None]:
     """(the reader's data, the rows to score, and for kto on pairs each pair's (desirable, undesirable) row)."""
-    if params.trainer != "kto":
+    if REGISTRY[params.trainer].data != "labeled":
         from tunelab.data.preference import load_preference_data
 
         data, _ = _held_out(load_preference_data(params, tokenizer), held)
@@ -213,10 +208,15 @@ def _held_out(data: Any, held: SavedHoldOut | None) -> tuple[Any, Any]:
 
 
 def _described(folder: Path, params: Any, data: Any, count: int, paired: bool = True) -> dict[str, Any]:
+    from tunelab.methods import METHODS
+
     results: dict[str, Any] = {"data": data.origins["train"], "rows": count, "model": str(folder)}
     results["method"] = params.trainer
-    results["unit"] = "answers" if params.trainer == "kto" and not paired else "pairs"
-    results["beta"] = params.kto_beta if params.trainer == "kto" else params.dpo_beta
+    results["unit"] = "answers" if REGISTRY[params.trainer].data == "labeled" and not paired else "pairs"
+    evaluation = METHODS[params.trainer].evaluation
+    if evaluation is not None:  # (a reward model has no rewards of its own to describe)
+        results["beta"] = getattr(params, evaluation.beta)
+        results["rewards"] = evaluation.rewards
     stats = data.stats
     dropped = {
         "bad_rows_skipped": data.skipped_rows.get("train", 0),
@@ -235,7 +235,7 @@ def _logps(model: Any, rows: list[Any], params: Any, tokenizer: Any) -> Any:
     from tunelab.speed.loss import fast_loss_supported
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    if params.trainer == "kto":
+    if REGISTRY[params.trainer].data == "labeled":
         from tunelab.methods.kto import KTOCollator
 
         collate: Any = KTOCollator(pad, params.block_size)
@@ -249,43 +249,11 @@ def figures(
     params: Any, rows: list[Any], pairs: list[tuple[int, int]] | None, policy: Any, reference: Any
 ) -> dict[str, float]:
     """The method's figures from the policy's (sums, counts) of answer log-probs and the reference's, computed by
-    the method's own loss function over every row at once; the batch-dependent ones (BATCH_FIGURES) left out."""
-    import torch
+    the method's own loss function over every row at once (its PairEvaluation); the batch-dependent ones
+    (BATCH_FIGURES) left out."""
+    from tunelab.methods import METHODS
 
-    sums, counts = policy
-    ref = reference[0] if reference is not None else None
-    none = torch.zeros(())
-    if params.trainer == "dpo":
-        from tunelab.methods.dpo import dpo_loss
-
-        _, found = dpo_loss(
-            sums[:, 0], sums[:, 1], ref[:, 0], ref[:, 1], params.dpo_beta, params.dpo_loss_types,
-            params.dpo_loss_weight_values, params.label_smoothing, counts=(counts[:, 0], counts[:, 1]),
-        )  # fmt: skip
-    elif params.trainer == "kto" and pairs is not None:  # kto on pairs: DPO's rewards with kto_beta, per pair
-        from tunelab.methods.preference import reward_metrics
-
-        good, bad = [i for i, _ in pairs], [j for _, j in pairs]
-        rewards = params.kto_beta * (sums[:, 0] - ref[:, 0])
-        found = reward_metrics(rewards[good], rewards[bad], sums[good, 0], sums[bad, 0])
-    elif params.trainer == "kto":
-        from tunelab.methods.kto import kto_loss
-
-        desirable = torch.tensor([row.desirable for row in rows], dtype=torch.bool)
-        _, found = kto_loss(sums[:, 0], ref[:, 0], none, desirable, params.kto_beta)
-    else:
-        means = sums / counts.clamp(min=1)  # orpo and simpo: per answer token
-        if params.trainer == "orpo":
-            from tunelab.methods.orpo import orpo_loss
-
-            _, found = orpo_loss(means[:, 0], means[:, 1], none, params.dpo_beta)
-        else:
-            from tunelab.methods.simpo import simpo_loss
-
-            _, found = simpo_loss(
-                means[:, 0], means[:, 1], none, params.dpo_beta, params.simpo_gamma, params.label_smoothing,
-                params.cpo_alpha,
-            )  # fmt: skip
+    found = METHODS[params.trainer].evaluation.figures(params, rows, pairs, policy, reference)
     return {name: round(float(value), 6) for name, value in found.items() if name not in BATCH_FIGURES}
 
 
@@ -384,7 +352,6 @@ def _evaluate_reward(
     if not rows:
         raise DataError(f"{data.origins['train']}: nothing to score: no pair left room for an answer")
     results = _described(folder, params, data, len(rows))
-    del results["beta"]
     collate = PairCollator(tokenizer.pad_token_id)  # the pad id the score head looks past, as in training
     scores = []
     with torch.no_grad():
@@ -416,17 +383,8 @@ def preference_table(results: dict[str, Any]) -> list[str]:
 
 def _notes(results: dict[str, Any]) -> list[str]:
     method = results["method"]
-    notes = []
-    if method in ("dpo", "kto"):
-        notes.append(
-            f"Rewards are beta x (log p - log p_ref), summed over the answer tokens (beta {results['beta']}; "
-            f"reference: {results['reference']})."
-        )
-    elif method in ("orpo", "simpo"):
-        notes.append(
-            f"Rewards are beta x the mean log-prob per answer token (beta {results['beta']}; logps/*: that mean), "
-            f"as {method} logs them."
-        )
+    reference = f"; reference: {results['reference']}" if "reference" in results else ""
+    notes = [f"Rewards are {results['rewards']} (beta {results['beta']}{reference}), as {method} logs them."]
     if results.get("base_is_reference"):
         notes.append(
             f"Base ({results.get('base_model')}): the reference the rewards are measured against (its rewards are 0)."

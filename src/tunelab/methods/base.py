@@ -23,6 +23,25 @@ class RowStats:
 
 
 @dataclass(frozen=True)
+class PairEvaluation:
+    """How `tunelab evaluate` measures a preference method on pairs or labeled answers
+    (inference/evaluate_preference.py reads the rows and scores them; the method says what the scores mean)."""
+
+    # (params, rows, pairs, policy, reference) -> the method's figures from its own loss function, over every row
+    # at once. policy and reference: (sums, counts) of each row's answer log-probs, (N, 2) for pairs, (N, 1) for
+    # labeled answers; reference None for a method without one. pairs: labeled answers read from pairs, each
+    # pair's (desirable, undesirable) row, else None.
+    figures: Callable[[Any, list[Any], Any, Any, Any], dict[str, Any]]
+    beta: str  # the LLMParams field the method's rewards are scaled by
+    rewards: str  # what the rewards are, for the report
+
+
+# What a preference method's rewards are (PairEvaluation.rewards), in the two kinds TRL's trainers log.
+REFERENCE_REWARDS = "beta x (log p - log p_ref), summed over the answer tokens"
+PER_TOKEN_REWARDS = "beta x the mean log-prob per answer token (logps/*: that mean)"
+
+
+@dataclass(frozen=True)
 class Method:
     """A training method.
 
@@ -33,11 +52,14 @@ class Method:
     from its line in methods/__init__.REGISTRY, the one place that says them. `rows_with_model`, when given, is
     called once the model is loaded, before training, as (model, train_rows, valid_rows, params, prepared-data
     folder) -> (train_rows, valid_rows): what the rows need from the model (dpo: the reference's log-probs).
+    `evaluation`: how `tunelab evaluate` measures a preference method (None: as a language model, or as the
+    reward model it trains).
     """
 
     model_kind: str
     build_rows: Callable[[list[Any], Any], tuple[list[Any], RowStats]]
     trainer_class: type | None = None
     rows_with_model: Callable[..., tuple[list[Any], list[Any] | None]] | None = None
+    evaluation: PairEvaluation | None = None
     name: str = ""
     data: str = "examples"

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from tunelab.config.llm import LLMParams
 from tunelab.data.preference import Pair
-from tunelab.methods.base import Method
+from tunelab.methods.base import REFERENCE_REWARDS, Method, PairEvaluation
 from tunelab.methods.preference import (
     PairCollator,
     PreferenceTrainer,
@@ -138,6 +138,16 @@ class DPOTrainer(PreferenceTrainer):
         )
 
 
+def pair_figures(params: LLMParams, rows: list[Any], pairs: Any, policy: Any, reference: Any) -> dict[str, Any]:
+    """`tunelab evaluate`'s figures of a dpo run (methods/base.PairEvaluation): the loss function's, every pair."""
+    (sums, counts), ref = policy, reference[0]
+    _, found = dpo_loss(
+        sums[:, 0], sums[:, 1], ref[:, 0], ref[:, 1], params.dpo_beta, params.dpo_loss_types,
+        params.dpo_loss_weight_values, params.label_smoothing, counts=(counts[:, 0], counts[:, 1]),
+    )  # fmt: skip
+    return found
+
+
 @dataclass
 class ScoredPair(Pair):
     """A pair with its two answers' summed log-probs under the reference (precompute_ref_log_probs)."""
@@ -227,4 +237,5 @@ METHOD = Method(
     build_rows=build_pair_rows,
     trainer_class=DPOTrainer,
     rows_with_model=with_reference_logps,
+    evaluation=PairEvaluation(pair_figures, "dpo_beta", REFERENCE_REWARDS),
 )

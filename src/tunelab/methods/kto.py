@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from tunelab.config.llm import LLMParams
 from tunelab.data.kto import Labeled
 from tunelab.data.tokenize import IGNORE
-from tunelab.methods.base import Method, RowStats
+from tunelab.methods.base import REFERENCE_REWARDS, Method, PairEvaluation, RowStats
 from tunelab.methods.dpo import DPOTrainer
-from tunelab.methods.preference import sequence_sums
+from tunelab.methods.preference import reward_metrics, sequence_sums
 
 
 def class_weights(items: list[Labeled], params: LLMParams) -> tuple[float, float, str]:
@@ -143,8 +143,23 @@ class KTOTrainer(DPOTrainer):
         return kto_loss(policy, reference, kl, batch["desirable"], self.beta, self.class_weights)
 
 
+def pair_figures(params: LLMParams, rows: list[Any], pairs: Any, policy: Any, reference: Any) -> dict[str, Any]:
+    """`tunelab evaluate`'s figures of a kto run (methods/base.PairEvaluation): on answers, the loss function's
+    (its KL estimate left out: it pairs each batch's answers with the next row's); on answers read from pairs,
+    DPO's reward figures per pair, with kto_beta."""
+    sums, ref = policy[0], reference[0]
+    if pairs is not None:
+        good, bad = [i for i, _ in pairs], [j for _, j in pairs]
+        rewards = params.kto_beta * (sums[:, 0] - ref[:, 0])
+        return reward_metrics(rewards[good], rewards[bad], sums[good, 0], sums[bad, 0])
+    desirable = torch.tensor([row.desirable for row in rows], dtype=torch.bool)
+    _, found = kto_loss(sums[:, 0], ref[:, 0], torch.zeros(()), desirable, params.kto_beta)
+    return found
+
+
 METHOD = Method(
     model_kind="causal_lm",
     build_rows=build_kto_rows,
     trainer_class=KTOTrainer,
+    evaluation=PairEvaluation(pair_figures, "kto_beta", REFERENCE_REWARDS),
 )

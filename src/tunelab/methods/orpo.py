@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.data.tokenize import IGNORE
-from tunelab.methods.base import Method
+from tunelab.methods.base import PER_TOKEN_REWARDS, Method, PairEvaluation
 from tunelab.methods.preference import PreferenceTrainer, build_pair_rows, reward_metrics, sequence_sums
 
 
@@ -60,8 +60,18 @@ class ORPOTrainer(PreferenceTrainer):
         return orpo_loss(chosen, rejected, nll, self.beta)
 
 
+def pair_figures(params: Any, rows: list[Any], pairs: Any, policy: Any, reference: Any) -> dict[str, Any]:
+    """`tunelab evaluate`'s figures of an orpo run (methods/base.PairEvaluation): the loss function's, every pair
+    (the NLL left out: it depends on completion_only_loss, not on the pairs alone)."""
+    sums, counts = policy
+    means = sums / counts.clamp(min=1)
+    _, found = orpo_loss(means[:, 0], means[:, 1], torch.zeros(()), params.dpo_beta)
+    return found
+
+
 METHOD = Method(
     model_kind="causal_lm",
     build_rows=build_pair_rows,
     trainer_class=ORPOTrainer,
+    evaluation=PairEvaluation(pair_figures, "dpo_beta", PER_TOKEN_REWARDS),
 )

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tunelab.methods.base import Method
+from tunelab.methods.base import PER_TOKEN_REWARDS, Method, PairEvaluation
 from tunelab.methods.preference import PreferenceTrainer, build_pair_rows, reward_metrics, sequence_sums
 
 
@@ -54,8 +54,20 @@ class SimPOTrainer(PreferenceTrainer):
         )
 
 
+def pair_figures(params: Any, rows: list[Any], pairs: Any, policy: Any, reference: Any) -> dict[str, Any]:
+    """`tunelab evaluate`'s figures of a simpo run (methods/base.PairEvaluation): the loss function's, every pair."""
+    sums, counts = policy
+    means = sums / counts.clamp(min=1)
+    _, found = simpo_loss(
+        means[:, 0], means[:, 1], torch.zeros(()), params.dpo_beta, params.simpo_gamma, params.label_smoothing,
+        params.cpo_alpha,
+    )  # fmt: skip
+    return found
+
+
 METHOD = Method(
     model_kind="causal_lm",
     build_rows=build_pair_rows,
     trainer_class=SimPOTrainer,
+    evaluation=PairEvaluation(pair_figures, "dpo_beta", PER_TOKEN_REWARDS),
 )
