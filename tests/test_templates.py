@@ -323,6 +323,20 @@ def test_a_tool_call_a_template_rewrites_in_later_turns_is_a_bad_row_not_an_untr
     assert "a tool call's place in the text cannot be found" in capsys.readouterr().err
 
 
+def test_a_conversation_opened_by_a_tool_call_trains_the_call(tiny_tokenizer):
+    """An agent's logged turns may open with the assistant's call (no user turn kept): its place is found by
+    rendering before it, as for any later turn (a call has no content to be found by; it was a bad row)."""
+    from tunelab.data.formats import convert_row
+
+    row = json.loads(_tool_rows(Path(tempfile.mkdtemp()) / "t.jsonl").read_text().splitlines()[0])
+    messages = convert_row(row, RowFormat("messages", {"messages": "messages"}))["messages"][1:]
+    rendered = render_messages(messages, template_source("chatml", tiny_tokenizer), tiny_tokenizer, [WEATHER])
+    assert [rendered.text[a:b] for a, b in rendered.spans] == [
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>\n',
+        "It is 18 C and sunny.<|im_end|>\n",
+    ]
+
+
 def test_older_tool_shapes_and_struct_nulls_are_read():
     """OpenAI's older `function` role and null arguments; a Parquet struct's nulls for other rows' keys dropped."""
     from tunelab.data.formats import cell_messages, cell_tools

@@ -94,6 +94,15 @@ def render_conversations(
     befores = _render_batch(
         source, [conversations[c][:i] for c, i in wanted], tokenizer, True, [tools[c] for c, _ in wanted]
     )
+    # An answer that opens the conversation is found by its content (templates need not render no messages at
+    # all), which a tool call's turn does not have: the text before it is where a stand-in content lands.
+    openers = [c for c, m in enumerate(conversations) if m and m[0]["role"] == "assistant" and m[0].get("tool_calls")]
+    stand_ins = [[{"role": "assistant", "content": _STAND_IN}] for _ in openers]
+    marked_texts = _render_batch(source, stand_ins, tokenizer, False, [tools[c] for c in openers])
+    for c, marked in zip(openers, marked_texts, strict=True):
+        if _STAND_IN in marked:
+            wanted.append((c, 0))
+            befores.append(marked[: marked.index(_STAND_IN)])
     inner = [(c, i) for c, i in wanted if i < len(conversations[c]) - 1]
     ends = _render_batch(
         source, [conversations[c][: i + 1] for c, i in inner], tokenizer, False, [tools[c] for c, _ in inner]
@@ -111,6 +120,9 @@ def with_inputs(conversations: list[list[dict]], source: str) -> list[list[dict]
     if source == builtin_template("alpaca") or not any("input" in m for c in conversations for m in c):
         return conversations
     return [[_input_in_content(m) for m in c] for c in conversations]
+
+
+_STAND_IN = "\x00tunelab-answer\x00"  # a content no conversation holds
 
 
 def _input_in_content(message: dict) -> dict:
@@ -184,7 +196,7 @@ def _spans(messages: list[dict], text: str, prefixes: dict, c: int, tokenizer: A
         if message["role"] != "assistant":
             continue
         before, upto = prefixes.get((c, i), ("", ""))
-        if i and text.startswith(upto) and upto.startswith(before) and len(before) >= cursor:
+        if (c, i) in prefixes and text.startswith(upto) and upto.startswith(before) and len(before) >= cursor:
             start, end = len(before), len(upto)
         else:
             if message.get("tool_calls"):
