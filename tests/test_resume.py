@@ -114,13 +114,18 @@ def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted_run(tiny_lla
 
 
 def test_a_resumed_runs_final_figures_are_the_whole_runs(tiny_llama, twenty_rows, tmp_path):
-    """train_loss is the mean of every step's loss, train_runtime the time of both parts, the speeds from those:
+    """train_loss is the mean of every step's loss, train_runtime the time of every part, the speeds from those:
     in metrics.json and in the summary that ends log_history.json and metrics.jsonl. Trainer's own figures, counted
-    from the resume, covered the steps after it only (train_loss the mean of steps 9 to 12)."""
+    from the resume, covered the steps after it only (train_loss the mean of steps 9 to 12). The run is killed
+    twice, the second time once its last checkpoint is written (as a crash while the run is saved): the part
+    after that trains no step (its samples/s was 0)."""
     project, staging = tmp_path / "run", tmp_path / ".run.partial"
     killed = _run_child(_args(tiny_llama, twenty_rows, project), kill_at=8)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     first_part = next(r["time"] for r in read_metrics(staging) if r["step"] == 8 and "loss" in r)
+    killed = _run_child(_args(tiny_llama, twenty_rows, project), kill_at=12)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    second_part = next(r["time"] for r in read_metrics(staging) if r["step"] == 12 and "loss" in r)
     again = _run_child(_args(tiny_llama, twenty_rows, project))
     assert again.returncode == 0, again.stderr
 
@@ -128,13 +133,13 @@ def test_a_resumed_runs_final_figures_are_the_whole_runs(tiny_llama, twenty_rows
     losses = [r["loss"] for r in records if "loss" in r]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 13))
     assert metrics["train_loss"] == pytest.approx(sum(losses) / 12, rel=1e-5)
-    assert metrics["resumed_from_step"] == 8
+    assert metrics["resumed_from_step"] == 12
     history = json.loads((project / "log_history.json").read_text())
     assert [h["loss"] for h in history if "loss" in h] == losses
     for summary in (history[-1], records[-1]):  # Trainer's end-of-training record, in both logs
         for name in ("train_loss", "train_runtime", "train_samples_per_second", "train_steps_per_second"):
             assert summary[name] == metrics[name], name
-    second_part = records[-1]["time"]  # metrics.jsonl's times count from the start of each part
+    # metrics.jsonl's times count from the start of each part
     assert metrics["train_runtime"] >= first_part + 0.9 * second_part
     assert metrics["train_steps_per_second"] == pytest.approx(12 / metrics["train_runtime"], rel=1e-2)
     # 4 rows a step
@@ -264,21 +269,28 @@ def test_a_streamed_run_resumes_to_the_same_losses(tiny_llama, twenty_rows, tmp_
 
 
 def test_resume_refuses_changed_data_and_skips_a_torn_metrics_line(tiny_llama, twenty_rows, tmp_path, capsys):
-    """The checkpoint's place in the data and its optimizer state belong to the rows it trained on: edited data is
-    refused (it was resumed silently). A metrics line the kill cut in half does not stop the resumption."""
-    project = tmp_path / "run"
-    killed = _run_child(_args(tiny_llama, twenty_rows, project), kill_at=4)
-    assert killed.returncode == -signal.SIGKILL
-    original = twenty_rows.read_bytes()
-    twenty_rows.write_bytes(original.replace(b"a", b"b", 1))
-    assert main(_args(tiny_llama, twenty_rows, project)) == 2
-    err = capsys.readouterr().err
-    assert "interrupted run of other data" in err and "--resume false" in err
+    """The checkpoint's place in the data and its optimizer state belong to the rows it trained on: edited data, or
+    an edited chat template file the rows are rendered through, is refused (both were resumed silently). A metrics
+    line the kill cut in half does not stop the resumption."""
+    from tunelab.data.templates import builtin_template
 
-    twenty_rows.write_bytes(original)
+    template = tmp_path / "chat.jinja"
+    template.write_text(builtin_template("chatml"), encoding="utf-8")
+    project = tmp_path / "run"
+    args = _args(tiny_llama, twenty_rows, project, "--chat-template", str(template))
+    killed = _run_child(args, kill_at=4)
+    assert killed.returncode == -signal.SIGKILL
+    for edited, change in ((twenty_rows, lambda b: b.replace(b"a", b"b", 1)), (template, lambda b: b + b"{# #}")):
+        original = edited.read_bytes()
+        edited.write_bytes(change(original))
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "interrupted run of other data" in err and "--resume false" in err
+        edited.write_bytes(original)
+
     metrics = tmp_path / ".run.partial" / "metrics.jsonl"
     metrics.write_text(metrics.read_text() + '{"step": 5, "lo', encoding="utf-8")
-    assert main(_args(tiny_llama, twenty_rows, project)) == 0, capsys.readouterr().err
+    assert main(args) == 0, capsys.readouterr().err
     assert sorted(_losses(project)) == list(range(1, 13))
 
 

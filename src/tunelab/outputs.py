@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.config.base import RunParams
-from tunelab.data.cache import data_fingerprint, file_identities
+from tunelab.data.cache import data_fingerprint, file_identities, template_files
 from tunelab.env import distributed_kind
 from tunelab.errors import TunelabError
 from tunelab.models.peft import merge_into_base, quiet_peft_save, save_converted_adapter
@@ -61,12 +61,13 @@ class RunFolder:
         return checkpoint
 
     def data_fingerprint(self, params: RunParams, files: dict[str, Any] | None = None) -> str | None:
-        """The sha256 of the run's data files, worked out once (they may be gigabytes): from `files` when the
-        data cache has hashed them already (data.cache.file_identities), else by hashing them. The spines ask for
-        it once the data is checked, on every process before the model loads, so the main process does not hash
-        while the others wait for it."""
+        """The sha256 of the run's data files and chat template files, worked out once (they may be gigabytes):
+        from `files` when the data cache has hashed them already (data.cache.file_identities), else by hashing
+        them. The spines ask for it once the data is checked, on every process before the model loads, so the main
+        process does not hash while the others wait for it."""
         if self._data is None:
-            self._data = (data_fingerprint(files if files is not None else file_identities(params)),)
+            files = files if files is not None else file_identities(params)
+            self._data = (data_fingerprint(files, template_files(params)),)
         return self._data[0]
 
     def start(self, params: RunParams, resume_from: Path | None) -> Path:

@@ -92,17 +92,17 @@ def key_inputs(params: Any, tokenizer: Any) -> dict[str, Any] | None:
         "files": files,
         "tokenizer": tokenizer_hash(tokenizer),
         "builtin_templates": {name: _sha(builtin_template(name)) for name in BUILTIN},
-        "template_files": _template_files(params),
+        "template_files": template_files(params),
         "options": {name: getattr(params, name) for name in DATA_FIELDS},
         # which rows a mixture's fractions draw, and which examples valid_size holds out
         "seed": params.seed if is_mixture(params.data_path) or params.valid_size is not None else None,
     }
 
 
-def _template_files(params: Any) -> dict[str, str]:
+def template_files(params: Any) -> dict[str, str]:
     """A hash of each chat template file the run names (its own, its mixture's sources'): the setting holds only
-    the path, and an edited template must not reuse data rendered with the old one."""
-    names = [params.chat_template]
+    the path, and an edited template must not reuse data rendered with the old one (nor resume a run)."""
+    names = [getattr(params, "chat_template", None)]  # a classifier has none
     if is_mixture(params.data_path):
         names += [item.get("chat_template") for item in params.data_path if isinstance(item, dict)]
     hashes = {}
@@ -152,15 +152,18 @@ def file_identities(params: Any) -> dict[str, dict[str, Any]] | None:
     return files
 
 
-def data_fingerprint(files: dict[str, dict[str, Any]] | None) -> str | None:
-    """One sha256 of the bytes of the run's data files (`file_identities`), or None for a hub dataset: what an
-    interrupted run must find unchanged to be resumed. Contents only, not paths: the same files reached from
-    another folder are the same data."""
+def data_fingerprint(files: dict[str, dict[str, Any]] | None, templates: dict[str, str] | None = None) -> str | None:
+    """One sha256 of the bytes of the run's data files (`file_identities`) and of the chat template files it names
+    (`template_files`: the rows are rendered through them), or None for a hub dataset: what an interrupted run must
+    find unchanged to be resumed. Contents only, not paths: the same files reached from another folder are the same
+    data."""
     if files is None:
         return None
     digest = hashlib.sha256()
     for name in sorted(files):
         digest.update(f"{name}:{files[name]['sha256']}|".encode())
+    for name in sorted(templates or {}):
+        digest.update(f"template:{templates[name]}|".encode())
     return digest.hexdigest()
 
 

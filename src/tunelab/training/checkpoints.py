@@ -202,16 +202,17 @@ def check_same_run(folder: Path, params: RunParams) -> None:
 
 
 def check_same_data(folder: Path, fingerprint: str | None) -> None:
-    """Refuse to resume a run whose data files changed since it started (the checkpoint's position in the data
-    and its optimizer state belong to the old rows)."""
+    """Refuse to resume a run whose data files, or chat template files, changed since it started (the checkpoint's
+    position in the data and its optimizer state belong to the old rows)."""
     saved_file = folder / DATA_FILE
     if fingerprint is None or not saved_file.is_file():
         return
     saved = json.loads(saved_file.read_text(encoding="utf-8")).get("sha256")
     if saved != fingerprint:
         raise TunelabError(
-            f"{folder} holds an interrupted run of other data: its files changed since it started. Run with the "
-            "data it started with to resume it, or with --resume false to discard it and start over"
+            f"{folder} holds an interrupted run of other data: its data files or chat template file changed since it "
+            "started. Run with the data it started with to resume it, or with --resume false to discard it and start "
+            "over"
         )
 
 

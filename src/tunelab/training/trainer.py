@@ -219,8 +219,12 @@ class GuardedTrainer(Trainer):
             runtime = earlier.train_runtime + part_runtime
             # Trainer's train_loss is the part's summed loss over the part's steps
             logs["train_loss"] = (earlier.loss_sum + logs["train_loss"] * part_steps) / max(steps, 1)
-            if part_steps and "train_samples_per_second" in logs:  # each step takes the same number of samples
-                samples_per_step = logs["train_samples_per_second"] * part_runtime / part_steps
+            if "train_samples_per_second" in logs:  # each step takes the same number of samples
+                if part_steps:
+                    samples_per_step = logs["train_samples_per_second"] * part_runtime / part_steps
+                else:  # resumed from its last step (a crash while the run was saved): no step here to count by
+                    args = self.args
+                    samples_per_step = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
                 logs["train_samples_per_second"] = round(samples_per_step * steps / max(runtime, 1e-9), 3)
             logs["train_steps_per_second"] = round(steps / max(runtime, 1e-9), 3)
             logs["train_runtime"] = round(runtime, 4)
