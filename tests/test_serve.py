@@ -96,6 +96,68 @@ def test_completions_streaming_and_whole(client):
     assert "".join(c.choices[0].text for c in stream) == whole.choices[0].text
 
 
+def _direct_logprobs(loaded, ids):
+    """log p of each of ids[1:] given those before it, from the model itself."""
+    import torch
+
+    model = loaded[0]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids], device=model.device)).logits[0, :-1].float()
+    return torch.log_softmax(logits, -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+
+
+def test_an_echoed_prompt_is_scored_as_lm_evaluation_harness_asks(client, loaded):
+    """lm-evaluation-harness's local-completions scores a continuation with echo, logprobs 1 and token ids: each
+    token's log-prob is the model's own (checked against a forward pass here), the first None; max_tokens 0
+    scores the prompt alone."""
+    tokenizer = loaded[1]
+    ids = tokenizer("Once upon a time there was", add_special_tokens=False)["input_ids"]
+    expected = _direct_logprobs(loaded, ids)
+    scored = client.completions.create(model="tiny", prompt=[ids], echo=True, logprobs=1, max_tokens=0)
+    found = scored.choices[0]
+    assert found.text == tokenizer.decode(ids) and found.finish_reason == "length"
+    assert found.logprobs.token_logprobs[0] is None and found.logprobs.top_logprobs[0] is None
+    assert found.logprobs.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
+    assert "".join(found.logprobs.tokens) == found.text
+    assert found.logprobs.text_offset[:3] == [
+        0,
+        len(found.logprobs.tokens[0]),
+        len("".join(found.logprobs.tokens[:2])),
+    ]
+    for place in found.logprobs.top_logprobs[1:]:  # logprobs 1: the likeliest token there
+        assert len(place) == 1
+
+    # a string prompt, one greedy token: the prompt's scores, then the token's (the likeliest, so its top one)
+    text = tokenizer.decode(ids)
+    both = client.completions.create(model="tiny", prompt=text, echo=True, logprobs=1, max_tokens=1, temperature=0)
+    found = both.choices[0].logprobs
+    assert found.token_logprobs[1 : len(ids)] == pytest.approx(expected, abs=1e-4)
+    assert len(found.tokens) == len(ids) + 1 and both.choices[0].text.startswith(text)
+    assert list(found.top_logprobs[-1].values()) == pytest.approx([found.token_logprobs[-1]], abs=1e-5)
+
+
+def test_chat_logprobs_are_the_answer_tokens_own(client, loaded):
+    answer = client.chat.completions.create(
+        model="tiny", messages=HELLO, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3
+    )
+    content, ended = answer.choices[0].logprobs.content, answer.choices[0].finish_reason == "stop"
+    joined = b"".join(bytes(t.bytes) for t in content)  # a character split over tokens: in each one's bytes
+    assert joined.decode("utf-8", errors="replace") == answer.choices[0].message.content
+    assert len(content) == answer.usage.completion_tokens - ended  # the end token is not the answer's
+    for token in content:  # greedy: each token is the likeliest there
+        assert len(token.top_logprobs) == 3 and token.top_logprobs[0].logprob == pytest.approx(token.logprob)
+        assert bytes(token.bytes).decode("utf-8", errors="replace") == token.token
+    # the first token, the likeliest after the prompt: its log-prob from a forward pass over the prompt
+    import torch
+
+    model, tokenizer = loaded
+    text = tokenizer.apply_chat_template(HELLO, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        first = torch.log_softmax(model(input_ids=ids).logits[0, -1].float(), -1).max().item()
+    assert content[0].logprob == pytest.approx(first, abs=1e-4)
+
+
 def test_stop_string_cuts_the_answer(client):
     whole = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=12, temperature=0)
     text = whole.choices[0].text
@@ -133,6 +195,9 @@ def test_sampling_with_a_seed_repeats(client):
         ({"messages": HELLO, "frequency_penalty": 0.5}, "frequency_penalty"),
         ({"messages": HELLO, "logit_bias": {"5": 10}}, "logit_bias"),
         ({"messages": HELLO, "stream_options": {"include_usage": True}}, "stream_options"),
+        ({"messages": HELLO, "top_logprobs": 2}, "top_logprobs"),
+        ({"messages": HELLO, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"messages": HELLO, "logprobs": True, "stream": True}, "logprobs"),
     ],
 )
 def test_bad_requests_are_400(client, request_args, param):
@@ -155,6 +220,15 @@ def test_default_valued_fields_are_accepted_and_an_empty_prompt_is_400(client):
     with pytest.raises(openai.BadRequestError) as err:
         client.post("/chat/completions", body={"messages": HELLO, "stream": True, "stream_options": 1}, cast_to=object)
     assert err.value.body["param"] == "stream_options"
+    for bad, param in (
+        ({"logprobs": 6}, "logprobs"),
+        ({"echo": True, "stream": True}, "echo"),
+        ({"max_tokens": 0}, "max_tokens"),  # nothing to generate, and no prompt to echo
+        ({"prompt": [1, 10**6]}, "prompt"),
+    ):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(**({"model": "tiny", "prompt": "Once"} | bad))
+        assert err.value.body["param"] == param
 
 
 def test_a_stop_string_counts_the_tokens_returned(client, loaded):
@@ -285,7 +359,8 @@ WEATHER = {
 
 @pytest.fixture(scope="module")
 def tool_caller(tiny_llama, tmp_path_factory):
-    """A run that learned to call get_weather for Paris, through tunelab's ChatML (its Hermes tool form)."""
+    """A run that learned to call get_weather for Paris and to answer a greeting in words, through tunelab's ChatML
+    (its Hermes tool form)."""
     import json
 
     from tests.conftest import learn_by_heart
@@ -296,8 +371,10 @@ def tool_caller(tiny_llama, tmp_path_factory):
         {"role": "user", "content": "Weather in Paris?"},
         {"role": "assistant", "content": None, "tool_calls": [call]},
     ]
+    greeting = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "Hi!"}]
     data = folder / "calls.jsonl"
-    data.write_text("".join(json.dumps({"messages": chat, "tools": [WEATHER]}) + "\n" for _ in range(16)))
+    rows = [{"messages": chat, "tools": [WEATHER]}, {"messages": greeting, "tools": [WEATHER]}] * 8
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return learn_by_heart(tiny_llama, data, folder / "run", "chatml", block_size=512)
 
 
@@ -333,37 +410,220 @@ def test_a_model_taught_to_call_a_tool_answers_with_openai_tool_calls(tool_calle
         assert followed.choices[0].finish_reason in ("stop", "length", "tool_calls")
 
 
+# A Mistral-like template (v11's call form); its call tokens are special in the tokenizer below, as in Mistral's.
+MISTRAL_TEMPLATE = """{{- bos_token }}{%- if tools %}[AVAILABLE_TOOLS]{{ tools|tojson }}[/AVAILABLE_TOOLS]{%- endif %}
+{%- for m in messages %}
+{%- if m.role == 'user' %}[INST]{{ m.content }}[/INST]
+{%- elif m.role == 'tool' %}[TOOL_RESULTS]{{ m.content }}[/TOOL_RESULTS]
+{%- elif m.tool_calls %}[TOOL_CALLS]
+{%- for c in m.tool_calls %}{{ c.function.name }}[ARGS]{{ c.function.arguments|tojson }}{% endfor %}{{ eos_token }}
+{%- else %}{{ m.content }}{{ eos_token }}{%- endif %}
+{%- endfor %}"""
+
+
+@pytest.fixture(scope="module")
+def mistral_caller(tiny_llama, tmp_path_factory):
+    """A run that learned to call get_weather in Mistral's form, with [TOOL_CALLS] and [ARGS] special tokens."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.conftest import learn_by_heart
+
+    folder = tmp_path_factory.mktemp("mistral-caller")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.add_tokens(["[TOOL_CALLS]", "[ARGS]"], special_tokens=True)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    model.resize_token_embeddings(len(tokenizer))
+    tokenizer.save_pretrained(folder / "base")
+    model.save_pretrained(folder / "base")
+    (folder / "mistral.jinja").write_text(MISTRAL_TEMPLATE)
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    chat = [{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "tool_calls": [call]}]
+    data = folder / "calls.jsonl"
+    data.write_text("".join(json.dumps({"messages": chat, "tools": [WEATHER]}) + "\n" for _ in range(16)))
+    return learn_by_heart(folder / "base", data, folder / "run", str(folder / "mistral.jinja"), block_size=512)
+
+
+def test_a_mistral_form_call_in_special_tokens_comes_back_as_tool_calls(mistral_caller):
+    import json
+
+    from tunelab.inference.generate import load_run
+    from tunelab.inference.openai_api import create_app
+
+    model, tokenizer = load_run(mistral_caller)
+    with running(create_app(model, tokenizer, model_name="caller")) as port:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
+        asked = {"model": "caller", "messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": [WEATHER]}
+        answer = client.chat.completions.create(**asked, temperature=0, max_tokens=32)
+        calls = answer.choices[0].message.tool_calls or []
+        assert answer.choices[0].finish_reason == "tool_calls", answer.choices[0].message.content
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+            ("get_weather", {"city": "Paris"})
+        ]
+        assert len(calls[0].id) == 9 and calls[0].id.isalnum()
+        # Without tools the call tokens are skipped as special tokens are: what is left is text.
+        plain = client.chat.completions.create(model="caller", messages=asked["messages"], max_tokens=32)
+        assert "[TOOL_CALLS]" not in (plain.choices[0].message.content or "")
+        # The call goes back in the next turn under Mistral's template, its id as Mistral's templates want it.
+        turn = {"role": "assistant", "content": None, "tool_calls": [c.model_dump() for c in calls]}
+        result = {"role": "tool", "tool_call_id": calls[0].id, "content": "18 C, sunny"}
+        followed = client.chat.completions.create(
+            model="caller", messages=[*asked["messages"], turn, result], tools=[WEATHER], max_tokens=4
+        )
+        assert followed.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
 def test_tools_a_chat_template_does_not_write_are_refused(client):
     with pytest.raises(openai.BadRequestError, match="does not write tool definitions"):
         client.chat.completions.create(model="tiny", messages=HELLO, tools=[WEATHER], max_tokens=2)
-    with pytest.raises(openai.BadRequestError, match="tool_choice"):
-        client.chat.completions.create(model="tiny", messages=HELLO, tools=[WEATHER], tool_choice="required")
+    for choice in ("sometimes", {"type": "function", "function": {"name": "get_time"}}, "required"):
+        tools = [] if choice == "required" else [WEATHER]  # a call asked for, no tools to call
+        with pytest.raises(openai.BadRequestError, match="tool_choice"):
+            client.chat.completions.create(model="tiny", messages=HELLO, tools=tools, tool_choice=choice)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_tool_choice_makes_the_model_call_a_tool_as_its_template_writes_one(tool_caller, stream):
+    """tool_choice "required" or a tool named: the answer is begun with the call's opening as the chat template
+    writes it (up to the name, or with the name, up to the arguments), and the model's continuation is read with
+    it as one call; parallel_tool_calls false returns one call at most. A greeting the model answers in words is
+    begun as a call too (the tiny model then writes no valid one: its answer comes back as text, opening first)."""
+    import json
+
+    from tunelab.inference.generate import load_run
+    from tunelab.inference.openai_api import create_app
+
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    with running(create_app(*load_run(tool_caller), model_name="caller")) as port:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
+
+        def ask(question: str, **extra):
+            asked = {"model": "caller", "messages": [{"role": "user", "content": question}], "tools": [WEATHER]}
+            asked |= {"temperature": 0, "max_tokens": 48, **extra}
+            if not stream:
+                answer = client.chat.completions.create(**asked).choices[0]
+                return answer.message.tool_calls or [], answer.finish_reason, answer.message.content or ""
+            chunks = list(client.chat.completions.create(**asked, stream=True))
+            calls = [c for chunk in chunks for c in (chunk.choices[0].delta.tool_calls or [])]
+            text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+            return calls, chunks[-1].choices[0].finish_reason, text
+
+        for choice in ("required", named):
+            calls, finish, text = ask("Weather in Paris?", tool_choice=choice, parallel_tool_calls=False)
+            assert finish == "tool_calls" and len(calls) == 1, text
+            assert (calls[0].function.name, json.loads(calls[0].function.arguments)) == (
+                "get_weather",
+                {"city": "Paris"},
+            )
+        assert ask("Hello there") == ([], "stop", "Hi!")
+        calls, _, text = ask("Hello there", tool_choice=named)
+        assert calls or text.startswith('<tool_call>\n{"name": "get_weather", "arguments":'), text
+
+
+def test_a_forced_call_begins_as_each_template_writes_calls(tiny_tokenizer):
+    """forced_start reads the opening of a call off the chat template itself: Hermes (chatml), Mistral's, and a
+    Llama 3.1-like one."""
+    import copy
+
+    from tunelab.data.templates import template_source
+    from tunelab.inference.tool_calls import forced_start
+
+    llama = (
+        "{%- if tools %}{{- tools|tojson }}{%- endif %}{%- for m in messages %}{%- if m.tool_calls %}assistant: "
+        '{%- for c in m.tool_calls %}{{- \'{"name": "\' + c.function.name + \'", "parameters": \' }}'
+        '{{- c.function.arguments|tojson + "}" }}{%- endfor %}{{- eos_token }}{%- else %}'
+        "{{- m.role + ': ' + m.content + '\\n' }}{%- endif %}{%- endfor %}"
+        "{%- if add_generation_prompt %}assistant: {%- endif %}"
+    )
+    tokenizer, messages = copy.deepcopy(tiny_tokenizer), [{"role": "user", "content": "Hi"}]
+    hermes = '<tool_call>\n{"name": "'
+    for template, opening, named in (
+        (template_source("chatml", tokenizer), hermes, hermes + 'f", "arguments":'),
+        (MISTRAL_TEMPLATE, "[TOOL_CALLS]", "[TOOL_CALLS]f[ARGS]"),
+        (llama, '{"name": "', '{"name": "f", "parameters":'),
+    ):
+        tokenizer.chat_template = template
+        prompt = tokenizer.apply_chat_template(messages, tools=[WEATHER], tokenize=False, add_generation_prompt=True)
+        assert forced_start(tokenizer, messages, [WEATHER], prompt, "") == opening
+        assert forced_start(tokenizer, messages, [WEATHER], prompt, "f") == named
+    tokenizer.chat_template = "{%- for m in messages %}{{ m.content }}{%- endfor %}"  # writes no calls
+    assert forced_start(tokenizer, messages, [WEATHER], "Hi", "f") is None
+
+
+def _read(form, text):
+    import json
+
+    content, calls = form.read(text)
+    return content, [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
 
 
 def test_tool_calls_are_read_back_in_openai_s_form_and_other_text_stays_text():
-    import json
-
-    from tunelab.inference.tool_calls import read_tool_calls
+    from tunelab.inference.tool_calls import HERMES
 
     text = 'Let me check.\n<tool_call>\n{"name": "a", "arguments": {"x": 1}}\n</tool_call>\n'
     text += '<tool_call>{"name": "b"}</tool_call>'
-    content, calls = read_tool_calls(text)
-    assert content == "Let me check."
-    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
-        ("a", {"x": 1}),
-        ("b", {}),
-    ]
-    assert len({c["id"] for c in calls}) == 2
+    assert _read(HERMES, text) == ("Let me check.", [("a", {"x": 1}), ("b", {})])
+    _, calls = HERMES.read(text)
+    assert len({c["id"] for c in calls}) == 2 and calls[0]["id"].startswith("call_")
     for other in ("no calls here", "<tool_call>not json</tool_call>", '<tool_call>{"arguments": {}}</tool_call>'):
-        assert read_tool_calls(other) == (other, [])
+        assert HERMES.read(other) == (other, [])
     # text after the calls is kept; null arguments are none (as training reads them)
-    content, calls = read_tool_calls('<tool_call>{"name": "c", "arguments": null}</tool_call>\nDone.')
-    assert content == "Done." and calls[0]["function"]["arguments"] == "{}"
+    assert _read(HERMES, '<tool_call>{"name": "c", "arguments": null}</tool_call>\nDone.') == ("Done.", [("c", {})])
+    # the last call left open (the model ended before closing it) is read; one cut off stays text; arguments as a
+    # JSON string are read as the object they hold, anything else is no call
+    assert _read(HERMES, 'Hi <tool_call>{"name": "d", "arguments": "{\\"x\\": 2}"}') == ("Hi", [("d", {"x": 2})])
+    for other in ('<tool_call>{"name": "e", "argu', '<tool_call>{"name": "e", "arguments": "Paris"}</tool_call>'):
+        assert HERMES.read(other) == (other, [])
+
+
+def test_mistral_calls_are_read_in_both_of_its_forms():
+    from tunelab.inference.tool_calls import MISTRAL
+
+    listed = 'Checking. [TOOL_CALLS][{"name": "a", "arguments": {"x": 1}}, {"name": "b", "arguments": {}}]'
+    assert _read(MISTRAL, listed) == ("Checking.", [("a", {"x": 1}), ("b", {})])
+    named = '[TOOL_CALLS]a[ARGS]{"x": 1}[TOOL_CALLS]b[CALL_ID]Ab3dE6gH9[ARGS]{}'
+    assert _read(MISTRAL, named) == (None, [("a", {"x": 1}), ("b", {})])
+    _, calls = MISTRAL.read(named)
+    assert all(len(c["id"]) == 9 and c["id"].isalnum() for c in calls)  # as Mistral's templates want them back
+    for other in ("plain text", "[TOOL_CALLS]a[ARGS]not json", '[TOOL_CALLS][{"arguments": {}}]', "[TOOL_CALLS][]"):
+        assert MISTRAL.read(other) == (other, [])
+
+
+def test_llama3_json_calls_are_the_whole_answer():
+    from tunelab.inference.tool_calls import LLAMA3_JSON
+
+    one = '{"name": "a", "parameters": {"x": 1}}'
+    assert _read(LLAMA3_JSON, one) == (None, [("a", {"x": 1})])
+    assert _read(LLAMA3_JSON, f"<|python_tag|>{one}; " + '{"name": "b", "arguments": {}}') == (
+        None,
+        [("a", {"x": 1}), ("b", {})],
+    )
+    for other in ("Paris is sunny.", '{"name": "Bob", "age": 30}', one + " and some text", "{broken"):
+        assert LLAMA3_JSON.read(other) == (other, [])
 
 
 def test_streamed_text_stops_at_the_start_of_a_call():
-    from tunelab.inference.tool_calls import call_start
+    from tunelab.inference.tool_calls import HERMES, LLAMA3_JSON, MISTRAL
 
-    assert call_start("Sure, let me look") == len("Sure, let me look")
-    assert call_start("Sure.\n<tool") == len("Sure.\n")  # could be a call beginning: held back
-    assert call_start('Sure.\n<tool_call>{"name"') == len("Sure.\n")
+    assert HERMES.call_start("Sure, let me look") == len("Sure, let me look")
+    assert HERMES.call_start("Sure.\n<tool") == len("Sure.\n")  # could be a call beginning: held back
+    assert HERMES.call_start('Sure.\n<tool_call>{"name"') == len("Sure.\n")
+    assert MISTRAL.call_start("Sure.[TOOL_") == len("Sure.")
+    # a Llama 3 answer is held until its first character says whether it is a call
+    assert [LLAMA3_JSON.call_start(t) for t in ("", " ", ' {"na', "<|python", "Paris")] == [0, 0, 0, 0, 5]
+
+
+def test_the_form_is_read_from_the_chat_template(tiny_llama):
+    from types import SimpleNamespace
+
+    from tunelab.inference.tool_calls import FORMS, HERMES, LLAMA3_JSON, MISTRAL, form_for
+    from tunelab.models import load_tokenizer
+    from tunelab.models.load import ModelSource
+
+    tokenizer = load_tokenizer(ModelSource(str(tiny_llama), str(tiny_llama)))
+    assert form_for(tokenizer) is HERMES  # tunelab's chatml, and any template that shows no other form
+    llama = '{{- \'{"name": "\' + t.function.name + \'", "parameters": \' }}{{- "<|python_tag|>" }}'
+    assert form_for(SimpleNamespace(chat_template=llama)) is LLAMA3_JSON
+    assert form_for(SimpleNamespace(chat_template={"default": "x", "tool_use": "[TOOL_CALLS]"})) is MISTRAL
+    assert [form_for(tokenizer, name).name for name in FORMS] == list(FORMS)

@@ -389,7 +389,7 @@ def run_export(args: argparse.Namespace) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     from tunelab.inference.serve import serve
 
-    serve(args.model, args.host, args.port, args.api_key, args.model_name)
+    serve(args.model, args.host, args.port, args.api_key, args.model_name, tool_call_parser=args.tool_call_parser)
     return 0
 
 

@@ -28,15 +28,59 @@ from starlette.exceptions import HTTPException
 from tunelab.inference.openai_requests import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
     RequestError,
+    parse_echo,
+    parse_logprobs,
     parse_messages,
     parse_prompt,
     parse_sampling,
     parse_tools,
 )
 from tunelab.inference.streaming import Generation, encode_prompt
-from tunelab.inference.tool_calls import call_start, read_tool_calls, text_without_calls
+from tunelab.inference.tool_calls import HERMES, ToolCallForm, forced_start, form_for
 
 log = logging.getLogger("tunelab")
+
+
+@dataclass
+class Scoring:
+    """What a request asks of log-probs (inference/logprobs.py): how many of the likeliest tokens at each place,
+    and (text completions) whether the prompt is echoed, scored too, before the answer."""
+
+    top: int | None  # None: no log-probs
+    echo: bool = False
+    prompt: str | None = None  # the prompt as given, to echo (None: its token ids, decoded)
+
+    def choice_fields(self, generation: Generation, kind: str, text: str) -> dict[str, Any]:
+        """The answer's `logprobs` (and an echoed text completion's text), worked out once it is whole."""
+        from tunelab.inference.logprobs import chat_logprobs, completion_logprobs, score
+
+        prompt = generation.input_ids[0].tolist()
+        fields: dict[str, Any] = {}
+        if self.echo:
+            echoed = self.prompt if self.prompt is not None else generation.tokenizer.decode(prompt)
+            fields["text"] = echoed + text
+        if self.top is None:
+            return fields
+        answer = generation.answer_ids(keep_end=kind != "chat")
+        with generation.lock:  # one forward pass on the model, in its turn
+            scored = score(generation.model, prompt + answer, 0 if self.echo else len(prompt), self.top)
+        if kind == "chat":
+            return fields | {"logprobs": chat_logprobs(generation.tokenizer, scored)}
+        return fields | {"logprobs": completion_logprobs(generation.tokenizer, scored, self.top)}
+
+
+@dataclass
+class ToolAnswer:
+    """How a chat answer's tool calls are read: the form the model writes them in, the answer's beginning the
+    server wrote (a forced call's opening), and whether more than one call may be returned."""
+
+    form: ToolCallForm
+    start: str = ""
+    parallel: bool = True
+
+    def read(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
+        content, calls = self.form.read(self.start + text)
+        return content, calls if self.parallel else calls[:1]
 
 
 @dataclass
@@ -47,6 +91,7 @@ class Served:
     tokenizer: Any
     name: str  # the id /v1/models lists; requests may name any model (there is one), and get this one
     api_key: str | None = None  # when set, every request must carry `Authorization: Bearer <api_key>`
+    tool_form: ToolCallForm = HERMES  # how the model writes tool calls (tool_calls.py)
     lock: threading.Lock = field(default_factory=threading.Lock)  # one generation at a time on the model
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -73,7 +118,9 @@ async def check_key(request: Request) -> None:
 router = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
 
 
-def create_app(model: Any, tokenizer: Any, model_name: str, api_key: str | None = None) -> FastAPI:
+def create_app(
+    model: Any, tokenizer: Any, model_name: str, api_key: str | None = None, tool_call_parser: str = "auto"
+) -> FastAPI:
     """The FastAPI app serving `model` under the name `model_name`.
 
     Args:
@@ -82,11 +129,13 @@ def create_app(model: Any, tokenizer: Any, model_name: str, api_key: str | None 
         model_name: The id listed by /v1/models and returned in every response. Requests may name any model: with
             one model loaded there is nothing to choose, and clients that insist on a name keep working.
         api_key: When set, every request must carry `Authorization: Bearer <api_key>`, else it gets a 401.
+        tool_call_parser: The form the model writes tool calls in (tool_calls.FORMS), or "auto": the one its chat
+            template writes.
     """
     if api_key is not None and not api_key.strip():
         raise ValueError("api_key is empty: pass None to serve without a key")
     app = FastAPI(title="tunelab")
-    app.state.served = Served(model, tokenizer, model_name, api_key)
+    app.state.served = Served(model, tokenizer, model_name, api_key, form_for(tokenizer, tool_call_parser))
     app.include_router(router)
     app.add_exception_handler(RequestError, bad_request)
     app.add_exception_handler(HTTPException, http_error)
@@ -134,32 +183,44 @@ async def get_model(request: Request, name: str) -> dict:
 @router.post("/chat/completions")
 async def chat_completions(request: Request) -> Any:
     model, body = served(request), await read_body(request)
-    messages, sampling, tools = parse_messages(body), parse_sampling(body), parse_tools(body)
-    if not getattr(model.tokenizer, "chat_template", None):
+    messages, sampling, asked = parse_messages(body), parse_sampling(body), parse_tools(body)
+    if body.get("echo") not in (None, False):
+        raise RequestError("echo is for /v1/completions (a chat answer does not repeat its messages)", "echo")
+    tools, tokenizer = asked.tools, model.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
         raise RequestError(f"{model.name} has no chat template: use /v1/completions with a plain prompt")
     try:
-        text = model.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
-        plain = tools and model.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+        plain = tools and tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except Exception as err:  # e.g. a template that insists on alternating user/assistant turns
         raise RequestError(f"the chat template refused these messages: {err}", "messages") from None
     if tools and text == plain:  # the model would answer without ever seeing the tools
         raise RequestError(f"{model.name}'s chat template does not write tool definitions", "tools")
-    ids = encode_prompt(model.model, model.tokenizer, text, templated=True, sampling=sampling)
-    generation = Generation(model.model, model.tokenizer, model.lock, ids, sampling)
-    return await respond(request, body, generation, "chat", model, tools=bool(tools))
+    start = ""  # the answer's beginning, written for the model: a forced call's opening
+    if asked.forced is not None:
+        start = forced_start(tokenizer, messages, tools, text, asked.forced)
+        if start is None:
+            raise RequestError(f"{model.name}'s chat template writes no tool call to begin here", "tool_choice")
+    ids = encode_prompt(model.model, tokenizer, text + start, templated=True, sampling=sampling)
+    form = model.tool_form if tools else None
+    generation = Generation(model.model, tokenizer, model.lock, ids, sampling, form.markers if form else ())
+    calls = ToolAnswer(form, start, asked.parallel) if form else None
+    return await respond(request, body, generation, "chat", model, calls, Scoring(parse_logprobs(body, chat=True)))
 
 
 @router.post("/completions")
 async def completions(request: Request) -> Any:
     model, body = served(request), await read_body(request)
-    prompt, sampling = parse_prompt(body), parse_sampling(body)
+    prompt, echo = parse_prompt(body), parse_echo(body)
+    sampling = parse_sampling(body, scoring_only=echo)
+    scoring = Scoring(parse_logprobs(body, chat=False), echo, prompt if isinstance(prompt, str) else None)
     if body.get("tools"):  # a plain prompt has no template to hand them to
         raise RequestError("tools are for /v1/chat/completions (a chat template writes them)", "tools")
     if sampling.max_tokens is None:
         sampling.max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS
     ids = encode_prompt(model.model, model.tokenizer, prompt, templated=False, sampling=sampling)
     generation = Generation(model.model, model.tokenizer, model.lock, ids, sampling)
-    return await respond(request, body, generation, "text", model)
+    return await respond(request, body, generation, "text", model, scoring=scoring)
 
 
 async def read_body(request: Request) -> dict:
@@ -176,16 +237,23 @@ async def read_body(request: Request) -> dict:
 
 
 async def respond(
-    request: Request, body: dict, generation: Generation, kind: str, model: Served, tools: bool = False
+    request: Request,
+    body: dict,
+    generation: Generation,
+    kind: str,
+    model: Served,
+    tools: ToolAnswer | None = None,
+    scoring: Scoring | None = None,
 ) -> Any:
     """The answer to a chat (kind "chat") or text completion request, streamed or whole; with `tools`, the tool
-    calls in a chat answer are returned as OpenAI's tool_calls (tool_calls.py)."""
+    calls in a chat answer are returned as OpenAI's tool_calls (tool_calls.py); with `scoring`, log-probs (whole
+    answers only: openai_requests.parse_logprobs)."""
     rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
     head = {"id": rid, "created": int(time.time()), "model": model.name}
     if not body.get("stream"):
         # Generation blocks, so it runs off the event loop; a client that hangs up (its timeout, then its retry)
         # stops it at the next token instead of leaving the whole answer to be made for no one, lock held.
-        answer = asyncio.ensure_future(run_in_threadpool(whole_answer, generation, kind, head, tools))
+        answer = asyncio.ensure_future(run_in_threadpool(whole_answer, generation, kind, head, tools, scoring))
         while not (await asyncio.wait({answer}, timeout=0.5))[0]:
             if await request.is_disconnected():
                 generation.cancel()
@@ -196,20 +264,25 @@ async def respond(
     return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
 
-def whole_answer(generation: Generation, kind: str, head: dict, tools: bool = False) -> dict:
-    text = "".join(generation)
+def whole_answer(
+    generation: Generation, kind: str, head: dict, tools: ToolAnswer | None = None, scoring: Scoring | None = None
+) -> dict:
+    text = "".join(generation) if generation.sampling.max_tokens else ""
+    if not generation.sampling.max_tokens:  # an echoed prompt, to score it: nothing generated, as OpenAI says it
+        generation.finish_reason = "length"
+    scored = scoring.choice_fields(generation, kind, text) if scoring else {}
     if kind == "chat":
-        content, calls = read_tool_calls(text) if tools else (text, [])
+        content, calls = tools.read(text) if tools else (text, [])
         message = {"role": "assistant", "content": content} | ({"tool_calls": calls} if calls else {})
         finish = _finish(generation, calls)
-        choices = [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}]
+        choices = [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish} | scored]
         return head | {"object": "chat.completion", "choices": choices, "usage": usage(generation)}
-    choices = [choice(kind, text, generation.finish_reason)]
+    choices = [choice(kind, text, generation.finish_reason) | scored]
     return head | {"object": "text_completion", "choices": choices, "usage": usage(generation)}
 
 
 def answer_events(
-    generation: Generation, kind: str, head: dict, include_usage: bool, tools: bool = False
+    generation: Generation, kind: str, head: dict, include_usage: bool, tools: ToolAnswer | None = None
 ) -> Iterator[str]:
     """The server-sent events of a streamed answer. A sync generator: Starlette iterates it in a worker thread, so
     waiting on the model blocks no one. With `tools`, the text before the first call streams as usual, and the
@@ -220,21 +293,21 @@ def answer_events(
         yield sse(head | {"object": obj, "choices": [choice(kind, None, None, first=True)]} | extra)
     calls: list[dict[str, Any]] = []
     try:
-        text, sent = "", 0
+        text, sent = (tools.start if tools else ""), 0
         for piece in generation:
             text += piece
             # With tools, the text is sent up to the first call; from there it is held and read whole at the end.
             # Meanwhile each piece sends an SSE comment (clients skip it), so that a client that has gone away
             # still stops the generation at its next token.
-            shown = call_start(text) if tools else len(text)
+            shown = tools.form.call_start(text) if tools else len(text)
             if shown > sent:
                 yield sse(head | {"object": obj, "choices": [choice(kind, text[sent:shown], None)]} | extra)
                 sent = shown
             elif tools:
                 yield ": generating\n\n"
         if tools:
-            _, calls = read_tool_calls(text)
-            rest = text_without_calls(text[sent:]) if calls else text[sent:]
+            _, calls = tools.read(text[len(tools.start) :])
+            rest = tools.form.without_calls(text[sent:]) if calls else text[sent:]
             if rest:
                 yield sse(head | {"object": obj, "choices": [choice(kind, rest, None)]} | extra)
             if calls:

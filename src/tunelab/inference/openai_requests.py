@@ -16,7 +16,7 @@ ROLES = {"system", "user", "assistant", "tool"}
 # Request fields that change what OpenAI would return and that this server cannot honour: refused with a 400
 # rather than silently ignored, so a client never mistakes a plain answer for a JSON-mode answer. (`tools` are
 # handed to the chat template: parse_tools.)
-UNSUPPORTED = ("functions", "function_call", "logprobs", "top_logprobs", "response_format", "echo", "suffix")
+UNSUPPORTED = ("functions", "function_call", "response_format", "suffix")
 # Fields that change the answer only away from their default (OpenAI's penalties have no exact counterpart in
 # transformers' generate): the default is accepted, any other value refused.
 DEFAULT_ONLY = {"best_of": 1, "frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}}
@@ -65,8 +65,9 @@ def _optional_int(body: dict, name: str, low: int) -> int | None:
     return value
 
 
-def parse_sampling(body: dict) -> Sampling:
-    """Check the options shared by both endpoints; anything unusable raises RequestError naming the field."""
+def parse_sampling(body: dict, scoring_only: bool = False) -> Sampling:
+    """Check the options shared by both endpoints; anything unusable raises RequestError naming the field.
+    scoring_only: max_tokens may be 0 (a text completion that echoes its prompt, to score it)."""
     if body.get("n") not in (None, 1):
         raise RequestError(f"n must be 1: this server returns one choice per request, got {body['n']!r}", "n")
     for name in UNSUPPORTED:
@@ -89,7 +90,7 @@ def parse_sampling(body: dict) -> Sampling:
     # Newer clients send max_completion_tokens for chat (max_tokens is deprecated there); either is accepted.
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     return Sampling(
-        max_tokens=_optional_int(body, name, 1),
+        max_tokens=_optional_int(body, name, 0 if scoring_only else 1),
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0),  # 0 keeps only the likeliest token (transformers keeps one)
         stop=stop,
@@ -109,14 +110,29 @@ def _content_text(content: Any, where: str) -> str:
     raise RequestError(f"{where} must be a string or a list of text parts (images and audio are not supported)", where)
 
 
-def parse_tools(body: dict) -> list[dict[str, Any]] | None:
-    """The request's tool definitions for the chat template (None: none, or tool_choice "none"). tool_choice may
-    be "auto" or "none": a model is not made to call a tool here, it calls one or answers."""
-    tools, choice = body.get("tools"), body.get("tool_choice")
-    if choice not in (None, "auto", "none"):
-        raise RequestError('tool_choice must be "auto" or "none" here (no call can be forced)', "tool_choice")
+@dataclass
+class ToolRequest:
+    """What a chat request asks of tools: the definitions for the chat template (None: none, or tool_choice
+    "none"), the call it forces (None: the model calls one or answers; "": it must call one; a name: that one), and
+    whether several calls may come back."""
+
+    tools: list[dict[str, Any]] | None = None
+    forced: str | None = None
+    parallel: bool = True
+
+
+def parse_tools(body: dict) -> ToolRequest:
+    """The request's tools, tool_choice ("auto", "none", "required", or {"type": "function", "function": {"name":
+    ...}}) and parallel_tool_calls."""
+    tools, choice, parallel = body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls")
+    parallel = True if parallel is None else parallel
+    if not isinstance(parallel, bool):
+        raise RequestError("parallel_tool_calls must be true or false", "parallel_tool_calls")
+    forced = _forced(choice)
     if tools in (None, []) or choice == "none":
-        return None
+        if forced is not None:
+            raise RequestError("tool_choice asks for a tool call, but the request gives no tools", "tool_choice")
+        return ToolRequest()
     if not isinstance(tools, list):
         raise RequestError("tools must be a list of function definitions", "tools")
     for i, tool in enumerate(tools):
@@ -125,7 +141,24 @@ def parse_tools(body: dict) -> list[dict[str, Any]] | None:
             raise RequestError(f'tools[{i}] must be {{"type": "function", "function": {{...}}}}', f"tools[{i}]")
         if not isinstance(function.get("name"), str) or not function["name"]:
             raise RequestError(f"tools[{i}].function.name must be a non-empty string", f"tools[{i}].function.name")
-    return [without_nulls(tool) for tool in tools]  # as training handed them to the template (data/formats.py)
+    if forced and forced not in {tool["function"]["name"] for tool in tools}:
+        raise RequestError(f"tool_choice names {forced!r}, which is not one of the request's tools", "tool_choice")
+    # as training handed them to the template (data/formats.py)
+    return ToolRequest([without_nulls(tool) for tool in tools], forced, parallel)
+
+
+def _forced(choice: Any) -> str | None:
+    if choice in (None, "auto", "none"):
+        return None
+    if choice == "required":
+        return ""
+    function = choice.get("function") if isinstance(choice, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+        raise RequestError(
+            'tool_choice must be "auto", "none", "required" or {"type": "function", "function": {"name": ...}}',
+            "tool_choice",
+        )
+    return function["name"]
 
 
 def _calls(message: dict, where: str) -> list[dict[str, Any]]:
@@ -179,11 +212,51 @@ def parse_messages(body: dict) -> list[dict[str, Any]]:
     return chat
 
 
-def parse_prompt(body: dict) -> str:
-    """The prompt of a /v1/completions request: one string (a list holding one string is accepted too)."""
+def parse_prompt(body: dict) -> str | list[int]:
+    """The prompt of a /v1/completions request: one string, or one list of token ids (as lm-evaluation-harness
+    sends them); a list holding one of these is accepted too."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return prompt
     if not isinstance(prompt, str):
-        raise RequestError("prompt must be a string (one prompt per request)", "prompt")
+        raise RequestError("prompt must be a string or a list of token ids (one prompt per request)", "prompt")
     return prompt
+
+
+def parse_logprobs(body: dict, chat: bool) -> int | None:
+    """How many of the likeliest tokens to return at each place with the answer's log-probs, or None when the
+    request asks for none. Chat: `logprobs` true and `top_logprobs` (0 to 20); text completions: `logprobs` (0 to
+    5). They are worked out once the answer is whole (inference/logprobs.py), so not streamed."""
+    from tunelab.inference.logprobs import CHAT_TOP_MAX, COMPLETIONS_TOP_MAX
+
+    wanted, top = body.get("logprobs"), body.get("top_logprobs")
+    if chat:
+        if wanted not in (None, True, False):
+            raise RequestError("logprobs must be true or false", "logprobs")
+        if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= CHAT_TOP_MAX):
+            raise RequestError(f"top_logprobs must be an integer from 0 to {CHAT_TOP_MAX}", "top_logprobs")
+        if top is not None and not wanted:
+            raise RequestError("top_logprobs needs logprobs set to true", "top_logprobs")
+        found = (top or 0) if wanted else None
+    else:
+        bad = isinstance(wanted, bool) or not isinstance(wanted, int) or not 0 <= wanted <= COMPLETIONS_TOP_MAX
+        if wanted is not None and bad:
+            raise RequestError(f"logprobs must be an integer from 0 to {COMPLETIONS_TOP_MAX}", "logprobs")
+        found = wanted
+    if found is not None and body.get("stream"):
+        raise RequestError("logprobs are not streamed by tunelab serve: ask for them without stream", "logprobs")
+    return found
+
+
+def parse_echo(body: dict) -> bool:
+    """A text completion's `echo`: the prompt returned before the answer (with its log-probs, when asked)."""
+    echo = body.get("echo", False)
+    if echo is None or echo is False:
+        return False
+    if echo is not True:
+        raise RequestError("echo must be true or false", "echo")
+    if body.get("stream"):
+        raise RequestError("echo is not streamed by tunelab serve: ask for it without stream", "echo")
+    return True

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from tunelab.errors import TunelabError
+from tunelab.inference.tool_calls import FORMS
 
 log = logging.getLogger("tunelab")
 
@@ -44,6 +45,7 @@ def serve(
     api_key: str | None = None,
     model_name: str | None = None,
     log_level: str = "info",
+    tool_call_parser: str = "auto",
 ) -> None:
     """Load a model and serve it over an OpenAI-compatible API until interrupted.
 
@@ -55,6 +57,8 @@ def serve(
         api_key: When set, requests must send `Authorization: Bearer <api_key>` (the openai client's `api_key`).
         model_name: The model id clients see; defaults to the folder name (or the hub id).
         log_level: uvicorn's log level ("info" logs one line per request; never the key).
+        tool_call_parser: The form the model writes tool calls in ("hermes", "mistral", "llama3_json"), or "auto":
+            the form its chat template writes them in.
 
     Raises:
         TunelabError: the model is missing or not a model, or the port cannot be used.
@@ -74,7 +78,7 @@ def serve(
     model, tokenizer = load_run(model_path)  # raises TunelabError naming a missing or wrong folder
     # resolve(): `--model .` is named after the folder, not "".
     name = model_name or (Path(model_path).resolve().name if Path(model_path).exists() else model_path)
-    app = create_app(model, tokenizer, name, api_key)
+    app = create_app(model, tokenizer, name, api_key, tool_call_parser)
     if host not in LOCAL_HOSTS:
         if api_key is None:
             log.warning(
@@ -104,6 +108,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model-name", "--served-model-name", help="Model id shown to clients (default: the folder name)."
     )
+    parser.add_argument(
+        "--tool-call-parser",
+        choices=("auto", *FORMS),
+        default="auto",
+        help="How the model writes tool calls, read back into OpenAI's tool_calls: hermes (<tool_call> JSON; Qwen, "
+        "Hermes, tunelab's chatml), mistral ([TOOL_CALLS]), llama3_json (a JSON answer; Llama 3.1-3.3). "
+        "Default auto: the form the model's chat template writes.",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
-        serve(args.model, args.host, args.port, args.api_key, args.model_name)
+        serve(args.model, args.host, args.port, args.api_key, args.model_name, tool_call_parser=args.tool_call_parser)
     except TunelabError as err:
         print(f"tunelab: error: {err}", file=sys.stderr)
         return 2

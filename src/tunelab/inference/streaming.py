@@ -22,8 +22,20 @@ class Generation:
     it is clear that it is not. After iteration, finish_reason and the token counts are set.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, lock: threading.Lock, input_ids: Any, sampling: Sampling) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        lock: threading.Lock,
+        input_ids: Any,
+        sampling: Sampling,
+        keep: tuple[str, ...] = (),
+    ) -> None:
+        """keep: special tokens whose text the answer keeps (a tool-call form's markers, which some tokenizers mark
+        special: decoded as usual, a call would vanish from the answer)."""
         self.model, self.tokenizer, self.lock, self.sampling = model, tokenizer, lock, sampling
+        self.keep = keep
+        self._decoder = _Keeping(tokenizer, keep) if keep else tokenizer  # what the answer is decoded with
         self.input_ids = input_ids
         self.prompt_tokens = int(input_ids.shape[1])
         self.completion_tokens = 0
@@ -36,6 +48,7 @@ class Generation:
         self._end_ids, marker = turn_end(tokenizer, model)
         self._stops = [*sampling.stop, *marker]
         self._text = ""  # the text returned, for the completion's token count
+        self._stopped = False  # whether a stop string ended it
 
     def cancel(self) -> None:
         """Stop generating at the next token (the client went away)."""
@@ -44,7 +57,7 @@ class Generation:
     def __iter__(self) -> Iterator[str]:
         from transformers import TextIteratorStreamer
 
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer = TextIteratorStreamer(self._decoder, skip_prompt=True, skip_special_tokens=True)
         worker = threading.Thread(target=self._generate, args=(streamer,), daemon=True)
         worker.start()
         text, sent, stopped = "", 0, False
@@ -75,6 +88,7 @@ class Generation:
         worker.join()  # only on a normal end, when the worker has ended the stream (or is about to)
         if self._error is not None:
             raise self._error
+        self._stopped = stopped
         self._count(stopped)
 
     def _generate(self, streamer: Any) -> None:
@@ -115,6 +129,28 @@ class Generation:
             self._error = err
             streamer.end()
 
+    def answer_ids(self, keep_end: bool = False) -> list[int]:
+        """The token ids of the text returned (after iteration): the model's new tokens, less anything past a stop
+        string, and less the end token it stopped at unless `keep_end` (a text completion's log-probs show it, as
+        vLLM's do: lm-evaluation-harness counts on the last one being the token generated)."""
+        if self._output is None:
+            return []
+        new = self._output[0, self.prompt_tokens :].tolist()
+        if new and new[-1] in self._end_ids:
+            return new if keep_end else new[:-1]
+        if not self._stopped:
+            return new
+        # A stop string ends the text inside the tokens made: keep those up to the first whose text reaches it
+        # (decoded as the streamer decoded them).
+        low, high = 0, len(new)
+        while low < high:
+            middle = (low + high) // 2
+            if len(self._decoder.decode(new[:middle], skip_special_tokens=True)) >= len(self._text):
+                high = middle
+            else:
+                low = middle + 1
+        return new[:low]
+
     def _count(self, stopped: bool) -> None:
         if self._output is None:
             return
@@ -125,6 +161,26 @@ class Generation:
         # The tokens of the text returned: a stop string is seen a few tokens after the model wrote it (the
         # streamer holds back a word until it is whole), and what came after it was not the client's.
         self.completion_tokens = len(new) if not stopped else _token_count(self.tokenizer, self._text)
+
+
+class _Keeping:
+    """A tokenizer whose decoding skips special tokens but those named (the streamer's view of the tokenizer)."""
+
+    def __init__(self, tokenizer: Any, keep: tuple[str, ...]) -> None:
+        self._tokenizer = tokenizer
+        # The tokenizer skips its special tokens (bos, eos, pad...) and any added token marked special.
+        special = set(tokenizer.all_special_ids)
+        special |= {i for i, token in tokenizer.added_tokens_decoder.items() if getattr(token, "special", False)}
+        self._skipped = {i for i in special if tokenizer.convert_ids_to_tokens(i) not in keep}
+
+    def decode(self, ids: Any, **kwargs: Any) -> str:
+        ids = ids.tolist() if hasattr(ids, "tolist") else ids
+        ids = [ids] if isinstance(ids, int) else ids  # (the streamer decodes one token alone too)
+        kwargs["skip_special_tokens"] = False
+        return self._tokenizer.decode([i for i in ids if i not in self._skipped], **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tokenizer, name)
 
 
 def _held_back(text: str, stops: list[str]) -> int:
@@ -141,10 +197,20 @@ def _pad_token_id(tokenizer: Any) -> int | None:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def encode_prompt(model: Any, tokenizer: Any, text: str, templated: bool, sampling: Sampling) -> Any:
-    """Token ids of the prompt on the model's device; max_tokens checked against (or defaulted to) the context."""
-    # A chat template writes its own BOS where the model wants one (as in generate.format_prompt).
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=not templated)["input_ids"].to(model.device)
+def encode_prompt(model: Any, tokenizer: Any, text: str | list[int], templated: bool, sampling: Sampling) -> Any:
+    """Token ids of the prompt (a text, or token ids already) on the model's device; max_tokens checked against (or
+    defaulted to) the context."""
+    import torch
+
+    if isinstance(text, list):
+        vocabulary = model.get_input_embeddings().num_embeddings
+        if not all(0 <= t < vocabulary for t in text):
+            raise RequestError(
+                f"prompt holds token ids outside the model's vocabulary (0 to {vocabulary - 1})", "prompt"
+            )
+        ids = torch.tensor([text], device=model.device)
+    else:  # a chat template writes its own BOS where the model wants one (as in generate.format_prompt)
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=not templated)["input_ids"].to(model.device)
     context = getattr(model.config, "max_position_embeddings", None)
     prompt_tokens = int(ids.shape[1])
     if prompt_tokens == 0:
@@ -152,7 +218,7 @@ def encode_prompt(model: Any, tokenizer: Any, text: str, templated: bool, sampli
     field = sampling.max_tokens_field
     if context is not None:
         # The wording and code clients (LiteLLM, LangChain) recognise as a context overflow, to trim and retry.
-        if prompt_tokens >= context:
+        if prompt_tokens > context or (prompt_tokens == context and sampling.max_tokens != 0):
             raise RequestError(
                 f"This model's maximum context length is {context} tokens. However, your prompt is {prompt_tokens} "
                 "tokens, leaving none to generate.",

@@ -1,54 +1,190 @@
 """Tool calls in a served model's answer, read back into OpenAI's `tool_calls`.
 
-A model fine-tuned on tool use with tunelab's ChatML (data/templates/chatml.jinja) answers a call as Qwen2.5 and the
-Hermes models do: a JSON object `{"name": ..., "arguments": {...}}` inside `<tool_call></tool_call>`, after any text
-of its own. `tunelab serve` hands a request's `tools` to the chat template and, when the answer holds such calls,
-returns them as OpenAI does: `message.tool_calls` (arguments as a JSON string), the text before them as `content`,
-finish_reason "tool_calls". An answer in another form stays text.
+A model writes its calls in the form its chat template taught it, and `tunelab serve` reads the same forms as
+vLLM's tool parsers of those names:
+
+- `hermes`: a JSON object `{"name": ..., "arguments": {...}}` inside `<tool_call></tool_call>`, after any text of
+  the model's own (Qwen2.5, Qwen3, the Hermes models, and tunelab's ChatML: data/templates/chatml.jinja).
+- `mistral`: `[TOOL_CALLS]` and then a JSON list of `{"name", "arguments"}` objects, or (Mistral's newer
+  templates) `[TOOL_CALLS]name[ARGS]{...}` for each call.
+- `llama3_json`: the whole answer a JSON object `{"name": ..., "parameters": {...}}` (several joined by `;`),
+  after `<|python_tag|>` or not (Llama 3.1 to 3.3).
+
+The form is read from the chat template (`form_for`) or named (`tunelab serve --tool-call-parser`). The answer's
+calls come back as OpenAI returns them: `message.tool_calls` (arguments as a JSON string), the model's own text as
+`content`, finish_reason "tool_calls". An answer that is not whole calls in its form stays text.
+
+A request's tool_choice "required" (or a tool named) is honoured as the chat template writes a call
+(`forced_start`): the answer is begun with the call's opening, up to the name (or, named, up to its arguments),
+and the model writes the rest.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import uuid
+import secrets
+import string
+from dataclasses import dataclass
 from typing import Any
 
-OPEN = "<tool_call>"
-_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+FORMS = ("hermes", "mistral", "llama3_json")
+
+# a call closed, or the last one left open (the model stopped at its end token before writing the close)
+_HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|\Z)", re.DOTALL)
+_MISTRAL_NAMED = re.compile(r"([^\s\[\]{}]+)\s*(?:\[CALL_ID\]\s*\w+\s*)?\[ARGS\](.*)", re.DOTALL)
+_ID_CHARACTERS = string.ascii_letters + string.digits
 
 
-def read_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
-    """(the answer's text without its calls, None when nothing is left; its calls in OpenAI's form). No calls, or
-    one that is not a JSON object with a name: ([the text as it is], [])."""
-    calls = []
-    for match in _CALL.finditer(text):
+@dataclass(frozen=True)
+class ToolCallForm:
+    """How one family of models writes tool calls in an answer."""
+
+    name: str
+    opener: str  # what begins the calls (where a streamed answer's text is held back from)
+    markers: tuple[str, ...]  # its tokens, kept when the answer is decoded (some tokenizers mark them special)
+
+    def read(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
+        """(the answer's text without its calls, None when nothing is left; its calls in OpenAI's form). An answer
+        without calls, or with one that is not a JSON object with a name: ([the text as it is], [])."""
+        found = _READERS[self.name](text)
+        if not found:
+            return text, []
+        calls = []
+        for name, arguments in found:
+            arguments = {} if arguments is None else arguments  # null arguments are none, as training reads them
+            if isinstance(arguments, str):  # a JSON string of the object, as OpenAI's own are
+                arguments = _json(arguments) if arguments.strip() else {}
+            if not isinstance(name, str) or not name or not isinstance(arguments, dict):
+                return text, []
+            function = {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}
+            calls.append({"id": self._call_id(), "type": "function", "function": function})
+        return self.without_calls(text) or None, calls
+
+    def without_calls(self, text: str) -> str:
+        """The answer's own text, its calls taken out."""
+        if self.name == "hermes":
+            return _HERMES_CALL.sub("", text).strip()
+        if self.name == "mistral":
+            return text.split(self.opener, 1)[0].strip()
+        return ""  # llama3_json: an answer with calls is nothing but calls
+
+    def call_start(self, text: str) -> int:
+        """How much of a streamed answer so far can be sent as text: the text up to where the calls begin, or up to
+        what could be their start."""
+        if self.name == "llama3_json":  # calls are the whole answer: it is held until its first character says
+            lead = text.lstrip()
+            could_open = lead.startswith(("{", self.opener)) or self.opener.startswith(lead)
+            return 0 if could_open else len(text)
+        found = text.find(self.opener)
+        if found >= 0:
+            return found
+        held = max((n for n in range(len(self.opener) - 1, 0, -1) if text.endswith(self.opener[:n])), default=0)
+        return len(text) - held
+
+    def _call_id(self) -> str:
+        # Mistral's templates refuse a later turn whose call ids are not 9 letters or digits.
+        if self.name == "mistral":
+            return "".join(secrets.choice(_ID_CHARACTERS) for _ in range(9))
+        return f"call_{secrets.token_hex(12)}"
+
+
+def _hermes(text: str) -> list[tuple[Any, Any]] | None:
+    found = []
+    for match in _HERMES_CALL.finditer(text):
+        call = _json(match.group(1))
+        if not isinstance(call, dict):
+            return None
+        found.append((call.get("name"), call.get("arguments")))
+    return found
+
+
+def _mistral(text: str) -> list[tuple[Any, Any]] | None:
+    _, opened, rest = text.partition("[TOOL_CALLS]")
+    if not opened:
+        return []
+    found = []
+    for part in (p.strip() for p in rest.split("[TOOL_CALLS]")):
+        if part.startswith(("[", "{")):  # the JSON form: a list of calls (or one)
+            calls = _json(part)
+            calls = [calls] if isinstance(calls, dict) else calls
+            if not isinstance(calls, list) or not calls or not all(isinstance(c, dict) for c in calls):
+                return None
+            found += [(c.get("name"), c.get("arguments")) for c in calls]
+            continue
+        named = _MISTRAL_NAMED.fullmatch(part)
+        arguments = _json(named.group(2)) if named else None
+        if not isinstance(arguments, dict):
+            return None
+        found.append((named.group(1), arguments))
+    return found
+
+
+def _llama3_json(text: str) -> list[tuple[Any, Any]] | None:
+    text = text.strip().removeprefix("<|python_tag|>").strip()
+    if not text.startswith("{"):
+        return []
+    found, at, decoder = [], 0, json.JSONDecoder()
+    while at < len(text):
         try:
-            call = json.loads(match.group(1))
+            call, at = decoder.raw_decode(text, at)
         except json.JSONDecodeError:
-            return text, []
-        name, arguments = (call.get("name"), call.get("arguments")) if isinstance(call, dict) else (None, None)
-        arguments = {} if arguments is None else arguments  # null arguments are none, as training reads them
-        if not isinstance(name, str) or not isinstance(arguments, dict | str):
-            return text, []
-        arguments = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-        call_id = f"call_{uuid.uuid4().hex[:24]}"
-        calls.append({"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}})
-    if not calls:
-        return text, []
-    return text_without_calls(text) or None, calls
+            return None
+        if not isinstance(call, dict) or not ({"parameters", "arguments"} & call.keys()):
+            return None  # JSON that is not a call (a name and its parameters): the answer is text
+        found.append((call.get("name"), call["parameters"] if "parameters" in call else call["arguments"]))
+        at = len(text) - len(text[at:].lstrip().removeprefix(";").lstrip())
+    return found
 
 
-def text_without_calls(text: str) -> str:
-    """An answer's own text, its call blocks taken out."""
-    return _CALL.sub("", text).strip()
+def _json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
 
 
-def call_start(text: str) -> int:
-    """Where the first call begins in a streamed answer so far, or how much of it can be sent as text: the
-    text up to a `<tool_call>`, or up to what could be the start of one."""
-    found = text.find(OPEN)
-    if found >= 0:
-        return found
-    held = max((n for n in range(len(OPEN) - 1, 0, -1) if text.endswith(OPEN[:n])), default=0)
-    return len(text) - held
+_READERS = {"hermes": _hermes, "mistral": _mistral, "llama3_json": _llama3_json}
+HERMES = ToolCallForm("hermes", "<tool_call>", ("<tool_call>", "</tool_call>"))
+MISTRAL = ToolCallForm("mistral", "[TOOL_CALLS]", ("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"))
+LLAMA3_JSON = ToolCallForm("llama3_json", "<|python_tag|>", ("<|python_tag|>",))
+_BY_NAME = {form.name: form for form in (HERMES, MISTRAL, LLAMA3_JSON)}
+
+
+def form_for(tokenizer: Any, name: str = "auto") -> ToolCallForm:
+    """The form named (one of FORMS), or with "auto" the one the tokenizer's chat template writes calls in
+    (Hermes, tunelab's own, when it shows none of the others)."""
+    if name != "auto":
+        return _BY_NAME[name]
+    template = getattr(tokenizer, "chat_template", None) or ""
+    template = " ".join(template.values()) if isinstance(template, dict) else template  # named templates
+    if "[TOOL_CALLS]" in template:
+        return MISTRAL
+    if "<tool_call>" not in template and ("<|python_tag|>" in template or '"parameters": ' in template):
+        return LLAMA3_JSON
+    return HERMES
+
+
+_NAME = "tunelab_forced_call"  # a stand-in call, rendered to see where the template puts a call's name and arguments
+_ARGUMENT = "tunelab_forced_argument"
+
+
+def forced_start(tokenizer: Any, messages: list[dict], tools: list[dict], prompt: str, name: str) -> str | None:
+    """The start of an answer that calls a tool, as the chat template writes a call after `prompt` (the messages
+    rendered with the generation prompt): up to where the call's name goes (`name` ""), or with `name` written, up
+    to where its arguments go. None when the template writes no call there."""
+    call = {"id": "a1b2c3d4e", "type": "function", "function": {"name": _NAME, "arguments": {_ARGUMENT: 0}}}
+    turn = {"role": "assistant", "content": "", "tool_calls": [call]}
+    try:
+        text = tokenizer.apply_chat_template([*messages, turn], tools=tools, tokenize=False)
+    except Exception:  # a template that refuses an answer after these messages
+        return None
+    tail = text[len(prompt) :] if text.startswith(prompt) else ""
+    at = tail.find(_NAME)
+    if at < 0:
+        return None
+    if not name:
+        return tail[:at]
+    arguments = tail.rfind("{", at, tail.find(f'"{_ARGUMENT}"', at))
+    # up to the arguments, less a space before them: BPE vocabularies write it with the brace, as training saw it
+    return (tail[:at] + name + tail[at + len(_NAME) : arguments]).rstrip(" ") if arguments > at else None
