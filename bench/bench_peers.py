@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work", type=Path, help="working folder (default: a temporary one, removed)")
     parser.add_argument("--out", type=Path, help="also write the results as JSON")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for every tool")
+    parser.add_argument(
+        "--model", type=Path, help="a transformers model folder every tool trains (default: the job's SmolLM2)"
+    )
     return parser.parse_args(argv)
 
 
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-peers-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        model = export_model(work / "model")
+        model = args.model or export_model(work / "model")
         data = write_data(args.data, work / "data", args.rows)
         results = {}
         for tool in args.tools.split(","):

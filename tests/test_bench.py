@@ -59,16 +59,18 @@ def test_memory_breakdown_and_step_profile_run(script, tmp_path):
 
 
 @pytest.mark.slow
-def test_peers_benchmark_runs_tunelab_and_reports_missing_peers(tmp_path):
+def test_peers_benchmark_runs_tunelab_and_reports_missing_peers(tiny_llama, tmp_path):
+    """The script's plumbing (each tool's command, the timing, the table), on a tiny model: its figures are the job's
+    on SmolLM2 (docs/benchmarks.md), not a test's."""
     out = tmp_path / "peers.json"
     command = [sys.executable, str(ROOT / "bench" / "bench_peers.py"), "--steps", "2", "--rows", "12", "--data"]
-    command += [str(ROOT / "samples" / "alpaca.jsonl")]
+    command += [str(ROOT / "samples" / "alpaca.jsonl"), "--model", str(tiny_llama)]
     command += ["--tools", "tunelab,llamafactory", "--out", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PEERS_DIR": str(tmp_path / "no-peers")}
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert report["tunelab"]["train_s"] > 0 and report["tunelab"]["peak_rss_gib"] > 0.3
+    assert report["tunelab"]["train_s"] > 0 and report["tunelab"]["peak_rss_gib"] > 0.1
     assert report["tunelab"]["checkpointing"].startswith("off")  # auto, with this machine's RAM
     assert "not found" in report["llamafactory"]["missing"]
     assert "| tunelab |" in result.stdout

@@ -33,17 +33,21 @@ def _questions(seed: int, n: int) -> list[dict]:
     return rows
 
 
-def _tagged_share(model: str, prompts: list[dict], tmp_path, name: str) -> float:
-    """Share of greedy answers that hold an <answer>...</answer>, through `tunelab generate`."""
-    import subprocess
-    import sys
+def _tagged_share(model: str, prompts: list[dict]) -> tuple[float, list[str]]:
+    """Share of greedy answers (each prompt's own, as `tunelab generate` formats it, all in one left-padded batch)
+    that hold an <answer>...</answer>, and the answers."""
+    import torch
 
-    out = tmp_path / f"{name}.jsonl"
-    texts = [p["prompt"] for p in prompts]
-    args = [sys.executable, "-m", "tunelab.cli", "generate", "--model", model, "--max-new-tokens", "40", *texts]
-    result = subprocess.run(args, capture_output=True, text=True, check=True, timeout=600)
-    out.write_text(result.stdout)
-    return len(re.findall(r"<answer>.*?</answer>", result.stdout, re.S)) / len(texts)
+    from tunelab.inference.generate import format_prompt, load_run
+
+    loaded, tokenizer = load_run(model)
+    tokenizer.padding_side = "left"
+    texts = [format_prompt(p["prompt"], tokenizer) for p in prompts]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        out = loaded.generate(**batch, max_new_tokens=40, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    answers = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    return sum(bool(re.search(r"<answer>.*?</answer>", a, re.S)) for a in answers) / len(answers), answers
 
 
 def test_grpo_raises_the_reward_and_the_rewarded_form(tmp_path, capsys):
@@ -56,7 +60,7 @@ def test_grpo_raises_the_reward_and_the_rewarded_form(tmp_path, capsys):
     args = [
         "llm", "--train", "--trainer", "grpo", "--peft", "--data-path", str(data), "--project-name", str(run),
         "--chat-template", "tokenizer", "--reward-functions", "format_tag,answer_tag", "--num-generations", "6",
-        "--batch-size", "2", "--gradient-accumulation", "1", "--max-completion-length", "32", "--max-steps", "24",
+        "--batch-size", "2", "--gradient-accumulation", "1", "--max-completion-length", "32", "--max-steps", "18",
         "--lr", "3e-4", "--lora-r", "16", "--logging-steps", "1", "--completions-every", "5",
         "--disable-gradient-checkpointing",
     ]  # fmt: skip
@@ -64,10 +68,10 @@ def test_grpo_raises_the_reward_and_the_rewarded_form(tmp_path, capsys):
     rewards = [r["reward"] for r in read_metrics(run) if "reward" in r]
     first, last = statistics.mean(rewards[:5]), statistics.mean(rewards[-5:])
     held_back = _questions(1, 12)
-    base = _tagged_share("HuggingFaceTB/SmolLM2-135M-Instruct", held_back, tmp_path, "base")
-    tuned = _tagged_share(str(run), held_back, tmp_path, "tuned")
+    base, base_answers = _tagged_share("HuggingFaceTB/SmolLM2-135M-Instruct", held_back)
+    tuned, tuned_answers = _tagged_share(str(run), held_back)
     with capsys.disabled():
         print(f"\nreward first 5 steps {first:.3f}, last 5 {last:.3f}; tagged: base {base:.2f}, tuned {tuned:.2f}")
     assert last > first + 0.2, rewards
-    assert tuned > base, (base, tuned)
+    assert tuned > base, (base_answers, tuned_answers)
     assert (run / "completions.jsonl").is_file()
