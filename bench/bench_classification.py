@@ -65,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=42, help="both sides' seed")
     parser.add_argument("--work", type=Path, default=None, help="working folder (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=None, help="also write every figure as JSON")
+    parser.add_argument(
+        "--base-model", type=Path, help="a transformers model folder both sides train (default: SmolLM2, exported)"
+    )
     parser.add_argument("--worker", choices=["tutorial", "tutorial-divided", "score"], help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--run", type=Path, help=argparse.SUPPRESS)
@@ -81,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         return score_worker(args)
     work = args.work or Path(tempfile.mkdtemp(prefix="tunelab-bench-cls-"))
     work.mkdir(parents=True, exist_ok=True)
-    model = export_model(work / "model")
+    model = args.base_model or export_model(work / "model")
     if args.data == "requests":
         args.data = write_requests(work / "requests")
     args.data = Path(args.data)

@@ -78,11 +78,13 @@ def test_peers_benchmark_runs_tunelab_and_reports_missing_peers(tiny_llama, tmp_
 
 @pytest.mark.slow
 @needs_shared()
-def test_classification_benchmark_runs_both_recipes(tmp_path):
+def test_classification_benchmark_runs_both_recipes(tiny_llama, tmp_path):
     """bench_classification.py on a few rows of the second set: both recipes train, are scored on the held-out
-    split with the same predictor, and the table compares them."""
+    split with the same predictor, and the table compares them (on the tiny model: the figures are SmolLM2's, in
+    docs/benchmarks.md)."""
     out = tmp_path / "classification.json"
     command = [sys.executable, str(ROOT / "bench" / "bench_classification.py"), "--data", "requests"]
+    command += ["--base-model", str(tiny_llama)]
     command += ["--train-rows", "16", "--eval-rows", "12", "--work", str(tmp_path / "work"), "--out", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
@@ -90,5 +92,5 @@ def test_classification_benchmark_runs_both_recipes(tmp_path):
     report = json.loads(out.read_text())["results"]
     for side in ("tutorial", "tunelab"):
         assert report[side]["train_s"] > 0 and 0 <= report[side]["accuracy"] <= 1, report[side]
-        assert 0 <= report[side]["macro_f1"] <= 1 and report[side]["peak_rss_gib"] > 0.3
+        assert 0 <= report[side]["macro_f1"] <= 1 and report[side]["peak_rss_gib"] > 0.1
     assert "| tutorial |" in result.stdout and "| tunelab |" in result.stdout and "tunelab - tutorial" in result.stdout
