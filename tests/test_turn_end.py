@@ -110,3 +110,26 @@ def test_a_full_model_carries_the_turn_end_in_its_generation_config(taught):
         assert eos == [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
     else:  # text of several tokens cannot be written there
         assert eos == [tokenizer.eos_token_id]
+
+
+def test_generate_answers_a_file_of_prompts_in_batches(taught, tmp_path):
+    """`tunelab generate --data-path`: every prompt answered, in left-padded batches (a short prompt padded beside a
+    long one gets the answer it gets alone), each ended at the turn end, written as JSON lines in the file's order."""
+    from tunelab.cli import main
+
+    _, run = taught
+    rows = [
+        {"prompt": "Hi"},
+        {"prompt": "Hi, and what do you know about the weather in Paris today?"},
+        {"prompt": "Hi"},
+    ]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "answers.jsonl"
+    args = ["generate", "--model", str(run), "--data-path", str(prompts), "--output", str(out)]
+    assert main([*args, "--batch-size", "2", "--max-new-tokens", "24"]) == 0
+    written = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [w["prompt"] for w in written] == [r["prompt"] for r in rows]
+    assert written[0]["answer"] == written[2]["answer"] == ANSWER  # padded in a batch of two, then alone
+    assert "<|im_end|>" not in written[1]["answer"] and "[END]" not in written[1]["answer"]
+    assert main(["generate", "--model", str(run)]) == 2  # neither a prompt nor a file

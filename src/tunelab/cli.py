@@ -120,8 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_param_flags(llm)
 
     gen = sub.add_parser("generate", help="generate text with a trained run folder (or any model)")
-    gen.add_argument("prompt", nargs="+", help="Prompt text (a chat model gets it as a user turn).")
+    gen.add_argument("prompt", nargs="*", help="Prompt text (a chat model gets it as a user turn).")
     gen.add_argument("--model", required=True, help="Run folder, model folder, .gguf file or hub id.")
+    gen.add_argument(
+        "--data-path", "--data_path", help="Answer every row of this CSV/JSONL/Parquet file (written as JSON lines)."
+    )
+    gen.add_argument("--text-column", "--text_column", default="prompt", help="Column with the prompts.")
+    gen.add_argument("--output", help="The JSON lines file to write (default: <data file>.answers.jsonl).")
+    gen.add_argument("--batch-size", "--batch_size", type=int, default=8, help="Prompts generated at once.")
     gen.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=128)
     gen.add_argument("--do-sample", "--do_sample", action="store_true", help="Sample instead of greedy decoding.")
     gen.add_argument("--temperature", type=float, default=1.0)
@@ -281,15 +287,25 @@ def run_llm(args: argparse.Namespace, schema: type = LLMParams) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from tunelab.inference.generate import GenerationParams, generate, load_run
+    from tunelab.inference.generate import GenerationParams, generate, load_run, write_answers
 
     options = GenerationParams(
         args.max_new_tokens, args.do_sample, args.temperature, args.top_k, args.top_p, args.num_return_sequences
     )
     options.check()
+    if not args.prompt and not args.data_path:
+        raise TunelabError("generate: give a prompt on the command line or --data-path")
+    if args.batch_size < 1:
+        raise TunelabError(f"--batch-size must be at least 1, got {args.batch_size}")
     model, tokenizer = load_run(args.model)
-    for text in generate(model, tokenizer, " ".join(args.prompt), options):
-        print(text)
+    if args.data_path:
+        out = write_answers(
+            model, tokenizer, Path(args.data_path), args.text_column, args.output, options, args.batch_size
+        )
+        print(f"tunelab: answers written to {out}")
+    if args.prompt:
+        for text in generate(model, tokenizer, " ".join(args.prompt), options):
+            print(text)
     return 0
 
 

@@ -85,11 +85,66 @@ def generate(model: Any, tokenizer: Any, prompt: str, options: GenerationParams 
     return complete(model, tokenizer, text, options, add_special_tokens=text == prompt)
 
 
+def generate_many(
+    model: Any, tokenizer: Any, prompts: list[str], options: GenerationParams | None = None, batch_size: int = 8
+) -> list[list[str]]:
+    """`generate` for many prompts, `batch_size` at a time (left-padded, so every prompt ends where its answer
+    starts): each prompt's completions, in order."""
+    texts = [format_prompt(prompt, tokenizer) for prompt in prompts]
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    answers: list[list[str]] = []
+    for start in range(0, len(texts), batch_size):
+        answers += complete(model, tokenizer, texts[start : start + batch_size], options, not templated)
+    return answers
+
+
+def write_answers(
+    model: Any,
+    tokenizer: Any,
+    data: Path,
+    text_column: str,
+    output: str | None,
+    options: GenerationParams | None = None,
+    batch_size: int = 8,
+) -> Path:
+    """Answer every prompt of a data file's column; write them as JSON lines ({"prompt", "answer"}, or "answers"
+    when asking for several), in the file's order, the file whole or not at all."""
+    import contextlib
+    import json
+
+    from tunelab.data.sources import read_texts
+
+    prompts = read_texts(data, text_column, "generate")
+    found = generate_many(model, tokenizer, prompts, options, batch_size)
+    target = Path(output) if output else data.with_name(f"{data.stem}.answers.jsonl")
+    if target.is_dir():
+        raise TunelabError(f"generate: --output {target} is a folder; give the path of the JSON lines file to write")
+    several = options is not None and options.num_return_sequences > 1
+    tmp = target.with_name(target.name + ".tmp")
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            for prompt, answers in zip(prompts, found, strict=True):
+                row = {text_column: prompt, **({"answers": answers} if several else {"answer": answers[0]})}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        tmp.replace(target)
+    except OSError as error:  # a full disk, a read-only or missing folder: the path, not a traceback
+        raise TunelabError(f"generate: cannot write {target}: {error.strerror or error}") from error
+    finally:
+        with contextlib.suppress(OSError):  # gone after the rename; left only by a failure
+            tmp.unlink(missing_ok=True)
+    return target
+
+
 def complete(
-    model: Any, tokenizer: Any, text: str, options: GenerationParams | None = None, add_special_tokens: bool = True
-) -> list[str]:
+    model: Any,
+    tokenizer: Any,
+    text: str | list[str],
+    options: GenerationParams | None = None,
+    add_special_tokens: bool = True,
+) -> list[str] | list[list[str]]:
     """Completions of an already formatted text (only the new text), each ended at the model's EOS or where the
-    chat template ends a turn. `generate` and evaluate's sample answers both go through here.
+    chat template ends a turn. `generate` and evaluate's sample answers both go through here. A list of texts is
+    generated as one left-padded batch: each text's completions, in order.
 
     add_special_tokens: False for a text rendered by the chat template (it holds its own BOS, if any)."""
     import torch
@@ -97,7 +152,13 @@ def complete(
     from tunelab.models.turns import turn_end
 
     options = options or GenerationParams()
-    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=add_special_tokens).to(model.device)
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # every text ends where its answer starts
+    try:
+        inputs = tokenizer(
+            text, return_tensors="pt", add_special_tokens=add_special_tokens, padding=isinstance(text, list)
+        ).to(model.device)
+    finally:
+        tokenizer.padding_side = side
     sampling = {"temperature": options.temperature, "top_k": options.top_k, "top_p": options.top_p}
     end_ids, markers = turn_end(tokenizer, model)
     # A turn-end marker of several tokens: transformers stops at its text, and it is cut from the answer below.
@@ -109,10 +170,14 @@ def complete(
             do_sample=options.do_sample,
             num_return_sequences=options.num_return_sequences,
             eos_token_id=end_ids or None,
-            pad_token_id=tokenizer.pad_token_id,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
             **stop,
             **(sampling if options.do_sample else {}),
         )
     new = output[:, inputs["input_ids"].shape[1] :]
     answers = [tokenizer.decode(seq, skip_special_tokens=True) for seq in new]
-    return [min((a.split(m)[0] for m in markers), key=len, default=a).strip() for a in answers]
+    answers = [min((a.split(m)[0] for m in markers), key=len, default=a).strip() for a in answers]
+    if not isinstance(text, list):
+        return answers
+    count = options.num_return_sequences  # generate gives each text's sequences one after another
+    return [answers[i * count : (i + 1) * count] for i in range(len(text))]
