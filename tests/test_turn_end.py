@@ -133,3 +133,4 @@ def test_generate_answers_a_file_of_prompts_in_batches(taught, tmp_path):
     assert written[0]["answer"] == written[2]["answer"] == ANSWER  # padded in a batch of two, then alone
     assert "<|im_end|>" not in written[1]["answer"] and "[END]" not in written[1]["answer"]
     assert main(["generate", "--model", str(run)]) == 2  # neither a prompt nor a file
+    assert main([*args[:-1], str(tmp_path / "no-such-folder" / "a.jsonl")]) == 2  # said before the model loads

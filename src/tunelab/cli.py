@@ -287,7 +287,8 @@ def run_llm(args: argparse.Namespace, schema: type = LLMParams) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from tunelab.inference.generate import GenerationParams, generate, load_run, write_answers
+    from tunelab.data.sources import read_texts
+    from tunelab.inference.generate import GenerationParams, answers_path, generate, load_run, write_answers
 
     options = GenerationParams(
         args.max_new_tokens, args.do_sample, args.temperature, args.top_k, args.top_p, args.num_return_sequences
@@ -297,12 +298,14 @@ def run_generate(args: argparse.Namespace) -> int:
         raise TunelabError("generate: give a prompt on the command line or --data-path")
     if args.batch_size < 1:
         raise TunelabError(f"--batch-size must be at least 1, got {args.batch_size}")
+    prompts, target = [], None
+    if args.data_path:  # the file and where its answers go are checked before the model loads
+        prompts = read_texts(Path(args.data_path), args.text_column, "generate")
+        target = answers_path(Path(args.data_path), args.output)
     model, tokenizer = load_run(args.model)
-    if args.data_path:
-        out = write_answers(
-            model, tokenizer, Path(args.data_path), args.text_column, args.output, options, args.batch_size
-        )
-        print(f"tunelab: answers written to {out}")
+    if target is not None:
+        out = write_answers(model, tokenizer, prompts, target, options, args.batch_size)
+        print(f"tunelab: answers written to {out}", file=sys.stderr)
     if args.prompt:
         for text in generate(model, tokenizer, " ".join(args.prompt), options):
             print(text)

@@ -8,6 +8,7 @@ used in training, so a prompt is formatted the same way the training data was.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,36 +99,42 @@ def generate_many(
     return answers
 
 
-def write_answers(
-    model: Any,
-    tokenizer: Any,
-    data: Path,
-    text_column: str,
-    output: str | None,
-    options: GenerationParams | None = None,
-    batch_size: int = 8,
-) -> Path:
-    """Answer every prompt of a data file's column; write them as JSON lines ({"prompt", "answer"}, or "answers"
-    when asking for several), in the file's order, the file whole or not at all."""
-    import contextlib
-    import json
-
-    from tunelab.data.sources import read_texts
-
-    prompts = read_texts(data, text_column, "generate")
-    found = generate_many(model, tokenizer, prompts, options, batch_size)
+def answers_path(data: Path, output: str | None) -> Path:
+    """Where `write_answers` writes (checked before any model loads): `output`, or `<data>.answers.jsonl`."""
     target = Path(output) if output else data.with_name(f"{data.stem}.answers.jsonl")
     if target.is_dir():
         raise TunelabError(f"generate: --output {target} is a folder; give the path of the JSON lines file to write")
+    if not target.parent.is_dir():
+        raise TunelabError(f"generate: cannot write {target}: its folder {target.parent} does not exist")
+    return target
+
+
+def write_answers(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    target: Path,
+    options: GenerationParams | None = None,
+    batch_size: int = 8,
+) -> Path:
+    """Answer every prompt and write the answers as JSON lines ({"prompt", "answer"}, or "answers" when asking for
+    several), in order, batch by batch as they are made; the file appears whole or not at all."""
+    import contextlib
+    import json
+
     several = options is not None and options.num_return_sequences > 1
-    tmp = target.with_name(target.name + ".tmp")
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         with tmp.open("w", encoding="utf-8") as f:
-            for prompt, answers in zip(prompts, found, strict=True):
-                row = {text_column: prompt, **({"answers": answers} if several else {"answer": answers[0]})}
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            for start in range(0, len(prompts), batch_size):
+                batch = prompts[start : start + batch_size]
+                for prompt, answers in zip(
+                    batch, generate_many(model, tokenizer, batch, options, batch_size), strict=True
+                ):
+                    row = {"prompt": prompt, **({"answers": answers} if several else {"answer": answers[0]})}
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
         tmp.replace(target)
-    except OSError as error:  # a full disk, a read-only or missing folder: the path, not a traceback
+    except OSError as error:  # a full disk, a read-only folder: the path, not a traceback
         raise TunelabError(f"generate: cannot write {target}: {error.strerror or error}") from error
     finally:
         with contextlib.suppress(OSError):  # gone after the rename; left only by a failure
