@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         return score_worker(args)
     work = args.work or Path(tempfile.mkdtemp(prefix="tunelab-bench-cls-"))
     work.mkdir(parents=True, exist_ok=True)
-    model = args.base_model or export_model(work / "model")
+    model = args.base_model.resolve() if args.base_model else export_model(work / "model")
     if args.data == "requests":
         args.data = write_requests(work / "requests")
     args.data = Path(args.data)

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-peers-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        model = args.model or export_model(work / "model")
+        model = args.model.resolve() if args.model else export_model(work / "model")
         data = write_data(args.data, work / "data", args.rows)
         results = {}
         for tool in args.tools.split(","):

@@ -34,19 +34,13 @@ def _questions(seed: int, n: int) -> list[dict]:
 
 
 def _tagged_share(model: str, prompts: list[dict]) -> tuple[float, list[str]]:
-    """Share of greedy answers (each prompt's own, as `tunelab generate` formats it, all in one left-padded batch)
+    """Share of greedy answers (each prompt's own, as `tunelab generate --data-path` answers a file: one batch)
     that hold an <answer>...</answer>, and the answers."""
-    import torch
-
-    from tunelab.inference.generate import format_prompt, load_run
+    from tunelab.inference.generate import GenerationParams, generate_many, load_run
 
     loaded, tokenizer = load_run(model)
-    tokenizer.padding_side = "left"
-    texts = [format_prompt(p["prompt"], tokenizer) for p in prompts]
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    with torch.no_grad():
-        out = loaded.generate(**batch, max_new_tokens=40, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    answers = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    texts = [p["prompt"] for p in prompts]
+    answers = [a[0] for a in generate_many(loaded, tokenizer, texts, GenerationParams(max_new_tokens=40), len(texts))]
     return sum(bool(re.search(r"<answer>.*?</answer>", a, re.S)) for a in answers) / len(answers), answers
 
 
