@@ -307,7 +307,7 @@ def answer_events(
                 yield ": generating\n\n"
         if tools:
             _, calls = tools.read(text[len(tools.start) :])
-            rest = tools.form.without_calls(text[sent:]) if calls else text[sent:]
+            rest = tools.form.own_text(text[sent:]) if calls else text[sent:]
             if rest:
                 yield sse(head | {"object": obj, "choices": [choice(kind, rest, None)]} | extra)
             if calls:

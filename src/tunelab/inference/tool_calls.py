@@ -25,10 +25,9 @@ import json
 import re
 import secrets
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-
-FORMS = ("hermes", "mistral", "llama3_json")
 
 # a call closed, or the last one left open (the model stopped at its end token before writing the close)
 _HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|\Z)", re.DOTALL)
@@ -43,11 +42,15 @@ class ToolCallForm:
     name: str
     opener: str  # what begins the calls (where a streamed answer's text is held back from)
     markers: tuple[str, ...]  # its tokens, kept when the answer is decoded (some tokenizers mark them special)
+    find: Callable[[str], list[tuple[Any, Any]] | None]  # each call's (name, arguments); None: malformed
+    own_text: Callable[[str], str]  # the answer's text, its calls taken out
+    whole_answer: bool = False  # the calls are the whole answer (nothing else is written before them)
+    short_ids: bool = False  # call ids of 9 letters or digits: Mistral's templates refuse others in later turns
 
     def read(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
         """(the answer's text without its calls, None when nothing is left; its calls in OpenAI's form). An answer
         without calls, or with one that is not a JSON object with a name: ([the text as it is], [])."""
-        found = _READERS[self.name](text)
+        found = self.find(text)
         if not found:
             return text, []
         calls = []
@@ -59,20 +62,12 @@ class ToolCallForm:
                 return text, []
             function = {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}
             calls.append({"id": self._call_id(), "type": "function", "function": function})
-        return self.without_calls(text) or None, calls
-
-    def without_calls(self, text: str) -> str:
-        """The answer's own text, its calls taken out."""
-        if self.name == "hermes":
-            return _HERMES_CALL.sub("", text).strip()
-        if self.name == "mistral":
-            return text.split(self.opener, 1)[0].strip()
-        return ""  # llama3_json: an answer with calls is nothing but calls
+        return self.own_text(text) or None, calls
 
     def call_start(self, text: str) -> int:
         """How much of a streamed answer so far can be sent as text: the text up to where the calls begin, or up to
         what could be their start."""
-        if self.name == "llama3_json":  # calls are the whole answer: it is held until its first character says
+        if self.whole_answer:  # it is held until its first character says whether it is a call
             lead = text.lstrip()
             could_open = lead.startswith(("{", self.opener)) or self.opener.startswith(lead)
             return 0 if could_open else len(text)
@@ -83,8 +78,7 @@ class ToolCallForm:
         return len(text) - held
 
     def _call_id(self) -> str:
-        # Mistral's templates refuse a later turn whose call ids are not 9 letters or digits.
-        if self.name == "mistral":
+        if self.short_ids:
             return "".join(secrets.choice(_ID_CHARACTERS) for _ in range(9))
         return f"call_{secrets.token_hex(12)}"
 
@@ -144,11 +138,16 @@ def _json(text: str) -> Any:
         return None
 
 
-_READERS = {"hermes": _hermes, "mistral": _mistral, "llama3_json": _llama3_json}
-HERMES = ToolCallForm("hermes", "<tool_call>", ("<tool_call>", "</tool_call>"))
-MISTRAL = ToolCallForm("mistral", "[TOOL_CALLS]", ("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"))
-LLAMA3_JSON = ToolCallForm("llama3_json", "<|python_tag|>", ("<|python_tag|>",))
+HERMES = ToolCallForm(
+    "hermes", "<tool_call>", ("<tool_call>", "</tool_call>"), _hermes, lambda text: _HERMES_CALL.sub("", text).strip()
+)
+MISTRAL = ToolCallForm(
+    "mistral", "[TOOL_CALLS]", ("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"), _mistral,
+    lambda text: text.split("[TOOL_CALLS]", 1)[0].strip(), short_ids=True,
+)  # fmt: skip
+LLAMA3_JSON = ToolCallForm("llama3_json", "<|python_tag|>", ("<|python_tag|>",), _llama3_json, lambda text: "", True)
 _BY_NAME = {form.name: form for form in (HERMES, MISTRAL, LLAMA3_JSON)}
+FORMS = tuple(_BY_NAME)
 
 
 def form_for(tokenizer: Any, name: str = "auto") -> ToolCallForm:
