@@ -13,13 +13,15 @@ This module is also the one reader of a finished run folder (`check_run_folder`,
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from tunelab.config.base import RunParams
 from tunelab.data.cache import data_fingerprint, file_identities, template_files
@@ -167,6 +169,23 @@ def release_locks() -> None:
     notebook lives on after a failed run, and other processes could not run that project until it exited)."""
     while _HELD:
         os.close(_HELD.popitem()[1])
+
+
+@contextlib.contextmanager
+def written_whole(target: Path, command: str, newline: str | None = None) -> Iterator[TextIO]:
+    """A text file written through a temporary one beside it and renamed over `target` when the block ends without
+    an error: the file appears whole or not at all. An OSError (a full disk, a read-only or missing folder) is one
+    TunelabError naming `command` and the path, not a traceback."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("w", encoding="utf-8", newline=newline) as file:
+            yield file
+        tmp.replace(target)
+    except OSError as error:
+        raise TunelabError(f"{command}: cannot write {target}: {error.strerror or error}") from error
+    finally:
+        with contextlib.suppress(OSError):  # gone after the rename; left only by a failure
+            tmp.unlink(missing_ok=True)
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -8,14 +8,14 @@ used in training, so a prompt is formatted the same way the training data was.
 from __future__ import annotations
 
 import logging
-import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
 from tunelab.inference.device import to_inference_device
-from tunelab.outputs import base_model_of, read_run
+from tunelab.outputs import base_model_of, read_run, written_whole
 
 log = logging.getLogger("tunelab")
 
@@ -88,15 +88,13 @@ def generate(model: Any, tokenizer: Any, prompt: str, options: GenerationParams 
 
 def generate_many(
     model: Any, tokenizer: Any, prompts: list[str], options: GenerationParams | None = None, batch_size: int = 8
-) -> list[list[str]]:
+) -> Iterator[list[str]]:
     """`generate` for many prompts, `batch_size` at a time (left-padded, so every prompt ends where its answer
-    starts): each prompt's completions, in order."""
-    texts = [format_prompt(prompt, tokenizer) for prompt in prompts]
+    starts): each prompt's completions, in order, as each batch is made."""
     templated = bool(getattr(tokenizer, "chat_template", None))
-    answers: list[list[str]] = []
-    for start in range(0, len(texts), batch_size):
-        answers += complete(model, tokenizer, texts[start : start + batch_size], options, not templated)
-    return answers
+    for start in range(0, len(prompts), batch_size):
+        texts = [format_prompt(prompt, tokenizer) for prompt in prompts[start : start + batch_size]]
+        yield from complete(model, tokenizer, texts, options, not templated)
 
 
 def answers_path(data: Path, output: str | None) -> Path:
@@ -119,26 +117,15 @@ def write_answers(
 ) -> Path:
     """Answer every prompt and write the answers as JSON lines ({"prompt", "answer"}, or "answers" when asking for
     several), in order, batch by batch as they are made; the file appears whole or not at all."""
-    import contextlib
     import json
 
     several = options is not None and options.num_return_sequences > 1
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            for start in range(0, len(prompts), batch_size):
-                batch = prompts[start : start + batch_size]
-                for prompt, answers in zip(
-                    batch, generate_many(model, tokenizer, batch, options, batch_size), strict=True
-                ):
-                    row = {"prompt": prompt, **({"answers": answers} if several else {"answer": answers[0]})}
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        tmp.replace(target)
-    except OSError as error:  # a full disk, a read-only folder: the path, not a traceback
-        raise TunelabError(f"generate: cannot write {target}: {error.strerror or error}") from error
-    finally:
-        with contextlib.suppress(OSError):  # gone after the rename; left only by a failure
-            tmp.unlink(missing_ok=True)
+    with written_whole(target, "generate") as f:
+        for prompt, answers in zip(
+            prompts, generate_many(model, tokenizer, prompts, options, batch_size), strict=True
+        ):
+            row = {"prompt": prompt, **({"answers": answers} if several else {"answer": answers[0]})}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return target
 
 
@@ -177,7 +164,7 @@ def complete(
             do_sample=options.do_sample,
             num_return_sequences=options.num_return_sequences,
             eos_token_id=end_ids or None,
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
             **stop,
             **(sampling if options.do_sample else {}),
         )

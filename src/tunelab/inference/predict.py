@@ -6,7 +6,6 @@ model); its config carries the label names, so predictions come out as names.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any
 
 from tunelab.errors import TunelabError
 from tunelab.inference.device import to_inference_device
-from tunelab.outputs import training_params
+from tunelab.outputs import training_params, written_whole
 
 
 def load_classifier(path: str | Path) -> tuple[Any, Any]:
@@ -77,18 +76,10 @@ def write_predictions(model: Any, tokenizer: Any, data: Path, text_column: str, 
     if target.is_dir():
         raise TunelabError(f"predict: --output {target} is a folder; give the path of the CSV file to write")
     names = list(probs[0]) if probs else []
-    tmp = target.with_name(target.name + ".tmp")
-    try:
-        with tmp.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow([text_column, "label", "score", *[f"p_{name}" for name in names]])
-            for text, p in zip(texts, probs, strict=True):
-                label = max(p, key=p.get)
-                writer.writerow([text, label, f"{p[label]:.4f}", *[f"{p[name]:.4f}" for name in names]])
-        tmp.replace(target)
-    except OSError as error:  # a full disk, a read-only or missing folder: the path, not a traceback
-        raise TunelabError(f"predict: cannot write {target}: {error.strerror or error}") from error
-    finally:
-        with contextlib.suppress(OSError):  # gone after the rename; left only by a failure
-            tmp.unlink(missing_ok=True)
+    with written_whole(target, "predict", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([text_column, "label", "score", *[f"p_{name}" for name in names]])
+        for text, p in zip(texts, probs, strict=True):
+            label = max(p, key=p.get)
+            writer.writerow([text, label, f"{p[label]:.4f}", *[f"{p[name]:.4f}" for name in names]])
     return target
