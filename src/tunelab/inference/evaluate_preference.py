@@ -30,7 +30,7 @@ from typing import Any
 
 from tunelab.data.holdout import SavedHoldOut, prompt_groups
 from tunelab.errors import DataError, TunelabError
-from tunelab.methods import REGISTRY
+from tunelab.methods import METHODS, REGISTRY
 from tunelab.outputs import model_reference, read_run, training_params
 
 log = logging.getLogger("tunelab")
@@ -208,8 +208,6 @@ def _held_out(data: Any, held: SavedHoldOut | None) -> tuple[Any, Any]:
 
 
 def _described(folder: Path, params: Any, data: Any, count: int, paired: bool = True) -> dict[str, Any]:
-    from tunelab.methods import METHODS
-
     results: dict[str, Any] = {"data": data.origins["train"], "rows": count, "model": str(folder)}
     results["method"] = params.trainer
     results["unit"] = "answers" if REGISTRY[params.trainer].data == "labeled" and not paired else "pairs"
@@ -251,8 +249,6 @@ def figures(
     """The method's figures from the policy's (sums, counts) of answer log-probs and the reference's, computed by
     the method's own loss function over every row at once (its PairEvaluation); the batch-dependent ones
     (BATCH_FIGURES) left out."""
-    from tunelab.methods import METHODS
-
     found = METHODS[params.trainer].evaluation.figures(params, rows, pairs, policy, reference)
     return {name: round(float(value), 6) for name, value in found.items() if name not in BATCH_FIGURES}
 
