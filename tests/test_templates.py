@@ -386,3 +386,99 @@ def test_evaluate_measures_a_mask_history_run_on_its_last_answers(tiny_llama, tm
         return mean_loss(model, list(load_data(params, tokenizer).train))
 
     assert results["eval_loss"] == pytest.approx(loss(True), rel=1e-6) and loss(True) != pytest.approx(loss(False))
+
+
+# ---- reasoning (thinking) traces
+
+# Qwen3's way, cut down: an assistant turn after the last user turn writes its reasoning_content in a think block.
+READS_REASONING = (
+    "{% for m in messages %}"
+    "{% if m.role == 'assistant' %}{{ '[assistant] ' }}"
+    "{% if loop.last and m.reasoning_content is defined %}"
+    "{{ '<think>\\n' + m.reasoning_content.strip('\\n') + '\\n</think>\\n\\n' }}{% endif %}"
+    "{{ m.content + eos_token + '\\n' }}"
+    "{% else %}{{ '[' + m.role + '] ' + m.content + '\\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '[assistant] ' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("key", ["reasoning_content", "reasoning", "thinking"])
+def test_reasoning_is_trained_in_a_think_block_before_the_answer(tiny_tokenizer, key):
+    """DeepSeek's and Qwen3's reasoning_content, OpenRouter's and vLLM's reasoning, gpt-oss's thinking: kept, and
+    for a template that writes no reasoning (tunelab's chatml) written into the answer as those models write it,
+    inside the trained span; an earlier turn's reasoning too."""
+    from tunelab.data.formats import cell_messages
+
+    row = {
+        "messages": [
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4", key: "Two and two make four."},
+            {"role": "user", "content": "3+3?"},
+            {"role": "assistant", "content": "\n6", key: "\nThree and three.\n"},
+        ]
+    }
+    messages = cell_messages(row, "messages", tool_calls=True)
+    assert messages[1] == {"role": "assistant", "content": "4", "reasoning_content": "Two and two make four."}
+    rendered = render_messages(messages, template_source("chatml", tiny_tokenizer), tiny_tokenizer)
+    assert [rendered.text[a:b] for a, b in rendered.spans] == [
+        "<think>\nTwo and two make four.\n</think>\n\n4<|im_end|>\n",
+        "<think>\nThree and three.\n</think>\n\n6<|im_end|>\n",
+    ]
+
+
+def test_reasoning_goes_where_a_template_reads_it(tiny_tokenizer):
+    """A template that reads reasoning_content (Qwen3's) gets it there, and writes it its own way: here only in the
+    last turn, so the earlier turn trains on its answer alone, as the template shows it."""
+    from tunelab.data.templates import reasoning_key
+
+    messages = [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4", "reasoning_content": "Two and two."},
+        {"role": "user", "content": "3+3?"},
+        {"role": "assistant", "content": "6", "reasoning_content": "Three and three."},
+    ]
+    rendered = render_messages(messages, READS_REASONING, tiny_tokenizer)
+    assert rendered.text == (
+        "[user] 2+2?\n[assistant] 4</s>\n[user] 3+3?\n[assistant] <think>\nThree and three.\n</think>\n\n6</s>\n"
+    )
+    assert [rendered.text[a:b] for a, b in rendered.spans] == [
+        "4</s>",  # found by its content (the template writes this turn otherwise when it is the last)
+        "<think>\nThree and three.\n</think>\n\n6</s>\n",
+    ]
+    assert reasoning_key(READS_REASONING) == "reasoning_content"
+    assert reasoning_key("{{ message.thinking }}") == "thinking" and reasoning_key("{{ enable_thinking }}") is None
+
+
+@pytest.mark.parametrize(
+    "message, problem",
+    [
+        ({"role": "user", "content": "hi", "reasoning": "why"}, "message 1 has reasoning but role 'user'"),
+        ({"role": "assistant", "content": "hi", "reasoning_content": ["a"]}, "message 1 reasoning_content is not"),
+    ],
+)
+def test_reasoning_in_the_wrong_place_is_a_bad_row(tmp_path, message, problem):
+    from tunelab.data.formats import RowProblem, cell_messages
+
+    with pytest.raises(RowProblem, match=problem):
+        cell_messages({"messages": [message, {"role": "assistant", "content": "ok"}]}, "messages")
+
+
+def test_a_preference_pair_trains_its_reasoning(tiny_llama, tmp_path):
+    """Chosen and rejected answers that reason (DPO on a reasoning model's answers) carry it into the pair's
+    answer tokens."""
+    from tunelab.config.llm import LLMParams
+    from tunelab.tasks.llm import prepare
+
+    row = {
+        "prompt": [{"role": "user", "content": "2+2?"}],
+        "chosen": [{"role": "assistant", "content": "4", "reasoning_content": "Two and two make four."}],
+        "rejected": [{"role": "assistant", "content": "5", "reasoning_content": "Two and two make five."}],
+    }
+    data = tmp_path / "pairs.jsonl"
+    data.write_text((json.dumps(row) + "\n") * 4)
+    settings = {"trainer": "dpo", "chat_template": "chatml", "block_size": 128, "project_name": str(tmp_path / "r")}
+    prep = prepare(LLMParams(model=str(tiny_llama), data_path=str(data), **settings))
+    pair = prep.data.train[0]
+    answers = [prep.tokenizer.decode(ids) for ids in (pair.chosen_ids, pair.rejected_ids)]
+    assert answers[0].startswith("<think>\nTwo and two make four.\n</think>\n\n4")
+    assert answers[1].startswith("<think>\nTwo and two make five.\n</think>\n\n5")

@@ -34,6 +34,9 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 MAX_LISTED = 5
 TOOL_CALL_KEYS = ("tool_calls", "function_call")  # OpenAI's chat format, and its older single-call spelling
 TOOLS_COLUMN = "tools"  # a conversation's tool definitions, beside its messages (TRL's and OpenAI's name)
+# An assistant turn's reasoning before its answer: DeepSeek's API and Qwen3's template call it reasoning_content,
+# OpenRouter and vLLM reasoning, gpt-oss's template thinking. Kept as reasoning_content (data/templates.py writes it).
+REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
 # Content part types that hold no text (OpenAI's chat and responses APIs, transformers' multimodal chats).
 MEDIA_PARTS = {
     "image": "image",
@@ -266,7 +269,8 @@ def cell_messages(
     """The {role, content} messages of one cell (a list or a JSON string of one; ShareGPT's from/value too); a
     content that is a list of text parts becomes their text. With `tool_calls`, an assistant message may call
     tools (OpenAI's `tool_calls`, or its older `function_call`), kept in the form chat templates read, and a tool
-    message keeps its `tool_call_id` and `name`."""
+    message keeps its `tool_call_id` and `name`. An assistant turn's reasoning (REASONING_KEYS) is kept as its
+    `reasoning_content`."""
     value = row.get(column)
     if value is None or (isinstance(value, float) and math.isnan(value)):
         raise RowProblem(column, "missing value")
@@ -281,7 +285,8 @@ def cell_messages(
         got = "an empty list" if value == [] else describe_type(value)
         raise RowProblem(column, f"expected a non-empty list of {{role, content}} messages, got {got}")
     messages = [_message(item, number, column, tool_calls) for number, item in enumerate(value, start=1)]
-    answers = [m for m in messages if m["role"] == "assistant" and (m["content"].strip() or m.get("tool_calls"))]
+    learnable = ("tool_calls", "reasoning_content")
+    answers = [m for m in messages if m["role"] == "assistant" and (m["content"].strip() or m.keys() & learnable)]
     if need_assistant and not answers:
         raise RowProblem(column, "no assistant message to learn from")
     return messages
@@ -309,7 +314,8 @@ def _message(item: Any, number: int, column: str, tool_calls: bool = False) -> d
         )
     if calls and role != "assistant":
         raise RowProblem(column, f"message {number} has {calls} but role {role!r}: only the assistant calls tools")
-    if content is None and not calls:
+    reasoning = _reasoning(item, role, number, column)
+    if content is None and not calls and not reasoning:
         raise RowProblem(column, f"message {number} has no content")
     content = "" if content is None else content
     if isinstance(content, list):
@@ -318,6 +324,8 @@ def _message(item: Any, number: int, column: str, tool_calls: bool = False) -> d
         raise RowProblem(column, f"message {number} content is not text (got {describe_type(content)})")
     check_unicode(content, column, f"message {number} content")
     message: dict[str, Any] = {"role": role, "content": content}
+    if reasoning:
+        message["reasoning_content"] = reasoning
     if calls:
         raw = item[calls] if calls == "tool_calls" else [{"type": "function", "function": item[calls]}]
         message["tool_calls"] = _tool_calls(raw, number, column)
@@ -325,6 +333,21 @@ def _message(item: Any, number: int, column: str, tool_calls: bool = False) -> d
         if role == "tool" and isinstance(item.get(key), str):
             message[key] = item[key]
     return message
+
+
+def _reasoning(item: dict, role: str, number: int, column: str) -> str | None:
+    """The reasoning an assistant turn carries (REASONING_KEYS), None when it has none. Reasoning on another role's
+    turn is a bad row: no template writes it there, and dropping it silently would train on less than the file says."""
+    key = next((key for key in REASONING_KEYS if item.get(key) not in (None, "")), None)
+    if key is None:
+        return None
+    value = item[key]
+    if role != "assistant":
+        raise RowProblem(column, f"message {number} has {key} but role {role!r}: only the assistant's turns reason")
+    if not isinstance(value, str):
+        raise RowProblem(column, f"message {number} {key} is not text (got {describe_type(value)})")
+    check_unicode(value, column, f"message {number} {key}")
+    return value if value.strip() else None
 
 
 def _tool_calls(calls: Any, number: int, column: str) -> list[dict[str, Any]]:

@@ -3,11 +3,17 @@
 The templates are Hugging Face-compatible Jinja (templates/*.jinja, or the tokenizer's own for `tokenizer`),
 so the one used for training is saved with the tokenizer and chat/serve/generate format prompts the same way.
 The renderer returns the text and the trainable spans together (formatting is data, masking goes with it).
+
+An assistant turn's reasoning (its `reasoning_content`, data/formats.py) is handed to a template that writes it
+(Qwen3's, DeepSeek's and gpt-oss's read it, under their own key); for any other template it is written into the
+turn's content as those models write it, `<think>\n...\n</think>\n\n` before the answer, and trained on with it.
+`tunelab serve` reads it back out of the answers in that form (inference/reasoning.py).
 """
 
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +25,12 @@ from tunelab.errors import ConfigError
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 BUILTIN = ("none", "zephyr", "chatml", "alpaca")
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"  # how reasoning models write their reasoning before the answer
+# The message key a template reads an assistant turn's reasoning from, found in its source.
+_REASONING_READS = (
+    ("reasoning_content", re.compile(r"\breasoning_content\b")),  # Qwen3, QwQ, DeepSeek-V3.1, GLM-4.5
+    ("thinking", re.compile(r"message\s*(?:\.thinking\b|\[\s*['\"]thinking['\"]\s*\])")),  # gpt-oss
+)
 
 
 class UnplacedToolCall(TemplateError):
@@ -61,9 +73,13 @@ def template_source(name: str, tokenizer: Any) -> str:
 
 
 def render_template(source: str, messages: list[dict], tokenizer: Any, add_generation_prompt: bool = False) -> str:
-    """Render messages with a Jinja chat template exactly as transformers does at inference time."""
+    """Render messages with a Jinja chat template exactly as transformers does at inference time (reasoning where
+    the template reads it, else in the content: `with_reasoning`)."""
     return tokenizer.apply_chat_template(
-        messages, chat_template=source, tokenize=False, add_generation_prompt=add_generation_prompt
+        with_reasoning([messages], source)[0],
+        chat_template=source,
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
     )
 
 
@@ -85,7 +101,7 @@ def render_conversations(
     the text's own (no third render). The spans are those `render_messages` finds; a template that raises for any
     conversation raises here too (the caller then renders row by row to name it). `tools`: each conversation's tool
     definitions (None: none), handed to the template as transformers' `tools`."""
-    conversations = with_inputs(conversations, source)
+    conversations = with_reasoning(with_inputs(conversations, source), source)
     tools = tools or [None] * len(conversations)
     texts = _render_batch(source, conversations, tokenizer, False, tools)
     wanted: list[tuple[int, int]] = []  # (conversation, message index) of every assistant answer after the first turn
@@ -120,6 +136,34 @@ def with_inputs(conversations: list[list[dict]], source: str) -> list[list[dict]
     if source == builtin_template("alpaca") or not any("input" in m for c in conversations for m in c):
         return conversations
     return [[_input_in_content(m) for m in c] for c in conversations]
+
+
+def with_reasoning(conversations: list[list[dict]], source: str) -> list[list[dict]]:
+    """Assistant turns' reasoning (`reasoning_content`) under the key the template reads it from; a template that
+    reads none gets it in the turn's content, `<think>\\n{reasoning}\\n</think>\\n\\n{content}` (Qwen3's and
+    DeepSeek-R1's layout), so that no template silently drops it."""
+    if not any("reasoning_content" in m for c in conversations for m in c):
+        return conversations
+    key = reasoning_key(source)
+    return [[_reasoning_placed(m, key) for m in c] for c in conversations]
+
+
+def reasoning_key(source: str) -> str | None:
+    """The message key the template reads an assistant turn's reasoning from, or None when it reads none."""
+    return next((key for key, reads in _REASONING_READS if reads.search(source)), None)
+
+
+def _reasoning_placed(message: dict, key: str | None) -> dict:
+    if "reasoning_content" not in message or key == "reasoning_content":
+        return message
+    placed = {k: v for k, v in message.items() if k != "reasoning_content"}
+    reasoning = message["reasoning_content"].strip("\n")
+    if key is not None:
+        placed[key] = reasoning
+    else:
+        answer = message["content"].lstrip("\n")
+        placed["content"] = f"{THINK_OPEN}\n{reasoning}\n{THINK_CLOSE}\n\n{answer}"
+    return placed
 
 
 _STAND_IN = "\x00tunelab-answer\x00"  # a content no conversation holds
