@@ -627,3 +627,126 @@ def test_the_form_is_read_from_the_chat_template(tiny_llama):
     assert form_for(SimpleNamespace(chat_template=llama)) is LLAMA3_JSON
     assert form_for(SimpleNamespace(chat_template={"default": "x", "tool_use": "[TOOL_CALLS]"})) is MISTRAL
     assert [form_for(tokenizer, name).name for name in FORMS] == list(FORMS)
+
+
+# ---- reasoning (<think>...</think> before the answer)
+
+
+def test_reasoning_is_read_apart_whole_and_as_it_streams():
+    """The reasoning and the answer of a whole answer; streamed character by character, what is sent each time
+    adds up to the same two parts (a marker split across tokens is held back, not sent as text); an answer cut
+    inside its reasoning has no content; one without a think block is all content."""
+    from tunelab.inference.reasoning import THINK
+
+    answer = "<think>\nTwo and two.\n</think>\n\nIt is 4."
+    assert THINK.parts(answer) == ("Two and two.", "It is 4.")
+    assert THINK.parts("<think>\nstill thinking\n") == ("still thinking", None)
+    assert THINK.parts("It is 4.") == (None, "It is 4.")
+    assert THINK.parts("<think></think>It is 4.") == (None, "It is 4.")
+    for text in (answer, "It is 4.", "<thinking is not a marker", "<think>\ncut at </thi"):
+        streamed = {"reasoning": "", "content": ""}
+        for end in range(1, len(text) + 1):
+            for name, part in zip(streamed, THINK.parts(text[:end], whole=False), strict=True):
+                assert (part or "").startswith(streamed[name]), (text[:end], part)
+                streamed[name] = part or ""
+            assert "<" not in streamed["content"] or text.startswith("<thinking")
+        assert (streamed["reasoning"] or None, streamed["content"] or None) != (None, None) or not text
+        whole = THINK.parts(text)
+        assert (whole[0] or "").startswith(streamed["reasoning"]) and (whole[1] or "").startswith(streamed["content"])
+
+
+@pytest.fixture(scope="module")
+def reasoner(tiny_llama, tmp_path_factory):
+    """A run that learned to reason before it answers (reasoning_content rows, through tunelab's ChatML)."""
+    import json
+
+    from tests.conftest import learn_by_heart
+
+    folder = tmp_path_factory.mktemp("reasoner")
+    chat = [
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4", "reasoning_content": "Two and two make four."},
+    ]
+    data = folder / "reasoning.jsonl"
+    data.write_text((json.dumps({"messages": chat}) + "\n") * 16)
+    return learn_by_heart(tiny_llama, data, folder / "run", "chatml", block_size=128)
+
+
+def test_a_reasoning_model_s_answer_comes_back_with_its_reasoning_apart(reasoner):
+    """As vLLM's reasoning parsers return it: `reasoning` (and `reasoning_content`) beside the answer's content,
+    whole and streamed alike; --reasoning-parser none returns the answer as written; an earlier answer's reasoning
+    sent back in the messages is accepted."""
+    from tunelab.inference.generate import load_run
+    from tunelab.inference.openai_api import create_app
+
+    asked = {"model": "r", "messages": [{"role": "user", "content": "What is 2+2?"}], "temperature": 0}
+    asked["max_tokens"] = 32
+    loaded = load_run(reasoner)
+    with running(create_app(*loaded, model_name="r")) as port:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
+        message = client.chat.completions.create(**asked).choices[0].message
+        extra = message.model_extra
+        assert (extra["reasoning"], extra["reasoning_content"], message.content) == (
+            "Two and two make four.",
+            "Two and two make four.",
+            "4",
+        )
+        chunks = list(client.chat.completions.create(**asked, stream=True))
+        deltas = [chunk.choices[0].delta for chunk in chunks if chunk.choices]
+        reasoning = "".join((d.model_extra or {}).get("reasoning") or "" for d in deltas)
+        assert reasoning == "Two and two make four." and "".join(d.content or "" for d in deltas) == "4"
+        first_content = next(i for i, d in enumerate(deltas) if d.content)
+        assert not any((d.model_extra or {}).get("reasoning") for d in deltas[first_content:])
+
+        again = [*asked["messages"], {"role": "assistant", "content": "4", "reasoning": extra["reasoning"]}]
+        again.append({"role": "user", "content": "What is 2+2?"})
+        assert client.chat.completions.create(**(asked | {"messages": again})).choices[0].finish_reason
+
+    with running(create_app(*loaded, model_name="r", reasoning_parser="none")) as port:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
+        message = client.chat.completions.create(**asked).choices[0].message
+        assert message.content == "<think>\nTwo and two make four.\n</think>\n\n4" and not message.model_extra
+
+
+def test_chat_template_kwargs_reach_the_template(loaded):
+    """vLLM's chat_template_kwargs are the template's variables: Qwen3's `enable_thinking: false` writes an empty
+    think block into the prompt (here, a ChatML template that reads it as Qwen3's does); the arguments
+    apply_chat_template takes for itself are refused."""
+    import copy
+
+    from tunelab.data.templates import template_source
+    from tunelab.inference.openai_api import create_app
+
+    model, tokenizer = loaded
+    tokenizer = copy.deepcopy(tokenizer)
+    qwen3_like = "{%- if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{%- endif %}"
+    chatml = template_source("chatml", tokenizer).rstrip()
+    tokenizer.chat_template = chatml.removesuffix("{%- endif -%}") + qwen3_like + "{%- endif -%}"  # in the prompt
+    with running(create_app(model, tokenizer, model_name="tiny")) as port:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=30)
+
+        def prompt_tokens(options) -> int:
+            body = {"chat_template_kwargs": options}
+            return client.chat.completions.create(
+                model="tiny", messages=HELLO, max_tokens=1, extra_body=body
+            ).usage.prompt_tokens
+
+        assert (
+            prompt_tokens({"enable_thinking": False}) > prompt_tokens({"enable_thinking": True}) == prompt_tokens({})
+        )
+        with pytest.raises(openai.BadRequestError, match="chat_template_kwargs may not set add_generation_prompt"):
+            prompt_tokens({"add_generation_prompt": False})
+        with pytest.raises(openai.BadRequestError, match="chat_template_kwargs must be an object"):
+            prompt_tokens([1])
+
+
+def test_a_forced_call_after_an_empty_think_block_is_a_call_alone(tiny_tokenizer):
+    """Qwen3's template writes an empty think block before the last answer, a forced call's too: the block is
+    read off as (no) reasoning, so the content holds nothing of it."""
+    from tunelab.inference.openai_api import ChatAnswer
+    from tunelab.inference.reasoning import THINK
+    from tunelab.inference.tool_calls import HERMES
+
+    answer = ChatAnswer('<think>\n\n</think>\n\n<tool_call>\n{"name": "', THINK, HERMES)
+    reasoning, content, calls = answer.message('get_weather", "arguments": {"city": "Paris"}}\n</tool_call>')
+    assert (reasoning, content, [c["function"]["name"] for c in calls]) == (None, None, ["get_weather"])

@@ -406,9 +406,9 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from tunelab.inference.serve import serve
+    from tunelab.inference.serve import serve, serve_arguments
 
-    serve(args.model, args.host, args.port, args.api_key, args.model_name, tool_call_parser=args.tool_call_parser)
+    serve(*serve_arguments(args))
     return 0
 
 

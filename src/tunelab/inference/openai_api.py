@@ -5,7 +5,8 @@ events), so the official `openai` client and the tools built on it work unchange
 The routes are this module's functions; `create_app` puts the served model in the app's state (`Served`) and
 registers them. What a request may ask is checked in inference/openai_requests.py; the text comes from
 inference/streaming.py, and streaming and non-streaming answers come from that same code path (so they are the
-same text). `tunelab serve` (inference/serve.py) loads the model and runs the app with uvicorn.
+same text). A chat answer's reasoning and tool calls are read apart from its content (`ChatAnswer`: reasoning.py,
+tool_calls.py). `tunelab serve` (inference/serve.py) loads the model and runs the app with uvicorn.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at run time.
@@ -25,6 +26,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from tunelab.data.templates import with_reasoning
 from tunelab.inference.openai_requests import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
     RequestError,
@@ -33,10 +35,12 @@ from tunelab.inference.openai_requests import (
     parse_messages,
     parse_prompt,
     parse_sampling,
+    parse_template_kwargs,
     parse_tools,
 )
+from tunelab.inference.reasoning import Thinking, reasoning_fields, thinking_for
 from tunelab.inference.streaming import Generation, encode_prompt
-from tunelab.inference.tool_calls import HERMES, ToolCallForm, forced_start, form_for
+from tunelab.inference.tool_calls import HERMES, ToolCallForm, forced_start, form_for, template_text
 
 log = logging.getLogger("tunelab")
 
@@ -70,17 +74,32 @@ class Scoring:
 
 
 @dataclass
-class ToolAnswer:
-    """How a chat answer's tool calls are read: the form the model writes them in, the answer's beginning the
-    server wrote (a forced call's opening), and whether more than one call may be returned."""
+class ChatAnswer:
+    """How a chat answer's text becomes OpenAI's message: after the beginning written for the model (a think
+    block its template opened, a forced call's opening), its reasoning read apart (reasoning.py), then its tool
+    calls read out of the rest in the form the model writes them (tool_calls.py), one or several."""
 
-    form: ToolCallForm
-    start: str = ""
+    lead: str = ""
+    thinking: Thinking | None = None
+    tools: ToolCallForm | None = None
     parallel: bool = True
 
-    def read(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
-        content, calls = self.form.read(self.start + text)
-        return content, calls if self.parallel else calls[:1]
+    def parts(self, generated: str, whole: bool) -> tuple[str | None, str | None]:
+        """(reasoning, content) of the answer so far, or whole: Thinking.parts."""
+        text = self.lead + generated
+        return self.thinking.parts(text, whole) if self.thinking else (None, text)
+
+    def message(self, generated: str) -> tuple[str | None, str | None, list[dict[str, Any]]]:
+        """The whole answer's reasoning, content (its calls taken out) and tool calls."""
+        reasoning, content = self.parts(generated, whole=True)
+        if self.tools is None or content is None:
+            return reasoning, content, []
+        content, calls = self.tools.read(content)
+        return reasoning, content, calls if self.parallel else calls[:1]
+
+    def shown(self, content: str) -> int:
+        """How much of the content streamed so far can be sent: all of it, or up to where the calls begin."""
+        return self.tools.call_start(content) if self.tools else len(content)
 
 
 @dataclass
@@ -92,6 +111,7 @@ class Served:
     name: str  # the id /v1/models lists; requests may name any model (there is one), and get this one
     api_key: str | None = None  # when set, every request must carry `Authorization: Bearer <api_key>`
     tool_form: ToolCallForm = HERMES  # how the model writes tool calls (tool_calls.py)
+    thinking: Thinking | None = None  # how it writes its reasoning (reasoning.py); None: its answers are all content
     lock: threading.Lock = field(default_factory=threading.Lock)  # one generation at a time on the model
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -119,7 +139,12 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
 
 
 def create_app(
-    model: Any, tokenizer: Any, model_name: str, api_key: str | None = None, tool_call_parser: str = "auto"
+    model: Any,
+    tokenizer: Any,
+    model_name: str,
+    api_key: str | None = None,
+    tool_call_parser: str = "auto",
+    reasoning_parser: str = "think",
 ) -> FastAPI:
     """The FastAPI app serving `model` under the name `model_name`.
 
@@ -131,11 +156,14 @@ def create_app(
         api_key: When set, every request must carry `Authorization: Bearer <api_key>`, else it gets a 401.
         tool_call_parser: The form the model writes tool calls in (tool_calls.FORMS), or "auto": the one its chat
             template writes.
+        reasoning_parser: How the model writes its reasoning (reasoning.PARSERS: `<think>...</think>` before the
+            answer, returned apart), or "none": answers are returned as written.
     """
     if api_key is not None and not api_key.strip():
         raise ValueError("api_key is empty: pass None to serve without a key")
     app = FastAPI(title="tunelab")
-    app.state.served = Served(model, tokenizer, model_name, api_key, form_for(tokenizer, tool_call_parser))
+    forms = form_for(tokenizer, tool_call_parser), thinking_for(reasoning_parser)
+    app.state.served = Served(model, tokenizer, model_name, api_key, *forms)
     app.include_router(router)
     app.add_exception_handler(RequestError, bad_request)
     app.add_exception_handler(HTTPException, http_error)
@@ -186,26 +214,30 @@ async def chat_completions(request: Request) -> Any:
     messages, sampling, asked = parse_messages(body), parse_sampling(body), parse_tools(body)
     if body.get("echo") not in (None, False):
         raise RequestError("echo is for /v1/completions (a chat answer does not repeat its messages)", "echo")
-    tools, tokenizer = asked.tools, model.tokenizer
+    tools, tokenizer, options = asked.tools, model.tokenizer, parse_template_kwargs(body)
     if not getattr(tokenizer, "chat_template", None):
         raise RequestError(f"{model.name} has no chat template: use /v1/completions with a plain prompt")
+    messages = with_reasoning([messages], template_text(tokenizer))[0]  # earlier turns' reasoning, as trained
     try:
-        text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
-        plain = tools and tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        render = {"tokenize": False, "add_generation_prompt": True, **options}
+        text = tokenizer.apply_chat_template(messages, tools=tools, **render)
+        plain = tools and tokenizer.apply_chat_template(messages, **render)
     except Exception as err:  # e.g. a template that insists on alternating user/assistant turns
         raise RequestError(f"the chat template refused these messages: {err}", "messages") from None
     if tools and text == plain:  # the model would answer without ever seeing the tools
         raise RequestError(f"{model.name}'s chat template does not write tool definitions", "tools")
     start = ""  # the answer's beginning, written for the model: a forced call's opening
     if asked.forced is not None:
-        start = forced_start(tokenizer, messages, tools, text, asked.forced)
+        start = forced_start(tokenizer, messages, tools, text, asked.forced, options)
         if start is None:
             raise RequestError(f"{model.name}'s chat template writes no tool call to begin here", "tool_choice")
     ids = encode_prompt(model.model, tokenizer, text + start, templated=True, sampling=sampling)
-    form = model.tool_form if tools else None
-    generation = Generation(model.model, tokenizer, model.lock, ids, sampling, form.markers if form else ())
-    calls = ToolAnswer(form, start, asked.parallel) if form else None
-    return await respond(request, body, generation, "chat", model, calls, Scoring(parse_logprobs(body, chat=True)))
+    form, thinking = model.tool_form if tools else None, model.thinking
+    markers = (form.markers if form else ()) + (thinking.markers if thinking else ())
+    generation = Generation(model.model, tokenizer, model.lock, ids, sampling, markers)
+    lead = (thinking.opened_by(text) if thinking else "") + start
+    answer = ChatAnswer(lead, thinking, form, asked.parallel)
+    return await respond(request, body, generation, "chat", model, answer, Scoring(parse_logprobs(body, chat=True)))
 
 
 @router.post("/completions")
@@ -242,38 +274,38 @@ async def respond(
     generation: Generation,
     kind: str,
     model: Served,
-    tools: ToolAnswer | None = None,
+    answer: ChatAnswer | None = None,
     scoring: Scoring | None = None,
 ) -> Any:
-    """The answer to a chat (kind "chat") or text completion request, streamed or whole; with `tools`, the tool
-    calls in a chat answer are returned as OpenAI's tool_calls (tool_calls.py); with `scoring`, log-probs (whole
-    answers only: openai_requests.parse_logprobs)."""
+    """The answer to a chat (kind "chat", read as `answer` says) or text completion request, streamed or whole;
+    with `scoring`, log-probs (whole answers only: openai_requests.parse_logprobs)."""
     rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
     head = {"id": rid, "created": int(time.time()), "model": model.name}
     if not body.get("stream"):
         # Generation blocks, so it runs off the event loop; a client that hangs up (its timeout, then its retry)
         # stops it at the next token instead of leaving the whole answer to be made for no one, lock held.
-        answer = asyncio.ensure_future(run_in_threadpool(whole_answer, generation, kind, head, tools, scoring))
-        while not (await asyncio.wait({answer}, timeout=0.5))[0]:
+        whole = asyncio.ensure_future(run_in_threadpool(whole_answer, generation, kind, head, answer, scoring))
+        while not (await asyncio.wait({whole}, timeout=0.5))[0]:
             if await request.is_disconnected():
                 generation.cancel()
-        return answer.result()
+        return whole.result()
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of the stream
-    events = answer_events(generation, kind, head, include_usage, tools)
+    events = answer_events(generation, kind, head, include_usage, answer)
     return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
 
 def whole_answer(
-    generation: Generation, kind: str, head: dict, tools: ToolAnswer | None = None, scoring: Scoring | None = None
+    generation: Generation, kind: str, head: dict, answer: ChatAnswer | None = None, scoring: Scoring | None = None
 ) -> dict:
     text = "".join(generation) if generation.sampling.max_tokens else ""
     if not generation.sampling.max_tokens:  # an echoed prompt, to score it: nothing generated, as OpenAI says it
         generation.finish_reason = "length"
     scored = scoring.choice_fields(generation, kind, text) if scoring else {}
     if kind == "chat":
-        content, calls = tools.read(text) if tools else (text, [])
-        message = {"role": "assistant", "content": content} | ({"tool_calls": calls} if calls else {})
+        reasoning, content, calls = (answer or ChatAnswer()).message(text)
+        message = {"role": "assistant", "content": content} | reasoning_fields(reasoning)
+        message |= {"tool_calls": calls} if calls else {}
         finish = _finish(generation, calls)
         choices = [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish} | scored]
         return head | {"object": "chat.completion", "choices": choices, "usage": usage(generation)}
@@ -282,43 +314,59 @@ def whole_answer(
 
 
 def answer_events(
-    generation: Generation, kind: str, head: dict, include_usage: bool, tools: ToolAnswer | None = None
+    generation: Generation, kind: str, head: dict, include_usage: bool, answer: ChatAnswer | None = None
 ) -> Iterator[str]:
     """The server-sent events of a streamed answer. A sync generator: Starlette iterates it in a worker thread, so
-    waiting on the model blocks no one. With `tools`, the text before the first call streams as usual, and the
-    calls are sent at the end, read whole (tool_calls.py)."""
+    waiting on the model blocks no one. A chat answer's reasoning streams first, as `reasoning` deltas, then its
+    content; with tools, the content before the first call streams as usual, and the calls are sent at the end,
+    read whole (tool_calls.py)."""
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
     extra = {"usage": None} if include_usage else {}
+
+    def event(delta: dict | str | None, finish: str | None = None) -> str:
+        return sse(head | {"object": obj, "choices": [choice(kind, delta, finish)]} | extra)
+
     if kind == "chat":  # OpenAI's first chunk carries the role only
         yield sse(head | {"object": obj, "choices": [choice(kind, None, None, first=True)]} | extra)
+    answer = answer or ChatAnswer()
     calls: list[dict[str, Any]] = []
     try:
-        text, sent = (tools.start if tools else ""), 0
+        text, said, sent = "", 0, 0  # the answer so far; how much of its reasoning and its content was sent
         for piece in generation:
             text += piece
-            # With tools, the text is sent up to the first call; from there it is held and read whole at the end.
-            # Meanwhile each piece sends an SSE comment (clients skip it), so that a client that has gone away
-            # still stops the generation at its next token.
-            shown = tools.form.call_start(text) if tools else len(text)
+            if kind != "chat":
+                if piece:
+                    yield event(piece)
+                continue
+            reasoning, content = answer.parts(text, whole=False)
+            if reasoning and len(reasoning) > said:
+                yield event(reasoning_fields(reasoning[said:]))
+                said = len(reasoning)
+            # With tools, the content is sent up to the first call; from there it is held and read whole at the
+            # end. Meanwhile each piece sends an SSE comment (clients skip it), so that a client that has gone
+            # away still stops the generation at its next token.
+            shown = answer.shown(content or "")
             if shown > sent:
-                yield sse(head | {"object": obj, "choices": [choice(kind, text[sent:shown], None)]} | extra)
+                yield event({"content": content[sent:shown]})
                 sent = shown
-            elif tools:
+            elif answer.tools:
                 yield ": generating\n\n"
-        if tools:
-            _, calls = tools.read(text[len(tools.start) :])
-            rest = tools.form.own_text(text[sent:]) if calls else text[sent:]
+        if kind == "chat":  # what was held back, now that the answer is whole
+            reasoning, content, calls = answer.message(text)
+            if reasoning and len(reasoning) > said:
+                yield event(reasoning_fields(reasoning[said:]))
+            rest = answer.parts(text, whole=True)[1] or ""
+            rest = answer.tools.own_text(rest[sent:]) if calls else rest[sent:]
             if rest:
-                yield sse(head | {"object": obj, "choices": [choice(kind, rest, None)]} | extra)
+                yield event({"content": rest})
             if calls:
                 deltas = [{"index": i, **call} for i, call in enumerate(calls)]
-                chunk = {"index": 0, "delta": {"tool_calls": deltas}, "logprobs": None, "finish_reason": None}
-                yield sse(head | {"object": obj, "choices": [chunk]} | extra)
+                yield event({"tool_calls": deltas})
     except Exception as err:  # headers are sent: report in the stream, as OpenAI does
         log.exception("streaming generation failed")
         yield sse(error_body(f"internal error: {err}", kind="server_error"))
         return
-    yield sse(head | {"object": obj, "choices": [choice(kind, None, _finish(generation, calls))]} | extra)
+    yield event(None, _finish(generation, calls))
     if include_usage:
         yield sse(head | {"object": obj, "choices": [], "usage": usage(generation)})
     yield sse("[DONE]")
@@ -340,10 +388,11 @@ def usage(generation: Generation) -> dict:
     }
 
 
-def choice(kind: str, text: str | None, finish: str | None, first: bool = False) -> dict:
+def choice(kind: str, delta: dict | str | None, finish: str | None, first: bool = False) -> dict:
+    """One streamed choice: a text completion's text, or a chat answer's delta (its content, reasoning or calls)."""
     if kind != "chat":
-        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-    delta = {"role": "assistant", "content": ""} if first else {} if text is None else {"content": text}
+        return {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
+    delta = {"role": "assistant", "content": ""} if first else delta or {}
     return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
 
 

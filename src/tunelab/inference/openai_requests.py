@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from tunelab.data.formats import without_nulls
+from tunelab.data.formats import REASONING_KEYS, without_nulls
 
 ROLES = {"system", "user", "assistant", "tool"}
 # Request fields that change what OpenAI would return and that this server cannot honour: refused with a 400
@@ -206,10 +206,36 @@ def parse_messages(body: dict) -> list[dict[str, Any]]:
         turn: dict[str, Any] = {"role": role, "content": _content_text(message.get("content"), f"{where}.content")}
         if role == "assistant" and message.get("tool_calls"):
             turn["tool_calls"] = _calls(message, where)
+        reasoning = next((message[key] for key in REASONING_KEYS if message.get(key)), None)
+        if role == "assistant" and isinstance(reasoning, str) and reasoning.strip():
+            turn["reasoning_content"] = reasoning  # an earlier answer's, sent back: where training had it
         if role == "tool" and isinstance(message.get("tool_call_id"), str):
             turn["tool_call_id"] = message["tool_call_id"]
         chat.append(turn)
     return chat
+
+
+# apply_chat_template's own arguments, which a request's chat_template_kwargs may not set
+_TEMPLATE_ARGUMENTS = {"conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt"}
+_TEMPLATE_ARGUMENTS |= {"continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors"}
+_TEMPLATE_ARGUMENTS |= {"return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"}
+
+
+def parse_template_kwargs(body: dict) -> dict[str, Any]:
+    """A chat request's `chat_template_kwargs` (vLLM's): more variables for the chat template, such as Qwen3's
+    `enable_thinking: false`; {} when the request has none."""
+    value = body.get("chat_template_kwargs")
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(key, str) and key.isidentifier() for key in value):
+        raise RequestError("chat_template_kwargs must be an object of template variables", "chat_template_kwargs")
+    taken = sorted(_TEMPLATE_ARGUMENTS & value.keys())
+    if taken:
+        raise RequestError(
+            f"chat_template_kwargs may not set {', '.join(taken)} (the request itself says those)",
+            "chat_template_kwargs",
+        )
+    return value
 
 
 def parse_prompt(body: dict) -> str | list[int]:

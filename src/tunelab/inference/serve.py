@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from tunelab.errors import TunelabError
+from tunelab.inference.reasoning import PARSERS
 from tunelab.inference.tool_calls import FORMS
 
 log = logging.getLogger("tunelab")
@@ -46,6 +47,7 @@ def serve(
     model_name: str | None = None,
     log_level: str = "info",
     tool_call_parser: str = "auto",
+    reasoning_parser: str = "think",
 ) -> None:
     """Load a model and serve it over an OpenAI-compatible API until interrupted.
 
@@ -59,6 +61,8 @@ def serve(
         log_level: uvicorn's log level ("info" logs one line per request; never the key).
         tool_call_parser: The form the model writes tool calls in ("hermes", "mistral", "llama3_json"), or "auto":
             the form its chat template writes them in.
+        reasoning_parser: "think" (or vLLM's names for the same form, "deepseek_r1", "qwen3"): reasoning written
+            inside <think>...</think> before the answer is returned apart, as `reasoning`; "none": as written.
 
     Raises:
         TunelabError: the model is missing or not a model, or the port cannot be used.
@@ -78,7 +82,7 @@ def serve(
     model, tokenizer = load_run(model_path)  # raises TunelabError naming a missing or wrong folder
     # resolve(): `--model .` is named after the folder, not "".
     name = model_name or (Path(model_path).resolve().name if Path(model_path).exists() else model_path)
-    app = create_app(model, tokenizer, name, api_key, tool_call_parser)
+    app = create_app(model, tokenizer, name, api_key, tool_call_parser, reasoning_parser)
     if host not in LOCAL_HOSTS:
         if api_key is None:
             log.warning(
@@ -116,6 +120,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Hermes, tunelab's chatml), mistral ([TOOL_CALLS]), llama3_json (a JSON answer; Llama 3.1-3.3). "
         "Default auto: the form the model's chat template writes.",
     )
+    parser.add_argument(
+        "--reasoning-parser",
+        choices=PARSERS,
+        default="think",
+        help="How the model writes its reasoning: think (also deepseek_r1, qwen3: <think>...</think> before the "
+        "answer, returned apart as message.reasoning and reasoning_content; an answer without it is all content), "
+        "or none (answers as written). Default think.",
+    )
+
+
+def serve_arguments(args: argparse.Namespace) -> tuple:
+    """serve()'s arguments, from the flags add_arguments defines."""
+    return (
+        args.model, args.host, args.port, args.api_key, args.model_name, "info", args.tool_call_parser,
+        args.reasoning_parser,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
-        serve(args.model, args.host, args.port, args.api_key, args.model_name, tool_call_parser=args.tool_call_parser)
+        serve(*serve_arguments(args))
     except TunelabError as err:
         print(f"tunelab: error: {err}", file=sys.stderr)
         return 2

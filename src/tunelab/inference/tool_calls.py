@@ -155,8 +155,7 @@ def form_for(tokenizer: Any, name: str = "auto") -> ToolCallForm:
     (Hermes, tunelab's own, when it shows none of the others)."""
     if name != "auto":
         return _BY_NAME[name]
-    template = getattr(tokenizer, "chat_template", None) or ""
-    template = " ".join(template.values()) if isinstance(template, dict) else template  # named templates
+    template = template_text(tokenizer)
     if "[TOOL_CALLS]" in template:
         return MISTRAL
     if "<tool_call>" not in template and ("<|python_tag|>" in template or '"parameters": ' in template):
@@ -164,18 +163,32 @@ def form_for(tokenizer: Any, name: str = "auto") -> ToolCallForm:
     return HERMES
 
 
+def template_text(tokenizer: Any) -> str:
+    """The tokenizer's chat template source ("" if none); named templates (a dict of them) joined."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return " ".join(template.values()) if isinstance(template, dict) else template
+
+
 _NAME = "tunelab_forced_call"  # a stand-in call, rendered to see where the template puts a call's name and arguments
 _ARGUMENT = "tunelab_forced_argument"
 
 
-def forced_start(tokenizer: Any, messages: list[dict], tools: list[dict], prompt: str, name: str) -> str | None:
+def forced_start(
+    tokenizer: Any,
+    messages: list[dict],
+    tools: list[dict],
+    prompt: str,
+    name: str,
+    options: dict[str, Any] | None = None,
+) -> str | None:
     """The start of an answer that calls a tool, as the chat template writes a call after `prompt` (the messages
-    rendered with the generation prompt): up to where the call's name goes (`name` ""), or with `name` written, up
-    to where its arguments go. None when the template writes no call there."""
+    rendered with the generation prompt and `options`, the request's chat_template_kwargs): up to where the call's
+    name goes (`name` ""), or with `name` written, up to where its arguments go. None when the template writes no
+    call there."""
     call = {"id": "a1b2c3d4e", "type": "function", "function": {"name": _NAME, "arguments": {_ARGUMENT: 0}}}
     turn = {"role": "assistant", "content": "", "tool_calls": [call]}
     try:
-        text = tokenizer.apply_chat_template([*messages, turn], tools=tools, tokenize=False)
+        text = tokenizer.apply_chat_template([*messages, turn], tools=tools, tokenize=False, **(options or {}))
     except Exception:  # a template that refuses an answer after these messages
         return None
     tail = text[len(prompt) :] if text.startswith(prompt) else ""
