@@ -750,3 +750,16 @@ def test_a_forced_call_after_an_empty_think_block_is_a_call_alone(tiny_tokenizer
     answer = ChatAnswer('<think>\n\n</think>\n\n<tool_call>\n{"name": "', THINK, HERMES)
     reasoning, content, calls = answer.message('get_weather", "arguments": {"city": "Paris"}}\n</tool_call>')
     assert (reasoning, content, [c["function"]["name"] for c in calls]) == (None, None, ["get_weather"])
+
+
+def test_deepseek_r1_answers_begin_inside_the_block():
+    """`--reasoning-parser deepseek_r1`, as vLLM's parser of that name: the R1 templates open the block, so an
+    answer is reasoning up to </think> with or without its own <think>, and all reasoning without one. A block
+    closed with nothing after it leaves no content (null, as vLLM returns it)."""
+    from tunelab.inference.reasoning import THINK, thinking_for
+
+    r1 = thinking_for("deepseek_r1")
+    assert r1.parts("Two and two.\n</think>\n\n4") == ("Two and two.", "4") == r1.parts("<think>Two and two.</think>4")
+    assert r1.parts("still thinking") == ("still thinking", None)
+    assert THINK.parts("still thinking") == (None, "still thinking") and thinking_for("qwen3") == THINK
+    assert THINK.parts("<think>done</think>\n\n") == ("done", None) and thinking_for("none") is None

@@ -482,3 +482,25 @@ def test_a_preference_pair_trains_its_reasoning(tiny_llama, tmp_path):
     answers = [prep.tokenizer.decode(ids) for ids in (pair.chosen_ids, pair.rejected_ids)]
     assert answers[0].startswith("<think>\nTwo and two make four.\n</think>\n\n4")
     assert answers[1].startswith("<think>\nTwo and two make five.\n</think>\n\n5")
+
+
+def test_a_template_that_cuts_the_reasoning_out_is_a_bad_row(tiny_llama, tmp_path, capsys):
+    """DeepSeek-R1's and QwQ's templates cut every answer at </think>: the reasoning would be dropped, and the
+    answer found nowhere in the text. Said as a bad row, with the templates that write it, not trained without."""
+    from tunelab.cli import main
+
+    cuts = tmp_path / "r1.jinja"
+    cuts.write_text(
+        "{% for m in messages %}{% set c = m.content %}{% if m.role == 'assistant' and '</think>' in c %}"
+        "{% set c = c.split('</think>')[-1].lstrip() %}{% endif %}{{ '[' + m.role + '] ' + c + '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '[assistant] <think>\\n' }}{% endif %}"
+    )
+    chat = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", "reasoning": "Two and two."}]
+    data = tmp_path / "r.jsonl"
+    data.write_text((json.dumps({"messages": chat}) + "\n") * 3)
+    args = ["llm", "--dry-run", "--model", str(tiny_llama), "--data-path", str(data), "--trainer", "sft"]
+    assert main([*args, "--chat-template", str(cuts), "--block-size", "128"]) == 2
+    err = capsys.readouterr().err
+    assert f"{data} line 1, column 'messages': the chat template does not write its reasoning" in err
+    assert "use a template that does (chatml" in err and "Traceback" not in err
+    assert main([*args, "--chat-template", "chatml", "--block-size", "128"]) == 0

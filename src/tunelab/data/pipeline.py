@@ -37,19 +37,27 @@ class Formatter:
     eos: str | None
     add_special_tokens: bool
     mask_history: bool = False  # chats: the loss on the last answer only, the earlier turns as context
-    # Whether the template writes tool calls and tool definitions, found on the first conversation with them
+    # Whether the template writes tool calls, tool definitions and reasoning, found on the first conversation with
+    # them
     writes: dict[str, bool] = field(default_factory=dict)
 
-    def _unwritten_tool_use(self, example: dict[str, Any], text: str) -> str | None:
-        """What of a conversation's tool use the template leaves out ("tool calls", "tools"), or None. A template
+    def _unwritten(self, example: dict[str, Any], text: str) -> str | None:
+        """What of a conversation the template leaves out ("tool calls", "tools", "reasoning"), or None. A template
         that ignores tool calls would teach the model to answer with nothing where it should call a tool; one
-        that ignores the definitions, to call tools it was never shown. Found once per template, by rendering the
-        first conversation that has them without them and comparing with its `text`, as rendered with them."""
+        that ignores the definitions, to call tools it was never shown; one that cuts the reasoning out of answers
+        (DeepSeek-R1's and QwQ's cut every answer at </think>), to answer without it, and its answers are then
+        found nowhere in the text. Found once per template, by rendering the first conversation that has them
+        without them and comparing with its `text`, as rendered with them."""
         messages, tools = example["messages"], example.get("tools")
-        uses = {"tool calls": any(m.get("tool_calls") for m in messages), "tools": bool(tools)}
+        uses = {
+            "tool calls": any(m.get("tool_calls") for m in messages),
+            "tools": bool(tools),
+            "reasoning": any(m.get("reasoning_content") for m in messages),
+        }
+        keys = {"tool calls": "tool_calls", "reasoning": "reasoning_content"}
         for what in (name for name, used in uses.items() if used and name not in self.writes):
-            if what == "tool calls":
-                without = [{k: v for k, v in m.items() if k != "tool_calls"} for m in messages], tools
+            if what in keys:
+                without = [{k: v for k, v in m.items() if k != keys[what]} for m in messages], tools
             else:
                 without = messages, None
             try:
@@ -91,7 +99,7 @@ class Formatter:
                         problems.append(describe_problem(split, index, reason))
         kept = []
         for (index, example), text in rendered:
-            unshown = self._unwritten_tool_use(example, text.text)
+            unshown = self._unwritten(example, text.text)
             if unshown is None:
                 kept.append(Rendered(text.text, text.spans[-1:]) if self.mask_history else text)
                 continue
@@ -99,11 +107,15 @@ class Formatter:
             if len(problems) < MAX_LISTED:
                 reason = RowProblem(
                     column if unshown != "tools" else TOOLS_COLUMN,
-                    f"the chat template does not write its {unshown}: use a template that does (the model's own, "
-                    "chat_template: tokenizer, where it takes tools, or your own .jinja)",
+                    f"the chat template does not write its {unshown}: use a template that does ({_WRITERS[unshown]})",
                 )
                 problems.append(describe_problem(split, index, reason))
         return kept, problems, bad
+
+
+# Templates that write what another leaves out (Formatter._unwritten)
+_TOOL_WRITERS = "the model's own, chat_template: tokenizer, where it takes tools, or your own .jinja"
+_WRITERS = {"tool calls": _TOOL_WRITERS, "tools": _TOOL_WRITERS, "reasoning": "chatml, or your own .jinja"}
 
 
 @dataclass

@@ -28,7 +28,7 @@ BUILTIN = ("none", "zephyr", "chatml", "alpaca")
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"  # how reasoning models write their reasoning before the answer
 # The message key a template reads an assistant turn's reasoning from, found in its source.
 _REASONING_READS = (
-    ("reasoning_content", re.compile(r"\breasoning_content\b")),  # Qwen3, QwQ, DeepSeek-V3.1, GLM-4.5
+    ("reasoning_content", re.compile(r"\breasoning_content\b")),  # Qwen3's
     ("thinking", re.compile(r"message\s*(?:\.thinking\b|\[\s*['\"]thinking['\"]\s*\])")),  # gpt-oss
 )
 
@@ -151,6 +151,11 @@ def with_reasoning(conversations: list[list[dict]], source: str) -> list[list[di
 def reasoning_key(source: str) -> str | None:
     """The message key the template reads an assistant turn's reasoning from, or None when it reads none."""
     return next((key for key, reads in _REASONING_READS if reads.search(source)), None)
+
+
+def answer_as_written(message: dict) -> str:
+    """An assistant turn's answer as the model writes it: its reasoning first, in a think block, where it has any."""
+    return _reasoning_placed(message, None)["content"]
 
 
 def _reasoning_placed(message: dict, key: str | None) -> dict:

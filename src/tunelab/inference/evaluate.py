@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.config.llm import LLMParams
-from tunelab.data.templates import with_inputs
+from tunelab.data.templates import answer_as_written, with_inputs, with_reasoning
 from tunelab.errors import TunelabError
 from tunelab.inference.report import REPORT_DIR, publish_report
 from tunelab.outputs import check_run_folder, read_run, training_params
@@ -191,7 +191,7 @@ def _prompts(params: LLMParams, count: int, picked: Any = None, encoded: int = 0
         if "messages" in example:
             messages = example["messages"]
             last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-            shown.append((messages[:last], messages[last]["content"]))
+            shown.append((messages[:last], answer_as_written(messages[last])))  # its reasoning too, as trained
         else:
             words = example["text"].split()
             shown.append((" ".join(words[: len(words) // 2]), " ".join(words[len(words) // 2 :])))
@@ -204,8 +204,9 @@ def _answer(model: Any, tokenizer: Any, prompt: Any, max_new_tokens: int) -> str
 
     options = GenerationParams(max_new_tokens=max_new_tokens)
     if isinstance(prompt, list):
-        # An Alpaca row's input as training laid it out: the alpaca template's own section, else in the content.
-        messages = with_inputs([prompt], tokenizer.chat_template)[0]
+        # An Alpaca row's input as training laid it out (the alpaca template's own section, else in the content),
+        # and earlier answers' reasoning.
+        messages = with_reasoning(with_inputs([prompt], tokenizer.chat_template), tokenizer.chat_template)[0]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return complete(model, tokenizer, text, options, add_special_tokens=False)[0]
     return complete(model, tokenizer, prompt, options)[0]

@@ -97,6 +97,10 @@ class ChatAnswer:
         content, calls = self.tools.read(content)
         return reasoning, content, calls if self.parallel else calls[:1]
 
+    def own_text(self, content: str, calls: list[dict[str, Any]]) -> str:
+        """The part of the content that is the model's own text: all of it, or (with calls) what is outside them."""
+        return self.tools.own_text(content) if calls and self.tools else content
+
     def shown(self, content: str) -> int:
         """How much of the content streamed so far can be sent: all of it, or up to where the calls begin."""
         return self.tools.call_start(content) if self.tools else len(content)
@@ -162,8 +166,8 @@ def create_app(
     if api_key is not None and not api_key.strip():
         raise ValueError("api_key is empty: pass None to serve without a key")
     app = FastAPI(title="tunelab")
-    forms = form_for(tokenizer, tool_call_parser), thinking_for(reasoning_parser)
-    app.state.served = Served(model, tokenizer, model_name, api_key, *forms)
+    tool_form, thinking = form_for(tokenizer, tool_call_parser), thinking_for(reasoning_parser)
+    app.state.served = Served(model, tokenizer, model_name, api_key, tool_form=tool_form, thinking=thinking)
     app.include_router(router)
     app.add_exception_handler(RequestError, bad_request)
     app.add_exception_handler(HTTPException, http_error)
@@ -352,11 +356,11 @@ def answer_events(
             elif answer.tools:
                 yield ": generating\n\n"
         if kind == "chat":  # what was held back, now that the answer is whole
-            reasoning, content, calls = answer.message(text)
+            reasoning, _, calls = answer.message(text)
             if reasoning and len(reasoning) > said:
                 yield event(reasoning_fields(reasoning[said:]))
-            rest = answer.parts(text, whole=True)[1] or ""
-            rest = answer.tools.own_text(rest[sent:]) if calls else rest[sent:]
+            content = answer.parts(text, whole=True)[1] or ""  # with its calls: the text after `sent` is read here
+            rest = answer.own_text(content[sent:], calls)
             if rest:
                 yield event({"content": rest})
             if calls:

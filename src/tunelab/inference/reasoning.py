@@ -7,9 +7,11 @@ traces: data/templates.py writes them so) write their reasoning inside `<think>.
 vLLM's older name), with the answer alone as `content`; streamed, as `delta.reasoning` / `delta.reasoning_content`
 chunks before the content's.
 
-An answer that does not begin with `<think>` is all content. When the chat template opened the block itself (its
-generation prompt ends with `<think>`, as DeepSeek-R1's newer templates do), the answer begins inside it. An
-answer cut off inside the block (max_tokens) is all reasoning, and has no content.
+An answer that does not begin with `<think>` is all content (`think`, `qwen3`: Qwen3 may answer without
+reasoning). When the chat template opened the block itself (its generation prompt ends with `<think>`), the answer
+begins inside it; `deepseek_r1` takes every answer to begin inside it, as vLLM's parser of that name does (the
+R1 models' templates open the block, and the models may skip writing `<think>`). An answer cut off inside the
+block (max_tokens) is all reasoning, and has no content.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class Thinking:
 
     open: str = THINK_OPEN
     close: str = THINK_CLOSE
+    begins_inside: bool = False  # every answer begins inside the block, whether or not it writes the open marker
 
     def parts(self, text: str, whole: bool = True) -> tuple[str | None, str | None]:
         """(reasoning, content) of an answer, or of the answer so far (`whole` False): what could still turn out
@@ -35,14 +38,18 @@ class Thinking:
         part read from a longer text begins with the part read from a shorter one, so a stream can send what is
         new each time, and the parts streamed add up to the whole answer's."""
         lead = text.lstrip()
-        if not lead.startswith(self.open):
-            if not whole and self.open.startswith(lead):  # nothing yet, or the start of the marker
-                return None, None
+        if lead.startswith(self.open):
+            inner = lead[len(self.open) :]
+        elif not whole and self.open.startswith(lead):  # nothing yet, or the start of the marker
+            return None, None
+        elif self.begins_inside:
+            inner = lead
+        else:
             return None, text
-        inner = lead[len(self.open) :]
         end = inner.find(self.close)
         if end >= 0:
-            return inner[:end].strip("\n") or None, inner[end + len(self.close) :].lstrip("\n")
+            content = inner[end + len(self.close) :].lstrip("\n")
+            return inner[:end].strip("\n") or None, content or (None if whole else "")
         if whole:
             return inner.strip("\n") or None, None
         held = next((n for n in range(len(self.close) - 1, 0, -1) if inner.endswith(self.close[:n])), 0)
@@ -59,13 +66,14 @@ class Thinking:
 
 
 THINK = Thinking()
+BEGINS_INSIDE = Thinking(begins_inside=True)
 
 
 def thinking_for(parser: str) -> Thinking | None:
     """The reasoning form `tunelab serve --reasoning-parser` names (PARSERS); None for "none"."""
     if parser not in PARSERS:
         raise ValueError(f"unknown reasoning parser {parser!r}: use one of {', '.join(PARSERS)}")
-    return None if parser == "none" else THINK
+    return {"none": None, "deepseek_r1": BEGINS_INSIDE}.get(parser, THINK)
 
 
 def reasoning_fields(reasoning: str | None) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 from tunelab.errors import TunelabError
 from tunelab.inference.reasoning import PARSERS
@@ -130,12 +131,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def serve_arguments(args: argparse.Namespace) -> tuple:
+def serve_arguments(args: argparse.Namespace) -> dict[str, Any]:
     """serve()'s arguments, from the flags add_arguments defines."""
-    return (
-        args.model, args.host, args.port, args.api_key, args.model_name, "info", args.tool_call_parser,
-        args.reasoning_parser,
-    )  # fmt: skip
+    names = ("host", "port", "api_key", "model_name", "tool_call_parser", "reasoning_parser")
+    return {"model_path": args.model} | {name: getattr(args, name) for name in names}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
-        serve(*serve_arguments(args))
+        serve(**serve_arguments(args))
     except TunelabError as err:
         print(f"tunelab: error: {err}", file=sys.stderr)
         return 2
