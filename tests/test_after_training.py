@@ -338,7 +338,7 @@ def test_export_of_a_lora_run_merges_first_and_predicts_the_same(lora_run, tmp_p
 def test_predictions_to_a_folder_are_one_line(tiny_tokenizer, tmp_path):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from tunelab.inference.predict import load_classifier, write_predictions
+    from tunelab.inference.predict import load_classifier, predictions_path, write_predictions
 
     config = LlamaConfig(
         vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -353,8 +353,10 @@ def test_predictions_to_a_folder_are_one_line(tiny_tokenizer, tmp_path):
     data.write_text("text\nhello there\nnot this one\n")
     (tmp_path / "out").mkdir()
     with pytest.raises(TunelabError, match=f"predict: --output {tmp_path / 'out'} is a folder"):
-        write_predictions(model, tokenizer, data, "text", str(tmp_path / "out"))
+        predictions_path(data, str(tmp_path / "out"))
     (tmp_path / "a-file").write_text("")
     with pytest.raises(TunelabError, match="predict: cannot write"):
-        write_predictions(model, tokenizer, data, "text", str(tmp_path / "a-file" / "out.csv"))
-    assert write_predictions(model, tokenizer, data, "text", None).read_text().startswith("text,label,score,p_no")
+        predictions_path(data, str(tmp_path / "a-file" / "out.csv"))
+    target = predictions_path(data, None)
+    written = write_predictions(model, tokenizer, ["hello there", "not this one"], "text", target)
+    assert written.read_text().startswith("text,label,score,p_no")

@@ -631,3 +631,23 @@ def test_loaders_never_crash_on_any_bytes(tokenizer, raw, suffix):
         path = Path(folder) / f"train{suffix}"
         path.write_bytes(raw)
         loads_or_explains(path, tokenizer)
+
+
+@pytest.mark.parametrize("command", ["generate", "predict", "score"])
+def test_a_file_of_prompts_with_bad_rows_is_one_line_before_the_model_loads(command, tmp_path, capsys):
+    """`tunelab generate|predict|score --data-path`: an empty, missing or non-text cell is named (file, line,
+    column) as training names one, not answered, labelled or scored as "" or as a list's Python spelling; the
+    model (here a folder that does not exist) is not loaded first."""
+    import json
+
+    from tunelab.cli import main
+
+    column = "prompt" if command == "generate" else "text"
+    rows = [{column: "fine"}, {column: ""}, {column: ["a", "list"]}, {"other": 1}]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert main([command, "--model", str(tmp_path / "no-model"), "--data-path", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert f"3 bad row(s) in {data}: {data} line 2, column {column!r}: empty text" in err, err
+    assert f"line 3, column {column!r}: expected text, got a list" in err and "line 4" in err
+    assert "no-model" not in err and "Traceback" not in err

@@ -287,7 +287,7 @@ def run_llm(args: argparse.Namespace, schema: type = LLMParams) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from tunelab.data.sources import read_texts
+    from tunelab.data.formats import read_texts
     from tunelab.inference.generate import GenerationParams, answers_path, generate, load_run, write_answers
 
     options = GenerationParams(
@@ -313,22 +313,27 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from tunelab.inference.predict import load_classifier, predict, write_predictions
+    from tunelab.data.formats import read_texts
+    from tunelab.inference.predict import load_classifier, predict, predictions_path, write_predictions
 
+    if not args.texts and not args.data_path:
+        raise TunelabError("predict: give texts on the command line or --data-path")
+    texts, target = [], None
+    if args.data_path:  # the file and where its labels go are checked before the model loads
+        texts = read_texts(Path(args.data_path), args.text_column, "predict")
+        target = predictions_path(Path(args.data_path), args.output)
     model, tokenizer = load_classifier(args.model)
-    if args.data_path:
-        out = write_predictions(model, tokenizer, Path(args.data_path), args.text_column, args.output)
+    if target is not None:
+        out = write_predictions(model, tokenizer, texts, args.text_column, target)
         print(f"tunelab: predictions written to {out}")
     if args.texts:
         for text, (label, score) in zip(args.texts, predict(model, tokenizer, args.texts), strict=True):
             print(f"{label}\t{score:.4f}\t{json.dumps(text[:80])}")
-    if not args.texts and not args.data_path:
-        raise TunelabError("predict: give texts on the command line or --data-path")
     return 0
 
 
 def run_score(args: argparse.Namespace) -> int:
-    from tunelab.data.sources import read_texts
+    from tunelab.data.formats import read_texts
     from tunelab.inference.score import load_reward_model, score
 
     texts = list(args.texts)
@@ -408,7 +413,7 @@ def run_export(args: argparse.Namespace) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     from tunelab.inference.serve import serve, serve_arguments
 
-    serve(*serve_arguments(args))
+    serve(**serve_arguments(args))
     return 0
 
 

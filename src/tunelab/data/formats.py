@@ -21,9 +21,10 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
-from tunelab.data.sources import Split, json_or_none
+from tunelab.data.sources import Split, json_or_none, read_file
 from tunelab.errors import DataError
 
 log = logging.getLogger("tunelab")
@@ -195,6 +196,16 @@ def _listed(problems: list[str], count: int) -> str:
     return "; ".join(problems[:MAX_LISTED]) + more
 
 
+def read_texts(path: Path, column: str, name: str) -> list[str]:
+    """The texts of one column of a data file (to generate from, label or score), each read as a training text is:
+    a missing, empty or wrong-typed cell is a bad row, and bad rows are one DataError naming file, line and column
+    (an empty prompt would be answered, a list's Python spelling labelled, without a word)."""
+    split = read_file(path, name)
+    if column not in split.columns:
+        raise DataError(f"{path}: column {column!r} not found (columns: {', '.join(split.columns[:20])})")
+    return convert_rows(split, lambda row: cell_text(row, column), bad_rows=None)[0]
+
+
 def to_examples(split: Split, fmt: RowFormat, bad_rows: str = "error") -> list[dict[str, Any]]:
     """Every usable row as {"text": ...} or {"messages": [...]}; bad rows handled as `convert_rows` says."""
     return convert_rows(split, lambda row: convert_row(row, fmt), bad_rows)[0]
@@ -339,7 +350,7 @@ def _reasoning(item: dict, role: str, number: int, column: str) -> str | None:
     """The reasoning an assistant turn carries (REASONING_KEYS), None when it has none. Reasoning on another role's
     turn is a bad row: no template writes it there, and dropping it silently would train on less than the file says."""
     key = next((key for key in REASONING_KEYS if item.get(key) not in (None, "")), None)
-    if key is None:
+    if key is None or (isinstance(item[key], str) and not item[key].strip()):
         return None
     value = item[key]
     if role != "assistant":
@@ -347,7 +358,7 @@ def _reasoning(item: dict, role: str, number: int, column: str) -> str | None:
     if not isinstance(value, str):
         raise RowProblem(column, f"message {number} {key} is not text (got {describe_type(value)})")
     check_unicode(value, column, f"message {number} {key}")
-    return value if value.strip() else None
+    return value
 
 
 def _tool_calls(calls: Any, number: int, column: str) -> list[dict[str, Any]]:

@@ -189,14 +189,6 @@ def _unsupported(path: Path, suffix: str) -> str:
     )
 
 
-def read_texts(path: Path, column: str, name: str) -> list[str]:
-    """The values of one column of a data file, as text (for scoring or labelling a file)."""
-    split = read_file(path, name)
-    if column not in split.columns:
-        raise DataError(f"{path}: column {column!r} not found (columns: {', '.join(split.columns[:20])})")
-    return [str(row.get(column) or "") for row in split.rows]
-
-
 def _read_bytes(path: Path) -> bytes:
     try:
         return path.read_bytes()

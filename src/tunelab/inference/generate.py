@@ -103,7 +103,7 @@ def answers_path(data: Path, output: str | None) -> Path:
     if target.is_dir():
         raise TunelabError(f"generate: --output {target} is a folder; give the path of the JSON lines file to write")
     if not target.parent.is_dir():
-        raise TunelabError(f"generate: cannot write {target}: its folder {target.parent} does not exist")
+        raise TunelabError(f"generate: cannot write {target}: {target.parent} is not an existing folder")
     return target
 
 

@@ -66,15 +66,20 @@ def probabilities(model: Any, tokenizer: Any, texts: list[str], batch_size: int 
     return out
 
 
-def write_predictions(model: Any, tokenizer: Any, data: Path, text_column: str, output: str | None) -> Path:
-    """Label every row of a data file; write a CSV with the text, the label, its score and every probability."""
-    from tunelab.data.sources import read_texts
-
-    texts = read_texts(data, text_column, "predict")
-    probs = probabilities(model, tokenizer, texts)
+def predictions_path(data: Path, output: str | None) -> Path:
+    """Where `write_predictions` writes (checked before the model loads): `output`, or `<data>.predictions.csv`."""
     target = Path(output) if output else data.with_name(f"{data.stem}.predictions.csv")
     if target.is_dir():
         raise TunelabError(f"predict: --output {target} is a folder; give the path of the CSV file to write")
+    if not target.parent.is_dir():
+        raise TunelabError(f"predict: cannot write {target}: {target.parent} is not an existing folder")
+    return target
+
+
+def write_predictions(model: Any, tokenizer: Any, texts: list[str], text_column: str, target: Path) -> Path:
+    """Label the texts (a data file's column, formats.read_texts); write a CSV with each text, its label, the
+    label's score and every probability, to `target` (predictions_path), whole or not at all."""
+    probs = probabilities(model, tokenizer, texts)
     names = list(probs[0]) if probs else []
     with written_whole(target, "predict", newline="") as f:
         writer = csv.writer(f)
