@@ -369,6 +369,25 @@ def test_built_in_answer_rewards_read_the_answer_forms():
     assert answer_reward("tag", "answer")(chat, answer=["5"]) == [1.0]
 
 
+def test_format_think_rewards_reasoning_then_an_answer():
+    """DeepSeek-R1's form: a closed think block, with reasoning in it and an answer after it; its opening may be
+    the chat template's (R1's generation prompt ends with <think>)."""
+    from tunelab.rewards import think_reward
+
+    scored = {
+        "<think>\nTwo and two.\n</think>\n\n4": 1.0,
+        "Two and two.</think>4": 1.0,  # the template opened the block
+        "<think></think>4": 0.0,  # no reasoning
+        "<think>Two and two.</think>  ": 0.0,  # no answer
+        "<think>Two and two.": 0.0,  # never closed
+        "4": 0.0,
+        "Sure. <think>Two and two.</think>4": 0.0,  # text before the block
+        "<think>a</think><think>b</think>4": 0.0,  # two blocks
+    }
+    assert think_reward(list(scored)) == list(scored.values())
+    assert think_reward([[{"role": "assistant", "content": "<think>a</think>b"}]]) == [1.0]
+
+
 def test_sigkill_then_resume_samples_and_trains_as_the_uninterrupted_run(tiny_llama, tmp_path):
     """Generation is seeded by the step: a run killed after its step-2 checkpoint, resumed, logs the same rewards
     and losses at every step as one that was never stopped."""

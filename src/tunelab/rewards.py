@@ -96,6 +96,19 @@ def regex_reward(pattern: str, name: str) -> Callable[..., list[float | None]]:
     return reward
 
 
+def think_reward(completions: list[Any], **_: Any) -> list[float | None]:
+    """1.0 for DeepSeek-R1's form, reasoning inside <think>...</think> and then an answer (both not empty, one
+    block, nothing before it), else 0.0. The opening <think> may be the chat template's (R1's generation prompt
+    ends with it), so a completion need not write it."""
+    scores = []
+    for completion in completions:
+        body = _text(completion).lstrip().removeprefix("<think>")
+        reasoning, closed, answer = body.partition("</think>")
+        one_block = "<think>" not in body and "</think>" not in answer
+        scores.append(float(bool(closed and one_block and reasoning.strip() and answer.strip())))
+    return scores
+
+
 def json_reward(schema_path: str | None) -> Callable[..., list[float | None]]:
     """1.0 when the completion is (or holds, in a ```json fence) a JSON value, valid against the schema if given."""
     validator = None
@@ -148,6 +161,7 @@ BUILTINS = {
     "answer_boxed": "1 if the last \\boxed{...} equals the answer column, else 0",
     "answer_last_number": "1 if the completion's last number equals the answer column, else 0",
     "format_tag": "1 if the completion holds an <answer>...</answer>, else 0",
+    "format_think": "1 if the completion reasons inside <think>...</think> and then answers, else 0",
     "format_regex": "1 if the completion matches --reward-regex, else 0",
     "valid_json": "1 if the completion is valid JSON (against --reward-json-schema when given), else 0",
     "length_penalty": "-(completion tokens / max_completion_length)",
@@ -202,6 +216,8 @@ def _function(name: str, params: Any, max_tokens: int) -> Callable[..., Any]:
         return answer_reward(name.removeprefix("answer_"), column)
     if name == "format_tag":
         return regex_reward(r"<answer>.*?</answer>", name)
+    if name == "format_think":
+        return think_reward
     if name == "format_regex":
         if not params.reward_regex:
             raise RewardError("format_regex needs --reward-regex PATTERN")
