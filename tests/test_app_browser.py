@@ -9,6 +9,7 @@ matrix, a typed text predicted. A screenshot of every page is kept in test-artif
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -140,6 +141,29 @@ def test_new_project_to_chat(browser, tiny_llama, tmp_path):
         answer.wait_for(timeout=60_000)
         assert answer.inner_text().strip() not in ("", "(an empty answer)")
         shot("8-chat")
+
+        # A reasoning model's answer (here the app's answer replaced on its way to the page): its reasoning folded
+        # away above the answer, and the whole text kept in the history sent with the next message.
+        thought = "<think>\nTwo and two make four.\n</think>\n\n4"
+        sent: list[dict] = []
+
+        def reasoned(route):
+            sent.append(route.request.post_data_json)
+            route.fulfill(status=200, content_type="application/json", body=json.dumps({"answer": thought}))
+
+        page.route("**/chat", reasoned)
+        for i, question in enumerate(("What is 2+2?", "And 3+3?")):
+            page.fill("#chat-input", question)
+            page.click("#chat-send")
+            page.locator(".turn.assistant:not(.pending) details.reasoning").nth(i).wait_for()
+        page.unroute("**/chat")
+        last = page.locator(".turn.assistant").last
+        assert last.locator("details.reasoning").inner_text().strip() == "reasoning"  # folded: the summary only
+        last.locator("details.reasoning summary").click()
+        assert "Two and two make four." in last.locator("details.reasoning").inner_text()
+        assert last.inner_text().strip().endswith("4") and "<think>" not in last.inner_text()
+        assert sent[1]["history"][-1] == {"role": "assistant", "content": thought}
+        shot("8c-chat-reasoning")
 
         page.fill("#side-input", "What is the capital of France?")
         page.click("#side-send")

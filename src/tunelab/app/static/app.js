@@ -387,6 +387,32 @@ const tunelab = (() => {
     poll();
   }
 
+  // A reasoning model's answer: [its reasoning inside a leading <think>...</think>, or null; the answer after it],
+  // as `tunelab serve` reads them apart (inference/reasoning.py).
+  function splitReasoning(text) {
+    const lead = text.trimStart();
+    if (!lead.startsWith("<think>")) return [null, text];
+    const inner = lead.slice("<think>".length);
+    const end = inner.indexOf("</think>");
+    if (end < 0) return [inner.trim(), ""];
+    return [inner.slice(0, end).trim() || null, inner.slice(end + "</think>".length).trimStart()];
+  }
+
+  // An assistant turn: its reasoning folded away (open it to read), then the answer.
+  function showAnswer(turn, text) {
+    const [reasoning, answer] = splitReasoning(text);
+    turn.textContent = "";
+    if (reasoning !== null) {
+      const details = document.createElement("details");
+      details.className = "reasoning";
+      const summary = document.createElement("summary");
+      summary.textContent = "reasoning";
+      details.append(summary, reasoning);
+      turn.appendChild(details);
+    }
+    turn.append(answer || (reasoning === null ? "(an empty answer)" : ""));
+  }
+
   function chatBox(jobId) {
     const form = document.getElementById("chat-form");
     const input = document.getElementById("chat-input");
@@ -413,7 +439,8 @@ const tunelab = (() => {
         const temperature = Number(document.getElementById("chat-temperature").value) || 0.7;
         const data = await postJSON(`/api/jobs/${jobId}/chat`, { message, history, sample, temperature });
         pending.className = "turn assistant";
-        pending.textContent = data.answer || "(an empty answer)";
+        showAnswer(pending, data.answer || "");
+        // the whole answer, reasoning included, as the model wrote it (and as training gave it earlier turns)
         history.push({ role: "user", content: message }, { role: "assistant", content: data.answer });
       } catch (err) {
         pending.className = "turn error";
@@ -425,5 +452,5 @@ const tunelab = (() => {
     });
   }
 
-  return { jobPage, drawChart, drawCharts, machinePanel, comparePage };
+  return { jobPage, drawChart, drawCharts, machinePanel, comparePage, splitReasoning };
 })();
