@@ -504,3 +504,64 @@ def test_a_template_that_cuts_the_reasoning_out_is_a_bad_row(tiny_llama, tmp_pat
     assert f"{data} line 1, column 'messages': the chat template does not write its reasoning" in err
     assert "use a template that does (chatml" in err and "Traceback" not in err
     assert main([*args, "--chat-template", "chatml", "--block-size", "128"]) == 0
+
+
+# ---- chat_template_kwargs
+
+SWITCHED = (  # SmolLM3's way, cut down: enable_thinking picks a system flag
+    "{{ '[system] ' + ('/think' if enable_thinking is not defined or enable_thinking else '/no_think') + '\\n' }}"
+    "{% for m in messages %}{{ '[' + m.role + '] ' + m.content }}{% if m.role == 'assistant' %}{{ eos_token }}"
+    "{% endif %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '[assistant] ' }}{% endif %}"
+)
+
+
+def test_chat_template_kwargs_render_the_data_and_stay_the_run_s_defaults(tiny_llama, tmp_path, capsys):
+    """`--chat-template-kwargs '{"enable_thinking": false}'` (TRL's and vLLM's name): the data is rendered with
+    it, the prepared data is another, and the run's saved template keeps it as its default, which a caller's own
+    value still overrides; a config file gives it as an object; what is not a template variable is one line."""
+    import yaml
+    from transformers import AutoTokenizer
+
+    from tunelab.cli import main
+    from tunelab.config import load_config
+    from tunelab.config.llm import LLMParams
+    from tunelab.tasks.llm import prepare
+
+    template = tmp_path / "switched.jinja"
+    template.write_text(SWITCHED)
+    data = tmp_path / "chat.jsonl"
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    data.write_text((json.dumps({"messages": chat}) + "\n") * 8)
+    settings = {"trainer": "sft", "chat_template": str(template), "block_size": 64, "max_steps": 1}
+    base = LLMParams(model=str(tiny_llama), data_path=str(data), project_name=str(tmp_path / "p"), **settings)
+    plain = prepare(base)
+    off = prepare(LLMParams(**{**base.to_dict(redact=False), "chat_template_kwargs": '{"enable_thinking": false}'}))
+    assert plain.tokenizer.decode(plain.data.train[0].input_ids).startswith("[system] /think\n[user] Hi")
+    assert off.tokenizer.decode(off.data.train[0].input_ids).startswith("[system] /no_think\n[user] Hi")
+    assert off.prepared.key != plain.prepared.key
+
+    args = ["llm", "--train", "--model", str(tiny_llama), "--data-path", str(data), "--trainer", "sft"]
+    args += ["--chat-template", str(template), "--block-size", "64", "--max-steps", "1"]
+    assert (
+        main([*args, "--chat-template-kwargs", '{"enable_thinking": false}', "--project-name", str(tmp_path / "r")])
+        == 0
+    )
+    saved = AutoTokenizer.from_pretrained(tmp_path / "r")
+    prompt = [{"role": "user", "content": "Hi"}]
+    assert saved.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True).startswith(
+        "[system] /no_think"
+    )
+    overridden = saved.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, enable_thinking=True)
+    assert overridden.startswith("[system] /think")
+
+    config = {
+        "task": "llm-sft", "base_model": str(tiny_llama), "project_name": str(tmp_path / "c"),
+        "data": {"path": str(data), "chat_template": str(template), "column_mapping": {"text_column": "messages"}},
+        "params": {"chat_template_kwargs": {"enable_thinking": False}},
+    }  # fmt: skip
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    assert load_config(str(tmp_path / "config.yaml")).chat_template_kwargs == {"enable_thinking": False}
+
+    for value, message in (('{"messages": 1}', "messages is not a template variable"), ("[1]", "must be an object")):
+        assert main([*args, "--dry-run", "--chat-template-kwargs", value]) == 2
+        assert message in capsys.readouterr().err

@@ -6,6 +6,7 @@ Every field is described and defaulted once, here. The CLI flags (`cli.py`), the
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,32 @@ def run_template(saved: str | None) -> str | None:
     template (a file's path, relative to where training ran and perhaps edited since), which the run folder's
     tokenizer carries as it was trained with."""
     return "tokenizer" if saved is not None and saved not in CHAT_TEMPLATES else saved
+
+
+# apply_chat_template's own arguments and the names templates are rendered with: not a template variable to set
+_RENDER_NAMES = {"messages", "tools", "documents", "add_generation_prompt", "continue_final_message", "tokenize"}
+_RENDER_NAMES |= {"chat_template", "bos_token", "eos_token", "pad_token", "unk_token", "raise_exception"}
+
+
+def template_variables(value: str | dict | None) -> dict | None:
+    """chat_template_kwargs as a dict of template variables (a JSON object on the command line), None when unset;
+    ConfigError for anything that is not an object of true/false, numbers or text under variable names."""
+    if value is None or value == "" or value == {}:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"chat_template_kwargs: not a JSON object ({err.msg}): {value!r}") from None
+    example = 'e.g. {"enable_thinking": false}'
+    if not isinstance(value, dict) or not all(isinstance(key, str) and key.isidentifier() for key in value):
+        raise ConfigError(f"chat_template_kwargs must be an object of template variables ({example})")
+    for key, item in value.items():
+        if key in _RENDER_NAMES:
+            raise ConfigError(f"chat_template_kwargs: {key} is not a template variable to set (the renderer sets it)")
+        if not isinstance(item, (bool, int, float, str)):
+            raise ConfigError(f"chat_template_kwargs: {key} must be true/false, a number or text ({example})")
+    return dict(value)
 
 
 def custom_chat_template(value: str | None) -> str | None:
@@ -106,6 +133,13 @@ class LLMParams(Params):
         "template itself. Unset: picked from the data (see docs/data.md).",
         (None, *CHAT_TEMPLATES),
         open_choices=True,
+    )
+    chat_template_kwargs: dict | str | None = param(
+        None,
+        "Variables for the chat template, as TRL's and vLLM's chat_template_kwargs: Qwen3's or SmolLM3's "
+        "enable_thinking: false, say (a JSON object on the command line). The data is rendered with them, and the "
+        "run's saved template keeps them as its defaults, so chat, generate and serve write prompts the same way "
+        "(a served request's own chat_template_kwargs still override them).",
     )
     add_eos_token: bool = param(True, "Append the end-of-sequence token to each text (plain-text rows).")
     completion_only_loss: bool = param(
@@ -450,6 +484,7 @@ class LLMParams(Params):
         if self.chat_template in ("", "null"):
             self.chat_template = None
         custom_chat_template(self.chat_template)  # a template file that cannot be read is found now
+        self.chat_template_kwargs = template_variables(self.chat_template_kwargs)
         # TRL's and Axolotl's `gradient_checkpointing: true`, in a config file or as --gradient-checkpointing true
         switch = str(self.gradient_checkpointing).lower()
         if switch in ("true", "yes", "1", "false", "no", "0"):

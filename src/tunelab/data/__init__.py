@@ -132,7 +132,8 @@ def _decide_format(head: Split, params: LLMParams, tokenizer: Any) -> tuple[RowF
     """The train split's row shape, the template it is rendered with (its name and Jinja source)."""
     row_format = detect_format(head, params.text_column, params.prompt_text_column)
     template = pick_template(params.chat_template, row_format, tokenizer)
-    return row_format, template, template_source(template, tokenizer) if template else None
+    source = template_source(template, tokenizer, params.chat_template_kwargs) if template else None
+    return row_format, template, source
 
 
 def _formatter(

@@ -59,6 +59,7 @@ DATA_FIELDS = (
     "text_column",
     "prompt_text_column",
     "chat_template",
+    "chat_template_kwargs",
     "add_eos_token",
     "completion_only_loss",
     "mask_history",

@@ -89,7 +89,7 @@ def load_kto_data(params: LLMParams, tokenizer: Any) -> PreferenceData:
     answer_column = columns["chosen"] if paired else columns["completion"]
     conversational = _conversational(splits["train"], answer_column)
     template = _pick_template(params.chat_template, conversational, "prompt" in columns, tokenizer)
-    source = template_source(template, tokenizer) if template else None
+    source = template_source(template, tokenizer, params.chat_template_kwargs) if template else None
     add_special = source is None and not _starts_with_bos(tokenizer, splits["train"], {"chosen": answer_column})
 
     stats, out, skipped, preview = PairStats(), {}, {}, ""

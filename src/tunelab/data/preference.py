@@ -104,7 +104,7 @@ def load_preference_data(params: LLMParams, tokenizer: Any) -> PreferenceData:
     columns = preference_columns(splits["train"], params)
     conversational = _conversational(splits["train"], columns["chosen"])
     template = _pick_template(params.chat_template, conversational, "prompt" in columns, tokenizer)
-    source = template_source(template, tokenizer) if template else None
+    source = template_source(template, tokenizer, params.chat_template_kwargs) if template else None
     add_special = source is None and not _starts_with_bos(tokenizer, splits["train"], columns)
 
     stats = PairStats()

@@ -90,7 +90,7 @@ def load_prompt_data(params: LLMParams, tokenizer: Any) -> PromptData:
         )
     elif requested and requested != "none":
         template = requested
-    source = template_source(template, tokenizer) if template else None
+    source = template_source(template, tokenizer, params.chat_template_kwargs) if template else None
 
     out: dict[str, list[PromptRow]] = {}
     skipped: dict[str, int] = {}

@@ -13,6 +13,7 @@ turn's content as those models write it, `<think>\n...\n</think>\n\n` before the
 from __future__ import annotations
 
 import functools
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,9 +53,29 @@ def builtin_template(name: str) -> str:
     return (TEMPLATE_DIR / f"{name}.jinja").read_text(encoding="utf-8")
 
 
-def template_source(name: str, tokenizer: Any) -> str:
+def template_source(name: str, tokenizer: Any, variables: dict[str, Any] | None = None) -> str:
     """Jinja source for a template name (`tokenizer`: the model's own), or for the user's own template (a .jinja
-    file or the Jinja itself, config.llm.custom_chat_template), checked to compile."""
+    file or the Jinja itself, config.llm.custom_chat_template), checked to compile; with `variables`
+    (chat_template_kwargs), set as its defaults (`with_defaults`)."""
+    return with_defaults(_named_source(name, tokenizer), variables)
+
+
+def with_defaults(source: str, variables: dict[str, Any] | None) -> str:
+    """The template with `variables` set at its top unless the caller passes them: rendered so for training, and
+    saved so with the run, chat, generate and serve write prompts as training did, while a served request's own
+    chat_template_kwargs still win."""
+    if not variables:
+        return source
+    header = "".join(
+        f"{{%- if {name} is not defined %}}{{%- set {name} = {json.dumps(value)} %}}{{%- endif %}}"
+        for name, value in variables.items()
+    )
+    # The header writes no text. It ends in an empty expression, not a block tag: transformers renders with
+    # trim_blocks, which would eat a newline the template begins with.
+    return f"{{#- tunelab: chat_template_kwargs, as the run's defaults #}}{header}{{{{ '' }}}}{source}"
+
+
+def _named_source(name: str, tokenizer: Any) -> str:
     custom = custom_chat_template(name)
     if custom is not None:
         _check_compiles(custom, name)
@@ -133,7 +154,7 @@ def with_inputs(conversations: list[list[dict]], source: str) -> list[list[dict]
     `### Input:` section). Every other template (chatml, zephyr, none, a model's own) reads role and content alone
     and would silently train on the instruction without its context, so there the input joins the instruction
     after a blank line, as tools that turn Alpaca rows into chats do."""
-    if source == builtin_template("alpaca") or not any("input" in m for c in conversations for m in c):
+    if source.endswith(builtin_template("alpaca")) or not any("input" in m for c in conversations for m in c):
         return conversations
     return [[_input_in_content(m) for m in c] for c in conversations]
 
