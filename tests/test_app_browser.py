@@ -145,24 +145,31 @@ def test_new_project_to_chat(browser, tiny_llama, tmp_path):
         # A reasoning model's answer (here the app's answer replaced on its way to the page): its reasoning folded
         # away above the answer, and the whole text kept in the history sent with the next message.
         thought = "<think>\nTwo and two make four.\n</think>\n\n4"
+        opened_by_the_template, cut_off = "Three and three.</think>6", "<think>Four and four make"
+        answers = [thought, thought, opened_by_the_template, cut_off]
         sent: list[dict] = []
 
         def reasoned(route):
             sent.append(route.request.post_data_json)
-            route.fulfill(status=200, content_type="application/json", body=json.dumps({"answer": thought}))
+            answer = answers[len(sent) - 1]
+            route.fulfill(status=200, content_type="application/json", body=json.dumps({"answer": answer}))
 
         page.route("**/chat", reasoned)
-        for i, question in enumerate(("What is 2+2?", "And 3+3?")):
+        for i, question in enumerate(("What is 2+2?", "And 3+3?", "And 3+3?", "And 4+4?")):
             page.fill("#chat-input", question)
             page.click("#chat-send")
             page.locator(".turn.assistant:not(.pending) details.reasoning").nth(i).wait_for()
         page.unroute("**/chat")
-        last = page.locator(".turn.assistant").last
+        turns = page.locator(".turn.assistant")
+        assert turns.nth(-2).inner_text().strip().endswith("6") and "</think>" not in turns.nth(-2).inner_text()
+        assert "(no answer: the reasoning was cut off" in turns.nth(-1).inner_text()
+        last = turns.nth(-3)
         assert last.locator("details.reasoning").inner_text().strip() == "reasoning"  # folded: the summary only
         last.locator("details.reasoning summary").click()
         assert "Two and two make four." in last.locator("details.reasoning").inner_text()
         assert last.inner_text().strip().endswith("4") and "<think>" not in last.inner_text()
         assert sent[1]["history"][-1] == {"role": "assistant", "content": thought}
+        assert sent[3]["history"][-1] == {"role": "assistant", "content": opened_by_the_template}
         shot("8c-chat-reasoning")
 
         page.fill("#side-input", "What is the capital of France?")

@@ -562,6 +562,12 @@ def test_chat_template_kwargs_render_the_data_and_stay_the_run_s_defaults(tiny_l
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     assert load_config(str(tmp_path / "config.yaml")).chat_template_kwargs == {"enable_thinking": False}
 
-    for value, message in (('{"messages": 1}', "messages is not a template variable"), ("[1]", "must be an object")):
+    refused = {
+        '{"messages": 1}': "messages is not a template variable",
+        "[1]": "must be an object",
+        '{"enable_thinkng": false}': "the chat template (" + str(template) + ") never reads enable_thinkng",
+        '{"enable_thinking": NaN}': "must be true/false, a finite number or text",
+    }
+    for value, message in refused.items():
         assert main([*args, "--dry-run", "--chat-template-kwargs", value]) == 2
         assert message in capsys.readouterr().err

@@ -98,8 +98,8 @@ def regex_reward(pattern: str, name: str) -> Callable[..., list[float | None]]:
 
 def think_reward(completions: list[Any], **_: Any) -> list[float | None]:
     """1.0 for DeepSeek-R1's form, reasoning inside <think>...</think> and then an answer (both not empty, one
-    block, nothing before it), else 0.0. The opening <think> may be the chat template's (R1's generation prompt
-    ends with it), so a completion need not write it."""
+    block), else 0.0. The opening <think> may be the chat template's (R1's generation prompt ends with it), so a
+    completion need not write it; one that does not is read from its start up to </think>."""
     scores = []
     for completion in completions:
         body = _text(completion).lstrip().removeprefix("<think>")

@@ -7,6 +7,7 @@ Every field is described and defaulted once, here. The CLI flags (`cli.py`), the
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,8 @@ def run_template(saved: str | None) -> str | None:
 # apply_chat_template's own arguments and the names templates are rendered with: not a template variable to set
 _RENDER_NAMES = {"messages", "tools", "documents", "add_generation_prompt", "continue_final_message", "tokenize"}
 _RENDER_NAMES |= {"chat_template", "bos_token", "eos_token", "pad_token", "unk_token", "raise_exception"}
+# Jinja's own words, which no variable can be named
+_RENDER_NAMES |= {"true", "false", "none", "True", "False", "None", "not", "and", "or", "in", "is", "if", "else"}
 
 
 def template_variables(value: str | dict | None) -> dict | None:
@@ -62,9 +65,10 @@ def template_variables(value: str | dict | None) -> dict | None:
     for key, item in value.items():
         if key in _RENDER_NAMES:
             raise ConfigError(f"chat_template_kwargs: {key} is not a template variable to set (the renderer sets it)")
-        if not isinstance(item, (bool, int, float, str)):
-            raise ConfigError(f"chat_template_kwargs: {key} must be true/false, a number or text ({example})")
-    return dict(value)
+        finite = not isinstance(item, float) or math.isfinite(item)
+        if not isinstance(item, (bool, int, float, str)) or not finite:
+            raise ConfigError(f"chat_template_kwargs: {key} must be true/false, a finite number or text ({example})")
+    return dict(value) or None
 
 
 def custom_chat_template(value: str | None) -> str | None:

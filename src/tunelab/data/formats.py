@@ -349,8 +349,9 @@ def _message(item: Any, number: int, column: str, tool_calls: bool = False) -> d
 def _reasoning(item: dict, role: str, number: int, column: str) -> str | None:
     """The reasoning an assistant turn carries (REASONING_KEYS), None when it has none. Reasoning on another role's
     turn is a bad row: no template writes it there, and dropping it silently would train on less than the file says."""
-    key = next((key for key in REASONING_KEYS if item.get(key) not in (None, "")), None)
-    if key is None or (isinstance(item[key], str) and not item[key].strip()):
+    given = (key for key in REASONING_KEYS if item.get(key) is not None)
+    key = next((key for key in given if not isinstance(item[key], str) or item[key].strip()), None)
+    if key is None:  # none, or only empty ones
         return None
     value = item[key]
     if role != "assistant":

@@ -56,8 +56,26 @@ def builtin_template(name: str) -> str:
 def template_source(name: str, tokenizer: Any, variables: dict[str, Any] | None = None) -> str:
     """Jinja source for a template name (`tokenizer`: the model's own), or for the user's own template (a .jinja
     file or the Jinja itself, config.llm.custom_chat_template), checked to compile; with `variables`
-    (chat_template_kwargs), set as its defaults (`with_defaults`)."""
-    return with_defaults(_named_source(name, tokenizer), variables)
+    (chat_template_kwargs), set as its defaults (`with_defaults`). A variable the template never reads (a typo,
+    or a switch another model's template has) is a ConfigError: it would change nothing."""
+    source = _named_source(name, tokenizer)
+    if not variables:
+        return source
+    compiled = _compiled(source)
+    if compiled is not None:  # parsed as transformers parses templates ({% generation %}, {% break %})
+        from jinja2 import meta
+
+        read = meta.find_undeclared_variables(compiled.environment.parse(source))
+        unread = [key for key in variables if key not in read]
+        if unread:
+            reads = ", ".join(sorted(read - {"messages", "tools", "add_generation_prompt", "documents"})) or "none"
+            raise ConfigError(
+                f"chat_template_kwargs: the chat template ({name}) never reads {unread[0]}, so it would change "
+                f"nothing (the variables it reads: {reads})"
+            )
+    headed = with_defaults(source, variables)
+    _check_compiles(headed, name)
+    return headed
 
 
 def with_defaults(source: str, variables: dict[str, Any] | None) -> str:
@@ -67,12 +85,12 @@ def with_defaults(source: str, variables: dict[str, Any] | None) -> str:
     if not variables:
         return source
     header = "".join(
-        f"{{%- if {name} is not defined %}}{{%- set {name} = {json.dumps(value)} %}}{{%- endif %}}"
+        f"{{%- if {name} is not defined %}}{{%- set {name} = {json.dumps(value, ensure_ascii=False)} %}}{{%- endif %}}"
         for name, value in variables.items()
     )
-    # The header writes no text. It ends in an empty expression, not a block tag: transformers renders with
-    # trim_blocks, which would eat a newline the template begins with.
-    return f"{{#- tunelab: chat_template_kwargs, as the run's defaults #}}{header}{{{{ '' }}}}{source}"
+    # The header writes no text. It ends with a newline after its last block tag, which trim_blocks (transformers
+    # renders with it) takes away: the template's own first line is then read as it would be alone.
+    return f"{{#- tunelab: chat_template_kwargs, as the run's defaults #}}{header}\n{source}"
 
 
 def _named_source(name: str, tokenizer: Any) -> str:

@@ -387,14 +387,15 @@ const tunelab = (() => {
     poll();
   }
 
-  // A reasoning model's answer: [its reasoning inside a leading <think>...</think>, or null; the answer after it],
-  // as `tunelab serve` reads them apart (inference/reasoning.py).
+  // A reasoning model's answer: [its reasoning, or null; the answer after it, or null when the reasoning was cut
+  // off], as `tunelab serve` reads them apart (inference/reasoning.py). An answer may begin inside the block when
+  // the chat template opened it (DeepSeek-R1's): a </think> with no <think> before it closes that one.
   function splitReasoning(text) {
     const lead = text.trimStart();
-    if (!lead.startsWith("<think>")) return [null, text];
-    const inner = lead.slice("<think>".length);
+    const opened = lead.startsWith("<think>");
+    const inner = opened ? lead.slice("<think>".length) : text;
     const end = inner.indexOf("</think>");
-    if (end < 0) return [inner.trim(), ""];
+    if (end < 0) return opened ? [inner.trim(), null] : [null, text];
     return [inner.slice(0, end).trim() || null, inner.slice(end + "</think>".length).trimStart()];
   }
 
@@ -410,7 +411,8 @@ const tunelab = (() => {
       details.append(summary, reasoning);
       turn.appendChild(details);
     }
-    turn.append(answer || (reasoning === null ? "(an empty answer)" : ""));
+    if (answer === null) turn.append("(no answer: the reasoning was cut off at the answer's length limit)");
+    else turn.append(answer || (reasoning === null ? "(an empty answer)" : ""));
   }
 
   function chatBox(jobId) {
