@@ -636,8 +636,9 @@ def test_loaders_never_crash_on_any_bytes(tokenizer, raw, suffix):
 @pytest.mark.parametrize("command", ["generate", "predict", "score"])
 def test_a_file_of_prompts_with_bad_rows_is_one_line_before_the_model_loads(command, tmp_path, capsys):
     """`tunelab generate|predict|score --data-path`: an empty, missing or non-text cell is named (file, line,
-    column) as training names one, not answered, labelled or scored as "" or as a list's Python spelling; the
-    model (here a folder that does not exist) is not loaded first."""
+    column) as training names one, not answered, labelled or scored as "" or as a list's Python spelling (a list
+    given to generate is a conversation, and read as one); the model (here a folder that does not exist) is not
+    loaded first."""
     import json
 
     from tunelab.cli import main
@@ -649,5 +650,6 @@ def test_a_file_of_prompts_with_bad_rows_is_one_line_before_the_model_loads(comm
     assert main([command, "--model", str(tmp_path / "no-model"), "--data-path", str(data)]) == 2
     err = capsys.readouterr().err
     assert f"3 bad row(s) in {data}: {data} line 2, column {column!r}: empty text" in err, err
-    assert f"line 3, column {column!r}: expected text, got a list" in err and "line 4" in err
+    listed = "message 1 is not an object (got text)" if command == "generate" else "expected text, got a list"
+    assert f"line 3, column {column!r}: {listed}" in err and "line 4" in err
     assert "no-model" not in err and "Traceback" not in err

@@ -134,3 +134,23 @@ def test_generate_answers_a_file_of_prompts_in_batches(taught, tmp_path):
     assert "<|im_end|>" not in written[1]["answer"] and "[END]" not in written[1]["answer"]
     assert main(["generate", "--model", str(run)]) == 2  # neither a prompt nor a file
     assert main([*args[:-1], str(tmp_path / "no-such-folder" / "a.jsonl")]) == 2  # said before the model loads
+
+
+def test_generate_answers_a_file_of_conversations(taught, tmp_path):
+    """`tunelab generate --data-path` on a column of conversations: each written by the run's template and
+    answered as its next turn; one that ends with an answer (a held-out chat) is asked from before it, the answer
+    kept as its reference. A plain-text prompt beside them is a user turn, as always."""
+    from tunelab.cli import main
+
+    _, run = taught
+    hi = [{"role": "user", "content": "Hi"}]
+    rows = [{"messages": hi}, {"messages": [*hi, {"role": "assistant", "content": "Hey."}]}, {"messages": "Hi"}]
+    prompts = tmp_path / "chats.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "answers.jsonl"
+    args = ["generate", "--model", str(run), "--data-path", str(prompts), "--text-column", "messages"]
+    assert main([*args, "--output", str(out), "--max-new-tokens", "24"]) == 0
+    written = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [w["answer"] for w in written] == [ANSWER] * 3
+    assert [w["prompt"] for w in written] == [hi, hi, "Hi"]
+    assert [w.get("reference") for w in written] == [None, "Hey.", None]

@@ -287,7 +287,7 @@ def run_llm(args: argparse.Namespace, schema: type = LLMParams) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from tunelab.data.formats import read_texts
+    from tunelab.data.formats import read_prompts
     from tunelab.inference.generate import GenerationParams, answers_path, generate, load_run, write_answers
 
     options = GenerationParams(
@@ -300,7 +300,7 @@ def run_generate(args: argparse.Namespace) -> int:
         raise TunelabError(f"--batch-size must be at least 1, got {args.batch_size}")
     prompts, target = [], None
     if args.data_path:  # the file and where its answers go are checked before the model loads
-        prompts = read_texts(Path(args.data_path), args.text_column, "generate")
+        prompts = read_prompts(Path(args.data_path), args.text_column, "generate")
         target = answers_path(Path(args.data_path), args.output)
     model, tokenizer = load_run(args.model)
     if target is not None:

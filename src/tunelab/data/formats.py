@@ -206,6 +206,22 @@ def read_texts(path: Path, column: str, name: str) -> list[str]:
     return convert_rows(split, lambda row: cell_text(row, column), bad_rows=None)[0]
 
 
+def read_prompts(path: Path, column: str, name: str) -> list[str | list[dict[str, Any]]]:
+    """The prompts of one column of a data file, to generate from: a text each, or a conversation (a message list,
+    or a JSON string of one) whose next turn is to be answered. Bad cells are bad rows, as `read_texts` says."""
+    split = read_file(path, name)
+    if column not in split.columns:
+        raise DataError(f"{path}: column {column!r} not found (columns: {', '.join(split.columns[:20])})")
+
+    def prompt(row: dict) -> str | list[dict[str, Any]]:
+        value = row.get(column)
+        if isinstance(value, list) or (isinstance(value, str) and is_messages(value)):
+            return cell_messages(row, column, need_assistant=False, tool_calls=True)
+        return cell_text(row, column)
+
+    return convert_rows(split, prompt, bad_rows=None)[0]
+
+
 def to_examples(split: Split, fmt: RowFormat, bad_rows: str = "error") -> list[dict[str, Any]]:
     """Every usable row as {"text": ...} or {"messages": [...]}; bad rows handled as `convert_rows` says."""
     return convert_rows(split, lambda row: convert_row(row, fmt), bad_rows)[0]

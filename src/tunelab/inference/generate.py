@@ -71,13 +71,31 @@ def load_run(path: str | Path) -> tuple[Any, Any]:
     return to_inference_device(model), tokenizer
 
 
-def format_prompt(prompt: str, tokenizer: Any) -> str:
-    """A chat model gets the prompt as a user turn through its template; a plain model gets it as it is."""
-    if getattr(tokenizer, "chat_template", None):
+def format_prompt(prompt: str | list[dict[str, Any]], tokenizer: Any) -> str:
+    """A chat model gets a text prompt as a user turn through its template, and a conversation (formats.read_prompts)
+    as training wrote it, up to the turn to answer (`asked_turns`); a plain model gets a text as it is."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(prompt, list):
+        if not template:
+            raise TunelabError(
+                "generate: the prompts are conversations, but the model has no chat template to write them"
+            )
+        from tunelab.data.templates import with_inputs, with_reasoning
+
+        messages = with_reasoning(with_inputs([asked_turns(prompt)], template), template)[0]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if template:
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
     return prompt
+
+
+def asked_turns(conversation: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The turns a conversation asks the model to answer after: all of them, or, when it ends with an answer (a
+    held-out chat from the training data, say), those before that answer, which is then its reference."""
+    answered = len(conversation) > 1 and conversation[-1]["role"] == "assistant"
+    return conversation[:-1] if answered else conversation
 
 
 def generate(model: Any, tokenizer: Any, prompt: str, options: GenerationParams | None = None) -> list[str]:
@@ -87,7 +105,11 @@ def generate(model: Any, tokenizer: Any, prompt: str, options: GenerationParams 
 
 
 def generate_many(
-    model: Any, tokenizer: Any, prompts: list[str], options: GenerationParams | None = None, batch_size: int = 8
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str] | list[str | list[dict[str, Any]]],
+    options: GenerationParams | None = None,
+    batch_size: int = 8,
 ) -> Iterator[list[str]]:
     """`generate` for many prompts, `batch_size` at a time (left-padded, so every prompt ends where its answer
     starts): each prompt's completions, in order, as each batch is made."""
@@ -110,21 +132,30 @@ def answers_path(data: Path, output: str | None) -> Path:
 def write_answers(
     model: Any,
     tokenizer: Any,
-    prompts: list[str],
+    prompts: list[str | list[dict[str, Any]]],
     target: Path,
     options: GenerationParams | None = None,
     batch_size: int = 8,
 ) -> Path:
     """Answer every prompt and write the answers as JSON lines ({"prompt", "answer"}, or "answers" when asking for
-    several), in order, batch by batch as they are made; the file appears whole or not at all."""
+    several), in order, batch by batch as they are made; the file appears whole or not at all. A conversation's
+    "prompt" is the turns asked; one that ended with an answer also gets it as its "reference" (reasoning first,
+    as training wrote it)."""
     import json
 
+    from tunelab.data.templates import answer_as_written
+
+    if any(isinstance(p, list) for p in prompts) and not getattr(tokenizer, "chat_template", None):
+        format_prompt(next(p for p in prompts if isinstance(p, list)), tokenizer)  # the one line, before any work
     several = options is not None and options.num_return_sequences > 1
     with written_whole(target, "generate") as f:
         for prompt, answers in zip(
             prompts, generate_many(model, tokenizer, prompts, options, batch_size), strict=True
         ):
-            row = {"prompt": prompt, **({"answers": answers} if several else {"answer": answers[0]})}
+            row: dict[str, Any] = {"prompt": asked_turns(prompt) if isinstance(prompt, list) else prompt}
+            row |= {"answers": answers} if several else {"answer": answers[0]}
+            if isinstance(prompt, list) and len(row["prompt"]) < len(prompt):
+                row["reference"] = answer_as_written(prompt[-1])
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return target
 
