@@ -171,6 +171,17 @@ def release_locks() -> None:
         os.close(_HELD.popitem()[1])
 
 
+def beside_data(data: Path, output: str | None, suffix: str, command: str, kind: str) -> Path:
+    """Where `command` writes what it made of a data file (checked before any model loads): `output`, or the data
+    file's stem + `suffix` beside it; `kind` names the file in the message for an `output` that is a folder."""
+    target = Path(output) if output else data.with_name(f"{data.stem}{suffix}")
+    if target.is_dir():
+        raise TunelabError(f"{command}: --output {target} is a folder; give the path of the {kind} to write")
+    if not target.parent.is_dir():
+        raise TunelabError(f"{command}: cannot write {target}: {target.parent} is not an existing folder")
+    return target
+
+
 @contextlib.contextmanager
 def written_whole(target: Path, command: str, newline: str | None = None) -> Iterator[TextIO]:
     """A text file written through a temporary one beside it and renamed over `target` when the block ends without

@@ -196,30 +196,32 @@ def _listed(problems: list[str], count: int) -> str:
     return "; ".join(problems[:MAX_LISTED]) + more
 
 
-def read_texts(path: Path, column: str, name: str) -> list[str]:
-    """The texts of one column of a data file (to generate from, label or score), each read as a training text is:
-    a missing, empty or wrong-typed cell is a bad row, and bad rows are one DataError naming file, line and column
-    (an empty prompt would be answered, a list's Python spelling labelled, without a word)."""
+def read_column(path: Path, column: str, name: str, read: Callable[[dict, str], T]) -> list[T]:
+    """Each cell of one column of a data file, read by `read(row, column)` as training reads a cell: a missing,
+    empty or wrong-typed cell is a bad row, and bad rows are one DataError naming file, line and column (an empty
+    prompt would be answered, a list's Python spelling labelled, without a word)."""
     split = read_file(path, name)
     if column not in split.columns:
         raise DataError(f"{path}: column {column!r} not found (columns: {', '.join(split.columns[:20])})")
-    return convert_rows(split, lambda row: cell_text(row, column), bad_rows=None)[0]
+    return convert_rows(split, lambda row: read(row, column), bad_rows=None)[0]
+
+
+def read_texts(path: Path, column: str, name: str) -> list[str]:
+    """The texts of one column of a data file (to label or score), bad cells as `read_column` says."""
+    return read_column(path, column, name, cell_text)
 
 
 def read_prompts(path: Path, column: str, name: str) -> list[str | list[dict[str, Any]]]:
     """The prompts of one column of a data file, to generate from: a text each, or a conversation (a message list,
-    or a JSON string of one) whose next turn is to be answered. Bad cells are bad rows, as `read_texts` says."""
-    split = read_file(path, name)
-    if column not in split.columns:
-        raise DataError(f"{path}: column {column!r} not found (columns: {', '.join(split.columns[:20])})")
+    or a JSON string of one) whose next turn is to be answered; bad cells as `read_column` says."""
+    return read_column(path, column, name, _prompt_cell)
 
-    def prompt(row: dict) -> str | list[dict[str, Any]]:
-        value = row.get(column)
-        if isinstance(value, list) or (isinstance(value, str) and is_messages(value)):
-            return cell_messages(row, column, need_assistant=False, tool_calls=True)
-        return cell_text(row, column)
 
-    return convert_rows(split, prompt, bad_rows=None)[0]
+def _prompt_cell(row: dict, column: str) -> str | list[dict[str, Any]]:
+    value = row.get(column)
+    if isinstance(value, list) or (isinstance(value, str) and is_messages(value)):
+        return cell_messages(row, column, need_assistant=False, tool_calls=True)
+    return cell_text(row, column)
 
 
 def to_examples(split: Split, fmt: RowFormat, bad_rows: str = "error") -> list[dict[str, Any]]:

@@ -15,7 +15,7 @@ from typing import Any
 
 from tunelab.errors import TunelabError
 from tunelab.inference.device import to_inference_device
-from tunelab.outputs import base_model_of, read_run, written_whole
+from tunelab.outputs import base_model_of, beside_data, read_run, written_whole
 
 log = logging.getLogger("tunelab")
 
@@ -121,12 +121,7 @@ def generate_many(
 
 def answers_path(data: Path, output: str | None) -> Path:
     """Where `write_answers` writes (checked before any model loads): `output`, or `<data>.answers.jsonl`."""
-    target = Path(output) if output else data.with_name(f"{data.stem}.answers.jsonl")
-    if target.is_dir():
-        raise TunelabError(f"generate: --output {target} is a folder; give the path of the JSON lines file to write")
-    if not target.parent.is_dir():
-        raise TunelabError(f"generate: cannot write {target}: {target.parent} is not an existing folder")
-    return target
+    return beside_data(data, output, ".answers.jsonl", "generate", "JSON lines file")
 
 
 def write_answers(

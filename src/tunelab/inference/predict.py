@@ -13,7 +13,7 @@ from typing import Any
 
 from tunelab.errors import TunelabError
 from tunelab.inference.device import to_inference_device
-from tunelab.outputs import training_params, written_whole
+from tunelab.outputs import beside_data, training_params, written_whole
 
 
 def load_classifier(path: str | Path) -> tuple[Any, Any]:
@@ -68,12 +68,7 @@ def probabilities(model: Any, tokenizer: Any, texts: list[str], batch_size: int 
 
 def predictions_path(data: Path, output: str | None) -> Path:
     """Where `write_predictions` writes (checked before the model loads): `output`, or `<data>.predictions.csv`."""
-    target = Path(output) if output else data.with_name(f"{data.stem}.predictions.csv")
-    if target.is_dir():
-        raise TunelabError(f"predict: --output {target} is a folder; give the path of the CSV file to write")
-    if not target.parent.is_dir():
-        raise TunelabError(f"predict: cannot write {target}: {target.parent} is not an existing folder")
-    return target
+    return beside_data(data, output, ".predictions.csv", "predict", "CSV file")
 
 
 def write_predictions(model: Any, tokenizer: Any, texts: list[str], text_column: str, target: Path) -> Path:
