@@ -92,10 +92,14 @@ class ChatAnswer:
     def message(self, generated: str) -> tuple[str | None, str | None, list[dict[str, Any]]]:
         """The whole answer's reasoning, content (its calls taken out) and tool calls."""
         reasoning, content = self.parts(generated, whole=True)
+        return reasoning, *self.read_calls(content)
+
+    def read_calls(self, content: str | None) -> tuple[str | None, list[dict[str, Any]]]:
+        """A whole answer's content without its tool calls, and the calls (one at most without `parallel`)."""
         if self.tools is None or content is None:
-            return reasoning, content, []
+            return content, []
         content, calls = self.tools.read(content)
-        return reasoning, content, calls if self.parallel else calls[:1]
+        return content, calls if self.parallel else calls[:1]
 
     def own_text(self, content: str, calls: list[dict[str, Any]]) -> str:
         """The part of the content that is the model's own text: all of it, or (with calls) what is outside them."""
@@ -356,11 +360,11 @@ def answer_events(
             elif answer.tools:
                 yield ": generating\n\n"
         if kind == "chat":  # what was held back, now that the answer is whole
-            reasoning, _, calls = answer.message(text)
+            reasoning, content = answer.parts(text, whole=True)
+            calls = answer.read_calls(content)[1]
             if reasoning and len(reasoning) > said:
                 yield event(reasoning_fields(reasoning[said:]))
-            content = answer.parts(text, whole=True)[1] or ""  # with its calls: the text after `sent` is read here
-            rest = answer.own_text(content[sent:], calls)
+            rest = answer.own_text((content or "")[sent:], calls)  # the calls' text after `sent` is read here
             if rest:
                 yield event({"content": rest})
             if calls:
