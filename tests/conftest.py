@@ -205,3 +205,16 @@ def learn_by_heart(model: Path, data: Path, run: Path, chat_template: str, block
     )  # fmt: skip
     assert code == 0
     return run
+
+
+@pytest.fixture(scope="session")
+def reasoner(tiny_llama, tmp_path_factory):
+    """A run that learned to reason before it answers (reasoning_content rows, through tunelab's ChatML)."""
+    folder = tmp_path_factory.mktemp("reasoner")
+    chat = [
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4", "reasoning_content": "Two and two make four."},
+    ]
+    data = folder / "reasoning.jsonl"
+    data.write_text((json.dumps({"messages": chat}) + "\n") * 16)
+    return learn_by_heart(tiny_llama, data, folder / "run", "chatml", block_size=128)

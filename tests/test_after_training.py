@@ -13,8 +13,8 @@ from PIL import Image
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tunelab.cli import main
-from tunelab.errors import TunelabError
-from tunelab.inference.chat import ChatSession, chat_loop
+from tunelab.errors import ConfigError, TunelabError
+from tunelab.inference.chat import ChatSession, StreamedAnswer, chat_loop
 from tunelab.inference.device import inference_device
 from tunelab.inference.evaluate import evaluate_run
 from tunelab.inference.generate import GenerationParams, load_run
@@ -250,6 +250,57 @@ def test_chat_streams_keeps_history_and_resets(lora_run):
     text = out.getvalue()
     assert "assistant> " in text and "(conversation cleared)" in text and "unknown command /what" in text
     assert next(lines) == "never read"  # /exit stopped the loop
+
+
+def test_chat_shows_a_reasoning_model_s_thinking_apart_and_keeps_it_in_the_conversation(reasoner, capsys):
+    """The reasoning streams after `thinking>`, the answer after `assistant>`, never the <think> markers; the
+    conversation keeps the reasoning apart, and the template writes it back as it was trained (chatml folds it)."""
+    model, tokenizer = load_run(reasoner)
+    session = ChatSession(model, tokenizer, GenerationParams(max_new_tokens=32))
+    answer = session.send("What is 2+2?")
+    assert answer == "<think>\nTwo and two make four.\n</think>\n\n4"  # as written, for the app to fold
+    assert session.history[-1] == {"role": "assistant", "content": "4", "reasoning_content": "Two and two make four."}
+    turn = "<|im_start|>assistant\n<think>\nTwo and two make four.\n</think>\n\n4<|im_end|>"
+    assert turn in session.prompt_text()
+
+    def shown(session: ChatSession, show_reasoning: bool = True) -> str:
+        lines, out = iter(["What is 2+2?", "/exit"]), io.StringIO()
+        chat_loop(session, read=lambda _: next(lines), out=out, show_reasoning=show_reasoning)
+        return out.getvalue().split("\n", 1)[1]  # after the greeting line
+
+    def fresh(max_new_tokens: int = 32, **options) -> ChatSession:
+        return ChatSession(model, tokenizer, GenerationParams(max_new_tokens=max_new_tokens), **options)
+
+    assert shown(fresh()) == "thinking> Two and two make four.\nassistant> 4\n"
+    assert shown(fresh(), show_reasoning=False) == "thinking> ...\nassistant> 4\n"
+    assert shown(fresh(thinking=None)) == "assistant> <think>\nTwo and two make four.\n</think>\n\n4\n"
+    begun = len(tokenizer("<think>\nTwo and", add_special_tokens=False)["input_ids"])
+    cut = shown(fresh(max_new_tokens=begun))
+    assert cut.startswith("thinking> Two and") and "assistant>" not in cut and "cut off while thinking" in cut
+    opened = len(tokenizer("<think>\n", add_special_tokens=False)["input_ids"])  # nothing after the open marker
+    nothing = shown(fresh(max_new_tokens=opened))
+    assert nothing == "thinking> (the answer was cut off while thinking: raise --max-new-tokens)\n"
+
+    # How a whole answer is read: cut off on a partial close marker, a block closed with nothing after it, and a
+    # template that opened the block itself (the answer begins inside it).
+    session = fresh()
+    assert session.parts("<think>\nStill thinking\n</th") == ("Still thinking", None)
+    assert session.parts("<think>\nDone.\n</think>\n\n") == ("Done.", "")
+    assert session.parts("<think>\n") == (None, None) and session.parts("") == (None, "")
+    session.opened = "<think>"
+    assert session.parts("Two and two.\n</think>\n\n4") == ("Two and two.", "4")
+    out = io.StringIO()
+    answer = StreamedAnswer(fresh(), out, show_reasoning=True)
+    answer.end("<think>\nDone.\n</think>\n\n")
+    assert out.getvalue() == "thinking> Done.\nassistant> "  # no answer, and not said to be cut off
+    stopped, out = fresh(), io.StringIO()
+    StreamedAnswer(stopped, out, show_reasoning=True).end("<think>\nHmm")  # the model ended its turn there
+    assert out.getvalue() == "thinking> Hmm\n(the model stopped while thinking, without an answer)"
+
+    assert main(["chat", "--model", str(reasoner), "--chat-template-kwargs", "{not json"]) == 2
+    assert "chat_template_kwargs: not a JSON object" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="never reads enable_thinking"):  # as training refuses it
+        fresh(template_kwargs={"enable_thinking": False})
 
 
 def test_chat_keeps_the_conversation_when_generating_fails_and_fits_long_histories(tiny_llama):

@@ -188,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--samples", type=int, default=3, help="Sample answers shown side by side (default 3).")
     evaluate.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=64)
 
+    from tunelab.inference.reasoning import PARSERS
+
     chat = sub.add_parser("chat", help="talk to a trained model in the terminal (streamed; /reset, /exit)")
     chat.add_argument("--model", required=True, help="Run folder, model folder, .gguf file or hub id.")
     chat.add_argument("--system", help="A system message opening the conversation.")
@@ -195,6 +197,22 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--do-sample", "--do_sample", action="store_true", help="Sample instead of greedy decoding.")
     chat.add_argument("--temperature", type=float, default=0.7)
     chat.add_argument("--top-p", "--top_p", type=float, default=0.9)
+    chat.add_argument(
+        "--reasoning-parser",
+        choices=PARSERS,
+        default="think",
+        help="How the model writes its reasoning, as for serve: think (also deepseek_r1, qwen3: <think>...</think> "
+        "before the answer, shown apart after 'thinking>'), or none (answers as written). Default think.",
+    )
+    chat.add_argument(
+        "--hide-reasoning", action="store_true", help="Show only the answer, not the reasoning before it."
+    )
+    chat.add_argument(
+        "--chat-template-kwargs",
+        "--chat_template_kwargs",
+        metavar="JSON",
+        help="More variables for the chat template, as a JSON object: e.g. '{\"enable_thinking\": false}' (Qwen3).",
+    )
 
     merge = sub.add_parser("merge", help="merge a run's LoRA adapter into its base: one full transformers model")
     merge.add_argument("--model", required=True, help="Run folder holding a LoRA adapter.")
@@ -374,16 +392,21 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def run_chat(args: argparse.Namespace) -> int:
+    from tunelab.config.llm import template_variables
     from tunelab.inference.chat import ChatSession, chat_loop
     from tunelab.inference.generate import GenerationParams, load_run
+    from tunelab.inference.reasoning import thinking_for
     from tunelab.outputs import check_run_folder
 
     if Path(args.model).exists():
         check_run_folder(args.model, "chat")
     options = GenerationParams(args.max_new_tokens, args.do_sample, args.temperature, top_p=args.top_p)
     options.check()
+    variables = template_variables(args.chat_template_kwargs)
     model, tokenizer = load_run(args.model)
-    chat_loop(ChatSession(model, tokenizer, options, args.system), name=args.model)
+    thinking = thinking_for(args.reasoning_parser)
+    session = ChatSession(model, tokenizer, options, args.system, thinking=thinking, template_kwargs=variables)
+    chat_loop(session, name=args.model, show_reasoning=not args.hide_reasoning)
     return 0
 
 

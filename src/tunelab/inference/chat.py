@@ -1,16 +1,24 @@
 """`tunelab chat`: talk to a fine-tuned model in the terminal, through the chat template it was trained with,
-with the answer streamed token by token. `/reset` clears the conversation, `/exit` (or Ctrl-D) quits."""
+with the answer streamed token by token. `/reset` clears the conversation, `/exit` (or Ctrl-D) quits.
+
+A reasoning model's `<think>...</think>` is shown apart from its answer (`thinking>`, dimmed in a terminal) or
+not at all (`--hide-reasoning`), read as `tunelab serve` reads it (reasoning.py), and kept in the conversation
+as the model's reasoning, which the template writes back as it did in training (templates.with_reasoning)."""
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from tunelab.data.templates import template_source, with_reasoning
 from tunelab.errors import TunelabError
 from tunelab.inference.generate import GenerationParams
 from tunelab.inference.openai_requests import Sampling
+from tunelab.inference.reasoning import THINK, Thinking
+from tunelab.inference.tool_calls import template_text
 
 HELP = "/reset clears the conversation, /exit quits"
 
@@ -23,16 +31,34 @@ class ChatSession:
     (never a reader left waiting), and the oldest exchanges are left out when the history outgrows the context.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, options: GenerationParams | None = None, system: str | None = None):
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        options: GenerationParams | None = None,
+        system: str | None = None,
+        thinking: Thinking | None = THINK,
+        template_kwargs: dict[str, Any] | None = None,
+    ):
         self.model, self.tokenizer = model, tokenizer
         self.options = options or GenerationParams(max_new_tokens=256)
         self.system = system
+        self.thinking = thinking  # how the model writes its reasoning (reasoning.py); None: its answers are all answer
+        self.template_kwargs = template_kwargs or {}  # more variables for the template (Qwen3's enable_thinking)
         self.history: list[dict[str, str]] = []
+        self.opened = ""  # the open marker, when the last prompt's template opened the think block
+        self.finish_reason = "stop"  # of the last answer: "length" when it reached max_new_tokens
         self._lock = threading.Lock()
+        if self.template_kwargs:  # as training takes them: a variable the template never reads is refused
+            if not self.templated:
+                raise TunelabError("chat: chat_template_kwargs are for a chat template, and this model has none")
+            template_source("tokenizer", tokenizer, self.template_kwargs)
         if system and self.templated:
             try:  # Gemma's template, for one, refuses system messages: say so now, not at the first message
                 self.tokenizer.apply_chat_template(
-                    [{"role": "system", "content": system}, {"role": "user", "content": "Hi"}], tokenize=False
+                    [{"role": "system", "content": system}, {"role": "user", "content": "Hi"}],
+                    tokenize=False,
+                    **self.template_kwargs,
                 )
             except Exception as err:  # noqa: BLE001 - jinja2's errors and the template's own raise_exception
                 raise TunelabError(f"chat: this model's chat template takes no system message ({err})") from None
@@ -48,13 +74,16 @@ class ChatSession:
         history = self.history if history is None else history
         messages = ([{"role": "system", "content": self.system}] if self.system else []) + history
         if self.templated:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            messages = with_reasoning([messages], template_text(self.tokenizer))[0]  # earlier reasoning, as trained
+            render = {"tokenize": False, "add_generation_prompt": True, **self.template_kwargs}
+            return self.tokenizer.apply_chat_template(messages, **render)
         # A model trained on plain text has no turns: give it the conversation as text and let it continue.
         return "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
 
     def send(self, text: str, on_token: Callable[[str], None] = lambda piece: None) -> str:
-        """Add the user's turn, stream the model's answer piece by piece to `on_token`, and return it whole. If
-        generating fails, the conversation is left as it was and the error raised."""
+        """Add the user's turn, stream the model's answer piece by piece to `on_token`, and return it whole, as
+        written (reasoning included; `parts` reads it apart). The conversation keeps the reasoning apart from the
+        answer. If generating fails, the conversation is left as it was and the error raised."""
         from tunelab.inference.streaming import Generation
 
         self.history.append({"role": "user", "content": text})
@@ -69,15 +98,33 @@ class ChatSession:
                 stop=[] if self.templated else ["\nUser:"],  # plain text: the model would write the user's turn
             )
             pieces = []
-            for piece in Generation(self.model, self.tokenizer, self._lock, ids, sampling):
+            generation = Generation(self.model, self.tokenizer, self._lock, ids, sampling)
+            for piece in generation:
                 pieces.append(piece)
                 on_token(piece)
         except BaseException:
             self.history.pop()
             raise
+        self.finish_reason = generation.finish_reason
         answer = "".join(pieces).strip()
-        self.history.append({"role": "assistant", "content": answer})
+        reasoning, content = self.parts(answer)
+        turn = {"role": "assistant", "content": content or ""}
+        self.history.append(turn | ({"reasoning_content": reasoning} if reasoning else {}))
         return answer
+
+    def parts(self, answer: str, whole: bool = True) -> tuple[str | None, str | None]:
+        """(reasoning, answer) of an answer as written, or of the answer so far (`whole` False): Thinking.parts,
+        after the open marker when the template opened the block. Whole, the answer is None only when the model
+        stopped inside its reasoning (then without the start of a close marker it had begun)."""
+        if self.thinking is None:
+            return None, answer
+        text = self.opened + answer
+        reasoning, content = self.thinking.parts(text, whole)
+        if whole and content is None:
+            if self.thinking.close in text:  # the block closed, and nothing came after it
+                return reasoning, ""
+            return self.thinking.parts(text, whole=False)[0], None
+        return reasoning, content
 
     def _prompt_ids(self) -> tuple[Any, int]:
         """The prompt's token ids and how many tokens the answer may take: the oldest exchanges are left out
@@ -87,6 +134,7 @@ class ChatSession:
         history = self.history
         while True:
             text = self.prompt_text(history)
+            self.opened = self.thinking.opened_by(text) if self.thinking and self.templated else ""
             ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=not self.templated)["input_ids"]
             length = int(ids.shape[1])
             if context is None or length + wanted <= context:
@@ -100,7 +148,11 @@ class ChatSession:
 
 
 def chat_loop(
-    session: ChatSession, read: Callable[[str], str] = input, out: TextIO = sys.stdout, name: str = "model"
+    session: ChatSession,
+    read: Callable[[str], str] = input,
+    out: TextIO = sys.stdout,
+    name: str = "model",
+    show_reasoning: bool = True,
 ) -> None:
     """The terminal conversation: read a line, answer it streamed, until /exit or end of input."""
     print(f"chatting with {name} ({HELP})", file=out, flush=True)
@@ -121,9 +173,58 @@ def chat_loop(
         if line.startswith("/"):
             print(f"unknown command {line.split()[0]} ({HELP})", file=out, flush=True)
             continue
-        print("assistant> ", end="", file=out, flush=True)
+        shown = StreamedAnswer(session, out, show_reasoning)
         try:
-            session.send(line, lambda piece: print(piece, end="", file=out, flush=True))
+            shown.end(session.send(line, shown.add))
         except TunelabError as err:  # a message longer than the context: say so, and keep the conversation
             print(f"({err})", end="", file=out, flush=True)
         print(file=out, flush=True)
+
+
+class StreamedAnswer:
+    """One answer on the terminal as it streams: its reasoning after `thinking> ` (dimmed on a terminal, or only
+    said with show_reasoning False), then its answer after `assistant> `. What could still be a marker is held
+    back until the next piece says (Thinking.parts), so `<think>` itself is never printed."""
+
+    def __init__(self, session: ChatSession, out: TextIO, show_reasoning: bool):
+        self.session, self.out, self.show_reasoning = session, out, show_reasoning
+        self.dim = out.isatty() and "NO_COLOR" not in os.environ
+        self.text = ""  # the answer so far, as written
+        self.reasoning_shown = 0  # characters of the reasoning printed
+        self.answering = False  # `assistant> ` printed
+        self.answer_shown = 0  # characters of the answer printed
+
+    def add(self, piece: str) -> None:
+        self.text += piece
+        self._show(*self.session.parts(self.text, whole=False))
+
+    def end(self, answer: str) -> None:
+        reasoning, content = self.session.parts(answer)
+        self._show(reasoning, content)
+        if content is None:  # it stopped inside its reasoning
+            self._print("\n" if self.reasoning_shown else "thinking> ")
+            if self.session.finish_reason == "length":
+                self._print("(the answer was cut off while thinking: raise --max-new-tokens)")
+            else:
+                self._print("(the model stopped while thinking, without an answer)")
+
+    def _show(self, reasoning: str | None, content: str | None) -> None:
+        if reasoning and len(reasoning) > self.reasoning_shown and not self.answering:
+            if not self.reasoning_shown:
+                self._print("thinking> " + ("" if self.show_reasoning else "..."))
+            if self.show_reasoning:
+                new = reasoning[self.reasoning_shown :]
+                self._print(f"\x1b[2m{new}\x1b[0m" if self.dim else new)
+            self.reasoning_shown = len(reasoning)
+        if content is None:
+            return
+        if not self.answering:
+            self._print(("\n" if self.reasoning_shown else "") + "assistant> ")
+            self.answering = True
+        text = content if self.reasoning_shown else content.lstrip()
+        if len(text) > self.answer_shown:
+            self._print(text[self.answer_shown :])
+            self.answer_shown = len(text)
+
+    def _print(self, text: str) -> None:
+        print(text, end="", file=self.out, flush=True)
