@@ -655,23 +655,6 @@ def test_reasoning_is_read_apart_whole_and_as_it_streams():
         assert (whole[0] or "").startswith(streamed["reasoning"]) and (whole[1] or "").startswith(streamed["content"])
 
 
-@pytest.fixture(scope="module")
-def reasoner(tiny_llama, tmp_path_factory):
-    """A run that learned to reason before it answers (reasoning_content rows, through tunelab's ChatML)."""
-    import json
-
-    from tests.conftest import learn_by_heart
-
-    folder = tmp_path_factory.mktemp("reasoner")
-    chat = [
-        {"role": "user", "content": "What is 2+2?"},
-        {"role": "assistant", "content": "4", "reasoning_content": "Two and two make four."},
-    ]
-    data = folder / "reasoning.jsonl"
-    data.write_text((json.dumps({"messages": chat}) + "\n") * 16)
-    return learn_by_heart(tiny_llama, data, folder / "run", "chatml", block_size=128)
-
-
 def test_a_reasoning_model_s_answer_comes_back_with_its_reasoning_apart(reasoner):
     """As vLLM's reasoning parsers return it: `reasoning` (and `reasoning_content`) beside the answer's content,
     whole and streamed alike; --reasoning-parser none returns the answer as written; an earlier answer's reasoning
@@ -736,6 +719,8 @@ def test_chat_template_kwargs_reach_the_template(loaded):
         )
         with pytest.raises(openai.BadRequestError, match="chat_template_kwargs may not set add_generation_prompt"):
             prompt_tokens({"add_generation_prompt": False})
+        with pytest.raises(openai.BadRequestError, match="may not set eos_token"):  # as training refuses it
+            prompt_tokens({"eos_token": "</s>"})
         with pytest.raises(openai.BadRequestError, match="chat_template_kwargs must be an object"):
             prompt_tokens([1])
 

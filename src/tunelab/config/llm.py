@@ -42,11 +42,13 @@ def run_template(saved: str | None) -> str | None:
     return "tokenizer" if saved is not None and saved not in CHAT_TEMPLATES else saved
 
 
-# apply_chat_template's own arguments and the names templates are rendered with: not a template variable to set
-_RENDER_NAMES = {"messages", "tools", "documents", "add_generation_prompt", "continue_final_message", "tokenize"}
-_RENDER_NAMES |= {"chat_template", "bos_token", "eos_token", "pad_token", "unk_token", "raise_exception"}
-# Jinja's own words, which no variable can be named
-_RENDER_NAMES |= {"true", "false", "none", "True", "False", "None", "not", "and", "or", "in", "is", "if", "else"}
+# Not a template variable to set, in training's chat_template_kwargs or a served request's: apply_chat_template's
+# own arguments, the names templates are rendered with, and Jinja's own words, which no variable can be named.
+RENDER_NAMES = {"messages", "conversation", "tools", "documents", "add_generation_prompt", "continue_final_message"}
+RENDER_NAMES |= {"tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict"}
+RENDER_NAMES |= {"tokenizer_kwargs", "return_assistant_tokens_mask", "chat_template", "raise_exception"}
+RENDER_NAMES |= {"bos_token", "eos_token", "pad_token", "unk_token"}
+RENDER_NAMES |= {"true", "false", "none", "True", "False", "None", "not", "and", "or", "in", "is", "if", "else"}
 
 
 def template_variables(value: str | dict | None) -> dict | None:
@@ -63,7 +65,7 @@ def template_variables(value: str | dict | None) -> dict | None:
     if not isinstance(value, dict) or not all(isinstance(key, str) and key.isidentifier() for key in value):
         raise ConfigError(f"chat_template_kwargs must be an object of template variables ({example})")
     for key, item in value.items():
-        if key in _RENDER_NAMES:
+        if key in RENDER_NAMES:
             raise ConfigError(f"chat_template_kwargs: {key} is not a template variable to set (the renderer sets it)")
         finite = not isinstance(item, float) or math.isfinite(item)
         if not isinstance(item, (bool, int, float, str)) or not finite:

@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from tunelab.config.llm import RENDER_NAMES
 from tunelab.data.formats import REASONING_KEYS, without_nulls
 
 ROLES = {"system", "user", "assistant", "tool"}
@@ -215,12 +216,6 @@ def parse_messages(body: dict) -> list[dict[str, Any]]:
     return chat
 
 
-# apply_chat_template's own arguments, which a request's chat_template_kwargs may not set
-_TEMPLATE_ARGUMENTS = {"conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt"}
-_TEMPLATE_ARGUMENTS |= {"continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors"}
-_TEMPLATE_ARGUMENTS |= {"return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"}
-
-
 def parse_template_kwargs(body: dict) -> dict[str, Any]:
     """A chat request's `chat_template_kwargs` (vLLM's): more variables for the chat template, such as Qwen3's
     `enable_thinking: false`; {} when the request has none."""
@@ -229,10 +224,10 @@ def parse_template_kwargs(body: dict) -> dict[str, Any]:
         return {}
     if not isinstance(value, dict) or not all(isinstance(key, str) and key.isidentifier() for key in value):
         raise RequestError("chat_template_kwargs must be an object of template variables", "chat_template_kwargs")
-    taken = sorted(_TEMPLATE_ARGUMENTS & value.keys())
+    taken = sorted(RENDER_NAMES & value.keys())
     if taken:
         raise RequestError(
-            f"chat_template_kwargs may not set {', '.join(taken)} (the request itself says those)",
+            f"chat_template_kwargs may not set {', '.join(taken)} (the request or the renderer sets those)",
             "chat_template_kwargs",
         )
     return value
