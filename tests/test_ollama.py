@@ -17,28 +17,74 @@ import pytest
 
 from tests.conftest import CHATML
 from tunelab.cli import main
-from tunelab.data.templates import builtin_template
+from tunelab.data.templates import builtin_template, with_reasoning
 from tunelab.errors import TunelabError
 from tunelab.inference.ollama import modelfile
 
-# A Go program rendering a TEMPLATE for a chat as Ollama does: .Messages with .Role and .Content.
+# A Go program rendering a TEMPLATE for a chat as Ollama does (.Messages with .Role, .Content and .Thinking), or,
+# with `tags`, printing the thinking tags Ollama reads from it: the text that opens and closes the list of nodes
+# around an action writing .Thinking, inside a range over .Messages (none: the model does not think, for Ollama).
 GO_RENDER = """package main
 
 import (
 	"encoding/json"
+	"fmt"
 	"os"
+	"strings"
 	"text/template"
+	"text/template/parse"
 )
 
-type Message struct{ Role, Content string }
+type Message struct{ Role, Content, Thinking string }
+
+// tags walks the tree: messages says whether the nearest range around a node ranges over .Messages, list is the
+// list of nodes the node is in. Each action writing .Thinking there sets the tags from the text nodes that open
+// and close its list; the last one found counts.
+func tags(node parse.Node, messages bool, list *parse.ListNode, open, end *string) {
+	switch n := node.(type) {
+	case *parse.ListNode:
+		for _, child := range n.Nodes {
+			tags(child, messages, n, open, end)
+		}
+	case *parse.ActionNode:
+		if messages && list != nil && strings.Contains(n.Pipe.String(), ".Thinking") {
+			if first, ok := list.Nodes[0].(*parse.TextNode); ok {
+				*open = strings.TrimSpace(string(first.Text))
+			}
+			if last, ok := list.Nodes[len(list.Nodes)-1].(*parse.TextNode); ok {
+				*end = strings.TrimSpace(string(last.Text))
+			}
+		}
+	case *parse.IfNode:
+		branch(&n.BranchNode, messages, open, end)
+	case *parse.WithNode:
+		branch(&n.BranchNode, messages, open, end)
+	case *parse.RangeNode:
+		branch(&n.BranchNode, strings.Contains(n.Pipe.String(), ".Messages"), open, end)
+	}
+}
+
+func branch(b *parse.BranchNode, messages bool, open, end *string) {
+	tags(b.List, messages, nil, open, end)
+	if b.ElseList != nil {
+		tags(b.ElseList, messages, nil, open, end)
+	}
+}
 
 func main() {
+	source, _ := os.ReadFile(os.Args[len(os.Args)-1])
+	parsed := template.Must(template.New("").Parse(string(source)))
+	if os.Args[1] == "tags" {
+		var open, end string
+		tags(parsed.Tree.Root, false, nil, &open, &end)
+		fmt.Printf("%s\\n%s", open, end)
+		return
+	}
 	var data struct{ Messages []Message }
 	if err := json.NewDecoder(os.Stdin).Decode(&data); err != nil {
 		panic(err)
 	}
-	source, _ := os.ReadFile(os.Args[1])
-	template.Must(template.New("").Parse(string(source))).Execute(os.Stdout, data)
+	parsed.Execute(os.Stdout, data)
 }
 """
 
@@ -98,6 +144,12 @@ def go_render(tmp_path_factory):
         )  # fmt: skip
         return result.stdout
 
+    def tags(template: str) -> tuple[str, str]:
+        (folder / "template").write_text(template, encoding="utf-8")
+        command = [str(folder / "render"), "tags", str(folder / "template")]
+        return tuple(subprocess.run(command, capture_output=True, text=True, check=True).stdout.split("\n"))
+
+    render.tags = tags
     return render
 
 
@@ -219,6 +271,39 @@ def test_a_stop_string_ollama_cannot_read_back_is_refused(tiny_tokenizer):
     tokenizer = _tokenizer_with(tiny_tokenizer, template.replace("marker", json.dumps(marker)))
     with pytest.raises(TunelabError, match="cannot be written in a Modelfile"):
         modelfile("model.gguf", tokenizer)
+
+
+def test_a_model_that_reasons_gives_ollama_its_thinking_tags(go_render, tiny_tokenizer, caplog):
+    """A run trained on reasoning: the TEMPLATE has the text nodes Ollama reads thinking tags from (so Ollama lists
+    the model as thinking and returns its reasoning as message.thinking), and writes an earlier answer's thinking
+    back as the run was trained (in the turn, before the answer); one that is not gets no tags."""
+    tokenizer = _tokenizer_with(tiny_tokenizer, CHATML)
+    template = _parse(modelfile("model.gguf", tokenizer, thinking=True))["template"]
+    assert go_render.tags(template) == ("<think>", "</think>")
+    assert go_render.tags(_parse(modelfile("model.gguf", tokenizer))["template"]) == ("", "")
+    # The thinking as Ollama's parser hands it back (and clients send it again): up to the close tag, the line
+    # break before it kept.
+    answered = {"role": "assistant", "content": "4", "thinking": "Two and two make four.\n"}
+    chat = [{"role": "system", "content": "Be brief."}, TWO_TURNS[0], answered, TWO_TURNS[2]]
+    as_trained = [{"reasoning_content" if k == "thinking" else k: v for k, v in m.items()} for m in chat]
+    render = {"tokenize": False, "add_generation_prompt": True}
+    jinja = tokenizer.apply_chat_template(with_reasoning([as_trained], CHATML)[0], **render)
+    assert "<think>\nTwo and two make four.\n</think>\n\n4<|im_end|>" in jinja
+    assert go_render(template, chat) == jinja
+    assert go_render(template, TWO_TURNS) == tokenizer.apply_chat_template(TWO_TURNS, **render)
+
+    # A template that writes reasoning_content its own way (Qwen3's): no tags, and the export says why.
+    reads = CHATML.replace("message['content']", "(message.reasoning_content or '') + message['content']")
+    assert "reasoning_content" in reads
+    with caplog.at_level("WARNING", logger="tunelab"):
+        template = _parse(modelfile("model.gguf", _tokenizer_with(tiny_tokenizer, reads), thinking=True))["template"]
+    assert go_render.tags(template) == ("", "") and "no thinking tags" in caplog.text
+
+
+def test_the_export_of_a_run_trained_on_reasoning_is_a_thinking_model(reasoner, go_render, tmp_path):
+    out = tmp_path / "for-ollama"
+    assert main(["export", "--model", str(reasoner), "--format", "ollama", "--output", str(out)]) == 0
+    assert go_render.tags(_parse((out / "Modelfile").read_text())["template"]) == ("<think>", "</think>")
 
 
 def test_cli_writes_the_folder_llama_cpp_loads(tiny_llama, tmp_path, capsys):

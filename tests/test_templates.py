@@ -426,6 +426,26 @@ def test_reasoning_is_trained_in_a_think_block_before_the_answer(tiny_tokenizer,
     ]
 
 
+def test_a_split_whose_answers_reason_is_told_apart():
+    """What makes a run's record say it learned to reason (and its Ollama export a thinking model): an answer with
+    reasoning, in a message list or a JSON string of one (ShareGPT's too); not an empty one, not a user's, not in
+    a column that is not a conversation."""
+    from tunelab.data.formats import holds_reasoning
+    from tunelab.data.sources import Split
+
+    def rows(*messages: dict) -> Split:
+        return Split("train", "t.jsonl", [{"messages": [{"role": "user", "content": "2+2?"}, *messages]}])
+
+    assert holds_reasoning(rows({"role": "assistant", "content": "4", "thinking": "Two and two."}), ["messages"])
+    as_text = [{"role": "assistant", "content": "4", "reasoning_content": "Two and two."}]
+    assert holds_reasoning(Split("train", "t.csv", [{"m": "x"}, {"m": json.dumps(as_text)}]), ["m"])
+    assert holds_reasoning(rows({"from": "gpt", "value": "4", "reasoning": "Two and two."}), ["messages"])
+    assert not holds_reasoning(rows({"role": "assistant", "content": "4"}), ["messages"])
+    assert not holds_reasoning(rows({"role": "assistant", "content": "4", "reasoning": " "}), ["messages"])
+    assert not holds_reasoning(rows({"role": "user", "content": "4", "reasoning": "mine"}), ["messages"])
+    assert not holds_reasoning(rows({"role": "assistant", "content": "4", "thinking": "x"}), ["other"])
+
+
 def test_reasoning_goes_where_a_template_reads_it(tiny_tokenizer):
     """A template that reads reasoning_content (Qwen3's) gets it there, and writes it its own way: here only in the
     last turn, so the earlier turn trains on its answer alone, as the template shows it."""
@@ -482,6 +502,7 @@ def test_a_preference_pair_trains_its_reasoning(tiny_llama, tmp_path):
     answers = [prep.tokenizer.decode(ids) for ids in (pair.chosen_ids, pair.rejected_ids)]
     assert answers[0].startswith("<think>\nTwo and two make four.\n</think>\n\n4")
     assert answers[1].startswith("<think>\nTwo and two make five.\n</think>\n\n5")
+    assert prep.data.reasoning  # the run's record says so: its Ollama export is a thinking model
 
 
 def test_a_template_that_cuts_the_reasoning_out_is_a_bad_row(tiny_llama, tmp_path, capsys):

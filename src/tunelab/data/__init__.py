@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from tunelab.config.llm import LLMParams
-from tunelab.data.formats import RowFormat, RowProblem, convert_row, detect_format, settle_bad_rows
+from tunelab.data.formats import RowFormat, RowProblem, convert_row, detect_format, holds_reasoning, settle_bad_rows
 from tunelab.data.holdout import apportion, hold_out
 from tunelab.data.mixture import draw, is_mixture, parse_sources
 from tunelab.data.pipeline import Formatter, encode_split, worker_count
@@ -47,6 +47,7 @@ class EncodedData:
     skipped_rows: dict[str, int] = field(default_factory=dict)  # split -> bad rows dropped (bad_rows=skip)
     mixture: list[dict[str, Any]] | None = None  # per source of a mixture: what it is, examples, taken, tokens
     streamed: bool = False  # streaming: train and valid hold only the first block of each split
+    reasoning: bool = False  # answers in the train split's first rows (HEAD_ROWS) reason: formats.holds_reasoning
 
     def describe(self) -> str:
         if self.mixture:
@@ -98,6 +99,7 @@ def _load_source(params: LLMParams, tokenizer: Any, folder: Path | None, prefix:
         origins={name: stream.origin for name, stream in streams.items()},
         preview=preview,
         skipped_rows=skipped,
+        reasoning=holds_reasoning(streams["train"].head, _conversation_columns(row_format)),
     )
 
 
@@ -124,8 +126,13 @@ def stream_data(params: LLMParams, tokenizer: Any, build_rows: Any) -> tuple[Enc
         origins={name: stream.origin for name, stream in heads.items()},
         preview=tokenizer.decode(shown.input_ids) if shown else "",
         streamed=True,
+        reasoning=holds_reasoning(heads["train"].head, _conversation_columns(row_format)),
     )
     return data, rows["train"], rows.get("valid")
+
+
+def _conversation_columns(row_format: RowFormat) -> list[str]:
+    return [row_format.columns["messages"]] if row_format.kind == "messages" else []
 
 
 def _decide_format(head: Split, params: LLMParams, tokenizer: Any) -> tuple[RowFormat, str | None, str | None]:
@@ -197,6 +204,7 @@ def _load_mixture(params: LLMParams, tokenizer: Any, folder: Path | None) -> Enc
             split: sum(data.skipped_rows.get(split, 0) for _, data, _ in parts) for split in first.skipped_rows
         },
         mixture=mixture,
+        reasoning=any(data.reasoning for _, data, taken in parts if len(taken)),
     )
 
 

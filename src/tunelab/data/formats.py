@@ -122,6 +122,25 @@ def _mostly_missing(split: Split, column: str) -> bool:
     return present * 2 < len(sample)
 
 
+def holds_reasoning(split: Split, columns: list[str]) -> bool:
+    """Whether the conversations in these columns give an answer reasoning (REASONING_KEYS): a run trained on
+    them writes `<think>` blocks, which its Ollama export tells Ollama to read apart. `split`: the rows looked at
+    (the train split, or its first HEAD_ROWS rows where it is streamed)."""
+    for row in split.rows:
+        for column in columns:
+            value = row.get(column)
+            value = json_or_none(value.strip()) if isinstance(value, str) and value.lstrip().startswith("[") else value
+            if isinstance(value, list) and any(isinstance(m, dict) and _answer_reasons(m) for m in value):
+                return True
+    return False
+
+
+def _answer_reasons(message: dict) -> bool:
+    role = message.get("role", message.get("from"))  # ShareGPT's from/value too
+    reasoning = (message.get(key) for key in REASONING_KEYS)
+    return role in ("assistant", "gpt") and any(isinstance(r, str) and r.strip() for r in reasoning)
+
+
 def is_messages(value: Any) -> bool:
     """A message list, or a JSON string of one (a list of objects; their fields are checked row by row)."""
     if isinstance(value, str):

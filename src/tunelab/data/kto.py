@@ -22,7 +22,15 @@ from typing import Any
 from jinja2 import TemplateError
 
 from tunelab.config.llm import LLMParams
-from tunelab.data.formats import RowProblem, cell_messages, cell_text, describe_problem, is_messages, settle_bad_rows
+from tunelab.data.formats import (
+    RowProblem,
+    cell_messages,
+    cell_text,
+    describe_problem,
+    holds_reasoning,
+    is_messages,
+    settle_bad_rows,
+)
 from tunelab.data.preference import (
     PairStats,
     PreferenceData,
@@ -125,6 +133,7 @@ def load_kto_data(params: LLMParams, tokenizer: Any) -> PreferenceData:
         preview=preview,
         kind="kto",
         skipped_rows=skipped,
+        reasoning=holds_reasoning(splits["train"], [answer_column, columns.get("rejected", answer_column)]),
     )
 
 

@@ -29,6 +29,7 @@ from tunelab.data.formats import (
     cell_messages,
     cell_text,
     describe_problem,
+    holds_reasoning,
     is_messages,
     settle_bad_rows,
 )
@@ -75,6 +76,7 @@ class PreferenceData:
     preview: str = ""
     kind: str = "preference"
     skipped_rows: dict[str, int] = field(default_factory=dict)  # split -> bad rows dropped (bad_rows=skip)
+    reasoning: bool = False  # the train split's answers reason (formats.holds_reasoning)
 
     def describe(self) -> str:
         return f"{self.kind} (" + ", ".join(f"{k}={v!r}" for k, v in self.columns.items()) + ")"
@@ -130,6 +132,7 @@ def load_preference_data(params: LLMParams, tokenizer: Any) -> PreferenceData:
         stats=stats,
         preview=preview,
         skipped_rows=skipped,
+        reasoning=holds_reasoning(splits["train"], [columns["chosen"], columns["rejected"]]),
     )
 
 

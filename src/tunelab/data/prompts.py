@@ -47,6 +47,7 @@ class PromptData:
     preview: str
     skipped_rows: dict[str, int] = field(default_factory=dict)
     truncated: int = 0
+    reasoning: bool = False  # a reward asks for reasoning (format_think): the run learns to write <think> blocks
 
     def describe(self) -> str:
         return f"prompts ({'chat' if self.template else 'text'}) from column {self.column!r}"
@@ -126,6 +127,7 @@ def load_prompt_data(params: LLMParams, tokenizer: Any) -> PromptData:
         preview=tokenizer.decode(first.input_ids),
         skipped_rows=skipped,
         truncated=truncated,
+        reasoning="format_think" in reward_names(params.reward_functions),
     )
 
 

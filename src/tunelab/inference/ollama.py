@@ -11,6 +11,12 @@ into the first user turn, say) gets no system turn, or is refused, with one line
 A default system prompt the template adds when a chat has none (SmolLM2's "You are a helpful AI assistant...")
 becomes the Modelfile's SYSTEM, as Ollama expects; `--system` sets another. PARAMETER stop lists the special
 tokens that end an assistant turn. https://github.com/ollama/ollama/blob/main/docs/modelfile.md
+
+A run trained on reasoning (tunelab_run.json's `reasoning`: its answers came with reasoning_content) writes
+`<think>...</think>` before its answers. Its TEMPLATE then writes an assistant message's `.Thinking` in that block,
+as training did (templates.with_reasoning folds it into the turn), in plain text around `{{ .Thinking }}`: that is
+what Ollama reads a model's thinking tags from, and a model whose template has them is one Ollama lists as
+"thinking" and whose answers it returns with the reasoning apart (`message.thinking`).
 """
 
 from __future__ import annotations
@@ -19,11 +25,13 @@ import contextlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from tunelab.data.templates import THINK_CLOSE, THINK_OPEN, reasoning_key, with_reasoning
 from tunelab.errors import TunelabError
+from tunelab.inference.tool_calls import template_text
 
 log = logging.getLogger("tunelab")
 
@@ -44,6 +52,7 @@ class ChatShape:
     assistant_suffix: str  # between turns
     assistant_last_suffix: str  # after the chat's last message
     generation_prompt: str
+    thinking: bool = False  # an assistant message's .Thinking is written before its content, in a think block
 
     def render(self, messages: list[dict[str, str]]) -> str:
         """What the TEMPLATE below renders for `messages`, by the same rules, for checking it against Jinja."""
@@ -58,13 +67,16 @@ class ChatShape:
                 out.append(self.user_prefix + content + self.user_suffix)
             elif role == "assistant":
                 suffix = self.assistant_last_suffix if last else self.assistant_suffix
+                if self.thinking and message.get("thinking"):
+                    content = f"{THINK_OPEN}\n{message['thinking']}{THINK_CLOSE}\n\n{content}"
                 out.append(self.assistant_prefix + content + suffix)
             if last and role != "assistant":
                 out.append(self.generation_prompt)
         return "".join(out)
 
     def go_template(self) -> str:
-        """Ollama's TEMPLATE: literal text as Go string constants, so trim markers never touch it."""
+        """Ollama's TEMPLATE: literal text as Go string constants, so trim markers never touch it (but for the
+        think block's, which Ollama reads its thinking tags from)."""
 
         def text(value: str) -> str:
             return "{{ " + json.dumps(value, ensure_ascii=False) + " }}" if value else ""
@@ -74,6 +86,9 @@ class ChatShape:
             assistant_end = (
                 f"{{{{ if $last }}}}{text(self.assistant_last_suffix)}{{{{ else }}}}{assistant_end}{{{{ end }}}}"
             )
+        # Plain text around .Thinking, not Go string constants: Ollama finds the tags in the text nodes beside it.
+        # No line break before the close tag: Ollama's parser keeps the one the model wrote in .Thinking.
+        thinking = f"{{{{ if .Thinking }}}}{THINK_OPEN}\n{{{{ .Thinking }}}}{THINK_CLOSE}\n\n{{{{ end }}}}"
         system = (
             f'{{{{- if eq .Role "system" }}}}{text(self.system_prefix)}{{{{ .Content }}}}{text(self.system_suffix)}\n'
             if self.system_prefix is not None
@@ -85,7 +100,8 @@ class ChatShape:
             f'{{{{- if and (eq $i 0) (ne .Role "system") }}}}{text(self.preamble)}{{{{ end }}}}\n'
             f"{system}"
             f'{{{{- else if eq .Role "user" }}}}{text(self.user_prefix)}{{{{ .Content }}}}{text(self.user_suffix)}\n'
-            f'{{{{- else if eq .Role "assistant" }}}}{text(self.assistant_prefix)}{{{{ .Content }}}}{assistant_end}\n'
+            f'{{{{- else if eq .Role "assistant" }}}}{text(self.assistant_prefix)}'
+            f"{thinking if self.thinking else ''}{{{{ .Content }}}}{assistant_end}\n"
             "{{- end }}\n"
             f'{{{{- if and $last (ne .Role "assistant") }}}}{text(self.generation_prompt)}{{{{ end }}}}\n'
             "{{- end }}"
@@ -179,8 +195,13 @@ def check_shape(shape: ChatShape, tokenizer: Any) -> None:
     ]
     if shape.system_prefix is not None:
         chats += [[{"role": "system", "content": "Be brief."}, *chat] for chat in chats]
+    if shape.thinking:  # an earlier answer's reasoning, written back as the run was trained to read it
+        # as Ollama's parser hands the thinking back: from its first character to the close tag, line break kept
+        answered = {"role": "assistant", "content": "4", "thinking": "Two and two.\nSo four.\n"}
+        chats.append([chats[1][0], answered, chats[1][2]])
     for chat in chats:
-        jinja = rendered(tokenizer, chat, generation=True)
+        as_trained = [{"reasoning_content" if k == "thinking" else k: v for k, v in m.items()} for m in chat]
+        jinja = rendered(tokenizer, with_reasoning([as_trained], template_text(tokenizer))[0], generation=True)
         if shape.render(chat) != jinja:
             raise TunelabError(
                 "export: the chat template does not reduce to per-message wrappers (it renders "
@@ -200,14 +221,23 @@ def stop_tokens(shape: ChatShape, tokenizer: Any) -> list[str]:
     return found
 
 
-def modelfile(gguf_name: str, tokenizer: Any, system: str | None = None) -> str:
-    """The Modelfile for a GGUF file beside it, from the run's tokenizer and its chat template."""
+def modelfile(gguf_name: str, tokenizer: Any, system: str | None = None, thinking: bool = False) -> str:
+    """The Modelfile for a GGUF file beside it, from the run's tokenizer and its chat template; `thinking`: the
+    model writes its reasoning in a think block before its answers (a run trained on reasoning)."""
     if not tokenizer.chat_template:
         raise TunelabError(
             "export: the model has no chat template, so Ollama would not know how to format a chat: train with "
             "--chat-template (chatml, zephyr, ...) or export --format gguf"
         )
     shape, default_system = chat_shape(tokenizer)
+    if thinking and (key := reasoning_key(template_text(tokenizer))) is not None:
+        log.warning(
+            "export: the chat template writes reasoning its own way (it reads %s); the Modelfile gives Ollama no "
+            "thinking tags, so Ollama returns the reasoning inside the answer",
+            key,
+        )
+    elif thinking:
+        shape = replace(shape, thinking=True)
     check_shape(shape, tokenizer)
     if shape.system_prefix is None:
         log.warning("export: the chat template has no system turn; Ollama's system messages will not reach the model")
@@ -245,7 +275,7 @@ def export_ollama(model: str | Path, output: str | Path, dtype: str = "f16", sys
     cannot take stops the export before minutes of merging and quantizing.
     """
     from tunelab.inference.export import export_run
-    from tunelab.outputs import check_run_folder
+    from tunelab.outputs import check_run_folder, read_run
 
     folder = check_run_folder(model, "export")
     target = Path(os.path.expanduser(str(output))).absolute()
@@ -253,7 +283,8 @@ def export_ollama(model: str | Path, output: str | Path, dtype: str = "f16", sys
         raise TunelabError(
             f"export: --format ollama writes a folder (the GGUF file and its Modelfile); {target} is a file name"
         )
-    text = modelfile("model.gguf", _tokenizer(folder), system)
+    thinking = bool(read_run(folder).get("reasoning"))  # trained on reasoning: it writes <think> blocks
+    text = modelfile("model.gguf", _tokenizer(folder), system, thinking)
     export_run(folder, target / "model.gguf", dtype)
     path = target / "Modelfile"
     partial = path.with_name(".Modelfile.partial")

@@ -227,6 +227,7 @@ def _run(params: LLMParams) -> Path:
         "merged": "merged" if params.merge_adapter and params.peft else None,
         "row_format": data.describe(),
         "template": data.template,
+        "reasoning": data.reasoning,  # it learned to write <think> blocks: export --format ollama reads this
         "data": data.origins,
         "skipped_rows": data.skipped_rows,
         "prepared_data": prep.prepared.key if prep.prepared else "streamed",
