@@ -274,6 +274,18 @@ def test_parameter_errors_are_given_per_field(app, model):
     assert app.get_json("/api/jobs")[1] == []
 
 
+def test_chat_template_kwargs_are_a_parameter_of_the_form(app, model):
+    """Typed as a JSON object on the form, sent as one (or as its text) through the API; its errors on the field."""
+    _, project = new_project(app, model)
+    url = f"/api/projects/{project['id']}/preview"
+    status, body = app.post_json(url, {"params": {"chat_template_kwargs": "{oops"}})
+    assert status == 400 and "not a JSON object" in body["errors"]["chat_template_kwargs"], body
+    status, body = app.post_json(url, {"params": {"chat_template_kwargs": {"enable_thinking": False}}})
+    assert status == 400 and "never reads enable_thinking" in body["errors"]["chat_template_kwargs"], body
+    status, _, page = app.request("GET", f"/projects/{project['id']}/params")
+    assert status == 200 and b'name="chat_template_kwargs" value=""' in page
+
+
 def test_preview_shows_the_examples_as_trained(app, model):
     _, project = new_project(app, model)
     mapping = {"prompt_text_column": "instruction", "text_column": "output"}

@@ -9,6 +9,7 @@ in a worker thread, never on the event loop.
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -217,6 +218,8 @@ def _params_page(
     token_given: bool = False,
 ) -> HTMLResponse:
     fields = field_specs(project["settings"]["trainer"])
+    # An object parameter (chat_template_kwargs) a job was given as JSON through the API: shown as JSON text
+    values = {name: json.dumps(v) if isinstance(v, dict) else v for name, v in values.items()}
     return render(
         request, "params.html", status, project=project, fields=fields, values=values, errors=errors,
         plan=plan or {}, note=note, unfit=unfit, evaluate=evaluate, token_given=token_given,
