@@ -54,10 +54,12 @@ def test_grpo_raises_the_reward_and_the_rewarded_form(tmp_path, capsys):
     args = [
         "llm", "--train", "--trainer", "grpo", "--peft", "--data-path", str(data), "--project-name", str(run),
         "--chat-template", "tokenizer", "--reward-functions", "format_tag,answer_tag", "--num-generations", "6",
-        "--batch-size", "2", "--gradient-accumulation", "1", "--max-completion-length", "32", "--max-steps", "18",
-        "--lr", "3e-4", "--lora-r", "16", "--logging-steps", "1", "--completions-every", "5",
+        "--batch-size", "2", "--gradient-accumulation", "1", "--max-completion-length", "32", "--max-steps", "10",
+        "--lr", "1e-3", "--lora-r", "16", "--logging-steps", "1", "--completions-every", "5",
         "--disable-gradient-checkpointing",
     ]  # fmt: skip
+    # 2026-12-06, this machine: the mean reward of the first 5 steps 0.30, of the last 5 0.88; tagged answers on the
+    # held-back prompts: base 0.00, tuned 0.92 (18 steps at lr 3e-4 had taken twice as long for 0.07 -> 0.63).
     assert main(args) == 0
     rewards = [r["reward"] for r in read_metrics(run) if "reward" in r]
     first, last = statistics.mean(rewards[:5]), statistics.mean(rewards[-5:])
