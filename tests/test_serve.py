@@ -158,6 +158,25 @@ def test_chat_logprobs_are_the_answer_tokens_own(client, loaded):
     assert content[0].logprob == pytest.approx(first, abs=1e-4)
 
 
+def test_streamed_logprobs_are_the_whole_answer_s(client):
+    """Streamed, the log-probs come in one chunk after the answer's text (scored once it is whole): joined over the
+    chunks, the same as without stream, for a chat and for a text completion."""
+    asked = {"model": "tiny", "max_tokens": 6, "temperature": 0}
+    chat = {"messages": HELLO, "logprobs": True, "top_logprobs": 2}
+    whole = client.chat.completions.create(**asked, **chat).choices[0].logprobs.content
+    chunks = [c.choices[0] for c in client.chat.completions.create(**asked, **chat, stream=True) if c.choices]
+    streamed = [token for c in chunks if c.logprobs for token in c.logprobs.content]
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, pytest.approx(t.logprob, abs=1e-5)) for t in whole]
+    assert [len(t.top_logprobs) for t in streamed] == [2] * len(whole)
+    assert not any(c.logprobs for c in chunks if c.delta.content)  # after the text, not beside it
+
+    text = {"prompt": "Once upon a time", "logprobs": 2}
+    whole = client.completions.create(**asked, **text).choices[0].logprobs
+    chunks = [c.choices[0] for c in client.completions.create(**asked, **text, stream=True)]
+    (scored,) = [c.logprobs for c in chunks if c.logprobs]
+    assert scored.tokens == whole.tokens and scored.token_logprobs == pytest.approx(whole.token_logprobs, abs=1e-5)
+
+
 def test_stop_string_cuts_the_answer(client):
     whole = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=12, temperature=0)
     text = whole.choices[0].text
@@ -197,7 +216,6 @@ def test_sampling_with_a_seed_repeats(client):
         ({"messages": HELLO, "stream_options": {"include_usage": True}}, "stream_options"),
         ({"messages": HELLO, "top_logprobs": 2}, "top_logprobs"),
         ({"messages": HELLO, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-        ({"messages": HELLO, "logprobs": True, "stream": True}, "logprobs"),
     ],
 )
 def test_bad_requests_are_400(client, request_args, param):

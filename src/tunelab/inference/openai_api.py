@@ -286,7 +286,7 @@ async def respond(
     scoring: Scoring | None = None,
 ) -> Any:
     """The answer to a chat (kind "chat", read as `answer` says) or text completion request, streamed or whole;
-    with `scoring`, log-probs (whole answers only: openai_requests.parse_logprobs)."""
+    with `scoring`, log-probs (streamed: in one chunk once the answer is whole)."""
     rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
     head = {"id": rid, "created": int(time.time()), "model": model.name}
     if not body.get("stream"):
@@ -299,7 +299,7 @@ async def respond(
         return whole.result()
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of the stream
-    events = answer_events(generation, kind, head, include_usage, answer)
+    events = answer_events(generation, kind, head, include_usage, answer, scoring)
     return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
 
@@ -322,17 +322,23 @@ def whole_answer(
 
 
 def answer_events(
-    generation: Generation, kind: str, head: dict, include_usage: bool, answer: ChatAnswer | None = None
+    generation: Generation,
+    kind: str,
+    head: dict,
+    include_usage: bool,
+    answer: ChatAnswer | None = None,
+    scoring: Scoring | None = None,
 ) -> Iterator[str]:
     """The server-sent events of a streamed answer. A sync generator: Starlette iterates it in a worker thread, so
     waiting on the model blocks no one. A chat answer's reasoning streams first, as `reasoning` deltas, then its
     content; with tools, the content before the first call streams as usual, and the calls are sent at the end,
-    read whole (tool_calls.py)."""
+    read whole (tool_calls.py). Log-probs, asked for, are scored once the answer is whole and sent in one chunk
+    after its text (a client joining every chunk's `logprobs` gets the whole answer's, as without stream)."""
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
     extra = {"usage": None} if include_usage else {}
 
-    def event(delta: dict | str | None, finish: str | None = None) -> str:
-        return sse(head | {"object": obj, "choices": [choice(kind, delta, finish)]} | extra)
+    def event(delta: dict | str | None, finish: str | None = None, **fields: Any) -> str:
+        return sse(head | {"object": obj, "choices": [choice(kind, delta, finish) | fields]} | extra)
 
     if kind == "chat":  # OpenAI's first chunk carries the role only
         yield sse(head | {"object": obj, "choices": [choice(kind, None, None, first=True)]} | extra)
@@ -370,6 +376,8 @@ def answer_events(
             if calls:
                 deltas = [{"index": i, **call} for i, call in enumerate(calls)]
                 yield event({"tool_calls": deltas})
+        if scoring is not None and scoring.top is not None:
+            yield event(None, **scoring.choice_fields(generation, kind, text))
     except Exception as err:  # headers are sent: report in the stream, as OpenAI does
         log.exception("streaming generation failed")
         yield sse(error_body(f"internal error: {err}", kind="server_error"))

@@ -249,7 +249,8 @@ def parse_prompt(body: dict) -> str | list[int]:
 def parse_logprobs(body: dict, chat: bool) -> int | None:
     """How many of the likeliest tokens to return at each place with the answer's log-probs, or None when the
     request asks for none. Chat: `logprobs` true and `top_logprobs` (0 to 20); text completions: `logprobs` (0 to
-    5). They are worked out once the answer is whole (inference/logprobs.py), so not streamed."""
+    5). They are worked out once the answer is whole (inference/logprobs.py): streamed, they come in one chunk
+    after the answer's text."""
     from tunelab.inference.logprobs import CHAT_TOP_MAX, COMPLETIONS_TOP_MAX
 
     wanted, top = body.get("logprobs"), body.get("top_logprobs")
@@ -266,8 +267,6 @@ def parse_logprobs(body: dict, chat: bool) -> int | None:
         if wanted is not None and bad:
             raise RequestError(f"logprobs must be an integer from 0 to {COMPLETIONS_TOP_MAX}", "logprobs")
         found = wanted
-    if found is not None and body.get("stream"):
-        raise RequestError("logprobs are not streamed by tunelab serve: ask for them without stream", "logprobs")
     return found
 
 
