@@ -301,6 +301,8 @@ def test_chat_shows_a_reasoning_model_s_thinking_apart_and_keeps_it_in_the_conve
     assert "chat_template_kwargs: not a JSON object" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="never reads enable_thinking"):  # as training refuses it
         fresh(template_kwargs={"enable_thinking": False})
+    with pytest.raises(ConfigError, match="add_generation_prompt is not a template variable"):
+        fresh(template_kwargs={"add_generation_prompt": False})
 
 
 def test_chat_keeps_the_conversation_when_generating_fails_and_fits_long_histories(tiny_llama):

@@ -300,10 +300,14 @@ def test_a_model_that_reasons_gives_ollama_its_thinking_tags(go_render, tiny_tok
     assert go_render.tags(template) == ("", "") and "no thinking tags" in caplog.text
 
 
-def test_the_export_of_a_run_trained_on_reasoning_is_a_thinking_model(reasoner, go_render, tmp_path):
-    out = tmp_path / "for-ollama"
-    assert main(["export", "--model", str(reasoner), "--format", "ollama", "--output", str(out)]) == 0
-    assert go_render.tags(_parse((out / "Modelfile").read_text())["template"]) == ("<think>", "</think>")
+def test_the_export_of_a_run_trained_on_reasoning_is_a_thinking_model(reasoner, go_render, tmp_path, capsys):
+    """As its tunelab_run.json says, unless --no-thinking (or --thinking, for a merged model's folder) says else."""
+    for flags, tags in (([], ("<think>", "</think>")), (["--no-thinking"], ("", ""))):
+        out = tmp_path / f"for-ollama{len(flags)}"
+        assert main(["export", "--model", str(reasoner), "--format", "ollama", "--output", str(out), *flags]) == 0
+        assert go_render.tags(_parse((out / "Modelfile").read_text())["template"]) == tags
+    assert main(["export", "--model", str(reasoner), "--output", str(tmp_path / "m.gguf"), "--thinking"]) == 2
+    assert "--thinking is for --format ollama" in capsys.readouterr().err
 
 
 def test_cli_writes_the_folder_llama_cpp_loads(tiny_llama, tmp_path, capsys):

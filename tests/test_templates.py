@@ -439,7 +439,9 @@ def test_a_split_whose_answers_reason_is_told_apart():
     assert holds_reasoning(rows({"role": "assistant", "content": "4", "thinking": "Two and two."}), ["messages"])
     as_text = [{"role": "assistant", "content": "4", "reasoning_content": "Two and two."}]
     assert holds_reasoning(Split("train", "t.csv", [{"m": "x"}, {"m": json.dumps(as_text)}]), ["m"])
-    assert holds_reasoning(rows({"from": "gpt", "value": "4", "reasoning": "Two and two."}), ["messages"])
+    assert holds_reasoning(rows({"from": "GPT", "value": "4", "reasoning": "Two and two."}), ["messages"])
+    inline = {"role": "assistant", "content": "\n<think>\nTwo and two.\n</think>\n\n4"}  # OpenThoughts' form
+    assert holds_reasoning(rows(inline), ["messages"])
     assert not holds_reasoning(rows({"role": "assistant", "content": "4"}), ["messages"])
     assert not holds_reasoning(rows({"role": "assistant", "content": "4", "reasoning": " "}), ["messages"])
     assert not holds_reasoning(rows({"role": "user", "content": "4", "reasoning": "mine"}), ["messages"])

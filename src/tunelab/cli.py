@@ -231,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output", required=True, help="The .gguf file to write (gguf) or the folder (ollama).")
     export.add_argument("--system", help="ollama: the Modelfile's SYSTEM prompt (default: the chat template's own).")
     export.add_argument(
+        "--thinking",
+        action=argparse.BooleanOptionalAction,
+        help="ollama: the model writes its reasoning in <think>...</think> before its answers, so Ollama is to read "
+        "it apart as thinking (default: as the run's tunelab_run.json says: it trained on reasoning).",
+    )
+    export.add_argument(
         "--dtype",
         default="f16",
         choices=EXPORT_DTYPES,
@@ -421,12 +427,13 @@ def run_export(args: argparse.Namespace) -> int:
     if args.format == "ollama":
         from tunelab.inference.ollama import export_ollama
 
-        modelfile = export_ollama(args.model, args.output, args.dtype, args.system)
+        modelfile = export_ollama(args.model, args.output, args.dtype, args.system, args.thinking)
         print(f"tunelab: exported {modelfile.parent / 'model.gguf'} and {modelfile}")
         print(f"tunelab: load it into Ollama with: ollama create NAME -f {modelfile}")
         return 0
-    if args.system is not None:
-        raise TunelabError("export: --system is for --format ollama (a GGUF file has no system prompt of its own)")
+    if args.system is not None or args.thinking is not None:
+        flag = "--system" if args.system is not None else "--thinking"
+        raise TunelabError(f"export: {flag} is for --format ollama (a GGUF file carries the chat template alone)")
     from tunelab.inference.export import export_run
 
     print(f"tunelab: exported {export_run(args.model, args.output, args.dtype)}")

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tunelab.data.sources import Split, json_or_none, read_file
+from tunelab.data.sources import HEAD_ROWS, Split, json_or_none, read_file
+from tunelab.data.templates import THINK_OPEN
 from tunelab.errors import DataError
 
 log = logging.getLogger("tunelab")
@@ -123,10 +124,10 @@ def _mostly_missing(split: Split, column: str) -> bool:
 
 
 def holds_reasoning(split: Split, columns: list[str]) -> bool:
-    """Whether the conversations in these columns give an answer reasoning (REASONING_KEYS): a run trained on
-    them writes `<think>` blocks, which its Ollama export tells Ollama to read apart. `split`: the rows looked at
-    (the train split, or its first HEAD_ROWS rows where it is streamed)."""
-    for row in split.rows:
+    """Whether the conversations in these columns give an answer reasoning (REASONING_KEYS, or a `<think>` block
+    written at the start of its content): a run trained on them writes `<think>` blocks, which its Ollama export
+    tells Ollama to read apart. The split's first HEAD_ROWS rows are looked at."""
+    for row in split.rows[:HEAD_ROWS]:
         for column in columns:
             value = row.get(column)
             value = json_or_none(value.strip()) if isinstance(value, str) and value.lstrip().startswith("[") else value
@@ -136,9 +137,13 @@ def holds_reasoning(split: Split, columns: list[str]) -> bool:
 
 
 def _answer_reasons(message: dict) -> bool:
-    role = message.get("role", message.get("from"))  # ShareGPT's from/value too
-    reasoning = (message.get(key) for key in REASONING_KEYS)
-    return role in ("assistant", "gpt") and any(isinstance(r, str) and r.strip() for r in reasoning)
+    if "from" in message and "value" in message:  # ShareGPT, read as _message reads it
+        role, content = SHAREGPT_ROLES.get(str(message["from"]).lower()), message["value"]
+    else:
+        role, content = message.get("role"), message.get("content")
+    reasoning = [message.get(key) for key in REASONING_KEYS]
+    written = isinstance(content, str) and content.lstrip().startswith(THINK_OPEN)  # OpenThoughts' form
+    return role == "assistant" and (written or any(isinstance(r, str) and r.strip() for r in reasoning))
 
 
 def is_messages(value: Any) -> bool:

@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from tunelab.config.llm import template_variables
 from tunelab.data.templates import template_source, with_reasoning
 from tunelab.errors import TunelabError
 from tunelab.inference.generate import GenerationParams
@@ -44,10 +45,12 @@ class ChatSession:
         self.options = options or GenerationParams(max_new_tokens=256)
         self.system = system
         self.thinking = thinking  # how the model writes its reasoning (reasoning.py); None: its answers are all answer
-        self.template_kwargs = template_kwargs or {}  # more variables for the template (Qwen3's enable_thinking)
+        # more variables for the template (Qwen3's enable_thinking), checked as training's chat_template_kwargs
+        self.template_kwargs = template_variables(template_kwargs) or {}
         self.history: list[dict[str, str]] = []
         self.opened = ""  # the open marker, when the last prompt's template opened the think block
-        self.finish_reason = "stop"  # of the last answer: "length" when it reached max_new_tokens
+        self.finish_reason = "stop"  # of the last answer: "length" when it reached its token budget
+        self.context_full = False  # the last answer's budget was what the context had left, below max_new_tokens
         self._lock = threading.Lock()
         if self.template_kwargs:  # as training takes them: a variable the template never reads is refused
             if not self.templated:
@@ -98,7 +101,8 @@ class ChatSession:
                 stop=[] if self.templated else ["\nUser:"],  # plain text: the model would write the user's turn
             )
             pieces = []
-            generation = Generation(self.model, self.tokenizer, self._lock, ids, sampling)
+            keep = self.thinking.markers if self.thinking else ()  # <think> may be a special token: kept, read
+            generation = Generation(self.model, self.tokenizer, self._lock, ids, sampling, keep)
             for piece in generation:
                 pieces.append(piece)
                 on_token(piece)
@@ -132,6 +136,7 @@ class ChatSession:
         context = getattr(self.model.config, "max_position_embeddings", None)
         wanted = self.options.max_new_tokens
         history = self.history
+        self.context_full = False
         while True:
             text = self.prompt_text(history)
             self.opened = self.thinking.opened_by(text) if self.thinking and self.templated else ""
@@ -143,6 +148,7 @@ class ChatSession:
                 history = history[2:] if history[0]["role"] == "user" and len(history) > 2 else history[1:]
                 continue
             if length < context:  # the message alone fits: a shorter answer
+                self.context_full = True
                 return ids.to(self.model.device), context - length
             raise TunelabError(f"chat: the message is {length} tokens; this model's context is {context} tokens")
 
@@ -188,7 +194,7 @@ class StreamedAnswer:
 
     def __init__(self, session: ChatSession, out: TextIO, show_reasoning: bool):
         self.session, self.out, self.show_reasoning = session, out, show_reasoning
-        self.dim = out.isatty() and "NO_COLOR" not in os.environ
+        self.dim = out.isatty() and not os.environ.get("NO_COLOR")  # no-color.org: set and not empty
         self.text = ""  # the answer so far, as written
         self.reasoning_shown = 0  # characters of the reasoning printed
         self.answering = False  # `assistant> ` printed
@@ -203,7 +209,9 @@ class StreamedAnswer:
         self._show(reasoning, content)
         if content is None:  # it stopped inside its reasoning
             self._print("\n" if self.reasoning_shown else "thinking> ")
-            if self.session.finish_reason == "length":
+            if self.session.finish_reason == "length" and self.session.context_full:
+                self._print("(the answer was cut off while thinking: the message leaves it little of the context)")
+            elif self.session.finish_reason == "length":
                 self._print("(the answer was cut off while thinking: raise --max-new-tokens)")
             else:
                 self._print("(the model stopped while thinking, without an answer)")

@@ -268,8 +268,11 @@ def _modelfile_string(text: str) -> str:
     return f'"{text}"'
 
 
-def export_ollama(model: str | Path, output: str | Path, dtype: str = "f16", system: str | None = None) -> Path:
-    """Write `output/` holding `model.gguf` and a `Modelfile`; returns the Modelfile's path.
+def export_ollama(
+    model: str | Path, output: str | Path, dtype: str = "f16", system: str | None = None, thinking: bool | None = None
+) -> Path:
+    """Write `output/` holding `model.gguf` and a `Modelfile`; returns the Modelfile's path. `thinking` None: as the
+    run's tunelab_run.json says (a merged model's folder says nothing: give it).
 
     The Modelfile is built (and its template checked) before the GGUF file is written, so a template Ollama
     cannot take stops the export before minutes of merging and quantizing.
@@ -283,7 +286,8 @@ def export_ollama(model: str | Path, output: str | Path, dtype: str = "f16", sys
         raise TunelabError(
             f"export: --format ollama writes a folder (the GGUF file and its Modelfile); {target} is a file name"
         )
-    thinking = bool(read_run(folder).get("reasoning"))  # trained on reasoning: it writes <think> blocks
+    if thinking is None:  # trained on reasoning: it writes <think> blocks
+        thinking = bool(read_run(folder).get("reasoning"))
     text = modelfile("model.gguf", _tokenizer(folder), system, thinking)
     export_run(folder, target / "model.gguf", dtype)
     path = target / "Modelfile"

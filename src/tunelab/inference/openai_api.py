@@ -376,8 +376,8 @@ def answer_events(
             if calls:
                 deltas = [{"index": i, **call} for i, call in enumerate(calls)]
                 yield event({"tool_calls": deltas})
-        if scoring is not None and scoring.top is not None:
-            yield event(None, **scoring.choice_fields(generation, kind, text))
+        if scoring is not None and scoring.top is not None:  # (echo is not streamed: the log-probs alone)
+            yield event(None, logprobs=scoring.choice_fields(generation, kind, text)["logprobs"])
     except Exception as err:  # headers are sent: report in the stream, as OpenAI does
         log.exception("streaming generation failed")
         yield sse(error_body(f"internal error: {err}", kind="server_error"))
