@@ -69,7 +69,8 @@ def test_sft_lora_on_alpaca_then_evaluate_against_the_base(gguf, tmp_path):
     data = tmp_path / "alpaca"
     data.mkdir()
     (data / "train.jsonl").symlink_to(SHARED_DATA / "alpaca" / "train.jsonl")
-    held_out = (SHARED_DATA / "alpaca" / "test.jsonl").read_text(encoding="utf-8").splitlines()[:40]
+    # 20 held-out rows (40 until 2026-12-06, half the evaluation time): eval loss 1.106 against the base's 1.204.
+    held_out = (SHARED_DATA / "alpaca" / "test.jsonl").read_text(encoding="utf-8").splitlines()[:20]
     (data / "test.jsonl").write_text("\n".join(held_out) + "\n", encoding="utf-8")
     out = tmp_path / "alpaca-run"
     args = ["llm", "--train", "--trainer", "sft", "--peft", "--data-path", str(data), "--project-name", str(out)]
