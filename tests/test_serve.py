@@ -703,6 +703,19 @@ def test_a_reasoning_model_s_answer_comes_back_with_its_reasoning_apart(reasoner
         again.append({"role": "user", "content": "What is 2+2?"})
         assert client.chat.completions.create(**(asked | {"messages": again})).choices[0].finish_reason
 
+        # Log-probs with the stream: after the reasoning and the content, before the finish and the usage chunks;
+        # every generated token's, the reasoning's too, as without stream.
+        scored = asked | {"logprobs": True, "stream_options": {"include_usage": True}}
+        chunks = list(client.chat.completions.create(**scored, stream=True))
+        kinds = [
+            "usage" if not c.choices else "logprobs" if c.choices[0].logprobs else "finish"
+            if c.choices[0].finish_reason else "text" for c in chunks
+        ]  # fmt: skip
+        assert kinds[-3:] == ["logprobs", "finish", "usage"] and set(kinds[:-3]) == {"text"}
+        whole = client.chat.completions.create(**(asked | {"logprobs": True})).choices[0].logprobs.content
+        assert [t.token for t in chunks[-3].choices[0].logprobs.content] == [t.token for t in whole]
+        assert "".join(t.token for t in whole).startswith("<think>")
+
     with running(create_app(*loaded, model_name="r", reasoning_parser="none")) as port:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
         message = client.chat.completions.create(**asked).choices[0].message
