@@ -297,6 +297,19 @@ def test_chat_shows_a_reasoning_model_s_thinking_apart_and_keeps_it_in_the_conve
     StreamedAnswer(stopped, out, show_reasoning=True).end("<think>\nHmm")  # the model ended its turn there
     assert out.getvalue() == "thinking> Hmm\n(the model stopped while thinking, without an answer)"
 
+    # A message that leaves the answer a few tokens of the context (512): cut off while thinking, and said why.
+    session, words = fresh(max_new_tokens=64), 1
+
+    def room(words: int) -> int:
+        return 512 - len(tokenizer(session.prompt_text([{"role": "user", "content": "2+2? " * words}]))["input_ids"])
+
+    while room(words) > begun:
+        words += 1
+    out = io.StringIO()
+    answer = StreamedAnswer(session, out, show_reasoning=True)
+    answer.end(session.send("2+2? " * words, answer.add))
+    assert out.getvalue().startswith("thinking> ") and out.getvalue().endswith("little of the context)")
+
     assert main(["chat", "--model", str(reasoner), "--chat-template-kwargs", "{not json"]) == 2
     assert "chat_template_kwargs: not a JSON object" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="never reads enable_thinking"):  # as training refuses it
