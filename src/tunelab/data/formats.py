@@ -129,18 +129,14 @@ def holds_reasoning(split: Split, columns: list[str]) -> bool:
     tells Ollama to read apart. The split's first HEAD_ROWS rows are looked at."""
     for row in split.rows[:HEAD_ROWS]:
         for column in columns:
-            value = row.get(column)
-            value = json_or_none(value.strip()) if isinstance(value, str) and value.lstrip().startswith("[") else value
+            value = _listed_cell(row.get(column))
             if isinstance(value, list) and any(isinstance(m, dict) and _answer_reasons(m) for m in value):
                 return True
     return False
 
 
 def _answer_reasons(message: dict) -> bool:
-    if "from" in message and "value" in message:  # ShareGPT, read as _message reads it
-        role, content = SHAREGPT_ROLES.get(str(message["from"]).lower()), message["value"]
-    else:
-        role, content = message.get("role"), message.get("content")
+    role, content = _role_and_content(message)
     reasoning = [message.get(key) for key in REASONING_KEYS]
     written = isinstance(content, str) and content.lstrip().startswith(THINK_OPEN)  # OpenThoughts' form
     return role == "assistant" and (written or any(isinstance(r, str) and r.strip() for r in reasoning))
@@ -148,12 +144,16 @@ def _answer_reasons(message: dict) -> bool:
 
 def is_messages(value: Any) -> bool:
     """A message list, or a JSON string of one (a list of objects; their fields are checked row by row)."""
-    if isinstance(value, str):
-        value = value.strip()
-        if not (value.startswith("[") and value.endswith("]")):
-            return False
-        value = json_or_none(value)
+    value = _listed_cell(value)
     return isinstance(value, list) and bool(value) and all(isinstance(item, dict) for item in value)
+
+
+def _listed_cell(value: Any) -> Any:
+    """A cell as a list when it is a JSON string of one (CSV and Parquet keep message lists so), else as it is."""
+    if isinstance(value, str):
+        text = value.strip()
+        return json_or_none(text) if text.startswith("[") and text.endswith("]") else value
+    return value
 
 
 # ------------------------------------------------------------------------------------------------ bad rows
@@ -348,10 +348,7 @@ def cell_messages(
 def _message(item: Any, number: int, column: str, tool_calls: bool = False) -> dict[str, Any]:
     if not isinstance(item, dict):
         raise RowProblem(column, f"message {number} is not an object (got {describe_type(item)})")
-    if "from" in item and "value" in item:  # ShareGPT
-        role, content = SHAREGPT_ROLES.get(str(item["from"]).lower(), item["from"]), item["value"]
-    else:
-        role, content = item.get("role"), item.get("content")
+    role, content = _role_and_content(item)
     if role == "function":  # OpenAI's older name for a tool's result, beside function_call
         role = "tool"
     if not isinstance(role, str) or role not in ROLES:
@@ -386,6 +383,13 @@ def _message(item: Any, number: int, column: str, tool_calls: bool = False) -> d
         if role == "tool" and isinstance(item.get(key), str):
             message[key] = item[key]
     return message
+
+
+def _role_and_content(item: dict) -> tuple[Any, Any]:
+    """A message's role and content: OpenAI's role/content, or ShareGPT's from/value (its role names mapped)."""
+    if "from" in item and "value" in item:
+        return SHAREGPT_ROLES.get(str(item["from"]).lower(), item["from"]), item["value"]
+    return item.get("role"), item.get("content")
 
 
 def _reasoning(item: dict, role: str, number: int, column: str) -> str | None:
