@@ -318,6 +318,57 @@ def test_chat_shows_a_reasoning_model_s_thinking_apart_and_keeps_it_in_the_conve
         fresh(template_kwargs={"add_generation_prompt": False})
 
 
+def test_generate_reads_a_reasoning_model_s_thinking_apart(reasoner, tmp_path, capsys):
+    """`tunelab generate`: the answer on stdout, its reasoning on stderr after `thinking>`; with --data-path, the
+    answer and its reasoning in their own fields, a held-out chat's reference read apart the same way; as written
+    with --reasoning-parser none."""
+    run = ["generate", "--model", str(reasoner), "--max-new-tokens", "32"]
+    assert main([*run, "What is 2+2?"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "4\n" and "thinking> Two and two make four.\n" in err
+    assert main([*run, "--hide-reasoning", "What is 2+2?"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "4\n" and "thinking>" not in err
+    assert main([*run, "--reasoning-parser", "none", "What is 2+2?"]) == 0
+    assert capsys.readouterr().out == "<think>\nTwo and two make four.\n</think>\n\n4\n"
+    begun = load_run(reasoner)[1]("<think>\nTwo and", add_special_tokens=False)["input_ids"]
+    assert main([*run[:-1], str(len(begun)), "What is 2+2?"]) == 0  # cut off inside its reasoning
+    out, err = capsys.readouterr()
+    assert out == "\n" and "thinking> Two and\n" in err and "stopped while thinking" in err
+
+    held_out = [
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "Four.", "reasoning_content": "Add them."},
+    ]
+    data = tmp_path / "chats.jsonl"
+    data.write_text(json.dumps({"messages": held_out}) + "\n" + json.dumps({"messages": "What is 2+2?"}) + "\n")
+    answers = tmp_path / "answers.jsonl"
+    files = ["--data-path", str(data), "--text-column", "messages", "--output", str(answers)]
+    assert main([*run, *files]) == 0
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert rows[0] == {
+        "prompt": held_out[:1],
+        "answer": "4",
+        "reasoning": "Two and two make four.",
+        "reference": "Four.",
+        "reference_reasoning": "Add them.",
+    }
+    assert rows[1] == {"prompt": "What is 2+2?", "answer": "4", "reasoning": "Two and two make four."}
+    assert main([*run, *files, "--reasoning-parser", "none"]) == 0
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert rows[0]["answer"] == "<think>\nTwo and two make four.\n</think>\n\n4" and "reasoning" not in rows[0]
+    assert rows[0]["reference"] == "<think>\nAdd them.\n</think>\n\nFour."
+    several = ["--do-sample", "--num-return-sequences", "2", "--temperature", "0.01"]
+    assert main([*run, *files, *several]) == 0
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert rows[1]["answers"] == ["4", "4"] and rows[1]["reasonings"] == ["Two and two make four."] * 2
+
+    assert main([*run, "--chat-template-kwargs", "{not json", "Hi"]) == 2
+    assert "chat_template_kwargs: not a JSON object" in capsys.readouterr().err
+    assert main([*run, "--chat-template-kwargs", '{"enable_thinking": false}', "Hi"]) == 2
+    assert "never reads enable_thinking" in capsys.readouterr().err
+
+
 def test_chat_keeps_the_conversation_when_generating_fails_and_fits_long_histories(tiny_llama):
     model, tokenizer = load_run(tiny_llama)  # context 512
     broken = ChatSession(model, tokenizer, GenerationParams(max_new_tokens=4, do_sample=True, top_k=-1))

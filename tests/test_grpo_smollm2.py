@@ -40,7 +40,9 @@ def _tagged_share(model: str, prompts: list[dict]) -> tuple[float, list[str]]:
 
     loaded, tokenizer = load_run(model)
     texts = [p["prompt"] for p in prompts]
-    answers = [a[0] for a in generate_many(loaded, tokenizer, texts, GenerationParams(max_new_tokens=40), len(texts))]
+    answers = [
+        a[0].text for a in generate_many(loaded, tokenizer, texts, GenerationParams(max_new_tokens=40), len(texts))
+    ]
     return sum(bool(re.search(r"<answer>.*?</answer>", a, re.S)) for a in answers) / len(answers), answers
 
 

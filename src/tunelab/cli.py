@@ -21,6 +21,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 from tunelab import __version__
 from tunelab.config.aliases import ALIASES
@@ -95,6 +96,28 @@ def add_dry_run(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_reasoning_flags(parser: argparse.ArgumentParser, shown: str) -> None:
+    """How a reasoning model's answers are read and shown (chat, generate), and its template's variables."""
+    from tunelab.inference.reasoning import PARSERS
+
+    parser.add_argument(
+        "--reasoning-parser",
+        choices=PARSERS,
+        default="think",
+        help="How the model writes its reasoning, as for serve: think (also deepseek_r1, qwen3: <think>...</think> "
+        f"before the answer, read apart: {shown}), or none (answers as written). Default think.",
+    )
+    parser.add_argument(
+        "--hide-reasoning", action="store_true", help="Show only the answer, not the reasoning before it."
+    )
+    parser.add_argument(
+        "--chat-template-kwargs",
+        "--chat_template_kwargs",
+        metavar="JSON",
+        help="More variables for the chat template, as a JSON object: e.g. '{\"enable_thinking\": false}' (Qwen3).",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tunelab.methods import SUMMARIES
 
@@ -134,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", "--top_k", type=int, default=50)
     gen.add_argument("--top-p", "--top_p", type=float, default=1.0)
     gen.add_argument("--num-return-sequences", "--num_return_sequences", type=int, default=1)
+    add_reasoning_flags(gen, "printed on stderr after 'thinking>'; with --data-path, written as \"reasoning\"")
 
     classify = sub.add_parser(
         "text-classification",
@@ -188,8 +212,6 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--samples", type=int, default=3, help="Sample answers shown side by side (default 3).")
     evaluate.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=64)
 
-    from tunelab.inference.reasoning import PARSERS
-
     chat = sub.add_parser("chat", help="talk to a trained model in the terminal (streamed; /reset, /exit)")
     chat.add_argument("--model", required=True, help="Run folder, model folder, .gguf file or hub id.")
     chat.add_argument("--system", help="A system message opening the conversation.")
@@ -197,22 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--do-sample", "--do_sample", action="store_true", help="Sample instead of greedy decoding.")
     chat.add_argument("--temperature", type=float, default=0.7)
     chat.add_argument("--top-p", "--top_p", type=float, default=0.9)
-    chat.add_argument(
-        "--reasoning-parser",
-        choices=PARSERS,
-        default="think",
-        help="How the model writes its reasoning, as for serve: think (also deepseek_r1, qwen3: <think>...</think> "
-        "before the answer, shown apart after 'thinking>'), or none (answers as written). Default think.",
-    )
-    chat.add_argument(
-        "--hide-reasoning", action="store_true", help="Show only the answer, not the reasoning before it."
-    )
-    chat.add_argument(
-        "--chat-template-kwargs",
-        "--chat_template_kwargs",
-        metavar="JSON",
-        help="More variables for the chat template, as a JSON object: e.g. '{\"enable_thinking\": false}' (Qwen3).",
-    )
+    add_reasoning_flags(chat, "shown after 'thinking>'")
 
     merge = sub.add_parser("merge", help="merge a run's LoRA adapter into its base: one full transformers model")
     merge.add_argument("--model", required=True, help="Run folder holding a LoRA adapter.")
@@ -311,13 +318,16 @@ def run_llm(args: argparse.Namespace, schema: type = LLMParams) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    from tunelab.config.llm import template_variables
     from tunelab.data.formats import read_prompts
-    from tunelab.inference.generate import GenerationParams, answers_path, generate, load_run, write_answers
+    from tunelab.inference import generate as gen
+    from tunelab.inference.reasoning import thinking_for
 
-    options = GenerationParams(
+    options = gen.GenerationParams(
         args.max_new_tokens, args.do_sample, args.temperature, args.top_k, args.top_p, args.num_return_sequences
     )
     options.check()
+    variables = template_variables(args.chat_template_kwargs)
     if not args.prompt and not args.data_path:
         raise TunelabError("generate: give a prompt on the command line or --data-path")
     if args.batch_size < 1:
@@ -325,15 +335,29 @@ def run_generate(args: argparse.Namespace) -> int:
     prompts, target = [], None
     if args.data_path:  # the file and where its answers go are checked before the model loads
         prompts = read_prompts(Path(args.data_path), args.text_column, "generate")
-        target = answers_path(Path(args.data_path), args.output)
-    model, tokenizer = load_run(args.model)
+        target = gen.answers_path(Path(args.data_path), args.output)
+    model, tokenizer = gen.load_run(args.model)
+    variables = gen.template_kwargs_for(tokenizer, variables, "generate")
+    thinking = thinking_for(args.reasoning_parser)
     if target is not None:
-        out = write_answers(model, tokenizer, prompts, target, options, args.batch_size)
+        out = gen.write_answers(model, tokenizer, prompts, target, options, args.batch_size, thinking, variables)
         print(f"tunelab: answers written to {out}", file=sys.stderr)
     if args.prompt:
-        for text in generate(model, tokenizer, " ".join(args.prompt), options):
-            print(text)
+        prompt = [" ".join(args.prompt)]
+        for answer in next(gen.generate_many(model, tokenizer, prompt, options, 1, thinking, variables)):
+            print_answer(answer, show_reasoning=not args.hide_reasoning)
     return 0
+
+
+def print_answer(answer: Any, show_reasoning: bool) -> None:
+    """A generated answer on stdout, its reasoning (if any) before it on stderr after `thinking> `, dimmed on a
+    terminal, so a pipe gets the answer alone."""
+    if answer.reasoning is not None and show_reasoning:
+        dim = sys.stderr.isatty() and not os.environ.get("NO_COLOR")
+        print("thinking> " + (f"\x1b[2m{answer.reasoning}\x1b[0m" if dim else answer.reasoning), file=sys.stderr)
+    if answer.text is None:
+        print("(the model stopped while thinking, without an answer: raise --max-new-tokens?)", file=sys.stderr)
+    print(answer.text or "", flush=True)
 
 
 def run_predict(args: argparse.Namespace) -> int:

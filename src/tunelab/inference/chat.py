@@ -14,9 +14,9 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from tunelab.config.llm import template_variables
-from tunelab.data.templates import template_source, with_reasoning
+from tunelab.data.templates import with_reasoning
 from tunelab.errors import TunelabError
-from tunelab.inference.generate import GenerationParams
+from tunelab.inference.generate import GenerationParams, template_kwargs_for
 from tunelab.inference.openai_requests import Sampling
 from tunelab.inference.reasoning import THINK, Thinking
 from tunelab.inference.tool_calls import template_text
@@ -46,16 +46,12 @@ class ChatSession:
         self.system = system
         self.thinking = thinking  # how the model writes its reasoning (reasoning.py); None: its answers are all answer
         # more variables for the template (Qwen3's enable_thinking), checked as training's chat_template_kwargs
-        self.template_kwargs = template_variables(template_kwargs) or {}
+        self.template_kwargs = template_kwargs_for(tokenizer, template_variables(template_kwargs), "chat")
         self.history: list[dict[str, str]] = []
         self.opened = ""  # the open marker, when the last prompt's template opened the think block
         self.finish_reason = "stop"  # of the last answer: "length" when it reached its token budget
         self.context_full = False  # the last answer's budget was what the context had left, below max_new_tokens
         self._lock = threading.Lock()
-        if self.template_kwargs:  # as training takes them: a variable the template never reads is refused
-            if not self.templated:
-                raise TunelabError("chat: chat_template_kwargs are for a chat template, and this model has none")
-            template_source("tokenizer", tokenizer, self.template_kwargs)
         if system and self.templated:
             try:  # Gemma's template, for one, refuses system messages: say so now, not at the first message
                 self.tokenizer.apply_chat_template(
@@ -123,12 +119,7 @@ class ChatSession:
         if self.thinking is None:
             return None, answer
         text = self.opened + answer
-        reasoning, content = self.thinking.parts(text, whole)
-        if whole and content is None:
-            if self.thinking.close in text:  # the block closed, and nothing came after it
-                return reasoning, ""
-            return self.thinking.parts(text, whole=False)[0], None
-        return reasoning, content
+        return self.thinking.read(text) if whole else self.thinking.parts(text, whole=False)
 
     def _prompt_ids(self) -> tuple[Any, int]:
         """The prompt's token ids and how many tokens the answer may take: the oldest exchanges are left out

@@ -11,11 +11,14 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunelab.errors import TunelabError
 from tunelab.inference.device import to_inference_device
 from tunelab.outputs import base_model_of, beside_data, read_run, written_whole
+
+if TYPE_CHECKING:
+    from tunelab.inference.reasoning import Thinking
 
 log = logging.getLogger("tunelab")
 
@@ -71,10 +74,28 @@ def load_run(path: str | Path) -> tuple[Any, Any]:
     return to_inference_device(model), tokenizer
 
 
-def format_prompt(prompt: str | list[dict[str, Any]], tokenizer: Any) -> str:
+def template_kwargs_for(tokenizer: Any, variables: dict[str, Any] | None, command: str) -> dict[str, Any]:
+    """More variables for the chat template (config.llm.template_variables: Qwen3's enable_thinking), checked as
+    training checks its chat_template_kwargs: a variable the template never reads is refused, as it would change
+    nothing."""
+    if not variables:
+        return {}
+    if not getattr(tokenizer, "chat_template", None):
+        raise TunelabError(f"{command}: chat_template_kwargs are for a chat template, and this model has none")
+    from tunelab.data.templates import template_source
+
+    template_source("tokenizer", tokenizer, variables)
+    return dict(variables)
+
+
+def format_prompt(
+    prompt: str | list[dict[str, Any]], tokenizer: Any, template_kwargs: dict[str, Any] | None = None
+) -> str:
     """A chat model gets a text prompt as a user turn through its template, and a conversation (formats.read_prompts)
-    as training wrote it, up to the turn to answer (`asked_turns`); a plain model gets a text as it is."""
+    as training wrote it, up to the turn to answer (`asked_turns`); a plain model gets a text as it is.
+    template_kwargs: more variables for the template (`template_kwargs_for`)."""
     template = getattr(tokenizer, "chat_template", None)
+    render = {"tokenize": False, "add_generation_prompt": True, **(template_kwargs or {})}
     if isinstance(prompt, list):
         if not template:
             raise TunelabError(
@@ -83,11 +104,9 @@ def format_prompt(prompt: str | list[dict[str, Any]], tokenizer: Any) -> str:
         from tunelab.data.templates import with_inputs, with_reasoning
 
         messages = with_reasoning(with_inputs([asked_turns(prompt)], template), template)[0]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages, **render)
     if template:
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], **render)
     return prompt
 
 
@@ -98,9 +117,24 @@ def asked_turns(conversation: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return conversation[:-1] if answered else conversation
 
 
-def generate(model: Any, tokenizer: Any, prompt: str, options: GenerationParams | None = None) -> list[str]:
-    """Completions of one prompt (only the new text), each ended where the chat template ends a turn."""
-    text = format_prompt(prompt, tokenizer)
+@dataclass(frozen=True)
+class Answer:
+    """One generated answer, read as `tunelab chat` reads it: the reasoning written before it in a think block
+    (reasoning.py; None: there was none), and the answer itself (None: the model stopped inside its reasoning)."""
+
+    reasoning: str | None
+    text: str | None
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompt: str,
+    options: GenerationParams | None = None,
+    template_kwargs: dict[str, Any] | None = None,
+) -> list[str]:
+    """Completions of one prompt (only the new text, as written), each ended where the chat template ends a turn."""
+    text = format_prompt(prompt, tokenizer, template_kwargs)
     return complete(model, tokenizer, text, options, add_special_tokens=text == prompt)
 
 
@@ -110,13 +144,25 @@ def generate_many(
     prompts: list[str] | list[str | list[dict[str, Any]]],
     options: GenerationParams | None = None,
     batch_size: int = 8,
-) -> Iterator[list[str]]:
+    thinking: Thinking | None = None,
+    template_kwargs: dict[str, Any] | None = None,
+) -> Iterator[list[Answer]]:
     """`generate` for many prompts, `batch_size` at a time (left-padded, so every prompt ends where its answer
-    starts): each prompt's completions, in order, as each batch is made."""
+    starts): each prompt's answers, in order, as each batch is made. With `thinking` (reasoning.thinking_for), an
+    answer's reasoning is read apart from it (its markers kept where the tokenizer marks them special), else each
+    answer is all text, as written."""
     templated = bool(getattr(tokenizer, "chat_template", None))
+    if tokenizer.pad_token_id is None:  # left-padding needs a pad token: one prompt at a time needs none
+        batch_size = 1
+    keep = thinking.markers if thinking else ()
     for start in range(0, len(prompts), batch_size):
-        texts = [format_prompt(prompt, tokenizer) for prompt in prompts[start : start + batch_size]]
-        yield from complete(model, tokenizer, texts, options, not templated)
+        texts = [format_prompt(prompt, tokenizer, template_kwargs) for prompt in prompts[start : start + batch_size]]
+        for text, written in zip(texts, complete(model, tokenizer, texts, options, not templated, keep), strict=True):
+            if thinking is None:
+                yield [Answer(None, answer) for answer in written]
+                continue
+            opened = thinking.opened_by(text) if templated else ""  # the template began the block
+            yield [Answer(*thinking.read(opened + answer)) for answer in written]
 
 
 def answers_path(data: Path, output: str | None) -> Path:
@@ -131,11 +177,17 @@ def write_answers(
     target: Path,
     options: GenerationParams | None = None,
     batch_size: int = 8,
+    thinking: Thinking | None = None,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> Path:
     """Answer every prompt and write the answers as JSON lines ({"prompt", "answer"}, or "answers" when asking for
     several), in order, batch by batch as they are made; the file appears whole or not at all. A conversation's
-    "prompt" is the turns asked; one that ended with an answer also gets it as its "reference" (reasoning first,
-    as training wrote it)."""
+    "prompt" is the turns asked; one that ended with an answer also gets it as its "reference".
+
+    With `thinking`, an answer's reasoning goes apart, as "reasoning" (several: "reasonings", null where an answer
+    has none), and a reference's too ("reference_reasoning"); a row with none has no such field. An answer that
+    stopped inside its reasoning is "". Without, every answer and reference is as the model writes it (reasoning
+    first, in its think block)."""
     import json
 
     from tunelab.data.templates import answer_as_written
@@ -143,14 +195,19 @@ def write_answers(
     if any(isinstance(p, list) for p in prompts) and not getattr(tokenizer, "chat_template", None):
         format_prompt(next(p for p in prompts if isinstance(p, list)), tokenizer)  # the one line, before any work
     several = options is not None and options.num_return_sequences > 1
+    answered = generate_many(model, tokenizer, prompts, options, batch_size, thinking, template_kwargs)
     with written_whole(target, "generate") as f:
-        for prompt, answers in zip(
-            prompts, generate_many(model, tokenizer, prompts, options, batch_size), strict=True
-        ):
+        for prompt, answers in zip(prompts, answered, strict=True):
             row: dict[str, Any] = {"prompt": asked_turns(prompt) if isinstance(prompt, list) else prompt}
-            row |= {"answers": answers} if several else {"answer": answers[0]}
+            texts, reasonings = [a.text or "" for a in answers], [a.reasoning for a in answers]
+            row |= {"answers": texts} if several else {"answer": texts[0]}
+            if any(reasonings):
+                row |= {"reasonings": reasonings} if several else {"reasoning": reasonings[0]}
             if isinstance(prompt, list) and len(row["prompt"]) < len(prompt):
-                row["reference"] = answer_as_written(prompt[-1])
+                reference = answer_as_written(prompt[-1])
+                reasoning, text = thinking.read(reference) if thinking else (None, reference)
+                row["reference"] = text or ""
+                row |= {"reference_reasoning": reasoning} if reasoning else {}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return target
 
@@ -161,14 +218,17 @@ def complete(
     text: str | list[str],
     options: GenerationParams | None = None,
     add_special_tokens: bool = True,
+    keep: tuple[str, ...] = (),
 ) -> list[str] | list[list[str]]:
     """Completions of an already formatted text (only the new text), each ended at the model's EOS or where the
     chat template ends a turn. `generate` and evaluate's sample answers both go through here. A list of texts is
     generated as one left-padded batch: each text's completions, in order.
 
-    add_special_tokens: False for a text rendered by the chat template (it holds its own BOS, if any)."""
+    add_special_tokens: False for a text rendered by the chat template (it holds its own BOS, if any).
+    keep: special tokens whose text the answers keep (`<think>`, which some tokenizers mark special)."""
     import torch
 
+    from tunelab.inference.streaming import keeping
     from tunelab.models.turns import turn_end
 
     options = options or GenerationParams()
@@ -195,7 +255,8 @@ def complete(
             **(sampling if options.do_sample else {}),
         )
     new = output[:, inputs["input_ids"].shape[1] :]
-    answers = [tokenizer.decode(seq, skip_special_tokens=True) for seq in new]
+    decoder = keeping(tokenizer, keep)
+    answers = [decoder.decode(seq, skip_special_tokens=True) for seq in new]
     answers = [min((a.split(m)[0] for m in markers), key=len, default=a).strip() for a in answers]
     if not isinstance(text, list):
         return answers

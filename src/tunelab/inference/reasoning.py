@@ -56,6 +56,17 @@ class Thinking:
         # trailing newlines too: the block's last one goes with the close marker
         return inner[: len(inner) - held].strip("\n") or None, None
 
+    def read(self, text: str) -> tuple[str | None, str | None]:
+        """(reasoning, answer) of a whole answer, for a person (chat, generate) rather than an API: the answer is ""
+        when the block closed with nothing after it, and None only when the model stopped inside its reasoning
+        (which is then without the start of a close marker it had begun)."""
+        reasoning, content = self.parts(text)
+        if content is not None:
+            return reasoning, content
+        if self.close in text:
+            return reasoning, ""
+        return self.parts(text, whole=False)[0], None
+
     def opened_by(self, prompt: str) -> str:
         """The open marker when the templated prompt ends inside a think block (the answer begins in it), else ""."""
         return self.open if prompt.rstrip().endswith(self.open) else ""

@@ -35,7 +35,7 @@ class Generation:
         special: decoded as usual, a call would vanish from the answer)."""
         self.model, self.tokenizer, self.lock, self.sampling = model, tokenizer, lock, sampling
         self.keep = keep
-        self._decoder = _Keeping(tokenizer, keep) if keep else tokenizer  # what the answer is decoded with
+        self._decoder = keeping(tokenizer, keep)  # what the answer is decoded with
         self.input_ids = input_ids
         self.prompt_tokens = int(input_ids.shape[1])
         self.completion_tokens = 0
@@ -161,6 +161,12 @@ class Generation:
         # The tokens of the text returned: a stop string is seen a few tokens after the model wrote it (the
         # streamer holds back a word until it is whole), and what came after it was not the client's.
         self.completion_tokens = len(new) if not stopped else _token_count(self.tokenizer, self._text)
+
+
+def keeping(tokenizer: Any, keep: tuple[str, ...]) -> Any:
+    """The tokenizer to decode an answer with: one whose decoding skips special tokens but those in `keep` (the
+    tokenizer itself when there are none)."""
+    return _Keeping(tokenizer, keep) if keep else tokenizer
 
 
 class _Keeping:
