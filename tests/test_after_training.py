@@ -369,6 +369,17 @@ def test_generate_reads_a_reasoning_model_s_thinking_apart(reasoner, tmp_path, c
     assert "never reads enable_thinking" in capsys.readouterr().err
 
 
+def test_generate_answers_many_prompts_with_a_tokenizer_that_has_no_pad_token(tiny_llama):
+    from tunelab.inference.generate import generate_many
+
+    model, tokenizer = load_run(tiny_llama)
+    prompts, options = ["Hi", "Hello there, how are you today?"], GenerationParams(max_new_tokens=4)
+    padded = [a[0].text for a in generate_many(model, tokenizer, prompts, options, batch_size=2)]
+    tokenizer.pad_token = None  # a base that has none, nor an EOS or UNK to stand in: no left-padding possible
+    assert tokenizer.pad_token_id is None
+    assert [a[0].text for a in generate_many(model, tokenizer, prompts, options, batch_size=2)] == padded
+
+
 def test_chat_keeps_the_conversation_when_generating_fails_and_fits_long_histories(tiny_llama):
     model, tokenizer = load_run(tiny_llama)  # context 512
     broken = ChatSession(model, tokenizer, GenerationParams(max_new_tokens=4, do_sample=True, top_k=-1))

@@ -235,7 +235,10 @@ def complete(
     side, tokenizer.padding_side = tokenizer.padding_side, "left"  # every text ends where its answer starts
     try:
         inputs = tokenizer(
-            text, return_tensors="pt", add_special_tokens=add_special_tokens, padding=isinstance(text, list)
+            text,
+            return_tensors="pt",
+            add_special_tokens=add_special_tokens,
+            padding=isinstance(text, list) and len(text) > 1,
         ).to(model.device)
     finally:
         tokenizer.padding_side = side
