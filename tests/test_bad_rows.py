@@ -202,6 +202,28 @@ CASES = {
         "messages",
         "message 2 has a tool call without a function name",
     ),
+    "tool call whose arguments are not an object": Case(
+        "c.jsonl",
+        jsonl(
+            with_bad(
+                CHAT,
+                {
+                    "messages": [
+                        {"role": "user", "content": "Weather in Paris?"},
+                        {
+                            "role": "assistant",
+                            "tool_calls": [{"function": {"name": "get_weather", "arguments": "[1]"}}],
+                        },
+                        {"role": "tool", "content": "18 C"},
+                        {"role": "assistant", "content": "18 C and sunny."},
+                    ]
+                },
+            )
+        ),
+        "line 3",
+        "messages",
+        "message 2 has a tool call to 'get_weather' whose arguments are not a JSON object",
+    ),
     "tool call the chat template does not write": Case(
         "c.jsonl",
         jsonl(

@@ -201,6 +201,10 @@ def test_sampling_with_a_seed_repeats(client):
     assert ask() == ask()
 
 
+# arguments that are JSON, but not an object
+CALL_IN_A_LIST = {"type": "function", "function": {"name": "get_weather", "arguments": "[1]"}}
+
+
 @pytest.mark.parametrize(
     "request_args, param",
     [
@@ -216,6 +220,9 @@ def test_sampling_with_a_seed_repeats(client):
         ({"messages": HELLO, "stream_options": {"include_usage": True}}, "stream_options"),
         ({"messages": HELLO, "top_logprobs": 2}, "top_logprobs"),
         ({"messages": HELLO, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"messages": [*HELLO, {"role": "assistant", "tool_calls": "get_weather"}]}, "messages[1].tool_calls"),
+        ({"messages": [*HELLO, {"role": "assistant", "tool_calls": [{"id": "c1"}]}]}, "messages[1].tool_calls"),
+        ({"messages": [*HELLO, {"role": "assistant", "tool_calls": [CALL_IN_A_LIST]}]}, "messages[1].tool_calls"),
     ],
 )
 def test_bad_requests_are_400(client, request_args, param):

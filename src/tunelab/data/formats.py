@@ -409,30 +409,40 @@ def _reasoning(item: dict, role: str, number: int, column: str) -> str | None:
 
 
 def _tool_calls(calls: Any, number: int, column: str) -> list[dict[str, Any]]:
-    """OpenAI's tool calls as chat templates read them: {"type": "function", "function": {"name", "arguments"}},
-    the arguments an object (OpenAI sends them as a JSON string; Llama 3.1's, Qwen2.5's and Mistral's templates
-    write them with `tojson`), an `id` kept where there is one."""
+    """A message's tool calls (`tool_call`), their arguments without nulls (a Parquet or hub dataset gives every
+    call the keys any call has, as nulls)."""
     if not isinstance(calls, list):
         raise RowProblem(column, f"message {number}: tool_calls must be a list, got {describe_type(calls)}")
     out = []
     for call in calls:
-        function = call.get("function", call) if isinstance(call, dict) else None
-        name = function.get("name") if isinstance(function, dict) else None
-        if not isinstance(name, str) or not name.strip():
-            raise RowProblem(column, f"message {number} has a tool call without a function name")
-        arguments = function.get("arguments")
-        if arguments is None or (isinstance(arguments, str) and not arguments.strip()):
-            arguments = {}
-        elif isinstance(arguments, str):
-            arguments = json_or_none(arguments)
-        if not isinstance(arguments, dict):
-            raise RowProblem(column, f"message {number}: the arguments of tool call {name!r} are not a JSON object")
-        arguments = without_nulls(arguments)
-        shaped: dict[str, Any] = {"type": "function", "function": {"name": name, "arguments": arguments}}
-        if isinstance(call, dict) and isinstance(call.get("id"), str):
-            shaped["id"] = call["id"]
+        try:
+            shaped = tool_call(call)
+        except ValueError as err:
+            raise RowProblem(column, f"message {number} has {err}") from None
+        shaped["function"]["arguments"] = without_nulls(shaped["function"]["arguments"])
         out.append(shaped)
     return out
+
+
+def tool_call(call: Any) -> dict[str, Any]:
+    """One of OpenAI's tool calls as chat templates read it: {"type": "function", "function": {"name", "arguments"}},
+    the arguments an object (OpenAI sends them as a JSON string; Llama 3.1's, Qwen2.5's and Mistral's templates
+    write them with `tojson`; none or "" is no arguments), an `id` kept where there is one. The function's fields
+    may stand at the top (a call written without `function`). ValueError naming what is wrong ("a tool call ..."),
+    for a caller that says where: training data (a bad row) and `serve` (a 400) read calls alike."""
+    function = call.get("function", call) if isinstance(call, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError("a tool call without a function name")
+    arguments = function.get("arguments")
+    if arguments is None or (isinstance(arguments, str) and not arguments.strip()):
+        arguments = {}
+    elif isinstance(arguments, str):
+        arguments = json_or_none(arguments)
+    if not isinstance(arguments, dict):
+        raise ValueError(f"a tool call to {name!r} whose arguments are not a JSON object")
+    shaped: dict[str, Any] = {"type": "function", "function": {"name": name, "arguments": arguments}}
+    return shaped | ({"id": call["id"]} if isinstance(call.get("id"), str) else {})
 
 
 def cell_tools(row: dict, column: str) -> list[dict[str, Any]] | None:

@@ -6,12 +6,11 @@ so a client learns what to fix instead of getting a silently different answer.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from tunelab.config.llm import RENDER_NAMES
-from tunelab.data.formats import REASONING_KEYS, without_nulls
+from tunelab.data.formats import REASONING_KEYS, tool_call, without_nulls
 
 ROLES = {"system", "user", "assistant", "tool"}
 # Request fields that change what OpenAI would return and that this server cannot honour: refused with a 400
@@ -163,27 +162,17 @@ def _forced(choice: Any) -> str | None:
 
 
 def _calls(message: dict, where: str) -> list[dict[str, Any]]:
-    """An assistant message's tool_calls as chat templates read them: the arguments an object, not OpenAI's JSON
-    string (the templates write them with tojson, as in training: data/formats.py)."""
+    """An assistant message's tool_calls as chat templates read them, read as training data's are
+    (formats.tool_call: the arguments an object, not OpenAI's JSON string)."""
     calls = message.get("tool_calls")
     if not isinstance(calls, list):
         raise RequestError(f"{where}.tool_calls must be a list", f"{where}.tool_calls")
     out = []
     for j, call in enumerate(calls):
-        function = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise RequestError(f"{where}.tool_calls[{j}] must hold a function with a name", f"{where}.tool_calls")
-        arguments = function.get("arguments") or "{}"
         try:
-            arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
-        except json.JSONDecodeError:
-            arguments = None
-        if not isinstance(arguments, dict):
-            raise RequestError(
-                f"{where}.tool_calls[{j}].function.arguments must be a JSON object", f"{where}.tool_calls"
-            )
-        shaped = {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
-        out.append(shaped | ({"id": call["id"]} if isinstance(call.get("id"), str) else {}))
+            out.append(tool_call(call))
+        except ValueError as err:
+            raise RequestError(f"{where}.tool_calls[{j}] is {err}", f"{where}.tool_calls") from None
     return out
 
 
