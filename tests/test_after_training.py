@@ -340,8 +340,9 @@ def test_generate_reads_a_reasoning_model_s_thinking_apart(reasoner, tmp_path, c
         {"role": "user", "content": "What is 2+2?"},
         {"role": "assistant", "content": "Four.", "reasoning_content": "Add them."},
     ]
+    plain = [held_out[0], {"role": "assistant", "content": "Four."}]
     data = tmp_path / "chats.jsonl"
-    data.write_text(json.dumps({"messages": held_out}) + "\n" + json.dumps({"messages": "What is 2+2?"}) + "\n")
+    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in (held_out, "What is 2+2?", plain)))
     answers = tmp_path / "answers.jsonl"
     files = ["--data-path", str(data), "--text-column", "messages", "--output", str(answers)]
     assert main([*run, *files]) == 0
@@ -354,6 +355,9 @@ def test_generate_reads_a_reasoning_model_s_thinking_apart(reasoner, tmp_path, c
         "reference_reasoning": "Add them.",
     }
     assert rows[1] == {"prompt": "What is 2+2?", "answer": "4", "reasoning": "Two and two make four."}
+    assert rows[2]["reference"] == "Four." and "reference_reasoning" not in rows[2]
+    assert main([*run, *files, "--reasoning-parser", "deepseek_r1"]) == 0  # answers begin inside; references not
+    assert [json.loads(line) for line in answers.read_text().splitlines()] == rows
     assert main([*run, *files, "--reasoning-parser", "none"]) == 0
     rows = [json.loads(line) for line in answers.read_text().splitlines()]
     assert rows[0]["answer"] == "<think>\nTwo and two make four.\n</think>\n\n4" and "reasoning" not in rows[0]
@@ -369,13 +373,32 @@ def test_generate_reads_a_reasoning_model_s_thinking_apart(reasoner, tmp_path, c
     assert "never reads enable_thinking" in capsys.readouterr().err
 
 
+def test_generate_reads_an_answer_begun_by_the_template_and_keeps_special_think_markers(reasoner):
+    """A template whose generation prompt opens the think block (DeepSeek-R1's): the answer begins inside it. A
+    tokenizer that marks <think> special: decoding keeps it (as serve does), where plain decoding would drop it."""
+    from tunelab.inference.generate import generate_many
+    from tunelab.inference.reasoning import THINK
+    from tunelab.inference.streaming import keeping
+
+    model, tokenizer = load_run(reasoner)
+    tokenizer.chat_template += "{% if add_generation_prompt %}<think>\n{% endif %}"
+    (answer,) = next(generate_many(model, tokenizer, ["What is 2+2?"], GenerationParams(max_new_tokens=32), 1, THINK))
+    assert (answer.reasoning, answer.text) == ("Two and two make four.", "4")
+
+    assert keeping(tokenizer, THINK.markers) is tokenizer  # nothing special to keep: decoded as always
+    tokenizer.add_tokens(list(THINK.markers), special_tokens=True)
+    ids = tokenizer("<think>\nHmm.\n</think>\n\n4", add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "\nHmm.\n\n\n4"
+    assert keeping(tokenizer, THINK.markers).decode(ids, skip_special_tokens=True) == "<think>\nHmm.\n</think>\n\n4"
+
+
 def test_generate_answers_many_prompts_with_a_tokenizer_that_has_no_pad_token(tiny_llama):
     from tunelab.inference.generate import generate_many
 
     model, tokenizer = load_run(tiny_llama)
     prompts, options = ["Hi", "Hello there, how are you today?"], GenerationParams(max_new_tokens=4)
     padded = [a[0].text for a in generate_many(model, tokenizer, prompts, options, batch_size=2)]
-    tokenizer.pad_token = None  # a base that has none, nor an EOS or UNK to stand in: no left-padding possible
+    tokenizer.pad_token = None  # as load_tokenizer leaves a base with no pad, EOS or UNK token: no left-padding
     assert tokenizer.pad_token_id is None
     assert [a[0].text for a in generate_many(model, tokenizer, prompts, options, batch_size=2)] == padded
 

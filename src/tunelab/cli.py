@@ -21,13 +21,16 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from tunelab import __version__
 from tunelab.config.aliases import ALIASES
 from tunelab.config.llm import LLMParams
 from tunelab.config.text_classification import TextClassificationParams
 from tunelab.errors import TunelabError
+
+if TYPE_CHECKING:
+    from tunelab.inference.generate import Answer
 
 log = logging.getLogger("tunelab")
 # inference/export.DTYPES, spelled out here so that building the parser imports nothing more (a test keeps them equal)
@@ -96,7 +99,7 @@ def add_dry_run(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_reasoning_flags(parser: argparse.ArgumentParser, shown: str) -> None:
+def add_reasoning_flags(parser: argparse.ArgumentParser, shown: str, hidden: str = "") -> None:
     """How a reasoning model's answers are read and shown (chat, generate), and its template's variables."""
     from tunelab.inference.reasoning import PARSERS
 
@@ -108,7 +111,7 @@ def add_reasoning_flags(parser: argparse.ArgumentParser, shown: str) -> None:
         f"before the answer, read apart: {shown}), or none (answers as written). Default think.",
     )
     parser.add_argument(
-        "--hide-reasoning", action="store_true", help="Show only the answer, not the reasoning before it."
+        "--hide-reasoning", action="store_true", help=f"Show only the answer, not the reasoning before it{hidden}."
     )
     parser.add_argument(
         "--chat-template-kwargs",
@@ -157,7 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", "--top_k", type=int, default=50)
     gen.add_argument("--top-p", "--top_p", type=float, default=1.0)
     gen.add_argument("--num-return-sequences", "--num_return_sequences", type=int, default=1)
-    add_reasoning_flags(gen, "printed on stderr after 'thinking>'; with --data-path, written as \"reasoning\"")
+    add_reasoning_flags(
+        gen,
+        "printed on stderr after 'thinking>'; with --data-path, written as \"reasoning\"",
+        " (on the terminal: a --data-path file keeps it)",
+    )
 
     classify = sub.add_parser(
         "text-classification",
@@ -320,10 +327,17 @@ def run_llm(args: argparse.Namespace, schema: type = LLMParams) -> int:
 def run_generate(args: argparse.Namespace) -> int:
     from tunelab.config.llm import template_variables
     from tunelab.data.formats import read_prompts
-    from tunelab.inference import generate as gen
+    from tunelab.inference.generate import (
+        GenerationParams,
+        answers_path,
+        generate_many,
+        load_run,
+        template_kwargs_for,
+        write_answers,
+    )
     from tunelab.inference.reasoning import thinking_for
 
-    options = gen.GenerationParams(
+    options = GenerationParams(
         args.max_new_tokens, args.do_sample, args.temperature, args.top_k, args.top_p, args.num_return_sequences
     )
     options.check()
@@ -335,21 +349,21 @@ def run_generate(args: argparse.Namespace) -> int:
     prompts, target = [], None
     if args.data_path:  # the file and where its answers go are checked before the model loads
         prompts = read_prompts(Path(args.data_path), args.text_column, "generate")
-        target = gen.answers_path(Path(args.data_path), args.output)
-    model, tokenizer = gen.load_run(args.model)
-    variables = gen.template_kwargs_for(tokenizer, variables, "generate")
+        target = answers_path(Path(args.data_path), args.output)
+    model, tokenizer = load_run(args.model)
+    variables = template_kwargs_for(tokenizer, variables, "generate")
     thinking = thinking_for(args.reasoning_parser)
     if target is not None:
-        out = gen.write_answers(model, tokenizer, prompts, target, options, args.batch_size, thinking, variables)
+        out = write_answers(model, tokenizer, prompts, target, options, args.batch_size, thinking, variables)
         print(f"tunelab: answers written to {out}", file=sys.stderr)
     if args.prompt:
         prompt = [" ".join(args.prompt)]
-        for answer in next(gen.generate_many(model, tokenizer, prompt, options, 1, thinking, variables)):
+        for answer in next(generate_many(model, tokenizer, prompt, options, 1, thinking, variables)):
             print_answer(answer, show_reasoning=not args.hide_reasoning)
     return 0
 
 
-def print_answer(answer: Any, show_reasoning: bool) -> None:
+def print_answer(answer: Answer, show_reasoning: bool) -> None:
     """A generated answer on stdout, its reasoning (if any) before it on stderr after `thinking> `, dimmed on a
     terminal, so a pipe gets the answer alone."""
     if answer.reasoning is not None and show_reasoning:

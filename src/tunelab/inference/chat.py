@@ -113,9 +113,9 @@ class ChatSession:
         return answer
 
     def parts(self, answer: str, whole: bool = True) -> tuple[str | None, str | None]:
-        """(reasoning, answer) of an answer as written, or of the answer so far (`whole` False): Thinking.parts,
-        after the open marker when the template opened the block. Whole, the answer is None only when the model
-        stopped inside its reasoning (then without the start of a close marker it had begun)."""
+        """(reasoning, answer) of an answer as written (Thinking.read), or of the answer so far (`whole` False:
+        Thinking.parts), after the open marker when the template opened the block. Whole, the answer is None only
+        when the model stopped inside its reasoning (then without the start of a close marker it had begun)."""
         if self.thinking is None:
             return None, answer
         text = self.opened + answer

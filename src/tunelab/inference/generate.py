@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -133,9 +133,12 @@ def generate(
     options: GenerationParams | None = None,
     template_kwargs: dict[str, Any] | None = None,
 ) -> list[str]:
-    """Completions of one prompt (only the new text, as written), each ended where the chat template ends a turn."""
+    """Completions of one prompt (only the new text, as written: a think block's markers kept where the tokenizer
+    marks them special), each ended where the chat template ends a turn. `generate_many` reads reasoning apart."""
+    from tunelab.inference.reasoning import THINK
+
     text = format_prompt(prompt, tokenizer, template_kwargs)
-    return complete(model, tokenizer, text, options, add_special_tokens=text == prompt)
+    return complete(model, tokenizer, text, options, add_special_tokens=text == prompt, keep=THINK.markers)
 
 
 def generate_many(
@@ -149,12 +152,14 @@ def generate_many(
 ) -> Iterator[list[Answer]]:
     """`generate` for many prompts, `batch_size` at a time (left-padded, so every prompt ends where its answer
     starts): each prompt's answers, in order, as each batch is made. With `thinking` (reasoning.thinking_for), an
-    answer's reasoning is read apart from it (its markers kept where the tokenizer marks them special), else each
-    answer is all text, as written."""
+    answer's reasoning is read apart from it, else each answer is all text, as written (a think block's markers
+    kept where the tokenizer marks them special, either way)."""
+    from tunelab.inference.reasoning import THINK
+
     templated = bool(getattr(tokenizer, "chat_template", None))
     if tokenizer.pad_token_id is None:  # left-padding needs a pad token: one prompt at a time needs none
         batch_size = 1
-    keep = thinking.markers if thinking else ()
+    keep = (thinking or THINK).markers
     for start in range(0, len(prompts), batch_size):
         texts = [format_prompt(prompt, tokenizer, template_kwargs) for prompt in prompts[start : start + batch_size]]
         for text, written in zip(texts, complete(model, tokenizer, texts, options, not templated, keep), strict=True):
@@ -204,8 +209,10 @@ def write_answers(
             if any(reasonings):
                 row |= {"reasonings": reasonings} if several else {"reasoning": reasonings[0]}
             if isinstance(prompt, list) and len(row["prompt"]) < len(prompt):
-                reference = answer_as_written(prompt[-1])
-                reasoning, text = thinking.read(reference) if thinking else (None, reference)
+                reference = answer_as_written(prompt[-1])  # its reasoning, if any, in a block it opens itself
+                reasoning, text = (
+                    replace(thinking, begins_inside=False).read(reference) if thinking else (None, reference)
+                )
                 row["reference"] = text or ""
                 row |= {"reference_reasoning": reasoning} if reasoning else {}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -165,8 +165,10 @@ class Generation:
 
 def keeping(tokenizer: Any, keep: tuple[str, ...]) -> Any:
     """The tokenizer to decode an answer with: one whose decoding skips special tokens but those in `keep` (the
-    tokenizer itself when there are none)."""
-    return _Keeping(tokenizer, keep) if keep else tokenizer
+    tokenizer itself when none of them is a special token in it, so decoding skips none of them anyway)."""
+    special = {str(token) for token in tokenizer.all_special_tokens}
+    special |= {str(t) for t in tokenizer.added_tokens_decoder.values() if getattr(t, "special", False)}
+    return _Keeping(tokenizer, keep) if special & set(keep) else tokenizer
 
 
 class _Keeping:
