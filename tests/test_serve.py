@@ -653,6 +653,13 @@ def test_the_form_is_read_from_the_chat_template(tiny_llama):
     assert form_for(SimpleNamespace(chat_template={"default": "x", "tool_use": "[TOOL_CALLS]"})) is MISTRAL
     assert [form_for(tokenizer, name).name for name in FORMS] == list(FORMS)
 
+    # Named templates: the one transformers renders with (tool_use for a chat given tools), not all of them.
+    from tunelab.inference.tool_calls import template_text
+
+    named = SimpleNamespace(chat_template={"default": "plain", "tool_use": "tools", "rag": "documents"})
+    assert template_text(named) == "plain" and template_text(named, tools=True) == "tools"
+    assert template_text(SimpleNamespace(chat_template={"rag": "a", "other": "b"})) == "a b"  # no name to choose
+
 
 # ---- reasoning (<think>...</think> before the answer)
 

@@ -469,6 +469,11 @@ def test_reasoning_goes_where_a_template_reads_it(tiny_tokenizer):
     ]
     assert reasoning_key(READS_REASONING) == "reasoning_content"
     assert reasoning_key("{{ message.thinking }}") == "thinking" and reasoning_key("{{ enable_thinking }}") is None
+    assert reasoning_key("{% set r = m['reasoning_content'] %}{{ r }}") == "reasoning_content"
+    refuses = "{% if m.reasoning_content %}{{ raise_exception('no reasoning_content') }}{% endif %}"
+    assert reasoning_key(refuses) == "reasoning_content"  # it reads the key, to refuse it
+    named = "{# reasoning_content is dropped #}{{ raise_exception('reasoning_content is not supported') }}"
+    assert reasoning_key(named) is None  # named in a comment and a text, never read
 
 
 @pytest.mark.parametrize(

@@ -27,11 +27,8 @@ from tunelab.errors import ConfigError
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 BUILTIN = ("none", "zephyr", "chatml", "alpaca")
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"  # how reasoning models write their reasoning before the answer
-# The message key a template reads an assistant turn's reasoning from, found in its source.
-_REASONING_READS = (
-    ("reasoning_content", re.compile(r"\breasoning_content\b")),  # Qwen3's
-    ("thinking", re.compile(r"message\s*(?:\.thinking\b|\[\s*['\"]thinking['\"]\s*\])")),  # gpt-oss
-)
+# The message keys a template may read an assistant turn's reasoning from: Qwen3's, then gpt-oss's.
+_REASONING_KEYS = ("reasoning_content", "thinking")
 
 
 class UnplacedToolCall(TemplateError):
@@ -188,8 +185,21 @@ def with_reasoning(conversations: list[list[dict]], source: str) -> list[list[di
 
 
 def reasoning_key(source: str) -> str | None:
-    """The message key the template reads an assistant turn's reasoning from, or None when it reads none."""
-    return next((key for key, reads in _REASONING_READS if reads.search(source)), None)
+    """The message key the template reads an assistant turn's reasoning from, or None when it reads none. A read
+    is an attribute or item of that name in the template's syntax tree (`message.reasoning_content`,
+    `m['thinking']`): a template that names it only in a text (an error it raises) or a comment reads none."""
+    from jinja2 import nodes
+
+    compiled = _compiled(source)
+    try:
+        tree = compiled.environment.parse(source) if compiled is not None else None
+    except Exception:  # noqa: BLE001 - jinja2's TemplateSyntaxError: the template's own check says so elsewhere
+        tree = None
+    if tree is None:  # no parser to hand: the name anywhere in the source
+        return next((key for key in _REASONING_KEYS if re.search(rf"\.{key}\b|\[\s*['\"]{key}['\"]", source)), None)
+    read = {node.attr for node in tree.find_all(nodes.Getattr)}
+    read |= {node.arg.value for node in tree.find_all(nodes.Getitem) if isinstance(node.arg, nodes.Const)}
+    return next((key for key in _REASONING_KEYS if key in read), None)
 
 
 def answer_as_written(message: dict) -> str:

@@ -225,7 +225,7 @@ async def chat_completions(request: Request) -> Any:
     tools, tokenizer, options = asked.tools, model.tokenizer, parse_template_kwargs(body)
     if not getattr(tokenizer, "chat_template", None):
         raise RequestError(f"{model.name} has no chat template: use /v1/completions with a plain prompt")
-    messages = with_reasoning([messages], template_text(tokenizer))[0]  # earlier turns' reasoning, as trained
+    messages = with_reasoning([messages], template_text(tokenizer, bool(tools)))[0]  # earlier reasoning, as trained
     try:
         render = {"tokenize": False, "add_generation_prompt": True, **options}
         text = tokenizer.apply_chat_template(messages, tools=tools, **render)

@@ -155,7 +155,7 @@ def form_for(tokenizer: Any, name: str = "auto") -> ToolCallForm:
     (Hermes, tunelab's own, when it shows none of the others)."""
     if name != "auto":
         return _BY_NAME[name]
-    template = template_text(tokenizer)
+    template = template_text(tokenizer, tools=True)
     if "[TOOL_CALLS]" in template:
         return MISTRAL
     if "<tool_call>" not in template and ("<|python_tag|>" in template or '"parameters": ' in template):
@@ -163,10 +163,15 @@ def form_for(tokenizer: Any, name: str = "auto") -> ToolCallForm:
     return HERMES
 
 
-def template_text(tokenizer: Any) -> str:
-    """The tokenizer's chat template source ("" if none); named templates (a dict of them) joined."""
+def template_text(tokenizer: Any, tools: bool = False) -> str:
+    """The chat template source transformers renders a chat with ("" if none). Of named templates (a dict of them,
+    as Hermes 2 Pro and Command R have), as transformers chooses: `tool_use` for a chat given tools, where there is
+    one, else `default` (all of them joined when neither is named: transformers then asks for a name)."""
     template = getattr(tokenizer, "chat_template", None) or ""
-    return " ".join(template.values()) if isinstance(template, dict) else template
+    if not isinstance(template, dict):
+        return template
+    chosen = template.get("tool_use") if tools else None
+    return chosen or template.get("default") or " ".join(template.values())
 
 
 _NAME = "tunelab_forced_call"  # a stand-in call, rendered to see where the template puts a call's name and arguments
