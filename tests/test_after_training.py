@@ -17,7 +17,7 @@ from tunelab.errors import ConfigError, TunelabError
 from tunelab.inference.chat import ChatSession, StreamedAnswer, chat_loop
 from tunelab.inference.device import inference_device
 from tunelab.inference.evaluate import evaluate_run
-from tunelab.inference.generate import GenerationParams, load_run
+from tunelab.inference.generate import GenerationParams, Prompting, load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -334,7 +334,7 @@ def test_generate_reads_a_reasoning_model_s_thinking_apart(reasoner, tmp_path, c
     begun = load_run(reasoner)[1]("<think>\nTwo and", add_special_tokens=False)["input_ids"]
     assert main([*run[:-1], str(len(begun)), "What is 2+2?"]) == 0  # cut off inside its reasoning
     out, err = capsys.readouterr()
-    assert out == "\n" and "thinking> Two and\n" in err and "stopped while thinking" in err
+    assert out == "\n" and "thinking> Two and\n" in err and "cut off while thinking: raise --max-new-tokens" in err
 
     held_out = [
         {"role": "user", "content": "What is 2+2?"},
@@ -351,10 +351,12 @@ def test_generate_reads_a_reasoning_model_s_thinking_apart(reasoner, tmp_path, c
         "prompt": held_out[:1],
         "answer": "4",
         "reasoning": "Two and two make four.",
+        "finish_reason": "stop",
         "reference": "Four.",
         "reference_reasoning": "Add them.",
     }
-    assert rows[1] == {"prompt": "What is 2+2?", "answer": "4", "reasoning": "Two and two make four."}
+    answered = {"answer": "4", "reasoning": "Two and two make four.", "finish_reason": "stop"}
+    assert rows[1] == {"prompt": "What is 2+2?", **answered}
     assert rows[2]["reference"] == "Four." and "reference_reasoning" not in rows[2]
     assert main([*run, *files, "--reasoning-parser", "deepseek_r1"]) == 0  # answers begin inside; references not
     assert [json.loads(line) for line in answers.read_text().splitlines()] == rows
@@ -366,6 +368,10 @@ def test_generate_reads_a_reasoning_model_s_thinking_apart(reasoner, tmp_path, c
     assert main([*run, *files, *several]) == 0
     rows = [json.loads(line) for line in answers.read_text().splitlines()]
     assert rows[1]["answers"] == ["4", "4"] and rows[1]["reasonings"] == ["Two and two make four."] * 2
+    assert rows[1]["finish_reasons"] == ["stop", "stop"]
+    assert main([*run[:-1], str(len(begun)), *files]) == 0  # cut off inside its reasoning
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert rows[1] == {"prompt": "What is 2+2?", "answer": "", "reasoning": "Two and", "finish_reason": "length"}
 
     assert main([*run, "--chat-template-kwargs", "{not json", "Hi"]) == 2
     assert "chat_template_kwargs: not a JSON object" in capsys.readouterr().err
@@ -428,6 +434,33 @@ def test_chat_refuses_a_system_message_the_template_cannot_take(tiny_llama, tmp_
     )
     with pytest.raises(TunelabError, match="takes no system message"):
         ChatSession(model, tokenizer, system="Be brief.")
+    with pytest.raises(TunelabError, match="generate: this model's chat template takes no system message"):
+        Prompting("Be brief.").check(tokenizer)
+
+
+def test_generate_opens_each_prompt_with_a_system_message_and_samples_from_a_seed(reasoner, tiny_llama, capsys):
+    """--system opens a text prompt and a conversation that has no system turn of its own (one that has keeps
+    its own); a model with no template cannot take one. --seed: the same samples each run."""
+    from tunelab.inference.generate import format_prompt
+
+    _, tokenizer = load_run(reasoner)
+    prompting = Prompting("Be brief.").check(tokenizer)
+    system = "<|im_start|>system\nBe brief.<|im_end|>\n"
+    assert format_prompt("2+2?", tokenizer, prompting).startswith(system + "<|im_start|>user\n2+2?")
+    own = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "2+2?"}]
+    assert format_prompt(own, tokenizer, prompting) == format_prompt(own, tokenizer)
+    assert "Be brief." in format_prompt([own[1]], tokenizer, prompting)
+    plain = AutoTokenizer.from_pretrained(tiny_llama)
+    plain.chat_template = None
+    with pytest.raises(TunelabError, match="--system needs a chat template"):
+        Prompting("Be brief.").check(plain)
+
+    sample = ["generate", "--model", str(tiny_llama), "--max-new-tokens", "8", "--do-sample", "Hello"]
+    answers = []
+    for seed in ("1", "1", "2", "3"):
+        assert main([*sample, "--seed", seed]) == 0
+        answers.append(capsys.readouterr().out)
+    assert answers[0] == answers[1] and len(set(answers)) > 1  # a random model's samples differ from seed to seed
 
 
 @pytest.mark.parametrize(

@@ -675,6 +675,10 @@ def test_reasoning_is_read_apart_whole_and_as_it_streams():
     assert THINK.parts("<think>\nstill thinking\n") == ("still thinking", None)
     assert THINK.parts("It is 4.") == (None, "It is 4.")
     assert THINK.parts("<think></think>It is 4.") == (None, "It is 4.")
+    # As a person reads a whole answer (chat, generate): cut off while writing the open marker, or closed with
+    # nothing after it, is no answer / an empty one; `<thinking` is no marker at all.
+    assert THINK.read("<thin") == (None, None) and THINK.read("<think>\nHm.\n</think>\n") == ("Hm.", "")
+    assert THINK.read("<thinking is not a marker") == (None, "<thinking is not a marker")
     for text in (answer, "It is 4.", "<thinking is not a marker", "<think>\ncut at </thi"):
         streamed = {"reasoning": "", "content": ""}
         for end in range(1, len(text) + 1):

@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", "--top_k", type=int, default=50)
     gen.add_argument("--top-p", "--top_p", type=float, default=1.0)
     gen.add_argument("--num-return-sequences", "--num_return_sequences", type=int, default=1)
+    gen.add_argument("--seed", type=int, help="Start sampling from this seed: the same answers each run.")
+    gen.add_argument("--system", help="A system message opening each prompt (a conversation with its own keeps it).")
     add_reasoning_flags(
         gen,
         "printed on stderr after 'thinking>'; with --data-path, written as \"reasoning\"",
@@ -329,16 +331,22 @@ def run_generate(args: argparse.Namespace) -> int:
     from tunelab.data.formats import read_prompts
     from tunelab.inference.generate import (
         GenerationParams,
+        Prompting,
         answers_path,
         generate_many,
         load_run,
-        template_kwargs_for,
         write_answers,
     )
     from tunelab.inference.reasoning import thinking_for
 
     options = GenerationParams(
-        args.max_new_tokens, args.do_sample, args.temperature, args.top_k, args.top_p, args.num_return_sequences
+        args.max_new_tokens,
+        args.do_sample,
+        args.temperature,
+        args.top_k,
+        args.top_p,
+        args.num_return_sequences,
+        args.seed,
     )
     options.check()
     variables = template_variables(args.chat_template_kwargs)
@@ -351,14 +359,14 @@ def run_generate(args: argparse.Namespace) -> int:
         prompts = read_prompts(Path(args.data_path), args.text_column, "generate")
         target = answers_path(Path(args.data_path), args.output)
     model, tokenizer = load_run(args.model)
-    variables = template_kwargs_for(tokenizer, variables, "generate")
+    prompting = Prompting(args.system, variables or {}).check(tokenizer)
     thinking = thinking_for(args.reasoning_parser)
     if target is not None:
-        out = write_answers(model, tokenizer, prompts, target, options, args.batch_size, thinking, variables)
+        out = write_answers(model, tokenizer, prompts, target, options, args.batch_size, thinking, prompting)
         print(f"tunelab: answers written to {out}", file=sys.stderr)
     if args.prompt:
         prompt = [" ".join(args.prompt)]
-        for answer in next(generate_many(model, tokenizer, prompt, options, 1, thinking, variables)):
+        for answer in next(generate_many(model, tokenizer, prompt, options, 1, thinking, prompting)):
             print_answer(answer, show_reasoning=not args.hide_reasoning)
     return 0
 
@@ -369,8 +377,10 @@ def print_answer(answer: Answer, show_reasoning: bool) -> None:
     if answer.reasoning is not None and show_reasoning:
         dim = sys.stderr.isatty() and not os.environ.get("NO_COLOR")
         print("thinking> " + (f"\x1b[2m{answer.reasoning}\x1b[0m" if dim else answer.reasoning), file=sys.stderr)
-    if answer.text is None:
-        print("(the model stopped while thinking, without an answer: raise --max-new-tokens?)", file=sys.stderr)
+    if answer.text is None and answer.finish_reason == "length":
+        print("(the answer was cut off while thinking: raise --max-new-tokens)", file=sys.stderr)
+    elif answer.text is None:
+        print("(the model stopped while thinking, without an answer)", file=sys.stderr)
     print(answer.text or "", flush=True)
 
 

@@ -16,7 +16,7 @@ from typing import Any, TextIO
 from tunelab.config.llm import template_variables
 from tunelab.data.templates import with_reasoning
 from tunelab.errors import TunelabError
-from tunelab.inference.generate import GenerationParams, template_kwargs_for
+from tunelab.inference.generate import GenerationParams, Prompting
 from tunelab.inference.openai_requests import Sampling
 from tunelab.inference.reasoning import THINK, Thinking
 from tunelab.inference.tool_calls import template_text
@@ -45,22 +45,17 @@ class ChatSession:
         self.options = options or GenerationParams(max_new_tokens=256)
         self.system = system
         self.thinking = thinking  # how the model writes its reasoning (reasoning.py); None: its answers are all answer
-        # more variables for the template (Qwen3's enable_thinking), checked as training's chat_template_kwargs
-        self.template_kwargs = template_kwargs_for(tokenizer, template_variables(template_kwargs), "chat")
+        # more variables for the template (Qwen3's enable_thinking), checked as training's chat_template_kwargs, and
+        # a system message the template cannot take (Gemma's) said now, not at the first message
+        kwargs = template_variables(template_kwargs) or {}
+        self.template_kwargs = (
+            Prompting(system if self.templated else None, kwargs).check(tokenizer, "chat").template_kwargs
+        )
         self.history: list[dict[str, str]] = []
         self.opened = ""  # the open marker, when the last prompt's template opened the think block
         self.finish_reason = "stop"  # of the last answer: "length" when it reached its token budget
         self.context_full = False  # the last answer's budget was what the context had left, below max_new_tokens
         self._lock = threading.Lock()
-        if system and self.templated:
-            try:  # Gemma's template, for one, refuses system messages: say so now, not at the first message
-                self.tokenizer.apply_chat_template(
-                    [{"role": "system", "content": system}, {"role": "user", "content": "Hi"}],
-                    tokenize=False,
-                    **self.template_kwargs,
-                )
-            except Exception as err:  # noqa: BLE001 - jinja2's errors and the template's own raise_exception
-                raise TunelabError(f"chat: this model's chat template takes no system message ({err})") from None
 
     @property
     def templated(self) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +33,7 @@ class GenerationParams:
     top_k: int = 50
     top_p: float = 1.0
     num_return_sequences: int = 1
+    seed: int | None = None  # where sampling starts from (None: wherever the random state is)
 
     def check(self) -> None:
         """TunelabError naming the first option transformers would refuse (before a model is loaded)."""
@@ -74,40 +75,58 @@ def load_run(path: str | Path) -> tuple[Any, Any]:
     return to_inference_device(model), tokenizer
 
 
-def template_kwargs_for(tokenizer: Any, variables: dict[str, Any] | None, command: str) -> dict[str, Any]:
-    """More variables for the chat template (config.llm.template_variables: Qwen3's enable_thinking), checked as
-    training checks its chat_template_kwargs: a variable the template never reads is refused, as it would change
-    nothing."""
-    if not variables:
-        return {}
-    if not getattr(tokenizer, "chat_template", None):
-        raise TunelabError(f"{command}: chat_template_kwargs are for a chat template, and this model has none")
-    from tunelab.data.templates import template_source
+@dataclass
+class Prompting:
+    """How prompts are written for the model, beyond the chat template itself: a system message opening each
+    (where the conversation has none of its own), and more variables for the template (Qwen3's enable_thinking)."""
 
-    template_source("tokenizer", tokenizer, variables)
-    return dict(variables)
+    system: str | None = None
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def check(self, tokenizer: Any, command: str = "generate") -> Prompting:
+        """These settings, checked against the model's template before any work (TunelabError saying what is
+        wrong): template_kwargs as training checks its chat_template_kwargs (one the template never reads would
+        change nothing), a system message against a template that takes none (Gemma's)."""
+        templated = bool(getattr(tokenizer, "chat_template", None))
+        if self.template_kwargs:
+            if not templated:
+                raise TunelabError(f"{command}: chat_template_kwargs are for a chat template, and this model has none")
+            from tunelab.data.templates import template_source
+
+            template_source("tokenizer", tokenizer, self.template_kwargs)
+        if self.system and templated:
+            try:
+                format_prompt("Hi", tokenizer, self)
+            except Exception as err:  # noqa: BLE001 - jinja2's errors and the template's own raise_exception
+                raise TunelabError(f"{command}: this model's chat template takes no system message ({err})") from None
+        elif self.system:
+            raise TunelabError(f"{command}: --system needs a chat template to write it, and this model has none")
+        return self
 
 
-def format_prompt(
-    prompt: str | list[dict[str, Any]], tokenizer: Any, template_kwargs: dict[str, Any] | None = None
-) -> str:
+def format_prompt(prompt: str | list[dict[str, Any]], tokenizer: Any, prompting: Prompting | None = None) -> str:
     """A chat model gets a text prompt as a user turn through its template, and a conversation (formats.read_prompts)
-    as training wrote it, up to the turn to answer (`asked_turns`); a plain model gets a text as it is.
-    template_kwargs: more variables for the template (`template_kwargs_for`)."""
-    template = getattr(tokenizer, "chat_template", None)
-    render = {"tokenize": False, "add_generation_prompt": True, **(template_kwargs or {})}
-    if isinstance(prompt, list):
-        if not template:
+    as training wrote it, up to the turn to answer (`asked_turns`); a plain model gets a text as it is."""
+    from tunelab.inference.tool_calls import template_text
+
+    prompting = prompting or Prompting()
+    if not getattr(tokenizer, "chat_template", None):
+        if isinstance(prompt, list):
             raise TunelabError(
                 "generate: the prompts are conversations, but the model has no chat template to write them"
             )
+        return prompt
+    turns = asked_turns(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    if prompting.system and turns[0]["role"] != "system":
+        turns = [{"role": "system", "content": prompting.system}, *turns]
+    if isinstance(prompt, list):
         from tunelab.data.templates import with_inputs, with_reasoning
 
-        messages = with_reasoning(with_inputs([asked_turns(prompt)], template), template)[0]
-        return tokenizer.apply_chat_template(messages, **render)
-    if template:
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], **render)
-    return prompt
+        template = template_text(tokenizer)
+        turns = with_reasoning(with_inputs([turns], template), template)[0]
+    return tokenizer.apply_chat_template(
+        turns, tokenize=False, add_generation_prompt=True, **prompting.template_kwargs
+    )
 
 
 def asked_turns(conversation: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -120,10 +139,12 @@ def asked_turns(conversation: list[dict[str, Any]]) -> list[dict[str, Any]]:
 @dataclass(frozen=True)
 class Answer:
     """One generated answer, read as `tunelab chat` reads it: the reasoning written before it in a think block
-    (reasoning.py; None: there was none), and the answer itself (None: the model stopped inside its reasoning)."""
+    (reasoning.py; None: there was none), the answer itself (None: the model stopped inside its reasoning), and
+    why it ended, in OpenAI's words: "stop" (the model ended its turn) or "length" (max_new_tokens)."""
 
     reasoning: str | None
     text: str | None
+    finish_reason: str = "stop"
 
 
 def generate(
@@ -131,13 +152,14 @@ def generate(
     tokenizer: Any,
     prompt: str,
     options: GenerationParams | None = None,
-    template_kwargs: dict[str, Any] | None = None,
+    prompting: Prompting | None = None,
 ) -> list[str]:
     """Completions of one prompt (only the new text, as written: a think block's markers kept where the tokenizer
     marks them special), each ended where the chat template ends a turn. `generate_many` reads reasoning apart."""
     from tunelab.inference.reasoning import THINK
 
-    text = format_prompt(prompt, tokenizer, template_kwargs)
+    text = format_prompt(prompt, tokenizer, prompting)
+    _seed(options)
     return complete(model, tokenizer, text, options, add_special_tokens=text == prompt, keep=THINK.markers)
 
 
@@ -148,7 +170,7 @@ def generate_many(
     options: GenerationParams | None = None,
     batch_size: int = 8,
     thinking: Thinking | None = None,
-    template_kwargs: dict[str, Any] | None = None,
+    prompting: Prompting | None = None,
 ) -> Iterator[list[Answer]]:
     """`generate` for many prompts, `batch_size` at a time (left-padded, so every prompt ends where its answer
     starts): each prompt's answers, in order, as each batch is made. With `thinking` (reasoning.thinking_for), an
@@ -160,14 +182,25 @@ def generate_many(
     if tokenizer.pad_token_id is None:  # left-padding needs a pad token: one prompt at a time needs none
         batch_size = 1
     keep = (thinking or THINK).markers
+    _seed(options)
     for start in range(0, len(prompts), batch_size):
-        texts = [format_prompt(prompt, tokenizer, template_kwargs) for prompt in prompts[start : start + batch_size]]
-        for text, written in zip(texts, complete(model, tokenizer, texts, options, not templated, keep), strict=True):
-            if thinking is None:
-                yield [Answer(None, answer) for answer in written]
-                continue
-            opened = thinking.opened_by(text) if templated else ""  # the template began the block
-            yield [Answer(*thinking.read(opened + answer)) for answer in written]
+        texts = [format_prompt(prompt, tokenizer, prompting) for prompt in prompts[start : start + batch_size]]
+        made = _generated(model, tokenizer, texts, options, not templated, keep)
+        count = len(made) // len(texts)  # each text's sequences come one after another
+        for i, text in enumerate(texts):
+            opened = thinking.opened_by(text) if thinking and templated else ""  # the template began the block
+            yield [
+                Answer(*(thinking.read(opened + answer) if thinking else (None, answer)), finish)
+                for answer, finish in made[i * count : (i + 1) * count]
+            ]
+
+
+def _seed(options: GenerationParams | None) -> None:
+    """Sampling from a known start: the same seed, prompts and batch size give the same answers."""
+    if options is not None and options.seed is not None:
+        from transformers import set_seed
+
+        set_seed(options.seed)
 
 
 def answers_path(data: Path, output: str | None) -> Path:
@@ -183,11 +216,12 @@ def write_answers(
     options: GenerationParams | None = None,
     batch_size: int = 8,
     thinking: Thinking | None = None,
-    template_kwargs: dict[str, Any] | None = None,
+    prompting: Prompting | None = None,
 ) -> Path:
     """Answer every prompt and write the answers as JSON lines ({"prompt", "answer"}, or "answers" when asking for
-    several), in order, batch by batch as they are made; the file appears whole or not at all. A conversation's
-    "prompt" is the turns asked; one that ended with an answer also gets it as its "reference".
+    several), in order, batch by batch as they are made, each with why it ended ("finish_reason", or
+    "finish_reasons": "stop", or "length" when max_new_tokens cut it off); the file appears whole or not at all.
+    A conversation's "prompt" is the turns asked; one that ended with an answer also gets it as its "reference".
 
     With `thinking`, an answer's reasoning goes apart, as "reasoning" (several: "reasonings", null where an answer
     has none), and a reference's too ("reference_reasoning"); a row with none has no such field. An answer that
@@ -200,7 +234,7 @@ def write_answers(
     if any(isinstance(p, list) for p in prompts) and not getattr(tokenizer, "chat_template", None):
         format_prompt(next(p for p in prompts if isinstance(p, list)), tokenizer)  # the one line, before any work
     several = options is not None and options.num_return_sequences > 1
-    answered = generate_many(model, tokenizer, prompts, options, batch_size, thinking, template_kwargs)
+    answered = generate_many(model, tokenizer, prompts, options, batch_size, thinking, prompting)
     with written_whole(target, "generate") as f:
         for prompt, answers in zip(prompts, answered, strict=True):
             row: dict[str, Any] = {"prompt": asked_turns(prompt) if isinstance(prompt, list) else prompt}
@@ -208,6 +242,8 @@ def write_answers(
             row |= {"answers": texts} if several else {"answer": texts[0]}
             if any(reasonings):
                 row |= {"reasonings": reasonings} if several else {"reasoning": reasonings[0]}
+            finishes = [a.finish_reason for a in answers]
+            row |= {"finish_reasons": finishes} if several else {"finish_reason": finishes[0]}
             if isinstance(prompt, list) and len(row["prompt"]) < len(prompt):
                 reference = answer_as_written(prompt[-1])  # its reasoning, if any, in a block it opens itself
                 reasoning, text = (
@@ -233,6 +269,22 @@ def complete(
 
     add_special_tokens: False for a text rendered by the chat template (it holds its own BOS, if any).
     keep: special tokens whose text the answers keep (`<think>`, which some tokenizers mark special)."""
+    answers = [answer for answer, _ in _generated(model, tokenizer, text, options, add_special_tokens, keep)]
+    if not isinstance(text, list):
+        return answers
+    count = len(answers) // len(text)  # generate gives each text's sequences one after another
+    return [answers[i * count : (i + 1) * count] for i in range(len(text))]
+
+
+def _generated(
+    model: Any,
+    tokenizer: Any,
+    text: str | list[str],
+    options: GenerationParams | None,
+    add_special_tokens: bool,
+    keep: tuple[str, ...],
+) -> list[tuple[str, str]]:
+    """`complete`'s work: every sequence made, in order, as (answer, finish reason)."""
     import torch
 
     from tunelab.inference.streaming import keeping
@@ -266,9 +318,13 @@ def complete(
         )
     new = output[:, inputs["input_ids"].shape[1] :]
     decoder = keeping(tokenizer, keep)
-    answers = [decoder.decode(seq, skip_special_tokens=True) for seq in new]
-    answers = [min((a.split(m)[0] for m in markers), key=len, default=a).strip() for a in answers]
-    if not isinstance(text, list):
-        return answers
-    count = options.num_return_sequences  # generate gives each text's sequences one after another
-    return [answers[i * count : (i + 1) * count] for i in range(len(text))]
+    made = []
+    for seq in new:
+        written = decoder.decode(seq, skip_special_tokens=True)
+        answer = min((written.split(m)[0] for m in markers), key=len, default=written)
+        # Cut off only when it used the whole budget without an end: a row that ended sooner is padded after its
+        # end (with the pad token, often EOS itself), and one that met a stop string has it in its text.
+        ended = any(i in end_ids or i == tokenizer.pad_token_id for i in seq.tolist()) or answer != written
+        cut = len(seq) == options.max_new_tokens and not ended
+        made.append((answer.strip(), "length" if cut else "stop"))
+    return made

@@ -59,7 +59,9 @@ class Thinking:
     def read(self, text: str) -> tuple[str | None, str | None]:
         """(reasoning, answer) of a whole answer, for a person (chat, generate) rather than an API: the answer is ""
         when the block closed with nothing after it, and None only when the model stopped inside its reasoning
-        (which is then without the start of a close marker it had begun)."""
+        (which is then without the start of a close marker it had begun), or while writing the open marker."""
+        if text.strip() and self.open.startswith(text.strip()) and text.strip() != self.open:
+            return None, None  # `<thin`: cut off before the reasoning began
         reasoning, content = self.parts(text)
         if content is not None:
             return reasoning, content
