@@ -145,6 +145,29 @@ def test_two_runs_compared_base_beside_tuned_merged_and_run_again(app, tiny_llam
     assert status == 200 and b'id="lr" name="lr" value="0.001"' in page
 
 
+def test_run_again_shows_a_job_s_template_variables_as_the_json_it_was_given(tiny_llama, tmp_path):
+    """chat_template_kwargs, an object in the job's parameters, fills the "run again" form as JSON text, which the
+    form then sends back as a valid parameter."""
+    model = tmp_path / "brief-model"  # its template reads a variable of its own
+    shutil.copytree(tiny_llama, model)
+    chatml = (model / "chat_template.jinja").read_text()
+    (model / "chat_template.jinja").write_text("{% if brief %}{% endif %}" + chatml)
+    with running_app(tmp_path / "appdata", allowed_paths=[model]) as app:
+        _, project = new_project(app, model)
+        mapping = {"chat_template": "tokenizer"}  # the model's own template, not the Alpaca rows' detected one
+        assert app.post_json(f"/api/projects/{project['id']}/preview", {"mapping": mapping})[0] == 200
+        params = {**SHORT_RUN, "max_steps": 1, "chat_template_kwargs": {"brief": True}}
+        status, job = app.post_json(f"/api/projects/{project['id']}/jobs", {"params": params, "evaluate": False})
+        assert status == 201, job
+        (done,) = wait_for(app, [job["id"]])
+        assert done["status"] == "completed", done["message"]
+        status, page = app.request("GET", f"/projects/{project['id']}/params?from_job={job['id']}")[::2]
+        assert status == 200 and b'name="chat_template_kwargs" value="{&#34;brief&#34;: true}"' in page
+        again = {**SHORT_RUN, "chat_template_kwargs": '{"brief": true}'}  # the field's text, as the form sends it
+        status, body = app.post_json(f"/api/projects/{project['id']}/preview", {"params": again})
+        assert status == 200, body
+
+
 def test_a_dpo_job_ends_with_its_preference_evaluation_on_its_page(app, tiny_llama):
     """The app evaluates a preference run too: on the pairs its valid_size held out, its figures and samples with
     the pair's chosen and rejected answers on the job page."""
