@@ -426,6 +426,16 @@ def test_a_model_taught_to_call_a_tool_answers_with_openai_tool_calls(tool_calle
         ]
         assert calls[0].id.startswith("call_")
 
+        if stream:  # log-probs of an answer that calls: in one chunk after the call, before the finish, as whole
+            scored = {**asked, "temperature": 0, "max_tokens": 64, "logprobs": True, "top_logprobs": 1}
+            whole = client.chat.completions.create(**scored).choices[0].logprobs.content
+            chunks = [c.choices[0] for c in client.chat.completions.create(**scored, stream=True) if c.choices]
+            (at,) = [i for i, c in enumerate(chunks) if c.logprobs]
+            streamed = chunks[at].logprobs.content
+            assert [t.token for t in streamed] == [t.token for t in whole]
+            assert any(c.delta.tool_calls for c in chunks[:at]) and chunks[-1].finish_reason == "tool_calls"
+            assert not any(c.delta.tool_calls for c in chunks[at:])
+
         # The call and its result go back as the next turn: read as training had them, answered (text or a call).
         turn = {"role": "assistant", "content": None, "tool_calls": [c.model_dump() for c in calls]}
         result = {"role": "tool", "tool_call_id": calls[0].id, "content": "18 C, sunny"}
