@@ -373,6 +373,14 @@ def test_generate_reads_a_reasoning_model_s_thinking_apart(reasoner, tmp_path, c
     rows = [json.loads(line) for line in answers.read_text().splitlines()]
     assert rows[1] == {"prompt": "What is 2+2?", "answer": "", "reasoning": "Two and", "finish_reason": "length"}
 
+    from tunelab.cli import print_answer
+    from tunelab.inference.generate import Answer
+
+    capsys.readouterr()
+    print_answer(Answer("Hmm", None, "stop"), show_reasoning=True)  # the model ended its turn while thinking
+    out, err = capsys.readouterr()
+    assert out == "\n" and err == "thinking> Hmm\n(the model stopped while thinking, without an answer)\n"
+
     assert main([*run, "--chat-template-kwargs", "{not json", "Hi"]) == 2
     assert "chat_template_kwargs: not a JSON object" in capsys.readouterr().err
     assert main([*run, "--chat-template-kwargs", '{"enable_thinking": false}', "Hi"]) == 2
@@ -396,6 +404,17 @@ def test_generate_reads_an_answer_begun_by_the_template_and_keeps_special_think_
     ids = tokenizer("<think>\nHmm.\n</think>\n\n4", add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(ids, skip_special_tokens=True) == "\nHmm.\n\n\n4"
     assert keeping(tokenizer, THINK.markers).decode(ids, skip_special_tokens=True) == "<think>\nHmm.\n</think>\n\n4"
+
+
+def test_an_answer_ends_for_a_reason():
+    """ "length" only for a sequence that used its whole budget without an end token or a stop string."""
+    from tunelab.inference.generate import finish_reason
+
+    end = [2, 7]
+    assert finish_reason([5, 6, 8, 9], end, 4, at_stop_string=False) == "length"
+    assert finish_reason([5, 7, 2, 2], end, 4, at_stop_string=False) == "stop"  # ended, padded beside a longer row
+    assert finish_reason([5, 6, 8, 9], end, 4, at_stop_string=True) == "stop"  # a turn end of several tokens
+    assert finish_reason([5, 2], end, 4, at_stop_string=False) == "stop"
 
 
 def test_generate_answers_many_prompts_with_a_tokenizer_that_has_no_pad_token(tiny_llama):
@@ -456,6 +475,7 @@ def test_generate_opens_each_prompt_with_a_system_message_and_samples_from_a_see
         Prompting("Be brief.").check(plain)
 
     sample = ["generate", "--model", str(tiny_llama), "--max-new-tokens", "8", "--do-sample", "Hello"]
+    assert main([*sample, "--seed", "-1"]) == 2 and "--seed must be 0 or more" in capsys.readouterr().err
     answers = []
     for seed in ("1", "1", "2", "3"):
         assert main([*sample, "--seed", seed]) == 0

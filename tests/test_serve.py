@@ -649,6 +649,31 @@ def test_streamed_text_stops_at_the_start_of_a_call():
     assert [LLAMA3_JSON.call_start(t) for t in ("", " ", ' {"na', "<|python", "Paris")] == [0, 0, 0, 0, 5]
 
 
+def test_a_request_s_tool_calls_are_read_as_training_reads_them():
+    """An earlier call sent back in the messages: its arguments an object whether given as JSON text, as none or as
+    "" (no arguments); a call written without `function` read the same; a call without a name, a 400."""
+    from tunelab.inference.openai_requests import RequestError, parse_messages
+
+    def calls(*given: dict) -> list[dict]:
+        body = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "tool_calls": list(given)}]}
+        return parse_messages(body)[1]["tool_calls"]
+
+    nested = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    flat = {"name": "get_weather", "arguments": {"city": "Paris"}, "id": "c1"}
+    assert (
+        calls(nested)
+        == calls(flat)
+        == [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}, "id": "c1"}]
+    )
+    for empty in (None, "", "  "):
+        assert calls({"function": {"name": "now", "arguments": empty}})[0]["function"]["arguments"] == {}
+    from tunelab.data.formats import tool_call  # the one reader, training rows' too
+
+    assert tool_call({**flat, "function": None}) == calls(flat)[0]  # a flat call beside nested ones in Parquet
+    with pytest.raises(RequestError, match=r"tool_calls\[0\] is a tool call without a function name"):
+        calls({"function": {"name": " ", "arguments": "{}"}})
+
+
 def test_the_form_is_read_from_the_chat_template(tiny_llama):
     from types import SimpleNamespace
 
@@ -687,7 +712,9 @@ def test_reasoning_is_read_apart_whole_and_as_it_streams():
     assert THINK.parts("<think></think>It is 4.") == (None, "It is 4.")
     # As a person reads a whole answer (chat, generate): cut off while writing the open marker, or closed with
     # nothing after it, is no answer / an empty one; `<thinking` is no marker at all.
-    assert THINK.read("<thin") == (None, None) and THINK.read("<think>\nHm.\n</think>\n") == ("Hm.", "")
+    assert THINK.read("<think>\nHm.\n</think>\n") == ("Hm.", "")
+    assert THINK.read("<thin", cut=True) == (None, None)  # cut off as its reasoning began
+    assert THINK.read("<") == (None, "<")  # an answer the model ended itself is what it wrote
     assert THINK.read("<thinking is not a marker") == (None, "<thinking is not a marker")
     for text in (answer, "It is 4.", "<thinking is not a marker", "<think>\ncut at </thi"):
         streamed = {"reasoning": "", "content": ""}

@@ -474,6 +474,12 @@ def test_reasoning_goes_where_a_template_reads_it(tiny_tokenizer):
     assert reasoning_key(refuses) == "reasoning_content"  # it reads the key, to refuse it
     named = "{# reasoning_content is dropped #}{{ raise_exception('reasoning_content is not supported') }}"
     assert reasoning_key(named) is None  # named in a comment and a text, never read
+    gemma = "{{ message.get('reasoning') or message.get('reasoning_content') }}"  # Gemma 4's read
+    assert reasoning_key(gemma) == "reasoning_content"
+    blocks = "{% for m in messages %}{% for block in m.content %}{{ block['thinking'] }}{% endfor %}{% endfor %}"
+    assert reasoning_key(blocks) is None  # Mistral's content blocks: a block's thinking, not the message's
+    assert reasoning_key("{{ m['content'][0].thinking }}") is None
+    assert reasoning_key("{{ message.reasoning_content ") == "reasoning_content"  # does not parse: read as text
 
 
 @pytest.mark.parametrize(

@@ -160,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", "--top_k", type=int, default=50)
     gen.add_argument("--top-p", "--top_p", type=float, default=1.0)
     gen.add_argument("--num-return-sequences", "--num_return_sequences", type=int, default=1)
-    gen.add_argument("--seed", type=int, help="Start sampling from this seed: the same answers each run.")
+    gen.add_argument(
+        "--seed", type=int, help="With --do-sample: start sampling from this seed, for the same answers each run."
+    )
     gen.add_argument("--system", help="A system message opening each prompt (a conversation with its own keeps it).")
     add_reasoning_flags(
         gen,

@@ -430,7 +430,8 @@ def tool_call(call: Any) -> dict[str, Any]:
     write them with `tojson`; none or "" is no arguments), an `id` kept where there is one. The function's fields
     may stand at the top (a call written without `function`). ValueError naming what is wrong ("a tool call ..."),
     for a caller that says where: training data (a bad row) and `serve` (a 400) read calls alike."""
-    function = call.get("function", call) if isinstance(call, dict) else None
+    # a flat call in a Parquet or hub dataset beside nested ones has "function": null
+    function = (call.get("function") or call) if isinstance(call, dict) else None
     name = function.get("name") if isinstance(function, dict) else None
     if not isinstance(name, str) or not name.strip():
         raise ValueError("a tool call without a function name")

@@ -27,7 +27,8 @@ from tunelab.errors import ConfigError
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 BUILTIN = ("none", "zephyr", "chatml", "alpaca")
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"  # how reasoning models write their reasoning before the answer
-# The message keys a template may read an assistant turn's reasoning from: Qwen3's, then gpt-oss's.
+# The message keys a chat template may read an assistant turn's reasoning from (Qwen3's and Gemma's, then gpt-oss's),
+# in the order they are looked for; the data may hold reasoning under more names (formats.REASONING_KEYS).
 _REASONING_KEYS = ("reasoning_content", "thinking")
 
 
@@ -174,6 +175,17 @@ def with_inputs(conversations: list[list[dict]], source: str) -> list[list[dict]
     return [[_input_in_content(m) for m in c] for c in conversations]
 
 
+def template_text(tokenizer: Any, tools: bool = False) -> str:
+    """The chat template source transformers renders a chat with ("" if none). Of named templates (a dict of them,
+    as Hermes 2 Pro and Command R have), as transformers chooses: `tool_use` for a chat given tools, where there is
+    one, else `default` (all of them joined when neither is named: transformers then asks for a name)."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if not isinstance(template, dict):
+        return template
+    chosen = template.get("tool_use") if tools else None
+    return chosen or template.get("default") or " ".join(template.values())
+
+
 def with_reasoning(conversations: list[list[dict]], source: str) -> list[list[dict]]:
     """Assistant turns' reasoning (`reasoning_content`) under the key the template reads it from; a template that
     reads none gets it in the turn's content, `<think>\\n{reasoning}\\n</think>\\n\\n{content}` (Qwen3's and
@@ -185,21 +197,64 @@ def with_reasoning(conversations: list[list[dict]], source: str) -> list[list[di
 
 
 def reasoning_key(source: str) -> str | None:
-    """The message key the template reads an assistant turn's reasoning from, or None when it reads none. A read
-    is an attribute or item of that name in the template's syntax tree (`message.reasoning_content`,
-    `m['thinking']`): a template that names it only in a text (an error it raises) or a comment reads none."""
+    """The message key the template reads an assistant turn's reasoning from, or None when it reads none.
+
+    A read is the key taken from something in the template's syntax tree: `message.reasoning_content`,
+    `m['thinking']`, `message.get('reasoning_content')` (Gemma's). The name in a text (an error the template
+    raises) or a comment is no read, nor is `thinking` taken from a part of a message's content (Mistral's
+    `block['thinking']`, in a loop over `message.content`): that is a content block's, not the message's."""
+    from jinja2 import TemplateError, nodes
+
+    try:
+        compiled = _compiled(source)
+        tree = compiled.environment.parse(source) if compiled is not None else None
+    except TemplateError:  # a template that does not parse: training's own check says so, with the template named
+        tree = None
+    if tree is None:  # no syntax tree to read: the key written as a read anywhere in the source
+        read_as = r"\.{0}\b|\[\s*['\"]{0}['\"]|get\(\s*['\"]{0}['\"]"
+        return next((key for key in _REASONING_KEYS if re.search(read_as.format(key), source)), None)
+    blocks = {
+        loop.target.name
+        for loop in tree.find_all(nodes.For)
+        if isinstance(loop.target, nodes.Name) and _reads_content(loop.iter)
+    }
+    read = set()
+    for node in tree.find_all((nodes.Getattr, nodes.Getitem, nodes.Call)):
+        key, owner = _key_read(node)
+        in_block = _reads_content(owner) or (isinstance(owner, nodes.Name) and owner.name in blocks)
+        if key in _REASONING_KEYS and not (key == "thinking" and in_block):
+            read.add(key)
+    return next((key for key in _REASONING_KEYS if key in read), None)
+
+
+def _key_read(node: Any) -> tuple[str | None, Any]:
+    """(the key a Jinja node reads, what it reads it from): `x.key`, `x['key']`, `x.get('key', ...)`."""
     from jinja2 import nodes
 
-    compiled = _compiled(source)
-    try:
-        tree = compiled.environment.parse(source) if compiled is not None else None
-    except Exception:  # noqa: BLE001 - jinja2's TemplateSyntaxError: the template's own check says so elsewhere
-        tree = None
-    if tree is None:  # no parser to hand: the name anywhere in the source
-        return next((key for key in _REASONING_KEYS if re.search(rf"\.{key}\b|\[\s*['\"]{key}['\"]", source)), None)
-    read = {node.attr for node in tree.find_all(nodes.Getattr)}
-    read |= {node.arg.value for node in tree.find_all(nodes.Getitem) if isinstance(node.arg, nodes.Const)}
-    return next((key for key in _REASONING_KEYS if key in read), None)
+    if isinstance(node, nodes.Getattr):
+        return node.attr, node.node
+    if isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
+        return node.arg.value, node.node
+    if (
+        isinstance(node, nodes.Call)
+        and isinstance(node.node, nodes.Getattr)
+        and node.node.attr == "get"
+        and node.args
+        and isinstance(node.args[0], nodes.Const)
+        and isinstance(node.args[0].value, str)
+    ):
+        return node.args[0].value, node.node.node
+    return None, None
+
+
+def _reads_content(node: Any) -> bool:
+    """Whether a Jinja expression is (a part of) some message's content: `message.content`, `m['content'][0]`."""
+    while node is not None:
+        key, owner = _key_read(node)
+        if key == "content":
+            return True
+        node = owner if key is not None else getattr(node, "node", None)
+    return False
 
 
 def answer_as_written(message: dict) -> str:

@@ -14,12 +14,11 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from tunelab.config.llm import template_variables
-from tunelab.data.templates import with_reasoning
+from tunelab.data.templates import template_text, with_reasoning
 from tunelab.errors import TunelabError
 from tunelab.inference.generate import GenerationParams, Prompting
 from tunelab.inference.openai_requests import Sampling
 from tunelab.inference.reasoning import THINK, Thinking
-from tunelab.inference.tool_calls import template_text
 
 HELP = "/reset clears the conversation, /exit quits"
 
@@ -46,7 +45,7 @@ class ChatSession:
         self.system = system
         self.thinking = thinking  # how the model writes its reasoning (reasoning.py); None: its answers are all answer
         # more variables for the template (Qwen3's enable_thinking), checked as training's chat_template_kwargs, and
-        # a system message the template cannot take (Gemma's) said now, not at the first message
+        # a system message the template cannot take (Gemma 2's) said now, not at the first message
         kwargs = template_variables(template_kwargs) or {}
         self.template_kwargs = (
             Prompting(system if self.templated else None, kwargs).check(tokenizer, "chat").template_kwargs
@@ -114,7 +113,9 @@ class ChatSession:
         if self.thinking is None:
             return None, answer
         text = self.opened + answer
-        return self.thinking.read(text) if whole else self.thinking.parts(text, whole=False)
+        if whole:
+            return self.thinking.read(text, cut=self.finish_reason == "length")
+        return self.thinking.parts(text, whole=False)
 
     def _prompt_ids(self) -> tuple[Any, int]:
         """The prompt's token ids and how many tokens the answer may take: the oldest exchanges are left out

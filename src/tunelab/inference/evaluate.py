@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.config.llm import LLMParams
-from tunelab.data.templates import answer_as_written, with_inputs, with_reasoning
+from tunelab.data.templates import answer_as_written, template_text, with_inputs, with_reasoning
 from tunelab.errors import TunelabError
 from tunelab.inference.report import REPORT_DIR, publish_report
 from tunelab.outputs import check_run_folder, read_run, training_params
@@ -206,7 +206,8 @@ def _answer(model: Any, tokenizer: Any, prompt: Any, max_new_tokens: int) -> str
     if isinstance(prompt, list):
         # An Alpaca row's input as training laid it out (the alpaca template's own section, else in the content),
         # and earlier answers' reasoning.
-        messages = with_reasoning(with_inputs([prompt], tokenizer.chat_template), tokenizer.chat_template)[0]
+        template = template_text(tokenizer)  # of named templates, the one transformers renders with
+        messages = with_reasoning(with_inputs([prompt], template), template)[0]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return complete(model, tokenizer, text, options, add_special_tokens=False)[0]
     return complete(model, tokenizer, prompt, options)[0]

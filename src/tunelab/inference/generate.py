@@ -47,6 +47,8 @@ class GenerationParams:
             raise TunelabError(f"--top-k must be 0 (off) or more, got {self.top_k}")
         if self.num_return_sequences < 1:
             raise TunelabError(f"--num-return-sequences must be at least 1, got {self.num_return_sequences}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise TunelabError(f"--seed must be 0 or more (and below 2**63), got {self.seed}")
         if self.num_return_sequences > 1 and not self.do_sample:
             raise TunelabError("--num-return-sequences above 1 needs --do-sample (greedy decoding gives one answer)")
 
@@ -95,10 +97,12 @@ class Prompting:
 
             template_source("tokenizer", tokenizer, self.template_kwargs)
         if self.system and templated:
-            try:
-                format_prompt("Hi", tokenizer, self)
-            except Exception as err:  # noqa: BLE001 - jinja2's errors and the template's own raise_exception
-                raise TunelabError(f"{command}: this model's chat template takes no system message ({err})") from None
+            for prompting, fault in ((Prompting(None, self.template_kwargs), "cannot write a prompt"), (self, "")):
+                try:  # without the system message first: a failure there is not the system message's
+                    format_prompt("Hi", tokenizer, prompting)
+                except Exception as err:  # noqa: BLE001 - jinja2's errors and the template's own raise_exception
+                    fault = fault or "takes no system message"
+                    raise TunelabError(f"{command}: this model's chat template {fault} ({err})") from None
         elif self.system:
             raise TunelabError(f"{command}: --system needs a chat template to write it, and this model has none")
         return self
@@ -107,7 +111,7 @@ class Prompting:
 def format_prompt(prompt: str | list[dict[str, Any]], tokenizer: Any, prompting: Prompting | None = None) -> str:
     """A chat model gets a text prompt as a user turn through its template, and a conversation (formats.read_prompts)
     as training wrote it, up to the turn to answer (`asked_turns`); a plain model gets a text as it is."""
-    from tunelab.inference.tool_calls import template_text
+    from tunelab.data.templates import template_text
 
     prompting = prompting or Prompting()
     if not getattr(tokenizer, "chat_template", None):
@@ -117,7 +121,7 @@ def format_prompt(prompt: str | list[dict[str, Any]], tokenizer: Any, prompting:
             )
         return prompt
     turns = asked_turns(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-    if prompting.system and turns[0]["role"] != "system":
+    if prompting.system and not any(turn["role"] == "system" for turn in turns):
         turns = [{"role": "system", "content": prompting.system}, *turns]
     if isinstance(prompt, list):
         from tunelab.data.templates import with_inputs, with_reasoning
@@ -190,7 +194,7 @@ def generate_many(
         for i, text in enumerate(texts):
             opened = thinking.opened_by(text) if thinking and templated else ""  # the template began the block
             yield [
-                Answer(*(thinking.read(opened + answer) if thinking else (None, answer)), finish)
+                Answer(*(thinking.read(opened + answer, finish == "length") if thinking else (None, answer)), finish)
                 for answer, finish in made[i * count : (i + 1) * count]
             ]
 
@@ -198,9 +202,9 @@ def generate_many(
 def _seed(options: GenerationParams | None) -> None:
     """Sampling from a known start: the same seed, prompts and batch size give the same answers."""
     if options is not None and options.seed is not None:
-        from transformers import set_seed
+        import torch
 
-        set_seed(options.seed)
+        torch.manual_seed(options.seed)  # torch's generators alone, as serve seeds a request: nothing else changes
 
 
 def answers_path(data: Path, output: str | None) -> Path:
@@ -248,7 +252,7 @@ def write_answers(
                 reference = answer_as_written(prompt[-1])  # its reasoning, if any, in a block it opens itself
                 reasoning, text = (
                     replace(thinking, begins_inside=False).read(reference) if thinking else (None, reference)
-                )
+                )  # never cut off
                 row["reference"] = text or ""
                 row |= {"reference_reasoning": reasoning} if reasoning else {}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -322,9 +326,14 @@ def _generated(
     for seq in new:
         written = decoder.decode(seq, skip_special_tokens=True)
         answer = min((written.split(m)[0] for m in markers), key=len, default=written)
-        # Cut off only when it used the whole budget without an end: a row that ended sooner is padded after its
-        # end (with the pad token, often EOS itself), and one that met a stop string has it in its text.
-        ended = any(i in end_ids or i == tokenizer.pad_token_id for i in seq.tolist()) or answer != written
-        cut = len(seq) == options.max_new_tokens and not ended
-        made.append((answer.strip(), "length" if cut else "stop"))
+        finish = finish_reason(seq.tolist(), end_ids, options.max_new_tokens, at_stop_string=answer != written)
+        made.append((answer.strip(), finish))
     return made
+
+
+def finish_reason(new_ids: list[int], end_ids: list[int], budget: int, at_stop_string: bool) -> str:
+    """Why a generated sequence ended, in OpenAI's words: "length" when it used its whole token budget without an
+    end, else "stop". A row that ended before the others of its batch holds its end token and then padding; one
+    that met a stop string (a turn-end marker of several tokens) has it in its text."""
+    ended = at_stop_string or any(i in end_ids for i in new_ids)
+    return "length" if len(new_ids) >= budget and not ended else "stop"

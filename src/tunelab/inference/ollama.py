@@ -29,9 +29,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from tunelab.data.templates import THINK_CLOSE, THINK_OPEN, reasoning_key, with_reasoning
+from tunelab.data.templates import THINK_CLOSE, THINK_OPEN, reasoning_key, template_text, with_reasoning
 from tunelab.errors import TunelabError
-from tunelab.inference.tool_calls import template_text
 
 log = logging.getLogger("tunelab")
 

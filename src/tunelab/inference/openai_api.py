@@ -26,7 +26,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from tunelab.data.templates import with_reasoning
+from tunelab.data.templates import template_text, with_reasoning
 from tunelab.inference.openai_requests import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
     RequestError,
@@ -40,7 +40,7 @@ from tunelab.inference.openai_requests import (
 )
 from tunelab.inference.reasoning import Thinking, reasoning_fields, thinking_for
 from tunelab.inference.streaming import Generation, encode_prompt
-from tunelab.inference.tool_calls import HERMES, ToolCallForm, forced_start, form_for, template_text
+from tunelab.inference.tool_calls import HERMES, ToolCallForm, forced_start, form_for
 
 log = logging.getLogger("tunelab")
 

@@ -56,12 +56,13 @@ class Thinking:
         # trailing newlines too: the block's last one goes with the close marker
         return inner[: len(inner) - held].strip("\n") or None, None
 
-    def read(self, text: str) -> tuple[str | None, str | None]:
+    def read(self, text: str, cut: bool = False) -> tuple[str | None, str | None]:
         """(reasoning, answer) of a whole answer, for a person (chat, generate) rather than an API: the answer is ""
         when the block closed with nothing after it, and None only when the model stopped inside its reasoning
-        (which is then without the start of a close marker it had begun), or while writing the open marker."""
-        if text.strip() and self.open.startswith(text.strip()) and text.strip() != self.open:
-            return None, None  # `<thin`: cut off before the reasoning began
+        (which is then without the start of a close marker it had begun). `cut`: the answer was cut off (its
+        token budget), so one that is the start of the open marker (`<thin`) was reasoning about to begin."""
+        if cut and text.strip() and self.open.startswith(text.strip()):
+            return None, None
         reasoning, content = self.parts(text)
         if content is not None:
             return reasoning, content

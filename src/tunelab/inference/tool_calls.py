@@ -29,6 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from tunelab.data.templates import template_text
+
 # a call closed, or the last one left open (the model stopped at its end token before writing the close)
 _HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|\Z)", re.DOTALL)
 _MISTRAL_NAMED = re.compile(r"([^\s\[\]{}]+)\s*(?:\[CALL_ID\]\s*\w+\s*)?\[ARGS\](.*)", re.DOTALL)
@@ -161,17 +163,6 @@ def form_for(tokenizer: Any, name: str = "auto") -> ToolCallForm:
     if "<tool_call>" not in template and ("<|python_tag|>" in template or '"parameters": ' in template):
         return LLAMA3_JSON
     return HERMES
-
-
-def template_text(tokenizer: Any, tools: bool = False) -> str:
-    """The chat template source transformers renders a chat with ("" if none). Of named templates (a dict of them,
-    as Hermes 2 Pro and Command R have), as transformers chooses: `tool_use` for a chat given tools, where there is
-    one, else `default` (all of them joined when neither is named: transformers then asks for a name)."""
-    template = getattr(tokenizer, "chat_template", None) or ""
-    if not isinstance(template, dict):
-        return template
-    chosen = template.get("tool_use") if tools else None
-    return chosen or template.get("default") or " ".join(template.values())
 
 
 _NAME = "tunelab_forced_call"  # a stand-in call, rendered to see where the template puts a call's name and arguments
