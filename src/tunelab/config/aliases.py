@@ -46,4 +46,5 @@ ALIASES: dict[str, tuple[str, Any]] = {
     "max_seq_length": ("block_size", None),
     "hub_token": ("token", None),
     "hub_model_id": ("repo_id", None),
+    "tokens": ("add_tokens", None),  # Axolotl's
 }

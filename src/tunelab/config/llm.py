@@ -73,6 +73,19 @@ def template_variables(value: str | dict | None) -> dict | None:
     return dict(value) or None
 
 
+def token_list(value: list | str | None, name: str) -> list[str] | None:
+    """add_tokens / add_special_tokens as a list of tokens (comma-separated text, or a list), None when unset."""
+    if value is None or value == "" or value == []:
+        return None
+    tokens = value.split(",") if isinstance(value, str) else value
+    if not isinstance(tokens, (list, tuple)) or not all(isinstance(token, str) for token in tokens):
+        raise ConfigError(f"{name} must be tokens, comma-separated or a list of texts, got {value!r}")
+    tokens = [token.strip() for token in tokens]
+    if not all(tokens):
+        raise ConfigError(f"{name}: an empty token in {value!r}")
+    return list(dict.fromkeys(tokens))
+
+
 def custom_chat_template(value: str | None) -> str | None:
     """The Jinja of a chat_template that is not one of CHAT_TEMPLATES: the template itself when it holds Jinja
     (`{{` or `{%`: Axolotl's chat_template_jinja, written inline in a config file), else the text of the file it
@@ -146,6 +159,17 @@ class LLMParams(Params):
         "enable_thinking: false, say (a JSON object on the command line). The data is rendered with them, and the "
         "run's saved template keeps them as its defaults, so chat, generate and serve write prompts the same way "
         "(a served request's own chat_template_kwargs still override them).",
+    )
+    add_tokens: list | str | None = param(
+        None,
+        "New tokens for the tokenizer, comma-separated or a list (Axolotl's tokens): each becomes one token, with "
+        "rows in the model's embeddings and output head that the run trains (with LoRA, beside the adapter). A "
+        "listed token the tokenizer has already keeps its id, and its rows are trained too.",
+    )
+    add_special_tokens: list | str | None = param(
+        None,
+        "As add_tokens, added as special tokens (LLaMA-Factory's add_special_tokens): never split, and left out of "
+        "decoded answers, as chat-template markers are.",
     )
     add_eos_token: bool = param(True, "Append the end-of-sequence token to each text (plain-text rows).")
     completion_only_loss: bool = param(
@@ -491,6 +515,8 @@ class LLMParams(Params):
             self.chat_template = None
         custom_chat_template(self.chat_template)  # a template file that cannot be read is found now
         self.chat_template_kwargs = template_variables(self.chat_template_kwargs)
+        self.add_tokens = token_list(self.add_tokens, "add_tokens")
+        self.add_special_tokens = token_list(self.add_special_tokens, "add_special_tokens")
         # TRL's and Axolotl's `gradient_checkpointing: true`, in a config file or as --gradient-checkpointing true
         switch = str(self.gradient_checkpointing).lower()
         if switch in ("true", "yes", "1", "false", "no", "0"):

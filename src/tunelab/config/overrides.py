@@ -98,6 +98,8 @@ def coerce(values: dict[str, Any], schema: type = LLMParams) -> dict[str, Any]:
             value = ",".join(str(item) for item in value)  # YAML's [a, b] for a comma-separated field
         elif isinstance(value, dict) and kind.startswith("dict"):
             value = dict(value)  # an object parameter (chat_template_kwargs), checked by its class
+        elif isinstance(value, (list, tuple)) and kind.startswith("list"):
+            value = list(value)  # a list parameter (add_tokens: items may hold commas), checked by its class
         elif isinstance(value, (list, dict, tuple, set, bytes)):
             raise ConfigError(f"{key}: expected one value, got {type(value).__name__} {_short(value)}")
         elif isinstance(value, bool) and kind.startswith("str"):

@@ -261,7 +261,7 @@ def _reference(model: Any, folder: Path, params: Any) -> tuple[Any, Any, bool, s
         from tunelab.models import load_reference
 
         is_base = model_reference(params.model_ref) == read_run(folder).get("base_model")
-        return to_inference_device(load_reference(params)), nullcontext, is_base, params.model_ref
+        return to_inference_device(load_reference(params, like=model)), nullcontext, is_base, params.model_ref
     base, context = load_base(model, folder)
     name = "the base model with the adapter off" if base is model else str(read_run(folder).get("base_model"))
     return base, context, True, name
@@ -277,8 +277,11 @@ def load_base(model: Any, folder: Path) -> tuple[Any, Any]:
         raise TunelabError(f"evaluate: {folder} does not say which base model it was trained from")
     from tunelab.inference.device import to_inference_device
     from tunelab.models.load import load_causal_lm, resolve_model
+    from tunelab.models.vocabulary import embedding_rows, fit_embeddings
 
-    return to_inference_device(load_causal_lm(resolve_model(base_name), dtype=model.dtype)), nullcontext
+    base = load_causal_lm(resolve_model(base_name), dtype=model.dtype)
+    fit_embeddings(base, embedding_rows(model))  # the tokens the run added, as new rows started
+    return to_inference_device(base), nullcontext
 
 
 def _context_of(base: Any, model: Any) -> Any:

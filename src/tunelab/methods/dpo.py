@@ -97,7 +97,7 @@ class DPOTrainer(PreferenceTrainer):
             )
             return
         if ref_model is None and self.params.model_ref:
-            ref_model = load_reference(self.params)
+            ref_model = load_reference(self.params, like=unwrapped)
         if ref_model is None and not hasattr(unwrapped, "disable_adapter"):
             log.info("%s: reference model = a frozen copy of the starting model", self.params.trainer)
             ref_model = copy.deepcopy(unwrapped)
@@ -194,7 +194,7 @@ def score_with_reference(model: Any, rows: list[Pair], params: LLMParams) -> np.
 
     from tunelab.speed.loss import fast_loss_supported
 
-    reference = load_reference(params) if params.model_ref else model
+    reference = load_reference(params, like=model) if params.model_ref else model
     device = PartialState().device
     if not getattr(reference, "is_quantized", False):
         reference.to(device)

@@ -171,7 +171,7 @@ class GRPOTrainer(GuardedTrainer):
         self.fast_loss = params.fast_loss and fast_loss_supported(unwrapped)
         self.ref_model = None
         if self.beta != 0.0 and ref_model is None and params.model_ref:
-            ref_model = load_reference(params).to(self.args.device)
+            ref_model = load_reference(params, like=unwrapped).to(self.args.device)
         if self.beta != 0.0 and (ref_model is not None or not hasattr(unwrapped, "disable_adapter")):
             if ref_model is None:
                 log.info("grpo: reference model = a frozen copy of the starting model")

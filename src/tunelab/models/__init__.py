@@ -4,6 +4,7 @@ add LoRA if asked.
     models/load.py       where a model is (hub id, folder, .gguf) and loading it (GGUF dequantized, cached)
     models/checks.py     settings the model cannot take, found from its config before loading
     models/peft.py       LoRA through PEFT
+    models/vocabulary.py tokens a run adds: in the tokenizer, rows in the embeddings, trained
     models/quantize.py   int4/int8 (QLoRA, CUDA only)
 """
 
@@ -24,6 +25,7 @@ from tunelab.models.load import (
 )
 from tunelab.models.peft import add_lora
 from tunelab.models.quantize import check_quantization, quantization_config
+from tunelab.models.vocabulary import embedding_rows, fit_embeddings, listed_tokens
 from tunelab.speed import attention_implementation, fuse_ops
 
 __all__ = [
@@ -48,13 +50,17 @@ def half_precision(params: RunParams) -> Any:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(params.mixed_precision or "")
 
 
-def load_reference(params: RunParams) -> Any:
+def load_reference(params: RunParams, like: Any = None) -> Any:
     """The reference model named by `model_ref` (dpo, kto, grpo with beta > 0), loaded like the base model (the
-    same dtype rules); the trainer freezes it."""
+    same dtype rules); the trainer freezes it. `like`: the model trained, whose embedding rows it gets (tokens the
+    run added, started as the model's own new rows were)."""
     import torch
 
     log.info("%s: reference model = %s", params.trainer, params.model_ref)
-    return load_causal_lm(resolve_model(params.model_ref), dtype=half_precision(params) or torch.float32)
+    reference = load_causal_lm(resolve_model(params.model_ref), dtype=half_precision(params) or torch.float32)
+    if like is not None:
+        fit_embeddings(reference, embedding_rows(like))
+    return reference
 
 
 def load_model(
@@ -90,7 +96,11 @@ def load_model(
         if tokenizer is not None:
             model.config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False  # the KV cache is useless while training and conflicts with checkpointing
+    token_ids = []
+    if tokenizer is not None and (listed := listed_tokens(params)):  # rows for the tokens the run added
+        fit_embeddings(model, len(tokenizer))
+        token_ids = tokenizer.convert_tokens_to_ids(listed)
     if params.peft:
-        model = add_lora(model, params, task_type="CAUSAL_LM" if kind == "causal_lm" else "SEQ_CLS")
+        model = add_lora(model, params, "CAUSAL_LM" if kind == "causal_lm" else "SEQ_CLS", token_ids)
     fuse_ops(model, params)
     return model

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import warnings
 from collections.abc import Iterator
@@ -22,13 +23,18 @@ def target_modules(spec: str | None) -> str | list[str]:
     return [name.strip() for name in spec.split(",") if name.strip()]
 
 
-def lora_config(params: RunParams, task_type: str = "CAUSAL_LM") -> Any:
-    """The PEFT LoraConfig the params describe (also handed to TRL by the benchmark, so both sides match)."""
+def lora_config(
+    params: RunParams, task_type: str = "CAUSAL_LM", trainable_tokens: dict[str, list[int]] | None = None
+) -> Any:
+    """The PEFT LoraConfig the params describe (also handed to TRL by the benchmark, so both sides match);
+    `trainable_tokens`: embedding rows trained beside the adapter (vocabulary.trainable_tokens)."""
     from peft import LoraConfig
 
     extra: dict[str, Any] = {}
     if params.modules_to_save:
-        extra["modules_to_save"] = [name.strip() for name in params.modules_to_save.split(",") if name.strip()]
+        extra["modules_to_save"] = saved_whole(params)
+    if trainable_tokens:
+        extra["trainable_token_indices"] = trainable_tokens
     return LoraConfig(
         r=params.lora_r,
         lora_alpha=params.lora_alpha,
@@ -57,15 +63,24 @@ INIT_LORA_WEIGHTS: dict[str, Any] = {
 CHANGES_BASE = ("pissa", "olora")
 
 
-def add_lora(model: Any, params: RunParams, task_type: str = "CAUSAL_LM") -> Any:
-    """Freeze the model and add a LoRA adapter as the params describe."""
+def saved_whole(params: RunParams) -> list[str]:
+    """modules_to_save as a list of module names."""
+    return [name.strip() for name in (params.modules_to_save or "").split(",") if name.strip()]
+
+
+def add_lora(model: Any, params: RunParams, task_type: str = "CAUSAL_LM", token_ids: list[int] | None = None) -> Any:
+    """Freeze the model and add a LoRA adapter as the params describe; `token_ids`: the tokens a run added, whose
+    embedding rows are trained beside it (vocabulary.py)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
+
+    from tunelab.models.vocabulary import trainable_tokens
 
     if params.quantization is not None:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=not params.disable_gradient_checkpointing
         )
-    config = lora_config(params, task_type)
+    rows = trainable_tokens(model, token_ids or [], saved_whole(params))
+    config = lora_config(params, task_type, rows)
     # PEFT adapts parameters (the fused experts of a mixture-of-experts model) without dropout, and refuses any: the
     # adapter is made without, and the LoRA layers that can take it get it afterwards. The saved adapter_config.json
     # says 0, which is what lets PEFT load the adapter again.
@@ -87,6 +102,10 @@ def add_lora(model: Any, params: RunParams, task_type: str = "CAUSAL_LM") -> Any
     model.peft_config["default"].base_model_name_or_path = params.model
     if params.init_lora_weights in CHANGES_BASE:
         keep_starting_adapter(model)
+    if rows:
+        # The rows trained are saved as rows: PEFT would save the whole resized embedding matrices too once it
+        # saw the base's vocabulary differ (load_adapter grows the base's embeddings before loading instead).
+        model.save_pretrained = functools.partial(model.save_pretrained, save_embedding_layers=False)
     return model
 
 
@@ -128,9 +147,15 @@ def save_converted_adapter(model: Any, folder: Path) -> None:
 
 
 def load_adapter(base: Any, folder: str | Path) -> Any:
-    """The LoRA adapter saved in a run folder, on its base model (PeftModel), for generating, scoring or merging."""
+    """The LoRA adapter saved in a run folder, on its base model (PeftModel), for generating, scoring or merging;
+    the base first given the embedding rows of the tokens the run added (vocabulary.py)."""
     from peft import PeftModel
 
+    from tunelab.models.vocabulary import adapter_rows, fit_embeddings
+
+    rows = adapter_rows(Path(folder))
+    if rows is not None:
+        fit_embeddings(base, rows)
     with warnings.catch_warnings():
         _ignore_pattern_warnings()
         return PeftModel.from_pretrained(base, str(folder))
@@ -196,7 +221,8 @@ def _dropout_on_layers(model: Any, p: float) -> None:
 def quiet_peft_save() -> Iterator[None]:
     """Saving an adapter (a checkpoint or the final one), PEFT looks up the base model's config.json, locally or
     on the hub, to see whether the vocabulary changed; a GGUF base has none and an offline machine cannot fetch it,
-    and PEFT warns at every save. tunelab never resizes the vocabulary, so the lookup has nothing to tell."""
+    and PEFT warns at every save. The lookup has nothing to tell: a run that adds tokens saves their rows itself
+    (add_lora), and load_adapter grows the base's embeddings before loading."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Could not find a config file")
         warnings.filterwarnings("ignore", message="Unable to fetch remote file")

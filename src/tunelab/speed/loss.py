@@ -136,8 +136,18 @@ def _split(hidden: torch.Tensor, head: torch.nn.Module) -> tuple[torch.Tensor, t
     low_weight = getattr(head, "_tunelab_low_weight", None)
     if low_weight is None:
         return hidden, None, None
-    width = head.weight.shape[1]
+    width = hidden.shape[-1] - low_weight.shape[1]
     return hidden[..., :width], hidden[..., width:], low_weight
+
+
+def head_weight(head: torch.nn.Module) -> torch.Tensor:
+    """The output head's weight as its forward projects with it. A head whose rows for added tokens are trained
+    (PEFT's trainable tokens, models/vocabulary.py) builds it from the base weight and those rows, and PEFT's own
+    `weight` keeps the trained rows even with the adapter switched off (a reference pass): then the base's."""
+    adapter = getattr(head, "token_adapter", None)
+    if adapter is not None and (adapter.disable_adapters or not adapter.active_adapters):
+        return adapter.get_base_layer().weight
+    return head.weight
 
 
 def causal_lm_loss_sum(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -147,8 +157,9 @@ def causal_lm_loss_sum(hidden: torch.Tensor, head: torch.nn.Module, labels: torc
     selected = hidden[:, :-1, :][mask]
     targets = shift_labels[mask]
     selected, low, low_weight = _split(selected, head)
-    bias, dtype = getattr(head, "bias", None), head_dtype(head)
-    loss = linear_cross_entropy_sum(selected, head.weight, bias, targets, dtype, low, low_weight)
+    weight = head_weight(head)
+    bias, dtype = getattr(head, "bias", None), head_dtype(head, weight)
+    loss = linear_cross_entropy_sum(selected, weight, bias, targets, dtype, low, low_weight)
     return loss, int(mask.sum())
 
 
@@ -230,9 +241,9 @@ def token_logprobs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Te
     mask = shift_labels != -100
     out = torch.zeros(shift_labels.shape, dtype=torch.float32, device=hidden.device)
     if mask.any():
-        weight, bias = head.weight, getattr(head, "bias", None)
+        weight, bias = head_weight(head), getattr(head, "bias", None)
         selected, low, low_weight = _split(hidden[:, :-1, :][mask], head)
-        chunk, dtype = chunk_rows(weight.shape[0]), head_dtype(head)
+        chunk, dtype = chunk_rows(weight.shape[0]), head_dtype(head, weight)
         out[mask] = ChunkedTokenLogprobs.apply(
             selected, weight, bias, shift_labels[mask], chunk, dtype, low, low_weight
         )
@@ -336,9 +347,9 @@ def output_head_returns_hidden(model: Any) -> Iterator[torch.nn.Module]:
             head.forward = previous
 
 
-def head_dtype(head: torch.nn.Module) -> torch.dtype:
+def head_dtype(head: torch.nn.Module, weight: torch.Tensor | None = None) -> torch.dtype:
     """The dtype the output head's matmuls run in: autocast's, when the last forward through
     `output_head_returns_hidden` ran under it, else the head weight's. Half-precision weights (LoRA under bf16
     or fp16) meet hidden states that accelerate up-cast to float32 after the forward; they were half before, so
     casting them back loses nothing."""
-    return getattr(head, "_tunelab_dtype", None) or head.weight.dtype
+    return getattr(head, "_tunelab_dtype", None) or (head_weight(head) if weight is None else weight).dtype

@@ -36,6 +36,7 @@ from tunelab.memory import choose_checkpointing, kv_cache_bytes, log_run_estimat
 from tunelab.methods import METHODS, Method, RowStats
 from tunelab.models import ModelSource, check_model, load_model, load_tokenizer, resolve_model
 from tunelab.models.checks import check_token_ids, fit_tokenizer
+from tunelab.models.vocabulary import add_tokens, grow_vocabulary
 from tunelab.tasks import dry_run
 from tunelab.tasks.dry_run import TRAINED_CLOSE, TRAINED_OPEN, RunPlan, SplitSummary, marked_text
 from tunelab.training.checkpoints import check_disk_space, checkpoint_bytes
@@ -83,6 +84,8 @@ def prepare(params: LLMParams) -> Prepared:
         check_model(resolve_model(params.model_ref), reference, kind="causal_lm")
     tokenizer = load_tokenizer(source, params.model_max_length)
     fit_tokenizer(tokenizer, config, source)
+    if add_tokens(tokenizer, params.add_tokens or [], params.add_special_tokens or []):
+        grow_vocabulary(config, len(tokenizer))  # as load_model grows the model's embeddings
     if method.data == "prompts":  # a reward file that does not import is found now, not after the model loads
         from tunelab.methods.grpo import completion_length
         from tunelab.rewards import load_rewards

@@ -1,0 +1,189 @@
+"""Tokens a run adds (add_tokens, add_special_tokens): one token each, rows in the embeddings that training
+updates (whole in a full fine-tune, as PEFT's trainable tokens beside a LoRA adapter), and a run folder that
+loads, merges and generates them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from tests.conftest import build_tokenizer, train_losses
+from tunelab.cli import main
+from tunelab.inference.generate import GenerationParams, generate, load_run
+
+CALL = "<tool>weather</tool>"
+
+
+def _chats(folder: Path) -> Path:
+    rows = [{"messages": [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": CALL}]}] * 16
+    data = folder / "calls.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return data
+
+
+def _train(model: Path, data: Path, run: Path, *flags: str, epochs: int = 60) -> int:
+    return main(
+        [
+            "llm", "--train", "--model", str(model), "--data-path", str(data), "--trainer", "sft",
+            "--chat-template", "chatml", "--lr", "3e-3", "--epochs", str(epochs), "--batch-size", "8",
+            "--gradient-accumulation", "1", "--block-size", "64", "--project-name", str(run),
+            "--disable-gradient-checkpointing", "--logging-steps", "10", *flags,
+        ]
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def untied_llama(tmp_path_factory) -> Path:
+    """A 2-layer Llama whose output head has a weight of its own (Llama 3's; the tiny_llama ties them)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("untied-llama")
+    tok = build_tokenizer(folder)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def test_a_full_fine_tune_learns_to_write_the_tokens_it_added(tiny_llama, tmp_path):
+    """Each added token is one id of the saved tokenizer, the model grew rows for them, and it learned to write
+    them: the answer comes back as trained."""
+    run = tmp_path / "run"
+    assert _train(tiny_llama, _chats(tmp_path), run, "--add-tokens", "<tool>,</tool>") == 0
+    model, tokenizer = load_run(run)
+    ids = tokenizer("<tool>weather</tool>", add_special_tokens=False)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens([ids[0], ids[-1]]) == ["<tool>", "</tool>"]
+    assert (
+        model.get_input_embeddings().weight.shape[0]
+        == len(tokenizer)
+        == json.loads((tiny_llama / "config.json").read_text())["vocab_size"] + 2
+    )
+    assert generate(model, tokenizer, "Weather?", GenerationParams(max_new_tokens=16)) == [CALL]
+
+    # Exported, llama.cpp reads the added tokens as one token each and answers as transformers does.
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (scripts/install.sh)")
+    gguf = tmp_path / "run.gguf"
+    assert main(["export", "--model", str(run), "--output", str(gguf), "--dtype", "f32"]) == 0
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=128, verbose=False, n_threads=2)
+    assert llm.tokenize(CALL.encode(), add_bos=False, special=True) == ids
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Weather?"}], tokenize=False, add_generation_prompt=True
+    )
+    prompt = llm.tokenize(text.encode(), add_bos=False, special=True)
+    made = [token for token, _ in zip(llm.generate(prompt, temp=0.0), range(len(ids)), strict=False)]
+    assert made == ids
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_a_lora_run_trains_the_rows_of_its_new_tokens_beside_the_adapter(tiny_llama, untied_llama, tied, tmp_path):
+    """LoRA: the new tokens' rows (the embedding's, and an untied head's) are trained and saved in the adapter as
+    those rows alone; loaded again (the base grown to match), merged, and the merged model says the same."""
+    base = tiny_llama if tied else untied_llama
+    run = tmp_path / "run"
+    flags = ("--peft", "--lora-r", "8", "--lr", "1e-2", "--add-special-tokens", "<tool>,</tool>")
+    assert _train(base, _chats(tmp_path), run, *flags, epochs=60) == 0
+    losses = train_losses(run)
+    assert losses[-1] < 0.8 * losses[0], losses
+
+    config = json.loads((run / "adapter_config.json").read_text())
+    tokens = config["trainable_token_indices"]
+    assert set(tokens) == ({"embed_tokens"} if tied else {"embed_tokens", "lm_head"})
+    with safe_open(str(run / "adapter_model.safetensors"), "pt") as saved:
+        rows = {key: saved.get_slice(key).get_shape() for key in saved.keys() if "trainable_tokens" in key}
+        assert not [key for key in saved.keys() if key.endswith(("embed_tokens.weight", "lm_head.weight"))]
+    assert len(rows) == len(tokens) and all(shape == [2, 64] for shape in rows.values())
+
+    model, tokenizer = load_run(run)  # the base grown to the run's rows before the adapter loads
+    new = tokenizer.convert_tokens_to_ids(["<tool>", "</tool>"])
+    assert sorted(new) == tokens["embed_tokens"]
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Weather?"}], tokenize=False, add_generation_prompt=True
+    )
+    prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt])).logits[0, -1]
+    assert int(logits.argmax()) == new[0]  # it learned to open its answer with the token it added
+
+    merged = tmp_path / "merged"
+    assert main(["merge", "--model", str(run), "--output", str(merged)]) == 0
+    plain, _ = load_run(merged)
+    with torch.no_grad():
+        assert torch.allclose(plain(torch.tensor([prompt])).logits[0, -1], logits, atol=1e-4)
+
+
+def test_the_rows_of_new_tokens_follow_the_adapter_on_and_off_in_the_fast_loss(untied_llama):
+    """The chunked loss projects with the head's rows as its forward does: the trained rows with the adapter on
+    (the plain loss's value and gradient), the base's with it off (a reference pass)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.speed.loss import causal_lm_loss_sum, output_head_returns_hidden
+
+    model = AutoModelForCausalLM.from_pretrained(untied_llama)
+    rows = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(rows + 2, mean_resizing=False)
+    new = [rows, rows + 1]
+    lora = LoraConfig(r=4, target_modules="all-linear", trainable_token_indices={"embed_tokens": new, "lm_head": new})
+    model = get_peft_model(model, lora)
+    with torch.no_grad():
+        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+            module.token_adapter.trainable_tokens_delta["default"].normal_()
+    ids = torch.tensor([[1, new[0], 5, new[1], 7, new[0]]])
+
+    def losses() -> tuple[torch.Tensor, torch.Tensor]:
+        plain = model(input_ids=ids, labels=ids).loss
+        with output_head_returns_hidden(model) as head:
+            hidden = model(input_ids=ids).logits
+        total, count = causal_lm_loss_sum(hidden, head, ids)
+        return plain, total / count
+
+    plain, fast = losses()
+    assert torch.allclose(plain, fast, atol=1e-5)
+    delta = model.get_output_embeddings().token_adapter.trainable_tokens_delta["default"]
+    (plain_grad,) = torch.autograd.grad(plain, delta)
+    (fast_grad,) = torch.autograd.grad(losses()[1], delta)
+    assert plain_grad.abs().sum() > 0 and torch.allclose(plain_grad, fast_grad, atol=1e-5)
+    with model.disable_adapter():
+        plain_off, fast_off = losses()
+    assert torch.allclose(plain_off, fast_off, atol=1e-5) and not torch.allclose(plain_off, plain, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [("<a>,,<b>", "add_tokens: an empty token"), ('["<a>", 3]', "add_tokens must be tokens")],
+)
+def test_a_bad_token_list_is_one_line(tiny_llama, tmp_path, value, message, capsys):
+    config = tmp_path / "config.yaml"
+    value = json.loads(value) if value.startswith("[") else value
+    config.write_text(json.dumps({"model": str(tiny_llama), "data_path": "x.jsonl", "add_tokens": value}))
+    assert main(["llm", "--train", "--config", str(config), "--project-name", str(tmp_path / "run")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_preference_run_adds_tokens_too(tiny_llama, tmp_path):
+    """dpo with LoRA: the reference (the adapter switched off) scores the new tokens with the rows they started
+    from, and the run saves them trained."""
+    rows = [{"prompt": "Weather?", "chosen": CALL, "rejected": "I do not know."}] * 8
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    run = tmp_path / "run"
+    code = main(
+        [
+            "llm", "--train", "--model", str(tiny_llama), "--data-path", str(data), "--trainer", "dpo",
+            "--peft", "--chat-template", "chatml", "--max-steps", "3", "--batch-size", "4", "--block-size", "64",
+            "--max-prompt-length", "32", "--project-name", str(run), "--add-tokens", "<tool>,</tool>",
+            "--disable-gradient-checkpointing",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    assert len(json.loads((run / "adapter_config.json").read_text())["trainable_token_indices"]["embed_tokens"]) == 2
+    model, tokenizer = load_run(run)
+    assert generate(model, tokenizer, "Weather?", GenerationParams(max_new_tokens=4))  # loads and answers
