@@ -88,7 +88,8 @@ def test_a_lora_run_trains_the_rows_of_its_new_tokens_beside_the_adapter(tiny_ll
     those rows alone; loaded again (the base grown to match), merged, and the merged model says the same."""
     base = tiny_llama if tied else untied_llama
     run = tmp_path / "run"
-    flags = ("--peft", "--lora-r", "8", "--lr", "1e-2", "--add-special-tokens", "<tool>,</tool>")
+    # <|im_end|> the tokenizer has: not added again, its rows trained too
+    flags = ("--peft", "--lora-r", "8", "--lr", "1e-2", "--add-special-tokens", "<tool>,</tool>,<|im_end|>")
     assert _train(base, _chats(tmp_path), run, *flags, epochs=60) == 0
     losses = train_losses(run)
     assert losses[-1] < 0.8 * losses[0], losses
@@ -99,11 +100,13 @@ def test_a_lora_run_trains_the_rows_of_its_new_tokens_beside_the_adapter(tiny_ll
     with safe_open(str(run / "adapter_model.safetensors"), "pt") as saved:
         rows = {key: saved.get_slice(key).get_shape() for key in saved.keys() if "trainable_tokens" in key}
         assert not [key for key in saved.keys() if key.endswith(("embed_tokens.weight", "lm_head.weight"))]
-    assert len(rows) == len(tokens) and all(shape == [2, 64] for shape in rows.values())
+    assert len(rows) == len(tokens) and all(shape == [3, 64] for shape in rows.values())
 
     model, tokenizer = load_run(run)  # the base grown to the run's rows before the adapter loads
     new = tokenizer.convert_tokens_to_ids(["<tool>", "</tool>"])
-    assert sorted(new) == tokens["embed_tokens"]
+    assert len(tokenizer) == 602 and tokens["embed_tokens"] == sorted(
+        [*new, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    )
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Weather?"}], tokenize=False, add_generation_prompt=True
     )
@@ -187,3 +190,58 @@ def test_a_preference_run_adds_tokens_too(tiny_llama, tmp_path):
     assert len(json.loads((run / "adapter_config.json").read_text())["trainable_token_indices"]["embed_tokens"]) == 2
     model, tokenizer = load_run(run)
     assert generate(model, tokenizer, "Weather?", GenerationParams(max_new_tokens=4))  # loads and answers
+
+
+def test_new_rows_start_at_the_mean_in_a_padded_vocabulary_too(tiny_llama):
+    """Grown rows, and spare rows of a vocabulary padded past its tokenizer (Qwen's), start at the mean of the
+    tokens' rows before them; a model's other rows stay as they were."""
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.models.vocabulary import fit_embeddings
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    weight = model.get_input_embeddings().weight
+    before, mean = weight.detach().clone(), weight[:598].detach().mean(0)
+    fit_embeddings(model, 600, [598, 599])  # the last two rows, as if spare, for two new tokens
+    fit_embeddings(model, 602, [600, 601])  # grown by two
+    weight = model.get_input_embeddings().weight
+    assert weight.shape[0] == 602 and torch.equal(weight[:598], before[:598])
+    assert torch.allclose(weight[598:600], mean.expand(2, -1)) and torch.allclose(weight[600:], weight[:600].mean(0))
+
+
+def test_which_rows_peft_trains_beside_the_adapter(untied_llama, tmp_path):
+    """The embedding's and an untied head's, less a module trained whole or adapted by LoRA; a head with a bias
+    (Phi-2's) refused with one line; the rows a wrapped embedding has, read without rebuilding it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, PhiConfig, PhiForCausalLM
+
+    from tunelab.errors import TunelabError
+    from tunelab.models.vocabulary import embedding_rows, trainable_tokens
+
+    model = AutoModelForCausalLM.from_pretrained(untied_llama)
+    both = {"embed_tokens": [5, 9], "lm_head": [5, 9]}
+    assert trainable_tokens(model, [9, 5], [], "all-linear") == both
+    assert trainable_tokens(model, [9, 5], ["lm_head"], "all-linear") == {"embed_tokens": [5, 9]}
+    assert trainable_tokens(model, [9, 5], [], ["q_proj", "lm_head"]) == {"embed_tokens": [5, 9]}
+    assert trainable_tokens(model, [], [], "all-linear") is None
+    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules="all-linear", trainable_token_indices=both))
+    assert embedding_rows(wrapped) == 600
+
+    phi = PhiForCausalLM(PhiConfig(vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2))  # fmt: skip
+    with pytest.raises(TunelabError, match="output head .lm_head. has a bias"):
+        trainable_tokens(phi, [5], [], "all-linear")
+
+
+def test_the_token_lists_read_from_a_config():
+    """A YAML list keeps a token holding a comma; Axolotl's `tokens` is add_tokens."""
+    from tunelab.config import load_config
+
+    params = load_config({"model": "m", "data_path": "d.jsonl", "tokens": ["a,b", "<c>", "<c>"]})
+    assert params.add_tokens == ["a,b", "<c>"]
+    assert load_config(
+        {"model": "m", "data_path": "d.jsonl", "add_special_tokens": "<x>, <y>"}
+    ).add_special_tokens == [
+        "<x>",
+        "<y>",
+    ]

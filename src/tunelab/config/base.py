@@ -63,8 +63,8 @@ LORA_VARIANTS: dict[str, tuple] = {
     "lora_alpha_pattern": (None, "LoRA: other alphas for some modules, comma-separated name=alpha."),
     "modules_to_save": (
         None,
-        "LoRA: modules trained and saved whole beside the adapter, comma-separated (embed_tokens,lm_head when a "
-        "chat template adds tokens).",
+        "LoRA: modules trained and saved whole beside the adapter, comma-separated (embed_tokens,lm_head: every "
+        "token's rows; add_tokens trains only the added ones).",
     ),
 }
 SAVE_STEPS_HELP = "Write a checkpoint (to resume from) every N optimizer steps; -1: twice per run, at most every 500."

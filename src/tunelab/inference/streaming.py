@@ -211,7 +211,9 @@ def encode_prompt(model: Any, tokenizer: Any, text: str | list[int], templated: 
     import torch
 
     if isinstance(text, list):
-        vocabulary = model.get_input_embeddings().num_embeddings
+        from tunelab.models.vocabulary import embedding_rows
+
+        vocabulary = embedding_rows(model)
         if not all(0 <= t < vocabulary for t in text):
             raise RequestError(
                 f"prompt holds token ids outside the model's vocabulary (0 to {vocabulary - 1})", "prompt"

@@ -69,13 +69,15 @@ def load_model(
     kind: str = "causal_lm",
     tokenizer: Any = None,
     labels: list[str] | None = None,
+    new_token_ids: list[int] | None = None,
 ) -> Any:
     """Base model for training: fp32 weights for full fine-tuning (mixed precision autocasts), the half type for
     LoRA under mixed precision (the frozen base never needs fp32), int4/int8 for QLoRA.
 
     kind "reward": a sequence classifier with one output; kind "classifier": one output per label, named in the
     config. Both get the tokenizer's pad token, which they need to find each row's last token (decoder models
-    such as GPT-2 and Llama have none of their own: the tokenizer's is EOS)."""
+    such as GPT-2 and Llama have none of their own: the tokenizer's is EOS). `new_token_ids`: the tokens the run
+    added to the tokenizer (models/vocabulary.py), whose rows start at the mean of the others'."""
     import torch
 
     half = half_precision(params)
@@ -98,7 +100,7 @@ def load_model(
     model.config.use_cache = False  # the KV cache is useless while training and conflicts with checkpointing
     token_ids = []
     if tokenizer is not None and (listed := listed_tokens(params)):  # rows for the tokens the run added
-        fit_embeddings(model, len(tokenizer))
+        fit_embeddings(model, len(tokenizer), new_token_ids)
         token_ids = tokenizer.convert_tokens_to_ids(listed)
     if params.peft:
         model = add_lora(model, params, "CAUSAL_LM" if kind == "causal_lm" else "SEQ_CLS", token_ids)

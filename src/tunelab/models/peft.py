@@ -79,8 +79,10 @@ def add_lora(model: Any, params: RunParams, task_type: str = "CAUSAL_LM", token_
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=not params.disable_gradient_checkpointing
         )
-    rows = trainable_tokens(model, token_ids or [], saved_whole(params))
-    config = lora_config(params, task_type, rows)
+    trained_tokens = trainable_tokens(
+        model, token_ids or [], saved_whole(params), target_modules(params.target_modules)
+    )
+    config = lora_config(params, task_type, trained_tokens)
     # PEFT adapts parameters (the fused experts of a mixture-of-experts model) without dropout, and refuses any: the
     # adapter is made without, and the LoRA layers that can take it get it afterwards. The saved adapter_config.json
     # says 0, which is what lets PEFT load the adapter again.
@@ -100,12 +102,12 @@ def add_lora(model: Any, params: RunParams, task_type: str = "CAUSAL_LM", token_
         _dropout_on_layers(model, params.lora_dropout)
     # The model's own name: a GGUF-built model would record the folder of the .gguf file instead.
     model.peft_config["default"].base_model_name_or_path = params.model
-    if params.init_lora_weights in CHANGES_BASE:
-        keep_starting_adapter(model)
-    if rows:
+    if trained_tokens:
         # The rows trained are saved as rows: PEFT would save the whole resized embedding matrices too once it
         # saw the base's vocabulary differ (load_adapter grows the base's embeddings before loading instead).
         model.save_pretrained = functools.partial(model.save_pretrained, save_embedding_layers=False)
+    if params.init_lora_weights in CHANGES_BASE:
+        keep_starting_adapter(model)
     return model
 
 
@@ -153,7 +155,7 @@ def load_adapter(base: Any, folder: str | Path) -> Any:
 
     from tunelab.models.vocabulary import adapter_rows, fit_embeddings
 
-    rows = adapter_rows(Path(folder))
+    rows = adapter_rows(Path(folder), base)
     if rows is not None:
         fit_embeddings(base, rows)
     with warnings.catch_warnings():

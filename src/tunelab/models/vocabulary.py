@@ -3,11 +3,12 @@ embeddings, and trained.
 
 A token the tokenizer lacks (a tool-call or reasoning marker, a domain's own symbol) is otherwise split into
 pieces the model has to learn to string together. Added, it is one id; the model gets a row for it in its input
-embeddings and output head, started from the mean of the others (transformers' `mean_resizing`). Those rows must
-then be trained, or the model can neither read nor write the token: full fine-tuning trains every row; with LoRA,
-the listed tokens' rows are trained beside the adapter (PEFT's trainable tokens, `trainable_token_indices`),
-saved in the adapter as a few vectors, not the whole embedding matrix. A listed token the tokenizer already has
-(`<|im_end|>` on a base model that never wrote it) is not added again, but its rows are trained all the same.
+embeddings and output head, started at the mean of the existing tokens' rows (a vocabulary padded with spare rows,
+as Qwen's is, gives the new ids spare rows, started the same way). Those rows must then be trained, or the model
+can neither read nor write the token: full fine-tuning trains every row; with LoRA, the listed tokens' rows are
+trained beside the adapter (PEFT's trainable tokens, `trainable_token_indices`), saved in the adapter as a few
+vectors, not the whole embedding matrix. A listed token the tokenizer already has (`<|im_end|>` on a base model
+that never wrote it) is not added again, but its rows are trained all the same.
 """
 
 from __future__ import annotations
@@ -17,37 +18,60 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from tunelab.errors import TunelabError
+
 log = logging.getLogger("tunelab")
 
 
+def listed_tokens(params: Any) -> list[str]:
+    """The tokens a run adds (add_tokens, then add_special_tokens); none for a task without them."""
+    return [*(getattr(params, "add_tokens", None) or []), *(getattr(params, "add_special_tokens", None) or [])]
+
+
 def add_tokens(tokenizer: Any, tokens: list[str], special: list[str]) -> list[int]:
-    """Add the tokens the tokenizer lacks (`special`: as special tokens, never split and left out of decoded
-    answers, as chat-template markers are); the ids of every listed token, in order, whose rows training updates."""
-    listed = [*tokens, *special]
-    if not listed:
+    """Add the tokens the tokenizer lacks (`special`: as special tokens, never split and left out of decoded text:
+    answers, evaluation samples, what GRPO's rewards read); the ids of those it added."""
+    if not tokens and not special:
         return []
     known = set(tokenizer.get_vocab())
-    added = tokenizer.add_tokens([t for t in tokens if t not in known])
-    added += tokenizer.add_tokens([t for t in special if t not in known], special_tokens=True)
-    present = [t for t in listed if t in known]
+    before = len(tokenizer)
+    tokenizer.add_tokens([t for t in tokens if t not in known])
+    tokenizer.add_tokens([t for t in special if t not in known], special_tokens=True)
+    present = [t for t in [*tokens, *special] if t in known]
+    specials = {str(t) for t in tokenizer.all_special_tokens} | {
+        str(t) for t in tokenizer.added_tokens_decoder.values() if getattr(t, "special", False)
+    }
+    for token in (t for t in special if t in known and t not in specials):
+        log.warning("add_special_tokens: the tokenizer has %r already, as an ordinary token; it stays one", token)
     log.info(
         "tokens: %d added to the tokenizer (%d in all)%s; their embedding rows are trained",
-        added,
+        len(tokenizer) - before,
         len(tokenizer),
         f", {len(present)} it had already ({', '.join(present[:5])})" if present else "",
     )
-    return tokenizer.convert_tokens_to_ids(listed)
+    return list(range(before, len(tokenizer)))
 
 
-def fit_embeddings(model: Any, rows: int) -> None:
-    """Give the model at least `rows` embedding rows (and output-head rows), the new ones started from the mean and
-    spread of the others; nothing when it has them already (vocabularies are often padded)."""
+def fit_embeddings(model: Any, rows: int, new_ids: list[int] | None = None) -> None:
+    """Give the model at least `rows` embedding rows (and output-head rows); `new_ids`, the tokens just added,
+    start at the mean of the rows of the tokens before them (spare rows of a padded vocabulary included)."""
+    import torch
+
     embedding = model.get_input_embeddings()
-    if embedding is None or embedding.weight.shape[0] >= rows:
+    if embedding is None:
         return
     before = embedding.weight.shape[0]
-    model.resize_token_embeddings(rows, mean_resizing=True)
-    log.info("embeddings: grown from %d to %d rows, for the added tokens", before, rows)
+    if before < rows:
+        model.resize_token_embeddings(rows, mean_resizing=False)  # the rows are set below, not drawn
+        log.info("embeddings: grown from %d to %d rows, for the added tokens", before, rows)
+    if not new_ids:
+        return
+    ids = torch.tensor(sorted(new_ids))
+    with torch.no_grad():
+        for module in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings())}.values():
+            weight = getattr(module, "weight", None)
+            if weight is not None and weight.shape[0] >= rows:
+                weight[ids] = weight[: int(ids[0])].float().mean(0).to(weight.dtype)
 
 
 def grow_vocabulary(config: Any, rows: int) -> None:
@@ -57,20 +81,22 @@ def grow_vocabulary(config: Any, rows: int) -> None:
             part.vocab_size = rows
 
 
-def listed_tokens(params: Any) -> list[str]:
-    """The tokens a run adds (add_tokens, then add_special_tokens); none for a task without them."""
-    return [*(getattr(params, "add_tokens", None) or []), *(getattr(params, "add_special_tokens", None) or [])]
-
-
 def embedding_rows(model: Any) -> int:
-    """How many rows the model's input embeddings have (the token ids it can take)."""
-    return int(model.get_input_embeddings().weight.shape[0])
+    """How many rows the model's input embeddings have (the token ids it takes), read off the base layer under
+    PEFT's trainable-tokens wrapper (whose own `weight` is rebuilt, whole, at each read)."""
+    embedding = model.get_input_embeddings()
+    adapter = getattr(embedding, "token_adapter", None)
+    return int((adapter.get_base_layer() if adapter is not None else embedding).weight.shape[0])
 
 
-def trainable_tokens(model: Any, token_ids: list[int], modules_to_save: list[str]) -> dict[str, list[int]] | None:
+def trainable_tokens(
+    model: Any, token_ids: list[int], saved_whole: list[str], lora_targets: str | list[str]
+) -> dict[str, list[int]] | None:
     """PEFT's `trainable_token_indices` for these ids: the input embedding's rows, and the output head's where it
     has its own weight (a tied head shares the embedding's, and PEFT ties them). A module trained whole
-    (`modules_to_save`) trains those rows already and is left out; None when nothing is left."""
+    (`saved_whole`: modules_to_save) or adapted by LoRA (`lora_targets` naming it) is left out: it trains those rows
+    already; None when nothing is left. A head with a bias (Phi-2's) is refused: PEFT's trainable tokens project
+    without it."""
     if not token_ids:
         return None
     ids = sorted(set(token_ids))
@@ -79,14 +105,20 @@ def trainable_tokens(model: Any, token_ids: list[int], modules_to_save: list[str
     targets = [names.get(embedding)]
     if head is not None and head.weight is not embedding.weight:
         targets.append(names.get(head))
-    chosen = {name: ids for name in targets if name and name not in modules_to_save}
+    targeted = set(lora_targets) if isinstance(lora_targets, list) else set()
+    chosen = {name: ids for name in targets if name and name not in saved_whole and name not in targeted}
+    if head is not None and names.get(head) in chosen and getattr(head, "bias", None) is not None:
+        raise TunelabError(
+            f"add_tokens with LoRA: this model's output head ({names[head]}) has a bias, which PEFT's trainable "
+            f"tokens leave out; add modules_to_save: {names[head]} to train the head whole"
+        )
     return chosen or None
 
 
-def adapter_rows(folder: Path) -> int | None:
+def adapter_rows(folder: Path, base: Any) -> int | None:
     """How many embedding rows the model had when the adapter in `folder` was trained, where it says: one past the
-    highest token whose rows it trained (trainable_token_indices), or the rows of an embedding or head it saved
-    whole (modules_to_save); None when it says nothing (then the base's own rows are the run's)."""
+    highest token whose rows it trained (trainable_token_indices), or the rows of the base's embedding or head
+    saved whole (modules_to_save); None when it says nothing (then the base's own rows are the run's)."""
     config = json.loads((folder / "adapter_config.json").read_text())
     indices = config.get("trainable_token_indices")
     if indices:
@@ -96,7 +128,8 @@ def adapter_rows(folder: Path) -> int | None:
         return None
     from safetensors import safe_open
 
-    whole = ("embed_tokens.weight", "lm_head.weight", "wte.weight")
+    modules = (base.get_input_embeddings(), base.get_output_embeddings())
+    whole = tuple(f"{name.rsplit('.', 1)[-1]}.weight" for name, module in base.named_modules() if module in modules)
     with safe_open(str(weights), "pt") as saved:
-        rows = [saved.get_slice(key).get_shape()[0] for key in saved.keys() if key.endswith(whole)]
+        rows = [saved.get_slice(key).get_shape()[0] for key in saved.keys() if whole and key.endswith(whole)]
     return max(rows, default=None)

@@ -140,16 +140,6 @@ def _split(hidden: torch.Tensor, head: torch.nn.Module) -> tuple[torch.Tensor, t
     return hidden[..., :width], hidden[..., width:], low_weight
 
 
-def head_weight(head: torch.nn.Module) -> torch.Tensor:
-    """The output head's weight as its forward projects with it. A head whose rows for added tokens are trained
-    (PEFT's trainable tokens, models/vocabulary.py) builds it from the base weight and those rows, and PEFT's own
-    `weight` keeps the trained rows even with the adapter switched off (a reference pass): then the base's."""
-    adapter = getattr(head, "token_adapter", None)
-    if adapter is not None and (adapter.disable_adapters or not adapter.active_adapters):
-        return adapter.get_base_layer().weight
-    return head.weight
-
-
 def causal_lm_loss_sum(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Sum of the loss over every position whose next-token label is not -100, and how many there are."""
     shift_labels = labels[:, 1:]
@@ -157,7 +147,7 @@ def causal_lm_loss_sum(hidden: torch.Tensor, head: torch.nn.Module, labels: torc
     selected = hidden[:, :-1, :][mask]
     targets = shift_labels[mask]
     selected, low, low_weight = _split(selected, head)
-    weight = head_weight(head)
+    weight = head.weight  # read once: a head with trained rows of added tokens builds it (models/vocabulary.py)
     bias, dtype = getattr(head, "bias", None), head_dtype(head, weight)
     loss = linear_cross_entropy_sum(selected, weight, bias, targets, dtype, low, low_weight)
     return loss, int(mask.sum())
@@ -241,7 +231,7 @@ def token_logprobs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Te
     mask = shift_labels != -100
     out = torch.zeros(shift_labels.shape, dtype=torch.float32, device=hidden.device)
     if mask.any():
-        weight, bias = head_weight(head), getattr(head, "bias", None)
+        weight, bias = head.weight, getattr(head, "bias", None)
         selected, low, low_weight = _split(hidden[:, :-1, :][mask], head)
         chunk, dtype = chunk_rows(weight.shape[0]), head_dtype(head, weight)
         out[mask] = ChunkedTokenLogprobs.apply(
@@ -352,4 +342,4 @@ def head_dtype(head: torch.nn.Module, weight: torch.Tensor | None = None) -> tor
     `output_head_returns_hidden` ran under it, else the head weight's. Half-precision weights (LoRA under bf16
     or fp16) meet hidden states that accelerate up-cast to float32 after the forward; they were half before, so
     casting them back loses nothing."""
-    return getattr(head, "_tunelab_dtype", None) or (head_weight(head) if weight is None else weight).dtype
+    return getattr(head, "_tunelab_dtype", None) or (head.weight if weight is None else weight).dtype

@@ -61,6 +61,7 @@ class Prepared:
     stats: RowStats
     prepared: data_cache.Entry | None  # where the prepared data is kept (None: streamed); its key is logged
     checkpointing: str = ""  # what gradient_checkpointing was resolved to, and why (params holds the choice)
+    new_token_ids: list[int] = dataclasses.field(default_factory=list)  # tokens the run added to the tokenizer
 
 
 def prepare(params: LLMParams) -> Prepared:
@@ -84,7 +85,8 @@ def prepare(params: LLMParams) -> Prepared:
         check_model(resolve_model(params.model_ref), reference, kind="causal_lm")
     tokenizer = load_tokenizer(source, params.model_max_length)
     fit_tokenizer(tokenizer, config, source)
-    if add_tokens(tokenizer, params.add_tokens or [], params.add_special_tokens or []):
+    new_token_ids = add_tokens(tokenizer, params.add_tokens or [], params.add_special_tokens or [])
+    if new_token_ids:
         grow_vocabulary(config, len(tokenizer))  # as load_model grows the model's embeddings
     if method.data == "prompts":  # a reward file that does not import is found now, not after the model loads
         from tunelab.methods.grpo import completion_length
@@ -104,7 +106,9 @@ def prepare(params: LLMParams) -> Prepared:
     check_token_ids(_highest_token_id(data, method.data), config, source)
     log.info("%s", _described(entry))
     rows = (train_rows, valid_rows, stats)
-    return Prepared(params, method, folder, resume_from, source, config, tokenizer, data, *rows, entry)
+    return Prepared(
+        params, method, folder, resume_from, source, config, tokenizer, data, *rows, entry, new_token_ids=new_token_ids
+    )
 
 
 def _with_checkpointing(prep: Prepared) -> Prepared:
@@ -191,7 +195,7 @@ def _run(params: LLMParams) -> Path:
     _report_data(params, data, stats, stats.rows if data_is_streamed(data) else len(train_rows))
 
     set_seed(params.seed)  # LoRA's initial weights, dropout: the same run twice is the same run
-    model = load_model(prep.source, params, kind=method.model_kind, tokenizer=tokenizer)
+    model = load_model(prep.source, params, method.model_kind, tokenizer, new_token_ids=prep.new_token_ids)
     _report_model(model, params)
     if method.rows_with_model is not None:  # dpo's precomputed reference log-probs
         folder_of = prep.prepared.folder if prep.prepared else None
