@@ -122,20 +122,22 @@ def test_a_lora_run_trains_the_rows_of_its_new_tokens_beside_the_adapter(tiny_ll
         assert torch.allclose(plain(torch.tensor([prompt])).logits[0, -1], logits, atol=1e-4)
 
 
-def test_the_rows_of_new_tokens_follow_the_adapter_on_and_off_in_the_fast_loss(untied_llama):
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_the_rows_of_new_tokens_follow_the_adapter_on_and_off_in_the_fast_loss(tiny_llama, untied_llama, tied):
     """The chunked loss projects with the head's rows as its forward does: the trained rows with the adapter on
-    (the plain loss's value and gradient), the base's with it off (a reference pass)."""
+    (the plain loss's value and gradient, with no vocabulary-sized gradient made), the base's with it off (a
+    reference pass)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from tunelab.speed.loss import causal_lm_loss_sum, output_head_returns_hidden
 
-    model = AutoModelForCausalLM.from_pretrained(untied_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama if tied else untied_llama)
     rows = model.get_input_embeddings().weight.shape[0]
     model.resize_token_embeddings(rows + 2, mean_resizing=False)
     new = [rows, rows + 1]
-    lora = LoraConfig(r=4, target_modules="all-linear", trainable_token_indices={"embed_tokens": new, "lm_head": new})
-    model = get_peft_model(model, lora)
+    indices = {"embed_tokens": new} if tied else {"embed_tokens": new, "lm_head": new}
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", trainable_token_indices=indices))
     with torch.no_grad():
         for module in (model.get_input_embeddings(), model.get_output_embeddings()):
             module.token_adapter.trainable_tokens_delta["default"].normal_()
@@ -150,6 +152,8 @@ def test_the_rows_of_new_tokens_follow_the_adapter_on_and_off_in_the_fast_loss(u
 
     plain, fast = losses()
     assert torch.allclose(plain, fast, atol=1e-5)
+    head = model.get_output_embeddings()
+    assert head.__dict__["_tunelab_base_weight"] is not None  # projected by the frozen weight, the rows beside it
     delta = model.get_output_embeddings().token_adapter.trainable_tokens_delta["default"]
     (plain_grad,) = torch.autograd.grad(plain, delta)
     (fast_grad,) = torch.autograd.grad(losses()[1], delta)

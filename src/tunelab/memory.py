@@ -310,12 +310,11 @@ def _activations(
 
     # The end of the model: the final norm keeps its input and output; then the loss.
     head = 2 * tokens * h * act
-    # Vocabulary-sized gradients: a full fine-tuning's, and a LoRA run's that trains the rows of tokens it added
-    # (PEFT builds the embedding and head weights with those rows in each forward, and their gradient whole).
-    added = getattr(params, "add_tokens", None) or getattr(params, "add_special_tokens", None)
-    vocabulary_gradients = not params.peft or bool(added)
-    if params.peft and added:
-        head += (1 if shape.tied else 2) * shape.vocab * h * act  # the weights built with the trained rows
+    # A LoRA run that trains the rows of tokens it added: PEFT rebuilds the embedding weight with those rows in each
+    # forward, and its gradient comes whole (the chunked loss keeps the head's to the rows: speed/loss.py).
+    added = params.peft and bool(getattr(params, "add_tokens", None) or getattr(params, "add_special_tokens", None))
+    if added:
+        head += shape.vocab * h * act
     if kind == "causal_lm":
         if params.fast_loss:
             # loss.py: the scored hidden states are gathered, their gradient computed in the forward pass, and
@@ -327,7 +326,7 @@ def _activations(
             chunk = min(tokens, chunk_rows(shape.vocab))
             half_copy = act if act < 4 else 0
             loss = 2 * tokens * h * act + chunk * shape.vocab * (4 + half_copy) + chunk * h * 4
-            if vocabulary_gradients:
+            if not params.peft:
                 loss += 2 * shape.vocab * h * 4
         else:
             loss = 3 * tokens * shape.vocab * 4  # logits, their fp32 copy and softmax gradient
@@ -342,7 +341,9 @@ def _activations(
     forward = max(kept + head + loss, kept - (stored[-1] if stored else 0) + layer_backward) + mask
     # The end of the backward pass: the gradients are full, the first layer is in its backward pass, and
     # (full fine-tuning) the embedding's gradient is made, then summed into the tied head's (a third copy).
-    embedding_grads = (2 if shape.tied else 1) * shape.vocab * h * 4 if vocabulary_gradients else 0
+    embedding_grads = 0 if params.peft else (2 if shape.tied else 1) * shape.vocab * h * 4
+    if added:
+        embedding_grads = shape.vocab * h * act
     backward = layer_backward + mask + embedding_grads
     return forward, backward
 

@@ -12,6 +12,12 @@ The model's own forward is made to return its final hidden states instead of log
 A LoRA adapter on the output head (`target_modules` naming lm_head) adds a rank-r term to the logits:
 W h + B (s A drop(h)). The head's stand-in then returns [h, u] with u = s A drop(h) (rank r, computed inside the
 forward, dropout and all), and the chunked loss projects both parts: W h + B u, with B's gradient from u.
+
+A head whose rows for added tokens are trained (PEFT's trainable tokens, models/vocabulary.py) is the same shape:
+its weight is the frozen base weight W with k rows replaced by trained ones R. The head's stand-in returns [h, u]
+with u = h (R - W[rows]).T (rank k), and the loss projects W h + E u, E the one-hot (V, k) matrix placing each of
+the k rows: logits equal to the head's own, R's gradient from u, and no vocabulary-sized gradient at all (PEFT's
+own weight, rebuilt with R in it, would make the loss compute the whole head's).
 """
 
 from __future__ import annotations
@@ -147,7 +153,7 @@ def causal_lm_loss_sum(hidden: torch.Tensor, head: torch.nn.Module, labels: torc
     selected = hidden[:, :-1, :][mask]
     targets = shift_labels[mask]
     selected, low, low_weight = _split(selected, head)
-    weight = head.weight  # read once: a head with trained rows of added tokens builds it (models/vocabulary.py)
+    weight = _projected_by(head)
     bias, dtype = getattr(head, "bias", None), head_dtype(head, weight)
     loss = linear_cross_entropy_sum(selected, weight, bias, targets, dtype, low, low_weight)
     return loss, int(mask.sum())
@@ -231,7 +237,7 @@ def token_logprobs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Te
     mask = shift_labels != -100
     out = torch.zeros(shift_labels.shape, dtype=torch.float32, device=hidden.device)
     if mask.any():
-        weight, bias = head.weight, getattr(head, "bias", None)
+        weight, bias = _projected_by(head), getattr(head, "bias", None)
         selected, low, low_weight = _split(hidden[:, :-1, :][mask], head)
         chunk, dtype = chunk_rows(weight.shape[0]), head_dtype(head, weight)
         out[mask] = ChunkedTokenLogprobs.apply(
@@ -278,9 +284,30 @@ def _lora_head_splits(head: torch.nn.Module) -> bool:
     )
 
 
+def _token_rows_term(head: torch.nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """For a head with trained rows of added tokens (see the top): u = hidden @ (R - W[rows]).T and the one-hot
+    (V, k) weight that places it; None with the adapter off, merged, or several adapters active (then the loss
+    projects with the head's own weight, as rebuilt by PEFT)."""
+    adapter = head.token_adapter
+    names = [name for name in adapter.active_adapters if name in adapter.trainable_tokens_delta]
+    if adapter.disable_adapters or adapter.merged or len(names) != 1:
+        return None
+    rows, indices = adapter.trainable_tokens_delta[names[0]], adapter.token_indices[names[0]]
+    base = adapter.get_base_layer().weight
+    place = torch.zeros(base.shape[0], len(indices), dtype=base.dtype, device=base.device)
+    place[torch.tensor(indices, device=base.device), torch.arange(len(indices), device=base.device)] = 1
+    change = rows - base[indices].to(rows.dtype)
+    x = hidden if torch.is_autocast_enabled(hidden.device.type) else hidden.to(change.dtype)
+    head.__dict__["_tunelab_base_weight"] = base
+    return F.linear(x, change), place
+
+
 def _lora_head_term(head: torch.nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """For a LoRA head with active adapters: u = scaling * lora_A(dropout(hidden)) per adapter, and the B weights
     that project them (side by side where several adapters are active); None when no adapter adds anything."""
+    head.__dict__["_tunelab_base_weight"] = None
+    if hasattr(head, "token_adapter"):
+        return _token_rows_term(head, hidden)
     if not hasattr(head, "lora_A") or head.disable_adapters or head.merged:
         return None  # merged: the base weight already holds the update
     names = [name for name in head.active_adapters if name in head.lora_A]
@@ -335,6 +362,13 @@ def output_head_returns_hidden(model: Any) -> Iterator[torch.nn.Module]:
             del head.forward
         else:
             head.forward = previous
+
+
+def _projected_by(head: torch.nn.Module) -> torch.Tensor:
+    """The weight the chunked loss projects the hidden states with: the head's, or the frozen base weight beside a
+    term for trained rows of added tokens (see the top)."""
+    base = head.__dict__.get("_tunelab_base_weight")
+    return head.weight if base is None else base
 
 
 def head_dtype(head: torch.nn.Module, weight: torch.Tensor | None = None) -> torch.dtype:
