@@ -69,7 +69,10 @@ def main() -> None:
     print(f"{args.model}, {args.tokens} added tokens, batch {args.batch} x {args.length}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")  # fmt: skip
     print("\n| head's trained rows | s per forward+backward (median) | loss |\n| --- | ---: | ---: |")
-    for term, name in ((True, "rank-k term beside the frozen weight"), (False, "PEFT's rebuilt weight")):
+    for term, name in (
+        (True, "the rows' change at their columns, beside the frozen weight"),
+        (False, "PEFT's rebuilt weight"),
+    ):
         print(f"| {name} | {statistics.median(times[term]):.3f} | {losses[term]:.6f} |")
     print(f"\nhead gradient done without: {(rows + args.tokens) * hidden_size * 4 / 2**20:.0f} MiB (fp32)")
 

@@ -162,6 +162,19 @@ def test_the_rows_of_new_tokens_follow_the_adapter_on_and_off_in_the_fast_loss(t
         plain_off, fast_off = losses()
     assert torch.allclose(plain_off, fast_off, atol=1e-5) and not torch.allclose(plain_off, plain, atol=1e-3)
 
+    # Per-token log-probs (DPO, KTO, GRPO): the same values and gradient as from the head's own logits.
+    from tunelab.speed.loss import token_logprobs
+
+    logits = model(input_ids=ids).logits
+    expected = torch.log_softmax(logits[:, :-1], -1).gather(2, ids[:, 1:, None]).squeeze(2)
+    with output_head_returns_hidden(model) as head:
+        got = token_logprobs(model(input_ids=ids).logits, head, ids)
+    assert torch.allclose(got, expected, atol=1e-5)
+    weights = torch.arange(got.numel(), dtype=torch.float32).reshape(got.shape)  # each token weighed apart
+    (want,) = torch.autograd.grad((expected * weights).sum(), delta)
+    (have,) = torch.autograd.grad((got * weights).sum(), delta)
+    assert torch.allclose(want, have, atol=1e-4)
+
 
 @pytest.mark.parametrize(
     "value, message",
@@ -207,15 +220,15 @@ def test_new_rows_start_at_the_mean_in_a_padded_vocabulary_too(tiny_llama):
     weight = model.get_input_embeddings().weight
     before, mean = weight.detach().clone(), weight[:598].detach().mean(0)
     fit_embeddings(model, 600, [598, 599])  # the last two rows, as if spare, for two new tokens
-    fit_embeddings(model, 602, [600, 601])  # grown by two
+    fit_embeddings(model, 602)  # grown by two (a base grown to load an adapter, a reference): the same start
     weight = model.get_input_embeddings().weight
     assert weight.shape[0] == 602 and torch.equal(weight[:598], before[:598])
     assert torch.allclose(weight[598:600], mean.expand(2, -1)) and torch.allclose(weight[600:], weight[:600].mean(0))
 
 
 def test_which_rows_peft_trains_beside_the_adapter(untied_llama, tmp_path):
-    """The embedding's and an untied head's, less a module trained whole or adapted by LoRA; a head with a bias
-    (Phi-2's) refused with one line; the rows a wrapped embedding has, read without rebuilding it."""
+    """The embedding's and an untied head's, less a module trained whole; a module LoRA adapts, and a head with a
+    bias (Phi-2's), refused with one line; the rows a wrapped embedding has, read without rebuilding it."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, PhiConfig, PhiForCausalLM
 
@@ -226,7 +239,9 @@ def test_which_rows_peft_trains_beside_the_adapter(untied_llama, tmp_path):
     both = {"embed_tokens": [5, 9], "lm_head": [5, 9]}
     assert trainable_tokens(model, [9, 5], [], "all-linear") == both
     assert trainable_tokens(model, [9, 5], ["lm_head"], "all-linear") == {"embed_tokens": [5, 9]}
-    assert trainable_tokens(model, [9, 5], [], ["q_proj", "lm_head"]) == {"embed_tokens": [5, 9]}
+    assert trainable_tokens(model, [9, 5], ["model.lm_head"], "all-linear") == {"embed_tokens": [5, 9]}
+    with pytest.raises(TunelabError, match="add_tokens with LoRA on lm_head"):
+        trainable_tokens(model, [9, 5], [], ["q_proj", "lm_head"])
     assert trainable_tokens(model, [], [], "all-linear") is None
     wrapped = get_peft_model(model, LoraConfig(r=2, target_modules="all-linear", trainable_token_indices=both))
     assert embedding_rows(wrapped) == 600
@@ -238,9 +253,14 @@ def test_which_rows_peft_trains_beside_the_adapter(untied_llama, tmp_path):
 
 
 def test_the_token_lists_read_from_a_config():
-    """A YAML list keeps a token holding a comma; Axolotl's `tokens` is add_tokens."""
+    """A YAML list keeps a token holding a comma; Axolotl's `tokens` is add_tokens; LoRA on the head refused."""
     from tunelab.config import load_config
+    from tunelab.errors import ConfigError
 
+    with pytest.raises(ConfigError, match="add_tokens with LoRA on lm_head .target_modules."):
+        load_config(
+            {"model": "m", "data_path": "d.jsonl", "peft": True, "add_tokens": "<a>", "target_modules": "lm_head"}
+        )
     params = load_config({"model": "m", "data_path": "d.jsonl", "tokens": ["a,b", "<c>", "<c>"]})
     assert params.add_tokens == ["a,b", "<c>"]
     assert load_config(

@@ -311,10 +311,13 @@ def _activations(
     # The end of the model: the final norm keeps its input and output; then the loss.
     head = 2 * tokens * h * act
     # A LoRA run that trains the rows of tokens it added: PEFT rebuilds the embedding weight with those rows in each
-    # forward, and its gradient comes whole (the chunked loss keeps the head's to the rows: speed/loss.py).
+    # forward (for the embedding's own forward only), and its gradient comes whole; the chunked loss keeps the
+    # head's to the rows (speed/loss.py), while the plain loss keeps the rebuilt head weight for its backward pass.
+    # k-bit preparation (QLoRA) keeps the embeddings in float32.
     added = params.peft and bool(getattr(params, "add_tokens", None) or getattr(params, "add_special_tokens", None))
-    if added:
-        head += shape.vocab * h * act
+    embedding_bytes = 4 if params.quantization else act
+    if added and not params.fast_loss:
+        head += shape.vocab * h * embedding_bytes
     if kind == "causal_lm":
         if params.fast_loss:
             # loss.py: the scored hidden states are gathered, their gradient computed in the forward pass, and
@@ -343,7 +346,7 @@ def _activations(
     # (full fine-tuning) the embedding's gradient is made, then summed into the tied head's (a third copy).
     embedding_grads = 0 if params.peft else (2 if shape.tied else 1) * shape.vocab * h * 4
     if added:
-        embedding_grads = shape.vocab * h * act
+        embedding_grads = shape.vocab * h * embedding_bytes
     backward = layer_backward + mask + embedding_grads
     return forward, backward
 

@@ -73,6 +73,10 @@ def template_variables(value: str | dict | None) -> dict | None:
     return dict(value) or None
 
 
+# What the input embeddings and output heads of transformers' causal LMs are called.
+EMBEDDING_MODULES = ("embed_tokens", "lm_head", "wte", "embed_in", "embed_out", "word_embeddings")
+
+
 def token_list(value: list | str | None, name: str) -> list[str] | None:
     """add_tokens / add_special_tokens as a list of tokens (comma-separated text, or a list), None when unset."""
     if value is None or value == "" or value == []:
@@ -497,6 +501,19 @@ class LLMParams(Params):
         if REGISTRY[self.trainer].data == "prompts":
             raise ConfigError(f"early_stopping_patience: {self.trainer}'s evaluation has no eval loss to stop on")
 
+    def _check_added_tokens(self) -> None:
+        """LoRA on the embedding or the output head leaves PEFT no way to train an added token's rows there
+        (models/vocabulary.py says so again for a model whose modules are named otherwise)."""
+        if not (self.peft and (self.add_tokens or self.add_special_tokens) and self.target_modules):
+            return
+        names = [name.strip() for name in str(self.target_modules).split(",")]
+        adapted = [name for name in names if name in EMBEDDING_MODULES]
+        if adapted:
+            raise ConfigError(
+                f"add_tokens with LoRA on {adapted[0]} (target_modules): PEFT cannot train the added tokens' rows of "
+                f"a module LoRA adapts; leave it out, or add modules_to_save: {adapted[0]} to train it whole"
+            )
+
     @property
     def dpo_loss_types(self) -> tuple[str, ...]:
         """dpo_loss_type as a tuple of loss names."""
@@ -517,6 +534,7 @@ class LLMParams(Params):
         self.chat_template_kwargs = template_variables(self.chat_template_kwargs)
         self.add_tokens = token_list(self.add_tokens, "add_tokens")
         self.add_special_tokens = token_list(self.add_special_tokens, "add_special_tokens")
+        self._check_added_tokens()
         # TRL's and Axolotl's `gradient_checkpointing: true`, in a config file or as --gradient-checkpointing true
         switch = str(self.gradient_checkpointing).lower()
         if switch in ("true", "yes", "1", "false", "no", "0"):

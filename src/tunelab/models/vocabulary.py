@@ -53,8 +53,9 @@ def add_tokens(tokenizer: Any, tokens: list[str], special: list[str]) -> list[in
 
 
 def fit_embeddings(model: Any, rows: int, new_ids: list[int] | None = None) -> None:
-    """Give the model at least `rows` embedding rows (and output-head rows); `new_ids`, the tokens just added,
-    start at the mean of the rows of the tokens before them (spare rows of a padded vocabulary included)."""
+    """Give the model at least `rows` embedding rows (and output-head rows). The rows grown, and `new_ids` (the
+    tokens just added, which in a padded vocabulary take spare rows), start at the mean of the rows before them:
+    the same start in training, in a reference model and when a run's base is grown to load its adapter."""
     import torch
 
     embedding = model.get_input_embeddings()
@@ -64,14 +65,15 @@ def fit_embeddings(model: Any, rows: int, new_ids: list[int] | None = None) -> N
     if before < rows:
         model.resize_token_embeddings(rows, mean_resizing=False)  # the rows are set below, not drawn
         log.info("embeddings: grown from %d to %d rows, for the added tokens", before, rows)
-    if not new_ids:
+    ids = sorted({*(new_ids or []), *range(before, rows)})
+    if not ids:
         return
-    ids = torch.tensor(sorted(new_ids))
+    index = torch.tensor(ids)
     with torch.no_grad():
         for module in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings())}.values():
             weight = getattr(module, "weight", None)
             if weight is not None and weight.shape[0] >= rows:
-                weight[ids] = weight[: int(ids[0])].float().mean(0).to(weight.dtype)
+                weight[index] = weight[: ids[0]].mean(0, dtype=torch.float32).to(weight.dtype)
 
 
 def grow_vocabulary(config: Any, rows: int) -> None:
@@ -94,9 +96,9 @@ def trainable_tokens(
 ) -> dict[str, list[int]] | None:
     """PEFT's `trainable_token_indices` for these ids: the input embedding's rows, and the output head's where it
     has its own weight (a tied head shares the embedding's, and PEFT ties them). A module trained whole
-    (`saved_whole`: modules_to_save) or adapted by LoRA (`lora_targets` naming it) is left out: it trains those rows
-    already; None when nothing is left. A head with a bias (Phi-2's) is refused: PEFT's trainable tokens project
-    without it."""
+    (`saved_whole`: modules_to_save) trains those rows already and is left out; None when nothing is left. Refused
+    in one line: a module LoRA adapts (PEFT trains no rows of it, and would save none), a head with a bias
+    (Phi-2's: PEFT's trainable tokens project without it)."""
     if not token_ids:
         return None
     ids = sorted(set(token_ids))
@@ -105,8 +107,15 @@ def trainable_tokens(
     targets = [names.get(embedding)]
     if head is not None and head.weight is not embedding.weight:
         targets.append(names.get(head))
-    targeted = set(lora_targets) if isinstance(lora_targets, list) else set()
-    chosen = {name: ids for name in targets if name and name not in saved_whole and name not in targeted}
+    whole = {name.rsplit(".", 1)[-1] for name in saved_whole}
+    targeted = {name.rsplit(".", 1)[-1] for name in lora_targets} if isinstance(lora_targets, list) else set()
+    chosen = {name: ids for name in targets if name and name not in whole}
+    adapted = sorted(name for name in chosen if name in targeted)
+    if adapted:
+        raise TunelabError(
+            f"add_tokens with LoRA on {adapted[0]}: PEFT cannot train the added tokens' rows of a module LoRA "
+            f"adapts; leave {adapted[0]} out of target_modules, or add modules_to_save: {adapted[0]} to train it whole"
+        )
     if head is not None and names.get(head) in chosen and getattr(head, "bias", None) is not None:
         raise TunelabError(
             f"add_tokens with LoRA: this model's output head ({names[head]}) has a bias, which PEFT's trainable "

@@ -15,8 +15,8 @@ forward, dropout and all), and the chunked loss projects both parts: W h + B u, 
 
 A head whose rows for added tokens are trained (PEFT's trainable tokens, models/vocabulary.py) is the same shape:
 its weight is the frozen base weight W with k rows replaced by trained ones R. The head's stand-in returns [h, u]
-with u = h (R - W[rows]).T (rank k), and the loss projects W h + E u, E the one-hot (V, k) matrix placing each of
-the k rows: logits equal to the head's own, R's gradient from u, and no vocabulary-sized gradient at all (PEFT's
+with u = h (R - W[rows]).T (rank k), and the loss projects W h and adds u at the k rows' columns: logits equal to
+the head's own, R's gradient from u (the k columns' gradients), and no vocabulary-sized gradient at all (PEFT's
 own weight, rebuilt with R in it, would make the loss compute the whole head's).
 """
 
@@ -46,16 +46,30 @@ def _project(
     low: torch.Tensor | None = None,
     low_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Float32 logits of the rows h (+ the low-rank term low @ low_weight.T of a LoRA head), all tensors already in
-    the projection dtype."""
+    """Float32 logits of the rows h (+ the low-rank term low @ low_weight.T of a LoRA head, or low added at the
+    columns low_weight lists: trained rows of added tokens), all tensors already in the projection dtype."""
     logits = F.linear(h, weight, bias)
-    if low is not None:
-        logits = logits.addmm_(low, low_weight.t())  # added as the adapter's own forward adds it: before the cast
-    return logits.float()
+    if low is None:
+        return logits.float()
+    if _columns(low_weight):
+        return logits.float().index_add_(1, low_weight, low.float())
+    return logits.addmm_(low, low_weight.t()).float()  # added as the adapter's own forward adds it: before the cast
+
+
+def _columns(low_weight: torch.Tensor | None) -> bool:
+    """Whether the low-rank term's weight is the columns it is added at (trained rows of added tokens)."""
+    return low_weight is not None and not low_weight.is_floating_point()
+
+
+def _low_grad(grad_logits: torch.Tensor, low_weight: torch.Tensor) -> torch.Tensor:
+    """The gradient of the low-rank term's input u: through its weight, or its columns' gradients."""
+    return grad_logits[:, low_weight] if _columns(low_weight) else grad_logits @ low_weight
 
 
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return None if t is None else t.to(dtype)
+    if t is None or not t.is_floating_point():
+        return t  # column indices stay indices
+    return t.to(dtype)
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -95,7 +109,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             if grad_bias is not None:
                 grad_bias += probs.float().sum(0)
             if grad_low is not None:
-                grad_low[start : start + chunk] = probs @ lw
+                grad_low[start : start + chunk] = _low_grad(probs, lw)
             if grad_low_weight is not None:
                 grad_low_weight += (probs.T @ u).float()
             del probs
@@ -142,7 +156,7 @@ def _split(hidden: torch.Tensor, head: torch.nn.Module) -> tuple[torch.Tensor, t
     low_weight = getattr(head, "_tunelab_low_weight", None)
     if low_weight is None:
         return hidden, None, None
-    width = hidden.shape[-1] - low_weight.shape[1]
+    width = hidden.shape[-1] - (low_weight.shape[0] if _columns(low_weight) else low_weight.shape[1])
     return hidden[..., :width], hidden[..., width:], low_weight
 
 
@@ -214,7 +228,7 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
             if grad_bias is not None:
                 grad_bias += grad_logits.float().sum(0)
             if grad_low is not None:
-                grad_low[start:stop] = grad_logits @ lw
+                grad_low[start:stop] = _low_grad(grad_logits, lw)
             if grad_low_weight is not None:
                 grad_low_weight += (grad_logits.T @ u).float()
             del grad_logits  # before the next chunk is projected: one chunk alive at a time
@@ -285,21 +299,20 @@ def _lora_head_splits(head: torch.nn.Module) -> bool:
 
 
 def _token_rows_term(head: torch.nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """For a head with trained rows of added tokens (see the top): u = hidden @ (R - W[rows]).T and the one-hot
-    (V, k) weight that places it; None with the adapter off, merged, or several adapters active (then the loss
-    projects with the head's own weight, as rebuilt by PEFT)."""
+    """For a head with trained rows of added tokens (see the top): u = hidden @ (R - W[rows]).T and the rows'
+    columns (a long tensor); None with the adapter off, merged, or several adapters active (then the loss projects
+    with the head's own weight, as rebuilt by PEFT)."""
     adapter = head.token_adapter
     names = [name for name in adapter.active_adapters if name in adapter.trainable_tokens_delta]
     if adapter.disable_adapters or adapter.merged or len(names) != 1:
         return None
     rows, indices = adapter.trainable_tokens_delta[names[0]], adapter.token_indices[names[0]]
     base = adapter.get_base_layer().weight
-    place = torch.zeros(base.shape[0], len(indices), dtype=base.dtype, device=base.device)
-    place[torch.tensor(indices, device=base.device), torch.arange(len(indices), device=base.device)] = 1
-    change = rows - base[indices].to(rows.dtype)
+    columns = torch.as_tensor(list(indices), dtype=torch.long, device=base.device)
+    change = rows - base[columns].to(rows.dtype)
     x = hidden if torch.is_autocast_enabled(hidden.device.type) else hidden.to(change.dtype)
     head.__dict__["_tunelab_base_weight"] = base
-    return F.linear(x, change), place
+    return F.linear(x, change), columns
 
 
 def _lora_head_term(head: torch.nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
