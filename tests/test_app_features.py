@@ -145,9 +145,9 @@ def test_two_runs_compared_base_beside_tuned_merged_and_run_again(app, tiny_llam
     assert status == 200 and b'id="lr" name="lr" value="0.001"' in page
 
 
-def test_run_again_shows_a_job_s_template_variables_as_the_json_it_was_given(tiny_llama, tmp_path):
-    """chat_template_kwargs, an object in the job's parameters, fills the "run again" form as JSON text, which the
-    form then sends back as a valid parameter."""
+def test_run_again_shows_a_job_s_object_and_list_parameters_as_the_text_its_fields_take(tiny_llama, tmp_path):
+    """chat_template_kwargs, an object in the job's parameters, fills the "run again" form as JSON text, and
+    add_tokens, a list, as comma-separated text, which the form then sends back as valid parameters."""
     model = tmp_path / "brief-model"  # its template reads a variable of its own
     shutil.copytree(tiny_llama, model)
     chatml = (model / "chat_template.jinja").read_text()
@@ -156,14 +156,15 @@ def test_run_again_shows_a_job_s_template_variables_as_the_json_it_was_given(tin
         _, project = new_project(app, model)
         mapping = {"chat_template": "tokenizer"}  # the model's own template, not the Alpaca rows' detected one
         assert app.post_json(f"/api/projects/{project['id']}/preview", {"mapping": mapping})[0] == 200
-        params = {**SHORT_RUN, "max_steps": 1, "chat_template_kwargs": {"brief": True}}
+        params = {**SHORT_RUN, "max_steps": 1, "chat_template_kwargs": {"brief": True}, "add_tokens": ["<a>", "<b>"]}
         status, job = app.post_json(f"/api/projects/{project['id']}/jobs", {"params": params, "evaluate": False})
         assert status == 201, job
         (done,) = wait_for(app, [job["id"]])
         assert done["status"] == "completed", done["message"]
         status, page = app.request("GET", f"/projects/{project['id']}/params?from_job={job['id']}")[::2]
         assert status == 200 and b'name="chat_template_kwargs" value="{&#34;brief&#34;: true}"' in page
-        again = {**SHORT_RUN, "chat_template_kwargs": '{"brief": true}'}  # the field's text, as the form sends it
+        assert b'name="add_tokens" value="&lt;a&gt;,&lt;b&gt;"' in page  # a list, as the field's text
+        again = {**SHORT_RUN, "chat_template_kwargs": '{"brief": true}', "add_tokens": "<a>,<b>"}  # as the form sends
         status, body = app.post_json(f"/api/projects/{project['id']}/preview", {"params": again})
         assert status == 200, body
 

@@ -218,12 +218,19 @@ def _params_page(
     token_given: bool = False,
 ) -> HTMLResponse:
     fields = field_specs(project["settings"]["trainer"])
-    # An object parameter (chat_template_kwargs) a job was given as JSON through the API: shown as JSON text
-    values = {name: json.dumps(v) if isinstance(v, dict) else v for name, v in values.items()}
+    # An object parameter (chat_template_kwargs) a job was given as JSON through the API: shown as JSON text; a list
+    # (add_tokens) as the comma-separated text the field takes
+    values = {name: _as_field_text(v) for name, v in values.items()}
     return render(
         request, "params.html", status, project=project, fields=fields, values=values, errors=errors,
         plan=plan or {}, note=note, unfit=unfit, evaluate=evaluate, token_given=token_given,
     )  # fmt: skip
+
+
+def _as_field_text(value: Any) -> Any:
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return ",".join(str(item) for item in value) if isinstance(value, list) else value
 
 
 @router.post("/projects/{project_id}/params")

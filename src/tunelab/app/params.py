@@ -25,7 +25,7 @@ LLM_FIELDS = (
     "peft", "lr", "epochs", "max_steps", "batch_size", "gradient_accumulation", "block_size", "model_max_length",
     "warmup_ratio", "scheduler", "lora_r", "lora_alpha", "lora_dropout", "use_dora", "use_rslora",
     "init_lora_weights", "loraplus_lr_ratio", "packing", "mixed_precision", "gradient_checkpointing", "logging_steps",
-    "valid_size", "early_stopping_patience", "seed", "chat_template_kwargs",
+    "valid_size", "early_stopping_patience", "seed", "chat_template_kwargs", "add_tokens", "add_special_tokens",
 )  # fmt: skip
 PAIR_FIELDS = ("max_prompt_length",)  # every method whose rows have a prompt apart (pairs, labeled, prompts)
 CLASSIFIER_FIELDS = (
