@@ -269,3 +269,44 @@ def test_the_token_lists_read_from_a_config():
         "<x>",
         "<y>",
     ]
+
+
+def test_a_reward_model_and_a_grpo_run_add_tokens_too(tiny_llama, tmp_path, capsys):
+    """A reward model (a sequence classifier: no output head to train rows of) scores texts with the added tokens
+    after training; GRPO samples, scores and trains with them, its KL reference the adapter switched off."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text((json.dumps({"prompt": "Weather?", "chosen": CALL, "rejected": "No idea."}) + "\n") * 8)
+    common = ["--peft", "--max-steps", "2", "--batch-size", "4", "--block-size", "64", "--chat-template", "chatml"]
+    reward = tmp_path / "reward"
+    args = ["llm", "--train", "--model", str(tiny_llama), "--data-path", str(pairs), "--trainer", "reward"]
+    assert (
+        main(
+            [
+                *args,
+                *common,
+                "--max-prompt-length",
+                "32",
+                "--project-name",
+                str(reward),
+                "--add-tokens",
+                "<tool>,</tool>",
+            ]
+        )
+        == 0
+    )
+    assert json.loads((reward / "adapter_config.json").read_text())["trainable_token_indices"] == {
+        "embed_tokens": [600, 601]
+    }
+    capsys.readouterr()
+    assert main(["score", "--model", str(reward), CALL]) == 0
+    assert capsys.readouterr().out.strip().endswith(json.dumps(CALL))
+
+    prompts = tmp_path / "prompts.jsonl"
+    row = {"prompt": "What is 2+2? Answer inside <answer></answer> tags.", "answer": "4"}
+    prompts.write_text((json.dumps(row) + "\n") * 4)
+    grpo = tmp_path / "grpo"
+    args = ["llm", "--train", "--model", str(tiny_llama), "--data-path", str(prompts), "--trainer", "grpo"]
+    flags = ["--reward-functions", "answer_tag,format_tag", "--num-generations", "2", "--batch-size", "2"]
+    flags += ["--max-completion-length", "6", "--max-steps", "2", "--peft", "--beta", "0.04"]
+    assert main([*args, *flags, "--project-name", str(grpo), "--add-tokens", "<answer>,</answer>"]) == 0
+    assert (grpo / "adapter_model.safetensors").is_file()
