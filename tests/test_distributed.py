@@ -277,10 +277,15 @@ def test_the_hot_path_under_fsdp2_equals_the_plain_model(tiny_llama, tmp_path):
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"}
     out = tmp_path / "fsdp2.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    done = subprocess.run(
-        [*command, str(ROOT / "tests" / "fsdp2_worker.py"), str(tiny_llama), str(out)],
-        env=env, capture_output=True, text=True, timeout=300, cwd=ROOT,
-    )  # fmt: skip
+    for _ in range(2):
+        done = subprocess.run(
+            [*command, str(ROOT / "tests" / "fsdp2_worker.py"), str(tiny_llama), str(out)],
+            env=env, capture_output=True, text=True, timeout=300, cwd=ROOT,
+        )  # fmt: skip
+        # Once in three whole-suite runs (session 20) a gloo process aborted in C++ ("terminate called without an
+        # active exception") before any result; passing again at once, 3 of 3. One more try for that abort only.
+        if done.returncode == 0 or "terminate called without an active exception" not in done.stderr:
+            break
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(out.read_text())
     assert all(results.pop("fused")), "the fused forwards were not in use"
