@@ -11,6 +11,7 @@ from typing import Any
 
 from tunelab.inference.openai_requests import RequestError, Sampling
 from tunelab.models.turns import turn_end
+from tunelab.models.vocabulary import special_tokens
 
 
 class Generation:
@@ -166,9 +167,7 @@ class Generation:
 def keeping(tokenizer: Any, keep: tuple[str, ...]) -> Any:
     """The tokenizer to decode an answer with: one whose decoding skips special tokens but those in `keep` (the
     tokenizer itself when none of them is a special token in it, so decoding skips none of them anyway)."""
-    special = {str(token) for token in tokenizer.all_special_tokens}
-    special |= {str(t) for t in tokenizer.added_tokens_decoder.values() if getattr(t, "special", False)}
-    return _Keeping(tokenizer, keep) if special & set(keep) else tokenizer
+    return _Keeping(tokenizer, keep) if set(special_tokens(tokenizer).values()) & set(keep) else tokenizer
 
 
 class _Keeping:
@@ -176,10 +175,7 @@ class _Keeping:
 
     def __init__(self, tokenizer: Any, keep: tuple[str, ...]) -> None:
         self._tokenizer = tokenizer
-        # The tokenizer skips its special tokens (bos, eos, pad...) and any added token marked special.
-        special = set(tokenizer.all_special_ids)
-        special |= {i for i, token in tokenizer.added_tokens_decoder.items() if getattr(token, "special", False)}
-        self._skipped = {i for i in special if tokenizer.convert_ids_to_tokens(i) not in keep}
+        self._skipped = {i for i, token in special_tokens(tokenizer).items() if token not in keep}
 
     def decode(self, ids: Any, **kwargs: Any) -> str:
         ids = ids.tolist() if hasattr(ids, "tolist") else ids

@@ -38,9 +38,7 @@ def add_tokens(tokenizer: Any, tokens: list[str], special: list[str]) -> list[in
     tokenizer.add_tokens([t for t in tokens if t not in known])
     tokenizer.add_tokens([t for t in special if t not in known], special_tokens=True)
     present = [t for t in [*tokens, *special] if t in known]
-    specials = {str(t) for t in tokenizer.all_special_tokens} | {
-        str(t) for t in tokenizer.added_tokens_decoder.values() if getattr(t, "special", False)
-    }
+    specials = set(special_tokens(tokenizer).values())
     for token in (t for t in special if t in known and t not in specials):
         log.warning("add_special_tokens: the tokenizer has %r already, as an ordinary token; it stays one", token)
     log.info(
@@ -50,6 +48,14 @@ def add_tokens(tokenizer: Any, tokens: list[str], special: list[str]) -> list[in
         f", {len(present)} it had already ({', '.join(present[:5])})" if present else "",
     )
     return list(range(before, len(tokenizer)))
+
+
+def special_tokens(tokenizer: Any) -> dict[int, str]:
+    """The tokens decoding skips as special, by id: the tokenizer's own (bos, eos, pad...) and any added token
+    marked special."""
+    found = {tokenizer.convert_tokens_to_ids(token): str(token) for token in tokenizer.all_special_tokens}
+    found |= {i: str(token) for i, token in tokenizer.added_tokens_decoder.items() if getattr(token, "special", False)}
+    return found
 
 
 def fit_embeddings(model: Any, rows: int, new_ids: list[int] | None = None) -> None:
