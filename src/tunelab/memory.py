@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tunelab.config.base import RunParams
+from tunelab.config.base import RunParams, listed_tokens
 
 log = logging.getLogger("tunelab")
 GiB = 2**30
@@ -314,7 +314,7 @@ def _activations(
     # forward (for the embedding's own forward only), and its gradient comes whole; the chunked loss keeps the
     # head's to the rows (speed/loss.py), while the plain loss keeps the rebuilt head weight for its backward pass.
     # k-bit preparation (QLoRA) keeps the embeddings in float32.
-    added = params.peft and bool(getattr(params, "add_tokens", None) or getattr(params, "add_special_tokens", None))
+    added = params.peft and bool(listed_tokens(params))
     embedding_bytes = 4 if params.quantization else act
     if added and not params.fast_loss:
         head += shape.vocab * h * embedding_bytes

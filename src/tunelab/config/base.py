@@ -272,6 +272,11 @@ def check_lora_variants(params: RunParams) -> None:
         )
 
 
+def listed_tokens(params: RunParams) -> list[str]:
+    """The tokens a run adds (an LLM run's add_tokens, then add_special_tokens); none for a task without them."""
+    return [*(getattr(params, "add_tokens", None) or []), *(getattr(params, "add_special_tokens", None) or [])]
+
+
 def module_values(params: RunParams, name: str) -> dict[str, int]:
     """A `name=value,...` pattern (or a YAML mapping) as {module: value}."""
     spec = getattr(params, name)

@@ -27,6 +27,7 @@ from tunelab.config.base import (
     check_save_steps,
     check_training,
     check_valid_size,
+    listed_tokens,
     param,
 )
 from tunelab.errors import ConfigError
@@ -504,7 +505,7 @@ class LLMParams(Params):
     def _check_added_tokens(self) -> None:
         """LoRA on the embedding or the output head leaves PEFT no way to train an added token's rows there
         (models/vocabulary.py says so again for a model whose modules are named otherwise)."""
-        if not (self.peft and (self.add_tokens or self.add_special_tokens) and self.target_modules):
+        if not (self.peft and listed_tokens(self) and self.target_modules):
             return
         names = [name.strip() for name in str(self.target_modules).split(",")]
         adapted = [name for name in names if name in EMBEDDING_MODULES]

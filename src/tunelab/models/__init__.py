@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from tunelab.config.base import RunParams
+from tunelab.config.base import RunParams, listed_tokens
 from tunelab.models.checks import check_model
 from tunelab.models.load import (
     ModelSource,
@@ -25,7 +25,7 @@ from tunelab.models.load import (
 )
 from tunelab.models.peft import add_lora
 from tunelab.models.quantize import check_quantization, quantization_config
-from tunelab.models.vocabulary import embedding_rows, fit_embeddings, listed_tokens
+from tunelab.models.vocabulary import embedding_rows, fit_embeddings
 from tunelab.speed import attention_implementation, fuse_ops
 
 __all__ = [

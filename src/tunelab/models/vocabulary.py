@@ -23,11 +23,6 @@ from tunelab.errors import TunelabError
 log = logging.getLogger("tunelab")
 
 
-def listed_tokens(params: Any) -> list[str]:
-    """The tokens a run adds (add_tokens, then add_special_tokens); none for a task without them."""
-    return [*(getattr(params, "add_tokens", None) or []), *(getattr(params, "add_special_tokens", None) or [])]
-
-
 def add_tokens(tokenizer: Any, tokens: list[str], special: list[str]) -> list[int]:
     """Add the tokens the tokenizer lacks (`special`: as special tokens, never split and left out of decoded text:
     answers, evaluation samples, what GRPO's rewards read); the ids of those it added."""
