@@ -88,7 +88,7 @@ class Prompting:
     def check(self, tokenizer: Any, command: str = "generate") -> Prompting:
         """These settings, checked against the model's template before any work (TunelabError saying what is
         wrong): template_kwargs as training checks its chat_template_kwargs (one the template never reads would
-        change nothing), a system message against a template that takes none (Gemma's)."""
+        change nothing), a system message against a template that takes none (Gemma 2's)."""
         templated = bool(getattr(tokenizer, "chat_template", None))
         if self.template_kwargs:
             if not templated:
@@ -239,6 +239,8 @@ def write_answers(
         format_prompt(next(p for p in prompts if isinstance(p, list)), tokenizer)  # the one line, before any work
     several = options is not None and options.num_return_sequences > 1
     answered = generate_many(model, tokenizer, prompts, options, batch_size, thinking, prompting)
+    # A reference has its reasoning, if any, in a block it opens itself (answer_as_written), and is never cut off.
+    references = replace(thinking, begins_inside=False) if thinking else None
     with written_whole(target, "generate") as f:
         for prompt, answers in zip(prompts, answered, strict=True):
             row: dict[str, Any] = {"prompt": asked_turns(prompt) if isinstance(prompt, list) else prompt}
@@ -249,10 +251,8 @@ def write_answers(
             finishes = [a.finish_reason for a in answers]
             row |= {"finish_reasons": finishes} if several else {"finish_reason": finishes[0]}
             if isinstance(prompt, list) and len(row["prompt"]) < len(prompt):
-                reference = answer_as_written(prompt[-1])  # its reasoning, if any, in a block it opens itself
-                reasoning, text = (
-                    replace(thinking, begins_inside=False).read(reference) if thinking else (None, reference)
-                )  # never cut off
+                reference = answer_as_written(prompt[-1])
+                reasoning, text = references.read(reference) if references else (None, reference)
                 row["reference"] = text or ""
                 row |= {"reference_reasoning": reasoning} if reasoning else {}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
