@@ -117,13 +117,12 @@ def tiny_tokenizer(tmp_path_factory):
     return build_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
-@pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory) -> Path:
-    """A 2-layer Llama (random weights) with a trained byte-level BPE tokenizer and a ChatML chat template."""
+def build_tiny_llama(folder: Path, tied: bool = True) -> Path:
+    """A 2-layer Llama (random weights, seed 0) with a trained byte-level BPE tokenizer and a ChatML chat template,
+    saved in `folder`; `tied` False gives its output head a weight of its own (Llama 3's)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    folder = tmp_path_factory.mktemp("tiny-llama")
     tok = build_tokenizer(folder)
     config = LlamaConfig(
         vocab_size=len(tok),
@@ -135,11 +134,17 @@ def tiny_llama(tmp_path_factory) -> Path:
         max_position_embeddings=512,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tied,
     )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A 2-layer Llama (random weights) with a trained byte-level BPE tokenizer and a ChatML chat template."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="session")

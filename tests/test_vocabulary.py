@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tests.conftest import build_tokenizer, train_losses
+from tests.conftest import build_tiny_llama, train_losses
 from tunelab.cli import main
 from tunelab.inference.generate import GenerationParams, generate, load_run
 
@@ -39,18 +39,7 @@ def _train(model: Path, data: Path, run: Path, *flags: str, epochs: int = 60) ->
 @pytest.fixture(scope="module")
 def untied_llama(tmp_path_factory) -> Path:
     """A 2-layer Llama whose output head has a weight of its own (Llama 3's; the tiny_llama ties them)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("untied-llama")
-    tok = build_tokenizer(folder)
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, tie_word_embeddings=False,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
+    return build_tiny_llama(tmp_path_factory.mktemp("untied-llama"), tied=False)
 
 
 def test_a_full_fine_tune_learns_to_write_the_tokens_it_added(tiny_llama, tmp_path):
