@@ -356,6 +356,17 @@ def base_model_of(folder: str | Path) -> str:
     return adapter["base_model_name_or_path"]
 
 
+def load_base(folder: str | Path, loader: Any = None) -> Any:
+    """The base model of an adapter run folder, as the run trained on it: loaded by `loader` (a ModelSource ->
+    model function; default a causal LM) and its rotary positions stretched as the run stretched them
+    (rope_scaling: the base's own config does not say so, the run record does)."""
+    from tunelab.models.load import load_causal_lm, resolve_model
+    from tunelab.models.positions import stretch_model
+
+    base = (loader or load_causal_lm)(resolve_model(base_model_of(folder)))
+    return stretch_model(base, read_run(folder).get("rope_scaling"))
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}

@@ -75,6 +75,7 @@ def template_variables(value: str | dict | None) -> dict | None:
 
 
 # What the input embeddings and output heads of transformers' causal LMs are called.
+ROPE_SCALINGS = ("linear", "yarn")  # both trained through and written to GGUF (models/positions.py)
 EMBEDDING_MODULES = ("embed_tokens", "lm_head", "wte", "embed_in", "embed_out", "word_embeddings")
 
 
@@ -208,6 +209,17 @@ class LLMParams(Params):
     # --- lengths
     block_size: int = param(1024, "Tokens per training row; longer examples are truncated (and counted). -1: auto.")
     model_max_length: int = param(2048, "Longest sequence the model is asked to handle.")
+    rope_scaling: dict | str | None = param(
+        None,
+        "Train rows longer than the model's positions by stretching its rotary positions: linear (position "
+        "interpolation) or yarn (LLaMA-Factory's rope_scaling; Axolotl's {type, factor} is read too). The factor "
+        "is block_size / max_position_embeddings rounded up, unless rope_scaling_factor gives it. The trained model "
+        "keeps the stretch: generate, serve, merge and the GGUF export read it.",
+        (None, *ROPE_SCALINGS),
+    )
+    rope_scaling_factor: float | None = param(
+        None, "With rope_scaling: how many times the model's positions to stretch (above 1; default: see above)."
+    )
     max_prompt_length: int = param(128, "Preference trainers and grpo: longest prompt kept (truncated from the left).")
     max_completion_length: int | None = param(
         None, "Preference trainers: longest completion kept; grpo: tokens generated per completion (default 256)."
@@ -515,6 +527,33 @@ class LLMParams(Params):
                 f"a module LoRA adapts; leave it out, or add modules_to_save: {adapted[0]} to train it whole"
             )
 
+    def _read_rope_scaling(self) -> None:
+        """rope_scaling as a name (LLaMA-Factory's) or as Axolotl's {type, factor}, which sets the factor too."""
+        if isinstance(self.rope_scaling, dict):
+            given = dict(self.rope_scaling)
+            kind = given.pop("type", None) or given.pop("rope_type", None)
+            factor = given.pop("factor", None)
+            if given or not isinstance(kind, str):
+                unknown = ", ".join(given) or "no type"
+                raise ConfigError(f"rope_scaling: expected linear or yarn, or {{type, factor}}; got {unknown}")
+            if factor is not None and self.rope_scaling_factor not in (None, factor):
+                raise ConfigError(
+                    f"rope_scaling's factor ({factor}) and rope_scaling_factor ({self.rope_scaling_factor}) differ"
+                )
+            self.rope_scaling = kind
+            self.rope_scaling_factor = self.rope_scaling_factor if factor is None else factor
+        if isinstance(self.rope_scaling, str):
+            self.rope_scaling = self.rope_scaling.strip().lower()
+        if self.rope_scaling_factor is None:
+            return
+        if not self.rope_scaling:
+            raise ConfigError("rope_scaling_factor needs rope_scaling (linear or yarn) to say how to stretch")
+        if isinstance(self.rope_scaling_factor, bool) or not isinstance(self.rope_scaling_factor, (int, float)):
+            raise ConfigError(f"rope_scaling_factor: expected a number above 1, got {self.rope_scaling_factor!r}")
+        if not self.rope_scaling_factor > 1:
+            raise ConfigError(f"rope_scaling_factor must be above 1 (it stretches), got {self.rope_scaling_factor}")
+        self.rope_scaling_factor = float(self.rope_scaling_factor)
+
     @property
     def dpo_loss_types(self) -> tuple[str, ...]:
         """dpo_loss_type as a tuple of loss names."""
@@ -540,6 +579,7 @@ class LLMParams(Params):
         switch = str(self.gradient_checkpointing).lower()
         if switch in ("true", "yes", "1", "false", "no", "0"):
             self.gradient_checkpointing = "on" if switch in ("true", "yes", "1") else "off"
+        self._read_rope_scaling()
         check_choices(self)
         if self.disable_gradient_checkpointing and self.gradient_checkpointing == "on":
             raise ConfigError(

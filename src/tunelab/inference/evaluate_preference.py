@@ -31,6 +31,7 @@ from typing import Any
 from tunelab.data.holdout import SavedHoldOut, prompt_groups
 from tunelab.errors import DataError, TunelabError
 from tunelab.methods import METHODS, REGISTRY
+from tunelab.outputs import load_base as load_run_base
 from tunelab.outputs import model_reference, read_run, training_params
 
 log = logging.getLogger("tunelab")
@@ -272,14 +273,14 @@ def load_base(model: Any, folder: Path) -> tuple[Any, Any]:
     fully fine-tuned run, the base model loaded beside it in the run's dtype (as training's frozen copy was)."""
     if hasattr(model, "disable_adapter"):
         return model, model.disable_adapter
-    base_name = read_run(folder).get("base_model")
-    if not base_name:
+    if not read_run(folder).get("base_model"):
         raise TunelabError(f"evaluate: {folder} does not say which base model it was trained from")
     from tunelab.inference.device import to_inference_device
-    from tunelab.models.load import load_causal_lm, resolve_model
+    from tunelab.models.load import load_causal_lm
     from tunelab.models.vocabulary import embedding_rows, fit_embeddings
 
-    base = load_causal_lm(resolve_model(base_name), dtype=model.dtype)
+    # its positions stretched as training's frozen copy had them (rope_scaling)
+    base = load_run_base(folder, lambda source: load_causal_lm(source, dtype=model.dtype))
     fit_embeddings(base, embedding_rows(model))  # the tokens the run added, as new rows started
     return to_inference_device(base), nullcontext
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from tunelab.errors import TunelabError
 from tunelab.inference.device import to_inference_device
-from tunelab.outputs import base_model_of, beside_data, read_run, written_whole
+from tunelab.outputs import beside_data, load_base, read_run, written_whole
 
 if TYPE_CHECKING:
     from tunelab.inference.reasoning import Thinking
@@ -64,9 +64,7 @@ def load_run(path: str | Path) -> tuple[Any, Any]:
     if folder.is_dir() and (folder / "adapter_config.json").is_file():
         from tunelab.models.peft import load_adapter
 
-        base_name = base_model_of(folder)
-        base = load_causal_lm(resolve_model(base_name))
-        model = load_adapter(base, folder)
+        model = load_adapter(load_base(folder), folder)
         tokenizer = load_tokenizer(ModelSource(str(folder), str(folder)))
     else:
         if folder.is_dir() and not (folder / "config.json").is_file() and not list(folder.glob("*.gguf")):

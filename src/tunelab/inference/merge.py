@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
-from tunelab.outputs import base_model_of, check_run_folder, read_run
+from tunelab.outputs import base_model_of, check_run_folder, load_base, read_run
 
 log = logging.getLogger("tunelab")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -25,7 +25,7 @@ def merge_run(path: str | Path, output: str | Path, dtype: str | None = None) ->
     """Merge the LoRA adapter of a run folder into its base model and save the full model (and tokenizer)."""
     import torch
 
-    from tunelab.models.load import ModelSource, load_causal_lm, load_tokenizer, resolve_model
+    from tunelab.models.load import ModelSource, load_tokenizer
     from tunelab.models.peft import load_adapter, merge_into_base
 
     folder = check_run_folder(path, "merge")
@@ -38,9 +38,8 @@ def merge_run(path: str | Path, output: str | Path, dtype: str | None = None) ->
     if target.exists():
         raise TunelabError(f"merge: {target} already exists: choose another --output or remove it")
 
-    base_name = base_model_of(folder)
-    log.info("merging the adapter in %s into %s", folder, base_name)
-    base = load_causal_lm(resolve_model(base_name))
+    log.info("merging the adapter in %s into %s", folder, base_model_of(folder))
+    base = load_base(folder)
     wanted = getattr(torch, dtype) if dtype else base.dtype
     # Into the base's own dtype the merge is done in place: PEFT loads the adapter in float32 and adds each float32
     # update into its weight, rounding once, which gives the bits of a float32 merge cast at the end without a

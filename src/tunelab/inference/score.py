@@ -12,7 +12,7 @@ from typing import Any
 
 from tunelab.errors import TunelabError
 from tunelab.inference.device import to_inference_device
-from tunelab.outputs import base_model_of, read_run, training_params
+from tunelab.outputs import load_base, read_run, training_params
 
 
 def load_reward_model(path: str | Path) -> tuple[Any, Any, bool]:
@@ -20,7 +20,7 @@ def load_reward_model(path: str | Path) -> tuple[Any, Any, bool]:
 
     The tokenizer truncates from the left to the run's block_size: the score is read at the last token, and the
     training rows kept the end of long prompts too."""
-    from tunelab.models import load_tokenizer, resolve_model
+    from tunelab.models import load_tokenizer
     from tunelab.models.load import ModelSource, load_sequence_classifier
 
     folder = Path(path)
@@ -33,7 +33,7 @@ def load_reward_model(path: str | Path) -> tuple[Any, Any, bool]:
     if (folder / "adapter_config.json").is_file():
         from tunelab.models.peft import load_adapter
 
-        base = load_sequence_classifier(resolve_model(base_model_of(folder)), 1)
+        base = load_base(folder, lambda source: load_sequence_classifier(source, 1))
         base.config.pad_token_id = tokenizer.pad_token_id
         model = load_adapter(base, folder)
     elif (folder / "config.json").is_file():

@@ -5,6 +5,7 @@ add LoRA if asked.
     models/checks.py     settings the model cannot take, found from its config before loading
     models/peft.py       LoRA through PEFT
     models/vocabulary.py tokens a run adds: in the tokenizer, rows in the embeddings, trained
+    models/positions.py  rope_scaling: rotary positions stretched to train longer rows than the model's
     models/quantize.py   int4/int8 (QLoRA, CUDA only)
 """
 
@@ -24,6 +25,7 @@ from tunelab.models.load import (
     resolve_model,
 )
 from tunelab.models.peft import add_lora
+from tunelab.models.positions import rope_scaling_of, stretch_model
 from tunelab.models.quantize import check_quantization, quantization_config
 from tunelab.models.vocabulary import embedding_rows, fit_embeddings
 from tunelab.speed import attention_implementation, fuse_ops
@@ -52,12 +54,15 @@ def half_precision(params: RunParams) -> Any:
 
 def load_reference(params: RunParams, like: Any = None) -> Any:
     """The reference model named by `model_ref` (dpo, kto, grpo with beta > 0), loaded like the base model (the
-    same dtype rules); the trainer freezes it. `like`: the model trained, whose embedding rows it gets (tokens the
-    run added, started as the model's own new rows were)."""
+    same dtype rules, its positions stretched as the model's where rope_scaling must); the trainer freezes it.
+    `like`: the model trained, whose embedding rows it gets (tokens the run added, started as the model's own new
+    rows were)."""
     import torch
 
     log.info("%s: reference model = %s", params.trainer, params.model_ref)
-    reference = load_causal_lm(resolve_model(params.model_ref), dtype=half_precision(params) or torch.float32)
+    source = resolve_model(params.model_ref)
+    reference = load_causal_lm(source, dtype=half_precision(params) or torch.float32)
+    stretch_model(reference, rope_scaling_of(reference.config, params, source.name, required=False))
     if like is not None:
         fit_embeddings(reference, embedding_rows(like))
     return reference
@@ -97,6 +102,7 @@ def load_model(
             model.config.label2id = {label: i for i, label in enumerate(labels)}
         if tokenizer is not None:
             model.config.pad_token_id = tokenizer.pad_token_id
+    stretch_model(model, rope_scaling_of(model.config, params, source.name))
     model.config.use_cache = False  # the KV cache is useless while training and conflicts with checkpointing
     token_ids = []
     if tokenizer is not None and (listed := listed_tokens(params)):  # rows for the tokens the run added

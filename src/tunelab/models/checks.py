@@ -4,7 +4,8 @@ after minutes of loading.
 
 In order: the config reads (valid JSON, a model type transformers knows); transformers has a class for the task; a
 local folder's weights are whole (their safetensors headers); the rows fit the model's positions; the LoRA targets
-exist. The targets are looked up in a skeleton of the model built on the meta device (no memory, no weights), and
+exist. A run that stretches the model's rotary positions (rope_scaling) is checked against the stretched
+config. The targets are looked up in a skeleton of the model built on the meta device (no memory, no weights), and
 only when named: the default, all-linear, always finds the linear layers, and the dry run stays fast. A .gguf file
 is checked when it is resolved (models/load.py).
 """
@@ -21,6 +22,7 @@ from tunelab.config.base import RunParams
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.models.load import ModelSource, load_config
 from tunelab.models.peft import lora_config, peft_targets, target_modules
+from tunelab.models.positions import rope_scaling_of, stretch_config
 
 log = logging.getLogger("tunelab")
 
@@ -34,13 +36,17 @@ TASK_CLASSES = {
 }
 
 
-def check_model(source: ModelSource, params: RunParams, kind: str = "causal_lm") -> Any:
+def check_model(source: ModelSource, params: RunParams, kind: str = "causal_lm", reference: bool = False) -> Any:
     """Raise TunelabError for a model or a setting this model cannot take (kind: "causal_lm", "reward" or
-    "classifier"); log a warning for one it takes at a cost. Returns the model's config."""
+    "classifier"; `reference`: the frozen model_ref); log a warning for one it takes at a cost. Returns the
+    model's config, its positions stretched as the run will stretch them (models/positions.py)."""
     config = read_config(source)
     check_task(source, config, kind)
     if not source.gguf_file and Path(source.path).is_dir():
         check_weights(Path(source.path))
+    scaling = rope_scaling_of(config, params, source.name, required=not reference)
+    if scaling:
+        stretch_config(config, scaling)
     check_length(source, config, params)
     if params.quantization is not None and source.gguf_file:
         raise ConfigError(
@@ -219,12 +225,13 @@ def check_length(source: ModelSource, config: Any, params: RunParams) -> None:
     if getattr(config, "rope_parameters", None):
         log.warning(
             "%s (%d) is longer than the %d positions of %s (max_position_embeddings): its rotary positions reach that "
-            "far, but it was never trained on them; expect weaker results on rows past %d tokens",
+            "far, but it was never trained on them; expect weaker results on rows past %d tokens%s",
             name,
             length,
             positions,
             source.name,
             positions,
+            ", or stretch them to fit (rope_scaling: linear or yarn)" if hasattr(params, "rope_scaling") else "",
         )
         return
     raise ConfigError(

@@ -34,8 +34,9 @@ from tunelab.env import check_machine, device_name
 from tunelab.errors import ConfigError, DataError
 from tunelab.memory import choose_checkpointing, kv_cache_bytes, log_run_estimate
 from tunelab.methods import METHODS, Method, RowStats
-from tunelab.models import ModelSource, check_model, load_model, load_tokenizer, resolve_model
+from tunelab.models import ModelSource, check_model, load_config, load_model, load_tokenizer, positions, resolve_model
 from tunelab.models.checks import check_token_ids, fit_tokenizer
+from tunelab.models.positions import rope_scaling_of
 from tunelab.models.vocabulary import add_tokens, grow_vocabulary
 from tunelab.tasks import dry_run
 from tunelab.tasks.dry_run import TRAINED_CLOSE, TRAINED_OPEN, RunPlan, SplitSummary, marked_text
@@ -82,7 +83,7 @@ def prepare(params: LLMParams) -> Prepared:
         # run's LoRA settings without peft).
         reference = copy.copy(params)
         reference.peft = False
-        check_model(resolve_model(params.model_ref), reference, kind="causal_lm")
+        check_model(resolve_model(params.model_ref), reference, kind="causal_lm", reference=True)
     tokenizer = load_tokenizer(source, params.model_max_length)
     fit_tokenizer(tokenizer, config, source)
     new_token_ids = add_tokens(tokenizer, params.add_tokens or [], params.add_special_tokens or [])
@@ -117,6 +118,14 @@ def _with_checkpointing(prep: Prepared) -> Prepared:
     processes start must not open a CUDA context (available_memory) that would sit on a GPU through the run."""
     chosen, why = choose_checkpointing(prep.config, prep.params, *microbatch(prep), prep.method.model_kind)
     return dataclasses.replace(prep, params=chosen, checkpointing=why)
+
+
+def _rope_scaling(prep: Prepared) -> dict[str, Any] | None:
+    """How the run stretches the model's positions (models/positions.py), from the model's own config (prep.config
+    is stretched already); None: not at all."""
+    if not prep.params.rope_scaling:
+        return None
+    return rope_scaling_of(load_config(prep.source), prep.params, prep.source.name)
 
 
 def _stream(params: LLMParams, method: Method, tokenizer: Any) -> tuple[Any, Any, Any, RowStats]:
@@ -235,6 +244,8 @@ def _run(params: LLMParams) -> Path:
         "row_format": data.describe(),
         "template": data.template,
         "reasoning": data.reasoning,  # it learned to write <think> blocks: export --format ollama reads this
+        # an adapter's base is stretched again when loaded (outputs.load_base); a full model's config.json says it
+        "rope_scaling": _rope_scaling(prep),
         "data": data.origins,
         "skipped_rows": data.skipped_rows,
         "prepared_data": prep.prepared.key if prep.prepared else "streamed",
@@ -371,6 +382,8 @@ def plan(params: LLMParams) -> RunPlan:
     result = dry_run.new_plan(f"llm {params.trainer}", params, splits, examples, splits[0].rows, prep.resume_from)
     dry_run.add_memory(result, prep.config, params, rows_per_microbatch, longest, prep.method.model_kind)
     result.notes.append(f"gradient checkpointing: {prep.checkpointing}")
+    if scaling := _rope_scaling(prep):
+        result.notes.append(f"positions: {positions.described(scaling)} (rope_scaling)")
     result.notes.append(_described(prep.prepared))
     if prep.method.model_kind == "causal_lm":
         from tunelab.inference.export import export_problem
