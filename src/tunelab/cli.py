@@ -242,11 +242,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--format",
         default="gguf",
-        choices=("gguf", "ollama"),
+        choices=("gguf", "ollama", "gguf-lora"),
         help="gguf: one .gguf file; ollama: a folder with model.gguf and a Modelfile (TEMPLATE from the run's chat "
-        "template, its stop tokens, its default system prompt), for `ollama create NAME -f FOLDER/Modelfile`.",
+        "template, its stop tokens, its default system prompt), for `ollama create NAME -f FOLDER/Modelfile`; "
+        "gguf-lora: a LoRA run's adapter alone, as llama.cpp's adapter file, to load on a GGUF of its base "
+        "(llama.cpp --lora, llama-cpp-python lora_path, Ollama's ADAPTER); --dtype f32, f16 or bf16.",
     )
-    export.add_argument("--output", required=True, help="The .gguf file to write (gguf) or the folder (ollama).")
+    export.add_argument(
+        "--output", required=True, help="The .gguf file to write (gguf, gguf-lora) or the folder (ollama)."
+    )
     export.add_argument("--system", help="ollama: the Modelfile's SYSTEM prompt (default: the chat template's own).")
     export.add_argument(
         "--thinking",
@@ -484,6 +488,11 @@ def run_export(args: argparse.Namespace) -> int:
     if args.system is not None or args.thinking is not None:
         flag = "--system" if args.system is not None else "--thinking"
         raise TunelabError(f"export: {flag} is for --format ollama (a GGUF file carries the chat template alone)")
+    if args.format == "gguf-lora":
+        from tunelab.inference.gguf_adapter import export_adapter
+
+        print(f"tunelab: exported {export_adapter(args.model, args.output, args.dtype)}")
+        return 0
     from tunelab.inference.export import export_run
 
     print(f"tunelab: exported {export_run(args.model, args.output, args.dtype)}")

@@ -320,7 +320,7 @@ def tensors(
     """
     import gguf
 
-    name_map = gguf.get_tensor_name_map(_gguf_arch(arch.gguf_name), config.num_hidden_layers)
+    name_map = gguf.get_tensor_name_map(gguf_arch(arch.gguf_name), config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False)) or arch.ties_output
     n_head = config.num_attention_heads
     n_head_kv = getattr(config, "num_key_value_heads", None) or n_head
@@ -345,9 +345,9 @@ def tensors(
                 if arch.norm_shift and hf_name.endswith("norm.weight"):
                     data = data + arch.norm_shift
                 if arch.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-                    data = _permute(data, n_head, n_head)
+                    data = permute_heads(data, n_head, n_head)
                 elif arch.permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-                    data = _permute(data, n_head, n_head_kv)
+                    data = permute_heads(data, n_head, n_head_kv)
                 written.add(gguf_name)
                 yield gguf_name, _array(data)
                 del data  # not held while the next one is read
@@ -414,13 +414,13 @@ def _stacked_experts(buffer: dict[int, dict[str, Any]], hf_name: str, data: Any,
     buffer[layer] = {}  # the layer's per-expert tensors are released once its stacks are written
 
 
-def _gguf_arch(name: str) -> Any:
+def gguf_arch(name: str) -> Any:
     import gguf
 
     return next(arch for arch, arch_name in gguf.MODEL_ARCH_NAMES.items() if arch_name == name)
 
 
-def _permute(weights: Any, n_head: int, n_head_kv: int) -> Any:
+def permute_heads(weights: Any, n_head: int, n_head_kv: int) -> Any:
     """LlamaModel.permute in convert_hf_to_gguf.py: each head's rotate-half rows to interleaved pairs."""
     if n_head_kv != n_head:
         n_head = n_head_kv
