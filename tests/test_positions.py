@@ -71,6 +71,9 @@ def test_rope_scaling_reads_llama_factorys_and_axolotls_forms():
         (dict(rope_scaling="linear", rope_scaling_factor=1.0), "rope_scaling_factor must be above 1"),
         (dict(rope_scaling={"type": "linear", "factor": 2}, rope_scaling_factor=3), "differ"),
         (dict(rope_scaling={"kind": "linear"}), "got kind"),
+        (dict(rope_scaling={"type": "linear", "rope_type": "yarn"}), "got types"),
+        (dict(rope_scaling={"type": "yarn", "original_max_position_embeddings": 4096}), "read from its config"),
+        (dict(rope_scaling="linear", rope_scaling_factor=float("inf")), "must be above 1"),
     ]:
         with pytest.raises(ConfigError, match=said):
             LLMParams(**bad)
@@ -128,15 +131,50 @@ def test_an_adapter_run_stretches_its_base_again_wherever_it_loads(short_llama, 
     assert torch.allclose(again, stretched, atol=1e-4)
 
 
-def test_a_reference_model_is_stretched_as_far_as_the_run_reaches(short_llama):
+def test_a_reference_model_is_stretched_as_the_trained_model_is(short_llama, tmp_path):
     from tunelab.models import load_reference
 
     params = LLMParams(trainer="dpo", model=str(short_llama), model_ref=str(short_llama), block_size=128)
     params.rope_scaling = "linear"
-    reference = load_reference(params)
-    assert reference.config.max_position_embeddings == 4 * POSITIONS
-    params.block_size = POSITIONS  # a reference that reaches already is left as it is
+    assert load_reference(params).config.max_position_embeddings == 4 * POSITIONS
+    params.rope_scaling_factor = 8.0  # the same factor as the model trained, given or worked out
+    assert load_reference(params).config.max_position_embeddings == 8 * POSITIONS
+    params.block_size, params.rope_scaling_factor = POSITIONS, None  # reaching already: left as it is
     assert load_reference(params).config.max_position_embeddings == POSITIONS
+    params.block_size, params.model_ref = 128, str(_scaled_copy(short_llama, tmp_path / "scaled"))
+    rope = load_reference(params).config.rope_parameters  # scaled already: as it is
+    assert (rope["rope_type"], rope["factor"]) == ("linear", 2.0)
+
+
+def test_yarn_on_a_model_without_head_dim_in_its_config():
+    """Mixtral's config leaves head_dim None and transformers' YaRN reads it without a fallback."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from tunelab.models.positions import stretch_model
+
+    config = MixtralConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=2, max_position_embeddings=POSITIONS,
+    )  # fmt: skip
+    model = MixtralForCausalLM(config)
+    before = _frequencies(model).clone()
+    scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": POSITIONS}
+    stretch_model(model, scaling)
+    assert model.config.max_position_embeddings == 4 * POSITIONS
+    assert not torch.equal(_frequencies(model), before)
+    model(torch.tensor([[i % 64 for i in range(100)]]))  # runs past the old positions
+
+
+def _scaled_copy(model: Path, folder: Path) -> Path:
+    """`model` with a linear x2 scaling of its own in its config (its files linked)."""
+    folder.mkdir()
+    config = json.loads((model / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    (folder / "config.json").write_text(json.dumps(config))
+    for file in model.iterdir():
+        if file.name != "config.json":
+            (folder / file.name).symlink_to(file)
+    return folder
 
 
 def test_the_dry_run_says_how_far_the_positions_reach(capsys, short_llama, recital, tmp_path):
@@ -162,6 +200,15 @@ def test_the_dry_run_says_how_far_the_positions_reach(capsys, short_llama, recit
             ["--block-size", "64", "--rope-scaling", "yarn", "--model", "scaled"],
             "already scales its positions (linear",
         ),
+        (
+            ["--block-size", "128", "--rope-scaling", "linear", "--rope-scaling-factor", "2"],
+            "rope_scaling_factor 2 stretches the 32 positions of model {model} to 64, short of block_size 128: give "
+            "at least 4",
+        ),
+        (
+            ["--block-size", "64", "--rope-scaling", "linear", "--model", "phi3"],
+            "(phi3) does not take linear scaling: transformers refuses its config",
+        ),
     ],
 )
 def test_what_cannot_be_stretched_is_said_before_loading(capsys, short_llama, recital, tmp_path, flags, said):
@@ -171,17 +218,15 @@ def test_what_cannot_be_stretched_is_said_before_loading(capsys, short_llama, re
     if "--model" in flags:
         kind = flags.pop(flags.index("--model") + 1)
         flags.remove("--model")
-        if kind == "gpt2":
+        if kind == "phi3":
+            model = model_folder(
+                tmp_path / "phi3", "phi3", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=32, original_max_position_embeddings=32, pad_token_id=0,
+            )  # fmt: skip
+        elif kind == "gpt2":
             model = model_folder(tmp_path / "gpt2", "gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=32)
         else:
-            model = tmp_path / "scaled"
-            model.mkdir()
-            config = json.loads((short_llama / "config.json").read_text())
-            config["rope_parameters"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
-            (model / "config.json").write_text(json.dumps(config))
-            for file in short_llama.iterdir():
-                if file.name != "config.json":
-                    (model / file.name).symlink_to(file)
+            model = _scaled_copy(short_llama, tmp_path / "scaled")
     project = tmp_path / "run"
     line = error_line(capsys, main(cli_args(model, recital, project, *flags)))
     assert said.format(model=model) in line

@@ -531,11 +531,17 @@ class LLMParams(Params):
         """rope_scaling as a name (LLaMA-Factory's) or as Axolotl's {type, factor}, which sets the factor too."""
         if isinstance(self.rope_scaling, dict):
             given = dict(self.rope_scaling)
-            kind = given.pop("type", None) or given.pop("rope_type", None)
+            kinds = {given.pop(key) for key in ("type", "rope_type") if key in given}
             factor = given.pop("factor", None)
-            if given or not isinstance(kind, str):
-                unknown = ", ".join(given) or "no type"
-                raise ConfigError(f"rope_scaling: expected linear or yarn, or {{type, factor}}; got {unknown}")
+            if "original_max_position_embeddings" in given:
+                raise ConfigError(
+                    "rope_scaling: original_max_position_embeddings is the model's own max_position_embeddings, read "
+                    "from its config: leave it out"
+                )
+            if given or len(kinds) != 1 or not isinstance(next(iter(kinds)), str):
+                what = ", ".join(given) if given else "no type" if not kinds else f"types {sorted(map(str, kinds))}"
+                raise ConfigError(f"rope_scaling: expected linear or yarn, or {{type, factor}}; got {what}")
+            kind = kinds.pop()
             if factor is not None and self.rope_scaling_factor not in (None, factor):
                 raise ConfigError(
                     f"rope_scaling's factor ({factor}) and rope_scaling_factor ({self.rope_scaling_factor}) differ"
@@ -550,7 +556,7 @@ class LLMParams(Params):
             raise ConfigError("rope_scaling_factor needs rope_scaling (linear or yarn) to say how to stretch")
         if isinstance(self.rope_scaling_factor, bool) or not isinstance(self.rope_scaling_factor, (int, float)):
             raise ConfigError(f"rope_scaling_factor: expected a number above 1, got {self.rope_scaling_factor!r}")
-        if not self.rope_scaling_factor > 1:
+        if not 1 < self.rope_scaling_factor < math.inf:
             raise ConfigError(f"rope_scaling_factor must be above 1 (it stretches), got {self.rope_scaling_factor}")
         self.rope_scaling_factor = float(self.rope_scaling_factor)
 

@@ -48,6 +48,8 @@ PAIR_SETTINGS = (
     "mixed_precision",
     "fast_loss",
     "model_ref",
+    "rope_scaling",  # a model_ref is stretched as training stretched it
+    "rope_scaling_factor",
     *dict.fromkeys(
         name
         for entry in REGISTRY.values()

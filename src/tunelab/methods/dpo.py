@@ -228,6 +228,7 @@ def reference_key(params: LLMParams) -> str:
         "weights": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files],
         "precision": [params.mixed_precision, params.quantization, params.peft and not params.model_ref],
         "fast_loss": params.fast_loss,
+        "positions": [params.rope_scaling, params.rope_scaling_factor, params.block_size],  # models/positions.py
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -14,6 +14,7 @@ it to the base again before the adapter goes on.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from typing import Any
@@ -26,29 +27,34 @@ log = logging.getLogger("tunelab")
 def rope_scaling_of(config: Any, params: Any, model_name: str, required: bool = True) -> dict[str, Any] | None:
     """What `params.rope_scaling` makes of this model's positions: {"rope_type", "factor",
     "original_max_position_embeddings"}, or None when the run stretches nothing. ConfigError for a model it cannot
-    stretch (no rotary positions, a scaling of its own, one per layer type) and for nothing to stretch; with
-    `required` false (a reference model, which only has to reach as far as the model trained) None for the last."""
+    stretch (no rotary positions, a scaling of its own, one per layer type, a config transformers then refuses),
+    for nothing to stretch, and for a factor that does not reach block_size.
+
+    `required` false: a reference model (model_ref), stretched as the model trained is where it can be, and left
+    as it is (None) where it cannot or where it reaches block_size without a factor given."""
     kind = getattr(params, "rope_scaling", None)
     if not kind:
         return None
     config = config.get_text_config()
     rope = getattr(config, "rope_parameters", None)
     positions = getattr(config, "max_position_embeddings", None)
+    problem = None
     if not isinstance(rope, dict) or not isinstance(positions, int):
-        raise ConfigError(
-            f"rope_scaling: model {model_name} has no rotary positions to stretch (learned position embeddings "
-            "have a fixed count); leave rope_scaling out and keep block_size within its positions"
+        problem = (
+            "has no rotary positions to stretch (learned position embeddings have a fixed count); leave rope_scaling "
+            "out and keep block_size within its positions"
         )
-    if "rope_type" not in rope:  # one set per layer type (Gemma 3's local and global layers)
-        raise ConfigError(
-            f"rope_scaling: model {model_name} keeps rotary settings per layer type ({', '.join(rope)}), which "
-            "tunelab does not stretch; leave rope_scaling out"
+    elif "rope_type" not in rope:  # one set per layer type (Gemma 3's local and global layers)
+        problem = f"keeps rotary settings per layer type ({', '.join(rope)}), which tunelab does not stretch"
+    elif rope.get("rope_type", "default") != "default":
+        problem = (
+            f"already scales its positions ({rope['rope_type']}, factor {rope.get('factor')}, {positions} "
+            "positions); leave rope_scaling out"
         )
-    if rope.get("rope_type", "default") != "default":
-        raise ConfigError(
-            f"rope_scaling: model {model_name} already scales its positions ({rope['rope_type']}, factor "
-            f"{rope.get('factor')}, {positions} positions); leave rope_scaling out"
-        )
+    if problem:
+        if not required:
+            return None
+        raise ConfigError(f"rope_scaling: model {model_name} {problem}")
     factor = params.rope_scaling_factor
     if factor is None:
         if params.block_size <= positions:
@@ -60,7 +66,41 @@ def rope_scaling_of(config: Any, params: Any, model_name: str, required: bool = 
                 "anyway"
             )
         factor = float(math.ceil(params.block_size / positions))  # whole factors, as LLaMA-Factory chooses them
-    return {"rope_type": kind, "factor": float(factor), "original_max_position_embeddings": positions}
+    scaling = {"rope_type": kind, "factor": float(factor), "original_max_position_embeddings": positions}
+    if reach(scaling) < params.block_size:
+        raise ConfigError(
+            f"rope_scaling_factor {factor:g} stretches the {positions} positions of model {model_name} to "
+            f"{reach(scaling)}, short of block_size {params.block_size}: give at least "
+            f"{math.ceil(params.block_size / positions)}, or leave it out to have it worked out"
+        )
+    _check_transformers_takes(config, scaling, model_name)
+    return scaling
+
+
+def reach(scaling: dict[str, Any]) -> int:
+    """How many positions a stretched model has: the original count times the factor."""
+    return round(scaling["original_max_position_embeddings"] * scaling["factor"])
+
+
+def _check_transformers_takes(config: Any, scaling: dict[str, Any], model_name: str) -> None:
+    """ConfigError unless transformers validates the stretched config and reads it back the same from its saved
+    form (Phi-3's config takes longrope only, and would fail at the first checkpoint)."""
+    stretched = copy.deepcopy(config)
+    stretch_config(stretched, scaling)
+    try:
+        stretched.validate()
+        again = type(stretched).from_dict(stretched.to_dict()).rope_parameters
+    except Exception as err:  # noqa: BLE001 - transformers raises several kinds; the last line says why
+        reason = str(err).strip().splitlines()[-1].strip()
+        raise ConfigError(
+            f"rope_scaling: model {model_name} ({config.model_type}) does not take {scaling['rope_type']} scaling: "
+            f"transformers refuses its config ({reason})"
+        ) from None
+    if not isinstance(again, dict) or again.get("rope_type") != scaling["rope_type"]:
+        raise ConfigError(
+            f"rope_scaling: model {model_name} ({config.model_type}) does not keep {scaling['rope_type']} scaling: "
+            "transformers reads its saved config back otherwise"
+        )
 
 
 def stretch_config(config: Any, scaling: dict[str, Any]) -> None:
@@ -71,8 +111,10 @@ def stretch_config(config: Any, scaling: dict[str, Any]) -> None:
     rope.update(rope_type=scaling["rope_type"], factor=scaling["factor"])
     if scaling["rope_type"] == "yarn":  # YaRN's ramp is measured against the trained length
         rope["original_max_position_embeddings"] = scaling["original_max_position_embeddings"]
+        if getattr(config, "head_dim", 0) is None:  # Mixtral: YaRN reads head_dim without the usual fallback
+            config.head_dim = config.hidden_size // config.num_attention_heads
     config.rope_parameters = rope
-    config.max_position_embeddings = int(scaling["original_max_position_embeddings"] * scaling["factor"])
+    config.max_position_embeddings = reach(scaling)
 
 
 def stretch_model(model: Any, scaling: dict[str, Any] | None) -> Any:
@@ -101,5 +143,4 @@ def stretch_model(model: Any, scaling: dict[str, Any] | None) -> Any:
 def described(scaling: dict[str, Any]) -> str:
     """ "rotary yarn scaling x4, 2048 -> 8192 positions", for the log and the dry run."""
     original = scaling["original_max_position_embeddings"]
-    reach = int(original * scaling["factor"])
-    return f"rotary {scaling['rope_type']} scaling x{scaling['factor']:g}, {original} -> {reach} positions"
+    return f"rotary {scaling['rope_type']} scaling x{scaling['factor']:g}, {original} -> {reach(scaling)} positions"
