@@ -12,6 +12,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import gguf
 import pytest
 
 from tests.conftest import SHARED_DATA
@@ -135,8 +136,20 @@ def test_two_runs_compared_base_beside_tuned_merged_and_run_again(app, tiny_llam
     status, _, archive = app.request("GET", state["files"][0]["url"])
     names = zipfile.ZipFile(io.BytesIO(archive)).namelist()
     assert status == 200 and "config.json" in names and any(n.endswith(".safetensors") for n in names)
+    # The adapter alone as llama.cpp's adapter file, downloadable.
+    assert app.post_json(f"/api/jobs/{ids[1]}/export", {"kind": "adapter"})[0] == 202
+    while (state_adapter := app.get_json(f"/api/jobs/{ids[1]}/export?kind=adapter")[1])["state"] == "running":
+        assert time.time() < deadline
+        time.sleep(0.2)
+    assert state_adapter["state"] == "done", state_adapter
+    assert [file["name"] for file in state_adapter["files"]] == ["adapter.gguf"]
+    status, _, adapter = app.request("GET", state_adapter["files"][0]["url"])
+    (tmp_path / "adapter.gguf").write_bytes(adapter)
+    fields = gguf.GGUFReader(tmp_path / "adapter.gguf").fields
+    assert status == 200 and fields["general.type"].contents() == "adapter"
+    assert fields["adapter.type"].contents() == "lora"
     status, page = app.request("GET", f"/jobs/{ids[1]}")[::2]
-    assert b'id="new-from-run"' in page and b'id="run-again"' in page
+    assert b'id="new-from-run"' in page and b'id="run-again"' in page and b'id="adapter-form"' in page
     status, continued = new_project(app, Path(state["folder"]), name="continued")
     assert status == 201 and continued["settings"]["model"] == state["folder"]
 

@@ -145,6 +145,10 @@ def test_a_lora_run_exports_its_adapter_from_the_cli(capsys, tiny_llama, tmp_pat
         ("tied_head", "LoRA on lm_head, a head tied to the embeddings"),
         ("rope_scaling", "the run stretched its base's positions (rope_scaling)"),
         ("full", "holds full weights, not a LoRA adapter"),
+        ("unconverted_pissa", "its factors start from pissa and were saved before conversion"),
+        ("whole_tensor", "a whole tensor beside the LoRA factors"),
+        ("classifier", "its adapter is for a SEQ_CLS model"),
+        ("foreign_targets", "does not fit its base model"),
         ("dtype", "--format gguf-lora writes f32, f16, bf16, not 'q8_0'"),
     ],
 )
@@ -162,6 +166,23 @@ def test_what_an_adapter_file_cannot_carry_is_refused_before_writing(tiny_llama,
         (folder / "tunelab_run.json").write_text(json.dumps(record))
     elif case == "full":
         folder = tiny_llama
+    elif case in ("unconverted_pissa", "classifier", "foreign_targets"):
+        _adapter(tiny_llama, folder, r=4)
+        settings = json.loads((folder / "adapter_config.json").read_text())
+        changed = {
+            "unconverted_pissa": {"init_lora_weights": "pissa"},
+            "classifier": {"task_type": "SEQ_CLS"},
+            "foreign_targets": {"target_modules": ["query_key_value"]},
+        }[case]
+        (folder / "adapter_config.json").write_text(json.dumps({**settings, **changed}))
+    elif case == "whole_tensor":
+        from safetensors.torch import load_file, save_file
+
+        _adapter(tiny_llama, folder, r=4)
+        weights = load_file(folder / "adapter_model.safetensors")
+        rows = json.loads((tiny_llama / "config.json").read_text())["vocab_size"]
+        weights["base_model.model.model.embed_tokens.weight"] = torch.zeros(rows, 64)  # as for a resized vocabulary
+        save_file(weights, folder / "adapter_model.safetensors")
     else:
         _adapter(tiny_llama, folder, r=4)
         dtype = "q8_0"

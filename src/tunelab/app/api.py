@@ -2,8 +2,8 @@
 predict, export, push, cancel), and the same project and job actions as the forms, for scripts and tests. Errors
 come back as `{"errors": {field: message}}`.
 
-A finished job exports (`/api/jobs/{id}/export`, kind gguf or merged: POST starts it, GET is its state) and pushes
-to the hub (`/api/jobs/{id}/push`); `/api/compare?jobs=1,2` puts several runs side by side.
+A finished job exports (`/api/jobs/{id}/export`, kind gguf, adapter or merged: POST starts it, GET is its state) and
+pushes to the hub (`/api/jobs/{id}/push`); `/api/compare?jobs=1,2` puts several runs side by side.
 
 POST calls from a browser carry the CSRF token in the X-CSRF-Token header; calls with `Authorization: Bearer`
 need none.
@@ -22,7 +22,7 @@ from tunelab.app.charts import charts, series
 from tunelab.app.chat import MAX_MESSAGE_CHARS, parse_chat
 from tunelab.app.classification import classification_results
 from tunelab.app.compare import comparison, parse_job_ids
-from tunelab.app.exports import offered_dtypes
+from tunelab.app.exports import KINDS, offered_dtypes
 from tunelab.app.jobs import COMPLETED
 from tunelab.app.machine import machine_status
 from tunelab.app.pages import check_csrf, expected_csrf, job_or_404, project_or_404, running_job_folder, state
@@ -219,20 +219,21 @@ async def predict(request: Request, job_id: int) -> JSONResponse:
 @router.get("/jobs/{job_id}/export")
 def export_state(request: Request, job_id: int, kind: str = "gguf") -> dict[str, Any]:
     job = job_or_404(request, job_id)
-    if kind not in ("gguf", "merged", "push"):
-        raise FieldError("kind", "expected gguf, merged or push")
+    if kind not in KINDS:
+        raise FieldError("kind", f"expected one of {', '.join(KINDS)}")
     return {**state(request).exports.status(job_id, Path(job["folder"]), kind), "dtypes": offered_dtypes()}
 
 
 @router.post("/jobs/{job_id}/export")
 async def export(request: Request, job_id: int) -> JSONResponse:
-    """{"kind": "gguf", "dtype": "q4_k_m"}: the GGUF file and its Modelfile; {"kind": "merged"}: the LoRA merged
-    into its base as safetensors. Both land in the job's export/ folder; poll GET for the files."""
+    """{"kind": "gguf", "dtype": "q4_k_m"}: the GGUF file and its Modelfile; {"kind": "adapter"}: the LoRA adapter
+    alone as llama.cpp's adapter GGUF; {"kind": "merged"}: the LoRA merged into its base as safetensors. Each lands
+    in the job's export/ folder; poll GET for the files."""
     job = job_or_404(request, job_id)
     body = await json_body(request)
     finished(job, "dtype", "export")
     kind = body.get("kind", "gguf")
-    if is_classifier(job["params"]) and kind in ("gguf", "merged"):
+    if is_classifier(job["params"]) and kind in ("gguf", "adapter", "merged"):
         # a LoRA classifier's run holds its merged model already (run/merged), in the download
         return errors({"kind": "export is for language models; download the classifier's run instead"}, 409)
     options = {"dtype": body.get("dtype", "f16")} if kind == "gguf" else {}

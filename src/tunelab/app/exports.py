@@ -1,7 +1,9 @@
 """What the job page does with a finished run in the background: export it (GGUF with a quant type and its Ollama
-Modelfile, or the merged full model as safetensors) and push it to the hub.
+Modelfile, the LoRA adapter alone as llama.cpp's adapter GGUF, or the merged full model as safetensors) and push it
+to the hub.
 
-Each action (`inference.ollama.export_ollama`, `inference.merge.merge_run`, `hub.push_folder`) runs in a thread of
+Each action (`inference.ollama.export_ollama`, `inference.gguf_adapter.export_adapter`, `inference.merge.merge_run`,
+`hub.push_folder`) runs in a thread of
 the app, one per job and kind at a time; the page polls its state. While it runs, the state carries the action's
 latest log line (its progress: "merging...", "writing...", "quantizing...") and the seconds since it began. The
 files land in `<job>/export/` and are downloaded from there; a failed action keeps its one-line reason. A token
@@ -23,8 +25,9 @@ log = logging.getLogger("tunelab")
 
 EXPORT_DIR = "export"
 GGUF_FILES = ("model.gguf", "Modelfile")
+ADAPTER_FILE = "adapter.gguf"  # the LoRA adapter alone, for llama.cpp's --lora on a GGUF of the base
 MERGED_DIR = "merged"  # <job>/export/merged/: the full model, downloaded as merged.zip
-KINDS = ("gguf", "merged", "push")
+KINDS = ("gguf", "adapter", "merged", "push")
 
 
 def offered_dtypes() -> list[str]:
@@ -55,12 +58,12 @@ class Exports:
     def start(self, job_id: int, run: Path, job_folder: Path, kind: str, **options: Any) -> dict[str, Any]:
         """Start an action on `run`; returns its state (already running: the running one's).
 
-        gguf: dtype (one of offered_dtypes()); merged: nothing; push: repo_id and token."""
+        gguf: dtype (one of offered_dtypes()); adapter, merged: nothing; push: repo_id and token."""
         if kind not in KINDS:
             raise TunelabError(f"export: {kind!r} is not one of {', '.join(KINDS)}")
         if kind == "gguf" and options.get("dtype") not in offered_dtypes():
             raise TunelabError(f"export: dtype {options.get('dtype')!r} is not one of {', '.join(offered_dtypes())}")
-        if kind == "merged" and not (run / "adapter_config.json").is_file():
+        if kind in ("adapter", "merged") and not (run / "adapter_config.json").is_file():
             raise TunelabError("export: this run holds full model weights already: download the run instead")
         repo_id = options.get("repo_id")
         if kind == "push" and not (isinstance(repo_id, str) and repo_id.count("/") == 1):
@@ -100,6 +103,11 @@ class Exports:
 
             export_ollama(run, target, options["dtype"])
             return {}
+        if kind == "adapter":
+            from tunelab.inference.gguf_adapter import export_adapter
+
+            export_adapter(run, target / ADAPTER_FILE, "f16")  # written beside its name, renamed when whole
+            return {}
         if kind == "merged":
             import os
             import shutil
@@ -124,7 +132,11 @@ class Exports:
         with self._lock:
             state = dict(self._state.get((job_id, kind), {}))
         folder = job_folder / EXPORT_DIR
-        on_disk = {"gguf": (folder / "Modelfile").is_file(), "merged": (folder / MERGED_DIR / "config.json").is_file()}
+        on_disk = {
+            "gguf": (folder / "Modelfile").is_file(),
+            "adapter": (folder / ADAPTER_FILE).is_file(),
+            "merged": (folder / MERGED_DIR / "config.json").is_file(),
+        }
         if not state and on_disk.get(kind):
             state = {"state": "done"}
         state.setdefault("state", "none")
@@ -137,6 +149,10 @@ class Exports:
                 if (folder / name).is_file()
             ]
             state["command"] = f"ollama create NAME -f {folder / 'Modelfile'}"
+        if state["state"] == "done" and kind == "adapter":
+            size = (folder / ADAPTER_FILE).stat().st_size
+            state["files"] = [{"name": ADAPTER_FILE, "bytes": size, "url": f"/jobs/{job_id}/export/{ADAPTER_FILE}"}]
+            state["command"] = f"llama-cli -m BASE.gguf --lora {folder / ADAPTER_FILE}"
         if state["state"] == "done" and kind == "merged":
             size = sum(p.stat().st_size for p in (folder / MERGED_DIR).rglob("*") if p.is_file())
             state["files"] = [{"name": "merged.zip", "bytes": size, "url": f"/jobs/{job_id}/export/merged.zip"}]
@@ -147,7 +163,7 @@ class Exports:
 def export_file(job_folder: Path, name: str) -> Path | None:
     """An exported file of the job, by name; None for any other name (no path leaves the export folder)."""
     path = job_folder / EXPORT_DIR / name
-    return path if name in GGUF_FILES and path.is_file() else None
+    return path if name in (*GGUF_FILES, ADAPTER_FILE) and path.is_file() else None
 
 
 def merged_folder(job_folder: Path) -> Path | None:

@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,7 @@ def export_adapter(run: str | Path, output: str | Path, dtype: str = "f16") -> P
         raise TunelabError(f"export: --output {target} is a folder; give the path of the .gguf file to write")
 
     factors = list(_factors(folder, config, arch, settings))  # all of them read and checked before writing
-    _write(target, factors, arch.gguf_name, float(settings["lora_alpha"]), dtype, folder.name)
+    _write(target, factors, arch.gguf_name, _alpha(settings), dtype, folder.name)
     log.info(
         "export: wrote %s (LoRA adapter for %s: %d weights, %s, %.1f MB)",
         target,
@@ -89,6 +90,15 @@ def _adapter_problem(settings: dict[str, Any], run: dict[str, Any]) -> str | Non
     """Why this adapter cannot be an adapter file (a phrase), or None."""
     if settings.get("peft_type", "LORA") != "LORA":
         return f"its adapter is {settings['peft_type']}, not LoRA"
+    if settings.get("task_type") not in (None, "CAUSAL_LM"):
+        return f"its adapter is for a {settings['task_type']} model, not a causal language model"
+    init = settings.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "loftq", "eva")):
+        # a checkpoint-N/ folder: the Trainer saves it before the run's adapter is converted (models/peft.py)
+        return (
+            f"its factors start from {init} and were saved before conversion, so they change a residual of the "
+            "base, not the base: export the finished run folder, whose adapter is converted"
+        )
     if settings.get("use_dora"):
         return "DoRA's magnitude vectors are not part of llama.cpp's adapter format"
     if settings.get("modules_to_save") or settings.get("trainable_token_indices"):
@@ -122,9 +132,9 @@ def _factors(folder: Path, config: Any, arch: Any, settings: dict[str, Any]) -> 
     tied = bool(getattr(config, "tie_word_embeddings", False)) or arch.ties_output
     n_head = config.num_attention_heads
     n_head_kv = getattr(config, "num_key_value_heads", None) or n_head
-    alpha = float(settings["lora_alpha"])
+    alpha = _alpha(settings)
     with safe_open(str(weights_file), framework="pt") as weights:
-        unused = {key for key in weights.keys() if ".lora_" in key}  # noqa: SIM118 - safe_open is not a dict
+        unused = set(weights.keys())  # every tensor must be a factor of an adapted weight (checked at the end)
         for module, rank, scale in _lora_modules(folder, config):
             hf_name = module.removeprefix(PEFT_PREFIX)
             if hf_name.split(".")[-1] in ("lm_head", "embed_out") and tied:
@@ -143,7 +153,8 @@ def _factors(folder: Path, config: Any, arch: Any, settings: dict[str, Any]) -> 
             down, up = (weights.get_tensor(key).float() for key in keys)
             if down.shape[0] != rank or up.shape[1] != rank:
                 raise TunelabError(f"export: {hf_name}: factors of rank {down.shape[0]}, the adapter says {rank}")
-            folded = scale * rank / alpha  # what B is multiplied by so that llama.cpp's alpha / r gives PEFT's scale
+            # what B is multiplied by so that llama.cpp's alpha / r (with alpha 0: 1) gives PEFT's scale
+            folded = scale * rank / alpha if alpha else scale
             if not math.isclose(folded, 1.0, rel_tol=1e-12):
                 up = up * folded
             if arch.permute_qk and hf_name.endswith("q_proj"):
@@ -152,8 +163,19 @@ def _factors(folder: Path, config: Any, arch: Any, settings: dict[str, Any]) -> 
                 up = permute_heads(up, n_head, n_head_kv)
             yield f"{gguf_name}.lora_a", down.contiguous().numpy()
             yield f"{gguf_name}.lora_b", up.contiguous().numpy()
+    whole = sorted(key for key in unused if not key.endswith((".lora_A.weight", ".lora_B.weight")))
+    if whole:  # an embedding saved for a resized vocabulary, a classifier's head: not factors llama.cpp adds
+        raise TunelabError(
+            f"export: {weights_file} holds {whole[0]}, a whole tensor beside the LoRA factors, which an adapter "
+            "file cannot carry; `tunelab export --format gguf` exports it merged instead"
+        )
     if unused:
         raise TunelabError(f"export: {weights_file} holds LoRA weights of no adapted module: {sorted(unused)[0]}")
+
+
+def _alpha(settings: dict[str, Any]) -> float:
+    """The adapter's lora_alpha (PEFT's default, 8, when its config leaves it out)."""
+    return float(settings.get("lora_alpha", 8))
 
 
 def _lora_modules(folder: Path, config: Any) -> list[tuple[str, int, float]]:
@@ -165,12 +187,19 @@ def _lora_modules(folder: Path, config: Any) -> list[tuple[str, int, float]]:
     from peft.tuners.lora import Embedding, LoraLayer, ParamWrapper
     from transformers import AutoModelForCausalLM
 
-    from tunelab.models.peft import quiet_peft_save
+    from tunelab.models.peft import ignore_pattern_warnings, quiet_peft_save
 
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     with quiet_peft_save():
-        model = PeftModel.from_pretrained(skeleton, str(folder), low_cpu_mem_usage=True)
+        ignore_pattern_warnings()
+        # PEFT's notes on building the layers (GPT-2's Conv1D taken as fan_in_fan_out): about a skeleton only read
+        warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+        try:
+            model = PeftModel.from_pretrained(skeleton, str(folder), low_cpu_mem_usage=True)
+        except (ValueError, RuntimeError, KeyError) as err:  # targets the base lacks, shapes that do not fit it
+            reason = " ".join(line.strip() for line in str(err).strip().splitlines()[:2]) or type(err).__name__
+            raise TunelabError(f"export: the adapter in {folder} does not fit its base model ({reason})") from None
     found = []
     for name, module in model.named_modules():
         if not isinstance(module, LoraLayer) or not module.r:

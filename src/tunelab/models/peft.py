@@ -96,7 +96,7 @@ def add_lora(model: Any, params: RunParams, task_type: str = "CAUSAL_LM", token_
         )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*base_model_name_or_path.*")
-        _ignore_pattern_warnings()
+        ignore_pattern_warnings()
         model = get_peft_model(model, config)
     if split_dropout:
         _dropout_on_layers(model, params.lora_dropout)
@@ -159,7 +159,7 @@ def load_adapter(base: Any, folder: str | Path) -> Any:
     if rows is not None:
         fit_embeddings(base, rows)
     with warnings.catch_warnings():
-        _ignore_pattern_warnings()
+        ignore_pattern_warnings()
         return PeftModel.from_pretrained(base, str(folder))
 
 
@@ -186,7 +186,7 @@ def _lora_layer(module: Any) -> bool:
     return hasattr(module, "lora_A") or hasattr(module, "lora_embedding_A")
 
 
-def _ignore_pattern_warnings() -> None:
+def ignore_pattern_warnings() -> None:
     # PEFT's own renaming for fused experts adds rank/alpha patterns for the parameters it adapts, then checks the
     # patterns against the adapted modules only, and warns that patterns it did apply were ignored.
     warnings.filterwarnings("ignore", message="The following (rank|alpha)_pattern keys did not match")

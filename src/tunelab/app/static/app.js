@@ -209,6 +209,7 @@ const tunelab = (() => {
         chatBox(jobId);
         sideBySide(jobId);
         exportBox(jobId, "gguf", "export-form", "export-result", () => ({ dtype: document.getElementById("export-dtype").value }));
+        exportBox(jobId, "adapter", "adapter-form", "adapter-result", () => ({}));
       }
       exportBox(jobId, "merged", "merge-form", "merge-result", () => ({}));
       pushBox(jobId);
@@ -336,7 +337,7 @@ const tunelab = (() => {
     }
   }
 
-  // An export button (kind gguf or merged): start it, then poll its state (with its latest progress line) until
+  // An export button (kind gguf, adapter or merged): start it, then poll its state (with its latest progress line) until
   // the files to download (or the reason it failed) show.
   function exportBox(jobId, kind, formId, resultId, options) {
     const form = document.getElementById(formId);
