@@ -25,6 +25,7 @@ pass); the total takes the larger of the two moments.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -220,6 +221,10 @@ def estimate_memory(
         )
     elif reference:
         weights += weights  # the frozen reference model, a second copy (with LoRA: the base, adapter off)
+    if getattr(params, "teacher_model", None):  # distill's frozen teacher, in the run's precision
+        teacher = _teacher_parameters(params.teacher_model) * (2 if half else 4)
+        weights += teacher
+        notes.append(f"the teacher's weights: {teacher / 2**30:.2f} GiB")
 
     if params.peft:
         trainable = lora_parameters(config, params)
@@ -586,6 +591,14 @@ class LiveTensors:
     def _free(self, ptr: int) -> None:
         with self._lock:
             self.live -= self._sizes.pop(ptr, 0)
+
+
+@functools.lru_cache(maxsize=4)
+def _teacher_parameters(name: str) -> int:
+    """How many weights distill's teacher has, from its config (the estimate is asked many times per run)."""
+    from tunelab.models.load import load_config, resolve_model
+
+    return count_parameters(load_config(resolve_model(name)))
 
 
 def _has_reference(params: RunParams) -> bool:

@@ -46,9 +46,9 @@ PROJECT_FIELDS += ("rejected_text_column", "chat_template", "target_column")
 FIXED_BY_PROJECT = (*PROJECT_FIELDS, "project_name", "task", "train_split")
 # Parameters that name a file or folder of this machine: like the project's data and model, each path must lie
 # inside the allowed folders (docs/app.md, Security model), and is passed on resolved. reward_functions'
-# file.py:function is imported - run - by the dry run (in the app's own process) and by the training; model_ref is
-# loaded; the JSON schema and the accelerate config are read.
-PATH_FIELDS = ("model_ref", "reward_functions", "reward_json_schema", "accelerate_config")
+# file.py:function is imported - run - by the dry run (in the app's own process) and by the training; model_ref and
+# teacher_model are loaded; the JSON schema and the accelerate config are read.
+PATH_FIELDS = ("model_ref", "teacher_model", "reward_functions", "reward_json_schema", "accelerate_config")
 # A folder the run writes to and prunes: not from the app, whose runs keep the default data cache.
 REFUSED_FIELDS = ("cache_dir",)
 
@@ -186,7 +186,7 @@ def checked_path_value(name: str, value: Any, roots: list[Path]) -> str:
     FieldError names the field when a path leaves them."""
     if not isinstance(value, str):
         raise FieldError(name, "expected a path (text)")
-    if name == "model_ref":
+    if name in ("model_ref", "teacher_model"):
         return checked_model(name, value.strip(), roots)
     if name == "reward_functions":  # built-ins and file.py:function, comma-separated (rewards.py)
         checked = []

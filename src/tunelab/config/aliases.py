@@ -47,4 +47,5 @@ ALIASES: dict[str, tuple[str, Any]] = {
     "hub_token": ("token", None),
     "hub_model_id": ("repo_id", None),
     "tokens": ("add_tokens", None),  # Axolotl's
+    "teacher_model_name_or_path": ("teacher_model", None),  # TRL's
 }

@@ -344,6 +344,27 @@ class LLMParams(Params):
         0.0, "simpo: weight of an SFT (NLL) term on the chosen answers (0: SimPO as published; 1: CPO-SimPO)."
     )
 
+    # --- distill (methods/distill.py, speed/divergence.py; the loss of TRL's GKDTrainer on the data's answers)
+    teacher_model: str | None = param(
+        None,
+        "distill: the teacher, a causal LM (hub id, folder or .gguf) with the same tokenizer and vocabulary as "
+        "model, whose next-token distributions on the data's answers the model learns (TRL's "
+        "teacher_model_name_or_path).",
+    )
+    distill_beta: float = param(
+        0.0,
+        "distill: which divergence from the teacher, as TRL's GKD beta: 0 forward KL(teacher || model), classic "
+        "distillation; 1 reverse KL(model || teacher); between, the generalized Jensen-Shannon divergence.",
+    )
+    distill_temperature: float = param(
+        1.0, "distill: both distributions softened by this temperature before they are compared (above 1: softer)."
+    )
+    distill_ce_weight: float = param(
+        0.0,
+        "distill: weight of the usual cross-entropy on the data's own answer tokens, added to the divergence "
+        "(0: the teacher alone, as TRL's GKD).",
+    )
+
     # --- grpo (rewards.py, methods/grpo.py; names and defaults as TRL's GRPOConfig unless said)
     reward_functions: str | None = param(
         None,
@@ -479,6 +500,26 @@ class LLMParams(Params):
             )
         if self.cpo_alpha < 0:
             raise ConfigError(f"cpo_alpha must be 0 or positive, got {self.cpo_alpha}")
+
+    def _check_distill(self) -> None:
+        if self.trainer != "distill":
+            for name in ("teacher_model",):
+                if getattr(self, name):
+                    raise ConfigError(f"{name} is read by trainer distill only, not {self.trainer}: leave it out")
+            return
+        if not self.teacher_model:
+            raise ConfigError("trainer distill needs teacher_model: the model whose answers' distributions it learns")
+        if not 0 <= self.distill_beta <= 1:
+            raise ConfigError(f"distill_beta must be in [0, 1] (0 forward KL, 1 reverse KL), got {self.distill_beta}")
+        if not 0 < self.distill_temperature < math.inf:
+            raise ConfigError(f"distill_temperature must be positive, got {self.distill_temperature}")
+        if not 0 <= self.distill_ce_weight < math.inf:
+            raise ConfigError(f"distill_ce_weight must be 0 or more, got {self.distill_ce_weight}")
+        if listed_tokens(self):
+            raise ConfigError(
+                "add_tokens with trainer distill: the teacher has no rows for tokens the run adds, so there is no "
+                "distribution to learn at them; add the tokens to the teacher first, or leave them out"
+            )
 
     def _check_kto(self) -> None:
         if self.kto_beta <= 0:
@@ -630,6 +671,7 @@ class LLMParams(Params):
         if self.trainer == "kto":
             self._check_kto()
         self._check_regularisers()
+        self._check_distill()
         if REGISTRY[self.trainer].data == "prompts":  # methods that generate and score their completions
             self._check_rewards()
         check_training(self)

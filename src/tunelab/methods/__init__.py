@@ -88,6 +88,12 @@ REGISTRY: dict[str, Entry] = {
         params=("dpo_beta", "simpo_gamma", "cpo_alpha", "label_smoothing"),
         data_params=PAIR_DATA,
     ),
+    "distill": Entry(
+        "distill",
+        "examples",
+        "knowledge distillation: the teacher's next-token distributions on the answers (teacher_model)",
+        params=("teacher_model", "distill_beta", "distill_temperature", "distill_ce_weight"),
+    ),
     "grpo": Entry(
         "grpo",
         "prompts",

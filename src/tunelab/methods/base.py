@@ -61,5 +61,6 @@ class Method:
     trainer_class: type | None = None
     rows_with_model: Callable[..., tuple[list[Any], list[Any] | None]] | None = None
     evaluation: PairEvaluation | None = None
+    perplexity: bool = True  # exp(loss) is a perplexity: the loss is the next-token cross-entropy (not distill's)
     name: str = ""
     data: str = "examples"

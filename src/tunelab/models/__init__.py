@@ -36,6 +36,7 @@ __all__ = [
     "half_precision",
     "load_model",
     "load_reference",
+    "load_teacher",
     "load_tokenizer",
     "resolve_model",
     "load_config",
@@ -57,15 +58,25 @@ def load_reference(params: RunParams, like: Any = None) -> Any:
     same dtype rules, its positions stretched as the model's where rope_scaling must); the trainer freezes it.
     `like`: the model trained, whose embedding rows it gets (tokens the run added, started as the model's own new
     rows were)."""
-    import torch
-
     log.info("%s: reference model = %s", params.trainer, params.model_ref)
-    source = resolve_model(params.model_ref)
-    reference = load_causal_lm(source, dtype=half_precision(params) or torch.float32)
-    stretch_model(reference, rope_scaling_of(reference.config, params, source.name, required=False))
+    reference = _frozen_model(params.model_ref, params)
     if like is not None:
         fit_embeddings(reference, embedding_rows(like))
     return reference
+
+
+def load_teacher(params: RunParams) -> Any:
+    """The teacher of a distill run (`teacher_model`), loaded as a reference model is (the run's precision, its
+    positions stretched where rope_scaling must); the trainer freezes it."""
+    return _frozen_model(params.teacher_model, params)
+
+
+def _frozen_model(name: str, params: RunParams) -> Any:
+    import torch
+
+    source = resolve_model(name)
+    model = load_causal_lm(source, dtype=half_precision(params) or torch.float32)
+    return stretch_model(model, rope_scaling_of(model.config, params, source.name, required=False))
 
 
 def load_model(

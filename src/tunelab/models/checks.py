@@ -333,3 +333,32 @@ def _fits(module: Any) -> bool:
 
     layers = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, Conv1D)
     return isinstance(module, layers)
+
+
+def check_teacher(params: RunParams, config: Any, tokenizer: Any) -> None:
+    """distill: the teacher (`teacher_model`) is a causal LM this run can load, reads text as the same tokens and
+    predicts over the same vocabulary as the model trained (one distribution compared with the other, token by
+    token), checked before either loads."""
+    import copy
+
+    from tunelab.models.load import load_tokenizer, resolve_model
+
+    source = resolve_model(params.teacher_model)
+    frozen = copy.copy(params)  # checked as the frozen model it is, without LoRA (as a model_ref is)
+    frozen.peft = False
+    teacher = check_model(source, frozen, "causal_lm", reference=True).get_text_config()
+    ours = config.get_text_config()
+    if teacher.vocab_size != ours.vocab_size:
+        raise ConfigError(
+            f"teacher_model {source.name} predicts over {teacher.vocab_size:,} tokens and model {params.model} over "
+            f"{ours.vocab_size:,}: distillation compares the two distributions token by token, so both need one "
+            "vocabulary (a teacher of the same family)"
+        )
+    theirs, mine = load_tokenizer(source).get_vocab(), tokenizer.get_vocab()
+    if theirs != mine:
+        differs = next((token for token in sorted(mine) if theirs.get(token) != mine[token]), None)
+        differs = differs or next(token for token in sorted(theirs) if token not in mine)
+        raise ConfigError(
+            f"teacher_model {source.name} has another tokenizer than model {params.model} (token {differs!r}: id "
+            f"{theirs.get(differs)} there, {mine.get(differs)} here): distillation needs the same tokens in both"
+        )

@@ -35,7 +35,7 @@ from tunelab.errors import ConfigError, DataError
 from tunelab.memory import choose_checkpointing, kv_cache_bytes, log_run_estimate
 from tunelab.methods import METHODS, Method, RowStats
 from tunelab.models import ModelSource, check_model, load_config, load_model, load_tokenizer, positions, resolve_model
-from tunelab.models.checks import check_token_ids, fit_tokenizer
+from tunelab.models.checks import check_teacher, check_token_ids, fit_tokenizer
 from tunelab.models.positions import rope_scaling_of
 from tunelab.models.vocabulary import add_tokens, grow_vocabulary
 from tunelab.tasks import dry_run
@@ -86,6 +86,8 @@ def prepare(params: LLMParams) -> Prepared:
         check_model(resolve_model(params.model_ref), reference, kind="causal_lm", reference=True)
     tokenizer = load_tokenizer(source, params.model_max_length)
     fit_tokenizer(tokenizer, config, source)
+    if params.teacher_model:  # distill: found now, with the tokens it reads, not when the Trainer loads it
+        check_teacher(params, config, tokenizer)
     new_token_ids = add_tokens(tokenizer, params.add_tokens or [], params.add_special_tokens or [])
     if new_token_ids:
         grow_vocabulary(config, len(tokenizer))  # as load_model grows the model's embeddings
@@ -216,7 +218,8 @@ def _run(params: LLMParams) -> Path:
     from tunelab.training.trainer import build_trainer, run_training
 
     check_disk_space(folder.final.parent, 2 * checkpoint_bytes(model, not params.peft), "checkpoints and outputs")
-    progress = ProgressAndMetrics(folder.staging / "metrics.jsonl", perplexity=method.data == "examples")
+    perplexity = method.data == "examples" and method.perplexity
+    progress = ProgressAndMetrics(folder.staging / "metrics.jsonl", perplexity=perplexity)
     if data.template_source:  # the template trained with, from the start: grpo reads its turn end (models/turns.py)
         tokenizer.chat_template = data.template_source
     trainer = build_trainer(
@@ -233,7 +236,7 @@ def _run(params: LLMParams) -> Path:
     metrics["trained_tokens_per_second"] = round(metrics["trained_tokens"] / max(metrics["train_runtime"], 1e-9), 2)
     if valid_rows:
         metrics.update(trainer.evaluate())
-        if method.data == "examples":
+        if perplexity:
             metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50))
 
     run_info = {
@@ -243,6 +246,7 @@ def _run(params: LLMParams) -> Path:
         "merged": "merged" if params.merge_adapter and params.peft else None,
         "row_format": data.describe(),
         "template": data.template,
+        "teacher_model": outputs.model_reference(params.teacher_model) if params.teacher_model else None,
         "reasoning": data.reasoning,  # it learned to write <think> blocks: export --format ollama reads this
         # an adapter's base is stretched again when loaded (outputs.load_base); a full model's config.json says it
         "rope_scaling": _rope_scaling(prep),

@@ -293,8 +293,9 @@ class TunelabTrainer(GuardedTrainer):
     """Trainer whose loss is the summed next-token cross-entropy over trained tokens, normalised by the number of
     trained tokens in the whole (accumulated, all-device) batch."""
 
-    def __init__(self, *args: Any, fast_loss: bool = True, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, fast_loss: bool = True, params: LLMParams | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.params = params  # a method's own subclass reads its settings here (methods/distill.py)
         # Tell Trainer that compute_loss already divides by the tokens of the whole accumulated batch, so it
         # neither divides again by the accumulation steps nor counts differently.
         self.model_accepts_loss_kwargs = True
@@ -304,18 +305,7 @@ class TunelabTrainer(GuardedTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D102
         labels = inputs.pop("labels")
-        unwrapped = self.accelerator.unwrap_model(model)
-        if self.fast_loss_now(unwrapped):
-            with output_head_returns_hidden(unwrapped) as head:
-                hidden = model(**inputs, use_cache=False).logits
-            loss_sum, count = causal_lm_loss_sum(hidden, head, labels)
-        else:
-            logits = model(**inputs, use_cache=False).logits.float()
-            shift_labels = labels[:, 1:]
-            count = int((shift_labels != -100).sum())
-            loss_sum = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), shift_labels.reshape(-1), reduction="sum"
-            )
+        loss_sum, count = self.loss_sum(model, inputs, labels)
         if model.training:
             self.trained_tokens += count
         denominator = num_items_in_batch if num_items_in_batch is not None else max(count, 1)
@@ -325,6 +315,22 @@ class TunelabTrainer(GuardedTrainer):
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
         return (loss, {}) if return_outputs else loss
+
+    def loss_sum(self, model: Any, inputs: dict[str, Any], labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The loss summed over the trained tokens of the micro-batch, and their count: here the next-token
+        cross-entropy (a method's subclass sums its own)."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        if self.fast_loss_now(unwrapped):
+            with output_head_returns_hidden(unwrapped) as head:
+                hidden = model(**inputs, use_cache=False).logits
+            return causal_lm_loss_sum(hidden, head, labels)
+        logits = model(**inputs, use_cache=False).logits.float()
+        shift_labels = labels[:, 1:]
+        count = int((shift_labels != -100).sum())
+        loss_sum = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), shift_labels.reshape(-1), reduction="sum"
+        )
+        return loss_sum, count
 
 
 def _checkpointing(enabled: bool, every: int = 1) -> dict[str, Any]:
@@ -454,14 +460,15 @@ def build_trainer(
         "processing_class": tokenizer,
         "callbacks": callbacks,
     }
-    if trainer_class is not None:
-        trainer = trainer_class(params=params, **common)  # brings its own collator
-    else:
+    if trainer_class is not None and not issubclass(trainer_class, TunelabTrainer):
+        trainer = trainer_class(params=params, **common)  # pairs or prompts: brings its own collator
+    else:  # rows of examples: the next-token loss, or a method's own loss over the same rows (distill)
         # Flash-attention kernels take one flat sequence with per-example positions (no padding at all); SDPA and
         # eager attention get one row per packed row, so attention stays quadratic in the row, not the batch.
         flat = str(getattr(model.config, "_attn_implementation", "")).startswith("flash_attention")
-        trainer = TunelabTrainer(
+        trainer = (trainer_class or TunelabTrainer)(
             fast_loss=params.fast_loss,
+            params=params,
             data_collator=PackedRowsCollator(tokenizer.pad_token_id, flat=flat, pad_to_multiple_of=pad_multiple()),
             group_by_length=params.group_by_length and not params.packing and not streamed,
             **common,

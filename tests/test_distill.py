@@ -1,0 +1,163 @@
+"""`--trainer distill`: a model learns a teacher's next-token distributions on the data's answers.
+
+The loss and its gradients equal TRL's GKDTrainer.generalized_jsd_loss computed on the full logits, for forward
+KL, reverse KL and the JSD between, at any temperature; a student distilled from a teacher that learned an answer
+by heart writes that answer; a teacher that cannot be compared token by token is refused in one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import build_tiny_llama, read_metrics, train_losses
+from tests.test_bad_input import assert_nothing_written, cli_args, error_line
+from tunelab.cli import main
+from tunelab.config import load_config
+from tunelab.config.llm import LLMParams
+from tunelab.errors import ConfigError
+from tunelab.inference.generate import GenerationParams, generate, load_run
+from tunelab.speed.divergence import divergence_sum, divergence_sum_plain
+
+CASES = [(0.0, 1.0, 0.0), (1.0, 1.0, 0.0), (0.5, 2.0, 0.0), (0.1, 0.7, 0.5)]  # beta, temperature, ce_weight
+
+
+def _trl_loss(student_logits, teacher_logits, target, beta, temperature, ce_weight):
+    """TRL's generalized JSD over the rows (its "batchmean": the mean over positions), summed back, plus the
+    cross-entropy term written out."""
+    gkd = pytest.importorskip("trl.experimental.gkd.gkd_trainer", reason="trl is a test tool (scripts/install.sh)")
+    labels = target[None]
+    mean = gkd.GKDTrainer.generalized_jsd_loss(
+        student_logits[None], teacher_logits[None], labels=labels, beta=beta, temperature=temperature
+    )
+    ce = torch.nn.functional.cross_entropy(student_logits, target, reduction="sum")
+    return mean * len(target) + ce_weight * ce
+
+
+@pytest.mark.parametrize(("beta", "temperature", "ce_weight"), CASES)
+def test_the_loss_and_its_gradients_equal_trls(beta, temperature, ce_weight):
+    """Chunked from hidden states (with a head bias, and rows over several chunks), or from full logits: the
+    summed loss and the gradients of the hidden states and the head equal TRL's on the full logits."""
+    torch.manual_seed(0)
+    rows, width, vocab = 300, 24, 500
+    hidden = torch.randn(rows, width, dtype=torch.float64, requires_grad=True)
+    head = torch.nn.Linear(width, vocab, dtype=torch.float64)
+    teacher_hidden = torch.randn(rows, 16, dtype=torch.float64)
+    teacher_head = torch.nn.Linear(16, vocab, bias=False, dtype=torch.float64)
+    target = torch.randint(vocab, (rows,))
+    settings = (beta, temperature, ce_weight)
+
+    expected = _trl_loss(head(hidden), teacher_head(teacher_hidden).detach(), target, *settings)
+    expected_grads = torch.autograd.grad(expected, (hidden, head.weight, head.bias))
+    import tunelab.speed.divergence as divergence
+
+    chunked_rows = divergence.chunk_rows
+    divergence.chunk_rows = lambda vocab_size: 64 * 4  # chunks of 64 rows: five of them, the last one short
+    try:
+        got = divergence_sum(
+            hidden, head, teacher_hidden, teacher_head, target, *settings, torch.float64, torch.float64
+        )  # fmt: skip
+    finally:
+        divergence.chunk_rows = chunked_rows
+    got_grads = torch.autograd.grad(got, (hidden, head.weight, head.bias))
+    plain = divergence_sum_plain(head(hidden), teacher_head(teacher_hidden).detach(), target, *settings)
+    plain_grads = torch.autograd.grad(plain, (hidden, head.weight, head.bias))
+    # the chunks' logits are float32 whatever the inputs (as the cross-entropy's): float32's rounding
+    for value, grads in ((got, got_grads), (plain, plain_grads)):
+        assert torch.allclose(value, expected.to(value.dtype), rtol=1e-6), (float(value), float(expected))
+        for grad, want in zip(grads, expected_grads, strict=True):
+            assert (grad - want).abs().max() < 1e-6 * want.abs().max()
+
+
+def test_a_student_distilled_from_a_teacher_writes_the_teachers_answer(reasoner, tiny_llama, tmp_path):
+    """The teacher learned to reason before it answers (the `reasoner` run); a fresh student, trained only on the
+    teacher's distributions (no cross-entropy), answers as the teacher does. The loss is the divergence: it falls
+    towards 0, and no perplexity is made of it."""
+    data = reasoner.parent / "reasoning.jsonl"
+    run = tmp_path / "student"
+    code = main(
+        [
+            "llm", "--train", "--model", str(tiny_llama), "--data-path", str(data), "--trainer", "distill",
+            "--teacher-model", str(reasoner), "--chat-template", "chatml", "--lr", "3e-3", "--epochs", "40",
+            "--batch-size", "8", "--gradient-accumulation", "1", "--block-size", "128", "--project-name", str(run),
+            "--disable-gradient-checkpointing", "--logging-steps", "10",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    losses = train_losses(run)
+    assert losses[-1] < 0.05 * losses[0]
+    assert not any("perplexity" in key for record in read_metrics(run) for key in record)
+    assert json.loads((run / "tunelab_run.json").read_text())["teacher_model"] == str(reasoner)
+    teacher, tokenizer = load_run(reasoner)
+    student, _ = load_run(run)
+    params = GenerationParams(max_new_tokens=40)
+    for prompt in ("What is 2+2?",):
+        assert generate(student, tokenizer, prompt, params) == generate(teacher, tokenizer, prompt, params)
+
+
+def test_a_lora_student_learns_alike_through_the_chunks_and_the_full_logits(reasoner, tiny_llama, tmp_path, capsys):
+    """With LoRA, reverse KL: the loss falls, the same step by step whether the heads are projected in chunks
+    (fast_loss) or as full logits; the dry run counts the teacher's weights."""
+    data = reasoner.parent / "reasoning.jsonl"
+    common = [
+        "--model", str(tiny_llama), "--data-path", str(data), "--trainer", "distill", "--teacher-model",
+        str(reasoner), "--chat-template", "chatml", "--block-size", "128", "--distill-beta", "1",
+    ]  # fmt: skip
+    assert main(["llm", "--dry-run", *common, "--project-name", str(tmp_path / "plan")]) == 0
+    assert "the teacher's weights: 0.00 GiB" in capsys.readouterr().out
+    flags = ["--peft", "--lr", "2e-2", "--epochs", "10", "--batch-size", "8", "--gradient-accumulation", "1"]
+    runs = {}
+    for fast in ("true", "false"):
+        runs[fast] = tmp_path / f"fast-{fast}"
+        args = [*common, *flags, "--fast-loss", fast, "--logging-steps", "5", "--project-name", str(runs[fast])]
+        assert main(["llm", "--train", *args]) == 0
+    chunked, full = train_losses(runs["true"]), train_losses(runs["false"])
+    assert chunked[-1] < chunked[0]
+    assert torch.allclose(torch.tensor(chunked), torch.tensor(full), rtol=1e-4)
+
+
+def test_distill_settings_are_checked_before_anything_loads():
+    for bad, said in [
+        (dict(trainer="distill"), "trainer distill needs teacher_model"),
+        (dict(trainer="sft", teacher_model="x"), "teacher_model is read by trainer distill only"),
+        (dict(trainer="distill", teacher_model="x", distill_beta=1.5), "distill_beta must be in [0, 1]"),
+        (dict(trainer="distill", teacher_model="x", distill_temperature=0), "distill_temperature must be positive"),
+        (dict(trainer="distill", teacher_model="x", add_tokens="<a>"), "the teacher has no rows for tokens"),
+    ]:
+        with pytest.raises(ConfigError, match=said.replace("[", r"\[").replace("]", r"\]")):
+            LLMParams(**bad)
+    trl_spelling = load_config({"trainer": "distill", "teacher_model_name_or_path": "t"})
+    assert trl_spelling.teacher_model == "t"
+
+
+@pytest.mark.parametrize("kind", ["vocabulary", "tokenizer"])
+def test_a_teacher_that_reads_other_tokens_is_refused_in_one_line(capsys, tiny_llama, tmp_path, kind):
+    from transformers import AutoModelForCausalLM
+
+    if kind == "vocabulary":  # the same tokenizer, a vocabulary padded to 64 rows more
+        teacher = tmp_path / "padded"
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+        rows = model.get_input_embeddings().weight.shape[0]
+        model.resize_token_embeddings(rows + 64)
+        model.save_pretrained(teacher)
+        for file in tiny_llama.glob("*"):
+            if "token" in file.name or file.suffix == ".jinja":
+                (teacher / file.name).write_bytes(file.read_bytes())
+        said = f"teacher_model {teacher} predicts over {rows + 64:,} tokens and model {tiny_llama} over {rows:,}"
+    else:  # the same vocabulary size, one token moved
+        teacher = build_tiny_llama(tmp_path / "teacher")
+        vocab_file = json.loads((teacher / "tokenizer.json").read_text())
+        vocab = vocab_file["model"]["vocab"]
+        first, second = sorted(vocab, key=vocab.get)[100:102]
+        vocab[first], vocab[second] = vocab[second], vocab[first]
+        (teacher / "tokenizer.json").write_text(json.dumps(vocab_file))
+        said = f"teacher_model {teacher} has another tokenizer than model {tiny_llama}"
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"text": "hello there"}) + "\n")
+    project = tmp_path / "run"
+    line = error_line(
+        capsys, main(cli_args(tiny_llama, data, project, "--trainer", "distill", "--teacher-model", str(teacher)))
+    )
+    assert said in line
+    assert_nothing_written(project)
