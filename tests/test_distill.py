@@ -7,6 +7,7 @@ by heart writes that answer; a teacher that cannot be compared token by token is
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,16 +136,10 @@ def test_distill_settings_are_checked_before_anything_loads():
 def test_a_teacher_that_reads_other_tokens_is_refused_in_one_line(capsys, tiny_llama, tmp_path, kind):
     from transformers import AutoModelForCausalLM
 
-    if kind == "vocabulary":  # the same tokenizer, a vocabulary padded to 64 rows more
-        teacher = tmp_path / "padded"
-        model = AutoModelForCausalLM.from_pretrained(tiny_llama)
-        rows = model.get_input_embeddings().weight.shape[0]
-        model.resize_token_embeddings(rows + 64)
-        model.save_pretrained(teacher)
-        for file in tiny_llama.glob("*"):
-            if "token" in file.name or file.suffix == ".jinja":
-                (teacher / file.name).write_bytes(file.read_bytes())
-        said = f"teacher_model {teacher} predicts over {rows + 64:,} tokens and model {tiny_llama} over {rows:,}"
+    if kind == "vocabulary":  # the same tokenizer, a head 8 rows short of it
+        rows = AutoModelForCausalLM.from_pretrained(tiny_llama).get_input_embeddings().weight.shape[0]
+        teacher = _resized(tiny_llama, tmp_path / "short", rows - 8)
+        said = f"teacher_model {teacher} predicts over {rows - 8:,} tokens, fewer than the {rows:,} of model"
     else:  # the same vocabulary size, one token moved
         teacher = build_tiny_llama(tmp_path / "teacher")
         vocab_file = json.loads((teacher / "tokenizer.json").read_text())
@@ -161,3 +156,58 @@ def test_a_teacher_that_reads_other_tokens_is_refused_in_one_line(capsys, tiny_l
     )
     assert said in line
     assert_nothing_written(project)
+
+
+def _resized(model: Path, folder: Path, rows: int) -> Path:
+    """A copy of `model` (its tokenizer files too) whose embeddings and head have `rows` rows."""
+    from transformers import AutoModelForCausalLM
+
+    resized = AutoModelForCausalLM.from_pretrained(model)
+    resized.resize_token_embeddings(rows, mean_resizing=False)
+    resized.save_pretrained(folder)
+    for file in model.glob("*"):
+        if "token" in file.name or file.suffix == ".jinja":
+            (folder / file.name).write_bytes(file.read_bytes())
+    return folder
+
+
+def test_a_teacher_with_a_padded_vocabulary_teaches_the_same(reasoner, tiny_llama, tmp_path):
+    """Qwen2.5's small models have 151,936 rows and its large ones 152,064, one tokenizer: the distributions are
+    compared over the ids both heads have, so a teacher padded with spare rows gives the very same run."""
+    from transformers import AutoModelForCausalLM
+
+    rows = AutoModelForCausalLM.from_pretrained(reasoner).get_input_embeddings().weight.shape[0]
+    padded = _resized(reasoner, tmp_path / "padded", rows + 64)
+    losses = []
+    for teacher in (reasoner, padded):
+        run = tmp_path / f"from-{teacher.name}"
+        code = main(
+            [
+                "llm", "--train", "--model", str(tiny_llama), "--data-path", str(reasoner.parent / "reasoning.jsonl"),
+                "--trainer", "distill", "--teacher-model", str(teacher), "--chat-template", "chatml", "--lr", "3e-3",
+                "--max-steps", "4", "--batch-size", "8", "--gradient-accumulation", "1", "--block-size", "128",
+                "--project-name", str(run), "--logging-steps", "1", "--distill-beta", "0.5",
+            ]
+        )  # fmt: skip
+        assert code == 0
+        losses.append(train_losses(run))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_tokens_the_teacher_rules_out_add_nothing():
+    """A teacher logit of -inf (a token it never writes): probability 0, so 0 in the divergence, not 0 x -inf."""
+    torch.manual_seed(0)
+    hidden = torch.randn(8, 6, requires_grad=True)
+    head = torch.nn.Linear(6, 10, bias=False)
+    teacher_logits = torch.randn(8, 10)
+    teacher_logits[:, 3] = float("-inf")
+    target = torch.randint(10, (8,))
+    for beta in (0.0, 0.5):
+        plain = divergence_sum_plain(head(hidden), teacher_logits, target, beta, 1.0, 0.0)
+        finite = teacher_logits.clone()
+        finite[:, 3] = -1e4  # as good as ruled out
+        assert torch.isfinite(plain) and torch.allclose(
+            plain, divergence_sum_plain(head(hidden), finite, target, beta, 1.0, 0.0), rtol=1e-5
+        )
+        (grad,) = torch.autograd.grad(plain, hidden)
+        assert torch.isfinite(grad).all()

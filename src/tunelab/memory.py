@@ -25,7 +25,6 @@ pass); the total takes the larger of the two moments.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 import os
@@ -593,9 +592,8 @@ class LiveTensors:
             self.live -= self._sizes.pop(ptr, 0)
 
 
-@functools.lru_cache(maxsize=4)
 def _teacher_parameters(name: str) -> int:
-    """How many weights distill's teacher has, from its config (the estimate is asked many times per run)."""
+    """How many weights distill's teacher has, from its config."""
     from tunelab.models.load import load_config, resolve_model
 
     return count_parameters(load_config(resolve_model(name)))

@@ -515,6 +515,11 @@ class LLMParams(Params):
             raise ConfigError(f"distill_temperature must be positive, got {self.distill_temperature}")
         if not 0 <= self.distill_ce_weight < math.inf:
             raise ConfigError(f"distill_ce_weight must be 0 or more, got {self.distill_ce_weight}")
+        if self.distributed_backend == "deepspeed":
+            raise ConfigError(
+                "trainer distill with distributed_backend deepspeed: ZeRO would shard the teacher as it loads and "
+                "nothing gathers it again; use ddp, or fsdp"
+            )
         if listed_tokens(self):
             raise ConfigError(
                 "add_tokens with trainer distill: the teacher has no rows for tokens the run adds, so there is no "

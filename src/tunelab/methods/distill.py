@@ -24,7 +24,7 @@ from tunelab.methods.base import Method
 from tunelab.methods.sft import build_rows
 from tunelab.models import load_teacher
 from tunelab.speed.divergence import divergence_sum, divergence_sum_plain
-from tunelab.speed.loss import head_dtype, output_head_returns_hidden
+from tunelab.speed.loss import fast_loss_supported, head_dtype, output_head_returns_hidden
 from tunelab.training.trainer import TunelabTrainer
 
 log = logging.getLogger("tunelab")
@@ -44,6 +44,7 @@ class DistillTrainer(TunelabTrainer):
             f", plus {params.distill_ce_weight:g} x cross-entropy" if params.distill_ce_weight else "",
         )
         self.teacher = load_teacher(params).requires_grad_(False).eval().to(self.args.device)
+        self.teacher_chunks = _plain(self.teacher) and fast_loss_supported(self.teacher)
 
     def loss_sum(self, model: Any, inputs: dict[str, Any], labels: torch.Tensor) -> tuple[torch.Tensor, int]:  # noqa: D102
         params = self.params
@@ -51,18 +52,18 @@ class DistillTrainer(TunelabTrainer):
         shift = labels[:, 1:]
         mask = shift != -100
         unwrapped = self.accelerator.unwrap_model(model)
-        plain_head = getattr(unwrapped.get_output_embeddings(), "base_layer", None) is None
-        if self.fast_loss_now(unwrapped) and plain_head and _plain(self.teacher):
+        # The chunks take plain heads (a LoRA head's low-rank term is the cross-entropy's alone, speed/loss.py) whose
+        # logits are the head's product as it is (fast_loss_supported: no soft-capping or logit scale).
+        if self.fast_loss_now(unwrapped) and _plain(unwrapped) and self.teacher_chunks:
             with output_head_returns_hidden(unwrapped) as head:
                 hidden = model(**inputs, use_cache=False).logits
             with torch.no_grad(), output_head_returns_hidden(self.teacher) as teacher_head:
                 teacher_hidden = self.teacher(**inputs, use_cache=False).logits
-            if getattr(head, "_tunelab_low_weight", None) is None:  # no low-rank term rides along (see speed/loss.py)
-                total = divergence_sum(
-                    hidden[:, :-1][mask], head, teacher_hidden[:, :-1][mask], teacher_head, shift[mask], *settings,
-                    head_dtype(head), head_dtype(teacher_head),
-                )  # fmt: skip
-                return total, int(mask.sum())
+            total = divergence_sum(
+                hidden[:, :-1][mask], head, teacher_hidden[:, :-1][mask], teacher_head, shift[mask], *settings,
+                head_dtype(head), head_dtype(teacher_head),
+            )  # fmt: skip
+            return total, int(mask.sum())
         logits = model(**inputs, use_cache=False).logits
         with torch.no_grad():
             teacher_logits = self.teacher(**inputs, use_cache=False).logits
@@ -71,7 +72,7 @@ class DistillTrainer(TunelabTrainer):
 
 
 def _plain(model: Any) -> bool:
-    """A teacher whose head the chunks can project: a plain linear layer (no adapter on it)."""
+    """A model whose head the chunks can project: a plain linear layer (no adapter on it)."""
     head = model.get_output_embeddings()
     return head is not None and getattr(head, "base_layer", None) is None and head.weight.dim() == 2
 

@@ -75,7 +75,10 @@ def _frozen_model(name: str, params: RunParams) -> Any:
     import torch
 
     source = resolve_model(name)
-    model = load_causal_lm(source, dtype=half_precision(params) or torch.float32)
+    # the run's attention kernels: flash attention's flat batches (training/trainer.py) reach this model too
+    attention = attention_implementation(params)
+    kwargs = {"attn_implementation": attention} if attention else {}
+    model = load_causal_lm(source, dtype=half_precision(params) or torch.float32, **kwargs)
     return stretch_model(model, rope_scaling_of(model.config, params, source.name, required=False))
 
 

@@ -344,17 +344,19 @@ def check_teacher(params: RunParams, config: Any, tokenizer: Any) -> None:
     from tunelab.models.load import load_tokenizer, resolve_model
 
     source = resolve_model(params.teacher_model)
-    frozen = copy.copy(params)  # checked as the frozen model it is, without LoRA (as a model_ref is)
-    frozen.peft = False
+    frozen = copy.copy(params)  # checked as the frozen model it is: without LoRA, unquantized (as a model_ref is)
+    frozen.peft, frozen.quantization = False, None
     teacher = check_model(source, frozen, "causal_lm", reference=True).get_text_config()
-    ours = config.get_text_config()
-    if teacher.vocab_size != ours.vocab_size:
+    if teacher.vocab_size < len(tokenizer):
         raise ConfigError(
-            f"teacher_model {source.name} predicts over {teacher.vocab_size:,} tokens and model {params.model} over "
-            f"{ours.vocab_size:,}: distillation compares the two distributions token by token, so both need one "
-            "vocabulary (a teacher of the same family)"
+            f"teacher_model {source.name} predicts over {teacher.vocab_size:,} tokens, fewer than the "
+            f"{len(tokenizer):,} of model {params.model}'s tokenizer: distillation compares the two distributions "
+            "token by token (a teacher of the same family)"
         )
-    theirs, mine = load_tokenizer(source).get_vocab(), tokenizer.get_vocab()
+    # The ids the model's tokenizer has, read the same: a padded vocabulary's spare rows, and the placeholders a
+    # GGUF file names them by, are no tokens (speed/divergence.py compares the ids both heads have).
+    mine = tokenizer.get_vocab()
+    theirs = {token: i for token, i in load_tokenizer(source).get_vocab().items() if i < len(tokenizer)}
     if theirs != mine:
         differs = next((token for token in sorted(mine) if theirs.get(token) != mine[token]), None)
         differs = differs or next(token for token in sorted(theirs) if token not in mine)

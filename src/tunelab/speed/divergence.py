@@ -33,20 +33,25 @@ import torch.nn.functional as F
 from tunelab.speed.loss import chunk_rows
 
 
+def _weighted(p: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
+    """p log_ratio, 0 where p is 0 (a token the distribution rules out adds nothing, not 0 x -inf)."""
+    return torch.where(p > 0, p * log_ratio, 0.0)
+
+
 def _row_divergence(log_s: torch.Tensor, log_t: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's divergence (N,) and its gradient with respect to the tempered logits u (N, V)."""
     s = log_s.exp()
     if beta == 0:
         t = log_t.exp()
-        return (t * (log_t - log_s)).sum(-1), s - t
+        return _weighted(t, log_t - log_s).sum(-1), s - t
     if beta == 1:
         a = log_s - log_t
         row = (s * a).sum(-1)
         return row, s * (a - row[:, None])
     log_m = torch.logaddexp(log_s + math.log1p(-beta), log_t + math.log(beta))
-    row = beta * (log_t.exp() * (log_t - log_m)).sum(-1) + (1 - beta) * (s * (log_s - log_m)).sum(-1)
+    row = beta * _weighted(log_t.exp(), log_t - log_m).sum(-1) + (1 - beta) * _weighted(s, log_s - log_m).sum(-1)
     g = (1 - beta) * (log_s - log_m)
-    return row, s * (g - (s * g).sum(-1, keepdim=True))
+    return row, s * (g - _weighted(s, g).sum(-1, keepdim=True))
 
 
 class ChunkedDistillation(torch.autograd.Function):
@@ -57,6 +62,7 @@ class ChunkedDistillation(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, target, settings):  # noqa: D102
         beta, temperature, ce_weight, chunk, dtype, teacher_dtype = settings
         wants_h, wants_w, wants_b = ctx.needs_input_grad[:3]
+        need_grad = wants_h or wants_w or wants_b  # none under no_grad (evaluation): the loss alone
         grad_hidden = torch.empty_like(hidden) if wants_h else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wants_w else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if wants_b else None
@@ -72,17 +78,21 @@ class ChunkedDistillation(torch.autograd.Function):
                 F.log_softmax(z / temperature, -1), F.log_softmax(zt / temperature, -1), beta
             )
             del zt
-            grad_z = grad_u.div_(temperature)
             if ce_weight:
                 y = target[start : start + chunk]
                 lse = torch.logsumexp(z, -1)
                 row = row + ce_weight * (lse - z.gather(1, y[:, None]).squeeze(1))
+            total += row.sum()
+            if not need_grad:
+                del z, grad_u
+                continue
+            grad_z = grad_u.div_(temperature)
+            if ce_weight:
                 probs = z.sub_(lse[:, None]).exp_()
                 probs[torch.arange(len(y), device=y.device), y] -= 1.0
                 grad_z.add_(probs, alpha=ce_weight)
                 del probs
             del z
-            total += row.sum()
             grad_z = grad_z.to(dtype)
             if grad_hidden is not None:
                 grad_hidden[start : start + chunk] = grad_z @ w
@@ -124,9 +134,17 @@ def divergence_sum(
     if hidden.shape[0] == 0:  # an all-masked batch: a zero that keeps every trained input in the graph (DDP)
         zero = hidden.sum() * 0.0
         return zero + sum((t.sum() * 0.0 for t in (weight, bias) if t is not None), zero)
-    chunk = max(16, chunk_rows(weight.shape[0]) // 4)  # a chunk holds about four logit-sized tensors at once
+    # Over the token ids both heads have: a padded vocabulary's spare rows (Qwen2.5's 151,936 against 152,064)
+    # are no tokens; the same ids the same tokens (models/checks.check_teacher).
+    teacher_weight, teacher_bias = teacher_head.weight, getattr(teacher_head, "bias", None)
+    columns = min(weight.shape[0], teacher_weight.shape[0])
+    weight, bias = weight[:columns], None if bias is None else bias[:columns]
+    teacher_weight, teacher_bias = teacher_weight[:columns], None if teacher_bias is None else teacher_bias[:columns]
+    # Each chunk holds about six logit-sized float32 tensors at once (both models' logits, log-probabilities,
+    # probabilities, the gradient): half the cross-entropy's rows, so about three of its chunks.
+    chunk = max(16, chunk_rows(columns) // 2)
     settings = (beta, temperature, ce_weight, chunk, dtype, teacher_dtype)
-    teacher = (teacher_hidden, teacher_head.weight, getattr(teacher_head, "bias", None))
+    teacher = (teacher_hidden, teacher_weight, teacher_bias)
     return ChunkedDistillation.apply(hidden, weight, bias, *teacher, target, settings)
 
 
@@ -138,16 +156,19 @@ def divergence_sum_plain(
     temperature: float,
     ce_weight: float,
 ) -> torch.Tensor:
-    """The same sum from full logits (N, V), through autograd."""
+    """The same sum from full logits (N, V) and (N, V_t), over the token ids both have, through autograd."""
+    columns = min(logits.shape[-1], teacher_logits.shape[-1])
+    logits, teacher_logits = logits[..., :columns], teacher_logits[..., :columns]
     log_s = F.log_softmax(logits.float() / temperature, -1)
     log_t = F.log_softmax(teacher_logits.float() / temperature, -1)
     if beta == 0:
-        row = (log_t.exp() * (log_t - log_s)).sum(-1)
+        row = _weighted(log_t.exp(), log_t - log_s).sum(-1)
     elif beta == 1:
-        row = (log_s.exp() * (log_s - log_t)).sum(-1)
+        row = _weighted(log_s.exp(), log_s - log_t).sum(-1)
     else:
         log_m = torch.logaddexp(log_s + math.log1p(-beta), log_t + math.log(beta))
-        row = beta * (log_t.exp() * (log_t - log_m)).sum(-1) + (1 - beta) * (log_s.exp() * (log_s - log_m)).sum(-1)
+        row = beta * _weighted(log_t.exp(), log_t - log_m).sum(-1)
+        row = row + (1 - beta) * _weighted(log_s.exp(), log_s - log_m).sum(-1)
     if ce_weight:
         row = row + ce_weight * F.cross_entropy(logits.float(), target, reduction="none")
     return row.sum()
