@@ -130,3 +130,18 @@ def test_flops_per_token_counts_the_batches_training_draws():
     # gradient); grouped, the batches hold no padding, so that is the cost per token.
     per_token = bench_sft.flops_per_token(Trainer(), batches=4)
     assert per_token == pytest.approx(2 * 2 * width * width)
+
+
+@pytest.mark.slow
+def test_distill_benchmark_runs_both_ways_to_the_same_loss(tiny_llama, tmp_path):
+    """bench_distill.py on the tiny model: both ways print a row, with the same loss (the chunks change how, not
+    what, is computed)."""
+    command = [sys.executable, str(ROOT / "bench" / "bench_distill.py"), "--model", str(tiny_llama)]
+    command += ["--length", "32", "--steps", "1", "--beta", "0.5"]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith(("| chunks", "| full"))]
+    assert len(rows) == 2
+    assert float(rows[0][4]) == pytest.approx(float(rows[1][4]), rel=1e-5)
