@@ -245,7 +245,7 @@ def test_model_ref_where_nothing_reads_it_is_refused(tiny_llama, tmp_path, capsy
     args = ["llm", "--train", "--trainer", trainer, "--model", str(tiny_llama), "--data-path", str(_data(tmp_path))]
     args += ["--project-name", str(tmp_path / "run"), "--model-ref", str(tiny_llama), *extra]
     assert main(args) == 2
-    assert "model_ref names a reference model, read by dpo, kto and grpo" in capsys.readouterr().err
+    assert "model_ref names a reference model, read by dpo, kto, grpo and rloo" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import ClassVar
 
@@ -310,8 +310,8 @@ class LLMParams(Params):
     # --- preference trainers
     model_ref: str | None = param(
         None,
-        "dpo, kto, grpo (beta > 0): reference model (default: the base model with the adapter off, or a frozen copy "
-        "without peft).",
+        "dpo, kto, grpo and rloo (beta > 0): reference model (default: the base model with the adapter off, or a "
+        "frozen copy without peft).",
     )
     dpo_beta: float = param(
         0.1,
@@ -378,7 +378,11 @@ class LLMParams(Params):
     num_generations: int = param(8, "grpo: completions sampled per prompt (a group; its rewards are compared).")
     temperature: float = param(1.0, "grpo: sampling temperature of the completions.")
     top_p: float = param(1.0, "grpo: nucleus sampling of the completions.")
-    beta: float = param(0.0, "grpo: weight of the KL term to the reference model (0: none, no reference pass).")
+    beta: float = param(
+        0.0,
+        "grpo: weight of the KL term to the reference model (0: none, no reference pass); rloo: of the KL penalty "
+        "in the reward (TRL's RLOO defaults to 0.05).",
+    )
     use_bias_correction_kl: bool = param(
         True, "grpo: weigh the KL term by the probability ratio (DeepSeek-V3.2's unbiased KL gradient, TRL's default)."
     )
@@ -394,6 +398,9 @@ class LLMParams(Params):
         "group", "grpo: divide advantages by the group's reward std, the batch's, or not.", ("group", "batch", "none")
     )
     mask_truncated_completions: bool = param(False, "grpo: no loss on completions cut at max_completion_length.")
+    normalize_advantages: bool = param(
+        False, "rloo: the leave-one-out advantages normalised over the batch (mean 0, std 1), TRL's setting."
+    )
     completions_every: int = param(
         10, "grpo: every N steps, write sample completions with their rewards to completions.jsonl (0: never)."
     )
@@ -442,17 +449,24 @@ class LLMParams(Params):
     def _check_rewards(self) -> None:
         if not self.reward_functions:
             raise ConfigError(
-                "grpo needs reward_functions (--reward-functions): built-ins such as answer_tag,format_tag, or "
-                "my_rewards.py:my_function (docs/grpo.md)"
+                f"{self.trainer} needs reward_functions (--reward-functions): built-ins such as "
+                "answer_tag,format_tag, or my_rewards.py:my_function (docs/grpo.md)"
             )
         if self.num_generations < 2:
             raise ConfigError(f"num_generations must be at least 2 (a group to compare), got {self.num_generations}")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
-            raise ConfigError("grpo samples its completions: temperature must be > 0 and top_p in (0, 1]")
+            raise ConfigError(f"{self.trainer} samples its completions: temperature must be > 0 and top_p in (0, 1]")
         if self.epsilon <= 0 or (self.epsilon_high is not None and self.epsilon_high <= 0):
             raise ConfigError("epsilon and epsilon_high must be positive")
         if self.beta < 0:
             raise ConfigError(f"beta must be 0 or positive, got {self.beta}")
+        # Each method's own settings: one given to the other would change nothing, silently.
+        defaults = {f.name: f.default for f in fields(self)}
+        own = {"grpo": ("loss_type", "scale_rewards", "use_bias_correction_kl"), "rloo": ("normalize_advantages",)}
+        for trainer, names in own.items():
+            for name in names:
+                if self.trainer != trainer and getattr(self, name) != defaults[name]:
+                    raise ConfigError(f"{name} is read by trainer {trainer}, not {self.trainer}: leave it out")
 
     def _check_preference_losses(self) -> None:
         if isinstance(self.dpo_loss_type, (list, tuple)):  # a YAML list
@@ -485,11 +499,12 @@ class LLMParams(Params):
                 "precompute_ref_log_probs is for trainer dpo (kto's KL estimate pairs the answers of each batch, "
                 "which change every epoch; the other methods have no reference)"
             )
-        uses_reference = REGISTRY[self.trainer].reference or (self.trainer == "grpo" and self.beta > 0)
+        sampled = REGISTRY[self.trainer].data == "prompts"  # grpo, rloo: a reference only for their KL term
+        uses_reference = REGISTRY[self.trainer].reference or (sampled and self.beta > 0)
         if self.model_ref and not uses_reference:
-            why = "grpo with beta 0 has no KL term" if self.trainer == "grpo" else f"{self.trainer} has none"
+            why = f"{self.trainer} with beta 0 has no KL term" if sampled else f"{self.trainer} has none"
             raise ConfigError(
-                f"model_ref names a reference model, read by dpo, kto and grpo (beta > 0); {why}: leave it out"
+                f"model_ref names a reference model, read by dpo, kto, grpo and rloo (beta > 0); {why}: leave it out"
             )
         reference_is_base = self.peft and not self.model_ref and uses_reference
         if reference_is_base and self.init_lora_weights in ("pissa", "olora"):

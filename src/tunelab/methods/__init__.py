@@ -111,6 +111,21 @@ REGISTRY: dict[str, Entry] = {
         # not let a run with other rewards skip that check
         data_params=("max_prompt_length", "reward_functions", "reward_answer_column"),
     ),
+    "rloo": Entry(
+        "rloo",
+        "prompts",
+        "REINFORCE leave-one-out: sampled completions scored by reward functions, each against its group's others",
+        params=(
+            "reward_functions",
+            "reward_weights",
+            "num_generations",
+            "max_completion_length",
+            "temperature",
+            "beta",
+            "normalize_advantages",
+        ),  # fmt: skip
+        data_params=("max_prompt_length", "reward_functions", "reward_answer_column"),
+    ),
 }
 
 

@@ -256,7 +256,17 @@ class GRPOTrainer(GuardedTrainer):
         unscorable = torch.isnan(per_function).all(1)
         total = (per_function * weights).nansum(1)
         total[unscorable] = math.nan
-        advantages, std = group_advantages(total, self.group, self.params.scale_rewards)
+        batch = {
+            "prompt_ids": prompt_ids,
+            "prompt_mask": prompt_mask,
+            "completion_ids": completion_ids,
+            "completion_mask": completion_mask,
+        }
+        batch["input_ids"] = torch.cat([prompt_ids, completion_ids], 1)  # for Trainer's token counting
+        if self.beta != 0.0:
+            batch["ref_logps"] = self._reference_logps(batch)
+        advantages, std = self.advantages_of(total, batch)
+        batch["advantages"] = advantages.to(device)
 
         for reward, column in zip(self.rewards, per_function.T, strict=True):
             self._record(f"rewards/{reward.name}/mean", torch.nanmean(column))
@@ -269,18 +279,13 @@ class GRPOTrainer(GuardedTrainer):
         self._record("completions/clipped_ratio", truncated.float().mean())
         if index == 0 and not self._prefix and self._writes_samples():
             self._write_samples(repeated, texts, per_function, total, advantages)
-
-        batch = {
-            "prompt_ids": prompt_ids,
-            "prompt_mask": prompt_mask,
-            "completion_ids": completion_ids,
-            "completion_mask": completion_mask,
-            "advantages": advantages.to(device),
-        }
-        batch["input_ids"] = torch.cat([prompt_ids, completion_ids], 1)  # for Trainer's token counting
-        if self.beta != 0.0:
-            batch["ref_logps"] = self._reference_logps(batch)
         return batch
+
+    def advantages_of(self, total: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(each completion's advantage, its group's reward std) from the total rewards (NaN: unscored), group after
+        group: grpo's is the reward minus the group's mean, scaled (scale_rewards); a method's subclass has its own
+        (methods/rloo.py)."""
+        return group_advantages(total, self.group, self.params.scale_rewards)
 
     def _reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.ref_model is not None:

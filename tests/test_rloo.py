@@ -1,0 +1,166 @@
+"""`--trainer rloo`: its advantages are TRL's RLOOTrainer's (leave-one-out, the KL penalty in the reward), its loss
+and gradients equal TRL's on the same batch, and a tiny run trains end to end, writing its completions."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from tests.conftest import read_metrics
+from tests.test_grpo import _batch, _run
+from tunelab.cli import main
+from tunelab.config.llm import LLMParams
+from tunelab.errors import ConfigError
+from tunelab.methods.rloo import leave_one_out
+
+
+def _trl_advantages(rewards: torch.Tensor, group: int, normalize: bool) -> torch.Tensor:
+    """TRL's RLOOTrainer._generate_and_score_completions, its advantage lines, for the rewards given."""
+    from trl.trainer.utils import nanstd as trl_nanstd
+
+    grouped = rewards.view(-1, group)
+    scorable = (~torch.isnan(grouped)).sum(dim=1, keepdim=True)
+    grouped_sum = torch.nansum(grouped, dim=1, keepdim=True)
+    advantages = rewards - ((grouped_sum - grouped) / (scorable - 1)).view(-1)
+    if normalize:
+        advantages = (advantages - torch.nanmean(advantages)) / (trl_nanstd(advantages) + 1e-4)
+    return torch.nan_to_num(advantages, nan=0.0)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_advantages_are_trls_leave_one_out(normalize):
+    rewards = torch.tensor([1.0, 0.0, 0.5, 2.0, math.nan, 1.0, 3.0, -1.0, math.nan, math.nan, 4.0, 0.0])
+    advantages, _ = leave_one_out(rewards, 4, normalize)
+    torch.testing.assert_close(advantages, _trl_advantages(rewards, 4, normalize))
+    if not normalize:  # each completion against the mean of its group's other scored ones
+        assert advantages[0].item() == pytest.approx(1.0 - (0.0 + 0.5 + 2.0) / 3)
+        assert advantages[4].item() == 0.0  # unscored: no advantage, and in no baseline
+        assert advantages[5].item() == pytest.approx(1.0 - (3.0 - 1.0) / 2)
+
+
+@pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
+def test_loss_gradients_and_kl_penalty_equal_trls(tiny_llama, tmp_path, peft):
+    """The same batch through TRL's RLOOTrainer and tunelab's: the rewards less the KL penalty (beta 0.05, the
+    reference the frozen start or the adapter-less base), their leave-one-out advantages, then the loss of each
+    completion's summed log-probability at temperature 0.7, and its gradients."""
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import RLOOConfig
+    from trl import RLOOTrainer as TRLRLOOTrainer
+
+    from tunelab.methods.rloo import RLOOTrainer
+    from tunelab.training.trainer import training_arguments
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.pad_token = tokenizer.eos_token
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    torch.manual_seed(1)
+    if peft:
+        lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+        base = get_peft_model(base, lora)
+        with torch.no_grad():
+            for name, p in base.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.1)
+    reference = None if peft else copy.deepcopy(base)
+    if reference is not None:
+        with torch.no_grad():
+            for p in base.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+    settings = dict(beta=0.05, temperature=0.7, max_completion_length=7, epsilon=0.2)
+    batch = _batch(tokenizer)
+    rewards = torch.tensor([1.0, 0.0, 0.5, 2.0])
+
+    params = LLMParams(
+        model=str(tiny_llama), project_name=str(tmp_path / "ours"), trainer="rloo", reward_functions="format_tag",
+        num_generations=2, batch_size=2, gradient_accumulation=1, peft=peft, **settings,
+    )  # fmt: skip
+    args = training_arguments(params, str(tmp_path / "ours"), 1, False)
+    ours = RLOOTrainer(
+        params=params, model=copy.deepcopy(base), args=args, processing_class=tokenizer, train_dataset=[1],
+        ref_model=copy.deepcopy(reference) if reference is not None else None,
+    )  # fmt: skip
+    ours.current_gradient_accumulation_steps = 1
+    ours.model.train()
+    our_batch = {**batch, "ref_logps": ours._reference_logps(batch)}
+    advantages, _ = ours.advantages_of(rewards.clone(), our_batch)
+    our_batch["advantages"] = advantages
+    loss = ours.compute_loss(ours.model, our_batch)
+
+    config = RLOOConfig(
+        output_dir=str(tmp_path / "trl"), use_cpu=True, bf16=False, gradient_checkpointing=False, report_to=[],
+        save_strategy="no", per_device_train_batch_size=4, num_generations=2, **settings,
+    )  # fmt: skip
+    trl = TRLRLOOTrainer(
+        model=copy.deepcopy(base),
+        reward_funcs=lambda completions, **_: [0.0] * len(completions),
+        args=config,
+        train_dataset=Dataset.from_list([{"prompt": "What is 2 + 3?"}] * 4),
+        processing_class=tokenizer,
+    )
+    if reference is not None:
+        from trl.trainer.utils import add_fused_lm_head
+
+        trl.ref_model = copy.deepcopy(reference)
+        add_fused_lm_head(trl.ref_model, temperature=config.temperature)  # as TRL's own reference gets it
+    trl.model.train()
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    completion_mask = batch["completion_mask"]
+    with torch.no_grad():  # TRL's rollout: the sampling policy's and the reference's per-token log-probs
+        old, _, _ = trl._get_per_token_logps_and_entropies(trl.model, ids, mask, 7)
+        if reference is not None:
+            ref, _, _ = trl._get_per_token_logps_and_entropies(trl.ref_model, ids, mask, 7)
+        else:
+            with trl.model.disable_adapter():
+                ref, _, _ = trl._get_per_token_logps_and_entropies(trl.model, ids, mask, 7)
+    kl = ((old - ref) * completion_mask).sum(-1)
+    trl_advantages = _trl_advantages(rewards - config.beta * kl, 2, normalize=False)
+    old_logps = (old * completion_mask).sum(1)
+    trl_loss = trl._compute_loss(trl.model, {**batch, "advantages": trl_advantages, "old_logps": old_logps})
+
+    torch.testing.assert_close(advantages, trl_advantages, atol=1e-5, rtol=1e-4)
+    assert (kl.abs() > 1e-4).all()  # the penalty is there to compare
+    kl_per_token = ((old - ref) * completion_mask).sum() / completion_mask.sum()
+    assert ours._metrics["kl"][0] == pytest.approx(kl_per_token.item(), abs=1e-5)
+    # On-policy the ratio is 1 and a group's leave-one-out advantages sum to 0: the loss is 0, its gradient not.
+    assert loss.item() == pytest.approx(trl_loss.item(), abs=1e-5)
+    loss.backward()
+    trl_loss.backward()
+    ours_grads = [p.grad for p in ours.model.parameters() if p.requires_grad]
+    trl_grads = [p.grad for p in trl.model.parameters() if p.requires_grad]
+    assert max(g.abs().max().item() for g in ours_grads) > 1e-3
+    for a, b in zip(ours_grads, trl_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-3)
+
+
+def test_a_tiny_run_trains_and_writes_its_completions(tiny_llama, tmp_path):
+    rewards = f"{tmp_path / 'my_rewards.py'}:correct,{tmp_path / 'my_rewards.py'}:short"
+    args = _run(tmp_path, tiny_llama, rewards, "--beta", "0.05", "--normalize-advantages", "true")
+    args[args.index("grpo")] = "rloo"
+    assert main(args) == 0
+    run = tmp_path / "run"
+    records = [r for r in read_metrics(run) if "loss" in r]
+    assert len(records) == 2
+    for key in ("reward", "reward_std", "kl", "completions/mean_length", "clip_ratio/region_mean"):
+        assert key in records[0], key
+    samples = [json.loads(line) for line in (run / "completions.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} == {1, 2}
+    assert json.loads((run / "tunelab_run.json").read_text())["trainer"] == "rloo"
+
+
+def test_each_methods_own_settings_are_refused_on_the_other():
+    common = dict(reward_functions="format_tag")
+    for bad, said in [
+        (dict(trainer="rloo", loss_type="grpo"), "loss_type is read by trainer grpo, not rloo"),
+        (dict(trainer="rloo", scale_rewards="none"), "scale_rewards is read by trainer grpo, not rloo"),
+        (dict(trainer="grpo", normalize_advantages=True), "normalize_advantages is read by trainer rloo, not grpo"),
+        (dict(trainer="rloo", reward_functions=None), "rloo needs reward_functions"),
+    ]:
+        with pytest.raises(ConfigError, match=said):
+            LLMParams(**{**common, **bad})
