@@ -220,9 +220,12 @@ class LLMParams(Params):
     rope_scaling_factor: float | None = param(
         None, "With rope_scaling: how many times the model's positions to stretch (above 1; default: see above)."
     )
-    max_prompt_length: int = param(128, "Preference trainers and grpo: longest prompt kept (truncated from the left).")
+    max_prompt_length: int = param(
+        128, "Preference trainers, grpo and rloo: longest prompt kept (truncated from the left)."
+    )
     max_completion_length: int | None = param(
-        None, "Preference trainers: longest completion kept; grpo: tokens generated per completion (default 256)."
+        None,
+        "Preference trainers: longest completion kept; grpo, rloo: tokens generated per completion (default 256).",
     )
     padding: str = param(
         "right",
@@ -365,19 +368,22 @@ class LLMParams(Params):
         "(0: the teacher alone, as TRL's GKD).",
     )
 
-    # --- grpo (rewards.py, methods/grpo.py; names and defaults as TRL's GRPOConfig unless said)
+    # --- grpo and rloo (rewards.py, methods/grpo.py, methods/rloo.py; names and defaults as TRL's GRPOConfig unless
+    # said)
     reward_functions: str | None = param(
         None,
-        "grpo: rewards, comma-separated: built-ins (answer_tag, answer_hash, answer_boxed, answer_last_number, "
+        "grpo, rloo: rewards, comma-separated: built-ins (answer_tag, answer_hash, answer_boxed, answer_last_number, "
         "format_tag, format_think, format_regex, valid_json, length_penalty) or file.py:function (docs/grpo.md).",
     )
-    reward_weights: str | None = param(None, "grpo: a weight per reward, comma-separated (default: 1 each).")
-    reward_answer_column: str = param("answer", "grpo: the column the answer_* rewards compare with.")
-    reward_regex: str | None = param(None, "grpo: the pattern format_regex looks for (re.search).")
-    reward_json_schema: str | None = param(None, "grpo: a JSON schema file valid_json checks against (jsonschema).")
-    num_generations: int = param(8, "grpo: completions sampled per prompt (a group; its rewards are compared).")
-    temperature: float = param(1.0, "grpo: sampling temperature of the completions.")
-    top_p: float = param(1.0, "grpo: nucleus sampling of the completions.")
+    reward_weights: str | None = param(None, "grpo, rloo: a weight per reward, comma-separated (default: 1 each).")
+    reward_answer_column: str = param("answer", "grpo, rloo: the column the answer_* rewards compare with.")
+    reward_regex: str | None = param(None, "grpo, rloo: the pattern format_regex looks for (re.search).")
+    reward_json_schema: str | None = param(
+        None, "grpo, rloo: a JSON schema file valid_json checks against (jsonschema)."
+    )
+    num_generations: int = param(8, "grpo, rloo: completions sampled per prompt (a group; its rewards are compared).")
+    temperature: float = param(1.0, "grpo, rloo: sampling temperature of the completions.")
+    top_p: float = param(1.0, "grpo, rloo: nucleus sampling of the completions.")
     beta: float = param(
         0.0,
         "grpo: weight of the KL term to the reference model (0: none, no reference pass); rloo: of the KL penalty "
@@ -386,8 +392,12 @@ class LLMParams(Params):
     use_bias_correction_kl: bool = param(
         True, "grpo: weigh the KL term by the probability ratio (DeepSeek-V3.2's unbiased KL gradient, TRL's default)."
     )
-    epsilon: float = param(0.2, "grpo: clipping range of the probability ratio (lower side, and upper by default).")
-    epsilon_high: float | None = param(None, "grpo: upper clipping range (DAPO's clip-higher; default: epsilon).")
+    epsilon: float = param(
+        0.2, "grpo, rloo: clipping range of the probability ratio (lower side, and upper by default)."
+    )
+    epsilon_high: float | None = param(
+        None, "grpo, rloo: upper clipping range (DAPO's clip-higher; default: epsilon)."
+    )
     loss_type: str = param(
         "dapo",
         "grpo: loss normalisation: grpo (per completion), bnpo (per token of the micro-batch), dr_grpo (fixed "
@@ -397,12 +407,12 @@ class LLMParams(Params):
     scale_rewards: str = param(
         "group", "grpo: divide advantages by the group's reward std, the batch's, or not.", ("group", "batch", "none")
     )
-    mask_truncated_completions: bool = param(False, "grpo: no loss on completions cut at max_completion_length.")
+    mask_truncated_completions: bool = param(False, "grpo, rloo: no loss on completions cut at max_completion_length.")
     normalize_advantages: bool = param(
         False, "rloo: the leave-one-out advantages normalised over the batch (mean 0, std 1), TRL's setting."
     )
     completions_every: int = param(
-        10, "grpo: every N steps, write sample completions with their rewards to completions.jsonl (0: never)."
+        10, "grpo, rloo: every N steps, write sample completions with their rewards to completions.jsonl (0: never)."
     )
 
     # --- logging and saving
