@@ -5,8 +5,10 @@ job's token across a restart (sealed, never in clear), and the security cases of
 
 from __future__ import annotations
 
+import html
 import io
 import json
+import re
 import shutil
 import time
 import zipfile
@@ -180,6 +182,33 @@ def test_run_again_shows_a_job_s_object_and_list_parameters_as_the_text_its_fiel
         again = {**SHORT_RUN, "chat_template_kwargs": '{"brief": true}', "add_tokens": "<a>,<b>"}  # as the form sends
         status, body = app.post_json(f"/api/projects/{project['id']}/preview", {"params": again})
         assert status == 200, body
+
+
+def test_run_again_carries_the_parameters_set_outside_the_form(app, tiny_llama):
+    """A job given target_modules and lora_rank_pattern through the API (no field of the form): "run again" lists
+    them, sends them back, and the new job has them; what the page did not write is dropped, not trusted."""
+    _, project = new_project(app, tiny_llama)
+    outside_form = {"target_modules": "q_proj,v_proj", "lora_rank_pattern": "q_proj=8"}
+    params = {**SHORT_RUN, "max_steps": 1, **outside_form}
+    status, job = app.post_json(f"/api/projects/{project['id']}/jobs", {"params": params, "evaluate": False})
+    assert status == 201, job
+    wait_for(app, [job["id"]])
+    url = f"/projects/{project['id']}/params"
+    page = app.request("GET", f"{url}?from_job={job['id']}")[2].decode()
+    assert 'id="carried"' in page and "<code>target_modules: q_proj,v_proj</code>" in page
+    carried = html.unescape(re.search(r'name="carried" value="([^"]*)"', page).group(1))
+    assert json.loads(carried) == outside_form  # the form's own fields are filled, not carried
+    form = {k: str(v) for k, v in SHORT_RUN.items()} | {"peft": "on", "lr": "0.0002", "max_steps": "1"}
+    assert app.post_form(url, {**form, "carried": carried, "action": "start"})[0] == 303
+    again = next(j for j in app.get_json("/api/jobs")[1] if j["id"] != job["id"])
+    assert {k: again["params"][k] for k in outside_form} == outside_form
+    wait_for(app, [again["id"]])
+
+    sneaked = json.dumps({"project_name": "/tmp/elsewhere", "cache_dir": "/tmp/cache", "lr": 5})
+    status, page = app.post_form(url, {**form, "carried": sneaked, "action": "check"})
+    assert status == 200 and "/tmp/elsewhere" not in page and 'id="carried"' not in page
+    status, page = app.post_form(url, {**form, "carried": "{oops", "action": "check"})
+    assert status == 400 and "the carried parameters are not a JSON object" in page
 
 
 def test_a_dpo_job_ends_with_its_preference_evaluation_on_its_page(app, tiny_llama):

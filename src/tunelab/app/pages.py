@@ -17,7 +17,16 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response, StreamingResponse
 
 from tunelab.app.jobs import COMPLETED, RUNNING
-from tunelab.app.params import CLASSIFIER, build_params, default_values, field_specs, form_values, is_classifier
+from tunelab.app.params import (
+    CLASSIFIER,
+    build_params,
+    carried_params,
+    default_values,
+    field_specs,
+    form_values,
+    is_classifier,
+    read_carried,
+)
 from tunelab.app.preview import preview
 from tunelab.app.projects import FormErrors, create_project, save_mapping, start_job
 from tunelab.app.results import evaluation, final_metrics, zip_stream
@@ -197,12 +206,13 @@ def params_page(request: Request, project_id: int, from_job: int | None = None) 
     project = project_or_404(request, project_id)
     trainer = project["settings"]["trainer"]
     values = default_values(trainer)
-    note = None
+    note, carried = None, {}
     if from_job is not None:
         job = job_or_404(request, from_job)
         values.update({k: v for k, v in job["params"].items() if k in values and k != "token"})
+        carried = carried_params(job["params"], trainer)  # set through the API or a config: kept, and listed
         note = f"The parameters of {job['name']}: change what you want to try, then Start Training."
-    return _params_page(request, project, values, {}, note=note)
+    return _params_page(request, project, values, {}, note=note, carried=carried)
 
 
 def _params_page(
@@ -216,14 +226,18 @@ def _params_page(
     unfit: bool = False,
     evaluate: bool = True,
     token_given: bool = False,
+    carried: dict[str, Any] | None = None,
 ) -> HTMLResponse:
     fields = field_specs(project["settings"]["trainer"])
     # An object parameter (chat_template_kwargs) a job was given as JSON through the API: shown as JSON text; a list
     # (add_tokens) as the comma-separated text the field takes
     values = {name: _as_field_text(v) for name, v in values.items()}
+    carried = carried or {}
+    shown_carried = {name: _as_field_text(v) for name, v in carried.items()}
     return render(
         request, "params.html", status, project=project, fields=fields, values=values, errors=errors,
-        plan=plan or {}, note=note, unfit=unfit, evaluate=evaluate, token_given=token_given,
+        plan=plan or {}, note=note, unfit=unfit, evaluate=evaluate, token_given=token_given, carried=carried,
+        carried_json=json.dumps(carried), carried_text=shown_carried,
     )  # fmt: skip
 
 
@@ -240,7 +254,11 @@ async def params_submit(request: Request, project_id: int) -> Response:
     project = project_or_404(request, project_id)
     trainer = project["settings"]["trainer"]
     form = await posted_form(request)
-    values = form_values(form, trainer)
+    try:
+        carried = read_carried(form.get("carried"), trainer)  # "run again": a job's parameters beyond the form
+    except FieldError as err:
+        return _params_page(request, project, default_values(trainer), {err.field: err.message}, 400)
+    values = {**carried, **form_values(form, trainer)}
     shown_values = {**default_values(trainer), **values}
     app = state(request)
     action = form.get("action")
@@ -260,12 +278,14 @@ async def params_submit(request: Request, project_id: int) -> Response:
         try:
             job_id = start_job(app.config, app.store, app.worker, project, values, token, "evaluate" in form)
         except FormErrors as err:
-            return _params_page(request, project, shown_values, err.errors, 400, evaluate="evaluate" in form)
+            return _params_page(
+                request, project, shown_values, err.errors, 400, evaluate="evaluate" in form, carried=carried
+            )
         return RedirectResponse(f"/jobs/{job_id}", status_code=303)
     unfit = action == "start" and plan.get("fits") is False
     return _params_page(
         request, project, shown_values, errors, 400 if errors else 200, plan, unfit=unfit,
-        evaluate="evaluate" in form, token_given=token is not None,
+        evaluate="evaluate" in form, token_given=token is not None, carried=carried,
     )  # fmt: skip
 
 

@@ -7,6 +7,7 @@ shown on the field it names. An LLM project's form has the common fields plus it
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,29 @@ def field_specs(trainer: str | None = "sft") -> list[FieldSpec]:
             shown = "str"
         specs.append(FieldSpec(name, shown, default, f.metadata["help"], choices, "None" in kind))
     return specs
+
+
+def carried_params(params: dict[str, Any], trainer: str | None) -> dict[str, Any]:
+    """The parameters of a job that "run again" carries beyond the form: those a job was given through the API or a
+    config (target_modules, lora_rank_pattern...) with a value other than the schema's default. The form's own
+    fields, the project's and the token are not among them (they are filled, fixed, or typed again)."""
+    schema = {f.name: f.default for f in dataclasses.fields(schema_of(trainer))}
+    kept = {*form_fields(trainer), *FIXED_BY_PROJECT, *REFUSED_FIELDS, "token"}
+    return {k: v for k, v in params.items() if k in schema and k not in kept and v != schema[k]}
+
+
+def read_carried(text: str | None, trainer: str | None) -> dict[str, Any]:
+    """The carried parameters a params form sends back (JSON in its hidden field): only names carried_params could
+    have written (anything else is dropped, not trusted); FieldError("form") for text that is not a JSON object."""
+    if not text:
+        return {}
+    try:
+        values = json.loads(text)
+    except ValueError:
+        values = None
+    if not isinstance(values, dict):
+        raise FieldError("form", "the carried parameters are not a JSON object: open the page again")
+    return carried_params(values, trainer)
 
 
 def form_values(form: dict[str, str], trainer: str | None = "sft") -> dict[str, Any]:
