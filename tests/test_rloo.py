@@ -15,7 +15,7 @@ from tests.test_grpo import _batch, _run
 from tunelab.cli import main
 from tunelab.config.llm import LLMParams
 from tunelab.errors import ConfigError
-from tunelab.methods.rloo import leave_one_out
+from tunelab.methods.rloo import leave_one_out, settled
 
 
 def _trl_advantages(rewards: torch.Tensor, group: int, normalize: bool) -> torch.Tensor:
@@ -31,15 +31,40 @@ def _trl_advantages(rewards: torch.Tensor, group: int, normalize: bool) -> torch
     return torch.nan_to_num(advantages, nan=0.0)
 
 
-@pytest.mark.parametrize("normalize", [False, True])
-def test_advantages_are_trls_leave_one_out(normalize):
-    rewards = torch.tensor([1.0, 0.0, 0.5, 2.0, math.nan, 1.0, 3.0, -1.0, math.nan, math.nan, 4.0, 0.0])
-    advantages, _ = leave_one_out(rewards, 4, normalize)
-    torch.testing.assert_close(advantages, _trl_advantages(rewards, 4, normalize))
-    if not normalize:  # each completion against the mean of its group's other scored ones
-        assert advantages[0].item() == pytest.approx(1.0 - (0.0 + 0.5 + 2.0) / 3)
-        assert advantages[4].item() == 0.0  # unscored: no advantage, and in no baseline
-        assert advantages[5].item() == pytest.approx(1.0 - (3.0 - 1.0) / 2)
+REWARDS = torch.tensor([1.0, 0.0, 0.5, 2.0, math.nan, 1.0, 3.0, -1.0, math.nan, math.nan, 4.0, 0.0])
+
+
+def test_advantages_are_trls_leave_one_out():
+    raw, _ = leave_one_out(REWARDS, 4)
+    advantages = settled(raw)
+    torch.testing.assert_close(advantages, _trl_advantages(REWARDS, 4, normalize=False))
+    assert advantages[0].item() == pytest.approx(1.0 - (0.0 + 0.5 + 2.0) / 3)  # against its group's others
+    assert advantages[4].item() == 0.0  # unscored: no advantage, and in no baseline
+    assert advantages[5].item() == pytest.approx(1.0 - (3.0 - 1.0) / 2)
+
+
+def test_normalize_advantages_takes_the_whole_step(tiny_llama, tmp_path):
+    """normalize_advantages: over every micro-batch of the step at once (TRL's generation batch), not each apart;
+    the unscored left out of the mean and std, then 0."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.methods.rloo import RLOOTrainer
+    from tunelab.training.trainer import training_arguments
+
+    params = LLMParams(
+        model=str(tiny_llama), project_name=str(tmp_path), trainer="rloo", reward_functions="format_tag",
+        num_generations=4, normalize_advantages=True,
+    )  # fmt: skip
+    trainer = RLOOTrainer(
+        params=params, model=AutoModelForCausalLM.from_pretrained(tiny_llama), processing_class=
+        AutoTokenizer.from_pretrained(tiny_llama), args=training_arguments(params, str(tmp_path), 1, False),
+        train_dataset=[1],
+    )  # fmt: skip
+    raw = [trainer.advantages_of(part, {})[0] for part in REWARDS.split(8)]  # two micro-batches: 8 and 4
+    batches = [{"advantages": advantages} for advantages in raw]
+    trainer.finish_advantages(batches)
+    got = torch.cat([batch["advantages"] for batch in batches])
+    torch.testing.assert_close(got, _trl_advantages(REWARDS, 4, normalize=True))
 
 
 @pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])

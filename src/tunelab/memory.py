@@ -213,7 +213,8 @@ def estimate_memory(
         weights, weight_dtype = n_params * 2, params.mixed_precision
     else:
         weights, weight_dtype = n_params * 4, "fp32"
-    reference = _has_reference(params) and not params.peft
+    # a second copy under full training; under LoRA the base with the adapter off, unless model_ref loads another
+    reference = _has_reference(params) and (not params.peft or bool(getattr(params, "model_ref", None)))
     if reference and getattr(params, "precompute_ref_log_probs", False):
         notes.append(
             f"reference log-probs precomputed: no reference model in memory ({weights / 2**30:.2f} GiB saved)"
@@ -604,7 +605,8 @@ def _has_reference(params: RunParams) -> bool:
     from tunelab.methods import REGISTRY
 
     entry = REGISTRY.get(params.trainer)
-    return bool(entry and entry.reference)
+    sampled_kl = bool(entry and entry.data == "prompts" and getattr(params, "beta", 0.0) > 0)  # grpo, rloo's KL
+    return bool(entry and (entry.reference or sampled_kl))
 
 
 def _method_data(params: RunParams) -> str | None:

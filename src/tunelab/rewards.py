@@ -194,7 +194,9 @@ def load_rewards(params: Any, max_completion_length: int) -> list[Reward]:
     """The run's rewards from --reward-functions and --reward-weights; RewardError names the first bad one."""
     names = reward_names(params.reward_functions)
     if not names:
-        raise RewardError("grpo needs --reward-functions: built-ins (" + ", ".join(BUILTINS) + ") or file.py:function")
+        raise RewardError(
+            f"{params.trainer} needs --reward-functions: built-ins (" + ", ".join(BUILTINS) + ") or file.py:function"
+        )
     weights = [1.0] * len(names)
     if params.reward_weights:
         try:

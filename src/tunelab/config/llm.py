@@ -140,8 +140,9 @@ class LLMParams(Params):
     trainer: str = param(
         "default",
         "Training method: `default` (causal LM over text cut into blocks), `sft` (per example, loss on the "
-        "answer), `reward` (reward model), `dpo`, `orpo` or `simpo` (preference pairs), `grpo` (rewards from "
-        "functions). The list is tunelab.methods.METHODS.",
+        "answer), `reward` (reward model), `dpo`, `orpo` or `simpo` (preference pairs), `kto` (answers marked "
+        "good or bad), `distill` (a teacher's distributions), `grpo` or `rloo` (rewards from functions). The list "
+        "is tunelab.methods.METHODS.",
     )
 
     # --- data shape

@@ -174,7 +174,7 @@ class GRPOTrainer(GuardedTrainer):
             ref_model = load_reference(params, like=unwrapped).to(self.args.device)
         if self.beta != 0.0 and (ref_model is not None or not hasattr(unwrapped, "disable_adapter")):
             if ref_model is None:
-                log.info("grpo: reference model = a frozen copy of the starting model")
+                log.info("%s: reference model = a frozen copy of the starting model", params.trainer)
             self.ref_model = (ref_model or copy.deepcopy(unwrapped)).requires_grad_(False).eval()
         self.trained_tokens = 0
         # Where a completion ends: the tokenizer's EOS and the model's generation config's (as TRL ends them), and
@@ -182,11 +182,13 @@ class GRPOTrainer(GuardedTrainer):
         self.end_ids = turn_end(self.processing_class, unwrapped)[0]
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._prefix = ""  # "eval_" while evaluating: its figures are logged apart from training's
+        self._samples: tuple | None = None  # the step's samples, written with their final advantages
 
     # -- rollout: once per optimizer step, for every micro-batch of it
     def get_batch_samples(self, epoch_iterator, num_batches, device):  # noqa: D102
         prompts, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
         batches = [self._rollout(rows, index) for index, rows in enumerate(prompts)]
+        self.finish_advantages(batches)
         tokens = sum(int(b["completion_mask"].sum()) for b in batches)
         tokens = (
             self.accelerator.gather(torch.tensor(tokens, device=device)).sum().item() / self.accelerator.num_processes
@@ -278,8 +280,17 @@ class GRPOTrainer(GuardedTrainer):
         self._record("completions/max_length", lengths.max())
         self._record("completions/clipped_ratio", truncated.float().mean())
         if index == 0 and not self._prefix and self._writes_samples():
-            self._write_samples(repeated, texts, per_function, total, advantages)
+            # written once the step's advantages are final (finish_advantages), with them
+            self._samples = (repeated, texts, per_function, total)
         return batch
+
+    def finish_advantages(self, batches: list[dict[str, Any]]) -> None:
+        """The step's advantages made final once every micro-batch of it is rolled out (rloo's normalisation over
+        the whole step), then this step's samples written with them."""
+        if self._samples is not None:
+            count = len(self._samples[1])
+            self._write_samples(*self._samples, batches[0]["advantages"][:count].cpu())
+            self._samples = None
 
     def advantages_of(self, total: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(each completion's advantage, its group's reward std) from the total rewards (NaN: unscored), group after
@@ -375,6 +386,7 @@ class GRPOTrainer(GuardedTrainer):
         self._prefix = "eval_"
         try:
             batch = self._rollout(inputs, 0)
+            self.finish_advantages([batch])
             with torch.no_grad():
                 loss = self.compute_loss(model, batch)
         finally:

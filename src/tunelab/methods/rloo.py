@@ -5,9 +5,11 @@ The prompts, the sampling, the rewards, the samples written and the fast log-pro
 
     reward_i    = sum of the weighted rewards - beta * sum_t (log p_old(t) - log p_ref(t))
                   (the KL to the reference as a penalty in the reward, first-order and summed over the completion,
-                  as the RLOO paper and TRL; p_old: the policy that sampled, scored without dropout)
+                  as the RLOO paper and TRL; the sampling policy and the reference both scored without dropout,
+                  where TRL scores them in training mode)
     advantage_i = reward_i - the mean reward of the other completions of its group (leave-one-out: no
-                  completion is its own baseline); normalize_advantages: then to mean 0, std 1 over the batch
+                  completion is its own baseline); normalize_advantages: then to mean 0, std 1 over the whole
+                  step (every micro-batch of every process, as TRL's generation batch)
     loss        = mean over the micro-batch's completions of -min(ratio_i A_i, clip(ratio_i, 1 - epsilon,
                   1 + epsilon_high) A_i),  ratio_i = p(completion_i) / p_old(completion_i)
 
@@ -17,24 +19,46 @@ The ratio is of whole completions (their log-probabilities summed), not of token
 
 from __future__ import annotations
 
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import Any
+
 import torch
 
 from tunelab.methods.base import Method
 from tunelab.methods.grpo import GRPOTrainer, build_prompt_rows, nanstd
 
 
-def leave_one_out(rewards: torch.Tensor, group: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+@contextlib.contextmanager
+def _without_dropout(model: Any) -> Iterator[None]:
+    """The model in eval mode (no dropout) for a scoring pass, then as it was."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def leave_one_out(rewards: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(advantages, each group's reward std) for rewards laid out group after group: each reward minus the mean
-    of its group's other scored rewards; NaN rewards (no reward scored the completion) are in no baseline and get
-    advantage 0, as is a completion alone in its group with a score."""
+    of its group's other scored rewards. NaN rewards (no reward scored the completion) are in no baseline, and
+    their advantage is NaN, as is that of a completion alone in its group with a score (`settled` makes them 0)."""
     grouped = rewards.view(-1, group)
     scored = (~torch.isnan(grouped)).sum(1, keepdim=True)
     baselines = (torch.nansum(grouped, 1, keepdim=True) - grouped) / (scored - 1)
-    advantages = (grouped - baselines).view(-1)
-    if normalize:
-        advantages = (advantages - torch.nanmean(advantages)) / (nanstd(advantages) + 1e-4)
-    std = nanstd(grouped, dim=1).repeat_interleave(group)
-    return torch.nan_to_num(advantages, nan=0.0), std
+    return (grouped - baselines).view(-1), nanstd(grouped, dim=1).repeat_interleave(group)
+
+
+def normalised(advantages: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """normalize_advantages: to mean 0 and std 1 by the step's figures (TRL's nan-aware ones)."""
+    return (advantages - mean) / (std + 1e-4)
+
+
+def settled(advantages: torch.Tensor) -> torch.Tensor:
+    """The advantages trained on: an unscorable completion's (NaN) is 0, no learning signal."""
+    return torch.nan_to_num(advantages, nan=0.0)
 
 
 def rloo_loss(
@@ -66,17 +90,31 @@ class RLOOTrainer(GRPOTrainer):
     def advantages_of(self, total: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: D102
         if self.beta != 0.0:
             mask = batch["completion_mask"]
-            model = self.accelerator.unwrap_model(self.model)
-            was_training = model.training
-            model.eval()  # the policy that sampled, without dropout's noise in its KL estimate
-            try:
+            with _without_dropout(self.accelerator.unwrap_model(self.model)):  # as the reference pass (below)
                 old = self.completion_logps(self.model, batch)
-            finally:
-                model.train(was_training)
             per_token = (old - batch["ref_logps"]) * mask
             self._record("kl", per_token.sum() / mask.sum().clamp(min=1))
             total = total - self.beta * per_token.sum(1).float().cpu()
-        return leave_one_out(total, self.group, self.params.normalize_advantages)
+        advantages, std = leave_one_out(total, self.group)
+        return (advantages if self.params.normalize_advantages else settled(advantages)), std
+
+    def _reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with _without_dropout(self.accelerator.unwrap_model(self.model)):  # the KL compares two clean passes
+            return super()._reference_logps(batch)
+
+    def finish_advantages(self, batches: list[dict[str, Any]]) -> None:
+        """normalize_advantages: over the whole step, every micro-batch of every process (TRL's generation batch),
+        the unscorable completions (NaN) left out of the mean and std, then 0."""
+        if self.params.normalize_advantages:
+            values = torch.cat([batch["advantages"].float() for batch in batches])
+            scored = values[~torch.isnan(values)]
+            figures = torch.stack([scored.sum(), (scored**2).sum(), torch.tensor(float(len(scored)))])
+            total, squares, count = self.accelerator.reduce(figures.to(self.args.device), reduction="sum").tolist()
+            mean = total / max(count, 1.0)
+            std = math.sqrt(max(squares - count * mean**2, 0.0) / (count - 1)) if count > 1 else math.nan
+            for batch in batches:
+                batch["advantages"] = settled(normalised(batch["advantages"], torch.tensor(mean), torch.tensor(std)))
+        super().finish_advantages(batches)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D102
         mask = inputs["completion_mask"]
