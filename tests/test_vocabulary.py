@@ -299,3 +299,36 @@ def test_a_reward_model_and_a_grpo_run_add_tokens_too(tiny_llama, tmp_path, caps
     flags += ["--max-completion-length", "6", "--max-steps", "2", "--peft", "--beta", "0.04"]
     assert main([*args, *flags, "--project-name", str(grpo), "--add-tokens", "<answer>,</answer>"]) == 0
     assert (grpo / "adapter_model.safetensors").is_file()
+
+
+def test_a_reference_starts_the_new_tokens_spare_rows_as_the_model_does(tiny_llama, tmp_path):
+    """In a padded vocabulary (Qwen's) an added token takes a spare row, which the model starts at the mean of the
+    others; a model_ref (dpo, kto, grpo) starts that row the same, not at its checkpoint's spare value."""
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.config.llm import LLMParams
+    from tunelab.models import load_model, load_reference, load_tokenizer, resolve_model
+    from tunelab.models.vocabulary import add_tokens
+
+    padded = tmp_path / "padded"
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    rows = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(rows + 8, mean_resizing=False)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[rows:] = 5.0  # spare rows far from any token's
+    model.save_pretrained(padded)
+    for file in tiny_llama.glob("*"):
+        if "token" in file.name or file.suffix == ".jinja":
+            (padded / file.name).write_bytes(file.read_bytes())
+
+    params = LLMParams(model=str(padded), model_ref=str(padded), trainer="dpo", add_tokens="<x>")
+    source = resolve_model(str(padded))
+    tokenizer = load_tokenizer(source)
+    new_ids = add_tokens(tokenizer, ["<x>"], [])
+    assert new_ids == [rows]  # a spare row: nothing grows
+    trained = load_model(source, params, tokenizer=tokenizer, new_token_ids=new_ids)
+    reference = load_reference(params, like=trained)
+    start = trained.get_input_embeddings().weight[rows]
+    assert start.abs().max() < 1.0  # the mean of the tokens' rows, not the spare 5.0
+    assert torch.equal(reference.get_input_embeddings().weight[rows], start)
+    assert torch.equal(reference.get_input_embeddings().weight[rows + 1], torch.full_like(start, 5.0))  # untouched

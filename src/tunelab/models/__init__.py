@@ -45,6 +45,8 @@ __all__ = [
 
 log = logging.getLogger("tunelab")
 
+NEW_TOKEN_IDS = "tunelab_new_token_ids"  # the model's attribute: ids of the tokens the run added (not those it had)
+
 
 def half_precision(params: RunParams) -> Any:
     """The torch half dtype the params' mixed precision asks for (bf16/fp16), or None."""
@@ -60,8 +62,8 @@ def load_reference(params: RunParams, like: Any = None) -> Any:
     rows were)."""
     log.info("%s: reference model = %s", params.trainer, params.model_ref)
     reference = _frozen_model(params.model_ref, params)
-    if like is not None:
-        fit_embeddings(reference, embedding_rows(like))
+    if like is not None:  # the new tokens' rows (spare rows, in a padded vocabulary) start where the model's did
+        fit_embeddings(reference, embedding_rows(like), getattr(like, NEW_TOKEN_IDS, None))
     return reference
 
 
@@ -122,6 +124,7 @@ def load_model(
     if tokenizer is not None and (listed := listed_tokens(params)):  # rows for the tokens the run added
         fit_embeddings(model, len(tokenizer), new_token_ids)
         token_ids = tokenizer.convert_tokens_to_ids(listed)
+        setattr(model, NEW_TOKEN_IDS, list(new_token_ids or []))  # for a model_ref's rows (load_reference)
     if params.peft:
         model = add_lora(model, params, "CAUSAL_LM" if kind == "causal_lm" else "SEQ_CLS", token_ids)
     fuse_ops(model, params)
