@@ -2,8 +2,8 @@
 against the full logits of student and teacher (what TRL's GKDTrainer computes, and tunelab's own path for heads
 the chunks do not take).
 
-The default model as both student (a LoRA adapter, r16, all linear layers) and teacher (frozen), one batch of
---batch rows x --length random tokens with the loss on the second half of each row; the loss and its backward
+The default model as both student (a LoRA adapter, r16, all linear layers, its B drawn) and teacher (frozen), one
+batch of --batch rows x --length random tokens with the loss on the second half of each row; the loss and its backward
 pass timed --steps times each way, alternating, and the peak of live tensors of one pass measured each way
 (tunelab.memory.measure_peak: exact on a CPU; the student's weights included, the teacher's, the same both ways,
 not). Prints Markdown.
@@ -44,7 +44,9 @@ def main() -> None:
     torch.manual_seed(0)
     source = resolve_model(args.model)
     teacher = load_causal_lm(source).requires_grad_(False).eval()
-    student = get_peft_model(load_causal_lm(source), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    # B drawn, not zero: the student differs from the teacher from the start, and the loss is not 0
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
+    student = get_peft_model(load_causal_lm(source), lora)
     rows = student.get_input_embeddings().weight.shape[0]
     ids = torch.randint(0, rows, (args.batch, args.length))
     labels = ids.clone()
@@ -74,7 +76,7 @@ def main() -> None:
     def _backward(loss: torch.Tensor) -> float:
         loss.backward()
         student.zero_grad(set_to_none=True)
-        return float(loss)
+        return loss.item()
 
     ways = {"chunks (tunelab)": chunked, "full logits of both models": full}
     peaks = {name: measure_peak(way, student) for name, way in ways.items()}  # also the warm-up
