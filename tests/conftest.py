@@ -141,6 +141,25 @@ def build_tiny_llama(folder: Path, tied: bool = True) -> Path:
     return folder
 
 
+def resized_copy(model: Path, folder: Path, rows: int, added: float | None = None) -> Path:
+    """A copy of the model folder `model` (its tokenizer files too) whose embeddings and head have `rows` rows: a
+    vocabulary padded past its tokenizer (Qwen's), or one short of it. Rows added hold `added` where given."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    resized = AutoModelForCausalLM.from_pretrained(model)
+    before = resized.get_input_embeddings().weight.shape[0]
+    resized.resize_token_embeddings(rows, mean_resizing=False)
+    if added is not None and rows > before:
+        with torch.no_grad():
+            resized.get_input_embeddings().weight[before:] = added
+    resized.save_pretrained(folder)
+    for file in model.glob("*"):
+        if "token" in file.name or file.suffix == ".jinja":
+            (folder / file.name).write_bytes(file.read_bytes())
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     """A 2-layer Llama (random weights) with a trained byte-level BPE tokenizer and a ChatML chat template."""

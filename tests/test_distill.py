@@ -7,12 +7,11 @@ by heart writes that answer; a teacher that cannot be compared token by token is
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import build_tiny_llama, read_metrics, train_losses
+from tests.conftest import build_tiny_llama, read_metrics, resized_copy, train_losses
 from tests.test_bad_input import assert_nothing_written, cli_args, error_line
 from tunelab.cli import main
 from tunelab.config import load_config
@@ -138,7 +137,7 @@ def test_a_teacher_that_reads_other_tokens_is_refused_in_one_line(capsys, tiny_l
 
     if kind == "vocabulary":  # the same tokenizer, a head 8 rows short of it
         rows = AutoModelForCausalLM.from_pretrained(tiny_llama).get_input_embeddings().weight.shape[0]
-        teacher = _resized(tiny_llama, tmp_path / "short", rows - 8)
+        teacher = resized_copy(tiny_llama, tmp_path / "short", rows - 8)
         said = f"teacher_model {teacher} predicts over {rows - 8:,} tokens, fewer than the {rows:,} of model"
     else:  # the same vocabulary size, one token moved
         teacher = build_tiny_llama(tmp_path / "teacher")
@@ -158,26 +157,13 @@ def test_a_teacher_that_reads_other_tokens_is_refused_in_one_line(capsys, tiny_l
     assert_nothing_written(project)
 
 
-def _resized(model: Path, folder: Path, rows: int) -> Path:
-    """A copy of `model` (its tokenizer files too) whose embeddings and head have `rows` rows."""
-    from transformers import AutoModelForCausalLM
-
-    resized = AutoModelForCausalLM.from_pretrained(model)
-    resized.resize_token_embeddings(rows, mean_resizing=False)
-    resized.save_pretrained(folder)
-    for file in model.glob("*"):
-        if "token" in file.name or file.suffix == ".jinja":
-            (folder / file.name).write_bytes(file.read_bytes())
-    return folder
-
-
 def test_a_teacher_with_a_padded_vocabulary_teaches_the_same(reasoner, tiny_llama, tmp_path):
     """Qwen2.5's small models have 151,936 rows and its large ones 152,064, one tokenizer: the distributions are
     compared over the ids both heads have, so a teacher padded with spare rows gives the very same run."""
     from transformers import AutoModelForCausalLM
 
     rows = AutoModelForCausalLM.from_pretrained(reasoner).get_input_embeddings().weight.shape[0]
-    padded = _resized(reasoner, tmp_path / "padded", rows + 64)
+    padded = resized_copy(reasoner, tmp_path / "padded", rows + 64)
     losses = []
     for teacher in (reasoner, padded):
         run = tmp_path / f"from-{teacher.name}"

@@ -23,7 +23,7 @@ FAMILIES = [name for name in family_configs(8, 0, 1) if name != "llama (llama3 R
 NEW_TOKENS = 8
 
 
-def _model(name: str, tokenizer):
+def family_model(name: str, tokenizer):
     """The family's tiny model with weights large enough (initializer_range 0.3) that tokens are not near-ties,
     and norms and biases moved off their initial ones and zeros so a misplaced one shows."""
     from transformers import AutoModelForCausalLM
@@ -65,7 +65,7 @@ def exported(tiny_tokenizer, tmp_path_factory):
 
     def make(name: str):
         if name not in made:
-            model = _model(name, tiny_tokenizer)
+            model = family_model(name, tiny_tokenizer)
             folder = tmp_path_factory.mktemp("family") / "tiny"  # a folder named after the family can trip
             model.save_pretrained(folder)  # llama.cpp's name-based token rules (phi3)
             tiny_tokenizer.save_pretrained(folder)
@@ -130,7 +130,7 @@ def test_sentencepiece_tokenizer_tokenizes_and_runs_in_llama_cpp(tmp_path):
 
     folder = tmp_path / "tiny"
     tokenizer = build_sentencepiece_tokenizer(folder)
-    model = _model("llama", tokenizer)
+    model = family_model("llama", tokenizer)
     model.save_pretrained(folder)
     path = export_gguf(folder, tmp_path / "spm.gguf", "f32")
     llm = _llama_cpp(path)
@@ -178,7 +178,7 @@ def test_a_real_sentencepiece_model_tokenizes_the_same_in_llama_cpp(tmp_path, sc
     tokenizer.save_pretrained(folder)
     if scores_from == "tokenizer.model":
         shutil.copy(source / "tokenizer.model", folder)
-    _model("llama", tokenizer).save_pretrained(folder)
+    family_model("llama", tokenizer).save_pretrained(folder)
     llm = _llama_cpp(export_gguf(folder, tmp_path / "sp.gguf", "f16"))
     processor = spm.SentencePieceProcessor(model_file=str(source / "tokenizer.model"))
     for text in SENTENCEPIECE_TEXTS:

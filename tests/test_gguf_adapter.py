@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.conftest import train_losses
-from tests.test_export_families import _model
+from tests.test_export_families import family_model
 from tunelab.cli import main
 from tunelab.errors import TunelabError
 from tunelab.inference.export import export_gguf
@@ -30,7 +30,7 @@ PATTERNS = dict(r=8, lora_alpha=16, use_rslora=True, rank_pattern={"q_proj": 4},
 
 def _base(family: str, tokenizer, folder: Path) -> Path:
     """The family's tiny model (weights large enough to tell tokens apart), saved with the test tokenizer."""
-    _model(family, tokenizer).save_pretrained(folder)
+    family_model(family, tokenizer).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

@@ -45,7 +45,7 @@ def test_advantages_are_group_normalised_as_trl_does():
     torch.testing.assert_close(batch, torch.nan_to_num((rewards - mean) / (trl_nanstd(rewards) + 1e-4)))
 
 
-def _batch(tokenizer, completions: int = 4):
+def rollout_batch(tokenizer, completions: int = 4):
     """A fixed rollout: 2 prompts (left padded) x 2 completions of different lengths, one cut short."""
     torch.manual_seed(0)
     prompts = [tokenizer("What is 2 + 3?")["input_ids"], tokenizer("Name a colour of the sea")["input_ids"]]
@@ -97,7 +97,7 @@ def test_loss_equals_trl(tiny_llama, tmp_path, loss_type, peft):
                 if "lora_B" in name:
                     p.normal_(std=0.1)
     settings = dict(beta=0.04, temperature=0.7, loss_type=loss_type, max_completion_length=7, epsilon=0.2)
-    batch = _batch(tokenizer)
+    batch = rollout_batch(tokenizer)
 
     params = LLMParams(
         model=str(tiny_llama), project_name=str(tmp_path / "ours"), trainer="grpo", reward_functions="format_tag",
@@ -115,7 +115,7 @@ def test_loss_equals_trl(tiny_llama, tmp_path, loss_type, peft):
     )  # fmt: skip
     ours.current_gradient_accumulation_steps = 1
     ours.model.train()
-    our_batch = {**batch, "ref_logps": ours._reference_logps(batch)}
+    our_batch = {**batch, "ref_logps": ours.reference_logps(batch)}
     loss = ours.compute_loss(ours.model, our_batch, num_items_in_batch=batch["completion_mask"].sum())
 
     config = GRPOConfig(
@@ -196,7 +196,7 @@ def not_a_number(completions, **kwargs):
 """
 
 
-def _run(tmp_path, tiny_llama, rewards: str, *extra: str) -> list[str]:
+def grpo_args(tmp_path, tiny_llama, rewards: str, *extra: str) -> list[str]:
     (tmp_path / "my_rewards.py").write_text(REWARDS)
     return [
         "llm", "--train", "--trainer", "grpo", "--model", str(tiny_llama), "--data-path", str(_data(tmp_path)),
@@ -209,7 +209,7 @@ def _run(tmp_path, tiny_llama, rewards: str, *extra: str) -> list[str]:
 @pytest.mark.parametrize("peft", [True, False], ids=["lora", "full"])
 def test_a_tiny_run_trains_and_writes_its_completions(tiny_llama, tmp_path, peft):
     rewards = f"{tmp_path / 'my_rewards.py'}:correct,{tmp_path / 'my_rewards.py'}:short,format_tag"
-    args = _run(tmp_path, tiny_llama, rewards, "--reward-weights", "1,0.5,0.2", "--beta", "0.04")
+    args = grpo_args(tmp_path, tiny_llama, rewards, "--reward-weights", "1,0.5,0.2", "--beta", "0.04")
     if not peft:
         args.remove("--peft")
     assert main(args) == 0
@@ -230,7 +230,7 @@ def test_a_tiny_run_trains_and_writes_its_completions(tiny_llama, tmp_path, peft
 def test_model_ref_is_the_reference_of_a_pissa_run(tiny_llama, tmp_path, capsys):
     """A PiSSA adapter's base is the residual, not the starting model: the config asks for model_ref, and the KL
     term is then taken against it (it was silently ignored, the residual standing in)."""
-    args = _run(tmp_path, tiny_llama, "format_tag", "--beta", "0.04", "--init-lora-weights", "pissa")
+    args = grpo_args(tmp_path, tiny_llama, "format_tag", "--beta", "0.04", "--init-lora-weights", "pissa")
     assert main(list(args)) == 2  # without model_ref: refused before anything loads
     shutil.rmtree(tmp_path / "run", ignore_errors=True)
     assert main([*args, "--model-ref", str(tiny_llama)]) == 0
@@ -259,7 +259,7 @@ def test_model_ref_where_nothing_reads_it_is_refused(tiny_llama, tmp_path, capsy
 def test_a_misbehaving_reward_stops_the_run_with_one_line(tiny_llama, tmp_path, capsys, function, message):
     import re
 
-    code = main(_run(tmp_path, tiny_llama, f"{tmp_path / 'my_rewards.py'}:{function}"))
+    code = main(grpo_args(tmp_path, tiny_llama, f"{tmp_path / 'my_rewards.py'}:{function}"))
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("tunelab: error:")]
     assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
@@ -281,7 +281,7 @@ def test_a_run_stopped_by_a_reward_keeps_its_checkpoint_and_resumes(tiny_llama, 
         "    return [float(len(c) % 3) for c in completions]\n"
     )
     flaky.with_suffix(".broken").touch()
-    args = _run(tmp_path, tiny_llama, f"{flaky}:score", "--save-steps", "2")
+    args = grpo_args(tmp_path, tiny_llama, f"{flaky}:score", "--save-steps", "2")
     args[args.index("--max-steps") + 1] = "4"
     assert main(args) == 2
     err = capsys.readouterr().err
@@ -303,7 +303,7 @@ def test_a_run_stopped_by_a_reward_keeps_its_checkpoint_and_resumes(tiny_llama, 
 def test_a_reward_file_that_does_not_load_is_caught_by_the_dry_run(tiny_llama, tmp_path, capsys, source, message):
     import re
 
-    args = _run(tmp_path, tiny_llama, f"{tmp_path / 'my_rewards.py'}:correct")
+    args = grpo_args(tmp_path, tiny_llama, f"{tmp_path / 'my_rewards.py'}:correct")
     (tmp_path / "my_rewards.py").write_text(source)
     args[1] = "--dry-run"
     code = main(args)
@@ -313,7 +313,7 @@ def test_a_reward_file_that_does_not_load_is_caught_by_the_dry_run(tiny_llama, t
 
 
 def _dry_run_error(tiny_llama, tmp_path, capsys, rewards: str, rows: list[dict]) -> str:
-    args = _run(tmp_path, tiny_llama, rewards)
+    args = grpo_args(tmp_path, tiny_llama, rewards)
     _data(tmp_path, rows)
     args[1] = "--dry-run"
     code = main(args)
@@ -336,7 +336,7 @@ def test_text_and_message_prompts_mixed_in_one_file_are_bad_rows(tiny_llama, tmp
 
 def test_answer_rewards_without_an_answer_column_are_refused_before_training(tiny_llama, tmp_path, capsys):
     rows = [{"prompt": f"What is {a} + 1?", "solution": str(a + 1)} for a in range(4)]
-    args = _run(tmp_path, tiny_llama, "format_tag")
+    args = grpo_args(tmp_path, tiny_llama, "format_tag")
     _data(tmp_path, rows)
     args[1] = "--dry-run"
     assert main(args) == 0  # prepared (and cached) with rewards that need no answer column
@@ -350,7 +350,7 @@ def test_answer_rewards_without_an_answer_column_are_refused_before_training(tin
 
 
 def test_dry_run_reports_the_generation_budget(tiny_llama, tmp_path, capsys):
-    args = _run(tmp_path, tiny_llama, "answer_last_number")
+    args = grpo_args(tmp_path, tiny_llama, "answer_last_number")
     args[1] = "--dry-run"
     assert main(args) == 0
     out = capsys.readouterr().out
@@ -396,7 +396,7 @@ def test_sigkill_then_resume_samples_and_trains_as_the_uninterrupted_run(tiny_ll
     from tests.test_resume import _run_child
 
     def args(project: str) -> list[str]:
-        base = _run(tmp_path, tiny_llama, "format_tag,answer_last_number,length_penalty")
+        base = grpo_args(tmp_path, tiny_llama, "format_tag,answer_last_number,length_penalty")
         base[base.index("--project-name") + 1] = str(tmp_path / project)
         base[base.index("--max-steps") + 1] = "4"
         return [*base, "--save-steps", "2", "--lora-dropout", "0.1"]
@@ -461,7 +461,7 @@ def test_evaluation_scores_the_validation_prompts_apart(tiny_llama, tmp_path):
     folder.mkdir()
     for split in ("train", "test"):
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PROMPTS))
-    args = _run(tmp_path, tiny_llama, "answer_last_number,format_tag")
+    args = grpo_args(tmp_path, tiny_llama, "answer_last_number,format_tag")
     args[args.index("--data-path") + 1] = str(folder)
     assert main([*args, "--valid-split", "test", "--eval-strategy", "steps"]) == 0
     records = read_metrics(tmp_path / "run")
@@ -504,7 +504,7 @@ def test_completions_end_at_the_turn_end_of_a_template_the_tokenizer_did_not_car
         end_ids.append(list(self.end_ids))
 
     monkeypatch.setattr(grpo.GRPOTrainer, "__init__", recording)
-    assert main(_run(tmp_path, tiny_gpt2, "format_tag", "--chat-template", "chatml")) == 0
+    assert main(grpo_args(tmp_path, tiny_gpt2, "format_tag", "--chat-template", "chatml")) == 0
     tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
     assert tokenizer.chat_template is None
     assert end_ids == [[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]]

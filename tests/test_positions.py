@@ -123,6 +123,19 @@ def test_an_adapter_run_stretches_its_base_again_wherever_it_loads(short_llama, 
         unstretched = PeftModel.from_pretrained(base, run).eval()(ids).logits
     assert (stretched - unstretched).abs().max() > 1e-2  # the stretch matters to what the adapter computes
 
+    # A checkpoint folder has no record of its own: the finished run's beside it says, or the unfinished run's
+    # parameters do.
+    from tunelab.outputs import rope_scaling_of_run
+
+    record = json.loads((run / "tunelab_run.json").read_text())["rope_scaling"]
+    unfinished = tmp_path / ".again.partial"
+    for checkpoint in (run / "checkpoint-9", unfinished / "checkpoint-9"):
+        checkpoint.mkdir(parents=True)
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            (checkpoint / name).write_bytes((run / name).read_bytes())
+    (unfinished / "run_params.json").write_text((run / "training_params.json").read_text())
+    assert rope_scaling_of_run(run / "checkpoint-9") == rope_scaling_of_run(unfinished / "checkpoint-9") == record
+
     merged = merge_run(run, tmp_path / "merged")
     config = json.loads((merged / "config.json").read_text())
     assert (config["rope_parameters"]["rope_type"], config["max_position_embeddings"]) == ("linear", 4 * POSITIONS)

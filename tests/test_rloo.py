@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from tests.conftest import read_metrics
-from tests.test_grpo import _batch, _run
+from tests.test_grpo import grpo_args, rollout_batch
 from tunelab.cli import main
 from tunelab.config.llm import LLMParams
 from tunelab.errors import ConfigError
-from tunelab.methods.rloo import leave_one_out, settled
+from tunelab.methods.rloo import leave_one_out, zero_unscored
 
 
 def _trl_advantages(rewards: torch.Tensor, group: int, normalize: bool) -> torch.Tensor:
@@ -36,7 +36,7 @@ REWARDS = torch.tensor([1.0, 0.0, 0.5, 2.0, math.nan, 1.0, 3.0, -1.0, math.nan, 
 
 def test_advantages_are_trls_leave_one_out():
     raw, _ = leave_one_out(REWARDS, 4)
-    advantages = settled(raw)
+    advantages = zero_unscored(raw)
     torch.testing.assert_close(advantages, _trl_advantages(REWARDS, 4, normalize=False))
     assert advantages[0].item() == pytest.approx(1.0 - (0.0 + 0.5 + 2.0) / 3)  # against its group's others
     assert advantages[4].item() == 0.0  # unscored: no advantage, and in no baseline
@@ -98,7 +98,7 @@ def test_loss_gradients_and_kl_penalty_equal_trls(tiny_llama, tmp_path, peft):
             for p in base.parameters():
                 p.add_(0.02 * torch.randn_like(p))
     settings = dict(beta=0.05, temperature=0.7, max_completion_length=7, epsilon=0.2)
-    batch = _batch(tokenizer)
+    batch = rollout_batch(tokenizer)
     rewards = torch.tensor([1.0, 0.0, 0.5, 2.0])
 
     params = LLMParams(
@@ -112,7 +112,7 @@ def test_loss_gradients_and_kl_penalty_equal_trls(tiny_llama, tmp_path, peft):
     )  # fmt: skip
     ours.current_gradient_accumulation_steps = 1
     ours.model.train()
-    our_batch = {**batch, "ref_logps": ours._reference_logps(batch)}
+    our_batch = {**batch, "ref_logps": ours.reference_logps(batch)}
     advantages, _ = ours.advantages_of(rewards.clone(), our_batch)
     our_batch["advantages"] = advantages
     loss = ours.compute_loss(ours.model, our_batch)
@@ -166,7 +166,7 @@ def test_loss_gradients_and_kl_penalty_equal_trls(tiny_llama, tmp_path, peft):
 
 def test_a_tiny_run_trains_and_writes_its_completions(tiny_llama, tmp_path):
     rewards = f"{tmp_path / 'my_rewards.py'}:correct,{tmp_path / 'my_rewards.py'}:short"
-    args = _run(tmp_path, tiny_llama, rewards, "--beta", "0.05", "--normalize-advantages", "true")
+    args = grpo_args(tmp_path, tiny_llama, rewards, "--beta", "0.05", "--normalize-advantages", "true")
     args[args.index("grpo")] = "rloo"
     assert main(args) == 0
     run = tmp_path / "run"

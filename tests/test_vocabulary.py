@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tests.conftest import build_tiny_llama, train_losses
+from tests.conftest import build_tiny_llama, resized_copy, train_losses
 from tunelab.cli import main
 from tunelab.inference.generate import GenerationParams, generate, load_run
 
@@ -310,16 +310,8 @@ def test_a_reference_starts_the_new_tokens_spare_rows_as_the_model_does(tiny_lla
     from tunelab.models import load_model, load_reference, load_tokenizer, resolve_model
     from tunelab.models.vocabulary import add_tokens
 
-    padded = tmp_path / "padded"
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    rows = model.get_input_embeddings().weight.shape[0]
-    model.resize_token_embeddings(rows + 8, mean_resizing=False)
-    with torch.no_grad():
-        model.get_input_embeddings().weight[rows:] = 5.0  # spare rows far from any token's
-    model.save_pretrained(padded)
-    for file in tiny_llama.glob("*"):
-        if "token" in file.name or file.suffix == ".jinja":
-            (padded / file.name).write_bytes(file.read_bytes())
+    rows = AutoModelForCausalLM.from_pretrained(tiny_llama).get_input_embeddings().weight.shape[0]
+    padded = resized_copy(tiny_llama, tmp_path / "padded", rows + 8, added=5.0)  # spare rows far from any token's
 
     params = LLMParams(model=str(padded), model_ref=str(padded), trainer="dpo", add_tokens="<x>")
     source = resolve_model(str(padded))

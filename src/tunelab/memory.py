@@ -213,16 +213,16 @@ def estimate_memory(
         weights, weight_dtype = n_params * 2, params.mixed_precision
     else:
         weights, weight_dtype = n_params * 4, "fp32"
-    # a second copy under full training; under LoRA the base with the adapter off, unless model_ref loads another
-    reference = _has_reference(params) and (not params.peft or bool(getattr(params, "model_ref", None)))
+    # A frozen copy under full training (or model_ref, loaded unquantized in the run's precision); under LoRA the
+    # base with the adapter off, no copy.
+    model_ref = getattr(params, "model_ref", None)
+    reference = _has_reference(params) and (not params.peft or bool(model_ref))
     if reference and getattr(params, "precompute_ref_log_probs", False):
-        notes.append(
-            f"reference log-probs precomputed: no reference model in memory ({weights / 2**30:.2f} GiB saved)"
-        )
+        notes.append("reference log-probs precomputed: no reference model in memory")
     elif reference:
-        weights += weights  # the frozen reference model, a second copy (with LoRA: the base, adapter off)
+        weights += (_frozen_parameters(model_ref) * (2 if half else 4)) if model_ref else weights
     if getattr(params, "teacher_model", None):  # distill's frozen teacher, in the run's precision
-        teacher = _teacher_parameters(params.teacher_model) * (2 if half else 4)
+        teacher = _frozen_parameters(params.teacher_model) * (2 if half else 4)
         weights += teacher
         notes.append(f"the teacher's weights: {teacher / 2**30:.2f} GiB")
 
@@ -593,20 +593,18 @@ class LiveTensors:
             self.live -= self._sizes.pop(ptr, 0)
 
 
-def _teacher_parameters(name: str) -> int:
-    """How many weights distill's teacher has, from its config."""
+def _frozen_parameters(name: str) -> int:
+    """How many weights a frozen model beside the trained one has (model_ref, distill's teacher), from its config."""
     from tunelab.models.load import load_config, resolve_model
 
     return count_parameters(load_config(resolve_model(name)))
 
 
 def _has_reference(params: RunParams) -> bool:
-    """Whether the run's method compares with a reference model (methods.REGISTRY says)."""
-    from tunelab.methods import REGISTRY
+    """Whether the run's method compares with a reference model (methods.uses_reference says)."""
+    from tunelab.methods import uses_reference
 
-    entry = REGISTRY.get(params.trainer)
-    sampled_kl = bool(entry and entry.data == "prompts" and getattr(params, "beta", 0.0) > 0)  # grpo, rloo's KL
-    return bool(entry and (entry.reference or sampled_kl))
+    return uses_reference(params)
 
 
 def _method_data(params: RunParams) -> str | None:

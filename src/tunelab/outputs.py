@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -356,15 +356,36 @@ def base_model_of(folder: str | Path) -> str:
     return adapter["base_model_name_or_path"]
 
 
-def load_base(folder: str | Path, loader: Any = None) -> Any:
+def load_base(folder: str | Path, loader: Callable[[Any], Any] | None = None) -> Any:
     """The base model of an adapter run folder, as the run trained on it: loaded by `loader` (a ModelSource ->
     model function; default a causal LM) and its rotary positions stretched as the run stretched them
-    (rope_scaling: the base's own config does not say so, the run record does)."""
+    (rope_scaling: the base's own config does not say so, the run does, `rope_scaling_of_run`)."""
     from tunelab.models.load import load_causal_lm, resolve_model
     from tunelab.models.positions import stretch_model
 
     base = (loader or load_causal_lm)(resolve_model(base_model_of(folder)))
-    return stretch_model(base, read_run(folder).get("rope_scaling"))
+    return stretch_model(base, rope_scaling_of_run(folder))
+
+
+def rope_scaling_of_run(folder: str | Path) -> dict[str, Any] | None:
+    """How a run stretched its base's positions (models/positions.py), None for not at all: its record says, or,
+    for a checkpoint-N/ folder, the run's beside it (finished), else the unfinished run's parameters."""
+    folder = Path(folder)
+    for place in (folder, folder.parent):
+        record = read_run(place)
+        if record:
+            return record.get("rope_scaling")
+    saved = _read_json(folder.parent / checkpoints.PARAMS_FILE)
+    if not saved.get("rope_scaling"):
+        return None
+    from types import SimpleNamespace
+
+    from tunelab.models.load import load_config, resolve_model
+    from tunelab.models.positions import rope_scaling_of
+
+    base = base_model_of(folder)
+    fields = {"rope_scaling_factor": None, "block_size": 0, **saved}
+    return rope_scaling_of(load_config(resolve_model(base)), SimpleNamespace(**fields), base)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

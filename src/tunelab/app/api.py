@@ -152,7 +152,7 @@ def job_metrics(request: Request, job_id: int) -> dict[str, Any]:
 
 @router.get("/jobs/{job_id}/completions")
 def job_completions(request: Request, job_id: int) -> dict[str, Any]:
-    """A grpo job's sample completions with their rewards, newest first (empty for other methods)."""
+    """A grpo or rloo job's sample completions with their rewards, newest first (empty for other methods)."""
     return {"samples": sample_completions(job_or_404(request, job_id))}
 
 

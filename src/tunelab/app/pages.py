@@ -32,7 +32,7 @@ from tunelab.app.projects import FormErrors, create_project, save_mapping, start
 from tunelab.app.results import evaluation, final_metrics, zip_stream
 from tunelab.app.security import AUTH_COOKIE, CSRF_COOKIE, is_authenticated, same_token, session_value
 from tunelab.app.uploads import CSRF_FIELD, MAX_FIELD_BYTES, FieldError, receive_form
-from tunelab.app.worker import run_folder
+from tunelab.app.worker import EVALUATED_TRAINERS, run_folder
 
 router = APIRouter()
 
@@ -236,8 +236,9 @@ def _params_page(
     shown_carried = {name: _as_field_text(v) for name, v in carried.items()}
     return render(
         request, "params.html", status, project=project, fields=fields, values=values, errors=errors,
-        plan=plan or {}, note=note, unfit=unfit, evaluate=evaluate, token_given=token_given, carried=carried,
-        carried_json=json.dumps(carried), carried_text=shown_carried,
+        plan=plan or {}, note=note, unfit=unfit, evaluate=evaluate, token_given=token_given,
+        carried_json=json.dumps(carried), carried=shown_carried,
+        evaluated=project["settings"]["trainer"] in EVALUATED_TRAINERS,
     )  # fmt: skip
 
 
@@ -311,8 +312,16 @@ def job_page(request: Request, job_id: int) -> HTMLResponse:
         request, "job.html", job=job, metrics=shown_metrics(final_metrics(job)) if done else [],
         evaluation=evaluation_shown(job) if done else None, export_dtypes=offered_dtypes(), classifier=classifier,
         classification=classification_results(job) if done else None, base_model=full if done else None,
-        project=state(request).store.project(job["project_id"]),
+        project=state(request).store.project(job["project_id"]), samples=_samples_completions(job["params"]),
     )  # fmt: skip
+
+
+def _samples_completions(params: dict[str, Any]) -> bool:
+    """Whether a job's run writes sample completions (grpo, rloo: the methods that sample from prompts)."""
+    from tunelab.methods import REGISTRY
+
+    entry = REGISTRY.get(params.get("trainer") or "")
+    return entry is not None and entry.data == "prompts"
 
 
 def evaluation_shown(job: dict[str, Any]) -> dict[str, Any] | None:

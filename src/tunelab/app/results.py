@@ -89,7 +89,7 @@ def metric_records(job: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def sample_completions(job: dict[str, Any], limit: int = 20) -> list[dict[str, Any]]:
-    """A grpo run's completions.jsonl samples, newest first."""
+    """A grpo or rloo run's completions.jsonl samples, newest first."""
     return _jsonl_tail(job, "completions.jsonl", limit)[::-1]
 
 

@@ -31,7 +31,7 @@ from tunelab.config.base import (
     param,
 )
 from tunelab.errors import ConfigError
-from tunelab.methods import DPO_LOSS_TYPES, REGISTRY
+from tunelab.methods import DPO_LOSS_TYPES, REGISTRY, uses_reference
 
 CHAT_TEMPLATES = ("none", "zephyr", "chatml", "tokenizer", "alpaca")
 
@@ -74,8 +74,8 @@ def template_variables(value: str | dict | None) -> dict | None:
     return dict(value) or None
 
 
-# What the input embeddings and output heads of transformers' causal LMs are called.
 ROPE_SCALINGS = ("linear", "yarn")  # both trained through and written to GGUF (models/positions.py)
+# What the input embeddings and output heads of transformers' causal LMs are called.
 EMBEDDING_MODULES = ("embed_tokens", "lm_head", "wte", "embed_in", "embed_out", "word_embeddings")
 
 
@@ -215,7 +215,7 @@ class LLMParams(Params):
         "Train rows longer than the model's positions by stretching its rotary positions: linear (position "
         "interpolation) or yarn (LLaMA-Factory's rope_scaling; Axolotl's {type, factor} is read too). The factor "
         "is block_size / max_position_embeddings rounded up, unless rope_scaling_factor gives it. The trained model "
-        "keeps the stretch: generate, serve, merge and the GGUF export read it.",
+        "keeps the stretch: generate, serve, merge and the GGUF export (merged; not gguf-lora) read it.",
         (None, *ROPE_SCALINGS),
     )
     rope_scaling_factor: float | None = param(
@@ -410,7 +410,9 @@ class LLMParams(Params):
     )
     mask_truncated_completions: bool = param(False, "grpo, rloo: no loss on completions cut at max_completion_length.")
     normalize_advantages: bool = param(
-        False, "rloo: the leave-one-out advantages normalised over the batch (mean 0, std 1), TRL's setting."
+        False,
+        "rloo: the leave-one-out advantages normalised to mean 0 and std 1 over the whole step (every micro-batch "
+        "of every process: TRL's generation batch).",
     )
     completions_every: int = param(
         10, "grpo, rloo: every N steps, write sample completions with their rewards to completions.jsonl (0: never)."
@@ -511,13 +513,12 @@ class LLMParams(Params):
                 "which change every epoch; the other methods have no reference)"
             )
         sampled = REGISTRY[self.trainer].data == "prompts"  # grpo, rloo: a reference only for their KL term
-        uses_reference = REGISTRY[self.trainer].reference or (sampled and self.beta > 0)
-        if self.model_ref and not uses_reference:
+        if self.model_ref and not uses_reference(self):
             why = f"{self.trainer} with beta 0 has no KL term" if sampled else f"{self.trainer} has none"
             raise ConfigError(
                 f"model_ref names a reference model, read by dpo, kto, grpo and rloo (beta > 0); {why}: leave it out"
             )
-        reference_is_base = self.peft and not self.model_ref and uses_reference
+        reference_is_base = self.peft and not self.model_ref and uses_reference(self)
         if reference_is_base and self.init_lora_weights in ("pissa", "olora"):
             raise ConfigError(
                 f"{self.trainer} with init_lora_weights={self.init_lora_weights}: the base with the adapter off is "
@@ -529,8 +530,9 @@ class LLMParams(Params):
 
     def _check_distill(self) -> None:
         if self.trainer != "distill":
-            for name in ("teacher_model",):
-                if getattr(self, name):
+            defaults = {f.name: f.default for f in fields(self)}
+            for name in ("teacher_model", "distill_beta", "distill_temperature", "distill_ce_weight"):
+                if getattr(self, name) != defaults[name]:
                     raise ConfigError(f"{name} is read by trainer distill only, not {self.trainer}: leave it out")
             return
         if not self.teacher_model:

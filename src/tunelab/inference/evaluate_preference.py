@@ -31,8 +31,7 @@ from typing import Any
 from tunelab.data.holdout import SavedHoldOut, prompt_groups
 from tunelab.errors import DataError, TunelabError
 from tunelab.methods import METHODS, REGISTRY
-from tunelab.outputs import load_base as load_run_base
-from tunelab.outputs import model_reference, read_run, training_params
+from tunelab.outputs import load_base, model_reference, read_run, training_params
 
 log = logging.getLogger("tunelab")
 # The saved training settings the pair readers and the methods' figures read: columns, template, bad rows, the
@@ -143,7 +142,7 @@ def evaluate_pairs(
             results["base_is_reference"] = True  # its rewards are 0 by definition: nothing to show twice
             base_model, base_context = ref_model, _context_of(ref_model, model)
         else:
-            base_model, base_context = load_base(model, folder)
+            base_model, base_context = comparison_base(model, folder)
             with base_context():
                 base = _logps(base_model, rows, params, tokenizer)
             results.update({f"base_{k}": v for k, v in figures(params, rows, pairs, base, reference).items()})
@@ -265,12 +264,12 @@ def _reference(model: Any, folder: Path, params: Any) -> tuple[Any, Any, bool, s
 
         is_base = model_reference(params.model_ref) == read_run(folder).get("base_model")
         return to_inference_device(load_reference(params, like=model)), nullcontext, is_base, params.model_ref
-    base, context = load_base(model, folder)
+    base, context = comparison_base(model, folder)
     name = "the base model with the adapter off" if base is model else str(read_run(folder).get("base_model"))
     return base, context, True, name
 
 
-def load_base(model: Any, folder: Path) -> tuple[Any, Any]:
+def comparison_base(model: Any, folder: Path) -> tuple[Any, Any]:
     """The base model a run is compared with: the same weights with the adapter off (no second copy), or, for a
     fully fine-tuned run, the base model loaded beside it in the run's dtype (as training's frozen copy was)."""
     if hasattr(model, "disable_adapter"):
@@ -282,7 +281,7 @@ def load_base(model: Any, folder: Path) -> tuple[Any, Any]:
     from tunelab.models.vocabulary import embedding_rows, fit_embeddings
 
     # its positions stretched as training's frozen copy had them (rope_scaling)
-    base = load_run_base(folder, lambda source: load_causal_lm(source, dtype=model.dtype))
+    base = load_base(folder, lambda source: load_causal_lm(source, dtype=model.dtype))
     fit_embeddings(base, embedding_rows(model))  # the tokens the run added, as new rows started
     return to_inference_device(base), nullcontext
 

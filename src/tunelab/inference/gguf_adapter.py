@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
-from tunelab.outputs import base_model_of, check_run_folder, read_run
+from tunelab.outputs import base_model_of, check_run_folder, rope_scaling_of_run
 
 log = logging.getLogger("tunelab")
 
@@ -60,7 +60,7 @@ def export_adapter(run: str | Path, output: str | Path, dtype: str = "f16") -> P
             "(--format gguf exports the whole model)"
         )
     settings = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-    problem = _adapter_problem(settings, read_run(folder))
+    problem = _adapter_problem(settings, rope_scaling_of_run(folder))
     if problem:
         raise TunelabError(f"export: {folder}: {problem}; `tunelab export --format gguf` exports it merged instead")
     base_name = base_model_of(folder)
@@ -86,7 +86,7 @@ def export_adapter(run: str | Path, output: str | Path, dtype: str = "f16") -> P
     return target
 
 
-def _adapter_problem(settings: dict[str, Any], run: dict[str, Any]) -> str | None:
+def _adapter_problem(settings: dict[str, Any], rope_scaling: dict[str, Any] | None) -> str | None:
     """Why this adapter cannot be an adapter file (a phrase), or None."""
     if settings.get("peft_type", "LORA") != "LORA":
         return f"its adapter is {settings['peft_type']}, not LoRA"
@@ -112,7 +112,7 @@ def _adapter_problem(settings: dict[str, Any], run: dict[str, Any]) -> str | Non
         return "it trained biases, which llama.cpp's adapter format cannot carry"
     if settings.get("layer_replication") or settings.get("alora_invocation_tokens"):
         return "its layer replication or activated LoRA is not part of llama.cpp's adapter format"
-    if run.get("rope_scaling"):
+    if rope_scaling:
         return "the run stretched its base's positions (rope_scaling), and the base's own GGUF does not"
     return None
 
@@ -120,18 +120,14 @@ def _adapter_problem(settings: dict[str, Any], run: dict[str, Any]) -> str | Non
 def _factors(folder: Path, config: Any, arch: Any, settings: dict[str, Any]) -> Any:
     """(llama.cpp name, float32 array) for every .lora_a and .lora_b of the file, checked against the adapter's
     weights (each one used, each shape the module's)."""
-    import gguf
     from safetensors import safe_open
 
-    from tunelab.inference.gguf_architectures import gguf_arch, permute_heads
+    from tunelab.inference.gguf_architectures import in_llama_cpp_row_order, output_tied, tensor_names
 
     weights_file = folder / "adapter_model.safetensors"
     if not weights_file.is_file():
         raise TunelabError(f"export: {folder} has no adapter_model.safetensors (save the adapter with safetensors)")
-    name_map = gguf.get_tensor_name_map(gguf_arch(arch.gguf_name), config.num_hidden_layers)
-    tied = bool(getattr(config, "tie_word_embeddings", False)) or arch.ties_output
-    n_head = config.num_attention_heads
-    n_head_kv = getattr(config, "num_key_value_heads", None) or n_head
+    name_map, tied = tensor_names(config, arch), output_tied(config, arch)
     alpha = _alpha(settings)
     with safe_open(str(weights_file), framework="pt") as weights:
         unused = set(weights.keys())  # every tensor must be a factor of an adapted weight (checked at the end)
@@ -157,10 +153,7 @@ def _factors(folder: Path, config: Any, arch: Any, settings: dict[str, Any]) -> 
             folded = scale * rank / alpha if alpha else scale
             if not math.isclose(folded, 1.0, rel_tol=1e-12):
                 up = up * folded
-            if arch.permute_qk and hf_name.endswith("q_proj"):
-                up = permute_heads(up, n_head, n_head)
-            elif arch.permute_qk and hf_name.endswith("k_proj"):
-                up = permute_heads(up, n_head, n_head_kv)
+            up = in_llama_cpp_row_order(up, hf_name, config, arch)  # B's rows are the weight's
             yield f"{gguf_name}.lora_a", down.contiguous().numpy()
             yield f"{gguf_name}.lora_b", up.contiguous().numpy()
     whole = sorted(key for key in unused if not key.endswith((".lora_A.weight", ".lora_B.weight")))

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
+from tunelab.models.positions import rope_parameters
 
 log = logging.getLogger("tunelab")
 
@@ -211,11 +212,6 @@ def architecture_problem(config: Any) -> str | None:
 # ---- RoPE ------------------------------------------------------------------------------------------------------
 
 
-def rope_parameters(config: Any) -> dict[str, Any]:
-    """transformers 5 keeps RoPE's settings in rope_parameters (per layer type for Gemma 3), 4.x in rope_scaling."""
-    return dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
-
-
 def _global_rope(config: Any) -> dict[str, Any]:
     params = rope_parameters(config)
     return dict(params.get("full_attention", params))  # Gemma 3: the global layers' settings
@@ -318,12 +314,7 @@ def tensors(
     the file from these (its tensor infos come before any data) and then writes the arrays of a second pass: one
     set of rules gives both, so they cannot drift apart.
     """
-    import gguf
-
-    name_map = gguf.get_tensor_name_map(gguf_arch(arch.gguf_name), config.num_hidden_layers)
-    tied = bool(getattr(config, "tie_word_embeddings", False)) or arch.ties_output
-    n_head = config.num_attention_heads
-    n_head_kv = getattr(config, "num_key_value_heads", None) or n_head
+    name_map, tied = tensor_names(config, arch), output_tied(config, arch)
     experts: dict[int, dict[str, Any]] = {}
     written = set()
     for path in files:
@@ -344,10 +335,7 @@ def tensors(
                     data = data.T.contiguous()  # GPT-2's Conv1D stores (in, out); llama.cpp wants (out, in)
                 if arch.norm_shift and hf_name.endswith("norm.weight"):
                     data = data + arch.norm_shift
-                if arch.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-                    data = permute_heads(data, n_head, n_head)
-                elif arch.permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-                    data = permute_heads(data, n_head, n_head_kv)
+                data = in_llama_cpp_row_order(data, hf_name, config, arch)
                 written.add(gguf_name)
                 yield gguf_name, _array(data)
                 del data  # not held while the next one is read
@@ -412,6 +400,33 @@ def _stacked_experts(buffer: dict[int, dict[str, Any]], hf_name: str, data: Any,
         yield f"blk.{layer}.{gguf_part}.weight", _array(stacked)
         del stacked  # one projection's stack at a time
     buffer[layer] = {}  # the layer's per-expert tensors are released once its stacks are written
+
+
+def tensor_names(config: Any, arch: Architecture) -> Any:
+    """gguf's table of llama.cpp tensor names for the family (its `get_name(hf_name)` gives the file's name)."""
+    import gguf
+
+    return gguf.get_tensor_name_map(gguf_arch(arch.gguf_name), config.num_hidden_layers)
+
+
+def output_tied(config: Any, arch: Architecture) -> bool:
+    """Whether the file has no output head of its own (llama.cpp reuses token_embd)."""
+    return bool(getattr(config, "tie_word_embeddings", False)) or arch.ties_output
+
+
+def in_llama_cpp_row_order(rows: Any, name: str, config: Any, arch: Architecture) -> Any:
+    """The rows of a Q or K projection's weight, bias or LoRA B (`name` the weight's, its module's or its bias's)
+    in the order llama.cpp's RoPE wants them (LlamaModel.permute; a family without it: as they are); any other
+    tensor as it is."""
+    if not arch.permute_qk:
+        return rows
+    module = name.removesuffix(".weight").removesuffix(".bias")
+    n_head = config.num_attention_heads
+    if module.endswith("q_proj"):
+        return permute_heads(rows, n_head, n_head)
+    if module.endswith("k_proj"):
+        return permute_heads(rows, n_head, getattr(config, "num_key_value_heads", None) or n_head)
+    return rows
 
 
 def gguf_arch(name: str) -> Any:

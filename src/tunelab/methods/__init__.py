@@ -129,6 +129,14 @@ REGISTRY: dict[str, Entry] = {
 }
 
 
+def uses_reference(params: object) -> bool:
+    """Whether a run compares with a reference model (model_ref, or the base with the adapter off, or a frozen
+    copy): its method says so, or it samples (grpo, rloo) with a KL term (beta > 0)."""
+    entry = REGISTRY.get(getattr(params, "trainer", ""))
+    sampled_kl = entry is not None and entry.data == "prompts" and getattr(params, "beta", 0.0) > 0
+    return bool(entry and (entry.reference or sampled_kl))
+
+
 # The losses `dpo_loss_type` offers (methods/dpo.py computes them); here so the config checks need no torch.
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "sft")
 

@@ -44,7 +44,7 @@ class DistillTrainer(TunelabTrainer):
             f", plus {params.distill_ce_weight:g} x cross-entropy" if params.distill_ce_weight else "",
         )
         self.teacher = load_teacher(params).requires_grad_(False).eval().to(self.args.device)
-        self.teacher_chunks = _plain(self.teacher) and fast_loss_supported(self.teacher)
+        self.teacher_chunks = _takes_chunks(self.teacher) and fast_loss_supported(self.teacher)
 
     def loss_sum(self, model: Any, inputs: dict[str, Any], labels: torch.Tensor) -> tuple[torch.Tensor, int]:  # noqa: D102
         params = self.params
@@ -54,24 +54,27 @@ class DistillTrainer(TunelabTrainer):
         unwrapped = self.accelerator.unwrap_model(model)
         # The chunks take plain heads (a LoRA head's low-rank term is the cross-entropy's alone, speed/loss.py) whose
         # logits are the head's product as it is (fast_loss_supported: no soft-capping or logit scale).
-        if self.fast_loss_now(unwrapped) and _plain(unwrapped) and self.teacher_chunks:
+        tokens = len(self.processing_class)  # the ids compared: a padded head's spare rows are no tokens
+        if self.fast_loss_now(unwrapped) and _takes_chunks(unwrapped) and self.teacher_chunks:
             with output_head_returns_hidden(unwrapped) as head:
                 hidden = model(**inputs, use_cache=False).logits
             with torch.no_grad(), output_head_returns_hidden(self.teacher) as teacher_head:
                 teacher_hidden = self.teacher(**inputs, use_cache=False).logits
             total = divergence_sum(
                 hidden[:, :-1][mask], head, teacher_hidden[:, :-1][mask], teacher_head, shift[mask], *settings,
-                head_dtype(head), head_dtype(teacher_head),
+                head_dtype(head), head_dtype(teacher_head), tokens,
             )  # fmt: skip
             return total, int(mask.sum())
         logits = model(**inputs, use_cache=False).logits
         with torch.no_grad():
             teacher_logits = self.teacher(**inputs, use_cache=False).logits
-        total = divergence_sum_plain(logits[:, :-1][mask], teacher_logits[:, :-1][mask], shift[mask], *settings)
+        total = divergence_sum_plain(
+            logits[:, :-1][mask], teacher_logits[:, :-1][mask], shift[mask], *settings, tokens
+        )
         return total, int(mask.sum())
 
 
-def _plain(model: Any) -> bool:
+def _takes_chunks(model: Any) -> bool:
     """A model whose head the chunks can project: a plain linear layer (no adapter on it)."""
     head = model.get_output_embeddings()
     return head is not None and getattr(head, "base_layer", None) is None and head.weight.dim() == 2

@@ -43,6 +43,7 @@ from tunelab.methods.preference import (
     sequence_sums,
 )
 from tunelab.models import load_reference
+from tunelab.training.trainer import eval_mode
 
 log = logging.getLogger("tunelab")
 
@@ -198,17 +199,14 @@ def score_with_reference(model: Any, rows: list[Pair], params: LLMParams) -> np.
     device = PartialState().device
     if not getattr(reference, "is_quantized", False):
         reference.to(device)
-    was_training = reference.training
-    reference.eval()
     fast = params.fast_loss and fast_loss_supported(reference)
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(params.mixed_precision or "")
     adapter_off = reference.disable_adapter() if reference is model and hasattr(model, "disable_adapter") else None
     collate = PairCollator(pad_id=0)  # padding sits after every real token and is masked: any id does
-    with torch.no_grad(), adapter_off or contextlib.nullcontext():
+    with torch.no_grad(), eval_mode(reference), adapter_off or contextlib.nullcontext():
         with torch.autocast(device.type, dtype=half, enabled=half is not None):
             sums, _ = score_answers(reference, rows, collate, params.batch_size, fast, device)
     scores = sums.numpy().reshape(len(rows), 2)
-    reference.train(was_training)
     if reference is not model:  # model_ref was loaded for the scoring only
         del reference
         if torch.cuda.is_available():

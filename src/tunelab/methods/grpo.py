@@ -44,7 +44,7 @@ from tunelab.speed.loss import (
     output_head_returns_hidden,
     token_logprobs,
 )
-from tunelab.training.trainer import GuardedTrainer
+from tunelab.training.trainer import GuardedTrainer, eval_mode
 
 log = logging.getLogger("tunelab")
 
@@ -211,9 +211,7 @@ class GRPOTrainer(GuardedTrainer):
         # The same step samples the same completions, in a resumed run too (and each process its own).
         process = self.accelerator.process_index
         torch.manual_seed(self.params.seed + 1009 * self.state.global_step + 31 * index + 7919 * process)
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             out = model.generate(
                 input_ids=prompt_ids,
                 attention_mask=prompt_mask,
@@ -226,8 +224,6 @@ class GRPOTrainer(GuardedTrainer):
                 eos_token_id=self.end_ids,
                 use_cache=True,
             )
-        finally:
-            model.train(was_training)
         completion_ids = out[:, width:]
         # A completion ends at its first end token (kept: the model learns to stop); one without it was cut.
         is_eos = torch.isin(completion_ids, torch.tensor(self.end_ids, device=completion_ids.device))
@@ -266,19 +262,19 @@ class GRPOTrainer(GuardedTrainer):
         }
         batch["input_ids"] = torch.cat([prompt_ids, completion_ids], 1)  # for Trainer's token counting
         if self.beta != 0.0:
-            batch["ref_logps"] = self._reference_logps(batch)
+            batch["ref_logps"] = self.reference_logps(batch)
         advantages, std = self.advantages_of(total, batch)
         batch["advantages"] = advantages.to(device)
 
         for reward, column in zip(self.rewards, per_function.T, strict=True):
-            self._record(f"rewards/{reward.name}/mean", torch.nanmean(column))
-            self._record(f"rewards/{reward.name}/std", nanstd(column))
-        self._record("reward", torch.nanmean(total))
-        self._record("reward_std", nanstd(total))
-        self._record("frac_reward_zero_std", torch.isclose(std, torch.zeros_like(std)).float().mean())
-        self._record("completions/mean_length", lengths.mean())
-        self._record("completions/max_length", lengths.max())
-        self._record("completions/clipped_ratio", truncated.float().mean())
+            self.record(f"rewards/{reward.name}/mean", torch.nanmean(column))
+            self.record(f"rewards/{reward.name}/std", nanstd(column))
+        self.record("reward", torch.nanmean(total))
+        self.record("reward_std", nanstd(total))
+        self.record("frac_reward_zero_std", torch.isclose(std, torch.zeros_like(std)).float().mean())
+        self.record("completions/mean_length", lengths.mean())
+        self.record("completions/max_length", lengths.max())
+        self.record("completions/clipped_ratio", truncated.float().mean())
         if index == 0 and not self._prefix and self._writes_samples():
             # written once the step's advantages are final (finish_advantages), with them
             self._samples = (repeated, texts, per_function, total)
@@ -298,7 +294,7 @@ class GRPOTrainer(GuardedTrainer):
         (methods/rloo.py)."""
         return group_advantages(total, self.group, self.params.scale_rewards)
 
-    def _reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.ref_model is not None:
             return self.completion_logps(self.ref_model, batch)
         with self.accelerator.unwrap_model(self.model).disable_adapter():
@@ -344,10 +340,10 @@ class GRPOTrainer(GuardedTrainer):
         if model.training:
             self.trained_tokens += int(inputs["completion_mask"].sum())
         for name, value in metrics.items():
-            self._record(name, value)
+            self.record(name, value)
         return (loss, {}) if return_outputs else loss
 
-    def _record(self, name: str, value: Any) -> None:
+    def record(self, name: str, value: Any) -> None:
         self._metrics[self._prefix + name].append(float(value))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:  # noqa: D102

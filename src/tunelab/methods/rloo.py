@@ -19,32 +19,20 @@ The ratio is of whole completions (their log-probabilities summed), not of token
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from tunelab.methods.base import Method
 from tunelab.methods.grpo import GRPOTrainer, build_prompt_rows, nanstd
-
-
-@contextlib.contextmanager
-def _without_dropout(model: Any) -> Iterator[None]:
-    """The model in eval mode (no dropout) for a scoring pass, then as it was."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
+from tunelab.training.trainer import eval_mode
 
 
 def leave_one_out(rewards: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(advantages, each group's reward std) for rewards laid out group after group: each reward minus the mean
     of its group's other scored rewards. NaN rewards (no reward scored the completion) are in no baseline, and
-    their advantage is NaN, as is that of a completion alone in its group with a score (`settled` makes them 0)."""
+    their advantage is NaN, as is that of a completion alone in its group with a score (zero_unscored: then 0)."""
     grouped = rewards.view(-1, group)
     scored = (~torch.isnan(grouped)).sum(1, keepdim=True)
     baselines = (torch.nansum(grouped, 1, keepdim=True) - grouped) / (scored - 1)
@@ -56,7 +44,7 @@ def normalised(advantages: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) 
     return (advantages - mean) / (std + 1e-4)
 
 
-def settled(advantages: torch.Tensor) -> torch.Tensor:
+def zero_unscored(advantages: torch.Tensor) -> torch.Tensor:
     """The advantages trained on: an unscorable completion's (NaN) is 0, no learning signal."""
     return torch.nan_to_num(advantages, nan=0.0)
 
@@ -90,17 +78,17 @@ class RLOOTrainer(GRPOTrainer):
     def advantages_of(self, total: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: D102
         if self.beta != 0.0:
             mask = batch["completion_mask"]
-            with _without_dropout(self.accelerator.unwrap_model(self.model)):  # as the reference pass (below)
+            with eval_mode(self.accelerator.unwrap_model(self.model)):  # as the reference pass (below)
                 old = self.completion_logps(self.model, batch)
             per_token = (old - batch["ref_logps"]) * mask
-            self._record("kl", per_token.sum() / mask.sum().clamp(min=1))
+            self.record("kl", per_token.sum() / mask.sum().clamp(min=1))
             total = total - self.beta * per_token.sum(1).float().cpu()
         advantages, std = leave_one_out(total, self.group)
-        return (advantages if self.params.normalize_advantages else settled(advantages)), std
+        return (advantages if self.params.normalize_advantages else zero_unscored(advantages)), std
 
-    def _reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        with _without_dropout(self.accelerator.unwrap_model(self.model)):  # the KL compares two clean passes
-            return super()._reference_logps(batch)
+    def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with eval_mode(self.accelerator.unwrap_model(self.model)):  # the KL compares two clean passes
+            return super().reference_logps(batch)
 
     def finish_advantages(self, batches: list[dict[str, Any]]) -> None:
         """normalize_advantages: over the whole step, every micro-batch of every process (TRL's generation batch),
@@ -112,8 +100,9 @@ class RLOOTrainer(GRPOTrainer):
             total, squares, count = self.accelerator.reduce(figures.to(self.args.device), reduction="sum").tolist()
             mean = total / max(count, 1.0)
             std = math.sqrt(max(squares - count * mean**2, 0.0) / (count - 1)) if count > 1 else math.nan
+            mean_std = torch.tensor(mean), torch.tensor(std)
             for batch in batches:
-                batch["advantages"] = settled(normalised(batch["advantages"], torch.tensor(mean), torch.tensor(std)))
+                batch["advantages"] = zero_unscored(normalised(batch["advantages"], *mean_std))
         super().finish_advantages(batches)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D102
@@ -130,7 +119,7 @@ class RLOOTrainer(GRPOTrainer):
             loss = loss / self.current_gradient_accumulation_steps  # scaled here, as grpo's (loss_is_scaled_for_ga)
             self.trained_tokens += int(mask.sum())
         for name, value in metrics.items():
-            self._record(name, value)
+            self.record(name, value)
         return (loss, {}) if return_outputs else loss
 
 

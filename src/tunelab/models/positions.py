@@ -24,6 +24,12 @@ from tunelab.errors import ConfigError
 log = logging.getLogger("tunelab")
 
 
+def rope_parameters(config: Any) -> dict[str, Any]:
+    """A config's RoPE settings, a copy: transformers 5 keeps them in rope_parameters (per layer type for Gemma 3),
+    4.x in rope_scaling; {} for a model without rotary positions."""
+    return dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+
+
 def rope_scaling_of(config: Any, params: Any, model_name: str, required: bool = True) -> dict[str, Any] | None:
     """What `params.rope_scaling` makes of this model's positions: {"rope_type", "factor",
     "original_max_position_embeddings"}, or None when the run stretches nothing. ConfigError for a model it cannot
@@ -36,17 +42,17 @@ def rope_scaling_of(config: Any, params: Any, model_name: str, required: bool = 
     if not kind:
         return None
     config = config.get_text_config()
-    rope = getattr(config, "rope_parameters", None)
+    rope = rope_parameters(config)
     positions = getattr(config, "max_position_embeddings", None)
     problem = None
-    if not isinstance(rope, dict) or not isinstance(positions, int):
+    if not rope or not isinstance(positions, int):
         problem = (
             "has no rotary positions to stretch (learned position embeddings have a fixed count); leave rope_scaling "
             "out and keep block_size within its positions"
         )
     elif "rope_type" not in rope:  # one set per layer type (Gemma 3's local and global layers)
         problem = f"keeps rotary settings per layer type ({', '.join(rope)}), which tunelab does not stretch"
-    elif rope.get("rope_type", "default") != "default":
+    elif rope["rope_type"] != "default":
         problem = (
             f"already scales its positions ({rope['rope_type']}, factor {rope.get('factor')}, {positions} "
             "positions); leave rope_scaling out"

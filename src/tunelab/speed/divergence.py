@@ -127,17 +127,19 @@ def divergence_sum(
     ce_weight: float,
     dtype: torch.dtype,
     teacher_dtype: torch.dtype,
+    tokens: int | None = None,
 ) -> torch.Tensor:
     """The summed loss over the rows of `hidden` (N, H) and `teacher_hidden` (N, H_t), each projected by its head
-    in chunks (see the top); `target` (N,) the data's next tokens, read when ce_weight is not 0."""
+    in chunks (see the top); `target` (N,) the data's next tokens, read when ce_weight is not 0. `tokens`: how many
+    token ids the tokenizer has, the columns compared (a head's rows past them are no tokens)."""
     weight, bias = head.weight, getattr(head, "bias", None)
     if hidden.shape[0] == 0:  # an all-masked batch: a zero that keeps every trained input in the graph (DDP)
         zero = hidden.sum() * 0.0
         return zero + sum((t.sum() * 0.0 for t in (weight, bias) if t is not None), zero)
-    # Over the token ids both heads have: a padded vocabulary's spare rows (Qwen2.5's 151,936 against 152,064)
-    # are no tokens; the same ids the same tokens (models/checks.check_teacher).
+    # Over the tokenizer's ids: a padded vocabulary's spare rows (Qwen2.5's 151,936 and 152,064 rows for 151,665
+    # tokens) are no tokens; the same ids are the same tokens in both (models/checks.check_teacher).
     teacher_weight, teacher_bias = teacher_head.weight, getattr(teacher_head, "bias", None)
-    columns = min(weight.shape[0], teacher_weight.shape[0])
+    columns = min(weight.shape[0], teacher_weight.shape[0], tokens or weight.shape[0])
     weight, bias = weight[:columns], None if bias is None else bias[:columns]
     teacher_weight, teacher_bias = teacher_weight[:columns], None if teacher_bias is None else teacher_bias[:columns]
     # Each chunk holds about six logit-sized float32 tensors at once (both models' logits, log-probabilities,
@@ -155,9 +157,10 @@ def divergence_sum_plain(
     beta: float,
     temperature: float,
     ce_weight: float,
+    tokens: int | None = None,
 ) -> torch.Tensor:
-    """The same sum from full logits (N, V) and (N, V_t), over the token ids both have, through autograd."""
-    columns = min(logits.shape[-1], teacher_logits.shape[-1])
+    """The same sum from full logits (N, V) and (N, V_t), over the tokenizer's ids, through autograd."""
+    columns = min(logits.shape[-1], teacher_logits.shape[-1], tokens or logits.shape[-1])
     logits, teacher_logits = logits[..., :columns], teacher_logits[..., :columns]
     log_s = F.log_softmax(logits.float() / temperature, -1)
     log_t = F.log_softmax(teacher_logits.float() / temperature, -1)

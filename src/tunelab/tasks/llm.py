@@ -63,6 +63,7 @@ class Prepared:
     prepared: data_cache.Entry | None  # where the prepared data is kept (None: streamed); its key is logged
     checkpointing: str = ""  # what gradient_checkpointing was resolved to, and why (params holds the choice)
     new_token_ids: list[int] = dataclasses.field(default_factory=list)  # tokens the run added to the tokenizer
+    rope_scaling: dict[str, Any] | None = None  # how the run stretches the model's positions (models/positions.py)
 
 
 def prepare(params: LLMParams) -> Prepared:
@@ -109,9 +110,12 @@ def prepare(params: LLMParams) -> Prepared:
     check_token_ids(_highest_token_id(data, method.data), config, source)
     log.info("%s", _described(entry))
     rows = (train_rows, valid_rows, stats)
+    # from the model's own config (the one check_model returned is stretched already)
+    rope_scaling = rope_scaling_of(load_config(source), params, source.name) if params.rope_scaling else None
     return Prepared(
-        params, method, folder, resume_from, source, config, tokenizer, data, *rows, entry, new_token_ids=new_token_ids
-    )
+        params, method, folder, resume_from, source, config, tokenizer, data, *rows, entry,
+        new_token_ids=new_token_ids, rope_scaling=rope_scaling,
+    )  # fmt: skip
 
 
 def _with_checkpointing(prep: Prepared) -> Prepared:
@@ -120,14 +124,6 @@ def _with_checkpointing(prep: Prepared) -> Prepared:
     processes start must not open a CUDA context (available_memory) that would sit on a GPU through the run."""
     chosen, why = choose_checkpointing(prep.config, prep.params, *microbatch(prep), prep.method.model_kind)
     return dataclasses.replace(prep, params=chosen, checkpointing=why)
-
-
-def _rope_scaling(prep: Prepared) -> dict[str, Any] | None:
-    """How the run stretches the model's positions (models/positions.py), from the model's own config (prep.config
-    is stretched already); None: not at all."""
-    if not prep.params.rope_scaling:
-        return None
-    return rope_scaling_of(load_config(prep.source), prep.params, prep.source.name)
 
 
 def _stream(params: LLMParams, method: Method, tokenizer: Any) -> tuple[Any, Any, Any, RowStats]:
@@ -249,7 +245,7 @@ def _run(params: LLMParams) -> Path:
         "teacher_model": outputs.model_reference(params.teacher_model) if params.teacher_model else None,
         "reasoning": data.reasoning,  # it learned to write <think> blocks: export --format ollama reads this
         # an adapter's base is stretched again when loaded (outputs.load_base); a full model's config.json says it
-        "rope_scaling": _rope_scaling(prep),
+        "rope_scaling": prep.rope_scaling,
         "data": data.origins,
         "skipped_rows": data.skipped_rows,
         "prepared_data": prep.prepared.key if prep.prepared else "streamed",
@@ -386,8 +382,8 @@ def plan(params: LLMParams) -> RunPlan:
     result = dry_run.new_plan(f"llm {params.trainer}", params, splits, examples, splits[0].rows, prep.resume_from)
     dry_run.add_memory(result, prep.config, params, rows_per_microbatch, longest, prep.method.model_kind)
     result.notes.append(f"gradient checkpointing: {prep.checkpointing}")
-    if scaling := _rope_scaling(prep):
-        result.notes.append(f"positions: {positions.described(scaling)} (rope_scaling)")
+    if prep.rope_scaling:
+        result.notes.append(f"positions: {positions.described(prep.rope_scaling)} (rope_scaling)")
     result.notes.append(_described(prep.prepared))
     if prep.method.model_kind == "causal_lm":
         from tunelab.inference.export import export_problem

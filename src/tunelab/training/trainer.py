@@ -10,10 +10,12 @@ every task.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +69,17 @@ class EpochSeededLengthSampler(LengthGroupedSampler):
 
 class TrainingStopped(TunelabError):
     """Training stopped on purpose (a non-finite loss, no disk space); the last good checkpoint is kept."""
+
+
+@contextlib.contextmanager
+def eval_mode(model: Any) -> Iterator[None]:
+    """`model` in eval mode (no dropout) for a pass that samples or scores, then in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 class GuardedTrainer(Trainer):
