@@ -162,10 +162,10 @@ def _data_params(folder: Path, data_path: str, split: str) -> Any:
 
 
 def _base(model: Any, folder: Path, wanted: bool) -> tuple[Any, Any]:
-    """The base model to compare with (evaluate_preference.load_base), when wanted."""
-    from tunelab.inference.evaluate_preference import load_base
+    """The base model to compare with (evaluate_preference.comparison_base), when wanted."""
+    from tunelab.inference.evaluate_preference import comparison_base
 
-    return load_base(model, folder) if wanted else (None, nullcontext)
+    return comparison_base(model, folder) if wanted else (None, nullcontext)
 
 
 def _prompts(params: LLMParams, count: int, picked: Any = None, encoded: int = 0) -> list[tuple[Any, str]]:
