@@ -214,11 +214,11 @@ def test_bf16_mixed_precision_with_lora_on_a_cpu(tiny_llama, tmp_path):
 def test_every_method_trains_with_lora_under_bf16(trainer, tiny_llama, tmp_path):
     """Each method's loss reads the model's hidden states its own way (token log-probabilities, rewards,
     generations): all of them train a LoRA adapter on bf16 base weights."""
-    from tests.test_grpo import _run
+    from tests.test_grpo import grpo_args
     from tests.test_kto import _short_hh, _write, thumbs_from_pairs
 
     if trainer == "grpo":
-        argv = _run(tmp_path, tiny_llama, "format_tag", "--mixed-precision", "bf16")
+        argv = grpo_args(tmp_path, tiny_llama, "format_tag", "--mixed-precision", "bf16")
     else:
         pairs = _short_hh(8)
         data = _write(tmp_path / "data" / "train.jsonl", thumbs_from_pairs(pairs) if trainer == "kto" else pairs)
