@@ -38,6 +38,12 @@ class Entry:
 # lengths prompts and answers are cut to.
 PAIR_DATA = ("rejected_text_column", "max_prompt_length", "max_completion_length")
 
+# What the methods that sample from prompts (grpo, rloo) share: the rewards, the sampling and the KL weight, and
+# what their prompt reader reads. The answer_* rewards' column is checked when the prompts are read
+# (data/prompts.py): a cached entry must not let a run with other rewards skip that check.
+SAMPLED = ("reward_functions", "reward_weights", "num_generations", "max_completion_length", "temperature", "beta")
+PROMPT_DATA = ("max_prompt_length", "reward_functions", "reward_answer_column")
+
 REGISTRY: dict[str, Entry] = {
     "default": Entry(
         "clm",
@@ -98,33 +104,15 @@ REGISTRY: dict[str, Entry] = {
         "grpo",
         "prompts",
         "group relative policy optimization: sampled completions scored by reward functions",
-        params=(
-            "reward_functions",
-            "reward_weights",
-            "num_generations",
-            "max_completion_length",
-            "temperature",
-            "beta",
-            "loss_type",
-        ),  # fmt: skip
-        # the answer_* rewards' column is checked when the prompts are read (data/prompts.py): a cached entry must
-        # not let a run with other rewards skip that check
-        data_params=("max_prompt_length", "reward_functions", "reward_answer_column"),
+        params=(*SAMPLED, "loss_type"),
+        data_params=PROMPT_DATA,
     ),
     "rloo": Entry(
         "rloo",
         "prompts",
         "REINFORCE leave-one-out: sampled completions scored by reward functions, each against its group's others",
-        params=(
-            "reward_functions",
-            "reward_weights",
-            "num_generations",
-            "max_completion_length",
-            "temperature",
-            "beta",
-            "normalize_advantages",
-        ),  # fmt: skip
-        data_params=("max_prompt_length", "reward_functions", "reward_answer_column"),
+        params=(*SAMPLED, "normalize_advantages"),
+        data_params=PROMPT_DATA,
     ),
 }
 
