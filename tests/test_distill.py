@@ -120,7 +120,7 @@ def test_a_lora_student_learns_alike_through_the_chunks_and_the_full_logits(reas
 def test_distill_settings_are_checked_before_anything_loads():
     for bad, said in [
         (dict(trainer="distill"), "trainer distill needs teacher_model"),
-        (dict(trainer="sft", teacher_model="x"), "teacher_model is read by trainer distill only"),
+        (dict(trainer="sft", teacher_model="x"), "teacher_model is read by trainer distill, not sft"),
         (dict(trainer="distill", teacher_model="x", distill_beta=1.5), "distill_beta must be in [0, 1]"),
         (dict(trainer="distill", teacher_model="x", distill_temperature=0), "distill_temperature must be positive"),
         (dict(trainer="distill", teacher_model="x", add_tokens="<a>"), "the teacher has no rows for tokens"),
@@ -150,6 +150,7 @@ def test_a_teacher_that_reads_other_tokens_is_refused_in_one_line(capsys, tiny_l
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps({"text": "hello there"}) + "\n")
     project = tmp_path / "run"
+    capsys.readouterr()  # the setup's own loading bars: only the run's stderr is judged
     line = error_line(
         capsys, main(cli_args(tiny_llama, data, project, "--trainer", "distill", "--teacher-model", str(teacher)))
     )

@@ -50,14 +50,17 @@ def _train(model: Path, data: Path, folder: Path, trainer: str, **extra) -> Path
     return tunelab.train(tunelab.LLMParams(**{**values, **extra}))
 
 
-def _answer_logps(model, tokenizer, prompt: str, answer: str) -> torch.Tensor:
-    """log p(answer | prompt) summed over the answer's tokens (text rows: the answer ends with EOS)."""
+def _answer_logps(model, tokenizer, prompt: str, answer: str, counted: int | None = None, rest: float = 1.0):
+    """log p(answer | prompt) summed over the answer's tokens (text rows: the answer ends with EOS); the tokens past
+    the first `counted` weighted by `rest` (LD-DPO's ld_alpha)."""
     prompt_ids = tokenizer(prompt)["input_ids"]
     ids = tokenizer(prompt + answer + tokenizer.eos_token)["input_ids"]
     assert ids[: len(prompt_ids)] == prompt_ids
     with torch.no_grad():
         logps = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1].float(), -1)
-    return torch.stack([logps[i - 1, ids[i]] for i in range(len(prompt_ids), len(ids))]).sum()
+    per_token = torch.stack([logps[i - 1, ids[i]] for i in range(len(prompt_ids), len(ids))])
+    counted = len(per_token) if counted is None else counted
+    return per_token[:counted].sum() + rest * per_token[counted:].sum()
 
 
 def _answer_lengths(tokenizer, rows: list[dict]) -> torch.Tensor:
@@ -67,9 +70,10 @@ def _answer_lengths(tokenizer, rows: list[dict]) -> torch.Tensor:
     return torch.tensor([[length(r["prompt"], r[side]) for side in ("chosen", "rejected")] for r in rows])
 
 
-def _by_hand(folder: Path, base: Path, rows: list[dict], adapter: bool):
+def _by_hand(folder: Path, base: Path, rows: list[dict], adapter: bool, ld_alpha: float = 1.0):
     """(policy, reference) log-prob sums of each row's chosen and rejected answer: (N, 2) each. With an adapter the
-    reference is the base with the adapter off; without, the base model loaded as it is."""
+    reference is the base with the adapter off; without, the base model loaded as it is. `ld_alpha`: the weight of
+    each answer's tokens past the shorter one's length (LD-DPO)."""
     from peft import PeftModel
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -79,9 +83,14 @@ def _by_hand(folder: Path, base: Path, rows: list[dict], adapter: bool):
         policy = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     policy.eval()
 
+    shared = _answer_lengths(tokenizer, rows).min(dim=1).values.tolist()
+
     def sums(model) -> torch.Tensor:
         return torch.tensor(
-            [[_answer_logps(model, tokenizer, r["prompt"], r[side]) for side in ("chosen", "rejected")] for r in rows]
+            [
+                [_answer_logps(model, tokenizer, r["prompt"], r[side], n, ld_alpha) for side in ("chosen", "rejected")]
+                for r, n in zip(rows, shared, strict=True)
+            ]
         )
 
     tuned = sums(policy)
@@ -138,6 +147,28 @@ def test_dpo_run_is_measured_by_its_rewards_on_pairs(dpo_run, tiny_llama, capsys
     sample = results["samples"][0]
     assert sample["prompt"] == "Question 100: which colour is the sky?" and sample["reference"] == CHOSEN.strip()
     assert sample["rejected"].startswith("It is") and isinstance(sample["tuned"], str) and sample["base"] is not None
+
+
+def test_a_dpo_run_with_the_loss_variants_learns_and_is_measured_with_its_length_weighting(tiny_llama, tmp_path):
+    """dpo's variants at once (the discopop loss under the JS divergence, LD-DPO, WPO's weights): the run learns the
+    pairs, and `tunelab evaluate` sums each answer as training did, the tokens past the shorter answer's length at
+    ld_alpha."""
+    data = _write(tmp_path / "data" / "train.jsonl", _pairs(16))
+    variants = {"dpo_loss_type": "discopop", "f_divergence_type": "js_divergence", "ld_alpha": 0.5}
+    run = _train(
+        tiny_llama, data.parent, tmp_path / "run", "dpo", peft=True, lora_r=8, dpo_beta=0.5, use_weighting=True,
+        **variants,
+    )  # fmt: skip
+    held_out = _pairs(8, start=100)
+    results = evaluate_run(run, str(_write(tmp_path / "test.jsonl", held_out)), samples=0)
+
+    tuned, reference = _by_hand(run, tiny_llama, held_out, adapter=True, ld_alpha=0.5)
+    rewards = 0.5 * (tuned - reference)
+    assert results["rewards/margins"] == pytest.approx(float((rewards[:, 0] - rewards[:, 1]).mean()), abs=1e-4)
+    assert results["logps/rejected"] == pytest.approx(float(tuned[:, 1].mean()), abs=1e-4)
+    plain, _ = _by_hand(run, tiny_llama, held_out, adapter=True)
+    assert abs(float(plain[:, 1].mean() - tuned[:, 1].mean())) > 0.1  # the weighting changed the sums
+    assert results["rewards/accuracies"] >= 0.75 and results["rewards/margins"] > 0
 
 
 def test_a_bad_row_in_the_evaluation_pairs_is_one_line(dpo_run, tmp_path, capsys):

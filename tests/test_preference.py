@@ -127,8 +127,23 @@ def test_preference_loss_settings_are_checked_before_anything_loads():
         _params(dpo_loss_type="sigmod")
     with pytest.raises(ConfigError, match="dpo_loss_weights has 1 weight.s. for 2 dpo_loss_type"):
         _params(dpo_loss_type="sigmoid,sft", dpo_loss_weights="1")
-    with pytest.raises(ConfigError, match="label_smoothing is read by the robust dpo loss"):
+    with pytest.raises(ConfigError, match="label_smoothing is read by the dpo losses robust, exo_pair, aot"):
         _params(label_smoothing=0.1)
+    with pytest.raises(ConfigError, match="exo_pair needs label_smoothing above 0"):
+        _params(dpo_loss_type="exo_pair")
+    with pytest.raises(ConfigError, match="f_divergence_type forward_kl with dpo_loss_type apo_zero: only the"):
+        _params(dpo_loss_type="sigmoid,apo_zero", f_divergence_type="forward_kl")
+    with pytest.raises(ConfigError, match="f_divergence_type: 'kl' is not one of reverse_kl, forward_kl"):
+        _params(f_divergence_type="kl")
+    with pytest.raises(ConfigError, match=r"ld_alpha must be in \[0, 1\]"):
+        _params(ld_alpha=1.2)
+    with pytest.raises(ConfigError, match="use_weighting with the aot losses"):
+        _params(dpo_loss_type="aot_unpaired", use_weighting=True)
+    with pytest.raises(ConfigError, match="discopop_tau must be positive"):
+        _params(dpo_loss_type="discopop", discopop_tau=0)
+    for name, value in (("ld_alpha", 0.5), ("use_weighting", True), ("f_divergence_type", "js_divergence")):
+        with pytest.raises(ConfigError, match=f"{name} is read by trainer dpo, not simpo: leave it out"):
+            _params(trainer="simpo", **{name: value})
     with pytest.raises(ConfigError, match=r"label_smoothing must be in \[0, 0.5\)"):
         _params(dpo_loss_type="robust", label_smoothing=0.5)
     params = _params(dpo_loss_type=["sigmoid", "sft"], dpo_loss_weights=[1, 0.25])  # as a YAML list gives them
@@ -269,10 +284,32 @@ def test_orpo_loss_equals_trl(tiny_llama, tokenizer, tmp_path):
         ("ipo", {}),
         ("robust", {"label_smoothing": 0.1}),
         ("sigmoid,sft", {"dpo_loss_weights": "1.0,0.5"}),
+        ("exo_pair", {"label_smoothing": 0.01}),
+        ("nca_pair", {}),
+        ("bco_pair", {}),
+        ("sppo_hard", {}),
+        ("aot", {"label_smoothing": 0.1}),
+        ("aot_unpaired", {}),
+        ("apo_zero", {}),
+        ("apo_down", {}),
+        ("discopop", {"discopop_tau": 0.2}),
+        ("sigmoid_norm", {}),
+        # the variants around the loss: f-DPO's divergences, LD-DPO, WPO, and all of them at once
+        ("sigmoid", {"f_divergence_type": "forward_kl"}),
+        ("ipo", {"f_divergence_type": "js_divergence"}),
+        ("robust,sigmoid_norm", {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3,
+                                 "label_smoothing": 0.1}),
+        ("sigmoid", {"ld_alpha": 0.5}),
+        ("sft,sigmoid_norm", {"ld_alpha": 0.0, "dpo_loss_weights": "0.5,1.0"}),
+        ("sigmoid", {"use_weighting": True}),
+        ("sigmoid", {"use_weighting": True, "fast_loss": False}),  # the weights from full logits
+        # (not sft with use_weighting: TRL 1.16 scales its shared per-pair value in place, and fails)
+        ("hinge,sigmoid_norm", {"use_weighting": True, "ld_alpha": 0.3, "f_divergence_type": "js_divergence"}),
     ],
-)
+)  # fmt: skip
 def test_dpo_loss_types_equal_trl(loss_type, extra, tiny_llama, tokenizer, tmp_path):
-    """Each dpo_loss_type (and TRL's weighted multi-loss form) gives TRL's loss and rewards on one batch."""
+    """Each dpo_loss_type, TRL's weighted multi-loss form, and the variants around the loss (f_divergence_type,
+    ld_alpha, use_weighting) give TRL's loss and rewards on one batch."""
     from datasets import Dataset
     from trl import DPOConfig
     from trl import DPOTrainer as TRLDPOTrainer
@@ -293,11 +330,10 @@ def test_dpo_loss_types_equal_trl(loss_type, extra, tiny_llama, tokenizer, tmp_p
     loss = ours.compute_loss(ours.model, ours.data_collator(pairs))
     metrics = {k: v[0] for k, v in ours._metrics["train"].items()}
 
-    trl_extra = {"loss_type": loss_type.split(",")}
+    ours_only = ("dpo_loss_weights", "fast_loss")
+    trl_extra = {"loss_type": loss_type.split(","), **{k: v for k, v in extra.items() if k not in ours_only}}
     if "dpo_loss_weights" in extra:
         trl_extra["loss_weights"] = [float(w) for w in extra["dpo_loss_weights"].split(",")]
-    if "label_smoothing" in extra:
-        trl_extra["label_smoothing"] = extra["label_smoothing"]
     config = _trl_config(DPOConfig, tmp_path, per_device_train_batch_size=len(pairs), **trl_extra)
     trl = TRLDPOTrainer(
         model=copy.deepcopy(policy),
@@ -417,22 +453,30 @@ def test_kto_loss_and_metrics_equal_trl(tiny_llama, tokenizer, tmp_path):
 
 
 @needs_shared()
-def test_precomputed_reference_gives_the_live_reference_losses(tiny_llama, tokenizer, tmp_path):
+@pytest.mark.parametrize("settings", [{}, {"ld_alpha": 0.4}])
+def test_precomputed_reference_gives_the_live_reference_losses(settings, tiny_llama, tokenizer, tmp_path):
     """precompute_ref_log_probs: the pairs scored by the starting model once (and kept in the prepared-data
-    folder, reused the next time) give the losses and rewards of the live reference model."""
+    folder, reused the next time) give the losses and rewards of the live reference model; with LD-DPO too, its
+    weighting applied to the reference's scores as it is to the live reference's."""
     from tunelab.methods.dpo import DPOTrainer, ScoredPair, with_reference_logps
 
     _, pairs, policy, reference = _pairs_and_models(tiny_llama, tokenizer)
-    live = _tunelab_trainer(DPOTrainer, copy.deepcopy(policy), tokenizer, tmp_path, extra={"ref_model": reference})
+    live = _tunelab_trainer(
+        DPOTrainer, copy.deepcopy(policy), tokenizer, tmp_path, extra={"ref_model": reference}, **settings
+    )
     live.model.train()
     live_loss = live.compute_loss(live.model, live.data_collator(pairs))
 
-    params = _params(model=str(tiny_llama), block_size=192, max_prompt_length=128, precompute_ref_log_probs=True)
+    params = _params(
+        model=str(tiny_llama), block_size=192, max_prompt_length=128, precompute_ref_log_probs=True, **settings
+    )
     scored, _ = with_reference_logps(copy.deepcopy(reference), pairs, None, params, tmp_path)
     assert all(isinstance(p, ScoredPair) for p in scored) and len(list(tmp_path.glob("reference-*.npy"))) == 1
     again, _ = with_reference_logps(None, pairs, None, params, tmp_path)  # no model needed: read back
     assert [(p.ref_chosen, p.ref_rejected) for p in again] == [(p.ref_chosen, p.ref_rejected) for p in scored]
-    ours = _tunelab_trainer(DPOTrainer, copy.deepcopy(policy), tokenizer, tmp_path, precompute_ref_log_probs=True)
+    ours = _tunelab_trainer(
+        DPOTrainer, copy.deepcopy(policy), tokenizer, tmp_path, precompute_ref_log_probs=True, **settings
+    )
     assert ours.ref_model is None
     ours.model.train()
     loss = ours.compute_loss(ours.model, ours.data_collator(scored))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -30,8 +30,17 @@ from tunelab.config.base import (
     listed_tokens,
     param,
 )
+from tunelab.config.method_checks import (
+    check_distill,
+    check_dpo,
+    check_kto,
+    check_own_settings,
+    check_preference,
+    check_sampled,
+)
+from tunelab.config.rope import read_rope_scaling
 from tunelab.errors import ConfigError
-from tunelab.methods import DPO_LOSS_TYPES, REGISTRY, uses_reference
+from tunelab.methods import DPO_DIVERGENCES, DPO_LOSS_TYPES, REGISTRY
 
 CHAT_TEMPLATES = ("none", "zephyr", "chatml", "tokenizer", "alpaca")
 
@@ -324,8 +333,8 @@ class LLMParams(Params):
     )
     dpo_loss_type: str = param(
         "sigmoid",
-        "dpo: the loss: sigmoid, hinge, ipo, robust or sft, or several comma-separated, added with "
-        "dpo_loss_weights (TRL's multi-loss form, e.g. sigmoid,sft).",
+        f"dpo: the loss: {', '.join(DPO_LOSS_TYPES)} (TRL's; docs/preference.md), or several comma-separated, "
+        "added with dpo_loss_weights (TRL's multi-loss form, e.g. sigmoid,sft).",
     )
     precompute_ref_log_probs: bool = param(
         False,
@@ -334,7 +343,29 @@ class LLMParams(Params):
     )
     dpo_loss_weights: str | None = param(None, "dpo: a weight per dpo_loss_type, comma-separated (default: 1 each).")
     label_smoothing: float = param(
-        0.0, "dpo (robust loss) and simpo: the assumed share of flipped preferences, in [0, 0.5)."
+        0.0,
+        "dpo (the robust, exo_pair, aot and aot_unpaired losses) and simpo: the assumed share of flipped "
+        "preferences, in [0, 0.5).",
+    )
+    discopop_tau: float = param(
+        0.05, "dpo (the discopop loss): the temperature of its mix of logistic and exponential losses (the paper's)."
+    )
+    f_divergence_type: str = param(
+        "reverse_kl",
+        "dpo: the divergence from the reference the loss regularises with (f-DPO): reverse_kl is DPO's; other "
+        "than it only with the losses of the chosen-rejected difference.",
+        choices=DPO_DIVERGENCES,
+    )
+    f_alpha_divergence_coef: float = param(0.5, "dpo (f_divergence_type alpha_divergence): alpha.")
+    ld_alpha: float | None = param(
+        None,
+        "dpo: LD-DPO: the weight, in [0, 1], of each answer's tokens past the length of the pair's shorter answer, "
+        "so that length alone earns less reward (unset: plain DPO).",
+    )
+    use_weighting: bool = param(
+        False,
+        "dpo: WPO: weigh each pair by how probable the policy finds both answers (per token, normalised), so that "
+        "pairs close to its own outputs count most.",
     )
     kto_beta: float = param(0.1, "kto: beta (the reward scale, and the pull towards the reference).")
     desirable_weight: float | None = param(
@@ -459,113 +490,6 @@ class LLMParams(Params):
         self.validate()
 
     # ------------------------------------------------------------------ checks
-    def _check_rewards(self) -> None:
-        if not self.reward_functions:
-            raise ConfigError(
-                f"{self.trainer} needs reward_functions (--reward-functions): built-ins such as "
-                "answer_tag,format_tag, or my_rewards.py:my_function (docs/grpo.md)"
-            )
-        if self.num_generations < 2:
-            raise ConfigError(f"num_generations must be at least 2 (a group to compare), got {self.num_generations}")
-        if self.temperature <= 0 or not 0 < self.top_p <= 1:
-            raise ConfigError(f"{self.trainer} samples its completions: temperature must be > 0 and top_p in (0, 1]")
-        if self.epsilon <= 0 or (self.epsilon_high is not None and self.epsilon_high <= 0):
-            raise ConfigError("epsilon and epsilon_high must be positive")
-        if self.beta < 0:
-            raise ConfigError(f"beta must be 0 or positive, got {self.beta}")
-        # Each method's own settings: one given to the other would change nothing, silently.
-        defaults = {f.name: f.default for f in fields(self)}
-        own = {"grpo": ("loss_type", "scale_rewards", "use_bias_correction_kl"), "rloo": ("normalize_advantages",)}
-        for trainer, names in own.items():
-            for name in names:
-                if self.trainer != trainer and getattr(self, name) != defaults[name]:
-                    raise ConfigError(f"{name} is read by trainer {trainer}, not {self.trainer}: leave it out")
-
-    def _check_preference_losses(self) -> None:
-        if isinstance(self.dpo_loss_type, (list, tuple)):  # a YAML list
-            self.dpo_loss_type = ",".join(str(kind) for kind in self.dpo_loss_type)
-        if isinstance(self.dpo_loss_weights, (list, tuple)):
-            self.dpo_loss_weights = ",".join(str(weight) for weight in self.dpo_loss_weights)
-        unknown = [kind for kind in self.dpo_loss_types if kind not in DPO_LOSS_TYPES]
-        if unknown or not self.dpo_loss_types:
-            raise ConfigError(f"dpo_loss_type: {self.dpo_loss_type!r}: use one or more of {', '.join(DPO_LOSS_TYPES)}")
-        if self.dpo_loss_weights is not None:
-            try:
-                weights = self.dpo_loss_weight_values
-            except ValueError:
-                raise ConfigError(
-                    f"dpo_loss_weights: {self.dpo_loss_weights!r} is not comma-separated numbers"
-                ) from None
-            if len(weights) != len(self.dpo_loss_types):
-                raise ConfigError(
-                    f"dpo_loss_weights has {len(weights)} weight(s) for {len(self.dpo_loss_types)} dpo_loss_type(s)"
-                )
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        uses_smoothing = self.trainer == "simpo" or (self.trainer == "dpo" and "robust" in self.dpo_loss_types)
-        if self.label_smoothing and not uses_smoothing:
-            raise ConfigError(
-                "label_smoothing is read by the robust dpo loss (dpo_loss_type: robust) and by simpo only"
-            )
-        if self.precompute_ref_log_probs and self.trainer != "dpo":
-            raise ConfigError(
-                "precompute_ref_log_probs is for trainer dpo (kto's KL estimate pairs the answers of each batch, "
-                "which change every epoch; the other methods have no reference)"
-            )
-        sampled = REGISTRY[self.trainer].data == "prompts"  # grpo, rloo: a reference only for their KL term
-        if self.model_ref and not uses_reference(self):
-            why = f"{self.trainer} with beta 0 has no KL term" if sampled else f"{self.trainer} has none"
-            raise ConfigError(
-                f"model_ref names a reference model, read by dpo, kto, grpo and rloo (beta > 0); {why}: leave it out"
-            )
-        reference_is_base = self.peft and not self.model_ref and uses_reference(self)
-        if reference_is_base and self.init_lora_weights in ("pissa", "olora"):
-            raise ConfigError(
-                f"{self.trainer} with init_lora_weights={self.init_lora_weights}: the base with the adapter off is "
-                "the residual, not the starting model, so it cannot be the reference; give model_ref, or use the "
-                "default init"
-            )
-        if self.cpo_alpha < 0:
-            raise ConfigError(f"cpo_alpha must be 0 or positive, got {self.cpo_alpha}")
-
-    def _check_distill(self) -> None:
-        if self.trainer != "distill":
-            defaults = {f.name: f.default for f in fields(self)}
-            for name in ("teacher_model", "distill_beta", "distill_temperature", "distill_ce_weight"):
-                if getattr(self, name) != defaults[name]:
-                    raise ConfigError(f"{name} is read by trainer distill only, not {self.trainer}: leave it out")
-            return
-        if not self.teacher_model:
-            raise ConfigError("trainer distill needs teacher_model: the model whose answers' distributions it learns")
-        if not 0 <= self.distill_beta <= 1:
-            raise ConfigError(f"distill_beta must be in [0, 1] (0 forward KL, 1 reverse KL), got {self.distill_beta}")
-        if not 0 < self.distill_temperature < math.inf:
-            raise ConfigError(f"distill_temperature must be positive, got {self.distill_temperature}")
-        if not 0 <= self.distill_ce_weight < math.inf:
-            raise ConfigError(f"distill_ce_weight must be 0 or more, got {self.distill_ce_weight}")
-        if self.distributed_backend == "deepspeed":
-            raise ConfigError(
-                "trainer distill with distributed_backend deepspeed: ZeRO would shard the teacher as it loads and "
-                "nothing gathers it again; use ddp, or fsdp"
-            )
-        if listed_tokens(self):
-            raise ConfigError(
-                "add_tokens with trainer distill: the teacher has no rows for tokens the run adds, so there is no "
-                "distribution to learn at them; add the tokens to the teacher first, or leave them out"
-            )
-
-    def _check_kto(self) -> None:
-        if self.kto_beta <= 0:
-            raise ConfigError(f"kto_beta must be positive, got {self.kto_beta}")
-        for name in ("desirable_weight", "undesirable_weight"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.batch_size < 2:
-            raise ConfigError(
-                "kto estimates its KL term from the other answers of a micro-batch: batch_size must be at least 2, "
-                f"got {self.batch_size}"
-            )
-
     def _check_regularisers(self) -> None:
         if self.neftune_noise_alpha is not None:
             if not self.neftune_noise_alpha > 0:
@@ -601,39 +525,6 @@ class LLMParams(Params):
                 f"a module LoRA adapts; leave it out, or add modules_to_save: {adapted[0]} to train it whole"
             )
 
-    def _read_rope_scaling(self) -> None:
-        """rope_scaling as a name (LLaMA-Factory's) or as Axolotl's {type, factor}, which sets the factor too."""
-        if isinstance(self.rope_scaling, dict):
-            given = dict(self.rope_scaling)
-            kinds = {given.pop(key) for key in ("type", "rope_type") if key in given}
-            factor = given.pop("factor", None)
-            if "original_max_position_embeddings" in given:
-                raise ConfigError(
-                    "rope_scaling: original_max_position_embeddings is the model's own max_position_embeddings, read "
-                    "from its config: leave it out"
-                )
-            if given or len(kinds) != 1 or not isinstance(next(iter(kinds)), str):
-                what = ", ".join(given) if given else "no type" if not kinds else f"types {sorted(map(str, kinds))}"
-                raise ConfigError(f"rope_scaling: expected linear or yarn, or {{type, factor}}; got {what}")
-            kind = kinds.pop()
-            if factor is not None and self.rope_scaling_factor not in (None, factor):
-                raise ConfigError(
-                    f"rope_scaling's factor ({factor}) and rope_scaling_factor ({self.rope_scaling_factor}) differ"
-                )
-            self.rope_scaling = kind
-            self.rope_scaling_factor = self.rope_scaling_factor if factor is None else factor
-        if isinstance(self.rope_scaling, str):
-            self.rope_scaling = self.rope_scaling.strip().lower()
-        if self.rope_scaling_factor is None:
-            return
-        if not self.rope_scaling:
-            raise ConfigError("rope_scaling_factor needs rope_scaling (linear or yarn) to say how to stretch")
-        if isinstance(self.rope_scaling_factor, bool) or not isinstance(self.rope_scaling_factor, (int, float)):
-            raise ConfigError(f"rope_scaling_factor: expected a number above 1, got {self.rope_scaling_factor!r}")
-        if not 1 < self.rope_scaling_factor < math.inf:
-            raise ConfigError(f"rope_scaling_factor must be above 1 (it stretches), got {self.rope_scaling_factor}")
-        self.rope_scaling_factor = float(self.rope_scaling_factor)
-
     @property
     def dpo_loss_types(self) -> tuple[str, ...]:
         """dpo_loss_type as a tuple of loss names."""
@@ -659,7 +550,7 @@ class LLMParams(Params):
         switch = str(self.gradient_checkpointing).lower()
         if switch in ("true", "yes", "1", "false", "no", "0"):
             self.gradient_checkpointing = "on" if switch in ("true", "yes", "1") else "off"
-        self._read_rope_scaling()
+        read_rope_scaling(self)
         check_choices(self)
         if self.disable_gradient_checkpointing and self.gradient_checkpointing == "on":
             raise ConfigError(
@@ -700,11 +591,15 @@ class LLMParams(Params):
             check_positive(self, "max_completion_length")
         if self.dpo_beta <= 0:
             raise ConfigError(f"dpo_beta must be positive, got {self.dpo_beta}")
-        self._check_preference_losses()
+        check_preference(self)
+        check_own_settings(self)
+        if self.trainer == "dpo":
+            check_dpo(self)
         if self.trainer == "kto":
-            self._check_kto()
+            check_kto(self)
         self._check_regularisers()
-        self._check_distill()
+        if self.trainer == "distill":
+            check_distill(self)
         if REGISTRY[self.trainer].data == "prompts":  # methods that generate and score their completions
-            self._check_rewards()
+            check_sampled(self)
         check_training(self)

@@ -242,7 +242,9 @@ def _logps(model: Any, rows: list[Any], params: Any, tokenizer: Any) -> Any:
     else:
         collate = PairCollator(pad)
     fast = params.fast_loss and fast_loss_supported(model)
-    return score_answers(model, rows, collate, params.batch_size, fast, model.device)
+    summed = METHODS[params.trainer].evaluation.summed
+    extra = {"summed": summed(params)} if summed is not None else {}
+    return score_answers(model, rows, collate, params.batch_size, fast, model.device, **extra)
 
 
 def figures(

@@ -68,7 +68,18 @@ REGISTRY: dict[str, Entry] = {
         "pairs",
         "direct preference optimization on prompt/chosen/rejected pairs (dpo_loss_type, dpo_beta)",
         reference=True,
-        params=("dpo_beta", "dpo_loss_type", "dpo_loss_weights", "label_smoothing", "precompute_ref_log_probs"),
+        params=(
+            "dpo_beta",
+            "dpo_loss_type",
+            "dpo_loss_weights",
+            "label_smoothing",
+            "discopop_tau",
+            "f_divergence_type",
+            "f_alpha_divergence_coef",
+            "ld_alpha",
+            "use_weighting",
+            "precompute_ref_log_probs",
+        ),
         data_params=PAIR_DATA,
     ),
     "orpo": Entry(
@@ -125,8 +136,17 @@ def uses_reference(params: object) -> bool:
     return bool(entry and (entry.reference or sampled_kl))
 
 
-# The losses `dpo_loss_type` offers (methods/dpo.py computes them); here so the config checks need no torch.
-DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "sft")
+# The losses `dpo_loss_type` offers, TRL's (methods/dpo.py computes them); here so the config checks need no torch.
+DPO_LOSS_TYPES = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+    "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+)  # fmt: skip
+# The losses of the chosen-rejected difference alone: only they have a form for another f-divergence (the others'
+# rewards would keep a term of the prompt that only the difference cancels), TRL's rule.
+DPO_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
+DPO_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# The losses that read label_smoothing (as the share of flipped preferences, or EXO's target share).
+DPO_SMOOTHED_LOSSES = ("robust", "exo_pair", "aot", "aot_unpaired")
 
 
 class _Methods(Mapping[str, Method]):
@@ -147,4 +167,15 @@ class _Methods(Mapping[str, Method]):
 METHODS: Mapping[str, Method] = _Methods()
 SUMMARIES: dict[str, str] = {name: entry.summary for name, entry in REGISTRY.items()}
 
-__all__ = ["DPO_LOSS_TYPES", "METHODS", "REGISTRY", "SUMMARIES", "Entry", "Method", "RowStats"]
+__all__ = [
+    "DPO_DIVERGENCES",
+    "DPO_DIVERGENCE_LOSSES",
+    "DPO_LOSS_TYPES",
+    "DPO_SMOOTHED_LOSSES",
+    "METHODS",
+    "REGISTRY",
+    "SUMMARIES",
+    "Entry",
+    "Method",
+    "RowStats",
+]

@@ -34,6 +34,9 @@ class PairEvaluation:
     figures: Callable[[Any, list[Any], Any, Any, Any], dict[str, Any]]
     beta: str  # the LLMParams field the method's rewards are scaled by
     rewards: str  # what the rewards are, for the report
+    # params -> how the method sums a batch's per-token answer log-probs into (sums, counts), when not plainly
+    # (methods/preference.sequence_sums): dpo's LD-DPO weighting
+    summed: Callable[[Any], Callable[[Any, Any], tuple[Any, Any]]] | None = None
 
 
 # What a preference method's rewards are (PairEvaluation.rewards), in the two kinds TRL's trainers log.

@@ -1,13 +1,13 @@
-"""`dpo`: Direct Preference Optimization (Rafailov et al., 2023) and its loss variants, as TRL's DPOTrainer has them.
+"""`dpo`: Direct Preference Optimization (Rafailov et al., 2023) and its variants, as TRL's DPOTrainer has them.
 
-With delta = (log p(chosen) - log p_ref(chosen)) - (log p(rejected) - log p_ref(rejected)), log p summed over the
-answer tokens, `dpo_loss_type` picks the loss per pair:
-- sigmoid (the paper): -log sigmoid(beta * delta)
-- hinge (SLiC): max(0, 1 - beta * delta)
-- ipo (Azar et al.): (delta' - 1 / (2 beta))^2, delta' from log-probs averaged per answer token (as TRL does)
-- robust (Chowdhury et al.): the sigmoid loss corrected for a label_smoothing share of flipped preferences
-- sft: the chosen answers' NLL per token (to add to another, as in MPO or RPO)
-Several, comma-separated, are added with `dpo_loss_weights` (TRL's multi-loss form); each is a mean over pairs.
+Each pair's log-ratios are r_c = log p(chosen) - log p_ref(chosen) and r_r likewise, log p summed over the answer
+tokens, and delta = r_c - r_r. `dpo_loss_type` picks the loss per pair (docs/preference.md has every formula):
+sigmoid (the paper's -log sigmoid(beta delta)), hinge, ipo, exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot,
+aot_unpaired, apo_zero, apo_down, discopop, sft, sigmoid_norm. Several, comma-separated, are added with
+`dpo_loss_weights` (TRL's multi-loss form); each is a mean over the batch's pairs. Around them:
+- f_divergence_type (f-DPO): the log-ratios pass through f' of another divergence before the difference is taken;
+- ld_alpha (LD-DPO): the tokens of the longer answer past the shorter one's length count ld_alpha, not 1;
+- use_weighting (WPO): each pair's loss is scaled by the policy's per-token-normalised probability of both answers.
 
 The reference model is `model_ref` when given; else, for a LoRA run, the
 base model itself with the adapter switched off (no second copy in memory); else a frozen copy of the starting
@@ -21,8 +21,10 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,10 +35,12 @@ import torch.nn.functional as F
 
 from tunelab.config.llm import LLMParams
 from tunelab.data.preference import Pair
+from tunelab.data.tokenize import IGNORE
 from tunelab.methods.base import REFERENCE_REWARDS, Method, PairEvaluation
 from tunelab.methods.preference import (
     PairCollator,
     PreferenceTrainer,
+    answer_logprobs,
     build_pair_rows,
     reward_metrics,
     score_answers,
@@ -46,44 +50,146 @@ from tunelab.models import load_reference
 from tunelab.training.trainer import eval_mode
 
 log = logging.getLogger("tunelab")
+# exp() of an alpha-divergence score stays finite in the scores' dtype below these (TRL's bounds)
+_EXP_LIMIT = {torch.float16: 11.0, torch.bfloat16: 80.0, torch.float32: 80.0}
 
 
-def dpo_loss(
-    chosen: torch.Tensor,
-    rejected: torch.Tensor,
-    ref_chosen: torch.Tensor,
-    ref_rejected: torch.Tensor,
-    beta: float,
-    loss_types: tuple[str, ...] = ("sigmoid",),
-    weights: tuple[float, ...] | None = None,
-    label_smoothing: float = 0.0,
-    counts: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The DPO loss (one of methods.DPO_LOSS_TYPES, or a weighted sum) over summed answer log-probs, and the rewards
-    TRL logs. `counts` (answer tokens of each chosen and rejected row) are needed by ipo and sft."""
-    chosen_rewards = beta * (chosen - ref_chosen).detach()
-    rejected_rewards = beta * (rejected - ref_rejected).detach()
-    chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
-    delta = chosen_ratio - rejected_ratio
-    loss = chosen.new_zeros(())
-    for kind, weight in zip(loss_types, weights or (1.0,) * len(loss_types), strict=True):
-        if kind == "sigmoid":
-            per_pair = -F.logsigmoid(beta * delta)
-        elif kind == "hinge":
-            per_pair = torch.relu(1 - beta * delta)
-        elif kind == "ipo":
-            chosen_n, rejected_n = (c.clamp(min=1) for c in counts)
-            per_pair = (chosen_ratio / chosen_n - rejected_ratio / rejected_n - 1 / (2 * beta)) ** 2
-        elif kind == "robust":
-            clean = -(1 - label_smoothing) * F.logsigmoid(beta * delta)
-            flipped = -label_smoothing * F.logsigmoid(-beta * delta)
-            per_pair = (clean - flipped) / (1 - 2 * label_smoothing)
-        elif kind == "sft":
-            per_pair = -chosen.sum() / counts[0].sum().clamp(min=1)
-        else:
-            raise ValueError(f"unknown dpo loss type {kind!r}")
-        loss = loss + per_pair.mean() * weight
-    return loss, reward_metrics(chosen_rewards, rejected_rewards, chosen, rejected)
+@dataclass(frozen=True)
+class DPOLoss:
+    """A dpo run's loss (LLMParams' dpo_loss_type and the settings around it), applied to a batch of pairs'
+    summed answer log-probs: the policy's and the reference's, each (pairs,)."""
+
+    beta: float
+    types: tuple[str, ...] = ("sigmoid",)
+    weights: tuple[float, ...] | None = None
+    label_smoothing: float = 0.0
+    discopop_tau: float = 0.05
+    divergence: str = "reverse_kl"
+    alpha: float = 0.5  # f_alpha_divergence_coef
+
+    @classmethod
+    def of(cls, params: LLMParams) -> DPOLoss:
+        return cls(
+            params.dpo_beta,
+            params.dpo_loss_types,
+            params.dpo_loss_weight_values,
+            params.label_smoothing,
+            params.discopop_tau,
+            params.f_divergence_type,
+            params.f_alpha_divergence_coef,
+        )
+
+    def __call__(
+        self,
+        chosen: torch.Tensor,
+        rejected: torch.Tensor,
+        ref_chosen: torch.Tensor,
+        ref_rejected: torch.Tensor,
+        counts: tuple[torch.Tensor, torch.Tensor] | None = None,
+        pair_weights: torch.Tensor | None = None,
+        chosen_nll_sum: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss and the rewards TRL logs. `counts`: answer tokens of each chosen and rejected row (read by ipo,
+        sigmoid_norm and sft). `pair_weights`: WPO's, each pair's loss is scaled by. `chosen_nll_sum`: the chosen
+        answers' plain log-prob sums, for sft when the sums are LD-DPO's weighted ones (default: `chosen`)."""
+        beta = self.beta
+        chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
+        chosen_rewards, rejected_rewards = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+        chosen_score, rejected_score = self._score(chosen_ratio), self._score(rejected_ratio)
+        delta = chosen_score - rejected_score
+        smoothing = self.label_smoothing
+        loss = chosen.new_zeros(())
+        for kind, weight in zip(self.types, self.weights or (1.0,) * len(self.types), strict=True):
+            if kind == "sigmoid":
+                per_pair = -F.logsigmoid(beta * delta)
+            elif kind == "hinge":  # SLiC
+                per_pair = torch.relu(1 - beta * delta)
+            elif kind == "ipo":  # the scores per answer token, as TRL normalises them
+                chosen_n, rejected_n = (c.clamp(min=1) for c in counts)
+                per_pair = (chosen_score / chosen_n - rejected_score / rejected_n - 1 / (2 * beta)) ** 2
+            elif kind == "exo_pair":  # KL from the model's pair distribution to (1 - eps, eps)
+                z = beta * delta
+                per_pair = torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-smoothing)) + torch.sigmoid(-z) * (
+                    F.logsigmoid(-z) - math.log(smoothing)
+                )
+            elif kind == "nca_pair":
+                c, r = beta * chosen_ratio, beta * rejected_ratio
+                per_pair = -F.logsigmoid(c) - 0.5 * F.logsigmoid(-c) - 0.5 * F.logsigmoid(-r)
+            elif kind == "robust":  # the sigmoid loss corrected for a label_smoothing share of flipped labels
+                clean = -(1 - smoothing) * F.logsigmoid(beta * delta)
+                flipped = -smoothing * F.logsigmoid(-beta * delta)
+                per_pair = (clean - flipped) / (1 - 2 * smoothing)
+            elif kind == "bco_pair":
+                per_pair = -F.logsigmoid(beta * chosen_ratio) - F.logsigmoid(-beta * rejected_ratio)
+            elif kind == "sppo_hard":  # SPPO with the winner's probability 1, the loser's 0
+                per_pair = (chosen_ratio - 0.5 / beta) ** 2 + (rejected_ratio + 0.5 / beta) ** 2
+            elif kind in ("aot", "aot_unpaired"):  # the batch's ratios sorted: a distributional margin
+                if kind == "aot":
+                    gap = (chosen - rejected).sort(dim=0).values - (ref_chosen - ref_rejected).sort(dim=0).values
+                else:
+                    gap = chosen_ratio.sort(dim=0).values - rejected_ratio.sort(dim=0).values
+                per_pair = -(1 - smoothing) * F.logsigmoid(beta * gap) - smoothing * F.logsigmoid(-beta * gap)
+            elif kind == "apo_zero":  # chosen answers better than the model's own: chosen up, rejected down
+                per_pair = 1 - torch.sigmoid(beta * chosen_ratio) + torch.sigmoid(beta * rejected_ratio)
+            elif kind == "apo_down":  # chosen answers worse than the model's own: both down, rejected more
+                per_pair = (
+                    torch.sigmoid(beta * chosen_ratio) + 1 - torch.sigmoid(beta * (chosen_ratio - rejected_ratio))
+                )
+            elif kind == "discopop":  # logistic for small margins, exponential for large ones
+                z = beta * delta
+                mix = torch.sigmoid(z / self.discopop_tau)
+                per_pair = -F.logsigmoid(z) * (1 - mix) + torch.exp(-z) * mix
+            elif kind == "sft":  # the chosen answers' NLL per token, the same for every pair
+                nll_sum = chosen if chosen_nll_sum is None else chosen_nll_sum
+                per_pair = (-nll_sum.sum() / counts[0].sum().clamp(min=1)).expand_as(chosen)
+            elif kind == "sigmoid_norm":  # the sigmoid loss on the scores per answer token
+                chosen_n, rejected_n = (c.clamp(min=1) for c in counts)
+                per_pair = -F.logsigmoid(beta * (chosen_score / chosen_n - rejected_score / rejected_n))
+            else:
+                raise ValueError(f"unknown dpo loss type {kind!r}")
+            if pair_weights is not None:
+                per_pair = per_pair * pair_weights
+            loss = loss + per_pair.mean() * weight
+        return loss, reward_metrics(chosen_rewards, rejected_rewards, chosen, rejected)
+
+    def _score(self, ratio: torch.Tensor) -> torch.Tensor:
+        """f'(p / p_ref) of the run's f-divergence, from the log-ratio (reverse KL: the log-ratio itself)."""
+        if self.divergence == "forward_kl":
+            return 1 - torch.exp(-ratio)
+        if self.divergence == "js_divergence":
+            return math.log(2) + F.logsigmoid(ratio)
+        if self.divergence == "alpha_divergence" and abs(self.alpha - 1) >= 1e-6:  # alpha 1 is reverse KL
+            scaled = ((self.alpha - 1) * ratio).float().clamp(max=_EXP_LIMIT.get(ratio.dtype, 80.0))
+            return ((torch.exp(scaled) - 1) / (self.alpha - 1)).to(ratio.dtype)
+        return ratio
+
+
+def length_desensitised(
+    ld_alpha: float | None,
+) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """(per-token log-probs, labels) of a batch of pairs (chosen rows, then rejected) -> (sums, answer-token counts),
+    LD-DPO's way: in each pair, the tokens past the shorter answer's length count ld_alpha (None: 1, plain sums)."""
+
+    def summed(per_token: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sums, counts = sequence_sums(per_token, labels)
+        if ld_alpha is None:
+            return sums, counts
+        scored = labels[:, 1:] != IGNORE
+        position = scored.cumsum(-1)  # 1 at an answer's first token
+        shared = torch.minimum(*counts.chunk(2)).repeat(2)
+        weight = torch.where(position <= shared[:, None], 1.0, ld_alpha) * scored
+        return (per_token * weight).sum(-1), counts
+
+    return summed
+
+
+def wpo_weights(per_token: torch.Tensor, log_sum_sq: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """WPO's weight of each pair: exp of the mean over each answer's tokens of log p(token) - log sum_v p(v)^2
+    (the token's probability against the distribution's own peak), chosen times rejected, without gradient."""
+    scored = labels[:, 1:] != IGNORE
+    aligned = ((per_token.detach() - log_sum_sq) * scored).sum(-1) / scored.sum(-1).clamp(min=1)
+    chosen, rejected = torch.exp(aligned).chunk(2)
+    return chosen * rejected
 
 
 class DPOTrainer(PreferenceTrainer):
@@ -117,35 +223,34 @@ class DPOTrainer(PreferenceTrainer):
                 return self.token_logprobs(model, batch, batch["labels"])
 
     def pair_loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        labels = batch["labels"]
-        policy, counts = sequence_sums(self.token_logprobs(model, batch, labels), labels)
+        labels, params = batch["labels"], self.params
+        unwrapped = self.accelerator.unwrap_model(model)
+        fast = self.fast_loss_now(unwrapped)
+        per_token, log_sum_sq = answer_logprobs(model, unwrapped, batch, labels, fast, squares=params.use_weighting)
+        summed = length_desensitised(params.ld_alpha)
+        policy, counts = summed(per_token, labels)
         if "ref_logps" in batch:  # precompute_ref_log_probs: scored once, before training (with_reference_logps)
             reference = batch["ref_logps"].to(policy.dtype)
         else:
-            reference, _ = sequence_sums(self.reference_logps(model, batch), labels)
+            reference, _ = summed(self.reference_logps(model, batch), labels)
         chosen, rejected = policy.chunk(2)
         ref_chosen, ref_rejected = reference.chunk(2)
-        params = self.params
-        return dpo_loss(
+        plain_chosen = sequence_sums(per_token, labels)[0].chunk(2)[0] if params.ld_alpha is not None else None
+        return DPOLoss.of(params)(
             chosen,
             rejected,
             ref_chosen,
             ref_rejected,
-            self.beta,
-            loss_types=params.dpo_loss_types,
-            weights=params.dpo_loss_weight_values,
-            label_smoothing=params.label_smoothing,
             counts=tuple(counts.chunk(2)),
+            pair_weights=wpo_weights(per_token, log_sum_sq, labels) if log_sum_sq is not None else None,
+            chosen_nll_sum=plain_chosen,
         )
 
 
 def pair_figures(params: LLMParams, rows: list[Any], pairs: Any, policy: Any, reference: Any) -> dict[str, Any]:
     """`tunelab evaluate`'s figures of a dpo run (methods/base.PairEvaluation): the loss function's, every pair."""
     (sums, counts), ref = policy, reference[0]
-    _, found = dpo_loss(
-        sums[:, 0], sums[:, 1], ref[:, 0], ref[:, 1], params.dpo_beta, params.dpo_loss_types,
-        params.dpo_loss_weight_values, params.label_smoothing, counts=(counts[:, 0], counts[:, 1]),
-    )  # fmt: skip
+    _, found = DPOLoss.of(params)(sums[:, 0], sums[:, 1], ref[:, 0], ref[:, 1], counts=(counts[:, 0], counts[:, 1]))
     return found
 
 
@@ -205,7 +310,8 @@ def score_with_reference(model: Any, rows: list[Pair], params: LLMParams) -> np.
     collate = PairCollator(pad_id=0)  # padding sits after every real token and is masked: any id does
     with torch.no_grad(), eval_mode(reference), adapter_off or contextlib.nullcontext():
         with torch.autocast(device.type, dtype=half, enabled=half is not None):
-            sums, _ = score_answers(reference, rows, collate, params.batch_size, fast, device)
+            summed = length_desensitised(params.ld_alpha)
+            sums, _ = score_answers(reference, rows, collate, params.batch_size, fast, device, summed)
     scores = sums.numpy().reshape(len(rows), 2)
     if reference is not model:  # model_ref was loaded for the scoring only
         del reference
@@ -227,6 +333,7 @@ def reference_key(params: LLMParams) -> str:
         "precision": [params.mixed_precision, params.quantization, params.peft and not params.model_ref],
         "fast_loss": params.fast_loss,
         "positions": [params.rope_scaling, params.rope_scaling_factor, params.block_size],  # models/positions.py
+        "ld_alpha": params.ld_alpha,  # LD-DPO weighs the tokens it sums
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -236,5 +343,7 @@ METHOD = Method(
     build_rows=build_pair_rows,
     trainer_class=DPOTrainer,
     rows_with_model=with_reference_logps,
-    evaluation=PairEvaluation(pair_figures, "dpo_beta", REFERENCE_REWARDS),
+    evaluation=PairEvaluation(
+        pair_figures, "dpo_beta", REFERENCE_REWARDS, summed=lambda params: length_desensitised(params.ld_alpha)
+    ),
 )

@@ -8,6 +8,7 @@ only at answer positions and in chunks (loss.token_logprobs), so full-vocabulary
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,8 +20,10 @@ from tunelab.methods.base import RowStats
 from tunelab.speed.lora_dropout import DropoutLoraA
 from tunelab.speed.loss import (
     fast_loss_supported,
+    logits_log_sum_sq_probs,
     logits_token_logprobs,
     output_head_returns_hidden,
+    token_log_sum_sq_probs,
     token_logprobs,
 )
 from tunelab.training.trainer import GuardedTrainer
@@ -117,20 +120,23 @@ class PreferenceTrainer(GuardedTrainer):
     def token_logprobs(self, model: Any, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         """log p(next token) at every position whose label is set, (2B, L - 1), zero elsewhere."""
         unwrapped = self.accelerator.unwrap_model(model)
-        return answer_logprobs(model, unwrapped, batch, labels, self.fast_loss_now(unwrapped))
+        return answer_logprobs(model, unwrapped, batch, labels, self.fast_loss_now(unwrapped))[0]
 
 
 def answer_logprobs(
-    model: Any, unwrapped: Any, batch: dict[str, torch.Tensor], labels: torch.Tensor, fast: bool
-) -> Any:
+    model: Any, unwrapped: Any, batch: dict[str, torch.Tensor], labels: torch.Tensor, fast: bool, squares: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(next token) where `labels` is set, from hidden states projected there in chunks (`fast`) or from the
-    logits; `unwrapped` is the model under any DDP/FSDP wrapper (its output head is swapped)."""
+    logits; `unwrapped` is the model under any DDP/FSDP wrapper (its output head is swapped). With `squares`, also
+    log sum_v p(v)^2 at the same positions, without gradient (dpo's WPO weights), else None."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
     if fast:
         with output_head_returns_hidden(unwrapped) as head:
             hidden = model(**inputs).logits
-        return token_logprobs(hidden, head, labels)
-    return logits_token_logprobs(model(**inputs).logits, labels)
+        logps = token_logprobs(hidden, head, labels)
+        return logps, (token_log_sum_sq_probs(hidden, head, labels) if squares else None)
+    logits = model(**inputs).logits
+    return logits_token_logprobs(logits, labels), (logits_log_sum_sq_probs(logits, labels) if squares else None)
 
 
 def sequence_sums(per_token: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,12 +146,19 @@ def sequence_sums(per_token: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
 
 
 def score_answers(
-    model: Any, rows: list[Any], collate: Any, batch_size: int, fast: bool, device: Any
+    model: Any,
+    rows: list[Any],
+    collate: Any,
+    batch_size: int,
+    fast: bool,
+    device: Any,
+    summed: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] = sequence_sums,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The summed answer log-probs and answer-token counts of every row under `model`, without gradients, as two
     float32 / int64 tensors of shape (len(rows), k): k the sequences `collate` makes of one row (a Pair: chosen, then
     rejected; a kto answer: 1). Rows go in batches of similar lengths (little padding). dpo's reference scoring
-    (precompute_ref_log_probs) and `tunelab evaluate` on a preference run call it."""
+    (precompute_ref_log_probs) and `tunelab evaluate` on a preference run call it. `summed` turns a batch's
+    per-token log-probs into (sums, counts): sequence_sums, or dpo's LD-DPO weighting (dpo.length_desensitised)."""
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     sums = counts = torch.zeros((0, 1))
     with torch.no_grad():
@@ -153,8 +166,8 @@ def score_answers(
             chosen = order[start : start + batch_size]
             collated = collate([rows[i] for i in chosen])
             batch = {key: collated[key].to(device) for key in ("input_ids", "attention_mask", "labels")}
-            logps = answer_logprobs(model, model, batch, batch["labels"], fast)
-            batch_sums, batch_counts = sequence_sums(logps, batch["labels"])
+            logps, _ = answer_logprobs(model, model, batch, batch["labels"], fast)
+            batch_sums, batch_counts = summed(logps, batch["labels"])
             k = len(batch_sums) // len(chosen)  # sequences per row, in blocks (every chosen, then every rejected)
             if start == 0:
                 sums, counts = torch.zeros((len(rows), k)), torch.zeros((len(rows), k), dtype=torch.long)

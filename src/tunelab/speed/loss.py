@@ -260,6 +260,37 @@ def token_logprobs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Te
     return out
 
 
+def token_log_sum_sq_probs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """log sum_v p(v)^2 at each position `token_logprobs` scores (zero elsewhere), without gradient: how peaked the
+    next-token distribution is, which WPO's weights divide each answer token's probability by. A second,
+    forward-only projection of the scored positions, chunk by chunk as the log-probs' own."""
+    shift_labels = labels[:, 1:]
+    mask = shift_labels != -100
+    out = torch.zeros(shift_labels.shape, dtype=torch.float32, device=hidden.device)
+    if not mask.any():
+        return out
+    with torch.no_grad():
+        weight, bias = _projected_by(head), getattr(head, "bias", None)
+        selected, low, low_weight = _split(hidden[:, :-1, :][mask].detach(), head)
+        chunk, dtype = chunk_rows(weight.shape[0]), head_dtype(head, weight)
+        w, b, lw = weight.to(dtype), _cast(bias, dtype), _cast(low_weight, dtype)
+        values = []
+        for start in range(0, selected.shape[0], chunk):
+            u = None if low is None else low[start : start + chunk].to(dtype)
+            logits = _project(selected[start : start + chunk].to(dtype), w, b, u, lw)
+            values.append(torch.logsumexp(2 * logits, dim=-1) - 2 * torch.logsumexp(logits, dim=-1))
+            del logits
+        out[mask] = torch.cat(values)
+    return out
+
+
+def logits_log_sum_sq_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The plain path's `token_log_sum_sq_probs`: from full logits, the same shape and zeros, no gradient."""
+    with torch.no_grad():
+        logps = torch.log_softmax(logits[:, :-1].float(), -1)
+        return torch.logsumexp(2 * logps, -1) * (labels[:, 1:] != -100)
+
+
 def logits_token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The plain path's `token_logprobs`: from full logits (batch, length, vocab), the same shape and zeros."""
     targets = labels[:, 1:]

@@ -1,0 +1,163 @@
+"""The checks of each method's own settings (LLMParams.validate calls them): a value that cannot work, or one
+the run's method would never read, is refused in one line before anything loads."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+
+from tunelab.config.base import Params, listed_tokens
+from tunelab.errors import ConfigError
+from tunelab.methods import (
+    DPO_DIVERGENCE_LOSSES,
+    DPO_LOSS_TYPES,
+    DPO_SMOOTHED_LOSSES,
+    REGISTRY,
+    uses_reference,
+)
+
+# Settings one method reads and no other: given to another trainer they would change nothing, silently.
+# (AutoTrain's own settings are not here: its configs carry dpo_beta or max_prompt_length whatever the trainer.)
+OWN_SETTINGS = {
+    "grpo": ("loss_type", "scale_rewards", "use_bias_correction_kl"),
+    "rloo": ("normalize_advantages",),
+    "distill": ("teacher_model", "distill_beta", "distill_temperature", "distill_ce_weight"),
+    "dpo": ("discopop_tau", "f_divergence_type", "f_alpha_divergence_coef", "ld_alpha", "use_weighting"),
+}
+
+
+def check_own_settings(params: Params) -> None:
+    defaults = {f.name: f.default for f in fields(params)}
+    for trainer, names in OWN_SETTINGS.items():
+        for name in names:
+            if params.trainer != trainer and getattr(params, name) != defaults[name]:
+                raise ConfigError(f"{name} is read by trainer {trainer}, not {params.trainer}: leave it out")
+
+
+def check_dpo(params: Params) -> None:
+    """dpo's loss variants beyond the loss type: DiscoPOP's temperature, f-DPO's divergence, LD-DPO, WPO."""
+    if not 0 < params.discopop_tau < math.inf:
+        raise ConfigError(f"discopop_tau must be positive, got {params.discopop_tau}")
+    if "exo_pair" in params.dpo_loss_types and not params.label_smoothing:
+        raise ConfigError(
+            "dpo_loss_type exo_pair needs label_smoothing above 0 (its target puts that share on the rejected "
+            "answer; the EXO paper uses 1e-3)"
+        )
+    if params.f_divergence_type != "reverse_kl":
+        others = [kind for kind in params.dpo_loss_types if kind not in DPO_DIVERGENCE_LOSSES]
+        if others:
+            raise ConfigError(
+                f"f_divergence_type {params.f_divergence_type} with dpo_loss_type {others[0]}: only the losses of "
+                f"the chosen-rejected difference ({', '.join(DPO_DIVERGENCE_LOSSES)}) have an f-divergence form"
+            )
+    if params.f_divergence_type == "alpha_divergence" and not 0 < params.f_alpha_divergence_coef < math.inf:
+        raise ConfigError(f"f_alpha_divergence_coef must be positive, got {params.f_alpha_divergence_coef}")
+    if params.ld_alpha is not None and not 0 <= params.ld_alpha <= 1:
+        raise ConfigError(
+            f"ld_alpha must be in [0, 1] (1: every token counts fully, 0: none past the shorter answer), got "
+            f"{params.ld_alpha}"
+        )
+    if params.use_weighting and {"aot", "aot_unpaired"} & set(params.dpo_loss_types):
+        raise ConfigError(
+            "use_weighting with the aot losses: they sort the batch's pairs, so a weight per pair would land on "
+            "another pair; use one or the other"
+        )
+
+
+def check_sampled(params: Params) -> None:
+    if not params.reward_functions:
+        raise ConfigError(
+            f"{params.trainer} needs reward_functions (--reward-functions): built-ins such as "
+            "answer_tag,format_tag, or my_rewards.py:my_function (docs/grpo.md)"
+        )
+    if params.num_generations < 2:
+        raise ConfigError(f"num_generations must be at least 2 (a group to compare), got {params.num_generations}")
+    if params.temperature <= 0 or not 0 < params.top_p <= 1:
+        raise ConfigError(f"{params.trainer} samples its completions: temperature must be > 0 and top_p in (0, 1]")
+    if params.epsilon <= 0 or (params.epsilon_high is not None and params.epsilon_high <= 0):
+        raise ConfigError("epsilon and epsilon_high must be positive")
+    if params.beta < 0:
+        raise ConfigError(f"beta must be 0 or positive, got {params.beta}")
+
+
+def check_preference(params: Params) -> None:
+    if isinstance(params.dpo_loss_type, (list, tuple)):  # a YAML list
+        params.dpo_loss_type = ",".join(str(kind) for kind in params.dpo_loss_type)
+    if isinstance(params.dpo_loss_weights, (list, tuple)):
+        params.dpo_loss_weights = ",".join(str(weight) for weight in params.dpo_loss_weights)
+    unknown = [kind for kind in params.dpo_loss_types if kind not in DPO_LOSS_TYPES]
+    if unknown or not params.dpo_loss_types:
+        raise ConfigError(f"dpo_loss_type: {params.dpo_loss_type!r}: use one or more of {', '.join(DPO_LOSS_TYPES)}")
+    if params.dpo_loss_weights is not None:
+        try:
+            weights = params.dpo_loss_weight_values
+        except ValueError:
+            raise ConfigError(
+                f"dpo_loss_weights: {params.dpo_loss_weights!r} is not comma-separated numbers"
+            ) from None
+        if len(weights) != len(params.dpo_loss_types):
+            raise ConfigError(
+                f"dpo_loss_weights has {len(weights)} weight(s) for {len(params.dpo_loss_types)} dpo_loss_type(s)"
+            )
+    if not 0 <= params.label_smoothing < 0.5:
+        raise ConfigError(f"label_smoothing must be in [0, 0.5), got {params.label_smoothing}")
+    smoothed = [kind for kind in params.dpo_loss_types if kind in DPO_SMOOTHED_LOSSES]
+    if params.label_smoothing and not (params.trainer == "simpo" or (params.trainer == "dpo" and smoothed)):
+        raise ConfigError(
+            f"label_smoothing is read by the dpo losses {', '.join(DPO_SMOOTHED_LOSSES)} (dpo_loss_type) and by "
+            "simpo only"
+        )
+    if params.precompute_ref_log_probs and params.trainer != "dpo":
+        raise ConfigError(
+            "precompute_ref_log_probs is for trainer dpo (kto's KL estimate pairs the answers of each batch, "
+            "which change every epoch; the other methods have no reference)"
+        )
+    sampled = REGISTRY[params.trainer].data == "prompts"  # grpo, rloo: a reference only for their KL term
+    if params.model_ref and not uses_reference(params):
+        why = f"{params.trainer} with beta 0 has no KL term" if sampled else f"{params.trainer} has none"
+        raise ConfigError(
+            f"model_ref names a reference model, read by dpo, kto, grpo and rloo (beta > 0); {why}: leave it out"
+        )
+    reference_is_base = params.peft and not params.model_ref and uses_reference(params)
+    if reference_is_base and params.init_lora_weights in ("pissa", "olora"):
+        raise ConfigError(
+            f"{params.trainer} with init_lora_weights={params.init_lora_weights}: the base with the adapter off is "
+            "the residual, not the starting model, so it cannot be the reference; give model_ref, or use the "
+            "default init"
+        )
+    if params.cpo_alpha < 0:
+        raise ConfigError(f"cpo_alpha must be 0 or positive, got {params.cpo_alpha}")
+
+
+def check_kto(params: Params) -> None:
+    if params.kto_beta <= 0:
+        raise ConfigError(f"kto_beta must be positive, got {params.kto_beta}")
+    for name in ("desirable_weight", "undesirable_weight"):
+        if getattr(params, name) is not None and getattr(params, name) <= 0:
+            raise ConfigError(f"{name} must be positive, got {getattr(params, name)}")
+    if params.batch_size < 2:
+        raise ConfigError(
+            "kto estimates its KL term from the other answers of a micro-batch: batch_size must be at least 2, "
+            f"got {params.batch_size}"
+        )
+
+
+def check_distill(params: Params) -> None:
+    if not params.teacher_model:
+        raise ConfigError("trainer distill needs teacher_model: the model whose answers' distributions it learns")
+    if not 0 <= params.distill_beta <= 1:
+        raise ConfigError(f"distill_beta must be in [0, 1] (0 forward KL, 1 reverse KL), got {params.distill_beta}")
+    if not 0 < params.distill_temperature < math.inf:
+        raise ConfigError(f"distill_temperature must be positive, got {params.distill_temperature}")
+    if not 0 <= params.distill_ce_weight < math.inf:
+        raise ConfigError(f"distill_ce_weight must be 0 or more, got {params.distill_ce_weight}")
+    if params.distributed_backend == "deepspeed":
+        raise ConfigError(
+            "trainer distill with distributed_backend deepspeed: ZeRO would shard the teacher as it loads and "
+            "nothing gathers it again; use ddp, or fsdp"
+        )
+    if listed_tokens(params):
+        raise ConfigError(
+            "add_tokens with trainer distill: the teacher has no rows for tokens the run adds, so there is no "
+            "distribution to learn at them; add the tokens to the teacher first, or leave them out"
+        )
