@@ -75,6 +75,31 @@ def rollout_batch(tokenizer, completions: int = 4):
 def test_loss_equals_trl(tiny_llama, tmp_path, loss_type, peft):
     """The same batch (completions, advantages) through TRL's GRPOTrainer._compute_loss and tunelab's compute_loss,
     with the KL term on (beta 0.04, the reference being the adapter-less base under LoRA) and temperature 0.7."""
+    _compare_with_trl(tiny_llama, tmp_path, peft, {"loss_type": loss_type})
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"loss_type": "grpo"},
+        {"loss_type": "dapo", "epsilon_high": 0.28, "delta": 1.5},
+        {"loss_type": "grpo", "importance_sampling_level": "sequence"},
+        {"loss_type": "dr_grpo", "importance_sampling_level": "sequence", "delta": 1.3},
+        {"loss_type": "cispo", "epsilon_high": 1.1},
+        {"loss_type": "bnpo", "use_bias_correction_kl": False},
+    ],
+    ids=["token", "delta", "gspo", "gspo-delta", "cispo", "no-kl-correction"],
+)
+def test_a_later_step_on_the_same_completions_equals_trl(tiny_llama, tmp_path, settings):
+    """num_iterations: a step after a batch's first trains against the log-probs of the policy that sampled it
+    (FirstPass), so the ratios are not 1 and the clipping works: the loss, the clip ratios and the gradients equal
+    TRL's given the same old log-probs, for the token- and sequence-level (GSPO) ratios, delta and cispo."""
+    _compare_with_trl(tiny_llama, tmp_path, True, settings, moved=True)
+
+
+def _compare_with_trl(tiny_llama, tmp_path, peft, settings, moved=False):
+    """One batch through both trainers' losses; `moved`: the policy has moved since it sampled the batch (old
+    log-probs about 0.3 away from the current ones, on the side that clips)."""
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -96,7 +121,7 @@ def test_loss_equals_trl(tiny_llama, tmp_path, loss_type, peft):
             for name, p in base.named_parameters():
                 if "lora_B" in name:
                     p.normal_(std=0.1)
-    settings = dict(beta=0.04, temperature=0.7, loss_type=loss_type, max_completion_length=7, epsilon=0.2)
+    settings = dict(beta=0.04, temperature=0.7, max_completion_length=7, epsilon=0.2, **settings)
     batch = rollout_batch(tokenizer)
 
     params = LLMParams(
@@ -116,6 +141,18 @@ def test_loss_equals_trl(tiny_llama, tmp_path, loss_type, peft):
     ours.current_gradient_accumulation_steps = 1
     ours.model.train()
     our_batch = {**batch, "ref_logps": ours.reference_logps(batch)}
+    old = None
+    if moved:
+        from tunelab.methods.grpo import FirstPass
+
+        with torch.no_grad():
+            now = ours.completion_logps(ours.model, batch)
+        torch.manual_seed(3)
+        # each completion moved towards its advantage's side, so that some ratios leave the clip range
+        towards = -0.3 * batch["advantages"].sign()[:, None]
+        old = now + (towards + 0.25 * torch.randn_like(now)) * batch["completion_mask"]
+        our_batch["first_pass"] = FirstPass()
+        our_batch["first_pass"].logps = old
     loss = ours.compute_loss(ours.model, our_batch, num_items_in_batch=batch["completion_mask"].sum())
 
     config = GRPOConfig(
@@ -151,6 +188,8 @@ def test_loss_equals_trl(tiny_llama, tmp_path, loss_type, peft):
             with trl.model.disable_adapter():
                 ref, _, _ = trl._get_per_token_logps_and_entropies(trl.model, ids, mask, 7)
     trl_inputs = {**batch, "ref_per_token_logps": ref, "num_items_in_batch": batch["completion_mask"].sum()}
+    if old is not None:
+        trl_inputs["old_per_token_logps"] = old
     trl_loss = trl._compute_loss(trl.model, trl_inputs)
 
     torch.testing.assert_close(our_batch["ref_logps"] * batch["completion_mask"], ref * batch["completion_mask"])
@@ -158,6 +197,11 @@ def test_loss_equals_trl(tiny_llama, tmp_path, loss_type, peft):
     assert abs(loss.item()) > 1e-2  # not trivially zero
     assert ours._metrics["kl"][0] == pytest.approx(trl._metrics["train"]["kl"][0], abs=1e-5)
     assert ours._metrics["kl"][0] > 0
+    for name, values in ours._metrics.items():
+        if "clip_ratio" in name:
+            assert values[0] == pytest.approx(trl._metrics["train"][name][0], abs=1e-6), name
+    if moved and settings["loss_type"] != "cispo":  # the ratios are not 1: some clipped
+        assert ours._metrics["clip_ratio/region_mean"][0] > 0
     loss.backward()
     trl_loss.backward()
     ours_grads = [p.grad for p in ours.model.parameters() if p.requires_grad]
@@ -225,6 +269,35 @@ def test_a_tiny_run_trains_and_writes_its_completions(tiny_llama, tmp_path, peft
     assert set(samples[0]["rewards"]) == {f"{tmp_path / 'my_rewards.py'}:correct", name, "format_tag"}
     assert "kl" in records[0]  # beta > 0: the reference pass (adapter off, or the frozen copy) ran
     assert (run / ("adapter_model.safetensors" if peft else "model.safetensors")).is_file()
+
+
+@pytest.mark.parametrize("trainer", ["grpo", "rloo"])
+def test_num_iterations_trains_each_batch_of_completions_in_several_steps(trainer, tiny_llama, tmp_path, capsys):
+    """num_iterations 2 over 4 prompts, 2 a step: each step's prompts come round twice, so an epoch is 4 steps; the
+    completions are sampled (and scored, and written) in steps 1 and 3 only, and steps 2 and 4 train on them against
+    the log-probs of the policy that sampled them: with a clip range this narrow, the ratios clip there only."""
+    (tmp_path / "parity.py").write_text(
+        "def parity(completion_ids, **kwargs):\n    return [float(ids[0] % 2) for ids in completion_ids]\n"
+    )  # a reward that differs within a group (the tiny model's completions all run to the length limit)
+    args = grpo_args(tmp_path, tiny_llama, f"{tmp_path / 'parity.py'}:parity", "--trainer", trainer)
+    args[args.index("--max-steps") + 1] = "-1"
+    args += ["--num-iterations", "2", "--epochs", "1", "--lr", "2e-2", "--warmup-ratio", "0", "--epsilon", "0.0001"]
+    args[args.index("--num-generations") + 1] = "4"
+    dry = [*args, "--dry-run"]
+    dry.remove("--train")
+    assert main(dry) == 0
+    out = capsys.readouterr().out
+    assert "4 per epoch" in out and "num_iterations 2: each batch of completions trained on in 2 steps" in out
+
+    assert main(args) == 0
+    records = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert ["reward" in r for r in records] == [True, False, True, False]
+    samples = [json.loads(line) for line in (tmp_path / "run" / "completions.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} == {1, 3}
+    clipped = [r["clip_ratio/region_mean"] for r in records]
+    assert clipped[0] == 0 and clipped[2] == 0  # a batch's first step: the policy is the one that sampled
+    assert clipped[1] > 0 and clipped[3] > 0
 
 
 def test_model_ref_is_the_reference_of_a_pissa_run(tiny_llama, tmp_path, capsys):

@@ -186,6 +186,10 @@ def test_each_methods_own_settings_are_refused_on_the_other():
         (dict(trainer="rloo", scale_rewards="none"), "scale_rewards is read by trainer grpo, not rloo"),
         (dict(trainer="grpo", normalize_advantages=True), "normalize_advantages is read by trainer rloo, not grpo"),
         (dict(trainer="rloo", reward_functions=None), "rloo needs reward_functions"),
+        (dict(trainer="rloo", importance_sampling_level="sequence"), "importance_sampling_level is read by trainer"),
+        (dict(trainer="sft", num_iterations=2), "num_iterations is read by trainers grpo and rloo, not sft"),
+        (dict(trainer="grpo", num_iterations=0), "num_iterations must be at least 1"),
+        (dict(trainer="grpo", delta=1.1, epsilon_high=0.28), r"must be above 1 \+ epsilon_high \(1.28\)"),
     ]:
         with pytest.raises(ConfigError, match=said):
             LLMParams(**{**common, **bad})

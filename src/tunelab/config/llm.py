@@ -432,9 +432,27 @@ class LLMParams(Params):
     )
     loss_type: str = param(
         "dapo",
-        "grpo: loss normalisation: grpo (per completion), bnpo (per token of the micro-batch), dr_grpo (fixed "
-        "length), dapo (per token of the whole step).",
-        ("grpo", "bnpo", "dr_grpo", "dapo"),
+        "grpo: the loss and its normalisation: grpo (per completion), bnpo (per token of the micro-batch), dr_grpo "
+        "(fixed length), dapo (per token of the whole step), cispo (the clipped ratio as a weight of the log-prob, "
+        "not clipped away; per token of the whole step).",
+        ("grpo", "bnpo", "dr_grpo", "dapo", "cispo"),
+    )
+    num_iterations: int = param(
+        1,
+        "grpo, rloo: optimizer steps on each batch of completions (TRL's num_iterations, mu in the GRPO paper): "
+        "generation is the slow part; each step's prompts come round this many steps in a row, sampled once, "
+        "and the probability ratio to the sampling policy (clipped by epsilon) comes into play.",
+    )
+    importance_sampling_level: str = param(
+        "token",
+        "grpo: the probability ratio per token, or per completion (sequence: GSPO, the ratio of the completion's "
+        "mean token log-probs, best with loss_type grpo).",
+        ("token", "sequence"),
+    )
+    delta: float | None = param(
+        None,
+        "grpo: two-sided clipping (INTELLECT-2): the ratio is also capped at delta where the advantage is negative "
+        "(above 1 + epsilon_high; default: unset).",
     )
     scale_rewards: str = param(
         "group", "grpo: divide advantages by the group's reward std, the batch's, or not.", ("group", "batch", "none")

@@ -18,20 +18,22 @@ from tunelab.methods import (
 
 # Settings one method reads and no other: given to another trainer they would change nothing, silently.
 # (AutoTrain's own settings are not here: its configs carry dpo_beta or max_prompt_length whatever the trainer.)
-OWN_SETTINGS = {
-    "grpo": ("loss_type", "scale_rewards", "use_bias_correction_kl"),
-    "rloo": ("normalize_advantages",),
-    "distill": ("teacher_model", "distill_beta", "distill_temperature", "distill_ce_weight"),
-    "dpo": ("discopop_tau", "f_divergence_type", "f_alpha_divergence_coef", "ld_alpha", "use_weighting"),
+OWN_SETTINGS: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("grpo",): ("loss_type", "scale_rewards", "use_bias_correction_kl", "importance_sampling_level", "delta"),
+    ("rloo",): ("normalize_advantages",),
+    ("grpo", "rloo"): ("num_iterations",),
+    ("distill",): ("teacher_model", "distill_beta", "distill_temperature", "distill_ce_weight"),
+    ("dpo",): ("discopop_tau", "f_divergence_type", "f_alpha_divergence_coef", "ld_alpha", "use_weighting"),
 }
 
 
 def check_own_settings(params: Params) -> None:
     defaults = {f.name: f.default for f in fields(params)}
-    for trainer, names in OWN_SETTINGS.items():
+    for trainers, names in OWN_SETTINGS.items():
         for name in names:
-            if params.trainer != trainer and getattr(params, name) != defaults[name]:
-                raise ConfigError(f"{name} is read by trainer {trainer}, not {params.trainer}: leave it out")
+            if params.trainer not in trainers and getattr(params, name) != defaults[name]:
+                which = f"trainer {trainers[0]}" if len(trainers) == 1 else f"trainers {' and '.join(trainers)}"
+                raise ConfigError(f"{name} is read by {which}, not {params.trainer}: leave it out")
 
 
 def check_dpo(params: Params) -> None:
@@ -78,6 +80,16 @@ def check_sampled(params: Params) -> None:
         raise ConfigError("epsilon and epsilon_high must be positive")
     if params.beta < 0:
         raise ConfigError(f"beta must be 0 or positive, got {params.beta}")
+    if isinstance(params.num_iterations, bool) or not isinstance(params.num_iterations, int):
+        raise ConfigError(f"num_iterations must be a whole number, got {params.num_iterations!r}")
+    if params.num_iterations < 1:
+        raise ConfigError(f"num_iterations must be at least 1, got {params.num_iterations}")
+    upper = 1 + (params.epsilon_high if params.epsilon_high is not None else params.epsilon)
+    if params.delta is not None and not upper < params.delta < math.inf:
+        raise ConfigError(
+            f"delta caps the ratio where the clipped loss does not: it must be above 1 + epsilon_high ({upper:g}), "
+            f"got {params.delta}"
+        )
 
 
 def check_preference(params: Params) -> None:

@@ -41,7 +41,15 @@ PAIR_DATA = ("rejected_text_column", "max_prompt_length", "max_completion_length
 # What the methods that sample from prompts (grpo, rloo) share: the rewards, the sampling and the KL weight, and
 # what their prompt reader reads. The answer_* rewards' column is checked when the prompts are read
 # (data/prompts.py): a cached entry must not let a run with other rewards skip that check.
-SAMPLED = ("reward_functions", "reward_weights", "num_generations", "max_completion_length", "temperature", "beta")
+SAMPLED = (
+    "reward_functions",
+    "reward_weights",
+    "num_generations",
+    "max_completion_length",
+    "temperature",
+    "beta",
+    "num_iterations",
+)
 PROMPT_DATA = ("max_prompt_length", "reward_functions", "reward_answer_column")
 
 REGISTRY: dict[str, Entry] = {
@@ -115,7 +123,7 @@ REGISTRY: dict[str, Entry] = {
         "grpo",
         "prompts",
         "group relative policy optimization: sampled completions scored by reward functions",
-        params=(*SAMPLED, "loss_type"),
+        params=(*SAMPLED, "loss_type", "importance_sampling_level"),
         data_params=PROMPT_DATA,
     ),
     "rloo": Entry(

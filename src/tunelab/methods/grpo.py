@@ -5,16 +5,26 @@ seeded by the step, so a resumed run samples what the uninterrupted one did); th
 them; a completion's advantage is its total reward minus its group's mean, divided by the group's standard
 deviation (`scale_rewards`: group, batch or none). The loss, per completion token t:
 
-    ratio_t = p(t) / p_old(t)                          (1 when each batch is used once, num_iterations=1)
+    ratio_t = p(t) / p_old(t)                          (p_old: the policy that sampled; 1 in a batch's first
+                                                         step; importance_sampling_level sequence (GSPO): one
+                                                         ratio per completion, exp of its mean log-ratio)
     loss_t  = -min(ratio_t * A, clip(ratio_t, 1 - epsilon, 1 + epsilon_high) * A) + beta * KL_t
+              (delta: ratio_t also capped at delta, INTELLECT-2's two-sided clipping; loss_type cispo:
+               -min(ratio_t, epsilon_high), not differentiated, times A * log p(t))
     KL_t    = p_ref / p - log(p_ref / p) - 1           (k3 estimator; the reference is the base model with the
                                                          LoRA adapter off, or a frozen copy under full training;
                                                          times ratio_t, use_bias_correction_kl, as TRL does)
 
 normalised as TRL's `loss_type` says: `grpo` (mean over each completion's tokens, then over completions), `bnpo`
 (mean over the micro-batch's tokens), `dr_grpo` (sum over tokens / (completions x max_completion_length)), `dapo`
-(sum over tokens / the tokens of the whole accumulated step, TRL's default). The log-probabilities come from the
-hidden states at completion positions only (speed/loss.token_logprobs): full-vocabulary logits never exist.
+and `cispo` (sum over tokens / the tokens of the whole accumulated step; dapo is TRL's default). The
+log-probabilities come from the hidden states at completion positions only (speed/loss.token_logprobs):
+full-vocabulary logits never exist.
+
+`num_iterations` (mu): each step's prompts come round mu steps in a row (RepeatedBlocks); the first samples and
+scores them, the next reuse those completions, so generation runs once every mu steps. p_old is the policy's own
+log-prob in the batch's first step (kept from that pass: no extra forward), so later steps' ratios measure how far
+the policy has moved since it sampled. A run resumed between those steps samples its batch afresh.
 
 `batch_size` counts prompts: a micro-batch is batch_size x num_generations completions (TRL's
 per_device_train_batch_size counts completions: TRL's 8 with num_generations 8 is tunelab's batch_size 1).
@@ -27,6 +37,7 @@ import json
 import logging
 import math
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +45,7 @@ import torch
 
 from tunelab.config.llm import LLMParams
 from tunelab.data.prompts import PromptRow
+from tunelab.errors import DataError
 from tunelab.methods.base import Method, RowStats
 from tunelab.models import load_reference
 from tunelab.models.turns import turn_end
@@ -48,7 +60,7 @@ from tunelab.training.trainer import GuardedTrainer, eval_mode
 
 log = logging.getLogger("tunelab")
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
 COMPLETIONS_FILE = "completions.jsonl"
 
 
@@ -100,21 +112,32 @@ def grpo_loss(
     accumulation: int = 1,
     tokens_in_step: float | None = None,
     kl_bias_correction: bool = True,
+    importance_level: str = "token",
+    delta: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clipped policy loss of one micro-batch (completions x tokens), scaled for gradient accumulation as
     TRL's GRPOTrainer scales it, and the figures it logs (kl, clip ratios)."""
     mask = mask.to(logps.dtype)
     advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
-    ratio = torch.exp(logps - old_logps)
-    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
-    per_token = -torch.min(ratio * advantages, clipped * advantages)
+    log_ratio = logps - old_logps
+    if importance_level == "sequence":  # GSPO: one ratio per completion, (completions, 1)
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    weight = torch.exp(log_ratio)
+    ratio = weight
+    if loss_type == "cispo":  # the ratio weighs the log-prob's gradient, capped, never clipped away
+        per_token = -torch.clamp(weight, max=epsilon_high).detach() * advantages * logps
+    else:
+        clipped = torch.clamp(weight, 1 - epsilon_low, 1 + epsilon_high)
+        if delta is not None:  # two-sided: the unclipped branch capped too (where A < 0 it would grow unbounded)
+            ratio = torch.clamp(weight, max=delta)
+        per_token = -torch.min(ratio * advantages, clipped * advantages)
     kl = None
     if beta != 0.0:
         kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
         # DeepSeek-V3.2's correction (TRL's default): times the ratio, whose value is 1 on-policy but whose
         # gradient makes the KL gradient the unbiased reverse-KL one.
-        weighted = kl * ratio if kl_bias_correction else kl
-        per_token = per_token + beta * weighted
+        kl = kl * weight if kl_bias_correction else kl  # logged so too, as TRL logs it
+        per_token = per_token + beta * kl
     masked = per_token * mask
     if loss_type == "grpo":
         loss = (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean() / accumulation
@@ -122,27 +145,68 @@ def grpo_loss(
         loss = masked.sum() / mask.sum().clamp(min=1.0) / accumulation
     elif loss_type == "dr_grpo":
         loss = masked.sum() / (per_token.size(0) * max_completion_length) / accumulation
-    elif loss_type == "dapo":
+    elif loss_type in ("dapo", "cispo"):
         loss = masked.sum() / max(float(tokens_in_step if tokens_in_step is not None else mask.sum()), 1.0)
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}")
 
     def token_mean(values: torch.Tensor) -> torch.Tensor:
+        if values.size(-1) == 1 and mask.size(-1) != 1:  # one value per completion (GSPO): their mean
+            return values.mean()
         return (values * mask).sum() / mask.sum().clamp(min=1.0)
 
-    low = (ratio < 1 - epsilon_low) & (advantages < 0)
-    high = (ratio > 1 + epsilon_high) & (advantages > 0)
-    metrics = {
-        "clip_ratio/low_mean": token_mean(low.to(mask.dtype)),
-        "clip_ratio/high_mean": token_mean(high.to(mask.dtype)),
-        "clip_ratio/region_mean": token_mean((low | high).to(mask.dtype)),
-    }
+    if loss_type == "cispo":
+        metrics = {"cispo_clip_ratio": token_mean(((weight > epsilon_high) & (advantages > 0)).to(mask.dtype))}
+    else:
+        low = (ratio < 1 - epsilon_low) & (advantages < 0)
+        high = (ratio > 1 + epsilon_high) & (advantages > 0)
+        metrics = {
+            "clip_ratio/low_mean": token_mean(low.to(mask.dtype)),
+            "clip_ratio/high_mean": token_mean(high.to(mask.dtype)),
+            "clip_ratio/region_mean": token_mean((low | high).to(mask.dtype)),
+        }
     if kl is not None:
         metrics["kl"] = token_mean(kl.detach())
     return loss, {k: v.detach() for k, v in metrics.items()}
 
 
 # ---- the trainer ------------------------------------------------------------------------------------------------
+
+
+class RepeatedBlocks(torch.utils.data.Sampler):
+    """num_iterations: a random order of the prompts (seeded by the run's seed and the epoch, so a resumed run sees
+    the same one), cut into blocks of one optimizer step's prompts (every process's), each block given `repeats`
+    times in a row. A last block short of a step is left out (its repeats would straddle two steps)."""
+
+    def __init__(self, size: int, block: int, repeats: int, seed: int) -> None:
+        self.size, self.block, self.repeats, self.seed = size, block, repeats, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        for start in range(0, self.size - self.block + 1, self.block):
+            for _ in range(self.repeats):
+                yield from order[start : start + self.block]
+
+    def __len__(self) -> int:
+        return (self.size // self.block) * self.block * self.repeats
+
+
+class FirstPass:
+    """Where a reused batch keeps its completions' log-probs from its first step, the sampling policy's (p_old).
+    Trainer copies a batch's tensors each time it is used, but passes this object through as it is."""
+
+    def __init__(self) -> None:
+        self.logps: torch.Tensor | None = None
+
+    def old_logps(self, logps: torch.Tensor, training: bool) -> torch.Tensor:
+        """p_old for this pass: the first training pass's log-probs (this pass's own if it is the first)."""
+        if self.logps is None and training:
+            self.logps = logps.detach()
+        return self.logps if self.logps is not None and training else logps.detach()
 
 
 def build_prompt_rows(prompts: list[PromptRow], params: LLMParams) -> tuple[list[Any], RowStats]:
@@ -183,16 +247,43 @@ class GRPOTrainer(GuardedTrainer):
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._prefix = ""  # "eval_" while evaluating: its figures are logged apart from training's
         self._samples: tuple | None = None  # the step's samples, written with their final advantages
+        self.iterations = params.num_iterations
+        self._reused: tuple[list[dict[str, Any]], float] | None = None  # num_iterations: the batches trained again
+
+    def _get_train_sampler(self, train_dataset=None):  # noqa: D102
+        if self.iterations == 1:
+            return super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        block = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        if len(dataset) < block:
+            raise DataError(
+                f"num_iterations {self.iterations} trains each step's prompts again in the next steps: it needs at "
+                f"least one step's worth of prompts (batch_size x gradient_accumulation x processes = {block}), "
+                f"got {len(dataset)}"
+            )
+        return RepeatedBlocks(len(dataset), block, self.iterations, self.args.seed)
 
     # -- rollout: once per optimizer step, for every micro-batch of it
     def get_batch_samples(self, epoch_iterator, num_batches, device):  # noqa: D102
         prompts, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.iterations > 1 and self.state.global_step % self.iterations:
+            if self._reused is not None:  # these prompts again (RepeatedBlocks): the completions sampled for them
+                return self._reused
+            log.info(
+                "%s: resumed between the %d steps of one batch of completions: sampling it afresh",
+                self.params.trainer,
+                self.iterations,
+            )
         batches = [self._rollout(rows, index) for index, rows in enumerate(prompts)]
         self.finish_advantages(batches)
         tokens = sum(int(b["completion_mask"].sum()) for b in batches)
         tokens = (
             self.accelerator.gather(torch.tensor(tokens, device=device)).sum().item() / self.accelerator.num_processes
         )
+        if self.iterations > 1:
+            for batch in batches:
+                batch["first_pass"] = FirstPass()
+            self._reused = (batches, tokens)
         return batches, tokens
 
     @torch.no_grad()
@@ -320,11 +411,17 @@ class GRPOTrainer(GuardedTrainer):
             per_position = logits_token_logprobs(model(**inputs).logits.float() / temperature, labels)
         return per_position[:, width - 1 :]
 
+    def old_logps(self, logps: torch.Tensor, inputs: dict[str, Any], training: bool) -> torch.Tensor:
+        """The sampling policy's log-probs: the policy's own (ratio 1), or with num_iterations those of the batch's
+        first step (FirstPass)."""
+        first = inputs.get("first_pass")
+        return first.old_logps(logps, training) if first is not None else logps.detach()
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D102
         logps = self.completion_logps(model, inputs)
         loss, metrics = grpo_loss(
             logps,
-            logps.detach(),
+            self.old_logps(logps, inputs, model.training),
             inputs.get("ref_logps"),
             inputs["advantages"],
             inputs["completion_mask"],
@@ -336,6 +433,8 @@ class GRPOTrainer(GuardedTrainer):
             accumulation=self.current_gradient_accumulation_steps if model.training else 1,
             tokens_in_step=num_items_in_batch if model.training else None,
             kl_bias_correction=self.params.use_bias_correction_kl,
+            importance_level=self.params.importance_sampling_level,
+            delta=self.params.delta,
         )
         if model.training:
             self.trained_tokens += int(inputs["completion_mask"].sum())

@@ -13,8 +13,9 @@ The prompts, the sampling, the rewards, the samples written and the fast log-pro
     loss        = mean over the micro-batch's completions of -min(ratio_i A_i, clip(ratio_i, 1 - epsilon,
                   1 + epsilon_high) A_i),  ratio_i = p(completion_i) / p_old(completion_i)
 
-The ratio is of whole completions (their log-probabilities summed), not of tokens; with each batch used once it is
-1, and the gradient is REINFORCE's, A_i times that of log p(completion_i).
+The ratio is of whole completions (their log-probabilities summed), not of tokens; in a batch's first step it is
+1, and the gradient is REINFORCE's, A_i times that of log p(completion_i); with num_iterations the later steps on
+the same completions (grpo's RepeatedBlocks) clip it.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ class RLOOTrainer(GRPOTrainer):
         logps = (self.completion_logps(model, inputs) * mask).sum(1)
         loss, metrics = rloo_loss(
             logps,
-            logps.detach(),  # each batch is used once: the sampling policy is the policy (ratio 1)
+            self.old_logps(logps, inputs, model.training),  # the sampling policy's (1 in a batch's first step)
             inputs["advantages"],
             epsilon_low=self.epsilon_low,
             epsilon_high=self.epsilon_high,

@@ -18,6 +18,7 @@ import numpy as np
 
 from tunelab.config.base import RunParams
 from tunelab.data.tokenize import IGNORE
+from tunelab.training.steps import epoch_steps
 
 TRAINED_OPEN, TRAINED_CLOSE = "[[", "]]"  # marks the tokens the loss is computed on in the shown examples
 
@@ -114,7 +115,7 @@ def processes(params: RunParams) -> int:
 
 def steps(rows: int, params: RunParams) -> tuple[int, int]:
     """(steps per epoch, total steps) as transformers' Trainer will count them, all processes together."""
-    per_epoch = max(1, math.ceil(rows / (params.batch_size * params.gradient_accumulation * processes(params))))
+    per_epoch = epoch_steps(rows, params, processes(params))
     total = params.max_steps if params.max_steps > 0 else per_epoch * params.epochs
     return per_epoch, total
 

@@ -352,6 +352,14 @@ def plan(params: LLMParams) -> RunPlan:
             f"{params.num_generations} completions x up to {length} tokens = up to {per_step * length:,} "
             "generated tokens (per process)"
         )
+        if params.num_iterations > 1:
+            block = params.batch_size * params.gradient_accumulation * dry_run.processes(params)
+            left = train.rows % block
+            train.notes.append(
+                f"num_iterations {params.num_iterations}: each batch of completions trained on in "
+                f"{params.num_iterations} steps in a row (generation once every {params.num_iterations} steps)"
+                + (f"; the {left} prompts past the last whole step are left out of each epoch" if left else "")
+            )
         sequences, longest = microbatch(prep)  # each prompt's completions, prompt + full completion long
         half = params.mixed_precision in ("fp16", "bf16")
         cache = kv_cache_bytes(prep.config, sequences, longest, 2 if half else 4)

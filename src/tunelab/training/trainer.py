@@ -38,6 +38,7 @@ from tunelab.speed.loss import (
     output_head_returns_hidden,
 )
 from tunelab.training import checkpoints
+from tunelab.training.steps import epoch_steps
 
 log = logging.getLogger("tunelab")
 
@@ -455,8 +456,7 @@ def build_trainer(
     # Streamed rows (data/streaming.py) are an IterableDataset: no count before training (max_steps is required),
     # and no sampler (they are trained in file order).
     streamed = isinstance(train_rows, torch.utils.data.IterableDataset)
-    batch_rows = params.batch_size * params.gradient_accumulation
-    steps_per_epoch = params.max_steps if streamed else max(1, math.ceil(len(train_rows) / batch_rows))
+    steps_per_epoch = params.max_steps if streamed else epoch_steps(len(train_rows), params)
     has_valid = _dataset(valid_rows) is not None
     early = params.early_stopping_patience is not None and has_valid and params.eval_strategy != "no"
     stopping = early_stopping_arguments(params, steps_per_epoch) if early else {}
