@@ -141,6 +141,12 @@ def test_preference_loss_settings_are_checked_before_anything_loads():
         _params(dpo_loss_type="aot_unpaired", use_weighting=True)
     with pytest.raises(ConfigError, match="discopop_tau must be positive"):
         _params(dpo_loss_type="discopop", discopop_tau=0)
+    with pytest.raises(ConfigError, match="discopop_tau is read by dpo_loss_type discopop only"):
+        _params(discopop_tau=0.1)
+    with pytest.raises(ConfigError, match="f_alpha_divergence_coef is read by f_divergence_type alpha_divergence"):
+        _params(f_alpha_divergence_coef=0.2)
+    with pytest.raises(ConfigError, match="dpo_loss_type is read by trainer dpo, not orpo"):
+        _params(trainer="orpo", dpo_loss_type="hinge")
     for name, value in (("ld_alpha", 0.5), ("use_weighting", True), ("f_divergence_type", "js_divergence")):
         with pytest.raises(ConfigError, match=f"{name} is read by trainer dpo, not simpo: leave it out"):
             _params(trainer="simpo", **{name: value})

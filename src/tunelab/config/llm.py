@@ -356,7 +356,9 @@ class LLMParams(Params):
         "than it only with the losses of the chosen-rejected difference.",
         choices=DPO_DIVERGENCES,
     )
-    f_alpha_divergence_coef: float = param(0.5, "dpo (f_divergence_type alpha_divergence): alpha.")
+    f_alpha_divergence_coef: float = param(
+        0.5, "dpo (f_divergence_type alpha_divergence): alpha (1 is reverse KL, 0 forward KL)."
+    )
     ld_alpha: float | None = param(
         None,
         "dpo: LD-DPO: the weight, in [0, 1], of each answer's tokens past the length of the pair's shorter answer, "

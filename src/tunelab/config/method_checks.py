@@ -23,7 +23,15 @@ OWN_SETTINGS: dict[tuple[str, ...], tuple[str, ...]] = {
     ("rloo",): ("normalize_advantages",),
     ("grpo", "rloo"): ("num_iterations",),
     ("distill",): ("teacher_model", "distill_beta", "distill_temperature", "distill_ce_weight"),
-    ("dpo",): ("discopop_tau", "f_divergence_type", "f_alpha_divergence_coef", "ld_alpha", "use_weighting"),
+    ("dpo",): (
+        "dpo_loss_type",
+        "dpo_loss_weights",
+        "discopop_tau",
+        "f_divergence_type",
+        "f_alpha_divergence_coef",
+        "ld_alpha",
+        "use_weighting",
+    ),
 }
 
 
@@ -38,6 +46,9 @@ def check_own_settings(params: Params) -> None:
 
 def check_dpo(params: Params) -> None:
     """dpo's loss variants beyond the loss type: DiscoPOP's temperature, f-DPO's divergence, LD-DPO, WPO."""
+    defaults = {f.name: f.default for f in fields(params)}
+    if params.discopop_tau != defaults["discopop_tau"] and "discopop" not in params.dpo_loss_types:
+        raise ConfigError("discopop_tau is read by dpo_loss_type discopop only: leave it out, or add that loss")
     if not 0 < params.discopop_tau < math.inf:
         raise ConfigError(f"discopop_tau must be positive, got {params.discopop_tau}")
     if "exo_pair" in params.dpo_loss_types and not params.label_smoothing:
@@ -52,8 +63,11 @@ def check_dpo(params: Params) -> None:
                 f"f_divergence_type {params.f_divergence_type} with dpo_loss_type {others[0]}: only the losses of "
                 f"the chosen-rejected difference ({', '.join(DPO_DIVERGENCE_LOSSES)}) have an f-divergence form"
             )
-    if params.f_divergence_type == "alpha_divergence" and not 0 < params.f_alpha_divergence_coef < math.inf:
-        raise ConfigError(f"f_alpha_divergence_coef must be positive, got {params.f_alpha_divergence_coef}")
+    alpha = params.f_alpha_divergence_coef
+    if alpha != defaults["f_alpha_divergence_coef"] and params.f_divergence_type != "alpha_divergence":
+        raise ConfigError("f_alpha_divergence_coef is read by f_divergence_type alpha_divergence only: leave it out")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ConfigError(f"f_alpha_divergence_coef must be a number, got {alpha!r}")
     if params.ld_alpha is not None and not 0 <= params.ld_alpha <= 1:
         raise ConfigError(
             f"ld_alpha must be in [0, 1] (1: every token counts fully, 0: none past the shorter answer), got "

@@ -4,7 +4,7 @@ evaluate.py hands a run here when its method trains on pairs or labeled answers 
 that kind of data (a rejected column; for kto, a label column). The split is read by the reader training used
 (data/preference.py; data/kto.py for kto) with the run's saved columns, chat template, length limits and bad_rows,
 so every pair is formatted and cut as in training. Log-probs come from the methods' own code
-(methods/preference.score_answers), and the figures from their loss functions (dpo_loss, kto_loss, orpo_loss,
+(methods/preference.score_answers), and the figures from their loss functions (DPOLoss, kto_loss, orpo_loss,
 simpo_loss, reward_loss), under TRL's names:
 
 - dpo (and kto on pairs): rewards = beta * (log p - log p_ref) summed over the answer; `rewards/accuracies` (chosen's

@@ -40,7 +40,7 @@ class PairEvaluation:
 
 
 # What a preference method's rewards are (PairEvaluation.rewards), in the two kinds TRL's trainers log.
-REFERENCE_REWARDS = "beta x (log p - log p_ref), summed over the answer tokens"
+REFERENCE_REWARDS = "beta x (log p - log p_ref), summed over the answer tokens (dpo's ld_alpha: weighted as trained)"
 PER_TOKEN_REWARDS = "beta x the mean log-prob per answer token (logps/*: that mean)"
 
 

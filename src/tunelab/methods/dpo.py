@@ -138,7 +138,8 @@ class DPOLoss:
             elif kind == "discopop":  # logistic for small margins, exponential for large ones
                 z = beta * delta
                 mix = torch.sigmoid(z / self.discopop_tau)
-                per_pair = -F.logsigmoid(z) * (1 - mix) + torch.exp(-z) * mix
+                # exp(-z) * mix as one exp: finite where exp(-z) alone overflows and mix is 0
+                per_pair = -F.logsigmoid(z) * (1 - mix) + torch.exp(-z + F.logsigmoid(z / self.discopop_tau))
             elif kind == "sft":  # the chosen answers' NLL per token, the same for every pair
                 nll_sum = chosen if chosen_nll_sum is None else chosen_nll_sum
                 per_pair = (-nll_sum.sum() / counts[0].sum().clamp(min=1)).expand_as(chosen)
@@ -154,8 +155,8 @@ class DPOLoss:
 
     def _score(self, ratio: torch.Tensor) -> torch.Tensor:
         """f'(p / p_ref) of the run's f-divergence, from the log-ratio (reverse KL: the log-ratio itself)."""
-        if self.divergence == "forward_kl":
-            return 1 - torch.exp(-ratio)
+        if self.divergence == "forward_kl":  # exp kept finite: an inf would make the gradient 0 x inf = NaN
+            return 1 - torch.exp((-ratio).clamp(max=_EXP_LIMIT.get(ratio.dtype, 80.0)))
         if self.divergence == "js_divergence":
             return math.log(2) + F.logsigmoid(ratio)
         if self.divergence == "alpha_divergence" and abs(self.alpha - 1) >= 1e-6:  # alpha 1 is reverse KL
@@ -333,8 +334,9 @@ def reference_key(params: LLMParams) -> str:
         "precision": [params.mixed_precision, params.quantization, params.peft and not params.model_ref],
         "fast_loss": params.fast_loss,
         "positions": [params.rope_scaling, params.rope_scaling_factor, params.block_size],  # models/positions.py
-        "ld_alpha": params.ld_alpha,  # LD-DPO weighs the tokens it sums
     }
+    if params.ld_alpha is not None:  # LD-DPO weighs the tokens it sums (absent otherwise: older caches still match)
+        identity["ld_alpha"] = params.ld_alpha
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -285,10 +285,20 @@ def token_log_sum_sq_probs(hidden: torch.Tensor, head: torch.nn.Module, labels: 
 
 
 def logits_log_sum_sq_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The plain path's `token_log_sum_sq_probs`: from full logits, the same shape and zeros, no gradient."""
+    """The plain path's `token_log_sum_sq_probs`: from full logits, the same shape and zeros, no gradient; only the
+    scored positions, a chunk of them at a time in float32 (no second vocabulary-wide copy of the logits)."""
+    mask = labels[:, 1:] != -100
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=logits.device)
     with torch.no_grad():
-        logps = torch.log_softmax(logits[:, :-1].float(), -1)
-        return torch.logsumexp(2 * logps, -1) * (labels[:, 1:] != -100)
+        selected = logits[:, :-1][mask]
+        chunk = chunk_rows(logits.shape[-1])
+        values = [
+            torch.logsumexp(2 * z, -1) - 2 * torch.logsumexp(z, -1)
+            for z in (selected[start : start + chunk].float() for start in range(0, selected.shape[0], chunk))
+        ]
+        if values:
+            out[mask] = torch.cat(values)
+    return out
 
 
 def logits_token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
