@@ -147,6 +147,11 @@ def test_preference_loss_settings_are_checked_before_anything_loads():
         _params(f_alpha_divergence_coef=0.2)
     with pytest.raises(ConfigError, match="dpo_loss_type is read by trainer dpo, not orpo"):
         _params(trainer="orpo", dpo_loss_type="hinge")
+    with pytest.raises(ConfigError, match="kto_loss_type is read by trainer kto, not dpo"):
+        _params(kto_loss_type="apo_zero_unpaired")
+    with pytest.raises(ConfigError, match="kto estimates its KL term from the other answers"):
+        _params(trainer="kto", batch_size=1)
+    assert _params(trainer="kto", batch_size=1, kto_loss_type="apo_zero_unpaired").batch_size == 1  # no KL term
     for name, value in (("ld_alpha", 0.5), ("use_weighting", True), ("f_divergence_type", "js_divergence")):
         with pytest.raises(ConfigError, match=f"{name} is read by trainer dpo, not simpo: leave it out"):
             _params(trainer="simpo", **{name: value})
@@ -406,9 +411,10 @@ def test_simpo_loss_equals_trl_cpo_simpo(cpo_alpha, tiny_llama, tokenizer, tmp_p
 
 
 @needs_shared()
-def test_kto_loss_and_metrics_equal_trl(tiny_llama, tokenizer, tmp_path):
+@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
+def test_kto_loss_and_metrics_equal_trl(loss_type, tiny_llama, tokenizer, tmp_path):
     """kto: TRL's KTOTrainer on the same batch (its KL estimate from the answers rotated by one row included) gives
-    the same loss, KL and rewards."""
+    the same loss, KL and rewards; and with kto_loss_type apo_zero_unpaired (TRL's loss_type), which has no KL."""
     from datasets import Dataset
     from trl import KTOConfig
     from trl import KTOTrainer as TRLKTOTrainer
@@ -423,15 +429,18 @@ def test_kto_loss_and_metrics_equal_trl(tiny_llama, tokenizer, tmp_path):
     weights = {"desirable_weight": 1.0, "undesirable_weight": 1.5}
     extra = {"ref_model": copy.deepcopy(reference)}
     ours = _tunelab_trainer(
-        KTOTrainer, copy.deepcopy(policy), tokenizer, tmp_path, extra=extra, trainer="kto", kto_beta=0.2, **weights
-    )
+        KTOTrainer, copy.deepcopy(policy), tokenizer, tmp_path, extra=extra, trainer="kto", kto_beta=0.2,
+        kto_loss_type=loss_type, **weights,
+    )  # fmt: skip
     ours.model.train()
     loss = ours.compute_loss(ours.model, ours.data_collator(items))
     metrics = {k: v[0] for k, v in ours._metrics["train"].items()}
 
     unpaired = [{"prompt": r["chosen"][:20], "completion": r["chosen"][20:], "label": True} for r in rows[:3]]
     unpaired += [{"prompt": r["rejected"][:20], "completion": r["rejected"][20:], "label": False} for r in rows[:3]]
-    config = _trl_config(KTOConfig, tmp_path, per_device_train_batch_size=len(items), **weights)
+    config = _trl_config(
+        KTOConfig, tmp_path, per_device_train_batch_size=len(items), loss_type=loss_type, **weights
+    )
     config.beta = 0.2
     trl = TRLKTOTrainer(
         model=copy.deepcopy(policy),
@@ -454,6 +463,8 @@ def test_kto_loss_and_metrics_equal_trl(tiny_llama, tokenizer, tmp_path):
     assert loss.item() == pytest.approx(trl_loss.item(), abs=1e-4)
     for name in ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
         assert metrics[name] == pytest.approx(trl_metrics[name], abs=1e-4), name
+    assert (metrics["kl"] == 0) == (loss_type == "apo_zero_unpaired")
+    assert ("kl_input_ids" in ours.data_collator(items)) == (loss_type == "kto")  # no second pass without it
     loss.backward()
     assert any(p.grad is not None for p in ours.model.parameters())
 

@@ -370,6 +370,12 @@ class LLMParams(Params):
         "pairs close to its own outputs count most.",
     )
     kto_beta: float = param(0.1, "kto: beta (the reward scale, and the pull towards the reference).")
+    kto_loss_type: str = param(
+        "kto",
+        "kto: the loss: kto (the paper's, with the batch KL estimate), or apo_zero_unpaired (APO-zero on single "
+        "answers: desirable ones up, undesirable ones down, against the reference; no KL estimate, no second pass).",
+        ("kto", "apo_zero_unpaired"),
+    )
     desirable_weight: float | None = param(
         None,
         "kto: weight of the desirable answers' loss (default: 1, or the weights that balance unequal classes, as "

@@ -21,6 +21,7 @@ from tunelab.methods import (
 OWN_SETTINGS: dict[tuple[str, ...], tuple[str, ...]] = {
     ("grpo",): ("loss_type", "scale_rewards", "use_bias_correction_kl", "importance_sampling_level", "delta"),
     ("rloo",): ("normalize_advantages",),
+    ("kto",): ("kto_loss_type",),
     ("grpo", "rloo"): ("num_iterations",),
     ("distill",): ("teacher_model", "distill_beta", "distill_temperature", "distill_ce_weight"),
     ("dpo",): (
@@ -161,7 +162,7 @@ def check_kto(params: Params) -> None:
     for name in ("desirable_weight", "undesirable_weight"):
         if getattr(params, name) is not None and getattr(params, name) <= 0:
             raise ConfigError(f"{name} must be positive, got {getattr(params, name)}")
-    if params.batch_size < 2:
+    if params.batch_size < 2 and params.kto_loss_type == "kto":
         raise ConfigError(
             "kto estimates its KL term from the other answers of a micro-batch: batch_size must be at least 2, "
             f"got {params.batch_size}"

@@ -238,7 +238,7 @@ def _logps(model: Any, rows: list[Any], params: Any, tokenizer: Any) -> Any:
     if REGISTRY[params.trainer].data == "labeled":
         from tunelab.methods.kto import KTOCollator
 
-        collate: Any = KTOCollator(pad, params.block_size)
+        collate: Any = KTOCollator(pad, params.block_size, kl=False)  # no KL estimate here
     else:
         collate = PairCollator(pad)
     fast = params.fast_loss and fast_loss_supported(model)

@@ -102,7 +102,7 @@ REGISTRY: dict[str, Entry] = {
         "labeled",
         "Kahneman-Tversky optimization: single answers marked desirable or not (kto_beta)",
         reference=True,
-        params=("kto_beta", "label_column", "desirable_weight", "undesirable_weight"),
+        params=("kto_beta", "kto_loss_type", "label_column", "desirable_weight", "undesirable_weight"),
         # the class weights: stated with the rows (methods/kto.build_kto_rows), which the cache keeps
         data_params=("label_column", *PAIR_DATA, "desirable_weight", "undesirable_weight"),
     ),

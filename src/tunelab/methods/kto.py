@@ -6,7 +6,9 @@ KL(policy || reference), each answer's loss is
     desirable:    desirable_weight   * (1 - sigmoid(beta * (r - z)))
     undesirable:  undesirable_weight * (1 - sigmoid(beta * (z - r)))
 
-averaged over the micro-batch (`kto_beta` is beta). z is estimated as TRL does: every prompt of the micro-batch is
+averaged over the micro-batch (`kto_beta` is beta). `kto_loss_type apo_zero_unpaired` (APO-zero on single
+answers, TRL's) drops z: desirable 1 - sigmoid(beta * r), undesirable sigmoid(beta * r), and with it the second
+pass over mismatched answers. z is estimated as TRL does: every prompt of the micro-batch is
 paired with the answer of the row before it (the last row's with the first's), z is the mean of
 log p - log p_ref over those mismatched answers, clamped at 0, averaged over the processes and not
 differentiated. The reference is DPO's (methods/dpo.py). When the classes are unbalanced and no weight is given,
@@ -63,16 +65,17 @@ class KTOCollator:
     """Rows -> each prompt + its answer, and each prompt + the previous row's answer (for the KL estimate), padded
     on the right; `labels` mark the answer tokens, `desirable` says which answers are."""
 
-    def __init__(self, pad_id: int, block_size: int) -> None:
-        self.pad_id, self.block_size = pad_id, block_size
+    def __init__(self, pad_id: int, block_size: int, kl: bool = True) -> None:
+        self.pad_id, self.block_size, self.kl = pad_id, block_size, kl
 
     def __call__(self, items: list[Labeled]) -> dict[str, torch.Tensor]:
         prompts = [item.prompt_ids for item in items]
         answers = [item.completion_ids for item in items]
-        shifted = answers[-1:] + answers[:-1]  # TRL's rotation: row i is scored on row i-1's answer
         batch = self._pad(prompts, answers)
-        kl = self._pad(prompts, shifted)
-        batch.update({f"kl_{key}": value for key, value in kl.items()})
+        if self.kl:  # (not for a loss without the KL estimate)
+            shifted = answers[-1:] + answers[:-1]  # TRL's rotation: row i is scored on row i-1's answer
+            kl = self._pad(prompts, shifted)
+            batch.update({f"kl_{key}": value for key, value in kl.items()})
         batch["desirable"] = torch.tensor([item.desirable for item in items], dtype=torch.bool)
         return batch
 
@@ -97,14 +100,18 @@ def kto_loss(
     desirable: torch.Tensor,
     beta: float,
     weights: tuple[float, float] = (1.0, 1.0),
+    loss_type: str = "kto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The KTO loss from each answer's summed log-prob under the policy and the reference, the KL estimate z (a
-    detached scalar), which answers are desirable; and the figures TRL logs."""
+    """The KTO loss (or apo_zero_unpaired's, which reads no KL: pass 0) from each answer's summed log-prob under the
+    policy and the reference, the KL estimate z (a detached scalar), which answers are desirable; and the figures
+    TRL logs."""
     ratios = policy - reference
     good, bad = ratios[desirable], ratios[~desirable]
-    losses = torch.cat(
-        (weights[0] * (1 - F.sigmoid(beta * (good - kl))), weights[1] * (1 - F.sigmoid(beta * (kl - bad))))
-    )
+    if loss_type == "apo_zero_unpaired":
+        good_losses, bad_losses = 1 - F.sigmoid(beta * good), F.sigmoid(beta * bad)
+    else:
+        good_losses, bad_losses = 1 - F.sigmoid(beta * (good - kl)), 1 - F.sigmoid(beta * (kl - bad))
+    losses = torch.cat((weights[0] * good_losses, weights[1] * bad_losses))
     metrics = {"kl": kl.detach()}
     if len(good):
         metrics["rewards/chosen"] = beta * good.detach().mean()
@@ -122,7 +129,8 @@ class KTOTrainer(DPOTrainer):
 
     def __init__(self, *args: Any, params: LLMParams, **kwargs: Any) -> None:
         if kwargs.get("data_collator") is None:
-            kwargs["data_collator"] = KTOCollator(kwargs["processing_class"].pad_token_id, params.block_size)
+            kl = params.kto_loss_type == "kto"
+            kwargs["data_collator"] = KTOCollator(kwargs["processing_class"].pad_token_id, params.block_size, kl)
         super().__init__(*args, params=params, **kwargs)
         self.beta = params.kto_beta
         rows = getattr(self.train_dataset, "rows", None)
@@ -130,17 +138,27 @@ class KTOTrainer(DPOTrainer):
         self.class_weights = class_weights(list(rows), params)[:2] if rows else given
 
     def pair_loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        labels, kl_labels = batch["labels"], batch["kl_labels"]
+        labels = batch["labels"]
+        policy, _ = sequence_sums(self.token_logprobs(model, batch, labels), labels)
+        reference, _ = sequence_sums(self.reference_logps(model, batch), labels)
+        loss_type = self.params.kto_loss_type
+        return kto_loss(
+            policy, reference, self.kl_estimate(model, batch), batch["desirable"], self.beta, self.class_weights,
+            loss_type,
+        )  # fmt: skip
+
+    def kl_estimate(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """z: the mean log-ratio of the mismatched answers, over every process, clamped at 0 (0 without them)."""
+        if "kl_labels" not in batch:  # apo_zero_unpaired: no estimate (TRL logs 0)
+            return torch.zeros((), device=batch["labels"].device)
+        kl_labels = batch["kl_labels"]
         kl_batch = {"input_ids": batch["kl_input_ids"], "attention_mask": batch["kl_attention_mask"]}
         kl_batch["labels"] = kl_labels
-        policy, _ = sequence_sums(self.token_logprobs(model, batch, labels), labels)
         with torch.no_grad():
             kl_policy, _ = sequence_sums(self.token_logprobs(model, kl_batch, kl_labels), kl_labels)
-        reference, _ = sequence_sums(self.reference_logps(model, batch), labels)
         kl_reference, _ = sequence_sums(self.reference_logps(model, kl_batch), kl_labels)
         kl = (kl_policy - kl_reference).mean().detach()
-        kl = self.accelerator.gather_for_metrics(kl).mean().clamp(min=0)
-        return kto_loss(policy, reference, kl, batch["desirable"], self.beta, self.class_weights)
+        return self.accelerator.gather_for_metrics(kl).mean().clamp(min=0)
 
 
 def pair_figures(params: LLMParams, rows: list[Any], pairs: Any, policy: Any, reference: Any) -> dict[str, Any]:
@@ -153,7 +171,9 @@ def pair_figures(params: LLMParams, rows: list[Any], pairs: Any, policy: Any, re
         rewards = params.kto_beta * (sums[:, 0] - ref[:, 0])
         return reward_metrics(rewards[good], rewards[bad], sums[good, 0], sums[bad, 0])
     desirable = torch.tensor([row.desirable for row in rows], dtype=torch.bool)
-    _, found = kto_loss(sums[:, 0], ref[:, 0], torch.zeros(()), desirable, params.kto_beta)
+    _, found = kto_loss(
+        sums[:, 0], ref[:, 0], torch.zeros(()), desirable, params.kto_beta, loss_type=params.kto_loss_type
+    )
     return found
 
 
