@@ -438,9 +438,7 @@ def test_kto_loss_and_metrics_equal_trl(loss_type, tiny_llama, tokenizer, tmp_pa
 
     unpaired = [{"prompt": r["chosen"][:20], "completion": r["chosen"][20:], "label": True} for r in rows[:3]]
     unpaired += [{"prompt": r["rejected"][:20], "completion": r["rejected"][20:], "label": False} for r in rows[:3]]
-    config = _trl_config(
-        KTOConfig, tmp_path, per_device_train_batch_size=len(items), loss_type=loss_type, **weights
-    )
+    config = _trl_config(KTOConfig, tmp_path, per_device_train_batch_size=len(items), loss_type=loss_type, **weights)
     config.beta = 0.2
     trl = TRLKTOTrainer(
         model=copy.deepcopy(policy),
