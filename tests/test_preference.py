@@ -676,6 +676,70 @@ def test_reward_model_learns_and_reloads_in_plain_transformers(tiny_llama, tmp_p
     assert not (tmp_path / "merged").exists() and not (tmp_path / "rm.gguf").exists()
 
 
+@needs_shared()
+def test_reward_margins_and_centring_equal_trl(tiny_llama, tokenizer, tmp_path):
+    """reward with a margin column (read by its default name, as TRL reads it) and center_rewards_coefficient:
+    the loss of TRL's RewardTrainer on the same batch; the margins change it."""
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification
+    from trl import RewardConfig
+    from trl import RewardTrainer as TRLRewardTrainer
+
+    from tunelab.methods.reward import RewardTrainer
+
+    data = tmp_path / "hh"
+    rows = [{**r, "margin": [0.5, 2.0, "1.5", 0][i]} for i, r in enumerate(_hh_rows(4))]  # "1.5": text, read
+    _write_jsonl(data / "train.jsonl", rows)
+    pairs = load_preference_data(
+        _params(trainer="reward", data_path=str(data), max_prompt_length=128, block_size=192), tokenizer
+    ).train
+    assert [p.margin for p in pairs] == [0.5, 2.0, 1.5, 0.0]
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    ours = _tunelab_trainer(
+        RewardTrainer, copy.deepcopy(model), tokenizer, tmp_path, trainer="reward", center_rewards_coefficient=0.01
+    )
+    ours.model.train()
+    batch = ours.data_collator(pairs)
+    loss = ours.compute_loss(ours.model, batch)
+    plain = ours.compute_loss(ours.model, {k: v for k, v in batch.items() if k != "margin"})
+
+    config = RewardConfig(
+        output_dir=str(tmp_path / "trl"), use_cpu=True, bf16=False, gradient_checkpointing=False, report_to=[],
+        save_strategy="no", max_length=1024, center_rewards_coefficient=0.01,
+    )  # fmt: skip
+    trl = TRLRewardTrainer(
+        model=copy.deepcopy(model), args=config, train_dataset=Dataset.from_list(rows[:1]), processing_class=tokenizer
+    )
+    features = [
+        {"chosen_ids": p.prompt_ids + p.chosen_ids, "rejected_ids": p.prompt_ids + p.rejected_ids, "margin": p.margin}
+        for p in pairs
+    ]
+    trl.model.train()
+    trl_loss = trl.compute_loss(trl.model, trl.data_collator(features))
+    assert loss.item() == pytest.approx(trl_loss.item(), abs=1e-5)
+    assert abs(loss.item() - plain.item()) > 1e-2
+
+
+def test_a_bad_margin_is_named_by_file_row_and_column(tiny_llama, tmp_path, capsys):
+    from tests.test_bad_input import assert_nothing_written, cli_args, error_line
+    from tunelab.cli import main
+
+    rows = [{"prompt": "Hi", "chosen": " hello", "rejected": " go", "score_gap": 1}] * 3
+    rows.append({"prompt": "Hi", "chosen": " hey", "rejected": " no", "score_gap": "lots"})
+    data = _write_jsonl(tmp_path / "pairs.jsonl", rows)
+    project = tmp_path / "run"
+    args = cli_args(
+        tiny_llama, data, project, "--trainer", "reward", "--margin-column", "score_gap", "--max-prompt-length", "32"
+    )
+    line = error_line(capsys, main(args))
+    assert f"{data} line 4, column 'score_gap': expected a number (the margin), got 'lots'" in line
+    assert_nothing_written(project)
+    with pytest.raises(ConfigError, match="margin_column is read by trainer reward, not dpo"):
+        _params(margin_column="score_gap")
+
+
 @pytest.mark.slow
 @needs_shared()
 @pytest.mark.parametrize("trainer", ["dpo", "orpo"])

@@ -36,6 +36,7 @@ from tunelab.config.method_checks import (
     check_kto,
     check_own_settings,
     check_preference,
+    check_reward,
     check_sampled,
 )
 from tunelab.config.rope import read_rope_scaling
@@ -369,6 +370,17 @@ class LLMParams(Params):
         "dpo: WPO: weigh each pair by how probable the policy finds both answers (per token, normalised), so that "
         "pairs close to its own outputs count most.",
     )
+    margin_column: str | None = param(
+        None,
+        "reward: the column of each pair's margin, a number saying how much the chosen answer should outscore the "
+        "rejected one: the loss becomes -log sigmoid(r_chosen - r_rejected - margin) (Llama 2's; TRL's margin "
+        "column). Default: a column named margin, if the data has one.",
+    )
+    center_rewards_coefficient: float | None = param(
+        None,
+        "reward: weight of a penalty on the mean squared sum of each pair's two rewards, which keeps the rewards "
+        "centred on 0 (TRL's; 0.01 is the usual value; default: none).",
+    )
     kto_beta: float = param(0.1, "kto: beta (the reward scale, and the pull towards the reference).")
     kto_loss_type: str = param(
         "kto",
@@ -623,6 +635,8 @@ class LLMParams(Params):
             check_dpo(self)
         if self.trainer == "kto":
             check_kto(self)
+        if self.trainer == "reward":
+            check_reward(self)
         self._check_regularisers()
         if self.trainer == "distill":
             check_distill(self)

@@ -22,6 +22,7 @@ OWN_SETTINGS: dict[tuple[str, ...], tuple[str, ...]] = {
     ("grpo",): ("loss_type", "scale_rewards", "use_bias_correction_kl", "importance_sampling_level", "delta"),
     ("rloo",): ("normalize_advantages",),
     ("kto",): ("kto_loss_type",),
+    ("reward",): ("margin_column", "center_rewards_coefficient"),
     ("grpo", "rloo"): ("num_iterations",),
     ("distill",): ("teacher_model", "distill_beta", "distill_temperature", "distill_ce_weight"),
     ("dpo",): (
@@ -154,6 +155,12 @@ def check_preference(params: Params) -> None:
         )
     if params.cpo_alpha < 0:
         raise ConfigError(f"cpo_alpha must be 0 or positive, got {params.cpo_alpha}")
+
+
+def check_reward(params: Params) -> None:
+    coefficient = params.center_rewards_coefficient
+    if coefficient is not None and not 0 <= coefficient < math.inf:
+        raise ConfigError(f"center_rewards_coefficient must be 0 or positive, got {coefficient}")
 
 
 def check_kto(params: Params) -> None:

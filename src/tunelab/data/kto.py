@@ -109,7 +109,7 @@ def load_kto_data(params: LLMParams, tokenizer: Any) -> PreferenceData:
             shape = RowShape(preference_columns(split, params), conversational, source, tokenizer)
             pairs, skipped[name] = _texts(split, shape, params.bad_rows, stats if train else None)
             texts = [
-                (p, answer, good) for p, chosen, rejected in pairs for answer, good in ((chosen, 1), (rejected, 0))
+                (p, answer, good) for p, chosen, rejected, _ in pairs for answer, good in ((chosen, 1), (rejected, 0))
             ]
         else:
             texts, skipped[name] = _labeled_texts(split, kto_columns(split, params), source, tokenizer, params)

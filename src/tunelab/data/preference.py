@@ -17,7 +17,9 @@ to what block_size leaves after the prompt. Every count goes to the log; bad row
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +31,7 @@ from tunelab.data.formats import (
     cell_messages,
     cell_text,
     describe_problem,
+    describe_type,
     holds_reasoning,
     is_messages,
     settle_bad_rows,
@@ -48,6 +51,7 @@ class Pair:
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
+    margin: float | None = None  # reward: how much chosen should outscore rejected (margin_column), if given
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
@@ -89,13 +93,24 @@ def preference_columns(split: Split, params: LLMParams) -> dict[str, str]:
     prompt = params.prompt_text_column or ("prompt" if "prompt" in columns else None)
     wanted = {"prompt": prompt} if prompt else {}
     wanted.update(chosen=chosen, rejected=params.rejected_text_column or "rejected")
+    # reward's margins: margin_column, else a column named margin (TRL's), for the reward model only
+    margin = getattr(params, "margin_column", None)
+    if margin is None and params.trainer == "reward" and "margin" in columns:
+        margin = "margin"
+    if margin:
+        wanted["margin"] = margin
     for role, column in wanted.items():
         if column not in columns:
-            flag = {"prompt": "prompt_text_column", "chosen": "text_column", "rejected": "rejected_text_column"}[role]
+            flag = {
+                "prompt": "prompt_text_column",
+                "chosen": "text_column",
+                "rejected": "rejected_text_column",
+                "margin": "margin_column",
+            }[role]
+            what = {"prompt": "prompt", "margin": "margin (a number)"}.get(role, f"{role} answer")
             raise DataError(
                 f"{split.origin}: {role} column {column!r} not found (columns: {', '.join(columns[:20])}); "
-                f"set {flag} (data.column_mapping.{flag}) to the column that holds the {role} "
-                + ("answer" if role != "prompt" else "prompt")
+                f"set {flag} (data.column_mapping.{flag}) to the column that holds the {what}"
             )
     return wanted
 
@@ -117,9 +132,9 @@ def load_preference_data(params: LLMParams, tokenizer: Any) -> PreferenceData:
         shape = RowShape(preference_columns(split, params), conversational, source, tokenizer)
         texts, skipped[name] = _texts(split, shape, params.bad_rows, stats if name == "train" else None)
         if not preview and texts:
-            prompt, chosen, rejected = texts[0]
+            prompt, chosen, rejected, _ = texts[0]
             preview = f"{prompt}[chosen>]{chosen}\n---\n{prompt}[rejected>]{rejected}"
-        pairs = [tokenize_pair(*t, tokenizer, add_special) for t in texts]
+        pairs = [dataclasses.replace(tokenize_pair(*t[:3], tokenizer, add_special), margin=t[3]) for t in texts]
         out[name] = _fit(pairs, params, stats if name == "train" else PairStats())
     stats.pairs = len(out["train"])
     return PreferenceData(
@@ -172,13 +187,16 @@ def _starts_with_bos(tokenizer: Any, split: Split, columns: dict[str, str]) -> b
 
 def _texts(
     split: Split, shape: RowShape, bad_rows: str, stats: PairStats | None
-) -> tuple[list[tuple[str, str, str]], int]:
-    """(prompt, chosen completion, rejected completion) as text for every usable row, and how many bad rows were
-    skipped; bad rows are handled as bad_rows says, rows whose chosen equals rejected are dropped with a warning."""
+) -> tuple[list[tuple[str, str, str, float | None]], int]:
+    """(prompt, chosen completion, rejected completion, margin or None) for every usable row, and how many bad rows
+    were skipped; bad rows are handled as bad_rows says, rows whose chosen equals rejected are dropped with a
+    warning."""
     texts, problems, identical = [], [], []
     for index, row in enumerate(split.rows):
         try:
             parts = _row_texts(row, shape)
+            if parts is not None:
+                parts = (*parts, _margin(row, shape.columns["margin"]) if "margin" in shape.columns else None)
         except RowProblem as problem:
             problems.append(describe_problem(split, index, problem))
             continue
@@ -202,6 +220,25 @@ def _texts(
         if stats is not None:
             stats.dropped_identical = identical
     return texts, len(problems)
+
+
+def _margin(row: dict, column: str) -> float:
+    """A pair's margin: a finite number (a number written as text is read)."""
+    value = row.get(column)
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise RowProblem(column, f"expected a number (the margin), got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RowProblem(
+            column, "missing value" if value is None else f"expected a number, got {describe_type(value)}"
+        )
+    if not math.isfinite(value):
+        raise RowProblem(
+            column, "missing value (NaN)" if math.isnan(value) else f"expected a finite number, got {value}"
+        )
+    return float(value)
 
 
 def _row_texts(row: dict, shape: RowShape) -> tuple[str, str, str] | None:
@@ -336,7 +373,7 @@ def _fit(pairs: list[Pair], params: LLMParams, stats: PairStats) -> list[Pair]:
             continue
         if len(pair.chosen_ids) > room or len(pair.rejected_ids) > room:
             stats.completions_truncated += 1
-        kept.append(Pair(prompt, pair.chosen_ids[:room], pair.rejected_ids[:room]))
+        kept.append(Pair(prompt, pair.chosen_ids[:room], pair.rejected_ids[:room], pair.margin))
     return kept
 
 

@@ -69,7 +69,8 @@ REGISTRY: dict[str, Entry] = {
         "reward",
         "pairs",
         "reward model (sequence classifier, one score) trained on chosen/rejected pairs",
-        data_params=PAIR_DATA,
+        params=("margin_column", "center_rewards_coefficient"),
+        data_params=(*PAIR_DATA, "margin_column"),
     ),
     "dpo": Entry(
         "dpo",

@@ -288,7 +288,7 @@ def with_reference_logps(
                 np.save(partial, scores)
                 os.replace(partial, store)
     scored = [
-        ScoredPair(p.prompt_ids, p.chosen_ids, p.rejected_ids, float(c), float(r))
+        ScoredPair(p.prompt_ids, p.chosen_ids, p.rejected_ids, ref_chosen=float(c), ref_rejected=float(r))
         for p, (c, r) in zip(rows, scores, strict=True)
     ]
     return scored[: len(train_rows)], (scored[len(train_rows) :] if valid_rows else valid_rows)

@@ -45,6 +45,8 @@ class PairCollator:
 
     def __call__(self, pairs: list[Pair]) -> dict[str, torch.Tensor]:
         batch = self._rows(pairs)
+        if pairs and getattr(pairs[0], "margin", None) is not None:  # reward's margins (margin_column)
+            batch["margin"] = torch.tensor([p.margin for p in pairs], dtype=torch.float32)
         if pairs and hasattr(pairs[0], "ref_chosen"):  # dpo's reference log-probs, scored before training
             batch["ref_logps"] = torch.tensor([p.ref_chosen for p in pairs] + [p.ref_rejected for p in pairs])
         return batch
