@@ -288,6 +288,9 @@ def test_num_iterations_trains_each_batch_of_completions_in_several_steps(traine
     assert main(dry) == 0
     out = capsys.readouterr().out
     assert "4 per epoch" in out and "num_iterations 2: each batch of completions trained on in 2 steps" in out
+    dry[dry.index("--batch-size") + 1] = "8"  # more prompts a step than there are: refused before training too
+    assert main(dry) == 2
+    assert "num_iterations 2 trains each step's prompts again" in capsys.readouterr().err
 
     assert main(args) == 0
     records = [r for r in read_metrics(tmp_path / "run") if "loss" in r]

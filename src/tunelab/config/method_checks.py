@@ -100,6 +100,13 @@ def check_sampled(params: Params) -> None:
         raise ConfigError(f"num_iterations must be a whole number, got {params.num_iterations!r}")
     if params.num_iterations < 1:
         raise ConfigError(f"num_iterations must be at least 1, got {params.num_iterations}")
+    if params.loss_type == "cispo" and params.epsilon_high is None:
+        raise ConfigError(
+            "loss_type cispo caps each token's weight at epsilon_high (CISPO's epsilon_max; TRL suggests about 5): "
+            "give epsilon_high (with epsilon's default, 0.2, every weight would be 0.2)"
+        )
+    if params.loss_type == "cispo" and params.delta is not None:
+        raise ConfigError("delta caps the clipped loss's ratio; loss_type cispo has no such ratio: leave delta out")
     upper = 1 + (params.epsilon_high if params.epsilon_high is not None else params.epsilon)
     if params.delta is not None and not upper < params.delta < math.inf:
         raise ConfigError(

@@ -56,7 +56,7 @@ from tunelab.speed.loss import (
     output_head_returns_hidden,
     token_logprobs,
 )
-from tunelab.training.trainer import GuardedTrainer, eval_mode
+from tunelab.training.trainer import GuardedTrainer, disable_dropout, eval_mode
 
 log = logging.getLogger("tunelab")
 
@@ -209,6 +209,16 @@ class FirstPass:
         return self.logps if self.logps is not None and training else logps.detach()
 
 
+def check_repeatable(prompts: int, iterations: int, step_prompts: int) -> None:
+    """num_iterations repeats whole steps of prompts: refused, in one line, where there is not one step's worth."""
+    if iterations > 1 and prompts < step_prompts:
+        raise DataError(
+            f"num_iterations {iterations} trains each step's prompts again in the next steps: it needs at least one "
+            f"step's worth of prompts (batch_size x gradient_accumulation x processes = {step_prompts}), got "
+            f"{prompts}"
+        )
+
+
 def build_prompt_rows(prompts: list[PromptRow], params: LLMParams) -> tuple[list[Any], RowStats]:
     """Each prompt is a row (a micro-batch of batch_size rows becomes batch_size x num_generations completions)."""
     return list(prompts), RowStats(examples=len(prompts), rows=len(prompts))
@@ -248,27 +258,33 @@ class GRPOTrainer(GuardedTrainer):
         self._prefix = ""  # "eval_" while evaluating: its figures are logged apart from training's
         self._samples: tuple | None = None  # the step's samples, written with their final advantages
         self.iterations = params.num_iterations
-        self._reused: tuple[list[dict[str, Any]], float] | None = None  # num_iterations: the batches trained again
+        # num_iterations: the step's batches, trained again in the next steps of their cycle (global_step // mu)
+        self._reused: tuple[int, list[dict[str, Any]], float] | None = None
+        if self.iterations > 1:
+            # p_old and p must differ only by what training changed: a dropout mask in one and not the other
+            # would move the ratios (and clip them) with no change to the policy (TRL's disable_dropout)
+            disable_dropout(self.model)
+            log.info("%s: num_iterations %d: dropout off, as p_old is compared to p", params.trainer, self.iterations)
 
     def _get_train_sampler(self, train_dataset=None):  # noqa: D102
         if self.iterations == 1:
             return super()._get_train_sampler(train_dataset)
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        block = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
-        if len(dataset) < block:
-            raise DataError(
-                f"num_iterations {self.iterations} trains each step's prompts again in the next steps: it needs at "
-                f"least one step's worth of prompts (batch_size x gradient_accumulation x processes = {block}), "
-                f"got {len(dataset)}"
-            )
-        return RepeatedBlocks(len(dataset), block, self.iterations, self.args.seed)
+        check_repeatable(len(dataset), self.iterations, self.step_rows())
+        self.epoch_sampler = RepeatedBlocks(len(dataset), self.step_rows(), self.iterations, self.args.seed)
+        return self.epoch_sampler
 
     # -- rollout: once per optimizer step, for every micro-batch of it
     def get_batch_samples(self, epoch_iterator, num_batches, device):  # noqa: D102
         prompts, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
-        if self.iterations > 1 and self.state.global_step % self.iterations:
-            if self._reused is not None:  # these prompts again (RepeatedBlocks): the completions sampled for them
-                return self._reused
+        cycle, repeat = divmod(self.state.global_step, self.iterations)
+        if self._reused is not None and self._reused[0] == cycle:  # these prompts again (RepeatedBlocks)
+            batches, tokens = self._reused[1:]
+            if repeat == self.iterations - 1:
+                self._reused = None  # the cycle's last step: nothing holds them after it
+            return batches, tokens
+        self._reused = None
+        if repeat:
             log.info(
                 "%s: resumed between the %d steps of one batch of completions: sampling it afresh",
                 self.params.trainer,
@@ -280,10 +296,10 @@ class GRPOTrainer(GuardedTrainer):
         tokens = (
             self.accelerator.gather(torch.tensor(tokens, device=device)).sum().item() / self.accelerator.num_processes
         )
-        if self.iterations > 1:
+        if self.iterations > 1 and repeat < self.iterations - 1:
             for batch in batches:
                 batch["first_pass"] = FirstPass()
-            self._reused = (batches, tokens)
+            self._reused = (cycle, batches, tokens)
         return batches, tokens
 
     @torch.no_grad()
@@ -455,8 +471,11 @@ class GRPOTrainer(GuardedTrainer):
 
     # -- samples for the user to read
     def _writes_samples(self) -> bool:
+        """Whether this rollout's samples are written: every completions_every steps (with num_iterations, a
+        rollout stands for its cycle's steps: written when one of them is due)."""
         every = self.params.completions_every
-        return every > 0 and self.is_world_process_zero() and self.state.global_step % every == 0
+        steps = range(self.state.global_step, self.state.global_step + self.iterations)
+        return every > 0 and self.is_world_process_zero() and any(step % every == 0 for step in steps)
 
     def _write_samples(self, rows, texts, per_function, total, advantages) -> None:
         """A few prompts of this step (the first group's completions of up to 2 prompts), appended to the run's

@@ -17,7 +17,6 @@ from tunelab.config.llm import LLMParams
 from tunelab.data.preference import Pair
 from tunelab.data.tokenize import IGNORE
 from tunelab.methods.base import RowStats
-from tunelab.speed.lora_dropout import DropoutLoraA
 from tunelab.speed.loss import (
     fast_loss_supported,
     logits_log_sum_sq_probs,
@@ -26,7 +25,7 @@ from tunelab.speed.loss import (
     token_log_sum_sq_probs,
     token_logprobs,
 )
-from tunelab.training.trainer import GuardedTrainer
+from tunelab.training.trainer import GuardedTrainer, disable_dropout
 
 
 def build_pair_rows(pairs: list[Pair], params: LLMParams) -> tuple[list[Any], RowStats]:
@@ -64,13 +63,6 @@ class PairCollator:
             labels[row, len(prompt) : n] = torch.tensor(answer)
             mask[row, :n] = 1
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def disable_dropout(model: torch.nn.Module) -> None:
-    """Preference losses compare log-probs of two answers (and of two models): dropout would make them noisy."""
-    for module in model.modules():
-        if isinstance(module, (torch.nn.Dropout, DropoutLoraA)):
-            module.p = 0.0
 
 
 class PreferenceTrainer(GuardedTrainer):

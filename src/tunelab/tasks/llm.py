@@ -353,7 +353,10 @@ def plan(params: LLMParams) -> RunPlan:
             "generated tokens (per process)"
         )
         if params.num_iterations > 1:
+            from tunelab.methods.grpo import check_repeatable
+
             block = params.batch_size * params.gradient_accumulation * dry_run.processes(params)
+            check_repeatable(train.rows, params.num_iterations, block)
             left = train.rows % block
             train.notes.append(
                 f"num_iterations {params.num_iterations}: each batch of completions trained on in "

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +32,7 @@ from tunelab.errors import TunelabError
 from tunelab.models.checks import CLASSIFIER_HEADS
 from tunelab.models.peft import quiet_peft_save
 from tunelab.speed import compile_layers, optimizer_name, pad_multiple
+from tunelab.speed.lora_dropout import DropoutLoraA
 from tunelab.speed.loss import (
     causal_lm_loss_sum,
     fast_loss_supported,
@@ -66,6 +68,14 @@ class EpochSeededLengthSampler(LengthGroupedSampler):
 
     def set_epoch(self, epoch: int) -> None:
         self.generator.manual_seed(self.seed + epoch)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off for good (LoRA's too): for losses that compare log-probs of two answers, two models or two passes
+    (the preference methods; grpo with num_iterations), which dropout would make noisy."""
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Dropout, DropoutLoraA)):
+            module.p = 0.0
 
 
 class TrainingStopped(TunelabError):
@@ -183,8 +193,22 @@ class GuardedTrainer(Trainer):
         lengths = row_lengths(dataset.rows)
         # Grouped by the global batch (all processes): the same order whatever the number of processes, each
         # process then taking its share of every batch.
-        global_batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
-        return EpochSeededLengthSampler(global_batch, lengths=lengths, seed=self.args.seed)
+        self.epoch_sampler = EpochSeededLengthSampler(self.step_rows(), lengths=lengths, seed=self.args.seed)
+        return self.epoch_sampler
+
+    def step_rows(self) -> int:
+        """Rows in one optimizer step, all processes together, at the batch size the dataloader is built with
+        (auto_find_batch_size lowers it after an out-of-memory error; the arguments keep the first)."""
+        return self._train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
+        # A resumed run's dataloader is wrapped once more (accelerate's skip_first_batches) and, with several
+        # processes, transformers' own set_epoch no longer reaches the sampler: set it here, so the resumed epoch
+        # has the order the uninterrupted one had.
+        sampler = getattr(self, "epoch_sampler", None)
+        if sampler is not None and "epoch" in kwargs:
+            sampler.set_epoch(kwargs["epoch"])
+        return super()._run_epoch(*args, **kwargs)
 
     def trained_tokens_all_processes(self) -> int:
         """Answer tokens trained on, summed over every process, in the whole run (the part before a resume too)."""
@@ -456,7 +480,8 @@ def build_trainer(
     # Streamed rows (data/streaming.py) are an IterableDataset: no count before training (max_steps is required),
     # and no sampler (they are trained in file order).
     streamed = isinstance(train_rows, torch.utils.data.IterableDataset)
-    steps_per_epoch = params.max_steps if streamed else epoch_steps(len(train_rows), params)
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # accelerate launch sets it in every process
+    steps_per_epoch = params.max_steps if streamed else epoch_steps(len(train_rows), params, processes)
     has_valid = _dataset(valid_rows) is not None
     early = params.early_stopping_patience is not None and has_valid and params.eval_strategy != "no"
     stopping = early_stopping_arguments(params, steps_per_epoch) if early else {}
