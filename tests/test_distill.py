@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import build_tiny_llama, read_metrics, resized_copy, train_losses
+from tests.conftest import build_tiny_llama, learn_by_heart, read_metrics, resized_copy, train_losses
 from tests.test_bad_input import assert_nothing_written, cli_args, error_line
 from tunelab.cli import main
 from tunelab.config import load_config
@@ -117,6 +117,95 @@ def test_a_lora_student_learns_alike_through_the_chunks_and_the_full_logits(reas
     assert torch.allclose(torch.tensor(chunked), torch.tensor(full), rtol=1e-4)
 
 
+def test_on_policy_distillation_corrects_the_models_own_answer(reasoner, tiny_llama, tmp_path):
+    """distill_lmbda 1: every answer trained on is one the model writes itself from the row's prompt, the teacher's
+    distributions learned at its tokens (GKD's on-policy setting, its default JSD). A student that learned a wrong
+    answer by heart ("five") is corrected where it goes wrong ("four"), having never read the right answer."""
+    import tunelab
+    from tunelab.methods.distill import DistillTrainer
+
+    chat = [
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "5", "reasoning_content": "Two and two make five."},
+    ]
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text((json.dumps({"messages": chat}) + "\n") * 16)
+    student = learn_by_heart(tiny_llama, wrong, tmp_path / "wrong", "chatml", block_size=128)
+    teacher, tokenizer = load_run(reasoner)
+    generation = GenerationParams(max_new_tokens=40)
+    said = generate(load_run(student)[0], tokenizer, "What is 2+2?", generation)[0]
+    assert said.startswith("<think>\nTwo and two make five.")
+
+    seen = []
+    answered_by = DistillTrainer.answered_by
+
+    def watched(self, writer, batch, index):
+        new = answered_by(self, writer, batch, index)
+        seen.append((batch, new, writer is self.teacher))
+        return new
+
+    params = LLMParams(
+        model=str(student), data_path=str(reasoner.parent / "reasoning.jsonl"), trainer="distill",
+        teacher_model=str(reasoner), chat_template="chatml", lr=2e-3, epochs=40, batch_size=8,
+        gradient_accumulation=1, block_size=128, project_name=str(tmp_path / "student"),
+        disable_gradient_checkpointing=True, logging_steps=10, distill_lmbda=1.0, distill_beta=0.5,
+        max_completion_length=32,
+    )  # fmt: skip
+    DistillTrainer.answered_by = watched
+    try:
+        run = tunelab.train(params)
+    finally:
+        DistillTrainer.answered_by = answered_by
+    assert len(seen) == 80 and not any(by_teacher for *_, by_teacher in seen)  # every micro-batch, by the model
+    data_batch, sampled, _ = seen[0]
+    trained = sampled["labels"][0] != -100
+    first = int(trained.nonzero()[0])
+    # the row's prompt kept (up to the data's answer), the answer the model's own: its wrong one, not the data's
+    assert sampled["input_ids"][0, :first].tolist() == data_batch["input_ids"][0, :first].tolist()
+    assert (data_batch["labels"][0, :first] == -100).all() and data_batch["labels"][0, first] != -100
+    rows = zip(sampled["input_ids"], sampled["labels"], strict=True)
+    answers = [tokenizer.decode(ids[labels != -100]) for ids, labels in rows]
+    assert any("make five" in answer for answer in answers), answers  # (sampled at temperature 1: not all)
+    losses = train_losses(run)
+    assert losses[-1] < 0.5 * losses[0]
+    corrected = generate(load_run(run)[0], tokenizer, "What is 2+2?", generation)[0]
+    assert corrected.startswith("<think>\nTwo and two make four"), corrected
+
+
+def test_sequence_level_kd_trains_on_the_teachers_answers_beside_the_models(reasoner, tiny_llama, tmp_path):
+    """distill_lmbda 0.5 with distill_seq_kd: each micro-batch is answered by the model or, otherwise, by the
+    teacher (the teacher's answer is its own: it says four), drawn again the same way in a second run."""
+    import tunelab
+    from tunelab.methods.distill import DistillTrainer
+
+    writers = []
+    answered_by = DistillTrainer.answered_by
+
+    def watched(self, writer, batch, index):
+        new = answered_by(self, writer, batch, index)
+        answers = [ids[labels != -100] for ids, labels in zip(new["input_ids"], new["labels"], strict=True)]
+        writers.append((writer is self.teacher, [self.processing_class.decode(a) for a in answers]))
+        return new
+
+    DistillTrainer.answered_by = watched
+    try:
+        for name in ("first", "again"):
+            params = LLMParams(
+                model=str(tiny_llama), data_path=str(reasoner.parent / "reasoning.jsonl"), trainer="distill",
+                teacher_model=str(reasoner), chat_template="chatml", epochs=4, batch_size=4,
+                gradient_accumulation=1, block_size=128, project_name=str(tmp_path / name),
+                disable_gradient_checkpointing=True, distill_lmbda=0.5, distill_seq_kd=True, max_completion_length=24,
+            )  # fmt: skip
+            tunelab.train(params)
+    finally:
+        DistillTrainer.answered_by = answered_by
+    first, again = writers[:16], writers[16:]
+    assert [by for by, _ in first] == [by for by, _ in again]  # the same draws from the same seed
+    assert {by for by, _ in first} == {True, False}
+    teachers = [answer for by, answers in first if by for answer in answers]
+    assert any("four" in answer for answer in teachers), teachers
+
+
 def test_distill_settings_are_checked_before_anything_loads():
     for bad, said in [
         (dict(trainer="distill"), "trainer distill needs teacher_model"),
@@ -124,6 +213,11 @@ def test_distill_settings_are_checked_before_anything_loads():
         (dict(trainer="distill", teacher_model="x", distill_beta=1.5), "distill_beta must be in [0, 1]"),
         (dict(trainer="distill", teacher_model="x", distill_temperature=0), "distill_temperature must be positive"),
         (dict(trainer="distill", teacher_model="x", add_tokens="<a>"), "the teacher has no rows for tokens"),
+        (dict(trainer="distill", teacher_model="x", distill_lmbda=2), "distill_lmbda is a share of micro-batches"),
+        (dict(trainer="distill", teacher_model="x", distill_lmbda=0.5, packing=True), "with packing a row holds"),
+        (dict(trainer="distill", teacher_model="x", distill_seq_kd=True, completion_only_loss=False), "leaves"),
+        (dict(trainer="distill", teacher_model="x", distill_lmbda=1, distill_ce_weight=1), "its own samples"),
+        (dict(trainer="sft", distill_lmbda=0.5), "distill_lmbda is read by trainer distill, not sft"),
     ]:
         with pytest.raises(ConfigError, match=said.replace("[", r"\[").replace("]", r"\]")):
             LLMParams(**bad)

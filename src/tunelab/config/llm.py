@@ -419,6 +419,17 @@ class LLMParams(Params):
         "distill: weight of the usual cross-entropy on the data's own answer tokens, added to the divergence "
         "(0: the teacher alone, as TRL's GKD).",
     )
+    distill_lmbda: float = param(
+        0.0,
+        "distill: the share of micro-batches whose answers the model writes itself, sampled from each row's prompt, "
+        "and learns the teacher's distributions at (on-policy distillation, TRL's GKD lmbda; 0: the data's "
+        "answers only).",
+    )
+    distill_seq_kd: bool = param(
+        False,
+        "distill: the other micro-batches' answers written by the teacher, not read from the data (sequence-level "
+        "KD, TRL's GKD seq_kd).",
+    )
 
     # --- grpo and rloo (rewards.py, methods/grpo.py, methods/rloo.py; names and defaults as TRL's GRPOConfig unless
     # said)

@@ -24,7 +24,14 @@ OWN_SETTINGS: dict[tuple[str, ...], tuple[str, ...]] = {
     ("kto",): ("kto_loss_type",),
     ("reward",): ("margin_column", "center_rewards_coefficient"),
     ("grpo", "rloo"): ("num_iterations",),
-    ("distill",): ("teacher_model", "distill_beta", "distill_temperature", "distill_ce_weight"),
+    ("distill",): (
+        "teacher_model",
+        "distill_beta",
+        "distill_temperature",
+        "distill_ce_weight",
+        "distill_lmbda",
+        "distill_seq_kd",
+    ),
     ("dpo",): (
         "dpo_loss_type",
         "dpo_loss_weights",
@@ -192,6 +199,25 @@ def check_distill(params: Params) -> None:
         raise ConfigError(f"distill_temperature must be positive, got {params.distill_temperature}")
     if not 0 <= params.distill_ce_weight < math.inf:
         raise ConfigError(f"distill_ce_weight must be 0 or more, got {params.distill_ce_weight}")
+    if not 0 <= params.distill_lmbda <= 1:
+        raise ConfigError(f"distill_lmbda is a share of micro-batches, in [0, 1], got {params.distill_lmbda}")
+    if params.distill_lmbda or params.distill_seq_kd:
+        which = "distill_lmbda" if params.distill_lmbda else "distill_seq_kd"
+        if params.packing:
+            raise ConfigError(
+                f"{which} writes each row's answer anew from its prompt: with packing a row holds several examples; "
+                "leave packing off"
+            )
+        if not params.completion_only_loss:
+            raise ConfigError(
+                f"{which} writes each row's answer anew from its prompt, which completion_only_loss: false leaves "
+                "unmarked (the whole row is trained); leave completion_only_loss on"
+            )
+    if params.distill_lmbda and params.distill_ce_weight:
+        raise ConfigError(
+            "distill_ce_weight with distill_lmbda: the cross-entropy would train the model on its own samples; use "
+            "one or the other (with distill_seq_kd alone it trains on the teacher's answers, sequence-level KD)"
+        )
     if params.distributed_backend == "deepspeed":
         raise ConfigError(
             "trainer distill with distributed_backend deepspeed: ZeRO would shard the teacher as it loads and "

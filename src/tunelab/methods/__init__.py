@@ -118,7 +118,14 @@ REGISTRY: dict[str, Entry] = {
         "distill",
         "examples",
         "knowledge distillation: the teacher's next-token distributions on the answers (teacher_model)",
-        params=("teacher_model", "distill_beta", "distill_temperature", "distill_ce_weight"),
+        params=(
+            "teacher_model",
+            "distill_beta",
+            "distill_temperature",
+            "distill_ce_weight",
+            "distill_lmbda",
+            "distill_seq_kd",
+        ),
     ),
     "grpo": Entry(
         "grpo",

@@ -8,6 +8,14 @@ both softened by distill_temperature; distill_ce_weight adds the usual cross-ent
 the run's precision, and runs the same batch under no_grad; both heads are projected a chunk of positions at a
 time (speed/divergence.py), so neither model's full-vocabulary logits exist.
 
+On-policy (`distill_lmbda`, GKD's lmbda): that share of the micro-batches, drawn per step from the run's seed, has
+its answers written by the model itself, sampled at distill_temperature from each row's prompt (everything before
+the row's last trained stretch, i.e. the last answer) when the optimizer step starts; the teacher's distributions
+are then learned at the tokens the model actually writes, so its mistakes are where it is taught (GKD; Qwen3's
+and Thinking Machines' on-policy distillation). `distill_seq_kd`: the other micro-batches' answers are the
+teacher's own samples (sequence-level KD). Either way the loss is normalised by the tokens of the step's new
+answers. Evaluation keeps the data's answers.
+
 The teacher must read the same tokens and predict over the same vocabulary (models/checks.check_teacher, before
 anything loads): a larger model of the same family, or the model itself fully trained before a LoRA or a smaller
 copy.
@@ -16,16 +24,22 @@ copy.
 from __future__ import annotations
 
 import logging
+import random
 from typing import Any
 
 import torch
 
+from tunelab.data.tokenize import IGNORE
+from tunelab.errors import DataError
 from tunelab.methods.base import Method
+from tunelab.methods.grpo import completion_length
 from tunelab.methods.sft import build_rows
 from tunelab.models import load_teacher
+from tunelab.models.turns import turn_end
+from tunelab.speed import pad_multiple
 from tunelab.speed.divergence import divergence_sum, divergence_sum_plain
 from tunelab.speed.loss import fast_loss_supported, head_dtype, output_head_returns_hidden
-from tunelab.training.trainer import TunelabTrainer
+from tunelab.training.trainer import TunelabTrainer, eval_mode
 
 log = logging.getLogger("tunelab")
 
@@ -45,6 +59,79 @@ class DistillTrainer(TunelabTrainer):
         )
         self.teacher = load_teacher(params).requires_grad_(False).eval().to(self.args.device)
         self.teacher_chunks = _takes_chunks(self.teacher) and fast_loss_supported(self.teacher)
+        self.samples = params.distill_lmbda > 0 or params.distill_seq_kd
+        if self.samples:
+            # Where a sampled answer ends: as grpo ends its completions (EOS, and the template's turn end)
+            self.end_ids = turn_end(self.processing_class, self.accelerator.unwrap_model(self.model))[0]
+            _check_prompts(self.train_dataset)
+            log.info(
+                "distill: %s of the micro-batches answered by the model itself%s, up to %d tokens",
+                f"{params.distill_lmbda:.0%}",
+                ", the others by the teacher" if params.distill_seq_kd else "",
+                completion_length(params),
+            )
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):  # noqa: D102
+        batches, items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if not self.samples or not batches:
+            return batches, items
+        params = self.params
+        # The same draws, and (seeded below) the same samples, in a resumed run
+        draw = random.Random(f"{self.args.seed}:{self.state.global_step}:{self.accelerator.process_index}")
+        for index, batch in enumerate(batches):
+            if draw.random() < params.distill_lmbda:
+                writer = self.accelerator.unwrap_model(self.model)
+            elif params.distill_seq_kd:
+                writer = self.teacher
+            else:
+                continue
+            batches[index] = self.answered_by(writer, batch, index)
+        # the step's loss is divided by its trained tokens: those of the new answers
+        return batches, self._get_num_items_in_batch(batches, device)
+
+    @torch.no_grad()
+    def answered_by(self, writer: Any, batch: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
+        """The batch with each row's last answer replaced by one `writer` samples from the row's prompt (everything
+        before the last trained stretch): right-padded rows, as the collator makes them, labels on the new answer
+        through its end token."""
+        pad = self.processing_class.pad_token_id
+        prompts = [_prompt(ids, labels) for ids, labels in zip(batch["input_ids"], batch["labels"], strict=True)]
+        width = max(len(p) for p in prompts)
+        device = self.args.device
+        prompt_ids = torch.full((len(prompts), width), pad, dtype=torch.long, device=device)
+        prompt_mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+        for row, prompt in enumerate(prompts):  # left padding: every prompt ends where sampling starts
+            prompt_ids[row, width - len(prompt) :] = torch.tensor(prompt, device=device)
+            prompt_mask[row, width - len(prompt) :] = 1
+        process = self.accelerator.process_index
+        torch.manual_seed(self.args.seed + 1009 * self.state.global_step + 31 * index + 7919 * process)
+        with eval_mode(writer):
+            out = writer.generate(
+                input_ids=prompt_ids,
+                attention_mask=prompt_mask,
+                do_sample=True,
+                temperature=self.params.distill_temperature,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=completion_length(self.params),
+                pad_token_id=pad,
+                eos_token_id=self.end_ids,
+                use_cache=True,
+            )
+        rows = []
+        for prompt, sampled in zip(prompts, out[:, width:].tolist(), strict=True):
+            ends = [i for i, token in enumerate(sampled) if token in self.end_ids]
+            answer = sampled[: ends[0] + 1] if ends else sampled
+            rows.append((prompt + answer, [IGNORE] * len(prompt) + answer))
+        longest = max(len(ids) for ids, _ in rows)
+        multiple = pad_multiple()
+        longest = -(-longest // multiple) * multiple
+        input_ids = [ids + [pad] * (longest - len(ids)) for ids, _ in rows]
+        labels = [labs + [IGNORE] * (longest - len(labs)) for _, labs in rows]
+        return {
+            "input_ids": torch.tensor(input_ids, dtype=torch.long, device=batch["input_ids"].device),
+            "labels": torch.tensor(labels, dtype=torch.long, device=batch["labels"].device),
+        }
 
     def loss_sum(self, model: Any, inputs: dict[str, Any], labels: torch.Tensor) -> tuple[torch.Tensor, int]:  # noqa: D102
         params = self.params
@@ -72,6 +159,28 @@ class DistillTrainer(TunelabTrainer):
             logits[:, :-1][mask], teacher_logits[:, :-1][mask], shift[mask], *settings, tokens
         )
         return total, int(mask.sum())
+
+
+def _prompt(ids: torch.Tensor, labels: torch.Tensor) -> list[int]:
+    """A row's prompt: its tokens before the last stretch of trained labels (the last answer)."""
+    trained = (labels != IGNORE).tolist()
+    start = max(i for i, is_trained in enumerate(trained) if is_trained)
+    while start > 0 and trained[start - 1]:
+        start -= 1
+    return ids[:start].tolist()
+
+
+def _check_prompts(rows: Any) -> None:
+    """Sampling answers needs a prompt before each row's answer; rows trained whole (plain text) have none."""
+    if isinstance(rows, torch.utils.data.IterableDataset):  # streamed: their rows are the same kind throughout
+        return
+    for row in (rows[i] for i in range(min(len(rows), 64))):
+        first = next((i for i, label in enumerate(row.labels) if label != IGNORE), 0)
+        if first <= 1:
+            raise DataError(
+                "distill_lmbda / distill_seq_kd write each row's answer anew from its prompt, but the rows are "
+                "trained whole (plain text rows have no prompt): use prompt/completion or chat rows"
+            )
 
 
 def _takes_chunks(model: Any) -> bool:
