@@ -236,7 +236,8 @@ class LLMParams(Params):
     )
     max_completion_length: int | None = param(
         None,
-        "Preference trainers: longest completion kept; grpo, rloo: tokens generated per completion (default 256).",
+        "Preference trainers: longest completion kept; grpo, rloo, and distill's sampled answers (distill_lmbda, "
+        "distill_seq_kd): tokens generated per completion (default 256).",
     )
     padding: str = param(
         "right",
