@@ -147,6 +147,14 @@ def test_preference_loss_settings_are_checked_before_anything_loads():
         _params(f_alpha_divergence_coef=0.2)
     with pytest.raises(ConfigError, match="dpo_loss_type is read by trainer dpo, not orpo"):
         _params(trainer="orpo", dpo_loss_type="hinge")
+    with pytest.raises(ConfigError, match="sync_ref_model .TR-DPO.: with LoRA the reference is the base"):
+        _params(sync_ref_model=True, peft=True)
+    with pytest.raises(ConfigError, match="sync_ref_model .TR-DPO.: precompute_ref_log_probs scores"):
+        _params(sync_ref_model=True, precompute_ref_log_probs=True)
+    with pytest.raises(ConfigError, match="ref_model_sync_steps is read with sync_ref_model"):
+        _params(ref_model_sync_steps=64)
+    with pytest.raises(ConfigError, match=r"ref_model_mixup_alpha must be in \(0, 1\]"):
+        _params(sync_ref_model=True, ref_model_mixup_alpha=0)
     with pytest.raises(ConfigError, match="kto_loss_type is read by trainer kto, not dpo"):
         _params(kto_loss_type="apo_zero_unpaired")
     with pytest.raises(ConfigError, match="kto estimates its KL term from the other answers"):

@@ -354,3 +354,47 @@ def test_checkpoints_marked_by_several_machines_are_pruned_on_one_that_cannot_se
         mark_complete(folder, world_size=2)
     prune(tmp_path, keep=1)
     assert [path.name for _, path in checkpoints(tmp_path)] == ["checkpoint-6"]
+
+
+def test_a_tr_dpo_run_resumes_with_the_reference_it_had_moved(tiny_llama, tmp_path):
+    """sync_ref_model (TR-DPO): the reference moved towards the policy is kept in each checkpoint; a run killed
+    after step 4 resumes with it, and its later losses (which compare with that reference) are the uninterrupted
+    run's. The kept reference is the mix it should be: alpha x the policy + (1 - alpha) x the reference before."""
+    pairs = [
+        {"prompt": f"Question {i}: which colour is the sky?", "chosen": " Blue.", "rejected": f" Colour {i}, maybe."}
+        for i in range(16)
+    ]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
+
+    def args(project: Path) -> list[str]:
+        return [
+            "llm", "--train", "--model", str(tiny_llama), "--data-path", str(data), "--project-name", str(project),
+            "--trainer", "dpo", "--lr", "1e-3", "--batch-size", "4", "--gradient-accumulation", "1",
+            "--max-steps", "6", "--save-steps", "2", "--save-total-limit", "3", "--logging-steps", "1",
+            "--block-size", "64", "--model-max-length", "128", "--max-prompt-length", "32",
+            "--sync-ref-model", "true", "--ref-model-sync-steps", "2", "--ref-model-mixup-alpha", "0.5",
+        ]  # fmt: skip
+
+    straight = tmp_path / "straight"
+    done = _run_child(args(straight))
+    assert done.returncode == 0, done.stderr
+    resumed = tmp_path / "resumed"
+    killed = _run_child(args(resumed), kill_at=4)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    staging = tmp_path / ".resumed.partial"
+    # checkpoint-2's reference: half the policy after step 2, half the starting model (the reference before)
+    kept = load_file(staging / "checkpoint-2" / "synced_reference.safetensors")
+    policy = load_file(staging / "checkpoint-2" / "model.safetensors")
+    start = load_file(tiny_llama / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    torch.testing.assert_close(kept[name], 0.5 * policy[name] + 0.5 * start[name])
+    assert not torch.allclose(policy[name], start[name])
+
+    again = _run_child(args(resumed))
+    assert again.returncode == 0, again.stderr
+    assert "the synced reference (TR-DPO) read back" in again.stderr
+    expected, got = _losses(straight), _losses(resumed)
+    assert sorted(got) == sorted(expected) == list(range(1, 7))
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step

@@ -366,6 +366,13 @@ class LLMParams(Params):
         "dpo: LD-DPO: the weight, in [0, 1], of each answer's tokens past the length of the pair's shorter answer, "
         "so that length alone earns less reward (unset: plain DPO).",
     )
+    sync_ref_model: bool = param(
+        False,
+        "dpo: TR-DPO: every ref_model_sync_steps steps the reference moves towards the model being trained "
+        "(reference = alpha x model + (1 - alpha) x reference), so it is not left far behind (full fine-tuning).",
+    )
+    ref_model_mixup_alpha: float = param(0.6, "dpo (sync_ref_model): alpha, how far the reference moves each time.")
+    ref_model_sync_steps: int = param(512, "dpo (sync_ref_model): steps between two moves of the reference.")
     use_weighting: bool = param(
         False,
         "dpo: WPO: weigh each pair by how probable the policy finds both answers (per token, normalised), so that "

@@ -40,8 +40,35 @@ OWN_SETTINGS: dict[tuple[str, ...], tuple[str, ...]] = {
         "f_alpha_divergence_coef",
         "ld_alpha",
         "use_weighting",
+        "sync_ref_model",
+        "ref_model_mixup_alpha",
+        "ref_model_sync_steps",
     ),
 }
+
+
+def check_synced_reference(params: Params, defaults: dict[str, object]) -> None:
+    """TR-DPO mixes the model's weights into the reference's: it needs a reference with the model's own weights."""
+    if not params.sync_ref_model:
+        for name in ("ref_model_mixup_alpha", "ref_model_sync_steps"):
+            if getattr(params, name) != defaults[name]:
+                raise ConfigError(f"{name} is read with sync_ref_model (TR-DPO) only: leave it out, or turn it on")
+        return
+    if not 0 < params.ref_model_mixup_alpha <= 1:
+        raise ConfigError(f"ref_model_mixup_alpha must be in (0, 1], got {params.ref_model_mixup_alpha}")
+    if isinstance(params.ref_model_sync_steps, bool) or not isinstance(params.ref_model_sync_steps, int):
+        raise ConfigError(f"ref_model_sync_steps must be a whole number, got {params.ref_model_sync_steps!r}")
+    if params.ref_model_sync_steps < 1:
+        raise ConfigError(f"ref_model_sync_steps must be at least 1, got {params.ref_model_sync_steps}")
+    why = None
+    if params.peft:
+        why = "with LoRA the reference is the base with the adapter off, which has no weights to move (as TRL)"
+    elif params.precompute_ref_log_probs:
+        why = "precompute_ref_log_probs scores with the starting reference once; a moving one would make them stale"
+    elif params.distributed_backend in ("fsdp", "deepspeed"):
+        why = f"{params.distributed_backend} shards the model's weights, which the reference's whole copy cannot mix"
+    if why:
+        raise ConfigError(f"sync_ref_model (TR-DPO): {why}")
 
 
 def check_own_settings(params: Params) -> None:
@@ -82,6 +109,7 @@ def check_dpo(params: Params) -> None:
             f"ld_alpha must be in [0, 1] (1: every token counts fully, 0: none past the shorter answer), got "
             f"{params.ld_alpha}"
         )
+    check_synced_reference(params, defaults)
     if params.use_weighting and {"aot", "aot_unpaired"} & set(params.dpo_loss_types):
         raise ConfigError(
             "use_weighting with the aot losses: they sort the batch's pairs, so a weight per pair would land on "

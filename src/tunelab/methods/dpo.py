@@ -7,7 +7,9 @@ aot_unpaired, apo_zero, apo_down, discopop, sft, sigmoid_norm. Several, comma-se
 `dpo_loss_weights` (TRL's multi-loss form); each is a mean over the batch's pairs. Around them:
 - f_divergence_type (f-DPO): the log-ratios pass through f' of another divergence before the difference is taken;
 - ld_alpha (LD-DPO): the tokens of the longer answer past the shorter one's length count ld_alpha, not 1;
-- use_weighting (WPO): each pair's loss is scaled by the policy's per-token-normalised probability of both answers.
+- use_weighting (WPO): each pair's loss is scaled by the policy's per-token-normalised probability of both answers;
+- sync_ref_model (TR-DPO): every ref_model_sync_steps steps the reference becomes alpha x the policy + (1 - alpha)
+  x itself (full fine-tuning; the reference so moved is kept in each checkpoint, so a resumed run goes on with it).
 
 The reference model is `model_ref` when given; else, for a LoRA run, the
 base model itself with the adapter switched off (no second copy in memory); else a frozen copy of the starting
@@ -32,10 +34,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from transformers import TrainerCallback
 
 from tunelab.config.llm import LLMParams
 from tunelab.data.preference import Pair
 from tunelab.data.tokenize import IGNORE
+from tunelab.errors import TunelabError
 from tunelab.methods.base import REFERENCE_REWARDS, Method, PairEvaluation
 from tunelab.methods.preference import (
     PairCollator,
@@ -215,6 +219,22 @@ class DPOTrainer(PreferenceTrainer):
         elif self.params.peft:
             log.info("%s: reference model = the base model with the LoRA adapter switched off", self.params.trainer)
         self.ref_model = ref_model
+        if getattr(self.params, "sync_ref_model", False):
+            self.add_callback(SyncReference(self, self.params.ref_model_mixup_alpha, self.params.ref_model_sync_steps))
+
+    def save_extras(self, folder: Path) -> None:  # noqa: D102
+        if getattr(self.params, "sync_ref_model", False) and self.ref_model is not None:
+            from safetensors.torch import save_model
+
+            save_model(self.ref_model, str(folder / SYNCED_REFERENCE))  # (tied weights stored once)
+
+    def load_extras(self, folder: Path) -> None:  # noqa: D102
+        path = folder / SYNCED_REFERENCE
+        if getattr(self.params, "sync_ref_model", False) and self.ref_model is not None and path.is_file():
+            from safetensors.torch import load_model
+
+            load_model(self.ref_model, str(path), device=str(self.args.device))
+            log.info("%s: the synced reference (TR-DPO) read back from %s", self.params.trainer, path)
 
     def reference_logps(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():
@@ -246,6 +266,35 @@ class DPOTrainer(PreferenceTrainer):
             pair_weights=wpo_weights(per_token, log_sum_sq, labels) if log_sum_sq is not None else None,
             chosen_nll_sum=plain_chosen,
         )
+
+
+# The checkpoint file of a TR-DPO run's reference (moved towards the policy since the start: not the base's)
+SYNCED_REFERENCE = "synced_reference.safetensors"
+
+
+class SyncReference(TrainerCallback):
+    """TR-DPO (Gorbatovski et al., 2024), TRL's soft update: after every `every` optimizer steps, each reference
+    weight becomes alpha x the policy's + (1 - alpha) x its own (alpha 1: a copy of the policy)."""
+
+    def __init__(self, trainer: DPOTrainer, alpha: float, every: int) -> None:
+        self.trainer, self.alpha, self.every = trainer, alpha, every
+        policy = trainer.accelerator.unwrap_model(trainer.model)
+        mine = [(name, tuple(p.shape)) for name, p in policy.named_parameters()]
+        theirs = [(name, tuple(p.shape)) for name, p in trainer.ref_model.named_parameters()]
+        if mine != theirs:
+            raise TunelabError(
+                "sync_ref_model (TR-DPO) mixes the model's weights into the reference's, but model_ref "
+                f"{trainer.params.model_ref} has other weights (names or shapes): leave model_ref out, or "
+                "sync_ref_model"
+            )
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:  # noqa: D102
+        if state.global_step % self.every:
+            return
+        policy = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        with torch.no_grad():
+            for ref, param in zip(self.trainer.ref_model.parameters(), policy.parameters(), strict=True):
+                ref.mul_(1 - self.alpha).add_(param.detach().to(ref.dtype), alpha=self.alpha)
 
 
 def pair_figures(params: LLMParams, rows: list[Any], pairs: Any, policy: Any, reference: Any) -> dict[str, Any]:

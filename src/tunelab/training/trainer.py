@@ -236,6 +236,7 @@ class GuardedTrainer(Trainer):
             self.earlier = checkpoints.read_progress(checkpoint)
             if self.earlier is not None and self.evaluation_reports is not None:
                 self.evaluation_reports[:] = self.earlier.evaluations
+            self.load_extras(checkpoint)
         result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         if self.resumed_from is None:
             return result
@@ -284,6 +285,13 @@ class GuardedTrainer(Trainer):
             evaluations=list(self.evaluation_reports or []),
         )
 
+    def save_extras(self, folder: Path) -> None:
+        """What a method keeps in a checkpoint beside the model, optimizer and random state (dpo's synced
+        reference): written before the checkpoint is marked complete."""
+
+    def load_extras(self, folder: Path) -> None:
+        """Read back what save_extras wrote, when a run resumes from `folder`."""
+
     def _save_checkpoint(self, model, trial):  # noqa: D102
         run_dir = Path(self._get_output_dir(trial=trial))
         name = f"checkpoint-{self.state.global_step}"
@@ -296,6 +304,8 @@ class GuardedTrainer(Trainer):
         progress = self._progress()
         # Every process writes its own part of the checkpoint (its random state; under FSDP or DeepSpeed its shards
         # of the weights and optimizer): all of them must have finished before the mark says it is complete.
+        if self.args.should_save:
+            self.save_extras(run_dir / name)
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             if progress is not None:
