@@ -226,8 +226,9 @@ def test_simpo_and_orpo_runs_are_measured_by_mean_log_prob_accuracy_beside_the_b
 def test_reward_run_accuracy_is_that_of_tunelab_score(tiny_llama, tmp_path):
     from tunelab.inference.score import load_reward_model, score
 
-    data = _write(tmp_path / "data" / "train.jsonl", _pairs(16))
-    run = _train(tiny_llama, data.parent, tmp_path / "reward", "reward", lr=3e-3)
+    # trained with margins (a column named margin); measured on pairs without them: the scores need none
+    data = _write(tmp_path / "data" / "train.jsonl", [{**p, "margin": 0.5} for p in _pairs(16)])
+    run = _train(tiny_llama, data.parent, tmp_path / "reward", "reward", lr=3e-3, center_rewards_coefficient=0.01)
     held_out = _pairs(8, start=100)
     results = evaluate_run(run, str(_write(tmp_path / "test.jsonl", held_out)))
 

@@ -746,6 +746,26 @@ def test_a_bad_margin_is_named_by_file_row_and_column(tiny_llama, tmp_path, caps
     assert_nothing_written(project)
     with pytest.raises(ConfigError, match="margin_column is read by trainer reward, not dpo"):
         _params(margin_column="score_gap")
+    # what the train split has, the valid split must: a margin column named by its default name too
+    good = _write_jsonl(tmp_path / "both" / "train.jsonl", [{**r, "margin": 1} for r in rows[:3]])
+    _write_jsonl(tmp_path / "both" / "valid.jsonl", [{k: v for k, v in r.items() if k != "score_gap"} for r in rows])
+    line = error_line(
+        capsys,
+        main(
+            cli_args(
+                tiny_llama,
+                good.parent,
+                project,
+                "--trainer",
+                "reward",
+                "--valid-split",
+                "valid",
+                "--max-prompt-length",
+                "32",
+            )
+        ),
+    )
+    assert "valid.jsonl: margin column 'margin' not found" in line
 
 
 @pytest.mark.slow

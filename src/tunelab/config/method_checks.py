@@ -241,6 +241,11 @@ def check_distill(params: Params) -> None:
                 f"{which} writes each row's answer anew from its prompt, which completion_only_loss: false leaves "
                 "unmarked (the whole row is trained); leave completion_only_loss on"
             )
+        if params.distributed_backend == "fsdp":
+            raise ConfigError(
+                f"{which} with distributed_backend fsdp: sampling answers from sharded weights needs every process "
+                "to generate in step with the others, which tunelab does not arrange; use ddp"
+            )
     if params.distill_lmbda and params.distill_ce_weight:
         raise ConfigError(
             "distill_ce_weight with distill_lmbda: the cross-entropy would train the model on its own samples; use "

@@ -86,17 +86,19 @@ class PreferenceData:
         return f"{self.kind} (" + ", ".join(f"{k}={v!r}" for k, v in self.columns.items()) + ")"
 
 
-def preference_columns(split: Split, params: LLMParams) -> dict[str, str]:
-    """Which columns hold the prompt (optional), the chosen and the rejected answer."""
+def preference_columns(split: Split, params: LLMParams, margin: str | None = "") -> dict[str, str]:
+    """Which columns hold the prompt (optional), the chosen and the rejected answer, and the reward's margin:
+    `margin` names it (None: no margin read), else ("") margin_column, or a column named margin for reward."""
     columns = split.columns
     chosen = "chosen" if params.text_column == "text" and "chosen" in columns else params.text_column
     prompt = params.prompt_text_column or ("prompt" if "prompt" in columns else None)
     wanted = {"prompt": prompt} if prompt else {}
     wanted.update(chosen=chosen, rejected=params.rejected_text_column or "rejected")
     # reward's margins: margin_column, else a column named margin (TRL's), for the reward model only
-    margin = getattr(params, "margin_column", None)
-    if margin is None and params.trainer == "reward" and "margin" in columns:
-        margin = "margin"
+    if margin == "":
+        margin = getattr(params, "margin_column", None)
+        if margin is None and params.trainer == "reward" and "margin" in columns:
+            margin = "margin"
     if margin:
         wanted["margin"] = margin
     for role, column in wanted.items():
@@ -115,10 +117,11 @@ def preference_columns(split: Split, params: LLMParams) -> dict[str, str]:
     return wanted
 
 
-def load_preference_data(params: LLMParams, tokenizer: Any) -> PreferenceData:
-    """Read, check, split, render and tokenize the preference splits named by params."""
+def load_preference_data(params: LLMParams, tokenizer: Any, margins: bool = True) -> PreferenceData:
+    """Read, check, split, render and tokenize the preference splits named by params (`margins`: the reward's
+    margin column too, when there is one: what the train split has, every split must)."""
     splits: dict[str, Split] = read_splits(params.data_path, params.train_split, params.valid_split)
-    columns = preference_columns(splits["train"], params)
+    columns = preference_columns(splits["train"], params, "" if margins else None)
     conversational = _conversational(splits["train"], columns["chosen"])
     template = _pick_template(params.chat_template, conversational, "prompt" in columns, tokenizer)
     source = template_source(template, tokenizer, params.chat_template_kwargs) if template else None
@@ -129,7 +132,7 @@ def load_preference_data(params: LLMParams, tokenizer: Any) -> PreferenceData:
     skipped: dict[str, int] = {}
     preview = ""
     for name, split in splits.items():
-        shape = RowShape(preference_columns(split, params), conversational, source, tokenizer)
+        shape = RowShape(preference_columns(split, params, columns.get("margin")), conversational, source, tokenizer)
         texts, skipped[name] = _texts(split, shape, params.bad_rows, stats if name == "train" else None)
         if not preview and texts:
             prompt, chosen, rejected, _ = texts[0]

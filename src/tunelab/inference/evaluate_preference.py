@@ -349,7 +349,7 @@ def _evaluate_reward(
     if compare_base:
         log.info("evaluate: --compare-base does not apply to a reward model (its base has no trained score head)")
     model, tokenizer, _ = load_reward_model(folder)
-    data = _held_out(load_preference_data(params, tokenizer), held)[0]
+    data = _held_out(load_preference_data(params, tokenizer, margins=False), held)[0]  # (scores need none)
     started = time.time()
     rows = data.train[:max_rows]
     if not rows:

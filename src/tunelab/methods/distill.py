@@ -32,7 +32,7 @@ import torch
 from tunelab.data.tokenize import IGNORE
 from tunelab.errors import DataError
 from tunelab.methods.base import Method
-from tunelab.methods.grpo import completion_length
+from tunelab.methods.grpo import completion_length, sampling_config
 from tunelab.methods.sft import build_rows
 from tunelab.models import load_teacher
 from tunelab.models.turns import turn_end
@@ -63,6 +63,9 @@ class DistillTrainer(TunelabTrainer):
         if self.samples:
             # Where a sampled answer ends: as grpo ends its completions (EOS, and the template's turn end)
             self.end_ids = turn_end(self.processing_class, self.accelerator.unwrap_model(self.model))[0]
+            # one row per example, so each has its own prompt (not flash-attention's rows end to end in one)
+            if hasattr(self.data_collator, "flat"):
+                self.data_collator.flat = False
             _check_prompts(self.train_dataset)
             log.info(
                 "distill: %s of the micro-batches answered by the model itself%s, up to %d tokens",
@@ -76,8 +79,9 @@ class DistillTrainer(TunelabTrainer):
         if not self.samples or not batches:
             return batches, items
         params = self.params
-        # The same draws, and (seeded below) the same samples, in a resumed run
-        draw = random.Random(f"{self.args.seed}:{self.state.global_step}:{self.accelerator.process_index}")
+        # The same draws, and (seeded below) the same samples, in a resumed run; the draws the same in every
+        # process (their micro-batches are sampled, or not, together)
+        draw = random.Random(f"{self.args.seed}:{self.state.global_step}")
         for index, batch in enumerate(batches):
             if draw.random() < params.distill_lmbda:
                 writer = self.accelerator.unwrap_model(self.model)
@@ -93,9 +97,13 @@ class DistillTrainer(TunelabTrainer):
     def answered_by(self, writer: Any, batch: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
         """The batch with each row's last answer replaced by one `writer` samples from the row's prompt (everything
         before the last trained stretch): right-padded rows, as the collator makes them, labels on the new answer
-        through its end token."""
+        through its end token, no row longer than block_size. A row without a prompt (trained whole) keeps its
+        own answer."""
         pad = self.processing_class.pad_token_id
-        prompts = [_prompt(ids, labels) for ids, labels in zip(batch["input_ids"], batch["labels"], strict=True)]
+        rows = [_split_row(ids, labels) for ids, labels in zip(batch["input_ids"], batch["labels"], strict=True)]
+        prompts = [prompt for prompt, _ in rows if len(prompt) > 1]
+        if not prompts:
+            return batch
         width = max(len(p) for p in prompts)
         device = self.args.device
         prompt_ids = torch.full((len(prompts), width), pad, dtype=torch.long, device=device)
@@ -105,24 +113,22 @@ class DistillTrainer(TunelabTrainer):
             prompt_mask[row, width - len(prompt) :] = 1
         process = self.accelerator.process_index
         torch.manual_seed(self.args.seed + 1009 * self.state.global_step + 31 * index + 7919 * process)
+        room = max(1, self.params.block_size - width)
+        config = sampling_config(self.params.distill_temperature, min(completion_length(self.params), room), pad)
+        config.eos_token_id = self.end_ids
         with eval_mode(writer):
-            out = writer.generate(
-                input_ids=prompt_ids,
-                attention_mask=prompt_mask,
-                do_sample=True,
-                temperature=self.params.distill_temperature,
-                top_k=0,
-                top_p=1.0,
-                max_new_tokens=completion_length(self.params),
-                pad_token_id=pad,
-                eos_token_id=self.end_ids,
-                use_cache=True,
-            )
-        rows = []
-        for prompt, sampled in zip(prompts, out[:, width:].tolist(), strict=True):
+            out = writer.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
+        samples = iter(out[:, width:].tolist())
+        new_rows = []
+        for prompt, own in rows:
+            if len(prompt) <= 1:  # no prompt to answer: the row as the data has it
+                new_rows.append(own)
+                continue
+            sampled = next(samples)
             ends = [i for i, token in enumerate(sampled) if token in self.end_ids]
-            answer = sampled[: ends[0] + 1] if ends else sampled
-            rows.append((prompt + answer, [IGNORE] * len(prompt) + answer))
+            answer = (sampled[: ends[0] + 1] if ends else sampled)[: self.params.block_size - len(prompt)]
+            new_rows.append((prompt + answer, [IGNORE] * len(prompt) + answer))
+        rows = new_rows
         longest = max(len(ids) for ids, _ in rows)
         multiple = pad_multiple()
         longest = -(-longest // multiple) * multiple
@@ -161,13 +167,15 @@ class DistillTrainer(TunelabTrainer):
         return total, int(mask.sum())
 
 
-def _prompt(ids: torch.Tensor, labels: torch.Tensor) -> list[int]:
-    """A row's prompt: its tokens before the last stretch of trained labels (the last answer)."""
+def _split_row(ids: torch.Tensor, labels: torch.Tensor) -> tuple[list[int], tuple[list[int], list[int]]]:
+    """A row's prompt (its tokens before the last stretch of trained labels, the last answer) and the row as it
+    is, through its last trained token (ids, labels: the padding after it left out)."""
     trained = (labels != IGNORE).tolist()
-    start = max(i for i, is_trained in enumerate(trained) if is_trained)
+    end = max(i for i, is_trained in enumerate(trained) if is_trained)
+    start = end
     while start > 0 and trained[start - 1]:
         start -= 1
-    return ids[:start].tolist()
+    return ids[:start].tolist(), (ids[: end + 1].tolist(), labels[: end + 1].tolist())
 
 
 def _check_prompts(rows: Any) -> None:

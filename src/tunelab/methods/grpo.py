@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import GenerationConfig
 
 from tunelab.config.llm import LLMParams
 from tunelab.data.prompts import PromptRow
@@ -67,6 +68,28 @@ COMPLETIONS_FILE = "completions.jsonl"
 def completion_length(params: LLMParams) -> int:
     """Tokens a completion may have: max_completion_length, or 256 when unset."""
     return params.max_completion_length or 256
+
+
+def sampling_config(temperature: float, max_new_tokens: int, pad_id: int, top_p: float = 1.0) -> GenerationConfig:
+    """How completions are sampled for training (grpo, rloo, distill): plain sampling at `temperature` (top-k off,
+    as TRL's), none of the model's own generation defaults (a top-k of 50, a repetition penalty, min-p): the loss
+    scores the samples under the policy itself, so they must come from it."""
+    # (generate fills what is left unset, None, from the model's generation config: every sampling switch is set)
+    return GenerationConfig(
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=top_p,
+        min_p=0.0,
+        typical_p=1.0,
+        epsilon_cutoff=0.0,
+        eta_cutoff=0.0,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad_id,
+        use_cache=True,
+    )
 
 
 # ---- the math ---------------------------------------------------------------------------------------------------
@@ -318,19 +341,10 @@ class GRPOTrainer(GuardedTrainer):
         # The same step samples the same completions, in a resumed run too (and each process its own).
         process = self.accelerator.process_index
         torch.manual_seed(self.params.seed + 1009 * self.state.global_step + 31 * index + 7919 * process)
+        config = sampling_config(self.params.temperature, self.max_length, pad, self.params.top_p)
+        config.num_return_sequences, config.eos_token_id = self.group, self.end_ids
         with eval_mode(model):
-            out = model.generate(
-                input_ids=prompt_ids,
-                attention_mask=prompt_mask,
-                do_sample=True,
-                temperature=self.params.temperature,
-                top_p=self.params.top_p,
-                max_new_tokens=self.max_length,
-                num_return_sequences=self.group,
-                pad_token_id=pad,
-                eos_token_id=self.end_ids,
-                use_cache=True,
-            )
+            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
         completion_ids = out[:, width:]
         # A completion ends at its first end token (kept: the model learns to stop); one without it was cut.
         is_eos = torch.isin(completion_ids, torch.tensor(self.end_ids, device=completion_ids.device))

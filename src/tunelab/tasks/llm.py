@@ -303,8 +303,14 @@ def microbatch(prep: Prepared) -> tuple[int, int]:
         from tunelab.methods.grpo import completion_length
 
         return params.batch_size * params.num_generations, longest + completion_length(params)
-    # A pair batch holds chosen and rejected; a kto batch, its answers and the mismatched ones of the KL estimate.
-    return params.batch_size * (2 if kind in ("pairs", "labeled") else 1), longest
+    if getattr(params, "distill_lmbda", 0) or getattr(params, "distill_seq_kd", False):
+        from tunelab.methods.grpo import completion_length  # sampled answers: up to block_size long
+
+        longest = min(params.block_size, longest + completion_length(params))
+    # A pair batch holds chosen and rejected; a kto batch, its answers and (kto's own loss) the mismatched ones
+    # of the KL estimate.
+    kl_batch = kind == "labeled" and params.kto_loss_type == "kto"
+    return params.batch_size * (2 if kind == "pairs" or kl_batch else 1), longest
 
 
 def _report_model(model: Any, params: LLMParams) -> None:
