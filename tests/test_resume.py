@@ -398,3 +398,8 @@ def test_a_tr_dpo_run_resumes_with_the_reference_it_had_moved(tiny_llama, tmp_pa
     assert sorted(got) == sorted(expected) == list(range(1, 7))
     for step in expected:
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
+    # `tunelab evaluate` compares with the starting reference (the moved one went with the checkpoints): said so
+    from tunelab.inference.evaluate import evaluate_run
+
+    results = evaluate_run(resumed, str(data), samples=0)
+    assert "TR-DPO moved training's own" in results["reference"] and results["rows"] == 16

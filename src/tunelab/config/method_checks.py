@@ -62,9 +62,11 @@ def check_synced_reference(params: Params, defaults: dict[str, object]) -> None:
         raise ConfigError(f"ref_model_sync_steps must be at least 1, got {params.ref_model_sync_steps}")
     why = None
     if params.peft:
-        why = "with LoRA the reference is the base with the adapter off, which has no weights to move (as TRL)"
+        why = "with LoRA the model is the base and an adapter, which no reference can be mixed with (as TRL)"
     elif params.precompute_ref_log_probs:
         why = "precompute_ref_log_probs scores with the starting reference once; a moving one would make them stale"
+    elif params.early_stopping_patience is not None:
+        why = "early stopping compares eval losses measured against references that moved between them"
     elif params.distributed_backend in ("fsdp", "deepspeed"):
         why = f"{params.distributed_backend} shards the model's weights, which the reference's whole copy cannot mix"
     if why:

@@ -133,6 +133,8 @@ def evaluate_pairs(
         ref_model, ref_context, reference_is_base, results["reference"] = _reference(model, folder, params)
         with ref_context():
             reference = _logps(ref_model, rows, params, tokenizer)
+    if getattr(params, "sync_ref_model", False):  # TR-DPO: the moved reference was a checkpoint's, now gone
+        results["reference"] += " (where training's started; TR-DPO moved training's own as it went)"
     results.update(figures(params, rows, pairs, policy, reference))
 
     base_model = base_context = None

@@ -39,6 +39,7 @@ from transformers import TrainerCallback
 from tunelab.config.llm import LLMParams
 from tunelab.data.preference import Pair
 from tunelab.data.tokenize import IGNORE
+from tunelab.env import distributed_kind
 from tunelab.errors import TunelabError
 from tunelab.methods.base import REFERENCE_REWARDS, Method, PairEvaluation
 from tunelab.methods.preference import (
@@ -220,6 +221,11 @@ class DPOTrainer(PreferenceTrainer):
             log.info("%s: reference model = the base model with the LoRA adapter switched off", self.params.trainer)
         self.ref_model = ref_model
         if getattr(self.params, "sync_ref_model", False):
+            if distributed_kind():  # an accelerate config or launcher of the user's own: not in the settings
+                raise TunelabError(
+                    f"sync_ref_model (TR-DPO) under {distributed_kind()}: the model's weights are sharded, and the "
+                    "reference's whole copy cannot be mixed with them; use ddp"
+                )
             self.add_callback(SyncReference(self, self.params.ref_model_mixup_alpha, self.params.ref_model_sync_steps))
 
     def save_extras(self, folder: Path) -> None:  # noqa: D102
@@ -230,10 +236,12 @@ class DPOTrainer(PreferenceTrainer):
 
     def load_extras(self, folder: Path) -> None:  # noqa: D102
         path = folder / SYNCED_REFERENCE
-        if getattr(self.params, "sync_ref_model", False) and self.ref_model is not None and path.is_file():
+        if getattr(self.params, "sync_ref_model", False) and self.ref_model is not None:
             from safetensors.torch import load_model
 
-            load_model(self.ref_model, str(path), device=str(self.args.device))
+            if not path.is_file():
+                raise TunelabError(f"{folder} has no {SYNCED_REFERENCE}: the reference this TR-DPO run had moved")
+            load_model(self.ref_model, str(path), device="cpu")  # (copied into the reference's own tensors)
             log.info("%s: the synced reference (TR-DPO) read back from %s", self.params.trainer, path)
 
     def reference_logps(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -288,13 +296,23 @@ class SyncReference(TrainerCallback):
                 "sync_ref_model"
             )
 
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:  # noqa: D102
+        if 0 < state.max_steps < self.every:
+            log.warning(
+                "sync_ref_model: the run has %d steps, fewer than ref_model_sync_steps (%d): the reference stays",
+                state.max_steps,
+                self.every,
+            )
+
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:  # noqa: D102
         if state.global_step % self.every:
             return
         policy = self.trainer.accelerator.unwrap_model(self.trainer.model)
         with torch.no_grad():
             for ref, param in zip(self.trainer.ref_model.parameters(), policy.parameters(), strict=True):
-                ref.mul_(1 - self.alpha).add_(param.detach().to(ref.dtype), alpha=self.alpha)
+                # in float32 whatever the reference's precision (a half model_ref would lose small moves)
+                mixed = ref.float().mul_(1 - self.alpha).add_(param.detach().float().to(ref.device), alpha=self.alpha)
+                ref.copy_(mixed)
 
 
 def pair_figures(params: LLMParams, rows: list[Any], pairs: Any, policy: Any, reference: Any) -> dict[str, Any]:

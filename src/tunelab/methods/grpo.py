@@ -473,7 +473,7 @@ class GRPOTrainer(GuardedTrainer):
         return (loss, {}) if return_outputs else loss
 
     def record(self, name: str, value: Any) -> None:
-        self._metrics[self._prefix + name].append(float(value))
+        self._metrics[self._prefix + name].append(float(value.detach() if torch.is_tensor(value) else value))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:  # noqa: D102
         evaluating = any(key.startswith("eval_") for key in logs)

@@ -213,7 +213,9 @@ def _run(params: LLMParams) -> Path:
     from tunelab.training.callbacks import ProgressAndMetrics
     from tunelab.training.trainer import build_trainer, run_training
 
-    check_disk_space(folder.final.parent, 2 * checkpoint_bytes(model, not params.peft), "checkpoints and outputs")
+    copies = 2 if params.sync_ref_model else 1  # dpo's TR-DPO keeps its moved reference in each checkpoint
+    needed = 2 * checkpoint_bytes(model, not params.peft, copies)
+    check_disk_space(folder.final.parent, needed, "checkpoints and outputs")
     perplexity = method.data == "examples" and method.perplexity
     progress = ProgressAndMetrics(folder.staging / "metrics.jsonl", perplexity=perplexity)
     if data.template_source:  # the template trained with, from the start: grpo reads its turn end (models/turns.py)

@@ -259,9 +259,10 @@ def check_disk_space(folder: Path, needed: int, what: str) -> None:
         )
 
 
-def checkpoint_bytes(model: Any, full_weights: bool) -> int:
-    """About what one checkpoint takes: the saved weights (trainable ones, or all of them without LoRA), plus
-    AdamW's two fp32 states per trainable parameter; 10% and 64 MiB of headroom for the rest."""
+def checkpoint_bytes(model: Any, full_weights: bool, copies: int = 1) -> int:
+    """About what one checkpoint takes: the saved weights (trainable ones, or all of them without LoRA; `copies`
+    of them: 2 with dpo's synced reference beside the model), plus AdamW's two fp32 states per trainable
+    parameter; 10% and 64 MiB of headroom for the rest."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) if full_weights else trainable * 4
-    return int((weights + trainable * 8) * 1.1) + 64 * 2**20
+    return int((weights * copies + trainable * 8) * 1.1) + 64 * 2**20

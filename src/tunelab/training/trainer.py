@@ -298,7 +298,8 @@ class GuardedTrainer(Trainer):
         if self.args.should_save:
             unwrapped = self.accelerator.unwrap_model(self.model)
             full = not hasattr(unwrapped, "peft_config")
-            checkpoints.check_disk_space(run_dir, checkpoints.checkpoint_bytes(unwrapped, full), name)
+            copies = 2 if getattr(getattr(self, "params", None), "sync_ref_model", False) else 1  # + the reference
+            checkpoints.check_disk_space(run_dir, checkpoints.checkpoint_bytes(unwrapped, full, copies), name)
         with quiet_peft_save():
             super()._save_checkpoint(model, trial)
         progress = self._progress()
