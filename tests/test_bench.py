@@ -145,3 +145,16 @@ def test_distill_benchmark_runs_both_ways_to_the_same_loss(tiny_llama, tmp_path)
     rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith(("| chunks", "| full"))]
     assert len(rows) == 2
     assert float(rows[0][4]) == pytest.approx(float(rows[1][4]), rel=1e-5)
+
+
+def test_wpo_benchmark_prints_its_three_ways(tiny_llama, tmp_path):
+    """bench_wpo.py on the tiny model: the policy pass alone, with WPO's chunked normaliser, and with the one from
+    full logits, each a row with its time and peak."""
+    command = [sys.executable, str(ROOT / "bench" / "bench_wpo.py"), "--model", str(tiny_llama)]
+    command += ["--length", "32", "--steps", "1"]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith(("| policy", "| with"))]
+    assert len(rows) == 3 and all(float(row[2]) > 0 and float(row[3].replace(",", "")) > 0 for row in rows)
