@@ -156,5 +156,5 @@ def test_wpo_benchmark_prints_its_three_ways(tiny_llama, tmp_path):
         command, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith(("| policy", "| with"))]
+    rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith(("| policy log", "| with"))]
     assert len(rows) == 3 and all(float(row[2]) > 0 and float(row[3].replace(",", "")) > 0 for row in rows)
