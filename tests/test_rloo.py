@@ -191,6 +191,7 @@ def test_each_methods_own_settings_are_refused_on_the_other():
         (dict(trainer="grpo", num_iterations=0), "num_iterations must be at least 1"),
         (dict(trainer="grpo", delta=1.1, epsilon_high=0.28), r"must be above 1 \+ epsilon_high \(1.28\)"),
         (dict(trainer="grpo", loss_type="cispo"), "loss_type cispo caps each token's weight at epsilon_high"),
+        (dict(trainer="grpo", sapo_temperature_neg=2.0), "sapo_temperature_neg is read by loss_type sapo only"),
         (dict(trainer="grpo", loss_type="cispo", epsilon_high=5, delta=6), "loss_type cispo has no such ratio"),
     ]:
         with pytest.raises(ConfigError, match=said):

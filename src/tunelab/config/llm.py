@@ -473,8 +473,15 @@ class LLMParams(Params):
         "dapo",
         "grpo: the loss and its normalisation: grpo (per completion), bnpo (per token of the micro-batch), dr_grpo "
         "(fixed length), dapo (per token of the whole step), cispo (the clipped ratio as a weight of the log-prob, "
-        "not clipped away; per token of the whole step).",
-        ("grpo", "bnpo", "dr_grpo", "dapo", "cispo"),
+        "not clipped away; per token of the whole step), sapo (a soft gate on the ratio in place of the clip; per "
+        "completion).",
+        ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"),
+    )
+    sapo_temperature_pos: float = param(
+        1.0, "grpo (loss_type sapo): the gate's temperature where the advantage is positive (TRL's)."
+    )
+    sapo_temperature_neg: float = param(
+        1.05, "grpo (loss_type sapo): the gate's temperature where the advantage is negative (TRL's)."
     )
     num_iterations: int = param(
         1,

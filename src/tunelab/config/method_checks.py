@@ -19,7 +19,15 @@ from tunelab.methods import (
 # Settings one method reads and no other: given to another trainer they would change nothing, silently.
 # (AutoTrain's own settings are not here: its configs carry dpo_beta or max_prompt_length whatever the trainer.)
 OWN_SETTINGS: dict[tuple[str, ...], tuple[str, ...]] = {
-    ("grpo",): ("loss_type", "scale_rewards", "use_bias_correction_kl", "importance_sampling_level", "delta"),
+    ("grpo",): (
+        "loss_type",
+        "scale_rewards",
+        "use_bias_correction_kl",
+        "importance_sampling_level",
+        "delta",
+        "sapo_temperature_pos",
+        "sapo_temperature_neg",
+    ),
     ("rloo",): ("normalize_advantages",),
     ("kto",): ("kto_loss_type",),
     ("reward",): ("margin_column", "center_rewards_coefficient"),
@@ -141,6 +149,16 @@ def check_sampled(params: Params) -> None:
         raise ConfigError(
             "loss_type cispo caps each token's weight at epsilon_high (CISPO's epsilon_max; TRL suggests about 5): "
             "give epsilon_high (with epsilon's default, 0.2, every weight would be 0.2)"
+        )
+    defaults = {f.name: f.default for f in fields(params)}
+    for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
+        if getattr(params, name) != defaults[name] and params.loss_type != "sapo":
+            raise ConfigError(f"{name} is read by loss_type sapo only: leave it out, or use that loss")
+        if not 0 < getattr(params, name) < math.inf:
+            raise ConfigError(f"{name} must be positive, got {getattr(params, name)}")
+    if params.loss_type == "sapo" and params.delta is not None:
+        raise ConfigError(
+            "delta caps the clipped loss's ratio; loss_type sapo gates it softly instead: leave delta out"
         )
     if params.loss_type == "cispo" and params.delta is not None:
         raise ConfigError("delta caps the clipped loss's ratio; loss_type cispo has no such ratio: leave delta out")

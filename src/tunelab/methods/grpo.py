@@ -10,7 +10,8 @@ deviation (`scale_rewards`: group, batch or none). The loss, per completion toke
                                                          ratio per completion, exp of its mean log-ratio)
     loss_t  = -min(ratio_t * A, clip(ratio_t, 1 - epsilon, 1 + epsilon_high) * A) + beta * KL_t
               (delta: ratio_t also capped at delta, INTELLECT-2's two-sided clipping; loss_type cispo:
-               -min(ratio_t, epsilon_high), not differentiated, times A * log p(t))
+               -min(ratio_t, epsilon_high), not differentiated, times A * log p(t); loss_type sapo:
+               -sigmoid(tau (ratio_t - 1)) * 4 / tau * A, a soft gate, tau sapo_temperature_pos or _neg by A's sign)
     KL_t    = p_ref / p - log(p_ref / p) - 1           (k3 estimator; the reference is the base model with the
                                                          LoRA adapter off, or a frozen copy under full training;
                                                          times ratio_t, use_bias_correction_kl, as TRL does)
@@ -61,7 +62,7 @@ from tunelab.training.trainer import GuardedTrainer, disable_dropout, eval_mode
 
 log = logging.getLogger("tunelab")
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
 COMPLETIONS_FILE = "completions.jsonl"
 
 
@@ -137,6 +138,7 @@ def grpo_loss(
     kl_bias_correction: bool = True,
     importance_level: str = "token",
     delta: float | None = None,
+    sapo_temperatures: tuple[float, float] = (1.0, 1.05),
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clipped policy loss of one micro-batch (completions x tokens), scaled for gradient accumulation as
     TRL's GRPOTrainer scales it, and the figures it logs (kl, clip ratios)."""
@@ -149,6 +151,9 @@ def grpo_loss(
     ratio = weight
     if loss_type == "cispo":  # the ratio weighs the log-prob's gradient, capped, never clipped away
         per_token = -torch.clamp(weight, max=epsilon_high).detach() * advantages * logps
+    elif loss_type == "sapo":  # a soft gate in place of the clip: sigmoid(tau (ratio - 1)) x 4 / tau, tau by A's sign
+        tau = torch.where(advantages > 0, *sapo_temperatures)
+        per_token = -torch.sigmoid(tau * (weight - 1)) * 4 / tau * advantages
     else:
         clipped = torch.clamp(weight, 1 - epsilon_low, 1 + epsilon_high)
         if delta is not None:  # two-sided: the unclipped branch capped too (where A < 0 it would grow unbounded)
@@ -162,7 +167,7 @@ def grpo_loss(
         kl = kl * weight if kl_bias_correction else kl  # logged so too, as TRL logs it
         per_token = per_token + beta * kl
     masked = per_token * mask
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "sapo"):
         loss = (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean() / accumulation
     elif loss_type == "bnpo":
         loss = masked.sum() / mask.sum().clamp(min=1.0) / accumulation
@@ -180,6 +185,8 @@ def grpo_loss(
 
     if loss_type == "cispo":
         metrics = {"cispo_clip_ratio": token_mean(((weight > epsilon_high) & (advantages > 0)).to(mask.dtype))}
+    elif loss_type == "sapo":
+        metrics = {}  # no clipping to count (TRL logs none either)
     else:
         low = (ratio < 1 - epsilon_low) & (advantages < 0)
         high = (ratio > 1 + epsilon_high) & (advantages > 0)
@@ -465,6 +472,7 @@ class GRPOTrainer(GuardedTrainer):
             kl_bias_correction=self.params.use_bias_correction_kl,
             importance_level=self.params.importance_sampling_level,
             delta=self.params.delta,
+            sapo_temperatures=(self.params.sapo_temperature_pos, self.params.sapo_temperature_neg),
         )
         if model.training:
             self.trained_tokens += int(inputs["completion_mask"].sum())
