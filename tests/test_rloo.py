@@ -67,8 +67,10 @@ def test_normalize_advantages_takes_the_whole_step(tiny_llama, tmp_path):
     torch.testing.assert_close(got, _trl_advantages(REWARDS, 4, normalize=True))
 
 
-@pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
-def test_loss_gradients_and_kl_penalty_equal_trls(tiny_llama, tmp_path, peft):
+@pytest.mark.parametrize(
+    ("peft", "clip"), [(False, None), (True, None), (True, (0.2, 1.0))], ids=["full", "lora", "clip"]
+)
+def test_loss_gradients_and_kl_penalty_equal_trls(tiny_llama, tmp_path, peft, clip):
     """The same batch through TRL's RLOOTrainer and tunelab's: the rewards less the KL penalty (beta 0.05, the
     reference the frozen start or the adapter-less base), their leave-one-out advantages, then the loss of each
     completion's summed log-probability at temperature 0.7, and its gradients."""
@@ -103,7 +105,7 @@ def test_loss_gradients_and_kl_penalty_equal_trls(tiny_llama, tmp_path, peft):
 
     params = LLMParams(
         model=str(tiny_llama), project_name=str(tmp_path / "ours"), trainer="rloo", reward_functions="format_tag",
-        num_generations=2, batch_size=2, gradient_accumulation=1, peft=peft, **settings,
+        num_generations=2, batch_size=2, gradient_accumulation=1, peft=peft, reward_clip_range=clip, **settings,
     )  # fmt: skip
     args = training_arguments(params, str(tmp_path / "ours"), 1, False)
     ours = RLOOTrainer(
@@ -145,7 +147,8 @@ def test_loss_gradients_and_kl_penalty_equal_trls(tiny_llama, tmp_path, peft):
             with trl.model.disable_adapter():
                 ref, _, _ = trl._get_per_token_logps_and_entropies(trl.model, ids, mask, 7)
     kl = ((old - ref) * completion_mask).sum(-1)
-    trl_advantages = _trl_advantages(rewards - config.beta * kl, 2, normalize=False)
+    clipped = rewards.clamp(*clip) if clip else rewards  # TRL clips the rewards before the penalty
+    trl_advantages = _trl_advantages(clipped - config.beta * kl, 2, normalize=False)
     old_logps = (old * completion_mask).sum(1)
     trl_loss = trl._compute_loss(trl.model, {**batch, "advantages": trl_advantages, "old_logps": old_logps})
 
@@ -185,6 +188,9 @@ def test_each_methods_own_settings_are_refused_on_the_other():
         (dict(trainer="rloo", loss_type="grpo"), "loss_type is read by trainer grpo, not rloo"),
         (dict(trainer="rloo", scale_rewards="none"), "scale_rewards is read by trainer grpo, not rloo"),
         (dict(trainer="grpo", normalize_advantages=True), "normalize_advantages is read by trainer rloo, not grpo"),
+        (dict(trainer="grpo", reward_clip_range="-1,1"), "reward_clip_range is read by trainer rloo, not grpo"),
+        (dict(trainer="rloo", reward_clip_range="1,-1"), "reward_clip_range: the min .1. must be below the max"),
+        (dict(trainer="rloo", reward_clip_range="low,high"), "reward_clip_range: expected two numbers"),
         (dict(trainer="rloo", reward_functions=None), "rloo needs reward_functions"),
         (dict(trainer="rloo", importance_sampling_level="sequence"), "importance_sampling_level is read by trainer"),
         (dict(trainer="sft", num_iterations=2), "num_iterations is read by trainers grpo and rloo, not sft"),
@@ -196,3 +202,4 @@ def test_each_methods_own_settings_are_refused_on_the_other():
     ]:
         with pytest.raises(ConfigError, match=said):
             LLMParams(**{**common, **bad})
+    assert LLMParams(**common, trainer="rloo", reward_clip_range=[-1, 2]).reward_clip_values == (-1.0, 2.0)

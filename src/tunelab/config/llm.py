@@ -509,6 +509,11 @@ class LLMParams(Params):
         "rloo: the leave-one-out advantages normalised to mean 0 and std 1 over the whole step (every micro-batch "
         "of every process: TRL's generation batch).",
     )
+    reward_clip_range: str | None = param(
+        None,
+        "rloo: the total reward of each completion clipped to min,max before the KL penalty and the baseline "
+        "(TRL's reward_clip_range; e.g. -1,1).",
+    )
     completions_every: int = param(
         10, "grpo, rloo: every N steps, write sample completions with their rewards to completions.jsonl (0: never)."
     )
@@ -588,6 +593,14 @@ class LLMParams(Params):
                 f"add_tokens with LoRA on {adapted[0]} (target_modules): PEFT cannot train the added tokens' rows of "
                 f"a module LoRA adapts; leave it out, or add modules_to_save: {adapted[0]} to train it whole"
             )
+
+    @property
+    def reward_clip_values(self) -> tuple[float, float] | None:
+        """reward_clip_range as (min, max), None when unset."""
+        if self.reward_clip_range is None:
+            return None
+        low, high = (float(value) for value in str(self.reward_clip_range).split(","))
+        return low, high
 
     @property
     def dpo_loss_types(self) -> tuple[str, ...]:

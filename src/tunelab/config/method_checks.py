@@ -28,7 +28,7 @@ OWN_SETTINGS: dict[tuple[str, ...], tuple[str, ...]] = {
         "sapo_temperature_pos",
         "sapo_temperature_neg",
     ),
-    ("rloo",): ("normalize_advantages",),
+    ("rloo",): ("normalize_advantages", "reward_clip_range"),
     ("kto",): ("kto_loss_type",),
     ("reward",): ("margin_column", "center_rewards_coefficient"),
     ("grpo", "rloo"): ("num_iterations",),
@@ -143,6 +143,17 @@ def check_sampled(params: Params) -> None:
         raise ConfigError(f"beta must be 0 or positive, got {params.beta}")
     if isinstance(params.num_iterations, bool) or not isinstance(params.num_iterations, int):
         raise ConfigError(f"num_iterations must be a whole number, got {params.num_iterations!r}")
+    if isinstance(params.reward_clip_range, (list, tuple)):  # a YAML list, or TRL's tuple
+        params.reward_clip_range = ",".join(str(value) for value in params.reward_clip_range)
+    if params.reward_clip_range is not None:
+        try:
+            low, high = params.reward_clip_values
+        except ValueError:
+            raise ConfigError(
+                f"reward_clip_range: expected two numbers, min,max, got {params.reward_clip_range!r}"
+            ) from None
+        if not low < high:
+            raise ConfigError(f"reward_clip_range: the min ({low:g}) must be below the max ({high:g})")
     if params.num_iterations < 1:
         raise ConfigError(f"num_iterations must be at least 1, got {params.num_iterations}")
     if params.loss_type == "cispo" and params.epsilon_high is None:

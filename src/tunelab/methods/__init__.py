@@ -141,7 +141,7 @@ REGISTRY: dict[str, Entry] = {
         "rloo",
         "prompts",
         "REINFORCE leave-one-out: sampled completions scored by reward functions, each against its group's others",
-        params=(*SAMPLED, "normalize_advantages"),
+        params=(*SAMPLED, "normalize_advantages", "reward_clip_range"),
         data_params=PROMPT_DATA,
     ),
 }

@@ -3,7 +3,8 @@
 The prompts, the sampling, the rewards, the samples written and the fast log-probabilities are grpo's
 (methods/grpo.py); what differs is how a completion's reward becomes its loss:
 
-    reward_i    = sum of the weighted rewards - beta * sum_t (log p_old(t) - log p_ref(t))
+    reward_i    = sum of the weighted rewards (clipped to reward_clip_range, if given)
+                  - beta * sum_t (log p_old(t) - log p_ref(t))
                   (the KL to the reference as a penalty in the reward, first-order and summed over the completion,
                   as the RLOO paper and TRL; the sampling policy and the reference both scored without dropout,
                   where TRL scores them in training mode)
@@ -77,6 +78,8 @@ class RLOOTrainer(GRPOTrainer):
     """grpo's rollouts, with the leave-one-out advantage and the per-completion loss."""
 
     def advantages_of(self, total: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: D102
+        if self.params.reward_clip_values is not None:  # before the penalty, as TRL clips (NaN stays unscored)
+            total = total.clamp(*self.params.reward_clip_values)
         if self.beta != 0.0:
             mask = batch["completion_mask"]
             with eval_mode(self.accelerator.unwrap_model(self.model)):  # as the reference pass (below)
