@@ -55,11 +55,17 @@ OWN_SETTINGS: dict[tuple[str, ...], tuple[str, ...]] = {
 }
 
 
-def check_synced_reference(params: Params, defaults: dict[str, object]) -> None:
+def _given(params: Params, name: str) -> bool:
+    """Whether the run sets `name` away from its default."""
+    default = next(f.default for f in fields(params) if f.name == name)
+    return getattr(params, name) != default
+
+
+def check_synced_reference(params: Params) -> None:
     """TR-DPO mixes the model's weights into the reference's: it needs a reference with the model's own weights."""
     if not params.sync_ref_model:
         for name in ("ref_model_mixup_alpha", "ref_model_sync_steps"):
-            if getattr(params, name) != defaults[name]:
+            if _given(params, name):
                 raise ConfigError(f"{name} is read with sync_ref_model (TR-DPO) only: leave it out, or turn it on")
         return
     if not 0 < params.ref_model_mixup_alpha <= 1:
@@ -82,18 +88,16 @@ def check_synced_reference(params: Params, defaults: dict[str, object]) -> None:
 
 
 def check_own_settings(params: Params) -> None:
-    defaults = {f.name: f.default for f in fields(params)}
     for trainers, names in OWN_SETTINGS.items():
         for name in names:
-            if params.trainer not in trainers and getattr(params, name) != defaults[name]:
+            if params.trainer not in trainers and _given(params, name):
                 which = f"trainer {trainers[0]}" if len(trainers) == 1 else f"trainers {' and '.join(trainers)}"
                 raise ConfigError(f"{name} is read by {which}, not {params.trainer}: leave it out")
 
 
 def check_dpo(params: Params) -> None:
     """dpo's loss variants beyond the loss type: DiscoPOP's temperature, f-DPO's divergence, LD-DPO, WPO."""
-    defaults = {f.name: f.default for f in fields(params)}
-    if params.discopop_tau != defaults["discopop_tau"] and "discopop" not in params.dpo_loss_types:
+    if _given(params, "discopop_tau") and "discopop" not in params.dpo_loss_types:
         raise ConfigError("discopop_tau is read by dpo_loss_type discopop only: leave it out, or add that loss")
     if not 0 < params.discopop_tau < math.inf:
         raise ConfigError(f"discopop_tau must be positive, got {params.discopop_tau}")
@@ -110,7 +114,7 @@ def check_dpo(params: Params) -> None:
                 f"the chosen-rejected difference ({', '.join(DPO_DIVERGENCE_LOSSES)}) have an f-divergence form"
             )
     alpha = params.f_alpha_divergence_coef
-    if alpha != defaults["f_alpha_divergence_coef"] and params.f_divergence_type != "alpha_divergence":
+    if _given(params, "f_alpha_divergence_coef") and params.f_divergence_type != "alpha_divergence":
         raise ConfigError("f_alpha_divergence_coef is read by f_divergence_type alpha_divergence only: leave it out")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise ConfigError(f"f_alpha_divergence_coef must be a number, got {alpha!r}")
@@ -119,7 +123,7 @@ def check_dpo(params: Params) -> None:
             f"ld_alpha must be in [0, 1] (1: every token counts fully, 0: none past the shorter answer), got "
             f"{params.ld_alpha}"
         )
-    check_synced_reference(params, defaults)
+    check_synced_reference(params)
     if params.use_weighting and {"aot", "aot_unpaired"} & set(params.dpo_loss_types):
         raise ConfigError(
             "use_weighting with the aot losses: they sort the batch's pairs, so a weight per pair would land on "
@@ -161,9 +165,8 @@ def check_sampled(params: Params) -> None:
             "loss_type cispo caps each token's weight at epsilon_high (CISPO's epsilon_max; TRL suggests about 5): "
             "give epsilon_high (with epsilon's default, 0.2, every weight would be 0.2)"
         )
-    defaults = {f.name: f.default for f in fields(params)}
     for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
-        if getattr(params, name) != defaults[name] and params.loss_type != "sapo":
+        if _given(params, name) and params.loss_type != "sapo":
             raise ConfigError(f"{name} is read by loss_type sapo only: leave it out, or use that loss")
         if not 0 < getattr(params, name) < math.inf:
             raise ConfigError(f"{name} must be positive, got {getattr(params, name)}")
