@@ -274,6 +274,53 @@ def test_a_lora_adapter_on_the_output_head_is_trained_by_the_fast_loss(tiny_llam
         assert (fast_grads[name] - grad).norm() <= (3e-2 if mixed else 1e-4) * grad.norm() + 1e-6, name
 
 
+@pytest.mark.parametrize("used", ["both", "entropy", "logprobs"])
+@pytest.mark.parametrize("head_adapter", [False, True], ids=["plain-head", "lora-head"])
+def test_chunked_entropies_and_their_gradients_equal_the_full_logits(tiny_llama, monkeypatch, head_adapter, used):
+    """grpo's entropies come from the log-probs' own projection, a few rows at a time: the values and every
+    trained gradient (through the entropy, the log-probs or both) equal those of the full logits."""
+    from peft import LoraConfig, get_peft_model
+
+    import tunelab.speed.loss as chunked
+
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 16 * 4 * 512)  # chunks of 16 rows: several per batch
+    batch = PackedRowsCollator(0)(_prompt_and_answer_examples())
+    labels = batch["labels"]
+    weights = torch.randn(labels[:, 1:].shape, generator=torch.Generator().manual_seed(0))
+
+    def run(fast):
+        torch.manual_seed(1)
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+        targets = ["q_proj", "v_proj", "lm_head"] if head_adapter else ["q_proj", "v_proj"]
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=targets, lora_dropout=0.0))
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.05)
+        if fast:
+            with output_head_returns_hidden(model) as head:
+                hidden = model(**_inputs(batch)).logits
+            logps, entropies = chunked.token_logprobs_and_entropies(hidden, head, labels)
+        else:
+            logits = model(**_inputs(batch)).logits
+            logps, entropies = chunked.logits_token_logprobs(logits, labels), chunked.logits_entropies(logits, labels)
+            with torch.no_grad():  # without gradient: a chunk of positions at a time, the same values
+                torch.testing.assert_close(chunked.logits_entropies(logits, labels), entropies.detach())
+        loss = {"both": (logps + 3 * entropies), "entropy": entropies, "logprobs": logps}[used]
+        (loss * weights).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return logps.detach(), entropies.detach(), grads
+
+    plain, fast = run(False), run(True)
+    torch.testing.assert_close(fast[0], plain[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast[1], plain[1], atol=1e-5, rtol=1e-5)
+    scored = labels[:, 1:] != IGNORE
+    assert torch.all(fast[1][scored] > 0) and torch.all(fast[1][~scored] == 0)
+    assert plain[2].keys() == fast[2].keys()
+    for name, grad in plain[2].items():
+        assert grad.norm() > 0, name
+        torch.testing.assert_close(fast[2][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_an_output_head_adapter_the_loss_cannot_split_takes_the_plain_path(tiny_llama):
     """DoRA on lm_head scales each output row by its own norm: no rank-r term to add, so the plain path."""
     from peft import LoraConfig, get_peft_model
@@ -371,10 +418,11 @@ def test_rows_are_padded_to_a_multiple_of_8_on_a_gpu_only(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("per_token", [False, True], ids=["cross-entropy", "token-logprobs"])
+@pytest.mark.parametrize("per_token", [False, True, "entropies"], ids=["cross-entropy", "token-logprobs", "entropies"])
 def test_the_chunked_loss_keeps_one_chunk_of_logits_alive(dtype, per_token):
     """The loss runs when every saved activation is alive, so what its chunks hold adds to the run's peak: one
-    chunk of float32 logits at a time (and, in a half dtype, its half copy), never the previous chunk beside it."""
+    chunk of float32 logits at a time (and, in a half dtype, its half copy), never the previous chunk beside it.
+    With entropies (grpo), the chunk's probabilities beside its logits: two chunks, never three."""
     from tunelab.memory import measure_peak
     from tunelab.speed.loss import ChunkedLinearCrossEntropy, ChunkedTokenLogprobs
 
@@ -385,11 +433,16 @@ def test_the_chunked_loss_keeps_one_chunk_of_logits_alive(dtype, per_token):
     target = torch.randint(0, vocab, (rows,))
 
     def step():
-        if per_token:
+        if per_token == "entropies":
+            logps, entropies = ChunkedTokenLogprobs.apply(hidden, weight, None, target, chunk, dtype, None, None, True)
+            (logps.sum() + entropies.sum()).backward()
+        elif per_token:
             ChunkedTokenLogprobs.apply(hidden, weight, None, target, chunk, dtype).sum().backward()
         else:
             ChunkedLinearCrossEntropy.apply(hidden, weight, None, target, chunk, dtype).backward()
 
     peak = measure_peak(step)
     one_chunk = chunk * vocab * (4 + (2 if dtype == torch.bfloat16 else 0))
+    if per_token == "entropies":
+        one_chunk = chunk * vocab * 8  # (a half copy is made once the probabilities are freed)
     assert one_chunk <= peak <= 1.2 * one_chunk, (peak, one_chunk)

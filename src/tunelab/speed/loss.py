@@ -174,7 +174,8 @@ def causal_lm_loss_sum(hidden: torch.Tensor, head: torch.nn.Module, labels: torc
 
 
 class ChunkedTokenLogprobs(torch.autograd.Function):
-    """log softmax(hidden @ weight.T + bias)[target] per row, chunk by chunk.
+    """log softmax(hidden @ weight.T + bias)[target] per row, chunk by chunk (and, with `entropy`, each row's
+    entropy too: a second output, from the same projection).
 
     For losses that weigh each token's log-probability differently (DPO, ORPO), the gradient cannot be computed
     ahead as above; the backward pass recomputes each chunk's logits instead (one more projection of the scored
@@ -182,9 +183,10 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, chunk, dtype, low=None, low_weight=None):  # noqa: D102
+    def forward(ctx, hidden, weight, bias, target, chunk, dtype, low=None, low_weight=None, entropy=False):  # noqa: D102
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         lses = torch.empty_like(out)
+        entropies = torch.empty_like(out) if entropy else None
         w, b, lw = weight.to(dtype), _cast(bias, dtype), _cast(low_weight, dtype)
         for start in range(0, hidden.shape[0], chunk):
             u = None if low is None else low[start : start + chunk].to(dtype)
@@ -192,18 +194,27 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
             lse = torch.logsumexp(logits, dim=-1)
             lses[start : start + chunk] = lse
             out[start : start + chunk] = logits.gather(1, target[start : start + chunk, None]).squeeze(1) - lse
+            if entropies is not None:  # H = lse - sum_v p(v) z(v); a row-wise dot: no third chunk-sized tensor
+                probs = (logits - lse[:, None]).exp_()
+                entropies[start : start + chunk] = lse - torch.bmm(probs[:, None, :], logits[:, :, None]).view(-1)
+                del probs
             del logits
-        optional = (bias, low, low_weight)
+        optional = (bias, low, low_weight, entropies)
         kept = (t if t is not None else torch.empty(0) for t in optional)
         ctx.save_for_backward(hidden, weight, target, lses, *kept)
         ctx.has = tuple(t is not None for t in optional)
         ctx.chunk, ctx.dtype = chunk, dtype  # backward recomputes in the same dtype
+        ctx.set_materialize_grads(False)  # an output nothing used has no gradient: None, not zeros
+        if entropies is not None:
+            return out, entropies
         return out
 
     @staticmethod
-    def backward(ctx, grad_out):  # noqa: D102
+    def backward(ctx, grad_out, grad_entropy=None):  # noqa: D102
         hidden, weight, target, lses, *optional = ctx.saved_tensors
-        bias, low, low_weight = (t if has else None for t, has in zip(optional, ctx.has, strict=True))
+        bias, low, low_weight, entropies = (t if has else None for t, has in zip(optional, ctx.has, strict=True))
+        if grad_out is None:
+            grad_out = torch.zeros_like(lses)
         wants_h, wants_w, wants_b = ctx.needs_input_grad[:3]
         wants_low, wants_low_w = (*ctx.needs_input_grad, False, False)[6:8]  # apply() may stop at dtype
         grad_hidden = torch.empty_like(hidden) if wants_h else None
@@ -216,10 +227,19 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
             stop = start + ctx.chunk
             h = hidden[start:stop].to(ctx.dtype)
             u = None if low is None else low[start:stop].to(ctx.dtype)
-            # d logp[target] / d logits = onehot(target) - softmax; scaled by each row's upstream gradient.
-            grad_logits = _project(h, w, b, u, lw).sub_(lses[start:stop, None]).exp_().neg_()
-            grad_logits[torch.arange(len(h), device=h.device), target[start:stop]] += 1.0
-            grad_logits.mul_(grad_out[start:stop, None])
+            # d logp[target] / d logits = onehot(target) - p, and d H / d logits = -p (log p + H); each scaled by
+            # its row's upstream gradient (g, g_H): -p (g + g_H (log p + H)), plus g at the target.
+            log_p = _project(h, w, b, u, lw).sub_(lses[start:stop, None])
+            g = grad_out[start:stop, None]
+            if grad_entropy is None:
+                grad_logits = log_p.exp_().mul_(g).neg_()
+            else:
+                p = log_p.exp()
+                grad_logits = log_p.add_(entropies[start:stop, None]).mul_(grad_entropy[start:stop, None]).add_(g)
+                grad_logits.mul_(p).neg_()
+                del p
+            del log_p  # (the same tensor as grad_logits: freed with it below, before the next chunk is projected)
+            grad_logits[torch.arange(len(h), device=h.device), target[start:stop]] += g.squeeze(1)
             grad_logits = grad_logits.to(ctx.dtype)
             if grad_hidden is not None:
                 grad_hidden[start:stop] = grad_logits @ w
@@ -241,6 +261,7 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
             None,
             grad_low,
             grad_low_weight.to(low_weight.dtype) if grad_low_weight is not None else None,
+            None,
         )
 
 
@@ -258,6 +279,25 @@ def token_logprobs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Te
             selected, weight, bias, shift_labels[mask], chunk, dtype, low, low_weight
         )
     return out
+
+
+def token_logprobs_and_entropies(
+    hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_logprobs`, and the entropy of the next-token distribution at the same positions (zero elsewhere),
+    both differentiable, from one projection of the scored positions (grpo's entropy mask and bonus)."""
+    shift_labels = labels[:, 1:]
+    mask = shift_labels != -100
+    out = torch.zeros(shift_labels.shape, dtype=torch.float32, device=hidden.device)
+    entropies = torch.zeros_like(out)
+    if mask.any():
+        weight, bias = _projected_by(head), getattr(head, "bias", None)
+        selected, low, low_weight = _split(hidden[:, :-1, :][mask], head)
+        chunk, dtype = chunk_rows(weight.shape[0]), head_dtype(head, weight)
+        out[mask], entropies[mask] = ChunkedTokenLogprobs.apply(
+            selected, weight, bias, shift_labels[mask], chunk, dtype, low, low_weight, True
+        )
+    return out, entropies
 
 
 def token_log_sum_sq_probs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor) -> torch.Tensor:
@@ -298,6 +338,27 @@ def logits_log_sum_sq_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch
         ]
         if values:
             out[mask] = torch.cat(values)
+    return out
+
+
+def logits_entropies(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The plain path's entropies of `token_logprobs_and_entropies`: from full logits, at the scored positions only
+    (zero elsewhere); differentiable where grad is on, else a chunk of positions at a time (no vocabulary-wide
+    copies of all of them)."""
+    mask = labels[:, 1:] != -100
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=logits.device)
+    selected = logits[:, :-1][mask]
+    if not selected.numel():
+        return out
+    if torch.is_grad_enabled() and selected.requires_grad:
+        log_p = torch.log_softmax(selected.float(), -1)
+        out[mask] = -(log_p.exp() * log_p).sum(-1)
+        return out
+    chunk, values = chunk_rows(logits.shape[-1]), []
+    for start in range(0, selected.shape[0], chunk):
+        log_p = torch.log_softmax(selected[start : start + chunk].float(), -1)
+        values.append(-(log_p.exp() * log_p).sum(-1))
+    out[mask] = torch.cat(values)
     return out
 
 
