@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -43,6 +44,92 @@ def test_advantages_are_group_normalised_as_trl_does():
     assert nanstd(rewards) == pytest.approx(float(trl_nanstd(rewards)))
     batch, _ = group_advantages(rewards, 4, "batch")
     torch.testing.assert_close(batch, torch.nan_to_num((rewards - mean) / (trl_nanstd(rewards) + 1e-4)))
+
+
+def _trainer(tiny_llama, tmp_path, **settings):
+    """A grpo trainer on the tiny model, for its parts (no training)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.methods.grpo import GRPOTrainer
+    from tunelab.training.trainer import training_arguments
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.pad_token = tokenizer.eos_token
+    params = LLMParams(
+        model=str(tiny_llama), project_name=str(tmp_path / "parts"), trainer="grpo", num_generations=4, batch_size=2,
+        gradient_accumulation=2, peft=False, **{"reward_functions": "format_tag", **settings},
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    args = training_arguments(params, str(tmp_path / "parts"), 1, False)
+    return GRPOTrainer(params=params, model=model, args=args, processing_class=tokenizer, train_dataset=[1])
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"scale_rewards": "batch"},
+        {"multi_objective_aggregation": "normalize_then_sum", "reward_functions": "format_tag,format_think"},
+    ],
+    ids=["scale-batch", "gdpo"],
+)
+def test_step_wide_advantages_use_the_whole_steps_rewards_as_trl_does(tiny_llama, tmp_path, settings):
+    """scale_rewards batch and multi_objective_aggregation normalize_then_sum normalise over TRL's generation batch
+    (every micro-batch of the step, every process): two micro-batches' advantages, made final once both are
+    rolled out, equal TRL's formulas over all their rewards at once; with unscored completions (NaN) in them."""
+    from trl.trainer.utils import nanstd as trl_nanstd
+
+    trainer = _trainer(tiny_llama, tmp_path, **settings)
+    functions = len(trainer.rewards)
+    generator = torch.Generator().manual_seed(0)
+    per_function = torch.rand((16, functions), generator=generator) * torch.tensor([1.0, 3.0][:functions])
+    per_function[3] = math.nan  # unscored by every reward
+    per_function[9, 0] = math.nan  # unscored by one
+    weights = torch.tensor([r.weight for r in trainer.rewards])
+    total = (per_function * weights).nansum(1)
+    total[torch.isnan(per_function).all(1)] = math.nan
+    batches = []
+    for part in (slice(0, 8), slice(8, 16)):
+        batch = {"completion_mask": torch.ones(8, 3)}
+        batch["advantages"], _ = trainer.advantages_of(total[part], batch, per_function[part])
+        batches.append(batch)
+    trainer.finish_advantages(batches)
+    ours = torch.cat([b["advantages"] for b in batches])
+
+    # TRL's, over the whole generation batch at once (grpo_trainer._generate_and_score_completions)
+    if "scale_rewards" in settings:
+        mean = torch.nanmean(total.view(-1, 4), dim=1).repeat_interleave(4)
+        expected = (total - mean) / (trl_nanstd(total).expand_as(total) + 1e-4)
+    else:
+        grouped = per_function.view(-1, 4, functions)
+        k_mean = torch.nanmean(grouped, dim=1, keepdim=True)
+        k_std = trl_nanstd(grouped, dim=1, keepdim=True)
+        rewards = (((grouped - k_mean) / (k_std + 1e-4)).view(-1, functions) * weights).nansum(1)
+        rewards[torch.isnan(per_function).all(1)] = math.nan
+        expected = (rewards - torch.nanmean(rewards)) / (trl_nanstd(rewards).expand_as(rewards) + 1e-4)
+    torch.testing.assert_close(ours, torch.nan_to_num(expected, nan=0.0), atol=1e-5, rtol=1e-5)
+    assert ours[3] == 0 and ours.abs().sum() > 1
+    # each micro-batch alone would have been normalised by its own figures: not what TRL does
+    alone = trainer.advantages_of(total[:8], {}, per_function[:8])
+    assert alone[1] is None  # (deferred to the step's end)
+
+
+def test_adaptive_entropy_control_is_kept_in_each_checkpoint(tiny_llama, tmp_path):
+    """use_adaptive_entropy moves entropy_coef every step: a resumed run goes on from the checkpoint's value and
+    the last step's entropy, not from the start."""
+    settings = dict(use_adaptive_entropy=True, entropy_coef=0.1, entropy_target=2.0)
+    trainer = _trainer(tiny_llama, tmp_path, **settings)
+    assert trainer.bonus_coefficient() == 0.0  # no step yet: no entropy measured, no bonus
+    mask = torch.ones(2, 3)
+    trainer.control_entropy(torch.full((2, 3), 1.5), mask)  # a step at 1.5 nats, below the target: up
+    assert trainer.entropy_coef == pytest.approx(0.105) and trainer.bonus_coefficient() == pytest.approx(0.105)
+    folder = tmp_path / "checkpoint-1"
+    folder.mkdir()
+    trainer.save_extras(folder)
+    resumed = _trainer(tiny_llama, tmp_path, **settings)
+    resumed.load_extras(folder)
+    assert resumed.entropy_coef == pytest.approx(0.105) and resumed.bonus_coefficient() == pytest.approx(0.105)
+    resumed.control_entropy(torch.full((2, 3), 2.5), mask)  # above the target: down, and no bonus next step
+    assert resumed.entropy_coef == pytest.approx(0.1) and resumed.bonus_coefficient() == 0.0
 
 
 def rollout_batch(tokenizer, completions: int = 4):
@@ -89,19 +176,35 @@ def test_loss_equals_trl(tiny_llama, tmp_path, loss_type, peft):
         {"loss_type": "bnpo", "use_bias_correction_kl": False},
         {"loss_type": "sapo", "sapo_temperature_neg": 1.3},
         {"loss_type": "sapo", "importance_sampling_level": "sequence"},
+        {"loss_type": "luspo", "importance_sampling_level": "sequence"},
+        {"loss_type": "luspo", "delta": 1.4},
+        {"loss_type": "vespo", "vespo_k_neg": 2.5, "vespo_lambda_pos": 2.0},
+        {"loss_type": "dapo", "top_entropy_quantile": 0.3},
+        {"loss_type": "grpo", "entropy_coef": 0.05, "top_entropy_quantile": 0.5},
+        {"loss_type": "dapo", "entropy_coef": 0.05, "accumulation": 2},
+        {"loss_type": "dapo", "off_policy_mask_threshold": 0.2, "num_iterations": 2},
+        {"loss_type": "bnpo", "use_adaptive_entropy": True, "entropy_coef": 0.1, "entropy_target": 100.0},
+        {"loss_type": "dr_grpo", "use_adaptive_entropy": True, "entropy_coef": 0.1, "entropy_coef_delta": 0.05},
     ],
-    ids=["token", "delta", "gspo", "gspo-delta", "cispo", "no-kl-correction", "sapo", "sapo-sequence"],
-)
+    ids=[
+        "token", "delta", "gspo", "gspo-delta", "cispo", "no-kl-correction", "sapo", "sapo-sequence", "luspo",
+        "luspo-token-delta", "vespo", "entropy-mask", "entropy-bonus", "entropy-bonus-dapo-accumulated",
+        "off-policy-mask", "adaptive-entropy-below", "adaptive-entropy-above",
+    ],
+)  # fmt: skip
 def test_a_later_step_on_the_same_completions_equals_trl(tiny_llama, tmp_path, settings):
     """num_iterations: a step after a batch's first trains against the log-probs of the policy that sampled it
-    (FirstPass), so the ratios are not 1 and the clipping works: the loss, the clip ratios and the gradients equal
-    TRL's given the same old log-probs, for the token- and sequence-level (GSPO) ratios, delta and cispo."""
+    (FirstPass), so the ratios are not 1 and the clipping works: the loss, the figures logged and the gradients
+    equal TRL's given the same old log-probs, for the token- and sequence-level (GSPO) ratios, delta, each loss
+    type, the entropy mask and bonus (adaptive: two steps, the second's bonus set by the first's entropy) and the
+    off-policy mask."""
     _compare_with_trl(tiny_llama, tmp_path, True, settings, moved=True)
 
 
 def _compare_with_trl(tiny_llama, tmp_path, peft, settings, moved=False):
     """One batch through both trainers' losses; `moved`: the policy has moved since it sampled the batch (old
-    log-probs about 0.3 away from the current ones, on the side that clips)."""
+    log-probs about 0.3 away from the current ones, on the side that clips). With use_adaptive_entropy, two steps
+    on it (the second's bonus depends on the first's entropy)."""
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -123,12 +226,13 @@ def _compare_with_trl(tiny_llama, tmp_path, peft, settings, moved=False):
             for name, p in base.named_parameters():
                 if "lora_B" in name:
                     p.normal_(std=0.1)
-    settings = dict(beta=0.04, temperature=0.7, max_completion_length=7, epsilon=0.2, **settings)
+    accumulation = settings.pop("accumulation", 1)  # a micro-batch of a step with this many
+    settings = dict(beta=0.04, temperature=0.7, max_completion_length=7, **settings)
     batch = rollout_batch(tokenizer)
 
     params = LLMParams(
         model=str(tiny_llama), project_name=str(tmp_path / "ours"), trainer="grpo", reward_functions="format_tag",
-        num_generations=2, batch_size=2, gradient_accumulation=1, peft=peft, **settings,
+        num_generations=2, batch_size=2, gradient_accumulation=accumulation, peft=peft, **settings,
     )  # fmt: skip
     args = training_arguments(params, str(tmp_path / "ours"), 1, False)
     reference = None if peft else copy.deepcopy(base)
@@ -140,7 +244,7 @@ def _compare_with_trl(tiny_llama, tmp_path, peft, settings, moved=False):
         params=params, model=copy.deepcopy(base), args=args, processing_class=tokenizer, train_dataset=[1],
         ref_model=copy.deepcopy(reference) if reference is not None else None,
     )  # fmt: skip
-    ours.current_gradient_accumulation_steps = 1
+    ours.current_gradient_accumulation_steps = accumulation
     ours.model.train()
     our_batch = {**batch, "ref_logps": ours.reference_logps(batch)}
     old = None
@@ -155,11 +259,14 @@ def _compare_with_trl(tiny_llama, tmp_path, peft, settings, moved=False):
         old = now + (towards + 0.25 * torch.randn_like(now)) * batch["completion_mask"]
         our_batch["first_pass"] = FirstPass()
         our_batch["first_pass"].logps = old
-    loss = ours.compute_loss(ours.model, our_batch, num_items_in_batch=batch["completion_mask"].sum())
+    steps = 2 if settings.get("use_adaptive_entropy") else 1
+    for _ in range(steps):
+        loss = ours.compute_loss(ours.model, our_batch, num_items_in_batch=batch["completion_mask"].sum())
 
     config = GRPOConfig(
         output_dir=str(tmp_path / "trl"), use_cpu=True, bf16=False, gradient_checkpointing=False, report_to=[],
-        save_strategy="no", per_device_train_batch_size=4, num_generations=2, **settings,
+        save_strategy="no", per_device_train_batch_size=4, num_generations=2,
+        gradient_accumulation_steps=accumulation, **settings,
     )  # fmt: skip
     trl = TRLGRPOTrainer(
         model=copy.deepcopy(base),
@@ -175,7 +282,7 @@ def _compare_with_trl(tiny_llama, tmp_path, peft, settings, moved=False):
         add_fused_lm_head(
             trl.ref_model, temperature=config.temperature, cast_lm_head_to_fp32=config.cast_lm_head_to_fp32
         )
-    trl.current_gradient_accumulation_steps = 1
+    trl.current_gradient_accumulation_steps = accumulation
     trl.model.train()
     # Completions end where TRL ends them (the tokenizer's and the generation config's EOS), and also at the chat
     # template's turn end, which this tokenizer's EOS is not (models/turns.py).
@@ -192,18 +299,36 @@ def _compare_with_trl(tiny_llama, tmp_path, peft, settings, moved=False):
     trl_inputs = {**batch, "ref_per_token_logps": ref, "num_items_in_batch": batch["completion_mask"].sum()}
     if old is not None:
         trl_inputs["old_per_token_logps"] = old
-    trl_loss = trl._compute_loss(trl.model, trl_inputs)
+    for _ in range(steps):
+        trl_loss = trl._compute_loss(trl.model, trl_inputs)
 
     torch.testing.assert_close(our_batch["ref_logps"] * batch["completion_mask"], ref * batch["completion_mask"])
     assert loss.item() == pytest.approx(trl_loss.item(), abs=1e-4)
     assert abs(loss.item()) > 1e-2  # not trivially zero
     assert ours._metrics["kl"][0] == pytest.approx(trl._metrics["train"]["kl"][0], abs=1e-5)
     assert ours._metrics["kl"][0] > 0
-    for name, values in ours._metrics.items():
-        if "clip_ratio" in name:
-            assert values[0] == pytest.approx(trl._metrics["train"][name][0], abs=1e-6), name
-    if moved and settings["loss_type"] not in ("cispo", "sapo"):  # the ratios are not 1: some clipped
+    trl_metrics = trl._metrics["train"]
+    compared = [name for name in ours._metrics if name in trl_metrics]
+    for name in compared:  # clip ratios, entropy, policy_loss, entropy_coef, vespo's weights
+        assert ours._metrics[name][-1] == pytest.approx(trl_metrics[name][-1], abs=1e-5), name
+    assert ours._metrics["entropy"][-1] > 0.1  # (logged by both, whatever the settings)
+    if moved and settings["loss_type"] in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):  # ratios not 1: some clipped
         assert ours._metrics["clip_ratio/region_mean"][0] > 0
+    if settings.get("entropy_coef"):
+        assert {"policy_loss", "entropy_coef"} <= set(compared)
+        assert ours.entropy_coef == pytest.approx(trl.entropy_coef)
+        if settings.get("use_adaptive_entropy"):  # moved by each step: up below the target, down above
+            moved_by = 2 * settings.get("entropy_coef_delta", 0.005) * (1 if settings.get("entropy_target") else -1)
+            assert ours.entropy_coef == pytest.approx(0.1 + moved_by)
+    if settings["loss_type"] == "vespo":
+        assert "vespo/phi_seq_mean" in compared
+    if "off_policy_mask_threshold" in settings:  # some completions dropped, not all
+        from tunelab.methods.grpo import off_policy_keep
+
+        with torch.no_grad():
+            now = ours.completion_logps(ours.model, batch)
+        keep = off_policy_keep(batch["advantages"][:, None], now, old, batch["completion_mask"], 0.2)
+        assert 0 < keep.sum() < len(keep)
     loss.backward()
     trl_loss.backward()
     ours_grads = [p.grad for p in ours.model.parameters() if p.requires_grad]
@@ -271,6 +396,35 @@ def test_a_tiny_run_trains_and_writes_its_completions(tiny_llama, tmp_path, peft
     assert set(samples[0]["rewards"]) == {f"{tmp_path / 'my_rewards.py'}:correct", name, "format_tag"}
     assert "kl" in records[0]  # beta > 0: the reference pass (adapter off, or the frozen copy) ran
     assert (run / ("adapter_model.safetensors" if peft else "model.safetensors")).is_file()
+
+
+def test_trl_s_grpo_variants_train_together(tiny_llama, tmp_path, monkeypatch):
+    """luspo with the entropy mask and bonus, GDPO's aggregation, and sampling filtered by top_k, min_p and a
+    repetition penalty, over two micro-batches a step: the run trains and logs each variant's figures, and
+    generation is given the filters."""
+    import tunelab.methods.grpo as grpo
+
+    original, given = grpo.sampling_config, []
+
+    def recording(*args, **kwargs):
+        given.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(grpo, "sampling_config", recording)
+    args = grpo_args(tmp_path, tiny_llama, f"format_tag,{tmp_path / 'my_rewards.py'}:short")
+    args[args.index("--gradient-accumulation") + 1] = "2"
+    args += [
+        "--loss-type", "luspo", "--importance-sampling-level", "sequence", "--top-entropy-quantile", "0.5",
+        "--entropy-coef", "0.01", "--multi-objective-aggregation", "normalize_then_sum", "--top-k", "20",
+        "--min-p", "0.01", "--repetition-penalty", "1.3",
+    ]  # fmt: skip
+    assert main(args) == 0
+    records = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert len(records) == 2
+    for key in ("entropy", "policy_loss", "entropy_coef", "clip_ratio/region_mean", "frac_reward_zero_std"):
+        assert key in records[0], key
+    assert records[0]["entropy"] > 0 and records[0]["entropy_coef"] == 0.01
+    assert given and all(call[3:] == (1.0, 20, 0.01, 1.3) for call in given)
 
 
 @pytest.mark.parametrize("trainer", ["grpo", "rloo"])
@@ -468,7 +622,9 @@ def test_format_think_rewards_reasoning_then_an_answer():
 
 def test_sigkill_then_resume_samples_and_trains_as_the_uninterrupted_run(tiny_llama, tmp_path):
     """Generation is seeded by the step: a run killed after its step-2 checkpoint, resumed, logs the same rewards
-    and losses at every step as one that was never stopped."""
+    and losses at every step as one that was never stopped. With use_adaptive_entropy, whose coefficient each step
+    moves (and whose bonus is in the loss): the checkpoint keeps the controller, so the resumed steps' losses are
+    the uninterrupted run's too."""
     import signal
 
     from tests.test_resume import _run_child
@@ -477,7 +633,8 @@ def test_sigkill_then_resume_samples_and_trains_as_the_uninterrupted_run(tiny_ll
         base = grpo_args(tmp_path, tiny_llama, "format_tag,answer_last_number,length_penalty")
         base[base.index("--project-name") + 1] = str(tmp_path / project)
         base[base.index("--max-steps") + 1] = "4"
-        return [*base, "--save-steps", "2", "--lora-dropout", "0.1"]
+        adaptive = ["--use-adaptive-entropy", "true", "--entropy-coef", "0.1", "--entropy-target", "100"]
+        return [*base, "--save-steps", "2", "--lora-dropout", "0.1", *adaptive, "--entropy-coef-delta", "0.2"]
 
     assert _run_child(args("straight")).returncode == 0
     killed = _run_child(args("resumed"), kill_at=2)
@@ -495,6 +652,8 @@ def test_sigkill_then_resume_samples_and_trains_as_the_uninterrupted_run(tiny_ll
     assert sorted(got) == sorted(expected) == [1, 2, 3, 4]
     for step in expected:
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
+    coefficients = [r["entropy_coef"] for r in read_metrics(tmp_path / "resumed") if "loss" in r]
+    assert coefficients == pytest.approx([0.3, 0.5, 0.7, 0.9])  # raised each step: the entropy is below 100
 
     def sampled(project: str) -> list[tuple[int, str]]:
         lines = (tmp_path / project / "completions.jsonl").read_text().splitlines()

@@ -199,7 +199,34 @@ def test_each_methods_own_settings_are_refused_on_the_other():
         (dict(trainer="grpo", loss_type="cispo"), "loss_type cispo caps each token's weight at epsilon_high"),
         (dict(trainer="grpo", sapo_temperature_neg=2.0), "sapo_temperature_neg is read by loss_type sapo only"),
         (dict(trainer="grpo", loss_type="cispo", epsilon_high=5, delta=6), "loss_type cispo has no such ratio"),
+        # the rewards and the sampling are read by these two alone: given elsewhere they would do nothing
+        (dict(trainer="sft", reward_functions="format_tag"), "reward_functions is read by trainers grpo and rloo"),
+        (dict(trainer="dpo", beta=0.1), r"beta is read by trainers grpo and rloo, not dpo: leave it out \(dpo's"),
+        (dict(trainer="kto", temperature=0.7), "temperature is read by trainers grpo and rloo, not kto"),
+        (dict(trainer="rloo", top_entropy_quantile=0.2), "top_entropy_quantile is read by trainer grpo, not rloo"),
+        (dict(trainer="grpo", top_k=-1), "top_k must be a whole number, 0 .off. or more"),
+        (dict(trainer="rloo", min_p=1.5), r"min_p must be in \[0, 1\]"),
+        (dict(trainer="grpo", repetition_penalty=0), "repetition_penalty must be above 0"),
+        (dict(trainer="grpo", vespo_k_pos=1.0), "vespo_k_pos is read by loss_type vespo only"),
+        (dict(trainer="grpo", loss_type="vespo", vespo_lambda_neg=0), "vespo_lambda_neg must be above 0"),
+        (dict(trainer="grpo", loss_type="vespo", delta=2.0), "loss_type vespo has no such ratio"),
+        (dict(trainer="grpo", loss_type="sapo", epsilon_high=0.28), "loss_type sapo clips no ratio"),
+        (dict(trainer="grpo", loss_type="cispo", epsilon_high=5, epsilon=0.1), "epsilon is a clip range"),
+        (
+            dict(trainer="grpo", multi_objective_aggregation="normalize_then_sum", scale_rewards="none"),
+            "scale_rewards with multi_objective_aggregation normalize_then_sum",
+        ),
+        (dict(trainer="grpo", top_entropy_quantile=1.2), r"top_entropy_quantile must be in \[0, 1\]"),
+        (dict(trainer="grpo", entropy_target=1.0), "entropy_target is read with use_adaptive_entropy only"),
+        (
+            dict(trainer="grpo", use_adaptive_entropy=True, entropy_coef=2.0),
+            r"entropy_coef \(2\), which must lie between entropy_coef_min \(0\) and entropy_coef_max \(1\)",
+        ),
+        (dict(trainer="grpo", use_adaptive_entropy=True, entropy_coef_delta=0), "entropy_coef_delta must be above 0"),
+        (dict(trainer="grpo", off_policy_mask_threshold=0.5), "with num_iterations 1 each batch is trained once"),
+        (dict(trainer="grpo", num_iterations=2, off_policy_mask_threshold=-1), "off_policy_mask_threshold must be"),
     ]:
+        sampled = bad["trainer"] in ("grpo", "rloo")
         with pytest.raises(ConfigError, match=said):
-            LLMParams(**{**common, **bad})
+            LLMParams(**{**(common if sampled else {}), **bad})
     assert LLMParams(**common, trainer="rloo", reward_clip_range=[-1, 2]).reward_clip_values == (-1.0, 2.0)

@@ -333,11 +333,15 @@ def _activations(
 
             chunk = min(tokens, chunk_rows(shape.vocab))
             half_copy = act if act < 4 else 0
-            loss = 2 * tokens * h * act + chunk * shape.vocab * (4 + half_copy) + chunk * h * 4
+            # grpo's entropies: the chunk's probabilities beside its float32 logits (the half copy freed by then)
+            per_logit = max(4 + half_copy, 8) if params.trainer == "grpo" else 4 + half_copy
+            loss = 2 * tokens * h * act + chunk * shape.vocab * per_logit + chunk * h * 4
             if not params.peft:
                 loss += 2 * shape.vocab * h * 4
         else:
             loss = 3 * tokens * shape.vocab * 4  # logits, their fp32 copy and softmax gradient
+            if params.trainer == "grpo" and (params.entropy_coef or params.use_adaptive_entropy):
+                loss += 2 * tokens * shape.vocab * 4  # an entropy bonus's log-softmax and probabilities, kept
     else:
         loss = tokens * h * act  # the score head's input: one number per row comes out
     # The backward pass of a decoder layer holds its full activations (recomputed, when checkpointed), the

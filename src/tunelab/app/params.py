@@ -1,7 +1,7 @@
 """The parameters form: generated from the task's schema (LLMParams or TextClassificationParams: types, defaults,
 help texts and choices), validated by `tunelab.config.load_config` - the code the CLI uses - with each ConfigError
 shown on the field it names. An LLM project's form has the common fields plus its method's own (the registry's
-`Entry.params`).
+`Entry.settings`).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def form_fields(trainer: str | None) -> tuple[str, ...]:
     if trainer == CLASSIFIER:
         return CLASSIFIER_FIELDS + HUB_FIELDS
     entry = REGISTRY.get(trainer or "sft")
-    own = () if entry is None else (PAIR_FIELDS if entry.data != "examples" else ()) + entry.params
+    own = () if entry is None else (PAIR_FIELDS if entry.data != "examples" else ()) + entry.settings
     return LLM_FIELDS + own + HUB_FIELDS
 
 

@@ -455,6 +455,13 @@ class LLMParams(Params):
     num_generations: int = param(8, "grpo, rloo: completions sampled per prompt (a group; its rewards are compared).")
     temperature: float = param(1.0, "grpo, rloo: sampling temperature of the completions.")
     top_p: float = param(1.0, "grpo, rloo: nucleus sampling of the completions.")
+    top_k: int = param(0, "grpo, rloo: sample from the k likeliest tokens only (0: from all, TRL's default).")
+    min_p: float | None = param(
+        None, "grpo, rloo: leave out tokens below min_p times the likeliest token's probability (default: off)."
+    )
+    repetition_penalty: float = param(
+        1.0, "grpo, rloo: above 1, tokens already in the prompt or the completion are sampled less (1: off)."
+    )
     beta: float = param(
         0.0,
         "grpo: weight of the KL term to the reference model (0: none, no reference pass); rloo: of the KL penalty "
@@ -474,14 +481,56 @@ class LLMParams(Params):
         "grpo: the loss and its normalisation: grpo (per completion), bnpo (per token of the micro-batch), dr_grpo "
         "(fixed length), dapo (per token of the whole step), cispo (the clipped ratio as a weight of the log-prob, "
         "not clipped away; per token of the whole step), sapo (a soft gate on the ratio in place of the clip; per "
-        "completion).",
-        ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"),
+        "completion), luspo (GSPO's loss, each completion's summed over its tokens: best with "
+        "importance_sampling_level sequence), vespo (a smooth weight of the completion's whole ratio, vespo_*, in "
+        "place of the clip; per token of the whole step).",
+        ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"),
     )
     sapo_temperature_pos: float = param(
         1.0, "grpo (loss_type sapo): the gate's temperature where the advantage is positive (TRL's)."
     )
     sapo_temperature_neg: float = param(
         1.05, "grpo (loss_type sapo): the gate's temperature where the advantage is negative (TRL's)."
+    )
+    vespo_k_pos: float = param(
+        2.0, "grpo (loss_type vespo): where the advantage is >= 0, the power k of the weight w^k e^(lambda (1 - w))."
+    )
+    vespo_lambda_pos: float = param(3.0, "grpo (loss_type vespo): where the advantage is >= 0, the decay lambda.")
+    vespo_k_neg: float = param(3.0, "grpo (loss_type vespo): where the advantage is negative, the power k.")
+    vespo_lambda_neg: float = param(2.0, "grpo (loss_type vespo): where the advantage is negative, the decay lambda.")
+    multi_objective_aggregation: str = param(
+        "sum_then_normalize",
+        "grpo, several rewards: sum them, then scale as scale_rewards says; or normalize_then_sum (GDPO): each "
+        "reward normalised within its group, the weighted sum then normalised over the whole step.",
+        ("sum_then_normalize", "normalize_then_sum"),
+    )
+    top_entropy_quantile: float = param(
+        1.0,
+        "grpo: the policy loss on the most uncertain tokens only, this share of them by the entropy of the "
+        "next-token distribution (Beyond the 80/20 Rule suggests 0.2; 1: every token).",
+    )
+    entropy_coef: float = param(
+        0.0,
+        "grpo: weight of an entropy bonus (the mean entropy of the trained tokens, subtracted from the loss): keeps "
+        "the policy from collapsing to near-certain answers (0: none).",
+    )
+    use_adaptive_entropy: bool = param(
+        False,
+        "grpo: entropy_coef adjusted each step (Skywork-OR1): raised by entropy_coef_delta while the mean entropy is "
+        "at or below entropy_target, lowered above it; the bonus counts only at or below the target.",
+    )
+    entropy_coef_min: float = param(0.0, "grpo (use_adaptive_entropy): the lowest entropy_coef.")
+    entropy_coef_max: float = param(1.0, "grpo (use_adaptive_entropy): the highest entropy_coef.")
+    entropy_coef_delta: float = param(0.005, "grpo (use_adaptive_entropy): how far entropy_coef moves each step.")
+    entropy_target: float = param(
+        0.2,
+        "grpo (use_adaptive_entropy): the mean entropy (nats) under which the bonus acts; set it near the entropy "
+        "the run logs early on.",
+    )
+    off_policy_mask_threshold: float | None = param(
+        None,
+        "grpo (num_iterations > 1): no loss on a completion with a negative advantage whose mean KL from the policy "
+        "that sampled it is above this (DeepSeek-V3.2's off-policy sequence mask; e.g. 0.5).",
     )
     num_iterations: int = param(
         1,

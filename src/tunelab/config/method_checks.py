@@ -13,46 +13,9 @@ from tunelab.methods import (
     DPO_LOSS_TYPES,
     DPO_SMOOTHED_LOSSES,
     REGISTRY,
+    readers,
     uses_reference,
 )
-
-# Settings one method reads and no other: given to another trainer they would change nothing, silently.
-# (AutoTrain's own settings are not here: its configs carry dpo_beta or max_prompt_length whatever the trainer.)
-OWN_SETTINGS: dict[tuple[str, ...], tuple[str, ...]] = {
-    ("grpo",): (
-        "loss_type",
-        "scale_rewards",
-        "use_bias_correction_kl",
-        "importance_sampling_level",
-        "delta",
-        "sapo_temperature_pos",
-        "sapo_temperature_neg",
-    ),
-    ("rloo",): ("normalize_advantages", "reward_clip_range"),
-    ("kto",): ("kto_loss_type",),
-    ("reward",): ("margin_column", "center_rewards_coefficient"),
-    ("grpo", "rloo"): ("num_iterations",),
-    ("distill",): (
-        "teacher_model",
-        "distill_beta",
-        "distill_temperature",
-        "distill_ce_weight",
-        "distill_lmbda",
-        "distill_seq_kd",
-    ),
-    ("dpo",): (
-        "dpo_loss_type",
-        "dpo_loss_weights",
-        "discopop_tau",
-        "f_divergence_type",
-        "f_alpha_divergence_coef",
-        "ld_alpha",
-        "use_weighting",
-        "sync_ref_model",
-        "ref_model_mixup_alpha",
-        "ref_model_sync_steps",
-    ),
-}
 
 
 def _given(params: Params, name: str) -> bool:
@@ -88,11 +51,14 @@ def check_synced_reference(params: Params) -> None:
 
 
 def check_own_settings(params: Params) -> None:
-    for trainers, names in OWN_SETTINGS.items():
-        for name in names:
-            if params.trainer not in trainers and _given(params, name):
-                which = f"trainer {trainers[0]}" if len(trainers) == 1 else f"trainers {' and '.join(trainers)}"
-                raise ConfigError(f"{name} is read by {which}, not {params.trainer}: leave it out")
+    """A setting one method reads and no other (the registry's `Entry.own`), given to another trainer, would change
+    nothing, silently: refused. (AutoTrain's own settings are shared: its configs carry dpo_beta or
+    max_prompt_length whatever the trainer.)"""
+    for name, trainers in readers().items():
+        if params.trainer not in trainers and _given(params, name):
+            which = f"trainer {trainers[0]}" if len(trainers) == 1 else f"trainers {' and '.join(trainers)}"
+            hint = " (dpo's is dpo_beta, kto's kto_beta)" if name == "beta" else ""
+            raise ConfigError(f"{name} is read by {which}, not {params.trainer}: leave it out{hint}")
 
 
 def check_dpo(params: Params) -> None:
@@ -170,12 +136,16 @@ def check_sampled(params: Params) -> None:
             raise ConfigError(f"{name} is read by loss_type sapo only: leave it out, or use that loss")
         if not 0 < getattr(params, name) < math.inf:
             raise ConfigError(f"{name} must be positive, got {getattr(params, name)}")
+    check_sampling(params)
+    check_grpo_variants(params)
     if params.loss_type == "sapo" and params.delta is not None:
         raise ConfigError(
             "delta caps the clipped loss's ratio; loss_type sapo gates it softly instead: leave delta out"
         )
-    if params.loss_type == "cispo" and params.delta is not None:
-        raise ConfigError("delta caps the clipped loss's ratio; loss_type cispo has no such ratio: leave delta out")
+    if params.loss_type in ("cispo", "vespo") and params.delta is not None:
+        raise ConfigError(
+            f"delta caps the clipped loss's ratio; loss_type {params.loss_type} has no such ratio: leave delta out"
+        )
     upper = 1 + (params.epsilon_high if params.epsilon_high is not None else params.epsilon)
     if params.delta is not None and not upper < params.delta < math.inf:
         raise ConfigError(
@@ -295,3 +265,70 @@ def check_distill(params: Params) -> None:
             "add_tokens with trainer distill: the teacher has no rows for tokens the run adds, so there is no "
             "distribution to learn at them; add the tokens to the teacher first, or leave them out"
         )
+
+
+def _number(params: Params, name: str, low: float = -math.inf, *, above: bool = False) -> float:
+    """The setting's value, refused unless a finite number at least `low` (above it, with `above`)."""
+    value = getattr(params, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    if value < low or (above and value == low):
+        raise ConfigError(f"{name} must be {'above' if above else 'at least'} {low:g}, got {value:g}")
+    return value
+
+
+def check_sampling(params: Params) -> None:
+    """The sampling switches beyond temperature and top_p (grpo, rloo), as generate reads them."""
+    if isinstance(params.top_k, bool) or not isinstance(params.top_k, int) or params.top_k < 0:
+        raise ConfigError(f"top_k must be a whole number, 0 (off) or more, got {params.top_k!r}")
+    if params.min_p is not None and not 0 <= _number(params, "min_p") <= 1:
+        raise ConfigError(f"min_p must be in [0, 1], got {params.min_p}")
+    _number(params, "repetition_penalty", 0.0, above=True)
+
+
+def check_grpo_variants(params: Params) -> None:
+    """grpo's variants around the loss: VESPO's weights, GDPO's aggregation, the entropy mask and bonus, the
+    off-policy mask. A setting its variant is off for would do nothing: refused."""
+    unclipped = {"sapo": ("epsilon", "epsilon_high"), "vespo": ("epsilon", "epsilon_high"), "cispo": ("epsilon",)}
+    for name in unclipped.get(params.loss_type, ()):
+        if _given(params, name):
+            raise ConfigError(f"{name} is a clip range, and loss_type {params.loss_type} clips no ratio: leave it out")
+    if params.loss_type != "vespo":
+        for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"):
+            if _given(params, name):
+                raise ConfigError(f"{name} is read by loss_type vespo only: leave it out, or use that loss")
+    for name in ("vespo_k_pos", "vespo_k_neg"):
+        _number(params, name, 0.0)
+    for name in ("vespo_lambda_pos", "vespo_lambda_neg"):
+        _number(params, name, 0.0, above=True)
+    if params.multi_objective_aggregation == "normalize_then_sum" and _given(params, "scale_rewards"):
+        raise ConfigError(
+            "scale_rewards with multi_objective_aggregation normalize_then_sum: each reward is normalised within its "
+            "group and the sum over the whole step, whatever scale_rewards says; leave it out"
+        )
+    if not 0 <= _number(params, "top_entropy_quantile") <= 1:
+        share = params.top_entropy_quantile
+        raise ConfigError(f"top_entropy_quantile must be in [0, 1] (a share of the tokens), got {share}")
+    _number(params, "entropy_coef")
+    adaptive = ("entropy_coef_min", "entropy_coef_max", "entropy_coef_delta", "entropy_target")
+    if not params.use_adaptive_entropy:
+        for name in adaptive:
+            if _given(params, name):
+                raise ConfigError(f"{name} is read with use_adaptive_entropy only: leave it out, or turn it on")
+    else:
+        low, high = _number(params, "entropy_coef_min"), _number(params, "entropy_coef_max")
+        _number(params, "entropy_coef_delta", 0.0, above=True)
+        _number(params, "entropy_target", 0.0)
+        if not low <= params.entropy_coef <= high:
+            raise ConfigError(
+                f"use_adaptive_entropy starts from entropy_coef ({params.entropy_coef:g}), which must lie between "
+                f"entropy_coef_min ({low:g}) and entropy_coef_max ({high:g})"
+            )
+    if params.off_policy_mask_threshold is not None:
+        _number(params, "off_policy_mask_threshold", 0.0, above=True)
+        if params.num_iterations == 1:
+            raise ConfigError(
+                "off_policy_mask_threshold masks completions the policy has moved away from since it sampled them; "
+                "with num_iterations 1 each batch is trained once, right after sampling, so it never has: raise "
+                "num_iterations, or leave it out"
+            )

@@ -30,7 +30,7 @@ from typing import Any
 
 from tunelab.data.holdout import SavedHoldOut, prompt_groups
 from tunelab.errors import DataError, TunelabError
-from tunelab.methods import METHODS, REGISTRY
+from tunelab.methods import METHODS, REGISTRY, readers
 from tunelab.outputs import load_base, model_reference, read_run, training_params
 
 log = logging.getLogger("tunelab")
@@ -53,7 +53,7 @@ PAIR_SETTINGS = (
         name
         for entry in REGISTRY.values()
         if entry.data in ("pairs", "labeled")
-        for name in (*entry.params, *entry.data_params)
+        for name in (*entry.settings, *entry.data_params)
     ),
 )
 # Figures a method's loss function gives that depend on training's batches or switches, not on the pairs alone:
@@ -159,7 +159,10 @@ def evaluation_params(folder: Path, settings: tuple[str, ...], data_path: str, s
     from tunelab.config.llm import LLMParams, run_template
 
     saved = training_params(folder)
-    values = {k: saved[k] for k in settings if k in saved}
+    # another method's own setting is left out: a run saved before that setting was refused on this trainer may
+    # carry it (it did nothing there), and evaluating that run must not fail on it
+    owners = readers()
+    values = {k: saved[k] for k in settings if k in saved and trainer in owners.get(k, (trainer,))}
     values["chat_template"] = run_template(values.get("chat_template"))
     values.update(model=str(folder), data_path=data_path, train_split=split, valid_split=None, trainer=trainer)
     return LLMParams(**values)

@@ -28,27 +28,46 @@ class Entry:
     data: str
     summary: str
     reference: bool = False  # compared with a reference model (model_ref, or the base with the adapter off)
-    params: tuple[str, ...] = ()  # the method's own parameters (LLMParams fields), shown with it in the app
+    # The settings (LLMParams fields) it reads that other methods read too (dpo_beta: dpo, orpo and simpo).
+    params: tuple[str, ...] = ()
+    # The settings only it reads (or only it and the other methods listing the same name): given to any other
+    # trainer, they are refused (config/method_checks.check_own_settings), not silently ignored.
+    own: tuple[str, ...] = ()
     # The parameters its data reader reads (LLMParams fields): part of the prepared-data cache's key
     # (data/cache.py), so that a run with other values never reuses data prepared with these.
     data_params: tuple[str, ...] = ()
+
+    @property
+    def settings(self) -> tuple[str, ...]:
+        """The method's settings, shared then own: its app form shows them, evaluate reads them from the run."""
+        return self.params + self.own
 
 
 # What the pair readers read (data/preference.py; kto's data/kto.py too): the rejected answer's column, and the
 # lengths prompts and answers are cut to.
 PAIR_DATA = ("rejected_text_column", "max_prompt_length", "max_completion_length")
 
-# What the methods that sample from prompts (grpo, rloo) share: the rewards, the sampling and the KL weight, and
-# what their prompt reader reads. The answer_* rewards' column is checked when the prompts are read
-# (data/prompts.py): a cached entry must not let a run with other rewards skip that check.
+# What the methods that sample from prompts (grpo, rloo) alone read: the rewards, the sampling, the KL weight and
+# the clipping; and what their prompt reader reads. The answer_* rewards' column is checked when the prompts are
+# read (data/prompts.py): a cached entry must not let a run with other rewards skip that check.
 SAMPLED = (
     "reward_functions",
     "reward_weights",
+    "reward_answer_column",
+    "reward_regex",
+    "reward_json_schema",
     "num_generations",
-    "max_completion_length",
     "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
     "beta",
+    "epsilon",
+    "epsilon_high",
     "num_iterations",
+    "mask_truncated_completions",
+    "completions_every",
 )
 PROMPT_DATA = ("max_prompt_length", "reward_functions", "reward_answer_column")
 
@@ -69,7 +88,7 @@ REGISTRY: dict[str, Entry] = {
         "reward",
         "pairs",
         "reward model (sequence classifier, one score) trained on chosen/rejected pairs",
-        params=("margin_column", "center_rewards_coefficient"),
+        own=("margin_column", "center_rewards_coefficient"),
         data_params=(*PAIR_DATA, "margin_column"),
     ),
     "dpo": Entry(
@@ -77,11 +96,10 @@ REGISTRY: dict[str, Entry] = {
         "pairs",
         "direct preference optimization on prompt/chosen/rejected pairs (dpo_loss_type, dpo_beta)",
         reference=True,
-        params=(
-            "dpo_beta",
+        params=("dpo_beta", "label_smoothing", "precompute_ref_log_probs"),
+        own=(
             "dpo_loss_type",
             "dpo_loss_weights",
-            "label_smoothing",
             "discopop_tau",
             "f_divergence_type",
             "f_alpha_divergence_coef",
@@ -90,7 +108,6 @@ REGISTRY: dict[str, Entry] = {
             "sync_ref_model",
             "ref_model_mixup_alpha",
             "ref_model_sync_steps",
-            "precompute_ref_log_probs",
         ),
         data_params=PAIR_DATA,
     ),
@@ -106,7 +123,7 @@ REGISTRY: dict[str, Entry] = {
         "labeled",
         "Kahneman-Tversky optimization: single answers marked desirable or not (kto_beta)",
         reference=True,
-        params=("kto_beta", "kto_loss_type", "label_column", "desirable_weight", "undesirable_weight"),
+        own=("kto_beta", "kto_loss_type", "label_column", "desirable_weight", "undesirable_weight"),
         # the class weights: stated with the rows (methods/kto.build_kto_rows), which the cache keeps
         data_params=("label_column", *PAIR_DATA, "desirable_weight", "undesirable_weight"),
     ),
@@ -114,14 +131,15 @@ REGISTRY: dict[str, Entry] = {
         "simpo",
         "pairs",
         "simple preference optimization: length-normalized margin, no reference model (simpo_gamma)",
-        params=("dpo_beta", "simpo_gamma", "cpo_alpha", "label_smoothing"),
+        params=("dpo_beta", "label_smoothing"),
+        own=("simpo_gamma", "cpo_alpha"),
         data_params=PAIR_DATA,
     ),
     "distill": Entry(
         "distill",
         "examples",
         "knowledge distillation: the teacher's next-token distributions on the answers (teacher_model)",
-        params=(
+        own=(
             "teacher_model",
             "distill_beta",
             "distill_temperature",
@@ -134,17 +152,50 @@ REGISTRY: dict[str, Entry] = {
         "grpo",
         "prompts",
         "group relative policy optimization: sampled completions scored by reward functions",
-        params=(*SAMPLED, "loss_type", "importance_sampling_level"),
+        params=("max_completion_length",),
+        own=(
+            *SAMPLED,
+            "loss_type",
+            "importance_sampling_level",
+            "scale_rewards",
+            "use_bias_correction_kl",
+            "delta",
+            "sapo_temperature_pos",
+            "sapo_temperature_neg",
+            "vespo_k_pos",
+            "vespo_lambda_pos",
+            "vespo_k_neg",
+            "vespo_lambda_neg",
+            "multi_objective_aggregation",
+            "top_entropy_quantile",
+            "entropy_coef",
+            "use_adaptive_entropy",
+            "entropy_coef_min",
+            "entropy_coef_max",
+            "entropy_coef_delta",
+            "entropy_target",
+            "off_policy_mask_threshold",
+        ),
         data_params=PROMPT_DATA,
     ),
     "rloo": Entry(
         "rloo",
         "prompts",
         "REINFORCE leave-one-out: sampled completions scored by reward functions, each against its group's others",
-        params=(*SAMPLED, "normalize_advantages", "reward_clip_range"),
+        params=("max_completion_length",),
+        own=(*SAMPLED, "normalize_advantages", "reward_clip_range"),
         data_params=PROMPT_DATA,
     ),
 }
+
+
+def readers() -> dict[str, tuple[str, ...]]:
+    """Each method's own setting and the methods that read it: any other trainer is refused it."""
+    found: dict[str, tuple[str, ...]] = {}
+    for name, entry in REGISTRY.items():
+        for setting in entry.own:
+            found[setting] = (*found.get(setting, ()), name)
+    return found
 
 
 def uses_reference(params: object) -> bool:

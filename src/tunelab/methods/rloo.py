@@ -21,7 +21,6 @@ the same completions (grpo's RepeatedBlocks) clip it.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -77,7 +76,7 @@ def rloo_loss(
 class RLOOTrainer(GRPOTrainer):
     """grpo's rollouts, with the leave-one-out advantage and the per-completion loss."""
 
-    def advantages_of(self, total: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: D102
+    def advantages_of(self, total, batch, per_function=None):  # noqa: D102
         if self.params.reward_clip_values is not None:  # before the penalty, as TRL clips (NaN stays unscored)
             total = total.clamp(*self.params.reward_clip_values)
         if self.beta != 0.0:
@@ -98,13 +97,7 @@ class RLOOTrainer(GRPOTrainer):
         """normalize_advantages: over the whole step, every micro-batch of every process (TRL's generation batch),
         the unscorable completions (NaN) left out of the mean and std, then 0."""
         if self.params.normalize_advantages:
-            values = torch.cat([batch["advantages"].float() for batch in batches])
-            scored = values[~torch.isnan(values)]
-            figures = torch.stack([scored.sum(), (scored**2).sum(), torch.tensor(float(len(scored)))])
-            total, squares, count = self.accelerator.reduce(figures.to(self.args.device), reduction="sum").tolist()
-            mean = total / max(count, 1.0)
-            std = math.sqrt(max(squares - count * mean**2, 0.0) / (count - 1)) if count > 1 else math.nan
-            mean_std = torch.tensor(mean), torch.tensor(std)
+            mean_std = self.step_mean_std(torch.cat([batch["advantages"].float().cpu() for batch in batches]))
             for batch in batches:
                 batch["advantages"] = zero_unscored(normalised(batch["advantages"], *mean_std))
         super().finish_advantages(batches)
