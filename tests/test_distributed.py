@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import SHARED_DATA, train_losses
+from tests.conftest import SHARED_DATA, read_metrics, train_losses
 from tunelab.launch import CONFIGS, launch_command
 from tunelab.training.checkpoints import COMPLETE_MARK, last_complete_checkpoint, mark_complete
 
@@ -228,6 +228,44 @@ def test_python_api_launches_too(tiny_llama, tmp_path):
     )  # fmt: skip
     assert folder == tmp_path / "py" and (folder / "tunelab_run.json").is_file()
     assert json.loads((folder / "training_params.json").read_text())["num_processes"] == 2
+
+
+RANK_REWARD = """
+import os
+
+
+def rank(completions, **kwargs):
+    return [float(os.environ.get("RANK", "0"))] * len(completions)
+
+
+def length(completions, **kwargs):
+    return [float(len(c)) for c in completions]
+"""
+
+
+@pytest.mark.slow
+def test_two_grpo_processes_log_the_figures_of_both(tiny_llama, tmp_path):
+    """Each process samples and scores its own prompts: what the run logs is every process's, as TRL gathers it
+    (a reward that is each process's rank logs 0.5, not process 0's 0), and the collectives of the whole step's
+    reward scaling and of the entropy mask run in step on both processes."""
+    prompts = [{"prompt": f"What is {a} + {b}?"} for a, b in [(2, 3), (4, 1), (6, 2), (1, 1)]]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    (tmp_path / "mine.py").write_text(RANK_REWARD)
+    rewards = f"{tmp_path / 'mine.py'}:rank,{tmp_path / 'mine.py'}:length"
+    done = _tunelab(
+        "llm", "--train", "--trainer", "grpo", "--model", str(tiny_llama), "--data-path", str(data),
+        "--project-name", str(tmp_path / "run"), "--reward-functions", rewards, "--num-generations", "2",
+        "--batch-size", "1", "--gradient-accumulation", "1", "--max-completion-length", "6", "--max-steps", "2",
+        "--peft", "--logging-steps", "1", "--num-processes", "2", "--scale-rewards", "batch",
+        "--top-entropy-quantile", "0.5", "--entropy-coef", "0.01",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert len(records) == 2
+    for record in records:
+        assert record[f"rewards/{tmp_path / 'mine.py'}:rank/mean"] == pytest.approx(0.5)
+        assert record["entropy"] > 0 and "clip_ratio/region_mean" in record
 
 
 def test_shipped_multi_node_config_launches_two_machines_of_eight():

@@ -710,10 +710,8 @@ class GRPOTrainer(GuardedTrainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:  # noqa: D102
         evaluating = any(key.startswith("eval_") for key in logs)
-        for name in [n for n in self._metrics if n.startswith("eval_") == evaluating]:
-            finite = [v for v in self._metrics.pop(name) if not math.isnan(v)]
-            if finite:
-                logs[name] = round(sum(finite) / len(finite), 6)
+        mine = {n: self._metrics.pop(n) for n in [n for n in self._metrics if n.startswith("eval_") == evaluating]}
+        logs.update(self.process_means(mine))
         super().log(logs, start_time)
 
     # -- samples for the user to read

@@ -105,9 +105,7 @@ class PreferenceTrainer(GuardedTrainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:  # noqa: D102
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
         prefix = "eval_" if mode == "eval" else ""
-        for name, values in self._metrics[mode].items():
-            if values:
-                logs[prefix + name] = round(sum(values) / len(values), 6)
+        logs.update({prefix + name: value for name, value in self.process_means(self._metrics[mode]).items()})
         self._metrics[mode].clear()
         super().log(logs, start_time)
 

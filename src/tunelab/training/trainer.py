@@ -243,6 +243,23 @@ class GuardedTrainer(Trainer):
         metrics = {**result.metrics, **self._summary}
         return result._replace(training_loss=metrics.get("train_loss", result.training_loss), metrics=metrics)
 
+    def process_means(self, metrics: dict[str, list[float]]) -> dict[str, float]:
+        """Each figure a method recorded since the last log, its mean over every process's values (each process
+        records its own micro-batches'; TRL gathers them too), NaN values left out. Called by every process, as
+        Trainer.log is: the names are gathered first, so a figure one process lacks counts the others' only."""
+        figures = {}
+        for name, values in metrics.items():
+            finite = [v for v in values if not math.isnan(v)]
+            figures[name] = (math.fsum(finite), len(finite))
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            names = sorted(set().union(*gather_object([tuple(figures)])))
+            local = torch.tensor([figures.get(name, (0.0, 0)) for name in names], dtype=torch.float64)
+            totals = self.accelerator.reduce(local.to(self.args.device), reduction="sum").tolist()
+            figures = dict(zip(names, totals, strict=True))
+        return {name: round(total / count, 6) for name, (total, count) in figures.items() if count}
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:  # noqa: D102
         if "train_loss" in logs and self.resumed_from is not None:  # Trainer's summary at the end of training
             self._whole_run(logs)
