@@ -132,6 +132,37 @@ def test_adaptive_entropy_control_is_kept_in_each_checkpoint(tiny_llama, tmp_pat
     assert resumed.entropy_coef == pytest.approx(0.1) and resumed.bonus_coefficient() == 0.0
 
 
+def test_sync_ref_model_moves_grpo_s_reference_and_keeps_it_in_checkpoints(tiny_llama, tmp_path):
+    """sync_ref_model (TRL's for GRPO too): every ref_model_sync_steps steps the KL term's reference (a frozen copy
+    under full training) becomes alpha x the policy + (1 - alpha) x itself; the moved reference goes into each
+    checkpoint and a resumed trainer reads it back."""
+    from types import SimpleNamespace
+
+    from tunelab.training.reference import SYNCED_REFERENCE, SyncReference
+
+    trainer = _trainer(tiny_llama, tmp_path, beta=0.04, sync_ref_model=True, ref_model_sync_steps=2)
+    (sync,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, SyncReference)]
+    assert sync.alpha == 0.6 and sync.every == 2
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(0.1)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    start = dict(trainer.ref_model.named_parameters())[name].clone()
+    policy = dict(trainer.model.named_parameters())[name].detach().clone()
+    sync.on_step_end(None, SimpleNamespace(global_step=1), None)  # not a sync step: unchanged
+    torch.testing.assert_close(dict(trainer.ref_model.named_parameters())[name], start)
+    sync.on_step_end(None, SimpleNamespace(global_step=2), None)
+    moved = dict(trainer.ref_model.named_parameters())[name].detach().clone()
+    torch.testing.assert_close(moved, 0.6 * policy + 0.4 * start)
+    folder = tmp_path / "checkpoint-2"
+    folder.mkdir()
+    trainer.save_extras(folder)
+    assert (folder / SYNCED_REFERENCE).is_file()
+    resumed = _trainer(tiny_llama, tmp_path, beta=0.04, sync_ref_model=True, ref_model_sync_steps=2)
+    resumed.load_extras(folder)
+    torch.testing.assert_close(dict(resumed.ref_model.named_parameters())[name], moved)
+
+
 def rollout_batch(tokenizer, completions: int = 4):
     """A fixed rollout: 2 prompts (left padded) x 2 completions of different lengths, one cut short."""
     torch.manual_seed(0)

@@ -393,7 +393,7 @@ def test_a_tr_dpo_run_resumes_with_the_reference_it_had_moved(tiny_llama, tmp_pa
 
     again = _run_child(args(resumed))
     assert again.returncode == 0, again.stderr
-    assert "the synced reference (TR-DPO) read back" in again.stderr
+    assert "the synced reference (sync_ref_model) read back" in again.stderr
     expected, got = _losses(straight), _losses(resumed)
     assert sorted(got) == sorted(expected) == list(range(1, 7))
     for step in expected:

@@ -182,6 +182,31 @@ def test_a_tiny_run_trains_and_writes_its_completions(tiny_llama, tmp_path):
     assert json.loads((run / "tunelab_run.json").read_text())["trainer"] == "rloo"
 
 
+def test_a_full_run_with_a_synced_reference_trains(tiny_llama, tmp_path, caplog):
+    """sync_ref_model on rloo (full fine-tuning, the KL penalty's reference a frozen copy moved every step, 0.9 of
+    the way to the policy): the run trains, and its second step's KL is far below that of the same run whose
+    reference stayed where it started."""
+    (tmp_path / "parity.py").write_text(
+        "def parity(completion_ids, **kwargs):\n    return [float(ids[0] % 2) for ids in completion_ids]\n"
+    )  # a reward that differs within a group, so that the first step moves the policy
+    rewards = f"{tmp_path / 'parity.py'}:parity"
+
+    def kl(project: str, *extra: str) -> list[float]:
+        args = grpo_args(
+            tmp_path, tiny_llama, rewards, "--beta", "0.05", "--lr", "2e-2", "--warmup-ratio", "0", *extra
+        )
+        args[args.index("grpo")] = "rloo"
+        args[args.index("--project-name") + 1] = str(tmp_path / project)
+        args.remove("--peft")
+        assert main(args) == 0
+        return [r["kl"] for r in read_metrics(tmp_path / project) if "loss" in r]
+
+    synced = ("--sync-ref-model", "true", "--ref-model-sync-steps", "1", "--ref-model-mixup-alpha", "0.9")
+    moving, still = kl("synced", *synced), kl("still")
+    assert moving[0] == still[0] == 0  # the first step samples with the policy the reference is a copy of
+    assert 0 < moving[1] < 0.3 * still[1]
+
+
 def test_each_methods_own_settings_are_refused_on_the_other():
     common = dict(reward_functions="format_tag")
     for bad, said in [
@@ -224,9 +249,13 @@ def test_each_methods_own_settings_are_refused_on_the_other():
         ),
         (dict(trainer="grpo", use_adaptive_entropy=True, entropy_coef_delta=0), "entropy_coef_delta must be above 0"),
         (dict(trainer="grpo", off_policy_mask_threshold=0.5), "with num_iterations 1 each batch is trained once"),
+        (dict(trainer="sft", sync_ref_model=True), "sync_ref_model is read by trainers dpo, grpo and rloo, not sft"),
+        (dict(trainer="grpo", sync_ref_model=True, peft=False), "with beta 0 there is none: give beta"),
+        (dict(trainer="rloo", sync_ref_model=True, beta=0.05, peft=True), "sync_ref_model: with LoRA the model is"),
         (dict(trainer="grpo", num_iterations=2, off_policy_mask_threshold=-1), "off_policy_mask_threshold must be"),
     ]:
         sampled = bad["trainer"] in ("grpo", "rloo")
         with pytest.raises(ConfigError, match=said):
             LLMParams(**{**(common if sampled else {}), **bad})
     assert LLMParams(**common, trainer="rloo", reward_clip_range=[-1, 2]).reward_clip_values == (-1.0, 2.0)
+    assert LLMParams(**common, trainer="rloo", sync_ref_model=True, beta=0.05, peft=False).ref_model_sync_steps == 512

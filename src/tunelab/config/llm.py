@@ -368,11 +368,12 @@ class LLMParams(Params):
     )
     sync_ref_model: bool = param(
         False,
-        "dpo: TR-DPO: every ref_model_sync_steps steps the reference moves towards the model being trained "
-        "(reference = alpha x model + (1 - alpha) x reference), so it is not left far behind (full fine-tuning).",
+        "dpo, grpo, rloo (beta > 0): TR-DPO's update: every ref_model_sync_steps steps the reference moves towards "
+        "the model being trained (reference = alpha x model + (1 - alpha) x reference), so it is not left far "
+        "behind (full fine-tuning).",
     )
-    ref_model_mixup_alpha: float = param(0.6, "dpo (sync_ref_model): alpha, how far the reference moves each time.")
-    ref_model_sync_steps: int = param(512, "dpo (sync_ref_model): steps between two moves of the reference.")
+    ref_model_mixup_alpha: float = param(0.6, "sync_ref_model: alpha, how far the reference moves each time.")
+    ref_model_sync_steps: int = param(512, "sync_ref_model: steps between two moves of the reference.")
     use_weighting: bool = param(
         False,
         "dpo: WPO: weigh each pair by how probable the policy finds both answers (per token, normalised), so that "

@@ -29,7 +29,7 @@ def check_synced_reference(params: Params) -> None:
     if not params.sync_ref_model:
         for name in ("ref_model_mixup_alpha", "ref_model_sync_steps"):
             if _given(params, name):
-                raise ConfigError(f"{name} is read with sync_ref_model (TR-DPO) only: leave it out, or turn it on")
+                raise ConfigError(f"{name} is read with sync_ref_model only: leave it out, or turn it on")
         return
     if not 0 < params.ref_model_mixup_alpha <= 1:
         raise ConfigError(f"ref_model_mixup_alpha must be in (0, 1], got {params.ref_model_mixup_alpha}")
@@ -38,7 +38,9 @@ def check_synced_reference(params: Params) -> None:
     if params.ref_model_sync_steps < 1:
         raise ConfigError(f"ref_model_sync_steps must be at least 1, got {params.ref_model_sync_steps}")
     why = None
-    if params.peft:
+    if REGISTRY[params.trainer].data == "prompts" and params.beta == 0:
+        why = f"it moves the reference of {params.trainer}'s KL term, and with beta 0 there is none: give beta"
+    elif params.peft:
         why = "with LoRA the model is the base and an adapter, which no reference can be mixed with (as TRL)"
     elif params.precompute_ref_log_probs:
         why = "precompute_ref_log_probs scores with the starting reference once; a moving one would make them stale"
@@ -47,7 +49,7 @@ def check_synced_reference(params: Params) -> None:
     elif params.distributed_backend in ("fsdp", "deepspeed"):
         why = f"{params.distributed_backend} shards the model's weights, which the reference's whole copy cannot mix"
     if why:
-        raise ConfigError(f"sync_ref_model (TR-DPO): {why}")
+        raise ConfigError(f"sync_ref_model: {why}")
 
 
 def check_own_settings(params: Params) -> None:
@@ -56,7 +58,8 @@ def check_own_settings(params: Params) -> None:
     max_prompt_length whatever the trainer.)"""
     for name, trainers in readers().items():
         if params.trainer not in trainers and _given(params, name):
-            which = f"trainer {trainers[0]}" if len(trainers) == 1 else f"trainers {' and '.join(trainers)}"
+            which = f"trainer {trainers[0]}" if len(trainers) == 1 else f"trainers {', '.join(trainers[:-1])}"
+            which += f" and {trainers[-1]}" if len(trainers) > 1 else ""
             hint = " (dpo's is dpo_beta, kto's kto_beta)" if name == "beta" else ""
             raise ConfigError(f"{name} is read by {which}, not {params.trainer}: leave it out{hint}")
 
@@ -138,6 +141,7 @@ def check_sampled(params: Params) -> None:
             raise ConfigError(f"{name} must be positive, got {getattr(params, name)}")
     check_sampling(params)
     check_grpo_variants(params)
+    check_synced_reference(params)
     if params.loss_type == "sapo" and params.delta is not None:
         raise ConfigError(
             "delta caps the clipped loss's ratio; loss_type sapo gates it softly instead: leave delta out"

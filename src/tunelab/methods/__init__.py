@@ -69,6 +69,8 @@ SAMPLED = (
     "mask_truncated_completions",
     "completions_every",
 )
+# TR-DPO's moving reference: dpo's, grpo's and rloo's (TRL's sync_ref_model).
+SYNCED = ("sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps")
 PROMPT_DATA = ("max_prompt_length", "reward_functions", "reward_answer_column")
 
 REGISTRY: dict[str, Entry] = {
@@ -105,9 +107,7 @@ REGISTRY: dict[str, Entry] = {
             "f_alpha_divergence_coef",
             "ld_alpha",
             "use_weighting",
-            "sync_ref_model",
-            "ref_model_mixup_alpha",
-            "ref_model_sync_steps",
+            *SYNCED,
         ),
         data_params=PAIR_DATA,
     ),
@@ -175,6 +175,7 @@ REGISTRY: dict[str, Entry] = {
             "entropy_coef_delta",
             "entropy_target",
             "off_policy_mask_threshold",
+            *SYNCED,
         ),
         data_params=PROMPT_DATA,
     ),
@@ -183,7 +184,7 @@ REGISTRY: dict[str, Entry] = {
         "prompts",
         "REINFORCE leave-one-out: sampled completions scored by reward functions, each against its group's others",
         params=("max_completion_length",),
-        own=(*SAMPLED, "normalize_advantages", "reward_clip_range"),
+        own=(*SAMPLED, "normalize_advantages", "reward_clip_range", *SYNCED),
         data_params=PROMPT_DATA,
     ),
 }

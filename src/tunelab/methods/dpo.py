@@ -34,13 +34,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import TrainerCallback
 
 from tunelab.config.llm import LLMParams
 from tunelab.data.preference import Pair
 from tunelab.data.tokenize import IGNORE
-from tunelab.env import distributed_kind
-from tunelab.errors import TunelabError
 from tunelab.methods.base import REFERENCE_REWARDS, Method, PairEvaluation
 from tunelab.methods.preference import (
     PairCollator,
@@ -52,6 +49,7 @@ from tunelab.methods.preference import (
     sequence_sums,
 )
 from tunelab.models import load_reference
+from tunelab.training.reference import load_synced, save_synced, start_syncing
 from tunelab.training.trainer import eval_mode
 
 log = logging.getLogger("tunelab")
@@ -220,29 +218,13 @@ class DPOTrainer(PreferenceTrainer):
         elif self.params.peft:
             log.info("%s: reference model = the base model with the LoRA adapter switched off", self.params.trainer)
         self.ref_model = ref_model
-        if getattr(self.params, "sync_ref_model", False):
-            if distributed_kind():  # an accelerate config or launcher of the user's own: not in the settings
-                raise TunelabError(
-                    f"sync_ref_model (TR-DPO) under {distributed_kind()}: the model's weights are sharded, and the "
-                    "reference's whole copy cannot be mixed with them; use ddp"
-                )
-            self.add_callback(SyncReference(self, self.params.ref_model_mixup_alpha, self.params.ref_model_sync_steps))
+        start_syncing(self)  # sync_ref_model (TR-DPO)
 
     def save_extras(self, folder: Path) -> None:  # noqa: D102
-        if getattr(self.params, "sync_ref_model", False) and self.ref_model is not None:
-            from safetensors.torch import save_model
-
-            save_model(self.ref_model, str(folder / SYNCED_REFERENCE))  # (tied weights stored once)
+        save_synced(self, folder)
 
     def load_extras(self, folder: Path) -> None:  # noqa: D102
-        path = folder / SYNCED_REFERENCE
-        if getattr(self.params, "sync_ref_model", False) and self.ref_model is not None:
-            from safetensors.torch import load_model
-
-            if not path.is_file():
-                raise TunelabError(f"{folder} has no {SYNCED_REFERENCE}: the reference this TR-DPO run had moved")
-            load_model(self.ref_model, str(path), device="cpu")  # (copied into the reference's own tensors)
-            log.info("%s: the synced reference (TR-DPO) read back from %s", self.params.trainer, path)
+        load_synced(self, folder)
 
     def reference_logps(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():
@@ -274,45 +256,6 @@ class DPOTrainer(PreferenceTrainer):
             pair_weights=wpo_weights(per_token, log_sum_sq, labels) if log_sum_sq is not None else None,
             chosen_nll_sum=plain_chosen,
         )
-
-
-# The checkpoint file of a TR-DPO run's reference (moved towards the policy since the start: not the base's)
-SYNCED_REFERENCE = "synced_reference.safetensors"
-
-
-class SyncReference(TrainerCallback):
-    """TR-DPO (Gorbatovski et al., 2024), TRL's soft update: after every `every` optimizer steps, each reference
-    weight becomes alpha x the policy's + (1 - alpha) x its own (alpha 1: a copy of the policy)."""
-
-    def __init__(self, trainer: DPOTrainer, alpha: float, every: int) -> None:
-        self.trainer, self.alpha, self.every = trainer, alpha, every
-        policy = trainer.accelerator.unwrap_model(trainer.model)
-        mine = [(name, tuple(p.shape)) for name, p in policy.named_parameters()]
-        theirs = [(name, tuple(p.shape)) for name, p in trainer.ref_model.named_parameters()]
-        if mine != theirs:
-            raise TunelabError(
-                "sync_ref_model (TR-DPO) mixes the model's weights into the reference's, but model_ref "
-                f"{trainer.params.model_ref} has other weights (names or shapes): leave model_ref out, or "
-                "sync_ref_model"
-            )
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:  # noqa: D102
-        if 0 < state.max_steps < self.every:
-            log.warning(
-                "sync_ref_model: the run has %d steps, fewer than ref_model_sync_steps (%d): the reference stays",
-                state.max_steps,
-                self.every,
-            )
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:  # noqa: D102
-        if state.global_step % self.every:
-            return
-        policy = self.trainer.accelerator.unwrap_model(self.trainer.model)
-        with torch.no_grad():
-            for ref, param in zip(self.trainer.ref_model.parameters(), policy.parameters(), strict=True):
-                # in float32 whatever the reference's precision (a half model_ref would lose small moves)
-                mixed = ref.float().mul_(1 - self.alpha).add_(param.detach().float().to(ref.device), alpha=self.alpha)
-                ref.copy_(mixed)
 
 
 def pair_figures(params: LLMParams, rows: list[Any], pairs: Any, policy: Any, reference: Any) -> dict[str, Any]:

@@ -65,6 +65,7 @@ from tunelab.speed.loss import (
     token_logprobs,
     token_logprobs_and_entropies,
 )
+from tunelab.training.reference import load_synced, save_synced, start_syncing
 from tunelab.training.trainer import GuardedTrainer, disable_dropout, eval_mode
 
 log = logging.getLogger("tunelab")
@@ -375,6 +376,7 @@ class GRPOTrainer(GuardedTrainer):
             if ref_model is None:
                 log.info("%s: reference model = a frozen copy of the starting model", params.trainer)
             self.ref_model = (ref_model or copy.deepcopy(unwrapped)).requires_grad_(False).eval()
+        start_syncing(self)  # sync_ref_model: the reference moved towards the policy every ref_model_sync_steps
         self.trained_tokens = 0
         # Where a completion ends: the tokenizer's EOS and the model's generation config's (as TRL ends them), and
         # the chat template's turn-end token (models/turns.py: a base model's EOS is often not what ends a turn).
@@ -647,12 +649,14 @@ class GRPOTrainer(GuardedTrainer):
             self.entropy_coef = max(self.entropy_coef - params.entropy_coef_delta, params.entropy_coef_min)
 
     def save_extras(self, folder: Path) -> None:  # noqa: D102
+        save_synced(self, folder)
         if self.params.use_adaptive_entropy:  # the controller's state: a resumed run goes on where it was
             last = self._last_step_entropy
             state = {"entropy_coef": self.entropy_coef, "last_step_entropy": None if math.isinf(last) else last}
             (folder / ENTROPY_STATE_FILE).write_text(json.dumps(state) + "\n")
 
     def load_extras(self, folder: Path) -> None:  # noqa: D102
+        load_synced(self, folder)
         path = folder / ENTROPY_STATE_FILE
         if self.params.use_adaptive_entropy and not path.exists():
             log.warning(
