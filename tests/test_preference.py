@@ -147,9 +147,9 @@ def test_preference_loss_settings_are_checked_before_anything_loads():
         _params(f_alpha_divergence_coef=0.2)
     with pytest.raises(ConfigError, match="dpo_loss_type is read by trainer dpo, not orpo"):
         _params(trainer="orpo", dpo_loss_type="hinge")
-    with pytest.raises(ConfigError, match="sync_ref_model .TR-DPO.: with LoRA the model is the base and an adapter"):
+    with pytest.raises(ConfigError, match="sync_ref_model: with LoRA the model is the base and an adapter"):
         _params(sync_ref_model=True, peft=True)
-    with pytest.raises(ConfigError, match="sync_ref_model .TR-DPO.: precompute_ref_log_probs scores"):
+    with pytest.raises(ConfigError, match="sync_ref_model: precompute_ref_log_probs scores"):
         _params(sync_ref_model=True, precompute_ref_log_probs=True)
     with pytest.raises(ConfigError, match="ref_model_sync_steps is read with sync_ref_model"):
         _params(ref_model_sync_steps=64)
