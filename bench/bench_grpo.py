@@ -30,7 +30,11 @@ def main() -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup-steps", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=2, help="prompts per step")
+    parser.add_argument("--batch-size", type=int, default=2, help="prompts per micro-batch")
+    parser.add_argument("--gradient-accumulation", type=int, default=1)
+    parser.add_argument(
+        "--prompts-per-generation", type=int, help="prompts per generate call (default: the whole step's)"
+    )
     parser.add_argument("--num-generations", type=int, default=6)
     parser.add_argument("--max-completion-length", type=int, default=32)
     parser.add_argument("--bf16", action="store_true")
@@ -54,7 +58,8 @@ def main() -> None:
         tunelab.train(
             model=args.model, trainer="grpo", peft=True, data_path=str(data), project_name=str(run),
             chat_template="tokenizer", reward_functions="format_tag,answer_tag", num_generations=args.num_generations,
-            batch_size=args.batch_size, gradient_accumulation=1, max_completion_length=args.max_completion_length,
+            batch_size=args.batch_size, gradient_accumulation=args.gradient_accumulation,
+            prompts_per_generation=args.prompts_per_generation, max_completion_length=args.max_completion_length,
             max_steps=args.steps, lr=3e-4, logging_steps=1, completions_every=0,
             mixed_precision="bf16" if args.bf16 else None, disable_gradient_checkpointing=True,
         )  # fmt: skip
@@ -63,7 +68,7 @@ def main() -> None:
     steps = [r for r in records if "reward" in r and "time" in r]
     timed = steps[args.warmup_steps :]
     elapsed = timed[-1]["time"] - steps[args.warmup_steps - 1]["time"] if args.warmup_steps else timed[-1]["time"]
-    per_step = args.batch_size * args.num_generations
+    per_step = args.batch_size * args.gradient_accumulation * args.num_generations
     generated = sum(r["completions/mean_length"] * per_step for r in timed)
     step_times = [b["time"] - a["time"] for a, b in zip(steps[args.warmup_steps - 1 :], timed, strict=False)]
     figures = {
@@ -73,6 +78,8 @@ def main() -> None:
         "versions": f"torch {torch.__version__}, tunelab {tunelab.__version__}",
         "model": args.model,
         "completions per step": per_step,
+        "micro-batches per step": args.gradient_accumulation,
+        "prompts per generate call": args.prompts_per_generation or args.batch_size * args.gradient_accumulation,
         "max completion length": args.max_completion_length,
         "timed steps": len(timed),
         "steps/s": round(len(timed) / elapsed, 4),

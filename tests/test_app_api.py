@@ -393,6 +393,12 @@ def test_a_grpo_job_shows_its_sample_completions(app, model):
     data = ("prompts.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
     status, project = new_project(app, model, trainer="grpo", data=data)
     assert status == 201, project
+    # the parameters page: the common settings, then grpo's own under their heading (after the common ones)
+    status, _, page = app.request("GET", f"/projects/{project['id']}/params")
+    text = page.decode()
+    assert status == 200 and "grpo's own settings" in text
+    heading = text.index('id="method-settings"')
+    assert text.index('id="lr"') < heading < text.index('id="loss_type"') < text.index('id="push_to_hub"')
     params = {**SHORT_RUN, "reward_functions": "format_tag,answer_last_number", "num_generations": 2}
     params |= {"max_completion_length": 4, "completions_every": 1}
     status, job = app.post_json(f"/api/projects/{project['id']}/jobs", {"params": params, "evaluate": False})

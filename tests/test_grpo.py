@@ -618,7 +618,40 @@ def test_dry_run_reports_the_generation_budget(tiny_llama, tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "2 prompts x 2 completions x up to 6 tokens = up to 24 generated tokens" in out
-    assert "generation KV cache" in out
+    assert "generation: 1 generate call(s) a step, 2 prompt(s) each; KV cache about" in out
+    args[args.index("--gradient-accumulation") + 1] = "3"
+    assert main([*args, "--prompts-per-generation", "4"]) == 0
+    assert "generation: 2 generate call(s) a step, 4 prompt(s) each; KV cache" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("per_call", [None, 1, 3])
+def test_a_step_s_prompts_are_sampled_together_and_split_back(tiny_llama, tmp_path, per_call):
+    """The step's prompts (every micro-batch's) go to generate in calls of prompts_per_generation (all at once by
+    default, as TRL samples): each micro-batch gets its own prompts' completions back, trimmed to its own widest
+    prompt and longest completion, as if it had been sampled alone."""
+    from tunelab.data.prompts import PromptRow
+
+    trainer = _trainer(tiny_llama, tmp_path, prompts_per_generation=per_call, max_completion_length=5)
+    tokenizer = trainer.processing_class
+    texts = ["Hi", "What is two plus two, in words?", "Name a colour", "Say yes"]
+    rows = [PromptRow(t, tokenizer(t)["input_ids"], {}, f"line {i}") for i, t in enumerate(texts)]
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    generate, calls = model.generate, []
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["input_ids"].shape[0])
+        return generate(*args, **kwargs)
+
+    model.generate = counting
+    sampled = trainer.sample([rows[:2], rows[2:]])
+    assert calls == {None: [4], 1: [1, 1, 1, 1], 3: [3, 1]}[per_call]
+    for batch, (prompt_ids, prompt_mask, completion_ids) in zip([rows[:2], rows[2:]], sampled, strict=True):
+        assert prompt_ids.shape == (2 * 4, max(len(r.input_ids) for r in batch))
+        for i, row in enumerate(batch):  # each prompt's 4 completions, its own prompt before them
+            for ids, mask in zip(prompt_ids[4 * i : 4 * i + 4], prompt_mask[4 * i : 4 * i + 4], strict=True):
+                assert ids[mask.bool()].tolist() == row.input_ids
+        ends, truncated = trainer.completion_ends(completion_ids)
+        assert completion_ids.size(1) == int(ends.max()) + 1 <= 5
 
 
 def test_built_in_answer_rewards_read_the_answer_forms():

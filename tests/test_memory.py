@@ -166,6 +166,26 @@ def test_describe_and_fits():
     assert estimate.fits(2**31) and not estimate.fits(2**30)
 
 
+def test_grpo_s_peak_is_sampling_s_when_a_whole_step_s_kv_cache_outweighs_training():
+    """grpo samples a step's prompts at once: with much accumulation its KV cache (every completion of the step,
+    prompt + completion long) outweighs the training micro-batch's activations, and the estimate says so;
+    prompts_per_generation brings it back to the training peak."""
+    from tunelab.memory import kv_cache_bytes, run_estimate
+
+    config = _config(num_hidden_layers=8)
+    grpo = dict(trainer="grpo", reward_functions="format_tag", num_generations=8, batch_size=1, peft=True)
+    many = _params(**grpo, gradient_accumulation=64)
+    memory, _, _ = run_estimate(config, many, 8, 512, "causal_lm")
+    cache = kv_cache_bytes(config, 64 * 8, 512, 4)
+    assert memory.total == memory.weights + memory.optimizer + cache
+    assert "the peak is sampling's: a KV cache of" in memory.describe()
+    fewer, _, _ = run_estimate(
+        config, _params(**grpo, gradient_accumulation=64, prompts_per_generation=1), 8, 512, "causal_lm"
+    )
+    assert fewer.total < memory.total and "sampling's" not in fewer.describe()
+    assert fewer.total == estimate_memory(config, many, 8 * 512, 512).total
+
+
 def test_half_precision_lora_halves_the_base_weights():
     config = _config()
     fp32 = estimate_memory(config, _params(peft=True), BATCH * BLOCK, BLOCK)

@@ -366,6 +366,19 @@ def run_estimate(
     """(estimate, device, its free bytes) for a run's micro-batch of rows x longest tokens: the figure the dry run
     prints and the run logs before training."""
     memory = estimate_memory(config, params, rows_per_microbatch * longest, longest, kind=kind)
+    if getattr(params, "reward_functions", None) and kind == "causal_lm":
+        # grpo, rloo: sampling holds the weights, the optimizer's state and a KV cache for every completion of a
+        # generate call (the step's by default), each up to `longest` tokens: its peak may be the run's
+        sequences = params.prompts_sampled_at_once * params.num_generations
+        half = getattr(params, "mixed_precision", None) in ("fp16", "bf16")
+        cache = kv_cache_bytes(config, sequences, longest, 2 if half else 4)
+        sampling = memory.weights + memory.optimizer + cache
+        if sampling > memory.total:
+            memory.total = sampling
+            memory.notes.append(
+                f"the peak is sampling's: a KV cache of {_gib(cache)} for {sequences} completions at once "
+                "(prompts_per_generation lowers it)"
+            )
     device, free = available_memory()
     return memory, device, free
 

@@ -94,12 +94,17 @@ class FieldSpec:
     help: str
     choices: tuple = ()
     optional: bool = False
+    method: str | None = None  # the method whose own setting it is (shown under that method's heading)
 
 
 def field_specs(trainer: str | None = "sft") -> list[FieldSpec]:
     """The form inputs of a project's trainer, taken from its schema's fields."""
+    from tunelab.methods import REGISTRY
+
     schema = schema_of(trainer)
     fields = {f.name: f for f in dataclasses.fields(schema)}
+    entry = REGISTRY.get(trainer or "sft") if schema is LLMParams else None
+    own = set(entry.settings) if entry is not None else set()
     specs = []
     for name in form_fields(trainer):
         f = fields[name]
@@ -114,7 +119,8 @@ def field_specs(trainer: str | None = "sft") -> list[FieldSpec]:
             shown = kind.split()[0]
         else:
             shown = "str"
-        specs.append(FieldSpec(name, shown, default, f.metadata["help"], choices, "None" in kind))
+        method = (trainer or "sft") if name in own else None
+        specs.append(FieldSpec(name, shown, default, f.metadata["help"], choices, "None" in kind, method))
     return specs
 
 

@@ -454,6 +454,12 @@ class LLMParams(Params):
         None, "grpo, rloo: a JSON schema file valid_json checks against (jsonschema)."
     )
     num_generations: int = param(8, "grpo, rloo: completions sampled per prompt (a group; its rewards are compared).")
+    prompts_per_generation: int | None = param(
+        None,
+        "grpo, rloo: prompts sampled for in one generate call on each process, num_generations completions each "
+        "(default: the whole step's, batch_size x gradient_accumulation, as TRL samples a step at once: a bigger "
+        "batch decodes faster); lower it if sampling runs out of memory.",
+    )
     temperature: float = param(1.0, "grpo, rloo: sampling temperature of the completions.")
     top_p: float = param(1.0, "grpo, rloo: nucleus sampling of the completions.")
     top_k: int = param(0, "grpo, rloo: sample from the k likeliest tokens only (0: from all, TRL's default).")
@@ -643,6 +649,13 @@ class LLMParams(Params):
                 f"add_tokens with LoRA on {adapted[0]} (target_modules): PEFT cannot train the added tokens' rows of "
                 f"a module LoRA adapts; leave it out, or add modules_to_save: {adapted[0]} to train it whole"
             )
+
+    @property
+    def prompts_sampled_at_once(self) -> int:
+        """grpo, rloo: the prompts one generate call samples for on each process (prompts_per_generation, at most
+        the step's)."""
+        step = self.batch_size * self.gradient_accumulation
+        return min(self.prompts_per_generation or step, step)
 
     @property
     def reward_clip_values(self) -> tuple[float, float] | None:

@@ -38,10 +38,10 @@ def check_synced_reference(params: Params) -> None:
     if params.ref_model_sync_steps < 1:
         raise ConfigError(f"ref_model_sync_steps must be at least 1, got {params.ref_model_sync_steps}")
     why = None
-    if REGISTRY[params.trainer].data == "prompts" and params.beta == 0:
-        why = f"it moves the reference of {params.trainer}'s KL term, and with beta 0 there is none: give beta"
-    elif params.peft:
+    if params.peft:
         why = "with LoRA the model is the base and an adapter, which no reference can be mixed with (as TRL)"
+    elif REGISTRY[params.trainer].data == "prompts" and params.beta == 0:
+        why = f"it moves the reference of {params.trainer}'s KL term, and with beta 0 there is none: give beta"
     elif params.precompute_ref_log_probs:
         why = "precompute_ref_log_probs scores with the starting reference once; a moving one would make them stale"
     elif params.early_stopping_patience is not None:
@@ -106,6 +106,9 @@ def check_sampled(params: Params) -> None:
             f"{params.trainer} needs reward_functions (--reward-functions): built-ins such as "
             "answer_tag,format_tag, or my_rewards.py:my_function (docs/grpo.md)"
         )
+    per_call = params.prompts_per_generation
+    if per_call is not None and (isinstance(per_call, bool) or not isinstance(per_call, int) or per_call < 1):
+        raise ConfigError(f"prompts_per_generation must be a whole number, 1 or more, got {per_call!r}")
     if params.num_generations < 2:
         raise ConfigError(f"num_generations must be at least 2 (a group to compare), got {params.num_generations}")
     if params.temperature <= 0 or not 0 < params.top_p <= 1:

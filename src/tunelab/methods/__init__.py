@@ -57,6 +57,7 @@ SAMPLED = (
     "reward_regex",
     "reward_json_schema",
     "num_generations",
+    "prompts_per_generation",
     "temperature",
     "top_p",
     "top_k",

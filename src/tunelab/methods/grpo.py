@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import GenerationConfig
 
 from tunelab.config.llm import LLMParams
@@ -353,6 +354,8 @@ def build_prompt_rows(prompts: list[PromptRow], params: LLMParams) -> tuple[list
 class GRPOTrainer(GuardedTrainer):
     """Generates, scores and trains on completions; logs the rewards and writes samples to completions.jsonl."""
 
+    samples_whole_steps = True  # (the out-of-memory advice names prompts_per_generation)
+
     def __init__(self, *args: Any, params: LLMParams, ref_model: Any = None, **kwargs: Any) -> None:
         kwargs.setdefault("data_collator", list)  # prompts stay PromptRow objects until they are generated from
         super().__init__(*args, **kwargs)
@@ -431,7 +434,8 @@ class GRPOTrainer(GuardedTrainer):
                 self.params.trainer,
                 self.iterations,
             )
-        batches = [self._rollout(rows, index) for index, rows in enumerate(prompts)]
+        sampled = self.sample(prompts)
+        batches = [self._rollout(rows, samples) for rows, samples in zip(prompts, sampled, strict=True)]
         self.finish_advantages(batches)
         tokens = sum(int(b["completion_mask"].sum()) for b in batches)
         tokens = (
@@ -444,7 +448,38 @@ class GRPOTrainer(GuardedTrainer):
         return batches, tokens
 
     @torch.no_grad()
-    def _rollout(self, rows: list[PromptRow], index: int) -> dict[str, Any]:
+    def sample(self, micro_batches: list[list[PromptRow]]) -> list[tuple[torch.Tensor, ...]]:
+        """Each micro-batch's (prompt_ids, prompt_mask, completion_ids): its prompts left-padded and their
+        num_generations completions each, the step's prompts sampled in as few generate calls as
+        prompts_per_generation allows (all at once by default, as TRL generates a step: a bigger batch decodes
+        faster). Each micro-batch's part is trimmed back to its own widest prompt and longest completion, so it
+        trains as if sampled alone."""
+        rows = [row for batch in micro_batches for row in batch]
+        if not rows:
+            return [() for _ in micro_batches]
+        per_call = self.params.prompts_per_generation or len(rows)
+        starts = range(0, len(rows), per_call)
+        pieces = [self._generate(rows[start : start + per_call], call) for call, start in enumerate(starts)]
+        # each call padded its prompts (on the left) and completions (on the right) to its own widest: to the
+        # widest of all before they are joined (a narrower call's completions all ended: padding after them)
+        pad = self.processing_class.pad_token_id
+        wide, long = max(p[0].size(1) for p in pieces), max(p[2].size(1) for p in pieces)
+        prompt_ids = torch.cat([F.pad(ids, (wide - ids.size(1), 0), value=pad) for ids, _, _ in pieces])
+        prompt_mask = torch.cat([F.pad(mask, (wide - mask.size(1), 0), value=0) for _, mask, _ in pieces])
+        completion_ids = torch.cat([F.pad(c, (0, long - c.size(1)), value=pad) for _, _, c in pieces])
+        out, start = [], 0
+        for batch in micro_batches:
+            rows_here = slice(start * self.group, (start + len(batch)) * self.group)
+            start += len(batch)
+            ids, mask, completions = prompt_ids[rows_here], prompt_mask[rows_here], completion_ids[rows_here]
+            first = int(mask.any(0).int().argmax())  # the widest prompt's first column
+            ends = self.completion_ends(completions)[0]
+            out.append((ids[:, first:], mask[:, first:], completions[:, : int(ends.max()) + 1]))
+        return out
+
+    def _generate(self, rows: list[PromptRow], call: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One generate call: (prompt ids, prompt mask, completion ids), num_generations rows per prompt, prompt
+        after prompt; prompts left-padded to the widest, completions padded to the longest."""
         model = self.accelerator.unwrap_model(self.model)
         tokenizer = self.processing_class
         device = self.args.device
@@ -458,18 +493,31 @@ class GRPOTrainer(GuardedTrainer):
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
         # The same step samples the same completions, in a resumed run too (and each process its own).
         process = self.accelerator.process_index
-        torch.manual_seed(self.params.seed + 1009 * self.state.global_step + 31 * index + 7919 * process)
+        torch.manual_seed(self.params.seed + 1009 * self.state.global_step + 31 * call + 7919 * process)
         params = self.params
         filters = (params.top_p, params.top_k, params.min_p, params.repetition_penalty)
         config = sampling_config(params.temperature, self.max_length, pad, *filters)
         config.num_return_sequences, config.eos_token_id = self.group, self.end_ids
         with eval_mode(model):
             out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
-        completion_ids = out[:, width:]
-        # A completion ends at its first end token (kept: the model learns to stop); one without it was cut.
+        repeated = prompt_ids.repeat_interleave(self.group, 0), prompt_mask.repeat_interleave(self.group, 0)
+        return *repeated, out[:, width:]
+
+    def completion_ends(self, completion_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the position of each completion's end token, or its last position if it has none; whether it has none:
+        cut at max_completion_length)."""
         is_eos = torch.isin(completion_ids, torch.tensor(self.end_ids, device=completion_ids.device))
         truncated = ~is_eos.any(1)
-        ends = torch.where(truncated, completion_ids.size(1), is_eos.int().argmax(1))
+        return torch.where(truncated, completion_ids.size(1) - 1, is_eos.int().argmax(1)), truncated
+
+    @torch.no_grad()
+    def _rollout(self, rows: list[PromptRow], samples: tuple[torch.Tensor, ...]) -> dict[str, Any]:
+        """One micro-batch's completions (from `sample`) scored, with their reference log-probs and advantages."""
+        tokenizer = self.processing_class
+        device = self.args.device
+        prompt_ids, prompt_mask, completion_ids = samples
+        # A completion ends at its first end token (kept: the model learns to stop); one without it was cut.
+        ends, truncated = self.completion_ends(completion_ids)
         positions = torch.arange(completion_ids.size(1), device=device).expand_as(completion_ids)
         completion_mask = (positions <= ends.unsqueeze(1)).long()
         # What the rewards see, as TRL gives it: the ids through the EOS, the text without special tokens.
@@ -477,8 +525,6 @@ class GRPOTrainer(GuardedTrainer):
         lengths = completion_mask.sum(1).float()
         if self.params.mask_truncated_completions:
             completion_mask = completion_mask * (~truncated).unsqueeze(1).long()
-        prompt_ids = prompt_ids.repeat_interleave(self.group, 0)
-        prompt_mask = prompt_mask.repeat_interleave(self.group, 0)
         texts = tokenizer.batch_decode(ids_lists, skip_special_tokens=True)
         repeated = [row for row in rows for _ in range(self.group)]
         chat = isinstance(rows[0].prompt, list)
@@ -517,7 +563,7 @@ class GRPOTrainer(GuardedTrainer):
         self.record("completions/mean_length", lengths.mean())
         self.record("completions/max_length", lengths.max())
         self.record("completions/clipped_ratio", truncated.float().mean())
-        if index == 0 and not self._prefix and self._writes_samples():
+        if self._samples is None and not self._prefix and self._writes_samples():
             # written once the step's advantages are final (finish_advantages), with them
             self._samples = (repeated, texts, per_function, total)
         return batch
@@ -748,7 +794,7 @@ class GRPOTrainer(GuardedTrainer):
         """Evaluation: completions for the validation prompts, scored; the loss and rewards go under eval_."""
         self._prefix = "eval_"
         try:
-            batch = self._rollout(inputs, 0)
+            batch = self._rollout(inputs, self.sample([inputs])[0])
             self.finish_advantages([batch])
             with torch.no_grad():
                 loss = self.compute_loss(model, batch)

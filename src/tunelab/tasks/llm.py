@@ -371,12 +371,17 @@ def plan(params: LLMParams) -> RunPlan:
                 f"{params.num_iterations} steps in a row (generation once every {params.num_iterations} steps)"
                 + (f"; the {left} prompts past the last whole step are left out of each epoch" if left else "")
             )
-        sequences, longest = microbatch(prep)  # each prompt's completions, prompt + full completion long
+        rows, longest = microbatch(prep)  # each prompt's completions, prompt + full completion long
+        step_prompts = params.batch_size * params.gradient_accumulation
+        at_once = params.prompts_sampled_at_once
+        sequences = at_once * params.num_generations  # one generate call's
         half = params.mixed_precision in ("fp16", "bf16")
         cache = kv_cache_bytes(prep.config, sequences, longest, 2 if half else 4)
+        calls = -(-step_prompts // at_once)
         train.notes.append(
-            f"generation KV cache: about {cache / 2**20:,.0f} MiB ({sequences} sequences of up to {longest} "
-            "tokens); the training memory below counts them as rows"
+            f"generation: {calls} generate call(s) a step, {at_once} prompt(s) each; KV cache about "
+            f"{cache / 2**20:,.0f} MiB ({sequences} sequences of up to {longest} tokens; lower "
+            f"prompts_per_generation if it does not fit); training counts {rows} of them a micro-batch as rows"
         )
     elif kind in ("pairs", "labeled"):
         s = data.stats

@@ -566,10 +566,14 @@ def run_training(trainer: Trainer, folder: Any, resume_from: Path | None) -> Any
     except TunelabError as err:
         raise type(err)(f"{err}. {folder.left_behind()}") from None
     except torch.OutOfMemoryError:
+        # grpo and rloo sample a whole step at once: accumulation does not lower that part's memory
+        sampling = ""
+        if getattr(trainer, "samples_whole_steps", False):
+            sampling = "lower prompts_per_generation (the prompts sampled for at once: the step's by default), "
         raise TrainingStopped(
-            "out of memory while training: lower batch_size (and raise gradient_accumulation to keep the effective "
-            "batch), lower block_size, keep gradient checkpointing on, or train a LoRA adapter (--peft, with "
-            f"--quantization int4 on CUDA); `tunelab llm --dry-run` estimates the memory a setting needs. "
+            f"out of memory while training: {sampling}lower batch_size (and raise gradient_accumulation to keep the "
+            "effective batch), lower block_size, keep gradient checkpointing on, or train a LoRA adapter (--peft, "
+            "with --quantization int4 on CUDA); `tunelab llm --dry-run` estimates the memory a setting needs. "
             f"{folder.left_behind()}"
         ) from None
     except BaseException:
