@@ -154,6 +154,7 @@ def test_parameters_that_name_files_must_lie_inside_the_allowed_folders(app, tin
         ("reward_json_schema", "/etc/passwd"),
         ("accelerate_config", str(outside / "evil.py")),
         ("reward_functions", "../outside/evil.py:reward"),
+        ("reward_functions", str(outside)),  # a reward model's folder: loaded, so inside the allowed ones too
     ):
         status, body = app.post_json(jobs, {"params": {**base, "reward_functions": "format_tag", name: value}})
         assert status == 400 and "outside the folders" in body["errors"][name], (name, body)

@@ -458,6 +458,39 @@ def test_trl_s_grpo_variants_train_together(tiny_llama, tmp_path, monkeypatch):
     assert given and all(call[3:] == (1.0, 20, 0.01, 1.3) for call in given)
 
 
+def test_a_reward_model_run_scores_the_completions(tiny_llama, tmp_path, capsys):
+    """--reward-functions naming a reward model's folder (a tunelab --trainer reward run, a LoRA adapter here), as
+    TRL takes a reward model: each completion gets the score `tunelab score` gives its prompt and completion. A
+    folder that holds no reward model is refused by the dry run, in one line."""
+    import tunelab
+    from tunelab.inference.score import load_reward_model, score
+
+    pairs = [{"prompt": f"What is {i} + 1?", "chosen": " Fine.", "rejected": " No idea at all."} for i in range(8)]
+    data = tmp_path / "pairs" / "train.jsonl"
+    data.parent.mkdir()
+    data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    reward_run = tunelab.train(
+        LLMParams(
+            model=str(tiny_llama), data_path=str(data.parent), trainer="reward", project_name=str(tmp_path / "rm"),
+            peft=True, block_size=64, model_max_length=128, max_prompt_length=32, batch_size=4, max_steps=2,
+            disable_gradient_checkpointing=True, eval_strategy="no",
+        )
+    )  # fmt: skip
+    assert main(grpo_args(tmp_path, tiny_llama, f"{reward_run},format_tag")) == 0
+    samples = [json.loads(line) for line in (tmp_path / "run" / "completions.jsonl").read_text().splitlines()]
+    model, tokenizer, plain_text = load_reward_model(reward_run)
+    expected = score(model, tokenizer, [s["prompt"] + s["completion"] for s in samples], plain_text)
+    got = [s["rewards"][str(reward_run)] for s in samples]
+    assert got == pytest.approx(expected, abs=2e-4) and len(set(got)) > 1
+    record = next(r for r in read_metrics(tmp_path / "run") if "loss" in r)
+    assert f"rewards/{reward_run}/mean" in record
+
+    dry = grpo_args(tmp_path, tiny_llama, f"{tiny_llama},format_tag")
+    dry[1], dry[dry.index("--project-name") + 1] = "--dry-run", str(tmp_path / "other")
+    assert main(dry) == 2
+    assert "not a reward model's folder" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("trainer", ["grpo", "rloo"])
 def test_num_iterations_trains_each_batch_of_completions_in_several_steps(trainer, tiny_llama, tmp_path, capsys):
     """num_iterations 2 over 4 prompts, 2 a step: each step's prompts come round twice, so an epoch is 4 steps; the

@@ -12,6 +12,11 @@ token ids, and every other column of the rows as a keyword argument of lists (`a
 declare only the arguments it uses. It returns one float per completion, or None where it has no opinion (the
 other rewards then decide; a completion no reward scores gets 0).
 
+A folder instead of a function is a reward model (`--reward-functions my-rm,format_tag`): a `--trainer reward` run
+of tunelab's (adapter or merged) or any sequence classifier with one output, as TRL takes a reward model. Each
+prompt and completion is scored as the reward model's own training rows were written: through its chat template
+when its run had one (a text prompt as a user message), else as the prompt's text, the completion's and EOS.
+
 A reward that raises, returns the wrong number of values, or returns something that is not a finite number
 stops the run with one line naming the function and the data row (RewardError, exit code 2). Reward files are
 imported when the run is prepared, so one that does not import is reported by the dry run, before training.
@@ -231,9 +236,75 @@ def _function(name: str, params: Any, max_tokens: int) -> Callable[..., Any]:
         return json_reward(params.reward_json_schema)
     if name == "length_penalty":
         return length_penalty(max_tokens)
+    if ":" not in name and Path(name).expanduser().is_dir():
+        return ModelReward(name)
     if ":" not in name:
-        raise RewardError(f"reward {name!r} is not a built-in ({', '.join(BUILTINS)}) nor file.py:function")
+        raise RewardError(
+            f"reward {name!r} is not a built-in ({', '.join(BUILTINS)}), a file.py:function, nor a reward model's "
+            "folder"
+        )
     return _user_function(name)
+
+
+class ModelReward:
+    """A reward model as a reward function: checked when the run is prepared (the folder holds a reward run or a
+    sequence classifier), loaded on its first call, on `device` (the trainer's) when set."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder).expanduser()
+        self.device: Any = None
+        self._loaded: tuple[Any, Any, bool] | None = None
+        run = _read_json(self.folder / "tunelab_run.json")
+        if run and run.get("trainer") != "reward":
+            raise RewardError(
+                f"reward {folder}: that run was trained with --trainer {run.get('trainer')}, not reward: it gives no "
+                "score"
+            )
+        config = _read_json(self.folder / "config.json")
+        adapter = (self.folder / "adapter_config.json").is_file()
+        classifier = any(str(a).endswith("ForSequenceClassification") for a in config.get("architectures") or [])
+        if not (adapter and run) and not classifier:
+            raise RewardError(
+                f"reward {folder}: not a reward model's folder (a tunelab --trainer reward run, or a sequence "
+                "classifier with one output)"
+            )
+        if classifier and config.get("num_labels", len(config.get("id2label") or {0: 0})) != 1:
+            raise RewardError(f"reward {folder}: a classifier of {config.get('num_labels')} labels, not one score")
+
+    def __call__(self, prompts: list[Any], completions: list[Any], **_: Any) -> list[float]:
+        from tunelab.inference.score import load_reward_model, score
+
+        if self._loaded is None:
+            model, tokenizer, plain_text = load_reward_model(self.folder)
+            self._loaded = (model.to(self.device) if self.device is not None else model), tokenizer, plain_text
+        model, tokenizer, plain_text = self._loaded
+        if plain_text:  # trained on text rows ended with EOS (score appends it)
+            texts = [_prompt_text(p) + _text(c) for p, c in zip(prompts, completions, strict=True)]
+        else:
+            texts = [
+                tokenizer.apply_chat_template(
+                    _messages(p) + [{"role": "assistant", "content": _text(c)}], tokenize=False
+                )
+                for p, c in zip(prompts, completions, strict=True)
+            ]
+        return score(model, tokenizer, texts, append_eos=plain_text)
+
+
+def _prompt_text(prompt: Any) -> str:
+    """A prompt as text: the text itself, or a message list's contents one after the other."""
+    return "".join(str(m.get("content", "")) for m in prompt) if isinstance(prompt, list) else str(prompt)
+
+
+def _messages(prompt: Any) -> list[dict[str, Any]]:
+    """A prompt as messages: the list itself, or a text as one user message."""
+    return list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
 
 
 def _user_function(spec: str) -> Callable[..., Any]:

@@ -17,7 +17,7 @@ from tunelab.app.uploads import FieldError, checked_model, resolve_user_path
 from tunelab.config.llm import LLMParams
 from tunelab.config.text_classification import TextClassificationParams
 from tunelab.errors import ConfigError
-from tunelab.rewards import reward_names
+from tunelab.rewards import BUILTINS, reward_names
 
 CLASSIFIER = "text_classification"  # the new-project form's "trainer" for a text-classification project
 
@@ -47,8 +47,8 @@ PROJECT_FIELDS += ("rejected_text_column", "chat_template", "target_column")
 FIXED_BY_PROJECT = (*PROJECT_FIELDS, "project_name", "task", "train_split")
 # Parameters that name a file or folder of this machine: like the project's data and model, each path must lie
 # inside the allowed folders (docs/app.md, Security model), and is passed on resolved. reward_functions'
-# file.py:function is imported - run - by the dry run (in the app's own process) and by the training; model_ref and
-# teacher_model are loaded; the JSON schema and the accelerate config are read.
+# file.py:function is imported - run - by the dry run (in the app's own process) and by the training, and a reward
+# model's folder loaded; model_ref and teacher_model are loaded; the JSON schema and the accelerate config are read.
 PATH_FIELDS = ("model_ref", "teacher_model", "reward_functions", "reward_json_schema", "accelerate_config")
 # A folder the run writes to and prunes: not from the app, whose runs keep the default data cache.
 REFUSED_FIELDS = ("cache_dir",)
@@ -218,11 +218,14 @@ def checked_path_value(name: str, value: Any, roots: list[Path]) -> str:
         raise FieldError(name, "expected a path (text)")
     if name in ("model_ref", "teacher_model"):
         return checked_model(name, value.strip(), roots)
-    if name == "reward_functions":  # built-ins and file.py:function, comma-separated (rewards.py)
+    if name == "reward_functions":  # built-ins, file.py:function and reward models' folders (rewards.py)
         checked = []
         for spec in reward_names(value):
             file, colon, function = spec.rpartition(":")
-            checked.append(f"{resolve_user_path(name, file, roots)}:{function}" if colon else spec)
+            if colon:
+                checked.append(f"{resolve_user_path(name, file, roots)}:{function}")
+            else:
+                checked.append(spec if spec in BUILTINS else str(resolve_user_path(name, spec, roots)))
         return ",".join(checked)
     return str(resolve_user_path(name, value.strip(), roots))
 

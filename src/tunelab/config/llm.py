@@ -445,7 +445,8 @@ class LLMParams(Params):
     reward_functions: str | None = param(
         None,
         "grpo, rloo: rewards, comma-separated: built-ins (answer_tag, answer_hash, answer_boxed, answer_last_number, "
-        "format_tag, format_think, format_regex, valid_json, length_penalty) or file.py:function (docs/grpo.md).",
+        "format_tag, format_think, format_regex, valid_json, length_penalty), file.py:function, or a reward "
+        "model's folder (a --trainer reward run; docs/grpo.md).",
     )
     reward_weights: str | None = param(None, "grpo, rloo: a weight per reward, comma-separated (default: 1 each).")
     reward_answer_column: str = param("answer", "grpo, rloo: the column the answer_* rewards compare with.")

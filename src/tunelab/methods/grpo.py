@@ -57,7 +57,7 @@ from tunelab.errors import DataError
 from tunelab.methods.base import Method, RowStats
 from tunelab.models import load_reference
 from tunelab.models.turns import turn_end
-from tunelab.rewards import Reward, call_reward, load_rewards
+from tunelab.rewards import ModelReward, Reward, call_reward, load_rewards
 from tunelab.speed.loss import (
     fast_loss_supported,
     logits_entropies,
@@ -363,6 +363,9 @@ class GRPOTrainer(GuardedTrainer):
         self.group = params.num_generations
         self.max_length = completion_length(params)
         self.rewards: list[Reward] = load_rewards(params, self.max_length)
+        for reward in self.rewards:
+            if isinstance(reward.function, ModelReward):  # scored where the policy runs
+                reward.function.device = self.args.device
         self.loss_type = params.loss_type
         self.epsilon_low = params.epsilon
         self.epsilon_high = params.epsilon_high if params.epsilon_high is not None else params.epsilon
