@@ -485,6 +485,11 @@ def test_a_reward_model_run_scores_the_completions(tiny_llama, tmp_path, capsys)
     record = next(r for r in read_metrics(tmp_path / "run") if "loss" in r)
     assert f"rewards/{reward_run}/mean" in record
 
+    checked = grpo_args(tmp_path, tiny_llama, f"{reward_run},format_tag")
+    checked[1], checked[checked.index("--project-name") + 1] = "--dry-run", str(tmp_path / "checked")
+    capsys.readouterr()
+    assert main(checked) == 0
+    assert f"reward model(s) {reward_run}: loaded beside the policy" in capsys.readouterr().out
     dry = grpo_args(tmp_path, tiny_llama, f"{tiny_llama},format_tag")
     dry[1], dry[dry.index("--project-name") + 1] = "--dry-run", str(tmp_path / "other")
     assert main(dry) == 2

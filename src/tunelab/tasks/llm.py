@@ -355,6 +355,14 @@ def plan(params: LLMParams) -> RunPlan:
         train.notes.append(f"{data.truncated} prompts cut to max_prompt_length={params.max_prompt_length}")
         weights = params.reward_weights or "1 each"
         train.notes.append(f"rewards: {params.reward_functions} (weights: {weights}), scored on every completion")
+        from tunelab.rewards import BUILTINS, reward_names
+
+        models = [name for name in reward_names(params.reward_functions) if ":" not in name and name not in BUILTINS]
+        if models:
+            train.notes.append(
+                f"reward model(s) {', '.join(models)}: loaded beside the policy at the first step; their weights are "
+                "not in the memory figure below"
+            )
         train.notes.append(
             f"generation per step: {params.batch_size * params.gradient_accumulation} prompts x "
             f"{params.num_generations} completions x up to {length} tokens = up to {per_step * length:,} "
