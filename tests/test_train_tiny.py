@@ -281,6 +281,55 @@ def test_neftune_noise_changes_training_not_the_model_s_use(tiny_llama, tmp_path
     assert torch.equal(model.get_input_embeddings()(ids), model.get_input_embeddings()(ids))
 
 
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory):
+    """A 2-layer Qwen3-MoE (4 experts, 2 a token; the model matrix's config) with the test tokenizer."""
+    from tests.conftest import build_tokenizer
+    from tests.model_matrix import family_configs
+
+    folder = tmp_path_factory.mktemp("tiny-moe")
+    tokenizer = build_tokenizer(folder)
+    config = family_configs(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)["qwen3_moe"]
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("peft", [True, False], ids=["lora", "full"])
+def test_a_mixture_of_experts_trains_with_its_load_balancing_loss(tiny_moe, tmp_path, peft):
+    """A mixture of experts adds its router's load-balancing loss (TRL's SFTTrainer does, at the model's own
+    coefficient by default): over two accumulated micro-batches, the first step's loss is that of the same run
+    without it plus coefficient x the micro-batches' mean aux loss, logged as aux_loss; 0 turns it off."""
+    data = _counting_rows(tmp_path)
+
+    def first_step(name, **extra):
+        folder = tunelab.train(
+            model=str(tiny_moe), data_path=str(data), trainer="sft", max_steps=2, batch_size=2, lr=1e-3, peft=peft,
+            gradient_accumulation=2, logging_steps=1, block_size=64, project_name=str(tmp_path / name), **extra,
+        )  # fmt: skip
+        return next(r for r in read_metrics(folder) if "loss" in r)
+
+    balanced, default, off = (
+        first_step("balanced", router_aux_loss_coef=0.1),
+        first_step("default"),
+        first_step("off", router_aux_loss_coef=0),
+    )
+    assert "aux_loss" not in off and balanced["aux_loss"] > 0.5  # (about 1 when the routing is even)
+    assert balanced["loss"] == pytest.approx(off["loss"] + 0.1 * balanced["aux_loss"], abs=2e-5)
+    assert default["loss"] == pytest.approx(off["loss"] + 0.001 * default["aux_loss"], abs=2e-5)  # Qwen3-MoE's
+
+
+def test_the_load_balancing_weight_is_refused_where_nothing_reads_it(tiny_llama, tmp_path, capsys):
+    data = _counting_rows(tmp_path)
+    args = ["llm", "--dry-run", "--model", str(tiny_llama), "--data-path", str(data), "--project-name",
+            str(tmp_path / "run"), "--trainer", "sft", "--router-aux-loss-coef", "0.01"]  # fmt: skip
+    assert main(args) == 2
+    assert "has no mixture-of-experts router" in capsys.readouterr().err
+    args[args.index("sft")] = "dpo"
+    assert main(args) == 2
+    assert "router_aux_loss_coef is read by trainers default and sft, not dpo" in capsys.readouterr().err
+
+
 def test_early_stopping_stops_on_the_eval_loss_and_keeps_the_best_weights(tiny_llama, tmp_path):
     """A learning rate far too high: the eval loss rises after its first evaluations, the run stops after
     `early_stopping_patience` evaluations without a better one, and the weights kept are the best evaluation's."""

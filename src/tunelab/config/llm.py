@@ -291,6 +291,12 @@ class LLMParams(Params):
         " under LoRA the norms' and SwiGLU's outputs are rebuilt in the backward pass instead of kept, and each LoRA"
         " product is added inside its matrix multiply.",
     )
+    router_aux_loss_coef: float | None = param(
+        None,
+        "default and sft, mixture-of-experts models: weight of the router's load-balancing loss, added to the "
+        "training loss so that the experts stay evenly used (TRL's; default: the model's own, 0.001 for Mixtral "
+        "and Qwen3-MoE; 0: off). Refused for a model without a router.",
+    )
     neftune_noise_alpha: float | None = param(
         None,
         "default and sft: NEFTune, uniform noise added to the input embeddings while training, of size "

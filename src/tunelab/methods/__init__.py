@@ -80,12 +80,14 @@ REGISTRY: dict[str, Entry] = {
         "examples",
         "causal LM over the whole text, joined and cut into blocks of block_size",
         params=("neftune_noise_alpha",),
+        own=("router_aux_loss_coef",),
     ),
     "sft": Entry(
         "sft",
         "examples",
         "supervised fine-tuning per example (optionally packed), loss on answer tokens",
         params=("neftune_noise_alpha",),
+        own=("router_aux_loss_coef",),
     ),
     "reward": Entry(
         "reward",

@@ -84,6 +84,23 @@ def _frozen_model(name: str, params: RunParams) -> Any:
     return stretch_model(model, rope_scaling_of(model.config, params, source.name, required=False))
 
 
+# The methods whose loss adds a mixture-of-experts model's load-balancing loss (GuardedTrainer.compute_loss)
+ROUTED = ("default", "sft")
+
+
+def route_experts(model: Any, params: RunParams) -> None:
+    """A mixture-of-experts model returns its router's load-balancing loss (`aux_loss`, which GuardedTrainer adds
+    to the loss, times router_aux_loss_coef) when the run's method adds it and the coefficient is not 0: the
+    model's own coefficient by default, as TRL's SFTTrainer. Other methods, and coefficient 0, switch it off."""
+    config = model.config.get_text_config()
+    if not hasattr(config, "output_router_logits"):
+        return
+    given = getattr(params, "router_aux_loss_coef", None)
+    coefficient = float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0) if given is None else float(given)
+    config.output_router_logits = getattr(params, "trainer", None) in ROUTED and coefficient != 0.0
+    config.router_aux_loss_coef = coefficient
+
+
 def load_model(
     source: ModelSource,
     params: RunParams,
@@ -120,6 +137,7 @@ def load_model(
             model.config.pad_token_id = tokenizer.pad_token_id
     stretch_model(model, rope_scaling_of(model.config, params, source.name))
     model.config.use_cache = False  # the KV cache is useless while training and conflicts with checkpointing
+    route_experts(model, params)
     token_ids = []
     if tokenizer is not None and (listed := listed_tokens(params)):  # rows for the tokens the run added
         fit_embeddings(model, len(tokenizer), new_token_ids)

@@ -48,6 +48,12 @@ def check_model(source: ModelSource, params: RunParams, kind: str = "causal_lm",
     if scaling:
         stretch_config(config, scaling)
     check_length(source, config, params)
+    coefficient = getattr(params, "router_aux_loss_coef", None)
+    if coefficient and not hasattr(config.get_text_config(), "output_router_logits"):
+        raise ConfigError(
+            f"router_aux_loss_coef: model {source.name} ({config.model_type}) has no mixture-of-experts router, so "
+            "there is no load-balancing loss to weigh: leave it out"
+        )
     if params.quantization is not None and source.gguf_file:
         raise ConfigError(
             f"quantization={params.quantization}: model {source.name} is a GGUF file, which loads dequantized to "

@@ -134,6 +134,7 @@ class GuardedTrainer(Trainer):
         self._summary: dict[str, float] = {}  # Trainer's end-of-training figures, made the whole run's
         self._part = _ThisPart()
         self.add_callback(self._part)
+        self._aux_losses: dict[str, list[float]] = {}  # a mixture of experts' load-balancing loss, until logged
 
     def fast_loss_now(self, unwrapped: Any) -> bool:
         """`self.fast_loss`, turned off for good (said once) when DeepSpeed ZeRO-3 has sharded the output head since
@@ -243,6 +244,12 @@ class GuardedTrainer(Trainer):
         metrics = {**result.metrics, **self._summary}
         return result._replace(training_loss=metrics.get("train_loss", result.training_loss), metrics=metrics)
 
+    def model_routes_experts(self) -> bool:
+        """Whether the model returns a mixture of experts' load-balancing loss (models.route_experts)."""
+        config = getattr(self.accelerator.unwrap_model(self.model), "config", None)
+        text = config.get_text_config() if config is not None else None
+        return bool(getattr(text, "output_router_logits", False))
+
     def process_means(self, metrics: dict[str, list[float]]) -> dict[str, float]:
         """Each figure a method recorded since the last log, its mean over every process's values (each process
         records its own micro-batches'; TRL gathers them too), NaN values left out. Called by every process, as
@@ -261,6 +268,10 @@ class GuardedTrainer(Trainer):
         return {name: round(total / count, 6) for name, (total, count) in figures.items() if count}
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:  # noqa: D102
+        evaluating = any(key.startswith("eval_") for key in logs)
+        name = "eval_aux_loss" if evaluating else "aux_loss"
+        if self.model_routes_experts() and "train_loss" not in logs:  # (every process has them: a collective)
+            logs.update(self.process_means({name: self._aux_losses.pop(name, [])}))
         if "train_loss" in logs and self.resumed_from is not None:  # Trainer's summary at the end of training
             self._whole_run(logs)
         super().log(logs, start_time)
@@ -380,6 +391,15 @@ class TunelabTrainer(GuardedTrainer):
         loss = loss_sum / denominator
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
+        aux = self.__dict__.pop("_aux_loss", None)
+        if aux is not None:  # a mixture-of-experts model's load-balancing loss (models.route_experts), TRL's way:
+            # a mean over the micro-batch that DDP averages over processes, averaged over the accumulated ones here
+            coefficient = self.accelerator.unwrap_model(model).config.get_text_config().router_aux_loss_coef
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + coefficient * aux.to(loss.device) / steps
+            self._aux_losses.setdefault("eval_aux_loss" if not model.training else "aux_loss", []).append(
+                float(aux.detach())
+            )
         return (loss, {}) if return_outputs else loss
 
     def loss_sum(self, model: Any, inputs: dict[str, Any], labels: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -388,9 +408,12 @@ class TunelabTrainer(GuardedTrainer):
         unwrapped = self.accelerator.unwrap_model(model)
         if self.fast_loss_now(unwrapped):
             with output_head_returns_hidden(unwrapped) as head:
-                hidden = model(**inputs, use_cache=False).logits
-            return causal_lm_loss_sum(hidden, head, labels)
-        logits = model(**inputs, use_cache=False).logits.float()
+                outputs = model(**inputs, use_cache=False)
+            self._aux_loss = getattr(outputs, "aux_loss", None)  # (a mixture of experts' with router logits on)
+            return causal_lm_loss_sum(outputs.logits, head, labels)
+        outputs = model(**inputs, use_cache=False)
+        self._aux_loss = getattr(outputs, "aux_loss", None)
+        logits = outputs.logits.float()
         shift_labels = labels[:, 1:]
         count = int((shift_labels != -100).sum())
         loss_sum = torch.nn.functional.cross_entropy(
