@@ -397,8 +397,8 @@ def test_a_grpo_job_shows_its_sample_completions(app, model):
     status, _, page = app.request("GET", f"/projects/{project['id']}/params")
     text = page.decode()
     assert status == 200 and "grpo's own settings" in text
-    heading = text.index('id="method-settings"')
-    assert text.index('id="lr"') < heading < text.index('id="loss_type"') < text.index('id="push_to_hub"')
+    heading, after = text.index('id="method-settings"'), text.index('id="publish-settings"')
+    assert text.index('id="lr"') < heading < text.index('id="loss_type"') < after < text.index('id="push_to_hub"')
     params = {**SHORT_RUN, "reward_functions": "format_tag,answer_last_number", "num_generations": 2}
     params |= {"max_completion_length": 4, "completions_every": 1}
     status, job = app.post_json(f"/api/projects/{project['id']}/jobs", {"params": params, "evaluate": False})

@@ -168,6 +168,9 @@ def test_parameters_that_name_files_must_lie_inside_the_allowed_folders(app, tin
     mine = mine.resolve()
     assert job["params"]["reward_functions"] == f"format_tag,{mine}:reward"
     assert f"{mine}:reward" in (Path(job["folder"]) / "config.yaml").read_text()
+    # a mistyped built-in is said to be one, not a missing file
+    status, body = app.post_json(preview, {"params": {**base, "reward_functions": "format_tga"}})
+    assert status == 400 and "format_tga: not a built-in (answer_tag" in body["errors"]["reward_functions"], body
 
 
 # ---- 5, 10: cancel

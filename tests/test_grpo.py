@@ -496,6 +496,43 @@ def test_a_reward_model_run_scores_the_completions(tiny_llama, tmp_path, capsys)
     assert "not a reward model's folder" in capsys.readouterr().err
 
 
+def test_another_reward_model_scores_chats_as_trl_gives_them(tiny_llama, tmp_path):
+    """A sequence classifier that is not a tunelab run (no run record) gets what TRL's GRPOTrainer gives a reward
+    model: chat prompts and completions through its tokenizer's chat template, no special tokens added, no EOS.
+    A classifier of two labels (transformers writes no num_labels for its default) is refused before loading."""
+    from transformers import AutoTokenizer, LlamaForSequenceClassification
+
+    from tunelab.rewards import ModelReward, RewardError
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.pad_token = tokenizer.eos_token
+    config = json.loads((tiny_llama / "config.json").read_text())
+    from transformers import LlamaConfig
+
+    torch.manual_seed(0)
+    classifier = LlamaForSequenceClassification(
+        LlamaConfig(**{**config, "num_labels": 1, "pad_token_id": tokenizer.pad_token_id})
+    )
+    folder = tmp_path / "rm"
+    classifier.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    prompts = [[{"role": "user", "content": "What is 2 + 3?"}], [{"role": "user", "content": "Name a colour"}]]
+    completions = [[{"role": "assistant", "content": "5"}], [{"role": "assistant", "content": "The sea is blue."}]]
+    reward = ModelReward(str(folder))
+    reward.load()
+    got = reward(prompts, completions)
+    texts = [tokenizer.apply_chat_template(p + c, tokenize=False) for p, c in zip(prompts, completions, strict=True)]
+    inputs = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)
+    with torch.no_grad():
+        expected = classifier.eval()(**inputs).logits[:, 0].tolist()
+    assert got == pytest.approx(expected, abs=1e-5) and got[0] != got[1]
+
+    two = tmp_path / "two-labels"
+    LlamaForSequenceClassification(LlamaConfig(**config)).save_pretrained(two)
+    with pytest.raises(RewardError, match="a classifier of 2 labels, not one score"):
+        ModelReward(str(two))
+
+
 @pytest.mark.parametrize("trainer", ["grpo", "rloo"])
 def test_num_iterations_trains_each_batch_of_completions_in_several_steps(trainer, tiny_llama, tmp_path, capsys):
     """num_iterations 2 over 4 prompts, 2 a step: each step's prompts come round twice, so an epoch is 4 steps; the

@@ -13,9 +13,11 @@ declare only the arguments it uses. It returns one float per completion, or None
 other rewards then decide; a completion no reward scores gets 0).
 
 A folder instead of a function is a reward model (`--reward-functions my-rm,format_tag`): a `--trainer reward` run
-of tunelab's (adapter or merged) or any sequence classifier with one output, as TRL takes a reward model. Each
-prompt and completion is scored as the reward model's own training rows were written: through its chat template
-when its run had one (a text prompt as a user message), else as the prompt's text, the completion's and EOS.
+of tunelab's (adapter or merged) or any sequence classifier with one output, as TRL takes a reward model. A
+tunelab run's model scores each prompt and completion as its own training rows were written: through its chat
+template when its run had one (a text prompt as a user message), else as the prompt's text, the completion's and
+EOS. Another reward model scores them as TRL's GRPOTrainer gives them to it: chat prompts through its tokenizer's
+chat template, text prompts as the prompt's text and the completion's. It is loaded when the trainer is built.
 
 A reward that raises, returns the wrong number of values, or returns something that is not a finite number
 stops the run with one line naming the function and the data row (RewardError, exit code 2). Reward files are
@@ -186,7 +188,8 @@ class Reward:
 
 
 def reward_names(spec: str | None) -> list[str]:
-    """The reward names of a --reward-functions value: built-ins and file.py:function, comma-separated."""
+    """The reward names of a --reward-functions value: built-ins, file.py:function and reward models' folders,
+    comma-separated."""
     return [name.strip() for name in (spec or "").split(",") if name.strip()]
 
 
@@ -248,13 +251,12 @@ def _function(name: str, params: Any, max_tokens: int) -> Callable[..., Any]:
 
 class ModelReward:
     """A reward model as a reward function: checked when the run is prepared (the folder holds a reward run or a
-    sequence classifier), loaded on its first call, on `device` (the trainer's) when set."""
+    sequence classifier), loaded by `load` (the trainer's, on its device), else on its first call."""
 
     def __init__(self, folder: str) -> None:
         self.folder = Path(folder).expanduser()
-        self.device: Any = None
         self._loaded: tuple[Any, Any, bool] | None = None
-        run = _read_json(self.folder / "tunelab_run.json")
+        self.run = run = _read_json(self.folder / "tunelab_run.json")
         if run and run.get("trainer") != "reward":
             raise RewardError(
                 f"reward {folder}: that run was trained with --trainer {run.get('trainer')}, not reward: it gives no "
@@ -268,26 +270,47 @@ class ModelReward:
                 f"reward {folder}: not a reward model's folder (a tunelab --trainer reward run, or a sequence "
                 "classifier with one output)"
             )
-        if classifier and config.get("num_labels", len(config.get("id2label") or {0: 0})) != 1:
-            raise RewardError(f"reward {folder}: a classifier of {config.get('num_labels')} labels, not one score")
+        # (transformers writes no num_labels, nor id2label for its default of 2 labels)
+        labels = config.get("num_labels") or len(config.get("id2label") or {}) or 2
+        if classifier and labels != 1:
+            raise RewardError(f"reward {folder}: a classifier of {labels} labels, not one score")
+
+    def load(self, device: Any = None) -> None:
+        """The model and tokenizer, on `device`; what goes wrong is one line naming the folder."""
+        from tunelab.inference.score import load_reward_model
+
+        try:
+            model, tokenizer, plain_text = load_reward_model(self.folder)
+            self._loaded = (model.to(device) if device is not None else model), tokenizer, plain_text
+        except Exception as error:
+            if type(error).__name__ == "OutOfMemoryError":  # the run's own advice says what to lower
+                raise
+            why = f"{type(error).__name__}: {error}"
+            raise RewardError(f"reward {self.folder}: the reward model does not load: {why}") from None
 
     def __call__(self, prompts: list[Any], completions: list[Any], **_: Any) -> list[float]:
-        from tunelab.inference.score import load_reward_model, score
+        from tunelab.inference.score import score
 
         if self._loaded is None:
-            model, tokenizer, plain_text = load_reward_model(self.folder)
-            self._loaded = (model.to(self.device) if self.device is not None else model), tokenizer, plain_text
+            self.load()
         model, tokenizer, plain_text = self._loaded
-        if plain_text:  # trained on text rows ended with EOS (score appends it)
-            texts = [_prompt_text(p) + _text(c) for p, c in zip(prompts, completions, strict=True)]
-        else:
-            texts = [
-                tokenizer.apply_chat_template(
-                    _messages(p) + [{"role": "assistant", "content": _text(c)}], tokenize=False
-                )
-                for p, c in zip(prompts, completions, strict=True)
-            ]
-        return score(model, tokenizer, texts, append_eos=plain_text)
+        pairs = list(zip(prompts, completions, strict=True))
+        if not self.run:  # another reward model: as TRL's GRPOTrainer gives it prompts and completions
+            chat = isinstance(prompts[0], list) and getattr(tokenizer, "chat_template", None)
+            texts = [self._chat(tokenizer, p, c) if chat else _prompt_text(p) + _text(c) for p, c in pairs]
+            return score(model, tokenizer, texts, append_eos=False, add_special_tokens=False)
+        if plain_text:  # a tunelab run trained on text rows: BOS (unless the text has it) + text + EOS
+            texts = [_prompt_text(p) + _text(c) for p, c in pairs]
+            bos = getattr(tokenizer, "bos_token", None)
+            written = bool(bos) and texts[0].startswith(bos)  # (as the training rows' data had it, or not)
+            return score(model, tokenizer, texts, append_eos=True, add_special_tokens=not written)
+        texts = [self._chat(tokenizer, p, c) for p, c in pairs]  # the template wrote the special tokens
+        return score(model, tokenizer, texts, append_eos=False, add_special_tokens=False)
+
+    @staticmethod
+    def _chat(tokenizer: Any, prompt: Any, completion: Any) -> str:
+        messages = _messages(prompt) + [{"role": "assistant", "content": _text(completion)}]
+        return tokenizer.apply_chat_template(messages, tokenize=False)
 
 
 def _prompt_text(prompt: Any) -> str:
@@ -364,6 +387,8 @@ def call_reward(
     except RewardError as error:
         raise RewardError(f"reward {reward.name}: {error} ({where[0]})") from None
     except Exception as error:  # noqa: BLE001 - the user's code: find the row that breaks it, report one line
+        if type(error).__name__ == "OutOfMemoryError":  # (a reward model's) not a row's fault: the run's advice
+            raise
         row = _failing_row(reward, arguments, len(completions), where)
         raise RewardError(f"reward {reward.name} raised {type(error).__name__}: {error} ({row})") from None
     if hasattr(scores, "tolist"):  # a numpy array or a tensor

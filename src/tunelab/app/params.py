@@ -224,8 +224,13 @@ def checked_path_value(name: str, value: Any, roots: list[Path]) -> str:
             file, colon, function = spec.rpartition(":")
             if colon:
                 checked.append(f"{resolve_user_path(name, file, roots)}:{function}")
-            else:
-                checked.append(spec if spec in BUILTINS else str(resolve_user_path(name, spec, roots)))
+            elif spec in BUILTINS:
+                checked.append(spec)
+            elif "/" not in spec and not (roots[0] / spec).exists():  # a mistyped built-in, most likely
+                known = f"not a built-in ({', '.join(BUILTINS)}), a file.py:function, nor a reward model's folder"
+                raise FieldError(name, f"{spec}: {known}")
+            else:  # a reward model's folder
+                checked.append(str(resolve_user_path(name, spec, roots)))
         return ",".join(checked)
     return str(resolve_user_path(name, value.strip(), roots))
 

@@ -49,15 +49,29 @@ def load_reward_model(path: str | Path) -> tuple[Any, Any, bool]:
     return model, tokenizer, run.get("template") is None
 
 
-def score(model: Any, tokenizer: Any, texts: list[str], append_eos: bool = True, batch_size: int = 8) -> list[float]:
-    """One reward per text (higher: preferred)."""
+def score(
+    model: Any,
+    tokenizer: Any,
+    texts: list[str],
+    append_eos: bool = True,
+    batch_size: int = 8,
+    add_special_tokens: bool = True,
+) -> list[float]:
+    """One reward per text (higher: preferred). `add_special_tokens` False for text a chat template rendered (its
+    BOS is in it already, as in the training rows)."""
     import torch
 
     eos = tokenizer.eos_token if append_eos else None
     texts = [t + eos if eos and not t.endswith(eos) else t for t in texts]
     scores: list[float] = []
     for start in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True)
+        batch = tokenizer(
+            texts[start : start + batch_size],
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            add_special_tokens=add_special_tokens,
+        )
         batch = batch.to(model.device)
         with torch.no_grad():
             scores += model(**batch).logits.squeeze(-1).float().tolist()

@@ -364,8 +364,8 @@ class GRPOTrainer(GuardedTrainer):
         self.max_length = completion_length(params)
         self.rewards: list[Reward] = load_rewards(params, self.max_length)
         for reward in self.rewards:
-            if isinstance(reward.function, ModelReward):  # scored where the policy runs
-                reward.function.device = self.args.device
+            if isinstance(reward.function, ModelReward):  # loaded now (not at the first step), where the policy runs
+                reward.function.load(self.args.device)
         self.loss_type = params.loss_type
         self.epsilon_low = params.epsilon
         self.epsilon_high = params.epsilon_high if params.epsilon_high is not None else params.epsilon
