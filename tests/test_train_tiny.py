@@ -314,9 +314,49 @@ def test_a_mixture_of_experts_trains_with_its_load_balancing_loss(tiny_moe, tmp_
         first_step("default"),
         first_step("off", router_aux_loss_coef=0),
     )
-    assert "aux_loss" not in off and balanced["aux_loss"] > 0.5  # (about 1 when the routing is even)
+    assert "aux_loss" not in off and balanced["aux_loss"] > 1  # (about top_k, 2, when the routing is even)
     assert balanced["loss"] == pytest.approx(off["loss"] + 0.1 * balanced["aux_loss"], abs=2e-5)
     assert default["loss"] == pytest.approx(off["loss"] + 0.001 * default["aux_loss"], abs=2e-5)  # Qwen3-MoE's
+    # nothing of it stays with the model: its saved config is the base's, and it generates in batches
+    if not peft:
+        folder = tmp_path / "balanced"
+        saved = json.loads((folder / "config.json").read_text())
+        assert not saved.get("output_router_logits") and saved.get("router_aux_loss_coef") == 0.001
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer.padding_side = "left"
+        batch = tokenizer(["Count: 1", "Count to ten: 1 2"], return_tensors="pt", padding=True)
+        out = AutoModelForCausalLM.from_pretrained(folder).generate(**batch, max_new_tokens=4, do_sample=False)
+        assert out.shape[0] == 2
+
+
+def test_a_mixture_of_experts_balancing_loss_leaves_padding_out(tiny_moe, tmp_path):
+    """Padding is routed too, but is no token of the data: the load-balancing loss of rows padded to a common
+    length equals that of the same rows laid end to end with no padding (the flat layout)."""
+    from tunelab.data.packing import PackedRowsCollator
+    from tunelab.data.tokenize import Encoded
+    from tunelab.models import ROUTER_AUX
+    from tunelab.training.trainer import TunelabTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_moe).eval()
+    setattr(model, ROUTER_AUX, 0.1)
+    rows = [Encoded(list(range(5, 5 + n)), list(range(5, 5 + n))) for n in (3, 11, 6)]
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    trainer = TunelabTrainer(model=model, args=args, fast_loss=True, params=None)
+    aux = {}
+    for flat in (False, True):
+        batch = PackedRowsCollator(0, flat=flat, mark_tokens=True)(rows)
+        labels = batch.pop("labels")
+        with torch.no_grad():
+            trainer.loss_sum(model, batch, labels)
+        aux[flat] = trainer.__dict__.pop("_aux_loss")
+    torch.testing.assert_close(aux[False], aux[True])
+    unmasked = PackedRowsCollator(0, mark_tokens=False)(rows)
+    labels = unmasked.pop("labels")
+    with torch.no_grad():
+        trainer.loss_sum(model, unmasked, labels)
+    assert not torch.allclose(trainer.__dict__.pop("_aux_loss"), aux[True])  # (the padding did count)
 
 
 def test_the_load_balancing_weight_is_refused_where_nothing_reads_it(tiny_llama, tmp_path, capsys):

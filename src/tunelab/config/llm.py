@@ -623,6 +623,9 @@ class LLMParams(Params):
 
     # ------------------------------------------------------------------ checks
     def _check_regularisers(self) -> None:
+        aux = self.router_aux_loss_coef
+        if aux is not None and (isinstance(aux, bool) or not isinstance(aux, int | float) or not 0 <= aux < math.inf):
+            raise ConfigError(f"router_aux_loss_coef must be 0 or positive, got {aux!r}")
         if self.neftune_noise_alpha is not None:
             if not self.neftune_noise_alpha > 0:
                 raise ConfigError(f"neftune_noise_alpha must be positive, got {self.neftune_noise_alpha}")

@@ -37,10 +37,13 @@ class PackedRowsCollator:
       kernel instead of materialising a mask and the attention weights.
     """
 
-    def __init__(self, pad_token_id: int, flat: bool = False, pad_to_multiple_of: int = 8) -> None:
+    def __init__(
+        self, pad_token_id: int, flat: bool = False, pad_to_multiple_of: int = 8, mark_tokens: bool = False
+    ) -> None:
         self.pad_token_id = pad_token_id
         self.flat = flat
         self.multiple = pad_to_multiple_of
+        self.mark_tokens = mark_tokens  # a "token_mask" too, 1 on real tokens (not for the model: for its loss)
 
     def __call__(self, rows: list[Any]) -> dict[str, torch.Tensor]:
         built = [_row(row) for row in rows]
@@ -61,6 +64,8 @@ class PackedRowsCollator:
         }
         if self.flat or any(len(examples_in(row)) > 1 for row in rows):
             batch["position_ids"] = torch.tensor(positions, dtype=torch.long)
+        if self.mark_tokens:
+            batch["token_mask"] = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _, _ in built])
         return batch
 
 

@@ -84,21 +84,33 @@ def _frozen_model(name: str, params: RunParams) -> Any:
     return stretch_model(model, rope_scaling_of(model.config, params, source.name, required=False))
 
 
-# The methods whose loss adds a mixture-of-experts model's load-balancing loss (GuardedTrainer.compute_loss)
-ROUTED = ("default", "sft")
+# The weight of a mixture of experts' load-balancing loss in the run's loss: an attribute of the model (PEFT's
+# wrappers pass it through), never of its config, which is saved with the model and read by every later use.
+ROUTER_AUX = "_tunelab_router_aux"
+
+
+def balancing_loss(model: Any) -> Any:
+    """A mixture of experts' own load-balancing loss function (its modeling module's `load_balancing_loss_func`,
+    called as its forward calls it), None for a model that has none."""
+    import sys
+
+    function = getattr(sys.modules.get(type(model).__module__), "load_balancing_loss_func", None)
+    return function if function is not None and hasattr(model, "num_experts_per_tok") else None
 
 
 def route_experts(model: Any, params: RunParams) -> None:
-    """A mixture-of-experts model returns its router's load-balancing loss (`aux_loss`, which GuardedTrainer adds
-    to the loss, times router_aux_loss_coef) when the run's method adds it and the coefficient is not 0: the
-    model's own coefficient by default, as TRL's SFTTrainer. Other methods, and coefficient 0, switch it off."""
-    config = model.config.get_text_config()
-    if not hasattr(config, "output_router_logits"):
-        return
+    """Mark a mixture of experts for its load-balancing loss when the run's method adds it (default, sft: TRL's
+    SFTTrainer does) and the weight is not 0: router_aux_loss_coef, else the model's own. GuardedTrainer then asks
+    the forward for the router logits and adds the loss, padding left out."""
+    from tunelab.methods import readers
+
     given = getattr(params, "router_aux_loss_coef", None)
-    coefficient = float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0) if given is None else float(given)
-    config.output_router_logits = getattr(params, "trainer", None) in ROUTED and coefficient != 0.0
-    config.router_aux_loss_coef = coefficient
+    if balancing_loss(model) is None or getattr(params, "trainer", None) not in readers()["router_aux_loss_coef"]:
+        return
+    own = getattr(model.config.get_text_config(), "router_aux_loss_coef", 0.0)
+    coefficient = float(own or 0.0) if given is None else float(given)
+    if coefficient:
+        setattr(model, ROUTER_AUX, coefficient)
 
 
 def load_model(

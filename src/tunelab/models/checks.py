@@ -49,7 +49,7 @@ def check_model(source: ModelSource, params: RunParams, kind: str = "causal_lm",
         stretch_config(config, scaling)
     check_length(source, config, params)
     coefficient = getattr(params, "router_aux_loss_coef", None)
-    if coefficient and not hasattr(config.get_text_config(), "output_router_logits"):
+    if coefficient and not _balances_experts(config):
         raise ConfigError(
             f"router_aux_loss_coef: model {source.name} ({config.model_type}) has no mixture-of-experts router, so "
             "there is no load-balancing loss to weigh: leave it out"
@@ -63,6 +63,19 @@ def check_model(source: ModelSource, params: RunParams, kind: str = "causal_lm",
         check_targets(source, config, params, kind)
         check_lora_variants(source, config, params, kind)
     return config
+
+
+def _balances_experts(config: Any) -> bool:
+    """Whether the model's transformers module has a load-balancing loss for its experts (Mixtral, Qwen-MoE,
+    OLMoE, gpt-oss...; DeepSeek-V3 and Llama 4 route without one)."""
+    import importlib
+
+    kind = str(getattr(config, "model_type", "")).replace("-", "_")
+    try:
+        module = importlib.import_module(f"transformers.models.{kind}.modeling_{kind}")
+    except ImportError:
+        return False
+    return hasattr(module, "load_balancing_loss_func")
 
 
 # Quantized checkpoints whose LoRA layers PEFT has without DoRA (peft/tuners/lora/{gptq,awq,aqlm,eetq}.py refuse it).

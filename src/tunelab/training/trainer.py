@@ -29,6 +29,7 @@ from tunelab.config.llm import LLMParams
 from tunelab.data.packing import PackedRowsCollator, row_lengths
 from tunelab.env import distributed_kind
 from tunelab.errors import TunelabError
+from tunelab.models import ROUTER_AUX, balancing_loss
 from tunelab.models.checks import CLASSIFIER_HEADS
 from tunelab.models.peft import quiet_peft_save
 from tunelab.speed import compile_layers, optimizer_name, pad_multiple
@@ -244,12 +245,6 @@ class GuardedTrainer(Trainer):
         metrics = {**result.metrics, **self._summary}
         return result._replace(training_loss=metrics.get("train_loss", result.training_loss), metrics=metrics)
 
-    def model_routes_experts(self) -> bool:
-        """Whether the model returns a mixture of experts' load-balancing loss (models.route_experts)."""
-        config = getattr(self.accelerator.unwrap_model(self.model), "config", None)
-        text = config.get_text_config() if config is not None else None
-        return bool(getattr(text, "output_router_logits", False))
-
     def process_means(self, metrics: dict[str, list[float]]) -> dict[str, float]:
         """Each figure a method recorded since the last log, its mean over every process's values (each process
         records its own micro-batches'; TRL gathers them too), NaN values left out. Called by every process, as
@@ -270,8 +265,9 @@ class GuardedTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:  # noqa: D102
         evaluating = any(key.startswith("eval_") for key in logs)
         name = "eval_aux_loss" if evaluating else "aux_loss"
-        if self.model_routes_experts() and "train_loss" not in logs:  # (every process has them: a collective)
-            logs.update(self.process_means({name: self._aux_losses.pop(name, [])}))
+        if self.router_aux_weight() and "train_loss" not in logs:  # (every process has them: a collective)
+            values = [float(value) for value in self._aux_losses.pop(name, [])]
+            logs.update(self.process_means({name: values}))
         if "train_loss" in logs and self.resumed_from is not None:  # Trainer's summary at the end of training
             self._whole_run(logs)
         super().log(logs, start_time)
@@ -392,27 +388,42 @@ class TunelabTrainer(GuardedTrainer):
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
         aux = self.__dict__.pop("_aux_loss", None)
-        if aux is not None:  # a mixture-of-experts model's load-balancing loss (models.route_experts), TRL's way:
-            # a mean over the micro-batch that DDP averages over processes, averaged over the accumulated ones here
-            coefficient = self.accelerator.unwrap_model(model).config.get_text_config().router_aux_loss_coef
+        if aux is not None:
+            self._aux_losses.setdefault("aux_loss" if model.training else "eval_aux_loss", []).append(aux.detach())
+        if aux is not None and model.training:  # a mixture of experts' load-balancing loss (models.route_experts),
+            # TRL's way: a mean over the micro-batch that DDP averages over processes, averaged over the accumulated
+            # micro-batches here. Training's only: eval_loss stays the cross-entropy its perplexity is read from.
             steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
-            loss = loss + coefficient * aux.to(loss.device) / steps
-            self._aux_losses.setdefault("eval_aux_loss" if not model.training else "aux_loss", []).append(
-                float(aux.detach())
-            )
+            loss = loss + self.router_aux_weight() * aux.to(loss.device) / steps
         return (loss, {}) if return_outputs else loss
+
+    def router_aux_weight(self) -> float:
+        """The weight of the model's load-balancing loss in the run's loss (models.route_experts), 0 for none."""
+        return float(getattr(self.accelerator.unwrap_model(self.model), ROUTER_AUX, 0.0) or 0.0)
+
+    def balancing(self, model: Any, router_logits: Any, token_mask: Any) -> torch.Tensor:
+        """The model's own load-balancing loss over the micro-batch's real tokens (`token_mask`: the collator's;
+        padding routes too, and would count)."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+        function = balancing_loss(base)
+        return function(router_logits, base.num_experts, base.num_experts_per_tok, token_mask)
 
     def loss_sum(self, model: Any, inputs: dict[str, Any], labels: torch.Tensor) -> tuple[torch.Tensor, int]:
         """The loss summed over the trained tokens of the micro-batch, and their count: here the next-token
         cross-entropy (a method's subclass sums its own)."""
         unwrapped = self.accelerator.unwrap_model(model)
+        token_mask = inputs.pop("token_mask", None)  # (the collator marks real tokens for the balancing loss)
+        routed = {"output_router_logits": True} if self.router_aux_weight() else {}
         if self.fast_loss_now(unwrapped):
             with output_head_returns_hidden(unwrapped) as head:
-                outputs = model(**inputs, use_cache=False)
-            self._aux_loss = getattr(outputs, "aux_loss", None)  # (a mixture of experts' with router logits on)
+                outputs = model(**inputs, use_cache=False, **routed)
+            if routed:
+                self._aux_loss = self.balancing(model, outputs.router_logits, token_mask)
             return causal_lm_loss_sum(outputs.logits, head, labels)
-        outputs = model(**inputs, use_cache=False)
-        self._aux_loss = getattr(outputs, "aux_loss", None)
+        outputs = model(**inputs, use_cache=False, **routed)
+        if routed:
+            self._aux_loss = self.balancing(model, outputs.router_logits, token_mask)
         logits = outputs.logits.float()
         shift_labels = labels[:, 1:]
         count = int((shift_labels != -100).sum())
@@ -558,7 +569,12 @@ def build_trainer(
         trainer = (trainer_class or TunelabTrainer)(
             fast_loss=params.fast_loss,
             params=params,
-            data_collator=PackedRowsCollator(tokenizer.pad_token_id, flat=flat, pad_to_multiple_of=pad_multiple()),
+            data_collator=PackedRowsCollator(
+                tokenizer.pad_token_id,
+                flat=flat,
+                pad_to_multiple_of=pad_multiple(),
+                mark_tokens=bool(getattr(model, ROUTER_AUX, None)),  # for a mixture of experts' balancing loss
+            ),
             group_by_length=params.group_by_length and not params.packing and not streamed,
             **common,
         )
