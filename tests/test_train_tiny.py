@@ -332,13 +332,15 @@ def test_a_mixture_of_experts_trains_with_its_load_balancing_loss(tiny_moe, tmp_
 def test_a_mixture_of_experts_balancing_loss_leaves_padding_out(tiny_moe, tmp_path):
     """Padding is routed too, but is no token of the data: the load-balancing loss of rows padded to a common
     length equals that of the same rows laid end to end with no padding (the flat layout)."""
+    from tunelab.config.llm import LLMParams
     from tunelab.data.packing import PackedRowsCollator
     from tunelab.data.tokenize import Encoded
-    from tunelab.models import ROUTER_AUX
+    from tunelab.models import ROUTER_AUX, route_experts
     from tunelab.training.trainer import TunelabTrainer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_moe).eval()
-    setattr(model, ROUTER_AUX, 0.1)
+    route_experts(model, LLMParams(trainer="sft", router_aux_loss_coef=0.1))
+    assert getattr(model, ROUTER_AUX).weight == 0.1 and getattr(model, ROUTER_AUX).top_k == 2
     rows = [Encoded(list(range(5, 5 + n)), list(range(5, 5 + n))) for n in (3, 11, 6)]
     from transformers import TrainingArguments
 
@@ -364,7 +366,7 @@ def test_the_load_balancing_weight_is_refused_where_nothing_reads_it(tiny_llama,
     args = ["llm", "--dry-run", "--model", str(tiny_llama), "--data-path", str(data), "--project-name",
             str(tmp_path / "run"), "--trainer", "sft", "--router-aux-loss-coef", "0.01"]  # fmt: skip
     assert main(args) == 2
-    assert "has no mixture-of-experts router" in capsys.readouterr().err
+    assert "has no load-balancing loss for experts" in capsys.readouterr().err
     args[args.index("sft")] = "dpo"
     assert main(args) == 2
     assert "router_aux_loss_coef is read by trainers default and sft, not dpo" in capsys.readouterr().err

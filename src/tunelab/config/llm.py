@@ -293,9 +293,10 @@ class LLMParams(Params):
     )
     router_aux_loss_coef: float | None = param(
         None,
-        "default and sft, mixture-of-experts models: weight of the router's load-balancing loss, added to the "
-        "training loss so that the experts stay evenly used (TRL's; default: the model's own, 0.001 for Mixtral "
-        "and Qwen3-MoE; 0: off). Refused for a model without a router.",
+        "default and sft, mixture-of-experts models: weight of the router's load-balancing loss (over the real "
+        "tokens, padding left out), added to the training loss so that the experts stay evenly used (TRL's; "
+        "default: the model's own, 0.001 for Mixtral and Qwen3-MoE; 0: off; eval_loss never has it). Refused for a "
+        "model without such a loss.",
     )
     neftune_noise_alpha: float | None = param(
         None,

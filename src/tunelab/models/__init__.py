@@ -12,6 +12,7 @@ add LoRA if asked.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from tunelab.config.base import RunParams, listed_tokens
@@ -89,13 +90,29 @@ def _frozen_model(name: str, params: RunParams) -> Any:
 ROUTER_AUX = "_tunelab_router_aux"
 
 
-def balancing_loss(model: Any) -> Any:
-    """A mixture of experts' own load-balancing loss function (its modeling module's `load_balancing_loss_func`,
-    called as its forward calls it), None for a model that has none."""
+@dataclass(frozen=True)
+class Balancing:
+    """A mixture of experts' load-balancing loss as the run adds it: its weight, and the model's own function
+    (its modeling module's `load_balancing_loss_func(gate_logits, num_experts, top_k, attention_mask)`) with the
+    model's expert counts, found at load time (a wrapper such as FSDP2's may change the model's class later)."""
+
+    weight: float
+    function: Any
+    experts: int
+    top_k: int
+
+
+def balancing_loss(model_class: type) -> Any:
+    """The model class's load-balancing loss function, called as its forward calls it, or None: a class without
+    one (dense models; DeepSeek-V3 and Llama 4 route without one), or one whose function takes other arguments."""
+    import inspect
     import sys
 
-    function = getattr(sys.modules.get(type(model).__module__), "load_balancing_loss_func", None)
-    return function if function is not None and hasattr(model, "num_experts_per_tok") else None
+    function = getattr(sys.modules.get(model_class.__module__), "load_balancing_loss_func", None)
+    if function is None:
+        return None
+    names = list(inspect.signature(function).parameters)[:4]
+    return function if names == ["gate_logits", "num_experts", "top_k", "attention_mask"] else None
 
 
 def route_experts(model: Any, params: RunParams) -> None:
@@ -104,13 +121,17 @@ def route_experts(model: Any, params: RunParams) -> None:
     the forward for the router logits and adds the loss, padding left out."""
     from tunelab.methods import readers
 
-    given = getattr(params, "router_aux_loss_coef", None)
-    if balancing_loss(model) is None or getattr(params, "trainer", None) not in readers()["router_aux_loss_coef"]:
+    function = balancing_loss(type(model))
+    if function is None or getattr(params, "trainer", None) not in readers()["router_aux_loss_coef"]:
         return
-    own = getattr(model.config.get_text_config(), "router_aux_loss_coef", 0.0)
-    coefficient = float(own or 0.0) if given is None else float(given)
-    if coefficient:
-        setattr(model, ROUTER_AUX, coefficient)
+    if not hasattr(model, "num_experts") or not hasattr(model, "num_experts_per_tok"):
+        return
+    given = getattr(params, "router_aux_loss_coef", None)
+    own = getattr(model, "router_aux_loss_coef", None)  # the model's (DBRX's from its ffn_config), else the config's
+    own = getattr(model.config.get_text_config(), "router_aux_loss_coef", 0.0) if own is None else own
+    weight = float(own or 0.0) if given is None else float(given)
+    if weight:
+        setattr(model, ROUTER_AUX, Balancing(weight, function, int(model.num_experts), int(model.num_experts_per_tok)))
 
 
 def load_model(

@@ -51,8 +51,8 @@ def check_model(source: ModelSource, params: RunParams, kind: str = "causal_lm",
     coefficient = getattr(params, "router_aux_loss_coef", None)
     if coefficient and not _balances_experts(config):
         raise ConfigError(
-            f"router_aux_loss_coef: model {source.name} ({config.model_type}) has no mixture-of-experts router, so "
-            "there is no load-balancing loss to weigh: leave it out"
+            f"router_aux_loss_coef: model {source.name} ({config.model_type}) has no load-balancing loss for "
+            "experts (a dense model, or experts routed without one), so there is nothing to weigh: leave it out"
         )
     if params.quantization is not None and source.gguf_file:
         raise ConfigError(
@@ -66,16 +66,17 @@ def check_model(source: ModelSource, params: RunParams, kind: str = "causal_lm",
 
 
 def _balances_experts(config: Any) -> bool:
-    """Whether the model's transformers module has a load-balancing loss for its experts (Mixtral, Qwen-MoE,
-    OLMoE, gpt-oss...; DeepSeek-V3 and Llama 4 route without one)."""
-    import importlib
+    """Whether the causal LM class of the config has a load-balancing loss for its experts that tunelab can add
+    (models.balancing_loss: Mixtral, Qwen-MoE, OLMoE, gpt-oss...; DeepSeek-V3 and Llama 4 route without one)."""
+    from transformers import AutoModelForCausalLM
 
-    kind = str(getattr(config, "model_type", "")).replace("-", "_")
+    from tunelab.models import balancing_loss
+
     try:
-        module = importlib.import_module(f"transformers.models.{kind}.modeling_{kind}")
-    except ImportError:
+        model_class = AutoModelForCausalLM._model_mapping[type(config)]
+    except (KeyError, ValueError):
         return False
-    return hasattr(module, "load_balancing_loss_func")
+    return balancing_loss(model_class) is not None
 
 
 # Quantized checkpoints whose LoRA layers PEFT has without DoRA (peft/tuners/lora/{gptq,awq,aqlm,eetq}.py refuse it).

@@ -29,7 +29,7 @@ from tunelab.config.llm import LLMParams
 from tunelab.data.packing import PackedRowsCollator, row_lengths
 from tunelab.env import distributed_kind
 from tunelab.errors import TunelabError
-from tunelab.models import ROUTER_AUX, balancing_loss
+from tunelab.models import ROUTER_AUX
 from tunelab.models.checks import CLASSIFIER_HEADS
 from tunelab.models.peft import quiet_peft_save
 from tunelab.speed import compile_layers, optimizer_name, pad_multiple
@@ -135,7 +135,7 @@ class GuardedTrainer(Trainer):
         self._summary: dict[str, float] = {}  # Trainer's end-of-training figures, made the whole run's
         self._part = _ThisPart()
         self.add_callback(self._part)
-        self._aux_losses: dict[str, list[float]] = {}  # a mixture of experts' load-balancing loss, until logged
+        self._aux_losses: dict[str, list[torch.Tensor]] = {}  # a mixture of experts' balancing loss, until logged
 
     def fast_loss_now(self, unwrapped: Any) -> bool:
         """`self.fast_loss`, turned off for good (said once) when DeepSpeed ZeRO-3 has sharded the output head since
@@ -245,6 +245,10 @@ class GuardedTrainer(Trainer):
         metrics = {**result.metrics, **self._summary}
         return result._replace(training_loss=metrics.get("train_loss", result.training_loss), metrics=metrics)
 
+    def router_aux(self) -> Any:
+        """The model's load-balancing loss as the run adds it (models.Balancing), None for none."""
+        return getattr(self.accelerator.unwrap_model(self.model), ROUTER_AUX, None)
+
     def process_means(self, metrics: dict[str, list[float]]) -> dict[str, float]:
         """Each figure a method recorded since the last log, its mean over every process's values (each process
         records its own micro-batches'; TRL gathers them too), NaN values left out. Called by every process, as
@@ -265,7 +269,7 @@ class GuardedTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:  # noqa: D102
         evaluating = any(key.startswith("eval_") for key in logs)
         name = "eval_aux_loss" if evaluating else "aux_loss"
-        if self.router_aux_weight() and "train_loss" not in logs:  # (every process has them: a collective)
+        if self.router_aux() and "train_loss" not in logs:  # (every process has them: a collective)
             values = [float(value) for value in self._aux_losses.pop(name, [])]
             logs.update(self.process_means({name: values}))
         if "train_loss" in logs and self.resumed_from is not None:  # Trainer's summary at the end of training
@@ -394,36 +398,33 @@ class TunelabTrainer(GuardedTrainer):
             # TRL's way: a mean over the micro-batch that DDP averages over processes, averaged over the accumulated
             # micro-batches here. Training's only: eval_loss stays the cross-entropy its perplexity is read from.
             steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
-            loss = loss + self.router_aux_weight() * aux.to(loss.device) / steps
+            loss = loss + self.router_aux().weight * aux.to(loss.device) / steps
         return (loss, {}) if return_outputs else loss
 
-    def router_aux_weight(self) -> float:
-        """The weight of the model's load-balancing loss in the run's loss (models.route_experts), 0 for none."""
-        return float(getattr(self.accelerator.unwrap_model(self.model), ROUTER_AUX, 0.0) or 0.0)
-
-    def balancing(self, model: Any, router_logits: Any, token_mask: Any) -> torch.Tensor:
+    def balancing(self, router_logits: Any, token_mask: Any) -> torch.Tensor | None:
         """The model's own load-balancing loss over the micro-batch's real tokens (`token_mask`: the collator's;
-        padding routes too, and would count)."""
-        unwrapped = self.accelerator.unwrap_model(model)
-        base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
-        function = balancing_loss(base)
-        return function(router_logits, base.num_experts, base.num_experts_per_tok, token_mask)
+        padding routes too, and would count); None where the model gave no router logits."""
+        found = self.router_aux()
+        if not router_logits:
+            return None
+        value = found.function(router_logits, found.experts, found.top_k, token_mask)
+        return value if torch.is_tensor(value) else None
 
     def loss_sum(self, model: Any, inputs: dict[str, Any], labels: torch.Tensor) -> tuple[torch.Tensor, int]:
         """The loss summed over the trained tokens of the micro-batch, and their count: here the next-token
         cross-entropy (a method's subclass sums its own)."""
         unwrapped = self.accelerator.unwrap_model(model)
         token_mask = inputs.pop("token_mask", None)  # (the collator marks real tokens for the balancing loss)
-        routed = {"output_router_logits": True} if self.router_aux_weight() else {}
+        routed = {"output_router_logits": True} if self.router_aux() else {}
         if self.fast_loss_now(unwrapped):
             with output_head_returns_hidden(unwrapped) as head:
                 outputs = model(**inputs, use_cache=False, **routed)
             if routed:
-                self._aux_loss = self.balancing(model, outputs.router_logits, token_mask)
+                self._aux_loss = self.balancing(getattr(outputs, "router_logits", None), token_mask)
             return causal_lm_loss_sum(outputs.logits, head, labels)
         outputs = model(**inputs, use_cache=False, **routed)
         if routed:
-            self._aux_loss = self.balancing(model, outputs.router_logits, token_mask)
+            self._aux_loss = self.balancing(getattr(outputs, "router_logits", None), token_mask)
         logits = outputs.logits.float()
         shift_labels = labels[:, 1:]
         count = int((shift_labels != -100).sum())
