@@ -70,7 +70,7 @@ def _balances_experts(config: Any) -> bool:
     (models.balancing_loss: Mixtral, Qwen-MoE, OLMoE, gpt-oss...; DeepSeek-V3 and Llama 4 route without one)."""
     from transformers import AutoModelForCausalLM
 
-    from tunelab.models import balancing_loss
+    from tunelab.models.experts import balancing_loss
 
     try:
         model_class = AutoModelForCausalLM._model_mapping[type(config)]
