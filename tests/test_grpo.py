@@ -839,12 +839,25 @@ def test_evaluation_scores_the_validation_prompts_apart(tiny_llama, tmp_path):
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PROMPTS))
     args = grpo_args(tmp_path, tiny_llama, "answer_last_number,format_tag")
     args[args.index("--data-path") + 1] = str(folder)
-    assert main([*args, "--valid-split", "test", "--eval-strategy", "steps"]) == 0
+    from transformers import GenerationMixin
+
+    generate, sampled = GenerationMixin.generate, []
+
+    def counting(self, *a, **kw):  # completions per prompt of each generate call
+        sampled.append(kw["generation_config"].num_return_sequences)
+        return generate(self, *a, **kw)
+
+    GenerationMixin.generate = counting
+    try:
+        assert main([*args, "--valid-split", "test", "--eval-strategy", "steps", "--num-generations-eval", "3"]) == 0
+    finally:
+        GenerationMixin.generate = generate
     records = read_metrics(tmp_path / "run")
     evals = [r for r in records if "eval_loss" in r]
     trains = [r for r in records if "loss" in r]
     assert evals and "eval_reward" in evals[0] and "eval_rewards/format_tag/mean" in evals[0]
     assert all(not any(k.startswith("eval_") for k in r) for r in trains)  # training figures stay apart
+    assert set(sampled) == {2, 3}  # num_generations 2 in training, num_generations_eval 3 in evaluation
 
 
 def test_a_reward_file_imports_as_a_module_does(tmp_path):

@@ -230,6 +230,7 @@ def test_each_methods_own_settings_are_refused_on_the_other():
         (dict(trainer="kto", temperature=0.7), "temperature is read by trainers grpo and rloo, not kto"),
         (dict(trainer="rloo", top_entropy_quantile=0.2), "top_entropy_quantile is read by trainer grpo, not rloo"),
         (dict(trainer="grpo", top_k=-1), "top_k must be a whole number, 0 .off. or more"),
+        (dict(trainer="rloo", num_generations_eval=0), "num_generations_eval must be a whole number, 1 or more"),
         (dict(trainer="rloo", min_p=1.5), r"min_p must be in \[0, 1\]"),
         (dict(trainer="grpo", repetition_penalty=0), "repetition_penalty must be above 0"),
         (dict(trainer="grpo", vespo_k_pos=1.0), "vespo_k_pos is read by loss_type vespo only"),

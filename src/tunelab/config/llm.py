@@ -462,6 +462,11 @@ class LLMParams(Params):
         None, "grpo, rloo: a JSON schema file valid_json checks against (jsonschema)."
     )
     num_generations: int = param(8, "grpo, rloo: completions sampled per prompt (a group; its rewards are compared).")
+    num_generations_eval: int | None = param(
+        None,
+        "grpo, rloo: completions sampled per validation prompt when evaluating (default: num_generations; fewer "
+        "evaluate faster).",
+    )
     prompts_per_generation: int | None = param(
         None,
         "grpo, rloo: prompts sampled for in one generate call on each process, num_generations completions each "

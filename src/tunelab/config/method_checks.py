@@ -109,6 +109,9 @@ def check_sampled(params: Params) -> None:
     per_call = params.prompts_per_generation
     if per_call is not None and (isinstance(per_call, bool) or not isinstance(per_call, int) or per_call < 1):
         raise ConfigError(f"prompts_per_generation must be a whole number, 1 or more, got {per_call!r}")
+    evaluated = params.num_generations_eval
+    if evaluated is not None and (isinstance(evaluated, bool) or not isinstance(evaluated, int) or evaluated < 1):
+        raise ConfigError(f"num_generations_eval must be a whole number, 1 or more, got {evaluated!r}")
     if params.num_generations < 2:
         raise ConfigError(f"num_generations must be at least 2 (a group to compare), got {params.num_generations}")
     if params.temperature <= 0 or not 0 < params.top_p <= 1:

@@ -57,6 +57,7 @@ SAMPLED = (
     "reward_regex",
     "reward_json_schema",
     "num_generations",
+    "num_generations_eval",
     "prompts_per_generation",
     "temperature",
     "top_p",

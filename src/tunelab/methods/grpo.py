@@ -794,15 +794,17 @@ class GRPOTrainer(GuardedTrainer):
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):  # noqa: D102
-        """Evaluation: completions for the validation prompts, scored; the loss and rewards go under eval_."""
+        """Evaluation: completions for the validation prompts (num_generations_eval each), scored; the loss and
+        rewards go under eval_."""
         self._prefix = "eval_"
+        group, self.group = self.group, self.params.num_generations_eval or self.group
         try:
             batch = self._rollout(inputs, self.sample([inputs])[0])
             self.finish_advantages([batch])
             with torch.no_grad():
                 loss = self.compute_loss(model, batch)
         finally:
-            self._prefix = ""
+            self._prefix, self.group = "", group
         return loss.detach(), None, None
 
 
