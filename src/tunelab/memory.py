@@ -122,6 +122,13 @@ def kv_cache_bytes(config: Any, sequences: int, length: int, bytes_per_value: in
     return 2 * shape.layers * shape.kv_heads * shape.head_dim * sequences * length * bytes_per_value
 
 
+def sampling_cache(config: Any, params: Any, length: int) -> tuple[int, int]:
+    """grpo, rloo: (the completions one generate call samples, the KV cache they keep at `length` tokens each)."""
+    sequences = params.prompts_sampled_at_once * params.num_generations
+    half = getattr(params, "mixed_precision", None) in ("fp16", "bf16")
+    return sequences, kv_cache_bytes(config, sequences, length, 2 if half else 4)
+
+
 def _linears(shape: Shape) -> dict[str, tuple[int, int]]:
     """(in, out) features of each linear layer of one decoder layer, by PEFT's module names."""
     h, kv, m = shape.hidden, shape.kv_heads * shape.head_dim, shape.intermediate
@@ -369,9 +376,7 @@ def run_estimate(
     if getattr(params, "reward_functions", None) and kind == "causal_lm":
         # grpo, rloo: sampling holds the weights, the optimizer's state and a KV cache for every completion of a
         # generate call (the step's by default), each up to `longest` tokens: its peak may be the run's
-        sequences = params.prompts_sampled_at_once * params.num_generations
-        half = getattr(params, "mixed_precision", None) in ("fp16", "bf16")
-        cache = kv_cache_bytes(config, sequences, longest, 2 if half else 4)
+        sequences, cache = sampling_cache(config, params, longest)
         sampling = memory.weights + memory.optimizer + cache
         if sampling > memory.total:
             memory.total = sampling

@@ -254,9 +254,11 @@ class ModelReward:
     sequence classifier), loaded by `load` (the trainer's, on its device), else on its first call."""
 
     def __init__(self, folder: str) -> None:
+        from tunelab.outputs import read_run
+
         self.folder = Path(folder).expanduser()
         self._loaded: tuple[Any, Any, bool] | None = None
-        self.run = run = _read_json(self.folder / "tunelab_run.json")
+        self.run = run = read_run(self.folder)
         if run and run.get("trainer") != "reward":
             raise RewardError(
                 f"reward {folder}: that run was trained with --trainer {run.get('trainer')}, not reward: it gives no "

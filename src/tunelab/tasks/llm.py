@@ -32,7 +32,7 @@ from tunelab.data.preference import load_preference_data
 from tunelab.data.prompts import load_prompt_data
 from tunelab.env import check_machine, device_name
 from tunelab.errors import ConfigError, DataError
-from tunelab.memory import choose_checkpointing, kv_cache_bytes, log_run_estimate
+from tunelab.memory import choose_checkpointing, log_run_estimate, sampling_cache
 from tunelab.methods import METHODS, Method, RowStats
 from tunelab.models import ModelSource, check_model, load_config, load_model, load_tokenizer, positions, resolve_model
 from tunelab.models.checks import check_teacher, check_token_ids, fit_tokenizer
@@ -382,9 +382,7 @@ def plan(params: LLMParams) -> RunPlan:
         rows, longest = microbatch(prep)  # each prompt's completions, prompt + full completion long
         step_prompts = params.batch_size * params.gradient_accumulation
         at_once = params.prompts_sampled_at_once
-        sequences = at_once * params.num_generations  # one generate call's
-        half = params.mixed_precision in ("fp16", "bf16")
-        cache = kv_cache_bytes(prep.config, sequences, longest, 2 if half else 4)
+        sequences, cache = sampling_cache(prep.config, params, longest)  # one generate call's
         calls = -(-step_prompts // at_once)
         train.notes.append(
             f"generation: {calls} generate call(s) a step, {at_once} prompt(s) each; KV cache about "
