@@ -361,15 +361,105 @@ def test_a_mixture_of_experts_balancing_loss_leaves_padding_out(tiny_moe, tmp_pa
     assert not torch.allclose(trainer.__dict__.pop("_aux_loss"), aux[True])  # (the padding did count)
 
 
+def _method_rows(tmp_path, trainer):
+    """A few rows in the shape `trainer` reads: pairs, labelled answers or prompts."""
+    count = [" ".join(str(j) for j in range(1, n)) for n in range(3, 11)]
+    if trainer in ("dpo", "orpo", "simpo"):
+        rows = [
+            {"prompt": f"Count to {i}:", "chosen": " " + c, "rejected": " " + c[::-1]} for i, c in enumerate(count)
+        ]
+    elif trainer == "kto":
+        rows = [{"prompt": f"Count to {i}:", "completion": " " + c, "label": i % 2 == 0} for i, c in enumerate(count)]
+    else:
+        rows = [{"prompt": f"Count to {i}:"} for i in range(len(count))]
+    path = tmp_path / f"{trainer}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("trainer", ["dpo", "orpo", "kto", "grpo", "rloo"])
+def test_every_causal_method_adds_the_load_balancing_loss(tiny_moe, tmp_path, trainer):
+    """TRL's DPO, KTO, GRPO and RLOO trainers add a mixture of experts' balancing loss too: over two accumulated
+    micro-batches, a LoRA run's first logged loss is that of the same run without it plus coefficient x the logged
+    aux loss (the reference, the adapter switched off, asks for no router logits: it would replace the policy's)."""
+    data = _method_rows(tmp_path, trainer)
+    sampled = {"reward_functions": "length_penalty", "num_generations": 2, "max_completion_length": 6}
+
+    def first_step(name, coefficient):
+        folder = tunelab.train(
+            model=str(tiny_moe), data_path=str(data), trainer=trainer, max_steps=1, batch_size=2, lr=1e-3, peft=True,
+            gradient_accumulation=2, logging_steps=1, block_size=64, max_prompt_length=32,
+            project_name=str(tmp_path / name), router_aux_loss_coef=coefficient,
+            **(sampled if trainer in ("grpo", "rloo") else {}),
+        )  # fmt: skip
+        return next(r for r in read_metrics(folder) if "loss" in r)
+
+    balanced, off = first_step("balanced", 0.1), first_step("off", 0)
+    assert "aux_loss" not in off and balanced["aux_loss"] > 1  # (about top_k, 2, when the routing is even)
+    assert balanced["loss"] == pytest.approx(off["loss"] + 0.1 * balanced["aux_loss"], abs=2e-5)
+
+
+def test_the_balancing_loss_is_the_policy_forward_s_over_its_unpadded_tokens(tiny_moe, tmp_path):
+    """The balancing loss a preference batch and a grpo batch keep is the one the model itself computes for that
+    forward with its attention mask (`outputs.aux_loss`, which TRL adds): padding left out, one forward for the
+    chosen and rejected rows; and forwards not marked as the policy's (a reference's) keep none."""
+    from transformers import TrainingArguments
+
+    from tunelab.config.llm import LLMParams
+    from tunelab.data.preference import Pair
+    from tunelab.methods.grpo import GRPOTrainer
+    from tunelab.methods.preference import PairCollator, answer_logprobs
+    from tunelab.models import route_experts
+    from tunelab.training.trainer import TunelabTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_moe).eval()
+    route_experts(model, LLMParams(trainer="dpo", router_aux_loss_coef=0.1))
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    trainer = TunelabTrainer(model=model, args=args, fast_loss=True, params=None)
+    pairs = [Pair([5, 6, 7], [8, 9], [10, 11, 12, 13, 14]), Pair([5, 6], [8, 9, 10, 11, 12, 13, 14, 15], [7])]
+    batch = PairCollator(0)(pairs)
+    expected = model(batch["input_ids"], attention_mask=batch["attention_mask"], output_router_logits=True).aux_loss
+    padded = model(batch["input_ids"], output_router_logits=True).aux_loss
+    assert not torch.allclose(expected, padded)  # (the padding would count)
+    for fast in (True, False):
+        with torch.no_grad():
+            answer_logprobs(model, model, batch, batch["labels"], fast, balance=trainer)
+        torch.testing.assert_close(trainer.__dict__.pop("_aux_loss"), expected)
+        answer_logprobs(model, model, batch, batch["labels"], fast)  # a reference's: nothing kept
+        assert "_aux_loss" not in trainer.__dict__
+
+    grpo = GRPOTrainer(
+        params=LLMParams(trainer="grpo", reward_functions="length_penalty", num_generations=2, peft=False),
+        model=model, args=args, processing_class=AutoTokenizer.from_pretrained(tiny_moe), train_dataset=[1],
+    )  # fmt: skip
+    rollout = {
+        "prompt_ids": torch.tensor([[0, 5, 6], [7, 8, 9]]),
+        "prompt_mask": torch.tensor([[0, 1, 1], [1, 1, 1]]),
+        "completion_ids": torch.tensor([[10, 11, 0], [12, 0, 0]]),
+        "completion_mask": torch.tensor([[1, 1, 0], [1, 0, 0]]),
+    }
+    ids = torch.cat([rollout["prompt_ids"], rollout["completion_ids"]], 1)
+    attention = torch.cat([rollout["prompt_mask"], rollout["completion_mask"]], 1)
+    expected = model(ids, attention_mask=attention, output_router_logits=True).aux_loss
+    with torch.no_grad():
+        grpo.completion_logps(model, rollout, policy=True)
+    torch.testing.assert_close(grpo.__dict__.pop("_aux_loss"), expected)
+    grpo.completion_logps(model, rollout)
+    assert "_aux_loss" not in grpo.__dict__
+
+
 def test_the_load_balancing_weight_is_refused_where_nothing_reads_it(tiny_llama, tmp_path, capsys):
     data = _counting_rows(tmp_path)
     args = ["llm", "--dry-run", "--model", str(tiny_llama), "--data-path", str(data), "--project-name",
             str(tmp_path / "run"), "--trainer", "sft", "--router-aux-loss-coef", "0.01"]  # fmt: skip
     assert main(args) == 2
     assert "has no load-balancing loss for experts" in capsys.readouterr().err
-    args[args.index("sft")] = "dpo"
+    args[args.index("sft")] = "reward"
     assert main(args) == 2
-    assert "router_aux_loss_coef is read by trainers default and sft, not dpo" in capsys.readouterr().err
+    assert (
+        "router_aux_loss_coef is read by trainers default, sft, dpo, orpo, kto, simpo, grpo and rloo, not reward"
+        in (capsys.readouterr().err)
+    )
 
 
 def test_early_stopping_stops_on_the_eval_loss_and_keeps_the_best_weights(tiny_llama, tmp_path):

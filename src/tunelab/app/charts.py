@@ -3,8 +3,8 @@ between the parameters of several jobs.
 
 A chart is drawn when the run logged any of its series, so each method gets its own without being told which it
 is: the losses, learning rate, gradient norm, throughput and memory of every run; reward margin and accuracy of the
-preference methods; the reward (total and per function), KL and completion length of grpo; accuracy and macro F1
-of a classifier (per evaluation).
+preference methods; the reward (total and per function), KL, completion length and entropy of grpo; accuracy and
+macro F1 of a classifier (per evaluation); a mixture of experts' load-balancing loss.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ CHARTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("reward", "Reward (total and per function)", ("reward", r"re:rewards/.+/mean")),
     ("kl", "KL to the reference", ("kl", "eval_kl")),
     ("completion_length", "Completion length (tokens)", ("completions/mean_length", "completions/max_length")),
+    ("entropy", "Entropy of the sampled tokens", ("entropy", "eval_entropy")),
+    ("aux_loss", "Experts' load-balancing loss (mixture of experts)", ("aux_loss", "eval_aux_loss")),
 )
 NOT_SERIES = ("step", "epoch", "time")
 NOT_CHOICES = ("project_name",)  # each job's own folder: always different, never a setting to compare

@@ -74,6 +74,9 @@ SAMPLED = (
 # TR-DPO's moving reference: dpo's, grpo's and rloo's (TRL's sync_ref_model).
 SYNCED = ("sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps")
 PROMPT_DATA = ("max_prompt_length", "reward_functions", "reward_answer_column")
+# A mixture of experts' load-balancing loss, added by every method that trains a causal LM's own loss (TRL's
+# SFT, DPO, KTO, GRPO and RLOO trainers do); not reward (a classifier head) nor distill (the teacher's loss).
+ROUTED = "router_aux_loss_coef"
 
 REGISTRY: dict[str, Entry] = {
     "default": Entry(
@@ -81,14 +84,14 @@ REGISTRY: dict[str, Entry] = {
         "examples",
         "causal LM over the whole text, joined and cut into blocks of block_size",
         params=("neftune_noise_alpha",),
-        own=("router_aux_loss_coef",),
+        own=(ROUTED,),
     ),
     "sft": Entry(
         "sft",
         "examples",
         "supervised fine-tuning per example (optionally packed), loss on answer tokens",
         params=("neftune_noise_alpha",),
-        own=("router_aux_loss_coef",),
+        own=(ROUTED,),
     ),
     "reward": Entry(
         "reward",
@@ -112,6 +115,7 @@ REGISTRY: dict[str, Entry] = {
             "ld_alpha",
             "use_weighting",
             *SYNCED,
+            ROUTED,
         ),
         data_params=PAIR_DATA,
     ),
@@ -120,6 +124,7 @@ REGISTRY: dict[str, Entry] = {
         "pairs",
         "odds ratio preference optimization on prompt/chosen/rejected pairs (no reference model)",
         params=("dpo_beta",),
+        own=(ROUTED,),
         data_params=PAIR_DATA,
     ),
     "kto": Entry(
@@ -127,7 +132,7 @@ REGISTRY: dict[str, Entry] = {
         "labeled",
         "Kahneman-Tversky optimization: single answers marked desirable or not (kto_beta)",
         reference=True,
-        own=("kto_beta", "kto_loss_type", "label_column", "desirable_weight", "undesirable_weight"),
+        own=("kto_beta", "kto_loss_type", "label_column", "desirable_weight", "undesirable_weight", ROUTED),
         # the class weights: stated with the rows (methods/kto.build_kto_rows), which the cache keeps
         data_params=("label_column", *PAIR_DATA, "desirable_weight", "undesirable_weight"),
     ),
@@ -136,7 +141,7 @@ REGISTRY: dict[str, Entry] = {
         "pairs",
         "simple preference optimization: length-normalized margin, no reference model (simpo_gamma)",
         params=("dpo_beta", "label_smoothing"),
-        own=("simpo_gamma", "cpo_alpha"),
+        own=("simpo_gamma", "cpo_alpha", ROUTED),
         data_params=PAIR_DATA,
     ),
     "distill": Entry(
@@ -180,6 +185,7 @@ REGISTRY: dict[str, Entry] = {
             "entropy_target",
             "off_policy_mask_threshold",
             *SYNCED,
+            ROUTED,
         ),
         data_params=PROMPT_DATA,
     ),
@@ -188,7 +194,7 @@ REGISTRY: dict[str, Entry] = {
         "prompts",
         "REINFORCE leave-one-out: sampled completions scored by reward functions, each against its group's others",
         params=("max_completion_length",),
-        own=(*SAMPLED, "normalize_advantages", "reward_clip_range", *SYNCED),
+        own=(*SAMPLED, "normalize_advantages", "reward_clip_range", *SYNCED, ROUTED),
         data_params=PROMPT_DATA,
     ),
 }

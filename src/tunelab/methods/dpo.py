@@ -237,7 +237,9 @@ class DPOTrainer(PreferenceTrainer):
         labels, params = batch["labels"], self.params
         unwrapped = self.accelerator.unwrap_model(model)
         fast = self.fast_loss_now(unwrapped)
-        per_token, log_sum_sq = answer_logprobs(model, unwrapped, batch, labels, fast, squares=params.use_weighting)
+        per_token, log_sum_sq = answer_logprobs(
+            model, unwrapped, batch, labels, fast, squares=params.use_weighting, balance=self
+        )
         summed = length_desensitised(params.ld_alpha)
         policy, counts = summed(per_token, labels)
         if "ref_logps" in batch:  # precompute_ref_log_probs: scored once, before training (with_reference_logps)

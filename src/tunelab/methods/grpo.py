@@ -622,27 +622,42 @@ class GRPOTrainer(GuardedTrainer):
             return self.completion_logps(self.model, batch)
 
     # -- the loss
-    def completion_logps(self, model: Any, batch: dict[str, torch.Tensor], entropies: bool | str = False) -> Any:
+    def completion_logps(
+        self, model: Any, batch: dict[str, torch.Tensor], entropies: bool | str = False, policy: bool = False
+    ) -> Any:
         """log p(token) of each completion token under the sampling temperature (the policy that sampled them,
         as TRL scores it), (completions, completion length); 0 on masked tokens. With `entropies`, a pair: those
-        and the entropy of each token's next-token distribution (the same projection; differentiable if "grad")."""
+        and the entropy of each token's next-token distribution (the same projection; differentiable if "grad").
+        `policy`: the trained forward, whose mixture of experts' balancing loss (prompt and completion tokens, as
+        TRL's) the loss adds."""
         ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
         attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
         width = batch["prompt_ids"].size(1)
         labels = torch.full_like(ids, -100)
         labels[:, width:] = torch.where(batch["completion_mask"].bool(), batch["completion_ids"], -100)
-        inputs = {"input_ids": ids, "attention_mask": attention, "use_cache": False}
+        inputs = {
+            "input_ids": ids,
+            "attention_mask": attention,
+            "use_cache": False,
+            **(self.routing() if policy else {}),
+        }
         temperature = self.params.temperature
         unwrapped = self.accelerator.unwrap_model(model)
         if self.fast_loss_now(unwrapped) and getattr(unwrapped.get_output_embeddings(), "bias", None) is None:
             with output_head_returns_hidden(unwrapped) as head:
-                hidden = model(**inputs).logits / temperature  # W(h / T) = (W h) / T
+                outputs = model(**inputs)
+            if policy:
+                self.keep_balancing(outputs, attention)
+            hidden = outputs.logits / temperature  # W(h / T) = (W h) / T
             if not entropies:
                 return token_logprobs(hidden, head, labels)[:, width - 1 :]
             logps, entropy = token_logprobs_and_entropies(hidden, head, labels)
             entropy = entropy if entropies == "grad" else entropy.detach()
         else:
-            logits = model(**inputs).logits.float() / temperature
+            outputs = model(**inputs)
+            if policy:
+                self.keep_balancing(outputs, attention)
+            logits = outputs.logits.float() / temperature
             if not entropies:
                 return logits_token_logprobs(logits, labels)[:, width - 1 :]
             with torch.set_grad_enabled(torch.is_grad_enabled() and entropies == "grad"):
@@ -720,7 +735,9 @@ class GRPOTrainer(GuardedTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D102
         # the entropies are logged, and mask tokens (top_entropy_quantile): only a bonus needs their gradient
-        logps, entropies = self.completion_logps(model, inputs, entropies="grad" if self.entropy_bonus else True)
+        logps, entropies = self.completion_logps(
+            model, inputs, entropies="grad" if self.entropy_bonus else True, policy=True
+        )
         mask = inputs["completion_mask"]
         entropy_mask = self.high_entropy_mask(entropies, mask)
         params = self.params
@@ -756,6 +773,8 @@ class GRPOTrainer(GuardedTrainer):
                 self.record("entropy_coef", self.entropy_coef)
         for name, value in metrics.items():
             self.record(name, value)
+        # (the policy loss is already divided by the accumulation steps: so is the balancing loss, as TRL's)
+        loss = self.add_balancing(loss, model.training, self.current_gradient_accumulation_steps)
         return (loss, {}) if return_outputs else loss
 
     def record(self, name: str, value: Any) -> None:

@@ -139,7 +139,7 @@ class KTOTrainer(DPOTrainer):
 
     def pair_loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         labels = batch["labels"]
-        policy, _ = sequence_sums(self.token_logprobs(model, batch, labels), labels)
+        policy, _ = sequence_sums(self.token_logprobs(model, batch, labels, policy=True), labels)
         reference, _ = sequence_sums(self.reference_logps(model, batch), labels)
         loss_type = self.params.kto_loss_type
         return kto_loss(

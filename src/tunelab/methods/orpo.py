@@ -51,7 +51,7 @@ class ORPOTrainer(PreferenceTrainer):
             scored = labels.clone()
             chosen_ids = batch["input_ids"][:half]
             scored[:half] = chosen_ids.masked_fill(batch["attention_mask"][:half] == 0, IGNORE)
-        per_token = self.token_logprobs(model, batch, scored)
+        per_token = self.token_logprobs(model, batch, scored, policy=True)
         sums, counts = sequence_sums(per_token, labels)
         means = sums / counts.clamp(min=1)
         nll_sums, nll_counts = sequence_sums(per_token[:half], scored[:half])

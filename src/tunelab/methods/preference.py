@@ -89,6 +89,7 @@ class PreferenceTrainer(GuardedTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D102
         loss, metrics = self.pair_loss(model, inputs)
+        loss = self.add_balancing(loss, model.training)  # (a mean: Trainer divides it by the accumulation steps)
         mode = "train" if model.training else "eval"
         if model.training:
             self.trained_tokens += int((inputs["labels"] != IGNORE).sum())
@@ -109,25 +110,43 @@ class PreferenceTrainer(GuardedTrainer):
         self._metrics[mode].clear()
         super().log(logs, start_time)
 
-    def token_logprobs(self, model: Any, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        """log p(next token) at every position whose label is set, (2B, L - 1), zero elsewhere."""
+    def token_logprobs(
+        self, model: Any, batch: dict[str, torch.Tensor], labels: torch.Tensor, policy: bool = False
+    ) -> torch.Tensor:
+        """log p(next token) at every position whose label is set, (2B, L - 1), zero elsewhere. `policy`: the
+        trained forward of the step, whose mixture of experts' balancing loss the loss adds (not a reference's)."""
         unwrapped = self.accelerator.unwrap_model(model)
-        return answer_logprobs(model, unwrapped, batch, labels, self.fast_loss_now(unwrapped))[0]
+        fast = self.fast_loss_now(unwrapped)
+        return answer_logprobs(model, unwrapped, batch, labels, fast, balance=self if policy else None)[0]
 
 
 def answer_logprobs(
-    model: Any, unwrapped: Any, batch: dict[str, torch.Tensor], labels: torch.Tensor, fast: bool, squares: bool = False
+    model: Any,
+    unwrapped: Any,
+    batch: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    fast: bool,
+    squares: bool = False,
+    balance: GuardedTrainer | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(next token) where `labels` is set, from hidden states projected there in chunks (`fast`) or from the
     logits; `unwrapped` is the model under any DDP/FSDP wrapper (its output head is swapped). With `squares`, also
-    log sum_v p(v)^2 at the same positions, without gradient (dpo's WPO weights), else None."""
+    log sum_v p(v)^2 at the same positions, without gradient (dpo's WPO weights), else None. `balance`: the trainer
+    that keeps this forward's mixture-of-experts balancing loss (the policy's forward), over the unpadded tokens."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    routing = balance.routing() if balance is not None else {}
     if fast:
         with output_head_returns_hidden(unwrapped) as head:
-            hidden = model(**inputs).logits
+            outputs = model(**inputs, **routing)
+        if balance is not None:
+            balance.keep_balancing(outputs, batch["attention_mask"])
+        hidden = outputs.logits
         logps = token_logprobs(hidden, head, labels)
         return logps, (token_log_sum_sq_probs(hidden, head, labels) if squares else None)
-    logits = model(**inputs).logits
+    outputs = model(**inputs, **routing)
+    if balance is not None:
+        balance.keep_balancing(outputs, batch["attention_mask"])
+    logits = outputs.logits
     return logits_token_logprobs(logits, labels), (logits_log_sum_sq_probs(logits, labels) if squares else None)
 
 

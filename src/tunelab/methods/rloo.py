@@ -104,7 +104,7 @@ class RLOOTrainer(GRPOTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D102
         mask = inputs["completion_mask"]
-        logps = (self.completion_logps(model, inputs) * mask).sum(1)
+        logps = (self.completion_logps(model, inputs, policy=True) * mask).sum(1)
         loss, metrics = rloo_loss(
             logps,
             self.old_logps(logps, inputs, model.training),  # the sampling policy's (1 in a batch's first step)
@@ -117,6 +117,7 @@ class RLOOTrainer(GRPOTrainer):
             self.trained_tokens += int(mask.sum())
         for name, value in metrics.items():
             self.record(name, value)
+        loss = self.add_balancing(loss, model.training, self.current_gradient_accumulation_steps)
         return (loss, {}) if return_outputs else loss
 
 

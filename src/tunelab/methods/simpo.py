@@ -44,7 +44,7 @@ def simpo_loss(
 class SimPOTrainer(PreferenceTrainer):
     def pair_loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         labels = batch["labels"]
-        sums, counts = sequence_sums(self.token_logprobs(model, batch, labels), labels)
+        sums, counts = sequence_sums(self.token_logprobs(model, batch, labels, policy=True), labels)
         means = sums / counts.clamp(min=1)
         half = labels.shape[0] // 2
         nll = -sums[:half].sum() / counts[:half].sum().clamp(min=1)

@@ -86,9 +86,10 @@ def _frozen_model(name: str, params: RunParams) -> Any:
 
 
 def route_experts(model: Any, params: RunParams) -> None:
-    """Mark a mixture of experts for its load-balancing loss when the run's method adds it (default, sft: TRL's
-    SFTTrainer does) and the weight is not 0: router_aux_loss_coef, else the model's own. GuardedTrainer then asks
-    the forward for the router logits and adds the loss, padding left out."""
+    """Mark a mixture of experts for its load-balancing loss when the run's method adds it (those that read
+    router_aux_loss_coef: TRL's SFT, DPO, KTO, GRPO and RLOO trainers do) and the weight is not 0:
+    router_aux_loss_coef, else the model's own. The method's trained forward then asks for the router logits
+    (GuardedTrainer.routing) and its loss adds the balancing loss (add_balancing), padding left out."""
     from tunelab.methods import readers
 
     function = balancing_loss(type(model))

@@ -1,4 +1,4 @@
-"""A mixture of experts' load-balancing loss, as a run adds it to its loss (default, sft; GuardedTrainer)."""
+"""A mixture of experts' load-balancing loss, as a run adds it to its loss (GuardedTrainer.add_balancing)."""
 
 from __future__ import annotations
 

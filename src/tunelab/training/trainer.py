@@ -249,6 +249,37 @@ class GuardedTrainer(Trainer):
         """The model's load-balancing loss as the run adds it (models.Balancing), None for none."""
         return getattr(self.accelerator.unwrap_model(self.model), ROUTER_AUX, None)
 
+    def routing(self) -> dict[str, bool]:
+        """The forward's keyword that asks a mixture of experts for its router logits, when the run adds its
+        balancing loss (models.route_experts); none otherwise. Only the trained policy's forward takes it."""
+        return {"output_router_logits": True} if self.router_aux() else {}
+
+    def keep_balancing(self, outputs: Any, token_mask: Any) -> None:
+        """Keep the balancing loss of the routed forward that gave `outputs`, over `token_mask`'s tokens, until
+        the method's compute_loss adds it (add_balancing)."""
+        if self.router_aux():
+            self._aux_loss = self.balancing(getattr(outputs, "router_logits", None), token_mask)
+
+    def add_balancing(self, loss: torch.Tensor, training: bool, accumulation: int = 1) -> torch.Tensor:
+        """`loss` plus the kept balancing loss of a mixture of experts (weight x aux / `accumulation`: the steps a
+        method's loss is already divided by; TRL's way, a mean over the micro-batch that DDP averages over
+        processes); recorded for the log either way. Training's only: eval_loss stays the method's own loss
+        (the cross-entropy a perplexity is read from), the balancing loss is logged beside it as eval_aux_loss."""
+        aux = self.__dict__.pop("_aux_loss", None)
+        if aux is None:
+            return loss
+        self._aux_losses.setdefault("aux_loss" if training else "eval_aux_loss", []).append(aux.detach())
+        return loss + self.router_aux().weight * aux.to(loss.device) / accumulation if training else loss
+
+    def balancing(self, router_logits: Any, token_mask: Any) -> torch.Tensor | None:
+        """The model's own load-balancing loss over the micro-batch's real tokens (`token_mask`: the collator's;
+        padding routes too, and would count); None where the model gave no router logits."""
+        found = self.router_aux()
+        if not router_logits:
+            return None
+        value = found.function(router_logits, found.experts, found.top_k, token_mask)
+        return value if torch.is_tensor(value) else None
+
     def process_means(self, metrics: dict[str, list[float]]) -> dict[str, float]:
         """Each figure a method recorded since the last log, its mean over every process's values (each process
         records its own micro-batches'; TRL gathers them too), NaN values left out. Called by every process, as
@@ -391,40 +422,23 @@ class TunelabTrainer(GuardedTrainer):
         loss = loss_sum / denominator
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
-        aux = self.__dict__.pop("_aux_loss", None)
-        if aux is not None:
-            self._aux_losses.setdefault("aux_loss" if model.training else "eval_aux_loss", []).append(aux.detach())
-        if aux is not None and model.training:  # a mixture of experts' load-balancing loss (models.route_experts),
-            # TRL's way: a mean over the micro-batch that DDP averages over processes, averaged over the accumulated
-            # micro-batches here. Training's only: eval_loss stays the cross-entropy its perplexity is read from.
-            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
-            loss = loss + self.router_aux().weight * aux.to(loss.device) / steps
+        # (Trainer divides the loss by the accumulation steps itself only without num_items_in_batch)
+        steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+        loss = self.add_balancing(loss, model.training, steps)
         return (loss, {}) if return_outputs else loss
-
-    def balancing(self, router_logits: Any, token_mask: Any) -> torch.Tensor | None:
-        """The model's own load-balancing loss over the micro-batch's real tokens (`token_mask`: the collator's;
-        padding routes too, and would count); None where the model gave no router logits."""
-        found = self.router_aux()
-        if not router_logits:
-            return None
-        value = found.function(router_logits, found.experts, found.top_k, token_mask)
-        return value if torch.is_tensor(value) else None
 
     def loss_sum(self, model: Any, inputs: dict[str, Any], labels: torch.Tensor) -> tuple[torch.Tensor, int]:
         """The loss summed over the trained tokens of the micro-batch, and their count: here the next-token
         cross-entropy (a method's subclass sums its own)."""
         unwrapped = self.accelerator.unwrap_model(model)
         token_mask = inputs.pop("token_mask", None)  # (the collator marks real tokens for the balancing loss)
-        routed = {"output_router_logits": True} if self.router_aux() else {}
         if self.fast_loss_now(unwrapped):
             with output_head_returns_hidden(unwrapped) as head:
-                outputs = model(**inputs, use_cache=False, **routed)
-            if routed:
-                self._aux_loss = self.balancing(getattr(outputs, "router_logits", None), token_mask)
+                outputs = model(**inputs, use_cache=False, **self.routing())
+            self.keep_balancing(outputs, token_mask)
             return causal_lm_loss_sum(outputs.logits, head, labels)
-        outputs = model(**inputs, use_cache=False, **routed)
-        if routed:
-            self._aux_loss = self.balancing(getattr(outputs, "router_logits", None), token_mask)
+        outputs = model(**inputs, use_cache=False, **self.routing())
+        self.keep_balancing(outputs, token_mask)
         logits = outputs.logits.float()
         shift_labels = labels[:, 1:]
         count = int((shift_labels != -100).sum())
