@@ -171,6 +171,13 @@ def test_parameters_that_name_files_must_lie_inside_the_allowed_folders(app, tin
     # a mistyped built-in is said to be one, not a missing file
     status, body = app.post_json(preview, {"params": {**base, "reward_functions": "format_tga"}})
     assert status == 400 and "format_tga: not a built-in (answer_tag" in body["errors"]["reward_functions"], body
+    # a hub id stays as typed (downloaded into the hub cache, never a path); a folder of that name inside is a path
+    from tunelab.app.params import checked_path_value
+
+    roots = [tmp_path / "roots"]
+    assert checked_path_value("reward_functions", "format_tag,acme/rm", roots) == "format_tag,acme/rm"
+    (roots[0] / "acme" / "rm").mkdir(parents=True)
+    assert checked_path_value("reward_functions", "acme/rm", roots) == str((roots[0] / "acme" / "rm").resolve())
 
 
 # ---- 5, 10: cancel

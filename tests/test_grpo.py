@@ -489,17 +489,24 @@ def test_a_reward_model_run_scores_the_completions(tiny_llama, tmp_path, capsys)
     checked[1], checked[checked.index("--project-name") + 1] = "--dry-run", str(tmp_path / "checked")
     capsys.readouterr()
     assert main(checked) == 0
-    assert f"reward model(s) {reward_run}: loaded beside the policy" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"reward model(s) {reward_run}: loaded beside the policy" in out and "the reward models' weights" in out
+    # the memory figure counts the reward model as it loads: its base's weights (the adapter is small)
+    from tunelab.memory import reward_model_bytes
+
+    base = [p for n, p in model.named_parameters() if "lora_" not in n and "modules_to_save" not in n]
+    assert reward_model_bytes(str(reward_run)) == (sum(p.numel() * p.element_size() for p in base), [])
     dry = grpo_args(tmp_path, tiny_llama, f"{tiny_llama},format_tag")
     dry[1], dry[dry.index("--project-name") + 1] = "--dry-run", str(tmp_path / "other")
     assert main(dry) == 2
     assert "not a reward model's folder" in capsys.readouterr().err
 
 
-def test_another_reward_model_scores_chats_as_trl_gives_them(tiny_llama, tmp_path):
+def test_another_reward_model_scores_chats_as_trl_gives_them(tiny_llama, tmp_path, monkeypatch):
     """A sequence classifier that is not a tunelab run (no run record) gets what TRL's GRPOTrainer gives a reward
     model: chat prompts and completions through its tokenizer's chat template, no special tokens added, no EOS.
-    A classifier of two labels (transformers writes no num_labels for its default) is refused before loading."""
+    A hub id is scored the same from the hub cache; the memory figure counts the weights as they load. A classifier
+    of two labels (transformers writes no num_labels for its default) is refused before loading."""
     from transformers import AutoTokenizer, LlamaForSequenceClassification
 
     from tunelab.rewards import ModelReward, RewardError
@@ -526,6 +533,34 @@ def test_another_reward_model_scores_chats_as_trl_gives_them(tiny_llama, tmp_pat
     with torch.no_grad():
         expected = classifier.eval()(**inputs).logits[:, 0].tolist()
     assert got == pytest.approx(expected, abs=1e-5) and got[0] != got[1]
+    # the memory figure counts its weights in the dtype they load in (the folder's own)
+    from tunelab.memory import reward_model_bytes
+
+    classifier.to(torch.bfloat16).save_pretrained(tmp_path / "rm16")
+    tokenizer.save_pretrained(tmp_path / "rm16")
+    loaded = ModelReward(str(tmp_path / "rm16"))
+    loaded.load()
+    weights = sum(p.numel() * p.element_size() for p in loaded._loaded[0].parameters())
+    assert reward_model_bytes(f"{tmp_path / 'rm16'},format_tag") == (weights, [])
+    assert next(loaded._loaded[0].parameters()).dtype == torch.bfloat16
+
+    # a hub id: its cached copy with the hub out of reach (HF_HUB_OFFLINE in the tests), scored as the folder is
+    import huggingface_hub
+
+    cache = tmp_path / "hub-cache"
+    snapshot = cache / "models--acme--rm" / "snapshots" / "0123abcd"
+    snapshot.parent.mkdir(parents=True)
+    shutil.copytree(folder, snapshot)
+    (cache / "models--acme--rm" / "refs").mkdir()
+    (cache / "models--acme--rm" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    hub = ModelReward("acme/rm")
+    assert hub.hub and hub.folder == snapshot
+    assert hub(prompts, completions) == pytest.approx(got, abs=1e-6)
+    assert reward_model_bytes("acme/rm")[0] == sum(p.numel() * 4 for p in classifier.parameters())
+    with pytest.raises(RewardError, match="cannot download model 'acme/missing': the hub is out of reach and no copy"):
+        ModelReward("acme/missing")
+    assert reward_model_bytes("acme/missing") == (0, ["acme/missing"])
 
     two = tmp_path / "two-labels"
     LlamaForSequenceClassification(LlamaConfig(**config)).save_pretrained(two)

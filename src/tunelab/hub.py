@@ -40,6 +40,36 @@ def hub_reachable(timeout: float = 2.0) -> bool:
         return False
 
 
+# A hub model's files that say what it is (config, tokenizer, a tunelab run's record, PEFT's adapter config),
+# without its weights: what a check before training reads.
+DESCRIBING_FILES = ["*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` reads as a hub model id (owner/name), not a path (./x, ~/x, /x, a/b/c)."""
+    import re
+
+    return bool(re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", name))
+
+
+def hub_snapshot(repo_id: str, weights: bool = True) -> str:
+    """A local folder of a hub model's files: downloaded (only DESCRIBING_FILES without `weights`), or the cached
+    copy when the hub is out of reach; a TunelabError in one line when neither can be had."""
+    from huggingface_hub import snapshot_download
+
+    from tunelab.errors import TunelabError
+
+    reachable = hub_reachable()
+    try:
+        return snapshot_download(
+            repo_id, allow_patterns=None if weights else DESCRIBING_FILES, local_files_only=not reachable
+        )
+    except Exception as error:
+        where = "" if reachable else ": the hub is out of reach and no copy of it is cached"
+        why = f" ({type(error).__name__}: {_describe(error)})" if reachable else ""
+        raise TunelabError(f"cannot download model {repo_id!r}{where}{why}") from None
+
+
 def push_folder(folder: str, repo_id: str, token: str | None, private: bool = True) -> str:
     """Upload a finished run folder to a hub model repo (created private unless told otherwise).
 

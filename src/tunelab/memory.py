@@ -228,6 +228,12 @@ def estimate_memory(
         notes.append("reference log-probs precomputed: no reference model in memory")
     elif reference:
         weights += (_frozen_parameters(model_ref) * (2 if half else 4)) if model_ref else weights
+    if getattr(params, "reward_functions", None):  # grpo's and rloo's reward models, beside the policy
+        rewards, unknown = reward_model_bytes(params.reward_functions)
+        weights += rewards
+        if rewards:
+            notes.append(f"the reward models' weights: {_gib(rewards)}")
+        notes.extend(f"reward model {name}: its weights not counted (its config does not load)" for name in unknown)
     if getattr(params, "teacher_model", None):  # distill's frozen teacher, in the run's precision
         teacher = _frozen_parameters(params.teacher_model) * (2 if half else 4)
         weights += teacher
@@ -620,6 +626,41 @@ def _frozen_parameters(name: str) -> int:
     from tunelab.models.load import load_config, resolve_model
 
     return count_parameters(load_config(resolve_model(name)))
+
+
+def reward_model_bytes(reward_functions: str) -> tuple[int, list[str]]:
+    """The weights of the reward models among a run's rewards (folders, hub ids: rewards.ModelReward), as they
+    load beside the policy: in their config's dtype, a LoRA reward run's on its base's (its small adapter left
+    out), with a score head for the LM head; and the reward models whose config could not be read."""
+    from pathlib import Path
+
+    from tunelab.hub import hub_snapshot, is_hub_id
+    from tunelab.models.load import load_config, resolve_model
+    from tunelab.outputs import base_model_of
+    from tunelab.rewards import BUILTINS, reward_names
+
+    total, unknown = 0, []
+    for name in reward_names(reward_functions):
+        folder = Path(name).expanduser()
+        if ":" in name or name in BUILTINS or not (folder.is_dir() or is_hub_id(name)):
+            continue
+        try:
+            folder = folder if folder.is_dir() else Path(hub_snapshot(name, weights=False))
+            adapter = (folder / "adapter_config.json").is_file()
+            config = load_config(resolve_model(base_model_of(folder) if adapter else str(folder)))
+        except Exception:  # (the dry run's reward check names what is wrong with the folder)
+            unknown.append(name)
+            continue
+        shape = model_shape(config)
+        count = count_parameters(config) - (0 if shape.tied else shape.vocab * shape.hidden) + shape.hidden
+        total += count * _dtype_bytes(config)
+    return total, unknown
+
+
+def _dtype_bytes(config: Any) -> int:
+    """Bytes per weight of a model loaded in its config's own dtype (transformers' dtype="auto"): fp32 if unsaid."""
+    dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
+    return 2 if dtype.removeprefix("torch.") in ("bfloat16", "float16") else 4
 
 
 def _has_reference(params: RunParams) -> bool:

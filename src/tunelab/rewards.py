@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
+from tunelab.hub import hub_snapshot, is_hub_id
 
 
 class RewardError(TunelabError):
@@ -239,24 +240,32 @@ def _function(name: str, params: Any, max_tokens: int) -> Callable[..., Any]:
         return json_reward(params.reward_json_schema)
     if name == "length_penalty":
         return length_penalty(max_tokens)
-    if ":" not in name and Path(name).expanduser().is_dir():
+    if ":" not in name and (Path(name).expanduser().is_dir() or is_hub_id(name)):
         return ModelReward(name)
     if ":" not in name:
         raise RewardError(
-            f"reward {name!r} is not a built-in ({', '.join(BUILTINS)}), a file.py:function, nor a reward model's "
-            "folder"
+            f"reward {name!r} is not a built-in ({', '.join(BUILTINS)}), a file.py:function, nor a reward model "
+            "(a folder or a hub id)"
         )
     return _user_function(name)
 
 
 class ModelReward:
-    """A reward model as a reward function: checked when the run is prepared (the folder holds a reward run or a
-    sequence classifier), loaded by `load` (the trainer's, on its device), else on its first call."""
+    """A reward model as a reward function: checked when the run is prepared (the folder, or the hub model's
+    describing files, hold a reward run or a sequence classifier), loaded by `load` (the trainer's, on its device;
+    a hub model's weights are downloaded then), else on its first call."""
 
     def __init__(self, folder: str) -> None:
         from tunelab.outputs import read_run
 
-        self.folder = Path(folder).expanduser()
+        self.name = folder
+        local = Path(folder).expanduser()
+        # a hub id: its config, tokenizer and run record now, its weights when it loads (the same snapshot)
+        self.hub = not local.is_dir()
+        try:
+            self.folder = Path(hub_snapshot(folder, weights=False)) if self.hub else local
+        except TunelabError as error:
+            raise RewardError(f"reward {folder}: no such folder; as a hub id, {error}") from None
         self._loaded: tuple[Any, Any, bool] | None = None
         self.run = run = read_run(self.folder)
         if run and run.get("trainer") != "reward":
@@ -282,13 +291,15 @@ class ModelReward:
         from tunelab.inference.score import load_reward_model
 
         try:
+            if self.hub:
+                self.folder = Path(hub_snapshot(self.name))
             model, tokenizer, plain_text = load_reward_model(self.folder)
             self._loaded = (model.to(device) if device is not None else model), tokenizer, plain_text
         except Exception as error:
             if type(error).__name__ == "OutOfMemoryError":  # the run's own advice says what to lower
                 raise
             why = f"{type(error).__name__}: {error}"
-            raise RewardError(f"reward {self.folder}: the reward model does not load: {why}") from None
+            raise RewardError(f"reward {self.name}: the reward model does not load: {why}") from None
 
     def __call__(self, prompts: list[Any], completions: list[Any], **_: Any) -> list[float]:
         from tunelab.inference.score import score

@@ -17,6 +17,7 @@ from tunelab.app.uploads import FieldError, checked_model, resolve_user_path
 from tunelab.config.llm import LLMParams
 from tunelab.config.text_classification import TextClassificationParams
 from tunelab.errors import ConfigError
+from tunelab.hub import is_hub_id
 from tunelab.rewards import BUILTINS, reward_names
 
 CLASSIFIER = "text_classification"  # the new-project form's "trainer" for a text-classification project
@@ -229,6 +230,8 @@ def checked_path_value(name: str, value: Any, roots: list[Path]) -> str:
             elif "/" not in spec and not (roots[0] / spec).exists():  # a mistyped built-in, most likely
                 known = f"not a built-in ({', '.join(BUILTINS)}), a file.py:function, nor a reward model's folder"
                 raise FieldError(name, f"{spec}: {known}")
+            elif is_hub_id(spec) and not (roots[0] / spec).exists():  # a reward model on the hub, as typed
+                checked.append(spec)
             else:  # a reward model's folder
                 checked.append(str(resolve_user_path(name, spec, roots)))
         return ",".join(checked)

@@ -293,10 +293,10 @@ class LLMParams(Params):
     )
     router_aux_loss_coef: float | None = param(
         None,
-        "default and sft, mixture-of-experts models: weight of the router's load-balancing loss (over the real "
-        "tokens, padding left out), added to the training loss so that the experts stay evenly used (TRL's; "
-        "default: the model's own, 0.001 for Mixtral and Qwen3-MoE; 0: off; eval_loss never has it). Refused for a "
-        "model without such a loss.",
+        "Mixture-of-experts models (every method but reward and distill): weight of the router's load-balancing "
+        "loss (over the trained forward's real tokens, padding left out), added to the training loss so that the "
+        "experts stay evenly used (TRL's; default: the model's own, 0.001 for Mixtral and Qwen3-MoE; 0: off; "
+        "eval_loss never has it). Refused for a model without such a loss.",
     )
     neftune_noise_alpha: float | None = param(
         None,
@@ -453,7 +453,8 @@ class LLMParams(Params):
         None,
         "grpo, rloo: rewards, comma-separated: built-ins (answer_tag, answer_hash, answer_boxed, answer_last_number, "
         "format_tag, format_think, format_regex, valid_json, length_penalty), file.py:function, or a reward "
-        "model's folder (a --trainer reward run; docs/grpo.md).",
+        "model: a folder (a --trainer reward run) or a hub id of a sequence classifier with one output "
+        "(docs/grpo.md).",
     )
     reward_weights: str | None = param(None, "grpo, rloo: a weight per reward, comma-separated (default: 1 each).")
     reward_answer_column: str = param("answer", "grpo, rloo: the column the answer_* rewards compare with.")

@@ -360,8 +360,8 @@ def plan(params: LLMParams) -> RunPlan:
         models = [name for name in reward_names(params.reward_functions) if ":" not in name and name not in BUILTINS]
         if models:
             train.notes.append(
-                f"reward model(s) {', '.join(models)}: loaded beside the policy at the first step; their weights are "
-                "not in the memory figure below"
+                f"reward model(s) {', '.join(models)}: loaded beside the policy when training starts (their weights "
+                "are in the memory figure below)"
             )
         train.notes.append(
             f"generation per step: {params.batch_size * params.gradient_accumulation} prompts x "
