@@ -448,6 +448,15 @@ def test_the_balancing_loss_is_the_policy_forward_s_over_its_unpadded_tokens(tin
     assert "_aux_loss" not in grpo.__dict__
 
 
+def test_a_dense_reference_beside_a_mixture_of_experts_is_not_asked_to_balance(tiny_moe, tiny_llama, tmp_path):
+    """router_aux_loss_coef weighs the trained model's balancing loss: a reference (model_ref) never routes, and
+    a dense one is fine beside it."""
+    args = ["llm", "--dry-run", "--model", str(tiny_moe), "--data-path", str(_method_rows(tmp_path, "dpo")),
+            "--project-name", str(tmp_path / "run"), "--trainer", "dpo", "--model-ref", str(tiny_llama),
+            "--router-aux-loss-coef", "0.01"]  # fmt: skip
+    assert main(args) == 0
+
+
 def test_the_load_balancing_weight_is_refused_where_nothing_reads_it(tiny_llama, tmp_path, capsys):
     data = _counting_rows(tmp_path)
     args = ["llm", "--dry-run", "--model", str(tiny_llama), "--data-path", str(data), "--project-name",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import os
 import socket
+from pathlib import Path
 from urllib.parse import urlparse
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -46,24 +47,34 @@ DESCRIBING_FILES = ["*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
 
 
 def is_hub_id(name: str) -> bool:
-    """Whether `name` reads as a hub model id (owner/name), not a path (./x, ~/x, /x, a/b/c)."""
+    """Whether `name` reads as a hub model id (owner/name), not a path (./x, ~/x, /x, a/b/c, x/..)."""
     import re
 
-    return bool(re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", name))
+    return bool(re.fullmatch(r"[\w-][\w.-]*/(?!\.+$)[\w.-]+", name))
 
 
-def hub_snapshot(repo_id: str, weights: bool = True) -> str:
-    """A local folder of a hub model's files: downloaded (only DESCRIBING_FILES without `weights`), or the cached
-    copy when the hub is out of reach; a TunelabError in one line when neither can be had."""
+def hub_snapshot(repo_id: str, weights: bool = True, revision: str | None = None) -> str:
+    """A local folder of a hub model's files: downloaded (only DESCRIBING_FILES without `weights`; with them, the
+    safetensors weights, else the PyTorch .bin ones: never both, nor other formats), or the cached copy when the
+    hub is out of reach; a TunelabError in one line when neither can be had. `revision` pins a commit (the
+    folder's name, from an earlier call), so that files checked first and weights loaded later are one version."""
     from huggingface_hub import snapshot_download
 
     from tunelab.errors import TunelabError
 
     reachable = hub_reachable()
     try:
-        return snapshot_download(
-            repo_id, allow_patterns=None if weights else DESCRIBING_FILES, local_files_only=not reachable
-        )
+        folder = None
+        for weight_files in (["*.safetensors"], ["*.bin"]) if weights else ([],):
+            folder = snapshot_download(
+                repo_id,
+                revision=revision,
+                allow_patterns=DESCRIBING_FILES + weight_files,
+                local_files_only=not reachable,
+            )
+            if not weight_files or any(Path(folder).glob(weight_files[0])):
+                break
+        return str(folder)
     except Exception as error:
         where = "" if reachable else ": the hub is out of reach and no copy of it is cached"
         why = f" ({type(error).__name__}: {_describe(error)})" if reachable else ""

@@ -25,6 +25,7 @@ pass); the total takes the larger of the two moments.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -32,6 +33,7 @@ import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tunelab.config.base import RunParams, listed_tokens
@@ -632,11 +634,8 @@ def reward_model_bytes(reward_functions: str) -> tuple[int, list[str]]:
     """The weights of the reward models among a run's rewards (folders, hub ids: rewards.ModelReward), as they
     load beside the policy: in their config's dtype, a LoRA reward run's on its base's (its small adapter left
     out), with a score head for the LM head; and the reward models whose config could not be read."""
-    from pathlib import Path
-
-    from tunelab.hub import hub_snapshot, is_hub_id
+    from tunelab.hub import is_hub_id
     from tunelab.models.load import load_config, resolve_model
-    from tunelab.outputs import base_model_of
     from tunelab.rewards import BUILTINS, reward_names
 
     total, unknown = 0, []
@@ -645,9 +644,7 @@ def reward_model_bytes(reward_functions: str) -> tuple[int, list[str]]:
         if ":" in name or name in BUILTINS or not (folder.is_dir() or is_hub_id(name)):
             continue
         try:
-            folder = folder if folder.is_dir() else Path(hub_snapshot(name, weights=False))
-            adapter = (folder / "adapter_config.json").is_file()
-            config = load_config(resolve_model(base_model_of(folder) if adapter else str(folder)))
+            config = load_config(resolve_model(_reward_model_base(folder) if folder.is_dir() else _hub_base(name)))
         except Exception:  # (the dry run's reward check names what is wrong with the folder)
             unknown.append(name)
             continue
@@ -655,6 +652,26 @@ def reward_model_bytes(reward_functions: str) -> tuple[int, list[str]]:
         count = count_parameters(config) - (0 if shape.tied else shape.vocab * shape.hidden) + shape.hidden
         total += count * _dtype_bytes(config)
     return total, unknown
+
+
+def _reward_model_base(folder: Path) -> str:
+    """What a reward model's weights load from: its folder, or an adapter's base model."""
+    from tunelab.outputs import base_model_of
+
+    return base_model_of(folder) if (folder / "adapter_config.json").is_file() else str(folder)
+
+
+@functools.lru_cache(maxsize=16)  # (asked again for each layout auto checkpointing tries: fetched once)
+def _hub_base(name: str) -> str:
+    """A hub reward model's _reward_model_base, from its describing files; an adapter's base a hub model too (a
+    path would be the trainer's machine's: rewards.ModelReward refuses it)."""
+    from tunelab.hub import hub_snapshot, is_hub_id
+
+    snapshot = Path(hub_snapshot(name, weights=False))
+    base = _reward_model_base(snapshot)
+    if base != str(snapshot) and not is_hub_id(base):
+        raise ValueError(f"{name}: an adapter on a local base, {base}")
+    return base
 
 
 def _dtype_bytes(config: Any) -> int:

@@ -260,7 +260,7 @@ class ModelReward:
 
         self.name = folder
         local = Path(folder).expanduser()
-        # a hub id: its config, tokenizer and run record now, its weights when it loads (the same snapshot)
+        # a hub id: its config, tokenizer and run record now, its weights when it loads (the same commit)
         self.hub = not local.is_dir()
         try:
             self.folder = Path(hub_snapshot(folder, weights=False)) if self.hub else local
@@ -275,6 +275,15 @@ class ModelReward:
             )
         config = _read_json(self.folder / "config.json")
         adapter = (self.folder / "adapter_config.json").is_file()
+        if adapter and self.hub:  # its base is named by the repo's files: only another hub model, never a path here
+            from tunelab.outputs import base_model_of
+
+            base = base_model_of(self.folder)
+            if not is_hub_id(base):
+                raise RewardError(
+                    f"reward {folder}: an adapter whose base model is a path on the machine it was trained on "
+                    f"({base}), not a hub id: push the merged model (tunelab merge) or train it on a hub model"
+                )
         classifier = any(str(a).endswith("ForSequenceClassification") for a in config.get("architectures") or [])
         if not (adapter and run) and not classifier:
             raise RewardError(
@@ -291,8 +300,8 @@ class ModelReward:
         from tunelab.inference.score import load_reward_model
 
         try:
-            if self.hub:
-                self.folder = Path(hub_snapshot(self.name))
+            if self.hub:  # the weights of the version checked when the run was prepared (its commit)
+                self.folder = Path(hub_snapshot(self.name, revision=self.folder.name))
             model, tokenizer, plain_text = load_reward_model(self.folder)
             self._loaded = (model.to(device) if device is not None else model), tokenizer, plain_text
         except Exception as error:

@@ -48,8 +48,8 @@ def check_model(source: ModelSource, params: RunParams, kind: str = "causal_lm",
     if scaling:
         stretch_config(config, scaling)
     check_length(source, config, params)
-    coefficient = getattr(params, "router_aux_loss_coef", None)
-    if coefficient and not _balances_experts(config):
+    coefficient = getattr(params, "router_aux_loss_coef", None)  # (the trained model's: a reference never routes)
+    if coefficient and not reference and not _balances_experts(config):
         raise ConfigError(
             f"router_aux_loss_coef: model {source.name} ({config.model_type}) has no load-balancing loss for "
             "experts (a dense model, or experts routed without one), so there is nothing to weigh: leave it out"
