@@ -548,16 +548,25 @@ def test_another_reward_model_scores_chats_as_trl_gives_them(tiny_llama, tmp_pat
     import huggingface_hub
 
     cache = tmp_path / "hub-cache"
-    snapshot = cache / "models--acme--rm" / "snapshots" / "0123abcd"
+    snapshot = cache / "models--acme--rm" / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
     snapshot.parent.mkdir(parents=True)
     shutil.copytree(folder, snapshot)
     (cache / "models--acme--rm" / "refs").mkdir()
-    (cache / "models--acme--rm" / "refs" / "main").write_text("0123abcd")
+    (cache / "models--acme--rm" / "refs" / "main").write_text("0123456789abcdef0123456789abcdef01234567")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     hub = ModelReward("acme/rm")
     assert hub.hub and hub.folder == snapshot
     assert hub(prompts, completions) == pytest.approx(got, abs=1e-6)
     assert reward_model_bytes("acme/rm")[0] == sum(p.numel() * 4 for p in classifier.parameters())
+    # an adapter on the hub whose base is a path (the machine it was trained on): refused, never loaded from here
+    adapter = cache / "models--acme--lora-rm" / "snapshots" / ("f" * 40)
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tiny_llama)}))
+    (cache / "models--acme--lora-rm" / "refs").mkdir()
+    (cache / "models--acme--lora-rm" / "refs" / "main").write_text("f" * 40)
+    with pytest.raises(RewardError, match="an adapter whose base model is a path on the machine it was trained on"):
+        ModelReward("acme/lora-rm")
+    assert reward_model_bytes("acme/lora-rm") == (0, ["acme/lora-rm"])
     with pytest.raises(RewardError, match="cannot download model 'acme/missing': the hub is out of reach and no copy"):
         ModelReward("acme/missing")
     assert reward_model_bytes("acme/missing") == (0, ["acme/missing"])
@@ -566,6 +575,49 @@ def test_another_reward_model_scores_chats_as_trl_gives_them(tiny_llama, tmp_pat
     LlamaForSequenceClassification(LlamaConfig(**config)).save_pretrained(two)
     with pytest.raises(RewardError, match="a classifier of 2 labels, not one score"):
         ModelReward(str(two))
+
+
+@pytest.mark.parametrize(
+    ("trainer", "iterations"), [("grpo", 1), ("rloo", 1), ("grpo", 2)], ids=["grpo", "rloo", "grpo-iterations"]
+)
+def test_steps_per_generation_samples_several_steps_at_once(trainer, iterations, tiny_llama, tmp_path, capsys):
+    """steps_per_generation 2 (gradient_accumulation 1) over 4 prompts, 2 a step: one sampling of all 4 serves steps
+    1 and 2 (with num_iterations 2, steps 1 to 4); the completions are scored and written at step 1 only, and the
+    later steps train on them against their log-probs under the policy that sampled them, scored then: with a clip
+    range this narrow the ratios clip there only, and with a learning rate of 1e-12 they never do (p_old is p)."""
+    (tmp_path / "parity.py").write_text(
+        "def parity(completion_ids, **kwargs):\n    return [float(ids[0] % 2) for ids in completion_ids]\n"
+    )
+    args = grpo_args(tmp_path, tiny_llama, f"{tmp_path / 'parity.py'}:parity", "--trainer", trainer)
+    args[args.index("--max-steps") + 1] = "-1"
+    args += ["--steps-per-generation", "2", "--num-iterations", str(iterations), "--epochs", "1"]
+    args += ["--warmup-ratio", "0", "--epsilon", "0.0001"]
+    dry = [*args, "--dry-run"]
+    dry.remove("--train")
+    assert main(dry) == 0
+    out = capsys.readouterr().out
+    steps = 2 * iterations
+    assert f"{steps} per epoch" in out and f"(generation once every {steps} steps)" in out, out
+    assert "steps_per_generation 2: 2 steps' prompts sampled at once" in out
+    dry[dry.index("--batch-size") + 1] = "4"  # two steps of 4 prompts: more than there are, refused
+    assert main(dry) == 2
+    assert "steps_per_generation samples 2 steps' prompts at once: it needs at least" in capsys.readouterr().err
+
+    for lr in ("2e-2", "1e-12"):
+        args[args.index("--lr") + 1] = lr
+        assert main([*args, "--project-name", str(tmp_path / f"lr{lr}")]) == 0
+        folder = tmp_path / f"lr{lr}"
+        records = [r for r in read_metrics(folder) if "loss" in r]
+        assert [r["step"] for r in records] == list(range(1, steps + 1))
+        assert ["reward" in r for r in records] == [True] + [False] * (steps - 1)
+        samples = [json.loads(line) for line in (folder / "completions.jsonl").read_text().splitlines()]
+        assert {s["step"] for s in samples} == {1} and len(samples) == 4  # (2 prompts x their 2 completions)
+        clipped = [r["clip_ratio/region_mean"] for r in records]
+        assert clipped[0] == 0  # the first step trains on completions of the policy as it is
+        if lr == "1e-12":
+            assert clipped == [0] * steps
+        else:
+            assert all(value > 0 for value in clipped[1:]), clipped
 
 
 @pytest.mark.parametrize("trainer", ["grpo", "rloo"])
@@ -584,7 +636,7 @@ def test_num_iterations_trains_each_batch_of_completions_in_several_steps(traine
     dry.remove("--train")
     assert main(dry) == 0
     out = capsys.readouterr().out
-    assert "4 per epoch" in out and "num_iterations 2: each batch of completions trained on in 2 steps" in out
+    assert "4 per epoch" in out and "num_iterations 2: each batch of completions trained on 2 times" in out
     dry[dry.index("--batch-size") + 1] = "8"  # more prompts a step than there are: refused before training too
     assert main(dry) == 2
     assert "num_iterations 2 trains each step's prompts again" in capsys.readouterr().err
@@ -728,10 +780,13 @@ def test_dry_run_reports_the_generation_budget(tiny_llama, tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "2 prompts x 2 completions x up to 6 tokens = up to 24 generated tokens" in out
-    assert "generation: 1 generate call(s) a step, 2 prompt(s) each; KV cache about" in out
+    assert "generation: 1 generate call(s) a sampling, 2 prompt(s) each; KV cache about" in out
     args[args.index("--gradient-accumulation") + 1] = "3"
     assert main([*args, "--prompts-per-generation", "4"]) == 0
-    assert "generation: 2 generate call(s) a step, 4 prompt(s) each; KV cache" in capsys.readouterr().out
+    assert "generation: 2 generate call(s) a sampling, 4 prompt(s) each; KV cache" in capsys.readouterr().out
+    args[args.index("--gradient-accumulation") + 1] = "1"
+    assert main([*args, "--steps-per-generation", "2"]) == 0  # two steps' prompts, in one call by default
+    assert "generation: 1 generate call(s) a sampling, 4 prompt(s) each; KV cache" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("per_call", [None, 1, 3])
@@ -762,6 +817,32 @@ def test_a_step_s_prompts_are_sampled_together_and_split_back(tiny_llama, tmp_pa
                 assert ids[mask.bool()].tolist() == row.input_ids
         ends, truncated = trainer.completion_ends(completion_ids)
         assert completion_ids.size(1) == int(ends.max()) + 1 <= 5
+
+
+def test_one_sampling_of_two_steps_splits_back_with_the_sampling_policy_s_log_probs(tiny_llama, tmp_path):
+    """steps_per_generation 4 (gradient_accumulation 2): both steps' prompts sampled in one generate call; each step
+    gets its own micro-batches back, with TRL's token count (the sampling's per step); the second step's batches
+    carry their completions' log-probs under the sampling policy (p_old: the policy moves before they train), the
+    first's none (trained at once, p_old is p)."""
+    from tunelab.data.prompts import PromptRow
+
+    trainer = _trainer(tiny_llama, tmp_path, steps_per_generation=4, max_completion_length=5)
+    assert (trainer.together, trainer.cycle) == (2, 2)
+    tokenizer = trainer.processing_class
+    texts = ["Hi", "What is two plus two, in words?", "Name a colour", "Say yes"]
+    rows = [PromptRow(t, tokenizer(t)["input_ids"], {"answer": "4"}, f"line {i}") for i, t in enumerate(texts)]
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    generate, calls = model.generate, []
+    model.generate = lambda *args, **kwargs: calls.append(kwargs["input_ids"].shape[0]) or generate(*args, **kwargs)
+    rolled = trainer.roll_out([[rows[:1], rows[1:2]], [rows[2:3], rows[3:]]], torch.device("cpu"))
+    assert calls == [4]  # the 4 prompts of both steps in one call (4 completions each)
+    assert [len(batches) for batches, _ in rolled] == [2, 2]
+    tokens = sum(int(b["completion_mask"].sum()) for batches, _ in rolled for b in batches)
+    assert [t for _, t in rolled] == [tokens / 2, tokens / 2]
+    assert all("old_logps" not in b for b in rolled[0][0])
+    for batch in rolled[1][0]:
+        with torch.no_grad():
+            torch.testing.assert_close(batch["old_logps"], trainer.completion_logps(trainer.model, batch))
 
 
 def test_built_in_answer_rewards_read_the_answer_forms():

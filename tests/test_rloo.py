@@ -249,14 +249,23 @@ def test_each_methods_own_settings_are_refused_on_the_other():
             r"entropy_coef \(2\), which must lie between entropy_coef_min \(0\) and entropy_coef_max \(1\)",
         ),
         (dict(trainer="grpo", use_adaptive_entropy=True, entropy_coef_delta=0), "entropy_coef_delta must be above 0"),
-        (dict(trainer="grpo", off_policy_mask_threshold=0.5), "with num_iterations 1 each batch is trained once"),
+        (dict(trainer="grpo", off_policy_mask_threshold=0.5), "each batch is trained once, right after sampling"),
         (dict(trainer="sft", sync_ref_model=True), "sync_ref_model is read by trainers dpo, grpo and rloo, not sft"),
         (dict(trainer="grpo", sync_ref_model=True, peft=False), "with beta 0 there is none: give beta"),
         (dict(trainer="rloo", sync_ref_model=True, beta=0.05, peft=True), "sync_ref_model: with LoRA the model is"),
         (dict(trainer="grpo", num_iterations=2, off_policy_mask_threshold=-1), "off_policy_mask_threshold must be"),
+        (dict(trainer="rloo", steps_per_generation=0), "steps_per_generation must be a whole number, 1 or more"),
+        (
+            dict(trainer="grpo", gradient_accumulation=2, steps_per_generation=3),
+            "steps_per_generation 3 must be a multiple of gradient_accumulation 2",
+        ),
+        (dict(trainer="sft", steps_per_generation=2), "steps_per_generation is read by trainers grpo and rloo"),
     ]:
         sampled = bad["trainer"] in ("grpo", "rloo")
         with pytest.raises(ConfigError, match=said):
             LLMParams(**{**(common if sampled else {}), **bad})
     assert LLMParams(**common, trainer="rloo", reward_clip_range=[-1, 2]).reward_clip_values == (-1.0, 2.0)
+    later = LLMParams(**common, trainer="grpo", steps_per_generation=4, gradient_accumulation=2, batch_size=3)
+    assert (later.steps_sampled_together, later.prompts_sampled_at_once) == (2, 12)
+    assert LLMParams(**common, trainer="grpo", steps_per_generation=8, off_policy_mask_threshold=0.5)
     assert LLMParams(**common, trainer="rloo", sync_ref_model=True, beta=0.05, peft=False).ref_model_sync_steps == 512

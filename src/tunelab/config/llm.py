@@ -550,7 +550,8 @@ class LLMParams(Params):
     )
     off_policy_mask_threshold: float | None = param(
         None,
-        "grpo (num_iterations > 1): no loss on a completion with a negative advantage whose mean KL from the policy "
+        "grpo (num_iterations > 1 or steps_per_generation above gradient_accumulation): no loss on a completion "
+        "with a negative advantage whose mean KL from the policy "
         "that sampled it is above this (DeepSeek-V3.2's off-policy sequence mask; e.g. 0.5).",
     )
     num_iterations: int = param(
@@ -558,6 +559,13 @@ class LLMParams(Params):
         "grpo, rloo: optimizer steps on each batch of completions (TRL's num_iterations, mu in the GRPO paper): "
         "generation is the slow part; each step's prompts come round this many steps in a row, sampled once, "
         "and the probability ratio to the sampling policy (clipped by epsilon) comes into play.",
+    )
+    steps_per_generation: int | None = param(
+        None,
+        "grpo, rloo: micro-batches one sampling serves (TRL's; default gradient_accumulation: a sampling per "
+        "optimizer step). A multiple of it: k x gradient_accumulation samples k steps' prompts at once, and each "
+        "later step trains on completions of the policy before the earlier steps' updates, against their "
+        "log-probs then (the ratio clipped by epsilon, as with num_iterations).",
     )
     importance_sampling_level: str = param(
         "token",
@@ -668,11 +676,16 @@ class LLMParams(Params):
             )
 
     @property
+    def steps_sampled_together(self) -> int:
+        """grpo, rloo: the optimizer steps one sampling serves (steps_per_generation / gradient_accumulation)."""
+        return max((self.steps_per_generation or self.gradient_accumulation) // self.gradient_accumulation, 1)
+
+    @property
     def prompts_sampled_at_once(self) -> int:
         """grpo, rloo: the prompts one generate call samples for on each process (prompts_per_generation, at most
-        the step's)."""
-        step = self.batch_size * self.gradient_accumulation
-        return min(self.prompts_per_generation or step, step)
+        the sampling's: a step's, or steps_sampled_together steps')."""
+        sampling = self.batch_size * self.gradient_accumulation * self.steps_sampled_together
+        return min(self.prompts_per_generation or sampling, sampling)
 
     @property
     def reward_clip_values(self) -> tuple[float, float] | None:

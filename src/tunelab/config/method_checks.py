@@ -109,6 +109,15 @@ def check_sampled(params: Params) -> None:
     per_call = params.prompts_per_generation
     if per_call is not None and (isinstance(per_call, bool) or not isinstance(per_call, int) or per_call < 1):
         raise ConfigError(f"prompts_per_generation must be a whole number, 1 or more, got {per_call!r}")
+    steps = params.steps_per_generation
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ConfigError(f"steps_per_generation must be a whole number, 1 or more, got {steps!r}")
+    if steps is not None and steps % params.gradient_accumulation:
+        raise ConfigError(
+            f"steps_per_generation {steps} must be a multiple of gradient_accumulation "
+            f"{params.gradient_accumulation}: tunelab samples whole optimizer steps (prompts_per_generation "
+            "splits one sampling into several generate calls)"
+        )
     evaluated = params.num_generations_eval
     if evaluated is not None and (isinstance(evaluated, bool) or not isinstance(evaluated, int) or evaluated < 1):
         raise ConfigError(f"num_generations_eval must be a whole number, 1 or more, got {evaluated!r}")
@@ -336,9 +345,9 @@ def check_grpo_variants(params: Params) -> None:
             )
     if params.off_policy_mask_threshold is not None:
         _number(params, "off_policy_mask_threshold", 0.0, above=True)
-        if params.num_iterations == 1:
+        if params.num_iterations == 1 and params.steps_sampled_together == 1:
             raise ConfigError(
                 "off_policy_mask_threshold masks completions the policy has moved away from since it sampled them; "
-                "with num_iterations 1 each batch is trained once, right after sampling, so it never has: raise "
-                "num_iterations, or leave it out"
+                "with num_iterations 1 and a sampling per step each batch is trained once, right after sampling, so "
+                "it never has: raise num_iterations or steps_per_generation, or leave it out"
             )

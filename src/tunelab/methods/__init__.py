@@ -68,6 +68,7 @@ SAMPLED = (
     "epsilon",
     "epsilon_high",
     "num_iterations",
+    "steps_per_generation",
     "mask_truncated_completions",
     "completions_every",
 )

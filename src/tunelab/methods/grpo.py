@@ -30,7 +30,11 @@ full-vocabulary logits never exist.
 `num_iterations` (mu): each step's prompts come round mu steps in a row (RepeatedBlocks); the first samples and
 scores them, the next reuse those completions, so generation runs once every mu steps. p_old is the policy's own
 log-prob in the batch's first step (kept from that pass: no extra forward), so later steps' ratios measure how far
-the policy has moved since it sampled. A run resumed between those steps samples its batch afresh.
+the policy has moved since it sampled. `steps_per_generation` (k x gradient_accumulation, TRL's) samples k steps'
+prompts at once: the first step trains on its share at once, each later one on completions of the policy before
+the earlier steps' updates, against their log-probs under it (scored when sampled: one forward without gradient).
+With both, a sampling serves k x mu steps: its k steps, mu times over. A run resumed inside them samples each
+step afresh.
 
 `batch_size` counts prompts: a micro-batch is batch_size x num_generations completions (TRL's
 per_device_train_batch_size counts completions: TRL's 8 with num_generations 8 is tunelab's batch_size 1).
@@ -301,9 +305,10 @@ def grpo_loss(
 
 
 class RepeatedBlocks(torch.utils.data.Sampler):
-    """num_iterations: a random order of the prompts (seeded by the run's seed and the epoch, so a resumed run sees
-    the same one), cut into blocks of one optimizer step's prompts (every process's), each block given `repeats`
-    times in a row. A last block short of a step is left out (its repeats would straddle two steps)."""
+    """num_iterations, steps_per_generation: a random order of the prompts (seeded by the run's seed and the epoch,
+    so a resumed run sees the same one), cut into blocks of one sampling's prompts (its steps', every process's),
+    each block given `repeats` times in a row. A last block short of a sampling is left out (its repeats would
+    straddle two samplings)."""
 
     def __init__(self, size: int, block: int, repeats: int, seed: int) -> None:
         self.size, self.block, self.repeats, self.seed = size, block, repeats, seed
@@ -336,8 +341,14 @@ class FirstPass:
         return self.logps if self.logps is not None and training else logps.detach()
 
 
-def check_repeatable(prompts: int, iterations: int, step_prompts: int) -> None:
-    """num_iterations repeats whole steps of prompts: refused, in one line, where there is not one step's worth."""
+def check_repeatable(prompts: int, iterations: int, step_prompts: int, steps: int = 1) -> None:
+    """num_iterations repeats whole steps of prompts, steps_per_generation samples `steps` steps' at once: refused,
+    in one line, where there is not one sampling's worth."""
+    if steps > 1 and prompts < step_prompts * steps:
+        raise DataError(
+            f"steps_per_generation samples {steps} steps' prompts at once: it needs at least that many prompts "
+            f"(batch_size x gradient_accumulation x processes x {steps} = {step_prompts * steps}), got {prompts}"
+        )
     if iterations > 1 and prompts < step_prompts:
         raise DataError(
             f"num_iterations {iterations} trains each step's prompts again in the next steps: it needs at least one "
@@ -391,13 +402,22 @@ class GRPOTrainer(GuardedTrainer):
         self._prefix = ""  # "eval_" while evaluating: its figures are logged apart from training's
         self._samples: tuple | None = None  # the step's samples, written with their final advantages
         self.iterations = params.num_iterations
-        # num_iterations: the step's batches, trained again in the next steps of their cycle (global_step // mu)
-        self._reused: tuple[int, list[dict[str, Any]], float] | None = None
-        if self.iterations > 1:
+        self.together = params.steps_sampled_together  # steps_per_generation: the steps one sampling serves
+        # A sampling's cycle: its steps, num_iterations times over (global_step // cycle); the batches its later
+        # steps train on, by their place in it, and the prompts of its later steps, pulled with its own
+        self.cycle = self.together * self.iterations
+        self._reused: tuple[int, dict[int, tuple[list[dict[str, Any]], float]]] | None = None
+        self._ahead: list[list[list[PromptRow]]] = []
+        if self.cycle > 1:
             # p_old and p must differ only by what training changed: a dropout mask in one and not the other
             # would move the ratios (and clip them) with no change to the policy (TRL's disable_dropout)
             disable_dropout(self.model)
-            log.info("%s: num_iterations %d: dropout off, as p_old is compared to p", params.trainer, self.iterations)
+            log.info(
+                "%s: completions trained on after the policy moved (a sampling serves %d steps): dropout off, as "
+                "p_old is compared to p",
+                params.trainer,
+                self.cycle,
+            )
         # scale_rewards batch and GDPO's aggregation normalise over the whole step: final in finish_advantages
         self.step_wide = params.scale_rewards == "batch" or params.multi_objective_aggregation != "sum_then_normalize"
         # The entropy bonus: entropy_coef, or use_adaptive_entropy's controller, which moves it each step by the
@@ -414,41 +434,74 @@ class GRPOTrainer(GuardedTrainer):
                 log.warning("loss_type %s: importance_sampling_level %s is its paper's (%s)", loss_type, level, why)
 
     def _get_train_sampler(self, train_dataset=None):  # noqa: D102
-        if self.iterations == 1:
+        if self.cycle == 1:
             return super()._get_train_sampler(train_dataset)
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        check_repeatable(len(dataset), self.iterations, self.step_rows())
-        self.epoch_sampler = RepeatedBlocks(len(dataset), self.step_rows(), self.iterations, self.args.seed)
+        check_repeatable(len(dataset), self.iterations, self.step_rows(), self.together)
+        block = self.step_rows() * self.together
+        self.epoch_sampler = RepeatedBlocks(len(dataset), block, self.iterations, self.args.seed)
         return self.epoch_sampler
 
-    # -- rollout: once per optimizer step, for every micro-batch of it
+    # -- rollout: once per sampling (a step's, or steps_per_generation's steps'), for every micro-batch of it
     def get_batch_samples(self, epoch_iterator, num_batches, device):  # noqa: D102
-        prompts, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
-        cycle, repeat = divmod(self.state.global_step, self.iterations)
-        if self._reused is not None and self._reused[0] == cycle:  # these prompts again (RepeatedBlocks)
-            batches, tokens = self._reused[1:]
-            if repeat == self.iterations - 1:
-                self._reused = None  # the cycle's last step: nothing holds them after it
-            return batches, tokens
+        # the step's prompts: pulled already when an earlier step's sampling took them with its own
+        if self._ahead:
+            prompts = self._ahead.pop(0)
+        else:
+            prompts, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        cycle, position = divmod(self.state.global_step, self.cycle)
+        part, last = position % self.together, position // self.together == self.iterations - 1
+        if self._reused is not None and self._reused[0] == cycle and part in self._reused[1]:
+            kept = self._reused[1]
+            return kept.pop(part) if last else kept[part]  # (after its last step, nothing holds a batch)
         self._reused = None
-        if repeat:
+        steps = [prompts]
+        if position == 0:  # the sampling's later steps' prompts (RepeatedBlocks gives them next), sampled now
+            while len(steps) < self.together:
+                later, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+                if not later:
+                    break
+                steps.append(later)
+            self._ahead = steps[1:]
+        else:
             log.info(
-                "%s: resumed between the %d steps of one batch of completions: sampling it afresh",
+                "%s: resumed inside the %d steps one sampling serves: sampling this step afresh",
                 self.params.trainer,
-                self.iterations,
+                self.cycle,
             )
-        sampled = self.sample(prompts)
-        batches = [self._rollout(rows, samples) for rows, samples in zip(prompts, sampled, strict=True)]
+        rolled = self.roll_out(steps, device)
+        kept = {part + index: found for index, found in enumerate(rolled) if index or not last}
+        self._reused = (cycle, kept) if kept else None
+        return rolled[0]
+
+    def roll_out(self, steps: list[list[list[PromptRow]]], device: Any) -> list[tuple[list[dict[str, Any]], float]]:
+        """Each step's (micro-batches, completion tokens per process) from one sampling of all their prompts: the
+        completions scored, their advantages final over the whole sampling (TRL's generation batch); a later step's
+        with their log-probs under the sampling policy (p_old: the policy moves before they are trained). The
+        tokens are TRL's: the sampling's (every process's) per process and per step, which dapo's loss divides by."""
+        micro_batches = [rows for step in steps for rows in step]
+        sampled = self.sample(micro_batches)
+        batches = [self._rollout(rows, samples) for rows, samples in zip(micro_batches, sampled, strict=True)]
         self.finish_advantages(batches)
-        tokens = sum(int(b["completion_mask"].sum()) for b in batches)
-        tokens = (
-            self.accelerator.gather(torch.tensor(tokens, device=device)).sum().item() / self.accelerator.num_processes
-        )
-        if self.iterations > 1 and repeat < self.iterations - 1:
-            for batch in batches:
-                batch["first_pass"] = FirstPass()
-            self._reused = (cycle, batches, tokens)
-        return batches, tokens
+        tokens = torch.tensor(sum(int(b["completion_mask"].sum()) for b in batches), device=device)
+        tokens = self.accelerator.gather(tokens).sum().item() / self.accelerator.num_processes / len(steps)
+        rolled, start = [], 0
+        for index, step in enumerate(steps):
+            these = batches[start : start + len(step)]
+            start += len(step)
+            for batch in these:
+                if index:
+                    batch["old_logps"] = self.sampling_logps(batch)
+                elif self.iterations > 1:
+                    batch["first_pass"] = FirstPass()
+            rolled.append((these, tokens))
+        return rolled
+
+    @torch.no_grad()
+    def sampling_logps(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The completions' per-token log-probs under the policy as it sampled them (a later step's p_old), scored
+        as its training pass scores them (same mode: dropout is off)."""
+        return self.completion_logps(self.model, batch)
 
     @torch.no_grad()
     def sample(self, micro_batches: list[list[PromptRow]]) -> list[tuple[torch.Tensor, ...]]:
@@ -666,8 +719,11 @@ class GRPOTrainer(GuardedTrainer):
         return logps[:, width - 1 :], entropy[:, width - 1 :]
 
     def old_logps(self, logps: torch.Tensor, inputs: dict[str, Any], training: bool) -> torch.Tensor:
-        """The sampling policy's log-probs: the policy's own (ratio 1), or with num_iterations those of the batch's
-        first step (FirstPass)."""
+        """The sampling policy's per-token log-probs: the policy's own (ratio 1); a later step's of one sampling,
+        scored when sampled (steps_per_generation); or with num_iterations those of the batch's first step
+        (FirstPass)."""
+        if training and inputs.get("old_logps") is not None:
+            return inputs["old_logps"]
         first = inputs.get("first_pass")
         return first.old_logps(logps, training) if first is not None else logps.detach()
 
@@ -788,10 +844,10 @@ class GRPOTrainer(GuardedTrainer):
 
     # -- samples for the user to read
     def _writes_samples(self) -> bool:
-        """Whether this rollout's samples are written: every completions_every steps (with num_iterations, a
-        rollout stands for its cycle's steps: written when one of them is due)."""
+        """Whether this rollout's samples are written: every completions_every steps (with num_iterations or
+        steps_per_generation, a rollout stands for its cycle's steps: written when one of them is due)."""
         every = self.params.completions_every
-        steps = range(self.state.global_step, self.state.global_step + self.iterations)
+        steps = range(self.state.global_step, self.state.global_step + self.cycle)
         return every > 0 and self.is_world_process_zero() and any(step % every == 0 for step in steps)
 
     def _write_samples(self, rows, texts, per_function, total, advantages) -> None:

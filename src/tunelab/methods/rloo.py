@@ -104,10 +104,14 @@ class RLOOTrainer(GRPOTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D102
         mask = inputs["completion_mask"]
-        logps = (self.completion_logps(model, inputs, policy=True) * mask).sum(1)
+        per_token = self.completion_logps(model, inputs, policy=True)
+        old = self.old_logps(
+            per_token, inputs, model.training
+        )  # the sampling policy's (p itself right after sampling)
+        logps = (per_token * mask).sum(1)
         loss, metrics = rloo_loss(
             logps,
-            self.old_logps(logps, inputs, model.training),  # the sampling policy's (1 in a batch's first step)
+            (old * mask).sum(1),
             inputs["advantages"],
             epsilon_low=self.epsilon_low,
             epsilon_high=self.epsilon_high,

@@ -361,31 +361,44 @@ def plan(params: LLMParams) -> RunPlan:
         if models:
             train.notes.append(
                 f"reward model(s) {', '.join(models)}: loaded beside the policy when training starts (their weights "
-                "are in the memory figure below)"
+                "are in the memory figure below, unless it says otherwise)"
             )
         train.notes.append(
             f"generation per step: {params.batch_size * params.gradient_accumulation} prompts x "
             f"{params.num_generations} completions x up to {length} tokens = up to {per_step * length:,} "
             "generated tokens (per process)"
         )
-        if params.num_iterations > 1:
+        together = params.steps_sampled_together
+        if params.num_iterations > 1 or together > 1:
             from tunelab.methods.grpo import check_repeatable
 
             block = params.batch_size * params.gradient_accumulation * dry_run.processes(params)
-            check_repeatable(train.rows, params.num_iterations, block)
-            left = train.rows % block
+            check_repeatable(train.rows, params.num_iterations, block, together)
+            left = train.rows % (block * together)
+            cycle = together * params.num_iterations
+            said = []
+            if together > 1:
+                said.append(
+                    f"steps_per_generation {params.steps_per_generation}: {together} steps' prompts sampled at once, "
+                    "the later steps trained on completions of the policy before the earlier steps' updates"
+                )
+            if params.num_iterations > 1:
+                said.append(
+                    f"num_iterations {params.num_iterations}: each batch of completions trained on "
+                    f"{params.num_iterations} times"
+                )
             train.notes.append(
-                f"num_iterations {params.num_iterations}: each batch of completions trained on in "
-                f"{params.num_iterations} steps in a row (generation once every {params.num_iterations} steps)"
-                + (f"; the {left} prompts past the last whole step are left out of each epoch" if left else "")
+                "; ".join(said)
+                + f" (generation once every {cycle} steps)"
+                + (f"; the {left} prompts past the last whole sampling are left out of each epoch" if left else "")
             )
         rows, longest = microbatch(prep)  # each prompt's completions, prompt + full completion long
-        step_prompts = params.batch_size * params.gradient_accumulation
+        sampled_prompts = params.batch_size * params.gradient_accumulation * together
         at_once = params.prompts_sampled_at_once
         sequences, cache = sampling_cache(prep.config, params, longest)  # one generate call's
-        calls = -(-step_prompts // at_once)
+        calls = -(-sampled_prompts // at_once)
         train.notes.append(
-            f"generation: {calls} generate call(s) a step, {at_once} prompt(s) each; KV cache about "
+            f"generation: {calls} generate call(s) a sampling, {at_once} prompt(s) each; KV cache about "
             f"{cache / 2**20:,.0f} MiB ({sequences} sequences of up to {longest} tokens; lower "
             f"prompts_per_generation if it does not fit); training counts {rows} of them a micro-batch as rows"
         )
