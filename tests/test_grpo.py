@@ -592,6 +592,8 @@ def test_steps_per_generation_samples_several_steps_at_once(trainer, iterations,
     args[args.index("--max-steps") + 1] = "-1"
     args += ["--steps-per-generation", "2", "--num-iterations", str(iterations), "--epochs", "1"]
     args += ["--warmup-ratio", "0", "--epsilon", "0.0001"]
+    if trainer == "rloo":  # its KL penalty scores the sampling policy's log-probs: a later step's p_old, kept
+        args += ["--beta", "0.05"]
     dry = [*args, "--dry-run"]
     dry.remove("--train")
     assert main(dry) == 0
@@ -670,7 +672,7 @@ def test_model_ref_where_nothing_reads_it_is_refused(tiny_llama, tmp_path, capsy
     args = ["llm", "--train", "--trainer", trainer, "--model", str(tiny_llama), "--data-path", str(_data(tmp_path))]
     args += ["--project-name", str(tmp_path / "run"), "--model-ref", str(tiny_llama), *extra]
     assert main(args) == 2
-    assert "model_ref names a reference model, read by dpo, kto, grpo and rloo" in capsys.readouterr().err
+    assert "model_ref names a reference model, read by dpo, kto, online_dpo, grpo and rloo" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -817,6 +819,32 @@ def test_a_step_s_prompts_are_sampled_together_and_split_back(tiny_llama, tmp_pa
                 assert ids[mask.bool()].tolist() == row.input_ids
         ends, truncated = trainer.completion_ends(completion_ids)
         assert completion_ids.size(1) == int(ends.max()) + 1 <= 5
+
+
+def test_generation_kwargs_reach_generate_and_bad_values_stop_before_training(tiny_llama, tmp_path):
+    """generation_kwargs (TRL's) go to generate: with half the vocabulary suppressed, no completion holds one of
+    those tokens (it would otherwise: the tiny model's next tokens are near uniform). A value generate refuses
+    (GenerationConfig's validation lets it through), or an end token suppressed, stops the trainer's start in one
+    line."""
+    from tunelab.data.prompts import PromptRow
+    from tunelab.errors import ConfigError
+
+    suppressed = list(range(5, 128))  # (the end tokens, 2 and 4, stay: completions can end)
+    trainer = _trainer(
+        tiny_llama, tmp_path, max_completion_length=8, generation_kwargs={"suppress_tokens": suppressed}
+    )
+    tokenizer = trainer.processing_class
+    rows = [PromptRow(t, tokenizer(t)["input_ids"], {}, f"line {i}") for i, t in enumerate(["Hi", "Say yes"])]
+    (_, _, completions), _ = trainer.sample([rows[:1], rows[1:]])
+    assert completions.numel() > 8 and not torch.isin(completions, torch.tensor(suppressed)).any()
+    plain = _trainer(tiny_llama, tmp_path, max_completion_length=8)
+    (_, _, completions), _ = plain.sample([rows[:1], rows[1:]])
+    assert torch.isin(completions, torch.tensor(suppressed)).any()
+    with pytest.raises(ConfigError, match="generation_kwargs: `sequence_bias` has to be a dict with tuples as keys"):
+        _trainer(tiny_llama, tmp_path, generation_kwargs={"sequence_bias": {"a": 1.0}})
+    end = plain.end_ids[0]
+    with pytest.raises(ConfigError, match=f"generation_kwargs: end token {end} suppressed: completions could never"):
+        _trainer(tiny_llama, tmp_path, generation_kwargs={"bad_words_ids": [[end]]})
 
 
 def test_one_sampling_of_two_steps_splits_back_with_the_sampling_policy_s_log_probs(tiny_llama, tmp_path):

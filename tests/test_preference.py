@@ -145,7 +145,7 @@ def test_preference_loss_settings_are_checked_before_anything_loads():
         _params(discopop_tau=0.1)
     with pytest.raises(ConfigError, match="f_alpha_divergence_coef is read by f_divergence_type alpha_divergence"):
         _params(f_alpha_divergence_coef=0.2)
-    with pytest.raises(ConfigError, match="dpo_loss_type is read by trainer dpo, not orpo"):
+    with pytest.raises(ConfigError, match="dpo_loss_type is read by trainers dpo and online_dpo, not orpo"):
         _params(trainer="orpo", dpo_loss_type="hinge")
     with pytest.raises(ConfigError, match="sync_ref_model: with LoRA the model is the base and an adapter"):
         _params(sync_ref_model=True, peft=True)
@@ -161,7 +161,8 @@ def test_preference_loss_settings_are_checked_before_anything_loads():
         _params(trainer="kto", batch_size=1)
     assert _params(trainer="kto", batch_size=1, kto_loss_type="apo_zero_unpaired").batch_size == 1  # no KL term
     for name, value in (("ld_alpha", 0.5), ("use_weighting", True), ("f_divergence_type", "js_divergence")):
-        with pytest.raises(ConfigError, match=f"{name} is read by trainer dpo, not simpo: leave it out"):
+        readers = "trainers dpo and online_dpo" if name == "f_divergence_type" else "trainer dpo"
+        with pytest.raises(ConfigError, match=f"{name} is read by {readers}, not simpo: leave it out"):
             _params(trainer="simpo", **{name: value})
     with pytest.raises(ConfigError, match=r"label_smoothing must be in \[0, 0.5\)"):
         _params(dpo_loss_type="robust", label_smoothing=0.5)

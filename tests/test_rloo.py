@@ -225,9 +225,12 @@ def test_each_methods_own_settings_are_refused_on_the_other():
         (dict(trainer="grpo", sapo_temperature_neg=2.0), "sapo_temperature_neg is read by loss_type sapo only"),
         (dict(trainer="grpo", loss_type="cispo", epsilon_high=5, delta=6), "loss_type cispo has no such ratio"),
         # the rewards and the sampling are read by these two alone: given elsewhere they would do nothing
-        (dict(trainer="sft", reward_functions="format_tag"), "reward_functions is read by trainers grpo and rloo"),
+        (
+            dict(trainer="sft", reward_functions="format_tag"),
+            "reward_functions is read by trainers grpo, rloo and online_dpo",
+        ),
         (dict(trainer="dpo", beta=0.1), r"beta is read by trainers grpo and rloo, not dpo: leave it out \(dpo's"),
-        (dict(trainer="kto", temperature=0.7), "temperature is read by trainers grpo and rloo, not kto"),
+        (dict(trainer="kto", temperature=0.7), "temperature is read by trainers grpo, rloo and online_dpo, not kto"),
         (dict(trainer="rloo", top_entropy_quantile=0.2), "top_entropy_quantile is read by trainer grpo, not rloo"),
         (dict(trainer="grpo", top_k=-1), "top_k must be a whole number, 0 .off. or more"),
         (dict(trainer="rloo", num_generations_eval=0), "num_generations_eval must be a whole number, 1 or more"),
@@ -260,11 +263,41 @@ def test_each_methods_own_settings_are_refused_on_the_other():
             "steps_per_generation 3 must be a multiple of gradient_accumulation 2",
         ),
         (dict(trainer="sft", steps_per_generation=2), "steps_per_generation is read by trainers grpo and rloo"),
+        (dict(trainer="grpo", generation_kwargs={"temperature": 0.7}), "temperature has a setting of its own"),
+        (dict(trainer="rloo", generation_kwargs='{"max_new_tokens": 9}'), "of its own, max_completion_length"),
+        (dict(trainer="grpo", generation_kwargs='{"do_sample": false}'), "do_sample false: the loss learns from"),
+        (dict(trainer="grpo", generation_kwargs={"num_beams": 4}), "num_beams 4: the loss learns from samples"),
+        (dict(trainer="grpo", generation_kwargs={"stop_strings": ["\n"]}), "stop_strings are not supported"),
+        (dict(trainer="grpo", generation_kwargs={"eos_token_id": 3}), "eos_token_id is set by tunelab"),
+        (dict(trainer="grpo", generation_kwargs={"no_such": 1}), "no_such is not one of generate's settings"),
+        (dict(trainer="grpo", generation_kwargs={"forced_eos_token_id": 2}), "cut completions would look finished"),
+        (dict(trainer="grpo", generation_kwargs={"max_time": 5.0}), "max_time: completions cut by the clock"),
+        (dict(trainer="grpo", generation_kwargs={"prompt_lookup_num_tokens": 3}), "assisted decoding samples one"),
+        (dict(trainer="grpo", generation_kwargs={"num_return_sequences": 3}), "set by tunelab \\(num_generations"),
+        (
+            dict(trainer="grpo", max_completion_length=16, generation_kwargs={"min_new_tokens": 16}),
+            "min_new_tokens 16 leaves no completion room to end before max_completion_length \\(16\\)",
+        ),
+        (dict(trainer="grpo", generation_kwargs="{no"), "generation_kwargs: not a JSON object"),
+        (dict(trainer="grpo", generation_kwargs="[3]"), "generation_kwargs must be an object of generate settings"),
+        (
+            dict(trainer="sft", generation_kwargs={"top_a": 1}),
+            "generation_kwargs is read by trainers grpo, rloo and online_dpo",
+        ),
     ]:
         sampled = bad["trainer"] in ("grpo", "rloo")
         with pytest.raises(ConfigError, match=said):
             LLMParams(**{**(common if sampled else {}), **bad})
     assert LLMParams(**common, trainer="rloo", reward_clip_range=[-1, 2]).reward_clip_values == (-1.0, 2.0)
+    # the steps of an epoch as Trainer runs them: whole samplings only (120 prompts, 8 a step, 4 steps a sampling)
+    from tunelab.training.steps import epoch_steps
+
+    k = dict(batch_size=2, gradient_accumulation=4)
+    assert epoch_steps(120, LLMParams(**common, trainer="grpo", steps_per_generation=16, **k)) == 12
+    assert epoch_steps(120, LLMParams(**common, trainer="grpo", steps_per_generation=16, num_iterations=2, **k)) == 24
+    assert epoch_steps(120, LLMParams(**common, trainer="grpo", **k)) == 15
+    given = LLMParams(**common, trainer="rloo", generation_kwargs='{"no_repeat_ngram_size": 3}').generation_kwargs
+    assert given == {"no_repeat_ngram_size": 3}
     later = LLMParams(**common, trainer="grpo", steps_per_generation=4, gradient_accumulation=2, batch_size=3)
     assert (later.steps_sampled_together, later.prompts_sampled_at_once) == (2, 12)
     assert LLMParams(**common, trainer="grpo", steps_per_generation=8, off_policy_mask_threshold=0.5)

@@ -466,8 +466,8 @@ def test_the_load_balancing_weight_is_refused_where_nothing_reads_it(tiny_llama,
     args[args.index("sft")] = "reward"
     assert main(args) == 2
     assert (
-        "router_aux_loss_coef is read by trainers default, sft, dpo, orpo, kto, simpo, grpo and rloo, not reward"
-        in (capsys.readouterr().err)
+        "router_aux_loss_coef is read by trainers default, sft, dpo, orpo, kto, simpo, grpo, rloo and online_dpo, "
+        "not reward" in (capsys.readouterr().err)
     )
 
 

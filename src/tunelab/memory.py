@@ -126,7 +126,7 @@ def kv_cache_bytes(config: Any, sequences: int, length: int, bytes_per_value: in
 
 def sampling_cache(config: Any, params: Any, length: int) -> tuple[int, int]:
     """grpo, rloo: (the completions one generate call samples, the KV cache they keep at `length` tokens each)."""
-    sequences = params.prompts_sampled_at_once * params.num_generations
+    sequences = params.prompts_sampled_at_once * params.completions_per_prompt
     half = getattr(params, "mixed_precision", None) in ("fp16", "bf16")
     return sequences, kv_cache_bytes(config, sequences, length, 2 if half else 4)
 
@@ -383,7 +383,8 @@ def run_estimate(
     memory = estimate_memory(config, params, rows_per_microbatch * longest, longest, kind=kind)
     if getattr(params, "reward_functions", None) and kind == "causal_lm":
         # grpo, rloo: sampling holds the weights, the optimizer's state and a KV cache for every completion of a
-        # generate call (the step's by default), each up to `longest` tokens: its peak may be the run's
+        # generate call (the sampling's by default: a step's, or steps_per_generation's), each up to `longest`
+        # tokens: its peak may be the run's
         sequences, cache = sampling_cache(config, params, longest)
         sampling = memory.weights + memory.optimizer + cache
         if sampling > memory.total:

@@ -337,12 +337,13 @@ class LLMParams(Params):
     )
     dpo_beta: float = param(
         0.1,
-        "dpo: beta (strength of the pull towards the reference); orpo: weight of the odds ratio; simpo: beta (the "
-        "reward scale; the SimPO paper uses 2 to 10).",
+        "dpo, online_dpo: beta (strength of the pull towards the reference); orpo: weight of the odds ratio; simpo: "
+        "beta (the reward scale; the SimPO paper uses 2 to 10).",
     )
     dpo_loss_type: str = param(
         "sigmoid",
-        f"dpo: the loss: {', '.join(DPO_LOSS_TYPES)} (TRL's; docs/preference.md), or several comma-separated, "
+        f"dpo, online_dpo: the loss: {', '.join(DPO_LOSS_TYPES)} (TRL's; docs/preference.md), or several "
+        "comma-separated, "
         "added with dpo_loss_weights (TRL's multi-loss form, e.g. sigmoid,sft).",
     )
     precompute_ref_log_probs: bool = param(
@@ -350,23 +351,27 @@ class LLMParams(Params):
         "dpo: score every pair with the reference once before training (kept with the prepared data), then train "
         "with no reference model in memory.",
     )
-    dpo_loss_weights: str | None = param(None, "dpo: a weight per dpo_loss_type, comma-separated (default: 1 each).")
+    dpo_loss_weights: str | None = param(
+        None, "dpo, online_dpo: a weight per dpo_loss_type, comma-separated (default: 1 each)."
+    )
     label_smoothing: float = param(
         0.0,
-        "dpo (the robust, exo_pair, aot and aot_unpaired losses) and simpo: the assumed share of flipped "
-        "preferences, in [0, 0.5).",
+        "dpo and online_dpo (the robust, exo_pair, aot and aot_unpaired losses) and simpo: the assumed share of "
+        "flipped preferences, in [0, 0.5).",
     )
     discopop_tau: float = param(
-        0.05, "dpo (the discopop loss): the temperature of its mix of logistic and exponential losses (the paper's)."
+        0.05,
+        "dpo, online_dpo (the discopop loss): the temperature of its mix of logistic and exponential losses (the "
+        "paper's).",
     )
     f_divergence_type: str = param(
         "reverse_kl",
-        "dpo: the divergence from the reference the loss regularises with (f-DPO): reverse_kl is DPO's; other "
-        "than it only with the losses of the chosen-rejected difference.",
+        "dpo, online_dpo: the divergence from the reference the loss regularises with (f-DPO): reverse_kl is DPO's; "
+        "other than it only with the losses of the chosen-rejected difference.",
         choices=DPO_DIVERGENCES,
     )
     f_alpha_divergence_coef: float = param(
-        0.5, "dpo (f_divergence_type alpha_divergence): alpha (1 is reverse KL, 0 forward KL)."
+        0.5, "dpo, online_dpo (f_divergence_type alpha_divergence): alpha (1 is reverse KL, 0 forward KL)."
     )
     ld_alpha: float | None = param(
         None,
@@ -451,18 +456,29 @@ class LLMParams(Params):
     # said)
     reward_functions: str | None = param(
         None,
-        "grpo, rloo: rewards, comma-separated: built-ins (answer_tag, answer_hash, answer_boxed, answer_last_number, "
-        "format_tag, format_think, format_regex, valid_json, length_penalty), file.py:function, or a reward "
-        "model: a folder (a --trainer reward run) or a hub id of a sequence classifier with one output "
-        "(docs/grpo.md).",
+        "grpo, rloo, online_dpo: rewards, comma-separated: built-ins (answer_tag, answer_hash, answer_boxed, "
+        "answer_last_number, format_tag, format_think, format_regex, valid_json, length_penalty), "
+        "file.py:function, or a reward model: a folder (a --trainer reward run) or a hub id of a sequence "
+        "classifier with one output (docs/grpo.md).",
     )
-    reward_weights: str | None = param(None, "grpo, rloo: a weight per reward, comma-separated (default: 1 each).")
-    reward_answer_column: str = param("answer", "grpo, rloo: the column the answer_* rewards compare with.")
-    reward_regex: str | None = param(None, "grpo, rloo: the pattern format_regex looks for (re.search).")
+    reward_weights: str | None = param(
+        None, "grpo, rloo, online_dpo: a weight per reward, comma-separated (default: 1 each)."
+    )
+    reward_answer_column: str = param(
+        "answer", "grpo, rloo, online_dpo: the column the answer_* rewards compare with."
+    )
+    reward_regex: str | None = param(None, "grpo, rloo, online_dpo: the pattern format_regex looks for (re.search).")
     reward_json_schema: str | None = param(
-        None, "grpo, rloo: a JSON schema file valid_json checks against (jsonschema)."
+        None, "grpo, rloo, online_dpo: a JSON schema file valid_json checks against (jsonschema)."
     )
-    num_generations: int = param(8, "grpo, rloo: completions sampled per prompt (a group; its rewards are compared).")
+    num_generations: int = param(
+        8, "grpo, rloo: completions sampled per prompt (a group; its rewards are compared; online_dpo: always 2)."
+    )
+    missing_eos_penalty: float | None = param(
+        None,
+        "online_dpo: subtracted from the reward of a completion cut at max_completion_length (it wrote no end "
+        "token) before a prompt's two are compared (TRL's; encourages finishing within the length).",
+    )
     num_generations_eval: int | None = param(
         None,
         "grpo, rloo: completions sampled per validation prompt when evaluating (default: num_generations; fewer "
@@ -470,18 +486,32 @@ class LLMParams(Params):
     )
     prompts_per_generation: int | None = param(
         None,
-        "grpo, rloo: prompts sampled for in one generate call on each process, num_generations completions each "
-        "(default: the whole step's, batch_size x gradient_accumulation, as TRL samples a step at once: a bigger "
-        "batch decodes faster); lower it if sampling runs out of memory.",
+        "grpo, rloo, online_dpo: prompts sampled for in one generate call on each process, num_generations "
+        "completions each (default: the whole sampling's, batch_size x gradient_accumulation, times the steps of "
+        "steps_per_generation, as TRL samples its generation batch at once: a bigger batch decodes faster); lower "
+        "it if sampling runs out of memory.",
     )
-    temperature: float = param(1.0, "grpo, rloo: sampling temperature of the completions.")
-    top_p: float = param(1.0, "grpo, rloo: nucleus sampling of the completions.")
-    top_k: int = param(0, "grpo, rloo: sample from the k likeliest tokens only (0: from all, TRL's default).")
+    generation_kwargs: dict | str | None = param(
+        None,
+        "grpo, rloo, online_dpo: more of generate's settings for sampling the completions (TRL's "
+        "generation_kwargs; a JSON object on the command line): any GenerationConfig field, e.g. "
+        '{"no_repeat_ngram_size": 3} or {"suppress_tokens": [13]}. Those with a setting here (temperature, top_p, '
+        "top_k, min_p, repetition_penalty, max_completion_length, num_generations) are refused, as are what would "
+        "not sample the policy (do_sample false, beam search, assisted decoding), what would hide how completions "
+        "end (forced_eos_token_id, max_time, suppressing an end token) and stop_strings.",
+    )
+    temperature: float = param(1.0, "grpo, rloo, online_dpo: sampling temperature of the completions.")
+    top_p: float = param(1.0, "grpo, rloo, online_dpo: nucleus sampling of the completions.")
+    top_k: int = param(
+        0, "grpo, rloo, online_dpo: sample from the k likeliest tokens only (0: from all, TRL's default)."
+    )
     min_p: float | None = param(
-        None, "grpo, rloo: leave out tokens below min_p times the likeliest token's probability (default: off)."
+        None,
+        "grpo, rloo, online_dpo: leave out tokens below min_p times the likeliest token's probability (default: off).",
     )
     repetition_penalty: float = param(
-        1.0, "grpo, rloo: above 1, tokens already in the prompt or the completion are sampled less (1: off)."
+        1.0,
+        "grpo, rloo, online_dpo: above 1, tokens already in the prompt or the completion are sampled less (1: off).",
     )
     beta: float = param(
         0.0,
@@ -593,7 +623,9 @@ class LLMParams(Params):
         "(TRL's reward_clip_range; e.g. -1,1).",
     )
     completions_every: int = param(
-        10, "grpo, rloo: every N steps, write sample completions with their rewards to completions.jsonl (0: never)."
+        10,
+        "grpo, rloo, online_dpo: every N steps, write sample completions with their rewards to completions.jsonl "
+        "(0: never).",
     )
 
     # --- logging and saving
@@ -674,6 +706,11 @@ class LLMParams(Params):
                 f"add_tokens with LoRA on {adapted[0]} (target_modules): PEFT cannot train the added tokens' rows of "
                 f"a module LoRA adapts; leave it out, or add modules_to_save: {adapted[0]} to train it whole"
             )
+
+    @property
+    def completions_per_prompt(self) -> int:
+        """grpo, rloo: num_generations; online_dpo: the two completions of a pair."""
+        return 2 if self.trainer == "online_dpo" else self.num_generations
 
     @property
     def steps_sampled_together(self) -> int:
@@ -763,7 +800,7 @@ class LLMParams(Params):
             raise ConfigError(f"dpo_beta must be positive, got {self.dpo_beta}")
         check_preference(self)
         check_own_settings(self)
-        if self.trainer == "dpo":
+        if self.trainer in ("dpo", "online_dpo"):  # (online_dpo trains its pairs with dpo's loss)
             check_dpo(self)
         if self.trainer == "kto":
             check_kto(self)

@@ -3,6 +3,7 @@ the run's method would never read, is refused in one line before anything loads.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import fields
 
@@ -100,7 +101,87 @@ def check_dpo(params: Params) -> None:
         )
 
 
+# generate's settings that have a setting of their own here (grpo's loss scores the completions at the sampling
+# temperature: the two must agree), and those tunelab sets itself (the ends of completions, what generate returns)
+GENERATION_OWN = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_completion_length",
+    "max_length": "max_completion_length",
+    "num_return_sequences": "num_generations",
+}
+GENERATION_SET = ("eos_token_id", "pad_token_id", "return_dict_in_generate", "output_scores", "output_logits")
+GENERATION_SET += ("output_attentions", "output_hidden_states")
+# ...and those that would break what the run knows of its completions: that each ended at an end token it wrote
+# or was cut at max_completion_length (a forced end, a clock), or that they are samples of the policy alone (the
+# assisted decodings: a draft model's, prompt lookup's, multi-token prediction's)
+GENERATION_BREAKING = {
+    "forced_eos_token_id": "an end token forced at the last position: cut completions would look finished",
+    "max_time": "completions cut by the clock: the same step would sample differently, a resumed run too",
+    "prompt_lookup_num_tokens": "assisted decoding samples one sequence at a time, not a group",
+    "assistant_early_exit": "assisted decoding samples one sequence at a time, not a group",
+    "use_mtp": "assisted decoding samples one sequence at a time, not a group",
+}
+
+
+def generation_settings(value: str | dict | None, longest: int = 256) -> dict | None:
+    """generation_kwargs (TRL's) as a dict of generate's settings (a JSON object on the command line), None when
+    unset; ConfigError in one line for a name that is no GenerationConfig field, one with a setting of its own here
+    or set by tunelab, anything that would not sample the policy (do_sample false, beam search) or would break the
+    run's knowledge of how completions end (GENERATION_BREAKING; a minimum length of `longest` tokens or more: the
+    completion length), or values that GenerationConfig's own validation refuses."""
+    if value is None or value == "" or value == {}:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"generation_kwargs: not a JSON object ({err.msg}): {value!r}") from None
+    if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
+        raise ConfigError('generation_kwargs must be an object of generate settings, e.g. {"no_repeat_ngram_size": 3}')
+    from transformers import GenerationConfig
+
+    known = set(GenerationConfig().to_dict())
+    for key, item in value.items():
+        if key in GENERATION_OWN:
+            own = GENERATION_OWN[key]
+            if own == "num_generations":
+                raise ConfigError("generation_kwargs: num_return_sequences is set by tunelab (num_generations)")
+            raise ConfigError(f"generation_kwargs: {key} has a setting of its own, {own}: set that")
+        if key in GENERATION_BREAKING:
+            raise ConfigError(f"generation_kwargs: {key}: {GENERATION_BREAKING[key]}")
+        if key in ("min_new_tokens", "min_length") and isinstance(item, int) and item >= longest:
+            raise ConfigError(
+                f"generation_kwargs: {key} {item} leaves no completion room to end before max_completion_length "
+                f"({longest})"
+            )
+        if key in GENERATION_SET:
+            raise ConfigError(f"generation_kwargs: {key} is set by tunelab (how completions end and are returned)")
+        if (key == "do_sample" and item is not True) or (key == "num_beams" and item != 1):
+            raise ConfigError(
+                f"generation_kwargs: {key} {json.dumps(item)}: the loss learns from samples of the policy (its "
+                "probability ratios assume them): it must sample, one sequence at a time"
+            )
+        if key == "stop_strings":
+            raise ConfigError(
+                "generation_kwargs: stop_strings are not supported: completions end at the tokenizer's EOS or the "
+                "chat template's turn end (models/turns.py)"
+            )
+        if key not in known:
+            raise ConfigError(f"generation_kwargs: {key} is not one of generate's settings (GenerationConfig's)")
+    try:
+        GenerationConfig(do_sample=True, **value).validate(strict=True)
+    except Exception as error:  # (ValueError, or a warning made an error by strict)
+        raise ConfigError(f"generation_kwargs: {str(error).splitlines()[0]}") from None
+    return dict(value)
+
+
 def check_sampled(params: Params) -> None:
+    longest = params.max_completion_length or 256  # (methods/grpo.completion_length)
+    params.generation_kwargs = generation_settings(params.generation_kwargs, longest)
     if not params.reward_functions:
         raise ConfigError(
             f"{params.trainer} needs reward_functions (--reward-functions): built-ins such as "
@@ -109,6 +190,8 @@ def check_sampled(params: Params) -> None:
     per_call = params.prompts_per_generation
     if per_call is not None and (isinstance(per_call, bool) or not isinstance(per_call, int) or per_call < 1):
         raise ConfigError(f"prompts_per_generation must be a whole number, 1 or more, got {per_call!r}")
+    if params.missing_eos_penalty is not None:
+        _number(params, "missing_eos_penalty", 0.0)
     steps = params.steps_per_generation
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ConfigError(f"steps_per_generation must be a whole number, 1 or more, got {steps!r}")
@@ -195,21 +278,24 @@ def check_preference(params: Params) -> None:
     if not 0 <= params.label_smoothing < 0.5:
         raise ConfigError(f"label_smoothing must be in [0, 0.5), got {params.label_smoothing}")
     smoothed = [kind for kind in params.dpo_loss_types if kind in DPO_SMOOTHED_LOSSES]
-    if params.label_smoothing and not (params.trainer == "simpo" or (params.trainer == "dpo" and smoothed)):
+    dpo_losses = params.trainer in ("dpo", "online_dpo")
+    if params.label_smoothing and not (params.trainer == "simpo" or (dpo_losses and smoothed)):
         raise ConfigError(
-            f"label_smoothing is read by the dpo losses {', '.join(DPO_SMOOTHED_LOSSES)} (dpo_loss_type) and by "
-            "simpo only"
+            f"label_smoothing is read by the dpo losses {', '.join(DPO_SMOOTHED_LOSSES)} (dpo_loss_type; dpo, "
+            "online_dpo) and by simpo only"
         )
     if params.precompute_ref_log_probs and params.trainer != "dpo":
         raise ConfigError(
             "precompute_ref_log_probs is for trainer dpo (kto's KL estimate pairs the answers of each batch, "
-            "which change every epoch; the other methods have no reference)"
+            "which change every epoch; online_dpo's answers are sampled as it trains; the other methods have no "
+            "reference)"
         )
     sampled = REGISTRY[params.trainer].data == "prompts"  # grpo, rloo: a reference only for their KL term
     if params.model_ref and not uses_reference(params):
         why = f"{params.trainer} with beta 0 has no KL term" if sampled else f"{params.trainer} has none"
         raise ConfigError(
-            f"model_ref names a reference model, read by dpo, kto, grpo and rloo (beta > 0); {why}: leave it out"
+            f"model_ref names a reference model, read by dpo, kto, online_dpo, grpo and rloo (beta > 0); {why}: "
+            "leave it out"
         )
     reference_is_base = params.peft and not params.model_ref and uses_reference(params)
     if reference_is_base and params.init_lora_weights in ("pissa", "olora"):

@@ -47,34 +47,41 @@ class Entry:
 # lengths prompts and answers are cut to.
 PAIR_DATA = ("rejected_text_column", "max_prompt_length", "max_completion_length")
 
-# What the methods that sample from prompts (grpo, rloo) alone read: the rewards, the sampling, the KL weight and
-# the clipping; and what their prompt reader reads. The answer_* rewards' column is checked when the prompts are
-# read (data/prompts.py): a cached entry must not let a run with other rewards skip that check.
-SAMPLED = (
+# What every method that samples from prompts (grpo, rloo, online_dpo) alone reads: the rewards and the sampling.
+# The answer_* rewards' column is checked when the prompts are read (data/prompts.py): a cached entry must not let
+# a run with other rewards skip that check.
+SAMPLING = (
     "reward_functions",
     "reward_weights",
     "reward_answer_column",
     "reward_regex",
     "reward_json_schema",
-    "num_generations",
-    "num_generations_eval",
     "prompts_per_generation",
     "temperature",
     "top_p",
     "top_k",
     "min_p",
     "repetition_penalty",
+    "generation_kwargs",
+    "completions_every",
+)
+# ...and what the policy-gradient ones (grpo, rloo) read besides: the group, the KL weight and the clipping.
+SAMPLED = (
+    *SAMPLING,
+    "num_generations",
+    "num_generations_eval",
     "beta",
     "epsilon",
     "epsilon_high",
     "num_iterations",
     "steps_per_generation",
     "mask_truncated_completions",
-    "completions_every",
 )
 # TR-DPO's moving reference: dpo's, grpo's and rloo's (TRL's sync_ref_model).
 SYNCED = ("sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps")
 PROMPT_DATA = ("max_prompt_length", "reward_functions", "reward_answer_column")
+# dpo's loss, which online_dpo trains its sampled pairs with too (methods/dpo.DPOLoss).
+DPO_LOSS = ("dpo_loss_type", "dpo_loss_weights", "discopop_tau", "f_divergence_type", "f_alpha_divergence_coef")
 # A mixture of experts' load-balancing loss, added by every method that trains a causal LM's own loss (TRL's
 # SFT, DPO, KTO, GRPO and RLOO trainers do); not reward (a classifier head) nor distill (the teacher's loss).
 ROUTED = "router_aux_loss_coef"
@@ -108,11 +115,7 @@ REGISTRY: dict[str, Entry] = {
         reference=True,
         params=("dpo_beta", "label_smoothing", "precompute_ref_log_probs"),
         own=(
-            "dpo_loss_type",
-            "dpo_loss_weights",
-            "discopop_tau",
-            "f_divergence_type",
-            "f_alpha_divergence_coef",
+            *DPO_LOSS,
             "ld_alpha",
             "use_weighting",
             *SYNCED,
@@ -196,6 +199,15 @@ REGISTRY: dict[str, Entry] = {
         "REINFORCE leave-one-out: sampled completions scored by reward functions, each against its group's others",
         params=("max_completion_length",),
         own=(*SAMPLED, "normalize_advantages", "reward_clip_range", *SYNCED, ROUTED),
+        data_params=PROMPT_DATA,
+    ),
+    "online_dpo": Entry(
+        "online_dpo",
+        "prompts",
+        "online DPO: two completions sampled per prompt, the rewards pick the chosen one, dpo's loss on the pair",
+        reference=True,
+        params=("dpo_beta", "label_smoothing", "max_completion_length"),
+        own=(*SAMPLING, *DPO_LOSS, "missing_eos_penalty", ROUTED),
         data_params=PROMPT_DATA,
     ),
 }

@@ -57,7 +57,7 @@ from transformers import GenerationConfig
 
 from tunelab.config.llm import LLMParams
 from tunelab.data.prompts import PromptRow
-from tunelab.errors import DataError
+from tunelab.errors import ConfigError, DataError
 from tunelab.methods.base import Method, RowStats
 from tunelab.models import load_reference
 from tunelab.models.turns import turn_end
@@ -366,12 +366,15 @@ class GRPOTrainer(GuardedTrainer):
     """Generates, scores and trains on completions; logs the rewards and writes samples to completions.jsonl."""
 
     samples_whole_steps = True  # (the out-of-memory advice names prompts_per_generation)
+    # The completions are scored at the sampling temperature (the policy that sampled them, as TRL's GRPO scores
+    # them); online_dpo scores them at 1, the model's own distribution, as DPO does.
+    scores_at_temperature = True
 
     def __init__(self, *args: Any, params: LLMParams, ref_model: Any = None, **kwargs: Any) -> None:
         kwargs.setdefault("data_collator", list)  # prompts stay PromptRow objects until they are generated from
         super().__init__(*args, **kwargs)
         self.params = params
-        self.group = params.num_generations
+        self.group = params.completions_per_prompt
         self.max_length = completion_length(params)
         self.rewards: list[Reward] = load_rewards(params, self.max_length)
         for reward in self.rewards:
@@ -380,7 +383,7 @@ class GRPOTrainer(GuardedTrainer):
         self.loss_type = params.loss_type
         self.epsilon_low = params.epsilon
         self.epsilon_high = params.epsilon_high if params.epsilon_high is not None else params.epsilon
-        self.beta = params.beta
+        self.beta = self.reference_weight(params)
         # compute_loss scales for accumulation itself (per loss_type), as TRL does.
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = True
@@ -398,6 +401,8 @@ class GRPOTrainer(GuardedTrainer):
         # Where a completion ends: the tokenizer's EOS and the model's generation config's (as TRL ends them), and
         # the chat template's turn-end token (models/turns.py: a base model's EOS is often not what ends a turn).
         self.end_ids = turn_end(self.processing_class, unwrapped)[0]
+        if params.generation_kwargs:
+            self._try_generation_settings(unwrapped)
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._prefix = ""  # "eval_" while evaluating: its figures are logged apart from training's
         self._samples: tuple | None = None  # the step's samples, written with their final advantages
@@ -433,6 +438,11 @@ class GRPOTrainer(GuardedTrainer):
             if params.trainer == "grpo" and self.loss_type == loss_type and params.importance_sampling_level != level:
                 log.warning("loss_type %s: importance_sampling_level %s is its paper's (%s)", loss_type, level, why)
 
+    def reference_weight(self, params: LLMParams) -> float:
+        """The weight of the comparison with the reference: grpo's and rloo's KL weight, beta (0: no reference
+        model, no reference pass); a subclass with a reference loss says its own."""
+        return params.beta
+
     def _get_train_sampler(self, train_dataset=None):  # noqa: D102
         if self.cycle == 1:
             return super()._get_train_sampler(train_dataset)
@@ -451,10 +461,9 @@ class GRPOTrainer(GuardedTrainer):
             prompts, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
         cycle, position = divmod(self.state.global_step, self.cycle)
         part, last = position % self.together, position // self.together == self.iterations - 1
-        if self._reused is not None and self._reused[0] == cycle and part in self._reused[1]:
-            kept = self._reused[1]
+        kept = self._reused[1] if self._reused is not None and self._reused[0] == cycle else {}
+        if part in kept:
             return kept.pop(part) if last else kept[part]  # (after its last step, nothing holds a batch)
-        self._reused = None
         steps = [prompts]
         if position == 0:  # the sampling's later steps' prompts (RepeatedBlocks gives them next), sampled now
             while len(steps) < self.together:
@@ -470,9 +479,16 @@ class GRPOTrainer(GuardedTrainer):
                 self.cycle,
             )
         rolled = self.roll_out(steps, device)
-        kept = {part + index: found for index, found in enumerate(rolled) if index or not last}
+        kept.update({part + index: found for index, found in enumerate(rolled) if index or not last})
         self._reused = (cycle, kept) if kept else None
         return rolled[0]
+
+    def _inner_training_loop(self, *args: Any, **kwargs: Any) -> Any:
+        # Nothing of an earlier attempt's samplings (auto_find_batch_size runs the loop again after an
+        # out-of-memory error, from step 0 at a smaller batch size): its prompts, batches and samples.
+        self._ahead, self._reused, self._samples = [], None, None
+        self._step_entropy, self.trained_tokens = None, 0
+        return super()._inner_training_loop(*args, **kwargs)
 
     def roll_out(self, steps: list[list[list[PromptRow]]], device: Any) -> list[tuple[list[dict[str, Any]], float]]:
         """Each step's (micro-batches, completion tokens per process) from one sampling of all their prompts: the
@@ -490,8 +506,9 @@ class GRPOTrainer(GuardedTrainer):
             these = batches[start : start + len(step)]
             start += len(step)
             for batch in these:
+                scored = batch.pop("policy_logps", None)  # (rloo's, with a KL penalty: the same forward)
                 if index:
-                    batch["old_logps"] = self.sampling_logps(batch)
+                    batch["old_logps"] = scored if scored is not None else self.sampling_logps(batch)
                 elif self.iterations > 1:
                     batch["first_pass"] = FirstPass()
             rolled.append((these, tokens))
@@ -553,11 +570,37 @@ class GRPOTrainer(GuardedTrainer):
         params = self.params
         filters = (params.top_p, params.top_k, params.min_p, params.repetition_penalty)
         config = sampling_config(params.temperature, self.max_length, pad, *filters)
+        config.update(**(params.generation_kwargs or {}))  # (checked: none of the settings above, nor the ends)
         config.num_return_sequences, config.eos_token_id = self.group, self.end_ids
         with eval_mode(model):
             out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
         repeated = prompt_ids.repeat_interleave(self.group, 0), prompt_mask.repeat_interleave(self.group, 0)
         return *repeated, out[:, width:]
+
+    @torch.no_grad()
+    def _try_generation_settings(self, model: Any) -> None:
+        """generation_kwargs checked against the run's end tokens (none may be suppressed: completions could not
+        end), then tried on one token as the sampling generates (a group, its end tokens): a value generate
+        refuses (a sequence_bias that is not token tuples, say; GenerationConfig's own validation lets it through)
+        is a ConfigError in one line, not a traceback at the first step."""
+        settings = self.params.generation_kwargs
+        banned = set(settings.get("suppress_tokens") or []) | set(settings.get("begin_suppress_tokens") or [])
+        banned |= {ids[0] for ids in settings.get("bad_words_ids") or [] if isinstance(ids, list) and len(ids) == 1}
+        ended = sorted(banned & set(self.end_ids))
+        if ended:
+            raise ConfigError(
+                f"generation_kwargs: end token {ended[0]} suppressed: completions could never end (end tokens: "
+                f"{self.end_ids})"
+            )
+        token = self.processing_class.bos_token_id or self.processing_class.pad_token_id or 0
+        config = sampling_config(self.params.temperature, 1, self.processing_class.pad_token_id)
+        config.update(**settings)
+        config.num_return_sequences, config.eos_token_id = self.group, self.end_ids
+        try:
+            with eval_mode(model):
+                model.generate(input_ids=torch.tensor([[token]], device=self.args.device), generation_config=config)
+        except (ValueError, TypeError) as error:
+            raise ConfigError(f"generation_kwargs: {str(error).splitlines()[0]}") from None
 
     def completion_ends(self, completion_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the position of each completion's end token, or its last position if it has none; whether it has none:
@@ -694,7 +737,7 @@ class GRPOTrainer(GuardedTrainer):
             "use_cache": False,
             **(self.routing() if policy else {}),
         }
-        temperature = self.params.temperature
+        temperature = self.params.temperature if self.scores_at_temperature else 1.0
         unwrapped = self.accelerator.unwrap_model(model)
         if self.fast_loss_now(unwrapped) and getattr(unwrapped.get_output_embeddings(), "bias", None) is None:
             with output_head_returns_hidden(unwrapped) as head:
@@ -863,7 +906,7 @@ class GRPOTrainer(GuardedTrainer):
                     "completion": texts[i],
                     "rewards": {r.name: _finite(float(per_function[i, j])) for j, r in enumerate(self.rewards)},
                     "reward": _finite(float(total[i])),
-                    "advantage": round(float(advantages[i]), 4),
+                    "advantage": _finite(float(advantages[i])),  # (online_dpo: an unscored reward, NaN)
                     "where": rows[i].where,
                 }
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -10,13 +10,14 @@ The prompts, the sampling, the rewards, the samples written and the fast log-pro
                   where TRL scores them in training mode)
     advantage_i = reward_i - the mean reward of the other completions of its group (leave-one-out: no
                   completion is its own baseline); normalize_advantages: then to mean 0, std 1 over the whole
-                  step (every micro-batch of every process, as TRL's generation batch)
+                  sampling (a step's, or steps_per_generation's steps'; every micro-batch of every process, as
+                  TRL's generation batch)
     loss        = mean over the micro-batch's completions of -min(ratio_i A_i, clip(ratio_i, 1 - epsilon,
                   1 + epsilon_high) A_i),  ratio_i = p(completion_i) / p_old(completion_i)
 
 The ratio is of whole completions (their log-probabilities summed), not of tokens; in a batch's first step it is
-1, and the gradient is REINFORCE's, A_i times that of log p(completion_i); with num_iterations the later steps on
-the same completions (grpo's RepeatedBlocks) clip it.
+1, and the gradient is REINFORCE's, A_i times that of log p(completion_i); with num_iterations or
+steps_per_generation the later steps on completions of one sampling (grpo's RepeatedBlocks) clip it.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ class RLOOTrainer(GRPOTrainer):
             mask = batch["completion_mask"]
             with eval_mode(self.accelerator.unwrap_model(self.model)):  # as the reference pass (below)
                 old = self.completion_logps(self.model, batch)
+            batch["policy_logps"] = old  # the sampling policy's: a later step's p_old (grpo.roll_out)
             per_token = (old - batch["ref_logps"]) * mask
             self.record("kl", per_token.sum() / mask.sum().clamp(min=1))
             total = total - self.beta * per_token.sum(1).float().cpu()

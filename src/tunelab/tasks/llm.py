@@ -304,7 +304,7 @@ def microbatch(prep: Prepared) -> tuple[int, int]:
     if kind == "prompts":  # each prompt's completions, each as long as the prompt plus a full completion
         from tunelab.methods.grpo import completion_length
 
-        return params.batch_size * params.num_generations, longest + completion_length(params)
+        return params.batch_size * params.completions_per_prompt, longest + completion_length(params)
     if getattr(params, "distill_lmbda", 0) or getattr(params, "distill_seq_kd", False):
         from tunelab.methods.grpo import completion_length  # sampled answers: up to block_size long
 
@@ -351,10 +351,13 @@ def plan(params: LLMParams) -> RunPlan:
         from tunelab.methods.grpo import completion_length
 
         length = completion_length(params)
-        per_step = params.batch_size * params.gradient_accumulation * params.num_generations
+        per_step = params.batch_size * params.gradient_accumulation * params.completions_per_prompt
         train.notes.append(f"{data.truncated} prompts cut to max_prompt_length={params.max_prompt_length}")
         weights = params.reward_weights or "1 each"
         train.notes.append(f"rewards: {params.reward_functions} (weights: {weights}), scored on every completion")
+        if params.generation_kwargs:
+            settings = ", ".join(f"{key}={value!r}" for key, value in params.generation_kwargs.items())
+            train.notes.append(f"sampling also with generation_kwargs: {settings}")
         from tunelab.rewards import BUILTINS, reward_names
 
         models = [name for name in reward_names(params.reward_functions) if ":" not in name and name not in BUILTINS]
@@ -365,7 +368,7 @@ def plan(params: LLMParams) -> RunPlan:
             )
         train.notes.append(
             f"generation per step: {params.batch_size * params.gradient_accumulation} prompts x "
-            f"{params.num_generations} completions x up to {length} tokens = up to {per_step * length:,} "
+            f"{params.completions_per_prompt} completions x up to {length} tokens = up to {per_step * length:,} "
             "generated tokens (per process)"
         )
         together = params.steps_sampled_together

@@ -8,11 +8,12 @@ from tunelab.config.base import RunParams
 
 
 def epoch_steps(rows: int, params: RunParams, processes: int = 1) -> int:
-    """Optimizer steps in an epoch of `rows`, as transformers' Trainer counts them. With num_iterations (grpo,
-    rloo: methods/grpo.RepeatedBlocks) each step's prompts come round that many times, and a last block short of a
-    step is left out."""
+    """Optimizer steps in an epoch of `rows`, as transformers' Trainer counts them. With num_iterations or
+    steps_per_generation (grpo, rloo: methods/grpo.RepeatedBlocks) the prompts come in blocks of one sampling's
+    (its steps'), each block round num_iterations times, and a last block short of a sampling is left out."""
     block = params.batch_size * params.gradient_accumulation * processes
     repeats = getattr(params, "num_iterations", 1)
-    if repeats > 1:
-        return max(1, rows // block) * repeats
+    together = getattr(params, "steps_sampled_together", 1)
+    if repeats > 1 or together > 1:
+        return max(1, rows // (block * together)) * together * repeats
     return max(1, math.ceil(rows / block))

@@ -620,10 +620,11 @@ def run_training(trainer: Trainer, folder: Any, resume_from: Path | None) -> Any
     except TunelabError as err:
         raise type(err)(f"{err}. {folder.left_behind()}") from None
     except torch.OutOfMemoryError:
-        # grpo and rloo sample a whole step at once: accumulation does not lower that part's memory
+        # grpo and rloo sample a whole step (or steps_per_generation's) at once: accumulation does not lower that
+        # part's memory
         sampling = ""
         if getattr(trainer, "samples_whole_steps", False):
-            sampling = "lower prompts_per_generation (the prompts sampled for at once: the step's by default), "
+            sampling = "lower prompts_per_generation (the prompts sampled for at once: the sampling's by default), "
         raise TrainingStopped(
             f"out of memory while training: {sampling}lower batch_size (and raise gradient_accumulation to keep the "
             "effective batch), lower block_size, keep gradient checkpointing on, or train a LoRA adapter (--peft, "
