@@ -823,9 +823,9 @@ def test_a_step_s_prompts_are_sampled_together_and_split_back(tiny_llama, tmp_pa
 
 def test_generation_kwargs_reach_generate_and_bad_values_stop_before_training(tiny_llama, tmp_path):
     """generation_kwargs (TRL's) go to generate: with half the vocabulary suppressed, no completion holds one of
-    those tokens (it would otherwise: the tiny model's next tokens are near uniform). A value generate refuses
-    (GenerationConfig's validation lets it through), or an end token suppressed, stops the trainer's start in one
-    line."""
+    those tokens (it would otherwise: the tiny model's next tokens are near uniform), and a biased token comes up
+    far more often. A token id past the vocabulary, or an end token suppressed, stops the trainer's start in one
+    line (the forms of the values are the config's check: tests/test_rloo.py)."""
     from tunelab.data.prompts import PromptRow
     from tunelab.errors import ConfigError
 
@@ -840,11 +840,17 @@ def test_generation_kwargs_reach_generate_and_bad_values_stop_before_training(ti
     plain = _trainer(tiny_llama, tmp_path, max_completion_length=8)
     (_, _, completions), _ = plain.sample([rows[:1], rows[1:]])
     assert torch.isin(completions, torch.tensor(suppressed)).any()
-    with pytest.raises(ConfigError, match="generation_kwargs: `sequence_bias` has to be a dict with tuples as keys"):
-        _trainer(tiny_llama, tmp_path, generation_kwargs={"sequence_bias": {"a": 1.0}})
+    vocabulary = len(tokenizer)
+    with pytest.raises(ConfigError, match=f"token id {vocabulary + 5} is past the model's {vocabulary} tokens"):
+        _trainer(tiny_llama, tmp_path, generation_kwargs={"bad_words_ids": [[3, vocabulary + 5]]})
     end = plain.end_ids[0]
-    with pytest.raises(ConfigError, match=f"generation_kwargs: end token {end} suppressed: completions could never"):
-        _trainer(tiny_llama, tmp_path, generation_kwargs={"bad_words_ids": [[end]]})
+    for settings in ({"suppress_tokens": [end]}, {"sequence_bias": [[[end], -1000.0]]}):
+        with pytest.raises(ConfigError, match=f"end token {end} suppressed: completions could never end"):
+            _trainer(tiny_llama, tmp_path, generation_kwargs=settings)
+    # a sequence bias reaches generate as transformers takes it (floats): a favoured token comes up far more often
+    favoured = _trainer(tiny_llama, tmp_path, max_completion_length=8, generation_kwargs={"sequence_bias": [[[7], 9]]})
+    (_, _, completions), _ = favoured.sample([rows[:1], rows[1:]])
+    assert (completions == 7).float().mean() > 0.5
 
 
 def test_one_sampling_of_two_steps_splits_back_with_the_sampling_policy_s_log_probs(tiny_llama, tmp_path):

@@ -265,15 +265,20 @@ def test_each_methods_own_settings_are_refused_on_the_other():
         (dict(trainer="sft", steps_per_generation=2), "steps_per_generation is read by trainers grpo and rloo"),
         (dict(trainer="grpo", generation_kwargs={"temperature": 0.7}), "temperature has a setting of its own"),
         (dict(trainer="rloo", generation_kwargs='{"max_new_tokens": 9}'), "of its own, max_completion_length"),
-        (dict(trainer="grpo", generation_kwargs='{"do_sample": false}'), "do_sample false: the loss learns from"),
-        (dict(trainer="grpo", generation_kwargs={"num_beams": 4}), "num_beams 4: the loss learns from samples"),
-        (dict(trainer="grpo", generation_kwargs={"stop_strings": ["\n"]}), "stop_strings are not supported"),
-        (dict(trainer="grpo", generation_kwargs={"eos_token_id": 3}), "eos_token_id is set by tunelab"),
-        (dict(trainer="grpo", generation_kwargs={"no_such": 1}), "no_such is not one of generate's settings"),
-        (dict(trainer="grpo", generation_kwargs={"forced_eos_token_id": 2}), "cut completions would look finished"),
-        (dict(trainer="grpo", generation_kwargs={"max_time": 5.0}), "max_time: completions cut by the clock"),
-        (dict(trainer="grpo", generation_kwargs={"prompt_lookup_num_tokens": 3}), "assisted decoding samples one"),
-        (dict(trainer="grpo", generation_kwargs={"num_return_sequences": 3}), "set by tunelab \\(num_generations"),
+        (dict(trainer="grpo", generation_kwargs='{"do_sample": false}'), "do_sample is not one tunelab passes"),
+        (dict(trainer="grpo", generation_kwargs={"num_beams": 4}), "num_beams is not one tunelab passes"),
+        (dict(trainer="grpo", generation_kwargs={"stop_strings": ["\n"]}), "stop_strings is not one tunelab"),
+        (dict(trainer="grpo", generation_kwargs={"forced_eos_token_id": 2}), "forced_eos_token_id is not one"),
+        (dict(trainer="grpo", generation_kwargs={"num_return_sequences": 3}), "num_return_sequences is not one"),
+        (dict(trainer="grpo", generation_kwargs={"no_such": 1}), "no_such is not one tunelab passes to generate"),
+        (dict(trainer="grpo", generation_kwargs={"suppress_tokens": 13}), "suppress_tokens must be a list of token"),
+        (dict(trainer="grpo", generation_kwargs={"bad_words_ids": [[]]}), "bad_words_ids must be a list of token id"),
+        (dict(trainer="grpo", generation_kwargs={"sequence_bias": {"a": 1}}), "sequence_bias must be a list of"),
+        (dict(trainer="grpo", generation_kwargs={"typical_p": 2.0}), r"typical_p must be a number in \(0, 1\]"),
+        (
+            dict(trainer="grpo", generation_kwargs={"exponential_decay_length_penalty": [5, "1.5"]}),
+            r"exponential_decay_length_penalty must be \[start index, factor of 1 or more\]",
+        ),
         (
             dict(trainer="grpo", max_completion_length=16, generation_kwargs={"min_new_tokens": 16}),
             "min_new_tokens 16 leaves no completion room to end before max_completion_length \\(16\\)",
@@ -298,6 +303,11 @@ def test_each_methods_own_settings_are_refused_on_the_other():
     assert epoch_steps(120, LLMParams(**common, trainer="grpo", **k)) == 15
     given = LLMParams(**common, trainer="rloo", generation_kwargs='{"no_repeat_ngram_size": 3}').generation_kwargs
     assert given == {"no_repeat_ngram_size": 3}
+    given = {"do_sample": True, "num_beams": 1, "sequence_bias": [[[5, 6], -2]]}  # (tunelab's own, as they are)
+    assert LLMParams(**common, trainer="grpo", generation_kwargs=given).generation_kwargs == {
+        "sequence_bias": [[[5, 6], -2.0]]
+    }
+    assert LLMParams(**common, trainer="grpo", generation_kwargs="  ").generation_kwargs is None
     later = LLMParams(**common, trainer="grpo", steps_per_generation=4, gradient_accumulation=2, batch_size=3)
     assert (later.steps_sampled_together, later.prompts_sampled_at_once) == (2, 12)
     assert LLMParams(**common, trainer="grpo", steps_per_generation=8, off_policy_mask_threshold=0.5)

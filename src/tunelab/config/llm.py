@@ -494,11 +494,11 @@ class LLMParams(Params):
     generation_kwargs: dict | str | None = param(
         None,
         "grpo, rloo, online_dpo: more of generate's settings for sampling the completions (TRL's "
-        "generation_kwargs; a JSON object on the command line): any GenerationConfig field, e.g. "
-        '{"no_repeat_ngram_size": 3} or {"suppress_tokens": [13]}. Those with a setting here (temperature, top_p, '
-        "top_k, min_p, repetition_penalty, max_completion_length, num_generations) are refused, as are what would "
-        "not sample the policy (do_sample false, beam search, assisted decoding), what would hide how completions "
-        "end (forced_eos_token_id, max_time, suppressing an end token) and stop_strings.",
+        "generation_kwargs; a JSON object on the command line), those tunelab passes on: no_repeat_ngram_size, "
+        "min_new_tokens, suppress_tokens, begin_suppress_tokens, bad_words_ids, sequence_bias, typical_p, "
+        "epsilon_cutoff, eta_cutoff, exponential_decay_length_penalty, renormalize_logits (docs/grpo.md; e.g. "
+        '{"no_repeat_ngram_size": 3}). The others are refused: temperature and the rest have a setting here; '
+        "the group and the end tokens are tunelab's; beams, assisted decoding and stop_strings are not offered.",
     )
     temperature: float = param(1.0, "grpo, rloo, online_dpo: sampling temperature of the completions.")
     top_p: float = param(1.0, "grpo, rloo, online_dpo: nucleus sampling of the completions.")

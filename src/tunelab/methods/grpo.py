@@ -402,7 +402,7 @@ class GRPOTrainer(GuardedTrainer):
         # the chat template's turn-end token (models/turns.py: a base model's EOS is often not what ends a turn).
         self.end_ids = turn_end(self.processing_class, unwrapped)[0]
         if params.generation_kwargs:
-            self._try_generation_settings(unwrapped)
+            self._check_generation_settings(unwrapped)
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._prefix = ""  # "eval_" while evaluating: its figures are logged apart from training's
         self._samples: tuple | None = None  # the step's samples, written with their final advantages
@@ -506,9 +506,8 @@ class GRPOTrainer(GuardedTrainer):
             these = batches[start : start + len(step)]
             start += len(step)
             for batch in these:
-                scored = batch.pop("policy_logps", None)  # (rloo's, with a KL penalty: the same forward)
                 if index:
-                    batch["old_logps"] = scored if scored is not None else self.sampling_logps(batch)
+                    batch["old_logps"] = self.sampling_logps(batch)
                 elif self.iterations > 1:
                     batch["first_pass"] = FirstPass()
             rolled.append((these, tokens))
@@ -577,30 +576,28 @@ class GRPOTrainer(GuardedTrainer):
         repeated = prompt_ids.repeat_interleave(self.group, 0), prompt_mask.repeat_interleave(self.group, 0)
         return *repeated, out[:, width:]
 
-    @torch.no_grad()
-    def _try_generation_settings(self, model: Any) -> None:
-        """generation_kwargs checked against the run's end tokens (none may be suppressed: completions could not
-        end), then tried on one token as the sampling generates (a group, its end tokens): a value generate
-        refuses (a sequence_bias that is not token tuples, say; GenerationConfig's own validation lets it through)
-        is a ConfigError in one line, not a traceback at the first step."""
+    def _check_generation_settings(self, model: Any) -> None:
+        """generation_kwargs' token ids against the model (config/method_checks checked their forms): each inside
+        the vocabulary (generate would fail at the first step), and no end token suppressed, nor biased as good as
+        suppressed (no completion could end)."""
         settings = self.params.generation_kwargs
-        banned = set(settings.get("suppress_tokens") or []) | set(settings.get("begin_suppress_tokens") or [])
-        banned |= {ids[0] for ids in settings.get("bad_words_ids") or [] if isinstance(ids, list) and len(ids) == 1}
-        ended = sorted(banned & set(self.end_ids))
+        weight = model.get_output_embeddings().weight  # (DeepSpeed ZeRO-3 keeps a partitioned one's shape apart)
+        vocabulary = getattr(weight, "ds_shape", weight.shape)[0]
+        biased = settings.get("sequence_bias") or []
+        listed = [*settings.get("suppress_tokens", []), *settings.get("begin_suppress_tokens", [])]
+        listed += [i for ids in settings.get("bad_words_ids", []) for i in ids]
+        listed += [i for ids, _ in biased for i in ids]
+        outside = [i for i in listed if i >= vocabulary]
+        if outside:
+            raise ConfigError(f"generation_kwargs: token id {outside[0]} is past the model's {vocabulary} tokens")
+        barred = set(settings.get("suppress_tokens", []))
+        barred |= {ids[0] for ids, bias in biased if len(ids) == 1 and bias <= -100}
+        ended = sorted(barred & set(self.end_ids))
         if ended:
             raise ConfigError(
                 f"generation_kwargs: end token {ended[0]} suppressed: completions could never end (end tokens: "
                 f"{self.end_ids})"
             )
-        token = self.processing_class.bos_token_id or self.processing_class.pad_token_id or 0
-        config = sampling_config(self.params.temperature, 1, self.processing_class.pad_token_id)
-        config.update(**settings)
-        config.num_return_sequences, config.eos_token_id = self.group, self.end_ids
-        try:
-            with eval_mode(model):
-                model.generate(input_ids=torch.tensor([[token]], device=self.args.device), generation_config=config)
-        except (ValueError, TypeError) as error:
-            raise ConfigError(f"generation_kwargs: {str(error).splitlines()[0]}") from None
 
     def completion_ends(self, completion_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the position of each completion's end token, or its last position if it has none; whether it has none:

@@ -84,7 +84,6 @@ class RLOOTrainer(GRPOTrainer):
             mask = batch["completion_mask"]
             with eval_mode(self.accelerator.unwrap_model(self.model)):  # as the reference pass (below)
                 old = self.completion_logps(self.model, batch)
-            batch["policy_logps"] = old  # the sampling policy's: a later step's p_old (grpo.roll_out)
             per_token = (old - batch["ref_logps"]) * mask
             self.record("kl", per_token.sum() / mask.sum().clamp(min=1))
             total = total - self.beta * per_token.sum(1).float().cpu()
