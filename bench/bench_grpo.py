@@ -33,7 +33,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2, help="prompts per micro-batch")
     parser.add_argument("--gradient-accumulation", type=int, default=1)
     parser.add_argument(
-        "--prompts-per-generation", type=int, help="prompts per generate call (default: the whole step's)"
+        "--prompts-per-generation", type=int, help="prompts per generate call (default: the whole sampling's)"
+    )
+    parser.add_argument(
+        "--steps-per-generation", type=int, help="micro-batches one sampling serves (default: a step's, TRL's)"
     )
     parser.add_argument("--num-generations", type=int, default=6)
     parser.add_argument("--max-completion-length", type=int, default=32)
@@ -60,16 +63,21 @@ def main() -> None:
             chat_template="tokenizer", reward_functions="format_tag,answer_tag", num_generations=args.num_generations,
             batch_size=args.batch_size, gradient_accumulation=args.gradient_accumulation,
             prompts_per_generation=args.prompts_per_generation, max_completion_length=args.max_completion_length,
+            steps_per_generation=args.steps_per_generation,
             max_steps=args.steps, lr=3e-4, logging_steps=1, completions_every=0,
             mixed_precision="bf16" if args.bf16 else None, disable_gradient_checkpointing=True,
         )  # fmt: skip
         wall = time.time() - started
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in records if "reward" in r and "time" in r]
+    # every step's record (with steps_per_generation, only a sampling's first step has the rewards and lengths)
+    steps = [r for r in records if "loss" in r and "time" in r]
     timed = steps[args.warmup_steps :]
     elapsed = timed[-1]["time"] - steps[args.warmup_steps - 1]["time"] if args.warmup_steps else timed[-1]["time"]
+    together = (args.steps_per_generation or args.gradient_accumulation) // args.gradient_accumulation
     per_step = args.batch_size * args.gradient_accumulation * args.num_generations
-    generated = sum(r["completions/mean_length"] * per_step for r in timed)
+    sampled = [r for r in timed if "completions/mean_length" in r]
+    generated = sum(r["completions/mean_length"] * per_step * together for r in sampled)
+    rewarded = [r for r in steps if "reward" in r]
     step_times = [b["time"] - a["time"] for a, b in zip(steps[args.warmup_steps - 1 :], timed, strict=False)]
     figures = {
         "date": time.strftime("%Y-%m-%d"),
@@ -79,14 +87,16 @@ def main() -> None:
         "model": args.model,
         "completions per step": per_step,
         "micro-batches per step": args.gradient_accumulation,
-        "prompts per generate call": args.prompts_per_generation or args.batch_size * args.gradient_accumulation,
+        "steps per sampling": together,
+        "prompts per generate call": args.prompts_per_generation
+        or args.batch_size * args.gradient_accumulation * together,
         "max completion length": args.max_completion_length,
         "timed steps": len(timed),
         "steps/s": round(len(timed) / elapsed, 4),
         "median step (s)": round(statistics.median(step_times), 2),
         "generated tokens/s": round(generated / elapsed, 1),
-        "mean completion length": round(statistics.mean(r["completions/mean_length"] for r in timed), 1),
-        "reward first -> last step": f"{steps[0]['reward']:.3f} -> {steps[-1]['reward']:.3f}",
+        "mean completion length": round(statistics.mean(r["completions/mean_length"] for r in sampled), 1),
+        "reward first -> last sampling": f"{rewarded[0]['reward']:.3f} -> {rewarded[-1]['reward']:.3f}",
         "wall (s, incl. loading)": round(wall, 1),
     }
     print("| figure | value |\n| --- | --- |")
