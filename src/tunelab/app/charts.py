@@ -23,7 +23,7 @@ CHARTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("margin", "Reward margin (chosen - rejected)", ("rewards/margins", "eval_rewards/margins")),
     ("reward_accuracy", "Reward accuracy", ("rewards/accuracies", "eval_rewards/accuracies", "accuracy")),
     ("reward", "Reward (total and per function)", ("reward", r"re:rewards/.+/mean")),
-    ("kl", "KL to the reference", ("kl", "eval_kl")),
+    ("kl", "KL to the reference", ("kl", "eval_kl", "objective/kl", "eval_objective/kl")),
     ("completion_length", "Completion length (tokens)", ("completions/mean_length", "completions/max_length")),
     ("entropy", "Entropy of the sampled tokens", ("entropy", "eval_entropy")),
     ("aux_loss", "Experts' load-balancing loss (mixture of experts)", ("aux_loss", "eval_aux_loss")),

@@ -151,8 +151,8 @@ class LLMParams(Params):
         "default",
         "Training method: `default` (causal LM over text cut into blocks), `sft` (per example, loss on the "
         "answer), `reward` (reward model), `dpo`, `orpo` or `simpo` (preference pairs), `kto` (answers marked "
-        "good or bad), `distill` (a teacher's distributions), `grpo` or `rloo` (rewards from functions). The list "
-        "is tunelab.methods.METHODS.",
+        "good or bad), `distill` (a teacher's distributions), `grpo` or `rloo` (rewards from functions), "
+        "`online_dpo` (pairs sampled and ranked by those rewards). The list is tunelab.methods.METHODS.",
     )
 
     # --- data shape
@@ -232,12 +232,12 @@ class LLMParams(Params):
         None, "With rope_scaling: how many times the model's positions to stretch (above 1; default: see above)."
     )
     max_prompt_length: int = param(
-        128, "Preference trainers, grpo and rloo: longest prompt kept (truncated from the left)."
+        128, "Preference trainers, grpo, rloo and online_dpo: longest prompt kept (truncated from the left)."
     )
     max_completion_length: int | None = param(
         None,
-        "Preference trainers: longest completion kept; grpo, rloo, and distill's sampled answers (distill_lmbda, "
-        "distill_seq_kd): tokens generated per completion (default 256).",
+        "Preference trainers: longest completion kept; grpo, rloo, online_dpo, and distill's sampled answers "
+        "(distill_lmbda, distill_seq_kd): tokens generated per completion (default 256).",
     )
     padding: str = param(
         "right",
@@ -332,8 +332,8 @@ class LLMParams(Params):
     # --- preference trainers
     model_ref: str | None = param(
         None,
-        "dpo, kto, grpo and rloo (beta > 0): reference model (default: the base model with the adapter off, or a "
-        "frozen copy without peft).",
+        "dpo, kto, online_dpo, grpo and rloo (beta > 0): reference model (default: the base model with the adapter "
+        "off, or a frozen copy without peft).",
     )
     dpo_beta: float = param(
         0.1,
@@ -343,8 +343,7 @@ class LLMParams(Params):
     dpo_loss_type: str = param(
         "sigmoid",
         f"dpo, online_dpo: the loss: {', '.join(DPO_LOSS_TYPES)} (TRL's; docs/preference.md), or several "
-        "comma-separated, "
-        "added with dpo_loss_weights (TRL's multi-loss form, e.g. sigmoid,sft).",
+        "comma-separated, added with dpo_loss_weights (TRL's multi-loss form, e.g. sigmoid,sft).",
     )
     precompute_ref_log_probs: bool = param(
         False,
@@ -452,8 +451,8 @@ class LLMParams(Params):
         "KD, TRL's GKD seq_kd).",
     )
 
-    # --- grpo and rloo (rewards.py, methods/grpo.py, methods/rloo.py; names and defaults as TRL's GRPOConfig unless
-    # said)
+    # --- grpo, rloo and online_dpo (rewards.py, methods/grpo.py, rloo.py, online_dpo.py; names and defaults as
+    # TRL's GRPOConfig unless said)
     reward_functions: str | None = param(
         None,
         "grpo, rloo, online_dpo: rewards, comma-separated: built-ins (answer_tag, answer_hash, answer_boxed, "
@@ -487,9 +486,9 @@ class LLMParams(Params):
     prompts_per_generation: int | None = param(
         None,
         "grpo, rloo, online_dpo: prompts sampled for in one generate call on each process, num_generations "
-        "completions each (default: the whole sampling's, batch_size x gradient_accumulation, times the steps of "
-        "steps_per_generation, as TRL samples its generation batch at once: a bigger batch decodes faster); lower "
-        "it if sampling runs out of memory.",
+        "completions each (online_dpo: 2). Default: the whole sampling's, batch_size x gradient_accumulation, "
+        "times the steps of steps_per_generation, as TRL samples its generation batch at once (a bigger batch "
+        "decodes faster); lower it if sampling runs out of memory.",
     )
     generation_kwargs: dict | str | None = param(
         None,
@@ -552,7 +551,8 @@ class LLMParams(Params):
     multi_objective_aggregation: str = param(
         "sum_then_normalize",
         "grpo, several rewards: sum them, then scale as scale_rewards says; or normalize_then_sum (GDPO): each "
-        "reward normalised within its group, the weighted sum then normalised over the whole step.",
+        "reward normalised within its group, the weighted sum then normalised over the whole sampling (a step's, "
+        "or steps_per_generation's steps').",
         ("sum_then_normalize", "normalize_then_sum"),
     )
     top_entropy_quantile: float = param(
@@ -614,8 +614,8 @@ class LLMParams(Params):
     mask_truncated_completions: bool = param(False, "grpo, rloo: no loss on completions cut at max_completion_length.")
     normalize_advantages: bool = param(
         False,
-        "rloo: the leave-one-out advantages normalised to mean 0 and std 1 over the whole step (every micro-batch "
-        "of every process: TRL's generation batch).",
+        "rloo: the leave-one-out advantages normalised to mean 0 and std 1 over the whole sampling (a step's, or "
+        "steps_per_generation's steps'; every micro-batch of every process: TRL's generation batch).",
     )
     reward_clip_range: str | None = param(
         None,

@@ -665,8 +665,9 @@ class GRPOTrainer(GuardedTrainer):
         return batch
 
     def finish_advantages(self, batches: list[dict[str, Any]]) -> None:
-        """The step's advantages made final once every micro-batch of it is rolled out (scale_rewards batch, GDPO's
-        aggregation, rloo's normalisation: over the whole step), then this step's samples written with them."""
+        """The sampling's advantages made final once every micro-batch of it is rolled out (scale_rewards batch,
+        GDPO's aggregation, rloo's normalisation: over the whole sampling, a step's or steps_per_generation's
+        steps'), then its samples written with them."""
         if self.step_wide:
             values = [batch.pop("step_values") for batch in batches]
             mean, std = self.step_mean_std(torch.cat(values))

@@ -69,7 +69,7 @@ class OnlineDPOTrainer(GRPOTrainer):
         mask = inputs["completion_mask"]
         sums = (self.completion_logps(model, inputs, policy=True) * mask).sum(1)
         reference = (inputs["ref_logps"] * mask).sum(1)
-        rewards = inputs["advantages"]
+        rewards = inputs["advantages"]  # (grpo's name for what it trains on: here the rewards, advantages_of)
         chosen, rejected = online_pairs(rewards)
         if len(chosen):
             counts = mask.sum(1)

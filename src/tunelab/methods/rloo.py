@@ -106,9 +106,8 @@ class RLOOTrainer(GRPOTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D102
         mask = inputs["completion_mask"]
         per_token = self.completion_logps(model, inputs, policy=True)
-        old = self.old_logps(
-            per_token, inputs, model.training
-        )  # the sampling policy's (p itself right after sampling)
+        # the sampling policy's log-probs (p itself right after sampling)
+        old = self.old_logps(per_token, inputs, model.training)
         logps = (per_token * mask).sum(1)
         loss, metrics = rloo_loss(
             logps,
