@@ -25,13 +25,16 @@ def _data(tmp_path):
     return path
 
 
-def test_each_prompt_s_two_completions_make_a_pair_as_trl_ranks_them():
-    """The first of a prompt's two wins a tie (TRL's first_half >= second_half); an unscored one loses to a scored
-    one; a prompt neither of whose completions was scored has no pair."""
+def test_each_prompt_s_two_completions_make_a_pair_ranked_by_their_rewards():
+    """The higher reward is chosen; an unscored one loses to a scored one; a prompt neither of whose completions
+    was scored has no pair, nor by default a tie (it says nothing of which is better); keep_tied_pairs keeps it,
+    the first as chosen (TRL's first_half >= second_half)."""
     from tunelab.methods.online_dpo import online_pairs
 
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, float("nan"), 3.0, float("nan"), float("nan")])
     chosen, rejected = online_pairs(rewards)
+    assert chosen.tolist() == [0, 3, 7] and rejected.tolist() == [1, 2, 6]
+    chosen, rejected = online_pairs(rewards, keep_ties=True)
     assert chosen.tolist() == [0, 3, 4, 7] and rejected.tolist() == [1, 2, 5, 6]
 
 
@@ -65,10 +68,10 @@ def _trainer(tiny_llama, tmp_path, peft, **settings):
 def test_the_loss_is_trl_s_online_dpo_loss_on_the_same_batch(tiny_llama, tmp_path, peft):
     """The log-probs are those of TRL's OnlineDPOTrainer._forward (the model's own, no temperature, prompt left
     padded), the reference's the base with the adapter off (LoRA) or the starting model (full), and the sigmoid
-    loss, the pair ranked by the rewards, equals TRL's formula; ipo is DPOTrainer's (per answer token)."""
+    loss, the pairs ranked by the rewards (a tie kept, keep_tied_pairs: TRL's rule), equals TRL's formula."""
     from trl.experimental.online_dpo import OnlineDPOTrainer as TRLOnlineDPO
 
-    trainer = _trainer(tiny_llama, tmp_path, peft, temperature=0.7, dpo_beta=0.3)
+    trainer = _trainer(tiny_llama, tmp_path, peft, temperature=0.7, dpo_beta=0.3, keep_tied_pairs=True)
     model = trainer.model
     if not peft:  # a policy that differs from its frozen starting copy
         torch.manual_seed(4)
@@ -170,6 +173,7 @@ def test_online_dpo_settings_are_its_own(tiny_llama, tmp_path):
         ),
         (dict(common, dpo_loss_type="exo_pair"), "exo_pair needs label_smoothing"),
         (dict(trainer="online_dpo"), "online_dpo needs reward_functions"),
+        (dict(trainer="grpo", reward_functions="format_tag", keep_tied_pairs=True), "read by trainer online_dpo"),
     ]:
         with pytest.raises(ConfigError, match=said):
             LLMParams(**bad)

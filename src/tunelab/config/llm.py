@@ -473,6 +473,11 @@ class LLMParams(Params):
     num_generations: int = param(
         8, "grpo, rloo: completions sampled per prompt (a group; its rewards are compared; online_dpo: always 2)."
     )
+    keep_tied_pairs: bool = param(
+        False,
+        "online_dpo: train on a prompt's two completions when their rewards tie too, the first as chosen (TRL's "
+        "rule); by default a tie makes no pair: it says nothing of which is better (docs/grpo.md).",
+    )
     missing_eos_penalty: float | None = param(
         None,
         "online_dpo: subtracted from the reward of a completion cut at max_completion_length (it wrote no end "

@@ -207,7 +207,7 @@ REGISTRY: dict[str, Entry] = {
         "online DPO: two completions sampled per prompt, the rewards pick the chosen one, dpo's loss on the pair",
         reference=True,
         params=("dpo_beta", "label_smoothing", "max_completion_length"),
-        own=(*SAMPLING, *DPO_LOSS, "missing_eos_penalty", ROUTED),
+        own=(*SAMPLING, *DPO_LOSS, "missing_eos_penalty", "keep_tied_pairs", ROUTED),
         data_params=PROMPT_DATA,
     ),
 }

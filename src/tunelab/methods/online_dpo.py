@@ -5,7 +5,9 @@ reference (the base with the adapter off, a frozen copy of the model, or model_r
 
     reward_i = the weighted sum of the rewards - missing_eos_penalty if completion i was cut at
                max_completion_length (TRL's; before the two are compared)
-    chosen   = the first of a prompt's two completions if its reward is at least the second's (TRL's tie rule)
+    chosen   = the one of a prompt's two completions with the higher reward; a tie makes no pair (it says nothing
+               of which is better: with a sparse reward most pairs tie), unless keep_tied_pairs, TRL's rule (the
+               first is chosen)
     loss     = dpo_loss_type's loss (methods/dpo.DPOLoss: sigmoid by default, any of dpo's, with dpo_beta,
                label_smoothing...) on the pair's summed log-probabilities, the policy's and the reference's
 
@@ -30,12 +32,14 @@ from tunelab.methods.grpo import GRPOTrainer, build_prompt_rows
 from tunelab.training.trainer import disable_dropout
 
 
-def online_pairs(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each prompt's two completions (rows 2i and 2i + 1, as sampled) as (chosen rows, rejected rows): the first is
-    chosen if its reward is at least the second's (TRL's rule), an unscored one (NaN) losing to a scored one; a
-    prompt with neither scored is left out."""
+def online_pairs(rewards: torch.Tensor, keep_ties: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each prompt's two completions (rows 2i and 2i + 1, as sampled) as (chosen rows, rejected rows): the one with
+    the higher reward chosen, an unscored one (NaN) losing to a scored one. A prompt with neither scored is left
+    out, and so is a tie unless `keep_ties` (TRL's rule: the first is chosen)."""
     first, second = rewards.view(-1, 2).unbind(1)
     scored = ~(first.isnan() & second.isnan())
+    if not keep_ties:
+        scored &= first.nan_to_num(nan=-math.inf) != second.nan_to_num(nan=-math.inf)
     first_wins = first.nan_to_num(nan=-math.inf) >= second.nan_to_num(nan=-math.inf)
     rows = torch.arange(len(first), device=rewards.device) * 2
     chosen, rejected = torch.where(first_wins, rows, rows + 1), torch.where(first_wins, rows + 1, rows)
@@ -70,7 +74,7 @@ class OnlineDPOTrainer(GRPOTrainer):
         sums = (self.completion_logps(model, inputs, policy=True) * mask).sum(1)
         reference = (inputs["ref_logps"] * mask).sum(1)
         rewards = inputs["advantages"]  # (grpo's name for what it trains on: here the rewards, advantages_of)
-        chosen, rejected = online_pairs(rewards)
+        chosen, rejected = online_pairs(rewards, self.params.keep_tied_pairs)
         if len(chosen):
             counts = mask.sum(1)
             loss, metrics = self.dpo_loss(
