@@ -664,15 +664,11 @@ def _reward_model_base(folder: Path) -> str:
 
 @functools.lru_cache(maxsize=16)  # (asked again for each layout auto checkpointing tries: fetched once)
 def _hub_base(name: str) -> str:
-    """A hub reward model's _reward_model_base, from its describing files; an adapter's base a hub model too (a
-    path would be the trainer's machine's: rewards.ModelReward refuses it)."""
-    from tunelab.hub import hub_snapshot, is_hub_id
+    """A hub reward model's _reward_model_base, from the describing files rewards.ModelReward checked (it refuses
+    what is no reward model, or an adapter whose base is a local path)."""
+    from tunelab.rewards import ModelReward
 
-    snapshot = Path(hub_snapshot(name, weights=False))
-    base = _reward_model_base(snapshot)
-    if base != str(snapshot) and not is_hub_id(base):
-        raise ValueError(f"{name}: an adapter on a local base, {base}")
-    return base
+    return _reward_model_base(ModelReward(name).folder)
 
 
 def _dtype_bytes(config: Any) -> int:

@@ -862,17 +862,28 @@ class GRPOTrainer(GuardedTrainer):
             entropy_coef=self.bonus_coefficient(),
         )
         if model.training:
-            self.trained_tokens += int(mask.sum())
             if params.use_adaptive_entropy:
                 trained = mask.to(entropies.dtype) if entropy_mask is None else mask * entropy_mask
                 self.control_entropy(entropies, trained)
             if self.entropy_bonus and self.accelerator.sync_gradients:
                 self.record("entropy_coef", self.entropy_coef)
+        # (grpo_loss divided the policy loss by the accumulation steps itself, per loss_type)
+        loss = self.finished_loss(loss, metrics, mask, model.training, scaled=True)
+        return (loss, {}) if return_outputs else loss
+
+    def finished_loss(
+        self, loss: torch.Tensor, metrics: dict[str, Any], mask: torch.Tensor, training: bool, scaled: bool = False
+    ) -> torch.Tensor:
+        """A micro-batch's loss as Trainer takes it (loss_is_scaled_for_ga): a mean over the micro-batch divided by
+        the accumulation steps in training (unless `scaled` already), plus a mixture of experts' balancing loss
+        scaled alike; its figures recorded and, in training, its completion tokens counted."""
+        steps = self.current_gradient_accumulation_steps
+        if training:
+            loss = loss if scaled else loss / steps
+            self.trained_tokens += int(mask.sum())
         for name, value in metrics.items():
             self.record(name, value)
-        # (the policy loss is already divided by the accumulation steps: so is the balancing loss, as TRL's)
-        loss = self.add_balancing(loss, model.training, self.current_gradient_accumulation_steps)
-        return (loss, {}) if return_outputs else loss
+        return self.add_balancing(loss, training, steps)
 
     def record(self, name: str, value: Any) -> None:
         self._metrics[self._prefix + name].append(float(value.detach() if torch.is_tensor(value) else value))

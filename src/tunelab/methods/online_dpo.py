@@ -87,12 +87,7 @@ class OnlineDPOTrainer(GRPOTrainer):
         else:  # no pair to learn from: a zero loss that still reaches every trained weight
             loss, metrics = sums.sum() * 0.0, {}
         metrics["objective/kl"] = (sums - reference).detach().mean()
-        if model.training:
-            loss = loss / self.current_gradient_accumulation_steps  # scaled here, as grpo's (loss_is_scaled_for_ga)
-            self.trained_tokens += int(mask.sum())
-        for name, value in metrics.items():
-            self.record(name, value)
-        loss = self.add_balancing(loss, model.training, self.current_gradient_accumulation_steps)
+        loss = self.finished_loss(loss, metrics, mask, model.training)
         return (loss, {}) if return_outputs else loss
 
 
