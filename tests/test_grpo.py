@@ -16,7 +16,8 @@ import torch
 from tests.conftest import read_metrics
 from tunelab.cli import main
 from tunelab.config.llm import LLMParams
-from tunelab.methods.grpo import group_advantages, nanstd
+from tunelab.methods.grpo import group_advantages
+from tunelab.methods.sampling import nanstd
 
 PROMPTS = [{"prompt": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in [(2, 3), (4, 1), (6, 2), (1, 1)]]
 
@@ -280,7 +281,7 @@ def _compare_with_trl(tiny_llama, tmp_path, peft, settings, moved=False):
     our_batch = {**batch, "ref_logps": ours.reference_logps(batch)}
     old = None
     if moved:
-        from tunelab.methods.grpo import FirstPass
+        from tunelab.methods.sampling import FirstPass
 
         with torch.no_grad():
             now = ours.completion_logps(ours.model, batch)
@@ -433,15 +434,15 @@ def test_trl_s_grpo_variants_train_together(tiny_llama, tmp_path, monkeypatch):
     """luspo with the entropy mask and bonus, GDPO's aggregation, and sampling filtered by top_k, min_p and a
     repetition penalty, over two micro-batches a step: the run trains and logs each variant's figures, and
     generation is given the filters."""
-    import tunelab.methods.grpo as grpo
+    import tunelab.methods.sampling as sampling
 
-    original, given = grpo.sampling_config, []
+    original, given = sampling.sampling_config, []
 
     def recording(*args, **kwargs):
         given.append(args)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(grpo, "sampling_config", recording)
+    monkeypatch.setattr(sampling, "sampling_config", recording)
     args = grpo_args(tmp_path, tiny_llama, f"format_tag,{tmp_path / 'my_rewards.py'}:short")
     args[args.index("--gradient-accumulation") + 1] = "2"
     args += [

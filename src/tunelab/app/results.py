@@ -147,7 +147,7 @@ def _gib(value: float) -> str:
 # Known keys in the order shown; the eval_ twin of a training figure comes right after it. A preference run
 # logs TRL's rewards/* and logps/* names (methods/preference.py, kto.py), a reward model accuracy, margin and
 # mean_reward (methods/reward.py), a grpo run reward, reward_std, rewards/<function>/mean|std and kl
-# (methods/grpo.py); the final training log lands in metrics.json unprefixed.
+# (methods/sampling.py, grpo.py); the final training log lands in metrics.json unprefixed.
 _QUALITY: list[tuple[str, str, Callable[[float], str]]] = [
     ("loss", "loss", _plain),
     ("accuracy", "accuracy", _percent),

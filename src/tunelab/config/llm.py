@@ -451,8 +451,8 @@ class LLMParams(Params):
         "KD, TRL's GKD seq_kd).",
     )
 
-    # --- grpo, rloo and online_dpo (rewards.py, methods/grpo.py, rloo.py, online_dpo.py; names and defaults as
-    # TRL's GRPOConfig unless said)
+    # --- grpo, rloo and online_dpo (rewards.py, methods/sampling.py, grpo.py, rloo.py, online_dpo.py; names and
+    # defaults as TRL's GRPOConfig unless said)
     reward_functions: str | None = param(
         None,
         "grpo, rloo, online_dpo: rewards, comma-separated: built-ins (answer_tag, answer_hash, answer_boxed, "

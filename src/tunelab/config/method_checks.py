@@ -196,7 +196,7 @@ def generation_settings(value: str | dict | None, longest: int = 256) -> dict | 
 
 
 def check_sampled(params: Params) -> None:
-    longest = params.max_completion_length or 256  # (methods/grpo.completion_length)
+    longest = params.max_completion_length or 256  # (methods/sampling.completion_length)
     params.generation_kwargs = generation_settings(params.generation_kwargs, longest)
     if not params.reward_functions:
         raise ConfigError(

@@ -27,51 +27,22 @@ max_completion_length)), `luspo` (sum over each completion's tokens, mean over c
 log-probabilities come from the hidden states at completion positions only (speed/loss.token_logprobs):
 full-vocabulary logits never exist.
 
-`num_iterations` (mu): each step's prompts come round mu steps in a row (RepeatedBlocks); the first samples and
-scores them, the next reuse those completions, so generation runs once every mu steps. p_old is the policy's own
-log-prob in the batch's first step (kept from that pass: no extra forward), so later steps' ratios measure how far
-the policy has moved since it sampled. `steps_per_generation` (k x gradient_accumulation, TRL's) samples k steps'
-prompts at once: the first step trains on its share at once, each later one on completions of the policy before
-the earlier steps' updates, against their log-probs under it (scored when sampled: one forward without gradient).
-With both, a sampling serves k x mu steps: its k steps, mu times over. A run resumed inside them samples each
-step afresh.
-
-`batch_size` counts prompts: a micro-batch is batch_size x num_generations completions (TRL's
-per_device_train_batch_size counts completions: TRL's 8 with num_generations 8 is tunelab's batch_size 1).
+The sampling, the rewards, num_iterations and steps_per_generation are methods/sampling.py's (SamplingTrainer).
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
-from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from transformers import GenerationConfig
 
 from tunelab.config.llm import LLMParams
-from tunelab.data.prompts import PromptRow
-from tunelab.errors import ConfigError, DataError
-from tunelab.methods.base import Method, RowStats
-from tunelab.models import load_reference
-from tunelab.models.turns import turn_end
-from tunelab.rewards import ModelReward, Reward, call_reward, load_rewards
-from tunelab.speed.loss import (
-    fast_loss_supported,
-    logits_entropies,
-    logits_token_logprobs,
-    output_head_returns_hidden,
-    token_logprobs,
-    token_logprobs_and_entropies,
-)
-from tunelab.training.reference import load_synced, save_synced, start_syncing
-from tunelab.training.trainer import GuardedTrainer, disable_dropout, eval_mode
+from tunelab.methods.base import Method
+from tunelab.methods.sampling import SamplingTrainer, build_prompt_rows, clip_range, nanstd
 
 log = logging.getLogger("tunelab")
 
@@ -79,56 +50,9 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vesp
 # The losses normalised per token of the whole step (already a share of it: not divided by accumulation).
 STEP_TOKEN_LOSSES = ("dapo", "cispo", "vespo")
 ENTROPY_STATE_FILE = "entropy_control.json"  # use_adaptive_entropy's coefficient, kept in each checkpoint
-COMPLETIONS_FILE = "completions.jsonl"
-
-
-def completion_length(params: LLMParams) -> int:
-    """Tokens a completion may have: max_completion_length, or 256 when unset."""
-    return params.max_completion_length or 256
-
-
-def sampling_config(
-    temperature: float,
-    max_new_tokens: int,
-    pad_id: int,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    min_p: float | None = None,
-    repetition_penalty: float = 1.0,
-) -> GenerationConfig:
-    """How completions are sampled for training (grpo, rloo, distill): plain sampling at `temperature` (top-k off,
-    as TRL's) unless the run asks for top_p, top_k, min_p or a repetition penalty, and none of the model's own
-    generation defaults (a top-k of 50, a repetition penalty, min-p): the loss scores the samples under the policy
-    itself, so they must come from it, filtered only as the user chose."""
-    # (generate fills what is left unset, None, from the model's generation config: every sampling switch is set)
-    return GenerationConfig(
-        do_sample=True,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p or 0.0,
-        typical_p=1.0,
-        epsilon_cutoff=0.0,
-        eta_cutoff=0.0,
-        repetition_penalty=repetition_penalty,
-        no_repeat_ngram_size=0,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=pad_id,
-        use_cache=True,
-    )
 
 
 # ---- the math ---------------------------------------------------------------------------------------------------
-
-
-def nanstd(values: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Standard deviation ignoring NaNs, with Bessel's correction (NaN with fewer than two values)."""
-    mean = torch.nanmean(values, dim=dim, keepdim=True)
-    variance = torch.nanmean((values - mean) ** 2, dim=dim, keepdim=True)
-    count = (~torch.isnan(values)).sum(dim=dim, keepdim=True)
-    variance = variance * torch.where(count > 1, count / (count - 1), torch.full_like(variance, float("nan")))
-    std = variance.sqrt()
-    return std.squeeze(dim) if dim is not None else std.reshape(())
 
 
 def group_advantages(
@@ -304,125 +228,14 @@ def grpo_loss(
 # ---- the trainer ------------------------------------------------------------------------------------------------
 
 
-class RepeatedBlocks(torch.utils.data.Sampler):
-    """num_iterations, steps_per_generation: a random order of the prompts (seeded by the run's seed and the epoch,
-    so a resumed run sees the same one), cut into blocks of one sampling's prompts (its steps', every process's),
-    each block given `repeats` times in a row. A last block short of a sampling is left out (its repeats would
-    straddle two samplings)."""
-
-    def __init__(self, size: int, block: int, repeats: int, seed: int) -> None:
-        self.size, self.block, self.repeats, self.seed = size, block, repeats, seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
-        for start in range(0, self.size - self.block + 1, self.block):
-            for _ in range(self.repeats):
-                yield from order[start : start + self.block]
-
-    def __len__(self) -> int:
-        return (self.size // self.block) * self.block * self.repeats
-
-
-class FirstPass:
-    """Where a reused batch keeps its completions' log-probs from its first step, the sampling policy's (p_old).
-    Trainer copies a batch's tensors each time it is used, but passes this object through as it is."""
-
-    def __init__(self) -> None:
-        self.logps: torch.Tensor | None = None
-
-    def old_logps(self, logps: torch.Tensor, training: bool) -> torch.Tensor:
-        """p_old for this pass: the first training pass's log-probs (this pass's own if it is the first)."""
-        if self.logps is None and training:
-            self.logps = logps.detach()
-        return self.logps if self.logps is not None and training else logps.detach()
-
-
-def check_repeatable(prompts: int, iterations: int, step_prompts: int, steps: int = 1) -> None:
-    """num_iterations repeats whole steps of prompts, steps_per_generation samples `steps` steps' at once: refused,
-    in one line, where there is not one sampling's worth."""
-    if steps > 1 and prompts < step_prompts * steps:
-        raise DataError(
-            f"steps_per_generation samples {steps} steps' prompts at once: it needs at least that many prompts "
-            f"(batch_size x gradient_accumulation x processes x {steps} = {step_prompts * steps}), got {prompts}"
-        )
-    if iterations > 1 and prompts < step_prompts:
-        raise DataError(
-            f"num_iterations {iterations} trains each step's prompts again in the next steps: it needs at least one "
-            f"step's worth of prompts (batch_size x gradient_accumulation x processes = {step_prompts}), got "
-            f"{prompts}"
-        )
-
-
-def build_prompt_rows(prompts: list[PromptRow], params: LLMParams) -> tuple[list[Any], RowStats]:
-    """Each prompt is a row (a micro-batch of batch_size rows becomes batch_size x num_generations completions)."""
-    return list(prompts), RowStats(examples=len(prompts), rows=len(prompts))
-
-
-class GRPOTrainer(GuardedTrainer):
-    """Generates, scores and trains on completions; logs the rewards and writes samples to completions.jsonl."""
-
-    samples_whole_steps = True  # (the out-of-memory advice names prompts_per_generation)
-    # The completions are scored at the sampling temperature (the policy that sampled them, as TRL's GRPO scores
-    # them); online_dpo scores them at 1, the model's own distribution, as DPO does.
-    scores_at_temperature = True
+class GRPOTrainer(SamplingTrainer):
+    """Trains on sampled completions with the GRPO loss: group-relative advantages, clipped ratios, the KL to the
+    reference, the entropy mask and bonus."""
 
     def __init__(self, *args: Any, params: LLMParams, ref_model: Any = None, **kwargs: Any) -> None:
-        kwargs.setdefault("data_collator", list)  # prompts stay PromptRow objects until they are generated from
-        super().__init__(*args, **kwargs)
-        self.params = params
-        self.group = params.completions_per_prompt
-        self.max_length = completion_length(params)
-        self.rewards: list[Reward] = load_rewards(params, self.max_length)
-        for reward in self.rewards:
-            if isinstance(reward.function, ModelReward):  # loaded now (not at the first step), where the policy runs
-                reward.function.load(self.args.device)
+        super().__init__(*args, params=params, ref_model=ref_model, **kwargs)
         self.loss_type = params.loss_type
-        self.epsilon_low = params.epsilon
-        self.epsilon_high = params.epsilon_high if params.epsilon_high is not None else params.epsilon
-        self.beta = self.reference_weight(params)
-        # compute_loss scales for accumulation itself (per loss_type), as TRL does.
-        self.model_accepts_loss_kwargs = False
-        self.loss_is_scaled_for_ga = True
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        self.fast_loss = params.fast_loss and fast_loss_supported(unwrapped)
-        self.ref_model = None
-        if self.beta != 0.0 and ref_model is None and params.model_ref:
-            ref_model = load_reference(params, like=unwrapped).to(self.args.device)
-        if self.beta != 0.0 and (ref_model is not None or not hasattr(unwrapped, "disable_adapter")):
-            if ref_model is None:
-                log.info("%s: reference model = a frozen copy of the starting model", params.trainer)
-            self.ref_model = (ref_model or copy.deepcopy(unwrapped)).requires_grad_(False).eval()
-        start_syncing(self)  # sync_ref_model: the reference moved towards the policy every ref_model_sync_steps
-        self.trained_tokens = 0
-        # Where a completion ends: the tokenizer's EOS and the model's generation config's (as TRL ends them), and
-        # the chat template's turn-end token (models/turns.py: a base model's EOS is often not what ends a turn).
-        self.end_ids = turn_end(self.processing_class, unwrapped)[0]
-        if params.generation_kwargs:
-            self._check_generation_settings(unwrapped)
-        self._metrics: dict[str, list[float]] = defaultdict(list)
-        self._prefix = ""  # "eval_" while evaluating: its figures are logged apart from training's
-        self._samples: tuple | None = None  # the step's samples, written with their final advantages
-        self.iterations = params.num_iterations
-        self.together = params.steps_sampled_together  # steps_per_generation: the steps one sampling serves
-        # A sampling's cycle: its steps, num_iterations times over (global_step // cycle); the batches its later
-        # steps train on, by their place in it, and the prompts of its later steps, pulled with its own
-        self.cycle = self.together * self.iterations
-        self._reused: tuple[int, dict[int, tuple[list[dict[str, Any]], float]]] | None = None
-        self._ahead: list[list[list[PromptRow]]] = []
-        if self.cycle > 1:
-            # p_old and p must differ only by what training changed: a dropout mask in one and not the other
-            # would move the ratios (and clip them) with no change to the policy (TRL's disable_dropout)
-            disable_dropout(self.model)
-            log.info(
-                "%s: completions trained on after the policy moved (a sampling serves %d steps): dropout off, as "
-                "p_old is compared to p",
-                params.trainer,
-                self.cycle,
-            )
+        self.epsilon_low, self.epsilon_high = clip_range(params)
         # scale_rewards batch and GDPO's aggregation normalise over the whole step: final in finish_advantages
         self.step_wide = params.scale_rewards == "batch" or params.multi_objective_aggregation != "sum_then_normalize"
         # The entropy bonus: entropy_coef, or use_adaptive_entropy's controller, which moves it each step by the
@@ -435,239 +248,15 @@ class GRPOTrainer(GuardedTrainer):
             ("luspo", "sequence", "LUSPO is GSPO's sequence-level ratio with a length-weighted sum"),
             ("vespo", "token", "VESPO forms its own sequence-level weight from the token ratios"),
         ):
-            if params.trainer == "grpo" and self.loss_type == loss_type and params.importance_sampling_level != level:
+            if self.loss_type == loss_type and params.importance_sampling_level != level:
                 log.warning("loss_type %s: importance_sampling_level %s is its paper's (%s)", loss_type, level, why)
 
-    def reference_weight(self, params: LLMParams) -> float:
-        """The weight of the comparison with the reference: grpo's and rloo's KL weight, beta (0: no reference
-        model, no reference pass); a subclass with a reference loss says its own."""
-        return params.beta
-
-    def _get_train_sampler(self, train_dataset=None):  # noqa: D102
-        if self.cycle == 1:
-            return super()._get_train_sampler(train_dataset)
-        dataset = train_dataset if train_dataset is not None else self.train_dataset
-        check_repeatable(len(dataset), self.iterations, self.step_rows(), self.together)
-        block = self.step_rows() * self.together
-        self.epoch_sampler = RepeatedBlocks(len(dataset), block, self.iterations, self.args.seed)
-        return self.epoch_sampler
-
-    # -- rollout: once per sampling (a step's, or steps_per_generation's steps'), for every micro-batch of it
-    def get_batch_samples(self, epoch_iterator, num_batches, device):  # noqa: D102
-        # the step's prompts: pulled already when an earlier step's sampling took them with its own
-        if self._ahead:
-            prompts = self._ahead.pop(0)
-        else:
-            prompts, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
-        cycle, position = divmod(self.state.global_step, self.cycle)
-        part, last = position % self.together, position // self.together == self.iterations - 1
-        kept = self._reused[1] if self._reused is not None and self._reused[0] == cycle else {}
-        if part in kept:
-            return kept.pop(part) if last else kept[part]  # (after its last step, nothing holds a batch)
-        steps = [prompts]
-        if position == 0:  # the sampling's later steps' prompts (RepeatedBlocks gives them next), sampled now
-            while len(steps) < self.together:
-                later, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
-                if not later:
-                    break
-                steps.append(later)
-            self._ahead = steps[1:]
-        else:
-            log.info(
-                "%s: resumed inside the %d steps one sampling serves: sampling this step afresh",
-                self.params.trainer,
-                self.cycle,
-            )
-        rolled = self.roll_out(steps, device)
-        kept.update({part + index: found for index, found in enumerate(rolled) if index or not last})
-        self._reused = (cycle, kept) if kept else None
-        return rolled[0]
-
     def _inner_training_loop(self, *args: Any, **kwargs: Any) -> Any:
-        # Nothing of an earlier attempt's samplings (auto_find_batch_size runs the loop again after an
-        # out-of-memory error, from step 0 at a smaller batch size): its prompts, batches and samples.
-        self._ahead, self._reused, self._samples = [], None, None
-        self._step_entropy, self.trained_tokens = None, 0
+        self._step_entropy = None  # (an earlier attempt's, auto_find_batch_size: see SamplingTrainer's)
         return super()._inner_training_loop(*args, **kwargs)
 
-    def roll_out(self, steps: list[list[list[PromptRow]]], device: Any) -> list[tuple[list[dict[str, Any]], float]]:
-        """Each step's (micro-batches, completion tokens per process) from one sampling of all their prompts: the
-        completions scored, their advantages final over the whole sampling (TRL's generation batch); a later step's
-        with their log-probs under the sampling policy (p_old: the policy moves before they are trained). The
-        tokens are TRL's: the sampling's (every process's) per process and per step, which dapo's loss divides by."""
-        micro_batches = [rows for step in steps for rows in step]
-        sampled = self.sample(micro_batches)
-        batches = [self._rollout(rows, samples) for rows, samples in zip(micro_batches, sampled, strict=True)]
-        self.finish_advantages(batches)
-        tokens = torch.tensor(sum(int(b["completion_mask"].sum()) for b in batches), device=device)
-        tokens = self.accelerator.gather(tokens).sum().item() / self.accelerator.num_processes / len(steps)
-        rolled, start = [], 0
-        for index, step in enumerate(steps):
-            these = batches[start : start + len(step)]
-            start += len(step)
-            for batch in these:
-                if index:
-                    batch["old_logps"] = self.sampling_logps(batch)
-                elif self.iterations > 1:
-                    batch["first_pass"] = FirstPass()
-            rolled.append((these, tokens))
-        return rolled
-
-    @torch.no_grad()
-    def sampling_logps(self, batch: dict[str, Any]) -> torch.Tensor:
-        """The completions' per-token log-probs under the policy as it sampled them (a later step's p_old), scored
-        as its training pass scores them (same mode: dropout is off)."""
-        return self.completion_logps(self.model, batch)
-
-    @torch.no_grad()
-    def sample(self, micro_batches: list[list[PromptRow]]) -> list[tuple[torch.Tensor, ...]]:
-        """Each micro-batch's (prompt_ids, prompt_mask, completion_ids): its prompts left-padded and their
-        num_generations completions each, the step's prompts sampled in as few generate calls as
-        prompts_per_generation allows (all at once by default, as TRL generates a step: a bigger batch decodes
-        faster). Each micro-batch's part is trimmed back to its own widest prompt and longest completion, so it
-        trains as if sampled alone."""
-        rows = [row for batch in micro_batches for row in batch]
-        if not rows:
-            return [() for _ in micro_batches]
-        per_call = self.params.prompts_per_generation or len(rows)
-        starts = range(0, len(rows), per_call)
-        pieces = [self._generate(rows[start : start + per_call], call) for call, start in enumerate(starts)]
-        # each call padded its prompts (on the left) and completions (on the right) to its own widest: to the
-        # widest of all before they are joined (a narrower call's completions all ended: padding after them)
-        pad = self.processing_class.pad_token_id
-        wide, long = max(p[0].size(1) for p in pieces), max(p[2].size(1) for p in pieces)
-        prompt_ids = torch.cat([F.pad(ids, (wide - ids.size(1), 0), value=pad) for ids, _, _ in pieces])
-        prompt_mask = torch.cat([F.pad(mask, (wide - mask.size(1), 0), value=0) for _, mask, _ in pieces])
-        completion_ids = torch.cat([F.pad(c, (0, long - c.size(1)), value=pad) for _, _, c in pieces])
-        out, start = [], 0
-        for batch in micro_batches:
-            rows_here = slice(start * self.group, (start + len(batch)) * self.group)
-            start += len(batch)
-            ids, mask, completions = prompt_ids[rows_here], prompt_mask[rows_here], completion_ids[rows_here]
-            first = int(mask.any(0).int().argmax())  # the widest prompt's first column
-            ends = self.completion_ends(completions)[0]
-            out.append((ids[:, first:], mask[:, first:], completions[:, : int(ends.max()) + 1]))
-        return out
-
-    def _generate(self, rows: list[PromptRow], call: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One generate call: (prompt ids, prompt mask, completion ids), num_generations rows per prompt, prompt
-        after prompt; prompts left-padded to the widest, completions padded to the longest."""
-        model = self.accelerator.unwrap_model(self.model)
-        tokenizer = self.processing_class
-        device = self.args.device
-        pad = tokenizer.pad_token_id
-        width = max(len(r.input_ids) for r in rows)
-        prompt_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        prompt_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):  # left padding: every prompt ends where generation starts
-            prompt_ids[i, width - len(row.input_ids) :] = torch.tensor(row.input_ids)
-            prompt_mask[i, width - len(row.input_ids) :] = 1
-        prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-        # The same step samples the same completions, in a resumed run too (and each process its own).
-        process = self.accelerator.process_index
-        torch.manual_seed(self.params.seed + 1009 * self.state.global_step + 31 * call + 7919 * process)
-        params = self.params
-        filters = (params.top_p, params.top_k, params.min_p, params.repetition_penalty)
-        config = sampling_config(params.temperature, self.max_length, pad, *filters)
-        config.update(**(params.generation_kwargs or {}))  # (checked: none of the settings above, nor the ends)
-        config.num_return_sequences, config.eos_token_id = self.group, self.end_ids
-        with eval_mode(model):
-            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
-        repeated = prompt_ids.repeat_interleave(self.group, 0), prompt_mask.repeat_interleave(self.group, 0)
-        return *repeated, out[:, width:]
-
-    def _check_generation_settings(self, model: Any) -> None:
-        """generation_kwargs' token ids against the model (config/method_checks checked their forms): each inside
-        the vocabulary (generate would fail at the first step), and no end token suppressed, nor biased as good as
-        suppressed (no completion could end)."""
-        settings = self.params.generation_kwargs
-        weight = model.get_output_embeddings().weight  # (DeepSpeed ZeRO-3 keeps a partitioned one's shape apart)
-        vocabulary = getattr(weight, "ds_shape", weight.shape)[0]
-        biased = settings.get("sequence_bias") or []
-        listed = [*settings.get("suppress_tokens", []), *settings.get("begin_suppress_tokens", [])]
-        listed += [i for ids in settings.get("bad_words_ids", []) for i in ids]
-        listed += [i for ids, _ in biased for i in ids]
-        outside = [i for i in listed if i >= vocabulary]
-        if outside:
-            raise ConfigError(f"generation_kwargs: token id {outside[0]} is past the model's {vocabulary} tokens")
-        barred = set(settings.get("suppress_tokens", []))
-        barred |= {ids[0] for ids, bias in biased if len(ids) == 1 and bias <= -100}
-        ended = sorted(barred & set(self.end_ids))
-        if ended:
-            raise ConfigError(
-                f"generation_kwargs: end token {ended[0]} suppressed: completions could never end (end tokens: "
-                f"{self.end_ids})"
-            )
-
-    def completion_ends(self, completion_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the position of each completion's end token, or its last position if it has none; whether it has none:
-        cut at max_completion_length)."""
-        is_eos = torch.isin(completion_ids, torch.tensor(self.end_ids, device=completion_ids.device))
-        truncated = ~is_eos.any(1)
-        return torch.where(truncated, completion_ids.size(1) - 1, is_eos.int().argmax(1)), truncated
-
-    @torch.no_grad()
-    def _rollout(self, rows: list[PromptRow], samples: tuple[torch.Tensor, ...]) -> dict[str, Any]:
-        """One micro-batch's completions (from `sample`) scored, with their reference log-probs and advantages."""
-        tokenizer = self.processing_class
-        device = self.args.device
-        prompt_ids, prompt_mask, completion_ids = samples
-        # A completion ends at its first end token (kept: the model learns to stop); one without it was cut.
-        ends, truncated = self.completion_ends(completion_ids)
-        positions = torch.arange(completion_ids.size(1), device=device).expand_as(completion_ids)
-        completion_mask = (positions <= ends.unsqueeze(1)).long()
-        # What the rewards see, as TRL gives it: the ids through the EOS, the text without special tokens.
-        ids_lists = [ids[mask.bool()].tolist() for ids, mask in zip(completion_ids, completion_mask, strict=True)]
-        lengths = completion_mask.sum(1).float()
-        if self.params.mask_truncated_completions:
-            completion_mask = completion_mask * (~truncated).unsqueeze(1).long()
-        texts = tokenizer.batch_decode(ids_lists, skip_special_tokens=True)
-        repeated = [row for row in rows for _ in range(self.group)]
-        chat = isinstance(rows[0].prompt, list)
-        completions = [[{"role": "assistant", "content": t}] for t in texts] if chat else texts
-        names = dict.fromkeys(key for row in rows for key in row.columns)  # a column some rows lack is None there
-        columns = {key: [row.columns.get(key) for row in repeated] for key in names}
-        where = [row.where for row in repeated]
-        scores = []
-        for reward in self.rewards:
-            values = call_reward(reward, [r.prompt for r in repeated], completions, ids_lists, columns, where)
-            scores.append([math.nan if v is None else v for v in values])
-        per_function = torch.tensor(scores, dtype=torch.float32).T  # (completions, functions)
-        weights = torch.tensor([r.weight for r in self.rewards])
-        unscorable = torch.isnan(per_function).all(1)
-        total = (per_function * weights).nansum(1)
-        total[unscorable] = math.nan
-        batch = {
-            "prompt_ids": prompt_ids,
-            "prompt_mask": prompt_mask,
-            "completion_ids": completion_ids,
-            "completion_mask": completion_mask,
-        }
-        batch["input_ids"] = torch.cat([prompt_ids, completion_ids], 1)  # for Trainer's token counting
-        if self.beta != 0.0:
-            batch["ref_logps"] = self.reference_logps(batch)
-        advantages, std = self.advantages_of(total, batch, per_function)
-        batch["advantages"] = advantages.to(device)
-
-        for reward, column in zip(self.rewards, per_function.T, strict=True):
-            self.record(f"rewards/{reward.name}/mean", torch.nanmean(column))
-            self.record(f"rewards/{reward.name}/std", nanstd(column))
-        self.record("reward", torch.nanmean(total))
-        self.record("reward_std", nanstd(total))
-        if std is not None:  # (else recorded with the step's std, in finish_advantages)
-            self.record("frac_reward_zero_std", torch.isclose(std, torch.zeros_like(std)).float().mean())
-        self.record("completions/mean_length", lengths.mean())
-        self.record("completions/max_length", lengths.max())
-        self.record("completions/clipped_ratio", truncated.float().mean())
-        if self._samples is None and not self._prefix and self._writes_samples():
-            # written once the step's advantages are final (finish_advantages), with them
-            self._samples = (repeated, texts, per_function, total)
-        return batch
-
     def finish_advantages(self, batches: list[dict[str, Any]]) -> None:
-        """The sampling's advantages made final once every micro-batch of it is rolled out (scale_rewards batch,
-        GDPO's aggregation, rloo's normalisation: over the whole sampling, a step's or steps_per_generation's
-        steps'), then its samples written with them."""
+        """scale_rewards batch, GDPO's aggregation: the advantages normalised over the whole sampling."""
         if self.step_wide:
             values = [batch.pop("step_values") for batch in batches]
             mean, std = self.step_mean_std(torch.cat(values))
@@ -678,18 +267,13 @@ class GRPOTrainer(GuardedTrainer):
                     advantages, _ = group_advantages(value, self.group, "batch", batch_std=std)
                 batch["advantages"] = advantages.to(batch["advantages"].device)
             self.record("frac_reward_zero_std", torch.isclose(std, torch.zeros_like(std)).float())
-        if self._samples is not None:
-            count = len(self._samples[1])
-            self._write_samples(*self._samples, batches[0]["advantages"][:count].cpu())
-            self._samples = None
+        super().finish_advantages(batches)
 
     def advantages_of(
         self, total: torch.Tensor, batch: dict[str, Any], per_function: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(each completion's advantage, its group's reward std) from the total rewards (NaN: unscored), group after
-        group: grpo's is the reward minus the group's mean, scaled (scale_rewards); a method's subclass has its own
-        (methods/rloo.py). Where the scaling needs the whole step's figures, the values it needs are kept in the
-        batch and the advantages are made final in finish_advantages (std None)."""
+        """grpo's advantage: the reward minus its group's mean, scaled (scale_rewards); scale_rewards batch and
+        GDPO's aggregation keep the values to finish in finish_advantages."""
         if not self.step_wide:
             return group_advantages(total, self.group, self.params.scale_rewards)
         if self.params.multi_objective_aggregation == "normalize_then_sum":
@@ -698,75 +282,6 @@ class GRPOTrainer(GuardedTrainer):
         else:
             batch["step_values"] = total
         return torch.zeros_like(total), None
-
-    def step_mean_std(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The nan-aware mean and std (Bessel's) of `values` over every process's step, as TRL's over its gathered
-        generation batch: NaN (unscored) left out."""
-        scored = values[~torch.isnan(values)].double()
-        figures = torch.stack([scored.sum(), (scored**2).sum(), torch.tensor(float(len(scored)), dtype=torch.float64)])
-        total, squares, count = self.accelerator.reduce(figures.to(self.args.device), reduction="sum").tolist()
-        mean = total / max(count, 1.0)
-        std = math.sqrt(max(squares - count * mean**2, 0.0) / (count - 1)) if count > 1 else math.nan
-        return torch.tensor(mean), torch.tensor(std)
-
-    def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.ref_model is not None:
-            return self.completion_logps(self.ref_model, batch)
-        with self.accelerator.unwrap_model(self.model).disable_adapter():
-            return self.completion_logps(self.model, batch)
-
-    # -- the loss
-    def completion_logps(
-        self, model: Any, batch: dict[str, torch.Tensor], entropies: bool | str = False, policy: bool = False
-    ) -> Any:
-        """log p(token) of each completion token under the sampling temperature (the policy that sampled them,
-        as TRL scores it), (completions, completion length); 0 on masked tokens. With `entropies`, a pair: those
-        and the entropy of each token's next-token distribution (the same projection; differentiable if "grad").
-        `policy`: the trained forward, whose mixture of experts' balancing loss (prompt and completion tokens, as
-        TRL's) the loss adds."""
-        ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
-        attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
-        width = batch["prompt_ids"].size(1)
-        labels = torch.full_like(ids, -100)
-        labels[:, width:] = torch.where(batch["completion_mask"].bool(), batch["completion_ids"], -100)
-        inputs = {
-            "input_ids": ids,
-            "attention_mask": attention,
-            "use_cache": False,
-            **(self.routing() if policy else {}),
-        }
-        temperature = self.params.temperature if self.scores_at_temperature else 1.0
-        unwrapped = self.accelerator.unwrap_model(model)
-        if self.fast_loss_now(unwrapped) and getattr(unwrapped.get_output_embeddings(), "bias", None) is None:
-            with output_head_returns_hidden(unwrapped) as head:
-                outputs = model(**inputs)
-            if policy:
-                self.keep_balancing(outputs, attention)
-            hidden = outputs.logits / temperature  # W(h / T) = (W h) / T
-            if not entropies:
-                return token_logprobs(hidden, head, labels)[:, width - 1 :]
-            logps, entropy = token_logprobs_and_entropies(hidden, head, labels)
-            entropy = entropy if entropies == "grad" else entropy.detach()
-        else:
-            outputs = model(**inputs)
-            if policy:
-                self.keep_balancing(outputs, attention)
-            logits = outputs.logits.float() / temperature
-            if not entropies:
-                return logits_token_logprobs(logits, labels)[:, width - 1 :]
-            with torch.set_grad_enabled(torch.is_grad_enabled() and entropies == "grad"):
-                entropy = logits_entropies(logits, labels)  # (without gradient: chunk by chunk, nothing kept)
-            logps = logits_token_logprobs(logits, labels)
-        return logps[:, width - 1 :], entropy[:, width - 1 :]
-
-    def old_logps(self, logps: torch.Tensor, inputs: dict[str, Any], training: bool) -> torch.Tensor:
-        """The sampling policy's per-token log-probs: the policy's own (ratio 1); a later step's of one sampling,
-        scored when sampled (steps_per_generation); or with num_iterations those of the batch's first step
-        (FirstPass)."""
-        if training and inputs.get("old_logps") is not None:
-            return inputs["old_logps"]
-        first = inputs.get("first_pass")
-        return first.old_logps(logps, training) if first is not None else logps.detach()
 
     def high_entropy_mask(self, entropies: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
         """top_entropy_quantile: the completion tokens whose entropy is in the top share of this micro-batch's (every
@@ -810,14 +325,14 @@ class GRPOTrainer(GuardedTrainer):
             self.entropy_coef = max(self.entropy_coef - params.entropy_coef_delta, params.entropy_coef_min)
 
     def save_extras(self, folder: Path) -> None:  # noqa: D102
-        save_synced(self, folder)
+        super().save_extras(folder)
         if self.params.use_adaptive_entropy:  # the controller's state: a resumed run goes on where it was
             last = self._last_step_entropy
             state = {"entropy_coef": self.entropy_coef, "last_step_entropy": None if math.isinf(last) else last}
             (folder / ENTROPY_STATE_FILE).write_text(json.dumps(state) + "\n")
 
     def load_extras(self, folder: Path) -> None:  # noqa: D102
-        load_synced(self, folder)
+        super().load_extras(folder)
         path = folder / ENTROPY_STATE_FILE
         if self.params.use_adaptive_entropy and not path.exists():
             log.warning(
@@ -870,73 +385,6 @@ class GRPOTrainer(GuardedTrainer):
         # (grpo_loss divided the policy loss by the accumulation steps itself, per loss_type)
         loss = self.finished_loss(loss, metrics, mask, model.training, scaled=True)
         return (loss, {}) if return_outputs else loss
-
-    def finished_loss(
-        self, loss: torch.Tensor, metrics: dict[str, Any], mask: torch.Tensor, training: bool, scaled: bool = False
-    ) -> torch.Tensor:
-        """A micro-batch's loss as Trainer takes it (loss_is_scaled_for_ga): a mean over the micro-batch divided by
-        the accumulation steps in training (unless `scaled` already), plus a mixture of experts' balancing loss
-        scaled alike; its figures recorded and, in training, its completion tokens counted."""
-        steps = self.current_gradient_accumulation_steps
-        if training:
-            loss = loss if scaled else loss / steps
-            self.trained_tokens += int(mask.sum())
-        for name, value in metrics.items():
-            self.record(name, value)
-        return self.add_balancing(loss, training, steps)
-
-    def record(self, name: str, value: Any) -> None:
-        self._metrics[self._prefix + name].append(float(value.detach() if torch.is_tensor(value) else value))
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:  # noqa: D102
-        evaluating = any(key.startswith("eval_") for key in logs)
-        mine = {n: self._metrics.pop(n) for n in [n for n in self._metrics if n.startswith("eval_") == evaluating]}
-        logs.update(self.process_means(mine))
-        super().log(logs, start_time)
-
-    # -- samples for the user to read
-    def _writes_samples(self) -> bool:
-        """Whether this rollout's samples are written: every completions_every steps (with num_iterations or
-        steps_per_generation, a rollout stands for its cycle's steps: written when one of them is due)."""
-        every = self.params.completions_every
-        steps = range(self.state.global_step, self.state.global_step + self.cycle)
-        return every > 0 and self.is_world_process_zero() and any(step % every == 0 for step in steps)
-
-    def _write_samples(self, rows, texts, per_function, total, advantages) -> None:
-        """A few prompts of this step (the first group's completions of up to 2 prompts), appended to the run's
-        completions.jsonl: what the model writes, and what each reward made of it."""
-        path = Path(self.args.output_dir) / COMPLETIONS_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a", encoding="utf-8") as out:
-            for i in range(min(len(texts), 2 * self.group)):
-                record = {
-                    "step": self.state.global_step + 1,
-                    "prompt": rows[i].prompt,
-                    "completion": texts[i],
-                    "rewards": {r.name: _finite(float(per_function[i, j])) for j, r in enumerate(self.rewards)},
-                    "reward": _finite(float(total[i])),
-                    "advantage": _finite(float(advantages[i])),  # (online_dpo: an unscored reward, NaN)
-                    "where": rows[i].where,
-                }
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):  # noqa: D102
-        """Evaluation: completions for the validation prompts (num_generations_eval each), scored; the loss and
-        rewards go under eval_."""
-        self._prefix = "eval_"
-        group, self.group = self.group, self.params.num_generations_eval or self.group
-        try:
-            batch = self._rollout(inputs, self.sample([inputs])[0])
-            self.finish_advantages([batch])
-            with torch.no_grad():
-                loss = self.compute_loss(model, batch)
-        finally:
-            self._prefix, self.group = "", group
-        return loss.detach(), None, None
-
-
-def _finite(value: float) -> float | None:
-    return None if math.isnan(value) else round(value, 4)
 
 
 METHOD = Method(model_kind="causal_lm", build_rows=build_prompt_rows, trainer_class=GRPOTrainer)

@@ -11,7 +11,7 @@ reference (the base with the adapter off, a frozen copy of the model, or model_r
     loss     = dpo_loss_type's loss (methods/dpo.DPOLoss: sigmoid by default, any of dpo's, with dpo_beta,
                label_smoothing...) on the pair's summed log-probabilities, the policy's and the reference's
 
-The sampling, the rewards, the samples written and the fast log-probabilities are grpo's (methods/grpo.py). The
+The sampling, the rewards, the samples written and the fast log-probabilities are methods/sampling.py's. The
 log-probabilities are the model's own (temperature 1, as DPO and TRL's OnlineDPOTrainer score them), not the
 sampling temperature's. A prompt whose two completions no reward scored has no pair. Where TRL's OnlineDPOTrainer
 offers sigmoid and ipo, every dpo_loss_type works here: its ipo is DPOTrainer's (per answer token, as dpo's), the
@@ -28,7 +28,7 @@ import torch
 from tunelab.config.llm import LLMParams
 from tunelab.methods.base import Method
 from tunelab.methods.dpo import DPOLoss
-from tunelab.methods.grpo import GRPOTrainer, build_prompt_rows
+from tunelab.methods.sampling import SamplingTrainer, build_prompt_rows
 from tunelab.training.trainer import disable_dropout
 
 
@@ -46,8 +46,8 @@ def online_pairs(rewards: torch.Tensor, keep_ties: bool = False) -> tuple[torch.
     return chosen[scored], rejected[scored]
 
 
-class OnlineDPOTrainer(GRPOTrainer):
-    """grpo's rollouts of two completions a prompt, ranked by the rewards into a pair, with DPO's loss."""
+class OnlineDPOTrainer(SamplingTrainer):
+    """Rollouts of two completions a prompt, ranked by the rewards into a pair, with DPO's loss."""
 
     scores_at_temperature = False
 
@@ -73,7 +73,7 @@ class OnlineDPOTrainer(GRPOTrainer):
         mask = inputs["completion_mask"]
         sums = (self.completion_logps(model, inputs, policy=True) * mask).sum(1)
         reference = (inputs["ref_logps"] * mask).sum(1)
-        rewards = inputs["advantages"]  # (grpo's name for what it trains on: here the rewards, advantages_of)
+        rewards = inputs["advantages"]  # (the sampling's name for what a loss trains on: here the rewards)
         chosen, rejected = online_pairs(rewards, self.params.keep_tied_pairs)
         if len(chosen):
             counts = mask.sum(1)

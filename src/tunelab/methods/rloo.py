@@ -1,7 +1,7 @@
 """`rloo`: REINFORCE Leave-One-Out (Ahmadian et al., 2024), as TRL's RLOOTrainer computes it.
 
-The prompts, the sampling, the rewards, the samples written and the fast log-probabilities are grpo's
-(methods/grpo.py); what differs is how a completion's reward becomes its loss:
+The prompts, the sampling, the rewards, the samples written and the fast log-probabilities are those every sampling
+method shares (methods/sampling.py); what differs is how a completion's reward becomes its loss:
 
     reward_i    = sum of the weighted rewards (clipped to reward_clip_range, if given)
                   - beta * sum_t (log p_old(t) - log p_ref(t))
@@ -17,7 +17,7 @@ The prompts, the sampling, the rewards, the samples written and the fast log-pro
 
 The ratio is of whole completions (their log-probabilities summed), not of tokens; in a batch's first step it is
 1, and the gradient is REINFORCE's, A_i times that of log p(completion_i); with num_iterations or
-steps_per_generation the later steps on completions of one sampling (grpo's RepeatedBlocks) clip it.
+steps_per_generation the later steps on completions of one sampling (sampling.RepeatedBlocks) clip it.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ from typing import Any
 
 import torch
 
+from tunelab.config.llm import LLMParams
 from tunelab.methods.base import Method
-from tunelab.methods.grpo import GRPOTrainer, build_prompt_rows, nanstd
+from tunelab.methods.sampling import SamplingTrainer, build_prompt_rows, clip_range, nanstd
 from tunelab.training.trainer import eval_mode
 
 
@@ -74,8 +75,12 @@ def rloo_loss(
     return loss, {k: v.detach() for k, v in metrics.items()}
 
 
-class RLOOTrainer(GRPOTrainer):
-    """grpo's rollouts, with the leave-one-out advantage and the per-completion loss."""
+class RLOOTrainer(SamplingTrainer):
+    """Sampled completions, with the leave-one-out advantage and the per-completion loss."""
+
+    def __init__(self, *args: Any, params: LLMParams, **kwargs: Any) -> None:
+        super().__init__(*args, params=params, **kwargs)
+        self.epsilon_low, self.epsilon_high = clip_range(params)
 
     def advantages_of(self, total, batch, per_function=None):  # noqa: D102
         if self.params.reward_clip_values is not None:  # before the penalty, as TRL clips (NaN stays unscored)

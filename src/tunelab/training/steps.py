@@ -9,7 +9,7 @@ from tunelab.config.base import RunParams
 
 def epoch_steps(rows: int, params: RunParams, processes: int = 1) -> int:
     """Optimizer steps in an epoch of `rows`, as transformers' Trainer counts them. With num_iterations or
-    steps_per_generation (grpo, rloo: methods/grpo.RepeatedBlocks) the prompts come in blocks of one sampling's
+    steps_per_generation (grpo, rloo: methods/sampling.RepeatedBlocks) the prompts come in blocks of one sampling's
     (its steps'), each block round num_iterations times, and a last block short of a sampling is left out."""
     block = params.batch_size * params.gradient_accumulation * processes
     repeats = getattr(params, "num_iterations", 1)
