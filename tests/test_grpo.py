@@ -1048,3 +1048,22 @@ def test_completions_end_at_the_turn_end_of_a_template_the_tokenizer_did_not_car
     tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
     assert tokenizer.chat_template is None
     assert end_ids == [[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]]
+
+
+def test_a_resumed_cycle_writes_each_due_step_s_samples_once(tiny_llama, tmp_path):
+    """completions_every with a sampling serving 4 steps (steps_per_generation 2 steps x num_iterations 2): a
+    cycle's first rollout stands for all 4; a run resumed inside the cycle samples each of its parts afresh, each
+    for its own steps left, so a due step's samples are written by one rollout only."""
+    trainer = _trainer(tiny_llama, tmp_path, steps_per_generation=4, num_iterations=2, completions_every=3)
+    assert (trainer.together, trainer.cycle) == (2, 4)
+
+    def writes(step: int) -> bool:
+        trainer.state.global_step = step
+        return trainer._writes_samples()
+
+    # resumed at step 1: part 1 is sampled for steps 1 and 3 (3 is due), part 0 at step 2 for step 2 alone
+    assert (writes(1), writes(2)) == (True, False)
+    # resumed at step 5: part 1 for steps 5 and 7, part 0 at step 6 for step 6 (due)
+    assert (writes(5), writes(6)) == (False, True)
+    trainer.params.completions_every = 6  # the cycles' first rollouts: steps 0-3 hold 0, 4-7 6, 8-11 none
+    assert [writes(step) for step in (0, 4, 8, 12)] == [True, True, False, True]

@@ -127,7 +127,8 @@ def test_missing_eos_penalty_lowers_a_cut_completion_s_reward(tiny_llama, tmp_pa
     lowered before the two are compared."""
     trainer = _trainer(tiny_llama, tmp_path, True, missing_eos_penalty=1.5, max_completion_length=3)
     end = trainer.end_ids[0]
-    batch = {"completion_ids": torch.tensor([[11, 12, 13], [14, end, 0]])}
+    completions = torch.tensor([[11, 12, 13], [14, end, 0]])
+    batch = {"completion_ids": completions, "truncated": trainer.completion_ends(completions)[1]}
     rewards, std = trainer.advantages_of(torch.tensor([1.0, 0.0]), batch)
     assert rewards.tolist() == [-0.5, 0.0] and std is None
 

@@ -65,8 +65,7 @@ class OnlineDPOTrainer(SamplingTrainer):
         # the rewards themselves, the penalty taken (compute_loss ranks each prompt's two)
         penalty = self.params.missing_eos_penalty
         if penalty:
-            _, cut = self.completion_ends(batch["completion_ids"])
-            total = total - penalty * cut.float().cpu()
+            total = total - penalty * batch["truncated"].float().cpu()
         return total, None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D102

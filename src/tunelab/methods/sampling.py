@@ -435,6 +435,7 @@ class SamplingTrainer(GuardedTrainer):
             "prompt_mask": prompt_mask,
             "completion_ids": completion_ids,
             "completion_mask": completion_mask,
+            "truncated": truncated,  # (cut at max_completion_length: online_dpo's missing_eos_penalty reads it)
         }
         batch["input_ids"] = torch.cat([prompt_ids, completion_ids], 1)  # for Trainer's token counting
         if self.beta != 0.0:
@@ -574,11 +575,18 @@ class SamplingTrainer(GuardedTrainer):
         load_synced(self, folder)
 
     def _writes_samples(self) -> bool:
-        """Whether this rollout's samples are written: every completions_every steps (with num_iterations or
-        steps_per_generation, a rollout stands for its cycle's steps: written when one of them is due)."""
+        """Whether this rollout's samples are written: every completions_every steps. With num_iterations or
+        steps_per_generation a rollout stands for the steps it serves, written when one of them is due: a cycle's
+        first serves the whole cycle; one a resumed run makes inside a cycle, its own part's steps left in it (the
+        cycle's other parts are sampled afresh too, each for its own steps: none is written twice)."""
         every = self.params.completions_every
-        steps = range(self.state.global_step, self.state.global_step + self.cycle)
-        return every > 0 and self.is_world_process_zero() and any(step % every == 0 for step in steps)
+        if every <= 0 or not self.is_world_process_zero():
+            return False
+        step = self.state.global_step
+        position = step % self.cycle
+        end = step - position + self.cycle
+        served = range(step, end) if position == 0 else range(step, end, self.together)
+        return any(served_step % every == 0 for served_step in served)
 
     def _write_samples(self, rows, texts, per_function, total, advantages) -> None:
         """A few prompts of this step (the first group's completions of up to 2 prompts), appended to the run's
