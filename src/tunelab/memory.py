@@ -635,15 +635,12 @@ def reward_model_bytes(reward_functions: str) -> tuple[int, list[str]]:
     """The weights of the reward models among a run's rewards (folders, hub ids: rewards.ModelReward), as they
     load beside the policy: in their config's dtype, a LoRA reward run's on its base's (its small adapter left
     out), with a score head for the LM head; and the reward models whose config could not be read."""
-    from tunelab.hub import is_hub_id
     from tunelab.models.load import load_config, resolve_model
-    from tunelab.rewards import BUILTINS, reward_names
+    from tunelab.rewards import is_reward_model, reward_names
 
     total, unknown = 0, []
-    for name in reward_names(reward_functions):
+    for name in filter(is_reward_model, reward_names(reward_functions)):
         folder = Path(name).expanduser()
-        if ":" in name or name in BUILTINS or not (folder.is_dir() or is_hub_id(name)):
-            continue
         try:
             config = load_config(resolve_model(_reward_model_base(folder) if folder.is_dir() else _hub_base(name)))
         except Exception:  # (the dry run's reward check names what is wrong with the folder)

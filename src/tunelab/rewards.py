@@ -194,6 +194,12 @@ def reward_names(spec: str | None) -> list[str]:
     return [name.strip() for name in (spec or "").split(",") if name.strip()]
 
 
+def is_reward_model(name: str) -> bool:
+    """Whether a reward_functions entry names a reward model (ModelReward): a folder or a hub id, not a built-in
+    nor a file.py:function."""
+    return ":" not in name and name not in BUILTINS and (Path(name).expanduser().is_dir() or is_hub_id(name))
+
+
 def is_answer_reward(name: str) -> bool:
     """A built-in that compares completions with the data's answer column (reward_answer_column)."""
     return name.startswith("answer_") and name in BUILTINS
@@ -240,7 +246,7 @@ def _function(name: str, params: Any, max_tokens: int) -> Callable[..., Any]:
         return json_reward(params.reward_json_schema)
     if name == "length_penalty":
         return length_penalty(max_tokens)
-    if ":" not in name and (Path(name).expanduser().is_dir() or is_hub_id(name)):
+    if is_reward_model(name):
         return ModelReward(name)
     if ":" not in name:
         raise RewardError(

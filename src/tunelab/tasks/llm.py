@@ -358,9 +358,9 @@ def plan(params: LLMParams) -> RunPlan:
         if params.generation_kwargs:
             settings = ", ".join(f"{key}={value!r}" for key, value in params.generation_kwargs.items())
             train.notes.append(f"sampling also with generation_kwargs: {settings}")
-        from tunelab.rewards import BUILTINS, reward_names
+        from tunelab.rewards import is_reward_model, reward_names
 
-        models = [name for name in reward_names(params.reward_functions) if ":" not in name and name not in BUILTINS]
+        models = list(filter(is_reward_model, reward_names(params.reward_functions)))
         if models:
             train.notes.append(
                 f"reward model(s) {', '.join(models)}: loaded beside the policy when training starts (their weights "
