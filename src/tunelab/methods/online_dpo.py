@@ -1,7 +1,7 @@
 """`online_dpo`: online DPO (Guo et al., 2024, "Direct Language Model Alignment from Online AI Feedback"), as TRL's
-OnlineDPOTrainer trains it: for each prompt the policy samples two completions, the rewards (grpo's: built-ins,
-Python functions, reward models) pick the better one as chosen, and DPO's loss trains on the pair against the
-reference (the base with the adapter off, a frozen copy of the model, or model_ref):
+OnlineDPOTrainer trains it: for each prompt the policy samples two completions, the rewards (every sampling
+method's: built-ins, Python functions, reward models) pick the better one as chosen, and DPO's loss trains on the
+pair against the reference (the base with the adapter off, a frozen copy of the model, or model_ref):
 
     reward_i = the weighted sum of the rewards - missing_eos_penalty if completion i was cut at
                max_completion_length (TRL's; before the two are compared)

@@ -75,10 +75,10 @@ def sampling_config(
     min_p: float | None = None,
     repetition_penalty: float = 1.0,
 ) -> GenerationConfig:
-    """How completions are sampled for training (grpo, rloo, distill): plain sampling at `temperature` (top-k off,
-    as TRL's) unless the run asks for top_p, top_k, min_p or a repetition penalty, and none of the model's own
-    generation defaults (a top-k of 50, a repetition penalty, min-p): the loss scores the samples under the policy
-    itself, so they must come from it, filtered only as the user chose."""
+    """How completions are sampled for training (grpo, rloo, online_dpo, distill): plain sampling at `temperature`
+    (top-k off, as TRL's) unless the run asks for top_p, top_k, min_p or a repetition penalty, and none of the
+    model's own generation defaults (a top-k of 50, a repetition penalty, min-p): the loss scores the samples under
+    the policy itself, so they must come from it, filtered only as the user chose."""
     # (generate fills what is left unset, None, from the model's generation config: every sampling switch is set)
     return GenerationConfig(
         do_sample=True,
@@ -191,7 +191,7 @@ class SamplingTrainer(GuardedTrainer):
             if isinstance(reward.function, ModelReward):  # loaded now (not at the first step), where the policy runs
                 reward.function.load(self.args.device)
         self.beta = self.reference_weight(params)
-        # compute_loss scales for accumulation itself (per loss_type), as TRL does.
+        # compute_loss scales for accumulation itself (finished_loss; grpo's loss per loss_type), as TRL does.
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = True
         unwrapped = self.accelerator.unwrap_model(self.model)
