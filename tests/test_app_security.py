@@ -155,6 +155,7 @@ def test_parameters_that_name_files_must_lie_inside_the_allowed_folders(app, tin
         ("accelerate_config", str(outside / "evil.py")),
         ("reward_functions", "../outside/evil.py:reward"),
         ("reward_functions", str(outside)),  # a reward model's folder: loaded, so inside the allowed ones too
+        ("tools", f"{outside}/evil.py:reward"),  # a tools file is imported too
     ):
         status, body = app.post_json(jobs, {"params": {**base, "reward_functions": "format_tag", name: value}})
         assert status == 400 and "outside the folders" in body["errors"][name], (name, body)
@@ -168,6 +169,13 @@ def test_parameters_that_name_files_must_lie_inside_the_allowed_folders(app, tin
     mine = mine.resolve()
     assert job["params"]["reward_functions"] == f"format_tag,{mine}:reward"
     assert f"{mine}:reward" in (Path(job["folder"]) / "config.yaml").read_text()
+    from tunelab.app.params import checked_path_value
+    from tunelab.app.uploads import FieldError
+
+    tools = checked_path_value("tools", "mine.py:reward, mine.py:other", [mine.parent])
+    assert tools == f"{mine}:reward,{mine}:other"
+    with pytest.raises(FieldError, match="mine.py: expected file.py:function"):
+        checked_path_value("tools", "mine.py", [mine.parent])
     # a mistyped built-in is said to be one, not a missing file
     status, body = app.post_json(preview, {"params": {**base, "reward_functions": "format_tga"}})
     assert status == 400 and "format_tga: not a built-in (answer_tag" in body["errors"]["reward_functions"], body

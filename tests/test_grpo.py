@@ -813,7 +813,8 @@ def test_a_step_s_prompts_are_sampled_together_and_split_back(tiny_llama, tmp_pa
     model.generate = counting
     sampled = trainer.sample([rows[:2], rows[2:]])
     assert calls == {None: [4], 1: [1, 1, 1, 1], 3: [3, 1]}[per_call]
-    for batch, (prompt_ids, prompt_mask, completion_ids) in zip([rows[:2], rows[2:]], sampled, strict=True):
+    for batch, samples in zip([rows[:2], rows[2:]], sampled, strict=True):
+        prompt_ids, prompt_mask, completion_ids = samples.prompt_ids, samples.prompt_mask, samples.completion_ids
         assert prompt_ids.shape == (2 * 4, max(len(r.input_ids) for r in batch))
         for i, row in enumerate(batch):  # each prompt's 4 completions, its own prompt before them
             for ids, mask in zip(prompt_ids[4 * i : 4 * i + 4], prompt_mask[4 * i : 4 * i + 4], strict=True):
@@ -836,10 +837,10 @@ def test_generation_kwargs_reach_generate_and_bad_values_stop_before_training(ti
     )
     tokenizer = trainer.processing_class
     rows = [PromptRow(t, tokenizer(t)["input_ids"], {}, f"line {i}") for i, t in enumerate(["Hi", "Say yes"])]
-    (_, _, completions), _ = trainer.sample([rows[:1], rows[1:]])
+    completions = trainer.sample([rows[:1], rows[1:]])[0].completion_ids
     assert completions.numel() > 8 and not torch.isin(completions, torch.tensor(suppressed)).any()
     plain = _trainer(tiny_llama, tmp_path, max_completion_length=8)
-    (_, _, completions), _ = plain.sample([rows[:1], rows[1:]])
+    completions = plain.sample([rows[:1], rows[1:]])[0].completion_ids
     assert torch.isin(completions, torch.tensor(suppressed)).any()
     vocabulary = len(tokenizer)
     with pytest.raises(ConfigError, match=f"token id {vocabulary + 5} is past the model's {vocabulary} tokens"):
@@ -850,7 +851,7 @@ def test_generation_kwargs_reach_generate_and_bad_values_stop_before_training(ti
             _trainer(tiny_llama, tmp_path, generation_kwargs=settings)
     # a sequence bias reaches generate as transformers takes it (floats): a favoured token comes up far more often
     favoured = _trainer(tiny_llama, tmp_path, max_completion_length=8, generation_kwargs={"sequence_bias": [[[7], 9]]})
-    (_, _, completions), _ = favoured.sample([rows[:1], rows[1:]])
+    completions = favoured.sample([rows[:1], rows[1:]])[0].completion_ids
     assert (completions == 7).float().mean() > 0.5
 
 

@@ -253,7 +253,7 @@ def _function(name: str, params: Any, max_tokens: int) -> Callable[..., Any]:
             f"reward {name!r} is not a built-in ({', '.join(BUILTINS)}), a file.py:function, nor a reward model "
             "(a folder or a hub id)"
         )
-    return _user_function(name)
+    return user_function(name)
 
 
 class ModelReward:
@@ -358,11 +358,13 @@ def _read_json(path: Path) -> dict[str, Any]:
         return {}
 
 
-def _user_function(spec: str) -> Callable[..., Any]:
+def user_function(spec: str, kind: str = "reward") -> Callable[..., Any]:
+    """The function a file.py:function names (a reward, or a tool: `kind` names it in the errors), its file
+    imported as a module; RewardError in one line where it does not import or has no such function."""
     file, _, function = spec.rpartition(":")
     path = Path(file).expanduser()
     if not path.is_file():
-        raise RewardError(f"reward {spec}: {path} does not exist")
+        raise RewardError(f"{kind} {spec}: {path} does not exist")
     module_name = f"tunelab_rewards_{abs(hash(str(path.resolve())))}"
     loader = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(loader)
@@ -376,11 +378,11 @@ def _user_function(spec: str) -> Callable[..., Any]:
     except Exception as error:  # noqa: BLE001 - any error of the user's file, as one line
         del sys.modules[module_name]
         line = _user_line(error, path)
-        raise RewardError(f"reward {spec}: {path}{line} does not import: {type(error).__name__}: {error}") from None
+        raise RewardError(f"{kind} {spec}: {path}{line} does not import: {type(error).__name__}: {error}") from None
     found = getattr(module, function, None)
     if not callable(found):
         available = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
-        raise RewardError(f"reward {spec}: {path} has no function {function!r} (it has {', '.join(available)})")
+        raise RewardError(f"{kind} {spec}: {path} has no function {function!r} (it has {', '.join(available)})")
     return found
 
 

@@ -47,10 +47,10 @@ PROJECT_FIELDS += ("rejected_text_column", "chat_template", "target_column")
 # run folder is the app's own.
 FIXED_BY_PROJECT = (*PROJECT_FIELDS, "project_name", "task", "train_split")
 # Parameters that name a file or folder of this machine: like the project's data and model, each path must lie
-# inside the allowed folders (docs/app.md, Security model), and is passed on resolved. reward_functions'
+# inside the allowed folders (docs/app.md, Security model), and is passed on resolved. reward_functions' and tools'
 # file.py:function is imported - run - by the dry run (in the app's own process) and by the training, and a reward
 # model's folder loaded; model_ref and teacher_model are loaded; the JSON schema and the accelerate config are read.
-PATH_FIELDS = ("model_ref", "teacher_model", "reward_functions", "reward_json_schema", "accelerate_config")
+PATH_FIELDS = ("model_ref", "teacher_model", "reward_functions", "tools", "reward_json_schema", "accelerate_config")
 # A folder the run writes to and prunes: not from the app, whose runs keep the default data cache.
 REFUSED_FIELDS = ("cache_dir",)
 
@@ -235,6 +235,14 @@ def checked_path_value(name: str, value: Any, roots: list[Path]) -> str:
             else:  # a reward model's folder
                 checked.append(str(resolve_user_path(name, spec, roots)))
         return ",".join(checked)
+    if name == "tools":  # file.py:function, each file inside the allowed folders (it is imported: run)
+        tools = []
+        for spec in reward_names(value):
+            file, colon, function = spec.rpartition(":")
+            if not colon or not file:
+                raise FieldError(name, f"{spec}: expected file.py:function")
+            tools.append(f"{resolve_user_path(name, file, roots)}:{function}")
+        return ",".join(tools)
     return str(resolve_user_path(name, value.strip(), roots))
 
 

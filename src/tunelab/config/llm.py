@@ -504,6 +504,19 @@ class LLMParams(Params):
         '{"no_repeat_ngram_size": 3}). The others are refused: temperature and the rest have a setting here; '
         "the group and the end tokens are tunelab's; beams, assisted decoding and stop_strings are not offered.",
     )
+    tools: str | None = param(
+        None,
+        "grpo, rloo, online_dpo: Python functions the model may call while it writes a completion, comma-separated "
+        "file.py:function (TRL's tools). The prompts show their schemas (from each function's type hints and its "
+        "docstring's Args:); a call the model writes, in its chat template's form, is run and its result (or "
+        "error) goes back as a tool turn, and the model writes on. Tool turns are not trained on and count "
+        "towards max_completion_length (docs/grpo.md).",
+    )
+    max_tool_calling_iterations: int | None = param(
+        None,
+        "grpo, rloo, online_dpo with tools: the most rounds of tool calls in one completion (TRL's; default: as "
+        "many as max_completion_length leaves room for).",
+    )
     temperature: float = param(1.0, "grpo, rloo, online_dpo: sampling temperature of the completions.")
     top_p: float = param(1.0, "grpo, rloo, online_dpo: nucleus sampling of the completions.")
     top_k: int = param(

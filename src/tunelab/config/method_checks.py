@@ -109,6 +109,7 @@ def check_sampled(params: Params) -> None:
             f"{params.trainer} needs reward_functions (--reward-functions): built-ins such as "
             "answer_tag,format_tag, or my_rewards.py:my_function (docs/grpo.md)"
         )
+    check_tools(params)
     per_call = params.prompts_per_generation
     if per_call is not None and (isinstance(per_call, bool) or not isinstance(per_call, int) or per_call < 1):
         raise ConfigError(f"prompts_per_generation must be a whole number, 1 or more, got {per_call!r}")
@@ -176,6 +177,23 @@ def check_sampled(params: Params) -> None:
             f"delta caps the ratio where the clipped loss does not: it must be above 1 + epsilon_high ({upper:g}), "
             f"got {params.delta}"
         )
+
+
+def check_tools(params: Params) -> None:
+    """tools: file.py:function names (a YAML list too); max_tool_calling_iterations a whole number, with tools."""
+    if isinstance(params.tools, (list, tuple)):
+        params.tools = ",".join(str(name) for name in params.tools)
+    if params.tools is not None:
+        names = [name.strip() for name in params.tools.split(",") if name.strip()]
+        wrong = [name for name in names if not name.rpartition(":")[0] or not name.rpartition(":")[2]]
+        if wrong or not names:
+            raise ConfigError(f"tools: expected file.py:function, comma-separated, got {params.tools!r}")
+        params.tools = ",".join(names)
+    rounds = params.max_tool_calling_iterations
+    if rounds is not None and (isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1):
+        raise ConfigError(f"max_tool_calling_iterations must be a whole number, 1 or more, got {rounds!r}")
+    if rounds is not None and not params.tools:
+        raise ConfigError("max_tool_calling_iterations is read with tools only: leave it out, or give tools")
 
 
 def check_preference(params: Params) -> None:

@@ -94,6 +94,7 @@ def key_inputs(params: Any, tokenizer: Any) -> dict[str, Any] | None:
         "tokenizer": tokenizer_hash(tokenizer),
         "builtin_templates": {name: _sha(builtin_template(name)) for name in BUILTIN},
         "template_files": template_files(params),
+        "tool_files": tool_files(params),
         "options": {name: getattr(params, name) for name in DATA_FIELDS},
         # which rows a mixture's fractions draw, and which examples valid_size holds out
         "seed": params.seed if is_mixture(params.data_path) or params.valid_size is not None else None,
@@ -111,6 +112,17 @@ def template_files(params: Any) -> dict[str, str]:
         source = custom_chat_template(name)
         if source is not None and source != name:  # a file (an inline template is in the options already)
             hashes[name] = _sha(source)
+    return hashes
+
+
+def tool_files(params: Any) -> dict[str, str]:
+    """A hash of each file `tools` names: the prompts show the tools' schemas, read from their docstrings and type
+    hints there (an edited tool must not reuse prompts rendered with the old schema)."""
+    names = [name.rpartition(":")[0] for name in (getattr(params, "tools", None) or "").split(",") if name.strip()]
+    hashes = {}
+    for name in dict.fromkeys(names):
+        path = Path(name).expanduser()
+        hashes[name] = _sha(path.read_text(encoding="utf-8", errors="replace")) if path.is_file() else ""
     return hashes
 
 

@@ -6,6 +6,9 @@ prompt; text prompts too when a chat template is asked for (`--chat-template tok
 turn), else they are used as they are. Prompts longer than max_prompt_length lose their beginning (counted in the
 log). Every other column of the row (a reference answer, test cases) is kept as it is and handed to the reward
 functions, under its own name. Bad rows are reported as for the other methods: file, line and column.
+
+With `tools`, every prompt is a conversation (a text prompt becomes a user turn, and the rewards receive it so),
+rendered with the tools' schemas: a chat template that shows the model no tools is refused.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from tunelab.config.llm import LLMParams
 from tunelab.data.formats import RowProblem, cell_messages, cell_text, describe_problem, is_messages, settle_bad_rows
 from tunelab.data.sources import Split, read_splits
 from tunelab.data.templates import render_template, template_source
-from tunelab.errors import DataError
+from tunelab.errors import ConfigError, DataError
 from tunelab.rewards import is_answer_reward, reward_names
 
 
@@ -85,13 +88,16 @@ def load_prompt_data(params: LLMParams, tokenizer: Any) -> PromptData:
     conversational = is_messages(next((r[column] for r in splits["train"].rows if r.get(column)), None))
     requested = params.chat_template
     template = None
-    if conversational:
+    tools = _tool_schemas(params)
+    if conversational or tools:
         template = (
             requested if requested and requested != "none" else ("tokenizer" if tokenizer.chat_template else "chatml")
         )
     elif requested and requested != "none":
         template = requested
     source = template_source(template, tokenizer, params.chat_template_kwargs) if template else None
+    if tools:
+        _check_shows_tools(source, tokenizer, tools)
 
     out: dict[str, list[PromptRow]] = {}
     skipped: dict[str, int] = {}
@@ -101,7 +107,7 @@ def load_prompt_data(params: LLMParams, tokenizer: Any) -> PromptData:
         split_column = prompt_column(split, params)
         for index, row in enumerate(split.rows):
             try:
-                prompt, text = _prompt(row, split_column, source, tokenizer, conversational)
+                prompt, text = _prompt(row, split_column, source, tokenizer, conversational, tools)
             except RowProblem as problem:
                 problems.append(describe_problem(split, index, problem))
                 continue
@@ -131,10 +137,41 @@ def load_prompt_data(params: LLMParams, tokenizer: Any) -> PromptData:
     )
 
 
-def _prompt(row: dict, column: str, source: str | None, tokenizer: Any, conversational: bool) -> tuple[Any, str]:
+def _tool_schemas(params: LLMParams) -> list[dict[str, Any]] | None:
+    """The schemas of the run's tools (None: no tools); a tool file that does not import is found now."""
+    if not params.tools:
+        return None
+    from tunelab.methods.tool_calling import load_tools, tool_schemas
+
+    return tool_schemas(load_tools(params.tools))
+
+
+def _check_shows_tools(source: str, tokenizer: Any, tools: list[dict[str, Any]]) -> None:
+    """A template that renders a conversation the same with tools as without never shows the model its tools."""
+    probe = [{"role": "user", "content": "x"}]
+    try:
+        shown = render_template(source, probe, tokenizer, add_generation_prompt=True, tools=tools)
+    except TemplateError as err:
+        raise ConfigError(f"tools: the chat template cannot render the tools ({err})") from None
+    if shown == render_template(source, probe, tokenizer, add_generation_prompt=True):
+        raise ConfigError(
+            "tools: the chat template does not show the model its tools (it renders a chat the same with them as "
+            "without); use one that does: the model's own, or --chat-template chatml (Hermes tool calls)"
+        )
+
+
+def _prompt(
+    row: dict,
+    column: str,
+    source: str | None,
+    tokenizer: Any,
+    conversational: bool,
+    tools: list[dict[str, Any]] | None = None,
+) -> tuple[Any, str]:
     """(the prompt as the rewards see it, the text the model is given). A row whose prompt is of the other kind than
     the file's (`conversational`, judged by its first prompt) is a bad row: a message list with no template cannot
-    be rendered, and rewards are handed prompts and completions of one kind (text, or message lists) per run."""
+    be rendered, and rewards are handed prompts and completions of one kind (text, or message lists) per run. With
+    `tools` a text prompt is a user turn, for the rewards too (their completions are turns)."""
     if is_messages(row.get(column)):
         if not conversational:
             raise RowProblem(column, "a list of messages, where the other rows hold text")
@@ -151,7 +188,8 @@ def _prompt(row: dict, column: str, source: str | None, tokenizer: Any, conversa
         if source is None:
             return prompt, prompt
         messages = [{"role": "user", "content": prompt}]
+        prompt = messages if tools else prompt
     try:
-        return prompt, render_template(source, messages, tokenizer, add_generation_prompt=True)
+        return prompt, render_template(source, messages, tokenizer, add_generation_prompt=True, tools=tools)
     except TemplateError as err:
         raise RowProblem(column, f"the chat template cannot render it ({err})") from None

@@ -109,14 +109,21 @@ def _named_source(name: str, tokenizer: Any) -> str:
     return builtin_template(name)
 
 
-def render_template(source: str, messages: list[dict], tokenizer: Any, add_generation_prompt: bool = False) -> str:
+def render_template(
+    source: str,
+    messages: list[dict],
+    tokenizer: Any,
+    add_generation_prompt: bool = False,
+    tools: list[dict] | None = None,
+) -> str:
     """Render messages with a Jinja chat template exactly as transformers does at inference time (reasoning where
-    the template reads it, else in the content: `with_reasoning`)."""
+    the template reads it, else in the content: `with_reasoning`); `tools`: definitions the template shows."""
     return tokenizer.apply_chat_template(
         with_reasoning([messages], source)[0],
         chat_template=source,
         tokenize=False,
         add_generation_prompt=add_generation_prompt,
+        tools=tools,
     )
 
 

@@ -64,6 +64,8 @@ SAMPLING = (
     "repetition_penalty",
     "generation_kwargs",
     "completions_every",
+    "tools",
+    "max_tool_calling_iterations",
 )
 # ...and what the policy-gradient ones (grpo, rloo) read besides: the group, the KL weight and the clipping.
 SAMPLED = (
@@ -79,7 +81,8 @@ SAMPLED = (
 )
 # TR-DPO's moving reference: dpo's, grpo's and rloo's (TRL's sync_ref_model).
 SYNCED = ("sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps")
-PROMPT_DATA = ("max_prompt_length", "reward_functions", "reward_answer_column")
+# (tools: the prompts are rendered with their schemas)
+PROMPT_DATA = ("max_prompt_length", "reward_functions", "reward_answer_column", "tools")
 # dpo's loss, which online_dpo trains its sampled pairs with too (methods/dpo.DPOLoss).
 DPO_LOSS = ("dpo_loss_type", "dpo_loss_weights", "discopop_tau", "f_divergence_type", "f_alpha_divergence_coef")
 # A mixture of experts' load-balancing loss, added by every method that trains a causal LM's own loss (TRL's

@@ -31,6 +31,7 @@ import logging
 import math
 from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from tunelab.config.llm import LLMParams
 from tunelab.data.prompts import PromptRow
 from tunelab.errors import ConfigError, DataError
 from tunelab.methods.base import RowStats
+from tunelab.methods.tool_calling import ToolRunner, call_tools, load_tools, transcript
 from tunelab.models import load_reference
 from tunelab.models.turns import turn_end
 from tunelab.rewards import ModelReward, Reward, call_reward, load_rewards
@@ -59,6 +61,35 @@ from tunelab.training.trainer import GuardedTrainer, disable_dropout, eval_mode
 log = logging.getLogger("tunelab")
 
 COMPLETIONS_FILE = "completions.jsonl"
+
+
+@dataclass
+class Sampled:
+    """Completions as sampled, num_generations rows a prompt: the prompts left-padded, the completions right-padded.
+    With tools: `tool_mask` (0 on the tool turns), where each completion's last stretch of the model's writing
+    starts (`last_start`), and each completion's messages."""
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor
+    tool_mask: torch.Tensor | None = None
+    last_start: torch.Tensor | None = None
+    messages: list[list[dict[str, Any]]] | None = None
+
+    def rows(self, where: slice) -> Sampled:
+        tool_mask, last_start = self.tool_mask, self.last_start
+        return Sampled(
+            self.prompt_ids[where], self.prompt_mask[where], self.completion_ids[where],
+            None if tool_mask is None else tool_mask[where], None if last_start is None else last_start[where],
+            None if self.messages is None else self.messages[where],
+        )  # fmt: skip
+
+    def trimmed(self, first: int, length: int) -> Sampled:
+        """The prompts from column `first` on, the completions' first `length` columns."""
+        return Sampled(
+            self.prompt_ids[:, first:], self.prompt_mask[:, first:], self.completion_ids[:, :length],
+            None if self.tool_mask is None else self.tool_mask[:, :length], self.last_start, self.messages,
+        )  # fmt: skip
 
 
 def completion_length(params: LLMParams) -> int:
@@ -208,6 +239,9 @@ class SamplingTrainer(GuardedTrainer):
         # Where a completion ends: the tokenizer's EOS and the model's generation config's (as TRL ends them), and
         # the chat template's turn-end token (models/turns.py: a base model's EOS is often not what ends a turn).
         self.end_ids = turn_end(self.processing_class, unwrapped)[0]
+        self.tool_runner = None  # tools: the prompts were rendered with their schemas (data/prompts.py)
+        if params.tools:
+            self.tool_runner = ToolRunner(load_tools(params.tools), self.processing_class, self.end_ids)
         if params.generation_kwargs:
             self._check_generation_settings(unwrapped)
         self._metrics: dict[str, list[float]] = defaultdict(list)
@@ -313,61 +347,108 @@ class SamplingTrainer(GuardedTrainer):
         return self.completion_logps(self.model, batch)
 
     @torch.no_grad()
-    def sample(self, micro_batches: list[list[PromptRow]]) -> list[tuple[torch.Tensor, ...]]:
-        """Each micro-batch's (prompt_ids, prompt_mask, completion_ids): its prompts left-padded and their
-        num_generations completions each, the step's prompts sampled in as few generate calls as
-        prompts_per_generation allows (all at once by default, as TRL generates a step: a bigger batch decodes
-        faster). Each micro-batch's part is trimmed back to its own widest prompt and longest completion, so it
-        trains as if sampled alone."""
+    def sample(self, micro_batches: list[list[PromptRow]]) -> list[Sampled | None]:
+        """Each micro-batch's completions: its prompts left-padded and their num_generations completions each, the
+        step's prompts sampled in as few generate calls as prompts_per_generation allows (all at once by default,
+        as TRL generates a step: a bigger batch decodes faster). Each micro-batch's part is trimmed back to its own
+        widest prompt and longest completion, so it trains as if sampled alone."""
         rows = [row for batch in micro_batches for row in batch]
         if not rows:
-            return [() for _ in micro_batches]
+            return [None for _ in micro_batches]
         per_call = self.params.prompts_per_generation or len(rows)
         starts = range(0, len(rows), per_call)
+        if self.tool_runner is not None:
+            self.tool_runner.calls = self.tool_runner.failures = 0
         pieces = [self._generate(rows[start : start + per_call], call) for call, start in enumerate(starts)]
+        if self.tool_runner is not None:  # TRL's figures: calls per completion, failures per call
+            calls, failures = self.tool_runner.calls, self.tool_runner.failures
+            self.record("tools/call_frequency", calls / (len(rows) * self.group))
+            self.record("tools/failure_frequency", failures / calls if calls else 0.0)
         # each call padded its prompts (on the left) and completions (on the right) to its own widest: to the
         # widest of all before they are joined (a narrower call's completions all ended: padding after them)
         pad = self.processing_class.pad_token_id
-        wide, long = max(p[0].size(1) for p in pieces), max(p[2].size(1) for p in pieces)
-        prompt_ids = torch.cat([F.pad(ids, (wide - ids.size(1), 0), value=pad) for ids, _, _ in pieces])
-        prompt_mask = torch.cat([F.pad(mask, (wide - mask.size(1), 0), value=0) for _, mask, _ in pieces])
-        completion_ids = torch.cat([F.pad(c, (0, long - c.size(1)), value=pad) for _, _, c in pieces])
+        wide, long = max(p.prompt_ids.size(1) for p in pieces), max(p.completion_ids.size(1) for p in pieces)
+        joined = Sampled(
+            torch.cat([F.pad(p.prompt_ids, (wide - p.prompt_ids.size(1), 0), value=pad) for p in pieces]),
+            torch.cat([F.pad(p.prompt_mask, (wide - p.prompt_mask.size(1), 0), value=0) for p in pieces]),
+            torch.cat([F.pad(p.completion_ids, (0, long - p.completion_ids.size(1)), value=pad) for p in pieces]),
+        )
+        if self.tool_runner is not None:
+            joined.tool_mask = torch.cat(
+                [F.pad(p.tool_mask, (0, long - p.tool_mask.size(1)), value=1) for p in pieces]
+            )
+            joined.last_start = torch.cat([p.last_start for p in pieces])
+            joined.messages = [messages for p in pieces for messages in p.messages]
         out, start = [], 0
         for batch in micro_batches:
-            rows_here = slice(start * self.group, (start + len(batch)) * self.group)
+            here = joined.rows(slice(start * self.group, (start + len(batch)) * self.group))
             start += len(batch)
-            ids, mask, completions = prompt_ids[rows_here], prompt_mask[rows_here], completion_ids[rows_here]
-            first = int(mask.any(0).int().argmax())  # the widest prompt's first column
-            ends = self.completion_ends(completions)[0]
-            out.append((ids[:, first:], mask[:, first:], completions[:, : int(ends.max()) + 1]))
+            first = int(here.prompt_mask.any(0).int().argmax())  # the widest prompt's first column
+            ends = self.completion_ends(here.completion_ids, here.last_start)[0]
+            out.append(here.trimmed(first, int(ends.max()) + 1))
         return out
 
-    def _generate(self, rows: list[PromptRow], call: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One generate call: (prompt ids, prompt mask, completion ids), num_generations rows per prompt, prompt
-        after prompt; prompts left-padded to the widest, completions padded to the longest."""
-        model = self.accelerator.unwrap_model(self.model)
-        tokenizer = self.processing_class
-        device = self.args.device
-        pad = tokenizer.pad_token_id
+    def _generate(self, rows: list[PromptRow], call: int) -> Sampled:
+        """One generate call: num_generations completions per prompt, prompt after prompt; prompts left-padded to
+        the widest, completions padded to the longest. With tools, each completion carried on through its calls."""
         width = max(len(r.input_ids) for r in rows)
-        prompt_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        prompt_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):  # left padding: every prompt ends where generation starts
-            prompt_ids[i, width - len(row.input_ids) :] = torch.tensor(row.input_ids)
-            prompt_mask[i, width - len(row.input_ids) :] = 1
-        prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+        prompt_ids, prompt_mask = self._left_padded([r.input_ids for r in rows], width)
         # The same step samples the same completions, in a resumed run too (and each process its own).
         process = self.accelerator.process_index
         torch.manual_seed(self.params.seed + 1009 * self.state.global_step + 31 * call + 7919 * process)
+        out = self._sampled(prompt_ids, prompt_mask, self.group, self.max_length)
+        sampled = Sampled(
+            prompt_ids.repeat_interleave(self.group, 0), prompt_mask.repeat_interleave(self.group, 0), out
+        )
+        if self.tool_runner is None:
+            return sampled
+        prompts = [row.input_ids for row in rows for _ in range(self.group)]
+        written = [self._through_end(ids) for ids in out.tolist()]
+        completions, masks, last_starts, messages = call_tools(
+            self.tool_runner, prompts, written, self.max_length, self.params.max_tool_calling_iterations,
+            self._generate_more,
+        )  # fmt: skip
+        long = max(len(ids) for ids in completions)
+        pad = self.processing_class.pad_token_id
+        sampled.completion_ids = torch.tensor(
+            [ids + [pad] * (long - len(ids)) for ids in completions], device=out.device
+        )
+        sampled.tool_mask = torch.tensor([mask + [1] * (long - len(mask)) for mask in masks], device=out.device)
+        sampled.last_start, sampled.messages = torch.tensor(last_starts, device=out.device), messages
+        return sampled
+
+    def _left_padded(self, inputs: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token lists left-padded to `width` (every input ends where generation starts), with their mask."""
+        ids = torch.full((len(inputs), width), self.processing_class.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(inputs), width), dtype=torch.long)
+        for i, tokens in enumerate(inputs):
+            ids[i, width - len(tokens) :] = torch.tensor(tokens)
+            mask[i, width - len(tokens) :] = 1
+        return ids.to(self.args.device), mask.to(self.args.device)
+
+    def _sampled(self, ids: torch.Tensor, mask: torch.Tensor, returns: int, new_tokens: int) -> torch.Tensor:
+        """`returns` completions of each left-padded input, up to `new_tokens` tokens, sampled as the run asks."""
+        model = self.accelerator.unwrap_model(self.model)
         params = self.params
         filters = (params.top_p, params.top_k, params.min_p, params.repetition_penalty)
-        config = sampling_config(params.temperature, self.max_length, pad, *filters)
+        config = sampling_config(params.temperature, new_tokens, self.processing_class.pad_token_id, *filters)
         config.update(**(params.generation_kwargs or {}))  # (checked: none of the settings above, nor the ends)
-        config.num_return_sequences, config.eos_token_id = self.group, self.end_ids
+        config.num_return_sequences, config.eos_token_id = returns, self.end_ids
         with eval_mode(model):
-            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
-        repeated = prompt_ids.repeat_interleave(self.group, 0), prompt_mask.repeat_interleave(self.group, 0)
-        return *repeated, out[:, width:]
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        return out[:, ids.size(1) :]
+
+    def _generate_more(self, inputs: list[list[int]], budgets: list[int]) -> list[list[int]]:
+        """tools: one completion of each input (a prompt, what the model wrote and the tool turns), through its end
+        token, up to its budget of tokens."""
+        ids, mask = self._left_padded(inputs, max(len(tokens) for tokens in inputs))
+        out = self._sampled(ids, mask, 1, max(budgets))
+        return [self._through_end(row)[:budget] for row, budget in zip(out.tolist(), budgets, strict=True)]
+
+    def _through_end(self, ids: list[int]) -> list[int]:
+        """A sampled row's tokens through its first end token (all of them, without one: cut at the length)."""
+        ends = [i for i, token in enumerate(ids) if token in self.end_ids]
+        return ids[: ends[0] + 1] if ends else ids
 
     def _check_generation_settings(self, model: Any) -> None:
         """generation_kwargs' token ids against the model (config/method_checks checked their forms): each inside
@@ -392,32 +473,45 @@ class SamplingTrainer(GuardedTrainer):
                 f"{self.end_ids})"
             )
 
-    def completion_ends(self, completion_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def completion_ends(
+        self, completion_ids: torch.Tensor, last_start: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(the position of each completion's end token, or its last position if it has none; whether it has none:
-        cut at max_completion_length)."""
+        cut at max_completion_length). With tools, the end token of its last stretch of the model's writing
+        (`last_start` on: the turns before it end too)."""
         is_eos = torch.isin(completion_ids, torch.tensor(self.end_ids, device=completion_ids.device))
+        if last_start is not None:
+            positions = torch.arange(completion_ids.size(1), device=completion_ids.device)
+            is_eos &= positions.unsqueeze(0) >= last_start.unsqueeze(1)
         truncated = ~is_eos.any(1)
         return torch.where(truncated, completion_ids.size(1) - 1, is_eos.int().argmax(1)), truncated
 
     @torch.no_grad()
-    def _rollout(self, rows: list[PromptRow], samples: tuple[torch.Tensor, ...]) -> dict[str, Any]:
+    def _rollout(self, rows: list[PromptRow], samples: Sampled) -> dict[str, Any]:
         """One micro-batch's completions (from `sample`) scored, with their reference log-probs and advantages."""
         tokenizer = self.processing_class
         device = self.args.device
-        prompt_ids, prompt_mask, completion_ids = samples
+        prompt_ids, prompt_mask, completion_ids = samples.prompt_ids, samples.prompt_mask, samples.completion_ids
         # A completion ends at its first end token (kept: the model learns to stop); one without it was cut.
-        ends, truncated = self.completion_ends(completion_ids)
+        ends, truncated = self.completion_ends(completion_ids, samples.last_start)
         positions = torch.arange(completion_ids.size(1), device=device).expand_as(completion_ids)
-        completion_mask = (positions <= ends.unsqueeze(1)).long()
+        completion_mask = (positions <= ends.unsqueeze(1)).long()  # what the model reads
         # What the rewards see, as TRL gives it: the ids through the EOS, the text without special tokens.
         ids_lists = [ids[mask.bool()].tolist() for ids, mask in zip(completion_ids, completion_mask, strict=True)]
-        lengths = completion_mask.sum(1).float()
+        # what is trained on: the model's own tokens (not tool turns), and with mask_truncated_completions none of
+        # a completion that was cut
+        trained = completion_mask if samples.tool_mask is None else completion_mask * samples.tool_mask
+        lengths = trained.sum(1).float()
         if self.params.mask_truncated_completions:
-            completion_mask = completion_mask * (~truncated).unsqueeze(1).long()
-        texts = tokenizer.batch_decode(ids_lists, skip_special_tokens=True)
+            trained = trained * (~truncated).unsqueeze(1).long()
         repeated = [row for row in rows for _ in range(self.group)]
-        chat = isinstance(rows[0].prompt, list)
-        completions = [[{"role": "assistant", "content": t}] for t in texts] if chat else texts
+        if samples.messages is not None:  # with tools: its turns (the rewards' completions, as TRL's)
+            completions: list[Any] = samples.messages
+            texts = [transcript(messages) for messages in samples.messages]
+        else:
+            texts = tokenizer.batch_decode(ids_lists, skip_special_tokens=True)
+            chat = isinstance(rows[0].prompt, list)
+            completions = [[{"role": "assistant", "content": t}] for t in texts] if chat else texts
         names = dict.fromkeys(key for row in rows for key in row.columns)  # a column some rows lack is None there
         columns = {key: [row.columns.get(key) for row in repeated] for key in names}
         where = [row.where for row in repeated]
@@ -434,9 +528,11 @@ class SamplingTrainer(GuardedTrainer):
             "prompt_ids": prompt_ids,
             "prompt_mask": prompt_mask,
             "completion_ids": completion_ids,
-            "completion_mask": completion_mask,
+            "completion_mask": trained,
             "truncated": truncated,  # (cut at max_completion_length: online_dpo's missing_eos_penalty reads it)
         }
+        if samples.tool_mask is not None:  # the tool turns are read, not trained on
+            batch["completion_attention"] = completion_mask
         batch["input_ids"] = torch.cat([prompt_ids, completion_ids], 1)  # for Trainer's token counting
         if self.beta != 0.0:
             batch["ref_logps"] = self.reference_logps(batch)
@@ -455,7 +551,7 @@ class SamplingTrainer(GuardedTrainer):
         self.record("completions/clipped_ratio", truncated.float().mean())
         if self._samples is None and not self._prefix and self._writes_samples():
             # written once the step's advantages are final (finish_advantages), with them
-            self._samples = (repeated, texts, per_function, total)
+            self._samples = (repeated, texts, per_function, total, samples.messages)
         return batch
 
     def finish_advantages(self, batches: list[dict[str, Any]]) -> None:
@@ -501,7 +597,7 @@ class SamplingTrainer(GuardedTrainer):
         `policy`: the trained forward, whose mixture of experts' balancing loss (prompt and completion tokens, as
         TRL's) the loss adds."""
         ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
-        attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+        attention = torch.cat([batch["prompt_mask"], batch.get("completion_attention", batch["completion_mask"])], 1)
         width = batch["prompt_ids"].size(1)
         labels = torch.full_like(ids, -100)
         labels[:, width:] = torch.where(batch["completion_mask"].bool(), batch["completion_ids"], -100)
@@ -588,9 +684,9 @@ class SamplingTrainer(GuardedTrainer):
         served = range(step, end) if position == 0 else range(step, end, self.together)
         return any(served_step % every == 0 for served_step in served)
 
-    def _write_samples(self, rows, texts, per_function, total, advantages) -> None:
+    def _write_samples(self, rows, texts, per_function, total, messages, advantages) -> None:
         """A few prompts of this step (the first group's completions of up to 2 prompts), appended to the run's
-        completions.jsonl: what the model writes, and what each reward made of it."""
+        completions.jsonl: what the model writes (with tools, its turns too), and what each reward made of it."""
         path = Path(self.args.output_dir) / COMPLETIONS_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8") as out:
@@ -604,6 +700,8 @@ class SamplingTrainer(GuardedTrainer):
                     "advantage": _finite(float(advantages[i])),  # (online_dpo: an unscored reward, NaN)
                     "where": rows[i].where,
                 }
+                if messages is not None:
+                    record["messages"] = messages[i]
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):  # noqa: D102

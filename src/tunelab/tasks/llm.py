@@ -358,6 +358,13 @@ def plan(params: LLMParams) -> RunPlan:
         if params.generation_kwargs:
             settings = ", ".join(f"{key}={value!r}" for key, value in params.generation_kwargs.items())
             train.notes.append(f"sampling also with generation_kwargs: {settings}")
+        if params.tools:
+            rounds = params.max_tool_calling_iterations
+            train.notes.append(
+                f"tools: {params.tools}: the model may call them while it writes (at most "
+                f"{rounds if rounds else 'as many'} round(s) a completion); their turns count towards the {length} "
+                "tokens, and are not trained on"
+            )
         from tunelab.rewards import is_reward_model, reward_names
 
         models = list(filter(is_reward_model, reward_names(params.reward_functions)))

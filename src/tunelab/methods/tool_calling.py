@@ -1,0 +1,204 @@
+"""`tools` (TRL's): Python functions the model may call while it writes a completion (grpo, rloo, online_dpo).
+
+The prompts are rendered with the tools' schemas (transformers builds them from each function's type hints and
+docstring; data/prompts.py). Sampling (methods/sampling.py) hands each completion here once it ends: the calls it
+wrote, in the form its chat template writes them (inference/tool_calls.py: Hermes' `<tool_call>`, Mistral's,
+Llama 3's JSON), are run, and their results rendered as the template renders tool turns, with the generation prompt
+after them; the model then writes on from there, and again while it calls tools, at most
+max_tool_calling_iterations rounds. A tool's result goes back as its text (a dict or a list as JSON), an error as
+{"error": "..."}: the model learns from it, and the run goes on.
+
+The tool turns' tokens are part of what the model reads, but not trained on (their loss mask is 0), and count
+towards max_completion_length: a round whose results would leave no room for a token of answer is not run (the
+completion ends with its calls). The rewards receive such a completion as its messages, as TRL gives them: the
+assistant turns (a call's arguments an object) and the tool turns between them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from tunelab.errors import ConfigError
+from tunelab.rewards import user_function
+
+GenerateMore = Callable[[list[list[int]], list[int]], list[list[int]]]
+
+
+def load_tools(spec: str) -> list[Callable[..., Any]]:
+    """The functions `tools` names (file.py:function, comma-separated), each name once."""
+    tools = [user_function(name.strip(), "tool") for name in spec.split(",") if name.strip()]
+    names = [tool.__name__ for tool in tools]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ConfigError(f"tools: two functions are named {twice[0]!r}: the model calls a tool by its name")
+    return tools
+
+
+def tool_schemas(tools: list[Callable[..., Any]]) -> list[dict[str, Any]]:
+    """Each tool's JSON schema, as transformers hands it to a chat template; ConfigError in one line for a function
+    whose schema cannot be built (an argument without a type hint or a line in the docstring's Args:)."""
+    from transformers.utils import get_json_schema
+
+    schemas = []
+    for tool in tools:
+        try:
+            schemas.append(get_json_schema(tool))
+        except Exception as error:  # noqa: BLE001 - transformers' parsing errors, as one line
+            raise ConfigError(
+                f"tools: {tool.__name__}: {error} (a tool's schema comes from its type hints and its docstring: a "
+                "summary line, then Args: with a line for each argument)"
+            ) from None
+    return schemas
+
+
+def tool_result(result: Any) -> str:
+    """A tool's result as the text of its turn: a string as it is, a dict or a list as JSON, anything else as str."""
+    if isinstance(result, str):
+        return result
+    if isinstance(result, (dict, list)):
+        return json.dumps(result, ensure_ascii=False, default=str)
+    return str(result)
+
+
+class ToolRunner:
+    """Reads the calls in what the model wrote, runs them, and gives the tokens of their results' turns."""
+
+    def __init__(self, tools: list[Callable[..., Any]], tokenizer: Any, end_ids: list[int]) -> None:
+        from tunelab.inference.streaming import keeping
+        from tunelab.inference.tool_calls import form_for
+
+        self.tools = {tool.__name__: tool for tool in tools}
+        self.tokenizer, self.end_ids = tokenizer, list(end_ids)
+        self.form = form_for(tokenizer)
+        self.decoder = keeping(tokenizer, self.form.markers)
+        self.calls = self.failures = 0
+        # a trial: a template that cannot render a tool turn after a call is found now, not at the first call
+        self.suffix_ids([{"role": "tool", "name": next(iter(self.tools)), "content": "0"}])
+
+    def read(self, ids: list[int]) -> dict[str, Any]:
+        """The assistant message a stretch of the model's writing holds (its end token left out): its text and, if
+        it wrote calls in its template's form, `tool_calls` (TRL's form: arguments an object)."""
+        ids = ids[:-1] if ids and ids[-1] in self.end_ids else ids
+        content, calls = self.form.read(self.decoder.decode(ids, skip_special_tokens=True))
+        message: dict[str, Any] = {"role": "assistant", "content": (content or "").strip()}
+        if calls:
+            message["tool_calls"] = [
+                {
+                    "id": c["id"],
+                    "type": "function",
+                    "function": {"name": c["function"]["name"], "arguments": _object(c)},
+                }
+                for c in calls
+            ]  # (an id, as Mistral's templates want one, of their form: inference/tool_calls.py)
+        return message
+
+    def run(self, message: dict[str, Any]) -> list[dict[str, Any]]:
+        """The tool turns answering a message's calls: each tool run with the arguments the model wrote; a failure
+        (no such tool, wrong arguments, an exception) is the turn's {"error": ...}."""
+        turns = []
+        for call in message["tool_calls"]:
+            self.calls += 1
+            name, arguments = call["function"]["name"], call["function"]["arguments"]
+            try:
+                if name not in self.tools:
+                    raise ValueError(f"no tool named {name!r} (tools: {', '.join(self.tools)})")
+                result = self.tools[name](**arguments)
+            except Exception as error:  # noqa: BLE001 - the model's call failed: it is told, and goes on
+                self.failures += 1
+                result = {"error": f"{type(error).__name__}: {error}"}
+            turn = {"role": "tool", "name": name, "content": tool_result(result)}
+            turns.append(turn | ({"tool_call_id": call["id"]} if "id" in call else {}))
+        return turns
+
+    def suffix_ids(self, turns: list[dict[str, Any]]) -> list[int]:
+        """The tokens after an assistant turn's end token that hold tool turns and the generation prompt, as the
+        chat template renders them (measured on a stand-in conversation: a call of the first turn's tool)."""
+        call = {"id": turns[0].get("tool_call_id", "a1b2c3d4e"), "type": "function"}
+        call["function"] = {"name": turns[0]["name"], "arguments": {}}
+        head = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+        try:
+            before = self._ids(self.tokenizer.apply_chat_template(head, tokenize=False))
+            after = self._ids(
+                self.tokenizer.apply_chat_template([*head, *turns], tokenize=False, add_generation_prompt=True)
+            )
+        except Exception as error:  # noqa: BLE001 - the template's own error, as one line
+            raise ConfigError(f"tools: the chat template cannot render a tool turn after a call ({error})") from None
+        ends = [i for i, token in enumerate(before) if token in self.end_ids]
+        before = before[: ends[-1] + 1] if ends else before  # (the template's text after the turn's end is ours)
+        if after[: len(before)] != before:
+            raise ConfigError("tools: the chat template renders a conversation differently once a tool turn follows")
+        return after[len(before) :]
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _object(call: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(call["function"]["arguments"])  # (ToolCallForm.read wrote it from an object)
+
+
+def call_tools(
+    runner: ToolRunner,
+    prompts: list[list[int]],
+    written: list[list[int]],
+    budget: int,
+    rounds: int | None,
+    generate_more: GenerateMore,
+) -> tuple[list[list[int]], list[list[int]], list[int], list[list[dict[str, Any]]]]:
+    """Each completion carried on through its tool calls: (its ids, its mask (0 on tool turns), where its last
+    stretch of the model's writing starts, its messages). `written`: what the model wrote after each prompt, through
+    its end token (or cut at `budget`); `generate_more(inputs, budgets)` samples on from each input, up to its
+    budget of tokens, through the end token."""
+    completions = [list(ids) for ids in written]
+    masks = [[1] * len(ids) for ids in written]
+    starts = [0] * len(written)
+    messages = [[runner.read(ids)] for ids in written]
+    calling = [i for i, ids in enumerate(written) if _ended(runner, ids) and "tool_calls" in messages[i][-1]]
+    done = 0
+    while calling and (rounds is None or done < rounds):
+        going = []
+        for i in calling:
+            turns = runner.run(messages[i][-1])
+            suffix = runner.suffix_ids(turns)
+            if len(completions[i]) + len(suffix) >= budget:  # no room left to answer: it ends with its calls
+                continue
+            messages[i] += turns
+            completions[i] += suffix
+            masks[i] += [0] * len(suffix)
+            starts[i] = len(completions[i])
+            going.append(i)
+        if not going:
+            break
+        more = generate_more(
+            [prompts[i] + completions[i] for i in going], [budget - len(completions[i]) for i in going]
+        )
+        calling = []
+        for i, ids in zip(going, more, strict=True):
+            completions[i] += ids
+            masks[i] += [1] * len(ids)
+            messages[i].append(runner.read(ids))
+            if _ended(runner, ids) and "tool_calls" in messages[i][-1]:
+                calling.append(i)
+        done += 1
+    return completions, masks, starts, messages
+
+
+def _ended(runner: ToolRunner, ids: list[int]) -> bool:
+    return bool(ids) and ids[-1] in runner.end_ids
+
+
+def transcript(messages: list[dict[str, Any]]) -> str:
+    """A completion's turns as text to read (completions.jsonl): the model's writing, its calls, the tools' results."""
+    lines = []
+    for message in messages:
+        if message["role"] == "tool":
+            lines.append(f"[{message['name']} returned] {message['content']}")
+            continue
+        if message["content"]:
+            lines.append(message["content"])
+        for call in message.get("tool_calls", []):
+            function = call["function"]
+            lines.append(f"[calls {function['name']}({json.dumps(function['arguments'], ensure_ascii=False)})]")
+    return "\n".join(lines)

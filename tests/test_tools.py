@@ -1,0 +1,284 @@
+"""`tools`: the model calls Python functions while it writes a completion (grpo, rloo, online_dpo), as TRL's
+GRPOTrainer runs them: the calls read in the chat template's form, run, their results rendered as the template's
+tool turns, the model writing on; the tool turns read but not trained on; the rewards given the turns."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import read_metrics
+from tunelab.cli import main
+
+TOOLS = '''
+from pathlib import Path
+
+
+def add(a: int, b: int) -> int:
+    """Add two whole numbers.
+
+    Args:
+        a: the first number
+        b: the second number
+    """
+    with open(Path(__file__).with_suffix(".calls"), "a") as out:
+        out.write(f"{a} {b}\\n")
+    return a + b
+
+
+def undocumented(a: int) -> int:
+    return a
+
+
+def seen(completions, **kwargs):
+    """A reward that writes down the roles of each completion's turns it is given."""
+    with open(Path(__file__).with_suffix(".seen"), "a") as out:
+        for completion in completions:
+            out.write(json.dumps([message["role"] for message in completion]) + "\\n")
+    return [float(len(completion)) for completion in completions]
+
+
+import json
+'''
+CALL = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call><|im_end|>'
+ANSWER = "The sum is 3.<|im_end|>"
+RESULT_TURN = "\n<|im_start|>user\n<tool_response>\n3\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+
+
+def _tools(tmp_path: Path) -> Path:
+    path = tmp_path / "my_tools.py"
+    path.write_text(TOOLS)
+    return path
+
+
+def _chatml_tokenizer(tiny_llama):
+    from transformers import AutoTokenizer
+
+    from tunelab.data.templates import builtin_template
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.chat_template = builtin_template("chatml")  # (tunelab's ChatML writes Hermes tool calls)
+    tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _forcing(tokenizer, text: str) -> list[list]:
+    """sequence_bias that makes even a random model write `text` (each token favoured after the ones before it,
+    more than any earlier one): a real setting of generate, where a trained model would write the call itself."""
+    ids = _ids(tokenizer, text)
+    return [[ids[: k + 1], 40.0 + 10.0 * (k + 1)] for k in range(len(ids))]
+
+
+def _end_ids(tokenizer) -> list[int]:
+    return [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+
+
+def test_a_call_is_read_run_and_answered_as_the_template_writes_tool_turns(tiny_llama, tmp_path):
+    from tunelab.methods.tool_calling import ToolRunner, load_tools, tool_schemas, transcript
+
+    tokenizer = _chatml_tokenizer(tiny_llama)
+    tools = load_tools(f"{_tools(tmp_path)}:add")
+    schema = tool_schemas(tools)[0]["function"]
+    assert schema["name"] == "add" and schema["parameters"]["required"] == ["a", "b"]
+    runner = ToolRunner(tools, tokenizer, _end_ids(tokenizer))
+    message = runner.read(_ids(tokenizer, CALL))
+    call_id = message["tool_calls"][0].pop("id")
+    assert message == {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 1, "b": 2}}}],
+    }
+    message["tool_calls"][0]["id"] = call_id
+    turns = runner.run(message)
+    assert turns == [{"role": "tool", "name": "add", "content": "3", "tool_call_id": call_id}]
+    assert (tmp_path / "my_tools.calls").read_text() == "1 2\n"
+    # the tokens after the call's end token: the template's tool turn, then the generation prompt
+    assert tokenizer.decode(runner.suffix_ids(turns)) == RESULT_TURN
+    # a call of no tool, or with wrong arguments: the model is told the error, the run goes on
+    wrong = {
+        "tool_calls": [
+            {"function": {"name": "mul", "arguments": {}}},
+            {"function": {"name": "add", "arguments": {"a": 1}}},
+        ]
+    }
+    errors = [json.loads(turn["content"])["error"] for turn in runner.run(wrong)]
+    assert errors[0].startswith("ValueError: no tool named 'mul'") and errors[1].startswith("TypeError: add()")
+    assert (runner.calls, runner.failures) == (3, 2)
+    assert runner.read(_ids(tokenizer, ANSWER)) == {"role": "assistant", "content": "The sum is 3."}
+    assert transcript([message, *turns]) == '[calls add({"a": 1, "b": 2})]\n[add returned] 3'
+
+
+def test_completions_carry_on_through_their_calls_within_the_budget_and_the_rounds(tiny_llama, tmp_path):
+    """call_tools with a stand-in sampler (what the model writes next, scripted): the tool turns are masked, the
+    last stretch's start is kept, max_tool_calling_iterations stops the rounds, and a round whose results leave no
+    room to answer is not run."""
+    from tunelab.methods.tool_calling import ToolRunner, call_tools, load_tools
+
+    tokenizer = _chatml_tokenizer(tiny_llama)
+    runner = ToolRunner(load_tools(f"{_tools(tmp_path)}:add"), tokenizer, _end_ids(tokenizer))
+    call, answer, suffix = _ids(tokenizer, CALL), _ids(tokenizer, ANSWER), _ids(tokenizer, RESULT_TURN)
+    prompt = _ids(tokenizer, "<|im_start|>user\nadd<|im_end|>\n<|im_start|>assistant\n")
+    asked: list[tuple[list[int], int]] = []
+
+    def writes(script):
+        def generate_more(inputs, budgets):
+            asked.extend(zip(inputs, budgets, strict=True))
+            return [script.pop(0) for _ in inputs]
+
+        return generate_more
+
+    # one completion calls, then answers; the other answers at once
+    done = call_tools(runner, [prompt, prompt], [call, answer], 200, None, writes([answer]))
+    completions, masks, starts, messages = done
+    assert completions[0] == call + suffix + answer and masks[0] == [1] * len(call) + [0] * len(suffix) + [1] * len(
+        answer
+    )
+    assert starts == [len(call) + len(suffix), 0] and completions[1] == answer and masks[1] == [1] * len(answer)
+    assert [m["role"] for m in messages[0]] == ["assistant", "tool", "assistant"] and messages[0][2][
+        "content"
+    ] == "The sum is 3."
+    assert asked == [(prompt + call + suffix, 200 - len(call) - len(suffix))]
+    # it calls again and again: one round only
+    asked.clear()
+    completions, _, starts, messages = call_tools(runner, [prompt], [call], 200, 1, writes([call]))
+    assert completions[0] == call + suffix + call and starts == [len(call) + len(suffix)] and len(asked) == 1
+    # no room for the result's turn and a token of answer: the completion ends with its call
+    completions, masks, starts, messages = call_tools(
+        runner, [prompt], [call], len(call) + len(suffix), None, writes([])
+    )
+    assert completions == [call] and starts == [0] and [m["role"] for m in messages[0]] == ["assistant"]
+    # a call cut at the length (no end token) is not run
+    calls = runner.calls
+    call_tools(runner, [prompt], [call[:-1]], 200, None, writes([]))
+    assert runner.calls == calls
+
+
+def test_sampled_calls_are_read_but_not_trained_on(tiny_llama, tmp_path):
+    """A grpo trainer with tools, its completions forced to call `add`: the completion holds the call, the tool turn
+    and the next answer; the loss mask is 0 on the tool turn alone, which the model still reads (attention); the
+    completion ends where its last stretch does; the rewards get the turns; the tools' figures are logged."""
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.config.llm import LLMParams
+    from tunelab.data.prompts import PromptRow
+    from tunelab.data.templates import render_template
+    from tunelab.methods.grpo import GRPOTrainer
+    from tunelab.methods.tool_calling import load_tools, tool_schemas
+    from tunelab.training.trainer import training_arguments
+
+    tools = _tools(tmp_path)
+    tokenizer = _chatml_tokenizer(tiny_llama)
+    params = LLMParams(
+        model=str(tiny_llama), project_name=str(tmp_path / "run"), trainer="grpo", num_generations=2, batch_size=1,
+        gradient_accumulation=1, peft=False, reward_functions=f"{tools}:seen", tools=f"{tools}:add",
+        max_tool_calling_iterations=1, max_completion_length=200, beta=0.04,
+        generation_kwargs={"sequence_bias": _forcing(tokenizer, CALL)},
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    args = training_arguments(params, str(tmp_path / "run"), 1, False)
+    trainer = GRPOTrainer(params=params, model=model, args=args, processing_class=tokenizer, train_dataset=[1])
+    trainer.current_gradient_accumulation_steps = 1
+    messages = [{"role": "user", "content": "What is 1 + 2?"}]
+    shown = tool_schemas(load_tools(params.tools))
+    prompt = _ids(tokenizer, render_template(tokenizer.chat_template, messages, tokenizer, True, tools=shown))
+    row = PromptRow(messages, prompt, {}, "prompts.jsonl line 1")
+    batch = trainer._rollout([row], trainer.sample([[row]])[0])
+
+    call, suffix = _ids(tokenizer, CALL), _ids(tokenizer, RESULT_TURN)
+    turn = slice(len(call), len(call) + len(suffix))
+    masks = zip(batch["completion_ids"], batch["completion_mask"], batch["completion_attention"], strict=True)
+    for ids, trained, read in masks:
+        assert ids[: len(call) * 2 + len(suffix)].tolist() == call + suffix + call  # (forced again: one round)
+        assert trained[turn].sum() == 0 and read[turn].all()
+        assert trained[: len(call)].all() and trained[turn.stop : turn.stop + len(call)].all()
+        assert read.sum() == len(call) * 2 + len(suffix)  # it ends at the second call's end token
+    assert not batch["truncated"].any()
+    seen = [json.loads(line) for line in (tmp_path / "my_tools.seen").read_text().splitlines()]
+    assert seen == [["assistant", "tool", "assistant"]] * 2
+    assert (tmp_path / "my_tools.calls").read_text() == "1 2\n1 2\n"
+    assert trainer._metrics["tools/call_frequency"] == [1.0] and trainer._metrics["tools/failure_frequency"] == [0.0]
+    # the loss trains on the model's own tokens: their gradient reaches the weights, the tool turn has no label
+    batch["advantages"] = torch.tensor([1.0, -1.0])
+    trainer.compute_loss(model, batch).backward()
+    assert model.lm_head.weight.grad.abs().sum() > 0
+    logps = trainer.completion_logps(model, batch)
+    assert (logps[:, turn] == 0).all() and (logps[:, : len(call)] != 0).all()
+
+
+def test_a_tiny_run_with_tools_trains_and_writes_the_turns(tiny_llama, tmp_path, capsys):
+    tools = _tools(tmp_path)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    bias = json.dumps({"sequence_bias": _forcing(tokenizer, CALL)})
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {i} + 2?"}) + "\n" for i in range(4)))
+    args = [
+        "llm", "--train", "--trainer", "grpo", "--model", str(tiny_llama), "--data-path", str(data),
+        "--project-name", str(tmp_path / "run"), "--reward-functions", f"{tools}:seen", "--tools", f"{tools}:add",
+        "--max-tool-calling-iterations", "1", "--chat-template", "chatml", "--generation-kwargs", bias,
+        "--num-generations", "2", "--batch-size", "2", "--gradient-accumulation", "1",
+        "--max-completion-length", "160",
+        "--max-steps", "2", "--lr", "1e-3", "--peft", "--logging-steps", "1", "--completions-every", "1",
+    ]  # fmt: skip
+    dry = [*args, "--dry-run"]
+    dry.remove("--train")
+    assert main(dry) == 0
+    assert (
+        f"tools: {tools}:add: the model may call them while it writes (at most 1 round(s)" in capsys.readouterr().out
+    )
+    assert main(args) == 0
+    run = tmp_path / "run"
+    records = [r for r in read_metrics(run) if "loss" in r]
+    assert len(records) == 2 and all(r["tools/call_frequency"] == 1.0 for r in records)
+    sample = json.loads((run / "completions.jsonl").read_text().splitlines()[0])
+    asked = [{"role": "user", "content": f"What is {i} + 2?"} for i in range(4)]
+    assert len(sample["prompt"]) == 1 and sample["prompt"][0] in asked  # a text prompt is a user turn
+    assert [m["role"] for m in sample["messages"]] == ["assistant", "tool", "assistant"]
+    assert {key: sample["messages"][1][key] for key in ("role", "name", "content")} == {
+        "role": "tool",
+        "name": "add",
+        "content": "3",
+    }
+    assert "[add returned] 3" in sample["completion"]
+    assert len((tmp_path / "my_tools.calls").read_text().splitlines()) == 2 * 2 * 2  # steps x prompts x completions
+
+
+@pytest.mark.parametrize(
+    ("extra", "said"),
+    [
+        (["--tools", "{tools}:undocumented"], "tools: undocumented: "),
+        (["--tools", "{tools}:nothing"], "has no function 'nothing'"),
+        (["--tools", "{tools}"], "tools: expected file.py:function"),
+        (["--tools", "{tools}:add", "--chat-template", "tokenizer"], "does not show the model its tools"),
+        (["--max-tool-calling-iterations", "2"], "max_tool_calling_iterations is read with tools only"),
+        (
+            ["--tools", "{tools}:add", "--trainer", "dpo"],
+            "tools is read by trainers grpo, rloo and online_dpo, not dpo",
+        ),
+    ],
+    ids=["no-schema", "no-function", "no-function-named", "template-without-tools", "rounds-alone", "not-dpo"],
+)
+def test_tools_that_cannot_work_are_refused_before_training(tiny_llama, tmp_path, capsys, extra, said):
+    tools = _tools(tmp_path)
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"prompt": "What is 1 + 2?"}) + "\n")
+    args = [
+        "llm", "--dry-run", "--trainer", "grpo", "--model", str(tiny_llama), "--data-path", str(data),
+        "--project-name", str(tmp_path / "run"), "--reward-functions", "format_tag", "--num-generations", "2",
+        *[value.format(tools=tools) for value in extra],
+    ]  # fmt: skip
+    if "dpo" in extra:  # (reward_functions would be refused first)
+        at = args.index("--reward-functions")
+        del args[at : at + 2]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("tunelab: error:")]
+    assert len(errors) == 1 and said in errors[0] and "Traceback" not in err, err
