@@ -268,6 +268,56 @@ def test_two_grpo_processes_log_the_figures_of_both(tiny_llama, tmp_path):
         assert record["entropy"] > 0 and "clip_ratio/region_mean" in record
 
 
+RANK_TOOL = """
+import os
+from pathlib import Path
+
+
+def add(a: int, b: int) -> str:
+    \"\"\"Add two whole numbers.
+
+    Args:
+        a: the first number
+        b: the second number
+    \"\"\"
+    rank = os.environ.get("RANK", "0")
+    with open(Path(__file__).with_suffix(f".rounds{rank}"), "a") as out:
+        out.write("1\\n")
+    return str(a + b) + " x" * 50 * int(rank)  # process 1's result turn is longer: it runs out of room a round early
+
+
+def turns(completions, **kwargs):
+    return [float(len(c)) for c in completions]
+"""
+
+
+def test_two_processes_with_tools_call_them_in_step(tiny_llama, tmp_path):
+    """tools on two processes, each completion forced to call `add` again and again: process 1's longer results
+    leave it no room for a second round where process 0 has one. The processes still sample in step (a sharded
+    model's generate needs both: the idle one samples beside the other) and the run trains."""
+    from transformers import AutoTokenizer
+
+    from tests.test_tools import CALL, _forcing
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {a} + 2?"}) + "\n" for a in range(4)))
+    (tmp_path / "mine.py").write_text(RANK_TOOL)
+    bias = json.dumps({"sequence_bias": _forcing(AutoTokenizer.from_pretrained(tiny_llama), CALL)})
+    done = _tunelab(
+        "llm", "--train", "--trainer", "grpo", "--model", str(tiny_llama), "--data-path", str(data),
+        "--project-name", str(tmp_path / "run"), "--reward-functions", f"{tmp_path / 'mine.py'}:turns",
+        "--tools", f"{tmp_path / 'mine.py'}:add", "--chat-template", "chatml", "--generation-kwargs", bias,
+        "--num-generations", "2", "--batch-size", "1", "--gradient-accumulation", "1",
+        "--max-completion-length", "160", "--max-steps", "1", "--peft", "--logging-steps", "1",
+        "--num-processes", "2",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    calls = [len((tmp_path / f"mine.rounds{rank}").read_text().splitlines()) for rank in (0, 1)]
+    assert calls == [2 * 2, 2 * 1]  # 2 completions each: two rounds on process 0, one on process 1
+    records = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert len(records) == 1 and records[0]["tools/call_frequency"] == pytest.approx(1.5)
+
+
 def test_shipped_multi_node_config_launches_two_machines_of_eight():
     import tunelab
 

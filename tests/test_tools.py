@@ -154,6 +154,14 @@ def test_completions_carry_on_through_their_calls_within_the_budget_and_the_roun
         runner, [prompt], [call], len(call) + len(suffix), None, writes([])
     )
     assert completions == [call] and starts == [0] and [m["role"] for m in messages[0]] == ["assistant"]
+    # another process still calls tools: this one, with none left, samples a token beside it (a sharded model's
+    # generate needs every process), and keeps nothing of it
+    asked.clear()
+    others = [True, True, False]
+    completions, masks, _, _ = call_tools(
+        runner, [prompt], [answer], 200, None, writes([[7], [7]]), lambda calling: calling or others.pop(0)
+    )
+    assert asked == [(prompt, 1), (prompt, 1)] and completions == [answer] and masks == [[1] * len(answer)]
     # a call cut at the length (no end token) is not run
     calls = runner.calls
     call_tools(runner, [prompt], [call[:-1]], 200, None, writes([]))

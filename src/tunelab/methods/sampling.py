@@ -406,7 +406,7 @@ class SamplingTrainer(GuardedTrainer):
         written = [self._through_end(ids) for ids in out.tolist()]
         completions, masks, last_starts, messages = call_tools(
             self.tool_runner, prompts, written, self.max_length, self.params.max_tool_calling_iterations,
-            self._generate_more,
+            self._generate_more, self._anyone_calling,
         )  # fmt: skip
         long = max(len(ids) for ids in completions)
         pad = self.processing_class.pad_token_id
@@ -444,6 +444,13 @@ class SamplingTrainer(GuardedTrainer):
         ids, mask = self._left_padded(inputs, max(len(tokens) for tokens in inputs))
         out = self._sampled(ids, mask, 1, max(budgets))
         return [self._through_end(row)[:budget] for row, budget in zip(out.tolist(), budgets, strict=True)]
+
+    def _anyone_calling(self, calling: bool) -> bool:
+        """tools: whether any process still has calls to answer this round (each generate call of a sharded model
+        needs every process)."""
+        if self.accelerator.num_processes == 1:
+            return calling
+        return bool(self.accelerator.gather(torch.tensor([int(calling)], device=self.args.device)).any())
 
     def _through_end(self, ids: list[int]) -> list[int]:
         """A sampled row's tokens through its first end token (all of them, without one: cut at the length)."""

@@ -146,20 +146,23 @@ def call_tools(
     budget: int,
     rounds: int | None,
     generate_more: GenerateMore,
+    anyone_calling: Callable[[bool], bool] = bool,
 ) -> tuple[list[list[int]], list[list[int]], list[int], list[list[dict[str, Any]]]]:
     """Each completion carried on through its tool calls: (its ids, its mask (0 on tool turns), where its last
     stretch of the model's writing starts, its messages). `written`: what the model wrote after each prompt, through
     its end token (or cut at `budget`); `generate_more(inputs, budgets)` samples on from each input, up to its
-    budget of tokens, through the end token."""
+    budget of tokens, through the end token. `anyone_calling(calling)`: whether any process still calls tools this
+    round (several processes: each generate call of a sharded model (FSDP, ZeRO-3) needs every process, so one
+    with no calls left samples a token beside the others until all are done)."""
     completions = [list(ids) for ids in written]
     masks = [[1] * len(ids) for ids in written]
     starts = [0] * len(written)
     messages = [[runner.read(ids)] for ids in written]
     calling = [i for i, ids in enumerate(written) if _ended(runner, ids) and "tool_calls" in messages[i][-1]]
     done = 0
-    while calling and (rounds is None or done < rounds):
+    while True:
         going = []
-        for i in calling:
+        for i in calling if rounds is None or done < rounds else []:
             turns = runner.run(messages[i][-1])
             suffix = runner.suffix_ids(turns)
             if len(completions[i]) + len(suffix) >= budget:  # no room left to answer: it ends with its calls
@@ -169,13 +172,12 @@ def call_tools(
             masks[i] += [0] * len(suffix)
             starts[i] = len(completions[i])
             going.append(i)
-        if not going:
+        if not anyone_calling(bool(going)):
             break
-        more = generate_more(
-            [prompts[i] + completions[i] for i in going], [budget - len(completions[i]) for i in going]
-        )
+        inputs = [prompts[i] + completions[i] for i in going] or [prompts[0]]  # (idle: one token, kept nowhere)
+        more = generate_more(inputs, [budget - len(completions[i]) for i in going] or [1])
         calling = []
-        for i, ids in zip(going, more, strict=True):
+        for i, ids in zip(going, more if going else [], strict=True):
             completions[i] += ids
             masks[i] += [1] * len(ids)
             messages[i].append(runner.read(ids))
