@@ -309,7 +309,7 @@ def test_two_processes_with_tools_call_them_in_step(tiny_llama, tmp_path):
         "--tools", f"{tmp_path / 'mine.py'}:add", "--chat-template", "chatml", "--generation-kwargs", bias,
         "--num-generations", "2", "--batch-size", "1", "--gradient-accumulation", "1",
         "--max-completion-length", "160", "--max-steps", "1", "--peft", "--logging-steps", "1",
-        "--num-processes", "2",
+        "--num-processes", "2", "--max-prompt-length", "640",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     calls = [len((tmp_path / f"mine.rounds{rank}").read_text().splitlines()) for rank in (0, 1)]

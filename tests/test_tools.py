@@ -81,7 +81,7 @@ def _end_ids(tokenizer) -> list[int]:
 
 
 def test_a_call_is_read_run_and_answered_as_the_template_writes_tool_turns(tiny_llama, tmp_path):
-    from tunelab.methods.tool_calling import ToolRunner, load_tools, tool_schemas, transcript
+    from tunelab.tools import ToolRunner, load_tools, tool_schemas, transcript
 
     tokenizer = _chatml_tokenizer(tiny_llama)
     tools = load_tools(f"{_tools(tmp_path)}:add")
@@ -119,7 +119,7 @@ def test_completions_carry_on_through_their_calls_within_the_budget_and_the_roun
     """call_tools with a stand-in sampler (what the model writes next, scripted): the tool turns are masked, the
     last stretch's start is kept, max_tool_calling_iterations stops the rounds, and a round whose results leave no
     room to answer is not run."""
-    from tunelab.methods.tool_calling import ToolRunner, call_tools, load_tools
+    from tunelab.tools import ToolRunner, call_tools, load_tools
 
     tokenizer = _chatml_tokenizer(tiny_llama)
     runner = ToolRunner(load_tools(f"{_tools(tmp_path)}:add"), tokenizer, _end_ids(tokenizer))
@@ -168,59 +168,120 @@ def test_completions_carry_on_through_their_calls_within_the_budget_and_the_roun
     assert runner.calls == calls
 
 
+GROWING = """
+CALLS = []
+
+
+def add(a: int, b: int) -> str:
+    \"\"\"Add two whole numbers.
+
+    Args:
+        a: the first number
+        b: the second number
+    \"\"\"
+    CALLS.append((a, b))
+    return str(a + b) + " x" * 12 * (len(CALLS) - 1)  # each call's result longer than the last
+
+
+def seen(completions, **kwargs):
+    return [float(len(completion)) for completion in completions]
+"""
+
+
 def test_sampled_calls_are_read_but_not_trained_on(tiny_llama, tmp_path):
-    """A grpo trainer with tools, its completions forced to call `add`: the completion holds the call, the tool turn
-    and the next answer; the loss mask is 0 on the tool turn alone, which the model still reads (attention); the
-    completion ends where its last stretch does; the rewards get the turns; the tools' figures are logged."""
+    """A grpo trainer with tools, two prompts sampled in two generate calls, their completions forced to call `add`,
+    whose results grow call after call: each completion holds the call, its own tool turn and what the model wrote
+    next, cut where the length runs out; the loss mask is 0 on the tool turn alone, which the model still reads
+    (attention); each micro-batch is trimmed to its own; the tools' figures are logged."""
     from transformers import AutoModelForCausalLM
 
     from tunelab.config.llm import LLMParams
     from tunelab.data.prompts import PromptRow
     from tunelab.data.templates import render_template
     from tunelab.methods.grpo import GRPOTrainer
-    from tunelab.methods.tool_calling import load_tools, tool_schemas
+    from tunelab.tools import load_tools, tool_schemas
     from tunelab.training.trainer import training_arguments
 
-    tools = _tools(tmp_path)
+    tools = tmp_path / "growing.py"
+    tools.write_text(GROWING)
     tokenizer = _chatml_tokenizer(tiny_llama)
+    budget = 130
     params = LLMParams(
         model=str(tiny_llama), project_name=str(tmp_path / "run"), trainer="grpo", num_generations=2, batch_size=1,
-        gradient_accumulation=1, peft=False, reward_functions=f"{tools}:seen", tools=f"{tools}:add",
-        max_tool_calling_iterations=1, max_completion_length=200, beta=0.04,
+        gradient_accumulation=2, peft=False, reward_functions=f"{tools}:seen", tools=f"{tools}:add",
+        max_tool_calling_iterations=1, max_completion_length=budget, beta=0.04, prompts_per_generation=1,
         generation_kwargs={"sequence_bias": _forcing(tokenizer, CALL)},
     )  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     args = training_arguments(params, str(tmp_path / "run"), 1, False)
     trainer = GRPOTrainer(params=params, model=model, args=args, processing_class=tokenizer, train_dataset=[1])
-    trainer.current_gradient_accumulation_steps = 1
-    messages = [{"role": "user", "content": "What is 1 + 2?"}]
+    trainer.current_gradient_accumulation_steps = 2
     shown = tool_schemas(load_tools(params.tools))
-    prompt = _ids(tokenizer, render_template(tokenizer.chat_template, messages, tokenizer, True, tools=shown))
-    row = PromptRow(messages, prompt, {}, "prompts.jsonl line 1")
-    batch = trainer._rollout([row], trainer.sample([[row]])[0])
-
-    call, suffix = _ids(tokenizer, CALL), _ids(tokenizer, RESULT_TURN)
-    turn = slice(len(call), len(call) + len(suffix))
-    masks = zip(batch["completion_ids"], batch["completion_mask"], batch["completion_attention"], strict=True)
-    for ids, trained, read in masks:
-        assert ids[: len(call) * 2 + len(suffix)].tolist() == call + suffix + call  # (forced again: one round)
-        assert trained[turn].sum() == 0 and read[turn].all()
-        assert trained[: len(call)].all() and trained[turn.stop : turn.stop + len(call)].all()
-        assert read.sum() == len(call) * 2 + len(suffix)  # it ends at the second call's end token
-    assert not batch["truncated"].any()
-    seen = [json.loads(line) for line in (tmp_path / "my_tools.seen").read_text().splitlines()]
-    assert seen == [["assistant", "tool", "assistant"]] * 2
-    assert (tmp_path / "my_tools.calls").read_text() == "1 2\n1 2\n"
+    rows = []
+    for text in ("What is 1 + 2?", "Add one and two, please."):
+        messages = [{"role": "user", "content": text}]
+        prompt = _ids(tokenizer, render_template(tokenizer.chat_template, messages, tokenizer, True, tools=shown))
+        rows.append(PromptRow(messages, prompt, {}, "prompts.jsonl"))
+    sampled = trainer.sample([rows[:1], rows[1:]])
     assert trainer._metrics["tools/call_frequency"] == [1.0] and trainer._metrics["tools/failure_frequency"] == [0.0]
+    batches = [trainer._rollout([row], samples) for row, samples in zip(rows, sampled, strict=True)]
+
+    call = _ids(tokenizer, CALL)
+    results = ["3" + " x" * 12 * k for k in range(4)]  # the four completions' calls, in the order sampled
+    cut = 0
+    for batch, mine in zip(batches, (results[:2], results[2:]), strict=True):
+        suffixes = [trainer.tool_runner.suffix_ids([{"role": "tool", "name": "add", "content": r}]) for r in mine]
+        expected = [call + suffix + call if len(call) + len(suffix) < budget else call for suffix in suffixes]
+        lengths = [min(budget, len(tokens)) for tokens in expected]
+        assert batch["completion_ids"].size(1) == max(lengths)  # trimmed to this micro-batch's longest
+        rows_of = zip(batch["completion_ids"], batch["completion_mask"], batch["completion_attention"], strict=True)
+        for (ids, trained, read), tokens, suffix, truncated in zip(
+            rows_of, expected, suffixes, batch["truncated"].tolist(), strict=True
+        ):
+            length = min(budget, len(tokens))
+            assert ids[:length].tolist() == tokens[:length] and read.sum() == length and read[:length].all()
+            if len(tokens) == len(call):  # no room for its result and a token of answer: it ends with its call
+                assert trained.tolist()[:length] == [1] * length and not truncated
+                continue
+            tool_turn = [1] * len(call) + [0] * len(suffix)
+            assert trained.tolist()[:length] == tool_turn + [1] * (length - len(tool_turn))
+            assert truncated == (length < len(tokens))  # its last stretch cut at the length
+            cut += truncated
+    assert cut  # (the results grow: later completions have no room left to end)
+    # the model reads the tool turn: what follows it is scored after it, not as if it were not there
+    batch = batches[0]
+    after = len(call) + len(trainer.tool_runner.suffix_ids([{"role": "tool", "name": "add", "content": "3"}]))
+    read = trainer.completion_logps(model, batch)
+    blind = trainer.completion_logps(model, {k: v for k, v in batch.items() if k != "completion_attention"})
+    torch.testing.assert_close(read[0, : len(call)], blind[0, : len(call)])
+    assert not torch.allclose(read[0, after : after + 8], blind[0, after : after + 8])
     # the loss trains on the model's own tokens: their gradient reaches the weights, the tool turn has no label
     batch["advantages"] = torch.tensor([1.0, -1.0])
     trainer.compute_loss(model, batch).backward()
     assert model.lm_head.weight.grad.abs().sum() > 0
-    logps = trainer.completion_logps(model, batch)
-    assert (logps[:, turn] == 0).all() and (logps[:, : len(call)] != 0).all()
+    assert (read[:, len(call) : after] == 0).all() and (read[:, : len(call)] != 0).all()
 
 
-def test_a_tiny_run_with_tools_trains_and_writes_the_turns(tiny_llama, tmp_path, capsys):
+def test_rewards_get_the_turns_and_tools_of_one_file_share_it(tiny_llama, tmp_path):
+    """The rewards get a completion's turns (TRL's form); two tools of one file, and the rewards in it, share its
+    module (a tool's state), which is imported once while the file is unchanged."""
+    from tunelab.rewards import user_function
+    from tunelab.tools import load_tools
+
+    path = tmp_path / "two.py"
+    path.write_text(
+        "STATE = []\n\ndef push(x: int) -> int:\n    STATE.append(x)\n    return len(STATE)\n\n\n"
+        "def size() -> int:\n    return len(STATE)\n"
+    )
+    push, size = load_tools(f"{path}:push,{path}:size")
+    push(1)
+    assert size() == 1 and user_function(f"{path}:size")() == 1
+    path.write_text(path.read_text() + "\n# edited\n")  # an edited file is imported anew
+    assert user_function(f"{path}:size")() == 0
+
+
+@pytest.mark.parametrize("trainer", ["grpo", "rloo", "online_dpo"])
+def test_a_tiny_run_with_tools_trains_and_writes_the_turns(tiny_llama, tmp_path, capsys, trainer):
     tools = _tools(tmp_path)
     from transformers import AutoTokenizer
 
@@ -229,19 +290,21 @@ def test_a_tiny_run_with_tools_trains_and_writes_the_turns(tiny_llama, tmp_path,
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"What is {i} + 2?"}) + "\n" for i in range(4)))
     args = [
-        "llm", "--train", "--trainer", "grpo", "--model", str(tiny_llama), "--data-path", str(data),
+        "llm", "--train", "--trainer", trainer, "--model", str(tiny_llama), "--data-path", str(data),
         "--project-name", str(tmp_path / "run"), "--reward-functions", f"{tools}:seen", "--tools", f"{tools}:add",
         "--max-tool-calling-iterations", "1", "--chat-template", "chatml", "--generation-kwargs", bias,
-        "--num-generations", "2", "--batch-size", "2", "--gradient-accumulation", "1",
+        "--num-generations", "2", "--batch-size", "2", "--gradient-accumulation", "1", "--max-prompt-length", "640",
         "--max-completion-length", "160",
         "--max-steps", "2", "--lr", "1e-3", "--peft", "--logging-steps", "1", "--completions-every", "1",
     ]  # fmt: skip
+    if trainer == "online_dpo":  # (two completions a prompt, always)
+        del args[args.index("--num-generations") : args.index("--num-generations") + 2]
     dry = [*args, "--dry-run"]
     dry.remove("--train")
     assert main(dry) == 0
-    assert (
-        f"tools: {tools}:add: the model may call them while it writes (at most 1 round(s)" in capsys.readouterr().out
-    )
+    said = capsys.readouterr()
+    assert f"tools: {tools}:add: the model may call them while it writes (at most 1 round(s)" in said.out
+    assert '{"type": "function", "function": {"name": "add"' in said.out  # the prompt shows it
     assert main(args) == 0
     run = tmp_path / "run"
     records = [r for r in read_metrics(run) if "loss" in r]
@@ -259,6 +322,38 @@ def test_a_tiny_run_with_tools_trains_and_writes_the_turns(tiny_llama, tmp_path,
     assert len((tmp_path / "my_tools.calls").read_text().splitlines()) == 2 * 2 * 2  # steps x prompts x completions
 
 
+def _template(tmp_path: Path, edit: tuple[str, str]) -> Path:
+    """tunelab's ChatML with one of its lines changed, as a template file."""
+    from tunelab.data.templates import builtin_template
+
+    source = builtin_template("chatml")
+    assert source.count(edit[0]) == 1
+    path = tmp_path / "template.jinja"
+    path.write_text(source.replace(*edit))
+    return path
+
+
+# calls written as `CALL name`: no form tunelab reads
+UNREAD = (
+    """'<tool_call>\\n{"name": "' + call.function.name + '", "arguments": ' + (call.function.arguments | tojson)""",
+    "'CALL ' + call.function.name + (call.function.arguments | tojson)",
+)
+# Qwen3's way: an empty think block before the last assistant turn only (the turn reads otherwise once tools answer)
+THINKING_LAST = (
+    "{{- '<|im_start|>assistant\\n' + message['content'] -}}",
+    "{{- '<|im_start|>assistant\\n' + ('<think>\\n\\n</think>\\n\\n' if loop.last else '') + message['content'] -}}",
+)
+
+
+def test_a_template_that_writes_the_last_turn_otherwise_still_gets_its_tool_turns(tiny_llama, tmp_path):
+    from tunelab.tools import ToolRunner, load_tools
+
+    tokenizer = _chatml_tokenizer(tiny_llama)
+    tokenizer.chat_template = _template(tmp_path, THINKING_LAST).read_text()
+    runner = ToolRunner(load_tools(f"{_tools(tmp_path)}:add"), tokenizer, _end_ids(tokenizer))
+    assert tokenizer.decode(runner.suffix_ids([{"role": "tool", "name": "add", "content": "3"}])) == RESULT_TURN
+
+
 @pytest.mark.parametrize(
     ("extra", "said"),
     [
@@ -267,12 +362,25 @@ def test_a_tiny_run_with_tools_trains_and_writes_the_turns(tiny_llama, tmp_path,
         (["--tools", "{tools}"], "tools: expected file.py:function"),
         (["--tools", "{tools}:add", "--chat-template", "tokenizer"], "does not show the model its tools"),
         (["--max-tool-calling-iterations", "2"], "max_tool_calling_iterations is read with tools only"),
+        (["--tools", "{tools}:add", "--max-prompt-length", "128"], "before any question, max_prompt_length is 128"),
+        (["--tools", "{tools}:add", "--generation-kwargs", '{{"min_new_tokens": 2}}'], "min_new_tokens with tools"),
+        (["--tools", "{tools}:add", "--chat-template", "{unread}"], "writes tool calls in a form tunelab does not"),
         (
             ["--tools", "{tools}:add", "--trainer", "dpo"],
             "tools is read by trainers grpo, rloo and online_dpo, not dpo",
         ),
     ],
-    ids=["no-schema", "no-function", "no-function-named", "template-without-tools", "rounds-alone", "not-dpo"],
+    ids=[
+        "no-schema",
+        "no-function",
+        "no-function-named",
+        "template-without-tools",
+        "rounds-alone",
+        "schemas-too-long",
+        "min-new-tokens",
+        "calls-unread",
+        "not-dpo",
+    ],  # fmt: skip
 )
 def test_tools_that_cannot_work_are_refused_before_training(tiny_llama, tmp_path, capsys, extra, said):
     tools = _tools(tmp_path)
@@ -281,7 +389,8 @@ def test_tools_that_cannot_work_are_refused_before_training(tiny_llama, tmp_path
     args = [
         "llm", "--dry-run", "--trainer", "grpo", "--model", str(tiny_llama), "--data-path", str(data),
         "--project-name", str(tmp_path / "run"), "--reward-functions", "format_tag", "--num-generations", "2",
-        *[value.format(tools=tools) for value in extra],
+        "--chat-template", "chatml", "--max-prompt-length", "640",
+        *[value.format(tools=tools, unread=_template(tmp_path, UNREAD)) for value in extra],
     ]  # fmt: skip
     if "dpo" in extra:  # (reward_functions would be refused first)
         at = args.index("--reward-functions")

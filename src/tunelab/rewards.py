@@ -337,7 +337,9 @@ class ModelReward:
 
     @staticmethod
     def _chat(tokenizer: Any, prompt: Any, completion: Any) -> str:
-        messages = _messages(prompt) + [{"role": "assistant", "content": _text(completion)}]
+        # a completion of several turns (tools: calls, their results, the answer) is scored whole, as TRL does
+        turns = completion if isinstance(completion, list) and len(completion) > 1 else None
+        messages = _messages(prompt) + (turns or [{"role": "assistant", "content": _text(completion)}])
         return tokenizer.apply_chat_template(messages, tokenize=False)
 
 
@@ -365,6 +367,24 @@ def user_function(spec: str, kind: str = "reward") -> Callable[..., Any]:
     path = Path(file).expanduser()
     if not path.is_file():
         raise RewardError(f"{kind} {spec}: {path} does not exist")
+    module = _user_module(spec, kind, path)
+    found = getattr(module, function, None)
+    if not callable(found):
+        available = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+        raise RewardError(f"{kind} {spec}: {path} has no function {function!r} (it has {', '.join(available)})")
+    return found
+
+
+# Each user file imported once while it is unchanged: the rewards and tools of one file share its module (a tool's
+# state, a reward's cache), and a run's later loads reuse it. An edited file (another size or time) is imported anew.
+_MODULES: dict[tuple[str, int, int], Any] = {}
+
+
+def _user_module(spec: str, kind: str, path: Path) -> Any:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key in _MODULES:
+        return _MODULES[key]
     module_name = f"tunelab_rewards_{abs(hash(str(path.resolve())))}"
     loader = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(loader)
@@ -379,11 +399,8 @@ def user_function(spec: str, kind: str = "reward") -> Callable[..., Any]:
         del sys.modules[module_name]
         line = _user_line(error, path)
         raise RewardError(f"{kind} {spec}: {path}{line} does not import: {type(error).__name__}: {error}") from None
-    found = getattr(module, function, None)
-    if not callable(found):
-        available = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
-        raise RewardError(f"{kind} {spec}: {path} has no function {function!r} (it has {', '.join(available)})")
-    return found
+    _MODULES[key] = module
+    return module
 
 
 def _user_line(error: BaseException, path: Path) -> str:

@@ -510,7 +510,7 @@ class LLMParams(Params):
         "file.py:function (TRL's tools). The prompts show their schemas (from each function's type hints and its "
         "docstring's Args:); a call the model writes, in its chat template's form, is run and its result (or "
         "error) goes back as a tool turn, and the model writes on. Tool turns are not trained on and count "
-        "towards max_completion_length (docs/grpo.md).",
+        "towards max_completion_length; prompts with tools are never cut (raise max_prompt_length) (docs/grpo.md).",
     )
     max_tool_calling_iterations: int | None = param(
         None,

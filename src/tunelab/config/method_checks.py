@@ -192,6 +192,11 @@ def check_tools(params: Params) -> None:
     rounds = params.max_tool_calling_iterations
     if rounds is not None and (isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1):
         raise ConfigError(f"max_tool_calling_iterations must be a whole number, 1 or more, got {rounds!r}")
+    if params.tools and "min_new_tokens" in (params.generation_kwargs or {}):
+        raise ConfigError(
+            "generation_kwargs: min_new_tokens with tools would hold each stretch of writing between tool calls to "
+            "it (each is a generate call of its own): leave it out"
+        )
     if rounds is not None and not params.tools:
         raise ConfigError("max_tool_calling_iterations is read with tools only: leave it out, or give tools")
 

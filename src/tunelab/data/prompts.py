@@ -8,7 +8,9 @@ log). Every other column of the row (a reference answer, test cases) is kept as 
 functions, under its own name. Bad rows are reported as for the other methods: file, line and column.
 
 With `tools`, every prompt is a conversation (a text prompt becomes a user turn, and the rewards receive it so),
-rendered with the tools' schemas: a chat template that shows the model no tools is refused.
+rendered with the tools' schemas: a chat template that does not show them is refused, and a prompt is never cut
+(its beginning holds the schemas): one longer than max_prompt_length is a bad row, and tools whose schemas alone do
+not fit are refused.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from tunelab.data.sources import Split, read_splits
 from tunelab.data.templates import render_template, template_source
 from tunelab.errors import ConfigError, DataError
 from tunelab.rewards import is_answer_reward, reward_names
+from tunelab.tools import load_tools, tool_schemas
 
 
 @dataclass
@@ -88,7 +91,7 @@ def load_prompt_data(params: LLMParams, tokenizer: Any) -> PromptData:
     conversational = is_messages(next((r[column] for r in splits["train"].rows if r.get(column)), None))
     requested = params.chat_template
     template = None
-    tools = _tool_schemas(params)
+    tools = tool_schemas(load_tools(params.tools)) if params.tools else None
     if conversational or tools:
         template = (
             requested if requested and requested != "none" else ("tokenizer" if tokenizer.chat_template else "chatml")
@@ -97,7 +100,7 @@ def load_prompt_data(params: LLMParams, tokenizer: Any) -> PromptData:
         template = requested
     source = template_source(template, tokenizer, params.chat_template_kwargs) if template else None
     if tools:
-        _check_shows_tools(source, tokenizer, tools)
+        _check_tools_template(source, tokenizer, tools, params.max_prompt_length)
 
     out: dict[str, list[PromptRow]] = {}
     skipped: dict[str, int] = {}
@@ -112,6 +115,11 @@ def load_prompt_data(params: LLMParams, tokenizer: Any) -> PromptData:
                 problems.append(describe_problem(split, index, problem))
                 continue
             ids = tokenizer(text, add_special_tokens=source is None)["input_ids"]
+            longest = params.max_prompt_length
+            if len(ids) > longest and tools:  # (its beginning holds the tools' schemas)
+                why = f"{len(ids)} tokens with the tools' schemas, more than max_prompt_length {longest}"
+                problems.append(describe_problem(split, index, RowProblem(split_column, why)))
+                continue
             if len(ids) > params.max_prompt_length:
                 ids = ids[-params.max_prompt_length :]  # the end holds the question and the generation prompt
                 truncated += name == "train"
@@ -137,26 +145,26 @@ def load_prompt_data(params: LLMParams, tokenizer: Any) -> PromptData:
     )
 
 
-def _tool_schemas(params: LLMParams) -> list[dict[str, Any]] | None:
-    """The schemas of the run's tools (None: no tools); a tool file that does not import is found now."""
-    if not params.tools:
-        return None
-    from tunelab.methods.tool_calling import load_tools, tool_schemas
-
-    return tool_schemas(load_tools(params.tools))
-
-
-def _check_shows_tools(source: str, tokenizer: Any, tools: list[dict[str, Any]]) -> None:
-    """A template that renders a conversation the same with tools as without never shows the model its tools."""
+def _check_tools_template(source: str, tokenizer: Any, tools: list[dict[str, Any]], longest: int) -> None:
+    """The chat template tried with the tools before any prompt is read: it must show them (a template that renders
+    a chat the same with them as without never does), and their schemas must leave room for a question within
+    max_prompt_length. (How it writes a call and a tool turn: tools.check_template, when the run is prepared.)"""
     probe = [{"role": "user", "content": "x"}]
     try:
         shown = render_template(source, probe, tokenizer, add_generation_prompt=True, tools=tools)
     except TemplateError as err:
         raise ConfigError(f"tools: the chat template cannot render the tools ({err})") from None
-    if shown == render_template(source, probe, tokenizer, add_generation_prompt=True):
+    bare = render_template(source, probe, tokenizer, add_generation_prompt=True)
+    if shown == bare:
         raise ConfigError(
             "tools: the chat template does not show the model its tools (it renders a chat the same with them as "
             "without); use one that does: the model's own, or --chat-template chatml (Hermes tool calls)"
+        )
+    schemas = len(tokenizer(shown, add_special_tokens=False)["input_ids"])
+    if schemas >= longest:
+        raise ConfigError(
+            f"tools: a prompt with the tools' schemas takes {schemas} tokens before any question, max_prompt_length "
+            f"is {longest}: raise it (prompts with tools are never cut: their beginning holds the schemas)"
         )
 
 

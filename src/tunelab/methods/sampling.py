@@ -43,7 +43,6 @@ from tunelab.config.llm import LLMParams
 from tunelab.data.prompts import PromptRow
 from tunelab.errors import ConfigError, DataError
 from tunelab.methods.base import RowStats
-from tunelab.methods.tool_calling import ToolRunner, call_tools, load_tools, transcript
 from tunelab.models import load_reference
 from tunelab.models.turns import turn_end
 from tunelab.rewards import ModelReward, Reward, call_reward, load_rewards
@@ -55,6 +54,7 @@ from tunelab.speed.loss import (
     token_logprobs,
     token_logprobs_and_entropies,
 )
+from tunelab.tools import ToolRunner, call_tools, load_tools, transcript
 from tunelab.training.reference import load_synced, save_synced, start_syncing
 from tunelab.training.trainer import GuardedTrainer, disable_dropout, eval_mode
 
@@ -360,9 +360,11 @@ class SamplingTrainer(GuardedTrainer):
         if self.tool_runner is not None:
             self.tool_runner.calls = self.tool_runner.failures = 0
         pieces = [self._generate(rows[start : start + per_call], call) for call, start in enumerate(starts)]
-        if self.tool_runner is not None:  # TRL's figures: calls per completion, failures per call
-            calls, failures = self.tool_runner.calls, self.tool_runner.failures
-            self.record("tools/call_frequency", calls / (len(rows) * self.group))
+        if self.tool_runner is not None:  # TRL's figures, over every process: calls per completion, failures per call
+            figures = [self.tool_runner.calls, self.tool_runner.failures, len(rows) * self.group]
+            figures = torch.tensor(figures, dtype=torch.float64, device=self.args.device)
+            calls, failures, completions = self.accelerator.reduce(figures, reduction="sum").tolist()
+            self.record("tools/call_frequency", calls / completions)
             self.record("tools/failure_frequency", failures / calls if calls else 0.0)
         # each call padded its prompts (on the left) and completions (on the right) to its own widest: to the
         # widest of all before they are joined (a narrower call's completions all ended: padding after them)

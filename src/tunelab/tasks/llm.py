@@ -108,6 +108,10 @@ def prepare(params: LLMParams) -> Prepared:
         data, train_rows, valid_rows = bundle["data"], bundle["train_rows"], bundle["valid_rows"]
         stats = bundle["stats"]
     check_token_ids(_highest_token_id(data, method.data), config, source)
+    if params.tools:  # how the template writes a call and a tool turn, tried now: not after the model loads
+        from tunelab.tools import check_template
+
+        check_template(params.tools, tokenizer, data.template_source)
     log.info("%s", _described(entry))
     rows = (train_rows, valid_rows, stats)
     # from the model's own config (the one check_model returned is stretched already)

@@ -9,13 +9,16 @@ max_tool_calling_iterations rounds. A tool's result goes back as its text (a dic
 {"error": "..."}: the model learns from it, and the run goes on.
 
 The tool turns' tokens are part of what the model reads, but not trained on (their loss mask is 0), and count
-towards max_completion_length: a round whose results would leave no room for a token of answer is not run (the
-completion ends with its calls). The rewards receive such a completion as its messages, as TRL gives them: the
-assistant turns (a call's arguments an object) and the tool turns between them.
+towards max_completion_length: where a round's results leave no room for a token of answer, they are dropped (the
+tools did run, as TRL's do: their calls count) and the completion ends with its calls. The rewards receive such a
+completion as its messages, as TRL gives them: the assistant turns (a call's arguments an object) and the tool turns
+between them.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 from collections.abc import Callable
 from typing import Any
@@ -53,6 +56,16 @@ def tool_schemas(tools: list[Callable[..., Any]]) -> list[dict[str, Any]]:
     return schemas
 
 
+def check_template(spec: str, tokenizer: Any, source: str) -> None:
+    """The run's chat template (`source`) tried with its tools before the model loads: it must write a call in a
+    form read here and render a tool turn after it (ToolRunner's checks), or the run is refused in one line."""
+    from tunelab.models.turns import turn_end
+
+    trial = copy.copy(tokenizer)  # (the run's template, on a copy: the caller's tokenizer is left as it is)
+    trial.chat_template = source
+    ToolRunner(load_tools(spec), trial, turn_end(trial)[0])
+
+
 def tool_result(result: Any) -> str:
     """A tool's result as the text of its turn: a string as it is, a dict or a list as JSON, anything else as str."""
     if isinstance(result, str):
@@ -63,7 +76,9 @@ def tool_result(result: Any) -> str:
 
 
 class ToolRunner:
-    """Reads the calls in what the model wrote, runs them, and gives the tokens of their results' turns."""
+    """Reads the calls in what the model wrote, runs them, and gives the tokens of their results' turns. Made, it
+    has checked the chat template: it writes a stand-in call in a form read here, and renders a tool turn after it
+    (a template that cannot is refused in one line, by the dry run)."""
 
     def __init__(self, tools: list[Callable[..., Any]], tokenizer: Any, end_ids: list[int]) -> None:
         from tunelab.inference.streaming import keeping
@@ -74,24 +89,31 @@ class ToolRunner:
         self.form = form_for(tokenizer)
         self.decoder = keeping(tokenizer, self.form.markers)
         self.calls = self.failures = 0
-        # a trial: a template that cannot render a tool turn after a call is found now, not at the first call
-        self.suffix_ids([{"role": "tool", "name": next(iter(self.tools)), "content": "0"}])
+        name = next(iter(self.tools))
+        if not self.read(self._stand_in_call(name)).get("tool_calls"):
+            raise ConfigError(
+                "tools: the chat template writes tool calls in a form tunelab does not read (it reads Hermes' "
+                "<tool_call> JSON, Mistral's [TOOL_CALLS] and Llama 3's JSON): the model's calls would never run"
+            )
+        self.suffix_ids([{"role": "tool", "name": name, "content": "0", "tool_call_id": _STAND_IN_ID}])
 
     def read(self, ids: list[int]) -> dict[str, Any]:
         """The assistant message a stretch of the model's writing holds (its end token left out): its text and, if
-        it wrote calls in its template's form, `tool_calls` (TRL's form: arguments an object)."""
+        it wrote calls in its template's form, `tool_calls` (TRL's form: arguments an object; an id of Mistral's
+        form, from the text: the same writing gets the same id, so a resumed run samples what this one did)."""
         ids = ids[:-1] if ids and ids[-1] in self.end_ids else ids
         content, calls = self.form.read(self.decoder.decode(ids, skip_special_tokens=True))
         message: dict[str, Any] = {"role": "assistant", "content": (content or "").strip()}
         if calls:
+            seed = hashlib.sha256(json.dumps(ids).encode()).hexdigest()
             message["tool_calls"] = [
                 {
-                    "id": c["id"],
+                    "id": f"{seed[:8]}{j}",
                     "type": "function",
                     "function": {"name": c["function"]["name"], "arguments": _object(c)},
                 }
-                for c in calls
-            ]  # (an id, as Mistral's templates want one, of their form: inference/tool_calls.py)
+                for j, c in enumerate(calls)
+            ]
         return message
 
     def run(self, message: dict[str, Any]) -> list[dict[str, Any]]:
@@ -114,10 +136,10 @@ class ToolRunner:
 
     def suffix_ids(self, turns: list[dict[str, Any]]) -> list[int]:
         """The tokens after an assistant turn's end token that hold tool turns and the generation prompt, as the
-        chat template renders them (measured on a stand-in conversation: a call of the first turn's tool)."""
-        call = {"id": turns[0].get("tool_call_id", "a1b2c3d4e"), "type": "function"}
-        call["function"] = {"name": turns[0]["name"], "arguments": {}}
-        head = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+        chat template renders them: measured on a stand-in conversation (a user turn, a call of the first turn's
+        tool), after as many end tokens as the conversation before the tool turns holds. (Counted, not compared:
+        templates such as Qwen3's write an assistant turn differently once it is not the last.)"""
+        head = self._head(turns[0]["name"], turns[0].get("tool_call_id", _STAND_IN_ID))
         try:
             before = self._ids(self.tokenizer.apply_chat_template(head, tokenize=False))
             after = self._ids(
@@ -125,14 +147,37 @@ class ToolRunner:
             )
         except Exception as error:  # noqa: BLE001 - the template's own error, as one line
             raise ConfigError(f"tools: the chat template cannot render a tool turn after a call ({error})") from None
-        ends = [i for i, token in enumerate(before) if token in self.end_ids]
-        before = before[: ends[-1] + 1] if ends else before  # (the template's text after the turn's end is ours)
-        if after[: len(before)] != before:
-            raise ConfigError("tools: the chat template renders a conversation differently once a tool turn follows")
-        return after[len(before) :]
+        turn_ends = sum(token in self.end_ids for token in before)
+        ends = [i for i, token in enumerate(after) if token in self.end_ids]
+        if not turn_ends or len(ends) <= turn_ends:
+            raise ConfigError(
+                "tools: the chat template ends no turn with an end token the model stops at, so a tool turn cannot "
+                "follow what the model wrote"
+            )
+        return after[ends[turn_ends - 1] + 1 :]
+
+    def _stand_in_call(self, name: str) -> list[int]:
+        """The tokens of an assistant turn calling `name`, as the template writes one (through its end token)."""
+        head = self._head(name, _STAND_IN_ID)
+        try:
+            asked = self._ids(self.tokenizer.apply_chat_template(head[:1], tokenize=False, add_generation_prompt=True))
+            answered = self._ids(self.tokenizer.apply_chat_template(head, tokenize=False))
+        except Exception as error:  # noqa: BLE001 - the template's own error, as one line
+            raise ConfigError(f"tools: the chat template cannot render a tool call ({error})") from None
+        written = answered[len(asked) :] if answered[: len(asked)] == asked else answered
+        ends = [i for i, token in enumerate(written) if token in self.end_ids]
+        return written[: ends[0] + 1] if ends else written
+
+    @staticmethod
+    def _head(name: str, call_id: str) -> list[dict[str, Any]]:
+        call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": {}}}
+        return [{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+_STAND_IN_ID = "a1b2c3d4e"  # (9 letters and digits: Mistral's templates refuse other call ids)
 
 
 def _object(call: dict[str, Any]) -> dict[str, Any]:
