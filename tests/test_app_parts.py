@@ -200,12 +200,13 @@ def test_each_method_gets_its_own_charts_from_what_it_logged():
     grpo = [
         {"step": s, "reward": 0.1 * s, "rewards/format_tag/mean": 0.2 * s, "rewards/format_tag/std": 0.1,
          "rewards/answer_tag/mean": 0.05 * s, "kl": 0.01, "completions/mean_length": 20 + s, "epoch": 0.1,
-         "entropy": 2.0 - 0.1 * s, "aux_loss": 2.01}
+         "entropy": 2.0 - 0.1 * s, "aux_loss": 2.01, "tools/call_frequency": 0.5, "tools/failure_frequency": 0.0}
         for s in (1, 2, 3)
     ]  # fmt: skip
     drawn = {chart["id"]: chart for chart in charts(series(grpo))}
     assert set(drawn["reward"]["series"]) == {"reward", "rewards/format_tag/mean", "rewards/answer_tag/mean"}
-    assert {"kl", "completion_length", "entropy", "aux_loss"} <= set(drawn) and "epoch" not in str(drawn)
+    assert {"kl", "completion_length", "entropy", "aux_loss", "tools"} <= set(drawn) and "epoch" not in str(drawn)
+    assert set(drawn["tools"]["series"]) == {"tools/call_frequency", "tools/failure_frequency"}
     assert drawn["aux_loss"]["series"] == {"aux_loss": [[1, 2.01], [2, 2.01], [3, 2.01]]}
 
     classifier = [{"step": 4, "eval_accuracy": 0.5, "eval_macro_f1": 0.4}, {"step": 8, "eval_accuracy": 0.7}]

@@ -262,11 +262,11 @@ def test_sampled_calls_are_read_but_not_trained_on(tiny_llama, tmp_path):
     assert (read[:, len(call) : after] == 0).all() and (read[:, : len(call)] != 0).all()
 
 
-def test_rewards_get_the_turns_and_tools_of_one_file_share_it(tiny_llama, tmp_path):
-    """The rewards get a completion's turns (TRL's form); two tools of one file, and the rewards in it, share its
-    module (a tool's state), which is imported once while the file is unchanged."""
-    from tunelab.rewards import user_function
+def test_tools_and_rewards_of_one_file_share_its_module(tmp_path):
+    """Two tools of one file, and the rewards in it, share its module (a tool's state): it is imported once while
+    the file is unchanged, and anew once edited."""
     from tunelab.tools import load_tools
+    from tunelab.user_code import user_function
 
     path = tmp_path / "two.py"
     path.write_text(
@@ -275,9 +275,9 @@ def test_rewards_get_the_turns_and_tools_of_one_file_share_it(tiny_llama, tmp_pa
     )
     push, size = load_tools(f"{path}:push,{path}:size")
     push(1)
-    assert size() == 1 and user_function(f"{path}:size")() == 1
+    assert size() == 1 and user_function(f"{path}:size", "reward")() == 1
     path.write_text(path.read_text() + "\n# edited\n")  # an edited file is imported anew
-    assert user_function(f"{path}:size")() == 0
+    assert user_function(f"{path}:size", "reward")() == 0
 
 
 @pytest.mark.parametrize("trainer", ["grpo", "rloo", "online_dpo"])
@@ -322,14 +322,16 @@ def test_a_tiny_run_with_tools_trains_and_writes_the_turns(tiny_llama, tmp_path,
     assert len((tmp_path / "my_tools.calls").read_text().splitlines()) == 2 * 2 * 2  # steps x prompts x completions
 
 
-def _template(tmp_path: Path, edit: tuple[str, str]) -> Path:
-    """tunelab's ChatML with one of its lines changed, as a template file."""
+def _template(tmp_path: Path, *edits: tuple[str, str]) -> Path:
+    """tunelab's ChatML with some of its lines changed, as a template file."""
     from tunelab.data.templates import builtin_template
 
     source = builtin_template("chatml")
-    assert source.count(edit[0]) == 1
+    for old, new in edits:
+        assert source.count(old) == 1
+        source = source.replace(old, new)
     path = tmp_path / "template.jinja"
-    path.write_text(source.replace(*edit))
+    path.write_text(source)
     return path
 
 
@@ -338,20 +340,52 @@ UNREAD = (
     """'<tool_call>\\n{"name": "' + call.function.name + '", "arguments": ' + (call.function.arguments | tojson)""",
     "'CALL ' + call.function.name + (call.function.arguments | tojson)",
 )
-# Qwen3's way: an empty think block before the last assistant turn only (the turn reads otherwise once tools answer)
+# Qwen3's: an empty think block before the last assistant turn only
 THINKING_LAST = (
     "{{- '<|im_start|>assistant\\n' + message['content'] -}}",
     "{{- '<|im_start|>assistant\\n' + ('<think>\\n\\n</think>\\n\\n' if loop.last else '') + message['content'] -}}",
 )
 
 
-def test_a_template_that_writes_the_last_turn_otherwise_still_gets_its_tool_turns(tiny_llama, tmp_path):
+# QwQ's and Qwen3-Thinking's: the generation prompt opens the think block
+THINKING_PROMPT = ("{{ '<|im_start|>assistant\\n' }}", "{{ '<|im_start|>assistant\\n<think>\\n' }}")
+
+
+@pytest.mark.parametrize("edits", [[THINKING_LAST], [THINKING_LAST, THINKING_PROMPT]], ids=["last", "prompt"])
+def test_thinking_templates_get_their_calls_read_and_their_tool_turns(tiny_llama, tmp_path, edits):
+    """Qwen3's template writes an empty think block in the last assistant turn only (the turn reads otherwise once
+    tools answer); QwQ's opens it in the generation prompt too: the call is read, the tool turn follows it."""
     from tunelab.tools import ToolRunner, load_tools
 
     tokenizer = _chatml_tokenizer(tiny_llama)
-    tokenizer.chat_template = _template(tmp_path, THINKING_LAST).read_text()
+    tokenizer.chat_template = _template(tmp_path, *edits).read_text()
     runner = ToolRunner(load_tools(f"{_tools(tmp_path)}:add"), tokenizer, _end_ids(tokenizer))
-    assert tokenizer.decode(runner.suffix_ids([{"role": "tool", "name": "add", "content": "3"}])) == RESULT_TURN
+    opened = "<think>\n" if THINKING_PROMPT in edits else ""  # (the generation prompt after the tool turn)
+    assert (
+        tokenizer.decode(runner.suffix_ids([{"role": "tool", "name": "add", "content": "3"}])) == RESULT_TURN + opened
+    )
+    assert runner.read(_ids(tokenizer, "<think>\nadd them\n</think>\n\n" + CALL))["tool_calls"]
+
+
+def test_mistral_s_form_calls_and_tool_turns(tiny_llama, tmp_path):
+    """Mistral's template: calls as [TOOL_CALLS]name[ARGS]{...}, ids of 9 characters, a tool turn with no end token
+    after it and no generation prompt."""
+    from transformers import AutoTokenizer
+
+    from tests.test_serve import MISTRAL_TEMPLATE
+    from tunelab.tools import ToolRunner, load_tools
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.add_tokens(["[TOOL_CALLS]", "[ARGS]"], special_tokens=True)
+    tokenizer.chat_template = MISTRAL_TEMPLATE
+    runner = ToolRunner(load_tools(f"{_tools(tmp_path)}:add"), tokenizer, [tokenizer.eos_token_id])
+    written = _ids(tokenizer, '[TOOL_CALLS]add[ARGS]{"a": 1, "b": 2}') + [tokenizer.eos_token_id]
+    message = runner.read(written)
+    assert [c["function"] for c in message["tool_calls"]] == [{"name": "add", "arguments": {"a": 1, "b": 2}}]
+    assert len(message["tool_calls"][0]["id"]) == 9 and message["tool_calls"][0]["id"].isalnum()
+    assert message["tool_calls"][0]["id"] == runner.read(written)["tool_calls"][0]["id"]  # (from the text)
+    turns = runner.run(message)
+    assert tokenizer.decode(runner.suffix_ids(turns)) == "[TOOL_RESULTS]3[/TOOL_RESULTS]"
 
 
 @pytest.mark.parametrize(

@@ -26,12 +26,10 @@ imported when the run is prepared, so one that does not import is reported by th
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import json
 import math
 import re
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +37,7 @@ from typing import Any
 
 from tunelab.errors import TunelabError
 from tunelab.hub import hub_snapshot, is_hub_id
+from tunelab.user_code import user_function
 
 
 class RewardError(TunelabError):
@@ -253,7 +252,7 @@ def _function(name: str, params: Any, max_tokens: int) -> Callable[..., Any]:
             f"reward {name!r} is not a built-in ({', '.join(BUILTINS)}), a file.py:function, nor a reward model "
             "(a folder or a hub id)"
         )
-    return user_function(name)
+    return user_function(name, "reward", RewardError)
 
 
 class ModelReward:
@@ -325,10 +324,10 @@ class ModelReward:
         pairs = list(zip(prompts, completions, strict=True))
         if not self.run:  # another reward model: as TRL's GRPOTrainer gives it prompts and completions
             chat = isinstance(prompts[0], list) and getattr(tokenizer, "chat_template", None)
-            texts = [self._chat(tokenizer, p, c) if chat else _prompt_text(p) + _text(c) for p, c in pairs]
+            texts = [self._chat(tokenizer, p, c) if chat else _prompt_text(p) + _whole(c) for p, c in pairs]
             return score(model, tokenizer, texts, append_eos=False, add_special_tokens=False)
         if plain_text:  # a tunelab run trained on text rows: BOS (unless the text has it) + text + EOS
-            texts = [_prompt_text(p) + _text(c) for p, c in pairs]
+            texts = [_prompt_text(p) + _whole(c) for p, c in pairs]
             bos = getattr(tokenizer, "bos_token", None)
             written = bool(bos) and texts[0].startswith(bos)  # (as the training rows' data had it, or not)
             return score(model, tokenizer, texts, append_eos=True, add_special_tokens=not written)
@@ -341,6 +340,15 @@ class ModelReward:
         turns = completion if isinstance(completion, list) and len(completion) > 1 else None
         messages = _messages(prompt) + (turns or [{"role": "assistant", "content": _text(completion)}])
         return tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def _whole(completion: Any) -> str:
+    """A completion as text to score: the text itself, a message's content, or (tools) its turns in line."""
+    if isinstance(completion, list) and len(completion) > 1:
+        from tunelab.tools import transcript
+
+        return transcript(completion)
+    return _text(completion)
 
 
 def _prompt_text(prompt: Any) -> str:
@@ -358,61 +366,6 @@ def _read_json(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-
-
-def user_function(spec: str, kind: str = "reward") -> Callable[..., Any]:
-    """The function a file.py:function names (a reward, or a tool: `kind` names it in the errors), its file
-    imported as a module; RewardError in one line where it does not import or has no such function."""
-    file, _, function = spec.rpartition(":")
-    path = Path(file).expanduser()
-    if not path.is_file():
-        raise RewardError(f"{kind} {spec}: {path} does not exist")
-    module = _user_module(spec, kind, path)
-    found = getattr(module, function, None)
-    if not callable(found):
-        available = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
-        raise RewardError(f"{kind} {spec}: {path} has no function {function!r} (it has {', '.join(available)})")
-    return found
-
-
-# Each user file imported once while it is unchanged: the rewards and tools of one file share its module (a tool's
-# state, a reward's cache), and a run's later loads reuse it. An edited file (another size or time) is imported anew.
-_MODULES: dict[tuple[str, int, int], Any] = {}
-
-
-def _user_module(spec: str, kind: str, path: Path) -> Any:
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
-    if key in _MODULES:
-        return _MODULES[key]
-    module_name = f"tunelab_rewards_{abs(hash(str(path.resolve())))}"
-    loader = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(loader)
-    # As `import` does: the module is in sys.modules while it runs (dataclasses and pickling look it up there),
-    # and the files beside it can be imported from it (a helper module of the user's).
-    sys.modules[module_name] = module
-    if str(path.resolve().parent) not in sys.path:
-        sys.path.insert(0, str(path.resolve().parent))
-    try:
-        loader.loader.exec_module(module)
-    except Exception as error:  # noqa: BLE001 - any error of the user's file, as one line
-        del sys.modules[module_name]
-        line = _user_line(error, path)
-        raise RewardError(f"{kind} {spec}: {path}{line} does not import: {type(error).__name__}: {error}") from None
-    _MODULES[key] = module
-    return module
-
-
-def _user_line(error: BaseException, path: Path) -> str:
-    """`:LINE` of the user's file where the error happened, when the traceback passes through it."""
-    if isinstance(error, SyntaxError) and error.lineno:
-        return f":{error.lineno}"
-    tb, line = error.__traceback__, ""
-    while tb is not None:
-        if Path(tb.tb_frame.f_code.co_filename) == path.resolve() or tb.tb_frame.f_code.co_filename == str(path):
-            line = f":{tb.tb_lineno}"
-        tb = tb.tb_next
-    return line
 
 
 def call_reward(

@@ -20,18 +20,22 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
 from tunelab.errors import ConfigError
-from tunelab.rewards import user_function
+from tunelab.user_code import user_function
+
+log = logging.getLogger("tunelab")
 
 GenerateMore = Callable[[list[list[int]], list[int]], list[list[int]]]
 
 
 def load_tools(spec: str) -> list[Callable[..., Any]]:
     """The functions `tools` names (file.py:function, comma-separated), each name once."""
-    tools = [user_function(name.strip(), "tool") for name in spec.split(",") if name.strip()]
+    tools = [user_function(name.strip(), "tool", ConfigError) for name in spec.split(",") if name.strip()]
     names = [tool.__name__ for tool in tools]
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:
@@ -95,7 +99,11 @@ class ToolRunner:
                 "tools: the chat template writes tool calls in a form tunelab does not read (it reads Hermes' "
                 "<tool_call> JSON, Mistral's [TOOL_CALLS] and Llama 3's JSON): the model's calls would never run"
             )
-        self.suffix_ids([{"role": "tool", "name": name, "content": "0", "tool_call_id": _STAND_IN_ID}])
+        trial = self.suffix_ids(
+            [{"role": "tool", "name": name, "content": _STAND_IN_RESULT, "tool_call_id": _STAND_IN_ID}]
+        )
+        if _STAND_IN_RESULT not in tokenizer.decode(trial):
+            raise ConfigError("tools: the chat template leaves a tool turn's result out of the conversation")
 
     def read(self, ids: list[int]) -> dict[str, Any]:
         """The assistant message a stretch of the model's writing holds (its end token left out): its text and, if
@@ -106,9 +114,10 @@ class ToolRunner:
         message: dict[str, Any] = {"role": "assistant", "content": (content or "").strip()}
         if calls:
             seed = hashlib.sha256(json.dumps(ids).encode()).hexdigest()
+            ids_of = [seed[: 9 - len(str(j))] + str(j) for j in range(len(calls))]  # (9 characters each)
             message["tool_calls"] = [
                 {
-                    "id": f"{seed[:8]}{j}",
+                    "id": ids_of[j],
                     "type": "function",
                     "function": {"name": c["function"]["name"], "arguments": _object(c)},
                 }
@@ -149,7 +158,7 @@ class ToolRunner:
             raise ConfigError(f"tools: the chat template cannot render a tool turn after a call ({error})") from None
         turn_ends = sum(token in self.end_ids for token in before)
         ends = [i for i, token in enumerate(after) if token in self.end_ids]
-        if not turn_ends or len(ends) <= turn_ends:
+        if not turn_ends or len(ends) < turn_ends:  # (Mistral's tool turn ends with no end token: none after)
             raise ConfigError(
                 "tools: the chat template ends no turn with an end token the model stops at, so a tool turn cannot "
                 "follow what the model wrote"
@@ -157,14 +166,17 @@ class ToolRunner:
         return after[ends[turn_ends - 1] + 1 :]
 
     def _stand_in_call(self, name: str) -> list[int]:
-        """The tokens of an assistant turn calling `name`, as the template writes one (through its end token)."""
+        """The tokens of an assistant turn calling `name`, as the template writes one (through its end token): the
+        text after what the chat rendered with the generation prompt shares with it answered (a thinking template's
+        generation prompt may open a think block the answered turn writes otherwise)."""
         head = self._head(name, _STAND_IN_ID)
         try:
-            asked = self._ids(self.tokenizer.apply_chat_template(head[:1], tokenize=False, add_generation_prompt=True))
-            answered = self._ids(self.tokenizer.apply_chat_template(head, tokenize=False))
+            asked = self.tokenizer.apply_chat_template(head[:1], tokenize=False, add_generation_prompt=True)
+            answered = self.tokenizer.apply_chat_template(head, tokenize=False)
         except Exception as error:  # noqa: BLE001 - the template's own error, as one line
             raise ConfigError(f"tools: the chat template cannot render a tool call ({error})") from None
-        written = answered[len(asked) :] if answered[: len(asked)] == asked else answered
+        shared = len(os.path.commonprefix([asked, answered]))
+        written = self._ids(answered[shared:])
         ends = [i for i, token in enumerate(written) if token in self.end_ids]
         return written[: ends[0] + 1] if ends else written
 
@@ -178,6 +190,7 @@ class ToolRunner:
 
 
 _STAND_IN_ID = "a1b2c3d4e"  # (9 letters and digits: Mistral's templates refuse other call ids)
+_STAND_IN_RESULT = "tunelab_stand_in_result"
 
 
 def _object(call: dict[str, Any]) -> dict[str, Any]:
@@ -209,7 +222,11 @@ def call_tools(
         going = []
         for i in calling if rounds is None or done < rounds else []:
             turns = runner.run(messages[i][-1])
-            suffix = runner.suffix_ids(turns)
+            try:
+                suffix = runner.suffix_ids(turns)
+            except ConfigError as error:  # (tried at the start: a template failing on these results alone)
+                log.warning("%s: the completion ends with its calls", error)
+                continue  # (its results dropped, as where there is no room: the other processes are not left waiting)
             if len(completions[i]) + len(suffix) >= budget:  # no room left to answer: it ends with its calls
                 continue
             messages[i] += turns

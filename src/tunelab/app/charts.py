@@ -3,8 +3,8 @@ between the parameters of several jobs.
 
 A chart is drawn when the run logged any of its series, so each method gets its own without being told which it
 is: the losses, learning rate, gradient norm, throughput and memory of every run; reward margin and accuracy of the
-preference methods; the reward (total and per function), KL, completion length and entropy of grpo; accuracy and
-macro F1 of a classifier (per evaluation); a mixture of experts' load-balancing loss.
+preference methods; the reward (total and per function), KL, completion length, entropy and tool calls of grpo;
+accuracy and macro F1 of a classifier (per evaluation); a mixture of experts' load-balancing loss.
 """
 
 from __future__ import annotations
@@ -26,6 +26,11 @@ CHARTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("kl", "KL to the reference", ("kl", "eval_kl", "objective/kl", "eval_objective/kl")),
     ("completion_length", "Completion length (tokens)", ("completions/mean_length", "completions/max_length")),
     ("entropy", "Entropy of the sampled tokens", ("entropy", "eval_entropy")),
+    (
+        "tools",
+        "Tool calls per completion, and the share that failed",
+        ("tools/call_frequency", "tools/failure_frequency"),
+    ),
     ("aux_loss", "Experts' load-balancing loss (mixture of experts)", ("aux_loss", "eval_aux_loss")),
 )
 NOT_SERIES = ("step", "epoch", "time")
