@@ -33,6 +33,15 @@ def undocumented(a: int) -> int:
     return a
 
 
+def odd(a: int) -> dict:
+    """A result JSON cannot write.
+
+    Args:
+        a: a number
+    """
+    return {(a, a): a}
+
+
 def seen(completions, **kwargs):
     """A reward that writes down the roles of each completion's turns it is given."""
     with open(Path(__file__).with_suffix(".seen"), "a") as out:
@@ -111,8 +120,14 @@ def test_a_call_is_read_run_and_answered_as_the_template_writes_tool_turns(tiny_
     errors = [json.loads(turn["content"])["error"] for turn in runner.run(wrong)]
     assert errors[0].startswith("ValueError: no tool named 'mul'") and errors[1].startswith("TypeError: add()")
     assert (runner.calls, runner.failures) == (3, 2)
+    odd = ToolRunner(load_tools(f"{_tools(tmp_path)}:odd"), tokenizer, _end_ids(tokenizer))
+    turn = odd.run({"tool_calls": [{"function": {"name": "odd", "arguments": {"a": 1}}}]})[0]
+    assert json.loads(turn["content"])["error"].startswith("TypeError: keys must be") and odd.failures == 1
     assert runner.read(_ids(tokenizer, ANSWER)) == {"role": "assistant", "content": "The sum is 3."}
     assert transcript([message, *turns]) == '[calls add({"a": 1, "b": 2})]\n[add returned] 3'
+    from tunelab.rewards import _whole  # what a reward model without a chat template scores
+
+    assert _whole([message]) == '[calls add({"a": 1, "b": 2})]' and _whole([{"content": "it is 3"}]) == "it is 3"
 
 
 def test_completions_carry_on_through_their_calls_within_the_budget_and_the_rounds(tiny_llama, tmp_path):
@@ -351,10 +366,13 @@ THINKING_LAST = (
 THINKING_PROMPT = ("{{ '<|im_start|>assistant\\n' }}", "{{ '<|im_start|>assistant\\n<think>\\n' }}")
 
 
-@pytest.mark.parametrize("edits", [[THINKING_LAST], [THINKING_LAST, THINKING_PROMPT]], ids=["last", "prompt"])
+@pytest.mark.parametrize(
+    "edits", [[THINKING_LAST], [THINKING_LAST, THINKING_PROMPT], [THINKING_PROMPT]], ids=["last", "both", "prompt"]
+)
 def test_thinking_templates_get_their_calls_read_and_their_tool_turns(tiny_llama, tmp_path, edits):
     """Qwen3's template writes an empty think block in the last assistant turn only (the turn reads otherwise once
-    tools answer); QwQ's opens it in the generation prompt too: the call is read, the tool turn follows it."""
+    tools answer); Qwen3-Thinking's opens it in the generation prompt too, QwQ's there alone (an answered turn
+    writes none): the call is read, the tool turn follows it."""
     from tunelab.tools import ToolRunner, load_tools
 
     tokenizer = _chatml_tokenizer(tiny_llama)

@@ -343,8 +343,8 @@ class ModelReward:
 
 
 def _whole(completion: Any) -> str:
-    """A completion as text to score: the text itself, a message's content, or (tools) its turns in line."""
-    if isinstance(completion, list) and len(completion) > 1:
+    """A completion as text to score: the text itself, a message's content, or (tools) its turns and calls in line."""
+    if isinstance(completion, list) and any(len(completion) > 1 or "tool_calls" in m for m in completion):
         from tunelab.tools import transcript
 
         return transcript(completion)

@@ -93,6 +93,7 @@ class ToolRunner:
         self.form = form_for(tokenizer)
         self.decoder = keeping(tokenizer, self.form.markers)
         self.calls = self.failures = 0
+        self.warned: set[str] = set()
         name = next(iter(self.tools))
         if not self.read(self._stand_in_call(name)).get("tool_calls"):
             raise ConfigError(
@@ -113,11 +114,9 @@ class ToolRunner:
         content, calls = self.form.read(self.decoder.decode(ids, skip_special_tokens=True))
         message: dict[str, Any] = {"role": "assistant", "content": (content or "").strip()}
         if calls:
-            seed = hashlib.sha256(json.dumps(ids).encode()).hexdigest()
-            ids_of = [seed[: 9 - len(str(j))] + str(j) for j in range(len(calls))]  # (9 characters each)
             message["tool_calls"] = [
                 {
-                    "id": ids_of[j],
+                    "id": hashlib.sha256(json.dumps([ids, j]).encode()).hexdigest()[:9],
                     "type": "function",
                     "function": {"name": c["function"]["name"], "arguments": _object(c)},
                 }
@@ -135,11 +134,11 @@ class ToolRunner:
             try:
                 if name not in self.tools:
                     raise ValueError(f"no tool named {name!r} (tools: {', '.join(self.tools)})")
-                result = self.tools[name](**arguments)
+                content = tool_result(self.tools[name](**arguments))  # (a result JSON cannot write fails too)
             except Exception as error:  # noqa: BLE001 - the model's call failed: it is told, and goes on
                 self.failures += 1
-                result = {"error": f"{type(error).__name__}: {error}"}
-            turn = {"role": "tool", "name": name, "content": tool_result(result)}
+                content = json.dumps({"error": f"{type(error).__name__}: {error}"}, ensure_ascii=False)
+            turn = {"role": "tool", "name": name, "content": content}
             turns.append(turn | ({"tool_call_id": call["id"]} if "id" in call else {}))
         return turns
 
@@ -167,15 +166,18 @@ class ToolRunner:
 
     def _stand_in_call(self, name: str) -> list[int]:
         """The tokens of an assistant turn calling `name`, as the template writes one (through its end token): the
-        text after what the chat rendered with the generation prompt shares with it answered (a thinking template's
-        generation prompt may open a think block the answered turn writes otherwise)."""
+        text after the chat rendered with the generation prompt, or after the lines the two share (a thinking
+        template's generation prompt may open a think block the answered turn does not write)."""
         head = self._head(name, _STAND_IN_ID)
         try:
             asked = self.tokenizer.apply_chat_template(head[:1], tokenize=False, add_generation_prompt=True)
             answered = self.tokenizer.apply_chat_template(head, tokenize=False)
         except Exception as error:  # noqa: BLE001 - the template's own error, as one line
             raise ConfigError(f"tools: the chat template cannot render a tool call ({error})") from None
-        shared = len(os.path.commonprefix([asked, answered]))
+        shared = len(asked)
+        if not answered.startswith(asked):  # back to the last line both share (not inside a tag: `<t` of two)
+            common = os.path.commonprefix([asked, answered])
+            shared = common.rfind("\n") + 1 or len(common)
         written = self._ids(answered[shared:])
         ends = [i for i, token in enumerate(written) if token in self.end_ids]
         return written[: ends[0] + 1] if ends else written
@@ -225,7 +227,9 @@ def call_tools(
             try:
                 suffix = runner.suffix_ids(turns)
             except ConfigError as error:  # (tried at the start: a template failing on these results alone)
-                log.warning("%s: the completion ends with its calls", error)
+                if str(error) not in runner.warned:
+                    runner.warned.add(str(error))
+                    log.warning("%s: such completions end with their calls", error)
                 continue  # (its results dropped, as where there is no room: the other processes are not left waiting)
             if len(completions[i]) + len(suffix) >= budget:  # no room left to answer: it ends with its calls
                 continue

@@ -36,10 +36,15 @@ _MODULES: dict[str, tuple[str, Any]] = {}
 
 def _user_module(spec: str, kind: str, path: Path, error: type[TunelabError]) -> Any:
     where = str(path.resolve())
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    try:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as failure:
+        raise error(f"{kind} {spec}: {path} cannot be read ({failure.strerror})") from None
     if where in _MODULES and _MODULES[where][0] == digest:
         return _MODULES[where][1]
-    module_name = f"tunelab_user_{abs(hash(where))}"
+    # (a name of the path alone, the same in every process: what pickles objects of the module refers to)
+    module_name = f"tunelab_user_{hashlib.sha256(where.encode()).hexdigest()[:16]}"
+    earlier = sys.modules.get(module_name)
     loader = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(loader)
     # As `import` does: the module is in sys.modules while it runs (dataclasses and pickling look it up there),
@@ -50,8 +55,10 @@ def _user_module(spec: str, kind: str, path: Path, error: type[TunelabError]) ->
     try:
         loader.loader.exec_module(module)
     except Exception as failure:  # noqa: BLE001 - any error of the user's file, as one line
-        del sys.modules[module_name]
-        _MODULES.pop(where, None)
+        if earlier is None:  # (an edit that does not import leaves the version in use as it was)
+            del sys.modules[module_name]
+        else:
+            sys.modules[module_name] = earlier
         line = user_line(failure, path)
         raise error(f"{kind} {spec}: {path}{line} does not import: {type(failure).__name__}: {failure}") from None
     _MODULES[where] = (digest, module)
