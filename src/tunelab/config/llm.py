@@ -232,7 +232,9 @@ class LLMParams(Params):
         None, "With rope_scaling: how many times the model's positions to stretch (above 1; default: see above)."
     )
     max_prompt_length: int = param(
-        128, "Preference trainers, grpo, rloo and online_dpo: longest prompt kept (truncated from the left)."
+        128,
+        "Preference trainers, grpo, rloo and online_dpo: longest prompt kept (truncated from the left; with tools, "
+        "a longer prompt is a bad row: its beginning holds the tools' schemas).",
     )
     max_completion_length: int | None = param(
         None,
