@@ -434,15 +434,15 @@ def test_trl_s_grpo_variants_train_together(tiny_llama, tmp_path, monkeypatch):
     """luspo with the entropy mask and bonus, GDPO's aggregation, and sampling filtered by top_k, min_p and a
     repetition penalty, over two micro-batches a step: the run trains and logs each variant's figures, and
     generation is given the filters."""
-    import tunelab.methods.sampling as sampling
+    import tunelab.methods.completions as completions
 
-    original, given = sampling.sampling_config, []
+    original, given = completions.sampling_config, []
 
     def recording(*args, **kwargs):
         given.append(args)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(sampling, "sampling_config", recording)
+    monkeypatch.setattr(completions, "sampling_config", recording)
     args = grpo_args(tmp_path, tiny_llama, f"format_tag,{tmp_path / 'my_rewards.py'}:short")
     args[args.index("--gradient-accumulation") + 1] = "2"
     args += [

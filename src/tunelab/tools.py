@@ -1,7 +1,7 @@
 """`tools` (TRL's): Python functions the model may call while it writes a completion (grpo, rloo, online_dpo).
 
 The prompts are rendered with the tools' schemas (transformers builds them from each function's type hints and
-docstring; data/prompts.py). Sampling (methods/sampling.py) hands each completion here once it ends: the calls it
+docstring; data/prompts.py). Sampling (methods/completions.py) hands each completion here once it ends: the calls it
 wrote, in the form its chat template writes them (inference/tool_calls.py: Hermes' `<tool_call>`, Mistral's,
 Llama 3's JSON), are run, and their results rendered as the template renders tool turns, with the generation prompt
 after them; the model then writes on from there, and again while it calls tools, at most

@@ -1,7 +1,7 @@
 """generation_kwargs (TRL's): which of generate's settings a sampling run (grpo, rloo, online_dpo) passes on, and
 the form each must have, checked when the config is read (config/method_checks.check_sampled) so that a bad value
 is refused by the dry run in one line, never a traceback inside generate. The token ids are checked against the
-model when the trainer starts (methods/sampling.SamplingTrainer._check_generation_settings)."""
+model when the trainer starts (methods/completions.CompletionSampler._check_generation_settings)."""
 
 from __future__ import annotations
 

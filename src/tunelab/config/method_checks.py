@@ -102,7 +102,7 @@ def check_dpo(params: Params) -> None:
 
 
 def check_sampled(params: Params) -> None:
-    longest = params.max_completion_length or 256  # (methods/sampling.completion_length)
+    longest = params.max_completion_length or 256  # (methods/completions.completion_length)
     params.generation_kwargs = generation_settings(params.generation_kwargs, longest)
     if not params.reward_functions:
         raise ConfigError(

@@ -32,7 +32,7 @@ import torch
 from tunelab.data.tokenize import IGNORE
 from tunelab.errors import DataError
 from tunelab.methods.base import Method
-from tunelab.methods.sampling import completion_length, sampling_config
+from tunelab.methods.completions import completion_length, sampling_config
 from tunelab.methods.sft import build_rows
 from tunelab.models import load_teacher
 from tunelab.models.turns import turn_end

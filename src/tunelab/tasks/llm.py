@@ -93,7 +93,7 @@ def prepare(params: LLMParams) -> Prepared:
     if new_token_ids:
         grow_vocabulary(config, len(tokenizer))  # as load_model grows the model's embeddings
     if method.data == "prompts":  # a reward file that does not import is found now, not after the model loads
-        from tunelab.methods.sampling import completion_length
+        from tunelab.methods.completions import completion_length
         from tunelab.rewards import load_rewards
 
         load_rewards(params, completion_length(params))
@@ -306,11 +306,11 @@ def microbatch(prep: Prepared) -> tuple[int, int]:
     kind, params = prep.method.data, prep.params
     longest = max(row_lengths(prep.train_rows))
     if kind == "prompts":  # each prompt's completions, each as long as the prompt plus a full completion
-        from tunelab.methods.sampling import completion_length
+        from tunelab.methods.completions import completion_length
 
         return params.batch_size * params.completions_per_prompt, longest + completion_length(params)
     if getattr(params, "distill_lmbda", 0) or getattr(params, "distill_seq_kd", False):
-        from tunelab.methods.sampling import completion_length  # sampled answers: up to block_size long
+        from tunelab.methods.completions import completion_length  # sampled answers: up to block_size long
 
         longest = min(params.block_size, longest + completion_length(params))
     # A pair batch holds chosen and rejected; a kto batch, its answers and (kto's own loss) the mismatched ones
@@ -352,7 +352,7 @@ def plan(params: LLMParams) -> RunPlan:
         splits.append(summary)
     train = splits[0]
     if kind == "prompts":
-        from tunelab.methods.sampling import completion_length
+        from tunelab.methods.completions import completion_length
 
         length = completion_length(params)
         per_step = params.batch_size * params.gradient_accumulation * params.completions_per_prompt
