@@ -1029,6 +1029,55 @@ def test_a_reward_file_imports_as_a_module_does(tmp_path):
     assert scores == [1.5, 0.5]
 
 
+TRL_REWARDS = """
+import asyncio
+
+
+def by_step(completions, trainer_state, log_metric, log_extra, **kwargs):
+    log_metric("my/length", sum(len(c) for c in completions) / len(completions))
+    log_extra("judged", [f"step {trainer_state.global_step}"] * len(completions))
+    return [float(trainer_state.global_step)] * len(completions)
+
+
+async def later(completions, **kwargs):
+    await asyncio.sleep(0)
+    return [1.0 if "a" in c else 0.0 for c in completions]
+
+
+async def broken(completions, answer, **kwargs):
+    if "2" in answer:
+        raise ValueError("no")
+    return [0.0] * len(completions)
+"""
+
+
+def test_rewards_get_what_trl_hands_them_and_may_be_async(tiny_llama, tmp_path):
+    """TRL's reward extras: trainer_state (a reward by step, a curriculum), log_metric (a figure of its own in the
+    log) and log_extra (a column beside the samples in completions.jsonl); `async def` rewards are run, and one that
+    raises is named with its row."""
+    from types import SimpleNamespace
+
+    from tunelab.rewards import RewardError, call_reward, load_rewards
+
+    (tmp_path / "trl_rewards.py").write_text(TRL_REWARDS)
+    spec = ",".join(f"{tmp_path / 'trl_rewards.py'}:{name}" for name in ("later", "broken"))
+    later, broken = load_rewards(LLMParams(trainer="grpo", reward_functions=spec), 16)
+    assert call_reward(later, ["p", "p"], ["a sea", "hill"], [[1], [2]], {}, ["row 1", "row 2"]) == [1.0, 0.0]
+    logged = []
+    extras = {"trainer_state": SimpleNamespace(global_step=3), "log_metric": lambda *a: logged.append(a)}
+    with pytest.raises(RewardError, match=r"reward .*:broken raised ValueError: no \(row 2\)"):
+        call_reward(broken, ["p", "p"], ["x", "y"], [[1], [2]], {"answer": ["1", "2"]}, ["row 1", "row 2"], extras)
+
+    rewards = f"{tmp_path / 'trl_rewards.py'}:by_step"
+    assert main(grpo_args(tmp_path, tiny_llama, rewards)) == 0
+    run = tmp_path / "run"
+    records = [r for r in read_metrics(run) if "loss" in r]
+    assert [r[f"rewards/{rewards}/mean"] for r in records] == [0.0, 1.0]  # the step the completions were sampled at
+    assert all(r["my/length"] > 0 for r in records)
+    samples = [json.loads(line) for line in (run / "completions.jsonl").read_text().splitlines()]
+    assert {s["step"]: s["extra"]["judged"] for s in samples} == {1: "step 0", 2: "step 1"}
+
+
 def test_completions_end_at_the_turn_end_of_a_template_the_tokenizer_did_not_carry(tiny_gpt2, tmp_path, monkeypatch):
     """A base tokenizer without a chat template, trained with tunelab's ChatML: the rollouts must stop at
     `<|im_end|>` (what the run teaches to end an answer), not only at GPT-2's EOS, so the template has to be on the

@@ -33,6 +33,16 @@ def undocumented(a: int) -> int:
     return a
 
 
+async def later(a: int, b: int) -> int:
+    """Add two whole numbers, later.
+
+    Args:
+        a: the first number
+        b: the second number
+    """
+    return a + b
+
+
 def odd(a: int) -> dict:
     """A result JSON cannot write.
 
@@ -120,6 +130,11 @@ def test_a_call_is_read_run_and_answered_as_the_template_writes_tool_turns(tiny_
     errors = [json.loads(turn["content"])["error"] for turn in runner.run(wrong)]
     assert errors[0].startswith("ValueError: no tool named 'mul'") and errors[1].startswith("TypeError: add()")
     assert (runner.calls, runner.failures) == (3, 2)
+    later = ToolRunner(load_tools(f"{_tools(tmp_path)}:later"), tokenizer, _end_ids(tokenizer))
+    assert (
+        later.run({"tool_calls": [{"function": {"name": "later", "arguments": {"a": 2, "b": 2}}}]})[0]["content"]
+        == "4"
+    )
     odd = ToolRunner(load_tools(f"{_tools(tmp_path)}:odd"), tokenizer, _end_ids(tokenizer))
     turn = odd.run({"tool_calls": [{"function": {"name": "odd", "arguments": {"a": 1}}}]})[0]
     assert json.loads(turn["content"])["error"].startswith("TypeError: keys must be") and odd.failures == 1

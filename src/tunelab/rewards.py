@@ -26,6 +26,7 @@ imported when the run is prepared, so one that does not import is reported by th
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import math
@@ -375,21 +376,25 @@ def call_reward(
     completion_ids: list[list[int]],
     columns: dict[str, list[Any]],
     where: Sequence[str],
+    extras: dict[str, Any] | None = None,
 ) -> list[float | None]:
-    """The reward's scores for a batch, checked: one finite float (or None) per completion.
+    """The reward's scores for a batch, checked: one finite float (or None) per completion. An `async def` reward
+    is run to its end (TRL takes those too).
 
-    `where` names each completion's data row ("train.jsonl line 12"), for the error line.
+    `where` names each completion's data row ("train.jsonl line 12"), for the error line. `extras`: what TRL hands
+    a reward beside the batch (trainer_state, log_metric, log_extra), given to those that take them.
     """
     arguments = {"prompts": prompts, "completions": completions, "completion_ids": completion_ids, **columns}
-    accepted = _accepted(reward.function, arguments)
+    extras = extras or {}
+    accepted = _accepted(reward.function, {**arguments, **extras})
     try:
-        scores = reward.function(**accepted)
+        scores = _awaited(reward.function(**accepted))
     except RewardError as error:
         raise RewardError(f"reward {reward.name}: {error} ({where[0]})") from None
     except Exception as error:  # noqa: BLE001 - the user's code: find the row that breaks it, report one line
         if type(error).__name__ == "OutOfMemoryError":  # (a reward model's) not a row's fault: the run's advice
             raise
-        row = _failing_row(reward, arguments, len(completions), where)
+        row = _failing_row(reward, arguments, extras, len(completions), where)
         raise RewardError(f"reward {reward.name} raised {type(error).__name__}: {error} ({row})") from None
     if hasattr(scores, "tolist"):  # a numpy array or a tensor
         scores = scores.tolist()
@@ -414,6 +419,11 @@ def call_reward(
     return checked
 
 
+def _awaited(value: Any) -> Any:
+    """What a call returned, an `async def` function's coroutine run to its end (no event loop runs in training)."""
+    return asyncio.run(value) if inspect.isawaitable(value) else value
+
+
 def _accepted(function: Callable[..., Any], arguments: dict[str, Any]) -> dict[str, Any]:
     """The arguments the function declares (all of them when it takes **kwargs)."""
     try:
@@ -425,12 +435,14 @@ def _accepted(function: Callable[..., Any], arguments: dict[str, Any]) -> dict[s
     return {name: value for name, value in arguments.items() if name in signature.parameters}
 
 
-def _failing_row(reward: Reward, arguments: dict[str, Any], n: int, where: Sequence[str]) -> str:
+def _failing_row(
+    reward: Reward, arguments: dict[str, Any], extras: dict[str, Any], n: int, where: Sequence[str]
+) -> str:
     """Call the reward on one completion at a time to name the first row it fails on."""
     for index in range(n):
         one = {name: [values[index]] for name, values in arguments.items()}
         try:
-            reward.function(**_accepted(reward.function, one))
+            _awaited(reward.function(**_accepted(reward.function, {**one, **extras})))
         except Exception:  # noqa: BLE001
             return where[index]
     return where[0]  # it fails only on the batch as a whole

@@ -17,8 +17,10 @@ between them.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -134,7 +136,9 @@ class ToolRunner:
             try:
                 if name not in self.tools:
                     raise ValueError(f"no tool named {name!r} (tools: {', '.join(self.tools)})")
-                content = tool_result(self.tools[name](**arguments))  # (a result JSON cannot write fails too)
+                result = self.tools[name](**arguments)
+                result = asyncio.run(result) if inspect.isawaitable(result) else result  # (an `async def` tool)
+                content = tool_result(result)  # (a result JSON cannot write fails too)
             except Exception as error:  # noqa: BLE001 - the model's call failed: it is told, and goes on
                 self.failures += 1
                 content = json.dumps({"error": f"{type(error).__name__}: {error}"}, ensure_ascii=False)

@@ -308,9 +308,18 @@ class SamplingTrainer(CompletionSampler, GuardedTrainer):
         names = dict.fromkeys(key for row in rows for key in row.columns)  # a column some rows lack is None there
         columns = {key: [row.columns.get(key) for row in repeated] for key in names}
         where = [row.where for row in repeated]
+        # what TRL hands a reward beside the batch: the trainer's state (a curriculum by step), and ways to log a
+        # figure of its own (averaged as the others are) or a column beside the samples in completions.jsonl
+        extra_columns: dict[str, list[Any]] = {}
+        extras = {
+            "trainer_state": self.state,
+            "log_metric": self.record,
+            "log_extra": lambda column, values: extra_columns.__setitem__(column, list(values)),
+        }
         scores = []
         for reward in self.rewards:
-            values = call_reward(reward, [r.prompt for r in repeated], completions, ids_lists, columns, where)
+            prompts = [r.prompt for r in repeated]
+            values = call_reward(reward, prompts, completions, ids_lists, columns, where, extras)
             scores.append([math.nan if v is None else v for v in values])
         per_function = torch.tensor(scores, dtype=torch.float32).T  # (completions, functions)
         weights = torch.tensor([r.weight for r in self.rewards])
@@ -344,7 +353,7 @@ class SamplingTrainer(CompletionSampler, GuardedTrainer):
         self.record("completions/clipped_ratio", truncated.float().mean())
         if self._samples is None and not self._prefix and self._writes_samples():
             # written once the step's advantages are final (finish_advantages), with them
-            self._samples = (repeated, texts, per_function, total, samples.messages)
+            self._samples = (repeated, texts, per_function, total, samples.messages, extra_columns)
         return batch
 
     def finish_advantages(self, batches: list[dict[str, Any]]) -> None:
@@ -477,7 +486,7 @@ class SamplingTrainer(CompletionSampler, GuardedTrainer):
         served = range(step, end) if position == 0 else range(step, end, self.together)
         return any(served_step % every == 0 for served_step in served)
 
-    def _write_samples(self, rows, texts, per_function, total, messages, advantages) -> None:
+    def _write_samples(self, rows, texts, per_function, total, messages, extra_columns, advantages) -> None:
         """A few prompts of this step (the first group's completions of up to 2 prompts), appended to the run's
         completions.jsonl: what the model writes (with tools, its turns too), and what each reward made of it."""
         path = Path(self.args.output_dir) / COMPLETIONS_FILE
@@ -495,7 +504,11 @@ class SamplingTrainer(CompletionSampler, GuardedTrainer):
                 }
                 if messages is not None:
                     record["messages"] = messages[i]
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                if extra_columns:  # (what the rewards logged with log_extra, TRL's)
+                    record["extra"] = {
+                        column: values[i] for column, values in extra_columns.items() if i < len(values)
+                    }
+                out.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):  # noqa: D102
         """Evaluation: completions for the validation prompts (num_generations_eval each), scored; the loss and
