@@ -9,6 +9,7 @@ import gzip
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -300,7 +301,8 @@ def processes_naming(folder: Path) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/cmdline").is_file(), reason="reads /proc")
-def test_a_job_left_running_by_a_killed_app_is_stopped_when_the_app_starts_again(tmp_path, tiny_llama):
+@pytest.mark.parametrize("forget_group", [False, True], ids=["stored-group", "no-group-stored"])
+def test_a_job_left_running_by_a_killed_app_is_stopped_when_the_app_starts_again(tmp_path, tiny_llama, forget_group):
     data_dir = tmp_path / "appdata"
     port = free_port()
     serve = f"from tunelab.app import run_app; run_app(port={port}, data_dir={str(data_dir)!r}, allowed_paths=[{str(tiny_llama)!r}])"  # noqa: E501
@@ -332,6 +334,9 @@ def test_a_job_left_running_by_a_killed_app_is_stopped_when_the_app_starts_again
             if processes_naming(folder):
                 break
         assert processes_naming(folder), "the trainer died with the app: nothing left to stop"
+        if forget_group:  # an app killed before it stored the group it had just started: found by the folder
+            with sqlite3.connect(data_dir / "app.db") as db:
+                db.execute("UPDATE jobs SET pgid = NULL")
 
         with running_app(data_dir, allowed_paths=[tiny_llama], start_worker=False) as again:
             assert processes_naming(folder) == []

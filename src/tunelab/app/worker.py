@@ -187,28 +187,47 @@ def stop_leftovers(store: JobStore) -> int:
     A job's process has its own session (so that a cancel reaches everything it started), so it outlives an app
     that dies without stopping it, and a Resume would then train a second process into the same folder. The
     group id is stored with the job; a group still living is SIGTERMed (SIGKILLed after the grace period) only
-    when one of its processes names the job's folder in its command line, as a reused group id would not.
+    when one of its processes names the job's folder in its command line, as a reused group id would not. An app
+    killed between starting the process and storing its group left none: the groups of the processes that name
+    the folder are stopped then.
     (PR_SET_PDEATHSIG was the other way: it reaches only the direct child, not the accelerate or data-loader
     processes of its group, fires when the thread that started it ends rather than the app, is Linux-only and
     needs a preexec_fn, which is unsafe in a threaded app.) Returns the number of groups stopped.
     """
     stopped = 0
     for job in store.jobs():
-        pgid = job.get("pgid")
-        if job["status"] != RUNNING or not pgid or not any(job["folder"] in c for c in group_commands(pgid)):
+        if job["status"] != RUNNING:
             continue
-        log.info("app: job %s is still running from before (process group %d): stopping it", job["id"], pgid)
-        try:
-            os.killpg(pgid, signal.SIGTERM)
-            deadline = time.monotonic() + STOP_GRACE_SECONDS
-            while group_commands(pgid) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            if group_commands(pgid):
-                kill_group(pgid)
-        except ProcessLookupError:
-            pass
-        stopped += 1
+        groups = [job["pgid"]] if job.get("pgid") else groups_naming(job["folder"])
+        for pgid in groups:
+            if not any(job["folder"] in c for c in group_commands(pgid)):
+                continue
+            log.info("app: job %s is still running from before (process group %d): stopping it", job["id"], pgid)
+            try:
+                os.killpg(pgid, signal.SIGTERM)
+                deadline = time.monotonic() + STOP_GRACE_SECONDS
+                while group_commands(pgid) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                if group_commands(pgid):
+                    kill_group(pgid)
+            except ProcessLookupError:
+                pass
+            stopped += 1
     return stopped
+
+
+def groups_naming(folder: str) -> list[int]:
+    """The process groups of the living processes whose command line names `folder` (psutil: any system)."""
+    import psutil  # accelerate's own dependency
+
+    groups = []
+    for process in psutil.process_iter(["pid", "cmdline", "status"]):
+        command = " ".join(process.info["cmdline"] or [])
+        if folder in command and process.info["status"] != psutil.STATUS_ZOMBIE:
+            group = _group_of(process.info["pid"])
+            if group is not None and group not in groups and group != os.getpgid(0):  # (never the app's own)
+                groups.append(group)
+    return groups
 
 
 def kill_group(pgid: int) -> None:
