@@ -1044,6 +1044,14 @@ async def later(completions, **kwargs):
     return [1.0 if "a" in c else 0.0 for c in completions]
 
 
+LOOPS = []
+
+
+async def one_loop(completions, **kwargs):  # (a client or a rate limiter made in one call works in the next)
+    LOOPS.append(asyncio.get_running_loop())
+    return [float(len(set(map(id, LOOPS))) == 1)] * len(completions)
+
+
 async def broken(completions, answer, **kwargs):
     if "2" in answer:
         raise ValueError("no")
@@ -1060,9 +1068,11 @@ def test_rewards_get_what_trl_hands_them_and_may_be_async(tiny_llama, tmp_path):
     from tunelab.rewards import RewardError, call_reward, load_rewards
 
     (tmp_path / "trl_rewards.py").write_text(TRL_REWARDS)
-    spec = ",".join(f"{tmp_path / 'trl_rewards.py'}:{name}" for name in ("later", "broken"))
-    later, broken = load_rewards(LLMParams(trainer="grpo", reward_functions=spec), 16)
+    spec = ",".join(f"{tmp_path / 'trl_rewards.py'}:{name}" for name in ("later", "broken", "one_loop"))
+    later, broken, one_loop = load_rewards(LLMParams(trainer="grpo", reward_functions=spec), 16)
     assert call_reward(later, ["p", "p"], ["a sea", "hill"], [[1], [2]], {}, ["row 1", "row 2"]) == [1.0, 0.0]
+    for _ in range(2):  # every call awaited on the same event loop
+        assert call_reward(one_loop, ["p"], ["x"], [[1]], {}, ["row 1"]) == [1.0]
     logged = []
     extras = {"trainer_state": SimpleNamespace(global_step=3), "log_metric": lambda *a: logged.append(a)}
     with pytest.raises(RewardError, match=r"reward .*:broken raised ValueError: no \(row 2\)"):

@@ -8,9 +8,11 @@ so TRL reward code works here unchanged:
 
 with one entry per completion: the prompts (a prompt repeated for each of its completions), the completions
 (strings; for chat prompts, a one-message list [{"role": "assistant", "content": ...}] as TRL passes them), their
-token ids, and every other column of the rows as a keyword argument of lists (`answer=[...]`). A function may
-declare only the arguments it uses. It returns one float per completion, or None where it has no opinion (the
-other rewards then decide; a completion no reward scores gets 0).
+token ids, and every other column of the rows as a keyword argument of lists (`answer=[...]`); with tools, each
+completion's turns. As TRL, it also gets `trainer_state`, `log_metric(name, value)` and `log_extra(column,
+values)`. A function may declare only the arguments it uses, and may be an `async def` (awaited on one event loop
+kept for the process, user_code.awaited). It returns one float per completion, or None where it has no opinion
+(the other rewards then decide; a completion no reward scores gets 0).
 
 A folder instead of a function is a reward model (`--reward-functions my-rm,format_tag`): a `--trainer reward` run
 of tunelab's (adapter or merged) or any sequence classifier with one output, as TRL takes a reward model. A
@@ -26,7 +28,6 @@ imported when the run is prepared, so one that does not import is reported by th
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import json
 import math
@@ -38,7 +39,7 @@ from typing import Any
 
 from tunelab.errors import TunelabError
 from tunelab.hub import hub_snapshot, is_hub_id
-from tunelab.user_code import user_function
+from tunelab.user_code import awaited, user_function
 
 
 class RewardError(TunelabError):
@@ -388,7 +389,7 @@ def call_reward(
     extras = extras or {}
     accepted = _accepted(reward.function, {**arguments, **extras})
     try:
-        scores = _awaited(reward.function(**accepted))
+        scores = awaited(reward.function(**accepted))
     except RewardError as error:
         raise RewardError(f"reward {reward.name}: {error} ({where[0]})") from None
     except Exception as error:  # noqa: BLE001 - the user's code: find the row that breaks it, report one line
@@ -419,11 +420,6 @@ def call_reward(
     return checked
 
 
-def _awaited(value: Any) -> Any:
-    """What a call returned, an `async def` function's coroutine run to its end (no event loop runs in training)."""
-    return asyncio.run(value) if inspect.isawaitable(value) else value
-
-
 def _accepted(function: Callable[..., Any], arguments: dict[str, Any]) -> dict[str, Any]:
     """The arguments the function declares (all of them when it takes **kwargs)."""
     try:
@@ -438,11 +434,12 @@ def _accepted(function: Callable[..., Any], arguments: dict[str, Any]) -> dict[s
 def _failing_row(
     reward: Reward, arguments: dict[str, Any], extras: dict[str, Any], n: int, where: Sequence[str]
 ) -> str:
-    """Call the reward on one completion at a time to name the first row it fails on."""
+    """Call the reward on one completion at a time to name the first row it fails on (what it logs then is dropped)."""
+    quiet = {**extras, **{name: lambda *_: None for name in ("log_metric", "log_extra") if name in extras}}
     for index in range(n):
         one = {name: [values[index]] for name, values in arguments.items()}
         try:
-            _awaited(reward.function(**_accepted(reward.function, {**one, **extras})))
+            awaited(reward.function(**_accepted(reward.function, {**one, **quiet})))
         except Exception:  # noqa: BLE001
             return where[index]
     return where[0]  # it fails only on the batch as a whole

@@ -17,10 +17,8 @@ between them.
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -28,7 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tunelab.errors import ConfigError
-from tunelab.user_code import user_function
+from tunelab.user_code import awaited, user_function
 
 log = logging.getLogger("tunelab")
 
@@ -136,9 +134,8 @@ class ToolRunner:
             try:
                 if name not in self.tools:
                     raise ValueError(f"no tool named {name!r} (tools: {', '.join(self.tools)})")
-                result = self.tools[name](**arguments)
-                result = asyncio.run(result) if inspect.isawaitable(result) else result  # (an `async def` tool)
-                content = tool_result(result)  # (a result JSON cannot write fails too)
+                # (an `async def` tool awaited; a result JSON cannot write fails too)
+                content = tool_result(awaited(self.tools[name](**arguments)))
             except Exception as error:  # noqa: BLE001 - the model's call failed: it is told, and goes on
                 self.failures += 1
                 content = json.dumps({"error": f"{type(error).__name__}: {error}"}, ensure_ascii=False)

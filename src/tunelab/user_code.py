@@ -3,9 +3,12 @@ it is unchanged, its errors said in one line naming the file and the line."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import importlib.util
+import inspect
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -75,3 +78,23 @@ def user_line(error: BaseException, path: Path) -> str:
             line = f":{tb.tb_lineno}"
         tb = tb.tb_next
     return line
+
+
+_LOOP: asyncio.AbstractEventLoop | None = None
+
+
+def awaited(value: Any) -> Any:
+    """What a call of the user's returned; an `async def` function's result awaited to its end on one event loop
+    kept for the whole process (TRL's way), so that what a call makes for the next (an HTTP client, a semaphore for
+    a judge's rate limit) keeps working."""
+    if not inspect.isawaitable(value):
+        return value
+    global _LOOP
+    if _LOOP is None:
+        _LOOP = asyncio.new_event_loop()
+        threading.Thread(target=_LOOP.run_forever, name="tunelab-user-async", daemon=True).start()
+
+    async def result() -> Any:
+        return await value
+
+    return asyncio.run_coroutine_threadsafe(result(), _LOOP).result()

@@ -314,7 +314,9 @@ class SamplingTrainer(CompletionSampler, GuardedTrainer):
         extras = {
             "trainer_state": self.state,
             "log_metric": self.record,
-            "log_extra": lambda column, values: extra_columns.__setitem__(column, list(values)),
+            "log_extra": lambda column, values: extra_columns.__setitem__(
+                column, values.tolist() if hasattr(values, "tolist") else list(values)
+            ),
         }
         scores = []
         for reward in self.rewards:
