@@ -317,8 +317,10 @@ def test_a_tiny_run_with_tools_trains_and_writes_the_turns(tiny_llama, tmp_path,
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     bias = json.dumps({"sequence_bias": _forcing(tokenizer, CALL)})
-    data = tmp_path / "prompts.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"What is {i} + 2?"}) + "\n" for i in range(4)))
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps({"prompt": f"What is {i} + 2?"}) + "\n" for i in range(4)))
+    (data / "test.jsonl").write_text(json.dumps({"prompt": "What is 9 + 2?"}) + "\n")
     args = [
         "llm", "--train", "--trainer", trainer, "--model", str(tiny_llama), "--data-path", str(data),
         "--project-name", str(tmp_path / "run"), "--reward-functions", f"{tools}:seen", "--tools", f"{tools}:add",
@@ -329,6 +331,8 @@ def test_a_tiny_run_with_tools_trains_and_writes_the_turns(tiny_llama, tmp_path,
     ]  # fmt: skip
     if trainer == "online_dpo":  # (two completions a prompt, always)
         del args[args.index("--num-generations") : args.index("--num-generations") + 2]
+    if trainer == "grpo":  # evaluation samples with the tools too
+        args += ["--valid-split", "test", "--eval-strategy", "steps"]
     dry = [*args, "--dry-run"]
     dry.remove("--train")
     assert main(dry) == 0
@@ -349,7 +353,10 @@ def test_a_tiny_run_with_tools_trains_and_writes_the_turns(tiny_llama, tmp_path,
         "content": "3",
     }
     assert "[add returned] 3" in sample["completion"]
-    assert len((tmp_path / "my_tools.calls").read_text().splitlines()) == 2 * 2 * 2  # steps x prompts x completions
+    evals = [r for r in read_metrics(run) if "eval_loss" in r]
+    assert all(r["eval_tools/call_frequency"] == 1.0 for r in evals) and (trainer == "grpo") == bool(evals)
+    calls = (tmp_path / "my_tools.calls").read_text().splitlines()
+    assert len(calls) == 2 * 2 * 2 + len(evals) * 2  # steps x prompts x completions, and each evaluation's
 
 
 def _template(tmp_path: Path, *edits: tuple[str, str]) -> Path:
