@@ -140,7 +140,10 @@ def test_a_call_is_read_run_and_answered_as_the_template_writes_tool_turns(tiny_
     assert json.loads(turn["content"])["error"].startswith("TypeError: keys must be") and odd.failures == 1
     assert runner.read(_ids(tokenizer, ANSWER)) == {"role": "assistant", "content": "The sum is 3."}
     assert transcript([message, *turns]) == '[calls add({"a": 1, "b": 2})]\n[add returned] 3'
-    from tunelab.rewards import _whole  # what a reward model without a chat template scores
+    from tunelab.rewards import ModelReward, _whole  # what a reward model scores, without a chat template and with
+
+    scored = ModelReward._chat(tokenizer, [{"role": "user", "content": "1 + 2?"}], [message])
+    assert '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>' in scored  # its calls too
 
     assert _whole([message]) == '[calls add({"a": 1, "b": 2})]' and _whole([{"content": "it is 3"}]) == "it is 3"
 

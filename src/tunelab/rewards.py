@@ -1,4 +1,5 @@
-"""Rewards for `--trainer grpo`: the built-in checks and the user's own Python functions, called safely.
+"""Rewards for the sampling methods (grpo, rloo, online_dpo): the built-in checks, reward models and the user's own
+Python functions, called safely.
 
 `--reward-functions answer_tag,format_tag,FILE:short` (FILE: a Python file of yours) names the rewards,
 `--reward-weights 1,0.5,0.2` weighs them (default 1 each). A reward is called as TRL calls its reward functions,
@@ -12,7 +13,8 @@ token ids, and every other column of the rows as a keyword argument of lists (`a
 completion's turns. As TRL, it also gets `trainer_state`, `log_metric(name, value)` and `log_extra(column,
 values)`. A function may declare only the arguments it uses, and may be an `async def` (awaited on one event loop
 kept for the process, user_code.awaited). It returns one float per completion, or None where it has no opinion
-(the other rewards then decide; a completion no reward scores gets 0).
+(the other rewards then decide; a completion no reward scores is left out of its group's baseline and gets no
+advantage).
 
 A folder instead of a function is a reward model (`--reward-functions my-rm,format_tag`): a `--trainer reward` run
 of tunelab's (adapter or merged) or any sequence classifier with one output, as TRL takes a reward model. A
@@ -338,8 +340,9 @@ class ModelReward:
 
     @staticmethod
     def _chat(tokenizer: Any, prompt: Any, completion: Any) -> str:
-        # a completion of several turns (tools: calls, their results, the answer) is scored whole, as TRL does
-        turns = completion if isinstance(completion, list) and len(completion) > 1 else None
+        # a completion of turns (tools: calls, their results, the answer) is scored whole, as TRL does
+        called = isinstance(completion, list) and any(len(completion) > 1 or "tool_calls" in m for m in completion)
+        turns = completion if called else None
         messages = _messages(prompt) + (turns or [{"role": "assistant", "content": _text(completion)}])
         return tokenizer.apply_chat_template(messages, tokenize=False)
 
@@ -443,11 +446,3 @@ def _failing_row(
         except Exception:  # noqa: BLE001
             return where[index]
     return where[0]  # it fails only on the batch as a whole
-
-
-def total_reward(per_function: list[list[float | None]], weights: list[float]) -> list[float]:
-    """Weighted sum per completion; None counts as 0 (TRL's nansum)."""
-    return [
-        sum(w * s for w, s in zip(weights, scores, strict=True) if s is not None)
-        for scores in zip(*per_function, strict=True)
-    ]

@@ -29,7 +29,12 @@ CHARTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     (
         "tools",
         "Tool calls per completion, and the share that failed",
-        ("tools/call_frequency", "tools/failure_frequency"),
+        (
+            "tools/call_frequency",
+            "eval_tools/call_frequency",
+            "tools/failure_frequency",
+            "eval_tools/failure_frequency",
+        ),
     ),
     ("aux_loss", "Experts' load-balancing loss (mixture of experts)", ("aux_loss", "eval_aux_loss")),
 )

@@ -501,9 +501,9 @@ class LLMParams(Params):
         None,
         "grpo, rloo, online_dpo: more of generate's settings for sampling the completions (TRL's "
         "generation_kwargs; a JSON object on the command line), those tunelab passes on: no_repeat_ngram_size, "
-        "min_new_tokens, suppress_tokens, begin_suppress_tokens, bad_words_ids, sequence_bias, typical_p, "
-        "epsilon_cutoff, eta_cutoff, exponential_decay_length_penalty, renormalize_logits (docs/grpo.md; e.g. "
-        '{"no_repeat_ngram_size": 3}). The others are refused: temperature and the rest have a setting here; '
+        "min_new_tokens (not with tools), suppress_tokens, begin_suppress_tokens, bad_words_ids, sequence_bias, "
+        "typical_p, epsilon_cutoff, eta_cutoff, exponential_decay_length_penalty, renormalize_logits (docs/grpo.md; "
+        'e.g. {"no_repeat_ngram_size": 3}). The others are refused: temperature and the rest have a setting here; '
         "the group and the end tokens are tunelab's; beams, assisted decoding and stop_strings are not offered.",
     )
     tools: str | None = param(

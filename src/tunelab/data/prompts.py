@@ -1,4 +1,5 @@
-"""Prompt data for `--trainer grpo`: a prompt per row, and the row's other columns for the rewards.
+"""Prompt data for the sampling methods (grpo, rloo, online_dpo): a prompt per row, the row's other columns for the
+rewards.
 
 The prompt column is `prompt_text_column` (default: a column named `prompt`). A prompt is text or a role/content
 message list (or a JSON string of one). Message prompts are rendered with the chat template and its generation

@@ -208,7 +208,7 @@ class CompletionSampler:
         return ids[: ends[0] + 1] if ends else ids
 
     def _check_generation_settings(self, model: Any) -> None:
-        """generation_kwargs' token ids against the model (config/method_checks checked their forms): each inside
+        """generation_kwargs' token ids against the model (config/generation.py checked their forms): each inside
         the vocabulary (generate would fail at the first step), and no end token suppressed, nor biased as good as
         suppressed (no completion could end)."""
         settings = self.params.generation_kwargs
