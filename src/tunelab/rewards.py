@@ -341,15 +341,19 @@ class ModelReward:
     @staticmethod
     def _chat(tokenizer: Any, prompt: Any, completion: Any) -> str:
         # a completion of turns (tools: calls, their results, the answer) is scored whole, as TRL does
-        called = isinstance(completion, list) and any(len(completion) > 1 or "tool_calls" in m for m in completion)
-        turns = completion if called else None
-        messages = _messages(prompt) + (turns or [{"role": "assistant", "content": _text(completion)}])
+        turns = completion if _in_turns(completion) else [{"role": "assistant", "content": _text(completion)}]
+        messages = _messages(prompt) + turns
         return tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def _in_turns(completion: Any) -> bool:
+    """Whether a completion is turns to score whole (tools: several turns, or a lone one with its calls)."""
+    return isinstance(completion, list) and (len(completion) > 1 or any("tool_calls" in m for m in completion))
 
 
 def _whole(completion: Any) -> str:
     """A completion as text to score: the text itself, a message's content, or (tools) its turns and calls in line."""
-    if isinstance(completion, list) and any(len(completion) > 1 or "tool_calls" in m for m in completion):
+    if _in_turns(completion):
         from tunelab.tools import transcript
 
         return transcript(completion)

@@ -318,9 +318,9 @@ class SamplingTrainer(CompletionSampler, GuardedTrainer):
                 column, values.tolist() if hasattr(values, "tolist") else list(values)
             ),
         }
+        prompts = [r.prompt for r in repeated]
         scores = []
         for reward in self.rewards:
-            prompts = [r.prompt for r in repeated]
             values = call_reward(reward, prompts, completions, ids_lists, columns, where, extras)
             scores.append([math.nan if v is None else v for v in values])
         per_function = torch.tensor(scores, dtype=torch.float32).T  # (completions, functions)
