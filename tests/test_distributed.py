@@ -230,42 +230,79 @@ def test_python_api_launches_too(tiny_llama, tmp_path):
     assert json.loads((folder / "training_params.json").read_text())["num_processes"] == 2
 
 
-RANK_REWARD = """
+RANK_SCRIPT = """
+import json
 import os
+import sys
+
+import tunelab
+from scoring.lengths import length  # a package beside this script: not where the launched processes start
 
 
 def rank(completions, **kwargs):
     return [float(os.environ.get("RANK", "0"))] * len(completions)
 
 
-def length(completions, **kwargs):
-    return [float(len(c)) for c in completions]
+if __name__ == "__main__":
+    # (the package's first: the launched processes must find it before importing this script puts its folder on
+    # their path)
+    tunelab.train(**json.loads(sys.argv[1]), reward_functions=[length, rank])
 """
+
+
+def _script(folder: Path, guarded: bool = True) -> Path:
+    (folder / "scoring").mkdir(parents=True)
+    (folder / "scoring" / "__init__.py").write_text("")
+    (folder / "scoring" / "lengths.py").write_text(
+        "def length(completions, **kwargs):\n    return [float(len(c)) for c in completions]\n"
+    )
+    source = RANK_SCRIPT if guarded else RANK_SCRIPT.replace('if __name__ == "__main__":\n    ', "")
+    (folder / "train.py").write_text(source)
+    return folder / "train.py"
 
 
 @pytest.mark.slow
 def test_two_grpo_processes_log_the_figures_of_both(tiny_llama, tmp_path):
     """Each process samples and scores its own prompts: what the run logs is every process's, as TRL gathers it
     (a reward that is each process's rank logs 0.5, not process 0's 0), and the collectives of the whole step's
-    reward scaling and of the entropy mask run in step on both processes."""
+    reward scaling and of the entropy mask run in step on both processes. The rewards are functions a Python script
+    hands to tunelab.train: its own (the launched processes import the script, which keeps its training under a
+    __main__ guard) and one of a package beside it (found by the launched processes too)."""
     prompts = [{"prompt": f"What is {a} + {b}?"} for a, b in [(2, 3), (4, 1), (6, 2), (1, 1)]]
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in prompts))
-    (tmp_path / "mine.py").write_text(RANK_REWARD)
-    rewards = f"{tmp_path / 'mine.py'}:rank,{tmp_path / 'mine.py'}:length"
-    done = _tunelab(
-        "llm", "--train", "--trainer", "grpo", "--model", str(tiny_llama), "--data-path", str(data),
-        "--project-name", str(tmp_path / "run"), "--reward-functions", rewards, "--num-generations", "2",
-        "--batch-size", "1", "--gradient-accumulation", "1", "--max-completion-length", "6", "--max-steps", "2",
-        "--peft", "--logging-steps", "1", "--num-processes", "2", "--scale-rewards", "batch",
-        "--top-entropy-quantile", "0.5", "--entropy-coef", "0.01",
+    script = _script(tmp_path / "mine")
+    settings = {
+        "trainer": "grpo", "model": str(tiny_llama), "data_path": str(data), "project_name": str(tmp_path / "run"),
+        "num_generations": 2, "batch_size": 1, "gradient_accumulation": 1, "max_completion_length": 6,
+        "max_steps": 2, "peft": True, "logging_steps": 1, "num_processes": 2, "scale_rewards": "batch",
+        "top_entropy_quantile": 0.5, "entropy_coef": 0.01,
+    }  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(script), json.dumps(settings)], env=_environment(), capture_output=True, text=True,
+        timeout=600, cwd=ROOT,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     records = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
     assert len(records) == 2
     for record in records:
-        assert record[f"rewards/{tmp_path / 'mine.py'}:rank/mean"] == pytest.approx(0.5)
+        assert record[f"rewards/{script}:rank/mean"] == pytest.approx(0.5)
+        assert record["rewards/scoring.lengths.length/mean"] > 0
         assert record["entropy"] > 0 and "clip_ratio/region_mean" in record
+
+
+def test_a_script_s_own_reward_without_a_main_guard_is_refused_before_any_process_starts(tiny_llama, tmp_path):
+    """Each launched process imports the script for its function: without `if __name__ == "__main__":` that would
+    start the training again in every one of them. Said in one line, before anything is launched."""
+    script = _script(tmp_path / "mine", guarded=False)
+    settings = {"trainer": "grpo", "model": str(tiny_llama), "data_path": "unread.jsonl", "num_processes": 2}
+    done = subprocess.run(
+        [sys.executable, str(script), json.dumps(settings)], env=_environment(), capture_output=True, text=True,
+        timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert f"ConfigError: with several processes: {script}:rank: each launched process imports train.py" in done.stderr
+    assert "accelerate" not in done.stderr
 
 
 RANK_TOOL = """

@@ -1127,3 +1127,93 @@ def test_a_resumed_cycle_writes_each_due_step_s_samples_once(tiny_llama, tmp_pat
     assert (writes(5), writes(6)) == (False, True)
     trainer.params.completions_every = 6  # the cycles' first rollouts: steps 0-3 hold 0, 4-7 6, 8-11 none
     assert [writes(step) for step in (0, 4, 8, 12)] == [True, True, False, True]
+
+
+def test_the_python_api_takes_reward_functions_as_trl_does(tiny_llama, tmp_path, monkeypatch):
+    """`reward_functions=[...]` from Python: the very functions handed over are called (a closure's state moves), a
+    package's function beside a built-in's name; each is logged under its own name, and the run's parameters keep
+    names a config, a resume or a launched process can read."""
+    import tunelab
+
+    package = tmp_path / "code" / "scoring"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "rules.py").write_text("def short(completions, **kwargs):\n    return [-len(c) for c in completions]\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "code"))
+    from scoring.rules import short
+
+    seen: list[str] = []
+
+    def counted(completions, answer, **kwargs):
+        seen.extend(completions)
+        return [float(a in c) for a, c in zip(answer, completions, strict=True)]
+
+    folder = tunelab.train(
+        model=str(tiny_llama), data_path=str(_data(tmp_path)), project_name=str(tmp_path / "run"), trainer="grpo",
+        reward_functions=[counted, short, "format_tag"], reward_weights="1,0.1,1", num_generations=2, batch_size=2,
+        gradient_accumulation=1, max_completion_length=6, max_steps=2, peft=True, logging_steps=1,
+    )  # fmt: skip
+    assert len(seen) == 2 * 2 * 2  # 2 steps of 2 prompts x 2 completions, scored by the function handed over
+    records = [r for r in read_metrics(folder) if "loss" in r]
+    assert all("rewards/counted/mean" in r and r["rewards/scoring.rules.short/mean"] < 0 for r in records)
+    saved = json.loads((folder / "training_params.json").read_text())["reward_functions"]
+    assert saved == "<python>:counted,scoring.rules.short,format_tag"
+
+
+def test_reward_and_tool_functions_are_named_by_what_imports_them(tmp_path, monkeypatch):
+    """A file's top-level function is FILE.py:function, a package's package.module.function (TRL's CLI form, which
+    the CLI takes too), anything else (a lambda, a closure) `<python>:name`, which no other process can resolve;
+    what cannot be a reward or a tool is refused in one line."""
+    import functools
+
+    import tunelab
+    from tunelab.errors import ConfigError
+    from tunelab.rewards import RewardError, load_rewards
+    from tunelab.tools import load_tools
+    from tunelab.user_code import user_function
+
+    (tmp_path / "loose_rewards.py").write_text(
+        "def add(a: int, b: int) -> int:\n    '''Add.\n\n    Args:\n        a: one\n        b: two\n    '''\n"
+        "    return a + b\n\n\ndef long(completions, **kwargs):\n    return [float(len(c)) for c in completions]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    import loose_rewards
+
+    first, second = (lambda completions, **k: [1.0] * len(completions)), (lambda completions, **k: [2.0])
+    params = tunelab.load_config(
+        {"trainer": "grpo", "reward_functions": [loose_rewards.long, first, second, "format_tag"]},
+        tools=loose_rewards.add,
+    )
+    assert params.reward_functions == "loose_rewards.py:long,<python>:<lambda>,<python>:<lambda>#2,format_tag"
+    assert params.tools == "loose_rewards.py:add"
+    rewards = load_rewards(params, 16)
+    assert [r.function for r in rewards[:3]] == [loose_rewards.long, first, second]  # the objects handed over
+    assert [r.name for r in rewards[:3]] == ["loose_rewards.py:long", "<lambda>", "<lambda>#2"]
+    assert load_tools(params.tools) == [loose_rewards.add]
+    assert tunelab.load_config(params).reward_functions == params.reward_functions  # a parameter object round trip
+
+    (tmp_path / "cli_pkg").mkdir()
+    (tmp_path / "cli_pkg" / "__init__.py").write_text("from loose_rewards import long\n")
+    (dotted,) = load_rewards(LLMParams(trainer="grpo", reward_functions="cli_pkg.long"), 16)
+    assert dotted.function is loose_rewards.long  # TRL's --reward_funcs my_lib.rewards.func, from the CLI too
+    with pytest.raises(RewardError, match=r"reward cli_pkg\.nothing: module cli_pkg has no function 'nothing'"):
+        load_rewards(LLMParams(trainer="grpo", reward_functions="cli_pkg.nothing"), 16)
+    with pytest.raises(RewardError, match=r"reward nowhere\.f: no module named 'nowhere'"):
+        load_rewards(LLMParams(trainer="grpo", reward_functions="nowhere.f"), 16)
+    with pytest.raises(RewardError, match=r"reward gone: a function handed to the Python API in another process"):
+        user_function("<python>:gone", "reward", RewardError)
+
+    for value, message in [
+        ([loose_rewards.long, 3], r"reward_functions: expected names or functions, got int 3"),
+        (torch.nn.Linear(2, 1), None),
+    ]:
+        if message is None:  # an nn.Module is callable but not a reward: a model needs its folder (and a config)
+            value.config = {}
+            message = r"reward_functions: a model object: save it"
+        with pytest.raises(ConfigError, match=message):
+            tunelab.load_config({"trainer": "grpo", "reward_functions": value})
+    with pytest.raises(ConfigError, match=r"tools: expected functions, got partial"):
+        tunelab.load_config({"trainer": "grpo", "reward_functions": "format_tag"}, tools=functools.partial(max))
+    with pytest.raises(ConfigError, match=r"tools: expected file.py:function or package.module.function"):
+        tunelab.load_config({"trainer": "grpo", "reward_functions": "format_tag", "tools": "loose_rewards.py"})

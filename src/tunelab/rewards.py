@@ -1,9 +1,9 @@
 """Rewards for the sampling methods (grpo, rloo, online_dpo): the built-in checks, reward models and the user's own
 Python functions, called safely.
 
-`--reward-functions answer_tag,format_tag,FILE:short` (FILE: a Python file of yours) names the rewards,
-`--reward-weights 1,0.5,0.2` weighs them (default 1 each). A reward is called as TRL calls its reward functions,
-so TRL reward code works here unchanged:
+`--reward-functions answer_tag,format_tag,FILE:short` (FILE: a Python file of yours; or package.module.short, TRL's
+form; from Python, the function itself: user_code.py) names the rewards, `--reward-weights 1,0.5,0.2` weighs them
+(default 1 each). A reward is called as TRL calls its reward functions, so TRL reward code works here unchanged:
 
     def short(prompts, completions, completion_ids, **columns) -> list[float | None]
 
@@ -41,7 +41,7 @@ from typing import Any
 
 from tunelab.errors import TunelabError
 from tunelab.hub import hub_snapshot, is_hub_id
-from tunelab.user_code import awaited, user_function
+from tunelab.user_code import IN_PROCESS, awaited, is_dotted, user_function
 
 
 class RewardError(TunelabError):
@@ -225,8 +225,10 @@ def load_rewards(params: Any, max_completion_length: int) -> list[Reward]:
             ) from None
         if len(weights) != len(names):
             raise RewardError(f"--reward-weights has {len(weights)} values for {len(names)} reward functions")
+    # (a function handed to the Python API without a file is logged under its own name, as TRL logs it)
     return [
-        Reward(name, _function(name, params, max_completion_length), w) for name, w in zip(names, weights, strict=True)
+        Reward(name.removeprefix(IN_PROCESS), _function(name, params, max_completion_length), w)
+        for name, w in zip(names, weights, strict=True)
     ]
 
 
@@ -251,10 +253,10 @@ def _function(name: str, params: Any, max_tokens: int) -> Callable[..., Any]:
         return length_penalty(max_tokens)
     if is_reward_model(name):
         return ModelReward(name)
-    if ":" not in name:
+    if ":" not in name and not is_dotted(name):
         raise RewardError(
-            f"reward {name!r} is not a built-in ({', '.join(BUILTINS)}), a file.py:function, nor a reward model "
-            "(a folder or a hub id)"
+            f"reward {name!r} is not a built-in ({', '.join(BUILTINS)}), a file.py:function, a "
+            "package.module.function, nor a reward model (a folder or a hub id)"
         )
     return user_function(name, "reward", RewardError)
 

@@ -75,12 +75,18 @@ RESUME_HELP = (
 
 
 def param(
-    default: Any, help: str, choices: tuple | None = None, secret: bool = False, open_choices: bool = False
+    default: Any,
+    help: str,
+    choices: tuple | None = None,
+    secret: bool = False,
+    open_choices: bool = False,
+    functions: str | None = None,
 ) -> Any:
     """A dataclass field whose help text (and allowed values) travel with it to the CLI and the docs.
     `open_choices`: the choices are named values beside values of another kind (chat_template: a name, or a
-    template file), which the parameter class checks itself."""
-    meta: dict[str, Any] = {"help": help, "secret": secret}
+    template file), which the parameter class checks itself. `functions` ("reward", "tool"): the Python API may
+    also hand it function objects (a list of them, names among them), held as specs (user_code.function_spec)."""
+    meta: dict[str, Any] = {"help": help, "secret": secret, "functions": functions}
     if choices is not None:
         meta["choices"] = choices
         meta["open_choices"] = open_choices

@@ -460,7 +460,9 @@ class LLMParams(Params):
         "grpo, rloo, online_dpo: rewards, comma-separated: built-ins (answer_tag, answer_hash, answer_boxed, "
         "answer_last_number, format_tag, format_think, format_regex, valid_json, length_penalty), "
         "file.py:function, or a reward model: a folder (a --trainer reward run) or a hub id of a sequence "
-        "classifier with one output (docs/grpo.md).",
+        "classifier with one output (docs/grpo.md). Also package.module.function (TRL's form); from Python, "
+        "function objects too.",
+        functions="reward",
     )
     reward_weights: str | None = param(
         None, "grpo, rloo, online_dpo: a weight per reward, comma-separated (default: 1 each)."
@@ -512,7 +514,9 @@ class LLMParams(Params):
         "file.py:function (TRL's tools). The prompts show their schemas (from each function's type hints and its "
         "docstring's Args:); a call the model writes, in its chat template's form, is run and its result (or "
         "error) goes back as a tool turn, and the model writes on. Tool turns are not trained on and count "
-        "towards max_completion_length; prompts with tools are never cut (raise max_prompt_length) (docs/grpo.md).",
+        "towards max_completion_length; prompts with tools are never cut (raise max_prompt_length) (docs/grpo.md). "
+        "Also package.module.function; from Python, function objects too.",
+        functions="tool",
     )
     max_tool_calling_iterations: int | None = param(
         None,

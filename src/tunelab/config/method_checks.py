@@ -17,6 +17,7 @@ from tunelab.methods import (
     readers,
     uses_reference,
 )
+from tunelab.user_code import is_dotted
 
 
 def _given(params: Params, name: str) -> bool:
@@ -180,14 +181,17 @@ def check_sampled(params: Params) -> None:
 
 
 def check_tools(params: Params) -> None:
-    """tools: file.py:function names (a YAML list too); max_tool_calling_iterations a whole number, with tools."""
+    """tools: file.py:function or package.module.function names (a YAML list too); max_tool_calling_iterations a
+    whole number, with tools."""
     if isinstance(params.tools, (list, tuple)):
         params.tools = ",".join(str(name) for name in params.tools)
     if params.tools is not None:
         names = [name.strip() for name in params.tools.split(",") if name.strip()]
-        wrong = [name for name in names if not name.rpartition(":")[0] or not name.rpartition(":")[2]]
+        wrong = [name for name in names if not all(name.rpartition(":")[::2]) and not is_dotted(name)]
         if wrong or not names:
-            raise ConfigError(f"tools: expected file.py:function, comma-separated, got {params.tools!r}")
+            raise ConfigError(
+                f"tools: expected file.py:function or package.module.function, comma-separated, got {params.tools!r}"
+            )
         params.tools = ",".join(names)
     rounds = params.max_tool_calling_iterations
     if rounds is not None and (isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1):

@@ -12,14 +12,16 @@ CLI) call `train` and `plan` below; nothing else chooses a spine or decides betw
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import tempfile
 from pathlib import Path
 from types import ModuleType
 
+from tunelab import user_code
 from tunelab.config.base import RunParams
-from tunelab.errors import TunelabError
+from tunelab.errors import ConfigError, TunelabError
 from tunelab.launch import launch, wants_launch
 
 __all__ = ["check", "plan", "spine", "train"]
@@ -46,21 +48,41 @@ def train(params: RunParams, argv: list[str] | None = None) -> Path:
     With num_processes / num_machines above 1 (and not already inside a launched process) the checks run once here,
     then the same job runs in several processes through accelerate: the CLI re-launches its own arguments (`argv`),
     the Python API a flat config written from the parameters (the token travels in the environment, never in a
-    file).
+    file; functions handed over as rewards or tools travel as the names they are imported by).
     """
     if not wants_launch(params):
         return spine(params).run(params)
+    travel_env = _given_functions_travel(params)
     check(params)  # each launched process would fail alike on a bad input: fail once, here
     if argv is not None:
         code = launch(params, argv)
     else:
+        env = {"HF_TOKEN": params.token} if params.token else {}
+        env.update(travel_env)
         with tempfile.TemporaryDirectory(prefix="tunelab-launch-") as tmp:
             config = Path(tmp) / "config.yaml"
             _write_flat_config(params, config)
-            code = launch(params, ["--config", str(config)], {"HF_TOKEN": params.token} if params.token else None)
+            code = launch(params, ["--config", str(config)], env or None)
     if code:
         raise TunelabError(f"the distributed run failed (exit code {code}; the processes' messages are above)")
     return Path(os.path.expanduser(params.project_name)).absolute()
+
+
+def _given_functions_travel(params: RunParams) -> dict[str, str]:
+    """Functions handed to the Python API (rewards, tools) that the launched processes import again by their specs:
+    ConfigError for one they could not reach; the environment that lets them find the rest (PYTHONPATH)."""
+    specs = []
+    for field in dataclasses.fields(params):
+        if field.metadata.get("functions") and getattr(params, field.name):
+            specs += [spec.strip() for spec in getattr(params, field.name).split(",")]
+    for spec in specs:
+        problem = user_code.launch_problem(spec)
+        if problem:
+            raise ConfigError(f"with several processes: {problem}")
+    roots = user_code.import_roots(specs)
+    if not roots:
+        return {}
+    return {"PYTHONPATH": os.pathsep.join([*roots, *filter(None, [os.environ.get("PYTHONPATH")])])}
 
 
 def _write_flat_config(params: RunParams, path: Path) -> None:
