@@ -243,9 +243,9 @@ def rank(completions, **kwargs):
     return [float(os.environ.get("RANK", "0"))] * len(completions)
 
 
+# (the package's reward first: the launched processes must find it before importing this script puts its folder on
+# their path)
 if __name__ == "__main__":
-    # (the package's first: the launched processes must find it before importing this script puts its folder on
-    # their path)
     tunelab.train(**json.loads(sys.argv[1]), reward_functions=[length, rank])
 """
 

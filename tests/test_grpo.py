@@ -1161,17 +1161,20 @@ def test_the_python_api_takes_reward_functions_as_trl_does(tiny_llama, tmp_path,
 
 
 def test_reward_and_tool_functions_are_named_by_what_imports_them(tmp_path, monkeypatch):
-    """A file's top-level function is FILE.py:function, a package's package.module.function (TRL's CLI form, which
-    the CLI takes too), anything else (a lambda, a closure) `<python>:name`, which no other process can resolve;
-    what cannot be a reward or a tool is refused in one line."""
+    """A module's top-level function is module.function (TRL's CLI form, which the CLI takes too), the running
+    script's /ABSOLUTE/script.py:function, anything else (a lambda, a closure, a partial) `<python>:name`, which no
+    other process can resolve; the objects handed over are the ones called; what cannot be a reward or a tool is
+    refused in one line."""
     import functools
 
     import tunelab
+    from tunelab import user_code
     from tunelab.errors import ConfigError
     from tunelab.rewards import RewardError, load_rewards
     from tunelab.tools import load_tools
     from tunelab.user_code import user_function
 
+    monkeypatch.setattr(user_code, "_GIVEN", {})
     (tmp_path / "loose_rewards.py").write_text(
         "def add(a: int, b: int) -> int:\n    '''Add.\n\n    Args:\n        a: one\n        b: two\n    '''\n"
         "    return a + b\n\n\ndef long(completions, **kwargs):\n    return [float(len(c)) for c in completions]\n"
@@ -1181,26 +1184,31 @@ def test_reward_and_tool_functions_are_named_by_what_imports_them(tmp_path, monk
     import loose_rewards
 
     first, second = (lambda completions, **k: [1.0] * len(completions)), (lambda completions, **k: [2.0])
-    params = tunelab.load_config(
-        {"trainer": "grpo", "reward_functions": [loose_rewards.long, first, second, "format_tag"]},
-        tools=loose_rewards.add,
-    )
-    assert params.reward_functions == "loose_rewards.py:long,<python>:<lambda>,<python>:<lambda>#2,format_tag"
-    assert params.tools == "loose_rewards.py:add"
+    given = [loose_rewards.long, first, second, functools.partial(loose_rewards.long), "format_tag"]
+    params = tunelab.load_config({"trainer": "grpo", "reward_functions": given}, tools=loose_rewards.add)
+    specs = "loose_rewards.long,<python>:<lambda>,<python>:<lambda>#2,<python>:long,format_tag"
+    assert params.reward_functions == specs
+    assert params.tools == "loose_rewards.add"
     rewards = load_rewards(params, 16)
-    assert [r.function for r in rewards[:3]] == [loose_rewards.long, first, second]  # the objects handed over
-    assert [r.name for r in rewards[:3]] == ["loose_rewards.py:long", "<lambda>", "<lambda>#2"]
+    assert [r.function for r in rewards[:4]] == given[:4]  # the very objects handed over
+    assert [r.name for r in rewards[:4]] == ["loose_rewards.long", "<lambda>", "<lambda>#2", "long"]
     assert load_tools(params.tools) == [loose_rewards.add]
-    assert tunelab.load_config(params).reward_functions == params.reward_functions  # a parameter object round trip
+    assert tunelab.load_config(params).reward_functions == specs  # a parameter object round trip
+    direct = LLMParams(trainer="grpo", reward_functions=[first, "format_tag"], tools=[loose_rewards.add])
+    assert (direct.reward_functions, direct.tools) == ("<python>:<lambda>,format_tag", "loose_rewards.add")
 
     (tmp_path / "cli_pkg").mkdir()
     (tmp_path / "cli_pkg" / "__init__.py").write_text("from loose_rewards import long\n")
+    (tmp_path / "cli_pkg" / "needs.py").write_text("import not_installed_here\n")
     (dotted,) = load_rewards(LLMParams(trainer="grpo", reward_functions="cli_pkg.long"), 16)
     assert dotted.function is loose_rewards.long  # TRL's --reward_funcs my_lib.rewards.func, from the CLI too
-    with pytest.raises(RewardError, match=r"reward cli_pkg\.nothing: module cli_pkg has no function 'nothing'"):
-        load_rewards(LLMParams(trainer="grpo", reward_functions="cli_pkg.nothing"), 16)
-    with pytest.raises(RewardError, match=r"reward nowhere\.f: no module named 'nowhere'"):
-        load_rewards(LLMParams(trainer="grpo", reward_functions="nowhere.f"), 16)
+    for spec, message in [
+        ("cli_pkg.nothing", r"reward cli_pkg\.nothing: module cli_pkg has no function 'nothing'"),
+        ("nowhere.f", r"reward nowhere\.f: no module named 'nowhere' \(nor a file\.py:function, a folder\)"),
+        ("cli_pkg.needs.f", r"module cli_pkg\.needs does not import: No module named 'not_installed_here'"),
+    ]:
+        with pytest.raises(RewardError, match=message):
+            load_rewards(LLMParams(trainer="grpo", reward_functions=spec), 16)
     with pytest.raises(RewardError, match=r"reward gone: a function handed to the Python API in another process"):
         user_function("<python>:gone", "reward", RewardError)
 
@@ -1217,3 +1225,65 @@ def test_reward_and_tool_functions_are_named_by_what_imports_them(tmp_path, monk
         tunelab.load_config({"trainer": "grpo", "reward_functions": "format_tag"}, tools=functools.partial(max))
     with pytest.raises(ConfigError, match=r"tools: expected file.py:function or package.module.function"):
         tunelab.load_config({"trainer": "grpo", "reward_functions": "format_tag", "tools": "loose_rewards.py"})
+
+
+def test_a_script_s_functions_go_by_its_file_and_its_training_must_sit_under_a_main_guard(tmp_path):
+    """A script's own function is /ABSOLUTE/script.py:function; a process that imports the script for it (each
+    launched one) refuses a tunelab.train the import reaches (the guard is what keeps it out), and the parent says
+    before launching when the script has no `if __name__ == "__main__":` (a `!=` test is not one)."""
+    import os
+    import subprocess
+    import sys
+
+    from tunelab.rewards import RewardError
+    from tunelab.user_code import _guarded, user_function
+
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import tunelab\n\n\ndef short(completions, **kwargs):\n    return [0.0] * len(completions)\n\n\n"
+        "params = tunelab.load_config({'trainer': 'grpo', 'reward_functions': [short]})\n"
+        "print(params.reward_functions)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.stdout.strip() == f"{script.resolve()}:short", done.stderr[-2000:]
+
+    # what a launched process does with that spec: import the script, whose unguarded training is then refused
+    script.write_text(script.read_text() + "tunelab.train(params)\n")
+    with pytest.raises(
+        RewardError, match=r"train\.py:10 does not import: ConfigError: tunelab\.train was called while"
+    ):
+        user_function(f"{script}:short", "reward", RewardError)
+    assert _guarded(script) is False
+    script.write_text("if __name__ != '__main__':\n    pass\n")
+    assert _guarded(script) is False
+    script.write_text("import sys\nif '__main__' == __name__:\n    sys.exit()\n")
+    assert _guarded(script) is True
+
+
+def test_an_edited_tool_s_schema_prepares_its_prompts_again(tmp_path, monkeypatch):
+    """The prompts show the tools' schemas: the prepared data's key follows them, whatever names the tool (a file,
+    a module, a function handed over)."""
+    from tunelab import user_code
+    from tunelab.data.cache import tool_files
+
+    monkeypatch.setattr(user_code, "_GIVEN", {})
+    tool = tmp_path / "my_tools.py"
+    source = "def add(a: int, b: int) -> int:\n    '''Add {}.\n\n    Args:\n        a: one\n        b: two\n"
+    source += "    '''\n    return a\n"
+    keys = []
+    for words in ("two numbers", "two whole numbers"):
+        tool.write_text(source.format(words))
+        keys.append(tool_files(LLMParams(trainer="grpo", reward_functions="format_tag", tools=f"{tool}:add")))
+
+    def add(a: int, b: int) -> int:
+        """Add two whole numbers.
+
+        Args:
+            a: one
+            b: two
+        """
+        return a + b
+
+    keys.append(tool_files(LLMParams(trainer="grpo", reward_functions="format_tag", tools=[add])))
+    assert keys[0] != keys[1] and keys[1] == keys[2]

@@ -2,8 +2,9 @@
 
     FILE.py:function      the file imported as a module, once while it is unchanged
     package.module.func   a module Python can import (TRL's CLI form), the current folder searched first
-    a function object     handed to the Python API: kept for this process under one of the names above when it has
-                          one (a module's top-level function), else as `<python>:name`, which only this process knows
+    a function object     handed to the Python API, named for the parameters by what imports it again (its module's
+                          module.function, the running script's /ABSOLUTE/script.py:function), else `<python>:name`,
+                          which only this process knows; this process calls the object itself
 
 Errors (a file that does not import, a missing function) are said in one line naming the file and the line.
 """
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -20,7 +23,7 @@ import os
 import re
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,9 +71,14 @@ def _module_function(spec: str, kind: str, error: type[TunelabError]) -> Callabl
     if os.getcwd() not in sys.path:  # (as TRL's CLI: a module beside the command is found)
         sys.path.insert(0, os.getcwd())
     try:
-        module = importlib.import_module(module_name)
+        with _importing():
+            module = importlib.import_module(module_name)
     except ModuleNotFoundError as failure:
-        raise error(f"{kind} {spec}: no module named {failure.name!r} (nor a file.py:function)") from None
+        if failure.name and (module_name == failure.name or module_name.startswith(failure.name + ".")):
+            raise error(
+                f"{kind} {spec}: no module named {failure.name!r} (nor a file.py:function, a folder)"
+            ) from None
+        raise error(f"{kind} {spec}: module {module_name} does not import: {failure}") from None
     except Exception as failure:  # noqa: BLE001 - any error of the user's module, as one line
         where = getattr(sys.modules.get(module_name), "__file__", None) or module_name
         line = user_line(failure, Path(where)) if where != module_name else ""
@@ -81,66 +89,108 @@ def _module_function(spec: str, kind: str, error: type[TunelabError]) -> Callabl
     return found
 
 
+# While a user's file or module is imported for its functions: a `tunelab.train` it calls then is refused (a
+# script's training outside its `if __name__ == "__main__":`, run again by each process that imports the script).
+_IMPORTING = threading.local()
+
+
+@contextlib.contextmanager
+def _importing() -> Iterator[None]:
+    depth = getattr(_IMPORTING, "depth", 0)
+    _IMPORTING.depth = depth + 1
+    try:
+        yield
+    finally:
+        _IMPORTING.depth = depth
+
+
+def importing_user_code() -> bool:
+    """Whether a user's file or module is being imported for its functions (tasks.train refuses to run then)."""
+    return getattr(_IMPORTING, "depth", 0) > 0
+
+
 # ---- functions handed to the Python API ----------------------------------------------------------------------------
 
-# spec -> the very object the user handed over: this process calls it (its module's state is the user's), while
-# launched processes and a later resume import it again by the spec.
+# spec -> the very object the user handed over, where importing the spec again would make another one (a script's
+# function, FILE.py:function; a lambda's or a closure's, <python>:name): this process calls the object itself, while
+# launched processes and a later resume import it by the spec. A function of an importable module needs no entry:
+# importing its module.function finds the very object. A name handed over again (a notebook cell run twice) now
+# means the newer object.
 _GIVEN: dict[str, Callable[..., Any]] = {}
+
+
+def function_specs(value: Any, kind: str, field: str) -> Any:
+    """A parameter's value with the functions handed to the Python API (a function, or a list of functions and
+    names) replaced by the specs they run under, comma-separated; anything else as it is. Two functions of one name
+    without a module are told apart within the list (<python>:<lambda>, <python>:<lambda>#2)."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    if not any(callable(item) and not isinstance(item, str) for item in items):
+        return value
+    specs: list[str] = []
+    for item in items:
+        if isinstance(item, str):
+            specs.append(item)
+            continue
+        spec = function_spec(item, kind, field)
+        if spec.startswith(IN_PROCESS):
+            base, count = spec, 1
+            while spec in specs:
+                count += 1
+                spec = f"{base}#{count}"
+            _GIVEN[spec] = item
+        specs.append(spec)
+    return ",".join(specs)
 
 
 def function_spec(function: Any, kind: str, field: str) -> str:
     """The spec a function handed to the Python API for parameter `field` runs under (a `kind`: "reward", "tool"):
-    FILE.py:function for a top-level function of a file (the script's own too), package.module.function for one of
-    a package's modules, `<python>:name` for the rest; this process calls the object itself. ConfigError for what
-    cannot be a reward or a tool."""
+    package.module.function for a top-level function of an importable module, /ABSOLUTE/script.py:function for one
+    of the running script, `<python>:name` for the rest. ConfigError for what cannot be a reward or a tool."""
     if kind == "reward" and hasattr(function, "forward") and hasattr(function, "config"):
         raise ConfigError(f"{field}: a model object: save it (save_pretrained) and give its folder, or its hub id")
     if not callable(function):
         raise ConfigError(f"{field}: expected names or functions, got {type(function).__name__} {function!r:.60}")
-    name = getattr(function, "__name__", None)
     if kind == "tool" and not inspect.isfunction(function):
         # (the model calls a tool by its name; transformers describes it from its signature and docstring)
         raise ConfigError(f"{field}: expected functions, got {type(function).__name__}")
-    spec = _named_spec(function) or f"{IN_PROCESS}{name or type(function).__name__}"
-    if spec.startswith(IN_PROCESS):  # two different lambdas are two rewards: <python>:<lambda>, <python>:<lambda>#2
-        base, count = spec, 1
-        while _GIVEN.get(spec, function) is not function:
-            count += 1
-            spec = f"{base}#{count}"
-    _GIVEN[spec] = function
+    spec = _named_spec(function)
+    if spec is None:
+        inner = function.func if isinstance(function, functools.partial) else function  # (TRL's name for a partial)
+        return f"{IN_PROCESS}{getattr(inner, '__name__', None) or type(inner).__name__}"
+    if ":" in spec:
+        _GIVEN[spec] = function
     return spec
 
 
 def _named_spec(function: Any) -> str | None:
-    """FILE.py:function or package.module.function for a module's top-level function, else None."""
+    """package.module.function or /ABSOLUTE/script.py:function for a module's top-level function, else None."""
     if not inspect.isfunction(function) or function.__name__ != function.__qualname__:
-        return None  # a lambda, a method, a function made inside another, a callable object
+        return None  # a lambda, a method, a function made inside another, a callable object, a partial
     module = sys.modules.get(function.__module__)
     if module is None or getattr(module, function.__name__, None) is not function:
         return None
     import_name = function.__module__
-    if import_name == "__main__":  # the script (its module name when run with python -m)
+    if import_name == "__main__":  # the script: by its module name when run with python -m, else by its file
         import_name = getattr(getattr(module, "__spec__", None), "name", None) or "__main__"
-    if "." in import_name:
-        return f"{import_name}.{function.__name__}"
     file = getattr(module, "__file__", None)
+    if import_name != "__main__" and file and Path(file).stem in (import_name.rpartition(".")[2], "__init__"):
+        return f"{import_name}.{function.__name__}"
     if not file or not file.endswith(".py") or not Path(file).is_file():
         return None  # a notebook's, an interactive session's
-    path = Path(file).resolve()
-    shown = path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
-    return f"{shown}:{function.__name__}"
+    # (the script; or a module loaded from a file under a name no import finds: by its file, too)
+    return f"{Path(file).resolve()}:{function.__name__}"
 
 
 def launch_problem(spec: str) -> str | None:
-    """Why a launched process could not call what this spec names (None when it can): a function only this process
-    knows, or one of the running script, which each launched process imports, without a __main__ guard."""
+    """Why a launched process could not call what this spec names (None when it can): something only this process
+    knows, or a function of the running script, which each launched process imports, without a __main__ guard."""
     function = _GIVEN.get(spec)
     if function is None:
         return None
     if spec.startswith(IN_PROCESS):
         return (
-            f"{spec.removeprefix(IN_PROCESS)} (a lambda, a function made inside another or in a notebook) cannot "
-            "reach the launched processes: put it in a .py file (a module's top-level function travels)"
+            f"{spec.removeprefix(IN_PROCESS)} ({_what(function)}) exists in this process only, and the launched "
+            "processes cannot import it: make it a top-level function of a .py file"
         )
     module = sys.modules.get(function.__module__)
     if function.__module__ == "__main__" and not _guarded(Path(module.__file__)):
@@ -152,19 +202,39 @@ def launch_problem(spec: str) -> str | None:
     return None
 
 
+def _what(function: Any) -> str:
+    if inspect.isfunction(function):
+        if function.__name__ == "<lambda>":
+            return "a lambda"
+        return "a function made inside another" if "<locals>" in function.__qualname__ else "a notebook's function"
+    if isinstance(function, functools.partial):
+        return "a functools.partial"
+    return "a method" if inspect.ismethod(function) else f"a callable {type(function).__name__}"
+
+
 def import_roots(specs: list[str]) -> list[str]:
-    """The folders a launched process must search to import the package.module.function specs handed here (the
-    script's own folder, say, which is not the launched processes')."""
+    """The folders a launched process must search to import the package.module.function specs (the script's own
+    folder, say, where its processes start elsewhere); none for installed packages."""
+    import site
+
+    installed = [Path(p).resolve() for p in [*site.getsitepackages(), site.getusersitepackages(), sys.prefix]]
     roots = []
     for spec in specs:
-        function = _GIVEN.get(spec)
-        if function is None or ":" in spec:
+        if ":" in spec or not is_dotted(spec):
             continue
-        module = sys.modules.get(function.__module__)
-        file = getattr(module, "__file__", None)
-        if file:  # (package.module.function: the package's folder is 2 up from module.py, 3 from __init__.py)
-            up = spec.count(".") - 1 + (Path(file).name == "__init__.py")
-            roots.append(str(Path(file).resolve().parents[up]))
+        top = spec.split(".")[0]
+        module = sys.modules.get(top)
+        found = getattr(module, "__spec__", None) if module is not None else None
+        if found is None:
+            with contextlib.suppress(ImportError, ValueError):
+                found = importlib.util.find_spec(top)
+        where = getattr(found, "origin", None)
+        if not where or not Path(where).is_file():
+            continue  # a built-in module, a namespace package: nothing to point at
+        path = Path(where).resolve()
+        root = path.parent.parent if path.name == "__init__.py" else path.parent
+        if not any(root.is_relative_to(folder) for folder in installed):
+            roots.append(str(root))
     return list(dict.fromkeys(roots))
 
 
@@ -175,9 +245,10 @@ def _guarded(script: Path) -> bool:
     except (OSError, SyntaxError, UnicodeDecodeError):
         return False
     for node in tree.body:
-        if isinstance(node, ast.If):
-            test = ast.unparse(node.test)
-            if "__name__" in test and "__main__" in test:
+        test = node.test if isinstance(node, ast.If) else None
+        if isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq):
+            sides = {ast.unparse(test.left), ast.unparse(test.comparators[0])}
+            if sides in ({"__name__", "'__main__'"}, {"__name__", '"__main__"'}):
                 return True
     return False
 
@@ -207,7 +278,8 @@ def _user_module(spec: str, kind: str, path: Path, error: type[TunelabError]) ->
     if str(path.resolve().parent) not in sys.path:
         sys.path.insert(0, str(path.resolve().parent))
     try:
-        loader.loader.exec_module(module)
+        with _importing():
+            loader.loader.exec_module(module)
     except Exception as failure:  # noqa: BLE001 - any error of the user's file, as one line
         if earlier is None:  # (an edit that does not import leaves the version in use as it was)
             del sys.modules[module_name]

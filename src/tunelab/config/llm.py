@@ -6,6 +6,7 @@ Every field is described and defaulted once, here. The CLI flags (`cli.py`), the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -42,6 +43,7 @@ from tunelab.config.method_checks import (
 from tunelab.config.rope import read_rope_scaling
 from tunelab.errors import ConfigError
 from tunelab.methods import DPO_DIVERGENCES, DPO_LOSS_TYPES, REGISTRY
+from tunelab.user_code import function_specs
 
 CHAT_TEMPLATES = ("none", "zephyr", "chatml", "tokenizer", "alpaca")
 
@@ -770,6 +772,10 @@ class LLMParams(Params):
 
     def validate(self) -> None:
         """Raise ConfigError naming the parameter for any value that cannot work, before anything is loaded."""
+        for item in dataclasses.fields(self):  # functions handed over where load_config was not the way in
+            if item.metadata.get("functions"):
+                value = function_specs(getattr(self, item.name), item.metadata["functions"], item.name)
+                setattr(self, item.name, value)
         if self.chat_template in ("", "null"):
             self.chat_template = None
         custom_chat_template(self.chat_template)  # a template file that cannot be read is found now

@@ -14,6 +14,7 @@ from tunelab.config.base import Params, field_names
 from tunelab.config.llm import LLMParams
 from tunelab.config.text_classification import TextClassificationParams
 from tunelab.errors import ConfigError
+from tunelab.user_code import function_specs
 
 
 def params_class(task: str | None) -> type[Params]:
@@ -67,8 +68,8 @@ def coerce(values: dict[str, Any], schema: type = LLMParams) -> dict[str, Any]:
     out = {}
     for key, value in values.items():
         kind = str(fields[key].type)
-        if fields[key].metadata.get("functions") and _holds_functions(value):
-            value = _function_specs(value, fields[key].metadata["functions"], key)
+        if fields[key].metadata.get("functions"):  # functions handed to the Python API, as the specs they run under
+            value = function_specs(value, fields[key].metadata["functions"], key)
         if key == "data_path" and isinstance(value, (list, tuple)):
             out[key] = list(value)  # a mixture of sources (data/mixture.py checks each when the data is read)
             continue
@@ -119,20 +120,6 @@ def coerce(values: dict[str, Any], schema: type = LLMParams) -> dict[str, Any]:
             value = int(value)
         out[key] = value
     return out
-
-
-def _holds_functions(value: Any) -> bool:
-    items = value if isinstance(value, (list, tuple)) else [value]
-    return any(not isinstance(item, str) and callable(item) for item in items)
-
-
-def _function_specs(value: Any, kind: str, key: str) -> str:
-    """A reward's or a tool's functions handed to the Python API (names beside them kept), as the specs they run
-    under, comma-separated: the parameter stays text that a config, a resume and a launched process read."""
-    from tunelab.user_code import function_spec
-
-    items = value if isinstance(value, (list, tuple)) else [value]
-    return ",".join(item if isinstance(item, str) else function_spec(item, kind, key) for item in items)
 
 
 def _short(value: Any) -> str:

@@ -116,14 +116,15 @@ def template_files(params: Any) -> dict[str, str]:
 
 
 def tool_files(params: Any) -> dict[str, str]:
-    """A hash of each file `tools` names: the prompts show the tools' schemas, read from their docstrings and type
-    hints there (an edited tool must not reuse prompts rendered with the old schema)."""
-    names = [name.rpartition(":")[0] for name in (getattr(params, "tools", None) or "").split(",") if name.strip()]
-    hashes = {}
-    for name in dict.fromkeys(names):
-        path = Path(name).expanduser()
-        hashes[name] = _sha(path.read_text(encoding="utf-8", errors="replace")) if path.is_file() else ""
-    return hashes
+    """A hash of the schemas of the tools the run names: the prompts show them, read from each function's docstring
+    and type hints (an edited tool, in a file, a module or a notebook, must not reuse prompts rendered with the old
+    schema)."""
+    spec = getattr(params, "tools", None)
+    if not spec:
+        return {}
+    from tunelab.tools import load_tools, tool_schemas
+
+    return {"schemas": _sha(json.dumps(tool_schemas(load_tools(spec)), sort_keys=True, default=str))}
 
 
 def data_key(inputs: dict[str, Any]) -> str:

@@ -39,6 +39,8 @@ def check(params: RunParams) -> None:
 
 def plan(params: RunParams):  # -> tasks.dry_run.RunPlan (not imported here: it would load the data code)
     """The dry run of these parameters: a RunPlan whose `render()` is what `--dry-run` prints."""
+    if wants_launch(params):
+        _user_functions_travel(params)  # what train would refuse before launching, the dry run says too
     return spine(params).plan(params)
 
 
@@ -50,12 +52,17 @@ def train(params: RunParams, argv: list[str] | None = None) -> Path:
     the Python API a flat config written from the parameters (the token travels in the environment, never in a
     file; functions handed over as rewards or tools travel as the names they are imported by).
     """
+    if user_code.importing_user_code():
+        raise ConfigError(
+            "tunelab.train was called while a reward's or a tool's file was imported for its functions: put the "
+            'script\'s training under `if __name__ == "__main__":`'
+        )
     if not wants_launch(params):
         return spine(params).run(params)
-    travel_env = _given_functions_travel(params)
+    travel_env = _user_functions_travel(params)
     check(params)  # each launched process would fail alike on a bad input: fail once, here
     if argv is not None:
-        code = launch(params, argv)
+        code = launch(params, argv, travel_env or None)
     else:
         env = {"HF_TOKEN": params.token} if params.token else {}
         env.update(travel_env)
@@ -68,9 +75,10 @@ def train(params: RunParams, argv: list[str] | None = None) -> Path:
     return Path(os.path.expanduser(params.project_name)).absolute()
 
 
-def _given_functions_travel(params: RunParams) -> dict[str, str]:
-    """Functions handed to the Python API (rewards, tools) that the launched processes import again by their specs:
-    ConfigError for one they could not reach; the environment that lets them find the rest (PYTHONPATH)."""
+def _user_functions_travel(params: RunParams) -> dict[str, str]:
+    """The rewards' and tools' functions, which each launched process imports by their specs: ConfigError for one
+    handed to the Python API that they could not reach; the environment that lets them find the modules found from
+    here (PYTHONPATH)."""
     specs = []
     for field in dataclasses.fields(params):
         if field.metadata.get("functions") and getattr(params, field.name):
@@ -79,7 +87,7 @@ def _given_functions_travel(params: RunParams) -> dict[str, str]:
         problem = user_code.launch_problem(spec)
         if problem:
             raise ConfigError(f"with several processes: {problem}")
-    roots = user_code.import_roots(specs)
+    roots = user_code.import_roots(specs)  # (package.module.function found from here: from there too)
     if not roots:
         return {}
     return {"PYTHONPATH": os.pathsep.join([*roots, *filter(None, [os.environ.get("PYTHONPATH")])])}
