@@ -83,6 +83,7 @@ def _measured_peak(model, params: LLMParams, vocab: int, tmp_path) -> int:
 def _tiny_model(config, params):
     from transformers import LlamaForCausalLM
 
+    from tunelab.models.freeze import freeze, is_freezing
     from tunelab.models.peft import add_lora
     from tunelab.speed import fuse_ops
 
@@ -92,6 +93,8 @@ def _tiny_model(config, params):
         model = model.to(torch.bfloat16)  # as models.load_model loads a LoRA run's base under mixed precision
     if params.peft:
         model = add_lora(model, params)
+    elif is_freezing(params):  # the frozen weights in the half type under mixed precision, as load_model has them
+        freeze(model, params, torch.bfloat16 if params.mixed_precision == "bf16" else None)
     fuse_ops(model, params)  # as models.load_model does
     return model
 
@@ -105,6 +108,9 @@ def _tiny_model(config, params):
         dict(peft=True, checkpoint_every=2, fused_ops=False),
         dict(peft=True, mixed_precision="bf16"),
         dict(peft=True, mixed_precision="bf16", disable_gradient_checkpointing=True),
+        dict(freeze_trainable_layers=1, disable_gradient_checkpointing=True),
+        dict(freeze_trainable_layers=1, freeze_trainable_modules="mlp", mixed_precision="bf16"),
+        dict(unfrozen_parameters=["model.layers.0.self_attn"], disable_gradient_checkpointing=True),
     ],
     ids=[
         "full",
@@ -113,6 +119,9 @@ def _tiny_model(config, params):
         "lora-unfused-every-2nd",
         "lora-bf16",
         "lora-bf16-no-checkpointing",
+        "freeze-last-layer-no-checkpointing",
+        "freeze-last-mlp-bf16",
+        "unfrozen-first-attention-no-checkpointing",
     ],
 )
 def test_estimate_is_within_25_percent_of_two_real_steps(settings, tmp_path):

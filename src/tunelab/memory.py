@@ -209,6 +209,9 @@ def estimate_memory(
         n_params -= shape.vocab * shape.hidden  # a score head (a few numbers per row) instead of the LM head
     half = params.mixed_precision in ("bf16", "fp16")
     act = 2 if half else 4  # bytes per activation element: autocast runs the matmuls in the half type
+    freezing = _freeze_choice(config, params, kind)
+    # (models.load_model: a freeze run's frozen weights in the half type, unless FSDP or DeepSpeed shard them)
+    frozen_half = half and freezing is not None and params.distributed_backend not in ("fsdp", "deepspeed")
 
     # Weights: fp32, but a LoRA run's frozen base is loaded in the half type under mixed precision
     # (models.load_model), or quantized (embeddings stay unquantized, upcast to fp32 by PEFT's k-bit preparation).
@@ -220,6 +223,9 @@ def estimate_memory(
         notes.append("quantized weights: rough")
     elif params.peft and half:
         weights, weight_dtype = n_params * 2, params.mixed_precision
+    elif frozen_half:
+        weights = (n_params - freezing.trained) * 2 + freezing.trained * 4
+        weight_dtype = f"{params.mixed_precision}, trained fp32"
     else:
         weights, weight_dtype = n_params * 4, "fp32"
     # A frozen copy under full training (or model_ref, loaded unquantized in the run's precision); under LoRA the
@@ -247,14 +253,14 @@ def estimate_memory(
             trainable += shape.hidden * 2  # the new score head is trained too (PEFT's modules_to_save)
         weights += trainable * 4  # the adapter is fp32 even on a half base
     else:
-        trainable = n_params
+        trainable = freezing.trained if freezing else n_params
     gradients = trainable * 4
     optimizer = int(trainable * _optimizer_bytes_per_param(params.optimizer))
 
     device = device or _default_device()
-    forward, backward = _activations(shape, params, tokens_per_microbatch, longest_row, kind, act, device)
+    forward, backward = _activations(shape, params, tokens_per_microbatch, longest_row, kind, act, device, freezing)
     if not params.peft and half:
-        forward += n_params * 2  # autocast caches a half copy of every fp32 weight for the forward pass
+        forward += (trainable if frozen_half else n_params) * 2  # autocast's half copy of each fp32 weight
     # The gradients are set to None after each optimizer step, so with no accumulation they fill up only as the
     # activations are freed in the backward pass: the peak is the larger of those two moments. Accumulating,
     # the next micro-batch's forward pass runs with every gradient alive.
@@ -278,6 +284,17 @@ def estimate_memory(
     )
 
 
+def _freeze_choice(config: Any, params: RunParams, kind: str) -> Any:
+    """What a freeze run trains (models.freeze.Choice, from a weightless skeleton of the model), else None."""
+    from tunelab.models.freeze import is_freezing, trainable_names
+
+    if params.peft or not is_freezing(params):
+        return None
+    from tunelab.models.checks import skeleton
+
+    return trainable_names(skeleton(config, kind), params)
+
+
 def _default_device() -> str:
     import torch
 
@@ -285,10 +302,11 @@ def _default_device() -> str:
 
 
 def _activations(
-    shape: Shape, params: RunParams, tokens: int, longest: int, kind: str, act: int, device: str
+    shape: Shape, params: RunParams, tokens: int, longest: int, kind: str, act: int, device: str, freezing: Any = None
 ) -> tuple[float, float]:
     """Activation bytes at the two candidate peaks: (the larger of the loss at the end of the forward pass and
-    the last layer's backward pass, with no gradient yet; the first layer's backward pass, beyond the gradients)."""
+    the last layer's backward pass, with no gradient yet; the first layer's backward pass, beyond the gradients).
+    `freezing`: a freeze run's models.freeze.Choice (the layers before its first trained one keep nothing)."""
     h, m, kv = shape.hidden, shape.intermediate, shape.kv_heads * shape.head_dim
     q = shape.heads * shape.head_dim
     fused = params.fused_ops and shape.gated_mlp
@@ -326,6 +344,8 @@ def _activations(
     every = max(1, params.checkpoint_every)
     checkpointed = [not params.disable_gradient_checkpointing and i % every == 0 for i in range(shape.layers)]
     stored = [tokens * h * act if c else layer for c in checkpointed]
+    if freezing is not None:  # no layer before the first trained one is in the backward pass: autograd keeps nothing
+        stored = [0 if i < freezing.first_layer else size for i, size in enumerate(stored)]
     kept = sum(stored)
 
     # The end of the model: the final norm keeps its input and output; then the loss.
@@ -351,7 +371,7 @@ def _activations(
             # grpo's entropies: the chunk's probabilities beside its float32 logits (the half copy freed by then)
             per_logit = max(4 + half_copy, 8) if params.trainer == "grpo" else 4 + half_copy
             loss = 2 * tokens * h * act + chunk * shape.vocab * per_logit + chunk * h * 4
-            if not params.peft:
+            if not params.peft and (freezing is None or freezing.head):
                 loss += 2 * shape.vocab * h * 4
         else:
             loss = 3 * tokens * shape.vocab * 4  # logits, their fp32 copy and softmax gradient
@@ -365,10 +385,13 @@ def _activations(
     # before it still hold what they stored; the last layer's backward pass, the first, has the most of those.
     rebuilding = m if rebuilt else 0  # down_proj's input, rebuilt for its LoRA gradient
     layer_backward = layer + tokens * ((5 if fused else 3) * m + 2 * h + rebuilding) * act
+    if freezing is not None and freezing.first_layer >= shape.layers:
+        layer_backward = 0  # only the head (or the final norm) trains: no layer's backward pass runs
     forward = max(kept + head + loss, kept - (stored[-1] if stored else 0) + layer_backward) + mask
     # The end of the backward pass: the gradients are full, the first layer is in its backward pass, and
     # (full fine-tuning) the embedding's gradient is made, then summed into the tied head's (a third copy).
-    embedding_grads = 0 if params.peft else (2 if shape.tied else 1) * shape.vocab * h * 4
+    trains_embeddings = not params.peft and (freezing is None or freezing.embeddings)
+    embedding_grads = (2 if shape.tied else 1) * shape.vocab * h * 4 if trains_embeddings else 0
     if added:
         embedding_grads = shape.vocab * h * embedding_bytes
     backward = layer_backward + mask + embedding_grads

@@ -24,10 +24,10 @@ CLASSIFIER = "text_classification"  # the new-project form's "trainer" for a tex
 
 # The fields the parameters page shows, in page order; every other parameter keeps its schema default.
 LLM_FIELDS = (
-    "peft", "lr", "epochs", "max_steps", "batch_size", "gradient_accumulation", "block_size", "model_max_length",
-    "rope_scaling", "rope_scaling_factor", "warmup_ratio", "scheduler", "lora_r", "lora_alpha", "lora_dropout",
-    "use_dora", "use_rslora", "init_lora_weights", "loraplus_lr_ratio", "packing", "mixed_precision",
-    "gradient_checkpointing", "logging_steps",
+    "peft", "freeze_trainable_layers", "lr", "epochs", "max_steps", "batch_size", "gradient_accumulation",
+    "block_size", "model_max_length", "rope_scaling", "rope_scaling_factor", "warmup_ratio", "scheduler", "lora_r",
+    "lora_alpha", "lora_dropout", "use_dora", "use_rslora", "init_lora_weights", "loraplus_lr_ratio", "packing",
+    "mixed_precision", "gradient_checkpointing", "logging_steps",
     "valid_size", "early_stopping_patience", "seed", "chat_template_kwargs", "add_tokens", "add_special_tokens",
 )  # fmt: skip
 PAIR_FIELDS = ("max_prompt_length",)  # every method whose rows have a prompt apart (pairs, labeled, prompts)

@@ -4,6 +4,7 @@ add LoRA if asked.
     models/load.py       where a model is (hub id, folder, .gguf) and loading it (GGUF dequantized, cached)
     models/checks.py     settings the model cannot take, found from its config before loading
     models/peft.py       LoRA through PEFT
+    models/freeze.py     freeze training: full fine-tuning of some layers or parameters, the rest frozen
     models/vocabulary.py tokens a run adds: in the tokenizer, rows in the embeddings, trained
     models/positions.py  rope_scaling: rotary positions stretched to train longer rows than the model's
     models/quantize.py   int4/int8 (QLoRA, CUDA only)
@@ -15,8 +16,10 @@ import logging
 from typing import Any
 
 from tunelab.config.base import RunParams, listed_tokens
+from tunelab.env import distributed_kind
 from tunelab.models.checks import check_model
 from tunelab.models.experts import ROUTER_AUX, Balancing, balancing_loss
+from tunelab.models.freeze import freeze, is_freezing
 from tunelab.models.load import (
     ModelSource,
     load_causal_lm,
@@ -123,7 +126,11 @@ def load_model(
     import torch
 
     half = half_precision(params)
-    dtype = half if (params.peft and half is not None) else torch.float32
+    # A freeze run's frozen weights stay in the half type as a LoRA run's frozen base does (its trained ones are
+    # made fp32 below); not when sharded: FSDP and DeepSpeed shard a layer's weights in one dtype.
+    sharded = distributed_kind() or params.distributed_backend in ("fsdp", "deepspeed")
+    frozen_half = half if is_freezing(params) and not sharded else None
+    dtype = half if ((params.peft or frozen_half is not None) and half is not None) else torch.float32
     kwargs: dict[str, Any] = {}
     attention = attention_implementation(params)
     if attention:
@@ -149,5 +156,9 @@ def load_model(
         setattr(model, NEW_TOKEN_IDS, list(new_token_ids or []))  # for a model_ref's rows (load_reference)
     if params.peft:
         model = add_lora(model, params, "CAUSAL_LM" if kind == "causal_lm" else "SEQ_CLS", token_ids)
+    elif is_freezing(params):
+        choice = freeze(model, params, frozen_half)
+        log.info("freeze training: %s train, from decoder layer %d of %d on", choice.describe(), choice.first_layer,
+                 choice.layers)  # fmt: skip
     fuse_ops(model, params)
     return model

@@ -18,8 +18,9 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from tunelab.config.base import RunParams
+from tunelab.config.base import RunParams, listed_tokens
 from tunelab.errors import ConfigError, TunelabError
+from tunelab.models.freeze import is_freezing, trainable_names
 from tunelab.models.load import ModelSource, load_config
 from tunelab.models.peft import lora_config, peft_targets, target_modules
 from tunelab.models.positions import rope_scaling_of, stretch_config
@@ -62,7 +63,22 @@ def check_model(source: ModelSource, params: RunParams, kind: str = "causal_lm",
     if params.peft:
         check_targets(source, config, params, kind)
         check_lora_variants(source, config, params, kind)
+    if is_freezing(params) and not reference:
+        check_freezing(config, params, kind)
     return config
+
+
+def check_freezing(config: Any, params: RunParams, kind: str) -> None:
+    """A freeze run's settings name parameters of this model (models/freeze.py), and train the rows of the tokens
+    the run adds."""
+    choice = trainable_names(skeleton(config, kind), params)
+    if listed_tokens(params) and not (choice.embeddings and (choice.head or kind != "causal_lm")):
+        untied = kind == "causal_lm" and not getattr(config.get_text_config(), "tie_word_embeddings", False)
+        missing = "the input embeddings and the output head" if untied else "the input embeddings"
+        raise ConfigError(
+            f"add_tokens with freeze training: the added tokens' rows would stay as they start unless {missing} "
+            f"train: add {'embed_tokens,lm_head' if untied else 'embed_tokens'} to freeze_extra_modules"
+        )
 
 
 def _balances_experts(config: Any) -> bool:
