@@ -84,16 +84,21 @@ def test_frozen_weights_stay_in_the_half_type_under_mixed_precision(tiny_llama, 
     assert {dtypes[n] for n in dtypes if not n.startswith("model.layers.0.")} == {torch.bfloat16}
     run = tmp_path / "run"
     argv = ["llm", "--train", "--model", str(tiny_llama), "--data-path", str(DATA), "--trainer", "sft"]
-    argv += ["--freeze-trainable-layers", "-1", "--mixed-precision", "bf16", "--max-steps", "2"]
+    argv += ["--freeze-trainable-layers", "-1", "--mixed-precision", "bf16", "--max-steps", "4", "--lr", "1e-2"]
     assert main([*argv, "--project-name", str(run), *SMALL]) == 0
-    assert (run / "model.safetensors").is_file()
+    before = {k: v.to(torch.bfloat16) for k, v in load_file(tiny_llama / "model.safetensors").items()}
+    after = load_file(run / "model.safetensors")  # the frozen weights as loaded (bf16), the trained ones fp32
+    assert {after[k].dtype for k in after if k.startswith("model.layers.0.")} == {torch.float32}
+    assert _changed(before, after) == {k for k in after if k.startswith("model.layers.0.")}
+    reloaded = AutoModelForCausalLM.from_pretrained(run, dtype=torch.float32)
+    assert reloaded(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
 
 
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
         (["--freeze-trainable-layers", "1", "--freeze-trainable-modules", "mlpp"],
-         "freeze_trainable_modules: a decoder layer has no module 'mlpp'; it has input_layernorm, mlp, "
+         "freeze_trainable_modules: the chosen decoder layer has no module 'mlpp'; it has input_layernorm, mlp, "
          "post_attention_layernorm, self_attn (or all)"),
         (["--freeze-trainable-layers", "3"], "freeze_trainable_layers: 3 layers of a model of 2: give 1 to 2"),
         (["--freeze-trainable-layers", "1", "--freeze-extra-modules", "head"],
@@ -125,6 +130,11 @@ def test_the_dry_run_says_what_trains_and_counts_it_in_the_memory_estimate(tiny_
         "train (the rest frozen); the decoder layers before layer 1 of 2 keep no activations"
         in capsys.readouterr().out
     )
+    patterns = r"^model\.layers\.0\.mlp\.down_proj ^model\.norm"  # Axolotl's regexes, on the command line
+    assert main([*argv, "--project-name", str(tmp_path / "run"), "--unfrozen-parameters", patterns]) == 0
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    down, norm = model.model.layers[0].mlp.down_proj.weight.numel(), model.model.norm.weight.numel()
+    assert f"freeze training: {down + norm:,} of " in capsys.readouterr().out
     settings = dict(model=str(tiny_llama), data_path=str(DATA), trainer="sft", project_name=str(tmp_path / "run"))
     whole = tunelab.plan(settings).memory
     frozen = tunelab.plan(settings, freeze_trainable_layers=1).memory
@@ -132,3 +142,100 @@ def test_the_dry_run_says_what_trains_and_counts_it_in_the_memory_estimate(tiny_
                      if n.startswith("model.layers.1."))  # fmt: skip
     assert frozen.optimizer == 8 * last_layer and frozen.gradients == 4 * last_layer  # AdamW's 2 fp32 states
     assert frozen.activations < whole.activations and frozen.weights == whole.weights
+
+
+def _skeleton(model_type: str, **sizes):
+    from transformers import AutoConfig
+
+    from tunelab.models.checks import skeleton
+
+    config = AutoConfig.for_model(model_type)
+    text = config.get_text_config()
+    for key, value in sizes.items():
+        setattr(text, key, value)
+    return skeleton(config, "causal_lm")
+
+
+def _choose(model, **settings):
+    from tunelab.models.freeze import trainable_names
+
+    return trainable_names(model, LLMParams(trainer="sft", **settings))
+
+
+def test_layers_are_chosen_by_their_whole_index_and_each_chosen_layer_s_modules():
+    """Layer 1 is not layer 10; in a model whose layers differ (Qwen3-Next: linear attention in three of four), a
+    module counts where a chosen layer has it, and the refusal names what the chosen layers have."""
+    llama = _skeleton("llama", num_hidden_layers=12, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=100)  # fmt: skip
+    first_two = {n.split(".")[2] for n in _choose(llama, freeze_trainable_layers=-2).names if ".layers." in n}
+    last_two = {n.split(".")[2] for n in _choose(llama, freeze_trainable_layers=2).names if ".layers." in n}
+    assert (first_two, last_two) == ({"0", "1"}, {"10", "11"})
+
+    layer_types = ["linear_attention", "linear_attention", "linear_attention", "full_attention"]
+    qwen = _skeleton("qwen3_next", num_hidden_layers=4, layer_types=layer_types, hidden_size=32, intermediate_size=64,
+                     moe_intermediate_size=16, num_experts=4, num_attention_heads=2, num_key_value_heads=1,
+                     head_dim=16, vocab_size=100, linear_num_value_heads=2, linear_num_key_heads=1,
+                     linear_key_head_dim=8, linear_value_head_dim=8)  # fmt: skip
+    choice = _choose(qwen, freeze_trainable_layers=1, freeze_trainable_modules="self_attn")
+    assert choice.names and all(n.startswith("model.layers.3.self_attn.") for n in choice.names)
+    with pytest.raises(Exception, match=r"the chosen decoder layer has no module 'linear_attn'; it has .*self_attn"):
+        _choose(qwen, freeze_trainable_layers=1, freeze_trainable_modules="linear_attn")
+
+
+def test_a_multimodal_model_trains_its_language_side_only():
+    """Gemma 3 (a vision tower beside the language model): freeze_extra_modules reads the language model's modules
+    (its final norm, not the tower's norms), and parameters the loss never reaches are refused."""
+    from tunelab.errors import ConfigError
+
+    gemma = _skeleton("gemma3", num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=16, vocab_size=300)  # fmt: skip
+    choice = _choose(gemma, freeze_trainable_layers=1, freeze_extra_modules="norm")
+    assert "model.language_model.norm.weight" in choice.names
+    assert not any("vision" in n for n in choice.names) and choice.first_layer == 1
+    with pytest.raises(ConfigError, match=r"none of the chosen parameters .* is on the language model's path"):
+        _choose(gemma, unfrozen_parameters=["model.vision_tower"])
+
+
+def test_regexes_alone_need_no_list_of_layers():
+    """Axolotl's unfrozen_parameters name parameters: a model whose layers are not found from its config still
+    trains them (every layer counted as keeping its activations); the layer settings say they cannot."""
+    from tunelab.errors import ConfigError
+
+    llama = _skeleton("llama", num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=100)  # fmt: skip
+    llama.config.num_hidden_layers = 5  # (a config that does not describe the layers)
+    choice = _choose(llama, unfrozen_parameters=[r"model\.layers\.1\.mlp"])
+    assert len(choice.names) == 3 and choice.first_layer == 0
+    with pytest.raises(ConfigError, match="freeze_trainable_layers: LlamaForCausalLM has no list of decoder layers"):
+        _choose(llama, freeze_trainable_layers=1)
+
+
+def test_fsdp1_without_original_parameters_is_refused_and_sharded_weights_stay_fp32(tiny_llama, tmp_path):
+    """Under FSDP1 with flat parameters a layer trains whole or not at all: a freeze run says so before anything
+    loads; under FSDP (or DeepSpeed) the frozen weights are not made half, and the estimate counts them as fp32."""
+    import tunelab
+    from tunelab.errors import ConfigError
+    from tunelab.models.freeze import frozen_in_half
+
+    settings = dict(model=str(tiny_llama), data_path=str(DATA), trainer="sft", project_name=str(tmp_path / "run"),
+                    freeze_trainable_layers=1, mixed_precision="bf16")  # fmt: skip
+    fsdp1 = tmp_path / "fsdp1.yaml"
+    fsdp1.write_text("distributed_type: FSDP\nfsdp_config:\n  fsdp_version: 1\nnum_processes: 2\n")
+    sharded = {**settings, "num_processes": 2, "accelerate_config": str(fsdp1)}
+    with pytest.raises(ConfigError, match="freeze training under FSDP1 needs fsdp_use_orig_params: true"):
+        tunelab.plan(sharded)
+    fsdp1.write_text(fsdp1.read_text().replace("fsdp_version: 1", "fsdp_version: 1\n  fsdp_use_orig_params: true"))
+    assert not frozen_in_half(tunelab.load_config(sharded)) and frozen_in_half(tunelab.load_config(settings))
+
+
+def test_precomputed_reference_scores_of_a_full_run_are_not_a_freeze_run_s(tiny_llama):
+    """Under bf16 a freeze run's starting model has half-type frozen weights where a full run's is fp32: the cached
+    reference log-probs of one are not the other's."""
+    from tunelab.methods.dpo import reference_key
+
+    settings = dict(model=str(tiny_llama), trainer="dpo", mixed_precision="bf16", precompute_ref_log_probs=True)
+    full, frozen = LLMParams(**settings), LLMParams(**settings, freeze_trainable_layers=1)
+    assert reference_key(full) != reference_key(frozen)
+    assert reference_key(LLMParams(**{**settings, "mixed_precision": "no"})) == reference_key(
+        LLMParams(**{**settings, "mixed_precision": "no"}, freeze_trainable_layers=1)
+    )  # fp32: the same starting model

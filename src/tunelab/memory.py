@@ -210,8 +210,9 @@ def estimate_memory(
     half = params.mixed_precision in ("bf16", "fp16")
     act = 2 if half else 4  # bytes per activation element: autocast runs the matmuls in the half type
     freezing = _freeze_choice(config, params, kind)
-    # (models.load_model: a freeze run's frozen weights in the half type, unless FSDP or DeepSpeed shard them)
-    frozen_half = half and freezing is not None and params.distributed_backend not in ("fsdp", "deepspeed")
+    from tunelab.models.freeze import frozen_in_half
+
+    frozen_half = freezing is not None and frozen_in_half(params)  # (as models.load_model loads them)
 
     # Weights: fp32, but a LoRA run's frozen base is loaded in the half type under mixed precision
     # (models.load_model), or quantized (embeddings stay unquantized, upcast to fp32 by PEFT's k-bit preparation).
@@ -288,7 +289,7 @@ def _freeze_choice(config: Any, params: RunParams, kind: str) -> Any:
     """What a freeze run trains (models.freeze.Choice, from a weightless skeleton of the model), else None."""
     from tunelab.models.freeze import is_freezing, trainable_names
 
-    if params.peft or not is_freezing(params):
+    if getattr(params, "peft", False) or not is_freezing(params):
         return None
     from tunelab.models.checks import skeleton
 

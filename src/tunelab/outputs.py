@@ -27,6 +27,7 @@ from tunelab.config.base import RunParams
 from tunelab.data.cache import data_fingerprint, file_identities, template_files
 from tunelab.env import distributed_kind
 from tunelab.errors import TunelabError
+from tunelab.models.freeze import is_freezing
 from tunelab.models.peft import merge_into_base, quiet_peft_save, save_converted_adapter
 from tunelab.models.turns import mark_turn_end
 from tunelab.training import checkpoints
@@ -282,7 +283,13 @@ def _data_sources(data_path: Any) -> str:
 
 def model_card(params: RunParams, run: dict[str, Any], metrics: dict[str, Any]) -> str:
     """A README.md for the run folder: what was trained on what, how, and how it went."""
-    kind = "LoRA adapter" if params.peft else "fully fine-tuned model"
+    kind = (
+        "LoRA adapter"
+        if params.peft
+        else "model fine-tuned in part (freeze training)"
+        if is_freezing(params)
+        else "fully fine-tuned model"
+    )
     method = run.get("trainer") or params.trainer
     usage = run.get("usage") or f'tunelab generate --model {Path(params.project_name).name} "your prompt"'
     rows = "\n".join(f"| {k} | {_short(v)} |" for k, v in sorted(params.to_dict(redact=True).items()))

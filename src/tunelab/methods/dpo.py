@@ -335,6 +335,7 @@ def score_with_reference(model: Any, rows: list[Pair], params: LLMParams) -> np.
 
 def reference_key(params: LLMParams) -> str:
     """What the reference's scores depend on beyond the prepared data: which weights, in which precision."""
+    from tunelab.models.freeze import frozen_in_half
     from tunelab.models.load import resolve_model
 
     source = resolve_model(params.model_ref or params.model)
@@ -344,6 +345,8 @@ def reference_key(params: LLMParams) -> str:
         "model": params.model_ref or params.model,
         "weights": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files],
         "precision": [params.mixed_precision, params.quantization, params.peft and not params.model_ref],
+        # (a freeze run's frozen weights in the half type make another starting model than a full run's fp32 one)
+        **({"frozen_half": True} if frozen_in_half(params) and not params.model_ref else {}),
         "fast_loss": params.fast_loss,
         "positions": [params.rope_scaling, params.rope_scaling_factor, params.block_size],  # models/positions.py
     }

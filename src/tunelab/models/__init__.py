@@ -16,10 +16,9 @@ import logging
 from typing import Any
 
 from tunelab.config.base import RunParams, listed_tokens
-from tunelab.env import distributed_kind
 from tunelab.models.checks import check_model
 from tunelab.models.experts import ROUTER_AUX, Balancing, balancing_loss
-from tunelab.models.freeze import freeze, is_freezing
+from tunelab.models.freeze import check_sharding, freeze, frozen_in_half, is_freezing
 from tunelab.models.load import (
     ModelSource,
     load_causal_lm,
@@ -128,8 +127,8 @@ def load_model(
     half = half_precision(params)
     # A freeze run's frozen weights stay in the half type as a LoRA run's frozen base does (its trained ones are
     # made fp32 below); not when sharded: FSDP and DeepSpeed shard a layer's weights in one dtype.
-    sharded = distributed_kind() or params.distributed_backend in ("fsdp", "deepspeed")
-    frozen_half = half if is_freezing(params) and not sharded else None
+    check_sharding(params)
+    frozen_half = half if frozen_in_half(params) else None
     dtype = half if ((params.peft or frozen_half is not None) and half is not None) else torch.float32
     kwargs: dict[str, Any] = {}
     attention = attention_implementation(params)

@@ -20,7 +20,7 @@ from typing import Any
 
 from tunelab.config.base import RunParams, listed_tokens
 from tunelab.errors import ConfigError, TunelabError
-from tunelab.models.freeze import is_freezing, trainable_names
+from tunelab.models.freeze import check_sharding, is_freezing, trainable_names
 from tunelab.models.load import ModelSource, load_config
 from tunelab.models.peft import lora_config, peft_targets, target_modules
 from tunelab.models.positions import rope_scaling_of, stretch_config
@@ -71,13 +71,18 @@ def check_model(source: ModelSource, params: RunParams, kind: str = "causal_lm",
 def check_freezing(config: Any, params: RunParams, kind: str) -> None:
     """A freeze run's settings name parameters of this model (models/freeze.py), and train the rows of the tokens
     the run adds."""
+    check_sharding(params)
     choice = trainable_names(skeleton(config, kind), params)
-    if listed_tokens(params) and not (choice.embeddings and (choice.head or kind != "causal_lm")):
-        untied = kind == "causal_lm" and not getattr(config.get_text_config(), "tie_word_embeddings", False)
-        missing = "the input embeddings and the output head" if untied else "the input embeddings"
+    tied = getattr(config.get_text_config(), "tie_word_embeddings", False)  # (training embed_tokens trains both)
+    head_frozen = kind == "causal_lm" and not choice.head and not tied
+    if listed_tokens(params) and (not choice.embeddings or head_frozen):
+        missing = [
+            name for name, frozen in (("embed_tokens", not choice.embeddings), ("lm_head", head_frozen)) if frozen
+        ]
+        what = {"embed_tokens": "the input embeddings", "lm_head": "the output head"}
         raise ConfigError(
-            f"add_tokens with freeze training: the added tokens' rows would stay as they start unless {missing} "
-            f"train: add {'embed_tokens,lm_head' if untied else 'embed_tokens'} to freeze_extra_modules"
+            f"add_tokens with freeze training: the added tokens' rows would stay as they start unless "
+            f"{' and '.join(what[name] for name in missing)} train: add {','.join(missing)} to freeze_extra_modules"
         )
 
 

@@ -16,11 +16,15 @@ under FSDP or DeepSpeed, which shard a layer's weights in one dtype), and the tr
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
 
+import yaml
+
 from tunelab.config.base import RunParams
+from tunelab.env import distributed_kind
 from tunelab.errors import ConfigError
 
 NEW_HEADS = ("score", "classifier")  # (models/checks.CLASSIFIER_HEADS)
@@ -52,9 +56,9 @@ class Choice:
         return f"{self.trained:,} of {self.total:,} parameters ({share:.1%})"
 
 
-def decoder_layers(model: Any) -> tuple[str, int]:
+def decoder_layers(model: Any) -> tuple[str, int] | None:
     """(the name of the model's list of decoder layers, its length): the outermost ModuleList as long as the config's
-    number of layers (not a layer's list of experts); ConfigError for a model without one."""
+    number of layers (a multimodal model's language layers, not its vision tower's nor a layer's experts), or None."""
     from torch import nn
 
     config = model.config.get_text_config()
@@ -64,19 +68,24 @@ def decoder_layers(model: Any) -> tuple[str, int]:
     lists = [
         name for name, module in model.named_modules() if isinstance(module, nn.ModuleList) and len(module) == count
     ]
-    if not lists:
-        raise ConfigError(
-            f"freeze training: {type(model).__name__} has no list of {count} decoder layers to choose from"
-        )
-    return min(lists, key=lambda name: name.count(".")), count
+    return (min(lists, key=lambda name: name.count(".")), count) if lists else None
 
 
 def trainable_names(model: Any, params: RunParams) -> Choice:
     """The parameters a freeze run trains, by their names in `model` (tied weights under each of their names)."""
-    prefix, count = decoder_layers(model)
+    found = decoder_layers(model)
+    if found is None and (params.freeze_trainable_layers is not None or params.freeze_extra_modules):
+        setting = "freeze_trainable_layers" if params.freeze_trainable_layers is not None else "freeze_extra_modules"
+        raise ConfigError(
+            f"{setting}: {type(model).__name__} has no list of decoder layers found from its config; name the "
+            "parameters with unfrozen_parameters instead"
+        )
+    prefix, count = found or ("", 0)
+    text_root = prefix.rpartition(".")[0]  # the language model (model.language_model in a multimodal one)
     named = list(model.named_parameters(remove_duplicate=False))
-    # A sequence classifier's head is new: it always trains (as PEFT's modules_to_save does under LoRA).
-    chosen = {name for name, _ in named if name.split(".")[0] in NEW_HEADS}
+    # A sequence classifier's head is new: it always trains (PEFT's modules_to_save for SEQ_CLS, matched alike).
+    new_head = {name for name, _ in named if name.split(".")[0].endswith(NEW_HEADS)}
+    chosen = set(new_head)
     if params.freeze_trainable_layers is not None:
         chosen |= _from_layers(named, prefix, count, params)
     if params.freeze_extra_modules:
@@ -84,26 +93,36 @@ def trainable_names(model: Any, params: RunParams) -> Choice:
     for pattern in params.unfrozen_parameters or ():
         matched = {name for name, _ in named if re.match(pattern, name)}
         if not matched:
+            example = f", {prefix}.0.{_inner_name(named, prefix)}" if prefix else ""
             raise ConfigError(
                 f"unfrozen_parameters: {pattern!r} matches no parameter of the model (they are named like "
-                f"{named[0][0]}, {prefix}.0.{_inner_name(named, prefix)})"
+                f"{named[0][0]}{example})"
             )
         chosen |= matched
-    if not chosen - {name for name, _ in named if name.split(".")[0] in NEW_HEADS}:
+    if not chosen - new_head:
         raise ConfigError("freeze training: the settings choose no parameter to train")
     # A tied weight (the head on the embeddings) is trained when any of its names is chosen.
     tensors = {id(tensor) for name, tensor in named if name in chosen}
     names = [name for name, tensor in named if id(tensor) in tensors]
-    unique = {id(tensor): tensor for _, tensor in named}
-    trained = sum(tensor.numel() for key, tensor in unique.items() if key in tensors)
-    total = sum(tensor.numel() for tensor in unique.values())
-    layer_of = re.compile(re.escape(prefix) + r"\.(\d+)\.")
-    layers = [int(m.group(1)) for name in names if (m := layer_of.match(name))]
     embedded, headed = (
         module is not None and any(id(p) in tensors for p in module.parameters())
         for module in (model.get_input_embeddings(), model.get_output_embeddings())
     )
-    first = 0 if embedded else min(layers, default=count)
+    on_text_path = [name for name in names if not text_root or name.startswith(text_root + ".")]
+    if not (on_text_path or embedded or headed or new_head):
+        raise ConfigError(
+            f"freeze training: none of the chosen parameters ({names[0]}, ...) is on the language model's path "
+            f"({text_root}, the output head): the loss would not reach them"
+        )
+    unique = {id(tensor): tensor for _, tensor in named}
+    trained = sum(tensor.numel() for key, tensor in unique.items() if key in tensors)
+    total = sum(tensor.numel() for tensor in unique.values())
+    if prefix:
+        layer_of = re.compile(re.escape(prefix) + r"\.(\d+)\.")
+        layers = [int(m.group(1)) for name in names if (m := layer_of.match(name))]
+        first = 0 if embedded else min(layers, default=count)
+    else:
+        first = 0  # (layers not found: every one counted as keeping its activations)
     return Choice(names, trained, total, first, count, embedded, headed)
 
 
@@ -121,28 +140,42 @@ def _from_layers(named: list[tuple[str, Any]], prefix: str, count: int, params: 
         )
     indices = range(count - n, count) if n > 0 else range(-n)
     wanted = [m.strip() for m in str(params.freeze_trainable_modules or "all").split(",") if m.strip()]
-    start = f"{prefix}.0."
-    inner = [name.removeprefix(start) for name, _ in named if name.startswith(start)]
-    modules = sorted({name.split(".")[0] for name in inner})
-    for module in wanted:
-        if module != "all" and not any(name == module or name.startswith(module + ".") for name in inner):
-            raise ConfigError(
-                f"freeze_trainable_modules: a decoder layer has no module {module!r}; it has {', '.join(modules)} "
-                "(or all)"
-            )
-    chosen = set()
+    # Each chosen layer's parameters, by their names inside it (layers may differ: linear and full attention, dense
+    # and expert MLPs): a module counts when one of the chosen layers has it.
+    inside = {}
     for name, _ in named:
         for index in indices:
             rest = name.removeprefix(f"{prefix}.{index}.")
-            if rest != name and any(w == "all" or rest == w or rest.startswith(w + ".") for w in wanted):
-                chosen.add(name)
+            if rest != name:
+                inside[name] = rest
+    chosen = set()
+    for module in wanted:
+        matched = {
+            n for n, rest in inside.items() if module == "all" or rest == module or rest.startswith(module + ".")
+        }
+        if not matched:
+            modules = sorted({rest.split(".")[0] for rest in inside.values()})
+            which, it = ("layers have", "they have") if len(indices) > 1 else ("layer has", "it has")
+            raise ConfigError(
+                f"freeze_trainable_modules: the chosen decoder {which} no module {module!r}; {it} "
+                f"{', '.join(modules)} (or all)"
+            )
+        chosen |= matched
     return chosen
 
 
 def _extra_modules(model: Any, named: list[tuple[str, Any]], prefix: str, spec: str) -> set[str]:
-    """The parameters of modules outside the decoder layers named by their last part (norm) or whole (model.norm)."""
-    outside = [(key, module) for key, module in model.named_modules() if key and not key.startswith(prefix + ".")]
-    outside = [(key, module) for key, module in outside if key != prefix]
+    """The parameters of modules outside the decoder layers, on the language model's side (not a vision tower's),
+    named by their last part (norm) or whole (model.norm)."""
+    text_root = prefix.rpartition(".")[0]
+    other_towers = text_root.rpartition(".")[0]  # model.vision_tower beside model.language_model
+    outside = []
+    for key, module in model.named_modules():
+        if not key or key == prefix or key.startswith(prefix + "."):
+            continue
+        if other_towers and key.startswith(other_towers + ".") and not key.startswith(text_root + "."):
+            continue
+        outside.append((key, module))
     chosen = set()
     for wanted in (m.strip() for m in spec.split(",") if m.strip()):
         keys = [key for key, _ in outside if key == wanted or key.endswith("." + wanted)]
@@ -154,6 +187,49 @@ def _extra_modules(model: Any, named: list[tuple[str, Any]], prefix: str, spec: 
             )
         chosen |= {name for name, _ in named if any(name.startswith(key + ".") for key in keys)}
     return chosen
+
+
+def frozen_in_half(params: RunParams) -> bool:
+    """Whether a freeze run keeps its frozen weights in the mixed-precision half type: yes, unless FSDP or DeepSpeed
+    shard them (one dtype a layer) - told by the launched process's environment, or by the accelerate config the
+    run launches with (the parent's estimate and checks)."""
+    if not is_freezing(params) or getattr(params, "peft", False) or params.mixed_precision not in ("bf16", "fp16"):
+        return False
+    return sharding(params) is None
+
+
+def sharding(params: RunParams) -> dict[str, Any] | None:
+    """How the run shards its weights ({"kind": "fsdp" or "deepspeed", "fsdp_version", "use_orig_params"}), or None."""
+    kind = distributed_kind()
+    if kind:  # inside a launched process: accelerate says so in the environment
+        version = int(os.environ.get("FSDP_VERSION", "1"))
+        orig = os.environ.get("FSDP_USE_ORIG_PARAMS", "false").lower() == "true"
+        return {"kind": kind, "fsdp_version": version, "use_orig_params": orig}
+    if params.num_processes <= 1 and params.num_machines <= 1:
+        return None
+    from tunelab.launch import config_file
+
+    try:
+        config = yaml.safe_load(config_file(params).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    kind = {"FSDP": "fsdp", "DEEPSPEED": "deepspeed"}.get(str(config.get("distributed_type", "")).upper())
+    if kind is None:
+        return None
+    fsdp = config.get("fsdp_config") or {}
+    version = int(fsdp.get("fsdp_version", 1))
+    return {"kind": kind, "fsdp_version": version, "use_orig_params": bool(fsdp.get("fsdp_use_orig_params", False))}
+
+
+def check_sharding(params: RunParams) -> None:
+    """FSDP1 without use_orig_params flattens each wrapped layer's parameters into one that all must train or not:
+    a freeze run that trains part of a layer (a module, a norm beside frozen embeddings) cannot run there."""
+    shards = sharding(params) if is_freezing(params) else None
+    if shards and shards["kind"] == "fsdp" and shards["fsdp_version"] == 1 and not shards["use_orig_params"]:
+        raise ConfigError(
+            "freeze training under FSDP1 needs fsdp_use_orig_params: true in the accelerate config (its flat "
+            "parameters train whole), or fsdp_version: 2"
+        )
 
 
 def freeze(model: Any, params: RunParams, half: Any = None) -> Choice:

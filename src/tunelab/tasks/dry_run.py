@@ -18,6 +18,7 @@ import numpy as np
 
 from tunelab.config.base import RunParams
 from tunelab.data.tokenize import IGNORE
+from tunelab.models.freeze import is_freezing
 from tunelab.training.steps import epoch_steps
 
 TRAINED_OPEN, TRAINED_CLOSE = "[[", "]]"  # marks the tokens the loss is computed on in the shown examples
@@ -127,7 +128,8 @@ def new_plan(
     checkpoint the run would resume from."""
     per_epoch, total = steps(rows, params)
     plan = RunPlan(
-        task=task + (" (LoRA)" if params.peft else " (full fine-tuning)"),
+        task=task
+        + (" (LoRA)" if params.peft else " (freeze training)" if is_freezing(params) else " (full fine-tuning)"),
         model=params.model,
         splits=splits,
         examples=examples,
