@@ -192,7 +192,9 @@ def test_a_multimodal_model_trains_its_language_side_only():
     choice = _choose(gemma, freeze_trainable_layers=1, freeze_extra_modules="norm")
     assert "model.language_model.norm.weight" in choice.names
     assert not any("vision" in n for n in choice.names) and choice.first_layer == 1
-    with pytest.raises(ConfigError, match=r"none of the chosen parameters .* is on the language model's path"):
+    with pytest.raises(
+        ConfigError, match=r"the chosen parameters .* are all in model\.vision_tower, off the language model's path"
+    ):
         _choose(gemma, unfrozen_parameters=["model.vision_tower"])
 
 
@@ -239,3 +241,30 @@ def test_precomputed_reference_scores_of_a_full_run_are_not_a_freeze_run_s(tiny_
     assert reference_key(LLMParams(**{**settings, "mixed_precision": "no"})) == reference_key(
         LLMParams(**{**settings, "mixed_precision": "no"}, freeze_trainable_layers=1)
     )  # fp32: the same starting model
+
+
+def test_a_classifier_trains_its_last_layers_pooler_and_new_head(tmp_path):
+    """Text classification too: a BERT's last encoder layer and its pooler (freeze_extra_modules) train with the new
+    head, which always trains; the embeddings and the first layer stay as they were."""
+    from transformers import BertConfig, BertModel
+
+    import tunelab
+    from tests.conftest import build_tokenizer
+    from tests.test_text_classification import _sentiment_rows, _write_csv
+
+    base = tmp_path / "tiny-bert"
+    tokenizer = build_tokenizer(base, chat_template=None)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128)  # fmt: skip
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(base)
+    _write_csv(tmp_path / "tweets" / "train.csv", _sentiment_rows("train", 64))
+    folder = tunelab.train(tunelab.TextClassificationParams(
+        model=str(base), data_path=str(tmp_path / "tweets"), target_column="label", project_name=str(tmp_path / "run"),
+        epochs=1, batch_size=16, lr=1e-2, max_seq_length=16, freeze_trainable_layers=1, freeze_extra_modules="pooler",
+    ))  # fmt: skip
+    before = {f"bert.{k}": v for k, v in load_file(base / "model.safetensors").items()}
+    after = load_file(folder / "model.safetensors")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {k for k in before if k.startswith(("bert.encoder.layer.1.", "bert.pooler."))}
+    assert {k for k in after if k not in before} == {"classifier.weight", "classifier.bias"}

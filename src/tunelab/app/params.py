@@ -32,9 +32,9 @@ LLM_FIELDS = (
 )  # fmt: skip
 PAIR_FIELDS = ("max_prompt_length",)  # every method whose rows have a prompt apart (pairs, labeled, prompts)
 CLASSIFIER_FIELDS = (
-    "peft", "lr", "epochs", "max_steps", "batch_size", "gradient_accumulation", "max_seq_length", "warmup_ratio",
-    "scheduler", "weight_decay", "lora_r", "lora_alpha", "lora_dropout", "mixed_precision", "valid_size",
-    "eval_strategy", "early_stopping_patience", "logging_steps", "seed",
+    "peft", "freeze_trainable_layers", "lr", "epochs", "max_steps", "batch_size", "gradient_accumulation",
+    "max_seq_length", "warmup_ratio", "scheduler", "weight_decay", "lora_r", "lora_alpha", "lora_dropout",
+    "mixed_precision", "valid_size", "eval_strategy", "early_stopping_patience", "logging_steps", "seed",
 )  # fmt: skip
 HUB_FIELDS = ("push_to_hub", "username", "repo_id")
 # Where the app starts differs from the schema in one respect for LLMs: LoRA, at the learning rate LoRA wants (the

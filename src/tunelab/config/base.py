@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from dataclasses import field
 from pathlib import Path
 from typing import Any, Protocol
@@ -65,6 +66,31 @@ LORA_VARIANTS: dict[str, tuple] = {
         None,
         "LoRA: modules trained and saved whole beside the adapter, comma-separated (embed_tokens,lm_head: every "
         "token's rows; add_tokens trains only the added ones).",
+    ),
+}
+# Freeze training, a full fine-tuning of some of the weights (models/freeze.py), for every task: (default, help).
+FREEZE_SETTINGS: dict[str, tuple] = {
+    "freeze_trainable_layers": (
+        None,
+        "Without peft: train only the last N decoder (or encoder) layers (negative: the first N), the rest frozen "
+        "(LLaMA-Factory's finetuning_type freeze, whose default is 2; a classifier's new head always trains). "
+        "Unset: every weight trains.",
+    ),
+    "freeze_trainable_modules": (
+        "all",
+        "freeze_trainable_layers: the modules of those layers that train, comma-separated names inside a layer "
+        "(mlp, self_attn, mlp.down_proj), or all.",
+    ),
+    "freeze_extra_modules": (
+        None,
+        "With freeze_trainable_layers or unfrozen_parameters: modules outside the layers that train too, "
+        "comma-separated (embed_tokens, norm, lm_head; a BERT's pooler).",
+    ),
+    "unfrozen_parameters": (
+        None,
+        "Without peft: train only the parameters whose names match one of these regular expressions, from the "
+        "name's start (Axolotl's; a YAML list, or on the command line separated by spaces), the rest frozen; with "
+        "freeze_trainable_layers, these too. E.g. ['^lm_head.weight$', 'model.layers.1[0-9].mlp.*'].",
     ),
 }
 SAVE_STEPS_HELP = "Write a checkpoint (to resume from) every N optimizer steps; -1: twice per run, at most every 500."
@@ -160,6 +186,10 @@ class RunParams(Protocol):
     modules_to_save: str | None
     target_modules: str | None
     quantization: str | None
+    freeze_trainable_layers: int | None
+    freeze_trainable_modules: str
+    freeze_extra_modules: str | None
+    unfrozen_parameters: list[str] | None
     log: str
     logging_steps: int
     eval_strategy: str
@@ -238,6 +268,40 @@ def check_valid_size(params: RunParams) -> None:
         raise ConfigError(
             "valid_size draws from the train split's examples, which a streamed run does not have before training: "
             "give a valid_split instead, or leave streaming off"
+        )
+
+
+def check_freezing(params: RunParams) -> None:
+    """freeze_* and unfrozen_parameters (FREEZE_SETTINGS): whole numbers and regular expressions, each setting with
+    what it refines, never with peft. Their names are checked against the model by models/checks.py."""
+    patterns = params.unfrozen_parameters
+    if isinstance(patterns, str):
+        patterns = patterns.split()
+    if patterns is not None and (
+        not isinstance(patterns, (list, tuple)) or not patterns or not all(isinstance(p, str) for p in patterns)
+    ):
+        raise ConfigError(f"unfrozen_parameters must be regular expressions (a list of texts), got {patterns!r}")
+    for pattern in patterns or ():
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ConfigError(f"unfrozen_parameters: {pattern!r} is not a regular expression ({error})") from None
+    params.unfrozen_parameters = list(patterns) if patterns else None
+    layers = params.freeze_trainable_layers
+    if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int) or layers == 0):
+        raise ConfigError(f"freeze_trainable_layers must be a whole number other than 0, got {layers!r}")
+    freezing = layers is not None or params.unfrozen_parameters is not None
+    if params.freeze_extra_modules and not freezing:
+        raise ConfigError(
+            "freeze_extra_modules is read with freeze_trainable_layers or unfrozen_parameters: give one of them"
+        )
+    if str(params.freeze_trainable_modules).strip() not in ("all", "") and layers is None:
+        raise ConfigError("freeze_trainable_modules is read with freeze_trainable_layers: give it too")
+    if freezing and params.peft:
+        setting = "freeze_trainable_layers" if layers is not None else "unfrozen_parameters"
+        raise ConfigError(
+            f"{setting} trains some of the weights themselves (full fine-tuning of part of the model), peft a "
+            "LoRA adapter: keep one (target_modules chooses where LoRA goes)"
         )
 
 

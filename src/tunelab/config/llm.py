@@ -10,7 +10,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -18,12 +17,14 @@ from typing import ClassVar
 from tunelab.config.base import (
     BAD_ROWS_HELP,
     DEFAULT_MODEL,
+    FREEZE_SETTINGS,
     LAUNCH,
     LORA_VARIANTS,
     RESUME_HELP,
     SAVE_STEPS_HELP,
     Params,
     check_choices,
+    check_freezing,
     check_launch,
     check_positive,
     check_save_steps,
@@ -330,27 +331,10 @@ class LLMParams(Params):
     )
 
     # --- freeze training: full fine-tuning of some of the weights (models/freeze.py)
-    freeze_trainable_layers: int | None = param(
-        None,
-        "Without peft: train only the last N decoder layers (negative: the first N), the rest frozen "
-        "(LLaMA-Factory's finetuning_type freeze, whose default is 2). Unset: every weight trains.",
-    )
-    freeze_trainable_modules: str = param(
-        "all",
-        "freeze_trainable_layers: the modules of those layers that train, comma-separated names inside a layer "
-        "(mlp, self_attn, mlp.down_proj), or all.",
-    )
-    freeze_extra_modules: str | None = param(
-        None,
-        "With freeze_trainable_layers or unfrozen_parameters: modules outside the decoder layers that train too, "
-        "comma-separated (embed_tokens, norm, lm_head).",
-    )
-    unfrozen_parameters: list | str | None = param(
-        None,
-        "Without peft: train only the parameters whose names match one of these regular expressions, from the "
-        "name's start (Axolotl's; a YAML list, or on the command line separated by spaces), the rest frozen; with "
-        "freeze_trainable_layers, these too. E.g. ['^lm_head.weight$', 'model.layers.1[0-9].mlp.*'].",
-    )
+    freeze_trainable_layers: int | None = param(*FREEZE_SETTINGS["freeze_trainable_layers"])
+    freeze_trainable_modules: str = param(*FREEZE_SETTINGS["freeze_trainable_modules"])
+    freeze_extra_modules: str | None = param(*FREEZE_SETTINGS["freeze_extra_modules"])
+    unfrozen_parameters: list | str | None = param(*FREEZE_SETTINGS["unfrozen_parameters"])
     merge_adapter: bool = param(
         False,
         "After LoRA training, also save the adapter merged into a full model (merged/). "
@@ -744,39 +728,6 @@ class LLMParams(Params):
         if REGISTRY[self.trainer].data == "prompts":
             raise ConfigError(f"early_stopping_patience: {self.trainer}'s evaluation has no eval loss to stop on")
 
-    def _check_freezing(self) -> None:
-        """freeze_* and unfrozen_parameters: full fine-tuning of some weights (their names are checked against the
-        model by models/checks.py, before any weight loads)."""
-        patterns = self.unfrozen_parameters
-        if isinstance(patterns, str):
-            patterns = patterns.split()
-        if patterns is not None and (
-            not isinstance(patterns, (list, tuple)) or not patterns or not all(isinstance(p, str) for p in patterns)
-        ):
-            raise ConfigError(f"unfrozen_parameters must be regular expressions (a list of texts), got {patterns!r}")
-        for pattern in patterns or ():
-            try:
-                re.compile(pattern)
-            except re.error as error:
-                raise ConfigError(f"unfrozen_parameters: {pattern!r} is not a regular expression ({error})") from None
-        self.unfrozen_parameters = list(patterns) if patterns else None
-        layers = self.freeze_trainable_layers
-        if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int) or layers == 0):
-            raise ConfigError(f"freeze_trainable_layers must be a whole number other than 0, got {layers!r}")
-        freezing = layers is not None or self.unfrozen_parameters is not None
-        if self.freeze_extra_modules and not freezing:
-            raise ConfigError(
-                "freeze_extra_modules is read with freeze_trainable_layers or unfrozen_parameters: give one of them"
-            )
-        if str(self.freeze_trainable_modules).strip() not in ("all", "") and layers is None:
-            raise ConfigError("freeze_trainable_modules is read with freeze_trainable_layers: give it too")
-        if freezing and self.peft:
-            setting = "freeze_trainable_layers" if layers is not None else "unfrozen_parameters"
-            raise ConfigError(
-                f"{setting} trains some of the weights themselves (full fine-tuning of part of the model), peft a "
-                "LoRA adapter: keep one (target_modules chooses where LoRA goes)"
-            )
-
     def _check_added_tokens(self) -> None:
         """LoRA on the embedding or the output head leaves PEFT no way to train an added token's rows there
         (models/vocabulary.py says so again for a model whose modules are named otherwise)."""
@@ -840,7 +791,7 @@ class LLMParams(Params):
         self.add_tokens = token_list(self.add_tokens, "add_tokens")
         self.add_special_tokens = token_list(self.add_special_tokens, "add_special_tokens")
         self._check_added_tokens()
-        self._check_freezing()
+        check_freezing(self)
         # TRL's and Axolotl's `gradient_checkpointing: true`, in a config file or as --gradient-checkpointing true
         switch = str(self.gradient_checkpointing).lower()
         if switch in ("true", "yes", "1", "false", "no", "0"):

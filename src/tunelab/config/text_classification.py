@@ -9,12 +9,14 @@ from typing import ClassVar
 from tunelab.config.base import (
     BAD_ROWS_HELP,
     DEFAULT_MODEL,
+    FREEZE_SETTINGS,
     LAUNCH,
     LORA_VARIANTS,
     RESUME_HELP,
     SAVE_STEPS_HELP,
     Params,
     check_choices,
+    check_freezing,
     check_launch,
     check_positive,
     check_save_steps,
@@ -112,6 +114,10 @@ class TextClassificationParams(Params):
     quantization: str | None = param(
         None, "Load the base model in int4 or int8 (CUDA only; with peft).", (None, "int4", "int8")
     )
+    freeze_trainable_layers: int | None = param(*FREEZE_SETTINGS["freeze_trainable_layers"])
+    freeze_trainable_modules: str = param(*FREEZE_SETTINGS["freeze_trainable_modules"])
+    freeze_extra_modules: str | None = param(*FREEZE_SETTINGS["freeze_extra_modules"])
+    unfrozen_parameters: list | str | None = param(*FREEZE_SETTINGS["unfrozen_parameters"])
     disable_gradient_checkpointing: bool = param(True, "Gradient checkpointing is off by default for classifiers.")
 
     push_to_hub: bool = param(False, "Upload the output folder to the hub when done (private).")
@@ -133,6 +139,7 @@ class TextClassificationParams(Params):
     def validate(self) -> None:
         """Raise ConfigError naming the parameter for any value that cannot work, before anything is loaded."""
         check_choices(self)
+        check_freezing(self)
         check_positive(self, "lr", "epochs", "batch_size", "gradient_accumulation", "max_seq_length", "lora_r")
         check_positive(self, "head_lr_ratio", "early_stopping_patience", "save_total_limit")
         check_save_steps(self)

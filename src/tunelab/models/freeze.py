@@ -81,7 +81,7 @@ def trainable_names(model: Any, params: RunParams) -> Choice:
             "parameters with unfrozen_parameters instead"
         )
     prefix, count = found or ("", 0)
-    text_root = prefix.rpartition(".")[0]  # the language model (model.language_model in a multimodal one)
+    towers = other_towers(model, prefix)  # a multimodal model's vision tower: not on the language model's path
     named = list(model.named_parameters(remove_duplicate=False))
     # A sequence classifier's head is new: it always trains (PEFT's modules_to_save for SEQ_CLS, matched alike).
     new_head = {name for name, _ in named if name.split(".")[0].endswith(NEW_HEADS)}
@@ -89,7 +89,7 @@ def trainable_names(model: Any, params: RunParams) -> Choice:
     if params.freeze_trainable_layers is not None:
         chosen |= _from_layers(named, prefix, count, params)
     if params.freeze_extra_modules:
-        chosen |= _extra_modules(model, named, prefix, params.freeze_extra_modules)
+        chosen |= _extra_modules(model, named, prefix, towers, params.freeze_extra_modules)
     for pattern in params.unfrozen_parameters or ():
         matched = {name for name, _ in named if re.match(pattern, name)}
         if not matched:
@@ -108,11 +108,10 @@ def trainable_names(model: Any, params: RunParams) -> Choice:
         module is not None and any(id(p) in tensors for p in module.parameters())
         for module in (model.get_input_embeddings(), model.get_output_embeddings())
     )
-    on_text_path = [name for name in names if not text_root or name.startswith(text_root + ".")]
-    if not (on_text_path or embedded or headed or new_head):
+    if all(_inside(name, towers) for name in names):
         raise ConfigError(
-            f"freeze training: none of the chosen parameters ({names[0]}, ...) is on the language model's path "
-            f"({text_root}, the output head): the loss would not reach them"
+            f"freeze training: the chosen parameters ({names[0]}, ...) are all in {', '.join(towers)}, off the "
+            "language model's path: the loss would not reach them"
         )
     unique = {id(tensor): tensor for _, tensor in named}
     trained = sum(tensor.numel() for key, tensor in unique.items() if key in tensors)
@@ -164,18 +163,36 @@ def _from_layers(named: list[tuple[str, Any]], prefix: str, count: int, params: 
     return chosen
 
 
-def _extra_modules(model: Any, named: list[tuple[str, Any]], prefix: str, spec: str) -> set[str]:
-    """The parameters of modules outside the decoder layers, on the language model's side (not a vision tower's),
-    named by their last part (norm) or whole (model.norm)."""
+def other_towers(model: Any, prefix: str) -> list[str]:
+    """The modules beside the language model that hold layers of their own (a vision tower beside
+    model.language_model), which its loss does not reach; none for a text model (a BERT's embeddings and pooler, a
+    causal LM's head hold no layers)."""
+    from torch import nn
+
+    if not prefix:
+        return []
     text_root = prefix.rpartition(".")[0]
-    other_towers = text_root.rpartition(".")[0]  # model.vision_tower beside model.language_model
+    parent = text_root.rpartition(".")[0]
+    base = model.get_submodule(parent) if parent else model
+    towers = []
+    for name, child in base.named_children():
+        key = f"{parent}.{name}" if parent else name
+        if key != text_root and any(isinstance(module, nn.ModuleList) for module in child.modules()):
+            towers.append(key)
+    return towers
+
+
+def _inside(name: str, keys: list[str]) -> bool:
+    return any(name == key or name.startswith(key + ".") for key in keys)
+
+
+def _extra_modules(model: Any, named: list[tuple[str, Any]], prefix: str, towers: list[str], spec: str) -> set[str]:
+    """The parameters of modules outside the decoder layers and the other towers, named by their last part (norm)
+    or whole (model.norm)."""
     outside = []
     for key, module in model.named_modules():
-        if not key or key == prefix or key.startswith(prefix + "."):
-            continue
-        if other_towers and key.startswith(other_towers + ".") and not key.startswith(text_root + "."):
-            continue
-        outside.append((key, module))
+        if key and not _inside(key, [prefix, *towers]):
+            outside.append((key, module))
     chosen = set()
     for wanted in (m.strip() for m in spec.split(",") if m.strip()):
         keys = [key for key, _ in outside if key == wanted or key.endswith("." + wanted)]
