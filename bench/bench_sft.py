@@ -113,6 +113,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--peft", action=argparse.BooleanOptionalAction, default=True, help="LoRA r16 a32 all-linear")
+    parser.add_argument(
+        "--freeze-layers",
+        type=int,
+        default=None,
+        help="with --no-peft: train the last N decoder layers only (tunelab's freeze_trainable_layers; the TRL side "
+        "sets requires_grad off on the others, as a TRL user does)",
+    )
     parser.add_argument("--packing", action="store_true", help="pack examples into --block-size rows")
     parser.add_argument(
         "--group-by-length",
@@ -154,6 +161,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.sides = sides
     if args.warmup_steps < 0 or args.warmup_steps >= args.steps:
         parser.error("--warmup-steps must be at least 0 and fewer than --steps")
+    if args.freeze_layers is not None and (args.peft or args.freeze_layers < 1):
+        parser.error("--freeze-layers N: a whole number, 1 or more, with --no-peft")
     if args.checkpoint_every < 0:
         parser.error("--checkpoint-every must be 0 (no checkpointing on tunelab's side) or more")
     if args.data is None:
@@ -220,6 +229,12 @@ def checkpointing(args: argparse.Namespace) -> str:
     return f"on, tunelab every {args.checkpoint_every} layers, {trl}"
 
 
+def _trained(args: argparse.Namespace) -> str:
+    if args.peft:
+        return "LoRA r16 all-linear"
+    return f"the last {args.freeze_layers} layers (freeze)" if args.freeze_layers else "full"
+
+
 def render_report(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> str:
     sides = [s for s in args.sides if s in results]
     first = next((results[s] for s in sides if "failed" not in results[s]), {})
@@ -230,7 +245,7 @@ def render_report(args: argparse.Namespace, results: dict[str, dict[str, Any]]) 
     lines = [
         f"SFT benchmark: {what}; data {args.data}; device {first.get('device', '?')}",
         f"batch {args.batch_size} x accum {args.grad_accum}, block {args.block_size}, {args.steps} steps "
-        f"({args.warmup_steps} warmup, untimed), lr {args.lr}, {'LoRA r16 all-linear' if args.peft else 'full'}, "
+        f"({args.warmup_steps} warmup, untimed), lr {args.lr}, {_trained(args)}, "
         f"{layout}, "
         f"gradient checkpointing {checkpointing(args)}, {'bf16' if args.bf16 else 'fp32'}",
         "",
@@ -440,6 +455,7 @@ def make_params(args: argparse.Namespace) -> Any:
         fused_ops=args.fused_ops,
         checkpoint_every=max(1, args.checkpoint_every),
         peft=args.peft,
+        freeze_trainable_layers=None if args.peft else args.freeze_layers,
         lora_r=16,
         lora_alpha=32,
         target_modules="all-linear",
@@ -592,6 +608,11 @@ def build_trl(args: argparse.Namespace, params: Any, tokenizer: Any, source: Any
     )
     dataset = Dataset.from_dict({"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]})
     peft_config = lora_config(params) if params.peft else None
+    if args.freeze_layers:  # the plain way: every parameter outside the last N layers off, in fp32 as loaded
+        count = model.config.num_hidden_layers
+        kept = tuple(f"model.layers.{i}." for i in range(count - args.freeze_layers, count))
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(name.startswith(kept))
     trainer = SFTTrainer(
         model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
     )

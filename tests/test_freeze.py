@@ -126,10 +126,7 @@ def test_the_dry_run_says_what_trains_and_counts_it_in_the_memory_estimate(tiny_
 
     argv = ["llm", "--dry-run", "--model", str(tiny_llama), "--data-path", str(DATA), "--trainer", "sft", *SMALL]
     assert main([*argv, "--project-name", str(tmp_path / "run"), "--freeze-trainable-layers", "1"]) == 0
-    assert (
-        "train (the rest frozen); the decoder layers before layer 1 of 2 keep no activations"
-        in capsys.readouterr().out
-    )
+    assert "train (the rest frozen); the layers before layer 1 of 2 keep no activations" in capsys.readouterr().out
     patterns = r"^model\.layers\.0\.mlp\.down_proj ^model\.norm"  # Axolotl's regexes, on the command line
     assert main([*argv, "--project-name", str(tmp_path / "run"), "--unfrozen-parameters", patterns]) == 0
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
@@ -222,12 +219,21 @@ def test_fsdp1_without_original_parameters_is_refused_and_sharded_weights_stay_f
     settings = dict(model=str(tiny_llama), data_path=str(DATA), trainer="sft", project_name=str(tmp_path / "run"),
                     freeze_trainable_layers=1, mixed_precision="bf16")  # fmt: skip
     fsdp1 = tmp_path / "fsdp1.yaml"
-    fsdp1.write_text("distributed_type: FSDP\nfsdp_config:\n  fsdp_version: 1\nnum_processes: 2\n")
     sharded = {**settings, "num_processes": 2, "accelerate_config": str(fsdp1)}
-    with pytest.raises(ConfigError, match="freeze training under FSDP1 needs fsdp_use_orig_params: true"):
-        tunelab.plan(sharded)
-    fsdp1.write_text(fsdp1.read_text().replace("fsdp_version: 1", "fsdp_version: 1\n  fsdp_use_orig_params: true"))
-    assert not frozen_in_half(tunelab.load_config(sharded)) and frozen_in_half(tunelab.load_config(settings))
+    # accelerate's spellings: the keys with or without fsdp_, its booleans as text, use_orig_params true by default
+    for fsdp, refused in [
+        ("fsdp_version: 1\n  fsdp_use_orig_params: 'false'", True),
+        ("version: 1\n  use_orig_params: false", True),
+        ("fsdp_version: 1", False),
+        ("version: 2\n  use_orig_params: false", False),
+    ]:
+        fsdp1.write_text(f"distributed_type: FSDP\nfsdp_config:\n  {fsdp}\nnum_processes: 2\n")
+        if refused:
+            with pytest.raises(ConfigError, match="freeze training under FSDP1 needs fsdp_use_orig_params: true"):
+                tunelab.plan(sharded)
+        else:
+            assert not frozen_in_half(tunelab.load_config(sharded))  # sharded: every weight fp32
+    assert frozen_in_half(tunelab.load_config(settings))
 
 
 def test_precomputed_reference_scores_of_a_full_run_are_not_a_freeze_run_s(tiny_llama):
@@ -268,3 +274,17 @@ def test_a_classifier_trains_its_last_layers_pooler_and_new_head(tmp_path):
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {k for k in before if k.startswith(("bert.encoder.layer.1.", "bert.pooler."))}
     assert {k for k in after if k not in before} == {"classifier.weight", "classifier.bias"}
+    # the new head trains, whatever it is called: BERT's classifier, DistilBERT's pre_classifier too, BART's
+    from transformers import AutoConfig
+
+    from tunelab.models.checks import skeleton
+
+    sizes = dict(vocab_size=100, hidden_size=32, dim=32, hidden_dim=64, n_layers=2, n_heads=2, d_model=32,
+                 encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+                 encoder_ffn_dim=64, decoder_ffn_dim=64)  # fmt: skip
+    for model_type, head in [("distilbert", "pre_classifier."), ("bart", "classification_head.")]:
+        config = AutoConfig.for_model(model_type, **sizes)
+        names = _choose(
+            skeleton(config, "classifier"), unfrozen_parameters=["^nothing_matches|.*layers?\\.1\\."]
+        ).names
+        assert any(n.startswith(head) for n in names), (model_type, names)

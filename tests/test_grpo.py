@@ -1196,6 +1196,15 @@ def test_reward_and_tool_functions_are_named_by_what_imports_them(tmp_path, monk
     assert tunelab.load_config(params).reward_functions == specs  # a parameter object round trip
     direct = LLMParams(trainer="grpo", reward_functions=[first, "format_tag"], tools=[loose_rewards.add])
     assert (direct.reward_functions, direct.tools) == ("<python>:<lambda>,format_tag", "loose_rewards.add")
+    assert LLMParams(trainer="grpo", reward_functions=["format_tag", "answer_tag"]).reward_functions == (
+        "format_tag,answer_tag"
+    )
+    # what only this process can call: refused by the dry run of a launched run as by its train, before anything
+    launched = {"trainer": "grpo", "reward_functions": [first], "num_processes": 2, "data_path": "unread.jsonl"}
+    with pytest.raises(
+        ConfigError, match=r"with several processes: <lambda> \(a lambda\) exists in this process only"
+    ):
+        tunelab.plan(launched)
 
     (tmp_path / "cli_pkg").mkdir()
     (tmp_path / "cli_pkg" / "__init__.py").write_text("from loose_rewards import long\n")
@@ -1247,6 +1256,19 @@ def test_a_script_s_functions_go_by_its_file_and_its_training_must_sit_under_a_m
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert done.stdout.strip() == f"{script.resolve()}:short", done.stderr[-2000:]
+
+    # run as python -m: named by its module, and the very function is called (importing the module would run the
+    # script a second time)
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "jobs" / "__init__.py").write_text("")
+    (tmp_path / "jobs" / "train.py").write_text(
+        "import tunelab\nfrom tunelab.user_code import user_function\n\n\n"
+        "def short(completions, **kwargs):\n    return [0.0] * len(completions)\n\n\n"
+        "params = tunelab.load_config({'trainer': 'grpo', 'reward_functions': [short]})\n"
+        "print(params.reward_functions, user_function(params.reward_functions, 'reward') is short)\n"
+    )
+    done = subprocess.run([sys.executable, "-m", "jobs.train"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.stdout.split() == ["jobs.train.short", "True"], done.stderr[-2000:]
 
     # what a launched process does with that spec: import the script, whose unguarded training is then refused
     script.write_text(script.read_text() + "tunelab.train(params)\n")

@@ -114,8 +114,9 @@ def importing_user_code() -> bool:
 # spec -> the very object the user handed over, where importing the spec again would make another one (a script's
 # function, FILE.py:function; a lambda's or a closure's, <python>:name): this process calls the object itself, while
 # launched processes and a later resume import it by the spec. A function of an importable module needs no entry:
-# importing its module.function finds the very object. A name handed over again (a notebook cell run twice) now
-# means the newer object.
+# importing its module.function finds the very object (but a script run with python -m does: importing it by its
+# module name runs it again). A name handed over again (a notebook cell run twice) now means the newer object; so
+# does it for a parameter object made earlier that still names it (keep a lambda's name to one at a time).
 _GIVEN: dict[str, Callable[..., Any]] = {}
 
 
@@ -123,9 +124,9 @@ def function_specs(value: Any, kind: str, field: str) -> Any:
     """A parameter's value with the functions handed to the Python API (a function, or a list of functions and
     names) replaced by the specs they run under, comma-separated; anything else as it is. Two functions of one name
     without a module are told apart within the list (<python>:<lambda>, <python>:<lambda>#2)."""
+    if not isinstance(value, (list, tuple)) and (isinstance(value, str) or not callable(value)):
+        return value  # (text, or unset: the parameter's own checks read it)
     items = value if isinstance(value, (list, tuple)) else [value]
-    if not any(callable(item) and not isinstance(item, str) for item in items):
-        return value
     specs: list[str] = []
     for item in items:
         if isinstance(item, str):
@@ -157,7 +158,11 @@ def function_spec(function: Any, kind: str, field: str) -> str:
     if spec is None:
         inner = function.func if isinstance(function, functools.partial) else function  # (TRL's name for a partial)
         return f"{IN_PROCESS}{getattr(inner, '__name__', None) or type(inner).__name__}"
-    if ":" in spec:
+    if "," in spec:
+        raise ConfigError(
+            f"{field}: {spec}: the file's path holds a comma, which separates the names: move or rename it"
+        )
+    if ":" in spec or function.__module__ == "__main__":  # (importing the running script again makes a second copy)
         _GIVEN[spec] = function
     return spec
 
@@ -216,8 +221,17 @@ def import_roots(specs: list[str]) -> list[str]:
     """The folders a launched process must search to import the package.module.function specs (the script's own
     folder, say, where its processes start elsewhere); none for installed packages."""
     import site
+    import sysconfig
 
-    installed = [Path(p).resolve() for p in [*site.getsitepackages(), site.getusersitepackages(), sys.prefix]]
+    paths = sysconfig.get_paths()
+    folders = [
+        *site.getsitepackages(),
+        site.getusersitepackages(),
+        paths["purelib"],
+        paths["platlib"],
+        paths["stdlib"],
+    ]
+    installed = [Path(p).resolve() for p in folders]
     roots = []
     for spec in specs:
         if ":" in spec or not is_dotted(spec):
@@ -246,10 +260,12 @@ def _guarded(script: Path) -> bool:
         return False
     for node in tree.body:
         test = node.test if isinstance(node, ast.If) else None
-        if isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq):
-            sides = {ast.unparse(test.left), ast.unparse(test.comparators[0])}
-            if sides in ({"__name__", "'__main__'"}, {"__name__", '"__main__"'}):
-                return True
+        tests = test.values if isinstance(test, ast.BoolOp) and isinstance(test.op, ast.And) else [test]
+        for part in tests:  # (`if __name__ == "__main__" and ...:` guards too)
+            if isinstance(part, ast.Compare) and len(part.ops) == 1 and isinstance(part.ops[0], ast.Eq):
+                sides = {ast.unparse(part.left), ast.unparse(part.comparators[0])}
+                if sides in ({"__name__", "'__main__'"}, {"__name__", '"__main__"'}):
+                    return True
     return False
 
 

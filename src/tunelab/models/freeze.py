@@ -27,8 +27,6 @@ from tunelab.config.base import RunParams
 from tunelab.env import distributed_kind
 from tunelab.errors import ConfigError
 
-NEW_HEADS = ("score", "classifier")  # (models/checks.CLASSIFIER_HEADS)
-
 
 def is_freezing(params: RunParams) -> bool:
     """Whether the run trains only some of the weights (freeze_trainable_layers or unfrozen_parameters)."""
@@ -83,8 +81,7 @@ def trainable_names(model: Any, params: RunParams) -> Choice:
     prefix, count = found or ("", 0)
     towers = other_towers(model, prefix)  # a multimodal model's vision tower: not on the language model's path
     named = list(model.named_parameters(remove_duplicate=False))
-    # A sequence classifier's head is new: it always trains (PEFT's modules_to_save for SEQ_CLS, matched alike).
-    new_head = {name for name, _ in named if name.split(".")[0].endswith(NEW_HEADS)}
+    new_head = {name for name, _ in named if _new_head(model, name)}
     chosen = set(new_head)
     if params.freeze_trainable_layers is not None:
         chosen |= _from_layers(named, prefix, count, params)
@@ -123,6 +120,15 @@ def trainable_names(model: Any, params: RunParams) -> Choice:
     else:
         first = 0  # (layers not found: every one counted as keeping its activations)
     return Choice(names, trained, total, first, count, embedded, headed)
+
+
+def _new_head(model: Any, name: str) -> bool:
+    """Whether a parameter is a sequence classifier's new head (score, classifier, DistilBERT's pre_classifier,
+    BART's classification_head, XLNet's sequence_summary...): every top-level module of it but its base model,
+    which always trains (LoRA's modules_to_save does the same for PEFT)."""
+    if not type(model).__name__.endswith("ForSequenceClassification"):
+        return False
+    return name.split(".")[0] != getattr(model, "base_model_prefix", None)
 
 
 def _inner_name(named: list[tuple[str, Any]], prefix: str) -> str:
@@ -234,18 +240,29 @@ def sharding(params: RunParams) -> dict[str, Any] | None:
     if kind is None:
         return None
     fsdp = config.get("fsdp_config") or {}
-    version = int(fsdp.get("fsdp_version", 1))
-    return {"kind": kind, "fsdp_version": version, "use_orig_params": bool(fsdp.get("fsdp_use_orig_params", False))}
+
+    def setting(name: str) -> Any:  # (accelerate reads fsdp_config's keys with or without the fsdp_ prefix)
+        value = fsdp.get(f"fsdp_{name}", fsdp.get(name))
+        return None if value in (None, "") else value
+
+    try:
+        version = int(setting("version") or 1)
+    except (TypeError, ValueError):
+        raise ConfigError(f"accelerate_config: fsdp_version {setting('version')!r} is not 1 or 2") from None
+    # accelerate launch's own default is true (the FSDP1 flat parameters then keep their originals)
+    orig = setting("use_orig_params")
+    orig = True if orig is None else str(orig).strip().lower() in ("y", "yes", "t", "true", "on", "1")
+    return {"kind": kind, "fsdp_version": version, "use_orig_params": orig}
 
 
 def check_sharding(params: RunParams) -> None:
-    """FSDP1 without use_orig_params flattens each wrapped layer's parameters into one that all must train or not:
-    a freeze run that trains part of a layer (a module, a norm beside frozen embeddings) cannot run there."""
+    """FSDP1 with use_orig_params false flattens each wrapped layer's parameters into one that all must train or
+    not: a freeze run that trains part of a layer (a module, a norm beside frozen embeddings) cannot run there."""
     shards = sharding(params) if is_freezing(params) else None
     if shards and shards["kind"] == "fsdp" and shards["fsdp_version"] == 1 and not shards["use_orig_params"]:
         raise ConfigError(
-            "freeze training under FSDP1 needs fsdp_use_orig_params: true in the accelerate config (its flat "
-            "parameters train whole), or fsdp_version: 2"
+            "freeze training under FSDP1 needs fsdp_use_orig_params: true in the accelerate config (accelerate's "
+            "default; its flat parameters train whole), or fsdp_version: 2"
         )
 
 

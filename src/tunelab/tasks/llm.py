@@ -35,8 +35,7 @@ from tunelab.errors import ConfigError, DataError
 from tunelab.memory import choose_checkpointing, log_run_estimate, sampling_cache
 from tunelab.methods import METHODS, Method, RowStats
 from tunelab.models import ModelSource, check_model, load_config, load_model, load_tokenizer, positions, resolve_model
-from tunelab.models.checks import check_teacher, check_token_ids, fit_tokenizer, skeleton
-from tunelab.models.freeze import is_freezing, trainable_names
+from tunelab.models.checks import check_teacher, check_token_ids, fit_tokenizer
 from tunelab.models.positions import rope_scaling_of
 from tunelab.models.vocabulary import add_tokens, grow_vocabulary
 from tunelab.tasks import dry_run
@@ -438,12 +437,6 @@ def plan(params: LLMParams) -> RunPlan:
     examples = [_shown(item, tokenizer, kind) for item in data.train[:2]]
     rows_per_microbatch, longest = microbatch(prep)
     result = dry_run.new_plan(f"llm {params.trainer}", params, splits, examples, splits[0].rows, prep.resume_from)
-    if is_freezing(params):
-        choice = trainable_names(skeleton(prep.config, prep.method.model_kind), params)
-        result.notes.append(
-            f"freeze training: {choice.describe()} train (the rest frozen); the decoder layers before layer "
-            f"{choice.first_layer} of {choice.layers} keep no activations"
-        )
     dry_run.add_memory(result, prep.config, params, rows_per_microbatch, longest, prep.method.model_kind)
     result.notes.append(f"gradient checkpointing: {prep.checkpointing}")
     if prep.rope_scaling:
