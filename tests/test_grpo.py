@@ -419,13 +419,12 @@ def test_a_tiny_run_trains_and_writes_its_completions(tiny_llama, tmp_path, peft
     run = tmp_path / "run"
     records = [r for r in read_metrics(run) if "loss" in r]
     assert len(records) == 2
-    name = f"{tmp_path / 'my_rewards.py'}:short"
-    for key in ("reward", "reward_std", f"rewards/{name}/mean", "completions/mean_length", "clip_ratio/region_mean"):
+    for key in ("reward", "reward_std", "rewards/short/mean", "completions/mean_length", "clip_ratio/region_mean"):
         assert key in records[0], key
-    assert records[0][f"rewards/{name}/mean"] < 0  # the length penalty of the tiny model's completions
+    assert records[0]["rewards/short/mean"] < 0  # the length penalty; logged by the function's name, as TRL does
     samples = [json.loads(line) for line in (run / "completions.jsonl").read_text().splitlines()]
     assert {s["step"] for s in samples} == {1, 2} and all("prompts.jsonl line" in s["where"] for s in samples)
-    assert set(samples[0]["rewards"]) == {f"{tmp_path / 'my_rewards.py'}:correct", name, "format_tag"}
+    assert set(samples[0]["rewards"]) == {"correct", "short", "format_tag"}
     assert "kl" in records[0]  # beta > 0: the reference pass (adapter off, or the frozen copy) ran
     assert (run / ("adapter_model.safetensors" if peft else "model.safetensors")).is_file()
 
@@ -481,10 +480,10 @@ def test_a_reward_model_run_scores_the_completions(tiny_llama, tmp_path, capsys)
     samples = [json.loads(line) for line in (tmp_path / "run" / "completions.jsonl").read_text().splitlines()]
     model, tokenizer, plain_text = load_reward_model(reward_run)
     expected = score(model, tokenizer, [s["prompt"] + s["completion"] for s in samples], plain_text)
-    got = [s["rewards"][str(reward_run)] for s in samples]
+    got = [s["rewards"][reward_run.name] for s in samples]  # (TRL's label: the model's folder name)
     assert got == pytest.approx(expected, abs=2e-4) and len(set(got)) > 1
     record = next(r for r in read_metrics(tmp_path / "run") if "loss" in r)
-    assert f"rewards/{reward_run}/mean" in record
+    assert f"rewards/{reward_run.name}/mean" in record
 
     checked = grpo_args(tmp_path, tiny_llama, f"{reward_run},format_tag")
     checked[1], checked[checked.index("--project-name") + 1] = "--dry-run", str(tmp_path / "checked")
@@ -1082,7 +1081,7 @@ def test_rewards_get_what_trl_hands_them_and_may_be_async(tiny_llama, tmp_path):
     assert main(grpo_args(tmp_path, tiny_llama, rewards)) == 0
     run = tmp_path / "run"
     records = [r for r in read_metrics(run) if "loss" in r]
-    assert [r[f"rewards/{rewards}/mean"] for r in records] == [0.0, 1.0]  # the step the completions were sampled at
+    assert [r["rewards/by_step/mean"] for r in records] == [0.0, 1.0]  # the step the completions were sampled at
     assert all(r["my/length"] > 0 for r in records)
     samples = [json.loads(line) for line in (run / "completions.jsonl").read_text().splitlines()]
     assert {s["step"]: s["extra"]["judged"] for s in samples} == {1: "step 0", 2: "step 1"}
@@ -1155,7 +1154,7 @@ def test_the_python_api_takes_reward_functions_as_trl_does(tiny_llama, tmp_path,
     )  # fmt: skip
     assert len(seen) == 2 * 2 * 2  # 2 steps of 2 prompts x 2 completions, scored by the function handed over
     records = [r for r in read_metrics(folder) if "loss" in r]
-    assert all("rewards/counted/mean" in r and r["rewards/scoring.rules.short/mean"] < 0 for r in records)
+    assert all("rewards/counted/mean" in r and r["rewards/short/mean"] < 0 for r in records)
     saved = json.loads((folder / "training_params.json").read_text())["reward_functions"]
     assert saved == "<python>:counted,scoring.rules.short,format_tag"
 
@@ -1192,6 +1191,8 @@ def test_reward_and_tool_functions_are_named_by_what_imports_them(tmp_path, monk
     rewards = load_rewards(params, 16)
     assert [r.function for r in rewards[:4]] == given[:4]  # the very objects handed over
     assert [r.name for r in rewards[:4]] == ["loose_rewards.long", "<lambda>", "<lambda>#2", "long"]
+    # logged by their names, as TRL logs them; two of one name (the function and its partial) by what they were given
+    assert [r.label for r in rewards] == ["loose_rewards.long", "<lambda>", "<lambda>#2", "long", "format_tag"]
     assert load_tools(params.tools) == [loose_rewards.add]
     assert tunelab.load_config(params).reward_functions == specs  # a parameter object round trip
     direct = LLMParams(trainer="grpo", reward_functions=[first, "format_tag"], tools=[loose_rewards.add])

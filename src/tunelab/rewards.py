@@ -184,11 +184,34 @@ BUILTINS = {
 
 @dataclass
 class Reward:
-    """One reward function, its name as the user wrote it, and its weight."""
+    """One reward function, its name as the user wrote it (its errors say it), its weight, and the label its figures
+    are logged under (rewards/LABEL/mean, completions.jsonl): reward_label's."""
 
     name: str
     function: Callable[..., Any]
     weight: float = 1.0
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        self.label = self.label or self.name
+
+
+def reward_labels(names: list[str]) -> list[str]:
+    """What each reward is logged under, as TRL logs them: a function by its name (my_rewards.py:correct and
+    my_lib.rewards.correct as `correct`), a reward model by its folder's or hub id's last part, a built-in as it is;
+    where two would share one, their names as written."""
+    short = []
+    for name in names:
+        if name in BUILTINS:
+            short.append(name)
+        elif is_reward_model(name):
+            short.append(Path(name.rstrip("/")).name or name)
+        elif ":" in name:  # FILE.py:function, <python>:function
+            short.append(name.rpartition(":")[2])
+        else:  # package.module.function
+            short.append(name.rpartition(".")[2])
+    pairs = zip(names, short, strict=True)
+    return [label if short.count(label) == 1 else name.removeprefix(IN_PROCESS) for name, label in pairs]
 
 
 def reward_names(spec: str | None) -> list[str]:
@@ -225,10 +248,10 @@ def load_rewards(params: Any, max_completion_length: int) -> list[Reward]:
             ) from None
         if len(weights) != len(names):
             raise RewardError(f"--reward-weights has {len(weights)} values for {len(names)} reward functions")
-    # (a function handed to the Python API without a file is logged under its own name, as TRL logs it)
+    labels = reward_labels(names)
     return [
-        Reward(name.removeprefix(IN_PROCESS), _function(name, params, max_completion_length), w)
-        for name, w in zip(names, weights, strict=True)
+        Reward(name.removeprefix(IN_PROCESS), _function(name, params, max_completion_length), w, label)
+        for name, w, label in zip(names, weights, labels, strict=True)
     ]
 
 

@@ -344,8 +344,8 @@ class SamplingTrainer(CompletionSampler, GuardedTrainer):
         batch["advantages"] = advantages.to(device)
 
         for reward, column in zip(self.rewards, per_function.T, strict=True):
-            self.record(f"rewards/{reward.name}/mean", torch.nanmean(column))
-            self.record(f"rewards/{reward.name}/std", nanstd(column))
+            self.record(f"rewards/{reward.label}/mean", torch.nanmean(column))
+            self.record(f"rewards/{reward.label}/std", nanstd(column))
         self.record("reward", torch.nanmean(total))
         self.record("reward_std", nanstd(total))
         if std is not None:  # (else recorded with the step's std, in finish_advantages)
@@ -499,7 +499,7 @@ class SamplingTrainer(CompletionSampler, GuardedTrainer):
                     "step": self.state.global_step + 1,
                     "prompt": rows[i].prompt,
                     "completion": texts[i],
-                    "rewards": {r.name: _finite(float(per_function[i, j])) for j, r in enumerate(self.rewards)},
+                    "rewards": {r.label: _finite(float(per_function[i, j])) for j, r in enumerate(self.rewards)},
                     "reward": _finite(float(total[i])),
                     "advantage": _finite(float(advantages[i])),  # (online_dpo: an unscored reward, NaN)
                     "where": rows[i].where,
