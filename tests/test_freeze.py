@@ -234,6 +234,20 @@ def test_fsdp1_without_original_parameters_is_refused_and_sharded_weights_stay_f
         else:
             assert not frozen_in_half(tunelab.load_config(sharded))  # sharded: every weight fp32
     assert frozen_in_half(tunelab.load_config(settings))
+    # inside a launched process accelerate's environment says it, with its own booleans (FSDP_USE_ORIG_PARAMS=1)
+    from tunelab.models.freeze import check_sharding
+
+    launched = tunelab.load_config(settings)
+    for orig, refused in [("1", False), ("false", True)]:
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("ACCELERATE_USE_FSDP", "true")
+            env.setenv("FSDP_VERSION", "1")
+            env.setenv("FSDP_USE_ORIG_PARAMS", orig)
+            if refused:
+                with pytest.raises(ConfigError, match="needs fsdp_use_orig_params"):
+                    check_sharding(launched)
+            else:
+                check_sharding(launched)
 
 
 def test_precomputed_reference_scores_of_a_full_run_are_not_a_freeze_run_s(tiny_llama):

@@ -1310,3 +1310,20 @@ def test_an_edited_tool_s_schema_prepares_its_prompts_again(tmp_path, monkeypatc
 
     keys.append(tool_files(LLMParams(trainer="grpo", reward_functions="format_tag", tools=[add])))
     assert keys[0] != keys[1] and keys[1] == keys[2]
+
+
+def test_reward_labels_are_trl_s_short_names_and_never_merge_two_rewards():
+    """rewards/LABEL/mean: a function by its name, a reward model by its folder's or hub id's last part; two that
+    would share one keep apart (file name and function, a hub id without its slashes, then #2), never with a '/'
+    that nests the charts, never merged into one column."""
+    from tunelab.rewards import reward_labels
+
+    assert reward_labels(["/a/my_rewards.py:correct", "lib.rewards.short", "<python>:<lambda>", "format_tag"]) == [
+        "correct", "short", "<lambda>", "format_tag",
+    ]  # fmt: skip
+    assert reward_labels(["/a/x.py:correct", "/b/y.py:correct", "org1/rm", "org2/rm"]) == [
+        "x.py:correct", "y.py:correct", "org1__rm", "org2__rm",
+    ]  # fmt: skip
+    assert reward_labels(["format_tag", "<python>:format_tag", "format_tag"]) == [
+        "format_tag", "format_tag#2", "format_tag#3",
+    ]  # fmt: skip

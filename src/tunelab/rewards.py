@@ -204,14 +204,29 @@ def reward_labels(names: list[str]) -> list[str]:
     for name in names:
         if name in BUILTINS:
             short.append(name)
-        elif is_reward_model(name):
-            short.append(Path(name.rstrip("/")).name or name)
+        elif is_reward_model(name):  # (a folder's own name, ./ too; a hub id's last part)
+            folder = Path(name).expanduser()
+            short.append(folder.resolve().name if folder.is_dir() else name.rpartition("/")[2])
         elif ":" in name:  # FILE.py:function, <python>:function
             short.append(name.rpartition(":")[2])
         else:  # package.module.function
             short.append(name.rpartition(".")[2])
-    pairs = zip(names, short, strict=True)
-    return [label if short.count(label) == 1 else name.removeprefix(IN_PROCESS) for name, label in pairs]
+    labels = [label if short.count(label) == 1 else _longer(name) for name, label in zip(names, short, strict=True)]
+    # (still two of one label: the same reward twice, a function named as a built-in): numbered, never merged
+    given = list(labels)
+    for index, label in enumerate(given):
+        count = given[:index].count(label)
+        labels[index] = f"{label}#{count + 1}" if count else label
+    return labels
+
+
+def _longer(name: str) -> str:
+    """A label for a reward whose short one another shares: file name and function (x.py:correct), the module's
+    path (my_lib.rewards.correct), a hub id or folder without its slashes; never a '/', which nests the charts."""
+    if ":" in name and not name.startswith(IN_PROCESS):
+        file, _, function = name.rpartition(":")
+        return f"{Path(file).name}:{function}"
+    return name.removeprefix(IN_PROCESS).strip("/").replace("/", "__") or name
 
 
 def reward_names(spec: str | None) -> list[str]:

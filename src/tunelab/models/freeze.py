@@ -126,9 +126,11 @@ def _new_head(model: Any, name: str) -> bool:
     """Whether a parameter is a sequence classifier's new head (score, classifier, DistilBERT's pre_classifier,
     BART's classification_head, XLNet's sequence_summary...): every top-level module of it but its base model,
     which always trains (LoRA's modules_to_save does the same for PEFT)."""
-    if not type(model).__name__.endswith("ForSequenceClassification"):
-        return False
-    return name.split(".")[0] != getattr(model, "base_model_prefix", None)
+    top = name.split(".")[0]
+    base = getattr(model, "base_model_prefix", "") or ""
+    if type(model).__name__.endswith("ForSequenceClassification") and base and hasattr(model, base):
+        return top != base
+    return top.endswith(("score", "classifier"))  # (a remote-code class: the usual head names, as PEFT's SEQ_CLS)
 
 
 def _inner_name(named: list[tuple[str, Any]], prefix: str) -> str:
@@ -226,7 +228,7 @@ def sharding(params: RunParams) -> dict[str, Any] | None:
     kind = distributed_kind()
     if kind:  # inside a launched process: accelerate says so in the environment
         version = int(os.environ.get("FSDP_VERSION", "1"))
-        orig = os.environ.get("FSDP_USE_ORIG_PARAMS", "false").lower() == "true"
+        orig = _true(os.environ.get("FSDP_USE_ORIG_PARAMS", "false"))
         return {"kind": kind, "fsdp_version": version, "use_orig_params": orig}
     if params.num_processes <= 1 and params.num_machines <= 1:
         return None
@@ -236,7 +238,7 @@ def sharding(params: RunParams) -> dict[str, Any] | None:
         config = yaml.safe_load(config_file(params).read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError):
         return None
-    kind = {"FSDP": "fsdp", "DEEPSPEED": "deepspeed"}.get(str(config.get("distributed_type", "")).upper())
+    kind = {"FSDP": "fsdp", "DEEPSPEED": "deepspeed"}.get(str(config.get("distributed_type", "")))
     if kind is None:
         return None
     fsdp = config.get("fsdp_config") or {}
@@ -251,8 +253,13 @@ def sharding(params: RunParams) -> dict[str, Any] | None:
         raise ConfigError(f"accelerate_config: fsdp_version {setting('version')!r} is not 1 or 2") from None
     # accelerate launch's own default is true (the FSDP1 flat parameters then keep their originals)
     orig = setting("use_orig_params")
-    orig = True if orig is None else str(orig).strip().lower() in ("y", "yes", "t", "true", "on", "1")
+    orig = True if orig is None else _true(orig)
     return {"kind": kind, "fsdp_version": version, "use_orig_params": orig}
+
+
+def _true(value: Any) -> bool:
+    """A boolean setting as accelerate reads one (its str_to_bool)."""
+    return str(value).strip().lower() in ("y", "yes", "t", "true", "on", "1")
 
 
 def check_sharding(params: RunParams) -> None:

@@ -327,7 +327,7 @@ const tunelab = (() => {
       const head = document.createElement("p");
       head.className = "hint";
       const prompt = Array.isArray(s.prompt) ? s.prompt.map((m) => m.content).join(" / ") : s.prompt;
-      const scores = Object.entries(s.rewards).map(([name, v]) => `${name.split(/[/:]/).pop()} ${v}`).join(", ");
+      const scores = Object.entries(s.rewards).map(([name, v]) => `${name} ${v}`).join(", ");  // (labels: short)
       head.textContent = `step ${s.step} · reward ${s.reward} (${scores}) · ${prompt}`;
       const body = document.createElement("pre");
       body.className = "completion";
