@@ -209,8 +209,10 @@ def estimate_memory(
         n_params -= shape.vocab * shape.hidden  # a score head (a few numbers per row) instead of the LM head
     half = params.mixed_precision in ("bf16", "fp16")
     act = 2 if half else 4  # bytes per activation element: autocast runs the matmuls in the half type
-    freezing = _freeze_choice(config, params, kind)
+    from tunelab.models.checks import freeze_choice
     from tunelab.models.freeze import frozen_in_half
+
+    freezing = freeze_choice(config, params, kind)
 
     frozen_half = freezing is not None and frozen_in_half(params)  # (as models.load_model loads them)
 
@@ -283,17 +285,6 @@ def estimate_memory(
         weight_dtype=weight_dtype,
         notes=notes,
     )
-
-
-def _freeze_choice(config: Any, params: RunParams, kind: str) -> Any:
-    """What a freeze run trains (models.freeze.Choice, from a weightless skeleton of the model), else None."""
-    from tunelab.models.freeze import is_freezing, trainable_names
-
-    if getattr(params, "peft", False) or not is_freezing(params):
-        return None
-    from tunelab.models.checks import skeleton
-
-    return trainable_names(skeleton(config, kind), params)
 
 
 def _default_device() -> str:

@@ -185,7 +185,7 @@ BUILTINS = {
 @dataclass
 class Reward:
     """One reward function, its name as the user wrote it (its errors say it), its weight, and the label its figures
-    are logged under (rewards/LABEL/mean, completions.jsonl): reward_label's."""
+    are logged under (rewards/LABEL/mean, completions.jsonl): reward_labels'."""
 
     name: str
     function: Callable[..., Any]

@@ -20,7 +20,7 @@ from typing import Any
 
 from tunelab.config.base import RunParams, listed_tokens
 from tunelab.errors import ConfigError, TunelabError
-from tunelab.models.freeze import check_sharding, is_freezing, trainable_names
+from tunelab.models.freeze import Choice, check_sharding, is_freezing, trainable_names
 from tunelab.models.load import ModelSource, load_config
 from tunelab.models.peft import lora_config, peft_targets, target_modules
 from tunelab.models.positions import rope_scaling_of, stretch_config
@@ -72,7 +72,7 @@ def check_freezing(config: Any, params: RunParams, kind: str) -> None:
     """A freeze run's settings name parameters of this model (models/freeze.py), and train the rows of the tokens
     the run adds."""
     check_sharding(params)
-    choice = trainable_names(skeleton(config, kind), params)
+    choice = freeze_choice(config, params, kind)
     tied = getattr(config.get_text_config(), "tie_word_embeddings", False)  # (training embed_tokens trains both)
     head_frozen = kind == "causal_lm" and not choice.head and not tied
     if listed_tokens(params) and (not choice.embeddings or head_frozen):
@@ -334,6 +334,24 @@ def check_parameter_targets(source: ModelSource, config: Any, params: RunParams,
 
 def _task_type(kind: str) -> str:
     return "CAUSAL_LM" if kind == "causal_lm" else "SEQ_CLS"
+
+
+# What each freeze run trains, by its model's config and settings: the memory estimate asks once per checkpointing
+# setting it tries (up to one per layer), and a skeleton of a large model takes a while to build.
+_CHOICES: dict[tuple, Choice] = {}
+
+
+def freeze_choice(config: Any, params: RunParams, kind: str) -> Choice | None:
+    """What a freeze run trains (models/freeze.trainable_names on a skeleton of the model), None for another run."""
+    if params.peft or not is_freezing(params):
+        return None
+    settings = (params.freeze_trainable_layers, params.freeze_trainable_modules, params.freeze_extra_modules)
+    key = (config.to_json_string(use_diff=False), kind, *settings, tuple(params.unfrozen_parameters or ()))
+    if key not in _CHOICES:
+        if len(_CHOICES) >= 8:
+            _CHOICES.clear()
+        _CHOICES[key] = trainable_names(skeleton(config, kind), params)
+    return _CHOICES[key]
 
 
 def skeleton(config: Any, kind: str) -> Any:

@@ -30,10 +30,7 @@ from tunelab.errors import ConfigError
 
 def is_freezing(params: RunParams) -> bool:
     """Whether the run trains only some of the weights (freeze_trainable_layers or unfrozen_parameters)."""
-    return (
-        getattr(params, "freeze_trainable_layers", None) is not None
-        or getattr(params, "unfrozen_parameters", None) is not None
-    )
+    return params.freeze_trainable_layers is not None or params.unfrozen_parameters is not None
 
 
 @dataclass
@@ -218,7 +215,7 @@ def frozen_in_half(params: RunParams) -> bool:
     """Whether a freeze run keeps its frozen weights in the mixed-precision half type: yes, unless FSDP or DeepSpeed
     shard them (one dtype a layer) - told by the launched process's environment, or by the accelerate config the
     run launches with (the parent's estimate and checks)."""
-    if not is_freezing(params) or getattr(params, "peft", False) or params.mixed_precision not in ("bf16", "fp16"):
+    if not is_freezing(params) or params.peft or params.mixed_precision not in ("bf16", "fp16"):
         return False
     return sharding(params) is None
 

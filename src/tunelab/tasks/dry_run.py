@@ -145,11 +145,10 @@ def new_plan(
 def add_memory(result: RunPlan, config: Any, params: RunParams, rows: int, longest: int, kind: str) -> None:
     """The peak-memory estimate for micro-batches of `rows` x `longest` tokens, from the model's config alone (the
     one the prepare step read), and what a freeze run trains, which it counts."""
-    if is_freezing(params):
-        from tunelab.models.checks import skeleton
-        from tunelab.models.freeze import trainable_names
+    from tunelab.models.checks import freeze_choice
 
-        choice = trainable_names(skeleton(config, kind), params)
+    choice = freeze_choice(config, params, kind)
+    if choice is not None:
         result.notes.append(
             f"freeze training: {choice.describe()} train (the rest frozen); the layers before layer "
             f"{choice.first_layer} of {choice.layers} keep no activations"
