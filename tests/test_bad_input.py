@@ -598,13 +598,19 @@ def test_message_content_text_parts_train(capsys, tmp_path, tiny_llama):
     ],
 )
 def test_message_media_part_is_a_bad_row(capsys, tmp_path, tiny_llama, part, kind):
+    """A text model shown an image, or any model given audio or a file: tests/test_vision.py trains on images."""
     data = write_jsonl(tmp_path / "train.jsonl", chat_rows([{"type": "text", "text": "What is this?"}, part]))
     line = run_bad(capsys, tiny_llama, data, tmp_path / "run")
     article = "an" if kind[0] in "aeiou" else "a"
+    why = (
+        "but the model reads text only: train a vision-language model on it, or drop the image parts"
+        if kind == "image"
+        else f"tunelab trains on text and images; drop the {kind} parts or describe them in text"
+    )
+    separator = ", " if kind == "image" else ": "
     assert line == (
         f"tunelab: error: 1 bad row(s) in {data}: {data} line 2, column 'messages': message 1 has {article} {kind} "
-        f"part: tunelab trains text models; drop the {kind} parts or describe them in text; "
-        "fix them, or set bad_rows: skip (--bad-rows skip) to leave them out"
+        f"part{separator}{why}; fix them, or set bad_rows: skip (--bad-rows skip) to leave them out"
     )
 
 

@@ -1015,18 +1015,34 @@ def test_preference_message_lists_with_text_parts(tmp_path):
     ]
 
 
+def test_image_parts_are_kept_for_the_data_step(tmp_path):
+    """sft rows keep a user turn's image parts (data/pipeline.py finds the files; tests/test_vision.py trains);
+    the readers of pairs, prompts and kto answers refuse them."""
+    from tunelab.data.formats import RowProblem, cell_messages
+
+    content = [{"type": "image_url", "image_url": {"url": "x.png"}}, {"type": "text", "text": "Hi"}]
+    rows = [{"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": "Ho"}]}]
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    split = read_file(path, "train")
+    kept = to_examples(split, detect_format(split, "text"))[0]["messages"][0]["content"]
+    assert kept == [{"type": "image", "image": "x.png"}, {"type": "text", "text": "Hi"}]
+    with pytest.raises(RowProblem, match="message 1 has an image part: images are trained by sft, on a vision"):
+        cell_messages(rows[0], "messages", need_assistant=False)
+
+
 @pytest.mark.parametrize(
     ("content", "reason"),
     [
-        ([{"type": "image_url", "image_url": {"url": "x.png"}}], "message 1 has an image part: tunelab trains text"),
-        ([{"type": "text", "text": "Hi"}, {"type": "image", "image": "x.png"}], "message 1 has an image part"),
         (
             [{"type": "input_audio", "input_audio": {}}],
-            "message 1 has an audio part: tunelab trains text models; drop",
+            "message 1 has an audio part: tunelab trains on text and images; drop",
         ),
         ([{"type": "audio", "audio": "x.wav"}], "message 1 has an audio part"),
         ([{"type": "video", "video": "x.mp4"}], "message 1 has a video part"),
-        ([{"type": "file", "file": {"file_id": "f"}}], "message 1 has a file part: tunelab trains text models; drop"),
+        (
+            [{"type": "file", "file": {"file_id": "f"}}],
+            "message 1 has a file part: tunelab trains on text and images; drop",
+        ),
         ([{"text": "Hi"}], 'message 1 has a content part without a "type" (use {"type": "text", ...})'),
         (
             [{"type": "refusal", "refusal": "No"}],

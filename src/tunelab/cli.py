@@ -164,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=int, help="With --do-sample: start sampling from this seed, for the same answers each run."
     )
     gen.add_argument("--system", help="A system message opening each prompt (a conversation with its own keeps it).")
+    gen.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        help="An image the prompt shows (a vision-language model; repeat for several, shown in order).",
+    )
     add_reasoning_flags(
         gen,
         "printed on stderr after 'thinking>'; with --data-path, written as \"reasoning\"",
@@ -340,7 +346,10 @@ def run_generate(args: argparse.Namespace) -> int:
         Prompting,
         answers_path,
         generate_many,
+        image_prompt,
+        load_processor_of,
         load_run,
+        opened_images,
         write_answers,
     )
     from tunelab.inference.reasoning import thinking_for
@@ -361,6 +370,10 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise TunelabError(f"--batch-size must be at least 1, got {args.batch_size}")
     prompts, target = [], None
+    if args.image and (args.data_path or not args.prompt):
+        raise TunelabError("generate: --image goes with a prompt on the command line, not with --data-path")
+    shown = opened_images(args.image) if args.image else None  # checked before the model loads
+    processor = load_processor_of(args.model) if args.image else None
     if args.data_path:  # the file and where its answers go are checked before the model loads
         prompts = read_prompts(Path(args.data_path), args.text_column, "generate")
         target = answers_path(Path(args.data_path), args.output)
@@ -371,8 +384,11 @@ def run_generate(args: argparse.Namespace) -> int:
         out = write_answers(model, tokenizer, prompts, target, options, args.batch_size, thinking, prompting)
         print(f"tunelab: answers written to {out}", file=sys.stderr)
     if args.prompt:
-        prompt = [" ".join(args.prompt)]
-        for answer in next(generate_many(model, tokenizer, prompt, options, 1, thinking, prompting)):
+        text = " ".join(args.prompt)
+        prompt = [image_prompt(text, args.image) if shown else text]
+        images = [shown] if shown else None
+        answers = generate_many(model, tokenizer, prompt, options, 1, thinking, prompting, images, processor)
+        for answer in next(answers):
             print_answer(answer, show_reasoning=not args.hide_reasoning)
     return 0
 

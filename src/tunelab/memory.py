@@ -96,7 +96,9 @@ class Shape:
 
 
 def model_shape(config: Any) -> Shape:
-    """Read the sizes from a transformers config: Llama-family names first, GPT-2 names next."""
+    """Read the sizes from a transformers config: Llama-family names first, GPT-2 names next (a vision-language
+    model's: its language model's, the head tied as the model says)."""
+    outer, config = config, config.get_text_config()
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or getattr(config, "d_model", 0)
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None) or 0
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None) or 1
@@ -112,7 +114,7 @@ def model_shape(config: Any) -> Shape:
         kv_heads=int(kv_heads),
         head_dim=int(getattr(config, "head_dim", None) or hidden // heads),
         vocab=int(getattr(config, "vocab_size", 0)),
-        tied=bool(getattr(config, "tie_word_embeddings", True)),
+        tied=bool(getattr(outer, "tie_word_embeddings", getattr(config, "tie_word_embeddings", True))),
         gated_mlp=gated,
         rough=not llama_like or not hidden or not layers,
     )

@@ -207,8 +207,9 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def save_model(trainer: Any, tokenizer: Any, folder: Path, template_source: str | None) -> None:
-    """Weights (adapter or full model) in safetensors and the tokenizer carrying the training chat template.
+def save_model(trainer: Any, tokenizer: Any, folder: Path, template_source: str | None, processor: Any = None) -> None:
+    """Weights (adapter or full model) in safetensors and the tokenizer carrying the training chat template (and a
+    vision-language model's processor, with that tokenizer).
 
     Every process calls it: under FSDP or DeepSpeed the full weights are gathered from all of them; only the main
     process writes.
@@ -223,14 +224,27 @@ def save_model(trainer: Any, tokenizer: Any, folder: Path, template_source: str 
     if trainer.is_world_process_zero():
         (folder / "training_args.bin").unlink(missing_ok=True)  # transformers' pickle; training_params.json says it
         save_converted_adapter(trainer.accelerator.unwrap_model(trainer.model), folder)
+        if processor is not None:
+            save_processor(processor, tokenizer, folder)
 
 
-def save_merged(model: Any, tokenizer: Any, folder: Path) -> None:
+def save_processor(processor: Any, tokenizer: Any, folder: Path) -> None:
+    """A vision-language model's processor beside its weights, with the run's tokenizer and chat template in it (so
+    AutoProcessor loads what training used)."""
+    processor.tokenizer = tokenizer
+    if getattr(tokenizer, "chat_template", None):
+        processor.chat_template = tokenizer.chat_template
+    processor.save_pretrained(folder)
+
+
+def save_merged(model: Any, tokenizer: Any, folder: Path, processor: Any = None) -> None:
     """Merge a LoRA adapter into its base and save the full model (in the base's dtype)."""
     merged = merge_into_base(model)
     mark_turn_end(merged, tokenizer)
     merged.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
+    if processor is not None:
+        save_processor(processor, tokenizer, folder)
 
 
 def model_reference(name: str) -> str:
@@ -248,19 +262,20 @@ def write_run(
     template_source: str | None,
     metrics: dict[str, Any],
     run_info: dict[str, Any],
+    processor: Any = None,
 ) -> None:
     """Everything a finished run leaves in its folder; tunelab_run.json last, as the mark of completeness.
 
     Called on every process (the weights may have to be gathered); the rest is written by the main process.
     """
-    save_model(trainer, tokenizer, staging, template_source)
+    save_model(trainer, tokenizer, staging, template_source, processor)
     if not trainer.is_world_process_zero():
         return
     if run_info.get("merged") and distributed_kind():
         log.info("merge_adapter: skipped (weights sharded by %s); run `tunelab merge` on the run", distributed_kind())
         run_info["merged"] = None
     if run_info.get("merged"):
-        save_merged(trainer.model, tokenizer, staging / run_info["merged"])
+        save_merged(trainer.model, tokenizer, staging / run_info["merged"], processor)
     write_json(staging / "training_params.json", params.to_dict(redact=True))
     write_json(staging / "metrics.json", metrics)
     write_json(staging / "log_history.json", trainer.state.log_history)

@@ -21,14 +21,15 @@ import numpy as np
 from tunelab.config.llm import LLMParams
 from tunelab.data.formats import RowFormat, RowProblem, convert_row, detect_format, holds_reasoning, settle_bad_rows
 from tunelab.data.holdout import apportion, hold_out
+from tunelab.data.images import ImageCodec
 from tunelab.data.mixture import draw, is_mixture, parse_sources
 from tunelab.data.pipeline import Formatter, encode_split, worker_count
 from tunelab.data.sources import Split, locate_splits, stream_split
 from tunelab.data.store import TableWriter, TokenTable, copy_examples
 from tunelab.data.templates import template_source
-from tunelab.errors import DataError
+from tunelab.errors import ConfigError, DataError
 
-__all__ = ["EncodedData", "load_data", "pick_template"]
+__all__ = ["EncodedData", "image_codec", "load_data", "pick_template"]
 
 log = logging.getLogger("tunelab")
 
@@ -66,24 +67,30 @@ def pick_template(requested: str | None, row_format: RowFormat, tokenizer: Any) 
     return "tokenizer" if getattr(tokenizer, "chat_template", None) else "chatml"
 
 
-def load_data(params: LLMParams, tokenizer: Any, folder: Path | None = None) -> EncodedData:
+def load_data(params: LLMParams, tokenizer: Any, folder: Path | None = None, processor: Any = None) -> EncodedData:
     """Read, check, format and tokenize the train (and valid) splits named by params, a block at a time, into token
     tables in `folder` (data/store.py; None: held in memory). Bad rows are settled per split as `bad_rows` says.
-    A data_path listing several sources is a mixture (data/mixture.py): each is prepared so, then drawn from."""
+    A data_path listing several sources is a mixture (data/mixture.py): each is prepared so, then drawn from.
+    `processor`: a vision-language model's, which writes the images of chats that show them (data/images.py)."""
     if is_mixture(params.data_path):
-        return _load_mixture(params, tokenizer, folder)
-    return _load_source(params, tokenizer, folder)
+        return _load_mixture(params, tokenizer, folder, processor)
+    return _load_source(params, tokenizer, folder, processor=processor)
 
 
-def _load_source(params: LLMParams, tokenizer: Any, folder: Path | None, prefix: str = "") -> EncodedData:
+def _load_source(
+    params: LLMParams, tokenizer: Any, folder: Path | None, prefix: str = "", processor: Any = None
+) -> EncodedData:
     places = locate_splits(params.data_path, params.train_split, params.valid_split)
     streams = {name: stream_split(place, name) for name, place in places.items()}
     row_format, template, source = _decide_format(streams["train"].head, params, tokenizer)
+    images, images_problem = image_codec(processor, source, tokenizer)
     tables: dict[str, TokenTable] = {}
     skipped: dict[str, int] = {}
     preview = ""
     for name, stream in streams.items():
         formatter = _formatter(stream.head, stream.origin, row_format, source, tokenizer, params)
+        formatter.images, formatter.images_problem = images, images_problem
+        formatter.folder = places[name].parent if isinstance(places[name], Path) else None
         writer = TableWriter(folder, params.block_size, prefix + name)
         size = places[name].stat().st_size if isinstance(places[name], Path) else 0
         result = encode_split(stream, formatter, writer, worker_count(params.dataset_num_proc, size))
@@ -131,6 +138,17 @@ def stream_data(params: LLMParams, tokenizer: Any, build_rows: Any) -> tuple[Enc
     return data, rows["train"], rows.get("valid")
 
 
+def image_codec(processor: Any, template: str | None, tokenizer: Any) -> tuple[ImageCodec | None, str | None]:
+    """How a vision-language model's images become tokens with this template (data/images.py), or why they cannot
+    (a template that writes no image): said by the first row that shows one, not by a run with none."""
+    if processor is None or template is None:
+        return None, None
+    try:
+        return ImageCodec(processor, template, tokenizer), None
+    except ConfigError as err:
+        return None, str(err)
+
+
 def _conversation_columns(row_format: RowFormat) -> list[str]:
     return [row_format.columns["messages"]] if row_format.kind == "messages" else []
 
@@ -155,11 +173,11 @@ def _formatter(
     return Formatter(fmt, source, tokenizer, eos, special, mask_history=params.mask_history)
 
 
-def _load_mixture(params: LLMParams, tokenizer: Any, folder: Path | None) -> EncodedData:
+def _load_mixture(params: LLMParams, tokenizer: Any, folder: Path | None, processor: Any = None) -> EncodedData:
     rng = np.random.default_rng(params.seed)
     sources = parse_sources(params.data_path)
     loaded = [
-        _load_source(source.params(params), tokenizer, folder, prefix=f"source{number}-")
+        _load_source(source.params(params), tokenizer, folder, prefix=f"source{number}-", processor=processor)
         for number, source in enumerate(sources, start=1)
     ]
     if params.valid_size is not None:  # per source, before it is drawn from: a weight repeats examples

@@ -82,12 +82,14 @@ def cache_root(params: Any) -> Path | None:
     return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "tunelab" / "data"
 
 
-def key_inputs(params: Any, tokenizer: Any) -> dict[str, Any] | None:
-    """Everything the prepared data depends on, as JSON-able values (None: not cacheable, a hub dataset)."""
+def key_inputs(params: Any, tokenizer: Any, processor: Any = None) -> dict[str, Any] | None:
+    """Everything the prepared data depends on, as JSON-able values (None: not cacheable, a hub dataset);
+    `processor`: a vision-language model's, whose image processor decides the tokens an image takes."""
     files = file_identities(params)
     if files is None:
         return None
-    return {
+    images = {"image_processor": _sha(processor.image_processor.to_json_string())} if processor is not None else {}
+    return images | {
         "format_version": FORMAT_VERSION,
         "method": params.trainer,
         "files": files,
@@ -222,9 +224,13 @@ class Entry:
         if self.final is None:
             return
         with open(self.folder / "prepared.pkl", "wb") as file:
-            _Pickler(file).dump(bundle)
+            pickler = _Pickler(file)
+            pickler.dump(bundle)
         (self.folder / "inputs.json").write_text(json.dumps(self.inputs, indent=1, default=str), encoding="utf-8")
         os.replace(self.folder, self.final)
+        for table in pickler.tables:  # their memory maps still read the moved files; their own paths move with them
+            if table.folder == self.folder:
+                table.folder = self.final
         self.folder = self.final
 
     def describe(self) -> str:
@@ -241,12 +247,12 @@ class Entry:
 
 
 @contextlib.contextmanager
-def entry_for(params: Any, tokenizer: Any) -> Iterator[Entry]:
+def entry_for(params: Any, tokenizer: Any, processor: Any = None) -> Iterator[Entry]:
     """The cache entry of these parameters, held under a lock while it is looked up or built (another process
     preparing the same data is waited for, then its entry is reused)."""
     started = time.time()
     root = _writable(cache_root(params))
-    inputs = key_inputs(params, tokenizer) if root is not None else None
+    inputs = key_inputs(params, tokenizer, processor) if root is not None else None
     if root is None or inputs is None:
         folder = Path(tempfile.mkdtemp(prefix="tunelab-data-"))
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
@@ -314,8 +320,13 @@ def _load(folder: Path) -> dict[str, Any] | None:
 class _Pickler(pickle.Pickler):
     """Token tables are stored as their files, named in the pickle by their split."""
 
+    def __init__(self, file: Any) -> None:
+        super().__init__(file)
+        self.tables: list[TokenTable] = []
+
     def persistent_id(self, obj: Any) -> Any:
         if isinstance(obj, TokenTable) and obj.name is not None:
+            self.tables.append(obj)
             return ("table", obj.name)
         return None
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tunelab.data.images import IMAGE_COLUMNS, IMAGE_TAG, image_ref
 from tunelab.data.sources import HEAD_ROWS, Split, json_or_none, read_file
 from tunelab.data.templates import THINK_OPEN
 from tunelab.errors import DataError
@@ -270,7 +271,9 @@ def convert_row(row: dict, fmt: RowFormat) -> dict[str, Any]:
         if context.strip():
             user["input"] = context
         return {"messages": [user, {"role": "assistant", "content": cell_text(row, cols["output"])}]}
-    example: dict[str, Any] = {"messages": cell_messages(row, cols["messages"], tool_calls=True)}
+    column = cols["messages"]
+    example: dict[str, Any] = {"messages": with_row_images(cell_messages(row, column, tool_calls=True, images=True),
+                                                           row, column)}  # fmt: skip
     tools = cell_tools(row, TOOLS_COLUMN)
     if tools:
         example["tools"] = tools
@@ -317,13 +320,14 @@ def check_unicode(text: str, column: str | None, what: str = "text") -> None:
 
 
 def cell_messages(
-    row: dict, column: str, need_assistant: bool = True, tool_calls: bool = False
+    row: dict, column: str, need_assistant: bool = True, tool_calls: bool = False, images: bool = False
 ) -> list[dict[str, Any]]:
     """The {role, content} messages of one cell (a list or a JSON string of one; ShareGPT's from/value too); a
     content that is a list of text parts becomes their text. With `tool_calls`, an assistant message may call
     tools (OpenAI's `tool_calls`, or its older `function_call`), kept in the form chat templates read, and a tool
     message keeps its `tool_call_id` and `name`. An assistant turn's reasoning (REASONING_KEYS) is kept as its
-    `reasoning_content`."""
+    `reasoning_content`. With `images`, a user or system turn may show images (data/images.py): its content is then
+    kept as a list of text and image parts."""
     value = row.get(column)
     if value is None or (isinstance(value, float) and math.isnan(value)):
         raise RowProblem(column, "missing value")
@@ -337,7 +341,7 @@ def cell_messages(
     if not isinstance(value, list) or not value:
         got = "an empty list" if value == [] else describe_type(value)
         raise RowProblem(column, f"expected a non-empty list of {{role, content}} messages, got {got}")
-    messages = [_message(item, number, column, tool_calls) for number, item in enumerate(value, start=1)]
+    messages = [_message(item, number, column, tool_calls, images) for number, item in enumerate(value, start=1)]
     learnable = ("tool_calls", "reasoning_content")
     answers = [m for m in messages if m["role"] == "assistant" and (m["content"].strip() or m.keys() & learnable)]
     if need_assistant and not answers:
@@ -345,7 +349,7 @@ def cell_messages(
     return messages
 
 
-def _message(item: Any, number: int, column: str, tool_calls: bool = False) -> dict[str, Any]:
+def _message(item: Any, number: int, column: str, tool_calls: bool = False, images: bool = False) -> dict[str, Any]:
     if not isinstance(item, dict):
         raise RowProblem(column, f"message {number} is not an object (got {describe_type(item)})")
     role, content = _role_and_content(item)
@@ -369,7 +373,10 @@ def _message(item: Any, number: int, column: str, tool_calls: bool = False) -> d
         raise RowProblem(column, f"message {number} has no content")
     content = "" if content is None else content
     if isinstance(content, list):
-        content = _parts_text(content, number, column)
+        content = _parts(content, number, column, role, images)
+    if isinstance(content, list):  # text and images
+        message: dict[str, Any] = {"role": role, "content": content}
+        return message
     if not isinstance(content, str):
         raise RowProblem(column, f"message {number} content is not text (got {describe_type(content)})")
     check_unicode(content, column, f"message {number} content")
@@ -477,8 +484,11 @@ def without_nulls(value: Any) -> Any:
     return value
 
 
-def _parts_text(parts: list, number: int, column: str) -> str:
-    """The text of OpenAI-style content parts, [{"type": "text", "text": ...}, ...]; other parts are bad rows.
+def _parts(parts: list, number: int, column: str, role: str = "user", images: bool = False) -> str | list[dict]:
+    """The text of OpenAI-style content parts, [{"type": "text", "text": ...}, ...]; other parts are bad rows, but
+    for image parts where `images` allows them (a user or system turn): the parts are then kept as a list, text parts
+    as {"type": "text", "text"} and images as {"type": "image", "image": what it points at} (None: the row's next
+    image, data/images.py).
 
     The texts are joined with nothing between them: that is what the models' own chat templates do with such a
     list (Qwen2-VL, Llama 3.2 Vision and SmolVLM write each part's text straight after the last; transformers and
@@ -486,7 +496,7 @@ def _parts_text(parts: list, number: int, column: str) -> str:
     model is served the same text it was trained on."""
     if not parts:
         raise RowProblem(column, f"message {number} has an empty list of content parts")
-    texts = []
+    texts: list[Any] = []
     for part in parts:
         if not isinstance(part, dict):
             raise RowProblem(
@@ -494,8 +504,66 @@ def _parts_text(parts: list, number: int, column: str) -> str:
                 f"message {number} content is not text (a list holding {describe_type(part)}; "
                 'content parts are objects such as {"type": "text", "text": "..."})',
             )
+        if images and isinstance(part.get("type"), str) and MEDIA_PARTS.get(part["type"]) == "image":
+            if role not in ("user", "system"):
+                raise RowProblem(
+                    column, f"message {number} ({role}) has an image part: only user and system turns show images"
+                )
+            texts.append({"type": "image", "image": image_ref(part)})
+            continue
         texts.append(_part_text(part, number, column))
-    return "".join(texts)
+    if all(isinstance(text, str) for text in texts):
+        return "".join(texts)
+    return [{"type": "text", "text": text} if isinstance(text, str) else text for text in texts]
+
+
+def with_row_images(messages: list[dict[str, Any]], row: dict, column: str) -> list[dict[str, Any]]:
+    """A conversation's images taken from the row's `images` column (IMAGE_COLUMNS) in order: by its bare
+    `{"type": "image"}` parts (TRL's form), or by `<image>` in its user turns' text (LLaMA-Factory's); the count must
+    match."""
+    given = next((row[name] for name in IMAGE_COLUMNS if row.get(name) is not None), None)
+    if isinstance(given, str) and given.startswith("["):
+        given = json_or_none(given)
+    listed = [] if given is None else given if isinstance(given, list) else [given]
+    bare = _bare_images(messages)
+    if listed and not bare:
+        messages = [_tagged(m) for m in messages]
+        bare = _bare_images(messages)
+    if bare != len(listed):
+        images_column = next((name for name in IMAGE_COLUMNS if name in row), IMAGE_COLUMNS[0])
+        raise RowProblem(
+            column if bare else images_column,
+            f"{bare} image place(s) in the messages for {len(listed)} image(s) in column {images_column!r}",
+        )
+    if not bare:
+        return messages
+    queue = iter(listed)
+    return [
+        {**m, "content": [{**p, "image": next(queue)} if p.get("image", 0) is None else p for p in m["content"]]}
+        if isinstance(m["content"], list)
+        else m
+        for m in messages
+    ]
+
+
+def _bare_images(messages: list[dict[str, Any]]) -> int:
+    """How many image parts wait for the row's `images` column (bare: {"type": "image"})."""
+    lists = [m["content"] for m in messages if isinstance(m["content"], list)]
+    return sum(1 for parts in lists for part in parts if part.get("image", 0) is None)
+
+
+def _tagged(message: dict[str, Any]) -> dict[str, Any]:
+    """A user turn's text with `<image>` marks as text and bare image parts (LLaMA-Factory's datasets)."""
+    content = message["content"]
+    if message["role"] != "user" or not isinstance(content, str) or IMAGE_TAG not in content:
+        return message
+    parts: list[dict[str, Any]] = []
+    for number, piece in enumerate(content.split(IMAGE_TAG)):
+        if number:
+            parts.append({"type": "image", "image": None})
+        if piece.strip():
+            parts.append({"type": "text", "text": piece})
+    return {**message, "content": parts}
 
 
 def _part_text(part: dict, number: int, column: str) -> str:
@@ -503,10 +571,12 @@ def _part_text(part: dict, number: int, column: str) -> str:
     media = MEDIA_PARTS.get(kind) if isinstance(kind, str) else None
     if media:
         article = "an" if media[0] in "aeiou" else "a"
+        why = "images are trained by sft, on a vision-language model" if media == "image" else "tunelab trains on text"
+        if media != "image":
+            why += " and images"
         raise RowProblem(
             column,
-            f"message {number} has {article} {media} part: tunelab trains text models; "
-            f"drop the {media} parts or describe them in text",
+            f"message {number} has {article} {media} part: {why}; drop the {media} parts or describe them in text",
         )
     if kind is None:
         raise RowProblem(column, f'message {number} has a content part without a "type" (use {{"type": "text", ...}})')

@@ -38,12 +38,18 @@ class PackedRowsCollator:
     """
 
     def __init__(
-        self, pad_token_id: int, flat: bool = False, pad_to_multiple_of: int = 8, mark_tokens: bool = False
+        self,
+        pad_token_id: int,
+        flat: bool = False,
+        pad_to_multiple_of: int = 8,
+        mark_tokens: bool = False,
+        images: Any = None,
     ) -> None:
         self.pad_token_id = pad_token_id
         self.flat = flat
         self.multiple = pad_to_multiple_of
         self.mark_tokens = mark_tokens  # a "token_mask" too, 1 on real tokens (not for the model: for its loss)
+        self.images = images  # a vision-language model's data/images.ImageCodec: each batch's pixels added
 
     def __call__(self, rows: list[Any]) -> dict[str, torch.Tensor]:
         built = [_row(row) for row in rows]
@@ -66,6 +72,9 @@ class PackedRowsCollator:
             batch["position_ids"] = torch.tensor(positions, dtype=torch.long)
         if self.mark_tokens:
             batch["token_mask"] = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _, _ in built])
+        if self.images is not None:
+            shown = [[span.ref for example in examples_in(row) for span in example.images or ()] for row in rows]
+            batch.update(self.images.batch_inputs(shown, batch["input_ids"]))
         return batch
 
 

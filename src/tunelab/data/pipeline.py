@@ -15,11 +15,14 @@ import collections
 import multiprocessing
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 from jinja2 import TemplateError
 
 from tunelab.data.formats import MAX_LISTED, TOOLS_COLUMN, RowFormat, RowProblem, convert_row, describe_problem
+from tunelab.data.images import ImageCodec, ImageProblem, checked_ref
 from tunelab.data.sources import Split, SplitStream, block_rows
 from tunelab.data.store import TableWriter
 from tunelab.data.templates import Rendered, render_conversations, render_messages, render_text
@@ -37,6 +40,9 @@ class Formatter:
     eos: str | None
     add_special_tokens: bool
     mask_history: bool = False  # chats: the loss on the last answer only, the earlier turns as context
+    images: ImageCodec | None = None  # a vision-language model's: how its images become tokens (data/images.py)
+    folder: Path | None = None  # where the data file is: image paths are relative to it
+    images_problem: str | None = None  # why a model that reads images cannot take them with this template
     # Whether the template writes tool calls, tool definitions and reasoning, found on the first conversation with
     # them
     writes: dict[str, bool] = field(default_factory=dict)
@@ -48,7 +54,7 @@ class Formatter:
         (DeepSeek-R1's and QwQ's cut every answer at </think>), to answer without it, and its answers are then
         found nowhere in the text. Found once per template, by rendering the first conversation that has them
         without them and comparing with its `text`, as rendered with them."""
-        messages, tools = example["messages"], example.get("tools")
+        messages, tools = _shown(example["messages"]), example.get("tools")
         uses = {
             "tool calls": any(m.get("tool_calls") for m in messages),
             "tools": bool(tools),
@@ -71,7 +77,7 @@ class Formatter:
         examples, problems, bad = [], [], 0
         for index, row in enumerate(split.rows):
             try:
-                examples.append((index, convert_row(row, self.fmt)))
+                examples.append((index, self._images_checked(convert_row(row, self.fmt))))
             except RowProblem as problem:
                 bad += 1
                 if len(problems) < MAX_LISTED:
@@ -80,7 +86,7 @@ class Formatter:
             return [render_text(example["text"], self.eos) for _, example in examples], problems, bad
         if self.source is None:  # a messages row with no template cannot happen: pick_template always chooses one
             raise ConfigError("internal: messages without a template")
-        conversations = [example["messages"] for _, example in examples]
+        conversations = [_shown(example["messages"]) for _, example in examples]
         tools = [example.get("tools") for _, example in examples]
         column = self.fmt.columns.get("messages")
         try:
@@ -90,7 +96,8 @@ class Formatter:
             rendered = []
             for index, example in examples:
                 try:
-                    text = render_messages(example["messages"], self.source, self.tokenizer, example.get("tools"))
+                    shown = _shown(example["messages"])
+                    text = render_messages(shown, self.source, self.tokenizer, example.get("tools"))
                     rendered.append(((index, example), text))
                 except TemplateError as err:
                     bad += 1
@@ -101,7 +108,8 @@ class Formatter:
         for (index, example), text in rendered:
             unshown = self._unwritten(example, text.text)
             if unshown is None:
-                kept.append(Rendered(text.text, text.spans[-1:]) if self.mask_history else text)
+                spans = text.spans[-1:] if self.mask_history else text.spans
+                kept.append(Rendered(text.text, spans, example.get("images"), index))
                 continue
             bad += 1
             if len(problems) < MAX_LISTED:
@@ -111,6 +119,45 @@ class Formatter:
                 )
                 problems.append(describe_problem(split, index, reason))
         return kept, problems, bad
+
+    def _images_checked(self, example: dict[str, Any]) -> dict[str, Any]:
+        """A conversation's images found and opened (data/images.checked_ref), kept in order as its `images`; a row
+        with images for a model that reads none is a bad row."""
+        found = [
+            (number, part["image"])
+            for number, message in enumerate(example.get("messages", ()), start=1)
+            if isinstance(message["content"], list)
+            for part in message["content"]
+            if part["type"] == "image"
+        ]
+        if not found:
+            return example
+        column = self.fmt.columns.get("messages")
+        if self.images is None:
+            why = self.images_problem or (
+                "the model reads text only: train a vision-language model on it, or drop the image parts"
+            )
+            raise RowProblem(column, f"message {found[0][0]} has an image part, but {why}")
+        refs = []
+        for number, value in found:
+            try:
+                refs.append(checked_ref(value, self.folder))
+            except ImageProblem as err:
+                raise RowProblem(column, f"message {number}: {err}") from None
+        return {**example, "images": refs}
+
+
+def _shown(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages as the chat template reads them: an image part is {"type": "image"} (where it points is not for the
+    template: bytes would only slow rendering down)."""
+    if not any(isinstance(m["content"], list) for m in messages):
+        return messages
+    return [
+        {**m, "content": [p if p["type"] == "text" else {"type": "image"} for p in m["content"]]}
+        if isinstance(m["content"], list)
+        else m
+        for m in messages
+    ]
 
 
 # Templates that write what another leaves out (Formatter._unwritten)
@@ -131,7 +178,7 @@ def encode_split(stream: SplitStream, formatter: Formatter, writer: TableWriter,
     result = SplitResult(0, 0, [], "")
     jobs = ((block, stream.origin, stream.name) for block in stream.blocks())
     for done in _mapped(jobs, formatter, workers):
-        writer.add(*done.arrays)
+        writer.add(*done.arrays, images=done.images)
         result.rows += len(done.arrays[2])
         result.bad += done.bad
         result.problems += done.problems[: MAX_LISTED - len(result.problems)]
@@ -157,6 +204,7 @@ class EncodedBlock:
     problems: list[str]
     bad: int
     first_text: str
+    images: list[Any] | None = None  # each example's images (data/images.ImageSpan list, or None), where any has
 
 
 def encode_block(block: Any, origin: str, name: str, formatter: Formatter) -> EncodedBlock:
@@ -164,7 +212,44 @@ def encode_block(block: Any, origin: str, name: str, formatter: Formatter) -> En
     split = block_rows(block, origin, name)
     rendered, problems, bad = formatter.render(split)
     arrays = encode_arrays(rendered, formatter.tokenizer, formatter.add_special_tokens)
-    return EncodedBlock(split, arrays, problems, bad, rendered[0].text if rendered else "")
+    images = None
+    if formatter.images is not None and any(r.images for r in rendered):
+        arrays, images, failed = _with_images(arrays, rendered, formatter.images)
+        column = formatter.fmt.columns.get("messages")
+        for index, reason in failed:
+            bad += 1
+            if len(problems) < MAX_LISTED:
+                problems.append(describe_problem(split, index, RowProblem(column, reason)))
+    return EncodedBlock(split, arrays, problems, bad, rendered[0].text if rendered else "", images)
+
+
+def _with_images(
+    arrays: tuple[Any, Any, Any], rendered: list[Rendered], codec: ImageCodec
+) -> tuple[tuple[Any, Any, Any], list[Any], list[tuple[int, str]]]:
+    """A block's arrays with each image's placeholder replaced by its tokens (ImageCodec.expand), each example's
+    images (None: none), and the rows whose text and images disagree, with why (left out)."""
+    ids, trained, lengths = arrays
+    bounds = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+    out_ids, out_trained, out_lengths, images, failed = [], [], [], [], []
+    for number, text in enumerate(rendered):
+        one_ids, one_trained = ids[bounds[number] : bounds[number + 1]], trained[bounds[number] : bounds[number + 1]]
+        spans = None
+        if text.images:
+            try:
+                one_ids, one_trained, spans = codec.expand(one_ids, one_trained, text.images)
+            except ImageProblem as err:
+                failed.append((text.row, str(err)))
+                continue
+        out_ids.append(one_ids)
+        out_trained.append(one_trained)
+        out_lengths.append(len(one_ids))
+        images.append(spans)
+    joined = (
+        np.concatenate(out_ids) if out_ids else ids[:0],
+        np.concatenate(out_trained) if out_trained else trained[:0],
+        np.asarray(out_lengths, dtype=lengths.dtype),
+    )
+    return joined, images, failed
 
 
 def _encode_block(job: tuple[Any, str, str], formatter: Formatter | None = None) -> Any:

@@ -43,6 +43,8 @@ class Rendered:
 
     text: str
     spans: list[tuple[int, int]]
+    images: list[Any] | None = None  # the images the text shows, in order (data/images.py)
+    row: int = -1  # the row's index in its block, where a later step may still find it bad
 
 
 @functools.cache

@@ -26,6 +26,7 @@ class Encoded:
 
     input_ids: list[int]
     labels: list[int]
+    images: list[Any] | None = None  # the images it shows and where their tokens are (data/images.ImageSpan)
 
     def __len__(self) -> int:
         return len(self.input_ids)

@@ -39,7 +39,8 @@ from tunelab.inference.gguf_architectures import (
     tensors,
 )
 from tunelab.inference.gguf_tokenizer import add_tokenizer
-from tunelab.outputs import check_run_folder
+from tunelab.models.vision import reads_images
+from tunelab.outputs import base_model_of, check_run_folder
 
 log = logging.getLogger("tunelab")
 
@@ -80,6 +81,11 @@ def export_run(model: str | Path, output: str | Path, dtype: str = "f16") -> Pat
     if (folder / "merged" / "config.json").is_file():
         return export_gguf(folder / "merged", output, dtype)
     _check_dtype(dtype)  # a bad dtype is known before minutes of merging
+    from tunelab.models.load import load_config, resolve_model
+
+    base = load_config(resolve_model(base_model_of(folder)))
+    if reads_images(base):  # known from the base's config, not after the merge
+        raise TunelabError(f"export: {folder} {export_problem(base)}")
     with tempfile.TemporaryDirectory(prefix="tunelab-merge-") as tmp:
         log.info("export: merging the LoRA adapter into its base first")
         # Kept in float32 (bf16 for a bf16 file): the file's type is then the only rounding of the merged weights.
@@ -248,6 +254,12 @@ def _check_architecture(config: Any, folder: Path) -> Architecture:
 def export_problem(config: Any) -> str | None:
     """Why a model of this config cannot be exported to GGUF (a phrase after the model's name), or None when it
     can. The dry run asks it too, so a run learns before training that its result will not export."""
+    if reads_images(config):
+        return (
+            f"is a vision-language model ({config.model_type}): llama.cpp reads its vision tower from a separate "
+            "mmproj file, which tunelab does not write yet (tunelab merge gives a transformers model that generate "
+            "and serve load)"
+        )
     return architecture_problem(config)
 
 

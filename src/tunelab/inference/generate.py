@@ -7,6 +7,7 @@ used in training, so a prompt is formatted the same way the training data was.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -173,11 +174,14 @@ def generate_many(
     batch_size: int = 8,
     thinking: Thinking | None = None,
     prompting: Prompting | None = None,
+    images: list[list[Any]] | None = None,
+    processor: Any = None,
 ) -> Iterator[list[Answer]]:
     """`generate` for many prompts, `batch_size` at a time (left-padded, so every prompt ends where its answer
     starts): each prompt's answers, in order, as each batch is made. With `thinking` (reasoning.thinking_for), an
     answer's reasoning is read apart from it, else each answer is all text, as written (a think block's markers
-    kept where the tokenizer marks them special, either way)."""
+    kept where the tokenizer marks them special, either way). `images`: each prompt's images (its conversation's
+    image parts, in order), written by a vision-language model's `processor`."""
     from tunelab.inference.reasoning import THINK
 
     templated = bool(getattr(tokenizer, "chat_template", None))
@@ -187,7 +191,8 @@ def generate_many(
     _seed(options)
     for start in range(0, len(prompts), batch_size):
         texts = [format_prompt(prompt, tokenizer, prompting) for prompt in prompts[start : start + batch_size]]
-        made = _generated(model, tokenizer, texts, options, not templated, keep)
+        shown = (images[start : start + batch_size], processor) if images is not None else None
+        made = _generated(model, tokenizer, texts, options, not templated, keep, shown)
         count = len(made) // len(texts)  # each text's sequences come one after another
         for i, text in enumerate(texts):
             opened = thinking.opened_by(text) if thinking and templated else ""  # the template began the block
@@ -285,8 +290,10 @@ def _generated(
     options: GenerationParams | None,
     add_special_tokens: bool,
     keep: tuple[str, ...],
+    shown: tuple[list[list[Any]], Any] | None = None,
 ) -> list[tuple[str, str]]:
-    """`complete`'s work: every sequence made, in order, as (answer, finish reason)."""
+    """`complete`'s work: every sequence made, in order, as (answer, finish reason). `shown`: each text's images
+    and the processor that writes them into its tokens and pixels."""
     import torch
 
     from tunelab.inference.streaming import keeping
@@ -294,9 +301,13 @@ def _generated(
 
     options = options or GenerationParams()
     side, tokenizer.padding_side = tokenizer.padding_side, "left"  # every text ends where its answer starts
+    encode = tokenizer
+    if shown is not None:
+        shown[1].tokenizer = tokenizer  # the run's (its template, its padding side), as the processor's own
+        encode = functools.partial(shown[1], images=shown[0])
     try:
-        inputs = tokenizer(
-            text,
+        inputs = encode(
+            text=text,
             return_tensors="pt",
             add_special_tokens=add_special_tokens,
             padding=isinstance(text, list) and len(text) > 1,
@@ -327,6 +338,39 @@ def _generated(
         finish = finish_reason(seq.tolist(), end_ids, options.max_new_tokens, at_stop_string=answer != written)
         made.append((answer.strip(), finish))
     return made
+
+
+def load_processor_of(path: str | Path) -> Any:
+    """The processor of a vision-language run or model (its tokenizer and image processor), for prompts that show
+    images; TunelabError for a model that reads text only."""
+    from tunelab.models import resolve_model
+    from tunelab.models.load import ModelSource, load_config
+    from tunelab.models.vision import load_processor, reads_images
+
+    folder = Path(path)
+    run = folder.is_dir() and (folder / "tunelab_run.json").is_file()
+    source = ModelSource(str(folder), str(folder)) if run else resolve_model(str(path))
+    adapter = run and (folder / "adapter_config.json").is_file()
+    base = resolve_model(read_run(folder)["base_model"]) if adapter else source
+    if not reads_images(load_config(base)):
+        raise TunelabError(f"{path} reads text only: images are for a vision-language model")
+    return load_processor(source)
+
+
+def image_prompt(prompt: str, images: list[str]) -> list[dict[str, Any]]:
+    """A user turn showing `images` (files, opened and checked as training data's are) before the prompt's text."""
+    parts: list[dict[str, Any]] = [{"type": "image"} for _ in images]
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": prompt}]}]
+
+
+def opened_images(images: list[str]) -> list[Any]:
+    """The images of a prompt, opened; TunelabError naming one that is missing or no image."""
+    from tunelab.data.images import ImageProblem, checked_ref, open_image
+
+    try:
+        return [open_image(checked_ref(image, None)) for image in images]
+    except ImageProblem as err:
+        raise TunelabError(f"--image: {err}") from None
 
 
 def finish_reason(new_ids: list[int], end_ids: list[int], budget: int, at_stop_string: bool) -> str:

@@ -52,6 +52,9 @@ def merge_run(path: str | Path, output: str | Path, dtype: str | None = None) ->
     shutil.rmtree(staging, ignore_errors=True)
     try:
         save_full_model(merged, tokenizer, staging)
+        for name in PROCESSOR_FILES:  # a vision-language run's image processor, beside the model it feeds
+            if (folder / name).is_file():
+                shutil.copyfile(folder / name, staging / name)
         os.replace(staging, target)
     except OSError as error:  # a full disk, a read-only folder: the path, not a traceback
         raise TunelabError(f"merge: cannot write {target}: {error.strerror or error}") from error
@@ -59,6 +62,11 @@ def merge_run(path: str | Path, output: str | Path, dtype: str | None = None) ->
         shutil.rmtree(staging, ignore_errors=True)  # gone after the rename; left only by a failure
     log.info("merged model (%s) written to %s", next(merged.parameters()).dtype, target)
     return target
+
+
+# What a vision-language model's processor saves beside the tokenizer (transformers 5 writes processor_config.json;
+# older processors preprocessor_config.json and chat_template.json).
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "chat_template.json")
 
 
 def check_causal_lm_run(folder: Path, command: str) -> None:

@@ -30,6 +30,7 @@ from tunelab.models.load import (
 from tunelab.models.peft import add_lora
 from tunelab.models.positions import rope_scaling_of, stretch_model
 from tunelab.models.quantize import check_quantization, quantization_config
+from tunelab.models.vision import freeze_vision, reads_images
 from tunelab.models.vocabulary import embedding_rows, fit_embeddings
 from tunelab.speed import attention_implementation, fuse_ops
 
@@ -159,5 +160,7 @@ def load_model(
         choice = freeze(model, params, frozen_half)
         log.info("freeze training: %s train, from decoder layer %d of %d on", choice.describe(), choice.first_layer,
                  choice.layers)  # fmt: skip
+    elif kind == "causal_lm" and reads_images(model.config):
+        freeze_vision(model)
     fuse_ops(model, params)
     return model

@@ -24,6 +24,7 @@ from tunelab.models.freeze import Choice, check_sharding, is_freezing, trainable
 from tunelab.models.load import ModelSource, load_config
 from tunelab.models.peft import lora_config, peft_targets, target_modules
 from tunelab.models.positions import rope_scaling_of, stretch_config
+from tunelab.models.vision import is_vision_language, language_model_class
 
 log = logging.getLogger("tunelab")
 
@@ -205,6 +206,8 @@ def check_task(source: ModelSource, config: Any, kind: str) -> None:
     import transformers
 
     auto_class, mapping, why = TASK_CLASSES[kind]
+    if kind == "causal_lm" and is_vision_language(config):
+        return  # built as image-text-to-text (models/vision.py)
     if type(config) not in getattr(transformers, mapping):
         raise TunelabError(
             f"model {source.name}: transformers has no {auto_class} class for model type {config.model_type!r} "
@@ -361,6 +364,8 @@ def skeleton(config: Any, kind: str) -> Any:
     import transformers
 
     auto_class = getattr(transformers, TASK_CLASSES[kind][0])
+    if kind == "causal_lm":
+        auto_class = language_model_class(config)
     with torch.device("meta"):
         return auto_class.from_config(config)
 

@@ -292,7 +292,10 @@ def load_causal_lm(source: ModelSource, dtype: Any = None, quantization_config: 
         del gguf_model, state
         gguf_cache.store(source, "model", lambda folder: model.save_pretrained(folder, safe_serialization=True))
         return model.to(dtype) if dtype is not None else model
-    return AutoModelForCausalLM.from_pretrained(
+    from tunelab.models.vision import language_model_class
+
+    auto_class = language_model_class(load_config(source))
+    return auto_class.from_pretrained(
         source.path, dtype=dtype or "auto", quantization_config=quantization_config, **kwargs
     )
 

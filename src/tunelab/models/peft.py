@@ -73,6 +73,7 @@ def add_lora(model: Any, params: RunParams, task_type: str = "CAUSAL_LM", token_
     embedding rows are trained beside it (vocabulary.py)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
+    from tunelab.models.vision import lora_targets, reads_images
     from tunelab.models.vocabulary import trainable_tokens
 
     if params.quantization is not None:
@@ -83,6 +84,9 @@ def add_lora(model: Any, params: RunParams, task_type: str = "CAUSAL_LM", token_
         model, token_ids or [], saved_whole(params), target_modules(params.target_modules)
     )
     config = lora_config(params, task_type, trained_tokens)
+    if reads_images(model.config):  # the language model's layers, not the vision tower's
+        given = config.target_modules
+        config.target_modules = lora_targets(model, given if isinstance(given, str) else sorted(given))
     # PEFT adapts parameters (the fused experts of a mixture-of-experts model) without dropout, and refuses any: the
     # adapter is made without, and the LoRA layers that can take it get it afterwards. The saved adapter_config.json
     # says 0, which is what lets PEFT load the adapter again.

@@ -23,7 +23,7 @@ from transformers import set_seed
 from tunelab import outputs
 from tunelab.config.llm import LLMParams
 from tunelab.data import cache as data_cache
-from tunelab.data import load_data, stream_data
+from tunelab.data import image_codec, load_data, stream_data
 from tunelab.data.holdout import hold_out
 from tunelab.data.kto import check_both_kinds, load_kto_data
 from tunelab.data.mixture import is_mixture
@@ -37,6 +37,7 @@ from tunelab.methods import METHODS, Method, RowStats
 from tunelab.models import ModelSource, check_model, load_config, load_model, load_tokenizer, positions, resolve_model
 from tunelab.models.checks import check_teacher, check_token_ids, fit_tokenizer
 from tunelab.models.positions import rope_scaling_of
+from tunelab.models.vision import load_processor, reads_images
 from tunelab.models.vocabulary import add_tokens, grow_vocabulary
 from tunelab.tasks import dry_run
 from tunelab.tasks.dry_run import TRAINED_CLOSE, TRAINED_OPEN, RunPlan, SplitSummary, marked_text
@@ -64,6 +65,7 @@ class Prepared:
     checkpointing: str = ""  # what gradient_checkpointing was resolved to, and why (params holds the choice)
     new_token_ids: list[int] = dataclasses.field(default_factory=list)  # tokens the run added to the tokenizer
     rope_scaling: dict[str, Any] | None = None  # how the run stretches the model's positions (models/positions.py)
+    processor: Any = None  # a vision-language model's processor: its images' tokens and pixels (models/vision.py)
 
 
 def prepare(params: LLMParams) -> Prepared:
@@ -87,6 +89,7 @@ def prepare(params: LLMParams) -> Prepared:
         check_model(resolve_model(params.model_ref), reference, kind="causal_lm", reference=True)
     tokenizer = load_tokenizer(source, params.model_max_length)
     fit_tokenizer(tokenizer, config, source)
+    processor = _processor(source, config, params, method, tokenizer)
     if params.teacher_model:  # distill: found now, with the tokens it reads, not when the Trainer loads it
         check_teacher(params, config, tokenizer)
     new_token_ids = add_tokens(tokenizer, params.add_tokens or [], params.add_special_tokens or [])
@@ -101,13 +104,17 @@ def prepare(params: LLMParams) -> Prepared:
         entry = None
         data, train_rows, valid_rows, stats = _stream(params, method, tokenizer)
     else:
-        with data_cache.entry_for(params, tokenizer) as entry:
+        with data_cache.entry_for(params, tokenizer, processor) as entry:
             if not entry.hit:
-                entry.save(_prepare_data(params, method, tokenizer, entry.folder))
+                entry.save(_prepare_data(params, method, tokenizer, entry.folder, processor))
         bundle = entry.bundle
         data, train_rows, valid_rows = bundle["data"], bundle["train_rows"], bundle["valid_rows"]
         stats = bundle["stats"]
     check_token_ids(_highest_token_id(data, method.data), config, source)
+    if getattr(data.train, "images", None) is not None and params.trainer != "sft":
+        raise ConfigError(
+            f"trainer {params.trainer}: the data shows images, which the sft trainer trains on (use --trainer sft)"
+        )
     if params.tools:  # how the template writes a call and a tool turn, tried now: not after the model loads
         from tunelab.tools import check_template
 
@@ -118,8 +125,25 @@ def prepare(params: LLMParams) -> Prepared:
     rope_scaling = rope_scaling_of(load_config(source), params, source.name) if params.rope_scaling else None
     return Prepared(
         params, method, folder, resume_from, source, config, tokenizer, data, *rows, entry,
-        new_token_ids=new_token_ids, rope_scaling=rope_scaling,
+        new_token_ids=new_token_ids, rope_scaling=rope_scaling, processor=processor,
     )  # fmt: skip
+
+
+def _processor(source: ModelSource, config: Any, params: LLMParams, method: Method, tokenizer: Any) -> Any:
+    """A vision-language model's processor (None for a text model, and for the methods that read no images), with
+    the settings it cannot take yet refused."""
+    if method.data != "examples" or not reads_images(config):
+        return None
+    processor = load_processor(source)
+    if not getattr(tokenizer, "chat_template", None) and getattr(processor, "chat_template", None):
+        tokenizer.chat_template = processor.chat_template  # kept beside the processor (chat_template.json) only
+    refused = [name for name in ("packing", "streaming") if getattr(params, name)]
+    if refused:
+        raise ConfigError(
+            f"{refused[0]}: model {source.name} is a vision-language model, whose rows are not {refused[0]} yet: "
+            f"leave {refused[0]} off"
+        )
+    return processor
 
 
 def _with_checkpointing(prep: Prepared) -> Prepared:
@@ -155,7 +179,9 @@ def _described(entry: data_cache.Entry | None) -> str:
     return entry.describe() if entry else "prepared data: streamed (each block prepared as training reads it)"
 
 
-def _prepare_data(params: LLMParams, method: Method, tokenizer: Any, folder: Path) -> dict[str, Any]:
+def _prepare_data(
+    params: LLMParams, method: Method, tokenizer: Any, folder: Path, processor: Any = None
+) -> dict[str, Any]:
     """The data read, checked and tokenized (token tables into `folder`) and cut into the method's rows."""
     loaders = {"pairs": load_preference_data, "labeled": load_kto_data, "prompts": load_prompt_data}
     if method.data in loaders and is_mixture(params.data_path):
@@ -163,7 +189,10 @@ def _prepare_data(params: LLMParams, method: Method, tokenizer: Any, folder: Pat
             f"data_path lists several sources, which trainer {params.trainer} does not take yet (mixtures are for "
             "default and sft): give it one file, folder or hub dataset"
         )
-    data = loaders[method.data](params, tokenizer) if method.data in loaders else load_data(params, tokenizer, folder)
+    if method.data in loaders:
+        data = loaders[method.data](params, tokenizer)
+    else:
+        data = load_data(params, tokenizer, folder, processor)
     if params.valid_size is not None and not is_mixture(params.data_path):  # a mixture's sources: load_data
         data = hold_out(data, params.valid_size, params.seed)
         if method.data == "labeled":  # what is left to train on must still hold both kinds of answer
@@ -224,9 +253,12 @@ def _run(params: LLMParams) -> Path:
     progress = ProgressAndMetrics(folder.staging / "metrics.jsonl", perplexity=perplexity)
     if data.template_source:  # the template trained with, from the start: grpo reads its turn end (models/turns.py)
         tokenizer.chat_template = data.template_source
+    shown = getattr(data.train, "images", None) is not None
+    images = image_codec(prep.processor, data.template_source, tokenizer)[0] if shown else None
     trainer = build_trainer(
-        model, tokenizer, params, train_rows, valid_rows, str(folder.staging), [progress], method.trainer_class
-    )
+        model, tokenizer, params, train_rows, valid_rows, str(folder.staging), [progress], method.trainer_class,
+        images=images,
+    )  # fmt: skip
     if hasattr(trainer, "trained_tokens"):
         progress.count_tokens = lambda: trainer.trained_tokens
     staging = folder.open_for(trainer, params, prep.resume_from)
@@ -257,7 +289,7 @@ def _run(params: LLMParams) -> Path:
         "prepared_data": prep.prepared.key if prep.prepared else "streamed",
         "device": device_name(),
     }
-    outputs.write_run(staging, trainer, tokenizer, params, data.template_source, metrics, run_info)
+    outputs.write_run(staging, trainer, tokenizer, params, data.template_source, metrics, run_info, prep.processor)
     log.info("done: %s (train loss %.4f)", folder.final, metrics.get("train_loss", float("nan")))
     return folder.close_for(trainer, params)
 

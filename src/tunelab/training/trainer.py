@@ -546,11 +546,13 @@ def build_trainer(
     output_dir: str,
     callbacks: list[Any] | None = None,
     trainer_class: type | None = None,
+    images: Any = None,
 ) -> Trainer:
     """The Trainer for one run: tunelab's collator, sampler and loss around transformers' loop.
 
     `trainer_class` is the method's own Trainer (preference methods: pairs in, their loss out); None means the
-    next-token loss of TunelabTrainer.
+    next-token loss of TunelabTrainer. `images`: a vision-language run's data/images.ImageCodec (the collator adds
+    each batch's pixels).
     """
     from transformers.trainer_callback import PrinterCallback
 
@@ -589,6 +591,7 @@ def build_trainer(
                 flat=flat,
                 pad_to_multiple_of=pad_multiple(),
                 mark_tokens=bool(getattr(model, ROUTER_AUX, None)),  # for a mixture of experts' balancing loss
+                images=images,
             ),
             group_by_length=params.group_by_length and not params.packing and not streamed,
             **common,

@@ -1,0 +1,94 @@
+"""Vision-language models (Qwen2-VL, LLaVA, SmolVLM, Gemma 3...): a language model that also reads images, trained
+by sft on chats that show them (data/images.py).
+
+transformers builds them with AutoModelForImageTextToText where they have no causal-LM class of their own; their
+processor (the tokenizer and the image processor together) comes from the same folder. Only the language model
+trains: LoRA adapts its linear layers alone, and a full fine-tune leaves the vision tower and the projector frozen
+(LLaMA-Factory's defaults, and what a small image dataset can train without losing what the tower sees).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from tunelab.errors import TunelabError
+
+log = logging.getLogger("tunelab")
+
+
+def is_vision_language(config: Any) -> bool:
+    """A model transformers builds only as image-text-to-text (Gemma 3 and a few others are causal LMs too: those
+    load as such, images and all)."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+
+    return type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and type(config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+
+
+def reads_images(config: Any) -> bool:
+    """The model takes images (a vision config beside its text one)."""
+    return is_vision_language(config) or getattr(config, "vision_config", None) is not None
+
+
+def language_model_class(config: Any) -> Any:
+    """The auto class that builds a model of this config with its language-model head."""
+    import transformers
+
+    return (
+        transformers.AutoModelForImageTextToText if is_vision_language(config) else transformers.AutoModelForCausalLM
+    )
+
+
+def load_processor(source: Any) -> Any:
+    """The processor (tokenizer and image processor) of a models/load.ModelSource; TunelabError when it has none."""
+    from transformers import AutoProcessor
+
+    if source.gguf_file:
+        raise TunelabError(
+            f"model {source.name}: a GGUF file holds no vision tower: train a vision-language model from its folder"
+        )
+    try:
+        return AutoProcessor.from_pretrained(source.path)
+    except (OSError, ValueError, ImportError) as err:
+        raise TunelabError(f"model {source.name}: its image processor cannot be loaded ({err})") from None
+
+
+def language_root(model: Any) -> str | None:
+    """The name of the module that holds the language model's decoder layers (`model.language_model`), or None."""
+    from tunelab.models.freeze import decoder_layers
+
+    found = decoder_layers(model)
+    return found[0].rpartition(".")[0] if found else None
+
+
+def lora_targets(model: Any, targets: str | list[str]) -> str | list[str]:
+    """LoRA targets held to the language model of a vision-language model (PEFT's all-linear, or the names given,
+    would also adapt the vision tower's layers), as a regular expression on module names; a text model's unchanged."""
+    from torch import nn
+
+    root = language_root(model) if reads_images(model.config) else None
+    if root is None:
+        return targets
+    if targets == "all-linear":
+        linear = [key for key, m in model.get_submodule(root).named_modules() if isinstance(m, nn.Linear)]
+        names = list(dict.fromkeys(key.rsplit(".", 1)[-1] for key in linear))
+    else:
+        names = list(targets)
+    return rf"{re.escape(root)}\..*\.({'|'.join(re.escape(name) for name in names)})"
+
+
+def freeze_vision(model: Any) -> int:
+    """A full fine-tune of a vision-language model: everything but the language model and its output head frozen
+    (the vision tower, the projector). Returns how many parameters were frozen."""
+    root = language_root(model)
+    if root is None:
+        return 0
+    head = {id(p) for p in model.get_output_embeddings().parameters()}
+    frozen = 0
+    for name, parameter in model.named_parameters():
+        if not (name == root or name.startswith(root + ".")) and id(parameter) not in head:
+            parameter.requires_grad_(False)
+            frozen += parameter.numel()
+    log.info("vision-language model: the vision tower and projector stay frozen (%s parameters)", f"{frozen:,}")
+    return frozen

@@ -1,0 +1,319 @@
+"""Vision-language models: sft on chats that show images (data/images.py, models/vision.py), on tiny Qwen2-VL and
+LLaVA models built here (tests/vision_models.py), with real images made by PIL."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.test_bad_input import assert_nothing_written, cli_args, error_line, run_bad, write_jsonl
+from tests.vision_models import build_tiny_llava, build_tiny_qwen2_vl
+from tunelab.cli import main
+
+COLORS = {"red": (230, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 220)}
+BUILDERS = {"qwen2_vl": build_tiny_qwen2_vl, "llava": build_tiny_llava}
+
+
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
+def vlm(request, tmp_path_factory):
+    return BUILDERS[request.param](tmp_path_factory.mktemp(request.param))
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    return build_tiny_llava(tmp_path_factory.mktemp("llava"))
+
+
+def color_images(folder):
+    """One image per color, of two sizes (Qwen2-VL's tokens per image follow the size)."""
+    for number, (name, rgb) in enumerate(COLORS.items()):
+        Image.new("RGB", (60 + 40 * (number % 2), 40), rgb).save(folder / f"{name}.png")
+
+
+def turn(image, answer, question="What color is this?"):
+    return {
+        "messages": [
+            {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]},
+            {"role": "assistant", "content": f"It is {answer}."},
+        ]
+    }
+
+
+def color_rows(count=24):
+    names = list(COLORS)
+    return [turn(f"{names[i % 3]}.png", names[i % 3]) for i in range(count)]
+
+
+def train(capsys, model, data, project, *extra):
+    code = main(cli_args(model, data, project, *extra))
+    out, err = capsys.readouterr()
+    assert code == 0, f"exit code {code}\nstdout:\n{out}\nstderr:\n{err}"
+    return out, err
+
+
+def generate(capsys, model, image, prompt="What color is this?"):
+    code = main(["generate", "--model", str(model), "--image", str(image), prompt, "--max-new-tokens", "6"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return out.strip()
+
+
+LEARN = ("--peft", "--lr", "1e-2", "--max-steps", "60", "--batch-size", "6", "--gradient-accumulation", "1")
+LEARN_LORA = ("--lora-r", "16", "--lora-alpha", "32", "--block-size", "128")
+
+
+def test_sft_learns_to_read_the_images(capsys, tmp_path, vlm):
+    """The only thing telling the answers apart is the image: once trained, the run (reloaded from its folder)
+    names the color of each image it is shown, and its adapter is on the language model alone."""
+    color_images(tmp_path)
+    data = write_jsonl(tmp_path / "train.jsonl", color_rows())
+    run = tmp_path / "run"
+    train(capsys, vlm, data, run, *LEARN, *LEARN_LORA)
+    assert (run / "processor_config.json").is_file()
+    targets = json.loads((run / "adapter_config.json").read_text())["target_modules"]
+    assert targets.startswith("model\\.language_model\\."), targets
+    from safetensors import safe_open
+
+    with safe_open(run / "adapter_model.safetensors", "pt") as f:
+        names = list(f.keys())
+    assert names and all(".language_model." in name for name in names), names[:5]
+    for name in COLORS:
+        assert generate(capsys, run, tmp_path / f"{name}.png").startswith(f"It is {name}"), name
+
+
+def test_prepared_tokens_are_the_processors(tmp_path, vlm):
+    """Each example's tokens are what the model's processor makes of its whole text and images (the placeholder
+    replaced by the image's own tokens), and only the answer is trained."""
+    from transformers import AutoProcessor
+
+    from tunelab.config.llm import LLMParams
+    from tunelab.tasks.llm import prepare
+
+    color_images(tmp_path)
+    rows = color_rows(3)
+    rows[1]["messages"][0]["content"].append({"type": "image", "image": "blue.png"})  # two images in one turn
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    params = LLMParams(trainer="sft", model=str(vlm), data_path=str(data), project_name=str(tmp_path / "r"), peft=True)
+    prep = prepare(params)
+    processor = AutoProcessor.from_pretrained(vlm)
+    table = prep.data.train
+    for index, row in enumerate(rows):
+        shown = [
+            {**m, "content": [p if p["type"] == "text" else {"type": "image"} for p in m["content"]]}
+            if isinstance(m["content"], list)
+            else m
+            for m in row["messages"]
+        ]
+        text = processor.apply_chat_template(shown, tokenize=False)
+        names = [p["image"] for m in row["messages"] if isinstance(m["content"], list) for p in m["content"]
+                 if p["type"] == "image"]  # fmt: skip
+        images = [Image.open(tmp_path / name).convert("RGB") for name in names]
+        expected = processor(text=[text], images=[images], add_special_tokens=False)["input_ids"][0]
+        example = table.example(index)
+        assert example.input_ids == list(expected)
+        assert [span.ref for span in example.images] == [str((tmp_path / name).resolve()) for name in names]
+        labelled = zip(example.input_ids, example.labels, strict=True)
+        trained = prep.tokenizer.decode([t for t, label in labelled if label != -100])
+        assert trained.startswith(f"It is {row['messages'][1]['content'][6:-1]}."), trained
+
+
+def test_images_column_and_image_tags_and_bytes(tmp_path, llava):
+    """TRL's bare image parts with an `images` column, LLaMA-Factory's `<image>` in the text, a data: URI and a
+    Parquet image column's bytes all prepare to the same tokens as a file named in the part."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tunelab.config.llm import LLMParams
+    from tunelab.tasks.llm import prepare
+
+    color_images(tmp_path)
+    red = (tmp_path / "red.png").read_bytes()
+    uri = "data:image/png;base64," + base64.b64encode(red).decode()
+    question = [{"type": "text", "text": "What color is this?"}]
+    answer = {"role": "assistant", "content": "It is red."}
+    forms = {
+        "part": [turn("red.png", "red")] * 2,
+        "bare": [
+            {"messages": [{"role": "user", "content": [{"type": "image"}, *question]}, answer], "images": ["red.png"]}
+        ]
+        * 2,  # fmt: skip
+        "tag": [
+            {"messages": [{"role": "user", "content": "<image>What color is this?"}, answer], "images": ["red.png"]}
+        ]
+        * 2,  # fmt: skip
+        "uri": [turn(uri, "red")] * 2,
+        "openai": [
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "red.png"}}, *question]},
+                    answer,
+                ]
+            }
+        ]
+        * 2,  # fmt: skip
+    }
+    tokens = {}
+    for name, rows in forms.items():
+        data = write_jsonl(tmp_path / f"{name}.jsonl", rows)
+        params = LLMParams(trainer="sft", model=str(llava), data_path=str(data), project_name=str(tmp_path / name))
+        tokens[name] = prepare(params).data.train.example(0).input_ids
+    parquet = tmp_path / "bytes.parquet"
+    messages = json.dumps([{"role": "user", "content": [{"type": "image"}, *question]}, answer])
+    table = pa.table({"messages": [messages] * 2, "images": [[{"bytes": red, "path": "red.png"}]] * 2})
+    pq.write_table(table, parquet)
+    params = LLMParams(trainer="sft", model=str(llava), data_path=str(parquet), project_name=str(tmp_path / "pq"))
+    prep = prepare(params)
+    tokens["parquet"] = prep.data.train.example(0).input_ids
+    assert len({tuple(ids) for ids in tokens.values()}) == 1, tokens
+    # the Parquet file's bytes are kept as a file beside the prepared data, and read back as the same image
+    ref = prep.data.train.example(0).images[0].ref
+    assert ref.startswith("/") and open(ref, "rb").read() == red
+
+
+def test_full_fine_tune_leaves_the_vision_tower_frozen(capsys, tmp_path, llava):
+    from safetensors.torch import load_file
+
+    color_images(tmp_path)
+    data = write_jsonl(tmp_path / "train.jsonl", color_rows(8))
+    run = tmp_path / "run"
+    _, err = train(capsys, llava, data, run, "--lr", "1e-3", "--max-steps", "3", "--batch-size", "4",
+                   "--gradient-accumulation", "1", "--block-size", "128")  # fmt: skip
+    assert "the vision tower and projector stay frozen" in err
+    before, after = load_file(llava / "model.safetensors"), load_file(run / "model.safetensors")
+    tower = [k for k in before if k.startswith(("vision_tower.", "multi_modal_projector."))]
+    language = [k for k in before if "layers.0.self_attn.q_proj" in k and k.startswith("language_model.")]
+    assert tower and language
+    assert all(np.array_equal(before[k].numpy(), after[k].numpy()) for k in tower)
+    assert not all(np.array_equal(before[k].numpy(), after[k].numpy()) for k in language)
+
+
+def test_merged_run_generates_with_images_and_export_refuses(capsys, tmp_path, llava):
+    color_images(tmp_path)
+    data = write_jsonl(tmp_path / "train.jsonl", color_rows())
+    run = tmp_path / "run"
+    train(capsys, llava, data, run, *LEARN, *LEARN_LORA)
+    merged = tmp_path / "merged"
+    assert main(["merge", "--model", str(run), "--output", str(merged)]) == 0
+    capsys.readouterr()
+    assert generate(capsys, merged, tmp_path / "green.png").startswith("It is green")
+    for model in (run, merged):
+        code = main(["export", "--model", str(model), "--output", str(tmp_path / "m.gguf")])
+        line = error_line(capsys, code)
+        assert "is a vision-language model (llava): llama.cpp reads its vision tower from a separate mmproj" in line
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def bad_image_rows(tmp_path):
+    color_images(tmp_path)
+    (tmp_path / "notes.png").write_text("not an image", encoding="utf-8")
+    rows = color_rows(8)
+    rows[1] = turn("missing.png", "red")
+    rows[2] = turn("https://example.com/cat.png", "red")
+    rows[3]["messages"][1]["content"] = [{"type": "image", "image": "red.png"}]
+    ask = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}
+    rows[4] = {"messages": [ask, {"role": "assistant", "content": "Hello."}], "images": ["red.png", "blue.png"]}
+    rows[5] = turn("notes.png", "red")
+    rows[6]["messages"][0]["content"][1]["text"] = "What <image> is this?"  # the placeholder, typed as text
+    return write_jsonl(tmp_path / "train.jsonl", rows)
+
+
+def test_bad_image_rows_are_named(capsys, tmp_path, llava):
+    data = bad_image_rows(tmp_path)
+    line = run_bad(capsys, llava, data, tmp_path / "run")
+    assert line.startswith(f"tunelab: error: 6 bad row(s) in {data}: "), line
+    missing = tmp_path / "missing.png"
+    assert f"{data} line 2, column 'messages': message 1: image 'missing.png' not found (looked for {missing})" in line
+    assert f"{data} line 3, column 'messages': message 1: image 'https://example.com/cat.png' is a URL" in line
+    assert f"{data} line 4, column 'messages': message 2 (assistant) has an image part: only user and system" in line
+    counted = "1 image place(s) in the messages for 2 image(s) in column 'images'"
+    assert f"{data} line 5, column 'messages': {counted}" in line
+    assert f"{data} line 6, column 'messages': message 1: image 'notes.png' is not an image PIL can read" in line
+    # (the sixth, the typed placeholder, is found once the text is tokenized: listed after the first five)
+    out, err = train(capsys, llava, data, tmp_path / "run", "--dry-run", "--bad-rows", "skip")
+    assert f"{data}: skipped 6 bad row(s) (bad_rows=skip)" in err
+    assert "train (" in out and "2 examples" in out
+
+
+def test_images_for_a_text_model_or_template(capsys, tmp_path, tiny_llama, llava):
+    color_images(tmp_path)
+    data = write_jsonl(tmp_path / "train.jsonl", color_rows(4))
+    line = run_bad(capsys, tiny_llama, data, tmp_path / "run")
+    assert (
+        f"{data} line 1, column 'messages': message 1 has an image part, but the model reads text only: train a "
+        "vision-language model on it, or drop the image parts" in line
+    )
+    line = run_bad(capsys, llava, data, tmp_path / "run", "--chat-template", "zephyr")
+    assert "message 1 has an image part, but the chat template cannot write an image part (" in line
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (("--packing",), "packing: model {model} is a vision-language model, whose rows are not packing yet"),
+        (("--trainer", "default"), "trainer default: the data shows images, which the sft trainer trains on"),
+    ],
+)
+def test_settings_a_vision_run_cannot_take(capsys, tmp_path, llava, extra, expected):
+    color_images(tmp_path)
+    data = write_jsonl(tmp_path / "train.jsonl", color_rows(4))
+    line = run_bad(capsys, llava, data, tmp_path / "run", *extra)
+    assert expected.format(model=llava) in line, line
+
+
+def test_an_image_changed_since_preparing_is_prepared_again(capsys, tmp_path):
+    """The prepared data names images by path: one changed since (another size: other tokens for Qwen2-VL) must
+    not be trained on with the token count of the old one."""
+    from tunelab.config.llm import LLMParams
+    from tunelab.tasks.llm import prepare
+
+    qwen = build_tiny_qwen2_vl(tmp_path / "qwen")
+    color_images(tmp_path)
+    data = write_jsonl(tmp_path / "train.jsonl", color_rows(3))
+    params = LLMParams(trainer="sft", model=str(qwen), data_path=str(data), project_name=str(tmp_path / "r"))
+    first = prepare(params).data.train.example(0)
+    assert prepare(params).prepared.hit
+    Image.new("RGB", (112, 112), COLORS["red"]).save(tmp_path / "red.png")
+    again = prepare(params)
+    assert not again.prepared.hit
+    assert again.data.train.example(0).images[0].count > first.images[0].count
+
+
+def test_a_cut_never_splits_an_image():
+    from tunelab.data.images import ImageSpan
+    from tunelab.data.store import TokenTable
+    from tunelab.data.tokenize import Encoded
+
+    ids = list(range(20))
+    example = Encoded(ids, ids, [ImageSpan("/a.png", 2, 4), ImageSpan("/b.png", 8, 6)])
+    table = TokenTable.from_examples([example], 64)
+    assert [s.ref for s in table.example(0).images] == ["/a.png", "/b.png"]
+    cut = table.example(0, limit=10)  # inside the second image: cut before it, the image left out
+    assert cut.input_ids == ids[:8] and [s.ref for s in cut.images] == ["/a.png"]
+    assert table.example(0, limit=3).images is None and len(table.example(0, limit=3)) == 2
+
+
+def test_generate_image_problems(capsys, tmp_path, tiny_llama, llava):
+    color_images(tmp_path)
+    code = main(["generate", "--model", str(llava), "--image", str(tmp_path / "nope.png"), "Hi"])
+    assert error_line(capsys, code) == (
+        f"tunelab: error: --image: image '{tmp_path / 'nope.png'}' not found (looked for {tmp_path / 'nope.png'})"
+    )
+    code = main(["generate", "--model", str(tiny_llama), "--image", str(tmp_path / "red.png"), "Hi"])
+    assert error_line(capsys, code).endswith("reads text only: images are for a vision-language model")
+
+
+def test_image_bytes_of_a_jsonl_data_uri_open(tmp_path):
+    from tunelab.data.images import ImageProblem, checked_ref, open_image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(buffer, format="PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    assert open_image(checked_ref(uri, None)).getpixel((0, 0)) == (1, 2, 3)
+    with pytest.raises(ImageProblem, match="base64 does not decode"):
+        checked_ref("data:image/png;base64,@@@", None)
+    assert_nothing_written(tmp_path / "none")
