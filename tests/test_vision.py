@@ -317,3 +317,50 @@ def test_image_bytes_of_a_jsonl_data_uri_open(tmp_path):
     with pytest.raises(ImageProblem, match="base64 does not decode"):
         checked_ref("data:image/png;base64,@@@", None)
     assert_nothing_written(tmp_path / "none")
+
+
+def test_autotrain_vlm_task_columns_train_as_chats(capsys, tmp_path, llava):
+    """AutoTrain's vlm task (`tunelab vlm --trainer vqa|captioning`, or a config's task vlm:vqa) reads an image
+    column beside the question and answer (or the caption): the same examples as the chats that show them."""
+    import csv
+
+    import yaml
+
+    from tunelab.config import load_config
+    from tunelab.tasks.llm import prepare
+
+    color_images(tmp_path)
+    with open(tmp_path / "vqa.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "prompt", "text"])
+        writer.writerows([[f"{name}.png", "What color is this?", f"It is {name}."] for name in COLORS])
+    chats = write_jsonl(tmp_path / "chats.jsonl", [turn(f"{name}.png", name) for name in COLORS])
+    common = {"model": str(llava), "trainer": "sft", "block_size": 128}
+    expected = prepare(load_config({**common, "data_path": str(chats), "project_name": str(tmp_path / "a")}))
+    config = {
+        "task": "vlm:vqa",
+        "base_model": str(llava),
+        "project_name": str(tmp_path / "b"),
+        "data": {"path": str(tmp_path / "vqa.csv"), "column_mapping": {"image_column": "image"}},
+        "params": {"block_size": 128},
+    }
+    (tmp_path / "vqa.yml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    params = load_config(str(tmp_path / "vqa.yml"))
+    assert (params.trainer, params.image_column, params.prompt_text_column) == ("sft", "image", "prompt")
+    got = prepare(params)
+    for index in range(len(COLORS)):
+        assert got.data.train.example(index).input_ids == expected.data.train.example(index).input_ids
+        assert got.data.train.example(index).labels == expected.data.train.example(index).labels
+
+    # captioning from the command line: the image alone in the user turn, the caption its answer
+    with open(tmp_path / "captions.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([["image", "text"], *[[f"{name}.png", f"A {name} square."] for name in COLORS]])
+    args = ["vlm", "--trainer", "captioning", "--model", str(llava), "--data-path", str(tmp_path / "captions.csv")]
+    code = main([*args, "--project-name", str(tmp_path / "c"), "--block-size", "128", "--dry-run"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "train (" in out and "3 examples" in out and "A red square." in out
+    code = main([*args[:2], "vqa", *args[3:], "--project-name", str(tmp_path / "c")])
+    assert "column 'prompt' not found" in error_line(capsys, code)
+    bad = main(["vlm", "--trainer", "detection", "--model", str(llava), "--data-path", str(tmp_path / "captions.csv")])
+    assert "trainer 'detection' is not one of AutoTrain's vlm trainers (vqa, captioning)" in error_line(capsys, bad)

@@ -145,6 +145,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_dry_run(llm)
     add_param_flags(llm)
 
+    vlm = sub.add_parser(
+        "vlm",
+        help="fine-tune a vision-language model on images (AutoTrain's vlm task)",
+        description="AutoTrain's vlm task: --trainer vqa (image_column, prompt_text_column, text_column: the image, "
+        "the question, the answer) or captioning (image_column, text_column: the image and its caption), trained by "
+        "sft on the model's images. Chats that show images train with `tunelab llm --trainer sft` (docs/data.md).",
+    )
+    vlm.add_argument("--train", action="store_true", help="Train (accepted for AutoTrain compatibility; implied).")
+    vlm.add_argument("--config", dest="config", help="YAML config; flags given here override it.")
+    vlm.add_argument("--backend", help=argparse.SUPPRESS)
+    add_dry_run(vlm)
+    add_param_flags(vlm)
+
     gen = sub.add_parser("generate", help="generate text with a trained run folder (or any model)")
     gen.add_argument("prompt", nargs="*", help="Prompt text (a chat model gets it as a user turn).")
     gen.add_argument("--model", required=True, help="Run folder, model folder, .gguf file or hub id.")
@@ -336,6 +349,17 @@ def run_llm(args: argparse.Namespace, schema: type = LLMParams) -> int:
     logging.getLogger("tunelab").info("%s", allocator.describe())
     print(f"tunelab: finished; outputs in {tasks.train(params, argv=args.argv)}")
     return 0
+
+
+def run_vlm(args: argparse.Namespace) -> int:
+    """`tunelab vlm --trainer vqa|captioning`: `tunelab llm --trainer sft` with AutoTrain's vlm columns."""
+    from tunelab.config.autotrain import vlm_params
+
+    given = param_flags(args)
+    for key, value in vlm_params(given.get("trainer"), "vqa", given).items():
+        setattr(args, key, value)
+    args.command = "llm"  # the parameters are an LLM run's; a config for `tunelab llm` goes too
+    return run_llm(args)
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -572,7 +596,7 @@ def setup_logging() -> None:
         pass
 
 
-TRAINING_COMMANDS = ("llm", "text-classification")
+TRAINING_COMMANDS = ("llm", "vlm", "text-classification")
 
 
 def token_to_environment(argv: list[str]) -> list[str]:
@@ -615,6 +639,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {
             "llm": run_llm,
+            "vlm": run_vlm,
             "text-classification": lambda a: run_llm(a, TextClassificationParams),
             "predict": run_predict,
             "generate": run_generate,

@@ -19,7 +19,17 @@ TASKS = {
     "llm-dpo": "dpo",
     "llm-orpo": "orpo",
     "llm-grpo": "grpo",
+    "vlm:vqa": "sft",
+    "vlm:captioning": "sft",
 }
+# AutoTrain's vision-language tasks (`autotrain vlm --trainer vqa|captioning`, config task vlm:vqa / vlm:captioning):
+# sft on a vision-language model, the image shown before the question (vqa) or alone (captioning), with AutoTrain's
+# column defaults.
+VLM_TRAINERS: dict[str, dict[str, str]] = {
+    "vqa": {"image_column": "image", "prompt_text_column": "prompt"},
+    "captioning": {"image_column": "image"},
+}
+VLM_TASKS = {"vlm:vqa": "vqa", "vlm:captioning": "captioning"}
 # Tasks that are not LLM training methods: read into TextClassificationParams.
 CLASSIFICATION_TASKS = ("text_classification", "text-classification")
 

@@ -12,7 +12,7 @@ import os
 import re
 from typing import Any
 
-from tunelab.config.aliases import CLASSIFICATION_TASKS, TASKS
+from tunelab.config.aliases import CLASSIFICATION_TASKS, TASKS, VLM_TASKS, VLM_TRAINERS
 from tunelab.config.base import field_names
 from tunelab.config.overrides import Unset, check_known, normalize_keys, params_class
 from tunelab.errors import ConfigError
@@ -87,7 +87,18 @@ def from_autotrain_config(config: dict[str, Any], source: str = "config") -> dic
     if config:
         check_known(config, source, schema)  # names the stray top-level key, with a suggestion
         out.update(normalize_keys(config, source, schema))
+    if task in VLM_TASKS:
+        out.update(vlm_params(out.get("trainer") if out.get("trainer") != "sft" else None, VLM_TASKS[task], out))
     return {key: expand_env(value) for key, value in out.items()}
+
+
+def vlm_params(trainer: str | None, default: str, given: dict[str, Any]) -> dict[str, Any]:
+    """AutoTrain's vlm trainer (vqa or captioning) as tunelab's: sft, with that trainer's column defaults where the
+    columns are not given."""
+    kind = trainer or default
+    if kind not in VLM_TRAINERS:
+        raise ConfigError(f"vlm: trainer {kind!r} is not one of AutoTrain's vlm trainers ({', '.join(VLM_TRAINERS)})")
+    return {"trainer": "sft", **{key: value for key, value in VLM_TRAINERS[kind].items() if given.get(key) is None}}
 
 
 def is_autotrain_config(config: dict[str, Any]) -> bool:

@@ -165,6 +165,12 @@ class LLMParams(Params):
         None, "Column with the prompt, for prompt/completion data (the completion is in text_column)."
     )
     rejected_text_column: str | None = param(None, "Column with the rejected answer (preference trainers).")
+    image_column: str | None = param(
+        None,
+        "sft on a vision-language model: the column holding each row's image (a path, data: URI or bytes, or a list "
+        "of them), shown in the user turn before the prompt; a row of text_column alone becomes an image and its "
+        "caption (AutoTrain's vlm tasks: `tunelab vlm`). Chats name their images in their messages (docs/data.md).",
+    )
     label_column: str = param("label", "kto: column saying whether the answer is desirable (true/false, 1/0, yes/no).")
     chat_template: str | None = param(
         None,

@@ -155,7 +155,7 @@ def _conversation_columns(row_format: RowFormat) -> list[str]:
 
 def _decide_format(head: Split, params: LLMParams, tokenizer: Any) -> tuple[RowFormat, str | None, str | None]:
     """The train split's row shape, the template it is rendered with (its name and Jinja source)."""
-    row_format = detect_format(head, params.text_column, params.prompt_text_column)
+    row_format = detect_format(head, params.text_column, params.prompt_text_column, params.image_column)
     template = pick_template(params.chat_template, row_format, tokenizer)
     source = template_source(template, tokenizer, params.chat_template_kwargs) if template else None
     return row_format, template, source
@@ -165,7 +165,8 @@ def _formatter(
     head: Split, origin: str, train_format: RowFormat, source: str | None, tokenizer: Any, params: LLMParams
 ) -> Formatter:
     """How a split's rows become text: the train split's shape (another split must have the same), its template."""
-    fmt = detect_format(head, params.text_column, params.prompt_text_column) if head.name != "train" else train_format
+    columns = (params.text_column, params.prompt_text_column, params.image_column)
+    fmt = detect_format(head, *columns) if head.name != "train" else train_format
     if fmt.kind != train_format.kind:
         raise DataError(f"{origin}: rows are {fmt.kind}, but the train split's are {train_format.kind}")
     eos = tokenizer.eos_token if params.add_eos_token else None

@@ -58,6 +58,7 @@ DATA_FIELDS = (
     "valid_size",
     "text_column",
     "prompt_text_column",
+    "image_column",
     "chat_template",
     "chat_template_kwargs",
     "add_eos_token",

@@ -6,6 +6,8 @@ Shapes (picked from the columns and the column mapping, in this order):
 - `prompt_completion`: prompt_text_column + text_column (the completion);
 - `text`: text_column holds a string, used as it is (pre-formatted text such as `<s>[INST] ... [/INST] ...`);
 - `alpaca`: no text_column, but instruction / input / output columns;
+- `image_text`: image_column + text_column (an image and its caption: AutoTrain's vlm captioning), and
+  prompt_completion with image_column (AutoTrain's vqa), the images shown in the user turn before the prompt;
 - also `messages` / `conversations` or `prompt` / `completion` columns when text_column is left at `text`.
 Every row becomes {"text": str} or {"messages": [...]}; prompt/completion and Alpaca rows become a user and an
 assistant message so that one renderer (data/templates.py) formats and masks everything.
@@ -66,15 +68,24 @@ class RowFormat:
         return f"{self.kind} ({cols})"
 
 
-def detect_format(split: Split, text_column: str, prompt_text_column: str | None = None) -> RowFormat:
+def detect_format(
+    split: Split, text_column: str, prompt_text_column: str | None = None, image_column: str | None = None
+) -> RowFormat:
     """Decide the row shape from the columns; a missing column raises DataError naming it and the file."""
     columns = split.columns
     listed = ", ".join(columns[:20])
+    if image_column:
+        missing = [c for c in (image_column, prompt_text_column, text_column) if c and c not in columns]
+        if missing:
+            raise DataError(f"{split.origin}: column {missing[0]!r} not found (columns: {listed})")
+        if not prompt_text_column:
+            return RowFormat("image_text", {"image": image_column, "text": text_column})
     if prompt_text_column:
         missing = [c for c in (prompt_text_column, text_column) if c not in columns]
         if missing:
             raise DataError(f"{split.origin}: column {missing[0]!r} not found (columns: {listed})")
-        return RowFormat("prompt_completion", {"prompt": prompt_text_column, "completion": text_column})
+        images = {"image": image_column} if image_column else {}
+        return RowFormat("prompt_completion", {"prompt": prompt_text_column, "completion": text_column, **images})
     other = _common_shape(columns) if text_column == "text" else None
     if text_column in columns and not (other and _mostly_missing(split, text_column)):
         sample = next((row[text_column] for row in split.rows if row.get(text_column) not in (None, "")), "")
@@ -261,7 +272,13 @@ def convert_row(row: dict, fmt: RowFormat) -> dict[str, Any]:
         return {"text": cell_text(row, cols["text"])}
     if fmt.kind == "prompt_completion":
         prompt, completion = cell_text(row, cols["prompt"]), cell_text(row, cols["completion"])
-        return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]}
+        asked: Any = prompt
+        if "image" in cols:
+            asked = [*cell_images(row, cols["image"]), {"type": "text", "text": prompt}]
+        return {"messages": [{"role": "user", "content": asked}, {"role": "assistant", "content": completion}]}
+    if fmt.kind == "image_text":
+        shown, caption = cell_images(row, cols["image"]), cell_text(row, cols["text"])
+        return {"messages": [{"role": "user", "content": shown}, {"role": "assistant", "content": caption}]}
     if fmt.kind == "alpaca":
         user = {"role": "user", "content": cell_text(row, cols["instruction"])}
         # Read even when the rows the format was decided from (the first 1000) have no `input`: a file whose
@@ -278,6 +295,18 @@ def convert_row(row: dict, fmt: RowFormat) -> dict[str, Any]:
     if tools:
         example["tools"] = tools
     return example
+
+
+def cell_images(row: dict, column: str) -> list[dict[str, Any]]:
+    """A row's image column as image parts: one image (a path, data: URI, or a dataset's {"bytes", "path"}) or a
+    list of them (a JSON string of one too); data/pipeline.py finds and opens them."""
+    value = row.get(column)
+    if isinstance(value, str) and value.startswith("["):
+        value = json_or_none(value)
+    listed = value if isinstance(value, list) else [] if value is None else [value]
+    if not listed or any(item is None or item == "" for item in listed):
+        raise RowProblem(column, "missing image")
+    return [{"type": "image", "image": item} for item in listed]
 
 
 def cell_text(row: dict, column: str, allow_empty: bool = False) -> str:

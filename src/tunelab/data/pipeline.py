@@ -132,7 +132,7 @@ class Formatter:
         ]
         if not found:
             return example
-        column = self.fmt.columns.get("messages")
+        column = self.fmt.columns.get("messages") or self.fmt.columns.get("image")
         if self.images is None:
             why = self.images_problem or (
                 "the model reads text only: train a vision-language model on it, or drop the image parts"
@@ -215,7 +215,7 @@ def encode_block(block: Any, origin: str, name: str, formatter: Formatter) -> En
     images = None
     if formatter.images is not None and any(r.images for r in rendered):
         arrays, images, failed = _with_images(arrays, rendered, formatter.images)
-        column = formatter.fmt.columns.get("messages")
+        column = formatter.fmt.columns.get("messages") or formatter.fmt.columns.get("image")
         for index, reason in failed:
             bad += 1
             if len(problems) < MAX_LISTED:
