@@ -103,13 +103,14 @@ def test_prepared_tokens_are_the_processors(tmp_path, vlm):
     processor = AutoProcessor.from_pretrained(vlm)
     table = prep.data.train
     for index, row in enumerate(rows):
-        shown = [
-            {**m, "content": [p if p["type"] == "text" else {"type": "image"} for p in m["content"]]}
+        shown = [  # as TRL hands a multimodal chat to the template: every content a list of parts
+            {"role": m["role"], "content": [p if p["type"] == "text" else {"type": "image"} for p in m["content"]]}
             if isinstance(m["content"], list)
-            else m
+            else {"role": m["role"], "content": [{"type": "text", "text": m["content"]}]}
             for m in row["messages"]
         ]
         text = processor.apply_chat_template(shown, tokenize=False)
+        assert "It is" in text  # (LLaVA's template writes list contents only)
         names = [p["image"] for m in row["messages"] if isinstance(m["content"], list) for p in m["content"]
                  if p["type"] == "image"]  # fmt: skip
         images = [Image.open(tmp_path / name).convert("RGB") for name in names]
@@ -254,7 +255,8 @@ def test_images_for_a_text_model_or_template(capsys, tmp_path, tiny_llama, llava
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
-        (("--packing",), "packing: model {model} is a vision-language model, whose rows are not packing yet"),
+        (("--packing",), "packing: the data shows images, and rows with images are not packed yet: leave it off"),
+        (("--streaming", "--max-steps", "2"), "but streaming: true does not take images yet (leave streaming off)"),
         (("--trainer", "default"), "trainer default: the data shows images, which the sft trainer trains on"),
     ],
 )
@@ -364,3 +366,110 @@ def test_autotrain_vlm_task_columns_train_as_chats(capsys, tmp_path, llava):
     assert "column 'prompt' not found" in error_line(capsys, code)
     bad = main(["vlm", "--trainer", "detection", "--model", str(llava), "--data-path", str(tmp_path / "captions.csv")])
     assert "trainer 'detection' is not one of AutoTrain's vlm trainers (vqa, captioning)" in error_line(capsys, bad)
+
+
+def test_more_rows_the_data_step_names(capsys, tmp_path, llava):
+    """A cut-short JPEG (PIL's verify() passes it), and a row without images whose text writes the image token."""
+    color_images(tmp_path)
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(buffer, format="JPEG")
+    (tmp_path / "cut.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    rows = color_rows(6)
+    rows[1] = turn("cut.jpg", "red")
+    rows[2] = {
+        "messages": [{"role": "user", "content": "What is <image> here?"}, {"role": "assistant", "content": "x"}]
+    }
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    line = run_bad(capsys, llava, data, tmp_path / "run")
+    assert f"{data} line 2, column 'messages': message 1: image 'cut.jpg' is not an image PIL can read" in line
+    assert f"{data} line 3, column 'messages': its text holds 1 image place(s) ('<image>') for 0 image(s)" in line
+
+
+def test_images_column_without_places_and_text_models(tmp_path, llava, tiny_llama):
+    """A chat row's `images` column with no place for them in its messages: at the start of its first user turn,
+    as TRL places them, for a model that reads images; a text model's run ignores the column, as it always has."""
+    from tunelab.config.llm import LLMParams
+    from tunelab.tasks.llm import prepare
+
+    color_images(tmp_path)
+    question = {"role": "user", "content": "What color is this?"}
+    rows = [{"messages": [question, {"role": "assistant", "content": "It is red."}], "images": ["red.png"]}] * 2
+    data = write_jsonl(tmp_path / "trl.jsonl", rows)
+    explicit = write_jsonl(tmp_path / "parts.jsonl", [turn("red.png", "red")] * 2)
+    tokens = []
+    for path in (data, explicit):
+        params = LLMParams(trainer="sft", model=str(llava), data_path=str(path), project_name=str(tmp_path / "r"))
+        tokens.append(prepare(params).data.train.example(0).input_ids)
+    assert tokens[0] == tokens[1]
+    params = LLMParams(trainer="sft", model=str(tiny_llama), data_path=str(data), project_name=str(tmp_path / "t"))
+    assert prepare(params).data.train.images is None
+
+
+def test_whole_rows_keep_their_images_untrained(tmp_path, llava):
+    """completion_only_loss off trains every text token; an image's tokens are the image, never predicted."""
+    from tunelab.config.llm import LLMParams
+    from tunelab.data.tokenize import IGNORE
+    from tunelab.tasks.llm import prepare
+
+    color_images(tmp_path)
+    data = write_jsonl(tmp_path / "train.jsonl", color_rows(3))
+    params = LLMParams(
+        trainer="sft",
+        model=str(llava),
+        data_path=str(data),
+        project_name=str(tmp_path / "r"),
+        completion_only_loss=False,
+        block_size=128,
+    )
+    row = prepare(params).train_rows[0]
+    assert row.images and len(row.images) == 1
+    span = row.images[0]
+    assert row.labels[span.start : span.start + span.count] == [IGNORE] * span.count
+    assert row.labels[span.start + span.count :] == row.input_ids[span.start + span.count :]
+
+
+def test_dry_run_counts_the_vision_tower(capsys, tmp_path, llava):
+    color_images(tmp_path)
+    data = write_jsonl(tmp_path / "train.jsonl", color_rows(4))
+    out, _ = train(capsys, llava, data, tmp_path / "run", "--dry-run", "--block-size", "128")
+    assert "the vision tower and projector (frozen): " in out
+
+
+def test_evaluate_says_images_are_not_scored_yet(capsys, tmp_path, llava):
+    color_images(tmp_path)
+    data = write_jsonl(tmp_path / "train.jsonl", color_rows(4))
+    run = tmp_path / "run"
+    train(capsys, llava, data, run, "--peft", "--max-steps", "1", "--block-size", "128")
+    code = main(["evaluate", "--model", str(run), "--data-path", str(data)])
+    assert "shows images, which evaluate does not score yet" in error_line(capsys, code)
+
+
+def test_served_run_reads_images_sent_as_data_uris(capsys, tmp_path, llava):
+    """`tunelab serve` on a vision-language run: the official openai client sends a local image as an image_url
+    part holding a data: URI, as for OpenAI's own vision models; URLs are refused, not fetched."""
+    openai = pytest.importorskip("openai")
+    from tests.test_serve import running
+    from tunelab.inference.generate import load_processor_of, load_run
+    from tunelab.inference.openai_api import create_app
+
+    color_images(tmp_path)
+    data = write_jsonl(tmp_path / "train.jsonl", color_rows())
+    run = tmp_path / "run"
+    train(capsys, llava, data, run, *LEARN, *LEARN_LORA)
+    model, tokenizer = load_run(run)
+    app = create_app(model, tokenizer, "vlm", processor=load_processor_of(run))
+    with running(app) as port:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=30)
+        for name in COLORS:
+            uri = "data:image/png;base64," + base64.b64encode((tmp_path / f"{name}.png").read_bytes()).decode()
+            content = [
+                {"type": "image_url", "image_url": {"url": uri}},
+                {"type": "text", "text": "What color is this?"},
+            ]
+            answer = client.chat.completions.create(
+                model="vlm", messages=[{"role": "user", "content": content}], max_tokens=6, temperature=0
+            )
+            assert answer.choices[0].message.content.startswith(f"It is {name}"), answer
+        url = [{"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]
+        with pytest.raises(openai.BadRequestError, match="URLs and files are not fetched"):
+            client.chat.completions.create(model="vlm", messages=[{"role": "user", "content": url}], max_tokens=2)

@@ -30,16 +30,14 @@ QWEN2_VL_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
-# ChatML for content lists; an image part renders "<image>" (expanded by LlavaProcessor), text parts are
-# joined with a space-less concatenation; string contents pass through.
+# LLaVA's own template (llava-hf's) reads list contents only: images first, then the text parts; a plain string
+# content writes nothing, so tunelab must hand it every turn as parts (data/images.ImageCodec.needs_parts). In ChatML
+# here, so that a trained tiny model learns where its turns end.
 LLAVA_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' or 'image' in part or 'image_url' in part %}{{ '<image>\\n' }}"
-    "{% elif 'text' in part %}{{ part['text'] }}"
-    "{% endif %}{% endfor %}{% endif %}"
+    "{% for part in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}"
+    "{% for part in message['content'] | selectattr('type', 'equalto', 'text') %}{{ part['text'] }}{% endfor %}"
     "{{ '<|im_end|>\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"

@@ -233,6 +233,13 @@ def estimate_memory(
         weight_dtype = f"{params.mixed_precision}, trained fp32"
     else:
         weights, weight_dtype = n_params * 4, "fp32"
+    from tunelab.models.vision import tower_parameters
+
+    tower = tower_parameters(config)  # a vision-language model's vision tower and projector: frozen, as loaded
+    if tower:
+        tower_bytes = tower * (2 if (params.peft and half) or frozen_half else 4)
+        weights += tower_bytes
+        notes.append(f"the vision tower and projector (frozen): {_gib(tower_bytes)}")
     # A frozen copy under full training (or model_ref, loaded unquantized in the run's precision); under LoRA the
     # base with the adapter off, no copy.
     model_ref = getattr(params, "model_ref", None)

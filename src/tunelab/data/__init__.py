@@ -11,6 +11,7 @@ texts by data/classification.py, on the same readers and row checks (data/format
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +91,8 @@ def _load_source(
     for name, stream in streams.items():
         formatter = _formatter(stream.head, stream.origin, row_format, source, tokenizer, params)
         formatter.images, formatter.images_problem = images, images_problem
+        if processor is not None:  # a chat row's images column is its images (formats.with_row_images)
+            formatter.fmt = dataclasses.replace(formatter.fmt, images=True)
         formatter.folder = places[name].parent if isinstance(places[name], Path) else None
         writer = TableWriter(folder, params.block_size, prefix + name)
         size = places[name].stat().st_size if isinstance(places[name], Path) else 0
@@ -110,9 +113,12 @@ def _load_source(
     )
 
 
-def stream_data(params: LLMParams, tokenizer: Any, build_rows: Any) -> tuple[EncodedData, Any, Any]:
+def stream_data(
+    params: LLMParams, tokenizer: Any, build_rows: Any, processor: Any = None
+) -> tuple[EncodedData, Any, Any]:
     """`streaming: true` (data/streaming.py): the first block of each split prepared, to check and show, and the
-    rows of every split as iterables that prepare each block as training reads it."""
+    rows of every split as iterables that prepare each block as training reads it (rows that show images are bad
+    rows there: a vision-language model's `processor` only says why)."""
     from tunelab.data.streaming import StreamedRows, first_block
 
     places = locate_splits(params.data_path, params.train_split, params.valid_split)
@@ -121,6 +127,8 @@ def stream_data(params: LLMParams, tokenizer: Any, build_rows: Any) -> tuple[Enc
     firsts, rows = {}, {}
     for name, place in places.items():
         formatter = _formatter(heads[name].head, heads[name].origin, row_format, source, tokenizer, params)
+        if processor is not None:
+            formatter.images_problem = "streaming: true does not take images yet (leave streaming off)"
         firsts[name] = first_block(heads[name], formatter, params)
         rows[name] = StreamedRows(place, name, formatter, params, build_rows)
     shown = firsts["train"][0] if len(firsts["train"]) else None

@@ -89,7 +89,7 @@ def key_inputs(params: Any, tokenizer: Any, processor: Any = None) -> dict[str, 
     files = file_identities(params)
     if files is None:
         return None
-    images = {"image_processor": _sha(processor.image_processor.to_json_string())} if processor is not None else {}
+    images = {"processor": _sha(processor_settings(processor))} if processor is not None else {}
     return images | {
         "format_version": FORMAT_VERSION,
         "method": params.trainer,
@@ -102,6 +102,13 @@ def key_inputs(params: Any, tokenizer: Any, processor: Any = None) -> dict[str, 
         # which rows a mixture's fractions draw, and which examples valid_size holds out
         "seed": params.seed if is_mixture(params.data_path) or params.valid_size is not None else None,
     }
+
+
+def processor_settings(processor: Any) -> str:
+    """A vision-language model's processor settings (LLaVA's patch_size, SmolVLM's image_seq_len) and its image
+    processor's (Qwen2-VL's max_pixels): what the tokens of an image depend on."""
+    own = processor.to_json_string() if hasattr(processor, "to_json_string") else repr(processor)
+    return own + processor.image_processor.to_json_string()
 
 
 def template_files(params: Any) -> dict[str, str]:

@@ -60,8 +60,9 @@ MEDIA_PARTS = {
 class RowFormat:
     """The shape of the rows and the columns it reads."""
 
-    kind: str  # text | messages | prompt_completion | alpaca
+    kind: str  # text | messages | prompt_completion | alpaca | image_text
     columns: dict[str, str]
+    images: bool = False  # the model reads images: a chat row's `images` column is its images (with_row_images)
 
     def describe(self) -> str:
         cols = ", ".join(f"{role}={col!r}" for role, col in self.columns.items())
@@ -289,8 +290,8 @@ def convert_row(row: dict, fmt: RowFormat) -> dict[str, Any]:
             user["input"] = context
         return {"messages": [user, {"role": "assistant", "content": cell_text(row, cols["output"])}]}
     column = cols["messages"]
-    example: dict[str, Any] = {"messages": with_row_images(cell_messages(row, column, tool_calls=True, images=True),
-                                                           row, column)}  # fmt: skip
+    messages = cell_messages(row, column, tool_calls=True, images=True)
+    example: dict[str, Any] = {"messages": with_row_images(messages, row, column) if fmt.images else messages}
     tools = cell_tools(row, TOOLS_COLUMN)
     if tools:
         example["tools"] = tools
@@ -548,8 +549,8 @@ def _parts(parts: list, number: int, column: str, role: str = "user", images: bo
 
 def with_row_images(messages: list[dict[str, Any]], row: dict, column: str) -> list[dict[str, Any]]:
     """A conversation's images taken from the row's `images` column (IMAGE_COLUMNS) in order: by its bare
-    `{"type": "image"}` parts (TRL's form), or by `<image>` in its user turns' text (LLaMA-Factory's); the count must
-    match."""
+    `{"type": "image"}` parts (TRL's form), by `<image>` in its user turns' text (LLaMA-Factory's), or, with neither,
+    at the start of its first user turn (as TRL places them); the count must match."""
     given = next((row[name] for name in IMAGE_COLUMNS if row.get(name) is not None), None)
     if isinstance(given, str) and given.startswith("["):
         given = json_or_none(given)
@@ -557,6 +558,9 @@ def with_row_images(messages: list[dict[str, Any]], row: dict, column: str) -> l
     bare = _bare_images(messages)
     if listed and not bare:
         messages = [_tagged(m) for m in messages]
+        bare = _bare_images(messages)
+    if listed and not bare and not any(isinstance(m["content"], list) for m in messages):
+        messages = _leading_images(messages, len(listed))
         bare = _bare_images(messages)
     if bare != len(listed):
         images_column = next((name for name in IMAGE_COLUMNS if name in row), IMAGE_COLUMNS[0])
@@ -572,6 +576,20 @@ def with_row_images(messages: list[dict[str, Any]], row: dict, column: str) -> l
         if isinstance(m["content"], list)
         else m
         for m in messages
+    ]
+
+
+def _leading_images(messages: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
+    """`count` bare image parts before the first user turn's text."""
+    first = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
+    if first is None:
+        return messages
+    shown = [{"type": "image", "image": None} for _ in range(count)]
+    turn = messages[first]
+    return [
+        *messages[:first],
+        {**turn, "content": [*shown, {"type": "text", "text": turn["content"]}]},
+        *messages[first + 1 :],
     ]
 
 

@@ -7,11 +7,11 @@ A user turn's content may hold image parts in the forms the tools write them: tr
 a text turn takes it the same way. An image is a file (a path relative to the data file's folder, or absolute), a
 `data:image/...;base64,` URI, or bytes (a Parquet or hub dataset's image column).
 
-The chat template writes each image as its placeholder (`<|vision_start|><|image_pad|><|vision_end|>` for Qwen2-VL,
-`<image>` for LLaVA); the text is tokenized and masked as any chat is (data/tokenize.py), then each placeholder is
-replaced by what the processor makes of that very image (Qwen2-VL: one `<|image_pad|>` per 28x28 patch), so the
-example's token count is exact before training and the pixels are computed again from the image when a batch asks
-(`ImageCodec.batch_inputs`): the prepared data holds where each image is, never its pixels.
+The chat template writes each image as the model's image token; before the text is tokenized, each is replaced by
+the text the processor writes for that very image (Qwen2-VL: one `<|image_pad|>` per 28x28 patch), where the
+processor says it goes (ImageCodec.expand), so the tokens are the processor's own and the example's length is exact
+before training. The pixels are computed again from the images when a batch asks (ImageCodec.batch_inputs): the
+prepared data holds where each image is, never its pixels.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from tunelab.errors import ConfigError
 
@@ -92,19 +93,16 @@ def checked_ref(value: Any, folder: Path | None) -> str | bytes:
 
 
 def _opened(source: Path | bytes, what: str) -> None:
-    from PIL import Image, UnidentifiedImageError
-
+    """Decoded whole (verify() reads a PNG's checksums but not a JPEG's data: a cut-short JPEG passes it)."""
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-            image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ImageProblem(f"{what} is not an image PIL can read ({type(err).__name__})") from None
 
 
 def open_image(ref: str | bytes) -> Any:
     """The image as an RGB PIL image (what every processor takes)."""
-    from PIL import Image
-
     with Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref) as image:
         return image.convert("RGB")
 
@@ -126,81 +124,102 @@ _PROBE_TEXT = "\x00tunelab-probe\x00"  # a text no template adds
 
 
 class ImageCodec:
-    """How one model's processor turns images into tokens and pixels, found by trying it on a probe image.
+    """How one model's processor turns images into tokens and pixels, checked on a probe image.
 
-    `placeholder`: the token ids the chat template writes for an image (its text, found by rendering a turn with and
-    without an image part, stripped of the spaces around it). `expanded(image)`: what the processor writes for that
-    image in their place. `token_types`: per-token inputs the model needs beside the ids (Qwen2-VL's
-    mm_token_type_ids, Gemma 3's token_type_ids), 1 on the image's tokens."""
+    transformers' processors write each image by replacing their `image_token` in the text (Qwen2-VL's
+    `<|image_pad|>`, LLaVA's `<image>`) with a text of its own (a run of that token, Gemma 3's with the newlines around
+    it, SmolVLM's with its tiles' tokens), and say where (`return_text_replacement_offsets`): `expand` makes that very
+    text, so the tokenizer then sees what the processor's would, and the answers' spans move with it. `token_types`:
+    per-token inputs the model needs beside the ids (Qwen2-VL's mm_token_type_ids, Gemma 3's token_type_ids), 1 on the
+    image tokens `image_token_ids`. `needs_parts`: the template writes only list contents (LLaVA's and SmolVLM's own
+    skip a plain string), so every turn is given to it as text parts, as TRL gives them."""
 
     def __init__(self, processor: Any, template: str, tokenizer: Any) -> None:
         from tunelab.data.templates import render_template
 
         self.processor = processor
+        self.image_token = getattr(processor, "image_token", None)
+        name = type(processor).__name__
+        if not isinstance(self.image_token, str) or not self.image_token:
+            raise ConfigError(f"the model's processor ({name}) names no image token: its images are not supported yet")
         with_image = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": _PROBE_TEXT}]}]
-        without = [{"role": "user", "content": [{"type": "text", "text": _PROBE_TEXT}]}]
         try:
             marked = render_template(template, with_image, tokenizer)
-            plain = render_template(template, without, tokenizer)
-        except Exception as err:  # noqa: BLE001 - a template that cannot take an image part at all
+            plain = render_template(template, [{"role": "user", "content": _PROBE_TEXT}], tokenizer)
+        except Exception as err:  # noqa: BLE001 - jinja2's errors and the template's own raise_exception
             raise ConfigError(f"the chat template cannot write an image part ({err})") from None
-        start = len(_common_prefix(marked, plain))
-        end = len(marked) - len(_common_prefix(marked[start:][::-1], plain[start:][::-1]))
-        self.placeholder_text = marked[start:end].strip()
-        if not self.placeholder_text or _PROBE_TEXT in self.placeholder_text:
+        if self.image_token not in marked:
             raise ConfigError(
-                "the chat template writes nothing for an image part (a text model's template): use the model's own, "
+                f"the chat template writes nothing for an image part (no {self.image_token!r}): use the model's own, "
                 "chat_template: tokenizer"
             )
-        self.placeholder = tokenizer(self.placeholder_text, add_special_tokens=False)["input_ids"]
+        self.needs_parts = _PROBE_TEXT not in plain
+        self.images_kwargs = _images_kwargs(processor)
         probe = _probe_image()
-        out = self._processed(probe)
-        self.image_keys = [k for k in out if k not in ("input_ids", "attention_mask") and not _per_token(out[k], out)]
-        self.token_types = [k for k in out if k not in ("input_ids", "attention_mask") and _per_token(out[k], out)]
+        out = self._processed(self.image_token, [probe], "np")
+        if "text_replacement_offsets" not in out:
+            raise ConfigError(f"the model's processor ({name}) does not say where an image's tokens go: not supported")
+        shaped = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask", "text_replacement_offsets")}
+        self.image_keys = [k for k, v in shaped.items() if not _per_token(v, out)]
+        self.token_types = [k for k, v in shaped.items() if _per_token(v, out)]
         ids = out["input_ids"][0].tolist()
-        if ids == self.placeholder:
+        if ids == tokenizer(self.image_token, add_special_tokens=False)["input_ids"]:
             raise ConfigError(
-                f"the processor writes an image as its placeholder {self.placeholder_text!r} alone: a model whose "
-                "images reach it otherwise (cross-attention) is not supported yet"
+                f"the model's processor ({name}) writes an image as {self.image_token!r} alone: a model whose images "
+                "reach it otherwise (cross-attention) is not supported yet"
             )
         self.image_token_ids = sorted(
             {t for k in self.token_types for t, flag in zip(ids, out[k][0].tolist(), strict=True) if flag}
         )
+        again = self.pixels([[probe]], "np")
+        if any(not np.array_equal(np.asarray(again[k]), np.asarray(out[k])) for k in self.image_keys):
+            raise ConfigError(f"the model's processor ({name}) makes other pixels than its image processor alone")
 
-    def _processed(self, image: Any) -> dict[str, Any]:
+    def _processed(self, text: str, images: list[Any], tensors: str | None = None) -> dict[str, Any]:
         return self.processor(
-            text=[self.placeholder_text], images=[[image]], add_special_tokens=False, return_tensors="np"
+            text=[text],
+            images=[images],
+            add_special_tokens=False,
+            return_text_replacement_offsets=True,
+            return_tensors=tensors,
         )
 
-    def expanded(self, image: Any) -> list[int]:
-        return self._processed(image)["input_ids"][0].tolist()
-
     def expand(
-        self, ids: np.ndarray, trained: np.ndarray, refs: list[str | bytes]
-    ) -> tuple[np.ndarray, np.ndarray, list[ImageSpan]]:
-        """One example's ids and trained flags with each image's placeholder replaced by its tokens (never
-        trained); ImageProblem when the text holds another number of placeholders than the example has images."""
-        starts = _occurrences(ids, self.placeholder)
-        if len(starts) != len(refs):
+        self, text: str, spans: list[tuple[int, int]], refs: list[str | bytes]
+    ) -> tuple[str, list[tuple[int, int]], list[tuple[int, int]]]:
+        """One example's text with each image written as the processor writes it, its trained spans moved along,
+        and each image's characters; ImageProblem when its text holds another number of image places than it has
+        images, or an image the processor cannot take."""
+        count = text.count(self.image_token)
+        if count != len(refs):
             raise ImageProblem(
-                f"its text holds {len(starts)} image place(s) ({self.placeholder_text!r}) for {len(refs)} image(s): "
-                f"a turn's text writes {self.placeholder_text!r} itself"
+                f"its text holds {count} image place(s) ({self.image_token!r}) for {len(refs)} image(s): a turn's "
+                f"text writes {self.image_token!r} itself"
             )
-        pieces_ids, pieces_trained, spans = [], [], []
-        cursor, length = 0, 0
-        for start, ref in zip(starts, refs, strict=True):
-            pieces_ids.append(ids[cursor:start])
-            pieces_trained.append(trained[cursor:start])
-            length += start - cursor
-            tokens = self.expanded(open_image(ref))
-            spans.append(ImageSpan(ref, length, len(tokens)))
-            pieces_ids.append(np.asarray(tokens, dtype=ids.dtype))
-            pieces_trained.append(np.zeros(len(tokens), dtype=trained.dtype))
-            length += len(tokens)
-            cursor = start + len(self.placeholder)
-        pieces_ids.append(ids[cursor:])
-        pieces_trained.append(trained[cursor:])
-        return np.concatenate(pieces_ids), np.concatenate(pieces_trained), spans
+        if not refs:
+            return text, spans, []
+        try:
+            opened = [open_image(ref) for ref in refs]
+            replaced = sorted(self._processed(text, opened)["text_replacement_offsets"][0], key=lambda r: r["span"])
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            raise ImageProblem(f"the model's processor cannot take its images ({err})") from None
+        pieces, marks, cursor, shifts = [], [], 0, []
+        for item in replaced:
+            (start, end), replacement = item["span"], item["replacement"]
+            pieces.append(text[cursor:start])
+            at = sum(len(piece) for piece in pieces)
+            marks.append((at, at + len(replacement)))
+            pieces.append(replacement)
+            shifts.append((end, len(replacement) - (end - start)))
+            cursor = end
+        pieces.append(text[cursor:])
+        moved = [(s + _shift(shifts, s), e + _shift(shifts, s)) for s, e in spans]
+        return "".join(pieces), moved, marks
+
+    def pixels(self, images: list[list[Any]], tensors: str = "pt") -> dict[str, Any]:
+        """The image processor's outputs for images nested per row, with the processor's own settings for it."""
+        out = self.processor.image_processor(images=images, return_tensors=tensors, **self.images_kwargs)
+        return {key: out[key] for key in self.image_keys if key in out}
 
     def batch_inputs(self, images: list[list[str | bytes]], input_ids: Any) -> dict[str, Any]:
         """A batch's image inputs: the pixels of each row's images (nested per row, as processors take them), and the
@@ -209,44 +228,33 @@ class ImageCodec:
 
         out: dict[str, Any] = {}
         if any(images):
-            opened = [[open_image(ref) for ref in row] for row in images]
-            pixels = self.processor.image_processor(images=opened, return_tensors="pt")
-            out.update({key: pixels[key] for key in self.image_keys if key in pixels})
+            out.update(self.pixels([[open_image(ref) for ref in row] for row in images]))
         marks = torch.isin(input_ids, torch.tensor(self.image_token_ids, dtype=input_ids.dtype))
         for key in self.token_types:
             out[key] = marks.long()
         return out
 
 
+def _images_kwargs(processor: Any) -> dict[str, Any]:
+    """The image settings the processor passes its image processor (InternVL's crop_to_patches, say), which calling
+    the image processor alone would leave at its own defaults."""
+    try:
+        merged = processor._merge_kwargs(tokenizer_init_kwargs=getattr(processor.tokenizer, "init_kwargs", {}))
+        return {k: v for k, v in merged["images_kwargs"].items() if k != "return_tensors"}
+    except (AttributeError, KeyError, TypeError):  # an older processor: none of its own (checked on the probe)
+        return {}
+
+
+def _shift(shifts: list[tuple[int, int]], position: int) -> int:
+    """How far a character at `position` moves: the growth of every replacement that ends at or before it."""
+    return sum(growth for end, growth in shifts if end <= position)
+
+
 def _per_token(value: Any, out: dict[str, Any]) -> bool:
-    return getattr(value, "shape", None) == out["input_ids"].shape
-
-
-def _common_prefix(a: str, b: str) -> str:
-    size = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        size += 1
-    return a[:size]
-
-
-def _occurrences(ids: np.ndarray, pattern: list[int]) -> list[int]:
-    """Where `pattern` starts in `ids`, left to right, without overlaps."""
-    if not pattern or len(ids) < len(pattern):
-        return []
-    candidates = np.flatnonzero(ids[: len(ids) - len(pattern) + 1] == pattern[0]).tolist()
-    found, after = [], 0
-    for start in candidates:
-        if start >= after and ids[start : start + len(pattern)].tolist() == pattern:
-            found.append(start)
-            after = start + len(pattern)
-    return found
+    return getattr(value, "shape", None) == getattr(out["input_ids"], "shape", None)
 
 
 def _probe_image() -> Any:
-    from PIL import Image
-
     side = 224  # large enough that every processor writes it as several tokens
     gradient = np.linspace(0, 255, side * side * 3, dtype=np.float64).reshape(side, side, 3)
     return Image.fromarray(gradient.astype(np.uint8))

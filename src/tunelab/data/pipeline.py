@@ -18,11 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from jinja2 import TemplateError
 
 from tunelab.data.formats import MAX_LISTED, TOOLS_COLUMN, RowFormat, RowProblem, convert_row, describe_problem
-from tunelab.data.images import ImageCodec, ImageProblem, checked_ref
+from tunelab.data.images import ImageCodec, ImageProblem, ImageSpan, checked_ref
 from tunelab.data.sources import Split, SplitStream, block_rows
 from tunelab.data.store import TableWriter
 from tunelab.data.templates import Rendered, render_conversations, render_messages, render_text
@@ -67,7 +66,8 @@ class Formatter:
             else:
                 without = messages, None
             try:
-                self.writes[what] = text != render_messages(without[0], self.source, self.tokenizer, without[1]).text
+                shown = render_messages(without[0], self.source, self.tokenizer, without[1], self.parts)
+                self.writes[what] = text != shown.text
             except TemplateError:  # it refuses the conversation without them: it reads them
                 self.writes[what] = True
         return next((what for what, used in uses.items() if used and not self.writes[what]), None)
@@ -90,14 +90,14 @@ class Formatter:
         tools = [example.get("tools") for _, example in examples]
         column = self.fmt.columns.get("messages")
         try:
-            texts = render_conversations(conversations, self.source, self.tokenizer, tools)
+            texts = render_conversations(conversations, self.source, self.tokenizer, tools, self.parts)
             rendered = list(zip(examples, texts, strict=True))
         except TemplateError:  # some row the template refuses (raise_exception): find which, row by row
             rendered = []
             for index, example in examples:
                 try:
                     shown = _shown(example["messages"])
-                    text = render_messages(shown, self.source, self.tokenizer, example.get("tools"))
+                    text = render_messages(shown, self.source, self.tokenizer, example.get("tools"), self.parts)
                     rendered.append(((index, example), text))
                 except TemplateError as err:
                     bad += 1
@@ -119,6 +119,11 @@ class Formatter:
                 )
                 problems.append(describe_problem(split, index, reason))
         return kept, problems, bad
+
+    @property
+    def parts(self) -> bool:
+        """Contents go to the template as text parts (data/images.ImageCodec.needs_parts)."""
+        return self.images is not None and self.images.needs_parts
 
     def _images_checked(self, example: dict[str, Any]) -> dict[str, Any]:
         """A conversation's images found and opened (data/images.checked_ref), kept in order as its `images`; a row
@@ -211,45 +216,39 @@ def encode_block(block: Any, origin: str, name: str, formatter: Formatter) -> En
     """A block of a SplitStream parsed, checked, rendered and tokenized (file problems raise DataError)."""
     split = block_rows(block, origin, name)
     rendered, problems, bad = formatter.render(split)
-    arrays = encode_arrays(rendered, formatter.tokenizer, formatter.add_special_tokens)
     images = None
-    if formatter.images is not None and any(r.images for r in rendered):
-        arrays, images, failed = _with_images(arrays, rendered, formatter.images)
+    if formatter.images is not None:  # each image written as the processor writes it, before tokenizing
+        rendered, failed = _with_images(rendered, formatter.images)
         column = formatter.fmt.columns.get("messages") or formatter.fmt.columns.get("image")
         for index, reason in failed:
             bad += 1
             if len(problems) < MAX_LISTED:
                 problems.append(describe_problem(split, index, RowProblem(column, reason)))
+    marked: list[list[tuple[int, int]]] | None = [] if any(r.marks for r in rendered) else None
+    arrays = encode_arrays(rendered, formatter.tokenizer, formatter.add_special_tokens, marked)
+    if marked is not None:
+        images = [
+            [ImageSpan(ref, first, stop - first) for ref, (first, stop) in zip(r.images, tokens, strict=True)]
+            if r.images
+            else None
+            for r, tokens in zip(rendered, marked, strict=True)
+        ]
     return EncodedBlock(split, arrays, problems, bad, rendered[0].text if rendered else "", images)
 
 
-def _with_images(
-    arrays: tuple[Any, Any, Any], rendered: list[Rendered], codec: ImageCodec
-) -> tuple[tuple[Any, Any, Any], list[Any], list[tuple[int, str]]]:
-    """A block's arrays with each image's placeholder replaced by its tokens (ImageCodec.expand), each example's
-    images (None: none), and the rows whose text and images disagree, with why (left out)."""
-    ids, trained, lengths = arrays
-    bounds = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
-    out_ids, out_trained, out_lengths, images, failed = [], [], [], [], []
-    for number, text in enumerate(rendered):
-        one_ids, one_trained = ids[bounds[number] : bounds[number + 1]], trained[bounds[number] : bounds[number + 1]]
-        spans = None
-        if text.images:
-            try:
-                one_ids, one_trained, spans = codec.expand(one_ids, one_trained, text.images)
-            except ImageProblem as err:
-                failed.append((text.row, str(err)))
-                continue
-        out_ids.append(one_ids)
-        out_trained.append(one_trained)
-        out_lengths.append(len(one_ids))
-        images.append(spans)
-    joined = (
-        np.concatenate(out_ids) if out_ids else ids[:0],
-        np.concatenate(out_trained) if out_trained else trained[:0],
-        np.asarray(out_lengths, dtype=lengths.dtype),
-    )
-    return joined, images, failed
+def _with_images(rendered: list[Rendered], codec: ImageCodec) -> tuple[list[Rendered], list[tuple[int, str]]]:
+    """A block's texts with their images written in (ImageCodec.expand: the answers' spans moved along, each image's
+    characters kept as `marks`), and the rows whose text and images disagree, with why (left out): a row without
+    images must not hold the image token either."""
+    kept, failed = [], []
+    for text in rendered:
+        try:
+            expanded, spans, marks = codec.expand(text.text, text.spans, text.images or [])
+        except ImageProblem as err:
+            failed.append((text.row, str(err)))
+            continue
+        kept.append(Rendered(expanded, spans, text.images, text.row, marks or None) if marks else text)
+    return kept, failed
 
 
 def _encode_block(job: tuple[Any, str, str], formatter: Formatter | None = None) -> Any:

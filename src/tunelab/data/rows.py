@@ -32,8 +32,11 @@ class ExampleRows(Items):
 
     def item(self, index: int) -> Encoded:
         example = self.table.example(int(self.indices[index]), self.limit)
-        if self.whole:
-            example = Encoded(example.input_ids, [IGNORE, *example.input_ids[1:]])
+        if self.whole:  # every token but the first, and an image's (they are the image, not text to predict)
+            labels = [IGNORE, *example.input_ids[1:]]
+            for span in example.images or ():
+                labels[span.start : span.start + span.count] = [IGNORE] * span.count
+            example = Encoded(example.input_ids, labels, example.images)
         return example
 
     def lengths(self) -> np.ndarray:

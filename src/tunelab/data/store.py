@@ -149,6 +149,8 @@ class TableWriter:
         if images is not None or self.images:
             if not self.images:
                 self.images = [None] * self.counts["lengths"]
+            if images is not None and self.folder is not None:  # image bytes to their files now, not kept
+                images = [[_bytes_stored(span, self.folder) for span in row] if row else None for row in images]
             self.images += images if images is not None else [None] * len(lengths)
         starts = np.zeros(len(lengths), dtype=np.int64)
         np.cumsum(lengths[:-1], out=starts[1:])
@@ -195,6 +197,10 @@ def copy_examples(table: TokenTable, indices: np.ndarray, writer: TableWriter, c
         positions = np.repeat(starts - (ends - lengths), lengths) + np.arange(int(ends[-1]) if len(ends) else 0)
         images = [table.images[int(i)] for i in picked] if table.images is not None else None
         writer.add(ids[positions], trained[positions], lengths, images=images)
+
+
+def _bytes_stored(span: ImageSpan, folder: Path) -> ImageSpan:
+    return replace(span, ref=stored_ref(span.ref, folder)) if isinstance(span.ref, bytes) else span
 
 
 def _stored_span(folder: Path, span: ImageSpan) -> list[Any]:

@@ -45,6 +45,7 @@ class Rendered:
     spans: list[tuple[int, int]]
     images: list[Any] | None = None  # the images the text shows, in order (data/images.py)
     row: int = -1  # the row's index in its block, where a later step may still find it bad
+    marks: list[tuple[int, int]] | None = None  # each image's characters, once written in (data/images.py)
 
 
 @functools.cache
@@ -129,25 +130,34 @@ def render_template(
     )
 
 
-def render_messages(messages: list[dict], source: str, tokenizer: Any, tools: list[dict] | None = None) -> Rendered:
+def render_messages(
+    messages: list[dict], source: str, tokenizer: Any, tools: list[dict] | None = None, parts: bool = False
+) -> Rendered:
     """Render a conversation and find each assistant answer's span (its content and closing tokens).
 
     A template is rendered up to each assistant turn with the generation prompt, and up to its end without;
     the difference is the answer. Templates that rewrite earlier turns (rare) fall back to locating the answer's
     content in the full text.
     """
-    return render_conversations([messages], source, tokenizer, [tools])[0]
+    return render_conversations([messages], source, tokenizer, [tools], parts)[0]
 
 
 def render_conversations(
-    conversations: list[list[dict]], source: str, tokenizer: Any, tools: list[list[dict] | None] | None = None
+    conversations: list[list[dict]],
+    source: str,
+    tokenizer: Any,
+    tools: list[list[dict] | None] | None = None,
+    parts: bool = False,
 ) -> list[Rendered]:
     """`render_messages` for many conversations at once: each template call renders a whole batch (transformers
     renders a list of conversations in one call, so its per-call work is paid once), and the last answer's end is
     the text's own (no third render). The spans are those `render_messages` finds; a template that raises for any
     conversation raises here too (the caller then renders row by row to name it). `tools`: each conversation's tool
-    definitions (None: none), handed to the template as transformers' `tools`."""
+    definitions (None: none), handed to the template as transformers' `tools`. `parts`: every content handed as a list
+    of text parts (a vision-language template that writes no plain string: data/images.ImageCodec.needs_parts)."""
     conversations = with_reasoning(with_inputs(conversations, source), source)
+    if parts:
+        conversations = [as_parts(c) for c in conversations]
     tools = tools or [None] * len(conversations)
     texts = _render_batch(source, conversations, tokenizer, False, tools)
     wanted: list[tuple[int, int]] = []  # (conversation, message index) of every assistant answer after the first turn
@@ -172,6 +182,21 @@ def render_conversations(
     uptos = dict(zip(inner, ends, strict=True))
     prefixes = {key: (before, uptos.get(key, texts[key[0]])) for key, before in zip(wanted, befores, strict=True)}
     return [_spans(messages, texts[c], prefixes, c, tokenizer) for c, messages in enumerate(conversations)]
+
+
+def as_parts(messages: list[dict]) -> list[dict]:
+    """Every message's text content as one text part (what multimodal templates read, TRL's form)."""
+    return [
+        {**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m["content"], str) else m
+        for m in messages
+    ]
+
+
+def content_text(content: Any) -> str:
+    """A content's text: itself, or its text parts joined."""
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content if part.get("type") == "text")
 
 
 def with_inputs(conversations: list[list[dict]], source: str) -> list[list[dict]]:
@@ -368,10 +393,11 @@ def _spans(messages: list[dict], text: str, prefixes: dict, c: int, tokenizer: A
                     "tool call's place in the text cannot be found (train tool calls with a template that keeps "
                     "earlier turns as written, tunelab's chatml say)"
                 )
-            start = text.find(message["content"], cursor)
+            answer = content_text(message["content"])
+            start = text.find(answer, cursor)
             if start < 0:
                 continue
-            end = start + len(message["content"])
+            end = start + len(answer)
             eos = getattr(tokenizer, "eos_token", None)
             if eos and text.startswith(eos, end):
                 end += len(eos)

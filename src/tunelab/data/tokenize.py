@@ -37,11 +37,12 @@ class Encoded:
 
 
 def encode_arrays(
-    rendered: list[Rendered], tokenizer: Any, add_special_tokens: bool
+    rendered: list[Rendered], tokenizer: Any, add_special_tokens: bool, marked: list | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Tokenize rendered texts into flat arrays: token ids end to end (int32), whether each is trained (uint8), and
     each text's token count (int32). A token is trained when one of its characters lies in a trainable span (a
-    special token the tokenizer adds has none); the first token of every text never is."""
+    special token the tokenizer adds has none); the first token of every text never is. `marked`, when given, gets
+    each text's [first, stop) token range of each of its `marks` (an image's characters)."""
     if not rendered:
         return np.zeros(0, np.int32), np.zeros(0, np.uint8), np.zeros(0, np.int32)
     texts = [r.text for r in rendered]
@@ -51,12 +52,16 @@ def encode_arrays(
         id_lists = enc["input_ids"]
         pairs = zip(enc["offset_mapping"], rendered, strict=True)
         ranges = [_ranges_from_offsets(offsets, r.spans) for offsets, r in pairs]
+        if marked is not None:
+            pairs = zip(enc["offset_mapping"], rendered, strict=True)
+            marked += [_marked_from_offsets(offsets, r.marks or []) for offsets, r in pairs]
     else:
         # transformers sets the backend up for each call (no truncation or padding, its special-token splitting):
         # a call on one text does that, then the Rust tokenizer is used as it is, which skips building Python
         # lists of every token's offsets (most of the cost beyond tokenizing itself).
         tokenizer(texts[:1], add_special_tokens=add_special_tokens)
-        cuts, heads = _shared_cuts(rendered, backend) if not add_special_tokens else ([0] * len(texts), {})
+        whole = add_special_tokens or marked is not None  # (an image's range is found in the whole text)
+        cuts, heads = _shared_cuts(rendered, backend) if not whole else ([0] * len(texts), {})
         pieces = [t[c:] for t, c in zip(texts, cuts, strict=True)] if heads else texts
         encodings = backend.encode_batch(pieces, add_special_tokens=add_special_tokens)
         id_lists = [heads[c] + e.ids if c else e.ids for e, c in zip(encodings, cuts, strict=True)]
@@ -64,6 +69,11 @@ def encode_arrays(
             _shifted(_trained_ranges(e, len(e.ids), [(s - c, t - c) for s, t in r.spans]), len(heads.get(c, ())))
             for e, c, r in zip(encodings, cuts, rendered, strict=True)
         ]
+        if marked is not None:
+            marked += [
+                [(_trained_ranges(e, len(e.ids), [mark]) or [(0, 0)])[0] for mark in r.marks or []]
+                for e, r in zip(encodings, rendered, strict=True)
+            ]
     lengths = np.fromiter((len(ids) for ids in id_lists), dtype=np.int32, count=len(rendered))
     ids = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int32, count=int(lengths.sum()))
     starts = np.zeros(len(rendered), dtype=np.int64)
@@ -192,6 +202,15 @@ def _token_of_some_char(encoding: Any, chars: range) -> int | None:
 
 def _meets(chars: tuple[int, int] | None, start: int, end: int) -> bool:
     return chars is not None and chars[1] > chars[0] and chars[0] < end and chars[1] > start
+
+
+def _marked_from_offsets(offsets: list, marks: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Each mark's [first, stop) token range, from every token's offsets (a slow tokenizer's)."""
+    out = []
+    for start, end in marks:
+        meeting = [i for i, chars in enumerate(offsets) if _meets(tuple(chars), start, end)]
+        out.append((meeting[0], meeting[-1] + 1) if meeting else (0, 0))
+    return out
 
 
 def _ranges_from_offsets(offsets: list, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -26,6 +26,7 @@ from tunelab.config.llm import LLMParams
 from tunelab.data.templates import answer_as_written, template_text, with_inputs, with_reasoning
 from tunelab.errors import TunelabError
 from tunelab.inference.report import REPORT_DIR, publish_report
+from tunelab.models.vision import reads_images
 from tunelab.outputs import check_run_folder, read_run, training_params
 
 log = logging.getLogger("tunelab")
@@ -95,7 +96,17 @@ def evaluate_run(
         return results
     params = _data_params(folder, data_path, split)
     model, tokenizer = load_run(folder)
-    data = load_data(params, tokenizer)
+    processor = None
+    if reads_images(model.config):  # images are read (and refused below), not taken for a text model's bad rows
+        from tunelab.inference.generate import load_processor_of
+
+        processor = load_processor_of(folder)
+    data = load_data(params, tokenizer, processor=processor)
+    if data.train.images is not None:
+        raise TunelabError(
+            f"evaluate: {data.origins['train']} shows images, which evaluate does not score yet (a vision-language "
+            "run's loss on them: its training log's eval_loss, with valid_split or valid_size)"
+        )
     origin, picked = data.origins["train"], None
     if held:
         picked, origin = held.pick(len(data.train), origin)

@@ -26,7 +26,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from tunelab.data.templates import template_text, with_reasoning
+from tunelab.data.images import open_image
+from tunelab.data.templates import as_parts, template_text, with_reasoning
 from tunelab.inference.openai_requests import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
     RequestError,
@@ -120,6 +121,7 @@ class Served:
     api_key: str | None = None  # when set, every request must carry `Authorization: Bearer <api_key>`
     tool_form: ToolCallForm = HERMES  # how the model writes tool calls (tool_calls.py)
     thinking: Thinking | None = None  # how it writes its reasoning (reasoning.py); None: its answers are all content
+    processor: Any = None  # a vision-language model's: chat requests may show images (data: URIs)
     lock: threading.Lock = field(default_factory=threading.Lock)  # one generation at a time on the model
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -153,6 +155,7 @@ def create_app(
     api_key: str | None = None,
     tool_call_parser: str = "auto",
     reasoning_parser: str = "think",
+    processor: Any = None,
 ) -> FastAPI:
     """The FastAPI app serving `model` under the name `model_name`.
 
@@ -166,12 +169,16 @@ def create_app(
             template writes.
         reasoning_parser: How the model writes its reasoning (reasoning.PARSERS: `<think>...</think>` before the
             answer, returned apart), or "none": answers are returned as written.
+        processor: A vision-language model's processor (generate.load_processor_of): chat requests may then show
+            images, as OpenAI's `image_url` parts holding data: URIs.
     """
     if api_key is not None and not api_key.strip():
         raise ValueError("api_key is empty: pass None to serve without a key")
     app = FastAPI(title="tunelab")
     tool_form, thinking = form_for(tokenizer, tool_call_parser), thinking_for(reasoning_parser)
-    app.state.served = Served(model, tokenizer, model_name, api_key, tool_form=tool_form, thinking=thinking)
+    app.state.served = Served(
+        model, tokenizer, model_name, api_key, tool_form=tool_form, thinking=thinking, processor=processor
+    )
     app.include_router(router)
     app.add_exception_handler(RequestError, bad_request)
     app.add_exception_handler(HTTPException, http_error)
@@ -219,13 +226,22 @@ async def get_model(request: Request, name: str) -> dict:
 @router.post("/chat/completions")
 async def chat_completions(request: Request) -> Any:
     model, body = served(request), await read_body(request)
-    messages, sampling, asked = parse_messages(body), parse_sampling(body), parse_tools(body)
+    messages = parse_messages(body, images=model.processor is not None)
+    sampling, asked = parse_sampling(body), parse_tools(body)
+    shown = [
+        p["image"] for m in messages if isinstance(m["content"], list) for p in m["content"] if p["type"] == "image"
+    ]
+    if shown and parse_logprobs(body, chat=True) is not None:
+        raise RequestError("logprobs are not given for a chat that shows images yet", "logprobs")
     if body.get("echo") not in (None, False):
         raise RequestError("echo is for /v1/completions (a chat answer does not repeat its messages)", "echo")
     tools, tokenizer, options = asked.tools, model.tokenizer, parse_template_kwargs(body)
     if not getattr(tokenizer, "chat_template", None):
         raise RequestError(f"{model.name} has no chat template: use /v1/completions with a plain prompt")
     messages = with_reasoning([messages], template_text(tokenizer, bool(tools)))[0]  # earlier reasoning, as trained
+    if shown:  # every turn as parts, as training handed a multimodal chat to the template
+        messages = [{**m, "content": [{"type": "image"} if p["type"] == "image" else p for p in m["content"]]}
+                    for m in as_parts(messages)]  # fmt: skip
     try:
         render = {"tokenize": False, "add_generation_prompt": True, **options}
         text = tokenizer.apply_chat_template(messages, tools=tools, **render)
@@ -239,10 +255,22 @@ async def chat_completions(request: Request) -> Any:
         start = forced_start(tokenizer, messages, tools, text, asked.forced, options)
         if start is None:
             raise RequestError(f"{model.name}'s chat template writes no tool call to begin here", "tool_choice")
-    ids = encode_prompt(model.model, tokenizer, text + start, templated=True, sampling=sampling)
+    extra: dict[str, Any] = {}
+    if shown:  # the processor writes the images into the prompt's tokens, and makes their pixels
+        model.processor.tokenizer = tokenizer
+        inputs = model.processor(
+            text=[text + start],
+            images=[[open_image(ref) for ref in shown]],
+            add_special_tokens=False,
+            return_tensors="pt",
+        )
+        ids = encode_prompt(model.model, tokenizer, inputs["input_ids"][0].tolist(), templated=True, sampling=sampling)
+        extra = {k: v.to(model.model.device) for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    else:
+        ids = encode_prompt(model.model, tokenizer, text + start, templated=True, sampling=sampling)
     form, thinking = model.tool_form if tools else None, model.thinking
     markers = (form.markers if form else ()) + (thinking.markers if thinking else ())
-    generation = Generation(model.model, tokenizer, model.lock, ids, sampling, markers)
+    generation = Generation(model.model, tokenizer, model.lock, ids, sampling, markers, extra)
     lead = (thinking.opened_by(text) if thinking else "") + start
     answer = ChatAnswer(lead, thinking, form, asked.parallel)
     return await respond(request, body, generation, "chat", model, answer, Scoring(parse_logprobs(body, chat=True)))

@@ -99,6 +99,41 @@ def parse_sampling(body: dict, scoring_only: bool = False) -> Sampling:
     )
 
 
+def _content(content: Any, where: str, role: str, images: bool) -> str | list[dict[str, Any]]:
+    """A message's content: its text, or (a vision-language model's user turn) its text and image parts, each image
+    a `data:` URI as the openai client sends a local image (URLs and server files are not fetched), decoded."""
+    if not images or not isinstance(content, list) or all(_is_text(p) for p in content):
+        return _content_text(content, where)
+    from tunelab.data.images import ImageProblem, checked_ref, image_ref
+
+    parts: list[dict[str, Any]] = []
+    for number, part in enumerate(content):
+        if _is_text(part):
+            parts.append({"type": "text", "text": str(part.get("text", ""))})
+            continue
+        at = f"{where}[{number}]"
+        if not isinstance(part, dict) or part.get("type") not in ("image_url", "input_image", "image"):
+            raise RequestError(f"{at} must be a text or image_url part (audio and files are not supported)", at)
+        if role != "user":
+            raise RequestError(f"{at}: only user turns show images", at)
+        url = image_ref(part)
+        if not isinstance(url, str) or not url.startswith("data:"):
+            raise RequestError(
+                f"{at}: an image must be a data: URI (base64), as the openai client sends a local image; URLs and "
+                "files are not fetched",
+                at,
+            )
+        try:
+            parts.append({"type": "image", "image": checked_ref(url, None)})
+        except ImageProblem as err:
+            raise RequestError(f"{at}: {err}", at) from None
+    return parts
+
+
+def _is_text(part: Any) -> bool:
+    return isinstance(part, dict) and part.get("type") == "text"
+
+
 def _content_text(content: Any, where: str) -> str:
     """A message's text: a string, or a list of text parts (what the openai client sends for rich content)."""
     if content is None:
@@ -176,9 +211,10 @@ def _calls(message: dict, where: str) -> list[dict[str, Any]]:
     return out
 
 
-def parse_messages(body: dict) -> list[dict[str, Any]]:
+def parse_messages(body: dict, images: bool = False) -> list[dict[str, Any]]:
     """The chat as role/content dicts for the chat template (an assistant's tool calls and a tool's answer as
-    training had them); a missing or malformed chat raises RequestError."""
+    training had them; with `images`, a vision-language model's, user turns' image parts); a missing or malformed
+    chat raises RequestError."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages must be a non-empty list of {role, content} objects", "messages")
@@ -193,7 +229,8 @@ def parse_messages(body: dict) -> list[dict[str, Any]]:
             raise RequestError(
                 f"{where}.role must be one of {', '.join(sorted(ROLES))}, got {message.get('role')!r}", f"{where}.role"
             )
-        turn: dict[str, Any] = {"role": role, "content": _content_text(message.get("content"), f"{where}.content")}
+        content = _content(message.get("content"), f"{where}.content", role, images)
+        turn: dict[str, Any] = {"role": role, "content": content}
         if role == "assistant" and message.get("tool_calls"):
             turn["tool_calls"] = _calls(message, where)
         reasoning = next((message[key] for key in REASONING_KEYS if message.get(key)), None)

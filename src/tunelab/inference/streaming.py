@@ -31,9 +31,12 @@ class Generation:
         input_ids: Any,
         sampling: Sampling,
         keep: tuple[str, ...] = (),
+        extra: dict[str, Any] | None = None,
     ) -> None:
         """keep: special tokens whose text the answer keeps (a tool-call form's markers, which some tokenizers mark
-        special: decoded as usual, a call would vanish from the answer)."""
+        special: decoded as usual, a call would vanish from the answer). extra: more inputs for generate (the
+        pixels of the images a chat shows)."""
+        self.extra = extra or {}
         self.model, self.tokenizer, self.lock, self.sampling = model, tokenizer, lock, sampling
         self.keep = keep
         self._decoder = keeping(tokenizer, keep)  # what the answer is decoded with
@@ -124,6 +127,7 @@ class Generation:
                         streamer=streamer,
                         stopping_criteria=StoppingCriteriaList([StopWhenAsked()]),
                         **sampling,
+                        **self.extra,
                     )
         except BaseException as err:
             # Handed to the reader, which re-raises it; ending the stream keeps the reader from waiting forever.
@@ -217,7 +221,7 @@ def encode_prompt(model: Any, tokenizer: Any, text: str | list[int], templated: 
         ids = torch.tensor([text], device=model.device)
     else:  # a chat template writes its own BOS where the model wants one (as in generate.format_prompt)
         ids = tokenizer(text, return_tensors="pt", add_special_tokens=not templated)["input_ids"].to(model.device)
-    context = getattr(model.config, "max_position_embeddings", None)
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     prompt_tokens = int(ids.shape[1])
     if prompt_tokens == 0:
         raise RequestError("the prompt is empty: there is nothing to continue", "prompt")

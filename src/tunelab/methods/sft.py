@@ -27,6 +27,13 @@ def build_rows(examples: Any, params: LLMParams) -> tuple[Any, RowStats]:
     trained = kept_lengths - 1 if whole else table.trained_heads
     keep = np.flatnonzero(trained > 0)
     stats = RowStats(examples=len(table), truncated=int((table.lengths > size).sum()), dropped=len(table) - len(keep))
+    if table.images is not None:  # a cut falls before an image it would split: that image is not trained on
+        cut = sum(1 for spans in table.images if spans and spans[-1].start + spans[-1].count > size)
+        if cut:
+            stats.notes.append(
+                f"{cut} examples lose an image to the cut at block_size={size} (with what follows it): raise "
+                "block_size, or have the model's image processor write fewer tokens per image (Qwen2-VL: max_pixels)"
+            )
     rows: Any = ExampleRows(table, keep, size, whole)
     if params.packing:
         packed = PackedRows(rows, *best_fit_rows(rows.lengths(), size))

@@ -143,7 +143,7 @@ def fit_tokenizer(tokenizer: Any, config: Any, source: ModelSource) -> None:
     """The tokenizer's special tokens must be rows of the model's embeddings. A tokenizer class can add a pad token
     of its own beyond them (transformers' Qwen2 tokenizer adds <|endoftext|> when the vocabulary has none), which
     padded batches (pairs, classification) would look up out of range: pad with EOS instead."""
-    vocab = getattr(config, "vocab_size", None)
+    vocab = getattr(config.get_text_config(), "vocab_size", None)  # (a vision-language model's: its text config's)
     if not isinstance(vocab, int):
         return
     if tokenizer.pad_token_id is not None and tokenizer.pad_token_id >= vocab and tokenizer.eos_token_id is not None:
@@ -161,7 +161,7 @@ def fit_tokenizer(tokenizer: Any, config: Any, source: ModelSource) -> None:
 def check_token_ids(highest: int, config: Any, source: ModelSource) -> None:
     """The largest token id of the tokenized data is a row of the model's embeddings (else an IndexError
     mid-training)."""
-    vocab = getattr(config, "vocab_size", None)
+    vocab = getattr(config.get_text_config(), "vocab_size", None)
     if isinstance(vocab, int) and highest >= vocab:
         raise TunelabError(
             f"model {source.name}: the tokenized data holds token id {highest}, beyond the model's vocabulary "
@@ -261,12 +261,13 @@ def check_length(source: ModelSource, config: Any, params: RunParams) -> None:
     """Rows longer than the model's positions. A RoPE model computes its positions, so longer rows run, if untested
     by its training: a warning. Other models (GPT-2, BERT, OPT) learned one embedding per position and fail at the
     first longer row: an error."""
-    positions = getattr(config, "max_position_embeddings", None)
+    text = config.get_text_config()  # (a vision-language model's positions are its language model's)
+    positions = getattr(text, "max_position_embeddings", None)
     name = "block_size" if hasattr(params, "block_size") else "max_seq_length"
     length = getattr(params, name)
     if not isinstance(positions, int) or length <= positions:
         return
-    if getattr(config, "rope_parameters", None):
+    if getattr(text, "rope_parameters", None) or getattr(config, "rope_parameters", None):
         log.warning(
             "%s (%d) is longer than the %d positions of %s (max_position_embeddings): its rotary positions reach that "
             "far, but it was never trained on them; expect weaker results on rows past %d tokens%s",

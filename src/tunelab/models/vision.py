@@ -50,8 +50,11 @@ def load_processor(source: Any) -> Any:
         )
     try:
         return AutoProcessor.from_pretrained(source.path)
-    except (OSError, ValueError, ImportError) as err:
-        raise TunelabError(f"model {source.name}: its image processor cannot be loaded ({err})") from None
+    except Exception as err:  # noqa: BLE001 - whatever the processor's own code raises, said in one line
+        from transformers.utils import is_torchvision_available
+
+        hint = "" if is_torchvision_available() else "; Qwen2-VL's and SmolVLM's processors need torchvision"
+        raise TunelabError(f"model {source.name}: its processor cannot be loaded ({err}){hint}") from None
 
 
 def language_root(model: Any) -> str | None:
@@ -92,3 +95,28 @@ def freeze_vision(model: Any) -> int:
             frozen += parameter.numel()
     log.info("vision-language model: the vision tower and projector stay frozen (%s parameters)", f"{frozen:,}")
     return frozen
+
+
+_TOWER_SIZES: dict[str, int] = {}
+
+
+def tower_parameters(config: Any) -> int:
+    """The parameters of a vision-language model beside its language model (vision tower, projector), which the
+    memory estimate's language-model shapes leave out; 0 for a text model. Counted on a skeleton on the meta device,
+    once per config."""
+    import torch
+
+    if not reads_images(config):
+        return 0
+    key = config.to_json_string()
+    if key not in _TOWER_SIZES:
+        with torch.device("meta"):
+            model = language_model_class(config).from_config(config)
+        root = language_root(model)
+        head = {id(p) for p in model.get_output_embeddings().parameters()}
+        _TOWER_SIZES[key] = sum(
+            p.numel()
+            for name, p in model.named_parameters()
+            if root and not (name == root or name.startswith(root + ".")) and id(p) not in head
+        )
+    return _TOWER_SIZES[key]

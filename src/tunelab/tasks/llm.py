@@ -102,7 +102,7 @@ def prepare(params: LLMParams) -> Prepared:
         load_rewards(params, completion_length(params))
     if params.streaming:
         entry = None
-        data, train_rows, valid_rows, stats = _stream(params, method, tokenizer)
+        data, train_rows, valid_rows, stats = _stream(params, method, tokenizer, processor)
     else:
         with data_cache.entry_for(params, tokenizer, processor) as entry:
             if not entry.hit:
@@ -111,10 +111,13 @@ def prepare(params: LLMParams) -> Prepared:
         data, train_rows, valid_rows = bundle["data"], bundle["train_rows"], bundle["valid_rows"]
         stats = bundle["stats"]
     check_token_ids(_highest_token_id(data, method.data), config, source)
-    if getattr(data.train, "images", None) is not None and params.trainer != "sft":
-        raise ConfigError(
-            f"trainer {params.trainer}: the data shows images, which the sft trainer trains on (use --trainer sft)"
-        )
+    if getattr(data.train, "images", None) is not None:
+        if params.trainer != "sft":
+            raise ConfigError(
+                f"trainer {params.trainer}: the data shows images, which the sft trainer trains on (use --trainer sft)"
+            )
+        if params.packing:
+            raise ConfigError("packing: the data shows images, and rows with images are not packed yet: leave it off")
     if params.tools:  # how the template writes a call and a tool turn, tried now: not after the model loads
         from tunelab.tools import check_template
 
@@ -137,12 +140,6 @@ def _processor(source: ModelSource, config: Any, params: LLMParams, method: Meth
     processor = load_processor(source)
     if not getattr(tokenizer, "chat_template", None) and getattr(processor, "chat_template", None):
         tokenizer.chat_template = processor.chat_template  # kept beside the processor (chat_template.json) only
-    refused = [name for name in ("packing", "streaming") if getattr(params, name)]
-    if refused:
-        raise ConfigError(
-            f"{refused[0]}: model {source.name} is a vision-language model, whose rows are not {refused[0]} yet: "
-            f"leave {refused[0]} off"
-        )
     return processor
 
 
@@ -154,13 +151,15 @@ def _with_checkpointing(prep: Prepared) -> Prepared:
     return dataclasses.replace(prep, params=chosen, checkpointing=why)
 
 
-def _stream(params: LLMParams, method: Method, tokenizer: Any) -> tuple[Any, Any, Any, RowStats]:
+def _stream(
+    params: LLMParams, method: Method, tokenizer: Any, processor: Any = None
+) -> tuple[Any, Any, Any, RowStats]:
     """streaming: true (data/streaming.py): the first block prepared now (checks, the dry run's figures), the rest
     as training reads it."""
     if method.data != "examples" or is_mixture(params.data_path):
         what = "a mixture of sources" if is_mixture(params.data_path) else f"trainer {params.trainer}"
         raise ConfigError(f"streaming: true is for one source and trainers default and sft, not {what}")
-    data, train_rows, valid_rows = stream_data(params, tokenizer, method.build_rows)
+    data, train_rows, valid_rows = stream_data(params, tokenizer, method.build_rows, processor)
     stats = method.build_rows(data.train, params)[1]
     if not stats.rows:
         raise DataError(

@@ -582,7 +582,8 @@ def build_trainer(
     else:  # rows of examples: the next-token loss, or a method's own loss over the same rows (distill)
         # Flash-attention kernels take one flat sequence with per-example positions (no padding at all); SDPA and
         # eager attention get one row per packed row, so attention stays quadratic in the row, not the batch.
-        flat = str(getattr(model.config, "_attn_implementation", "")).startswith("flash_attention")
+        # (Not with images: Qwen2-VL's 3-D rotary positions are computed from the rows as they are, never given.)
+        flat = str(getattr(model.config, "_attn_implementation", "")).startswith("flash_attention") and not images
         trainer = (trainer_class or TunelabTrainer)(
             fast_loss=params.fast_loss,
             params=params,
