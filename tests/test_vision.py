@@ -433,6 +433,7 @@ def test_dry_run_counts_the_vision_tower(capsys, tmp_path, llava):
     data = write_jsonl(tmp_path / "train.jsonl", color_rows(4))
     out, _ = train(capsys, llava, data, tmp_path / "run", "--dry-run", "--block-size", "128")
     assert "the vision tower and projector (frozen): " in out
+    assert "<image> x4" in out  # an image's tokens shown once, with their count
 
 
 def test_evaluate_says_images_are_not_scored_yet(capsys, tmp_path, llava):
@@ -473,3 +474,55 @@ def test_served_run_reads_images_sent_as_data_uris(capsys, tmp_path, llava):
         url = [{"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]
         with pytest.raises(openai.BadRequestError, match="URLs and files are not fetched"):
             client.chat.completions.create(model="vlm", messages=[{"role": "user", "content": url}], max_tokens=2)
+
+
+def test_a_template_that_skips_plain_strings_is_taught_them(capsys, tmp_path, llava):
+    """LLaVA's own template writes nothing for a plain string content: the run's template takes one as a text part,
+    so a text-only prompt (generate, chat, serve) reaches the model, and the turn end is found."""
+    from tunelab.inference.generate import format_prompt, load_run
+    from tunelab.models.turns import turn_end_marker
+
+    color_images(tmp_path)
+    data = write_jsonl(tmp_path / "train.jsonl", color_rows(4))
+    run = tmp_path / "run"
+    train(capsys, llava, data, run, "--peft", "--max-steps", "1", "--block-size", "128")
+    _, tokenizer = load_run(run)
+    assert "Describe a cat." in format_prompt("Describe a cat.", tokenizer)
+    assert turn_end_marker(tokenizer) == "<|im_end|>"
+
+
+def test_images_in_the_valid_split_alone(capsys, tmp_path, llava):
+    color_images(tmp_path)
+    text_only = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}] * 4
+    write_jsonl(tmp_path / "train.jsonl", text_only)
+    write_jsonl(tmp_path / "valid.jsonl", color_rows(3))
+    run = tmp_path / "run"
+    train(capsys, llava, tmp_path / "train.jsonl", run, "--peft", "--valid-split", "valid", "--block-size", "128")
+    assert "eval_loss" in json.loads((run / "metrics.json").read_text())
+
+
+def test_vlm_command_with_an_autotrain_config(capsys, tmp_path, llava):
+    """`tunelab vlm --config` with AutoTrain's own vlm config: its column_mapping stands, not the defaults."""
+    import csv
+
+    import yaml
+
+    color_images(tmp_path)
+    with open(tmp_path / "vqa.csv", "w", newline="", encoding="utf-8") as f:
+        rows = [[f"{name}.png", "What color is this?", f"It is {name}."] for name in COLORS]
+        csv.writer(f).writerows([["picture", "question", "answer"], *rows])
+    config = {
+        "task": "vlm:vqa",
+        "base_model": str(llava),
+        "project_name": str(tmp_path / "run"),
+        "data": {
+            "path": str(tmp_path / "vqa.csv"),
+            "column_mapping": {"image_column": "picture", "prompt_text_column": "question", "text_column": "answer"},
+        },
+        "params": {"block_size": 128, "trainer": "vqa"},
+    }
+    (tmp_path / "vqa.yml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    code = main(["vlm", "--config", str(tmp_path / "vqa.yml"), "--dry-run"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "3 examples" in out and "It is red." in out

@@ -353,11 +353,18 @@ def run_llm(args: argparse.Namespace, schema: type = LLMParams) -> int:
 
 def run_vlm(args: argparse.Namespace) -> int:
     """`tunelab vlm --trainer vqa|captioning`: `tunelab llm --trainer sft` with AutoTrain's vlm columns."""
+    from tunelab.config import read_config_file, split_task
+    from tunelab.config.aliases import VLM_TRAINERS
     from tunelab.config.autotrain import vlm_params
 
-    given = param_flags(args)
-    for key, value in vlm_params(given.get("trainer"), "vqa", given).items():
-        setattr(args, key, value)
+    flags = param_flags(args)
+    base = split_task(read_config_file(args.config))[1] if args.config else {}
+    typed = flags.get("trainer")
+    if typed is not None or not base.get("image_column"):  # (an AutoTrain vlm config has decided its columns)
+        # the columns the config or the flags leave unset take the vlm trainer's defaults
+        kind = typed or (base.get("trainer") if base.get("trainer") in VLM_TRAINERS else None)
+        for key, value in vlm_params(kind, "vqa", {**base, **flags}).items():
+            setattr(args, key, value)
     args.command = "llm"  # the parameters are an LLM run's; a config for `tunelab llm` goes too
     return run_llm(args)
 

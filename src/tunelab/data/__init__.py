@@ -27,7 +27,7 @@ from tunelab.data.mixture import draw, is_mixture, parse_sources
 from tunelab.data.pipeline import Formatter, encode_split, worker_count
 from tunelab.data.sources import Split, locate_splits, stream_split
 from tunelab.data.store import TableWriter, TokenTable, copy_examples
-from tunelab.data.templates import template_source
+from tunelab.data.templates import template_source, with_string_parts, writes_strings
 from tunelab.errors import ConfigError, DataError
 
 __all__ = ["EncodedData", "image_codec", "load_data", "pick_template"]
@@ -83,7 +83,7 @@ def _load_source(
 ) -> EncodedData:
     places = locate_splits(params.data_path, params.train_split, params.valid_split)
     streams = {name: stream_split(place, name) for name, place in places.items()}
-    row_format, template, source = _decide_format(streams["train"].head, params, tokenizer)
+    row_format, template, source = _decide_format(streams["train"].head, params, tokenizer, processor)
     images, images_problem = image_codec(processor, source, tokenizer)
     tables: dict[str, TokenTable] = {}
     skipped: dict[str, int] = {}
@@ -123,12 +123,13 @@ def stream_data(
 
     places = locate_splits(params.data_path, params.train_split, params.valid_split)
     heads = {name: stream_split(place, name) for name, place in places.items()}
-    row_format, template, source = _decide_format(heads["train"].head, params, tokenizer)
+    row_format, template, source = _decide_format(heads["train"].head, params, tokenizer, processor)
     firsts, rows = {}, {}
     for name, place in places.items():
         formatter = _formatter(heads[name].head, heads[name].origin, row_format, source, tokenizer, params)
-        if processor is not None:
+        if processor is not None:  # rows that show images are read as such, and refused (bad rows)
             formatter.images_problem = "streaming: true does not take images yet (leave streaming off)"
+            formatter.fmt = dataclasses.replace(formatter.fmt, images=True)
         firsts[name] = first_block(heads[name], formatter, params)
         rows[name] = StreamedRows(place, name, formatter, params, build_rows)
     shown = firsts["train"][0] if len(firsts["train"]) else None
@@ -161,11 +162,16 @@ def _conversation_columns(row_format: RowFormat) -> list[str]:
     return [row_format.columns["messages"]] if row_format.kind == "messages" else []
 
 
-def _decide_format(head: Split, params: LLMParams, tokenizer: Any) -> tuple[RowFormat, str | None, str | None]:
-    """The train split's row shape, the template it is rendered with (its name and Jinja source)."""
+def _decide_format(
+    head: Split, params: LLMParams, tokenizer: Any, processor: Any = None
+) -> tuple[RowFormat, str | None, str | None]:
+    """The train split's row shape, the template it is rendered with (its name and Jinja source: a vision-language
+    model's that writes nothing for a plain string content taught to, templates.with_string_parts)."""
     row_format = detect_format(head, params.text_column, params.prompt_text_column, params.image_column)
     template = pick_template(params.chat_template, row_format, tokenizer)
     source = template_source(template, tokenizer, params.chat_template_kwargs) if template else None
+    if source is not None and processor is not None and not writes_strings(source, tokenizer):
+        source = with_string_parts(source)
     return row_format, template, source
 
 

@@ -405,6 +405,9 @@ def _message(item: Any, number: int, column: str, tool_calls: bool = False, imag
     if isinstance(content, list):
         content = _parts(content, number, column, role, images)
     if isinstance(content, list):  # text and images
+        for part in content:
+            if part["type"] == "text":
+                check_unicode(part["text"], column, f"message {number} content")
         message: dict[str, Any] = {"role": role, "content": content}
         return message
     if not isinstance(content, str):

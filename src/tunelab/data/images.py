@@ -131,8 +131,8 @@ class ImageCodec:
     it, SmolVLM's with its tiles' tokens), and say where (`return_text_replacement_offsets`): `expand` makes that very
     text, so the tokenizer then sees what the processor's would, and the answers' spans move with it. `token_types`:
     per-token inputs the model needs beside the ids (Qwen2-VL's mm_token_type_ids, Gemma 3's token_type_ids), 1 on the
-    image tokens `image_token_ids`. `needs_parts`: the template writes only list contents (LLaVA's and SmolVLM's own
-    skip a plain string), so every turn is given to it as text parts, as TRL gives them."""
+    image tokens `image_token_ids`. (A template that writes nothing for a plain string, LLaVA's and SmolVLM's own, is
+    taught to first: data/templates.with_string_parts.)"""
 
     def __init__(self, processor: Any, template: str, tokenizer: Any) -> None:
         from tunelab.data.templates import render_template
@@ -145,7 +145,6 @@ class ImageCodec:
         with_image = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": _PROBE_TEXT}]}]
         try:
             marked = render_template(template, with_image, tokenizer)
-            plain = render_template(template, [{"role": "user", "content": _PROBE_TEXT}], tokenizer)
         except Exception as err:  # noqa: BLE001 - jinja2's errors and the template's own raise_exception
             raise ConfigError(f"the chat template cannot write an image part ({err})") from None
         if self.image_token not in marked:
@@ -153,15 +152,15 @@ class ImageCodec:
                 f"the chat template writes nothing for an image part (no {self.image_token!r}): use the model's own, "
                 "chat_template: tokenizer"
             )
-        self.needs_parts = _PROBE_TEXT not in plain
         self.images_kwargs = _images_kwargs(processor)
         probe = _probe_image()
         out = self._processed(self.image_token, [probe], "np")
         if "text_replacement_offsets" not in out:
             raise ConfigError(f"the model's processor ({name}) does not say where an image's tokens go: not supported")
-        shaped = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask", "text_replacement_offsets")}
+        left = ("input_ids", "attention_mask", "labels", "text_replacement_offsets")
+        shaped = {k: v for k, v in out.items() if k not in left}
         self.image_keys = [k for k, v in shaped.items() if not _per_token(v, out)]
-        self.token_types = [k for k, v in shaped.items() if _per_token(v, out)]
+        self.token_types = [k for k, v in shaped.items() if _per_token(v, out) and np.isin(v, (0, 1)).all()]
         ids = out["input_ids"][0].tolist()
         if ids == tokenizer(self.image_token, add_special_tokens=False)["input_ids"]:
             raise ConfigError(
@@ -171,6 +170,16 @@ class ImageCodec:
         self.image_token_ids = sorted(
             {t for k in self.token_types for t, flag in zip(ids, out[k][0].tolist(), strict=True) if flag}
         )
+        if self.token_types and not self.image_token_ids:
+            raise ConfigError(f"the model's processor ({name}) marks no image token in {self.token_types[0]}")
+        # The splice (expand) must give the processor's own tokens: PaliGemma's, say, also adds text of its own.
+        probe_text = f"A {self.image_token} B"
+        spliced = self._spliced(probe_text, [], [probe])[0]
+        direct = self.processor(text=[probe_text], images=[[probe]], add_special_tokens=False)["input_ids"][0]
+        if tokenizer(spliced, add_special_tokens=False)["input_ids"] != list(direct):
+            raise ConfigError(
+                f"the model's processor ({name}) writes more than its images into a text: not supported yet"
+            )
         again = self.pixels([[probe]], "np")
         if any(not np.array_equal(np.asarray(again[k]), np.asarray(out[k])) for k in self.image_keys):
             raise ConfigError(f"the model's processor ({name}) makes other pixels than its image processor alone")
@@ -199,10 +208,14 @@ class ImageCodec:
         if not refs:
             return text, spans, []
         try:
-            opened = [open_image(ref) for ref in refs]
-            replaced = sorted(self._processed(text, opened)["text_replacement_offsets"][0], key=lambda r: r["span"])
+            return self._spliced(text, spans, [open_image(ref) for ref in refs])
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise ImageProblem(f"the model's processor cannot take its images ({err})") from None
+
+    def _spliced(
+        self, text: str, spans: list[tuple[int, int]], images: list[Any]
+    ) -> tuple[str, list[tuple[int, int]], list[tuple[int, int]]]:
+        replaced = sorted(self._processed(text, images)["text_replacement_offsets"][0], key=lambda r: r["span"])
         pieces, marks, cursor, shifts = [], [], 0, []
         for item in replaced:
             (start, end), replacement = item["span"], item["replacement"]
@@ -213,7 +226,7 @@ class ImageCodec:
             shifts.append((end, len(replacement) - (end - start)))
             cursor = end
         pieces.append(text[cursor:])
-        moved = [(s + _shift(shifts, s), e + _shift(shifts, s)) for s, e in spans]
+        moved = [(s + _shift(shifts, s), e + _shift(shifts, e)) for s, e in spans]
         return "".join(pieces), moved, marks
 
     def pixels(self, images: list[list[Any]], tensors: str = "pt") -> dict[str, Any]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import collections
 import multiprocessing
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +66,7 @@ class Formatter:
             else:
                 without = messages, None
             try:
-                shown = render_messages(without[0], self.source, self.tokenizer, without[1], self.parts)
-                self.writes[what] = text != shown.text
+                self.writes[what] = text != render_messages(without[0], self.source, self.tokenizer, without[1]).text
             except TemplateError:  # it refuses the conversation without them: it reads them
                 self.writes[what] = True
         return next((what for what, used in uses.items() if used and not self.writes[what]), None)
@@ -83,21 +82,22 @@ class Formatter:
                 if len(problems) < MAX_LISTED:
                     problems.append(describe_problem(split, index, problem))
         if not examples or "text" in examples[0][1]:
-            return [render_text(example["text"], self.eos) for _, example in examples], problems, bad
+            texts = [replace(render_text(example["text"], self.eos), row=index) for index, example in examples]
+            return texts, problems, bad
         if self.source is None:  # a messages row with no template cannot happen: pick_template always chooses one
             raise ConfigError("internal: messages without a template")
         conversations = [_shown(example["messages"]) for _, example in examples]
         tools = [example.get("tools") for _, example in examples]
         column = self.fmt.columns.get("messages")
         try:
-            texts = render_conversations(conversations, self.source, self.tokenizer, tools, self.parts)
+            texts = render_conversations(conversations, self.source, self.tokenizer, tools)
             rendered = list(zip(examples, texts, strict=True))
         except TemplateError:  # some row the template refuses (raise_exception): find which, row by row
             rendered = []
             for index, example in examples:
                 try:
                     shown = _shown(example["messages"])
-                    text = render_messages(shown, self.source, self.tokenizer, example.get("tools"), self.parts)
+                    text = render_messages(shown, self.source, self.tokenizer, example.get("tools"))
                     rendered.append(((index, example), text))
                 except TemplateError as err:
                     bad += 1
@@ -119,11 +119,6 @@ class Formatter:
                 )
                 problems.append(describe_problem(split, index, reason))
         return kept, problems, bad
-
-    @property
-    def parts(self) -> bool:
-        """Contents go to the template as text parts (data/images.ImageCodec.needs_parts)."""
-        return self.images is not None and self.images.needs_parts
 
     def _images_checked(self, example: dict[str, Any]) -> dict[str, Any]:
         """A conversation's images found and opened (data/images.checked_ref), kept in order as its `images`; a row
@@ -216,10 +211,12 @@ def encode_block(block: Any, origin: str, name: str, formatter: Formatter) -> En
     """A block of a SplitStream parsed, checked, rendered and tokenized (file problems raise DataError)."""
     split = block_rows(block, origin, name)
     rendered, problems, bad = formatter.render(split)
+    first_text = rendered[0].text if rendered else ""  # (as the template wrote it: an image as its one token)
     images = None
     if formatter.images is not None:  # each image written as the processor writes it, before tokenizing
         rendered, failed = _with_images(rendered, formatter.images)
-        column = formatter.fmt.columns.get("messages") or formatter.fmt.columns.get("image")
+        columns = formatter.fmt.columns
+        column = columns.get("messages") or columns.get("image") or columns.get("text")
         for index, reason in failed:
             bad += 1
             if len(problems) < MAX_LISTED:
@@ -233,7 +230,7 @@ def encode_block(block: Any, origin: str, name: str, formatter: Formatter) -> En
             else None
             for r, tokens in zip(rendered, marked, strict=True)
         ]
-    return EncodedBlock(split, arrays, problems, bad, rendered[0].text if rendered else "", images)
+    return EncodedBlock(split, arrays, problems, bad, first_text, images)
 
 
 def _with_images(rendered: list[Rendered], codec: ImageCodec) -> tuple[list[Rendered], list[tuple[int, str]]]:

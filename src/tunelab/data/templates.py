@@ -94,6 +94,36 @@ def with_defaults(source: str, variables: dict[str, Any] | None) -> str:
     return f"{{#- tunelab: chat_template_kwargs, as the run's defaults #}}{header}\n{source}"
 
 
+_PROBE = "\x00tunelab-probe\x00"  # a text no template adds
+
+
+def writes_strings(source: str, tokenizer: Any) -> bool:
+    """Whether the template writes a turn whose content is a plain string (LLaVA's and SmolVLM's own read lists of
+    parts only, and write nothing for a string); a template that fails on the probe counts as writing them."""
+    try:
+        return _PROBE in render_template(source, [{"role": "user", "content": _PROBE}], tokenizer)
+    except Exception:  # noqa: BLE001 - jinja2's errors and a template's own raise_exception: not this question's
+        return True
+
+
+def with_string_parts(source: str) -> str:
+    """The template with every plain string content handed to it as one text part, as TRL hands a multimodal chat
+    to it: trained so, and saved so, every later prompt (chat, generate, serve, a text-only one too) reaches it
+    written, not dropped."""
+    header = (
+        "{#- tunelab: string contents as text parts #}"
+        "{%- set tunelab_parts = namespace(messages=[]) %}"
+        "{%- for message in messages %}"
+        "{%- if message['content'] is string %}"
+        "{%- set tunelab_parts.messages = tunelab_parts.messages"
+        " + [dict(message, content=[{'type': 'text', 'text': message['content']}])] %}"
+        "{%- else %}{%- set tunelab_parts.messages = tunelab_parts.messages + [message] %}{%- endif %}"
+        "{%- endfor %}"
+        "{%- set messages = tunelab_parts.messages %}\n"
+    )
+    return header + source
+
+
 def _named_source(name: str, tokenizer: Any) -> str:
     custom = custom_chat_template(name)
     if custom is not None:
@@ -130,34 +160,25 @@ def render_template(
     )
 
 
-def render_messages(
-    messages: list[dict], source: str, tokenizer: Any, tools: list[dict] | None = None, parts: bool = False
-) -> Rendered:
+def render_messages(messages: list[dict], source: str, tokenizer: Any, tools: list[dict] | None = None) -> Rendered:
     """Render a conversation and find each assistant answer's span (its content and closing tokens).
 
     A template is rendered up to each assistant turn with the generation prompt, and up to its end without;
     the difference is the answer. Templates that rewrite earlier turns (rare) fall back to locating the answer's
     content in the full text.
     """
-    return render_conversations([messages], source, tokenizer, [tools], parts)[0]
+    return render_conversations([messages], source, tokenizer, [tools])[0]
 
 
 def render_conversations(
-    conversations: list[list[dict]],
-    source: str,
-    tokenizer: Any,
-    tools: list[list[dict] | None] | None = None,
-    parts: bool = False,
+    conversations: list[list[dict]], source: str, tokenizer: Any, tools: list[list[dict] | None] | None = None
 ) -> list[Rendered]:
     """`render_messages` for many conversations at once: each template call renders a whole batch (transformers
     renders a list of conversations in one call, so its per-call work is paid once), and the last answer's end is
     the text's own (no third render). The spans are those `render_messages` finds; a template that raises for any
     conversation raises here too (the caller then renders row by row to name it). `tools`: each conversation's tool
-    definitions (None: none), handed to the template as transformers' `tools`. `parts`: every content handed as a list
-    of text parts (a vision-language template that writes no plain string: data/images.ImageCodec.needs_parts)."""
+    definitions (None: none), handed to the template as transformers' `tools`."""
     conversations = with_reasoning(with_inputs(conversations, source), source)
-    if parts:
-        conversations = [as_parts(c) for c in conversations]
     tools = tools or [None] * len(conversations)
     texts = _render_batch(source, conversations, tokenizer, False, tools)
     wanted: list[tuple[int, int]] = []  # (conversation, message index) of every assistant answer after the first turn
@@ -182,14 +203,6 @@ def render_conversations(
     uptos = dict(zip(inner, ends, strict=True))
     prefixes = {key: (before, uptos.get(key, texts[key[0]])) for key, before in zip(wanted, befores, strict=True)}
     return [_spans(messages, texts[c], prefixes, c, tokenizer) for c, messages in enumerate(conversations)]
-
-
-def as_parts(messages: list[dict]) -> list[dict]:
-    """Every message's text content as one text part (what multimodal templates read, TRL's form)."""
-    return [
-        {**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m["content"], str) else m
-        for m in messages
-    ]
 
 
 def content_text(content: Any) -> str:

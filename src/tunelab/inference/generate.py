@@ -123,12 +123,10 @@ def format_prompt(prompt: str | list[dict[str, Any]], tokenizer: Any, prompting:
     if prompting.system and not any(turn["role"] == "system" for turn in turns):
         turns = [{"role": "system", "content": prompting.system}, *turns]
     if isinstance(prompt, list):
-        from tunelab.data.templates import as_parts, with_inputs, with_reasoning
+        from tunelab.data.templates import with_inputs, with_reasoning
 
         template = template_text(tokenizer)
         turns = with_reasoning(with_inputs([turns], template), template)[0]
-        if any(isinstance(turn["content"], list) for turn in turns):  # images: every turn as parts, as trained
-            turns = as_parts(turns)
     return tokenizer.apply_chat_template(
         turns, tokenize=False, add_generation_prompt=True, **prompting.template_kwargs
     )

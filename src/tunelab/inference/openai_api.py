@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from tunelab.data.images import open_image
-from tunelab.data.templates import as_parts, template_text, with_reasoning
+from tunelab.data.templates import template_text, with_reasoning
 from tunelab.inference.openai_requests import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
     RequestError,
@@ -239,9 +239,13 @@ async def chat_completions(request: Request) -> Any:
     if not getattr(tokenizer, "chat_template", None):
         raise RequestError(f"{model.name} has no chat template: use /v1/completions with a plain prompt")
     messages = with_reasoning([messages], template_text(tokenizer, bool(tools)))[0]  # earlier reasoning, as trained
-    if shown:  # every turn as parts, as training handed a multimodal chat to the template
-        messages = [{**m, "content": [{"type": "image"} if p["type"] == "image" else p for p in m["content"]]}
-                    for m in as_parts(messages)]  # fmt: skip
+    if shown:  # an image part as the template reads it (its bytes are for the processor)
+        messages = [
+            {**m, "content": [{"type": "image"} if p["type"] == "image" else p for p in m["content"]]}
+            if isinstance(m["content"], list)
+            else m
+            for m in messages
+        ]
     try:
         render = {"tokenize": False, "add_generation_prompt": True, **options}
         text = tokenizer.apply_chat_template(messages, tools=tools, **render)
@@ -256,14 +260,17 @@ async def chat_completions(request: Request) -> Any:
         if start is None:
             raise RequestError(f"{model.name}'s chat template writes no tool call to begin here", "tool_choice")
     extra: dict[str, Any] = {}
-    if shown:  # the processor writes the images into the prompt's tokens, and makes their pixels
-        model.processor.tokenizer = tokenizer
-        inputs = model.processor(
-            text=[text + start],
-            images=[[open_image(ref) for ref in shown]],
-            add_special_tokens=False,
-            return_tensors="pt",
-        )
+    if shown:  # the processor writes the images into the prompt's tokens, and makes their pixels (off the loop)
+
+        def image_inputs() -> Any:
+            model.processor.tokenizer = tokenizer  # the run's (its template), as the processor's own
+            opened = [[open_image(ref) for ref in shown]]
+            return model.processor(text=[text + start], images=opened, add_special_tokens=False, return_tensors="pt")
+
+        try:
+            inputs = await run_in_threadpool(image_inputs)
+        except (ValueError, OSError) as err:  # e.g. a turn that writes the image token itself
+            raise RequestError(f"the images cannot be written into this prompt: {err}", "messages") from None
         ids = encode_prompt(model.model, tokenizer, inputs["input_ids"][0].tolist(), templated=True, sampling=sampling)
         extra = {k: v.to(model.model.device) for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     else:

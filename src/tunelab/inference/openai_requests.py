@@ -114,8 +114,8 @@ def _content(content: Any, where: str, role: str, images: bool) -> str | list[di
         at = f"{where}[{number}]"
         if not isinstance(part, dict) or part.get("type") not in ("image_url", "input_image", "image"):
             raise RequestError(f"{at} must be a text or image_url part (audio and files are not supported)", at)
-        if role != "user":
-            raise RequestError(f"{at}: only user turns show images", at)
+        if role not in ("user", "system"):
+            raise RequestError(f"{at}: only user and system turns show images", at)
         url = image_ref(part)
         if not isinstance(url, str) or not url.startswith("data:"):
             raise RequestError(

@@ -11,6 +11,7 @@ steps, and an estimate of peak memory against the device found.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,8 +102,17 @@ def marked_text(input_ids: list[int], labels: list[int], tokenizer: Any, limit: 
         trained = is_trained
     if run:
         pieces.append(_piece(run, trained, tokenizer))
-    text = "".join(pieces)
+    text = _REPEATED.sub(_counted, "".join(pieces))
     return text if len(text) <= limit else text[:limit] + f" ... ({len(text) - limit} more characters)"
+
+
+# A special token written many times over (an image's hundreds of <|image_pad|>), shown once with its count.
+_REPEATED = re.compile(r"(<[^<>\s]{1,40}>)\1{3,}")
+
+
+def _counted(match: re.Match) -> str:
+    token = match.group(1)
+    return f"{token} x{len(match.group(0)) // len(token)}"
 
 
 def _piece(ids: list[int], trained: bool | None, tokenizer: Any) -> str:

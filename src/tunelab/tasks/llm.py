@@ -111,7 +111,7 @@ def prepare(params: LLMParams) -> Prepared:
         data, train_rows, valid_rows = bundle["data"], bundle["train_rows"], bundle["valid_rows"]
         stats = bundle["stats"]
     check_token_ids(_highest_token_id(data, method.data), config, source)
-    if getattr(data.train, "images", None) is not None:
+    if shows_images(data):
         if params.trainer != "sft":
             raise ConfigError(
                 f"trainer {params.trainer}: the data shows images, which the sft trainer trains on (use --trainer sft)"
@@ -252,8 +252,11 @@ def _run(params: LLMParams) -> Path:
     progress = ProgressAndMetrics(folder.staging / "metrics.jsonl", perplexity=perplexity)
     if data.template_source:  # the template trained with, from the start: grpo reads its turn end (models/turns.py)
         tokenizer.chat_template = data.template_source
-    shown = getattr(data.train, "images", None) is not None
-    images = image_codec(prep.processor, data.template_source, tokenizer)[0] if shown else None
+    images = None
+    if shows_images(data):
+        images, problem = image_codec(prep.processor, data.template_source, tokenizer)
+        if images is None:
+            raise ConfigError(f"the data shows images, but {problem}")
     trainer = build_trainer(
         model, tokenizer, params, train_rows, valid_rows, str(folder.staging), [progress], method.trainer_class,
         images=images,
@@ -318,6 +321,11 @@ def _report_data(params: LLMParams, data: Any, stats: Any, rows: int) -> None:
             pair_stats.dropped_no_room,
         )
     log.info("first example as trained:\n%s", data.preview[:600])
+
+
+def shows_images(data: Any) -> bool:
+    """Some example of the train or valid split shows images."""
+    return any(getattr(table, "images", None) is not None for table in (data.train, getattr(data, "valid", None)))
 
 
 def _highest_token_id(data: Any, kind: str) -> int:
