@@ -25,7 +25,7 @@ from tunelab.data.holdout import apportion, hold_out
 from tunelab.data.images import ImageCodec
 from tunelab.data.mixture import draw, is_mixture, parse_sources
 from tunelab.data.pipeline import Formatter, encode_split, worker_count
-from tunelab.data.sources import Split, locate_splits, stream_split
+from tunelab.data.sources import IMAGE_BLOCK_BYTES, IMAGE_BLOCK_ROWS, Split, locate_splits, stream_split
 from tunelab.data.store import TableWriter, TokenTable, copy_examples
 from tunelab.data.templates import template_source, with_string_parts, writes_strings
 from tunelab.errors import ConfigError, DataError
@@ -82,7 +82,8 @@ def _load_source(
     params: LLMParams, tokenizer: Any, folder: Path | None, prefix: str = "", processor: Any = None
 ) -> EncodedData:
     places = locate_splits(params.data_path, params.train_split, params.valid_split)
-    streams = {name: stream_split(place, name) for name, place in places.items()}
+    blocks = (IMAGE_BLOCK_ROWS, IMAGE_BLOCK_BYTES) if processor is not None else ()
+    streams = {name: stream_split(place, name, *blocks) for name, place in places.items()}
     row_format, template, source = _decide_format(streams["train"].head, params, tokenizer, processor)
     images, images_problem = image_codec(processor, source, tokenizer)
     tables: dict[str, TokenTable] = {}
@@ -96,7 +97,8 @@ def _load_source(
         formatter.folder = places[name].parent if isinstance(places[name], Path) else None
         writer = TableWriter(folder, params.block_size, prefix + name)
         size = places[name].stat().st_size if isinstance(places[name], Path) else 0
-        result = encode_split(stream, formatter, writer, worker_count(params.dataset_num_proc, size))
+        workers = worker_count(params.dataset_num_proc, size, images=processor is not None)
+        result = encode_split(stream, formatter, writer, workers)
         settle_bad_rows(result.problems, stream.origin, params.bad_rows, kept=result.rows, count=result.bad)
         tables[name], skipped[name] = writer.finish(), result.bad
         preview = preview or result.preview

@@ -285,11 +285,12 @@ def _checked(result: Any) -> Any:
     return result
 
 
-def worker_count(requested: int | None, size_bytes: int) -> int:
+def worker_count(requested: int | None, size_bytes: int, images: bool = False) -> int:
     """How many processes prepare a split: as asked, else one per core (up to 8) for files over 8 MB, one below
-    (starting workers costs more than it saves on a small file)."""
+    (starting workers costs more than it saves on a small file); a vision-language model's rows (`images`: each
+    image decoded) from 64 KB on."""
     if requested:
         return max(1, requested)
-    if size_bytes < 8 << 20:
+    if size_bytes < (64 << 10 if images else 8 << 20):
         return 1
     return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))

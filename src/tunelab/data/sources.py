@@ -436,6 +436,9 @@ def _first_message_line(err: Exception) -> str:
 # ------------------------------------------------------------------------------------------- reading in blocks
 
 BLOCK_BYTES = 1 << 20  # a JSON Lines file is read and handed to the workers this much at a time
+# Rows that show images take milliseconds each (every image decoded, its tokens found): handed out in smaller blocks,
+# so that the workers share a small file too.
+IMAGE_BLOCK_BYTES, IMAGE_BLOCK_ROWS = 64 << 10, 200
 HEAD_ROWS = 1000  # the rows the row format is decided from (as Split.columns looks at)
 
 
@@ -456,11 +459,13 @@ class SplitStream:
         return self._blocks
 
 
-def stream_split(place: Path | tuple[str, str], name: str, rows_per_block: int = 2000) -> SplitStream:
+def stream_split(
+    place: Path | tuple[str, str], name: str, rows_per_block: int = 2000, block_bytes: int = BLOCK_BYTES
+) -> SplitStream:
     """The split at `place` (from locate_splits) as a SplitStream; the first problems of the file (not text, not
     UTF-8, not JSON) surface here, the others as the blocks are parsed."""
     if isinstance(place, Path) and data_suffix(place) == ".jsonl" and not place.is_dir():
-        stream = _jsonl_stream(place, name)
+        stream = _jsonl_stream(place, name, block_bytes)
         if stream is not None:
             return stream
     whole = read_location(place, name)
@@ -478,9 +483,9 @@ def block_rows(block: Any, origin: str, name: str) -> Split:
     return _read_lines(text, path, name, first_line)
 
 
-def _jsonl_stream(path: Path, name: str) -> SplitStream | None:
+def _jsonl_stream(path: Path, name: str, block_bytes: int = BLOCK_BYTES) -> SplitStream | None:
     """A JSON Lines file as a SplitStream; None when it is a JSON document under a .jsonl name (read whole)."""
-    blocks = _line_blocks(path)
+    blocks = _line_blocks(path, block_bytes)
     prefetched = []
     head_rows: list[dict] = []
     head_lines: list[int] = []
@@ -501,7 +506,7 @@ def _jsonl_stream(path: Path, name: str) -> SplitStream | None:
     return SplitStream(name, str(path), head, itertools.chain(prefetched, blocks))
 
 
-def _line_blocks(path: Path) -> Any:
+def _line_blocks(path: Path, block_bytes: int = BLOCK_BYTES) -> Any:
     """(first line number, bytes ending at a line end) blocks of a file, decompressed; the file's first bytes are
     checked as `_text_start` checks a whole file's."""
     try:
@@ -512,7 +517,7 @@ def _line_blocks(path: Path) -> Any:
         line, carry, first = 1, b"", True
         while True:
             try:
-                chunk = stream.read(BLOCK_BYTES)
+                chunk = stream.read(block_bytes)
             except DAMAGED as err:
                 raise damaged(path, kind, err) from None
             if first:
