@@ -1097,3 +1097,15 @@ def test_file_that_cannot_be_read(tmp_path, monkeypatch):
     monkeypatch.setattr(type(path), "read_bytes", refuse)
     with pytest.raises(DataError, match=re.escape(f"{path}: cannot read the file (permission denied); make it")):
         read_file(path, "train")
+
+
+def test_lines_longer_than_a_block(tmp_path):
+    """A JSON Lines row longer than the blocks it is read in (an inline data: URI): whole, at its own line."""
+    from tunelab.data.sources import block_rows, stream_split
+
+    rows = [{"text": "short"}, {"text": "x" * 300_000}, {"text": "after"}]
+    path = write_jsonl(tmp_path / "long.jsonl", rows)
+    stream = stream_split(path, "train", 200, 64 << 10)
+    parsed = [block_rows(block, str(path), "train") for block in stream.blocks()]
+    assert [len(row["text"]) for split in parsed for row in split.rows] == [5, 300_000, 5]
+    assert [line for split in parsed for line in split.lines] == [1, 2, 3]

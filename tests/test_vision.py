@@ -526,3 +526,43 @@ def test_vlm_command_with_an_autotrain_config(capsys, tmp_path, llava):
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "3 examples" in out and "It is red." in out
+
+
+def test_vlm_command_with_a_flat_config(capsys, tmp_path, llava):
+    """A flat config naming its image column, given to `tunelab vlm`: trained by sft with the config's columns."""
+    import yaml
+
+    color_images(tmp_path)
+    rows = [{"picture": f"{name}.png", "caption": f"A {name} square."} for name in COLORS]
+    write_jsonl(tmp_path / "captions.jsonl", rows)
+    config = {
+        "model": str(llava),
+        "data_path": str(tmp_path / "captions.jsonl"),
+        "project_name": str(tmp_path / "run"),
+        "image_column": "picture",
+        "text_column": "caption",
+        "block_size": 128,
+    }
+    (tmp_path / "flat.yml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    code = main(["vlm", "--config", str(tmp_path / "flat.yml"), "--dry-run"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "3 examples" in out and "A red square." in out and "sft" in out
+
+
+def test_a_base_model_s_template_takes_plain_strings_at_inference(tmp_path, llava):
+    """A model never trained here (its own LLaVA-style template, lists only): a system message given as a string
+    still reaches the prompt."""
+    from tunelab.inference.generate import Prompting, format_prompt, image_prompt, load_run
+
+    _, tokenizer = load_run(llava)
+    text = format_prompt(image_prompt("What is it?", ["cat.png"]), tokenizer, Prompting(system="Be brief."))
+    assert "Be brief." in text and "What is it?" in text and "<image>" in text
+
+
+def test_plain_text_rows_that_write_the_image_token(capsys, tmp_path, llava):
+    rows = [{"text": f"Row {i} of plain text."} for i in range(6)]
+    rows[3]["text"] = "A <image> typed into plain text."
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    line = run_bad(capsys, llava, data, tmp_path / "run")
+    assert f"{data} line 4, column 'text': its text holds 1 image place(s) ('<image>') for 0 image(s)" in line

@@ -360,11 +360,14 @@ def run_vlm(args: argparse.Namespace) -> int:
     flags = param_flags(args)
     base = split_task(read_config_file(args.config))[1] if args.config else {}
     typed = flags.get("trainer")
-    if typed is not None or not base.get("image_column"):  # (an AutoTrain vlm config has decided its columns)
-        # the columns the config or the flags leave unset take the vlm trainer's defaults
-        kind = typed or (base.get("trainer") if base.get("trainer") in VLM_TRAINERS else None)
-        for key, value in vlm_params(kind, "vqa", {**base, **flags}).items():
-            setattr(args, key, value)
+    kind = typed or (base.get("trainer") if base.get("trainer") in VLM_TRAINERS else None)
+    # the columns the config or the flags leave unset take the vlm trainer's defaults, unless a config has decided
+    # them (an AutoTrain vlm config, or a flat one naming its image column)
+    chosen = vlm_params(kind, "vqa", {**base, **flags})
+    if typed is None and base.get("image_column"):
+        chosen = {"trainer": "sft"}
+    for key, value in chosen.items():
+        setattr(args, key, value)
     args.command = "llm"  # the parameters are an LLM run's; a config for `tunelab llm` goes too
     return run_llm(args)
 

@@ -94,6 +94,7 @@ def _load_source(
         formatter.images, formatter.images_problem = images, images_problem
         if processor is not None:  # a chat row's images column is its images (formats.with_row_images)
             formatter.fmt = dataclasses.replace(formatter.fmt, images=True)
+            formatter.image_token = getattr(processor, "image_token", None)
         formatter.folder = places[name].parent if isinstance(places[name], Path) else None
         writer = TableWriter(folder, params.block_size, prefix + name)
         size = places[name].stat().st_size if isinstance(places[name], Path) else 0

@@ -42,6 +42,7 @@ class Formatter:
     images: ImageCodec | None = None  # a vision-language model's: how its images become tokens (data/images.py)
     folder: Path | None = None  # where the data file is: image paths are relative to it
     images_problem: str | None = None  # why a model that reads images cannot take them with this template
+    image_token: str | None = None  # the image token of a model that reads images: no row may write it as text
     # Whether the template writes tool calls, tool definitions and reasoning, found on the first conversation with
     # them
     writes: dict[str, bool] = field(default_factory=dict)
@@ -213,8 +214,8 @@ def encode_block(block: Any, origin: str, name: str, formatter: Formatter) -> En
     rendered, problems, bad = formatter.render(split)
     first_text = rendered[0].text if rendered else ""  # (as the template wrote it: an image as its one token)
     images = None
-    if formatter.images is not None:  # each image written as the processor writes it, before tokenizing
-        rendered, failed = _with_images(rendered, formatter.images)
+    if formatter.images is not None or formatter.image_token:  # each image written in as the processor writes it
+        rendered, failed = _with_images(rendered, formatter.images, formatter.image_token)
         columns = formatter.fmt.columns
         column = columns.get("messages") or columns.get("image") or columns.get("text")
         for index, reason in failed:
@@ -233,12 +234,21 @@ def encode_block(block: Any, origin: str, name: str, formatter: Formatter) -> En
     return EncodedBlock(split, arrays, problems, bad, first_text, images)
 
 
-def _with_images(rendered: list[Rendered], codec: ImageCodec) -> tuple[list[Rendered], list[tuple[int, str]]]:
+def _with_images(
+    rendered: list[Rendered], codec: ImageCodec | None, image_token: str | None = None
+) -> tuple[list[Rendered], list[tuple[int, str]]]:
     """A block's texts with their images written in (ImageCodec.expand: the answers' spans moved along, each image's
     characters kept as `marks`), and the rows whose text and images disagree, with why (left out): a row without
-    images must not hold the image token either."""
+    images must not hold the image token either (plain text rows, which have no codec, are checked for it)."""
     kept, failed = [], []
     for text in rendered:
+        if codec is None:
+            count = text.text.count(image_token) if image_token else 0
+            if count:
+                failed.append((text.row, f"its text holds {count} image place(s) ({image_token!r}) for 0 image(s)"))
+            else:
+                kept.append(text)
+            continue
         try:
             expanded, spans, marks = codec.expand(text.text, text.spans, text.images or [])
         except ImageProblem as err:

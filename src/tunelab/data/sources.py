@@ -514,7 +514,7 @@ def _line_blocks(path: Path, block_bytes: int = BLOCK_BYTES) -> Any:
     except OSError as err:
         raise unreadable(path, err) from None
     with stream:
-        line, carry, first = 1, b"", True
+        line, carry, first = 1, [], True  # carry: the chunks since the last line end (a line longer than a block)
         while True:
             try:
                 chunk = stream.read(block_bytes)
@@ -525,13 +525,13 @@ def _line_blocks(path: Path, block_bytes: int = BLOCK_BYTES) -> Any:
                 first = False
             if not chunk:
                 break
-            data = carry + chunk
-            cut = data.rfind(b"\n") + 1
+            cut = chunk.rfind(b"\n") + 1  # looked for in the new chunk alone: a long line costs no more
             if not cut:
-                carry = data
+                carry.append(chunk)
                 continue
-            block, carry = data[:cut], data[cut:]
+            block = b"".join([*carry, chunk[:cut]])
+            carry = [chunk[cut:]] if cut < len(chunk) else []
             yield line, block
             line += block.count(b"\n")
         if carry:
-            yield line, carry
+            yield line, b"".join(carry)
