@@ -566,3 +566,20 @@ def test_plain_text_rows_that_write_the_image_token(capsys, tmp_path, llava):
     data = write_jsonl(tmp_path / "train.jsonl", rows)
     line = run_bad(capsys, llava, data, tmp_path / "run")
     assert f"{data} line 4, column 'text': its text holds 1 image place(s) ('<image>') for 0 image(s)" in line
+
+
+def test_other_methods_on_a_lists_only_template_write_their_turns(tmp_path, llava):
+    """dpo on text pairs with a vision-language model whose template writes nothing for a plain string: its prompt
+    and answers are written (the template taught to take them as text parts, for every method)."""
+    from tunelab.config.llm import LLMParams
+    from tunelab.tasks.llm import prepare
+
+    pairs = [{"prompt": f"Question {i}?", "chosen": f"Good answer {i}.", "rejected": f"Bad {i}."} for i in range(4)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    params = LLMParams(
+        trainer="dpo", model=str(llava), data_path=str(data), project_name=str(tmp_path / "r"), peft=True
+    )
+    prep = prepare(params)
+    pair = prep.data.train[0]
+    assert "Question 0?" in prep.tokenizer.decode(pair.prompt_ids)
+    assert "Good answer 0." in prep.tokenizer.decode(pair.chosen_ids)

@@ -124,6 +124,14 @@ def with_string_parts(source: str) -> str:
     return header + source
 
 
+def teach_strings(tokenizer: Any) -> None:
+    """The tokenizer's own template taught to take a plain string content (with_string_parts) where it writes nothing
+    for one: a vision-language model's (LLaVA's, SmolVLM's), for every method and every prompt alike."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str) and not writes_strings(template, tokenizer):
+        tokenizer.chat_template = with_string_parts(template)
+
+
 def _named_source(name: str, tokenizer: Any) -> str:
     custom = custom_chat_template(name)
     if custom is not None:

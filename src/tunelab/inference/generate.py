@@ -81,12 +81,11 @@ def _string_turns(model: Any, tokenizer: Any) -> None:
     """A vision-language model's template that writes nothing for a plain string content (LLaVA's and SmolVLM's own;
     a run tunelab trained carries the fix already) taught to take one as a text part, as training does: a system
     message or an earlier answer sent as a string would otherwise vanish from the prompt."""
-    from tunelab.data.templates import with_string_parts, writes_strings
+    from tunelab.data.templates import teach_strings
     from tunelab.models.vision import reads_images
 
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, str) and reads_images(model.config) and not writes_strings(template, tokenizer):
-        tokenizer.chat_template = with_string_parts(template)
+    if reads_images(model.config):
+        teach_strings(tokenizer)
 
 
 @dataclass

@@ -30,6 +30,7 @@ from tunelab.data.mixture import is_mixture
 from tunelab.data.packing import row_lengths
 from tunelab.data.preference import load_preference_data
 from tunelab.data.prompts import load_prompt_data
+from tunelab.data.templates import teach_strings
 from tunelab.env import check_machine, device_name
 from tunelab.errors import ConfigError, DataError
 from tunelab.memory import choose_checkpointing, log_run_estimate, sampling_cache
@@ -90,6 +91,8 @@ def prepare(params: LLMParams) -> Prepared:
     tokenizer = load_tokenizer(source, params.model_max_length)
     fit_tokenizer(tokenizer, config, source)
     processor = _processor(source, config, params, method, tokenizer)
+    if reads_images(config):  # LLaVA's own template writes nothing for a plain string: for every method, taught to
+        teach_strings(tokenizer)
     if params.teacher_model:  # distill: found now, with the tokens it reads, not when the Trainer loads it
         check_teacher(params, config, tokenizer)
     new_token_ids = add_tokens(tokenizer, params.add_tokens or [], params.add_special_tokens or [])
@@ -133,8 +136,8 @@ def prepare(params: LLMParams) -> Prepared:
 
 
 def _processor(source: ModelSource, config: Any, params: LLMParams, method: Method, tokenizer: Any) -> Any:
-    """A vision-language model's processor (None for a text model, and for the methods that read no images), with
-    the settings it cannot take yet refused."""
+    """A vision-language model's processor (None for a text model, and for the methods that read no images); its chat
+    template given to the tokenizer that has none of its own."""
     if method.data != "examples" or not reads_images(config):
         return None
     processor = load_processor(source)
