@@ -283,7 +283,3 @@ def images_tokens(spans: list[ImageSpan] | None, limit: int) -> tuple[list[Image
         else:
             return kept, min(limit, span.start)
     return kept, limit
-
-
-def row_images(spans: list[ImageSpan] | None) -> list[str | bytes]:
-    return [span.ref for span in spans or []]
