@@ -53,6 +53,23 @@ def _tokenizer(folder: Path, specials: list[str]):
     return tok
 
 
+def _text_sizes(tok, **more) -> dict:
+    """Both models' language model: 2 layers, hidden 64, 4 heads (2 for keys and values), the tokenizer's ids."""
+    return dict(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **more,
+    )
+
+
 def build_tiny_qwen2_vl(folder) -> Path:
     """Qwen2-VL: 2 text layers (hidden 64), a 1-block vision tower (embed_dim 32, patch 14, merge 2).
 
@@ -67,19 +84,10 @@ def build_tiny_qwen2_vl(folder) -> Path:
     tok = _tokenizer(folder, QWEN_SPECIALS)
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
     config = Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=len(tok),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
+        text_config=_text_sizes(
+            tok,
             # head_dim 16 -> 8 rotary frequencies, split over (temporal, height, width); must sum to head_dim/2
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
         ),
         vision_config=dict(
             depth=1,
@@ -154,18 +162,7 @@ def build_tiny_llava(folder) -> Path:
         patch_size=14,
         projection_dim=32,
     )
-    text = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    text = LlamaConfig(**_text_sizes(tok))
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,

@@ -301,10 +301,7 @@ def convert_row(row: dict, fmt: RowFormat) -> dict[str, Any]:
 def cell_images(row: dict, column: str) -> list[dict[str, Any]]:
     """A row's image column as image parts: one image (a path, data: URI, or a dataset's {"bytes", "path"}) or a
     list of them (a JSON string of one too); data/pipeline.py finds and opens them."""
-    value = row.get(column)
-    if isinstance(value, str) and value.startswith("["):
-        value = json_or_none(value)
-    listed = value if isinstance(value, list) else [] if value is None else [value]
+    listed = _listed_images(row.get(column))
     if not listed or any(item is None or item == "" for item in listed):
         raise RowProblem(column, "missing image")
     return [{"type": "image", "image": item} for item in listed]
@@ -554,10 +551,7 @@ def with_row_images(messages: list[dict[str, Any]], row: dict, column: str) -> l
     """A conversation's images taken from the row's `images` column (IMAGE_COLUMNS) in order: by its bare
     `{"type": "image"}` parts (TRL's form), by `<image>` in its user turns' text (LLaMA-Factory's), or, with neither,
     at the start of its first user turn (as TRL places them); the count must match."""
-    given = next((row[name] for name in IMAGE_COLUMNS if row.get(name) is not None), None)
-    if isinstance(given, str) and given.startswith("["):
-        given = json_or_none(given)
-    listed = [] if given is None else given if isinstance(given, list) else [given]
+    listed = _listed_images(next((row[name] for name in IMAGE_COLUMNS if row.get(name) is not None), None))
     bare = _bare_images(messages)
     if listed and not bare:
         messages = [_tagged(m) for m in messages]
@@ -580,6 +574,13 @@ def with_row_images(messages: list[dict[str, Any]], row: dict, column: str) -> l
         else m
         for m in messages
     ]
+
+
+def _listed_images(value: Any) -> list[Any]:
+    """An image cell as a list: one image, a list of them, or a JSON string of a list (none: [])."""
+    if isinstance(value, str) and value.startswith("["):
+        value = json_or_none(value)
+    return value if isinstance(value, list) else [] if value is None else [value]
 
 
 def _leading_images(messages: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:

@@ -59,6 +59,30 @@ def image_ref(part: dict) -> Any:
     return None
 
 
+def image_parts(messages: list[dict[str, Any]]) -> list[tuple[int, Any]]:
+    """(message number, what it points at) of every image part of a conversation, in order."""
+    return [
+        (number, part["image"])
+        for number, message in enumerate(messages, start=1)
+        if isinstance(message["content"], list)
+        for part in message["content"]
+        if part["type"] == "image"
+    ]
+
+
+def as_template_reads(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages as the chat template reads them: an image part is {"type": "image"} (where it points is not for the
+    template: bytes would only slow rendering down)."""
+    if not any(isinstance(m["content"], list) for m in messages):
+        return messages
+    return [
+        {**m, "content": [p if p["type"] == "text" else {"type": "image"} for p in m["content"]]}
+        if isinstance(m["content"], list)
+        else m
+        for m in messages
+    ]
+
+
 def checked_ref(value: Any, folder: Path | None) -> str | bytes:
     """An image as the prepared data keeps it: an absolute path of a file that opens as an image, or its bytes.
     ImageProblem says what is wrong (missing, a URL, not an image)."""
@@ -216,12 +240,13 @@ class ImageCodec:
         self, text: str, spans: list[tuple[int, int]], images: list[Any]
     ) -> tuple[str, list[tuple[int, int]], list[tuple[int, int]]]:
         replaced = sorted(self._processed(text, images)["text_replacement_offsets"][0], key=lambda r: r["span"])
-        pieces, marks, cursor, shifts = [], [], 0, []
+        pieces, marks, cursor, shifts, length = [], [], 0, [], 0
         for item in replaced:
             (start, end), replacement = item["span"], item["replacement"]
             pieces.append(text[cursor:start])
-            at = sum(len(piece) for piece in pieces)
-            marks.append((at, at + len(replacement)))
+            length += start - cursor
+            marks.append((length, length + len(replacement)))
+            length += len(replacement)
             pieces.append(replacement)
             shifts.append((end, len(replacement) - (end - start)))
             cursor = end

@@ -21,7 +21,7 @@ from typing import Any
 from jinja2 import TemplateError
 
 from tunelab.data.formats import MAX_LISTED, TOOLS_COLUMN, RowFormat, RowProblem, convert_row, describe_problem
-from tunelab.data.images import ImageCodec, ImageProblem, ImageSpan, checked_ref
+from tunelab.data.images import ImageCodec, ImageProblem, ImageSpan, as_template_reads, checked_ref, image_parts
 from tunelab.data.sources import Split, SplitStream, block_rows
 from tunelab.data.store import TableWriter
 from tunelab.data.templates import Rendered, render_conversations, render_messages, render_text
@@ -54,7 +54,7 @@ class Formatter:
         (DeepSeek-R1's and QwQ's cut every answer at </think>), to answer without it, and its answers are then
         found nowhere in the text. Found once per template, by rendering the first conversation that has them
         without them and comparing with its `text`, as rendered with them."""
-        messages, tools = _shown(example["messages"]), example.get("tools")
+        messages, tools = as_template_reads(example["messages"]), example.get("tools")
         uses = {
             "tool calls": any(m.get("tool_calls") for m in messages),
             "tools": bool(tools),
@@ -87,7 +87,7 @@ class Formatter:
             return texts, problems, bad
         if self.source is None:  # a messages row with no template cannot happen: pick_template always chooses one
             raise ConfigError("internal: messages without a template")
-        conversations = [_shown(example["messages"]) for _, example in examples]
+        conversations = [as_template_reads(example["messages"]) for _, example in examples]
         tools = [example.get("tools") for _, example in examples]
         column = self.fmt.columns.get("messages")
         try:
@@ -97,7 +97,7 @@ class Formatter:
             rendered = []
             for index, example in examples:
                 try:
-                    shown = _shown(example["messages"])
+                    shown = as_template_reads(example["messages"])
                     text = render_messages(shown, self.source, self.tokenizer, example.get("tools"))
                     rendered.append(((index, example), text))
                 except TemplateError as err:
@@ -124,13 +124,7 @@ class Formatter:
     def _images_checked(self, example: dict[str, Any]) -> dict[str, Any]:
         """A conversation's images found and opened (data/images.checked_ref), kept in order as its `images`; a row
         with images for a model that reads none is a bad row."""
-        found = [
-            (number, part["image"])
-            for number, message in enumerate(example.get("messages", ()), start=1)
-            if isinstance(message["content"], list)
-            for part in message["content"]
-            if part["type"] == "image"
-        ]
+        found = image_parts(example.get("messages", []))
         if not found:
             return example
         column = self.fmt.columns.get("messages") or self.fmt.columns.get("image")
@@ -146,19 +140,6 @@ class Formatter:
             except ImageProblem as err:
                 raise RowProblem(column, f"message {number}: {err}") from None
         return {**example, "images": refs}
-
-
-def _shown(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Messages as the chat template reads them: an image part is {"type": "image"} (where it points is not for the
-    template: bytes would only slow rendering down)."""
-    if not any(isinstance(m["content"], list) for m in messages):
-        return messages
-    return [
-        {**m, "content": [p if p["type"] == "text" else {"type": "image"} for p in m["content"]]}
-        if isinstance(m["content"], list)
-        else m
-        for m in messages
-    ]
 
 
 # Templates that write what another leaves out (Formatter._unwritten)

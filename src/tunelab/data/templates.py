@@ -213,13 +213,6 @@ def render_conversations(
     return [_spans(messages, texts[c], prefixes, c, tokenizer) for c, messages in enumerate(conversations)]
 
 
-def content_text(content: Any) -> str:
-    """A content's text: itself, or its text parts joined."""
-    if isinstance(content, str):
-        return content
-    return "".join(part.get("text", "") for part in content if part.get("type") == "text")
-
-
 def with_inputs(conversations: list[list[dict]], source: str) -> list[list[dict]]:
     """Alpaca rows keep their context in the user turn's `input` key, which only the alpaca template lays out (its
     `### Input:` section). Every other template (chatml, zephyr, none, a model's own) reads role and content alone
@@ -414,11 +407,10 @@ def _spans(messages: list[dict], text: str, prefixes: dict, c: int, tokenizer: A
                     "tool call's place in the text cannot be found (train tool calls with a template that keeps "
                     "earlier turns as written, tunelab's chatml say)"
                 )
-            answer = content_text(message["content"])
-            start = text.find(answer, cursor)
+            start = text.find(message["content"], cursor)
             if start < 0:
                 continue
-            end = start + len(answer)
+            end = start + len(message["content"])
             eos = getattr(tokenizer, "eos_token", None)
             if eos and text.startswith(eos, end):
                 end += len(eos)

@@ -26,7 +26,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from tunelab.data.images import open_image
+from tunelab.data.images import as_template_reads, image_parts, open_image
 from tunelab.data.templates import template_text, with_reasoning
 from tunelab.inference.openai_requests import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
@@ -228,9 +228,7 @@ async def chat_completions(request: Request) -> Any:
     model, body = served(request), await read_body(request)
     messages = parse_messages(body, images=model.processor is not None)
     sampling, asked = parse_sampling(body), parse_tools(body)
-    shown = [
-        p["image"] for m in messages if isinstance(m["content"], list) for p in m["content"] if p["type"] == "image"
-    ]
+    shown = [ref for _, ref in image_parts(messages)]
     if shown and parse_logprobs(body, chat=True) is not None:
         raise RequestError("logprobs are not given for a chat that shows images yet", "logprobs")
     if body.get("echo") not in (None, False):
@@ -239,13 +237,7 @@ async def chat_completions(request: Request) -> Any:
     if not getattr(tokenizer, "chat_template", None):
         raise RequestError(f"{model.name} has no chat template: use /v1/completions with a plain prompt")
     messages = with_reasoning([messages], template_text(tokenizer, bool(tools)))[0]  # earlier reasoning, as trained
-    if shown:  # an image part as the template reads it (its bytes are for the processor)
-        messages = [
-            {**m, "content": [{"type": "image"} if p["type"] == "image" else p for p in m["content"]]}
-            if isinstance(m["content"], list)
-            else m
-            for m in messages
-        ]
+    messages = as_template_reads(messages)  # (an image's bytes are for the processor)
     try:
         render = {"tokenize": False, "add_generation_prompt": True, **options}
         text = tokenizer.apply_chat_template(messages, tools=tools, **render)
