@@ -109,7 +109,9 @@ def load_kto_data(params: LLMParams, tokenizer: Any) -> PreferenceData:
             shape = RowShape(preference_columns(split, params), conversational, source, tokenizer)
             pairs, skipped[name] = _texts(split, shape, params.bad_rows, stats if train else None)
             texts = [
-                (p, answer, good) for p, chosen, rejected, _ in pairs for answer, good in ((chosen, 1), (rejected, 0))
+                (pair.prompt, answer, good)
+                for pair in pairs
+                for answer, good in ((pair.chosen, 1), (pair.rejected, 0))
             ]
         else:
             texts, skipped[name] = _labeled_texts(split, kto_columns(split, params), source, tokenizer, params)

@@ -13,6 +13,11 @@ the rest of the rendered conversation); text rows are used as they are, each com
 Prompts longer than max_prompt_length lose their beginning; completions are cut to max_completion_length and
 to what block_size leaves after the prompt. Every count goes to the log; bad rows to one DataError naming them
 (bad_rows=error) or, with bad_rows=skip, to a warning, dropped and counted in `skipped_rows`.
+
+A vision-language model's pairs may show images in their prompt (data/images.py: the forms sft reads, and TRL's
+vision preference rows, an `images` column filling the prompt's bare image parts): each image is checked and
+written in as the model's processor writes it, as for sft, and the pair keeps where its images are (the collator
+computes their pixels). A prompt is never cut into its images: max_prompt_length drops only text before the first.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from jinja2 import TemplateError
@@ -35,10 +42,21 @@ from tunelab.data.formats import (
     holds_reasoning,
     is_messages,
     settle_bad_rows,
+    with_row_images,
 )
-from tunelab.data.sources import Split, read_splits
-from tunelab.data.templates import render_template, template_source
-from tunelab.errors import DataError
+from tunelab.data.images import (
+    IMAGE_COLUMNS,
+    ImageCodec,
+    ImageProblem,
+    ImageSpan,
+    as_template_reads,
+    checked_ref,
+    image_parts,
+)
+from tunelab.data.sources import Split, locate_splits, read_location
+from tunelab.data.templates import render_template, template_source, with_string_parts, writes_strings
+from tunelab.data.tokenize import marked_from_offsets
+from tunelab.errors import ConfigError, DataError
 
 log = logging.getLogger("tunelab")
 
@@ -52,6 +70,7 @@ class Pair:
     chosen_ids: list[int]
     rejected_ids: list[int]
     margin: float | None = None  # reward: how much chosen should outscore rejected (margin_column), if given
+    images: list[ImageSpan] | None = None  # the prompt's images and where their tokens are (a vision-language model's)
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
@@ -64,6 +83,7 @@ class PairStats:
     completions_truncated: int = 0
     dropped_no_room: int = 0
     dropped_identical: list[str] = field(default_factory=list)
+    long_image_prompts: int = 0  # prompts kept longer than max_prompt_length: a cut would have reached an image
 
 
 @dataclass
@@ -81,9 +101,26 @@ class PreferenceData:
     kind: str = "preference"
     skipped_rows: dict[str, int] = field(default_factory=dict)  # split -> bad rows dropped (bad_rows=skip)
     reasoning: bool = False  # the train split's answers reason (formats.holds_reasoning)
+    # the image files the pairs show, with their size and time when prepared: one changed since makes the prepared
+    # data stale (unpickling it raises ValueError, and the data cache prepares it again)
+    image_files: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def describe(self) -> str:
         return f"{self.kind} (" + ", ".join(f"{k}={v!r}" for k, v in self.columns.items()) + ")"
+
+    @property
+    def shows_images(self) -> bool:
+        return any(pair.images for pairs in (self.train, self.valid or []) for pair in pairs)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        for path, signature in self.image_files.items():
+            try:
+                stat = os.stat(path)
+            except OSError:
+                raise ValueError(f"image {path} is gone since the data was prepared") from None
+            if (stat.st_size, stat.st_mtime_ns) != tuple(signature):
+                raise ValueError(f"image {path} changed since the data was prepared")
 
 
 def preference_columns(split: Split, params: LLMParams, margin: str | None = "") -> dict[str, str]:
@@ -117,15 +154,23 @@ def preference_columns(split: Split, params: LLMParams, margin: str | None = "")
     return wanted
 
 
-def load_preference_data(params: LLMParams, tokenizer: Any, margins: bool = True) -> PreferenceData:
+def load_preference_data(
+    params: LLMParams, tokenizer: Any, margins: bool = True, processor: Any = None, images_problem: str | None = None
+) -> PreferenceData:
     """Read, check, split, render and tokenize the preference splits named by params (`margins`: the reward's
-    margin column too, when there is one: what the train split has, every split must)."""
-    splits: dict[str, Split] = read_splits(params.data_path, params.train_split, params.valid_split)
+    margin column too, when there is one: what the train split has, every split must). `processor`: a
+    vision-language model's, which writes the images the prompts show; `images_problem`, without one: why rows that
+    show images are bad rows (they are read as such, not taken for a text model's)."""
+    places = locate_splits(params.data_path, params.train_split, params.valid_split)
+    splits: dict[str, Split] = {name: read_location(place, name) for name, place in places.items()}
     columns = preference_columns(splits["train"], params, "" if margins else None)
     conversational = _conversational(splits["train"], columns["chosen"])
     template = _pick_template(params.chat_template, conversational, "prompt" in columns, tokenizer)
     source = template_source(template, tokenizer, params.chat_template_kwargs) if template else None
+    if source is not None and processor is not None and not writes_strings(source, tokenizer):
+        source = with_string_parts(source)  # (a custom template: the model's own was taught at prepare)
     add_special = source is None and not _starts_with_bos(tokenizer, splits["train"], columns)
+    codec, why = _image_codec(processor, source, tokenizer)
 
     stats = PairStats()
     out: dict[str, list[Pair]] = {}
@@ -133,11 +178,14 @@ def load_preference_data(params: LLMParams, tokenizer: Any, margins: bool = True
     preview = ""
     for name, split in splits.items():
         shape = RowShape(preference_columns(split, params, columns.get("margin")), conversational, source, tokenizer)
+        if processor is not None or images_problem:
+            shape.reads_images, shape.images, shape.images_problem = True, codec, why or images_problem
+            shape.image_token = getattr(processor, "image_token", None)
+            shape.folder = places[name].parent if isinstance(places[name], Path) else None
         texts, skipped[name] = _texts(split, shape, params.bad_rows, stats if name == "train" else None)
         if not preview and texts:
-            prompt, chosen, rejected, _ = texts[0]
-            preview = f"{prompt}[chosen>]{chosen}\n---\n{prompt}[rejected>]{rejected}"
-        pairs = [dataclasses.replace(tokenize_pair(*t[:3], tokenizer, add_special), margin=t[3]) for t in texts]
+            preview = texts[0].preview
+        pairs = [_tokenized(text, tokenizer, add_special) for text in texts]
         out[name] = _fit(pairs, params, stats if name == "train" else PairStats())
     stats.pairs = len(out["train"])
     return PreferenceData(
@@ -151,7 +199,26 @@ def load_preference_data(params: LLMParams, tokenizer: Any, margins: bool = True
         preview=preview,
         skipped_rows=skipped,
         reasoning=holds_reasoning(splits["train"], [columns["chosen"], columns["rejected"]]),
+        image_files=_image_files([*out["train"], *out.get("valid", [])]),
     )
+
+
+def _image_codec(processor: Any, source: str | None, tokenizer: Any) -> tuple[ImageCodec | None, str | None]:
+    """How the model's images become tokens with this template, or why they cannot (said by the first row that
+    shows one, not by a run with none)."""
+    if processor is None:
+        return None, None
+    if source is None:
+        return None, "images need a chat template (the rows are plain text with no prompt column)"
+    try:
+        return ImageCodec(processor, source, tokenizer), None
+    except ConfigError as err:
+        return None, str(err)
+
+
+def _image_files(pairs: list[Pair]) -> dict[str, tuple[int, int]]:
+    files = {span.ref for pair in pairs for span in pair.images or () if isinstance(span.ref, str)}
+    return {path: (os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in sorted(files)}
 
 
 def _pick_template(requested: str | None, conversational: bool, has_prompt: bool, tokenizer: Any) -> str | None:
@@ -180,6 +247,24 @@ class RowShape:
     conversational: bool  # message lists (else plain text)
     source: str | None  # the chat template's source, None when texts are used as they are
     tokenizer: Any
+    reads_images: bool = False  # image parts are read (a vision-language model's run), not taken for bad text
+    images: ImageCodec | None = None  # how they become tokens; None: rows that show images are bad rows, for...
+    images_problem: str | None = None  # ...this reason
+    image_token: str | None = None  # the model's image token: no text may write it itself
+    folder: Path | None = None  # where the data file is: image paths are relative to it
+
+
+@dataclass
+class PairTexts:
+    """One row rendered: the prompt (its images written in as the processor writes them) and each completion."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+    margin: float | None = None
+    images: list[str | bytes] = field(default_factory=list)  # the prompt's images, in order
+    marks: list[tuple[int, int]] = field(default_factory=list)  # the characters of each image in `prompt`
+    preview: str = ""  # as the log shows it (each image's tokens written once, as the template writes it)
 
 
 def _starts_with_bos(tokenizer: Any, split: Split, columns: dict[str, str]) -> bool:
@@ -188,18 +273,15 @@ def _starts_with_bos(tokenizer: Any, split: Split, columns: dict[str, str]) -> b
     return bool(bos) and any(str(row.get(first, "")).startswith(bos) for row in split.rows[:100])
 
 
-def _texts(
-    split: Split, shape: RowShape, bad_rows: str, stats: PairStats | None
-) -> tuple[list[tuple[str, str, str, float | None]], int]:
-    """(prompt, chosen completion, rejected completion, margin or None) for every usable row, and how many bad rows
-    were skipped; bad rows are handled as bad_rows says, rows whose chosen equals rejected are dropped with a
-    warning."""
+def _texts(split: Split, shape: RowShape, bad_rows: str, stats: PairStats | None) -> tuple[list[PairTexts], int]:
+    """Every usable row's texts (and margin), and how many bad rows were skipped; bad rows are handled as bad_rows
+    says, rows whose chosen equals rejected are dropped with a warning."""
     texts, problems, identical = [], [], []
     for index, row in enumerate(split.rows):
         try:
             parts = _row_texts(row, shape)
-            if parts is not None:
-                parts = (*parts, _margin(row, shape.columns["margin"]) if "margin" in shape.columns else None)
+            if parts is not None and "margin" in shape.columns:
+                parts.margin = _margin(row, shape.columns["margin"])
         except RowProblem as problem:
             problems.append(describe_problem(split, index, problem))
             continue
@@ -244,51 +326,111 @@ def _margin(row: dict, column: str) -> float:
     return float(value)
 
 
-def _row_texts(row: dict, shape: RowShape) -> tuple[str, str, str] | None:
-    """One row's (prompt, chosen, rejected) texts, None when chosen equals rejected; RowProblem when it is bad."""
-    parts = _row_parts(row, shape.columns, shape.source is not None, shape.conversational)
+def _row_texts(row: dict, shape: RowShape) -> PairTexts | None:
+    """One row's texts, None when chosen equals rejected; RowProblem when it is bad."""
+    parts = _row_parts(row, shape.columns, shape.source is not None, shape.conversational, shape.reads_images)
     if parts is None:
         return None
     prompt, chosen, rejected = parts
     if shape.source is None:
         eos = shape.tokenizer.eos_token or ""
-        return prompt, _with_eos(chosen, eos), _with_eos(rejected, eos)
-    return _render(prompt, chosen, rejected, shape.source, shape.tokenizer)
+        return _unimaged(PairTexts(prompt, _with_eos(chosen, eos), _with_eos(rejected, eos)), shape)
+    refs = _prompt_images(prompt, shape)
+    texts = PairTexts(*_render(as_template_reads(prompt), chosen, rejected, shape.source, shape.tokenizer))
+    if shape.images is None:
+        return _unimaged(texts, shape)
+    for column, answer in ((shape.columns["chosen"], texts.chosen), (shape.columns["rejected"], texts.rejected)):
+        if shape.image_token in answer:
+            raise RowProblem(column, f"its answer writes the image token {shape.image_token!r} itself")
+    texts.preview = _preview(texts)
+    try:
+        texts.prompt, _, texts.marks = shape.images.expand(texts.prompt, [], refs)
+    except ImageProblem as err:
+        raise RowProblem(shape.columns.get("prompt") or shape.columns["chosen"], str(err)) from None
+    texts.images = refs
+    return texts
+
+
+def _unimaged(texts: PairTexts, shape: RowShape) -> PairTexts:
+    """Texts of a run whose rows show no images: none may write the model's image token either."""
+    token = shape.image_token
+    for column, text in (
+        (shape.columns.get("prompt") or shape.columns["chosen"], texts.prompt),
+        (shape.columns["chosen"], texts.chosen),
+        (shape.columns["rejected"], texts.rejected),
+    ):
+        if token and token in text:
+            raise RowProblem(column, f"its text holds {text.count(token)} image place(s) ({token!r}) for 0 image(s)")
+    texts.preview = _preview(texts)
+    return texts
+
+
+def _preview(texts: PairTexts) -> str:
+    return f"{texts.prompt}[chosen>]{texts.chosen}\n---\n{texts.prompt}[rejected>]{texts.rejected}"
+
+
+def _prompt_images(prompt: list[dict[str, Any]], shape: RowShape) -> list[str | bytes]:
+    """The prompt's images, each found and opened (data/images.checked_ref); RowProblem when one cannot be, or when
+    the run takes none (a text model's, or another method's: `images_problem` says why)."""
+    found = image_parts(prompt)
+    column = shape.columns.get("prompt") or shape.columns["chosen"]
+    if not found:
+        return []
+    if shape.images is None:
+        why = shape.images_problem or "the model reads text only"
+        raise RowProblem(column, f"message {found[0][0]} has an image part, but {why}")
+    refs = []
+    for number, value in found:
+        try:
+            refs.append(checked_ref(value, shape.folder))
+        except ImageProblem as err:
+            raise RowProblem(column, f"message {number}: {err}") from None
+    return refs
 
 
 def _row_parts(
-    row: dict, columns: dict[str, str], templated: bool, conversational: bool
+    row: dict, columns: dict[str, str], templated: bool, conversational: bool, images: bool = False
 ) -> tuple[Any, Any, Any] | None:
     """The row's prompt and answers: strings, or message lists when the rows are conversations; None when chosen
     equals rejected (compared whole, before a shared prompt is split off: identical conversations share every
-    message and would otherwise read as a pair with no answer)."""
+    message and would otherwise read as a pair with no answer). With `images` (a vision-language model's run), the
+    prompt's turns may show images, its bare image parts (or `<image>` marks) filled from the row's `images`
+    column (formats.with_row_images); the answers show none."""
     chosen_col, rejected_col = columns["chosen"], columns["rejected"]
     if not conversational and is_messages(row.get(chosen_col)):
         raise RowProblem(chosen_col, "a list of messages, where the other rows hold text")
     if conversational:
-        chosen = cell_messages(row, chosen_col, need_assistant=False)
-        rejected = cell_messages(row, rejected_col, need_assistant=False)
+        chosen = cell_messages(row, chosen_col, need_assistant=False, images=images)
+        rejected = cell_messages(row, rejected_col, need_assistant=False, images=images)
         if chosen == rejected:
             return None
         shared = _common_messages(chosen, rejected)
         if shared:
             prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
         elif "prompt" in columns:
-            prompt = _prompt_messages(row, columns["prompt"])
+            prompt = _prompt_messages(row, columns["prompt"], images)
         else:
             raise RowProblem(chosen_col, "no prompt: chosen and rejected share no leading messages")
         for column, answer in ((chosen_col, chosen), (rejected_col, rejected)):
+            if image_parts(answer):
+                raise RowProblem(column, "an image after the prompt: only the prompt (the turns both share) shows one")
             if not any(m["role"] == "assistant" and m["content"].strip() for m in answer):
                 raise RowProblem(column, "no assistant answer after the prompt")
+        if images:
+            prompt = with_row_images(prompt, row, columns.get("prompt", chosen_col))
         return prompt, chosen, rejected
     chosen, rejected = cell_text(row, chosen_col), cell_text(row, rejected_col)
     if chosen == rejected:
         return None
+    shown = next((name for name in IMAGE_COLUMNS if row.get(name) not in (None, "", [])), None)
+    if images and shown and not ("prompt" in columns and templated):
+        raise RowProblem(shown, "images for text with no chat template: set prompt_text_column and a chat template")
     if "prompt" in columns:
         prompt = cell_text(row, columns["prompt"])
         if templated:
+            asked = [{"role": "user", "content": prompt}]
             return (
-                [{"role": "user", "content": prompt}],
+                with_row_images(asked, row, columns["prompt"]) if images else asked,
                 [{"role": "assistant", "content": chosen}],
                 [{"role": "assistant", "content": rejected}],
             )
@@ -303,9 +445,9 @@ def _row_parts(
     return prompt, chosen, rejected
 
 
-def _prompt_messages(row: dict, column: str) -> list[dict[str, str]]:
+def _prompt_messages(row: dict, column: str, images: bool = False) -> list[dict[str, Any]]:
     if is_messages(row.get(column)):
-        return cell_messages(row, column, need_assistant=False)
+        return cell_messages(row, column, need_assistant=False, images=images)
     return [{"role": "user", "content": cell_text(row, column)}]
 
 
@@ -349,9 +491,23 @@ def _render(prompt: Any, chosen: Any, rejected: Any, source: str, tokenizer: Any
     return prompt_text, fulls[0][len(prompt_text) :], fulls[1][len(prompt_text) :]
 
 
-def tokenize_pair(prompt: str, chosen: str, rejected: str, tokenizer: Any, add_special_tokens: bool) -> Pair:
+def _tokenized(texts: PairTexts, tokenizer: Any, add_special_tokens: bool) -> Pair:
+    pair = tokenize_pair(texts.prompt, texts.chosen, texts.rejected, tokenizer, add_special_tokens, texts.marks)
+    images = [ImageSpan(ref, *span) for ref, span in zip(texts.images, pair.images or [], strict=True)] or None
+    return dataclasses.replace(pair, margin=texts.margin, images=images)
+
+
+def tokenize_pair(
+    prompt: str,
+    chosen: str,
+    rejected: str,
+    tokenizer: Any,
+    add_special_tokens: bool,
+    marks: list[tuple[int, int]] | None = None,
+) -> Pair:
     """Token ids of prompt + each completion, tokenized whole (as the model will see them); the prompt is the
-    longest run of leading tokens that both share and that lies inside the prompt's characters."""
+    longest run of leading tokens that both share and that lies inside the prompt's characters. `marks`: the
+    characters of the prompt's images, whose (first token, token count) become the pair's `images`."""
     enc = tokenizer(
         [prompt + chosen, prompt + rejected],
         add_special_tokens=add_special_tokens,
@@ -362,7 +518,8 @@ def tokenize_pair(prompt: str, chosen: str, rejected: str, tokenizer: Any, add_s
     n = 0
     while n < min(len(ids_c), len(ids_r)) and ids_c[n] == ids_r[n] and off_c[n][1] <= len(prompt):
         n += 1
-    return Pair(list(ids_c[:n]), list(ids_c[n:]), list(ids_r[n:]))
+    spans = [(first, stop - first) for first, stop in marked_from_offsets(off_c, marks)] if marks else None
+    return Pair(list(ids_c[:n]), list(ids_c[n:]), list(ids_r[n:]), images=spans)
 
 
 def _fit(pairs: list[Pair], params: LLMParams, stats: PairStats) -> list[Pair]:
@@ -370,13 +527,24 @@ def _fit(pairs: list[Pair], params: LLMParams, stats: PairStats) -> list[Pair]:
     max_completion_length and to the room block_size leaves. Pairs with no room for an answer are dropped."""
     kept = []
     for pair in pairs:
-        prompt, room = fit_prompt(pair.prompt_ids, params, stats)
+        prompt, images = pair.prompt_ids, pair.images
+        if images:  # a cut keeps every image whole: only the text before the first may go
+            cut = min(max(0, len(prompt) - params.max_prompt_length), images[0].start)
+            if cut < len(prompt) - params.max_prompt_length:
+                stats.long_image_prompts += 1
+            prompt = prompt[cut:]
+            room = answer_room(len(prompt), params)
+            if cut:
+                stats.prompts_truncated += 1
+                images = [dataclasses.replace(span, start=span.start - cut) for span in images]
+        else:
+            prompt, room = fit_prompt(prompt, params, stats)
         if room <= 0:
             stats.dropped_no_room += 1
             continue
         if len(pair.chosen_ids) > room or len(pair.rejected_ids) > room:
             stats.completions_truncated += 1
-        kept.append(Pair(prompt, pair.chosen_ids[:room], pair.rejected_ids[:room], pair.margin))
+        kept.append(Pair(prompt, pair.chosen_ids[:room], pair.rejected_ids[:room], pair.margin, images))
     return kept
 
 
@@ -386,4 +554,9 @@ def fit_prompt(prompt: list[int], params: LLMParams, stats: PairStats) -> tuple[
     if len(prompt) > params.max_prompt_length:
         prompt = prompt[-params.max_prompt_length :]
         stats.prompts_truncated += 1
-    return prompt, min(params.max_completion_length or params.block_size, params.block_size - len(prompt))
+    return prompt, answer_room(len(prompt), params)
+
+
+def answer_room(prompt_length: int, params: LLMParams) -> int:
+    """The most tokens an answer after a prompt of this length keeps."""
+    return min(params.max_completion_length or params.block_size, params.block_size - prompt_length)

@@ -54,7 +54,7 @@ def encode_arrays(
         ranges = [_ranges_from_offsets(offsets, r.spans) for offsets, r in pairs]
         if marked is not None:
             pairs = zip(enc["offset_mapping"], rendered, strict=True)
-            marked += [_marked_from_offsets(offsets, r.marks or []) for offsets, r in pairs]
+            marked += [marked_from_offsets(offsets, r.marks or []) for offsets, r in pairs]
     else:
         # transformers sets the backend up for each call (no truncation or padding, its special-token splitting):
         # a call on one text does that, then the Rust tokenizer is used as it is, which skips building Python
@@ -204,7 +204,7 @@ def _meets(chars: tuple[int, int] | None, start: int, end: int) -> bool:
     return chars is not None and chars[1] > chars[0] and chars[0] < end and chars[1] > start
 
 
-def _marked_from_offsets(offsets: list, marks: list[tuple[int, int]]) -> list[tuple[int, int]]:
+def marked_from_offsets(offsets: list, marks: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """Each mark's [first, stop) token range, from every token's offsets (a slow tokenizer's)."""
     out = []
     for start, end in marks:

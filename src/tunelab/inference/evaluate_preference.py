@@ -31,6 +31,7 @@ from typing import Any
 from tunelab.data.holdout import SavedHoldOut, prompt_groups
 from tunelab.errors import DataError, TunelabError
 from tunelab.methods import METHODS, REGISTRY, readers
+from tunelab.models.vision import reads_images
 from tunelab.outputs import load_base, model_reference, read_run, training_params
 
 log = logging.getLogger("tunelab")
@@ -124,7 +125,7 @@ def evaluate_pairs(
     if params.trainer == "reward":
         return _evaluate_reward(folder, params, compare_base, max_rows, held), []
     model, tokenizer = load_run(folder)
-    data, rows, pairs = _read(params, tokenizer, max_rows, held)
+    data, rows, pairs = _read(params, tokenizer, max_rows, held, reads_images(model.config))
     started = time.time()
     results = _described(folder, params, data, len(pairs) if pairs is not None else len(rows), pairs is not None)
     policy = _logps(model, rows, params, tokenizer)
@@ -169,13 +170,15 @@ def evaluation_params(folder: Path, settings: tuple[str, ...], data_path: str, s
 
 
 def _read(
-    params: Any, tokenizer: Any, max_rows: int, held: SavedHoldOut | None = None
+    params: Any, tokenizer: Any, max_rows: int, held: SavedHoldOut | None = None, images: bool = False
 ) -> tuple[Any, list[Any], list[tuple[int, int]] | None]:
-    """(the reader's data, the rows to score, and for kto on pairs each pair's (desirable, undesirable) row)."""
+    """(the reader's data, the rows to score, and for kto on pairs each pair's (desirable, undesirable) row).
+    `images`: the model reads images (pairs that show some are bad rows, said so, not taken for a text model's)."""
     if REGISTRY[params.trainer].data != "labeled":
         from tunelab.data.preference import load_preference_data
 
-        data, _ = _held_out(load_preference_data(params, tokenizer), held)
+        unscored = "evaluate does not score images yet (a run's figures on them: its training log's eval_ ones)"
+        data, _ = _held_out(load_preference_data(params, tokenizer, images_problem=unscored if images else None), held)
         rows, pairs = data.train[:max_rows], None
     else:
         from tunelab.data.kto import load_kto_data

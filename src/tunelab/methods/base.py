@@ -56,7 +56,8 @@ class Method:
     called once the model is loaded, before training, as (model, train_rows, valid_rows, params, prepared-data
     folder) -> (train_rows, valid_rows): what the rows need from the model (dpo: the reference's log-probs).
     `evaluation`: how `tunelab evaluate` measures a preference method (None: as a language model, or as the
-    reward model it trains).
+    reward model it trains). `images`: it trains a vision-language model on rows that show images (data/images.py);
+    `rows_with_model` is then also given the run's ImageCodec as `images`.
     """
 
     model_kind: str
@@ -65,5 +66,6 @@ class Method:
     rows_with_model: Callable[..., tuple[list[Any], list[Any] | None]] | None = None
     evaluation: PairEvaluation | None = None
     perplexity: bool = True  # exp(loss) is a perplexity: the loss is the next-token cross-entropy (not distill's)
+    images: bool = False
     name: str = ""
     data: str = "examples"

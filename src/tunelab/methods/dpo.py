@@ -276,11 +276,17 @@ class ScoredPair(Pair):
 
 
 def with_reference_logps(
-    model: Any, train_rows: list[Any], valid_rows: list[Any] | None, params: LLMParams, folder: Path | None
+    model: Any,
+    train_rows: list[Any],
+    valid_rows: list[Any] | None,
+    params: LLMParams,
+    folder: Path | None,
+    images: Any = None,
 ) -> tuple[list[Any], list[Any] | None]:
     """precompute_ref_log_probs: every pair scored by the reference once, before training, and kept beside the
     prepared data (`folder`, keyed by the reference model's weights), so the trainer needs no reference model
-    and a resumed run or the next run on the same data and model scores nothing."""
+    and a resumed run or the next run on the same data and model scores nothing. `images`: the run's ImageCodec,
+    when its pairs show images."""
     if not params.precompute_ref_log_probs:
         return train_rows, valid_rows
     rows = [*train_rows, *(valid_rows or [])]
@@ -290,7 +296,7 @@ def with_reference_logps(
         log.info("%s: reference log-probs of %d pairs reused from %s", params.trainer, len(rows), store)
     else:
         started = time.time()
-        scores = score_with_reference(model, rows, params)
+        scores = score_with_reference(model, rows, params, images)
         log.info(
             "%s: reference log-probs of %d pairs scored in %.1f s", params.trainer, len(rows), time.time() - started
         )
@@ -300,13 +306,13 @@ def with_reference_logps(
                 np.save(partial, scores)
                 os.replace(partial, store)
     scored = [
-        ScoredPair(p.prompt_ids, p.chosen_ids, p.rejected_ids, ref_chosen=float(c), ref_rejected=float(r))
+        ScoredPair(p.prompt_ids, p.chosen_ids, p.rejected_ids, p.margin, p.images, float(c), float(r))
         for p, (c, r) in zip(rows, scores, strict=True)
     ]
     return scored[: len(train_rows)], (scored[len(train_rows) :] if valid_rows else valid_rows)
 
 
-def score_with_reference(model: Any, rows: list[Pair], params: LLMParams) -> np.ndarray:
+def score_with_reference(model: Any, rows: list[Pair], params: LLMParams, images: Any = None) -> np.ndarray:
     """(chosen, rejected) summed answer log-probs of every pair under the reference: `model_ref`, else the model
     about to be trained as it starts (with LoRA: its adapter switched off), under the run's mixed precision."""
     from accelerate import PartialState
@@ -320,7 +326,7 @@ def score_with_reference(model: Any, rows: list[Pair], params: LLMParams) -> np.
     fast = params.fast_loss and fast_loss_supported(reference)
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(params.mixed_precision or "")
     adapter_off = reference.disable_adapter() if reference is model and hasattr(model, "disable_adapter") else None
-    collate = PairCollator(pad_id=0)  # padding sits after every real token and is masked: any id does
+    collate = PairCollator(pad_id=0, images=images)  # padding sits after every real token and is masked: any id
     with torch.no_grad(), eval_mode(reference), adapter_off or contextlib.nullcontext():
         with torch.autocast(device.type, dtype=half, enabled=half is not None):
             summed = length_desensitised(params.ld_alpha)
@@ -363,4 +369,5 @@ METHOD = Method(
     evaluation=PairEvaluation(
         pair_figures, "dpo_beta", REFERENCE_REWARDS, summed=lambda params: length_desensitised(params.ld_alpha)
     ),
+    images=True,
 )

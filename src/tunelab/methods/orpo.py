@@ -74,4 +74,5 @@ METHOD = Method(
     build_rows=build_pair_rows,
     trainer_class=ORPOTrainer,
     evaluation=PairEvaluation(pair_figures, "dpo_beta", PER_TOKEN_REWARDS),
+    images=True,
 )

@@ -36,14 +36,20 @@ def build_pair_rows(pairs: list[Pair], params: LLMParams) -> tuple[list[Any], Ro
 class PairCollator:
     """Pairs -> input_ids / attention_mask / labels of shape (2B, L): chosen rows first, then rejected.
 
-    `labels` mark the answer tokens (prompt and padding are -100).
+    `labels` mark the answer tokens (prompt and padding are -100). `images`: a vision-language run's
+    data/images.ImageCodec: the pixels of each pair's prompt images (once per row: the chosen and the rejected row
+    each show them) and the per-token types go under `image_inputs`, passed to the model with the ids.
     """
 
-    def __init__(self, pad_id: int) -> None:
+    def __init__(self, pad_id: int, images: Any = None) -> None:
         self.pad_id = pad_id
+        self.images = images
 
-    def __call__(self, pairs: list[Pair]) -> dict[str, torch.Tensor]:
-        batch = self._rows(pairs)
+    def __call__(self, pairs: list[Pair]) -> dict[str, Any]:
+        batch: dict[str, Any] = self._rows(pairs)
+        if self.images is not None:
+            shown = [[span.ref for span in pair.images or ()] for pair in pairs] * 2
+            batch["image_inputs"] = self.images.batch_inputs(shown, batch["input_ids"])
         if pairs and getattr(pairs[0], "margin", None) is not None:  # reward's margins (margin_column)
             batch["margin"] = torch.tensor([p.margin for p in pairs], dtype=torch.float32)
         if pairs and hasattr(pairs[0], "ref_chosen"):  # dpo's reference log-probs, scored before training
@@ -69,9 +75,9 @@ class PreferenceTrainer(GuardedTrainer):
     """Trainer for pair losses: subclasses define `pair_loss(model, batch) -> (loss, metrics)`; metrics are
     averaged over the steps between two logs and logged with the loss (eval ones with the `eval_` prefix)."""
 
-    def __init__(self, *args: Any, params: LLMParams, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, params: LLMParams, images: Any = None, **kwargs: Any) -> None:
         if kwargs.get("data_collator") is None:
-            kwargs["data_collator"] = PairCollator(kwargs["processing_class"].pad_token_id)
+            kwargs["data_collator"] = PairCollator(kwargs["processing_class"].pad_token_id, images)
         # Batches of pairs of similar length (a Pair's len() is what its rows pad to): less padding.
         kwargs.setdefault("group_by_length", params.group_by_length)
         super().__init__(*args, **kwargs)
@@ -132,8 +138,10 @@ def answer_logprobs(
     """log p(next token) where `labels` is set, from hidden states projected there in chunks (`fast`) or from the
     logits; `unwrapped` is the model under any DDP/FSDP wrapper (its output head is swapped). With `squares`, also
     log sum_v p(v)^2 at the same positions, without gradient (dpo's WPO weights), else None. `balance`: the trainer
-    that keeps this forward's mixture-of-experts balancing loss (the policy's forward), over the unpadded tokens."""
+    that keeps this forward's mixture-of-experts balancing loss (the policy's forward), over the unpadded tokens.
+    A batch's `image_inputs` (PairCollator) go to the model too."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    inputs.update(batch.get("image_inputs", {}))
     routing = balance.routing() if balance is not None else {}
     if fast:
         with output_head_returns_hidden(unwrapped) as head:
@@ -177,6 +185,8 @@ def score_answers(
             chosen = order[start : start + batch_size]
             collated = collate([rows[i] for i in chosen])
             batch = {key: collated[key].to(device) for key in ("input_ids", "attention_mask", "labels")}
+            if "image_inputs" in collated:
+                batch["image_inputs"] = {key: value.to(device) for key, value in collated["image_inputs"].items()}
             logps, _ = answer_logprobs(model, model, batch, batch["labels"], fast)
             batch_sums, batch_counts = summed(logps, batch["labels"])
             k = len(batch_sums) // len(chosen)  # sequences per row, in blocks (every chosen, then every rejected)

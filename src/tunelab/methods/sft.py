@@ -46,4 +46,5 @@ def build_rows(examples: Any, params: LLMParams) -> tuple[Any, RowStats]:
 METHOD = Method(
     model_kind="causal_lm",
     build_rows=build_rows,
+    images=True,
 )

@@ -70,4 +70,5 @@ METHOD = Method(
     build_rows=build_pair_rows,
     trainer_class=SimPOTrainer,
     evaluation=PairEvaluation(pair_figures, "dpo_beta", PER_TOKEN_REWARDS),
+    images=True,
 )

@@ -115,9 +115,9 @@ def prepare(params: LLMParams) -> Prepared:
         stats = bundle["stats"]
     check_token_ids(_highest_token_id(data, method.data), config, source)
     if shows_images(data):
-        if params.trainer != "sft":
+        if not method.images:
             raise ConfigError(
-                f"trainer {params.trainer}: the data shows images, which the sft trainer trains on (use --trainer sft)"
+                f"trainer {params.trainer}: the data shows images, which trainers sft, dpo, orpo and simpo train on"
             )
         if params.packing:
             raise ConfigError("packing: the data shows images, and rows with images are not packed yet: leave it off")
@@ -136,9 +136,10 @@ def prepare(params: LLMParams) -> Prepared:
 
 
 def _processor(source: ModelSource, config: Any, params: LLMParams, method: Method, tokenizer: Any) -> Any:
-    """A vision-language model's processor (None for a text model, and for the methods that read no images); its chat
-    template given to the tokenizer that has none of its own."""
-    if method.data != "examples" or not reads_images(config):
+    """A vision-language model's processor (None for a text model, and for the methods that read no images: those on
+    examples get it too, to refuse such rows by name); its chat template given to the tokenizer that has none of its
+    own."""
+    if (method.data != "examples" and not method.images) or not reads_images(config):
         return None
     processor = load_processor(source)
     if not getattr(tokenizer, "chat_template", None) and getattr(processor, "chat_template", None):
@@ -191,7 +192,9 @@ def _prepare_data(
             f"data_path lists several sources, which trainer {params.trainer} does not take yet (mixtures are for "
             "default and sft): give it one file, folder or hub dataset"
         )
-    if method.data in loaders:
+    if method.data == "pairs":
+        data = load_preference_data(params, tokenizer, processor=processor)
+    elif method.data in loaders:
         data = loaders[method.data](params, tokenizer)
     else:
         data = load_data(params, tokenizer, folder, processor)
@@ -239,9 +242,15 @@ def _run(params: LLMParams) -> Path:
     set_seed(params.seed)  # LoRA's initial weights, dropout: the same run twice is the same run
     model = load_model(prep.source, params, method.model_kind, tokenizer, new_token_ids=prep.new_token_ids)
     _report_model(model, params)
+    images = None
+    if shows_images(data):
+        images, problem = image_codec(prep.processor, data.template_source, tokenizer)
+        if images is None:
+            raise ConfigError(f"the data shows images, but {problem}")
     if method.rows_with_model is not None:  # dpo's precomputed reference log-probs
         folder_of = prep.prepared.folder if prep.prepared else None
-        train_rows, valid_rows = method.rows_with_model(model, train_rows, valid_rows, params, folder_of)
+        shown = {"images": images} if images is not None else {}
+        train_rows, valid_rows = method.rows_with_model(model, train_rows, valid_rows, params, folder_of, **shown)
     log_run_estimate(model.config, params, *microbatch(prep), method.model_kind)
 
     # Imported here: transformers' Trainer takes seconds to import, and the dry run (`plan`) never needs it.
@@ -255,11 +264,6 @@ def _run(params: LLMParams) -> Path:
     progress = ProgressAndMetrics(folder.staging / "metrics.jsonl", perplexity=perplexity)
     if data.template_source:  # the template trained with, from the start: grpo reads its turn end (models/turns.py)
         tokenizer.chat_template = data.template_source
-    images = None
-    if shows_images(data):
-        images, problem = image_codec(prep.processor, data.template_source, tokenizer)
-        if images is None:
-            raise ConfigError(f"the data shows images, but {problem}")
     trainer = build_trainer(
         model, tokenizer, params, train_rows, valid_rows, str(folder.staging), [progress], method.trainer_class,
         images=images,
@@ -323,11 +327,18 @@ def _report_data(params: LLMParams, data: Any, stats: Any, rows: int) -> None:
             pair_stats.completions_truncated,
             pair_stats.dropped_no_room,
         )
+        if getattr(pair_stats, "long_image_prompts", 0):
+            log.info(_LONG_IMAGE_PROMPTS, pair_stats.long_image_prompts, params.max_prompt_length)
     log.info("first example as trained:\n%s", data.preview[:600])
 
 
+_LONG_IMAGE_PROMPTS = "pairs: %d prompts kept longer than max_prompt_length=%d: a cut there would split an image"
+
+
 def shows_images(data: Any) -> bool:
-    """Some example of the train or valid split shows images."""
+    """Some example (or pair) of the train or valid split shows images."""
+    if isinstance(getattr(data, "shows_images", None), bool):  # pairs (data/preference.PreferenceData)
+        return data.shows_images
     return any(getattr(table, "images", None) is not None for table in (data.train, getattr(data, "valid", None)))
 
 
@@ -465,6 +476,8 @@ def plan(params: LLMParams) -> RunPlan:
             f"{s.completions_truncated} answers cut to fit, "
             f"{s.dropped_no_room} {'answers' if kind == 'labeled' else 'pairs'} dropped with no room for an answer"
         )
+        if getattr(s, "long_image_prompts", 0):
+            train.notes.append(_LONG_IMAGE_PROMPTS % (s.long_image_prompts, params.max_prompt_length))
     else:
         train.notes.append(
             f"{stats.truncated} truncated to block_size={params.block_size}, "

@@ -578,7 +578,8 @@ def build_trainer(
         "callbacks": callbacks,
     }
     if trainer_class is not None and not issubclass(trainer_class, TunelabTrainer):
-        trainer = trainer_class(params=params, **common)  # pairs or prompts: brings its own collator
+        shown = {"images": images} if images is not None else {}  # a vision-language run's pairs
+        trainer = trainer_class(params=params, **common, **shown)  # pairs or prompts: brings its own collator
     else:  # rows of examples: the next-token loss, or a method's own loss over the same rows (distill)
         # Flash-attention kernels take one flat sequence with per-example positions (no padding at all); SDPA and
         # eager attention get one row per packed row, so attention stays quadratic in the row, not the batch.
