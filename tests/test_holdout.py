@@ -182,12 +182,13 @@ def test_evaluate_split_valid_on_the_run_s_own_file_measures_its_held_out_exampl
     alone = evaluate_run(out, str(only), split="test", samples=0)
     assert alone["rows"] == 6 and results["eval_loss"] == pytest.approx(alone["eval_loss"], rel=1e-6)
     from tunelab.data import load_data
-    from tunelab.inference.evaluate import _cut, _data_params, mean_loss
+    from tunelab.inference.evaluate import _data_params, mean_loss
     from tunelab.inference.generate import load_run
 
     model, tokenizer = load_run(out)
     encoded = load_data(_data_params(out, str(data), "train"), tokenizer).train
-    assert results["eval_loss"] == pytest.approx(mean_loss(model, [_cut(encoded[i], 512) for i in held]), rel=1e-6)
+    by_hand = mean_loss(model, [encoded.example(i, limit=512) for i in held])
+    assert results["eval_loss"] == pytest.approx(by_hand, rel=1e-6)
 
     # --split train: the 18 it trained on; another split name, or another file: every row, as before
     trained = evaluate_run(out, str(data), split="train", samples=0)

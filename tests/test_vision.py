@@ -436,13 +436,55 @@ def test_dry_run_counts_the_vision_tower(capsys, tmp_path, llava):
     assert "<image> x4" in out  # an image's tokens shown once, with their count
 
 
-def test_evaluate_says_images_are_not_scored_yet(capsys, tmp_path, llava):
+def test_evaluate_scores_image_rows_with_their_images(capsys, tmp_path, llava):
+    """`tunelab evaluate` on a vision-language run: each row's loss with its pixels, as trained (the figure equals
+    the model's own on the processor's inputs), the base beside it, and sample answers asked with the images."""
+    from transformers import AutoProcessor
+
+    from tunelab.inference.evaluate import mean_loss
+    from tunelab.inference.generate import load_run
+
     color_images(tmp_path)
-    data = write_jsonl(tmp_path / "train.jsonl", color_rows(4))
+    data = write_jsonl(tmp_path / "train.jsonl", color_rows())
     run = tmp_path / "run"
-    train(capsys, llava, data, run, "--peft", "--max-steps", "1", "--block-size", "128")
-    code = main(["evaluate", "--model", str(run), "--data-path", str(data)])
-    assert "shows images, which evaluate does not score yet" in error_line(capsys, code)
+    train(capsys, llava, data, run, *LEARN, *LEARN_LORA)
+    code = main(["evaluate", "--model", str(run), "--data-path", str(data), "--compare-base", "--samples", "3"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    results = json.loads((run / "evaluation" / "results.json").read_text())
+    assert results["eval_loss"] < results["base_eval_loss"] - 0.5, results
+    for sample in results["samples"]:
+        assert sample["tuned"].startswith(sample["reference"][:9]), sample
+        assert sample["prompt"][0]["content"][0] == {"type": "image"}, sample  # (no path or bytes in the report)
+    assert "[image] What color is this?" in (run / "evaluation" / "report.md").read_text()
+
+    model, tokenizer = load_run(run)
+    processor = AutoProcessor.from_pretrained(run)
+    row = color_rows(1)[0]["messages"]
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": row[0]["content"][1]["text"]}]},
+            {"role": "assistant", "content": [{"type": "text", "text": row[1]["content"]}]}]  # fmt: skip
+    inputs = processor(
+        text=[processor.apply_chat_template(chat, tokenize=False)],
+        images=[[Image.open(tmp_path / "red.png").convert("RGB")]],
+        add_special_tokens=False,
+        return_tensors="pt",
+    )
+    from tunelab.config.llm import LLMParams
+    from tunelab.data import image_codec
+    from tunelab.tasks.llm import prepare
+
+    params = LLMParams(trainer="sft", model=str(llava), data_path=str(data), project_name=str(tmp_path / "p"))
+    prep = prepare(params)
+    codec, _ = image_codec(prep.processor, prep.data.template_source, prep.tokenizer)
+    example = prep.data.train.example(0)
+    assert example.input_ids == inputs["input_ids"][0].tolist()
+    import torch
+
+    with torch.no_grad():
+        logits = model(**inputs).logits[0, :-1].float()
+    labels = torch.tensor(example.labels[1:])
+    expected = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100)
+    assert mean_loss(model, [example], codec) == pytest.approx(float(expected), rel=1e-4)
 
 
 def test_served_run_reads_images_sent_as_data_uris(capsys, tmp_path, llava):

@@ -80,6 +80,14 @@ def test_dpo_learns_which_answer_the_image_supports(capsys, tmp_path, vlm):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["eval_rewards/accuracies"] == 1.0, metrics
     assert metrics["eval_rewards/margins"] > 0.5, metrics
+    # `tunelab evaluate` scores the pairs with their images as training did, and asks the samples with them
+    code = main(["evaluate", "--model", str(run), "--data-path", str(data), "--samples", "2"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    results = json.loads((run / "evaluation" / "results.json").read_text())
+    assert results["rows"] == len(color_pairs()) and results["rewards/accuracies"] == 1.0, results
+    assert results["rewards/margins"] == pytest.approx(metrics["eval_rewards/margins"], rel=0.05), results
+    assert len(results["samples"]) == 2 and all(isinstance(s["tuned"], str) for s in results["samples"])
     assert (run / "processor_config.json").is_file()
     targets = json.loads((run / "adapter_config.json").read_text())["target_modules"]
     assert targets.startswith("model\\.language_model\\."), targets
@@ -222,7 +230,7 @@ def test_bad_image_pairs_are_named(capsys, tmp_path, llava):
     assert "line 1:" not in line and "line 1 " not in line
 
 
-def test_methods_that_take_no_images_and_evaluate_say_so(capsys, tmp_path, llava):
+def test_methods_that_take_no_images_say_so(capsys, tmp_path, llava):
     color_images(tmp_path)
     data = write_jsonl(tmp_path / "pairs.jsonl", color_pairs(1))
     for trainer, expected in (
@@ -231,11 +239,15 @@ def test_methods_that_take_no_images_and_evaluate_say_so(capsys, tmp_path, llava
     ):
         line = run_bad(capsys, llava, data, tmp_path / trainer, "--trainer", trainer, "--max-prompt-length", "32")
         assert expected in line, (trainer, line)
-    run = tmp_path / "simpo"
-    learn = ("--peft", "--max-steps", "2")
+
+
+def test_simpo_on_images_prefers_what_the_image_shows(capsys, tmp_path, llava):
+    color_images(tmp_path)
+    data = write_jsonl(tmp_path / "pairs.jsonl", color_pairs())
+    run = tmp_path / "run"
+    learn = ("--peft", "--lora-r", "16", "--lora-alpha", "32", "--lr", "5e-3", "--max-steps", "40")
     code = main(pair_args(llava, data, run, "simpo", *learn))
     out, err = capsys.readouterr()
     assert code == 0, f"{out}\n{err}"
-    code = main(["evaluate", "--model", str(run), "--data-path", str(data)])
-    err = capsys.readouterr().err
-    assert code == 2 and "evaluate does not score images yet" in err, err
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["eval_rewards/accuracies"] == 1.0, metrics

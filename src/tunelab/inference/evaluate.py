@@ -8,7 +8,9 @@ labeled answers) is measured by the figures its training logs instead (evaluate_
 text-classification run by its predictions (evaluate_classifier.py); the report is written here for both kinds of
 language model. Given the run's own data and `--split valid`, a run trained with valid_size is measured on exactly
 the examples it held out (`--split train`: those it trained on), drawn again as training drew them
-(data/holdout.saved_hold_out), on all three paths; the results' `data` says which examples they are.
+(data/holdout.saved_hold_out), on all three paths; the results' `data` says which examples they are. A
+vision-language run's rows (and pairs) that show images are measured with them, as trained: each row's pixels
+beside its ids, and the sample answers asked with the prompt's images.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.config.llm import LLMParams
+from tunelab.data.images import as_template_reads
 from tunelab.data.templates import answer_as_written, template_text, with_inputs, with_reasoning
 from tunelab.errors import TunelabError
 from tunelab.inference.report import REPORT_DIR, publish_report
@@ -42,6 +45,7 @@ DATA_SETTINGS = (
     "bad_rows",
     "block_size",
     "model_max_length",
+    "image_column",
 )
 
 
@@ -96,52 +100,52 @@ def evaluate_run(
         return results
     params = _data_params(folder, data_path, split)
     model, tokenizer = load_run(folder)
-    processor = None
-    if reads_images(model.config):  # images are read (and refused below), not taken for a text model's bad rows
+    processor = images = None
+    if reads_images(model.config):  # rows that show images are read with them, not taken for a text model's bad rows
         from tunelab.inference.generate import load_processor_of
 
         processor = load_processor_of(folder)
     data = load_data(params, tokenizer, processor=processor)
     if data.train.images is not None:
-        raise TunelabError(
-            f"evaluate: {data.origins['train']} shows images, which evaluate does not score yet (a vision-language "
-            "run's loss on them: its training log's eval_loss, with valid_split or valid_size)"
-        )
+        from tunelab.inference.evaluate_preference import codec_of
+
+        images = codec_of(processor, data, tokenizer)
     origin, picked = data.origins["train"], None
     if held:
         picked, origin = held.pick(len(data.train), origin)
-    examples = data.train[:max_rows] if picked is None else [data.train[int(i)] for i in picked[:max_rows]]
-    rows = [_cut(row, params.block_size) for row in examples]
+    indices = range(min(max_rows, len(data.train))) if picked is None else [int(i) for i in picked[:max_rows]]
+    rows = [data.train.example(i, limit=params.block_size) for i in indices]  # (a cut keeps whole images)
     rows = [row for row in rows if row.trained_tokens > 0]
     if not rows:
         raise TunelabError(f"evaluate: {origin}: no rows with answer tokens to score")
 
     started = time.time()
     results: dict[str, Any] = {"data": origin, "rows": len(rows), "model": str(folder)}
-    results["eval_loss"] = mean_loss(model, rows)
+    results["eval_loss"] = mean_loss(model, rows, images)
     results["eval_perplexity"] = math.exp(min(results["eval_loss"], 50))
     base_model, base_context = _base(model, folder, compare_base)
     if compare_base:
         with base_context():
-            results["base_eval_loss"] = mean_loss(base_model, rows)
+            results["base_eval_loss"] = mean_loss(base_model, rows, images)
         results["base_eval_perplexity"] = math.exp(min(results["base_eval_loss"], 50))
         results["base_model"] = run_info.get("base_model")
 
     shown = []
-    for prompt, reference in _prompts(params, samples, picked, len(data.train)):
-        tuned = _answer(model, tokenizer, prompt, max_new_tokens)
+    for prompt, reference in _prompts(params, samples, picked, len(data.train), processor):
+        tuned = _answer(model, tokenizer, prompt, max_new_tokens, processor)
         base = None
         if compare_base:
             with base_context():
-                base = _answer(base_model, tokenizer, prompt, max_new_tokens)
-        shown.append(Sample(prompt, reference, tuned, base))
+                base = _answer(base_model, tokenizer, prompt, max_new_tokens, processor)
+        shown.append(Sample(as_template_reads(prompt) if isinstance(prompt, list) else prompt, reference, tuned, base))
     results["seconds"] = round(time.time() - started, 1)
     write_report(folder, results, shown)
     return results
 
 
-def mean_loss(model: Any, rows: list[Any]) -> float:
-    """Next-token cross-entropy averaged over every trained token of every row (one row at a time: no padding)."""
+def mean_loss(model: Any, rows: list[Any], images: Any = None) -> float:
+    """Next-token cross-entropy averaged over every trained token of every row (one row at a time: no padding).
+    `images`: a vision-language run's data/images.ImageCodec, which gives each row's pixels beside its ids."""
     import torch
     import torch.nn.functional as F
 
@@ -151,16 +155,14 @@ def mean_loss(model: Any, rows: list[Any]) -> float:
         for row in rows:
             ids = torch.tensor([row.input_ids], device=model.device)
             labels = torch.tensor(row.labels[1:], device=model.device)
-            logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+            shown = {}
+            if images is not None:
+                inputs = images.batch_inputs([[span.ref for span in row.images or ()]], ids.cpu())
+                shown = {key: value.to(model.device) for key, value in inputs.items()}
+            logits = model(input_ids=ids, use_cache=False, **shown).logits[0, :-1].float()
             total += float(F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum"))
             count += int((labels != -100).sum())
     return total / max(count, 1)
-
-
-def _cut(row: Any, block_size: int) -> Any:
-    from tunelab.data.tokenize import Encoded
-
-    return row if len(row) <= block_size else Encoded(row.input_ids[:block_size], row.labels[:block_size])
 
 
 def _data_params(folder: Path, data_path: str, split: str) -> Any:
@@ -179,14 +181,21 @@ def _base(model: Any, folder: Path, wanted: bool) -> tuple[Any, Any]:
     return comparison_base(model, folder) if wanted else (None, nullcontext)
 
 
-def _prompts(params: LLMParams, count: int, picked: Any = None, encoded: int = 0) -> list[tuple[Any, str]]:
+def _prompts(
+    params: LLMParams, count: int, picked: Any = None, encoded: int = 0, processor: Any = None
+) -> list[tuple[Any, str]]:
     """(prompt, reference answer) of the first rows (of the `picked` ones: a run's held-out examples, among the
-    `encoded` the loss was read from): the conversation up to its last answer, or the first half of a plain text."""
+    `encoded` the loss was read from): the conversation up to its last answer, or the first half of a plain text.
+    With a vision-language run's `processor`, a conversation's image parts point at their images, found as training
+    found them (a path relative to the data file)."""
     from tunelab.data.formats import detect_format, to_examples
-    from tunelab.data.sources import read_splits
+    from tunelab.data.sources import locate_splits, read_location
 
-    source = read_splits(params.data_path, params.train_split, None)["train"]
-    fmt = detect_format(source, params.text_column, params.prompt_text_column)
+    place = locate_splits(params.data_path, params.train_split, None)["train"]
+    source = read_location(place, "train")
+    fmt = detect_format(source, params.text_column, params.prompt_text_column, params.image_column)
+    if processor is not None:
+        fmt = dataclasses.replace(fmt, images=True)
     examples = to_examples(source, fmt, params.bad_rows)  # the rows the loss was measured on, bad ones as trained
     if picked is not None:
         if len(examples) != encoded:  # rows only the template refused (bad_rows: skip): the indices would not match
@@ -202,15 +211,37 @@ def _prompts(params: LLMParams, count: int, picked: Any = None, encoded: int = 0
         if "messages" in example:
             messages = example["messages"]
             last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-            shown.append((messages[:last], answer_as_written(messages[last])))  # its reasoning too, as trained
+            prompt = _found_images(messages[:last], place) if processor is not None else messages[:last]
+            shown.append((prompt, answer_as_written(messages[last])))  # its reasoning too, as trained
         else:
             words = example["text"].split()
             shown.append((" ".join(words[: len(words) // 2]), " ".join(words[len(words) // 2 :])))
     return shown
 
 
-def _answer(model: Any, tokenizer: Any, prompt: Any, max_new_tokens: int) -> str:
-    """The greedy answer, ended as generate ends it: at EOS or where the chat template ends a turn."""
+def _found_images(messages: list[dict[str, Any]], place: Any) -> list[dict[str, Any]]:
+    """A prompt's image parts pointing at their images as found (data/images.checked_ref); one that cannot be is a
+    TunelabError (training's data step names such rows before any of this)."""
+    from pathlib import Path
+
+    from tunelab.data.images import ImageProblem, checked_ref
+
+    folder = place.parent if isinstance(place, Path) else None
+    try:
+        return [
+            {**m, "content": [{**p, "image": checked_ref(p["image"], folder)} if p["type"] == "image" else p
+                              for p in m["content"]]}
+            if isinstance(m["content"], list) else m
+            for m in messages
+        ]  # fmt: skip
+    except ImageProblem as err:
+        raise TunelabError(f"evaluate: {err}") from None
+
+
+def _answer(model: Any, tokenizer: Any, prompt: Any, max_new_tokens: int, processor: Any = None) -> str:
+    """The greedy answer, ended as generate ends it: at EOS or where the chat template ends a turn; a prompt that
+    shows images is asked with them (a vision-language run's `processor` writes them)."""
+    from tunelab.data.images import image_parts, open_image
     from tunelab.inference.generate import GenerationParams, complete
 
     options = GenerationParams(max_new_tokens=max_new_tokens)
@@ -219,8 +250,10 @@ def _answer(model: Any, tokenizer: Any, prompt: Any, max_new_tokens: int) -> str
         # and earlier answers' reasoning.
         template = template_text(tokenizer)  # of named templates, the one transformers renders with
         messages = with_reasoning(with_inputs([prompt], template), template)[0]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return complete(model, tokenizer, text, options, add_special_tokens=False)[0]
+        text = tokenizer.apply_chat_template(as_template_reads(messages), tokenize=False, add_generation_prompt=True)
+        shown = [open_image(ref) for _, ref in image_parts(prompt)]
+        pictures = ([shown], processor) if shown else None
+        return complete(model, tokenizer, text, options, add_special_tokens=False, shown=pictures)[0]
     return complete(model, tokenizer, prompt, options)[0]
 
 
@@ -240,6 +273,13 @@ def write_report(folder: Path, results: dict[str, Any], samples: list[Sample]) -
     shown = [{k: v for k, v in dataclasses.asdict(s).items() if k != "rejected" or v is not None} for s in samples]
     full = {**results, "samples": shown}
     return publish_report(folder, full, _report_markdown(results, samples, bool(curves)), card, pictures)
+
+
+def _shown_text(content: Any) -> str:
+    """A turn's content as the report shows it: its text, each image as [image]."""
+    if isinstance(content, str):
+        return content
+    return "".join(part["text"] if part["type"] == "text" else "[image] " for part in content)
 
 
 def _curves(folder: Path) -> dict[str, list[tuple[float, float]]]:
@@ -284,7 +324,7 @@ def _report_markdown(results: dict[str, Any], samples: list[Sample], has_curves:
     if has_curves:
         lines += ["![training and eval loss](loss_curves.png)", ""]
     for number, sample in enumerate(samples, start=1):
-        prompt = sample.prompt if isinstance(sample.prompt, str) else sample.prompt[-1]["content"]
+        prompt = sample.prompt if isinstance(sample.prompt, str) else _shown_text(sample.prompt[-1]["content"])
         lines += [f"## Sample {number}", "", f"**Prompt:** {prompt}", "", f"**Reference:** {sample.reference}", ""]
         if sample.rejected is not None:
             lines += [f"**Rejected:** {sample.rejected}", ""]

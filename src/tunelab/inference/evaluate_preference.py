@@ -118,22 +118,24 @@ def evaluate_pairs(
     own hold-out (data/holdout.saved_hold_out), its examples the only ones read from `split`."""
     import time
 
-    from tunelab.inference.generate import load_run
+    from tunelab.inference.generate import load_processor_of, load_run
 
     run = read_run(folder)
     params = evaluation_params(folder, PAIR_SETTINGS, data_path, split, run["trainer"])
     if params.trainer == "reward":
         return _evaluate_reward(folder, params, compare_base, max_rows, held), []
     model, tokenizer = load_run(folder)
-    data, rows, pairs = _read(params, tokenizer, max_rows, held, reads_images(model.config))
+    processor = load_processor_of(folder) if reads_images(model.config) else None
+    data, rows, pairs = _read(params, tokenizer, max_rows, held, processor)
+    images = codec_of(processor, data, tokenizer) if getattr(data, "shows_images", False) else None
     started = time.time()
     results = _described(folder, params, data, len(pairs) if pairs is not None else len(rows), pairs is not None)
-    policy = _logps(model, rows, params, tokenizer)
+    policy = _logps(model, rows, params, tokenizer, images)
     reference = reference_is_base = ref_model = None
     if REGISTRY[params.trainer].reference:
         ref_model, ref_context, reference_is_base, results["reference"] = _reference(model, folder, params)
         with ref_context():
-            reference = _logps(ref_model, rows, params, tokenizer)
+            reference = _logps(ref_model, rows, params, tokenizer, images)
     if getattr(params, "sync_ref_model", False):  # TR-DPO: the moved reference was a checkpoint's, now gone
         results["reference"] += " (where training's started; TR-DPO moved training's own as it went)"
     results.update(figures(params, rows, pairs, policy, reference))
@@ -147,11 +149,22 @@ def evaluate_pairs(
         else:
             base_model, base_context = comparison_base(model, folder)
             with base_context():
-                base = _logps(base_model, rows, params, tokenizer)
+                base = _logps(base_model, rows, params, tokenizer, images)
             results.update({f"base_{k}": v for k, v in figures(params, rows, pairs, base, reference).items()})
-    shown = _samples(model, tokenizer, rows, pairs, samples, max_new_tokens, base_model, base_context)
+    pictures = (images, processor) if images is not None else None
+    shown = _samples(model, tokenizer, rows, pairs, samples, max_new_tokens, base_model, base_context, pictures)
     results["seconds"] = round(time.time() - started, 1)
     return results, shown
+
+
+def codec_of(processor: Any, data: Any, tokenizer: Any) -> Any:
+    """How the run's processor writes the images the data shows (data/images.ImageCodec), as training's did."""
+    from tunelab.data import image_codec
+
+    codec, problem = image_codec(processor, data.template_source, tokenizer)
+    if codec is None:
+        raise TunelabError(f"evaluate: {data.origins['train']} shows images, but {problem}")
+    return codec
 
 
 def evaluation_params(folder: Path, settings: tuple[str, ...], data_path: str, split: str, trainer: str) -> Any:
@@ -170,15 +183,14 @@ def evaluation_params(folder: Path, settings: tuple[str, ...], data_path: str, s
 
 
 def _read(
-    params: Any, tokenizer: Any, max_rows: int, held: SavedHoldOut | None = None, images: bool = False
+    params: Any, tokenizer: Any, max_rows: int, held: SavedHoldOut | None = None, processor: Any = None
 ) -> tuple[Any, list[Any], list[tuple[int, int]] | None]:
     """(the reader's data, the rows to score, and for kto on pairs each pair's (desirable, undesirable) row).
-    `images`: the model reads images (pairs that show some are bad rows, said so, not taken for a text model's)."""
+    `processor`: a vision-language run's, which writes the images the pairs' prompts show."""
     if REGISTRY[params.trainer].data != "labeled":
         from tunelab.data.preference import load_preference_data
 
-        unscored = "evaluate does not score images yet (a run's figures on them: its training log's eval_ ones)"
-        data, _ = _held_out(load_preference_data(params, tokenizer, images_problem=unscored if images else None), held)
+        data, _ = _held_out(load_preference_data(params, tokenizer, processor=processor), held)
         rows, pairs = data.train[:max_rows], None
     else:
         from tunelab.data.kto import load_kto_data
@@ -237,8 +249,9 @@ def _described(folder: Path, params: Any, data: Any, count: int, paired: bool = 
     return results
 
 
-def _logps(model: Any, rows: list[Any], params: Any, tokenizer: Any) -> Any:
-    """(sums, counts) of every row's answer log-probs: (N, 2) for pairs, (N, 1) for kto's answers."""
+def _logps(model: Any, rows: list[Any], params: Any, tokenizer: Any, images: Any = None) -> Any:
+    """(sums, counts) of every row's answer log-probs: (N, 2) for pairs, (N, 1) for kto's answers. `images`: the
+    ImageCodec of pairs that show images (their pixels beside the ids, as trained)."""
     from tunelab.methods.preference import PairCollator, score_answers
     from tunelab.speed.loss import fast_loss_supported
 
@@ -248,7 +261,7 @@ def _logps(model: Any, rows: list[Any], params: Any, tokenizer: Any) -> Any:
 
         collate: Any = KTOCollator(pad, params.block_size, kl=False)  # no KL estimate here
     else:
-        collate = PairCollator(pad)
+        collate = PairCollator(pad, images)
     fast = params.fast_loss and fast_loss_supported(model)
     summed = METHODS[params.trainer].evaluation.summed
     extra = {"summed": summed(params)} if summed is not None else {}
@@ -309,26 +322,41 @@ def _samples(
     max_new_tokens: int,
     base: Any,
     base_context: Any,
+    pictures: tuple[Any, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Answers to the first prompts, greedy and ended as `generate` ends them, beside the pair's answers."""
+    """Answers to the first prompts, greedy and ended as `generate` ends them, beside the pair's answers. `pictures`:
+    (ImageCodec, processor) of pairs that show images: a prompt is asked with its images."""
+    from tunelab.data.images import open_image
     from tunelab.inference.generate import GenerationParams, complete
 
     options = GenerationParams(max_new_tokens=max_new_tokens)
     shown = []
-    for prompt_ids, chosen, rejected in _sample_rows(rows, pairs)[:count]:
-        text = tokenizer.decode(prompt_ids)  # as training saw it: template, BOS and all
-        sample = {
+    for index, (prompt_ids, chosen, rejected) in enumerate(_sample_rows(rows, pairs)[:count]):
+        spans = getattr(rows[pairs[index][0] if pairs else index], "images", None)
+        text = tokenizer.decode(_unwritten(prompt_ids, spans, pictures[0], tokenizer) if spans else prompt_ids)
+        extra = {"shown": ([[open_image(s.ref) for s in spans]], pictures[1])} if spans else {}
+        sample = {  # the text as training saw it: template, BOS and all (each image as the template writes it)
             "prompt": tokenizer.decode(prompt_ids, skip_special_tokens=True).strip(),
             "reference": tokenizer.decode(chosen, skip_special_tokens=True).strip() if chosen else "",
             "rejected": tokenizer.decode(rejected, skip_special_tokens=True).strip() if rejected else None,
-            "tuned": complete(model, tokenizer, text, options, add_special_tokens=False)[0],
+            "tuned": complete(model, tokenizer, text, options, add_special_tokens=False, **extra)[0],
             "base": None,
         }
         if base is not None:
             with base_context():
-                sample["base"] = complete(base, tokenizer, text, options, add_special_tokens=False)[0]
+                sample["base"] = complete(base, tokenizer, text, options, add_special_tokens=False, **extra)[0]
         shown.append(sample)
     return shown
+
+
+def _unwritten(prompt_ids: list[int], spans: list[Any], codec: Any, tokenizer: Any) -> list[int]:
+    """A prompt's ids with each image's tokens back to the one image token the template wrote, for the processor to
+    write again with the image's pixels."""
+    ids = list(prompt_ids)
+    token = tokenizer.encode(codec.image_token, add_special_tokens=False)
+    for span in sorted(spans, key=lambda s: s.start, reverse=True):
+        ids[span.start : span.start + span.count] = token
+    return ids
 
 
 def _sample_rows(rows: list[Any], pairs: list[tuple[int, int]] | None) -> list[tuple[list[int], Any, Any]]:

@@ -281,14 +281,16 @@ def complete(
     options: GenerationParams | None = None,
     add_special_tokens: bool = True,
     keep: tuple[str, ...] = (),
+    shown: tuple[list[list[Any]], Any] | None = None,
 ) -> list[str] | list[list[str]]:
     """Completions of an already formatted text (only the new text), each ended at the model's EOS or where the
     chat template ends a turn. `generate` and evaluate's sample answers both go through here. A list of texts is
     generated as one left-padded batch: each text's completions, in order.
 
     add_special_tokens: False for a text rendered by the chat template (it holds its own BOS, if any).
-    keep: special tokens whose text the answers keep (`<think>`, which some tokenizers mark special)."""
-    answers = [answer for answer, _ in _generated(model, tokenizer, text, options, add_special_tokens, keep)]
+    keep: special tokens whose text the answers keep (`<think>`, which some tokenizers mark special).
+    shown: each text's images and the vision-language model's processor that writes them (_generated)."""
+    answers = [answer for answer, _ in _generated(model, tokenizer, text, options, add_special_tokens, keep, shown)]
     if not isinstance(text, list):
         return answers
     count = len(answers) // len(text)  # generate gives each text's sequences one after another
