@@ -257,7 +257,7 @@ def test_images_for_a_text_model_or_template(capsys, tmp_path, tiny_llama, llava
     [
         (("--packing",), "packing: the data shows images, and rows with images are not packed yet: leave it off"),
         (("--streaming", "--max-steps", "2"), "but streaming: true does not take images yet (leave streaming off)"),
-        (("--trainer", "default"), "trainer default: the data shows images, which trainers sft, dpo, orpo and simpo"),
+        (("--trainer", "default"), "trainer default: the data shows images, which the sft trainer trains on"),
     ],
 )
 def test_settings_a_vision_run_cannot_take(capsys, tmp_path, llava, extra, expected):

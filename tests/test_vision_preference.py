@@ -126,6 +126,9 @@ def test_pair_log_probs_are_the_models_on_the_processors_inputs(tmp_path, vlm):
     model = AutoModelForImageTextToText.from_pretrained(vlm).eval()
     codec, _ = image_codec(prep.processor, prep.data.template_source, prep.tokenizer)
     batch = PairCollator(prep.tokenizer.pad_token_id, codec)(prep.train_rows)
+    # where the images' tokens are (ORPO's whole-row NLL leaves them out): exactly the image token, in every row
+    image_id = prep.tokenizer.convert_tokens_to_ids(codec.image_token)
+    assert torch.equal(batch["image_tokens"], batch["input_ids"] == image_id)
     with torch.no_grad():
         sums = sequence_sums(answer_logprobs(model, model, batch, batch["labels"], fast=True)[0], batch["labels"])[0]
     for index, row in enumerate(rows):
@@ -150,27 +153,50 @@ def test_pair_log_probs_are_the_models_on_the_processors_inputs(tmp_path, vlm):
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_a_prompt_is_never_cut_into_its_images(tmp_path, llava):
-    """max_prompt_length drops only the text before a prompt's first image; a prompt that is longer still is kept
-    whole (counted), and its answers keep the room block_size leaves."""
+def test_a_prompt_that_shows_images_is_never_cut(capsys, tmp_path, llava):
+    """max_prompt_length cuts a text prompt's beginning, never an image prompt's (its turn header and the image's
+    opening token would go with it): such a prompt is kept whole and counted; block_size still bounds the pair, and
+    when no pair is left the error says how to make images take fewer tokens."""
     from tunelab.config.llm import LLMParams
     from tunelab.tasks.llm import prepare
 
     color_images(tmp_path)
     row = trl_pair("red", "red", "blue")
     row["prompt"].insert(0, {"role": "system", "content": "You name colors. " * 8})
-    row["prompt"][1]["content"].append({"type": "text", "text": " Answer in one short sentence, please."})
-    data = write_jsonl(tmp_path / "pairs.jsonl", [row])
+    text = {
+        "prompt": "Name a color. " * 8,
+        "chosen": [{"role": "assistant", "content": "Red."}],
+        "rejected": [{"role": "assistant", "content": "Blue."}],
+    }
+    data = write_jsonl(tmp_path / "pairs.jsonl", [row, text])
     common = dict(trainer="dpo", model=str(llava), data_path=str(data), peft=True, block_size=256)
-    whole = prepare(LLMParams(**common, project_name=str(tmp_path / "a"))).train_rows[0]
-    start = whole.images[0].start
-    cut = prepare(LLMParams(**common, project_name=str(tmp_path / "b"), max_prompt_length=len(whole.prompt_ids) - 3))
-    pair = cut.train_rows[0]
-    assert pair.prompt_ids == whole.prompt_ids[3:] and pair.images[0].start == start - 3
-    tight = prepare(LLMParams(**common, project_name=str(tmp_path / "c"), max_prompt_length=8))
-    pair = tight.train_rows[0]
-    assert pair.prompt_ids == whole.prompt_ids[start:] and pair.images[0].start == 0
-    assert tight.data.stats.long_image_prompts == 1 and pair.chosen_ids == whole.chosen_ids
+    whole = prepare(LLMParams(**common, project_name=str(tmp_path / "a"))).train_rows
+    tight = prepare(LLMParams(**common, project_name=str(tmp_path / "b"), max_prompt_length=8))
+    assert tight.train_rows[0] == whole[0] and tight.train_rows[0].images[0].start > 8
+    assert tight.train_rows[1].prompt_ids == whole[1].prompt_ids[-8:]  # a text prompt's beginning goes, as before
+    assert tight.data.stats.long_image_prompts == 1 and tight.data.stats.prompts_truncated == 1
+    only = write_jsonl(tmp_path / "only.jsonl", [row])
+    short = len(whole[0].prompt_ids) - 4
+    line = run_bad(capsys, llava, only, tmp_path / "run", "--trainer", "dpo", "--max-prompt-length", "16",
+                   "--block-size", str(short), "--model-max-length", "256")  # fmt: skip
+    assert "prompts that show images are never cut" in line and "max_pixels" in line, line
+
+
+def test_one_question_of_many_images_is_many_prompts_when_held_out(tmp_path, llava):
+    """valid_size holds out whole prompts: pairs asking the same question of different images are different prompts
+    (by their tokens alone they are one, and nothing could be held out)."""
+    from tunelab.config.llm import LLMParams
+    from tunelab.tasks.llm import prepare
+
+    color_images(tmp_path)
+    data = write_jsonl(tmp_path / "pairs.jsonl", color_pairs(2))
+    params = LLMParams(
+        trainer="dpo", model=str(llava), data_path=str(data), project_name=str(tmp_path / "r"), valid_size=0.3
+    )
+    prep = prepare(params)
+    assert prep.valid_rows and prep.train_rows
+    shown = {pair.images[0].ref for pair in prep.valid_rows}
+    assert len(shown) == 1 and not shown & {pair.images[0].ref for pair in prep.train_rows}
 
 
 def test_an_image_changed_since_preparing_pairs_is_prepared_again(tmp_path):
@@ -230,15 +256,23 @@ def test_bad_image_pairs_are_named(capsys, tmp_path, llava):
     assert "line 1:" not in line and "line 1 " not in line
 
 
-def test_methods_that_take_no_images_say_so(capsys, tmp_path, llava):
+def test_methods_that_take_no_images_say_so(capsys, tmp_path, llava, tiny_llama):
     color_images(tmp_path)
     data = write_jsonl(tmp_path / "pairs.jsonl", color_pairs(1))
     for trainer, expected in (
         ("reward", "no AutoModelForSequenceClassification class for model type 'llava'"),
-        ("kto", "images are trained by sft, dpo, orpo or simpo"),
+        ("kto", "pairs.jsonl line 1: column 'images' lists images, but trainer kto takes no images yet"),
+        ("grpo", "pairs.jsonl line 1: column 'images' lists images, but trainer grpo takes no images yet"),
     ):
-        line = run_bad(capsys, llava, data, tmp_path / trainer, "--trainer", trainer, "--max-prompt-length", "32")
+        extra = ("--reward-functions", "format_tag") if trainer == "grpo" else ()
+        line = run_bad(
+            capsys, llava, data, tmp_path / trainer, "--trainer", trainer, "--max-prompt-length", "32", *extra
+        )
         assert expected in line, (trainer, line)
+    # a reference of another kind than the model would read the images' tokens as text
+    line = run_bad(capsys, llava, data, tmp_path / "ref", "--trainer", "dpo", "--max-prompt-length", "32",
+                   "--model-ref", str(tiny_llama))  # fmt: skip
+    assert "model_ref" in line and "the data shows images, which a reference reads only as the model does" in line
 
 
 def test_simpo_on_images_prefers_what_the_image_shows(capsys, tmp_path, llava):

@@ -169,7 +169,8 @@ class LLMParams(Params):
         None,
         "sft on a vision-language model: the column holding each row's image (a path, data: URI or bytes, or a list "
         "of them), shown in the user turn before the prompt; a row of text_column alone becomes an image and its "
-        "caption (AutoTrain's vlm tasks: `tunelab vlm`). Chats name their images in their messages (docs/data.md).",
+        "caption (AutoTrain's vlm tasks: `tunelab vlm`). Chats name their images in their messages (docs/data.md). "
+        "dpo, orpo, simpo: the column listing the images of each pair's prompt (default: `images` or `image`).",
     )
     label_column: str = param("label", "kto: column saying whether the answer is desirable (true/false, 1/0, yes/no).")
     chat_template: str | None = param(

@@ -547,11 +547,15 @@ def _parts(parts: list, number: int, column: str, role: str = "user", images: bo
     return [{"type": "text", "text": text} if isinstance(text, str) else text for text in texts]
 
 
-def with_row_images(messages: list[dict[str, Any]], row: dict, column: str) -> list[dict[str, Any]]:
-    """A conversation's images taken from the row's `images` column (IMAGE_COLUMNS) in order: by its bare
-    `{"type": "image"}` parts (TRL's form), by `<image>` in its user turns' text (LLaMA-Factory's), or, with neither,
-    at the start of its first user turn (as TRL places them); the count must match."""
-    listed = _listed_images(next((row[name] for name in IMAGE_COLUMNS if row.get(name) is not None), None))
+def with_row_images(
+    messages: list[dict[str, Any]], row: dict, column: str, images_column: str | None = None
+) -> list[dict[str, Any]]:
+    """A conversation's images taken from the row's `images` column (IMAGE_COLUMNS, or `images_column` when given)
+    in order: by its bare `{"type": "image"}` parts (TRL's form), by `<image>` in its user turns' text
+    (LLaMA-Factory's), or, with neither, at the start of its first user turn (as TRL places them); the count must
+    match."""
+    names = (images_column,) if images_column else IMAGE_COLUMNS
+    listed = _listed_images(next((row[name] for name in names if row.get(name) is not None), None))
     bare = _bare_images(messages)
     if listed and not bare:
         messages = [_tagged(m) for m in messages]
@@ -560,10 +564,10 @@ def with_row_images(messages: list[dict[str, Any]], row: dict, column: str) -> l
         messages = _leading_images(messages, len(listed))
         bare = _bare_images(messages)
     if bare != len(listed):
-        images_column = next((name for name in IMAGE_COLUMNS if name in row), IMAGE_COLUMNS[0])
+        shown_in = next((name for name in names if name in row), names[0])
         raise RowProblem(
-            column if bare else images_column,
-            f"{bare} image place(s) in the messages for {len(listed)} image(s) in column {images_column!r}",
+            column if bare else shown_in,
+            f"{bare} image place(s) in the messages for {len(listed)} image(s) in column {shown_in!r}",
         )
     if not bare:
         return messages
@@ -574,6 +578,21 @@ def with_row_images(messages: list[dict[str, Any]], row: dict, column: str) -> l
         else m
         for m in messages
     ]
+
+
+def image_column_of(row: dict, images_column: str | None = None) -> str | None:
+    """The row's column that lists images (IMAGE_COLUMNS, or `images_column`), when it lists any."""
+    names = (images_column,) if images_column else IMAGE_COLUMNS
+    return next((name for name in names if _listed_images(row.get(name))), None)
+
+
+def refuse_image_columns(split: Split, images_column: str | None, why: str) -> None:
+    """A split some of whose rows list images in an images column, for a run that cannot take them: one DataError
+    naming the first such row (the column would otherwise go unread, the images never shown)."""
+    for index, row in enumerate(split.rows):
+        column = image_column_of(row, images_column)
+        if column is not None:
+            raise DataError(f"{split.where(index)}: column {column!r} lists images, but {why}")
 
 
 def _listed_images(value: Any) -> list[Any]:

@@ -71,11 +71,14 @@ def split_indices(
 
 def prompt_groups(items: Any) -> list[Any] | None:
     """Each example's prompt, where examples can share one (preference pairs, kto's answers, grpo's prompts): the
-    examples of a prompt are held out together, so that no prompt is both trained on and measured. None for
-    examples without a prompt apart (token tables)."""
+    examples of a prompt are held out together, so that no prompt is both trained on and measured. A prompt that shows
+    images is told apart by them too (one question asked of many images is many prompts). None for examples without a
+    prompt apart (token tables)."""
     if isinstance(items, TokenTable) or not len(items) or not hasattr(items[0], "prompt_ids"):
         return None
-    return [tuple(item.prompt_ids) for item in items]
+    return [
+        (tuple(item.prompt_ids), tuple(span.ref for span in getattr(item, "images", None) or ())) for item in items
+    ]
 
 
 def apportion(sizes: Any, count: int, favour_none: bool = False) -> np.ndarray:

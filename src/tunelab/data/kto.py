@@ -29,6 +29,7 @@ from tunelab.data.formats import (
     describe_problem,
     holds_reasoning,
     is_messages,
+    refuse_image_columns,
     settle_bad_rows,
 )
 from tunelab.data.preference import (
@@ -88,9 +89,13 @@ def kto_columns(split: Split, params: LLMParams) -> dict[str, str] | None:
     return wanted
 
 
-def load_kto_data(params: LLMParams, tokenizer: Any) -> PreferenceData:
-    """Read, check, render and tokenize the KTO splits named by params (PreferenceData of Labeled items)."""
+def load_kto_data(params: LLMParams, tokenizer: Any, images_problem: str | None = None) -> PreferenceData:
+    """Read, check, render and tokenize the KTO splits named by params (PreferenceData of Labeled items).
+    `images_problem`: a vision-language model's run, and why its rows' images cannot be trained: a split whose rows
+    list images is refused (their image parts are bad rows as for a text model)."""
     splits: dict[str, Split] = read_splits(params.data_path, params.train_split, params.valid_split)
+    for split in splits.values() if images_problem else ():
+        refuse_image_columns(split, getattr(params, "image_column", None), images_problem)
     columns = kto_columns(splits["train"], params)
     paired = columns is None
     columns = preference_columns(splits["train"], params) if paired else columns

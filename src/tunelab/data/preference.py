@@ -17,7 +17,8 @@ to what block_size leaves after the prompt. Every count goes to the log; bad row
 A vision-language model's pairs may show images in their prompt (data/images.py: the forms sft reads, and TRL's
 vision preference rows, an `images` column filling the prompt's bare image parts): each image is checked and
 written in as the model's processor writes it, as for sft, and the pair keeps where its images are (the collator
-computes their pixels). A prompt is never cut into its images: max_prompt_length drops only text before the first.
+computes their pixels). A prompt that shows images is never cut (as TRL leaves them): a cut from its start would
+take its turn's header and the image's own opening token with it; block_size still bounds prompt and answer.
 """
 
 from __future__ import annotations
@@ -40,12 +41,12 @@ from tunelab.data.formats import (
     describe_problem,
     describe_type,
     holds_reasoning,
+    image_column_of,
     is_messages,
     settle_bad_rows,
     with_row_images,
 )
 from tunelab.data.images import (
-    IMAGE_COLUMNS,
     ImageCodec,
     ImageProblem,
     ImageSpan,
@@ -83,7 +84,7 @@ class PairStats:
     completions_truncated: int = 0
     dropped_no_room: int = 0
     dropped_identical: list[str] = field(default_factory=list)
-    long_image_prompts: int = 0  # prompts kept longer than max_prompt_length: a cut would have reached an image
+    long_image_prompts: int = 0  # prompts that show images, kept longer than max_prompt_length (never cut)
 
 
 @dataclass
@@ -110,7 +111,7 @@ class PreferenceData:
 
     @property
     def shows_images(self) -> bool:
-        return any(pair.images for pairs in (self.train, self.valid or []) for pair in pairs)
+        return any(getattr(item, "images", None) for items in (self.train, self.valid or []) for item in items)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -181,6 +182,7 @@ def load_preference_data(
         if processor is not None or images_problem:
             shape.reads_images, shape.images, shape.images_problem = True, codec, why or images_problem
             shape.image_token = getattr(processor, "image_token", None)
+            shape.image_column = getattr(params, "image_column", None)
             shape.folder = places[name].parent if isinstance(places[name], Path) else None
         texts, skipped[name] = _texts(split, shape, params.bad_rows, stats if name == "train" else None)
         if not preview and texts:
@@ -214,6 +216,8 @@ def _image_codec(processor: Any, source: str | None, tokenizer: Any) -> tuple[Im
         return ImageCodec(processor, source, tokenizer), None
     except ConfigError as err:
         return None, str(err)
+    except Exception as err:  # noqa: BLE001 - the processor's own code on a probe image: a text-only run goes on
+        return None, f"the model's processor fails on a probe image ({type(err).__name__}: {err})"
 
 
 def _image_files(pairs: list[Pair]) -> dict[str, tuple[int, int]]:
@@ -252,6 +256,7 @@ class RowShape:
     images_problem: str | None = None  # ...this reason
     image_token: str | None = None  # the model's image token: no text may write it itself
     folder: Path | None = None  # where the data file is: image paths are relative to it
+    image_column: str | None = None  # the column that lists a row's images (None: `images` or `image`)
 
 
 @dataclass
@@ -328,14 +333,15 @@ def _margin(row: dict, column: str) -> float:
 
 def _row_texts(row: dict, shape: RowShape) -> PairTexts | None:
     """One row's texts, None when chosen equals rejected; RowProblem when it is bad."""
-    parts = _row_parts(row, shape.columns, shape.source is not None, shape.conversational, shape.reads_images)
+    images = shape.reads_images
+    parts = _row_parts(row, shape.columns, shape.source is not None, shape.conversational, images, shape.image_column)
     if parts is None:
         return None
     prompt, chosen, rejected = parts
     if shape.source is None:
         eos = shape.tokenizer.eos_token or ""
         return _unimaged(PairTexts(prompt, _with_eos(chosen, eos), _with_eos(rejected, eos)), shape)
-    refs = _prompt_images(prompt, shape)
+    refs = _prompt_images(prompt, shape, image_column_of(row, shape.image_column))
     texts = PairTexts(*_render(as_template_reads(prompt), chosen, rejected, shape.source, shape.tokenizer))
     if shape.images is None:
         return _unimaged(texts, shape)
@@ -369,11 +375,12 @@ def _preview(texts: PairTexts) -> str:
     return f"{texts.prompt}[chosen>]{texts.chosen}\n---\n{texts.prompt}[rejected>]{texts.rejected}"
 
 
-def _prompt_images(prompt: list[dict[str, Any]], shape: RowShape) -> list[str | bytes]:
+def _prompt_images(prompt: list[dict[str, Any]], shape: RowShape, listed_in: str | None) -> list[str | bytes]:
     """The prompt's images, each found and opened (data/images.checked_ref); RowProblem when one cannot be, or when
-    the run takes none (a text model's, or another method's: `images_problem` says why)."""
+    the run takes none (a text model's, or another method's: `images_problem` says why), naming the column that
+    lists the row's images (`listed_in`), else the one that holds the prompt."""
     found = image_parts(prompt)
-    column = shape.columns.get("prompt") or shape.columns["chosen"]
+    column = listed_in or shape.columns.get("prompt") or shape.columns["chosen"]
     if not found:
         return []
     if shape.images is None:
@@ -389,13 +396,18 @@ def _prompt_images(prompt: list[dict[str, Any]], shape: RowShape) -> list[str | 
 
 
 def _row_parts(
-    row: dict, columns: dict[str, str], templated: bool, conversational: bool, images: bool = False
+    row: dict,
+    columns: dict[str, str],
+    templated: bool,
+    conversational: bool,
+    images: bool = False,
+    image_column: str | None = None,
 ) -> tuple[Any, Any, Any] | None:
     """The row's prompt and answers: strings, or message lists when the rows are conversations; None when chosen
     equals rejected (compared whole, before a shared prompt is split off: identical conversations share every
     message and would otherwise read as a pair with no answer). With `images` (a vision-language model's run), the
     prompt's turns may show images, its bare image parts (or `<image>` marks) filled from the row's `images`
-    column (formats.with_row_images); the answers show none."""
+    column, or `image_column` (formats.with_row_images); the answers show none."""
     chosen_col, rejected_col = columns["chosen"], columns["rejected"]
     if not conversational and is_messages(row.get(chosen_col)):
         raise RowProblem(chosen_col, "a list of messages, where the other rows hold text")
@@ -417,20 +429,21 @@ def _row_parts(
             if not any(m["role"] == "assistant" and m["content"].strip() for m in answer):
                 raise RowProblem(column, "no assistant answer after the prompt")
         if images:
-            prompt = with_row_images(prompt, row, columns.get("prompt", chosen_col))
+            prompt = with_row_images(prompt, row, columns.get("prompt", chosen_col), image_column)
         return prompt, chosen, rejected
     chosen, rejected = cell_text(row, chosen_col), cell_text(row, rejected_col)
     if chosen == rejected:
         return None
-    shown = next((name for name in IMAGE_COLUMNS if row.get(name) not in (None, "", [])), None)
+    shown = image_column_of(row, image_column)
     if images and shown and not ("prompt" in columns and templated):
-        raise RowProblem(shown, "images for text with no chat template: set prompt_text_column and a chat template")
+        wanted = "a chat template (chat_template)" if "prompt" in columns else "prompt_text_column and a chat template"
+        raise RowProblem(shown, f"images for text rendered without a chat template: set {wanted}")
     if "prompt" in columns:
         prompt = cell_text(row, columns["prompt"])
         if templated:
             asked = [{"role": "user", "content": prompt}]
             return (
-                with_row_images(asked, row, columns["prompt"]) if images else asked,
+                with_row_images(asked, row, columns["prompt"], image_column) if images else asked,
                 [{"role": "assistant", "content": chosen}],
                 [{"role": "assistant", "content": rejected}],
             )
@@ -523,20 +536,15 @@ def tokenize_pair(
 
 
 def _fit(pairs: list[Pair], params: LLMParams, stats: PairStats) -> list[Pair]:
-    """Apply the length rules: prompt to max_prompt_length (keeping its end), completions to
-    max_completion_length and to the room block_size leaves. Pairs with no room for an answer are dropped."""
+    """Apply the length rules: prompt to max_prompt_length (keeping its end; one that shows images is kept whole),
+    completions to max_completion_length and to the room block_size leaves. Pairs with no room for an answer are
+    dropped."""
     kept = []
     for pair in pairs:
         prompt, images = pair.prompt_ids, pair.images
-        if images:  # a cut keeps every image whole: only the text before the first may go
-            cut = min(max(0, len(prompt) - params.max_prompt_length), images[0].start)
-            if cut < len(prompt) - params.max_prompt_length:
-                stats.long_image_prompts += 1
-            prompt = prompt[cut:]
+        if images:  # never cut (the module's docstring says why): block_size alone bounds it
+            stats.long_image_prompts += len(prompt) > params.max_prompt_length
             room = answer_room(len(prompt), params)
-            if cut:
-                stats.prompts_truncated += 1
-                images = [dataclasses.replace(span, start=span.start - cut) for span in images]
         else:
             prompt, room = fit_prompt(prompt, params, stats)
         if room <= 0:

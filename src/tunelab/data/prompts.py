@@ -22,7 +22,15 @@ from typing import Any
 from jinja2 import TemplateError
 
 from tunelab.config.llm import LLMParams
-from tunelab.data.formats import RowProblem, cell_messages, cell_text, describe_problem, is_messages, settle_bad_rows
+from tunelab.data.formats import (
+    RowProblem,
+    cell_messages,
+    cell_text,
+    describe_problem,
+    is_messages,
+    refuse_image_columns,
+    settle_bad_rows,
+)
 from tunelab.data.sources import Split, read_splits
 from tunelab.data.templates import render_template, template_source
 from tunelab.errors import ConfigError, DataError
@@ -83,9 +91,12 @@ def _check_answer_column(split: Split, params: LLMParams) -> None:
         )
 
 
-def load_prompt_data(params: LLMParams, tokenizer: Any) -> PromptData:
-    """Read, check, render and tokenize the prompt splits named by params."""
+def load_prompt_data(params: LLMParams, tokenizer: Any, images_problem: str | None = None) -> PromptData:
+    """Read, check, render and tokenize the prompt splits named by params. `images_problem`: a vision-language
+    model's run, and why its rows' images cannot be trained: a split whose rows list images is refused."""
     splits = read_splits(params.data_path, params.train_split, params.valid_split)
+    for split in splits.values() if images_problem else ():
+        refuse_image_columns(split, getattr(params, "image_column", None), images_problem)
     column = prompt_column(splits["train"], params)
     for split in splits.values():
         _check_answer_column(split, params)

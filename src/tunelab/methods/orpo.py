@@ -51,6 +51,8 @@ class ORPOTrainer(PreferenceTrainer):
             scored = labels.clone()
             chosen_ids = batch["input_ids"][:half]
             scored[:half] = chosen_ids.masked_fill(batch["attention_mask"][:half] == 0, IGNORE)
+            if "image_tokens" in batch:  # an image's tokens are the image, never a target (as in sft)
+                scored[:half] = scored[:half].masked_fill(batch["image_tokens"][:half], IGNORE)
         per_token = self.token_logprobs(model, batch, scored, policy=True)
         sums, counts = sequence_sums(per_token, labels)
         means = sums / counts.clamp(min=1)

@@ -38,7 +38,8 @@ class PairCollator:
 
     `labels` mark the answer tokens (prompt and padding are -100). `images`: a vision-language run's
     data/images.ImageCodec: the pixels of each pair's prompt images (once per row: the chosen and the rejected row
-    each show them) and the per-token types go under `image_inputs`, passed to the model with the ids.
+    each show them) and the per-token types go under `image_inputs`, passed to the model with the ids, and where
+    the images' tokens are under `image_tokens` (True there: never a target, as in sft).
     """
 
     def __init__(self, pad_id: int, images: Any = None) -> None:
@@ -50,6 +51,10 @@ class PairCollator:
         if self.images is not None:
             shown = [[span.ref for span in pair.images or ()] for pair in pairs] * 2
             batch["image_inputs"] = self.images.batch_inputs(shown, batch["input_ids"])
+            batch["image_tokens"] = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+            for row, pair in enumerate(pairs * 2):
+                for span in pair.images or ():
+                    batch["image_tokens"][row, span.start : span.start + span.count] = True
         if pairs and getattr(pairs[0], "margin", None) is not None:  # reward's margins (margin_column)
             batch["margin"] = torch.tensor([p.margin for p in pairs], dtype=torch.float32)
         if pairs and hasattr(pairs[0], "ref_chosen"):  # dpo's reference log-probs, scored before training

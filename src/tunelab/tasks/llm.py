@@ -32,7 +32,7 @@ from tunelab.data.preference import load_preference_data
 from tunelab.data.prompts import load_prompt_data
 from tunelab.data.templates import teach_strings
 from tunelab.env import check_machine, device_name
-from tunelab.errors import ConfigError, DataError
+from tunelab.errors import ConfigError, DataError, TunelabError
 from tunelab.memory import choose_checkpointing, log_run_estimate, sampling_cache
 from tunelab.methods import METHODS, Method, RowStats
 from tunelab.models import ModelSource, check_model, load_config, load_model, load_tokenizer, positions, resolve_model
@@ -82,15 +82,16 @@ def prepare(params: LLMParams) -> Prepared:
 
     source = resolve_model(params.model)
     config = check_model(source, params, kind=method.model_kind)
+    ref_config = None
     if params.model_ref:  # found now, not when the Trainer loads it (the params allow it only where it is read)
         # Checked as the frozen model it is, without LoRA (a copy: replace() would validate again, and refuse the
         # run's LoRA settings without peft).
         reference = copy.copy(params)
         reference.peft = False
-        check_model(resolve_model(params.model_ref), reference, kind="causal_lm", reference=True)
+        ref_config = check_model(resolve_model(params.model_ref), reference, kind="causal_lm", reference=True)
     tokenizer = load_tokenizer(source, params.model_max_length)
     fit_tokenizer(tokenizer, config, source)
-    processor = _processor(source, config, params, method, tokenizer)
+    processor, images_problem = _processor(source, config, params, method, tokenizer)
     if reads_images(config):  # LLaVA's own template writes nothing for a plain string: for every method, taught to
         teach_strings(tokenizer)
     if params.teacher_model:  # distill: found now, with the tokens it reads, not when the Trainer loads it
@@ -109,7 +110,7 @@ def prepare(params: LLMParams) -> Prepared:
     else:
         with data_cache.entry_for(params, tokenizer, processor) as entry:
             if not entry.hit:
-                entry.save(_prepare_data(params, method, tokenizer, entry.folder, processor))
+                entry.save(_prepare_data(params, method, tokenizer, entry.folder, processor, images_problem))
         bundle = entry.bundle
         data, train_rows, valid_rows = bundle["data"], bundle["train_rows"], bundle["valid_rows"]
         stats = bundle["stats"]
@@ -117,7 +118,13 @@ def prepare(params: LLMParams) -> Prepared:
     if shows_images(data):
         if not method.images:
             raise ConfigError(
-                f"trainer {params.trainer}: the data shows images, which trainers sft, dpo, orpo and simpo train on"
+                f"trainer {params.trainer}: the data shows images, which the sft trainer trains on (and dpo, orpo "
+                "and simpo, on pairs)"
+            )
+        if params.model_ref and getattr(ref_config, "model_type", None) != getattr(config, "model_type", None):
+            raise ConfigError(
+                f"model_ref {params.model_ref}: the data shows images, which a reference reads only as the model "
+                f"does: give a {getattr(config, 'model_type', 'vision-language')} model (or leave model_ref unset)"
             )
         if params.packing:
             raise ConfigError("packing: the data shows images, and rows with images are not packed yet: leave it off")
@@ -135,16 +142,26 @@ def prepare(params: LLMParams) -> Prepared:
     )  # fmt: skip
 
 
-def _processor(source: ModelSource, config: Any, params: LLMParams, method: Method, tokenizer: Any) -> Any:
+def _processor(
+    source: ModelSource, config: Any, params: LLMParams, method: Method, tokenizer: Any
+) -> tuple[Any, str | None]:
     """A vision-language model's processor (None for a text model, and for the methods that read no images: those on
-    examples get it too, to refuse such rows by name); its chat template given to the tokenizer that has none of its
-    own."""
-    if (method.data != "examples" and not method.images) or not reads_images(config):
-        return None
-    processor = load_processor(source)
+    examples get it too, to refuse such rows by name), its chat template given to the tokenizer that has none of its
+    own; and why rows that show images cannot be trained, when that is known now (the method takes none, or a pair
+    method's processor does not load: its text-only pairs still train)."""
+    if not reads_images(config):
+        return None, None
+    if method.data != "examples" and not method.images:
+        return None, f"trainer {params.trainer} takes no images yet (sft does, and dpo, orpo and simpo on pairs)"
+    try:
+        processor = load_processor(source)
+    except TunelabError as err:
+        if method.data == "examples":
+            raise
+        return None, str(err)
     if not getattr(tokenizer, "chat_template", None) and getattr(processor, "chat_template", None):
         tokenizer.chat_template = processor.chat_template  # kept beside the processor (chat_template.json) only
-    return processor
+    return processor, None
 
 
 def _with_checkpointing(prep: Prepared) -> Prepared:
@@ -183,9 +200,15 @@ def _described(entry: data_cache.Entry | None) -> str:
 
 
 def _prepare_data(
-    params: LLMParams, method: Method, tokenizer: Any, folder: Path, processor: Any = None
+    params: LLMParams,
+    method: Method,
+    tokenizer: Any,
+    folder: Path,
+    processor: Any = None,
+    images_problem: str | None = None,
 ) -> dict[str, Any]:
-    """The data read, checked and tokenized (token tables into `folder`) and cut into the method's rows."""
+    """The data read, checked and tokenized (token tables into `folder`) and cut into the method's rows.
+    `images_problem`: why a vision-language model's rows that show images cannot be trained (bad rows, by name)."""
     loaders = {"pairs": load_preference_data, "labeled": load_kto_data, "prompts": load_prompt_data}
     if method.data in loaders and is_mixture(params.data_path):
         raise ConfigError(
@@ -193,9 +216,9 @@ def _prepare_data(
             "default and sft): give it one file, folder or hub dataset"
         )
     if method.data == "pairs":
-        data = load_preference_data(params, tokenizer, processor=processor)
+        data = load_preference_data(params, tokenizer, processor=processor, images_problem=images_problem)
     elif method.data in loaders:
-        data = loaders[method.data](params, tokenizer)
+        data = loaders[method.data](params, tokenizer, images_problem=images_problem)
     else:
         data = load_data(params, tokenizer, folder, processor)
     if params.valid_size is not None and not is_mixture(params.data_path):  # a mixture's sources: load_data
@@ -213,9 +236,16 @@ def _prepare_data(
             f"{data.origins['train']}: no training rows left: of {stats.examples} examples, "
             f"{stats.truncated} were truncated to block_size={params.block_size} and {stats.dropped} dropped with "
             "nothing left to learn (no answer tokens, or a prompt with no room for an answer); "
-            "raise block_size (and model_max_length) or lower max_prompt_length"
+            + (_FEWER_IMAGE_TOKENS if getattr(getattr(data, "stats", None), "long_image_prompts", 0) else "")
+            + "raise block_size (and model_max_length) or lower max_prompt_length"
         )
     return {"data": data, "train_rows": train_rows, "valid_rows": valid_rows, "stats": stats}
+
+
+_FEWER_IMAGE_TOKENS = (
+    "prompts that show images are never cut: have the model's image processor write fewer tokens per image "
+    "(Qwen2-VL: max_pixels in its preprocessor_config.json), or "
+)
 
 
 def run(params: LLMParams) -> Path:
@@ -332,7 +362,7 @@ def _report_data(params: LLMParams, data: Any, stats: Any, rows: int) -> None:
     log.info("first example as trained:\n%s", data.preview[:600])
 
 
-_LONG_IMAGE_PROMPTS = "pairs: %d prompts kept longer than max_prompt_length=%d: a cut there would split an image"
+_LONG_IMAGE_PROMPTS = "pairs: %d prompts that show images kept longer than max_prompt_length=%d (never cut)"
 
 
 def shows_images(data: Any) -> bool:
