@@ -90,6 +90,39 @@ def test_message_rows_share_their_leading_turns_as_the_prompt(tmp_path, tiny_tok
     assert tiny_tokenizer.decode(pair.rejected_ids).startswith("No.<|im_end|>")
 
 
+def test_llama_factory_pairwise_rows_read_as_its_own_are(tmp_path, tiny_tokenizer):
+    """LLaMA-Factory's preference datasets (`ranking: true`): ShareGPT rows, `conversations` holding the prompt and
+    chosen / rejected one message each (its dpo_en_demo.json), with a `system` column; and Alpaca rows,
+    `instruction` and `input` (joined by a new line, as LLaMA-Factory joins them) with text answers."""
+    sharegpt = [
+        {
+            "conversations": [{"from": "human", "value": "Name a colour."}],
+            "chosen": {"from": "gpt", "value": "Blue."},
+            "rejected": {"from": "gpt", "value": "No."},
+            "system": "Be brief.",
+        }
+    ] * 2
+    (tmp_path / "s.json").write_text(json.dumps(sharegpt, indent=2), encoding="utf-8")  # a JSON array, as its files
+    data = load_preference_data(_params(data_path=str(tmp_path / "s.json")), tiny_tokenizer)
+    pair = data.train[0]
+    assert data.columns["prompt"] == "conversations"
+    assert tiny_tokenizer.decode(pair.prompt_ids) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert tiny_tokenizer.decode(pair.chosen_ids).startswith("Blue.<|im_end|>")
+    assert tiny_tokenizer.decode(pair.rejected_ids).startswith("No.<|im_end|>")
+
+    alpaca = [{"instruction": "Name a colour.", "input": "One word.", "chosen": "Blue.", "rejected": "No."}] * 2
+    path = _write_jsonl(tmp_path / "a.jsonl", alpaca)
+    data = load_preference_data(_params(data_path=str(path), chat_template="chatml"), tiny_tokenizer)
+    pair = data.train[0]
+    assert data.columns["prompt"] == "instruction"
+    assert tiny_tokenizer.decode(pair.prompt_ids) == (
+        "<|im_start|>user\nName a colour.\nOne word.<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert tiny_tokenizer.decode(pair.chosen_ids).startswith("Blue.<|im_end|>")
+
+
 def test_identical_chat_pairs_are_dropped_with_a_warning_as_text_pairs_are(tmp_path, tiny_tokenizer, caplog):
     """Compared whole: split into a shared prompt first, identical conversations would read as no answer."""
     user = {"role": "user", "content": "Name a colour."}

@@ -2,7 +2,9 @@
 
 Columns come from the column mapping, AutoTrain's way: `prompt_text_column` (optional), `text_column` (chosen)
 and `rejected_text_column`; left at their defaults, columns named `prompt`, `chosen` and `rejected` are used.
-Chosen and rejected are plain text or role/content message lists (or JSON strings of them).
+Chosen and rejected are plain text or role/content message lists (or JSON strings of them). LLaMA-Factory's
+pairwise rows read as its own: a `conversations` (or `messages`) prompt with chosen and rejected one message each,
+or an Alpaca `instruction` (and `input`, joined by a new line), either with an optional `system` column.
 
 Without a prompt column (Anthropic-HH rows hold whole dialogues in chosen and rejected), the shared beginning
 of the two is the prompt: the common leading messages, or for text the common prefix cut back to the last
@@ -54,12 +56,14 @@ from tunelab.data.images import (
     checked_ref,
     image_parts,
 )
-from tunelab.data.sources import Split, locate_splits, read_location
+from tunelab.data.sources import Split, json_or_none, locate_splits, read_location
 from tunelab.data.templates import render_template, template_source, with_string_parts, writes_strings
 from tunelab.data.tokenize import marked_from_offsets
 from tunelab.errors import ConfigError, DataError
 
 log = logging.getLogger("tunelab")
+# A pair's prompt column left unset: TRL's name, then LLaMA-Factory's pairwise ShareGPT / OpenAI / Alpaca columns
+PROMPT_COLUMNS = ("prompt", "conversations", "messages", "instruction")
 
 
 @dataclass
@@ -129,7 +133,7 @@ def preference_columns(split: Split, params: LLMParams, margin: str | None = "")
     `margin` names it (None: no margin read), else ("") margin_column, or a column named margin for reward."""
     columns = split.columns
     chosen = "chosen" if params.text_column == "text" and "chosen" in columns else params.text_column
-    prompt = params.prompt_text_column or ("prompt" if "prompt" in columns else None)
+    prompt = params.prompt_text_column or next((name for name in PROMPT_COLUMNS if name in columns), None)
     wanted = {"prompt": prompt} if prompt else {}
     wanted.update(chosen=chosen, rejected=params.rejected_text_column or "rejected")
     # reward's margins: margin_column, else a column named margin (TRL's), for the reward model only
@@ -240,7 +244,18 @@ def _conversational(split: Split, chosen_column: str) -> bool:
     """Whether the pairs are message lists, judged by the first row that has a chosen answer at all (a bad first
     row must not decide it for the whole file)."""
     sample = next((row[chosen_column] for row in split.rows if row.get(chosen_column) not in (None, "")), None)
-    return is_messages(sample)
+    return is_messages(_as_messages(sample))
+
+
+def _as_messages(value: Any) -> Any:
+    """An answer given as one message object (LLaMA-Factory's pairwise rows: {"from": "gpt", "value": ...}), or a JSON
+    string of one, as a one-message list; any other value as it is."""
+    if isinstance(value, str) and value.lstrip().startswith("{"):
+        parsed = json_or_none(value.strip())
+        value = parsed if isinstance(parsed, dict) else value
+    if isinstance(value, dict) and ("value" in value or "content" in value):
+        return [value]
+    return value
 
 
 @dataclass
@@ -409,9 +424,10 @@ def _row_parts(
     prompt's turns may show images, its bare image parts (or `<image>` marks) filled from the row's `images`
     column, or `image_column` (formats.with_row_images); the answers show none."""
     chosen_col, rejected_col = columns["chosen"], columns["rejected"]
-    if not conversational and is_messages(row.get(chosen_col)):
+    if not conversational and is_messages(_as_messages(row.get(chosen_col))):
         raise RowProblem(chosen_col, "a list of messages, where the other rows hold text")
     if conversational:
+        row = {**row, chosen_col: _as_messages(row.get(chosen_col)), rejected_col: _as_messages(row.get(rejected_col))}
         chosen = cell_messages(row, chosen_col, need_assistant=False, images=images)
         rejected = cell_messages(row, rejected_col, need_assistant=False, images=images)
         if chosen == rejected:
@@ -439,9 +455,9 @@ def _row_parts(
         wanted = "a chat template (chat_template)" if "prompt" in columns else "prompt_text_column and a chat template"
         raise RowProblem(shown, f"images for text rendered without a chat template: set {wanted}")
     if "prompt" in columns:
-        prompt = cell_text(row, columns["prompt"])
+        prompt = _prompt_text(row, columns["prompt"])
         if templated:
-            asked = [{"role": "user", "content": prompt}]
+            asked = _with_system([{"role": "user", "content": prompt}], row, columns["prompt"])
             return (
                 with_row_images(asked, row, columns["prompt"], image_column) if images else asked,
                 [{"role": "assistant", "content": chosen}],
@@ -460,8 +476,25 @@ def _row_parts(
 
 def _prompt_messages(row: dict, column: str, images: bool = False) -> list[dict[str, Any]]:
     if is_messages(row.get(column)):
-        return cell_messages(row, column, need_assistant=False, images=images)
-    return [{"role": "user", "content": cell_text(row, column)}]
+        messages = cell_messages(row, column, need_assistant=False, images=images)
+    else:
+        messages = [{"role": "user", "content": _prompt_text(row, column)}]
+    return _with_system(messages, row, column)
+
+
+def _prompt_text(row: dict, column: str) -> str:
+    """A text prompt; an Alpaca `instruction`'s `input` after it on a new line, as LLaMA-Factory joins them."""
+    text = cell_text(row, column)
+    more = row.get("input") if column == "instruction" else None
+    return f"{text}\n{more}" if isinstance(more, str) and more.strip() else text
+
+
+def _with_system(messages: list[dict[str, Any]], row: dict, column: str) -> list[dict[str, Any]]:
+    """LLaMA-Factory's `system` column as the prompt's system turn (a prompt read from one of its columns)."""
+    system = row.get("system") if column in PROMPT_COLUMNS[1:] else None
+    if isinstance(system, str) and system.strip() and messages[0]["role"] != "system":
+        return [{"role": "system", "content": system}, *messages]
+    return messages
 
 
 def _common_messages(a: list[dict], b: list[dict]) -> int:
