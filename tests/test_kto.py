@@ -75,6 +75,32 @@ def test_preference_pairs_are_unpaired(tmp_path, tiny_tokenizer):
     assert tiny_tokenizer.decode(good.completion_ids).startswith("good 0")
 
 
+def test_llama_factory_kto_rows_label_each_conversation_s_last_answer(tmp_path, tiny_tokenizer):
+    """LLaMA-Factory's KTO datasets (its kto_en_demo.json): a ShareGPT `conversations` whose last answer is the one
+    `kto_tag` labels, earlier turns and a `system` column the prompt."""
+    rows = [
+        {
+            "conversations": [
+                {"from": "human", "value": "Hi."},
+                {"from": "gpt", "value": "Hello."},
+                {"from": "human", "value": "Name a colour."},
+                {"from": "gpt", "value": answer},
+            ],
+            "kto_tag": tag,
+            "system": "Be brief.",
+        }
+        for answer, tag in (("Blue.", True), ("I will not.", False))
+    ]
+    (tmp_path / "kto.json").write_text(json.dumps(rows), encoding="utf-8")
+    data = load_kto_data(_params(tmp_path / "kto.json", max_prompt_length=64), tiny_tokenizer)
+    assert [item.desirable for item in data.train] == [True, False]
+    assert data.describe().startswith("kto (prompt='conversations', completion='conversations', label='kto_tag')")
+    prompt = tiny_tokenizer.decode(data.train[0].prompt_ids)
+    assert prompt.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi.<|im_end|>\n")
+    assert prompt.endswith("Hello.<|im_end|>\n<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n")
+    assert tiny_tokenizer.decode(data.train[1].completion_ids).startswith("I will not.<|im_end|>")
+
+
 @pytest.mark.parametrize("paired_train", [False, True], ids=["thumbs-train", "pairs-train"])
 def test_valid_split_of_another_shape_than_train(tmp_path, tiny_tokenizer, paired_train):
     pairs = [{"prompt": f"Q{i}?", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(3)]

@@ -42,6 +42,7 @@ from tunelab.data.preference import (
     _starts_with_bos,
     _texts,
     _with_eos,
+    _with_system,
     fit_prompt,
     preference_columns,
 )
@@ -50,6 +51,8 @@ from tunelab.data.templates import render_template, template_source
 from tunelab.errors import DataError
 
 TRUE_WORDS = ("true", "yes", "1")
+# Columns holding a whole conversation whose last answer is the labeled one (LLaMA-Factory's KTO rows, `kto_tag`)
+WHOLE_CHAT_COLUMNS = ("conversations", "messages")
 FALSE_WORDS = ("false", "no", "0")
 
 
@@ -68,7 +71,14 @@ class Labeled:
 def kto_columns(split: Split, params: LLMParams) -> dict[str, str] | None:
     """The unpaired columns (prompt, completion, label), or None when the rows are preference pairs instead."""
     columns = split.columns
-    if params.label_column not in columns:
+    label = params.label_column
+    if label == "label" and label not in columns and "kto_tag" in columns:  # LLaMA-Factory's KTO datasets
+        label = "kto_tag"
+    whole = next((name for name in WHOLE_CHAT_COLUMNS if name in columns), None)
+    unmapped = params.text_column == "text" and not params.prompt_text_column and "completion" not in columns
+    if whole and unmapped and label in columns:
+        return {"prompt": whole, "completion": whole, "label": label}
+    if label not in columns:
         if params.rejected_text_column in columns or "rejected" in columns:
             return None
         raise DataError(
@@ -78,7 +88,7 @@ def kto_columns(split: Split, params: LLMParams) -> dict[str, str] | None:
         )
     completion = "completion" if params.text_column == "text" else params.text_column
     prompt = params.prompt_text_column or "prompt"
-    wanted = {"prompt": prompt, "completion": completion, "label": params.label_column}
+    wanted = {"prompt": prompt, "completion": completion, "label": label}
     for role, column in wanted.items():
         if column not in columns:
             flag = {"prompt": "prompt_text_column", "completion": "text_column"}[role]
@@ -188,6 +198,12 @@ def _labeled_texts(
 
 def _row_texts(row: dict, columns: dict[str, str], source: str | None, tokenizer: Any) -> tuple[str, str]:
     prompt_col, answer_col = columns["prompt"], columns["completion"]
+    if prompt_col == answer_col:  # one conversation (LLaMA-Factory's): its last answer is the one labeled
+        if source is None:  # (a conversation always has a template: _pick_template)
+            raise RowProblem(answer_col, "a conversation read without a chat template")
+        messages = _with_system(cell_messages(row, answer_col), row, answer_col)
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        return _rendered(messages[:last], messages[last:], source, tokenizer, answer_col)
     if source is None:
         if is_messages(row.get(answer_col)):
             raise RowProblem(answer_col, "a list of messages, where the other rows hold text")
@@ -197,8 +213,13 @@ def _row_texts(row: dict, columns: dict[str, str], source: str | None, tokenizer
         answer = cell_messages(row, answer_col, need_assistant=False)
     else:
         answer = [{"role": "assistant", "content": cell_text(row, answer_col)}]
+    return _rendered(prompt, answer, source, tokenizer, answer_col)
+
+
+def _rendered(prompt: list[dict], answer: list[dict], source: str, tokenizer: Any, column: str) -> tuple[str, str]:
+    """The prompt rendered with the generation prompt, and the rest of the whole conversation (the answer)."""
     if not any(m["role"] == "assistant" and m["content"].strip() for m in answer):
-        raise RowProblem(answer_col, "no assistant answer")
+        raise RowProblem(column, "no assistant answer")
     try:
         prompt_text = render_template(source, prompt, tokenizer, add_generation_prompt=True)
         full = render_template(source, prompt + answer, tokenizer)
