@@ -625,3 +625,37 @@ def test_other_methods_on_a_lists_only_template_write_their_turns(tmp_path, llav
     pair = prep.data.train[0]
     assert "Question 0?" in prep.tokenizer.decode(pair.prompt_ids)
     assert "Good answer 0." in prep.tokenizer.decode(pair.chosen_ids)
+
+
+def test_image_pixel_budget_is_set_on_the_processor_and_saved(capsys, tmp_path, llava, tiny_llama):
+    """image_max_pixels (LLaMA-Factory's): Qwen2-VL's images scaled down to the budget before their tokens are counted
+    (a 112x112 image: 16 tokens by default, 4 within 56x56 pixels), another prepared-data entry, and the run's saved
+    processor sizes a later prompt's image the same way; a processor that sizes images otherwise, and a text model,
+    refuse it."""
+    from transformers import AutoProcessor
+
+    from tunelab.config.llm import LLMParams
+    from tunelab.tasks.llm import prepare
+
+    qwen = build_tiny_qwen2_vl(tmp_path / "qwen")
+    color_images(tmp_path)
+    Image.new("RGB", (112, 112), COLORS["green"]).save(tmp_path / "big.png")
+    data = write_jsonl(tmp_path / "train.jsonl", [turn("big.png", "green"), *color_rows(5)])
+    common = dict(trainer="sft", model=str(qwen), data_path=str(data), peft=True)
+    default = prepare(LLMParams(**common, project_name=str(tmp_path / "a")))
+    fitted = prepare(LLMParams(**common, project_name=str(tmp_path / "b"), image_max_pixels=56 * 56))
+    assert not fitted.prepared.hit and fitted.prepared.key != default.prepared.key
+    assert default.data.train.example(0).images[0].count == 16
+    assert fitted.data.train.example(0).images[0].count == 4
+    run = tmp_path / "run"
+    train(capsys, qwen, data, run, "--peft", "--max-steps", "1", "--block-size", "128", "--image-max-pixels", "3136")
+    saved = AutoProcessor.from_pretrained(run)
+    grid = saved.image_processor(images=[Image.open(tmp_path / "big.png")], return_tensors="np")["image_grid_thw"]
+    assert grid.tolist() == [[1, 4, 4]]  # 16 patches, 4 tokens once merged
+    assert generate(capsys, run, tmp_path / "big.png")  # a prompt's image goes through the saved budget
+    for model, expected in (
+        (llava, "sizes images its own way (a fixed size, or tiles), not by a pixel budget"),
+        (tiny_llama, "reads text only"),
+    ):
+        line = run_bad(capsys, model, data, tmp_path / "bad", "--image-max-pixels", "3136")
+        assert expected in line, line

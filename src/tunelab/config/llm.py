@@ -172,6 +172,17 @@ class LLMParams(Params):
         "caption (AutoTrain's vlm tasks: `tunelab vlm`). Chats name their images in their messages (docs/data.md). "
         "dpo, orpo, simpo: the column listing the images of each pair's prompt (default: `images` or `image`).",
     )
+    image_max_pixels: int | None = param(
+        None,
+        "Vision-language models whose images take tokens by their pixel count (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): the "
+        "most pixels an image keeps (it is scaled down to fit; Qwen2-VL writes a token per 28x28 pixels), "
+        "LLaMA-Factory's name. Set on the model's image processor and saved with the run, so generate and serve "
+        "see images as training did. Unset: the processor's own (Qwen2-VL's allows thousands of tokens an image).",
+    )
+    image_min_pixels: int | None = param(
+        None,
+        "The fewest pixels an image keeps (scaled up to reach them), as image_max_pixels; unset: the processor's.",
+    )
     label_column: str = param("label", "kto: column saying whether the answer is desirable (true/false, 1/0, yes/no).")
     chat_template: str | None = param(
         None,
@@ -819,6 +830,13 @@ class LLMParams(Params):
         check_positive(self, "block_size")
         if self.dataset_num_proc is not None:
             check_positive(self, "dataset_num_proc")
+        for name in ("image_max_pixels", "image_min_pixels"):
+            if getattr(self, name) is not None:
+                check_positive(self, name)
+        if (self.image_min_pixels or 0) > (self.image_max_pixels or float("inf")):
+            raise ConfigError(
+                f"image_min_pixels ({self.image_min_pixels}) is larger than image_max_pixels ({self.image_max_pixels})"
+            )
         if self.streaming and self.max_steps <= 0:
             raise ConfigError(
                 "streaming: true needs max_steps (--max-steps): a streamed run does not count its rows before training"

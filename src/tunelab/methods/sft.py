@@ -32,7 +32,7 @@ def build_rows(examples: Any, params: LLMParams) -> tuple[Any, RowStats]:
         if cut:
             stats.notes.append(
                 f"{cut} examples lose an image to the cut at block_size={size} (with what follows it): raise "
-                "block_size, or have the model's image processor write fewer tokens per image (Qwen2-VL: max_pixels)"
+                "block_size, or have an image take fewer tokens (image_max_pixels, for Qwen2-VL's family)"
             )
     rows: Any = ExampleRows(table, keep, size, whole)
     if params.packing:

@@ -13,7 +13,7 @@ import logging
 import re
 from typing import Any
 
-from tunelab.errors import TunelabError
+from tunelab.errors import ConfigError, TunelabError
 
 log = logging.getLogger("tunelab")
 
@@ -40,8 +40,9 @@ def language_model_class(config: Any) -> Any:
     )
 
 
-def load_processor(source: Any) -> Any:
-    """The processor (tokenizer and image processor) of a models/load.ModelSource; TunelabError when it has none."""
+def load_processor(source: Any, max_pixels: int | None = None, min_pixels: int | None = None) -> Any:
+    """The processor (tokenizer and image processor) of a models/load.ModelSource, its images held to `max_pixels`
+    and `min_pixels` when given (image_max_pixels, image_min_pixels: fit_pixels); TunelabError when it has none."""
     from transformers import AutoProcessor
 
     if source.gguf_file:
@@ -49,12 +50,43 @@ def load_processor(source: Any) -> Any:
             f"model {source.name}: a GGUF file holds no vision tower: train a vision-language model from its folder"
         )
     try:
-        return AutoProcessor.from_pretrained(source.path)
+        processor = AutoProcessor.from_pretrained(source.path)
     except Exception as err:  # noqa: BLE001 - whatever the processor's own code raises, said in one line
         from transformers.utils import is_torchvision_available
 
         hint = "" if is_torchvision_available() else "; Qwen2-VL's and SmolVLM's processors need torchvision"
         raise TunelabError(f"model {source.name}: its processor cannot be loaded ({err}){hint}") from None
+    if max_pixels is not None or min_pixels is not None:
+        fit_pixels(processor, max_pixels, min_pixels)
+    return processor
+
+
+def fit_pixels(processor: Any, max_pixels: int | None, min_pixels: int | None) -> None:
+    """The image processor set to scale each image into [min_pixels, max_pixels] pixels before counting its tokens:
+    those whose tokens follow an image's pixel count (Qwen2-VL's family: `size` holds the pixel budget as
+    shortest_edge / longest_edge, a token per merged patch). Saved with the processor, so a run's later prompts are
+    sized as its training images were. ConfigError for an image processor that sizes images otherwise."""
+    import dataclasses
+
+    images = processor.image_processor
+    size = getattr(images, "size", None)
+    budget = getattr(size, "shortest_edge", None), getattr(size, "longest_edge", None)
+    if getattr(images, "merge_size", None) is None or None in budget:
+        raise ConfigError(
+            f"image_max_pixels / image_min_pixels: the model's image processor ({type(images).__name__}) sizes images "
+            "its own way (a fixed size, or tiles), not by a pixel budget: leave them unset"
+        )
+    low, high = min_pixels or budget[0], max_pixels or budget[1]
+    if low > high:
+        raise ConfigError(
+            f"image_min_pixels ({low}) is larger than the most pixels an image keeps ({high}): lower it, or set "
+            "image_max_pixels"
+        )
+    if dataclasses.is_dataclass(size):
+        images.size = dataclasses.replace(size, shortest_edge=low, longest_edge=high)
+    else:
+        images.size = {**size, "shortest_edge": low, "longest_edge": high}
+    log.info("images: each scaled to between %d and %d pixels (image_min_pixels, image_max_pixels)", low, high)
 
 
 def language_root(model: Any) -> str | None:

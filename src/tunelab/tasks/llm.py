@@ -150,11 +150,15 @@ def _processor(
     own; and why rows that show images cannot be trained, when that is known now (the method takes none, or a pair
     method's processor does not load: its text-only pairs still train)."""
     if not reads_images(config):
+        if params.image_max_pixels or params.image_min_pixels:
+            raise ConfigError(f"image_max_pixels / image_min_pixels: model {params.model} reads text only")
         return None, None
     if method.data != "examples" and not method.images:
         return None, f"trainer {params.trainer} takes no images yet (sft does, and dpo, orpo and simpo on pairs)"
     try:
-        processor = load_processor(source)
+        processor = load_processor(source, params.image_max_pixels, params.image_min_pixels)
+    except ConfigError:
+        raise
     except TunelabError as err:
         if method.data == "examples":
             raise
@@ -242,10 +246,7 @@ def _prepare_data(
     return {"data": data, "train_rows": train_rows, "valid_rows": valid_rows, "stats": stats}
 
 
-_FEWER_IMAGE_TOKENS = (
-    "prompts that show images are never cut: have the model's image processor write fewer tokens per image "
-    "(Qwen2-VL: max_pixels in its preprocessor_config.json), or "
-)
+_FEWER_IMAGE_TOKENS = "prompts that show images are never cut: have an image take fewer tokens (image_max_pixels), or "
 
 
 def run(params: LLMParams) -> Path:
