@@ -256,7 +256,7 @@ def test_images_for_a_text_model_or_template(capsys, tmp_path, tiny_llama, llava
     ("extra", "expected"),
     [
         (("--packing",), "packing: the data shows images, and rows with images are not packed yet: leave it off"),
-        (("--streaming", "--max-steps", "2"), "but streaming: true does not take images yet (leave streaming off)"),
+        (("--streaming", "--max-steps", "2", "--packing"), "packing: rows with images are not packed yet"),
         (("--trainer", "default"), "trainer default: the data shows images, which the sft trainer trains on"),
     ],
 )
@@ -659,3 +659,19 @@ def test_image_pixel_budget_is_set_on_the_processor_and_saved(capsys, tmp_path, 
     ):
         line = run_bad(capsys, model, data, tmp_path / "bad", "--image-max-pixels", "3136")
         assert expected in line, line
+
+
+def test_streamed_rows_show_their_images(capsys, tmp_path, monkeypatch, vlm):
+    """streaming: true on a vision-language model: each block's rows are read with their images as training reaches
+    them (here the first blocks are text alone, the images come later), and the run learns to read them."""
+    import tunelab.data
+
+    monkeypatch.setattr(tunelab.data, "IMAGE_BLOCK_BYTES", 512)  # blocks of a few rows
+    color_images(tmp_path)
+    chat = [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi."}]
+    data = write_jsonl(tmp_path / "train.jsonl", [{"messages": chat}] * 4 + color_rows())
+    run = tmp_path / "run"
+    out, err = train(capsys, vlm, data, run, *LEARN, *LEARN_LORA, "--streaming")
+    assert "streaming" in out + err
+    for name in COLORS:
+        assert generate(capsys, run, tmp_path / f"{name}.png").startswith(f"It is {name}"), name

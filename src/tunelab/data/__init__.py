@@ -117,24 +117,31 @@ def _load_source(
 
 
 def stream_data(
-    params: LLMParams, tokenizer: Any, build_rows: Any, processor: Any = None
+    params: LLMParams, tokenizer: Any, build_rows: Any, processor: Any = None, images_problem: str | None = None
 ) -> tuple[EncodedData, Any, Any]:
     """`streaming: true` (data/streaming.py): the first block of each split prepared, to check and show, and the
-    rows of every split as iterables that prepare each block as training reads it (rows that show images are bad
-    rows there: a vision-language model's `processor` only says why)."""
+    rows of every split as iterables that prepare each block as training reads it. A vision-language model's
+    `processor` writes the images rows show, block by block, as for prepared data; `images_problem` (the method takes
+    no images), or packing, makes such rows bad rows instead, said as each block is read."""
     from tunelab.data.streaming import StreamedRows, first_block
 
     places = locate_splits(params.data_path, params.train_split, params.valid_split)
-    heads = {name: stream_split(place, name) for name, place in places.items()}
+    blocks = (IMAGE_BLOCK_ROWS, IMAGE_BLOCK_BYTES) if processor is not None else ()
+    heads = {name: stream_split(place, name, *blocks) for name, place in places.items()}
     row_format, template, source = _decide_format(heads["train"].head, params, tokenizer, processor)
+    images, problem = image_codec(processor, source, tokenizer)
+    if images_problem or (processor is not None and params.packing):
+        images, problem = None, images_problem or "packing: rows with images are not packed yet (leave packing off)"
     firsts, rows = {}, {}
     for name, place in places.items():
         formatter = _formatter(heads[name].head, heads[name].origin, row_format, source, tokenizer, params)
-        if processor is not None:  # rows that show images are read as such, and refused (bad rows)
-            formatter.images_problem = "streaming: true does not take images yet (leave streaming off)"
+        if processor is not None:  # a chat row's images column is its images (formats.with_row_images)
+            formatter.images, formatter.images_problem = images, problem
             formatter.fmt = dataclasses.replace(formatter.fmt, images=True)
+            formatter.image_token = getattr(processor, "image_token", None)
+            formatter.folder = place.parent if isinstance(place, Path) else None
         firsts[name] = first_block(heads[name], formatter, params)
-        rows[name] = StreamedRows(place, name, formatter, params, build_rows)
+        rows[name] = StreamedRows(place, name, formatter, params, build_rows, blocks)
     shown = firsts["train"][0] if len(firsts["train"]) else None
     data = EncodedData(
         train=firsts["train"],

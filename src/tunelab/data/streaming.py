@@ -10,7 +10,8 @@ stops the run there, skip leaves them out with a warning.
 
 What streaming gives up: no shuffling and no length-grouped batches (rows are trained in file order), no count
 of the examples before training (so `max_steps` is required), and the dry run's figures come from the first
-block only. Only the methods that train on examples (`default`, `sft`) stream.
+block only. Only the methods that train on examples (`default`, `sft`) stream. A vision-language model's rows that
+show images stream too (sft), in smaller blocks (their images are opened and written in as each block is read).
 """
 
 from __future__ import annotations
@@ -33,12 +34,21 @@ log = logging.getLogger("tunelab")
 class StreamedRows(torch.utils.data.IterableDataset):
     """The training rows of one split, prepared a block at a time as they are read."""
 
-    def __init__(self, place: Path | tuple[str, str], name: str, formatter: Formatter, params: Any, build: Any):
+    def __init__(
+        self,
+        place: Path | tuple[str, str],
+        name: str,
+        formatter: Formatter,
+        params: Any,
+        build: Any,
+        blocks: tuple[int, ...] = (),
+    ) -> None:
         super().__init__()
         self.place, self.name, self.formatter, self.params, self.build = place, name, formatter, params, build
+        self.blocks = blocks  # (rows, bytes) a block holds, when not stream_split's defaults (rows with images)
 
     def __iter__(self) -> Any:
-        stream = stream_split(self.place, self.name)
+        stream = stream_split(self.place, self.name, *self.blocks)
         for block in stream.blocks():
             table = block_table(block, stream.origin, self.name, self.formatter, self.params)
             rows, _ = self.build(table, self.params)
@@ -59,7 +69,7 @@ def block_table(block: Any, origin: str, name: str, formatter: Formatter, params
             raise_bad_rows(done.problems, f"{origin} (streamed, the block from {done.split.where(0)})", hint, done.bad)
         log.warning("%s: skipped %d bad row(s) (bad_rows=skip): %s", origin, done.bad, "; ".join(done.problems))
     writer = TableWriter(None, params.block_size)
-    writer.add(*done.arrays)
+    writer.add(*done.arrays, images=done.images)
     return writer.finish()
 
 

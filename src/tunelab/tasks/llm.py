@@ -184,7 +184,8 @@ def _stream(
     if method.data != "examples" or is_mixture(params.data_path):
         what = "a mixture of sources" if is_mixture(params.data_path) else f"trainer {params.trainer}"
         raise ConfigError(f"streaming: true is for one source and trainers default and sft, not {what}")
-    data, train_rows, valid_rows = stream_data(params, tokenizer, method.build_rows, processor)
+    refused = None if method.images else f"trainer {params.trainer} takes no images (the sft trainer does)"
+    data, train_rows, valid_rows = stream_data(params, tokenizer, method.build_rows, processor, refused)
     stats = method.build_rows(data.train, params)[1]
     if not stats.rows:
         raise DataError(
@@ -278,6 +279,8 @@ def _run(params: LLMParams) -> Path:
         images, problem = image_codec(prep.processor, data.template_source, tokenizer)
         if images is None:
             raise ConfigError(f"the data shows images, but {problem}")
+    elif data_is_streamed(data) and prep.processor is not None and method.images and not params.packing:
+        images = image_codec(prep.processor, data.template_source, tokenizer)[0]  # for later blocks' images
     if method.rows_with_model is not None:  # dpo's precomputed reference log-probs
         folder_of = prep.prepared.folder if prep.prepared else None
         shown = {"images": images} if images is not None else {}

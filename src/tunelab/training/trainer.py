@@ -563,8 +563,13 @@ def build_trainer(
     steps_per_epoch = params.max_steps if streamed else epoch_steps(len(train_rows), params, processes)
     has_valid = _dataset(valid_rows) is not None
     early = params.early_stopping_patience is not None and has_valid and params.eval_strategy != "no"
-    stopping = early_stopping_arguments(params, steps_per_epoch) if early else {}
-    args = training_arguments(params, output_dir, steps_per_epoch, has_valid, **stopping)
+    overrides = early_stopping_arguments(params, steps_per_epoch) if early else {}
+    if streamed and images is not None:
+        # accelerate hands an iterable dataset's batches out from one process, cut along their first dimension to
+        # each process's rows: a batch's pixels (one row per image patch) would be cut to the batch size. Each
+        # process reads the rows itself instead, and takes its share of them before they are collated.
+        overrides["accelerator_config"] = {"dispatch_batches": False}
+    args = training_arguments(params, output_dir, steps_per_epoch, has_valid, **overrides)
     if params.torch_compile:
         log.info("torch_compile: compiled %d decoder layers", compile_layers(model))
     common = {
