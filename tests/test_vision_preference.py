@@ -285,3 +285,46 @@ def test_simpo_on_images_prefers_what_the_image_shows(capsys, tmp_path, llava):
     assert code == 0, f"{out}\n{err}"
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["eval_rewards/accuracies"] == 1.0, metrics
+
+
+def test_pairs_image_bytes_are_kept_once_as_files_beside_the_prepared_data(tmp_path, llava):
+    """A Parquet file's image column (a hub dataset's, as RLAIF-V ships): each image's bytes written once beside the
+    prepared data and named by their file there, in the pairs as prepared and as read back from the cache, so
+    neither memory nor the cached pairs hold them; the pairs' tokens are those of the same images given as files."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tunelab.config.llm import LLMParams
+    from tunelab.tasks.llm import prepare
+
+    color_images(tmp_path)
+    files = [trl_pair(c, c, "blue" if c != "blue" else "red") for c in ("red", "green")]
+    buffers = {}
+    for name in ("red", "green"):
+        out = io.BytesIO()
+        Image.open(tmp_path / f"{name}.png").save(out, format="PNG")
+        buffers[name] = out.getvalue()
+    table = pa.table(
+        {
+            "images": [[{"bytes": buffers[row["images"][0][:-4]], "path": None}] for row in files],
+            "prompt": [json.dumps(row["prompt"]) for row in files],
+            "chosen": [json.dumps(row["chosen"]) for row in files],
+            "rejected": [json.dumps(row["rejected"]) for row in files],
+        }
+    )
+    pq.write_table(table, tmp_path / "pairs.parquet")
+    params = LLMParams(trainer="dpo", model=str(llava), data_path=str(tmp_path / "pairs.parquet"), peft=True,
+                       project_name=str(tmp_path / "r"))  # fmt: skip
+    prep = prepare(params)
+    again = prepare(params)
+    assert again.prepared.hit
+    by_file = prepare(LLMParams(trainer="dpo", model=str(llava), peft=True, project_name=str(tmp_path / "f"),
+                                data_path=str(write_jsonl(tmp_path / "pairs.jsonl", files))))  # fmt: skip
+    for pairs in (prep.train_rows, again.train_rows):
+        for pair, name, twin in zip(pairs, ("red", "green"), by_file.train_rows, strict=True):
+            ref = pair.images[0].ref
+            assert isinstance(ref, str) and ref.startswith(str(prep.prepared.folder)), ref
+            assert open(ref, "rb").read() == buffers[name]
+            assert pair.prompt_ids == twin.prompt_ids and pair.chosen_ids == twin.chosen_ids

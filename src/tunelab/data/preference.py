@@ -55,6 +55,7 @@ from tunelab.data.images import (
     as_template_reads,
     checked_ref,
     image_parts,
+    stored_ref,
 )
 from tunelab.data.sources import Split, json_or_none, locate_splits, read_location
 from tunelab.data.templates import render_template, template_source, with_string_parts, writes_strings
@@ -160,12 +161,19 @@ def preference_columns(split: Split, params: LLMParams, margin: str | None = "")
 
 
 def load_preference_data(
-    params: LLMParams, tokenizer: Any, margins: bool = True, processor: Any = None, images_problem: str | None = None
+    params: LLMParams,
+    tokenizer: Any,
+    margins: bool = True,
+    processor: Any = None,
+    images_problem: str | None = None,
+    image_store: tuple[Path, Path] | None = None,
 ) -> PreferenceData:
     """Read, check, split, render and tokenize the preference splits named by params (`margins`: the reward's
     margin column too, when there is one: what the train split has, every split must). `processor`: a
     vision-language model's, which writes the images the prompts show; `images_problem`, without one: why rows that
-    show images are bad rows (they are read as such, not taken for a text model's)."""
+    show images are bad rows (they are read as such, not taken for a text model's). `image_store`: (the folder the
+    prepared data is written to, where that folder will be): image bytes (a Parquet or hub dataset's, data: URIs)
+    are written there once and the pairs name their files, so neither memory nor the cached pairs hold them."""
     places = locate_splits(params.data_path, params.train_split, params.valid_split)
     splits: dict[str, Split] = {name: read_location(place, name) for name, place in places.items()}
     columns = preference_columns(splits["train"], params, "" if margins else None)
@@ -194,6 +202,11 @@ def load_preference_data(
         pairs = [_tokenized(text, tokenizer, add_special) for text in texts]
         out[name] = _fit(pairs, params, stats if name == "train" else PairStats())
     stats.pairs = len(out["train"])
+    image_files = _image_files([*out["train"], *out.get("valid", [])])  # (the user's files: before bytes get theirs)
+    if image_store is not None:
+        for pairs in out.values():
+            for pair in pairs:
+                pair.images = _bytes_stored(pair.images, *image_store)
     return PreferenceData(
         train=out["train"],
         valid=out.get("valid"),
@@ -205,8 +218,21 @@ def load_preference_data(
         preview=preview,
         skipped_rows=skipped,
         reasoning=holds_reasoning(splits["train"], [columns["chosen"], columns["rejected"]]),
-        image_files=_image_files([*out["train"], *out.get("valid", [])]),
+        image_files=image_files,
     )
+
+
+def _bytes_stored(images: list[ImageSpan] | None, folder: Path, final: Path) -> list[ImageSpan] | None:
+    """A pair's images with each one given as bytes written into `folder` (once per distinct image) and named by its
+    path in `final`, where `folder` will be."""
+    if not images or not any(isinstance(span.ref, bytes) for span in images):
+        return images
+    return [
+        dataclasses.replace(span, ref=str(final / stored_ref(span.ref, folder)))
+        if isinstance(span.ref, bytes)
+        else span
+        for span in images
+    ]
 
 
 def _image_codec(processor: Any, source: str | None, tokenizer: Any) -> tuple[ImageCodec | None, str | None]:

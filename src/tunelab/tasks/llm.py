@@ -110,7 +110,10 @@ def prepare(params: LLMParams) -> Prepared:
     else:
         with data_cache.entry_for(params, tokenizer, processor) as entry:
             if not entry.hit:
-                entry.save(_prepare_data(params, method, tokenizer, entry.folder, processor, images_problem))
+                prepared = _prepare_data(
+                    params, method, tokenizer, entry.folder, processor, images_problem, entry.final
+                )
+                entry.save(prepared)
         bundle = entry.bundle
         data, train_rows, valid_rows = bundle["data"], bundle["train_rows"], bundle["valid_rows"]
         stats = bundle["stats"]
@@ -211,9 +214,11 @@ def _prepare_data(
     folder: Path,
     processor: Any = None,
     images_problem: str | None = None,
+    final: Path | None = None,
 ) -> dict[str, Any]:
-    """The data read, checked and tokenized (token tables into `folder`) and cut into the method's rows.
-    `images_problem`: why a vision-language model's rows that show images cannot be trained (bad rows, by name)."""
+    """The data read, checked and tokenized (token tables into `folder`, which moves to `final` once complete when
+    given) and cut into the method's rows. `images_problem`: why a vision-language model's rows that show images
+    cannot be trained (bad rows, by name)."""
     loaders = {"pairs": load_preference_data, "labeled": load_kto_data, "prompts": load_prompt_data}
     if method.data in loaders and is_mixture(params.data_path):
         raise ConfigError(
@@ -221,7 +226,10 @@ def _prepare_data(
             "default and sft): give it one file, folder or hub dataset"
         )
     if method.data == "pairs":
-        data = load_preference_data(params, tokenizer, processor=processor, images_problem=images_problem)
+        store = (folder, final or folder)  # image bytes written once beside the prepared data
+        data = load_preference_data(
+            params, tokenizer, processor=processor, images_problem=images_problem, image_store=store
+        )
     elif method.data in loaders:
         data = loaders[method.data](params, tokenizer, images_problem=images_problem)
     else:
