@@ -99,6 +99,10 @@ def test_llama_factory_kto_rows_label_each_conversation_s_last_answer(tmp_path, 
     assert prompt.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi.<|im_end|>\n")
     assert prompt.endswith("Hello.<|im_end|>\n<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n")
     assert tiny_tokenizer.decode(data.train[1].completion_ids).startswith("I will not.<|im_end|>")
+    rows[0]["conversations"].append({"from": "human", "value": "Thanks."})  # goes on after the labeled answer
+    (tmp_path / "kto.json").write_text(json.dumps(rows), encoding="utf-8")
+    with pytest.raises(DataError, match="conversations': the conversation goes on after its last answer"):
+        load_kto_data(_params(tmp_path / "kto.json", max_prompt_length=64), tiny_tokenizer)
 
 
 @pytest.mark.parametrize("paired_train", [False, True], ids=["thumbs-train", "pairs-train"])

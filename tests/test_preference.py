@@ -14,7 +14,7 @@ import torch
 import tunelab
 from tests.conftest import SHARED_DATA, needs_shared, read_metrics, train_losses
 from tunelab.data.preference import load_preference_data, split_common_prefix
-from tunelab.errors import ConfigError
+from tunelab.errors import ConfigError, DataError
 
 HH = SHARED_DATA / "preference"
 
@@ -121,6 +121,19 @@ def test_llama_factory_pairwise_rows_read_as_its_own_are(tmp_path, tiny_tokenize
         "<|im_start|>user\nName a colour.\nOne word.<|im_end|>\n<|im_start|>assistant\n"
     )
     assert tiny_tokenizer.decode(pair.chosen_ids).startswith("Blue.<|im_end|>")
+    # no chat_template: templated as sft's Alpaca rows are (LLaMA-Factory always templates them), not glued text
+    data = load_preference_data(_params(data_path=str(path)), tiny_tokenizer)
+    assert data.template == "alpaca"
+    assert "### Instruction:\nName a colour.\nOne word." in tiny_tokenizer.decode(data.train[0].prompt_ids)
+
+    # a conversation that ends with an answer is no prompt; a text answer that is a JSON object stays text
+    bad = [{**sharegpt[0], "conversations": [*sharegpt[0]["conversations"], {"from": "gpt", "value": "Blue."}]}]
+    path = _write_jsonl(tmp_path / "bad.jsonl", bad)
+    with pytest.raises(DataError, match="column 'conversations': the prompt's conversation ends with an answer"):
+        load_preference_data(_params(data_path=str(path)), tiny_tokenizer)
+    objects = [{"prompt": "Give JSON.", "chosen": '{"content": "4"}', "rejected": '{"content": "5"}'}] * 2
+    data = load_preference_data(_params(data_path=str(_write_jsonl(tmp_path / "o.jsonl", objects))), tiny_tokenizer)
+    assert tiny_tokenizer.decode(data.train[0].chosen_ids).startswith('{"content": "4"}')
 
 
 def test_identical_chat_pairs_are_dropped_with_a_warning_as_text_pairs_are(tmp_path, tiny_tokenizer, caplog):

@@ -328,3 +328,20 @@ def test_pairs_image_bytes_are_kept_once_as_files_beside_the_prepared_data(tmp_p
             assert isinstance(ref, str) and ref.startswith(str(prep.prepared.folder)), ref
             assert open(ref, "rb").read() == buffers[name]
             assert pair.prompt_ids == twin.prompt_ids and pair.chosen_ids == twin.chosen_ids
+
+
+def test_a_vision_model_s_kto_run_on_text_evaluates(capsys, tmp_path, llava):
+    """A run of a method that reads no images saved no processor: `tunelab evaluate` measures it on its text data
+    (as serve would serve it) without looking for one."""
+    rows = [{"prompt": f"Q{i}?", "completion": "Yes." if i % 2 else "No.", "label": bool(i % 2)} for i in range(8)]
+    data = write_jsonl(tmp_path / "thumbs.jsonl", rows)
+    run = tmp_path / "run"
+    code = main(pair_args(llava, data, run, "kto", "--peft", "--max-steps", "2"))
+    out, err = capsys.readouterr()
+    assert code == 0, f"{out}\n{err}"
+    assert not (run / "preprocessor_config.json").exists()
+    code = main(["evaluate", "--model", str(run), "--data-path", str(data), "--samples", "1"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    results = json.loads((run / "evaluation" / "results.json").read_text())
+    assert results["rows"] == 8 and results["method"] == "kto"

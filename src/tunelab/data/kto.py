@@ -203,6 +203,8 @@ def _row_texts(row: dict, columns: dict[str, str], source: str | None, tokenizer
             raise RowProblem(answer_col, "a conversation read without a chat template")
         messages = _with_system(cell_messages(row, answer_col), row, answer_col)
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        if last != len(messages) - 1:
+            raise RowProblem(answer_col, "the conversation goes on after its last answer: it must end with the answer")
         return _rendered(messages[:last], messages[last:], source, tokenizer, answer_col)
     if source is None:
         if is_messages(row.get(answer_col)):

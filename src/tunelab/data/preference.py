@@ -179,6 +179,8 @@ def load_preference_data(
     columns = preference_columns(splits["train"], params, "" if margins else None)
     conversational = _conversational(splits["train"], columns["chosen"])
     template = _pick_template(params.chat_template, conversational, "prompt" in columns, tokenizer)
+    if template is None and columns.get("prompt") == "instruction" and params.chat_template is None:
+        template = "alpaca"  # LLaMA-Factory's Alpaca pairs are always templated: as sft's Alpaca rows are
     source = template_source(template, tokenizer, params.chat_template_kwargs) if template else None
     if source is not None and processor is not None and not writes_strings(source, tokenizer):
         source = with_string_parts(source)  # (a custom template: the model's own was taught at prepare)
@@ -279,7 +281,7 @@ def _as_messages(value: Any) -> Any:
     if isinstance(value, str) and value.lstrip().startswith("{"):
         parsed = json_or_none(value.strip())
         value = parsed if isinstance(parsed, dict) else value
-    if isinstance(value, dict) and ("value" in value or "content" in value):
+    if isinstance(value, dict) and ("from" in value or "role" in value):
         return [value]
     return value
 
@@ -503,6 +505,9 @@ def _row_parts(
 def _prompt_messages(row: dict, column: str, images: bool = False) -> list[dict[str, Any]]:
     if is_messages(row.get(column)):
         messages = cell_messages(row, column, need_assistant=False, images=images)
+        # (LLaMA-Factory's columns: an export that kept the chosen chat whole would have its answer twice)
+        if column in PROMPT_COLUMNS[1:] and messages[-1]["role"] == "assistant":
+            raise RowProblem(column, "the prompt's conversation ends with an answer: it must end where one is asked")
     else:
         messages = [{"role": "user", "content": _prompt_text(row, column)}]
     return _with_system(messages, row, column)

@@ -29,6 +29,7 @@ from tunelab.data.images import as_template_reads
 from tunelab.data.templates import answer_as_written, template_text, with_inputs, with_reasoning
 from tunelab.errors import TunelabError
 from tunelab.inference.report import REPORT_DIR, publish_report
+from tunelab.methods import REGISTRY
 from tunelab.models.vision import reads_images
 from tunelab.outputs import check_run_folder, read_run, training_params
 
@@ -102,9 +103,9 @@ def evaluate_run(
     model, tokenizer = load_run(folder)
     processor = images = None
     if reads_images(model.config):  # rows that show images are read with them, not taken for a text model's bad rows
-        from tunelab.inference.generate import load_processor_of
+        from tunelab.inference.generate import saved_processor
 
-        processor = load_processor_of(folder)
+        processor = saved_processor(folder)
     data = load_data(params, tokenizer, processor=processor)
     if data.train.images is not None:
         from tunelab.inference.evaluate_preference import codec_of
@@ -171,7 +172,13 @@ def _data_params(folder: Path, data_path: str, split: str) -> Any:
 
     # Only what shapes the rows: the other saved settings belong to the run's own trainer (a DPO run's
     # precompute_ref_log_probs is refused for trainer sft) or to its launch (a relative accelerate_config).
-    return evaluation_params(folder, DATA_SETTINGS, data_path, split, "sft")
+    # (image_column is sft's image-and-caption column only for a run of the examples' methods: a pair method's
+    # names the column listing its prompts' images.)
+    examples = REGISTRY.get(read_run(folder).get("trainer"), None)
+    settings = DATA_SETTINGS
+    if examples is None or examples.data != "examples":
+        settings = tuple(name for name in DATA_SETTINGS if name != "image_column")
+    return evaluation_params(folder, settings, data_path, split, "sft")
 
 
 def _base(model: Any, folder: Path, wanted: bool) -> tuple[Any, Any]:
@@ -212,16 +219,17 @@ def _prompts(
             messages = example["messages"]
             last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
             prompt = _found_images(messages[:last], place) if processor is not None else messages[:last]
-            shown.append((prompt, answer_as_written(messages[last])))  # its reasoning too, as trained
+            if prompt is not None:
+                shown.append((prompt, answer_as_written(messages[last])))  # its reasoning too, as trained
         else:
             words = example["text"].split()
             shown.append((" ".join(words[: len(words) // 2]), " ".join(words[len(words) // 2 :])))
     return shown
 
 
-def _found_images(messages: list[dict[str, Any]], place: Any) -> list[dict[str, Any]]:
-    """A prompt's image parts pointing at their images as found (data/images.checked_ref); one that cannot be is a
-    TunelabError (training's data step names such rows before any of this)."""
+def _found_images(messages: list[dict[str, Any]], place: Any) -> list[dict[str, Any]] | None:
+    """A prompt's image parts pointing at their images as found (data/images.checked_ref); None when one cannot be
+    (a bad row the loss left out with bad_rows: skip: no sample of it either)."""
     from pathlib import Path
 
     from tunelab.data.images import ImageProblem, checked_ref
@@ -234,8 +242,8 @@ def _found_images(messages: list[dict[str, Any]], place: Any) -> list[dict[str, 
             if isinstance(m["content"], list) else m
             for m in messages
         ]  # fmt: skip
-    except ImageProblem as err:
-        raise TunelabError(f"evaluate: {err}") from None
+    except ImageProblem:
+        return None
 
 
 def _answer(model: Any, tokenizer: Any, prompt: Any, max_new_tokens: int, processor: Any = None) -> str:

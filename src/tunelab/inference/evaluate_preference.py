@@ -39,6 +39,7 @@ log = logging.getLogger("tunelab")
 # length rules, the reference model, and every preference method's own parameters (its registry line's).
 PAIR_SETTINGS = (
     "text_column",
+    "image_column",
     "prompt_text_column",
     "chat_template",
     "bad_rows",
@@ -88,6 +89,8 @@ def holds_preference_data(folder: Path, data_path: str, split: str) -> bool:
     wanted = [saved.get("rejected_text_column") or "rejected"]
     if REGISTRY[trainer].data == "labeled":  # (kto's answer column is also a prompt/completion file's)
         wanted += ["rejected", saved.get("label_column") or "label"]
+        if wanted[-1] == "label":
+            wanted.append("kto_tag")  # LLaMA-Factory's (data/kto.kto_columns)
     else:  # data/preference.py reads a text_column left at "text" as "chosen"
         wanted.append("chosen" if saved.get("text_column", "text") == "text" else saved["text_column"])
     if any(column in columns for column in wanted):
@@ -118,14 +121,14 @@ def evaluate_pairs(
     own hold-out (data/holdout.saved_hold_out), its examples the only ones read from `split`."""
     import time
 
-    from tunelab.inference.generate import load_processor_of, load_run
+    from tunelab.inference.generate import load_run, saved_processor
 
     run = read_run(folder)
     params = evaluation_params(folder, PAIR_SETTINGS, data_path, split, run["trainer"])
     if params.trainer == "reward":
         return _evaluate_reward(folder, params, compare_base, max_rows, held), []
     model, tokenizer = load_run(folder)
-    processor = load_processor_of(folder) if reads_images(model.config) else None
+    processor = saved_processor(folder) if reads_images(model.config) else None
     data, rows, pairs = _read(params, tokenizer, max_rows, held, processor)
     images = codec_of(processor, data, tokenizer) if getattr(data, "shows_images", False) else None
     started = time.time()
@@ -151,8 +154,7 @@ def evaluate_pairs(
             with base_context():
                 base = _logps(base_model, rows, params, tokenizer, images)
             results.update({f"base_{k}": v for k, v in figures(params, rows, pairs, base, reference).items()})
-    pictures = (images, processor) if images is not None else None
-    shown = _samples(model, tokenizer, rows, pairs, samples, max_new_tokens, base_model, base_context, pictures)
+    shown = _samples(model, tokenizer, rows, pairs, samples, max_new_tokens, base_model, base_context, images)
     results["seconds"] = round(time.time() - started, 1)
     return results, shown
 
@@ -322,20 +324,26 @@ def _samples(
     max_new_tokens: int,
     base: Any,
     base_context: Any,
-    pictures: tuple[Any, Any] | None = None,
+    images: Any = None,
 ) -> list[dict[str, Any]]:
-    """Answers to the first prompts, greedy and ended as `generate` ends them, beside the pair's answers. `pictures`:
-    (ImageCodec, processor) of pairs that show images: a prompt is asked with its images."""
-    from tunelab.data.images import open_image
+    """Answers to the first prompts, greedy and ended as `generate` ends them, beside the pair's answers. `images`:
+    the ImageCodec of pairs that show images: a prompt is asked with its images, from training's own ids (the
+    report's prompt text leaves their tokens out)."""
+    import torch
+
     from tunelab.inference.generate import GenerationParams, complete
 
     options = GenerationParams(max_new_tokens=max_new_tokens)
     shown = []
     for index, (prompt_ids, chosen, rejected) in enumerate(_sample_rows(rows, pairs)[:count]):
         spans = getattr(rows[pairs[index][0] if pairs else index], "images", None)
-        text = tokenizer.decode(_unwritten(prompt_ids, spans, pictures[0], tokenizer) if spans else prompt_ids)
-        extra = {"shown": ([[open_image(s.ref) for s in spans]], pictures[1])} if spans else {}
-        sample = {  # the text as training saw it: template, BOS and all (each image as the template writes it)
+        text = tokenizer.decode(prompt_ids)
+        extra = {}
+        if spans:  # training's own ids and the images' pixels beside them (no round trip through the text)
+            ids = torch.tensor([prompt_ids])
+            encoded = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            extra["encoded"] = {**encoded, **images.batch_inputs([[span.ref for span in spans]], ids)}
+        sample = {  # the text as training saw it: template, BOS and all
             "prompt": tokenizer.decode(prompt_ids, skip_special_tokens=True).strip(),
             "reference": tokenizer.decode(chosen, skip_special_tokens=True).strip() if chosen else "",
             "rejected": tokenizer.decode(rejected, skip_special_tokens=True).strip() if rejected else None,
@@ -347,16 +355,6 @@ def _samples(
                 sample["base"] = complete(base, tokenizer, text, options, add_special_tokens=False, **extra)[0]
         shown.append(sample)
     return shown
-
-
-def _unwritten(prompt_ids: list[int], spans: list[Any], codec: Any, tokenizer: Any) -> list[int]:
-    """A prompt's ids with each image's tokens back to the one image token the template wrote, for the processor to
-    write again with the image's pixels."""
-    ids = list(prompt_ids)
-    token = tokenizer.encode(codec.image_token, add_special_tokens=False)
-    for span in sorted(spans, key=lambda s: s.start, reverse=True):
-        ids[span.start : span.start + span.count] = token
-    return ids
 
 
 def _sample_rows(rows: list[Any], pairs: list[tuple[int, int]] | None) -> list[tuple[list[int], Any, Any]]:

@@ -282,6 +282,7 @@ def complete(
     add_special_tokens: bool = True,
     keep: tuple[str, ...] = (),
     shown: tuple[list[list[Any]], Any] | None = None,
+    encoded: dict[str, Any] | None = None,
 ) -> list[str] | list[list[str]]:
     """Completions of an already formatted text (only the new text), each ended at the model's EOS or where the
     chat template ends a turn. `generate` and evaluate's sample answers both go through here. A list of texts is
@@ -289,8 +290,10 @@ def complete(
 
     add_special_tokens: False for a text rendered by the chat template (it holds its own BOS, if any).
     keep: special tokens whose text the answers keep (`<think>`, which some tokenizers mark special).
-    shown: each text's images and the vision-language model's processor that writes them (_generated)."""
-    answers = [answer for answer, _ in _generated(model, tokenizer, text, options, add_special_tokens, keep, shown)]
+    shown: each text's images and the vision-language model's processor that writes them (_generated).
+    encoded: the model's inputs for `text` as made already (its ids, a vision-language model's pixels beside them)."""
+    made = _generated(model, tokenizer, text, options, add_special_tokens, keep, shown, encoded)
+    answers = [answer for answer, _ in made]
     if not isinstance(text, list):
         return answers
     count = len(answers) // len(text)  # generate gives each text's sequences one after another
@@ -305,9 +308,10 @@ def _generated(
     add_special_tokens: bool,
     keep: tuple[str, ...],
     shown: tuple[list[list[Any]], Any] | None = None,
+    encoded: dict[str, Any] | None = None,
 ) -> list[tuple[str, str]]:
     """`complete`'s work: every sequence made, in order, as (answer, finish reason). `shown`: each text's images
-    and the processor that writes them into its tokens and pixels."""
+    and the processor that writes them into its tokens and pixels; `encoded`: the inputs made already."""
     import torch
 
     from tunelab.inference.streaming import keeping
@@ -320,12 +324,15 @@ def _generated(
         shown[1].tokenizer = tokenizer  # the run's (its template, its padding side), as the processor's own
         encode = functools.partial(shown[1], images=shown[0])
     try:
-        inputs = encode(
-            text=text,
-            return_tensors="pt",
-            add_special_tokens=add_special_tokens,
-            padding=isinstance(text, list) and len(text) > 1,
-        ).to(model.device)
+        if encoded is not None:
+            inputs = {key: value.to(model.device) for key, value in encoded.items()}
+        else:
+            inputs = encode(
+                text=text,
+                return_tensors="pt",
+                add_special_tokens=add_special_tokens,
+                padding=isinstance(text, list) and len(text) > 1,
+            ).to(model.device)
     finally:
         tokenizer.padding_side = side
     sampling = {"temperature": options.temperature, "top_k": options.top_k, "top_p": options.top_p}
@@ -369,6 +376,17 @@ def load_processor_of(path: str | Path) -> Any:
     if not reads_images(load_config(base)):
         raise TunelabError(f"{path} reads text only: images are for a vision-language model")
     return load_processor(source)
+
+
+def saved_processor(path: str | Path) -> Any:
+    """A vision-language run's processor when it saved one (a run of a method that reads no images saved none, and
+    its prompts are text: None), else that of the model at `path` (load_processor_of)."""
+    from tunelab.inference.merge import PROCESSOR_FILES
+
+    folder = Path(path)
+    if (folder / "tunelab_run.json").is_file() and not any((folder / name).is_file() for name in PROCESSOR_FILES):
+        return None
+    return load_processor_of(path)
 
 
 def image_prompt(prompt: str, images: list[str]) -> list[dict[str, Any]]:

@@ -70,7 +70,7 @@ def serve(
     """
     import uvicorn
 
-    from tunelab.inference.generate import load_processor_of, load_run
+    from tunelab.inference.generate import load_run, saved_processor
     from tunelab.inference.openai_api import create_app
     from tunelab.models.vision import reads_images
 
@@ -82,7 +82,7 @@ def serve(
         )
     check_port_free(host, port)  # before the minutes a big model may take to load
     model, tokenizer = load_run(model_path)  # raises TunelabError naming a missing or wrong folder
-    processor = load_processor_of(model_path) if reads_images(model.config) else None
+    processor = saved_processor(model_path) if reads_images(model.config) else None
     # resolve(): `--model .` is named after the folder, not "".
     name = model_name or (Path(model_path).resolve().name if Path(model_path).exists() else model_path)
     app = create_app(model, tokenizer, name, api_key, tool_call_parser, reasoning_parser, processor)

@@ -61,6 +61,9 @@ def load_processor(source: Any, max_pixels: int | None = None, min_pixels: int |
     return processor
 
 
+EDGES = ("shortest_edge", "longest_edge")  # a pixel-budget image processor's least and most pixels
+
+
 def fit_pixels(processor: Any, max_pixels: int | None, min_pixels: int | None) -> None:
     """The image processor set to scale each image into [min_pixels, max_pixels] pixels before counting its tokens:
     those whose tokens follow an image's pixel count (Qwen2-VL's family: `size` holds the pixel budget as
@@ -70,7 +73,7 @@ def fit_pixels(processor: Any, max_pixels: int | None, min_pixels: int | None) -
 
     images = processor.image_processor
     size = getattr(images, "size", None)
-    budget = getattr(size, "shortest_edge", None), getattr(size, "longest_edge", None)
+    budget = tuple(size.get(edge) if isinstance(size, dict) else getattr(size, edge, None) for edge in EDGES)
     if getattr(images, "merge_size", None) is None or None in budget:
         raise ConfigError(
             f"image_max_pixels / image_min_pixels: the model's image processor ({type(images).__name__}) sizes images "

@@ -157,6 +157,8 @@ def _processor(
             raise ConfigError(f"image_max_pixels / image_min_pixels: model {params.model} reads text only")
         return None, None
     if method.data != "examples" and not method.images:
+        if params.image_max_pixels or params.image_min_pixels:
+            raise ConfigError(f"image_max_pixels / image_min_pixels: trainer {params.trainer} takes no images yet")
         return None, f"trainer {params.trainer} takes no images yet (sft does, and dpo, orpo and simpo on pairs)"
     try:
         processor = load_processor(source, params.image_max_pixels, params.image_min_pixels)
