@@ -1026,7 +1026,9 @@ def test_image_parts_are_kept_for_the_data_step(tmp_path):
     split = read_file(path, "train")
     kept = to_examples(split, detect_format(split, "text"))[0]["messages"][0]["content"]
     assert kept == [{"type": "image", "image": "x.png"}, {"type": "text", "text": "Hi"}]
-    with pytest.raises(RowProblem, match="message 1 has an image part: images are trained by sft, dpo, orpo or simpo"):
+    with pytest.raises(
+        RowProblem, match="message 1 has an image part: images are trained by sft, dpo, orpo, simpo or grpo"
+    ):
         cell_messages(rows[0], "messages", need_assistant=False)
 
 

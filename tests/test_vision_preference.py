@@ -262,9 +262,9 @@ def test_methods_that_take_no_images_say_so(capsys, tmp_path, llava, tiny_llama)
     for trainer, expected in (
         ("reward", "no AutoModelForSequenceClassification class for model type 'llava'"),
         ("kto", "pairs.jsonl line 1: column 'images' lists images, but trainer kto takes no images yet"),
-        ("grpo", "pairs.jsonl line 1: column 'images' lists images, but trainer grpo takes no images yet"),
+        ("rloo", "pairs.jsonl line 1: column 'images' lists images, but trainer rloo takes no images yet"),
     ):
-        extra = ("--reward-functions", "format_tag") if trainer == "grpo" else ()
+        extra = ("--reward-functions", "format_tag") if trainer == "rloo" else ()
         line = run_bad(
             capsys, llava, data, tmp_path / trainer, "--trainer", trainer, "--max-prompt-length", "32", *extra
         )

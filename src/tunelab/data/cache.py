@@ -48,7 +48,7 @@ from tunelab.methods import REGISTRY
 
 log = logging.getLogger("tunelab")
 
-FORMAT_VERSION = 9  # raise whenever what is stored, or how it is computed, changes (9: LLaMA-Factory's pairs)
+FORMAT_VERSION = 10  # raise whenever what is stored, or how it is computed, changes (10: grpo's image prompts)
 # Every parameter the data step (data/*.py) or a method's build_rows reads: these, shared by the methods, and each
 # method's own (its registry line's data_params, methods/__init__.py), for every run alike.
 DATA_FIELDS = (

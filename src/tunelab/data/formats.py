@@ -641,7 +641,7 @@ def _part_text(part: dict, number: int, column: str) -> str:
     media = MEDIA_PARTS.get(kind) if isinstance(kind, str) else None
     if media:
         article = "an" if media[0] in "aeiou" else "a"
-        why = "images are trained by sft, dpo, orpo or simpo, on a vision-language model"
+        why = "images are trained by sft, dpo, orpo, simpo or grpo, on a vision-language model"
         why = why if media == "image" else "tunelab trains on text"
         if media != "image":
             why += " and images"

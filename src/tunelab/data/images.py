@@ -20,6 +20,7 @@ import base64
 import binascii
 import hashlib
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -194,6 +195,10 @@ class ImageCodec:
         self.image_token_ids = sorted(
             {t for k in self.token_types for t, flag in zip(ids, out[k][0].tolist(), strict=True) if flag}
         )
+        # what a model must never write itself (its image features would then not match its image tokens)
+        self.placeholder_ids = sorted(
+            {*self.image_token_ids, *tokenizer(self.image_token, add_special_tokens=False)["input_ids"]}
+        )
         if self.token_types and not self.image_token_ids:
             raise ConfigError(f"the model's processor ({name}) marks no image token in {self.token_types[0]}")
         # The splice (expand) must give the processor's own tokens: PaliGemma's, say, also adds text of its own.
@@ -271,6 +276,39 @@ class ImageCodec:
         for key in self.token_types:
             out[key] = marks.long()
         return out
+
+
+def codec_or_reason(processor: Any, template: str | None, tokenizer: Any) -> tuple[ImageCodec | None, str | None]:
+    """How a model's images become tokens with this template, or why they cannot (said by the first row that shows
+    one, not by a run with none); (None, None) for a model that reads no images."""
+    if processor is None:
+        return None, None
+    if template is None:
+        return None, "images need a chat template (the rows are plain text with no prompt column)"
+    try:
+        return ImageCodec(processor, template, tokenizer), None
+    except ConfigError as err:
+        return None, str(err)
+    except Exception as err:  # noqa: BLE001 - the processor's own code on a probe image: a text-only run goes on
+        return None, f"the model's processor fails on a probe image ({type(err).__name__}: {err})"
+
+
+def file_signatures(refs: Any) -> dict[str, tuple[int, int]]:
+    """The image files among `refs` (paths; bytes have none), each with its size and time now."""
+    files = sorted({ref for ref in refs if isinstance(ref, str)})
+    return {path: (os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in files}
+
+
+def check_unchanged(signatures: dict[str, tuple[int, int]]) -> None:
+    """ValueError when an image file is gone or changed since its signature was taken (prepared data that names it
+    is stale: the data cache prepares it again)."""
+    for path, signature in signatures.items():
+        try:
+            stat = os.stat(path)
+        except OSError:
+            raise ValueError(f"image {path} is gone since the data was prepared") from None
+        if (stat.st_size, stat.st_mtime_ns) != tuple(signature):
+            raise ValueError(f"image {path} changed since the data was prepared")
 
 
 def _images_kwargs(processor: Any) -> dict[str, Any]:

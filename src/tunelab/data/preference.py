@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,14 +52,17 @@ from tunelab.data.images import (
     ImageProblem,
     ImageSpan,
     as_template_reads,
+    check_unchanged,
     checked_ref,
+    codec_or_reason,
+    file_signatures,
     image_parts,
     stored_ref,
 )
 from tunelab.data.sources import Split, json_or_none, locate_splits, read_location
 from tunelab.data.templates import render_template, template_source, with_string_parts, writes_strings
 from tunelab.data.tokenize import marked_from_offsets
-from tunelab.errors import ConfigError, DataError
+from tunelab.errors import DataError
 
 log = logging.getLogger("tunelab")
 # A pair's prompt column left unset: TRL's name, then LLaMA-Factory's pairwise ShareGPT / OpenAI / Alpaca columns
@@ -120,13 +122,7 @@ class PreferenceData:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        for path, signature in self.image_files.items():
-            try:
-                stat = os.stat(path)
-            except OSError:
-                raise ValueError(f"image {path} is gone since the data was prepared") from None
-            if (stat.st_size, stat.st_mtime_ns) != tuple(signature):
-                raise ValueError(f"image {path} changed since the data was prepared")
+        check_unchanged(self.image_files)
 
 
 def preference_columns(split: Split, params: LLMParams, margin: str | None = "") -> dict[str, str]:
@@ -185,7 +181,7 @@ def load_preference_data(
     if source is not None and processor is not None and not writes_strings(source, tokenizer):
         source = with_string_parts(source)  # (a custom template: the model's own was taught at prepare)
     add_special = source is None and not _starts_with_bos(tokenizer, splits["train"], columns)
-    codec, why = _image_codec(processor, source, tokenizer)
+    codec, why = codec_or_reason(processor, source, tokenizer)
 
     stats = PairStats()
     out: dict[str, list[Pair]] = {}
@@ -237,24 +233,8 @@ def _bytes_stored(images: list[ImageSpan] | None, folder: Path, final: Path) -> 
     ]
 
 
-def _image_codec(processor: Any, source: str | None, tokenizer: Any) -> tuple[ImageCodec | None, str | None]:
-    """How the model's images become tokens with this template, or why they cannot (said by the first row that
-    shows one, not by a run with none)."""
-    if processor is None:
-        return None, None
-    if source is None:
-        return None, "images need a chat template (the rows are plain text with no prompt column)"
-    try:
-        return ImageCodec(processor, source, tokenizer), None
-    except ConfigError as err:
-        return None, str(err)
-    except Exception as err:  # noqa: BLE001 - the processor's own code on a probe image: a text-only run goes on
-        return None, f"the model's processor fails on a probe image ({type(err).__name__}: {err})"
-
-
 def _image_files(pairs: list[Pair]) -> dict[str, tuple[int, int]]:
-    files = {span.ref for pair in pairs for span in pair.images or () if isinstance(span.ref, str)}
-    return {path: (os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in sorted(files)}
+    return file_signatures(span.ref for pair in pairs for span in pair.images or ())
 
 
 def _pick_template(requested: str | None, conversational: bool, has_prompt: bool, tokenizer: Any) -> str | None:

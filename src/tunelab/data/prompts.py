@@ -12,11 +12,17 @@ With `tools`, every prompt is a conversation (a text prompt becomes a user turn,
 rendered with the tools' schemas: a chat template that does not show them is refused, and a prompt is never cut
 (its beginning holds the schemas): one longer than max_prompt_length is a bad row, and tools whose schemas alone do
 not fit are refused.
+
+grpo on a vision-language model: a prompt may show images, in the forms sft reads them (data/images.py: image
+parts, TRL's `images` column filling bare parts or opening the first user turn, LLaMA-Factory's `<image>`), each
+checked before training and written in as the model's processor writes it; such a prompt is never cut, and the
+rewards receive it with each image as a bare `{"type": "image"}` part (the row's `images` column as it is).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from jinja2 import TemplateError
@@ -27,12 +33,25 @@ from tunelab.data.formats import (
     cell_messages,
     cell_text,
     describe_problem,
+    image_column_of,
     is_messages,
     refuse_image_columns,
     settle_bad_rows,
+    with_row_images,
 )
-from tunelab.data.sources import Split, read_splits
-from tunelab.data.templates import render_template, template_source
+from tunelab.data.images import (
+    ImageCodec,
+    ImageProblem,
+    as_template_reads,
+    check_unchanged,
+    checked_ref,
+    codec_or_reason,
+    file_signatures,
+    image_parts,
+    stored_ref,
+)
+from tunelab.data.sources import Split, locate_splits, read_location
+from tunelab.data.templates import render_template, template_source, with_string_parts, writes_strings
 from tunelab.errors import ConfigError, DataError
 from tunelab.rewards import is_answer_reward, reward_names
 from tunelab.tools import load_tools, tool_schemas
@@ -46,6 +65,7 @@ class PromptRow:
     input_ids: list[int]  # rendered (chat template with its generation prompt) and tokenized
     columns: dict[str, Any]  # the row's other columns, for the rewards
     where: str  # "train.jsonl line 12"
+    images: list[str | bytes] | None = None  # the images it shows, in order (a vision-language model's run)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -63,9 +83,30 @@ class PromptData:
     skipped_rows: dict[str, int] = field(default_factory=dict)
     truncated: int = 0
     reasoning: bool = False  # a reward asks for reasoning (format_think): the run learns to write <think> blocks
+    # the image files the prompts show, with their size and time when prepared (data/images.check_unchanged)
+    image_files: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def describe(self) -> str:
         return f"prompts ({'chat' if self.template else 'text'}) from column {self.column!r}"
+
+    @property
+    def shows_images(self) -> bool:
+        return any(row.images for rows in (self.train, self.valid or []) for row in rows)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        check_unchanged(self.image_files)
+
+
+@dataclass
+class PromptImages:
+    """How a vision-language model's run reads the images prompts show (None codec: such prompts are bad rows, for
+    `problem`)."""
+
+    codec: ImageCodec | None
+    problem: str | None
+    folder: Path | None = None  # where the data file is: image paths are relative to it
+    column: str | None = None  # the column listing a row's images (image_column; None: `images` or `image`)
 
 
 def prompt_column(split: Split, params: LLMParams) -> str:
@@ -91,10 +132,19 @@ def _check_answer_column(split: Split, params: LLMParams) -> None:
         )
 
 
-def load_prompt_data(params: LLMParams, tokenizer: Any, images_problem: str | None = None) -> PromptData:
+def load_prompt_data(
+    params: LLMParams,
+    tokenizer: Any,
+    images_problem: str | None = None,
+    processor: Any = None,
+    image_store: tuple[Path, Path] | None = None,
+) -> PromptData:
     """Read, check, render and tokenize the prompt splits named by params. `images_problem`: a vision-language
-    model's run, and why its rows' images cannot be trained: a split whose rows list images is refused."""
-    splits = read_splits(params.data_path, params.train_split, params.valid_split)
+    model's run, and why its rows' images cannot be trained: a split whose rows list images is refused. `processor`:
+    a vision-language model's, which writes the images prompts show (grpo); `image_store`: where image bytes are
+    written once (as data/preference.load_preference_data's)."""
+    places = locate_splits(params.data_path, params.train_split, params.valid_split)
+    splits = {name: read_location(place, name) for name, place in places.items()}
     for split in splits.values() if images_problem else ():
         refuse_image_columns(split, getattr(params, "image_column", None), images_problem)
     column = prompt_column(splits["train"], params)
@@ -111,8 +161,13 @@ def load_prompt_data(params: LLMParams, tokenizer: Any, images_problem: str | No
     elif requested and requested != "none":
         template = requested
     source = template_source(template, tokenizer, params.chat_template_kwargs) if template else None
+    if source is not None and processor is not None and not writes_strings(source, tokenizer):
+        source = with_string_parts(source)  # (a custom template: the model's own was taught at prepare)
     if tools:
         _check_tools_template(source, tokenizer, tools, params.max_prompt_length)
+    shown = None
+    if processor is not None:
+        shown = PromptImages(*codec_or_reason(processor, source, tokenizer), column=params.image_column)
 
     out: dict[str, list[PromptRow]] = {}
     skipped: dict[str, int] = {}
@@ -120,13 +175,19 @@ def load_prompt_data(params: LLMParams, tokenizer: Any, images_problem: str | No
     for name, split in splits.items():
         rows, problems = [], []
         split_column = prompt_column(split, params)
+        if shown is not None:
+            shown.folder = places[name].parent if isinstance(places[name], Path) else None
         for index, row in enumerate(split.rows):
             try:
-                prompt, text = _prompt(row, split_column, source, tokenizer, conversational, tools)
+                prompt, text, images = _prompt(row, split_column, source, tokenizer, conversational, tools, shown)
             except RowProblem as problem:
                 problems.append(describe_problem(split, index, problem))
                 continue
             ids = tokenizer(text, add_special_tokens=source is None)["input_ids"]
+            others = {key: value for key, value in row.items() if key != column}
+            if images:  # never cut (a cut from its start would take the turn's header and an image's tokens)
+                rows.append(PromptRow(prompt, list(ids), others, split.where(index), images))
+                continue
             longest = params.max_prompt_length
             if len(ids) > longest and tools:  # (its beginning holds the tools' schemas)
                 why = f"{len(ids)} tokens with the tools' schemas, more than max_prompt_length {longest}"
@@ -135,13 +196,19 @@ def load_prompt_data(params: LLMParams, tokenizer: Any, images_problem: str | No
             if len(ids) > params.max_prompt_length:
                 ids = ids[-params.max_prompt_length :]  # the end holds the question and the generation prompt
                 truncated += name == "train"
-            others = {key: value for key, value in row.items() if key != column}
             rows.append(PromptRow(prompt, list(ids), others, split.where(index)))
         settle_bad_rows(problems, split.origin, params.bad_rows, kept=len(rows))
         skipped[name] = len(problems)
         out[name] = rows
     if not out["train"]:
         raise DataError(f"{splits['train'].origin}: no usable prompts")
+    image_files = file_signatures(ref for rows in out.values() for row in rows for ref in row.images or ())
+    if image_store is not None:  # image bytes written once beside the prepared data, the prompts naming their files
+        write, final = image_store
+        for rows in out.values():
+            for row in rows:
+                if row.images:
+                    row.images = [str(final / stored_ref(r, write)) if isinstance(r, bytes) else r for r in row.images]
     first = out["train"][0]
     return PromptData(
         train=out["train"],
@@ -154,6 +221,7 @@ def load_prompt_data(params: LLMParams, tokenizer: Any, images_problem: str | No
         skipped_rows=skipped,
         truncated=truncated,
         reasoning="format_think" in reward_names(params.reward_functions),
+        image_files=image_files,
     )
 
 
@@ -187,15 +255,17 @@ def _prompt(
     tokenizer: Any,
     conversational: bool,
     tools: list[dict[str, Any]] | None = None,
-) -> tuple[Any, str]:
-    """(the prompt as the rewards see it, the text the model is given). A row whose prompt is of the other kind than
-    the file's (`conversational`, judged by its first prompt) is a bad row: a message list with no template cannot
-    be rendered, and rewards are handed prompts and completions of one kind (text, or message lists) per run. With
-    `tools` a text prompt is a user turn, for the rewards too (their completions are turns)."""
+    shown: PromptImages | None = None,
+) -> tuple[Any, str, list[str | bytes]]:
+    """(the prompt as the rewards see it, the text the model is given, the images it shows). A row whose prompt is
+    of the other kind than the file's (`conversational`, judged by its first prompt) is a bad row: a message list
+    with no template cannot be rendered, and rewards are handed prompts and completions of one kind (text, or message
+    lists) per run. With `tools` a text prompt is a user turn, for the rewards too (their completions are turns).
+    With `shown` (a vision-language model's run), its images are read, checked and written in."""
     if is_messages(row.get(column)):
         if not conversational:
             raise RowProblem(column, "a list of messages, where the other rows hold text")
-        messages = cell_messages(row, column, need_assistant=False)
+        messages = cell_messages(row, column, need_assistant=False, images=shown is not None)
         if messages and messages[-1]["role"] == "assistant":
             raise RowProblem(column, "the prompt ends with an assistant message; the model is to write that turn")
         prompt: Any = messages
@@ -206,10 +276,40 @@ def _prompt(
         if conversational:
             raise RowProblem(column, "text, where the other rows hold lists of messages")
         if source is None:
-            return prompt, prompt
+            if shown is not None and image_column_of(row, shown.column):
+                raise RowProblem(image_column_of(row, shown.column), "images for a prompt with no chat template")
+            return prompt, prompt, []
         messages = [{"role": "user", "content": prompt}]
         prompt = messages if tools else prompt
+    images: list[str | bytes] = []
+    if shown is not None:
+        messages = with_row_images(messages, row, column, shown.column)
+        images = _checked_images(messages, row, column, shown)
+        if images and isinstance(prompt, list):
+            prompt = as_template_reads(messages)  # (the rewards see where each image is, not its bytes)
     try:
-        return prompt, render_template(source, messages, tokenizer, add_generation_prompt=True, tools=tools)
+        text = render_template(source, as_template_reads(messages), tokenizer, add_generation_prompt=True, tools=tools)
     except TemplateError as err:
         raise RowProblem(column, f"the chat template cannot render it ({err})") from None
+    if shown is not None and shown.codec is not None:
+        try:
+            text = shown.codec.expand(text, [], images)[0]
+        except ImageProblem as err:
+            raise RowProblem(column, str(err)) from None
+    return prompt, text, images
+
+
+def _checked_images(messages: list[dict[str, Any]], row: dict, column: str, shown: PromptImages) -> list[str | bytes]:
+    """A prompt's images, each found and opened (data/images.checked_ref); RowProblem naming the column that lists
+    them (else the prompt's) when one cannot be, or when the run cannot take them (`shown.problem`)."""
+    found = image_parts(messages)
+    where = image_column_of(row, shown.column) or column
+    if found and shown.codec is None:
+        raise RowProblem(where, f"message {found[0][0]} has an image part, but {shown.problem}")
+    refs = []
+    for number, value in found:
+        try:
+            refs.append(checked_ref(value, shown.folder))
+        except ImageProblem as err:
+            raise RowProblem(where, f"message {number}: {err}") from None
+    return refs

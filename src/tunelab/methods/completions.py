@@ -29,7 +29,7 @@ from tunelab.training.trainer import eval_mode
 class Sampled:
     """Completions as sampled, num_generations rows a prompt: the prompts left-padded, the completions right-padded.
     With tools: `tool_mask` (0 on the tool turns), where each completion's last stretch of the model's writing
-    starts (`last_start`), and each completion's messages."""
+    starts (`last_start`), and each completion's messages. A vision-language run's: each row's prompt images."""
 
     prompt_ids: torch.Tensor
     prompt_mask: torch.Tensor
@@ -37,6 +37,7 @@ class Sampled:
     tool_mask: torch.Tensor | None = None
     last_start: torch.Tensor | None = None
     messages: list[list[dict[str, Any]]] | None = None
+    images: list[list[Any]] | None = None
 
     def rows(self, where: slice) -> Sampled:
         tool_mask, last_start = self.tool_mask, self.last_start
@@ -44,6 +45,7 @@ class Sampled:
             self.prompt_ids[where], self.prompt_mask[where], self.completion_ids[where],
             None if tool_mask is None else tool_mask[where], None if last_start is None else last_start[where],
             None if self.messages is None else self.messages[where],
+            None if self.images is None else self.images[where],
         )  # fmt: skip
 
     def trimmed(self, first: int, length: int) -> Sampled:
@@ -51,6 +53,7 @@ class Sampled:
         return Sampled(
             self.prompt_ids[:, first:], self.prompt_mask[:, first:], self.completion_ids[:, :length],
             None if self.tool_mask is None else self.tool_mask[:, :length], self.last_start, self.messages,
+            self.images,
         )  # fmt: skip
 
 
@@ -129,6 +132,8 @@ class CompletionSampler:
             )
             joined.last_start = torch.cat([p.last_start for p in pieces])
             joined.messages = [messages for p in pieces for messages in p.messages]
+        if any(p.images is not None for p in pieces):
+            joined.images = [shown for p in pieces for shown in p.images or [[]] * p.prompt_ids.size(0)]
         out, start = [], 0
         for batch in micro_batches:
             here = joined.rows(slice(start * self.group, (start + len(batch)) * self.group))
@@ -146,6 +151,14 @@ class CompletionSampler:
         # The same step samples the same completions, in a resumed run too (and each process its own).
         process = self.accelerator.process_index
         torch.manual_seed(self.params.seed + 1009 * self.state.global_step + 31 * call + 7919 * process)
+        if self.images is not None and any(r.images for r in rows):
+            # each prompt's rows made before generating (generate's own copies of a batch's pixels assume an image a
+            # row), its images' pixels beside them
+            shown = [list(r.images or ()) for r in rows for _ in range(self.group)]
+            ids, mask = prompt_ids.repeat_interleave(self.group, 0), prompt_mask.repeat_interleave(self.group, 0)
+            pixels = self.images.batch_inputs(shown, ids.cpu())
+            out = self._sampled(ids, mask, 1, self.max_length, {k: v.to(ids.device) for k, v in pixels.items()})
+            return Sampled(ids, mask, out, images=shown)
         out = self._sampled(prompt_ids, prompt_mask, self.group, self.max_length)
         sampled = Sampled(
             prompt_ids.repeat_interleave(self.group, 0), prompt_mask.repeat_interleave(self.group, 0), out
@@ -176,16 +189,21 @@ class CompletionSampler:
             mask[i, width - len(tokens) :] = 1
         return ids.to(self.args.device), mask.to(self.args.device)
 
-    def _sampled(self, ids: torch.Tensor, mask: torch.Tensor, returns: int, new_tokens: int) -> torch.Tensor:
-        """`returns` completions of each left-padded input, up to `new_tokens` tokens, sampled as the run asks."""
+    def _sampled(
+        self, ids: torch.Tensor, mask: torch.Tensor, returns: int, new_tokens: int, images: dict | None = None
+    ) -> torch.Tensor:
+        """`returns` completions of each left-padded input, up to `new_tokens` tokens, sampled as the run asks.
+        `images`: the inputs' image inputs (pixels, token types), with the model's image tokens never written."""
         model = self.accelerator.unwrap_model(self.model)
         params = self.params
         filters = (params.top_p, params.top_k, params.min_p, params.repetition_penalty)
         config = sampling_config(params.temperature, new_tokens, self.processing_class.pad_token_id, *filters)
         config.update(**(params.generation_kwargs or {}))  # (checked: none of the settings above, nor the ends)
         config.num_return_sequences, config.eos_token_id = returns, self.end_ids
+        if images:  # a written image token would have no image to match it in the scoring forward
+            config.suppress_tokens = sorted({*(config.suppress_tokens or []), *self.images.placeholder_ids})
         with eval_mode(model):
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, **(images or {}))
         return out[:, ids.size(1) :]
 
     def _generate_more(self, inputs: list[list[int]], budgets: list[int]) -> list[list[int]]:

@@ -387,4 +387,4 @@ class GRPOTrainer(SamplingTrainer):
         return (loss, {}) if return_outputs else loss
 
 
-METHOD = Method(model_kind="causal_lm", build_rows=build_prompt_rows, trainer_class=GRPOTrainer)
+METHOD = Method(model_kind="causal_lm", build_rows=build_prompt_rows, trainer_class=GRPOTrainer, images=True)

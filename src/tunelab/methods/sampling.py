@@ -144,10 +144,13 @@ class SamplingTrainer(CompletionSampler, GuardedTrainer):
     # them); online_dpo scores them at 1, the model's own distribution, as DPO does.
     scores_at_temperature = True
 
-    def __init__(self, *args: Any, params: LLMParams, ref_model: Any = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, params: LLMParams, ref_model: Any = None, images: Any = None, **kwargs: Any
+    ) -> None:
         kwargs.setdefault("data_collator", list)  # prompts stay PromptRow objects until they are generated from
         super().__init__(*args, **kwargs)
         self.params = params
+        self.images = images  # a vision-language run's data/images.ImageCodec: the pixels of the prompts' images
         self.group = params.completions_per_prompt
         self.max_length = completion_length(params)
         self.rewards: list[Reward] = load_rewards(params, self.max_length)
@@ -338,6 +341,9 @@ class SamplingTrainer(CompletionSampler, GuardedTrainer):
         if samples.tool_mask is not None:  # the tool turns are read, not trained on
             batch["completion_attention"] = completion_mask
         batch["input_ids"] = torch.cat([prompt_ids, completion_ids], 1)  # for Trainer's token counting
+        if samples.images is not None:  # each row's prompt images, read with its prompt and completion
+            shown = self.images.batch_inputs(samples.images, batch["input_ids"].cpu())
+            batch["image_inputs"] = {key: value.to(device) for key, value in shown.items()}
         if self.beta != 0.0:
             batch["ref_logps"] = self.reference_logps(batch)
         advantages, std = self.advantages_of(total, batch, per_function)
@@ -409,6 +415,7 @@ class SamplingTrainer(CompletionSampler, GuardedTrainer):
             "input_ids": ids,
             "attention_mask": attention,
             "use_cache": False,
+            **batch.get("image_inputs", {}),
             **(self.routing() if policy else {}),
         }
         temperature = self.params.temperature if self.scores_at_temperature else 1.0

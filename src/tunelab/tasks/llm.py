@@ -122,8 +122,10 @@ def prepare(params: LLMParams) -> Prepared:
         if not method.images:
             raise ConfigError(
                 f"trainer {params.trainer}: the data shows images, which the sft trainer trains on (and dpo, orpo "
-                "and simpo, on pairs)"
+                "and simpo on pairs, grpo on prompts)"
             )
+        if params.tools:
+            raise ConfigError("tools: the data shows images, and tool rounds with images are not sampled yet")
         if params.model_ref and getattr(ref_config, "model_type", None) != getattr(config, "model_type", None):
             raise ConfigError(
                 f"model_ref {params.model_ref}: the data shows images, which a reference reads only as the model "
@@ -159,7 +161,7 @@ def _processor(
     if method.data != "examples" and not method.images:
         if params.image_max_pixels or params.image_min_pixels:
             raise ConfigError(f"image_max_pixels / image_min_pixels: trainer {params.trainer} takes no images yet")
-        return None, f"trainer {params.trainer} takes no images yet (sft does, and dpo, orpo and simpo on pairs)"
+        return None, f"trainer {params.trainer} takes no images yet (sft does; dpo, orpo, simpo and grpo too)"
     try:
         processor = load_processor(source, params.image_max_pixels, params.image_min_pixels)
     except ConfigError:
@@ -227,11 +229,13 @@ def _prepare_data(
             f"data_path lists several sources, which trainer {params.trainer} does not take yet (mixtures are for "
             "default and sft): give it one file, folder or hub dataset"
         )
+    store = (folder, final or folder)  # image bytes written once beside the prepared data
     if method.data == "pairs":
-        store = (folder, final or folder)  # image bytes written once beside the prepared data
         data = load_preference_data(
             params, tokenizer, processor=processor, images_problem=images_problem, image_store=store
         )
+    elif method.data == "prompts":
+        data = load_prompt_data(params, tokenizer, images_problem, processor, store)
     elif method.data in loaders:
         data = loaders[method.data](params, tokenizer, images_problem=images_problem)
     else:
