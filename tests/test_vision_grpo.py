@@ -80,8 +80,34 @@ def test_completions_are_sampled_and_scored_with_their_images(tmp_path, vlm):
                 assert close == same, (i, logps[i][kept], own)
     assert width == batch["prompt_ids"].size(1)
     seen = json.loads((tmp_path / "my_rewards.py.seen.json").read_text())
+    # the prompt as the rewards get it, and its images column as the images found (paths to open)
     assert seen == [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which color?"}]}],
-                    ["red.png"]]  # fmt: skip
+                    [str((tmp_path / "red.png").resolve())]]  # fmt: skip
+
+
+def test_held_out_prompts_are_told_apart_by_their_images(tmp_path, vlm):
+    """valid_size holds a prompt's rows out together: the same question of another image is another prompt."""
+    from tunelab.config.llm import LLMParams
+    from tunelab.tasks.llm import prepare
+
+    color_images(tmp_path)
+    data = write_jsonl(tmp_path / "prompts.jsonl", prompts(4))
+    params = LLMParams(
+        trainer="grpo", model=str(vlm), data_path=str(data), project_name=str(tmp_path / "run"), peft=True,
+        reward_functions="format_tag", valid_size=0.3,
+    )  # fmt: skip
+    prep = prepare(params)
+    held = {row.images[0] for row in prep.valid_rows}
+    assert len(held) == 1 and not held & {row.images[0] for row in prep.train_rows}
+    assert len(prep.valid_rows) == 4
+
+
+def test_a_reward_model_reads_each_image_as_a_mark():
+    from tunelab.rewards import _messages, _prompt_text
+
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which color?"}]}]
+    assert _prompt_text(prompt) == "[image]Which color?"
+    assert _messages(prompt) == [{"role": "user", "content": "[image]Which color?"}]
 
 
 def test_an_image_prompt_that_cannot_be_read_is_named(capsys, tmp_path, vlm):

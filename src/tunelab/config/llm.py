@@ -170,7 +170,7 @@ class LLMParams(Params):
         "sft on a vision-language model: the column holding each row's image (a path, data: URI or bytes, or a list "
         "of them), shown in the user turn before the prompt; a row of text_column alone becomes an image and its "
         "caption (AutoTrain's vlm tasks: `tunelab vlm`). Chats name their images in their messages (docs/data.md). "
-        "dpo, orpo, simpo: the column listing the images of each pair's prompt (default: `images` or `image`).",
+        "dpo, orpo, simpo, grpo: the column listing the images of each prompt (default: `images` or `image`).",
     )
     image_max_pixels: int | None = param(
         None,

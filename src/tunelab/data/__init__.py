@@ -22,13 +22,13 @@ import numpy as np
 from tunelab.config.llm import LLMParams
 from tunelab.data.formats import RowFormat, RowProblem, convert_row, detect_format, holds_reasoning, settle_bad_rows
 from tunelab.data.holdout import apportion, hold_out
-from tunelab.data.images import ImageCodec
+from tunelab.data.images import ImageCodec, codec_or_reason
 from tunelab.data.mixture import draw, is_mixture, parse_sources
 from tunelab.data.pipeline import Formatter, encode_split, worker_count
 from tunelab.data.sources import IMAGE_BLOCK_BYTES, IMAGE_BLOCK_ROWS, Split, locate_splits, stream_split
 from tunelab.data.store import TableWriter, TokenTable, copy_examples
 from tunelab.data.templates import template_source, with_string_parts, writes_strings
-from tunelab.errors import ConfigError, DataError
+from tunelab.errors import DataError
 
 __all__ = ["EncodedData", "image_codec", "load_data", "pick_template"]
 
@@ -126,7 +126,8 @@ def stream_data(
     from tunelab.data.streaming import StreamedRows, first_block
 
     places = locate_splits(params.data_path, params.train_split, params.valid_split)
-    blocks = (IMAGE_BLOCK_ROWS, IMAGE_BLOCK_BYTES) if processor is not None else ()
+    takes_images = processor is not None and not images_problem and not params.packing
+    blocks = (IMAGE_BLOCK_ROWS, IMAGE_BLOCK_BYTES) if takes_images else ()  # (text rows keep the larger blocks)
     heads = {name: stream_split(place, name, *blocks) for name, place in places.items()}
     row_format, template, source = _decide_format(heads["train"].head, params, tokenizer, processor)
     images, problem = image_codec(processor, source, tokenizer)
@@ -162,10 +163,7 @@ def image_codec(processor: Any, template: str | None, tokenizer: Any) -> tuple[I
     (a template that writes no image): said by the first row that shows one, not by a run with none."""
     if processor is None or template is None:
         return None, None
-    try:
-        return ImageCodec(processor, template, tokenizer), None
-    except ConfigError as err:
-        return None, str(err)
+    return codec_or_reason(processor, template, tokenizer)
 
 
 def _conversation_columns(row_format: RowFormat) -> list[str]:

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.config.llm import custom_chat_template
+from tunelab.data.images import StoredImage
 from tunelab.data.mixture import is_mixture, parse_sources
 from tunelab.data.sources import locate_splits, unreadable
 from tunelab.data.store import TokenTable
@@ -326,7 +327,8 @@ def _load(folder: Path) -> dict[str, Any] | None:
 
 
 class _Pickler(pickle.Pickler):
-    """Token tables are stored as their files, named in the pickle by their split."""
+    """Token tables are stored as their files, named in the pickle by their split; image bytes stored beside them
+    (data/images.StoredImage) by their name in the entry's folder."""
 
     def __init__(self, file: Any) -> None:
         super().__init__(file)
@@ -336,6 +338,8 @@ class _Pickler(pickle.Pickler):
         if isinstance(obj, TokenTable) and obj.name is not None:
             self.tables.append(obj)
             return ("table", obj.name)
+        if isinstance(obj, StoredImage) and obj.name:
+            return ("image", obj.name)
         return None
 
 
@@ -346,6 +350,10 @@ class _Unpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> Any:
         kind, name = pid
+        if kind == "image":
+            if not (self.folder / name).is_file():
+                raise ValueError(f"stored image {name} is missing")
+            return StoredImage(str(self.folder / name), name)
         if kind != "table":
             raise pickle.UnpicklingError(f"unknown stored object {kind!r}")
         return TokenTable.open(self.folder, name)

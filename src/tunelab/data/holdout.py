@@ -77,7 +77,8 @@ def prompt_groups(items: Any) -> list[Any] | None:
     if isinstance(items, TokenTable) or not len(items) or not hasattr(items[0], "prompt_ids"):
         return None
     return [
-        (tuple(item.prompt_ids), tuple(span.ref for span in getattr(item, "images", None) or ())) for item in items
+        (tuple(item.prompt_ids), tuple(getattr(shown, "ref", shown) for shown in getattr(item, "images", None) or ()))
+        for item in items
     ]
 
 

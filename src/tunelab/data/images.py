@@ -132,6 +132,25 @@ def open_image(ref: str | bytes) -> Any:
         return image.convert("RGB")
 
 
+class StoredImage(str):
+    """The path of image bytes written beside prepared data (stored_ref), knowing its name there: the data cache
+    keeps the name and reads it back against the folder the entry is read from (a moved cache still finds it)."""
+
+    name: str
+
+    def __new__(cls, path: str, name: str = "") -> StoredImage:
+        stored = super().__new__(cls, path)
+        stored.name = name
+        return stored
+
+
+def stored_image(ref: bytes, folder: Path, final: Path) -> StoredImage:
+    """Image bytes written into `folder` (once per distinct image), named by their path in `final`, where `folder`
+    will be once the prepared data is complete."""
+    name = stored_ref(ref, folder)
+    return StoredImage(str(final / name), name)
+
+
 def stored_ref(ref: bytes, folder: Path) -> str:
     """Image bytes as a stored token table keeps them: a file in `folder`/images named by their hash, given by that
     name relative to `folder` (the prepared data's folder moves into the cache once complete)."""
@@ -196,9 +215,8 @@ class ImageCodec:
             {t for k in self.token_types for t, flag in zip(ids, out[k][0].tolist(), strict=True) if flag}
         )
         # what a model must never write itself (its image features would then not match its image tokens)
-        self.placeholder_ids = sorted(
-            {*self.image_token_ids, *tokenizer(self.image_token, add_special_tokens=False)["input_ids"]}
-        )
+        written = tokenizer(self.image_token, add_special_tokens=False)["input_ids"]
+        self.placeholder_ids = sorted({*self.image_token_ids, *(written if len(written) == 1 else [])})
         if self.token_types and not self.image_token_ids:
             raise ConfigError(f"the model's processor ({name}) marks no image token in {self.token_types[0]}")
         # The splice (expand) must give the processor's own tokens: PaliGemma's, say, also adds text of its own.

@@ -57,7 +57,7 @@ from tunelab.data.images import (
     codec_or_reason,
     file_signatures,
     image_parts,
-    stored_ref,
+    stored_image,
 )
 from tunelab.data.sources import Split, json_or_none, locate_splits, read_location
 from tunelab.data.templates import render_template, template_source, with_string_parts, writes_strings
@@ -221,14 +221,11 @@ def load_preference_data(
 
 
 def _bytes_stored(images: list[ImageSpan] | None, folder: Path, final: Path) -> list[ImageSpan] | None:
-    """A pair's images with each one given as bytes written into `folder` (once per distinct image) and named by its
-    path in `final`, where `folder` will be."""
+    """A pair's images with each one given as bytes written beside the prepared data (images.stored_image)."""
     if not images or not any(isinstance(span.ref, bytes) for span in images):
         return images
     return [
-        dataclasses.replace(span, ref=str(final / stored_ref(span.ref, folder)))
-        if isinstance(span.ref, bytes)
-        else span
+        dataclasses.replace(span, ref=stored_image(span.ref, folder, final)) if isinstance(span.ref, bytes) else span
         for span in images
     ]
 

@@ -48,7 +48,7 @@ from tunelab.data.images import (
     codec_or_reason,
     file_signatures,
     image_parts,
-    stored_ref,
+    stored_image,
 )
 from tunelab.data.sources import Split, locate_splits, read_location
 from tunelab.data.templates import render_template, template_source, with_string_parts, writes_strings
@@ -69,6 +69,11 @@ class PromptRow:
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        """Its prompt's tokens (data/holdout.prompt_groups holds a prompt's rows out together)."""
+        return self.input_ids
 
 
 @dataclass
@@ -186,6 +191,9 @@ def load_prompt_data(
             ids = tokenizer(text, add_special_tokens=source is None)["input_ids"]
             others = {key: value for key, value in row.items() if key != column}
             if images:  # never cut (a cut from its start would take the turn's header and an image's tokens)
+                listed = image_column_of(row, shown.column if shown else None)
+                if listed:  # the rewards get the images found (paths), not the cell (a dataset's bytes)
+                    others[listed] = images
                 rows.append(PromptRow(prompt, list(ids), others, split.where(index), images))
                 continue
             longest = params.max_prompt_length
@@ -204,11 +212,10 @@ def load_prompt_data(
         raise DataError(f"{splits['train'].origin}: no usable prompts")
     image_files = file_signatures(ref for rows in out.values() for row in rows for ref in row.images or ())
     if image_store is not None:  # image bytes written once beside the prepared data, the prompts naming their files
-        write, final = image_store
         for rows in out.values():
-            for row in rows:
+            for row in rows:  # (in place: the row's images column for the rewards is the same list)
                 if row.images:
-                    row.images = [str(final / stored_ref(r, write)) if isinstance(r, bytes) else r for r in row.images]
+                    row.images[:] = [stored_image(r, *image_store) if isinstance(r, bytes) else r for r in row.images]
     first = out["train"][0]
     return PromptData(
         train=out["train"],

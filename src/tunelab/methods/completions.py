@@ -193,14 +193,15 @@ class CompletionSampler:
         self, ids: torch.Tensor, mask: torch.Tensor, returns: int, new_tokens: int, images: dict | None = None
     ) -> torch.Tensor:
         """`returns` completions of each left-padded input, up to `new_tokens` tokens, sampled as the run asks.
-        `images`: the inputs' image inputs (pixels, token types), with the model's image tokens never written."""
+        `images`: the inputs' image inputs (pixels, token types); a vision-language run never writes its image
+        tokens, with images or without (a micro-batch may hold rows of both)."""
         model = self.accelerator.unwrap_model(self.model)
         params = self.params
         filters = (params.top_p, params.top_k, params.min_p, params.repetition_penalty)
         config = sampling_config(params.temperature, new_tokens, self.processing_class.pad_token_id, *filters)
         config.update(**(params.generation_kwargs or {}))  # (checked: none of the settings above, nor the ends)
         config.num_return_sequences, config.eos_token_id = returns, self.end_ids
-        if images:  # a written image token would have no image to match it in the scoring forward
+        if self.images is not None:  # a written image token would have no image to match it when scored
             config.suppress_tokens = sorted({*(config.suppress_tokens or []), *self.images.placeholder_ids})
         with eval_mode(model):
             out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, **(images or {}))
