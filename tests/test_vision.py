@@ -257,7 +257,7 @@ def test_images_for_a_text_model_or_template(capsys, tmp_path, tiny_llama, llava
     [
         (("--packing",), "packing: the data shows images, and rows with images are not packed yet: leave it off"),
         (("--streaming", "--max-steps", "2", "--packing"), "packing: rows with images are not packed yet"),
-        (("--trainer", "default"), "trainer default: the data shows images, which the sft trainer trains on"),
+        (("--trainer", "default"), "the data shows images, but trainer default takes no images yet (trainers sft"),
     ],
 )
 def test_settings_a_vision_run_cannot_take(capsys, tmp_path, llava, extra, expected):
@@ -456,7 +456,7 @@ def test_evaluate_scores_image_rows_with_their_images(capsys, tmp_path, llava):
     for sample in results["samples"]:
         assert sample["tuned"].startswith(sample["reference"][:9]), sample
         assert sample["prompt"][0]["content"][0] == {"type": "image"}, sample  # (no path or bytes in the report)
-    assert "[image] What color is this?" in (run / "evaluation" / "report.md").read_text()
+    assert "[image]What color is this?" in (run / "evaluation" / "report.md").read_text()
 
     model, tokenizer = load_run(run)
     processor = AutoProcessor.from_pretrained(run)
@@ -653,11 +653,12 @@ def test_image_pixel_budget_is_set_on_the_processor_and_saved(capsys, tmp_path, 
     grid = saved.image_processor(images=[Image.open(tmp_path / "big.png")], return_tensors="np")["image_grid_thw"]
     assert grid.tolist() == [[1, 4, 4]]  # 16 patches, 4 tokens once merged
     assert generate(capsys, run, tmp_path / "big.png")  # a prompt's image goes through the saved budget
-    for model, expected in (
-        (llava, "sizes images its own way (a fixed size, or tiles), not by a pixel budget"),
-        (tiny_llama, "reads text only"),
+    for model, extra, expected in (
+        (llava, (), "sizes images its own way (a fixed size, or tiles), not by a pixel budget"),
+        (tiny_llama, (), "reads text only"),
+        (qwen, ("--trainer", "default"), "trainer default takes no images yet"),
     ):
-        line = run_bad(capsys, model, data, tmp_path / "bad", "--image-max-pixels", "3136")
+        line = run_bad(capsys, model, data, tmp_path / "bad", "--image-max-pixels", "3136", *extra)
         assert expected in line, line
 
 

@@ -312,8 +312,9 @@ def codec_or_reason(processor: Any, template: str | None, tokenizer: Any) -> tup
 
 
 def file_signatures(refs: Any) -> dict[str, tuple[int, int]]:
-    """The image files among `refs` (paths; bytes have none), each with its size and time now."""
-    files = sorted({ref for ref in refs if isinstance(ref, str)})
+    """The user's image files among `refs` (paths; bytes, and bytes stored beside prepared data, have none), each
+    with its size and time now."""
+    files = sorted({ref for ref in refs if isinstance(ref, str) and not isinstance(ref, StoredImage)})
     return {path: (os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in files}
 
 

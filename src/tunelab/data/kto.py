@@ -105,7 +105,7 @@ def load_kto_data(params: LLMParams, tokenizer: Any, images_problem: str | None 
     list images is refused (their image parts are bad rows as for a text model)."""
     splits: dict[str, Split] = read_splits(params.data_path, params.train_split, params.valid_split)
     for split in splits.values() if images_problem else ():
-        refuse_image_columns(split, getattr(params, "image_column", None), images_problem)
+        refuse_image_columns(split, params.image_column, images_problem)
     columns = kto_columns(splits["train"], params)
     paired = columns is None
     columns = preference_columns(splits["train"], params) if paired else columns

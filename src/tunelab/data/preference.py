@@ -192,7 +192,7 @@ def load_preference_data(
         if processor is not None or images_problem:
             shape.reads_images, shape.images, shape.images_problem = True, codec, why or images_problem
             shape.image_token = getattr(processor, "image_token", None)
-            shape.image_column = getattr(params, "image_column", None)
+            shape.image_column = params.image_column
             shape.folder = places[name].parent if isinstance(places[name], Path) else None
         texts, skipped[name] = _texts(split, shape, params.bad_rows, stats if name == "train" else None)
         if not preview and texts:

@@ -151,7 +151,7 @@ def load_prompt_data(
     places = locate_splits(params.data_path, params.train_split, params.valid_split)
     splits = {name: read_location(place, name) for name, place in places.items()}
     for split in splits.values() if images_problem else ():
-        refuse_image_columns(split, getattr(params, "image_column", None), images_problem)
+        refuse_image_columns(split, params.image_column, images_problem)
     column = prompt_column(splits["train"], params)
     for split in splits.values():
         _check_answer_column(split, params)
@@ -191,6 +191,8 @@ def load_prompt_data(
             ids = tokenizer(text, add_special_tokens=source is None)["input_ids"]
             others = {key: value for key, value in row.items() if key != column}
             if images:  # never cut (a cut from its start would take the turn's header and an image's tokens)
+                if image_store is not None:  # bytes written once beside the prepared data, named by their file
+                    images = [stored_image(r, *image_store) if isinstance(r, bytes) else r for r in images]
                 listed = image_column_of(row, shown.column if shown else None)
                 if listed:  # the rewards get the images found (paths), not the cell (a dataset's bytes)
                     others[listed] = images
@@ -211,11 +213,6 @@ def load_prompt_data(
     if not out["train"]:
         raise DataError(f"{splits['train'].origin}: no usable prompts")
     image_files = file_signatures(ref for rows in out.values() for row in rows for ref in row.images or ())
-    if image_store is not None:  # image bytes written once beside the prepared data, the prompts naming their files
-        for rows in out.values():
-            for row in rows:  # (in place: the row's images column for the rewards is the same list)
-                if row.images:
-                    row.images[:] = [stored_image(r, *image_store) if isinstance(r, bytes) else r for r in row.images]
     first = out["train"][0]
     return PromptData(
         train=out["train"],

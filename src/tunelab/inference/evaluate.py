@@ -174,9 +174,9 @@ def _data_params(folder: Path, data_path: str, split: str) -> Any:
     # precompute_ref_log_probs is refused for trainer sft) or to its launch (a relative accelerate_config).
     # (image_column is sft's image-and-caption column only for a run of the examples' methods: a pair method's
     # names the column listing its prompts' images.)
-    examples = REGISTRY.get(read_run(folder).get("trainer"), None)
+    method = REGISTRY.get(read_run(folder).get("trainer"))
     settings = DATA_SETTINGS
-    if examples is None or examples.data != "examples":
+    if method is None or method.data != "examples":
         settings = tuple(name for name in DATA_SETTINGS if name != "image_column")
     return evaluation_params(folder, settings, data_path, split, "sft")
 
@@ -230,8 +230,6 @@ def _prompts(
 def _found_images(messages: list[dict[str, Any]], place: Any) -> list[dict[str, Any]] | None:
     """A prompt's image parts pointing at their images as found (data/images.checked_ref); None when one cannot be
     (a bad row the loss left out with bad_rows: skip: no sample of it either)."""
-    from pathlib import Path
-
     from tunelab.data.images import ImageProblem, checked_ref
 
     folder = place.parent if isinstance(place, Path) else None
@@ -287,7 +285,7 @@ def _shown_text(content: Any) -> str:
     """A turn's content as the report shows it: its text, each image as [image]."""
     if isinstance(content, str):
         return content
-    return "".join(part["text"] if part["type"] == "text" else "[image] " for part in content)
+    return "".join(part["text"] if part["type"] == "text" else "[image]" for part in content)
 
 
 def _curves(folder: Path) -> dict[str, list[tuple[float, float]]]:

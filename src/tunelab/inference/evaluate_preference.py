@@ -337,13 +337,13 @@ def _samples(
     shown = []
     for index, (prompt_ids, chosen, rejected) in enumerate(_sample_rows(rows, pairs)[:count]):
         spans = getattr(rows[pairs[index][0] if pairs else index], "images", None)
-        text = tokenizer.decode(prompt_ids)
+        text = tokenizer.decode(prompt_ids)  # as training saw it: template, BOS and all
         extra = {}
         if spans:  # training's own ids and the images' pixels beside them (no round trip through the text)
             ids = torch.tensor([prompt_ids])
             encoded = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
             extra["encoded"] = {**encoded, **images.batch_inputs([[span.ref for span in spans]], ids)}
-        sample = {  # the text as training saw it: template, BOS and all
+        sample = {
             "prompt": tokenizer.decode(prompt_ids, skip_special_tokens=True).strip(),
             "reference": tokenizer.decode(chosen, skip_special_tokens=True).strip() if chosen else "",
             "rejected": tokenizer.decode(rejected, skip_special_tokens=True).strip() if rejected else None,

@@ -27,7 +27,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -306,7 +306,7 @@ def with_reference_logps(
                 np.save(partial, scores)
                 os.replace(partial, store)
     scored = [
-        ScoredPair(p.prompt_ids, p.chosen_ids, p.rejected_ids, p.margin, p.images, float(c), float(r))
+        ScoredPair(**{f.name: getattr(p, f.name) for f in fields(Pair)}, ref_chosen=float(c), ref_rejected=float(r))
         for p, (c, r) in zip(rows, scores, strict=True)
     ]
     return scored[: len(train_rows)], (scored[len(train_rows) :] if valid_rows else valid_rows)

@@ -9,6 +9,7 @@ trains: LoRA adapts its linear layers alone, and a full fine-tune leaves the vis
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from typing import Any
@@ -69,8 +70,6 @@ def fit_pixels(processor: Any, max_pixels: int | None, min_pixels: int | None) -
     those whose tokens follow an image's pixel count (Qwen2-VL's family: `size` holds the pixel budget as
     shortest_edge / longest_edge, a token per merged patch). Saved with the processor, so a run's later prompts are
     sized as its training images were. ConfigError for an image processor that sizes images otherwise."""
-    import dataclasses
-
     images = processor.image_processor
     size = getattr(images, "size", None)
     budget = tuple(size.get(edge) if isinstance(size, dict) else getattr(size, edge, None) for edge in EDGES)

@@ -120,10 +120,7 @@ def prepare(params: LLMParams) -> Prepared:
     check_token_ids(_highest_token_id(data, method.data), config, source)
     if shows_images(data):
         if not method.images:
-            raise ConfigError(
-                f"trainer {params.trainer}: the data shows images, which the sft trainer trains on (and dpo, orpo "
-                "and simpo on pairs, grpo on prompts)"
-            )
+            raise ConfigError(f"the data shows images, but {takes_no_images(params.trainer)}")
         if params.tools:
             raise ConfigError("tools: the data shows images, and tool rounds with images are not sampled yet")
         if params.model_ref and getattr(ref_config, "model_type", None) != getattr(config, "model_type", None):
@@ -154,14 +151,15 @@ def _processor(
     examples get it too, to refuse such rows by name), its chat template given to the tokenizer that has none of its
     own; and why rows that show images cannot be trained, when that is known now (the method takes none, or a pair
     method's processor does not load: its text-only pairs still train)."""
+    budget = params.image_max_pixels or params.image_min_pixels
     if not reads_images(config):
-        if params.image_max_pixels or params.image_min_pixels:
+        if budget:
             raise ConfigError(f"image_max_pixels / image_min_pixels: model {params.model} reads text only")
         return None, None
+    if budget and not method.images:
+        raise ConfigError(f"image_max_pixels / image_min_pixels: {takes_no_images(params.trainer)}")
     if method.data != "examples" and not method.images:
-        if params.image_max_pixels or params.image_min_pixels:
-            raise ConfigError(f"image_max_pixels / image_min_pixels: trainer {params.trainer} takes no images yet")
-        return None, f"trainer {params.trainer} takes no images yet (sft does; dpo, orpo, simpo and grpo too)"
+        return None, takes_no_images(params.trainer)
     try:
         processor = load_processor(source, params.image_max_pixels, params.image_min_pixels)
     except ConfigError:
@@ -173,6 +171,12 @@ def _processor(
     if not getattr(tokenizer, "chat_template", None) and getattr(processor, "chat_template", None):
         tokenizer.chat_template = processor.chat_template  # kept beside the processor (chat_template.json) only
     return processor, None
+
+
+def takes_no_images(trainer: str) -> str:
+    """Why a trainer's rows that show images cannot be trained, naming those that take them (Method.images)."""
+    taking = [name for name, method in METHODS.items() if method.images]
+    return f"trainer {trainer} takes no images yet (trainers {', '.join(taking)} do)"
 
 
 def _with_checkpointing(prep: Prepared) -> Prepared:
@@ -191,7 +195,7 @@ def _stream(
     if method.data != "examples" or is_mixture(params.data_path):
         what = "a mixture of sources" if is_mixture(params.data_path) else f"trainer {params.trainer}"
         raise ConfigError(f"streaming: true is for one source and trainers default and sft, not {what}")
-    refused = None if method.images else f"trainer {params.trainer} takes no images (the sft trainer does)"
+    refused = None if method.images else takes_no_images(params.trainer)
     data, train_rows, valid_rows = stream_data(params, tokenizer, method.build_rows, processor, refused)
     stats = method.build_rows(data.train, params)[1]
     if not stats.rows:
@@ -256,7 +260,7 @@ def _prepare_data(
             f"{stats.truncated} were truncated to block_size={params.block_size} and {stats.dropped} dropped with "
             "nothing left to learn (no answer tokens, or a prompt with no room for an answer); "
             + (_FEWER_IMAGE_TOKENS if getattr(getattr(data, "stats", None), "long_image_prompts", 0) else "")
-            + "raise block_size (and model_max_length) or lower max_prompt_length"
+            + "raise block_size (and model_max_length), or lower max_prompt_length (for prompts without images)"
         )
     return {"data": data, "train_rows": train_rows, "valid_rows": valid_rows, "stats": stats}
 
@@ -384,7 +388,7 @@ _LONG_IMAGE_PROMPTS = "pairs: %d prompts that show images kept longer than max_p
 
 
 def shows_images(data: Any) -> bool:
-    """Some example (or pair) of the train or valid split shows images."""
+    """Some example, pair or prompt of the train or valid split shows images."""
     if isinstance(getattr(data, "shows_images", None), bool):  # pairs (data/preference.PreferenceData)
         return data.shows_images
     return any(getattr(table, "images", None) is not None for table in (data.train, getattr(data, "valid", None)))
