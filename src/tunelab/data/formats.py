@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tunelab.data.images import IMAGE_COLUMNS, IMAGE_TAG, image_ref
+from tunelab.data.images import IMAGE_COLUMNS, IMAGE_TAG, ImageProblem, checked_ref, image_parts, image_ref
 from tunelab.data.sources import HEAD_ROWS, Split, json_or_none, read_file
 from tunelab.data.templates import THINK_OPEN
 from tunelab.errors import DataError
@@ -545,6 +545,23 @@ def _parts(parts: list, number: int, column: str, role: str = "user", images: bo
     if all(isinstance(text, str) for text in texts):
         return "".join(texts)
     return [{"type": "text", "text": text} if isinstance(text, str) else text for text in texts]
+
+
+def checked_images(
+    messages: list[dict[str, Any]], column: str | None, folder: Path | None, refused: str | None
+) -> list[str | bytes]:
+    """A conversation's images in order, each found and opened (data/images.checked_ref, paths relative to `folder`);
+    RowProblem naming `column` when one cannot be, or when the run cannot take images (`refused` says why)."""
+    found = image_parts(messages)
+    if found and refused is not None:
+        raise RowProblem(column, f"message {found[0][0]} has an image part, but {refused}")
+    refs = []
+    for number, value in found:
+        try:
+            refs.append(checked_ref(value, folder))
+        except ImageProblem as err:
+            raise RowProblem(column, f"message {number}: {err}") from None
+    return refs
 
 
 def with_row_images(

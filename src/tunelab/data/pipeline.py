@@ -20,8 +20,16 @@ from typing import Any
 
 from jinja2 import TemplateError
 
-from tunelab.data.formats import MAX_LISTED, TOOLS_COLUMN, RowFormat, RowProblem, convert_row, describe_problem
-from tunelab.data.images import ImageCodec, ImageProblem, ImageSpan, as_template_reads, checked_ref, image_parts
+from tunelab.data.formats import (
+    MAX_LISTED,
+    TOOLS_COLUMN,
+    RowFormat,
+    RowProblem,
+    checked_images,
+    convert_row,
+    describe_problem,
+)
+from tunelab.data.images import ImageCodec, ImageProblem, ImageSpan, as_template_reads
 from tunelab.data.sources import Split, SplitStream, block_rows
 from tunelab.data.store import TableWriter
 from tunelab.data.templates import Rendered, render_conversations, render_messages, render_text
@@ -124,22 +132,14 @@ class Formatter:
     def _images_checked(self, example: dict[str, Any]) -> dict[str, Any]:
         """A conversation's images found and opened (data/images.checked_ref), kept in order as its `images`; a row
         with images for a model that reads none is a bad row."""
-        found = image_parts(example.get("messages", []))
-        if not found:
-            return example
         column = self.fmt.columns.get("messages") or self.fmt.columns.get("image")
+        refused = None
         if self.images is None:
-            why = self.images_problem or (
+            refused = self.images_problem or (
                 "the model reads text only: train a vision-language model on it, or drop the image parts"
             )
-            raise RowProblem(column, f"message {found[0][0]} has an image part, but {why}")
-        refs = []
-        for number, value in found:
-            try:
-                refs.append(checked_ref(value, self.folder))
-            except ImageProblem as err:
-                raise RowProblem(column, f"message {number}: {err}") from None
-        return {**example, "images": refs}
+        refs = checked_images(example.get("messages", []), column, self.folder, refused)
+        return {**example, "images": refs} if refs else example
 
 
 # Templates that write what another leaves out (Formatter._unwritten)

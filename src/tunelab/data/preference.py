@@ -39,6 +39,7 @@ from tunelab.data.formats import (
     RowProblem,
     cell_messages,
     cell_text,
+    checked_images,
     describe_problem,
     describe_type,
     holds_reasoning,
@@ -53,7 +54,6 @@ from tunelab.data.images import (
     ImageSpan,
     as_template_reads,
     check_unchanged,
-    checked_ref,
     codec_or_reason,
     file_signatures,
     image_parts,
@@ -399,20 +399,9 @@ def _prompt_images(prompt: list[dict[str, Any]], shape: RowShape, listed_in: str
     """The prompt's images, each found and opened (data/images.checked_ref); RowProblem when one cannot be, or when
     the run takes none (a text model's, or another method's: `images_problem` says why), naming the column that
     lists the row's images (`listed_in`), else the one that holds the prompt."""
-    found = image_parts(prompt)
     column = listed_in or shape.columns.get("prompt") or shape.columns["chosen"]
-    if not found:
-        return []
-    if shape.images is None:
-        why = shape.images_problem or "the model reads text only"
-        raise RowProblem(column, f"message {found[0][0]} has an image part, but {why}")
-    refs = []
-    for number, value in found:
-        try:
-            refs.append(checked_ref(value, shape.folder))
-        except ImageProblem as err:
-            raise RowProblem(column, f"message {number}: {err}") from None
-    return refs
+    refused = None if shape.images is not None else shape.images_problem or "the model reads text only"
+    return checked_images(prompt, column, shape.folder, refused)
 
 
 def _row_parts(

@@ -32,6 +32,7 @@ from tunelab.data.formats import (
     RowProblem,
     cell_messages,
     cell_text,
+    checked_images,
     describe_problem,
     image_column_of,
     is_messages,
@@ -44,10 +45,8 @@ from tunelab.data.images import (
     ImageProblem,
     as_template_reads,
     check_unchanged,
-    checked_ref,
     codec_or_reason,
     file_signatures,
-    image_parts,
     stored_image,
 )
 from tunelab.data.sources import Split, locate_splits, read_location
@@ -306,14 +305,5 @@ def _prompt(
 def _checked_images(messages: list[dict[str, Any]], row: dict, column: str, shown: PromptImages) -> list[str | bytes]:
     """A prompt's images, each found and opened (data/images.checked_ref); RowProblem naming the column that lists
     them (else the prompt's) when one cannot be, or when the run cannot take them (`shown.problem`)."""
-    found = image_parts(messages)
     where = image_column_of(row, shown.column) or column
-    if found and shown.codec is None:
-        raise RowProblem(where, f"message {found[0][0]} has an image part, but {shown.problem}")
-    refs = []
-    for number, value in found:
-        try:
-            refs.append(checked_ref(value, shown.folder))
-        except ImageProblem as err:
-            raise RowProblem(where, f"message {number}: {err}") from None
-    return refs
+    return checked_images(messages, where, shown.folder, None if shown.codec is not None else shown.problem)

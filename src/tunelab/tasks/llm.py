@@ -227,8 +227,7 @@ def _prepare_data(
     """The data read, checked and tokenized (token tables into `folder`, which moves to `final` once complete when
     given) and cut into the method's rows. `images_problem`: why a vision-language model's rows that show images
     cannot be trained (bad rows, by name)."""
-    loaders = {"pairs": load_preference_data, "labeled": load_kto_data, "prompts": load_prompt_data}
-    if method.data in loaders and is_mixture(params.data_path):
+    if method.data != "examples" and is_mixture(params.data_path):
         raise ConfigError(
             f"data_path lists several sources, which trainer {params.trainer} does not take yet (mixtures are for "
             "default and sft): give it one file, folder or hub dataset"
@@ -240,8 +239,8 @@ def _prepare_data(
         )
     elif method.data == "prompts":
         data = load_prompt_data(params, tokenizer, images_problem, processor, store)
-    elif method.data in loaders:
-        data = loaders[method.data](params, tokenizer, images_problem=images_problem)
+    elif method.data == "labeled":
+        data = load_kto_data(params, tokenizer, images_problem=images_problem)
     else:
         data = load_data(params, tokenizer, folder, processor)
     if params.valid_size is not None and not is_mixture(params.data_path):  # a mixture's sources: load_data
