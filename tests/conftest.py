@@ -47,6 +47,17 @@ def restore_tunelab_logger():
     logger.propagate = propagate
 
 
+@pytest.fixture(autouse=True)
+def fresh_gradient_state():
+    """accelerate keeps one GradientState per process: a training run ends it at its dataloader's end with the
+    last batch's remainder, and `gather_for_metrics` outside a loop (a test scoring one batch through TRL) then
+    drops that many rows. Each test starts from a fresh one, as each run of the CLI does."""
+    from accelerate.state import GradientState
+
+    GradientState._reset_state()
+    yield
+
+
 def needs_shared() -> pytest.MarkDecorator:
     return pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not beside the clone")
 
