@@ -93,7 +93,8 @@ def test_message_rows_share_their_leading_turns_as_the_prompt(tmp_path, tiny_tok
 def test_llama_factory_pairwise_rows_read_as_its_own_are(tmp_path, tiny_tokenizer):
     """LLaMA-Factory's preference datasets (`ranking: true`): ShareGPT rows, `conversations` holding the prompt and
     chosen / rejected one message each (its dpo_en_demo.json), with a `system` column; and Alpaca rows,
-    `instruction` and `input` (joined by a new line, as LLaMA-Factory joins them) with text answers."""
+    `instruction` and `input` (joined by a new line, as LLaMA-Factory joins them) with text answers, after the turns
+    of their `history`."""
     sharegpt = [
         {
             "conversations": [{"from": "human", "value": "Name a colour."}],
@@ -121,6 +122,14 @@ def test_llama_factory_pairwise_rows_read_as_its_own_are(tmp_path, tiny_tokenize
         "<|im_start|>user\nName a colour.\nOne word.<|im_end|>\n<|im_start|>assistant\n"
     )
     assert tiny_tokenizer.decode(pair.chosen_ids).startswith("Blue.<|im_end|>")
+    # its `history` pairs are the turns before the instruction, its `system` the system turn
+    earlier = [{**alpaca[0], "history": [["Hi.", "Hello."]], "system": "Be brief."}] * 2
+    path = _write_jsonl(tmp_path / "h.jsonl", earlier)
+    data = load_preference_data(_params(data_path=str(path), chat_template="chatml"), tiny_tokenizer)
+    assert tiny_tokenizer.decode(data.train[0].prompt_ids) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi.<|im_end|>\n<|im_start|>assistant\nHello."
+        "<|im_end|>\n<|im_start|>user\nName a colour.\nOne word.<|im_end|>\n<|im_start|>assistant\n"
+    )
     # no chat_template: templated as sft's Alpaca rows are (LLaMA-Factory always templates them), not glued text
     data = load_preference_data(_params(data_path=str(path)), tiny_tokenizer)
     assert data.template == "alpaca"

@@ -49,7 +49,7 @@ from tunelab.methods import REGISTRY
 
 log = logging.getLogger("tunelab")
 
-FORMAT_VERSION = 10  # raise whenever what is stored, or how it is computed, changes (10: grpo's image prompts)
+FORMAT_VERSION = 11  # raise whenever what is stored, or how it is computed, changes (11: LLaMA-Factory history)
 # Every parameter the data step (data/*.py) or a method's build_rows reads: these, shared by the methods, and each
 # method's own (its registry line's data_params, methods/__init__.py), for every run alike.
 DATA_FIELDS = (

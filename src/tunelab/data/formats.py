@@ -5,12 +5,14 @@ Shapes (picked from the columns and the column mapping, in this order):
   content is text or a list of OpenAI-style text parts;
 - `prompt_completion`: prompt_text_column + text_column (the completion);
 - `text`: text_column holds a string, used as it is (pre-formatted text such as `<s>[INST] ... [/INST] ...`);
-- `alpaca`: no text_column, but instruction / input / output columns;
+- `alpaca`: no text_column, but instruction / input / output columns (and LLaMA-Factory's `history`);
 - `image_text`: image_column + text_column (an image and its caption: AutoTrain's vlm captioning), and
   prompt_completion with image_column (AutoTrain's vqa), the images shown in the user turn before the prompt;
 - also `messages` / `conversations` or `prompt` / `completion` columns when text_column is left at `text`.
 Every row becomes {"text": str} or {"messages": [...]}; prompt/completion and Alpaca rows become a user and an
-assistant message so that one renderer (data/templates.py) formats and masks everything.
+assistant message so that one renderer (data/templates.py) formats and masks everything. LLaMA-Factory's datasets
+read as it reads them: a `system` column beside Alpaca or message rows, ShareGPT's `function_call` and
+`observation` turns as the assistant's tool calls and a tool's result.
 
 A row that cannot be used raises RowProblem (its column and what is wrong); `convert_rows` collects them and,
 as `bad_rows` says, stops with one DataError naming them ("error") or drops them with a warning ("skip").
@@ -35,7 +37,18 @@ log = logging.getLogger("tunelab")
 T = TypeVar("T")
 
 ROLES = ("system", "user", "assistant", "tool")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "observation": "tool",  # LLaMA-Factory's name for a tool's result
+}
+# LLaMA-Factory's ShareGPT gives the assistant's tool calls a turn of their own, its value the JSON of the call(s)
+SHAREGPT_CALL = "function_call"
+SYSTEM_COLUMN = "system"  # LLaMA-Factory's: a conversation's system prompt, in a column beside its turns
+HISTORY_COLUMN = "history"  # LLaMA-Factory's Alpaca rows: the conversation's earlier [instruction, answer] pairs
 MAX_LISTED = 5
 TOOL_CALL_KEYS = ("tool_calls", "function_call")  # OpenAI's chat format, and its older single-call spelling
 TOOLS_COLUMN = "tools"  # a conversation's tool definitions, beside its messages (TRL's and OpenAI's name)
@@ -288,14 +301,47 @@ def convert_row(row: dict, fmt: RowFormat) -> dict[str, Any]:
         context = cell_text(row, cols.get("input", "input"), allow_empty=True)
         if context.strip():
             user["input"] = context
-        return {"messages": [user, {"role": "assistant", "content": cell_text(row, cols["output"])}]}
+        answer = {"role": "assistant", "content": cell_text(row, cols["output"])}
+        return {"messages": with_system_column([*history_turns(row), user, answer], row)}
     column = cols["messages"]
-    messages = cell_messages(row, column, tool_calls=True, images=True)
+    messages = with_system_column(cell_messages(row, column, tool_calls=True, images=True), row)
     example: dict[str, Any] = {"messages": with_row_images(messages, row, column) if fmt.images else messages}
     tools = cell_tools(row, TOOLS_COLUMN)
     if tools:
         example["tools"] = tools
     return example
+
+
+def with_system_column(messages: list[dict[str, Any]], row: dict) -> list[dict[str, Any]]:
+    """The row's `system` column (LLaMA-Factory's) as the conversation's system turn; a conversation that opens
+    with its own system turn keeps that one, as LLaMA-Factory reads it."""
+    system = cell_text(row, SYSTEM_COLUMN, allow_empty=True)
+    if not system.strip() or (messages and messages[0]["role"] == "system"):
+        return messages
+    return [{"role": "system", "content": system}, *messages]
+
+
+def history_turns(row: dict) -> list[dict[str, str]]:
+    """LLaMA-Factory's Alpaca `history` (a list of [instruction, answer] pairs, or a JSON string of one) as the
+    turns before the row's own: a user turn and an answer each, trained on as any earlier answer of a chat is
+    (`mask_history` leaves them out). None or an empty list: no history."""
+    value = row.get(HISTORY_COLUMN)
+    if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
+        return []
+    if isinstance(value, str):
+        value = json_or_none(value)
+    if not isinstance(value, list) or not all(isinstance(pair, (list, tuple)) and len(pair) == 2 for pair in value):
+        raise RowProblem(HISTORY_COLUMN, "expected a list of [instruction, answer] pairs")
+    turns = []
+    for number, pair in enumerate(value, start=1):
+        for role, text in zip(("user", "assistant"), pair, strict=True):
+            what = "instruction" if role == "user" else "answer"
+            if not isinstance(text, str) or not text.strip():
+                got = "empty text" if isinstance(text, str) else describe_type(text)
+                raise RowProblem(HISTORY_COLUMN, f"pair {number}'s {what} is not text (got {got})")
+            check_unicode(text, HISTORY_COLUMN, f"pair {number}'s {what}")
+            turns.append({"role": role, "content": text})
+    return turns
 
 
 def cell_images(row: dict, column: str) -> list[dict[str, Any]]:
@@ -380,6 +426,9 @@ def _message(item: Any, number: int, column: str, tool_calls: bool = False, imag
     if not isinstance(item, dict):
         raise RowProblem(column, f"message {number} is not an object (got {describe_type(item)})")
     role, content = _role_and_content(item)
+    if "from" in item and str(item["from"]).lower() == SHAREGPT_CALL:
+        item = {"tool_calls": _sharegpt_calls(content, number, column)}
+        role, content = "assistant", None
     if role == "function":  # OpenAI's older name for a tool's result, beside function_call
         role = "tool"
     if not isinstance(role, str) or role not in ROLES:
@@ -427,6 +476,20 @@ def _role_and_content(item: dict) -> tuple[Any, Any]:
     if "from" in item and "value" in item:
         return SHAREGPT_ROLES.get(str(item["from"]).lower(), item["from"]), item["value"]
     return item.get("role"), item.get("content")
+
+
+def _sharegpt_calls(value: Any, number: int, column: str) -> list[Any]:
+    """A ShareGPT `function_call` turn's calls: its value is the JSON of one call ({"name", "arguments"}, as
+    LLaMA-Factory writes them) or of a list of them."""
+    calls = json_or_none(value) if isinstance(value, str) else value
+    calls = [calls] if isinstance(calls, dict) else calls
+    if not isinstance(calls, list) or not calls:
+        raise RowProblem(
+            column,
+            f'message {number} is a function_call whose value is not the JSON of a call ({{"name", '
+            '"arguments"}) or of a list of them',
+        )
+    return calls
 
 
 def _reasoning(item: dict, role: str, number: int, column: str) -> str | None:

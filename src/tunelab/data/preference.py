@@ -4,7 +4,8 @@ Columns come from the column mapping, AutoTrain's way: `prompt_text_column` (opt
 and `rejected_text_column`; left at their defaults, columns named `prompt`, `chosen` and `rejected` are used.
 Chosen and rejected are plain text or role/content message lists (or JSON strings of them). LLaMA-Factory's
 pairwise rows read as its own: a `conversations` (or `messages`) prompt with chosen and rejected one message each,
-or an Alpaca `instruction` (and `input`, joined by a new line), either with an optional `system` column.
+or an Alpaca `instruction` (and `input`, joined by a new line, after the turns of its `history`), either with
+an optional `system` column.
 
 Without a prompt column (Anthropic-HH rows hold whole dialogues in chosen and rejected), the shared beginning
 of the two is the prompt: the common leading messages, or for text the common prefix cut back to the last
@@ -42,11 +43,13 @@ from tunelab.data.formats import (
     checked_images,
     describe_problem,
     describe_type,
+    history_turns,
     holds_reasoning,
     image_column_of,
     is_messages,
     settle_bad_rows,
     with_row_images,
+    with_system_column,
 )
 from tunelab.data.images import (
     ImageCodec,
@@ -451,7 +454,9 @@ def _row_parts(
     if "prompt" in columns:
         prompt = _prompt_text(row, columns["prompt"])
         if templated:
-            asked = _with_system([{"role": "user", "content": prompt}], row, columns["prompt"])
+            asked = _with_system(
+                [*_history(row, columns["prompt"]), {"role": "user", "content": prompt}], row, columns["prompt"]
+            )
             return (
                 with_row_images(asked, row, columns["prompt"], image_column) if images else asked,
                 [{"role": "assistant", "content": chosen}],
@@ -475,7 +480,7 @@ def _prompt_messages(row: dict, column: str, images: bool = False) -> list[dict[
         if column in PROMPT_COLUMNS[1:] and messages[-1]["role"] == "assistant":
             raise RowProblem(column, "the prompt's conversation ends with an answer: it must end where one is asked")
     else:
-        messages = [{"role": "user", "content": _prompt_text(row, column)}]
+        messages = [*_history(row, column), {"role": "user", "content": _prompt_text(row, column)}]
     return _with_system(messages, row, column)
 
 
@@ -486,12 +491,14 @@ def _prompt_text(row: dict, column: str) -> str:
     return f"{text}\n{more}" if isinstance(more, str) and more.strip() else text
 
 
+def _history(row: dict, column: str) -> list[dict[str, str]]:
+    """LLaMA-Factory's Alpaca pairs: the turns of their `history` before the instruction (formats.history_turns)."""
+    return history_turns(row) if column == "instruction" else []
+
+
 def _with_system(messages: list[dict[str, Any]], row: dict, column: str) -> list[dict[str, Any]]:
     """LLaMA-Factory's `system` column as the prompt's system turn (a prompt read from one of its columns)."""
-    system = row.get("system") if column in PROMPT_COLUMNS[1:] else None
-    if isinstance(system, str) and system.strip() and messages[0]["role"] != "system":
-        return [{"role": "system", "content": system}, *messages]
-    return messages
+    return with_system_column(messages, row) if column in PROMPT_COLUMNS[1:] else messages
 
 
 def _common_messages(a: list[dict], b: list[dict]) -> int:
