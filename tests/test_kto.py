@@ -105,6 +105,30 @@ def test_llama_factory_kto_rows_label_each_conversation_s_last_answer(tmp_path, 
         load_kto_data(_params(tmp_path / "kto.json", max_prompt_length=64), tiny_tokenizer)
 
 
+def test_llama_factory_alpaca_kto_rows_keep_their_input_history_and_system(tmp_path, tiny_tokenizer):
+    """Its Alpaca KTO rows (`instruction`, `input`, `output`, `kto_tag`, with `history` and `system`) are templated
+    as the pairs are (alpaca, chat_template unset; chatml when set), nothing of the prompt lost."""
+    rows = [
+        {"instruction": "Name a colour.", "input": "One word.", "output": answer, "kto_tag": tag,
+         "history": [["Hi.", "Hello."]], "system": "Be brief."}
+        for answer, tag in (("Blue.", True), ("I will not.", False))
+    ]  # fmt: skip
+    path = _write(tmp_path / "kto.jsonl", rows)
+    data = load_kto_data(_params(path, max_prompt_length=96, block_size=128), tiny_tokenizer)
+    assert data.describe().startswith("kto (prompt='instruction', completion='output', label='kto_tag')")
+    assert data.template == "alpaca" and [item.desirable for item in data.train] == [True, False]
+    assert tiny_tokenizer.decode(data.train[0].prompt_ids) == (
+        "Be brief.\n\n### Instruction:\nHi.\n\n### Response:\nHello.</s>\n\n### Instruction:\nName a colour.\n"
+        "One word.\n\n### Response:\n"
+    )
+    assert tiny_tokenizer.decode(data.train[0].completion_ids).startswith("Blue.</s>")
+    data = load_kto_data(_params(path, max_prompt_length=96, block_size=128, chat_template="chatml"), tiny_tokenizer)
+    assert tiny_tokenizer.decode(data.train[1].prompt_ids) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi.<|im_end|>\n<|im_start|>assistant\nHello."
+        "<|im_end|>\n<|im_start|>user\nName a colour.\nOne word.<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
 @pytest.mark.parametrize("paired_train", [False, True], ids=["thumbs-train", "pairs-train"])
 def test_valid_split_of_another_shape_than_train(tmp_path, tiny_tokenizer, paired_train):
     pairs = [{"prompt": f"Q{i}?", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(3)]

@@ -48,6 +48,27 @@ def test_an_alpaca_row_s_system_and_history_are_its_conversation(tiny_llama, tmp
     assert masked[0][1] != ours[0][1]
 
 
+def test_an_alpaca_row_s_history_in_the_alpaca_template(tiny_llama, tmp_path):
+    """With chat_template unset (Alpaca rows get the alpaca template), the system turn takes the preamble's place
+    and each earlier pair is its own Instruction / Response section, its answer trained."""
+    from transformers import AutoTokenizer
+
+    row = {"instruction": "Which is warmer?", "input": "Blue or red.", "output": "Red.", "system": "Be brief."}
+    rows = [{**row, "history": [["Name a colour.", "Blue."]]}, {"instruction": "Hi.", "output": "Hello."}]
+    examples = _examples(tiny_llama, _write(tmp_path / "alpaca.jsonl", rows), tmp_path, chat_template=None)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    texts = [tokenizer.decode(ids) for ids, _ in examples]
+    trained = [
+        tokenizer.decode([t for t, label in zip(*example, strict=True) if label != -100]) for example in examples
+    ]
+    assert texts[0] == (
+        "Be brief.\n\n### Instruction:\nName a colour.\n\n### Response:\nBlue.</s>\n\n### Instruction:\n"
+        "Which is warmer?\n\n### Input:\nBlue or red.\n\n### Response:\nRed.</s>"
+    )
+    assert trained[0] == "Blue.</s>Red.</s>"
+    assert texts[1].startswith("Below is an instruction that describes a task. Write a response that appropriately")
+
+
 def test_sharegpt_tool_turns_and_system_column_are_openai_s(tiny_llama, tmp_path):
     """glaive_toolcall's form: a `function_call` turn holding the call's JSON (or a list of calls), an `observation`
     turn for the result, the definitions as a JSON string in `tools`, the system prompt in a `system` column."""
@@ -121,3 +142,33 @@ def test_a_function_call_turn_that_is_no_call_is_a_named_bad_row(tiny_llama, tmp
     data = _write(tmp_path / "calls.jsonl", [{"conversations": turns}])
     with pytest.raises(DataError, match="line 1, column 'conversations': message 2 is a function_call whose value"):
         _examples(tiny_llama, data, tmp_path)
+
+
+def test_a_system_column_the_template_takes_no_system_turn_for_names_that_column(tiny_llama, tmp_path, capsys):
+    """A template that refuses system turns (Gemma's raise) names the `system` column that gave the row one."""
+    from tunelab.cli import main
+
+    template = tmp_path / "no-system.jinja"
+    template.write_text(
+        "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}{{ m.role + ': ' + m.content + eos_token }}{% endfor %}"
+    )
+    rows = [{"instruction": "Hi.", "output": "Hello."}, {"instruction": "Hi.", "output": "Hello.", "system": "Be."}]
+    data = _write(tmp_path / "alpaca.jsonl", rows)
+    args = ["llm", "--dry-run", "--model", str(tiny_llama), "--data-path", str(data), "--chat-template", str(template)]
+    assert main([*args, "--project-name", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    said = "column 'system': the chat template cannot render it as the system turn (System role not supported)"
+    assert f"{data} line 2, {said}" in err
+
+
+def test_a_function_call_turn_in_a_pair_is_refused_as_one(tmp_path, tiny_tokenizer):
+    from tests.test_preference import _params
+    from tunelab.data.preference import load_preference_data
+
+    call = {"from": "function_call", "value": "not even JSON"}
+    row = {"conversations": [{"from": "human", "value": "Hi?"}, call, {"from": "observation", "value": "x"}]}
+    row |= {"chosen": {"from": "gpt", "value": "A."}, "rejected": {"from": "gpt", "value": "B."}}
+    data = _write(tmp_path / "pairs.jsonl", [row])
+    with pytest.raises(DataError, match="column 'conversations': message 2 is a function_call turn: tool calls are"):
+        load_preference_data(_params(data_path=str(data)), tiny_tokenizer)

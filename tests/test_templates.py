@@ -29,8 +29,7 @@ EXPECTED = {
     "alpaca": (
         "Below is an instruction that describes a task. Write a response that appropriately completes the request."
         "\n\n### Instruction:\nHi\n\n### Response:\nHello!</s>\n\n"
-        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-        "\n\n### Instruction:\nHow are you?\n\n### Response:\nFine.</s>"
+        "### Instruction:\nHow are you?\n\n### Response:\nFine.</s>"  # the preamble opens the chat once
     ),
     # the tiny test tokenizer carries a ChatML template of its own
     "tokenizer": (

@@ -51,6 +51,9 @@ SYSTEM_COLUMN = "system"  # LLaMA-Factory's: a conversation's system prompt, in 
 HISTORY_COLUMN = "history"  # LLaMA-Factory's Alpaca rows: the conversation's earlier [instruction, answer] pairs
 MAX_LISTED = 5
 TOOL_CALL_KEYS = ("tool_calls", "function_call")  # OpenAI's chat format, and its older single-call spelling
+TOOLS_TRAINED_BY = (
+    "tool calls are trained by the sft and default methods only (leave out the conversations that call tools)"
+)
 TOOLS_COLUMN = "tools"  # a conversation's tool definitions, beside its messages (TRL's and OpenAI's name)
 # An assistant turn's reasoning before its answer: DeepSeek's API and Qwen3's template call it reasoning_content,
 # OpenRouter and vLLM reasoning, gpt-oss's template thinking. Kept as reasoning_content (data/templates.py writes it).
@@ -321,6 +324,19 @@ def with_system_column(messages: list[dict[str, Any]], row: dict) -> list[dict[s
     return [{"role": "system", "content": system}, *messages]
 
 
+def system_from_column(row: dict, messages: list[dict[str, Any]]) -> bool:
+    """Whether a conversation's system turn is the one its row's `system` column gave it (with_system_column): a
+    template that takes no system turn (Gemma's) then names that column."""
+    system = row.get(SYSTEM_COLUMN)
+    opening = messages[0] if messages else {}
+    return (
+        isinstance(system, str)
+        and bool(system.strip())
+        and opening.get("role") == "system"
+        and opening.get("content") == system
+    )
+
+
 def history_turns(row: dict) -> list[dict[str, str]]:
     """LLaMA-Factory's Alpaca `history` (a list of [instruction, answer] pairs, or a JSON string of one) as the
     turns before the row's own: a user turn and an answer each, trained on as any earlier answer of a chat is
@@ -427,6 +443,8 @@ def _message(item: Any, number: int, column: str, tool_calls: bool = False, imag
         raise RowProblem(column, f"message {number} is not an object (got {describe_type(item)})")
     role, content = _role_and_content(item)
     if "from" in item and str(item["from"]).lower() == SHAREGPT_CALL:
+        if not tool_calls:
+            raise RowProblem(column, f"message {number} is a function_call turn: {TOOLS_TRAINED_BY}")
         item = {"tool_calls": _sharegpt_calls(content, number, column)}
         role, content = "assistant", None
     if role == "function":  # OpenAI's older name for a tool's result, beside function_call
@@ -437,11 +455,7 @@ def _message(item: Any, number: int, column: str, tool_calls: bool = False, imag
     if calls and not tool_calls:
         # The pair methods and grpo render role and content alone: kept, such a turn would teach the model to
         # answer with nothing (content "") where it should call a tool.
-        raise RowProblem(
-            column,
-            f"message {number} has {calls}: tool calls are trained by the sft and default methods only (leave out "
-            "the conversations that call tools)",
-        )
+        raise RowProblem(column, f"message {number} has {calls}: {TOOLS_TRAINED_BY}")
     if calls and role != "assistant":
         raise RowProblem(column, f"message {number} has {calls} but role {role!r}: only the assistant calls tools")
     reasoning = _reasoning(item, role, number, column)

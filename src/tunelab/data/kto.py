@@ -3,7 +3,9 @@
 Rows come in either shape:
 - unpaired, the usual thumbs-up/down export: a prompt (`prompt_text_column`, default `prompt`), an answer
   (`text_column`, default `completion`) and a label (`label_column`, default `label`): true/false, 1/0, or the
-  words true/false, yes/no; prompt and answer are text or message lists (or JSON strings of them);
+  words true/false, yes/no; prompt and answer are text or message lists (or JSON strings of them); LLaMA-Factory's
+  rows too: a `conversations` column whose last answer is labeled by `kto_tag`, or Alpaca's `instruction` (with
+  its `input`, `history` and `system`) and `output`, rendered with the alpaca template unless chat_template says;
 - preference pairs, as `dpo` reads them (prompt/chosen/rejected, or whole dialogues): each pair gives a desirable
   and an undesirable answer to the same prompt (TRL's unpair_preference_dataset).
 
@@ -78,6 +80,8 @@ def kto_columns(split: Split, params: LLMParams) -> dict[str, str] | None:
     unmapped = params.text_column == "text" and not params.prompt_text_column and "completion" not in columns
     if whole and unmapped and label in columns:
         return {"prompt": whole, "completion": whole, "label": label}
+    if unmapped and label in columns and "instruction" in columns and "output" in columns:  # its Alpaca rows
+        return {"prompt": "instruction", "completion": "output", "label": label}
     if label not in columns:
         if params.rejected_text_column in columns or "rejected" in columns:
             return None
@@ -111,7 +115,7 @@ def load_kto_data(params: LLMParams, tokenizer: Any, images_problem: str | None 
     columns = preference_columns(splits["train"], params) if paired else columns
     answer_column = columns["chosen"] if paired else columns["completion"]
     conversational = _conversational(splits["train"], answer_column)
-    template = _pick_template(params.chat_template, conversational, "prompt" in columns, tokenizer)
+    template = _pick_template(params.chat_template, conversational, columns.get("prompt"), tokenizer)
     source = template_source(template, tokenizer, params.chat_template_kwargs) if template else None
     add_special = source is None and not _starts_with_bos(tokenizer, splits["train"], {"chosen": answer_column})
 

@@ -22,12 +22,14 @@ from jinja2 import TemplateError
 
 from tunelab.data.formats import (
     MAX_LISTED,
+    SYSTEM_COLUMN,
     TOOLS_COLUMN,
     RowFormat,
     RowProblem,
     checked_images,
     convert_row,
     describe_problem,
+    system_from_column,
 )
 from tunelab.data.images import ImageCodec, ImageProblem, ImageSpan, as_template_reads
 from tunelab.data.sources import Split, SplitStream, block_rows
@@ -112,6 +114,10 @@ class Formatter:
                     bad += 1
                     if len(problems) < MAX_LISTED:
                         reason = RowProblem(column, f"the chat template cannot render it ({err})")
+                        if system_from_column(split.rows[index], example["messages"]):  # (Gemma's take none)
+                            reason = RowProblem(
+                                SYSTEM_COLUMN, f"the chat template cannot render it as the system turn ({err})"
+                            )
                         problems.append(describe_problem(split, index, reason))
         kept = []
         for (index, example), text in rendered:

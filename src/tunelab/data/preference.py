@@ -177,9 +177,7 @@ def load_preference_data(
     splits: dict[str, Split] = {name: read_location(place, name) for name, place in places.items()}
     columns = preference_columns(splits["train"], params, "" if margins else None)
     conversational = _conversational(splits["train"], columns["chosen"])
-    template = _pick_template(params.chat_template, conversational, "prompt" in columns, tokenizer)
-    if template is None and columns.get("prompt") == "instruction" and params.chat_template is None:
-        template = "alpaca"  # LLaMA-Factory's Alpaca pairs are always templated: as sft's Alpaca rows are
+    template = _pick_template(params.chat_template, conversational, columns.get("prompt"), tokenizer)
     source = template_source(template, tokenizer, params.chat_template_kwargs) if template else None
     if source is not None and processor is not None and not writes_strings(source, tokenizer):
         source = with_string_parts(source)  # (a custom template: the model's own was taught at prepare)
@@ -237,15 +235,17 @@ def _image_files(pairs: list[Pair]) -> dict[str, tuple[int, int]]:
     return file_signatures(span.ref for pair in pairs for span in pair.images or ())
 
 
-def _pick_template(requested: str | None, conversational: bool, has_prompt: bool, tokenizer: Any) -> str | None:
-    """Messages need a template; text with a separate prompt may use one; whole dialogues in text are as is."""
+def _pick_template(requested: str | None, conversational: bool, prompt: str | None, tokenizer: Any) -> str | None:
+    """Messages need a template; text with a separate `prompt` column may use one (LLaMA-Factory's Alpaca rows,
+    an `instruction` prompt, get the alpaca template unless told otherwise: it always templates them, as sft's
+    Alpaca rows are); whole dialogues in text are as is."""
     if conversational:
         if requested and requested != "none":
             return requested
         return "tokenizer" if getattr(tokenizer, "chat_template", None) else "chatml"
-    if has_prompt and requested and requested != "none":
+    if prompt and requested and requested != "none":
         return requested
-    return None
+    return "alpaca" if prompt == "instruction" and requested is None else None
 
 
 def _conversational(split: Split, chosen_column: str) -> bool:
