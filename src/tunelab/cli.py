@@ -216,13 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser(
         "evaluate",
         help="a run on a data split: loss, perplexity and sample answers beside its base model; a preference "
-        "run's rewards/accuracies and margins on pairs; a classifier's accuracy, macro F1 and confusion matrix",
+        "run's rewards/accuracies and margins on pairs; a classifier's accuracy, macro F1 and confusion matrix; "
+        "accuracy on multiple-choice questions (MMLU, ARC, HellaSwag shapes)",
         description="Evaluate a run folder on a data split (formatted as in training); writes evaluation/ "
         "(report.md, results.json, and loss_curves.png or, for a text classifier, confusion_matrix.png) into the "
         "run folder and adds the figures to its model card. A dpo, kto, orpo, simpo or reward run given "
         "prompt/chosen/rejected pairs (kto: its labeled answers too) is measured by the figures its training logs "
         "(rewards/accuracies, rewards/margins, rewards/chosen, rewards/rejected, logps/*; a reward model's accuracy "
-        "and margin).",
+        "and margin). A file of multiple-choice questions in MMLU's (question, choices, answer), ARC's (question, "
+        "choices {text, label}, answerKey) or HellaSwag's (ctx, endings, label) shape is scored as "
+        "lm-evaluation-harness scores it: accuracy and per-character accuracy_norm (docs/after-training.md).",
     )
     evaluate.add_argument("--model", required=True, help="Run folder (or model folder) to evaluate.")
     evaluate.add_argument("--data-path", "--data_path", required=True, help="File or folder of the data.")
@@ -237,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-rows",
         "--max_rows",
         type=int,
-        help="Rows scored (default: 200 for a language model, 200 pairs for a preference run, all for a classifier).",
+        help="Rows scored (default: 200 for a language model, 200 pairs for a preference run, 200 questions, all "
+        "for a classifier).",
     )
     evaluate.add_argument("--samples", type=int, default=3, help="Sample answers shown side by side (default 3).")
     evaluate.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=64)
@@ -483,6 +487,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     )
     if "method" in results:  # a preference run on pairs
         from tunelab.inference.evaluate_preference import summary
+
+        print("\n".join(summary(results)))
+    elif results.get("task") == "multiple_choice":
+        from tunelab.inference.multiple_choice import summary
 
         print("\n".join(summary(results)))
     elif "accuracy" in results:  # a text classifier

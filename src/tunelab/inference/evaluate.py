@@ -78,6 +78,7 @@ def evaluate_run(
     from tunelab.data.holdout import saved_hold_out
     from tunelab.inference.evaluate_preference import evaluate_pairs, holds_preference_data
     from tunelab.inference.generate import load_run
+    from tunelab.inference.multiple_choice import evaluate_choices, shape_of
 
     folder = check_run_folder(path, "evaluate")
     run_info = read_run(folder)
@@ -93,6 +94,16 @@ def evaluate_run(
             log.info("evaluate: --compare-base does not apply to a classifier (its base has no trained head)")
         return evaluate_classifier(folder, data_path, split, max_rows, held)
     max_rows = LM_ROWS if max_rows is None else max_rows
+    shape = None if held else shape_of(data_path, split)
+    if shape is not None:  # multiple-choice questions (MMLU's, ARC's, HellaSwag's shape)
+        if run_info.get("trainer") == "reward":
+            raise TunelabError(
+                f"evaluate: {data_path} holds multiple-choice questions, which a reward model does not answer "
+                "(it scores whole answers: give it prompt/chosen/rejected pairs)"
+            )
+        results, shown = evaluate_choices(folder, data_path, split, shape, compare_base, max_rows, samples)
+        write_report(folder, results, [Sample(**sample) for sample in shown])
+        return results
     if holds_preference_data(folder, data_path, split):
         results, pairs = evaluate_pairs(
             folder, data_path, split, compare_base, max_rows, samples, max_new_tokens, held
@@ -305,6 +316,10 @@ def _numbers(results: dict[str, Any]) -> list[str]:
         from tunelab.inference.evaluate_preference import preference_table
 
         return preference_table(results)
+    if results.get("task") == "multiple_choice":
+        from tunelab.inference.multiple_choice import choices_table
+
+        return choices_table(results)
     lines = ["| model | eval loss | perplexity |", "| --- | --- | --- |"]
     lines.append(f"| fine-tuned | {results['eval_loss']:.4f} | {results['eval_perplexity']:.2f} |")
     if "base_eval_loss" in results:
@@ -319,6 +334,11 @@ def _report_markdown(results: dict[str, Any], samples: list[Sample], has_curves:
     measured = "loss over the answer tokens, as in training"
     if "method" in results:
         measured = f"{results['method']}'s figures, named as its training logs them"
+    elif results.get("task") == "multiple_choice":
+        measured = (
+            f"{results['format']}-style multiple choice, {results['prompt']}: the choice the model finds likeliest "
+            "(norm: per character), and below each sample the right choice and each model's pick"
+        )
     lines = [
         "# Evaluation",
         "",
