@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import SHARED_DATA, needs_shared
 from tunelab.inference.multiple_choice import Question, choice_logprobs, choice_shape, read_questions
 
 COLOURS = [("sky", "blue"), ("grass", "green"), ("snow", "white"), ("coal", "black"), ("blood", "red")]
@@ -148,11 +147,30 @@ def test_a_bad_question_is_named_before_any_model_loads(tmp_path, capsys, row, s
     assert f"{data} line 2, {said}" in err and "Traceback" not in err
 
 
+FACTS = [  # common knowledge a 135M instruction model holds; the right choice first
+    ("What is the capital of France?", ["Paris", "Berlin", "Madrid", "Rome"]),
+    ("What is the capital of Japan?", ["Tokyo", "Beijing", "Seoul", "Bangkok"]),
+    ("How many legs does a spider have?", ["Eight", "Six", "Four", "Ten"]),
+    ("What colour is the sky on a clear day?", ["Blue", "Green", "Red", "Yellow"]),
+    ("Which planet is known as the Red Planet?", ["Mars", "Venus", "Jupiter", "Saturn"]),
+    ("What do bees make?", ["Honey", "Milk", "Silk", "Wool"]),
+    ("What is the largest ocean on Earth?", ["The Pacific", "The Atlantic", "The Indian Ocean", "The Arctic"]),
+    ("Which gas do plants take in from the air?", ["Carbon dioxide", "Oxygen", "Helium", "Neon"]),
+    ("What is frozen water called?", ["Ice", "Steam", "Sand", "Glass"]),
+    ("How many days are there in a week?", ["Seven", "Five", "Ten", "Twelve"]),
+    ("Who wrote Romeo and Juliet?", ["William Shakespeare", "Charles Dickens", "Jane Austen", "Mark Twain"]),
+    ("At what temperature does water boil at sea level?", ["100 °C", "50 °C", "0 °C", "200 °C"]),
+    ("Which animal is known as the king of the jungle?", ["The lion", "The mouse", "The sheep", "The frog"]),
+    ("What is the chemical symbol for gold?", ["Au", "Ag", "Fe", "Pb"]),
+    ("Which continent is Egypt in?", ["Africa", "Europe", "South America", "Australia"]),
+    ("What is 2 plus 2?", ["4", "5", "3", "22"]),
+]  # fmt: skip
+
+
 @pytest.mark.slow
-@needs_shared()
-def test_the_default_model_matches_instructions_to_their_answers(tmp_path, capsys):
-    """SmolLM2-135M-Instruct, asked which of four Alpaca answers (one its own, three another instruction's)
-    answers an instruction, picks the right one far above chance."""
+def test_the_default_model_knows_common_facts(tmp_path, capsys):
+    """SmolLM2-135M-Instruct, asked 16 common-knowledge questions in ARC's shape (the right choice in every place
+    in turn), picks the right one far above chance (14 of 16 on this machine, 2026-12-08; 12 of 16 per character)."""
     from transformers import AutoTokenizer
 
     from tunelab.cli import main
@@ -165,20 +183,19 @@ def test_the_default_model_matches_instructions_to_their_answers(tmp_path, capsy
     folder = tmp_path / "smollm2"
     load_causal_lm(source).save_pretrained(folder)
     AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file).save_pretrained(folder)
-    rows = [json.loads(line) for line in (SHARED_DATA / "alpaca-seed" / "train.jsonl").read_text().splitlines()]
-    rows = [row for row in rows if not row["input"].strip() and len(row["output"]) < 300][:24]
     questions = []
-    for number, row in enumerate(rows):
-        others = [rows[(number + k) % len(rows)]["output"] for k in (1, 2, 3)]
-        choices = [row["output"], *others]
+    for number, (question, choices) in enumerate(FACTS):
         order = choices[number % 4 :] + choices[: number % 4]
         labels = list("ABCD")
-        choices = {"text": order, "label": labels}
         questions.append(
-            {"question": row["instruction"], "choices": choices, "answerKey": labels[number % 4 and 4 - number % 4]}
+            {
+                "question": question,
+                "choices": {"text": order, "label": labels},
+                "answerKey": labels[order.index(choices[0])],
+            }
         )
-    data = _write(tmp_path / "mc.jsonl", questions)
+    data = _write(tmp_path / "facts.jsonl", questions)
     assert main(["evaluate", "--model", str(folder), "--data-path", str(data), "--samples", "1"]) == 0
     results = json.loads((folder / "evaluation" / "results.json").read_text())
-    assert results["rows"] == 24 and results["format"] == "arc"
-    assert results["accuracy"] >= 0.5, results
+    assert results["rows"] == 16 and results["format"] == "arc" and results["prompt"] == "chat template"
+    assert results["accuracy"] >= 0.75 and results["accuracy_norm"] >= 0.6, results
