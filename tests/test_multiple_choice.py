@@ -65,33 +65,67 @@ def test_each_choice_scores_its_tokens_log_probability(tiny_llama, chat):
         assert len(set(scores)) == len(scores)
 
 
-def test_the_benchmarks_shapes_are_read(tmp_path):
-    mmlu = {"question": "2 + 2 =", "subject": "math", "choices": ["3", "4", "5", "6"], "answer": 1}
-    hella = {"ctx": "He opens the door and", "endings": ["walks in.", "flies.", "sings.", "melts."], "label": "0"}
+def test_the_benchmarks_shapes_are_read_as_the_harness_reads_them(tmp_path):
+    from tunelab.inference.multiple_choice import shape_of
+
+    mmlu = {"question": "Two plus two is", "subject": "elementary_mathematics", "answer": 1}
+    mmlu["choices"] = ["three", "four", "five", "six"]
+    # HellaSwag's rows (Rowan/hellaswag): the query from activity_label, ctx_a and ctx_b, WikiHow's tags cleaned
+    hella = {"activity_label": "Doors", "ctx_a": "He walks up.", "ctx_b": "he opens the door and", "label": "0"}
+    hella |= {"ctx": "He walks up. he opens the door and", "endings": ["walks in [title] Home.", "flies.", "x", "y"]}
+    about = "The following are multiple choice questions (with answers) about elementary mathematics.\n\n"
     for rows, name, answer, text in (
         (
-            [mmlu, {**mmlu, "answer": "B"}, {**mmlu, "answer": "4"}],
+            [mmlu, {**mmlu, "answer": "B"}, {**mmlu, "answer": "four"}, {**mmlu, "answer": "1"}],
             "mmlu",
             1,
-            "2 + 2 =\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer:",
+            about + "Two plus two is\nA. three\nB. four\nC. five\nD. six\nAnswer:",
         ),
         (_arc_rows()[:2], "arc", 0, "Question: What colour is sky?\nAnswer:"),
-        ([hella], "hellaswag", 0, "He opens the door and"),
+        ([hella], "hellaswag", 0, "Doors: He walks up. He opens the door and"),
     ):
         path = _write(tmp_path / f"{name}.jsonl", rows)
-        shape = choice_shape(list(rows[0]))
+        shape = shape_of(str(path), "train")
         assert shape is not None and shape.name == name
         _, questions = read_questions(str(path), "train", shape)
         assert questions[0].answer == answer and questions[0].text == text
-        assert all(q.answer == questions[0].answer for q in questions[:1])
-    # an MMLU answer given as an index, a letter or the choice's text: the same choice; ARC's numeric labels
+    assert questions[0].choices[0] == "walks in. Home."
+    # an MMLU answer as an index, a CSV's digits, a letter or the choice's text: the same choice
     _, questions = read_questions(str(tmp_path / "mmlu.jsonl"), "train", choice_shape(list(mmlu)))
-    assert [q.answer for q in questions] == [1, 1, 1]
+    assert [q.answer for q in questions] == [1, 1, 1, 1]
+    # digits are an index (as the harness reads them) even where a choice's text is digits too
+    digits = _write(tmp_path / "digits.jsonl", [{"question": "1 + 1 =", "choices": ["1", "2", "3"], "answer": "1"}])
+    assert read_questions(str(digits), "train", choice_shape(["question", "choices", "answer"]))[1][0].answer == 1
+    # ARC's labels, letters or digits (a number where a JSON writer made one), name their choice
     _, questions = read_questions(
         str(tmp_path / "arc.jsonl"), "train", choice_shape(["question", "choices", "answerKey"])
     )
     assert [q.choices[q.answer] for q in questions] == ["blue", "green"]
+    numbered = {"question": "Q?", "choices": {"text": ["a", "b"], "label": [1, 2]}, "answerKey": 1}
+    path = _write(tmp_path / "numbered.jsonl", [numbered])
+    assert read_questions(str(path), "train", choice_shape(list(numbered)))[1][0].answer == 0
+    # columns that only look so (choices written as one text) are not questions: measured as any file
+    free = _write(tmp_path / "free.jsonl", [{"question": "Q?", "choices": "A) x B) y", "answer": "A"}])
+    assert shape_of(str(free), "train") is None
     assert choice_shape(["prompt", "completion"]) is None and choice_shape(["question", "answer"]) is None
+
+
+def test_a_tokenizer_that_appends_eos_has_the_choice_scored_not_its_eos(tiny_llama):
+    """Plain text is encoded without the tokenizer's end token (it would be scored in the choice's place), with
+    its BOS: the same scores as a tokenizer that appends none."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    plain = AutoTokenizer.from_pretrained(tiny_llama)
+    plain.chat_template = None
+    ending = AutoTokenizer.from_pretrained(tiny_llama)
+    ending.chat_template = None
+    ending._tokenizer.post_processor = __import__("tokenizers").processors.TemplateProcessing(
+        single=f"$A {ending.eos_token}", special_tokens=[(ending.eos_token, ending.eos_token_id)]
+    )
+    assert ending("a")["input_ids"][-1] == ending.eos_token_id
+    question = Question("2 + 2 =\nA. 3\nB. 4\nAnswer:", ["3", "4"], 1, letters=True)
+    assert choice_logprobs(model, ending, question) == pytest.approx(choice_logprobs(model, plain, question))
 
 
 def test_a_fine_tune_that_learned_the_answers_beats_its_base(tiny_llama, tmp_path, capsys):

@@ -6,8 +6,9 @@ ARC's `question`, `choices` {text, label}, `answerKey`; HellaSwag's `ctx`, `endi
 lm-evaluation-harness scores it: each choice is a continuation of the question, the model picks the one whose
 tokens it finds likeliest (summed log-probabilities), and `accuracy_norm` divides each sum by the choice's length
 in characters first (lm-evaluation-harness's `acc_norm`: long answers are not penalised for being long). MMLU-shaped
-questions list their choices after the question and score the letters (` A`, ` B`, ...), as the harness's MMLU
-task does; ARC and HellaSwag score each choice's own text.
+questions list their choices after the question (after the harness's line naming the `subject`, where there is
+one) and score the letters (` A`, ` B`, ...), as the harness's MMLU task does; ARC and HellaSwag score each
+choice's own text (HellaSwag's query and endings built and cleaned of their WikiHow tags as the harness does).
 
 A model with a chat template is asked as it is used: the question is a user turn and each choice the start of
 its answer (lm-evaluation-harness's `--apply_chat_template`); a model without one reads plain text. The figures
@@ -17,6 +18,7 @@ numbers (zero-shot, the run's own prompt form).
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,7 @@ from tunelab.data.formats import RowProblem, cell_text, convert_rows, describe_t
 from tunelab.data.sources import json_or_none
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+HELLASWAG_PARTS = ("activity_label", "ctx_a", "ctx_b")  # what its query is built from (`ctx` joins the last two)
 
 
 @dataclass(frozen=True)
@@ -64,10 +67,18 @@ def choice_shape(columns: list[str]) -> ChoiceShape | None:
 
 
 def shape_of(data_path: str, split: str) -> ChoiceShape | None:
-    """The multiple-choice shape of `split` of `data_path` (its first rows' columns), None when it is not one."""
+    """The multiple-choice shape of `split` of `data_path`, None when it is not one: its columns name one, and its
+    first row's choices are a list of them (or ARC's {text, label}, or a JSON string of either), so that a file
+    that only names its columns so (`choices` written as one text) is measured as any other (its loss)."""
     from tunelab.data.sources import locate_splits, stream_split
 
-    return choice_shape(stream_split(locate_splits(data_path, split, None)["train"], "train").head.columns)
+    head = stream_split(locate_splits(data_path, split, None)["train"], "train").head
+    shape = choice_shape(head.columns)
+    if shape is None or not head.rows:
+        return shape
+    value = head.rows[0].get(shape.choices)
+    value = json_or_none(value) if isinstance(value, str) else value
+    return shape if isinstance(value, (list, tuple)) or (isinstance(value, dict) and "text" in value) else None
 
 
 def read_questions(data_path: str, split: str, shape: ChoiceShape) -> tuple[str, list[Question]]:
@@ -82,16 +93,22 @@ def read_questions(data_path: str, split: str, shape: ChoiceShape) -> tuple[str,
 
 def _question(row: dict, shape: ChoiceShape) -> Question:
     text = cell_text(row, shape.question).strip()
-    value = row.get(shape.choices)
+    value = given = row.get(shape.choices)
     if isinstance(value, str):
         value = json_or_none(value)
     labels = None
     if isinstance(value, dict) and "text" in value:  # ARC's {"text": [...], "label": ["A", ...]}
         labels, value = value.get("label"), value["text"]
     choices = list(value) if isinstance(value, (list, tuple)) else None
-    if not choices or len(choices) < 2 or not all(isinstance(c, str) and c.strip() for c in choices):
-        got = describe_type(value) if choices is None else f"{len(choices)} choice(s) or an empty one"
+    if choices is None:
+        got = "a text that is not a JSON list" if isinstance(given, str) and value is None else describe_type(value)
         raise RowProblem(shape.choices, f"expected a list of two or more texts, got {got}")
+    if len(choices) < 2:
+        raise RowProblem(shape.choices, f"expected a list of two or more texts, got {len(choices)} choice(s)")
+    for number, choice in enumerate(choices, start=1):
+        if not isinstance(choice, str) or not choice.strip():
+            got = "empty text" if isinstance(choice, str) else describe_type(choice)
+            raise RowProblem(shape.choices, f"choice {number} is not text (got {got})")
     if len(choices) > len(LETTERS):
         raise RowProblem(shape.choices, f"{len(choices)} choices: at most {len(LETTERS)} are scored")
     choices = [choice.strip() for choice in choices]
@@ -102,43 +119,55 @@ def _question(row: dict, shape: ChoiceShape) -> Question:
     if shape.letters:
         listed = "\n".join(f"{LETTERS[i]}. {choice}" for i, choice in enumerate(choices))
         text = f"{text}\n{listed}\nAnswer:"
+        subject = row.get("subject")
+        if isinstance(subject, str) and subject.strip():  # the harness's description for each MMLU subject
+            about = subject.strip().replace("_", " ")
+            text = f"The following are multiple choice questions (with answers) about {about}.\n\n{text}"
     elif shape.name == "arc":
         text = f"Question: {text}\nAnswer:"
+    elif shape.name == "hellaswag" and all(isinstance(row.get(key), str) for key in HELLASWAG_PARTS):
+        # the harness's query: the activity, then the context with its second part capitalised; endings cleaned
+        label, first, second = (row[key] for key in HELLASWAG_PARTS)
+        text = _cleaned(f"{label}: {first} {second.capitalize()}")
+        choices = [_cleaned(choice) for choice in choices]
     return Question(text, choices, answer, shape.letters)
 
 
+def _cleaned(text: str) -> str:
+    """HellaSwag's WikiHow text as the harness reads it: its [title] a sentence break, other [tags] gone."""
+    text = re.sub(r"\[.*?\]", "", text.strip().replace(" [title]", ". "))
+    return text.replace("  ", " ")
+
+
 def _answer_index(value: Any, choices: list[str], labels: Any) -> int | None:
-    """The right choice's index from an index (from 0, as MMLU's and HellaSwag's; a CSV's text of one too), a label
-    ARC's choices carry, the choice's own text, or a letter; None when it names none of them. A text is read as a
-    label, then a choice's text, then a letter, then an index."""
+    """The right choice's index, None when the answer names none. A label ARC's choices carry (compared as text: a
+    JSON writer may have made "1" a number); an index from 0 (MMLU's, HellaSwag's; a CSV's digits, as the harness
+    reads them); a letter; the choice's own text."""
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value if 0 <= value < len(choices) else None
-    if not isinstance(value, str) or not value.strip():
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
         return None
-    given = value.strip()
-    if isinstance(labels, list) and given in labels:
-        index = labels.index(given)
+    given = str(value).strip()
+    if isinstance(labels, list) and given in [str(label) for label in labels]:
+        index = [str(label) for label in labels].index(given)
         return index if index < len(choices) else None
-    if given in choices:
-        return choices.index(given)
+    if isinstance(value, int) or (given.isdecimal() and given.isascii()):
+        return int(given) if 0 <= int(given) < len(choices) else None
     if len(given) == 1 and given.upper() in LETTERS[: len(choices)]:
         return LETTERS.index(given.upper())
-    if given.isdigit():
-        return _answer_index(int(given), choices, None)
-    return None
+    return choices.index(given) if given in choices else None
 
 
 def choice_logprobs(model: Any, tokenizer: Any, question: Question) -> list[float]:
     """Each choice's summed log-probability as the continuation of the question (one padded batch), the question
     written through the model's chat template when it has one. The pair is encoded whole and split where the
     question's own tokens end, with the question's trailing spaces moved to the choice, as lm-evaluation-harness
-    encodes a context and its continuation."""
+    encodes a context and its continuation; never with an end-of-text token (a tokenizer that appends one would
+    have it scored in place of the choice), and with the tokenizer's BOS before plain text where it writes one."""
     import torch
 
     context, templated = _context(question.text, tokenizer)
-    add_special = not templated  # a chat template writes its own special tokens
+    opening = [] if templated else _bos(tokenizer)  # a chat template writes its own
     rows, starts = [], []
     for continuation in question.continuations():
         # plain text: a space between question and choice (the harness's target_delimiter); in a chat, the choice
@@ -146,19 +175,29 @@ def choice_logprobs(model: Any, tokenizer: Any, question: Question) -> list[floa
         text = continuation if templated else f" {continuation}"
         spaces = len(context) - len(context.rstrip(" "))
         head, tail = context[: len(context) - spaces], context[len(context) - spaces :] + text
-        head_ids = tokenizer(head, add_special_tokens=add_special)["input_ids"]
-        whole = tokenizer(head + tail, add_special_tokens=add_special)["input_ids"]
+        head_ids = opening + tokenizer(head, add_special_tokens=False)["input_ids"]
+        whole = opening + tokenizer(head + tail, add_special_tokens=False)["input_ids"]
         rows.append(whole)
-        starts.append(min(len(head_ids), len(whole) - 1))
+        starts.append(max(1, min(len(head_ids), len(whole) - 1)))
     width = max(len(ids) for ids in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows], device=model.device)
     mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], device=model.device)
     model.eval()
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-    logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
-    return [float(logps[i, starts[i] - 1 : len(row) - 1].sum()) for i, row in enumerate(rows)]
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    scores = []
+    for i, row in enumerate(rows):  # each row's choice positions alone in float32: not the whole vocabulary's
+        logps = torch.log_softmax(logits[i, starts[i] - 1 : len(row) - 1].float(), dim=-1)
+        scores.append(float(logps.gather(-1, ids[i, starts[i] : len(row), None]).sum()))
+    return scores
+
+
+def _bos(tokenizer: Any) -> list[int]:
+    """The BOS a tokenizer writes before a text (Llama's, Gemma's), [] for those that write none (GPT-2's, Qwen's)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    written = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return [bos] if bos is not None and written[:1] == [bos] else []
 
 
 def _context(text: str, tokenizer: Any) -> tuple[str, bool]:
@@ -210,6 +249,8 @@ def evaluate_choices(
     origin, questions = read_questions(data_path, split, shape)
     questions = questions[:max_rows]
     model, tokenizer = load_run(folder)
+    # the base found before any scoring: a folder that does not say which it is fails at once
+    base_model, base_context = comparison_base(model, folder) if compare_base else (None, None)
     started = time.time()
     tuned = pick(model, tokenizer, questions)
     results: dict[str, Any] = {"data": origin, "rows": len(questions), "unit": "questions", "model": str(folder)}
@@ -219,8 +260,7 @@ def evaluate_choices(
     results["accuracy"], results["accuracy_norm"] = tuned.accuracy(questions)
     results["chance"] = sum(1 / len(q.choices) for q in questions) / len(questions)
     base = None
-    if compare_base:
-        base_model, base_context = comparison_base(model, folder)
+    if base_context is not None:
         with base_context():
             base = pick(base_model, tokenizer, questions)
         results["base_accuracy"], results["base_accuracy_norm"] = base.accuracy(questions)
