@@ -1111,3 +1111,29 @@ def test_lines_longer_than_a_block(tmp_path):
     parsed = [block_rows(block, str(path), "train") for block in stream.blocks()]
     assert [len(row["text"]) for split in parsed for row in split.rows] == [5, 300_000, 5]
     assert [line for split in parsed for line in split.lines] == [1, 2, 3]
+
+
+def test_autotrain_s_config_colon_split_names_a_hub_dataset_s_subset(tmp_path, monkeypatch):
+    """train_split "all:test" (AutoTrain's way) loads the subset `all`'s `test` split: `datasets` itself reads a
+    dataset whose README declares its configurations (a local copy stands in for the hub repository)."""
+    import datasets
+
+    import tunelab.hub
+
+    repo = tmp_path / "mmlu"
+    for subset, rows in (("all", 3), ("anatomy", 1)):
+        (repo / subset).mkdir(parents=True)
+        lines = [json.dumps({"question": f"{subset} {i}?", "answer": i}) for i in range(rows)]
+        (repo / subset / "test.jsonl").write_text("\n".join(lines) + "\n")
+    configs = "".join(
+        f"- config_name: {subset}\n  data_files:\n  - split: test\n    path: {subset}/test.jsonl\n"
+        for subset in ("all", "anatomy")
+    )
+    (repo / "README.md").write_text(f"---\nconfigs:\n{configs}---\n")
+    load = datasets.load_dataset
+    monkeypatch.setattr(tunelab.hub, "hub_reachable", lambda: True)
+    monkeypatch.setattr(
+        datasets, "load_dataset", lambda path, **kw: load(str(repo) if path == "cais/mmlu" else path, **kw)
+    )
+    assert [row["question"] for row in read_splits("cais/mmlu", "anatomy:test", None)["train"].rows] == ["anatomy 0?"]
+    assert len(read_splits("cais/mmlu", "all:test", "anatomy:test")["train"].rows) == 3

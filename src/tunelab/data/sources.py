@@ -407,7 +407,8 @@ def _read_parquet(path: Path, name: str) -> Split:
 
 
 def read_hub(dataset_id: str, split: str) -> Split:
-    """A split of a hub dataset through `datasets` (needs network access or a local cache)."""
+    """A split of a hub dataset through `datasets` (needs network access or a local cache). AutoTrain's
+    `config:split` (train_split "all:test") names the dataset's configuration, its subset, before the split."""
     import datasets
 
     from tunelab.hub import hub_reachable
@@ -418,7 +419,8 @@ def read_hub(dataset_id: str, split: str) -> Split:
             "(point data_path at a local file or folder)"
         )
     try:
-        ds = datasets.load_dataset(dataset_id, split=split)
+        subset, _, part = split.rpartition(":")
+        ds = datasets.load_dataset(dataset_id, name=subset or None, split=part)
     except Exception as err:  # offline, unknown id, missing split, gated repo...
         raise DataError(
             f"cannot load hub dataset {dataset_id!r} split {split!r}: {_first_message_line(err)} "
