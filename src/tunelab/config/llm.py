@@ -144,7 +144,9 @@ class LLMParams(Params):
         "config file also a list of such sources, each with its own split, columns, template and fraction or "
         "weight (a mixture, docs/data.md).",
     )
-    train_split: str = param("train", "Name of the training split (the file stem inside a data folder).")
+    train_split: str = param(
+        "train", "Name of the training split (the file stem inside a data folder; a hub dataset's subset:split)."
+    )
     valid_split: str | None = param(None, "Name of the validation split; none means no evaluation.")
     valid_size: float | None = param(
         None,
