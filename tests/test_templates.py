@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from tunelab.data.formats import RowFormat
 from tunelab.data.templates import render_messages, template_source
@@ -604,3 +605,24 @@ def test_chat_template_kwargs_render_the_data_and_stay_the_run_s_defaults(tiny_l
     for value, message in refused.items():
         assert main([*args, "--dry-run", "--chat-template-kwargs", value]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_evaluate_asks_its_sample_prompts_with_the_conversation_s_tools(tiny_llama, tmp_path):
+    """The sample answers of a tool-calling run are asked with the tool definitions the conversation was trained
+    with: a template that will not write a turn without them (as some models' templates expect them) answers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.config.llm import LLMParams
+    from tunelab.inference.evaluate import _answer, _prompts
+
+    data = _tool_rows(tmp_path / "tools.jsonl")
+    settings = {"trainer": "sft", "chat_template": "chatml", "block_size": 256, "text_column": "messages"}
+    params = LLMParams(model=str(tiny_llama), data_path=str(data), project_name=str(tmp_path / "r"), **settings)
+    (prompt, reference, tools), *_ = _prompts(params, 1)
+    assert reference == "It is 18 C and sunny." and tools == [WEATHER]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.chat_template = "{% if not tools %}{{ raise_exception('no tools given') }}{% endif %}" + TOOL_TEMPLATE
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    assert isinstance(_answer(model, tokenizer, prompt, 4, tools=tools), str)
+    with pytest.raises(Exception, match="no tools given"):
+        _answer(model, tokenizer, prompt, 4)

@@ -143,12 +143,12 @@ def evaluate_run(
         results["base_model"] = run_info.get("base_model")
 
     shown = []
-    for prompt, reference in _prompts(params, samples, picked, len(data.train), processor):
-        tuned = _answer(model, tokenizer, prompt, max_new_tokens, processor)
+    for prompt, reference, tools in _prompts(params, samples, picked, len(data.train), processor):
+        tuned = _answer(model, tokenizer, prompt, max_new_tokens, processor, tools)
         base = None
         if compare_base:
             with base_context():
-                base = _answer(base_model, tokenizer, prompt, max_new_tokens, processor)
+                base = _answer(base_model, tokenizer, prompt, max_new_tokens, processor, tools)
         shown.append(Sample(as_template_reads(prompt) if isinstance(prompt, list) else prompt, reference, tuned, base))
     results["seconds"] = round(time.time() - started, 1)
     write_report(folder, results, shown)
@@ -201,11 +201,11 @@ def _base(model: Any, folder: Path, wanted: bool) -> tuple[Any, Any]:
 
 def _prompts(
     params: LLMParams, count: int, picked: Any = None, encoded: int = 0, processor: Any = None
-) -> list[tuple[Any, str]]:
-    """(prompt, reference answer) of the first rows (of the `picked` ones: a run's held-out examples, among the
-    `encoded` the loss was read from): the conversation up to its last answer, or the first half of a plain text.
-    With a vision-language run's `processor`, a conversation's image parts point at their images, found as training
-    found them (a path relative to the data file)."""
+) -> list[tuple[Any, str, list[dict[str, Any]] | None]]:
+    """(prompt, reference answer, the conversation's tool definitions) of the first rows (of the `picked` ones: a
+    run's held-out examples, among the `encoded` the loss was read from): the conversation up to its last answer, or
+    the first half of a plain text. With a vision-language run's `processor`, a conversation's image parts point at
+    their images, found as training found them (a path relative to the data file)."""
     from tunelab.data.formats import detect_format, to_examples
     from tunelab.data.sources import locate_splits, read_location
 
@@ -230,11 +230,11 @@ def _prompts(
             messages = example["messages"]
             last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
             prompt = _found_images(messages[:last], place) if processor is not None else messages[:last]
-            if prompt is not None:
-                shown.append((prompt, answer_as_written(messages[last])))  # its reasoning too, as trained
+            if prompt is not None:  # its reasoning too, as trained; asked with the tools it was trained with
+                shown.append((prompt, answer_as_written(messages[last]), example.get("tools")))
         else:
             words = example["text"].split()
-            shown.append((" ".join(words[: len(words) // 2]), " ".join(words[len(words) // 2 :])))
+            shown.append((" ".join(words[: len(words) // 2]), " ".join(words[len(words) // 2 :]), None))
     return shown
 
 
@@ -255,9 +255,17 @@ def _found_images(messages: list[dict[str, Any]], place: Any) -> list[dict[str, 
         return None
 
 
-def _answer(model: Any, tokenizer: Any, prompt: Any, max_new_tokens: int, processor: Any = None) -> str:
+def _answer(
+    model: Any,
+    tokenizer: Any,
+    prompt: Any,
+    max_new_tokens: int,
+    processor: Any = None,
+    tools: list[dict[str, Any]] | None = None,
+) -> str:
     """The greedy answer, ended as generate ends it: at EOS or where the chat template ends a turn; a prompt that
-    shows images is asked with them (a vision-language run's `processor` writes them)."""
+    shows images is asked with them (a vision-language run's `processor` writes them), a conversation that had
+    tool definitions with them (the template writes them as training did)."""
     from tunelab.data.images import image_parts, open_image
     from tunelab.inference.generate import GenerationParams, complete
 
@@ -267,7 +275,8 @@ def _answer(model: Any, tokenizer: Any, prompt: Any, max_new_tokens: int, proces
         # and earlier answers' reasoning.
         template = template_text(tokenizer)  # of named templates, the one transformers renders with
         messages = with_reasoning(with_inputs([prompt], template), template)[0]
-        text = tokenizer.apply_chat_template(as_template_reads(messages), tokenize=False, add_generation_prompt=True)
+        turns = as_template_reads(messages)
+        text = tokenizer.apply_chat_template(turns, tools=tools, tokenize=False, add_generation_prompt=True)
         shown = [open_image(ref) for _, ref in image_parts(prompt)]
         pictures = ([shown], processor) if shown else None
         return complete(model, tokenizer, text, options, add_special_tokens=False, shown=pictures)[0]
