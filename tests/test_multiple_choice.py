@@ -233,3 +233,18 @@ def test_the_default_model_knows_common_facts(tmp_path, capsys):
     results = json.loads((folder / "evaluation" / "results.json").read_text())
     assert results["rows"] == 16 and results["format"] == "arc" and results["prompt"] == "chat template"
     assert results["accuracy"] >= 0.75 and results["accuracy_norm"] >= 0.6, results
+
+
+def test_a_question_longer_than_the_model_s_positions_loses_its_beginning(tiny_gpt2):
+    """GPT-2's learned positions end (2048 for the tiny one): a longer question is cut from its start, as the
+    harness cuts it, and each choice is still scored after the question's end."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
+    ending = "Which colour is the sky?"
+    short = Question(ending, ["blue", "red"], 0, letters=False)
+    long = Question("word " * 3000 + ending, ["blue", "red"], 0, letters=False)
+    assert len(tokenizer(long.text)["input_ids"]) > model.config.max_position_embeddings
+    scores = choice_logprobs(model, tokenizer, long)
+    assert all(score < 0 for score in scores) and scores != choice_logprobs(model, tokenizer, short)

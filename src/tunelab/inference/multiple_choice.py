@@ -163,11 +163,13 @@ def choice_logprobs(model: Any, tokenizer: Any, question: Question) -> list[floa
     written through the model's chat template when it has one. The pair is encoded whole and split where the
     question's own tokens end, with the question's trailing spaces moved to the choice, as lm-evaluation-harness
     encodes a context and its continuation; never with an end-of-text token (a tokenizer that appends one would
-    have it scored in place of the choice), and with the tokenizer's BOS before plain text where it writes one."""
+    have it scored in place of the choice), and with the tokenizer's BOS before plain text where it writes one. A
+    question longer than the model's positions loses its beginning (GPT-2's learned positions end at 1024)."""
     import torch
 
     context, templated = _context(question.text, tokenizer)
     opening = [] if templated else _bos(tokenizer)  # a chat template writes its own
+    room = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     rows, starts = [], []
     for continuation in question.continuations():
         # plain text: a space between question and choice (the harness's target_delimiter); in a chat, the choice
@@ -177,8 +179,12 @@ def choice_logprobs(model: Any, tokenizer: Any, question: Question) -> list[floa
         head, tail = context[: len(context) - spaces], context[len(context) - spaces :] + text
         head_ids = opening + tokenizer(head, add_special_tokens=False)["input_ids"]
         whole = opening + tokenizer(head + tail, add_special_tokens=False)["input_ids"]
+        start = max(1, min(len(head_ids), len(whole) - 1))
+        if room and len(whole) > room:  # too long for the model's positions: its beginning goes, as the harness cuts
+            cut = min(len(whole) - room, start - 1)
+            whole, start = whole[cut:], start - cut
         rows.append(whole)
-        starts.append(max(1, min(len(head_ids), len(whole) - 1)))
+        starts.append(start)
     width = max(len(ids) for ids in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows], device=model.device)
