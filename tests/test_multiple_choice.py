@@ -56,7 +56,7 @@ def test_each_choice_scores_its_tokens_log_probability(tiny_llama, chat):
             context = tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
         expected = []
         for continuation in question.continuations():
-            head = tokenizer(context, add_special_tokens=not chat)["input_ids"]
+            head = tokenizer(context.rstrip(), add_special_tokens=not chat)["input_ids"]  # the template's "\n" scored
             ids = tokenizer(context + ("" if chat else " ") + continuation, add_special_tokens=not chat)["input_ids"]
             with torch.no_grad():
                 logps = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)

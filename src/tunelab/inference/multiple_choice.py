@@ -161,10 +161,11 @@ def _answer_index(value: Any, choices: list[str], labels: Any) -> int | None:
 def choice_logprobs(model: Any, tokenizer: Any, question: Question) -> list[float]:
     """Each choice's summed log-probability as the continuation of the question (one padded batch), the question
     written through the model's chat template when it has one. The pair is encoded whole and split where the
-    question's own tokens end, with the question's trailing spaces moved to the choice, as lm-evaluation-harness
-    encodes a context and its continuation; never with an end-of-text token (a tokenizer that appends one would
-    have it scored in place of the choice), and with the tokenizer's BOS before plain text where it writes one. A
-    question longer than the model's positions loses its beginning (GPT-2's learned positions end at 1024)."""
+    question's own tokens end, with the question's trailing whitespace moved to the choice, as lm-evaluation-harness
+    encodes a context and its continuation (bench/compare_lm_eval.py finds its own log-likelihoods); never with an
+    end-of-text token (a tokenizer that appends one would have it scored in place of the choice), and with the
+    tokenizer's BOS before plain text where it writes one. A question longer than the model's positions loses its
+    beginning (GPT-2's learned positions end at 1024)."""
     import torch
 
     context, templated = _context(question.text, tokenizer)
@@ -175,7 +176,7 @@ def choice_logprobs(model: Any, tokenizer: Any, question: Question) -> list[floa
         # plain text: a space between question and choice (the harness's target_delimiter); in a chat, the choice
         # opens the answer
         text = continuation if templated else f" {continuation}"
-        spaces = len(context) - len(context.rstrip(" "))
+        spaces = len(context) - len(context.rstrip())  # a template's closing newline too, scored with the choice
         head, tail = context[: len(context) - spaces], context[len(context) - spaces :] + text
         head_ids = opening + tokenizer(head, add_special_tokens=False)["input_ids"]
         whole = opening + tokenizer(head + tail, add_special_tokens=False)["input_ids"]
