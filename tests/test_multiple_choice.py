@@ -130,7 +130,8 @@ def test_a_tokenizer_that_appends_eos_has_the_choice_scored_not_its_eos(tiny_lla
 
 def test_a_fine_tune_that_learned_the_answers_beats_its_base(tiny_llama, tmp_path, capsys):
     """A run trained on the questions' right answers (asked as the ARC form asks them) picks them; its base,
-    scored beside it on the same questions, does not; the report and the printed summary say so."""
+    scored beside it on the same questions, does not; the report and the printed summary say so. Asked them
+    again, its sample answers overlap their references more than its base's (ROUGE-L, BLEU-4)."""
     from tunelab.cli import main
 
     arc = _write(tmp_path / "arc.jsonl", _arc_rows())
@@ -156,6 +157,15 @@ def test_a_fine_tune_that_learned_the_answers_beats_its_base(tiny_llama, tmp_pat
     assert f"accuracy 1.0000 (norm {results['accuracy_norm']:.4f}) on 5 arc-style questions" in out
     report = (run / "evaluation" / "report.md").read_text()
     assert "| fine-tuned | 1.0000 |" in report and "**Reference:** blue" in report
+
+    # asked the questions it was trained on, its sample answers come nearer their references than its base's
+    assert main(["evaluate", "--model", str(run), "--data-path", str(train), "--compare-base", "--samples", "5"]) == 0
+    out = capsys.readouterr().out
+    results = json.loads((run / "evaluation" / "results.json").read_text())
+    tuned, base = results["answer_scores"], results["base_answer_scores"]
+    assert tuned["rougeL"] > base["rougeL"] and tuned["bleu4"] > base["bleu4"], results
+    assert f"sample answers against their references: exact_match {tuned['exact_match']:.2f}, rouge1" in out
+    assert "| sample answers | exact match | ROUGE-1 |" in (run / "evaluation" / "report.md").read_text()
 
 
 @pytest.mark.parametrize(

@@ -243,7 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="Rows scored (default: 200 for a language model, 200 pairs for a preference run, 200 questions, all "
         "for a classifier).",
     )
-    evaluate.add_argument("--samples", type=int, default=3, help="Sample answers shown side by side (default 3).")
+    evaluate.add_argument(
+        "--samples",
+        type=int,
+        default=3,
+        help="Sample answers shown side by side (default 3), and scored against their references (exact match, "
+        "ROUGE-1/2/L, BLEU-4): give 100 or more for figures worth comparing.",
+    )
     evaluate.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=64)
 
     chat = sub.add_parser("chat", help="talk to a trained model in the terminal (streamed; /reset, /exit)")
@@ -505,6 +511,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
         )
     if "base_eval_loss" in results:
         print(f"base: eval loss {results['base_eval_loss']:.4f} (perplexity {results['base_eval_perplexity']:.2f})")
+    for name, key in (("sample answers", "answer_scores"), ("base's", "base_answer_scores")):
+        if key in results:
+            figures = ", ".join(f"{metric} {value:.2f}" for metric, value in results[key].items())
+            print(f"{name} against their references: {figures}")
     print(f"tunelab: report in {Path(args.model) / REPORT_DIR / 'report.md'}")
     return 0
 

@@ -150,6 +150,13 @@ def evaluate_run(
             with base_context():
                 base = _answer(base_model, tokenizer, prompt, max_new_tokens, processor, tools)
         shown.append(Sample(as_template_reads(prompt) if isinstance(prompt, list) else prompt, reference, tuned, base))
+    if shown:  # how near the sample answers come to their references (LLaMA-Factory's predict_with_generate figures)
+        from tunelab.inference.overlap import answer_scores
+
+        references = [sample.reference for sample in shown]
+        results["answer_scores"] = answer_scores([sample.tuned for sample in shown], references)
+        if compare_base:
+            results["base_answer_scores"] = answer_scores([sample.base or "" for sample in shown], references)
     results["seconds"] = round(time.time() - started, 1)
     write_report(folder, results, shown)
     return results
@@ -336,6 +343,15 @@ def _numbers(results: dict[str, Any]) -> list[str]:
             f"| base ({results.get('base_model')}) | {results['base_eval_loss']:.4f} | "
             f"{results['base_eval_perplexity']:.2f} |"
         )
+    if "answer_scores" in results:
+        lines += [
+            "",
+            "| sample answers | exact match | ROUGE-1 | ROUGE-2 | ROUGE-L | BLEU-4 |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for name, key in (("fine-tuned", "answer_scores"), ("base", "base_answer_scores")):
+            if key in results:
+                lines.append(f"| {name} | " + " | ".join(f"{value:.2f}" for value in results[key].values()) + " |")
     return lines
 
 
