@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import SHARED_DATA, needs_shared
 from tunelab.data.formats import detect_format, to_examples
-from tunelab.data.sources import read_file, read_splits, sniff_delimiter
+from tunelab.data.sources import hub_subset, read_file, read_splits, sniff_delimiter
 from tunelab.errors import DataError
 
 
@@ -1137,3 +1137,6 @@ def test_autotrain_s_config_colon_split_names_a_hub_dataset_s_subset(tmp_path, m
     )
     assert [row["question"] for row in read_splits("cais/mmlu", "anatomy:test", None)["train"].rows] == ["anatomy 0?"]
     assert len(read_splits("cais/mmlu", "all:test", "anatomy:test")["train"].rows) == 3
+    # datasets' slices keep their colon: of a subset's split, and of a plain split
+    assert len(read_splits("cais/mmlu", "all:test[:2]", None)["train"].rows) == 2
+    assert hub_subset("train[:100]") == (None, "train[:100]") and hub_subset("all:test[:10%]") == ("all", "test[:10%]")

@@ -419,14 +419,21 @@ def read_hub(dataset_id: str, split: str) -> Split:
             "(point data_path at a local file or folder)"
         )
     try:
-        subset, _, part = split.rpartition(":")
-        ds = datasets.load_dataset(dataset_id, name=subset or None, split=part)
+        subset, part = hub_subset(split)
+        ds = datasets.load_dataset(dataset_id, name=subset, split=part)
     except Exception as err:  # offline, unknown id, missing split, gated repo...
         raise DataError(
             f"cannot load hub dataset {dataset_id!r} split {split!r}: {_first_message_line(err)} "
             "(no network? point data_path at a local file or folder)"
         ) from None
     return Split(split, f"hub dataset {dataset_id} ({split})", ds.to_list())
+
+
+def hub_subset(split: str) -> tuple[str | None, str]:
+    """AutoTrain's `subset:split` ("all:test") as (subset, split); (None, split) for a plain split, `datasets`'
+    slices included ("train[:100]", "all:test[:10%]": a colon inside brackets is the slice's)."""
+    named = re.fullmatch(r"([^\[\]:]+):(.+)", split)
+    return (named[1], named[2]) if named else (None, split)
 
 
 def _first_message_line(err: Exception) -> str:
