@@ -1,11 +1,12 @@
 """tunelab evaluate's multiple-choice scores against lm-evaluation-harness's own, on the same model and questions.
 
 Writes 16 common-knowledge questions (tests/test_multiple_choice.py's FACTS) as an ARC-shaped and an MMLU-shaped
-file and a harness task for each, runs the harness (`lm_eval.simple_evaluate`, its `hf` model, batch 1, fp32 on the
-CPU) with and without `apply_chat_template`, and scores the same questions with inference/multiple_choice.py: it
-prints each task's harness accuracy beside tunelab's and the largest difference between the two log-likelihoods of
-any choice. lm-evaluation-harness is not a dependency: install it apart (docs/benchmarks.md gives the command) and
-put it on PYTHONPATH.
+task, and the MMLU one again in MMLU's own form (a subject's description, two answered examples from a dev split,
+first first), runs the harness (`lm_eval.simple_evaluate`, its `hf` model, batch 1, fp32 on the CPU) with and
+without `apply_chat_template` (few-shot as multiturn with it, the harness's default), and scores the same questions
+with inference/multiple_choice.py: it prints each task's harness accuracy beside tunelab's and the largest
+difference between the two log-likelihoods of any choice. lm-evaluation-harness is not a dependency: install it
+apart (docs/benchmarks.md gives the command) and put it on PYTHONPATH.
 
     PYTHONPATH=/tmp/lmsite .venv/bin/python bench/compare_lm_eval.py [--model FOLDER] [--work /tmp/mc-compare]
 """
@@ -18,37 +19,54 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TASKS = {
-    "arc": (
-        'doc_to_text: "Question: {{question}}\\nAnswer:"\n'
-        'doc_to_target: "{{choices.label.index(answerKey)}}"\ndoc_to_choice: "{{choices.text}}"\n'
-    ),
-    "mmlu": (
-        'doc_to_text: "{{question.strip()}}\\nA. {{choices[0]}}\\nB. {{choices[1]}}\\nC. {{choices[2]}}\\n'
-        'D. {{choices[3]}}\\nAnswer:"\ndoc_to_choice: ["A", "B", "C", "D"]\ndoc_to_target: answer\n'
-    ),
-}
+ARC = 'doc_to_text: "Question: {{question}}\\nAnswer:"\ndoc_to_target: "{{choices.label.index(answerKey)}}"\n'
+ARC += 'doc_to_choice: "{{choices.text}}"\n'
+MMLU = 'doc_to_text: "{{question.strip()}}\\nA. {{choices[0]}}\\nB. {{choices[1]}}\\nC. {{choices[2]}}\\n'
+MMLU += 'D. {{choices[3]}}\\nAnswer:"\ndoc_to_choice: ["A", "B", "C", "D"]\ndoc_to_target: answer\n'
+SUBJECT = "general_knowledge"  # MMLU's form: the subject's description, examples from the dev split's first ones
+FEWSHOT = (
+    f'description: "The following are multiple choice questions (with answers) about {SUBJECT.replace("_", " ")}.'
+)
+FEWSHOT += '\\n\\n"\nfewshot_split: dev\nfewshot_config:\n  sampler: first_n\n'
+SHOTS = 2  # the dev split: the last two questions; the test split: the others
+COLUMNS = {"arc": ["question", "choices", "answerKey"], "mmlu": ["question", "choices", "answer"]}
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def _task(work: Path, name: str, files: dict[str, Path], body: str) -> None:
+    listed = "".join(f"    {split}: {path}\n" for split, path in files.items())
+    task = f"task: facts_{name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n{listed}test_split: test\n"
+    task += f"output_type: multiple_choice\n{body}metric_list:\n  - metric: acc\n"
+    (work / "tasks" / f"facts_{name}.yaml").write_text(task, encoding="utf-8")
 
 
 def write_questions(work: Path) -> None:
     sys.path.insert(0, str(ROOT))
     from tests.test_multiple_choice import FACTS
 
-    rows: dict[str, list[dict]] = {"arc": [], "mmlu": []}
+    arc, mmlu = [], []
     for number, (question, choices) in enumerate(FACTS):
         order = choices[number % 4 :] + choices[: number % 4]
         right = order.index(choices[0])
-        rows["arc"].append(
+        arc.append(
             {"question": question, "choices": {"text": order, "label": list("ABCD")}, "answerKey": "ABCD"[right]}
         )
-        rows["mmlu"].append({"question": question, "choices": order, "answer": right})
+        mmlu.append({"question": question, "choices": order, "answer": right})
     (work / "tasks").mkdir(parents=True, exist_ok=True)
-    for name, listed in rows.items():
-        data = work / f"{name}.jsonl"
-        data.write_text("".join(json.dumps(row) + "\n" for row in listed), encoding="utf-8")
-        task = f"task: facts_{name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
-        task += f"test_split: test\noutput_type: multiple_choice\n{TASKS[name]}metric_list:\n  - metric: acc\n"
-        (work / "tasks" / f"facts_{name}.yaml").write_text(task, encoding="utf-8")
+    _task(work, "arc", {"test": _jsonl(work / "arc.jsonl", arc)}, ARC)
+    _task(work, "mmlu", {"test": _jsonl(work / "mmlu.jsonl", mmlu)}, MMLU)
+    folder = work / "mmlu-fewshot"
+    folder.mkdir(exist_ok=True)
+    subjected = [{**row, "subject": SUBJECT} for row in mmlu]
+    files = {
+        "test": _jsonl(folder / "test.jsonl", subjected[:-SHOTS]),
+        "dev": _jsonl(folder / "dev.jsonl", subjected[-SHOTS:]),
+    }
+    _task(work, "mmlu_fewshot", files, MMLU + FEWSHOT)
 
 
 def default_model(work: Path) -> Path:
@@ -68,6 +86,17 @@ def default_model(work: Path) -> Path:
     return folder
 
 
+def tunelab_questions(work: Path, name: str) -> list:
+    from tunelab.inference.multiple_choice import choice_shape, read_questions, with_shots
+
+    if name != "mmlu_fewshot":
+        return read_questions(str(work / f"{name}.jsonl"), "train", choice_shape(COLUMNS[name]))[1]
+    shape = choice_shape([*COLUMNS["mmlu"], "subject"])
+    questions = read_questions(str(work / "mmlu-fewshot"), "test", shape)[1]
+    pool = read_questions(str(work / "mmlu-fewshot"), "dev", shape)[1]
+    return with_shots(questions, pool, SHOTS, same_split=False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="a transformers model folder (default: SmolLM2-135M-Instruct)")
@@ -83,7 +112,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunelab.inference.multiple_choice import choice_logprobs, choice_shape, pick, read_questions
+    from tunelab.inference.multiple_choice import choice_logprobs, pick
 
     work = Path(args.work)
     write_questions(work)
@@ -97,21 +126,17 @@ def main() -> None:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         if not chat:
             tokenizer.chat_template = None
-        out = lm_eval.simple_evaluate(
-            model="hf",
-            model_args=f"pretrained={folder},dtype=float32",
-            tasks=["facts_arc", "facts_mmlu"],
-            task_manager=manager,
-            log_samples=True,
-            apply_chat_template=chat,
-            batch_size=1,
-            device="cpu",
+        common = {"model": "hf", "model_args": f"pretrained={folder},dtype=float32", "task_manager": manager}
+        common |= {"log_samples": True, "apply_chat_template": chat, "batch_size": 1, "device": "cpu"}
+        runs = [lm_eval.simple_evaluate(tasks=["facts_arc", "facts_mmlu"], **common)]
+        runs.append(
+            lm_eval.simple_evaluate(
+                tasks=["facts_mmlu_fewshot"], num_fewshot=SHOTS, fewshot_as_multiturn=chat, **common
+            )
         )
-        for name, columns in (
-            ("arc", ["question", "choices", "answerKey"]),
-            ("mmlu", ["question", "choices", "answer"]),
-        ):
-            _, questions = read_questions(str(work / f"{name}.jsonl"), "train", choice_shape(columns))
+        for name in ("arc", "mmlu", "mmlu_fewshot"):
+            out = next(run for run in runs if f"facts_{name}" in run["results"])
+            questions = tunelab_questions(work, name)
             gap = 0.0
             for sample in out["samples"][f"facts_{name}"]:
                 theirs = [response[0][0] for response in sample["resps"]]

@@ -5,6 +5,7 @@ scoring above its base, bad rows named before any model loads."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -65,7 +66,7 @@ def test_each_choice_scores_its_tokens_log_probability(tiny_llama, chat):
         assert len(set(scores)) == len(scores)
 
 
-def test_the_benchmarks_shapes_are_read_as_the_harness_reads_them(tmp_path):
+def test_the_benchmarks_shapes_are_read_as_the_harness_reads_them(tmp_path, caplog):
     from tunelab.inference.multiple_choice import shape_of
 
     mmlu = {"question": "Two plus two is", "subject": "elementary_mathematics", "answer": 1}
@@ -79,7 +80,7 @@ def test_the_benchmarks_shapes_are_read_as_the_harness_reads_them(tmp_path):
             [mmlu, {**mmlu, "answer": "B"}, {**mmlu, "answer": "four"}, {**mmlu, "answer": "1"}],
             "mmlu",
             1,
-            about + "Two plus two is\nA. three\nB. four\nC. five\nD. six\nAnswer:",
+            "Two plus two is\nA. three\nB. four\nC. five\nD. six\nAnswer:",
         ),
         (_arc_rows()[:2], "arc", 0, "Question: What colour is sky?\nAnswer:"),
         ([hella], "hellaswag", 0, "Doors: He walks up. He opens the door and"),
@@ -90,12 +91,18 @@ def test_the_benchmarks_shapes_are_read_as_the_harness_reads_them(tmp_path):
         _, questions = read_questions(str(path), "train", shape)
         assert questions[0].answer == answer and questions[0].text == text
     assert questions[0].choices[0] == "walks in. Home."
+    _, questions = read_questions(str(tmp_path / "mmlu.jsonl"), "train", choice_shape(list(mmlu)))
+    assert questions[0].description == about and questions[0].subject == "elementary_mathematics"
     # an MMLU answer as an index, a CSV's digits, a letter or the choice's text: the same choice
     _, questions = read_questions(str(tmp_path / "mmlu.jsonl"), "train", choice_shape(list(mmlu)))
     assert [q.answer for q in questions] == [1, 1, 1, 1]
     # digits are an index (as the harness reads them) even where a choice's text is digits too
     digits = _write(tmp_path / "digits.jsonl", [{"question": "1 + 1 =", "choices": ["1", "2", "3"], "answer": "1"}])
     assert read_questions(str(digits), "train", choice_shape(["question", "choices", "answer"]))[1][0].answer == 1
+    assert (
+        "answer '1' read as the index of choice 1 (as the harness reads digits), though it is also the text"
+        in caplog.text
+    )
     # ARC's labels, letters or digits (a number where a JSON writer made one), name their choice
     _, questions = read_questions(
         str(tmp_path / "arc.jsonl"), "train", choice_shape(["question", "choices", "answerKey"])
@@ -258,3 +265,77 @@ def test_a_question_longer_than_the_model_s_positions_loses_its_beginning(tiny_g
     assert len(tokenizer(long.text)["input_ids"]) > model.config.max_position_embeddings
     scores = choice_logprobs(model, tokenizer, long)
     assert all(score < 0 for score in scores) and scores != choice_logprobs(model, tokenizer, short)
+
+
+def test_few_shot_examples_come_first_of_the_subject_and_read_as_the_harness_writes_them(tiny_llama, tmp_path):
+    """--fewshot K: each question follows the first K answered questions of the few-shot split of its subject (not
+    itself, from its own split); plain text joins them "question answer" with blank lines after the subject's
+    description, a chat makes the description the system turn and each example a user turn and its answer."""
+    from transformers import AutoTokenizer
+
+    from tunelab.inference.multiple_choice import _context, with_shots
+
+    def mmlu(subject: str, number: int) -> dict:
+        return {
+            "question": f"{subject} {number}?",
+            "choices": ["w", "x", "y", "z"],
+            "answer": number % 4,
+            "subject": subject,
+        }
+
+    rows = [mmlu("maths", 0), mmlu("art", 1), mmlu("maths", 2), mmlu("maths", 3)]
+    shape = choice_shape(list(rows[0]))
+    _, questions = read_questions(str(_write(tmp_path / "test.jsonl", rows)), "train", shape)
+    maths = with_shots([questions[0], questions[2]], questions, 2, same_split=True)
+    assert [shot[1] for shot in maths[0].shots] == ["C", "D"]  # maths 2 and 3, not maths 0 itself
+    assert [shot[1] for shot in maths[1].shots] == ["A", "D"]  # maths 0 and 3
+    with pytest.raises(
+        Exception, match="--fewshot 2: the few-shot split holds 0 question\\(s\\) of the subject 'art'"
+    ):
+        with_shots([questions[1]], questions, 2, same_split=True)
+
+    question = maths[0]
+    about = "The following are multiple choice questions (with answers) about maths.\n\n"
+    listed = "\nA. w\nB. x\nC. y\nD. z\nAnswer:"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    plain = AutoTokenizer.from_pretrained(tiny_llama)
+    plain.chat_template = None
+    assert _context(question, plain) == (
+        f"{about}maths 2?{listed} C\n\nmaths 3?{listed} D\n\nmaths 0?{listed}",
+        False,
+    )
+    turns = [
+        {"role": "system", "content": about},
+        {"role": "user", "content": f"maths 2?{listed}"},
+        {"role": "assistant", "content": "C"},
+        {"role": "user", "content": f"maths 3?{listed}"},
+        {"role": "assistant", "content": "D"},
+        {"role": "user", "content": f"maths 0?{listed}"},
+    ]
+    expected = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    assert _context(question, tokenizer) == (expected, True)
+
+
+def test_evaluate_takes_its_few_shot_examples_from_the_dev_split(tiny_llama, tmp_path, capsys):
+    from tunelab.cli import main
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    folder = tmp_path / "mmlu"
+    folder.mkdir()
+    question = {"question": "2 + 2 =", "choices": ["3", "4", "5", "6"], "answer": 1}
+    _write(folder / "test.jsonl", [question] * 3)
+    _write(folder / "dev.jsonl", [{**question, "question": "1 + 1 ="}])
+    args = ["evaluate", "--model", str(model), "--data-path", str(folder), "--fewshot", "1"]
+    assert main(args) == 0
+    results = json.loads((model / "evaluation" / "results.json").read_text())
+    assert results["fewshot"] == 1 and results["rows"] == 3
+    assert "1-shot" in capsys.readouterr().out
+    assert main([*args[:-1], "2"]) == 2  # the dev split holds one
+    assert "--fewshot 2: the few-shot split holds 1 question(s)" in capsys.readouterr().err
+    chats = _write(
+        tmp_path / "chats.jsonl",
+        [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}],
+    )
+    assert main(["evaluate", "--model", str(model), "--data-path", str(chats), "--fewshot", "1"]) == 2
+    assert "--fewshot is for multiple-choice questions" in capsys.readouterr().err

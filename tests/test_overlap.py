@@ -1,5 +1,6 @@
 """The answer-overlap figures of `tunelab evaluate` (inference/overlap.py) on cases whose values nltk's
-`sentence_bleu(..., smoothing_function=SmoothingFunction().method3)` and the plain F1 definitions give."""
+`sentence_bleu(..., smoothing_function=SmoothingFunction().method3)` (on words, and on characters as LLaMA-Factory
+calls it) and the plain F1 definitions give."""
 
 from __future__ import annotations
 
@@ -31,3 +32,16 @@ def test_answer_scores_average_in_percent():
     scores = answer_scores(["the cat is on the mat", "dog", ""], ["the cat is on the mat", "a cat", "nothing"])
     assert scores == {"exact_match": 33.33, "rouge1": 33.33, "rouge2": 33.33, "rougeL": 33.33, "bleu4": 33.33}
     assert words("It's 18°C, sunny!") == ["It", "'", "s", "18", "°", "C", ",", "sunny", "!"]
+    assert words("答案是四。") == ["答", "案", "是", "四", "。"]  # a CJK character is a word
+
+
+@pytest.mark.parametrize(
+    ("answer", "reference", "bleu"),
+    [  # nltk: sentence_bleu([list(reference)], list(answer), smoothing_function=SmoothingFunction().method3)
+        ("the cat sat on the mat", "the cat is on the mat", 0.7839204411491599),
+        ("dog", "the cat is on the mat", 0.0005599513583219964),
+        ("模型回答问题，答案是五。", "模型回答了问题，答案是四。", 0.5974178044844201),
+    ],
+)
+def test_bleu_is_llama_factory_s_on_characters(answer, reference, bleu):
+    assert answer_scores([answer], [reference])["bleu4"] == round(100 * bleu, 2)

@@ -232,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--split",
         default="test",
-        help="Split to evaluate (file stem in a folder; default test). On the data a valid_size run trained on: "
+        help="Split to evaluate (file stem in a folder; a hub dataset's split, or subset:split such as all:test; "
+        "default test). On the data a valid_size run trained on: "
         "valid, the examples it held out; train, those it trained on.",
     )
     evaluate.add_argument("--compare-base", "--compare_base", action="store_true", help="Evaluate the base too.")
@@ -251,6 +252,21 @@ def build_parser() -> argparse.ArgumentParser:
         "ROUGE-1/2/L, BLEU-4): give 100 or more for figures worth comparing.",
     )
     evaluate.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=64)
+    evaluate.add_argument(
+        "--fewshot",
+        "--num-fewshot",
+        type=int,
+        default=0,
+        help="Multiple-choice questions: answered examples shown before each (MMLU's figures are 5-shot), the first "
+        "of --fewshot-split (of the question's subject), as lm-evaluation-harness's first_n sampler takes them.",
+    )
+    evaluate.add_argument(
+        "--fewshot-split",
+        "--fewshot_split",
+        default="dev",
+        help="Split the few-shot examples come from (default dev, MMLU's; a hub subset carries over: all:test takes "
+        "all:dev); a single file's own questions when --data-path is a file.",
+    )
 
     chat = sub.add_parser("chat", help="talk to a trained model in the terminal (streamed; /reset, /exit)")
     chat.add_argument("--model", required=True, help="Run folder, model folder, .gguf file or hub id.")
@@ -489,7 +505,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from tunelab.inference.evaluate import REPORT_DIR, evaluate_run
 
     results = evaluate_run(
-        args.model, args.data_path, args.split, args.compare_base, args.max_rows, args.samples, args.max_new_tokens
+        args.model,
+        args.data_path,
+        args.split,
+        args.compare_base,
+        args.max_rows,
+        args.samples,
+        args.max_new_tokens,
+        args.fewshot,
+        args.fewshot_split,
     )
     if "method" in results:  # a preference run on pairs
         from tunelab.inference.evaluate_preference import summary

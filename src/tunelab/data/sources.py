@@ -433,7 +433,7 @@ def hub_subset(split: str) -> tuple[str | None, str]:
     """AutoTrain's `subset:split` ("all:test") as (subset, split); (None, split) for a plain split, `datasets`'
     slices included ("train[:100]", "all:test[:10%]": a colon inside brackets is the slice's)."""
     named = re.fullmatch(r"([^\[\]:]+):(.+)", split)
-    return (named[1], named[2]) if named else (None, split)
+    return (named[1].strip(), named[2].strip()) if named else (None, split)
 
 
 def _first_message_line(err: Exception) -> str:

@@ -67,13 +67,16 @@ def evaluate_run(
     max_rows: int | None = None,
     samples: int = 3,
     max_new_tokens: int = 64,
+    fewshot: int = 0,
+    fewshot_split: str = "dev",
 ) -> dict[str, Any]:
     """Evaluate a run folder on `data_path` (its `split`); write the report into the folder and return the results.
 
     A text-classification run is measured by its predictions instead (evaluate_classifier.py), a preference run on
     pairs by its rewards (evaluate_preference.py); `max_rows` defaults to LM_ROWS for language models and reward
     models, to every row for classifiers. A run trained with valid_size, given its own data and split "valid"
-    (or "validation"), is measured on the examples it held out; split "train": on those it trained on."""
+    (or "validation"), is measured on the examples it held out; split "train": on those it trained on.
+    `fewshot` (multiple-choice questions only): answered examples before each, from `fewshot_split`."""
     from tunelab.data import load_data
     from tunelab.data.holdout import saved_hold_out
     from tunelab.inference.evaluate_preference import evaluate_pairs, holds_preference_data
@@ -84,6 +87,8 @@ def evaluate_run(
     run_info = read_run(folder)
     if max_rows is not None and max_rows < 1:
         raise TunelabError(f"evaluate: --max-rows must be 1 or more (got {max_rows})")
+    if fewshot < 0:
+        raise TunelabError(f"evaluate: --fewshot must be 0 or more (got {fewshot})")
     # The run's own data with --split valid: the examples its valid_size held out (read from its train split)
     held = saved_hold_out(training_params(folder), run_info, folder, data_path, split)
     split = held.split if held else split
@@ -101,9 +106,13 @@ def evaluate_run(
                 f"evaluate: {data_path} holds multiple-choice questions, which a reward model does not answer "
                 "(it scores whole answers: give it prompt/chosen/rejected pairs)"
             )
-        results, shown = evaluate_choices(folder, data_path, split, shape, compare_base, max_rows, samples)
+        results, shown = evaluate_choices(
+            folder, data_path, split, shape, compare_base, max_rows, samples, fewshot, fewshot_split
+        )
         write_report(folder, results, [Sample(**sample) for sample in shown])
         return results
+    if fewshot:
+        raise TunelabError(f"evaluate: --fewshot is for multiple-choice questions, and {data_path} holds none")
     if holds_preference_data(folder, data_path, split):
         results, pairs = evaluate_pairs(
             folder, data_path, split, compare_base, max_rows, samples, max_new_tokens, held
@@ -280,7 +289,7 @@ def _answer(
     if isinstance(prompt, list):
         # An Alpaca row's input as training laid it out (the alpaca template's own section, else in the content),
         # and earlier answers' reasoning.
-        template = template_text(tokenizer)  # of named templates, the one transformers renders with
+        template = template_text(tokenizer, bool(tools))  # of named templates, the one transformers renders with
         messages = with_reasoning(with_inputs([prompt], template), template)[0]
         turns = as_template_reads(messages)
         text = tokenizer.apply_chat_template(turns, tools=tools, tokenize=False, add_generation_prompt=True)
@@ -361,7 +370,8 @@ def _report_markdown(results: dict[str, Any], samples: list[Sample], has_curves:
         measured = f"{results['method']}'s figures, named as its training logs them"
     elif results.get("task") == "multiple_choice":
         measured = (
-            f"{results['format']}-style multiple choice, {results['prompt']}: the choice the model finds likeliest "
+            f"{results['format']}-style multiple choice, {results.get('fewshot', 0)}-shot, {results['prompt']}: the "
+            "choice the model finds likeliest "
             "(norm: per character), and below each sample the right choice and each model's pick"
         )
     lines = [

@@ -18,15 +18,18 @@ numbers (zero-shot, the run's own prompt form).
 
 from __future__ import annotations
 
+import logging
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from tunelab.data.formats import RowProblem, cell_text, convert_rows, describe_type
 from tunelab.data.sources import json_or_none
+from tunelab.errors import TunelabError
 
+log = logging.getLogger("tunelab")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 HELLASWAG_PARTS = ("activity_label", "ctx_a", "ctx_b")  # what its query is built from (`ctx` joins the last two)
 
@@ -48,10 +51,17 @@ class Question:
     choices: list[str]  # each choice's text
     answer: int  # the right choice's index
     letters: bool
+    description: str = ""  # what the harness puts before every question of a task (MMLU's subject line)
+    subject: str | None = None  # MMLU's subject: the few-shot examples come from the same one
+    shots: tuple[tuple[str, str], ...] = ()  # answered examples before the question: (question, answer)
 
     def continuations(self) -> list[str]:
         """What is scored after the question: each choice's letter, or its own text."""
         return [LETTERS[i] for i in range(len(self.choices))] if self.letters else self.choices
+
+    def as_shot(self) -> tuple[str, str]:
+        """The question answered, as a few-shot example shows it."""
+        return self.text, self.continuations()[self.answer]
 
 
 def choice_shape(columns: list[str]) -> ChoiceShape | None:
@@ -120,9 +130,10 @@ def _question(row: dict, shape: ChoiceShape) -> Question:
         listed = "\n".join(f"{LETTERS[i]}. {choice}" for i, choice in enumerate(choices))
         text = f"{text}\n{listed}\nAnswer:"
         subject = row.get("subject")
-        if isinstance(subject, str) and subject.strip():  # the harness's description for each MMLU subject
+        if isinstance(subject, str) and subject.strip():  # the harness's description of each MMLU subject's task
             about = subject.strip().replace("_", " ")
-            text = f"The following are multiple choice questions (with answers) about {about}.\n\n{text}"
+            description = f"The following are multiple choice questions (with answers) about {about}.\n\n"
+            return Question(text, choices, answer, True, description, subject.strip())
     elif shape.name == "arc":
         text = f"Question: {text}\nAnswer:"
     elif shape.name == "hellaswag" and all(isinstance(row.get(key), str) for key in HELLASWAG_PARTS):
@@ -152,7 +163,14 @@ def _answer_index(value: Any, choices: list[str], labels: Any) -> int | None:
         index = [str(label) for label in labels].index(given)
         return index if index < len(choices) else None
     if isinstance(value, int) or (given.isdecimal() and given.isascii()):
-        return int(given) if 0 <= int(given) < len(choices) else None
+        index = int(given) if 0 <= int(given) < len(choices) else None
+        if isinstance(value, str) and given in choices and choices.index(given) != index:
+            log.warning(
+                "evaluate: an answer %r read as the index of choice %s (as the harness reads digits), though it is "
+                "also the text of choice %d: give answers as indices (numbers) or letters where choices are digits",
+                given, index, choices.index(given),
+            )  # fmt: skip
+        return index
     if len(given) == 1 and given.upper() in LETTERS[: len(choices)]:
         return LETTERS.index(given.upper())
     return choices.index(given) if given in choices else None
@@ -168,7 +186,7 @@ def choice_logprobs(model: Any, tokenizer: Any, question: Question) -> list[floa
     beginning (GPT-2's learned positions end at 1024)."""
     import torch
 
-    context, templated = _context(question.text, tokenizer)
+    context, templated = _context(question, tokenizer)
     opening = [] if templated else _bos(tokenizer)  # a chat template writes its own
     room = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     rows, starts = [], []
@@ -181,22 +199,24 @@ def choice_logprobs(model: Any, tokenizer: Any, question: Question) -> list[floa
         head_ids = opening + tokenizer(head, add_special_tokens=False)["input_ids"]
         whole = opening + tokenizer(head + tail, add_special_tokens=False)["input_ids"]
         start = max(1, min(len(head_ids), len(whole) - 1))
-        if room and len(whole) > room:  # too long for the model's positions: its beginning goes, as the harness cuts
-            cut = min(len(whole) - room, start - 1)
+        # The last token is only predicted, never read: a row may hold one more than the model's positions.
+        if room and len(whole) > room + 1:  # too long: its beginning goes, as the harness cuts it
+            cut = min(len(whole) - room - 1, start - 1)
             whole, start = whole[cut:], start - cut
         rows.append(whole)
         starts.append(start)
-    width = max(len(ids) for ids in rows)
+    width = max(len(ids) for ids in rows) - 1
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows], device=model.device)
-    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], device=model.device)
+    ids = torch.tensor([row[:-1] + [pad] * (width - len(row) + 1) for row in rows], device=model.device)
+    mask = torch.tensor([[1] * (len(row) - 1) + [0] * (width - len(row) + 1) for row in rows], device=model.device)
     model.eval()
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     scores = []
     for i, row in enumerate(rows):  # each row's choice positions alone in float32: not the whole vocabulary's
         logps = torch.log_softmax(logits[i, starts[i] - 1 : len(row) - 1].float(), dim=-1)
-        scores.append(float(logps.gather(-1, ids[i, starts[i] : len(row), None]).sum()))
+        targets = torch.tensor(row[starts[i] :], device=model.device)[:, None]
+        scores.append(float(logps.gather(-1, targets).sum()))
     return scores
 
 
@@ -207,14 +227,35 @@ def _bos(tokenizer: Any) -> list[int]:
     return [bos] if bos is not None and written[:1] == [bos] else []
 
 
-def _context(text: str, tokenizer: Any) -> tuple[str, bool]:
-    """The question as the model reads it, and whether a chat template wrote it (as a user turn, with the
-    generation prompt after it)."""
-    from tunelab.inference.generate import format_prompt
+def _context(question: Question, tokenizer: Any) -> tuple[str, bool]:
+    """The question as the model reads it, and whether a chat template wrote it, as the harness builds it: in
+    plain text, the description, each answered example ("question answer" and a blank line) and the question; in a
+    chat, the description as the system turn, each example a user turn and its answer (the harness's
+    fewshot_as_multiturn, its default with a chat template), the question a user turn and the generation prompt."""
+    if not getattr(tokenizer, "chat_template", None):
+        shown = "".join(f"{asked} {answered}\n\n" for asked, answered in question.shots)
+        return question.description + shown + question.text, False
+    turns = [{"role": "system", "content": question.description}] if question.description else []
+    for asked, answered in question.shots:
+        turns += [{"role": "user", "content": asked}, {"role": "assistant", "content": answered}]
+    turns.append({"role": "user", "content": question.text})
+    return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True), True
 
-    if getattr(tokenizer, "chat_template", None):
-        return format_prompt(text, tokenizer), True
-    return text, False
+
+def with_shots(questions: list[Question], pool: list[Question], count: int, same_split: bool) -> list[Question]:
+    """Each question with `count` answered examples before it: the first of `pool` (of its subject, where the
+    questions name one: the harness's MMLU tasks are one per subject), as the harness's first_n sampler takes its
+    few-shot split's; from the evaluated split itself (`same_split`), never the question being asked."""
+    shown = []
+    for question in questions:
+        candidates = [q for q in pool if q.subject == question.subject and not (same_split and q is question)]
+        if len(candidates) < count:
+            raise TunelabError(
+                f"evaluate: --fewshot {count}: the few-shot split holds {len(candidates)} question(s)"
+                + (f" of the subject {question.subject!r}" if question.subject else "")
+            )
+        shown.append(replace(question, shots=tuple(q.as_shot() for q in candidates[:count])))
+    return shown
 
 
 @dataclass(frozen=True)
@@ -246,15 +287,28 @@ def evaluate_choices(
     compare_base: bool,
     max_rows: int,
     samples: int,
+    fewshot: int = 0,
+    fewshot_split: str = "dev",
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The run's (and with `compare_base` its base's) accuracy on the split's questions, and sample questions
-    with the right choice and each model's pick."""
+    with the right choice and each model's pick. `fewshot`: answered examples before each question, the first of
+    `fewshot_split` of the same data (a hub dataset's subset carried over: `all:test` takes them from `all:dev`;
+    a file's own questions when the data is one file)."""
+    from tunelab.data.sources import hub_subset, locate_splits
     from tunelab.inference.evaluate_preference import comparison_base
     from tunelab.inference.generate import load_run
     from tunelab.outputs import read_run
 
-    origin, questions = read_questions(data_path, split, shape)
-    questions = questions[:max_rows]
+    origin, every = read_questions(data_path, split, shape)
+    questions = every[:max_rows]
+    if fewshot:
+        subset, _ = hub_subset(split)
+        if subset and hub_subset(fewshot_split)[0] is None:
+            fewshot_split = f"{subset}:{fewshot_split}"
+        places = locate_splits(data_path, split, None)["train"], locate_splits(data_path, fewshot_split, None)["train"]
+        same = places[0] == places[1]  # (one file: its own questions)
+        pool = every if same else read_questions(data_path, fewshot_split, shape)[1]
+        questions = with_shots(questions, pool, fewshot, same)
     model, tokenizer = load_run(folder)
     # the base found before any scoring: a folder that does not say which it is fails at once
     base_model, base_context = comparison_base(model, folder) if compare_base else (None, None)
@@ -263,6 +317,7 @@ def evaluate_choices(
     results: dict[str, Any] = {"data": origin, "rows": len(questions), "unit": "questions", "model": str(folder)}
     results["task"] = "multiple_choice"
     results["format"] = shape.name
+    results["fewshot"] = fewshot
     results["prompt"] = "chat template" if getattr(tokenizer, "chat_template", None) else "plain text"
     results["accuracy"], results["accuracy_norm"] = tuned.accuracy(questions)
     results["chance"] = sum(1 / len(q.choices) for q in questions) / len(questions)
@@ -300,7 +355,8 @@ def summary(results: dict[str, Any]) -> list[str]:
     """What `tunelab evaluate` prints."""
     lines = [
         f"accuracy {results['accuracy']:.4f} (norm {results['accuracy_norm']:.4f}) on {results['rows']} "
-        f"{results['format']}-style questions, {results['prompt']} (chance {results['chance']:.4f})"
+        f"{results['format']}-style questions, {results.get('fewshot', 0)}-shot, {results['prompt']} (chance "
+        f"{results['chance']:.4f})"
     ]
     if "base_accuracy" in results:
         lines.append(f"base: accuracy {results['base_accuracy']:.4f} (norm {results['base_accuracy_norm']:.4f})")

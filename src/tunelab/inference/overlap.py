@@ -1,11 +1,15 @@
-"""How close generated answers are to their references: exact match, ROUGE-1/2/L and BLEU-4, as LLaMA-Factory's
-`predict_with_generate` reports them for an sft run.
+"""How close generated answers are to their references: exact match, ROUGE-1/2/L and BLEU-4.
 
-Each answer is scored against its reference on words (runs of letters and digits, and each other non-space
-character): ROUGE-1 and ROUGE-2 are the F1 of their shared unigrams and bigrams, ROUGE-L the F1 of their longest
-common subsequence, BLEU-4 the sentence BLEU of the answer with NIST geometric smoothing for an n-gram order with
-no match (nltk's `SmoothingFunction().method3`, which LLaMA-Factory uses; tests/test_overlap.py holds nltk's values
-for its cases). Each figure is averaged over the answers and given in percent, as LLaMA-Factory prints them.
+BLEU-4 is LLaMA-Factory's (its `predict_with_generate` figure for an sft run): the sentence BLEU of the answer's
+characters against the reference's, spaces included, with NIST geometric smoothing for an n-gram order with no
+match (nltk's `SmoothingFunction().method3`; tests/test_overlap.py holds nltk's values). ROUGE is the standard
+F1 on words (clipped n-gram counts, and the longest common subsequence of the whole answer, as Google's rouge-score
+counts them; LLaMA-Factory's rouge-chinese counts distinct n-grams and unites sentences' LCSs, which gives
+somewhat lower figures on repetitive text). Words are runs of letters and digits, each CJK character on its own
+(jieba segments Chinese into words instead), and each other non-space character. Exact match (the answer and
+reference the same but for surrounding space) is tunelab's own. Each figure is averaged over the answers and
+given in percent. They compare a run with its base on the same prompts; LLaMA-Factory's ROUGE on Chinese and its
+sampled answers (temperature 0.95 by default; tunelab's are greedy) make its printed figures not quite these.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import math
 import re
 from collections import Counter
 
-WORD = re.compile(r"\w+|[^\w\s]")
+CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # kana and CJK ideographs: one word each
+WORD = re.compile(f"[{CJK}]|[^\\W{CJK}]+|[^\\w\\s]")
 
 
 def words(text: str) -> list[str]:
@@ -49,9 +54,9 @@ def rouge_l(answer: list[str], reference: list[str]) -> float:
 
 
 def bleu4(answer: list[str], reference: list[str]) -> float:
-    """Sentence BLEU-4: clipped n-gram precisions (an order with no match smoothed to 1 / (2^k * its count), k
-    counting such orders), their geometric mean, the brevity penalty; 0 when no word of the answer is in the
-    reference."""
+    """Sentence BLEU-4 of two token lists (answer_scores gives it characters): clipped n-gram precisions (an
+    order with no match smoothed to 1 / (2^k * its count), k counting such orders), their geometric mean, the
+    brevity penalty; 0 when no token of the answer is in the reference."""
     if not answer:
         return 0.0
     theirs = [_ngrams(reference, n) for n in range(1, 5)]
@@ -80,7 +85,7 @@ def answer_scores(answers: list[str], references: list[str]) -> dict[str, float]
             totals["rouge1"] += rouge_n(mine, theirs, 1)
             totals["rouge2"] += rouge_n(mine, theirs, 2)
             totals["rougeL"] += rouge_l(mine, theirs)
-        totals["bleu4"] += bleu4(mine, theirs)
+        totals["bleu4"] += bleu4(list(answer), list(reference))  # characters, as LLaMA-Factory scores it
     count = max(len(answers), 1)
     return {
         name: round(100 * totals[name] / count, 2) for name in ("exact_match", "rouge1", "rouge2", "rougeL", "bleu4")
