@@ -99,10 +99,7 @@ def test_the_benchmarks_shapes_are_read_as_the_harness_reads_them(tmp_path, capl
     # digits are an index (as the harness reads them) even where a choice's text is digits too
     digits = _write(tmp_path / "digits.jsonl", [{"question": "1 + 1 =", "choices": ["1", "2", "3"], "answer": "1"}])
     assert read_questions(str(digits), "train", choice_shape(["question", "choices", "answer"]))[1][0].answer == 1
-    assert (
-        "answer '1' read as the index of choice 1 (as the harness reads digits), though it is also the text"
-        in caplog.text
-    )
+    assert "1 answer(s) of digits read as the index of a choice (as the harness reads digits)" in caplog.text
     # ARC's labels, letters or digits (a number where a JSON writer made one), name their choice
     _, questions = read_questions(
         str(tmp_path / "arc.jsonl"), "train", choice_shape(["question", "choices", "answerKey"])
@@ -339,3 +336,43 @@ def test_evaluate_takes_its_few_shot_examples_from_the_dev_split(tiny_llama, tmp
     )
     assert main(["evaluate", "--model", str(model), "--data-path", str(chats), "--fewshot", "1"]) == 2
     assert "--fewshot is for multiple-choice questions" in capsys.readouterr().err
+
+
+def test_a_template_that_takes_no_system_turn_is_asked_without_the_subject_s_line(tiny_llama, caplog):
+    """Gemma 2's template raises on a system turn: the question is asked without the subject's line, as the
+    harness then asks it, with one warning."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.inference.multiple_choice import _context
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}{{ m.role + ': ' + m.content + '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    question = Question("2 + 2 =\nA. 3\nB. 4\nAnswer:", ["3", "4"], 1, True, "About maths.\n\n", "maths")
+    assert _context(question, tokenizer) == ("user: 2 + 2 =\nA. 3\nB. 4\nAnswer:\nassistant: ", True)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    assert len(choice_logprobs(model, tokenizer, question)) == 2
+    assert caplog.text.count("takes no system turn") == 1
+
+
+def test_few_shot_examples_never_show_the_question_asked(tiny_llama, tmp_path, capsys):
+    """The few-shot split is the evaluated one (a file, or a slice of it): no question is its own example, a
+    duplicate row included; a folder without the few-shot split says which flag names it."""
+    from tunelab.cli import main
+    from tunelab.inference.multiple_choice import _unsliced, with_shots
+
+    rows = [{"question": f"Q{i}?", "choices": ["a", "b"], "answer": i % 2} for i in (0, 0, 1, 2)]
+    _, questions = read_questions(str(_write(tmp_path / "q.jsonl", rows)), "train", choice_shape(list(rows[0])))
+    shown = with_shots(questions, list(questions), 1, same_split=True)
+    assert [q.shots[0][0].split("?")[0] for q in shown] == ["Q1", "Q1", "Q0", "Q0"]
+    assert _unsliced(("cais/mmlu", "all:test[:500]")) == _unsliced(("cais/mmlu", " all : test"))
+    assert _unsliced(("cais/mmlu", "all:test")) != _unsliced(("cais/mmlu", "all:dev"))
+
+    folder = tmp_path / "mmlu"
+    folder.mkdir()
+    _write(folder / "test.jsonl", rows)
+    assert main(["evaluate", "--model", str(tiny_llama), "--data-path", str(folder), "--fewshot", "1"]) == 2
+    assert "evaluate: --fewshot-split dev: no file for split 'dev'" in capsys.readouterr().err

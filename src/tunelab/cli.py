@@ -255,10 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--fewshot",
         "--num-fewshot",
+        "--num_fewshot",
         type=int,
         default=0,
         help="Multiple-choice questions: answered examples shown before each (MMLU's figures are 5-shot), the first "
-        "of --fewshot-split (of the question's subject), as lm-evaluation-harness's first_n sampler takes them.",
+        "of --fewshot-split (of the question's subject), as lm-evaluation-harness's MMLU tasks take them (its ARC and "
+        "HellaSwag tasks draw theirs at random from train).",
     )
     evaluate.add_argument(
         "--fewshot-split",

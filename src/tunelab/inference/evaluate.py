@@ -92,15 +92,23 @@ def evaluate_run(
     # The run's own data with --split valid: the examples its valid_size held out (read from its train split)
     held = saved_hold_out(training_params(folder), run_info, folder, data_path, split)
     split = held.split if held else split
-    if run_info.get("trainer") == "text_classification":
+    classifier = run_info.get("trainer") == "text_classification"
+    # multiple-choice questions (MMLU's, ARC's, HellaSwag's shape); a run's held-out examples are its own data
+    shape = None if held or classifier else shape_of(data_path, split)
+    if fewshot and shape is None:
+        measured = "a classifier's texts" if classifier else "its run's held-out examples" if held else "no questions"
+        raise TunelabError(
+            f"evaluate: --fewshot is for multiple-choice questions (MMLU's, ARC's or HellaSwag's shape); "
+            f"{data_path} ({split}) is measured as {measured}"
+        )
+    if classifier:
         from tunelab.inference.evaluate_classifier import evaluate_classifier
 
         if compare_base:
             log.info("evaluate: --compare-base does not apply to a classifier (its base has no trained head)")
         return evaluate_classifier(folder, data_path, split, max_rows, held)
     max_rows = LM_ROWS if max_rows is None else max_rows
-    shape = None if held else shape_of(data_path, split)
-    if shape is not None:  # multiple-choice questions (MMLU's, ARC's, HellaSwag's shape)
+    if shape is not None:
         if run_info.get("trainer") == "reward":
             raise TunelabError(
                 f"evaluate: {data_path} holds multiple-choice questions, which a reward model does not answer "
@@ -111,8 +119,6 @@ def evaluate_run(
         )
         write_report(folder, results, [Sample(**sample) for sample in shown])
         return results
-    if fewshot:
-        raise TunelabError(f"evaluate: --fewshot is for multiple-choice questions, and {data_path} holds none")
     if holds_preference_data(folder, data_path, split):
         results, pairs = evaluate_pairs(
             folder, data_path, split, compare_base, max_rows, samples, max_new_tokens, held

@@ -10,14 +10,16 @@ questions list their choices after the question (after the harness's line naming
 one) and score the letters (` A`, ` B`, ...), as the harness's MMLU task does; ARC and HellaSwag score each
 choice's own text (HellaSwag's query and endings built and cleaned of their WikiHow tags as the harness does).
 
-A model with a chat template is asked as it is used: the question is a user turn and each choice the start of
-its answer (lm-evaluation-harness's `--apply_chat_template`); a model without one reads plain text. The figures
-are for comparing a run with its base on the same questions (`--compare-base`), not with published leaderboard
-numbers (zero-shot, the run's own prompt form).
+A model with a chat template is asked as it is used, as the harness's `--apply_chat_template` asks it: the
+subject's line a system turn, each few-shot example (`--fewshot`) a user turn and its answer, the question a user
+turn and each choice the start of the answer; a model without one reads plain text. Few-shot examples are the
+first of a split (of the question's subject), as the harness's MMLU tasks take them (bench/compare_lm_eval.py
+finds its log-likelihoods); its ARC and HellaSwag tasks draw theirs at random from the train split instead.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
@@ -25,9 +27,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from jinja2 import TemplateError
+
 from tunelab.data.formats import RowProblem, cell_text, convert_rows, describe_type
 from tunelab.data.sources import json_or_none
-from tunelab.errors import TunelabError
+from tunelab.errors import DataError, TunelabError
 
 log = logging.getLogger("tunelab")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -97,11 +101,19 @@ def read_questions(data_path: str, split: str, shape: ChoiceShape) -> tuple[str,
     from tunelab.data.sources import locate_splits, read_location
 
     source = read_location(locate_splits(data_path, split, None)["train"], "train")
-    questions, _ = convert_rows(source, lambda row: _question(row, shape), bad_rows=None)
+    ambiguous: list[str] = []
+    questions, _ = convert_rows(source, lambda row: _question(row, shape, ambiguous), bad_rows=None)
+    if ambiguous:
+        log.warning(
+            "evaluate: %s: %d answer(s) of digits read as the index of a choice (as the harness reads digits), "
+            "though they are also another choice's text (the first: %s): give answers as numbers or letters where "
+            "the choices are digits",
+            source.origin, len(ambiguous), ambiguous[0],
+        )  # fmt: skip
     return source.origin, questions
 
 
-def _question(row: dict, shape: ChoiceShape) -> Question:
+def _question(row: dict, shape: ChoiceShape, ambiguous: list[str]) -> Question:
     text = cell_text(row, shape.question).strip()
     value = given = row.get(shape.choices)
     if isinstance(value, str):
@@ -123,6 +135,10 @@ def _question(row: dict, shape: ChoiceShape) -> Question:
         raise RowProblem(shape.choices, f"{len(choices)} choices: at most {len(LETTERS)} are scored")
     choices = [choice.strip() for choice in choices]
     answer = _answer_index(row.get(shape.answer), choices, labels)
+    given_answer = str(row.get(shape.answer)).strip()
+    if answer is not None and isinstance(row.get(shape.answer), str) and given_answer.isdecimal():
+        if given_answer in choices and choices.index(given_answer) != answer:
+            ambiguous.append(f"{given_answer!r}: choice {answer}, not the choice {given_answer!r}")
     if answer is None:
         shown = row.get(shape.answer)
         raise RowProblem(shape.answer, f"{shown!r} is not one of the {len(choices)} choices")
@@ -163,14 +179,7 @@ def _answer_index(value: Any, choices: list[str], labels: Any) -> int | None:
         index = [str(label) for label in labels].index(given)
         return index if index < len(choices) else None
     if isinstance(value, int) or (given.isdecimal() and given.isascii()):
-        index = int(given) if 0 <= int(given) < len(choices) else None
-        if isinstance(value, str) and given in choices and choices.index(given) != index:
-            log.warning(
-                "evaluate: an answer %r read as the index of choice %s (as the harness reads digits), though it is "
-                "also the text of choice %d: give answers as indices (numbers) or letters where choices are digits",
-                given, index, choices.index(given),
-            )  # fmt: skip
-        return index
+        return int(given) if 0 <= int(given) < len(choices) else None
     if len(given) == 1 and given.upper() in LETTERS[: len(choices)]:
         return LETTERS.index(given.upper())
     return choices.index(given) if given in choices else None
@@ -235,11 +244,33 @@ def _context(question: Question, tokenizer: Any) -> tuple[str, bool]:
     if not getattr(tokenizer, "chat_template", None):
         shown = "".join(f"{asked} {answered}\n\n" for asked, answered in question.shots)
         return question.description + shown + question.text, False
-    turns = [{"role": "system", "content": question.description}] if question.description else []
+    turns = []
     for asked, answered in question.shots:
         turns += [{"role": "user", "content": asked}, {"role": "assistant", "content": answered}]
     turns.append({"role": "user", "content": question.text})
+    if question.description:
+        try:
+            described = [{"role": "system", "content": question.description}, *turns]
+            return tokenizer.apply_chat_template(described, tokenize=False, add_generation_prompt=True), True
+        except TemplateError:  # Gemma 2's template takes no system turn: the harness then leaves it out too
+            _warn_once("evaluate: the chat template takes no system turn: questions asked without the subject's line")
     return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True), True
+
+
+def _unsliced(place: Any) -> Any:
+    """A split's place with any slice of a hub split taken off (cais/mmlu all:test[:500] is all:test)."""
+    from tunelab.data.sources import hub_subset
+
+    if isinstance(place, Path):
+        return place
+    dataset, split = place
+    subset, part = hub_subset(split)
+    return dataset, subset, re.sub(r"\[[^\]]*\]$", "", part).strip()
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    log.warning(message)
 
 
 def with_shots(questions: list[Question], pool: list[Question], count: int, same_split: bool) -> list[Question]:
@@ -248,7 +279,7 @@ def with_shots(questions: list[Question], pool: list[Question], count: int, same
     few-shot split's; from the evaluated split itself (`same_split`), never the question being asked."""
     shown = []
     for question in questions:
-        candidates = [q for q in pool if q.subject == question.subject and not (same_split and q is question)]
+        candidates = [q for q in pool if q.subject == question.subject and not (same_split and q == question)]
         if len(candidates) < count:
             raise TunelabError(
                 f"evaluate: --fewshot {count}: the few-shot split holds {len(candidates)} question(s)"
@@ -305,10 +336,13 @@ def evaluate_choices(
         subset, _ = hub_subset(split)
         if subset and hub_subset(fewshot_split)[0] is None:
             fewshot_split = f"{subset}:{fewshot_split}"
-        places = locate_splits(data_path, split, None)["train"], locate_splits(data_path, fewshot_split, None)["train"]
-        same = places[0] == places[1]  # (one file: its own questions)
-        pool = every if same else read_questions(data_path, fewshot_split, shape)[1]
-        questions = with_shots(questions, pool, fewshot, same)
+        try:
+            asked, shown = (locate_splits(data_path, name, None)["train"] for name in (split, fewshot_split))
+            pool = every if asked == shown else read_questions(data_path, fewshot_split, shape)[1]
+        except DataError as err:
+            raise DataError(f"evaluate: --fewshot-split {fewshot_split}: {err}") from None
+        # (one file is every split; a slice of the evaluated split is that split: its questions are not examples)
+        questions = with_shots(questions, pool, fewshot, _unsliced(asked) == _unsliced(shown))
     model, tokenizer = load_run(folder)
     # the base found before any scoring: a folder that does not say which it is fails at once
     base_model, base_context = comparison_base(model, folder) if compare_base else (None, None)

@@ -18,7 +18,8 @@ import math
 import re
 from collections import Counter
 
-CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # kana and CJK ideographs: one word each
+# kana (half-width too) and CJK ideographs (the supplementary planes' too): one word each
+CJK = "\u3040-\u30ff\uff66-\uff9f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f"
 WORD = re.compile(f"[{CJK}]|[^\\W{CJK}]+|[^\\w\\s]")
 
 
@@ -79,8 +80,9 @@ def answer_scores(answers: list[str], references: list[str]) -> dict[str, float]
     """Exact match, ROUGE-1/2/L and BLEU-4 of the answers against their references, averaged, in percent."""
     totals = Counter[str]()
     for answer, reference in zip(answers, references, strict=True):
+        answer, reference = answer.strip(), reference.strip()  # (generate strips its answers)
         mine, theirs = words(answer), words(reference)
-        totals["exact_match"] += answer.strip() == reference.strip()
+        totals["exact_match"] += answer == reference
         if mine and theirs:
             totals["rouge1"] += rouge_n(mine, theirs, 1)
             totals["rouge2"] += rouge_n(mine, theirs, 2)
