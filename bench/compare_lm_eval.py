@@ -2,7 +2,7 @@
 
 Writes 16 common-knowledge questions (tests/test_multiple_choice.py's FACTS) as an ARC-shaped and an MMLU-shaped
 task, and the MMLU one again in MMLU's own form (a subject's description, two answered examples from a dev split,
-first first), runs the harness (`lm_eval.simple_evaluate`, its `hf` model, batch 1, fp32 on the CPU) with and
+in order, its first_n), runs the harness (`lm_eval.simple_evaluate`, its `hf` model, batch 1, fp32 on the CPU) with and
 without `apply_chat_template` (few-shot as multiturn with it, the harness's default), and scores the same questions
 with inference/multiple_choice.py: it prints each task's harness accuracy beside tunelab's and the largest
 difference between the two log-likelihoods of any choice. lm-evaluation-harness is not a dependency: install it

@@ -99,7 +99,7 @@ def test_the_benchmarks_shapes_are_read_as_the_harness_reads_them(tmp_path, capl
     # digits are an index (as the harness reads them) even where a choice's text is digits too
     digits = _write(tmp_path / "digits.jsonl", [{"question": "1 + 1 =", "choices": ["1", "2", "3"], "answer": "1"}])
     assert read_questions(str(digits), "train", choice_shape(["question", "choices", "answer"]))[1][0].answer == 1
-    assert "1 answer(s) of digits read as the index of a choice (as the harness reads digits)" in caplog.text
+    assert "1 answer(s) of digits read as a choice's index from 0 (as the harness reads digits)" in caplog.text
     # ARC's labels, letters or digits (a number where a JSON writer made one), name their choice
     _, questions = read_questions(
         str(tmp_path / "arc.jsonl"), "train", choice_shape(["question", "choices", "answerKey"])
@@ -287,7 +287,7 @@ def test_few_shot_examples_come_first_of_the_subject_and_read_as_the_harness_wri
     assert [shot[1] for shot in maths[0].shots] == ["C", "D"]  # maths 2 and 3, not maths 0 itself
     assert [shot[1] for shot in maths[1].shots] == ["A", "D"]  # maths 0 and 3
     with pytest.raises(
-        Exception, match="--fewshot 2: the few-shot split holds 0 question\\(s\\) of the subject 'art'"
+        Exception, match="--fewshot 2: the split holds 0 other question\\(s\\) of the subject 'art': lower --fewshot"
     ):
         with_shots([questions[1]], questions, 2, same_split=True)
 
@@ -314,6 +314,7 @@ def test_few_shot_examples_come_first_of_the_subject_and_read_as_the_harness_wri
 
 
 def test_evaluate_takes_its_few_shot_examples_from_the_dev_split(tiny_llama, tmp_path, capsys):
+    """A folder's dev split, a file's own other questions, or the file --fewshot-split names beside it."""
     from tunelab.cli import main
 
     model = tmp_path / "model"
@@ -321,7 +322,7 @@ def test_evaluate_takes_its_few_shot_examples_from_the_dev_split(tiny_llama, tmp
     folder = tmp_path / "mmlu"
     folder.mkdir()
     question = {"question": "2 + 2 =", "choices": ["3", "4", "5", "6"], "answer": 1}
-    _write(folder / "test.jsonl", [question] * 3)
+    _write(folder / "test.jsonl", [{**question, "question": f"2 + 2 = ({i})"} for i in range(3)])
     _write(folder / "dev.jsonl", [{**question, "question": "1 + 1 ="}])
     args = ["evaluate", "--model", str(model), "--data-path", str(folder), "--fewshot", "1"]
     assert main(args) == 0
@@ -329,23 +330,29 @@ def test_evaluate_takes_its_few_shot_examples_from_the_dev_split(tiny_llama, tmp
     assert results["fewshot"] == 1 and results["rows"] == 3
     assert "1-shot" in capsys.readouterr().out
     assert main([*args[:-1], "2"]) == 2  # the dev split holds one
-    assert "--fewshot 2: the few-shot split holds 1 question(s)" in capsys.readouterr().err
+    assert "--fewshot 2: --fewshot-split dev holds 1 question(s): lower --fewshot" in capsys.readouterr().err
     chats = _write(
         tmp_path / "chats.jsonl",
         [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}],
     )
     assert main(["evaluate", "--model", str(model), "--data-path", str(chats), "--fewshot", "1"]) == 2
-    assert "--fewshot is for multiple-choice questions" in capsys.readouterr().err
+    assert "--fewshot needs multiple-choice questions, and" in capsys.readouterr().err
+    # beside one file: its own other questions, or the file --fewshot-split names
+    single = ["evaluate", "--model", str(model), "--data-path", str(folder / "test.jsonl"), "--fewshot", "2"]
+    assert main(single) == 0
+    assert main([*single, "--fewshot-split", "dev"]) == 2  # dev.jsonl beside it holds one
+    assert "--fewshot 2: --fewshot-split dev holds 1 question(s)" in capsys.readouterr().err
 
 
-def test_a_template_that_takes_no_system_turn_is_asked_without_the_subject_s_line(tiny_llama, caplog):
+def test_a_template_that_takes_no_system_turn_is_asked_without_the_subject_s_line(tiny_llama):
     """Gemma 2's template raises on a system turn: the question is asked without the subject's line, as the
-    harness then asks it, with one warning."""
+    harness then asks it (evaluate says so once)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunelab.inference.multiple_choice import _context
+    from tunelab.inference.multiple_choice import _context, takes_system_turn
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    assert takes_system_turn(tokenizer)
     tokenizer.chat_template = (
         "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('System role not supported') }}"
         "{% endif %}{{ m.role + ': ' + m.content + '\\n' }}{% endfor %}"
@@ -355,7 +362,7 @@ def test_a_template_that_takes_no_system_turn_is_asked_without_the_subject_s_lin
     assert _context(question, tokenizer) == ("user: 2 + 2 =\nA. 3\nB. 4\nAnswer:\nassistant: ", True)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     assert len(choice_logprobs(model, tokenizer, question)) == 2
-    assert caplog.text.count("takes no system turn") == 1
+    assert not takes_system_turn(tokenizer)
 
 
 def test_few_shot_examples_never_show_the_question_asked(tiny_llama, tmp_path, capsys):

@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--split",
         default="test",
         help="Split to evaluate (file stem in a folder; a hub dataset's split, or subset:split such as all:test; "
-        "default test). On the data a valid_size run trained on: "
+        "default test; a --data-path file is its own split). On the data a valid_size run trained on: "
         "valid, the examples it held out; train, those it trained on.",
     )
     evaluate.add_argument("--compare-base", "--compare_base", action="store_true", help="Evaluate the base too.")
@@ -241,15 +241,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-rows",
         "--max_rows",
         type=int,
-        help="Rows scored (default: 200 for a language model, 200 pairs for a preference run, 200 questions, all "
-        "for a classifier).",
+        help="Rows scored (default: 200 for a language model, 200 pairs for a preference run, 200 for "
+        "multiple-choice questions, all for a classifier).",
     )
     evaluate.add_argument(
         "--samples",
         type=int,
         default=3,
-        help="Sample answers shown side by side (default 3), and scored against their references (exact match, "
-        "ROUGE-1/2/L, BLEU-4): give 100 or more for figures worth comparing.",
+        help="Sample answers shown side by side (default 3); a language model's on its own kind of data are also "
+        "scored against their references (exact match, ROUGE-1/2/L, BLEU-4): give 100 or more for figures worth "
+        "comparing.",
     )
     evaluate.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=64)
     evaluate.add_argument(
@@ -265,9 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--fewshot-split",
         "--fewshot_split",
-        default="dev",
-        help="Split the few-shot examples come from (default dev, MMLU's; a hub subset carries over: all:test takes "
-        "all:dev); a single file's own questions when --data-path is a file.",
+        help="Where the few-shot examples come from: a split (default dev, MMLU's; a hub subset carries over: "
+        "college_biology:test takes college_biology:dev); beside a --data-path file, a file (a path, or a name in "
+        "its folder), by default the file's own other questions.",
     )
 
     chat = sub.add_parser("chat", help="talk to a trained model in the terminal (streamed; /reset, /exit)")
@@ -510,12 +511,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
         args.model,
         args.data_path,
         args.split,
-        args.compare_base,
-        args.max_rows,
-        args.samples,
-        args.max_new_tokens,
-        args.fewshot,
-        args.fewshot_split,
+        compare_base=args.compare_base,
+        max_rows=args.max_rows,
+        samples=args.samples,
+        max_new_tokens=args.max_new_tokens,
+        fewshot=args.fewshot,
+        fewshot_split=args.fewshot_split,
     )
     if "method" in results:  # a preference run on pairs
         from tunelab.inference.evaluate_preference import summary
@@ -537,7 +538,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         )
     if "base_eval_loss" in results:
         print(f"base: eval loss {results['base_eval_loss']:.4f} (perplexity {results['base_eval_perplexity']:.2f})")
-    for name, key in (("sample answers", "answer_scores"), ("base's", "base_answer_scores")):
+    for name, key in (("sample answers", "answer_scores"), ("base's sample answers", "base_answer_scores")):
         if key in results:
             figures = ", ".join(f"{metric} {value:.2f}" for metric, value in results[key].items())
             print(f"{name} against their references: {figures}")

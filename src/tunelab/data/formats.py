@@ -340,9 +340,13 @@ def system_from_column(row: dict, messages: list[dict[str, Any]]) -> bool:
 def history_turns(row: dict) -> list[dict[str, str]]:
     """LLaMA-Factory's Alpaca `history` (a list of [instruction, answer] pairs, or a JSON string of one) as the
     turns before the row's own: a user turn and an answer each, trained on as any earlier answer of a chat is
-    (`mask_history` leaves them out). None or an empty list: no history."""
+    (`mask_history` leaves them out of the loss). None, blank or an empty list: no history."""
     value = row.get(HISTORY_COLUMN)
-    if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
+    if (
+        value is None
+        or (isinstance(value, str) and not value.strip())
+        or (isinstance(value, float) and math.isnan(value))
+    ):
         return []
     if isinstance(value, str):
         value = json_or_none(value)

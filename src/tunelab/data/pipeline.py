@@ -113,8 +113,9 @@ class Formatter:
                 except TemplateError as err:
                     bad += 1
                     if len(problems) < MAX_LISTED:
-                        reason = RowProblem(column, f"the chat template cannot render it ({err})")
-                        if system_from_column(split.rows[index], example["messages"]):  # (Gemma's take none)
+                        if not system_from_column(split.rows[index], example["messages"]):
+                            reason = RowProblem(column, f"the chat template cannot render it ({err})")
+                        else:  # a system turn from the `system` column (Gemma's templates take none)
                             reason = RowProblem(
                                 SYSTEM_COLUMN, f"the chat template cannot render it as the system turn ({err})"
                             )

@@ -68,15 +68,16 @@ def evaluate_run(
     samples: int = 3,
     max_new_tokens: int = 64,
     fewshot: int = 0,
-    fewshot_split: str = "dev",
+    fewshot_split: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run folder on `data_path` (its `split`); write the report into the folder and return the results.
 
     A text-classification run is measured by its predictions instead (evaluate_classifier.py), a preference run on
     pairs by its rewards (evaluate_preference.py); `max_rows` defaults to LM_ROWS for language models and reward
     models, to every row for classifiers. A run trained with valid_size, given its own data and split "valid"
-    (or "validation"), is measured on the examples it held out; split "train": on those it trained on.
-    `fewshot` (multiple-choice questions only): answered examples before each, from `fewshot_split`."""
+    (or "validation"), is measured on the examples it held out; split "train": on those it trained on. A split of
+    multiple-choice questions (MMLU's, ARC's, HellaSwag's shape) is scored by multiple_choice.py (`max_rows`
+    default 200 questions; `fewshot` answered examples before each, from `fewshot_split`)."""
     from tunelab.data import load_data
     from tunelab.data.holdout import saved_hold_out
     from tunelab.inference.evaluate_preference import evaluate_pairs, holds_preference_data
@@ -96,11 +97,13 @@ def evaluate_run(
     # multiple-choice questions (MMLU's, ARC's, HellaSwag's shape); a run's held-out examples are its own data
     shape = None if held or classifier else shape_of(data_path, split)
     if fewshot and shape is None:
-        measured = "a classifier's texts" if classifier else "its run's held-out examples" if held else "no questions"
-        raise TunelabError(
-            f"evaluate: --fewshot is for multiple-choice questions (MMLU's, ARC's or HellaSwag's shape); "
-            f"{data_path} ({split}) is measured as {measured}"
-        )
+        why = (
+            "a classifier is measured by its labels" if classifier
+            else "its run's held-out examples are measured by their loss" if held
+            else "it holds none (question/choices/answer, question/choices {text, label}/answerKey or "
+            "ctx/endings/label, with the choices a list)"
+        )  # fmt: skip
+        raise TunelabError(f"evaluate: --fewshot needs multiple-choice questions, and {data_path} ({split}): {why}")
     if classifier:
         from tunelab.inference.evaluate_classifier import evaluate_classifier
 
@@ -115,8 +118,9 @@ def evaluate_run(
                 "(it scores whole answers: give it prompt/chosen/rejected pairs)"
             )
         results, shown = evaluate_choices(
-            folder, data_path, split, shape, compare_base, max_rows, samples, fewshot, fewshot_split
-        )
+            folder, data_path, split, shape, compare_base=compare_base, max_rows=max_rows, samples=samples,
+            fewshot=fewshot, fewshot_split=fewshot_split,
+        )  # fmt: skip
         write_report(folder, results, [Sample(**sample) for sample in shown])
         return results
     if holds_preference_data(folder, data_path, split):
@@ -366,7 +370,8 @@ def _numbers(results: dict[str, Any]) -> list[str]:
         ]
         for name, key in (("fine-tuned", "answer_scores"), ("base", "base_answer_scores")):
             if key in results:
-                lines.append(f"| {name} | " + " | ".join(f"{value:.2f}" for value in results[key].values()) + " |")
+                figures = [results[key][metric] for metric in ("exact_match", "rouge1", "rouge2", "rougeL", "bleu4")]
+                lines.append(f"| {name} | " + " | ".join(f"{value:.2f}" for value in figures) + " |")
     return lines
 
 

@@ -19,18 +19,18 @@ finds its log-likelihoods); its ARC and HellaSwag tasks draw theirs at random fr
 
 from __future__ import annotations
 
-import functools
 import logging
 import re
 import time
 from dataclasses import dataclass, replace
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 from jinja2 import TemplateError
 
 from tunelab.data.formats import RowProblem, cell_text, convert_rows, describe_type
-from tunelab.data.sources import json_or_none
+from tunelab.data.sources import hub_subset, json_or_none, locate_splits, read_location, stream_split
 from tunelab.errors import DataError, TunelabError
 
 log = logging.getLogger("tunelab")
@@ -51,6 +51,8 @@ class ChoiceShape:
 
 @dataclass(frozen=True)
 class Question:
+    """One question as it is asked and scored."""
+
     text: str  # the question as the model reads it (MMLU's with its lettered choices)
     choices: list[str]  # each choice's text
     answer: int  # the right choice's index
@@ -84,8 +86,6 @@ def shape_of(data_path: str, split: str) -> ChoiceShape | None:
     """The multiple-choice shape of `split` of `data_path`, None when it is not one: its columns name one, and its
     first row's choices are a list of them (or ARC's {text, label}, or a JSON string of either), so that a file
     that only names its columns so (`choices` written as one text) is measured as any other (its loss)."""
-    from tunelab.data.sources import locate_splits, stream_split
-
     head = stream_split(locate_splits(data_path, split, None)["train"], "train").head
     shape = choice_shape(head.columns)
     if shape is None or not head.rows:
@@ -96,16 +96,19 @@ def shape_of(data_path: str, split: str) -> ChoiceShape | None:
 
 
 def read_questions(data_path: str, split: str, shape: ChoiceShape) -> tuple[str, list[Question]]:
-    """Every question of the split (its origin, and the questions); a bad row is a DataError naming its file,
-    line and column, as training names bad rows."""
-    from tunelab.data.sources import locate_splits, read_location
+    """Every question of `split` of `data_path` (its origin, and the questions); a bad row is a DataError naming its
+    file, line and column, as training names bad rows."""
+    return questions_at(locate_splits(data_path, split, None)["train"], shape)
 
-    source = read_location(locate_splits(data_path, split, None)["train"], "train")
+
+def questions_at(place: Path | tuple[str, str], shape: ChoiceShape) -> tuple[str, list[Question]]:
+    """Every question of the split at `place` (a file, or a hub dataset and split: data/sources.locate_splits)."""
+    source = read_location(place, "train")
     ambiguous: list[str] = []
     questions, _ = convert_rows(source, lambda row: _question(row, shape, ambiguous), bad_rows=None)
     if ambiguous:
         log.warning(
-            "evaluate: %s: %d answer(s) of digits read as the index of a choice (as the harness reads digits), "
+            "evaluate: %s: %d answer(s) of digits read as a choice's index from 0 (as the harness reads digits), "
             "though they are also another choice's text (the first: %s): give answers as numbers or letters where "
             "the choices are digits",
             source.origin, len(ambiguous), ambiguous[0],
@@ -114,50 +117,57 @@ def read_questions(data_path: str, split: str, shape: ChoiceShape) -> tuple[str,
 
 
 def _question(row: dict, shape: ChoiceShape, ambiguous: list[str]) -> Question:
+    """One row as a question (RowProblem when it is not one); `ambiguous` collects answers of digits that are also
+    another choice's text."""
     text = cell_text(row, shape.question).strip()
-    value = given = row.get(shape.choices)
+    choices, labels = _choices(row, shape.choices)
+    given = row.get(shape.answer)
+    answer = _answer_index(given, choices, labels)
+    if answer is None:
+        raise RowProblem(shape.answer, f"{given!r} is not one of the {len(choices)} choices")
+    if isinstance(given, str) and given.strip().isdecimal() and given.strip() in choices:
+        if choices.index(given.strip()) != answer:
+            ambiguous.append(f"{given!r} read as choice {LETTERS[answer]} ({choices[answer]!r})")
+    description, subject = "", None
+    if shape.letters:
+        listed = "\n".join(f"{LETTERS[i]}. {choice}" for i, choice in enumerate(choices))
+        text = f"{text}\n{listed}\nAnswer:"
+        named = row.get("subject")
+        if isinstance(named, str) and named.strip():  # the harness's description of each MMLU subject's task
+            subject = named.strip()
+            description = (
+                f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+            )
+    elif shape.name == "arc":
+        text = f"Question: {text}\nAnswer:"
+    elif shape.name == "hellaswag":  # the harness's query (activity, context, its second part capitalised), cleaned
+        if all(isinstance(row.get(key), str) for key in HELLASWAG_PARTS):
+            activity, first, second = (row[key] for key in HELLASWAG_PARTS)
+            text = f"{activity}: {first} {second.capitalize()}"
+        text, choices = _cleaned(text), [_cleaned(choice) for choice in choices]
+    return Question(text, choices, answer, shape.letters, description, subject)
+
+
+def _choices(row: dict, column: str) -> tuple[list[str], Any]:
+    """A row's choices (a list of texts, ARC's {text, label}, or a JSON string of either) and ARC's labels."""
+    value = given = row.get(column)
     if isinstance(value, str):
         value = json_or_none(value)
     labels = None
     if isinstance(value, dict) and "text" in value:  # ARC's {"text": [...], "label": ["A", ...]}
         labels, value = value.get("label"), value["text"]
-    choices = list(value) if isinstance(value, (list, tuple)) else None
-    if choices is None:
+    if not isinstance(value, (list, tuple)):
         got = "a text that is not a JSON list" if isinstance(given, str) and value is None else describe_type(value)
-        raise RowProblem(shape.choices, f"expected a list of two or more texts, got {got}")
-    if len(choices) < 2:
-        raise RowProblem(shape.choices, f"expected a list of two or more texts, got {len(choices)} choice(s)")
-    for number, choice in enumerate(choices, start=1):
+        raise RowProblem(column, f"expected a list of two or more texts, got {got}")
+    if len(value) < 2:
+        raise RowProblem(column, f"expected a list of two or more texts, got {len(value)} choice(s)")
+    for number, choice in enumerate(value, start=1):
         if not isinstance(choice, str) or not choice.strip():
             got = "empty text" if isinstance(choice, str) else describe_type(choice)
-            raise RowProblem(shape.choices, f"choice {number} is not text (got {got})")
-    if len(choices) > len(LETTERS):
-        raise RowProblem(shape.choices, f"{len(choices)} choices: at most {len(LETTERS)} are scored")
-    choices = [choice.strip() for choice in choices]
-    answer = _answer_index(row.get(shape.answer), choices, labels)
-    given_answer = str(row.get(shape.answer)).strip()
-    if answer is not None and isinstance(row.get(shape.answer), str) and given_answer.isdecimal():
-        if given_answer in choices and choices.index(given_answer) != answer:
-            ambiguous.append(f"{given_answer!r}: choice {answer}, not the choice {given_answer!r}")
-    if answer is None:
-        shown = row.get(shape.answer)
-        raise RowProblem(shape.answer, f"{shown!r} is not one of the {len(choices)} choices")
-    if shape.letters:
-        listed = "\n".join(f"{LETTERS[i]}. {choice}" for i, choice in enumerate(choices))
-        text = f"{text}\n{listed}\nAnswer:"
-        subject = row.get("subject")
-        if isinstance(subject, str) and subject.strip():  # the harness's description of each MMLU subject's task
-            about = subject.strip().replace("_", " ")
-            description = f"The following are multiple choice questions (with answers) about {about}.\n\n"
-            return Question(text, choices, answer, True, description, subject.strip())
-    elif shape.name == "arc":
-        text = f"Question: {text}\nAnswer:"
-    elif shape.name == "hellaswag" and all(isinstance(row.get(key), str) for key in HELLASWAG_PARTS):
-        # the harness's query: the activity, then the context with its second part capitalised; endings cleaned
-        label, first, second = (row[key] for key in HELLASWAG_PARTS)
-        text = _cleaned(f"{label}: {first} {second.capitalize()}")
-        choices = [_cleaned(choice) for choice in choices]
-    return Question(text, choices, answer, shape.letters)
+            raise RowProblem(column, f"choice {number} is not text (got {got})")
+    if len(value) > len(LETTERS):
+        raise RowProblem(column, f"{len(value)} choices: at most {len(LETTERS)} are scored")
+    return [choice.strip() for choice in value], labels
 
 
 def _cleaned(text: str) -> str:
@@ -189,23 +199,24 @@ def choice_logprobs(model: Any, tokenizer: Any, question: Question) -> list[floa
     """Each choice's summed log-probability as the continuation of the question (one padded batch), the question
     written through the model's chat template when it has one. The pair is encoded whole and split where the
     question's own tokens end, with the question's trailing whitespace moved to the choice, as lm-evaluation-harness
-    encodes a context and its continuation (bench/compare_lm_eval.py finds its own log-likelihoods); never with an
-    end-of-text token (a tokenizer that appends one would have it scored in place of the choice), and with the
-    tokenizer's BOS before plain text where it writes one. A question longer than the model's positions loses its
+    encodes a context and its continuation (bench/compare_lm_eval.py checks that the log-likelihoods equal its own);
+    never with an end-of-text token (a tokenizer that appends one would have it scored in place of the choice).
+    Plain text starts with the tokenizer's BOS where it writes one; templated text has only what the template
+    writes, as tunelab trains and generates it (the harness adds the tokenizer's BOS there too, so a template that
+    writes none scores differently: docs/benchmarks.md). A question longer than the model's positions loses its
     beginning (GPT-2's learned positions end at 1024)."""
     import torch
 
     context, templated = _context(question, tokenizer)
-    opening = [] if templated else _bos(tokenizer)  # a chat template writes its own
+    opening = [] if templated else _bos(tokenizer)  # templated text: the template's own BOS, if it writes one
     room = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    head = context.rstrip()  # its trailing whitespace (a template's closing newline) is scored with the choice
+    head_ids = opening + tokenizer(head, add_special_tokens=False)["input_ids"]
     rows, starts = [], []
     for continuation in question.continuations():
         # plain text: a space between question and choice (the harness's target_delimiter); in a chat, the choice
         # opens the answer
-        text = continuation if templated else f" {continuation}"
-        spaces = len(context) - len(context.rstrip())  # a template's closing newline too, scored with the choice
-        head, tail = context[: len(context) - spaces], context[len(context) - spaces :] + text
-        head_ids = opening + tokenizer(head, add_special_tokens=False)["input_ids"]
+        tail = context[len(head) :] + (continuation if templated else f" {continuation}")
         whole = opening + tokenizer(head + tail, add_special_tokens=False)["input_ids"]
         start = max(1, min(len(head_ids), len(whole) - 1))
         # The last token is only predicted, never read: a row may hold one more than the model's positions.
@@ -253,14 +264,22 @@ def _context(question: Question, tokenizer: Any) -> tuple[str, bool]:
             described = [{"role": "system", "content": question.description}, *turns]
             return tokenizer.apply_chat_template(described, tokenize=False, add_generation_prompt=True), True
         except TemplateError:  # Gemma 2's template takes no system turn: the harness then leaves it out too
-            _warn_once("evaluate: the chat template takes no system turn: questions asked without the subject's line")
+            pass
     return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True), True
+
+
+def takes_system_turn(tokenizer: Any) -> bool:
+    """Whether the model's chat template writes a system turn (Gemma 2's raises on one)."""
+    turns = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}]
+    try:
+        tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    except TemplateError:
+        return False
+    return True
 
 
 def _unsliced(place: Any) -> Any:
     """A split's place with any slice of a hub split taken off (cais/mmlu all:test[:500] is all:test)."""
-    from tunelab.data.sources import hub_subset
-
     if isinstance(place, Path):
         return place
     dataset, split = place
@@ -268,39 +287,46 @@ def _unsliced(place: Any) -> Any:
     return dataset, subset, re.sub(r"\[[^\]]*\]$", "", part).strip()
 
 
-@functools.cache
-def _warn_once(message: str) -> None:
-    log.warning(message)
-
-
-def with_shots(questions: list[Question], pool: list[Question], count: int, same_split: bool) -> list[Question]:
+def with_shots(
+    questions: list[Question], pool: list[Question], count: int, same_split: bool, pool_name: str = "the split"
+) -> list[Question]:
     """Each question with `count` answered examples before it: the first of `pool` (of its subject, where the
     questions name one: the harness's MMLU tasks are one per subject), as the harness's first_n sampler takes its
     few-shot split's; from the evaluated split itself (`same_split`), never the question being asked."""
+    by_subject: dict[str | None, list[Question]] = {}
+    for candidate in pool:
+        by_subject.setdefault(candidate.subject, []).append(candidate)
     shown = []
     for question in questions:
-        candidates = [q for q in pool if q.subject == question.subject and not (same_split and q == question)]
+        subject = by_subject.get(question.subject, [])
+        candidates = list(islice((q for q in subject if not (same_split and q == question)), count))
         if len(candidates) < count:
+            held = len(candidates)
             raise TunelabError(
-                f"evaluate: --fewshot {count}: the few-shot split holds {len(candidates)} question(s)"
+                f"evaluate: --fewshot {count}: {pool_name} holds {held} {'other ' if same_split else ''}question(s)"
                 + (f" of the subject {question.subject!r}" if question.subject else "")
+                + ": lower --fewshot or name another --fewshot-split"
             )
-        shown.append(replace(question, shots=tuple(q.as_shot() for q in candidates[:count])))
+        shown.append(replace(question, shots=tuple(q.as_shot() for q in candidates)))
     return shown
 
 
 @dataclass(frozen=True)
 class Picks:
+    """Each question's pick by a model."""
+
     plain: list[int]  # each question's likeliest choice
     normalized: list[int]  # ... per character of the choice
 
     def accuracy(self, questions: list[Question]) -> tuple[float, float]:
+        """The share of right picks: by summed log-probability, and per character."""
         right = [q.answer for q in questions]
         plain = sum(p == a for p, a in zip(self.plain, right, strict=True)) / len(questions)
         return plain, sum(p == a for p, a in zip(self.normalized, right, strict=True)) / len(questions)
 
 
 def pick(model: Any, tokenizer: Any, questions: list[Question]) -> Picks:
+    """The choice the model finds likeliest for each question, summed and per character."""
     plain, normalized = [], []
     for question in questions:
         scores = choice_logprobs(model, tokenizer, question)
@@ -315,46 +341,50 @@ def evaluate_choices(
     data_path: str,
     split: str,
     shape: ChoiceShape,
+    *,
     compare_base: bool,
     max_rows: int,
     samples: int,
-    fewshot: int = 0,
-    fewshot_split: str = "dev",
+    fewshot: int,
+    fewshot_split: str | None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The run's (and with `compare_base` its base's) accuracy on the split's questions, and sample questions
-    with the right choice and each model's pick. `fewshot`: answered examples before each question, the first of
-    `fewshot_split` of the same data (a hub dataset's subset carried over: `all:test` takes them from `all:dev`;
-    a file's own questions when the data is one file)."""
-    from tunelab.data.sources import hub_subset, locate_splits
+    with the right choice and each model's pick. `fewshot`: answered examples before each question
+    (examples_of says which)."""
     from tunelab.inference.evaluate_preference import comparison_base
     from tunelab.inference.generate import load_run
     from tunelab.outputs import read_run
 
-    origin, every = read_questions(data_path, split, shape)
+    place = locate_splits(data_path, split, None)["train"]
+    origin, every = questions_at(place, shape)
     questions = every[:max_rows]
     if fewshot:
-        subset, _ = hub_subset(split)
-        if subset and hub_subset(fewshot_split)[0] is None:
-            fewshot_split = f"{subset}:{fewshot_split}"
-        try:
-            asked, shown = (locate_splits(data_path, name, None)["train"] for name in (split, fewshot_split))
-            pool = every if asked == shown else read_questions(data_path, fewshot_split, shape)[1]
-        except DataError as err:
-            raise DataError(f"evaluate: --fewshot-split {fewshot_split}: {err}") from None
-        # (one file is every split; a slice of the evaluated split is that split: its questions are not examples)
-        questions = with_shots(questions, pool, fewshot, _unsliced(asked) == _unsliced(shown))
+        questions = examples_of(questions, every, place, shape, data_path, split, fewshot, fewshot_split)
     model, tokenizer = load_run(folder)
     # the base found before any scoring: a folder that does not say which it is fails at once
     base_model, base_context = comparison_base(model, folder) if compare_base else (None, None)
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    if templated and any(q.description for q in questions) and not takes_system_turn(tokenizer):
+        log.warning(
+            "evaluate: the chat template takes no system turn: the questions are asked without the subject's line, "
+            "as the harness asks them"
+        )
     started = time.time()
     tuned = pick(model, tokenizer, questions)
-    results: dict[str, Any] = {"data": origin, "rows": len(questions), "unit": "questions", "model": str(folder)}
-    results["task"] = "multiple_choice"
-    results["format"] = shape.name
-    results["fewshot"] = fewshot
-    results["prompt"] = "chat template" if getattr(tokenizer, "chat_template", None) else "plain text"
-    results["accuracy"], results["accuracy_norm"] = tuned.accuracy(questions)
-    results["chance"] = sum(1 / len(q.choices) for q in questions) / len(questions)
+    accuracy, accuracy_norm = tuned.accuracy(questions)
+    results: dict[str, Any] = {
+        "data": origin,
+        "rows": len(questions),
+        "unit": "questions",
+        "model": str(folder),
+        "task": "multiple_choice",
+        "format": shape.name,
+        "fewshot": fewshot,
+        "prompt": "chat template" if templated else "plain text",
+        "accuracy": accuracy,
+        "accuracy_norm": accuracy_norm,
+        "chance": sum(1 / len(q.choices) for q in questions) / len(questions),
+    }
     base = None
     if base_context is not None:
         with base_context():
@@ -372,6 +402,38 @@ def evaluate_choices(
         for i, question in enumerate(questions[:samples])
     ]
     return results, shown
+
+
+def examples_of(
+    questions: list[Question],
+    every: list[Question],
+    place: Path | tuple[str, str],
+    shape: ChoiceShape,
+    data_path: str,
+    split: str,
+    count: int,
+    named: str | None,
+) -> list[Question]:
+    """The questions with `count` answered examples each, from the few-shot split `named`: beside a file, a path or
+    a file name in its folder (None: the file's own other questions); in a folder or hub dataset, a split (None:
+    dev, MMLU's), a hub subset carried over (college_biology:test takes college_biology:dev). A slice of the
+    evaluated split is that split: its questions are never their own examples."""
+    single_file = isinstance(place, Path) and Path(data_path).is_file()
+    if named is None and single_file:
+        return with_shots(questions, every, count, True, place.name)
+    named = named or "dev"
+    subset, _ = hub_subset(split)
+    if subset and hub_subset(named)[0] is None:
+        named = f"{subset}:{named}"
+    try:
+        examples_place = locate_splits(data_path, split, named)["valid"] if single_file else None
+        examples_place = examples_place or locate_splits(data_path, named, None)["train"]
+        pool = every if examples_place == place else questions_at(examples_place, shape)[1]
+    except DataError as err:
+        raise DataError(f"evaluate: --fewshot-split {named}: {err}") from None
+    return with_shots(
+        questions, pool, count, _unsliced(examples_place) == _unsliced(place), f"--fewshot-split {named}"
+    )
 
 
 def choices_table(results: dict[str, Any]) -> list[str]:

@@ -2,14 +2,15 @@
 
 BLEU-4 is LLaMA-Factory's (its `predict_with_generate` figure for an sft run): the sentence BLEU of the answer's
 characters against the reference's, spaces included, with NIST geometric smoothing for an n-gram order with no
-match (nltk's `SmoothingFunction().method3`; tests/test_overlap.py holds nltk's values). ROUGE is the standard
-F1 on words (clipped n-gram counts, and the longest common subsequence of the whole answer, as Google's rouge-score
-counts them; LLaMA-Factory's rouge-chinese counts distinct n-grams and unites sentences' LCSs, which gives
-somewhat lower figures on repetitive text). Words are runs of letters and digits, each CJK character on its own
-(jieba segments Chinese into words instead), and each other non-space character. Exact match (the answer and
-reference the same but for surrounding space) is tunelab's own. Each figure is averaged over the answers and
-given in percent. They compare a run with its base on the same prompts; LLaMA-Factory's ROUGE on Chinese and its
-sampled answers (temperature 0.95 by default; tunelab's are greedy) make its printed figures not quite these.
+match (nltk's `SmoothingFunction().method3`; tests/test_overlap.py holds nltk's values). ROUGE is the standard F1
+on words: clipped n-gram counts, and the longest common subsequence of the whole answer, as Google's rouge-score
+counts them (it also lowercases and drops punctuation; LLaMA-Factory's rouge-chinese counts distinct n-grams and
+unites sentences' LCSs, which gives somewhat lower figures on repetitive text). Words are runs of letters and
+digits, each CJK character on its own (jieba segments Chinese into words instead), and each other non-space
+character. Exact match (the answer and reference the same but for surrounding space) is tunelab's own. Each figure
+is averaged over the answers and given in percent. They compare a run with its base on the same prompts;
+LLaMA-Factory's ROUGE on Chinese and its sampled answers (temperature 0.95 by default; tunelab's are greedy) make
+its printed figures not quite these.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ WORD = re.compile(f"[{CJK}]|[^\\W{CJK}]+|[^\\w\\s]")
 
 
 def words(text: str) -> list[str]:
+    """The words ROUGE compares: runs of letters and digits, each CJK character, each other non-space character."""
     return WORD.findall(text)
 
 
@@ -39,6 +41,7 @@ def _f1(shared: int, answer: int, reference: int) -> float:
 
 
 def rouge_n(answer: list[str], reference: list[str], n: int) -> float:
+    """F1 of the n-grams the answer shares with the reference (each counted as often as both hold it)."""
     mine, theirs = _ngrams(answer, n), _ngrams(reference, n)
     return _f1(sum((mine & theirs).values()), sum(mine.values()), sum(theirs.values()))
 
