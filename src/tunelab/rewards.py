@@ -403,20 +403,18 @@ def _whole(completion: Any) -> str:
 def _prompt_text(prompt: Any) -> str:
     """A prompt as text: the text itself, or a message list's contents one after the other (a content of parts:
     its text, each image as [image])."""
-    return "".join(_content_text(m.get("content", "")) for m in prompt) if isinstance(prompt, list) else str(prompt)
+    from tunelab.data.images import content_text
 
-
-def _content_text(content: Any) -> str:
-    if not isinstance(content, list):
-        return str(content)
-    return "".join(part.get("text", "") if part.get("type") == "text" else "[image]" for part in content)
+    return "".join(content_text(m.get("content", "")) for m in prompt) if isinstance(prompt, list) else str(prompt)
 
 
 def _messages(prompt: Any) -> list[dict[str, Any]]:
     """A prompt as messages: the list itself (a content of parts as its text, for a text model's template), or a
     text as one user message."""
+    from tunelab.data.images import content_text
+
     if isinstance(prompt, list):
-        return [{**m, "content": _content_text(m.get("content", ""))} for m in prompt]
+        return [{**m, "content": content_text(m.get("content", ""))} for m in prompt]
     return [{"role": "user", "content": str(prompt)}]
 
 

@@ -84,6 +84,14 @@ def as_template_reads(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+def content_text(content: Any) -> str:
+    """A turn's content as text, for what reads no images (a report, a reward model's template): its text parts
+    joined, each image written as [image]."""
+    if not isinstance(content, list):
+        return str(content)
+    return "".join(part.get("text", "") if part.get("type") == "text" else "[image]" for part in content)
+
+
 def checked_ref(value: Any, folder: Path | None) -> str | bytes:
     """An image as the prepared data keeps it: an absolute path of a file that opens as an image, or its bytes.
     ImageProblem says what is wrong (missing, a URL, not an image)."""

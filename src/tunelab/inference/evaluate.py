@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.config.llm import LLMParams
-from tunelab.data.images import as_template_reads
+from tunelab.data.images import as_template_reads, content_text
 from tunelab.data.templates import answer_as_written, template_text, with_inputs, with_reasoning
 from tunelab.errors import TunelabError
 from tunelab.inference.report import REPORT_DIR, publish_report
@@ -327,13 +327,6 @@ def write_report(folder: Path, results: dict[str, Any], samples: list[Sample]) -
     return publish_report(folder, full, _report_markdown(results, samples, bool(curves)), card, pictures)
 
 
-def _shown_text(content: Any) -> str:
-    """A turn's content as the report shows it: its text, each image as [image]."""
-    if isinstance(content, str):
-        return content
-    return "".join(part["text"] if part["type"] == "text" else "[image]" for part in content)
-
-
 def _curves(folder: Path) -> dict[str, list[tuple[float, float]]]:
     path = folder / "metrics.jsonl"
     if not path.is_file():
@@ -396,7 +389,7 @@ def _report_markdown(results: dict[str, Any], samples: list[Sample], has_curves:
     if has_curves:
         lines += ["![training and eval loss](loss_curves.png)", ""]
     for number, sample in enumerate(samples, start=1):
-        prompt = sample.prompt if isinstance(sample.prompt, str) else _shown_text(sample.prompt[-1]["content"])
+        prompt = sample.prompt if isinstance(sample.prompt, str) else content_text(sample.prompt[-1]["content"])
         lines += [f"## Sample {number}", "", f"**Prompt:** {prompt}", "", f"**Reference:** {sample.reference}", ""]
         if sample.rejected is not None:
             lines += [f"**Rejected:** {sample.rejected}", ""]
